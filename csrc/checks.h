@@ -1,0 +1,56 @@
+// Argument checks shared by the op implementations: each message names the argument and what
+// was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#define FGK_CHECK_SHAPE(t, ...)                                                          \
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t " must have shape (" \
+              #__VA_ARGS__ "), got ", (t).sizes())
+
+namespace fgkernels {
+
+// xt must stack tangents of x: shape (T, *x.shape), T >= 1, x's dtype and device.
+inline int64_t check_tangent(const at::Tensor& x, const at::Tensor& xt, const char* name) {
+  TORCH_CHECK(xt.dim() == x.dim() + 1 && xt.sizes().slice(1) == x.sizes() && xt.size(0) >= 1,
+              name, " must have shape (T, ", x.sizes(), "), got ", xt.sizes());
+  TORCH_CHECK(xt.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(),
+              ", got ", xt.scalar_type());
+  TORCH_CHECK(xt.device() == x.device(), name, " must be on ", x.device(), ", got ",
+              xt.device());
+  return xt.size(0);
+}
+
+// The memory format the kernels use for x: channels_last when x is laid out so, else contiguous.
+inline at::MemoryFormat kernel_format(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// x in the kernels' format (a copy only when it is in neither).
+inline at::Tensor in_format(const at::Tensor& x, at::MemoryFormat fmt) {
+  return x.contiguous(fmt);
+}
+
+// Stacked tangents with every slot in format fmt: (T, N, C, H, W) whose slots are contiguous in
+// fmt and follow each other. For channels_last that is a permuted view of (T, N, H, W, C).
+inline at::Tensor slots_in_format(const at::Tensor& xt, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    return xt.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
+  }
+  return xt.contiguous();
+}
+
+// An uninitialised stack of T slots shaped like x, each slot in format fmt.
+inline at::Tensor empty_slots(int64_t T, const at::Tensor& x, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    return at::empty({T, x.size(0), x.size(2), x.size(3), x.size(1)}, x.options())
+        .permute({0, 1, 4, 2, 3});
+  }
+  std::vector<int64_t> shape{T};
+  shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
+  return at::empty(shape, x.options());
+}
+
+}  // namespace fgkernels

@@ -1,0 +1,43 @@
+// The op schemas of fgkernels (one TORCH_LIBRARY block) and the Python module fgkernels._C.
+//
+// Tangents are stacked: a tangent tensor has shape (T, *x.shape), T >= 1, each slot laid out in
+// the primal's memory format. Ops return empty tensors for outputs that have no terms.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fgkernels._C loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fgkernels, m) {
+  // y = relu(x), yt = xt * [x > 0].
+  m.def("dual_relu(Tensor x, Tensor xt) -> (Tensor, Tensor)");
+  // Max-pool of x; yt gathered from xt at x's argmax.
+  m.def("dual_max_pool2d(Tensor x, Tensor xt, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  // Batch-norm statistics over (N, H, W) per channel, in the accumulation dtype (float32 for
+  // float32/bfloat16/float16 inputs, float64 for float64):
+  //   mean (C), biased var (C), tangent mean mean(xt_t) (T, C), tangent covariance
+  //   mean((x - mean) * xt_t) (T, C).
+  m.def("dual_bn_stats(Tensor x, Tensor? xt) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Batch-norm apply as a per-channel affine map of (x, xt), ReLU optional:
+  //   y = scale[c] x + shift[c]
+  //   yt[t] = scale[c] xt[x_slot[t]] (skipped where x_slot[t] < 0) + t_xscale[t, c] x + t_shift[t, c]
+  //   with relu: y = max(y, 0), yt[t] *= [y > 0].
+  m.def("dual_bn_apply(Tensor x, Tensor? xt, int[] x_slot, Tensor scale, Tensor shift, "
+        "Tensor t_xscale, Tensor t_shift, bool relu) -> (Tensor, Tensor)");
+  // Dual convolution with the fewest convolution calls: y and the parameter part Wt*x + bt come
+  // from one convolution with [W, Wt_1, ..., Wt_P] stacked along the output channels, the input
+  // part W*xt from one convolution with the T slots batched along N.
+  //   returns y, x_part (T, N, C_out, H_out, W_out) or empty, p_part (P, ...) or empty.
+  m.def("dual_conv2d(Tensor x, Tensor? xt, Tensor weight, Tensor? weight_t, Tensor? bias, "
+        "Tensor? bias_t, int[2] stride, int[2] padding, int[2] dilation, int groups) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Dual linear in two GEMMs, arranged as dual_conv2d.
+  m.def("dual_linear(Tensor x, Tensor? xt, Tensor weight, Tensor? weight_t, Tensor? bias, "
+        "Tensor? bias_t) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,22 @@
+"""fgkernels: fused forward-mode (dual) kernels for Conv2d / BatchNorm2d / ReLU networks.
+
+A ``Dual`` carries a primal tensor and its tangent(s); the Dual layers (``DualConv2d``, ...)
+compute both in one pass, with no autograd graph and no stored activations.
+"""
+from . import functional
+from .dual import Dual, is_dual
+from .nn import (DualAdaptiveAvgPool2d, DualAvgPool2d, DualBatchNorm1d, DualBatchNorm2d,
+                 DualConv2d, DualFlatten, DualLinear, DualMaxPool2d, DualModule, DualReLU,
+                 DualSequential, convert)
+from .ops import available_backends, current_backend, use_backend
+from .params import clear_tangents, random_tangents, set_tangents
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Dual", "is_dual", "functional", "convert", "set_tangents", "random_tangents",
+    "clear_tangents", "use_backend", "available_backends", "current_backend",
+    "DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "DualLinear",
+    "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten", "DualSequential",
+    "DualModule",
+]

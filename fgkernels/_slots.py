@@ -1,0 +1,98 @@
+"""Tangent slots: how the tangents of an op's operands line up in its output.
+
+A tangent is stored as a stack of slots, shape ``(T, *primal.shape)``. Slots are either
+*unlabelled* (dense: slot t of every operand is the same direction t, and every operand must carry
+the same T) or *labelled* with direction numbers (a direction may enter part way down a network;
+an operand simply has no slot for a direction that has not reached it yet, and the output carries
+the union). ``plan`` decides the output's slots, ``place`` assembles the output tangent from parts
+that each cover some of them, without materialising a zero slot unless no part covers it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+Directions = Optional[tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class SlotOperand:
+    """The tangent slots of one operand: ``count`` slots, labelled by ``directions`` or not."""
+
+    count: int
+    directions: Directions
+    single: bool  # one tangent of the primal's shape (unlabelled, count 1)
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """The output's slots, and where each operand's slots land among them."""
+
+    count: int
+    directions: Directions
+    single: bool
+    positions: tuple[tuple[int, ...], ...]  # per operand (empty for an operand with no tangent)
+
+
+def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
+    """Line up the slots of ``operands`` (None for an operand without tangent) for op ``op``."""
+    live = [o for o in operands if o is not None]
+    if not live:
+        return SlotPlan(0, None, False, tuple(() for _ in operands))
+    labelled = {o.directions is not None for o in live}
+    if len(labelled) > 1:
+        raise ValueError(
+            f"{op}: cannot combine tangents labelled with directions and unlabelled tangents; "
+            "give every tangent a direction or none")
+    if labelled == {False}:
+        counts = {o.count for o in live}
+        if len(counts) > 1:
+            raise ValueError(
+                f"{op}: operands carry different numbers of tangents T {sorted(counts)}; "
+                "every tangent of one op must have the same T")
+        (count,) = counts
+        single = all(o.single for o in live)
+        ident = tuple(range(count))
+        return SlotPlan(count, None, single,
+                        tuple(ident if o is not None else () for o in operands))
+    union = sorted(set().union(*(o.directions for o in live)))
+    index = {d: i for i, d in enumerate(union)}
+    positions = tuple(tuple(index[d] for d in o.directions) if o is not None else ()
+                      for o in operands)
+    return SlotPlan(len(union), tuple(union), False, positions)
+
+
+def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> torch.Tensor:
+    """Sum ``parts`` (a tensor of ``len(pos)`` slots and the output slots ``pos`` it fills) into
+    one tangent of ``count`` slots. Parts may be overwritten only if the caller owns them."""
+    parts = [(t, tuple(p)) for t, p in parts if len(p)]
+    full = tuple(range(count))
+    covering = [i for i, (_, p) in enumerate(parts) if p == full]
+    if covering:
+        # One part fills every slot: add the others into it (one out-of-place add, then in place).
+        base, _ = parts[covering[0]]
+        rest = [part for i, part in enumerate(parts) if i != covering[0]]
+        for k, (t, p) in enumerate(rest):
+            if p == full:
+                base = base + t if k == 0 else base.add_(t)
+            else:
+                index = torch.tensor(p, device=t.device)
+                base = base.index_add(0, index, t) if k == 0 else base.index_add_(0, index, t)
+        return base
+    taken = [s for _, p in parts for s in p]
+    if sorted(taken) == list(full):
+        # Disjoint parts that together fill every slot: concatenate, in slot order.
+        order = sorted(range(len(parts)), key=lambda i: parts[i][1][0])
+        out = torch.cat([parts[i][0] for i in order]) if len(order) > 1 else parts[0][0]
+        laid = [s for i in order for s in parts[i][1]]
+        if laid != list(full):
+            out = out[torch.tensor(sorted(range(count), key=laid.__getitem__), device=out.device)]
+        return out
+    # Parts that overlap without one covering all: accumulate from zero.
+    t0 = parts[0][0]
+    out = t0.new_zeros((count, *t0.shape[1:]))
+    for t, p in parts:
+        out.index_add_(0, torch.tensor(p, device=t.device), t)
+    return out

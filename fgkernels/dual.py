@@ -1,0 +1,245 @@
+"""``Dual``: a primal tensor travelling with its tangent(s) through a forward-mode pass."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ._slots import Directions, SlotOperand
+
+# torch function -> rule; filled by fgkernels.functional with the ops that have a JVP rule.
+_RULES: dict[Callable, Callable] = {}
+
+
+def implements(*funcs: Callable) -> Callable:
+    """Register the decorated function as the Dual rule of each torch function in ``funcs``."""
+
+    def register(rule: Callable) -> Callable:
+        for f in funcs:
+            _RULES[f] = rule
+        return rule
+
+    return register
+
+
+def _check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bool:
+    """Validate ``tangent`` against ``primal``; return True for a single (unstacked) tangent."""
+    if not isinstance(tangent, torch.Tensor):
+        raise TypeError(f"{what} must be a Tensor or None, got {type(tangent).__name__}")
+    if tangent.dtype != primal.dtype:
+        raise TypeError(f"{what} has dtype {tangent.dtype}, but the primal has dtype {primal.dtype}")
+    if tangent.device != primal.device:
+        raise ValueError(f"{what} is on {tangent.device}, but the primal is on {primal.device}")
+    if tangent.shape == primal.shape:
+        return True
+    if tangent.dim() == primal.dim() + 1 and tangent.shape[1:] == primal.shape:
+        return False
+    raise ValueError(
+        f"{what} has shape {tuple(tangent.shape)}; expected the primal's shape "
+        f"{tuple(primal.shape)} or (T, {', '.join(map(str, primal.shape))})")
+
+
+def _check_directions(directions: Sequence[int], count: int) -> tuple[int, ...]:
+    directions = tuple(int(d) for d in directions)
+    if len(directions) != count:
+        raise ValueError(f"directions has {len(directions)} entries for {count} tangents")
+    if any(d < 0 for d in directions) or list(directions) != sorted(set(directions)):
+        raise ValueError(f"directions must be distinct non-negative ints in increasing order, "
+                         f"got {directions}")
+    return directions
+
+
+class Dual:
+    """A primal tensor and its tangent(s): the value and directional derivative(s) of a function.
+
+    ``tangent`` is ``None`` (identically zero: every term it would feed is skipped), a tensor of
+    the primal's shape (one tangent), or of shape ``(T, *primal.shape)`` (T tangents carried
+    together). ``directions`` labels the T slots of a stacked tangent with direction numbers
+    (increasing): a direction that enters part way down a network has no slot before it, and ops
+    take the union of their operands' directions. Without labels, every operand of an op must
+    carry the same T.
+
+    Ops with a JVP rule accept a Dual through ``__torch_function__`` (``torch.flatten(d, 1)``,
+    ``F.relu(d)``, ``d + e``, ...); any other op raises ``TypeError`` naming it.
+    """
+
+    __slots__ = ("primal", "_stack", "directions", "_single", "_applied")
+
+    def __init__(self, primal: torch.Tensor, tangent: Optional[torch.Tensor] = None, *,
+                 directions: Optional[Sequence[int]] = None):
+        if not isinstance(primal, torch.Tensor) or isinstance(primal, Dual):
+            raise TypeError(f"primal must be a Tensor, got {type(primal).__name__}")
+        self.primal = primal
+        self._applied: frozenset = frozenset()
+        if tangent is None:
+            if directions is not None:
+                raise ValueError("directions given without a tangent")
+            self._stack, self.directions, self._single = None, None, False
+            return
+        single = _check_tangent(primal, tangent, "tangent")
+        if directions is not None:
+            if single:
+                raise ValueError("directions label a stacked tangent of shape (T, *primal.shape); "
+                                 "stack a single tangent with tangent.unsqueeze(0)")
+            directions = _check_directions(directions, tangent.shape[0])
+        self._stack = tangent.unsqueeze(0) if single else tangent
+        self.directions = directions
+        self._single = single
+
+    @classmethod
+    def _of(cls, primal: torch.Tensor, stack: Optional[torch.Tensor], directions: Directions,
+            single: bool) -> "Dual":
+        """Build from an already-stacked tangent, skipping validation (for the ops)."""
+        d = cls.__new__(cls)
+        d.primal, d._stack, d.directions, d._single = primal, stack, directions, single
+        d._applied = frozenset()
+        return d
+
+    # --- the tangent ---------------------------------------------------------------------------
+    @property
+    def tangent(self) -> Optional[torch.Tensor]:
+        """The tangent as given: None, primal-shaped (single), or ``(T, *primal.shape)``."""
+        if self._stack is None:
+            return None
+        return self._stack[0] if self._single else self._stack
+
+    @property
+    def tangents(self) -> Optional[torch.Tensor]:
+        """The tangent always stacked, ``(T, *primal.shape)``; None when zero."""
+        return self._stack
+
+    @property
+    def num_tangents(self) -> int:
+        """T, the number of tangent slots (0 when the tangent is None)."""
+        return 0 if self._stack is None else self._stack.shape[0]
+
+    def slot_operand(self) -> Optional[SlotOperand]:
+        """This Dual's slots, as ``_slots.plan`` takes them (None when the tangent is zero)."""
+        if self._stack is None:
+            return None
+        return SlotOperand(self._stack.shape[0], self.directions, self._single)
+
+    def with_tangents(self, primal: torch.Tensor, stack: Optional[torch.Tensor]) -> "Dual":
+        """A Dual with the same slots as this one but a new primal and stacked tangent."""
+        return Dual._of(primal, stack, self.directions if stack is not None else None,
+                        self._single and stack is not None)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Dual":
+        """Apply a linear, per-sample map ``fn`` to the primal and to every tangent slot."""
+        y = fn(self.primal)
+        if self._stack is None:
+            return self.with_tangents(y, None)
+        t = fn(self._stack.flatten(0, 1)) if self.primal.dim() else fn(self._stack)
+        return self.with_tangents(y, t.reshape(self._stack.shape[0], *y.shape))
+
+    def select(self, directions: Sequence[int]) -> "Dual":
+        """Keep only the slots of the given (labelled) directions; absent ones stay absent."""
+        if self.directions is None:
+            raise ValueError("select() needs a tangent labelled with directions")
+        keep = [i for i, d in enumerate(self.directions) if d in set(directions)]
+        if not keep:
+            return self.with_tangents(self.primal, None)
+        stack = self._stack[keep[0]:keep[-1] + 1] if keep == list(range(keep[0], keep[-1] + 1)) \
+            else self._stack[torch.tensor(keep, device=self._stack.device)]
+        return Dual._of(self.primal, stack, tuple(self.directions[i] for i in keep), False)
+
+    def detach(self) -> "Dual":
+        """The same Dual cut from any autograd graph."""
+        return Dual._of(self.primal.detach(), None if self._stack is None else self._stack.detach(),
+                        self.directions, self._single)
+
+    # --- tensor-like surface -------------------------------------------------------------------
+    shape = property(lambda self: self.primal.shape)
+    dtype = property(lambda self: self.primal.dtype)
+    device = property(lambda self: self.primal.device)
+    ndim = property(lambda self: self.primal.dim())
+
+    def size(self, dim: Optional[int] = None):
+        return self.primal.size() if dim is None else self.primal.size(dim)
+
+    def dim(self) -> int:
+        return self.primal.dim()
+
+    def numel(self) -> int:
+        return self.primal.numel()
+
+    def is_contiguous(self, memory_format=torch.contiguous_format) -> bool:
+        return self.primal.is_contiguous(memory_format=memory_format)
+
+    def __len__(self) -> int:
+        return len(self.primal)
+
+    def __repr__(self) -> str:
+        t = "None" if self._stack is None else f"{tuple(self._stack.shape)}"
+        lab = "" if self.directions is None else f", directions={self.directions}"
+        return f"Dual(primal={tuple(self.primal.shape)}, tangents={t}{lab}, dtype={self.dtype})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        rule = _RULES.get(func)
+        if rule is None:
+            name = getattr(func, "__name__", None) or repr(func)
+            raise TypeError(f"fgkernels.Dual has no forward-mode rule for '{name}'")
+        return rule(*args, **(kwargs or {}))
+
+    # Python operators route through torch so that one rule serves both spellings.
+    def __add__(self, other):
+        return torch.add(self, other)
+
+    def __radd__(self, other):
+        return torch.add(other, self)
+
+    def __sub__(self, other):
+        return torch.sub(self, other)
+
+    def __rsub__(self, other):
+        return torch.sub(other, self)
+
+    def __mul__(self, other):
+        return torch.mul(self, other)
+
+    def __rmul__(self, other):
+        return torch.mul(other, self)
+
+    def __truediv__(self, other):
+        return torch.div(self, other)
+
+    def __neg__(self):
+        return torch.neg(self)
+
+    def __iadd__(self, other):
+        return self._assign(torch.add(self, other))
+
+    def __isub__(self, other):
+        return self._assign(torch.sub(self, other))
+
+    def __imul__(self, other):
+        return self._assign(torch.mul(self, other))
+
+    def _assign(self, result: "Dual") -> "Dual":
+        """In-place ops on a Dual rebind its parts (tensors are never written in place)."""
+        self.primal, self._stack = result.primal, result._stack
+        self.directions, self._single = result.directions, result._single
+        self._applied = frozenset()
+        return self
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "Dual":
+        return torch.flatten(self, start_dim, end_dim)
+
+    def view(self, *shape) -> "Dual":
+        return torch.Tensor.view(self, *shape)
+
+    def reshape(self, *shape) -> "Dual":
+        return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
+                             else shape)
+
+    def relu(self) -> "Dual":
+        return torch.relu(self)
+
+    def relu_(self) -> "Dual":
+        return self._assign(torch.relu(self))
+
+
+def is_dual(x) -> bool:
+    """True if ``x`` is a Dual."""
+    return isinstance(x, Dual)

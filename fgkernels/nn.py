@@ -1,0 +1,216 @@
+"""Dual modules: torch.nn layers that also run the dual (forward-mode) pass.
+
+Each ``DualX`` subclasses its ``nn.X`` twin and adds no state: same constructor, parameters,
+buffers and state_dict keys, and a plain Tensor input runs the twin's own forward (autograd
+included). A ``Dual`` input runs the dual pass, with the parameter tangents set by
+``fgkernels.set_tangents`` (none set: the parameters are constants of the pass).
+``convert(model)`` turns the torch.nn layers of any model into their twins in place.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import functional as DF
+from .dual import Dual
+
+Tensor = torch.Tensor
+
+
+class DualModule:
+    """Mixin of the Dual layers: holds the per-step parameter tangents (not parameters, not in
+    the state_dict) and hands out each parameter as a Dual when it has one."""
+
+    def _dual_param(self, name: str) -> Union[Tensor, Dual, None]:
+        p = getattr(self, name)
+        slots = self.__dict__.get("_fg_tangents", {}).get(name)
+        if p is None or slots is None:
+            return p
+        stack, directions, single = slots
+        return Dual._of(p.detach(), stack, directions, single)
+
+
+class DualConv2d(DualModule, nn.Conv2d):
+    """``nn.Conv2d`` that also runs the dual pass: ``ẏ = W*ẋ + Ẇ*x + ḃ``."""
+
+    def forward(self, input):
+        if not isinstance(input, Dual):
+            return super().forward(input)
+        self._check_dual()
+        return DF.conv2d(input, self._dual_param("weight"), self._dual_param("bias"), self.stride,
+                         self.padding, self.dilation, self.groups)
+
+    def _check_dual(self) -> None:
+        if self.padding_mode != "zeros":
+            raise NotImplementedError(
+                f"DualConv2d: padding_mode={self.padding_mode!r} has no dual kernel; only "
+                "'zeros' is supported (the other modes pad with input values, which would need "
+                "their own tangent rule)")
+
+
+class _DualBatchNorm(DualModule):
+    """The dual forward shared by the batch-norm twins; follows ``_BatchNorm.forward``."""
+
+    def _dual_bn_args(self, x: Optional[Tensor]):
+        """(running_mean, running_var, training, momentum factor) as ``_BatchNorm.forward``
+        computes them, counting this call in ``num_batches_tracked``. ``x`` (None when a fused
+        convolution produces it) is checked for its number of dimensions."""
+        if x is not None:
+            self._check_input_dim(x)
+            if x.shape[1] != self.num_features:
+                raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, "
+                                 f"got input of shape {tuple(x.shape)}")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
+                else self.momentum
+        training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return (self.running_mean if use_running else None,
+                self.running_var if use_running else None, training, factor)
+
+    def _dual_forward(self, input: Dual, relu: bool = False) -> Dual:
+        running_mean, running_var, training, factor = self._dual_bn_args(input.primal)
+        return DF.batch_norm(input, running_mean, running_var, self._dual_param("weight"),
+                             self._dual_param("bias"), training, factor, self.eps, relu)
+
+    def forward(self, input):
+        if not isinstance(input, Dual):
+            return super().forward(input)
+        return self._dual_forward(input)
+
+
+class DualBatchNorm2d(_DualBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that also runs the dual pass (train: batch statistics, with their
+    derivative; eval: the running statistics' affine map)."""
+
+
+class DualBatchNorm1d(_DualBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that also runs the dual pass."""
+
+
+class DualReLU(DualModule, nn.ReLU):
+    """``nn.ReLU`` that also runs the dual pass: ``ẏ = ẋ·[x>0]``."""
+
+    def forward(self, input):
+        return DF.relu(input) if isinstance(input, Dual) else super().forward(input)
+
+
+class DualLinear(DualModule, nn.Linear):
+    """``nn.Linear`` that also runs the dual pass: ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
+
+    def forward(self, input):
+        if not isinstance(input, Dual):
+            return super().forward(input)
+        return DF.linear(input, self._dual_param("weight"), self._dual_param("bias"))
+
+
+class DualMaxPool2d(DualModule, nn.MaxPool2d):
+    """``nn.MaxPool2d`` that also runs the dual pass (tangent taken at the argmax)."""
+
+    def forward(self, input):
+        if not isinstance(input, Dual):
+            return super().forward(input)
+        return DF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                             self.ceil_mode, self.return_indices)
+
+
+class DualAvgPool2d(DualModule, nn.AvgPool2d):
+    """``nn.AvgPool2d`` that also runs the dual pass."""
+
+    def forward(self, input):
+        if not isinstance(input, Dual):
+            return super().forward(input)
+        return DF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                             self.count_include_pad, self.divisor_override)
+
+
+class DualAdaptiveAvgPool2d(DualModule, nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` that also runs the dual pass."""
+
+    def forward(self, input):
+        if not isinstance(input, Dual):
+            return super().forward(input)
+        return DF.adaptive_avg_pool2d(input, self.output_size)
+
+
+class DualFlatten(DualModule, nn.Flatten):
+    """``nn.Flatten`` that also runs the dual pass."""
+
+    def forward(self, input):
+        if not isinstance(input, Dual):
+            return super().forward(input)
+        return DF.flatten(input, self.start_dim, self.end_dim)
+
+
+class DualSequential(nn.Sequential):
+    """``nn.Sequential`` that, on a Dual input, runs each Conv→BatchNorm(→ReLU) and
+    BatchNorm→ReLU run of its children as one fused op. Same children, same state_dict."""
+
+    def forward(self, input):
+        if not isinstance(input, Dual):
+            return super().forward(input)
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            after = layers[i + 2] if i + 2 < len(layers) else None
+            if _fusable_conv(layer) and isinstance(nxt, _DualBatchNorm):
+                relu = isinstance(after, nn.ReLU)
+                input = _conv_bn(layer, nxt, input, relu)
+                i += 3 if relu else 2
+            elif isinstance(layer, _DualBatchNorm) and isinstance(nxt, nn.ReLU):
+                input = layer._dual_forward(input, relu=True)
+                i += 2
+            else:
+                input = layer(input)
+                i += 1
+        return input
+
+
+def _fusable_conv(layer) -> bool:
+    return isinstance(layer, DualConv2d) and layer.padding_mode == "zeros"
+
+
+def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> Dual:
+    if conv.out_channels != bn.num_features:
+        raise ValueError(f"{type(bn).__name__}: expected {bn.num_features} channels, but the "
+                         f"convolution before it gives {conv.out_channels}")
+    conv._check_dual()
+    DF._check_conv(input.primal, conv.weight, conv.bias, conv.groups)
+    running_mean, running_var, training, factor = bn._dual_bn_args(None)
+    return DF.conv2d_batch_norm(
+        input, conv._dual_param("weight"), conv._dual_param("bias"), conv.stride, conv.padding,
+        conv.dilation, conv.groups, running_mean, running_var, bn._dual_param("weight"),
+        bn._dual_param("bias"), training, factor, bn.eps, relu)
+
+
+# torch.nn layer -> its Dual twin, for convert().
+TWINS: dict[type, type] = {
+    nn.Conv2d: DualConv2d,
+    nn.BatchNorm2d: DualBatchNorm2d,
+    nn.BatchNorm1d: DualBatchNorm1d,
+    nn.ReLU: DualReLU,
+    nn.Linear: DualLinear,
+    nn.MaxPool2d: DualMaxPool2d,
+    nn.AvgPool2d: DualAvgPool2d,
+    nn.AdaptiveAvgPool2d: DualAdaptiveAvgPool2d,
+    nn.Flatten: DualFlatten,
+    nn.Sequential: DualSequential,
+}
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Turn the torch.nn layers of ``module`` (itself included) into their Dual twins, in place,
+    and return it. Parameters, buffers, hooks and state_dict keys are untouched: the twins add
+    no state, so each layer simply changes class. Conv→BN→ReLU and BN→ReLU runs inside
+    ``nn.Sequential`` containers are fused on the dual pass."""
+    for m in module.modules():
+        twin = TWINS.get(type(m))
+        if twin is not None:
+            m.__class__ = twin
+    return module

@@ -1,0 +1,87 @@
+"""Backend registry: which implementation runs the dual ops for a given device.
+
+Backends: ``reference`` (plain PyTorch, always there), ``native`` (the compiled ``fgkernels._C``
+ops) and ``triton`` (Triton kernels; on CUDA, or on the CPU under ``TRITON_INTERPRET=1``).
+The default picks, per tensor device, the fastest backend that is available: triton then native on
+CUDA, native on the CPU, reference when nothing else is built. ``FGKERNELS_BACKEND`` or
+``use_backend(name)`` forces one.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+
+from .reference import ReferenceBackend
+
+BACKENDS = ("reference", "native", "triton")
+_local = threading.local()
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str):
+    """The backend instance, or None when it cannot run on this install."""
+    if name == "reference":
+        return ReferenceBackend()
+    if name == "native":
+        from .native import NativeBackend, native_available
+        return NativeBackend() if native_available() else None
+    from .triton import TritonBackend, triton_available
+    return TritonBackend() if triton_available() else None
+
+
+def available_backends() -> list[str]:
+    """The names of the backends that can run here."""
+    return [name for name in BACKENDS if _load(name) is not None]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the dual ops inside the ``with`` block on backend ``name``, whatever the device."""
+    _check_name(name, "use_backend")
+    if _load(name) is None:
+        raise RuntimeError(f"backend {name!r} is not available here; available: "
+                           f"{', '.join(available_backends())}")
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unbuilt() -> None:
+    warnings.warn("fgkernels._C is not built, so the dual ops run on the slower reference "
+                  "backend; build it with `pip install --no-build-isolation -e .`", stacklevel=4)
+
+
+def current_backend(device: torch.device):
+    """The backend that runs ops on ``device`` now."""
+    stack = _local.__dict__.get("stack")
+    name = stack[-1] if stack else os.environ.get("FGKERNELS_BACKEND")
+    if name:
+        backend = _load(_check_name(name, "FGKERNELS_BACKEND"))
+        if backend is None:
+            raise RuntimeError(f"FGKERNELS_BACKEND={name} is not available here; available: "
+                               f"{', '.join(available_backends())}")
+        return backend
+    order = ("triton", "native") if device.type == "cuda" else ("native",)
+    for candidate in order:
+        backend = _load(candidate)
+        if backend is not None:
+            return backend
+    if _load("native") is None:
+        _warn_unbuilt()
+    return _load("reference")

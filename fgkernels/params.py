@@ -1,0 +1,86 @@
+"""Parameter tangents: the per-step directions ``Ẇ`` that the Dual layers feed into the pass."""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from .dual import _check_tangent
+from .nn import DualModule
+
+Tensor = torch.Tensor
+
+
+def _owner(module: nn.Module, name: str, params: Mapping[str, Tensor]):
+    if name not in params:
+        known = ", ".join(list(params)[:12]) + (", ..." if len(params) > 12 else "")
+        raise KeyError(f"set_tangents: unknown parameter name {name!r}; the module's parameters "
+                       f"are: {known}")
+    prefix, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(prefix) if prefix else module
+    if not isinstance(owner, DualModule):
+        raise TypeError(f"set_tangents: parameter {name!r} belongs to {type(owner).__name__}, "
+                        "which is not a Dual layer; run fgkernels.convert(model) first")
+    return owner, leaf
+
+
+def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
+                 direction: Optional[int] = None) -> None:
+    """Give parameters of ``module`` a tangent for the next dual passes.
+
+    ``tangents`` maps names as in ``module.named_parameters()`` to a tensor of the parameter's
+    shape (one tangent) or ``(T, *shape)`` (T tangents). With ``direction=j`` each (single)
+    tangent belongs to direction j alone: the layer's output gains a slot for j while its input
+    carries none. The parameters of one layer must share one layout. Everything is checked before
+    anything is set.
+    """
+    if direction is not None and (not isinstance(direction, int) or direction < 0):
+        raise ValueError(f"set_tangents: direction must be a non-negative int, got {direction!r}")
+    params = dict(module.named_parameters())
+    staged: dict[int, tuple[nn.Module, dict]] = {}
+    for name, tangent in tangents.items():
+        owner, leaf = _owner(module, name, params)
+        single = _check_tangent(params[name].detach(), tangent, f"tangent of {name!r}")
+        if direction is not None:
+            if not single:
+                raise ValueError(f"set_tangents: with direction={direction}, the tangent of "
+                                 f"{name!r} must have the parameter's shape "
+                                 f"{tuple(params[name].shape)}")
+            entry = (tangent.unsqueeze(0), (direction,), False)
+        else:
+            entry = (tangent.unsqueeze(0) if single else tangent, None, single)
+        staged.setdefault(id(owner), (owner, {}))[1][leaf] = entry
+    for owner, new in staged.values():
+        merged = {**owner.__dict__.get("_fg_tangents", {}), **new}
+        layouts = {(t.shape[0], d, s) for t, d, s in merged.values()}
+        if len(layouts) > 1:
+            raise ValueError(f"set_tangents: the tangents of one {type(owner).__name__} must share "
+                             f"T and direction; got {sorted(map(str, layouts))}")
+    for owner, new in staged.values():
+        owner.__dict__.setdefault("_fg_tangents", {}).update(new)
+
+
+def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
+                    generator: Optional[torch.Generator] = None,
+                    direction: Optional[int] = None) -> dict[str, Tensor]:
+    """Draw a standard normal tangent for every parameter of the Dual layers of ``module``
+    (``(num_tangents, *shape)`` when given), set them, and return them by name."""
+    if num_tangents is not None and (not isinstance(num_tangents, int) or num_tangents < 1):
+        raise ValueError(f"random_tangents: num_tangents must be a positive int, "
+                         f"got {num_tangents!r}")
+    drawn = {}
+    for name, p in module.named_parameters():
+        prefix, _, _ = name.rpartition(".")
+        if not isinstance(module.get_submodule(prefix) if prefix else module, DualModule):
+            continue
+        shape = p.shape if num_tangents is None else (num_tangents, *p.shape)
+        drawn[name] = torch.randn(shape, generator=generator, dtype=p.dtype, device=p.device)
+    set_tangents(module, drawn, direction=direction)
+    return drawn
+
+
+def clear_tangents(module: nn.Module) -> None:
+    """Remove every parameter tangent set on ``module`` and its children."""
+    for m in module.modules():
+        m.__dict__.pop("_fg_tangents", None)
