@@ -1,5 +1,7 @@
 // Dual ops built from ATen's own kernels (oneDNN convolutions and GEMMs on the CPU, cuDNN and
-// cuBLAS on CUDA), arranged to make the fewest calls. Registered for every device.
+// cuBLAS on CUDA), with the fewest convolution FLOPs: besides the primal, one call computes every
+// parameter term Wt_p * x (the P weight tangents stacked along the output channels) and one
+// every input term W * xt_t (the T slots batched along N). Registered for every device.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -23,16 +25,13 @@ std::tuple<at::Tensor, at::Tensor> dual_max_pool2d(const at::Tensor& x, const at
   return {y, yt};
 }
 
-// [W; Wt_1; ...; Wt_P] along the output channels, grouped so that each convolution group keeps
-// its own input channels: (groups, 1 + P, C_out / groups, ...) flattened.
-at::Tensor stack_weights(const at::Tensor& w, const at::Tensor& wt, int64_t groups) {
-  const int64_t P = wt.size(0), cog = w.size(0) / groups;
-  auto rest = w.sizes().slice(1).vec();
-  std::vector<int64_t> wshape{groups, 1, cog}, tshape{P, groups, cog};
-  wshape.insert(wshape.end(), rest.begin(), rest.end());
-  tshape.insert(tshape.end(), rest.begin(), rest.end());
-  return at::cat({w.reshape(wshape), wt.reshape(tshape).transpose(0, 1)}, 1)
-      .flatten(0, 2);
+// [Wt_1; ...; Wt_P] along the output channels, grouped so that each convolution group keeps its
+// own input channels: (groups, P, C_out / groups, ...) flattened.
+at::Tensor stack_weight_tangents(const at::Tensor& wt, int64_t groups) {
+  const int64_t P = wt.size(0), cog = wt.size(1) / groups;
+  std::vector<int64_t> shape{P, groups, cog};
+  shape.insert(shape.end(), wt.sizes().begin() + 2, wt.sizes().end());
+  return wt.reshape(shape).transpose(0, 1).flatten(0, 2);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
@@ -45,35 +44,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
               "weight must have shape (C_out, ", x.size(1) / groups, ", kH, kW), got ",
               w.sizes());
   const int64_t cout = w.size(0);
-  at::Tensor y, x_part, p_part;
-  const bool has_wt = wt.has_value() && wt->defined();
-  const bool has_bt = bt.has_value() && bt->defined();
-  if (has_wt) {
+  if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, cout);
+  const auto y = at::conv2d(x, w, b.has_value() ? *b : at::Tensor(), stride, padding, dilation,
+                            groups);
+  const auto fmt = kernel_format(y);
+  at::Tensor x_part, p_part;
+  if (wt.has_value() && wt->defined()) {
     check_tangent(w, *wt, "weight_t");
     const int64_t P = wt->size(0);
-    // One convolution gives y and every Wt_p * x: (N, groups, 1 + P, C_out / groups, H, W).
-    auto all = at::conv2d(x, stack_weights(w, *wt, groups), {}, stride, padding, dilation, groups);
-    auto split = all.unflatten(1, {groups, 1 + P, cout / groups});
-    y = split.select(2, 0).flatten(1, 2);
-    p_part = split.narrow(2, 1, P).permute({2, 0, 1, 3, 4, 5}).flatten(2, 3);
-  } else {
-    y = at::conv2d(x, w, {}, stride, padding, dilation, groups);
+    // Every Wt_p * x in one convolution: (N, groups, P, C_out / groups, H, W) -> (P, N, C_out, ..).
+    auto all = at::conv2d(x, stack_weight_tangents(*wt, groups), {}, stride, padding, dilation,
+                          groups);
+    p_part = slots_in_format(
+        all.unflatten(1, {groups, P, cout / groups}).permute({2, 0, 1, 3, 4, 5}).flatten(2, 3),
+        fmt);
   }
-  if (b.has_value() && b->defined()) {
-    FGK_CHECK_SHAPE(*b, cout);
-    y = y + b->view({1, cout, 1, 1});
-  }
-  if (has_bt) {
+  if (bt.has_value() && bt->defined()) {
     TORCH_CHECK(bt->dim() == 2 && bt->size(1) == cout, "bias_t must have shape (P, ", cout,
                 "), got ", bt->sizes());
     auto bias = bt->view({bt->size(0), 1, cout, 1, 1});
-    p_part = p_part.defined() ? p_part + bias
-                              : bias.expand({bt->size(0), y.size(0), cout, y.size(2), y.size(3)});
+    if (p_part.defined()) {
+      p_part.add_(bias);
+    } else {
+      p_part = empty_slots(bt->size(0), y, fmt).copy_(bias);
+    }
   }
   if (xt.has_value() && xt->defined()) {
     const int64_t T = check_tangent(x, *xt, "xt");
     // All T slots in one convolution, batched along N.
-    x_part = at::conv2d(xt->flatten(0, 1), w, {}, stride, padding, dilation, groups)
+    x_part = at::conv2d(slots_in_format(*xt, kernel_format(x)).flatten(0, 1), w, {}, stride,
+                        padding, dilation, groups)
                  .unflatten(0, {T, x.size(0)});
   }
   return {y, x_part.defined() ? x_part : at::empty({0}, x.options()),
@@ -87,40 +87,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "weight must have shape (out, ",
               x.size(-1), "), got ", w.sizes());
   const int64_t out = w.size(0);
-  at::Tensor y, x_part, p_part;
+  if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, out);
+  const auto y = at::linear(x.contiguous(), w, b.has_value() ? *b : at::Tensor());
+  at::Tensor x_part, p_part;
   if (wt.has_value() && wt->defined()) {
     check_tangent(w, *wt, "weight_t");
-    const int64_t P = wt->size(0);
-    // One GEMM: x [W; Wt_1; ...; Wt_P]^T = [y | Wt_1 x | ... ], split along the last dim.
-    auto all = at::linear(x, at::cat({w.unsqueeze(0), *wt}, 0).flatten(0, 1));
-    auto split = all.unflatten(-1, {1 + P, out});
-    y = split.select(-2, 0);
-    p_part = split.narrow(-2, 1, P).movedim(-2, 0);
-  } else {
-    y = at::linear(x, w);
-  }
-  if (b.has_value() && b->defined()) {
-    FGK_CHECK_SHAPE(*b, out);
-    y = y + *b;
+    // Every x Wt_p^T in one GEMM, split along the last dim and moved to the front.
+    p_part = at::linear(x.contiguous(), wt->flatten(0, 1))
+                 .unflatten(-1, {wt->size(0), out})
+                 .movedim(-2, 0)
+                 .contiguous();
   }
   if (bt.has_value() && bt->defined()) {
     TORCH_CHECK(bt->dim() == 2 && bt->size(1) == out, "bias_t must have shape (P, ", out,
                 "), got ", bt->sizes());
-    std::vector<int64_t> shape(x.dim() + 1, 1);
+    std::vector<int64_t> shape(x.dim() + 1, 1), full{bt->size(0)};
     shape.front() = bt->size(0);
     shape.back() = out;
-    auto bias = bt->view(shape);
+    full.insert(full.end(), y.sizes().begin(), y.sizes().end());
     if (p_part.defined()) {
-      p_part = p_part + bias;
+      p_part.add_(bt->view(shape));
     } else {
-      std::vector<int64_t> full{bt->size(0)};
-      full.insert(full.end(), y.sizes().begin(), y.sizes().end());
-      p_part = bias.expand(full);
+      p_part = at::empty(full, y.options()).copy_(bt->view(shape));
     }
   }
   if (xt.has_value() && xt->defined()) {
     check_tangent(x, *xt, "xt");
-    x_part = at::linear(*xt, w);
+    x_part = at::linear(xt->contiguous(), w);
   }
   return {y, x_part.defined() ? x_part : at::empty({0}, x.options()),
           p_part.defined() ? p_part : at::empty({0}, x.options())};

@@ -1,0 +1,49 @@
+"""Oracles for the tests: torch's own forward-mode AD and central finite differences."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
+
+TOL = {torch.float64: dict(rtol=1e-8, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def torch_jvp(model: torch.nn.Module, x: torch.Tensor, xt: Optional[torch.Tensor],
+              param_tangents: Optional[dict] = None, loss: Optional[Callable] = None):
+    """Primal and tangent of ``model(x)`` (or ``loss(model(x))``) by torch.autograd.forward_ad,
+    for one tangent. Runs on a copy, so the model's buffers are untouched."""
+    model = copy.deepcopy(model)
+    param_tangents = param_tangents or {}
+    with fwAD.dual_level():
+        params = {n: fwAD.make_dual(p.detach(), param_tangents[n]) if n in param_tangents
+                  else p.detach() for n, p in model.named_parameters()}
+        inp = fwAD.make_dual(x, xt) if xt is not None else x
+        out = functional_call(model, {**params, **dict(model.named_buffers())}, (inp,))
+        if loss is not None:
+            out = loss(out)
+        primal, tangent = fwAD.unpack_dual(out)
+    return primal, torch.zeros_like(primal) if tangent is None else tangent
+
+
+def torch_jvp_multi(model, x, xt_stack, param_stacks=None, loss=None):
+    """``torch_jvp`` for T tangents, one run per slot; returns (primal, (T, ...) tangents)."""
+    T = xt_stack.shape[0] if xt_stack is not None else next(iter(param_stacks.values())).shape[0]
+    outs = [torch_jvp(model, x, None if xt_stack is None else xt_stack[t],
+                      {n: v[t] for n, v in (param_stacks or {}).items()}, loss)
+            for t in range(T)]
+    return outs[0][0], torch.stack([o[1] for o in outs])
+
+
+def central_difference(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       xt: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """(f(x + h·ẋ) − f(x − h·ẋ)) / 2h, in float64."""
+    return (fn(x + h * xt) - fn(x - h * xt)) / (2 * h)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,192 @@
+"""Each dual op against torch's forward-mode AD and finite differences, on every CPU backend."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+import fgkernels.functional as DF
+from fgkernels import Dual
+from helpers import TOL, central_difference
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def fwad(fn, inputs, tangents):
+    """fn(*inputs) and its JVP along ``tangents`` (None: no tangent) by torch.autograd.forward_ad."""
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(i, t) if t is not None else i for i, t in zip(inputs, tangents)]
+        p, t = fwAD.unpack_dual(fn(*duals))
+    return p, torch.zeros_like(p) if t is None else t
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual, expected, **TOL[dtype])
+
+
+CONV_CASES = [
+    # (N, C_in, H, W, C_out, k, stride, padding, dilation, groups, bias)
+    (2, 3, 7, 6, 5, 3, 1, 1, 1, 1, True),
+    (1, 4, 9, 9, 6, 3, 2, 0, 1, 2, False),
+    (3, 2, 8, 5, 4, (3, 1), (2, 1), (1, 0), 1, 1, True),
+    (2, 3, 9, 9, 3, 3, 1, 2, 2, 1, True),
+    (2, 4, 6, 7, 4, 3, 1, "same", 1, 4, True),
+    (2, 3, 6, 6, 4, 2, 1, "same", 1, 1, False),
+    (2, 3, 5, 5, 2, 1, 1, "valid", 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("which", ["x", "w", "all"])
+def test_conv2d_matches_forward_ad(backend, dtype, case, which):
+    N, C, H, W, Co, k, s, p, d, g, has_b = case
+    k2 = (k, k) if isinstance(k, int) else k
+    x = torch.randn(N, C, H, W, dtype=dtype)
+    w = torch.randn(Co, C // g, *k2, dtype=dtype)
+    b = torch.randn(Co, dtype=dtype) if has_b else None
+    xt = torch.randn_like(x) if which in ("x", "all") else None
+    wt = torch.randn_like(w) if which in ("w", "all") else None
+    bt = torch.randn_like(b) if b is not None and which in ("w", "all") else None
+    out = DF.conv2d(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt), s, p, d, g)
+    ep, et = fwad(lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g), [x, w, b], [xt, wt, bt])
+    close(out.primal, ep, dtype)
+    close(out.tangent, et, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_matches_forward_ad(backend, dtype):
+    x, w, b = (torch.randn(5, 7, dtype=dtype), torch.randn(3, 7, dtype=dtype),
+               torch.randn(3, dtype=dtype))
+    ts = [torch.randn_like(v) for v in (x, w, b)]
+    out = DF.linear(Dual(x, ts[0]), Dual(w, ts[1]), Dual(b, ts[2]))
+    ep, et = fwad(F.linear, [x, w, b], ts)
+    close(out.primal, ep, dtype)
+    close(out.tangent, et, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_matches_forward_ad(backend, dtype, training, affine, relu):
+    x = torch.randn(3, 5, 4, 7, dtype=dtype) * 2 + 1
+    xt = torch.randn_like(x)
+    w = torch.rand(5, dtype=dtype) + 0.5 if affine else None
+    b = torch.randn(5, dtype=dtype) if affine else None
+    wt = torch.randn(5, dtype=dtype) if affine else None
+    bt = torch.randn(5, dtype=dtype) if affine else None
+    rm, rv = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    out = DF.batch_norm(Dual(x, xt), rm, rv, None if w is None else Dual(w, wt),
+                        None if b is None else Dual(b, bt), training, 0.1, 1e-5, relu=relu)
+
+    def f(x_, w_, b_):
+        y = F.batch_norm(x_, rm2, rv2, w_, b_, training, 0.1, 1e-5)
+        return F.relu(y) if relu else y
+
+    ep, et = fwad(f, [x, w, b], [xt, wt, bt])
+    close(out.primal, ep, dtype)
+    close(out.tangent, et, dtype)
+    close(rm, rm2, dtype)  # running stats updated once, as F.batch_norm updates them
+    close(rv, rv2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_and_max_pool_match_forward_ad(backend, dtype):
+    x = torch.randn(2, 3, 7, 9, dtype=dtype)
+    xt = torch.randn_like(x)
+    close(DF.relu(Dual(x, xt)).tangent, fwad(F.relu, [x], [xt])[1], dtype)
+    for args in [(2,), (3, 2, 1), (3, 1, 1, 2, True)]:
+        out = DF.max_pool2d(Dual(x, xt), *args)
+        ep, et = fwad(lambda v: F.max_pool2d(v, *args), [x], [xt])
+        close(out.primal, ep, dtype)
+        close(out.tangent, et, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_forward_ad(reduction, smoothing):
+    z = torch.randn(6, 4, dtype=torch.float64)
+    zt = torch.randn_like(z)
+    y = torch.tensor([0, 3, 1, 1, 2, 0])
+    out = DF.cross_entropy(Dual(z, zt), y, reduction=reduction, label_smoothing=smoothing)
+    ep, et = fwad(lambda v: F.cross_entropy(v, y, reduction=reduction,
+                                            label_smoothing=smoothing), [z], [zt])
+    close(out.primal, ep, torch.float64)
+    close(out.tangent, et, torch.float64)
+
+
+def test_ops_match_central_differences(backend):
+    """An independent oracle: conv → BN(train) → ReLU → pool → linear → loss, by differences."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    xt = torch.randn_like(x)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    lw = torch.randn(2, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+
+    def f(v):
+        h = DF.conv2d(v, w, None, 1, 1)
+        h = DF.batch_norm(h, None, None, None, None, True, 0.1, 1e-5, relu=True)
+        h = DF.flatten(DF.adaptive_avg_pool2d(h, 1), 1)
+        return DF.cross_entropy(DF.linear(h, lw), y)
+
+    out = f(Dual(x, xt))
+    fd = central_difference(lambda v: f(Dual(v)).primal, x, xt)
+    torch.testing.assert_close(out.tangent, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_multi_tangent_equals_single_runs(backend):
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    xt, wt = torch.randn(3, *x.shape, dtype=x.dtype), torch.randn(3, *w.shape, dtype=x.dtype)
+
+    def f(x_, w_):
+        h = DF.conv2d(x_, w_, None, 1, 1)
+        return DF.batch_norm(h, None, None, None, None, True, 0.1, 1e-5, relu=True)
+
+    multi = f(Dual(x, xt), Dual(w, wt))
+    assert multi.tangent.shape == (3, 2, 4, 6, 6)
+    for t in range(3):
+        single = f(Dual(x, xt[t]), Dual(w, wt[t]))
+        torch.testing.assert_close(multi.tangent[t], single.tangent, rtol=1e-12, atol=1e-12)
+
+
+def test_none_tangent_equals_zero_tangent(backend):
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    wt = torch.randn_like(w)
+    a = DF.batch_norm(DF.conv2d(Dual(x), Dual(w, wt)), None, None, training=True, relu=True)
+    b = DF.batch_norm(DF.conv2d(Dual(x, torch.zeros_like(x)), Dual(w, wt)), None, None,
+                      training=True, relu=True)
+    torch.testing.assert_close(a.tangent, b.tangent, rtol=1e-12, atol=1e-12)
+    assert DF.relu(DF.conv2d(Dual(x), w)).tangent is None  # no tangent anywhere: none out
+
+
+def test_directions_enter_part_way(backend):
+    """A parameter tangent of direction 1 adds a slot to an input carrying direction 0 only:
+    slot 0 is the input's JVP, slot 1 the parameter's, and no zero slot is ever made up."""
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    xt = torch.randn_like(x)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    wt = torch.randn_like(w)
+    out = DF.conv2d(Dual(x, xt.unsqueeze(0), directions=[0]),
+                    Dual(w, wt.unsqueeze(0), directions=[1]), None, 1, 1)
+    assert out.directions == (0, 1)
+    torch.testing.assert_close(out.tangent[0], F.conv2d(xt, w, padding=1))
+    torch.testing.assert_close(out.tangent[1], F.conv2d(x, wt, padding=1))
+    bn = DF.batch_norm(out, None, None, training=True, relu=True)
+    sel = bn.select([1])
+    ref = DF.batch_norm(DF.conv2d(Dual(x), Dual(w, wt), None, 1, 1), None, None,
+                        training=True, relu=True)
+    torch.testing.assert_close(sel.tangent[0], ref.tangent, rtol=1e-12, atol=1e-12)
+
+
+def test_param_tangents_without_input_tangent_in_eval_bn(backend):
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    w, b = torch.rand(4, dtype=x.dtype) + 0.5, torch.randn(4, dtype=x.dtype)
+    wt, bt = torch.randn_like(w), torch.randn_like(b)
+    rm, rv = torch.randn(4, dtype=x.dtype), torch.rand(4, dtype=x.dtype) + 0.5
+    out = DF.batch_norm(Dual(x), rm, rv, Dual(w, wt), Dual(b, bt), training=False)
+    _, et = fwad(lambda w_, b_: F.batch_norm(x, rm, rv, w_, b_, False), [w, b], [wt, bt])
+    close(out.tangent, et, torch.float64)

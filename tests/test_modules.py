@@ -1,0 +1,276 @@
+"""The Dual modules: twins of their torch.nn layers on tensors, and exact JVPs on Duals."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fgkernels
+from fgkernels import Dual
+from helpers import TOL, torch_jvp, torch_jvp_multi
+
+TWIN_CASES = [
+    (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), (2, 3, 9, 8)),
+    (lambda: nn.Conv2d(4, 4, 3, padding="same", groups=2, bias=False), (2, 4, 6, 7)),
+    (lambda: nn.BatchNorm2d(3), (4, 3, 5, 5)),
+    (lambda: nn.BatchNorm2d(3, affine=False, momentum=None), (4, 3, 5, 5)),
+    (lambda: nn.ReLU(), (2, 3, 4, 4)),
+    (lambda: nn.Linear(6, 4), (5, 6)),
+    (lambda: nn.MaxPool2d(3, 2, 1), (2, 3, 7, 7)),
+    (lambda: nn.AvgPool2d(2), (2, 3, 6, 6)),
+    (lambda: nn.AdaptiveAvgPool2d((2, 3)), (2, 3, 7, 7)),
+    (lambda: nn.Flatten(), (2, 3, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("make,shape", TWIN_CASES)
+def test_tensor_input_behaves_as_twin(make, shape):
+    torch.manual_seed(1)
+    twin = make().double()
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    assert type(dual) is fgkernels.nn.TWINS[type(twin)]
+    assert dual.state_dict().keys() == twin.state_dict().keys()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    a, b = twin(x), dual(x2)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+    for (_, p), (_, q) in zip(twin.named_parameters(), dual.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("make,shape", TWIN_CASES)
+def test_dual_input_matches_forward_ad(backend, make, shape, dtype):
+    torch.manual_seed(2)
+    twin = make().to(dtype)
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    x = torch.randn(shape, dtype=dtype)
+    xt = torch.randn_like(x)
+    tangents = fgkernels.random_tangents(dual)
+    ep, et = torch_jvp(twin, x, xt, tangents)
+    out = dual(Dual(x, xt))
+    torch.testing.assert_close(out.primal, ep, **TOL[dtype])
+    torch.testing.assert_close(out.tangent, et, **TOL[dtype])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_running_stats_follow_twin(backend, momentum):
+    twin = nn.BatchNorm2d(4, momentum=momentum).double()
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    for step in range(4):
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * (step + 1) + step
+        if step == 3:
+            twin.eval(), dual.eval()
+        a = twin(x)
+        b = dual(Dual(x, torch.randn_like(x)))
+        torch.testing.assert_close(b.primal, a)
+    for name, buf in twin.named_buffers():
+        torch.testing.assert_close(dict(dual.named_buffers())[name], buf, rtol=1e-12, atol=0)
+    assert int(dual.num_batches_tracked) == 3
+
+
+def test_state_dict_round_trip():
+    twin = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64, 2))
+    twin(torch.randn(2, 3, 6, 6))
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    fresh_twin = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                               nn.Linear(64, 2))
+    fresh_twin.load_state_dict(dual.state_dict())
+    fresh_dual = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                                                 nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)))
+    fresh_dual.load_state_dict(twin.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    for m in (twin, dual, fresh_twin, fresh_dual):
+        m.eval()
+    torch.testing.assert_close(fresh_twin(x), twin(x), rtol=0, atol=0)
+    torch.testing.assert_close(fresh_dual(x), twin(x), rtol=0, atol=0)
+    fgkernels.random_tangents(dual)
+    assert dual.state_dict().keys() == twin.state_dict().keys()  # tangents are not state
+
+
+# --- a ResNet-18 as torchvision writes it -----------------------------------------------------------
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes=10, width=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        blocks, cin = [], width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            for j in range(2):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(BasicBlock(cin, width * mult, stride))
+                cin = width * mult
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_convert_resnet18(backend, layout):
+    torch.manual_seed(4)
+    twin = ResNet18().double()
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    xt = torch.randn_like(x)
+    y = torch.tensor([3, 7])
+    tangents = fgkernels.random_tangents(dual)
+    loss = lambda z: F.cross_entropy(z, y)
+    ep, et = torch_jvp(twin, x, xt, tangents, loss)
+    out = F.cross_entropy(dual(Dual(x, xt)), y)
+    if backend == "reference":
+        torch.testing.assert_close(out.primal, ep, rtol=0, atol=0)
+    torch.testing.assert_close(out.primal, ep, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangent, et, **TOL[torch.float64])
+    twin(x)  # one plain training step updates the twin's running stats as the dual pass did
+    for (n, a), (_, b) in zip(twin.named_buffers(), dual.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_convert_fuses_sequential_runs(backend):
+    """Conv→BN→ReLU inside nn.Sequential runs fused, with the same numbers and state."""
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).double()
+    twin = copy.deepcopy(seq)
+    fgkernels.convert(seq)
+    assert isinstance(seq, fgkernels.DualSequential)
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=x.dtype)
+    tangents = fgkernels.random_tangents(seq, 2)
+    ep, et = torch_jvp_multi(twin, x, xt, tangents)
+    out = seq(Dual(x, xt))
+    torch.testing.assert_close(out.primal, ep)
+    torch.testing.assert_close(out.tangent, et)
+    twin(x)
+    for (n, a), (_, b) in zip(twin.named_buffers(), seq.named_buffers()):
+        torch.testing.assert_close(b, a, msg=n)
+
+
+@pytest.mark.parametrize("case", ["noncontiguous", "batch1", "odd", "C1"])
+def test_layouts_and_sizes(backend, case):
+    shape = {"noncontiguous": (3, 4, 6, 6), "batch1": (1, 4, 5, 5), "odd": (3, 4, 7, 5),
+             "C1": (3, 1, 5, 5)}[case]
+    cin = shape[1]
+    twin = nn.Sequential(nn.Conv2d(cin, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.MaxPool2d(2, ceil_mode=True)).double()
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    x = torch.randn(shape, dtype=torch.float64)
+    xt = torch.randn_like(x)
+    if case == "noncontiguous":
+        x = torch.randn(shape[0], shape[1], shape[2], 2 * shape[3], dtype=x.dtype)[..., ::2]
+        xt = torch.randn(shape[0], shape[1], 2 * shape[2], shape[3], dtype=x.dtype)[:, :, ::2]
+        assert not x.is_contiguous() and not xt.is_contiguous()
+    tangents = fgkernels.random_tangents(dual)
+    ep, et = torch_jvp(twin, x, xt, tangents)
+    out = dual(Dual(x, xt))
+    torch.testing.assert_close(out.primal, ep)
+    torch.testing.assert_close(out.tangent, et)
+
+
+def test_multi_tangent_modules_equal_single_runs(backend):
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+                                          nn.Flatten(), nn.Linear(27, 2)).double())
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    xt = torch.randn(3, *x.shape, dtype=x.dtype)
+    stacks = fgkernels.random_tangents(net, 3)
+    net.eval()  # fixed statistics: every run sees the same affine map
+    multi = net(Dual(x, xt))
+    for t in range(3):
+        fgkernels.set_tangents(net, {n: v[t] for n, v in stacks.items()})
+        single = net(Dual(x, xt[t]))
+        torch.testing.assert_close(multi.tangent[t], single.tangent, rtol=1e-12, atol=1e-12)
+
+
+def test_set_tangents_direction_and_clear():
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 1)))
+    x = torch.randn(2, 2, 5, 5)
+    fgkernels.set_tangents(net, {"2.weight": torch.randn(2, 3, 1, 1)}, direction=4)
+    out = net(Dual(x))
+    assert out.directions == (4,) and out.tangents.shape == (1, 2, 2, 3, 3)
+    fgkernels.clear_tangents(net)
+    assert net(Dual(x)).tangent is None
+
+
+# --- bad input ----------------------------------------------------------------------------------
+def test_bad_tangents_raise():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="shape"):
+        Dual(x, torch.randn(2, 3, 4, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        Dual(x, torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="directions"):
+        Dual(x, torch.randn(2, 2, 3, 4, 4), directions=[0])
+    with pytest.raises(ValueError, match="increasing"):
+        Dual(x, torch.randn(2, 2, 3, 4, 4), directions=[1, 0])
+    with pytest.raises(ValueError, match="different numbers of tangents T"):
+        Dual(x, torch.randn(2, *x.shape)) + Dual(x, torch.randn(3, *x.shape))
+    with pytest.raises(ValueError, match="labelled"):
+        Dual(x, torch.randn(1, *x.shape), directions=[0]) + Dual(x, torch.randn_like(x))
+    with pytest.raises(TypeError, match="no forward-mode rule for 'sin'"):
+        torch.sin(Dual(x))
+
+
+def test_bad_parameter_tangents_raise():
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)))
+    with pytest.raises(KeyError, match="unknown parameter name '0.wieght'"):
+        fgkernels.set_tangents(net, {"0.wieght": torch.randn(3, 2, 3, 3)})
+    with pytest.raises(ValueError, match="tangent of '0.weight' has shape"):
+        fgkernels.set_tangents(net, {"0.weight": torch.randn(3, 2, 3)})
+    with pytest.raises(TypeError, match="dtype"):
+        fgkernels.set_tangents(net, {"0.weight": torch.randn(3, 2, 3, 3, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="share"):
+        fgkernels.set_tangents(net, {"1.weight": torch.randn(3), "1.bias": torch.randn(2, 3)})
+    assert "_fg_tangents" not in net[1].__dict__  # nothing half-set
+    plain = nn.Sequential(nn.Conv2d(2, 3, 3))
+    with pytest.raises(TypeError, match="convert"):
+        fgkernels.set_tangents(plain, {"0.weight": torch.randn(3, 2, 3, 3)})
+    fgkernels.set_tangents(net, {"0.weight": torch.randn(2, 3, 2, 3, 3)})
+    with pytest.raises(ValueError, match="different numbers of tangents T"):
+        net(Dual(torch.randn(2, 2, 5, 5), torch.randn(3, 2, 2, 5, 5)))
+
+
+def test_wrong_channel_count_raises_and_keeps_state():
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)))
+    with pytest.raises(ValueError, match="input has 4 channels"):
+        net(Dual(torch.randn(2, 4, 5, 5)))
+    bn = fgkernels.convert(nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        bn(Dual(torch.randn(2, 4, 5, 5)))
+    assert int(net[1].num_batches_tracked) == 0 and int(bn.num_batches_tracked) == 0
+    conv = fgkernels.convert(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(NotImplementedError, match="padding_mode='reflect'"):
+        conv(Dual(torch.randn(1, 2, 5, 5)))

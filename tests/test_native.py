@@ -1,0 +1,149 @@
+"""The compiled ops (torch.ops.fgkernels): schema/fake checks, numerics against the reference,
+and argument checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fgkernels
+import fgkernels.functional as DF
+from fgkernels import Dual
+from helpers import rel_err
+
+pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),
+                                reason="fgkernels._C is not built")
+ops = torch.ops.fgkernels
+
+
+def _slots(T, x):
+    return torch.randn(T, *x.shape, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(channels_last):
+    x = torch.randn(2, 3, 5, 4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xt = _slots(2, x)
+    w, wt = torch.randn(4, 3, 3, 3), torch.randn(2, 4, 3, 3, 3)
+    b, bt = torch.randn(4), torch.randn(2, 4)
+    C = x.shape[1]
+    cases = [
+        (ops.dual_relu, (x, xt)),
+        (ops.dual_max_pool2d, (x, xt, [2, 2], [2, 2], [0, 0], [1, 1], False)),
+        (ops.dual_bn_stats, (x, xt)),
+        (ops.dual_bn_stats, (x, None)),
+        (ops.dual_bn_apply, (x, xt, [1, -1, 0], torch.randn(C), torch.randn(C),
+                             torch.randn(3, C), torch.randn(3, C), True)),
+        (ops.dual_conv2d, (x, xt, w, wt, b, bt, [1, 1], [1, 1], [1, 1], 1)),
+        (ops.dual_conv2d, (x, None, w, None, None, bt, [2, 1], [0, 1], [1, 1], 1)),
+        (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),
+                           torch.randn(2, 3, 7), None, torch.randn(2, 3))),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_matches_reference_with_varied_slots(channels_last, relu):
+    """Input slots {0, 2}, parameter slots {1, 2}: every combination of terms in one apply."""
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64) * 3 + 2
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xt = _slots(2, x)
+    w, b = torch.rand(5, dtype=x.dtype) + 0.5, torch.randn(5, dtype=x.dtype)
+    wt, bt = torch.randn(2, 5, dtype=x.dtype), torch.randn(2, 5, dtype=x.dtype)
+    args = (Dual(x, xt, directions=[0, 2]), None, None,
+            Dual(w, wt, directions=[1, 2]), Dual(b, bt, directions=[1, 2]), True, 0.1, 1e-5,
+            relu)
+    with fgkernels.use_backend("reference"):
+        ref = DF.batch_norm(*args)
+    with fgkernels.use_backend("native"):
+        out = DF.batch_norm(*args)
+    assert out.directions == ref.directions == (0, 1, 2)
+    torch.testing.assert_close(out.primal, ref.primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangent, ref.tangent, rtol=1e-10, atol=1e-12)
+    if channels_last:
+        assert out.primal.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bn_statistics_are_stable_for_large_means():
+    """|mean| ≫ std: the shifted sums keep float32 statistics at float32 accuracy (the naive
+    E[x²] − E[x]² would lose every digit of the variance here)."""
+    x = torch.randn(8, 4, 16, 16) + 1e4
+    xt = _slots(1, x)
+    mean, var, tmean, tcov = ops.dual_bn_stats(x, xt)
+    x64, xt64 = x.double(), xt.double()
+    torch.testing.assert_close(mean.double(), x64.mean((0, 2, 3)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(var.double(), x64.var((0, 2, 3), unbiased=False), rtol=1e-4,
+                               atol=0)
+    centered = (x64 - x64.mean((0, 2, 3), keepdim=True)) * xt64[0]
+    torch.testing.assert_close(tcov[0].double(), centered.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(tmean[0].double(), xt64[0].mean((0, 2, 3)), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision_error_within_torch_error(dtype, channels_last):
+    """err(native) ≤ 2·err(reference in the same dtype) + atol, both against float64."""
+    x = torch.randn(4, 6, 8, 8, dtype=torch.float64) * 2 + 1
+    xt = _slots(2, x)
+    w, wt = torch.rand(6, dtype=x.dtype) + 0.5, torch.randn(2, 6, dtype=x.dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+
+    def run(backend, dt):
+        with fgkernels.use_backend(backend):
+            return DF.batch_norm(Dual(x.to(dt), xt.to(dt)), None, None, Dual(w.to(dt), wt.to(dt)),
+                                 None, True, 0.1, 1e-5, relu=True)
+
+    exact = run("reference", torch.float64)
+    torch_out, native_out = run("reference", dtype), run("native", dtype)
+    atol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    for part in ("primal", "tangent"):
+        err = rel_err(getattr(native_out, part), getattr(exact, part))
+        err_torch = rel_err(getattr(torch_out, part), getattr(exact, part))
+        assert err <= 2 * err_torch + atol, (part, err, err_torch)
+
+
+def test_ops_reject_bad_arguments():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"xt must have shape \(T, "):
+        ops.dual_relu(x, torch.randn(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="xt must have dtype"):
+        ops.dual_bn_stats(x, torch.randn(1, 2, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"scale must have shape \(C\)"):
+        ops.dual_bn_apply(x, None, [-1], torch.randn(4), torch.randn(3), torch.randn(1, 3),
+                          torch.randn(1, 3), False)
+    with pytest.raises(RuntimeError, match="x_slot entries must be < T"):
+        ops.dual_bn_apply(x, torch.randn(1, 2, 3, 4, 4), [1], torch.randn(3), torch.randn(3),
+                          torch.randn(1, 3), torch.randn(1, 3), False)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        ops.dual_conv2d(x, None, torch.randn(4, 2, 3, 3), None, None, None, [1, 1], [0, 0],
+                        [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"bias_t must have shape \(P, 4\)"):
+        ops.dual_conv2d(x, None, torch.randn(4, 3, 3, 3), None, None, torch.randn(1, 5),
+                        [1, 1], [0, 0], [1, 1], 1)
+
+
+def test_native_is_the_cpu_default():
+    assert fgkernels.current_backend(torch.device("cpu")).name == "native"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_ops_match_cpu(channels_last):
+    x = torch.randn(4, 6, 9, 7) * 2 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xt = _slots(3, x)
+    C = x.shape[1]
+    coef = (torch.randn(C), torch.randn(C), torch.randn(4, C), torch.randn(4, C))
+    for op, args in [(ops.dual_relu, (x, xt)), (ops.dual_bn_stats, (x, xt)),
+                     (ops.dual_bn_apply, (x, xt, [0, 2, -1, 1], *coef, True))]:
+        cpu = op(*args)
+        gpu = op(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+        for a, b in zip(cpu, gpu):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4)
+        torch.library.opcheck(op, [a.cuda() if isinstance(a, torch.Tensor) else a for a in args])

@@ -1,0 +1,47 @@
+"""The backend registry: selection, forcing, and errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fgkernels
+import fgkernels.ops as ops
+
+
+def test_use_backend_forces_and_restores():
+    cpu = torch.device("cpu")
+    default = fgkernels.current_backend(cpu).name
+    with fgkernels.use_backend("reference"):
+        assert fgkernels.current_backend(cpu).name == "reference"
+    assert fgkernels.current_backend(cpu).name == default
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'fast'; choose one of"):
+        with fgkernels.use_backend("fast"):
+            pass
+
+
+def test_environment_variable_forces_backend():
+    code = "import fgkernels, torch; print(fgkernels.current_backend(torch.device('cpu')).name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"FGKERNELS_BACKEND": "reference", "PATH": ""})
+    assert out.stdout.strip() == "reference"
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    ops._load.cache_clear()
+    ops._warn_unbuilt.cache_clear()
+    monkeypatch.setattr("fgkernels.ops.native.native_available", lambda: False)
+    monkeypatch.delenv("FGKERNELS_BACKEND", raising=False)
+    try:
+        with pytest.warns(UserWarning, match="pip install --no-build-isolation -e ."):
+            assert fgkernels.current_backend(torch.device("cpu")).name == "reference"
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fgkernels.current_backend(torch.device("cpu"))  # warned once only
+    finally:
+        ops._load.cache_clear()
+        ops._warn_unbuilt.cache_clear()
