@@ -17,11 +17,11 @@ def _use_cuda() -> bool:
 
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]
     if _use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         return CUDAExtension("fgkernels._C", sources, define_macros=[("FGK_WITH_CUDA", None)],
-                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
                              py_limited_api=False)
     return CppExtension("fgkernels._C", sources, extra_compile_args={"cxx": cxx})
 

@@ -1,0 +1,156 @@
+// Dual batch norm on CUDA: a statistics kernel writing per-split partial sums, and an apply
+// kernel writing the primal and every tangent slot in one pass.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dual_kernels.h"
+
+namespace fgkernels {
+namespace cuda {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename T> __device__ __forceinline__ typename Acc<T>::type load(const T* p) {
+  return static_cast<typename Acc<T>::type>(*p);
+}
+template <> __device__ __forceinline__ float load(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+template <> __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+
+template <typename T, typename A> __device__ __forceinline__ T store_as(A v) {
+  return static_cast<T>(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 store_as(float v) {
+  return __float2bfloat16(v);
+}
+template <> __device__ __forceinline__ __half store_as(float v) { return __float2half(v); }
+
+constexpr int kThreads = 256;
+
+// Sum of v over the block; every thread gets the result.
+template <typename A> __device__ A block_sum(A v, A* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  A total = 0;
+  for (int w = 0; w < blockDim.x / 32; ++w) total += scratch[w];
+  return total;
+}
+
+// grid (C, splits, 1 + slots): z = 0 sums x, z = t + 1 sums slot t against x. Each block walks
+// the (outer, inner) elements of its channel in its split, consecutive threads on consecutive
+// elements of a row (coalesced for NCHW; for channels_last the stride is C).
+template <typename T>
+__global__ void bn_stats_kernel(BNStatsParams p) {
+  using A = typename Acc<T>::type;
+  __shared__ A scratch[kThreads / 32];
+  const int64_t c = blockIdx.x, split = blockIdx.y, z = blockIdx.z;
+  const int64_t C = p.layout.channels, inner = p.layout.inner;
+  const int64_t count = p.layout.outer * inner;
+  const int64_t per_split = (count + p.splits - 1) / p.splits;
+  const int64_t e0 = split * per_split, e1 = min(count, e0 + per_split);
+  const T* x = static_cast<const T*>(p.x);
+  const T* t = z ? static_cast<const T*>(p.xt) + (z - 1) * p.layout.outer * C * inner : nullptr;
+  const A k = load(x + c * inner);
+  A s1 = 0, s2 = 0;
+  for (int64_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
+    const int64_t o = e / inner, i = e % inner;
+    const int64_t idx = (o * C + c) * inner + i;
+    const A d = load(x + idx) - k;
+    if (z == 0) {
+      s1 += d;
+      s2 += d * d;
+    } else {
+      const A v = load(t + idx);
+      s1 += v;
+      s2 += d * v;
+    }
+  }
+  s1 = block_sum(s1, scratch);
+  s2 = block_sum(s2, scratch);
+  if (threadIdx.x == 0) {
+    A* out = static_cast<A*>(p.partial) + split * (2 + 2 * p.slots) * C;
+    out[(2 * z) * C + c] = s1;
+    out[(2 * z + 1) * C + c] = s2;
+  }
+}
+
+// One thread per element of x: the primal, then every output slot.
+template <typename T>
+__global__ void bn_apply_kernel(BNApplyParams p) {
+  using A = typename Acc<T>::type;
+  const int64_t C = p.layout.channels, inner = p.layout.inner;
+  const int64_t n = p.layout.outer * C * inner;
+  const A* scale = static_cast<const A*>(p.scale);
+  const A* shift = static_cast<const A*>(p.shift);
+  const A* bx = static_cast<const A*>(p.t_xscale);
+  const A* bs = static_cast<const A*>(p.t_shift);
+  const T* x = static_cast<const T*>(p.x);
+  const T* xt = static_cast<const T*>(p.xt);
+  T* y = static_cast<T*>(p.y);
+  T* yt = static_cast<T*>(p.yt);
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t c = (idx / inner) % C;
+    const A xv = load(x + idx);
+    const A yv = scale[c] * xv + shift[c];
+    const bool keep = !p.relu || yv > A(0);
+    y[idx] = store_as<T>(keep ? yv : A(0));
+    for (int64_t t = 0; t < p.out_slots; ++t) {
+      A tv = bx[t * C + c] * xv + bs[t * C + c];
+      if (p.x_slot[t] >= 0) tv += scale[c] * load(xt + p.x_slot[t] * n + idx);
+      yt[t * n + idx] = store_as<T>(keep ? tv : A(0));
+    }
+  }
+}
+
+template <typename T>
+int stats(const BNStatsParams& p, cudaStream_t stream) {
+  dim3 grid(p.layout.channels, p.splits, 1 + p.slots);
+  bn_stats_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+int apply(const BNApplyParams& p, cudaStream_t stream) {
+  const int64_t n = p.layout.outer * p.layout.channels * p.layout.inner;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  bn_apply_kernel<T><<<(unsigned)(blocks < 65535 * 8 ? blocks : 65535 * 8), kThreads, 0,
+                       stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int launch_bn_stats(const BNStatsParams& p, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::kFloat: return stats<float>(p, s);
+    case DType::kDouble: return stats<double>(p, s);
+    case DType::kBFloat16: return stats<__nv_bfloat16>(p, s);
+    case DType::kHalf: return stats<__half>(p, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int launch_bn_apply(const BNApplyParams& p, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::kFloat: return apply<float>(p, s);
+    case DType::kDouble: return apply<double>(p, s);
+    case DType::kBFloat16: return apply<__nv_bfloat16>(p, s);
+    case DType::kHalf: return apply<__half>(p, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace cuda
+}  // namespace fgkernels

@@ -1,0 +1,68 @@
+// Plain interface of the CUDA kernels: params structs and launchers, no torch types, so that the
+// .cu files compile with nvcc alone. Launchers return the CUDA error code of the launch (0: ok).
+#pragma once
+
+#include <cstdint>
+
+namespace fgkernels {
+namespace cuda {
+
+enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
+
+constexpr int kMaxSlots = 64;
+
+// The primal viewed as [outer, C, inner], contiguous (NCHW: (N, C, H*W); channels_last:
+// (N*H*W, C, 1)); tangent slots follow each other, each laid out like x.
+struct Layout {
+  int64_t outer, channels, inner;
+};
+
+// Per-split partial sums of the batch-norm statistics, shift k_c = the channel's first value:
+//   partial[s][0][c] = Σ(x-k), partial[s][1][c] = Σ(x-k)², and for slot t
+//   partial[s][2+2t][c] = Σ xt_t, partial[s][3+2t][c] = Σ (x-k) xt_t.
+// Accumulation type: double for double inputs, float otherwise.
+struct BNStatsParams {
+  const void* x;
+  const void* xt;  // nullptr when slots == 0
+  void* partial;   // [splits, 2 + 2 * slots, C]
+  Layout layout;
+  int64_t slots, splits;
+  DType dtype;
+};
+
+// y = scale[c] x + shift[c] (ReLU optional); for output slot t:
+//   yt[t] = scale[c] xt[x_slot[t]] (if x_slot[t] >= 0) + t_xscale[t][c] x + t_shift[t][c].
+// Coefficients in the accumulation type.
+struct BNApplyParams {
+  const void* x;
+  const void* xt;
+  void* y;
+  void* yt;
+  const void* scale;
+  const void* shift;
+  const void* t_xscale;
+  const void* t_shift;
+  int32_t x_slot[kMaxSlots];
+  Layout layout;
+  int64_t out_slots;
+  bool relu;
+  DType dtype;
+};
+
+// y = max(x, 0); yt[t] = xt[t] * [x > 0].
+struct ReluParams {
+  const void* x;
+  const void* xt;
+  void* y;
+  void* yt;
+  int64_t numel, slots;
+  DType dtype;
+};
+
+int launch_bn_stats(const BNStatsParams& p, void* stream);
+int launch_bn_apply(const BNApplyParams& p, void* stream);
+int launch_relu(const ReluParams& p, void* stream);
+const char* error_string(int code);
+
+}  // namespace cuda
+}  // namespace fgkernels

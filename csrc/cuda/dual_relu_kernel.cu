@@ -1,0 +1,55 @@
+// Dual ReLU on CUDA: one thread per element of x, writing the primal and every tangent slot.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "dual_kernels.h"
+
+namespace fgkernels {
+namespace cuda {
+namespace {
+
+template <typename T> __device__ __forceinline__ bool positive(T v) { return v > T(0); }
+template <> __device__ __forceinline__ bool positive(__nv_bfloat16 v) {
+  return __bfloat162float(v) > 0.f;
+}
+template <> __device__ __forceinline__ bool positive(__half v) { return __half2float(v) > 0.f; }
+
+template <typename T>
+__global__ void relu_kernel(ReluParams p) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* xt = static_cast<const T*>(p.xt);
+  T* y = static_cast<T*>(p.y);
+  T* yt = static_cast<T*>(p.yt);
+  const T zero = T(0);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.numel;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const bool keep = positive(x[i]);
+    y[i] = keep ? x[i] : zero;
+    for (int64_t t = 0; t < p.slots; ++t) yt[t * p.numel + i] = keep ? xt[t * p.numel + i] : zero;
+  }
+}
+
+template <typename T>
+int relu(const ReluParams& p, cudaStream_t stream) {
+  constexpr int threads = 256;
+  const int64_t blocks = (p.numel + threads - 1) / threads;
+  relu_kernel<T><<<(unsigned)(blocks < 65535 * 8 ? blocks : 65535 * 8), threads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int launch_relu(const ReluParams& p, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case DType::kFloat: return relu<float>(p, s);
+    case DType::kDouble: return relu<double>(p, s);
+    case DType::kBFloat16: return relu<__nv_bfloat16>(p, s);
+    case DType::kHalf: return relu<__half>(p, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace fgkernels
