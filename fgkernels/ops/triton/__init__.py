@@ -1,4 +1,5 @@
-"""The Triton backend."""
+"""The Triton backend: the fused dual convolution (with the batch-norm sums in its epilogue)
+and the in-place batch-norm apply. What they do not cover runs on the native backend."""
 from __future__ import annotations
 
 import functools
@@ -6,7 +7,9 @@ import os
 
 import torch
 
-from ..native import NativeBackend
+from ..native import NativeBackend, _numeric_padding
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -19,5 +22,55 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _serves(x, w, groups, padding, dilation):
+    """Numeric padding when the Triton convolution serves this call, else None."""
+    if groups != 1 or x.dtype not in _DTYPES or w.dtype != x.dtype:
+        return None
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    return _numeric_padding(padding, w, dilation)
+
+
 class TritonBackend(NativeBackend):
+    """Fused Triton kernels where they apply (groups = 1; float32/bfloat16/float16; slots laid
+    out as ``conv.slot_layout`` accepts), the native ops elsewhere."""
+
     name = "triton"
+
+    def conv2d(self, x, xt, w, wt, b, bt, x_pos, p_pos, count, stride, padding, dilation,
+               groups):
+        from .conv import dual_conv2d
+        pad = _serves(x, w, groups, padding, dilation)
+        out = None if pad is None else dual_conv2d(x, xt, w, wt, b, bt, x_pos, p_pos, count,
+                                                   stride, pad, dilation)
+        if out is None:
+            return super().conv2d(x, xt, w, wt, b, bt, x_pos, p_pos, count, stride, padding,
+                                  dilation, groups)
+        y, yt, _ = out
+        return y, yt
+
+    def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride, padding,
+                          dilation, groups, g, bb, gt, bbt, running_mean, running_var, training,
+                          momentum, eps, relu):
+        """Convolution with the batch-norm sums in its epilogue, then the apply kernel in place:
+        the conv output is read once more, never for statistics."""
+        from .batch_norm import dual_bn_relu_apply_
+        from .conv import combine_tile_stats, dual_conv2d
+        pad = _serves(x, w, groups, padding, dilation)
+        out = None if pad is None else dual_conv2d(x, xt, w, wt, cb, cbt, x_pos, p_pos, count,
+                                                   stride, pad, dilation, bn_stats=training)
+        if out is None:
+            h, ht = self.conv2d(x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride, padding,
+                                dilation, groups)
+            bn_x_pos = tuple(range(count)) if ht is not None else ()
+            return self.batch_norm(h, ht, g, bb, gt, bbt, bn_x_pos, p_pos, count, running_mean,
+                                   running_var, training, momentum, eps, relu)
+        y, yt, tile_stats = out
+        acc = torch.float32
+        stats = combine_tile_stats(*tile_stats, acc) if training else None
+        # The BN input carries every output slot of the convolution, in order.
+        x_slots = tuple(range(count)) if yt is not None else ()
+        c = self.bn_coefficients(y, yt, g, bb, gt, bbt, x_slots, p_pos, count, running_mean,
+                                 running_var, training, momentum, eps, stats=stats)
+        dual_bn_relu_apply_(y, yt, c.scale, c.shift, c.t_xscale, c.t_shift, relu)
+        return y, yt
