@@ -134,6 +134,8 @@ class Dual:
 
     def select(self, directions: Sequence[int]) -> "Dual":
         """Keep only the slots of the given (labelled) directions; absent ones stay absent."""
+        if self._stack is None:
+            return self
         if self.directions is None:
             raise ValueError("select() needs a tangent labelled with directions")
         keep = [i for i, d in enumerate(self.directions) if d in set(directions)]

@@ -26,7 +26,7 @@ MaybeDual = Union[Tensor, Dual]
 __all__ = [
     "conv2d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d", "avg_pool2d",
     "adaptive_avg_pool2d", "flatten", "reshape", "dropout", "pad", "cat", "add", "sub", "mul",
-    "cross_entropy",
+    "cross_entropy", "add_direction",
 ]
 
 
@@ -386,3 +386,18 @@ def _div(input: Dual, other) -> Dual:
 @implements(torch.neg, torch.Tensor.neg, torch.Tensor.__neg__)
 def _neg(input: Dual) -> Dual:
     return input.map(torch.neg)
+
+
+def add_direction(input: Dual, direction: int, tangent: Tensor) -> Dual:
+    """``input`` with one more labelled direction, whose tangent (primal-shaped) enters here: a
+    perturbation of this activation. ``input`` must not carry that direction already."""
+    if tangent.shape != input.primal.shape:
+        raise ValueError(f"add_direction: tangent has shape {tuple(tangent.shape)}, expected the "
+                         f"primal's {tuple(input.primal.shape)}")
+    if input.directions is not None and direction in input.directions:
+        raise ValueError(f"add_direction: direction {direction} is already carried")
+    new = Dual(input.primal, tangent.unsqueeze(0), directions=[direction])
+    plan = _slots.plan([input.slot_operand(), new.slot_operand()], "add_direction")
+    parts = [(t, pos) for t, pos in zip((input.tangents, new.tangents), plan.positions)
+             if t is not None]
+    return _result(input.primal, _slots.place(plan.count, parts), plan)

@@ -1,0 +1,147 @@
+"""Block-split networks for local and forward-gradient training.
+
+A ``BlockNet`` is a chain of blocks, each with an auxiliary head: ``heads[j]`` maps block j's
+output to class scores (its local loss), ``heads[-1]`` is the network's own classifier. Every
+layer is a Dual layer, so one model serves the dual pass, local backprop and evaluation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..nn import convert
+
+ARCHS = ("resnet18-8b", "resnet18-16b", "cnn")
+AUX_NETS = ("cnn", "mlp", "linear")
+
+
+class BlockNet(nn.Module):
+    """``blocks[j]`` and its head ``heads[j]``; ``heads[-1]`` classifies the last block's output."""
+
+    def __init__(self, blocks: list[nn.Module], heads: list[nn.Module]):
+        super().__init__()
+        if len(blocks) != len(heads):
+            raise ValueError(f"BlockNet needs one head per block, got {len(blocks)} blocks and "
+                             f"{len(heads)} heads")
+        self.blocks = nn.ModuleList(blocks)
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.heads[-1](x)
+
+    def block_parameters(self, j: int) -> dict[str, nn.Parameter]:
+        """Block j's parameters, keyed by their names in ``self.named_parameters()``."""
+        return {f"blocks.{j}.{n}": p for n, p in self.blocks[j].named_parameters()}
+
+    def head_parameters(self, j: int) -> dict[str, nn.Parameter]:
+        """Head j's parameters, keyed by their names in ``self.named_parameters()``."""
+        return {f"heads.{j}.{n}": p for n, p in self.heads[j].named_parameters()}
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+    """Conv(k×k, no bias) → BN → ReLU: fused on the dual pass."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3×3 conv-BN, a projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.branch = nn.Sequential(conv_bn_relu(cin, cout, stride),
+                                    nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                    nn.BatchNorm2d(cout))
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.branch(x) + self.shortcut(x))
+
+
+def _resnet18_8(in_channels: int, width: int) -> tuple[list[nn.Module], list[int]]:
+    """Stem + first basic block, then one basic block each: 8 blocks."""
+    widths = [width, width, 2 * width, 2 * width, 4 * width, 4 * width, 8 * width, 8 * width]
+    blocks = [nn.Sequential(conv_bn_relu(in_channels, width), BasicBlock(width, width, 1))]
+    for j in range(1, 8):
+        stride = 2 if widths[j] != widths[j - 1] else 1
+        blocks.append(BasicBlock(widths[j - 1], widths[j], stride))
+    return blocks, widths
+
+
+def _resnet18_16(in_channels: int, width: int) -> tuple[list[nn.Module], list[int]]:
+    """The no-skip variant: one conv3×3-BN-ReLU per block, stride 2 at blocks 4, 8 and 12."""
+    widths = [width * 2 ** (j // 4) for j in range(16)]
+    blocks = [conv_bn_relu(in_channels if j == 0 else widths[j - 1], widths[j],
+                           2 if j in (4, 8, 12) else 1) for j in range(16)]
+    return blocks, widths
+
+
+def _small_cnn(in_channels: int, width: int) -> tuple[list[nn.Module], list[int]]:
+    """Four conv3×3-BN-ReLU blocks (two with stride 2), then an empty block: every conv block
+    is then estimated and only the classifier gets its exact gradient."""
+    widths = [width, 2 * width, 2 * width, 2 * width, 2 * width]
+    blocks = [conv_bn_relu(in_channels, widths[0]), conv_bn_relu(widths[0], widths[1], 2),
+              conv_bn_relu(widths[1], widths[2]), conv_bn_relu(widths[2], widths[3], 2),
+              nn.Sequential()]
+    return blocks, widths
+
+
+def aux_head(kind: str, channels: int, num_classes: int, width: int) -> nn.Module:
+    """An auxiliary net (PAPER.md): ``cnn``, ``mlp`` or ``linear``."""
+    if kind == "cnn":
+        layers = [*conv_bn_relu(channels, width, kernel=1)]
+        for _ in range(3):
+            layers += conv_bn_relu(width, width, 2)
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * width, num_classes))
+    if kind == "mlp":
+        layers, cin = [nn.AdaptiveAvgPool2d(2), nn.Flatten()], 4 * channels
+        for _ in range(3):
+            layers += [nn.Linear(cin, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+            cin = width
+        return nn.Sequential(*layers, nn.Linear(width, num_classes))
+    if kind == "linear":
+        return nn.Sequential(nn.BatchNorm2d(channels), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * channels, num_classes))
+    raise ValueError(f"unknown aux net {kind!r}; choose one of {', '.join(AUX_NETS)}")
+
+
+def final_head(channels: int, num_classes: int) -> nn.Module:
+    """The classifier: BN → global average pool → linear."""
+    return nn.Sequential(nn.BatchNorm2d(channels), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(channels, num_classes))
+
+
+def build_model(arch: str, num_classes: int, in_channels: int, aux: str = "cnn",
+                aux_width: Optional[int] = None, width: Optional[int] = None) -> BlockNet:
+    """A BlockNet of Dual layers: ``arch`` in ARCHS, ``aux`` in AUX_NETS. ``width`` is the first
+    stage's channel count (64 for the ResNets, 16 for the small CNN); ``aux_width`` defaults to
+    the paper's (cnn: 32 for 8 blocks, 16 for 16; mlp: 1024 / 512; scaled with ``width``)."""
+    builders = {"resnet18-8b": (_resnet18_8, 64), "resnet18-16b": (_resnet18_16, 64),
+                "cnn": (_small_cnn, 16)}
+    if arch not in builders:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if aux not in AUX_NETS:
+        raise ValueError(f"unknown aux net {aux!r}; choose one of {', '.join(AUX_NETS)}")
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                        ("width", width), ("aux_width", aux_width)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    build, default_width = builders[arch]
+    width = width or default_width
+    blocks, widths = build(in_channels, width)
+    if aux_width is None:
+        base = {"cnn": 32 if len(blocks) <= 8 else 16,
+                "mlp": 1024 if len(blocks) <= 8 else 512, "linear": 0}[aux]
+        aux_width = max(8, base * width // default_width)
+    heads = [aux_head(aux, widths[j], num_classes, aux_width) for j in range(len(blocks) - 1)]
+    heads.append(final_head(widths[-1], num_classes))
+    return convert(BlockNet(blocks, heads))

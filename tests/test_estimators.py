@@ -1,0 +1,124 @@
+"""The forward-gradient estimators equal the same projections computed with plain autograd:
+the proof that the dual pass computes the paper's estimator."""
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fgkernels.train import GUESSES, SPACES, TARGETS, build_model, estimate_gradients
+
+TOL = dict(rtol=1e-7, atol=1e-10)
+
+
+def small_net(arch="cnn"):
+    torch.manual_seed(0)
+    net = build_model(arch, num_classes=3, in_channels=1, width=4, aux_width=6).double()
+    return net
+
+
+def autograd_view(net, x, y):
+    """Every block output a_j (kept for grad) and the losses: global, and aux loss per block."""
+    acts, h = [], x
+    for block in net.blocks:
+        h = block(h)
+        h.retain_grad() if h.requires_grad else None
+        acts.append(h)
+    global_loss = F.cross_entropy(net.heads[-1](acts[-1]), y)
+    aux = [F.cross_entropy(net.heads[j](acts[j]), y) for j in range(len(acts))]
+    aux[-1] = global_loss
+    return acts, global_loss, aux
+
+
+def grads_of(loss, params):
+    g = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if v is None else v for v, p in zip(g, params)]
+
+
+@pytest.mark.parametrize("target,guess,space", list(itertools.product(TARGETS, GUESSES, SPACES)))
+def test_estimate_equals_autograd_projection(target, guess, space):
+    net = small_net()
+    ref = copy.deepcopy(net)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    est = estimate_gradients(net, x, y, target, guess, space,
+                             generator=torch.Generator().manual_seed(5), keep_guesses=True)
+    acts, global_loss, aux = autograd_view(ref, x, y)
+    J = len(ref.blocks)
+    assert [b.block for b in est.blocks] == list(range(J - 1))
+    for b in est.blocks:
+        j = b.block
+        block_params = [p for p in ref.blocks[j].parameters()]
+        names = [f"blocks.{j}.{n}" for n, _ in ref.blocks[j].named_parameters()]
+        tgt_loss = {"global": global_loss, "local": aux[j], "above": aux[j + 1]}[target]
+        if space == "weight":
+            true = grads_of(tgt_loss, block_params)
+            g = [b.guess[n.split(".", 2)[2]] for n in names]
+            if guess == "local":  # the guess is the gradient of block j's own aux loss
+                for gi, ti in zip(g, grads_of(aux[j], block_params)):
+                    torch.testing.assert_close(gi, ti, **TOL)
+            deriv = sum(float((t * v).sum()) for t, v in zip(true, g))
+            norm2 = sum(float((v * v).sum()) for v in g)
+            scale = deriv if guess == "random" else deriv / norm2
+            expected = [scale * v for v in g]
+        else:
+            true = grads_of(tgt_loss, [acts[j]])[0]
+            g = b.guess
+            if guess == "local":
+                torch.testing.assert_close(g, grads_of(aux[j], [acts[j]])[0], **TOL)
+            deriv = float((true * g).sum())
+            scale = deriv if guess == "random" else deriv / float((g * g).sum())
+            expected = torch.autograd.grad(acts[j], block_params, scale * g, retain_graph=True)
+        assert b.derivative == pytest.approx(deriv, rel=1e-7, abs=1e-12)
+        for n, e in zip(names, expected):
+            torch.testing.assert_close(est.grads[n], e, **TOL)
+    # The last block and the classifier: exact; the heads: their own aux loss, unless fixed.
+    last = list(ref.blocks[-1].parameters()) + list(ref.heads[-1].parameters())
+    last_names = ([f"blocks.{J - 1}.{n}" for n, _ in ref.blocks[-1].named_parameters()]
+                  + [f"heads.{J - 1}.{n}" for n, _ in ref.heads[-1].named_parameters()])
+    for n, e in zip(last_names, grads_of(global_loss, last)):
+        torch.testing.assert_close(est.grads[n], e, **TOL)
+    for j in range(J - 1):
+        hp = list(ref.heads[j].parameters())
+        hn = [f"heads.{j}.{n}" for n, _ in ref.heads[j].named_parameters()]
+        if guess == "fixed-ntk":
+            assert not any(n in est.grads for n in hn)
+        else:
+            for n, e in zip(hn, grads_of(aux[j], hp)):
+                torch.testing.assert_close(est.grads[n], e, **TOL)
+    assert set(est.grads) <= {n for n, _ in net.named_parameters()}
+    assert est.loss == pytest.approx(float(global_loss), rel=1e-12)
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_estimate_on_resnet_blocks(space):
+    """ResNet blocks (skip connections, projection shortcuts) with the global target."""
+    torch.manual_seed(1)
+    net = build_model("resnet18-8b", num_classes=3, in_channels=3, width=4, aux="linear").double()
+    ref = copy.deepcopy(net)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    est = estimate_gradients(net, x, y, "global", "local", space, keep_guesses=True)
+    acts, global_loss, aux = autograd_view(ref, x, y)
+    for b in est.blocks:
+        j = b.block
+        if space == "weight":
+            params = list(ref.blocks[j].parameters())
+            true = grads_of(global_loss, params)
+            g = [b.guess[n] for n, _ in ref.blocks[j].named_parameters()]
+            deriv = sum(float((t * v).sum()) for t, v in zip(true, g))
+        else:
+            deriv = float((grads_of(global_loss, [acts[j]])[0] * b.guess).sum())
+        assert b.derivative == pytest.approx(deriv, rel=1e-7, abs=1e-12)
+
+
+def test_bad_choices_list_the_valid_ones():
+    net = small_net()
+    x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="unknown guess 'noise'; choose one of random, local"):
+        estimate_gradients(net, x, y, guess="noise")
+    with pytest.raises(ValueError, match="unknown target"):
+        estimate_gradients(net, x, y, target="nearby")
+    with pytest.raises(ValueError, match="unknown arch 'vgg'; choose one of"):
+        build_model("vgg", 10, 3)
