@@ -1,0 +1,145 @@
+"""Command line: ``python -m fgkernels.train run ...`` trains one configuration;
+``python -m fgkernels.train demo`` compares backprop, local-only and forward gradients on the
+embedded digits data and prints the result table."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .data import DATASETS, load_dataset
+from .estimators import GUESSES, NOISES, SPACES, TARGETS
+from .loop import ALGOS, RunResult, TrainConfig, train
+from .models import ARCHS, AUX_NETS
+from .report import plot_runs, summary_table
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
+    p.add_argument("--data", choices=DATASETS, default="digits")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (for --data cifar10)")
+    p.add_argument("--arch", choices=ARCHS, default="cnn")
+    p.add_argument("--aux", choices=AUX_NETS, default="cnn", help="auxiliary net of each block")
+    p.add_argument("--aux-width", type=_positive_int)
+    p.add_argument("--width", type=_positive_int, help="channels of the first stage")
+    p.add_argument("--epochs", type=_positive_int, default=epochs)
+    p.add_argument("--batch-size", type=_positive_int, default=batch)
+    p.add_argument("--lr", type=_positive_float, default=0.05)
+    p.add_argument("--max-steps", type=_positive_int, help="cap on steps per epoch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="folder for metrics.jsonl, checkpoints and plots")
+    p.add_argument("--plot", action="store_true", help="write PNG plots to --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fgkernels.train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train one configuration")
+    run.add_argument("--algo", choices=ALGOS, default="fg",
+                     help="backprop (end to end), local (greedy local losses), fg (forward "
+                          "gradient)")
+    run.add_argument("--target", choices=TARGETS, help="fg: the gradient estimated "
+                     "(default global)")
+    run.add_argument("--guess", choices=GUESSES, help="fg: the direction (default local)")
+    run.add_argument("--space", choices=SPACES, help="fg: weight or activity (default weight)")
+    run.add_argument("--noise", choices=NOISES,
+                     help="fg: distribution of random guesses (default gaussian)")
+    run.add_argument("--diagnose", action="store_true",
+                     help="record the cosine between each block's estimate and its true gradient")
+    run.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    _add_common(run, epochs=100, batch=128)
+    demo = sub.add_parser("demo", help="backprop vs local-only vs forward gradients, on digits")
+    _add_common(demo, epochs=10, batch=64)
+    return parser
+
+
+def _config(args, **overrides) -> TrainConfig:
+    return TrainConfig(arch=args.arch, aux=args.aux, aux_width=args.aux_width, width=args.width,
+                       data=args.data, data_dir=args.data_dir, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
+                       seed=args.seed, device=args.device, **overrides)
+
+
+DEMO_RUNS = [dict(algo="backprop"), dict(algo="local"),
+             dict(algo="fg", guess="random", space="weight"),
+             dict(algo="fg", guess="local", space="weight"),
+             dict(algo="fg", guess="random", space="activity"),
+             dict(algo="fg", guess="local", space="activity")]
+
+
+FG_FLAGS = {"target": "global", "guess": "local", "space": "weight", "noise": "gaussian"}
+
+
+def _check_run_flags(parser, args) -> None:
+    given = [f"--{n}" for n in FG_FLAGS if getattr(args, n) is not None]
+    if args.algo != "fg" and given:
+        parser.error(f"{', '.join(given)} apply only to --algo fg (got --algo {args.algo})")
+    for name, default in FG_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.data == "cifar10" and not args.data_dir:
+        parser.error("--data cifar10 needs --data-dir, the folder holding cifar-10-batches-py/")
+    if (args.plot or args.resume) and not args.out:
+        parser.error("--plot and --resume need --out")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        if args.command == "run":
+            _check_run_flags(parser, args)
+            cfg = _config(args, algo=args.algo, target=args.target, guess=args.guess,
+                          space=args.space, noise=args.noise, diagnose=args.diagnose)
+            results = [train(cfg, args.out, args.resume, progress=not args.no_progress)]
+        else:
+            if args.plot and not args.out:
+                parser.error("--plot needs --out")
+            dataset = load_dataset(args.data, args.data_dir, args.seed)
+            results = []
+            for i, overrides in enumerate(DEMO_RUNS):
+                cfg = _config(args, diagnose=True, **overrides)
+                if rank == 0:
+                    print(f"[{i + 1}/{len(DEMO_RUNS)}] {cfg.label}", file=sys.stderr, flush=True)
+                out = str(Path(args.out) / f"run{i}") if args.out else None
+                results.append(train(cfg, out, progress=not args.no_progress, dataset=dataset))
+        if rank == 0:
+            print(summary_table(results))
+            if args.plot:
+                for path in plot_runs(results, Path(args.out)):
+                    print(f"wrote {path}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    return 0

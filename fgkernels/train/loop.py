@@ -1,0 +1,289 @@
+"""The training loop: SGD with the paper's schedule, metrics as JSON lines, checkpoints that
+resume bit for bit, and data-parallel runs under torchrun."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import Dataset, load_dataset, test_batches, train_batches
+from .estimators import _local_backward, check_choices, estimate_gradients, preserved_buffers
+from .memory import PeakMemory
+from .models import BlockNet, build_model
+
+ALGOS = ("backprop", "local", "fg")
+CHECKPOINT_FORMAT = "fgkernels-train-1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (saved in its checkpoints)."""
+
+    algo: str = "fg"
+    target: str = "global"
+    guess: str = "local"
+    space: str = "weight"
+    noise: str = "gaussian"
+    arch: str = "cnn"
+    aux: str = "cnn"
+    aux_width: Optional[int] = None
+    width: Optional[int] = None
+    data: str = "digits"
+    data_dir: Optional[str] = None
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    max_steps: Optional[int] = None  # per epoch, for quick runs
+    seed: int = 0
+    device: str = "cpu"
+    diagnose: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the valid choices."""
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
+        check_choices(self.target, self.guess, self.space, self.noise)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and momentum, weight_decay >= 0; got lr={self.lr}, "
+                             f"momentum={self.momentum}, weight_decay={self.weight_decay}")
+
+    @property
+    def label(self) -> str:
+        if self.algo != "fg":
+            return self.algo
+        return f"fg {self.guess} guess, {self.space} space, {self.target} target"
+
+
+@dataclass
+class RunResult:
+    """Per-epoch metrics and the trained model."""
+
+    config: TrainConfig
+    history: list[dict] = field(default_factory=list)
+    model: Optional[BlockNet] = None
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                      generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float, int]:
+    """One step's gradients by name, with the batch's global loss and correct count."""
+    if cfg.algo == "backprop":
+        params = dict(net.named_parameters())
+        with torch.enable_grad():
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            used = {n: p for n, p in params.items() if not n.startswith("heads.") or
+                    n.startswith(f"heads.{len(net.heads) - 1}.")}
+            grads = dict(zip(used, torch.autograd.grad(loss, list(used.values()))))
+        return grads, float(loss), int((logits.argmax(1) == y).sum())
+    if cfg.algo == "local":
+        grads, h = {}, x
+        J = len(net.blocks)
+        for j, (block, head) in enumerate(zip(net.blocks, net.heads)):
+            gb, gh, _ = _local_backward(block, head, h, y)
+            grads.update({f"blocks.{j}.{n}": g for (n, _), g in zip(
+                [(n, p) for n, p in block.named_parameters() if p.requires_grad], gb)})
+            grads.update({f"heads.{j}.{n}": g for (n, _), g in zip(
+                [(n, p) for n, p in head.named_parameters() if p.requires_grad], gh)})
+            h = block(h)  # this pass updates the running statistics, once
+        logits = net.heads[J - 1](h)
+        return grads, float(F.cross_entropy(logits, y)), int((logits.argmax(1) == y).sum())
+    est = estimate_gradients(net, x, y, cfg.target, cfg.guess, cfg.space, generator, cfg.noise)
+    return est.grads, est.loss, est.correct
+
+
+def true_block_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor) -> dict[int, list]:
+    """The end-to-end gradient of every block, by backprop (running stats untouched)."""
+    with torch.enable_grad(), preserved_buffers(net):
+        loss = F.cross_entropy(net(x), y)
+        blocks = [list(b.parameters()) for b in net.blocks]
+        flat = [p for ps in blocks for p in ps]
+        grads = torch.autograd.grad(loss, flat, allow_unused=True)
+    out, i = {}, 0
+    for j, ps in enumerate(blocks):
+        out[j] = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[i:i + len(ps)], ps)]
+        i += len(ps)
+    return out
+
+
+def _cosine(a: list, b: list) -> float:
+    dot = sum(float((u * v).sum()) for u, v in zip(a, b))
+    na = math.sqrt(sum(float((u * u).sum()) for u in a))
+    nb = math.sqrt(sum(float((v * v).sum()) for v in b))
+    return dot / (na * nb) if na > 0 and nb > 0 else float("nan")
+
+
+def evaluate(net: BlockNet, ds: Dataset, batch_size: int, device) -> tuple[float, float]:
+    """Test loss and accuracy, eval mode."""
+    net.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for x, y in test_batches(ds, batch_size):
+            logits = net(x.to(device))
+            loss += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
+            correct += int((logits.argmax(1) == y.to(device)).sum())
+    net.train()
+    n = len(ds.test_y)
+    return loss / n, correct / n
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename over the old one,
+    so that a failed write never leaves a broken or half checkpoint in its place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load and check a checkpoint written by ``train``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises many types for a damaged file
+        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an fgkernels training checkpoint "
+                         f"(expected format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def _epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
+    """Shuffling and guesses of an epoch depend on (seed, epoch) only: resuming replays them."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
+def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
+          progress: bool = True, dataset: Optional[Dataset] = None) -> RunResult:
+    """Train ``cfg``; with ``out_dir``, write metrics.jsonl and checkpoint.pt there each epoch
+    (``resume`` continues from that checkpoint)."""
+    cfg.validate()
+    rank, world = _rank_world()
+    device = torch.device(cfg.device)
+    ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg.arch, ds.num_classes, ds.in_channels, cfg.aux, cfg.aux_width,
+                      cfg.width).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    milestones = sorted({max(1, round(cfg.epochs * f)) for f in (0.3, 0.6, 0.9)})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.2)
+    result = RunResult(cfg)
+    start = 0
+    ckpt = Path(out_dir) / "checkpoint.pt" if out_dir else None
+    if resume:
+        state = load_checkpoint(ckpt)
+        saved = TrainConfig(**state["config"])
+        if asdict(saved) != asdict(cfg):
+            diff = {k: (v, getattr(cfg, k)) for k, v in asdict(saved).items()
+                    if getattr(cfg, k) != v}
+            raise ValueError(f"the checkpoint was written by another configuration: {diff}")
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        result.history = state["history"]
+        start = state["epoch"] + 1
+    if world > 1:
+        for t in net.state_dict().values():
+            dist.broadcast(t, 0)
+    for epoch in range(start, cfg.epochs):
+        result.history.append(_train_epoch(net, opt, ds, cfg, epoch, device, rank, world,
+                                           progress and rank == 0))
+        sched.step()
+        if rank == 0 and out_dir:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(out_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(result.history[-1]) + "\n")
+            save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "config": asdict(cfg),
+                                   "epoch": epoch, "model": net.state_dict(),
+                                   "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "history": result.history})
+    result.model = net
+    return result
+
+
+def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dict:
+    from tqdm import tqdm
+    gen = _epoch_generator(cfg.seed, epoch, "cpu")
+    guess_gen = _epoch_generator(cfg.seed + 1, epoch, device)
+    net.train()
+    losses, correct, seen, times, peak = [], 0, 0, [], 0
+    cosines: dict[int, list] = {}
+    batches = train_batches(ds, cfg.batch_size, gen, rank, world)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+               leave=False, total=len(ds.train_y) // world // cfg.batch_size or 1)
+    for step, (x, y) in enumerate(bar):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        x, y = x.to(device), y.to(device)
+        truth = true_block_gradients(net, x, y) if cfg.diagnose else None
+        t0 = time.perf_counter()
+        if step == 0:  # the memory tracker slows the step it watches: measure, do not time
+            with PeakMemory(device) as mem:
+                grads, loss, ok = compute_gradients(net, x, y, cfg, guess_gen)
+            peak = mem.peak_bytes
+        else:
+            grads, loss, ok = compute_gradients(net, x, y, cfg, guess_gen)
+        if world > 1:
+            for g in grads.values():
+                dist.all_reduce(g)
+                g.div_(world)
+        for n, p in net.named_parameters():
+            p.grad = grads.get(n)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step > 0:
+            times.append(time.perf_counter() - t0)
+        if truth is not None:
+            for j, true in truth.items():
+                names = [f"blocks.{j}.{n}" for n, _ in net.blocks[j].named_parameters()]
+                if names:
+                    est = [grads.get(n, torch.zeros_like(t)) for n, t in zip(names, true)]
+                    cosines.setdefault(j, []).append(_cosine(est, true))
+        losses.append(loss)
+        correct += ok
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{correct / seen:.3f}",
+                        samples_s=f"{len(y) / times[-1]:.0f}" if times else "-")
+    if world > 1:  # every rank keeps the same running statistics
+        for b in net.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b.div_(world)
+    test_loss, test_acc = evaluate(net, ds, cfg.batch_size, device)
+    step_time = sum(times) / len(times) if times else float("nan")
+    record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+              "train_loss": sum(losses) / len(losses), "train_acc": correct / max(seen, 1),
+              "test_loss": test_loss, "test_acc": test_acc, "step_time_s": step_time,
+              "samples_per_s": cfg.batch_size / step_time if times else float("nan"),
+              "peak_memory_bytes": peak}
+    if cosines:
+        record["cosine"] = {str(j): sum(v) / len(v) for j, v in sorted(cosines.items())}
+    return record

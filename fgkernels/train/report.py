@@ -1,0 +1,78 @@
+"""The trainer's summary table and plots."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _mean_cosine(history: list[dict]) -> float:
+    last = history[-1].get("cosine") if history else None
+    if not last:
+        return float("nan")
+    values = [v for v in last.values() if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summary_table(results) -> str:
+    """One row per run: final test accuracy, train loss, step time and peak memory (relative to
+    the backprop run when there is one), and the mean cosine to the true gradient."""
+    base = next((r for r in results if r.config.algo == "backprop" and r.history), None)
+    rel = base is not None
+    head = ["run", "test acc", "train loss",
+            "step time" + (" ×bp" if rel else " ms"), "peak mem" + (" ×bp" if rel else " MiB"),
+            "cos(est, true)"]
+    rows = []
+    for r in results:
+        h = r.history[-1]
+        t = sum(e["step_time_s"] for e in r.history) / len(r.history)
+        m = max(e["peak_memory_bytes"] for e in r.history)
+        if rel:
+            bt = sum(e["step_time_s"] for e in base.history) / len(base.history)
+            bm = max(e["peak_memory_bytes"] for e in base.history)
+            time_cell, mem_cell = f"{t / bt:.2f}", f"{m / bm:.2f}"
+        else:
+            time_cell, mem_cell = f"{1e3 * t:.1f}", f"{m / 2 ** 20:.1f}"
+        cos = _mean_cosine(r.history)
+        rows.append([r.config.label, f"{100 * h['test_acc']:.1f}%", f"{h['train_loss']:.3f}",
+                     time_cell, mem_cell, "-" if math.isnan(cos) else f"{cos:.3f}"])
+    widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def plot_runs(results, out_dir: Path) -> list[Path]:
+    """Test accuracy and train loss per epoch of every run, and each block's alignment."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        epochs = [e["epoch"] for e in r.history]
+        ax1.plot(epochs, [100 * e["test_acc"] for e in r.history], marker="o",
+                 label=r.config.label)
+        ax2.plot(epochs, [e["train_loss"] for e in r.history], marker="o", label=r.config.label)
+    ax1.set(xlabel="epoch", ylabel="test accuracy (%)")
+    ax2.set(xlabel="epoch", ylabel="train loss", yscale="log")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    curves = out_dir / "curves.png"
+    fig.savefig(curves, dpi=120)
+    plt.close(fig)
+    paths = [curves]
+    aligned = [r for r in results if r.history and r.history[-1].get("cosine")]
+    if aligned:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in aligned:
+            cos = r.history[-1]["cosine"]
+            ax.plot([int(j) for j in cos], list(cos.values()), marker="o", label=r.config.label)
+        ax.set(xlabel="block", ylabel="cosine(estimate, true gradient)")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "alignment.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
