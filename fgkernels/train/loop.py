@@ -95,7 +95,7 @@ def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: Trai
             used = {n: p for n, p in params.items() if not n.startswith("heads.") or
                     n.startswith(f"heads.{len(net.heads) - 1}.")}
             grads = dict(zip(used, torch.autograd.grad(loss, list(used.values()))))
-        return grads, float(loss), int((logits.argmax(1) == y).sum())
+        return grads, float(loss.detach()), int((logits.argmax(1) == y).sum())
     if cfg.algo == "local":
         grads, h = {}, x
         J = len(net.blocks)
@@ -105,8 +105,10 @@ def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: Trai
                 [(n, p) for n, p in block.named_parameters() if p.requires_grad], gb)})
             grads.update({f"heads.{j}.{n}": g for (n, _), g in zip(
                 [(n, p) for n, p in head.named_parameters() if p.requires_grad], gh)})
-            h = block(h)  # this pass updates the running statistics, once
-        logits = net.heads[J - 1](h)
+            with torch.no_grad():
+                h = block(h)  # this pass updates the running statistics, once
+        with torch.no_grad():
+            logits = net.heads[J - 1](h)
         return grads, float(F.cross_entropy(logits, y)), int((logits.argmax(1) == y).sum())
     est = estimate_gradients(net, x, y, cfg.target, cfg.guess, cfg.space, generator, cfg.noise)
     return est.grads, est.loss, est.correct
@@ -180,9 +182,11 @@ def _epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
 
 
 def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
-          progress: bool = True, dataset: Optional[Dataset] = None) -> RunResult:
+          progress: bool = True, dataset: Optional[Dataset] = None,
+          stop_after: Optional[int] = None) -> RunResult:
     """Train ``cfg``; with ``out_dir``, write metrics.jsonl and checkpoint.pt there each epoch
-    (``resume`` continues from that checkpoint)."""
+    (``resume`` continues from that checkpoint). ``stop_after`` ends the run after that many
+    epochs in all, as an interruption would."""
     cfg.validate()
     rank, world = _rank_world()
     device = torch.device(cfg.device)
@@ -212,7 +216,7 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     if world > 1:
         for t in net.state_dict().values():
             dist.broadcast(t, 0)
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
         result.history.append(_train_epoch(net, opt, ds, cfg, epoch, device, rank, world,
                                            progress and rank == 0))
         sched.step()

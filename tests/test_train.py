@@ -1,0 +1,140 @@
+"""The trainer: learning, resuming, data-parallel runs, and the messages for bad input."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fgkernels.train.cli import main
+from fgkernels.train.data import load_dataset
+from fgkernels.train.loop import TrainConfig, load_checkpoint, save_checkpoint, train
+
+QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=6,
+             lr=0.05)
+ALGOS = [dict(algo="backprop"), dict(algo="local"),
+         dict(algo="fg", guess="local", space="weight"),
+         dict(algo="fg", guess="random", space="weight"),
+         dict(algo="fg", guess="local", space="activity"),
+         dict(algo="fg", guess="ntk", space="weight", target="above"),
+         dict(algo="fg", guess="fixed-ntk", space="activity", target="local")]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.mark.parametrize("algo", ALGOS, ids=lambda a: "-".join(a.values()))
+def test_short_training_lowers_the_loss(digits, algo):
+    cfg = TrainConfig(**QUICK, epochs=3, **algo)
+    result = train(cfg, progress=False, dataset=digits)
+    losses = [e["train_loss"] for e in result.history]
+    assert losses[-1] < losses[0], losses
+    for e in result.history:
+        assert e["peak_memory_bytes"] > 0 and e["step_time_s"] > 0
+
+
+def test_resume_continues_bit_for_bit(digits, tmp_path):
+    cfg = TrainConfig(**QUICK, epochs=3, algo="fg", guess="random", space="weight")
+    straight = train(cfg, str(tmp_path / "a"), progress=False, dataset=digits)
+    train(cfg, str(tmp_path / "b"), progress=False, dataset=digits, stop_after=1)
+    resumed = train(cfg, str(tmp_path / "b"), resume=True, progress=False, dataset=digits)
+    for (n, a), (_, b) in zip(straight.model.state_dict().items(),
+                              resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [e["train_loss"] for e in resumed.history] == \
+        [e["train_loss"] for e in straight.history]
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(ValueError, match="another configuration"):
+        train(TrainConfig(**{**cfg.__dict__, "lr": 0.1}), str(tmp_path / "b"), resume=True,
+              progress=False, dataset=digits)
+
+
+def test_corrupt_checkpoint_is_reported_and_good_one_survives(digits, tmp_path):
+    cfg = TrainConfig(**QUICK, epochs=1, algo="backprop")
+    train(cfg, str(tmp_path), progress=False, dataset=digits)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(AttributeError, match="pickle"):  # a write that fails half-way ...
+        save_checkpoint(tmp_path / "checkpoint.pt", {"bad": lambda: None})
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good  # ... leaves the old file intact
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        train(TrainConfig(**{**cfg.__dict__, "epochs": 2}), str(tmp_path), resume=True,
+              progress=False, dataset=digits)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--algo", "sgd"], ["invalid choice: 'sgd'", "backprop", "local", "fg"]),
+    (["run", "--arch", "vgg"], ["invalid choice: 'vgg'", "resnet18-8b", "resnet18-16b", "cnn"]),
+    (["run", "--algo", "backprop", "--guess", "local"], ["apply only to --algo fg"]),
+    (["run", "--space", "pixel"], ["invalid choice: 'pixel'", "weight", "activity"]),
+    (["run", "--guess", "x"], ["invalid choice: 'x'", "random", "ntk", "fixed-ntk"]),
+    (["run", "--epochs", "0"], ["must be a positive integer"]),
+    (["run", "--data", "cifar10"], ["needs --data-dir"]),
+    (["run", "--resume"], ["need --out"]),
+])
+def test_bad_flags_name_the_valid_choices(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    for part in message:
+        assert part in err
+
+
+def test_missing_cifar_names_expected_files(tmp_path, capsys):
+    code = main(["run", "--data", "cifar10", "--data-dir", str(tmp_path), "--no-progress"])
+    assert code == 2
+    assert "data_batch_1" in capsys.readouterr().err
+
+
+def test_malformed_cifar_batch_is_reported(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR-10 python batch"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_cli_run_writes_metrics_and_plots(tmp_path, capsys):
+    code = main(["run", "--algo", "fg", "--guess", "local", "--epochs", "2", "--width", "4",
+                 "--aux-width", "8", "--max-steps", "3", "--batch-size", "32", "--diagnose",
+                 "--out", str(tmp_path), "--plot", "--no-progress"])
+    assert code == 0
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    assert len(lines) == 2 and set(record["cosine"]) == {"0", "1", "2", "3"}
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert "fg local guess" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_keep_identical_weights(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        "from fgkernels.train.loop import TrainConfig, train\n"
+        "dist.init_process_group('gloo')\n"
+        f"cfg = TrainConfig(**{QUICK!r}, epochs=1, algo='fg', guess='local')\n"
+        "net = train(cfg, progress=False).model\n"
+        "flat = torch.cat([t.flatten().double() for t in net.state_dict().values()])\n"
+        "torch.save(flat, sys.argv[1] + f'/rank{dist.get_rank()}.pt')\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(a, b)
