@@ -28,7 +28,10 @@ class _StorageTracker(TorchDispatchMode):
         return out
 
     def _track(self, storage) -> None:
-        key, size = storage.data_ptr(), storage.nbytes()
+        try:
+            key, size = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # no data of its own (a wrapper): nothing allocated
+            return
         if size == 0 or key in self.live:
             return
         self.live[key] = size

@@ -1,0 +1,67 @@
+"""Shared machinery of the benchmark suites.
+
+``pytest benchmarks/ --benchmark-json=out.json`` times every provider of a case side by side
+(one benchmark group per case) and records its peak tensor memory in ``extra_info``. With
+``--benchmark-disable`` (as CI runs them) every case runs once at a tiny size, so the suites
+never rot, and nothing is judged.
+"""
+import os
+import platform
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fgkernels  # noqa: E402
+from fgkernels.train.memory import PeakMemory  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import triton
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
+    machine_info["threads"] = torch.get_num_threads()
+    machine_info["device"] = (torch.cuda.get_device_name() if DEVICE.type == "cuda"
+                              else platform.processor() or platform.machine())
+    machine_info["fgkernels_backends"] = fgkernels.available_backends()
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    """True when timing is off: run each case once, at its smallest size."""
+    return bool(request.config.getoption("benchmark_disable"))
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.fixture
+def measure(benchmark, quick):
+    """``measure(fn, group, rounds)``: time ``fn`` (synchronised) and store its peak memory."""
+
+    def run(fn, group: str, rounds: int = 5):
+        benchmark.group = group
+        fn()  # warm-up: autotuning, allocator, oneDNN primitive caches
+        _sync()
+        with PeakMemory(DEVICE) as mem:
+            fn()
+        benchmark.extra_info["peak_memory_bytes"] = mem.peak_bytes
+        if DEVICE.type == "cuda" and not quick:
+            import triton.testing
+            q = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], return_mode="median")
+            benchmark.extra_info["do_bench_ms_q20_q50_q80"] = list(q)
+
+        def timed():
+            fn()
+            _sync()
+
+        benchmark.pedantic(timed, rounds=1 if quick else rounds, iterations=1,
+                           warmup_rounds=0 if quick else 1)
+
+    return run

@@ -1,0 +1,26 @@
+"""Training-step benchmarks: a forward-gradient step (local guess, global target, ResNet-18 in
+8 blocks; weight and activity space) against a backprop step, with peak memory."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from fgkernels.train import build_model
+from fgkernels.train.loop import TrainConfig, compute_gradients
+
+BATCHES = (256,) if DEVICE.type == "cuda" else (128,)
+ALGOS = {"backprop": TrainConfig(algo="backprop"),
+         "fg-local-weight": TrainConfig(algo="fg", guess="local", space="weight"),
+         "fg-local-activity": TrainConfig(algo="fg", guess="local", space="activity")}
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+def test_training_step(measure, quick, algo, batch):
+    torch.manual_seed(0)
+    width, size, batch = (4, 8, 4) if quick else (64, 32, batch)
+    net = build_model("resnet18-8b", 10, 3, width=width).to(DEVICE)
+    x = torch.randn(batch, 3, size, size, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    measure(lambda: compute_gradients(net, x, y, ALGOS[algo], gen),
+            f"training step resnet18-8b b{batch}", rounds=2)
