@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .._slots import place
 from .bn_math import bn_coefficients, update_running_stats
+from .layout import empty_slots, kernel_format, slots_in_format
 from .reference import ReferenceBackend
 
 Tensor = torch.Tensor
@@ -43,8 +44,8 @@ def _register_fakes() -> None:
     @lib.register_fake("fgkernels::dual_relu")
     def _(x, xt):
         check_tangent(x, xt)
-        x = x.contiguous(memory_format=_kernel_format(x))
-        return torch.empty_like(x), _empty_slots(xt.shape[0], x)
+        x = x.contiguous(memory_format=kernel_format(x))
+        return torch.empty_like(x), empty_slots(xt.shape[0], x)
 
     @lib.register_fake("fgkernels::dual_max_pool2d")
     def _(x, xt, kernel_size, stride, padding, dilation, ceil_mode):
@@ -67,8 +68,8 @@ def _register_fakes() -> None:
         C, T = x.shape[1], len(x_slot)
         torch._check(scale.shape == (C,), lambda: f"scale must have shape ({C},)")
         torch._check(t_xscale.shape == (T, C), lambda: f"t_xscale must have shape ({T}, {C})")
-        x = x.contiguous(memory_format=_kernel_format(x))
-        return torch.empty_like(x), _empty_slots(T, x)
+        x = x.contiguous(memory_format=kernel_format(x))
+        return torch.empty_like(x), empty_slots(T, x)
 
     def param_slots(wt, bt):
         return wt.shape[0] if wt is not None else (bt.shape[0] if bt is not None else 0)
@@ -77,10 +78,10 @@ def _register_fakes() -> None:
     def _(x, xt, w, wt, b, bt, stride, padding, dilation, groups):
         y = F.conv2d(x, w, b, stride, padding, dilation, groups)
         P = param_slots(wt, bt)
-        p_part = _empty_slots(P, y) if P else y.new_empty(0)
+        p_part = empty_slots(P, y) if P else y.new_empty(0)
         if xt is None:
             return y, y.new_empty(0), p_part
-        x_part = F.conv2d(_slots_in_format(xt, _kernel_format(x)).flatten(0, 1), w, None, stride,
+        x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w, None, stride,
                           padding, dilation, groups).unflatten(0, xt.shape[:2])
         return y, x_part, p_part
 
@@ -91,26 +92,6 @@ def _register_fakes() -> None:
         p_part = y.new_empty((P, *y.shape)) if P else y.new_empty(0)
         x_part = y.new_empty((xt.shape[0], *y.shape)) if xt is not None else y.new_empty(0)
         return y, x_part, p_part
-
-
-# The layout rules of csrc/checks.h, for the fake kernels.
-def _kernel_format(x: Tensor) -> torch.memory_format:
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
-
-
-def _slots_in_format(xt: Tensor, fmt) -> Tensor:
-    if fmt == torch.channels_last:
-        return xt.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    return xt.contiguous()
-
-
-def _empty_slots(T: int, x: Tensor) -> Tensor:
-    if _kernel_format(x) == torch.channels_last:
-        n, c, h, w = x.shape
-        return x.new_empty((T, n, h, w, c)).permute(0, 1, 4, 2, 3)
-    return x.new_empty((T, *x.shape))
 
 
 def _numeric_padding(padding, w: Tensor, dilation) -> Optional[tuple[int, int]]:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import empty_like_format, empty_slots
+
 Tensor = torch.Tensor
 MAX_SLOTS = 16
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -196,20 +198,6 @@ def _block(n: int) -> int:
     return max(1, triton.next_power_of_2(n))
 
 
-def _empty_like_layout(shape, like: Tensor, slots: Optional[int] = None) -> Tensor:
-    """An output in ``like``'s layout (channels_last or contiguous), optionally stacked."""
-    cl = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
-        memory_format=torch.channels_last)
-    n, c, h, w = shape
-    if slots is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device,
-                           memory_format=torch.channels_last if cl else torch.contiguous_format)
-    if cl:
-        return torch.empty((slots, n, h, w, c), dtype=like.dtype,
-                           device=like.device).permute(0, 1, 4, 2, 3)
-    return torch.empty((slots, n, c, h, w), dtype=like.dtype, device=like.device)
-
-
 def slot_layout(x_pos: tuple, p_pos: tuple, count: int) -> Optional[tuple[bool, int]]:
     """(P_ADD, P_OFFSET) when the kernel can lay out the slots, else None: the input's slots
     first in order, the parameters' either the same slots or appended after them."""
@@ -240,8 +228,8 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     WO = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
     TX = 0 if xt is None else xt.shape[0]
     TP = 0 if not p_pos else (wt if wt is not None else bt).shape[0]
-    y = _empty_like_layout((N, CO, HO, WO), x)
-    yt = _empty_like_layout((N, CO, HO, WO), x, slots=count) if count else y
+    y = empty_like_format((N, CO, HO, WO), x)
+    yt = empty_slots(count, y) if count else y
     if input_precision is None:
         input_precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     M = N * HO * WO

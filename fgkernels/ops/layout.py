@@ -1,0 +1,39 @@
+"""Memory layouts of the kernels' tensors, the Python twin of csrc/checks.h.
+
+A primal is used as stored when it is contiguous or channels_last (else it is made contiguous);
+a stack of tangent slots ``(T, N, C, H, W)`` keeps each slot in the primal's layout, slot after
+slot.
+"""
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def kernel_format(x: Tensor) -> torch.memory_format:
+    """channels_last when x is laid out so (and not also plainly contiguous), else contiguous."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def slots_in_format(xt: Tensor, fmt: torch.memory_format) -> Tensor:
+    """Stacked slots, each contiguous in ``fmt`` (a copy only when they are not)."""
+    if fmt == torch.channels_last:
+        return xt.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return xt.contiguous()
+
+
+def empty_slots(T: int, x: Tensor) -> Tensor:
+    """An uninitialised stack of T slots shaped and laid out like ``x``."""
+    if kernel_format(x) == torch.channels_last:
+        n, c, h, w = x.shape
+        return x.new_empty((T, n, h, w, c)).permute(0, 1, 4, 2, 3)
+    return x.new_empty((T, *x.shape))
+
+
+def empty_like_format(shape, like: Tensor) -> Tensor:
+    """An uninitialised (N, C, H, W) tensor in ``like``'s kernel format."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
+                       memory_format=kernel_format(like))
