@@ -69,69 +69,61 @@ void span_tangent_sums(const scalar_t* a, const scalar_t* t, int64_t n, acc_t k,
 }
 
 // Shifted sums per channel, shift k_c = the channel's first value (keeps Σ(x-k)^2 free of the
-// cancellation that Σx^2 - (Σx)^2/n suffers when |mean| >> std). Sums are kept in double.
+// cancellation that Σx^2 - (Σx)^2/n suffers when |mean| >> std).
 // sums layout: [S1, S2] per channel, then [St1, St2] per (slot, channel).
+// Blocks of outer rows run in parallel, each walking its memory in order (a whole row of
+// channels at a time) into its own partial sums, which are added in double at the end.
 template <typename scalar_t>
 void stats_kernel(const scalar_t* x, const scalar_t* xt, int64_t T, Layout L,
                   std::vector<double>& sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = L.channels, slot = L.outer * C * L.inner;
-  sums.assign(2 * C * (1 + T), 0.0);
-  auto shift = [&](int64_t c) { return static_cast<acc_t>(x[c * L.inner]); };
-  if (L.inner > 1) {
-    // NCHW: channels in parallel, each walks its contiguous (n, c) spans.
-    at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const acc_t k = shift(c);
-        for (int64_t o = 0; o < L.outer; ++o) {
-          const int64_t base = (o * C + c) * L.inner;
-          acc_t s1 = 0, s2 = 0;
-          span_sums(x + base, L.inner, k, s1, s2);
-          sums[2 * c] += s1, sums[2 * c + 1] += s2;
-          for (int64_t t = 0; t < T; ++t) {
-            acc_t u1 = 0, u2 = 0;
-            span_tangent_sums(x + base, xt + t * slot + base, L.inner, k, u1, u2);
-            double* st = &sums[2 * C * (1 + t) + 2 * c];
-            st[0] += u1, st[1] += u2;
-          }
-        }
-      }
-    });
-    return;
-  }
-  // channels_last: rows of C values; blocks of rows in parallel, each with its own partials.
-  const int64_t rows_per_block = 256;
+  const size_t width = static_cast<size_t>(2 * C * (1 + T));
+  sums.assign(width, 0.0);
+  const int64_t rows_per_block = std::max<int64_t>(1, 16384 / (C * L.inner));
   const int64_t blocks = (L.outer + rows_per_block - 1) / rows_per_block;
-  std::vector<double> partial(blocks * sums.size(), 0.0);
+  std::vector<double> partial(blocks * width, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> k(C), acc(sums.size());
-    for (int64_t c = 0; c < C; ++c) k[c] = shift(c);
+    std::vector<acc_t> k(C), acc(width);
+    for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(x[c * L.inner]);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       const int64_t r1 = std::min(L.outer, (b + 1) * rows_per_block);
       for (int64_t r = b * rows_per_block; r < r1; ++r) {
-        const scalar_t* row = x + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(row[c]) - k[c];
-          acc[2 * c] += d;
-          acc[2 * c + 1] += d * d;
-        }
-        for (int64_t t = 0; t < T; ++t) {
-          const scalar_t* trow = xt + t * slot + r * C;
-          acc_t* at_ = &acc[2 * C * (1 + t)];
+        const int64_t row = r * C * L.inner;
+        if (L.inner > 1) {  // NCHW: C contiguous planes of `inner` values
           for (int64_t c = 0; c < C; ++c) {
-            const acc_t v = static_cast<acc_t>(trow[c]);
-            at_[2 * c] += v;
-            at_[2 * c + 1] += (static_cast<acc_t>(row[c]) - k[c]) * v;
+            const int64_t base = row + c * L.inner;
+            span_sums(x + base, L.inner, k[c], acc[2 * c], acc[2 * c + 1]);
+            for (int64_t t = 0; t < T; ++t) {
+              acc_t* at_ = &acc[2 * C * (1 + t) + 2 * c];
+              span_tangent_sums(x + base, xt + t * slot + base, L.inner, k[c], at_[0], at_[1]);
+            }
+          }
+        } else {  // channels_last: one value per channel
+          const scalar_t* xr = x + row;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = static_cast<acc_t>(xr[c]) - k[c];
+            acc[2 * c] += d;
+            acc[2 * c + 1] += d * d;
+          }
+          for (int64_t t = 0; t < T; ++t) {
+            const scalar_t* tr = xt + t * slot + row;
+            acc_t* at_ = &acc[2 * C * (1 + t)];
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t v = static_cast<acc_t>(tr[c]);
+              at_[2 * c] += v;
+              at_[2 * c + 1] += (static_cast<acc_t>(xr[c]) - k[c]) * v;
+            }
           }
         }
       }
-      double* out = &partial[b * sums.size()];
-      for (size_t j = 0; j < acc.size(); ++j) out[j] = acc[j];
+      double* out = &partial[b * width];
+      for (size_t j = 0; j < width; ++j) out[j] = acc[j];
     }
   });
   for (int64_t b = 0; b < blocks; ++b)
-    for (size_t j = 0; j < sums.size(); ++j) sums[j] += partial[b * sums.size() + j];
+    for (size_t j = 0; j < width; ++j) sums[j] += partial[b * width + j];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
@@ -179,8 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
 }
 
 // y = s x + h (ReLU optional); yt[t] = s xt[slot[t]] + b[t] x + d[t], masked by y > 0 with ReLU.
-// Coefficients are in the accumulation type. One span (NCHW: a (n, c) plane; channels_last: a
-// row of C values) at a time, primal first, then each slot: every inner loop is branch-free.
+// Coefficients are in the accumulation type. One span at a time, the primal first, then each
+// slot, so that every inner loop is a branch-free pass over contiguous memory.
 template <typename scalar_t, typename acc_t>
 struct ApplySpan {
   const scalar_t* x;
@@ -192,28 +184,52 @@ struct ApplySpan {
   scalar_t* y;
   scalar_t* yt;
 
-  // Elements [base, base + n) whose channel is c0 + i * dc for the i-th element (dc = 0: one
-  // channel for the span, NCHW; dc = 1: a channels_last row).
-  void operator()(int64_t base, int64_t n, int64_t c0, int64_t dc) const {
+  static scalar_t masked(bool relu, acc_t pre, acc_t v) {
+    return static_cast<scalar_t>(relu && !(pre > acc_t(0)) ? acc_t(0) : v);
+  }
+
+  // NCHW: the n plane [base, base + n) of channel c; the coefficients are scalars.
+  void plane(int64_t base, int64_t n, int64_t c) const {
     const scalar_t* xs = x + base;
-    scalar_t* ys = y + base;
+    const acc_t s = scale[c], h = shift[c];
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t c = c0 + i * dc;
-      const acc_t v = scale[c] * static_cast<acc_t>(xs[i]) + shift[c];
-      ys[i] = static_cast<scalar_t>(relu && !(v > acc_t(0)) ? acc_t(0) : v);
+      const acc_t v = s * static_cast<acc_t>(xs[i]) + h;
+      y[base + i] = masked(relu, v, v);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t b = t_xscale[t * C + c], d = t_shift[t * C + c];
+      scalar_t* out = yt + t * slot + base;
+      if (x_slot[t] >= 0) {
+        const scalar_t* ts = xt + x_slot[t] * slot + base;
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t xv = static_cast<acc_t>(xs[i]);
+          out[i] = masked(relu, s * xv + h, s * static_cast<acc_t>(ts[i]) + b * xv + d);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t xv = static_cast<acc_t>(xs[i]);
+          out[i] = masked(relu, s * xv + h, b * xv + d);
+        }
+      }
+    }
+  }
+
+  // channels_last: the row of C values at base, one per channel; the coefficients are arrays.
+  void row(int64_t base) const {
+    const scalar_t* xs = x + base;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = scale[c] * static_cast<acc_t>(xs[c]) + shift[c];
+      y[base + c] = masked(relu, v, v);
     }
     for (int64_t t = 0; t < T; ++t) {
       const acc_t* b = t_xscale + t * C;
       const acc_t* d = t_shift + t * C;
-      const scalar_t* ts = x_slot[t] >= 0 ? xt + x_slot[t] * slot + base : nullptr;
       scalar_t* out = yt + t * slot + base;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t c = c0 + i * dc;
-        const acc_t xv = static_cast<acc_t>(xs[i]);
-        acc_t tv = b[c] * xv + d[c];
-        if (ts) tv += scale[c] * static_cast<acc_t>(ts[i]);
-        const bool keep = !relu || scale[c] * xv + shift[c] > acc_t(0);
-        out[i] = static_cast<scalar_t>(keep ? tv : acc_t(0));
+      const scalar_t* ts = x_slot[t] >= 0 ? xt + x_slot[t] * slot + base : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xv = static_cast<acc_t>(xs[c]);
+        const acc_t from_x = ts ? scale[c] * static_cast<acc_t>(ts[c]) : acc_t(0);
+        out[c] = masked(relu, scale[c] * xv + shift[c], from_x + b[c] * xv + d[c]);
       }
     }
   }
@@ -254,11 +270,11 @@ std::tuple<at::Tensor, at::Tensor> dual_bn_apply_cpu(
         y.mutable_data_ptr<scalar_t>(), yt.mutable_data_ptr<scalar_t>()};
     if (L.inner > 1) {
       at::parallel_for(0, L.outer * C, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) span(p * L.inner, L.inner, p % C, 0);
+        for (int64_t p = p0; p < p1; ++p) span.plane(p * L.inner, L.inner, p % C);
       });
     } else {
       at::parallel_for(0, L.outer, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) span(r * C, C, 0, 1);
+        for (int64_t r = r0; r < r1; ++r) span.row(r * C);
       });
     }
   });

@@ -13,6 +13,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def _data_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return -1
+
+
 class _StorageTracker(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -22,17 +29,20 @@ class _StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: they allocate nothing.
+        inputs = {_data_ptr(t) for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                self._track(t.untyped_storage())
+                self._track(t.untyped_storage(), inputs)
         return out
 
-    def _track(self, storage) -> None:
+    def _track(self, storage, inputs: set) -> None:
         try:
             key, size = storage.data_ptr(), storage.nbytes()
         except RuntimeError:  # no data of its own (a wrapper): nothing allocated
             return
-        if size == 0 or key in self.live:
+        if size == 0 or key in self.live or key in inputs:
             return
         self.live[key] = size
         self.current += size
