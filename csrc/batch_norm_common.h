@@ -1,0 +1,76 @@
+// What the CPU and CUDA dual batch-norm ops share: argument checks, the inputs in the kernels'
+// layout, and the statistics computed from the kernels' shifted sums.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "checks.h"
+
+namespace fgkernels {
+
+// x (and its stacked tangents) checked and laid out for the kernels: [outer, C, inner]
+// contiguous, that is (N, C, H*W) for NCHW or (N*H*W, C, 1) for channels_last.
+struct DualInput {
+  at::Tensor x, xt;  // xt undefined when there is no tangent
+  int64_t T = 0;
+  at::MemoryFormat fmt;
+  int64_t outer, channels, inner;
+};
+
+inline DualInput prepare_input(const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in) {
+  TORCH_CHECK(x_in.dim() >= 2, "x must have a channel dimension (N, C, ...), got ", x_in.sizes());
+  DualInput in;
+  in.fmt = kernel_format(x_in);
+  in.x = in_format(x_in, in.fmt);
+  if (xt_in.has_value() && xt_in->defined()) {
+    in.T = check_tangent(x_in, *xt_in, "xt");
+    in.xt = slots_in_format(*xt_in, in.fmt);
+  }
+  in.channels = x_in.size(1);
+  const int64_t n = in.x.numel() / in.channels;
+  in.inner = in.fmt == at::MemoryFormat::ChannelsLast ? 1 : n / x_in.size(0);
+  in.outer = n / in.inner;
+  return in;
+}
+
+inline at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_apply_args(const DualInput& in, at::IntArrayRef x_slot,
+                             const at::Tensor& scale, const at::Tensor& shift,
+                             const at::Tensor& t_xscale, const at::Tensor& t_shift) {
+  const int64_t C = in.channels, T = static_cast<int64_t>(x_slot.size());
+  FGK_CHECK_SHAPE(scale, C);
+  FGK_CHECK_SHAPE(shift, C);
+  FGK_CHECK_SHAPE(t_xscale, T, C);
+  FGK_CHECK_SHAPE(t_shift, T, C);
+  for (int64_t s : x_slot)
+    TORCH_CHECK(s < in.T, "x_slot entries must be < T of xt (", in.T, "), got ", s);
+}
+
+// The batch statistics from sums (2 + 2T, C) in double, shifted by k (C) = each channel's first
+// value: rows S1 = Σ(x-k), S2 = Σ(x-k)², then per slot St1 = Σxt, St2 = Σ(x-k)xt. Over n values:
+//   mean = k + S1/n, var = S2/n - (S1/n)², tangent mean = St1/n, cov = St2/n - (S1/n)(St1/n).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_sums(
+    const DualInput& in, const at::Tensor& sums) {
+  const auto mean_sums = sums / static_cast<double>(in.outer * in.inner);
+  // x[0, c, 0...]: the element at offset c * inner in either layout.
+  const auto k = in.x.reshape({in.x.size(0), in.channels, -1}).select(0, 0).select(1, 0)
+                     .to(at::kDouble);
+  const auto d1 = mean_sums[0];
+  const auto tsums = mean_sums.narrow(0, 2, 2 * in.T).view({in.T, 2, in.channels});
+  const auto tmean = tsums.select(1, 0);
+  const auto acc = acc_type(in.x);
+  return {(k + d1).to(acc), (mean_sums[1] - d1 * d1).clamp_min(0).to(acc), tmean.to(acc),
+          (tsums.select(1, 1) - d1 * tmean).to(acc)};
+}
+
+// Output tensors of the apply: y like x, T slots each laid out like x.
+inline std::pair<at::Tensor, at::Tensor> apply_outputs(const DualInput& in, int64_t T) {
+  return {at::empty_like(in.x), empty_slots(T, in.x, in.fmt)};
+}
+
+}  // namespace fgkernels
