@@ -9,9 +9,12 @@ from .nn import (DualAdaptiveAvgPool2d, DualAvgPool2d, DualBatchNorm1d, DualBatc
                  DualConv2d, DualFlatten, DualLinear, DualMaxPool2d, DualModule, DualReLU,
                  DualSequential, convert)
 from .ops import available_backends, current_backend, use_backend
+from .ops.native import native_available as _native_available
 from .params import clear_tangents, random_tangents, set_tangents
 
 __version__ = "0.1.0"
+
+_native_available()  # loads fgkernels._C, when built, so that torch.ops.fgkernels is registered
 
 __all__ = [
     "Dual", "is_dual", "functional", "convert", "set_tangents", "random_tangents",
