@@ -6,7 +6,6 @@
 never rot, and nothing is judged.
 """
 import os
-import platform
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["triton"] = triton.__version__
     machine_info["threads"] = torch.get_num_threads()
     machine_info["device"] = (torch.cuda.get_device_name() if DEVICE.type == "cuda"
-                              else platform.processor() or platform.machine())
+                              else "CPU")
     machine_info["fgkernels_backends"] = fgkernels.available_backends()
 
 
