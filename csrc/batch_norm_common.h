@@ -35,6 +35,22 @@ inline DualInput prepare_input(const at::Tensor& x_in, const std::optional<at::T
   return in;
 }
 
+// For an in-place apply: x and its slots must already be in the kernels' layout.
+inline DualInput prepare_inplace(const at::Tensor& x, const std::optional<at::Tensor>& xt) {
+  DualInput in = prepare_input(x, xt);
+  TORCH_CHECK(in.x.is_same(x), "x must be contiguous or channels_last to be updated in place");
+  TORCH_CHECK(!in.T || in.xt.data_ptr() == xt->data_ptr(),
+              "xt must hold its slots one after the other, each laid out like x, to be updated "
+              "in place");
+  return in;
+}
+
+inline std::vector<int64_t> identity_slots(int64_t T) {
+  std::vector<int64_t> slots(T);
+  for (int64_t t = 0; t < T; ++t) slots[t] = t;
+  return slots;
+}
+
 inline at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

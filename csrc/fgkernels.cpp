@@ -30,6 +30,10 @@ TORCH_LIBRARY(fgkernels, m) {
   //   with relu: y = max(y, 0), yt[t] *= [y > 0].
   m.def("dual_bn_apply(Tensor x, Tensor? xt, int[] x_slot, Tensor scale, Tensor shift, "
         "Tensor t_xscale, Tensor t_shift, bool relu) -> (Tensor, Tensor)");
+  // The same, in place: x becomes y and slot t of xt becomes yt[t] (x_slot[t] = t). For a
+  // freshly computed input (a convolution's output) that nothing else holds.
+  m.def("dual_bn_apply_(Tensor(a!) x, Tensor(b!)? xt, Tensor scale, Tensor shift, "
+        "Tensor t_xscale, Tensor t_shift, bool relu) -> ()");
   // Dual convolution with the fewest convolution calls: y and the parameter part Wt*x + bt come
   // from one convolution with [W, Wt_1, ..., Wt_P] stacked along the output channels, the input
   // part W*xt from one convolution with the T slots batched along N.

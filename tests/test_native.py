@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
+from fgkernels.ops.layout import empty_slots
 from helpers import rel_err
 
 pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),
@@ -34,6 +35,8 @@ def test_opcheck(channels_last):
         (ops.dual_bn_stats, (x, None)),
         (ops.dual_bn_apply, (x, xt, [1, -1, 0], torch.randn(C), torch.randn(C),
                              torch.randn(3, C), torch.randn(3, C), True)),
+        (ops.dual_bn_apply_, (x.clone(), empty_slots(2, x).copy_(xt), torch.randn(C),
+                              torch.randn(C), torch.randn(2, C), torch.randn(2, C), True)),
         (ops.dual_conv2d, (x, xt, w, wt, b, bt, [1, 1], [1, 1], [1, 1], 1)),
         (ops.dual_conv2d, (x, None, w, None, None, bt, [2, 1], [0, 1], [1, 1], 1)),
         (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),
@@ -147,3 +150,26 @@ def test_cuda_ops_match_cpu(channels_last):
         for a, b in zip(cpu, gpu):
             torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-4)
         torch.library.opcheck(op, [a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def test_relu_keeps_nan_in_the_primal():
+    x = torch.tensor([[-1.0, float("nan"), 2.0]])
+    y, yt = ops.dual_relu(x, torch.ones(1, 1, 3))
+    assert torch.equal(y.isnan(), torch.relu(x).isnan()) and y[0, 2] == 2.0
+    assert yt.tolist() == [[[0.0, 0.0, 1.0]]]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inplace_apply_equals_out_of_place(channels_last):
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    slots = empty_slots(2, x).copy_(_slots(2, x))
+    coef = (torch.randn(4, dtype=x.dtype), torch.randn(4, dtype=x.dtype),
+            torch.randn(2, 4, dtype=x.dtype), torch.randn(2, 4, dtype=x.dtype))
+    y, yt = ops.dual_bn_apply(x, slots, [0, 1], *coef, True)
+    ops.dual_bn_apply_(x, slots, *coef, True)
+    torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(slots, yt, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="updated in place"):
+        ops.dual_bn_apply_(x, slots.transpose(3, 4).contiguous().transpose(3, 4), *coef, True)

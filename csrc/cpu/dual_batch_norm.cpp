@@ -123,20 +123,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
 }
 
 // y = s x + h (ReLU optional); yt[t] = s xt[slot[t]] + b[t] x + d[t], masked by y > 0 with ReLU.
-// Coefficients are in the accumulation type. One span at a time, the primal first, then each
-// slot, so that every inner loop is a branch-free pass over contiguous memory.
+// Coefficients are in the accumulation type. One span at a time, every slot first and the
+// primal last, so that every inner loop is a branch-free pass over contiguous memory and the
+// apply may run in place (y = x, yt = xt, slot[t] = t): each element is read before it is written.
 template <typename scalar_t, typename acc_t>
 struct ApplySpan {
   const scalar_t* x;
   const scalar_t* xt;
-  const int64_t* x_slot;
+  const int64_t* x_slot;  // nullptr: slot t continues input slot t
   int64_t T, slot, C;
   const acc_t *scale, *shift, *t_xscale, *t_shift;
   bool relu;
   scalar_t* y;
   scalar_t* yt;
 
-  static scalar_t masked(bool relu, acc_t pre, acc_t v) {
+  int64_t source(int64_t t) const { return x_slot ? x_slot[t] : t; }
+
+  // The primal keeps a NaN (as torch.relu does); a tangent is zeroed unless y > 0.
+  scalar_t primal(acc_t v) const { return static_cast<scalar_t>(relu && v <= acc_t(0) ? acc_t(0) : v); }
+  scalar_t tangent(acc_t pre, acc_t v) const {
     return static_cast<scalar_t>(relu && !(pre > acc_t(0)) ? acc_t(0) : v);
   }
 
@@ -144,48 +149,69 @@ struct ApplySpan {
   void plane(int64_t base, int64_t n, int64_t c) const {
     const scalar_t* xs = x + base;
     const acc_t s = scale[c], h = shift[c];
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = s * static_cast<acc_t>(xs[i]) + h;
-      y[base + i] = masked(relu, v, v);
-    }
     for (int64_t t = 0; t < T; ++t) {
       const acc_t b = t_xscale[t * C + c], d = t_shift[t * C + c];
       scalar_t* out = yt + t * slot + base;
-      if (x_slot[t] >= 0) {
-        const scalar_t* ts = xt + x_slot[t] * slot + base;
+      if (source(t) >= 0) {
+        const scalar_t* ts = xt + source(t) * slot + base;
         for (int64_t i = 0; i < n; ++i) {
           const acc_t xv = static_cast<acc_t>(xs[i]);
-          out[i] = masked(relu, s * xv + h, s * static_cast<acc_t>(ts[i]) + b * xv + d);
+          out[i] = tangent(s * xv + h, s * static_cast<acc_t>(ts[i]) + b * xv + d);
         }
       } else {
         for (int64_t i = 0; i < n; ++i) {
           const acc_t xv = static_cast<acc_t>(xs[i]);
-          out[i] = masked(relu, s * xv + h, b * xv + d);
+          out[i] = tangent(s * xv + h, b * xv + d);
         }
       }
     }
+    for (int64_t i = 0; i < n; ++i) y[base + i] = primal(s * static_cast<acc_t>(xs[i]) + h);
   }
 
   // channels_last: the row of C values at base, one per channel; the coefficients are arrays.
   void row(int64_t base) const {
     const scalar_t* xs = x + base;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t v = scale[c] * static_cast<acc_t>(xs[c]) + shift[c];
-      y[base + c] = masked(relu, v, v);
-    }
     for (int64_t t = 0; t < T; ++t) {
       const acc_t* b = t_xscale + t * C;
       const acc_t* d = t_shift + t * C;
       scalar_t* out = yt + t * slot + base;
-      const scalar_t* ts = x_slot[t] >= 0 ? xt + x_slot[t] * slot + base : nullptr;
+      const scalar_t* ts = source(t) >= 0 ? xt + source(t) * slot + base : nullptr;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t xv = static_cast<acc_t>(xs[c]);
         const acc_t from_x = ts ? scale[c] * static_cast<acc_t>(ts[c]) : acc_t(0);
-        out[c] = masked(relu, scale[c] * xv + shift[c], from_x + b[c] * xv + d[c]);
+        out[c] = tangent(scale[c] * xv + shift[c], from_x + b[c] * xv + d[c]);
       }
     }
+    for (int64_t c = 0; c < C; ++c)
+      y[base + c] = primal(scale[c] * static_cast<acc_t>(xs[c]) + shift[c]);
   }
 };
+
+// Runs the spans over x's layout, in parallel.
+template <typename scalar_t>
+void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T, const at::Tensor& scale,
+               const at::Tensor& shift, const at::Tensor& t_xscale, const at::Tensor& t_shift,
+               bool relu, at::Tensor& y, at::Tensor& yt) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = in.x.options().dtype(acc_type(in.x));
+  auto coef = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const at::Tensor s = coef(scale), h = coef(shift), b = coef(t_xscale), d = coef(t_shift);
+  const int64_t C = in.channels;
+  const ApplySpan<scalar_t, acc_t> span{
+      in.x.const_data_ptr<scalar_t>(), in.T ? in.xt.const_data_ptr<scalar_t>() : nullptr,
+      x_slot, T, in.x.numel(), C, s.const_data_ptr<acc_t>(), h.const_data_ptr<acc_t>(),
+      b.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), relu,
+      y.mutable_data_ptr<scalar_t>(), T ? yt.mutable_data_ptr<scalar_t>() : nullptr};
+  if (in.inner > 1) {
+    at::parallel_for(0, in.outer * C, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) span.plane(p * in.inner, in.inner, p % C);
+    });
+  } else {
+    at::parallel_for(0, in.outer, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) span.row(r * C);
+    });
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> dual_bn_apply_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in, at::IntArrayRef x_slot,
@@ -193,30 +219,26 @@ std::tuple<at::Tensor, at::Tensor> dual_bn_apply_cpu(
     const at::Tensor& t_shift, bool relu) {
   const DualInput in = prepare_input(x_in, xt_in);
   check_apply_args(in, x_slot, scale, shift, t_xscale, t_shift);
-  const int64_t C = in.channels, T = static_cast<int64_t>(x_slot.size());
+  const int64_t T = static_cast<int64_t>(x_slot.size());
   auto [y, yt] = apply_outputs(in, T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(), "dual_bn_apply",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc = in.x.options().dtype(acc_type(in.x));
-    auto coef = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
-    const auto s = coef(scale), h = coef(shift), b = coef(t_xscale), d = coef(t_shift);
-    const ApplySpan<scalar_t, acc_t> span{
-        in.x.const_data_ptr<scalar_t>(), in.T ? in.xt.const_data_ptr<scalar_t>() : nullptr,
-        x_slot.data(), T, in.x.numel(), C, s.const_data_ptr<acc_t>(), h.const_data_ptr<acc_t>(),
-        b.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), relu,
-        y.mutable_data_ptr<scalar_t>(), yt.mutable_data_ptr<scalar_t>()};
-    if (in.inner > 1) {
-      at::parallel_for(0, in.outer * C, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) span.plane(p * in.inner, in.inner, p % C);
-      });
-    } else {
-      at::parallel_for(0, in.outer, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) span.row(r * C);
-      });
-    }
+    run_apply<scalar_t>(in, x_slot.data(), T, scale, shift, t_xscale, t_shift, relu, y, yt);
   });
   return {y, yt};
+}
+
+void dual_bn_apply_inplace_cpu(at::Tensor& x, const std::optional<at::Tensor>& xt,
+                               const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& t_xscale, const at::Tensor& t_shift, bool relu) {
+  const DualInput in = prepare_inplace(x, xt);
+  const std::vector<int64_t> identity = identity_slots(in.T);
+  check_apply_args(in, identity, scale, shift, t_xscale, t_shift);
+  at::Tensor yt = in.T ? in.xt : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dual_bn_apply_",
+                                  [&] {
+    run_apply<scalar_t>(in, nullptr, in.T, scale, shift, t_xscale, t_shift, relu, x, yt);
+  });
 }
 
 }  // namespace
@@ -224,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor> dual_bn_apply_cpu(
 TORCH_LIBRARY_IMPL(fgkernels, CPU, m) {
   m.impl("dual_bn_stats", &dual_bn_stats_cpu);
   m.impl("dual_bn_apply", &dual_bn_apply_cpu);
+  m.impl("dual_bn_apply_", &dual_bn_apply_inplace_cpu);
 }
 
 }  // namespace fgkernels

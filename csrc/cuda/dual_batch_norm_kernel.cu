@@ -81,7 +81,8 @@ __global__ void bn_stats_kernel(BNStatsParams p) {
   }
 }
 
-// One thread per element of x: the primal, then every output slot.
+// One thread per element of x: the primal, then every output slot. x[idx] is read once before
+// anything is written, so the apply may run in place (y = x, yt = xt, x_slot[t] = t).
 template <typename T>
 __global__ void bn_apply_kernel(BNApplyParams p) {
   using A = typename Acc<T>::type;
@@ -101,7 +102,7 @@ __global__ void bn_apply_kernel(BNApplyParams p) {
     const A xv = load(x + idx);
     const A yv = scale[c] * xv + shift[c];
     const bool keep = !p.relu || yv > A(0);
-    y[idx] = store_as<T>(keep ? yv : A(0));
+    y[idx] = store_as<T>(p.relu && yv <= A(0) ? A(0) : yv);  // a NaN stays, as in torch.relu
     for (int64_t t = 0; t < p.out_slots; ++t) {
       A tv = bx[t * C + c] * xv + bs[t * C + c];
       if (p.x_slot[t] >= 0) tv += scale[c] * load(xt + p.x_slot[t] * n + idx);

@@ -25,7 +25,7 @@ __global__ void relu_kernel(ReluParams p) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.numel;
        i += (int64_t)gridDim.x * blockDim.x) {
     const bool keep = positive(x[i]);
-    y[i] = keep ? x[i] : zero;
+    y[i] = keep || x[i] != x[i] ? x[i] : zero;  // a NaN stays in the primal, as in torch.relu
     for (int64_t t = 0; t < p.slots; ++t) yt[t * p.numel + i] = keep ? xt[t * p.numel + i] : zero;
   }
 }

@@ -37,3 +37,16 @@ def empty_like_format(shape, like: Tensor) -> Tensor:
     """An uninitialised (N, C, H, W) tensor in ``like``'s kernel format."""
     return torch.empty(shape, dtype=like.dtype, device=like.device,
                        memory_format=kernel_format(like))
+
+
+def in_kernel_layout(x: Tensor, xt) -> bool:
+    """True if ``x`` and its stacked slots ``xt`` (or None) are laid out as the kernels write
+    them, so that they can be updated in place."""
+    fmt = kernel_format(x)
+    if not x.is_contiguous(memory_format=fmt):
+        return False
+    if xt is None:
+        return True
+    if fmt == torch.channels_last:
+        return xt.permute(0, 1, 3, 4, 2).is_contiguous()
+    return xt.is_contiguous()

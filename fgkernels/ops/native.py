@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .._slots import place
 from .bn_math import bn_coefficients, update_running_stats
-from .layout import empty_slots, kernel_format, slots_in_format
+from .layout import empty_slots, in_kernel_layout, kernel_format, slots_in_format
 from .reference import ReferenceBackend
 
 Tensor = torch.Tensor
@@ -73,6 +73,10 @@ def _register_fakes() -> None:
 
     def param_slots(wt, bt):
         return wt.shape[0] if wt is not None else (bt.shape[0] if bt is not None else 0)
+
+    @lib.register_fake("fgkernels::dual_bn_apply_")
+    def _(x, xt, scale, shift, t_xscale, t_shift, relu):
+        return None
 
     @lib.register_fake("fgkernels::dual_conv2d")
     def _(x, xt, w, wt, b, bt, stride, padding, dilation, groups):
@@ -136,6 +140,23 @@ class NativeBackend(ReferenceBackend):
                                  running_var, training, momentum, eps)
         return torch.ops.fgkernels.dual_bn_apply(x, xt, c.x_slot, c.scale, c.shift, c.t_xscale,
                                                  c.t_shift, relu)
+
+    def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride, padding,
+                          dilation, groups, g, bb, gt, bbt, running_mean, running_var, training,
+                          momentum, eps, relu):
+        """The convolution, then batch norm (and ReLU) applied in place on its fresh output:
+        one activation-sized buffer less at the peak of every Conv→BN run."""
+        h, ht = self.conv2d(x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride, padding,
+                            dilation, groups)
+        x_slots = tuple(range(count)) if ht is not None else ()
+        owned = _numeric_padding(padding, w, dilation) is not None and in_kernel_layout(h, ht)
+        if count == 0 or not owned:
+            return self.batch_norm(h, ht, g, bb, gt, bbt, x_slots, p_pos, count, running_mean,
+                                   running_var, training, momentum, eps, relu)
+        c = self.bn_coefficients(h, ht, g, bb, gt, bbt, x_slots, p_pos, count, running_mean,
+                                 running_var, training, momentum, eps)
+        torch.ops.fgkernels.dual_bn_apply_(h, ht, c.scale, c.shift, c.t_xscale, c.t_shift, relu)
+        return h, ht
 
     def bn_coefficients(self, x, xt, w, b, wt, bt, x_pos, p_pos, count, running_mean,
                         running_var, training, momentum, eps, stats=None):

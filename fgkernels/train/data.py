@@ -126,8 +126,9 @@ def train_batches(ds: Dataset, batch_size: int, generator: torch.Generator, rank
     perm = torch.randperm(len(ds.train_y), generator=generator)
     per_rank = len(perm) // world
     mine = perm[rank::world][:per_rank]
-    for i in range(0, per_rank - batch_size + 1 if per_rank >= batch_size else 1, batch_size):
-        idx = mine[i:i + batch_size]
+    full_batches = max(per_rank // batch_size, 1)  # a last partial batch is dropped
+    for i in range(full_batches):
+        idx = mine[i * batch_size:(i + 1) * batch_size]
         x = ds.train_x[idx]
         yield (_augment(x, generator) if ds.augment else x), ds.train_y[idx]
 

@@ -87,13 +87,13 @@ def _rank_world() -> tuple[int, int]:
 def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                       generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float, int]:
     """One step's gradients by name, with the batch's global loss and correct count."""
-    if cfg.algo == "backprop":
-        params = dict(net.named_parameters())
+    if cfg.algo == "backprop":  # end to end: the blocks and the classifier (no aux heads)
+        last = len(net.heads) - 1
+        used = {n: p for n, p in net.named_parameters()
+                if n.startswith("blocks.") or n.startswith(f"heads.{last}.")}
         with torch.enable_grad():
             logits = net(x)
             loss = F.cross_entropy(logits, y)
-            used = {n: p for n, p in params.items() if not n.startswith("heads.") or
-                    n.startswith(f"heads.{len(net.heads) - 1}.")}
             grads = dict(zip(used, torch.autograd.grad(loss, list(used.values()))))
         return grads, float(loss.detach()), int((logits.argmax(1) == y).sum())
     if cfg.algo == "local":

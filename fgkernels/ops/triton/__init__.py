@@ -60,11 +60,10 @@ class TritonBackend(NativeBackend):
         out = None if pad is None else dual_conv2d(x, xt, w, wt, cb, cbt, x_pos, p_pos, count,
                                                    stride, pad, dilation, bn_stats=training)
         if out is None:
-            h, ht = self.conv2d(x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride, padding,
-                                dilation, groups)
-            bn_x_pos = tuple(range(count)) if ht is not None else ()
-            return self.batch_norm(h, ht, g, bb, gt, bbt, bn_x_pos, p_pos, count, running_mean,
-                                   running_var, training, momentum, eps, relu)
+            return super().conv2d_batch_norm(x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride,
+                                             padding, dilation, groups, g, bb, gt, bbt,
+                                             running_mean, running_var, training, momentum, eps,
+                                             relu)
         y, yt, tile_stats = out
         acc = torch.float32
         stats = combine_tile_stats(*tile_stats, acc) if training else None
