@@ -88,7 +88,7 @@ def test_estimate_equals_autograd_projection(target, guess, space):
             for n, e in zip(hn, grads_of(aux[j], hp)):
                 torch.testing.assert_close(est.grads[n], e, **TOL)
     assert set(est.grads) <= {n for n, _ in net.named_parameters()}
-    assert est.loss == pytest.approx(float(global_loss), rel=1e-12)
+    assert est.loss == pytest.approx(float(global_loss.detach()), rel=1e-12)
 
 
 @pytest.mark.parametrize("space", SPACES)
