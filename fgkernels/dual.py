@@ -27,7 +27,8 @@ def _check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bo
     if not isinstance(tangent, torch.Tensor):
         raise TypeError(f"{what} must be a Tensor or None, got {type(tangent).__name__}")
     if tangent.dtype != primal.dtype:
-        raise TypeError(f"{what} has dtype {tangent.dtype}, but the primal has dtype {primal.dtype}")
+        raise TypeError(f"{what} has dtype {tangent.dtype}, but the primal has dtype "
+                        f"{primal.dtype}")
     if tangent.device != primal.device:
         raise ValueError(f"{what} is on {tangent.device}, but the primal is on {primal.device}")
     if tangent.shape == primal.shape:

@@ -75,7 +75,7 @@ def _no_grad(fn):
     return wrapper
 
 
-# --- ops with parameters ---------------------------------------------------------------------------
+# --- ops with parameters --------------------------------------------------------------------------
 @implements(torch.conv2d, F.conv2d)
 @_no_grad
 def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None, stride=1,
@@ -175,7 +175,7 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     return _result(y, yt, plan)
 
 
-# --- nonlinear ops without parameters --------------------------------------------------------------
+# --- nonlinear ops without parameters -------------------------------------------------------------
 @implements(F.relu, torch.relu, torch.relu_, F.relu_)
 @_no_grad
 def relu(input: MaybeDual, inplace: bool = False) -> Dual:
@@ -238,7 +238,7 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     return d.with_tangents(loss, lt)
 
 
-# --- linear ops: the same map on the primal and on every tangent slot ------------------------------
+# --- linear ops: the same map on the primal and on every tangent slot -----------------------------
 @implements(F.avg_pool2d)
 def avg_pool2d(input: MaybeDual, *args, **kwargs) -> Dual:
     """Dual average pool (arguments as ``F.avg_pool2d``)."""
@@ -255,7 +255,7 @@ def adaptive_avg_pool2d(input: MaybeDual, output_size) -> Dual:
 @implements(F.pad)
 def pad(input: MaybeDual, pad: Sequence[int], mode: str = "constant",
         value: Optional[float] = None) -> Dual:
-    """Dual pad: the primal is padded with ``value``, each tangent with zero (the pad is constant)."""
+    """Dual pad: the primal is padded with ``value``, each tangent with zero."""
     d = _as_dual(input, "pad")
     y = F.pad(d.primal, pad, mode, value)
     if d.tangents is None:

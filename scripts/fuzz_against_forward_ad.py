@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -79,9 +78,12 @@ def case(rng: random.Random, dtype: torch.dtype) -> Optional[float]:
     h, w = rng.randint(5, 16), rng.randint(5, 16)
     while True:  # draw until the layers fit the input size
         twin = random_net(rng, cin).to(dtype)
-        sizes = []  # values per channel that each batch norm normalises over
-        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(i[0].numel() // i[0].shape[1]))
-                 for m in twin if isinstance(m, nn.BatchNorm2d)]
+        sizes: list[int] = []  # values per channel that each batch norm normalises over
+
+        def record(module, inputs, output, sizes=sizes):
+            sizes.append(inputs[0].numel() // inputs[0].shape[1])
+
+        hooks = [m.register_forward_hook(record) for m in twin if isinstance(m, nn.BatchNorm2d)]
         try:
             with torch.no_grad():  # eval: the probe leaves the running statistics alone
                 probe = twin.eval()(torch.zeros(2, cin, h, w, dtype=dtype))

@@ -2,7 +2,6 @@
 include no torch header), the registration glue with the host compiler against torch's headers."""
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 

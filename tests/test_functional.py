@@ -12,7 +12,7 @@ DTYPES = [torch.float64, torch.float32]
 
 
 def fwad(fn, inputs, tangents):
-    """fn(*inputs) and its JVP along ``tangents`` (None: no tangent) by torch.autograd.forward_ad."""
+    """fn(*inputs) and its JVP along ``tangents`` (None: none), by torch.autograd.forward_ad."""
     with fwAD.dual_level():
         duals = [fwAD.make_dual(i, t) if t is not None else i for i, t in zip(inputs, tangents)]
         p, t = fwAD.unpack_dual(fn(*duals))
@@ -98,7 +98,7 @@ def test_relu_and_max_pool_match_forward_ad(backend, dtype):
     close(DF.relu(Dual(x, xt)).tangent, fwad(F.relu, [x], [xt])[1], dtype)
     for args in [(2,), (3, 2, 1), (3, 1, 1, 2, True)]:
         out = DF.max_pool2d(Dual(x, xt), *args)
-        ep, et = fwad(lambda v: F.max_pool2d(v, *args), [x], [xt])
+        ep, et = fwad(lambda v, a=args: F.max_pool2d(v, *a), [x], [xt])
         close(out.primal, ep, dtype)
         close(out.tangent, et, dtype)
 

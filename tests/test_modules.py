@@ -93,7 +93,7 @@ def test_state_dict_round_trip():
     assert dual.state_dict().keys() == twin.state_dict().keys()  # tangents are not state
 
 
-# --- a ResNet-18 as torchvision writes it -----------------------------------------------------------
+# --- a ResNet-18 as torchvision writes it ---------------------------------------------------------
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()

@@ -2,7 +2,6 @@
 and argument checks."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fgkernels
 import fgkernels.functional as DF

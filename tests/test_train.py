@@ -4,14 +4,13 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fgkernels.train.cli import main
 from fgkernels.train.data import load_dataset
-from fgkernels.train.loop import TrainConfig, load_checkpoint, save_checkpoint, train
+from fgkernels.train.loop import TrainConfig, save_checkpoint, train
 
 QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=6,
              lr=0.05)

@@ -39,7 +39,8 @@ def _register_fakes() -> None:
 
     def check_tangent(x, xt, name="xt"):
         torch._check(xt.dim() == x.dim() + 1 and xt.shape[1:] == x.shape,
-                     lambda: f"{name} must have shape (T, *{tuple(x.shape)}), got {tuple(xt.shape)}")
+                     lambda: f"{name} must have shape (T, *{tuple(x.shape)}), "
+                             f"got {tuple(xt.shape)}")
 
     @lib.register_fake("fgkernels::dual_relu")
     def _(x, xt):

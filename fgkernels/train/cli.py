@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,7 @@ import torch
 
 from .data import DATASETS, load_dataset
 from .estimators import GUESSES, NOISES, SPACES, TARGETS
-from .loop import ALGOS, RunResult, TrainConfig, train
+from .loop import ALGOS, TrainConfig, train
 from .models import ARCHS, AUX_NETS
 from .report import plot_runs, summary_table
 
