@@ -10,6 +10,7 @@ and to every tangent slot. No op runs under autograd.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -49,19 +50,24 @@ def _result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:
     return Dual._of(y, yt, plan.directions, plan.single) if yt is not None else Dual(y)
 
 
-def _with_params(op: str, x: MaybeDual, *params):
-    """Split the input and parameters and plan the output slots.
-
-    Returns ``x, xt, primals, stacks, plan, x_pos, p_pos``: the parameter tangents of one op must
-    cover the same slots (they come from one module).
-    """
-    x, xt, xo = _split(_as_dual(x, op))
-    primals, stacks, pops = zip(*(_split(p) for p in params)) if params else ((), (), ())
-    live = {o for o in pops if o is not None}
+def _split_params(op: str, params):
+    """(primals, stacked tangents, their one SlotOperand or None) of one module's parameters,
+    whose tangents must cover the same slots."""
+    primals, stacks, operands = zip(*(_split(p) for p in params))
+    live = {o for o in operands if o is not None}
     if len(live) > 1:
         raise ValueError(f"{op}: the parameters' tangents cover different directions or T: "
                          f"{sorted(map(str, live))}")
-    po = next(iter(live)) if live else None
+    return primals, stacks, next(iter(live)) if live else None
+
+
+def _with_params(op: str, x: MaybeDual, *params):
+    """Split the input and parameters and plan the output slots.
+
+    Returns ``x, xt, primals, stacks, plan, x_pos, p_pos``.
+    """
+    x, xt, xo = _split(_as_dual(x, op))
+    primals, stacks, po = _split_params(op, params)
     plan = _slots.plan([xo, po], op)
     x_pos, p_pos = plan.positions
     return x, xt, primals, stacks, plan, x_pos, p_pos
@@ -127,18 +133,19 @@ def batch_norm(input: MaybeDual, running_mean: Optional[Tensor], running_var: Op
     ``F.batch_norm`` updates them.
     """
     x, xt, (w, b), (wt, bt), plan, x_pos, p_pos = _with_params("batch_norm", input, weight, bias)
-    _check_batch_norm(x, running_mean, running_var, w, b, training)
+    _check_batch_norm(x.shape, running_mean, running_var, w, b, training)
     y, yt = current_backend(x.device).batch_norm(
         x, xt, w, b, wt, bt, x_pos, p_pos, plan.count, running_mean, running_var, training,
         momentum, eps, relu)
     return _result(y, yt, plan)
 
 
-def _check_batch_norm(x, running_mean, running_var, w, b, training) -> None:
-    if x.dim() < 2:
+def _check_batch_norm(shape, running_mean, running_var, w, b, training) -> None:
+    """Check batch norm's arguments against its input's ``shape``."""
+    if len(shape) < 2:
         raise ValueError(f"batch_norm: input must have a channel dimension, got shape "
-                         f"{tuple(x.shape)}")
-    channels = x.shape[1]
+                         f"{tuple(shape)}")
+    channels = shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", w), ("bias", b)):
         if t is not None and t.shape != (channels,):
@@ -146,9 +153,17 @@ def _check_batch_norm(x, running_mean, running_var, w, b, training) -> None:
                              f"{channels} channels")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm: eval mode needs running_mean and running_var")
-    if training and x.numel() // channels <= 1:
+    if training and math.prod(shape) // channels <= 1:
         raise ValueError(f"batch_norm: training needs more than 1 value per channel, got input "
-                         f"of shape {tuple(x.shape)}")
+                         f"of shape {tuple(shape)}")
+
+
+def _conv_output_shape(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[int, ...]:
+    if padding == "same":
+        return (x.shape[0], w.shape[0], *x.shape[2:])
+    padding = (0, 0) if padding == "valid" else padding
+    return (x.shape[0], w.shape[0], *[(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
+                                      zip(x.shape[2:], w.shape[2:], stride, padding, dilation)])
 
 
 @_no_grad
@@ -158,20 +173,30 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
                       bn_weight: Optional[MaybeDual], bn_bias: Optional[MaybeDual],
                       training: bool, momentum: float, eps: float, relu: bool) -> Dual:
     """Conv2d followed by batch norm (and ReLU) as one op, so that a backend can fuse them
-    (the Triton backend accumulates the batch-norm sums in the convolution's epilogue)."""
-    backend = current_backend(_as_dual(input, "conv2d").device)
-    fused = getattr(backend, "conv2d_batch_norm", None)
-    if fused is None:
+    (the Triton backend accumulates the batch-norm sums in the convolution's epilogue).
+
+    The batch norm's parameter tangents may cover fewer slots than the convolution's output
+    (they land at ``bn_pos``); when they bring slots of their own, the two ops run one after
+    the other."""
+    x, xt, (w, cb), (wt, cbt), conv_plan, x_pos, conv_pos = _with_params(
+        "conv2d_batch_norm", input, weight, conv_bias)
+    _check_conv(x, w, cb, groups)
+    (g, bb), (gt, bbt), bn_op = _split_params("batch_norm", (bn_weight, bn_bias))
+    conv_out = (_slots.SlotOperand(conv_plan.count, conv_plan.directions, conv_plan.single)
+                if conv_plan.count else None)
+    plan = _slots.plan([conv_out, bn_op], "conv2d_batch_norm")
+    if plan.count != conv_plan.count:
         h = conv2d(input, weight, conv_bias, stride, padding, dilation, groups)
         return batch_norm(h, running_mean, running_var, bn_weight, bn_bias, training, momentum,
                           eps, relu)
-    x, xt, (w, cb, g, bb), (wt, cbt, gt, bbt), plan, x_pos, p_pos = _with_params(
-        "conv2d_batch_norm", input, weight, conv_bias, bn_weight, bn_bias)
-    _check_conv(x, w, cb, groups)
+    stride, dilation = _pair(stride), _pair(dilation)
     padding = padding if isinstance(padding, str) else _pair(padding)
-    y, yt = fused(x, xt, w, wt, cb, cbt, x_pos, p_pos, plan.count, _pair(stride), padding,
-                  _pair(dilation), groups, g, bb, gt, bbt, running_mean, running_var, training,
-                  momentum, eps, relu)
+    _check_batch_norm(_conv_output_shape(x, w, stride, padding, dilation), running_mean,
+                      running_var, g, bb, training)
+    y, yt = current_backend(x.device).conv2d_batch_norm(
+        x, xt, w, wt, cb, cbt, x_pos, conv_pos, conv_plan.count, stride, padding, dilation,
+        groups, g, bb, gt, bbt, plan.positions[1], running_mean, running_var, training,
+        momentum, eps, relu)
     return _result(y, yt, plan)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fgkernels.train import GUESSES, SPACES, TARGETS, build_model, estimate_gradients
+from fgkernels.train.estimators import local_gradients
 
 TOL = dict(rtol=1e-7, atol=1e-10)
 
@@ -122,3 +123,23 @@ def test_bad_choices_list_the_valid_ones():
         estimate_gradients(net, x, y, target="nearby")
     with pytest.raises(ValueError, match="unknown arch 'vgg'; choose one of"):
         build_model("vgg", 10, 3)
+
+
+def test_local_baseline_equals_autograd_of_each_aux_loss():
+    net = small_net()
+    ref = copy.deepcopy(net)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    est = local_gradients(net, x, y)
+    acts, global_loss, aux = autograd_view(ref, x, y)
+    for j in range(len(ref.blocks)):
+        for part in ("blocks", "heads"):
+            module = getattr(ref, part)[j]
+            names = [f"{part}.{j}.{n}" for n, _ in module.named_parameters()]
+            if not names:  # the small CNN's last block is empty
+                continue
+            for n, e in zip(names, grads_of(aux[j], list(module.parameters()))):
+                torch.testing.assert_close(est.grads[n], e, **TOL)
+    assert est.loss == pytest.approx(float(global_loss.detach()), rel=1e-12)
+    for (n, a), (_, b) in zip(ref.blocks.named_buffers(), net.blocks.named_buffers()):
+        torch.testing.assert_close(b, a, msg=n)  # one update of the blocks' running stats

@@ -180,6 +180,28 @@ def test_convert_fuses_sequential_runs(backend):
         torch.testing.assert_close(b, a, msg=n)
 
 
+@pytest.mark.parametrize("which", ["bn only", "conv only", "own directions"])
+def test_fused_runs_with_tangents_on_part_of_the_run(backend, which):
+    """Tangents on the batch norm alone, on the convolution alone, or with a direction each."""
+    seq = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4),
+                                          nn.ReLU()).double())
+    twin = copy.deepcopy(seq)
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    bn_t = {"1.weight": torch.randn(4, dtype=x.dtype), "1.bias": torch.randn(4, dtype=x.dtype)}
+    conv_t = {"0.weight": torch.randn(4, 3, 3, 3, dtype=x.dtype)}
+    if which == "own directions":
+        fgkernels.set_tangents(seq, conv_t, direction=1)
+        fgkernels.set_tangents(seq, bn_t, direction=2)
+        out = seq(Dual(x))
+        assert out.directions == (1, 2)
+        torch.testing.assert_close(out.tangents[0], torch_jvp(twin, x, None, conv_t)[1])
+        torch.testing.assert_close(out.tangents[1], torch_jvp(twin, x, None, bn_t)[1])
+        return
+    tangents = bn_t if which == "bn only" else conv_t
+    fgkernels.set_tangents(seq, tangents)
+    torch.testing.assert_close(seq(Dual(x)).tangent, torch_jvp(twin, x, None, tangents)[1])
+
+
 @pytest.mark.parametrize("case", ["noncontiguous", "batch1", "odd", "C1"])
 def test_layouts_and_sizes(backend, case):
     shape = {"noncontiguous": (3, 4, 6, 6), "batch1": (1, 4, 5, 5), "odd": (3, 4, 7, 5),

@@ -91,7 +91,7 @@ def test_bn_sum_epilogue_gives_batch_statistics():
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("slots", ["dense2", "appended", "none"])
+@pytest.mark.parametrize("slots", ["dense2", "appended", "bn_only", "none"])
 def test_fused_conv_bn_relu_matches_reference(training, channels_last, slots):
     x, w = rand(3, 3, 6, 5, channels_last=channels_last), rand(5, 3, 3, 3)
     g, beta = torch.rand(5, device=DEVICE) + 0.5, rand(5)
@@ -102,6 +102,8 @@ def test_fused_conv_bn_relu_matches_reference(training, channels_last, slots):
         xd = Dual(x, rand(1, *x.shape), directions=[0])
         wd = Dual(w, rand(1, *w.shape), directions=[1])
         gd, bd = Dual(g, rand(1, 5), directions=[1]), Dual(beta, rand(1, 5), directions=[1])
+    elif slots == "bn_only":  # the input and the convolution without tangent
+        xd, wd, gd, bd = Dual(x), w, Dual(g, rand(2, 5)), Dual(beta, rand(2, 5))
     else:
         xd, wd, gd, bd = Dual(x), w, g, beta
     stats = [(torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)) for _ in range(2)]

@@ -4,7 +4,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "dual_kernels.h"
+#include "dispatch.cuh"
 
 namespace fgkernels {
 namespace cuda {
@@ -130,25 +130,15 @@ int apply(const BNApplyParams& p, cudaStream_t stream) {
 }  // namespace
 
 int launch_bn_stats(const BNStatsParams& p, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat: return stats<float>(p, s);
-    case DType::kDouble: return stats<double>(p, s);
-    case DType::kBFloat16: return stats<__nv_bfloat16>(p, s);
-    case DType::kHalf: return stats<__half>(p, s);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return stats<decltype(tag)>(p, static_cast<cudaStream_t>(stream));
+  });
 }
 
 int launch_bn_apply(const BNApplyParams& p, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat: return apply<float>(p, s);
-    case DType::kDouble: return apply<double>(p, s);
-    case DType::kBFloat16: return apply<__nv_bfloat16>(p, s);
-    case DType::kHalf: return apply<__half>(p, s);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return apply<decltype(tag)>(p, static_cast<cudaStream_t>(stream));
+  });
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

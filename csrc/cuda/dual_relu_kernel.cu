@@ -3,7 +3,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "dual_kernels.h"
+#include "dispatch.cuh"
 
 namespace fgkernels {
 namespace cuda {
@@ -41,14 +41,9 @@ int relu(const ReluParams& p, cudaStream_t stream) {
 }  // namespace
 
 int launch_relu(const ReluParams& p, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case DType::kFloat: return relu<float>(p, s);
-    case DType::kDouble: return relu<double>(p, s);
-    case DType::kBFloat16: return relu<__nv_bfloat16>(p, s);
-    case DType::kHalf: return relu<__half>(p, s);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return relu<decltype(tag)>(p, static_cast<cudaStream_t>(stream));
+  });
 }
 
 }  // namespace cuda

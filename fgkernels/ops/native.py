@@ -142,19 +142,21 @@ class NativeBackend(ReferenceBackend):
         return torch.ops.fgkernels.dual_bn_apply(x, xt, c.x_slot, c.scale, c.shift, c.t_xscale,
                                                  c.t_shift, relu)
 
-    def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride, padding,
-                          dilation, groups, g, bb, gt, bbt, running_mean, running_var, training,
-                          momentum, eps, relu):
+    def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
+                          dilation, groups, g, bb, gt, bbt, bn_pos, running_mean, running_var,
+                          training, momentum, eps, relu):
         """The convolution, then batch norm (and ReLU) applied in place on its fresh output:
         one activation-sized buffer less at the peak of every Conv→BN run."""
-        h, ht = self.conv2d(x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride, padding,
+        h, ht = self.conv2d(x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
                             dilation, groups)
-        x_slots = tuple(range(count)) if ht is not None else ()
+        x_slots = tuple(range(count))
+        # Only the compiled convolution's output is surely fresh (the reference one may hand
+        # back an expanded bias tangent).
         owned = _numeric_padding(padding, w, dilation) is not None and in_kernel_layout(h, ht)
         if count == 0 or not owned:
-            return self.batch_norm(h, ht, g, bb, gt, bbt, x_slots, p_pos, count, running_mean,
+            return self.batch_norm(h, ht, g, bb, gt, bbt, x_slots, bn_pos, count, running_mean,
                                    running_var, training, momentum, eps, relu)
-        c = self.bn_coefficients(h, ht, g, bb, gt, bbt, x_slots, p_pos, count, running_mean,
+        c = self.bn_coefficients(h, ht, g, bb, gt, bbt, x_slots, bn_pos, count, running_mean,
                                  running_var, training, momentum, eps)
         torch.ops.fgkernels.dual_bn_apply_(h, ht, c.scale, c.shift, c.t_xscale, c.t_shift, relu)
         return h, ht

@@ -109,6 +109,17 @@ class ReferenceBackend:
             y = torch.relu(y)
         return y, yt
 
+    # --- conv2d → batch norm (+ ReLU) -------------------------------------------------------
+    def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
+                          dilation, groups, g, bb, gt, bbt, bn_pos, running_mean, running_var,
+                          training, momentum, eps, relu):
+        """The convolution's output slots are the batch norm's input slots, in order; the
+        batch norm's parameter tangents land at ``bn_pos`` among them. Fused backends override."""
+        h, ht = self.conv2d(x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
+                            dilation, groups)
+        return self.batch_norm(h, ht, g, bb, gt, bbt, tuple(range(count)), bn_pos, count,
+                               running_mean, running_var, training, momentum, eps, relu)
+
     # --- relu: ẏ = ẋ·[x>0] -------------------------------------------------------------------
     def relu(self, x: Tensor, xt: Opt) -> tuple[Tensor, Opt]:
         y = torch.relu(x)

@@ -92,6 +92,30 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
     return grads[:nb], grads[nb:nb + len(params_h)], (grads[-1] if want_activity else None)
 
 
+def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
+    """Greedy local learning (the ``local`` baseline): each block and its head learn the
+    block's aux loss, the last block and the classifier the network's loss, every block's input
+    detached. One forward per block, which also updates the block's running statistics (the
+    aux heads' stay untouched, the classifier's update as in backprop)."""
+    out, h, J = Estimates(grads={}), x, len(net.blocks)
+    for j, (block, head) in enumerate(zip(net.blocks, net.heads)):
+        params_b = [p for p in block.parameters() if p.requires_grad]
+        params_h = [p for p in head.parameters() if p.requires_grad]
+        with torch.enable_grad(), preserved_buffers(head if j < J - 1 else None):
+            a = block(h.detach())
+            logits = head(a)
+            loss = F.cross_entropy(logits, y)
+            grads = torch.autograd.grad(loss, params_b + params_h, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g
+                 for g, p in zip(grads, params_b + params_h)]
+        out.grads.update(_named(f"blocks.{j}", block, grads[:len(params_b)]))
+        out.grads.update(_named(f"heads.{j}", head, grads[len(params_b):]))
+        h = a.detach()
+    out.loss = float(loss.detach())
+    out.correct = int((logits.argmax(1) == y).sum())
+    return out
+
+
 def _block_vjp(block: nn.Module, h: Tensor, v: Tensor) -> list[Tensor]:
     """``(∂block(h)/∂θ)ᵀ v``: backpropagate v inside the block only."""
     params = [p for p in block.parameters() if p.requires_grad]

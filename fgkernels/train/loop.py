@@ -15,7 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import Dataset, load_dataset, test_batches, train_batches
-from .estimators import _local_backward, check_choices, estimate_gradients, preserved_buffers
+from .estimators import (check_choices, estimate_gradients, local_gradients,
+                         preserved_buffers)
 from .memory import PeakMemory
 from .models import BlockNet, build_model
 
@@ -97,19 +98,8 @@ def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: Trai
             grads = dict(zip(used, torch.autograd.grad(loss, list(used.values()))))
         return grads, float(loss.detach()), int((logits.argmax(1) == y).sum())
     if cfg.algo == "local":
-        grads, h = {}, x
-        J = len(net.blocks)
-        for j, (block, head) in enumerate(zip(net.blocks, net.heads)):
-            gb, gh, _ = _local_backward(block, head, h, y)
-            grads.update({f"blocks.{j}.{n}": g for (n, _), g in zip(
-                [(n, p) for n, p in block.named_parameters() if p.requires_grad], gb)})
-            grads.update({f"heads.{j}.{n}": g for (n, _), g in zip(
-                [(n, p) for n, p in head.named_parameters() if p.requires_grad], gh)})
-            with torch.no_grad():
-                h = block(h)  # this pass updates the running statistics, once
-        with torch.no_grad():
-            logits = net.heads[J - 1](h)
-        return grads, float(F.cross_entropy(logits, y)), int((logits.argmax(1) == y).sum())
+        est = local_gradients(net, x, y)
+        return est.grads, est.loss, est.correct
     est = estimate_gradients(net, x, y, cfg.target, cfg.guess, cfg.space, generator, cfg.noise)
     return est.grads, est.loss, est.correct
 

@@ -49,27 +49,24 @@ class TritonBackend(NativeBackend):
         y, yt, _ = out
         return y, yt
 
-    def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride, padding,
-                          dilation, groups, g, bb, gt, bbt, running_mean, running_var, training,
-                          momentum, eps, relu):
+    def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
+                          dilation, groups, g, bb, gt, bbt, bn_pos, running_mean, running_var,
+                          training, momentum, eps, relu):
         """Convolution with the batch-norm sums in its epilogue, then the apply kernel in place:
         the conv output is read once more, never for statistics."""
         from .batch_norm import dual_bn_relu_apply_
         from .conv import combine_tile_stats, dual_conv2d
         pad = _serves(x, w, groups, padding, dilation)
-        out = None if pad is None else dual_conv2d(x, xt, w, wt, cb, cbt, x_pos, p_pos, count,
+        out = None if pad is None else dual_conv2d(x, xt, w, wt, cb, cbt, x_pos, conv_pos, count,
                                                    stride, pad, dilation, bn_stats=training)
         if out is None:
-            return super().conv2d_batch_norm(x, xt, w, wt, cb, cbt, x_pos, p_pos, count, stride,
-                                             padding, dilation, groups, g, bb, gt, bbt,
-                                             running_mean, running_var, training, momentum, eps,
-                                             relu)
+            return super().conv2d_batch_norm(x, xt, w, wt, cb, cbt, x_pos, conv_pos, count,
+                                             stride, padding, dilation, groups, g, bb, gt, bbt,
+                                             bn_pos, running_mean, running_var, training,
+                                             momentum, eps, relu)
         y, yt, tile_stats = out
-        acc = torch.float32
-        stats = combine_tile_stats(*tile_stats, acc) if training else None
-        # The BN input carries every output slot of the convolution, in order.
-        x_slots = tuple(range(count)) if yt is not None else ()
-        c = self.bn_coefficients(y, yt, g, bb, gt, bbt, x_slots, p_pos, count, running_mean,
-                                 running_var, training, momentum, eps, stats=stats)
+        stats = combine_tile_stats(*tile_stats, torch.float32) if training else None
+        c = self.bn_coefficients(y, yt, g, bb, gt, bbt, tuple(range(count)), bn_pos, count,
+                                 running_mean, running_var, training, momentum, eps, stats=stats)
         dual_bn_relu_apply_(y, yt, c.scale, c.shift, c.t_xscale, c.t_shift, relu)
         return y, yt
