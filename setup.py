@@ -1,6 +1,7 @@
 """Builds fgkernels._C: a CppExtension from csrc/*.cpp and csrc/cpu/*.cpp, and a CUDAExtension
 adding csrc/cuda/* when a CUDA toolkit and a CUDA build of torch are present (or FORCE_CUDA=1).
-MAX_JOBS bounds the parallel compile jobs, as torch.utils.cpp_extension reads it."""
+MAX_JOBS bounds the parallel compile jobs, as torch.utils.cpp_extension reads it;
+FGKERNELS_PORTABLE=1 builds for any CPU of the architecture instead of this one."""
 import glob
 import os
 
@@ -15,15 +16,27 @@ def _use_cuda() -> bool:
     return CUDA_HOME is not None and torch.version.cuda is not None
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp when torch parallelises with OpenMP: ``at::parallel_for`` is a header template
+    that runs serially in code compiled without it."""
+    import torch
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]
+    # The CPU kernels are plain loops the compiler vectorises: for this machine's vector width
+    # unless FGKERNELS_PORTABLE=1 (a build to run elsewhere).
+    arch = [] if os.environ.get("FGKERNELS_PORTABLE") == "1" else ["-march=native"]
+    cxx = ["-O3", *arch, *_openmp_flags()]
     if _use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         return CUDAExtension("fgkernels._C", sources, define_macros=[("FGK_WITH_CUDA", None)],
                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                             extra_link_args=_openmp_flags(),
                              py_limited_api=False)
-    return CppExtension("fgkernels._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("fgkernels._C", sources, extra_compile_args={"cxx": cxx},
+                        extra_link_args=_openmp_flags())
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

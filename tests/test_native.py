@@ -84,6 +84,30 @@ def test_bn_statistics_are_stable_for_large_means():
     torch.testing.assert_close(tmean[0].double(), xt64[0].mean((0, 2, 3)), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bn_parallel_split_matches_reference(channels_last, threads):
+    """Large enough to be split over threads, with planes of 4355 values (not a multiple of the
+    kernels' vector lanes) and more rows than one statistics block."""
+    x = torch.randn(6, 3, 67, 65, dtype=torch.float64) * 2 + 3
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xt = _slots(2, x)
+    w, b = torch.rand(3, dtype=x.dtype) + 0.5, torch.randn(3, dtype=x.dtype)
+    args = (Dual(x, xt), None, None, w, b, True, 0.1, 1e-5, True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fgkernels.use_backend("native"):
+            out = DF.batch_norm(*args)
+    finally:
+        torch.set_num_threads(previous)
+    with fgkernels.use_backend("reference"):
+        ref = DF.batch_norm(*args)
+    torch.testing.assert_close(out.primal, ref.primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangent, ref.tangent, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_low_precision_error_within_torch_error(dtype, channels_last):

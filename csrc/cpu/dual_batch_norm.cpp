@@ -12,67 +12,84 @@
 namespace fgkernels {
 namespace {
 
-constexpr int64_t kLanes = 8;  // independent partial sums, so the compiler can vectorise
+// Independent partial sums per accumulator: enough to fill the vector registers and to hide
+// the latency of the dependent adds.
+constexpr int64_t kLanes = 16;
+// Elements a parallel task should cover at least (smaller inputs run on one thread).
+constexpr int64_t kGrainElements = 32768;
 
-// Sum of (a[i] - k) and (a[i] - k)^2 over a span, and per tangent Σ t[i], Σ (a[i] - k) t[i]:
-// lane-blocked partials, combined once at the end.
+// Lane partials of Σ(a - k) and Σ(a - k)² over a span, added into p1, p2 (kLanes each).
 template <typename scalar_t, typename acc_t>
-void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t& s1, acc_t& s2) {
-  acc_t p1[kLanes] = {}, p2[kLanes] = {};
+void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* p1, acc_t* p2) {
+  acc_t q1[kLanes], q2[kLanes];  // local copies: the compiler keeps them in registers
+  std::copy(p1, p1 + kLanes, q1);
+  std::copy(p2, p2 + kLanes, q2);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
       const acc_t d = static_cast<acc_t>(a[i + l]) - k;
-      p1[l] += d;
-      p2[l] += d * d;
+      q1[l] += d;
+      q2[l] += d * d;
     }
   }
-  for (; i < n; ++i) {
+  for (int64_t l = 0; i < n; ++i, ++l) {
     const acc_t d = static_cast<acc_t>(a[i]) - k;
-    p1[0] += d;
-    p2[0] += d * d;
+    q1[l] += d;
+    q2[l] += d * d;
   }
-  for (int64_t l = 0; l < kLanes; ++l) s1 += p1[l], s2 += p2[l];
+  std::copy(q1, q1 + kLanes, p1);
+  std::copy(q2, q2 + kLanes, p2);
 }
 
+// Lane partials of Σt and Σ(a - k)·t over a span, added into p1, p2 (kLanes each).
 template <typename scalar_t, typename acc_t>
-void span_tangent_sums(const scalar_t* a, const scalar_t* t, int64_t n, acc_t k, acc_t& s1,
-                       acc_t& s2) {
-  acc_t p1[kLanes] = {}, p2[kLanes] = {};
+void span_tangent_sums(const scalar_t* a, const scalar_t* t, int64_t n, acc_t k, acc_t* p1,
+                       acc_t* p2) {
+  acc_t q1[kLanes], q2[kLanes];
+  std::copy(p1, p1 + kLanes, q1);
+  std::copy(p2, p2 + kLanes, q2);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
       const acc_t v = static_cast<acc_t>(t[i + l]);
-      p1[l] += v;
-      p2[l] += (static_cast<acc_t>(a[i + l]) - k) * v;
+      q1[l] += v;
+      q2[l] += (static_cast<acc_t>(a[i + l]) - k) * v;
     }
   }
-  for (; i < n; ++i) {
+  for (int64_t l = 0; i < n; ++i, ++l) {
     const acc_t v = static_cast<acc_t>(t[i]);
-    p1[0] += v;
-    p2[0] += (static_cast<acc_t>(a[i]) - k) * v;
+    q1[l] += v;
+    q2[l] += (static_cast<acc_t>(a[i]) - k) * v;
   }
-  for (int64_t l = 0; l < kLanes; ++l) s1 += p1[l], s2 += p2[l];
+  std::copy(q1, q1 + kLanes, p1);
+  std::copy(q2, q2 + kLanes, p2);
 }
 
 // Shifted sums per channel (see stats_from_sums), shift k_c = the channel's first value: keeps
 // Σ(x-k)² free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
 // Blocks of outer rows run in parallel, each walking its memory in order (a whole row of
-// channels at a time) into its own partial sums, laid out (2 + 2T, C); they are added in double.
+// channels at a time). NCHW: every (quantity, channel) keeps kLanes partials across the block's
+// planes, reduced once per block; channels_last: one partial per (quantity, channel), the inner
+// loops running over the contiguous channels. Block partials, laid out (2 + 2T, C), are added
+// in double.
 template <typename scalar_t>
 at::Tensor stats_kernel(const DualInput& in) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
   const scalar_t* xt = in.T ? in.xt.const_data_ptr<scalar_t>() : nullptr;
   const int64_t C = in.channels, inner = in.inner, T = in.T, slot = in.x.numel();
-  const int64_t width = 2 * C * (1 + T);
+  const int64_t quantities = 2 + 2 * T, width = quantities * C;
+  const int64_t lanes = inner > 1 ? kLanes : 1;
   const int64_t rows_per_block = std::max<int64_t>(1, 16384 / (C * inner));
   const int64_t blocks = (in.outer + rows_per_block - 1) / rows_per_block;
-  auto partial = at::zeros({blocks, 2 + 2 * T, C}, at::kDouble);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows_per_block * C * inner));
+  auto partial = at::empty({blocks, quantities, C}, at::kDouble);
   double* part = partial.data_ptr<double>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> k(C), acc(width);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> k(C), acc(width * lanes);
     for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(x[c * inner]);
+    // The lanes of quantity q, channel c.
+    auto lanes_of = [&](int64_t q, int64_t c) { return acc.data() + (q * C + c) * lanes; };
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       const int64_t r1 = std::min(in.outer, (b + 1) * rows_per_block);
@@ -81,32 +98,38 @@ at::Tensor stats_kernel(const DualInput& in) {
         if (inner > 1) {  // NCHW: C contiguous planes of `inner` values
           for (int64_t c = 0; c < C; ++c) {
             const int64_t base = row + c * inner;
-            span_sums(x + base, inner, k[c], acc[c], acc[C + c]);
+            span_sums(x + base, inner, k[c], lanes_of(0, c), lanes_of(1, c));
             for (int64_t t = 0; t < T; ++t) {
-              span_tangent_sums(x + base, xt + t * slot + base, inner, k[c],
-                                acc[(2 + 2 * t) * C + c], acc[(3 + 2 * t) * C + c]);
+              span_tangent_sums(x + base, xt + t * slot + base, inner, k[c], lanes_of(2 + 2 * t, c),
+                                lanes_of(3 + 2 * t, c));
             }
           }
         } else {  // channels_last: one value per channel
           const scalar_t* xr = x + row;
+          acc_t* s1 = lanes_of(0, 0);
+          acc_t* s2 = lanes_of(1, 0);
           for (int64_t c = 0; c < C; ++c) {
             const acc_t d = static_cast<acc_t>(xr[c]) - k[c];
-            acc[c] += d;
-            acc[C + c] += d * d;
+            s1[c] += d;
+            s2[c] += d * d;
           }
           for (int64_t t = 0; t < T; ++t) {
             const scalar_t* tr = xt + t * slot + row;
-            acc_t* s1 = &acc[(2 + 2 * t) * C];
-            acc_t* s2 = s1 + C;
+            acc_t* t1 = lanes_of(2 + 2 * t, 0);
+            acc_t* t2 = lanes_of(3 + 2 * t, 0);
             for (int64_t c = 0; c < C; ++c) {
               const acc_t v = static_cast<acc_t>(tr[c]);
-              s1[c] += v;
-              s2[c] += (static_cast<acc_t>(xr[c]) - k[c]) * v;
+              t1[c] += v;
+              t2[c] += (static_cast<acc_t>(xr[c]) - k[c]) * v;
             }
           }
         }
       }
-      std::copy(acc.begin(), acc.end(), part + b * width);
+      for (int64_t j = 0; j < width; ++j) {
+        double sum = 0;
+        for (int64_t l = 0; l < lanes; ++l) sum += acc[j * lanes + l];
+        part[b * width + j] = sum;
+      }
     }
   });
   return partial.sum(0);
@@ -203,11 +226,13 @@ void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T, const at::
       b.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), relu,
       y.mutable_data_ptr<scalar_t>(), T ? yt.mutable_data_ptr<scalar_t>() : nullptr};
   if (in.inner > 1) {
-    at::parallel_for(0, in.outer * C, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / in.inner);
+    at::parallel_for(0, in.outer * C, grain, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) span.plane(p * in.inner, in.inner, p % C);
     });
   } else {
-    at::parallel_for(0, in.outer, 16, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, in.outer, std::max<int64_t>(1, kGrainElements / C),
+                     [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) span.row(r * C);
     });
   }

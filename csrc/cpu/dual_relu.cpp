@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> dual_relu_cpu(const at::Tensor& x_in, const a
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     scalar_t* ytp = yt.mutable_data_ptr<scalar_t>();
     const scalar_t zero(0);
-    at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
       // !(x <= 0) keeps a NaN in the primal, as torch.relu does; the tangent is xt·[x > 0].
       for (int64_t i = i0; i < i1; ++i) yp[i] = !(xp[i] <= zero) ? xp[i] : zero;
       for (int64_t t = 0; t < T; ++t)
