@@ -18,51 +18,45 @@ constexpr int64_t kLanes = 16;
 // Elements a parallel task should cover at least (smaller inputs run on one thread).
 constexpr int64_t kGrainElements = 32768;
 
-// Lane partials of Σ(a - k) and Σ(a - k)² over a span, added into p1, p2 (kLanes each).
+// Lane partials of Σ(a - k) and Σ(a - k)² over a span, added into p1, p2 (kLanes each). The
+// partials stay apart from one span to the next, so no span pays a horizontal reduction.
 template <typename scalar_t, typename acc_t>
-void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* p1, acc_t* p2) {
-  acc_t q1[kLanes], q2[kLanes];  // local copies: the compiler keeps them in registers
-  std::copy(p1, p1 + kLanes, q1);
-  std::copy(p2, p2 + kLanes, q2);
+void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* __restrict p1,
+               acc_t* __restrict p2) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
       const acc_t d = static_cast<acc_t>(a[i + l]) - k;
-      q1[l] += d;
-      q2[l] += d * d;
+      p1[l] += d;
+      p2[l] += d * d;
     }
   }
   for (int64_t l = 0; i < n; ++i, ++l) {
     const acc_t d = static_cast<acc_t>(a[i]) - k;
-    q1[l] += d;
-    q2[l] += d * d;
+    p1[l] += d;
+    p2[l] += d * d;
   }
-  std::copy(q1, q1 + kLanes, p1);
-  std::copy(q2, q2 + kLanes, p2);
 }
 
 // Lane partials of Σt and Σ(a - k)·t over a span, added into p1, p2 (kLanes each).
 template <typename scalar_t, typename acc_t>
-void span_tangent_sums(const scalar_t* a, const scalar_t* t, int64_t n, acc_t k, acc_t* p1,
-                       acc_t* p2) {
-  acc_t q1[kLanes], q2[kLanes];
-  std::copy(p1, p1 + kLanes, q1);
-  std::copy(p2, p2 + kLanes, q2);
+void span_tangent_sums(const scalar_t* a, const scalar_t* t, int64_t n, acc_t k,
+                       acc_t* __restrict p1, acc_t* __restrict p2) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
       const acc_t v = static_cast<acc_t>(t[i + l]);
-      q1[l] += v;
-      q2[l] += (static_cast<acc_t>(a[i + l]) - k) * v;
+      p1[l] += v;
+      p2[l] += (static_cast<acc_t>(a[i + l]) - k) * v;
     }
   }
   for (int64_t l = 0; i < n; ++i, ++l) {
     const acc_t v = static_cast<acc_t>(t[i]);
-    q1[l] += v;
-    q2[l] += (static_cast<acc_t>(a[i]) - k) * v;
+    p1[l] += v;
+    p2[l] += (static_cast<acc_t>(a[i]) - k) * v;
   }
-  std::copy(q1, q1 + kLanes, p1);
-  std::copy(q2, q2 + kLanes, p2);
 }
 
 // Shifted sums per channel (see stats_from_sums), shift k_c = the channel's first value: keeps
@@ -80,7 +74,10 @@ at::Tensor stats_kernel(const DualInput& in) {
   const int64_t C = in.channels, inner = in.inner, T = in.T, slot = in.x.numel();
   const int64_t quantities = 2 + 2 * T, width = quantities * C;
   const int64_t lanes = inner > 1 ? kLanes : 1;
-  const int64_t rows_per_block = std::max<int64_t>(1, 16384 / (C * inner));
+  // A block covers at least 16384 values, and at least 16 lanes' worth per channel so that
+  // reducing its lanes costs little beside summing them.
+  const int64_t rows_per_block = std::max<int64_t>(
+      {int64_t(1), 16384 / (C * inner), (16 * lanes + inner - 1) / inner});
   const int64_t blocks = (in.outer + rows_per_block - 1) / rows_per_block;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows_per_block * C * inner));
   auto partial = at::empty({blocks, quantities, C}, at::kDouble);
