@@ -6,6 +6,7 @@
 never rot, and nothing is judged.
 """
 import os
+import time
 
 import pytest
 import torch
@@ -44,10 +45,17 @@ def _sync():
 def measure(benchmark, quick):
     """``measure(fn, group, rounds)``: time ``fn`` (synchronised) and store its peak memory."""
 
-    def run(fn, group: str, rounds: int = 5):
+    def run(fn, group: str, rounds: int = 5, budget_s: float = 1.0):
+        """At least ``rounds`` rounds; more for fast cases, up to about ``budget_s`` of timing
+        (at most 100 rounds): the median of a few ms-long calls needs many of them."""
         benchmark.group = group
         fn()  # warm-up: autotuning, allocator, oneDNN primitive caches
         _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        once = time.perf_counter() - start
+        rounds = max(rounds, min(100, int(budget_s / max(once, 1e-6))))
         with PeakMemory(DEVICE) as mem:
             fn()
         benchmark.extra_info["peak_memory_bytes"] = mem.peak_bytes

@@ -8,6 +8,23 @@
 namespace fgkernels {
 namespace {
 
+// One span [0, n) of the primal and of every slot (slot t at offset t * slot_stride).
+// !(x <= 0) keeps a NaN in the primal, as torch.relu does; the tangent is xt·[x > 0].
+template <typename scalar_t>
+void relu_span(const scalar_t* __restrict x, const scalar_t* __restrict xt,
+               scalar_t* __restrict y, scalar_t* __restrict yt, int64_t n, int64_t T,
+               int64_t slot_stride) {
+  const scalar_t zero(0);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = !(x[i] <= zero) ? x[i] : zero;
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* __restrict src = xt + t * slot_stride;
+    scalar_t* __restrict dst = yt + t * slot_stride;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = x[i] > zero ? src[i] : zero;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> dual_relu_cpu(const at::Tensor& x_in, const at::Tensor& xt_in) {
   const int64_t T = check_tangent(x_in, xt_in, "xt");
   const auto fmt = kernel_format(x_in);
@@ -21,12 +38,8 @@ std::tuple<at::Tensor, at::Tensor> dual_relu_cpu(const at::Tensor& x_in, const a
     const scalar_t* tp = xt.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     scalar_t* ytp = yt.mutable_data_ptr<scalar_t>();
-    const scalar_t zero(0);
     at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
-      // !(x <= 0) keeps a NaN in the primal, as torch.relu does; the tangent is xt·[x > 0].
-      for (int64_t i = i0; i < i1; ++i) yp[i] = !(xp[i] <= zero) ? xp[i] : zero;
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t i = i0; i < i1; ++i) ytp[t * n + i] = xp[i] > zero ? tp[t * n + i] : zero;
+      relu_span(xp + i0, tp + i0, yp + i0, ytp + i0, i1 - i0, T, n);
     });
   });
   return {y, yt};
