@@ -64,22 +64,26 @@ def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
     return SlotPlan(len(union), tuple(union), False, positions)
 
 
-def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]]) -> torch.Tensor:
+def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]],
+          owned: bool = False) -> torch.Tensor:
     """Sum ``parts`` (a tensor of ``len(pos)`` slots and the output slots ``pos`` it fills) into
-    one tangent of ``count`` slots. Parts may be overwritten only if the caller owns them."""
+    one tangent of ``count`` slots. With ``owned`` (the caller created the parts and hands them
+    over) a part that fills every slot takes the others' sums in place: no new buffer."""
     parts = [(t, tuple(p)) for t, p in parts if len(p)]
     full = tuple(range(count))
     covering = [i for i, (_, p) in enumerate(parts) if p == full]
     if covering:
-        # One part fills every slot: add the others into it (one out-of-place add, then in place).
+        # One part fills every slot: add the others into it (in place from the second add on,
+        # or from the first when the parts are owned).
         base, _ = parts[covering[0]]
         rest = [part for i, part in enumerate(parts) if i != covering[0]]
         for k, (t, p) in enumerate(rest):
+            fresh = k == 0 and not owned
             if p == full:
-                base = base + t if k == 0 else base.add_(t)
+                base = base + t if fresh else base.add_(t)
             else:
                 index = torch.tensor(p, device=t.device)
-                base = base.index_add(0, index, t) if k == 0 else base.index_add_(0, index, t)
+                base = base.index_add(0, index, t) if fresh else base.index_add_(0, index, t)
         return base
     taken = [s for _, p in parts for s in p]
     if sorted(taken) == list(full):

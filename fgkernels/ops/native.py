@@ -124,13 +124,13 @@ class NativeBackend(ReferenceBackend):
             return F.conv2d(x, w, b, stride, pad, dilation, groups), None
         y, x_part, p_part = torch.ops.fgkernels.dual_conv2d(x, xt, w, wt, b, bt, stride, pad,
                                                             dilation, groups)
-        return y, place(count, [(x_part, x_pos), (p_part, p_pos)])
+        return y, place(count, [(x_part, x_pos), (p_part, p_pos)], owned=True)
 
     def linear(self, x, xt, w, wt, b, bt, x_pos, p_pos, count):
         if count == 0:
             return F.linear(x, w, b), None
         y, x_part, p_part = torch.ops.fgkernels.dual_linear(x, xt, w, wt, b, bt)
-        return y, place(count, [(x_part, x_pos), (p_part, p_pos)])
+        return y, place(count, [(x_part, x_pos), (p_part, p_pos)], owned=True)
 
     def batch_norm(self, x, xt, w, b, wt, bt, x_pos, p_pos, count, running_mean, running_var,
                    training, momentum, eps, relu):

@@ -116,13 +116,16 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
     return out
 
 
-def _block_vjp(block: nn.Module, h: Tensor, v: Tensor) -> list[Tensor]:
-    """``(∂block(h)/∂θ)ᵀ v``: backpropagate v inside the block only."""
+def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of) -> tuple[Tensor, list]:
+    """Block j's output ``a = block(h)`` under local autograd, the activity guess
+    ``g = guess_of(a)``, and ``(∂a/∂θ)ᵀ g``: g backpropagated inside the block only. Done before
+    the block's dual pass, so the backward never overlaps the dual activations."""
     params = [p for p in block.parameters() if p.requires_grad]
     with torch.enable_grad(), preserved_buffers(block):
         out = block(h.detach())
-        grads = torch.autograd.grad(out, params, v, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        g = guess_of(out.detach())
+        grads = torch.autograd.grad(out, params, g, allow_unused=True)
+    return g, [torch.zeros_like(p) if v is None else v for v, p in zip(grads, params)]
 
 
 def _noise(shape, like: Tensor, noise: str, generator: Optional[torch.Generator]) -> Tensor:
@@ -210,17 +213,17 @@ def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "globa
             norm2 = sum(float((v * v).sum()) for v in g.values())
             pending.append((j, g, norm2, None, names))
         else:
-            d = block(d)
-            a = d.primal
-            if guess == "random":
-                g = _noise(a.shape, a, noise, generator)
-            else:
+            def guess_of(a: Tensor, j=j, head=head, guess_head=guess_head) -> Tensor:
+                if guess == "random":
+                    return _noise(a.shape, a, noise, generator)
                 _, gh, g = _local_backward(None, guess_head, a, y, want_activity=True)
                 if guess == "local":
                     out.grads.update(_named(f"heads.{j}", head, gh))
-            d = DF.add_direction(d, j, g)
-            pending.append((j, g if keep_guesses else None, float((g * g).sum()),
-                            _block_vjp(block, h, g), names))
+                return g
+
+            g, basis = _activity_guess_and_basis(block, h, guess_of)
+            d = DF.add_direction(block(d), j, g)
+            pending.append((j, g if keep_guesses else None, float((g * g).sum()), basis, names))
         if train_heads and guess != "local":
             _, gh, _ = _local_backward(None, head, d.primal, y)
             out.grads.update(_named(f"heads.{j}", head, gh))
