@@ -4,6 +4,7 @@ MAX_JOBS bounds the parallel compile jobs, as torch.utils.cpp_extension reads it
 FGKERNELS_PORTABLE=1 builds for any CPU of the architecture instead of this one."""
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -17,10 +18,11 @@ def _use_cuda() -> bool:
 
 
 def _openmp_flags() -> list[str]:
-    """-fopenmp when torch parallelises with OpenMP: ``at::parallel_for`` is a header template
-    that runs serially in code compiled without it."""
+    """-fopenmp (GCC on Linux) when torch parallelises with OpenMP: ``at::parallel_for`` is a
+    header template that runs serially in code compiled without it."""
     import torch
-    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return ["-fopenmp"] if openmp and sys.platform.startswith("linux") else []
 
 
 def _extension():
@@ -28,8 +30,8 @@ def _extension():
     # The CPU kernels are plain loops the compiler vectorises (`omp simd` marks the reductions):
     # for this machine's instruction set unless FGKERNELS_PORTABLE=1 (a build to run elsewhere).
     # 256-bit vectors: wider ones lose on the short per-channel planes of small feature maps.
-    arch = [] if os.environ.get("FGKERNELS_PORTABLE") == "1" else \
-        ["-march=native", "-mprefer-vector-width=256"]
+    portable = os.environ.get("FGKERNELS_PORTABLE") == "1" or not sys.platform.startswith("linux")
+    arch = [] if portable else ["-march=native", "-mprefer-vector-width=256"]
     cxx = ["-O3", "-fopenmp-simd", *arch, *_openmp_flags()]
     if _use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
