@@ -34,9 +34,9 @@ TORCH_LIBRARY(fgkernels, m) {
   // freshly computed input (a convolution's output) that nothing else holds.
   m.def("dual_bn_apply_(Tensor(a!) x, Tensor(b!)? xt, Tensor scale, Tensor shift, "
         "Tensor t_xscale, Tensor t_shift, bool relu) -> ()");
-  // Dual convolution with the fewest convolution calls: y and the parameter part Wt*x + bt come
-  // from one convolution with [W, Wt_1, ..., Wt_P] stacked along the output channels, the input
-  // part W*xt from one convolution with the T slots batched along N.
+  // Dual convolution in three convolution calls whatever T and P: y; the parameter part
+  // Wt*x + bt with [Wt_1, ..., Wt_P] stacked along the output channels; the input part W*xt
+  // with the T slots batched along N.
   //   returns y, x_part (T, N, C_out, H_out, W_out) or empty, p_part (P, ...) or empty.
   m.def("dual_conv2d(Tensor x, Tensor? xt, Tensor weight, Tensor? weight_t, Tensor? bias, "
         "Tensor? bias_t, int[2] stride, int[2] padding, int[2] dilation, int groups) "

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import kernel_format
+
 _BLOCK = 128 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
 
 
@@ -29,7 +31,7 @@ def _dual_bn_relu_apply_kernel(y_ptr, yt_ptr, scale_ptr, shift_ptr, txs_ptr, tsh
     out = scale * y + tl.load(shift_ptr + c, mask=ok, other=0.0)
     keep = out > 0.0
     if RELU:
-        out = tl.where(keep, out, 0.0)
+        out = tl.where(out <= 0.0, 0.0, out)  # a NaN stays in the primal, as in torch.relu
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=ok)
     for t in range(T):
         ptrs = yt_ptr + t * numel + offs
@@ -45,9 +47,8 @@ def dual_bn_relu_apply_(y: torch.Tensor, yt, scale, shift, t_xscale, t_shift,
                         relu: bool) -> None:
     """Apply in place to ``y`` (contiguous, or channels_last) and its slots ``yt`` (each slot
     laid out like y, slots adjacent), as the fused convolution writes them."""
-    cl = y.dim() == 4 and not y.is_contiguous()
     C = y.shape[1]
-    inner = 1 if cl else y.numel() // (y.shape[0] * C)
+    inner = 1 if kernel_format(y) == torch.channels_last else y.numel() // (y.shape[0] * C)
     T = 0 if yt is None else yt.shape[0]
     f32 = lambda v: v.to(torch.float32).contiguous()
     _dual_bn_relu_apply_kernel[(triton.cdiv(y.numel(), _BLOCK),)](

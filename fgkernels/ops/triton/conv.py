@@ -47,15 +47,12 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-MAX_SLOTS_C: tl.constexpr = tl.constexpr(MAX_SLOTS)
-
-
 @triton.jit
 def _store_slots(yt_ptr, tstats_ptr, v, slot0, n_slots, n_img, oh, ow, co, row_ok, col_ok,
-                 y_centered, pid_m, CO, s_slot, s_n, s_c, s_h, s_w,
+                 y_centered, pid_m, CO, COUNT, s_slot, s_n, s_c, s_h, s_w,
                  SLOTS: tl.constexpr, BN_STATS: tl.constexpr):
     """Store tangent tile ``v`` (SLOTS, BM, BN) into output slots slot0 + t, t < n_slots, and its
-    batch-norm sums Σẏ and Σ(y−ȳ_tile)·ẏ into tstats[pid_m, slot, {0, 1}, co]."""
+    batch-norm sums Σẏ and Σ(y−ȳ_tile)·ẏ into tstats[pid_m, slot, {0, 1}, co] (COUNT slots)."""
     t = tl.arange(0, SLOTS)
     slot_ok = t < n_slots
     ptrs = (yt_ptr + (slot0 + t)[:, None, None].to(tl.int64) * s_slot
@@ -64,7 +61,7 @@ def _store_slots(yt_ptr, tstats_ptr, v, slot0, n_slots, n_img, oh, ow, co, row_o
     tl.store(ptrs, v.to(yt_ptr.dtype.element_ty), mask=mask)
     if BN_STATS:
         vm = tl.where(mask, v, 0.0)
-        base = tstats_ptr + (pid_m * MAX_SLOTS_C + slot0 + t)[:, None].to(tl.int64) * 2 * CO \
+        base = tstats_ptr + (pid_m * COUNT + slot0 + t)[:, None].to(tl.int64) * 2 * CO \
             + co[None, :]
         ok = slot_ok[:, None] & col_ok[None, :]
         tl.store(base, tl.sum(vm, axis=1), mask=ok)
@@ -77,7 +74,7 @@ def _store_slots(yt_ptr, tstats_ptr, v, slot0, n_slots, n_img, oh, ow, co, row_o
 @triton.jit
 def _dual_conv2d_forward_kernel(
         x_ptr, xt_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, y_ptr, yt_ptr, stats_ptr, tstats_ptr,
-        N, C, H, W, CO, HO, WO, KH, KW, M, K, TX, TP, P_OFFSET,
+        N, C, H, W, CO, HO, WO, KH, KW, M, K, TX, TP, COUNT, P_OFFSET,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         sx_n, sx_c, sx_h, sx_w,
         st_t, st_n, st_c, st_h, st_w,
@@ -188,10 +185,12 @@ def _dual_conv2d_forward_kernel(
         if P_ADD:  # the parameter slots are the input's slots
             x3 += p3
         _store_slots(yt_ptr, tstats_ptr, x3, 0, TX, n_img, oh, ow, co, row_ok, col_ok,
-                     y_centered, pid_m, CO, syt_t, syt_n, syt_c, syt_h, syt_w, TX_BLOCK, BN_STATS)
+                     y_centered, pid_m, CO, COUNT, syt_t, syt_n, syt_c, syt_h, syt_w, TX_BLOCK,
+                     BN_STATS)
     if (HAS_WT or HAS_BT) and not P_ADD:
         _store_slots(yt_ptr, tstats_ptr, p3, P_OFFSET, TP, n_img, oh, ow, co, row_ok, col_ok,
-                     y_centered, pid_m, CO, syt_t, syt_n, syt_c, syt_h, syt_w, TP_BLOCK, BN_STATS)
+                     y_centered, pid_m, CO, COUNT, syt_t, syt_n, syt_c, syt_h, syt_w, TP_BLOCK,
+                     BN_STATS)
 
 
 def _block(n: int) -> int:
@@ -216,7 +215,7 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
                 count: int, stride, padding, dilation, bn_stats: bool = False,
                 input_precision: Optional[str] = None):
     """Run the fused kernel. Returns ``(y, yt or None, tile_stats)`` with ``tile_stats`` =
-    ``(stats (tiles, 2, C_out), tstats (tiles, MAX_SLOTS, 2, C_out), rows per tile)`` when
+    ``(stats (tiles, 2, C_out), tstats (tiles, count, 2, C_out), rows per tile)`` when
     ``bn_stats``; None when the slot layout is not one the kernel lays out (caller falls back)."""
     layout = slot_layout(x_pos, p_pos, count)
     if layout is None:
@@ -236,8 +235,8 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     max_tiles = triton.cdiv(M, 16)  # the smallest BLOCK_M of any config
     stats = torch.empty((max_tiles, 2, CO) if bn_stats else (1,), device=x.device,
                         dtype=torch.float32)
-    tstats = torch.empty((max_tiles, MAX_SLOTS, 2, CO) if bn_stats else (1,), device=x.device,
-                         dtype=torch.float32)
+    tstats = torch.empty((max_tiles, count, 2, CO) if bn_stats and count else (1,),
+                         device=x.device, dtype=torch.float32)
     dummy = y
     xt_ = xt if xt is not None else dummy.unsqueeze(0)
     wt_ = wt if wt is not None else w.unsqueeze(0)
@@ -245,7 +244,7 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]))
     _dual_conv2d_forward_kernel[grid](
         x, xt_, w, wt_, b if b is not None else dummy, bt_, y, yt, stats, tstats,
-        N, C, H, W, CO, HO, WO, KH, KW, M, C * KH * KW, TX, TP, p_offset,
+        N, C, H, W, CO, HO, WO, KH, KW, M, C * KH * KW, TX, TP, count, p_offset,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *xt_.stride()[:5], *w.stride(), *wt_.stride()[:5],
         bt_.stride(0) if bt is not None else 0,
@@ -260,7 +259,8 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
         tiles = triton.cdiv(M, block_m)
         rows = torch.full((tiles,), float(block_m), device=x.device, dtype=torch.float64)
         rows[-1] = M - (tiles - 1) * block_m
-        tile_stats = (stats[:tiles], tstats[:tiles, :count], rows)
+        tile_stats = (stats[:tiles], tstats[:tiles] if count else tstats.new_empty(
+            (tiles, 0, 2, CO)), rows)
     return y, (yt if count else None), tile_stats
 
 
