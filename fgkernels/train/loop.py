@@ -257,7 +257,7 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
             times.append(time.perf_counter() - t0)
         if truth is not None:
             for j, true in truth.items():
-                names = [f"blocks.{j}.{n}" for n, _ in net.blocks[j].named_parameters()]
+                names = list(net.block_parameters(j))
                 if names:
                     est = [grads.get(n, torch.zeros_like(t)) for n, t in zip(names, true)]
                     cosines.setdefault(j, []).append(_cosine(est, true))

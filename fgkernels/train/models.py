@@ -36,10 +36,6 @@ class BlockNet(nn.Module):
         """Block j's parameters, keyed by their names in ``self.named_parameters()``."""
         return {f"blocks.{j}.{n}": p for n, p in self.blocks[j].named_parameters()}
 
-    def head_parameters(self, j: int) -> dict[str, nn.Parameter]:
-        """Head j's parameters, keyed by their names in ``self.named_parameters()``."""
-        return {f"heads.{j}.{n}": p for n, p in self.heads[j].named_parameters()}
-
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
     """Conv(k×k, no bias) → BN → ReLU: fused on the dual pass."""
