@@ -1,7 +1,8 @@
 // Dual ops built from ATen's own kernels (oneDNN convolutions and GEMMs on the CPU, cuDNN and
-// cuBLAS on CUDA), with the fewest convolution FLOPs: besides the primal, one call computes every
-// parameter term Wt_p * x (the P weight tangents stacked along the output channels) and one
-// every input term W * xt_t (the T slots batched along N). Registered for every device.
+// cuBLAS on CUDA), with the fewest convolution FLOPs: besides the primal (skipped when the caller
+// already has it), one call computes every parameter term Wt_p * x (the P weight tangents stacked
+// along the output channels) and one every input term W * xt_t (the T slots batched along N).
+// Registered for every device.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -34,19 +35,19 @@ at::Tensor stack_weight_tangents(const at::Tensor& wt, int64_t groups) {
   return wt.reshape(shape).transpose(0, 1).flatten(0, 2);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
-    const at::Tensor& x, const std::optional<at::Tensor>& xt, const at::Tensor& w,
-    const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& b,
-    const std::optional<at::Tensor>& bt, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups) {
+// The tangent parts of a convolution whose primal output y is known (y gives their shape and
+// memory format): p_part = [Wt_p * x + bt_p]_p and x_part = [W * xt_t]_t, each empty when absent.
+std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
+    const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& xt,
+    const at::Tensor& w, const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& bt,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
   TORCH_CHECK(w.dim() == 4 && x.size(1) == w.size(1) * groups,
               "weight must have shape (C_out, ", x.size(1) / groups, ", kH, kW), got ",
               w.sizes());
   const int64_t cout = w.size(0);
-  if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, cout);
-  const auto y = at::conv2d(x, w, b.has_value() ? *b : at::Tensor(), stride, padding, dilation,
-                            groups);
+  TORCH_CHECK(y.dim() == 4 && y.size(0) == x.size(0) && y.size(1) == cout,
+              "y must have shape (", x.size(0), ", ", cout, ", H_out, W_out), got ", y.sizes());
   const auto fmt = kernel_format(y);
   at::Tensor x_part, p_part;
   if (wt.has_value() && wt->defined()) {
@@ -55,6 +56,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
     // Every Wt_p * x in one convolution: (N, groups, P, C_out / groups, H, W) -> (P, N, C_out, ..).
     auto all = at::conv2d(x, stack_weight_tangents(*wt, groups), {}, stride, padding, dilation,
                           groups);
+    TORCH_CHECK(all.sizes().slice(2) == y.sizes().slice(2), "y must have the convolution's "
+                "output size ", all.sizes().slice(2), " in H and W, got ", y.sizes());
     p_part = slots_in_format(
         all.unflatten(1, {groups, P, cout / groups}).permute({2, 0, 1, 3, 4, 5}).flatten(2, 3),
         fmt);
@@ -75,9 +78,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
     x_part = at::conv2d(slots_in_format(*xt, kernel_format(x)).flatten(0, 1), w, {}, stride,
                         padding, dilation, groups)
                  .unflatten(0, {T, x.size(0)});
+    TORCH_CHECK(x_part.sizes().slice(1) == y.sizes(), "y must have the convolution's output "
+                "shape ", x_part.sizes().slice(1), ", got ", y.sizes());
   }
-  return {y, x_part.defined() ? x_part : at::empty({0}, x.options()),
+  return {x_part.defined() ? x_part : at::empty({0}, x.options()),
           p_part.defined() ? p_part : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
+    const at::Tensor& x, const std::optional<at::Tensor>& xt, const at::Tensor& w,
+    const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& b,
+    const std::optional<at::Tensor>& bt, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(w.dim() == 4 && x.size(1) == w.size(1) * groups,
+              "weight must have shape (C_out, ", x.size(1) / groups, ", kH, kW), got ",
+              w.sizes());
+  const int64_t cout = w.size(0);
+  if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, cout);
+  const auto y = at::conv2d(x, w, b.has_value() ? *b : at::Tensor(), stride, padding, dilation,
+                            groups);
+  auto [x_part, p_part] =
+      dual_conv2d_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups);
+  return {y, x_part, p_part};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
@@ -124,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
 TORCH_LIBRARY_IMPL(fgkernels, CompositeExplicitAutograd, m) {
   m.impl("dual_max_pool2d", &dual_max_pool2d);
   m.impl("dual_conv2d", &dual_conv2d);
+  m.impl("dual_conv2d_tangents", &dual_conv2d_tangents);
   m.impl("dual_linear", &dual_linear);
 }
 

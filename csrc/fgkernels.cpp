@@ -41,6 +41,11 @@ TORCH_LIBRARY(fgkernels, m) {
   m.def("dual_conv2d(Tensor x, Tensor? xt, Tensor weight, Tensor? weight_t, Tensor? bias, "
         "Tensor? bias_t, int[2] stride, int[2] padding, int[2] dilation, int groups) "
         "-> (Tensor, Tensor, Tensor)");
+  // The tangent parts of dual_conv2d alone, for a caller that already has the primal output y
+  // (y sets their shape and memory format): returns x_part, p_part as dual_conv2d does.
+  m.def("dual_conv2d_tangents(Tensor x, Tensor y, Tensor? xt, Tensor weight, Tensor? weight_t, "
+        "Tensor? bias_t, int[2] stride, int[2] padding, int[2] dilation, int groups) "
+        "-> (Tensor, Tensor)");
   // Dual linear in two GEMMs, arranged as dual_conv2d.
   m.def("dual_linear(Tensor x, Tensor? xt, Tensor weight, Tensor? weight_t, Tensor? bias, "
         "Tensor? bias_t) -> (Tensor, Tensor, Tensor)");

@@ -85,14 +85,32 @@ def _no_grad(fn):
 @implements(torch.conv2d, F.conv2d)
 @_no_grad
 def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None, stride=1,
-           padding=0, dilation=1, groups: int = 1) -> Dual:
-    """Dual conv2d: ``y = W*x + b``, ``ẏ = W*ẋ + Ẇ*x + ḃ`` (arguments as ``F.conv2d``)."""
+           padding=0, dilation=1, groups: int = 1, *, primal: Optional[Tensor] = None) -> Dual:
+    """Dual conv2d: ``y = W*x + b``, ``ẏ = W*ẋ + Ẇ*x + ḃ`` (arguments as ``F.conv2d``).
+
+    ``primal``: ``y`` when the caller already has it (``F.conv2d`` of the same primal operands),
+    so that only the tangents are computed; it becomes the output's primal (not copied)."""
     x, xt, (w, b), (wt, bt), plan, x_pos, p_pos = _with_params("conv2d", input, weight, bias)
     _check_conv(x, w, b, groups)
+    stride, dilation = _pair(stride), _pair(dilation)
     padding = padding if isinstance(padding, str) else _pair(padding)
+    _check_primal("conv2d", primal, x, _conv_output_shape(x, w, stride, padding, dilation))
     y, yt = current_backend(x.device).conv2d(x, xt, w, wt, b, bt, x_pos, p_pos, plan.count,
-                                             _pair(stride), padding, _pair(dilation), groups)
+                                             stride, padding, dilation, groups, primal)
     return _result(y, yt, plan)
+
+
+def _check_primal(op: str, primal: Optional[Tensor], x: Tensor, shape: tuple) -> None:
+    """A caller's primal output must have the op's output shape, x's dtype and device."""
+    if primal is None:
+        return
+    if not isinstance(primal, Tensor) or isinstance(primal, Dual):
+        raise TypeError(f"{op}: primal must be a Tensor, got {type(primal).__name__}")
+    if tuple(primal.shape) != tuple(shape) or primal.dtype != x.dtype \
+            or primal.device != x.device:
+        raise ValueError(f"{op}: primal must be a {x.dtype} tensor of shape {tuple(shape)} on "
+                         f"{x.device}, got {primal.dtype} {tuple(primal.shape)} on "
+                         f"{primal.device}")
 
 
 def _check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int) -> None:
@@ -171,13 +189,15 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
                       stride, padding, dilation, groups: int,
                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
                       bn_weight: Optional[MaybeDual], bn_bias: Optional[MaybeDual],
-                      training: bool, momentum: float, eps: float, relu: bool) -> Dual:
+                      training: bool, momentum: float, eps: float, relu: bool, *,
+                      conv_primal: Optional[Tensor] = None) -> Dual:
     """Conv2d followed by batch norm (and ReLU) as one op, so that a backend can fuse them
     (the Triton backend accumulates the batch-norm sums in the convolution's epilogue).
 
     The batch norm's parameter tangents may cover fewer slots than the convolution's output
     (they land at ``bn_pos``); when they bring slots of their own, the two ops run one after
-    the other."""
+    the other. ``conv_primal`` is the convolution's output when the caller already has it (as
+    ``conv2d``'s ``primal``); it is handed over: the batch norm may overwrite it in place."""
     x, xt, (w, cb), (wt, cbt), conv_plan, x_pos, conv_pos = _with_params(
         "conv2d_batch_norm", input, weight, conv_bias)
     _check_conv(x, w, cb, groups)
@@ -186,17 +206,19 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
                 if conv_plan.count else None)
     plan = _slots.plan([conv_out, bn_op], "conv2d_batch_norm")
     if plan.count != conv_plan.count:
-        h = conv2d(input, weight, conv_bias, stride, padding, dilation, groups)
+        h = conv2d(input, weight, conv_bias, stride, padding, dilation, groups,
+                   primal=conv_primal)
         return batch_norm(h, running_mean, running_var, bn_weight, bn_bias, training, momentum,
                           eps, relu)
     stride, dilation = _pair(stride), _pair(dilation)
     padding = padding if isinstance(padding, str) else _pair(padding)
-    _check_batch_norm(_conv_output_shape(x, w, stride, padding, dilation), running_mean,
-                      running_var, g, bb, training)
+    shape = _conv_output_shape(x, w, stride, padding, dilation)
+    _check_primal("conv2d_batch_norm", conv_primal, x, shape)
+    _check_batch_norm(shape, running_mean, running_var, g, bb, training)
     y, yt = current_backend(x.device).conv2d_batch_norm(
         x, xt, w, wt, cb, cbt, x_pos, conv_pos, conv_plan.count, stride, padding, dilation,
         groups, g, bb, gt, bbt, plan.positions[1], running_mean, running_var, training,
-        momentum, eps, relu)
+        momentum, eps, relu, conv_primal)
     return _result(y, yt, plan)
 
 

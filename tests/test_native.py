@@ -2,6 +2,7 @@
 and argument checks."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fgkernels
 import fgkernels.functional as DF
@@ -38,6 +39,10 @@ def test_opcheck(channels_last):
                               torch.randn(C), torch.randn(2, C), torch.randn(2, C), True)),
         (ops.dual_conv2d, (x, xt, w, wt, b, bt, [1, 1], [1, 1], [1, 1], 1)),
         (ops.dual_conv2d, (x, None, w, None, None, bt, [2, 1], [0, 1], [1, 1], 1)),
+        (ops.dual_conv2d_tangents, (x, F.conv2d(x, w, b, 1, 1), xt, w, wt, bt, [1, 1], [1, 1],
+                                    [1, 1], 1)),
+        (ops.dual_conv2d_tangents, (x, F.conv2d(x, w, None, (2, 1), (0, 1)), None, w, None, bt,
+                                    [2, 1], [0, 1], [1, 1], 1)),
         (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),
                            torch.randn(2, 3, 7), None, torch.randn(2, 3))),
     ]
@@ -150,6 +155,13 @@ def test_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match=r"bias_t must have shape \(P, 4\)"):
         ops.dual_conv2d(x, None, torch.randn(4, 3, 3, 3), None, None, torch.randn(1, 5),
                         [1, 1], [0, 0], [1, 1], 1)
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match=r"y must have shape \(2, 4, H_out, W_out\)"):
+        ops.dual_conv2d_tangents(x, torch.randn(2, 5, 2, 2), None, w, None, torch.randn(1, 4),
+                                 [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="y must have the convolution's output shape"):
+        ops.dual_conv2d_tangents(x, torch.randn(2, 4, 3, 3), torch.randn(1, 2, 3, 4, 4), w,
+                                 None, None, [1, 1], [0, 0], [1, 1], 1)
 
 
 def test_native_is_the_cpu_default():

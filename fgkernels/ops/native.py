@@ -1,8 +1,9 @@
 """The native backend: the compiled ``torch.ops.fgkernels`` ops (C++ on the CPU, CUDA on GPUs).
 
 Batch norm runs as one statistics pass and one apply pass that writes the primal and every
-tangent slot together (ReLU fused); the convolution and linear ops make two library calls
-whatever the number of tangents (``csrc/composite.cpp``). An op with no tangent in or out runs
+tangent slot together (ReLU fused); the convolution and linear ops make three library calls
+whatever the number of tangents (``csrc/composite.cpp``), two when the caller already has the
+convolution's primal output. An op with no tangent in or out runs
 the plain torch op.
 """
 from __future__ import annotations
@@ -90,6 +91,20 @@ def _register_fakes() -> None:
                           padding, dilation, groups).unflatten(0, xt.shape[:2])
         return y, x_part, p_part
 
+    @lib.register_fake("fgkernels::dual_conv2d_tangents")
+    def _(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
+        torch._check(y.dim() == 4 and y.shape[:2] == (x.shape[0], w.shape[0]),
+                     lambda: f"y must have shape ({x.shape[0]}, {w.shape[0]}, H_out, W_out), "
+                             f"got {tuple(y.shape)}")
+        P = param_slots(wt, bt)
+        p_part = empty_slots(P, y) if P else y.new_empty(0)
+        if xt is None:
+            return y.new_empty(0), p_part
+        check_tangent(x, xt)
+        x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w, None, stride,
+                          padding, dilation, groups).unflatten(0, xt.shape[:2])
+        return x_part, p_part
+
     @lib.register_fake("fgkernels::dual_linear")
     def _(x, xt, w, wt, b, bt):
         y = F.linear(x, w)
@@ -115,15 +130,19 @@ class NativeBackend(ReferenceBackend):
     name = "native"
 
     def conv2d(self, x, xt, w, wt, b, bt, x_pos, p_pos, count, stride, padding, dilation,
-               groups):
+               groups, y=None):
         pad = _numeric_padding(padding, w, dilation)
         if pad is None:
             return super().conv2d(x, xt, w, wt, b, bt, x_pos, p_pos, count, stride, padding,
-                                  dilation, groups)
+                                  dilation, groups, y)
         if count == 0:
-            return F.conv2d(x, w, b, stride, pad, dilation, groups), None
-        y, x_part, p_part = torch.ops.fgkernels.dual_conv2d(x, xt, w, wt, b, bt, stride, pad,
-                                                            dilation, groups)
+            return (F.conv2d(x, w, b, stride, pad, dilation, groups) if y is None else y), None
+        if y is None:
+            y, x_part, p_part = torch.ops.fgkernels.dual_conv2d(x, xt, w, wt, b, bt, stride, pad,
+                                                                dilation, groups)
+        else:
+            x_part, p_part = torch.ops.fgkernels.dual_conv2d_tangents(
+                x, y, xt, w, wt, bt, stride, pad, dilation, groups)
         return y, place(count, [(x_part, x_pos), (p_part, p_pos)], owned=True)
 
     def linear(self, x, xt, w, wt, b, bt, x_pos, p_pos, count):
@@ -144,11 +163,12 @@ class NativeBackend(ReferenceBackend):
 
     def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
                           dilation, groups, g, bb, gt, bbt, bn_pos, running_mean, running_var,
-                          training, momentum, eps, relu):
+                          training, momentum, eps, relu, conv_y=None):
         """The convolution, then batch norm (and ReLU) applied in place on its fresh output:
-        one activation-sized buffer less at the peak of every Conv→BN run."""
+        one activation-sized buffer less at the peak of every Conv→BN run. A given ``conv_y``
+        is the caller's to hand over: it is overwritten too."""
         h, ht = self.conv2d(x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
-                            dilation, groups)
+                            dilation, groups, conv_y)
         x_slots = tuple(range(count))
         # Only the compiled convolution's output is surely fresh (the reference one may hand
         # back an expanded bias tangent).

@@ -32,10 +32,13 @@ class ReferenceBackend:
     # --- conv2d: y = W*x + b,  ẏ = W*ẋ + Ẇ*x + ḃ -----------------------------------------------
     def conv2d(self, x: Tensor, xt: Opt, w: Tensor, wt: Opt, b: Opt, bt: Opt,
                x_pos: tuple, p_pos: tuple, count: int,
-               stride, padding, dilation, groups: int) -> tuple[Tensor, Opt]:
+               stride, padding, dilation, groups: int, y: Opt = None) -> tuple[Tensor, Opt]:
+        """``y``, when given, is the primal output the caller already has (``W*x + b``); then
+        only the tangents are computed. Every backend takes it; one that fuses the primal with
+        the tangents may compute its own instead."""
         conv = lambda inp, weight, bias=None: F.conv2d(inp, weight, bias, stride, padding,
                                                        dilation, groups)
-        y = conv(x, w, b)
+        y = conv(x, w, b) if y is None else y
         parts = []
         if xt is not None:
             parts.append((conv(xt.flatten(0, 1), w).unflatten(0, xt.shape[:2]), x_pos))
@@ -112,11 +115,12 @@ class ReferenceBackend:
     # --- conv2d → batch norm (+ ReLU) -------------------------------------------------------
     def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
                           dilation, groups, g, bb, gt, bbt, bn_pos, running_mean, running_var,
-                          training, momentum, eps, relu):
+                          training, momentum, eps, relu, conv_y=None):
         """The convolution's output slots are the batch norm's input slots, in order; the
-        batch norm's parameter tangents land at ``bn_pos`` among them. Fused backends override."""
+        batch norm's parameter tangents land at ``bn_pos`` among them; ``conv_y`` is the
+        convolution's primal output when the caller has it. Fused backends override."""
         h, ht = self.conv2d(x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
-                            dilation, groups)
+                            dilation, groups, conv_y)
         return self.batch_norm(h, ht, g, bb, gt, bbt, tuple(range(count)), bn_pos, count,
                                running_mean, running_var, training, momentum, eps, relu)
 

@@ -38,22 +38,25 @@ class TritonBackend(NativeBackend):
     name = "triton"
 
     def conv2d(self, x, xt, w, wt, b, bt, x_pos, p_pos, count, stride, padding, dilation,
-               groups):
+               groups, y=None):
+        """The Triton kernel computes the primal with the tangents from the same loads of x, so
+        a given ``y`` is used only where it falls back to the native ops."""
         from .conv import dual_conv2d
         pad = _serves(x, w, groups, padding, dilation)
         out = None if pad is None else dual_conv2d(x, xt, w, wt, b, bt, x_pos, p_pos, count,
                                                    stride, pad, dilation)
         if out is None:
             return super().conv2d(x, xt, w, wt, b, bt, x_pos, p_pos, count, stride, padding,
-                                  dilation, groups)
+                                  dilation, groups, y)
         y, yt, _ = out
         return y, yt
 
     def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
                           dilation, groups, g, bb, gt, bbt, bn_pos, running_mean, running_var,
-                          training, momentum, eps, relu):
+                          training, momentum, eps, relu, conv_y=None):
         """Convolution with the batch-norm sums in its epilogue, then the apply kernel in place:
-        the conv output is read once more, never for statistics."""
+        the conv output is read once more, never for statistics. ``conv_y`` is used only where
+        it falls back to the native ops (see ``conv2d``)."""
         from .batch_norm import dual_bn_relu_apply_
         from .conv import combine_tile_stats, dual_conv2d
         pad = _serves(x, w, groups, padding, dilation)
@@ -63,7 +66,7 @@ class TritonBackend(NativeBackend):
             return super().conv2d_batch_norm(x, xt, w, wt, cb, cbt, x_pos, conv_pos, count,
                                              stride, padding, dilation, groups, g, bb, gt, bbt,
                                              bn_pos, running_mean, running_var, training,
-                                             momentum, eps, relu)
+                                             momentum, eps, relu, conv_y)
         y, yt, tile_stats = out
         stats = combine_tile_stats(*tile_stats, torch.float32) if training else None
         c = self.bn_coefficients(y, yt, g, bb, gt, bbt, tuple(range(count)), bn_pos, count,
