@@ -7,7 +7,7 @@ from . import functional
 from .dual import Dual, is_dual
 from .nn import (DualAdaptiveAvgPool2d, DualAvgPool2d, DualBatchNorm1d, DualBatchNorm2d,
                  DualConv2d, DualFlatten, DualLinear, DualMaxPool2d, DualModule, DualReLU,
-                 DualSequential, convert)
+                 DualSequential, convert, reuse_conv_outputs)
 from .ops import available_backends, current_backend, use_backend
 from .ops.native import native_available as _native_available
 from .params import clear_tangents, random_tangents, set_tangents
@@ -21,5 +21,5 @@ __all__ = [
     "clear_tangents", "use_backend", "available_backends", "current_backend",
     "DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "DualLinear",
     "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten", "DualSequential",
-    "DualModule",
+    "DualModule", "reuse_conv_outputs",
 ]

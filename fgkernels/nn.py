@@ -8,7 +8,8 @@ included). A ``Dual`` input runs the dual pass, with the parameter tangents set 
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import contextlib
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -32,15 +33,44 @@ class DualModule:
         return Dual._of(p.detach(), stack, directions, single)
 
 
+class _KeptOutput(NamedTuple):
+    """A plain forward's output kept for the next dual call, with what must not have changed."""
+
+    output: Tensor
+    input_shape: torch.Size
+    training: bool
+    versions: tuple[int, ...]   # of the output and the parameters
+
+
 class DualConv2d(DualModule, nn.Conv2d):
     """``nn.Conv2d`` that also runs the dual pass: ``ẏ = W*ẋ + Ẇ*x + ḃ``."""
 
     def forward(self, input):
         if not isinstance(input, Dual):
-            return super().forward(input)
+            out = super().forward(input)
+            if "_fg_kept" in self.__dict__:  # inside reuse_conv_outputs
+                self.__dict__["_fg_kept"] = _KeptOutput(out.detach(), input.shape, self.training,
+                                                        self._versions(out))
+            return out
         self._check_dual()
         return DF.conv2d(input, self._dual_param("weight"), self._dual_param("bias"), self.stride,
-                         self.padding, self.dilation, self.groups)
+                         self.padding, self.dilation, self.groups,
+                         primal=self._take_kept_output(input))
+
+    def _versions(self, out: Tensor) -> tuple[int, ...]:
+        return (out._version, *(p._version for p in (self.weight, self.bias) if p is not None))
+
+    def _take_kept_output(self, input: Dual) -> Optional[Tensor]:
+        """The output kept by ``reuse_conv_outputs`` for this dual call (then forgotten), or
+        None when there is none or the layer, its mode or the input's shape changed since."""
+        kept = self.__dict__.get("_fg_kept")
+        if kept is None:
+            return None
+        self.__dict__["_fg_kept"] = None
+        if (kept.input_shape != input.primal.shape or kept.training != self.training
+                or kept.versions != self._versions(kept.output)):
+            return None
+        return kept.output
 
     def _check_dual(self) -> None:
         if self.padding_mode != "zeros":
@@ -186,7 +216,32 @@ def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> D
     return DF.conv2d_batch_norm(
         input, conv._dual_param("weight"), conv._dual_param("bias"), conv.stride, conv.padding,
         conv.dilation, conv.groups, running_mean, running_var, bn._dual_param("weight"),
-        bn._dual_param("bias"), training, factor, bn.eps, relu)
+        bn._dual_param("bias"), training, factor, bn.eps, relu,
+        conv_primal=conv._take_kept_output(input))
+
+
+@contextlib.contextmanager
+def reuse_conv_outputs(module: nn.Module) -> Iterator[None]:
+    """Inside the ``with`` block, each ``DualConv2d`` of ``module`` keeps the output of its
+    plain (autograd) forward, and its next dual call takes that output as its primal instead of
+    computing it again: one convolution less per layer, for a caller that runs the same layers
+    on the same input first plainly, then dual (the forward-gradient trainer runs each block
+    under autograd for its guess, then in the dual pass).
+
+    The caller guarantees that the dual input is the plain one (to rounding: a batch norm
+    between two convolutions is computed by different kernels on the two passes); values are
+    not compared. A kept output is dropped, unused, when the layer's parameters, its training
+    mode or the input's shape changed, or the output was modified since. It is handed over to
+    the dual call, which may overwrite it in place (a fused batch norm does). Leaving the block
+    drops whatever is left."""
+    convs = [m for m in module.modules() if isinstance(m, DualConv2d)]
+    for conv in convs:
+        conv.__dict__["_fg_kept"] = None
+    try:
+        yield
+    finally:
+        for conv in convs:
+            conv.__dict__.pop("_fg_kept", None)
 
 
 # torch.nn layer -> its Dual twin, for convert().

@@ -8,7 +8,9 @@ output's activity space) and a *target* loss give the estimate
 The inner products ``⟨∇target, g_j⟩`` are directional derivatives: one dual pass through the
 network carries direction j from block j on (absent before it), so a single pass gives every
 block's. Local guesses come from local autograd on one block (its input detached), so memory
-stays that of one block. In activity space, ĝ_j lives on block j's output and is backpropagated
+stays that of one block; in weight space the block's dual pass then takes its convolutions'
+primal outputs from that autograd forward (``reuse_conv_outputs``) instead of computing them
+again. In activity space, ĝ_j lives on block j's output and is backpropagated
 inside block j only. The last block and the classifier get their exact gradient.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 
 from .. import functional as DF
 from ..dual import Dual
+from ..nn import reuse_conv_outputs
 from ..params import clear_tangents, set_tangents
 from .models import BlockNet
 
@@ -128,6 +131,10 @@ def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of) -> tuple[Te
     return g, [torch.zeros_like(p) if v is None else v for v, p in zip(grads, params)]
 
 
+def _keep_nothing(block: nn.Module) -> contextlib.nullcontext:
+    return contextlib.nullcontext()
+
+
 def _noise(shape, like: Tensor, noise: str, generator: Optional[torch.Generator]) -> Tensor:
     if noise == "gaussian":
         return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -176,15 +183,20 @@ def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "globa
     out = Estimates(grads={})
     pending: list[tuple[int, object, float, list, dict]] = []  # (j, guess, ‖g‖², basis, names)
     derivs: dict[int, float] = {}
+    # Weight space: a block's dual pass takes its convolutions' primal outputs from the guess's
+    # autograd forward. Not in activity space: there the kept outputs would stay alive through
+    # the backward of the activity guess, which is that step's memory peak.
+    reused_outputs = reuse_conv_outputs if space == "weight" else _keep_nothing
     d = Dual(x)
     for j, block in enumerate(net.blocks):
         h, head = d.primal, net.heads[j]
         if j == J - 1:
             # The last block and the classifier: their exact gradient, by local autograd.
-            gb, gh, _ = _local_backward(block, head, h, y)
+            with reused_outputs(block):
+                gb, gh, _ = _local_backward(block, head, h, y)
+                d = block(d)
             out.grads.update(_named(f"blocks.{j}", block, gb))
             out.grads.update(_named(f"heads.{j}", head, gh))
-            d = block(d)
             logits = head(d)
             loss = DF.cross_entropy(logits, y)
             out.loss = float(loss.primal)
@@ -198,18 +210,19 @@ def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "globa
         guess_head = head if guess != "ntk" else _reinitialised(head, generator)
         names = {n: p for n, p in block.named_parameters() if p.requires_grad}
         if space == "weight":
-            if guess == "random":
-                g = {n: _noise(p.shape, p, noise, generator) for n, p in names.items()}
-            else:
-                gb, gh, _ = _local_backward(block, guess_head, h, y)
-                g = dict(zip(names, gb))
-                if guess == "local":
-                    out.grads.update(_named(f"heads.{j}", head, gh))
-            set_tangents(block, g, direction=j)
-            try:
-                d = block(d)
-            finally:
-                clear_tangents(block)
+            with reused_outputs(block):
+                if guess == "random":
+                    g = {n: _noise(p.shape, p, noise, generator) for n, p in names.items()}
+                else:
+                    gb, gh, _ = _local_backward(block, guess_head, h, y)
+                    g = dict(zip(names, gb))
+                    if guess == "local":
+                        out.grads.update(_named(f"heads.{j}", head, gh))
+                set_tangents(block, g, direction=j)
+                try:
+                    d = block(d)
+                finally:
+                    clear_tangents(block)
             norm2 = sum(float((v * v).sum()) for v in g.values())
             pending.append((j, g, norm2, None, names))
         else:

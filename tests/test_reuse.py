@@ -1,0 +1,127 @@
+"""A convolution's primal output handed to the dual pass: the ``primal=`` argument of the
+functional ops and ``reuse_conv_outputs`` on the Dual layers."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fgkernels
+import fgkernels.functional as DF
+from fgkernels import Dual
+
+
+def _dual_input(T=2, shape=(3, 4, 6, 5)):
+    x = torch.randn(shape, dtype=torch.float64)
+    return Dual(x, torch.randn(T, *shape, dtype=x.dtype))
+
+
+def test_given_primal_gives_the_same_dual(backend):
+    d = _dual_input()
+    w = Dual(torch.randn(5, 4, 3, 3, dtype=torch.float64), torch.randn(2, 5, 4, 3, 3,
+                                                                      dtype=torch.float64))
+    b = Dual(torch.randn(5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64))
+    fresh = DF.conv2d(d, w, b, 2, 1)
+    y = F.conv2d(d.primal, w.primal, b.primal, 2, 1)
+    given = DF.conv2d(d, w, b, 2, 1, primal=y)
+    assert given.primal.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(given.primal, fresh.primal, rtol=0, atol=0)
+    torch.testing.assert_close(given.tangents, fresh.tangents, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv2d_batch_norm_with_conv_primal(backend, relu):
+    d = _dual_input()
+    w = Dual(torch.randn(5, 4, 3, 3, dtype=torch.float64), torch.randn(2, 5, 4, 3, 3,
+                                                                      dtype=torch.float64))
+    g, bb = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    stats = [torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)]
+    stats2 = [s.clone() for s in stats]
+    fresh = DF.conv2d_batch_norm(d, w, None, 1, 1, 1, 1, *stats, g, bb, True, 0.1, 1e-5, relu)
+    given = DF.conv2d_batch_norm(d, w, None, 1, 1, 1, 1, *stats2, g, bb, True, 0.1, 1e-5, relu,
+                                 conv_primal=F.conv2d(d.primal, w.primal, None, 1, 1))
+    torch.testing.assert_close(given.primal, fresh.primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(given.tangents, fresh.tangents, rtol=1e-12, atol=1e-12)
+    for a, b in zip(stats, stats2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_primal_raises():
+    d = _dual_input()
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"primal must be a torch.float64 tensor of shape "
+                                         r"\(3, 5, 4, 3\)"):
+        DF.conv2d(d, w, primal=torch.zeros(3, 5, 6, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="got torch.float32"):
+        DF.conv2d(d, w, primal=torch.zeros(3, 5, 4, 3))
+    with pytest.raises(TypeError, match="primal must be a Tensor, got Dual"):
+        DF.conv2d(d, w, primal=Dual(torch.zeros(3, 5, 4, 3, dtype=torch.float64)))
+    stats = [torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)]
+    before = [s.clone() for s in stats]
+    with pytest.raises(ValueError, match="conv2d_batch_norm: primal must be"):
+        DF.conv2d_batch_norm(d, w, None, 1, 0, 1, 1, *stats, None, None, True, 0.1, 1e-5, False,
+                             conv_primal=torch.zeros(3, 5, 6, 5, dtype=torch.float64))
+    for a, b in zip(stats, before):  # nothing half-done: the running stats are untouched
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _block():
+    """Conv→BN→ReLU→Conv→BN (fused runs) and a lone convolution after them."""
+    torch.manual_seed(0)
+    return fgkernels.convert(nn.Sequential(
+        nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                      nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)),
+        nn.Conv2d(6, 3, 1)).double())
+
+
+def test_reuse_matches_a_fresh_dual_pass(backend):
+    block, fresh = _block(), _block()
+    d = _dual_input()
+    d = Dual(d.primal, d.tangents, directions=[0, 1])
+    tangents = fgkernels.random_tangents(block, direction=2)
+    fgkernels.set_tangents(fresh, tangents, direction=2)
+    with fgkernels.reuse_conv_outputs(block):
+        plain = block(d.primal.clone().requires_grad_())
+        plain.square().sum().backward()          # as a guess does: autograd, then the dual pass
+        kept = block[1].__dict__["_fg_kept"].output
+        out = block(d)
+    expected = fresh(d)
+    assert out.primal.data_ptr() == kept.data_ptr()  # the lone convolution's output, reused
+    assert out.directions == expected.directions == (0, 1, 2)
+    torch.testing.assert_close(out.primal, expected.primal, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.tangents, expected.tangents, rtol=1e-10, atol=1e-12)
+    assert all("_fg_kept" not in m.__dict__ for m in block.modules())
+
+
+@pytest.mark.parametrize("change", ["weight", "input shape", "mode", "output", "used once"])
+def test_stale_kept_output_is_not_used(backend, change):
+    conv = fgkernels.convert(nn.Conv2d(4, 5, 3).double())
+    d = _dual_input()
+    with fgkernels.reuse_conv_outputs(conv):
+        kept = conv(d.primal)
+        if change == "weight":
+            with torch.no_grad():
+                conv.weight.add_(1.0)
+        elif change == "input shape":
+            d = Dual(d.primal[:2], d.tangents[:, :2])
+        elif change == "mode":
+            conv.eval()
+        elif change == "output":
+            kept.detach().mul_(2)
+        elif change == "used once":
+            conv(d)
+        out = conv(d)
+    assert out.primal.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(out.primal, F.conv2d(d.primal, conv.weight, conv.bias),
+                               rtol=0, atol=0)
+
+
+def test_nothing_is_kept_outside_the_block():
+    conv = fgkernels.convert(nn.Conv2d(4, 5, 3).double())
+    d = _dual_input()
+    conv(d.primal)
+    assert "_fg_kept" not in conv.__dict__
+    assert conv(d).primal.data_ptr() != conv(d.primal).data_ptr()
+    with pytest.raises(RuntimeError, match="boom"), fgkernels.reuse_conv_outputs(conv):
+        conv(d.primal)
+        raise RuntimeError("boom")
+    assert "_fg_kept" not in conv.__dict__  # dropped on the way out, error or not
