@@ -37,9 +37,13 @@ class _KeptOutput(NamedTuple):
     """A plain forward's output kept for the next dual call, with what must not have changed."""
 
     output: Tensor
-    input_shape: torch.Size
+    input_meta: tuple          # shape, dtype, device
     training: bool
-    versions: tuple[int, ...]   # of the output and the parameters
+    versions: tuple[int, ...]  # of the output and the parameters
+
+
+def _meta(x: Tensor) -> tuple:
+    return x.shape, x.dtype, x.device
 
 
 class DualConv2d(DualModule, nn.Conv2d):
@@ -49,8 +53,8 @@ class DualConv2d(DualModule, nn.Conv2d):
         if not isinstance(input, Dual):
             out = super().forward(input)
             if "_fg_kept" in self.__dict__:  # inside reuse_conv_outputs
-                self.__dict__["_fg_kept"] = _KeptOutput(out.detach(), input.shape, self.training,
-                                                        self._versions(out))
+                self.__dict__["_fg_kept"] = _KeptOutput(out.detach(), _meta(input),
+                                                        self.training, self._versions(out))
             return out
         self._check_dual()
         return DF.conv2d(input, self._dual_param("weight"), self._dual_param("bias"), self.stride,
@@ -62,12 +66,13 @@ class DualConv2d(DualModule, nn.Conv2d):
 
     def _take_kept_output(self, input: Dual) -> Optional[Tensor]:
         """The output kept by ``reuse_conv_outputs`` for this dual call (then forgotten), or
-        None when there is none or the layer, its mode or the input's shape changed since."""
+        None when there is none or the layer, its mode or the input's shape, dtype or device
+        changed since."""
         kept = self.__dict__.get("_fg_kept")
         if kept is None:
             return None
         self.__dict__["_fg_kept"] = None
-        if (kept.input_shape != input.primal.shape or kept.training != self.training
+        if (kept.input_meta != _meta(input.primal) or kept.training != self.training
                 or kept.versions != self._versions(kept.output)):
             return None
         return kept.output
@@ -231,10 +236,11 @@ def reuse_conv_outputs(module: nn.Module) -> Iterator[None]:
     The caller guarantees that the dual input is the plain one (to rounding: a batch norm
     between two convolutions is computed by different kernels on the two passes); values are
     not compared. A kept output is dropped, unused, when the layer's parameters, its training
-    mode or the input's shape changed, or the output was modified since. It is handed over to
-    the dual call, which may overwrite it in place (a fused batch norm does). Leaving the block
-    drops whatever is left."""
-    convs = [m for m in module.modules() if isinstance(m, DualConv2d)]
+    mode or the input's shape, dtype or device changed, or the output was modified since. It is
+    handed over to the dual call, which may overwrite it in place (a fused batch norm does).
+    Leaving the block drops whatever is left (an enclosing block keeps its own layers on)."""
+    convs = [m for m in module.modules()
+             if isinstance(m, DualConv2d) and "_fg_kept" not in m.__dict__]
     for conv in convs:
         conv.__dict__["_fg_kept"] = None
     try:

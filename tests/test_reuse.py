@@ -92,7 +92,8 @@ def test_reuse_matches_a_fresh_dual_pass(backend):
     assert all("_fg_kept" not in m.__dict__ for m in block.modules())
 
 
-@pytest.mark.parametrize("change", ["weight", "input shape", "mode", "output", "used once"])
+@pytest.mark.parametrize("change", ["weight", "input shape", "input dtype", "mode", "output",
+                                    "used once"])
 def test_stale_kept_output_is_not_used(backend, change):
     conv = fgkernels.convert(nn.Conv2d(4, 5, 3).double())
     d = _dual_input()
@@ -103,6 +104,9 @@ def test_stale_kept_output_is_not_used(backend, change):
                 conv.weight.add_(1.0)
         elif change == "input shape":
             d = Dual(d.primal[:2], d.tangents[:, :2])
+        elif change == "input dtype":
+            conv.float()
+            d = Dual(d.primal.float(), d.tangents.float())
         elif change == "mode":
             conv.eval()
         elif change == "output":
@@ -125,3 +129,8 @@ def test_nothing_is_kept_outside_the_block():
         conv(d.primal)
         raise RuntimeError("boom")
     assert "_fg_kept" not in conv.__dict__  # dropped on the way out, error or not
+    with fgkernels.reuse_conv_outputs(conv):
+        with fgkernels.reuse_conv_outputs(conv):
+            pass
+        kept = conv(d.primal)                  # the enclosing block still keeps outputs
+        assert conv(d).primal.data_ptr() == kept.data_ptr()
