@@ -6,6 +6,7 @@
 never rot, and nothing is judged.
 """
 import os
+import statistics
 import time
 
 import pytest
@@ -41,14 +42,29 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _timed_call(fn) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
 @pytest.fixture
 def measure(benchmark, quick):
     """``measure(fn, group, rounds)``: time ``fn`` (synchronised) and store its peak memory."""
 
-    def run(fn, group: str, rounds: int = 5, budget_s: float = 1.0):
+    def run(fn, group: str, rounds: int = 5, budget_s: float = 1.0, paired=None):
         """At least ``rounds`` rounds; more for fast cases, up to about ``budget_s`` of timing
-        (at most 100 rounds): the median of a few ms-long calls needs many of them."""
+        (at most 100 rounds): the median of a few ms-long calls needs many of them.
+
+        ``paired=(name, baseline_fn)``: the baseline also runs right before every round of
+        ``fn`` (outside the benchmark's timing), and the median of the per-round ratios goes to
+        ``extra_info["paired"]``: on a machine whose speed drifts over minutes, a ratio of
+        neighbouring calls is steadier than one of two benchmarks run minutes apart."""
         benchmark.group = group
+        if paired is not None:
+            paired[1]()  # warm-up
         fn()  # warm-up: autotuning, allocator, oneDNN primitive caches
         _sync()
         start = time.perf_counter()
@@ -64,11 +80,22 @@ def measure(benchmark, quick):
             q = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], return_mode="median")
             benchmark.extra_info["do_bench_ms_q20_q50_q80"] = list(q)
 
-        def timed():
-            fn()
-            _sync()
+        fn_s, base_s = [], []
 
-        benchmark.pedantic(timed, rounds=1 if quick else rounds, iterations=1,
-                           warmup_rounds=0 if quick else 1)
+        def baseline():
+            if paired is not None:
+                base_s.append(_timed_call(paired[1]))
+
+        def timed():
+            fn_s.append(_timed_call(fn))
+
+        warmup = 0 if quick else 1
+        benchmark.pedantic(timed, setup=baseline, rounds=1 if quick else rounds, iterations=1,
+                           warmup_rounds=warmup)
+        if paired is not None and base_s:
+            ratios = sorted(f / b for f, b in zip(fn_s[warmup:], base_s[warmup:]))
+            benchmark.extra_info["paired"] = {
+                "baseline": paired[0], "ratio": statistics.median(ratios), "ratios": ratios,
+                "baseline_median_s": statistics.median(base_s[warmup:])}
 
     return run

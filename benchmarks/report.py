@@ -30,6 +30,7 @@ def load_groups(path: Path) -> tuple[dict, dict[str, dict[str, dict]]]:
         groups[b["group"]][_provider(b)] = {
             "median_s": b["stats"]["median"],
             "peak_bytes": b.get("extra_info", {}).get("peak_memory_bytes"),
+            "paired": b.get("extra_info", {}).get("paired"),
         }
     info = dict(data.get("machine_info", {}))
     info["datetime"] = data.get("datetime", "")
@@ -66,6 +67,13 @@ def section(path: Path) -> tuple[str, dict]:
                 cells.append(_fmt_ratio(peak, bp) if peak is not None and bp else "–")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        paired = [(name, r["paired"]) for name, r in sorted(rows.items()) if r.get("paired")]
+        if paired:
+            lines += ["Paired rounds (each round right after a baseline call of its own; "
+                      "median of the per-round ratios, all ratios in brackets): " + "; ".join(
+                          f"{name} {p['ratio']:.2f}× {p['baseline']} "
+                          f"[{', '.join(f'{q:.2f}' for q in p['ratios'])}]"
+                          for name, p in paired) + ".", ""]
     return "\n".join(lines), groups
 
 

@@ -1,5 +1,7 @@
 """Training-step benchmarks: a forward-gradient step (local guess, global target, ResNet-18 in
-8 blocks; weight and activity space) against a backprop step, with peak memory."""
+8 blocks; weight and activity space) against a backprop step, with peak memory. Besides the
+backprop benchmark of its own, every forward-gradient round is paired with a backprop step run
+just before it, for a ratio that machine drift does not move."""
 import pytest
 import torch
 
@@ -22,5 +24,8 @@ def test_training_step(measure, quick, algo, batch):
     x = torch.randn(batch, 3, size, size, device=DEVICE)
     y = torch.randint(0, 10, (batch,), device=DEVICE)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    measure(lambda: compute_gradients(net, x, y, ALGOS[algo], gen),
-            f"training step resnet18-8b b{batch}", rounds=2)
+    step = lambda config: compute_gradients(net, x, y, config, gen)
+    # Each forward-gradient round also follows a backprop step of its own (see measure).
+    paired = None if algo == "backprop" else ("backprop", lambda: step(ALGOS["backprop"]))
+    measure(lambda: step(ALGOS[algo]), f"training step resnet18-8b b{batch}", rounds=3,
+            paired=paired)
