@@ -58,13 +58,15 @@ def measure(benchmark, quick):
         """At least ``rounds`` rounds; more for fast cases, up to about ``budget_s`` of timing
         (at most 100 rounds): the median of a few ms-long calls needs many of them.
 
-        ``paired=(name, baseline_fn)``: the baseline also runs right before every round of
-        ``fn`` (outside the benchmark's timing), and the median of the per-round ratios goes to
-        ``extra_info["paired"]``: on a machine whose speed drifts over minutes, a ratio of
-        neighbouring calls is steadier than one of two benchmarks run minutes apart."""
+        ``paired={name: baseline_fn}``: the baselines also run right before every round of
+        ``fn`` (outside the benchmark's timing), and for each the median of the per-round
+        ratios goes to ``extra_info["paired"][name]``: on a machine whose speed drifts over
+        minutes, a ratio of neighbouring calls is steadier than one of two benchmarks run
+        minutes apart."""
         benchmark.group = group
-        if paired is not None:
-            paired[1]()  # warm-up
+        paired = paired or {}
+        for baseline_fn in paired.values():
+            baseline_fn()  # warm-up
         fn()  # warm-up: autotuning, allocator, oneDNN primitive caches
         _sync()
         start = time.perf_counter()
@@ -80,22 +82,23 @@ def measure(benchmark, quick):
             q = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], return_mode="median")
             benchmark.extra_info["do_bench_ms_q20_q50_q80"] = list(q)
 
-        fn_s, base_s = [], []
+        fn_s, base_s = [], {name: [] for name in paired}
 
-        def baseline():
-            if paired is not None:
-                base_s.append(_timed_call(paired[1]))
+        def baselines():
+            for name, baseline_fn in paired.items():
+                base_s[name].append(_timed_call(baseline_fn))
 
         def timed():
             fn_s.append(_timed_call(fn))
 
         warmup = 0 if quick else 1
-        benchmark.pedantic(timed, setup=baseline, rounds=1 if quick else rounds, iterations=1,
+        benchmark.pedantic(timed, setup=baselines, rounds=1 if quick else rounds, iterations=1,
                            warmup_rounds=warmup)
-        if paired is not None and base_s:
-            ratios = sorted(f / b for f, b in zip(fn_s[warmup:], base_s[warmup:]))
+        if paired and not quick:
             benchmark.extra_info["paired"] = {
-                "baseline": paired[0], "ratio": statistics.median(ratios), "ratios": ratios,
-                "baseline_median_s": statistics.median(base_s[warmup:])}
+                name: {"ratio": statistics.median(ratios), "ratios": ratios,
+                       "baseline_median_s": statistics.median(times[warmup:])}
+                for name, times in base_s.items()
+                for ratios in [sorted(f / b for f, b in zip(fn_s[warmup:], times[warmup:]))]}
 
     return run

@@ -67,13 +67,12 @@ def section(path: Path) -> tuple[str, dict]:
                 cells.append(_fmt_ratio(peak, bp) if peak is not None and bp else "–")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        paired = [(name, r["paired"]) for name, r in sorted(rows.items()) if r.get("paired")]
+        paired = [f"{name} {p['ratio']:.2f}× {base} [{', '.join(f'{q:.2f}' for q in p['ratios'])}]"
+                  for name, r in sorted(rows.items()) for base, p in (r["paired"] or {}).items()]
         if paired:
-            lines += ["Paired rounds (each round right after a baseline call of its own; "
-                      "median of the per-round ratios, all ratios in brackets): " + "; ".join(
-                          f"{name} {p['ratio']:.2f}× {p['baseline']} "
-                          f"[{', '.join(f'{q:.2f}' for q in p['ratios'])}]"
-                          for name, p in paired) + ".", ""]
+            lines += ["Paired rounds (each round right after baseline calls of its own; median "
+                      "of the per-round ratios, all ratios in brackets): " + "; ".join(paired)
+                      + ".", ""]
     return "\n".join(lines), groups
 
 

@@ -50,11 +50,22 @@ def test_resnet18_dual_pass(measure, quick, provider, batch, dtype):
     model = _network(net)
     params = {n: p.detach() for n, p in model.named_parameters()}
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def forward_ad():
+        return _loss_jvp_forward_ad(model, params, tangents, x, y)
+
+    def backprop():
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+
+    paired = None
     if provider.startswith("fgkernels-"):
         fgkernels.set_tangents(model, tangents)
         fn = lambda: F.cross_entropy(model(Dual(x)), y)
+        # Each round also follows a forward_ad pass and a backprop step (see measure).
+        paired = {"forward_ad": forward_ad, "backprop": backprop}
     elif provider == "forward_ad":
-        fn = lambda: _loss_jvp_forward_ad(model, params, tangents, x, y)
+        fn = forward_ad
     elif provider == "func_jvp":
         # torch.func.jvp cannot update running stats in place: this copy keeps none.
         functional = copy.deepcopy(model)
@@ -62,11 +73,10 @@ def test_resnet18_dual_pass(measure, quick, provider, batch, dtype):
         loss = lambda p: F.cross_entropy(functional_call(functional, p, (x,)), y)
         fn = lambda: torch.func.jvp(loss, (params,), (tangents,))
     else:
-        def fn():
-            F.cross_entropy(model(x), y).backward()
-            model.zero_grad(set_to_none=True)
+        fn = backprop
     with backend_of(provider):
-        measure(fn, f"resnet18 loss JVP b{x.shape[0]} {str(dtype)[6:]}", rounds=3)
+        measure(fn, f"resnet18 loss JVP b{x.shape[0]} {str(dtype)[6:]}", rounds=3,
+                paired=paired)
 
 
 @pytest.mark.parametrize("provider", ["fgkernels-multi", "fgkernels-single", "forward_ad"])

@@ -26,6 +26,6 @@ def test_training_step(measure, quick, algo, batch):
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     step = lambda config: compute_gradients(net, x, y, config, gen)
     # Each forward-gradient round also follows a backprop step of its own (see measure).
-    paired = None if algo == "backprop" else ("backprop", lambda: step(ALGOS["backprop"]))
+    paired = None if algo == "backprop" else {"backprop": lambda: step(ALGOS["backprop"])}
     measure(lambda: step(ALGOS[algo]), f"training step resnet18-8b b{batch}", rounds=3,
             paired=paired)
