@@ -1,0 +1,36 @@
+"""benchmarks/report.py: the tables and paired-round lines it writes from pytest-benchmark JSON."""
+import importlib.util
+import json
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location(
+    "benchmark_report", Path(__file__).parents[1] / "benchmarks" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+
+def _bench(provider, median_s, peak, paired=None):
+    extra = {"peak_memory_bytes": peak}
+    if paired:
+        extra["paired"] = paired
+    return {"group": "step", "name": f"test_step[{provider}]", "params": {"provider": provider},
+            "stats": {"median": median_s}, "extra_info": extra}
+
+
+def test_report_ratios_memory_and_paired_rounds(tmp_path):
+    run = {"machine_info": {"device": "CPU", "threads": 2}, "datetime": "2026-11-27T12:00:00",
+           "benchmarks": [
+               _bench("backprop", 2.0, 4 * 2 ** 20),
+               _bench("fgkernels-native", 3.0, 2 ** 20,
+                      {"backprop": {"ratio": 1.4, "ratios": [1.3, 1.4, 1.6],
+                                    "baseline_median_s": 2.1}})]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    text, groups = report.section(path)
+    assert "| fgkernels-native | 3000.00 | 1.50× | 1.0 | 0.25× |" in text
+    assert "| backprop | 2000.00 | 1.00× | 4.0 | 1.00× |" in text
+    assert "fgkernels-native 1.40× backprop [1.30, 1.40, 1.60]" in text
+    assert set(groups["step"]) == {"backprop", "fgkernels-native"}
+    out = tmp_path / "RESULTS.md"
+    report.main([str(path), "-o", str(out)])
+    assert out.read_text().startswith("# fgkernels benchmark results")
