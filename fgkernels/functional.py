@@ -89,7 +89,8 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     """Dual conv2d: ``y = W*x + b``, ``ẏ = W*ẋ + Ẇ*x + ḃ`` (arguments as ``F.conv2d``).
 
     ``primal``: ``y`` when the caller already has it (``F.conv2d`` of the same primal operands),
-    so that only the tangents are computed; it becomes the output's primal (not copied)."""
+    so that only the tangents are computed and it becomes the output's primal, not copied (the
+    Triton kernels compute the primal from the same loads as the tangents, and use their own)."""
     x, xt, (w, b), (wt, bt), plan, x_pos, p_pos = _with_params("conv2d", input, weight, bias)
     _check_conv(x, w, b, groups)
     stride, dilation = _pair(stride), _pair(dilation)
