@@ -73,10 +73,15 @@ def _block():
         nn.Conv2d(6, 3, 1)).double())
 
 
-def test_reuse_matches_a_fresh_dual_pass(backend):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reuse_matches_a_fresh_dual_pass(backend, channels_last):
     block, fresh = _block(), _block()
     d = _dual_input()
-    d = Dual(d.primal, d.tangents, directions=[0, 1])
+    x, xt = d.primal, d.tangents
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        xt = xt.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    d = Dual(x, xt, directions=[0, 1])
     tangents = fgkernels.random_tangents(block, direction=2)
     fgkernels.set_tangents(fresh, tangents, direction=2)
     with fgkernels.reuse_conv_outputs(block):
