@@ -68,11 +68,7 @@ def measure(benchmark, quick):
         for baseline_fn in paired.values():
             baseline_fn()  # warm-up
         fn()  # warm-up: autotuning, allocator, oneDNN primitive caches
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        once = time.perf_counter() - start
+        once = _timed_call(fn)
         rounds = max(rounds, min(100, int(budget_s / max(once, 1e-6))))
         with PeakMemory(DEVICE) as mem:
             fn()

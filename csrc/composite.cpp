@@ -35,16 +35,20 @@ at::Tensor stack_weight_tangents(const at::Tensor& wt, int64_t groups) {
   return wt.reshape(shape).transpose(0, 1).flatten(0, 2);
 }
 
+void check_conv_args(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK(w.dim() == 4 && x.size(1) == w.size(1) * groups,
+              "weight must have shape (C_out, ", x.size(1) / groups, ", kH, kW), got ",
+              w.sizes());
+}
+
 // The tangent parts of a convolution whose primal output y is known (y gives their shape and
 // memory format): p_part = [Wt_p * x + bt_p]_p and x_part = [W * xt_t]_t, each empty when absent.
 std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& xt,
     const at::Tensor& w, const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& bt,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(w.dim() == 4 && x.size(1) == w.size(1) * groups,
-              "weight must have shape (C_out, ", x.size(1) / groups, ", kH, kW), got ",
-              w.sizes());
+  check_conv_args(x, w, groups);
   const int64_t cout = w.size(0);
   TORCH_CHECK(y.dim() == 4 && y.size(0) == x.size(0) && y.size(1) == cout,
               "y must have shape (", x.size(0), ", ", cout, ", H_out, W_out), got ", y.sizes());
@@ -90,10 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
     const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& bt, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(w.dim() == 4 && x.size(1) == w.size(1) * groups,
-              "weight must have shape (C_out, ", x.size(1) / groups, ", kH, kW), got ",
-              w.sizes());
+  check_conv_args(x, w, groups);
   const int64_t cout = w.size(0);
   if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, cout);
   const auto y = at::conv2d(x, w, b.has_value() ? *b : at::Tensor(), stride, padding, dilation,

@@ -95,14 +95,16 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     _check_conv(x, w, b, groups)
     stride, dilation = _pair(stride), _pair(dilation)
     padding = padding if isinstance(padding, str) else _pair(padding)
-    _check_primal("conv2d", primal, x, _conv_output_shape(x, w, stride, padding, dilation))
+    if primal is not None:
+        _check_primal("conv2d", primal, x, _conv_output_shape(x, w, stride, padding, dilation))
     y, yt = current_backend(x.device).conv2d(x, xt, w, wt, b, bt, x_pos, p_pos, plan.count,
                                              stride, padding, dilation, groups, primal)
     return _result(y, yt, plan)
 
 
 def _check_primal(op: str, primal: Optional[Tensor], x: Tensor, shape: tuple) -> None:
-    """A caller's primal output must have the op's output shape, x's dtype and device."""
+    """A caller's primal output (if any) must have the op's output shape, x's dtype and
+    device."""
     if primal is None:
         return
     if not isinstance(primal, Tensor) or isinstance(primal, Dual):

@@ -77,6 +77,13 @@ def preserved_buffers(*modules: Optional[nn.Module]) -> Iterator[None]:
                 b.copy_(v)
 
 
+def grads_or_zeros(output: Tensor, wrt: list[Tensor],
+                   grad_output: Optional[Tensor] = None) -> list[Tensor]:
+    """``torch.autograd.grad`` of ``output`` w.r.t. ``wrt``, zeros for what it does not reach."""
+    grads = torch.autograd.grad(output, wrt, grad_output, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt)]
+
+
 def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: Tensor,
                     want_activity: bool = False):
     """Local autograd: ``head(block(h))`` with h detached, cross-entropy against y, backward.
@@ -89,8 +96,7 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
             a = a.detach().requires_grad_()
         loss = F.cross_entropy(head(a), y)
         wrt = params_b + params_h + ([a] if want_activity else [])
-        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt)]
+        grads = grads_or_zeros(loss, wrt)
     nb = len(params_b)
     return grads[:nb], grads[nb:nb + len(params_h)], (grads[-1] if want_activity else None)
 
@@ -108,9 +114,7 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
             a = block(h.detach())
             logits = head(a)
             loss = F.cross_entropy(logits, y)
-            grads = torch.autograd.grad(loss, params_b + params_h, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g
-                 for g, p in zip(grads, params_b + params_h)]
+            grads = grads_or_zeros(loss, params_b + params_h)
         out.grads.update(_named(f"blocks.{j}", block, grads[:len(params_b)]))
         out.grads.update(_named(f"heads.{j}", head, grads[len(params_b):]))
         h = a.detach()
@@ -127,8 +131,7 @@ def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of) -> tuple[Te
     with torch.enable_grad(), preserved_buffers(block):
         out = block(h.detach())
         g = guess_of(out.detach())
-        grads = torch.autograd.grad(out, params, g, allow_unused=True)
-    return g, [torch.zeros_like(p) if v is None else v for v, p in zip(grads, params)]
+        return g, grads_or_zeros(out, params, g)
 
 
 def _keep_nothing(block: nn.Module) -> contextlib.nullcontext:

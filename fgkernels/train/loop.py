@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import Dataset, load_dataset, test_batches, train_batches
-from .estimators import (check_choices, estimate_gradients, local_gradients,
+from .estimators import (check_choices, estimate_gradients, grads_or_zeros, local_gradients,
                          preserved_buffers)
 from .memory import PeakMemory
 from .models import BlockNet, build_model
@@ -110,10 +110,10 @@ def true_block_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor) -> dic
         loss = F.cross_entropy(net(x), y)
         blocks = [list(b.parameters()) for b in net.blocks]
         flat = [p for ps in blocks for p in ps]
-        grads = torch.autograd.grad(loss, flat, allow_unused=True)
+        grads = grads_or_zeros(loss, flat)
     out, i = {}, 0
     for j, ps in enumerate(blocks):
-        out[j] = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[i:i + len(ps)], ps)]
+        out[j] = grads[i:i + len(ps)]
         i += len(ps)
     return out
 
