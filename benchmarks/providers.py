@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.func import functional_call
 
 import fgkernels
 from fgkernels import Dual
@@ -38,3 +40,12 @@ def jvp_forward_ad(fn, primals, tangents):
 def dual_call(fn, primals, tangents):
     """fn on Duals, returning the output Dual."""
     return fn(*[Dual(p, t) for p, t in zip(primals, tangents)])
+
+
+def loss_jvp_forward_ad(model, params, tangents, x, y):
+    """(cross-entropy loss of ``model`` with ``params``, its JVP along ``tangents``) by
+    torch.autograd.forward_ad, the model's buffers (batch-norm running statistics) updated."""
+    with fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
+        out = functional_call(model, {**duals, **dict(model.named_buffers())}, (x,))
+        return fwAD.unpack_dual(F.cross_entropy(out, y))

@@ -5,40 +5,17 @@ import copy
 
 import pytest
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call
 
 import fgkernels
+from cases import resnet18_case
 from conftest import DEVICE
 from fgkernels import Dual
-from fgkernels.train import build_model
-from providers import backend_of, fgkernels_providers
+from providers import backend_of, fgkernels_providers, loss_jvp_forward_ad
 
 BATCHES = (256,) if DEVICE.type == "cuda" else (32, 128)
 DTYPES = (torch.float32, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,)
-
-
-def _setup(quick, batch, dtype):
-    torch.manual_seed(0)
-    width, size, batch = (4, 8, 2) if quick else (64, 32, batch)
-    net = build_model("resnet18-8b", 10, 3, aux="linear", width=width).to(DEVICE, dtype)
-    x = torch.randn(batch, 3, size, size, device=DEVICE, dtype=dtype)
-    y = torch.randint(0, 10, (batch,), device=DEVICE)
-    return net, x, y
-
-
-def _network(net):
-    """The ResNet-18 itself (blocks and classifier) as one module."""
-    return torch.nn.Sequential(*net.blocks, net.heads[-1])
-
-
-def _loss_jvp_forward_ad(model, params, tangents, x, y):
-    with fwAD.dual_level():
-        duals = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
-        loss = F.cross_entropy(functional_call(model, {**duals, **dict(model.named_buffers())},
-                                               (x,)), y)
-        return fwAD.unpack_dual(loss)
 
 
 @pytest.mark.parametrize("provider", fgkernels_providers() +
@@ -46,13 +23,12 @@ def _loss_jvp_forward_ad(model, params, tangents, x, y):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
 def test_resnet18_dual_pass(measure, quick, provider, batch, dtype):
-    net, x, y = _setup(quick, batch, dtype)
-    model = _network(net)
+    model, x, y = resnet18_case(quick, batch, dtype, DEVICE)
     params = {n: p.detach() for n, p in model.named_parameters()}
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
 
     def forward_ad():
-        return _loss_jvp_forward_ad(model, params, tangents, x, y)
+        return loss_jvp_forward_ad(model, params, tangents, x, y)
 
     def backprop():
         F.cross_entropy(model(x), y).backward()
@@ -82,8 +58,7 @@ def test_resnet18_dual_pass(measure, quick, provider, batch, dtype):
 @pytest.mark.parametrize("provider", ["fgkernels-multi", "fgkernels-single", "forward_ad"])
 @pytest.mark.parametrize("T", [1, 4, 8])
 def test_resnet18_multi_tangent(measure, quick, provider, T):
-    net, x, y = _setup(quick, 32, torch.float32)
-    model = _network(net)
+    model, x, y = resnet18_case(quick, 32, torch.float32, DEVICE)
     params = {n: p.detach() for n, p in model.named_parameters()}
     stacks = {n: torch.randn(T, *p.shape, device=DEVICE) for n, p in params.items()}
     if provider == "fgkernels-multi":
@@ -97,5 +72,5 @@ def test_resnet18_multi_tangent(measure, quick, provider, T):
     else:
         def fn():
             for t in range(T):
-                _loss_jvp_forward_ad(model, params, {n: s[t] for n, s in stacks.items()}, x, y)
+                loss_jvp_forward_ad(model, params, {n: s[t] for n, s in stacks.items()}, x, y)
     measure(fn, f"resnet18 {T} tangents b{x.shape[0]}", rounds=2)

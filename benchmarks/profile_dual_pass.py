@@ -1,0 +1,129 @@
+"""Where a ResNet-18 dual pass spends its time: convolutions against everything else, for
+fgkernels and for torch.autograd.forward_ad, by torch.profiler.
+
+    python benchmarks/profile_dual_pass.py [--batch 32] [--backend native] [--passes 3]
+
+The convolutions are counted where ATen runs them: the reference and native backends (the
+Triton one computes convolutions and batch-norm statistics in one kernel, which no profile
+splits).
+
+Both passes compute the same convolution FLOPs (three convolutions per layer: the primal, the
+input term and the parameter term), so the convolutions' time bounds what fusing the rest can
+win: the last line is the ratio to forward_ad that fgkernels would reach if every operation but
+the convolutions took no time. A large GEMM's FLOP rate is printed for scale.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import fgkernels
+from cases import resnet18_case
+from fgkernels import Dual
+from providers import loss_jvp_forward_ad
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def profile_pass(fn, device: torch.device, passes: int) -> dict[str, float]:
+    """Per pass: wall time, time inside convolutions, and the FLOPs of the convolutions called
+    as ``aten::conv2d`` (all of fgkernels'; forward_ad calls its tangent convolutions below it,
+    uncounted: NaN)."""
+    fn()  # warm-up: oneDNN / cuDNN pick their kernels on the first call
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities, with_flops=True) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(passes):
+            fn()
+        _sync(device)
+        wall = time.perf_counter() - start
+    events = {event.key: event for event in prof.key_averages()}
+    # aten::_convolution sits below autograd and forward-mode AD and above the backend kernel
+    # (oneDNN, cuDNN): its inclusive time is the convolutions' own, for both passes alike.
+    conv = events["aten::_convolution"]
+    conv_us = conv.device_time_total if device.type == "cuda" else conv.cpu_time_total
+    conv2d = events.get("aten::conv2d")
+    counted = conv2d is not None and conv2d.count == conv.count
+    return {"total_ms": wall / passes * 1e3, "conv_ms": conv_us / passes / 1e3,
+            "gflop": conv2d.flops / passes / 1e9 if counted else float("nan")}
+
+
+def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """The FLOP rate of an n×n float32 matrix product (best of ``repeats``)."""
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int = 3,
+                     device: Optional[torch.device] = None, quick: bool = False) -> dict:
+    """``profile_pass`` of the fgkernels and the forward_ad loss JVP, and the conv FLOPs of one
+    primal pass (``resnet18_case``'s network and batch; ``backend``: native where built)."""
+    if backend == "triton":
+        raise ValueError("profile_dual_pass splits the time of ATen's convolutions; the triton "
+                         "backend fuses its own with batch-norm statistics: use --backend native "
+                         "or reference")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, x, y = resnet18_case(quick, batch, torch.float32, device)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    backend = backend or ("native" if "native" in fgkernels.available_backends()
+                          else "reference")
+    with torch.no_grad():
+        primal = profile_pass(lambda: model(x), device, 1)
+    fgkernels.set_tangents(model, tangents)
+    with fgkernels.use_backend(backend):
+        ours = profile_pass(lambda: F.cross_entropy(model(Dual(x)), y), device, passes)
+    theirs = profile_pass(lambda: loss_jvp_forward_ad(model, params, tangents, x, y), device,
+                          passes)
+    return {"backend": backend, "device": device, "primal_gflop": primal["gflop"],
+            "fgkernels": ours, "forward_ad": theirs}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--backend", choices=("reference", "native"), default=None,
+                        help="default: native where built")
+    parser.add_argument("--passes", type=int, default=3, help="passes profiled per provider")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    r = profile_resnet18(args.batch, args.backend, args.passes, torch.device(args.device))
+    ours, theirs, device = r["fgkernels"], r["forward_ad"], r["device"]
+
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else \
+        torch.cuda.get_device_name(device)
+    print(f"ResNet-18 loss JVP, batch {args.batch}, float32, {device.type} ({where}), "
+          f"mean of {args.passes} profiled passes")
+    print(f"{'':24}{'total ms':>10}{'conv ms':>10}{'other ms':>10}{'conv GFLOP':>12}"
+          f"{'conv GFLOP/s':>14}")
+    for name, p in ((f"fgkernels ({r['backend']})", ours), ("forward_ad", theirs)):
+        print(f"{name:24}{p['total_ms']:10.1f}{p['conv_ms']:10.1f}"
+              f"{p['total_ms'] - p['conv_ms']:10.1f}{p['gflop']:12.1f}"
+              f"{p['gflop'] / p['conv_ms'] * 1e3:14.0f}")
+    print(f"fgkernels' convolutions: {ours['gflop'] / r['primal_gflop']:.2f}× the primal pass's "
+          f"{r['primal_gflop']:.1f} GFLOP; a 2048² float32 GEMM runs at "
+          f"{gemm_gflops(device):.0f} GFLOP/s")
+    print(f"fgkernels / forward_ad: {ours['total_ms'] / theirs['total_ms']:.2f}×; with every "
+          f"non-convolution op free: {ours['conv_ms'] / theirs['total_ms']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
