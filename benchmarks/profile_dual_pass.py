@@ -1,7 +1,7 @@
 """Where a ResNet-18 dual pass spends its time: convolutions against everything else, for
 fgkernels and for torch.autograd.forward_ad, by torch.profiler.
 
-    python benchmarks/profile_dual_pass.py [--batch 32] [--backend native] [--passes 3]
+    python benchmarks/profile_dual_pass.py [--batch 32] [--backend native] [--passes 5]
 
 The convolutions are counted where ATen runs them: the reference and native backends (the
 Triton one computes convolutions and batch-norm statistics in one kernel, which no profile
@@ -33,18 +33,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def profile_pass(fn, device: torch.device, passes: int) -> dict[str, float]:
-    """Per pass: wall time, time inside convolutions, and the FLOPs of the convolutions called
-    as ``aten::conv2d`` (all of fgkernels'; forward_ad calls its tangent convolutions below it,
-    uncounted: NaN)."""
-    fn()  # warm-up: oneDNN / cuDNN pick their kernels on the first call
+def profile_call(fn, device: torch.device) -> dict[str, float]:
+    """One call of ``fn``: its wall time, the time inside convolutions, and the FLOPs of the
+    convolutions called as ``aten::conv2d`` (all of fgkernels'; forward_ad calls its tangent
+    convolutions below it, uncounted: NaN)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
     with profile(activities=activities, with_flops=True) as prof:
         _sync(device)
         start = time.perf_counter()
-        for _ in range(passes):
-            fn()
+        fn()
         _sync(device)
         wall = time.perf_counter() - start
     events = {event.key: event for event in prof.key_averages()}
@@ -54,8 +52,23 @@ def profile_pass(fn, device: torch.device, passes: int) -> dict[str, float]:
     conv_us = conv.device_time_total if device.type == "cuda" else conv.cpu_time_total
     conv2d = events.get("aten::conv2d")
     counted = conv2d is not None and conv2d.count == conv.count
-    return {"total_ms": wall / passes * 1e3, "conv_ms": conv_us / passes / 1e3,
-            "gflop": conv2d.flops / passes / 1e9 if counted else float("nan")}
+    return {"total_ms": wall * 1e3, "conv_ms": conv_us / 1e3,
+            "gflop": conv2d.flops / 1e9 if counted else float("nan")}
+
+
+def profile_alternating(fns: dict, device: torch.device, passes: int) -> dict[str, dict]:
+    """``profile_call`` of each of ``fns`` ``passes`` times, taking turns (so that a machine
+    whose speed drifts slows them alike), after two warm-up calls of each (the first calls
+    choose oneDNN / cuDNN kernels and fault in memory); the mean per name."""
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    runs = {name: [] for name in fns}
+    for _ in range(passes):
+        for name, fn in fns.items():
+            runs[name].append(profile_call(fn, device))
+    return {name: {key: sum(r[key] for r in rs) / passes for key in rs[0]}
+            for name, rs in runs.items()}
 
 
 def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
@@ -72,10 +85,10 @@ def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int = 3,
+def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int = 5,
                      device: Optional[torch.device] = None, quick: bool = False) -> dict:
-    """``profile_pass`` of the fgkernels and the forward_ad loss JVP, and the conv FLOPs of one
-    primal pass (``resnet18_case``'s network and batch; ``backend``: native where built)."""
+    """``profile_alternating`` of the fgkernels and the forward_ad loss JVP, and the conv FLOPs
+    of one primal pass (``resnet18_case``'s network and batch; ``backend``: native where built)."""
     if backend == "triton":
         raise ValueError("profile_dual_pass splits the time of ATen's convolutions; the triton "
                          "backend fuses its own with batch-norm statistics: use --backend native "
@@ -87,14 +100,18 @@ def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int
     backend = backend or ("native" if "native" in fgkernels.available_backends()
                           else "reference")
     with torch.no_grad():
-        primal = profile_pass(lambda: model(x), device, 1)
+        primal = profile_call(lambda: model(x), device)
     fgkernels.set_tangents(model, tangents)
-    with fgkernels.use_backend(backend):
-        ours = profile_pass(lambda: F.cross_entropy(model(Dual(x)), y), device, passes)
-    theirs = profile_pass(lambda: loss_jvp_forward_ad(model, params, tangents, x, y), device,
-                          passes)
-    return {"backend": backend, "device": device, "primal_gflop": primal["gflop"],
-            "fgkernels": ours, "forward_ad": theirs}
+
+    def ours():
+        with fgkernels.use_backend(backend):
+            return F.cross_entropy(model(Dual(x)), y)
+
+    r = profile_alternating(
+        {"fgkernels": ours,
+         "forward_ad": lambda: loss_jvp_forward_ad(model, params, tangents, x, y)},
+        device, passes)
+    return {"backend": backend, "device": device, "primal_gflop": primal["gflop"], **r}
 
 
 def main(argv=None) -> None:
@@ -102,7 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--backend", choices=("reference", "native"), default=None,
                         help="default: native where built")
-    parser.add_argument("--passes", type=int, default=3, help="passes profiled per provider")
+    parser.add_argument("--passes", type=int, default=5, help="passes profiled per provider")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     r = profile_resnet18(args.batch, args.backend, args.passes, torch.device(args.device))
@@ -111,7 +128,7 @@ def main(argv=None) -> None:
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)
     print(f"ResNet-18 loss JVP, batch {args.batch}, float32, {device.type} ({where}), "
-          f"mean of {args.passes} profiled passes")
+          f"mean of {args.passes} profiled passes each, taking turns")
     print(f"{'':24}{'total ms':>10}{'conv ms':>10}{'other ms':>10}{'conv GFLOP':>12}"
           f"{'conv GFLOP/s':>14}")
     for name, p in ((f"fgkernels ({r['backend']})", ours), ("forward_ad", theirs)):
