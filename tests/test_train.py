@@ -11,6 +11,7 @@ import torch
 from fgkernels.train.cli import main
 from fgkernels.train.data import load_dataset
 from fgkernels.train.loop import TrainConfig, save_checkpoint, train
+from fgkernels.train.models import build_model
 
 QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=6,
              lr=0.05)
@@ -110,6 +111,22 @@ def test_cli_run_writes_metrics_and_plots(tmp_path, capsys):
     assert len(lines) == 2 and set(record["cosine"]) == {"0", "1", "2", "3"}
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert "fg local guess" in capsys.readouterr().out
+
+
+def test_demo_prints_every_run_and_what_the_cost_columns_compare(capsys):
+    code = main(["demo", "--epochs", "1", "--max-steps", "2", "--width", "4", "--aux-width", "8",
+                 "--batch-size", "32", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    labels = ["backprop", "local", "fg random guess, weight space", "fg local guess, weight space",
+              "fg random guess, activity space", "fg local guess, activity space"]
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "test acc" not in line]
+    assert [row.split("|")[1].strip().split(", global")[0] for row in rows] == labels
+    digits = load_dataset("digits")
+    net = build_model("cnn", digits.num_classes, digits.in_channels, "cnn", 8, 4)
+    aux = sum(p.numel() for head in net.heads[:-1] for p in head.parameters())
+    blocks = sum(p.numel() for p in net.blocks.parameters())
+    assert f"{aux:,} parameters against the blocks' {blocks:,}" in " ".join(out.split())
 
 
 def _free_port() -> int:

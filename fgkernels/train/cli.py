@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ import torch
 from .data import DATASETS, load_dataset
 from .estimators import GUESSES, NOISES, SPACES, TARGETS
 from .loop import ALGOS, TrainConfig, train
-from .models import ARCHS, AUX_NETS
+from .models import ARCHS, AUX_NETS, build_model
 from .report import plot_runs, summary_table
 
 
@@ -102,6 +103,19 @@ def _check_run_flags(parser, args) -> None:
         parser.error("--plot and --resume need --out")
 
 
+def demo_footnote(args, dataset) -> str:
+    """What the demo table's cost columns compare: every run but backprop also trains the aux
+    nets, which on a small CNN outweigh the blocks."""
+    net = build_model(args.arch, dataset.num_classes, dataset.in_channels, args.aux,
+                      args.aux_width, args.width)
+    count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())
+    return textwrap.fill(
+        f"Step time and peak memory are relative to backprop, which trains no aux nets; every "
+        f"other run trains them too: here {count(net.heads[:-1]):,} parameters against the "
+        f"blocks' {count(net.blocks):,}, on tensors small enough for each op's fixed cost to "
+        f"count. A ResNet-18 step is timed by benchmarks/test_training_step.py.", width=100)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -131,6 +145,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 results.append(train(cfg, out, progress=not args.no_progress, dataset=dataset))
         if rank == 0:
             print(summary_table(results))
+            if args.command == "demo":
+                print(demo_footnote(args, dataset))
             if args.plot:
                 for path in plot_runs(results, Path(args.out)):
                     print(f"wrote {path}")
