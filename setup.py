@@ -32,15 +32,15 @@ def _extension():
     # 256-bit vectors: wider ones lose on the short per-channel planes of small feature maps.
     portable = os.environ.get("FGKERNELS_PORTABLE") == "1" or not sys.platform.startswith("linux")
     arch = [] if portable else ["-march=native", "-mprefer-vector-width=256"]
-    cxx = ["-O3", "-fopenmp-simd", *arch, *_openmp_flags()]
+    openmp = _openmp_flags()
+    cxx = ["-O3", "-fopenmp-simd", *arch, *openmp]
     if _use_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         return CUDAExtension("fgkernels._C", sources, define_macros=[("FGK_WITH_CUDA", None)],
                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-                             extra_link_args=_openmp_flags(),
-                             py_limited_api=False)
+                             extra_link_args=openmp, py_limited_api=False)
     return CppExtension("fgkernels._C", sources, extra_compile_args={"cxx": cxx},
-                        extra_link_args=_openmp_flags())
+                        extra_link_args=openmp)
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

@@ -112,8 +112,8 @@ def demo_footnote(args, dataset) -> str:
     return textwrap.fill(
         f"Step time and peak memory are relative to backprop, which trains no aux nets; every "
         f"other run trains them too: here {count(net.heads[:-1]):,} parameters against the "
-        f"blocks' {count(net.blocks):,}, on tensors small enough for each op's fixed cost to "
-        f"count. A ResNet-18 step is timed by benchmarks/test_training_step.py.", width=100)
+        f"blocks' {count(net.blocks):,}. A ResNet-18 step is timed by "
+        f"benchmarks/test_training_step.py.", width=100)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
