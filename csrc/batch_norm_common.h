@@ -21,6 +21,7 @@ struct DualInput {
 
 inline DualInput prepare_input(const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in) {
   TORCH_CHECK(x_in.dim() >= 2, "x must have a channel dimension (N, C, ...), got ", x_in.sizes());
+  TORCH_CHECK(x_in.size(1) > 0, "x must have at least one channel, got ", x_in.sizes());
   DualInput in;
   in.fmt = kernel_format(x_in);
   in.x = in_format(x_in, in.fmt);
@@ -28,20 +29,30 @@ inline DualInput prepare_input(const at::Tensor& x_in, const std::optional<at::T
     in.T = check_tangent(x_in, *xt_in, "xt");
     in.xt = slots_in_format(*xt_in, in.fmt);
   }
+  // Products, not quotients of numel: any dimension may be 0.
+  const int64_t spatial = c10::multiply_integers(x_in.sizes().slice(2));
   in.channels = x_in.size(1);
-  const int64_t n = in.x.numel() / in.channels;
-  in.inner = in.fmt == at::MemoryFormat::ChannelsLast ? 1 : n / x_in.size(0);
-  in.outer = n / in.inner;
+  in.inner = in.fmt == at::MemoryFormat::ChannelsLast ? 1 : spatial;
+  in.outer = in.fmt == at::MemoryFormat::ChannelsLast ? x_in.size(0) * spatial : x_in.size(0);
   return in;
 }
 
-// For an in-place apply: x and its slots must already be in the kernels' layout.
+// For an in-place apply: x and its slots must already be in the kernels' layout, writable and
+// apart.
 inline DualInput prepare_inplace(const at::Tensor& x, const std::optional<at::Tensor>& xt) {
   DualInput in = prepare_input(x, xt);
   TORCH_CHECK(in.x.is_same(x), "x must be contiguous or channels_last to be updated in place");
   TORCH_CHECK(!in.T || in.xt.data_ptr() == xt->data_ptr(),
               "xt must hold its slots one after the other, each laid out like x, to be updated "
               "in place");
+  if (in.T) {
+    check_writable(x, "x", *xt, "xt");
+    check_writable(*xt, "xt", x, "x");
+  } else {
+    TORCH_CHECK(!(at::GradMode::is_enabled() && x.requires_grad() && x.is_leaf()),
+                "x is a leaf tensor that requires grad and cannot be updated in place; call the "
+                "op under torch.no_grad()");
+  }
   return in;
 }
 
@@ -56,15 +67,18 @@ inline at::ScalarType acc_type(const at::Tensor& x) {
 }
 
 inline void check_apply_args(const DualInput& in, at::IntArrayRef x_slot,
-                             const at::Tensor& scale, const at::Tensor& shift,
-                             const at::Tensor& t_xscale, const at::Tensor& t_shift) {
+                             const at::Tensor& center, const at::Tensor& scale,
+                             const at::Tensor& shift, const at::Tensor& t_xscale,
+                             const at::Tensor& t_shift) {
   const int64_t C = in.channels, T = static_cast<int64_t>(x_slot.size());
-  FGK_CHECK_SHAPE(scale, C);
-  FGK_CHECK_SHAPE(shift, C);
-  FGK_CHECK_SHAPE(t_xscale, T, C);
-  FGK_CHECK_SHAPE(t_shift, T, C);
+  FGK_CHECK_SHAPE(center, "center", C);
+  FGK_CHECK_SHAPE(scale, "scale", C);
+  FGK_CHECK_SHAPE(shift, "shift", C);
+  FGK_CHECK_SHAPE(t_xscale, "t_xscale", T, C);
+  FGK_CHECK_SHAPE(t_shift, "t_shift", T, C);
   for (int64_t s : x_slot)
-    TORCH_CHECK(s < in.T, "x_slot entries must be < T of xt (", in.T, "), got ", s);
+    TORCH_CHECK(s >= -1 && s < in.T, "x_slot entries must be -1 (no input slot) or < T of xt (",
+                in.T, "), got ", s);
 }
 
 // The batch statistics from sums (2 + 2T, C) in double, shifted by k (C) = each channel's first

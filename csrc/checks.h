@@ -3,10 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
-#define FGK_CHECK_SHAPE(t, ...)                                                          \
-  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t " must have shape (" \
-              #__VA_ARGS__ "), got ", (t).sizes())
+// t, the argument called name, must have the shape given by the remaining (int) arguments.
+#define FGK_CHECK_SHAPE(t, name, ...)                                                 \
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), name " must have shape ", \
+              at::IntArrayRef({__VA_ARGS__}), ", got ", (t).sizes())
 
 namespace fgkernels {
 
@@ -19,6 +21,18 @@ inline int64_t check_tangent(const at::Tensor& x, const at::Tensor& xt, const ch
   TORCH_CHECK(xt.device() == x.device(), name, " must be on ", x.device(), ", got ",
               xt.device());
   return xt.size(0);
+}
+
+// An op that writes `out` in place: out must not share memory with `other` (its own input),
+// and, while autograd records, must not be a leaf that requires grad (as torch's in-place ops).
+inline void check_writable(const at::Tensor& out, const char* name, const at::Tensor& other,
+                           const char* other_name) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && out.requires_grad() && out.is_leaf()), name,
+              " is a leaf tensor that requires grad and cannot be updated in place; call the op "
+              "under torch.no_grad()");
+  const auto overlap = at::get_overlap_status(out, other);
+  TORCH_CHECK(overlap == at::MemOverlapStatus::No, name, " and ", other_name,
+              " share memory; they must be separate tensors");
 }
 
 // The memory format the kernels use for x: channels_last when x is laid out so, else contiguous.

@@ -36,10 +36,32 @@ at::Tensor stack_weight_tangents(const at::Tensor& wt, int64_t groups) {
 }
 
 void check_conv_args(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
+  TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
-  TORCH_CHECK(w.dim() == 4 && x.size(1) == w.size(1) * groups,
-              "weight must have shape (C_out, ", x.size(1) / groups, ", kH, kW), got ",
-              w.sizes());
+  TORCH_CHECK(x.size(1) % groups == 0, "x has ", x.size(1), " channels, not divisible by groups=",
+              groups);
+  TORCH_CHECK(w.dim() == 4 && x.size(1) == w.size(1) * groups && w.size(0) % groups == 0,
+              "weight must have shape (C_out, ", x.size(1) / groups,
+              ", kH, kW) with C_out divisible by groups=", groups, ", got ", w.sizes());
+}
+
+// Parameter tangents of one layer carry the same P slots: weight_t (P, *w.shape), bias_t (P, C).
+void check_param_tangents(const at::Tensor& w, const std::optional<at::Tensor>& wt,
+                          const std::optional<at::Tensor>& bt) {
+  const int64_t out = w.size(0);
+  const bool has_wt = wt.has_value() && wt->defined(), has_bt = bt.has_value() && bt->defined();
+  if (has_wt) check_tangent(w, *wt, "weight_t");
+  if (has_bt) {
+    TORCH_CHECK(bt->dim() == 2 && bt->size(1) == out && bt->size(0) >= 1,
+                "bias_t must have shape (P, ", out, "), got ", bt->sizes());
+    TORCH_CHECK(bt->scalar_type() == w.scalar_type() && bt->device() == w.device(),
+                "bias_t must be a ", w.scalar_type(), " tensor on ", w.device(), ", got ",
+                bt->scalar_type(), " on ", bt->device());
+  }
+  if (has_wt && has_bt) {
+    TORCH_CHECK(wt->size(0) == bt->size(0), "weight_t and bias_t must carry the same number of "
+                "slots P, got ", wt->size(0), " and ", bt->size(0));
+  }
 }
 
 // The tangent parts of a convolution whose primal output y is known (y gives their shape and
@@ -52,10 +74,10 @@ std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
   const int64_t cout = w.size(0);
   TORCH_CHECK(y.dim() == 4 && y.size(0) == x.size(0) && y.size(1) == cout,
               "y must have shape (", x.size(0), ", ", cout, ", H_out, W_out), got ", y.sizes());
+  check_param_tangents(w, wt, bt);
   const auto fmt = kernel_format(y);
   at::Tensor x_part, p_part;
   if (wt.has_value() && wt->defined()) {
-    check_tangent(w, *wt, "weight_t");
     const int64_t P = wt->size(0);
     // Every Wt_p * x in one convolution: (N, groups, P, C_out / groups, H, W) -> (P, N, C_out, ..).
     auto all = at::conv2d(x, stack_weight_tangents(*wt, groups), {}, stride, padding, dilation,
@@ -67,8 +89,6 @@ std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
         fmt);
   }
   if (bt.has_value() && bt->defined()) {
-    TORCH_CHECK(bt->dim() == 2 && bt->size(1) == cout, "bias_t must have shape (P, ", cout,
-                "), got ", bt->sizes());
     auto bias = bt->view({bt->size(0), 1, cout, 1, 1});
     if (p_part.defined()) {
       p_part.add_(bias);
@@ -96,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
     at::IntArrayRef dilation, int64_t groups) {
   check_conv_args(x, w, groups);
   const int64_t cout = w.size(0);
-  if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, cout);
+  if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, "bias", cout);
   const auto y = at::conv2d(x, w, b.has_value() ? *b : at::Tensor(), stride, padding, dilation,
                             groups);
   auto [x_part, p_part] =
@@ -108,14 +128,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& xt, const at::Tensor& w,
     const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& b,
     const std::optional<at::Tensor>& bt) {
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension (..., in_features), got a 0-d "
+              "tensor");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "weight must have shape (out, ",
               x.size(-1), "), got ", w.sizes());
   const int64_t out = w.size(0);
-  if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, out);
+  if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, "bias", out);
+  check_param_tangents(w, wt, bt);
   const auto y = at::linear(x.contiguous(), w, b.has_value() ? *b : at::Tensor());
   at::Tensor x_part, p_part;
   if (wt.has_value() && wt->defined()) {
-    check_tangent(w, *wt, "weight_t");
     // Every x Wt_p^T in one GEMM, split along the last dim and moved to the front.
     p_part = at::linear(x.contiguous(), wt->flatten(0, 1))
                  .unflatten(-1, {wt->size(0), out})
@@ -123,8 +145,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
                  .contiguous();
   }
   if (bt.has_value() && bt->defined()) {
-    TORCH_CHECK(bt->dim() == 2 && bt->size(1) == out, "bias_t must have shape (P, ", out,
-                "), got ", bt->sizes());
     std::vector<int64_t> shape(x.dim() + 1, 1), full{bt->size(0)};
     shape.front() = bt->size(0);
     shape.back() = out;

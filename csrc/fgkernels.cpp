@@ -14,7 +14,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fgkernels, m) {
-  // y = relu(x), yt = xt * [x > 0].
+  // y = relu(x); yt = xt where x > 0 or x is NaN, else 0 (torch.relu's derivative).
   m.def("dual_relu(Tensor x, Tensor xt) -> (Tensor, Tensor)");
   // Max-pool of x; yt gathered from xt at x's argmax.
   m.def("dual_max_pool2d(Tensor x, Tensor xt, int[2] kernel_size, int[2] stride, int[2] padding, "
@@ -24,15 +24,17 @@ TORCH_LIBRARY(fgkernels, m) {
   //   mean (C), biased var (C), tangent mean mean(xt_t) (T, C), tangent covariance
   //   mean((x - mean) * xt_t) (T, C).
   m.def("dual_bn_stats(Tensor x, Tensor? xt) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Batch-norm apply as a per-channel affine map of (x, xt), ReLU optional:
-  //   y = scale[c] x + shift[c]
-  //   yt[t] = scale[c] xt[x_slot[t]] (skipped where x_slot[t] < 0) + t_xscale[t, c] x + t_shift[t, c]
-  //   with relu: y = max(y, 0), yt[t] *= [y > 0].
-  m.def("dual_bn_apply(Tensor x, Tensor? xt, int[] x_slot, Tensor scale, Tensor shift, "
-        "Tensor t_xscale, Tensor t_shift, bool relu) -> (Tensor, Tensor)");
+  // Batch-norm apply as a per-channel affine map of (x - center, xt), ReLU optional:
+  //   u = x - center[c]
+  //   y = scale[c] u + shift[c]
+  //   yt[t] = scale[c] xt[x_slot[t]] (skipped where x_slot[t] < 0) + t_xscale[t, c] u + t_shift[t, c]
+  //   with relu: y = 0 and yt[t] = 0 where y <= 0 (a NaN y keeps its tangent, as torch.relu's
+  //   derivative does).
+  m.def("dual_bn_apply(Tensor x, Tensor? xt, int[] x_slot, Tensor center, Tensor scale, "
+        "Tensor shift, Tensor t_xscale, Tensor t_shift, bool relu) -> (Tensor, Tensor)");
   // The same, in place: x becomes y and slot t of xt becomes yt[t] (x_slot[t] = t). For a
   // freshly computed input (a convolution's output) that nothing else holds.
-  m.def("dual_bn_apply_(Tensor(a!) x, Tensor(b!)? xt, Tensor scale, Tensor shift, "
+  m.def("dual_bn_apply_(Tensor(a!) x, Tensor(b!)? xt, Tensor center, Tensor scale, Tensor shift, "
         "Tensor t_xscale, Tensor t_shift, bool relu) -> ()");
   // Dual convolution in three convolution calls whatever T and P: y; the parameter part
   // Wt*x + bt with [Wt_1, ..., Wt_P] stacked along the output channels; the input part W*xt

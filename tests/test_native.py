@@ -33,10 +33,11 @@ def test_opcheck(channels_last):
         (ops.dual_max_pool2d, (x, xt, [2, 2], [2, 2], [0, 0], [1, 1], False)),
         (ops.dual_bn_stats, (x, xt)),
         (ops.dual_bn_stats, (x, None)),
-        (ops.dual_bn_apply, (x, xt, [1, -1, 0], torch.randn(C), torch.randn(C),
+        (ops.dual_bn_apply, (x, xt, [1, -1, 0], torch.randn(C), torch.randn(C), torch.randn(C),
                              torch.randn(3, C), torch.randn(3, C), True)),
         (ops.dual_bn_apply_, (x.clone(), empty_slots(2, x).copy_(xt), torch.randn(C),
-                              torch.randn(C), torch.randn(2, C), torch.randn(2, C), True)),
+                              torch.randn(C), torch.randn(C), torch.randn(2, C),
+                              torch.randn(2, C), True)),
         (ops.dual_conv2d, (x, xt, w, wt, b, bt, [1, 1], [1, 1], [1, 1], 1)),
         (ops.dual_conv2d, (x, None, w, None, None, bt, [2, 1], [0, 1], [1, 1], 1)),
         (ops.dual_conv2d_tangents, (x, F.conv2d(x, w, b, 1, 1), xt, w, wt, bt, [1, 1], [1, 1],
@@ -143,12 +144,12 @@ def test_ops_reject_bad_arguments():
         ops.dual_relu(x, torch.randn(2, 3, 4, 4))
     with pytest.raises(RuntimeError, match="xt must have dtype"):
         ops.dual_bn_stats(x, torch.randn(1, 2, 3, 4, 4, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=r"scale must have shape \(C\)"):
-        ops.dual_bn_apply(x, None, [-1], torch.randn(4), torch.randn(3), torch.randn(1, 3),
-                          torch.randn(1, 3), False)
-    with pytest.raises(RuntimeError, match="x_slot entries must be < T"):
-        ops.dual_bn_apply(x, torch.randn(1, 2, 3, 4, 4), [1], torch.randn(3), torch.randn(3),
+    with pytest.raises(RuntimeError, match=r"scale must have shape \[3\], got \[4\]"):
+        ops.dual_bn_apply(x, None, [-1], torch.randn(3), torch.randn(4), torch.randn(3),
                           torch.randn(1, 3), torch.randn(1, 3), False)
+    with pytest.raises(RuntimeError, match="x_slot entries must be -1 .* or < T"):
+        ops.dual_bn_apply(x, torch.randn(1, 2, 3, 4, 4), [1], torch.randn(3), torch.randn(3),
+                          torch.randn(3), torch.randn(1, 3), torch.randn(1, 3), False)
     with pytest.raises(RuntimeError, match="weight must have shape"):
         ops.dual_conv2d(x, None, torch.randn(4, 2, 3, 3), None, None, None, [1, 1], [0, 0],
                         [1, 1], 1)
@@ -177,7 +178,7 @@ def test_cuda_ops_match_cpu(channels_last):
         x = x.to(memory_format=torch.channels_last)
     xt = _slots(3, x)
     C = x.shape[1]
-    coef = (torch.randn(C), torch.randn(C), torch.randn(4, C), torch.randn(4, C))
+    coef = (torch.randn(C), torch.randn(C), torch.randn(C), torch.randn(4, C), torch.randn(4, C))
     for op, args in [(ops.dual_relu, (x, xt)), (ops.dual_bn_stats, (x, xt)),
                      (ops.dual_bn_apply, (x, xt, [0, 2, -1, 1], *coef, True))]:
         cpu = op(*args)
@@ -187,11 +188,13 @@ def test_cuda_ops_match_cpu(channels_last):
         torch.library.opcheck(op, [a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
 
 
-def test_relu_keeps_nan_in_the_primal():
-    x = torch.tensor([[-1.0, float("nan"), 2.0]])
-    y, yt = ops.dual_relu(x, torch.ones(1, 1, 3))
+def test_relu_keeps_nan_and_its_tangent():
+    """As torch.relu and its forward-mode derivative: a NaN primal stays, with its tangent; a
+    NaN or Inf tangent where x <= 0 gives 0."""
+    x = torch.tensor([[-1.0, float("nan"), 2.0, 0.0]])
+    y, yt = ops.dual_relu(x, torch.tensor([[[float("nan"), 5.0, 1.0, float("inf")]]]))
     assert torch.equal(y.isnan(), torch.relu(x).isnan()) and y[0, 2] == 2.0
-    assert yt.tolist() == [[[0.0, 0.0, 1.0]]]
+    assert yt.tolist() == [[[0.0, 5.0, 1.0, 0.0]]]
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -201,7 +204,8 @@ def test_inplace_apply_equals_out_of_place(channels_last):
         x = x.to(memory_format=torch.channels_last)
     slots = empty_slots(2, x).copy_(_slots(2, x))
     coef = (torch.randn(4, dtype=x.dtype), torch.randn(4, dtype=x.dtype),
-            torch.randn(2, 4, dtype=x.dtype), torch.randn(2, 4, dtype=x.dtype))
+            torch.randn(4, dtype=x.dtype), torch.randn(2, 4, dtype=x.dtype),
+            torch.randn(2, 4, dtype=x.dtype))
     y, yt = ops.dual_bn_apply(x, slots, [0, 1], *coef, True)
     ops.dual_bn_apply_(x, slots, *coef, True)
     torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -167,12 +167,14 @@ def test_low_precision_error_within_torch_error(dtype):
         assert err <= 2 * err_torch + 1e-3, (part, err, err_torch)
 
 
-def test_bn_relu_apply_keeps_nan_in_the_primal():
-    """As torch.relu and the native kernels: a NaN stays in the primal; its tangent is zeroed."""
+def test_bn_relu_apply_keeps_nan_and_its_tangent():
+    """As torch.relu, its derivative and the native kernels: a NaN stays in the primal and its
+    tangent is not zeroed (it is NaN too, through the NaN in the x-term); a NaN tangent where
+    the output is <= 0 gives 0."""
     from fgkernels.ops.triton.batch_norm import dual_bn_relu_apply_
     y = torch.tensor([[[[float("nan"), -1.0, 2.0]]]], device=DEVICE)
-    yt = torch.ones(1, *y.shape, device=DEVICE)
+    yt = torch.tensor([[[[[5.0, float("nan"), 1.0]]]]], device=DEVICE)
     one, zero = torch.ones(1, device=DEVICE), torch.zeros(1, device=DEVICE)
-    dual_bn_relu_apply_(y, yt, one, zero, zero[None], zero[None], relu=True)
+    dual_bn_relu_apply_(y, yt, zero, one, zero, zero[None], zero[None], relu=True)
     assert torch.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == 0 and y[0, 0, 0, 2] == 2
-    assert yt.flatten().tolist() == [0.0, 0.0, 1.0]
+    assert torch.isnan(yt[0, 0, 0, 0, 0]) and yt.flatten()[1:].tolist() == [0.0, 1.0]

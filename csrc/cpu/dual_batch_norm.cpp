@@ -142,7 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
   return stats_from_sums(in, sums);
 }
 
-// y = s x + h (ReLU optional); yt[t] = s xt[slot[t]] + b[t] x + d[t], masked by y > 0 with ReLU.
+// With u = x - m (m: the per-channel center), y = s u + h (ReLU optional) and
+// yt[t] = s xt[slot[t]] + b[t] u + d[t]; with ReLU, y = 0 and yt = 0 where y <= 0 (a NaN y keeps
+// its tangent, as torch.relu's derivative does). Centering first keeps y exact when |m| >> std.
 // Coefficients are in the accumulation type. One span at a time, every slot first and the
 // primal last, so that every inner loop is a branch-free pass over contiguous memory and the
 // apply may run in place (y = x, yt = xt, slot[t] = t): each element is read before it is written.
@@ -152,40 +154,39 @@ struct ApplySpan {
   const scalar_t* xt;
   const int64_t* x_slot;  // nullptr: slot t continues input slot t
   int64_t T, slot, C;
-  const acc_t *scale, *shift, *t_xscale, *t_shift;
+  const acc_t *center, *scale, *shift, *t_xscale, *t_shift;
   bool relu;
   scalar_t* y;
   scalar_t* yt;
 
   int64_t source(int64_t t) const { return x_slot ? x_slot[t] : t; }
 
-  // The primal keeps a NaN (as torch.relu does); a tangent is zeroed unless y > 0.
   scalar_t primal(acc_t v) const { return static_cast<scalar_t>(relu && v <= acc_t(0) ? acc_t(0) : v); }
   scalar_t tangent(acc_t pre, acc_t v) const {
-    return static_cast<scalar_t>(relu && !(pre > acc_t(0)) ? acc_t(0) : v);
+    return static_cast<scalar_t>(relu && pre <= acc_t(0) ? acc_t(0) : v);
   }
 
   // NCHW: the n plane [base, base + n) of channel c; the coefficients are scalars.
   void plane(int64_t base, int64_t n, int64_t c) const {
     const scalar_t* xs = x + base;
-    const acc_t s = scale[c], h = shift[c];
+    const acc_t m = center[c], s = scale[c], h = shift[c];
     for (int64_t t = 0; t < T; ++t) {
       const acc_t b = t_xscale[t * C + c], d = t_shift[t * C + c];
       scalar_t* out = yt + t * slot + base;
       if (source(t) >= 0) {
         const scalar_t* ts = xt + source(t) * slot + base;
         for (int64_t i = 0; i < n; ++i) {
-          const acc_t xv = static_cast<acc_t>(xs[i]);
-          out[i] = tangent(s * xv + h, s * static_cast<acc_t>(ts[i]) + b * xv + d);
+          const acc_t u = static_cast<acc_t>(xs[i]) - m;
+          out[i] = tangent(s * u + h, s * static_cast<acc_t>(ts[i]) + b * u + d);
         }
       } else {
         for (int64_t i = 0; i < n; ++i) {
-          const acc_t xv = static_cast<acc_t>(xs[i]);
-          out[i] = tangent(s * xv + h, b * xv + d);
+          const acc_t u = static_cast<acc_t>(xs[i]) - m;
+          out[i] = tangent(s * u + h, b * u + d);
         }
       }
     }
-    for (int64_t i = 0; i < n; ++i) y[base + i] = primal(s * static_cast<acc_t>(xs[i]) + h);
+    for (int64_t i = 0; i < n; ++i) y[base + i] = primal(s * (static_cast<acc_t>(xs[i]) - m) + h);
   }
 
   // channels_last: the row of C values at base, one per channel; the coefficients are arrays.
@@ -197,30 +198,36 @@ struct ApplySpan {
       scalar_t* out = yt + t * slot + base;
       const scalar_t* ts = source(t) >= 0 ? xt + source(t) * slot + base : nullptr;
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t xv = static_cast<acc_t>(xs[c]);
+        const acc_t u = static_cast<acc_t>(xs[c]) - center[c];
         const acc_t from_x = ts ? scale[c] * static_cast<acc_t>(ts[c]) : acc_t(0);
-        out[c] = tangent(scale[c] * xv + shift[c], from_x + b[c] * xv + d[c]);
+        out[c] = tangent(scale[c] * u + shift[c], from_x + b[c] * u + d[c]);
       }
     }
     for (int64_t c = 0; c < C; ++c)
-      y[base + c] = primal(scale[c] * static_cast<acc_t>(xs[c]) + shift[c]);
+      y[base + c] = primal(scale[c] * (static_cast<acc_t>(xs[c]) - center[c]) + shift[c]);
   }
+};
+
+// The coefficients of the apply, in the accumulation type.
+struct ApplyCoefficients {
+  const at::Tensor &center, &scale, &shift, &t_xscale, &t_shift;
 };
 
 // Runs the spans over x's layout, in parallel.
 template <typename scalar_t>
-void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T, const at::Tensor& scale,
-               const at::Tensor& shift, const at::Tensor& t_xscale, const at::Tensor& t_shift,
-               bool relu, at::Tensor& y, at::Tensor& yt) {
+void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T,
+               const ApplyCoefficients& coef, bool relu, at::Tensor& y, at::Tensor& yt) {
   using acc_t = at::opmath_type<scalar_t>;
+  if (in.x.numel() == 0) return;
   const auto acc = in.x.options().dtype(acc_type(in.x));
-  auto coef = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
-  const at::Tensor s = coef(scale), h = coef(shift), b = coef(t_xscale), d = coef(t_shift);
+  auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  const at::Tensor m = as_acc(coef.center), s = as_acc(coef.scale), h = as_acc(coef.shift),
+                   b = as_acc(coef.t_xscale), d = as_acc(coef.t_shift);
   const int64_t C = in.channels;
   const ApplySpan<scalar_t, acc_t> span{
       in.x.const_data_ptr<scalar_t>(), in.T ? in.xt.const_data_ptr<scalar_t>() : nullptr,
-      x_slot, T, in.x.numel(), C, s.const_data_ptr<acc_t>(), h.const_data_ptr<acc_t>(),
-      b.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), relu,
+      x_slot, T, in.x.numel(), C, m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
+      h.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), relu,
       y.mutable_data_ptr<scalar_t>(), T ? yt.mutable_data_ptr<scalar_t>() : nullptr};
   if (in.inner > 1) {
     const int64_t grain = std::max<int64_t>(1, kGrainElements / in.inner);
@@ -237,29 +244,32 @@ void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T, const at::
 
 std::tuple<at::Tensor, at::Tensor> dual_bn_apply_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in, at::IntArrayRef x_slot,
-    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& t_xscale,
-    const at::Tensor& t_shift, bool relu) {
+    const at::Tensor& center, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& t_xscale, const at::Tensor& t_shift, bool relu) {
   const DualInput in = prepare_input(x_in, xt_in);
-  check_apply_args(in, x_slot, scale, shift, t_xscale, t_shift);
+  check_apply_args(in, x_slot, center, scale, shift, t_xscale, t_shift);
   const int64_t T = static_cast<int64_t>(x_slot.size());
   auto [y, yt] = apply_outputs(in, T);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(), "dual_bn_apply",
                                   [&] {
-    run_apply<scalar_t>(in, x_slot.data(), T, scale, shift, t_xscale, t_shift, relu, y, yt);
+    run_apply<scalar_t>(in, x_slot.data(), T, {center, scale, shift, t_xscale, t_shift}, relu,
+                        y, yt);
   });
   return {y, yt};
 }
 
 void dual_bn_apply_inplace_cpu(at::Tensor& x, const std::optional<at::Tensor>& xt,
-                               const at::Tensor& scale, const at::Tensor& shift,
-                               const at::Tensor& t_xscale, const at::Tensor& t_shift, bool relu) {
+                               const at::Tensor& center, const at::Tensor& scale,
+                               const at::Tensor& shift, const at::Tensor& t_xscale,
+                               const at::Tensor& t_shift, bool relu) {
   const DualInput in = prepare_inplace(x, xt);
   const std::vector<int64_t> identity = identity_slots(in.T);
-  check_apply_args(in, identity, scale, shift, t_xscale, t_shift);
+  check_apply_args(in, identity, center, scale, shift, t_xscale, t_shift);
   at::Tensor yt = in.T ? in.xt : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dual_bn_apply_",
                                   [&] {
-    run_apply<scalar_t>(in, nullptr, in.T, scale, shift, t_xscale, t_shift, relu, x, yt);
+    run_apply<scalar_t>(in, nullptr, in.T, {center, scale, shift, t_xscale, t_shift}, relu, x,
+                        yt);
   });
 }
 

@@ -1,4 +1,5 @@
-// Dual ReLU on the CPU: y = max(x, 0), yt = xt * [x > 0], in one pass over x and the slots.
+// Dual ReLU on the CPU: y = max(x, 0), yt = xt where x > 0 or x is NaN, else 0 (torch.relu's
+// derivative), in one pass over x and the slots.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,7 +10,8 @@ namespace fgkernels {
 namespace {
 
 // One span [0, n) of the primal and of every slot (slot t at offset t * slot_stride).
-// !(x <= 0) keeps a NaN in the primal, as torch.relu does; the tangent is xt·[x > 0].
+// !(x <= 0) keeps a NaN in the primal, as torch.relu does, and its tangent, as torch.relu's
+// derivative does; elsewhere a select, not a product, so a NaN or Inf tangent at x <= 0 gives 0.
 template <typename scalar_t>
 void relu_span(const scalar_t* __restrict x, const scalar_t* __restrict xt,
                scalar_t* __restrict y, scalar_t* __restrict yt, int64_t n, int64_t T,
@@ -21,7 +23,7 @@ void relu_span(const scalar_t* __restrict x, const scalar_t* __restrict xt,
     const scalar_t* __restrict src = xt + t * slot_stride;
     scalar_t* __restrict dst = yt + t * slot_stride;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = x[i] > zero ? src[i] : zero;
+    for (int64_t i = 0; i < n; ++i) dst[i] = x[i] <= zero ? zero : src[i];
   }
 }
 

@@ -88,6 +88,7 @@ __global__ void bn_apply_kernel(BNApplyParams p) {
   using A = typename Acc<T>::type;
   const int64_t C = p.layout.channels, inner = p.layout.inner;
   const int64_t n = p.layout.outer * C * inner;
+  const A* center = static_cast<const A*>(p.center);
   const A* scale = static_cast<const A*>(p.scale);
   const A* shift = static_cast<const A*>(p.shift);
   const A* bx = static_cast<const A*>(p.t_xscale);
@@ -99,12 +100,13 @@ __global__ void bn_apply_kernel(BNApplyParams p) {
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t c = (idx / inner) % C;
-    const A xv = load(x + idx);
-    const A yv = scale[c] * xv + shift[c];
-    const bool keep = !p.relu || yv > A(0);
-    y[idx] = store_as<T>(p.relu && yv <= A(0) ? A(0) : yv);  // a NaN stays, as in torch.relu
+    const A u = load(x + idx) - center[c];
+    const A yv = scale[c] * u + shift[c];
+    // A NaN y stays, with its tangent, as in torch.relu and its derivative.
+    const bool keep = !(p.relu && yv <= A(0));
+    y[idx] = store_as<T>(keep ? yv : A(0));
     for (int64_t t = 0; t < p.out_slots; ++t) {
-      A tv = bx[t * C + c] * xv + bs[t * C + c];
+      A tv = bx[t * C + c] * u + bs[t * C + c];
       if (p.x_slot[t] >= 0) tv += scale[c] * load(xt + p.x_slot[t] * n + idx);
       yt[t * n + idx] = store_as<T>(keep ? tv : A(0));
     }

@@ -30,14 +30,15 @@ struct BNStatsParams {
   DType dtype;
 };
 
-// y = scale[c] x + shift[c] (ReLU optional); for output slot t:
-//   yt[t] = scale[c] xt[x_slot[t]] (if x_slot[t] >= 0) + t_xscale[t][c] x + t_shift[t][c].
-// Coefficients in the accumulation type.
+// With u = x - center[c]: y = scale[c] u + shift[c] (ReLU optional); for output slot t:
+//   yt[t] = scale[c] xt[x_slot[t]] (if x_slot[t] >= 0) + t_xscale[t][c] u + t_shift[t][c];
+// with ReLU, y and yt are 0 where y <= 0. Coefficients in the accumulation type.
 struct BNApplyParams {
   const void* x;
   const void* xt;
   void* y;
   void* yt;
+  const void* center;
   const void* scale;
   const void* shift;
   const void* t_xscale;
@@ -49,7 +50,7 @@ struct BNApplyParams {
   DType dtype;
 };
 
-// y = max(x, 0); yt[t] = xt[t] * [x > 0].
+// y = max(x, 0); yt[t] = xt[t] where x > 0 or x is NaN, else 0.
 struct ReluParams {
   const void* x;
   const void* xt;

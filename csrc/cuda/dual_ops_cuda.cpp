@@ -67,19 +67,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
   return stats_from_sums(in, partial.sum(0, /*keepdim=*/false, at::kDouble));
 }
 
-void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor& scale,
-                  const at::Tensor& shift, const at::Tensor& t_xscale, const at::Tensor& t_shift,
-                  bool relu, at::Tensor& y, at::Tensor& yt) {
+void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor& center,
+                  const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& t_xscale,
+                  const at::Tensor& t_shift, bool relu, at::Tensor& y, at::Tensor& yt) {
   const int64_t T = static_cast<int64_t>(x_slot.size());
   TORCH_CHECK(T <= cuda::kMaxSlots, "at most ", cuda::kMaxSlots, " tangent slots, got ", T);
   const auto opts = in.x.options().dtype(acc_type(in.x));
   auto coef = [&](const at::Tensor& t) { return t.to(opts).contiguous(); };
-  const auto s = coef(scale), h = coef(shift), b = coef(t_xscale), d = coef(t_shift);
+  const auto m = coef(center), s = coef(scale), h = coef(shift), b = coef(t_xscale),
+             d = coef(t_shift);
   cuda::BNApplyParams p{};
   p.x = in.x.const_data_ptr();
   p.xt = in.T ? in.xt.const_data_ptr() : nullptr;
   p.y = y.mutable_data_ptr();
   p.yt = T ? yt.mutable_data_ptr() : nullptr;
+  p.center = m.const_data_ptr();
   p.scale = s.const_data_ptr();
   p.shift = h.const_data_ptr();
   p.t_xscale = b.const_data_ptr();
@@ -95,26 +97,26 @@ void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor> dual_bn_apply_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in, at::IntArrayRef x_slot,
-    const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& t_xscale,
-    const at::Tensor& t_shift, bool relu) {
+    const at::Tensor& center, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& t_xscale, const at::Tensor& t_shift, bool relu) {
   c10::DeviceGuard guard(x_in.device());
   const DualInput in = prepare_input(x_in, xt_in);
-  check_apply_args(in, x_slot, scale, shift, t_xscale, t_shift);
+  check_apply_args(in, x_slot, center, scale, shift, t_xscale, t_shift);
   auto [y, yt] = apply_outputs(in, static_cast<int64_t>(x_slot.size()));
-  launch_apply(in, x_slot, scale, shift, t_xscale, t_shift, relu, y, yt);
+  launch_apply(in, x_slot, center, scale, shift, t_xscale, t_shift, relu, y, yt);
   return {y, yt};
 }
 
 void dual_bn_apply_inplace_cuda(at::Tensor& x, const std::optional<at::Tensor>& xt,
-                                const at::Tensor& scale, const at::Tensor& shift,
-                                const at::Tensor& t_xscale, const at::Tensor& t_shift,
-                                bool relu) {
+                                const at::Tensor& center, const at::Tensor& scale,
+                                const at::Tensor& shift, const at::Tensor& t_xscale,
+                                const at::Tensor& t_shift, bool relu) {
   c10::DeviceGuard guard(x.device());
   const DualInput in = prepare_inplace(x, xt);
   const std::vector<int64_t> identity = identity_slots(in.T);
-  check_apply_args(in, identity, scale, shift, t_xscale, t_shift);
+  check_apply_args(in, identity, center, scale, shift, t_xscale, t_shift);
   at::Tensor yt = in.T ? in.xt : at::Tensor();
-  launch_apply(in, identity, scale, shift, t_xscale, t_shift, relu, x, yt);
+  launch_apply(in, identity, center, scale, shift, t_xscale, t_shift, relu, x, yt);
 }
 
 }  // namespace

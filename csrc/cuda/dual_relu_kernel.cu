@@ -9,11 +9,14 @@ namespace fgkernels {
 namespace cuda {
 namespace {
 
-template <typename T> __device__ __forceinline__ bool positive(T v) { return v > T(0); }
-template <> __device__ __forceinline__ bool positive(__nv_bfloat16 v) {
-  return __bfloat162float(v) > 0.f;
+// !(v <= 0): true for a positive v and for a NaN.
+template <typename T> __device__ __forceinline__ bool not_le_zero(T v) { return !(v <= T(0)); }
+template <> __device__ __forceinline__ bool not_le_zero(__nv_bfloat16 v) {
+  return !(__bfloat162float(v) <= 0.f);
 }
-template <> __device__ __forceinline__ bool positive(__half v) { return __half2float(v) > 0.f; }
+template <> __device__ __forceinline__ bool not_le_zero(__half v) {
+  return !(__half2float(v) <= 0.f);
+}
 
 template <typename T>
 __global__ void relu_kernel(ReluParams p) {
@@ -24,8 +27,9 @@ __global__ void relu_kernel(ReluParams p) {
   const T zero = T(0);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.numel;
        i += (int64_t)gridDim.x * blockDim.x) {
-    const bool keep = positive(x[i]);
-    y[i] = keep || x[i] != x[i] ? x[i] : zero;  // a NaN stays in the primal, as in torch.relu
+    // A NaN stays in the primal and keeps its tangent, as in torch.relu and its derivative.
+    const bool keep = not_le_zero(x[i]);
+    y[i] = keep ? x[i] : zero;
     for (int64_t t = 0; t < p.slots; ++t) yt[t * p.numel + i] = keep ? xt[t * p.numel + i] : zero;
   }
 }

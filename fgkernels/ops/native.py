@@ -66,8 +66,9 @@ def _register_fakes() -> None:
                 x.new_empty((T, C), dtype=acc), x.new_empty((T, C), dtype=acc))
 
     @lib.register_fake("fgkernels::dual_bn_apply")
-    def _(x, xt, x_slot, scale, shift, t_xscale, t_shift, relu):
+    def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu):
         C, T = x.shape[1], len(x_slot)
+        torch._check(center.shape == (C,), lambda: f"center must have shape ({C},)")
         torch._check(scale.shape == (C,), lambda: f"scale must have shape ({C},)")
         torch._check(t_xscale.shape == (T, C), lambda: f"t_xscale must have shape ({T}, {C})")
         x = x.contiguous(memory_format=kernel_format(x))
@@ -77,7 +78,7 @@ def _register_fakes() -> None:
         return wt.shape[0] if wt is not None else (bt.shape[0] if bt is not None else 0)
 
     @lib.register_fake("fgkernels::dual_bn_apply_")
-    def _(x, xt, scale, shift, t_xscale, t_shift, relu):
+    def _(x, xt, center, scale, shift, t_xscale, t_shift, relu):
         return None
 
     @lib.register_fake("fgkernels::dual_conv2d")
@@ -158,8 +159,7 @@ class NativeBackend(ReferenceBackend):
             return (torch.relu(y) if relu else y), None
         c = self.bn_coefficients(x, xt, w, b, wt, bt, x_pos, p_pos, count, running_mean,
                                  running_var, training, momentum, eps)
-        return torch.ops.fgkernels.dual_bn_apply(x, xt, c.x_slot, c.scale, c.shift, c.t_xscale,
-                                                 c.t_shift, relu)
+        return torch.ops.fgkernels.dual_bn_apply(x, xt, c.x_slot, *c.apply_args(), relu)
 
     def conv2d_batch_norm(self, x, xt, w, wt, cb, cbt, x_pos, conv_pos, count, stride, padding,
                           dilation, groups, g, bb, gt, bbt, bn_pos, running_mean, running_var,
@@ -178,7 +178,7 @@ class NativeBackend(ReferenceBackend):
                                    running_var, training, momentum, eps, relu)
         c = self.bn_coefficients(h, ht, g, bb, gt, bbt, x_slots, bn_pos, count, running_mean,
                                  running_var, training, momentum, eps)
-        torch.ops.fgkernels.dual_bn_apply_(h, ht, c.scale, c.shift, c.t_xscale, c.t_shift, relu)
+        torch.ops.fgkernels.dual_bn_apply_(h, ht, *c.apply_args(), relu)
         return h, ht
 
     def bn_coefficients(self, x, xt, w, b, wt, bt, x_pos, p_pos, count, running_mean,

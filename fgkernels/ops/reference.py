@@ -107,9 +107,7 @@ class ReferenceBackend:
             parts.append((pt, p_pos))
         yt = place(count, parts) if parts else None
         if relu:
-            # ẏ = ẋ·[y>0]
-            yt = None if yt is None else yt * (y > 0)
-            y = torch.relu(y)
+            y, yt = self.relu(y, yt)
         return y, yt
 
     # --- conv2d → batch norm (+ ReLU) -------------------------------------------------------
@@ -124,10 +122,10 @@ class ReferenceBackend:
         return self.batch_norm(h, ht, g, bb, gt, bbt, tuple(range(count)), bn_pos, count,
                                running_mean, running_var, training, momentum, eps, relu)
 
-    # --- relu: ẏ = ẋ·[x>0] -------------------------------------------------------------------
+    # --- relu: ẏ = ẋ where x > 0 or x is NaN, else 0 (torch.relu's derivative) ---------------
     def relu(self, x: Tensor, xt: Opt) -> tuple[Tensor, Opt]:
-        y = torch.relu(x)
-        return y, None if xt is None else xt * (x > 0)
+        # A select, not a product: a NaN or Inf tangent where x <= 0 gives 0, as in torch.
+        return torch.relu(x), None if xt is None else xt.masked_fill(x <= 0, 0)
 
     # --- max_pool2d: the tangent is gathered at the primal's argmax -------------------------
     def max_pool2d(self, x: Tensor, xt: Opt, kernel_size, stride, padding, dilation,

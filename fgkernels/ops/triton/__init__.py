@@ -71,5 +71,5 @@ class TritonBackend(NativeBackend):
         stats = combine_tile_stats(*tile_stats, torch.float32) if training else None
         c = self.bn_coefficients(y, yt, g, bb, gt, bbt, tuple(range(count)), bn_pos, count,
                                  running_mean, running_var, training, momentum, eps, stats=stats)
-        dual_bn_relu_apply_(y, yt, c.scale, c.shift, c.t_xscale, c.t_shift, relu)
+        dual_bn_relu_apply_(y, yt, *c.apply_args(), relu)
         return y, yt
