@@ -10,7 +10,8 @@ import torch
 
 from fgkernels.train.cli import main
 from fgkernels.train.data import load_dataset
-from fgkernels.train.loop import TrainConfig, save_checkpoint, train
+from fgkernels.train.checkpoint import save_checkpoint
+from fgkernels.train.loop import TrainConfig, train
 from fgkernels.train.models import build_model
 
 QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=6,

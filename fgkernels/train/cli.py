@@ -4,6 +4,7 @@ embedded digits data and prints the result table."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
@@ -28,8 +29,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
     return value
 
 
@@ -47,6 +48,8 @@ def _add_common(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="folder for metrics.jsonl, checkpoints and plots")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a non-empty --out (its checkpoint and metrics go)")
     p.add_argument("--plot", action="store_true", help="write PNG plots to --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -131,7 +134,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             _check_run_flags(parser, args)
             cfg = _config(args, algo=args.algo, target=args.target, guess=args.guess,
                           space=args.space, noise=args.noise, diagnose=args.diagnose)
-            results = [train(cfg, args.out, args.resume, progress=not args.no_progress)]
+            results = [train(cfg, args.out, args.resume, progress=not args.no_progress,
+                             overwrite=args.overwrite)]
         else:
             if args.plot and not args.out:
                 parser.error("--plot needs --out")
@@ -142,7 +146,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if rank == 0:
                     print(f"[{i + 1}/{len(DEMO_RUNS)}] {cfg.label}", file=sys.stderr, flush=True)
                 out = str(Path(args.out) / f"run{i}") if args.out else None
-                results.append(train(cfg, out, progress=not args.no_progress, dataset=dataset))
+                results.append(train(cfg, out, progress=not args.no_progress, dataset=dataset,
+                                     overwrite=args.overwrite))
         if rank == 0:
             print(summary_table(results))
             if args.command == "demo":
@@ -150,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.plot:
                 for path in plot_runs(results, Path(args.out)):
                     print(f"wrote {path}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: FileNotFoundError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -2,9 +2,7 @@
 resume bit for bit, and data-parallel runs under torchrun."""
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, prepare_out_dir, save_checkpoint,
+                         write_metrics)
 from .data import Dataset, load_dataset, test_batches, train_batches
 from .estimators import (check_choices, estimate_gradients, grads_or_zeros, local_gradients,
                          preserved_buffers)
@@ -21,7 +21,6 @@ from .memory import PeakMemory
 from .models import BlockNet, build_model
 
 ALGOS = ("backprop", "local", "fg")
-CHECKPOINT_FORMAT = "fgkernels-train-1"
 
 
 @dataclass
@@ -59,9 +58,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
-        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and momentum, weight_decay >= 0; got lr={self.lr}, "
-                             f"momentum={self.momentum}, weight_decay={self.weight_decay}")
+        finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay))
+        if not finite or not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be finite and > 0, momentum and weight_decay finite and "
+                             f">= 0; got lr={self.lr}, momentum={self.momentum}, "
+                             f"weight_decay={self.weight_decay}")
 
     @property
     def label(self) -> str:
@@ -139,33 +140,6 @@ def evaluate(net: BlockNet, ds: Dataset, batch_size: int, device) -> tuple[float
     return loss / n, correct / n
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename over the old one,
-    so that a failed write never leaves a broken or half checkpoint in its place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load and check a checkpoint written by ``train``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch.load raises many types for a damaged file
-        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an fgkernels training checkpoint "
-                         f"(expected format {CHECKPOINT_FORMAT!r})")
-    return state
-
-
 def _epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
     """Shuffling and guesses of an epoch depend on (seed, epoch) only: resuming replays them."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
@@ -173,11 +147,14 @@ def _epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
 
 def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
           progress: bool = True, dataset: Optional[Dataset] = None,
-          stop_after: Optional[int] = None) -> RunResult:
-    """Train ``cfg``; with ``out_dir``, write metrics.jsonl and checkpoint.pt there each epoch
-    (``resume`` continues from that checkpoint). ``stop_after`` ends the run after that many
-    epochs in all, as an interruption would."""
+          stop_after: Optional[int] = None, overwrite: bool = False) -> RunResult:
+    """Train ``cfg``; with ``out_dir``, write checkpoint.pt and metrics.jsonl there each epoch
+    (``resume`` continues from that checkpoint; a fresh run refuses a non-empty ``out_dir``
+    unless ``overwrite``). ``stop_after`` ends the run after that many epochs in all, as an
+    interruption would. A non-finite loss stops the run with FloatingPointError."""
     cfg.validate()
+    if out_dir:
+        prepare_out_dir(Path(out_dir), resume, overwrite)
     rank, world = _rank_world()
     device = torch.device(cfg.device)
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
@@ -190,7 +167,7 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.2)
     result = RunResult(cfg)
     start = 0
-    ckpt = Path(out_dir) / "checkpoint.pt" if out_dir else None
+    ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir else None
     if resume:
         state = load_checkpoint(ckpt)
         saved = TrainConfig(**state["config"])
@@ -203,6 +180,8 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
         sched.load_state_dict(state["scheduler"])
         result.history = state["history"]
         start = state["epoch"] + 1
+        if rank == 0:  # the log may hold an epoch the checkpoint does not (a kill in between)
+            write_metrics(Path(out_dir), result.history)
     if world > 1:
         for t in net.state_dict().values():
             dist.broadcast(t, 0)
@@ -211,13 +190,12 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
                                            progress and rank == 0))
         sched.step()
         if rank == 0 and out_dir:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(out_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(result.history[-1]) + "\n")
-            save_checkpoint(ckpt, {"format": CHECKPOINT_FORMAT, "config": asdict(cfg),
-                                   "epoch": epoch, "model": net.state_dict(),
-                                   "optimizer": opt.state_dict(),
+            # The checkpoint first: the log is then rewritten from its history, so that both
+            # always agree, whenever the run is killed.
+            save_checkpoint(ckpt, {"config": asdict(cfg), "epoch": epoch,
+                                   "model": net.state_dict(), "optimizer": opt.state_dict(),
                                    "scheduler": sched.state_dict(), "history": result.history})
+            write_metrics(Path(out_dir), result.history)
     result.model = net
     return result
 
@@ -244,6 +222,10 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
             peak = mem.peak_bytes
         else:
             grads, loss, ok = compute_gradients(net, x, y, cfg, guess_gen)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"epoch {epoch + 1}, step {step + 1}: the training loss is {loss}; the run "
+                f"stops before the parameters take a non-finite step (lr={cfg.lr})")
         if world > 1:
             for g in grads.values():
                 dist.all_reduce(g)

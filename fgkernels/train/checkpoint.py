@@ -1,0 +1,116 @@
+"""A run's files in ``--out``: the checkpoint and ``metrics.jsonl``, each written atomically
+(a temporary file in the same folder, then a rename over the old one), so that a run killed at
+any moment leaves either the old file or the new one, never half of one.
+
+A checkpoint is loaded with ``torch.load(weights_only=True)`` (a crafted file cannot run code)
+and carries a SHA-256 digest of its content, checked on load: a damaged file is refused, not
+resumed with other weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CHECKPOINT_FORMAT = "fgkernels-train-2"
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+_KEYS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "history", "sha256")
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of a checkpoint's content: tensors by dtype, shape and bytes, containers in a
+    fixed order, everything else by its repr."""
+    h = hashlib.sha256()
+
+    def feed(v) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, dict):
+            h.update(f"D{len(v)}".encode())
+            for k in sorted(v, key=repr):
+                feed(k)
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(f"L{len(v)}".encode())
+            for item in v:
+                feed(item)
+        else:
+            h.update(f"V{v!r};".encode())
+
+    feed(value)
+    return h.hexdigest()
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path``; any failure
+    (a full disk included) leaves ``path`` as it was and raises OSError naming it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        raise OSError(f"could not write the {what} {path}: {str(e).splitlines()[0]}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` (the keys of a training checkpoint but the digest) with its digest."""
+    state = {**state, "format": CHECKPOINT_FORMAT}
+    state["sha256"] = content_digest({k: v for k, v in state.items() if k != "sha256"})
+    _write_atomically(path, lambda tmp: torch.save(state, tmp), "checkpoint")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load and check a checkpoint written by ``save_checkpoint``: nothing in the file runs,
+    and a file that is not one, lacks keys or was altered is refused with ValueError."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a damaged or unsafe file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path} is corrupt or not a checkpoint: {first}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an fgkernels training checkpoint "
+                         f"(expected format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in _KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
+    if content_digest({k: v for k, v in state.items() if k != "sha256"}) != state["sha256"]:
+        raise ValueError(f"checkpoint {path} is damaged: its content does not match its digest")
+    return state
+
+
+def write_metrics(out_dir: Path, history: list[dict]) -> None:
+    """``metrics.jsonl``: one line per epoch of ``history``, replacing the file whole."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in history)
+
+    _write_atomically(out_dir / METRICS_NAME, write, "metrics log")
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run refuses a folder that holds anything unless ``overwrite``, which removes the
+    files a run writes there (the checkpoint and the metrics log)."""
+    if resume or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    if any(out_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(f"--out {out_dir} is not empty; pass --resume to continue the run "
+                             "it holds, or --overwrite to start again there")
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            (out_dir / name).unlink(missing_ok=True)

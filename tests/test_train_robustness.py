@@ -1,0 +1,132 @@
+"""The trainer under kills, damaged or hostile checkpoints, full disks and diverging runs:
+one line per epoch in the log, nothing loaded that was altered, nothing in a file executed,
+one-line errors."""
+import json
+import pickle
+
+import pytest
+import torch
+
+from fgkernels.train import checkpoint
+from fgkernels.train.checkpoint import load_checkpoint, save_checkpoint
+from fgkernels.train.cli import main
+from fgkernels.train.data import load_dataset
+from fgkernels.train.loop import TrainConfig, train
+
+QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=3,
+             lr=0.05, algo="backprop")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _epochs(folder):
+    return [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text()
+            .splitlines()]
+
+
+def test_a_kill_between_checkpoint_and_log_repeats_no_epoch(digits, tmp_path, monkeypatch):
+    cfg = TrainConfig(**QUICK, epochs=4)
+    real = checkpoint.write_metrics
+    calls = []
+
+    def killed_on_second(out_dir, history):  # the process dies right after epoch 2's checkpoint
+        calls.append(len(history))
+        if len(history) == 2:
+            raise KeyboardInterrupt
+        real(out_dir, history)
+
+    monkeypatch.setattr("fgkernels.train.loop.write_metrics", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(tmp_path), progress=False, dataset=digits)
+    monkeypatch.setattr("fgkernels.train.loop.write_metrics", real)
+    assert _epochs(tmp_path) == [1]
+    result = train(cfg, str(tmp_path), resume=True, progress=False, dataset=digits)
+    assert _epochs(tmp_path) == [1, 2, 3, 4]
+    assert [e["epoch"] for e in result.history] == [1, 2, 3, 4]
+    assert [e["epoch"] for e in load_checkpoint(tmp_path / "checkpoint.pt")["history"]] == \
+        [1, 2, 3, 4]
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another(digits, tmp_path, capsys):
+    cfg = TrainConfig(**QUICK, epochs=1)
+    train(cfg, str(tmp_path), progress=False, dataset=digits)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="is not empty; pass --resume .* or --overwrite"):
+        train(cfg, str(tmp_path), progress=False, dataset=digits)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    train(cfg, str(tmp_path), progress=False, dataset=digits, overwrite=True)
+    assert _epochs(tmp_path) == [1]
+    argv = ["run", "--algo", "backprop", "--epochs", "1", "--max-steps", "2", "--width", "4",
+            "--aux-width", "8", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 2 and "is not empty" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+
+
+def test_a_damaged_checkpoint_is_refused(digits, tmp_path):
+    cfg = TrainConfig(**QUICK, epochs=1)
+    train(cfg, str(tmp_path), progress=False, dataset=digits)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    weight = next(iter(state["model"].values()))
+    weight.view(-1)[:16] += 1.0  # 64 bytes of one tensor changed, the file well-formed
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="damaged: its content does not match its digest"):
+        train(TrainConfig(**{**cfg.__dict__, "epochs": 2}), str(tmp_path), resume=True,
+              progress=False, dataset=digits)
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, 'w')``: the code a crafted checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_crafted_checkpoint_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": checkpoint.CHECKPOINT_FORMAT, "x": _Payload(marker)}, f)
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "x": _Payload(marker)},
+               tmp_path / "zip.pt")
+    marker.unlink(missing_ok=True)  # torch.save above pickled it, which runs nothing
+    for candidate in (path, tmp_path / "zip.pt"):
+        with pytest.raises(ValueError, match="corrupt or not a checkpoint"):
+            load_checkpoint(candidate)
+    assert not marker.exists()
+
+
+def test_missing_keys_and_full_disk_give_one_line_errors(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "config": {}}, path)
+    with pytest.raises(ValueError, match="lacks epoch, model, optimizer, scheduler, history"):
+        load_checkpoint(path)
+    good = path.read_bytes()
+
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64\n"
+                           "frame #0: ...")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*inline_container") as e:
+        save_checkpoint(path, {"config": {}})
+    assert "\n" not in str(e.value) and "frame" not in str(e.value)
+    assert path.read_bytes() == good and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_diverging_run_stops_naming_the_step(digits, tmp_path, capsys):
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+: the training loss is"):
+        train(TrainConfig(**{**QUICK, "lr": 1e30, "max_steps": 20}, epochs=1), progress=False,
+              dataset=digits)
+    for lr in ("inf", "nan", "-1"):
+        with pytest.raises(SystemExit):
+            main(["run", "--lr", lr])
+        assert "must be a finite positive number" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lr must be finite"):
+        train(TrainConfig(**{**QUICK, "lr": float("inf")}), progress=False, dataset=digits)
