@@ -4,6 +4,7 @@ A ``Dual`` carries a primal tensor and its tangent(s); the Dual layers (``DualCo
 compute both in one pass, with no autograd graph and no stored activations.
 """
 from . import functional
+from ._fallback import fallback_ops, strict_rules
 from .dual import Dual, is_dual
 from .nn import (DualAdaptiveAvgPool2d, DualAvgPool2d, DualBatchNorm1d, DualBatchNorm2d,
                  DualConv2d, DualFlatten, DualLinear, DualMaxPool2d, DualModule, DualReLU,
@@ -21,5 +22,5 @@ __all__ = [
     "clear_tangents", "use_backend", "available_backends", "current_backend",
     "DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "DualLinear",
     "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten", "DualSequential",
-    "DualModule", "reuse_conv_outputs",
+    "DualModule", "reuse_conv_outputs", "fallback_ops", "strict_rules",
 ]

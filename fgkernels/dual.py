@@ -34,6 +34,9 @@ def _check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bo
     if tangent.shape == primal.shape:
         return True
     if tangent.dim() == primal.dim() + 1 and tangent.shape[1:] == primal.shape:
+        if tangent.shape[0] == 0:
+            raise ValueError(f"{what}: a stack of T tangents needs T >= 1; a zero tangent is "
+                             "None")
         return False
     raise ValueError(
         f"{what} has shape {tuple(tangent.shape)}; expected the primal's shape "
@@ -60,18 +63,21 @@ class Dual:
     take the union of their operands' directions. Without labels, every operand of an op must
     carry the same T.
 
-    Ops with a JVP rule accept a Dual through ``__torch_function__`` (``torch.flatten(d, 1)``,
-    ``F.relu(d)``, ``d + e``, ...); any other op raises ``TypeError`` naming it.
+    Every torch function and Tensor method accepts a Dual through ``__torch_function__``
+    (``torch.flatten(d, 1)``, ``F.relu(d)``, ``d + e``, ``d.permute(0, 2, 3, 1)``, ...): ops with
+    an fgkernels rule run it; any other op is differentiated by PyTorch's own forward-mode AD on
+    that op alone (``fgkernels.fallback_ops()``; ``fgkernels.strict_rules()`` refuses it).
+    In-place ops rebind the Dual's parts to the result (``d += e``, ``d.relu_()``, ``d.mul_(2)``,
+    ``F.relu_(d)``); tensors are never written in place.
     """
 
-    __slots__ = ("primal", "_stack", "directions", "_single", "_applied")
+    __slots__ = ("primal", "_stack", "directions", "_single")
 
     def __init__(self, primal: torch.Tensor, tangent: Optional[torch.Tensor] = None, *,
                  directions: Optional[Sequence[int]] = None):
         if not isinstance(primal, torch.Tensor) or isinstance(primal, Dual):
             raise TypeError(f"primal must be a Tensor, got {type(primal).__name__}")
         self.primal = primal
-        self._applied: frozenset = frozenset()
         if tangent is None:
             if directions is not None:
                 raise ValueError("directions given without a tangent")
@@ -88,12 +94,12 @@ class Dual:
         self._single = single
 
     @classmethod
-    def _of(cls, primal: torch.Tensor, stack: Optional[torch.Tensor], directions: Directions,
-            single: bool) -> "Dual":
-        """Build from an already-stacked tangent, skipping validation (for the ops)."""
+    def _unchecked(cls, primal: torch.Tensor, stack: Optional[torch.Tensor],
+                   directions: Directions, single: bool) -> "Dual":
+        """Build from an already-stacked tangent without validating it (for the ops, whose
+        outputs are consistent by construction)."""
         d = cls.__new__(cls)
         d.primal, d._stack, d.directions, d._single = primal, stack, directions, single
-        d._applied = frozenset()
         return d
 
     # --- the tangent ---------------------------------------------------------------------------
@@ -122,7 +128,7 @@ class Dual:
 
     def with_tangents(self, primal: torch.Tensor, stack: Optional[torch.Tensor]) -> "Dual":
         """A Dual with the same slots as this one but a new primal and stacked tangent."""
-        return Dual._of(primal, stack, self.directions if stack is not None else None,
+        return Dual._unchecked(primal, stack, self.directions if stack is not None else None,
                         self._single and stack is not None)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Dual":
@@ -144,11 +150,11 @@ class Dual:
             return self.with_tangents(self.primal, None)
         stack = self._stack[keep[0]:keep[-1] + 1] if keep == list(range(keep[0], keep[-1] + 1)) \
             else self._stack[torch.tensor(keep, device=self._stack.device)]
-        return Dual._of(self.primal, stack, tuple(self.directions[i] for i in keep), False)
+        return Dual._unchecked(self.primal, stack, tuple(self.directions[i] for i in keep), False)
 
     def detach(self) -> "Dual":
         """The same Dual cut from any autograd graph."""
-        return Dual._of(self.primal.detach(), None if self._stack is None else self._stack.detach(),
+        return Dual._unchecked(self.primal.detach(), None if self._stack is None else self._stack.detach(),
                         self.directions, self._single)
 
     # --- tensor-like surface -------------------------------------------------------------------
@@ -181,9 +187,23 @@ class Dual:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         rule = _RULES.get(func)
         if rule is None:
-            name = getattr(func, "__name__", None) or repr(func)
-            raise TypeError(f"fgkernels.Dual has no forward-mode rule for '{name}'")
+            from ._fallback import forward_ad_fallback
+            return forward_ad_fallback(func, args, kwargs or {})
         return rule(*args, **(kwargs or {}))
+
+    def __getattr__(self, name: str):
+        """Tensor methods and properties without a Dual method of their own (``d.permute``,
+        ``d.mean(1)``, ``d.T``, ``d.is_cuda``) go through ``__torch_function__``."""
+        attr = getattr(torch.Tensor, name, None) if not name.startswith("__") else None
+        if attr is None:
+            raise AttributeError(f"'Dual' object has no attribute {name!r}")
+        if callable(attr):
+            return lambda *args, **kwargs: Dual.__torch_function__(attr, (Dual,), (self, *args),
+                                                                   kwargs)
+        value = getattr(self.primal, name)
+        if not isinstance(value, torch.Tensor):
+            return value  # metadata: dtype, is_cuda, requires_grad, ...
+        return Dual.__torch_function__(attr.__get__, (Dual,), (self,))
 
     # Python operators route through torch so that one rule serves both spellings.
     def __add__(self, other):
@@ -207,9 +227,28 @@ class Dual:
     def __truediv__(self, other):
         return torch.div(self, other)
 
+    def __rtruediv__(self, other):
+        return torch.div(other, self)
+
+    def __pow__(self, other):
+        return torch.pow(self, other)
+
+    def __rpow__(self, other):
+        return torch.pow(other, self)
+
+    def __matmul__(self, other):
+        return torch.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return torch.matmul(other, self)
+
     def __neg__(self):
         return torch.neg(self)
 
+    def __getitem__(self, index):
+        return Dual.__torch_function__(torch.Tensor.__getitem__, (Dual,), (self, index))
+
+    # In place: the Dual's parts are rebound to the result, its tensors are left untouched.
     def __iadd__(self, other):
         return self._assign(torch.add(self, other))
 
@@ -219,18 +258,42 @@ class Dual:
     def __imul__(self, other):
         return self._assign(torch.mul(self, other))
 
+    def __itruediv__(self, other):
+        return self._assign(torch.div(self, other))
+
+    def add_(self, other, *, alpha=1) -> "Dual":
+        return self._assign(torch.add(self, other, alpha=alpha))
+
+    def sub_(self, other, *, alpha=1) -> "Dual":
+        return self._assign(torch.sub(self, other, alpha=alpha))
+
+    def mul_(self, other) -> "Dual":
+        return self._assign(torch.mul(self, other))
+
+    def div_(self, other) -> "Dual":
+        return self._assign(torch.div(self, other))
+
+    def relu_(self) -> "Dual":
+        return self._assign(torch.relu(self))
+
+    def clamp_(self, min=None, max=None) -> "Dual":
+        return self._assign(torch.clamp(self, min, max))
+
     def _assign(self, result: "Dual") -> "Dual":
-        """In-place ops on a Dual rebind its parts (tensors are never written in place)."""
+        """Rebind this Dual's parts to ``result``'s (an in-place op's result) and return it."""
+        if result.primal.shape != self.primal.shape:
+            raise RuntimeError(f"an in-place op cannot change a Dual's shape "
+                               f"{tuple(self.primal.shape)} to {tuple(result.primal.shape)}")
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
-        self._applied = frozenset()
         return self
 
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "Dual":
         return torch.flatten(self, start_dim, end_dim)
 
     def view(self, *shape) -> "Dual":
-        return torch.Tensor.view(self, *shape)
+        return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
+                             else shape)
 
     def reshape(self, *shape) -> "Dual":
         return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
@@ -238,9 +301,6 @@ class Dual:
 
     def relu(self) -> "Dual":
         return torch.relu(self)
-
-    def relu_(self) -> "Dual":
-        return self._assign(torch.relu(self))
 
 
 def is_dual(x) -> bool:

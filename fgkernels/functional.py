@@ -20,6 +20,7 @@ from torch.nn.modules.utils import _pair
 from . import _slots
 from .dual import Dual, implements
 from .ops import current_backend
+from .pointwise import add, clamp, div, mul, sub, where  # noqa: F401  (rules; re-exported)
 
 Tensor = torch.Tensor
 MaybeDual = Union[Tensor, Dual]
@@ -27,7 +28,7 @@ MaybeDual = Union[Tensor, Dual]
 __all__ = [
     "conv2d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d", "avg_pool2d",
     "adaptive_avg_pool2d", "flatten", "reshape", "dropout", "pad", "cat", "add", "sub", "mul",
-    "cross_entropy", "add_direction",
+    "div", "where", "clamp", "cross_entropy", "add_direction",
 ]
 
 
@@ -47,18 +48,24 @@ def _as_dual(v: MaybeDual, op: str) -> Dual:
 
 
 def _result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:
-    return Dual._of(y, yt, plan.directions, plan.single) if yt is not None else Dual(y)
+    return Dual._unchecked(y, yt, plan.directions, plan.single) if yt is not None else Dual(y)
 
 
-def _split_params(op: str, params):
+def _split_params(op: str, params, names=("weight", "bias")):
     """(primals, stacked tangents, their one SlotOperand or None) of one module's parameters,
     whose tangents must cover the same slots."""
     primals, stacks, operands = zip(*(_split(p) for p in params))
     live = {o for o in operands if o is not None}
     if len(live) > 1:
-        raise ValueError(f"{op}: the parameters' tangents cover different directions or T: "
-                         f"{sorted(map(str, live))}")
+        slots = ", ".join(f"{name}: {_describe(o)}" for name, o in zip(names, operands)
+                          if o is not None)
+        raise ValueError(f"{op}: the parameters' tangents must carry the same slots, got {slots}")
     return primals, stacks, next(iter(live)) if live else None
+
+
+def _describe(o: _slots.SlotOperand) -> str:
+    return f"T={o.count}" + ("" if o.directions is None else f" directions {o.directions}") \
+        + (" (single)" if o.single else "")
 
 
 def _with_params(op: str, x: MaybeDual, *params):
@@ -117,6 +124,8 @@ def _check_primal(op: str, primal: Optional[Tensor], x: Tensor, shape: tuple) ->
 
 
 def _check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int) -> None:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
     if x.dim() != 4:
         raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if w.dim() != 4:
@@ -134,6 +143,9 @@ def _check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int) -> None:
 def linear(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None) -> Dual:
     """Dual linear: ``y = xWᵀ + b``, ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
     x, xt, (w, b), (wt, bt), plan, x_pos, p_pos = _with_params("linear", input, weight, bias)
+    if x.dim() == 0 or w.dim() != 2:
+        raise ValueError(f"linear: input must have at least 1 dim and weight 2, got shapes "
+                         f"{tuple(x.shape)} and {tuple(w.shape)}")
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features, but weight of shape "
                          f"{tuple(w.shape)} expects {w.shape[1]}")
@@ -155,6 +167,10 @@ def batch_norm(input: MaybeDual, running_mean: Optional[Tensor], running_var: Op
     """
     x, xt, (w, b), (wt, bt), plan, x_pos, p_pos = _with_params("batch_norm", input, weight, bias)
     _check_batch_norm(x.shape, running_mean, running_var, w, b, training)
+    if x.numel() == 0:  # as torch.nn: an empty output, running stats left as they are
+        y = F.batch_norm(x, running_mean, running_var, w, b, training, momentum, eps)
+        y = torch.relu(y) if relu else y
+        return _result(y, y.new_zeros((plan.count, *y.shape)) if plan.count else None, plan)
     y, yt = current_backend(x.device).batch_norm(
         x, xt, w, b, wt, bt, x_pos, p_pos, plan.count, running_mean, running_var, training,
         momentum, eps, relu)
@@ -163,10 +179,14 @@ def batch_norm(input: MaybeDual, running_mean: Optional[Tensor], running_var: Op
 
 def _check_batch_norm(shape, running_mean, running_var, w, b, training) -> None:
     """Check batch norm's arguments against its input's ``shape``."""
-    if len(shape) < 2:
-        raise ValueError(f"batch_norm: input must have a channel dimension, got shape "
-                         f"{tuple(shape)}")
+    if len(shape) < 2 or shape[1] == 0:
+        raise ValueError(f"batch_norm: input must have a channel dimension of at least 1 "
+                         f"channel, got shape {tuple(shape)}")
     channels = shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and not isinstance(t, Tensor):  # a Dual included
+            raise TypeError(f"batch_norm: {name} must be a Tensor or None, got "
+                            f"{type(t).__name__}")
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", w), ("bias", b)):
         if t is not None and t.shape != (channels,):
@@ -174,7 +194,7 @@ def _check_batch_norm(shape, running_mean, running_var, w, b, training) -> None:
                              f"{channels} channels")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm: eval mode needs running_mean and running_var")
-    if training and math.prod(shape) // channels <= 1:
+    if training and shape[0] * math.prod(shape[2:]) == 1:  # as torch: an empty input passes
         raise ValueError(f"batch_norm: training needs more than 1 value per channel, got input "
                          f"of shape {tuple(shape)}")
 
@@ -218,6 +238,10 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     shape = _conv_output_shape(x, w, stride, padding, dilation)
     _check_primal("conv2d_batch_norm", conv_primal, x, shape)
     _check_batch_norm(shape, running_mean, running_var, g, bb, training)
+    if math.prod(shape) == 0:
+        return batch_norm(conv2d(input, weight, conv_bias, stride, padding, dilation, groups),
+                          running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+                          relu)
     y, yt = current_backend(x.device).conv2d_batch_norm(
         x, xt, w, wt, cb, cbt, x_pos, conv_pos, conv_plan.count, stride, padding, dilation,
         groups, g, bb, gt, bbt, plan.positions[1], running_mean, running_var, training,
@@ -226,13 +250,21 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
 
 
 # --- nonlinear ops without parameters -------------------------------------------------------------
-@implements(F.relu, torch.relu, torch.relu_, F.relu_)
+@implements(F.relu, torch.relu, torch.Tensor.relu)
 @_no_grad
 def relu(input: MaybeDual, inplace: bool = False) -> Dual:
-    """Dual ReLU: ``ẏ = ẋ·[x>0]`` (``inplace`` is accepted and ignored: tensors stay intact)."""
+    """Dual ReLU: ``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch's derivative).
+    ``inplace`` rebinds a Dual ``input`` to the result (its tensors stay intact)."""
     d = _as_dual(input, "relu")
     y, yt = current_backend(d.device).relu(d.primal, d.tangents)
-    return d.with_tangents(y, yt)
+    out = d.with_tangents(y, yt)
+    return d._assign(out) if inplace and isinstance(input, Dual) else out
+
+
+@implements(torch.relu_, F.relu_)
+def relu_(input: Dual) -> Dual:
+    """In-place Dual ReLU: ``input`` is rebound to the result."""
+    return relu(input, inplace=True)
 
 
 @implements(F.max_pool2d, torch.max_pool2d)
@@ -259,6 +291,9 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     if weight is not None or size_average is not None or reduce is not None:
         raise NotImplementedError("cross_entropy on a Dual supports no class weight and no "
                                   "legacy size_average/reduce arguments")
+    if not isinstance(target, Tensor) or isinstance(target, Dual):
+        raise TypeError(f"cross_entropy: target must be a Tensor of class indices, got "
+                        f"{type(target).__name__}")
     d = _as_dual(input, "cross_entropy")
     z = d.primal
     if z.dim() != 2:
@@ -279,8 +314,8 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
         p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
     residual = (torch.softmax(z, dim=1) - p) * keep.unsqueeze(1)
     per_sample = (residual * d.tangents).sum(-1)  # (T, N)
-    if reduction == "mean":
-        lt = per_sample.sum(-1) / keep.sum().clamp_min(1)
+    if reduction == "mean":  # over the kept samples: 0/0 = NaN when every one is ignored
+        lt = per_sample.sum(-1) / keep.sum()
     elif reduction == "sum":
         lt = per_sample.sum(-1)
     else:
@@ -367,75 +402,6 @@ def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
                 piece[list(pos)] = d.tangents
             pieces.append(piece)
     return _result(y, torch.cat(pieces, tdim), plan)
-
-
-def _binary(op: str, a, b, sign: float) -> Dual:
-    """``a + sign·b`` for Duals, tensors and numbers (a tensor or number has zero tangent)."""
-    ap, at, ao = _split(a)
-    bp, bt, bo = _split(b)
-    y = ap + bp if sign > 0 else ap - bp
-    plan = _slots.plan([ao, bo], op)
-    if plan.count == 0:
-        return Dual(y)
-    (a_pos, b_pos) = plan.positions
-
-    def broadcast(t):
-        # An operand broadcast up to the result's shape has its tangent broadcast the same way.
-        return t if t.shape[1:] == y.shape else t.expand(t.shape[0], *y.shape)
-
-    parts = []
-    if at is not None:
-        parts.append((broadcast(at), a_pos))
-    if bt is not None:
-        parts.append((broadcast(bt) if sign > 0 else -broadcast(bt), b_pos))
-    return _result(y, _slots.place(plan.count, parts), plan)
-
-
-@implements(torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__,
-            torch.Tensor.__iadd__, torch.Tensor.add_)
-def add(input, other, *, alpha=1) -> Dual:
-    """Dual ``input + alpha·other``."""
-    if alpha != 1:
-        other = mul(other, alpha)
-    return _binary("add", input, other, 1.0)
-
-
-@implements(torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__isub__)
-def sub(input, other, *, alpha=1) -> Dual:
-    """Dual ``input - alpha·other``."""
-    if alpha != 1:
-        other = mul(other, alpha)
-    return _binary("sub", input, other, -1.0)
-
-
-@implements(torch.Tensor.__rsub__)
-def _rsub(input, other) -> Dual:
-    return _binary("sub", other, input, -1.0)
-
-
-@implements(torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
-def mul(input, other) -> Dual:
-    """Dual product with a scalar (a Python number): a linear map."""
-    if isinstance(input, Dual) and isinstance(other, (int, float)):
-        d, s = input, other
-    elif isinstance(other, Dual) and isinstance(input, (int, float)):
-        d, s = other, input
-    else:
-        raise TypeError("mul: a Dual can only be multiplied by a Python number "
-                        f"(got {type(input).__name__} * {type(other).__name__})")
-    return d.map(lambda t: t * s)
-
-
-@implements(torch.div, torch.Tensor.div, torch.Tensor.__truediv__)
-def _div(input: Dual, other) -> Dual:
-    if not isinstance(input, Dual) or not isinstance(other, (int, float)):
-        raise TypeError("div: a Dual can only be divided by a Python number")
-    return input.map(lambda t: t / other)
-
-
-@implements(torch.neg, torch.Tensor.neg, torch.Tensor.__neg__)
-def _neg(input: Dual) -> Dual:
-    return input.map(torch.neg)
 
 
 def add_direction(input: Dual, direction: int, tangent: Tensor) -> Dual:

@@ -29,8 +29,12 @@ class DualModule:
         slots = self.__dict__.get("_fg_tangents", {}).get(name)
         if p is None or slots is None:
             return p
-        stack, directions, single = slots
-        return Dual._of(p.detach(), stack, directions, single)
+        if slots.parameter is not p:
+            raise RuntimeError(
+                f"{type(self).__name__}.{name} was replaced after its tangent was set (now "
+                f"{tuple(p.shape)}, then {tuple(slots.parameter.shape)}); set its tangent again "
+                "with fgkernels.set_tangents, or clear it with fgkernels.clear_tangents")
+        return Dual._unchecked(p.detach(), slots.stack, slots.directions, slots.single)
 
 
 class _KeptOutput(NamedTuple):
@@ -182,8 +186,10 @@ class DualFlatten(DualModule, nn.Flatten):
 
 
 class DualSequential(nn.Sequential):
-    """``nn.Sequential`` that, on a Dual input, runs each Conv→BatchNorm(→ReLU) and
-    BatchNorm→ReLU run of its children as one fused op. Same children, same state_dict."""
+    """``nn.Sequential`` that, on a Dual input, runs each Conv→BatchNorm2d(→ReLU) and
+    BatchNorm→ReLU run of its children as one fused op. Same children, same state_dict. A child
+    with forward hooks or pre-hooks is not fused: it runs on its own, so its hooks see its Dual
+    input and output as they see tensors on the plain pass."""
 
     def forward(self, input):
         if not isinstance(input, Dual):
@@ -194,11 +200,12 @@ class DualSequential(nn.Sequential):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             after = layers[i + 2] if i + 2 < len(layers) else None
-            if _fusable_conv(layer) and isinstance(nxt, _DualBatchNorm):
-                relu = isinstance(after, nn.ReLU)
+            if _fusable_conv(layer) and isinstance(nxt, DualBatchNorm2d) and _unhooked(nxt):
+                relu = isinstance(after, nn.ReLU) and _unhooked(after)
                 input = _conv_bn(layer, nxt, input, relu)
                 i += 3 if relu else 2
-            elif isinstance(layer, _DualBatchNorm) and isinstance(nxt, nn.ReLU):
+            elif (isinstance(layer, _DualBatchNorm) and _unhooked(layer)
+                  and isinstance(nxt, nn.ReLU) and _unhooked(nxt)):
                 input = layer._dual_forward(input, relu=True)
                 i += 2
             else:
@@ -207,8 +214,16 @@ class DualSequential(nn.Sequential):
         return input
 
 
+def _unhooked(layer: nn.Module) -> bool:
+    """True if no forward hook or pre-hook (the layer's own or a global one) would run on it."""
+    from torch.nn.modules import module as torch_module
+    return not (layer._forward_hooks or layer._forward_pre_hooks
+                or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
 def _fusable_conv(layer) -> bool:
-    return isinstance(layer, DualConv2d) and layer.padding_mode == "zeros"
+    return isinstance(layer, DualConv2d) and layer.padding_mode == "zeros" and _unhooked(layer)
 
 
 def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> Dual:

@@ -1,7 +1,7 @@
 """Parameter tangents: the per-step directions ``Ẇ`` that the Dual layers feed into the pass."""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -10,6 +10,16 @@ from .dual import _check_tangent
 from .nn import DualModule
 
 Tensor = torch.Tensor
+
+
+class ParameterTangent(NamedTuple):
+    """A parameter's tangent as the Dual layers keep it: stacked, with its slots' labels, and
+    the parameter it was set for (a replaced parameter must not inherit it)."""
+
+    stack: Tensor
+    directions: Optional[tuple[int, ...]]
+    single: bool
+    parameter: Tensor
 
 
 def _owner(module: nn.Module, name: str, params: Mapping[str, Tensor]):
@@ -47,13 +57,14 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
                 raise ValueError(f"set_tangents: with direction={direction}, the tangent of "
                                  f"{name!r} must have the parameter's shape "
                                  f"{tuple(params[name].shape)}")
-            entry = (tangent.unsqueeze(0), (direction,), False)
+            entry = ParameterTangent(tangent.unsqueeze(0), (direction,), False, params[name])
         else:
-            entry = (tangent.unsqueeze(0) if single else tangent, None, single)
+            entry = ParameterTangent(tangent.unsqueeze(0) if single else tangent, None, single,
+                                     params[name])
         staged.setdefault(id(owner), (owner, {}))[1][leaf] = entry
     for owner, new in staged.values():
         merged = {**owner.__dict__.get("_fg_tangents", {}), **new}
-        layouts = {(t.shape[0], d, s) for t, d, s in merged.values()}
+        layouts = {(e.stack.shape[0], e.directions, e.single) for e in merged.values()}
         if len(layouts) > 1:
             raise ValueError(f"set_tangents: the tangents of one {type(owner).__name__} must share "
                              f"T and direction; got {sorted(map(str, layouts))}")

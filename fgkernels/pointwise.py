@@ -1,0 +1,284 @@
+"""Dual rules for elementwise arithmetic, activations and the linear tensor ops real networks
+use (views, reductions, indexing).
+
+Broadcasting: an operand's stacked tangent ``(T, *a.shape)`` is aligned with the result on its
+trailing data dims, as torch aligns ``a``; the slot axis T stays in front and is never broadcast
+against data. An operand without tangent (a plain tensor or number) is a constant.
+
+Activations compute the derivative ``f'(x)`` once and scale every tangent slot by it, exactly as
+torch's forward-mode rule does (the same formula, the same convention at kinks and at NaN).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _slots
+from .dual import Dual, implements
+
+Tensor = torch.Tensor
+
+__all__ = ["add", "sub", "mul", "div", "where", "clamp"]
+
+
+def _parts(v):
+    """(primal or number, stacked tangent or None, SlotOperand or None)."""
+    if isinstance(v, Dual):
+        return v.primal, v.tangents, v.slot_operand()
+    if isinstance(v, (Tensor, int, float, bool)):
+        return v, None, None
+    raise TypeError(f"expected a Dual, Tensor or number, got {type(v).__name__}")
+
+
+def lift(stack: Tensor, dim: int) -> Tensor:
+    """A stack ``(T, *s)`` with singleton dims inserted after T so that its data part has
+    ``dim`` dims, trailing dims aligned: it then broadcasts against data of ``dim`` dims."""
+    missing = dim - (stack.dim() - 1)
+    return stack if missing <= 0 else stack.reshape(stack.shape[0], *([1] * missing),
+                                                    *stack.shape[1:])
+
+
+def broadcast_stack(stack: Tensor, shape) -> Tensor:
+    """A stack ``(T, *s)`` broadcast to ``(T, *shape)``, ``s`` aligned on ``shape``'s trailing
+    dims (a view, no copy)."""
+    return lift(stack, len(shape)).expand(stack.shape[0], *shape)
+
+
+def _combine(op: str, y: Tensor, terms) -> Dual:
+    """The Dual of ``y`` whose tangent is the sum of ``terms``: (operand slots, function of that
+    operand's stack giving its term, broadcastable to ``(T, *y.shape)``), None-free."""
+    terms = [(o, t, fn) for o, t, fn in terms if o is not None]
+    plan = _slots.plan([o for o, _, _ in terms], op)
+    if plan.count == 0:
+        return Dual(y)
+    parts = [(broadcast_stack(fn(lift(t, y.dim())), y.shape), pos)
+             for (_, t, fn), pos in zip(terms, plan.positions)]
+    return Dual._unchecked(y, _slots.place(plan.count, parts), plan.directions, plan.single)
+
+
+# --- arithmetic ---------------------------------------------------------------------------------
+@implements(torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
+def add(input, other, *, alpha=1) -> Dual:
+    """Dual ``input + alpha·other`` (either may be a Dual, a tensor or a number)."""
+    (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
+    y = torch.add(torch.as_tensor(a), b, alpha=alpha)
+    return _combine("add", y, [(ao, at, lambda t: t), (bo, bt, lambda t: t * alpha)])
+
+
+@implements(torch.sub, torch.Tensor.sub, torch.Tensor.__sub__)
+def sub(input, other, *, alpha=1) -> Dual:
+    """Dual ``input - alpha·other``."""
+    return add(input, other, alpha=-alpha)
+
+
+@implements(torch.Tensor.__rsub__, torch.rsub)
+def _rsub(input, other, *, alpha=1) -> Dual:
+    return add(other, input, alpha=-alpha)
+
+
+@implements(torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+            torch.multiply)
+def mul(input, other) -> Dual:
+    """Dual product: ``ẏ = ȧ·b + a·ḃ``."""
+    (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
+    return _combine("mul", torch.mul(torch.as_tensor(a), b),
+                    [(ao, at, lambda t: t * b), (bo, bt, lambda t: a * t)])
+
+
+@implements(torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide,
+            torch.divide)
+def div(input, other, *, rounding_mode: Optional[str] = None) -> Dual:
+    """Dual quotient: ``y = a/b``, ``ẏ = ȧ/b − y·ḃ/b``."""
+    if rounding_mode is not None:
+        raise TypeError(f"div: rounding_mode={rounding_mode!r} is piecewise constant and has no "
+                        "useful tangent on a Dual; divide the primal instead")
+    (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
+    y = torch.div(torch.as_tensor(a), b)
+    return _combine("div", y, [(ao, at, lambda t: t / b), (bo, bt, lambda t: -(y * t) / b)])
+
+
+@implements(torch.Tensor.__rtruediv__)
+def _rdiv(input, other) -> Dual:
+    return div(other, input)
+
+
+@implements(torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.negative)
+def _neg(input: Dual) -> Dual:
+    return input.map(torch.neg)
+
+
+@implements(torch.where)
+def where(condition, input, other) -> Dual:
+    """Dual select: ``ẏ = where(condition, ȧ, ḃ)`` (an operand without tangent gives 0)."""
+    if isinstance(condition, Dual):
+        raise TypeError("where: the condition must be a bool Tensor, got a Dual")
+    (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
+    y = torch.where(condition, a, b)
+    return _combine("where", y, [(ao, at, lambda t: torch.where(condition, t, 0)),
+                                 (bo, bt, lambda t: torch.where(condition, 0, t))])
+
+
+@implements(torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip)
+def clamp(input: Dual, min=None, max=None) -> Dual:
+    """Dual clamp to constant bounds: ``ẏ = ẋ`` where ``min ≤ x ≤ max``, else 0."""
+    if isinstance(min, Dual) or isinstance(max, Dual):
+        raise TypeError("clamp: the bounds must be numbers or Tensors, not Duals")
+    x = input.primal
+    inside = torch.ones_like(x, dtype=torch.bool)
+    if min is not None:
+        inside &= x >= min
+    if max is not None:
+        inside &= x <= max
+    return input.with_tangents(torch.clamp(x, min, max), _select(input.tangents, inside))
+
+
+def _select(stack: Optional[Tensor], keep: Tensor) -> Optional[Tensor]:
+    """Every slot where ``keep``, else 0 (a select: a NaN tangent where not ``keep`` gives 0)."""
+    return None if stack is None else stack.masked_fill(~keep, 0)
+
+
+# --- activations: y = f(x), ẏ = f'(x)·ẋ ---------------------------------------------------------
+def _activation(input, y: Tensor, slope: Callable[[], Tensor], inplace: bool = False) -> Dual:
+    """The Dual of ``y = f(x)`` with ``ẏ = slope()·ẋ``; ``inplace`` rebinds ``input``."""
+    d = input if isinstance(input, Dual) else Dual(input)
+    out = d.with_tangents(y, None if d.tangents is None else d.tangents * slope())
+    return d._assign(out) if inplace else out
+
+
+@implements(F.hardtanh, F.hardtanh_)
+def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Dual:
+    """Dual hardtanh (and ReLU6): ``ẏ = ẋ`` where ``min < x < max`` (strictly), else 0."""
+    x = input.primal
+    out = input.with_tangents(F.hardtanh(x, min_val, max_val),
+                              _select(input.tangents, (x > min_val) & (x < max_val)))
+    return input._assign(out) if inplace else out
+
+
+@implements(F.relu6)
+def relu6(input, inplace: bool = False) -> Dual:
+    """Dual ReLU6: hardtanh on [0, 6]."""
+    return hardtanh(input, 0.0, 6.0, inplace)
+
+
+@implements(F.leaky_relu, F.leaky_relu_)
+def leaky_relu(input, negative_slope: float = 0.01, inplace: bool = False) -> Dual:
+    """Dual leaky ReLU: slope 1 where x > 0, else ``negative_slope``."""
+    x = input.primal
+    return _activation(input, F.leaky_relu(x, negative_slope),
+                       lambda: torch.where(x > 0, 1.0, negative_slope).to(x.dtype), inplace)
+
+
+@implements(F.elu, F.elu_)
+def elu(input, alpha: float = 1.0, inplace: bool = False) -> Dual:
+    """Dual ELU: slope 1 where x > 0, else ``alpha·eˣ``."""
+    x = input.primal
+    return _activation(input, F.elu(x, alpha),
+                       lambda: torch.where(x <= 0, alpha * torch.exp(x), 1.0), inplace)
+
+
+@implements(F.silu)
+def silu(input, inplace: bool = False) -> Dual:
+    """Dual SiLU ``x·σ(x)``: slope ``σ(x)·(1 + x·(1 − σ(x)))``."""
+    x = input.primal
+    s = torch.sigmoid(x)
+    return _activation(input, x * s, lambda: s * (1 + x * (1 - s)), inplace)
+
+
+@implements(F.gelu)
+def gelu(input, approximate: str = "none") -> Dual:
+    """Dual GELU, exact (``Φ(x) + x·φ(x)``) or tanh-approximated."""
+    x = input.primal
+    if approximate == "tanh":
+        k, c = math.sqrt(2 / math.pi), 0.044715
+        t = torch.tanh(k * (x + c * x ** 3))
+        slope = lambda: 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
+    elif approximate == "none":
+        slope = lambda: (0.5 * (1 + torch.erf(x / math.sqrt(2)))
+                         + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
+    else:
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _activation(input, F.gelu(x, approximate=approximate), slope)
+
+
+@implements(torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid)
+def sigmoid(input) -> Dual:
+    """Dual sigmoid: slope ``y·(1 − y)``."""
+    y = torch.sigmoid(input.primal)
+    return _activation(input, y, lambda: y * (1 - y))
+
+
+@implements(torch.tanh, torch.Tensor.tanh, F.tanh)
+def tanh(input) -> Dual:
+    """Dual tanh: slope ``1 − y²``."""
+    y = torch.tanh(input.primal)
+    return _activation(input, y, lambda: 1 - y * y)
+
+
+@implements(F.hardsigmoid)
+def hardsigmoid(input, inplace: bool = False) -> Dual:
+    """Dual hardsigmoid: slope 1/6 where −3 < x < 3, else 0."""
+    x = input.primal
+    out = input.with_tangents(F.hardsigmoid(x),
+                              _select(None if input.tangents is None else input.tangents / 6,
+                                      (x > -3) & (x < 3)))
+    return input._assign(out) if inplace else out
+
+
+@implements(F.hardswish)
+def hardswish(input, inplace: bool = False) -> Dual:
+    """Dual hardswish: slope 0 where x < −3, ``x/3 + 1/2`` up to 3, 1 above."""
+    x = input.primal
+    slope = torch.where(x > 3, 1.0, x / 3 + 0.5)
+    out = input.with_tangents(F.hardswish(x),
+                              _select(None if input.tangents is None else input.tangents * slope,
+                                      x >= -3))
+    return input._assign(out) if inplace else out
+
+
+@implements(F.mish)
+def mish(input, inplace: bool = False) -> Dual:
+    """Dual Mish ``x·tanh(softplus(x))``: slope ``t + x·σ(x)·(1 − t²)``."""
+    x = input.primal
+    t = torch.tanh(F.softplus(x))
+    return _activation(input, x * t, lambda: t + x * torch.sigmoid(x) * (1 - t * t), inplace)
+
+
+# --- linear tensor ops: the same map on the primal and on every slot ----------------------------
+def _linear_rule(func: Callable) -> Callable:
+    """The rule of a tensor op that is linear in its first (Dual) argument and keeps the others
+    constant: the op on the primal, and on every slot at once (``torch.vmap`` over T)."""
+
+    def rule(input, *args, **kwargs):
+        y = func(input.primal, *args, **kwargs)
+        if input.tangents is None:
+            return _wrap_like(input, y, None)
+        t = torch.vmap(lambda s: func(s, *args, **kwargs))(input.tangents)
+        return _wrap_like(input, y, t)
+
+    return rule
+
+
+def _wrap_like(d: Dual, y, t):
+    """Outputs of a linear op on ``d``: a Dual per tensor (tuples and lists kept)."""
+    if isinstance(y, (tuple, list)):
+        return type(y)(_wrap_like(d, yi, None if t is None else ti)
+                       for yi, ti in zip(y, t if t is not None else [None] * len(y)))
+    return d.with_tangents(y, t)
+
+
+_LINEAR_OPS = [
+    torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose,
+    torch.Tensor.movedim, torch.movedim, torch.Tensor.chunk, torch.chunk, torch.Tensor.split,
+    torch.split, torch.Tensor.unbind, torch.unbind, torch.Tensor.contiguous,
+    torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.squeeze, torch.squeeze,
+    torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.mean, torch.mean, torch.Tensor.sum,
+    torch.sum, torch.Tensor.__getitem__, torch.Tensor.narrow, torch.narrow, torch.Tensor.select,
+    torch.select, torch.Tensor.flip, torch.flip, torch.Tensor.roll, torch.roll,
+    torch.Tensor.repeat, torch.Tensor.unflatten, torch.unflatten, torch.Tensor.clone,
+    torch.clone, torch.Tensor.t, torch.t,
+]
+for _op in _LINEAR_OPS:
+    implements(_op)(_linear_rule(_op))

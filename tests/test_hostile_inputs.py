@@ -1,0 +1,340 @@
+"""Edge and hostile inputs: the exact forward_ad answer (NaN where it has NaN) or a clear error
+naming the argument, never a crash or a wrong number."""
+import copy
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fgkernels
+from fgkernels import Dual
+from fgkernels.testing import forward_ad_jvp
+
+from helpers import rel_err
+
+f64 = dict(dtype=torch.float64)
+
+
+def _jvp(fn, *pairs):
+    """forward_ad's (primal, stacked tangent) of ``fn`` at (primal, stack or None) pairs."""
+    return forward_ad_jvp(fn, [p for p, _ in pairs], [t for _, t in pairs])
+
+
+# --- raw ops on degenerate inputs, in a process of their own ----------------------------------
+CRASH_CASES = """
+import torch
+import fgkernels
+ops = torch.ops.fgkernels
+x0 = torch.randn(0, 3, 4, 4)
+xhw = torch.randn(2, 3, 0, 0)
+xc0 = torch.randn(2, 0, 4, 4)
+c3 = lambda: torch.randn(3)
+cases = {
+    "apply N=0": lambda: ops.dual_bn_apply(x0, None, [], c3(), c3(), c3(), torch.randn(0, 3),
+                                           torch.randn(0, 3), True),
+    "apply HW=0": lambda: ops.dual_bn_apply(xhw, torch.randn(1, *xhw.shape), [0], c3(), c3(),
+                                            c3(), torch.randn(1, 3), torch.randn(1, 3), False),
+    "apply C=0": lambda: ops.dual_bn_apply(xc0, None, [], torch.randn(0), torch.randn(0),
+                                           torch.randn(0), torch.randn(0, 0), torch.randn(0, 0),
+                                           False),
+    "apply_ N=0": lambda: ops.dual_bn_apply_(x0.clone(), None, c3(), c3(), c3(),
+                                             torch.randn(0, 3), torch.randn(0, 3), True),
+    "stats N=0": lambda: ops.dual_bn_stats(x0, None),
+    "stats C=0": lambda: ops.dual_bn_stats(xc0, None),
+    "conv groups=0": lambda: ops.dual_conv2d(torch.randn(1, 4, 5, 5), None,
+                                             torch.randn(4, 4, 3, 3), None, None, None, [1, 1],
+                                             [0, 0], [1, 1], 0),
+    "conv groups=-2": lambda: ops.dual_conv2d(torch.randn(1, 4, 5, 5), None,
+                                              torch.randn(4, 2, 3, 3), None, None, None, [1, 1],
+                                              [0, 0], [1, 1], -2),
+    "conv N=0": lambda: ops.dual_conv2d(torch.randn(0, 4, 5, 5), torch.randn(2, 0, 4, 5, 5),
+                                        torch.randn(4, 4, 3, 3), torch.randn(1, 4, 4, 3, 3),
+                                        None, None, [1, 1], [0, 0], [1, 1], 1),
+    "relu empty": lambda: ops.dual_relu(x0, torch.randn(2, *x0.shape)),
+    "linear 0-d": lambda: ops.dual_linear(torch.tensor(1.0), None, torch.randn(3, 1), None,
+                                          None, None),
+    "maxpool N=0": lambda: ops.dual_max_pool2d(x0, torch.randn(1, *x0.shape), [2, 2], [2, 2],
+                                               [0, 0], [1, 1], False),
+}
+for name, case in cases.items():
+    try:
+        out = case()
+        print(f"{name}: ok")
+    except RuntimeError as e:
+        print(f"{name}: error: {str(e).splitlines()[0]}")
+"""
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_raw_ops_never_crash_the_process():
+    run = subprocess.run([sys.executable, "-c", CRASH_CASES], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-2000:])
+    lines = dict(line.split(": ", 1) for line in run.stdout.splitlines())
+    assert len(lines) == 12, run.stdout
+    for name in ("apply N=0", "apply HW=0", "apply_ N=0", "conv N=0", "relu empty",
+                 "maxpool N=0"):
+        assert lines[name] == "ok", (name, lines[name])
+    assert "at least one channel" in lines["apply C=0"]
+    assert "x must not be empty" in lines["stats N=0"]
+    assert "groups must be positive, got 0" in lines["conv groups=0"]
+    assert "groups must be positive, got -2" in lines["conv groups=-2"]
+    assert "0-d" in lines["linear 0-d"]
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_raw_ops_refuse_aliased_or_grad_leaf_outputs_and_mismatched_slots():
+    ops = torch.ops.fgkernels
+    x = torch.randn(2, 3, 4, 4)
+    coef = (torch.randn(3), torch.randn(3), torch.randn(3), torch.randn(1, 3), torch.randn(1, 3))
+    with pytest.raises(RuntimeError, match="x and xt share memory"):
+        ops.dual_bn_apply_(x, x.unsqueeze(0), *coef, False)
+    leaf = torch.randn(2, 3, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
+        ops.dual_bn_apply_(leaf, None, *coef[:3], torch.randn(0, 3), torch.randn(0, 3), False)
+    with torch.no_grad():  # as torch's own in-place ops
+        ops.dual_bn_apply_(leaf, None, *coef[:3], torch.randn(0, 3), torch.randn(0, 3), False)
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="same number of slots P, got 2 and 1"):
+        ops.dual_conv2d(x, None, w, torch.randn(2, *w.shape), None, torch.randn(1, 4), [1, 1],
+                        [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[4\], got \[5\]"):
+        ops.dual_conv2d(x, None, w, None, torch.randn(5), None, [1, 1], [0, 0], [1, 1], 1)
+
+
+# --- empty tensors follow torch.nn ----------------------------------------------------------
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 0), (2, 3, 0, 5)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_conv", [False, True])
+def test_empty_inputs_follow_torch_nn(backend, shape, training, with_conv):
+    """Output shape, running stats and num_batches_tracked as torch.nn; where torch.nn refuses
+    (a convolution over H·W = 0), the same error."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 3, 1)] if with_conv else []
+    ref = nn.Sequential(*layers, nn.BatchNorm2d(3), nn.ReLU()).double().train(training)
+    net = fgkernels.convert(copy.deepcopy(ref))
+    x, xt = torch.randn(shape, **f64), torch.randn(2, *shape, **f64)
+    try:
+        y_ref = ref(x)
+    except RuntimeError as e:
+        with pytest.raises(RuntimeError, match=re.escape(str(e))):
+            net(Dual(x, xt))
+        return
+    out = net(Dual(x, xt))
+    assert out.shape == y_ref.shape and out.tangents.shape == (2, *y_ref.shape)
+    for a, b in zip(net.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_zero_channel_batch_norm_is_a_clear_error(backend):
+    bn = fgkernels.convert(nn.BatchNorm2d(0))
+    with pytest.raises(ValueError, match="at least 1 channel"):
+        bn(Dual(torch.randn(2, 0, 3, 3), torch.randn(2, 0, 3, 3)))
+
+
+# --- broadcasting: trailing data dims aligned, the slot axis kept apart --------------------------
+BROADCASTS = [((2, 3, 4, 4), (3, 1, 1)), ((3, 1, 1), (2, 3, 4, 4)), ((2, 3, 4, 4), (4,)),
+              ((3, 1), (1, 3)), ((2, 3, 4, 4), ()), ((1, 3, 1, 1), (2, 1, 4, 4))]
+
+
+@pytest.mark.parametrize("op", [torch.add, torch.sub, torch.mul, torch.div,
+                                lambda a, b: torch.where(torch.ones((), dtype=torch.bool)
+                                                         .expand(3, 1, 1, 1)[:1, 0], a, b)],
+                         ids=["add", "sub", "mul", "div", "where"])
+@pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
+@pytest.mark.parametrize("which", ["both", "left", "right"])
+def test_broadcasting_binary_ops_match_forward_ad(op, shapes, which):
+    (sa, sb), T = shapes, 3
+    a, b = torch.randn(sa, **f64), torch.rand(sb, **f64) + 0.5
+    at = torch.randn(T, *sa, **f64) if which != "right" else None
+    bt = torch.randn(T, *sb, **f64) if which != "left" else None
+    out = op(Dual(a, at) if at is not None else a, Dual(b, bt) if bt is not None else b)
+    y, yt = _jvp(op, (a, at), (b, bt))
+    assert out.shape == y.shape and out.tangents.shape == (T, *y.shape)
+    torch.testing.assert_close(out.primal, y)
+    torch.testing.assert_close(out.tangents, yt)
+
+
+def test_bias_of_lower_rank_added_to_an_activation():
+    """The reported case: h + bias with a (C, 1, 1) Dual bias, T equal to a data dim."""
+    h, ht = torch.randn(2, 3, 4, 4, **f64), torch.randn(2, 2, 3, 4, 4, **f64)
+    b, bt = torch.randn(3, 1, 1, **f64), torch.randn(2, 3, 1, 1, **f64)
+    out = Dual(h, ht) + Dual(b, bt)
+    torch.testing.assert_close(out.tangents, ht + bt.unsqueeze(1))
+
+
+# --- in-place ops update the Dual or raise ----------------------------------------------------
+@pytest.mark.parametrize("name,inplace,outofplace", [
+    ("F.relu_", F.relu_, F.relu), ("torch.relu_", torch.relu_, torch.relu),
+    ("F.relu(inplace)", lambda d: F.relu(d, inplace=True), F.relu),
+    ("relu_", lambda d: d.relu_(), F.relu),
+    ("add_", lambda d: d.add_(d * 2, alpha=0.5), lambda v: v + v),
+    ("mul_", lambda d: d.mul_(3.0), lambda v: v * 3), ("div_", lambda d: d.div_(4), lambda v: v / 4),
+    ("clamp_", lambda d: d.clamp_(-0.5, 0.5), lambda v: v.clamp(-0.5, 0.5)),
+    ("+=", lambda d: d.__iadd__(d), lambda v: v + v),
+    ("hardtanh_", lambda d: F.hardtanh(d, inplace=True), F.hardtanh),
+])
+def test_inplace_ops_update_primal_and_tangent(name, inplace, outofplace):
+    x, xt = torch.randn(2, 3, 4, 4, **f64), torch.randn(2, 2, 3, 4, 4, **f64)
+    d = Dual(x, xt)
+    result = inplace(d)
+    y, yt = _jvp(outofplace, (x, xt))
+    assert result is d, name
+    torch.testing.assert_close(d.primal, y)
+    torch.testing.assert_close(d.tangents, yt)
+    assert torch.equal(x, Dual(x).primal)  # the tensors themselves are not written
+
+
+def test_inplace_op_without_rule_raises_naming_it():
+    d = Dual(torch.randn(3), torch.randn(3))
+    with pytest.raises(TypeError, match="in-place op 'Tensor.sigmoid_' has no rule"):
+        d.sigmoid_()
+
+
+# --- NaN and Inf as forward_ad has them ---------------------------------------------------------
+def test_relu_at_nan_and_nonfinite_tangents_match_forward_ad(backend):
+    x = torch.tensor([float("nan"), 1.0, -1.0, -2.0, 0.0], **f64)
+    xt = torch.tensor([[5.0, 5.0, 5.0, float("nan"), float("inf")]], **f64)
+    out = F.relu(Dual(x, xt))
+    _, yt = _jvp(F.relu, (x, xt))
+    assert out.tangents.tolist() == yt.tolist() == [[5.0, 5.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_primal_in_training_bn_relu_gives_nan_as_forward_ad(backend, bad):
+    ref = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).double()
+    net = fgkernels.convert(copy.deepcopy(ref))
+    x, xt = torch.randn(2, 3, 4, 4, **f64), torch.randn(1, 2, 3, 4, 4, **f64)
+    x[1, 1, 2, 2] = bad
+    out = net(Dual(x, xt))
+    _, yt = _jvp(copy.deepcopy(ref), (x, xt))
+    assert torch.equal(out.tangents.isnan(), yt.isnan())
+    assert out.tangents[:, :, 1].isnan().all()  # the whole channel, not zeros
+    torch.testing.assert_close(out.tangents[:, :, [0, 2]], yt[:, :, [0, 2]])
+
+
+def test_cross_entropy_with_every_target_ignored_is_nan_as_forward_ad():
+    z, zt = torch.randn(3, 4, **f64), torch.randn(1, 3, 4, **f64)
+    target = torch.full((3,), -100)
+    out = F.cross_entropy(Dual(z, zt), target)
+    _, lt = _jvp(lambda v: F.cross_entropy(v, target), (z, zt))
+    assert out.primal.isnan() and out.tangents.isnan().all() and lt.isnan().all()
+
+
+# --- numerics ---------------------------------------------------------------------------------
+def test_batch_norm_far_from_zero_is_as_precise_as_torch(backend):
+    """A channel with mean 1e4 and std 1e-2 in float32: err ≤ 2·err_torch + atol."""
+    x = torch.randn(8, 4, 6, 6, **f64) * 1e-2 + 1e4
+    xt = torch.randn(1, *x.shape, **f64)
+    ref = nn.BatchNorm2d(4)
+    y64, t64 = _jvp(copy.deepcopy(ref).double(), (x, xt))
+    y32, t32 = _jvp(copy.deepcopy(ref), (x.float(), xt.float()))
+    out = fgkernels.convert(copy.deepcopy(ref))(Dual(x.float(), xt.float()))
+    assert rel_err(out.primal, y64) <= 2 * rel_err(y32, y64) + 1e-6
+    assert rel_err(out.tangents, t64) <= 2 * rel_err(t32, t64) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_running_stats_are_rounded_once(backend, dtype):
+    """The running stats are the exact update rounded once, so never further from it than
+    nn.BatchNorm2d's."""
+    ref = nn.BatchNorm2d(6).to(dtype)
+    ref.running_mean.uniform_(-1, 1)
+    ref.running_var.uniform_(0.5, 2)
+    net = fgkernels.convert(copy.deepcopy(ref))
+    x = (torch.randn(7, 6, 5, 3) * 3 + 1).to(dtype)
+    x64 = x.double()
+    exact_mean = 0.1 * x64.mean((0, 2, 3)) + 0.9 * ref.running_mean.double()
+    exact_var = 0.1 * x64.var((0, 2, 3)) + 0.9 * ref.running_var.double()
+    ref(x)
+    net(Dual(x, torch.randn(1, *x.shape).to(dtype)))
+    for ours, theirs, exact in ((net.running_mean, ref.running_mean, exact_mean),
+                                (net.running_var, ref.running_var, exact_var)):
+        assert ((ours.double() - exact).abs() <= (theirs.double() - exact).abs()).all()
+
+
+# --- stale tangents, unclear errors -------------------------------------------------------------
+def test_a_parameter_replaced_after_set_tangents_is_refused():
+    conv = fgkernels.DualConv2d(2, 3, 3)
+    fgkernels.random_tangents(conv)
+    conv.weight = nn.Parameter(torch.randn(3, 2, 1, 1))
+    with pytest.raises(RuntimeError, match="weight was replaced after its tangent was set"):
+        conv(Dual(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5)))
+    fgkernels.random_tangents(conv)  # set again: fine
+    assert conv(Dual(torch.randn(1, 2, 5, 5))).shape == (1, 3, 5, 5)
+
+
+@pytest.mark.parametrize("case,error,message", [
+    (lambda: Dual(torch.randn(2, 3), torch.randn(0, 2, 3)), ValueError, "T >= 1"),
+    (lambda: fgkernels.set_tangents(fgkernels.DualLinear(3, 2), {"weight": torch.randn(0, 2, 3)}),
+     ValueError, "T >= 1"),
+    (lambda: F.linear(Dual(torch.tensor(1.0), torch.tensor(1.0)), torch.randn(3, 1)),
+     ValueError, "input must have at least 1 dim"),
+    (lambda: F.linear(Dual(torch.randn(2, 4), torch.randn(2, 4)),
+                      Dual(torch.randn(3, 4), torch.randn(2, 3, 4)),
+                      Dual(torch.randn(3), torch.randn(3, 3))),
+     ValueError, "must carry the same slots, got weight: T=2, bias: T=3"),
+    (lambda: F.cross_entropy(Dual(torch.randn(3, 4), torch.randn(3, 4)),
+                             Dual(torch.randn(3, 4), torch.randn(3, 4))),
+     TypeError, "target must be a Tensor of class indices, got Dual"),
+    (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)),
+                          Dual(torch.zeros(3)), torch.ones(3)),
+     TypeError, "running_mean must be a Tensor or None, got Dual"),
+    (lambda: F.conv2d(Dual(torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5)),
+                      torch.randn(4, 4, 3, 3), groups=0),
+     ValueError, "groups must be a positive int, got 0"),
+    (lambda: torch.where(Dual(torch.ones(2) > 0), torch.ones(2), torch.ones(2)),
+     TypeError, "condition must be a bool Tensor"),
+], ids=["T=0", "T=0 set_tangents", "0-d linear", "weight/bias T", "Dual target",
+        "Dual running_mean", "groups=0", "Dual condition"])
+def test_bad_input_gets_an_error_naming_it(case, error, message):
+    with pytest.raises(error, match=message):
+        case()
+
+
+def test_expanded_primal_into_batch_norm_matches_forward_ad(backend):
+    x = torch.randn(1, 3, 1, 1, **f64).expand(4, 3, 5, 5)
+    x = x + 1e-3 * torch.randn(4, 3, 5, 5, **f64)[:1].expand(4, 3, 5, 5)
+    xt = torch.randn(1, 4, 3, 5, 5, **f64)
+    ref = nn.BatchNorm2d(3).double()
+    out = fgkernels.convert(copy.deepcopy(ref))(Dual(x, xt))
+    y, yt = _jvp(ref, (x, xt))
+    torch.testing.assert_close(out.tangents, yt)
+
+
+# --- the fused DualSequential honours hooks and its children's checks ----------------------------
+def test_hooks_on_fused_children_fire_on_the_dual_pass():
+    torch.manual_seed(0)
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU())
+                            .double())
+    seen = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append("conv"))
+    net[1].register_forward_pre_hook(lambda m, i: seen.append("bn-pre"))
+    net[2].register_forward_hook(lambda m, i, o: o * 2)  # changes the output
+    x, xt = torch.randn(2, 2, 6, 6, **f64), torch.randn(1, 2, 2, 6, 6, **f64)
+    out = net(Dual(x, xt))
+    assert seen == ["conv", "bn-pre"]
+    ref = copy.deepcopy(net)
+    y, yt = _jvp(lambda v: ref(v), (x, xt))
+    torch.testing.assert_close(out.primal, y)
+    torch.testing.assert_close(out.tangents, yt)
+
+
+def test_batch_norm_1d_after_a_conv_rejects_4d_as_torch_does():
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        net(torch.randn(2, 2, 5, 5))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        net(Dual(torch.randn(2, 2, 5, 5), torch.randn(2, 2, 5, 5)))
+
+
+def test_unbound_tensor_method_on_a_dual_is_a_type_error():
+    """``torch.Tensor.add_(d, e)`` is refused by CPython before torch sees it (a TypeError
+    naming Dual); the bound spelling ``d.add_(e)`` is the supported one."""
+    d = Dual(torch.randn(3), torch.randn(3))
+    with pytest.raises(TypeError, match="Dual"):
+        torch.Tensor.add_(d, d)
