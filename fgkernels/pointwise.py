@@ -150,10 +150,11 @@ def _activation(input, y: Tensor, slope: Callable[[], Tensor], inplace: bool = F
 
 @implements(F.hardtanh, F.hardtanh_)
 def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Dual:
-    """Dual hardtanh (and ReLU6): ``ẏ = ẋ`` where ``min < x < max`` (strictly), else 0."""
+    """Dual hardtanh (and ReLU6): ``ẏ = 0`` where ``x ≤ min`` or ``x ≥ max``, else ``ẋ`` (a NaN
+    x keeps its tangent, as in torch)."""
     x = input.primal
     out = input.with_tangents(F.hardtanh(x, min_val, max_val),
-                              _select(input.tangents, (x > min_val) & (x < max_val)))
+                              _select(input.tangents, ~((x <= min_val) | (x >= max_val))))
     return input._assign(out) if inplace else out
 
 
@@ -221,20 +222,22 @@ def tanh(input) -> Dual:
 def hardsigmoid(input, inplace: bool = False) -> Dual:
     """Dual hardsigmoid: slope 1/6 where −3 < x < 3, else 0."""
     x = input.primal
+    sixth = 0.1666666716337204  # 1/6 rounded to float32, the constant of torch's derivative
     out = input.with_tangents(F.hardsigmoid(x),
-                              _select(None if input.tangents is None else input.tangents / 6,
+                              _select(None if input.tangents is None else input.tangents * sixth,
                                       (x > -3) & (x < 3)))
     return input._assign(out) if inplace else out
 
 
 @implements(F.hardswish)
 def hardswish(input, inplace: bool = False) -> Dual:
-    """Dual hardswish: slope 0 where x < −3, ``x/3 + 1/2`` up to 3, 1 above."""
+    """Dual hardswish: slope 0 up to −3, ``x/3 + 1/2`` below 3, 1 from 3 on (and at NaN), as
+    torch's derivative."""
     x = input.primal
-    slope = torch.where(x > 3, 1.0, x / 3 + 0.5)
+    slope = torch.where(x < 3, x / 3 + 0.5, 1.0)
     out = input.with_tangents(F.hardswish(x),
                               _select(None if input.tangents is None else input.tangents * slope,
-                                      x >= -3))
+                                      ~(x <= -3)))
     return input._assign(out) if inplace else out
 
 

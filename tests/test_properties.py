@@ -1,0 +1,277 @@
+"""Property-based tests: Hypothesis draws shapes (empty and size-1 dims included), layouts,
+dtypes, slot counts, directions and broadcast patterns, and every op's primal and tangents must
+equal torch.autograd.forward_ad's, slot by slot, on every CPU backend."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import fgkernels  # noqa: E402
+import fgkernels.functional as DF  # noqa: E402
+from fgkernels import Dual  # noqa: E402
+from fgkernels.testing import forward_ad_jvp  # noqa: E402
+
+from conftest import BACKENDS  # noqa: E402
+
+CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}
+PROFILE = settings(max_examples=40, deadline=None, derandomize=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+dims = st.integers(min_value=1, max_value=4)
+dtypes = st.sampled_from([torch.float64, torch.float32])
+slots = st.integers(min_value=1, max_value=3)
+layouts = st.sampled_from(["contiguous", "channels_last", "strided"])
+backends = st.sampled_from(CPU_BACKENDS)
+
+
+def _tensor(draw, shape, dtype, layout="contiguous"):
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided" and len(shape) == 4:  # every other column of a wider tensor
+        return torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=dtype)[..., ::2]
+    t = torch.randn(shape, generator=g, dtype=dtype)
+    if layout == "channels_last" and len(shape) == 4:
+        t = t.to(memory_format=torch.channels_last)
+    return t
+
+
+def _close(actual: Dual, expected, dtype):
+    y, yt = expected
+    torch.testing.assert_close(actual.primal, y, **TOL[dtype], equal_nan=True)
+    assert actual.tangents is not None and actual.tangents.shape == yt.shape
+    torch.testing.assert_close(actual.tangents, yt, **TOL[dtype], equal_nan=True)
+
+
+@st.composite
+def conv_cases(draw):
+    dtype, layout, T = draw(dtypes), draw(layouts), draw(slots)
+    groups = draw(st.sampled_from([1, 1, 2]))
+    n = draw(st.integers(0, 3))
+    cin, cout = groups * draw(dims), groups * draw(dims)
+    k = draw(st.integers(1, 3))
+    stride, dilation = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    size = lambda: draw(st.integers(dilation * (k - 1) + 1 - 2 * padding if
+                                    dilation * (k - 1) + 1 > 2 * padding else 1, 7))
+    x = _tensor(draw, (n, cin, size(), size()), dtype, layout)
+    w = _tensor(draw, (cout, cin // groups, k, k), dtype)
+    b = _tensor(draw, (cout,), dtype) if draw(st.booleans()) else None
+    which = draw(st.sampled_from(["x", "params", "all"]))
+    xt = _tensor(draw, (T, *x.shape), dtype) if which != "params" else None
+    wt = _tensor(draw, (T, *w.shape), dtype) if which != "x" else None
+    bt = _tensor(draw, (T, cout), dtype) if b is not None and which != "x" else None
+    return dtype, (x, xt), (w, wt), (b, bt), (stride, padding, dilation, groups)
+
+
+@PROFILE
+@given(case=conv_cases(), backend=backends)
+def test_conv2d(case, backend):
+    dtype, (x, xt), (w, wt), (b, bt), (s, p, d, g) = case
+    with fgkernels.use_backend(backend):
+        out = DF.conv2d(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt), s, p, d, g)
+    fn = (lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g))
+    _close(out, forward_ad_jvp(fn, [x, w, b], [xt, wt, bt]), dtype)
+
+
+@st.composite
+def batch_norm_cases(draw):
+    dtype, layout, T = draw(dtypes), draw(layouts), draw(slots)
+    c = draw(dims)
+    shape = (draw(st.integers(1, 4)), c, draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    training = draw(st.booleans())
+    if training and shape[0] * shape[2] * shape[3] == 1:
+        shape = (2, *shape[1:])
+    x = _tensor(draw, shape, dtype, layout) * 2 + 1
+    affine = draw(st.booleans())
+    which = draw(st.sampled_from(["x", "params", "all"])) if affine else "x"
+    xt = _tensor(draw, (T, *shape), dtype) if which != "params" else None
+    pt = {n: _tensor(draw, (T, c), dtype) for n in ("weight", "bias")} if which != "x" else {}
+    return dtype, x, xt, pt, training, affine, draw(st.booleans())
+
+
+@PROFILE
+@given(case=batch_norm_cases(), backend=backends)
+def test_batch_norm_and_relu(case, backend):
+    """Output, tangents and running statistics, BN alone or fused with a ReLU."""
+    dtype, x, xt, pt, training, affine, relu = case
+    c = x.shape[1]
+    ref = nn.BatchNorm2d(c, affine=affine).to(dtype).train(training)
+    ref.running_mean.uniform_(-1, 1)
+    ref.running_var.uniform_(0.5, 2)
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-1, 1)
+    net = fgkernels.convert(nn.Sequential(copy.deepcopy(ref), *([nn.ReLU()] if relu else [])))
+    if pt:
+        fgkernels.set_tangents(net, {f"0.{n}": t for n, t in pt.items()})
+    with fgkernels.use_backend(backend):
+        out = net(Dual(x, xt))
+    params = [ref.weight.detach(), ref.bias.detach()] if affine else []
+    fn = lambda x_, *p_: (F.relu if relu else (lambda v: v))(F.batch_norm(
+        x_, ref.running_mean.clone(), ref.running_var.clone(), *(p_ or (None, None)), training,
+        0.1, ref.eps))  # fresh running stats for each slot's call
+    expected = forward_ad_jvp(fn, [x, *params],
+                              [xt, *[pt.get(n) for n in ("weight", "bias") if affine]])
+    _close(out, expected, dtype)
+    ref(x)
+    torch.testing.assert_close(net[0].running_mean, ref.running_mean, **TOL[dtype])
+    torch.testing.assert_close(net[0].running_var, ref.running_var, **TOL[dtype])
+
+
+BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
+
+
+@st.composite
+def broadcast_pairs(draw):
+    """Two shapes that broadcast together: the second drops leading dims and sets some to 1."""
+    rank = draw(st.integers(0, 4))
+    full = [draw(st.integers(0, 3)) for _ in range(rank)]
+    other = [1 if draw(st.booleans()) else d for d in full][draw(st.integers(0, rank)):]
+    return (full, other) if draw(st.booleans()) else (other, full)
+
+
+@PROFILE
+@given(shapes=broadcast_pairs(), op=st.sampled_from(sorted(BINARY)), T=slots,
+       which=st.sampled_from(["both", "left", "right"]), dtype=dtypes, seed=st.integers(0, 99))
+def test_broadcasting_arithmetic(shapes, op, T, which, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    (sa, sb), fn = shapes, BINARY[op]
+    a = torch.randn(sa, generator=g, dtype=dtype)
+    b = torch.rand(sb, generator=g, dtype=dtype) + 0.5
+    at = torch.randn(T, *sa, generator=g, dtype=dtype) if which != "right" else None
+    bt = torch.randn(T, *sb, generator=g, dtype=dtype) if which != "left" else None
+    out = fn(Dual(a, at) if at is not None else a, Dual(b, bt) if bt is not None else b)
+    _close(out, forward_ad_jvp(fn, [a, b], [at, bt]), dtype)
+
+
+@PROFILE
+@given(a=st.lists(st.integers(0, 6), min_size=1, max_size=3, unique=True),
+       b=st.lists(st.integers(0, 6), min_size=1, max_size=3, unique=True), seed=st.integers(0, 99))
+def test_directions_enter_part_way(a, b, seed):
+    """Operands labelled with different directions: the output carries their union, a slot
+    an operand lacks being zero for it."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = sorted(a), sorted(b)
+    x, y = (torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    xt = torch.randn(len(a), 2, 3, generator=g, dtype=torch.float64)
+    yt = torch.randn(len(b), 2, 3, generator=g, dtype=torch.float64)
+    out = Dual(x, xt, directions=a) * Dual(y, yt, directions=b)
+    union = sorted(set(a) | set(b))
+    assert out.directions == tuple(union)
+    for i, d in enumerate(union):
+        ta = xt[a.index(d)] if d in a else torch.zeros_like(x)
+        tb = yt[b.index(d)] if d in b else torch.zeros_like(y)
+        torch.testing.assert_close(out.tangents[i], ta * y + x * tb)
+
+
+ACTIVATIONS = {
+    "relu": F.relu, "relu6": F.relu6, "hardtanh": lambda v: F.hardtanh(v, -0.5, 1.5),
+    "leaky_relu": lambda v: F.leaky_relu(v, 0.2), "elu": F.elu, "silu": F.silu,
+    "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardsigmoid": F.hardsigmoid,
+    "hardswish": F.hardswish, "mish": F.mish, "clamp": lambda v: v.clamp(-1, 2),
+}
+
+
+@PROFILE
+@given(name=st.sampled_from(sorted(ACTIVATIONS)), shape=st.lists(st.integers(0, 4), max_size=4),
+       T=slots, dtype=dtypes, seed=st.integers(0, 99), backend=backends,
+       special=st.sampled_from([None, "kinks", "nonfinite"]))
+def test_activations(name, shape, T, dtype, seed, backend, special):
+    """At random points, at the kinks (0, ±3, ±6, the bounds) and at NaN/±Inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype) * 4
+    if special and x.numel():
+        values = [0.0, 3.0, -3.0, 6.0, -0.5, 1.5, -1.0, 2.0] if special == "kinks" \
+            else [float("nan"), float("inf"), -float("inf")]
+        flat = x.view(-1)
+        flat[: len(values)] = torch.tensor(values, dtype=dtype)[: flat.numel()]
+    xt = torch.randn(T, *shape, generator=g, dtype=dtype)
+    fn = ACTIVATIONS[name]
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x, xt))
+    _close(out, forward_ad_jvp(fn, [x], [xt]), dtype)
+
+
+TENSOR_METHODS = {
+    "permute": lambda v: v.permute(*reversed(range(v.dim()))),
+    "transpose": lambda v: v.transpose(0, -1), "flatten": lambda v: v.flatten(),
+    "chunk": lambda v: v.chunk(2, dim=-1), "split": lambda v: v.split(1, dim=0),
+    "mean": lambda v: v.mean(-1, keepdim=True), "sum": lambda v: v.sum((0, -1)),
+    "getitem": lambda v: v[..., ::2], "unsqueeze": lambda v: v.unsqueeze(1),
+    "contiguous": lambda v: v.transpose(0, -1).contiguous(), "view": lambda v: v.reshape(-1, 1),
+    "expand": lambda v: v.unsqueeze(0).expand(2, *v.shape), "squeeze": lambda v: v.squeeze(),
+    "pow (fallback)": lambda v: v ** 2, "softmax (fallback)": lambda v: v.softmax(-1),
+}
+
+
+@PROFILE
+@given(name=st.sampled_from(sorted(TENSOR_METHODS)),
+       shape=st.lists(st.integers(1, 4), min_size=2, max_size=4), T=slots,
+       seed=st.integers(0, 99))
+def test_tensor_methods(name, shape, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    xt = torch.randn(T, *shape, generator=g, dtype=torch.float64)
+    fn = TENSOR_METHODS[name]
+    out = fn(Dual(x, xt))
+    y, yt = forward_ad_jvp(fn, [x], [xt])
+    if not isinstance(out, tuple):
+        out, y, yt = (out,), (y,), (yt,)
+    assert len(out) == len(y)
+    for o, yi, ti in zip(out, y, yt):
+        _close(o, (yi, ti), torch.float64)
+
+
+@PROFILE
+@given(lead=st.lists(st.integers(0, 3), min_size=1, max_size=3), fin=dims, fout=dims, T=slots,
+       dtype=dtypes, bias=st.booleans(), which=st.sampled_from(["x", "params", "all"]),
+       seed=st.integers(0, 99), backend=backends)
+def test_linear(lead, fin, fout, T, dtype, bias, which, seed, backend):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    x, w, b = rand(*lead, fin), rand(fout, fin), rand(fout) if bias else None
+    xt = rand(T, *x.shape) if which != "params" else None
+    wt = rand(T, *w.shape) if which != "x" else None
+    bt = rand(T, fout) if bias and which != "x" else None
+    with fgkernels.use_backend(backend):
+        out = F.linear(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt))
+    _close(out, forward_ad_jvp(F.linear, [x, w, b], [xt, wt, bt]), dtype)
+
+
+@PROFILE
+@given(shape=st.tuples(st.integers(0, 2), dims, st.integers(2, 6), st.integers(2, 6)),
+       k=st.integers(1, 2), stride=st.integers(1, 2), ceil=st.booleans(), layout=layouts,
+       T=slots, seed=st.integers(0, 99), backend=backends)
+def test_max_pool2d(shape, k, stride, ceil, layout, T, seed, backend):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+    xt = torch.randn(T, *shape, generator=g, dtype=torch.float64)
+    fn = lambda v: F.max_pool2d(v, k, stride, ceil_mode=ceil)
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x, xt))
+    _close(out, forward_ad_jvp(fn, [x], [xt]), torch.float64)
+
+
+@PROFILE
+@given(n=st.integers(1, 5), c=st.integers(2, 5), T=slots, smoothing=st.sampled_from([0.0, 0.1]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), ignored=st.integers(0, 5),
+       seed=st.integers(0, 99))
+def test_cross_entropy(n, c, T, smoothing, reduction, ignored, seed):
+    """Ignored targets included, all of them too (a NaN mean, as forward_ad's)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g, dtype=torch.float64)
+    zt = torch.randn(T, n, c, generator=g, dtype=torch.float64)
+    target = torch.randint(0, c, (n,), generator=g)
+    target[:ignored] = -100
+    fn = lambda v: F.cross_entropy(v, target, reduction=reduction, label_smoothing=smoothing)
+    _close(fn(Dual(z, zt)), forward_ad_jvp(fn, [z], [zt]), torch.float64)
