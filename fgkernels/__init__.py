@@ -3,12 +3,13 @@
 A ``Dual`` carries a primal tensor and its tangent(s); the Dual layers (``DualConv2d``, ...)
 compute both in one pass, with no autograd graph and no stored activations.
 """
-from . import functional
+from . import functional, norms  # noqa: F401  (norms registers its rules)
 from ._fallback import fallback_ops, strict_rules
 from .dual import Dual, is_dual
 from .nn import (DualAdaptiveAvgPool2d, DualAvgPool2d, DualBatchNorm1d, DualBatchNorm2d,
-                 DualConv2d, DualFlatten, DualLinear, DualMaxPool2d, DualModule, DualReLU,
-                 DualSequential, convert, reuse_conv_outputs)
+                 DualConv2d, DualFlatten, DualGeneric, DualGroupNorm, DualLayerNorm, DualLinear,
+                 DualMaxPool2d, DualModule, DualReLU, DualSequential, convert, register_twin,
+                 reuse_conv_outputs)
 from .ops import available_backends, current_backend, use_backend
 from .ops.native import native_available as _native_available
 from .params import clear_tangents, random_tangents, set_tangents
@@ -22,5 +23,6 @@ __all__ = [
     "clear_tangents", "use_backend", "available_backends", "current_backend",
     "DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "DualLinear",
     "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten", "DualSequential",
-    "DualModule", "reuse_conv_outputs", "fallback_ops", "strict_rules",
+    "DualModule", "DualGeneric", "DualLayerNorm", "DualGroupNorm", "reuse_conv_outputs", "fallback_ops", "strict_rules",
+    "register_twin",
 ]

@@ -9,11 +9,14 @@ included). A ``Dual`` input runs the dual pass, with the parameter tangents set 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from . import derived
 from . import functional as DF
 from .dual import Dual
 
@@ -22,19 +25,39 @@ Tensor = torch.Tensor
 
 class DualModule:
     """Mixin of the Dual layers: holds the per-step parameter tangents (not parameters, not in
-    the state_dict) and hands out each parameter as a Dual when it has one."""
+    the state_dict) and hands out each parameter as a Dual when it has one, computed ones
+    included (a parametrization's, weight_norm's or prune's weight carries the JVP of its
+    computation along its sources' tangents)."""
 
     def _dual_param(self, name: str) -> Union[Tensor, Dual, None]:
         p = getattr(self, name)
-        slots = self.__dict__.get("_fg_tangents", {}).get(name)
-        if p is None or slots is None:
+        entries = self.__dict__.get("_fg_tangents", {})
+        if p is None or not entries:
             return p
-        if slots.parameter is not p:
+        sources = derived.source_names(self, name)
+        if sources is None:
+            entry = entries.get(name)
+            if entry is None:
+                return p
+            self._check_not_replaced(name, entry, p)
+            return Dual._unchecked(p.detach(), entry.stack, entry.directions, entry.single)
+        live = {k: entries[k] for k in sources if k in entries}
+        if not live:
+            return p
+        values = {k: self.get_parameter(k) for k in sources}
+        for k, entry in live.items():
+            self._check_not_replaced(k, entry, values[k])
+        stack = derived.derived_tangent(self, name, values,
+                                        {k: e.stack for k, e in live.items()})
+        some = next(iter(live.values()))
+        return Dual._unchecked(p.detach(), stack, some.directions, some.single)
+
+    def _check_not_replaced(self, name: str, entry, p: Tensor) -> None:
+        if entry.parameter is not p:
             raise RuntimeError(
                 f"{type(self).__name__}.{name} was replaced after its tangent was set (now "
-                f"{tuple(p.shape)}, then {tuple(slots.parameter.shape)}); set its tangent again "
+                f"{tuple(p.shape)}, then {tuple(entry.parameter.shape)}); set its tangent again "
                 "with fgkernels.set_tangents, or clear it with fgkernels.clear_tangents")
-        return Dual._unchecked(p.detach(), slots.stack, slots.directions, slots.single)
 
 
 class _KeptOutput(NamedTuple):
@@ -265,6 +288,46 @@ def reuse_conv_outputs(module: nn.Module) -> Iterator[None]:
             conv.__dict__.pop("_fg_kept", None)
 
 
+class DualGeneric(DualModule):
+    """Mixin that runs a layer's own ``forward`` on a Dual input, its parameters handed out as
+    Duals while it runs: every torch op inside then takes its fgkernels rule or the forward-AD
+    fallback. The twin of any layer with parameters that has no fused twin (LayerNorm,
+    GroupNorm, Conv1d, a user's layer, a subclass that overrides ``forward``, ...)."""
+
+    def forward(self, input, *args, **kwargs):
+        if not isinstance(input, Dual):
+            return super().forward(input, *args, **kwargs)
+        with self._parameters_as_duals():
+            return super().forward(input, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _parameters_as_duals(self) -> Iterator[None]:
+        computed = [n for n in self.__dict__.get("_fg_tangents", {})
+                    if n not in self._parameters]
+        if computed:
+            raise NotImplementedError(
+                f"{type(self).__name__}: tangents on {', '.join(computed)}, sources of a "
+                "computed parameter, need a fused Dual twin of this layer; register one with "
+                "fgkernels.register_twin")
+        saved = dict(self._parameters)
+        try:
+            for name, p in saved.items():
+                if p is not None:
+                    # nn.Module.__getattr__ hands out whatever _parameters holds.
+                    self._parameters[name] = self._dual_param(name)
+            yield
+        finally:
+            self._parameters.update(saved)
+
+
+class DualLayerNorm(DualGeneric, nn.LayerNorm):
+    """``nn.LayerNorm`` that also runs the dual pass (``fgkernels.norms``)."""
+
+
+class DualGroupNorm(DualGeneric, nn.GroupNorm):
+    """``nn.GroupNorm`` that also runs the dual pass (``fgkernels.norms``)."""
+
+
 # torch.nn layer -> its Dual twin, for convert().
 TWINS: dict[type, type] = {
     nn.Conv2d: DualConv2d,
@@ -277,16 +340,62 @@ TWINS: dict[type, type] = {
     nn.AdaptiveAvgPool2d: DualAdaptiveAvgPool2d,
     nn.Flatten: DualFlatten,
     nn.Sequential: DualSequential,
+    nn.LayerNorm: DualLayerNorm,
+    nn.GroupNorm: DualGroupNorm,
 }
+_DUAL_CLASSES = set(TWINS.values())
+
+
+def register_twin(cls: type, dual_cls: type) -> None:
+    """Make ``convert`` turn layers of class ``cls`` into ``dual_cls``: a subclass of ``cls``
+    and of ``fgkernels.DualModule`` that adds no state and runs the dual pass for a Dual
+    input."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_twin: cls must be an nn.Module class, got {cls!r}")
+    if not (isinstance(dual_cls, type) and issubclass(dual_cls, cls)
+            and issubclass(dual_cls, (DualModule, DualSequential))):
+        raise TypeError(f"register_twin: {getattr(dual_cls, '__name__', dual_cls)} must subclass "
+                        f"both {cls.__name__} and fgkernels.DualModule")
+    TWINS[cls] = dual_cls
+    _DUAL_CLASSES.add(dual_cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _derived_twin(cls: type) -> Optional[type]:
+    """The twin of a class without a registered one: for a subclass of a twinned layer that
+    keeps its base's ``forward`` (a parametrized layer, a subclass adding methods), the base's
+    twin mixed into the subclass; for any other layer with parameters of its own, the generic
+    twin; None for a layer without parameters (its ops take Duals as they are)."""
+    for base in cls.__mro__[1:]:
+        twin = TWINS.get(base)
+        if twin is not None and cls.forward is base.forward:
+            return type(f"Dual{cls.__name__}", (twin, cls), {"__module__": cls.__module__})
+    return type(f"Dual{cls.__name__}", (DualGeneric, cls), {"__module__": cls.__module__})
+
+
+def twin_of(module: nn.Module) -> Optional[type]:
+    """The class ``convert`` gives ``module`` (None: it stays as it is)."""
+    cls = type(module)
+    if cls in _DUAL_CLASSES or isinstance(module, (DualModule, parametrize.ParametrizationList)):
+        return None  # a parametrization's sources are its layer's (fgkernels.derived)
+    if cls in TWINS:
+        return TWINS[cls]
+    if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward:
+        return _derived_twin(cls)
+    if not any(p is not None for p in module._parameters.values()):
+        return None
+    return _derived_twin(cls)
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Turn the torch.nn layers of ``module`` (itself included) into their Dual twins, in place,
-    and return it. Parameters, buffers, hooks and state_dict keys are untouched: the twins add
-    no state, so each layer simply changes class. Conv→BN→ReLU and BN→ReLU runs inside
-    ``nn.Sequential`` containers are fused on the dual pass."""
+    """Turn the layers of ``module`` (itself included) into their Dual twins, in place, and
+    return it. Parameters, buffers, hooks and state_dict keys are untouched: the twins add no
+    state, so each layer simply changes class. A subclass of a twinned layer keeps its own
+    methods; a layer with parameters and no fused twin runs its own forward on Duals
+    (``DualGeneric``). Conv→BN→ReLU and BN→ReLU runs inside ``nn.Sequential`` containers are
+    fused on the dual pass."""
     for m in module.modules():
-        twin = TWINS.get(type(m))
+        twin = twin_of(m)
         if twin is not None:
             m.__class__ = twin
     return module

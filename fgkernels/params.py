@@ -23,16 +23,28 @@ class ParameterTangent(NamedTuple):
 
 
 def _owner(module: nn.Module, name: str, params: Mapping[str, Tensor]):
+    """The Dual layer that a parameter's tangent is set on, and the parameter's name there:
+    its own module, or for a parametrization's source (``conv.parametrizations.weight.original``)
+    the parametrized layer."""
     if name not in params:
         known = ", ".join(list(params)[:12]) + (", ..." if len(params) > 12 else "")
         raise KeyError(f"set_tangents: unknown parameter name {name!r}; the module's parameters "
                        f"are: {known}")
-    prefix, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(prefix) if prefix else module
+    owner_path, leaf = _split_owner(name)
+    owner = module.get_submodule(owner_path) if owner_path else module
     if not isinstance(owner, DualModule):
         raise TypeError(f"set_tangents: parameter {name!r} belongs to {type(owner).__name__}, "
                         "which is not a Dual layer; run fgkernels.convert(model) first")
     return owner, leaf
+
+
+def _split_owner(name: str) -> tuple[str, str]:
+    """(path of the layer owning parameter ``name``, its name relative to that layer)."""
+    parts = name.split(".")
+    if "parametrizations" in parts:
+        i = len(parts) - 1 - parts[::-1].index("parametrizations")
+        return ".".join(parts[:i]), ".".join(parts[i:])
+    return ".".join(parts[:-1]), parts[-1]
 
 
 def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
@@ -82,8 +94,9 @@ def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
                          f"got {num_tangents!r}")
     drawn = {}
     for name, p in module.named_parameters():
-        prefix, _, _ = name.rpartition(".")
-        if not isinstance(module.get_submodule(prefix) if prefix else module, DualModule):
+        owner_path, _ = _split_owner(name)
+        if not isinstance(module.get_submodule(owner_path) if owner_path else module,
+                          DualModule):
             continue
         shape = p.shape if num_tangents is None else (num_tangents, *p.shape)
         drawn[name] = torch.randn(shape, generator=generator, dtype=p.dtype, device=p.device)

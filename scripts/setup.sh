@@ -14,8 +14,7 @@ if ! python -c "import torch, triton, sklearn, pytest_benchmark, hypothesis, tqd
   python -m pip install -q "torch==2.13.0"
   # numpy < 2.4: Triton 3.6's interpreter converts 1-element arrays to int, which numpy 2.4 refuses.
   python -m pip install -q "triton==3.6.0" "numpy<2.4" ninja pytest pytest-benchmark hypothesis \
-    scikit-learn tqdm \
-    matplotlib
+    scikit-learn tqdm matplotlib
 fi
 MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import fgkernels; print('fgkernels ready; backends:', ', '.join(fgkernels.available_backends()))"

@@ -1,0 +1,248 @@
+"""Small builds of the blocks that real classification CNNs are made of, written with plain
+torch.nn the way torchvision and timm write them, for checking ``fgkernels.convert`` end to end
+(tests/test_model_zoo.py) and timing its dual pass (benchmarks/test_models.py).
+
+Each ``build_*`` returns a randomly initialised model taking ``(N, 3, H, W)`` images and giving
+10 logits; ``MODELS`` maps names to builders.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv → BatchNorm → activation, a Sequential subclass as torchvision's
+    Conv2dNormActivation."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
+                 act: Callable[[], nn.Module] = nn.ReLU):
+        layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                  nn.BatchNorm2d(cout)]
+        super().__init__(*layers, *([act()] if act is not None else []))
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18's block: two 3×3 convolutions, identity or 1×1 projection shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50's block: 1×1 → 3×3 → 1×1 with expansion 4."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        self.body = nn.Sequential(ConvNormAct(cin, width, 1), ConvNormAct(width, width, 3, stride),
+                                  ConvNormAct(width, 4 * width, 1, act=None))
+        self.downsample = None if stride == 1 and cin == 4 * width else \
+            ConvNormAct(cin, 4 * width, 1, stride, act=None)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.body(x) + identity)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: expand 1×1 → depthwise 3×3 → project 1×1, ReLU6."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.conv = nn.Sequential(ConvNormAct(cin, hidden, 1, act=nn.ReLU6),
+                                  ConvNormAct(hidden, hidden, 3, stride, hidden, act=nn.ReLU6),
+                                  ConvNormAct(hidden, cout, 1, act=None))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class SqueezeExcite(nn.Module):
+    """EfficientNet's / MobileNetV3's squeeze-excitation: pool, reduce, expand, gate, scale."""
+
+    def __init__(self, channels: int, squeeze: int, act=nn.SiLU, gate=nn.Sigmoid):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.act, self.gate = act(), gate()
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet-B0's block (SiLU, sigmoid gate) or MobileNetV3's (hardswish, hardsigmoid)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, act=nn.SiLU, gate=nn.Sigmoid):
+        super().__init__()
+        hidden = 4 * cin
+        self.block = nn.Sequential(ConvNormAct(cin, hidden, 1, act=act),
+                                   ConvNormAct(hidden, hidden, 3, stride, hidden, act=act),
+                                   SqueezeExcite(hidden, max(1, cin // 4), act, gate),
+                                   ConvNormAct(hidden, cout, 1, act=None))
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        out = self.block(x)
+        return out + x if self.use_res else out
+
+
+def channel_shuffle(x, groups: int):
+    """ShuffleNet's shuffle, as torchvision writes it: view, transpose, contiguous, view."""
+    n, c, h, w = x.size()
+    x = x.view(n, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(n, -1, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit (stride 1): split in two with chunk, transform one half, shuffle."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(ConvNormAct(half, half, 1),
+                                    ConvNormAct(half, half, 3, groups=half, act=None),
+                                    ConvNormAct(half, half, 1))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((a, self.branch(b)), dim=1), 2)
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's layer: BN-ReLU-conv on the concatenation of every earlier output."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.norm, self.relu = nn.BatchNorm2d(cin), nn.ReLU()
+        self.conv = nn.Conv2d(cin, growth, 3, 1, 1, bias=False)
+
+    def forward(self, features):
+        return self.conv(self.relu(self.norm(torch.cat(features, 1))))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, cin: int, growth: int, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(DenseLayer(cin + i * growth, growth) for i in range(layers))
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's LayerNorm over the channels of an NCHW tensor: permute, normalise, permute."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7×7, channels-last LayerNorm, MLP with GELU, layer scale."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1, self.act, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.GELU(), \
+            nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(1e-1 * torch.ones(dim))
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        # contiguous(): torch's own group-norm JVP (the oracle of the tests) fails on a
+        # channels-last tangent.
+        return (x + (self.gamma * y).permute(0, 3, 1, 2)).contiguous()
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose own forward applies an activation."""
+
+    def __init__(self, channels: int, act=nn.ReLU):
+        super().__init__(channels)
+        self.act = act()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+def _classifier(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.0),
+                         nn.Linear(channels, 10))
+
+
+def build_resnet() -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, 8), BasicBlock(8, 8), BasicBlock(8, 16, 2),
+                         Bottleneck(16, 4), nn.MaxPool2d(2), _classifier(16))
+
+
+def build_mobilenet_v2() -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, 8, stride=2, act=nn.ReLU6), InvertedResidual(8, 8, 1),
+                         InvertedResidual(8, 12, 2), _classifier(12))
+
+
+def build_efficientnet() -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, 8, stride=2, act=nn.SiLU), MBConv(8, 8, 1),
+                         MBConv(8, 12, 2), _classifier(12))
+
+
+def build_mobilenet_v3() -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, 8, stride=2, act=nn.Hardswish),
+                         MBConv(8, 8, 1, nn.Hardswish, nn.Hardsigmoid),
+                         MBConv(8, 12, 2, nn.ReLU, nn.Hardsigmoid), _classifier(12))
+
+
+def build_shufflenet() -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, 8), ShuffleUnit(8), ShuffleUnit(8), _classifier(8))
+
+
+def build_densenet() -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, 8), DenseBlock(8, 4, 3), nn.BatchNorm2d(20), nn.ReLU(),
+                         _classifier(20))
+
+
+def build_convnext() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 2, 2), LayerNorm2d(8, eps=1e-6), ConvNeXtBlock(8),
+                         ConvNeXtBlock(8), nn.GroupNorm(2, 8), _classifier(8))
+
+
+def build_timm_resnet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), BatchNormAct2d(8),
+                         nn.Conv2d(8, 8, 3, 2, 1, bias=False), BatchNormAct2d(8, nn.LeakyReLU),
+                         _classifier(8))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet": build_resnet, "mobilenet_v2": build_mobilenet_v2,
+    "efficientnet": build_efficientnet, "mobilenet_v3": build_mobilenet_v3,
+    "shufflenet": build_shufflenet, "densenet": build_densenet, "convnext": build_convnext,
+    "timm_resnet": build_timm_resnet,
+}

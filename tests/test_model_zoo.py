@@ -1,0 +1,159 @@
+"""Real architectures convert and run exactly: each model of ``fgkernels.zoo`` (and the same
+models with hooks, pruning, weight norm and parametrizations), train and eval mode, float64,
+against torch.autograd.forward_ad: output, tangent (on the input and every parameter) and running
+statistics."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+from torch.nn.utils import parametrizations, prune, weight_norm
+
+import fgkernels
+from fgkernels import Dual
+from fgkernels.testing import forward_ad_jvp
+from fgkernels.zoo import MODELS
+
+from helpers import rel_err
+
+
+def _check_exact(build, training: bool, x_shape=(3, 3, 16, 16), rtol=1e-10):
+    """Convert the model ``build()`` makes and compare its dual pass with forward_ad on a
+    second, identical build (a pruned or weight-normed model cannot be deep-copied)."""
+    torch.manual_seed(1)
+    ref = build().double().train(training)
+    torch.manual_seed(1)
+    net = fgkernels.convert(build().double().train(training))
+    tangents = fgkernels.random_tangents(net, num_tangents=1)
+    x = torch.randn(x_shape, dtype=torch.float64)
+    xt = torch.randn(1, *x_shape, dtype=torch.float64)
+    out = net(Dual(x, xt))
+
+    names = list(tangents)
+    params = dict(ref.named_parameters())
+
+    def call(x_, *ps):
+        return functional_call(ref, {**dict(zip(names, ps)), **dict(ref.named_buffers())}, (x_,))
+
+    y, yt = forward_ad_jvp(call, [x, *[params[n].detach() for n in names]],
+                           [xt, *[tangents[n] for n in names]])
+    assert rel_err(out.primal, y) <= rtol
+    assert rel_err(out.tangents, yt) <= rtol
+    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-13, msg=name)
+    return net
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_runs_exactly(backend, name, training):
+    _check_exact(MODELS[name], training)
+
+
+def test_fully_fused_resnet_takes_no_fallback(backend):
+    """Every op of the ResNet build has an fgkernels rule: strict mode passes."""
+    with fgkernels.strict_rules():
+        _check_exact(MODELS["resnet"], training=True)
+
+
+def test_subclasses_keep_their_behaviour():
+    net = fgkernels.convert(MODELS["timm_resnet"]())
+    bn = net[1]
+    assert isinstance(bn, fgkernels.DualModule) and type(bn).__name__ == "DualBatchNormAct2d"
+    assert isinstance(net[0], fgkernels.DualConv2d)
+    fgkernels.random_tangents(net)  # no "not a Dual layer"
+
+
+def test_register_twin_is_checked_and_used():
+    class MyConv(nn.Conv2d):
+        pass
+
+    class DualMyConv(fgkernels.DualConv2d, MyConv):
+        pass
+
+    with pytest.raises(TypeError, match="must subclass both MyConv and fgkernels.DualModule"):
+        fgkernels.register_twin(MyConv, fgkernels.DualConv2d)
+    fgkernels.register_twin(MyConv, DualMyConv)
+    assert type(fgkernels.convert(nn.Sequential(MyConv(2, 2, 1)))[0]) is DualMyConv
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_hooks_that_change_outputs_apply_on_the_dual_pass(backend, training):
+    def build():
+        model = MODELS["resnet"]()
+        hooked = [m for m in model.modules()
+                  if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU))]
+        for i, m in enumerate(hooked[::3]):
+            m.register_forward_hook(lambda mod, inp, out, s=1.0 + 0.1 * i: out * s)
+        hooked[1].register_forward_pre_hook(lambda mod, inp: (inp[0] * 0.5,))
+        return model
+
+    _check_exact(build, training)
+
+
+@pytest.mark.parametrize("how", ["prune", "param_weight_norm", "orthogonal", "spectral_norm"])
+def test_computed_weights_carry_the_tangent_of_their_computation(backend, how):
+    def build():
+        model = MODELS["resnet"]()
+        for conv in [m for m in model.modules() if isinstance(m, nn.Conv2d)][1:4]:
+            if how == "prune":
+                prune.random_unstructured(conv, "weight", amount=0.5)
+            elif how == "param_weight_norm":
+                parametrizations.weight_norm(conv)
+            elif how == "orthogonal":
+                parametrizations.orthogonal(conv)
+            else:
+                parametrizations.spectral_norm(conv)
+        return model
+
+    training = how != "spectral_norm"  # its power iteration changes u, v in training mode
+    net = _check_exact(build, training)
+    names = [n for n, _ in net.named_parameters()]
+    assert any(n.endswith(("weight_orig", "original", "original0")) for n in names)
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_weight_norm_hook_carries_its_tangent(backend, dim):
+    """torch.nn.utils.weight_norm's fused kernel has no forward-mode rule in torch itself, so
+    the oracle here is a central difference along the same direction."""
+    torch.manual_seed(0)
+    conv = weight_norm(nn.Conv2d(3, 4, 3).double(), dim=dim)
+    net = fgkernels.convert(nn.Sequential(conv, nn.BatchNorm2d(4).double()).eval())
+    tangents = fgkernels.random_tangents(net)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    xt = torch.randn_like(x)
+    out = net(Dual(x, xt))
+    params = dict(net.named_parameters())
+    base = {n: p.detach().clone() for n, p in params.items()}
+
+    def at(h):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(base[n] + h * tangents[n])
+            return net(x + h * xt)
+
+    h = 1e-6
+    fd = (at(h) - at(-h)) / (2 * h)
+    at(0.0)
+    assert rel_err(out.tangent, fd) <= 1e-7
+
+
+def test_old_spectral_norm_hook_is_a_clear_error():
+    conv = nn.utils.spectral_norm(nn.Conv2d(2, 3, 3))
+    net = fgkernels.convert(nn.Sequential(conv))
+    fgkernels.random_tangents(net)
+    with pytest.raises(NotImplementedError, match="parametrizations.spectral_norm"):
+        net(Dual(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5)))
+
+
+def test_fallback_is_reported_and_strict_mode_refuses_it():
+    net = fgkernels.convert(MODELS["convnext"]().double())
+    x = Dual(torch.randn(2, 3, 8, 8, dtype=torch.float64),
+             torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    net(x)
+    used = fgkernels.fallback_ops()
+    assert "layer_norm" not in used and "gelu" not in used  # both have rules
+    with fgkernels.strict_rules(), pytest.raises(TypeError, match="no forward-mode rule"):
+        torch.nn.functional.softplus(x)
+    with pytest.warns(UserWarning, match="'log_sigmoid' has no fgkernels rule"):
+        torch.nn.functional.logsigmoid(x)
+    assert fgkernels.fallback_ops()["log_sigmoid"] >= 1
