@@ -2,8 +2,8 @@
 torch.nn the way torchvision and timm write them, for checking ``fgkernels.convert`` end to end
 (tests/test_model_zoo.py) and timing its dual pass (benchmarks/test_models.py).
 
-Each ``build_*`` returns a randomly initialised model taking ``(N, 3, H, W)`` images and giving
-10 logits; ``MODELS`` maps names to builders.
+Each ``build_*(w)`` returns a randomly initialised model of base width ``w`` (even) taking
+``(N, 3, H, W)`` images and giving 10 logits; ``MODELS`` maps names to builders.
 """
 from __future__ import annotations
 
@@ -199,45 +199,47 @@ def _classifier(channels: int) -> nn.Sequential:
                          nn.Linear(channels, 10))
 
 
-def build_resnet() -> nn.Module:
-    return nn.Sequential(ConvNormAct(3, 8), BasicBlock(8, 8), BasicBlock(8, 16, 2),
-                         Bottleneck(16, 4), nn.MaxPool2d(2), _classifier(16))
+def build_resnet(w: int = 8) -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, w), BasicBlock(w, w), BasicBlock(w, 2 * w, 2),
+                         Bottleneck(2 * w, w // 2), nn.MaxPool2d(2), _classifier(2 * w))
 
 
-def build_mobilenet_v2() -> nn.Module:
-    return nn.Sequential(ConvNormAct(3, 8, stride=2, act=nn.ReLU6), InvertedResidual(8, 8, 1),
-                         InvertedResidual(8, 12, 2), _classifier(12))
+def build_mobilenet_v2(w: int = 8) -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, w, stride=2, act=nn.ReLU6), InvertedResidual(w, w, 1),
+                         InvertedResidual(w, 3 * w // 2, 2), _classifier(3 * w // 2))
 
 
-def build_efficientnet() -> nn.Module:
-    return nn.Sequential(ConvNormAct(3, 8, stride=2, act=nn.SiLU), MBConv(8, 8, 1),
-                         MBConv(8, 12, 2), _classifier(12))
+def build_efficientnet(w: int = 8) -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, w, stride=2, act=nn.SiLU), MBConv(w, w, 1),
+                         MBConv(w, 3 * w // 2, 2), _classifier(3 * w // 2))
 
 
-def build_mobilenet_v3() -> nn.Module:
-    return nn.Sequential(ConvNormAct(3, 8, stride=2, act=nn.Hardswish),
-                         MBConv(8, 8, 1, nn.Hardswish, nn.Hardsigmoid),
-                         MBConv(8, 12, 2, nn.ReLU, nn.Hardsigmoid), _classifier(12))
+def build_mobilenet_v3(w: int = 8) -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, w, stride=2, act=nn.Hardswish),
+                         MBConv(w, w, 1, nn.Hardswish, nn.Hardsigmoid),
+                         MBConv(w, 3 * w // 2, 2, nn.ReLU, nn.Hardsigmoid),
+                         _classifier(3 * w // 2))
 
 
-def build_shufflenet() -> nn.Module:
-    return nn.Sequential(ConvNormAct(3, 8), ShuffleUnit(8), ShuffleUnit(8), _classifier(8))
+def build_shufflenet(w: int = 8) -> nn.Module:
+    return nn.Sequential(ConvNormAct(3, w), ShuffleUnit(w), ShuffleUnit(w), _classifier(w))
 
 
-def build_densenet() -> nn.Module:
-    return nn.Sequential(ConvNormAct(3, 8), DenseBlock(8, 4, 3), nn.BatchNorm2d(20), nn.ReLU(),
-                         _classifier(20))
+def build_densenet(w: int = 8) -> nn.Module:
+    out = w + 3 * (w // 2)
+    return nn.Sequential(ConvNormAct(3, w), DenseBlock(w, w // 2, 3), nn.BatchNorm2d(out),
+                         nn.ReLU(), _classifier(out))
 
 
-def build_convnext() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 2, 2), LayerNorm2d(8, eps=1e-6), ConvNeXtBlock(8),
-                         ConvNeXtBlock(8), nn.GroupNorm(2, 8), _classifier(8))
+def build_convnext(w: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, w, 2, 2), LayerNorm2d(w, eps=1e-6), ConvNeXtBlock(w),
+                         ConvNeXtBlock(w), nn.GroupNorm(2, w), _classifier(w))
 
 
-def build_timm_resnet() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), BatchNormAct2d(8),
-                         nn.Conv2d(8, 8, 3, 2, 1, bias=False), BatchNormAct2d(8, nn.LeakyReLU),
-                         _classifier(8))
+def build_timm_resnet(w: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), BatchNormAct2d(w),
+                         nn.Conv2d(w, w, 3, 2, 1, bias=False), BatchNormAct2d(w, nn.LeakyReLU),
+                         _classifier(w))
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
