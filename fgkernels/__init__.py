@@ -10,19 +10,16 @@ from .nn import (DualAdaptiveAvgPool2d, DualAvgPool2d, DualBatchNorm1d, DualBatc
                  DualConv2d, DualFlatten, DualGeneric, DualGroupNorm, DualLayerNorm, DualLinear,
                  DualMaxPool2d, DualModule, DualReLU, DualSequential, convert, register_twin,
                  reuse_conv_outputs)
-from .ops import available_backends, current_backend, use_backend
-from .ops.native import native_available as _native_available
-from .params import clear_tangents, random_tangents, set_tangents
+from .backends import available_backends, current_backend, use_backend
+from .tangents import clear_tangents, random_tangents, set_tangents
 
 __version__ = "0.1.0"
-
-_native_available()  # loads fgkernels._C, when built, so that torch.ops.fgkernels is registered
 
 __all__ = [
     "Dual", "is_dual", "functional", "convert", "set_tangents", "random_tangents",
     "clear_tangents", "use_backend", "available_backends", "current_backend",
     "DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "DualLinear",
     "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten", "DualSequential",
-    "DualModule", "DualGeneric", "DualLayerNorm", "DualGroupNorm", "reuse_conv_outputs", "fallback_ops", "strict_rules",
-    "register_twin",
+    "DualModule", "DualGeneric", "DualLayerNorm", "DualGroupNorm", "reuse_conv_outputs",
+    "fallback_ops", "strict_rules", "register_twin",
 ]

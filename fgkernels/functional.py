@@ -3,7 +3,7 @@ Dual with the primal and the tangent(s) of the output. Parameters may be Duals t
 add the ``Ẇ*x``-style terms. The ops also serve as the ``__torch_function__`` rules of ``Dual``,
 so ``F.conv2d(dual, w)``, ``torch.flatten(dual, 1)`` and ``dual + dual`` run the same code.
 
-The nonlinear ops run on the backend chosen by ``fgkernels.ops`` for the tensor's device; the
+The nonlinear ops run on the backend chosen by ``fgkernels.backends`` for the tensor's device; the
 linear ones (add, reshape, pooling by averaging, padding, ...) apply the same map to the primal
 and to every tangent slot. No op runs under autograd.
 """
@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from . import _slots
+from . import _slots, checks
+from .backends import current_backend
+from .backends.base import BatchNormArgs, ConvArgs, PoolArgs
 from .dual import Dual, implements
-from .ops import current_backend
+from .operands import MaybeDual, as_dual, layer_operands, layer_params, result
 from .pointwise import add, clamp, div, mul, sub, where  # noqa: F401  (rules; re-exported)
 
 Tensor = torch.Tensor
-MaybeDual = Union[Tensor, Dual]
 
 __all__ = [
     "conv2d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d", "avg_pool2d",
@@ -32,60 +33,17 @@ __all__ = [
 ]
 
 
-def _split(v):
-    """(primal, stacked tangent or None, SlotOperand or None) of a Dual, Tensor or None."""
-    if isinstance(v, Dual):
-        return v.primal, v.tangents, v.slot_operand()
-    return v, None, None
-
-
-def _as_dual(v: MaybeDual, op: str) -> Dual:
-    if isinstance(v, Dual):
-        return v
-    if isinstance(v, Tensor):
-        return Dual(v)
-    raise TypeError(f"{op}: expected a Dual or Tensor input, got {type(v).__name__}")
-
-
-def _result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:
-    return Dual._unchecked(y, yt, plan.directions, plan.single) if yt is not None else Dual(y)
-
-
-def _split_params(op: str, params, names=("weight", "bias")):
-    """(primals, stacked tangents, their one SlotOperand or None) of one module's parameters,
-    whose tangents must cover the same slots."""
-    primals, stacks, operands = zip(*(_split(p) for p in params))
-    live = {o for o in operands if o is not None}
-    if len(live) > 1:
-        slots = ", ".join(f"{name}: {_describe(o)}" for name, o in zip(names, operands)
-                          if o is not None)
-        raise ValueError(f"{op}: the parameters' tangents must carry the same slots, got {slots}")
-    return primals, stacks, next(iter(live)) if live else None
-
-
-def _describe(o: _slots.SlotOperand) -> str:
-    return f"T={o.count}" + ("" if o.directions is None else f" directions {o.directions}") \
-        + (" (single)" if o.single else "")
-
-
-def _with_params(op: str, x: MaybeDual, *params):
-    """Split the input and parameters and plan the output slots.
-
-    Returns ``x, xt, primals, stacks, plan, x_pos, p_pos``.
-    """
-    x, xt, xo = _split(_as_dual(x, op))
-    primals, stacks, po = _split_params(op, params)
-    plan = _slots.plan([xo, po], op)
-    x_pos, p_pos = plan.positions
-    return x, xt, primals, stacks, plan, x_pos, p_pos
-
-
 def _no_grad(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         with torch.no_grad():
             return fn(*args, **kwargs)
     return wrapper
+
+
+def _conv_args(stride, padding, dilation, groups: int) -> ConvArgs:
+    return ConvArgs(_pair(stride), padding if isinstance(padding, str) else _pair(padding),
+                    _pair(dilation), groups)
 
 
 # --- ops with parameters --------------------------------------------------------------------------
@@ -98,59 +56,20 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     ``primal``: ``y`` when the caller already has it (``F.conv2d`` of the same primal operands),
     so that only the tangents are computed and it becomes the output's primal, not copied (the
     Triton kernels compute the primal from the same loads as the tangents, and use their own)."""
-    x, xt, (w, b), (wt, bt), plan, x_pos, p_pos = _with_params("conv2d", input, weight, bias)
-    _check_conv(x, w, b, groups)
-    stride, dilation = _pair(stride), _pair(dilation)
-    padding = padding if isinstance(padding, str) else _pair(padding)
-    if primal is not None:
-        _check_primal("conv2d", primal, x, _conv_output_shape(x, w, stride, padding, dilation))
-    y, yt = current_backend(x.device).conv2d(x, xt, w, wt, b, bt, x_pos, p_pos, plan.count,
-                                             stride, padding, dilation, groups, primal)
-    return _result(y, yt, plan)
-
-
-def _check_primal(op: str, primal: Optional[Tensor], x: Tensor, shape: tuple) -> None:
-    """A caller's primal output (if any) must have the op's output shape, x's dtype and
-    device."""
-    if primal is None:
-        return
-    if not isinstance(primal, Tensor) or isinstance(primal, Dual):
-        raise TypeError(f"{op}: primal must be a Tensor, got {type(primal).__name__}")
-    if tuple(primal.shape) != tuple(shape) or primal.dtype != x.dtype \
-            or primal.device != x.device:
-        raise ValueError(f"{op}: primal must be a {x.dtype} tensor of shape {tuple(shape)} on "
-                         f"{x.device}, got {primal.dtype} {tuple(primal.shape)} on "
-                         f"{primal.device}")
-
-
-def _check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int) -> None:
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
-    if x.dim() != 4:
-        raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if w.dim() != 4:
-        raise ValueError(f"conv2d: weight must be 4-D (C_out, C_in/groups, kH, kW), "
-                         f"got shape {tuple(w.shape)}")
-    if x.shape[1] != w.shape[1] * groups:
-        raise ValueError(f"conv2d: input has {x.shape[1]} channels, but weight of shape "
-                         f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
-    if b is not None and b.shape != (w.shape[0],):
-        raise ValueError(f"conv2d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+    x, xt, p, plan = layer_operands("conv2d", input, weight, bias)
+    checks.check_conv(x, p.weight, p.bias, groups)
+    conv = _conv_args(stride, padding, dilation, groups)
+    checks.check_primal("conv2d", primal, x, conv.output_shape(x.shape, p.weight.shape))
+    return result(*current_backend(x.device).conv2d(x, xt, p, plan, conv, primal), plan)
 
 
 @implements(F.linear)
 @_no_grad
 def linear(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None) -> Dual:
     """Dual linear: ``y = xWᵀ + b``, ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
-    x, xt, (w, b), (wt, bt), plan, x_pos, p_pos = _with_params("linear", input, weight, bias)
-    if x.dim() == 0 or w.dim() != 2:
-        raise ValueError(f"linear: input must have at least 1 dim and weight 2, got shapes "
-                         f"{tuple(x.shape)} and {tuple(w.shape)}")
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"linear: input has {x.shape[-1]} features, but weight of shape "
-                         f"{tuple(w.shape)} expects {w.shape[1]}")
-    y, yt = current_backend(x.device).linear(x, xt, w, wt, b, bt, x_pos, p_pos, plan.count)
-    return _result(y, yt, plan)
+    x, xt, p, plan = layer_operands("linear", input, weight, bias)
+    checks.check_linear(x, p.weight)
+    return result(*current_backend(x.device).linear(x, xt, p, plan), plan)
 
 
 @implements(F.batch_norm)
@@ -165,46 +84,14 @@ def batch_norm(input: MaybeDual, running_mean: Optional[Tensor], running_var: Op
     ``ẏ = γ̇x̂ + γẋ̂ + β̇``. The running stats are updated once, from the primal, as
     ``F.batch_norm`` updates them.
     """
-    x, xt, (w, b), (wt, bt), plan, x_pos, p_pos = _with_params("batch_norm", input, weight, bias)
-    _check_batch_norm(x.shape, running_mean, running_var, w, b, training)
+    x, xt, p, plan = layer_operands("batch_norm", input, weight, bias)
+    bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
+    checks.check_batch_norm(x.shape, bn, p.weight, p.bias)
     if x.numel() == 0:  # as torch.nn: an empty output, running stats left as they are
-        y = F.batch_norm(x, running_mean, running_var, w, b, training, momentum, eps)
+        y = F.batch_norm(x, running_mean, running_var, p.weight, p.bias, training, momentum, eps)
         y = torch.relu(y) if relu else y
-        return _result(y, y.new_zeros((plan.count, *y.shape)) if plan.count else None, plan)
-    y, yt = current_backend(x.device).batch_norm(
-        x, xt, w, b, wt, bt, x_pos, p_pos, plan.count, running_mean, running_var, training,
-        momentum, eps, relu)
-    return _result(y, yt, plan)
-
-
-def _check_batch_norm(shape, running_mean, running_var, w, b, training) -> None:
-    """Check batch norm's arguments against its input's ``shape``."""
-    if len(shape) < 2 or shape[1] == 0:
-        raise ValueError(f"batch_norm: input must have a channel dimension of at least 1 "
-                         f"channel, got shape {tuple(shape)}")
-    channels = shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and not isinstance(t, Tensor):  # a Dual included
-            raise TypeError(f"batch_norm: {name} must be a Tensor or None, got "
-                            f"{type(t).__name__}")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", w), ("bias", b)):
-        if t is not None and t.shape != (channels,):
-            raise ValueError(f"batch_norm: {name} has shape {tuple(t.shape)}, but the input has "
-                             f"{channels} channels")
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("batch_norm: eval mode needs running_mean and running_var")
-    if training and shape[0] * math.prod(shape[2:]) == 1:  # as torch: an empty input passes
-        raise ValueError(f"batch_norm: training needs more than 1 value per channel, got input "
-                         f"of shape {tuple(shape)}")
-
-
-def _conv_output_shape(x: Tensor, w: Tensor, stride, padding, dilation) -> tuple[int, ...]:
-    if padding == "same":
-        return (x.shape[0], w.shape[0], *x.shape[2:])
-    padding = (0, 0) if padding == "valid" else padding
-    return (x.shape[0], w.shape[0], *[(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in
-                                      zip(x.shape[2:], w.shape[2:], stride, padding, dilation)])
+        return result(y, y.new_zeros((plan.count, *y.shape)) if plan.count else None, plan)
+    return result(*current_backend(x.device).batch_norm(x, xt, p, plan, bn), plan)
 
 
 @_no_grad
@@ -217,36 +104,29 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     """Conv2d followed by batch norm (and ReLU) as one op, so that a backend can fuse them
     (the Triton backend accumulates the batch-norm sums in the convolution's epilogue).
 
-    The batch norm's parameter tangents may cover fewer slots than the convolution's output
-    (they land at ``bn_pos``); when they bring slots of their own, the two ops run one after
-    the other. ``conv_primal`` is the convolution's output when the caller already has it (as
-    ``conv2d``'s ``primal``); it is handed over: the batch norm may overwrite it in place."""
-    x, xt, (w, cb), (wt, cbt), conv_plan, x_pos, conv_pos = _with_params(
-        "conv2d_batch_norm", input, weight, conv_bias)
-    _check_conv(x, w, cb, groups)
-    (g, bb), (gt, bbt), bn_op = _split_params("batch_norm", (bn_weight, bn_bias))
+    The batch norm's parameter tangents may cover fewer slots than the convolution's output;
+    when they bring slots of their own, the two ops run one after the other. ``conv_primal``
+    is the convolution's output when the caller already has it (as ``conv2d``'s ``primal``);
+    it is handed over: the batch norm may overwrite it in place."""
+    x, xt, conv_p, conv_plan = layer_operands("conv2d_batch_norm", input, weight, conv_bias)
+    checks.check_conv(x, conv_p.weight, conv_p.bias, groups)
+    bn_p, bn_slots = layer_params("batch_norm", bn_weight, bn_bias)
     conv_out = (_slots.SlotOperand(conv_plan.count, conv_plan.directions, conv_plan.single)
                 if conv_plan.count else None)
-    plan = _slots.plan([conv_out, bn_op], "conv2d_batch_norm")
-    if plan.count != conv_plan.count:
+    bn_plan = _slots.plan([conv_out, bn_slots], "conv2d_batch_norm")
+    conv = _conv_args(stride, padding, dilation, groups)
+    shape = conv.output_shape(x.shape, conv_p.weight.shape)
+    if bn_plan.count != conv_plan.count or math.prod(shape) == 0:
         h = conv2d(input, weight, conv_bias, stride, padding, dilation, groups,
                    primal=conv_primal)
         return batch_norm(h, running_mean, running_var, bn_weight, bn_bias, training, momentum,
                           eps, relu)
-    stride, dilation = _pair(stride), _pair(dilation)
-    padding = padding if isinstance(padding, str) else _pair(padding)
-    shape = _conv_output_shape(x, w, stride, padding, dilation)
-    _check_primal("conv2d_batch_norm", conv_primal, x, shape)
-    _check_batch_norm(shape, running_mean, running_var, g, bb, training)
-    if math.prod(shape) == 0:
-        return batch_norm(conv2d(input, weight, conv_bias, stride, padding, dilation, groups),
-                          running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
-                          relu)
-    y, yt = current_backend(x.device).conv2d_batch_norm(
-        x, xt, w, wt, cb, cbt, x_pos, conv_pos, conv_plan.count, stride, padding, dilation,
-        groups, g, bb, gt, bbt, plan.positions[1], running_mean, running_var, training,
-        momentum, eps, relu, conv_primal)
-    return _result(y, yt, plan)
+    checks.check_primal("conv2d_batch_norm", conv_primal, x, shape)
+    bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
+    checks.check_batch_norm(shape, bn, bn_p.weight, bn_p.bias)
+    y, yt = current_backend(x.device).conv2d_batch_norm(x, xt, conv_p, conv_plan, conv, bn_p,
+                                                        bn_plan, bn, conv_primal)
+    return result(y, yt, bn_plan)
 
 
 # --- nonlinear ops without parameters -------------------------------------------------------------
@@ -255,7 +135,7 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
 def relu(input: MaybeDual, inplace: bool = False) -> Dual:
     """Dual ReLU: ``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch's derivative).
     ``inplace`` rebinds a Dual ``input`` to the result (its tensors stay intact)."""
-    d = _as_dual(input, "relu")
+    d = as_dual(input, "relu")
     y, yt = current_backend(d.device).relu(d.primal, d.tangents)
     out = d.with_tangents(y, yt)
     return d._assign(out) if inplace and isinstance(input, Dual) else out
@@ -274,11 +154,11 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
     """Dual max-pool: the tangent is gathered at the primal's argmax."""
     if return_indices:
         raise NotImplementedError("max_pool2d on a Dual does not return indices")
-    d = _as_dual(input, "max_pool2d")
+    d = as_dual(input, "max_pool2d")
     stride = kernel_size if stride is None or stride == [] else stride
-    y, yt = current_backend(d.device).max_pool2d(d.primal, d.tangents, kernel_size, stride,
-                                                 padding, dilation, ceil_mode)
-    return d.with_tangents(y, yt)
+    pool = PoolArgs(_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
+                    ceil_mode)
+    return d.with_tangents(*current_backend(d.device).max_pool2d(d.primal, d.tangents, pool))
 
 
 @implements(F.cross_entropy)
@@ -294,7 +174,7 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     if not isinstance(target, Tensor) or isinstance(target, Dual):
         raise TypeError(f"cross_entropy: target must be a Tensor of class indices, got "
                         f"{type(target).__name__}")
-    d = _as_dual(input, "cross_entropy")
+    d = as_dual(input, "cross_entropy")
     z = d.primal
     if z.dim() != 2:
         raise ValueError(f"cross_entropy: logits must be (N, C), got shape {tuple(z.shape)}")
@@ -327,13 +207,13 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
 @implements(F.avg_pool2d)
 def avg_pool2d(input: MaybeDual, *args, **kwargs) -> Dual:
     """Dual average pool (arguments as ``F.avg_pool2d``)."""
-    return _as_dual(input, "avg_pool2d").map(lambda t: F.avg_pool2d(t, *args, **kwargs))
+    return as_dual(input, "avg_pool2d").map(lambda t: F.avg_pool2d(t, *args, **kwargs))
 
 
 @implements(F.adaptive_avg_pool2d)
 def adaptive_avg_pool2d(input: MaybeDual, output_size) -> Dual:
     """Dual adaptive average pool."""
-    return _as_dual(input, "adaptive_avg_pool2d").map(
+    return as_dual(input, "adaptive_avg_pool2d").map(
         lambda t: F.adaptive_avg_pool2d(t, output_size))
 
 
@@ -341,7 +221,7 @@ def adaptive_avg_pool2d(input: MaybeDual, output_size) -> Dual:
 def pad(input: MaybeDual, pad: Sequence[int], mode: str = "constant",
         value: Optional[float] = None) -> Dual:
     """Dual pad: the primal is padded with ``value``, each tangent with zero."""
-    d = _as_dual(input, "pad")
+    d = as_dual(input, "pad")
     y = F.pad(d.primal, pad, mode, value)
     if d.tangents is None:
         return d.with_tangents(y, None)
@@ -373,7 +253,7 @@ def reshape(input: Dual, *shape) -> Dual:
 def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
             inplace: bool = False) -> Dual:
     """Dual dropout: one mask, drawn once, scales the primal and every tangent."""
-    d = _as_dual(input, "dropout")
+    d = as_dual(input, "dropout")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
@@ -386,7 +266,7 @@ def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
 @implements(torch.cat, torch.concat)
 def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
     """Dual concatenation; a slot that some operand lacks is zero for that operand's part."""
-    duals = [_as_dual(t, "cat") for t in tensors]
+    duals = [as_dual(t, "cat") for t in tensors]
     plan = _slots.plan([d.slot_operand() for d in duals], "cat")
     y = torch.cat([d.primal for d in duals], dim)
     if plan.count == 0:
@@ -401,7 +281,7 @@ def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
             if pos:
                 piece[list(pos)] = d.tangents
             pieces.append(piece)
-    return _result(y, torch.cat(pieces, tdim), plan)
+    return result(y, torch.cat(pieces, tdim), plan)
 
 
 def add_direction(input: Dual, direction: int, tangent: Tensor) -> Dual:
@@ -416,4 +296,4 @@ def add_direction(input: Dual, direction: int, tangent: Tensor) -> Dual:
     plan = _slots.plan([input.slot_operand(), new.slot_operand()], "add_direction")
     parts = [(t, pos) for t, pos in zip((input.tangents, new.tangents), plan.positions)
              if t is not None]
-    return _result(input.primal, _slots.place(plan.count, parts), plan)
+    return result(input.primal, _slots.place(plan.count, parts), plan)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import derived
+from . import checks, derived
 from . import functional as DF
 from .dual import Dual
 
@@ -27,7 +27,23 @@ class DualModule:
     """Mixin of the Dual layers: holds the per-step parameter tangents (not parameters, not in
     the state_dict) and hands out each parameter as a Dual when it has one, computed ones
     included (a parametrization's, weight_norm's or prune's weight carries the JVP of its
-    computation along its sources' tangents)."""
+    computation along its sources' tangents).
+
+    ``forward`` decides once per call: a Dual input runs ``dual_forward`` (each twin's one
+    method), anything else the torch.nn layer's own forward."""
+
+    def forward(self, input, *args, **kwargs):
+        if isinstance(input, Dual):
+            return self.dual_forward(input, *args, **kwargs)
+        return self.plain_forward(input, *args, **kwargs)
+
+    def plain_forward(self, input, *args, **kwargs):
+        """The torch.nn layer's own forward (autograd included)."""
+        return super().forward(input, *args, **kwargs)
+
+    def dual_forward(self, input: Dual, *args, **kwargs) -> Dual:
+        """The layer on a Dual input: its output and tangents."""
+        raise NotImplementedError
 
     def _dual_param(self, name: str) -> Union[Tensor, Dual, None]:
         p = getattr(self, name)
@@ -76,13 +92,14 @@ def _meta(x: Tensor) -> tuple:
 class DualConv2d(DualModule, nn.Conv2d):
     """``nn.Conv2d`` that also runs the dual pass: ``ẏ = W*ẋ + Ẇ*x + ḃ``."""
 
-    def forward(self, input):
-        if not isinstance(input, Dual):
-            out = super().forward(input)
-            if "_fg_kept" in self.__dict__:  # inside reuse_conv_outputs
-                self.__dict__["_fg_kept"] = _KeptOutput(out.detach(), _meta(input),
-                                                        self.training, self._versions(out))
-            return out
+    def plain_forward(self, input):
+        out = super().plain_forward(input)
+        if "_fg_kept" in self.__dict__:  # inside reuse_conv_outputs
+            self.__dict__["_fg_kept"] = _KeptOutput(out.detach(), _meta(input), self.training,
+                                                    self._versions(out))
+        return out
+
+    def dual_forward(self, input: Dual) -> Dual:
         self._check_dual()
         return DF.conv2d(input, self._dual_param("weight"), self._dual_param("bias"), self.stride,
                          self.padding, self.dilation, self.groups,
@@ -139,9 +156,7 @@ class _DualBatchNorm(DualModule):
         return DF.batch_norm(input, running_mean, running_var, self._dual_param("weight"),
                              self._dual_param("bias"), training, factor, self.eps, relu)
 
-    def forward(self, input):
-        if not isinstance(input, Dual):
-            return super().forward(input)
+    def dual_forward(self, input: Dual) -> Dual:
         return self._dual_forward(input)
 
 
@@ -157,25 +172,21 @@ class DualBatchNorm1d(_DualBatchNorm, nn.BatchNorm1d):
 class DualReLU(DualModule, nn.ReLU):
     """``nn.ReLU`` that also runs the dual pass: ``ẏ = ẋ·[x>0]``."""
 
-    def forward(self, input):
-        return DF.relu(input) if isinstance(input, Dual) else super().forward(input)
+    def dual_forward(self, input: Dual) -> Dual:
+        return DF.relu(input)
 
 
 class DualLinear(DualModule, nn.Linear):
     """``nn.Linear`` that also runs the dual pass: ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
 
-    def forward(self, input):
-        if not isinstance(input, Dual):
-            return super().forward(input)
+    def dual_forward(self, input: Dual) -> Dual:
         return DF.linear(input, self._dual_param("weight"), self._dual_param("bias"))
 
 
 class DualMaxPool2d(DualModule, nn.MaxPool2d):
     """``nn.MaxPool2d`` that also runs the dual pass (tangent taken at the argmax)."""
 
-    def forward(self, input):
-        if not isinstance(input, Dual):
-            return super().forward(input)
+    def dual_forward(self, input: Dual) -> Dual:
         return DF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                              self.ceil_mode, self.return_indices)
 
@@ -183,9 +194,7 @@ class DualMaxPool2d(DualModule, nn.MaxPool2d):
 class DualAvgPool2d(DualModule, nn.AvgPool2d):
     """``nn.AvgPool2d`` that also runs the dual pass."""
 
-    def forward(self, input):
-        if not isinstance(input, Dual):
-            return super().forward(input)
+    def dual_forward(self, input: Dual) -> Dual:
         return DF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                              self.count_include_pad, self.divisor_override)
 
@@ -193,18 +202,14 @@ class DualAvgPool2d(DualModule, nn.AvgPool2d):
 class DualAdaptiveAvgPool2d(DualModule, nn.AdaptiveAvgPool2d):
     """``nn.AdaptiveAvgPool2d`` that also runs the dual pass."""
 
-    def forward(self, input):
-        if not isinstance(input, Dual):
-            return super().forward(input)
+    def dual_forward(self, input: Dual) -> Dual:
         return DF.adaptive_avg_pool2d(input, self.output_size)
 
 
 class DualFlatten(DualModule, nn.Flatten):
     """``nn.Flatten`` that also runs the dual pass."""
 
-    def forward(self, input):
-        if not isinstance(input, Dual):
-            return super().forward(input)
+    def dual_forward(self, input: Dual) -> Dual:
         return DF.flatten(input, self.start_dim, self.end_dim)
 
 
@@ -254,7 +259,8 @@ def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> D
         raise ValueError(f"{type(bn).__name__}: expected {bn.num_features} channels, but the "
                          f"convolution before it gives {conv.out_channels}")
     conv._check_dual()
-    DF._check_conv(input.primal, conv.weight, conv.bias, conv.groups)
+    # Checked before _dual_bn_args counts the call: a bad input changes no state.
+    checks.check_conv(input.primal, conv.weight, conv.bias, conv.groups)
     running_mean, running_var, training, factor = bn._dual_bn_args(None)
     return DF.conv2d_batch_norm(
         input, conv._dual_param("weight"), conv._dual_param("bias"), conv.stride, conv.padding,
@@ -294,11 +300,9 @@ class DualGeneric(DualModule):
     fallback. The twin of any layer with parameters that has no fused twin (LayerNorm,
     GroupNorm, Conv1d, a user's layer, a subclass that overrides ``forward``, ...)."""
 
-    def forward(self, input, *args, **kwargs):
-        if not isinstance(input, Dual):
-            return super().forward(input, *args, **kwargs)
+    def dual_forward(self, input: Dual, *args, **kwargs):
         with self._parameters_as_duals():
-            return super().forward(input, *args, **kwargs)
+            return super().plain_forward(input, *args, **kwargs)
 
     @contextlib.contextmanager
     def _parameters_as_duals(self) -> Iterator[None]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import _slots
 from .dual import Dual, implements
-from .functional import _split, _split_params
+from .operands import as_dual, layer_params, parts
 from .pointwise import lift
 
 Tensor = torch.Tensor
@@ -36,7 +36,7 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], eps: float):
 def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operand, weight, bias,
             param_shape: Sequence[int]) -> Dual:
     """``γx̂ + β`` and its tangent ``γẋ̂ + γ̇x̂ + β̇``; γ, β viewed as ``param_shape``."""
-    (w, b), (wt, bt), p_operand = _split_params(op, (weight, bias))
+    (w, wt, b, bt), p_operand = layer_params(op, weight, bias)
     plan = _slots.plan([x_operand, p_operand], op)
     if plan.count == 0:
         return Dual(y)
@@ -58,7 +58,7 @@ def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operan
 @torch.no_grad()
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Dual:
     """Dual layer norm (arguments as ``F.layer_norm``)."""
-    x, xt, x_operand = _split(input if isinstance(input, Dual) else Dual(input))
+    x, xt, x_operand = parts(as_dual(input, "layer_norm"))
     normalized_shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) \
         else (normalized_shape,)
     k = len(normalized_shape)
@@ -74,7 +74,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-
 @torch.no_grad()
 def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Dual:
     """Dual group norm (arguments as ``F.group_norm``)."""
-    x, xt, x_operand = _split(input if isinstance(input, Dual) else Dual(input))
+    x, xt, x_operand = parts(as_dual(input, "group_norm"))
     if x.dim() < 2 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm: {num_groups} groups do not divide the channels of input "
                          f"of shape {tuple(x.shape)}")

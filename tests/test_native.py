@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
-from fgkernels.ops.layout import empty_slots
+from fgkernels.backends.layout import empty_slots
 from helpers import rel_err
 
 pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fgkernels
-import fgkernels.ops as ops
+import fgkernels.backends as ops
 
 
 def test_use_backend_forces_and_restores():
@@ -33,7 +33,7 @@ def test_environment_variable_forces_backend():
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     ops._load.cache_clear()
     ops._warn_unbuilt.cache_clear()
-    monkeypatch.setattr("fgkernels.ops.native.native_available", lambda: False)
+    monkeypatch.setattr("fgkernels.backends.native.native_available", lambda: False)
     monkeypatch.delenv("FGKERNELS_BACKEND", raising=False)
     try:
         with pytest.warns(UserWarning, match="pip install --no-build-isolation -e ."):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
-from fgkernels.ops.triton.conv import combine_tile_stats, dual_conv2d
+from fgkernels.backends.triton.conv import combine_tile_stats, dual_conv2d
 from helpers import rel_err
 
 pytestmark = [pytest.mark.triton,
@@ -171,7 +171,7 @@ def test_bn_relu_apply_keeps_nan_and_its_tangent():
     """As torch.relu, its derivative and the native kernels: a NaN stays in the primal and its
     tangent is not zeroed (it is NaN too, through the NaN in the x-term); a NaN tangent where
     the output is <= 0 gives 0."""
-    from fgkernels.ops.triton.batch_norm import dual_bn_relu_apply_
+    from fgkernels.backends.triton.batch_norm import dual_bn_relu_apply_
     y = torch.tensor([[[[float("nan"), -1.0, 2.0]]]], device=DEVICE)
     yt = torch.tensor([[[[[5.0, float("nan"), 1.0]]]]], device=DEVICE)
     one, zero = torch.ones(1, device=DEVICE), torch.zeros(1, device=DEVICE)

@@ -27,7 +27,7 @@ from torch import nn
 from .. import functional as DF
 from ..dual import Dual
 from ..nn import reuse_conv_outputs
-from ..params import clear_tangents, set_tangents
+from ..tangents import clear_tangents, set_tangents
 from .models import BlockNet
 
 Tensor = torch.Tensor

@@ -4,20 +4,19 @@
     y'   = scale_c·u + shift_c                       (ReLU: max(y', 0))
     ẏ'_t = scale_c·ẏ_t + t_xscale_tc·u + t_shift_tc   (ReLU: 0 where y' <= 0)
 
-with the coefficients of ``fgkernels.ops.bn_math``. One read and one write of y and of every
+with the coefficients of ``fgkernels.backends.bn_math``. One read and one write of y and of every
 tangent slot: the whole batch norm after the fused convolution's statistics epilogue.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import kernel_format
+from . import INTERPRETED
 
-_BLOCK = 128 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
+_BLOCK = 128 if INTERPRETED else 1024
 
 
 @triton.jit

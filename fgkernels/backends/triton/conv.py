@@ -16,22 +16,22 @@ needs no statistics pass.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..base import ConvArgs
 from ..layout import empty_like_format, empty_slots
+from . import INTERPRETED
 
 Tensor = torch.Tensor
 MAX_SLOTS = 16
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs():
-    if _INTERPRET:  # one small tile: the interpreter runs every program in numpy
+    if INTERPRETED:  # one small tile: the interpreter runs every program in numpy
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
                           num_stages=s)
@@ -223,8 +223,7 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     p_add, p_offset = layout
     N, C, H, W = x.shape
     CO, _, KH, KW = w.shape
-    HO = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    WO = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    _, _, HO, WO = ConvArgs(stride, padding, dilation, 1).output_shape(x.shape, w.shape)
     TX = 0 if xt is None else xt.shape[0]
     TP = 0 if not p_pos else (wt if wt is not None else bt).shape[0]
     y = empty_like_format((N, CO, HO, WO), x)
@@ -252,7 +251,7 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
         HAS_XT=xt is not None, HAS_WT=wt is not None and TP > 0, HAS_B=b is not None,
         HAS_BT=bt is not None and TP > 0, P_ADD=p_add, BN_STATS=bn_stats,
         TX_BLOCK=_block(TX), TP_BLOCK=_block(TP), INPUT_PRECISION=input_precision,
-        UPCAST=_INTERPRET and x.dtype != torch.float32)
+        UPCAST=INTERPRETED and x.dtype != torch.float32)
     tile_stats = None
     if bn_stats:
         block_m = _dual_conv2d_forward_kernel.best_config.kwargs["BLOCK_M"]

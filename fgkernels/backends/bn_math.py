@@ -20,6 +20,9 @@ from typing import Optional
 
 import torch
 
+from .._slots import SlotPlan
+from .base import BatchNormArgs, LayerParams, acc_dtype
+
 Tensor = torch.Tensor
 
 
@@ -40,12 +43,30 @@ class BNCoefficients:
         return self.center, self.scale, self.shift, self.t_xscale, self.t_shift
 
 
-def bn_coefficients(mean: Tensor, var: Tensor, tmean: Optional[Tensor], tcov: Optional[Tensor],
-                    w: Optional[Tensor], b: Optional[Tensor], wt: Optional[Tensor],
-                    bt: Optional[Tensor], x_pos: tuple, p_pos: tuple, count: int,
-                    training: bool, eps: float) -> BNCoefficients:
+def coefficients(x: Tensor, xt: Optional[Tensor], p: LayerParams, plan: SlotPlan,
+                 bn: BatchNormArgs, stats: Optional[tuple] = None) -> BNCoefficients:
+    """A batch norm's coefficients: in training the batch statistics (``stats`` when a fused
+    producer computed them, else one pass of ``dual_bn_stats`` over x and ẋ) and the
+    running-stat update; in eval the running stats."""
+    if bn.training:
+        mean, var, tmean, tcov = stats if stats is not None else \
+            torch.ops.fgkernels.dual_bn_stats(x, xt)
+        update_running_stats(bn.running_mean, bn.running_var, mean, var,
+                             x.numel() // x.shape[1], bn.momentum)
+    else:
+        acc = acc_dtype(x.dtype)
+        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+        tmean = tcov = None
+    return affine_coefficients(mean, var, tmean, tcov, p, plan, bn.training, bn.eps)
+
+
+def affine_coefficients(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
+                        tcov: Optional[Tensor], p: LayerParams, plan: SlotPlan, training: bool,
+                        eps: float) -> BNCoefficients:
     """The affine coefficients from the statistics (batch ones when ``training``, else the
     running ones; ``tmean``/``tcov`` are (T, C) and used only in training)."""
+    w, wt, b, bt = p
+    (x_pos, p_pos), count = plan.positions, plan.count
     dtype = mean.dtype
     r = torch.rsqrt(var + eps)
     gamma = r.new_ones(()) if w is None else w.to(dtype)

@@ -1,10 +1,11 @@
 """Backend registry: which implementation runs the dual ops for a given device.
 
-Backends: ``reference`` (plain PyTorch, always there), ``native`` (the compiled ``fgkernels._C``
-ops) and ``triton`` (Triton kernels; on CUDA, or on the CPU under ``TRITON_INTERPRET=1``).
-The default picks, per tensor device, the fastest backend that is available: triton then native on
-CUDA, native on the CPU, reference when nothing else is built. ``FGKERNELS_BACKEND`` or
-``use_backend(name)`` forces one.
+Backends (``base.Backend`` is the contract): ``reference`` (plain PyTorch, always there),
+``native`` (the compiled ``fgkernels._C`` ops) and ``triton`` (Triton kernels; on CUDA, or on the
+CPU under ``TRITON_INTERPRET=1``). The default is, per device, the backend measured fastest
+there: native on the CPU, and native on CUDA too until a GPU run of the benchmarks shows the
+Triton kernels faster (``benchmarks/RESULTS-gpu.md``); reference when nothing else is built.
+``FGKERNELS_BACKEND`` or ``use_backend(name)`` forces one (``triton`` is opt-in).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from . import native  # noqa: F401  (loads fgkernels._C, when built, and the ops' fakes)
+from .base import Backend
 from .reference import ReferenceBackend
 
 BACKENDS = ("reference", "native", "triton")
@@ -35,10 +38,14 @@ def _load(name: str):
     if name == "reference":
         return ReferenceBackend()
     if name == "native":
-        from .native import NativeBackend, native_available
+        from .native import native_available
+        from .native.backend import NativeBackend
         return NativeBackend() if native_available() else None
-    from .triton import TritonBackend, triton_available
-    return TritonBackend() if triton_available() else None
+    from .triton import triton_available
+    if not triton_available():
+        return None
+    from .triton.backend import TritonBackend
+    return TritonBackend()
 
 
 def available_backends() -> list[str]:
@@ -67,7 +74,7 @@ def _warn_unbuilt() -> None:
                   "backend; build it with `pip install --no-build-isolation -e .`", stacklevel=4)
 
 
-def current_backend(device: torch.device):
+def current_backend(device: torch.device) -> Backend:
     """The backend that runs ops on ``device`` now."""
     stack = _local.__dict__.get("stack")
     name = stack[-1] if stack else os.environ.get("FGKERNELS_BACKEND")
@@ -77,11 +84,8 @@ def current_backend(device: torch.device):
             raise RuntimeError(f"FGKERNELS_BACKEND={name} is not available here; available: "
                                f"{', '.join(available_backends())}")
         return backend
-    order = ("triton", "native") if device.type == "cuda" else ("native",)
-    for candidate in order:
-        backend = _load(candidate)
-        if backend is not None:
-            return backend
-    if _load("native") is None:
-        _warn_unbuilt()
+    backend = _load("native")
+    if backend is not None:
+        return backend
+    _warn_unbuilt()
     return _load("reference")

@@ -1,0 +1,135 @@
+"""The contract between ``fgkernels.functional`` and a backend.
+
+``functional`` checks every argument (``fgkernels.checks``), splits each Dual into its primal
+and its stacked tangent ``(T, *shape)`` (None when zero), plans the output's slots
+(``SlotPlan``) and calls one method of the backend that the registry picks for the device.
+A backend computes and returns ``(y, y_tangents)``: the primal output and its stacked tangent
+(None when no slot is live). It never sees a Dual and never re-checks arguments.
+
+Slots: ``plan.positions`` gives, per operand in the order of the method's arguments (the input,
+then the layer's parameters), the output slots its tangent slots fill; ``plan.count`` is the
+number of output slots. A backend must not multiply by a tangent known to be zero: an operand
+with no tangent is None and its terms are skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Protocol, Union
+
+import torch
+
+from .._slots import SlotPlan
+
+Tensor = torch.Tensor
+Opt = Optional[Tensor]
+Result = tuple[Tensor, Opt]
+
+__all__ = ["Backend", "LayerParams", "ConvArgs", "BatchNormArgs", "PoolArgs", "SlotPlan",
+           "Result", "acc_dtype"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels (statistics, coefficients): float64 for float64
+    inputs, float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LayerParams(NamedTuple):
+    """A layer's weight and bias and their stacked tangents (any of them None)."""
+
+    weight: Opt
+    weight_t: Opt
+    bias: Opt
+    bias_t: Opt
+
+    @property
+    def slots(self) -> int:
+        """The parameters' number of tangent slots (0 when none has a tangent)."""
+        t = self.weight_t if self.weight_t is not None else self.bias_t
+        return 0 if t is None else t.shape[0]
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    """A 2-D convolution's geometry, as ``F.conv2d`` takes it (pairs, or a padding string)."""
+
+    stride: tuple[int, int]
+    padding: Union[tuple[int, int], str]
+    dilation: tuple[int, int]
+    groups: int
+
+    def output_shape(self, x_shape, w_shape) -> tuple[int, int, int, int]:
+        """``(N, C_out, H_out, W_out)`` for an input and weight of these shapes."""
+        n, co = x_shape[0], w_shape[0]
+        if self.padding == "same":
+            return (n, co, *x_shape[2:])
+        padding = (0, 0) if self.padding == "valid" else self.padding
+        return (n, co, *[(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                         zip(x_shape[2:], w_shape[2:], self.stride, padding, self.dilation)])
+
+    def explicit_padding(self, w_shape) -> Optional[tuple[int, int]]:
+        """Symmetric padding as two ints (resolving 'same'/'valid'), None when 'same' would
+        need asymmetric padding (an even effective kernel)."""
+        if not isinstance(self.padding, str):
+            return tuple(self.padding)
+        if self.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(self.dilation, w_shape[2:])]
+        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+
+
+@dataclass(frozen=True)
+class BatchNormArgs:
+    """What a batch norm needs besides its input and parameters. ``momentum`` is the factor of
+    this call (``nn.BatchNorm``'s cumulative average already resolved)."""
+
+    running_mean: Opt
+    running_var: Opt
+    training: bool
+    momentum: float
+    eps: float
+    relu: bool = False
+
+
+@dataclass(frozen=True)
+class PoolArgs:
+    """A max pool's geometry, as ``F.max_pool2d`` takes it (pairs)."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    ceil_mode: bool
+
+
+class Backend(Protocol):
+    """What a backend provides. Every method returns ``(y, stacked tangent or None)``."""
+
+    name: str
+
+    def conv2d(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, conv: ConvArgs,
+               y: Opt = None) -> Result:
+        """``y = W*x + b``, ``ẏ = W*ẋ + Ẇ*x + ḃ``; plan over (input, parameters). ``y``: the
+        primal output when the caller has it (only the tangents are then computed)."""
+
+    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
+        """``y = xWᵀ + b``, ``ẏ = ẋWᵀ + xẆᵀ + ḃ``; plan over (input, parameters)."""
+
+    def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                   bn: BatchNormArgs) -> Result:
+        """Batch norm (ReLU fused when ``bn.relu``), the running stats updated once from the
+        primal as ``F.batch_norm`` does; plan over (input, parameters)."""
+
+    def conv2d_batch_norm(self, x: Tensor, xt: Opt, conv_p: LayerParams, conv_plan: SlotPlan,
+                          conv: ConvArgs, bn_p: LayerParams, bn_plan: SlotPlan,
+                          bn: BatchNormArgs, conv_y: Opt = None) -> Result:
+        """``conv2d`` then ``batch_norm`` as one op; ``bn_plan`` is over (the convolution's
+        output slots, the batch norm's parameters) and has the convolution's slots.
+        ``conv_y``: the convolution's primal output when the caller has it; it is handed
+        over (the batch norm may overwrite it)."""
+
+    def relu(self, x: Tensor, xt: Opt) -> Result:
+        """``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch's derivative)."""
+
+    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
+        """The tangent gathered at the primal's argmax."""

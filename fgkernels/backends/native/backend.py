@@ -1,0 +1,83 @@
+"""The native backend's ops: batch norm as one statistics pass and one apply pass that writes
+the primal and every tangent slot together (ReLU fused); the convolution and linear ops in three
+library calls whatever the number of tangents (``csrc/composite.cpp``), two when the caller
+already has the convolution's primal output. An op with no tangent in or out runs the plain
+torch op; what the ops do not cover is delegated to the reference backend."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..._slots import SlotPlan, place
+from .. import bn_math
+from ..base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
+from ..fused import InPlaceConvBatchNorm
+from ..layout import in_kernel_layout
+from ..reference import ReferenceBackend
+
+
+class NativeBackend(InPlaceConvBatchNorm):
+    """Ops of ``torch.ops.fgkernels``."""
+
+    name = "native"
+
+    def __init__(self):
+        self.fallback = ReferenceBackend()
+
+    def conv2d(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, conv: ConvArgs,
+               y: Opt = None) -> Result:
+        w, wt, b, bt = p
+        pad = conv.explicit_padding(w.shape)
+        if pad is None:  # 'same' with an even kernel: asymmetric padding
+            return self.fallback.conv2d(x, xt, p, plan, conv, y)
+        if plan.count == 0:
+            y = F.conv2d(x, w, b, conv.stride, pad, conv.dilation, conv.groups) if y is None \
+                else y
+            return y, None
+        if y is None:
+            y, x_part, p_part = torch.ops.fgkernels.dual_conv2d(
+                x, xt, w, wt, b, bt, conv.stride, pad, conv.dilation, conv.groups)
+        else:
+            x_part, p_part = torch.ops.fgkernels.dual_conv2d_tangents(
+                x, y, xt, w, wt, bt, conv.stride, pad, conv.dilation, conv.groups)
+        x_pos, p_pos = plan.positions
+        return y, place(plan.count, [(x_part, x_pos), (p_part, p_pos)], owned=True)
+
+    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
+        if plan.count == 0:
+            return F.linear(x, p.weight, p.bias), None
+        y, x_part, p_part = torch.ops.fgkernels.dual_linear(x, xt, *p)
+        x_pos, p_pos = plan.positions
+        return y, place(plan.count, [(x_part, x_pos), (p_part, p_pos)], owned=True)
+
+    def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                   bn: BatchNormArgs) -> Result:
+        if plan.count == 0:
+            y = F.batch_norm(x, bn.running_mean, bn.running_var, p.weight, p.bias, bn.training,
+                             bn.momentum, bn.eps)
+            return (torch.relu(y) if bn.relu else y), None
+        c = bn_math.coefficients(x, xt, p, plan, bn)
+        return torch.ops.fgkernels.dual_bn_apply(x, xt, c.x_slot, *c.apply_args(), bn.relu)
+
+    # --- the two hooks of InPlaceConvBatchNorm ------------------------------------------------
+    def conv_for_batch_norm(self, x, xt, conv_p, conv_plan, conv, training, conv_y):
+        """The compiled convolution's output is fresh: the batch norm may update it in place
+        (the reference one may hand back an expanded bias tangent)."""
+        h, ht = self.conv2d(x, xt, conv_p, conv_plan, conv, conv_y)
+        owned = (conv.explicit_padding(conv_p.weight.shape) is not None and conv_plan.count > 0
+                 and in_kernel_layout(h, ht))
+        return h, ht, None, owned
+
+    def apply_in_place(self, h, ht, c: bn_math.BNCoefficients, relu: bool) -> None:
+        torch.ops.fgkernels.dual_bn_apply_(h, ht, *c.apply_args(), relu)
+
+    def relu(self, x: Tensor, xt: Opt) -> Result:
+        if xt is None:
+            return torch.relu(x), None
+        return torch.ops.fgkernels.dual_relu(x, xt)
+
+    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
+        if xt is None or x.dim() != 4:
+            return self.fallback.max_pool2d(x, xt, pool)
+        return torch.ops.fgkernels.dual_max_pool2d(x, xt, pool.kernel_size, pool.stride,
+                                                   pool.padding, pool.dilation, pool.ceil_mode)

@@ -1,0 +1,101 @@
+"""Shape-only (fake) implementations of the ``torch.ops.fgkernels`` ops, registered when this
+module is imported (right after the ops themselves load), so that the ops trace under
+``torch.compile`` and FakeTensor. Each checks what the C++ op checks first, with
+``torch._check``."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..base import acc_dtype
+from ..layout import empty_slots, kernel_format, slots_in_format
+
+lib = torch.library
+
+
+def check_tangent(x, xt, name="xt"):
+    """xt must stack tangents of x: (T, *x.shape)."""
+    torch._check(xt.dim() == x.dim() + 1 and xt.shape[1:] == x.shape,
+                 lambda: f"{name} must have shape (T, *{tuple(x.shape)}), "
+                         f"got {tuple(xt.shape)}")
+
+
+@lib.register_fake("fgkernels::dual_relu")
+def _(x, xt):
+    check_tangent(x, xt)
+    x = x.contiguous(memory_format=kernel_format(x))
+    return torch.empty_like(x), empty_slots(xt.shape[0], x)
+
+
+@lib.register_fake("fgkernels::dual_max_pool2d")
+def _(x, xt, kernel_size, stride, padding, dilation, ceil_mode):
+    check_tangent(x, xt)
+    y = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return y, y.new_empty((xt.shape[0], *y.shape))
+
+
+@lib.register_fake("fgkernels::dual_bn_stats")
+def _(x, xt):
+    torch._check(x.dim() >= 2, lambda: "x must have a channel dimension")
+    acc = acc_dtype(x.dtype)
+    C, T = x.shape[1], 0 if xt is None else xt.shape[0]
+    if xt is not None:
+        check_tangent(x, xt)
+    return (x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc),
+            x.new_empty((T, C), dtype=acc), x.new_empty((T, C), dtype=acc))
+
+
+@lib.register_fake("fgkernels::dual_bn_apply")
+def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu):
+    C, T = x.shape[1], len(x_slot)
+    torch._check(center.shape == (C,), lambda: f"center must have shape ({C},)")
+    torch._check(scale.shape == (C,), lambda: f"scale must have shape ({C},)")
+    torch._check(t_xscale.shape == (T, C), lambda: f"t_xscale must have shape ({T}, {C})")
+    x = x.contiguous(memory_format=kernel_format(x))
+    return torch.empty_like(x), empty_slots(T, x)
+
+
+def param_slots(wt, bt):
+    """P, the parameter tangents' number of slots (0 without any)."""
+    return wt.shape[0] if wt is not None else (bt.shape[0] if bt is not None else 0)
+
+
+@lib.register_fake("fgkernels::dual_bn_apply_")
+def _(x, xt, center, scale, shift, t_xscale, t_shift, relu):
+    return None
+
+
+@lib.register_fake("fgkernels::dual_conv2d")
+def _(x, xt, w, wt, b, bt, stride, padding, dilation, groups):
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    P = param_slots(wt, bt)
+    p_part = empty_slots(P, y) if P else y.new_empty(0)
+    if xt is None:
+        return y, y.new_empty(0), p_part
+    x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w, None, stride,
+                      padding, dilation, groups).unflatten(0, xt.shape[:2])
+    return y, x_part, p_part
+
+
+@lib.register_fake("fgkernels::dual_conv2d_tangents")
+def _(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
+    torch._check(y.dim() == 4 and y.shape[:2] == (x.shape[0], w.shape[0]),
+                 lambda: f"y must have shape ({x.shape[0]}, {w.shape[0]}, H_out, W_out), "
+                         f"got {tuple(y.shape)}")
+    P = param_slots(wt, bt)
+    p_part = empty_slots(P, y) if P else y.new_empty(0)
+    if xt is None:
+        return y.new_empty(0), p_part
+    check_tangent(x, xt)
+    x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w, None, stride,
+                      padding, dilation, groups).unflatten(0, xt.shape[:2])
+    return x_part, p_part
+
+
+@lib.register_fake("fgkernels::dual_linear")
+def _(x, xt, w, wt, b, bt):
+    y = F.linear(x, w)
+    P = param_slots(wt, bt)
+    p_part = y.new_empty((P, *y.shape)) if P else y.new_empty(0)
+    x_part = y.new_empty((xt.shape[0], *y.shape)) if xt is not None else y.new_empty(0)
+    return y, x_part, p_part

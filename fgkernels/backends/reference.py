@@ -1,0 +1,125 @@
+"""The reference backend: the JVP formulas of docs/design.md in plain PyTorch.
+
+The oracle of the tests, the backend when the extension is not built, and the one the others
+delegate to for what they do not cover (``base.Backend`` states the contract).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._slots import SlotPlan, place
+from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
+
+
+def _bias_slots(bt: Tensor, y: Tensor) -> Tensor:
+    """A stacked bias tangent ``(T, C)`` shaped to broadcast over ``(T, *y.shape)``,
+    y being ``(N, C, *spatial)``."""
+    return bt.reshape(bt.shape[0], 1, bt.shape[1], *([1] * (y.dim() - 2)))
+
+
+class ReferenceBackend:
+    """Pure-PyTorch JVPs."""
+
+    name = "reference"
+
+    # --- conv2d: y = W*x + b,  ẏ = W*ẋ + Ẇ*x + ḃ -----------------------------------------------
+    def conv2d(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, conv: ConvArgs,
+               y: Opt = None) -> Result:
+        w, wt, b, bt = p
+        run = lambda inp, weight, bias=None: F.conv2d(inp, weight, bias, conv.stride,
+                                                      conv.padding, conv.dilation, conv.groups)
+        y = run(x, w, b) if y is None else y
+        x_pos, p_pos = plan.positions
+        parts = []
+        if xt is not None:
+            parts.append((run(xt.flatten(0, 1), w).unflatten(0, xt.shape[:2]), x_pos))
+        if p_pos:
+            if wt is not None:
+                pt = torch.stack([run(x, wt[t]) for t in range(wt.shape[0])])
+                if bt is not None:
+                    pt = pt + _bias_slots(bt, y)
+            else:
+                pt = _bias_slots(bt, y).expand(bt.shape[0], *y.shape)
+            parts.append((pt, p_pos))
+        return y, place(plan.count, parts) if parts else None
+
+    # --- linear: y = xWᵀ + b,  ẏ = ẋWᵀ + xẆᵀ + ḃ --------------------------------------------------
+    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
+        w, wt, b, bt = p
+        y = F.linear(x, w, b)
+        x_pos, p_pos = plan.positions
+        parts = []
+        if xt is not None:
+            parts.append((F.linear(xt, w), x_pos))
+        if p_pos:
+            bias = None if bt is None else bt.reshape(bt.shape[0], *([1] * (y.dim() - 1)), -1)
+            if wt is not None:
+                pt = torch.stack([F.linear(x, wt[t]) for t in range(wt.shape[0])])
+                pt = pt if bias is None else pt + bias
+            else:
+                pt = bias.expand(bt.shape[0], *y.shape)
+            parts.append((pt, p_pos))
+        return y, place(plan.count, parts) if parts else None
+
+    # --- batch norm (+ ReLU) ---------------------------------------------------------------------
+    def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                   bn: BatchNormArgs) -> Result:
+        """Training: ``x̂ = (x-μ)/σ``, ``ẋ̂ = (ẋ - mean ẋ - x̂·mean(x̂ẋ))/σ``; eval: the affine map of
+        the running stats. ``y = γx̂ + β``, ``ẏ = γ̇x̂ + γẋ̂ + β̇``; the running stats are updated
+        by ``F.batch_norm`` itself, so they match ``nn.BatchNorm2d`` exactly."""
+        w, wt, b, bt = p
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, w, b, bn.training, bn.momentum,
+                         bn.eps)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if bn.training:
+            mean = x.mean(dims, keepdim=True)
+            rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + bn.eps)
+        else:
+            mean = bn.running_mean.view(shape)
+            rstd = torch.rsqrt(bn.running_var.view(shape) + bn.eps)
+        xhat = (x - mean) * rstd
+        x_pos, p_pos = plan.positions
+        parts = []
+        if xt is not None:
+            if bn.training:
+                tdims = [d + 1 for d in dims]
+                xt_hat = (xt - xt.mean(tdims, keepdim=True)
+                          - xhat * (xhat * xt).mean(tdims, keepdim=True)) * rstd
+            else:
+                xt_hat = xt * rstd
+            parts.append((xt_hat if w is None else xt_hat * w.view(shape), x_pos))
+        if p_pos:
+            slots = p.slots
+            bias = None if bt is None else bt.view(slots, *shape)
+            if wt is not None:
+                pt = wt.view(slots, *shape) * xhat
+                pt = pt if bias is None else pt + bias
+            else:
+                pt = bias.expand(slots, *x.shape)
+            parts.append((pt, p_pos))
+        yt = place(plan.count, parts) if parts else None
+        return self.relu(y, yt) if bn.relu else (y, yt)
+
+    # --- conv2d → batch norm (+ ReLU) -------------------------------------------------------
+    def conv2d_batch_norm(self, x: Tensor, xt: Opt, conv_p: LayerParams, conv_plan: SlotPlan,
+                          conv: ConvArgs, bn_p: LayerParams, bn_plan: SlotPlan,
+                          bn: BatchNormArgs, conv_y: Opt = None) -> Result:
+        h, ht = self.conv2d(x, xt, conv_p, conv_plan, conv, conv_y)
+        return self.batch_norm(h, ht, bn_p, bn_plan, bn)
+
+    # --- relu: ẏ = ẋ where x > 0 or x is NaN, else 0 (torch.relu's derivative) ---------------
+    def relu(self, x: Tensor, xt: Opt) -> Result:
+        # A select, not a product: a NaN or Inf tangent where x <= 0 gives 0, as in torch.
+        return torch.relu(x), None if xt is None else xt.masked_fill(x <= 0, 0)
+
+    # --- max_pool2d: the tangent is gathered at the primal's argmax -------------------------
+    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
+        y, idx = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                              pool.ceil_mode, return_indices=True)
+        if xt is None:
+            return y, None
+        flat_idx = idx.flatten(-2).expand(xt.shape[0], *idx.shape[:-2], -1)
+        yt = xt.flatten(-2).gather(-1, flat_idx).view(xt.shape[0], *y.shape)
+        return y, yt

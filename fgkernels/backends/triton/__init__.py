@@ -1,0 +1,21 @@
+"""The Triton backend: the fused dual convolution (with the batch-norm sums in its epilogue)
+and the in-place batch-norm apply (``backend.TritonBackend``). ``INTERPRETED`` is read once
+here: under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton imports and can run: on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or INTERPRETED

@@ -1,0 +1,86 @@
+"""The Triton backend's ops: the fused convolution where it serves (groups = 1; float32,
+bfloat16 or float16; slots laid out as ``conv.slot_layout`` accepts), the in-place
+batch-norm apply after it; everything else is delegated to the native backend."""
+from __future__ import annotations
+
+import torch
+
+from ..._slots import SlotPlan
+from .. import bn_math
+from ..base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
+from ..fused import InPlaceConvBatchNorm
+from ..native.backend import NativeBackend
+from . import INTERPRETED
+from .batch_norm import dual_bn_relu_apply_
+from .conv import combine_tile_stats, dual_conv2d
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _serves(x: Tensor, w: Tensor, conv: ConvArgs):
+    """Explicit padding when the Triton convolution serves this call, else None."""
+    if conv.groups != 1 or x.dtype not in _DTYPES or w.dtype != x.dtype or x.numel() == 0:
+        return None
+    if x.device.type != "cuda" and not INTERPRETED:
+        return None
+    return conv.explicit_padding(w.shape)
+
+
+class TritonBackend(InPlaceConvBatchNorm):
+    """Fused Triton kernels where they apply, the native ops elsewhere."""
+
+    name = "triton"
+
+    def __init__(self):
+        self.fallback = NativeBackend()
+
+    def _fused_conv(self, x, xt, p: LayerParams, plan: SlotPlan, conv: ConvArgs, bn_stats):
+        """The fused kernel's ``(y, yt, tile stats)``, or None where it does not serve."""
+        pad = _serves(x, p.weight, conv)
+        if pad is None:
+            return None
+        x_pos, p_pos = plan.positions
+        return dual_conv2d(x, xt, *p, x_pos, p_pos, plan.count, conv.stride, pad, conv.dilation,
+                           bn_stats=bn_stats)
+
+    def conv2d(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, conv: ConvArgs,
+               y: Opt = None) -> Result:
+        """The kernel computes the primal with the tangents from the same loads of x, so a
+        given ``y`` is used only where it delegates."""
+        out = self._fused_conv(x, xt, p, plan, conv, bn_stats=False)
+        if out is None:
+            return self.fallback.conv2d(x, xt, p, plan, conv, y)
+        return out[0], out[1]
+
+    # --- the two hooks of InPlaceConvBatchNorm ------------------------------------------------
+    def conv_for_batch_norm(self, x, xt, conv_p, conv_plan, conv, training, conv_y):
+        """The batch-norm sums come from the convolution's epilogue: the output is read once
+        more, never for statistics."""
+        out = self._fused_conv(x, xt, conv_p, conv_plan, conv, bn_stats=training)
+        if out is None:
+            h, ht, _, owned = self.fallback.conv_for_batch_norm(x, xt, conv_p, conv_plan, conv,
+                                                                training, conv_y)
+            return h, ht, None, owned
+        y, yt, tile_stats = out
+        stats = combine_tile_stats(*tile_stats, torch.float32) if training else None
+        return y, yt, stats, True
+
+    def apply_in_place(self, h, ht, c: bn_math.BNCoefficients, relu: bool) -> None:
+        if h.device.type != "cuda" and not INTERPRETED:
+            self.fallback.apply_in_place(h, ht, c, relu)
+        else:
+            dual_bn_relu_apply_(h, ht, *c.apply_args(), relu)
+
+    # --- delegated ----------------------------------------------------------------------------
+    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
+        return self.fallback.linear(x, xt, p, plan)
+
+    def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                   bn: BatchNormArgs) -> Result:
+        return self.fallback.batch_norm(x, xt, p, plan, bn)
+
+    def relu(self, x: Tensor, xt: Opt) -> Result:
+        return self.fallback.relu(x, xt)
+
+    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
+        return self.fallback.max_pool2d(x, xt, pool)

@@ -1,0 +1,80 @@
+"""Argument checks of the functional ops, the Python twin of ``csrc/checks.h``: each raises
+with a message naming the argument and what was expected, before anything runs or changes."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends.base import BatchNormArgs
+
+Tensor = torch.Tensor
+
+
+def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int) -> None:
+    """conv2d's input, weight, bias and groups."""
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
+    if x.dim() != 4:
+        raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if w.dim() != 4:
+        raise ValueError(f"conv2d: weight must be 4-D (C_out, C_in/groups, kH, kW), "
+                         f"got shape {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1] * groups:
+        raise ValueError(f"conv2d: input has {x.shape[1]} channels, but weight of shape "
+                         f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"conv2d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+
+
+def check_linear(x: Tensor, w: Tensor) -> None:
+    """linear's input and weight."""
+    if x.dim() == 0 or w.dim() != 2:
+        raise ValueError(f"linear: input must have at least 1 dim and weight 2, got shapes "
+                         f"{tuple(x.shape)} and {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, but weight of shape "
+                         f"{tuple(w.shape)} expects {w.shape[1]}")
+
+
+def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[Tensor]) -> None:
+    """batch norm's arguments against its input's ``shape``."""
+    if len(shape) < 2 or shape[1] == 0:
+        raise ValueError(f"batch_norm: input must have a channel dimension of at least 1 "
+                         f"channel, got shape {tuple(shape)}")
+    channels = shape[1]
+    for name, t in (("running_mean", bn.running_mean), ("running_var", bn.running_var)):
+        if t is not None and not isinstance(t, Tensor):  # a Dual included
+            raise TypeError(f"batch_norm: {name} must be a Tensor or None, got "
+                            f"{type(t).__name__}")
+    for name, t in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
+                    ("weight", w), ("bias", b)):
+        if t is not None and t.shape != (channels,):
+            raise ValueError(f"batch_norm: {name} has shape {tuple(t.shape)}, but the input has "
+                             f"{channels} channels")
+    if not bn.training and (bn.running_mean is None or bn.running_var is None):
+        raise ValueError("batch_norm: eval mode needs running_mean and running_var")
+    if bn.training and shape[0] * _prod(shape[2:]) == 1:  # as torch: an empty input passes
+        raise ValueError(f"batch_norm: training needs more than 1 value per channel, got input "
+                         f"of shape {tuple(shape)}")
+
+
+def check_primal(op: str, primal: Optional[Tensor], x: Tensor, shape: tuple) -> None:
+    """A caller's primal output (if any) must have the op's output shape, x's dtype and
+    device."""
+    if primal is None:
+        return
+    if not isinstance(primal, Tensor):
+        raise TypeError(f"{op}: primal must be a Tensor, got {type(primal).__name__}")
+    if tuple(primal.shape) != tuple(shape) or primal.dtype != x.dtype \
+            or primal.device != x.device:
+        raise ValueError(f"{op}: primal must be a {x.dtype} tensor of shape {tuple(shape)} on "
+                         f"{x.device}, got {primal.dtype} {tuple(primal.shape)} on "
+                         f"{primal.device}")
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out

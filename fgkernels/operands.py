@@ -1,0 +1,73 @@
+"""An op's operands split for a backend: each Dual into its primal and stacked tangent, one
+layer's parameters into a ``LayerParams``, and the output's slots planned (``_slots.plan``)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from . import _slots
+from .backends.base import LayerParams
+from .dual import Dual
+
+Tensor = torch.Tensor
+MaybeDual = Union[Tensor, Dual]
+
+
+class Parts(NamedTuple):
+    """A Dual, Tensor or None as a backend takes it."""
+
+    primal: Optional[Tensor]
+    tangents: Optional[Tensor]          # (T, *primal.shape), None when zero
+    slots: Optional[_slots.SlotOperand]  # None when zero
+
+
+class LayerOperands(NamedTuple):
+    """The input and parameters of a layer's op, and the output's slot plan over them."""
+
+    x: Tensor
+    xt: Optional[Tensor]
+    params: LayerParams
+    plan: _slots.SlotPlan
+
+
+def parts(v) -> Parts:
+    """The parts of a Dual (a Tensor or None: no tangent)."""
+    if isinstance(v, Dual):
+        return Parts(v.primal, v.tangents, v.slot_operand())
+    return Parts(v, None, None)
+
+
+def as_dual(v: MaybeDual, op: str) -> Dual:
+    """``v`` as a Dual (a Tensor: zero tangent)."""
+    if isinstance(v, Dual):
+        return v
+    if isinstance(v, Tensor):
+        return Dual(v)
+    raise TypeError(f"{op}: expected a Dual or Tensor input, got {type(v).__name__}")
+
+
+def layer_params(op: str, weight, bias) -> tuple[LayerParams, Optional[_slots.SlotOperand]]:
+    """One layer's weight and bias, whose tangents must carry the same slots, and those slots."""
+    w, b = parts(weight), parts(bias)
+    if w.slots is not None and b.slots is not None and w.slots != b.slots:
+        raise ValueError(f"{op}: the parameters' tangents must carry the same slots, got "
+                         f"weight: {_describe(w.slots)}, bias: {_describe(b.slots)}")
+    return LayerParams(w.primal, w.tangents, b.primal, b.tangents), w.slots or b.slots
+
+
+def layer_operands(op: str, input: MaybeDual, weight, bias) -> LayerOperands:
+    """Split a layer op's input and parameters and plan its output's slots."""
+    x = parts(as_dual(input, op))
+    params, slots = layer_params(op, weight, bias)
+    return LayerOperands(x.primal, x.tangents, params, _slots.plan([x.slots, slots], op))
+
+
+def result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:
+    """The output Dual of an op whose backend returned ``(y, yt)``."""
+    return Dual._unchecked(y, yt, plan.directions, plan.single) if yt is not None else Dual(y)
+
+
+def _describe(o: _slots.SlotOperand) -> str:
+    return f"T={o.count}" + ("" if o.directions is None else f" directions {o.directions}") \
+        + (" (single)" if o.single else "")
