@@ -54,7 +54,8 @@ def _timed_call(fn) -> float:
 def measure(benchmark, quick):
     """``measure(fn, group, rounds)``: time ``fn`` (synchronised) and store its peak memory."""
 
-    def run(fn, group: str, rounds: int = 5, budget_s: float = 1.0, paired=None):
+    def run(fn, group: str, rounds: int = 5, budget_s: float = 1.0, paired=None,
+            track_memory: bool = True):
         """At least ``rounds`` rounds; more for fast cases, up to about ``budget_s`` of timing
         (at most 100 rounds): the median of a few ms-long calls needs many of them.
 
@@ -62,7 +63,8 @@ def measure(benchmark, quick):
         ``fn`` (outside the benchmark's timing), and for each the median of the per-round
         ratios goes to ``extra_info["paired"][name]``: on a machine whose speed drifts over
         minutes, a ratio of neighbouring calls is steadier than one of two benchmarks run
-        minutes apart."""
+        minutes apart. ``track_memory=False`` for a compiled ``fn``: on the CPU the peak is
+        tracked by a dispatch mode, which torch.compile does not run under."""
         benchmark.group = group
         paired = paired or {}
         for baseline_fn in paired.values():
@@ -70,9 +72,10 @@ def measure(benchmark, quick):
         fn()  # warm-up: autotuning, allocator, oneDNN primitive caches
         once = _timed_call(fn)
         rounds = max(rounds, min(100, int(budget_s / max(once, 1e-6))))
-        with PeakMemory(DEVICE) as mem:
-            fn()
-        benchmark.extra_info["peak_memory_bytes"] = mem.peak_bytes
+        if track_memory:
+            with PeakMemory(DEVICE) as mem:
+                fn()
+            benchmark.extra_info["peak_memory_bytes"] = mem.peak_bytes
         if DEVICE.type == "cuda" and not quick:
             import triton.testing
             q = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], return_mode="median")

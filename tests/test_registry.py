@@ -1,6 +1,7 @@
 """The backend registry: selection, forcing, and errors."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -31,17 +32,12 @@ def test_environment_variable_forces_backend():
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
-    ops._load.cache_clear()
-    ops._warn_unbuilt.cache_clear()
+    monkeypatch.setattr(ops, "_loaded", {})
+    monkeypatch.setattr(ops, "_warned", [])
     monkeypatch.setattr("fgkernels.backends.native.native_available", lambda: False)
     monkeypatch.delenv("FGKERNELS_BACKEND", raising=False)
-    try:
-        with pytest.warns(UserWarning, match="pip install --no-build-isolation -e ."):
-            assert fgkernels.current_backend(torch.device("cpu")).name == "reference"
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            fgkernels.current_backend(torch.device("cpu"))  # warned once only
-    finally:
-        ops._load.cache_clear()
-        ops._warn_unbuilt.cache_clear()
+    with pytest.warns(UserWarning, match="pip install --no-build-isolation -e ."):
+        assert fgkernels.current_backend(torch.device("cpu")).name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fgkernels.current_backend(torch.device("cpu"))  # warned once only

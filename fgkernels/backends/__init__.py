@@ -10,11 +10,10 @@ Triton kernels faster (``benchmarks/RESULTS-gpu.md``); reference when nothing el
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 import warnings
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -32,15 +31,24 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
-def _load(name: str):
+# name -> the backend instance, or None where it cannot run. A plain dict, not an lru_cache:
+# torch.compile reads it as it is, where it would trace through a cache wrapper.
+_loaded: dict[str, Optional[Backend]] = {}
+
+
+def _load(name: str) -> Optional[Backend]:
     """The backend instance, or None when it cannot run on this install."""
+    if name not in _loaded:
+        _loaded[name] = _instantiate(name)
+    return _loaded[name]
+
+
+def _instantiate(name: str) -> Optional[Backend]:
     if name == "reference":
         return ReferenceBackend()
     if name == "native":
-        from .native import native_available
         from .native.backend import NativeBackend
-        return NativeBackend() if native_available() else None
+        return NativeBackend() if native.native_available() else None
     from .triton import triton_available
     if not triton_available():
         return None
@@ -68,8 +76,13 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
-@functools.lru_cache(maxsize=None)
+_warned: list[bool] = []
+
+
 def _warn_unbuilt() -> None:
+    if _warned:
+        return
+    _warned.append(True)
     warnings.warn("fgkernels._C is not built, so the dual ops run on the slower reference "
                   "backend; build it with `pip install --no-build-isolation -e .`", stacklevel=4)
 

@@ -5,12 +5,8 @@ after (``fakes``), so that they trace under ``torch.compile``.
 """
 from __future__ import annotations
 
-import functools
 
-
-@functools.lru_cache(maxsize=None)
-def native_available() -> bool:
-    """True when the compiled extension ``fgkernels._C`` loads (it registers the ops)."""
+def _load_extension() -> bool:
     try:
         from ... import _C  # noqa: F401
     except ImportError:
@@ -19,4 +15,9 @@ def native_available() -> bool:
     return True
 
 
-native_available()
+_AVAILABLE = _load_extension()
+
+
+def native_available() -> bool:
+    """True when the compiled extension ``fgkernels._C`` loaded (it registers the ops)."""
+    return _AVAILABLE
