@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import fgkernels
-from cases import resnet18_case
 from fgkernels import Dual
+
+from cases import resnet18_case
 from providers import loss_jvp_forward_ad
 
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import fgkernels
-from conftest import DEVICE
 from fgkernels import Dual
 from fgkernels.train import build_model
+
+from conftest import DEVICE
 
 BATCHES = (256,) if DEVICE.type == "cuda" else (128,)
 BLOCK = 2  # ResNet-18's first 128-channel block: two 3×3 convolutions and a 1×1 shortcut

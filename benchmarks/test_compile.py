@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import fgkernels
-from conftest import DEVICE
 from fgkernels import Dual
 from fgkernels.zoo import BasicBlock
+
+from conftest import DEVICE
 
 
 @pytest.mark.parametrize("provider", ["compiled", "eager"])

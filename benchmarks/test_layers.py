@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fgkernels.functional as DF
+
 from conftest import DEVICE
 from providers import BASELINES, backend_of, dual_call, fgkernels_providers, jvp_forward_ad
 

@@ -4,13 +4,14 @@ import copy
 
 import pytest
 import torch
+from torch.func import functional_call
 
 import fgkernels
-from conftest import DEVICE
 from fgkernels import Dual
 from fgkernels.zoo import MODELS
+
+from conftest import DEVICE
 from providers import jvp_forward_ad
-from torch.func import functional_call
 
 WIDTH, BATCH, SIZE = (32, 64, 32) if DEVICE.type == "cpu" else (64, 256, 32)
 

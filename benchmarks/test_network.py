@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import fgkernels
+from fgkernels import Dual
+
 from cases import resnet18_case
 from conftest import DEVICE
-from fgkernels import Dual
 from providers import backend_of, fgkernels_providers, loss_jvp_forward_ad
 
 BATCHES = (256,) if DEVICE.type == "cuda" else (32, 128)

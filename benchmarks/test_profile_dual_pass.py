@@ -3,11 +3,11 @@ dual pass runs exactly the convolution FLOPs of three convolutions per layer (tw
 whose input has no tangent)."""
 import pytest
 import torch
+from profile_dual_pass import profile_resnet18
 from torch.utils.flop_counter import FlopCounterMode
 
 from cases import resnet18_case
 from conftest import DEVICE
-from profile_dual_pass import profile_resnet18
 
 
 def test_profile_counts_three_convolutions_per_layer():

@@ -5,9 +5,10 @@ just before it, for a ratio that machine drift does not move."""
 import pytest
 import torch
 
-from conftest import DEVICE
 from fgkernels.train import build_model
 from fgkernels.train.loop import TrainConfig, compute_gradients
+
+from conftest import DEVICE
 
 BATCHES = (256,) if DEVICE.type == "cuda" else (128,)
 ALGOS = {"backprop": TrainConfig(algo="backprop"),

@@ -5,12 +5,27 @@ compute both in one pass, with no autograd graph and no stored activations.
 """
 from . import functional, norms  # noqa: F401  (norms registers its rules)
 from ._fallback import fallback_ops, strict_rules
-from .dual import Dual, is_dual
-from .nn import (DualAdaptiveAvgPool2d, DualAvgPool2d, DualBatchNorm1d, DualBatchNorm2d,
-                 DualConv2d, DualFlatten, DualGeneric, DualGroupNorm, DualLayerNorm, DualLinear,
-                 DualMaxPool2d, DualModule, DualReLU, DualSequential, convert, register_twin,
-                 reuse_conv_outputs)
 from .backends import available_backends, current_backend, use_backend
+from .dual import Dual, is_dual
+from .nn import (
+                 DualAdaptiveAvgPool2d,
+                 DualAvgPool2d,
+                 DualBatchNorm1d,
+                 DualBatchNorm2d,
+                 DualConv2d,
+                 DualFlatten,
+                 DualGeneric,
+                 DualGroupNorm,
+                 DualLayerNorm,
+                 DualLinear,
+                 DualMaxPool2d,
+                 DualModule,
+                 DualReLU,
+                 DualSequential,
+                 convert,
+                 register_twin,
+                 reuse_conv_outputs,
+)
 from .tangents import clear_tangents, random_tangents, set_tangents
 
 __version__ = "0.1.0"

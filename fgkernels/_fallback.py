@@ -13,7 +13,8 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree

@@ -9,8 +9,9 @@ that each cover some of them, without materialising a zero slot unless no part c
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

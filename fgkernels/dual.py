@@ -1,7 +1,8 @@
 """``Dual``: a primal tensor travelling with its tangent(s) through a forward-mode pass."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -95,7 +96,7 @@ class Dual:
 
     @classmethod
     def _unchecked(cls, primal: torch.Tensor, stack: Optional[torch.Tensor],
-                   directions: Directions, single: bool) -> "Dual":
+                   directions: Directions, single: bool) -> Dual:
         """Build from an already-stacked tangent without validating it (for the ops, whose
         outputs are consistent by construction)."""
         d = cls.__new__(cls)
@@ -126,12 +127,12 @@ class Dual:
             return None
         return SlotOperand(self._stack.shape[0], self.directions, self._single)
 
-    def with_tangents(self, primal: torch.Tensor, stack: Optional[torch.Tensor]) -> "Dual":
+    def with_tangents(self, primal: torch.Tensor, stack: Optional[torch.Tensor]) -> Dual:
         """A Dual with the same slots as this one but a new primal and stacked tangent."""
         return Dual._unchecked(primal, stack, self.directions if stack is not None else None,
-                        self._single and stack is not None)
+                               self._single and stack is not None)
 
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Dual":
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Dual:
         """Apply a linear, per-sample map ``fn`` to the primal and to every tangent slot."""
         y = fn(self.primal)
         if self._stack is None:
@@ -139,7 +140,7 @@ class Dual:
         t = fn(self._stack.flatten(0, 1)) if self.primal.dim() else fn(self._stack)
         return self.with_tangents(y, t.reshape(self._stack.shape[0], *y.shape))
 
-    def select(self, directions: Sequence[int]) -> "Dual":
+    def select(self, directions: Sequence[int]) -> Dual:
         """Keep only the slots of the given (labelled) directions; absent ones stay absent."""
         if self._stack is None:
             return self
@@ -152,10 +153,10 @@ class Dual:
             else self._stack[torch.tensor(keep, device=self._stack.device)]
         return Dual._unchecked(self.primal, stack, tuple(self.directions[i] for i in keep), False)
 
-    def detach(self) -> "Dual":
+    def detach(self) -> Dual:
         """The same Dual cut from any autograd graph."""
-        return Dual._unchecked(self.primal.detach(), None if self._stack is None else self._stack.detach(),
-                        self.directions, self._single)
+        stack = None if self._stack is None else self._stack.detach()
+        return Dual._unchecked(self.primal.detach(), stack, self.directions, self._single)
 
     # --- tensor-like surface -------------------------------------------------------------------
     shape = property(lambda self: self.primal.shape)
@@ -261,25 +262,25 @@ class Dual:
     def __itruediv__(self, other):
         return self._assign(torch.div(self, other))
 
-    def add_(self, other, *, alpha=1) -> "Dual":
+    def add_(self, other, *, alpha=1) -> Dual:
         return self._assign(torch.add(self, other, alpha=alpha))
 
-    def sub_(self, other, *, alpha=1) -> "Dual":
+    def sub_(self, other, *, alpha=1) -> Dual:
         return self._assign(torch.sub(self, other, alpha=alpha))
 
-    def mul_(self, other) -> "Dual":
+    def mul_(self, other) -> Dual:
         return self._assign(torch.mul(self, other))
 
-    def div_(self, other) -> "Dual":
+    def div_(self, other) -> Dual:
         return self._assign(torch.div(self, other))
 
-    def relu_(self) -> "Dual":
+    def relu_(self) -> Dual:
         return self._assign(torch.relu(self))
 
-    def clamp_(self, min=None, max=None) -> "Dual":
+    def clamp_(self, min=None, max=None) -> Dual:
         return self._assign(torch.clamp(self, min, max))
 
-    def _assign(self, result: "Dual") -> "Dual":
+    def _assign(self, result: Dual) -> Dual:
         """Rebind this Dual's parts to ``result``'s (an in-place op's result) and return it."""
         if result.primal.shape != self.primal.shape:
             raise RuntimeError(f"an in-place op cannot change a Dual's shape "
@@ -288,18 +289,18 @@ class Dual:
         self.directions, self._single = result.directions, result._single
         return self
 
-    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "Dual":
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Dual:
         return torch.flatten(self, start_dim, end_dim)
 
-    def view(self, *shape) -> "Dual":
+    def view(self, *shape) -> Dual:
         return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
                              else shape)
 
-    def reshape(self, *shape) -> "Dual":
+    def reshape(self, *shape) -> Dual:
         return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
                              else shape)
 
-    def relu(self) -> "Dual":
+    def relu(self) -> Dual:
         return torch.relu(self)
 
 

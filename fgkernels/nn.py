@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, NamedTuple, Optional, Union
+from collections.abc import Iterator
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -364,7 +365,7 @@ def register_twin(cls: type, dual_cls: type) -> None:
     _DUAL_CLASSES.add(dual_cls)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _derived_twin(cls: type) -> Optional[type]:
     """The twin of a class without a registered one: for a subclass of a twinned layer that
     keeps its base's ``forward`` (a parametrized layer, a subclass adding methods), the base's

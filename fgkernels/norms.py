@@ -7,7 +7,8 @@ sample's group of ``C/G`` channels with its spatial axes, γ and β per channel)
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,8 @@
 """Parameter tangents: the per-step directions ``Ẇ`` that the Dual layers feed into the pass."""
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional
+from collections.abc import Mapping
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn

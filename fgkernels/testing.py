@@ -6,7 +6,8 @@ once per tangent slot, and returns the primal output and the stacked tangents, t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import fgkernels.functional as DF
 from fgkernels import Dual
+
 from helpers import TOL, central_difference
 
 DTYPES = [torch.float64, torch.float32]

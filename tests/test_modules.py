@@ -8,6 +8,7 @@ from torch import nn
 
 import fgkernels
 from fgkernels import Dual
+
 from helpers import TOL, torch_jvp, torch_jvp_multi
 
 TWIN_CASES = [

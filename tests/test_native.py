@@ -8,6 +8,7 @@ import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
 from fgkernels.backends.layout import empty_slots
+
 from helpers import rel_err
 
 pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
+from fgkernels.train.checkpoint import save_checkpoint
 from fgkernels.train.cli import main
 from fgkernels.train.data import load_dataset
-from fgkernels.train.checkpoint import save_checkpoint
 from fgkernels.train.loop import TrainConfig, train
 from fgkernels.train.models import build_model
 

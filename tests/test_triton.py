@@ -8,6 +8,7 @@ import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
 from fgkernels.backends.triton.conv import combine_tile_stats, dual_conv2d
+
 from helpers import rel_err
 
 pytestmark = [pytest.mark.triton,

@@ -13,7 +13,8 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 

@@ -1,4 +1,4 @@
-"""fgkernels.train: a thin trainer for the forward-gradient algorithms of PAPER.md.
+"""fgkernels.train: a thin trainer for the forward-gradient algorithms of docs/method.md.
 
 Run ``python -m fgkernels.train --help``; ``python -m fgkernels.train demo`` is the main job.
 """

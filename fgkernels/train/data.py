@@ -3,9 +3,10 @@ python batches, and a synthetic set. Held as tensors; batches drawn with an expl
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""Gradient estimators of PAPER.md, computed with one forward-mode (dual) pass.
+"""Gradient estimators of docs/method.md, computed with one forward-mode (dual) pass.
 
 For each block j but the last, a *guess* ``g_j`` (a direction in block j's weight space or in its
 output's activity space) and a *target* loss give the estimate
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

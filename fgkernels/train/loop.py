@@ -12,11 +12,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import (CHECKPOINT_NAME, load_checkpoint, prepare_out_dir, save_checkpoint,
-                         write_metrics)
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    prepare_out_dir,
+    save_checkpoint,
+    write_metrics,
+)
 from .data import Dataset, load_dataset, test_batches, train_batches
-from .estimators import (check_choices, estimate_gradients, grads_or_zeros, local_gradients,
-                         preserved_buffers)
+from .estimators import (
+    check_choices,
+    estimate_gradients,
+    grads_or_zeros,
+    local_gradients,
+    preserved_buffers,
+)
 from .memory import PeakMemory
 from .models import BlockNet, build_model
 

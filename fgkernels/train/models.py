@@ -90,7 +90,7 @@ def _small_cnn(in_channels: int, width: int) -> tuple[list[nn.Module], list[int]
 
 
 def aux_head(kind: str, channels: int, num_classes: int, width: int) -> nn.Module:
-    """An auxiliary net (PAPER.md): ``cnn``, ``mlp`` or ``linear``."""
+    """An auxiliary net (docs/method.md): ``cnn``, ``mlp`` or ``linear``."""
     if kind == "cnn":
         layers = [*conv_bn_relu(channels, width, kernel=1)]
         for _ in range(3):

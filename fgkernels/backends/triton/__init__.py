@@ -11,7 +11,7 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when Triton imports and can run: on CUDA, or on the CPU under TRITON_INTERPRET=1."""
     try:

@@ -1,0 +1,24 @@
+# Everyday commands; scripts/setup.sh makes .venv and builds the extension first.
+PY := .venv/bin/python
+
+.PHONY: setup test lint format-csrc bench demo
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest tests benchmarks --benchmark-disable -q
+
+lint:
+	.venv/bin/ruff check .
+
+format-csrc:  # needs clang-format (Debian: apt-get install clang-format)
+	clang-format -i csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh \
+	    csrc/cuda/*.h csrc/cuda/*.cpp
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-json=cpu.json
+	$(PY) benchmarks/report.py cpu.json -o benchmarks/RESULTS.md --preamble benchmarks/PREAMBLE.md --plot benchmarks/results.png
+
+demo: setup
+	$(PY) -m fgkernels.train demo
