@@ -21,10 +21,9 @@ from .pointwise import lift
 Tensor = torch.Tensor
 
 
-def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], eps: float):
-    """x̂ and the stacked ẋ̂ (None without tangent), statistics over ``dims`` of x."""
-    mean = x.mean(dims, keepdim=True)
-    r = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r: Tensor):
+    """x̂ and the stacked ẋ̂ (None without tangent), from the statistics over ``dims`` of x
+    (``mean`` and ``r`` shaped to broadcast over x)."""
     xhat = (x - mean) * r
     if xt is None:
         return xhat, None
@@ -66,8 +65,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-
     if tuple(x.shape[x.dim() - k:]) != normalized_shape:
         raise ValueError(f"layer_norm: input of shape {tuple(x.shape)} does not end with "
                          f"normalized_shape {normalized_shape}")
-    y = F.layer_norm(x, normalized_shape, _primal(weight), _primal(bias), eps)
-    xhat, xt_hat = _normalize(x, xt, list(range(x.dim() - k, x.dim())), eps)
+    # torch's own kernel gives y and the statistics in one pass.
+    y, mean, r = torch.native_layer_norm(x, normalized_shape, _primal(weight), _primal(bias), eps)
+    xhat, xt_hat = _normalize(x, xt, list(range(x.dim() - k, x.dim())), mean, r)
     return _affine("layer_norm", y, xhat, xt_hat, x_operand, weight, bias, normalized_shape)
 
 
@@ -79,10 +79,13 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     if x.dim() < 2 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm: {num_groups} groups do not divide the channels of input "
                          f"of shape {tuple(x.shape)}")
-    y = F.group_norm(x, num_groups, _primal(weight), _primal(bias), eps)
-    grouped = x.reshape(x.shape[0], num_groups, -1)
+    n, c = x.shape[:2]
+    y, mean, r = torch.native_group_norm(x, _primal(weight), _primal(bias), n, c,
+                                         x.numel() // max(n * c, 1), num_groups, eps)
+    grouped = x.reshape(n, num_groups, -1)
     xhat, xt_hat = _normalize(grouped, None if xt is None else
-                              xt.reshape(xt.shape[0], *grouped.shape), [2], eps)
+                              xt.reshape(xt.shape[0], *grouped.shape), [2],
+                              mean.unsqueeze(-1), r.unsqueeze(-1))
     xhat = xhat.reshape(x.shape)
     xt_hat = None if xt_hat is None else xt_hat.reshape(xt.shape)
     param_shape = (x.shape[1],) + (1,) * (x.dim() - 2)

@@ -5,12 +5,11 @@ Broadcasting: an operand's stacked tangent ``(T, *a.shape)`` is aligned with the
 trailing data dims, as torch aligns ``a``; the slot axis T stays in front and is never broadcast
 against data. An operand without tangent (a plain tensor or number) is a constant.
 
-Activations compute the derivative ``f'(x)`` once and scale every tangent slot by it, exactly as
-torch's forward-mode rule does (the same formula, the same convention at kinks and at NaN).
+Activations run torch's own derivative kernel of the activation over every tangent slot at
+once: the formula of torch's forward-mode rule, its conventions at kinks and at NaN included.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -141,21 +140,27 @@ def _select(stack: Optional[Tensor], keep: Tensor) -> Optional[Tensor]:
 
 
 # --- activations: y = f(x), ẏ = f'(x)·ẋ ---------------------------------------------------------
-def _activation(input, y: Tensor, slope: Callable[[], Tensor], inplace: bool = False) -> Dual:
-    """The Dual of ``y = f(x)`` with ``ẏ = slope()·ẋ``; ``inplace`` rebinds ``input``."""
+# Each tangent comes from torch's own derivative kernel of f (``aten.<f>_backward``, the
+# formula torch's forward-mode AD uses), run once over every slot: one fused pass, and exactly
+# forward_ad's numbers, its conventions at kinks and at NaN included.
+_aten = torch.ops.aten
+
+
+def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor],
+                inplace: bool = False) -> Dual:
+    """The Dual of ``y = f(x)`` with ``ẏ = derivative(ẋ, x)`` over all slots; ``inplace``
+    rebinds ``input`` to the result."""
     d = input if isinstance(input, Dual) else Dual(input)
-    out = d.with_tangents(y, None if d.tangents is None else d.tangents * slope())
+    t = d.tangents
+    out = d.with_tangents(y, None if t is None else derivative(t, d.primal.expand_as(t)))
     return d._assign(out) if inplace else out
 
 
 @implements(F.hardtanh, F.hardtanh_)
 def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Dual:
-    """Dual hardtanh (and ReLU6): ``ẏ = 0`` where ``x ≤ min`` or ``x ≥ max``, else ``ẋ`` (a NaN
-    x keeps its tangent, as in torch)."""
-    x = input.primal
-    out = input.with_tangents(F.hardtanh(x, min_val, max_val),
-                              _select(input.tangents, ~((x <= min_val) | (x >= max_val))))
-    return input._assign(out) if inplace else out
+    """Dual hardtanh (ReLU6 too): ``ẏ = ẋ`` strictly inside the bounds (and at NaN), else 0."""
+    return _activation(input, F.hardtanh(input.primal, min_val, max_val),
+                       lambda t, x: _aten.hardtanh_backward(t, x, min_val, max_val), inplace)
 
 
 @implements(F.relu6)
@@ -167,86 +172,63 @@ def relu6(input, inplace: bool = False) -> Dual:
 @implements(F.leaky_relu, F.leaky_relu_)
 def leaky_relu(input, negative_slope: float = 0.01, inplace: bool = False) -> Dual:
     """Dual leaky ReLU: slope 1 where x > 0, else ``negative_slope``."""
-    x = input.primal
-    return _activation(input, F.leaky_relu(x, negative_slope),
-                       lambda: torch.where(x > 0, 1.0, negative_slope).to(x.dtype), inplace)
+    return _activation(input, F.leaky_relu(input.primal, negative_slope),
+                       lambda t, x: _aten.leaky_relu_backward(t, x, negative_slope, False),
+                       inplace)
 
 
 @implements(F.elu, F.elu_)
 def elu(input, alpha: float = 1.0, inplace: bool = False) -> Dual:
     """Dual ELU: slope 1 where x > 0, else ``alpha·eˣ``."""
-    x = input.primal
-    return _activation(input, F.elu(x, alpha),
-                       lambda: torch.where(x <= 0, alpha * torch.exp(x), 1.0), inplace)
+    return _activation(input, F.elu(input.primal, alpha),
+                       lambda t, x: _aten.elu_backward(t, alpha, 1, 1, False, x), inplace)
 
 
 @implements(F.silu)
 def silu(input, inplace: bool = False) -> Dual:
     """Dual SiLU ``x·σ(x)``: slope ``σ(x)·(1 + x·(1 − σ(x)))``."""
-    x = input.primal
-    s = torch.sigmoid(x)
-    return _activation(input, x * s, lambda: s * (1 + x * (1 - s)), inplace)
+    return _activation(input, F.silu(input.primal), _aten.silu_backward, inplace)
 
 
 @implements(F.gelu)
 def gelu(input, approximate: str = "none") -> Dual:
-    """Dual GELU, exact (``Φ(x) + x·φ(x)``) or tanh-approximated."""
-    x = input.primal
-    if approximate == "tanh":
-        k, c = math.sqrt(2 / math.pi), 0.044715
-        t = torch.tanh(k * (x + c * x ** 3))
-        slope = lambda: 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * c * x * x)
-    elif approximate == "none":
-        slope = lambda: (0.5 * (1 + torch.erf(x / math.sqrt(2)))
-                         + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))
-    else:
+    """Dual GELU, exact (slope ``Φ(x) + x·φ(x)``) or tanh-approximated."""
+    if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _activation(input, F.gelu(x, approximate=approximate), slope)
+    return _activation(input, F.gelu(input.primal, approximate=approximate),
+                       lambda t, x: _aten.gelu_backward(t, x, approximate=approximate))
 
 
 @implements(torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid)
 def sigmoid(input) -> Dual:
     """Dual sigmoid: slope ``y·(1 − y)``."""
     y = torch.sigmoid(input.primal)
-    return _activation(input, y, lambda: y * (1 - y))
+    return _activation(input, y, lambda t, x: _aten.sigmoid_backward(t, y.expand_as(t)))
 
 
 @implements(torch.tanh, torch.Tensor.tanh, F.tanh)
 def tanh(input) -> Dual:
     """Dual tanh: slope ``1 − y²``."""
     y = torch.tanh(input.primal)
-    return _activation(input, y, lambda: 1 - y * y)
+    return _activation(input, y, lambda t, x: _aten.tanh_backward(t, y.expand_as(t)))
 
 
 @implements(F.hardsigmoid)
 def hardsigmoid(input, inplace: bool = False) -> Dual:
-    """Dual hardsigmoid: slope 1/6 where −3 < x < 3, else 0."""
-    x = input.primal
-    sixth = 0.1666666716337204  # 1/6 rounded to float32, the constant of torch's derivative
-    out = input.with_tangents(F.hardsigmoid(x),
-                              _select(None if input.tangents is None else input.tangents * sixth,
-                                      (x > -3) & (x < 3)))
-    return input._assign(out) if inplace else out
+    """Dual hardsigmoid: slope 1/6 strictly between −3 and 3, else 0."""
+    return _activation(input, F.hardsigmoid(input.primal), _aten.hardsigmoid_backward, inplace)
 
 
 @implements(F.hardswish)
 def hardswish(input, inplace: bool = False) -> Dual:
-    """Dual hardswish: slope 0 up to −3, ``x/3 + 1/2`` below 3, 1 from 3 on (and at NaN), as
-    torch's derivative."""
-    x = input.primal
-    slope = torch.where(x < 3, x / 3 + 0.5, 1.0)
-    out = input.with_tangents(F.hardswish(x),
-                              _select(None if input.tangents is None else input.tangents * slope,
-                                      ~(x <= -3)))
-    return input._assign(out) if inplace else out
+    """Dual hardswish: slope 0 up to −3, ``x/3 + 1/2`` below 3, 1 from 3 on."""
+    return _activation(input, F.hardswish(input.primal), _aten.hardswish_backward, inplace)
 
 
 @implements(F.mish)
 def mish(input, inplace: bool = False) -> Dual:
-    """Dual Mish ``x·tanh(softplus(x))``: slope ``t + x·σ(x)·(1 − t²)``."""
-    x = input.primal
-    t = torch.tanh(F.softplus(x))
-    return _activation(input, x * t, lambda: t + x * torch.sigmoid(x) * (1 - t * t), inplace)
+    """Dual Mish ``x·tanh(softplus(x))``."""
+    return _activation(input, F.mish(input.primal), _aten.mish_backward, inplace)
 
 
 # --- linear tensor ops: the same map on the primal and on every slot ----------------------------
