@@ -116,8 +116,8 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
             logits = head(a)
             loss = F.cross_entropy(logits, y)
             grads = grads_or_zeros(loss, params_b + params_h)
-        out.grads.update(_named(f"blocks.{j}", block, grads[:len(params_b)]))
-        out.grads.update(_named(f"heads.{j}", head, grads[len(params_b):]))
+        out.grads.update(_named(net, "blocks", j, grads[:len(params_b)]))
+        out.grads.update(_named(net, "heads", j, grads[len(params_b):]))
         h = a.detach()
     out.loss = float(loss.detach())
     out.correct = int((logits.argmax(1) == y).sum())
@@ -158,14 +158,46 @@ def _reinitialised(head: nn.Module, generator: Optional[torch.Generator]) -> nn.
     return fresh
 
 
-def _named(module_prefix: str, module: nn.Module, values: list[Tensor]) -> dict[str, Tensor]:
+def _named(net: BlockNet, part: str, j: int, values: list[Tensor]) -> dict[str, Tensor]:
+    """Gradients of ``net.<part>[j]``'s trainable parameters, by their names in ``net``."""
+    module = getattr(net, part)[j]
     names = [n for n, p in module.named_parameters() if p.requires_grad]
-    return {f"{module_prefix}.{n}": v for n, v in zip(names, values)}
+    return net.named_in(part, j, dict(zip(names, values)))
 
 
 def _directional(loss: Dual, direction: int) -> float:
     """The tangent of a scalar loss for one labelled direction."""
     return float(loss.tangents[loss.directions.index(direction)])
+
+
+@dataclass
+class _Pending:
+    """Block j's guess, kept until the dual pass has given its directional derivative."""
+
+    block: int
+    guess: Union[dict[str, Tensor], Tensor, None]  # kept for the caller (see keep_guesses)
+    norm2: float                                   # ‖g‖²
+    estimate_basis: dict[str, Tensor]              # ĝ = scale · basis, by parameter name
+
+
+@dataclass
+class _Pass:
+    """The state of one estimator call: its options and what it has found so far."""
+
+    net: BlockNet
+    y: Tensor
+    target: str
+    guess: str
+    space: str
+    noise: str
+    generator: Optional[torch.Generator]
+    keep_guesses: bool
+    out: Estimates = field(default_factory=lambda: Estimates(grads={}))
+    pending: list[_Pending] = field(default_factory=list)
+    derivs: dict[int, float] = field(default_factory=dict)
+
+    def head_grads(self, j: int, grads: list[Tensor]) -> None:
+        self.out.grads.update(_named(self.net, "heads", j, grads))
 
 
 def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "global",
@@ -182,84 +214,109 @@ def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "globa
     is kept in ``blocks`` only with ``keep_guesses`` (an activity guess is activation-sized).
     """
     check_choices(target, guess, space, noise)
-    J = len(net.blocks)
-    train_heads = guess != "fixed-ntk"
-    out = Estimates(grads={})
-    pending: list[tuple[int, object, float, list, dict]] = []  # (j, guess, ‖g‖², basis, names)
-    derivs: dict[int, float] = {}
-    # Weight space: a block's dual pass takes its convolutions' primal outputs from the guess's
-    # autograd forward. Not in activity space: there the kept outputs would stay alive through
-    # the backward of the activity guess, which is that step's memory peak.
-    reused_outputs = reuse_conv_outputs if space == "weight" else _keep_nothing
+    run = _Pass(net, y, target, guess, space, noise, generator, keep_guesses)
+    step = _weight_space_block if space == "weight" else _activity_space_block
     d = Dual(x)
-    for j, block in enumerate(net.blocks):
-        h, head = d.primal, net.heads[j]
-        if j == J - 1:
-            # The last block and the classifier: their exact gradient, by local autograd.
-            with reused_outputs(block):
-                gb, gh, _ = _local_backward(block, head, h, y)
-                d = block(d)
-            out.grads.update(_named(f"blocks.{j}", block, gb))
-            out.grads.update(_named(f"heads.{j}", head, gh))
-            logits = head(d)
-            loss = DF.cross_entropy(logits, y)
-            out.loss = float(loss.primal)
-            out.correct = int((logits.primal.argmax(1) == y).sum())
-            for k in range(J - 1):
-                if target == "global":
-                    derivs[k] = _directional(loss, k)
-            if target == "above" and J >= 2:
-                derivs[J - 2] = _directional(loss, J - 2)
-            break
-        guess_head = head if guess != "ntk" else _reinitialised(head, generator)
-        names = {n: p for n, p in block.named_parameters() if p.requires_grad}
-        if space == "weight":
-            with reused_outputs(block):
-                if guess == "random":
-                    g = {n: _noise(p.shape, p, noise, generator) for n, p in names.items()}
-                else:
-                    gb, gh, _ = _local_backward(block, guess_head, h, y)
-                    g = dict(zip(names, gb))
-                    if guess == "local":
-                        out.grads.update(_named(f"heads.{j}", head, gh))
-                set_tangents(block, g, direction=j)
-                try:
-                    d = block(d)
-                finally:
-                    clear_tangents(block)
-            norm2 = sum(float((v * v).sum()) for v in g.values())
-            pending.append((j, g, norm2, None, names))
-        else:
-            def guess_of(a: Tensor, j=j, head=head, guess_head=guess_head) -> Tensor:
-                if guess == "random":
-                    return _noise(a.shape, a, noise, generator)
-                _, gh, g = _local_backward(None, guess_head, a, y, want_activity=True)
-                if guess == "local":
-                    out.grads.update(_named(f"heads.{j}", head, gh))
-                return g
+    for j in range(len(net.blocks) - 1):
+        d = step(run, j, d)
+        d = _block_targets(run, j, d)
+    _last_block(run, d)
+    for p in run.pending:
+        deriv = run.derivs[p.block]
+        scale = deriv if guess == "random" else deriv / (p.norm2 + torch.finfo(x.dtype).tiny)
+        run.out.grads.update(net.named_in("blocks", p.block,
+                                          {n: scale * v for n, v in p.estimate_basis.items()}))
+        run.out.blocks.append(BlockEstimate(p.block, p.guess, deriv, scale))
+    return run.out
 
-            g, basis = _activity_guess_and_basis(block, h, guess_of)
-            d = DF.add_direction(block(d), j, g)
-            pending.append((j, g if keep_guesses else None, float((g * g).sum()), basis, names))
-        if train_heads and guess != "local":
-            _, gh, _ = _local_backward(None, head, d.primal, y)
-            out.grads.update(_named(f"heads.{j}", head, gh))
-        # Local targets: the aux loss of this block (direction j) or of this block for the
-        # block before it (direction j−1, "above"); directions no target needs are dropped.
-        if target == "local":
-            derivs[j] = _directional(DF.cross_entropy(head(d.select([j])), y), j)
-            d = d.select([])
-        elif target == "above":
-            if j >= 1:
-                derivs[j - 1] = _directional(DF.cross_entropy(head(d.select([j - 1])), y), j - 1)
-            d = d.select([j])
-    for j, g, norm2, basis, names in pending:
-        deriv = derivs[j]
-        scale = deriv if guess == "random" else deriv / (norm2 + torch.finfo(x.dtype).tiny)
-        if space == "weight":
-            est = {n: scale * v for n, v in g.items()}
+
+def _guess_head(run: _Pass, j: int) -> nn.Module:
+    head = run.net.heads[j]
+    return head if run.guess != "ntk" else _reinitialised(head, run.generator)
+
+
+def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
+    """Block j's guess on its parameters, then the block's dual pass with that guess as the
+    tangent of direction j. The dual pass takes the convolutions' primal outputs from the
+    guess's autograd forward (``reuse_conv_outputs``)."""
+    block = run.net.blocks[j]
+    params = {n: p for n, p in block.named_parameters() if p.requires_grad}
+    with reuse_conv_outputs(block):
+        if run.guess == "random":
+            g = {n: _noise(p.shape, p, run.noise, run.generator) for n, p in params.items()}
         else:
-            est = {n: scale * v for n, v in zip(names, basis)}
-        out.grads.update({f"blocks.{j}.{n}": v for n, v in est.items()})
-        out.blocks.append(BlockEstimate(j, g if keep_guesses else None, deriv, scale))
-    return out
+            gb, gh, _ = _local_backward(block, _guess_head(run, j), d.primal, run.y)
+            g = dict(zip(params, gb))
+            if run.guess == "local":
+                run.head_grads(j, gh)
+        set_tangents(block, g, direction=j)
+        try:
+            d = block(d)
+        finally:
+            clear_tangents(block)
+    norm2 = sum(float((v * v).sum()) for v in g.values())
+    run.pending.append(_Pending(j, g if run.keep_guesses else None, norm2, g))
+    return d
+
+
+def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
+    """Block j's guess on its output activation, added as direction j after the block's dual
+    pass; the guess is backpropagated inside block j first (its estimate's basis). Not under
+    ``reuse_conv_outputs``: kept outputs would stay alive through that backward, the step's
+    memory peak."""
+    block, guess_head = run.net.blocks[j], _guess_head(run, j)
+
+    def guess_of(a: Tensor) -> Tensor:
+        if run.guess == "random":
+            return _noise(a.shape, a, run.noise, run.generator)
+        _, gh, g = _local_backward(None, guess_head, a, run.y, want_activity=True)
+        if run.guess == "local":
+            run.head_grads(j, gh)
+        return g
+
+    g, basis = _activity_guess_and_basis(block, d.primal, guess_of)
+    names = [n for n, p in block.named_parameters() if p.requires_grad]
+    d = DF.add_direction(block(d), j, g)
+    run.pending.append(_Pending(j, g if run.keep_guesses else None, float((g * g).sum()),
+                                dict(zip(names, basis))))
+    return d
+
+
+def _block_targets(run: _Pass, j: int, d: Dual) -> Dual:
+    """After block j: its head's gradient (where the guess did not give it), and the local
+    targets' derivatives: block j's aux loss (direction j) or, for block j−1, this aux loss
+    (direction j−1, "above"). Directions no target needs any more are dropped."""
+    head = run.net.heads[j]
+    if run.guess not in ("local", "fixed-ntk"):
+        _, gh, _ = _local_backward(None, head, d.primal, run.y)
+        run.head_grads(j, gh)
+    if run.target == "local":
+        run.derivs[j] = _directional(DF.cross_entropy(head(d.select([j])), run.y), j)
+        return d.select([])
+    if run.target == "above":
+        if j >= 1:
+            run.derivs[j - 1] = _directional(DF.cross_entropy(head(d.select([j - 1])), run.y),
+                                             j - 1)
+        return d.select([j])
+    return d
+
+
+def _last_block(run: _Pass, d: Dual) -> None:
+    """The last block and the classifier: their exact gradient by local autograd, the global
+    loss, and the global (or "above") targets' derivatives."""
+    net, J = run.net, len(run.net.blocks)
+    block, head = net.blocks[-1], net.heads[-1]
+    reuse = reuse_conv_outputs if run.space == "weight" else _keep_nothing
+    with reuse(block):
+        gb, gh, _ = _local_backward(block, head, d.primal, run.y)
+        d = block(d)
+    run.out.grads.update(_named(net, "blocks", J - 1, gb))
+    run.head_grads(J - 1, gh)
+    logits = head(d)
+    loss = DF.cross_entropy(logits, run.y)
+    run.out.loss = float(loss.primal)
+    run.out.correct = int((logits.primal.argmax(1) == run.y).sum())
+    if run.target == "global":
+        run.derivs.update({k: _directional(loss, k) for k in range(J - 1)})
+    elif run.target == "above" and J >= 2:
+        run.derivs[J - 2] = _directional(loss, J - 2)

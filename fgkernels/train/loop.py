@@ -100,9 +100,8 @@ def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: Trai
                       generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float, int]:
     """One step's gradients by name, with the batch's global loss and correct count."""
     if cfg.algo == "backprop":  # end to end: the blocks and the classifier (no aux heads)
-        last = len(net.heads) - 1
-        used = {n: p for n, p in net.named_parameters()
-                if n.startswith("blocks.") or n.startswith(f"heads.{last}.")}
+        used = {n: p for j in range(len(net.blocks)) for n, p in net.block_parameters(j).items()}
+        used.update(net.head_parameters(len(net.heads) - 1))
         with torch.enable_grad():
             logits = net(x)
             loss = F.cross_entropy(logits, y)

@@ -34,7 +34,17 @@ class BlockNet(nn.Module):
 
     def block_parameters(self, j: int) -> dict[str, nn.Parameter]:
         """Block j's parameters, keyed by their names in ``self.named_parameters()``."""
-        return {f"blocks.{j}.{n}": p for n, p in self.blocks[j].named_parameters()}
+        return self.named_in("blocks", j, dict(self.blocks[j].named_parameters()))
+
+    def head_parameters(self, j: int) -> dict[str, nn.Parameter]:
+        """Head j's parameters, keyed by their names in ``self.named_parameters()``."""
+        return self.named_in("heads", j, dict(self.heads[j].named_parameters()))
+
+    @staticmethod
+    def named_in(part: str, j: int, values: dict) -> dict:
+        """``values`` keyed by a parameter name of ``blocks[j]`` or ``heads[j]`` (``part``),
+        re-keyed by that parameter's name in the whole net."""
+        return {f"{part}.{j}.{n}": v for n, v in values.items()}
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
