@@ -1,31 +1,40 @@
-"""Oracles for the tests: torch's own forward-mode AD and central finite differences."""
+"""Oracles for the tests: torch's own forward-mode AD (``fgkernels.testing``) on whole models,
+and central finite differences."""
 from __future__ import annotations
 
 import copy
 from typing import Callable, Optional
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
+
+from fgkernels.testing import forward_ad_jvp
 
 TOL = {torch.float64: dict(rtol=1e-8, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
 def torch_jvp(model: torch.nn.Module, x: torch.Tensor, xt: Optional[torch.Tensor],
               param_tangents: Optional[dict] = None, loss: Optional[Callable] = None):
-    """Primal and tangent of ``model(x)`` (or ``loss(model(x))``) by torch.autograd.forward_ad,
-    for one tangent. Runs on a copy, so the model's buffers are untouched."""
+    """Primal and tangent of ``model(x)`` (or ``loss(model(x))``) by
+    ``fgkernels.testing.forward_ad_jvp``, for one tangent. Runs on a copy, so the model's
+    buffers are untouched."""
     model = copy.deepcopy(model)
     param_tangents = param_tangents or {}
-    with fwAD.dual_level():
-        params = {n: fwAD.make_dual(p.detach(), param_tangents[n]) if n in param_tangents
-                  else p.detach() for n, p in model.named_parameters()}
-        inp = fwAD.make_dual(x, xt) if xt is not None else x
-        out = functional_call(model, {**params, **dict(model.named_buffers())}, (inp,))
-        if loss is not None:
-            out = loss(out)
-        primal, tangent = fwAD.unpack_dual(out)
-    return primal, torch.zeros_like(primal) if tangent is None else tangent
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for _, p in model.named_parameters()]
+    buffers = dict(model.named_buffers())
+
+    def call(x_, *ps):
+        out = functional_call(model, {**dict(zip(names, ps)), **buffers}, (x_,))
+        return out if loss is None else loss(out)
+
+    stack = lambda t: None if t is None else t.unsqueeze(0)
+    tangents = [stack(xt), *[stack(param_tangents.get(n)) for n in names]]
+    if all(t is None for t in tangents):
+        y = call(x, *params)
+        return y, torch.zeros_like(y)
+    y, yt = forward_ad_jvp(call, [x, *params], tangents)
+    return y, yt[0]
 
 
 def torch_jvp_multi(model, x, xt_stack, param_stacks=None, loss=None):

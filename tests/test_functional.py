@@ -1,11 +1,11 @@
 """Each dual op against torch's forward-mode AD and finite differences, on every CPU backend."""
 import pytest
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import fgkernels.functional as DF
 from fgkernels import Dual
+from fgkernels.testing import forward_ad_jvp
 
 from helpers import TOL, central_difference
 
@@ -13,11 +13,10 @@ DTYPES = [torch.float64, torch.float32]
 
 
 def fwad(fn, inputs, tangents):
-    """fn(*inputs) and its JVP along ``tangents`` (None: none), by torch.autograd.forward_ad."""
-    with fwAD.dual_level():
-        duals = [fwAD.make_dual(i, t) if t is not None else i for i, t in zip(inputs, tangents)]
-        p, t = fwAD.unpack_dual(fn(*duals))
-    return p, torch.zeros_like(p) if t is None else t
+    """fn(*inputs) and its JVP along one tangent per input (None: constant), by
+    ``fgkernels.testing.forward_ad_jvp``."""
+    y, yt = forward_ad_jvp(fn, inputs, [None if t is None else t.unsqueeze(0) for t in tangents])
+    return y, yt[0]
 
 
 def close(actual, expected, dtype):
