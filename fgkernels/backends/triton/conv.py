@@ -1,18 +1,18 @@
 """Fused dual convolution: one implicit-GEMM Triton kernel for the primal and every tangent.
 
 GEMM view: rows m = (n, oh, ow) of the output, columns = output channels, reduction over
-k = (kh, kw, c). Per K-step a program loads the x and W tiles once and, where those tangents
-exist, the ẋ tiles of all TX input slots (stacked as extra rows) and the Ẇ tiles of all TP
-parameter slots (stacked as extra columns):
+k = (kh, kw, c). The grid's third axis is the output: program z = 0 computes the primal, program
+z = 1 + s tangent slot s, each into one accumulator tile, so registers and shared memory do not
+grow with the number of slots (the x and W tiles the programs share come through L2):
 
-    acc_y  += x  @ W            (BM, BN)
-    acc_x  += ẋ  @ W            (TX·BM, BN)    ẋ slots ride as extra M rows, sharing W
-    acc_p  += x  @ Ẇ            (BM, TP·BN)    Ẇ slots ride as extra N columns, sharing x
+    z = 0:      acc  = x · W                       y = acc + b
+    z = 1 + s:  acc  = ẋ_s · W  +  x · Ẇ_p         ẏ_s = acc + ḃ_p
+                (the terms the slot has: an input slot s < TX; a parameter slot p of its own)
 
-The epilogue adds b and ḃ, writes y and the tangent slots, and optionally the per-tile
-batch-norm sums of the output (Σy, Σ(y−ȳ_tile)², Σẏ_t, Σ(y−ȳ_tile)·ẏ_t), which
-``combine_tile_stats`` merges with Chan's formulas, so that a following training-mode batch norm
-needs no statistics pass.
+The epilogue optionally writes the per-tile batch-norm sums of the output (Σy, Σ(y−ȳ_tile)²,
+Σẏ_s, Σ(y−ȳ_tile)·ẏ_s); a tangent program then also computes its tile of y, a second
+accumulator. ``combine_tile_stats`` merges them with Chan's formulas, so that a following
+training-mode batch norm needs no statistics pass.
 """
 from __future__ import annotations
 
@@ -35,37 +35,40 @@ def _configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
                           num_stages=s)
-            for bm, bn, bk, w, s in [(128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                     (128, 128, 32, 8, 3), (32, 64, 64, 4, 4), (64, 32, 64, 4, 4),
-                                     (32, 32, 32, 2, 4), (128, 64, 64, 8, 2)]]
+            # Each compiles spill-free, with wgmma on sm_90, for sm_80/89/90, float32 and
+            # bfloat16, batch-norm sums on and off (python -m fgkernels.backends.triton.report).
+            for bm, bn, bk, w, s in [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
+                                     (64, 32, 32, 4, 4)]]
+
+
+def shared_bytes(config, elem_bytes: int) -> int:
+    """The shared memory a config's software pipeline needs: per stage, the x and W tiles and,
+    in a tangent program, the ẋ and Ẇ tiles."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return config.num_stages * 2 * (bm * bk + bk * bn) * elem_bytes
+
+
+def _device_shared_limit() -> Optional[int]:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", None)
+
+
+def kept_configs(configs, elem_bytes: int, shared_limit: Optional[int]):
+    """The configs whose pipeline fits ``shared_limit`` bytes (all of them without a limit)."""
+    if shared_limit is None:
+        return list(configs)
+    return [c for c in configs if shared_bytes(c, elem_bytes) <= shared_limit]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the tiles whose accumulators fit: (1 + TX + TP) · BM · BN floats per program."""
-    slots = 1 + kwargs["TX_BLOCK"] + kwargs["TP_BLOCK"]
-    kept = [c for c in configs if slots * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 3 * 8192]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-
-
-@triton.jit
-def _store_slots(yt_ptr, tstats_ptr, v, slot0, n_slots, n_img, oh, ow, co, row_ok, col_ok,
-                 y_centered, pid_m, CO, COUNT, s_slot, s_n, s_c, s_h, s_w,
-                 SLOTS: tl.constexpr, BN_STATS: tl.constexpr):
-    """Store tangent tile ``v`` (SLOTS, BM, BN) into output slots slot0 + t, t < n_slots, and its
-    batch-norm sums Σẏ and Σ(y−ȳ_tile)·ẏ into tstats[pid_m, slot, {0, 1}, co] (COUNT slots)."""
-    t = tl.arange(0, SLOTS)
-    slot_ok = t < n_slots
-    ptrs = (yt_ptr + (slot0 + t)[:, None, None].to(tl.int64) * s_slot
-            + (n_img * s_n + oh * s_h + ow * s_w)[None, :, None] + (co * s_c)[None, None, :])
-    mask = slot_ok[:, None, None] & row_ok[None, :, None] & col_ok[None, None, :]
-    tl.store(ptrs, v.to(yt_ptr.dtype.element_ty), mask=mask)
-    if BN_STATS:
-        vm = tl.where(mask, v, 0.0)
-        base = tstats_ptr + (pid_m * COUNT + slot0 + t)[:, None].to(tl.int64) * 2 * CO \
-            + co[None, :]
-        ok = slot_ok[:, None] & col_ok[None, :]
-        tl.store(base, tl.sum(vm, axis=1), mask=ok)
-        tl.store(base + CO, tl.sum(vm * y_centered[None, :, :], axis=1), mask=ok)
+    """Keep the configs that fit this device's shared memory, read at run time (the launcher
+    does not launch where none fits; the autotuner needs one config all the same)."""
+    x = named_args.get("x_ptr")
+    elem = x.element_size() if isinstance(x, torch.Tensor) else 4
+    return kept_configs(configs, elem, _device_shared_limit()) or \
+        [min(configs, key=lambda c: shared_bytes(c, elem))]
 
 
 @triton.autotune(configs=_configs(),
@@ -84,11 +87,25 @@ def _dual_conv2d_forward_kernel(
         sy_n, sy_c, sy_h, sy_w,
         syt_t, syt_n, syt_c, syt_h, syt_w,
         HAS_XT: tl.constexpr, HAS_WT: tl.constexpr, HAS_B: tl.constexpr, HAS_BT: tl.constexpr,
-        P_ADD: tl.constexpr, BN_STATS: tl.constexpr, TX_BLOCK: tl.constexpr,
-        TP_BLOCK: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+        P_ADD: tl.constexpr, BN_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    # Offsets inside a tensor are int32 (the launcher keeps every tensor under 2³¹ elements);
+    # a slot's base offset is int64.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.program_id(2) - 1  # -1: the primal
+
+    # Which terms this program's output has: the primal, ẋ_s·W (s an input slot), x·Ẇ_p + ḃ_p
+    # (p the parameter slot landing here: the same index with P_ADD, else slot − P_OFFSET).
+    is_primal = slot < 0
+    p_slot = slot - P_OFFSET
+    if P_ADD:
+        p_slot = slot
+    has_x = (slot >= 0) & (slot < TX)
+    if not HAS_XT:
+        has_x = slot < -1  # never
+    has_p = (slot >= 0) & (p_slot >= 0) & (p_slot < TP)
 
     # Output rows of this tile: m -> (n, oh, ow).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -98,24 +115,13 @@ def _dual_conv2d_forward_kernel(
     ow = offs_m % WO
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = co < CO
+    xt_base = xt_ptr + slot.to(tl.int64) * st_t
+    wt_base = wt_ptr + p_slot.to(tl.int64) * swt_t
 
-    # Tangent rows: r -> (slot r // BM, output row r % BM), the ẋ slots stacked along M.
-    r = tl.arange(0, TX_BLOCK * BLOCK_M)
-    r_slot = r // BLOCK_M
-    r_m = pid_m * BLOCK_M + r % BLOCK_M
-    r_ok = (r_m < M) & (r_slot < TX)
-    r_n = r_m // (HO * WO)
-    r_oh = (r_m % (HO * WO)) // WO
-    r_ow = r_m % WO
-    # Parameter-tangent columns: j -> (slot j // BN, channel), the Ẇ slots stacked along N.
-    j = tl.arange(0, TP_BLOCK * BLOCK_N)
-    j_slot = j // BLOCK_N
-    j_co = pid_n * BLOCK_N + j % BLOCK_N
-    j_ok = (j_co < CO) & (j_slot < TP)
-
+    # One accumulator: the program's output (y, or ẏ_s). With the batch-norm sums a tangent
+    # program also needs its tile of y: a second one.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_x = tl.zeros((TX_BLOCK * BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_p = tl.zeros((BLOCK_M, TP_BLOCK * BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         # k -> (kh, kw, c): input pixel ih = oh·stride − pad + kh·dilation (zero outside).
         k = k0 + tl.arange(0, BLOCK_K)
@@ -126,75 +132,71 @@ def _dual_conv2d_forward_kernel(
         ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
         iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
         x_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        w_ok = k_ok[:, None] & col_ok[None, :]
         x_tile = tl.load(x_ptr + n_img[:, None] * sx_n + c[None, :] * sx_c + ih * sx_h
-                         + iw * sx_w, mask=x_ok, other=0.0)
+                         + iw * sx_w, mask=x_ok & (is_primal | has_p | BN_STATS), other=0.0)
         w_tile = tl.load(w_ptr + co[None, :] * sw_o + c[:, None] * sw_c + kh[:, None] * sw_h
-                         + kw[:, None] * sw_w, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                         + kw[:, None] * sw_w, mask=w_ok & (is_primal | has_x | BN_STATS),
+                         other=0.0)
         if UPCAST:  # Triton's interpreter multiplies 16-bit floats wrongly: give it float32
             x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        acc_y = tl.dot(x_tile, w_tile, acc_y, input_precision=INPUT_PRECISION)
-        if HAS_XT:
-            r_ih = r_oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
-            r_iw = r_ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
-            t_ok = (r_ok[:, None] & k_ok[None, :] & (r_ih >= 0) & (r_ih < H) & (r_iw >= 0)
-                    & (r_iw < W))
-            t_tile = tl.load(xt_ptr + r_slot[:, None].to(tl.int64) * st_t + r_n[:, None] * st_n
-                             + c[None, :] * st_c + r_ih * st_h + r_iw * st_w,
-                             mask=t_ok, other=0.0)
-            if UPCAST:
-                t_tile = t_tile.to(tl.float32)
-            acc_x = tl.dot(t_tile, w_tile, acc_x, input_precision=INPUT_PRECISION)
-        if HAS_WT:
-            wt_tile = tl.load(wt_ptr + j_slot[None, :].to(tl.int64) * swt_t
-                              + j_co[None, :] * swt_o + c[:, None] * swt_c
-                              + kh[:, None] * swt_h + kw[:, None] * swt_w,
-                              mask=k_ok[:, None] & j_ok[None, :], other=0.0)
-            if UPCAST:
-                wt_tile = wt_tile.to(tl.float32)
-            acc_p = tl.dot(x_tile, wt_tile, acc_p, input_precision=INPUT_PRECISION)
+        if is_primal:
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        else:
+            if BN_STATS:
+                acc_y = tl.dot(x_tile, w_tile, acc_y, input_precision=INPUT_PRECISION)
+            if has_x:
+                t_tile = tl.load(xt_base + n_img[:, None] * st_n + c[None, :] * st_c
+                                 + ih * st_h + iw * st_w, mask=x_ok, other=0.0)
+                if UPCAST:
+                    t_tile = t_tile.to(tl.float32)
+                acc = tl.dot(t_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+            if HAS_WT:
+                if has_p:
+                    wt_tile = tl.load(wt_base + co[None, :] * swt_o + c[:, None] * swt_c
+                                      + kh[:, None] * swt_h + kw[:, None] * swt_w, mask=w_ok,
+                                      other=0.0)
+                    if UPCAST:
+                        wt_tile = wt_tile.to(tl.float32)
+                    acc = tl.dot(x_tile, wt_tile, acc, input_precision=INPUT_PRECISION)
 
-    # --- epilogue: y = acc_y + b ------------------------------------------------------------------
-    if HAS_B:
-        acc_y += tl.load(b_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # --- epilogue ---------------------------------------------------------------------------------
     out_ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(y_ptr + (n_img * sy_n + oh * sy_h + ow * sy_w)[:, None] + (co * sy_c)[None, :],
-             acc_y.to(y_ptr.dtype.element_ty), mask=out_ok)
-    y_centered = acc_y  # y − ȳ_tile over the valid rows, for the centred sums
-    if BN_STATS:
-        # Σy and Σ(y − ȳ_tile)² per channel: centring inside the tile keeps fp32 sums stable.
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        y_sum = tl.sum(tl.where(out_ok, acc_y, 0.0), axis=0)
-        y_centered = tl.where(out_ok, acc_y - (y_sum / count)[None, :], 0.0)
-        base = stats_ptr + pid_m * 2 * CO + co
-        tl.store(base, y_sum, mask=col_ok)
-        tl.store(base + CO, tl.sum(y_centered * y_centered, axis=0), mask=col_ok)
-
-    # --- epilogue: tangents ẏ = W*ẋ + Ẇ*x + ḃ ---------------------------------------------------
-    p3 = tl.zeros((TP_BLOCK, BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_WT or HAS_BT:
-        if HAS_WT:
-            # (BM, TP·BN) -> (TP, BM, BN)
-            p3 = tl.permute(tl.reshape(acc_p, (BLOCK_M, TP_BLOCK, BLOCK_N)), (1, 0, 2))
+    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_B:
+        bias = tl.load(b_ptr + co, mask=col_ok, other=0.0).to(tl.float32)
+    if is_primal:  # y = x·W + b, and Σy, Σ(y − ȳ_tile)²
+        acc += bias[None, :]
+        tl.store(y_ptr + (n_img * sy_n + oh * sy_h + ow * sy_w)[:, None] + (co * sy_c)[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        if BN_STATS:
+            y_sum, y_centered = _tile_centred(acc, out_ok, M, pid_m, BLOCK_M)
+            base = stats_ptr + pid_m * 2 * CO + co
+            tl.store(base, y_sum, mask=col_ok)
+            tl.store(base + CO, tl.sum(y_centered * y_centered, axis=0), mask=col_ok)
+    else:  # ẏ_s = ẋ_s·W + x·Ẇ_p + ḃ_p, and Σẏ_s, Σ(y − ȳ_tile)·ẏ_s
         if HAS_BT:
-            tp = tl.arange(0, TP_BLOCK)
-            bt = tl.load(bt_ptr + tp[:, None] * sbt_t + co[None, :],
-                         mask=(tp[:, None] < TP) & col_ok[None, :], other=0.0)
-            p3 += bt.to(tl.float32)[:, None, :]
-    if HAS_XT:
-        x3 = tl.reshape(acc_x, (TX_BLOCK, BLOCK_M, BLOCK_N))
-        if P_ADD:  # the parameter slots are the input's slots
-            x3 += p3
-        _store_slots(yt_ptr, tstats_ptr, x3, 0, TX, n_img, oh, ow, co, row_ok, col_ok,
-                     y_centered, pid_m, CO, COUNT, syt_t, syt_n, syt_c, syt_h, syt_w, TX_BLOCK,
-                     BN_STATS)
-    if (HAS_WT or HAS_BT) and not P_ADD:
-        _store_slots(yt_ptr, tstats_ptr, p3, P_OFFSET, TP, n_img, oh, ow, co, row_ok, col_ok,
-                     y_centered, pid_m, CO, COUNT, syt_t, syt_n, syt_c, syt_h, syt_w, TP_BLOCK,
-                     BN_STATS)
+            if has_p:
+                acc += tl.load(bt_ptr + p_slot * sbt_t + co, mask=col_ok,
+                               other=0.0).to(tl.float32)[None, :]
+        tl.store(yt_ptr + slot.to(tl.int64) * syt_t
+                 + (n_img * syt_n + oh * syt_h + ow * syt_w)[:, None] + (co * syt_c)[None, :],
+                 acc.to(yt_ptr.dtype.element_ty), mask=out_ok)
+        if BN_STATS:
+            _, y_centered = _tile_centred(acc_y + bias[None, :], out_ok, M, pid_m, BLOCK_M)
+            t_masked = tl.where(out_ok, acc, 0.0)
+            base = tstats_ptr + (pid_m * COUNT + slot) * 2 * CO + co
+            tl.store(base, tl.sum(t_masked, axis=0), mask=col_ok)
+            tl.store(base + CO, tl.sum(t_masked * y_centered, axis=0), mask=col_ok)
 
 
-def _block(n: int) -> int:
-    return max(1, triton.next_power_of_2(n))
+@triton.jit
+def _tile_centred(y, ok, M, pid_m, BLOCK_M: tl.constexpr):
+    """Σy over the tile's valid rows, and y − ȳ_tile there (0 elsewhere): centring inside the
+    tile keeps the float32 sums stable."""
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    y_sum = tl.sum(tl.where(ok, y, 0.0), axis=0)
+    return y_sum, tl.where(ok, y - (y_sum / count)[None, :], 0.0)
 
 
 def slot_layout(x_pos: tuple, p_pos: tuple, count: int) -> Optional[tuple[bool, int]]:
@@ -216,14 +218,18 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
                 input_precision: Optional[str] = None):
     """Run the fused kernel. Returns ``(y, yt or None, tile_stats)`` with ``tile_stats`` =
     ``(stats (tiles, 2, C_out), tstats (tiles, count, 2, C_out), rows per tile)`` when
-    ``bn_stats``; None when the slot layout is not one the kernel lays out (caller falls back)."""
+    ``bn_stats``; None where the kernel does not serve (a slot layout it does not lay out, no
+    config fitting the device's shared memory, a tensor of 2³¹ elements or more): the caller
+    falls back."""
     layout = slot_layout(x_pos, p_pos, count)
-    if layout is None:
+    if layout is None or not kept_configs(_configs(), x.element_size(), _device_shared_limit()):
         return None
-    p_add, p_offset = layout
     N, C, H, W = x.shape
     CO, _, KH, KW = w.shape
     _, _, HO, WO = ConvArgs(stride, padding, dilation, 1).output_shape(x.shape, w.shape)
+    if max(x.numel(), N * CO * HO * WO, w.numel()) >= 2 ** 31:
+        return None  # offsets inside a slot are int32 in the kernel
+    p_add, p_offset = layout
     TX = 0 if xt is None else xt.shape[0]
     TP = 0 if not p_pos else (wt if wt is not None else bt).shape[0]
     y = empty_like_format((N, CO, HO, WO), x)
@@ -240,7 +246,8 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     xt_ = xt if xt is not None else dummy.unsqueeze(0)
     wt_ = wt if wt is not None else w.unsqueeze(0)
     bt_ = bt if bt is not None else dummy
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]),
+                         1 + count)
     _dual_conv2d_forward_kernel[grid](
         x, xt_, w, wt_, b if b is not None else dummy, bt_, y, yt, stats, tstats,
         N, C, H, W, CO, HO, WO, KH, KW, M, C * KH * KW, TX, TP, count, p_offset,
@@ -250,8 +257,7 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
         *y.stride(), *(yt.stride() if count else (0,) * 5),
         HAS_XT=xt is not None, HAS_WT=wt is not None and TP > 0, HAS_B=b is not None,
         HAS_BT=bt is not None and TP > 0, P_ADD=p_add, BN_STATS=bn_stats,
-        TX_BLOCK=_block(TX), TP_BLOCK=_block(TP), INPUT_PRECISION=input_precision,
-        UPCAST=INTERPRETED and x.dtype != torch.float32)
+        INPUT_PRECISION=input_precision, UPCAST=INTERPRETED and x.dtype != torch.float32)
     tile_stats = None
     if bn_stats:
         block_m = _dual_conv2d_forward_kernel.best_config.kwargs["BLOCK_M"]

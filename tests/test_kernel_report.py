@@ -1,0 +1,69 @@
+"""The fused Triton convolution compiled for real GPUs (Triton's own compiler and ptxas, no GPU
+needed): every config the autotuner keeps fits the target's shared memory and spills nothing,
+whatever the slot count, and on sm_90 its dots use wgmma. Skipped where Triton's compiler cannot
+run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ARCHS = ("80", "90")
+SLOTS = ("1,1", "16,16", "0,1")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "fgkernels.backends.triton.report", "--json",
+                          "--arch", *ARCHS, "--slots", *SLOTS, "--dtype", "fp32", "bf16",
+                          "--bn", "on"], capture_output=True, text=True, env=env, timeout=1500)
+    if run.returncode != 0 and "ptxas" in run.stderr:
+        pytest.skip(f"Triton's compiler cannot run here: {run.stderr.splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def test_every_kept_config_compiles_for_every_arch_and_slot_count(rows):
+    seen = {(r["arch"], r["slots"], r["dtype"]) for r in rows}
+    assert seen == {(int(a), s.replace(",", "+"), d) for a in ARCHS for s in SLOTS
+                    for d in ("fp32", "bf16")}
+    assert [r for r in rows if r["error"]] == []
+
+
+def test_no_config_spills_registers(rows):
+    assert [(r["arch"], r["slots"], r["dtype"], r["config"], r["spill_bytes"]) for r in rows
+            if r["spill_bytes"] != 0] == []
+
+
+def test_shared_memory_fits_every_target_and_does_not_grow_with_slots(rows):
+    assert all(0 < r["shared_bytes"] <= r["shared_limit_bytes"] for r in rows)
+    for arch in ARCHS:
+        by_slots = {s: sorted((r["dtype"], r["config"], r["shared_bytes"], r["registers"])
+                              for r in rows if r["arch"] == int(arch) and r["slots"] == s)
+                    for s in ("1+1", "16+16")}
+        assert by_slots["1+1"] == by_slots["16+16"]
+
+
+def test_dots_use_wgmma_on_sm90(rows):
+    sm90 = [r for r in rows if r["arch"] == 90]
+    assert sm90 and all(r["tensor_core"] == "wgmma" for r in sm90), \
+        [(r["config"], r["dtype"], r["tensor_core"]) for r in sm90]
+
+
+def test_the_pruner_reads_the_device_limit(monkeypatch):
+    """Configs whose pipeline exceeds the device's shared memory are not tried; the limit is
+    read when the autotuner prunes, not fixed."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    from fgkernels.backends.triton import conv
+    configs = [c for c in conv._configs()]
+    monkeypatch.setattr(conv, "_device_shared_limit", lambda: 0)
+    assert conv._prune(configs, {}) == configs[-1:]  # nothing fits: the smallest is kept
+    monkeypatch.setattr(conv, "_device_shared_limit", lambda: None)
+    assert conv._prune(configs, {}) == configs
+    limit = min(conv.shared_bytes(c, 4) for c in configs)
+    monkeypatch.setattr(conv, "_device_shared_limit", lambda: limit)
+    assert all(conv.shared_bytes(c, 4) <= limit for c in conv._prune(configs, {}))
