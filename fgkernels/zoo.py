@@ -42,7 +42,8 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision writes it
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):

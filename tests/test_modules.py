@@ -8,6 +8,7 @@ from torch import nn
 
 import fgkernels
 from fgkernels import Dual
+from fgkernels.zoo import BasicBlock
 
 from helpers import TOL, torch_jvp, torch_jvp_multi
 
@@ -94,30 +95,7 @@ def test_state_dict_round_trip():
     assert dual.state_dict().keys() == twin.state_dict().keys()  # tangents are not state
 
 
-# --- a ResNet-18 as torchvision writes it ---------------------------------------------------------
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-
+# --- a ResNet-18 as torchvision writes it (fgkernels.zoo's BasicBlock) -------------------------
 class ResNet18(nn.Module):
     def __init__(self, num_classes=10, width=8):
         super().__init__()

@@ -209,6 +209,26 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     return result
 
 
+def _sgd_step(net: BlockNet, opt, grads: dict, world: int) -> None:
+    """One optimizer step with ``grads`` (averaged over the processes of a distributed run)."""
+    if world > 1:
+        for g in grads.values():
+            dist.all_reduce(g)
+            g.div_(world)
+    for n, p in net.named_parameters():
+        p.grad = grads.get(n)
+    opt.step()
+
+
+def _record_cosines(net: BlockNet, grads: dict, truth: dict, cosines: dict) -> None:
+    """Append each block's cosine between its estimate and its true gradient (``--diagnose``)."""
+    for j, true in truth.items():
+        names = list(net.block_parameters(j))
+        if names:
+            est = [grads.get(n, torch.zeros_like(t)) for n, t in zip(names, true)]
+            cosines.setdefault(j, []).append(_cosine(est, true))
+
+
 def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dict:
     from tqdm import tqdm
     gen = _epoch_generator(cfg.seed, epoch, "cpu")
@@ -235,23 +255,13 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
             raise FloatingPointError(
                 f"epoch {epoch + 1}, step {step + 1}: the training loss is {loss}; the run "
                 f"stops before the parameters take a non-finite step (lr={cfg.lr})")
-        if world > 1:
-            for g in grads.values():
-                dist.all_reduce(g)
-                g.div_(world)
-        for n, p in net.named_parameters():
-            p.grad = grads.get(n)
-        opt.step()
+        _sgd_step(net, opt, grads, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step > 0:
             times.append(time.perf_counter() - t0)
         if truth is not None:
-            for j, true in truth.items():
-                names = list(net.block_parameters(j))
-                if names:
-                    est = [grads.get(n, torch.zeros_like(t)) for n, t in zip(names, true)]
-                    cosines.setdefault(j, []).append(_cosine(est, true))
+            _record_cosines(net, grads, truth, cosines)
         losses.append(loss)
         correct += ok
         seen += len(y)

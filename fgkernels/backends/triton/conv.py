@@ -71,6 +71,36 @@ def _prune(configs, named_args, **kwargs):
         [min(configs, key=lambda c: shared_bytes(c, elem))]
 
 
+@triton.jit
+def _slot_terms(slot, TX, TP, P_OFFSET, P_ADD: tl.constexpr, HAS_XT: tl.constexpr):
+    """Which terms program ``slot`` (-1: the primal) computes: the primal, ẋ_s·W (s an input
+    slot), x·Ẇ_p + ḃ_p (p the parameter slot landing here: the same index with P_ADD, else
+    slot − P_OFFSET). Returns (is_primal, p, has the ẋ term, has the Ẇ term)."""
+    p_slot = slot - P_OFFSET
+    if P_ADD:
+        p_slot = slot
+    has_x = (slot >= 0) & (slot < TX)
+    if not HAS_XT:
+        has_x = slot < -1  # never
+    return slot < 0, p_slot, has_x, (slot >= 0) & (p_slot >= 0) & (p_slot < TP)
+
+
+@triton.jit
+def _window(k0, C, H, W, K, KW, oh, ow, row_ok, col_ok, stride_h, stride_w, pad_h, pad_w,
+            dil_h, dil_w, BLOCK_K: tl.constexpr):
+    """The reduction step at k0: k -> (kh, kw, c), the input pixel ih = oh·stride − pad +
+    kh·dilation of each (row, k) and its mask (zero padding outside), and the weight mask."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    c = k % C
+    kw = (k // C) % KW
+    kh = k // (C * KW)
+    ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
+    iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
+    x_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return c, kh, kw, ih, iw, x_ok, k_ok[:, None] & col_ok[None, :]
+
+
 @triton.autotune(configs=_configs(),
                  key=["C", "CO", "H", "W", "HO", "WO", "KH", "KW", "N", "TX", "TP"],
                  prune_configs_by={"early_config_prune": _prune})
@@ -96,16 +126,7 @@ def _dual_conv2d_forward_kernel(
     pid_n = tl.program_id(1)
     slot = tl.program_id(2) - 1  # -1: the primal
 
-    # Which terms this program's output has: the primal, ẋ_s·W (s an input slot), x·Ẇ_p + ḃ_p
-    # (p the parameter slot landing here: the same index with P_ADD, else slot − P_OFFSET).
-    is_primal = slot < 0
-    p_slot = slot - P_OFFSET
-    if P_ADD:
-        p_slot = slot
-    has_x = (slot >= 0) & (slot < TX)
-    if not HAS_XT:
-        has_x = slot < -1  # never
-    has_p = (slot >= 0) & (p_slot >= 0) & (p_slot < TP)
+    is_primal, p_slot, has_x, has_p = _slot_terms(slot, TX, TP, P_OFFSET, P_ADD, HAS_XT)
 
     # Output rows of this tile: m -> (n, oh, ow).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -123,16 +144,9 @@ def _dual_conv2d_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        # k -> (kh, kw, c): input pixel ih = oh·stride − pad + kh·dilation (zero outside).
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        c = k % C
-        kw = (k // C) % KW
-        kh = k // (C * KW)
-        ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
-        iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
-        x_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        w_ok = k_ok[:, None] & col_ok[None, :]
+        c, kh, kw, ih, iw, x_ok, w_ok = _window(k0, C, H, W, K, KW, oh, ow, row_ok, col_ok,
+                                                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                                BLOCK_K)
         x_tile = tl.load(x_ptr + n_img[:, None] * sx_n + c[None, :] * sx_c + ih * sx_h
                          + iw * sx_w, mask=x_ok & (is_primal | has_p | BN_STATS), other=0.0)
         w_tile = tl.load(w_ptr + co[None, :] * sw_o + c[:, None] * sw_c + kh[:, None] * sw_h
@@ -171,23 +185,41 @@ def _dual_conv2d_forward_kernel(
                  acc.to(y_ptr.dtype.element_ty), mask=out_ok)
         if BN_STATS:
             y_sum, y_centered = _tile_centred(acc, out_ok, M, pid_m, BLOCK_M)
-            base = stats_ptr + pid_m * 2 * CO + co
-            tl.store(base, y_sum, mask=col_ok)
-            tl.store(base + CO, tl.sum(y_centered * y_centered, axis=0), mask=col_ok)
-    else:  # ẏ_s = ẋ_s·W + x·Ẇ_p + ḃ_p, and Σẏ_s, Σ(y − ȳ_tile)·ẏ_s
-        if HAS_BT:
-            if has_p:
-                acc += tl.load(bt_ptr + p_slot * sbt_t + co, mask=col_ok,
-                               other=0.0).to(tl.float32)[None, :]
-        tl.store(yt_ptr + slot.to(tl.int64) * syt_t
-                 + (n_img * syt_n + oh * syt_h + ow * syt_w)[:, None] + (co * syt_c)[None, :],
-                 acc.to(yt_ptr.dtype.element_ty), mask=out_ok)
-        if BN_STATS:
-            _, y_centered = _tile_centred(acc_y + bias[None, :], out_ok, M, pid_m, BLOCK_M)
-            t_masked = tl.where(out_ok, acc, 0.0)
-            base = tstats_ptr + (pid_m * COUNT + slot) * 2 * CO + co
-            tl.store(base, tl.sum(t_masked, axis=0), mask=col_ok)
-            tl.store(base + CO, tl.sum(t_masked * y_centered, axis=0), mask=col_ok)
+            _store_pair(stats_ptr + pid_m * 2 * CO + co, CO, y_sum,
+                        tl.sum(y_centered * y_centered, axis=0), col_ok)
+    else:
+        _tangent_epilogue(acc, acc_y + bias[None, :], bt_ptr, yt_ptr, tstats_ptr, slot, p_slot,
+                          has_p, sbt_t, syt_t, syt_n, syt_c, syt_h, syt_w, n_img, oh, ow, co,
+                          row_ok, col_ok, M, CO, COUNT, pid_m, HAS_BT, BN_STATS, BLOCK_M)
+
+
+@triton.jit
+def _tangent_epilogue(acc, y, bt_ptr, yt_ptr, tstats_ptr, slot, p_slot, has_p, sbt_t,
+                      syt_t, syt_n, syt_c, syt_h, syt_w, n_img, oh, ow, co, row_ok, col_ok, M,
+                      CO, COUNT, pid_m, HAS_BT: tl.constexpr, BN_STATS: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    """ẏ_s = acc + ḃ_p stored into slot s, and its sums Σẏ_s, Σ(y − ȳ_tile)·ẏ_s (y: this
+    tile of the primal, computed by the same program)."""
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_BT:
+        if has_p:
+            acc += tl.load(bt_ptr + p_slot * sbt_t + co, mask=col_ok,
+                           other=0.0).to(tl.float32)[None, :]
+    tl.store(yt_ptr + slot.to(tl.int64) * syt_t
+             + (n_img * syt_n + oh * syt_h + ow * syt_w)[:, None] + (co * syt_c)[None, :],
+             acc.to(yt_ptr.dtype.element_ty), mask=out_ok)
+    if BN_STATS:
+        _, y_centered = _tile_centred(y, out_ok, M, pid_m, BLOCK_M)
+        t_masked = tl.where(out_ok, acc, 0.0)
+        _store_pair(tstats_ptr + (pid_m * COUNT + slot) * 2 * CO + co, CO,
+                    tl.sum(t_masked, axis=0), tl.sum(t_masked * y_centered, axis=0), col_ok)
+
+
+@triton.jit
+def _store_pair(base, CO, first, second, ok):
+    """Two per-channel sums, ``CO`` apart."""
+    tl.store(base, first, mask=ok)
+    tl.store(base + CO, second, mask=ok)
 
 
 @triton.jit
