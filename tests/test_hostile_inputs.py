@@ -339,3 +339,16 @@ def test_unbound_tensor_method_on_a_dual_is_a_type_error():
     d = Dual(torch.randn(3), torch.randn(3))
     with pytest.raises(TypeError, match="Dual"):
         torch.Tensor.add_(d, d)
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e-18])
+def test_extreme_scales_are_as_precise_as_torch(backend, scale):
+    """A training batch norm at 1e18 and 1e-18 (float32): err ≤ 2·err_torch + atol, both
+    measured against float64."""
+    ref = nn.BatchNorm2d(3)
+    x, xt = torch.randn(2, 3, 6, 6, **f64) * scale, torch.randn(1, 2, 3, 6, 6, **f64) * scale
+    _, t64 = _jvp(copy.deepcopy(ref).double(), (x, xt))
+    _, t32 = _jvp(copy.deepcopy(ref), (x.float(), xt.float()))
+    out = fgkernels.convert(copy.deepcopy(ref))(Dual(x.float(), xt.float()))
+    assert torch.isfinite(out.tangents).all()
+    assert rel_err(out.tangents, t64) <= 2 * rel_err(t32, t64) + 1e-5
