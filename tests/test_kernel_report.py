@@ -67,3 +67,17 @@ def test_the_pruner_reads_the_device_limit(monkeypatch):
     limit = min(conv.shared_bytes(c, 4) for c in configs)
     monkeypatch.setattr(conv, "_device_shared_limit", lambda: limit)
     assert all(conv.shared_bytes(c, 4) <= limit for c in conv._prune(configs, {}))
+
+
+def test_cuda_kernels_compile_without_spills():
+    """csrc/cuda's kernels, by nvcc -Xptxas -v, for sm_80 and sm_90 (skipped without nvcc)."""
+    import shutil
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    from fgkernels.backends.triton.report import cuda_rows
+    rows = cuda_rows([80, 90])
+    kernels = {r.kernel for r in rows}
+    for name in ("bn_stats_kernel", "bn_apply_kernel", "relu_kernel"):
+        for t in ("float", "double", "bf16", "half"):
+            assert f"{name}<{t}>" in kernels, sorted(kernels)
+    assert all(not r.error and r.spill_bytes == 0 and r.registers > 0 for r in rows), rows

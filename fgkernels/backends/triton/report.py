@@ -6,8 +6,10 @@ Triton's own compiler builds each kernel for each target (``triton.compile(ASTSo
 target=GPUTarget("cuda", arch, 32))``), for every tile config the convolution's autotuner may
 keep for that slot count, float32 (tf32) and bfloat16, batch-norm sums on and off; ``ptxas``'s
 statistics give registers, spill (stack) bytes and shared memory, and the PTX shows which
-tensor-core instruction the dots use (wgmma, mma, or none). One row per compile. Run it where
-``TRITON_INTERPRET`` is unset: the interpreter replaces the compiler.
+tensor-core instruction the dots use (wgmma, mma, or none). The CUDA kernels of ``csrc/cuda``
+are compiled with ``nvcc -Xptxas -v`` for the same targets (``--cuda``; needs nvcc). One row per
+compile (a CUDA row per kernel instantiation). Run it where ``TRITON_INTERPRET`` is unset: the
+interpreter replaces the compiler.
 """
 from __future__ import annotations
 
@@ -128,6 +130,49 @@ def _ptxas_info(compiled, arch: int) -> tuple[int, int, int]:
             int(compiled.metadata.shared))
 
 
+def cuda_rows(archs) -> list[Row]:
+    """Each kernel instantiation of ``csrc/cuda/*.cu``, compiled by ``nvcc -Xptxas -v``."""
+    import glob
+    import subprocess
+    import tempfile
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "..", "csrc", "cuda")
+    rows = []
+    for arch in archs:
+        for source in sorted(glob.glob(os.path.join(root, "*.cu"))):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = subprocess.run(
+                    ["nvcc", "-c", "-O3", "-std=c++17", f"-arch=sm_{arch}", "-Xptxas", "-v",
+                     source, "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True)
+            text = out.stderr + out.stdout
+            if out.returncode != 0:
+                rows.append(Row(os.path.basename(source), arch, "-", "-", False, "-", -1, -1, -1,
+                                SHARED_LIMIT_KIB[arch] * 1024, "none",
+                                text.strip().splitlines()[-1][:200]))
+                continue
+            # ptxas prints, per function: "Compiling entry function '<mangled>'" then
+            # "Used N registers, ... bytes smem" and "N bytes stack frame, N bytes spill ...".
+            for name, body in re.findall(r"Compiling entry function '(\S+)'.*?\n(.*?)"
+                                         r"(?=Compiling entry function|\Z)", text, re.S):
+                regs = re.search(r"Used (\d+) registers", body)
+                smem = re.search(r"(\d+) bytes smem", body)
+                spill = re.search(r"(\d+) bytes spill stores", body)
+                rows.append(Row(_demangled(name), arch, "-", "-", False, "-",
+                                int(regs.group(1)) if regs else -1,
+                                int(spill.group(1)) if spill else 0,
+                                int(smem.group(1)) if smem else 0,
+                                SHARED_LIMIT_KIB[arch] * 1024, "none"))
+    return rows
+
+
+def _demangled(name: str) -> str:
+    """The kernel and its element type from a mangled name (``bn_apply_kernel<float>``)."""
+    kernel = re.search(r"\d+([a-z][a-z_]*_kernel)", name)
+    types = {"f": "float", "d": "double", "13__nv_bfloat16": "bf16", "6__half": "half"}
+    arg = re.search(r"IL?(\w+?)EEv", name)
+    t = types.get(arg.group(1), arg.group(1)) if arg else "?"
+    return f"{kernel.group(1) if kernel else name}<{t}>"
+
+
 def report(archs, slot_counts, dtypes=("fp32", "bf16"), bn=(False, True)) -> list[Row]:
     """Every (arch, slots, dtype, BN sums, kept config) compile."""
     rows = []
@@ -163,12 +208,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--bn", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--cuda", action="store_true",
+                        help="also the CUDA kernels of csrc/cuda (nvcc -Xptxas -v)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces Triton's compiler")
     slots = [tuple(int(v) for v in s.split(",")) for s in args.slots]
     rows = report(args.arch, slots, tuple(args.dtype), tuple(b == "on" for b in args.bn))
+    if args.cuda:
+        rows += cuda_rows(args.arch)
     print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else _table(rows))
     return 0
 
