@@ -10,8 +10,6 @@ import fgkernels
 from fgkernels import Dual
 from fgkernels.zoo import BasicBlock
 
-from conftest import BACKENDS
-
 
 def _block_and_pass(training: bool):
     torch.manual_seed(0)
@@ -25,7 +23,8 @@ def _block_and_pass(training: bool):
     return block, dual_pass
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", [b for b in fgkernels.available_backends()
+                                     if b != "triton"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
     block, dual_pass = _block_and_pass(training)

@@ -17,9 +17,7 @@ import fgkernels.functional as DF  # noqa: E402
 from fgkernels import Dual  # noqa: E402
 from fgkernels.testing import forward_ad_jvp  # noqa: E402
 
-from conftest import BACKENDS  # noqa: E402
-
-CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]
+CPU_BACKENDS = [b for b in fgkernels.available_backends() if b != "triton"]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}
 PROFILE = settings(max_examples=40, deadline=None, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -37,8 +37,7 @@ def _configs():
                           num_stages=s)
             # Each compiles spill-free, with wgmma on sm_90, for sm_80/89/90, float32 and
             # bfloat16, batch-norm sums on and off (python -m fgkernels.backends.triton.report).
-            for bm, bn, bk, w, s in [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3),
-                                     (64, 32, 32, 4, 4)]]
+            for bm, bn, bk, w, s in [(64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 32, 32, 4, 4)]]
 
 
 def shared_bytes(config, elem_bytes: int) -> int:
