@@ -2,6 +2,7 @@
 with a message naming the argument and what was expected, before anything runs or changes."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -54,7 +55,7 @@ def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[
                              f"{channels} channels")
     if not bn.training and (bn.running_mean is None or bn.running_var is None):
         raise ValueError("batch_norm: eval mode needs running_mean and running_var")
-    if bn.training and shape[0] * _prod(shape[2:]) == 1:  # as torch: an empty input passes
+    if bn.training and shape[0] * math.prod(shape[2:]) == 1:  # as torch: an empty input passes
         raise ValueError(f"batch_norm: training needs more than 1 value per channel, got input "
                          f"of shape {tuple(shape)}")
 
@@ -71,10 +72,3 @@ def check_primal(op: str, primal: Optional[Tensor], x: Tensor, shape: tuple) -> 
         raise ValueError(f"{op}: primal must be a {x.dtype} tensor of shape {tuple(shape)} on "
                          f"{x.device}, got {primal.dtype} {tuple(primal.shape)} on "
                          f"{primal.device}")
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
