@@ -64,7 +64,9 @@ def add(input, other, *, alpha=1) -> Dual:
     """Dual ``input + alpha·other`` (either may be a Dual, a tensor or a number)."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
     y = torch.add(torch.as_tensor(a), b, alpha=alpha)
-    return _combine("add", y, [(ao, at, lambda t: t), (bo, bt, lambda t: t * alpha)])
+    # (alpha = 1: the tangent as it is, not a scaled copy)
+    return _combine("add", y, [(ao, at, lambda t: t),
+                               (bo, bt, (lambda t: t) if alpha == 1 else (lambda t: t * alpha))])
 
 
 @implements(torch.sub, torch.Tensor.sub, torch.Tensor.__sub__)
