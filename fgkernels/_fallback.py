@@ -90,7 +90,7 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     _note(name)
     stacks = tuple(_full_stack(d, pos, plan.count) for d, pos in zip(duals, plan.positions))
     with torch.no_grad():
-        primal_out, tangents = _jvp_over_slots(call, primals, stacks)
+        primal_out, tangents = jvp_over_slots(call, primals, stacks)
     return _wrap(primal_out, tangents, plan)
 
 
@@ -105,8 +105,9 @@ def _full_stack(d, positions: tuple, count: int) -> torch.Tensor:
     return full
 
 
-def _jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):
-    """The op's outputs and their tangents, stacked over the slots. vmap draws any random
+def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):
+    """``call(*primals)`` and its tangents along ``stacks`` (one stack per primal, T slots
+    each), stacked over the slots, by ``torch.func.jvp``. vmap draws any random
     numbers once for all slots; where an op cannot be vmapped, each slot runs in turn from the
     same random state, so that every slot differentiates the same draw."""
     one_slot = lambda *t: torch.func.jvp(call, primals, t)

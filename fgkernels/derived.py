@@ -9,7 +9,7 @@ tangents, by PyTorch's forward-mode AD, one slot per vmapped lane.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -17,40 +17,38 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.nn.utils.weight_norm import WeightNorm
 
+from ._fallback import jvp_over_slots
+
 Tensor = torch.Tensor
 
 
-def source_names(module: nn.Module, name: str) -> Optional[tuple[str, ...]]:
-    """The parameters (names relative to ``module``) that ``module.<name>`` is computed from,
-    or None when it is a parameter of its own."""
+class Derivation(NamedTuple):
+    """How a computed parameter comes from its sources."""
+
+    sources: tuple[str, ...]          # parameter names relative to the module
+    compute: Callable[[], Tensor]     # the parameter from the sources as they stand
+
+
+def derivation(module: nn.Module, name: str) -> Optional[Derivation]:
+    """How ``module.<name>`` is computed from other parameters, or None when it is a parameter
+    of its own."""
     if parametrize.is_parametrized(module, name):
         plist = module.parametrizations[name]
         keys = [k for k, _ in plist.named_parameters(recurse=False) if k.startswith("original")]
-        return tuple(f"parametrizations.{name}.{k}" for k in keys)
+        return Derivation(tuple(f"parametrizations.{name}.{k}" for k in keys),
+                          lambda: getattr(module, name))
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, WeightNorm) and hook.name == name:
-            return (f"{name}_g", f"{name}_v")
+            return Derivation((f"{name}_g", f"{name}_v"), lambda: _weight_norm(
+                getattr(module, f"{name}_v"), getattr(module, f"{name}_g"), hook.dim))
         if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            return (f"{name}_orig",)
+            return Derivation((f"{name}_orig",), lambda: hook.apply_mask(module))
         if type(hook).__name__ == "SpectralNorm" and getattr(hook, "name", None) == name:
             raise NotImplementedError(
                 f"{type(module).__name__}.{name} is computed by torch.nn.utils.spectral_norm's "
                 "hook, whose power iteration has no tangent rule here; use "
                 "torch.nn.utils.parametrizations.spectral_norm, which fgkernels differentiates")
     return None
-
-
-def _compute(module: nn.Module, name: str) -> Callable[[], Tensor]:
-    """The function that computes ``module.<name>`` from its sources, as they stand."""
-    if parametrize.is_parametrized(module, name):
-        return lambda: getattr(module, name)
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm) and hook.name == name:
-            return lambda: _weight_norm(getattr(module, f"{name}_v"), getattr(module, f"{name}_g"),
-                                        hook.dim)
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            return lambda: hook.apply_mask(module)
-    raise AssertionError(f"{name} has no sources")  # source_names said it has
 
 
 def _weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
@@ -62,22 +60,16 @@ def _weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
     return v * (g / torch.linalg.vector_norm(v, dim=others, keepdim=True))
 
 
-def derived_tangent(module: nn.Module, name: str, sources: dict[str, Tensor],
+def derived_tangent(module: nn.Module, how: Derivation, sources: dict[str, Tensor],
                     stacks: dict[str, Tensor]) -> Tensor:
-    """The stacked tangent of ``module.<name>`` given its sources' values and the stacked
-    tangents ``stacks`` of some of them (the others are constant)."""
+    """The stacked tangent of the parameter ``how`` computes, given its sources' values and the
+    stacked tangents ``stacks`` of some of them (the others are constant)."""
     keys = list(stacks)
-    compute = _compute(module, name)
 
     def weight_of(*values):
         with _reparametrize_module(module, {**sources, **dict(zip(keys, values))}):
-            return compute()
+            return how.compute()
 
     primals = tuple(sources[k].detach() for k in keys)
-    one_slot = lambda *t: torch.func.jvp(weight_of, primals, t)[1]
     with torch.no_grad():
-        try:
-            return torch.func.vmap(one_slot)(*(stacks[k] for k in keys))
-        except Exception:  # a parametrization vmap cannot batch: one slot at a time
-            count = next(iter(stacks.values())).shape[0]
-            return torch.stack([one_slot(*(stacks[k][t] for k in keys)) for t in range(count)])
+        return jvp_over_slots(weight_of, primals, tuple(stacks[k] for k in keys))[1]

@@ -51,21 +51,20 @@ class DualModule:
         entries = self.__dict__.get("_fg_tangents", {})
         if p is None or not entries:
             return p
-        sources = derived.source_names(self, name)
-        if sources is None:
+        how = derived.derivation(self, name)
+        if how is None:
             entry = entries.get(name)
             if entry is None:
                 return p
             self._check_not_replaced(name, entry, p)
             return Dual._unchecked(p.detach(), entry.stack, entry.directions, entry.single)
-        live = {k: entries[k] for k in sources if k in entries}
+        live = {k: entries[k] for k in how.sources if k in entries}
         if not live:
             return p
-        values = {k: self.get_parameter(k) for k in sources}
+        values = {k: self.get_parameter(k) for k in how.sources}
         for k, entry in live.items():
             self._check_not_replaced(k, entry, values[k])
-        stack = derived.derived_tangent(self, name, values,
-                                        {k: e.stack for k, e in live.items()})
+        stack = derived.derived_tangent(self, how, values, {k: e.stack for k, e in live.items()})
         some = next(iter(live.values()))
         return Dual._unchecked(p.detach(), stack, some.directions, some.single)
 
@@ -152,13 +151,11 @@ class _DualBatchNorm(DualModule):
         return (self.running_mean if use_running else None,
                 self.running_var if use_running else None, training, factor)
 
-    def _dual_forward(self, input: Dual, relu: bool = False) -> Dual:
+    def dual_forward(self, input: Dual, relu: bool = False) -> Dual:
+        """The dual batch norm; ``relu`` fuses the ReLU after it (as DualSequential does)."""
         running_mean, running_var, training, factor = self._dual_bn_args(input.primal)
         return DF.batch_norm(input, running_mean, running_var, self._dual_param("weight"),
                              self._dual_param("bias"), training, factor, self.eps, relu)
-
-    def dual_forward(self, input: Dual) -> Dual:
-        return self._dual_forward(input)
 
 
 class DualBatchNorm2d(_DualBatchNorm, nn.BatchNorm2d):
@@ -235,7 +232,7 @@ class DualSequential(nn.Sequential):
                 i += 3 if relu else 2
             elif (isinstance(layer, _DualBatchNorm) and _unhooked(layer)
                   and isinstance(nxt, nn.ReLU) and _unhooked(nxt)):
-                input = layer._dual_forward(input, relu=True)
+                input = layer.dual_forward(input, relu=True)
                 i += 2
             else:
                 input = layer(input)

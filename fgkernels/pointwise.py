@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import _slots
 from .dual import Dual, implements
+from .operands import parts
 
 Tensor = torch.Tensor
 
@@ -24,12 +25,10 @@ __all__ = ["add", "sub", "mul", "div", "where", "clamp"]
 
 
 def _parts(v):
-    """(primal or number, stacked tangent or None, SlotOperand or None)."""
-    if isinstance(v, Dual):
-        return v.primal, v.tangents, v.slot_operand()
-    if isinstance(v, (Tensor, int, float, bool)):
-        return v, None, None
-    raise TypeError(f"expected a Dual, Tensor or number, got {type(v).__name__}")
+    """``operands.parts`` of an arithmetic operand: a Dual, a Tensor or a number."""
+    if not isinstance(v, (Dual, Tensor, int, float, bool)):
+        raise TypeError(f"expected a Dual, Tensor or number, got {type(v).__name__}")
+    return parts(v)
 
 
 def lift(stack: Tensor, dim: int) -> Tensor:

@@ -57,9 +57,8 @@ def test_dots_use_wgmma_on_sm90(rows):
 def test_the_pruner_reads_the_device_limit(monkeypatch):
     """Configs whose pipeline exceeds the device's shared memory are not tried; the limit is
     read when the autotuner prunes, not fixed."""
-    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
     from fgkernels.backends.triton import conv
-    configs = [c for c in conv._configs()]
+    configs = conv._configs()
     monkeypatch.setattr(conv, "_device_shared_limit", lambda: 0)
     assert conv._prune(configs, {}) == configs[-1:]  # nothing fits: the smallest is kept
     monkeypatch.setattr(conv, "_device_shared_limit", lambda: None)
