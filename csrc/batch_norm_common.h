@@ -15,6 +15,7 @@ namespace fgkernels {
 struct DualInput {
   at::Tensor x, xt;  // xt undefined when there is no tangent
   int64_t T = 0;
+  at::ScalarType tangent_type;  // xt's dtype, x's without xt
   at::MemoryFormat fmt;
   int64_t outer, channels, inner;
 };
@@ -25,9 +26,11 @@ inline DualInput prepare_input(const at::Tensor& x_in, const std::optional<at::T
   DualInput in;
   in.fmt = kernel_format(x_in);
   in.x = in_format(x_in, in.fmt);
+  in.tangent_type = x_in.scalar_type();
   if (xt_in.has_value() && xt_in->defined()) {
     in.T = check_tangent(x_in, *xt_in, "xt");
     in.xt = slots_in_format(*xt_in, in.fmt);
+    in.tangent_type = xt_in->scalar_type();
   }
   // Products, not quotients of numel: any dimension may be 0.
   const int64_t spatial = c10::multiply_integers(x_in.sizes().slice(2));
@@ -98,9 +101,21 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_sum
           (tsums.select(1, 1) - d1 * tmean).to(acc)};
 }
 
-// Output tensors of the apply: y like x, T slots each laid out like x.
-inline std::pair<at::Tensor, at::Tensor> apply_outputs(const DualInput& in, int64_t T) {
-  return {at::empty_like(in.x), empty_slots(T, in.x, in.fmt)};
+// The dtype of the apply's output slots: tangent_dtype when given (it must then be xt's, if
+// any), else xt's, else x's.
+inline at::ScalarType output_tangent_type(const DualInput& in,
+                                          std::optional<at::ScalarType> tangent_dtype) {
+  if (!tangent_dtype.has_value()) return in.tangent_type;
+  check_tangent_dtype(in.x.scalar_type(), *tangent_dtype, "tangent_dtype");
+  TORCH_CHECK(!in.T || *tangent_dtype == in.tangent_type, "tangent_dtype must be xt's dtype ",
+              in.tangent_type, ", got ", *tangent_dtype);
+  return *tangent_dtype;
+}
+
+// Output tensors of the apply: y like x, T slots of dtype tangent_type each laid out like x.
+inline std::pair<at::Tensor, at::Tensor> apply_outputs(const DualInput& in, int64_t T,
+                                                       at::ScalarType tangent_type) {
+  return {at::empty_like(in.x), empty_slots(T, in.x, in.fmt, tangent_type)};
 }
 
 }  // namespace fgkernels

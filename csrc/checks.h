@@ -12,12 +12,25 @@
 
 namespace fgkernels {
 
-// xt must stack tangents of x: shape (T, *x.shape), T >= 1, x's dtype and device.
+// A tangent's dtype is its primal's, or a floating dtype of fewer bits (bfloat16 or float16
+// tangents of a float32 primal): tangent terms are computed in it, accumulations in the primal's
+// accumulation type.
+inline bool tangent_dtype_fits(at::ScalarType primal, at::ScalarType tangent) {
+  return tangent == primal ||
+         (at::isFloatingType(tangent) && at::elementSize(tangent) < at::elementSize(primal));
+}
+
+inline void check_tangent_dtype(at::ScalarType primal, at::ScalarType tangent, const char* name) {
+  TORCH_CHECK(tangent_dtype_fits(primal, tangent), name, " must have dtype ", primal,
+              " or a floating dtype of fewer bits, got ", tangent);
+}
+
+// xt must stack tangents of x: shape (T, *x.shape), T >= 1, a dtype that fits x's
+// (tangent_dtype_fits), x's device.
 inline int64_t check_tangent(const at::Tensor& x, const at::Tensor& xt, const char* name) {
   TORCH_CHECK(xt.dim() == x.dim() + 1 && xt.sizes().slice(1) == x.sizes() && xt.size(0) >= 1,
               name, " must have shape (T, ", x.sizes(), "), got ", xt.sizes());
-  TORCH_CHECK(xt.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(),
-              ", got ", xt.scalar_type());
+  check_tangent_dtype(x.scalar_type(), xt.scalar_type(), name);
   TORCH_CHECK(xt.device() == x.device(), name, " must be on ", x.device(), ", got ",
               xt.device());
   return xt.size(0);
@@ -56,15 +69,17 @@ inline at::Tensor slots_in_format(const at::Tensor& xt, at::MemoryFormat fmt) {
   return xt.contiguous();
 }
 
-// An uninitialised stack of T slots shaped like x, each slot in format fmt.
-inline at::Tensor empty_slots(int64_t T, const at::Tensor& x, at::MemoryFormat fmt) {
+// An uninitialised stack of T slots of dtype `dtype` shaped like x, each slot in format fmt.
+inline at::Tensor empty_slots(int64_t T, const at::Tensor& x, at::MemoryFormat fmt,
+                              at::ScalarType dtype) {
+  const auto options = x.options().dtype(dtype);
   if (fmt == at::MemoryFormat::ChannelsLast) {
-    return at::empty({T, x.size(0), x.size(2), x.size(3), x.size(1)}, x.options())
+    return at::empty({T, x.size(0), x.size(2), x.size(3), x.size(1)}, options)
         .permute({0, 1, 4, 2, 3});
   }
   std::vector<int64_t> shape{T};
   shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
-  return at::empty(shape, x.options());
+  return at::empty(shape, options);
 }
 
 }  // namespace fgkernels

@@ -2,6 +2,8 @@
 // cuBLAS on CUDA), with the fewest convolution FLOPs: besides the primal (skipped when the caller
 // already has it), one call computes every parameter term Wt_p * x (the P weight tangents stacked
 // along the output channels) and one every input term W * xt_t (the T slots batched along N).
+// Tangent terms are computed in the tangents' dtype (a bfloat16 tangent of a float32 layer
+// meets the weight or input cast to bfloat16 once; the library accumulates in float32).
 // Registered for every device.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -45,20 +47,35 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
               ", kH, kW) with C_out divisible by groups=", groups, ", got ", w.sizes());
 }
 
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The tangents of one call (any of them absent) share one dtype, which fits the primal's: that
+// dtype, or x's when there is none.
+at::ScalarType tangent_type(const at::Tensor& x,
+                            std::initializer_list<const std::optional<at::Tensor>*> tangents) {
+  std::optional<at::ScalarType> type;
+  for (const auto* t : tangents) {
+    if (!present(*t)) continue;
+    TORCH_CHECK(!type || *type == (*t)->scalar_type(), "the tangents of one call must share "
+                "one dtype, got ", *type, " and ", (*t)->scalar_type());
+    type = (*t)->scalar_type();
+  }
+  return type.value_or(x.scalar_type());
+}
+
 // Parameter tangents of one layer carry the same P slots: weight_t (P, *w.shape), bias_t (P, C).
 void check_param_tangents(const at::Tensor& w, const std::optional<at::Tensor>& wt,
                           const std::optional<at::Tensor>& bt) {
   const int64_t out = w.size(0);
-  const bool has_wt = wt.has_value() && wt->defined(), has_bt = bt.has_value() && bt->defined();
-  if (has_wt) check_tangent(w, *wt, "weight_t");
-  if (has_bt) {
+  if (present(wt)) check_tangent(w, *wt, "weight_t");
+  if (present(bt)) {
     TORCH_CHECK(bt->dim() == 2 && bt->size(1) == out && bt->size(0) >= 1,
                 "bias_t must have shape (P, ", out, "), got ", bt->sizes());
-    TORCH_CHECK(bt->scalar_type() == w.scalar_type() && bt->device() == w.device(),
-                "bias_t must be a ", w.scalar_type(), " tensor on ", w.device(), ", got ",
-                bt->scalar_type(), " on ", bt->device());
+    check_tangent_dtype(w.scalar_type(), bt->scalar_type(), "bias_t");
+    TORCH_CHECK(bt->device() == w.device(), "bias_t must be on ", w.device(), ", got ",
+                bt->device());
   }
-  if (has_wt && has_bt) {
+  if (present(wt) && present(bt)) {
     TORCH_CHECK(wt->size(0) == bt->size(0), "weight_t and bias_t must carry the same number of "
                 "slots P, got ", wt->size(0), " and ", bt->size(0));
   }
@@ -75,33 +92,34 @@ std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
   TORCH_CHECK(y.dim() == 4 && y.size(0) == x.size(0) && y.size(1) == cout,
               "y must have shape (", x.size(0), ", ", cout, ", H_out, W_out), got ", y.sizes());
   check_param_tangents(w, wt, bt);
+  if (present(xt)) check_tangent(x, *xt, "xt");
+  const auto type = tangent_type(x, {&xt, &wt, &bt});
   const auto fmt = kernel_format(y);
   at::Tensor x_part, p_part;
-  if (wt.has_value() && wt->defined()) {
+  if (present(wt)) {
     const int64_t P = wt->size(0);
     // Every Wt_p * x in one convolution: (N, groups, P, C_out / groups, H, W) -> (P, N, C_out, ..).
-    auto all = at::conv2d(x, stack_weight_tangents(*wt, groups), {}, stride, padding, dilation,
-                          groups);
+    auto all = at::conv2d(x.to(type), stack_weight_tangents(*wt, groups), {}, stride, padding,
+                          dilation, groups);
     TORCH_CHECK(all.sizes().slice(2) == y.sizes().slice(2), "y must have the convolution's "
                 "output size ", all.sizes().slice(2), " in H and W, got ", y.sizes());
     p_part = slots_in_format(
         all.unflatten(1, {groups, P, cout / groups}).permute({2, 0, 1, 3, 4, 5}).flatten(2, 3),
         fmt);
   }
-  if (bt.has_value() && bt->defined()) {
+  if (present(bt)) {
     auto bias = bt->view({bt->size(0), 1, cout, 1, 1});
     if (p_part.defined()) {
       p_part.add_(bias);
     } else {
-      p_part = empty_slots(bt->size(0), y, fmt).copy_(bias);
+      p_part = empty_slots(bt->size(0), y, fmt, type).copy_(bias);
     }
   }
-  if (xt.has_value() && xt->defined()) {
-    const int64_t T = check_tangent(x, *xt, "xt");
+  if (present(xt)) {
     // All T slots in one convolution, batched along N.
-    x_part = at::conv2d(slots_in_format(*xt, kernel_format(x)).flatten(0, 1), w, {}, stride,
-                        padding, dilation, groups)
-                 .unflatten(0, {T, x.size(0)});
+    x_part = at::conv2d(slots_in_format(*xt, kernel_format(x)).flatten(0, 1), w.to(type), {},
+                        stride, padding, dilation, groups)
+                 .unflatten(0, {xt->size(0), x.size(0)});
     TORCH_CHECK(x_part.sizes().slice(1) == y.sizes(), "y must have the convolution's output "
                 "shape ", x_part.sizes().slice(1), ", got ", y.sizes());
   }
@@ -135,16 +153,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
   const int64_t out = w.size(0);
   if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, "bias", out);
   check_param_tangents(w, wt, bt);
+  if (present(xt)) check_tangent(x, *xt, "xt");
+  const auto type = tangent_type(x, {&xt, &wt, &bt});
   const auto y = at::linear(x.contiguous(), w, b.has_value() ? *b : at::Tensor());
   at::Tensor x_part, p_part;
-  if (wt.has_value() && wt->defined()) {
+  if (present(wt)) {
     // Every x Wt_p^T in one GEMM, split along the last dim and moved to the front.
-    p_part = at::linear(x.contiguous(), wt->flatten(0, 1))
+    p_part = at::linear(x.to(type).contiguous(), wt->flatten(0, 1))
                  .unflatten(-1, {wt->size(0), out})
                  .movedim(-2, 0)
                  .contiguous();
   }
-  if (bt.has_value() && bt->defined()) {
+  if (present(bt)) {
     std::vector<int64_t> shape(x.dim() + 1, 1), full{bt->size(0)};
     shape.front() = bt->size(0);
     shape.back() = out;
@@ -152,12 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
     if (p_part.defined()) {
       p_part.add_(bt->view(shape));
     } else {
-      p_part = at::empty(full, y.options()).copy_(bt->view(shape));
+      p_part = at::empty(full, y.options().dtype(type)).copy_(bt->view(shape));
     }
   }
-  if (xt.has_value() && xt->defined()) {
-    check_tangent(x, *xt, "xt");
-    x_part = at::linear(xt->contiguous(), w);
+  if (present(xt)) {
+    x_part = at::linear(xt->contiguous(), w.to(type));
   }
   return {y, x_part.defined() ? x_part : at::empty({0}, x.options()),
           p_part.defined() ? p_part : at::empty({0}, x.options())};

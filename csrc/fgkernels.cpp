@@ -1,7 +1,10 @@
 // The op schemas of fgkernels (one TORCH_LIBRARY block) and the Python module fgkernels._C.
 //
 // Tangents are stacked: a tangent tensor has shape (T, *x.shape), T >= 1, each slot laid out in
-// the primal's memory format. Ops return empty tensors for outputs that have no terms.
+// the primal's memory format, of the primal's dtype or a floating dtype of fewer bits (bfloat16
+// tangents of a float32 primal: their terms are computed in that dtype, sums and statistics in
+// the primal's accumulation dtype). The tangents of one call share one dtype. Ops return empty
+// tensors for outputs that have no terms.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -29,9 +32,10 @@ TORCH_LIBRARY(fgkernels, m) {
   //   y = scale[c] u + shift[c]
   //   yt[t] = scale[c] xt[x_slot[t]] (skipped where x_slot[t] < 0) + t_xscale[t, c] u + t_shift[t, c]
   //   with relu: y = 0 and yt[t] = 0 where y <= 0 (a NaN y keeps its tangent, as torch.relu's
-  //   derivative does).
+  //   derivative does). yt has dtype tangent_dtype (default: xt's, or x's without xt).
   m.def("dual_bn_apply(Tensor x, Tensor? xt, int[] x_slot, Tensor center, Tensor scale, "
-        "Tensor shift, Tensor t_xscale, Tensor t_shift, bool relu) -> (Tensor, Tensor)");
+        "Tensor shift, Tensor t_xscale, Tensor t_shift, bool relu, ScalarType? tangent_dtype=None) "
+        "-> (Tensor, Tensor)");
   // The same, in place: x becomes y and slot t of xt becomes yt[t] (x_slot[t] = t). For a
   // freshly computed input (a convolution's output) that nothing else holds.
   m.def("dual_bn_apply_(Tensor(a!) x, Tensor(b!)? xt, Tensor center, Tensor scale, Tensor shift, "

@@ -20,6 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import _slots
+from .backends.base import tangent_dtype_fits
 
 _used: dict[str, int] = {}
 _local = threading.local()
@@ -88,7 +89,10 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
         raise TypeError(f"fgkernels.Dual: the in-place op '{name}' has no rule; use its "
                         "out-of-place form (tensors of a Dual are never written in place)")
     _note(name)
-    stacks = tuple(_full_stack(d, pos, plan.count) for d, pos in zip(duals, plan.positions))
+    # torch's forward AD wants each tangent in its primal's dtype: lower-precision tangents are
+    # widened for the op and its result rounded back to the output slots' dtype.
+    stacks = tuple(_full_stack(d, pos, plan.count).to(d.primal.dtype)
+                   for d, pos in zip(duals, plan.positions))
     with torch.no_grad():
         primal_out, tangents = jvp_over_slots(call, primals, stacks)
     return _wrap(primal_out, tangents, plan)
@@ -100,7 +104,7 @@ def _full_stack(d, positions: tuple, count: int) -> torch.Tensor:
         return d.primal.new_zeros((count, *d.primal.shape))
     if positions == tuple(range(count)):
         return d.tangents
-    full = d.primal.new_zeros((count, *d.primal.shape))
+    full = d.tangents.new_zeros((count, *d.primal.shape))
     full[list(positions)] = d.tangents
     return full
 
@@ -132,6 +136,12 @@ def _differentiable(v) -> bool:
     return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
 
 
+def _tangent_of(v: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An output's tangent in the slots' dtype, unless that does not fit the output (an op that
+    changes the dtype, such as ``.double()``)."""
+    return t.to(dtype) if tangent_dtype_fits(v.dtype, dtype) else t
+
+
 def _wrap(out, tangents, plan):
     """Each floating tensor output as a Dual (with its tangent stack, if any); other outputs
     (indices, masks, shapes, numbers) as they are."""
@@ -143,6 +153,6 @@ def _wrap(out, tangents, plan):
     if len(flat_t) != len(flat_out):
         raise RuntimeError("fgkernels: forward-mode AD returned tangents that do not match the "
                            "op's outputs")
-    wrapped = [Dual._unchecked(v, t, plan.directions, plan.single) if _differentiable(v)
-               else v for v, t in zip(flat_out, flat_t)]
+    wrapped = [Dual._unchecked(v, _tangent_of(v, t, plan.dtype), plan.directions, plan.single)
+               if _differentiable(v) else v for v, t in zip(flat_out, flat_t)]
     return pytree.tree_unflatten(wrapped, spec)

@@ -6,6 +6,10 @@ the same T) or *labelled* with direction numbers (a direction may enter part way
 an operand simply has no slot for a direction that has not reached it yet, and the output carries
 the union). ``plan`` decides the output's slots, ``place`` assembles the output tangent from parts
 that each cover some of them, without materialising a zero slot unless no part covers it.
+
+Slots also have a dtype: the primal's, or a lower precision (bfloat16 tangents of a float32
+network). An op's output slots take the promoted dtype of its operands' (``torch.promote_types``),
+as torch promotes the operands of an op.
 """
 from __future__ import annotations
 
@@ -20,11 +24,18 @@ Directions = Optional[tuple[int, ...]]
 
 @dataclass(frozen=True)
 class SlotOperand:
-    """The tangent slots of one operand: ``count`` slots, labelled by ``directions`` or not."""
+    """The tangent slots of one operand: ``count`` slots, labelled by ``directions`` or not,
+    of dtype ``dtype``."""
 
     count: int
     directions: Directions
     single: bool  # one tangent of the primal's shape (unlabelled, count 1)
+    dtype: Optional[torch.dtype] = None
+
+    def same_slots(self, other: SlotOperand) -> bool:
+        """True if both carry the same slots (their dtypes aside)."""
+        return (self.count, self.directions, self.single) == \
+            (other.count, other.directions, other.single)
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,12 @@ class SlotPlan:
     directions: Directions
     single: bool
     positions: tuple[tuple[int, ...], ...]  # per operand (empty for an operand with no tangent)
+    dtype: Optional[torch.dtype] = None     # the output slots' dtype (None without slots)
+
+    def operand(self) -> Optional[SlotOperand]:
+        """The output's slots as an operand of a following op (None without slots)."""
+        return SlotOperand(self.count, self.directions, self.single, self.dtype) \
+            if self.count else None
 
 
 def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
@@ -42,6 +59,7 @@ def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
     live = [o for o in operands if o is not None]
     if not live:
         return SlotPlan(0, None, False, tuple(() for _ in operands))
+    dtype = promoted_dtype(o.dtype for o in live)
     labelled = {o.directions is not None for o in live}
     if len(labelled) > 1:
         raise ValueError(
@@ -57,12 +75,28 @@ def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
         single = all(o.single for o in live)
         ident = tuple(range(count))
         return SlotPlan(count, None, single,
-                        tuple(ident if o is not None else () for o in operands))
+                        tuple(ident if o is not None else () for o in operands), dtype)
     union = sorted(set().union(*(o.directions for o in live)))
     index = {d: i for i, d in enumerate(union)}
     positions = tuple(tuple(index[d] for d in o.directions) if o is not None else ()
                       for o in operands)
-    return SlotPlan(len(union), tuple(union), False, positions)
+    return SlotPlan(len(union), tuple(union), False, positions, dtype)
+
+
+def promoted_dtype(dtypes) -> Optional[torch.dtype]:
+    """The dtype that tangents of ``dtypes`` (None: unknown, skipped) combine into."""
+    out = None
+    for d in dtypes:
+        if d is not None:
+            out = d if out is None else torch.promote_types(out, d)
+    return out
+
+
+def cast(stack: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """``stack`` in ``dtype`` (itself when it already is, or when either is None)."""
+    if stack is None or dtype is None or stack.dtype == dtype:
+        return stack
+    return stack.to(dtype)
 
 
 def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]],

@@ -71,5 +71,9 @@ def derived_tangent(module: nn.Module, how: Derivation, sources: dict[str, Tenso
             return how.compute()
 
     primals = tuple(sources[k].detach() for k in keys)
+    # Forward AD wants each tangent in its source's dtype; the result keeps the tangents' dtype.
+    dtype = stacks[keys[0]].dtype
     with torch.no_grad():
-        return jvp_over_slots(weight_of, primals, tuple(stacks[k] for k in keys))[1]
+        tangent = jvp_over_slots(weight_of, primals,
+                                 tuple(stacks[k].to(p.dtype) for k, p in zip(keys, primals)))[1]
+    return tangent.to(dtype)

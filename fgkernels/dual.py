@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from ._slots import Directions, SlotOperand
+from .backends.base import tangent_dtype_fits
 
 # torch function -> rule; filled by fgkernels.functional with the ops that have a JVP rule.
 _RULES: dict[Callable, Callable] = {}
@@ -27,9 +28,9 @@ def _check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bo
     """Validate ``tangent`` against ``primal``; return True for a single (unstacked) tangent."""
     if not isinstance(tangent, torch.Tensor):
         raise TypeError(f"{what} must be a Tensor or None, got {type(tangent).__name__}")
-    if tangent.dtype != primal.dtype:
-        raise TypeError(f"{what} has dtype {tangent.dtype}, but the primal has dtype "
-                        f"{primal.dtype}")
+    if not tangent_dtype_fits(primal.dtype, tangent.dtype):
+        raise TypeError(f"{what} has dtype {tangent.dtype}; a tangent of a {primal.dtype} "
+                        f"primal must be {primal.dtype} or a floating dtype of fewer bits")
     if tangent.device != primal.device:
         raise ValueError(f"{what} is on {tangent.device}, but the primal is on {primal.device}")
     if tangent.shape == primal.shape:
@@ -70,6 +71,10 @@ class Dual:
     that op alone (``fgkernels.fallback_ops()``; ``fgkernels.strict_rules()`` refuses it).
     In-place ops rebind the Dual's parts to the result (``d += e``, ``d.relu_()``, ``d.mul_(2)``,
     ``F.relu_(d)``); tensors are never written in place.
+
+    The tangent may have a lower precision than the primal (``Dual(x_float32, t_bfloat16)``):
+    every op then computes its tangent terms in that dtype, with float32 accumulation and
+    float32 batch-norm statistics, and the primal exactly as before.
     """
 
     __slots__ = ("primal", "_stack", "directions", "_single")
@@ -117,6 +122,11 @@ class Dual:
         return self._stack
 
     @property
+    def tangent_dtype(self) -> Optional[torch.dtype]:
+        """The tangent's dtype (None when the tangent is zero)."""
+        return None if self._stack is None else self._stack.dtype
+
+    @property
     def num_tangents(self) -> int:
         """T, the number of tangent slots (0 when the tangent is None)."""
         return 0 if self._stack is None else self._stack.shape[0]
@@ -125,7 +135,8 @@ class Dual:
         """This Dual's slots, as ``_slots.plan`` takes them (None when the tangent is zero)."""
         if self._stack is None:
             return None
-        return SlotOperand(self._stack.shape[0], self.directions, self._single)
+        return SlotOperand(self._stack.shape[0], self.directions, self._single,
+                           self._stack.dtype)
 
     def with_tangents(self, primal: torch.Tensor, stack: Optional[torch.Tensor]) -> Dual:
         """A Dual with the same slots as this one but a new primal and stacked tangent."""
@@ -182,7 +193,10 @@ class Dual:
     def __repr__(self) -> str:
         t = "None" if self._stack is None else f"{tuple(self._stack.shape)}"
         lab = "" if self.directions is None else f", directions={self.directions}"
-        return f"Dual(primal={tuple(self.primal.shape)}, tangents={t}{lab}, dtype={self.dtype})"
+        td = "" if self._stack is None or self._stack.dtype == self.dtype \
+            else f", tangent_dtype={self._stack.dtype}"
+        return (f"Dual(primal={tuple(self.primal.shape)}, tangents={t}{lab}, "
+                f"dtype={self.dtype}{td})")
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -20,9 +20,9 @@ from torch.nn.modules.utils import _pair
 
 from . import _slots, checks
 from .backends import current_backend
-from .backends.base import BatchNormArgs, ConvArgs, PoolArgs
+from .backends.base import BatchNormArgs, ConvArgs, PoolArgs, acc_dtype
 from .dual import Dual, implements
-from .operands import MaybeDual, as_dual, layer_operands, layer_params, result
+from .operands import MaybeDual, as_dual, layer_operands, layer_params, result, tangents_as
 from .pointwise import add, clamp, div, mul, sub, where  # noqa: F401  (rules; re-exported)
 
 Tensor = torch.Tensor
@@ -112,12 +112,11 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     x, xt, conv_p, conv_plan = layer_operands("conv2d_batch_norm", input, weight, conv_bias)
     checks.check_conv(x, conv_p.weight, conv_p.bias, groups)
     bn_p, bn_slots = layer_params("batch_norm", bn_weight, bn_bias)
-    conv_out = (_slots.SlotOperand(conv_plan.count, conv_plan.directions, conv_plan.single)
-                if conv_plan.count else None)
-    bn_plan = _slots.plan([conv_out, bn_slots], "conv2d_batch_norm")
+    bn_plan = _slots.plan([conv_plan.operand(), bn_slots], "conv2d_batch_norm")
     conv = _conv_args(stride, padding, dilation, groups)
     shape = conv.output_shape(x.shape, conv_p.weight.shape)
-    if bn_plan.count != conv_plan.count or math.prod(shape) == 0:
+    if bn_plan.count != conv_plan.count or bn_plan.dtype != conv_plan.dtype \
+            or math.prod(shape) == 0:
         h = conv2d(input, weight, conv_bias, stride, padding, dilation, groups,
                    primal=conv_primal)
         return batch_norm(h, running_mean, running_var, bn_weight, bn_bias, training, momentum,
@@ -125,6 +124,7 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     checks.check_primal("conv2d_batch_norm", conv_primal, x, shape)
     bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
     checks.check_batch_norm(shape, bn, bn_p.weight, bn_p.bias)
+    bn_p = tangents_as(bn_p, bn_plan.dtype)
     y, yt = current_backend(x.device).conv2d_batch_norm(x, xt, conv_p, conv_plan, conv, bn_p,
                                                         bn_plan, bn, conv_primal)
     return result(y, yt, bn_plan)
@@ -194,14 +194,17 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     if label_smoothing:
         p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
     residual = (torch.softmax(z, dim=1) - p) * keep.unsqueeze(1)
-    per_sample = (residual * d.tangents).sum(-1)  # (T, N)
+    # In the accumulation dtype, rounded once to the tangents' (a bfloat16 tangent of a float32
+    # network stays bfloat16, as every op keeps it).
+    acc = acc_dtype(z.dtype)
+    per_sample = (residual.to(acc) * d.tangents.to(acc)).sum(-1)  # (T, N)
     if reduction == "mean":  # over the kept samples: 0/0 = NaN when every one is ignored
         lt = per_sample.sum(-1) / keep.sum()
     elif reduction == "sum":
         lt = per_sample.sum(-1)
     else:
         lt = per_sample
-    return d.with_tangents(loss, lt)
+    return d.with_tangents(loss, lt.to(d.tangents.dtype))
 
 
 # --- linear ops: the same map on the primal and on every tangent slot -----------------------------
@@ -261,7 +264,8 @@ def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
         return d
     keep = torch.empty_like(d.primal).bernoulli_(1 - p)
     mask = keep / (1 - p) if p < 1 else keep
-    return d.with_tangents(d.primal * mask, None if d.tangents is None else d.tangents * mask)
+    t = d.tangents
+    return d.with_tangents(d.primal * mask, None if t is None else t * mask.to(t.dtype))
 
 
 @implements(torch.cat, torch.concat)
@@ -275,12 +279,13 @@ def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
     tdim = dim + 1 if dim >= 0 else dim
     pieces = []
     for d, pos in zip(duals, plan.positions):
+        t = _slots.cast(d.tangents, plan.dtype)
         if pos == tuple(range(plan.count)):
-            pieces.append(d.tangents)
+            pieces.append(t)
         else:
-            piece = d.primal.new_zeros((plan.count, *d.primal.shape))
+            piece = d.primal.new_zeros((plan.count, *d.primal.shape), dtype=plan.dtype)
             if pos:
-                piece[list(pos)] = d.tangents
+                piece[list(pos)] = t
             pieces.append(piece)
     return result(y, torch.cat(pieces, tdim), plan)
 
@@ -295,6 +300,6 @@ def add_direction(input: Dual, direction: int, tangent: Tensor) -> Dual:
         raise ValueError(f"add_direction: direction {direction} is already carried")
     new = Dual(input.primal, tangent.unsqueeze(0), directions=[direction])
     plan = _slots.plan([input.slot_operand(), new.slot_operand()], "add_direction")
-    parts = [(t, pos) for t, pos in zip((input.tangents, new.tangents), plan.positions)
-             if t is not None]
+    parts = [(_slots.cast(t, plan.dtype), pos)
+             for t, pos in zip((input.tangents, new.tangents), plan.positions) if t is not None]
     return result(input.primal, _slots.place(plan.count, parts), plan)

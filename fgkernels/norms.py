@@ -23,10 +23,11 @@ Tensor = torch.Tensor
 
 def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r: Tensor):
     """x̂ and the stacked ẋ̂ (None without tangent), from the statistics over ``dims`` of x
-    (``mean`` and ``r`` shaped to broadcast over x)."""
+    (``mean`` and ``r`` shaped to broadcast over x), in the statistics' dtype."""
     xhat = (x - mean) * r
     if xt is None:
         return xhat, None
+    xt = xt.to(xhat.dtype)
     tdims = [d + 1 for d in dims]
     xt_hat = (xt - xt.mean(tdims, keepdim=True)
               - xhat * (xhat * xt).mean(tdims, keepdim=True)) * r
@@ -35,11 +36,13 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r
 
 def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operand, weight, bias,
             param_shape: Sequence[int]) -> Dual:
-    """``γx̂ + β`` and its tangent ``γẋ̂ + γ̇x̂ + β̇``; γ, β viewed as ``param_shape``."""
+    """``γx̂ + β`` and its tangent ``γẋ̂ + γ̇x̂ + β̇``; γ, β viewed as ``param_shape``. The
+    terms are summed in x̂'s dtype and rounded once to the output slots'."""
     (w, wt, b, bt), p_operand = layer_params(op, weight, bias)
     plan = _slots.plan([x_operand, p_operand], op)
     if plan.count == 0:
         return Dual(y)
+    w, wt, b, bt = (None if v is None else v.to(xhat.dtype) for v in (w, wt, b, bt))
     x_pos, p_pos = plan.positions
     parts = []
     if xt_hat is not None:
@@ -51,7 +54,8 @@ def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operan
         if bt is not None:
             pt = pt + as_slots(bt)
         parts.append((pt.expand(slots, *xhat.shape), p_pos))
-    return Dual._unchecked(y, _slots.place(plan.count, parts), plan.directions, plan.single)
+    yt = _slots.place(plan.count, parts).to(plan.dtype)
+    return Dual._unchecked(y, yt, plan.directions, plan.single)
 
 
 @implements(F.layer_norm)

@@ -50,17 +50,29 @@ def as_dual(v: MaybeDual, op: str) -> Dual:
 def layer_params(op: str, weight, bias) -> tuple[LayerParams, Optional[_slots.SlotOperand]]:
     """One layer's weight and bias, whose tangents must carry the same slots, and those slots."""
     w, b = parts(weight), parts(bias)
-    if w.slots is not None and b.slots is not None and w.slots != b.slots:
-        raise ValueError(f"{op}: the parameters' tangents must carry the same slots, got "
-                         f"weight: {_describe(w.slots)}, bias: {_describe(b.slots)}")
-    return LayerParams(w.primal, w.tangents, b.primal, b.tangents), w.slots or b.slots
+    slots = w.slots or b.slots
+    if w.slots is not None and b.slots is not None:
+        if not w.slots.same_slots(b.slots):
+            raise ValueError(f"{op}: the parameters' tangents must carry the same slots, got "
+                             f"weight: {_describe(w.slots)}, bias: {_describe(b.slots)}")
+        slots = _slots.SlotOperand(slots.count, slots.directions, slots.single,
+                                   _slots.promoted_dtype([w.slots.dtype, b.slots.dtype]))
+    return LayerParams(w.primal, w.tangents, b.primal, b.tangents), slots
 
 
 def layer_operands(op: str, input: MaybeDual, weight, bias) -> LayerOperands:
-    """Split a layer op's input and parameters and plan its output's slots."""
+    """Split a layer op's input and parameters and plan its output's slots; every tangent is
+    cast to the output slots' dtype (a no-op when they share it)."""
     x = parts(as_dual(input, op))
     params, slots = layer_params(op, weight, bias)
-    return LayerOperands(x.primal, x.tangents, params, _slots.plan([x.slots, slots], op))
+    plan = _slots.plan([x.slots, slots], op)
+    return LayerOperands(x.primal, _slots.cast(x.tangents, plan.dtype),
+                         tangents_as(params, plan.dtype), plan)
+
+
+def tangents_as(p: LayerParams, dtype: Optional[torch.dtype]) -> LayerParams:
+    """``p`` with its tangents in ``dtype``."""
+    return p._replace(weight_t=_slots.cast(p.weight_t, dtype), bias_t=_slots.cast(p.bias_t, dtype))
 
 
 def result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:

@@ -7,6 +7,9 @@ against data. An operand without tangent (a plain tensor or number) is a constan
 
 Activations run torch's own derivative kernel of the activation over every tangent slot at
 once: the formula of torch's forward-mode rule, its conventions at kinks and at NaN included.
+
+Tangents of a lower precision than the primal (bfloat16) stay in it: a primal factor of a
+tangent term is cast to the tangent's dtype (``_like``), and torch's kernels compute in float32.
 """
 from __future__ import annotations
 
@@ -45,14 +48,20 @@ def broadcast_stack(stack: Tensor, shape) -> Tensor:
     return lift(stack, len(shape)).expand(stack.shape[0], *shape)
 
 
+def _like(v, t: Tensor):
+    """A primal factor ``v`` of a tangent term, in the dtype of the tangent ``t``."""
+    return v.to(t.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+
+
 def _combine(op: str, y: Tensor, terms) -> Dual:
     """The Dual of ``y`` whose tangent is the sum of ``terms``: (operand slots, function of that
-    operand's stack giving its term, broadcastable to ``(T, *y.shape)``), None-free."""
+    operand's stack giving its term, broadcastable to ``(T, *y.shape)``), None-free. Each stack
+    reaches its function in the output slots' dtype."""
     terms = [(o, t, fn) for o, t, fn in terms if o is not None]
     plan = _slots.plan([o for o, _, _ in terms], op)
     if plan.count == 0:
         return Dual(y)
-    parts = [(broadcast_stack(fn(lift(t, y.dim())), y.shape), pos)
+    parts = [(broadcast_stack(fn(lift(_slots.cast(t, plan.dtype), y.dim())), y.shape), pos)
              for (_, t, fn), pos in zip(terms, plan.positions)]
     return Dual._unchecked(y, _slots.place(plan.count, parts), plan.directions, plan.single)
 
@@ -85,7 +94,7 @@ def mul(input, other) -> Dual:
     """Dual product: ``ẏ = ȧ·b + a·ḃ``."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
     return _combine("mul", torch.mul(torch.as_tensor(a), b),
-                    [(ao, at, lambda t: t * b), (bo, bt, lambda t: a * t)])
+                    [(ao, at, lambda t: t * _like(b, t)), (bo, bt, lambda t: _like(a, t) * t)])
 
 
 @implements(torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide,
@@ -97,7 +106,8 @@ def div(input, other, *, rounding_mode: Optional[str] = None) -> Dual:
                         "useful tangent on a Dual; divide the primal instead")
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
     y = torch.div(torch.as_tensor(a), b)
-    return _combine("div", y, [(ao, at, lambda t: t / b), (bo, bt, lambda t: -(y * t) / b)])
+    return _combine("div", y, [(ao, at, lambda t: t / _like(b, t)),
+                               (bo, bt, lambda t: -(_like(y, t) * t) / _like(b, t))])
 
 
 @implements(torch.Tensor.__rtruediv__)
@@ -149,11 +159,12 @@ _aten = torch.ops.aten
 
 def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor],
                 inplace: bool = False) -> Dual:
-    """The Dual of ``y = f(x)`` with ``ẏ = derivative(ẋ, x)`` over all slots; ``inplace``
-    rebinds ``input`` to the result."""
+    """The Dual of ``y = f(x)`` with ``ẏ = derivative(ẋ, x)`` over all slots (x in the
+    tangent's dtype); ``inplace`` rebinds ``input`` to the result."""
     d = input if isinstance(input, Dual) else Dual(input)
     t = d.tangents
-    out = d.with_tangents(y, None if t is None else derivative(t, d.primal.expand_as(t)))
+    out = d.with_tangents(y, None if t is None else
+                          derivative(t, _like(d.primal, t).expand_as(t)))
     return d._assign(out) if inplace else out
 
 
@@ -204,14 +215,15 @@ def gelu(input, approximate: str = "none") -> Dual:
 def sigmoid(input) -> Dual:
     """Dual sigmoid: slope ``y·(1 − y)``."""
     y = torch.sigmoid(input.primal)
-    return _activation(input, y, lambda t, x: _aten.sigmoid_backward(t, y.expand_as(t)))
+    return _activation(input, y,
+                       lambda t, x: _aten.sigmoid_backward(t, _like(y, t).expand_as(t)))
 
 
 @implements(torch.tanh, torch.Tensor.tanh, F.tanh)
 def tanh(input) -> Dual:
     """Dual tanh: slope ``1 − y²``."""
     y = torch.tanh(input.primal)
-    return _activation(input, y, lambda t, x: _aten.tanh_backward(t, y.expand_as(t)))
+    return _activation(input, y, lambda t, x: _aten.tanh_backward(t, _like(y, t).expand_as(t)))
 
 
 @implements(F.hardsigmoid)

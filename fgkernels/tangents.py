@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .dual import _check_tangent
+from .backends.base import acc_dtype
 from .nn import DualModule
+from .precision import resolve_tangent_dtype
 
 Tensor = torch.Tensor
 
@@ -87,9 +89,14 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
 
 def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
                     generator: Optional[torch.Generator] = None,
-                    direction: Optional[int] = None) -> dict[str, Tensor]:
+                    direction: Optional[int] = None,
+                    dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
     """Draw a standard normal tangent for every parameter of the Dual layers of ``module``
-    (``(num_tangents, *shape)`` when given), set them, and return them by name."""
+    (``(num_tangents, *shape)`` when given), set them, and return them by name.
+
+    ``dtype``: the tangents' dtype (default: that of an enclosing ``fgkernels.tangent_dtype``
+    block, else the parameter's); drawn in float32 and rounded, so that a bfloat16 draw is the
+    rounding of the float32 one from the same generator state."""
     if num_tangents is not None and (not isinstance(num_tangents, int) or num_tangents < 1):
         raise ValueError(f"random_tangents: num_tangents must be a positive int, "
                          f"got {num_tangents!r}")
@@ -100,7 +107,10 @@ def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
                           DualModule):
             continue
         shape = p.shape if num_tangents is None else (num_tangents, *p.shape)
-        drawn[name] = torch.randn(shape, generator=generator, dtype=p.dtype, device=p.device)
+        target = resolve_tangent_dtype(p.dtype, dtype)
+        draw_dtype = p.dtype if target == p.dtype else acc_dtype(target)
+        drawn[name] = torch.randn(shape, generator=generator, dtype=draw_dtype,
+                                  device=p.device).to(target)
     set_tangents(module, drawn, direction=direction)
     return drawn
 

@@ -77,6 +77,6 @@ def test_cuda_kernels_compile_without_spills():
     rows = cuda_rows([80, 90])
     kernels = {r.kernel for r in rows}
     for name in ("bn_stats_kernel", "bn_apply_kernel", "relu_kernel"):
-        for t in ("float", "double", "bf16", "half"):
+        for t in ("float", "double", "bf16", "half", "float,bf16", "float,half", "double,float"):
             assert f"{name}<{t}>" in kernels, sorted(kernels)
     assert all(not r.error and r.spill_bytes == 0 and r.registers > 0 for r in rows), rows

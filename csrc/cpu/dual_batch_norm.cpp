@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../batch_norm_common.h"
+#include "../dual_types.h"
 
 namespace fgkernels {
 namespace {
@@ -40,8 +41,8 @@ void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* __restrict p1,
 }
 
 // Lane partials of Σt and Σ(a - k)·t over a span, added into p1, p2 (kLanes each).
-template <typename scalar_t, typename acc_t>
-void span_tangent_sums(const scalar_t* a, const scalar_t* t, int64_t n, acc_t k,
+template <typename scalar_t, typename tangent_t, typename acc_t>
+void span_tangent_sums(const scalar_t* a, const tangent_t* t, int64_t n, acc_t k,
                        acc_t* __restrict p1, acc_t* __restrict p2) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -65,12 +66,12 @@ void span_tangent_sums(const scalar_t* a, const scalar_t* t, int64_t n, acc_t k,
 // channels at a time). NCHW: every (quantity, channel) keeps kLanes partials across the block's
 // planes, reduced once per block; channels_last: one partial per (quantity, channel), the inner
 // loops running over the contiguous channels. Block partials, laid out (2 + 2T, C), are added
-// in double.
-template <typename scalar_t>
+// in double. The slots may have a narrower type than x (tangent_t); sums are in x's opmath type.
+template <typename scalar_t, typename tangent_t>
 at::Tensor stats_kernel(const DualInput& in) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
-  const scalar_t* xt = in.T ? in.xt.const_data_ptr<scalar_t>() : nullptr;
+  const tangent_t* xt = in.T ? in.xt.const_data_ptr<tangent_t>() : nullptr;
   const int64_t C = in.channels, inner = in.inner, T = in.T, slot = in.x.numel();
   const int64_t quantities = 2 + 2 * T, width = quantities * C;
   const int64_t lanes = inner > 1 ? kLanes : 1;
@@ -111,7 +112,7 @@ at::Tensor stats_kernel(const DualInput& in) {
             s2[c] += d * d;
           }
           for (int64_t t = 0; t < T; ++t) {
-            const scalar_t* tr = xt + t * slot + row;
+            const tangent_t* tr = xt + t * slot + row;
             acc_t* t1 = lanes_of(2 + 2 * t, 0);
             acc_t* t2 = lanes_of(3 + 2 * t, 0);
             for (int64_t c = 0; c < C; ++c) {
@@ -137,33 +138,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
   TORCH_CHECK(x_in.numel() > 0, "x must not be empty");
   const DualInput in = prepare_input(x_in, xt_in);
   at::Tensor sums;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(), "dual_bn_stats",
-                                  [&] { sums = stats_kernel<scalar_t>(in); });
+  dispatch_dual_types(in.x.scalar_type(), in.tangent_type, "dual_bn_stats", [&](auto p, auto t) {
+    sums = stats_kernel<typename decltype(p)::type, typename decltype(t)::type>(in);
+  });
   return stats_from_sums(in, sums);
 }
 
 // With u = x - m (m: the per-channel center), y = s u + h (ReLU optional) and
 // yt[t] = s xt[slot[t]] + b[t] u + d[t]; with ReLU, y = 0 and yt = 0 where y <= 0 (a NaN y keeps
 // its tangent, as torch.relu's derivative does). Centering first keeps y exact when |m| >> std.
-// Coefficients are in the accumulation type. One span at a time, every slot first and the
+// Coefficients are in the accumulation type (x's opmath type); the slots may have a narrower
+// type than x (tangent_t), their terms are computed in acc_t and rounded once. One span at a time, every slot first and the
 // primal last, so that every inner loop is a branch-free pass over contiguous memory and the
 // apply may run in place (y = x, yt = xt, slot[t] = t): each element is read before it is written.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename tangent_t, typename acc_t>
 struct ApplySpan {
   const scalar_t* x;
-  const scalar_t* xt;
+  const tangent_t* xt;
   const int64_t* x_slot;  // nullptr: slot t continues input slot t
   int64_t T, slot, C;
   const acc_t *center, *scale, *shift, *t_xscale, *t_shift;
   bool relu;
   scalar_t* y;
-  scalar_t* yt;
+  tangent_t* yt;
 
   int64_t source(int64_t t) const { return x_slot ? x_slot[t] : t; }
 
   scalar_t primal(acc_t v) const { return static_cast<scalar_t>(relu && v <= acc_t(0) ? acc_t(0) : v); }
-  scalar_t tangent(acc_t pre, acc_t v) const {
-    return static_cast<scalar_t>(relu && pre <= acc_t(0) ? acc_t(0) : v);
+  tangent_t tangent(acc_t pre, acc_t v) const {
+    return static_cast<tangent_t>(relu && pre <= acc_t(0) ? acc_t(0) : v);
   }
 
   // NCHW: the n plane [base, base + n) of channel c; the coefficients are scalars.
@@ -172,9 +175,9 @@ struct ApplySpan {
     const acc_t m = center[c], s = scale[c], h = shift[c];
     for (int64_t t = 0; t < T; ++t) {
       const acc_t b = t_xscale[t * C + c], d = t_shift[t * C + c];
-      scalar_t* out = yt + t * slot + base;
+      tangent_t* out = yt + t * slot + base;
       if (source(t) >= 0) {
-        const scalar_t* ts = xt + source(t) * slot + base;
+        const tangent_t* ts = xt + source(t) * slot + base;
         for (int64_t i = 0; i < n; ++i) {
           const acc_t u = static_cast<acc_t>(xs[i]) - m;
           out[i] = tangent(s * u + h, s * static_cast<acc_t>(ts[i]) + b * u + d);
@@ -195,8 +198,8 @@ struct ApplySpan {
     for (int64_t t = 0; t < T; ++t) {
       const acc_t* b = t_xscale + t * C;
       const acc_t* d = t_shift + t * C;
-      scalar_t* out = yt + t * slot + base;
-      const scalar_t* ts = source(t) >= 0 ? xt + source(t) * slot + base : nullptr;
+      tangent_t* out = yt + t * slot + base;
+      const tangent_t* ts = source(t) >= 0 ? xt + source(t) * slot + base : nullptr;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t u = static_cast<acc_t>(xs[c]) - center[c];
         const acc_t from_x = ts ? scale[c] * static_cast<acc_t>(ts[c]) : acc_t(0);
@@ -214,7 +217,7 @@ struct ApplyCoefficients {
 };
 
 // Runs the spans over x's layout, in parallel.
-template <typename scalar_t>
+template <typename scalar_t, typename tangent_t>
 void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T,
                const ApplyCoefficients& coef, bool relu, at::Tensor& y, at::Tensor& yt) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -224,11 +227,11 @@ void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T,
   const at::Tensor m = as_acc(coef.center), s = as_acc(coef.scale), h = as_acc(coef.shift),
                    b = as_acc(coef.t_xscale), d = as_acc(coef.t_shift);
   const int64_t C = in.channels;
-  const ApplySpan<scalar_t, acc_t> span{
-      in.x.const_data_ptr<scalar_t>(), in.T ? in.xt.const_data_ptr<scalar_t>() : nullptr,
+  const ApplySpan<scalar_t, tangent_t, acc_t> span{
+      in.x.const_data_ptr<scalar_t>(), in.T ? in.xt.const_data_ptr<tangent_t>() : nullptr,
       x_slot, T, in.x.numel(), C, m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
       h.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), relu,
-      y.mutable_data_ptr<scalar_t>(), T ? yt.mutable_data_ptr<scalar_t>() : nullptr};
+      y.mutable_data_ptr<scalar_t>(), T ? yt.mutable_data_ptr<tangent_t>() : nullptr};
   if (in.inner > 1) {
     const int64_t grain = std::max<int64_t>(1, kGrainElements / in.inner);
     at::parallel_for(0, in.outer * C, grain, [&](int64_t p0, int64_t p1) {
@@ -245,15 +248,16 @@ void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T,
 std::tuple<at::Tensor, at::Tensor> dual_bn_apply_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in, at::IntArrayRef x_slot,
     const at::Tensor& center, const at::Tensor& scale, const at::Tensor& shift,
-    const at::Tensor& t_xscale, const at::Tensor& t_shift, bool relu) {
+    const at::Tensor& t_xscale, const at::Tensor& t_shift, bool relu,
+    std::optional<at::ScalarType> tangent_dtype) {
   const DualInput in = prepare_input(x_in, xt_in);
   check_apply_args(in, x_slot, center, scale, shift, t_xscale, t_shift);
   const int64_t T = static_cast<int64_t>(x_slot.size());
-  auto [y, yt] = apply_outputs(in, T);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x.scalar_type(), "dual_bn_apply",
-                                  [&] {
-    run_apply<scalar_t>(in, x_slot.data(), T, {center, scale, shift, t_xscale, t_shift}, relu,
-                        y, yt);
+  const at::ScalarType out_type = output_tangent_type(in, tangent_dtype);
+  auto [y, yt] = apply_outputs(in, T, out_type);
+  dispatch_dual_types(in.x.scalar_type(), out_type, "dual_bn_apply", [&](auto p, auto t) {
+    run_apply<typename decltype(p)::type, typename decltype(t)::type>(
+        in, x_slot.data(), T, {center, scale, shift, t_xscale, t_shift}, relu, y, yt);
   });
   return {y, yt};
 }
@@ -266,10 +270,9 @@ void dual_bn_apply_inplace_cpu(at::Tensor& x, const std::optional<at::Tensor>& x
   const std::vector<int64_t> identity = identity_slots(in.T);
   check_apply_args(in, identity, center, scale, shift, t_xscale, t_shift);
   at::Tensor yt = in.T ? in.xt : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dual_bn_apply_",
-                                  [&] {
-    run_apply<scalar_t>(in, nullptr, in.T, {center, scale, shift, t_xscale, t_shift}, relu, x,
-                        yt);
+  dispatch_dual_types(x.scalar_type(), in.tangent_type, "dual_bn_apply_", [&](auto p, auto t) {
+    run_apply<typename decltype(p)::type, typename decltype(t)::type>(
+        in, nullptr, in.T, {center, scale, shift, t_xscale, t_shift}, relu, x, yt);
   });
 }
 

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../dual_types.h"
 
 namespace fgkernels {
 namespace {
@@ -12,18 +13,19 @@ namespace {
 // One span [0, n) of the primal and of every slot (slot t at offset t * slot_stride).
 // !(x <= 0) keeps a NaN in the primal, as torch.relu does, and its tangent, as torch.relu's
 // derivative does; elsewhere a select, not a product, so a NaN or Inf tangent at x <= 0 gives 0.
-template <typename scalar_t>
-void relu_span(const scalar_t* __restrict x, const scalar_t* __restrict xt,
-               scalar_t* __restrict y, scalar_t* __restrict yt, int64_t n, int64_t T,
+// The slots may have a narrower type than the primal (tangent_t).
+template <typename scalar_t, typename tangent_t>
+void relu_span(const scalar_t* __restrict x, const tangent_t* __restrict xt,
+               scalar_t* __restrict y, tangent_t* __restrict yt, int64_t n, int64_t T,
                int64_t slot_stride) {
   const scalar_t zero(0);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = !(x[i] <= zero) ? x[i] : zero;
   for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* __restrict src = xt + t * slot_stride;
-    scalar_t* __restrict dst = yt + t * slot_stride;
+    const tangent_t* __restrict src = xt + t * slot_stride;
+    tangent_t* __restrict dst = yt + t * slot_stride;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dst[i] = x[i] <= zero ? zero : src[i];
+    for (int64_t i = 0; i < n; ++i) dst[i] = x[i] <= zero ? tangent_t(0) : src[i];
   }
 }
 
@@ -33,13 +35,15 @@ std::tuple<at::Tensor, at::Tensor> dual_relu_cpu(const at::Tensor& x_in, const a
   const at::Tensor x = in_format(x_in, fmt);
   const at::Tensor xt = slots_in_format(xt_in, fmt);
   auto y = at::empty_like(x);
-  auto yt = empty_slots(T, x, fmt);
+  auto yt = empty_slots(T, x, fmt, xt.scalar_type());
   const int64_t n = x.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dual_relu", [&] {
+  dispatch_dual_types(x.scalar_type(), xt.scalar_type(), "dual_relu", [&](auto p, auto t) {
+    using scalar_t = typename decltype(p)::type;
+    using tangent_t = typename decltype(t)::type;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* tp = xt.const_data_ptr<scalar_t>();
+    const tangent_t* tp = xt.const_data_ptr<tangent_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    scalar_t* ytp = yt.mutable_data_ptr<scalar_t>();
+    tangent_t* ytp = yt.mutable_data_ptr<tangent_t>();
     at::parallel_for(0, n, 32768, [&](int64_t i0, int64_t i1) {
       relu_span(xp + i0, tp + i0, yp + i0, ytp + i0, i1 - i0, T, n);
     });

@@ -28,6 +28,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 store_as(float v) {
   return __float2bfloat16(v);
 }
 template <> __device__ __forceinline__ __half store_as(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_as(double v) {
+  return __double2bfloat16(v);
+}
+template <> __device__ __forceinline__ __half store_as(double v) { return __double2half(v); }
 
 constexpr int kThreads = 256;
 
@@ -45,8 +49,9 @@ template <typename A> __device__ A block_sum(A v, A* scratch) {
 
 // grid (C, splits, 1 + slots): z = 0 sums x, z = t + 1 sums slot t against x. Each block walks
 // the (outer, inner) elements of its channel in its split, consecutive threads on consecutive
-// elements of a row (coalesced for NCHW; for channels_last the stride is C).
-template <typename T>
+// elements of a row (coalesced for NCHW; for channels_last the stride is C). T: the primal's
+// element type, TT: the slots'; sums in T's accumulation type.
+template <typename T, typename TT>
 __global__ void bn_stats_kernel(BNStatsParams p) {
   using A = typename Acc<T>::type;
   __shared__ A scratch[kThreads / 32];
@@ -56,7 +61,7 @@ __global__ void bn_stats_kernel(BNStatsParams p) {
   const int64_t per_split = (count + p.splits - 1) / p.splits;
   const int64_t e0 = split * per_split, e1 = min(count, e0 + per_split);
   const T* x = static_cast<const T*>(p.x);
-  const T* t = z ? static_cast<const T*>(p.xt) + (z - 1) * p.layout.outer * C * inner : nullptr;
+  const TT* t = z ? static_cast<const TT*>(p.xt) + (z - 1) * p.layout.outer * C * inner : nullptr;
   const A k = load(x + c * inner);
   A s1 = 0, s2 = 0;
   for (int64_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
@@ -67,7 +72,7 @@ __global__ void bn_stats_kernel(BNStatsParams p) {
       s1 += d;
       s2 += d * d;
     } else {
-      const A v = load(t + idx);
+      const A v = static_cast<A>(load(t + idx));
       s1 += v;
       s2 += d * v;
     }
@@ -82,8 +87,9 @@ __global__ void bn_stats_kernel(BNStatsParams p) {
 }
 
 // One thread per element of x: the primal, then every output slot. x[idx] is read once before
-// anything is written, so the apply may run in place (y = x, yt = xt, x_slot[t] = t).
-template <typename T>
+// anything is written, so the apply may run in place (y = x, yt = xt, x_slot[t] = t). T: the
+// primal's element type, TT: the slots'; every term in T's accumulation type, rounded once.
+template <typename T, typename TT>
 __global__ void bn_apply_kernel(BNApplyParams p) {
   using A = typename Acc<T>::type;
   const int64_t C = p.layout.channels, inner = p.layout.inner;
@@ -94,9 +100,9 @@ __global__ void bn_apply_kernel(BNApplyParams p) {
   const A* bx = static_cast<const A*>(p.t_xscale);
   const A* bs = static_cast<const A*>(p.t_shift);
   const T* x = static_cast<const T*>(p.x);
-  const T* xt = static_cast<const T*>(p.xt);
+  const TT* xt = static_cast<const TT*>(p.xt);
   T* y = static_cast<T*>(p.y);
-  T* yt = static_cast<T*>(p.yt);
+  TT* yt = static_cast<TT*>(p.yt);
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t c = (idx / inner) % C;
@@ -107,24 +113,24 @@ __global__ void bn_apply_kernel(BNApplyParams p) {
     y[idx] = store_as<T>(keep ? yv : A(0));
     for (int64_t t = 0; t < p.out_slots; ++t) {
       A tv = bx[t * C + c] * u + bs[t * C + c];
-      if (p.x_slot[t] >= 0) tv += scale[c] * load(xt + p.x_slot[t] * n + idx);
-      yt[t * n + idx] = store_as<T>(keep ? tv : A(0));
+      if (p.x_slot[t] >= 0) tv += scale[c] * static_cast<A>(load(xt + p.x_slot[t] * n + idx));
+      yt[t * n + idx] = store_as<TT>(keep ? tv : A(0));
     }
   }
 }
 
-template <typename T>
+template <typename T, typename TT>
 int stats(const BNStatsParams& p, cudaStream_t stream) {
   dim3 grid(p.layout.channels, p.splits, 1 + p.slots);
-  bn_stats_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  bn_stats_kernel<T, TT><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename TT>
 int apply(const BNApplyParams& p, cudaStream_t stream) {
   const int64_t n = p.layout.outer * p.layout.channels * p.layout.inner;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
-  bn_apply_kernel<T><<<(unsigned)(blocks < 65535 * 8 ? blocks : 65535 * 8), kThreads, 0,
+  bn_apply_kernel<T, TT><<<(unsigned)(blocks < 65535 * 8 ? blocks : 65535 * 8), kThreads, 0,
                        stream>>>(p);
   return cudaGetLastError();
 }
@@ -132,14 +138,14 @@ int apply(const BNApplyParams& p, cudaStream_t stream) {
 }  // namespace
 
 int launch_bn_stats(const BNStatsParams& p, void* stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    return stats<decltype(tag)>(p, static_cast<cudaStream_t>(stream));
+  return dispatch_dual(p.dtype, p.tangent_dtype, [&](auto primal, auto tangent) {
+    return stats<decltype(primal), decltype(tangent)>(p, static_cast<cudaStream_t>(stream));
   });
 }
 
 int launch_bn_apply(const BNApplyParams& p, void* stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    return apply<decltype(tag)>(p, static_cast<cudaStream_t>(stream));
+  return dispatch_dual(p.dtype, p.tangent_dtype, [&](auto primal, auto tangent) {
+    return apply<decltype(primal), decltype(tangent)>(p, static_cast<cudaStream_t>(stream));
   });
 }
 

@@ -8,6 +8,8 @@ namespace fgkernels {
 namespace cuda {
 
 enum class DType : int { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 };
+// Every params struct names the primal's dtype and the tangent slots' (the primal's own, or a
+// floating dtype of fewer bits: bfloat16/float16 slots of float32 primals, float32 of float64).
 
 constexpr int kMaxSlots = 64;
 
@@ -27,7 +29,7 @@ struct BNStatsParams {
   void* partial;   // [splits, 2 + 2 * slots, C]
   Layout layout;
   int64_t slots, splits;
-  DType dtype;
+  DType dtype, tangent_dtype;
 };
 
 // With u = x - center[c]: y = scale[c] u + shift[c] (ReLU optional); for output slot t:
@@ -47,7 +49,7 @@ struct BNApplyParams {
   Layout layout;
   int64_t out_slots;
   bool relu;
-  DType dtype;
+  DType dtype, tangent_dtype;
 };
 
 // y = max(x, 0); yt[t] = xt[t] where x > 0 or x is NaN, else 0.
@@ -57,7 +59,7 @@ struct ReluParams {
   void* y;
   void* yt;
   int64_t numel, slots;
-  DType dtype;
+  DType dtype, tangent_dtype;
 };
 
 int launch_bn_stats(const BNStatsParams& p, void* stream);

@@ -12,14 +12,14 @@
 namespace fgkernels {
 namespace {
 
-cuda::DType dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
+cuda::DType dtype_of(at::ScalarType type) {
+  switch (type) {
     case at::kFloat: return cuda::DType::kFloat;
     case at::kDouble: return cuda::DType::kDouble;
     case at::kBFloat16: return cuda::DType::kBFloat16;
     case at::kHalf: return cuda::DType::kHalf;
-    default: TORCH_CHECK(false, "x must be float32, float64, bfloat16 or float16, got ",
-                         x.scalar_type());
+    default: TORCH_CHECK(false, "x and xt must be float32, float64, bfloat16 or float16, got ",
+                         type);
   }
 }
 
@@ -43,10 +43,11 @@ std::tuple<at::Tensor, at::Tensor> dual_relu_cuda(const at::Tensor& x_in, const 
   const auto x = in_format(x_in, fmt);
   const auto xt = slots_in_format(xt_in, fmt);
   auto y = at::empty_like(x);
-  auto yt = empty_slots(T, x, fmt);
+  auto yt = empty_slots(T, x, fmt, xt.scalar_type());
   if (x.numel() == 0) return {y, yt};
   cuda::ReluParams p{x.const_data_ptr(), xt.const_data_ptr(), y.mutable_data_ptr(),
-                     yt.mutable_data_ptr(), x.numel(), T, dtype_of(x)};
+                     yt.mutable_data_ptr(), x.numel(), T, dtype_of(x.scalar_type()),
+                     dtype_of(xt.scalar_type())};
   FGK_CHECK_LAUNCH(cuda::launch_relu(p, current_stream(x)), "dual_relu");
   return {y, yt};
 }
@@ -62,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
                            in.x.options().dtype(acc_type(in.x)));
   cuda::BNStatsParams p{in.x.const_data_ptr(), in.T ? in.xt.const_data_ptr() : nullptr,
                         partial.mutable_data_ptr(), layout_of(in), in.T, splits,
-                        dtype_of(in.x)};
+                        dtype_of(in.x.scalar_type()), dtype_of(in.tangent_type)};
   FGK_CHECK_LAUNCH(cuda::launch_bn_stats(p, current_stream(in.x)), "dual_bn_stats");
   return stats_from_sums(in, partial.sum(0, /*keepdim=*/false, at::kDouble));
 }
@@ -90,7 +91,8 @@ void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor&
   p.layout = layout_of(in);
   p.out_slots = T;
   p.relu = relu;
-  p.dtype = dtype_of(in.x);
+  p.dtype = dtype_of(in.x.scalar_type());
+  p.tangent_dtype = dtype_of(T ? yt.scalar_type() : in.tangent_type);
   if (in.x.numel() == 0) return;
   FGK_CHECK_LAUNCH(cuda::launch_bn_apply(p, current_stream(in.x)), "dual_bn_apply");
 }
@@ -98,11 +100,13 @@ void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> dual_bn_apply_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in, at::IntArrayRef x_slot,
     const at::Tensor& center, const at::Tensor& scale, const at::Tensor& shift,
-    const at::Tensor& t_xscale, const at::Tensor& t_shift, bool relu) {
+    const at::Tensor& t_xscale, const at::Tensor& t_shift, bool relu,
+    std::optional<at::ScalarType> tangent_dtype) {
   c10::DeviceGuard guard(x_in.device());
   const DualInput in = prepare_input(x_in, xt_in);
   check_apply_args(in, x_slot, center, scale, shift, t_xscale, t_shift);
-  auto [y, yt] = apply_outputs(in, static_cast<int64_t>(x_slot.size()));
+  auto [y, yt] = apply_outputs(in, static_cast<int64_t>(x_slot.size()),
+                               output_tangent_type(in, tangent_dtype));
   launch_apply(in, x_slot, center, scale, shift, t_xscale, t_shift, relu, y, yt);
   return {y, yt};
 }

@@ -18,35 +18,37 @@ template <> __device__ __forceinline__ bool not_le_zero(__half v) {
   return !(__half2float(v) <= 0.f);
 }
 
-template <typename T>
+// T: the primal's element type, TT: the slots'.
+template <typename T, typename TT>
 __global__ void relu_kernel(ReluParams p) {
   const T* x = static_cast<const T*>(p.x);
-  const T* xt = static_cast<const T*>(p.xt);
+  const TT* xt = static_cast<const TT*>(p.xt);
   T* y = static_cast<T*>(p.y);
-  T* yt = static_cast<T*>(p.yt);
+  TT* yt = static_cast<TT*>(p.yt);
   const T zero = T(0);
+  const TT tzero = TT(0);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < p.numel;
        i += (int64_t)gridDim.x * blockDim.x) {
     // A NaN stays in the primal and keeps its tangent, as in torch.relu and its derivative.
     const bool keep = not_le_zero(x[i]);
     y[i] = keep ? x[i] : zero;
-    for (int64_t t = 0; t < p.slots; ++t) yt[t * p.numel + i] = keep ? xt[t * p.numel + i] : zero;
+    for (int64_t t = 0; t < p.slots; ++t) yt[t * p.numel + i] = keep ? xt[t * p.numel + i] : tzero;
   }
 }
 
-template <typename T>
+template <typename T, typename TT>
 int relu(const ReluParams& p, cudaStream_t stream) {
   constexpr int threads = 256;
   const int64_t blocks = (p.numel + threads - 1) / threads;
-  relu_kernel<T><<<(unsigned)(blocks < 65535 * 8 ? blocks : 65535 * 8), threads, 0, stream>>>(p);
+  relu_kernel<T, TT><<<(unsigned)(blocks < 65535 * 8 ? blocks : 65535 * 8), threads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 int launch_relu(const ReluParams& p, void* stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    return relu<decltype(tag)>(p, static_cast<cudaStream_t>(stream));
+  return dispatch_dual(p.dtype, p.tangent_dtype, [&](auto primal, auto tangent) {
+    return relu<decltype(primal), decltype(tangent)>(p, static_cast<cudaStream_t>(stream));
   });
 }
 

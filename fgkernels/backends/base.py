@@ -25,7 +25,15 @@ Opt = Optional[Tensor]
 Result = tuple[Tensor, Opt]
 
 __all__ = ["Backend", "LayerParams", "ConvArgs", "BatchNormArgs", "PoolArgs", "SlotPlan",
-           "Result", "acc_dtype"]
+           "Result", "acc_dtype", "tangent_dtype_fits"]
+
+
+def tangent_dtype_fits(primal: torch.dtype, tangent: torch.dtype) -> bool:
+    """A tangent's dtype is its primal's, or a floating dtype of fewer bits (bfloat16 or float16
+    tangents of a float32 primal): the ops compute tangent terms in it and accumulate sums and
+    statistics in the primal's ``acc_dtype``."""
+    return tangent == primal or (tangent.is_floating_point
+                                 and tangent.itemsize < primal.itemsize)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -6,6 +6,8 @@ slot.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 Tensor = torch.Tensor
@@ -25,12 +27,13 @@ def slots_in_format(xt: Tensor, fmt: torch.memory_format) -> Tensor:
     return xt.contiguous()
 
 
-def empty_slots(T: int, x: Tensor) -> Tensor:
-    """An uninitialised stack of T slots shaped and laid out like ``x``."""
+def empty_slots(T: int, x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialised stack of T slots shaped and laid out like ``x``, of ``dtype`` (x's by
+    default)."""
     if kernel_format(x) == torch.channels_last:
         n, c, h, w = x.shape
-        return x.new_empty((T, n, h, w, c)).permute(0, 1, 4, 2, 3)
-    return x.new_empty((T, *x.shape))
+        return x.new_empty((T, n, h, w, c), dtype=dtype).permute(0, 1, 4, 2, 3)
+    return x.new_empty((T, *x.shape), dtype=dtype)
 
 
 def empty_like_format(shape, like: Tensor) -> Tensor:

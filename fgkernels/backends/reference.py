@@ -1,5 +1,8 @@
 """The reference backend: the JVP formulas of docs/design.md in plain PyTorch.
 
+Tangent terms are computed in the tangents' dtype (``plan.dtype``; a float32 weight meets a
+bfloat16 tangent cast to bfloat16), batch-norm statistics in the accumulation dtype.
+
 The oracle of the tests, the backend when the extension is not built, and the one the others
 delegate to for what they do not cover (``base.Backend`` states the contract).
 """
@@ -9,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .._slots import SlotPlan, place
-from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
+from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor, acc_dtype
 
 
 def _bias_slots(bt: Tensor, y: Tensor) -> Tensor:
@@ -33,10 +36,12 @@ class ReferenceBackend:
         x_pos, p_pos = plan.positions
         parts = []
         if xt is not None:
-            parts.append((run(xt.flatten(0, 1), w).unflatten(0, xt.shape[:2]), x_pos))
+            parts.append((run(xt.flatten(0, 1), w.to(plan.dtype)).unflatten(0, xt.shape[:2]),
+                          x_pos))
         if p_pos:
             if wt is not None:
-                pt = torch.stack([run(x, wt[t]) for t in range(wt.shape[0])])
+                x_in = x.to(plan.dtype)
+                pt = torch.stack([run(x_in, wt[t]) for t in range(wt.shape[0])])
                 if bt is not None:
                     pt = pt + _bias_slots(bt, y)
             else:
@@ -51,11 +56,12 @@ class ReferenceBackend:
         x_pos, p_pos = plan.positions
         parts = []
         if xt is not None:
-            parts.append((F.linear(xt, w), x_pos))
+            parts.append((F.linear(xt, w.to(plan.dtype)), x_pos))
         if p_pos:
             bias = None if bt is None else bt.reshape(bt.shape[0], *([1] * (y.dim() - 1)), -1)
             if wt is not None:
-                pt = torch.stack([F.linear(x, wt[t]) for t in range(wt.shape[0])])
+                x_in = x.to(plan.dtype)
+                pt = torch.stack([F.linear(x_in, wt[t]) for t in range(wt.shape[0])])
                 pt = pt if bias is None else pt + bias
             else:
                 pt = bias.expand(bt.shape[0], *y.shape)
@@ -67,18 +73,21 @@ class ReferenceBackend:
                    bn: BatchNormArgs) -> Result:
         """Training: ``x̂ = (x-μ)/σ``, ``ẋ̂ = (ẋ - mean ẋ - x̂·mean(x̂ẋ))/σ``; eval: the affine map of
         the running stats. ``y = γx̂ + β``, ``ẏ = γ̇x̂ + γẋ̂ + β̇``; the running stats are updated
-        by ``F.batch_norm`` itself, so they match ``nn.BatchNorm2d`` exactly."""
-        w, wt, b, bt = p
-        y = F.batch_norm(x, bn.running_mean, bn.running_var, w, b, bn.training, bn.momentum,
-                         bn.eps)
+        by ``F.batch_norm`` itself, so they match ``nn.BatchNorm2d`` exactly. The tangent is
+        computed in the accumulation dtype and rounded once to ``plan.dtype``."""
+        y = F.batch_norm(x, bn.running_mean, bn.running_var, p.weight, p.bias, bn.training,
+                         bn.momentum, bn.eps)
+        acc = acc_dtype(x.dtype)
+        x, xt = x.to(acc), None if xt is None else xt.to(acc)
+        w, wt, b, bt = (None if v is None else v.to(acc) for v in p)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         if bn.training:
             mean = x.mean(dims, keepdim=True)
             rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + bn.eps)
         else:
-            mean = bn.running_mean.view(shape)
-            rstd = torch.rsqrt(bn.running_var.view(shape) + bn.eps)
+            mean = bn.running_mean.view(shape).to(acc)
+            rstd = torch.rsqrt(bn.running_var.view(shape).to(acc) + bn.eps)
         xhat = (x - mean) * rstd
         x_pos, p_pos = plan.positions
         parts = []
@@ -99,7 +108,7 @@ class ReferenceBackend:
             else:
                 pt = bias.expand(slots, *x.shape)
             parts.append((pt, p_pos))
-        yt = place(plan.count, parts) if parts else None
+        yt = place(plan.count, parts).to(plan.dtype) if parts else None
         return self.relu(y, yt) if bn.relu else (y, yt)
 
     # --- conv2d → batch norm (+ ReLU) -------------------------------------------------------

@@ -57,7 +57,8 @@ class NativeBackend(InPlaceConvBatchNorm):
                              bn.momentum, bn.eps)
             return (torch.relu(y) if bn.relu else y), None
         c = bn_math.coefficients(x, xt, p, plan, bn)
-        return torch.ops.fgkernels.dual_bn_apply(x, xt, c.x_slot, *c.apply_args(), bn.relu)
+        return torch.ops.fgkernels.dual_bn_apply(x, xt, c.x_slot, *c.apply_args(), bn.relu,
+                                                 tangent_dtype=plan.dtype)
 
     # --- the two hooks of InPlaceConvBatchNorm ------------------------------------------------
     def conv_for_batch_norm(self, x, xt, conv_p, conv_plan, conv, training, conv_y):

@@ -7,31 +7,43 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import acc_dtype
+from ..base import acc_dtype, tangent_dtype_fits
 from ..layout import empty_slots, kernel_format, slots_in_format
 
 lib = torch.library
 
 
 def check_tangent(x, xt, name="xt"):
-    """xt must stack tangents of x: (T, *x.shape)."""
+    """xt must stack tangents of x: (T, *x.shape), of a dtype that fits x's."""
     torch._check(xt.dim() == x.dim() + 1 and xt.shape[1:] == x.shape,
                  lambda: f"{name} must have shape (T, *{tuple(x.shape)}), "
                          f"got {tuple(xt.shape)}")
+    torch._check(tangent_dtype_fits(x.dtype, xt.dtype),
+                 lambda: f"{name} must have dtype {x.dtype} or a floating dtype of fewer bits, "
+                         f"got {xt.dtype}")
+
+
+def tangent_type(x, *tangents):
+    """The dtype that the tangents of one call (any of them None) share; x's without any."""
+    dtypes = {t.dtype for t in tangents if t is not None}
+    torch._check(len(dtypes) <= 1,
+                 lambda: f"the tangents of one call must share one dtype, got "
+                         f"{sorted(map(str, dtypes))}")
+    return dtypes.pop() if dtypes else x.dtype
 
 
 @lib.register_fake("fgkernels::dual_relu")
 def _(x, xt):
     check_tangent(x, xt)
     x = x.contiguous(memory_format=kernel_format(x))
-    return torch.empty_like(x), empty_slots(xt.shape[0], x)
+    return torch.empty_like(x), empty_slots(xt.shape[0], x, xt.dtype)
 
 
 @lib.register_fake("fgkernels::dual_max_pool2d")
 def _(x, xt, kernel_size, stride, padding, dilation, ceil_mode):
     check_tangent(x, xt)
     y = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return y, y.new_empty((xt.shape[0], *y.shape))
+    return y, xt.new_empty((xt.shape[0], *y.shape))
 
 
 @lib.register_fake("fgkernels::dual_bn_stats")
@@ -46,13 +58,16 @@ def _(x, xt):
 
 
 @lib.register_fake("fgkernels::dual_bn_apply")
-def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu):
+def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu, tangent_dtype=None):
     C, T = x.shape[1], len(x_slot)
     torch._check(center.shape == (C,), lambda: f"center must have shape ({C},)")
     torch._check(scale.shape == (C,), lambda: f"scale must have shape ({C},)")
     torch._check(t_xscale.shape == (T, C), lambda: f"t_xscale must have shape ({T}, {C})")
+    if xt is not None:
+        check_tangent(x, xt)
+    dtype = tangent_dtype or (xt.dtype if xt is not None else x.dtype)
     x = x.contiguous(memory_format=kernel_format(x))
-    return torch.empty_like(x), empty_slots(T, x)
+    return torch.empty_like(x), empty_slots(T, x, dtype)
 
 
 def param_slots(wt, bt):
@@ -68,13 +83,19 @@ def _(x, xt, center, scale, shift, t_xscale, t_shift, relu):
 @lib.register_fake("fgkernels::dual_conv2d")
 def _(x, xt, w, wt, b, bt, stride, padding, dilation, groups):
     y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return (y, *_conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups))
+
+
+def _conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
+    dtype = tangent_type(x, xt, wt, bt)
     P = param_slots(wt, bt)
-    p_part = empty_slots(P, y) if P else y.new_empty(0)
+    p_part = empty_slots(P, y, dtype) if P else y.new_empty(0)
     if xt is None:
-        return y, y.new_empty(0), p_part
-    x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w, None, stride,
-                      padding, dilation, groups).unflatten(0, xt.shape[:2])
-    return y, x_part, p_part
+        return y.new_empty(0), p_part
+    check_tangent(x, xt)
+    x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w.to(dtype), None,
+                      stride, padding, dilation, groups).unflatten(0, xt.shape[:2])
+    return x_part, p_part
 
 
 @lib.register_fake("fgkernels::dual_conv2d_tangents")
@@ -82,20 +103,15 @@ def _(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
     torch._check(y.dim() == 4 and y.shape[:2] == (x.shape[0], w.shape[0]),
                  lambda: f"y must have shape ({x.shape[0]}, {w.shape[0]}, H_out, W_out), "
                          f"got {tuple(y.shape)}")
-    P = param_slots(wt, bt)
-    p_part = empty_slots(P, y) if P else y.new_empty(0)
-    if xt is None:
-        return y.new_empty(0), p_part
-    check_tangent(x, xt)
-    x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w, None, stride,
-                      padding, dilation, groups).unflatten(0, xt.shape[:2])
-    return x_part, p_part
+    return _conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups)
 
 
 @lib.register_fake("fgkernels::dual_linear")
 def _(x, xt, w, wt, b, bt):
     y = F.linear(x, w)
+    dtype = tangent_type(x, xt, wt, bt)
     P = param_slots(wt, bt)
-    p_part = y.new_empty((P, *y.shape)) if P else y.new_empty(0)
-    x_part = y.new_empty((xt.shape[0], *y.shape)) if xt is not None else y.new_empty(0)
+    p_part = y.new_empty((P, *y.shape), dtype=dtype) if P else y.new_empty(0)
+    x_part = y.new_empty((xt.shape[0], *y.shape), dtype=dtype) if xt is not None \
+        else y.new_empty(0)
     return y, x_part, p_part

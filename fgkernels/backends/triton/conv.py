@@ -117,7 +117,7 @@ def _dual_conv2d_forward_kernel(
         syt_t, syt_n, syt_c, syt_h, syt_w,
         HAS_XT: tl.constexpr, HAS_WT: tl.constexpr, HAS_B: tl.constexpr, HAS_BT: tl.constexpr,
         P_ADD: tl.constexpr, BN_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr, MIXED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
     # Offsets inside a tensor are int32 (the launcher keeps every tensor under 2³¹ elements);
     # a slot's base offset is int64.
@@ -158,6 +158,9 @@ def _dual_conv2d_forward_kernel(
         else:
             if BN_STATS:
                 acc_y = tl.dot(x_tile, w_tile, acc_y, input_precision=INPUT_PRECISION)
+            if MIXED:  # tangents of a lower precision: their products in it, float32 sums
+                x_tile = x_tile.to(yt_ptr.dtype.element_ty)
+                w_tile = w_tile.to(yt_ptr.dtype.element_ty)
             if has_x:
                 t_tile = tl.load(xt_base + n_img[:, None] * st_n + c[None, :] * st_c
                                  + ih * st_h + iw * st_w, mask=x_ok, other=0.0)
@@ -263,11 +266,13 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     p_add, p_offset = layout
     TX = 0 if xt is None else xt.shape[0]
     TP = 0 if not p_pos else (wt if wt is not None else bt).shape[0]
+    tangent_dtype = next((t.dtype for t in (xt, wt, bt) if t is not None), x.dtype)
     y = empty_like_format((N, CO, HO, WO), x)
-    yt = empty_slots(count, y) if count else y
+    yt = empty_slots(count, y, tangent_dtype) if count else y
     if input_precision is None:
         input_precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     M = N * HO * WO
+    upcast = INTERPRETED and {x.dtype, tangent_dtype} != {torch.float32}
     max_tiles = triton.cdiv(M, 16)  # the smallest BLOCK_M of any config
     stats = torch.empty((max_tiles, 2, CO) if bn_stats else (1,), device=x.device,
                         dtype=torch.float32)
@@ -288,7 +293,8 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
         *y.stride(), *(yt.stride() if count else (0,) * 5),
         HAS_XT=xt is not None, HAS_WT=wt is not None and TP > 0, HAS_B=b is not None,
         HAS_BT=bt is not None and TP > 0, P_ADD=p_add, BN_STATS=bn_stats,
-        INPUT_PRECISION=input_precision, UPCAST=INTERPRETED and x.dtype != torch.float32)
+        INPUT_PRECISION=input_precision, UPCAST=upcast,
+        MIXED=tangent_dtype != x.dtype and not upcast)
     tile_stats = None
     if bn_stats:
         block_m = _dual_conv2d_forward_kernel.best_config.kwargs["BLOCK_M"]

@@ -165,12 +165,38 @@ def cuda_rows(archs) -> list[Row]:
 
 
 def _demangled(name: str) -> str:
-    """The kernel and its element type from a mangled name (``bn_apply_kernel<float>``)."""
+    """The kernel and its element types from a mangled name: ``bn_apply_kernel<float>`` (primal
+    and tangents of one type) or ``bn_apply_kernel<float,bf16>``."""
     kernel = re.search(r"\d+([a-z][a-z_]*_kernel)", name)
-    types = {"f": "float", "d": "double", "13__nv_bfloat16": "bf16", "6__half": "half"}
     arg = re.search(r"IL?(\w+?)EEv", name)
-    t = types.get(arg.group(1), arg.group(1)) if arg else "?"
-    return f"{kernel.group(1) if kernel else name}<{t}>"
+    types = _template_types(arg.group(1)) if arg else ["?"]
+    label = types[0] if len(set(types)) == 1 else ",".join(types)
+    return f"{kernel.group(1) if kernel else name}<{label}>"
+
+
+_TYPES = {"f": "float", "d": "double", "__nv_bfloat16": "bf16", "__half": "half"}
+
+
+def _template_types(args: str) -> list[str]:
+    """The types of a mangled template argument list (``f``, ``13__nv_bfloat16S3_``, ...). A
+    substitution (``S3_``) repeats a class type named before: here always the last one."""
+    out, named, i = [], [], 0
+    while i < len(args):
+        if args[i].isdigit():
+            j = i
+            while args[j].isdigit():
+                j += 1
+            end = j + int(args[i:j])
+            named.append(_TYPES.get(args[j:end], args[j:end]))
+            out.append(named[-1])
+            i = end
+        elif args[i] == "S":
+            out.append(named[-1] if named else "?")
+            i = args.index("_", i) + 1
+        else:
+            out.append(_TYPES.get(args[i], args[i]))
+            i += 1
+    return out
 
 
 def report(archs, slot_counts, dtypes=("fp32", "bf16"), bn=(False, True)) -> list[Row]:

@@ -1,0 +1,32 @@
+// The element types of a dual op on the CPU: the primal's, and the tangents' (the primal's own
+// or a floating type of fewer bits, see tangent_dtype_fits).
+#pragma once
+
+#include <ATen/Dispatch.h>
+
+namespace fgkernels {
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<primal_t>{}, TypeTag<tangent_t>{}) with the C++ types of the two dtypes.
+template <typename F>
+void dispatch_dual_types(at::ScalarType primal, at::ScalarType tangent, const char* name, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, primal, "fgkernels dual op", [&] {
+    using primal_t = scalar_t;
+    if (tangent == primal) return f(TypeTag<primal_t>{}, TypeTag<primal_t>{});
+    if constexpr (sizeof(primal_t) > 2) {
+      if (tangent == at::kBFloat16) return f(TypeTag<primal_t>{}, TypeTag<at::BFloat16>{});
+      if (tangent == at::kHalf) return f(TypeTag<primal_t>{}, TypeTag<at::Half>{});
+    }
+    if constexpr (sizeof(primal_t) > 4) {
+      if (tangent == at::kFloat) return f(TypeTag<primal_t>{}, TypeTag<float>{});
+    }
+    TORCH_CHECK(false, name, ": tangents of dtype ", tangent, " cannot go with a ", primal,
+                " primal");
+  });
+}
+
+}  // namespace fgkernels

@@ -1,0 +1,48 @@
+"""The precision of tangents: the dtype in which fgkernels draws them.
+
+A tangent may have a lower precision than its primal (``Dual(x_float32, t_bfloat16)``); every
+op then computes its tangent terms in that dtype with float32 accumulation, and the primal as
+before. Tangents are directional derivatives feeding a noisy gradient estimate, so bfloat16
+costs the estimate little and halves the memory traffic of every tangent slot.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+
+from .backends.base import tangent_dtype_fits
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def tangent_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """Inside the block, the tangents that fgkernels draws (``random_tangents``, the trainer's
+    directions) have ``dtype`` instead of their primal's (None: their primal's)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"tangent_dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    previous = getattr(_local, "dtype", None)
+    _local.dtype = dtype
+    try:
+        yield
+    finally:
+        _local.dtype = previous
+
+
+def default_tangent_dtype() -> Optional[torch.dtype]:
+    """The dtype of the innermost ``tangent_dtype`` block; None outside any."""
+    return getattr(_local, "dtype", None)
+
+
+def resolve_tangent_dtype(primal: torch.dtype, dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype of a tangent drawn for a ``primal`` tensor: ``dtype`` if given, else the
+    block's, else the primal's. It must be the primal's or a floating dtype of fewer bits."""
+    chosen = dtype or default_tangent_dtype() or primal
+    if not tangent_dtype_fits(primal, chosen):
+        raise TypeError(f"a tangent of a {primal} tensor must be {primal} or a floating dtype "
+                        f"of fewer bits, got {chosen}")
+    return chosen
