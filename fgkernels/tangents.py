@@ -7,8 +7,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .dual import _check_tangent
 from .backends.base import acc_dtype
+from .dual import _check_tangent
 from .nn import DualModule
 from .precision import resolve_tangent_dtype
 
