@@ -1,7 +1,7 @@
 """The fused Triton convolution compiled for real GPUs (Triton's own compiler and ptxas, no GPU
 needed): every config the autotuner keeps fits the target's shared memory and spills nothing,
-whatever the slot count, and on sm_90 its dots use wgmma. Skipped where Triton's compiler cannot
-run."""
+whatever the slot count and for bfloat16 slots of a float32 primal too, and on sm_90 its dots
+use wgmma. Skipped where Triton's compiler cannot run."""
 import json
 import os
 import subprocess
@@ -13,13 +13,14 @@ pytest.importorskip("triton")
 
 ARCHS = ("80", "90")
 SLOTS = ("1,1", "16,16", "0,1")
+DTYPES = ("fp32", "bf16", "fp32+bf16")
 
 
 @pytest.fixture(scope="module")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-m", "fgkernels.backends.triton.report", "--json",
-                          "--arch", *ARCHS, "--slots", *SLOTS, "--dtype", "fp32", "bf16",
+                          "--arch", *ARCHS, "--slots", *SLOTS, "--dtype", *DTYPES,
                           "--bn", "on"], capture_output=True, text=True, env=env, timeout=1500)
     if run.returncode != 0 and "ptxas" in run.stderr:
         pytest.skip(f"Triton's compiler cannot run here: {run.stderr.splitlines()[-1]}")
@@ -30,7 +31,7 @@ def rows():
 def test_every_kept_config_compiles_for_every_arch_and_slot_count(rows):
     seen = {(r["arch"], r["slots"], r["dtype"]) for r in rows}
     assert seen == {(int(a), s.replace(",", "+"), d) for a in ARCHS for s in SLOTS
-                    for d in ("fp32", "bf16")}
+                    for d in DTYPES}
     assert [r for r in rows if r["error"]] == []
 
 

@@ -166,6 +166,23 @@ def test_low_precision_error_within_torch_error(dtype):
         assert err <= 2 * err_torch + 1e-3, (part, err, err_torch)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bfloat16_tangents_of_a_float32_conv_bn_relu(channels_last):
+    """The fused convolution (and its batch-norm epilogue) with bfloat16 slots of a float32
+    primal: the primal as in float32, the slots bfloat16, within twice the reference's error."""
+    x, w = rand(2, 4, 6, 6, channels_last=channels_last), rand(5, 4, 3, 3)
+    xt, wt = rand(2, *x.shape), rand(2, *w.shape)
+    bn = lambda d, e: DF.conv2d_batch_norm(d, e, None, 1, 1, 1, 1, None, None, None, None, True,
+                                           0.1, 1e-5, True)
+    with fgkernels.use_backend("reference"):
+        exact = bn(Dual(x.double(), xt.double()), Dual(w.double(), wt.double()))
+    ref, out = both(bn, Dual(x, xt.bfloat16()), Dual(w, wt.bfloat16()))
+    assert out.tangents.dtype == torch.bfloat16 and out.primal.dtype == torch.float32
+    torch.testing.assert_close(out.primal, ref.primal, **TOL)
+    err, err_ref = rel_err(out.tangents, exact.tangents), rel_err(ref.tangents, exact.tangents)
+    assert err <= 2 * err_ref + 1e-3, (err, err_ref)
+
+
 def test_bn_relu_apply_keeps_nan_and_its_tangent():
     """As torch.relu, its derivative and the native kernels: a NaN stays in the primal and its
     tangent is not zeroed (it is NaN too, through the NaN in the x-term); a NaN tangent where

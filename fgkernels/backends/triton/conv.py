@@ -36,7 +36,8 @@ def _configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
                           num_stages=s)
             # Each compiles spill-free, with wgmma on sm_90, for sm_80/89/90, float32 and
-            # bfloat16, batch-norm sums on and off (python -m fgkernels.backends.triton.report).
+            # bfloat16, batch-norm sums on and off, and those that kept_configs keeps for
+            # bfloat16 slots of float32 (python -m fgkernels.backends.triton.report).
             for bm, bn, bk, w, s in [(64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 32, 32, 4, 4)]]
 
 
@@ -54,11 +55,24 @@ def _device_shared_limit() -> Optional[int]:
     return getattr(props, "shared_memory_per_block_optin", None)
 
 
-def kept_configs(configs, elem_bytes: int, shared_limit: Optional[int]):
-    """The configs whose pipeline fits ``shared_limit`` bytes (all of them without a limit)."""
-    if shared_limit is None:
-        return list(configs)
-    return [c for c in configs if shared_bytes(c, elem_bytes) <= shared_limit]
+# A program whose tangents have a lower precision than the primal holds each operand tile twice
+# (as loaded, and in the tangents' dtype): configs with more operand elements per thread than
+# this spill registers there.
+MIXED_OPERAND_ELEMENTS_PER_THREAD = 24
+
+
+def operand_elements_per_thread(config) -> int:
+    """Elements of the x and W tiles of one reduction step per thread."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return (bm * bk + bk * bn) // (32 * config.num_warps)
+
+
+def kept_configs(configs, elem_bytes: int, shared_limit: Optional[int], mixed: bool = False):
+    """The configs whose pipeline fits ``shared_limit`` bytes (any without a limit) and, for
+    a ``mixed``-precision launch, whose operand tiles fit its register budget."""
+    return [c for c in configs
+            if (shared_limit is None or shared_bytes(c, elem_bytes) <= shared_limit)
+            and (not mixed or operand_elements_per_thread(c) <= MIXED_OPERAND_ELEMENTS_PER_THREAD)]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -66,7 +80,7 @@ def _prune(configs, named_args, **kwargs):
     does not launch where none fits; the autotuner needs one config all the same)."""
     x = named_args.get("x_ptr")
     elem = x.element_size() if isinstance(x, torch.Tensor) else 4
-    return kept_configs(configs, elem, _device_shared_limit()) or \
+    return kept_configs(configs, elem, _device_shared_limit(), kwargs.get("MIXED", False)) or \
         [min(configs, key=lambda c: shared_bytes(c, elem))]
 
 
@@ -159,14 +173,17 @@ def _dual_conv2d_forward_kernel(
             if BN_STATS:
                 acc_y = tl.dot(x_tile, w_tile, acc_y, input_precision=INPUT_PRECISION)
             if MIXED:  # tangents of a lower precision: their products in it, float32 sums
-                x_tile = x_tile.to(yt_ptr.dtype.element_ty)
-                w_tile = w_tile.to(yt_ptr.dtype.element_ty)
+                x_dot = x_tile.to(yt_ptr.dtype.element_ty)
+                w_dot = w_tile.to(yt_ptr.dtype.element_ty)
+            else:
+                x_dot = x_tile
+                w_dot = w_tile
             if has_x:
                 t_tile = tl.load(xt_base + n_img[:, None] * st_n + c[None, :] * st_c
                                  + ih * st_h + iw * st_w, mask=x_ok, other=0.0)
                 if UPCAST:
                     t_tile = t_tile.to(tl.float32)
-                acc = tl.dot(t_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(t_tile, w_dot, acc, input_precision=INPUT_PRECISION)
             if HAS_WT:
                 if has_p:
                     wt_tile = tl.load(wt_base + co[None, :] * swt_o + c[:, None] * swt_c
@@ -174,7 +191,7 @@ def _dual_conv2d_forward_kernel(
                                       other=0.0)
                     if UPCAST:
                         wt_tile = wt_tile.to(tl.float32)
-                    acc = tl.dot(x_tile, wt_tile, acc, input_precision=INPUT_PRECISION)
+                    acc = tl.dot(x_dot, wt_tile, acc, input_precision=INPUT_PRECISION)
 
     # --- epilogue ---------------------------------------------------------------------------------
     out_ok = row_ok[:, None] & col_ok[None, :]
@@ -256,7 +273,11 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     config fitting the device's shared memory, a tensor of 2³¹ elements or more): the caller
     falls back."""
     layout = slot_layout(x_pos, p_pos, count)
-    if layout is None or not kept_configs(_configs(), x.element_size(), _device_shared_limit()):
+    tangent_dtype = next((t.dtype for t in (xt, wt, bt) if t is not None), x.dtype)
+    upcast = INTERPRETED and {x.dtype, tangent_dtype} != {torch.float32}
+    mixed = tangent_dtype != x.dtype and not upcast
+    if layout is None or not kept_configs(_configs(), x.element_size(), _device_shared_limit(),
+                                          mixed):
         return None
     N, C, H, W = x.shape
     CO, _, KH, KW = w.shape
@@ -266,13 +287,11 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     p_add, p_offset = layout
     TX = 0 if xt is None else xt.shape[0]
     TP = 0 if not p_pos else (wt if wt is not None else bt).shape[0]
-    tangent_dtype = next((t.dtype for t in (xt, wt, bt) if t is not None), x.dtype)
     y = empty_like_format((N, CO, HO, WO), x)
     yt = empty_slots(count, y, tangent_dtype) if count else y
     if input_precision is None:
         input_precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     M = N * HO * WO
-    upcast = INTERPRETED and {x.dtype, tangent_dtype} != {torch.float32}
     max_tiles = triton.cdiv(M, 16)  # the smallest BLOCK_M of any config
     stats = torch.empty((max_tiles, 2, CO) if bn_stats else (1,), device=x.device,
                         dtype=torch.float32)
@@ -293,8 +312,7 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
         *y.stride(), *(yt.stride() if count else (0,) * 5),
         HAS_XT=xt is not None, HAS_WT=wt is not None and TP > 0, HAS_B=b is not None,
         HAS_BT=bt is not None and TP > 0, P_ADD=p_add, BN_STATS=bn_stats,
-        INPUT_PRECISION=input_precision, UPCAST=upcast,
-        MIXED=tangent_dtype != x.dtype and not upcast)
+        INPUT_PRECISION=input_precision, UPCAST=upcast, MIXED=mixed)
     tile_stats = None
     if bn_stats:
         block_m = _dual_conv2d_forward_kernel.best_config.kwargs["BLOCK_M"]

@@ -4,7 +4,8 @@
 
 Triton's own compiler builds each kernel for each target (``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))``), for every tile config the convolution's autotuner may
-keep for that slot count, float32 (tf32) and bfloat16, batch-norm sums on and off; ``ptxas``'s
+keep for that slot count, float32 (tf32), bfloat16, and bfloat16 slots of a float32 primal
+(``fp32+bf16``), batch-norm sums on and off; ``ptxas``'s
 statistics give registers, spill (stack) bytes and shared memory, and the PTX shows which
 tensor-core instruction the dots use (wgmma, mma, or none). The CUDA kernels of ``csrc/cuda``
 are compiled with ``nvcc -Xptxas -v`` for the same targets (``--cuda``; needs nvcc). One row per
@@ -24,7 +25,7 @@ SLOT_COUNTS = [(0, 1), (1, 0), (1, 1), (2, 2), (4, 4), (8, 8), (16, 16)]
 ARCHS = (80, 89, 90)
 # The shared memory a block may use, per architecture (KiB): A100 163, Ada 99, H100 227.
 SHARED_LIMIT_KIB = {80: 163, 86: 99, 89: 99, 90: 227}
-_ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp32+bf16": 4}
 
 
 @dataclass
@@ -45,18 +46,21 @@ class Row:
 
 def _conv_signature(dtype: str, tx: int, tp: int, bn_stats: bool, config) -> tuple[dict, dict]:
     """The argument types and constexprs of ``_dual_conv2d_forward_kernel`` for a launch with
-    ``tx`` input and ``tp`` parameter slots (pointers of ``dtype``, int32 sizes and strides)."""
+    ``tx`` input and ``tp`` parameter slots (pointers of ``dtype``, or of its two parts for a
+    mixed ``primal+tangent`` dtype; int32 sizes and strides)."""
     from .conv import _dual_conv2d_forward_kernel
     fn = _dual_conv2d_forward_kernel.fn
     names = fn.arg_names
-    ptr = f"*{dtype}"
-    pointers = {"x_ptr": ptr, "xt_ptr": ptr, "w_ptr": ptr, "wt_ptr": ptr, "b_ptr": ptr,
-                "bt_ptr": ptr, "y_ptr": ptr, "yt_ptr": ptr, "stats_ptr": "*fp32",
+    primal, _, tangent = dtype.partition("+")
+    ptr, tptr = f"*{primal}", f"*{tangent or primal}"
+    pointers = {"x_ptr": ptr, "xt_ptr": tptr, "w_ptr": ptr, "wt_ptr": tptr, "b_ptr": ptr,
+                "bt_ptr": tptr, "y_ptr": ptr, "yt_ptr": tptr, "stats_ptr": "*fp32",
                 "tstats_ptr": "*fp32"}
     constexprs = {
         "HAS_XT": tx > 0, "HAS_WT": tp > 0, "HAS_B": True, "HAS_BT": tp > 0,
         "P_ADD": False, "BN_STATS": bn_stats,
-        "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False,
+        "INPUT_PRECISION": "tf32" if primal == "fp32" else "ieee", "UPCAST": False,
+        "MIXED": bool(tangent),
         **config.kwargs,
     }
     signature = {}
@@ -72,7 +76,7 @@ def kept_configs(dtype: str, shared_limit: int):
     """The configs the convolution's autotuner keeps on a device whose blocks may use
     ``shared_limit`` bytes (the same for every slot count: slots ride on the grid)."""
     from . import conv
-    return conv.kept_configs(conv._configs(), _ELEM_BYTES[dtype], shared_limit)
+    return conv.kept_configs(conv._configs(), _ELEM_BYTES[dtype], shared_limit, "+" in dtype)
 
 
 def _tensor_core(ptx: str) -> str:
@@ -199,7 +203,7 @@ def _template_types(args: str) -> list[str]:
     return out
 
 
-def report(archs, slot_counts, dtypes=("fp32", "bf16"), bn=(False, True)) -> list[Row]:
+def report(archs, slot_counts, dtypes=("fp32", "bf16", "fp32+bf16"), bn=(False, True)) -> list[Row]:
     """Every (arch, slots, dtype, BN sums, kept config) compile."""
     rows = []
     for arch in archs:
@@ -231,8 +235,8 @@ def main(argv=None) -> int:
                         choices=sorted(SHARED_LIMIT_KIB))
     parser.add_argument("--slots", nargs="+", default=[f"{a},{b}" for a, b in SLOT_COUNTS],
                         help="input,parameter slot counts, e.g. 4,4")
-    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"],
-                        choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16", "fp32+bf16"],
+                        choices=["fp32", "bf16", "fp16", "fp32+bf16"])
     parser.add_argument("--bn", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--cuda", action="store_true",
                         help="also the CUDA kernels of csrc/cuda (nvcc -Xptxas -v)")

@@ -1,0 +1,191 @@
+"""Tangents of a lower precision than their primal (bfloat16 tangents of a float32 network), and
+networks wholly in bfloat16: the primal is what it is without tangents, the tangents keep their
+dtype through every op, and their error against float64 stays within twice the error of torch's
+own forward-mode AD in bfloat16 (``err ≤ 2·err_torch + atol``)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fgkernels
+from fgkernels import Dual
+from fgkernels.testing import forward_ad_jvp
+from fgkernels.zoo import build_resnet
+
+from helpers import rel_err
+
+CPU_BACKENDS = [b for b in fgkernels.available_backends() if b != "triton"]
+BF16 = torch.bfloat16
+ATOL = 2e-3  # relative-error slack: half a bfloat16 ulp
+
+TARGET = torch.tensor([1, 0, 3, 2])
+# name -> (function of (x, w), x shape, w shape); the function runs on Duals (fgkernels' rules)
+# and on forward_ad's dual tensors (the oracle) alike.
+OPS = {
+    "conv2d": (lambda x, w: F.conv2d(x, w, padding=1), (4, 6, 8, 8), (5, 6, 3, 3)),
+    "conv2d_stride2": (lambda x, w: F.conv2d(x, w, stride=2), (4, 6, 9, 9), (5, 6, 3, 3)),
+    "linear": (lambda x, w: F.linear(x, w), (4, 12), (7, 12)),
+    "batch_norm_relu": (lambda x, w: F.relu(F.batch_norm(x, None, None, w, None, True)),
+                        (4, 6, 5, 5), (6,)),
+    "conv_bn_relu": (lambda x, w: F.relu(F.batch_norm(F.conv2d(x, w, padding=1), None, None,
+                                                      None, None, True)),
+                     (4, 6, 8, 8), (5, 6, 3, 3)),
+    "max_pool": (lambda x, w: F.max_pool2d(F.conv2d(x, w), 2), (4, 6, 8, 8), (5, 6, 1, 1)),
+    "silu_mul": (lambda x, w: F.silu(x) * torch.sigmoid(w), (4, 6, 5, 5), (6, 1, 1)),
+    "gelu_tanh": (lambda x, w: F.gelu(x * w, approximate="tanh").tanh(), (4, 6, 5, 5),
+                  (6, 1, 1)),
+    "layer_norm": (lambda x, w: F.layer_norm(x, (6,), w), (4, 5, 6), (6,)),
+    "group_norm": (lambda x, w: F.group_norm(x, 3, w), (4, 6, 5, 5), (6,)),
+    "div_add": (lambda x, w: (x + 1) / (w * w + 1), (4, 6, 5, 5), (6, 1, 1)),
+    "cross_entropy": (lambda x, w: F.cross_entropy(F.linear(x, w), TARGET), (4, 12), (5, 12)),
+    "fallback_cumsum": (lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,)),
+}
+
+
+def _inputs(x_shape, w_shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(x_shape, generator=g), torch.randn(w_shape, generator=g)
+    xt, wt = torch.randn(2, *x_shape, generator=g), torch.randn(2, *w_shape, generator=g)
+    return x, w, xt, wt
+
+
+def _torch(fn, x, w, xt, wt, dtype):
+    return forward_ad_jvp(fn, [x.to(dtype), w.to(dtype)], [xt.to(dtype), wt.to(dtype)])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", sorted(OPS))
+def test_bfloat16_tangents_of_a_float32_op(case, backend, recwarn):
+    """The primal equals the float32 pass's; the tangent stays bfloat16, its error within
+    twice that of torch's forward_ad in bfloat16."""
+    fn, xs, ws = OPS[case]
+    x, w, xt, wt = _inputs(xs, ws)
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x, xt.to(BF16)), Dual(w, wt.to(BF16)))
+        full = fn(Dual(x, xt), Dual(w, wt))
+    assert out.tangents.dtype == BF16 and out.primal.dtype == torch.float32
+    torch.testing.assert_close(out.primal, full.primal, rtol=0, atol=0)
+    exact = _torch(fn, x, w, xt, wt, torch.float64)[1]
+    err_torch = rel_err(_torch(fn, x, w, xt, wt, BF16)[1], exact)
+    err = rel_err(out.tangents, exact)
+    assert err <= 2 * err_torch + ATOL, (err, err_torch)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", sorted(set(OPS) - {"layer_norm", "group_norm"}))
+def test_bfloat16_network(case, backend, recwarn):
+    """Primal and tangents in bfloat16: both within twice torch's bfloat16 error."""
+    fn, xs, ws = OPS[case]
+    x, w, xt, wt = _inputs(xs, ws, seed=1)
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x.to(BF16), xt.to(BF16)), Dual(w.to(BF16), wt.to(BF16)))
+    assert out.primal.dtype == BF16 and out.tangents.dtype == BF16
+    exact = _torch(fn, x, w, xt, wt, torch.float64)
+    low = _torch(fn, x, w, xt, wt, BF16)
+    for ours, theirs, ref in zip((out.primal, out.tangents), low, exact):
+        err, err_torch = rel_err(ours, ref), rel_err(theirs, ref)
+        assert err <= 2 * err_torch + ATOL, (err, err_torch)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resnet_with_bfloat16_tangents(backend, channels_last):
+    """A converted ResNet in training mode with bfloat16 parameter and input tangents: the
+    primal and running statistics equal the float32 pass's, every op keeps the tangents in
+    bfloat16 (strict mode: no fallback), and the loss tangents point where float64's do."""
+    torch.manual_seed(0)
+    model = build_resnet(8)
+    x = torch.randn(4, 3, 16, 16)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(
+            memory_format=torch.channels_last)
+    net32, net16 = fgkernels.convert(model), fgkernels.convert(model)
+    net16.load_state_dict(net32.state_dict())
+    g = torch.Generator().manual_seed(3)
+    tangents = fgkernels.random_tangents(net32, num_tangents=3, generator=g)
+    fgkernels.set_tangents(net16, {k: v.to(BF16) for k, v in tangents.items()})
+    xt = torch.randn(3, *x.shape)
+    target = torch.randint(0, 10, (4,))
+    with fgkernels.use_backend(backend), fgkernels.strict_rules():
+        loss32 = F.cross_entropy(net32(Dual(x, xt)), target)
+        loss16 = F.cross_entropy(net16(Dual(x, xt.to(BF16))), target)
+    assert loss16.tangents.dtype == BF16
+    assert torch.equal(loss16.primal, loss32.primal)
+    for a, b in zip(net16.buffers(), net32.buffers()):
+        assert torch.equal(a, b)
+    cos = F.cosine_similarity(loss16.tangents.double(), loss32.tangents.double(), dim=0)
+    assert cos > 0.999, cos
+
+
+def test_dual_accepts_narrower_tangents_only():
+    x = torch.randn(2, 3)
+    assert Dual(x, torch.randn(2, 3, dtype=BF16)).tangent_dtype == BF16
+    assert Dual(x.double(), torch.randn(2, 3)).tangent_dtype == torch.float32
+    assert "tangent_dtype=torch.bfloat16" in repr(Dual(x, torch.randn(1, 2, 3, dtype=BF16)))
+    with pytest.raises(TypeError, match="floating dtype of fewer bits"):
+        Dual(x.to(BF16), torch.randn(2, 3))
+    with pytest.raises(TypeError, match="floating dtype of fewer bits"):
+        Dual(x, torch.randn(2, 3, dtype=torch.float16).to(BF16).half().int())
+
+
+def test_operands_promote_as_torch_does():
+    """A bfloat16 and a float32 tangent meeting in one op give a float32 tangent."""
+    x = torch.randn(2, 3)
+    a, b = Dual(x, torch.randn(2, 3, dtype=BF16)), Dual(x, torch.randn(2, 3))
+    assert (a + b).tangent_dtype == torch.float32
+    assert (a * x).tangent_dtype == BF16
+    assert torch.cat([a, Dual(x)]).tangent_dtype == BF16
+
+
+def test_random_tangents_in_a_tangent_dtype_block():
+    """dtype= and the block give bfloat16 draws, the rounding of the float32 draw; a tangent
+    wider than its parameter is refused before anything is set."""
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    full = fgkernels.random_tangents(net, 2, torch.Generator().manual_seed(5))
+    with fgkernels.tangent_dtype(BF16):
+        low = fgkernels.random_tangents(net, 2, torch.Generator().manual_seed(5))
+    explicit = fgkernels.random_tangents(net, 2, torch.Generator().manual_seed(5), dtype=BF16)
+    for name in full:
+        assert low[name].dtype == BF16 and torch.equal(low[name], full[name].to(BF16))
+        assert torch.equal(explicit[name], low[name])
+    assert fgkernels.random_tangents(net)["0.weight"].dtype == torch.float32
+    net16 = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3))).to(BF16)
+    with pytest.raises(TypeError, match="fewer bits"):
+        fgkernels.random_tangents(net16, dtype=torch.float32)
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        with fgkernels.tangent_dtype(torch.int32):
+            pass
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="no extension")
+def test_native_ops_with_bfloat16_slots():
+    """The raw ops take bfloat16 slots of float32 primals (opcheck: schema, fakes, dtypes), and
+    refuse tangents of one call in two dtypes, or wider than the primal."""
+    ops = torch.ops.fgkernels
+    x = torch.randn(2, 3, 5, 4).to(memory_format=torch.channels_last)
+    xt = torch.randn(2, *x.shape, dtype=BF16)
+    w, wt = torch.randn(4, 3, 3, 3), torch.randn(2, 4, 3, 3, 3, dtype=BF16)
+    b, bt = torch.randn(4), torch.randn(2, 4, dtype=BF16)
+    C = x.shape[1]
+    coef = (torch.randn(C), torch.randn(C), torch.randn(C), torch.randn(3, C), torch.randn(3, C))
+    cases = [
+        (ops.dual_relu, (x, xt)),
+        (ops.dual_max_pool2d, (x, xt, [2, 2], [2, 2], [0, 0], [1, 1], False)),
+        (ops.dual_bn_stats, (x, xt)),
+        (ops.dual_bn_apply, (x, xt, [1, -1, 0], *coef, True)),
+        (ops.dual_bn_apply, (x, None, [-1, -1, -1], *coef, False, BF16)),
+        (ops.dual_conv2d, (x, xt, w, wt, b, bt, [1, 1], [1, 1], [1, 1], 1)),
+        (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),
+                           torch.randn(2, 3, 7, dtype=BF16), None, None)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+        outs = op(*args)
+        if op is not ops.dual_bn_stats:  # statistics are float32 whatever the slots
+            assert outs[0].dtype == torch.float32 and outs[1].dtype == BF16, op
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        ops.dual_conv2d(x, xt, w, wt.float(), b, None, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="fewer bits"):
+        ops.dual_relu(x.to(BF16), xt.float())
+    with pytest.raises(RuntimeError, match="tangent_dtype must be xt's"):
+        ops.dual_bn_apply(x, xt, [1, -1, 0], *coef, True, torch.float32)
