@@ -21,11 +21,19 @@ std::tuple<at::Tensor, at::Tensor> dual_max_pool2d(const at::Tensor& x, const at
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
   const int64_t T = check_tangent(x, xt, "xt");
   auto [y, idx] = at::max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode);
-  // idx indexes each (n, c) plane flattened: gather every tangent slot at it.
+  // idx indexes each (n, c) plane flattened: gather every tangent slot at it, in x's layout
+  // (channels_last: over the (T, N, H*W, C) view, so that each slot comes out channels_last).
+  const int64_t N = y.size(0), C = y.size(1), Ho = y.size(2), Wo = y.size(3);
+  if (kernel_format(x) == at::MemoryFormat::ChannelsLast) {
+    const auto planes = slots_in_format(xt, at::MemoryFormat::ChannelsLast)
+                            .permute({0, 1, 3, 4, 2})
+                            .reshape({T, N, -1, C});
+    const auto at_max = idx.permute({0, 2, 3, 1}).reshape({1, N, Ho * Wo, C}).expand(
+        {T, -1, -1, -1});
+    return {y, planes.gather(2, at_max).view({T, N, Ho, Wo, C}).permute({0, 1, 4, 2, 3})};
+  }
   auto flat_idx = idx.flatten(2).unsqueeze(0).expand({T, -1, -1, -1});
-  auto yt = xt.flatten(3).gather(3, flat_idx).view({T, y.size(0), y.size(1), y.size(2),
-                                                    y.size(3)});
-  return {y, yt};
+  return {y, xt.contiguous().flatten(3).gather(3, flat_idx).view({T, N, C, Ho, Wo})};
 }
 
 // [Wt_1; ...; Wt_P] along the output channels, grouped so that each convolution group keeps its

@@ -109,10 +109,21 @@ def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
         shape = p.shape if num_tangents is None else (num_tangents, *p.shape)
         target = resolve_tangent_dtype(p.dtype, dtype)
         draw_dtype = p.dtype if target == p.dtype else acc_dtype(target)
-        drawn[name] = torch.randn(shape, generator=generator, dtype=draw_dtype,
-                                  device=p.device).to(target)
+        t = torch.randn(shape, generator=generator, dtype=draw_dtype, device=p.device)
+        drawn[name] = _laid_out_like(t, p).to(target)
     set_tangents(module, drawn, direction=direction)
     return drawn
+
+
+def _laid_out_like(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` (p's shape, or a stack of them) with every slot in p's memory format, so that the
+    kernels take it as it is: a channels_last weight gets channels_last tangents (the values
+    are those of the contiguous draw, whatever the layout)."""
+    if p.dim() != 4 or p.is_contiguous() or not p.is_contiguous(memory_format=torch.channels_last):
+        return t
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
 def clear_tangents(module: nn.Module) -> None:

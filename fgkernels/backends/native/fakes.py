@@ -43,7 +43,8 @@ def _(x, xt):
 def _(x, xt, kernel_size, stride, padding, dilation, ceil_mode):
     check_tangent(x, xt)
     y = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return y, xt.new_empty((xt.shape[0], *y.shape))
+    y = y.contiguous(memory_format=kernel_format(x))
+    return y, empty_slots(xt.shape[0], y, xt.dtype)
 
 
 @lib.register_fake("fgkernels::dual_bn_stats")

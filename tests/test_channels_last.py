@@ -1,0 +1,72 @@
+"""channels_last end to end: convert() leaves the layout alone, every slot of every activation
+stays channels_last, and a channels_last pass makes no copy that the contiguous pass does not
+(none with one slot; with P parameter slots both move them out of the channel axis once per
+convolution)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import fgkernels
+from fgkernels import Dual
+from fgkernels.backends.layout import in_kernel_layout
+from fgkernels.zoo import build_resnet
+
+CL = torch.channels_last
+pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),
+                                reason="the native extension is not built")
+
+
+def _net(channels_last: bool, slots: int, dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = build_resnet(8)
+    x = torch.randn(4, 3, 16, 16)
+    if channels_last:
+        model, x = model.to(memory_format=CL), x.to(memory_format=CL)
+    net = fgkernels.convert(model)
+    fgkernels.random_tangents(net, slots, torch.Generator().manual_seed(1), dtype=dtype)
+    return net, x
+
+
+def _copies(channels_last: bool, slots: int, dtype: torch.dtype) -> list[tuple]:
+    """The layout copies (aten::contiguous, aten::clone) of one dual pass, with their shapes."""
+    net, x = _net(channels_last, slots, dtype)
+    with fgkernels.use_backend("native"), profile(activities=[ProfilerActivity.CPU],
+                                                   record_shapes=True) as prof:
+        F.cross_entropy(net(Dual(x)), torch.zeros(4, dtype=torch.long))
+    return sorted((e.name, len(e.input_shapes[0]) if e.input_shapes else 0)
+                  for e in prof.events() if e.name in ("aten::contiguous", "aten::clone"))
+
+
+def test_convert_leaves_the_layout_alone():
+    net, _ = _net(True, 1, torch.float32)
+    weights = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert weights and all(p.is_contiguous(memory_format=CL) and not p.is_contiguous()
+                           for p in weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_copy_with_one_slot(dtype):
+    assert _copies(True, 1, dtype) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_adds_no_copy(dtype):
+    assert _copies(True, 3, dtype) == _copies(False, 3, dtype)
+
+
+def test_every_slot_stays_channels_last():
+    """Each Conv→BN→ReLU, pool and residual add returns slots laid out like the primal."""
+    net, x = _net(True, 2, torch.bfloat16)
+    seen = []
+    hook = lambda module, args, out: seen.append((type(module).__name__, out))
+    for m in net.modules():
+        if isinstance(m, (fgkernels.DualSequential, fgkernels.DualMaxPool2d)):
+            m.register_forward_hook(hook)
+    with fgkernels.use_backend("native"):
+        net(Dual(x))
+    four_d = [(name, out) for name, out in seen if out.primal.dim() == 4]
+    assert four_d
+    for name, out in four_d:
+        assert out.primal.is_contiguous(memory_format=CL), name
+        assert in_kernel_layout(out.primal, out.tangents), name
