@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from fgkernels import Dual
 from fgkernels.train.checkpoint import save_checkpoint
 from fgkernels.train.cli import main
 from fgkernels.train.data import load_dataset
@@ -78,6 +79,8 @@ def test_corrupt_checkpoint_is_reported_and_good_one_survives(digits, tmp_path):
     (["run", "--epochs", "0"], ["must be a positive integer"]),
     (["run", "--data", "cifar10"], ["needs --data-dir"]),
     (["run", "--resume"], ["need --out"]),
+    (["run", "--algo", "local", "--tangent-dtype", "bfloat16"], ["apply only to --algo fg"]),
+    (["run", "--tangent-dtype", "float16"], ["invalid choice: 'float16'", "bfloat16"]),
 ])
 def test_bad_flags_name_the_valid_choices(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -85,6 +88,48 @@ def test_bad_flags_name_the_valid_choices(argv, message, capsys):
     err = capsys.readouterr().err
     for part in message:
         assert part in err
+
+
+@pytest.mark.parametrize("space", ["weight", "activity"])
+def test_bfloat16_tangents_in_channels_last(digits, space, monkeypatch):
+    """The dual pass takes bfloat16 tangents of the float32 network, in channels_last, and
+    learning goes on."""
+    import fgkernels.train.loop as loop
+    seen, build = [], loop.build_model
+
+    def spied(*args):  # the second block's output carries the first block's direction
+        net = build(*args)
+        net.blocks[1].register_forward_hook(lambda m, a, out: seen.append(
+            (out.tangent_dtype, out.primal.dtype,
+             out.primal.is_contiguous(memory_format=torch.channels_last)))
+            if isinstance(out, Dual) else None)
+        return net
+
+    monkeypatch.setattr(loop, "build_model", spied)
+    cfg = TrainConfig(**QUICK, epochs=2, algo="fg", guess="local", space=space,
+                      tangent_dtype="bfloat16", channels_last=True)
+    result = train(cfg, progress=False, dataset=digits)
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32, True)}, set(seen)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("guess", ["local", "random"])
+def test_diagnose_compares_with_the_full_precision_estimate(digits, guess):
+    cfg = TrainConfig(**QUICK, epochs=1, algo="fg", guess=guess, space="activity",
+                      tangent_dtype="bfloat16", diagnose=True)
+    result = train(cfg, progress=False, dataset=digits)
+    assert 0.99 <= result.history[-1]["cosine_to_full_precision"] <= 1 + 1e-9
+    plain = train(TrainConfig(**{**cfg.__dict__, "tangent_dtype": None}), progress=False,
+                  dataset=digits)
+    assert "cosine_to_full_precision" not in plain.history[-1]
+
+
+def test_precision_settings_are_checked():
+    with pytest.raises(ValueError, match="wider than the network's dtype bfloat16"):
+        TrainConfig(dtype="bfloat16", tangent_dtype="float32").validate()
+    with pytest.raises(ValueError, match="unknown dtype 'half'"):
+        TrainConfig(dtype="half").validate()
+    assert TrainConfig(tangent_dtype="bfloat16").label.endswith("bfloat16 tangents")
 
 
 def test_missing_cifar_names_expected_files(tmp_path, capsys):

@@ -15,7 +15,7 @@ import torch
 
 from .data import DATASETS, load_dataset
 from .estimators import GUESSES, NOISES, SPACES, TARGETS
-from .loop import ALGOS, TrainConfig, train
+from .loop import ALGOS, DTYPES, TANGENT_DTYPES, TrainConfig, train
 from .models import ARCHS, AUX_NETS, build_model
 from .report import plot_runs, summary_table
 
@@ -47,6 +47,13 @@ def _add_common(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
     p.add_argument("--max-steps", type=_positive_int, help="cap on steps per epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="the network's parameters and activations")
+    p.add_argument("--tangent-dtype", choices=TANGENT_DTYPES,
+                   help="fg: the tangents' dtype (default: --dtype); bfloat16 tangents of a "
+                        "float32 network halve their memory traffic")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the network and its inputs in channels_last memory format")
     p.add_argument("--out", help="folder for metrics.jsonl, checkpoints and plots")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a non-empty --out (its checkpoint and metrics go)")
@@ -68,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--noise", choices=NOISES,
                      help="fg: distribution of random guesses (default gaussian)")
     run.add_argument("--diagnose", action="store_true",
-                     help="record the cosine between each block's estimate and its true gradient")
+                     help="record the cosine between each block's estimate and its true gradient "
+                          "(and, with --tangent-dtype narrower than --dtype, to the estimate "
+                          "with full-precision tangents)")
     run.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     _add_common(run, epochs=100, batch=128)
     demo = sub.add_parser("demo", help="backprop vs local-only vs forward gradients, on digits")
@@ -80,7 +89,9 @@ def _config(args, **overrides) -> TrainConfig:
     return TrainConfig(arch=args.arch, aux=args.aux, aux_width=args.aux_width, width=args.width,
                        data=args.data, data_dir=args.data_dir, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, max_steps=args.max_steps,
-                       seed=args.seed, device=args.device, **overrides)
+                       seed=args.seed, device=args.device, dtype=args.dtype,
+                       tangent_dtype=args.tangent_dtype, channels_last=args.channels_last,
+                       **overrides)
 
 
 DEMO_RUNS = [dict(algo="backprop"), dict(algo="local"),
@@ -95,6 +106,7 @@ FG_FLAGS = {"target": "global", "guess": "local", "space": "weight", "noise": "g
 
 def _check_run_flags(parser, args) -> None:
     given = [f"--{n}" for n in FG_FLAGS if getattr(args, n) is not None]
+    given += ["--tangent-dtype"] if args.tangent_dtype is not None else []
     if args.algo != "fg" and given:
         parser.error(f"{', '.join(given)} apply only to --algo fg (got --algo {args.algo})")
     for name, default in FG_FLAGS.items():

@@ -12,6 +12,9 @@ stays that of one block; in weight space the block's dual pass then takes its co
 primal outputs from that autograd forward (``reuse_conv_outputs``) instead of computing them
 again. In activity space, ĝ_j lives on block j's output and is backpropagated
 inside block j only. The last block and the classifier get their exact gradient.
+
+Inside a ``fgkernels.tangent_dtype`` block the guesses enter the dual pass in that dtype (a
+bfloat16 tangent of a float32 network); the estimate keeps the guess itself as its basis.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from torch import nn
 from .. import functional as DF
 from ..dual import Dual
 from ..nn import reuse_conv_outputs
+from ..precision import resolve_tangent_dtype
 from ..tangents import clear_tangents, set_tangents
 from .models import BlockNet
 
@@ -165,6 +169,12 @@ def _named(net: BlockNet, part: str, j: int, values: list[Tensor]) -> dict[str, 
     return net.named_in(part, j, dict(zip(names, values)))
 
 
+def _as_tangent(v: Tensor) -> Tensor:
+    """A guess as the dual pass takes it: in the tangent dtype of the enclosing
+    ``fgkernels.tangent_dtype`` block (its own dtype outside any)."""
+    return v.to(resolve_tangent_dtype(v.dtype))
+
+
 def _directional(loss: Dual, direction: int) -> float:
     """The tangent of a scalar loss for one labelled direction."""
     return float(loss.tangents[loss.directions.index(direction)])
@@ -249,7 +259,7 @@ def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
             g = dict(zip(params, gb))
             if run.guess == "local":
                 run.head_grads(j, gh)
-        set_tangents(block, g, direction=j)
+        set_tangents(block, {n: _as_tangent(v) for n, v in g.items()}, direction=j)
         try:
             d = block(d)
         finally:
@@ -276,7 +286,7 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
 
     g, basis = _activity_guess_and_basis(block, d.primal, guess_of)
     names = [n for n, p in block.named_parameters() if p.requires_grad]
-    d = DF.add_direction(block(d), j, g)
+    d = DF.add_direction(block(d), j, _as_tangent(g))
     run.pending.append(_Pending(j, g if run.keep_guesses else None, float((g * g).sum()),
                                 dict(zip(names, basis))))
     return d

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..backends.base import tangent_dtype_fits
+from ..precision import tangent_dtype
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -31,6 +33,8 @@ from .memory import PeakMemory
 from .models import BlockNet, build_model
 
 ALGOS = ("backprop", "local", "fg")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TANGENT_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -57,6 +61,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     diagnose: bool = False
+    dtype: str = "float32"                # the network's parameters and activations
+    tangent_dtype: Optional[str] = None   # fg's tangents (None: the network's dtype)
+    channels_last: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the valid choices."""
@@ -66,6 +73,15 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.tangent_dtype is not None:
+            if self.tangent_dtype not in TANGENT_DTYPES:
+                raise ValueError(f"unknown tangent_dtype {self.tangent_dtype!r}; choose one of "
+                                 f"{', '.join(TANGENT_DTYPES)}")
+            if not tangent_dtype_fits(self.torch_dtype, self.torch_tangent_dtype):
+                raise ValueError(f"tangent_dtype {self.tangent_dtype} is wider than the "
+                                 f"network's dtype {self.dtype}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay))
@@ -75,10 +91,26 @@ class TrainConfig:
                              f"weight_decay={self.weight_decay}")
 
     @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_tangent_dtype(self) -> torch.dtype:
+        return DTYPES[self.tangent_dtype or self.dtype]
+
+    @property
     def label(self) -> str:
         if self.algo != "fg":
             return self.algo
-        return f"fg {self.guess} guess, {self.space} space, {self.target} target"
+        precision = "" if self.torch_tangent_dtype == self.torch_dtype else \
+            f", {self.tangent_dtype} tangents"
+        return f"fg {self.guess} guess, {self.space} space, {self.target} target{precision}"
+
+    def as_input(self, x: torch.Tensor, device) -> torch.Tensor:
+        """A batch of inputs on ``device`` in the network's dtype and memory format."""
+        x = x.to(device, self.torch_dtype)
+        return x.to(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 \
+            else x
 
 
 @dataclass
@@ -110,8 +142,21 @@ def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: Trai
     if cfg.algo == "local":
         est = local_gradients(net, x, y)
         return est.grads, est.loss, est.correct
-    est = estimate_gradients(net, x, y, cfg.target, cfg.guess, cfg.space, generator, cfg.noise)
+    with tangent_dtype(cfg.torch_tangent_dtype):
+        est = estimate_gradients(net, x, y, cfg.target, cfg.guess, cfg.space, generator,
+                                 cfg.noise)
     return est.grads, est.loss, est.correct
+
+
+def full_precision_estimate(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                            generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The estimate with tangents in the network's own dtype, from the same guesses (a copy of
+    ``generator``'s state), running statistics untouched: what ``--diagnose`` compares a
+    lower-precision estimate with."""
+    twin = torch.Generator(device=generator.device)
+    twin.set_state(generator.get_state())
+    with preserved_buffers(net):
+        return compute_gradients(net, x, y, replace(cfg, tangent_dtype=None), twin)[0]
 
 
 def true_block_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor) -> dict[int, list]:
@@ -135,13 +180,13 @@ def _cosine(a: list, b: list) -> float:
     return dot / (na * nb) if na > 0 and nb > 0 else float("nan")
 
 
-def evaluate(net: BlockNet, ds: Dataset, batch_size: int, device) -> tuple[float, float]:
+def evaluate(net: BlockNet, ds: Dataset, cfg: TrainConfig, device) -> tuple[float, float]:
     """Test loss and accuracy, eval mode."""
     net.eval()
     loss, correct = 0.0, 0
     with torch.no_grad():
-        for x, y in test_batches(ds, batch_size):
-            logits = net(x.to(device))
+        for x, y in test_batches(ds, cfg.batch_size):
+            logits = net(cfg.as_input(x, device)).float()
             loss += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
             correct += int((logits.argmax(1) == y.to(device)).sum())
     net.train()
@@ -169,7 +214,9 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.arch, ds.num_classes, ds.in_channels, cfg.aux, cfg.aux_width,
-                      cfg.width).to(device)
+                      cfg.width).to(device, cfg.torch_dtype)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     milestones = sorted({max(1, round(cfg.epochs * f)) for f in (0.3, 0.6, 0.9)})
@@ -221,12 +268,23 @@ def _sgd_step(net: BlockNet, opt, grads: dict, world: int) -> None:
 
 
 def _record_cosines(net: BlockNet, grads: dict, truth: dict, cosines: dict) -> None:
-    """Append each block's cosine between its estimate and its true gradient (``--diagnose``)."""
+    """Append each block's cosine between its estimate and ``truth[j]``, a list in the order of
+    the block's parameters (``--diagnose``)."""
     for j, true in truth.items():
         names = list(net.block_parameters(j))
         if names:
             est = [grads.get(n, torch.zeros_like(t)) for n, t in zip(names, true)]
             cosines.setdefault(j, []).append(_cosine(est, true))
+
+
+def _estimated_cosine(net: BlockNet, grads: dict, reference: dict) -> float:
+    """The cosine between two estimates over every estimated block together (all but the last,
+    whose gradient is exact). Per block it would be ±1 by construction: both estimates scale
+    the same guess, by directional derivatives that differ only in their rounding."""
+    names = [n for j in range(len(net.blocks) - 1) for n in net.block_parameters(j)]
+    zero = lambda n: torch.zeros_like(dict(net.named_parameters())[n])
+    return _cosine([grads[n] if n in grads else zero(n) for n in names],
+                   [reference[n] if n in reference else zero(n) for n in names])
 
 
 def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dict:
@@ -236,14 +294,18 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
     net.train()
     losses, correct, seen, times, peak = [], 0, 0, [], 0
     cosines: dict[int, list] = {}
+    precision_cosines: list[float] = []
+    compare_precision = cfg.diagnose and cfg.algo == "fg" and \
+        cfg.torch_tangent_dtype != cfg.torch_dtype
     batches = train_batches(ds, cfg.batch_size, gen, rank, world)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                leave=False, total=len(ds.train_y) // world // cfg.batch_size or 1)
     for step, (x, y) in enumerate(bar):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
-        x, y = x.to(device), y.to(device)
+        x, y = cfg.as_input(x, device), y.to(device)
         truth = true_block_gradients(net, x, y) if cfg.diagnose else None
+        full = full_precision_estimate(net, x, y, cfg, guess_gen) if compare_precision else None
         t0 = time.perf_counter()
         if step == 0:  # the memory tracker slows the step it watches: measure, do not time
             with PeakMemory(device) as mem:
@@ -262,6 +324,8 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
             times.append(time.perf_counter() - t0)
         if truth is not None:
             _record_cosines(net, grads, truth, cosines)
+        if full is not None:
+            precision_cosines.append(_estimated_cosine(net, grads, full))
         losses.append(loss)
         correct += ok
         seen += len(y)
@@ -272,7 +336,7 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
             if b.is_floating_point():
                 dist.all_reduce(b)
                 b.div_(world)
-    test_loss, test_acc = evaluate(net, ds, cfg.batch_size, device)
+    test_loss, test_acc = evaluate(net, ds, cfg, device)
     step_time = sum(times) / len(times) if times else float("nan")
     record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
               "train_loss": sum(losses) / len(losses), "train_acc": correct / max(seen, 1),
@@ -281,4 +345,6 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
               "peak_memory_bytes": peak}
     if cosines:
         record["cosine"] = {str(j): sum(v) / len(v) for j, v in sorted(cosines.items())}
+    if precision_cosines:  # to the estimate with tangents in the network's dtype
+        record["cosine_to_full_precision"] = sum(precision_cosines) / len(precision_cosines)
     return record

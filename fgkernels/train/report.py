@@ -15,12 +15,16 @@ def _mean_cosine(history: list[dict]) -> float:
 
 def summary_table(results) -> str:
     """One row per run: final test accuracy, train loss, step time and peak memory (relative to
-    the backprop run when there is one), and the mean cosine to the true gradient."""
+    the backprop run when there is one), the mean cosine to the true gradient, and for runs with
+    lower-precision tangents the mean cosine to the estimate with full-precision ones."""
     base = next((r for r in results if r.config.algo == "backprop" and r.history), None)
     rel = base is not None
     head = ["run", "test acc", "train loss",
             "step time" + (" ×bp" if rel else " ms"), "peak mem" + (" ×bp" if rel else " MiB"),
             "cos(est, true)"]
+    precision = any(r.history and "cosine_to_full_precision" in r.history[-1] for r in results)
+    if precision:
+        head.append("cos(est, full-precision est)")
     rows = []
     for r in results:
         h = r.history[-1]
@@ -34,11 +38,17 @@ def summary_table(results) -> str:
             time_cell, mem_cell = f"{1e3 * t:.1f}", f"{m / 2 ** 20:.1f}"
         cos = _mean_cosine(r.history)
         rows.append([r.config.label, f"{100 * h['test_acc']:.1f}%", f"{h['train_loss']:.3f}",
-                     time_cell, mem_cell, "-" if math.isnan(cos) else f"{cos:.3f}"])
+                     time_cell, mem_cell, _cell(cos)])
+        if precision:
+            rows[-1].append(_cell(h.get("cosine_to_full_precision", float("nan")), 4))
     widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def _cell(value: float, digits: int = 3) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def plot_runs(results, out_dir: Path) -> list[Path]:
