@@ -29,6 +29,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["device"] = (torch.cuda.get_device_name() if DEVICE.type == "cuda"
                               else "CPU")
     machine_info["fgkernels_backends"] = fgkernels.available_backends()
+    machine_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    machine_info["fast_bfloat16"] = fgkernels.precision.fast_bfloat16(DEVICE)
 
 
 @pytest.fixture(scope="session")

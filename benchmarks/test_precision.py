@@ -29,6 +29,8 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 def test_resnet18_low_precision_tangents(measure, quick, provider, precision, layout, batch):
     if "native" not in fgkernels.available_backends():
         pytest.skip("the native extension is not built")
+    if DEVICE.type == "cpu" and precision == "bf16" and layout == "nchw":
+        pytest.skip("torch's CPU bfloat16 convolution is its slow reference kernel in NCHW")
     dtype, tangent_dtype = PRECISIONS[precision]
     model, x, y = resnet18_case(quick, batch, dtype, DEVICE)
     model, x = model.to(memory_format=LAYOUTS[layout]), x.to(memory_format=LAYOUTS[layout])

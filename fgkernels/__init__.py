@@ -26,7 +26,7 @@ from .nn import (
                  register_twin,
                  reuse_conv_outputs,
 )
-from .precision import tangent_dtype
+from .precision import fast_bfloat16, tangent_dtype
 from .tangents import clear_tangents, random_tangents, set_tangents
 
 __version__ = "0.1.0"
@@ -38,4 +38,5 @@ __all__ = [
     "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten", "DualSequential",
     "DualModule", "DualGeneric", "DualLayerNorm", "DualGroupNorm", "reuse_conv_outputs",
     "fallback_ops", "strict_rules", "register_twin", "tangent_dtype",
+    "fast_bfloat16",
 ]

@@ -91,7 +91,8 @@ def batch_norm(input: MaybeDual, running_mean: Optional[Tensor], running_var: Op
     if x.numel() == 0:  # as torch.nn: an empty output, running stats left as they are
         y = F.batch_norm(x, running_mean, running_var, p.weight, p.bias, training, momentum, eps)
         y = torch.relu(y) if relu else y
-        return result(y, y.new_zeros((plan.count, *y.shape)) if plan.count else None, plan)
+        yt = y.new_zeros((plan.count, *y.shape), dtype=plan.dtype) if plan.count else None
+        return result(y, yt, plan)
     return result(*current_backend(x.device).batch_norm(x, xt, p, plan, bn), plan)
 
 

@@ -267,6 +267,75 @@ def _wrap_like(d: Dual, y, t):
     return d.with_tangents(y, t)
 
 
+# --- views and reductions over data dims: the same op on the stack, its dims past the slot axis --
+def _slot_dim(dim: int, ndim: int) -> int:
+    """Data dim ``dim`` of a primal of ``ndim`` dims, as a dim of its stack ``(T, *shape)``."""
+    if not -ndim <= dim < max(ndim, 1):
+        raise IndexError(f"dimension {dim} is out of range for a tensor of {ndim} dims")
+    return (dim + ndim if dim < 0 else dim) + 1
+
+
+def _slot_dims(dims, ndim: int):
+    """``_slot_dim`` of an int, a sequence of them, or None (every data dim)."""
+    if dims is None:
+        return tuple(range(1, ndim + 1))
+    if isinstance(dims, int):
+        return _slot_dim(dims, ndim)
+    return tuple(_slot_dim(d, ndim) for d in dims)
+
+
+def _dims_arg(dims: tuple):
+    """Dims given as varargs (``x.permute(0, 2, 1)``) or as one sequence."""
+    return tuple(dims[0]) if len(dims) == 1 and not isinstance(dims[0], int) else dims
+
+
+def _reduce(op: str):
+    def on_stack(t, n, dim=None, keepdim=False, *, dtype=None):
+        if n == 0:  # a 0-d primal: every slot is its own mean and sum
+            return t if dtype is None else t.to(dtype)
+        return getattr(t, op)(_slot_dims(dim, n), keepdim, dtype=dtype)
+    return on_stack
+
+
+def _contiguous(t, n, memory_format=torch.contiguous_format):
+    if memory_format == torch.channels_last and n == 4:
+        return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return t.contiguous()
+
+
+# op -> the same op on a stack of T slots: (stack, primal's ndim, *the op's other arguments).
+_SLOT_VIEWS: dict[Callable, Callable] = {
+    torch.Tensor.permute: lambda t, n, *dims: t.permute(0, *_slot_dims(_dims_arg(dims), n)),
+    torch.permute: lambda t, n, dims: t.permute(0, *_slot_dims(dims, n)),
+    torch.Tensor.transpose: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.transpose: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.Tensor.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
+    torch.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
+    torch.Tensor.unsqueeze: lambda t, n, dim: t.unsqueeze(_slot_dim(dim, n + 1)),
+    torch.unsqueeze: lambda t, n, dim: t.unsqueeze(_slot_dim(dim, n + 1)),
+    torch.Tensor.chunk: lambda t, n, chunks, dim=0: t.chunk(chunks, _slot_dim(dim, n)),
+    torch.chunk: lambda t, n, chunks, dim=0: t.chunk(chunks, _slot_dim(dim, n)),
+    torch.Tensor.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
+    torch.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
+    torch.Tensor.contiguous: _contiguous,
+    torch.Tensor.mean: _reduce("mean"), torch.mean: _reduce("mean"),
+    torch.Tensor.sum: _reduce("sum"), torch.sum: _reduce("sum"),
+}
+
+
+def _slot_view_rule(func: Callable, on_stack: Callable) -> Callable:
+    """The rule of a view or reduction over data dims: ``func`` on the primal, ``on_stack`` on
+    the slots at once (no vmap: one call on the stack)."""
+
+    def rule(input, *args, **kwargs):
+        y = func(input.primal, *args, **kwargs)
+        t = input.tangents
+        return _wrap_like(input, y, None if t is None else
+                          on_stack(t, input.primal.dim(), *args, **kwargs))
+
+    return rule
+
+
 _LINEAR_OPS = [
     torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose,
     torch.Tensor.movedim, torch.movedim, torch.Tensor.chunk, torch.chunk, torch.Tensor.split,
@@ -279,4 +348,5 @@ _LINEAR_OPS = [
     torch.clone, torch.Tensor.t, torch.t,
 ]
 for _op in _LINEAR_OPS:
-    implements(_op)(_linear_rule(_op))
+    implements(_op)(_slot_view_rule(_op, _SLOT_VIEWS[_op]) if _op in _SLOT_VIEWS
+                    else _linear_rule(_op))

@@ -46,3 +46,16 @@ def resolve_tangent_dtype(primal: torch.dtype, dtype: Optional[torch.dtype] = No
         raise TypeError(f"a tangent of a {primal} tensor must be {primal} or a floating dtype "
                         f"of fewer bits, got {chosen}")
     return chosen
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` has bfloat16 arithmetic in hardware: a CUDA GPU of compute capability
+    8.0 or more, or a CPU with AVX512-BF16 or AMX. Elsewhere torch emulates bfloat16
+    convolutions, and bfloat16 tangents are slower than float32 ones, not faster."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False

@@ -124,6 +124,16 @@ def test_diagnose_compares_with_the_full_precision_estimate(digits, guess):
     assert "cosine_to_full_precision" not in plain.history[-1]
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_bfloat16_without_hardware_support_is_warned(digits, fast, monkeypatch, recwarn):
+    import fgkernels.train.loop as loop
+    monkeypatch.setattr(loop, "fast_bfloat16", lambda device: fast)
+    cfg = TrainConfig(**{**QUICK, "max_steps": 1}, epochs=1, tangent_dtype="bfloat16")
+    train(cfg, progress=False, dataset=digits)
+    warned = [w for w in recwarn if "no bfloat16 arithmetic" in str(w.message)]
+    assert len(warned) == (0 if fast else 1)
+
+
 def test_precision_settings_are_checked():
     with pytest.raises(ValueError, match="wider than the network's dtype bfloat16"):
         TrainConfig(dtype="bfloat16", tangent_dtype="float32").validate()

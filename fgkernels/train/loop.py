@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..backends.base import tangent_dtype_fits
-from ..precision import tangent_dtype
+from ..precision import fast_bfloat16, tangent_dtype
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -211,6 +212,12 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
         prepare_out_dir(Path(out_dir), resume, overwrite)
     rank, world = _rank_world()
     device = torch.device(cfg.device)
+    if torch.bfloat16 in (cfg.torch_dtype, cfg.torch_tangent_dtype) and \
+            not fast_bfloat16(device):
+        warnings.warn(f"{device} has no bfloat16 arithmetic in hardware (a CPU needs "
+                      "AVX512-BF16 or AMX, a GPU compute capability 8.0): torch emulates "
+                      "bfloat16 convolutions there, several times slower than float32",
+                      stacklevel=2)
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.arch, ds.num_classes, ds.in_channels, cfg.aux, cfg.aux_width,
