@@ -73,3 +73,23 @@ def test_training_step_bf16_tangents_channels_last(measure, quick, algo):
     paired = None if algo == "backprop" else {"backprop": lambda: step("backprop")}
     measure(lambda: step(algo), f"training step resnet18-8b b{batch} bf16 tangents channels_last",
             rounds=3, paired=paired)
+
+
+CONV_SHAPES = [(128, 64, 32), (128, 256, 8)]  # (batch, channels, size): 3×3, same padding
+
+
+@pytest.mark.parametrize("variant", ["float32-channels_last", "bfloat16-nchw",
+                                     "bfloat16-channels_last"])
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_conv3x3_dtype_and_layout(measure, quick, shape, variant):
+    """What bfloat16 tangents rest on: torch's own 3×3 convolution in bfloat16 and in
+    channels_last, paired with the float32 NCHW one."""
+    n, c, size = (2, 4, 8) if quick else shape
+    dtype, layout = variant.split("-")
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(n, c, size, size, generator=g, device=DEVICE)
+    w = torch.randn(c, c, 3, 3, generator=g, device=DEVICE)
+    as_variant = lambda t: t.to(getattr(torch, dtype)).to(memory_format=LAYOUTS[layout])
+    xv, wv = as_variant(x), as_variant(w)
+    measure(lambda: F.conv2d(xv, wv, padding=1), f"conv3x3 {n}x{c}x{size} dtype and layout",
+            rounds=3, paired={"float32-nchw": lambda: F.conv2d(x, w, padding=1)})

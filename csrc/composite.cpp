@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> dual_max_pool2d(const at::Tensor& x, const at
     return {y, planes.gather(2, at_max).view({T, N, Ho, Wo, C}).permute({0, 1, 4, 2, 3})};
   }
   auto flat_idx = idx.flatten(2).unsqueeze(0).expand({T, -1, -1, -1});
-  return {y, xt.contiguous().flatten(3).gather(3, flat_idx).view({T, N, C, Ho, Wo})};
+  return {y, xt.flatten(3).gather(3, flat_idx).view({T, N, C, Ho, Wo})};
 }
 
 // [Wt_1; ...; Wt_P] along the output channels, grouped so that each convolution group keeps its

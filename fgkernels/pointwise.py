@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _slots
+from .backends.layout import slots_in_format
 from .dual import Dual, implements
 from .operands import parts
 
@@ -298,9 +299,7 @@ def _reduce(op: str):
 
 
 def _contiguous(t, n, memory_format=torch.contiguous_format):
-    if memory_format == torch.channels_last and n == 4:
-        return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    return t.contiguous()
+    return slots_in_format(t, memory_format if n == 4 else torch.contiguous_format)
 
 
 # op -> the same op on a stack of T slots: (stack, primal's ndim, *the op's other arguments).

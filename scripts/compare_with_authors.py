@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from fgkernels.train import build_model
-from fgkernels.train.loop import TrainConfig, compute_gradients
+from fgkernels.train.loop import TrainConfig, compute_gradients, sgd_step
 from fgkernels.train.memory import PeakMemory
 
 THEIR_SPACE = {"weight": "weight", "activity": "activation"}
@@ -105,13 +105,7 @@ def our_step(space: str, batch, tangent_dtype, channels_last: bool, algo: str = 
     gen = torch.Generator().manual_seed(0)
     x, y = batch
 
-    def step():
-        grads, _, _ = compute_gradients(net, x, y, cfg, gen)
-        for n, p in net.named_parameters():
-            p.grad = grads.get(n)
-        opt.step()
-
-    return step
+    return lambda: sgd_step(net, opt, compute_gradients(net, x, y, cfg, gen)[0])
 
 
 def _timed(fn) -> float:

@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     return result
 
 
-def _sgd_step(net: BlockNet, opt, grads: dict, world: int) -> None:
+def sgd_step(net: BlockNet, opt, grads: dict, world: int = 1) -> None:
     """One optimizer step with ``grads`` (averaged over the processes of a distributed run)."""
     if world > 1:
         for g in grads.values():
@@ -288,10 +288,10 @@ def _estimated_cosine(net: BlockNet, grads: dict, reference: dict) -> float:
     """The cosine between two estimates over every estimated block together (all but the last,
     whose gradient is exact). Per block it would be ±1 by construction: both estimates scale
     the same guess, by directional derivatives that differ only in their rounding."""
-    names = [n for j in range(len(net.blocks) - 1) for n in net.block_parameters(j)]
-    zero = lambda n: torch.zeros_like(dict(net.named_parameters())[n])
-    return _cosine([grads[n] if n in grads else zero(n) for n in names],
-                   [reference[n] if n in reference else zero(n) for n in names])
+    params = {n: p for j in range(len(net.blocks) - 1)
+              for n, p in net.block_parameters(j).items()}
+    pick = lambda d: [d[n] if n in d else torch.zeros_like(p) for n, p in params.items()]
+    return _cosine(pick(grads), pick(reference))
 
 
 def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dict:
@@ -324,7 +324,7 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
             raise FloatingPointError(
                 f"epoch {epoch + 1}, step {step + 1}: the training loss is {loss}; the run "
                 f"stops before the parameters take a non-finite step (lr={cfg.lr})")
-        _sgd_step(net, opt, grads, world)
+        sgd_step(net, opt, grads, world)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step > 0:
