@@ -1,5 +1,13 @@
-"""The Triton kernels, at tiny shapes (on the CPU they run in Triton's interpreter, which
-computes dots in full float32, unlike a GPU's tf32)."""
+"""The Triton kernels against torch's forward-mode AD in float64, at tiny shapes: on a GPU, and
+on the CPU in Triton's interpreter (which computes dots in float32, where a GPU uses TF32).
+
+A result in a dtype d passes when its error against the float64 oracle is at most twice the
+error of torch's own forward-mode AD in d plus a small floor (``err <= 2·err_torch + atol``).
+The launch-plan tests run the launcher on ``meta`` tensors and look at the launches it makes.
+"""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,24 +20,40 @@ from fgkernels.testing import forward_ad_jvp
 
 from helpers import rel_err
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from kernel_report import captured_launches  # noqa: E402
+
 pytestmark = [pytest.mark.triton,
               pytest.mark.skipif("triton" not in fgkernels.available_backends(),
                                  reason="Triton cannot run here")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = dict(rtol=1e-4, atol=1e-4) if DEVICE == "cpu" else dict(rtol=2e-2, atol=2e-2)
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
 
 
-def both(fn, *args):
-    with fgkernels.use_backend("reference"):
-        ref = fn(*args)
-    with fgkernels.use_backend("triton"):
-        out = fn(*args)
-    return ref, out
+def rand(*shape, dtype=torch.float64):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
 
 
-def rand(*shape, channels_last=False):
-    t = torch.randn(*shape, device=DEVICE)
-    return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+def in_layout(t, channels_last):
+    """t (a tensor, or a stack of slots) laid out channels_last, each slot so."""
+    if not channels_last or t.dim() < 4:
+        return t
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def assert_within_torch_error(out, fn, primals, tangents):
+    """``out`` (a Dual) against ``fn``'s forward_ad in float64, within twice the error of
+    forward_ad in out's dtypes (the primal's for the primal, the tangents' for the tangents:
+    torch takes no tangent narrower than its primal)."""
+    exact = forward_ad_jvp(fn, primals, tangents)
+    cast = lambda ts, dt: [None if t is None else t.to(dt) for t in ts]
+    for part, ours, index in (("primal", out.primal, 0), ("tangent", out.tangents, 1)):
+        dt = ours.dtype
+        theirs = forward_ad_jvp(fn, cast(primals, dt), cast(tangents, dt))[index]
+        err, err_torch = rel_err(ours, exact[index]), rel_err(theirs, exact[index])
+        assert err <= 2 * err_torch + FLOOR[dt], (part, err, err_torch)
 
 
 CONV_CASES = [
@@ -40,45 +64,77 @@ CONV_CASES = [
     (2, 3, 9, 9, 3, 3, 1, 2, 2, True),
     (2, 5, 5, 5, 17, 1, 1, 0, 1, True),  # ragged channel tile
 ]
+# role -> (input slots, parameter slots, appended): the parameters' slots are the input's
+# ("same"), follow them ("appended"), or stand alone.
+ROLES = {"input": (1, 0, False), "param": (0, 1, False), "same": (3, 3, False),
+         "appended": (2, 1, True)}
+
+
+def conv_args(x, w, b, xt, wt, bt, appended):
+    """Duals for ``DF.conv2d``; ``appended``: the parameters' directions after the input's."""
+    if not appended:
+        return Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt)
+    tx, tp = xt.shape[0], wt.shape[0]
+    params = list(range(tx, tx + tp))
+    return (Dual(x, xt, directions=list(range(tx))), Dual(w, wt, directions=params),
+            None if b is None else Dual(b, bt, directions=params))
+
+
+def padded_tangents(xt, wt, bt, appended):
+    """The oracle's tangents: appended slots are the input's, then the parameters' (zeros
+    where an operand has no slot)."""
+    if not appended:
+        return xt, wt, bt
+    zeros = lambda t, n: t.new_zeros((n, *t.shape[1:]))
+    tx, tp = xt.shape[0], wt.shape[0]
+    return (torch.cat([xt, zeros(xt, tp)]), torch.cat([zeros(wt, tx), wt]),
+            None if bt is None else torch.cat([zeros(bt, tx), bt]))
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("slots", ["x1", "w1", "dense3", "appended"])
-def test_conv_matches_reference(case, channels_last, slots):
+@pytest.mark.parametrize("role", list(ROLES))
+def test_conv_matches_forward_ad(case, channels_last, role):
     N, C, H, W, Co, k, s, p, d, has_b = case
     k2 = (k, k) if isinstance(k, int) else k
-    x = rand(N, C, H, W, channels_last=channels_last)
-    w, b = rand(Co, C, *k2), rand(Co) if has_b else None
-    T = {"x1": 1, "w1": 1, "dense3": 3, "appended": 2}[slots]
-    xt = rand(T, *x.shape) if slots != "w1" else None
-    wt = rand(T if slots != "appended" else 1, *w.shape) if slots != "x1" else None
-    bt = rand(wt.shape[0], Co) if wt is not None and has_b else None
-    if slots == "appended":  # input directions {0, 1}, parameters' {2}: slots appended
-        args = (Dual(x, xt, directions=[0, 1]), Dual(w, wt, directions=[2]),
-                None if b is None else Dual(b, bt, directions=[2]))
-    else:
-        args = (Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt))
-    ref, out = both(DF.conv2d, *args, s, p, d)
-    torch.testing.assert_close(out.primal, ref.primal, **TOL)
-    torch.testing.assert_close(out.tangent, ref.tangent, **TOL)
-    assert out.directions == ref.directions
-
-
-def test_conv_matches_forward_ad_directly():
-    x, w, b = rand(2, 3, 6, 5), rand(4, 3, 3, 3), rand(4)
-    xt, wt, bt = rand(1, *x.shape), rand(1, *w.shape), rand(1, 4)
-    _, et = forward_ad_jvp(lambda *a: F.conv2d(*a, 1, 1), [x, w, b], [xt, wt, bt])
+    tx, tp, appended = ROLES[role]
+    x, w, b = rand(N, C, H, W), rand(Co, C, *k2), rand(Co) if has_b else None
+    xt = rand(tx, N, C, H, W) if tx else None
+    wt = rand(tp, Co, C, *k2) if tp else None
+    bt = rand(tp, Co) if tp and has_b else None
+    f32 = lambda t: None if t is None else in_layout(t.float(), channels_last)
     with fgkernels.use_backend("triton"):
-        out = DF.conv2d(Dual(x, xt), Dual(w, wt), Dual(b, bt), 1, 1)
-    torch.testing.assert_close(out.tangents, et, **TOL)
+        out = DF.conv2d(*conv_args(f32(x), f32(w), f32(b), f32(xt), f32(wt), f32(bt), appended),
+                        s, p, d)
+    if channels_last:
+        assert out.primal.is_contiguous(memory_format=torch.channels_last)
+    fn = lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d)
+    assert_within_torch_error(out, fn, [x, w, b], list(padded_tangents(xt, wt, bt, appended)))
 
 
-def test_bn_sum_epilogue_gives_batch_statistics():
-    x, w = rand(3, 4, 7, 5), rand(6, 4, 3, 3)
-    xt = rand(2, *x.shape)
-    y, yt, tiles = dual_conv2d(x, xt, w, None, None, None, (0, 1), (), 2, (1, 1), (1, 1), (1, 1),
-                               bn_stats=True)
+def test_bias_tangent_alone():
+    """Parameter slots whose only tangent is the bias's take no product: ẏ = ḃ everywhere."""
+    x, w, b, bt = rand(2, 3, 6, 5), rand(4, 3, 3, 3), rand(4), rand(2, 4)
+    with fgkernels.use_backend("triton"):
+        out = DF.conv2d(Dual(x.float()), w.float(), Dual(b.float(), bt.float()), 1, 1)
+    assert_within_torch_error(out, lambda x_, w_, b_: F.conv2d(x_, w_, b_, 1, 1), [x, w, b],
+                              [None, None, bt])
+
+
+@pytest.mark.parametrize("role", ["input", "same", "appended"])
+def test_bn_sum_epilogue_gives_batch_statistics(role):
+    """The tile sums of the primal and tangent launches combine into the float64 statistics of
+    the stored outputs (several row tiles: 3·7·5 rows)."""
+    tx, tp, appended = ROLES[role]
+    x, w = rand(3, 4, 7, 5, dtype=torch.float32), rand(6, 4, 3, 3, dtype=torch.float32)
+    xt = rand(tx, *x.shape, dtype=torch.float32)
+    wt = rand(tp, *w.shape, dtype=torch.float32) if tp else None
+    x_pos = tuple(range(tx))
+    p_pos = tuple(range(tx, tx + tp)) if appended else x_pos[:tp]
+    count = tx + tp if appended else tx
+    y, yt, tiles = dual_conv2d(x, xt, w, wt, None, None, x_pos, p_pos, count, (1, 1), (1, 1),
+                               (1, 1), bn_stats=True)
+    assert tiles[0].shape[0] > 1
     mean, var, tmean, tcov = combine_tile_stats(*tiles, torch.float64)
     y64, yt64 = y.double(), yt.double()
     torch.testing.assert_close(mean, y64.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
@@ -88,40 +144,56 @@ def test_bn_sum_epilogue_gives_batch_statistics():
     torch.testing.assert_close(tcov, cov, rtol=1e-5, atol=1e-5)
 
 
+BN_SLOTS = ["dense2", "appended", "bn_only", "none"]
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("slots", ["dense2", "appended", "bn_only", "none"])
-def test_fused_conv_bn_relu_matches_reference(training, channels_last, slots):
-    x, w = rand(3, 3, 6, 5, channels_last=channels_last), rand(5, 3, 3, 3)
-    g, beta = torch.rand(5, device=DEVICE) + 0.5, rand(5)
-    if slots == "dense2":
-        xd, wd = Dual(x, rand(2, *x.shape)), Dual(w, rand(2, *w.shape))
-        gd, bd = Dual(g, rand(2, 5)), Dual(beta, rand(2, 5))
-    elif slots == "appended":
-        xd = Dual(x, rand(1, *x.shape), directions=[0])
-        wd = Dual(w, rand(1, *w.shape), directions=[1])
-        gd, bd = Dual(g, rand(1, 5), directions=[1]), Dual(beta, rand(1, 5), directions=[1])
-    elif slots == "bn_only":  # the input and the convolution without tangent
-        xd, wd, gd, bd = Dual(x), w, Dual(g, rand(2, 5)), Dual(beta, rand(2, 5))
+@pytest.mark.parametrize("slots", BN_SLOTS)
+def test_fused_conv_bn_relu_matches_forward_ad(training, channels_last, slots):
+    x, w = rand(3, 3, 6, 5), rand(5, 3, 3, 3)
+    g, beta = torch.rand(5, device=DEVICE, dtype=torch.float64) + 0.5, rand(5)
+    rm, rv = rand(5) * 0.1, torch.rand(5, device=DEVICE, dtype=torch.float64) + 0.5
+    xt = rand(2, *x.shape) if slots in ("dense2", "appended") else None
+    wt = rand(2 if slots == "dense2" else 1, *w.shape) if slots in ("dense2", "appended") \
+        else None
+    gt = rand(2, 5) if slots in ("dense2", "bn_only") else rand(1, 5) \
+        if slots == "appended" else None
+    bt = None if gt is None else rand(*gt.shape)
+    f32 = lambda t: None if t is None else in_layout(t.float(), channels_last)
+    if slots == "appended":  # input directions {0, 1}, the parameters' {2}
+        xd = Dual(f32(x), f32(xt), directions=[0, 1])
+        wd = Dual(f32(w), f32(wt), directions=[2])
+        gd, bd = (Dual(f32(g), f32(gt), directions=[2]), Dual(f32(beta), f32(bt), directions=[2]))
     else:
-        xd, wd, gd, bd = Dual(x), w, g, beta
-    stats = [(torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)) for _ in range(2)]
-
-    def run(rm, rv):
-        return DF.conv2d_batch_norm(xd, wd, None, (1, 1), (1, 1), (1, 1), 1, rm, rv, gd, bd,
-                                    training, 0.1, 1e-5, True)
-
-    with fgkernels.use_backend("reference"):
-        ref = run(*stats[0])
+        xd, wd = Dual(f32(x), f32(xt)), Dual(f32(w), f32(wt))
+        gd, bd = (Dual(f32(g), f32(gt)), Dual(f32(beta), f32(bt))) if gt is not None else \
+            (f32(g), f32(beta))
+    stats = (rm.float(), rv.float())
     with fgkernels.use_backend("triton"):
-        out = run(*stats[1])
-    torch.testing.assert_close(out.primal, ref.primal, **TOL)
+        out = DF.conv2d_batch_norm(xd, wd, None, (1, 1), (1, 1), (1, 1), 1, *stats, gd, bd,
+                                   training, 0.1, 1e-5, True)
+
+    def fn(x_, w_, g_, b_):
+        y = F.conv2d(x_, w_, None, 1, 1)
+        return F.relu(F.batch_norm(y, rm.to(y.dtype).clone(), rv.to(y.dtype).clone(), g_, b_,
+                                   training, 0.1, 1e-5))
+
     if slots == "none":
         assert out.tangent is None
+        torch.testing.assert_close(out.primal.double(), fn(x, w, g, beta), rtol=1e-4,
+                                   atol=1e-4)
     else:
-        torch.testing.assert_close(out.tangent, ref.tangent, **TOL)
-    for a, b in zip(stats[0], stats[1]):
-        torch.testing.assert_close(b, a, **TOL)
+        tangents = [xt, wt, gt, bt]
+        if slots == "appended":  # slots 0, 1 the input's, slot 2 the parameters'
+            pad = lambda t, before, after: torch.cat([t.new_zeros((before, *t.shape[1:])), t,
+                                                      t.new_zeros((after, *t.shape[1:]))])
+            tangents = [pad(xt, 0, 1), pad(wt, 2, 0), pad(gt, 2, 0), pad(bt, 2, 0)]
+        assert_within_torch_error(out, fn, [x, w, g, beta], tangents)
+    if training:  # the running statistics, updated once from the primal as nn.BatchNorm2d does
+        mean = F.conv2d(x, w, None, 1, 1).mean((0, 2, 3))
+        torch.testing.assert_close(stats[0].double(), 0.9 * rm + 0.1 * mean, rtol=1e-4,
+                                   atol=1e-4)
 
 
 def test_sequential_runs_fused_on_triton():
@@ -129,58 +201,56 @@ def test_sequential_runs_fused_on_triton():
         torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
         torch.nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), torch.nn.BatchNorm2d(4),
         torch.nn.ReLU()).to(DEVICE))
-    x = rand(2, 3, 7, 7)
-    xt = rand(2, *x.shape)
+    x = rand(2, 3, 7, 7, dtype=torch.float32)
+    xt = rand(2, *x.shape, dtype=torch.float32)
     fgkernels.random_tangents(net, 2)
     import copy
     net2 = copy.deepcopy(net)
-    ref, out = None, None
     with fgkernels.use_backend("reference"):
         ref = net(Dual(x, xt))
     with fgkernels.use_backend("triton"):  # groups=2 routes to the native backend
         out = net2(Dual(x, xt))
-    torch.testing.assert_close(out.primal, ref.primal, **TOL)
-    torch.testing.assert_close(out.tangent, ref.tangent, **TOL)
+    tol = dict(rtol=1e-4, atol=1e-4) if DEVICE == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.primal, ref.primal, **tol)
+    torch.testing.assert_close(out.tangent, ref.tangent, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_error_within_torch_error(dtype):
-    """err(triton) ≤ 2·err(reference in the same dtype) + atol, both against float32 inputs
-    computed in float64."""
-    x, w = rand(2, 4, 6, 6), rand(5, 4, 3, 3)
-    xt, wt = rand(1, *x.shape), rand(1, *w.shape)
-
-    def run(backend, dt):
-        with fgkernels.use_backend(backend):
-            return DF.conv2d(Dual(x.to(dt), xt.to(dt)), Dual(w.to(dt), wt.to(dt)), None, 1, 1)
-
-    with fgkernels.use_backend("reference"):
-        exact = DF.conv2d(Dual(x.double(), xt.double()), Dual(w.double(), wt.double()), None,
-                          1, 1)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision_conv_within_torch_error(dtype, channels_last):
+    """A whole-16-bit convolution (NCHW operands are brought to channels_last, channels padded
+    to 16): err <= 2·err(forward_ad in the same dtype) + atol."""
     if DEVICE == "cpu" and dtype == torch.float16:
         pytest.skip("float16 convolution has no CPU kernel in torch")
-    torch_out, out = run("reference", dtype), run("triton", dtype)
-    for part in ("primal", "tangent"):
-        err = rel_err(getattr(out, part), getattr(exact, part))
-        err_torch = rel_err(getattr(torch_out, part), getattr(exact, part))
-        assert err <= 2 * err_torch + 1e-3, (part, err, err_torch)
+    x, w = rand(2, 4, 6, 6), rand(5, 4, 3, 3)
+    xt, wt = rand(1, *x.shape), rand(1, *w.shape)
+    low = lambda t: in_layout(t.to(dtype), channels_last)
+    with fgkernels.use_backend("triton"):
+        out = DF.conv2d(Dual(low(x), low(xt)), Dual(low(w), low(wt)), None, 1, 1)
+    assert out.primal.dtype == dtype == out.tangents.dtype
+    assert_within_torch_error(out, lambda x_, w_: F.conv2d(x_, w_, None, 1, 1), [x, w],
+                              [xt, wt])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_bfloat16_tangents_of_a_float32_conv_bn_relu(channels_last):
-    """The fused convolution (and its batch-norm epilogue) with bfloat16 slots of a float32
-    primal: the primal as in float32, the slots bfloat16, within twice the reference's error."""
-    x, w = rand(2, 4, 6, 6, channels_last=channels_last), rand(5, 4, 3, 3)
-    xt, wt = rand(2, *x.shape), rand(2, *w.shape)
-    bn = lambda d, e: DF.conv2d_batch_norm(d, e, None, 1, 1, 1, 1, None, None, None, None, True,
-                                           0.1, 1e-5, True)
-    with fgkernels.use_backend("reference"):
-        exact = bn(Dual(x.double(), xt.double()), Dual(w.double(), wt.double()))
-    ref, out = both(bn, Dual(x, xt.bfloat16()), Dual(w, wt.bfloat16()))
+@pytest.mark.parametrize("role", ["param", "same"])
+def test_bfloat16_tangents_of_a_float32_conv_bn_relu(channels_last, role):
+    """bfloat16 slots of a float32 primal (the parameter slots' x cast once, the input slots'
+    W likewise): the primal within float32's error, the slots within bfloat16's."""
+    x, w = rand(2, 4, 6, 6), rand(5, 4, 3, 3)
+    xt = rand(2, *x.shape) if role == "same" else None
+    wt = rand(2, *w.shape)
+
+    def fn(x_, w_):
+        return F.relu(F.batch_norm(F.conv2d(x_, w_, None, 1, 1), None, None, None, None, True))
+
+    f32 = lambda t: in_layout(t.float(), channels_last)
+    bf16 = lambda t: None if t is None else in_layout(t.bfloat16(), channels_last)
+    with fgkernels.use_backend("triton"):
+        out = DF.conv2d_batch_norm(Dual(f32(x), bf16(xt)), Dual(f32(w), bf16(wt)), None, 1, 1,
+                                   1, 1, None, None, None, None, True, 0.1, 1e-5, True)
     assert out.tangents.dtype == torch.bfloat16 and out.primal.dtype == torch.float32
-    torch.testing.assert_close(out.primal, ref.primal, **TOL)
-    err, err_ref = rel_err(out.tangents, exact.tangents), rel_err(ref.tangents, exact.tangents)
-    assert err <= 2 * err_ref + 1e-3, (err, err_ref)
+    assert_within_torch_error(out, fn, [x, w], [xt, wt])
 
 
 def test_bn_relu_apply_keeps_nan_and_its_tangent():
@@ -194,3 +264,120 @@ def test_bn_relu_apply_keeps_nan_and_its_tangent():
     dual_bn_relu_apply_(y, yt, zero, one, zero, zero[None], zero[None], relu=True)
     assert torch.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == 0 and y[0, 0, 0, 2] == 2
     assert torch.isnan(yt[0, 0, 0, 0, 0]) and yt.flatten()[1:].tolist() == [0.0, 1.0]
+
+
+# --- the launches the launcher makes (on meta tensors) ------------------------------------------
+def meta_launches(*, x_shape=(256, 64, 56, 56), c_out=64, k=3, tx=1, tp=1, same=True,
+                  bn_stats=True, dtype=torch.float32, tangent_dtype=None, precision="tf32",
+                  arch=90):
+    """The kernel launches ``dual_conv2d`` makes on sm_``arch`` for a call on meta tensors,
+    and its result."""
+    from fgkernels.backends.triton.conv_kernel import _dual_conv2d_forward_kernel
+    from fgkernels.backends.triton.target import assumed_target
+    tangent_dtype = tangent_dtype or dtype
+    meta = lambda *s, dt=dtype: torch.empty(s, device="meta", dtype=dt)
+    N, C, H, W = x_shape
+    xt = meta(tx, *x_shape, dt=tangent_dtype) if tx else None
+    wt = meta(tp, c_out, C, k, k, dt=tangent_dtype) if tp else None
+    x_pos = tuple(range(tx))
+    p_pos = x_pos if same else tuple(range(tx, tx + tp))
+    count = tx if same else tx + tp
+    with assumed_target(arch), captured_launches(_dual_conv2d_forward_kernel) as launches:
+        result = dual_conv2d(meta(*x_shape), xt, meta(c_out, C, k, k), wt, None, None, x_pos,
+                             p_pos, count, (1, 1), (1, 1), (1, 1), bn_stats=bn_stats,
+                             input_precision=precision)
+    return launches, result
+
+
+def test_the_primal_is_computed_once():
+    """16 + 16 slots on the same indices with batch-norm sums: one product for the primal and
+    two per slot (33 in all), the tangents' sums reading the primal back."""
+    launches, _ = meta_launches(tx=16, tp=16, same=True)
+    products = [ln.kwargs["TERMS"] * ln.grid[1] for ln in launches]
+    assert products == [1, 32]
+    assert [ln.kwargs["READ_Y"] for ln in launches] == [False, True]
+
+
+def test_every_launch_of_a_call_knows_its_row_tile_before_it_runs():
+    """Tiles are chosen before the launch: the tile sums are sized by the row tile the
+    launches use, and every launch of the call uses the same one."""
+    launches, (_, _, (stats, tstats, rows)) = meta_launches(tx=2, tp=2, same=False)
+    M = 256 * 56 * 56
+    (block_m,) = {ln.kwargs["BLOCK_M"] for ln in launches}
+    tiles = -(-M // block_m)
+    assert stats.shape == (tiles, 2, 64) and tstats.shape == (tiles, 4, 2, 64)
+    assert rows.shape == (tiles,)
+
+
+@pytest.mark.parametrize("c_out", [16, 64, 100, 512])
+def test_column_tiles_fit_c_out(c_out):
+    """No column tile wider than C_out needs (rounded up to a power of two, at least 32)."""
+    launches, _ = meta_launches(c_out=c_out)
+    for ln in launches:
+        assert ln.kwargs["BLOCK_N"] <= max(32, 1 << (c_out - 1).bit_length())
+
+
+def test_mixed_parameter_slots_take_a_cast_x():
+    """bfloat16 parameter slots of a float32 primal: the parameter launch multiplies x cast to
+    bfloat16 by Ẇ, so both its operands have the tangents' dtype."""
+    launches, _ = meta_launches(tx=0, tp=1, same=False, tangent_dtype=torch.bfloat16)
+    primal, tangent = launches
+    assert primal.args[0].dtype == primal.args[1].dtype == torch.float32
+    assert tangent.args[0].dtype == tangent.args[1].dtype == torch.bfloat16
+
+
+@pytest.fixture
+def cudnn_fp32_precision():
+    """Set cuDNN's float32 convolution precision through torch's current API; restored after."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None:
+        pytest.skip("torch has no torch.backends.cudnn.conv.fp32_precision")
+    previous = conv.fp32_precision
+
+    def set_to(value):
+        conv.fp32_precision = value
+
+    yield set_to
+    conv.fp32_precision = previous
+
+
+@pytest.mark.parametrize("setting, expected", [("ieee", "tf32x3"), ("tf32", "tf32")])
+def test_precision_read_through_the_current_torch_api(cudnn_fp32_precision, setting, expected):
+    """With torch.backends.cudnn.conv.fp32_precision set (where reading the legacy
+    ``allow_tf32`` raises), the launcher follows it: full precision as three TF32 products."""
+    cudnn_fp32_precision(setting)
+    launches, _ = meta_launches(precision=None)
+    assert {ln.kwargs["INPUT_PRECISION"] for ln in launches} == {expected}
+
+
+# --- which backend serves each op on CUDA ---------------------------------------------------------
+def test_cuda_defaults_are_native_until_a_gpu_run_says_otherwise():
+    from fgkernels.backends import _load
+    from fgkernels.backends.cuda_defaults import CUDA_DEFAULTS, cuda_default
+    assert set(CUDA_DEFAULTS.values()) == {"native"}
+    assert cuda_default(_load) is _load("native")
+
+
+def test_a_per_op_table_mixes_backends(monkeypatch):
+    """conv+BN's convolution (and its batch statistics) from the Triton backend, the apply
+    after it from the native one: the default backend routes each op as the table says."""
+    import fgkernels.backends as registry
+    from fgkernels.backends.cuda_defaults import PerOpBackend, cuda_default
+    from fgkernels.backends.triton.backend import TritonBackend
+    real_load = registry._load
+    mixed = cuda_default(real_load, {"conv2d_batch_norm": "triton", "batch_norm_apply": "native"})
+    assert isinstance(mixed, PerOpBackend)
+    calls = []
+    triton_conv = TritonBackend.conv_for_batch_norm
+    monkeypatch.setattr(TritonBackend, "conv_for_batch_norm",
+                        lambda self, *a: calls.append("triton") or triton_conv(self, *a))
+    monkeypatch.setattr(registry, "_load",
+                        lambda name: mixed if name == "native" else real_load(name))
+    monkeypatch.delenv("FGKERNELS_BACKEND", raising=False)
+    x, w, xt, wt = rand(2, 3, 6, 5), rand(4, 3, 3, 3), rand(1, 2, 3, 6, 5), rand(1, 4, 3, 3, 3)
+    out = DF.conv2d_batch_norm(Dual(x.float(), xt.float()), Dual(w.float(), wt.float()), None,
+                               1, 1, 1, 1, None, None, None, None, True, 0.1, 1e-5, True)
+    assert calls == ["triton"]
+    fn = lambda x_, w_: F.relu(F.batch_norm(F.conv2d(x_, w_, None, 1, 1), None, None, None,
+                                            None, True))
+    assert_within_torch_error(out, fn, [x, w], [xt, wt])

@@ -1,253 +1,44 @@
-"""Fused dual convolution: one implicit-GEMM Triton kernel for the primal and every tangent.
+"""Fused dual convolution on Triton: the launcher of ``conv_kernel``.
 
-GEMM view: rows m = (n, oh, ow) of the output, columns = output channels, reduction over
-k = (kh, kw, c). The grid's third axis is the output: program z = 0 computes the primal, program
-z = 1 + s tangent slot s, each into one accumulator tile, so registers and shared memory do not
-grow with the number of slots (the x and W tiles the programs share come through L2):
+The primal is computed once, then the tangents:
 
-    z = 0:      acc  = x · W                       y = acc + b
-    z = 1 + s:  acc  = ẋ_s · W  +  x · Ẇ_p         ẏ_s = acc + ḃ_p
-                (the terms the slot has: an input slot s < TX; a parameter slot p of its own)
+    launch 1 (primal):    y = x·W + b                          sums Σy, Σ(y − ȳ_tile)²
+    launch 2 (tangents):  ẏ_s = ẋ_s·W  +  x·Ẇ_p  +  ḃ_p          sums Σẏ_s, Σ(y − ȳ_tile)·ẏ_s
 
-The epilogue optionally writes the per-tile batch-norm sums of the output (Σy, Σ(y−ȳ_tile)²,
-Σẏ_s, Σ(y−ȳ_tile)·ẏ_s); a tangent program then also computes its tile of y, a second
-accumulator. ``combine_tile_stats`` merges them with Chan's formulas, so that a following
-training-mode batch norm needs no statistics pass.
+Each slot's program computes only the terms it has, with one accumulator, so registers and
+shared memory do not grow with the number of slots (the slots ride on the grid's second axis).
+A slot with both an input and a parameter tangent sums two products per reduction step; input
+slots followed by appended parameter slots take two launches, one per role, so that no
+program branches inside its reduction loop. The batch-norm sums of a tangent need the primal
+tile: the tangent launch reads y back in its epilogue (one read of y per slot, against one
+product x·W per slot if it recomputed it), and the primal launch's tile sums then combine with
+the tangents' (``combine_tile_stats``, Chan's formulas) into the batch statistics, so that a
+following training-mode batch norm needs no statistics pass.
+
+Tiles come from ``conv_plan`` before the launch: every launch of one call shares the row tile,
+so the tile sums of the primal and of every slot cover the same rows.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
 
 from ..base import ConvArgs
-from ..layout import empty_like_format, empty_slots
+from ..layout import empty_like_format, empty_slots, kernel_format, slots_in_format
 from . import INTERPRETED
+from .conv_kernel import _dual_conv2d_forward_kernel
+from .conv_plan import LaunchShape, TilePlan, block_m, plan_tiles
+from .precision import cudnn_conv_fp32_precision, dot_input_precision
+from .target import shared_limit, target_arch
 
 Tensor = torch.Tensor
-MAX_SLOTS = 16
-
-
-def _configs():
-    if INTERPRETED:  # one small tile: the interpreter runs every program in numpy
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w,
-                          num_stages=s)
-            # Each compiles spill-free, with wgmma on sm_90, for sm_80/89/90, float32 and
-            # bfloat16, batch-norm sums on and off, and those that kept_configs keeps for
-            # bfloat16 slots of float32 (python -m fgkernels.backends.triton.report).
-            for bm, bn, bk, w, s in [(64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 32, 32, 4, 4)]]
-
-
-def shared_bytes(config, elem_bytes: int) -> int:
-    """The shared memory a config's software pipeline needs: per stage, the x and W tiles and,
-    in a tangent program, the ẋ and Ẇ tiles."""
-    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return config.num_stages * 2 * (bm * bk + bk * bn) * elem_bytes
-
-
-def _device_shared_limit() -> Optional[int]:
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "shared_memory_per_block_optin", None)
-
-
-# A program whose tangents have a lower precision than the primal holds each operand tile twice
-# (as loaded, and in the tangents' dtype): configs with more operand elements per thread than
-# this spill registers there.
-MIXED_OPERAND_ELEMENTS_PER_THREAD = 24
-
-
-def operand_elements_per_thread(config) -> int:
-    """Elements of the x and W tiles of one reduction step per thread."""
-    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    return (bm * bk + bk * bn) // (32 * config.num_warps)
-
-
-def kept_configs(configs, elem_bytes: int, shared_limit: Optional[int], mixed: bool = False):
-    """The configs whose pipeline fits ``shared_limit`` bytes (any without a limit) and, for
-    a ``mixed``-precision launch, whose operand tiles fit its register budget."""
-    return [c for c in configs
-            if (shared_limit is None or shared_bytes(c, elem_bytes) <= shared_limit)
-            and (not mixed or operand_elements_per_thread(c) <= MIXED_OPERAND_ELEMENTS_PER_THREAD)]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep the configs that fit this device's shared memory, read at run time (the launcher
-    does not launch where none fits; the autotuner needs one config all the same)."""
-    x = named_args.get("x_ptr")
-    elem = x.element_size() if isinstance(x, torch.Tensor) else 4
-    return kept_configs(configs, elem, _device_shared_limit(), kwargs.get("MIXED", False)) or \
-        [min(configs, key=lambda c: shared_bytes(c, elem))]
-
-
-@triton.jit
-def _slot_terms(slot, TX, TP, P_OFFSET, P_ADD: tl.constexpr, HAS_XT: tl.constexpr):
-    """Which terms program ``slot`` (-1: the primal) computes: the primal, ẋ_s·W (s an input
-    slot), x·Ẇ_p + ḃ_p (p the parameter slot landing here: the same index with P_ADD, else
-    slot − P_OFFSET). Returns (is_primal, p, has the ẋ term, has the Ẇ term)."""
-    p_slot = slot - P_OFFSET
-    if P_ADD:
-        p_slot = slot
-    has_x = (slot >= 0) & (slot < TX)
-    if not HAS_XT:
-        has_x = slot < -1  # never
-    return slot < 0, p_slot, has_x, (slot >= 0) & (p_slot >= 0) & (p_slot < TP)
-
-
-@triton.jit
-def _window(k0, C, H, W, K, KW, oh, ow, row_ok, col_ok, stride_h, stride_w, pad_h, pad_w,
-            dil_h, dil_w, BLOCK_K: tl.constexpr):
-    """The reduction step at k0: k -> (kh, kw, c), the input pixel ih = oh·stride − pad +
-    kh·dilation of each (row, k) and its mask (zero padding outside), and the weight mask."""
-    k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = k < K
-    c = k % C
-    kw = (k // C) % KW
-    kh = k // (C * KW)
-    ih = oh[:, None] * stride_h - pad_h + kh[None, :] * dil_h
-    iw = ow[:, None] * stride_w - pad_w + kw[None, :] * dil_w
-    x_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    return c, kh, kw, ih, iw, x_ok, k_ok[:, None] & col_ok[None, :]
-
-
-@triton.autotune(configs=_configs(),
-                 key=["C", "CO", "H", "W", "HO", "WO", "KH", "KW", "N", "TX", "TP"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _dual_conv2d_forward_kernel(
-        x_ptr, xt_ptr, w_ptr, wt_ptr, b_ptr, bt_ptr, y_ptr, yt_ptr, stats_ptr, tstats_ptr,
-        N, C, H, W, CO, HO, WO, KH, KW, M, K, TX, TP, COUNT, P_OFFSET,
-        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-        sx_n, sx_c, sx_h, sx_w,
-        st_t, st_n, st_c, st_h, st_w,
-        sw_o, sw_c, sw_h, sw_w,
-        swt_t, swt_o, swt_c, swt_h, swt_w,
-        sbt_t,
-        sy_n, sy_c, sy_h, sy_w,
-        syt_t, syt_n, syt_c, syt_h, syt_w,
-        HAS_XT: tl.constexpr, HAS_WT: tl.constexpr, HAS_B: tl.constexpr, HAS_BT: tl.constexpr,
-        P_ADD: tl.constexpr, BN_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, MIXED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
-    # Offsets inside a tensor are int32 (the launcher keeps every tensor under 2³¹ elements);
-    # a slot's base offset is int64.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slot = tl.program_id(2) - 1  # -1: the primal
-
-    is_primal, p_slot, has_x, has_p = _slot_terms(slot, TX, TP, P_OFFSET, P_ADD, HAS_XT)
-
-    # Output rows of this tile: m -> (n, oh, ow).
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < M
-    n_img = offs_m // (HO * WO)
-    oh = (offs_m % (HO * WO)) // WO
-    ow = offs_m % WO
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = co < CO
-    xt_base = xt_ptr + slot.to(tl.int64) * st_t
-    wt_base = wt_ptr + p_slot.to(tl.int64) * swt_t
-
-    # One accumulator: the program's output (y, or ẏ_s). With the batch-norm sums a tangent
-    # program also needs its tile of y: a second one.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        c, kh, kw, ih, iw, x_ok, w_ok = _window(k0, C, H, W, K, KW, oh, ow, row_ok, col_ok,
-                                                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                                                BLOCK_K)
-        x_tile = tl.load(x_ptr + n_img[:, None] * sx_n + c[None, :] * sx_c + ih * sx_h
-                         + iw * sx_w, mask=x_ok & (is_primal | has_p | BN_STATS), other=0.0)
-        w_tile = tl.load(w_ptr + co[None, :] * sw_o + c[:, None] * sw_c + kh[:, None] * sw_h
-                         + kw[:, None] * sw_w, mask=w_ok & (is_primal | has_x | BN_STATS),
-                         other=0.0)
-        if UPCAST:  # Triton's interpreter multiplies 16-bit floats wrongly: give it float32
-            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        if is_primal:
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-        else:
-            if BN_STATS:
-                acc_y = tl.dot(x_tile, w_tile, acc_y, input_precision=INPUT_PRECISION)
-            if MIXED:  # tangents of a lower precision: their products in it, float32 sums
-                x_dot = x_tile.to(yt_ptr.dtype.element_ty)
-                w_dot = w_tile.to(yt_ptr.dtype.element_ty)
-            else:
-                x_dot = x_tile
-                w_dot = w_tile
-            if has_x:
-                t_tile = tl.load(xt_base + n_img[:, None] * st_n + c[None, :] * st_c
-                                 + ih * st_h + iw * st_w, mask=x_ok, other=0.0)
-                if UPCAST:
-                    t_tile = t_tile.to(tl.float32)
-                acc = tl.dot(t_tile, w_dot, acc, input_precision=INPUT_PRECISION)
-            if HAS_WT:
-                if has_p:
-                    wt_tile = tl.load(wt_base + co[None, :] * swt_o + c[:, None] * swt_c
-                                      + kh[:, None] * swt_h + kw[:, None] * swt_w, mask=w_ok,
-                                      other=0.0)
-                    if UPCAST:
-                        wt_tile = wt_tile.to(tl.float32)
-                    acc = tl.dot(x_dot, wt_tile, acc, input_precision=INPUT_PRECISION)
-
-    # --- epilogue ---------------------------------------------------------------------------------
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if HAS_B:
-        bias = tl.load(b_ptr + co, mask=col_ok, other=0.0).to(tl.float32)
-    if is_primal:  # y = x·W + b, and Σy, Σ(y − ȳ_tile)²
-        acc += bias[None, :]
-        tl.store(y_ptr + (n_img * sy_n + oh * sy_h + ow * sy_w)[:, None] + (co * sy_c)[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-        if BN_STATS:
-            y_sum, y_centered = _tile_centred(acc, out_ok, M, pid_m, BLOCK_M)
-            _store_pair(stats_ptr + pid_m * 2 * CO + co, CO, y_sum,
-                        tl.sum(y_centered * y_centered, axis=0), col_ok)
-    else:
-        _tangent_epilogue(acc, acc_y + bias[None, :], bt_ptr, yt_ptr, tstats_ptr, slot, p_slot,
-                          has_p, sbt_t, syt_t, syt_n, syt_c, syt_h, syt_w, n_img, oh, ow, co,
-                          row_ok, col_ok, M, CO, COUNT, pid_m, HAS_BT, BN_STATS, BLOCK_M)
-
-
-@triton.jit
-def _tangent_epilogue(acc, y, bt_ptr, yt_ptr, tstats_ptr, slot, p_slot, has_p, sbt_t,
-                      syt_t, syt_n, syt_c, syt_h, syt_w, n_img, oh, ow, co, row_ok, col_ok, M,
-                      CO, COUNT, pid_m, HAS_BT: tl.constexpr, BN_STATS: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-    """ẏ_s = acc + ḃ_p stored into slot s, and its sums Σẏ_s, Σ(y − ȳ_tile)·ẏ_s (y: this
-    tile of the primal, computed by the same program)."""
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    if HAS_BT:
-        if has_p:
-            acc += tl.load(bt_ptr + p_slot * sbt_t + co, mask=col_ok,
-                           other=0.0).to(tl.float32)[None, :]
-    tl.store(yt_ptr + slot.to(tl.int64) * syt_t
-             + (n_img * syt_n + oh * syt_h + ow * syt_w)[:, None] + (co * syt_c)[None, :],
-             acc.to(yt_ptr.dtype.element_ty), mask=out_ok)
-    if BN_STATS:
-        _, y_centered = _tile_centred(y, out_ok, M, pid_m, BLOCK_M)
-        t_masked = tl.where(out_ok, acc, 0.0)
-        _store_pair(tstats_ptr + (pid_m * COUNT + slot) * 2 * CO + co, CO,
-                    tl.sum(t_masked, axis=0), tl.sum(t_masked * y_centered, axis=0), col_ok)
-
-
-@triton.jit
-def _store_pair(base, CO, first, second, ok):
-    """Two per-channel sums, ``CO`` apart."""
-    tl.store(base, first, mask=ok)
-    tl.store(base + CO, second, mask=ok)
-
-
-@triton.jit
-def _tile_centred(y, ok, M, pid_m, BLOCK_M: tl.constexpr):
-    """Σy over the tile's valid rows, and y − ȳ_tile there (0 elsewhere): centring inside the
-    tile keeps the float32 sums stable."""
-    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    y_sum = tl.sum(tl.where(ok, y, 0.0), axis=0)
-    return y_sum, tl.where(ok, y - (y_sum / count)[None, :], 0.0)
+MAX_SLOTS = 65535  # the slots ride on the grid's second axis
+# Channels of 16-bit operands come in multiples of this (16 elements, the alignment Triton
+# proves from a launch's integer arguments): 16-byte vector loads and asynchronous copies.
+CHANNEL_ALIGN = 16
 
 
 def slot_layout(x_pos: tuple, p_pos: tuple, count: int) -> Optional[tuple[bool, int]]:
@@ -263,65 +54,245 @@ def slot_layout(x_pos: tuple, p_pos: tuple, count: int) -> Optional[tuple[bool, 
     return None
 
 
+@dataclass
+class KernelOperands:
+    """x, W and their slots laid out for the kernel's reduction order; x and W also in the
+    tangents' dtype, cast once where it is lower than the primal's (the tangent terms'
+    products are taken in it)."""
+
+    x: Tensor
+    xt: Optional[Tensor]
+    w: Tensor
+    wt: Optional[Tensor]
+    x_for_tangents: Optional[Tensor]  # x in the tangents' dtype (None: no parameter slot)
+    w_for_tangents: Optional[Tensor]  # W in the tangents' dtype (None: no input slot)
+    c_inner: bool
+    channels: int
+
+
+def kernel_operands(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor],
+                    tangent_dtype: torch.dtype) -> KernelOperands:
+    """The (kh, kw, c) order (channels_last operands) where x is channels_last or an operand
+    has 16-bit elements (whose loads must be vectors to be asynchronous), channels padded with
+    zeros to a multiple of ``CHANNEL_ALIGN`` for 16-bit operands; else the (c, kh, kw) order
+    on contiguous operands. A copy is made only of an operand not already so."""
+    sixteen_bit = min(x.element_size(), tangent_dtype.itemsize) == 2
+    c_inner = sixteen_bit or kernel_format(x) == torch.channels_last
+    C = x.shape[1]
+    if c_inner:
+        channels = C if not sixteen_bit else -(-C // CHANNEL_ALIGN) * CHANNEL_ALIGN
+        x, w = _channels_last(x, channels), _channels_last(w, channels)
+        xt = None if xt is None else _channels_last_slots(xt, channels)
+        wt = None if wt is None else _channels_last_slots(wt, channels)
+    else:
+        channels = C
+        x, w = x.contiguous(), w.contiguous()
+        xt = None if xt is None else xt.contiguous()
+        wt = None if wt is None else wt.contiguous()
+    return KernelOperands(x, xt, w, wt,
+                          None if wt is None else x.to(tangent_dtype),
+                          None if xt is None else w.to(tangent_dtype), c_inner, channels)
+
+
+def _channels_last(t: Tensor, channels: int) -> Tensor:
+    """``t`` (N, C, H, W) channels_last with ``channels`` ≥ C channels (zeros after C)."""
+    if channels == t.shape[1]:
+        return t.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = t.shape
+    out = t.new_zeros((n, h, w, channels)).permute(0, 3, 1, 2)
+    out[:, :c] = t
+    return out
+
+
+def _channels_last_slots(t: Tensor, channels: int) -> Tensor:
+    """A stack of slots (T, N, C, H, W), each channels_last with ``channels`` channels."""
+    if channels == t.shape[2]:
+        return slots_in_format(t, torch.channels_last)
+    T, n, c, h, w = t.shape
+    out = t.new_zeros((T, n, h, w, channels)).permute(0, 1, 4, 2, 3)
+    out[:, :, :c] = t
+    return out
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The convolution's sizes as the kernel takes them: C the channels of the kernel's
+    operands (padded for 16-bit ones), M = N·H_out·W_out output rows, K = C·kh·kw."""
+
+    C: int
+    H: int
+    W: int
+    CO: int
+    HO: int
+    WO: int
+    KH: int
+    KW: int
+    M: int
+    K: int
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    def kernel_args(self) -> tuple:
+        return (self.C, self.H, self.W, self.CO, self.HO, self.WO, self.KH, self.KW, self.M,
+                self.K, *self.stride, *self.padding, *self.dilation)
+
+
+@dataclass
+class Launch:
+    """One launch of the kernel over ``slots`` programs per tile: ``out_s = a_s·b_s (+
+    a2_s·b2_s) (+ bias_s)``; an operand's slot stride is 0 where it is shared by every slot."""
+
+    a: Tensor
+    b: Tensor
+    out: Tensor
+    slots: int
+    terms: int
+    a_slot: int = 0
+    b_slot: int = 0
+    a2: Optional[Tensor] = None
+    a2_slot: int = 0
+    b2: Optional[Tensor] = None
+    b2_slot: int = 0
+    bias: Optional[Tensor] = None
+    bias_slot: int = 0
+    out_slot: int = 0
+    stats: Optional[Tensor] = None  # (tiles, slots, 2, C_out) or (tiles, 2, C_out)
+    primal: Optional[Tensor] = None  # y, read back for the sums of a tangent
+    primal_stats: Optional[Tensor] = None  # the primal launch's (tiles, 2, C_out) sums
+
+
+def tangent_launches(ops: KernelOperands, bt: Optional[Tensor], y: Tensor, yt: Tensor,
+                     stats: Optional[Tensor], tstats: Optional[Tensor], p_add: bool,
+                     p_offset: int, tx: int, tp: int) -> list[Launch]:
+    """The launches of the tangent slots: one over every slot where the parameters' slots are
+    the input's, else one per role (input slots, then appended parameter slots). Parameter
+    slots whose only tangent is the bias's take no launch (``bias_only_slots``)."""
+    xt, wt = ops.xt, ops.wt
+    stats_from = lambda s0: None if tstats is None else tstats[:, s0:]
+    primal = dict(primal=y, primal_stats=stats)
+    bias = dict(bias=bt, bias_slot=0 if bt is None else bt.stride(0))
+    if p_add:  # slot s: ẋ_s·W + x·Ẇ_s + ḃ_s
+        launch = Launch(xt, ops.w_for_tangents, yt, tx, 1, a_slot=xt.stride(0),
+                        out_slot=yt.stride(0), stats=stats_from(0), **primal, **bias)
+        if wt is not None:
+            launch.terms = 2
+            launch.a2, launch.b2, launch.b2_slot = ops.x_for_tangents, wt, wt.stride(0)
+        return [launch]
+    launches = []
+    if tx:  # slot s < tx: ẋ_s·W
+        launches.append(Launch(xt, ops.w_for_tangents, yt, tx, 1, a_slot=xt.stride(0),
+                               out_slot=yt.stride(0), stats=stats_from(0), **primal))
+    if tp and wt is not None:  # slot p_offset + p: x·Ẇ_p + ḃ_p
+        launches.append(Launch(ops.x_for_tangents, wt, yt[p_offset:], tp, 1,
+                               b_slot=wt.stride(0), out_slot=yt.stride(0),
+                               stats=stats_from(p_offset), **primal, **bias))
+    return launches
+
+
+def bias_only_slots(yt: Tensor, tstats: Optional[Tensor], rows: Optional[Tensor],
+                    bt: Tensor, p_offset: int) -> None:
+    """Parameter slots whose only tangent is the bias's: ẏ_p = ḃ_p at every pixel, so
+    Σẏ = rows·ḃ_p and Σ(y − ȳ_tile)·ẏ_p = 0 in every tile."""
+    tp = bt.shape[0]
+    yt[p_offset:p_offset + tp] = bt.to(yt.dtype)[:, None, :, None, None]
+    if tstats is not None:
+        tstats[:, p_offset:p_offset + tp, 0] = rows[:, None, None].float() * bt.float()[None]
+        tstats[:, p_offset:p_offset + tp, 1] = 0
+
+
 def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor],
                 b: Optional[Tensor], bt: Optional[Tensor], x_pos: tuple, p_pos: tuple,
                 count: int, stride, padding, dilation, bn_stats: bool = False,
                 input_precision: Optional[str] = None):
-    """Run the fused kernel. Returns ``(y, yt or None, tile_stats)`` with ``tile_stats`` =
-    ``(stats (tiles, 2, C_out), tstats (tiles, count, 2, C_out), rows per tile)`` when
-    ``bn_stats``; None where the kernel does not serve (a slot layout it does not lay out, no
-    config fitting the device's shared memory, a tensor of 2³¹ elements or more): the caller
-    falls back."""
+    """Run the fused convolution. Returns ``(y, yt or None, tile_stats)`` with ``tile_stats``
+    = ``(stats (tiles, 2, C_out), tstats (tiles, count, 2, C_out), rows per tile)`` when
+    ``bn_stats``; None where the kernel does not serve (a slot layout it does not lay out, a
+    tensor slot of 2³¹ elements or more): the caller falls back.
+
+    ``input_precision`` of float32 products: ``"tf32"`` or ``"ieee"`` (three TF32 products,
+    about float32's precision); by default what cuDNN's convolutions use."""
     layout = slot_layout(x_pos, p_pos, count)
-    tangent_dtype = next((t.dtype for t in (xt, wt, bt) if t is not None), x.dtype)
-    upcast = INTERPRETED and {x.dtype, tangent_dtype} != {torch.float32}
-    mixed = tangent_dtype != x.dtype and not upcast
-    if layout is None or not kept_configs(_configs(), x.element_size(), _device_shared_limit(),
-                                          mixed):
+    if layout is None:
         return None
     N, C, H, W = x.shape
     CO, _, KH, KW = w.shape
     _, _, HO, WO = ConvArgs(stride, padding, dilation, 1).output_shape(x.shape, w.shape)
-    if max(x.numel(), N * CO * HO * WO, w.numel()) >= 2 ** 31:
+    padded = -(-C // CHANNEL_ALIGN) * CHANNEL_ALIGN
+    if max(x.numel() // C * padded, N * CO * HO * WO, w.numel() // C * padded) >= 2 ** 31:
         return None  # offsets inside a slot are int32 in the kernel
     p_add, p_offset = layout
-    TX = 0 if xt is None else xt.shape[0]
-    TP = 0 if not p_pos else (wt if wt is not None else bt).shape[0]
+    tx = 0 if xt is None else xt.shape[0]
+    tangent_dtype = next((t.dtype for t in (xt, wt, bt) if t is not None), x.dtype)
+    upcast = INTERPRETED and {x.dtype, tangent_dtype} != {torch.float32}
+    precision = dot_input_precision(input_precision or cudnn_conv_fp32_precision())
+
+    ops = kernel_operands(x, xt, w, wt, tangent_dtype)
     y = empty_like_format((N, CO, HO, WO), x)
-    yt = empty_slots(count, y, tangent_dtype) if count else y
-    if input_precision is None:
-        input_precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    yt = empty_slots(count, y, tangent_dtype) if count else None
     M = N * HO * WO
-    max_tiles = triton.cdiv(M, 16)  # the smallest BLOCK_M of any config
-    stats = torch.empty((max_tiles, 2, CO) if bn_stats else (1,), device=x.device,
-                        dtype=torch.float32)
-    tstats = torch.empty((max_tiles, count, 2, CO) if bn_stats and count else (1,),
-                         device=x.device, dtype=torch.float32)
-    dummy = y
-    xt_ = xt if xt is not None else dummy.unsqueeze(0)
-    wt_ = wt if wt is not None else w.unsqueeze(0)
-    bt_ = bt if bt is not None else dummy
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]),
-                         1 + count)
-    _dual_conv2d_forward_kernel[grid](
-        x, xt_, w, wt_, b if b is not None else dummy, bt_, y, yt, stats, tstats,
-        N, C, H, W, CO, HO, WO, KH, KW, M, C * KH * KW, TX, TP, count, p_offset,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        *x.stride(), *xt_.stride()[:5], *w.stride(), *wt_.stride()[:5],
-        bt_.stride(0) if bt is not None else 0,
-        *y.stride(), *(yt.stride() if count else (0,) * 5),
-        HAS_XT=xt is not None, HAS_WT=wt is not None and TP > 0, HAS_B=b is not None,
-        HAS_BT=bt is not None and TP > 0, P_ADD=p_add, BN_STATS=bn_stats,
-        INPUT_PRECISION=input_precision, UPCAST=upcast, MIXED=mixed)
-    tile_stats = None
+    bm = block_m(M)
+    tiles = triton.cdiv(M, bm)
+    stats = tstats = rows = None
     if bn_stats:
-        block_m = _dual_conv2d_forward_kernel.best_config.kwargs["BLOCK_M"]
-        tiles = triton.cdiv(M, block_m)
-        rows = torch.full((tiles,), float(block_m), device=x.device, dtype=torch.float64)
-        rows[-1] = M - (tiles - 1) * block_m
-        tile_stats = (stats[:tiles], tstats[:tiles] if count else tstats.new_empty(
-            (tiles, 0, 2, CO)), rows)
-    return y, (yt if count else None), tile_stats
+        stats = torch.empty((tiles, 2, CO), device=x.device, dtype=torch.float32)
+        tstats = torch.empty((tiles, count, 2, CO), device=x.device, dtype=torch.float32)
+        rows = torch.full((tiles,), float(bm), device=x.device, dtype=torch.float64)
+        rows[-1] = M - (tiles - 1) * bm
+
+    launches = [Launch(ops.x, ops.w, y, 1, 1, bias=b, stats=stats)]
+    if count:
+        launches += tangent_launches(ops, bt, y, yt, stats, tstats, p_add, p_offset, tx,
+                                     len(p_pos))
+    geometry = Geometry(ops.channels, H, W, CO, HO, WO, KH, KW, M, ops.channels * KH * KW,
+                        tuple(stride), tuple(padding), tuple(dilation))
+    for launch in launches:
+        run_launch(launch, ops, geometry, precision, upcast)
+    if p_pos and wt is None and not p_add:
+        bias_only_slots(yt, tstats, rows, bt, p_offset)
+    return y, yt, (stats, tstats, rows) if bn_stats else None
+
+
+def launch_plan(launch: Launch, ops: KernelOperands, g: Geometry, split_fp32: bool,
+                device: torch.device) -> TilePlan:
+    """The tiles of ``launch`` on the target of ``device``."""
+    arch = target_arch(device)
+    shape = LaunchShape(rows=g.M, c_out=g.CO, channels=g.C, c_inner=ops.c_inner,
+                        a_bytes=launch.a.element_size(), b_bytes=launch.b.element_size(),
+                        terms=launch.terms,
+                        split_fp32=split_fp32 and launch.out.dtype == torch.float32,
+                        bn_stats=launch.stats is not None)
+    return plan_tiles(shape, arch, shared_limit(arch, device))
+
+
+def run_launch(launch: Launch, ops: KernelOperands, g: Geometry, precision: str,
+               upcast: bool) -> None:
+    """Launch the kernel once, as ``launch`` describes, with the tiles ``conv_plan`` gives."""
+    fp32_dot = launch.out.dtype == torch.float32 and not upcast
+    plan = launch_plan(launch, ops, g, precision == "tf32x3", launch.out.device)
+    out, stats, ystats = launch.out, launch.stats, launch.primal_stats
+    read_y = stats is not None and launch.primal is not None
+    unused = out  # the pointer passed for an operand the launch does not read
+    stats_strides = (0, 0) if stats is None else (stats.stride(0),
+                                                  stats.stride(1) if stats.dim() == 4 else 0)
+    # x's NCHW strides serve the (c, kh, kw) order only: the (kh, kw, c) one computes its
+    # offsets from the sizes (the operands are contiguous channels_last).
+    x_strides = (0, 0, 0, 0) if ops.c_inner else ops.x.stride()
+    grid = (triton.cdiv(g.M, plan.block_m) * triton.cdiv(g.CO, plan.block_n), launch.slots)
+    _dual_conv2d_forward_kernel[grid](
+        launch.a, launch.b, launch.a2 if launch.a2 is not None else launch.a,
+        launch.b2 if launch.b2 is not None else launch.b,
+        launch.bias if launch.bias is not None else unused, out,
+        launch.primal if read_y else unused, stats if stats is not None else unused,
+        ystats if read_y else unused, *g.kernel_args(),
+        launch.a_slot, launch.a2_slot, *x_strides, launch.b_slot, launch.b2_slot,
+        launch.bias_slot, launch.out_slot, *out.stride()[-4:], *stats_strides,
+        ystats.stride(0) if read_y else 0,
+        TERMS=launch.terms, HAS_BIAS=launch.bias is not None, BN_STATS=stats is not None,
+        READ_Y=read_y, C_INNER=ops.c_inner,
+        INPUT_PRECISION=precision if fp32_dot else "tf32", UPCAST=upcast,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
 def combine_tile_stats(stats: Tensor, tstats: Tensor, rows: Tensor, acc_dtype: torch.dtype):
