@@ -22,8 +22,12 @@ _BLOCK = 128 if INTERPRETED else 1024
 @triton.jit
 def _dual_bn_relu_apply_kernel(y_ptr, yt_ptr, center_ptr, scale_ptr, shift_ptr, txs_ptr,
                                tsh_ptr, numel, C, inner, T, RELU: tl.constexpr,
-                               BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+                               WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    # Offsets inside one slot are int32 unless a slot has 2³¹ elements or more (WIDE); a slot's
+    # offset t·numel is int64 (the slots together pass 2³¹ elements long before one does).
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     c = (offs // inner) % C  # [outer, C, inner] layout: NCHW has inner = H·W, NHWC inner = 1
@@ -37,10 +41,11 @@ def _dual_bn_relu_apply_kernel(y_ptr, yt_ptr, center_ptr, scale_ptr, shift_ptr, 
         out = tl.where(drop, 0.0, out)
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=ok)
     for t in range(T):
-        ptrs = yt_ptr + t * numel + offs
+        t_wide = tl.cast(t, tl.int64)
+        ptrs = yt_ptr + t_wide * numel + offs
         yt = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        v = (scale * yt + tl.load(txs_ptr + t * C + c, mask=ok, other=0.0) * u
-             + tl.load(tsh_ptr + t * C + c, mask=ok, other=0.0))
+        v = (scale * yt + tl.load(txs_ptr + t_wide * C + c, mask=ok, other=0.0) * u
+             + tl.load(tsh_ptr + t_wide * C + c, mask=ok, other=0.0))
         if RELU:
             v = tl.where(drop, 0.0, v)
         tl.store(ptrs, v.to(yt_ptr.dtype.element_ty), mask=ok)
@@ -58,5 +63,5 @@ def dual_bn_relu_apply_(y: torch.Tensor, yt, center, scale, shift, t_xscale, t_s
     f32 = lambda v: v.to(torch.float32).contiguous()
     _dual_bn_relu_apply_kernel[(triton.cdiv(y.numel(), _BLOCK),)](
         y, y if yt is None else yt, f32(center), f32(scale), f32(shift), f32(t_xscale),
-        f32(t_shift),
-        y.numel(), C, inner, T, RELU=relu, BLOCK=_BLOCK)
+        f32(t_shift), y.numel(), C, inner, T, RELU=relu,
+        WIDE=y.numel() + _BLOCK >= 2 ** 31, BLOCK=_BLOCK)
