@@ -49,8 +49,8 @@ template <typename A> __device__ A block_sum(A v, A* scratch) {
 
 // grid (C, splits, 1 + slots): z = 0 sums x, z = t + 1 sums slot t against x. Each block walks
 // the (outer, inner) elements of its channel in its split, consecutive threads on consecutive
-// elements of a row (coalesced for NCHW; for channels_last the stride is C). T: the primal's
-// element type, TT: the slots'; sums in T's accumulation type.
+// elements of a row: coalesced where rows are long (NCHW, inner = H*W). T: the primal's element
+// type, TT: the slots'; sums in T's accumulation type.
 template <typename T, typename TT>
 __global__ void bn_stats_kernel(BNStatsParams p) {
   using A = typename Acc<T>::type;
@@ -80,6 +80,55 @@ __global__ void bn_stats_kernel(BNStatsParams p) {
   s1 = block_sum(s1, scratch);
   s2 = block_sum(s2, scratch);
   if (threadIdx.x == 0) {
+    A* out = static_cast<A*>(p.partial) + split * (2 + 2 * p.slots) * C;
+    out[(2 * z) * C + c] = s1;
+    out[(2 * z + 1) * C + c] = s2;
+  }
+}
+
+// Channels innermost (channels_last, inner = 1): the [outer, C] rows of x. A block takes
+// kChannelTile channels and the rows of its split: consecutive threads on consecutive channels
+// of a row (coalesced), kThreads / kChannelTile rows at a time; the partial sums of a channel's
+// threads then meet in shared memory. grid (ceil(C / kChannelTile), splits, 1 + slots); the
+// same sums and shift as bn_stats_kernel.
+constexpr int kChannelTile = 32;
+constexpr int kRowsAtOnce = kThreads / kChannelTile;
+
+template <typename T, typename TT>
+__global__ void bn_stats_channels_last_kernel(BNStatsParams p) {
+  using A = typename Acc<T>::type;
+  __shared__ A partial1[kRowsAtOnce][kChannelTile], partial2[kRowsAtOnce][kChannelTile];
+  const int lane = threadIdx.x % kChannelTile, row = threadIdx.x / kChannelTile;
+  const int64_t C = p.layout.channels, rows = p.layout.outer;
+  const int64_t c = blockIdx.x * int64_t{kChannelTile} + lane, split = blockIdx.y, z = blockIdx.z;
+  const int64_t per_split = (rows + p.splits - 1) / p.splits;
+  const int64_t r0 = split * per_split, r1 = min(rows, r0 + per_split);
+  const T* x = static_cast<const T*>(p.x);
+  const TT* t = z ? static_cast<const TT*>(p.xt) + (z - 1) * rows * C : nullptr;
+  A s1 = 0, s2 = 0;
+  if (c < C) {
+    const A k = load(x + c);
+    for (int64_t r = r0 + row; r < r1; r += kRowsAtOnce) {
+      const int64_t idx = r * C + c;
+      const A d = load(x + idx) - k;
+      if (z == 0) {
+        s1 += d;
+        s2 += d * d;
+      } else {
+        const A v = static_cast<A>(load(t + idx));
+        s1 += v;
+        s2 += d * v;
+      }
+    }
+  }
+  partial1[row][lane] = s1;
+  partial2[row][lane] = s2;
+  __syncthreads();
+  if (row == 0 && c < C) {
+    for (int r = 1; r < kRowsAtOnce; ++r) {
+      s1 += partial1[r][lane];
+      s2 += partial2[r][lane];
+    }
     A* out = static_cast<A*>(p.partial) + split * (2 + 2 * p.slots) * C;
     out[(2 * z) * C + c] = s1;
     out[(2 * z + 1) * C + c] = s2;
@@ -121,8 +170,14 @@ __global__ void bn_apply_kernel(BNApplyParams p) {
 
 template <typename T, typename TT>
 int stats(const BNStatsParams& p, cudaStream_t stream) {
-  dim3 grid(p.layout.channels, p.splits, 1 + p.slots);
-  bn_stats_kernel<T, TT><<<grid, kThreads, 0, stream>>>(p);
+  if (p.layout.inner == 1) {
+    const int64_t tiles = (p.layout.channels + kChannelTile - 1) / kChannelTile;
+    dim3 grid(static_cast<unsigned>(tiles), p.splits, 1 + p.slots);
+    bn_stats_channels_last_kernel<T, TT><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    dim3 grid(p.layout.channels, p.splits, 1 + p.slots);
+    bn_stats_kernel<T, TT><<<grid, kThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

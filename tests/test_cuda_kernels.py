@@ -1,0 +1,42 @@
+"""The CUDA kernels of csrc/cuda on a GPU, against float64 (skipped without one): the
+batch-norm statistics of channels_last activations, read row by row (consecutive threads on
+consecutive channels), over several channel tiles and splits, for every element-type pair."""
+import pytest
+import torch
+
+import fgkernels
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available() or
+                                 "native" not in fgkernels.available_backends(),
+                                 reason="needs CUDA and the compiled extension")]
+
+# (primal, tangent) element types the kernels are instantiated for
+DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64),
+          (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+          (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+          (torch.float64, torch.float32)]
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}"[12:])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_stats_match_float64(dtypes, channels_last):
+    """70 channels (three tiles of 32 in channels_last, the last ragged), 64·40·40 rows (many
+    splits), a mean far from zero; two tangent slots."""
+    primal, tangent = dtypes
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x64 = torch.randn(64, 70, 40, 40, device="cuda", dtype=torch.float64, generator=g) * 3 + 5
+    xt64 = torch.randn(2, *x64.shape, device="cuda", dtype=torch.float64, generator=g)
+    x, xt = x64.to(primal), xt64.to(tangent)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        xt = xt.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    mean, var, tmean, tcov = torch.ops.fgkernels.dual_bn_stats(x, xt)
+    xs, ts = x.double(), xt.double()  # the values as stored
+    centred = xs - xs.mean((0, 2, 3), keepdim=True)
+    tol = dict(rtol=1e-5, atol=1e-5) if primal != torch.float64 else dict(rtol=1e-10,
+                                                                          atol=1e-10)
+    torch.testing.assert_close(mean.double(), xs.mean((0, 2, 3)), **tol)
+    torch.testing.assert_close(var.double(), (centred ** 2).mean((0, 2, 3)), **tol)
+    torch.testing.assert_close(tmean.double(), ts.mean((1, 3, 4)), **tol)
+    torch.testing.assert_close(tcov.double(), (centred * ts).mean((1, 3, 4)), **tol)
