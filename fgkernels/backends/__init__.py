@@ -3,9 +3,10 @@
 Backends (``base.Backend`` is the contract): ``reference`` (plain PyTorch, always there),
 ``native`` (the compiled ``fgkernels._C`` ops) and ``triton`` (Triton kernels; on CUDA, or on the
 CPU under ``TRITON_INTERPRET=1``). The default is, per device, the backend measured fastest
-there: native on the CPU, and native on CUDA too until a GPU run of the benchmarks shows the
-Triton kernels faster (``benchmarks/RESULTS-gpu.md``); reference when nothing else is built.
-``FGKERNELS_BACKEND`` or ``use_backend(name)`` forces one (``triton`` is opt-in).
+there: native on the CPU; on CUDA, per fused op, the backend ``cuda_defaults.CUDA_DEFAULTS``
+names (native for every op until a GPU run of the benchmarks shows a Triton kernel faster,
+``benchmarks/RESULTS-gpu.md``); reference when nothing else is built. ``FGKERNELS_BACKEND`` or
+``use_backend(name)`` forces one backend for every op (``triton`` is opt-in).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from . import native  # noqa: F401  (loads fgkernels._C, when built, and the ops' fakes)
 from .base import Backend
+from .cuda_defaults import cuda_default
 from .reference import ReferenceBackend
 
 BACKENDS = ("reference", "native", "triton")
@@ -98,7 +100,12 @@ def current_backend(device: torch.device) -> Backend:
             raise RuntimeError(f"FGKERNELS_BACKEND={name} is not available here; available: "
                                f"{', '.join(available_backends())}")
         return backend
-    backend = _load("native")
+    if device.type == "cuda":
+        if "cuda-default" not in _loaded:
+            _loaded["cuda-default"] = cuda_default(_load)
+        backend = _loaded["cuda-default"]
+    else:
+        backend = _load("native")
     if backend is not None:
         return backend
     _warn_unbuilt()
