@@ -1,11 +1,12 @@
 """Where a ResNet-18 dual pass spends its time: convolutions against everything else, for
 fgkernels and for torch.autograd.forward_ad, by torch.profiler.
 
-    python benchmarks/profile_dual_pass.py [--batch 32] [--backend native] [--passes 5]
+    python benchmarks/profile_dual_pass.py [--batch 32] [--backend native|triton] [--passes 5]
+                                           [--channels-last]
 
-The convolutions are counted where ATen runs them: the reference and native backends (the
-Triton one computes convolutions and batch-norm statistics in one kernel, which no profile
-splits).
+The convolutions are counted where ATen runs them (the reference and native backends, and
+forward_ad) and, on the triton backend, as the device time of the fused convolution's
+kernels, whose epilogue also sums the batch-norm statistics.
 
 Both passes compute the same convolution FLOPs (three convolutions per layer: the primal, the
 input term and the parameter term), so the convolutions' time bounds what fusing the rest can
@@ -49,10 +50,14 @@ def profile_call(fn, device: torch.device) -> dict[str, float]:
     events = {event.key: event for event in prof.key_averages()}
     # aten::_convolution sits below autograd and forward-mode AD and above the backend kernel
     # (oneDNN, cuDNN): its inclusive time is the convolutions' own, for both passes alike.
-    conv = events["aten::_convolution"]
-    conv_us = conv.device_time_total if device.type == "cuda" else conv.cpu_time_total
+    conv = events.get("aten::_convolution")
+    conv_us = 0.0 if conv is None else \
+        conv.device_time_total if device.type == "cuda" else conv.cpu_time_total
+    # The Triton backend's fused convolution: its kernels' device time.
+    conv_us += sum(event.device_time_total for key, event in events.items()
+                   if "_dual_conv2d_forward_kernel" in key)
     conv2d = events.get("aten::conv2d")
-    counted = conv2d is not None and conv2d.count == conv.count
+    counted = conv is not None and conv2d is not None and conv2d.count == conv.count
     return {"total_ms": wall * 1e3, "conv_ms": conv_us / 1e3,
             "gflop": conv2d.flops / 1e9 if counted else float("nan")}
 
@@ -87,15 +92,19 @@ def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
 
 
 def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int = 5,
-                     device: Optional[torch.device] = None, quick: bool = False) -> dict:
+                     device: Optional[torch.device] = None, quick: bool = False,
+                     channels_last: bool = False) -> dict:
     """``profile_alternating`` of the fgkernels and the forward_ad loss JVP, and the conv FLOPs
-    of one primal pass (``resnet18_case``'s network and batch; ``backend``: native where built)."""
-    if backend == "triton":
-        raise ValueError("profile_dual_pass splits the time of ATen's convolutions; the triton "
-                         "backend fuses its own with batch-norm statistics: use --backend native "
-                         "or reference")
+    of one primal pass (``resnet18_case``'s network and batch; ``backend``: native where built;
+    ``channels_last``: the network and its input so laid out)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "triton" and device.type != "cuda":
+        raise ValueError("the triton backend's kernels are profiled on a GPU only (the "
+                         "interpreter is no timing)")
     model, x, y = resnet18_case(quick, batch, torch.float32, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     params = {n: p.detach() for n, p in model.named_parameters()}
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
     backend = backend or ("native" if "native" in fgkernels.available_backends()
@@ -118,17 +127,20 @@ def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--backend", choices=("reference", "native"), default=None,
+    parser.add_argument("--backend", choices=("reference", "native", "triton"), default=None,
                         help="default: native where built")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--passes", type=int, default=5, help="passes profiled per provider")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    r = profile_resnet18(args.batch, args.backend, args.passes, torch.device(args.device))
+    r = profile_resnet18(args.batch, args.backend, args.passes, torch.device(args.device),
+                         channels_last=args.channels_last)
     ours, theirs, device = r["fgkernels"], r["forward_ad"], r["device"]
 
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)
-    print(f"ResNet-18 loss JVP, batch {args.batch}, float32, {device.type} ({where}), "
+    layout = "channels_last" if args.channels_last else "NCHW"
+    print(f"ResNet-18 loss JVP, batch {args.batch}, float32 {layout}, {device.type} ({where}), "
           f"mean of {args.passes} profiled passes each, taking turns")
     print(f"{'':24}{'total ms':>10}{'conv ms':>10}{'other ms':>10}{'conv GFLOP':>12}"
           f"{'conv GFLOP/s':>14}")

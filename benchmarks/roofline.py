@@ -1,6 +1,6 @@
-"""Roofline of a ResNet-18 (CIFAR shapes) dual pass on an H100, per layer and in total.
+"""Roofline of a ResNet-18 (CIFAR shapes) dual pass on an H100 or H200, per layer and in total.
 
-    python benchmarks/roofline.py [--batch 256] [--json]
+    python benchmarks/roofline.py [--batch 256] [--device h100|h200] [--json]
 
 For every convolution and every batch norm (+ReLU) of the network, one tangent on the input and
 on every parameter: the FLOPs and the least HBM bytes of
@@ -11,9 +11,11 @@ on every parameter: the FLOPs and the least HBM bytes of
   (c) a backprop step: forward, input-gradient and weight-gradient convolutions; batch norm and
       ReLU forward and backward.
 Each op is counted as reading its operands and writing its result once (no cache reuse across
-ops), which is the least traffic of that composition. The time each needs at H100 SXM peaks
-(dense bf16 989 TFLOP/s, TF32 495 TFLOP/s, 3.35 TB/s) is max(FLOPs/peak, bytes/bandwidth); their
-ratios are the floors a measured run can be compared with.
+ops), which is the least traffic of that composition. The time each needs at the device's
+peaks (``DEVICES``: H100 SXM dense bf16 989 TFLOP/s, TF32 495 TFLOP/s, 3.35 TB/s; H200 the same
+arithmetic at 4.8 TB/s, of which a device-to-device copy measured about 4.3) is
+max(FLOPs/peak, bytes/bandwidth); their ratios are the floors a measured run can be compared
+with, and a measured time's share of the roofline time is its fraction of the peak.
 """
 from __future__ import annotations
 
@@ -24,6 +26,21 @@ from dataclasses import asdict, dataclass
 PEAK_FLOPS = {"bf16": 989e12, "tf32": 495e12}
 ELEM_BYTES = {"bf16": 2, "tf32": 4}
 HBM_BYTES_PER_S = 3.35e12
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """A device's dense matrix rates (FLOP/s, per precision) and memory bandwidth (bytes/s)."""
+
+    flops: dict
+    bytes_per_s: float
+
+
+# The vendors' datasheet figures; "h200-measured" takes the copy bandwidth measured on one
+# (4.3 TB/s counting bytes read and written), the ceiling a kernel can reach in practice.
+DEVICES = {"h100": Peaks(PEAK_FLOPS, HBM_BYTES_PER_S),
+           "h200": Peaks({"bf16": 990e12, "tf32": 495e12}, 4.8e12),
+           "h200-measured": Peaks({"bf16": 990e12, "tf32": 495e12}, 4.3e12)}
 # Bytes per activation element of a batch norm (+ReLU), in units of the activation's size.
 BN_TRAFFIC = {"dual": 4,          # read y, ẏ; write y, ẏ (in place; sums from the epilogue)
               "forward_ad": 14,   # stats 1, normalise 2; JVP 6 (mean ẋ, mean x̂ẋ, combine); ReLU 2,
@@ -69,36 +86,57 @@ def conv_layer(batch, name, cin, cout, k, stride, size) -> list[Layer]:
     return [conv, bn]
 
 
-def seconds(layer: Layer, composition: str, precision: str) -> float:
+def seconds(layer: Layer, composition: str, precision: str,
+            peaks: Peaks = DEVICES["h100"]) -> float:
     """The layer's roofline time: compute- or bandwidth-bound, whichever is slower."""
-    return max(layer.flops[composition] / PEAK_FLOPS[precision],
-               layer.bytes[composition][precision] / HBM_BYTES_PER_S)
+    return max(layer.flops[composition] / peaks.flops[precision],
+               layer.bytes[composition][precision] / peaks.bytes_per_s)
 
 
-def roofline(batch: int) -> dict:
+def conv_seconds(batch: int, cin: int, cout: int, k: int, stride: int, size: int,
+                 composition: str, precision: str, with_bn: bool = False,
+                 device: str = "h200-measured") -> float:
+    """The roofline time of one convolution (and the batch norm after it) of the dual pass
+    (``"dual"``), of forward_ad's composition or of a backprop step, on ``device``."""
+    layers = conv_layer(batch, "conv", cin, cout, k, stride, size)
+    return sum(seconds(layer, composition, precision, DEVICES[device])
+               for layer in (layers if with_bn else layers[:1]))
+
+
+def bn_seconds(batch: int, channels: int, size: int, composition: str, precision: str,
+               device: str = "h200-measured") -> float:
+    """The roofline time of one batch norm (+ReLU) of ``channels`` × ``size``² activations."""
+    return seconds(conv_layer(batch, "bn", channels, channels, 1, 1, size)[1], composition,
+                   precision, DEVICES[device])
+
+
+def roofline(batch: int, device: str = "h100") -> dict:
+    peaks = DEVICES[device]
     layers = [part for conv in resnet18_convs(batch) for part in conv_layer(batch, *conv)]
-    total = {p: {c: sum(seconds(layer, c, p) for layer in layers) for c in BN_TRAFFIC}
+    total = {p: {c: sum(seconds(layer, c, p, peaks) for layer in layers) for c in BN_TRAFFIC}
              for p in PEAK_FLOPS}
     floors = {p: {"dual / forward_ad": t["dual"] / t["forward_ad"],
                   "dual / backprop": t["dual"] / t["backprop"]} for p, t in total.items()}
-    return {"batch": batch, "layers": [asdict(layer) for layer in layers],
+    return {"batch": batch, "device": device, "layers": [asdict(layer) for layer in layers],
             "total_seconds": total, "floor_ratios": floors}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--device", choices=sorted(DEVICES), default="h100")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    r = roofline(args.batch)
+    r = roofline(args.batch, args.device)
     if args.json:
         print(json.dumps(r, indent=1))
         return
-    print(f"ResNet-18 (CIFAR), batch {args.batch}, one tangent; H100 roofline times (ms)")
+    peaks = DEVICES[args.device]
+    print(f"ResNet-18 (CIFAR), batch {args.batch}, one tangent; {args.device} roofline times (ms)")
     print("| layer | dual bf16 | forward_ad bf16 | backprop bf16 | dual tf32 | forward_ad tf32 "
           "| backprop tf32 |\n|---|---|---|---|---|---|---|")
     for layer in (Layer(**d) for d in r["layers"]):
-        cells = [f"{seconds(layer, c, p) * 1e3:.3f}" for p in ("bf16", "tf32")
+        cells = [f"{seconds(layer, c, p, peaks) * 1e3:.3f}" for p in ("bf16", "tf32")
                  for c in ("dual", "forward_ad", "backprop")]
         print(f"| {layer.name} | " + " | ".join(cells) + " |")
     for p, t in r["total_seconds"].items():

@@ -1,8 +1,13 @@
-"""Layer benchmarks at ResNet-18 CIFAR shapes: dual conv, dual BN(train)+ReLU, dual linear.
+"""Layer benchmarks at ResNet-18 CIFAR shapes: dual conv, dual BN(train)+ReLU, dual
+conv+BN+ReLU, dual linear.
 
-Every case times fgkernels on each backend beside torch.autograd.forward_ad, torch.func.jvp,
-the primal forward alone, and backprop (forward + backward of the torch.nn op), one tangent on
-the input and on every parameter.
+Every case times fgkernels on each backend beside its baselines: torch.autograd.forward_ad,
+the cuDNN (or oneDNN) composition of the dual convolution (three convolutions and an add),
+torch.func.jvp, the primal forward alone, and backprop (forward + backward of the torch.nn op),
+one tangent on the input and on every parameter. On CUDA the activations are channels_last
+(the layout the tensor cores are fed in) and the slowest baselines are left out; each case
+records its roofline time (``benchmarks/roofline.py``, H200 peaks at the measured copy
+bandwidth) in ``extra_info["roofline_s"]``.
 """
 import pytest
 import torch
@@ -12,13 +17,19 @@ import fgkernels.functional as DF
 
 from conftest import DEVICE
 from providers import BASELINES, backend_of, dual_call, fgkernels_providers, jvp_forward_ad
+from roofline import bn_seconds, conv_seconds
 
+CUDA = DEVICE.type == "cuda"
 PROVIDERS = fgkernels_providers() + list(BASELINES)
-BATCHES = (256,) if DEVICE.type == "cuda" else (32, 128)
-DTYPES = (torch.float32, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,)
+if CUDA:  # the reference backend and func_jvp are forward_ad's composition again
+    PROVIDERS = [p for p in PROVIDERS if p not in ("fgkernels-reference", "func_jvp",
+                                                   "backprop")]
+BATCHES = (256,) if CUDA else (32, 128)
+DTYPES = (torch.float32, torch.bfloat16) if CUDA else (torch.float32,)
+LAYOUT = torch.channels_last if CUDA else torch.contiguous_format
 # (channels, spatial size) of ResNet-18's CIFAR stages
-STAGES = ((64, 32), (128, 16), (256, 8), (512, 4)) if DEVICE.type == "cuda" else \
-    ((64, 32), (256, 8))
+STAGES = ((64, 32), (128, 16), (256, 8), (512, 4)) if CUDA else ((64, 32), (256, 8))
+PRECISION = {torch.float32: "tf32", torch.bfloat16: "bf16"}
 
 
 def _size(quick, batch, channels, hw):
@@ -26,7 +37,8 @@ def _size(quick, batch, channels, hw):
 
 
 def _tensors(*shapes, dtype):
-    return [torch.randn(s, device=DEVICE, dtype=dtype) for s in shapes]
+    return [torch.randn(s, device=DEVICE, dtype=dtype).contiguous(
+        memory_format=LAYOUT if len(s) == 4 else torch.contiguous_format) for s in shapes]
 
 
 def _run(provider, fn, primals, tangents):
@@ -49,25 +61,42 @@ def _run(provider, fn, primals, tangents):
     return step
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+def _composition(x, w, xt, wt):
+    """The dual convolution as the convolution library computes it: y = W*x, ẏ = W*ẋ + Ẇ*x."""
+    conv = lambda a, b: F.conv2d(a, b, None, 1, 1)
+    return conv(x, w), conv(xt, w) + conv(x, wt)
+
+
+def _roofline(benchmark, provider, seconds_of):
+    """Record the case's roofline time for ``provider`` (``seconds_of(composition)``)."""
+    composition = "dual" if provider.startswith("fgkernels-") else \
+        "forward_ad" if provider in ("forward_ad", "composition", "func_jvp") else None
+    if composition is not None:
+        benchmark.extra_info["roofline_s"] = seconds_of(composition)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS + ["composition"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"c{s[0]}x{s[1]}")
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
-def test_conv(measure, quick, provider, batch, stage, dtype):
+def test_conv(measure, benchmark, quick, provider, batch, stage, dtype):
     N, C, S = _size(quick, batch, *stage)
     primals = _tensors((N, C, S, S), (C, C, 3, 3), dtype=dtype)
     tangents = _tensors((N, C, S, S), (C, C, 3, 3), dtype=dtype)
     fn = lambda x, w: F.conv2d(x, w, None, 1, 1)
+    run = (lambda: _composition(*primals, *tangents)) if provider == "composition" else \
+        _run(provider, fn, primals, tangents)
     with backend_of(provider):
-        measure(_run(provider, fn, primals, tangents),
-                f"conv3x3 {C}x{S}x{S} b{N} {str(dtype)[6:]}")
+        measure(run, f"conv3x3 {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5)
+    _roofline(benchmark, provider,
+              lambda c: conv_seconds(N, C, C, 3, 1, S, c, PRECISION.get(dtype, "tf32")))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"c{s[0]}x{s[1]}")
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
-def test_bn_relu(measure, quick, provider, batch, stage, dtype):
+def test_bn_relu(measure, benchmark, quick, provider, batch, stage, dtype):
     N, C, S = _size(quick, batch, *stage)
     primals = _tensors((N, C, S, S), (C,), (C,), dtype=dtype)
     tangents = _tensors((N, C, S, S), (C,), (C,), dtype=dtype)
@@ -81,7 +110,34 @@ def test_bn_relu(measure, quick, provider, batch, stage, dtype):
         fn = lambda x, g, b: F.relu(F.batch_norm(x, *stats, g, b, True, 0.1, 1e-5))
     with backend_of(provider):
         measure(_run(provider, fn, primals, tangents),
-                f"bn+relu {C}x{S}x{S} b{N} {str(dtype)[6:]}")
+                f"bn+relu {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5)
+    _roofline(benchmark, provider,
+              lambda c: bn_seconds(N, C, S, c, PRECISION.get(dtype, "tf32")))
+
+
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "func_jvp"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"c{s[0]}x{s[1]}")
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+def test_conv_bn_relu(measure, benchmark, quick, provider, batch, stage, dtype):
+    """Conv → BN(train) → ReLU: on the triton backend one fused convolution with the
+    batch-norm sums in its epilogue, then one apply pass."""
+    N, C, S = _size(quick, batch, *stage)
+    primals = _tensors((N, C, S, S), (C, C, 3, 3), (C,), (C,), dtype=dtype)
+    tangents = _tensors((N, C, S, S), (C, C, 3, 3), (C,), (C,), dtype=dtype)
+    rm = torch.zeros(C, device=DEVICE, dtype=dtype)
+    rv = torch.ones(C, device=DEVICE, dtype=dtype)
+    if provider.startswith("fgkernels-"):
+        fn = lambda x, w, g, b: DF.conv2d_batch_norm(x, w, None, 1, 1, 1, 1, rm, rv, g, b,
+                                                     True, 0.1, 1e-5, True)
+    else:
+        fn = lambda x, w, g, b: F.relu(F.batch_norm(F.conv2d(x, w, None, 1, 1), rm, rv, g, b,
+                                                    True, 0.1, 1e-5))
+    with backend_of(provider):
+        measure(_run(provider, fn, primals, tangents),
+                f"conv+bn+relu {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5)
+    _roofline(benchmark, provider, lambda c: conv_seconds(
+        N, C, C, 3, 1, S, c, PRECISION.get(dtype, "tf32"), with_bn=True))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

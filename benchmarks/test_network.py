@@ -1,6 +1,9 @@
 """Whole-network benchmarks: a ResNet-18 dual pass (one tangent on every parameter, the loss's
 JVP included) against forward_ad, torch.func.jvp and a backprop step; and T tangents carried
-together against T single passes."""
+together against T single passes. Each ResNet-18 case records the network's roofline time
+(``benchmarks/roofline.py``, H200 peaks at the measured copy bandwidth) in
+``extra_info["roofline_s"]``; on CUDA torch.func.jvp (forward_ad's composition again) is left
+out. On CUDA the network and its input are channels_last."""
 import copy
 
 import pytest
@@ -14,17 +17,24 @@ from fgkernels import Dual
 from cases import resnet18_case
 from conftest import DEVICE
 from providers import backend_of, fgkernels_providers, loss_jvp_forward_ad
+from roofline import roofline
 
-BATCHES = (256,) if DEVICE.type == "cuda" else (32, 128)
-DTYPES = (torch.float32, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,)
+CUDA = DEVICE.type == "cuda"
+BATCHES = (256,) if CUDA else (32, 128)
+DTYPES = (torch.float32, torch.bfloat16) if CUDA else (torch.float32,)
+PROVIDERS = [p for p in fgkernels_providers() + ["forward_ad", "func_jvp", "backprop"]
+             if not (CUDA and p in ("fgkernels-reference", "func_jvp"))]
+ROOFLINE = {"forward_ad": "forward_ad", "func_jvp": "forward_ad", "backprop": "backprop"}
 
 
-@pytest.mark.parametrize("provider", fgkernels_providers() +
-                         ["forward_ad", "func_jvp", "backprop"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
-def test_resnet18_dual_pass(measure, quick, provider, batch, dtype):
+def test_resnet18_dual_pass(measure, benchmark, quick, provider, batch, dtype):
     model, x, y = resnet18_case(quick, batch, dtype, DEVICE)
+    if CUDA:  # the layout the tensor cores are fed in, for every provider alike
+        model, x = model.to(memory_format=torch.channels_last), \
+            x.contiguous(memory_format=torch.channels_last)
     params = {n: p.detach() for n, p in model.named_parameters()}
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
 
@@ -54,6 +64,9 @@ def test_resnet18_dual_pass(measure, quick, provider, batch, dtype):
     with backend_of(provider):
         measure(fn, f"resnet18 loss JVP b{x.shape[0]} {str(dtype)[6:]}", rounds=3,
                 paired=paired)
+    precision = "bf16" if dtype == torch.bfloat16 else "tf32"
+    totals = roofline(x.shape[0], "h200-measured")["total_seconds"][precision]
+    benchmark.extra_info["roofline_s"] = totals[ROOFLINE.get(provider, "dual")]
 
 
 @pytest.mark.parametrize("provider", ["fgkernels-multi", "fgkernels-single", "forward_ad"])
