@@ -1,41 +1,108 @@
 #!/usr/bin/env bash
-# The GPU check: on a machine with a CUDA GPU and torch, triton and the test tools already
-# installed (no network needed), build fgkernels with its CUDA kernels, run the CUDA and Triton
-# tests on the GPU, then the GPU benchmarks with their baselines, and print a short table last.
-# Results land in $OUT (default /tmp/fgkernels-gpu): gpu.json, RESULTS-gpu.md, results-gpu.png,
-# profile.txt. Each step prints its time; the whole check is sized for 8 minutes on one H100.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# The GPU check, for one machine with a CUDA GPU where torch, triton, pytest and pytest-benchmark
+# are installed (no network needed). Parts, run in the order given (default: all of them):
+#
+#   build    the extension with its CUDA kernels                       (~2 min on 16 cores)
+#   smoke    every kernel variant launched a few times, vs forward_ad  (< 1 min)
+#   tests    the Triton, CUDA and mixed-precision tests on the GPU      (~2 min)
+#   bench    layer and ResNet-18 benchmarks with their baselines       (~4 min)
+#   profile  where a ResNet-18 dual pass spends its time               (< 1 min)
+#   report   the kernel report compiled on this machine (sm_90)        (~1 min on 16 cores)
+#
+#   scripts/gpu_check.sh                 # all parts
+#   scripts/gpu_check.sh build smoke     # some
+#
+# Every part runs under `timeout` (PART_LIMIT seconds, default 240) and writes its results into
+# $OUT (default /tmp/fgkernels-gpu) as it goes; a failing part does not stop the next one, and a
+# part that would start after TOTAL_LIMIT seconds (default 570) is skipped. The summary table
+# comes last. $OUT holds at most eight files: log.txt (everything printed), smoke.json,
+# tests.xml, bench-layers.json, bench-network.json, profile.txt, report.json, summary.md.
+cd "$(dirname "$0")/.." || exit 2
+SELF=scripts/gpu_check.sh
+PY=${PYTHON:-python3}
+# The build command, in one place.
+BUILD=(env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PY" -m pip install -q
+       --no-build-isolation --no-deps -e .)
+
 OUT=${OUT:-/tmp/fgkernels-gpu}
+PART_LIMIT=${PART_LIMIT:-240}
+TOTAL_LIMIT=${TOTAL_LIMIT:-570}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+unset TRITON_INTERPRET FGKERNELS_BACKEND
+LOG="$OUT/log.txt"
+PYTEST=("$PY" -m pytest -p no:cacheprovider -o addopts= -q -rfE)
 
-step() {  # step NAME: announce a step and the time the previous one took
-  local now=$SECONDS
-  [ -n "${STEP_NAME:-}" ] && echo "   ($STEP_NAME took $((now - STEP_START)) s)"
-  STEP_NAME=$1 STEP_START=$now
-  echo "== $1"
+say() { echo "$@" | tee -a "$LOG"; }
+
+part() {  # part NAME: run its body under timeout, log, record status and time
+  local name=$1
+  if (( SECONDS > TOTAL_LIMIT )); then
+    say "== $name: skipped (past TOTAL_LIMIT=${TOTAL_LIMIT}s)"
+    echo "$name skipped 0" >> "$STATUS"
+    return
+  fi
+  say "== $name (limit ${PART_LIMIT}s, at ${SECONDS}s)"
+  local start=$SECONDS
+  timeout --kill-after=10 "$PART_LIMIT" bash "$SELF" --in-part "$name" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  say "== $name: exit $rc after $((SECONDS - start))s"
+  echo "$name $rc $((SECONDS - start))" >> "$STATUS"
 }
-trap 'step done' EXIT
 
-step "build (FORCE_CUDA=1)"
-FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} python -m pip install -q --no-build-isolation --no-deps -e . \
-  2>&1 | tail -n 5
-python -c "import fgkernels; print('backends:', fgkernels.available_backends())"
+build() {
+  "${BUILD[@]}" && "$PY" -c "import fgkernels, torch; print('backends:', fgkernels.available_backends()); \
+torch.ops.fgkernels.dual_bn_stats(torch.ones(2, 3, 4, 4, device='cuda'), None); print('CUDA kernels: ok')"
+}
 
-step "tests on the GPU"
-python -m pytest tests/test_native.py tests/test_triton.py tests/test_functional.py \
-  tests/test_modules.py tests/test_hostile_inputs.py -q -x -p no:cacheprovider 2>&1 \
-  | tee "$OUT/tests.txt" | tail -n 5
+smoke() { "$PY" scripts/gpu_smoke.py --json "$OUT/smoke.json"; }
 
-step "where a ResNet-18 dual pass spends its time (native backend)"
-python benchmarks/profile_dual_pass.py --batch 256 --backend native 2>&1 | tee "$OUT/profile.txt" \
-  | tail -n 6
+tests() {
+  # Eight processes: most of the time goes to Triton compiling each test's kernels.
+  local parallel=()
+  "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+  "${PYTEST[@]}" "${parallel[@]}" tests/test_triton.py tests/test_cuda_kernels.py \
+    tests/test_native.py --junitxml="$OUT/tests.xml"
+}
 
-step "benchmarks (baselines in the same run)"
-python -m pytest benchmarks/test_layers.py benchmarks/test_network.py -q -p no:cacheprovider --benchmark-json="$OUT/gpu.json" \
-  --benchmark-columns=median,iqr,rounds 2>&1 | tail -n 3
-python benchmarks/report.py "$OUT/gpu.json" -o "$OUT/RESULTS-gpu.md" --plot "$OUT/results-gpu.png"
-grep -E "^(###|\| (fgkernels|forward_ad|backprop|primal))" "$OUT/RESULTS-gpu.md" | head -n 80
+bench() {
+  # The benchmarks' kernels compiled first, in parallel, into Triton's cache (their launches
+  # bound as the launcher binds them); then the layers and the network, each with its share
+  # of the part's time.
+  "$PY" tools/kernel_report.py --matrix resnet18 --arch 90 --json "$(mktemp)" | tail -n 14
+  local share=$(( (PART_LIMIT - 40) / 2 ))
+  timeout "$share" "${PYTEST[@]}" benchmarks/test_layers.py -k "conv or bn_relu" \
+    --benchmark-json="$OUT/bench-layers.json" --benchmark-columns=median,iqr,rounds
+  timeout "$share" "${PYTEST[@]}" benchmarks/test_network.py -k "resnet18_dual_pass" \
+    --benchmark-json="$OUT/bench-network.json" --benchmark-columns=median,iqr,rounds
+}
+
+profile() {
+  : > "$OUT/profile.txt"
+  for backend in native triton; do
+    "$PY" benchmarks/profile_dual_pass.py --batch 256 --backend "$backend" --passes 3 \
+      --channels-last | tee -a "$OUT/profile.txt"
+  done
+}
+
+report() { "$PY" tools/kernel_report.py --arch 90 --json "$OUT/report.json"; }
+
+if [[ ${1:-} == --in-part ]]; then  # one part's body, run by part() under timeout
+  "$2"
+  exit $?
+fi
+
+PARTS=("$@")
+(( ${#PARTS[@]} )) || PARTS=(build smoke tests bench profile report)
+STATUS=$(mktemp)  # one line per part: name, exit code, seconds (read by the summary)
+: > "$LOG"
+say "fgkernels GPU check: parts ${PARTS[*]}; results in $OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$LOG"
+for name in "${PARTS[@]}"; do
+  case $name in
+    build|smoke|tests|bench|profile|report) part "$name" ;;
+    *) say "unknown part '$name' (build smoke tests bench profile report)"; exit 2 ;;
+  esac
+done
+"$PY" scripts/gpu_summary.py "$OUT" "$STATUS" | tee "$OUT/summary.md" | tee -a "$LOG"
+rm -f "$STATUS"
