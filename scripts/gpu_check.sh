@@ -12,10 +12,11 @@
 #   scripts/gpu_check.sh                 # all parts
 #   scripts/gpu_check.sh build smoke     # some
 #
-# Every part runs under `timeout` (PART_LIMIT seconds, default 240) and writes its results into
-# $OUT (default /tmp/fgkernels-gpu) as it goes; a failing part does not stop the next one, and a
-# part that would start after TOTAL_LIMIT seconds (default 570) is skipped. The summary table
-# comes last. $OUT holds at most eight files: log.txt (everything printed), smoke.json,
+# Every part runs under `timeout` (PART_LIMIT seconds, default 240; its pytest runs are
+# interrupted a little earlier with SIGINT, so that they still write their results) and writes
+# its results into $OUT (default /tmp/fgkernels-gpu) as it goes; a failing part does not stop the
+# next one, and a part that would start after TOTAL_LIMIT seconds (default 570) is skipped. The
+# summary table comes last. All parts take about 9 minutes on an H200. $OUT holds at most eight files: log.txt (everything printed), smoke.json,
 # tests.xml, bench-layers.json, bench-network.json, profile.txt, report.json, summary.md.
 cd "$(dirname "$0")/.." || exit 2
 SELF=scripts/gpu_check.sh
@@ -34,6 +35,10 @@ LOG="$OUT/log.txt"
 PYTEST=("$PY" -m pytest -p no:cacheprovider -o addopts= -q -rfE)
 
 say() { echo "$@" | tee -a "$LOG"; }
+limited() {  # limited SECONDS COMMAND...: interrupted (SIGINT) after SECONDS (at least 10),
+  local seconds=$1; shift  # killed 10 s later
+  timeout -s INT -k 10 "$(( seconds > 10 ? seconds : 10 ))" "$@"
+}
 
 part() {  # part NAME: run its body under timeout, log, record status and time
   local name=$1
@@ -61,19 +66,22 @@ tests() {
   # Eight processes: most of the time goes to Triton compiling each test's kernels.
   local parallel=()
   "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-  "${PYTEST[@]}" "${parallel[@]}" tests/test_triton.py tests/test_cuda_kernels.py \
-    tests/test_native.py --junitxml="$OUT/tests.xml"
+  limited $(( PART_LIMIT - 20 )) "${PYTEST[@]}" "${parallel[@]}" tests/test_triton.py \
+    tests/test_cuda_kernels.py tests/test_native.py --junitxml="$OUT/tests.xml"
 }
 
 bench() {
   # The benchmarks' kernels compiled first, in parallel, into Triton's cache (their launches
   # bound as the launcher binds them); then the layers and the network, each with its share
   # of the part's time.
-  "$PY" tools/kernel_report.py --matrix resnet18 --arch 90 --json "$(mktemp)" | tail -n 14
-  local share=$(( (PART_LIMIT - 40) / 2 ))
-  timeout "$share" "${PYTEST[@]}" benchmarks/test_layers.py -k "conv or bn_relu" \
+  local start=$SECONDS
+  limited 45 "$PY" tools/kernel_report.py --matrix resnet18 --arch 90 --json "$(mktemp)" \
+    | tail -n 14
+  local left=$(( PART_LIMIT - 20 - (SECONDS - start) ))
+  limited $(( left * 6 / 10 )) "${PYTEST[@]}" benchmarks/test_layers.py -k "conv or bn_relu" \
     --benchmark-json="$OUT/bench-layers.json" --benchmark-columns=median,iqr,rounds
-  timeout "$share" "${PYTEST[@]}" benchmarks/test_network.py -k "resnet18_dual_pass" \
+  left=$(( PART_LIMIT - 20 - (SECONDS - start) ))
+  limited "$left" "${PYTEST[@]}" benchmarks/test_network.py -k "resnet18_dual_pass" \
     --benchmark-json="$OUT/bench-network.json" --benchmark-columns=median,iqr,rounds
 }
 
@@ -85,7 +93,7 @@ profile() {
   done
 }
 
-report() { "$PY" tools/kernel_report.py --arch 90 --json "$OUT/report.json"; }
+report() { "$PY" tools/kernel_report.py --arch 90 --json "$OUT/report.json" | tail -n 20; }
 
 if [[ ${1:-} == --in-part ]]; then  # one part's body, run by part() under timeout
   "$2"

@@ -179,10 +179,10 @@ def test_fused_conv_bn_relu_matches_forward_ad(training, channels_last, slots):
         return F.relu(F.batch_norm(y, rm.to(y.dtype).clone(), rv.to(y.dtype).clone(), g_, b_,
                                    training, 0.1, 1e-5))
 
+    tol = 1e-4 if DEVICE == "cpu" else 1e-2  # TF32 products on a GPU
     if slots == "none":
         assert out.tangent is None
-        torch.testing.assert_close(out.primal.double(), fn(x, w, g, beta), rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(out.primal.double(), fn(x, w, g, beta), rtol=tol, atol=tol)
     else:
         tangents = [xt, wt, gt, bt]
         if slots == "appended":  # slots 0, 1 the input's, slot 2 the parameters'
@@ -192,8 +192,7 @@ def test_fused_conv_bn_relu_matches_forward_ad(training, channels_last, slots):
         assert_within_torch_error(out, fn, [x, w, g, beta], tangents)
     if training:  # the running statistics, updated once from the primal as nn.BatchNorm2d does
         mean = F.conv2d(x, w, None, 1, 1).mean((0, 2, 3))
-        torch.testing.assert_close(stats[0].double(), 0.9 * rm + 0.1 * mean, rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(stats[0].double(), 0.9 * rm + 0.1 * mean, rtol=tol, atol=tol)
 
 
 def test_sequential_runs_fused_on_triton():
@@ -371,8 +370,10 @@ def test_a_per_op_table_mixes_backends(monkeypatch):
     triton_conv = TritonBackend.conv_for_batch_norm
     monkeypatch.setattr(TritonBackend, "conv_for_batch_norm",
                         lambda self, *a: calls.append("triton") or triton_conv(self, *a))
+    # the default backend of either device: CPU tensors take "native", CUDA ones the table's
     monkeypatch.setattr(registry, "_load",
                         lambda name: mixed if name == "native" else real_load(name))
+    monkeypatch.setitem(registry._loaded, "cuda-default", mixed)
     monkeypatch.delenv("FGKERNELS_BACKEND", raising=False)
     x, w, xt, wt = rand(2, 3, 6, 5), rand(4, 3, 3, 3), rand(1, 2, 3, 6, 5), rand(1, 4, 3, 3, 3)
     out = DF.conv2d_batch_norm(Dual(x.float(), xt.float()), Dual(w.float(), wt.float()), None,
