@@ -122,7 +122,7 @@ def bind(launch: CapturedLaunch, arch: int) -> BoundLaunch:
                        {names[k[0]]: v for k, v in constexprs.items()},
                        {names[k[0]]: v for k, v in attrs.items()},
                        {"num_warps": options.num_warps, "num_stages": options.num_stages,
-                        "debug": options.debug})
+                        "maxnreg": options.maxnreg, "debug": options.debug})
 
 
 # --- compile and inspect -----------------------------------------------------------------------
@@ -468,7 +468,8 @@ def modelled_shared(launch: CapturedLaunch, arch: int) -> int:
                         c_inner=args["C_INNER"], a_bytes=args["a_ptr"].element_size(),
                         b_bytes=args["b_ptr"].element_size(), terms=args["TERMS"],
                         split_fp32=args["INPUT_PRECISION"] == "tf32x3",
-                        bn_stats=args["BN_STATS"])
+                        bn_stats=args["BN_STATS"], out_bytes=args["out_ptr"].element_size(),
+                        out_channels_last=args["sy_c"] == 1)
     return shared_bytes(plan, shape, arch)
 
 

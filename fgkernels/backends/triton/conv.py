@@ -30,7 +30,7 @@ from ..base import ConvArgs
 from ..layout import empty_like_format, empty_slots, kernel_format, slots_in_format
 from . import INTERPRETED
 from .conv_kernel import _dual_conv2d_forward_kernel
-from .conv_plan import LaunchShape, TilePlan, block_m, plan_tiles
+from .conv_plan import MAX_REGISTERS, LaunchShape, TilePlan, block_m, plan_tiles
 from .precision import cudnn_conv_fp32_precision, dot_input_precision
 from .target import shared_limit, target_arch
 
@@ -261,7 +261,9 @@ def launch_plan(launch: Launch, ops: KernelOperands, g: Geometry, split_fp32: bo
                         a_bytes=launch.a.element_size(), b_bytes=launch.b.element_size(),
                         terms=launch.terms,
                         split_fp32=split_fp32 and launch.out.dtype == torch.float32,
-                        bn_stats=launch.stats is not None)
+                        bn_stats=launch.stats is not None,
+                        out_bytes=launch.out.element_size(),
+                        out_channels_last=launch.out.stride()[-3] == 1)
     return plan_tiles(shape, arch, shared_limit(arch, device))
 
 
@@ -292,7 +294,7 @@ def run_launch(launch: Launch, ops: KernelOperands, g: Geometry, precision: str,
         READ_Y=read_y, C_INNER=ops.c_inner,
         INPUT_PRECISION=precision if fp32_dot else "tf32", UPCAST=upcast,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        num_warps=plan.num_warps, num_stages=plan.num_stages, maxnreg=MAX_REGISTERS)
 
 
 def combine_tile_stats(stats: Tensor, tstats: Tensor, rows: Tensor, acc_dtype: torch.dtype):

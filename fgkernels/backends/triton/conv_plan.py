@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 import triton
 
+# The registers a thread may use, passed to ptxas as .maxnreg: without it, ptxas caps a kernel
+# that needs a little more than 128 at 128 (two blocks of 256 threads per multiprocessor)
+# and spills the rest.
+MAX_REGISTERS = 255
+
 
 @dataclass(frozen=True)
 class TilePlan:
@@ -37,7 +42,8 @@ class LaunchShape:
     ``a_bytes``/``b_bytes``: element sizes of the row (x) and column (W) operands; ``terms``:
     products per output (2 for a slot with an input and a parameter tangent); ``split_fp32``:
     float32 products emulated to full precision with three TF32 products; ``bn_stats``: the
-    epilogue sums the tile for a batch norm."""
+    epilogue sums the tile for a batch norm; ``out_bytes``/``out_channels_last``: the output's
+    element size and layout."""
 
     rows: int
     c_out: int
@@ -48,6 +54,8 @@ class LaunchShape:
     terms: int = 1
     split_fp32: bool = False
     bn_stats: bool = False
+    out_bytes: int = 4
+    out_channels_last: bool = False
 
 
 def block_m(rows: int) -> int:
@@ -56,13 +64,16 @@ def block_m(rows: int) -> int:
     return 64 if rows <= 8192 else 128
 
 
-def block_k(shape: LaunchShape) -> int:
+def block_k(shape: LaunchShape, arch: int) -> int:
     """128 bytes of reduction per row of a tile (one line of the shared-memory swizzle); in the
-    (kh, kw, c) order no wider than the channels (the stem's 3 channels take one step of 16)."""
+    (kh, kw, c) order no wider than the channels (the stem's 3 channels take one step of 16).
+    16 where a step's tiles cost registers per element: the (c, kh, kw) order computes each
+    element's window position, and split-float32 products on mma (before sm_90) hold each
+    operand element three times."""
+    if not shape.c_inner or (shape.split_fp32 and arch < 90):
+        return 16
     bk = 128 // max(shape.a_bytes, shape.b_bytes)
-    if shape.c_inner:
-        bk = min(bk, max(16, triton.next_power_of_2(shape.channels)))
-    return bk
+    return min(bk, max(16, triton.next_power_of_2(shape.channels)))
 
 
 def block_n(c_out: int) -> int:
@@ -71,8 +82,9 @@ def block_n(c_out: int) -> int:
 
 
 def shared_bytes(plan: TilePlan, shape: LaunchShape, arch: int) -> int:
-    """The shared memory Triton allocates for ``plan``: its pipeline's buffers of the row and
-    column tiles. The two terms of a slot alternate steps, so they share the buffers.
+    """The shared memory Triton allocates for ``plan``: the larger of its pipeline's buffers
+    of the row and column tiles (the two terms of a slot alternate steps, so they share them)
+    and, for a channels_last output, the tile rearranged for stores along the channels.
 
     Triton's pipeliner keeps ``num_stages − 1`` tiles in flight and, where the tensor cores
     read an operand from shared memory asynchronously (wgmma, sm_90), one more buffer of that
@@ -82,22 +94,24 @@ def shared_bytes(plan: TilePlan, shape: LaunchShape, arch: int) -> int:
     in_flight = plan.num_stages - 1
     a_buffers = in_flight + (arch >= 90)
     b_buffers = in_flight + (arch >= 90 and not shape.split_fp32)
-    return (a_buffers * plan.block_m * plan.block_k * shape.a_bytes
-            + b_buffers * plan.block_k * plan.block_n * shape.b_bytes)
+    pipeline = (a_buffers * plan.block_m * plan.block_k * shape.a_bytes
+                + b_buffers * plan.block_k * plan.block_n * shape.b_bytes)
+    epilogue = plan.block_m * plan.block_n * shape.out_bytes if shape.out_channels_last else 0
+    return max(pipeline, epilogue)
 
 
 def plan_tiles(shape: LaunchShape, arch: int, shared_limit: int) -> TilePlan:
-    """The launch's tiles: the row tile from ``block_m``, the column tile from C_out, a
-    128-byte reduction step, 8 warps for a 128×64 accumulator or more, and as deep a pipeline
-    as the shared memory holds (2 to 4 stages).
+    """The launch's tiles: the row tile from ``block_m``, the column tile from C_out, the
+    reduction step from ``block_k``, 8 warps for a 128×64 accumulator or more, and as deep a
+    pipeline as the shared memory holds (2 to 4 stages).
 
-    Register budget (255 per thread, the compiles in ``tests/test_kernel_report.py`` keep 15
-    spare): an epilogue summing a 128×128 tile for a batch norm holds three tile-sized values
-    and the tile's offsets per thread, at or near the limit, so those launches take 64
-    columns; split-float32 products keep their split operands in registers where the tensor
-    cores read them from registers (mma, before sm_90), so there at most 3 stages."""
-    bm, bn, bk = block_m(shape.rows), block_n(shape.c_out), block_k(shape)
-    if shape.bn_stats and bm * bn > 128 * 64:
+    Register budget (``tests/test_kernel_report.py`` holds every launch below 240 of the 255 a
+    thread has): an epilogue summing a 128×128 tile for a batch norm holds three tile-sized
+    values and the tile's offsets per thread, and split-float32 products their split
+    operands, each at or near the limit: those launches take 64 columns; split-float32
+    products on mma (before sm_90) at most 3 stages."""
+    bm, bn, bk = block_m(shape.rows), block_n(shape.c_out), block_k(shape, arch)
+    if (shape.bn_stats or shape.split_fp32) and bm * bn > 128 * 64:
         bn = 64
     warps = 8 if bm * bn >= 128 * 64 else 4
     most_stages = 3 if shape.split_fp32 and arch < 90 else 4
