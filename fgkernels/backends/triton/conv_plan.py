@@ -64,15 +64,17 @@ def block_m(rows: int) -> int:
     return 64 if rows <= 8192 else 128
 
 
-def block_k(shape: LaunchShape, arch: int) -> int:
+def block_k(shape: LaunchShape, arch: int, columns: int) -> int:
     """128 bytes of reduction per row of a tile (one line of the shared-memory swizzle); in the
     (kh, kw, c) order no wider than the channels (the stem's 3 channels take one step of 16).
-    16 where a step's tiles cost registers per element: the (c, kh, kw) order computes each
-    element's window position, and split-float32 products on mma (before sm_90) hold each
-    operand element three times."""
+    Narrower where a step's tiles cost registers per element: 16 in the (c, kh, kw) order
+    (each element's window position is computed) and for split-float32 products on mma
+    (before sm_90, each operand element held three times); 32 for a 128-column tile on mma."""
     if not shape.c_inner or (shape.split_fp32 and arch < 90):
         return 16
     bk = 128 // max(shape.a_bytes, shape.b_bytes)
+    if arch < 90 and columns > 64:
+        bk = min(bk, 32)
     return min(bk, max(16, triton.next_power_of_2(shape.channels)))
 
 
@@ -107,12 +109,14 @@ def plan_tiles(shape: LaunchShape, arch: int, shared_limit: int) -> TilePlan:
 
     Register budget (``tests/test_kernel_report.py`` holds every launch below 240 of the 255 a
     thread has): an epilogue summing a 128×128 tile for a batch norm holds three tile-sized
-    values and the tile's offsets per thread, and split-float32 products their split
-    operands, each at or near the limit: those launches take 64 columns; split-float32
-    products on mma (before sm_90) at most 3 stages."""
-    bm, bn, bk = block_m(shape.rows), block_n(shape.c_out), block_k(shape, arch)
-    if (shape.bn_stats or shape.split_fp32) and bm * bn > 128 * 64:
+    values and the tile's offsets per thread, split-float32 products their split operands,
+    and the (c, kh, kw) order each element's window position, each at or near the limit:
+    those launches take 64 columns; split-float32 products on mma (before sm_90) at most 3
+    stages."""
+    bm, bn = block_m(shape.rows), block_n(shape.c_out)
+    if (shape.bn_stats or shape.split_fp32 or not shape.c_inner) and bm * bn > 128 * 64:
         bn = 64
+    bk = block_k(shape, arch, bn)
     warps = 8 if bm * bn >= 128 * 64 else 4
     most_stages = 3 if shape.split_fp32 and arch < 90 else 4
     stages = 2
