@@ -28,7 +28,9 @@ def _block_and_pass(training: bool):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
     block, dual_pass = _block_and_pass(training)
-    eager_block = copy.deepcopy(block)
+    eager_block = copy.deepcopy(block)  # tangents are per step: a copy has none of its own
+    fgkernels.set_tangents(eager_block, {n: fgkernels.tangents.tangent_of(p).stack
+                                         for n, p in block.named_parameters()})
     x, xt = torch.randn(3, 4, 10, 10), torch.randn(2, 3, 4, 10, 10)
     torch._dynamo.reset()
     with fgkernels.use_backend(backend):

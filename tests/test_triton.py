@@ -131,9 +131,10 @@ def test_sequential_runs_fused_on_triton():
         torch.nn.ReLU()).to(DEVICE))
     x = rand(2, 3, 7, 7)
     xt = rand(2, *x.shape)
-    fgkernels.random_tangents(net, 2)
+    tangents = fgkernels.random_tangents(net, 2)
     import copy
-    net2 = copy.deepcopy(net)
+    net2 = copy.deepcopy(net)  # tangents are per step: a copy gets its own
+    fgkernels.set_tangents(net2, tangents)
     ref, out = None, None
     with fgkernels.use_backend("reference"):
         ref = net(Dual(x, xt))
