@@ -19,6 +19,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     prepare_out_dir,
+    run_lock,
     save_checkpoint,
     write_metrics,
 )
@@ -83,6 +84,9 @@ class TrainConfig:
             if not tangent_dtype_fits(self.torch_dtype, self.torch_tangent_dtype):
                 raise ValueError(f"tangent_dtype {self.tangent_dtype} is wider than the "
                                  f"network's dtype {self.dtype}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay))
@@ -208,8 +212,15 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     unless ``overwrite``). ``stop_after`` ends the run after that many epochs in all, as an
     interruption would. A non-finite loss stops the run with FloatingPointError."""
     cfg.validate()
-    if out_dir:
+    if not out_dir:
+        return _train(cfg, None, resume, progress, dataset, stop_after)
+    with run_lock(Path(out_dir)):
         prepare_out_dir(Path(out_dir), resume, overwrite)
+        return _train(cfg, out_dir, resume, progress, dataset, stop_after)
+
+
+def _train(cfg: TrainConfig, out_dir: Optional[str], resume: bool, progress: bool,
+           dataset: Optional[Dataset], stop_after: Optional[int]) -> RunResult:
     rank, world = _rank_world()
     device = torch.device(cfg.device)
     if torch.bfloat16 in (cfg.torch_dtype, cfg.torch_tangent_dtype) and \
