@@ -1,6 +1,7 @@
 """Edge and hostile inputs: the exact forward_ad answer (NaN where it has NaN) or a clear error
 naming the argument, never a crash or a wrong number."""
 import copy
+import math
 import re
 import subprocess
 import sys
@@ -141,9 +142,14 @@ BROADCASTS = [((2, 3, 4, 4), (3, 1, 1)), ((3, 1, 1), (2, 3, 4, 4)), ((2, 3, 4, 4
               ((3, 1), (1, 3)), ((2, 3, 4, 4), ()), ((1, 3, 1, 1), (2, 1, 4, 4))]
 
 
-@pytest.mark.parametrize("op", [torch.add, torch.sub, torch.mul, torch.div,
-                                lambda a, b: torch.where(torch.ones((), dtype=torch.bool)
-                                                         .expand(3, 1, 1, 1)[:1, 0], a, b)],
+def _where(a, b):
+    """torch.where with a condition of both values, broadcast against both operands."""
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    cond = (torch.arange(math.prod(shape)) % 3 == 0).reshape(shape)
+    return torch.where(cond, a, b)
+
+
+@pytest.mark.parametrize("op", [torch.add, torch.sub, torch.mul, torch.div, _where],
                          ids=["add", "sub", "mul", "div", "where"])
 @pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
 @pytest.mark.parametrize("which", ["both", "left", "right"])
