@@ -30,8 +30,8 @@ Tensor = torch.Tensor
 
 __all__ = [
     "conv2d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d", "avg_pool2d",
-    "adaptive_avg_pool2d", "flatten", "reshape", "dropout", "pad", "cat", "add", "sub", "mul",
-    "div", "where", "clamp", "cross_entropy", "add_direction",
+    "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad", "cat", "add",
+    "sub", "mul", "div", "where", "clamp", "cross_entropy", "add_direction",
 ]
 
 
@@ -215,6 +215,12 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
 def avg_pool2d(input: MaybeDual, *args, **kwargs) -> Dual:
     """Dual average pool (arguments as ``F.avg_pool2d``)."""
     return as_dual(input, "avg_pool2d").map(lambda t: F.avg_pool2d(t, *args, **kwargs))
+
+
+@implements(F.interpolate, F.upsample)
+def interpolate(input: MaybeDual, *args, **kwargs) -> Dual:
+    """Dual resampling (arguments as ``F.interpolate``): every mode is linear in the input."""
+    return as_dual(input, "interpolate").map(lambda t: F.interpolate(t, *args, **kwargs))
 
 
 @implements(F.adaptive_avg_pool2d)

@@ -319,6 +319,10 @@ _SLOT_VIEWS: dict[Callable, Callable] = {
     torch.permute: lambda t, n, dims: t.permute(0, *_slot_dims(dims, n)),
     torch.Tensor.transpose: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
     torch.transpose: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.Tensor.swapaxes: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.swapaxes: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.Tensor.swapdims: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.swapdims: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
     torch.Tensor.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
     torch.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
     torch.Tensor.unsqueeze: lambda t, n, dim: t.unsqueeze(_slot_dim(dim, n + 1)),
@@ -348,7 +352,8 @@ def _slot_view_rule(func: Callable, on_stack: Callable) -> Callable:
 
 _LINEAR_OPS = [
     torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose,
-    torch.Tensor.movedim, torch.movedim, torch.Tensor.chunk, torch.chunk, torch.Tensor.split,
+    torch.Tensor.movedim, torch.movedim, torch.Tensor.swapaxes, torch.swapaxes,
+    torch.Tensor.swapdims, torch.swapdims, torch.Tensor.chunk, torch.chunk, torch.Tensor.split,
     torch.split, torch.Tensor.unbind, torch.unbind, torch.Tensor.contiguous,
     torch.Tensor.expand, torch.Tensor.squeeze, torch.squeeze,
     torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.mean, torch.mean, torch.Tensor.sum,

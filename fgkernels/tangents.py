@@ -124,9 +124,11 @@ class _Pass:
                         "fgkernels.clear_tangents")
         if m._forward_pre_hooks:
             _check_hooks(m)
-            # Pre-hooks that compute a weight (weight_norm, prune) set it as a plain attribute:
-            # what they set on the dual pass is put back afterwards.
-            self.attributes.append((m, dict(m.__dict__)))
+        # What a forward stores on its module (a weight computed by a weight_norm or prune
+        # pre-hook, a cache such as LeViT's attention biases) is a Dual on the dual pass: it is
+        # put back afterwards, so that no Dual outlives the pass in a module's state.
+        self.attributes.append((m, {k: dict(v) if type(v) is dict else v
+                                    for k, v in m.__dict__.items() if not k.startswith("_")}))
         for name, t in m._parameters.items():
             if t is None or tangent_of(t) is None:
                 continue
@@ -141,11 +143,20 @@ class _Pass:
             holder[name] = t
         for m, before in self.attributes:
             for k, v in list(m.__dict__.items()):
+                if k.startswith("_"):
+                    continue
                 if isinstance(v, Dual):
                     if k in before:
                         m.__dict__[k] = before[k]
                     else:
                         del m.__dict__[k]
+                elif type(v) is dict and any(isinstance(e, Dual) for e in v.values()):
+                    old = before.get(k)
+                    for key in [key for key, e in v.items() if isinstance(e, Dual)]:
+                        if isinstance(old, dict) and key in old:
+                            v[key] = old[key]
+                        else:
+                            del v[key]
         self.swaps, self.attributes = [], []
 
 

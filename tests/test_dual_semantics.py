@@ -292,6 +292,9 @@ OPS = {
         2, 3, 4) @ d.T, "flip": lambda d: d.flip(0), "roll": lambda d: d.roll(1, 0),
     "expand_as": lambda d: d[:1].expand_as(d), "view_as": lambda d: d.reshape(4, 3).view_as(d),
     "narrow": lambda d: d.narrow(1, 0, 2), "movedim": lambda d: d.movedim(0, 1),
+    "swapaxes": lambda d: d.swapaxes(0, 1), "reshape_as": lambda d: d.reshape_as(d.T),
+    "interpolate nearest": lambda d: F.interpolate(d[None], scale_factor=2),
+    "upsample bicubic": lambda d: F.interpolate(d[None, None], size=(5, 7), mode="bicubic"),
     "split sizes": lambda d: d.split([1, 2], 0)[1], "amax": lambda d: d.amax(1),
     "clamp tensor": lambda d: d.clamp(min=torch.zeros(4, **f64)), "clip": lambda d: d.clip(-1, 1),
     "log": lambda d: (d.abs() + 1).log(), "exp": lambda d: d.exp(), "rsqrt": lambda d: (

@@ -269,3 +269,28 @@ def test_old_style_weight_norm_leaves_no_dual_behind():
     fgkernels.random_tangents(conv)
     conv(Dual(torch.randn(1, 2, 5, 5, **f64)))
     assert type(conv.weight) is torch.Tensor
+
+
+def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
+    """A cache filled from a parameter (LeViT's attention biases in eval mode) holds a Dual
+    during the pass, carrying its tangent, and is as it was afterwards."""
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(3))
+            self.cache = {}
+
+        def forward(self, x):
+            if "bias" not in self.cache:
+                self.cache["bias"] = self.bias * 2
+            self.last = x * 1.0
+            return x + self.cache["bias"]
+
+    model = Cached().double()
+    t = torch.randn(3, **f64)
+    fgkernels.set_tangents(model, {"bias": t})
+    out = model(Dual(torch.randn(3, **f64)))
+    torch.testing.assert_close(out.tangent, 2 * t)
+    assert model.cache == {} and "last" not in model.__dict__
+    plain = model(torch.randn(3, **f64))
+    assert type(plain) is torch.Tensor and type(model.cache["bias"]) is torch.Tensor
