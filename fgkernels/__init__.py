@@ -6,6 +6,7 @@ compute both in one pass, with no autograd graph and no stored activations.
 from . import attention, functional, indexing, norms, primal_ops, products  # noqa: F401  (rules)
 from ._fallback import fallback_ops, strict_rules
 from .backends import available_backends, current_backend, use_backend
+from .compiled import compile
 from .dual import Dual, is_dual
 from .nn import (
                  DualAdaptiveAvgPool2d,
@@ -37,5 +38,5 @@ __all__ = [
     "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten", "DualSequential",
     "DualModule", "DualLayerNorm", "DualGroupNorm", "reuse_conv_outputs",
     "fallback_ops", "strict_rules", "register_twin", "tangent_dtype",
-    "fast_bfloat16",
+    "fast_bfloat16", "compile",
 ]

@@ -1,6 +1,7 @@
 """``Dual``: a primal tensor travelling with its tangent(s) through a forward-mode pass."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Callable, Optional
 
@@ -49,6 +50,27 @@ def check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> boo
 def differentiable(dtype: torch.dtype) -> bool:
     """Whether values of ``dtype`` have tangents (floating and complex dtypes, as forward_ad)."""
     return dtype.is_floating_point or dtype.is_complex
+
+
+# How deep the running code is inside fgkernels' rules (a plain list: torch.compile reads it).
+_rule_depth = [0]
+
+
+@contextlib.contextmanager
+def in_rule():
+    """Marks code that computes a rule: its torch ops act on primals and tangents, and a torch
+    function mode that hands out parameters as Duals (``tangents.ParameterTangents``) lets
+    them be."""
+    _rule_depth[0] += 1
+    try:
+        yield
+    finally:
+        _rule_depth[0] -= 1
+
+
+def inside_rule() -> bool:
+    """True while a rule is computed (see ``in_rule``)."""
+    return _rule_depth[0] > 0
 
 
 def _check_directions(directions: Sequence[int], count: int) -> tuple[int, ...]:
@@ -292,10 +314,11 @@ class Dual:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         rule = _RULES.get(func)
-        if rule is None or kwargs.get("out") is not None:  # out=: written in place, see there
-            from ._fallback import forward_ad_fallback
-            return forward_ad_fallback(func, args, kwargs)
-        return rule(*args, **kwargs)
+        with in_rule():
+            if rule is None or kwargs.get("out") is not None:  # out=: written in place
+                from ._fallback import forward_ad_fallback
+                return forward_ad_fallback(func, args, kwargs)
+            return rule(*args, **kwargs)
 
     def __getattr__(self, name: str):
         """Tensor methods and properties without a Dual method of their own (``d.permute``,

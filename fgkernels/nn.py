@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from . import checks
 from . import functional as DF
-from .dual import Dual
+from .dual import Dual, in_rule
 from .tangents import own_hook_ids
 
 Tensor = torch.Tensor
@@ -38,7 +38,8 @@ class DualModule:
 
     def forward(self, input, *args, **kwargs):
         if isinstance(input, Dual):
-            return self.dual_forward(input, *args, **kwargs)
+            with in_rule():
+                return self.dual_forward(input, *args, **kwargs)
         return self.plain_forward(input, *args, **kwargs)
 
     def plain_forward(self, input, *args, **kwargs):
@@ -205,11 +206,13 @@ class DualSequential(nn.Sequential):
             after = layers[i + 2] if i + 2 < len(layers) else None
             if _fusable_conv(layer) and isinstance(nxt, DualBatchNorm2d) and _unhooked(nxt):
                 relu = isinstance(after, nn.ReLU) and _unhooked(after)
-                input = _conv_bn(layer, nxt, input, relu)
+                with in_rule():
+                    input = _conv_bn(layer, nxt, input, relu)
                 i += 3 if relu else 2
             elif (isinstance(layer, _DualBatchNorm) and _unhooked(layer)
                   and isinstance(nxt, nn.ReLU) and _unhooked(nxt)):
-                input = layer.dual_forward(input, relu=True)
+                with in_rule():
+                    input = layer.dual_forward(input, relu=True)
                 i += 2
             else:
                 input = layer(input)

@@ -24,9 +24,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .backends.base import acc_dtype, tangent_dtype_fits
-from .dual import Dual, check_tangent
+from .dual import Dual, check_tangent, inside_rule
 from .precision import resolve_tangent_dtype
 
 Tensor = torch.Tensor
@@ -195,8 +197,9 @@ def _holds_dual(values: Iterable) -> bool:
 
 
 def _check_compilable(module: nn.Module) -> None:
-    """Inside torch.compile the parameters are not substituted: only the twins of
-    ``fgkernels.convert``, whose ops look up their parameters' tangents, can hold one."""
+    """Inside torch.compile the parameters are not substituted: without ``ParameterTangents``
+    (``fgkernels.compile``), only the twins of ``fgkernels.convert``, whose ops look up their
+    parameters' tangents, can hold one."""
     for m in module.modules():
         if getattr(type(m), "reads_parameter_tangents", False):
             continue
@@ -206,6 +209,33 @@ def _check_compilable(module: nn.Module) -> None:
                     f"{type(m).__name__}.{name} has a tangent, and inside torch.compile only "
                     "the layers of fgkernels.convert hand their parameters' tangents to the "
                     "dual pass; convert the model, or compile with fgkernels.compile(model)")
+
+
+class ParameterTangents(TorchFunctionMode):
+    """Every op that meets a tensor with a recorded tangent takes it as its Dual, whatever the
+    other operands: the dual pass's substitution written as a torch function mode, which
+    ``torch.compile`` traces (it cannot trace the substitution of module parameters)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if inside_rule() or isinstance(func, (torch._ops.OpOverload,
+                                              torch._ops.OpOverloadPacket)):
+            return func(*args, **kwargs)  # a rule's own ops, a compiled graph's kernels
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if not any(tangent_of(v) is not None for v in flat):
+            return func(*args, **kwargs)
+        flat = [_as_dual(v) for v in flat]
+        args, kwargs = pytree.tree_unflatten(flat, spec)
+        return Dual.__torch_function__(func, (Dual,), args, kwargs)
+
+
+def _as_dual(v):
+    d = dual_of(v) if isinstance(v, Tensor) else None
+    return v if d is None else d
+
+
+# True while fgkernels.compile runs a compiled dual pass under ParameterTangents.
+_compiled_pass = [False]
 
 
 def _holds_tangents(module: nn.Module) -> bool:
@@ -232,6 +262,8 @@ class _Hooks:
         self.ids = frozenset(h.id for h in self.handles)
 
     def pre(self, module: nn.Module, args: tuple) -> None:
+        if _compiled_pass[0]:  # ParameterTangents does the substitution's work
+            return
         if torch.compiler.is_compiling():
             if _holds_dual(args):
                 _check_compilable(module)
@@ -245,7 +277,7 @@ class _Hooks:
             self.local.active = _Pass(module)
 
     def post(self, module: nn.Module, args: tuple, *rest) -> None:
-        if torch.compiler.is_compiling():
+        if _compiled_pass[0] or torch.compiler.is_compiling():
             return
         active = getattr(self.local, "active", None)
         if active is None:
