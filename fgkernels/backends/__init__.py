@@ -84,8 +84,10 @@ def _warn_unbuilt() -> None:
     if _warned:
         return
     _warned.append(True)
-    warnings.warn("fgkernels._C is not built, so the dual ops run on the slower reference "
-                  "backend; build it with `pip install --no-build-isolation -e .`", stacklevel=4)
+    warnings.warn(f"the compiled extension fgkernels._C did not load "
+                  f"({native.native_load_error()}), so the dual ops run on the slower reference "
+                  f"backend; build it in this environment with `pip install .` from the "
+                  f"fgkernels checkout (README: Installing)", stacklevel=4)
 
 
 def current_backend(device: torch.device) -> Backend:
