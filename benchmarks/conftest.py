@@ -2,9 +2,8 @@
 
 ``pytest benchmarks/ --benchmark-json=out.json`` times every provider of a case side by side
 (one benchmark group per case) and records its peak memory, as the allocator saw it, in
-``extra_info``. With
-``--benchmark-disable`` (as CI runs them) every case runs once at a tiny size, so the suites
-never rot, and nothing is judged.
+``extra_info``. With ``--benchmark-disable`` (as CI runs them) every case runs once at a tiny
+size, so the suites never rot, and nothing is judged.
 """
 import os
 import statistics
