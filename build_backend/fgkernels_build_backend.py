@@ -20,7 +20,6 @@ import subprocess
 import sys
 from typing import Optional
 
-from setuptools import build_meta as _setuptools
 from setuptools.build_meta import (  # noqa: F401  (the hooks this backend leaves as they are)
     build_editable,
     build_sdist,
@@ -63,18 +62,21 @@ def torch_requirement() -> str:
     return DEFAULT_TORCH
 
 
+# setuptools' own get_requires_* hooks would run setup.py to find its setup_requires, and
+# setup.py imports torch, which is what these hooks are asked for: fgkernels has no
+# setup_requires, and pyproject.toml's requires already holds setuptools.
+
+
 def get_requires_for_build_wheel(config_settings=None) -> list[str]:
-    """setuptools' requirements, ninja, and the torch to compile against."""
-    return [*_setuptools.get_requires_for_build_wheel(config_settings), NINJA,
-            torch_requirement()]
+    """ninja and the torch to compile against."""
+    return [NINJA, torch_requirement()]
 
 
 def get_requires_for_build_editable(config_settings=None) -> list[str]:
     """As for a wheel."""
-    return [*_setuptools.get_requires_for_build_editable(config_settings), NINJA,
-            torch_requirement()]
+    return get_requires_for_build_wheel(config_settings)
 
 
 def get_requires_for_build_sdist(config_settings=None) -> list[str]:
-    """As for a wheel, without ninja: setup.py imports torch to describe the extension."""
-    return [*_setuptools.get_requires_for_build_sdist(config_settings), torch_requirement()]
+    """The torch setup.py imports to describe the extension."""
+    return [torch_requirement()]
