@@ -97,6 +97,9 @@ def _runtime_torch() -> str:
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
+    # One build folder per torch: environments with different torch releases built from one
+    # checkout (.venv and .venv-models) each recompile only what changed for their own.
+    options={"build": {"build_base": f"build/torch-{torch.__version__}"}},
     install_requires=[
         _runtime_torch(),
         "numpy",

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .cost import measure_step_costs
 from .data import DATASETS, load_dataset
 from .estimators import GUESSES, NOISES, SPACES, TARGETS
 from .loop import ALGOS, DTYPES, TANGENT_DTYPES, TrainConfig, train
@@ -101,6 +102,9 @@ DEMO_RUNS = [dict(algo="backprop"), dict(algo="local"),
              dict(algo="fg", guess="local", space="activity")]
 
 
+# The demo's cost columns: steps of every run in turn, after warm-up steps (medians).
+DEMO_COST_WARMUP, DEMO_COST_ROUNDS = 3, 15
+
 FG_FLAGS = {"target": "global", "guess": "local", "space": "weight", "noise": "gaussian"}
 
 
@@ -152,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.plot and not args.out:
                 parser.error("--plot needs --out")
             dataset = load_dataset(args.data, args.data_dir, args.seed)
-            results = []
+            results, costs = [], None
             for i, overrides in enumerate(DEMO_RUNS):
                 cfg = _config(args, diagnose=True, **overrides)
                 if rank == 0:
@@ -160,8 +164,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 out = str(Path(args.out) / f"run{i}") if args.out else None
                 results.append(train(cfg, out, progress=not args.no_progress, dataset=dataset,
                                      overwrite=args.overwrite))
+            if rank == 0:
+                print(f"cost of a step: {DEMO_COST_WARMUP} warm-up steps, then "
+                      f"{DEMO_COST_ROUNDS} rounds of one step per run", file=sys.stderr,
+                      flush=True)
+                costs = measure_step_costs([r.config for r in results], dataset,
+                                           DEMO_COST_WARMUP, DEMO_COST_ROUNDS)
         if rank == 0:
-            print(summary_table(results))
+            print(summary_table(results, costs))
             if args.command == "demo":
                 print(demo_footnote(args, dataset))
             if args.plot:
