@@ -49,6 +49,12 @@ def _build_cuda() -> bool:
     if wanted and missing:
         sys.exit(f"error: FGKERNELS_CUDA=1, but {' and '.join(missing)}. "
                  f"FGKERNELS_CUDA=0 builds the CPU kernels only.")
+    if not missing and not glob.glob(os.path.join(CUDA_HOME, "lib64", "libcudart.so*")):
+        # torch takes CUDA_HOME, else the parent of the nvcc on the PATH (a wrapper script
+        # there points elsewhere), else /usr/local/cuda: stop now rather than at the link.
+        sys.exit(f"error: the CUDA toolkit torch found, {CUDA_HOME}, has no lib64/libcudart.so: "
+                 f"set CUDA_HOME to the toolkit's folder (the one holding bin/nvcc and lib64), "
+                 f"or FGKERNELS_CUDA=0 to build the CPU kernels only.")
     return not missing
 
 
@@ -83,7 +89,11 @@ def _extension():
     # finds nothing to build for.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    return CUDAExtension("fgkernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+    # torch defines these for every .cu file; the kernels are plain CUDA (as the tests compile
+    # them, with bare nvcc) and use the half and bfloat16 types' own conversions and operators.
+    nvcc = ["-O3", *(f"-U__CUDA_NO_{name}__" for name in (
+        "HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS", "BFLOAT16_CONVERSIONS"))]
+    return CUDAExtension("fgkernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                          extra_link_args=link)
 
 
