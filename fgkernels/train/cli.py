@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run, epochs=100, batch=128)
     demo = sub.add_parser("demo", help="backprop vs local-only vs forward gradients, on digits")
     # One thread: on 8×8 images torch's ops are too small for a second one to pay.
-    _add_common(demo, epochs=10, batch=64, width=DEMO_WIDTH, threads=1)
+    _add_common(demo, epochs=8, batch=64, width=DEMO_WIDTH, threads=1)
     return parser
 
 
@@ -151,6 +151,7 @@ def demo_footnote(args, dataset) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     # Peak memory is measured with torch.profiler, whose kineto backend otherwise logs every
@@ -199,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        torch.set_num_threads(threads)
         if distributed:
             import torch.distributed as dist
             dist.destroy_process_group()
