@@ -164,6 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     rank = int(os.environ.get("RANK", "0"))
+    costs = None  # the demo's side-by-side step costs
     try:
         if args.command == "run":
             _check_run_flags(parser, args)
@@ -175,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.plot and not args.out:
                 parser.error("--plot needs --out")
             dataset = load_dataset(args.data, args.data_dir, args.seed)
-            results, costs = [], None
+            results = []
             for i, overrides in enumerate(DEMO_RUNS):
                 cfg = _config(args, diagnose=True, **overrides)
                 if rank == 0:
