@@ -113,7 +113,9 @@ setup(
     install_requires=[
         _runtime_torch(),
         "numpy",
-        # The Triton backend; the versions run by CI: 3.6 and the newest.
-        "triton>=3.6; platform_system == 'Linux'",
+        # The Triton backend, as tested: 3.6 (with numpy < 2.4, which its interpreter needs;
+        # scripts/setup.sh pins both) to 3.8. 3.9's interpreter refuses the kernels' masks
+        # ("mask has unsupported dtype").
+        "triton>=3.6,<3.9; platform_system == 'Linux'",
     ],
 )
