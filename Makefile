@@ -1,13 +1,20 @@
 # Everyday commands; scripts/setup.sh makes .venv and builds the extension first.
 PY := .venv/bin/python
 
-.PHONY: setup test lint format-csrc bench demo
+.PHONY: setup setup-models test test-models lint format-csrc bench demo
 
 setup:
 	bash scripts/setup.sh
 
+setup-models:
+	bash scripts/setup.sh --models
+
 test: setup
 	$(PY) -m pytest tests benchmarks --benchmark-disable -q
+
+# The real-model tests against the package installed in .venv-models (-P: not the checkout).
+test-models: setup-models
+	.venv-models/bin/python -P -m pytest tests/test_real_models.py -q
 
 lint:
 	.venv/bin/ruff check .

@@ -1,9 +1,9 @@
 """Shared machinery of the benchmark suites.
 
 ``pytest benchmarks/ --benchmark-json=out.json`` times every provider of a case side by side
-(one benchmark group per case) and records its peak tensor memory in ``extra_info``. With
-``--benchmark-disable`` (as CI runs them) every case runs once at a tiny size, so the suites
-never rot, and nothing is judged.
+(one benchmark group per case) and records its peak memory, as the allocator saw it, in
+``extra_info``. With ``--benchmark-disable`` (as CI runs them) every case runs once at a tiny
+size, so the suites never rot, and nothing is judged.
 """
 import os
 import statistics
@@ -65,8 +65,8 @@ def measure(benchmark, quick):
         ``fn`` (outside the benchmark's timing), and for each the median of the per-round
         ratios goes to ``extra_info["paired"][name]``: on a machine whose speed drifts over
         minutes, a ratio of neighbouring calls is steadier than one of two benchmarks run
-        minutes apart. ``track_memory=False`` for a compiled ``fn``: on the CPU the peak is
-        tracked by a dispatch mode, which torch.compile does not run under."""
+        minutes apart. The peak memory is the allocator's (``PeakMemory``: on the CPU the
+        profiler's memory events, so one untimed extra call); ``track_memory=False`` skips it."""
         benchmark.group = group
         paired = paired or {}
         for baseline_fn in paired.values():

@@ -3,9 +3,10 @@
 A ``Dual`` carries a primal tensor and its tangent(s); the Dual layers (``DualConv2d``, ...)
 compute both in one pass, with no autograd graph and no stored activations.
 """
-from . import functional, norms  # noqa: F401  (norms registers its rules)
+from . import attention, functional, indexing, norms, primal_ops, products  # noqa: F401  (rules)
 from ._fallback import fallback_ops, strict_rules
 from .backends import available_backends, current_backend, use_backend
+from .compiled import compile
 from .dual import Dual, is_dual
 from .nn import (
                  DualAdaptiveAvgPool2d,
@@ -14,7 +15,6 @@ from .nn import (
                  DualBatchNorm2d,
                  DualConv2d,
                  DualFlatten,
-                 DualGeneric,
                  DualGroupNorm,
                  DualLayerNorm,
                  DualLinear,
@@ -36,7 +36,7 @@ __all__ = [
     "clear_tangents", "use_backend", "available_backends", "current_backend",
     "DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "DualLinear",
     "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten", "DualSequential",
-    "DualModule", "DualGeneric", "DualLayerNorm", "DualGroupNorm", "reuse_conv_outputs",
+    "DualModule", "DualLayerNorm", "DualGroupNorm", "reuse_conv_outputs",
     "fallback_ops", "strict_rules", "register_twin", "tangent_dtype",
-    "fast_bfloat16",
+    "fast_bfloat16", "compile",
 ]

@@ -4,8 +4,18 @@
 A model that runs under torch.nn therefore runs on Duals and gets forward_ad's tangent, more
 slowly where it takes this path. Each op that takes it warns once; ``fallback_ops()`` lists
 them. ``FGKERNELS_STRICT=1`` or ``with strict_rules():`` makes them raise ``TypeError`` instead,
-for those who want only the fused rules. In-place ops without a rule always raise: their
-result would have to be written into the Dual's tensors.
+for those who want only the fused rules.
+
+Operands: a Dual is its primal and tangent; a tensor with a recorded parameter tangent
+(``fgkernels.set_tangents``) counts as the Dual of that tangent. Outputs: each floating or
+complex tensor becomes a Dual (a complex output keeps a complex tangent); anything else (indices,
+masks, None, numbers) is returned as it is.
+
+In-place ops: on a Dual, the op's out-of-place form is differentiated and the Dual rebound to its
+result, as every in-place rule does. A plain tensor written in place from Duals (``out=``,
+``buf.add_(d)``) can take no tangent: under ``torch.no_grad()`` it takes the primal, as state
+such as running statistics or power-iteration vectors is updated; elsewhere it is refused, as
+forward_ad refuses ``out=``.
 """
 from __future__ import annotations
 
@@ -14,13 +24,15 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils import _pytree as pytree
 
 from . import _slots
 from .backends.base import tangent_dtype_fits
+from .dual import Dual, differentiable
+from .tangents import dual_of
 
 _used: dict[str, int] = {}
 _local = threading.local()
@@ -58,16 +70,34 @@ def _note(name: str) -> None:
     if name not in _used:
         warnings.warn(f"fgkernels: '{name}' has no fgkernels rule; its tangent is computed by "
                       "PyTorch's forward-mode AD on that op alone (exact, slower). "
-                      "fgkernels.fallback_ops() lists such ops.", stacklevel=4)
+                      "fgkernels.fallback_ops() lists such ops.", stacklevel=5)
     _used[name] = _used.get(name, 0) + 1
+
+
+def _as_operand(v):
+    """A leaf of an op's arguments as the fallback takes it: a Dual, a tensor with a recorded
+    tangent as its Dual, anything else as it is."""
+    if isinstance(v, torch.Tensor) and not isinstance(v, Dual):
+        d = dual_of(v)
+        return v if d is None else d
+    return v
+
+
+@torch.compiler.assume_constant_result
+def _describe(func: Callable) -> tuple[str, bool]:
+    """(the op's name, whether it writes its first operand in place: ``x.foo_(...)``)."""
+    name = op_name(func)
+    return name, name.endswith("_") and not name.endswith("__")
 
 
 def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     """``func(*args, **kwargs)`` with Duals among its arguments: the primal outputs, and their
     tangents by ``torch.func.jvp``, one slot per vmapped lane."""
-    from .dual import Dual
-    name = op_name(func)
+    name, in_place = _describe(func)
+    if in_place or name == "Tensor.__setitem__" or kwargs.get("out") is not None:
+        return _in_place(func, name, args, kwargs)
     leaves, spec = pytree.tree_flatten((args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
+    leaves = [_as_operand(v) for v in leaves]
     where = [i for i, v in enumerate(leaves) if isinstance(v, Dual)]
     duals = [leaves[i] for i in where]
 
@@ -85,28 +115,40 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     if _strict():
         raise TypeError(f"fgkernels.Dual has no forward-mode rule for '{name}' (strict mode: "
                         "the forward-AD fallback is off)")
-    if name.endswith("_") and not name.endswith("__"):
-        raise TypeError(f"fgkernels.Dual: the in-place op '{name}' has no rule; use its "
-                        "out-of-place form (tensors of a Dual are never written in place)")
-    _note(name)
+    if not torch.compiler.is_compiling():
+        _note(name)
     # torch's forward AD wants each tangent in its primal's dtype: lower-precision tangents are
     # widened for the op and its result rounded back to the output slots' dtype.
-    stacks = tuple(_full_stack(d, pos, plan.count).to(d.primal.dtype)
+    stacks = tuple(_slots.spread(d.tangents, pos, plan.count, d.primal).to(d.primal.dtype)
                    for d, pos in zip(duals, plan.positions))
     with torch.no_grad():
         primal_out, tangents = jvp_over_slots(call, primals, stacks)
     return _wrap(primal_out, tangents, plan)
 
 
-def _full_stack(d, positions: tuple, count: int) -> torch.Tensor:
-    """``d``'s tangent with a zero slot wherever ``d`` has none of the output's slots."""
-    if d.tangents is None:
-        return d.primal.new_zeros((count, *d.primal.shape))
-    if positions == tuple(range(count)):
-        return d.tangents
-    full = d.tangents.new_zeros((count, *d.primal.shape))
-    full[list(positions)] = d.tangents
-    return full
+def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
+    """An in-place op (``x.foo_(...)``, ``out=``, ``x[i] = v``) with Duals among its operands."""
+    out = kwargs.get("out")
+    target = out if out is not None else (args[0] if args else None)
+    if isinstance(target, Dual) and out is None:
+        if name == "Tensor.__setitem__":
+            target[args[1]] = args[2]
+            return None
+        outplace = getattr(torch.Tensor, name[len("Tensor."):-1], None) \
+            if name.startswith("Tensor.") else getattr(torch, name[:-1], None)
+        if outplace is None:
+            raise TypeError(f"fgkernels.Dual: the in-place op '{name}' has no out-of-place form "
+                            "to differentiate; use an out-of-place op")
+        return target._assign(Dual.__torch_function__(outplace, (Dual,), args, kwargs))
+    if torch.is_grad_enabled():
+        what = "out=" if out is not None else f"'{name}'"
+        raise TypeError(
+            f"fgkernels.Dual: {what} would write a Dual into a plain tensor, which cannot take "
+            "its tangent; compute the result out of place (or, for state such as running "
+            "statistics, under torch.no_grad(), where it takes the primal)")
+    primal = lambda v: v.primal if isinstance(v, Dual) else v
+    a, k = pytree.tree_map(primal, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
+    return func(*a, **k)
 
 
 def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):
@@ -114,45 +156,77 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):
     each), stacked over the slots, by ``torch.func.jvp``. vmap draws any random
     numbers once for all slots; where an op cannot be vmapped, each slot runs in turn from the
     same random state, so that every slot differentiates the same draw."""
-    one_slot = lambda *t: torch.func.jvp(call, primals, t)
+    def one_slot(*t):
+        return torch.func.jvp(lambda *p: _tensors_only(call(*p)), primals, t)
+
     try:
-        return torch.func.vmap(one_slot, randomness="same", out_dims=(None, 0))(*stacks)
+        primal_out, tangents = torch.func.vmap(one_slot, randomness="same",
+                                               out_dims=(None, 0))(*stacks)
     except Exception:  # an op vmap cannot batch (data-dependent shapes, missing rules)
-        pass
-    state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    outs = []
-    for t in range(stacks[0].shape[0]):
-        torch.random.set_rng_state(state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        outs.append(one_slot(*(s[t] for s in stacks)))
-    primal_out = outs[0][0]
-    tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])
-    return primal_out, tangents
+        state = torch.random.get_rng_state()
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        outs = []
+        for t in range(stacks[0].shape[0]):
+            torch.random.set_rng_state(state)
+            if cuda_states is not None:
+                torch.cuda.set_rng_state_all(cuda_states)
+            outs.append(one_slot(*(s[t] for s in stacks)))
+        primal_out = outs[0][0]
+        tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])
+    return _restore(primal_out), tangents
 
 
-def _differentiable(v) -> bool:
-    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+# The outputs of the call being differentiated that jvp cannot carry (None, numbers), by
+# position: set aside while their siblings are differentiated, put back after.
+_kept = threading.local()
 
 
-def _tangent_of(v: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An output's tangent in the slots' dtype, unless that does not fit the output (an op that
-    changes the dtype, such as ``.double()``)."""
-    return t.to(dtype) if tangent_dtype_fits(v.dtype, dtype) else t
+def _tensors_only(out):
+    """``out`` with each leaf that is not a tensor replaced by an empty placeholder."""
+    flat, spec = pytree.tree_flatten(out)
+    _kept.values = {i: v for i, v in enumerate(flat) if not isinstance(v, torch.Tensor)}
+    return pytree.tree_unflatten(
+        [torch.zeros(0) if i in _kept.values else v for i, v in enumerate(flat)], spec)
+
+
+def _restore(primal_out):
+    """The primal outputs with the leaves that are not tensors put back."""
+    kept = getattr(_kept, "values", None)
+    _kept.values = None
+    if not kept:
+        return primal_out
+    flat, spec = pytree.tree_flatten(primal_out)
+    return pytree.tree_unflatten([kept.get(i, v) for i, v in enumerate(flat)], spec)
+
+
+def _is_differentiable(v) -> bool:
+    return isinstance(v, torch.Tensor) and differentiable(v.dtype)
+
+
+def _tangent_of(v: torch.Tensor, t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """An output's tangent in the slots' dtype where that fits the output (an op may change the
+    dtype, ``.double()``, or give a complex result, ``torch.fft.rfft``: then its own)."""
+    if dtype is None or t.dtype == dtype:
+        return t
+    if tangent_dtype_fits(v.dtype, dtype):
+        return t.to(dtype)
+    if v.is_complex() and dtype.is_floating_point:
+        complex_dtype = (torch.complex64 if dtype.itemsize <= 4 else torch.complex128)
+        return t.to(complex_dtype) if tangent_dtype_fits(v.dtype, complex_dtype) else t
+    return t
 
 
 def _wrap(out, tangents, plan):
-    """Each floating tensor output as a Dual (with its tangent stack, if any); other outputs
-    (indices, masks, shapes, numbers) as they are."""
-    from .dual import Dual
+    """Each differentiable tensor output as a Dual (with its tangent stack, if any); other
+    outputs (indices, masks, shapes, numbers, None) as they are."""
     if tangents is None:
-        return pytree.tree_map(lambda v: Dual(v) if _differentiable(v) else v, out)
+        return pytree.tree_map(
+            lambda v: Dual._unchecked(v, None, None, False) if _is_differentiable(v) else v, out)
     flat_out, spec = pytree.tree_flatten(out)
     flat_t = pytree.tree_leaves(tangents)
     if len(flat_t) != len(flat_out):
         raise RuntimeError("fgkernels: forward-mode AD returned tangents that do not match the "
                            "op's outputs")
     wrapped = [Dual._unchecked(v, _tangent_of(v, t, plan.dtype), plan.directions, plan.single)
-               if _differentiable(v) else v for v, t in zip(flat_out, flat_t)]
+               if _is_differentiable(v) else v for v, t in zip(flat_out, flat_t)]
     return pytree.tree_unflatten(wrapped, spec)

@@ -99,6 +99,19 @@ def cast(stack: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optiona
     return stack.to(dtype)
 
 
+def spread(stack: Optional[torch.Tensor], positions: tuple[int, ...], count: int,
+           primal: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An operand's stack (None: no tangent) over all ``count`` output slots: its slots at
+    ``positions``, zero elsewhere (the stack itself when it fills every slot)."""
+    dtype = dtype or (primal.dtype if stack is None else stack.dtype)
+    if stack is not None and positions == tuple(range(count)):
+        return stack.to(dtype)
+    full = primal.new_zeros((count, *primal.shape), dtype=dtype)
+    if stack is not None:
+        full[list(positions)] = stack.to(dtype)
+    return full
+
+
 def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]],
           owned: bool = False) -> torch.Tensor:
     """Sum ``parts`` (a tensor of ``len(pos)`` slots and the output slots ``pos`` it fills) into

@@ -12,10 +12,25 @@ from .backends.base import BatchNormArgs
 Tensor = torch.Tensor
 
 
-def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int) -> None:
-    """conv2d's input, weight, bias and groups."""
+def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=1, padding=0,
+               dilation=1) -> None:
+    """conv2d's input, weight, bias, groups and geometry (stride, padding, dilation: an int
+    or a pair; padding also 'same' or 'valid')."""
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
+    for name, value, least in (("stride", stride, 1), ("dilation", dilation, 1),
+                               ("padding", padding, 0)):
+        if name == "padding" and isinstance(value, str):
+            if value not in ("same", "valid"):
+                raise ValueError(f"conv2d: padding must be 'same', 'valid' or ints, got {value!r}")
+            continue
+        pair = _pair(value)
+        if len(pair) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < least
+                                 for v in pair):
+            raise ValueError(f"conv2d: {name} must be an int >= {least} or a pair of them, "
+                             f"got {value!r}")
+    if padding == "same" and any(s != 1 for s in _pair(stride)):
+        raise ValueError("conv2d: padding='same' is not supported for strided convolutions")
     if x.dim() != 4:
         raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if w.dim() != 4:
@@ -26,6 +41,10 @@ def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int) -> None:
                          f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"conv2d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def check_linear(x: Tensor, w: Tensor) -> None:

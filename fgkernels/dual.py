@@ -1,6 +1,7 @@
 """``Dual``: a primal tensor travelling with its tangent(s) through a forward-mode pass."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Callable, Optional
 
@@ -24,13 +25,14 @@ def implements(*funcs: Callable) -> Callable:
     return register
 
 
-def _check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bool:
+def check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bool:
     """Validate ``tangent`` against ``primal``; return True for a single (unstacked) tangent."""
-    if not isinstance(tangent, torch.Tensor):
+    if not isinstance(tangent, torch.Tensor) or isinstance(tangent, Dual):
         raise TypeError(f"{what} must be a Tensor or None, got {type(tangent).__name__}")
     if not tangent_dtype_fits(primal.dtype, tangent.dtype):
+        kind = "complex" if primal.dtype.is_complex else "floating"
         raise TypeError(f"{what} has dtype {tangent.dtype}; a tangent of a {primal.dtype} "
-                        f"primal must be {primal.dtype} or a floating dtype of fewer bits")
+                        f"primal must be {primal.dtype} or a {kind} dtype of fewer bits")
     if tangent.device != primal.device:
         raise ValueError(f"{what} is on {tangent.device}, but the primal is on {primal.device}")
     if tangent.shape == primal.shape:
@@ -43,6 +45,32 @@ def _check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bo
     raise ValueError(
         f"{what} has shape {tuple(tangent.shape)}; expected the primal's shape "
         f"{tuple(primal.shape)} or (T, {', '.join(map(str, primal.shape))})")
+
+
+def differentiable(dtype: torch.dtype) -> bool:
+    """Whether values of ``dtype`` have tangents (floating and complex dtypes, as forward_ad)."""
+    return dtype.is_floating_point or dtype.is_complex
+
+
+# How deep the running code is inside fgkernels' rules (a plain list: torch.compile reads it).
+_rule_depth = [0]
+
+
+@contextlib.contextmanager
+def in_rule():
+    """Marks code that computes a rule: its torch ops act on primals and tangents, and a torch
+    function mode that hands out parameters as Duals (``tangents.ParameterTangents``) lets
+    them be."""
+    _rule_depth[0] += 1
+    try:
+        yield
+    finally:
+        _rule_depth[0] -= 1
+
+
+def inside_rule() -> bool:
+    """True while a rule is computed (see ``in_rule``)."""
+    return _rule_depth[0] > 0
 
 
 def _check_directions(directions: Sequence[int], count: int) -> tuple[int, ...]:
@@ -77,19 +105,22 @@ class Dual:
     float32 batch-norm statistics, and the primal exactly as before.
     """
 
-    __slots__ = ("primal", "_stack", "directions", "_single")
+    __slots__ = ("primal", "_stack", "directions", "_single", "_source", "__weakref__")
 
     def __init__(self, primal: torch.Tensor, tangent: Optional[torch.Tensor] = None, *,
                  directions: Optional[Sequence[int]] = None):
         if not isinstance(primal, torch.Tensor) or isinstance(primal, Dual):
             raise TypeError(f"primal must be a Tensor, got {type(primal).__name__}")
-        self.primal = primal
+        if not differentiable(primal.dtype):
+            raise TypeError(f"a Dual's primal must have a floating or complex dtype (only those "
+                            f"have tangents), got {primal.dtype}")
+        self.primal, self._source = primal, None
         if tangent is None:
             if directions is not None:
                 raise ValueError("directions given without a tangent")
             self._stack, self.directions, self._single = None, None, False
             return
-        single = _check_tangent(primal, tangent, "tangent")
+        single = check_tangent(primal, tangent, "tangent")
         if directions is not None:
             if single:
                 raise ValueError("directions label a stacked tangent of shape (T, *primal.shape); "
@@ -106,6 +137,17 @@ class Dual:
         outputs are consistent by construction)."""
         d = cls.__new__(cls)
         d.primal, d._stack, d.directions, d._single = primal, stack, directions, single
+        d._source = None
+        return d
+
+    @classmethod
+    def _of_parameter(cls, p: torch.Tensor, stack: torch.Tensor, directions: Directions,
+                      single: bool) -> Dual:
+        """The Dual a parameter ``p`` with a tangent is during a dual pass. An in-place op on it
+        (``w.clamp_(0, 1)`` under ``no_grad``) writes through to ``p`` and to its tangent, as
+        it would on a dual tensor of ``torch.autograd.forward_ad``."""
+        d = cls._unchecked(p.detach(), stack, directions, single)
+        d._source = (p, stack)
         return d
 
     # --- the tangent ---------------------------------------------------------------------------
@@ -164,10 +206,10 @@ class Dual:
             else self._stack[torch.tensor(keep, device=self._stack.device)]
         return Dual._unchecked(self.primal, stack, tuple(self.directions[i] for i in keep), False)
 
-    def detach(self) -> Dual:
-        """The same Dual cut from any autograd graph."""
-        stack = None if self._stack is None else self._stack.detach()
-        return Dual._unchecked(self.primal.detach(), stack, self.directions, self._single)
+    def detach(self) -> torch.Tensor:
+        """The primal, cut from any autograd graph and without tangent (as ``detach`` of a dual
+        tensor of ``torch.autograd.forward_ad``: ``x - x.detach()`` carries ``ẋ``)."""
+        return self.primal.detach()
 
     # --- tensor-like surface -------------------------------------------------------------------
     shape = property(lambda self: self.primal.shape)
@@ -190,6 +232,76 @@ class Dual:
     def __len__(self) -> int:
         return len(self.primal)
 
+    # --- values: the primal's, as torch gives them for a dual tensor of forward_ad ---------------
+    def __bool__(self) -> bool:
+        return bool(self.primal)
+
+    def __int__(self) -> int:
+        return int(self.primal)
+
+    def __float__(self) -> float:
+        return float(self.primal)
+
+    def __complex__(self) -> complex:
+        return complex(self.primal)
+
+    def __index__(self) -> int:
+        return self.primal.__index__()
+
+    def item(self):
+        """The primal's single value, as a Python number."""
+        return self.primal.item()
+
+    def tolist(self):
+        """The primal as (nested) Python lists."""
+        return self.primal.tolist()
+
+    def numpy(self, *, force: bool = False):
+        """The primal as a NumPy array (sharing memory, as ``Tensor.numpy``)."""
+        return self.primal.detach().numpy(force=force)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def __format__(self, spec: str) -> str:
+        return self.primal.__format__(spec) if self.primal.dim() == 0 else repr(self)
+
+    # Comparisons compare the primals and give a plain bool tensor; a Dual hashes by identity.
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        return torch.eq(self, other)
+
+    def __ne__(self, other):
+        return torch.ne(self, other)
+
+    def __lt__(self, other):
+        return torch.lt(self, other)
+
+    def __le__(self, other):
+        return torch.le(self, other)
+
+    def __gt__(self, other):
+        return torch.gt(self, other)
+
+    def __ge__(self, other):
+        return torch.ge(self, other)
+
+    def __iter__(self):
+        if self.primal.dim() == 0:
+            raise TypeError("iteration over a 0-d Dual")
+        return iter(torch.unbind(self, 0))
+
+    def __contains__(self, value) -> bool:
+        return value in self.primal if not isinstance(value, Dual) else value.primal in self.primal
+
+    def __setitem__(self, index, value) -> None:
+        """``d[index] = value`` (a Dual, Tensor or number): like every in-place op on a Dual,
+        rebinds it to the result (its tensors are not written)."""
+        from .indexing import setitem
+        self._assign(setitem(self, index, value))
+
     def __repr__(self) -> str:
         t = "None" if self._stack is None else f"{tuple(self._stack.shape)}"
         lab = "" if self.directions is None else f", directions={self.directions}"
@@ -200,11 +312,13 @@ class Dual:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         rule = _RULES.get(func)
-        if rule is None:
-            from ._fallback import forward_ad_fallback
-            return forward_ad_fallback(func, args, kwargs or {})
-        return rule(*args, **(kwargs or {}))
+        with in_rule():
+            if rule is None or kwargs.get("out") is not None:  # out=: written in place
+                from ._fallback import forward_ad_fallback
+                return forward_ad_fallback(func, args, kwargs)
+            return rule(*args, **kwargs)
 
     def __getattr__(self, name: str):
         """Tensor methods and properties without a Dual method of their own (``d.permute``,
@@ -251,6 +365,18 @@ class Dual:
     def __rpow__(self, other):
         return torch.pow(other, self)
 
+    def __floordiv__(self, other):
+        return torch.floor_divide(self, other)
+
+    def __rfloordiv__(self, other):
+        return torch.floor_divide(other, self)
+
+    def __mod__(self, other):
+        return torch.remainder(self, other)
+
+    def __rmod__(self, other):
+        return torch.remainder(other, self)
+
     def __matmul__(self, other):
         return torch.matmul(self, other)
 
@@ -259,6 +385,12 @@ class Dual:
 
     def __neg__(self):
         return torch.neg(self)
+
+    def __pos__(self):
+        return self
+
+    def __abs__(self):
+        return torch.abs(self)
 
     def __getitem__(self, index):
         return Dual.__torch_function__(torch.Tensor.__getitem__, (Dual,), (self, index))
@@ -295,20 +427,48 @@ class Dual:
         return self._assign(torch.clamp(self, min, max))
 
     def _assign(self, result: Dual) -> Dual:
-        """Rebind this Dual's parts to ``result``'s (an in-place op's result) and return it."""
+        """Rebind this Dual's parts to ``result``'s (an in-place op's result) and return it; a
+        parameter's Dual writes the result through to the parameter and its tangent."""
+        if not isinstance(result, Dual):  # an op whose result has no tangent at all
+            result = Dual._unchecked(result, None, None, False)
         if result.primal.shape != self.primal.shape:
             raise RuntimeError(f"an in-place op cannot change a Dual's shape "
                                f"{tuple(self.primal.shape)} to {tuple(result.primal.shape)}")
+        if self._source is not None:
+            result = self._write_through(result)
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
         return self
+
+    def _write_through(self, result: Dual) -> Dual:
+        parameter, stack = self._source
+        if torch.is_grad_enabled() and parameter.requires_grad:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               "operation (a parameter written in place on the dual pass: do it "
+                               "under torch.no_grad(), as on the plain pass)")
+        if result._stack is not None and (result.directions != self.directions
+                                          or result._stack.shape != stack.shape):
+            raise RuntimeError("an in-place op on a parameter cannot change its tangent's slots "
+                               f"(from {tuple(stack.shape)}, directions {self.directions})")
+        with torch.no_grad():
+            parameter.copy_(result.primal)
+            stack.zero_() if result._stack is None else stack.copy_(result._stack)
+        return Dual._unchecked(parameter.detach(), stack, self.directions, self._single)
 
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Dual:
         return torch.flatten(self, start_dim, end_dim)
 
     def view(self, *shape) -> Dual:
+        if len(shape) == 1 and isinstance(shape[0], torch.dtype):
+            raise TypeError("a Dual cannot be viewed as another dtype (its bits reinterpreted "
+                            "have no tangent); view its primal, d.primal.view(dtype)")
         return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
                              else shape)
+
+    def backward(self, *args, **kwargs):
+        raise TypeError("a Dual has no autograd graph to run backward on: the dual pass is "
+                        "forward mode, and the tangent is already the directional derivative "
+                        "(run the model on a plain tensor for backprop)")
 
     def reshape(self, *shape) -> Dual:
         return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)

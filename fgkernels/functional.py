@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from . import _slots, checks
+from ._fallback import forward_ad_fallback
 from .backends import current_backend
 from .backends.base import BatchNormArgs, ConvArgs, PoolArgs, acc_dtype
 from .dual import Dual, implements
@@ -29,8 +30,8 @@ Tensor = torch.Tensor
 
 __all__ = [
     "conv2d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d", "avg_pool2d",
-    "adaptive_avg_pool2d", "flatten", "reshape", "dropout", "pad", "cat", "add", "sub", "mul",
-    "div", "where", "clamp", "cross_entropy", "add_direction",
+    "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad", "cat", "add",
+    "sub", "mul", "div", "where", "clamp", "cross_entropy", "add_direction",
 ]
 
 
@@ -58,7 +59,7 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     so that only the tangents are computed and it becomes the output's primal, not copied (the
     Triton kernels compute the primal from the same loads as the tangents, and use their own)."""
     x, xt, p, plan = layer_operands("conv2d", input, weight, bias)
-    checks.check_conv(x, p.weight, p.bias, groups)
+    checks.check_conv(x, p.weight, p.bias, groups, stride, padding, dilation)
     conv = _conv_args(stride, padding, dilation, groups)
     checks.check_primal("conv2d", primal, x, conv.output_shape(x.shape, p.weight.shape))
     return result(*current_backend(x.device).conv2d(x, xt, p, plan, conv, primal), plan)
@@ -111,7 +112,7 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     is the convolution's output when the caller already has it (as ``conv2d``'s ``primal``);
     it is handed over: the batch norm may overwrite it in place."""
     x, xt, conv_p, conv_plan = layer_operands("conv2d_batch_norm", input, weight, conv_bias)
-    checks.check_conv(x, conv_p.weight, conv_p.bias, groups)
+    checks.check_conv(x, conv_p.weight, conv_p.bias, groups, stride, padding, dilation)
     bn_p, bn_slots = layer_params("batch_norm", bn_weight, bn_bias)
     bn_plan = _slots.plan([conv_plan.operand(), bn_slots], "conv2d_batch_norm")
     conv = _conv_args(stride, padding, dilation, groups)
@@ -154,8 +155,9 @@ def relu_(input: Dual) -> Dual:
 def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1,
                ceil_mode: bool = False, return_indices: bool = False) -> Dual:
     """Dual max-pool: the tangent is gathered at the primal's argmax."""
-    if return_indices:
-        raise NotImplementedError("max_pool2d on a Dual does not return indices")
+    if return_indices:  # the values and their indices: forward AD
+        return forward_ad_fallback(F.max_pool2d, (input, kernel_size, stride, padding, dilation,
+                                          ceil_mode, True), {})
     d = as_dual(input, "max_pool2d")
     stride = kernel_size if stride is None or stride == [] else stride
     pool = PoolArgs(_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
@@ -170,16 +172,16 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
                   label_smoothing: float = 0.0) -> Dual:
     """Dual cross-entropy on logits ``z`` of shape (N, C) and class indices ``target`` (N,):
     ``L̇ = mean_n Σ_c (softmax(z)_nc − p_nc)·ż_nc``, p the (smoothed) one-hot target."""
-    if weight is not None or size_average is not None or reduce is not None:
-        raise NotImplementedError("cross_entropy on a Dual supports no class weight and no "
-                                  "legacy size_average/reduce arguments")
-    if not isinstance(target, Tensor) or isinstance(target, Dual):
-        raise TypeError(f"cross_entropy: target must be a Tensor of class indices, got "
-                        f"{type(target).__name__}")
     d = as_dual(input, "cross_entropy")
     z = d.primal
-    if z.dim() != 2:
-        raise ValueError(f"cross_entropy: logits must be (N, C), got shape {tuple(z.shape)}")
+    index_target = isinstance(target, Tensor) and not isinstance(target, Dual) \
+        and not target.is_floating_point()
+    if weight is not None or size_average is not None or reduce is not None \
+            or not index_target or z.dim() != 2:
+        # class weights, probability (or Dual) targets, (N, C, d1, ...) logits: forward AD
+        return forward_ad_fallback(F.cross_entropy, (input, target), dict(
+            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+            reduction=reduction, label_smoothing=label_smoothing))
     if target.dtype != torch.long or target.shape != z.shape[:1]:
         raise ValueError(f"cross_entropy: target must be int64 class indices of shape "
                          f"({z.shape[0]},), got {target.dtype} of shape {tuple(target.shape)}")
@@ -213,6 +215,12 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
 def avg_pool2d(input: MaybeDual, *args, **kwargs) -> Dual:
     """Dual average pool (arguments as ``F.avg_pool2d``)."""
     return as_dual(input, "avg_pool2d").map(lambda t: F.avg_pool2d(t, *args, **kwargs))
+
+
+@implements(F.interpolate, F.upsample)
+def interpolate(input: MaybeDual, *args, **kwargs) -> Dual:
+    """Dual resampling (arguments as ``F.interpolate``): every mode is linear in the input."""
+    return as_dual(input, "interpolate").map(lambda t: F.interpolate(t, *args, **kwargs))
 
 
 @implements(F.adaptive_avg_pool2d)
@@ -263,10 +271,14 @@ def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return d
-    keep = torch.empty_like(d.primal).bernoulli_(1 - p)
-    mask = keep / (1 - p) if p < 1 else keep
+    # torch's own draw (the random numbers a plain pass under the same seed takes), as the
+    # scaled mask 0 or 1/(1 − p)
+    mask = F.dropout(torch.ones_like(d.primal), p, True)
+    y = d.primal * mask
     t = d.tangents
-    return d.with_tangents(d.primal * mask, None if t is None else t * mask.to(t.dtype))
+    if inplace:
+        return d._assign(d.with_tangents(y, None if t is None else t * mask.to(t.dtype)))
+    return d.with_tangents(y, None if t is None else t * mask.to(t.dtype))
 
 
 @implements(torch.cat, torch.concat)

@@ -1,41 +1,45 @@
-"""Dual modules: torch.nn layers that also run the dual (forward-mode) pass.
+"""Dual modules: torch.nn layers that the dual (forward-mode) pass runs faster.
 
-Each ``DualX`` subclasses its ``nn.X`` twin and adds no state: same constructor, parameters,
-buffers and state_dict keys, and a plain Tensor input runs the twin's own forward (autograd
-included). A ``Dual`` input runs the dual pass, with the parameter tangents set by
-``fgkernels.set_tangents`` (none set: the parameters are constants of the pass).
-``convert(model)`` turns the torch.nn layers of any model into their twins in place.
+A model needs no conversion to be exact: any ``nn.Module`` called with a ``Dual`` runs every op
+on its rule (or on the forward-AD fallback), its parameters handing out their tangents
+(``fgkernels.tangents``). ``convert(model)`` is a speed step that never changes a number: it
+swaps layers for twins that fuse Conv→BN→ReLU and BN→ReLU runs (``DualSequential``) and reuse a
+plain forward's convolution outputs (``reuse_conv_outputs``). Each ``DualX`` subclasses its
+``nn.X`` twin and adds no state: same constructor, parameters, buffers and state_dict keys, and
+a plain Tensor input runs the twin's own forward (autograd included).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import checks, derived
+from . import checks
 from . import functional as DF
-from .dual import Dual
+from .dual import Dual, in_rule
+from .tangents import own_hook_ids
 
 Tensor = torch.Tensor
 
 
 class DualModule:
-    """Mixin of the Dual layers: holds the per-step parameter tangents (not parameters, not in
-    the state_dict) and hands out each parameter as a Dual when it has one, computed ones
-    included (a parametrization's, weight_norm's or prune's weight carries the JVP of its
-    computation along its sources' tangents).
+    """Mixin of the Dual layers. ``forward`` decides once per call: a Dual input runs
+    ``dual_forward`` (by default the layer's own forward, whose ops take their Dual rules), any
+    other input the torch.nn layer's own forward."""
 
-    ``forward`` decides once per call: a Dual input runs ``dual_forward`` (each twin's one
-    method), anything else the torch.nn layer's own forward."""
+    # its dual forward hands each parameter to ops that look up the parameter's tangent (so it
+    # needs no substitution, which torch.compile cannot trace)
+    reads_parameter_tangents = True
 
     def forward(self, input, *args, **kwargs):
         if isinstance(input, Dual):
-            return self.dual_forward(input, *args, **kwargs)
+            with in_rule():
+                return self.dual_forward(input, *args, **kwargs)
         return self.plain_forward(input, *args, **kwargs)
 
     def plain_forward(self, input, *args, **kwargs):
@@ -44,36 +48,7 @@ class DualModule:
 
     def dual_forward(self, input: Dual, *args, **kwargs) -> Dual:
         """The layer on a Dual input: its output and tangents."""
-        raise NotImplementedError
-
-    def _dual_param(self, name: str) -> Union[Tensor, Dual, None]:
-        p = getattr(self, name)
-        entries = self.__dict__.get("_fg_tangents", {})
-        if p is None or not entries:
-            return p
-        how = derived.derivation(self, name)
-        if how is None:
-            entry = entries.get(name)
-            if entry is None:
-                return p
-            self._check_not_replaced(name, entry, p)
-            return Dual._unchecked(p.detach(), entry.stack, entry.directions, entry.single)
-        live = {k: entries[k] for k in how.sources if k in entries}
-        if not live:
-            return p
-        values = {k: self.get_parameter(k) for k in how.sources}
-        for k, entry in live.items():
-            self._check_not_replaced(k, entry, values[k])
-        stack = derived.derived_tangent(self, how, values, {k: e.stack for k, e in live.items()})
-        some = next(iter(live.values()))
-        return Dual._unchecked(p.detach(), stack, some.directions, some.single)
-
-    def _check_not_replaced(self, name: str, entry, p: Tensor) -> None:
-        if entry.parameter is not p:
-            raise RuntimeError(
-                f"{type(self).__name__}.{name} was replaced after its tangent was set (now "
-                f"{tuple(p.shape)}, then {tuple(entry.parameter.shape)}); set its tangent again "
-                "with fgkernels.set_tangents, or clear it with fgkernels.clear_tangents")
+        return self.plain_forward(input, *args, **kwargs)
 
 
 class _KeptOutput(NamedTuple):
@@ -94,19 +69,20 @@ class DualConv2d(DualModule, nn.Conv2d):
 
     def plain_forward(self, input):
         out = super().plain_forward(input)
-        if "_fg_kept" in self.__dict__:  # inside reuse_conv_outputs
+        if "_fg_kept" in self.__dict__ and isinstance(out, Tensor):  # in reuse_conv_outputs
             self.__dict__["_fg_kept"] = _KeptOutput(out.detach(), _meta(input), self.training,
                                                     self._versions(out))
         return out
 
     def dual_forward(self, input: Dual) -> Dual:
         self._check_dual()
-        return DF.conv2d(input, self._dual_param("weight"), self._dual_param("bias"), self.stride,
-                         self.padding, self.dilation, self.groups,
-                         primal=self._take_kept_output(input))
+        return DF.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups, primal=self._take_kept_output(input))
 
     def _versions(self, out: Tensor) -> tuple[int, ...]:
-        return (out._version, *(p._version for p in (self.weight, self.bias) if p is not None))
+        # during a dual pass a parameter with a tangent is its Dual: the parameter's version
+        params = [p._source[0] if isinstance(p, Dual) else p for p in (self.weight, self.bias)]
+        return (out._version, *(p._version for p in params if p is not None))
 
     def _take_kept_output(self, input: Dual) -> Optional[Tensor]:
         """The output kept by ``reuse_conv_outputs`` for this dual call (then forgotten), or
@@ -154,8 +130,8 @@ class _DualBatchNorm(DualModule):
     def dual_forward(self, input: Dual, relu: bool = False) -> Dual:
         """The dual batch norm; ``relu`` fuses the ReLU after it (as DualSequential does)."""
         running_mean, running_var, training, factor = self._dual_bn_args(input.primal)
-        return DF.batch_norm(input, running_mean, running_var, self._dual_param("weight"),
-                             self._dual_param("bias"), training, factor, self.eps, relu)
+        return DF.batch_norm(input, running_mean, running_var, self.weight,
+                             self.bias, training, factor, self.eps, relu)
 
 
 class DualBatchNorm2d(_DualBatchNorm, nn.BatchNorm2d):
@@ -178,7 +154,7 @@ class DualLinear(DualModule, nn.Linear):
     """``nn.Linear`` that also runs the dual pass: ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
 
     def dual_forward(self, input: Dual) -> Dual:
-        return DF.linear(input, self._dual_param("weight"), self._dual_param("bias"))
+        return DF.linear(input, self.weight, self.bias)
 
 
 class DualMaxPool2d(DualModule, nn.MaxPool2d):
@@ -217,6 +193,8 @@ class DualSequential(nn.Sequential):
     with forward hooks or pre-hooks is not fused: it runs on its own, so its hooks see its Dual
     input and output as they see tensors on the plain pass."""
 
+    reads_parameter_tangents = True
+
     def forward(self, input):
         if not isinstance(input, Dual):
             return super().forward(input)
@@ -228,11 +206,13 @@ class DualSequential(nn.Sequential):
             after = layers[i + 2] if i + 2 < len(layers) else None
             if _fusable_conv(layer) and isinstance(nxt, DualBatchNorm2d) and _unhooked(nxt):
                 relu = isinstance(after, nn.ReLU) and _unhooked(after)
-                input = _conv_bn(layer, nxt, input, relu)
+                with in_rule():
+                    input = _conv_bn(layer, nxt, input, relu)
                 i += 3 if relu else 2
             elif (isinstance(layer, _DualBatchNorm) and _unhooked(layer)
                   and isinstance(nxt, nn.ReLU) and _unhooked(nxt)):
-                input = layer.dual_forward(input, relu=True)
+                with in_rule():
+                    input = layer.dual_forward(input, relu=True)
                 i += 2
             else:
                 input = layer(input)
@@ -243,9 +223,10 @@ class DualSequential(nn.Sequential):
 def _unhooked(layer: nn.Module) -> bool:
     """True if no forward hook or pre-hook (the layer's own or a global one) would run on it."""
     from torch.nn.modules import module as torch_module
+    global_hooks = (torch_module._global_forward_hooks.keys()
+                    | torch_module._global_forward_pre_hooks.keys())
     return not (layer._forward_hooks or layer._forward_pre_hooks
-                or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
+                or global_hooks - own_hook_ids())
 
 
 def _fusable_conv(layer) -> bool:
@@ -258,12 +239,13 @@ def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> D
                          f"convolution before it gives {conv.out_channels}")
     conv._check_dual()
     # Checked before _dual_bn_args counts the call: a bad input changes no state.
-    checks.check_conv(input.primal, conv.weight, conv.bias, conv.groups)
+    checks.check_conv(input.primal, conv.weight, conv.bias, conv.groups, conv.stride,
+                      conv.padding, conv.dilation)
     running_mean, running_var, training, factor = bn._dual_bn_args(None)
     return DF.conv2d_batch_norm(
-        input, conv._dual_param("weight"), conv._dual_param("bias"), conv.stride, conv.padding,
-        conv.dilation, conv.groups, running_mean, running_var, bn._dual_param("weight"),
-        bn._dual_param("bias"), training, factor, bn.eps, relu,
+        input, conv.weight, conv.bias, conv.stride, conv.padding,
+        conv.dilation, conv.groups, running_mean, running_var, bn.weight,
+        bn.bias, training, factor, bn.eps, relu,
         conv_primal=conv._take_kept_output(input))
 
 
@@ -292,42 +274,12 @@ def reuse_conv_outputs(module: nn.Module) -> Iterator[None]:
             conv.__dict__.pop("_fg_kept", None)
 
 
-class DualGeneric(DualModule):
-    """Mixin that runs a layer's own ``forward`` on a Dual input, its parameters handed out as
-    Duals while it runs: every torch op inside then takes its fgkernels rule or the forward-AD
-    fallback. The twin of any layer with parameters that has no fused twin (LayerNorm,
-    GroupNorm, Conv1d, a user's layer, a subclass that overrides ``forward``, ...)."""
-
-    def dual_forward(self, input: Dual, *args, **kwargs):
-        with self._parameters_as_duals():
-            return super().plain_forward(input, *args, **kwargs)
-
-    @contextlib.contextmanager
-    def _parameters_as_duals(self) -> Iterator[None]:
-        computed = [n for n in self.__dict__.get("_fg_tangents", {})
-                    if n not in self._parameters]
-        if computed:
-            raise NotImplementedError(
-                f"{type(self).__name__}: tangents on {', '.join(computed)}, sources of a "
-                "computed parameter, need a fused Dual twin of this layer; register one with "
-                "fgkernels.register_twin")
-        saved = dict(self._parameters)
-        try:
-            for name, p in saved.items():
-                if p is not None:
-                    # nn.Module.__getattr__ hands out whatever _parameters holds.
-                    self._parameters[name] = self._dual_param(name)
-            yield
-        finally:
-            self._parameters.update(saved)
+class DualLayerNorm(DualModule, nn.LayerNorm):
+    """``nn.LayerNorm``; its dual pass is layer norm's rule (``fgkernels.norms``)."""
 
 
-class DualLayerNorm(DualGeneric, nn.LayerNorm):
-    """``nn.LayerNorm`` that also runs the dual pass (``fgkernels.norms``)."""
-
-
-class DualGroupNorm(DualGeneric, nn.GroupNorm):
-    """``nn.GroupNorm`` that also runs the dual pass (``fgkernels.norms``)."""
+class DualGroupNorm(DualModule, nn.GroupNorm):
+    """``nn.GroupNorm``; its dual pass is group norm's rule (``fgkernels.norms``)."""
 
 
 # torch.nn layer -> its Dual twin, for convert().
@@ -363,39 +315,52 @@ def register_twin(cls: type, dual_cls: type) -> None:
 
 
 @functools.cache
-def _derived_twin(cls: type) -> Optional[type]:
-    """The twin of a class without a registered one: for a subclass of a twinned layer that
-    keeps its base's ``forward`` (a parametrized layer, a subclass adding methods), the base's
-    twin mixed into the subclass; for any other layer with parameters of its own, the generic
-    twin; None for a layer without parameters (its ops take Duals as they are)."""
+def _class_twin(cls: type) -> Optional[type]:
+    """The twin of layers of class ``cls``: the registered one, or for a subclass of a twinned
+    layer that keeps its base's ``forward`` (a subclass adding methods) the base's twin mixed
+    into the subclass; None for any other class (its ops take Duals as they are)."""
+    if cls in TWINS:
+        return TWINS[cls]
     for base in cls.__mro__[1:]:
         twin = TWINS.get(base)
-        if twin is not None and cls.forward is base.forward:
+        if twin is not None:
+            if cls.forward is not base.forward:
+                return None
             return type(f"Dual{cls.__name__}", (twin, cls), {"__module__": cls.__module__})
-    return type(f"Dual{cls.__name__}", (DualGeneric, cls), {"__module__": cls.__module__})
+    return None
+
+
+def _parametrized_twin(cls: type) -> Optional[type]:
+    """For the class ``torch.nn.utils.parametrize`` made for one parametrized layer (a subclass
+    of the layer's class holding the parametrized properties), the same class made on the
+    twin: ``remove_parametrizations`` then leaves the twin."""
+    base_twin = _class_twin(cls.__bases__[0])
+    if base_twin is None:
+        return None
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, (base_twin,), body)
 
 
 def twin_of(module: nn.Module) -> Optional[type]:
     """The class ``convert`` gives ``module`` (None: it stays as it is)."""
     cls = type(module)
-    if cls in _DUAL_CLASSES or isinstance(module, (DualModule, parametrize.ParametrizationList)):
-        return None  # a parametrization's sources are its layer's (fgkernels.derived)
-    if cls in TWINS:
-        return TWINS[cls]
-    if isinstance(module, nn.Sequential) and cls.forward is nn.Sequential.forward:
-        return _derived_twin(cls)
-    if not any(p is not None for p in module._parameters.values()):
+    if cls in _DUAL_CLASSES or isinstance(module, (DualModule, DualSequential)):
         return None
-    return _derived_twin(cls)
+    if parametrize.is_parametrized(module) \
+            and cls.__name__ == f"Parametrized{cls.__bases__[0].__name__}":
+        return _parametrized_twin(cls)
+    return _class_twin(cls)
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Turn the layers of ``module`` (itself included) into their Dual twins, in place, and
-    return it. Parameters, buffers, hooks and state_dict keys are untouched: the twins add no
-    state, so each layer simply changes class. A subclass of a twinned layer keeps its own
-    methods; a layer with parameters and no fused twin runs its own forward on Duals
-    (``DualGeneric``). Conv→BN→ReLU and BN→ReLU runs inside ``nn.Sequential`` containers are
-    fused on the dual pass."""
+    """Turn the layers of ``module`` (itself included) that have a twin into it, in place, and
+    return it: a speed step that never changes a number (any model is exact on Duals as it is).
+    Parameters, buffers, hooks and state_dict keys are untouched: the twins add no state, so
+    each layer simply changes class. A subclass of a twinned layer keeps its own methods.
+    Conv→BN→ReLU and BN→ReLU runs inside ``nn.Sequential`` containers are fused on the dual
+    pass."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(module).__name__}")
     for m in module.modules():
         twin = twin_of(m)
         if twin is not None:

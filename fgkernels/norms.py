@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _slots
+from ._fallback import forward_ad_fallback
 from .dual import Dual, implements
 from .operands import as_dual, layer_params, parts
 from .pointwise import lift
@@ -98,3 +99,66 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
 
 def _primal(v):
     return v.primal if isinstance(v, Dual) else v
+
+
+# --- vector norms and weight normalisation ------------------------------------------------------
+def _reduced_dims(dim, ndim: int) -> list[int]:
+    if dim is None:
+        return list(range(ndim))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted(d % max(ndim, 1) for d in dims) if ndim else []
+
+
+@torch.no_grad()
+def _euclidean_norm(input, dim, keepdim: bool, dtype=None) -> Dual:
+    """``n = ‖x‖₂`` over ``dim``, ``ṅ = Re Σ conj(x)·ẋ / n`` (0 where n = 0, the subgradient
+    torch's derivative takes there)."""
+    d = as_dual(input, "vector_norm")
+    x = d.primal if dtype is None else d.primal.to(dtype)
+    n = torch.linalg.vector_norm(x, 2, dim, keepdim)
+    t = d.tangents
+    if t is None:
+        return d.with_tangents(n, None)
+    dims = [k + 1 for k in _reduced_dims(dim, x.dim())]
+    xt = _like_tangent(x, t)
+    inner = (xt.conj() * t if x.is_complex() else xt * t).sum(dims, keepdim=keepdim)
+    inner = inner.real if inner.is_complex() else inner
+    nt = _like_tangent(n, inner)
+    return d.with_tangents(n, torch.where(nt == 0, 0, inner / torch.where(nt == 0, 1, nt)))
+
+
+def _like_tangent(v: Tensor, t: Tensor) -> Tensor:
+    """A primal factor in the dtype of the tangent it multiplies (complex kept complex)."""
+    if v.is_complex() or t.is_complex():
+        return v
+    return v.to(t.dtype)
+
+
+@implements(torch.linalg.vector_norm)
+def vector_norm(input, ord=2, dim=None, keepdim: bool = False, *, dtype=None, out=None):
+    """Dual vector norm: the 2-norm by its own rule, any other order by forward AD."""
+    if ord == 2 and out is None:
+        return _euclidean_norm(input, dim, keepdim, dtype)
+    return forward_ad_fallback(torch.linalg.vector_norm, (input, ord, dim, keepdim),
+                     dict(dtype=dtype, out=out) if out is not None else dict(dtype=dtype))
+
+
+@implements(torch.norm, torch.Tensor.norm)
+def norm(input, p="fro", dim=None, keepdim: bool = False, dtype=None, out=None):
+    """Dual ``torch.norm``: the Frobenius / 2-norm over the given dims by its own rule."""
+    if p in ("fro", 2) and out is None:
+        return _euclidean_norm(input, dim, keepdim, dtype)
+    kwargs = dict(p=p, dim=dim, keepdim=keepdim, dtype=dtype)
+    if out is not None:
+        kwargs["out"] = out
+    return forward_ad_fallback(torch.norm, (input,), kwargs)
+
+
+@implements(torch._weight_norm)
+def weight_norm(v, g, dim: int = 0) -> Dual:
+    """Dual weight normalisation ``w = g·v/‖v‖`` (the norm over every dim but ``dim``; all of
+    them for dim = -1), in ops with rules of their own (torch's fused kernel for it has no
+    forward-mode derivative)."""
+    v_ = v.primal if isinstance(v, Dual) else v
+    others = None if dim == -1 else [k for k in range(v_.dim()) if k != dim % v_.dim()]
+    return v * (g / _euclidean_norm(v, others, keepdim=dim != -1))

@@ -9,6 +9,7 @@ import torch
 from . import _slots
 from .backends.base import LayerParams
 from .dual import Dual
+from .tangents import dual_of
 
 Tensor = torch.Tensor
 MaybeDual = Union[Tensor, Dual]
@@ -32,18 +33,22 @@ class LayerOperands(NamedTuple):
 
 
 def parts(v) -> Parts:
-    """The parts of a Dual (a Tensor or None: no tangent)."""
+    """The parts of a Dual, or of a Tensor (its recorded parameter tangent, if any) or None."""
+    if isinstance(v, Tensor):
+        d = dual_of(v)
+        v = v if d is None else d
     if isinstance(v, Dual):
         return Parts(v.primal, v.tangents, v.slot_operand())
     return Parts(v, None, None)
 
 
 def as_dual(v: MaybeDual, op: str) -> Dual:
-    """``v`` as a Dual (a Tensor: zero tangent)."""
+    """``v`` as a Dual (a Tensor: its recorded parameter tangent, else a zero tangent)."""
     if isinstance(v, Dual):
         return v
     if isinstance(v, Tensor):
-        return Dual(v)
+        d = dual_of(v)
+        return Dual._unchecked(v, None, None, False) if d is None else d
     raise TypeError(f"{op}: expected a Dual or Tensor input, got {type(v).__name__}")
 
 

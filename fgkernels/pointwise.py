@@ -30,7 +30,7 @@ __all__ = ["add", "sub", "mul", "div", "where", "clamp"]
 
 def _parts(v):
     """``operands.parts`` of an arithmetic operand: a Dual, a Tensor or a number."""
-    if not isinstance(v, (Dual, Tensor, int, float, bool)):
+    if not isinstance(v, (Dual, Tensor, int, float, complex, bool)):
         raise TypeError(f"expected a Dual, Tensor or number, got {type(v).__name__}")
     return parts(v)
 
@@ -47,6 +47,17 @@ def broadcast_stack(stack: Tensor, shape) -> Tensor:
     """A stack ``(T, *s)`` broadcast to ``(T, *shape)``, ``s`` aligned on ``shape``'s trailing
     dims (a view, no copy)."""
     return lift(stack, len(shape)).expand(stack.shape[0], *shape)
+
+
+def _tensor_of(a, other):
+    """An operand as a tensor: a Python number becomes a 0-d tensor of the dtype torch
+    promotes it to against ``other`` (``0.9 * d`` for a float64 ``d`` is float64, not a
+    float32 0.9 widened)."""
+    if isinstance(a, Tensor):
+        return a
+    like = other if isinstance(other, Tensor) else None
+    dtype = torch.result_type(a, other) if like is not None else None
+    return torch.tensor(a, dtype=dtype, device=None if like is None else like.device)
 
 
 def _like(v, t: Tensor):
@@ -72,7 +83,7 @@ def _combine(op: str, y: Tensor, terms) -> Dual:
 def add(input, other, *, alpha=1) -> Dual:
     """Dual ``input + alpha·other`` (either may be a Dual, a tensor or a number)."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
-    y = torch.add(torch.as_tensor(a), b, alpha=alpha)
+    y = torch.add(_tensor_of(a, b), b, alpha=alpha)
     # (alpha = 1: the tangent as it is, not a scaled copy)
     return _combine("add", y, [(ao, at, lambda t: t),
                                (bo, bt, (lambda t: t) if alpha == 1 else (lambda t: t * alpha))])
@@ -94,7 +105,7 @@ def _rsub(input, other, *, alpha=1) -> Dual:
 def mul(input, other) -> Dual:
     """Dual product: ``ẏ = ȧ·b + a·ḃ``."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
-    return _combine("mul", torch.mul(torch.as_tensor(a), b),
+    return _combine("mul", torch.mul(_tensor_of(a, b), b),
                     [(ao, at, lambda t: t * _like(b, t)), (bo, bt, lambda t: _like(a, t) * t)])
 
 
@@ -106,7 +117,7 @@ def div(input, other, *, rounding_mode: Optional[str] = None) -> Dual:
         raise TypeError(f"div: rounding_mode={rounding_mode!r} is piecewise constant and has no "
                         "useful tangent on a Dual; divide the primal instead")
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
-    y = torch.div(torch.as_tensor(a), b)
+    y = torch.div(_tensor_of(a, b), b)
     return _combine("div", y, [(ao, at, lambda t: t / _like(b, t)),
                                (bo, bt, lambda t: -(_like(y, t) * t) / _like(b, t))])
 
@@ -308,6 +319,10 @@ _SLOT_VIEWS: dict[Callable, Callable] = {
     torch.permute: lambda t, n, dims: t.permute(0, *_slot_dims(dims, n)),
     torch.Tensor.transpose: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
     torch.transpose: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.Tensor.swapaxes: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.swapaxes: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.Tensor.swapdims: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
+    torch.swapdims: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
     torch.Tensor.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
     torch.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
     torch.Tensor.unsqueeze: lambda t, n, dim: t.unsqueeze(_slot_dim(dim, n + 1)),
@@ -337,11 +352,12 @@ def _slot_view_rule(func: Callable, on_stack: Callable) -> Callable:
 
 _LINEAR_OPS = [
     torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose,
-    torch.Tensor.movedim, torch.movedim, torch.Tensor.chunk, torch.chunk, torch.Tensor.split,
+    torch.Tensor.movedim, torch.movedim, torch.Tensor.swapaxes, torch.swapaxes,
+    torch.Tensor.swapdims, torch.swapdims, torch.Tensor.chunk, torch.chunk, torch.Tensor.split,
     torch.split, torch.Tensor.unbind, torch.unbind, torch.Tensor.contiguous,
-    torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.squeeze, torch.squeeze,
+    torch.Tensor.expand, torch.Tensor.squeeze, torch.squeeze,
     torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.mean, torch.mean, torch.Tensor.sum,
-    torch.sum, torch.Tensor.__getitem__, torch.Tensor.narrow, torch.narrow, torch.Tensor.select,
+    torch.sum, torch.Tensor.narrow, torch.narrow, torch.Tensor.select,
     torch.select, torch.Tensor.flip, torch.flip, torch.Tensor.roll, torch.roll,
     torch.Tensor.repeat, torch.Tensor.unflatten, torch.unflatten, torch.Tensor.clone,
     torch.clone, torch.Tensor.t, torch.t,

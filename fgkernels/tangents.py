@@ -1,111 +1,390 @@
-"""Parameter tangents: the per-step directions ``Ẇ`` that the Dual layers feed into the pass."""
+"""Parameter tangents: the per-step directions ``Ẇ`` of a forward-mode pass, kept against the
+parameter tensors themselves.
+
+``set_tangents(model, {name: Ẇ})`` records ``Ẇ`` for the tensor ``model.<name>``. A *dual pass*
+starts when a module is called with a ``Dual`` among its positional inputs: for the length of
+that call, every module of its tree that holds a tensor with a tangent (its own, a tied one, one
+in a ``ParameterList`` or ``ParameterDict``, a parametrization's source) holds the Dual of that
+tensor instead, as ``torch.func.functional_call`` substitutes parameters. Whatever reads the
+parameter then sees its tangent: the layer's own op, a tied layer, ``cls_token.expand(n, -1,
+-1)``, ``weight * self.g``. An op that meets such a tensor among its operands outside a dual pass
+(``F.linear(Dual(x), lin.weight)``) looks it up here too. A plain call stays a plain call.
+
+The substitution is made and undone by two global module hooks, registered while some tensor
+has a tangent: the pre-hook (which sees positional inputs only) starts the pass, the forward hook
+(``always_call``: also when the forward raises) ends it.
+"""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
-from .backends.base import acc_dtype
-from .dual import _check_tangent
-from .nn import DualModule
+from .backends.base import acc_dtype, tangent_dtype_fits
+from .dual import Dual, check_tangent, inside_rule
 from .precision import resolve_tangent_dtype
 
 Tensor = torch.Tensor
 
+__all__ = ["set_tangents", "random_tangents", "clear_tangents", "tangent_of", "has_tangent",
+           "ParameterTangent"]
+
 
 class ParameterTangent(NamedTuple):
-    """A parameter's tangent as the Dual layers keep it: stacked, with its slots' labels, and
-    the parameter it was set for (a replaced parameter must not inherit it)."""
+    """A tensor's tangent as the store keeps it: stacked ``(T, *shape)``, with its slots'
+    direction labels (None: unlabelled) and whether it was given as a single tangent."""
 
     stack: Tensor
     directions: Optional[tuple[int, ...]]
     single: bool
-    parameter: Tensor
 
 
-def _owner(module: nn.Module, name: str, params: Mapping[str, Tensor]):
-    """The Dual layer that a parameter's tangent is set on, and the parameter's name there:
-    its own module, or for a parametrization's source (``conv.parametrizations.weight.original``)
-    the parametrized layer."""
-    if name not in params:
-        known = ", ".join(list(params)[:12]) + (", ..." if len(params) > 12 else "")
-        raise KeyError(f"set_tangents: unknown parameter name {name!r}; the module's parameters "
-                       f"are: {known}")
-    owner_path, leaf = _split_owner(name)
-    owner = module.get_submodule(owner_path) if owner_path else module
-    if not isinstance(owner, DualModule):
-        raise TypeError(f"set_tangents: parameter {name!r} belongs to {type(owner).__name__}, "
-                        "which is not a Dual layer; run fgkernels.convert(model) first")
-    return owner, leaf
+# A tensor's tangent is an attribute of the tensor itself (so torch.compile reads it as it reads
+# any tensor attribute, with a guard); deepcopy and state_dict leave it behind, as they should
+# a per-step value. _LIVE counts the tensors that have one, for the hooks below.
+_ATTR = "_fgkernels_tangent"
+_LIVE: dict[int, weakref.ref] = {}
+# module -> {name in its _parameters: the tensor a tangent was set for under that name}: a
+# parameter replaced after its tangent was set is refused at the next dual pass.
+_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _split_owner(name: str) -> tuple[str, str]:
-    """(path of the layer owning parameter ``name``, its name relative to that layer)."""
-    parts = name.split(".")
-    if "parametrizations" in parts:
-        i = len(parts) - 1 - parts[::-1].index("parametrizations")
-        return ".".join(parts[:i]), ".".join(parts[i:])
-    return ".".join(parts[:-1]), parts[-1]
+def tangent_of(t) -> Optional[ParameterTangent]:
+    """The tangent recorded for tensor ``t`` (None: none)."""
+    return getattr(t, _ATTR, None) if isinstance(t, Tensor) else None
+
+
+def has_tangent(t) -> bool:
+    """True if a tangent is recorded for tensor ``t``."""
+    return tangent_of(t) is not None
+
+
+def dual_of(t: Tensor) -> Optional[Dual]:
+    """``t`` as a Dual of its recorded tangent (None when it has none)."""
+    entry = tangent_of(t)
+    if entry is None:
+        return None
+    return Dual._of_parameter(t, entry.stack, entry.directions, entry.single)
+
+
+def _put(t: Tensor, tangent: ParameterTangent) -> None:
+    key = id(t)
+
+    def forget(ref, key=key):
+        if _LIVE.get(key) is ref:
+            del _LIVE[key]
+            _hooks.sync()
+
+    setattr(t, _ATTR, tangent)
+    if key not in _LIVE:
+        _LIVE[key] = weakref.ref(t, forget)
+
+
+def _drop(t: Tensor) -> None:
+    if getattr(t, _ATTR, None) is not None:
+        delattr(t, _ATTR)
+        _LIVE.pop(id(t), None)
+
+
+# --- the dual pass: substitution while a module called with a Dual runs ------------------------
+class _Swap(NamedTuple):
+    holder: dict       # a module's _parameters
+    name: str
+    tensor: Tensor     # what it held before the pass
+
+
+class _Pass:
+    """The substitution of one dual pass, rooted at the module whose call started it."""
+
+    def __init__(self, root: nn.Module):
+        self.root, self.depth = root, 1
+        self.swaps: list[_Swap] = []
+        self.attributes: list[tuple[nn.Module, dict]] = []
+        duals: dict[int, Dual] = {}
+        try:
+            for m in root.modules():
+                self._substitute(m, duals)
+        except BaseException:
+            self.undo()
+            raise
+
+    def _substitute(self, m: nn.Module, duals: dict[int, Dual]) -> None:
+        bound = _BOUND.get(m)
+        if bound:
+            for name, t in bound.items():
+                if m._parameters.get(name) is not t:
+                    raise RuntimeError(
+                        f"{type(m).__name__}.{name} was replaced after its tangent was set; set "
+                        "its tangent again with fgkernels.set_tangents, or clear it with "
+                        "fgkernels.clear_tangents")
+        if m._forward_pre_hooks:
+            _check_hooks(m)
+        # What a forward stores on its module (a weight computed by a weight_norm or prune
+        # pre-hook, a cache such as LeViT's attention biases) is a Dual on the dual pass: it is
+        # put back afterwards, so that no Dual outlives the pass in a module's state.
+        self.attributes.append((m, {k: dict(v) if type(v) is dict else v
+                                    for k, v in m.__dict__.items() if not k.startswith("_")}))
+        for name, t in m._parameters.items():
+            if t is None or tangent_of(t) is None:
+                continue
+            d = duals.get(id(t))
+            if d is None:
+                d = duals[id(t)] = _checked_dual(m, name, t)
+            self.swaps.append(_Swap(m._parameters, name, t))
+            m._parameters[name] = d
+
+    def undo(self) -> None:
+        for holder, name, t in reversed(self.swaps):
+            holder[name] = t
+        for m, before in self.attributes:
+            for k, v in list(m.__dict__.items()):
+                if k.startswith("_"):
+                    continue
+                if isinstance(v, Dual):
+                    if k in before:
+                        m.__dict__[k] = before[k]
+                    else:
+                        del m.__dict__[k]
+                elif type(v) is dict and any(isinstance(e, Dual) for e in v.values()):
+                    old = before.get(k)
+                    for key in [key for key, e in v.items() if isinstance(e, Dual)]:
+                        if isinstance(old, dict) and key in old:
+                            v[key] = old[key]
+                        else:
+                            del v[key]
+        self.swaps, self.attributes = [], []
+
+
+def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:
+    entry = tangent_of(t)
+    stack = entry.stack
+    if stack.device != t.device or stack.shape[1:] != t.shape \
+            or not tangent_dtype_fits(t.dtype, stack.dtype):
+        raise RuntimeError(
+            f"{type(m).__name__}.{name} is now a {t.dtype} tensor of shape {tuple(t.shape)} on "
+            f"{t.device}, but its tangent ({stack.dtype}, {tuple(stack.shape[1:])}, "
+            f"{stack.device}) was set before it changed; set its tangent again")
+    return Dual._of_parameter(t, stack, entry.directions, entry.single)
+
+
+def _check_hooks(m: nn.Module) -> None:
+    for hook in m._forward_pre_hooks.values():
+        if type(hook).__name__ == "SpectralNorm" \
+                and tangent_of(m._parameters.get(f"{hook.name}_orig")) is not None:
+            raise NotImplementedError(
+                f"{type(m).__name__}.{hook.name} is computed by torch.nn.utils.spectral_norm's "
+                "hook, which updates its power-iteration vectors in place; use "
+                "torch.nn.utils.parametrizations.spectral_norm, which fgkernels differentiates")
+
+
+def _holds_dual(values: Iterable) -> bool:
+    """True if a Dual is among ``values`` or directly inside a tuple, list or dict of them."""
+    for v in values:
+        if isinstance(v, Dual):
+            return True
+        if isinstance(v, (tuple, list)) and any(isinstance(e, Dual) for e in v):
+            return True
+        if isinstance(v, dict) and any(isinstance(e, Dual) for e in v.values()):
+            return True
+    return False
+
+
+def _check_compilable(module: nn.Module) -> None:
+    """Inside torch.compile the parameters are not substituted: without ``ParameterTangents``
+    (``fgkernels.compile``), only the twins of ``fgkernels.convert``, whose ops look up their
+    parameters' tangents, can hold one."""
+    for m in module.modules():
+        if getattr(type(m), "reads_parameter_tangents", False):
+            continue
+        for name, p in m._parameters.items():
+            if tangent_of(p) is not None:
+                raise RuntimeError(
+                    f"{type(m).__name__}.{name} has a tangent, and inside torch.compile only "
+                    "the layers of fgkernels.convert hand their parameters' tangents to the "
+                    "dual pass; convert the model, or compile with fgkernels.compile(model)")
+
+
+class ParameterTangents(TorchFunctionMode):
+    """Every op that meets a tensor with a recorded tangent takes it as its Dual, whatever the
+    other operands: the dual pass's substitution written as a torch function mode, which
+    ``torch.compile`` traces (it cannot trace the substitution of module parameters)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if inside_rule() or isinstance(func, (torch._ops.OpOverload,
+                                              torch._ops.OpOverloadPacket)):
+            return func(*args, **kwargs)  # a rule's own ops, a compiled graph's kernels
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if not any(tangent_of(v) is not None for v in flat):
+            return func(*args, **kwargs)
+        flat = [_as_dual(v) for v in flat]
+        args, kwargs = pytree.tree_unflatten(flat, spec)
+        return Dual.__torch_function__(func, (Dual,), args, kwargs)
+
+
+def _as_dual(v):
+    d = dual_of(v) if isinstance(v, Tensor) else None
+    return v if d is None else d
+
+
+# True while fgkernels.compile runs a compiled dual pass under ParameterTangents.
+_compiled_pass = [False]
+
+
+def _holds_tangents(module: nn.Module) -> bool:
+    return any(tangent_of(t) is not None for t in module.parameters())
+
+
+class _Hooks:
+    """The two global module hooks, registered while some tensor has a tangent."""
+
+    def __init__(self):
+        self.handles: list = []
+        self.ids: frozenset[int] = frozenset()  # plain ints: torch.compile reads them as they are
+        self.local = threading.local()
+
+    def sync(self) -> None:
+        if _LIVE and not self.handles:
+            self.handles = [torch_module.register_module_forward_pre_hook(self.pre),
+                            torch_module.register_module_forward_hook(
+                                self.post, with_kwargs=True, always_call=True)]
+        elif not _LIVE and self.handles and getattr(self.local, "active", None) is None:
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+        self.ids = frozenset(h.id for h in self.handles)
+
+    def pre(self, module: nn.Module, args: tuple) -> None:
+        if _compiled_pass[0]:  # ParameterTangents does the substitution's work
+            return
+        if torch.compiler.is_compiling():
+            if _holds_dual(args):
+                _check_compilable(module)
+            return
+        active = getattr(self.local, "active", None)
+        if active is not None:
+            if active.root is module:
+                active.depth += 1
+            return
+        if _LIVE and _holds_dual(args):
+            self.local.active = _Pass(module)
+
+    def post(self, module: nn.Module, args: tuple, *rest) -> None:
+        if _compiled_pass[0] or torch.compiler.is_compiling():
+            return
+        active = getattr(self.local, "active", None)
+        if active is None:
+            # rest is (kwargs, output), or (output,) when the forward raised
+            if len(rest) == 2 and rest[0] and _holds_dual(rest[0].values()) \
+                    and _holds_tangents(module):
+                raise TypeError(
+                    f"{type(module).__name__} was called with a Dual by keyword only; pass it "
+                    "positionally: a dual pass, which hands out the parameters' tangents, "
+                    "starts at a module called with a Dual among its positional inputs")
+            return
+        if active.root is module:
+            active.depth -= 1
+            if active.depth == 0:
+                self.local.active = None
+                active.undo()
+                self.sync()
+
+
+_hooks = _Hooks()
+
+
+def own_hook_ids() -> set[int]:
+    """The ids of fgkernels' global module hooks (``DualSequential`` does not count them as
+    hooks that would see a fused layer)."""
+    return _hooks.ids
+
+
+@torch.no_grad()
+def _stack_parameter(name: str, p: Tensor, tangent, direction: Optional[int]):
+    single = check_tangent(p.detach(), tangent, f"tangent of {name!r}")
+    if direction is None:
+        return ParameterTangent(tangent.unsqueeze(0) if single else tangent, None, single)
+    if not single:
+        raise ValueError(f"set_tangents: with direction={direction}, the tangent of {name!r} "
+                         f"must have the parameter's shape {tuple(p.shape)}")
+    return ParameterTangent(tangent.unsqueeze(0), (direction,), False)
+
+
+def _owner_and_leaf(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
 
 
 def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
                  direction: Optional[int] = None) -> None:
     """Give parameters of ``module`` a tangent for the next dual passes.
 
-    ``tangents`` maps names as in ``module.named_parameters()`` to a tensor of the parameter's
-    shape (one tangent) or ``(T, *shape)`` (T tangents). With ``direction=j`` each (single)
-    tangent belongs to direction j alone: the layer's output gains a slot for j while its input
-    carries none. The parameters of one layer must share one layout. Everything is checked before
-    anything is set.
+    ``tangents`` maps names as in ``module.named_parameters()`` (a tied parameter by any of its
+    names) to a tensor of the parameter's shape (one tangent) or ``(T, *shape)`` (T tangents);
+    every tangent of one call has the same T. With ``direction=j`` each (single) tangent belongs
+    to direction j alone: the outputs it reaches gain a slot for j while the input carries none.
+    The tangent belongs to the tensor: wherever the model reads it during a dual pass, it is a
+    Dual. Everything is checked before anything is set.
     """
-    if direction is not None and (not isinstance(direction, int) or direction < 0):
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"set_tangents: expected an nn.Module, got {type(module).__name__}")
+    if direction is not None and (not isinstance(direction, int) or isinstance(direction, bool)
+                                  or direction < 0):
         raise ValueError(f"set_tangents: direction must be a non-negative int, got {direction!r}")
-    params = dict(module.named_parameters())
-    staged: dict[int, tuple[nn.Module, dict]] = {}
+    if not isinstance(tangents, Mapping):
+        raise TypeError(f"set_tangents: tangents must map parameter names to tensors, got "
+                        f"{type(tangents).__name__}")
+    params = dict(module.named_parameters(remove_duplicate=False))
+    staged: dict[int, tuple[Tensor, ParameterTangent, str]] = {}
     for name, tangent in tangents.items():
-        owner, leaf = _owner(module, name, params)
-        single = _check_tangent(params[name].detach(), tangent, f"tangent of {name!r}")
-        if direction is not None:
-            if not single:
-                raise ValueError(f"set_tangents: with direction={direction}, the tangent of "
-                                 f"{name!r} must have the parameter's shape "
-                                 f"{tuple(params[name].shape)}")
-            entry = ParameterTangent(tangent.unsqueeze(0), (direction,), False, params[name])
-        else:
-            entry = ParameterTangent(tangent.unsqueeze(0) if single else tangent, None, single,
-                                     params[name])
-        staged.setdefault(id(owner), (owner, {}))[1][leaf] = entry
-    for owner, new in staged.values():
-        merged = {**owner.__dict__.get("_fg_tangents", {}), **new}
-        layouts = {(e.stack.shape[0], e.directions, e.single) for e in merged.values()}
-        if len(layouts) > 1:
-            raise ValueError(f"set_tangents: the tangents of one {type(owner).__name__} must share "
-                             f"T and direction; got {sorted(map(str, layouts))}")
-    for owner, new in staged.values():
-        owner.__dict__.setdefault("_fg_tangents", {}).update(new)
+        if name not in params:
+            known = ", ".join(list(dict(module.named_parameters()))[:12])
+            raise KeyError(f"set_tangents: unknown parameter name {name!r}; the module's "
+                           f"parameters are: {known}{', ...' if len(params) > 12 else ''}")
+        p = params[name]
+        entry = _stack_parameter(name, p, tangent, direction)
+        earlier = staged.get(id(p))
+        if earlier is not None and earlier[1].stack is not entry.stack:
+            raise ValueError(f"set_tangents: {earlier[2]!r} and {name!r} are the same (tied) "
+                             "parameter; give its tangent once")
+        staged[id(p)] = (p, entry, name)
+    counts = {e.stack.shape[0] for _, e, _ in staged.values() if e.directions is None}
+    if len(counts) > 1:
+        raise ValueError(f"set_tangents: the tangents of one call must share T, got "
+                         f"{sorted(counts)}")
+    for p, entry, _ in staged.values():
+        _put(p, entry)
+    for name, p in params.items():
+        if id(p) in staged:
+            owner, leaf = _owner_and_leaf(module, name)
+            _BOUND.setdefault(owner, {})[leaf] = p
+    _hooks.sync()
 
 
 def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
                     generator: Optional[torch.Generator] = None,
                     direction: Optional[int] = None,
                     dtype: Optional[torch.dtype] = None) -> dict[str, Tensor]:
-    """Draw a standard normal tangent for every parameter of the Dual layers of ``module``
-    (``(num_tangents, *shape)`` when given), set them, and return them by name.
+    """Draw a standard normal tangent for every parameter of ``module`` (``(num_tangents,
+    *shape)`` when given; a tied parameter once, under its first name), set them, and return
+    them by name.
 
     ``dtype``: the tangents' dtype (default: that of an enclosing ``fgkernels.tangent_dtype``
     block, else the parameter's); drawn in float32 and rounded, so that a bfloat16 draw is the
-    rounding of the float32 one from the same generator state."""
+    rounding of the float32 one from the same generator state. Each tangent is laid out like its
+    parameter (a channels_last weight gets channels_last slots)."""
     if num_tangents is not None and (not isinstance(num_tangents, int) or num_tangents < 1):
         raise ValueError(f"random_tangents: num_tangents must be a positive int, "
                          f"got {num_tangents!r}")
     drawn = {}
     for name, p in module.named_parameters():
-        owner_path, _ = _split_owner(name)
-        if not isinstance(module.get_submodule(owner_path) if owner_path else module,
-                          DualModule):
-            continue
         shape = p.shape if num_tangents is None else (num_tangents, *p.shape)
         target = resolve_tangent_dtype(p.dtype, dtype)
         draw_dtype = p.dtype if target == p.dtype else acc_dtype(target)
@@ -127,6 +406,9 @@ def _laid_out_like(t: Tensor, p: Tensor) -> Tensor:
 
 
 def clear_tangents(module: nn.Module) -> None:
-    """Remove every parameter tangent set on ``module`` and its children."""
+    """Remove the tangent of every parameter of ``module`` and its children."""
+    for p in module.parameters():
+        _drop(p)
     for m in module.modules():
-        m.__dict__.pop("_fg_tangents", None)
+        _BOUND.pop(m, None)
+    _hooks.sync()

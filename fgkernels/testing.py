@@ -6,7 +6,9 @@ once per tangent slot, and returns the primal output and the stacked tangents, t
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional
 
 import torch
@@ -42,3 +44,122 @@ def forward_ad_jvp(fn: Callable[..., Any], primals: Sequence[Tensor],
                       else None for p, t in pairs])
     stacked = [None if ts[0] is None else torch.stack(ts) for ts in zip(*slots)]
     return primal_out, pytree.tree_unflatten(stacked, spec)
+
+
+@contextlib.contextmanager
+def oracle_mode() -> Iterator[None]:
+    """forward_ad where torch's own kernels have no forward-mode derivative: attention by its
+    math kernel (the fused CPU kernel has none), weight normalisation written out as
+    ``g·v/‖v‖`` (its fused kernel has none)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    fused = torch._weight_norm
+    fast_mha = torch.backends.mha.get_fastpath_enabled()
+    torch._weight_norm = lambda v, g, dim=0: v * (g / torch.norm_except_dim(v, 2, dim))
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel has no forward AD
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch._weight_norm = fused
+        torch.backends.mha.set_fastpath_enabled(fast_mha)
+
+
+def model_jvp(model: torch.nn.Module, args: Sequence[Any],
+              arg_tangents: Sequence[Optional[Tensor]],
+              param_tangents: Optional[dict[str, Tensor]] = None) -> tuple[Any, Any]:
+    """``model(*args)`` and its tangents by forward_ad (in ``oracle_mode``), on a deep copy of
+    the model (its buffers untouched): ``arg_tangents[i]`` stacks ``(T, ...)`` tangents of
+    ``args[i]`` (None: constant), ``param_tangents`` stacks of parameters by name (a tied
+    parameter by any of its names)."""
+    return model_jvp_in_place(copy.deepcopy(model), args, arg_tangents, param_tangents)
+
+
+def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
+                            num_tangents: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Run ``model``'s dual pass, every parameter and input carrying ``num_tangents`` random
+    tangents, and the same pass by forward_ad (``model_jvp_in_place``), both from the same
+    buffers and random state. Returns the relative errors of the outputs and their tangents
+    (every floating output, nested ones included) and of the buffers after the pass, and the
+    ops that took the forward-AD fallback. No copy of the model is made (large models fit)."""
+    from . import Dual, fallback_ops, random_tangents
+    from .tangents import clear_tangents, set_tangents
+    g = torch.Generator().manual_seed(seed)
+    tangents = random_tangents(model, num_tangents=num_tangents, generator=g)
+    clear_tangents(model)
+    input_tangents = [torch.randn(num_tangents, *x.shape, generator=g, dtype=x.dtype)
+                      for x in inputs]
+    buffers = dict(model.named_buffers())
+    start = {k: v.clone() for k, v in buffers.items()}
+    caches = _module_caches(model)
+    torch.manual_seed(seed)  # both passes draw the same random numbers (dropout, drop path)
+    y, yt = model_jvp_in_place(model, inputs, input_tangents, tangents)
+    expected_buffers = {k: v.clone() for k, v in buffers.items()}
+    with torch.no_grad():
+        for k, v in buffers.items():
+            v.copy_(start[k])
+    for cache, content in caches:  # what the oracle cached (LeViT's attention biases) goes
+        cache.clear()
+        cache.update(content)
+    before = fallback_ops()
+    torch.manual_seed(seed)
+    set_tangents(model, tangents)
+    try:
+        out = model(*[Dual(x, t) for x, t in zip(inputs, input_tangents)])
+    finally:
+        clear_tangents(model)
+    fallback = {k: v - before.get(k, 0) for k, v in fallback_ops().items()
+                if v > before.get(k, 0)}
+    is_output = lambda v: isinstance(v, Dual) or (isinstance(v, Tensor)
+                                                  and v.is_floating_point())
+    flat_out = [v for v in pytree.tree_leaves(out, is_leaf=lambda v: isinstance(v, Dual))
+                if is_output(v)]
+    pairs = [(p, t) for p, t in zip(pytree.tree_leaves(y), pytree.tree_leaves(yt))
+             if is_output(p)]
+    if len(flat_out) != len(pairs):
+        raise AssertionError(f"the dual pass gave {len(flat_out)} floating outputs, "
+                             f"forward_ad {len(pairs)}")
+    primal = max(_rel(o.primal if isinstance(o, Dual) else o, p)
+                 for o, (p, _) in zip(flat_out, pairs))
+    tangent = max(_rel(o.tangents if isinstance(o, Dual) and o.tangents is not None
+                       else torch.zeros_like(t), t) for o, (_, t) in zip(flat_out, pairs))
+    buffer_err = max([_rel(v, expected_buffers[k]) for k, v in buffers.items()
+                      if v.is_floating_point()] or [0.0])
+    return dict(primal=primal, tangent=tangent, buffers=buffer_err, fallback=fallback)
+
+
+def _module_caches(model: torch.nn.Module) -> list[tuple[dict, dict]]:
+    """Each dict a module holds as a public attribute (a cache) and a copy of its content."""
+    return [(v, dict(v)) for m in model.modules() for k, v in m.__dict__.items()
+            if not k.startswith("_") and type(v) is dict]
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64 (0 for empty tensors)."""
+    if not b.numel():
+        return 0.0
+    a, b = a.detach().to(torch.complex128 if b.is_complex() else torch.float64), \
+        b.detach().to(torch.complex128 if b.is_complex() else torch.float64)
+    return float((a - b).abs().norm() / b.abs().norm().clamp_min(1e-300))
+
+
+def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
+                       arg_tangents: Sequence[Optional[Tensor]],
+                       param_tangents: Optional[dict[str, Tensor]] = None) -> tuple[Any, Any]:
+    """``model_jvp`` on ``model`` itself (its buffers updated, as a training pass updates
+    them)."""
+    param_tangents = dict(param_tangents or {})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = list(param_tangents)
+    tensor_args = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+
+    def call(*values):
+        call_args = list(args)
+        for i, v in zip(tensor_args, values):
+            call_args[i] = v
+        new = dict(zip(names, values[len(tensor_args):]))
+        return torch.func.functional_call(model, new, tuple(call_args), tie_weights=True)
+
+    primals = [args[i] for i in tensor_args] + [params[n].detach() for n in names]
+    tangents = [arg_tangents[i] for i in tensor_args] + [param_tangents[n] for n in names]
+    with oracle_mode():
+        return forward_ad_jvp(call, primals, tangents)

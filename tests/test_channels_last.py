@@ -29,13 +29,16 @@ def _net(channels_last: bool, slots: int, dtype: torch.dtype):
 
 
 def _copies(channels_last: bool, slots: int, dtype: torch.dtype) -> list[tuple]:
-    """The layout copies (aten::contiguous, aten::clone) of one dual pass, with their shapes."""
+    """The layout copies of activations in one dual pass (every copy ends in aten::copy_,
+    whatever called it: contiguous, clone, to, a kernel's own), with their ranks: copies of
+    4-D tensors or stacks of them within one dtype (a cast to the tangents' dtype is not one)."""
     net, x = _net(channels_last, slots, dtype)
     with fgkernels.use_backend("native"), profile(activities=[ProfilerActivity.CPU],
                                                    record_shapes=True) as prof:
         F.cross_entropy(net(Dual(x)), torch.zeros(4, dtype=torch.long))
-    return sorted((e.name, len(e.input_shapes[0]) if e.input_shapes else 0)
-                  for e in prof.events() if e.name in ("aten::contiguous", "aten::clone"))
+    return sorted((e.cpu_parent.name if e.cpu_parent else "", len(e.input_shapes[0]))
+                  for e in prof.events() if e.name == "aten::copy_" and e.input_shapes
+                  and len(e.input_shapes[0]) >= 4 and e.input_dtypes[0] == e.input_dtypes[1])
 
 
 def test_convert_leaves_the_layout_alone():

@@ -28,7 +28,9 @@ def _block_and_pass(training: bool):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
     block, dual_pass = _block_and_pass(training)
-    eager_block = copy.deepcopy(block)
+    eager_block = copy.deepcopy(block)  # tangents are per step: a copy has none of its own
+    fgkernels.set_tangents(eager_block, {n: fgkernels.tangents.tangent_of(p).stack
+                                         for n, p in block.named_parameters()})
     x, xt = torch.randn(3, 4, 10, 10), torch.randn(2, 3, 4, 10, 10)
     torch._dynamo.reset()
     with fgkernels.use_backend(backend):
@@ -39,3 +41,56 @@ def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
     torch.testing.assert_close(yt, yt_ref)
     for (name, a), b in zip(block.state_dict().items(), eager_block.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["as is", "converted"])
+def test_fgkernels_compile_runs_any_model_exactly_with_dynamic_batch(convert):
+    """fgkernels.compile: an unconverted model (its parameters handed out by a torch function
+    mode that torch.compile traces) or a converted one, a token parameter used alone, one
+    compile for two batch sizes, against the eager pass (itself checked against forward_ad
+    elsewhere)."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = BasicBlock(4, 8, 2)
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.block(x) * (self.scale * 2)
+
+    torch.manual_seed(0)
+    net = Net().double()
+    if convert:
+        fgkernels.convert(net)
+    fgkernels.random_tangents(net, num_tangents=2)
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(net, backend="aot_eager", dynamic=True)
+    for batch in (3, 5):
+        x = torch.randn(batch, 4, 8, 8, dtype=torch.float64)
+        xt = torch.randn(2, *x.shape, dtype=torch.float64)
+        state = copy.deepcopy(net.state_dict())
+        out = compiled(Dual(x, xt))
+        compiled_state = copy.deepcopy(net.state_dict())
+        net.load_state_dict(state)
+        ref = net(Dual(x, xt))
+        torch.testing.assert_close(out.primal, ref.primal)
+        torch.testing.assert_close(out.tangents, ref.tangents)
+        for k, v in compiled_state.items():
+            torch.testing.assert_close(v, net.state_dict()[k], msg=k)
+    plain = compiled(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert type(plain) is torch.Tensor
+
+
+def test_inductor_compiles_the_dual_pass():
+    block, dual_pass = _block_and_pass(True)
+    eager_block = copy.deepcopy(block)
+    fgkernels.set_tangents(eager_block, {n: fgkernels.tangents.tangent_of(p).stack
+                                         for n, p in block.named_parameters()})
+    x, xt = torch.randn(3, 4, 10, 10), torch.randn(2, 3, 4, 10, 10)
+    torch._dynamo.reset()
+    y, yt = torch.compile(dual_pass, fullgraph=True)(block, x, xt)
+    y_ref, yt_ref = dual_pass(eager_block, x, xt)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(yt, yt_ref, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """Edge and hostile inputs: the exact forward_ad answer (NaN where it has NaN) or a clear error
 naming the argument, never a crash or a wrong number."""
 import copy
+import math
 import re
 import subprocess
 import sys
@@ -141,9 +142,14 @@ BROADCASTS = [((2, 3, 4, 4), (3, 1, 1)), ((3, 1, 1), (2, 3, 4, 4)), ((2, 3, 4, 4
               ((3, 1), (1, 3)), ((2, 3, 4, 4), ()), ((1, 3, 1, 1), (2, 1, 4, 4))]
 
 
-@pytest.mark.parametrize("op", [torch.add, torch.sub, torch.mul, torch.div,
-                                lambda a, b: torch.where(torch.ones((), dtype=torch.bool)
-                                                         .expand(3, 1, 1, 1)[:1, 0], a, b)],
+def _where(a, b):
+    """torch.where with a condition of both values, broadcast against both operands."""
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    cond = (torch.arange(math.prod(shape)) % 3 == 0).reshape(shape)
+    return torch.where(cond, a, b)
+
+
+@pytest.mark.parametrize("op", [torch.add, torch.sub, torch.mul, torch.div, _where],
                          ids=["add", "sub", "mul", "div", "where"])
 @pytest.mark.parametrize("shapes", BROADCASTS, ids=str)
 @pytest.mark.parametrize("which", ["both", "left", "right"])
@@ -190,10 +196,31 @@ def test_inplace_ops_update_primal_and_tangent(name, inplace, outofplace):
     assert torch.equal(x, Dual(x).primal)  # the tensors themselves are not written
 
 
-def test_inplace_op_without_rule_raises_naming_it():
-    d = Dual(torch.randn(3), torch.randn(3))
-    with pytest.raises(TypeError, match="in-place op 'Tensor.sigmoid_' has no rule"):
-        d.sigmoid_()
+@pytest.mark.parametrize("inplace,outofplace", [
+    (lambda d: d.sigmoid_(), torch.sigmoid), (lambda d: d.exp_(), torch.exp),
+    (lambda d: d.addcmul_(d, d, value=0.5), lambda v: v + 0.5 * v * v),
+    (lambda d: d.sin_(), torch.sin)], ids=["sigmoid_", "exp_", "addcmul_", "sin_"])
+def test_inplace_op_without_rule_rebinds_to_its_out_of_place_result(inplace, outofplace):
+    x, xt = torch.randn(3, **f64), torch.randn(2, 3, **f64)
+    d = Dual(x, xt)
+    assert inplace(d) is d
+    y, yt = _jvp(outofplace, (x, xt))
+    torch.testing.assert_close(d.primal, y)
+    torch.testing.assert_close(d.tangents, yt)
+    assert not torch.equal(d.primal, x)  # rebound, the input tensor left as it was
+
+
+def test_a_plain_tensor_written_from_a_dual_takes_the_primal_only_under_no_grad():
+    d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
+    buffer = torch.zeros(3, **f64)
+    with pytest.raises(TypeError, match="would write a Dual into a plain tensor"):
+        buffer.add_(d)
+    with pytest.raises(TypeError, match="out= would write a Dual into a plain tensor"):
+        torch.mul(d, 2.0, out=buffer)
+    with torch.no_grad():  # state, as running statistics: the primal
+        buffer.add_(d)
+        torch.mul(d, 2.0, out=buffer)
+    torch.testing.assert_close(buffer, d.primal * 2)
 
 
 # --- NaN and Inf as forward_ad has them ---------------------------------------------------------
@@ -279,19 +306,19 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
                       Dual(torch.randn(3, 4), torch.randn(2, 3, 4)),
                       Dual(torch.randn(3), torch.randn(3, 3))),
      ValueError, "must carry the same slots, got weight: T=2, bias: T=3"),
-    (lambda: F.cross_entropy(Dual(torch.randn(3, 4), torch.randn(3, 4)),
-                             Dual(torch.randn(3, 4), torch.randn(3, 4))),
-     TypeError, "target must be a Tensor of class indices, got Dual"),
     (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)),
                           Dual(torch.zeros(3)), torch.ones(3)),
      TypeError, "running_mean must be a Tensor or None, got Dual"),
     (lambda: F.conv2d(Dual(torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5)),
                       torch.randn(4, 4, 3, 3), groups=0),
      ValueError, "groups must be a positive int, got 0"),
-    (lambda: torch.where(Dual(torch.ones(2) > 0), torch.ones(2), torch.ones(2)),
+    (lambda: torch.where(Dual(torch.ones(2)), torch.ones(2), torch.ones(2)),
      TypeError, "condition must be a bool Tensor"),
-], ids=["T=0", "T=0 set_tangents", "0-d linear", "weight/bias T", "Dual target",
-        "Dual running_mean", "groups=0", "Dual condition"])
+    (lambda: Dual(torch.ones(2) > 0, torch.ones(2) > 0), TypeError,
+     "primal must have a floating or complex dtype"),
+    (lambda: Dual(torch.arange(3)), TypeError, "primal must have a floating or complex dtype"),
+], ids=["T=0", "T=0 set_tangents", "0-d linear", "weight/bias T",
+        "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()

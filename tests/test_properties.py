@@ -2,6 +2,7 @@
 dtypes, slot counts, directions and broadcast patterns, and every op's primal and tangents must
 equal torch.autograd.forward_ad's, slot by slot, on every CPU backend."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ from fgkernels.testing import forward_ad_jvp  # noqa: E402
 
 CPU_BACKENDS = [b for b in fgkernels.available_backends() if b != "triton"]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}
-PROFILE = settings(max_examples=40, deadline=None, derandomize=True,
+# Random draws in CI (HYPOTHESIS_PROFILE=ci, the seed printed), the same draws locally: the
+# profiles are in conftest.py.
+PROFILE = settings(max_examples=40, deadline=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 dims = st.integers(min_value=1, max_value=4)
@@ -32,12 +35,19 @@ backends = st.sampled_from(CPU_BACKENDS)
 def _tensor(draw, shape, dtype, layout="contiguous"):
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
-    if layout == "strided" and len(shape) == 4:  # every other column of a wider tensor
-        return torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=dtype)[..., ::2]
-    t = torch.randn(shape, generator=g, dtype=dtype)
-    if layout == "channels_last" and len(shape) == 4:
-        t = t.to(memory_format=torch.channels_last)
-    return t
+    return _laid_out(torch.randn(shape, generator=g, dtype=dtype), layout)
+
+
+def _laid_out(t, layout: str):
+    """``t``'s values laid out contiguous, channels_last, or strided (every other column of a
+    wider tensor)."""
+    if t.dim() != 4 or layout == "contiguous":
+        return t
+    if layout == "channels_last":
+        return t.to(memory_format=torch.channels_last)
+    wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+    wide[..., ::2] = t
+    return wide[..., ::2]
 
 
 def _close(actual: Dual, expected, dtype):
@@ -207,7 +217,9 @@ TENSOR_METHODS = {
     "getitem": lambda v: v[..., ::2], "unsqueeze": lambda v: v.unsqueeze(1),
     "contiguous": lambda v: v.transpose(0, -1).contiguous(), "view": lambda v: v.reshape(-1, 1),
     "expand": lambda v: v.unsqueeze(0).expand(2, *v.shape), "squeeze": lambda v: v.squeeze(),
-    "pow (fallback)": lambda v: v ** 2, "softmax (fallback)": lambda v: v.softmax(-1),
+    "pow (fallback)": lambda v: v ** 2, "softmax": lambda v: v.softmax(-1),
+    "log_softmax": lambda v: F.log_softmax(v, 0), "matmul": lambda v: v @ v.transpose(-1, -2),
+    "einsum": lambda v: torch.einsum("i...,i...->...", v, v), "norm": lambda v: v.norm(dim=-1),
 }
 
 
@@ -246,15 +258,18 @@ def test_linear(lead, fin, fout, T, dtype, bias, which, seed, backend):
 
 
 @PROFILE
-@given(shape=st.tuples(st.integers(0, 2), dims, st.integers(2, 6), st.integers(2, 6)),
-       k=st.integers(1, 2), stride=st.integers(1, 2), ceil=st.booleans(), layout=layouts,
-       T=slots, seed=st.integers(0, 99), backend=backends)
-def test_max_pool2d(shape, k, stride, ceil, layout, T, seed, backend):
+@given(shape=st.tuples(st.integers(0, 2), dims, st.integers(3, 7), st.integers(3, 7)),
+       k=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 1),
+       dilation=st.integers(1, 2), ceil=st.booleans(), layout=layouts, T=slots,
+       seed=st.integers(0, 99), backend=backends)
+def test_max_pool2d(shape, k, stride, padding, dilation, ceil, layout, T, seed, backend):
+    padding = min(padding, k // 2)  # torch: padding at most half the kernel
+    if dilation * (k - 1) + 1 > min(shape[2:]) + 2 * padding:
+        dilation = 1
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g, dtype=torch.float64)
-    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+    x = _laid_out(torch.randn(*shape, generator=g, dtype=torch.float64), layout)
     xt = torch.randn(T, *shape, generator=g, dtype=torch.float64)
-    fn = lambda v: F.max_pool2d(v, k, stride, ceil_mode=ceil)
+    fn = lambda v: F.max_pool2d(v, k, stride, padding, dilation, ceil_mode=ceil)
     with fgkernels.use_backend(backend):
         out = fn(Dual(x, xt))
     _close(out, forward_ad_jvp(fn, [x], [xt]), torch.float64)
@@ -273,3 +288,127 @@ def test_cross_entropy(n, c, T, smoothing, reduction, ignored, seed):
     target[:ignored] = -100
     fn = lambda v: F.cross_entropy(v, target, reduction=reduction, label_smoothing=smoothing)
     _close(fn(Dual(z, zt)), forward_ad_jvp(fn, [z], [zt]), torch.float64)
+
+
+@st.composite
+def attention_cases(draw):
+    dtype, T = torch.float64, draw(slots)
+    n, heads, kv_heads = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4])), 1
+    gqa = draw(st.booleans()) and heads > 1
+    kv_heads = heads // 2 if gqa else heads
+    L, S, E = draw(st.integers(1, 5)), draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    mask = draw(st.sampled_from([None, "bool", "float", "causal"]))
+    q = _tensor(draw, (n, heads, L, E), dtype)
+    k, v = (_tensor(draw, (n, kv_heads, S, E), dtype) for _ in range(2))
+    which = draw(st.sampled_from(["q", "k", "v", "all"]))
+    tangents = [_tensor(draw, (T, *t.shape), dtype) if which in (name, "all") else None
+                for name, t in (("q", q), ("k", k), ("v", v))]
+    scale = draw(st.sampled_from([None, 0.3]))
+    m = None
+    if mask == "bool":
+        m = _tensor(draw, (L, S), dtype) > -0.5
+    elif mask == "float":
+        m = _tensor(draw, (L, S), dtype)
+    return (q, k, v), tangents, m, mask == "causal", scale, gqa
+
+
+@PROFILE
+@given(case=attention_cases())
+def test_scaled_dot_product_attention(case):
+    """Against forward_ad of torch's math attention (its fused CPU kernel has no forward
+    mode), masks of every kind, causal, grouped-query and empty rows included."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    (q, k, v), (qt, kt, vt), mask, causal, scale, gqa = case
+    fn = lambda q_, k_, v_: F.scaled_dot_product_attention(
+        q_, k_, v_, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+    duals = [Dual(a, t) if t is not None else a for a, t in ((q, qt), (k, kt), (v, vt))]
+    if all(t is None for t in (qt, kt, vt)):
+        return
+    out = fn(*duals)
+    with sdpa_kernel(SDPBackend.MATH):
+        y, yt = forward_ad_jvp(fn, [q, k, v], [qt, kt, vt])
+    y, yt = torch.nan_to_num(y), torch.nan_to_num(yt)  # rows with nothing to attend to: 0
+    _close(out, (y, yt), torch.float64)
+
+
+class _SharedParameters(nn.Module):
+    """A token network whose parameters are read in every way a model reads them: tied
+    linear layers, a ParameterList, a class token expanded, an attention block."""
+
+    def __init__(self, dim: int, heads: int, tied: bool, need_weights: bool, batch_first: bool):
+        super().__init__()
+        self.inp, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        if tied:
+            self.out.weight = self.inp.weight
+        self.mats = nn.ParameterList([nn.Parameter(torch.randn(dim, dim) / dim)])
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.need_weights, self.batch_first = need_weights, batch_first
+
+    def forward(self, x):
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.inp(x)], 1)
+        x = x @ self.mats[0]
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        a, w = self.attn(x, x, x, need_weights=self.need_weights)
+        if not self.batch_first:
+            a = a.transpose(0, 1)
+        out = self.out(F.gelu(a))
+        return out if w is None else out * w.mean()
+
+
+@PROFILE
+@given(heads=st.sampled_from([1, 2]), tied=st.booleans(), need_weights=st.booleans(),
+       batch_first=st.booleans(), convert=st.booleans(), T=slots, n=st.integers(1, 3),
+       length=st.integers(1, 4), seed=st.integers(0, 99),
+       direction=st.sampled_from([None, 3]))
+def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_first, convert, T,
+                                             n, length, seed, direction):
+    """Tied, listed, token and attention parameters, converted or not, every slot of their
+    tangents against forward_ad; with a direction label the input carries none."""
+    from fgkernels.testing import model_jvp
+    torch.manual_seed(seed)
+    model = _SharedParameters(4, heads, tied, need_weights, batch_first).double()
+    ref = copy.deepcopy(model)
+    if convert:
+        fgkernels.convert(model)
+    g = torch.Generator().manual_seed(seed)
+    count = 1 if direction is not None else T
+    tangents = {name: torch.randn(count, *p.shape, generator=g, dtype=torch.float64)
+                for name, p in model.named_parameters()}
+    fgkernels.set_tangents(model, {k: v[0] for k, v in tangents.items()} if direction is not None
+                           else tangents, direction=direction)
+    x = torch.randn(n, length, 4, generator=g, dtype=torch.float64)
+    xt = None if direction is not None else torch.randn(T, *x.shape, generator=g,
+                                                        dtype=torch.float64)
+    out = model(Dual(x, xt))
+    y, yt = model_jvp(ref, [x], [xt], tangents)
+    _close(out, (y, yt), torch.float64)
+    assert out.directions == (None if direction is None else (direction,))
+
+
+KINKS = torch.tensor([0.0, 3.0, -3.0, 6.0, -1.0, 2.0, -0.5, 1.5])  # of the activations above
+FALLBACK = {  # ops without an fgkernels rule: forward AD on the op alone
+    "sin": torch.sin, "softplus": F.softplus, "cumsum": lambda v: v.cumsum(-1),
+    "logsumexp": lambda v: v.logsumexp(-1), "pow": lambda v: v ** 3, "atan": torch.atan,
+}
+
+
+@PROFILE
+@given(name=st.sampled_from(sorted(ACTIVATIONS) + sorted(FALLBACK)),
+       shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=st.integers(0, 999))
+def test_rules_match_central_differences(name, shape, seed):
+    """A second, independent oracle: (f(x + hẋ) − f(x − hẋ)) / 2h in float64, at points at
+    least 1e-2 away from every kink (where the derivative is defined and smooth)."""
+    from helpers import central_difference
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 4
+    near = (x.unsqueeze(-1) - KINKS.double()).abs().min(-1).values < 1e-2
+    x = torch.where(near, x + 0.05, x)
+    xt = torch.randn(shape, generator=g, dtype=torch.float64)
+    fn = ACTIVATIONS.get(name) or FALLBACK[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fn(Dual(x, xt))
+    fd = central_difference(fn, x, xt, h=1e-5)
+    torch.testing.assert_close(out.tangent, fd, rtol=1e-6, atol=1e-7)

@@ -35,8 +35,11 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(ops, "_loaded", {})
     monkeypatch.setattr(ops, "_warned", [])
     monkeypatch.setattr("fgkernels.backends.native.native_available", lambda: False)
+    monkeypatch.setattr("fgkernels.backends.native.native_load_error",
+                        lambda: "ImportError: undefined symbol: _ZN3c10")
     monkeypatch.delenv("FGKERNELS_BACKEND", raising=False)
-    with pytest.warns(UserWarning, match="pip install --no-build-isolation -e ."):
+    with pytest.warns(UserWarning, match=r"\(ImportError: undefined symbol: _ZN3c10\).*"
+                                         r"`pip install \.` from the fgkernels checkout"):
         assert fgkernels.current_backend(torch.device("cpu")).name == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,16 +1,18 @@
 """The trainer under kills, damaged or hostile checkpoints, full disks and diverging runs:
 one line per epoch in the log, nothing loaded that was altered, nothing in a file executed,
 one-line errors."""
+import errno
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 from fgkernels.train import checkpoint
 from fgkernels.train.checkpoint import load_checkpoint, save_checkpoint
 from fgkernels.train.cli import main
-from fgkernels.train.data import load_dataset
+from fgkernels.train.data import Dataset, load_dataset
 from fgkernels.train.loop import TrainConfig, train
 
 QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=3,
@@ -109,15 +111,48 @@ def test_missing_keys_and_full_disk_give_one_line_errors(tmp_path, monkeypatch):
         load_checkpoint(path)
     good = path.read_bytes()
 
-    def full_disk(obj, f):
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64\n"
-                           "frame #0: ...")
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match=r"could not write the checkpoint .*inline_container") as e:
+    monkeypatch.setattr(checkpoint.os, "fsync", full_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*: the disk is full") as e:
         save_checkpoint(path, {"config": {}})
-    assert "\n" not in str(e.value) and "frame" not in str(e.value)
+    assert "\n" not in str(e.value) and e.value.errno == errno.ENOSPC
     assert path.read_bytes() == good and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_second_run_on_one_folder_is_refused_at_once(digits, tmp_path):
+    cfg = TrainConfig(**QUICK, epochs=1)
+    with checkpoint.run_lock(tmp_path):  # another run holds the folder
+        with pytest.raises(RuntimeError, match="is in use by another run"):
+            train(cfg, str(tmp_path), progress=False, dataset=digits)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    train(cfg, str(tmp_path), progress=False, dataset=digits)  # free again: runs
+    train(cfg, str(tmp_path), resume=True, progress=False, dataset=digits)
+
+
+@pytest.mark.parametrize("data,labels,message", [
+    (np.zeros((2, 1000), np.uint8), [0, 1], "one row of 3×32×32 = 3072"),
+    (np.full((2, 3072), 300), [0, 1], r"pixel values must be integers in \[0, 255\]"),
+    (np.zeros((2, 3072), np.uint8), [0], "2 images but labels of shape"),
+], ids=["rows", "pixels", "labels"])
+def test_malformed_cifar_rows_pixels_and_labels_are_named(tmp_path, data, labels, message):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+    with pytest.raises(ValueError, match=message):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_labels_outside_the_classes_and_bad_seeds_are_refused_before_training(digits):
+    bad = torch.tensor([0, 10])
+    with pytest.raises(ValueError, match=r"labels must be int64 classes in \[0, 10\)"):
+        Dataset(digits.train_x[:2], bad, digits.test_x, digits.test_y, 10)
+    for seed in (-1, 2 ** 40, 1.5):
+        with pytest.raises(ValueError, match="seed must be an int in"):
+            TrainConfig(seed=seed).validate()
 
 
 def test_a_diverging_run_stops_naming_the_step(digits, tmp_path, capsys):

@@ -202,9 +202,10 @@ def test_sequential_runs_fused_on_triton():
         torch.nn.ReLU()).to(DEVICE))
     x = rand(2, 3, 7, 7, dtype=torch.float32)
     xt = rand(2, *x.shape, dtype=torch.float32)
-    fgkernels.random_tangents(net, 2)
+    tangents = fgkernels.random_tangents(net, 2)
     import copy
-    net2 = copy.deepcopy(net)
+    net2 = copy.deepcopy(net)  # tangents are per step: a copy gets its own
+    fgkernels.set_tangents(net2, tangents)
     with fgkernels.use_backend("reference"):
         ref = net(Dual(x, xt))
     with fgkernels.use_backend("triton"):  # groups=2 routes to the native backend

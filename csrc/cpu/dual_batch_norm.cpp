@@ -9,6 +9,7 @@
 
 #include "../batch_norm_common.h"
 #include "../dual_types.h"
+#include "isa.h"
 
 namespace fgkernels {
 namespace {
@@ -22,7 +23,7 @@ constexpr int64_t kGrainElements = 32768;
 // Lane partials of Σ(a - k) and Σ(a - k)² over a span, added into p1, p2 (kLanes each). The
 // partials stay apart from one span to the next, so no span pays a horizontal reduction.
 template <typename scalar_t, typename acc_t>
-void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* __restrict p1,
+FGK_CPU_KERNEL void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* __restrict p1,
                acc_t* __restrict p2) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -42,7 +43,7 @@ void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* __restrict p1,
 
 // Lane partials of Σt and Σ(a - k)·t over a span, added into p1, p2 (kLanes each).
 template <typename scalar_t, typename tangent_t, typename acc_t>
-void span_tangent_sums(const scalar_t* a, const tangent_t* t, int64_t n, acc_t k,
+FGK_CPU_KERNEL void span_tangent_sums(const scalar_t* a, const tangent_t* t, int64_t n, acc_t k,
                        acc_t* __restrict p1, acc_t* __restrict p2) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -57,6 +58,30 @@ void span_tangent_sums(const scalar_t* a, const tangent_t* t, int64_t n, acc_t k
     const acc_t v = static_cast<acc_t>(t[i]);
     p1[l] += v;
     p2[l] += (static_cast<acc_t>(a[i]) - k) * v;
+  }
+}
+
+// channels_last: Σ(x - k) and Σ(x - k)² of a row of C values, one per channel, added into
+// s1[c], s2[c].
+template <typename scalar_t, typename acc_t>
+FGK_CPU_KERNEL void row_sums(const scalar_t* __restrict x, const acc_t* __restrict k, int64_t C,
+                             acc_t* __restrict s1, acc_t* __restrict s2) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = static_cast<acc_t>(x[c]) - k[c];
+    s1[c] += d;
+    s2[c] += d * d;
+  }
+}
+
+// channels_last: Σt and Σ(x - k)·t of a row of C values, one per channel, added into t1[c], t2[c].
+template <typename scalar_t, typename tangent_t, typename acc_t>
+FGK_CPU_KERNEL void row_tangent_sums(const scalar_t* __restrict x, const tangent_t* __restrict t,
+                                     const acc_t* __restrict k, int64_t C, acc_t* __restrict t1,
+                                     acc_t* __restrict t2) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(t[c]);
+    t1[c] += v;
+    t2[c] += (static_cast<acc_t>(x[c]) - k[c]) * v;
   }
 }
 
@@ -103,23 +128,10 @@ at::Tensor stats_kernel(const DualInput& in) {
             }
           }
         } else {  // channels_last: one value per channel
-          const scalar_t* xr = x + row;
-          acc_t* s1 = lanes_of(0, 0);
-          acc_t* s2 = lanes_of(1, 0);
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(xr[c]) - k[c];
-            s1[c] += d;
-            s2[c] += d * d;
-          }
+          row_sums(x + row, k.data(), C, lanes_of(0, 0), lanes_of(1, 0));
           for (int64_t t = 0; t < T; ++t) {
-            const tangent_t* tr = xt + t * slot + row;
-            acc_t* t1 = lanes_of(2 + 2 * t, 0);
-            acc_t* t2 = lanes_of(3 + 2 * t, 0);
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t v = static_cast<acc_t>(tr[c]);
-              t1[c] += v;
-              t2[c] += (static_cast<acc_t>(xr[c]) - k[c]) * v;
-            }
+            row_tangent_sums(x + row, xt + t * slot + row, k.data(), C, lanes_of(2 + 2 * t, 0),
+                             lanes_of(3 + 2 * t, 0));
           }
         }
       }
@@ -170,7 +182,7 @@ struct ApplySpan {
   }
 
   // NCHW: the n plane [base, base + n) of channel c; the coefficients are scalars.
-  void plane(int64_t base, int64_t n, int64_t c) const {
+  FGK_CPU_KERNEL void plane(int64_t base, int64_t n, int64_t c) const {
     const scalar_t* xs = x + base;
     const acc_t m = center[c], s = scale[c], h = shift[c];
     for (int64_t t = 0; t < T; ++t) {
@@ -193,7 +205,7 @@ struct ApplySpan {
   }
 
   // channels_last: the row of C values at base, one per channel; the coefficients are arrays.
-  void row(int64_t base) const {
+  FGK_CPU_KERNEL void row(int64_t base) const {
     const scalar_t* xs = x + base;
     for (int64_t t = 0; t < T; ++t) {
       const acc_t* b = t_xscale + t * C;

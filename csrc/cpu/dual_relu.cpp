@@ -6,6 +6,7 @@
 
 #include "../checks.h"
 #include "../dual_types.h"
+#include "isa.h"
 
 namespace fgkernels {
 namespace {
@@ -15,7 +16,7 @@ namespace {
 // derivative does; elsewhere a select, not a product, so a NaN or Inf tangent at x <= 0 gives 0.
 // The slots may have a narrower type than the primal (tangent_t).
 template <typename scalar_t, typename tangent_t>
-void relu_span(const scalar_t* __restrict x, const tangent_t* __restrict xt,
+FGK_CPU_KERNEL void relu_span(const scalar_t* __restrict x, const tangent_t* __restrict xt,
                scalar_t* __restrict y, tangent_t* __restrict yt, int64_t n, int64_t T,
                int64_t slot_stride) {
   const scalar_t zero(0);

@@ -86,8 +86,11 @@ def _warn_unbuilt() -> None:
     if _warned:
         return
     _warned.append(True)
-    warnings.warn("fgkernels._C is not built, so the dual ops run on the slower reference "
-                  "backend; build it with `pip install --no-build-isolation -e .`", stacklevel=4)
+    reason = native.native_load_error() or "not built"
+    warnings.warn(f"the compiled extension fgkernels._C did not load ({reason}), so the dual "
+                  f"ops run on the slower reference backend; build it for this environment's "
+                  f"torch with `pip install .` from the fgkernels checkout (README: Installing)",
+                  stacklevel=4)
 
 
 def current_backend(device: torch.device) -> Backend:

@@ -29,11 +29,15 @@ __all__ = ["Backend", "LayerParams", "ConvArgs", "BatchNormArgs", "PoolArgs", "S
 
 
 def tangent_dtype_fits(primal: torch.dtype, tangent: torch.dtype) -> bool:
-    """A tangent's dtype is its primal's, or a floating dtype of fewer bits (bfloat16 or float16
-    tangents of a float32 primal): the ops compute tangent terms in it and accumulate sums and
-    statistics in the primal's ``acc_dtype``."""
-    return tangent == primal or (tangent.is_floating_point
-                                 and tangent.itemsize < primal.itemsize)
+    """A tangent's dtype is its primal's, or one of fewer bits of the same kind (bfloat16 or
+    float16 tangents of a float32 primal; complex64 of complex128): the ops compute tangent terms
+    in it and accumulate sums and statistics in the primal's ``acc_dtype``."""
+    if tangent == primal:
+        return True
+    if primal.is_complex:
+        return tangent.is_complex and tangent.itemsize < primal.itemsize
+    return primal.is_floating_point and tangent.is_floating_point \
+        and tangent.itemsize < primal.itemsize
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -8,17 +8,23 @@ resumed with other weights.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 CHECKPOINT_FORMAT = "fgkernels-train-2"
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+LOCK_NAME = ".lock"
 _KEYS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "history", "sha256")
 
 
@@ -48,16 +54,20 @@ def content_digest(value: Any) -> str:
     return h.hexdigest()
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None], what: str) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``; any failure
-    (a full disk included) leaves ``path`` as it was and raises OSError naming it."""
+def _write_atomically(path: Path, data: bytes, what: str) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``; any
+    failure leaves ``path`` as it was and raises OSError naming it (a full disk by name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        raise OSError(f"could not write the {what} {path}: {str(e).splitlines()[0]}") from e
+    except OSError as e:
+        reason = "the disk is full" if e.errno == errno.ENOSPC else str(e).splitlines()[0]
+        raise OSError(e.errno, f"could not write the {what} {path}: {reason}") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -67,7 +77,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` (the keys of a training checkpoint but the digest) with its digest."""
     state = {**state, "format": CHECKPOINT_FORMAT}
     state["sha256"] = content_digest({k: v for k, v in state.items() if k != "sha256"})
-    _write_atomically(path, lambda tmp: torch.save(state, tmp), "checkpoint")
+    buffer = io.BytesIO()  # serialised first: a full disk then fails in a plain write
+    torch.save(state, buffer)
+    _write_atomically(path, buffer.getvalue(), "checkpoint")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -93,12 +105,25 @@ def load_checkpoint(path: Path) -> dict:
 
 def write_metrics(out_dir: Path, history: list[dict]) -> None:
     """``metrics.jsonl``: one line per epoch of ``history``, replacing the file whole."""
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    _write_atomically(out_dir / METRICS_NAME, text.encode(), "metrics log")
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in history)
 
-    _write_atomically(out_dir / METRICS_NAME, write, "metrics log")
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir`` for one run: a second run on the same folder is refused at once (an
+    exclusive lock on ``out_dir/.lock``, released when the run ends, however it ends)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_NAME, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"--out {out_dir} is in use by another run; wait for it to end "
+                               "or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -108,7 +133,7 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     if not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder")
-    if any(out_dir.iterdir()):
+    if any(p.name != LOCK_NAME for p in out_dir.iterdir()):
         if not overwrite:
             raise ValueError(f"--out {out_dir} is not empty; pass --resume to continue the run "
                              "it holds, or --overwrite to start again there")

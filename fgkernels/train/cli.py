@@ -13,10 +13,11 @@ from typing import Optional
 
 import torch
 
+from .cost import measure_step_costs
 from .data import DATASETS, load_dataset
 from .estimators import GUESSES, NOISES, SPACES, TARGETS
 from .loop import ALGOS, DTYPES, TANGENT_DTYPES, TrainConfig, train
-from .models import ARCHS, AUX_NETS, build_model
+from .models import ARCHS, AUX_NETS, aux_flops_share, build_model
 from .report import plot_runs, summary_table
 
 
@@ -34,13 +35,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_common(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
+def _add_common(p: argparse.ArgumentParser, epochs: int, batch: int, width: Optional[int] = None,
+                threads: Optional[int] = None) -> None:
     p.add_argument("--data", choices=DATASETS, default="digits")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (for --data cifar10)")
     p.add_argument("--arch", choices=ARCHS, default="cnn")
     p.add_argument("--aux", choices=AUX_NETS, default="cnn", help="auxiliary net of each block")
     p.add_argument("--aux-width", type=_positive_int)
-    p.add_argument("--width", type=_positive_int, help="channels of the first stage")
+    p.add_argument("--width", type=_positive_int, default=width,
+                   help="channels of the first stage" + (f" (default {width})" if width else ""))
     p.add_argument("--epochs", type=_positive_int, default=epochs)
     p.add_argument("--batch-size", type=_positive_int, default=batch)
     p.add_argument("--lr", type=_positive_float, default=0.05)
@@ -58,7 +61,17 @@ def _add_common(p: argparse.ArgumentParser, epochs: int, batch: int) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a non-empty --out (its checkpoint and metrics go)")
     p.add_argument("--plot", action="store_true", help="write PNG plots to --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) or line per epoch (elsewhere)")
+    p.add_argument("--threads", type=_positive_int, default=threads,
+                   help="torch's intra-op threads" + (f" (default {threads})" if threads else
+                                                       " (default: torch's choice)"))
+
+
+# The demo's network: the small CNN at twice its default width.
+DEMO_WIDTH = 32
+# The demo's cost columns: steps of every run in turn, after warm-up steps (medians).
+DEMO_COST_WARMUP, DEMO_COST_ROUNDS = 3, 15
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     _add_common(run, epochs=100, batch=128)
     demo = sub.add_parser("demo", help="backprop vs local-only vs forward gradients, on digits")
-    _add_common(demo, epochs=10, batch=64)
+    # One thread: on 8×8 images torch's ops are too small for a second one to pay.
+    _add_common(demo, epochs=8, batch=64, width=DEMO_WIDTH, threads=1)
     return parser
 
 
@@ -119,21 +133,30 @@ def _check_run_flags(parser, args) -> None:
 
 
 def demo_footnote(args, dataset) -> str:
-    """What the demo table's cost columns compare: every run but backprop also trains the aux
-    nets, which on a small CNN outweigh the blocks."""
+    """How the demo table's cost columns were measured, and what every run but backprop also
+    trains: the aux nets."""
     net = build_model(args.arch, dataset.num_classes, dataset.in_channels, args.aux,
-                      args.aux_width, args.width)
+                      args.aux_width, args.width).eval()
     count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())
+    share = aux_flops_share(net, dataset.test_x[:1].to(torch.float32))
     return textwrap.fill(
-        f"Step time and peak memory are relative to backprop, which trains no aux nets; every "
-        f"other run trains them too: here {count(net.heads[:-1]):,} parameters against the "
-        f"blocks' {count(net.blocks):,}. A ResNet-18 step is timed by "
-        f"benchmarks/test_training_step.py.", width=100)
+        f"Step time: the median of {DEMO_COST_ROUNDS} steps per run, the runs taking turns "
+        f"after {DEMO_COST_WARMUP} warm-up steps each, {torch.get_num_threads()} thread(s); "
+        f"peak memory: the allocator's over a step; both relative to backprop's. Every run but "
+        f"backprop also trains the aux nets: {count(net.heads[:-1]):,} parameters against the "
+        f"blocks' {count(net.blocks):,}, {share:.0%} of their FLOPs. A ResNet-18 step is timed "
+        f"by benchmarks/test_training_step.py.", width=100)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Peak memory is measured with torch.profiler, whose kineto backend otherwise logs every
+    # start and stop on stderr.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         import torch.distributed as dist
@@ -141,6 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.device.startswith("cuda"):
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     rank = int(os.environ.get("RANK", "0"))
+    costs = None  # the demo's side-by-side step costs
     try:
         if args.command == "run":
             _check_run_flags(parser, args)
@@ -160,8 +184,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 out = str(Path(args.out) / f"run{i}") if args.out else None
                 results.append(train(cfg, out, progress=not args.no_progress, dataset=dataset,
                                      overwrite=args.overwrite))
+            if rank == 0:
+                print(f"cost of a step: {DEMO_COST_WARMUP} warm-up steps, then "
+                      f"{DEMO_COST_ROUNDS} rounds of one step per run", file=sys.stderr,
+                      flush=True)
+                costs = measure_step_costs([r.config for r in results], dataset,
+                                           DEMO_COST_WARMUP, DEMO_COST_ROUNDS)
         if rank == 0:
-            print(summary_table(results))
+            print(summary_table(results, costs))
             if args.command == "demo":
                 print(demo_footnote(args, dataset))
             if args.plot:
@@ -171,6 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        torch.set_num_threads(threads)
         if distributed:
             import torch.distributed as dist
             dist.destroy_process_group()

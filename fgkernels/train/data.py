@@ -28,6 +28,20 @@ class Dataset:
     num_classes: int
     augment: bool = False  # random crop (padding 4) and horizontal flip on training batches
 
+    def __post_init__(self):
+        for split, x, y in (("train", self.train_x, self.train_y),
+                            ("test", self.test_x, self.test_y)):
+            if x.dim() != 4 or not x.is_floating_point() or len(x) != len(y):
+                raise ValueError(f"{split} images must be a floating (N, C, H, W) tensor with "
+                                 f"one label each, got {x.dtype} {tuple(x.shape)} and "
+                                 f"{len(y)} labels")
+            if y.dtype != torch.int64 or (len(y) and not 0 <= int(y.min()) <= int(y.max())
+                                          < self.num_classes):
+                raise ValueError(f"{split} labels must be int64 classes in [0, "
+                                 f"{self.num_classes}), got {y.dtype} in "
+                                 f"[{int(y.min()) if len(y) else '-'}, "
+                                 f"{int(y.max()) if len(y) else '-'}]")
+
     @property
     def in_channels(self) -> int:
         return self.train_x.shape[1]
@@ -56,14 +70,21 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")
-        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(entry[b"labels"], dtype=np.int64)
+        raw, labels = entry[b"data"], np.asarray(entry[b"labels"])
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as e:
         raise ValueError(f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' "
                          f"of N×3072 bytes and b'labels'): {e}") from e
-    if len(data) != len(labels):
-        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return data, labels
+    raw = np.asarray(raw)
+    if raw.ndim != 2 or raw.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: b'data' must hold one row of 3×32×32 = 3072 pixel values per "
+                         f"image, got shape {raw.shape}")
+    if raw.size and (not np.issubdtype(raw.dtype, np.integer) or raw.min() < 0
+                     or raw.max() > 255):
+        raise ValueError(f"{path}: pixel values must be integers in [0, 255], got "
+                         f"{raw.dtype} values in [{raw.min()}, {raw.max()}]")
+    if labels.ndim != 1 or len(raw) != len(labels):
+        raise ValueError(f"{path}: {len(raw)} images but labels of shape {labels.shape}")
+    return raw.astype(np.uint8).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _cifar10(data_dir: Optional[str]) -> Dataset:

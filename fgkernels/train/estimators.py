@@ -8,9 +8,10 @@ output's activity space) and a *target* loss give the estimate
 The inner products ``⟨∇target, g_j⟩`` are directional derivatives: one dual pass through the
 network carries direction j from block j on (absent before it), so a single pass gives every
 block's. Local guesses come from local autograd on one block (its input detached), so memory
-stays that of one block; in weight space the block's dual pass then takes its convolutions'
-primal outputs from that autograd forward (``reuse_conv_outputs``) instead of computing them
-again. In activity space, ĝ_j lives on block j's output and is backpropagated
+stays that of one block; the block's dual pass then takes its convolutions' primal outputs from
+that autograd forward (``reuse_conv_outputs``) instead of computing them again, in both spaces,
+and so does a head's dual pass for a local target: no convolution is computed twice. In
+activity space, ĝ_j lives on block j's output and is backpropagated
 inside block j only. The last block and the classifier get their exact gradient.
 
 Inside a ``fgkernels.tangent_dtype`` block the guesses enter the dual pass in that dtype (a
@@ -139,10 +140,6 @@ def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of) -> tuple[Te
         return g, grads_or_zeros(out, params, g)
 
 
-def _keep_nothing(block: nn.Module) -> contextlib.nullcontext:
-    return contextlib.nullcontext()
-
-
 def _noise(shape, like: Tensor, noise: str, generator: Optional[torch.Generator]) -> Tensor:
     if noise == "gaussian":
         return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -228,8 +225,11 @@ def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "globa
     step = _weight_space_block if space == "weight" else _activity_space_block
     d = Dual(x)
     for j in range(len(net.blocks) - 1):
-        d = step(run, j, d)
-        d = _block_targets(run, j, d)
+        # A head's convolutions run under autograd for its guess (or its gradient) and again on
+        # the dual pass for a local target: the second takes the first's outputs.
+        with reuse_conv_outputs(net.heads[j]):
+            d = step(run, j, d)
+            d = _block_targets(run, j, d)
     _last_block(run, d)
     for p in run.pending:
         deriv = run.derivs[p.block]
@@ -271,9 +271,11 @@ def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
 
 def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
     """Block j's guess on its output activation, added as direction j after the block's dual
-    pass; the guess is backpropagated inside block j first (its estimate's basis). Not under
-    ``reuse_conv_outputs``: kept outputs would stay alive through that backward, the step's
-    memory peak."""
+    pass; the guess is backpropagated inside block j first (its estimate's basis). The dual
+    pass takes the convolutions' primal outputs from that autograd forward
+    (``reuse_conv_outputs``): they are the tensors autograd saves for the backward anyway, so
+    keeping them adds no memory while the backward runs, and the dual pass overwrites them in
+    place."""
     block, guess_head = run.net.blocks[j], _guess_head(run, j)
 
     def guess_of(a: Tensor) -> Tensor:
@@ -284,9 +286,10 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
             run.head_grads(j, gh)
         return g
 
-    g, basis = _activity_guess_and_basis(block, d.primal, guess_of)
+    with reuse_conv_outputs(block):
+        g, basis = _activity_guess_and_basis(block, d.primal, guess_of)
+        d = DF.add_direction(block(d), j, _as_tangent(g))
     names = [n for n, p in block.named_parameters() if p.requires_grad]
-    d = DF.add_direction(block(d), j, _as_tangent(g))
     run.pending.append(_Pending(j, g if run.keep_guesses else None, float((g * g).sum()),
                                 dict(zip(names, basis))))
     return d
@@ -316,8 +319,7 @@ def _last_block(run: _Pass, d: Dual) -> None:
     loss, and the global (or "above") targets' derivatives."""
     net, J = run.net, len(run.net.blocks)
     block, head = net.blocks[-1], net.heads[-1]
-    reuse = reuse_conv_outputs if run.space == "weight" else _keep_nothing
-    with reuse(block):
+    with reuse_conv_outputs(block):
         gb, gh, _ = _local_backward(block, head, d.primal, run.y)
         d = block(d)
     run.out.grads.update(_named(net, "blocks", J - 1, gb))

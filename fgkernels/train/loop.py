@@ -3,6 +3,8 @@ resume bit for bit, and data-parallel runs under torchrun."""
 from __future__ import annotations
 
 import math
+import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -19,6 +21,7 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     prepare_out_dir,
+    run_lock,
     save_checkpoint,
     write_metrics,
 )
@@ -83,6 +86,9 @@ class TrainConfig:
             if not tangent_dtype_fits(self.torch_dtype, self.torch_tangent_dtype):
                 raise ValueError(f"tangent_dtype {self.tangent_dtype} is wider than the "
                                  f"network's dtype {self.dtype}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay))
@@ -200,16 +206,41 @@ def _epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
+def build_run(cfg: TrainConfig, ds: Dataset) -> tuple[BlockNet, torch.optim.SGD,
+                                                     torch.optim.lr_scheduler.MultiStepLR]:
+    """The network (seeded by ``cfg.seed``, on ``cfg.device`` in ``cfg``'s dtype and memory
+    format), its SGD optimizer and the paper's schedule: lr × 0.2 at 30, 60 and 90 % of the
+    epochs."""
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg.arch, ds.num_classes, ds.in_channels, cfg.aux, cfg.aux_width,
+                      cfg.width).to(cfg.device, cfg.torch_dtype)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    milestones = sorted({max(1, round(cfg.epochs * f)) for f in (0.3, 0.6, 0.9)})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.2)
+    return net, opt, sched
+
+
 def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
           progress: bool = True, dataset: Optional[Dataset] = None,
           stop_after: Optional[int] = None, overwrite: bool = False) -> RunResult:
     """Train ``cfg``; with ``out_dir``, write checkpoint.pt and metrics.jsonl there each epoch
     (``resume`` continues from that checkpoint; a fresh run refuses a non-empty ``out_dir``
     unless ``overwrite``). ``stop_after`` ends the run after that many epochs in all, as an
-    interruption would. A non-finite loss stops the run with FloatingPointError."""
+    interruption would. A non-finite loss stops the run with FloatingPointError. ``progress``:
+    a progress bar on a terminal, elsewhere (a log, CI) one line per epoch on stderr."""
     cfg.validate()
-    if out_dir:
+    if not out_dir:
+        return _train(cfg, None, resume, progress, dataset, stop_after)
+    with run_lock(Path(out_dir)):
         prepare_out_dir(Path(out_dir), resume, overwrite)
+        return _train(cfg, out_dir, resume, progress, dataset, stop_after)
+
+
+def _train(cfg: TrainConfig, out_dir: Optional[str], resume: bool, progress: bool,
+           dataset: Optional[Dataset], stop_after: Optional[int]) -> RunResult:
     rank, world = _rank_world()
     device = torch.device(cfg.device)
     if torch.bfloat16 in (cfg.torch_dtype, cfg.torch_tangent_dtype) and \
@@ -219,15 +250,7 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
                       "bfloat16 convolutions there, several times slower than float32",
                       stacklevel=2)
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    net = build_model(cfg.arch, ds.num_classes, ds.in_channels, cfg.aux, cfg.aux_width,
-                      cfg.width).to(device, cfg.torch_dtype)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    milestones = sorted({max(1, round(cfg.epochs * f)) for f in (0.3, 0.6, 0.9)})
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.2)
+    net, opt, sched = build_run(cfg, ds)
     result = RunResult(cfg)
     start = 0
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir else None
@@ -248,9 +271,12 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     if world > 1:
         for t in net.state_dict().values():
             dist.broadcast(t, 0)
+    progress = progress and rank == 0
+    bar = progress and sys.stderr.isatty()
     for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
-        result.history.append(_train_epoch(net, opt, ds, cfg, epoch, device, rank, world,
-                                           progress and rank == 0))
+        result.history.append(_train_epoch(net, opt, ds, cfg, epoch, device, rank, world, bar))
+        if progress and not bar:
+            print(_epoch_line(cfg, result.history[-1]), file=sys.stderr, flush=True)
         sched.step()
         if rank == 0 and out_dir:
             # The checkpoint first: the log is then rewritten from its history, so that both
@@ -261,6 +287,12 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
             write_metrics(Path(out_dir), result.history)
     result.model = net
     return result
+
+
+def _epoch_line(cfg: TrainConfig, record: dict) -> str:
+    return (f"  epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.3f}, "
+            f"test acc {100 * record['test_acc']:.1f}%, "
+            f"{1e3 * record['step_time_s']:.1f} ms/step")
 
 
 def sgd_step(net: BlockNet, opt, grads: dict, world: int = 1) -> None:
@@ -294,7 +326,7 @@ def _estimated_cosine(net: BlockNet, grads: dict, reference: dict) -> float:
     return _cosine(pick(grads), pick(reference))
 
 
-def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dict:
+def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, bar) -> dict:
     from tqdm import tqdm
     gen = _epoch_generator(cfg.seed, epoch, "cpu")
     guess_gen = _epoch_generator(cfg.seed + 1, epoch, device)
@@ -305,7 +337,7 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
     compare_precision = cfg.diagnose and cfg.algo == "fg" and \
         cfg.torch_tangent_dtype != cfg.torch_dtype
     batches = train_batches(ds, cfg.batch_size, gen, rank, world)
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not bar,
                leave=False, total=len(ds.train_y) // world // cfg.batch_size or 1)
     for step, (x, y) in enumerate(bar):
         if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -344,7 +376,7 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, progress) -> dic
                 dist.all_reduce(b)
                 b.div_(world)
     test_loss, test_acc = evaluate(net, ds, cfg, device)
-    step_time = sum(times) / len(times) if times else float("nan")
+    step_time = statistics.median(times) if times else float("nan")
     record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
               "train_loss": sum(losses) / len(losses), "train_acc": correct / max(seen, 1),
               "test_loss": test_loss, "test_acc": test_acc, "step_time_s": step_time,

@@ -1,61 +1,41 @@
-"""Peak tensor memory of a region of code, on the CPU as on CUDA.
+"""Peak memory of a region of code, as the allocator saw it, on the CPU as on CUDA.
 
-CUDA: the caching allocator's peak. CPU: a dispatch mode sees every tensor an op creates and
-watches its storage until it is freed; the peak of the live bytes created inside the region is
-what the region needed beyond what existed before it (parameters, inputs).
+CUDA: the caching allocator's own peak (``torch.cuda.max_memory_allocated``, reset on entry).
+CPU: the CPU allocator reports every allocation and free to ``torch.profiler`` when it profiles
+memory; the running total of those events, in time order, peaks at what the region needed
+beyond what existed before it. Both see every tensor allocation, those made and freed inside a
+compiled op or a C++ kernel included, and none of the views that allocate nothing.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+# The profiler's name for an allocator event (torch.autograd.profiler's MEMORY_EVENT_NAME).
+_MEMORY_EVENT = "[memory]"
+_CPU_DEVICES = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)
 
 
-def _data_ptr(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except RuntimeError:
-        return -1
-
-
-class _StorageTracker(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # Views and in-place results share an input's storage: they allocate nothing.
-        inputs = {_data_ptr(t) for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                self._track(t.untyped_storage(), inputs)
-        return out
-
-    def _track(self, storage, inputs: set) -> None:
-        try:
-            key, size = storage.data_ptr(), storage.nbytes()
-        except RuntimeError:  # no data of its own (a wrapper): nothing allocated
-            return
-        if size == 0 or key in self.live or key in inputs:
-            return
-        self.live[key] = size
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
+def peak_of_memory_events(events) -> int:
+    """The peak of the running total of the CPU allocator's events (kineto events: ``name()``,
+    ``device_type()``, ``nbytes()`` > 0 for an allocation and < 0 for a free, ``start_ns()``)."""
+    mem = sorted((e for e in events if e.name() == _MEMORY_EVENT and
+                  e.device_type() in _CPU_DEVICES), key=lambda e: e.start_ns())
+    total = peak = 0
+    for e in mem:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak
 
 
 class PeakMemory:
-    """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes``: the most tensor memory held
-    at once by tensors created inside the block."""
+    """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes``: the most memory the
+    allocator held at once inside the block beyond what it held on entry.
+
+    On the CPU the block runs under ``torch.profiler`` (its first use in a process takes
+    seconds, later ones milliseconds, and it slows the ops it watches): measure a step, do not
+    time it. It cannot be nested in another profiler."""
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
@@ -66,9 +46,11 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu":
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
         else:
-            self._tracker = _StorageTracker()
-            self._tracker.__enter__()
+            raise ValueError(f"PeakMemory measures cpu and cuda devices, not {self.device}")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -76,5 +58,5 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
-            self._tracker.__exit__(*exc)
-            self.peak_bytes = self._tracker.peak
+            self._profile.__exit__(*exc)
+            self.peak_bytes = peak_of_memory_events(self._profile.profiler.kineto_results.events())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 
@@ -13,11 +14,26 @@ def _mean_cosine(history: list[dict]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summary_table(results) -> str:
+def _history_cost(r) -> tuple[float, float]:
+    """A run's step time (median of its epochs' medians) and its peak memory over the epochs."""
+    times = [e["step_time_s"] for e in r.history if not math.isnan(e["step_time_s"])]
+    return (statistics.median(times) if times else float("nan"),
+            max(e["peak_memory_bytes"] for e in r.history))
+
+
+def summary_table(results, costs=None) -> str:
     """One row per run: final test accuracy, train loss, step time and peak memory (relative to
     the backprop run when there is one), the mean cosine to the true gradient, and for runs with
-    lower-precision tangents the mean cosine to the estimate with full-precision ones."""
-    base = next((r for r in results if r.config.algo == "backprop" and r.history), None)
+    lower-precision tangents the mean cosine to the estimate with full-precision ones.
+
+    ``costs``: a ``StepCost`` per run, measured side by side (``cost.measure_step_costs``), for
+    the time and memory columns; without it they come from the runs' own histories."""
+    if costs is not None and len(costs) != len(results):
+        raise ValueError(f"one cost per run: {len(costs)} costs for {len(results)} runs")
+    cost = [(c.step_time_s, c.peak_memory_bytes) for c in costs] if costs is not None else \
+        [_history_cost(r) if r.history else (float("nan"), 0) for r in results]
+    base = next((i for i, r in enumerate(results) if r.config.algo == "backprop" and r.history),
+                None)
     rel = base is not None
     head = ["run", "test acc", "train loss",
             "step time" + (" ×bp" if rel else " ms"), "peak mem" + (" ×bp" if rel else " MiB"),
@@ -26,13 +42,10 @@ def summary_table(results) -> str:
     if precision:
         head.append("cos(est, full-precision est)")
     rows = []
-    for r in results:
+    for r, (t, m) in zip(results, cost):
         h = r.history[-1]
-        t = sum(e["step_time_s"] for e in r.history) / len(r.history)
-        m = max(e["peak_memory_bytes"] for e in r.history)
         if rel:
-            bt = sum(e["step_time_s"] for e in base.history) / len(base.history)
-            bm = max(e["peak_memory_bytes"] for e in base.history)
+            bt, bm = cost[base]
             time_cell, mem_cell = f"{t / bt:.2f}", f"{m / bm:.2f}"
         else:
             time_cell, mem_cell = f"{1e3 * t:.1f}", f"{m / 2 ** 20:.1f}"

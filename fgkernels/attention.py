@@ -1,0 +1,245 @@
+"""Softmax and attention on Duals.
+
+softmax:      y = softmax(x),       ẏ = y ⊙ (ẋ − Σ y ⊙ ẋ)       (sums along ``dim``)
+log_softmax:  y = log_softmax(x),   ẏ = ẋ − Σ softmax(x) ⊙ ẋ
+
+Scaled dot-product attention, with S = q·kᵀ·scale + bias (bias: an additive mask, −∞ where a bool
+mask or the causal mask excludes), P = softmax(S) (rows with nothing to attend to give 0, as
+torch's own kernels do), O = P·v:
+
+    Ṡ = (q̇·kᵀ + q·k̇ᵀ)·scale + ḃias,    Ṗ = P ⊙ (Ṡ − Σ P ⊙ Ṡ),    Ȯ = Ṗ·v + P·v̇
+
+torch has no forward-mode derivative for its fused CPU attention kernel, so forward_ad itself
+fails there; this rule needs none. ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``)
+is written here in those ops, projections and masks included.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _slots
+from .dual import Dual, implements
+from .operands import as_dual, parts
+
+Tensor = torch.Tensor
+
+
+# --- softmax --------------------------------------------------------------------------------------
+@implements(F.softmax, torch.softmax, torch.Tensor.softmax)
+@torch.no_grad()
+def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> Dual:
+    """Dual softmax along ``dim``."""
+    d = as_dual(input, "softmax")
+    dim = _softmax_dim(d.primal, dim)
+    y = torch.softmax(d.primal, dim, dtype=dtype)
+    t = d.tangents
+    if t is None:
+        return d.with_tangents(y, None)
+    yt = y.to(t.dtype)
+    return d.with_tangents(y, yt * (t - (yt * t).sum(dim + 1, keepdim=True)))
+
+
+@implements(F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax)
+@torch.no_grad()
+def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> Dual:
+    """Dual log-softmax along ``dim``."""
+    d = as_dual(input, "log_softmax")
+    dim = _softmax_dim(d.primal, dim)
+    y = torch.log_softmax(d.primal, dim, dtype=dtype)
+    t = d.tangents
+    if t is None:
+        return d.with_tangents(y, None)
+    p = y.exp().to(t.dtype)
+    return d.with_tangents(y, t - (p * t).sum(dim + 1, keepdim=True))
+
+
+def _softmax_dim(x: Tensor, dim: Optional[int]) -> int:
+    if dim is None:  # torch's legacy choice for an implicit dim
+        dim = 0 if x.dim() in (0, 1, 3) else 1
+    return dim % max(x.dim(), 1)
+
+
+# --- scaled dot-product attention -----------------------------------------------------------------
+def _additive_bias(mask, is_causal: bool, L: int, S: int, like: Tensor):
+    """The additive bias of the scores (a Dual when the mask carries a tangent), or None."""
+    bias = None
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=like.device).tril()
+        bias = torch.zeros(L, S, dtype=like.dtype, device=like.device).masked_fill(
+            ~keep, float("-inf"))
+    if mask is None:
+        return bias
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        m = torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+            ~mask, float("-inf"))
+    else:
+        m = mask
+    return m if bias is None else m + bias
+
+
+def _repeat_heads(x, heads: int):
+    """Grouped-query attention: each key/value head serves ``heads / kv_heads`` query heads."""
+    kv = x.shape[-3]
+    return x if kv == heads else x.repeat_interleave(heads // kv, dim=-3)
+
+
+@implements(F.scaled_dot_product_attention)
+@torch.no_grad()
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Dual:
+    """Dual scaled dot-product attention (arguments as ``F.scaled_dot_product_attention``)."""
+    q, k, v = (as_dual(t, "scaled_dot_product_attention") for t in (query, key, value))
+    if enable_gqa:
+        k, v = _repeat_heads(k, q.shape[-3]), _repeat_heads(v, q.shape[-3])
+    mask = parts(attn_mask) if attn_mask is not None else None
+    slots = [q.slot_operand(), k.slot_operand(), v.slot_operand(),
+             None if mask is None else mask.slots]
+    plan = _slots.plan(slots, "scaled_dot_product_attention")
+    L, S = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask_primal = None if mask is None else mask.primal
+    if plan.count == 0 or dropout_p > 0.0:
+        if plan.count == 0:
+            return Dual._unchecked(F.scaled_dot_product_attention(
+                q.primal, k.primal, v.primal, mask_primal, dropout_p, is_causal, scale=scale),
+                None, None, False)
+        # Dropout: one mask drawn once for the primal and every slot, the math written out.
+        return _attention_math(q, k, v, _additive_bias(attn_mask, is_causal, L, S, q.primal),
+                               scale, dropout_p)
+    y = F.scaled_dot_product_attention(q.primal, k.primal, v.primal, mask_primal, 0.0,
+                                       is_causal, scale=scale)
+    out = _attention_math(q, k, v, _additive_bias(attn_mask, is_causal, L, S, q.primal), scale,
+                          0.0)
+    return out.with_tangents(y, out.tangents)  # torch's primal, the written-out tangents
+
+
+def _attention_math(q: Dual, k: Dual, v: Dual, bias, scale: float, dropout_p: float) -> Dual:
+    """Attention written in Dual ops (every product, the softmax and the bias by their rules),
+    rows with nothing to attend to giving 0."""
+    from .functional import dropout
+    from .products import matmul
+    s = matmul(q, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        s = s + bias
+    empty = torch.isneginf(s.primal).all(-1, keepdim=True)
+    p = softmax(s, -1)
+    if bool(empty.any()):
+        p = torch.where(empty, 0.0, p)
+    if dropout_p > 0.0:
+        p = dropout(p, dropout_p, True)
+    return matmul(p, v)
+
+
+# --- multi-head attention -------------------------------------------------------------------------
+def _as_float_mask(mask, like: Tensor):
+    """A bool mask of nn.MultiheadAttention (True: may not attend) as an additive one."""
+    if mask is None or not (isinstance(mask, Tensor) and mask.dtype == torch.bool):
+        return mask
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+        mask, float("-inf"))
+
+
+def _pad_last(mask):
+    return None if mask is None else F.pad(mask, (0, 1))
+
+
+@implements(F.multi_head_attention_forward)
+@torch.no_grad()
+def multi_head_attention_forward(
+        query, key, value, embed_dim_to_check: int, num_heads: int, in_proj_weight,
+        in_proj_bias, bias_k, bias_v, add_zero_attn: bool, dropout_p: float, out_proj_weight,
+        out_proj_bias, training: bool = True, key_padding_mask=None, need_weights: bool = True,
+        attn_mask=None, use_separate_proj_weight: bool = False, q_proj_weight=None,
+        k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+        average_attn_weights: bool = True, is_causal: bool = False):
+    """Dual multi-head attention (arguments and results as ``F.multi_head_attention_forward``:
+    sequence-first inputs, ``(output, weights or None)``)."""
+    from .functional import linear
+    q_in, k_in, v_in = (as_dual(t, "multi_head_attention") for t in (query, key, value))
+    batched = q_in.dim() == 3
+    if not batched:
+        q_in, k_in, v_in = q_in.unsqueeze(1), k_in.unsqueeze(1), v_in.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    L, N, E = q_in.shape
+    if E != embed_dim_to_check:
+        raise ValueError(f"multi_head_attention: expected embedding dim {embed_dim_to_check}, "
+                         f"got {E}")
+    if E % num_heads:
+        raise ValueError(f"multi_head_attention: embedding dim {E} is not divisible by "
+                         f"num_heads {num_heads}")
+    if is_causal and attn_mask is None:
+        raise RuntimeError("multi_head_attention: is_causal is a hint that attn_mask is the "
+                           "causal mask; it needs attn_mask")
+    H, hd = num_heads, E // num_heads
+    # parameters as Duals (a tensor with a recorded tangent carries it into its chunks)
+    in_proj_weight, in_proj_bias, bias_k, bias_v, q_proj_weight, k_proj_weight, \
+        v_proj_weight, static_k, static_v = (
+            None if t is None else as_dual(t, "multi_head_attention")
+            for t in (in_proj_weight, in_proj_bias, bias_k, bias_v, q_proj_weight,
+                      k_proj_weight, v_proj_weight, static_k, static_v))
+
+    # projections
+    if use_separate_proj_weight:
+        w = (q_proj_weight, k_proj_weight, v_proj_weight)
+    else:
+        w = in_proj_weight.chunk(3)
+    b = (None,) * 3 if in_proj_bias is None else in_proj_bias.chunk(3)
+    q, k, v = (linear(t, wi, bi) for t, wi, bi in zip((q_in, k_in, v_in), w, b))
+
+    like = q.primal
+    attn_mask = _as_float_mask(attn_mask, like)
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    key_padding_mask = _as_float_mask(key_padding_mask, like)
+    if bias_k is not None and bias_v is not None:
+        k = torch.cat([k, bias_k.repeat(1, N, 1)])
+        v = torch.cat([v, bias_v.repeat(1, N, 1)])
+        attn_mask, key_padding_mask = _pad_last(attn_mask), _pad_last(key_padding_mask)
+
+    # (L, N, E) -> (N·H, L, hd)
+    q = q.reshape(L, N * H, hd).transpose(0, 1)
+    k = k.reshape(k.shape[0], N * H, hd).transpose(0, 1) if static_k is None else static_k
+    v = v.reshape(v.shape[0], N * H, hd).transpose(0, 1) if static_v is None else static_v
+    if add_zero_attn:
+        zeros = torch.zeros((N * H, 1, hd), dtype=like.dtype, device=like.device)
+        k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+        attn_mask, key_padding_mask = _pad_last(attn_mask), _pad_last(key_padding_mask)
+    S = k.shape[1]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.reshape(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    p = dropout_p if training else 0.0
+
+    if need_weights:
+        from .products import matmul
+        scores = matmul(q * (1.0 / math.sqrt(hd)), k.transpose(-2, -1))
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        weights = softmax(scores, -1)
+        if p > 0.0:
+            from .functional import dropout
+            weights = dropout(weights, p, True)
+        out = matmul(weights, v)
+    else:
+        mask4 = None if attn_mask is None else (
+            attn_mask.reshape(N, H, -1, S) if attn_mask.shape[0] == N * H
+            else attn_mask.unsqueeze(0))
+        out = scaled_dot_product_attention(q.reshape(N, H, L, hd), k.reshape(N, H, S, hd),
+                                           v.reshape(N, H, S, hd), mask4, p)
+        out = out.permute(2, 0, 1, 3)
+    out = out.transpose(0, 1).reshape(L * N, E) if need_weights else out.reshape(L * N, E)
+    out = linear(out, out_proj_weight, out_proj_bias).reshape(L, N, E)
+    if not batched:
+        out = out.squeeze(1)
+    if not need_weights:
+        return out, None
+    weights = weights.reshape(N, H, L, S)
+    if average_attn_weights:
+        weights = weights.mean(1)
+    return out, (weights if batched else weights.squeeze(0))

@@ -1,0 +1,73 @@
+"""Indexing a Dual: ``d[index]`` and ``d[index] = value`` for every index torch takes (ints,
+slices, None, Ellipsis, bool masks, integer tensors and lists), each tangent slot indexed as its
+primal is."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _slots
+from .dual import Dual, implements
+from .operands import parts
+from .pointwise import lift
+
+Tensor = torch.Tensor
+
+
+def _is_advanced(i) -> bool:
+    return isinstance(i, (Tensor, list, bool)) or (
+        isinstance(i, tuple) and any(isinstance(e, (Tensor, list)) for e in i))
+
+
+def slot_index(index) -> Optional[tuple]:
+    """The index of a stack ``(T, *shape)`` that picks in every slot what ``index`` picks in
+    the primal, or None where none does (advanced indices apart from one another move their
+    dims to the front, ahead of the slot axis)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, Dual) for i in items):
+        raise TypeError("a Dual cannot index a tensor; index with its primal (d.primal)")
+    advanced = [k for k, i in enumerate(items) if _is_advanced(i)]
+    if advanced and advanced != list(range(advanced[0], advanced[-1] + 1)):
+        return None
+    return (slice(None), *items)
+
+
+def _index_stack(stack: Tensor, index) -> Tensor:
+    at = slot_index(index)
+    return stack[at] if at is not None else torch.stack([s[index] for s in stack])
+
+
+@implements(torch.Tensor.__getitem__)
+def getitem(input: Dual, index) -> Dual:
+    """``d[index]``: the primal and every slot indexed alike."""
+    y = input.primal[index]
+    t = input.tangents
+    return input.with_tangents(y, None if t is None else _index_stack(t, index))
+
+
+def setitem(d: Dual, index, value) -> Dual:
+    """The Dual ``d`` with ``d[index] = value`` (a Dual, Tensor or number), out of place: the
+    region takes value's primal and tangent (zero where value has none)."""
+    v = parts(value)
+    y = d.primal.clone()
+    y[index] = v.primal
+    plan = _slots.plan([d.slot_operand(), v.slots], "setitem")
+    if plan.count == 0:
+        return Dual._unchecked(y, None, None, False)
+    d_pos, v_pos = plan.positions
+    base = _slots.spread(d.tangents, d_pos, plan.count, d.primal, plan.dtype)
+    base = base.clone() if base is d.tangents else base
+    region = y[index].dim()
+    if v.tangents is None:
+        fill = torch.zeros((), dtype=plan.dtype, device=y.device)
+    else:
+        like = v.primal if isinstance(v.primal, Tensor) else y[index]
+        fill = lift(_slots.spread(v.tangents, v_pos, plan.count, like, plan.dtype), region)
+    at = slot_index(index)
+    if at is not None:
+        base[at] = fill
+    else:
+        for s in range(plan.count):
+            base[s][index] = fill if fill.dim() == 0 else fill[s]
+    return Dual._unchecked(y, base, plan.directions, plan.single)

@@ -1,0 +1,138 @@
+"""Ops on a Dual whose result has no tangent, and conversions.
+
+As ``torch.autograd.forward_ad`` gives them for a dual tensor: comparisons, predicates, indices
+and counts are computed on the primals and returned as plain tensors; constructors that take only
+a shape, dtype and device from their argument (``d.new_zeros(...)``, ``torch.zeros_like(d)``)
+return plain tensors; a conversion to an integer or bool dtype drops the tangent. A conversion to
+another floating dtype or device (``d.double()``, ``d.to("cuda")``) converts every slot too.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .backends.base import tangent_dtype_fits
+from .backends.layout import slots_in_format
+from .dual import Dual, differentiable, implements
+
+Tensor = torch.Tensor
+
+
+def _primals(args, kwargs):
+    return pytree.tree_map(lambda v: v.primal if isinstance(v, Dual) else v, (args, kwargs),
+                           is_leaf=lambda v: isinstance(v, Dual))
+
+
+def _on_primals(func: Callable) -> Callable:
+    def rule(*args, **kwargs):
+        a, k = _primals(args, kwargs)
+        return func(*a, **k)
+    return rule
+
+
+_T = torch.Tensor
+PRIMAL_ONLY = [
+    # comparisons and predicates
+    torch.eq, _T.eq, torch.ne, _T.ne, torch.lt, _T.lt, torch.le, _T.le, torch.gt, _T.gt,
+    torch.ge, _T.ge, torch.greater, torch.greater_equal, torch.less, torch.less_equal,
+    torch.not_equal, _T.__eq__, _T.__ne__, _T.__lt__, _T.__le__, _T.__gt__, _T.__ge__,
+    torch.isnan, _T.isnan, torch.isinf, _T.isinf, torch.isfinite, _T.isfinite, torch.isposinf,
+    torch.isneginf, torch.isreal, torch.isclose, _T.isclose, torch.allclose, _T.allclose,
+    torch.equal, _T.equal, torch.signbit, torch.is_nonzero, _T.is_nonzero,
+    torch.logical_not, torch.logical_and, torch.logical_or, torch.logical_xor,
+    # indices and counts
+    torch.argmax, _T.argmax, torch.argmin, _T.argmin, torch.argsort, _T.argsort,
+    torch.nonzero, _T.nonzero, torch.count_nonzero, _T.count_nonzero, torch.any, _T.any,
+    torch.all, _T.all, torch.bucketize, torch.searchsorted, torch.histc,
+    # constructors from shape, dtype and device
+    _T.new_zeros, _T.new_ones, _T.new_full, _T.new_empty, _T.new_tensor,
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+    torch.randn_like, torch.randint_like,
+    # conversions to integer and bool dtypes
+    _T.long, _T.int, _T.short, _T.char, _T.byte, _T.bool,
+]
+for _op in PRIMAL_ONLY:
+    implements(_op)(_on_primals(_op))
+
+
+def _tangent_dtype(d: Dual, y: Tensor) -> torch.dtype:
+    """The tangent's dtype after a conversion of the primal to ``y``'s: a tangent in the
+    primal's dtype follows it; a lower-precision one stays as it is where it still fits."""
+    t = d.tangents.dtype
+    if t != d.primal.dtype and tangent_dtype_fits(y.dtype, t):
+        return t
+    return y.dtype
+
+
+def _conversion(func: Callable) -> Callable:
+    def rule(input: Dual, *args, **kwargs):
+        a, k = _primals(args, kwargs)
+        y = func(input.primal, *a, **k)
+        if not isinstance(y, Tensor) or not differentiable(y.dtype):
+            return y  # d.type() names the type; an integer or bool result has no tangent
+        t = input.tangents
+        if t is None:
+            return input.with_tangents(y, None)
+        t = t.to(device=y.device, dtype=_tangent_dtype(input, y))
+        fmt = k.get("memory_format", torch.preserve_format)
+        if fmt != torch.preserve_format:
+            t = slots_in_format(t, fmt if y.dim() == 4 else torch.contiguous_format)
+        return input.with_tangents(y, t)
+    return rule
+
+
+for _op in (_T.to, _T.double, _T.float, _T.half, _T.bfloat16, _T.cpu, _T.cuda, _T.type,
+            _T.type_as, _T.cfloat, _T.cdouble):
+    implements(_op)(_conversion(_op))
+
+
+# --- in-place fills: the Dual rebound to the new values (``Dual`` in-place semantics) -----------
+def _fill(func: Callable) -> Callable:
+    """``d.zero_()``, ``d.fill_(v)``, ``d.uniform_()``, ...: values with no tangent (a Dual fill
+    value brings its own)."""
+    def rule(input: Dual, *args, **kwargs):
+        if not isinstance(input, Dual):  # a plain tensor filled from a Dual value
+            from ._fallback import forward_ad_fallback
+            return forward_ad_fallback(func, (input, *args), kwargs)
+        value = args[0] if args and isinstance(args[0], Dual) else None
+        if value is not None:  # fill_(Dual scalar): every element takes its value and tangent
+            return input._assign(value.expand_as(input.primal) * 1.0)
+        a, k = _primals(args, kwargs)
+        y = func(input.primal.clone(), *a, **k)
+        return input._assign(Dual._unchecked(y, None, None, False))
+    return rule
+
+
+for _op in (_T.zero_, _T.fill_, _T.uniform_, _T.normal_, _T.bernoulli_, _T.random_,
+            _T.exponential_, _T.geometric_, _T.log_normal_, _T.cauchy_):
+    implements(_op)(_fill(_op))
+
+
+@implements(_T.copy_)
+def copy_(input, src, non_blocking: bool = False):
+    """``d.copy_(src)``: ``d`` rebound to ``src`` broadcast to its shape, dtype and device."""
+    if not isinstance(input, Dual):
+        from ._fallback import forward_ad_fallback
+        return forward_ad_fallback(_T.copy_, (input, src, non_blocking), {})
+    source = src if isinstance(src, Dual) else Dual._unchecked(src, None, None, False)
+    value = source.to(device=input.device, dtype=input.dtype).expand_as(input.primal)
+    return input._assign(value * 1.0 if value.tangents is not None else
+                         Dual._unchecked(value.primal.clone(), None, None, False))
+
+
+# --- shape and dtype donors: the other tensor lends only its shape or dtype ---------------------
+def _donor(func: Callable) -> Callable:
+    def rule(input, other, *args, **kwargs):
+        other = other.primal if isinstance(other, Dual) else other
+        if not isinstance(input, Dual):
+            return func(input, other, *args, **kwargs)
+        return Dual.__torch_function__(_BY_SHAPE[func], (Dual,), (input, other.shape), {}) \
+            if func in _BY_SHAPE else _conversion(func)(input, other)
+    return rule
+
+
+_BY_SHAPE = {_T.expand_as: _T.expand, _T.view_as: _T.view, _T.reshape_as: _T.reshape}
+for _op in (_T.expand_as, _T.view_as, _T.reshape_as):
+    implements(_op)(_donor(_op))

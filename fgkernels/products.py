@@ -1,0 +1,99 @@
+"""Products of two or more operands: ``matmul`` (``@``), ``mm``, ``bmm``, ``baddbmm`` and
+``einsum``. Each is linear in every operand, so its tangent is the sum over operands of the
+product with that operand replaced by its tangent (``(a·b)˙ = ȧ·b + a·ḃ``), each term computed
+over every slot at once (the slot axis a leading batch dim)."""
+from __future__ import annotations
+
+import string
+from typing import Callable
+
+import torch
+
+from . import _slots
+from .dual import Dual, implements
+from .operands import parts
+from .pointwise import lift
+
+Tensor = torch.Tensor
+
+
+def _product(op: str, operands: list, compute: Callable[[list], Tensor],
+             term: Callable[[int, Tensor, list], Tensor]) -> Dual:
+    """The Dual of ``compute(primals)`` whose tangent sums ``term(i, stack_i, primals)`` over
+    the operands with a tangent (stack_i in the output slots' dtype; primal factors cast to it)."""
+    ps = [parts(v) for v in operands]
+    primals = [p.primal for p in ps]
+    y = compute(primals)
+    plan = _slots.plan([p.slots for p in ps], op)
+    if plan.count == 0:
+        return Dual._unchecked(y, None, None, False)
+    cast = lambda v: v.to(plan.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+    factors = [cast(v) for v in primals]
+    terms = [(term(i, _slots.cast(p.tangents, plan.dtype), factors), pos)
+             for i, (p, pos) in enumerate(zip(ps, plan.positions)) if p.tangents is not None]
+    yt = _slots.place(plan.count, [(t.expand(t.shape[0], *y.shape), pos) for t, pos in terms])
+    return Dual._unchecked(y, yt, plan.directions, plan.single)
+
+
+def _matmul_term(i: int, stack: Tensor, f: list) -> Tensor:
+    """``ȧ @ b`` (i = 0) or ``a @ ḃ`` (i = 1) over every slot: 1-D operands as matrices, and
+    the stack's slot axis kept ahead of the broadcast batch dims."""
+    a, b = f
+    a_vec, b_vec = a.dim() == 1, b.dim() == 1
+    if i == 0:
+        left = stack.unsqueeze(-2) if a_vec else stack
+        right = b.unsqueeze(-1) if b_vec else b
+        out = lift(left, max(left.dim() - 1, right.dim())) @ right
+    else:
+        left = a.unsqueeze(-2) if a_vec else a
+        right = stack.unsqueeze(-1) if b_vec else stack
+        out = left @ lift(right, max(left.dim(), right.dim() - 1))
+    if b_vec:
+        out = out.squeeze(-1)
+    return out.squeeze(-1 if b_vec else -2) if a_vec else out
+
+
+@implements(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
+            torch.Tensor.mm, torch.bmm, torch.Tensor.bmm)
+def matmul(input, other) -> Dual:
+    """Dual matrix product (``torch.matmul``'s broadcasting; ``mm``, ``bmm`` alike)."""
+    return _product("matmul", [input, other], lambda p: torch.matmul(*p), _matmul_term)
+
+
+@implements(torch.Tensor.__rmatmul__)
+def _rmatmul(input, other) -> Dual:
+    return matmul(other, input)
+
+
+@implements(torch.baddbmm, torch.Tensor.baddbmm)
+def baddbmm(input, batch1, batch2, *, beta=1, alpha=1) -> Dual:
+    """Dual ``beta·input + alpha·batch1 @ batch2``."""
+    def term(i, stack, f):
+        if i == 0:
+            return stack * beta
+        return alpha * (stack @ f[2] if i == 1 else f[1] @ stack)
+    return _product("baddbmm", [input, batch1, batch2],
+                    lambda p: torch.baddbmm(*p, beta=beta, alpha=alpha), term)
+
+
+@implements(torch.einsum)
+def einsum(equation: str, *operands) -> Dual:
+    """Dual ``einsum``: each operand's term is the same contraction with that operand's
+    tangent, the slot axis a letter of its own kept in front."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    subscripts = inputs.split(",")
+    if not arrow:
+        output = "".join(sorted(c for c in set(inputs) - {","} if inputs.count(c) == 1))
+    if "." in equation:  # an ellipsis: torch's own handling of it, the slots by vmap
+        return _product("einsum", list(operands), lambda p: torch.einsum(equation, *p),
+                        lambda i, s, f: torch.vmap(lambda t: torch.einsum(
+                            equation, *f[:i], t, *f[i + 1:]))(s))
+    slot = next(c for c in string.ascii_letters if c not in equation)
+
+    def term(i, stack, f):
+        subs = [slot + s if k == i else s for k, s in enumerate(subscripts)]
+        return torch.einsum(f"{','.join(subs)}->{slot}{output}", *f[:i], stack, *f[i + 1:])
+
+    return _product("einsum", list(operands), lambda p: torch.einsum(equation, *p), term)

@@ -1,0 +1,88 @@
+"""The real models the dual pass is checked on: every classification model of torchvision and a
+set of timm's, each built untrained with 10 classes at a small input in float64, and compared
+with torch.autograd.forward_ad (``fgkernels.testing.compare_with_forward_ad``). Used by
+``tests/test_real_models.py`` (a subset) and ``scripts/check_real_models.py`` (all of them)."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import fgkernels
+from fgkernels.testing import compare_with_forward_ad
+
+# timm's models, the smallest of each family the checks name.
+TIMM = ["resnet18", "efficientnet_b0", "mobilenetv3_small_050", "mobilenetv4_conv_small",
+        "regnetx_002", "convnext_atto", "densenet121", "dla34", "dpn48b", "hrnet_w18_small",
+        "rexnet_100", "cspresnet50", "cs3darknet_s", "nf_regnet_b0", "repvgg_a0", "mixnet_s",
+        "ghostnet_100", "fastvit_t8", "levit_128s", "vit_tiny_patch16_224",
+        "deit_tiny_patch16_224"]
+# A few of each library's that run in seconds: the CI subset.
+QUICK = ["torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/efficientnet_b0",
+         "torchvision/shufflenet_v2_x0_5", "torchvision/squeezenet1_1",
+         "torchvision/regnet_y_400mf", "torchvision/googlenet", "torchvision/vit_b_32",
+         "torchvision/swin_t", "timm/convnext_atto", "timm/vit_tiny_patch16_224",
+         "timm/mobilenetv4_conv_small", "timm/levit_128s", "timm/ghostnet_100"]
+
+
+@dataclass
+class RealModel:
+    """A model to check: its builder and input size."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    size: int
+
+
+def _torchvision(name: str) -> RealModel:
+    import torchvision
+    kwargs, size = {}, 64
+    if name.startswith("vit_"):
+        size = 28 if name.endswith("_14") else 32
+        kwargs["image_size"] = size
+    elif name == "maxvit_t":
+        size = 224  # its partitions of 7 need 224 pixels
+    elif name == "inception_v3":
+        kwargs, size = dict(aux_logits=False, init_weights=False), 96
+    elif name == "googlenet":
+        kwargs["init_weights"] = False
+    return RealModel(f"torchvision/{name}", lambda: torchvision.models.get_model(
+        name, weights=None, num_classes=10, **kwargs), size)
+
+
+def _timm(name: str) -> RealModel:
+    import timm
+    size = 64
+    kwargs = {}
+    if name.startswith(("vit_", "deit_")):
+        size, kwargs = 32, dict(img_size=32)
+    elif name.startswith("levit"):
+        size, kwargs = 64, dict(img_size=64)
+    return RealModel(f"timm/{name}", lambda: timm.create_model(
+        name, pretrained=False, num_classes=10, **kwargs), size)
+
+
+def catalogue() -> dict[str, RealModel]:
+    """Every model to check, by name (``library/model``)."""
+    import torchvision
+    models = [_torchvision(n) for n in torchvision.models.list_models(module=torchvision.models)]
+    models += [_timm(n) for n in TIMM]
+    return {m.name: m for m in models}
+
+
+def check(model: RealModel, training: bool, convert: bool = True, batch: int = 2) -> dict:
+    """Compare one model's dual pass with forward_ad; the relative errors, the ops that took
+    the fallback and the seconds it took."""
+    torch.manual_seed(0)
+    net = model.build().double().train(training)
+    if convert:
+        fgkernels.convert(net)
+    x = torch.randn(batch, 3, model.size, model.size, dtype=torch.float64)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = compare_with_forward_ad(net, [x])
+    return {**result, "seconds": time.perf_counter() - start}

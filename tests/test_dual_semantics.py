@@ -1,0 +1,319 @@
+"""A Dual behaves as a dual tensor of torch.autograd.forward_ad: detach drops the tangent,
+complex tangents stay complex, Python numbers promote as torch promotes them, truthiness,
+comparisons and values act on the primal, indexing and assignment follow the primal's, tensor
+constructors give plain tensors; every numeric case against forward_ad in float64."""
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fgkernels
+from fgkernels import Dual
+from fgkernels._fallback import forward_ad_fallback
+from fgkernels.testing import forward_ad_jvp, model_jvp
+
+from helpers import rel_err
+
+f64 = dict(dtype=torch.float64)
+
+
+def _against_forward_ad(fn, *shapes, slots: int = 2, complex_ok: bool = False):
+    """``fn`` on Duals of random float64 inputs, and on forward_ad's dual tensors."""
+    xs = [torch.randn(s, **f64) for s in shapes]
+    ts = [torch.randn(slots, *s, **f64) for s in shapes]
+    out = fn(*[Dual(x, t) for x, t in zip(xs, ts)])
+    y, yt = forward_ad_jvp(fn, xs, ts)
+    torch.testing.assert_close(out.primal, y, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-13)
+    return out
+
+
+# --- detach -------------------------------------------------------------------------------------
+def test_detach_drops_the_tangent():
+    d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
+    assert type(d.detach()) is torch.Tensor and torch.equal(d.detach(), d.primal)
+    _against_forward_ad(lambda x: x - x.detach(), (3,))
+    # a straight-through estimator: the primal rounded, the tangent passed through
+    out = _against_forward_ad(lambda x: x + (torch.round(x) - x).detach(), (4,))
+    torch.testing.assert_close(out.primal, torch.round(out.primal))
+
+
+def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
+    class Tracker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("last", torch.zeros(3, **f64))
+
+        def forward(self, x):
+            self.last = x.detach() * 1.0
+            return x * 2
+
+    m = Tracker()
+    m(Dual(torch.randn(3, **f64), torch.randn(3, **f64)))
+    assert type(m.last) is torch.Tensor
+
+
+# --- complex tangents ---------------------------------------------------------------------------
+@pytest.mark.parametrize("fn", [
+    lambda x: torch.fft.rfft(x),
+    lambda x: torch.abs(torch.fft.rfft(x)),
+    lambda x: torch.fft.irfft(torch.fft.rfft(x) * 2j),
+], ids=["rfft", "abs rfft", "irfft"])
+def test_complex_results_keep_complex_tangents(fn):
+    out = _against_forward_ad(fn, (8,))
+    if out.primal.is_complex():
+        assert out.tangents.dtype == torch.complex128
+
+
+def test_a_complex_dual_needs_a_complex_tangent():
+    z = torch.randn(3, dtype=torch.complex128)
+    with pytest.raises(TypeError, match="complex dtype of fewer bits"):
+        Dual(z, torch.randn(3, **f64))
+    out = torch.abs(Dual(z, torch.randn(3, dtype=torch.complex128)))
+    assert out.primal.dtype == torch.float64
+
+
+# --- Python numbers promote as torch promotes them ---------------------------------------------
+@pytest.mark.parametrize("fn", [
+    lambda x: 0.9 * x, lambda x: x * 0.9, lambda x: 0.9 + x, lambda x: 0.9 - x,
+    lambda x: 0.9 / x, lambda x: x / 0.9, lambda x: 3 * x, lambda x: torch.add(x, 0.1, alpha=3),
+], ids=["0.9*x", "x*0.9", "0.9+x", "0.9-x", "0.9/x", "x/0.9", "3*x", "add alpha"])
+def test_python_numbers_keep_float64(fn):
+    _against_forward_ad(fn, (5,))
+    x = torch.randn(5, **f64)
+    assert rel_err(fn(Dual(x)).primal, fn(x)) < 1e-16  # the number taken as float64
+
+
+# --- values, truthiness, comparisons -------------------------------------------------------------
+def test_values_and_truthiness_are_the_primal_s():
+    d = Dual(torch.tensor([0.0, 1.5, -2.0], **f64), torch.ones(3, **f64))
+    assert bool(Dual(torch.tensor([0.0]))) is False and bool(Dual(torch.tensor(2.0))) is True
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        bool(d)
+    assert d[1].item() == 1.5 and float(d[1]) == 1.5 and int(d[2]) == -2
+    assert d.tolist() == [0.0, 1.5, -2.0] and d.numpy().tolist() == [0.0, 1.5, -2.0]
+    assert f"{d[1]:.2f}" == "1.50"
+    if d.amax():
+        pass
+    e = Dual(torch.tensor([0.0, 2.0, -2.0], **f64), torch.zeros(3, **f64))
+    for result, expected in ((d == e, [True, False, True]), (d != e, [False, True, False]),
+                             (d < e, [False, True, False]), (d >= 1.0, [False, True, False])):
+        assert type(result) is torch.Tensor and result.tolist() == expected
+    assert len({d, e}) == 2  # hashed by identity, as tensors are
+    assert [type(row) for row in Dual(torch.randn(2, 3), torch.randn(2, 3))] == [Dual, Dual]
+
+
+def test_predicates_indices_and_constructors_give_plain_tensors():
+    d = Dual(torch.randn(2, 3, **f64), torch.randn(2, 3, **f64))
+    plain = [d.new_zeros(4), d.new_ones(2), d.new_full((2,), 3.0), d.new_empty(2),
+             torch.zeros_like(d), torch.ones_like(d), torch.full_like(d, 2.0),
+             torch.empty_like(d), torch.randn_like(d), torch.isnan(d), d.argmax(),
+             torch.nonzero(d > 0), d.long(), d.bool()]
+    assert all(type(t) is torch.Tensor for t in plain)
+    assert d.new_zeros(4).dtype == torch.float64 and torch.zeros_like(d).shape == (2, 3)
+
+
+def test_integer_and_bool_duals_are_refused():
+    for primal in (torch.arange(3), torch.ones(2) > 0):
+        with pytest.raises(TypeError, match="floating or complex dtype"):
+            Dual(primal)
+
+
+# --- conversions ----------------------------------------------------------------------------------
+def test_conversions_carry_the_tangent():
+    x, t = torch.randn(3), torch.randn(2, 3)
+    d = Dual(x, t)
+    assert d.double().tangents.dtype == torch.float64
+    assert torch.equal(d.to(torch.float64).tangents, t.double())
+    low = Dual(x, t.bfloat16())
+    assert low.double().tangents.dtype == torch.bfloat16  # a lower-precision tangent stays so
+    assert d.to("cpu") is not None and d.type_as(torch.zeros(1, **f64)).dtype == torch.float64
+
+
+# --- indexing and assignment --------------------------------------------------------------------
+INDICES = {
+    "mask": lambda x: x > 0,
+    "tensor": lambda x: torch.tensor([2, 0]),
+    "pair": lambda x: (torch.tensor([0, 2]), torch.tensor([1, 3])),
+    "apart": lambda x: (torch.tensor([0, 2]), slice(None), torch.tensor([1, 3])),
+    "slices": lambda x: (slice(1, None), None, Ellipsis),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INDICES))
+def test_getitem_follows_the_primal(name):
+    torch.manual_seed(0)
+    shape = (3, 2, 4) if name == "apart" else (3, 4)
+    index = INDICES[name](torch.randn(shape))
+    _against_forward_ad(lambda x: x[index], shape)
+
+
+@pytest.mark.parametrize("value", ["dual", "tensor", "number"])
+@pytest.mark.parametrize("name", ["mask", "tensor", "pair", "slices"])
+def test_setitem_follows_the_primal(name, value):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, **f64)
+    index = INDICES[name](x)
+    region = x[index].shape
+    v, vt = torch.randn(region, **f64), torch.randn(2, *region, **f64)
+
+    def assign(a, b=None):
+        a = a.clone() if isinstance(a, torch.Tensor) else a * 1.0
+        a[index] = b if b is not None else (2.5 if value == "number" else v)
+        return a
+
+    xt = torch.randn(2, 3, 4, **f64)
+    if value == "dual":
+        d = Dual(x, xt)
+        d[index] = Dual(v, vt)
+        y, yt = forward_ad_jvp(assign, [x, v], [xt, vt])
+    else:
+        d = Dual(x, xt)
+        d[index] = 2.5 if value == "number" else v
+        y, yt = forward_ad_jvp(assign, [x], [xt])
+    torch.testing.assert_close(d.primal, y)
+    torch.testing.assert_close(d.tangents, yt)
+    assert torch.equal(x, x)  # x itself untouched: assigned out of place
+
+
+def test_writing_a_dual_into_a_plain_tensor_is_refused():
+    d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
+    buf = torch.zeros(3, **f64)
+    with pytest.raises(TypeError, match="would write a Dual into a plain tensor"):
+        buf[0] = d[0]
+
+
+# --- the fallback takes any op ------------------------------------------------------------------
+def test_fallback_outputs_may_include_none_and_numbers():
+    def op(x, y):
+        return x.sin() * y, None, 3, (x > 0)
+
+    x, t = torch.randn(3, **f64), torch.randn(2, 3, **f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, none, three, mask = forward_ad_fallback(op, (Dual(x, t), 2.0), {})
+    assert none is None and three == 3 and type(mask) is torch.Tensor
+    torch.testing.assert_close(out.tangents, t * x.cos() * 2)
+
+
+def test_a_gru_runs_on_duals():
+    torch.manual_seed(0)
+    gru = nn.GRU(4, 3).double()
+    x, xt = torch.randn(5, 2, 4, **f64), torch.randn(1, 5, 2, 4, **f64)
+    tangents = fgkernels.random_tangents(gru, num_tangents=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, h = gru(Dual(x, xt))
+    (y, _), (yt, _) = model_jvp(gru, [x], [xt], tangents)
+    assert rel_err(out.tangents, yt) < 1e-12
+
+
+def test_a_fallback_op_compiles_in_one_graph():
+    def f(x, xt):
+        d = torch.sin(Dual(x, xt))
+        return d.primal, d.tangents
+
+    torch._dynamo.reset()
+    x, xt = torch.randn(3, **f64), torch.randn(2, 3, **f64)
+    y, yt = torch.compile(f, fullgraph=True, backend="aot_eager")(x, xt)
+    torch.testing.assert_close(yt, xt * x.cos())
+
+
+def test_mask_assigned_dual_matches_forward_ad_dual_tensor():
+    x, t = torch.randn(4, **f64), torch.randn(4, **f64)
+    m = x > 0
+    d = Dual(x, t)
+    d[m] = 0.0
+    with fwAD.dual_level():
+        ref = fwAD.make_dual(x.clone(), t.clone())
+        ref[m] = 0.0
+        expected = fwAD.unpack_dual(ref).tangent
+    torch.testing.assert_close(d.tangent, expected)
+
+
+def test_clear_errors_on_bad_convolution_geometry():
+    d = Dual(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5))
+    w = torch.randn(3, 2, 3, 3)
+    for kwargs, message in ((dict(stride=0), "stride must be an int >= 1"),
+                            (dict(dilation=(1, 0)), "dilation must be an int >= 1"),
+                            (dict(padding=-1), "padding must be an int >= 0"),
+                            (dict(padding="full"), "padding must be 'same', 'valid'"),
+                            (dict(padding="same", stride=2), "not supported for strided")):
+        with pytest.raises(ValueError, match=message):
+            F.conv2d(d, w, **kwargs)
+    with pytest.raises(TypeError, match="expected an nn.Module, got function"):
+        fgkernels.convert(lambda x: x)
+
+
+def test_cross_entropy_with_a_dual_probability_target():
+    def loss(z, p):
+        return F.cross_entropy(z, torch.softmax(p, 1))
+
+    _against_forward_ad(loss, (3, 4), (3, 4))
+
+
+# --- a table of ops, each against forward_ad ----------------------------------------------------
+OPS = {
+    "stack": lambda d: torch.stack([d, d * 2]), "T": lambda d: d.T, "mT": lambda d: d.mT,
+    "clone": lambda d: d.clone(), "masked_fill": lambda d: d.masked_fill(d.detach() > 0, 0.0),
+    "interpolate": lambda d: F.interpolate(d[None, None], scale_factor=2, mode="bilinear"),
+    "abs": lambda d: abs(d), "pow": lambda d: d ** 3, "rpow": lambda d: 2 ** d,
+    "sqrt": lambda d: (d * d + 1).sqrt(), "mod": lambda d: d % 0.7, "max": lambda d: d.max(),
+    "max dim": lambda d: d.max(1).values, "min": lambda d: torch.min(d, 0)[0],
+    "sort": lambda d: d.sort(1)[0], "topk": lambda d: d.topk(2)[0], "cumsum": lambda d: d.cumsum(0),
+    "prod": lambda d: d.prod(1), "var": lambda d: d.var(1), "std": lambda d: d.std(),
+    "logsumexp": lambda d: d.logsumexp(1), "repeat_interleave": lambda d: d.repeat_interleave(2, 0),
+    "tile": lambda d: d.tile(2), "outer": lambda d: torch.outer(d[0], d[1]),
+    "tensordot": lambda d: torch.tensordot(d, d.T, 1),
+    "index_select": lambda d: d.index_select(0, torch.tensor([0, 2])),
+    "gather": lambda d: d.gather(1, torch.tensor([[0], [1], [2]])),
+    "scatter": lambda d: torch.zeros(3, 4, **f64).scatter(1, torch.tensor([[0], [1], [2]]),
+                                                          d[:, :1]),
+    "round": lambda d: d.round(), "sign": lambda d: d.sign() * d,
+    "where": lambda d: torch.where(d.detach() > 0, d, 0.0),
+    "normalize": lambda d: F.normalize(d, dim=1), "layer_norm": lambda d: F.layer_norm(d, (4,)),
+    "softplus": lambda d: F.softplus(d), "mse": lambda d: F.mse_loss(d, torch.ones(3, 4, **f64)),
+    "nll": lambda d: F.nll_loss(F.log_softmax(d, 1), torch.tensor([0, 1, 2])),
+    "soft targets": lambda d: F.cross_entropy(d, torch.softmax(torch.ones(3, 4, **f64), 1)),
+    "class weights": lambda d: F.cross_entropy(d, torch.tensor([0, 3, 1]),
+                                               weight=torch.tensor([0.5, 1.0, 2.0, 1.5], **f64)),
+    "logits (N, C, d)": lambda d: F.cross_entropy(d[None].transpose(1, 2),
+                                                  torch.tensor([[0, 1, 2]])),
+    "einsum": lambda d: torch.einsum("ij,kj->ik", d, d),
+    "einsum ellipsis": lambda d: torch.einsum("...i,...i->...", d, d),
+    "bmm": lambda d: torch.bmm(d[None], d.T[None]), "addmm": lambda d: torch.addmm(
+        d[:, :3], d, d.T[:, :3]), "baddbmm": lambda d: torch.baddbmm(d[None, :, :3], d[None],
+                                                                    d.T[None, :, :3], beta=0.5),
+    "matmul vec": lambda d: d @ d[0], "vec matmul": lambda d: d[:, 0] @ d,
+    "rmatmul": lambda d: torch.ones(2, 3, **f64) @ d, "batched matmul": lambda d: d[None].expand(
+        2, 3, 4) @ d.T, "flip": lambda d: d.flip(0), "roll": lambda d: d.roll(1, 0),
+    "expand_as": lambda d: d[:1].expand_as(d), "view_as": lambda d: d.reshape(4, 3).view_as(d),
+    "narrow": lambda d: d.narrow(1, 0, 2), "movedim": lambda d: d.movedim(0, 1),
+    "swapaxes": lambda d: d.swapaxes(0, 1), "reshape_as": lambda d: d.reshape_as(d.T),
+    "interpolate nearest": lambda d: F.interpolate(d[None], scale_factor=2),
+    "upsample bicubic": lambda d: F.interpolate(d[None, None], size=(5, 7), mode="bicubic"),
+    "split sizes": lambda d: d.split([1, 2], 0)[1], "amax": lambda d: d.amax(1),
+    "clamp tensor": lambda d: d.clamp(min=torch.zeros(4, **f64)), "clip": lambda d: d.clip(-1, 1),
+    "log": lambda d: (d.abs() + 1).log(), "exp": lambda d: d.exp(), "rsqrt": lambda d: (
+        d * d + 1).rsqrt(), "reciprocal": lambda d: (d.abs() + 1).reciprocal(),
+    "square": lambda d: d.square(), "diag": lambda d: torch.diag(d[:, :3]),
+    "tril": lambda d: d.tril(), "trace": lambda d: d[:, :3].trace(),
+    "cat with tensor": lambda d: torch.cat([d, torch.ones(3, 4, **f64)], -1),
+    "softmax": lambda d: d.softmax(0), "log_softmax": lambda d: d.log_softmax(1),
+    "vector_norm": lambda d: torch.linalg.vector_norm(d, dim=0),
+    "norm": lambda d: d.norm(), "norm p1": lambda d: d.norm(p=1, dim=1),
+    "copy_": lambda d: (d * 1.0).copy_(d.flip(0) * 2), "zero_": lambda d: (d * 1.0).zero_() + d,
+    "fill_": lambda d: (d * 1.0).fill_(2.0) * d, "sum dtype": lambda d: d.sum(dtype=torch.float64),
+    "mean keepdim": lambda d: d.mean((0, 1), keepdim=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_matches_forward_ad(name):
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _against_forward_ad(OPS[name], (3, 4))

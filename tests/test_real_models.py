@@ -1,0 +1,38 @@
+"""Real torchvision and timm models run exactly on Duals: a subset of ``real_models.QUICK``
+(every parameter and the input carrying a tangent, float64, train and eval mode) against
+torch.autograd.forward_ad. The whole catalogue: ``scripts/check_real_models.py``. Skipped where
+torchvision or timm is missing (``bash scripts/setup.sh --models`` makes an environment with
+both)."""
+import pytest
+
+pytest.importorskip("torchvision")
+pytest.importorskip("timm")
+
+import fgkernels  # noqa: E402
+
+import real_models  # noqa: E402
+
+EXACT = 1e-10
+# Ops that have no fgkernels rule by design and that these models use: each takes forward AD.
+NO_RULE_BY_DESIGN = set()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", real_models.QUICK)
+def test_real_model_is_exact(name, training):
+    result = real_models.check(real_models.catalogue()[name], training)
+    assert result["primal"] <= EXACT
+    assert result["tangent"] <= EXACT
+    assert result["buffers"] <= EXACT
+    assert set(result["fallback"]) <= NO_RULE_BY_DESIGN, result["fallback"]
+
+
+@pytest.mark.parametrize("name", ["torchvision/resnet18", "torchvision/swin_t"])
+def test_an_unconverted_model_is_exact_too(name):
+    result = real_models.check(real_models.catalogue()[name], True, convert=False)
+    assert max(result["primal"], result["tangent"], result["buffers"]) <= EXACT
+
+
+def test_the_quick_set_is_in_the_catalogue():
+    assert set(real_models.QUICK) <= set(real_models.catalogue())
+    assert "native" in fgkernels.available_backends()

@@ -1,0 +1,296 @@
+"""Tangents belong to tensors: wherever a model reads a parameter during a dual pass (its own
+layer, a tied layer, a ParameterList or ParameterDict, an attention block, a parametrization,
+an op on the parameter alone) it carries its tangent, converted or not; every case against
+torch.autograd.forward_ad in float64 (``fgkernels.testing.model_jvp``)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrizations, parametrize
+
+import fgkernels
+from fgkernels import Dual
+from fgkernels.tangents import has_tangent, tangent_of
+from fgkernels.testing import model_jvp
+from fgkernels.zoo import MODELS
+
+from helpers import rel_err
+
+f64 = dict(dtype=torch.float64)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.l2.weight = self.l1.weight
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+class Listed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mats = nn.ParameterList([nn.Parameter(torch.randn(4, 4)) for _ in range(2)])
+        self.scales = nn.ParameterDict({"a": nn.Parameter(torch.randn(4))})
+
+    def forward(self, x):
+        for m in self.mats:
+            x = x @ m
+        return x * self.scales["a"]
+
+
+class Token(nn.Module):
+    """Ops on parameters alone: a class token expanded, a scale doubled, a transposed weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 4))
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        return (x @ self.w.t()) * (self.scale * 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, need_weights: bool, **kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, **kwargs)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        out, weights = self.attn(x, x, x, need_weights=self.need_weights)
+        return out if weights is None else out * weights.mean()
+
+
+class Scaled(nn.Module):
+    """A parametrization with a parameter of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, w):
+        return w * self.g
+
+
+def _parametrized_linear():
+    lin = nn.Linear(4, 3)
+    parametrize.register_parametrization(lin, "weight", Scaled())
+    return lin
+
+
+def _weight_normed_convs():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 2, 1, bias=False))
+    for conv in (net[0], net[3]):
+        parametrizations.weight_norm(conv)
+    return net
+
+
+CASES = {
+    "tied": (Tied, (3, 4)),
+    "listed": (Listed, (3, 4)),
+    "token": (Token, (2, 3, 4)),
+    "attention": (lambda: Attention(False, batch_first=True), (2, 5, 8)),
+    "attention weights": (lambda: Attention(True), (5, 2, 8)),
+    "attention bias_kv": (lambda: Attention(True, add_bias_kv=True, add_zero_attn=True),
+                          (5, 2, 8)),
+    "parametrization": (_parametrized_linear, (2, 4)),
+    "weight_norm convs": (_weight_normed_convs, (2, 3, 6, 6)),
+}
+
+
+def _check(model, shape, slots: int = 2, convert: bool = False):
+    torch.manual_seed(3)
+    model = model.double()
+    ref = copy.deepcopy(model)
+    if convert:
+        fgkernels.convert(model)
+    tangents = fgkernels.random_tangents(model, num_tangents=slots)
+    x = torch.randn(shape, **f64)
+    xt = torch.randn(slots, *shape, **f64)
+    out = model(Dual(x, xt))
+    y, yt = model_jvp(ref, [x], [xt], tangents)
+    assert rel_err(out.primal, y) <= 1e-12
+    assert rel_err(out.tangents, yt) <= 1e-10
+    return model
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["as is", "converted"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_read_of_a_parameter_carries_its_tangent(case, convert):
+    build, shape = CASES[case]
+    torch.manual_seed(0)
+    _check(build(), shape, convert=convert)
+
+
+def test_parameters_are_handed_back_after_the_pass():
+    model = Token().double()
+    params = {n: p for n, p in model.named_parameters()}
+    fgkernels.random_tangents(model)
+    model(Dual(torch.randn(2, 3, 4, **f64)))
+    assert {n: p for n, p in model.named_parameters()} == params  # the same tensors, in place
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    out = model(torch.randn(2, 3, 4, **f64))  # a plain call stays plain, tangents set or not
+    assert type(out) is torch.Tensor and out.requires_grad
+
+
+def test_a_forward_that_raises_hands_the_parameters_back():
+    class Failing(Token):
+        def forward(self, x):
+            super().forward(x)
+            raise ValueError("boom")
+
+    model = Failing().double()
+    fgkernels.random_tangents(model)
+    with pytest.raises(ValueError, match="boom"):
+        model(Dual(torch.randn(2, 3, 4, **f64)))
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_an_unconverted_resnet_gives_the_converted_numbers():
+    torch.manual_seed(0)
+    plain = MODELS["resnet"]().double()
+    converted = fgkernels.convert(copy.deepcopy(plain))
+    x = torch.randn(2, 3, 16, 16, **f64)
+    xt = torch.randn(2, *x.shape, **f64)
+    tangents = fgkernels.random_tangents(plain, num_tangents=2)
+    fgkernels.set_tangents(converted, tangents)
+    a, b = plain(Dual(x, xt)), converted(Dual(x, xt))
+    assert rel_err(a.primal, b.primal) <= 1e-13 and rel_err(a.tangents, b.tangents) <= 1e-12
+    for (name, u), v in zip(plain.state_dict().items(), converted.state_dict().values()):
+        torch.testing.assert_close(u, v, rtol=1e-13, atol=0, msg=name)
+
+
+def test_a_module_called_with_a_dual_in_second_place():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, a, b):
+            return self.lin(a) + b * self.lin.bias
+
+    model = Pair().double()
+    ref = copy.deepcopy(model)
+    tangents = fgkernels.random_tangents(model, num_tangents=1)
+    a, b, bt = torch.randn(3, 4, **f64), torch.randn(3, 4, **f64), torch.randn(1, 3, 4, **f64)
+    out = model(a, Dual(b, bt))
+    y, yt = model_jvp(ref, [a, b], [None, bt], tangents)
+    assert rel_err(out.tangents, yt) <= 1e-12
+
+
+def test_a_dual_passed_only_by_keyword_is_a_clear_error():
+    model = Token().double()
+    fgkernels.random_tangents(model)
+    with pytest.raises(TypeError, match="by keyword only; pass it positionally"):
+        model(x=Dual(torch.randn(2, 3, 4, **f64)))
+
+
+def test_tied_names_share_one_tangent_and_may_not_disagree():
+    model = Tied().double()
+    t = torch.randn(4, 4, **f64)
+    fgkernels.set_tangents(model, {"l2.weight": t})  # the alias of l1.weight
+    assert torch.equal(tangent_of(model.l1.weight).stack[0], t)
+    with pytest.raises(ValueError, match="same .tied. parameter"):
+        fgkernels.set_tangents(model, {"l1.weight": t, "l2.weight": t.clone()})
+
+
+def test_a_parameter_written_in_place_under_no_grad_is_written():
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([-2.0, 0.5, 3.0]))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.w.clamp_(-1.0, 1.0)
+            return x * self.w
+
+    model = Clamped().double()
+    ref = copy.deepcopy(model)
+    t = torch.tensor([1.0, 2.0, 3.0], **f64)
+    fgkernels.set_tangents(model, {"w": t.clone()})
+    out = model(Dual(torch.ones(3, **f64)))
+    y, yt = model_jvp(ref, [torch.ones(3, **f64)], [None], {"w": t.unsqueeze(0)})
+    torch.testing.assert_close(model.w.detach(), torch.tensor([-1.0, 0.5, 1.0], **f64))
+    torch.testing.assert_close(out.primal, y)
+    torch.testing.assert_close(out.tangent, yt[0])
+
+
+def test_tangents_do_not_travel_with_a_copy_and_clear_removes_them():
+    model = Tied().double()
+    fgkernels.random_tangents(model)
+    assert not any(has_tangent(p) for p in copy.deepcopy(model).parameters())
+    assert not any(has_tangent(v) for v in model.state_dict().values())
+    fgkernels.clear_tangents(model)
+    assert not any(has_tangent(p) for p in model.parameters())
+    assert model(Dual(torch.randn(3, 4, **f64))).tangents is None
+
+
+def test_stale_and_changed_parameters_are_refused():
+    model = nn.Linear(3, 2).double()
+    fgkernels.random_tangents(model)
+    model.weight = nn.Parameter(torch.randn(2, 3, **f64))
+    with pytest.raises(RuntimeError, match="weight was replaced after its tangent was set"):
+        model(Dual(torch.randn(1, 3, **f64)))
+    fgkernels.random_tangents(model)
+    model.float()  # the parameter's data changes dtype under its tangent
+    with pytest.raises(RuntimeError, match="set its tangent again"):
+        model(Dual(torch.randn(1, 3)))
+
+
+def test_functional_use_of_a_parameter_with_a_tangent():
+    lin = nn.Linear(3, 2).double()
+    tangents = fgkernels.random_tangents(lin, num_tangents=1)
+    x = torch.randn(4, 3, **f64)
+    out = F.linear(Dual(x), lin.weight, lin.bias)
+    expected = x @ tangents["weight"][0].t() + tangents["bias"][0]
+    torch.testing.assert_close(out.tangents[0], expected)
+
+
+def test_remove_parametrizations_after_convert_leaves_the_twin():
+    conv = parametrizations.weight_norm(nn.Conv2d(2, 3, 3, bias=False))
+    fgkernels.convert(conv)
+    assert isinstance(conv, fgkernels.DualConv2d)
+    parametrize.remove_parametrizations(conv, "weight")
+    assert type(conv) is fgkernels.DualConv2d
+    assert conv(Dual(torch.randn(1, 2, 5, 5))).shape == (1, 3, 3, 3)
+
+
+def test_old_style_weight_norm_leaves_no_dual_behind():
+    conv = nn.utils.weight_norm(nn.Conv2d(2, 3, 3).double())
+    fgkernels.random_tangents(conv)
+    conv(Dual(torch.randn(1, 2, 5, 5, **f64)))
+    assert type(conv.weight) is torch.Tensor
+
+
+def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
+    """A cache filled from a parameter (LeViT's attention biases in eval mode) holds a Dual
+    during the pass, carrying its tangent, and is as it was afterwards."""
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(3))
+            self.cache = {}
+
+        def forward(self, x):
+            if "bias" not in self.cache:
+                self.cache["bias"] = self.bias * 2
+            self.last = x * 1.0
+            return x + self.cache["bias"]
+
+    model = Cached().double()
+    t = torch.randn(3, **f64)
+    fgkernels.set_tangents(model, {"bias": t})
+    out = model(Dual(torch.randn(3, **f64)))
+    torch.testing.assert_close(out.tangent, 2 * t)
+    assert model.cache == {} and "last" not in model.__dict__
+    plain = model(torch.randn(3, **f64))
+    assert type(plain) is torch.Tensor and type(model.cache["bias"]) is torch.Tensor
