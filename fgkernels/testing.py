@@ -122,9 +122,22 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
                  for o, (p, _) in zip(flat_out, pairs))
     tangent = max(_rel(o.tangents if isinstance(o, Dual) and o.tangents is not None
                        else torch.zeros_like(t), t) for o, (_, t) in zip(flat_out, pairs))
-    buffer_err = max([_rel(v, expected_buffers[k]) for k, v in buffers.items()
-                      if v.is_floating_point()] or [0.0])
-    return dict(primal=primal, tangent=tangent, buffers=buffer_err, fallback=fallback)
+    return dict(primal=primal, tangent=tangent, buffers=_buffer_error(buffers, expected_buffers),
+                fallback=fallback)
+
+
+def _buffer_error(buffers: dict[str, Tensor], expected: dict[str, Tensor]) -> float:
+    """The largest relative error of one module's floating buffers taken together. Together:
+    a batch norm's running mean of a centred input is rounding noise (~1e-17) whose own relative
+    error means nothing; measured against the module's running variance beside it, it does."""
+    by_module: dict[str, list[str]] = {}
+    for k, v in buffers.items():
+        if v.is_floating_point():
+            by_module.setdefault(k.rpartition(".")[0], []).append(k)
+    flat = lambda source, names: torch.cat([source[k].detach().double().flatten()
+                                            for k in names])
+    return max([_rel(flat(buffers, names), flat(expected, names))
+                for names in by_module.values()] or [0.0])
 
 
 def _module_caches(model: torch.nn.Module) -> list[tuple[dict, dict]]:
