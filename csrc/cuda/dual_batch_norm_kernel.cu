@@ -93,6 +93,8 @@ __global__ void bn_stats_kernel(BNStatsParams p) {
 // same sums and shift as bn_stats_kernel.
 constexpr int kChannelTile = 32;
 constexpr int kRowsAtOnce = kThreads / kChannelTile;
+static_assert(kStatsSplitRowsChannelsLast % kRowsAtOnce == 0 && kStatsSplitElements % kThreads == 0,
+              "a split covers whole rounds of the block's threads");
 
 template <typename T, typename TT>
 __global__ void bn_stats_channels_last_kernel(BNStatsParams p) {

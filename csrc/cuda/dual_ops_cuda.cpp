@@ -1,6 +1,8 @@
 // Registers the CUDA kernels of csrc/cuda/*.cu as the CUDA implementations of the ops. Uses only
 // device-generic c10 headers (DeviceGuard, Stream), so it also compiles against a CPU build of
 // torch; the kernels are reached through the plain launchers of dual_kernels.h.
+#include <algorithm>
+
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -58,7 +60,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
   c10::DeviceGuard guard(x_in.device());
   const DualInput in = prepare_input(x_in, xt_in);
   const int64_t count = in.outer * in.inner;
-  const int64_t splits = std::min<int64_t>(1024, std::max<int64_t>(1, count / (256 * 16)));
+  const int64_t splits = in.inner == 1
+      ? std::clamp<int64_t>(in.outer / cuda::kStatsSplitRowsChannelsLast, 1, 65535)
+      : std::clamp<int64_t>(count / cuda::kStatsSplitElements, 1, 1024);
   auto partial = at::empty({splits, 2 + 2 * in.T, in.channels},
                            in.x.options().dtype(acc_type(in.x)));
   cuda::BNStatsParams p{in.x.const_data_ptr(), in.T ? in.xt.const_data_ptr() : nullptr,
