@@ -47,18 +47,19 @@ def forward_ad_jvp(fn: Callable[..., Any], primals: Sequence[Tensor],
 
 
 
-def round_to_tf32(t: Optional[Tensor]) -> Optional[Tensor]:
-    """``t`` rounded to TF32 (float32 with 10 mantissa bits, to nearest, ties to even), in its
-    own dtype and layout: what a TF32 tensor-core product reads of a float32 operand. Run an
-    oracle on rounded operands to get the error a TF32 product cannot avoid (cuDNN may or may not
-    use TF32 where it is allowed, so torch's own error does not always show it)."""
+def round_to_tf32(t: Optional[Tensor], truncate: bool = False) -> Optional[Tensor]:
+    """``t`` rounded to TF32 (float32 with 10 mantissa bits), in its own dtype and layout: to
+    nearest, ties to even, as cuDNN converts its operands, or, with ``truncate``, the low 13 bits
+    dropped, as tensor cores read a float32 operand handed to them unconverted (Triton's TF32
+    dots). Run an oracle on rounded operands to get the error a TF32 product cannot avoid."""
     if t is None:
         return None
     bits = t.float().view(torch.int32)
-    # Add half a unit of the 13 dropped bits (less one, plus the kept bit's parity: ties go to
-    # even), then clear them; the sign bit is untouched for finite values.
-    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
-    return rounded.view(torch.float32).to(t.dtype)
+    if not truncate:
+        # Half a unit of the 13 dropped bits (less one, plus the kept bit's parity: ties go to
+        # even); the sign bit is untouched for finite values.
+        bits = bits + 0xFFF + ((bits >> 13) & 1)
+    return (bits & ~0x1FFF).view(torch.float32).to(t.dtype)
 
 @contextlib.contextmanager
 def oracle_mode() -> Iterator[None]:

@@ -70,6 +70,15 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'toolkit', c.CUD
     env FGKERNELS_CUDA=0 MAX_JOBS=16 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
     return 1
   fi
+  # A compiler whose libstdc++ is linked statically (seen: the image's CXX=/opt/gcc/bin/g++)
+  # gives the extension a second libstdc++, whose streams crash when an error message is
+  # formatted: the system compiler, which links the one torch uses, builds it again.
+  if ! readelf -d fgkernels/_C*.so | grep -q "libstdc++"; then
+    echo "the extension carries its own libstdc++ (CXX=${CXX:-c++}); rebuilding with /usr/bin/g++"
+    rm -rf build fgkernels/_C*.so
+    CXX=/usr/bin/g++ CC=/usr/bin/gcc "${BUILD[@]}" || return 1
+    readelf -d fgkernels/_C*.so | grep "libstdc++" || echo "still no shared libstdc++"
+  fi
   "$PY" -c "import fgkernels, torch; print('backends:', fgkernels.available_backends()); \
 torch.ops.fgkernels.dual_bn_stats(torch.ones(2, 3, 4, 4, device='cuda'), None); print('CUDA kernels: ok')"
 }

@@ -142,11 +142,12 @@ def run_case(case: Case, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     result = {"seconds": seconds, "ok": True}
-    # Where TF32 is allowed the kernels' float32 products are TF32, and cuDNN's may not be: the
-    # floor is then the error of the products of TF32-rounded operands.
+    # Where TF32 is allowed the kernels' float32 products are TF32 (cuDNN's may not be), on
+    # operands the tensor cores truncate: the floor is then the error of the products of
+    # truncated operands.
     tf32 = case.dtype != "fp32-ieee" and device.type == "cuda"
-    tf32_exact = forward_ad_jvp(fn, [round_to_tf32(t) for t in (x, w, b)],
-                                [round_to_tf32(t) for t in (full_x, full_w, full_b)])
+    tf32_exact = forward_ad_jvp(fn, [round_to_tf32(t, truncate=True) for t in (x, w, b)],
+                                [round_to_tf32(t, truncate=True) for t in (full_x, full_w, full_b)])
     for part, ours, theirs, oracle, rounded in (
             ("primal", out.primal, torch_primal[0], exact[0], tf32_exact[0]),
             ("tangent", out.tangents, torch_tangent[1], exact[1], tf32_exact[1])):

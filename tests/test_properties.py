@@ -412,3 +412,18 @@ def test_rules_match_central_differences(name, shape, seed):
         out = fn(Dual(x, xt))
     fd = central_difference(fn, x, xt, h=1e-5)
     torch.testing.assert_close(out.tangent, fd, rtol=1e-6, atol=1e-7)
+
+
+@given(st.floats(min_value=-2.0 ** 127, max_value=2.0 ** 127, width=32))  # below the overflow
+def test_tf32_rounding_keeps_ten_mantissa_bits(value):
+    """round_to_tf32 gives a value with 10 mantissa bits: to nearest (within half a TF32 unit,
+    2⁻¹¹ relative) or truncated (toward zero, within one unit, 2⁻¹⁰); subnormals in units of
+    2⁻¹³⁶."""
+    from fgkernels.testing import round_to_tf32
+    x = torch.tensor([value], dtype=torch.float32)
+    for truncate, bound in ((False, 2.0 ** -11), (True, 2.0 ** -10)):
+        r = round_to_tf32(x, truncate)
+        assert int(r.view(torch.int32)) & 0x1FFF == 0
+        assert abs(float(r) - value) <= bound * abs(value) + 2.0 ** -136  # + a subnormal unit
+        if truncate:
+            assert abs(float(r)) <= abs(value)
