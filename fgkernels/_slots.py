@@ -108,7 +108,11 @@ def spread(stack: Optional[torch.Tensor], positions: tuple[int, ...], count: int
         return stack.to(dtype)
     full = primal.new_zeros((count, *primal.shape), dtype=dtype)
     if stack is not None:
-        full[list(positions)] = stack.to(dtype)
+        run = _consecutive(positions)
+        if run is not None:
+            full[run] = stack.to(dtype)
+        else:
+            full.index_copy_(0, slot_index(positions, full.device), stack.to(dtype))
     return full
 
 
@@ -130,8 +134,7 @@ def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]],
             if p == full:
                 base = base + t if fresh else base.add_(t)
             else:
-                index = torch.tensor(p, device=t.device)
-                base = base.index_add(0, index, t) if fresh else base.index_add_(0, index, t)
+                base = add_into_slots(base.clone() if fresh else base, p, t)
         return base
     taken = [s for _, p in parts for s in p]
     if sorted(taken) == list(full):
@@ -140,11 +143,47 @@ def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]],
         out = torch.cat([parts[i][0] for i in order]) if len(order) > 1 else parts[0][0]
         laid = [s for i in order for s in parts[i][1]]
         if laid != list(full):
-            out = out[torch.tensor(sorted(range(count), key=laid.__getitem__), device=out.device)]
+            order = tuple(sorted(range(count), key=laid.__getitem__))
+            out = out.index_select(0, slot_index(order, out.device))
         return out
     # Parts that overlap without one covering all: accumulate from zero.
     t0 = parts[0][0]
     out = t0.new_zeros((count, *t0.shape[1:]))
     for t, p in parts:
-        out.index_add_(0, torch.tensor(p, device=t.device), t)
+        add_into_slots(out, p, t)
     return out
+
+
+def add_into_slots(out: torch.Tensor, positions: tuple[int, ...],
+                   part: torch.Tensor) -> torch.Tensor:
+    """``out[positions] += part`` along the slot dimension, in place; returns ``out``."""
+    run = _consecutive(positions)
+    if run is not None:
+        out[run].add_(part)
+    else:
+        out.index_add_(0, slot_index(positions, out.device), part)
+    return out
+
+
+def _consecutive(positions: tuple[int, ...]) -> Optional[slice]:
+    """``positions`` as a slice when they are ascending consecutive slots (the usual case: a
+    view then takes them, with no index tensor)."""
+    if positions and all(b == a + 1 for a, b in zip(positions, positions[1:])):
+        return slice(positions[0], positions[-1] + 1)
+    return None
+
+
+_INDEX: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def slot_index(positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``positions`` as an index tensor on ``device``, made once: an index built from a list
+    on each call is a copy from the host, which on a GPU waits for every queued kernel."""
+    key = (tuple(positions), torch.device(device))
+    index = _INDEX.get(key)
+    if index is None:
+        index = torch.tensor(key[0], device=device)
+        # Only a real tensor is kept: one made while tracing (a fake tensor) belongs to it.
+        if type(index) is torch.Tensor and not torch.compiler.is_compiling():
+            _INDEX[key] = index
+    return index

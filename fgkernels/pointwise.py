@@ -55,9 +55,11 @@ def _tensor_of(a, other):
     float32 0.9 widened)."""
     if isinstance(a, Tensor):
         return a
-    like = other if isinstance(other, Tensor) else None
-    dtype = torch.result_type(a, other) if like is not None else None
-    return torch.tensor(a, dtype=dtype, device=None if like is None else like.device)
+    if not isinstance(other, Tensor):
+        return torch.tensor(a)
+    # A fill on other's device: torch.tensor(a, device=...) copies from the host, and on a GPU
+    # that copy waits for every queued kernel.
+    return torch.full((), a, dtype=torch.result_type(a, other), device=other.device)
 
 
 def _like(v, t: Tensor):

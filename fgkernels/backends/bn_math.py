@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .._slots import SlotPlan
+from .._slots import SlotPlan, add_into_slots
 from .base import BatchNormArgs, LayerParams, acc_dtype
 
 Tensor = torch.Tensor
@@ -80,15 +80,13 @@ def affine_coefficients(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
     for s, t in enumerate(x_pos):
         x_slot[t] = s
     if x_pos and training:
-        idx = torch.tensor(x_pos, device=mean.device)
-        t_xscale.index_add_(0, idx, -a * r * r * tcov)          # −a·r²·cov, (T, C)
-        t_shift.index_add_(0, idx, -a * tmean)                  # −a·m1
+        add_into_slots(t_xscale, x_pos, -a * r * r * tcov)      # −a·r²·cov, (T, C)
+        add_into_slots(t_shift, x_pos, -a * tmean)              # −a·m1
     if p_pos:
-        idx = torch.tensor(p_pos, device=mean.device)
         if wt is not None:
-            t_xscale.index_add_(0, idx, wt.to(dtype) * r)       # γ̇·r
+            add_into_slots(t_xscale, p_pos, wt.to(dtype) * r)   # γ̇·r
         if bt is not None:
-            t_shift.index_add_(0, idx, bt.to(dtype))            # β̇
+            add_into_slots(t_shift, p_pos, bt.to(dtype))        # β̇
     return BNCoefficients(mean.contiguous(), scale, shift, t_xscale, t_shift, x_slot)
 
 
