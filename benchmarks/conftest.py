@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 import fgkernels  # noqa: E402
 from fgkernels.train.memory import PeakMemory  # noqa: E402
 
+from providers import check_against_oracle  # noqa: E402
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -53,11 +55,11 @@ def _timed_call(fn) -> float:
 
 
 @pytest.fixture
-def measure(benchmark, quick):
+def measure(benchmark, quick, request):
     """``measure(fn, group, rounds)``: time ``fn`` (synchronised) and store its peak memory."""
 
     def run(fn, group: str, rounds: int = 5, budget_s: float = 1.0, paired=None,
-            track_memory: bool = True):
+            track_memory: bool = True, expected=None, tolerance=None):
         """At least ``rounds`` rounds; more for fast cases, up to about ``budget_s`` of timing
         (at most 100 rounds): the median of a few ms-long calls needs many of them.
 
@@ -66,8 +68,14 @@ def measure(benchmark, quick):
         ratios goes to ``extra_info["paired"][name]``: on a machine whose speed drifts over
         minutes, a ratio of neighbouring calls is steadier than one of two benchmarks run
         minutes apart. The peak memory is the allocator's (``PeakMemory``: on the CPU the
-        profiler's memory events, so one untimed extra call); ``track_memory=False`` skips it."""
+        profiler's memory events, so one untimed extra call); ``track_memory=False`` skips it.
+        ``expected``: the float64 oracle's ``(primal, tangent)``, which the quick run checks
+        ``fn``'s result against (``providers.check_against_oracle``, within ``tolerance``)."""
         benchmark.group = group
+        if quick and expected is not None:
+            params = getattr(request.node, "callspec", None)
+            check_against_oracle(params.params.get("provider", "fgkernels") if params else "",
+                                 fn(), expected, tolerance)
         paired = paired or {}
         for baseline_fn in paired.values():
             baseline_fn()  # warm-up

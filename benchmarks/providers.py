@@ -3,6 +3,7 @@ forward-mode AD (torch.autograd.forward_ad, torch.func.jvp), the primal alone, a
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -49,3 +50,73 @@ def loss_jvp_forward_ad(model, params, tangents, x, y):
         duals = {n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()}
         out = functional_call(model, {**duals, **dict(model.named_buffers())}, (x,))
         return fwAD.unpack_dual(F.cross_entropy(out, y))
+
+
+# Relative error (‖ours − exact‖ / ‖exact‖) a provider's result may have against the float64
+# oracle, by its dtype (a scalar loss's JVP, a sum of terms that cancel, gets float32's error
+# up to ~3e-4); float32 on CUDA may be TF32 (operands truncated to 10 mantissa bits). A missing
+# tangent term is off by 1e-2 or more.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-3, torch.bfloat16: 6e-2,
+             torch.float16: 1e-2}
+TF32_TOLERANCE = 1e-2
+
+
+def check_against_oracle(provider: str, out, expected, tolerance=None) -> None:
+    """A provider's result (a Dual, a (primal, tangent) pair, a primal, or None for backprop)
+    against the oracle's ``(primal, tangent)`` in float64, within ``tolerance`` (default: by
+    dtype, ``TOLERANCE``): the quick run calls it once per benchmark, so that no benchmark times
+    a wrong answer."""
+    if out is None:
+        return
+    if isinstance(out, Dual):
+        out = (out.primal, out.tangent)
+    elif not isinstance(out, tuple):
+        out = (out, None)
+    for part, ours, exact in zip(("primal", "tangent"), out, expected):
+        if ours is None or exact is None:
+            continue
+        tol = tolerance if tolerance is not None else \
+            TF32_TOLERANCE if ours.is_cuda and ours.dtype == torch.float32 else \
+            TOLERANCE[ours.dtype]
+        exact = exact.reshape(ours.shape)
+        err = float((ours.double() - exact).norm() / exact.norm().clamp_min(1e-300))
+        if not err <= tol:
+            raise AssertionError(f"{provider}: the {part} is off the float64 oracle by {err:.2e} "
+                                 f"(tolerance {tol:.0e} in {ours.dtype})")
+
+
+def op_oracle(fn, primals, tangents):
+    """``fn``'s value and JVP by forward_ad in float64 (one tangent per primal; None: the
+    primal is constant)."""
+    from fgkernels.testing import forward_ad_jvp
+    out, tangent = forward_ad_jvp(fn, [p.double() for p in primals],
+                                  [None if t is None else t.double()[None] for t in tangents])
+    return out, tangent[0]
+
+
+def loss_oracle(model, params, tangents, x, y):
+    """The cross-entropy loss of ``model`` and its JVP along ``tangents`` by forward_ad in
+    float64, on a float64 copy of the model (the model itself untouched)."""
+    double = copy.deepcopy(model).double()
+    return loss_jvp_forward_ad(double, {n: p.double() for n, p in params.items()},
+                               {n: t.double() for n, t in tangents.items()},
+                               x.double() if x.is_floating_point() else x, y)
+
+
+def model_oracle(model, params, tangents, x, xt):
+    """``model(x)`` and its JVP along the parameters' ``tangents`` and the input's ``xt`` by
+    forward_ad in float64, on a float64 copy of the model."""
+    double = copy.deepcopy(model).double()
+    buffers = dict(double.named_buffers())
+    names = list(params)
+    fn = lambda x_, *ps: functional_call(double, {**dict(zip(names, ps)), **buffers}, (x_,))
+    return op_oracle(fn, [x, *params.values()], [xt, *(tangents[n] for n in names)])
+
+
+def relative_error(out, expected) -> float:
+    """The larger relative error of ``out``'s primal and tangent (as ``check_against_oracle``
+    reads them) against ``expected``."""
+    if isinstance(out, Dual):
+        out = (out.primal, out.tangent)
+    return max(float((o.double() - e.reshape(o.shape)).norm() / e.norm().clamp_min(1e-300))
+               for o, e in zip(out, expected))

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 import fgkernels.functional as DF
 
 from conftest import DEVICE
-from providers import BASELINES, backend_of, dual_call, fgkernels_providers, jvp_forward_ad
+from providers import (
+    BASELINES,
+    backend_of,
+    dual_call,
+    fgkernels_providers,
+    jvp_forward_ad,
+    op_oracle,
+)
 from roofline import bn_seconds, conv_seconds
 
 CUDA = DEVICE.type == "cuda"
@@ -61,6 +68,15 @@ def _run(provider, fn, primals, tangents):
     return step
 
 
+def _bn_relu(x, g, b):
+    """Batch norm (batch statistics) and ReLU: the oracle's function."""
+    return F.relu(F.batch_norm(x, None, None, g, b, True, 0.1, 1e-5))
+
+
+def _conv_bn_relu(x, w, g, b):
+    return _bn_relu(F.conv2d(x, w, None, 1, 1), g, b)
+
+
 def _composition(x, w, xt, wt):
     """The dual convolution as the convolution library computes it: y = W*x, ẏ = W*ẋ + Ẇ*x."""
     conv = lambda a, b: F.conv2d(a, b, None, 1, 1)
@@ -87,7 +103,8 @@ def test_conv(measure, benchmark, quick, provider, batch, stage, dtype):
     run = (lambda: _composition(*primals, *tangents)) if provider == "composition" else \
         _run(provider, fn, primals, tangents)
     with backend_of(provider):
-        measure(run, f"conv3x3 {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5)
+        measure(run, f"conv3x3 {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5,
+                expected=op_oracle(fn, primals, tangents) if quick else None)
     _roofline(benchmark, provider,
               lambda c: conv_seconds(N, C, C, 3, 1, S, c, PRECISION.get(dtype, "tf32")))
 
@@ -110,7 +127,8 @@ def test_bn_relu(measure, benchmark, quick, provider, batch, stage, dtype):
         fn = lambda x, g, b: F.relu(F.batch_norm(x, *stats, g, b, True, 0.1, 1e-5))
     with backend_of(provider):
         measure(_run(provider, fn, primals, tangents),
-                f"bn+relu {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5)
+                f"bn+relu {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5,
+                expected=op_oracle(_bn_relu, primals, tangents) if quick else None)
     _roofline(benchmark, provider,
               lambda c: bn_seconds(N, C, S, c, PRECISION.get(dtype, "tf32")))
 
@@ -135,7 +153,8 @@ def test_conv_bn_relu(measure, benchmark, quick, provider, batch, stage, dtype):
                                                     True, 0.1, 1e-5))
     with backend_of(provider):
         measure(_run(provider, fn, primals, tangents),
-                f"conv+bn+relu {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5)
+                f"conv+bn+relu {C}x{S}x{S} b{N} {str(dtype)[6:]}", budget_s=0.5,
+                expected=op_oracle(_conv_bn_relu, primals, tangents) if quick else None)
     _roofline(benchmark, provider, lambda c: conv_seconds(
         N, C, C, 3, 1, S, c, PRECISION.get(dtype, "tf32"), with_bn=True))
 
@@ -151,4 +170,5 @@ def test_linear(measure, quick, provider, batch, features, dtype):
     tangents = _tensors((N, fin), (fout, fin), (fout,), dtype=dtype)
     with backend_of(provider):
         measure(_run(provider, F.linear, primals, tangents),
-                f"linear {fin}->{fout} b{N} {str(dtype)[6:]}")
+                f"linear {fin}->{fout} b{N} {str(dtype)[6:]}",
+                expected=op_oracle(F.linear, primals, tangents) if quick else None)

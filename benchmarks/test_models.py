@@ -11,7 +11,7 @@ from fgkernels import Dual
 from fgkernels.zoo import MODELS
 
 from conftest import DEVICE
-from providers import jvp_forward_ad
+from providers import jvp_forward_ad, model_oracle
 
 WIDTH, BATCH, SIZE = (32, 64, 32) if DEVICE.type == "cpu" else (64, 256, 32)
 
@@ -35,13 +35,15 @@ def _case(name: str, quick: bool):
         with torch.no_grad():
             return net(Dual(x, xt))
 
-    return dual, forward_ad
+    expected = model_oracle(model, params, tangents, x, xt) if quick else None
+    return dual, forward_ad, expected
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("provider", ["fgkernels", "forward_ad"])
 def test_model_dual_pass(measure, quick, name, provider):
-    dual, forward_ad = _case(name, quick)
+    dual, forward_ad, expected = _case(name, quick)
     fn = dual if provider == "fgkernels" else forward_ad
     measure(fn, f"zoo {name}, width {WIDTH}, batch {BATCH}, {SIZE}x{SIZE}",
-            paired={"forward_ad": forward_ad} if provider == "fgkernels" else None)
+            paired={"forward_ad": forward_ad} if provider == "fgkernels" else None,
+            expected=expected)

@@ -16,7 +16,7 @@ from fgkernels import Dual
 
 from cases import resnet18_case
 from conftest import DEVICE
-from providers import backend_of, fgkernels_providers, loss_jvp_forward_ad
+from providers import backend_of, fgkernels_providers, loss_jvp_forward_ad, loss_oracle
 from roofline import roofline
 
 CUDA = DEVICE.type == "cuda"
@@ -37,6 +37,7 @@ def test_resnet18_dual_pass(measure, benchmark, quick, provider, batch, dtype):
             x.contiguous(memory_format=torch.channels_last)
     params = {n: p.detach() for n, p in model.named_parameters()}
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
+    expected = loss_oracle(model, params, tangents, x, y) if quick else None
 
     def forward_ad():
         return loss_jvp_forward_ad(model, params, tangents, x, y)
@@ -63,7 +64,7 @@ def test_resnet18_dual_pass(measure, benchmark, quick, provider, batch, dtype):
         fn = backprop
     with backend_of(provider):
         measure(fn, f"resnet18 loss JVP b{x.shape[0]} {str(dtype)[6:]}", rounds=3,
-                paired=paired)
+                paired=paired, expected=expected)
     precision = "bf16" if dtype == torch.bfloat16 else "tf32"
     totals = roofline(x.shape[0], "h200-measured")["total_seconds"][precision]
     benchmark.extra_info["roofline_s"] = totals[ROOFLINE.get(provider, "dual")]

@@ -15,6 +15,7 @@ from fgkernels import Dual
 from fgkernels.zoo import MODELS
 
 from conftest import DEVICE
+from providers import model_oracle, op_oracle
 
 
 def _t(*shape):
@@ -48,16 +49,17 @@ def _case(name):
         with fwAD.dual_level():
             return fwAD.unpack_dual(op(fwAD.make_dual(primals[0], tangent), *primals[1:]))
 
-    return dual, forward_ad
+    return dual, forward_ad, op_oracle(op, primals, [tangent] + [None] * (len(primals) - 1))
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 @pytest.mark.parametrize("provider", ["fgkernels", "forward_ad"])
 def test_op_overhead(measure, quick, name, provider):
-    dual, forward_ad = _case(name)
+    dual, forward_ad, expected = _case(name)
     measure(dual if provider == "fgkernels" else forward_ad, f"one op on tiny tensors: {name}",
             rounds=20, budget_s=0.5,
-            paired={"forward_ad": forward_ad} if provider == "fgkernels" else None)
+            paired={"forward_ad": forward_ad} if provider == "fgkernels" else None,
+            expected=expected)
 
 
 SMALL = ("mobilenet_v3", "resnet", "efficientnet", "convnext")
@@ -82,14 +84,16 @@ def _model_case(name, batch, quick):
             out = functional_call(model, {**duals, **buffers}, (fwAD.make_dual(x, xt),))
             return fwAD.unpack_dual(out)
 
-    return dual, forward_ad
+    expected = model_oracle(model, params, tangents, x, xt) if quick else None
+    return dual, forward_ad, expected
 
 
 @pytest.mark.parametrize("name", SMALL)
 @pytest.mark.parametrize("batch", (1, 16), ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("provider", ["fgkernels", "forward_ad"])
 def test_small_model_dual_pass(measure, quick, name, batch, provider):
-    dual, forward_ad = _model_case(name, batch, quick)
+    dual, forward_ad, expected = _model_case(name, batch, quick)
     measure(dual if provider == "fgkernels" else forward_ad,
             f"zoo {name} width 16, eval, batch {batch}, 32x32",
-            paired={"forward_ad": forward_ad} if provider == "fgkernels" else None)
+            paired={"forward_ad": forward_ad} if provider == "fgkernels" else None,
+            expected=expected)
