@@ -41,6 +41,13 @@ def quick(request) -> bool:
     return bool(request.config.getoption("benchmark_disable"))
 
 
+def skip_emulated_bfloat16(quick: bool) -> None:
+    """Skip a bfloat16 timing where the device has no bfloat16 instructions (an AVX2 CPU):
+    emulated bfloat16 is no speed figure. The quick run still checks the case's result."""
+    if not quick and not fgkernels.precision.fast_bfloat16(DEVICE):
+        pytest.skip("no bfloat16 instructions here: an emulated bfloat16 time is not published")
+
+
 def _sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()

@@ -13,7 +13,7 @@ from fgkernels.train import build_model
 from fgkernels.train.loop import TrainConfig, compute_gradients
 
 from cases import resnet18_case
-from conftest import DEVICE
+from conftest import DEVICE, skip_emulated_bfloat16
 from providers import loss_jvp_forward_ad, loss_oracle, relative_error
 
 BATCHES = (256,) if DEVICE.type == "cuda" else (32, 128)
@@ -31,6 +31,7 @@ def test_resnet18_low_precision_tangents(measure, quick, provider, precision, la
         pytest.skip("the native extension is not built")
     if DEVICE.type == "cpu" and precision == "bf16" and layout == "nchw":
         pytest.skip("torch's CPU bfloat16 convolution is its slow reference kernel in NCHW")
+    skip_emulated_bfloat16(quick)
     dtype, tangent_dtype = PRECISIONS[precision]
     model, x, y = resnet18_case(quick, batch, dtype, DEVICE)
     model, x = model.to(memory_format=LAYOUTS[layout]), x.to(memory_format=LAYOUTS[layout])
@@ -65,6 +66,7 @@ STEPS = {"backprop": dict(algo="backprop"),
 def test_training_step_bf16_tangents_channels_last(measure, quick, algo):
     """ResNet-18 in 8 blocks, float32 in channels_last, the forward-gradient steps with
     bfloat16 tangents; each paired with a backprop step in the same layout."""
+    skip_emulated_bfloat16(quick)
     torch.manual_seed(0)
     width, size, batch = (4, 8, 4) if quick else (64, 32, 256 if DEVICE.type == "cuda" else 128)
     net = build_model("resnet18-8b", 10, 3, width=width).to(DEVICE)
@@ -91,6 +93,8 @@ def test_conv3x3_dtype_and_layout(measure, quick, shape, variant):
     channels_last, paired with the float32 NCHW one."""
     n, c, size = (2, 4, 8) if quick else shape
     dtype, layout = variant.split("-")
+    if dtype == "bfloat16":
+        skip_emulated_bfloat16(quick)
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(n, c, size, size, generator=g, device=DEVICE)
     w = torch.randn(c, c, 3, 3, generator=g, device=DEVICE)
