@@ -391,3 +391,32 @@ def test_a_per_op_table_mixes_backends(monkeypatch):
     fn = lambda x_, w_: F.relu(F.batch_norm(F.conv2d(x_, w_, None, 1, 1), None, None, None,
                                             None, True))
     assert_within_torch_error(out, fn, [x, w], [xt, wt])
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2"])
+def test_zoo_model_on_triton_matches_forward_ad(name):
+    """A zoo model at a tiny size in float32, its convolutions and batch norms on the Triton
+    backend (depthwise ones on the native backend), against forward_ad in float64: within
+    float32's error (TF32's on a GPU where it is allowed)."""
+    import copy
+
+    from torch.func import functional_call
+
+    from fgkernels.zoo import MODELS
+    torch.manual_seed(0)
+    model = MODELS[name](4).to(DEVICE).float().train()
+    net = fgkernels.convert(copy.deepcopy(model))
+    tangents = fgkernels.random_tangents(net, num_tangents=1)
+    x, xt = rand(2, 3, 8, 8, dtype=torch.float32), rand(1, 2, 3, 8, 8, dtype=torch.float32)
+    with fgkernels.use_backend("triton"):
+        out = net(Dual(x, xt))
+    oracle = copy.deepcopy(model).double()
+    names = list(tangents)
+    params = dict(oracle.named_parameters())
+    call = lambda x_, *ps: functional_call(
+        oracle, {**dict(zip(names, ps)), **dict(oracle.named_buffers())}, (x_,))
+    y, yt = forward_ad_jvp(call, [x.double(), *[params[n].detach() for n in names]],
+                           [xt.double(), *[tangents[n].double() for n in names]])
+    tol = 1e-4 if DEVICE == "cpu" or cudnn_conv_fp32_precision() == "ieee" else 1e-2
+    assert rel_err(out.primal, y) <= tol
+    assert rel_err(out.tangents, yt) <= tol
