@@ -88,6 +88,26 @@ def test_conv2d(case, backend):
     _close(out, forward_ad_jvp(fn, [x, w, b], [xt, wt, bt]), dtype)
 
 
+# The Triton kernels in its interpreter (CPU tensors; on a GPU tests/test_triton.py runs them):
+# fewer examples, each launch being interpreted.
+INTERPRETED_TRITON = "triton" in fgkernels.available_backends() and not torch.cuda.is_available()
+TRITON_PROFILE = settings(max_examples=12, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.mark.skipif(not INTERPRETED_TRITON, reason="needs Triton's interpreter (no CUDA)")
+@TRITON_PROFILE
+@given(case=conv_cases())
+def test_conv2d_on_triton(case):
+    """The property suite's convolutions on the Triton backend (the cases it does not take,
+    such as groups > 1, go to the native one), against forward_ad."""
+    dtype, (x, xt), (w, wt), (b, bt), (s, p, d, g) = case
+    with fgkernels.use_backend("triton"):
+        out = DF.conv2d(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt), s, p, d, g)
+    fn = (lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g))
+    _close(out, forward_ad_jvp(fn, [x, w, b], [xt, wt, bt]), dtype)
+
+
 @st.composite
 def batch_norm_cases(draw):
     dtype, layout, T = draw(dtypes), draw(layouts), draw(slots)
