@@ -40,10 +40,18 @@ def _index_stack(stack: Tensor, index) -> Tensor:
 
 @implements(torch.Tensor.__getitem__)
 def getitem(input: Dual, index) -> Dual:
-    """``d[index]``: the primal and every slot indexed alike."""
+    """``d[index]``: the primal and every slot indexed alike. With basic indexing (integers,
+    slices, None, Ellipsis) both are views of ``d``'s, and an in-place op on the result writes
+    into them, as on a view of a tensor (``b[n:2 * n].zero_()`` zeroes a part of ``b`` and of its
+    tangent)."""
     y = input.primal[index]
     t = input.tangents
-    return input.with_tangents(y, None if t is None else _index_stack(t, index))
+    out = input.with_tangents(y, None if t is None else _index_stack(t, index))
+    items = index if isinstance(index, tuple) else (index,)
+    if out._stack is not None and not any(_is_advanced(i) for i in items) \
+            and out._stack._base is not None:
+        out._source = (y, out._stack)
+    return out
 
 
 def setitem(d: Dual, index, value) -> Dual:

@@ -317,3 +317,20 @@ def test_op_matches_forward_ad(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _against_forward_ad(OPS[name], (3, 4))
+
+
+def test_in_place_op_on_a_slice_writes_into_the_dual():
+    """``b = bias.clone(); b[n:2n].zero_()`` (Swin V2's attention zeroes the key bias so): the
+    slice is a view of the Dual's primal and tangent, as of a tensor, and forward_ad agrees."""
+    import torch.autograd.forward_ad as fwAD
+    b, bt = torch.randn(6, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)
+    d = Dual(b, bt).clone()
+    d[2:4].zero_()
+    d[4:].mul_(3.0)
+    with fwAD.dual_level():
+        x = fwAD.make_dual(b, bt[0]).clone()
+        x[2:4].zero_()
+        x[4:].mul_(3.0)
+        expected = fwAD.unpack_dual(x)
+    torch.testing.assert_close(d.primal, expected.primal)
+    torch.testing.assert_close(d.tangents[0], expected.tangent)
