@@ -68,21 +68,33 @@ def check_against_oracle(provider: str, out, expected, tolerance=None) -> None:
     a wrong answer."""
     if out is None:
         return
-    if isinstance(out, Dual):
-        out = (out.primal, out.tangent)
-    elif not isinstance(out, tuple):
-        out = (out, None)
-    for part, ours, exact in zip(("primal", "tangent"), out, expected):
+    for part, ours, exact in zip(("primal", "tangent"), _parts(out), expected):
         if ours is None or exact is None:
             continue
         tol = tolerance if tolerance is not None else \
             TF32_TOLERANCE if ours.is_cuda and ours.dtype == torch.float32 else \
             TOLERANCE[ours.dtype]
-        exact = exact.reshape(ours.shape)
-        err = float((ours.double() - exact).norm() / exact.norm().clamp_min(1e-300))
+        err = _relative(ours, exact)
         if not err <= tol:
             raise AssertionError(f"{provider}: the {part} is off the float64 oracle by {err:.2e} "
                                  f"(tolerance {tol:.0e} in {ours.dtype})")
+
+
+def relative_error(out, expected) -> float:
+    """The larger relative error of ``out``'s primal and tangent against ``expected``."""
+    return max(_relative(o, e) for o, e in zip(_parts(out), expected))
+
+
+def _parts(out) -> tuple:
+    """(primal, tangent) of what a provider returns (tangent None: a primal alone)."""
+    if isinstance(out, Dual):
+        return out.primal, out.tangent
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def _relative(ours, exact) -> float:
+    exact = exact.reshape(ours.shape)
+    return float((ours.double() - exact).norm() / exact.norm().clamp_min(1e-300))
 
 
 def op_oracle(fn, primals, tangents):
@@ -106,17 +118,8 @@ def loss_oracle(model, params, tangents, x, y):
 def model_oracle(model, params, tangents, x, xt):
     """``model(x)`` and its JVP along the parameters' ``tangents`` and the input's ``xt`` by
     forward_ad in float64, on a float64 copy of the model."""
-    double = copy.deepcopy(model).double()
-    buffers = dict(double.named_buffers())
-    names = list(params)
-    fn = lambda x_, *ps: functional_call(double, {**dict(zip(names, ps)), **buffers}, (x_,))
-    return op_oracle(fn, [x, *params.values()], [xt, *(tangents[n] for n in names)])
-
-
-def relative_error(out, expected) -> float:
-    """The larger relative error of ``out``'s primal and tangent (as ``check_against_oracle``
-    reads them) against ``expected``."""
-    if isinstance(out, Dual):
-        out = (out.primal, out.tangent)
-    return max(float((o.double() - e.reshape(o.shape)).norm() / e.norm().clamp_min(1e-300))
-               for o, e in zip(out, expected))
+    from fgkernels.testing import model_jvp_in_place
+    out, tangent = model_jvp_in_place(copy.deepcopy(model).double(), [x.double()],
+                                      [xt.double()[None]],
+                                      {n: tangents[n].double()[None] for n in params})
+    return out, tangent[0]

@@ -112,7 +112,7 @@ def spread(stack: Optional[torch.Tensor], positions: tuple[int, ...], count: int
         if run is not None:
             full[run] = stack.to(dtype)
         else:
-            full.index_copy_(0, slot_index(positions, full.device), stack.to(dtype))
+            full.index_copy_(0, positions_index(positions, full.device), stack.to(dtype))
     return full
 
 
@@ -144,7 +144,7 @@ def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]],
         laid = [s for i in order for s in parts[i][1]]
         if laid != list(full):
             order = tuple(sorted(range(count), key=laid.__getitem__))
-            out = out.index_select(0, slot_index(order, out.device))
+            out = out.index_select(0, positions_index(order, out.device))
         return out
     # Parts that overlap without one covering all: accumulate from zero.
     t0 = parts[0][0]
@@ -161,7 +161,7 @@ def add_into_slots(out: torch.Tensor, positions: tuple[int, ...],
     if run is not None:
         out[run].add_(part)
     else:
-        out.index_add_(0, slot_index(positions, out.device), part)
+        out.index_add_(0, positions_index(positions, out.device), part)
     return out
 
 
@@ -176,7 +176,7 @@ def _consecutive(positions: tuple[int, ...]) -> Optional[slice]:
 _INDEX: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
 
-def slot_index(positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def positions_index(positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``positions`` as an index tensor on ``device``, made once: an index built from a list
     on each call is a copy from the host, which on a GPU waits for every queued kernel."""
     key = (tuple(positions), torch.device(device))

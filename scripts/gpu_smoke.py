@@ -145,15 +145,17 @@ def run_case(case: Case, device: torch.device) -> dict:
     # Where TF32 is allowed the kernels' float32 products are TF32 (cuDNN's may not be), on
     # operands the tensor cores truncate: the floor is then the error of the products of
     # truncated operands.
-    tf32 = case.dtype != "fp32-ieee" and device.type == "cuda"
-    tf32_exact = forward_ad_jvp(fn, [round_to_tf32(t, truncate=True) for t in (x, w, b)],
-                                [round_to_tf32(t, truncate=True) for t in (full_x, full_w, full_b)])
-    for part, ours, theirs, oracle, rounded in (
-            ("primal", out.primal, torch_primal[0], exact[0], tf32_exact[0]),
-            ("tangent", out.tangents, torch_tangent[1], exact[1], tf32_exact[1])):
+    tf32 = case.dtype != "fp32-ieee" and device.type == "cuda" and torch.float32 in (
+        out.primal.dtype, out.tangents.dtype)
+    tf32_exact = forward_ad_jvp(
+        fn, [round_to_tf32(t, truncate=True) for t in (x, w, b)],
+        [round_to_tf32(t, truncate=True) for t in (full_x, full_w, full_b)]) if tf32 else None
+    for index, (part, ours, theirs) in enumerate((("primal", out.primal, torch_primal[0]),
+                                                  ("tangent", out.tangents, torch_tangent[1]))):
+        oracle = exact[index]
         err, err_torch = _rel(ours, oracle), _rel(theirs, oracle)
         if tf32 and ours.dtype == torch.float32:
-            err_torch = max(err_torch, _rel(rounded, oracle))
+            err_torch = max(err_torch, _rel(tf32_exact[index], oracle))
         bound = 2 * err_torch + FLOOR[ours.dtype]
         result[part] = {"err": err, "err_torch": err_torch, "bound": bound,
                         "dtype": str(ours.dtype)}

@@ -47,6 +47,22 @@ template <typename A> __device__ A block_sum(A v, A* scratch) {
   return total;
 }
 
+// One element's terms of the shifted sums, d = x[idx] - k: d and d² for the primal (t null),
+// else the slot's value v and d·v.
+template <typename T, typename TT, typename A>
+__device__ __forceinline__ void add_shifted(const T* x, const TT* t, int64_t idx, A k, A& s1,
+                                            A& s2) {
+  const A d = load(x + idx) - k;
+  if (t == nullptr) {
+    s1 += d;
+    s2 += d * d;
+  } else {
+    const A v = static_cast<A>(load(t + idx));
+    s1 += v;
+    s2 += d * v;
+  }
+}
+
 // grid (C, splits, 1 + slots): z = 0 sums x, z = t + 1 sums slot t against x. Each block walks
 // the (outer, inner) elements of its channel in its split, consecutive threads on consecutive
 // elements of a row: coalesced where rows are long (NCHW, inner = H*W). T: the primal's element
@@ -67,15 +83,7 @@ __global__ void bn_stats_kernel(BNStatsParams p) {
   for (int64_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
     const int64_t o = e / inner, i = e % inner;
     const int64_t idx = (o * C + c) * inner + i;
-    const A d = load(x + idx) - k;
-    if (z == 0) {
-      s1 += d;
-      s2 += d * d;
-    } else {
-      const A v = static_cast<A>(load(t + idx));
-      s1 += v;
-      s2 += d * v;
-    }
+    add_shifted(x, t, idx, k, s1, s2);
   }
   s1 = block_sum(s1, scratch);
   s2 = block_sum(s2, scratch);
@@ -112,15 +120,7 @@ __global__ void bn_stats_channels_last_kernel(BNStatsParams p) {
     const A k = load(x + c);
     for (int64_t r = r0 + row; r < r1; r += kRowsAtOnce) {
       const int64_t idx = r * C + c;
-      const A d = load(x + idx) - k;
-      if (z == 0) {
-        s1 += d;
-        s2 += d * d;
-      } else {
-        const A v = static_cast<A>(load(t + idx));
-        s1 += v;
-        s2 += d * v;
-      }
+      add_shifted(x, t, idx, k, s1, s2);
     }
   }
   partial1[row][lane] = s1;

@@ -24,8 +24,8 @@ Tensor = torch.Tensor
 Opt = Optional[Tensor]
 Result = tuple[Tensor, Opt]
 
-__all__ = ["Backend", "LayerParams", "ConvArgs", "BatchNormArgs", "PoolArgs", "SlotPlan",
-           "Result", "acc_dtype", "tangent_dtype_fits"]
+__all__ = ["Backend", "Delegating", "LayerParams", "ConvArgs", "BatchNormArgs", "PoolArgs",
+           "SlotPlan", "Result", "acc_dtype", "tangent_dtype_fits"]
 
 
 def tangent_dtype_fits(primal: torch.dtype, tangent: torch.dtype) -> bool:
@@ -145,3 +145,22 @@ class Backend(Protocol):
 
     def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
         """The tangent gathered at the primal's argmax."""
+
+
+class Delegating:
+    """The ops a backend does not accelerate, taken from its ``fallback`` backend."""
+
+    fallback: Backend
+
+    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
+        return self.fallback.linear(x, xt, p, plan)
+
+    def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                   bn: BatchNormArgs) -> Result:
+        return self.fallback.batch_norm(x, xt, p, plan, bn)
+
+    def relu(self, x: Tensor, xt: Opt) -> Result:
+        return self.fallback.relu(x, xt)
+
+    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
+        return self.fallback.max_pool2d(x, xt, pool)

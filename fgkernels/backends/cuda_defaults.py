@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from .._slots import SlotPlan
 from . import bn_math
-from .base import Backend, BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
+from .base import Backend, ConvArgs, Delegating, LayerParams, Opt, Result, Tensor
 from .fused import InPlaceConvBatchNorm
 
 CUDA_DEFAULTS = {
@@ -23,7 +23,7 @@ CUDA_DEFAULTS = {
 }
 
 
-class PerOpBackend(InPlaceConvBatchNorm):
+class PerOpBackend(Delegating, InPlaceConvBatchNorm):
     """The ops of ``table`` (op -> backend) from the backends it names, the rest from
     ``fallback``."""
 
@@ -46,19 +46,6 @@ class PerOpBackend(InPlaceConvBatchNorm):
 
     def apply_in_place(self, h, ht, c: bn_math.BNCoefficients, relu: bool) -> None:
         self._of("batch_norm_apply").apply_in_place(h, ht, c, relu)
-
-    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
-        return self.fallback.linear(x, xt, p, plan)
-
-    def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
-                   bn: BatchNormArgs) -> Result:
-        return self.fallback.batch_norm(x, xt, p, plan, bn)
-
-    def relu(self, x: Tensor, xt: Opt) -> Result:
-        return self.fallback.relu(x, xt)
-
-    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
-        return self.fallback.max_pool2d(x, xt, pool)
 
 
 def cuda_default(load: Callable[[str], Optional[Backend]],

@@ -7,7 +7,7 @@ import torch
 
 from ..._slots import SlotPlan
 from .. import bn_math
-from ..base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
+from ..base import ConvArgs, Delegating, LayerParams, Opt, Result, Tensor
 from ..fused import InPlaceConvBatchNorm
 from ..native.backend import NativeBackend
 from . import INTERPRETED
@@ -26,7 +26,7 @@ def _serves(x: Tensor, w: Tensor, conv: ConvArgs):
     return conv.explicit_padding(w.shape)
 
 
-class TritonBackend(InPlaceConvBatchNorm):
+class TritonBackend(Delegating, InPlaceConvBatchNorm):
     """Fused Triton kernels where they apply, the native ops elsewhere."""
 
     name = "triton"
@@ -70,17 +70,3 @@ class TritonBackend(InPlaceConvBatchNorm):
             self.fallback.apply_in_place(h, ht, c, relu)
         else:
             dual_bn_relu_apply_(h, ht, *c.apply_args(), relu)
-
-    # --- delegated ----------------------------------------------------------------------------
-    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
-        return self.fallback.linear(x, xt, p, plan)
-
-    def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
-                   bn: BatchNormArgs) -> Result:
-        return self.fallback.batch_norm(x, xt, p, plan, bn)
-
-    def relu(self, x: Tensor, xt: Opt) -> Result:
-        return self.fallback.relu(x, xt)
-
-    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
-        return self.fallback.max_pool2d(x, xt, pool)
