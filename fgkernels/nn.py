@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from . import checks
 from . import functional as DF
 from .dual import Dual, in_rule
-from .tangents import own_hook_ids
+from .tangents import forward_sets_no_attributes, own_hook_ids
 
 Tensor = torch.Tensor
 
@@ -298,6 +298,8 @@ TWINS: dict[type, type] = {
     nn.GroupNorm: DualGroupNorm,
 }
 _DUAL_CLASSES = set(TWINS.values())
+for _twin in _DUAL_CLASSES:
+    forward_sets_no_attributes(_twin)
 
 
 def register_twin(cls: type, dual_cls: type) -> None:

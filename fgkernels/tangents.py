@@ -16,6 +16,7 @@ has a tangent: the pre-hook (which sees positional inputs only) starts the pass,
 """
 from __future__ import annotations
 
+import operator
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
@@ -106,16 +107,18 @@ class _Pass:
     def __init__(self, root: nn.Module):
         self.root, self.depth = root, 1
         self.swaps: list[_Swap] = []
-        self.attributes: list[tuple[nn.Module, dict]] = []
+        self.attributes: list[_Attributes] = []
         duals: dict[int, Dual] = {}
+        # A global forward hook of someone else's may store what it sees on any module.
+        foreign_hooks = bool(torch_module._global_forward_hooks.keys() - _hooks.ids)
         try:
-            for m in root.modules():
-                self._substitute(m, duals)
+            for m in _tree(root):
+                self._substitute(m, duals, foreign_hooks)
         except BaseException:
             self.undo()
             raise
 
-    def _substitute(self, m: nn.Module, duals: dict[int, Dual]) -> None:
+    def _substitute(self, m: nn.Module, duals: dict[int, Dual], foreign_hooks: bool) -> None:
         bound = _BOUND.get(m)
         if bound:
             for name, t in bound.items():
@@ -129,8 +132,9 @@ class _Pass:
         # What a forward stores on its module (a weight computed by a weight_norm or prune
         # pre-hook, a cache such as LeViT's attention biases) is a Dual on the dual pass: it is
         # put back afterwards, so that no Dual outlives the pass in a module's state.
-        self.attributes.append((m, {k: dict(v) if type(v) is dict else v
-                                    for k, v in m.__dict__.items() if not k.startswith("_")}))
+        if foreign_hooks or m._forward_pre_hooks or m._forward_hooks \
+                or not _sets_no_attributes(type(m)):
+            self.attributes.append(_Attributes.of(m))
         for name, t in m._parameters.items():
             if t is None or tangent_of(t) is None:
                 continue
@@ -143,23 +147,83 @@ class _Pass:
     def undo(self) -> None:
         for holder, name, t in reversed(self.swaps):
             holder[name] = t
-        for m, before in self.attributes:
-            for k, v in list(m.__dict__.items()):
-                if k.startswith("_"):
-                    continue
-                if isinstance(v, Dual):
-                    if k in before:
-                        m.__dict__[k] = before[k]
-                    else:
-                        del m.__dict__[k]
-                elif type(v) is dict and any(isinstance(e, Dual) for e in v.values()):
-                    old = before.get(k)
-                    for key in [key for key, e in v.items() if isinstance(e, Dual)]:
-                        if isinstance(old, dict) and key in old:
-                            v[key] = old[key]
-                        else:
-                            del v[key]
+        for attributes in self.attributes:
+            attributes.restore()
         self.swaps, self.attributes = [], []
+
+
+# module type -> whether its forward sets no public attribute on its module: torch.nn's own
+# layers, and the twins of fgkernels.nn (registered there); any other type may.
+_NO_ATTRIBUTES: dict[type, bool] = {}
+
+
+def forward_sets_no_attributes(cls: type) -> type:
+    """Mark module type ``cls`` (exactly: not its subclasses) as one whose forward sets no
+    public attribute on its module, so that a dual pass need not look for Duals left there."""
+    _NO_ATTRIBUTES[cls] = True
+    return cls
+
+
+def _sets_no_attributes(cls: type) -> bool:
+    known = _NO_ATTRIBUTES.get(cls)
+    if known is None:
+        known = _NO_ATTRIBUTES[cls] = cls.__module__.startswith("torch.nn.modules.")
+    return known
+
+
+def _tree(root: nn.Module) -> list[nn.Module]:
+    """``root.modules()``, each module once, without the names ``named_modules`` builds."""
+    seen, order, stack = set(), [], [root]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        order.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return order
+
+
+class _Attributes(NamedTuple):
+    """A module's attributes before a dual pass: its ``__dict__`` (a shallow copy) and a copy of
+    each public dict in it (a cache a forward may fill)."""
+
+    module: nn.Module
+    before: dict
+    dicts: dict[str, dict]
+
+    @classmethod
+    def of(cls, m: nn.Module) -> "_Attributes":
+        d = m.__dict__
+        return cls(m, d.copy(), {k: v.copy() for k, v in d.items()
+                                 if type(v) is dict and k[:1] != "_"})
+
+    def restore(self) -> None:
+        """Put back each public attribute that the pass set to a Dual (delete it if it is new),
+        and each Dual entry of a public dict."""
+        d, before, copies = self.module.__dict__, self.before, self.dicts
+        # Usually no attribute was set: every name still holds what it held (compared at C
+        # speed), and only the dicts that were there before can have gained a Dual.
+        if d.keys() == before.keys() \
+                and all(map(operator.is_, d.values(), map(before.__getitem__, d))):
+            changed = copies
+        else:
+            changed = [k for k, v in d.items()
+                       if k[:1] != "_" and (isinstance(v, Dual) or type(v) is dict)]
+        for k in changed:
+            v = d.get(k)
+            if isinstance(v, Dual):
+                if k in before:
+                    d[k] = before[k]
+                else:
+                    del d[k]
+            elif type(v) is dict:
+                old = copies.get(k, {})
+                for key in [key for key, e in v.items() if isinstance(e, Dual)]:
+                    if key in old:
+                        v[key] = old[key]
+                    else:
+                        del v[key]
 
 
 def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:

@@ -264,6 +264,45 @@ def test_remove_parametrizations_after_convert_leaves_the_twin():
     assert conv(Dual(torch.randn(1, 2, 5, 5))).shape == (1, 3, 3, 3)
 
 
+@pytest.mark.parametrize("hook", ["the layer's own", "global"])
+def test_a_dual_a_hook_stores_on_a_layer_does_not_outlive_the_pass(hook):
+    """torch.nn's layers and fgkernels' twins store nothing on their module in a forward, but a
+    hook on them may (the root's hook runs after the pass: what it stores is the output, the
+    caller's own)."""
+    model = fgkernels.convert(nn.Sequential(nn.Linear(3, 3), nn.Tanh())).double()
+    fgkernels.random_tangents(model)
+
+    def keep(module, args, output):
+        module.seen = output
+
+    handle = model[0].register_forward_hook(keep) if hook == "the layer's own" \
+        else torch.nn.modules.module.register_module_forward_hook(keep)
+    try:
+        out = model(Dual(torch.randn(2, 3, **f64)))
+    finally:
+        handle.remove()
+    assert isinstance(out, Dual)
+    assert all(not isinstance(m.__dict__.get("seen"), Dual) for m in model[:])
+
+
+def test_a_cache_entry_a_pass_overwrites_is_put_back():
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(3))
+            self.cache = {"scale": torch.ones(3)}
+
+        def forward(self, x):
+            self.cache["scale"] = self.scale * 1.0
+            return x * self.cache["scale"]
+
+    model = Cached().double()
+    before = model.cache["scale"]
+    fgkernels.random_tangents(model)
+    model(Dual(torch.randn(3, **f64)))
+    assert model.cache["scale"] is before
+
+
 def test_old_style_weight_norm_leaves_no_dual_behind():
     conv = nn.utils.weight_norm(nn.Conv2d(2, 3, 3).double())
     fgkernels.random_tangents(conv)

@@ -69,25 +69,38 @@ def affine_coefficients(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
     (x_pos, p_pos), count = plan.positions, plan.count
     dtype = mean.dtype
     r = torch.rsqrt(var + eps)
-    gamma = r.new_ones(()) if w is None else w.to(dtype)
-    beta = r.new_zeros(()) if b is None else b.to(dtype)
-    a = gamma * r
-    scale = a.expand_as(mean).contiguous()
-    shift = beta.expand_as(mean).contiguous()
-    t_xscale = mean.new_zeros((count, mean.shape[0]))
-    t_shift = mean.new_zeros((count, mean.shape[0]))
+    a = r if w is None else w.to(dtype) * r
+    shift = mean.new_zeros(mean.shape) if b is None else b.to(dtype)
     x_slot = [-1] * count
     for s, t in enumerate(x_pos):
         x_slot[t] = s
-    if x_pos and training:
-        add_into_slots(t_xscale, x_pos, -a * r * r * tcov)      # −a·r²·cov, (T, C)
-        add_into_slots(t_shift, x_pos, -a * tmean)              # −a·m1
-    if p_pos:
-        if wt is not None:
-            add_into_slots(t_xscale, p_pos, wt.to(dtype) * r)   # γ̇·r
-        if bt is not None:
-            add_into_slots(t_shift, p_pos, bt.to(dtype))        # β̇
-    return BNCoefficients(mean.contiguous(), scale, shift, t_xscale, t_shift, x_slot)
+    from_batch = bool(x_pos) and training
+    t_xscale = _slot_sum(count, mean, [
+        (-a * r * r * tcov if from_batch else None, x_pos, True),                # −a·r²·cov
+        (None if wt is None else wt.to(dtype) * r, p_pos, True)])                # γ̇·r
+    t_shift = _slot_sum(count, mean, [
+        (-a * tmean if from_batch else None, x_pos, True),                       # −a·m1
+        (None if bt is None else bt.to(dtype), p_pos, False)])                   # β̇
+    return BNCoefficients(mean.contiguous(), a, shift, t_xscale, t_shift, x_slot)
+
+
+def _slot_sum(count: int, like: Tensor,
+              parts: list[tuple[Optional[Tensor], tuple[int, ...], bool]]) -> Tensor:
+    """The ``(count, C)`` sum of ``parts``: each a ``(len(pos), C)`` tensor (None: absent), the
+    slots ``pos`` it adds to, and whether it is fresh (the sum may be accumulated into it). A
+    part that covers every slot alone is the sum itself: no zeros, no copy (the apply kernels
+    only read their coefficients)."""
+    parts = [(t, pos, fresh) for t, pos, fresh in parts if t is not None and pos]
+    every = tuple(range(count))
+    base = next((t for t, pos, fresh in parts if fresh and pos == every), None)
+    if base is None and len(parts) == 1 and parts[0][1] == every:
+        return parts[0][0]
+    if base is None:
+        base = like.new_zeros((count, like.shape[0]))
+    for t, pos, _ in parts:
+        if t is not base:
+            add_into_slots(base, pos, t)
+    return base
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
