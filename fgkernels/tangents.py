@@ -193,7 +193,7 @@ class _Attributes(NamedTuple):
     dicts: dict[str, dict]
 
     @classmethod
-    def of(cls, m: nn.Module) -> "_Attributes":
+    def of(cls, m: nn.Module) -> _Attributes:
         d = m.__dict__
         return cls(m, d.copy(), {k: v.copy() for k, v in d.items()
                                  if type(v) is dict and k[:1] != "_"})
