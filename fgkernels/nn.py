@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from . import checks
 from . import functional as DF
+from . import pointwise
 from .dual import Dual, in_rule
 from .tangents import forward_sets_no_attributes, own_hook_ids
 
@@ -148,6 +149,39 @@ class DualReLU(DualModule, nn.ReLU):
 
     def dual_forward(self, input: Dual) -> Dual:
         return DF.relu(input)
+
+
+def _activation_twin(cls: type, rule, *attributes: str) -> type:
+    """The twin of activation layer ``cls``: its dual forward calls fgkernels' rule for it with
+    the layer's ``attributes``, the numbers the layer's own forward gets from that rule through
+    ``Dual.__torch_function__``, but with no torch function in between, which torch.compile
+    cannot call on a Dual."""
+
+    def dual_forward(self, input: Dual) -> Dual:
+        return rule(input, *(getattr(self, a) for a in attributes))
+
+    name = f"Dual{cls.__name__}"
+    return type(name, (DualModule, cls), {
+        "dual_forward": dual_forward, "__module__": __name__, "__qualname__": name,
+        "__doc__": f"``nn.{cls.__name__}`` that also runs the dual pass (``fgkernels."
+                   f"pointwise.{rule.__name__}``)."})
+
+
+DualHardswish = _activation_twin(nn.Hardswish, pointwise.hardswish, "inplace")
+DualHardsigmoid = _activation_twin(nn.Hardsigmoid, pointwise.hardsigmoid, "inplace")
+DualSiLU = _activation_twin(nn.SiLU, pointwise.silu, "inplace")
+DualGELU = _activation_twin(nn.GELU, pointwise.gelu, "approximate")
+DualSigmoid = _activation_twin(nn.Sigmoid, pointwise.sigmoid)
+DualTanh = _activation_twin(nn.Tanh, pointwise.tanh)
+DualHardtanh = _activation_twin(nn.Hardtanh, pointwise.hardtanh, "min_val", "max_val", "inplace")
+DualReLU6 = _activation_twin(nn.ReLU6, pointwise.hardtanh, "min_val", "max_val", "inplace")
+DualLeakyReLU = _activation_twin(nn.LeakyReLU, pointwise.leaky_relu, "negative_slope", "inplace")
+DualELU = _activation_twin(nn.ELU, pointwise.elu, "alpha", "inplace")
+DualMish = _activation_twin(nn.Mish, pointwise.mish, "inplace")
+_ACTIVATION_TWINS = {
+    nn.Hardswish: DualHardswish, nn.Hardsigmoid: DualHardsigmoid, nn.SiLU: DualSiLU,
+    nn.GELU: DualGELU, nn.Sigmoid: DualSigmoid, nn.Tanh: DualTanh, nn.Hardtanh: DualHardtanh,
+    nn.ReLU6: DualReLU6, nn.LeakyReLU: DualLeakyReLU, nn.ELU: DualELU, nn.Mish: DualMish}
 
 
 class DualLinear(DualModule, nn.Linear):
@@ -296,6 +330,7 @@ TWINS: dict[type, type] = {
     nn.Sequential: DualSequential,
     nn.LayerNorm: DualLayerNorm,
     nn.GroupNorm: DualGroupNorm,
+    **_ACTIVATION_TWINS,
 }
 _DUAL_CLASSES = set(TWINS.values())
 for _twin in _DUAL_CLASSES:

@@ -83,6 +83,34 @@ def test_fgkernels_compile_runs_any_model_exactly_with_dynamic_batch(convert):
     assert type(plain) is torch.Tensor
 
 
+def test_activation_layers_compile_in_one_graph():
+    """A MobileNetV3-style block (hardswish, a squeeze-excitation gate by hardsigmoid, SiLU,
+    GELU) converted: its activation layers run their rules directly, so the pass is one graph."""
+    from torch import nn
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardswish(),
+                                      nn.Conv2d(4, 4, 1), nn.SiLU(), nn.GELU())
+            self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1),
+                                      nn.Hardsigmoid())
+
+        def forward(self, x):
+            h = self.body(x)
+            return h * self.gate(h)
+
+    torch.manual_seed(0)
+    net = fgkernels.convert(Gated().double().eval())
+    fgkernels.random_tangents(net)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    xt = torch.randn_like(x)
+    torch._dynamo.reset()
+    out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+    ref = net(Dual(x, xt))
+    torch.testing.assert_close(out.tangent, ref.tangent)
+
+
 def test_inductor_compiles_the_dual_pass():
     block, dual_pass = _block_and_pass(True)
     eager_block = copy.deepcopy(block)

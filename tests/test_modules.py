@@ -24,6 +24,17 @@ TWIN_CASES = [
     (lambda: nn.AvgPool2d(2), (2, 3, 6, 6)),
     (lambda: nn.AdaptiveAvgPool2d((2, 3)), (2, 3, 7, 7)),
     (lambda: nn.Flatten(), (2, 3, 2, 2)),
+    (lambda: nn.Hardswish(), (2, 3, 4, 4)),
+    (lambda: nn.Hardsigmoid(), (2, 3, 4, 4)),
+    (lambda: nn.SiLU(), (2, 3, 4, 4)),
+    (lambda: nn.GELU(approximate="tanh"), (2, 3, 4, 4)),
+    (lambda: nn.Sigmoid(), (2, 3, 4, 4)),
+    (lambda: nn.Tanh(), (2, 3, 4, 4)),
+    (lambda: nn.Hardtanh(-0.5, 0.7), (2, 3, 4, 4)),
+    (lambda: nn.ReLU6(), (2, 3, 4, 4)),
+    (lambda: nn.LeakyReLU(0.2), (2, 3, 4, 4)),
+    (lambda: nn.ELU(0.5), (2, 3, 4, 4)),
+    (lambda: nn.Mish(), (2, 3, 4, 4)),
 ]
 
 
