@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import checks
+from . import checks, pointwise
 from . import functional as DF
-from . import pointwise
 from .dual import Dual, in_rule
 from .tangents import forward_sets_no_attributes, own_hook_ids
 
