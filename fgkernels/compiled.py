@@ -6,7 +6,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
+from .backends import current_backend
+from .dual import Dual
 from .tangents import ParameterTangents, _compiled_pass, _holds_dual
 
 
@@ -25,6 +28,11 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     def run(*args, **kwargs):
         if not _holds_dual(args):
             return compiled(*args, **kwargs)
+        # The backend is chosen before the trace, not loaded inside it: a trace that loads it
+        # is recompiled at the next call, which finds it loaded.
+        for a in pytree.tree_leaves(args, is_leaf=lambda v: isinstance(v, Dual)):
+            if isinstance(a, Dual):
+                current_backend(a.device)
         _compiled_pass[0] = True
         try:
             with ParameterTangents():

@@ -122,3 +122,24 @@ def test_inductor_compiles_the_dual_pass():
     y_ref, yt_ref = dual_pass(eager_block, x, xt)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(yt, yt_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fgkernels_compile_traces_once(monkeypatch):
+    """A first call that finds no backend loaded yet compiles once: the backend is loaded
+    before the trace, which would otherwise guard on its absence and recompile next call."""
+    from torch import nn
+    monkeypatch.setattr(fgkernels.backends, "_loaded", {})
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    fgkernels.random_tangents(net)
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(net, backend=counting_backend, fullgraph=True)
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(2):
+        compiled(Dual(x, torch.randn_like(x)))
+    assert len(graphs) == 1
