@@ -1,0 +1,62 @@
+"""Small real torchvision models: the dual pass of the converted model, eager and compiled
+(``fgkernels.compile``), against torch.autograd.forward_ad's eager pass, float32, eval mode,
+every parameter and the input carrying one tangent; paired rounds.
+
+Needs torchvision: run it in the models environment (``bash scripts/setup.sh --models``;
+``.venv-models/bin/python -m pytest benchmarks/test_real_models.py``); skipped without it. The
+compiled provider's first call compiles (about a minute per model on two cores), outside the
+timing; the quick run (``--benchmark-disable``) leaves the compiled provider out."""
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import fgkernels
+from fgkernels import Dual
+
+from conftest import DEVICE
+from providers import jvp_forward_ad, model_oracle
+
+torchvision = pytest.importorskip("torchvision")
+
+MODELS = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny")
+BATCH, SIZE = 16, 64
+
+
+def _case(name: str, quick: bool, compiled: bool):
+    torch.manual_seed(0)
+    batch, size = (2, 32) if quick else (BATCH, SIZE)
+    model = torchvision.models.get_model(name, num_classes=10).to(DEVICE).eval()
+    net = fgkernels.convert(copy.deepcopy(model))
+    tangents = fgkernels.random_tangents(net)
+    run = fgkernels.compile(net) if compiled else net
+    x = torch.randn(batch, 3, size, size, device=DEVICE)
+    xt = torch.randn_like(x)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def forward_ad():
+        fn = lambda x_, *ps: functional_call(model, {**dict(zip(params, ps)), **buffers}, (x_,))
+        return jvp_forward_ad(fn, [x, *params.values()], [xt, *tangents.values()])
+
+    def dual():
+        with torch.no_grad():
+            return run(Dual(x, xt))
+
+    expected = model_oracle(model, params, tangents, x, xt) if quick else None
+    return dual, forward_ad, expected
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("provider", ["fgkernels", "fgkernels-compiled", "forward_ad"])
+def test_real_model_dual_pass(measure, quick, name, provider):
+    if quick and provider == "fgkernels-compiled":
+        pytest.skip("compiling a real model takes minutes; tests/test_compile.py covers it")
+    dual, forward_ad, expected = _case(name, quick, provider == "fgkernels-compiled")
+    if provider != "forward_ad":
+        dual()  # the compiled provider compiles here, outside the timing
+    measure(dual if provider != "forward_ad" else forward_ad,
+            f"torchvision {name}, eval, batch {BATCH}, {SIZE}x{SIZE}", rounds=10,
+            paired={"forward_ad": forward_ad} if provider != "forward_ad" else None,
+            expected=expected)
