@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from fgkernels.precision import fast_bfloat16
 from fgkernels.train import build_model
 from fgkernels.train.loop import TrainConfig, compute_gradients, sgd_step
 from fgkernels.train.memory import PeakMemory
@@ -152,7 +153,11 @@ def main(argv=None) -> int:
     print(f"ResNet-18 in 8 blocks, cnn aux width 32, batch {args.batch}, float32 network, "
           f"tangents {args.tangent_dtype or 'float32'}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} "
-          f"threads; median of {args.rounds} rounds\n")
+          f"threads; median of {args.rounds} rounds; CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}\n")
+    if args.tangent_dtype == "bfloat16" and not fast_bfloat16(torch.device("cpu")):
+        print("This CPU has no bfloat16 instructions: bfloat16 is emulated here, and its times "
+              "are no speed figure.\n")
     print("| step | theirs s | ours s | ours/theirs | theirs peak MiB | ours peak MiB |")
     print("|---|---|---|---|---|---|")
     rows = [("backprop", None)] + [(f"fg {s}", s) for s in args.space]
