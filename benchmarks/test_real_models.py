@@ -4,7 +4,7 @@ every parameter and the input carrying one tangent; paired rounds.
 
 Needs torchvision: run it in the models environment (``bash scripts/setup.sh --models``;
 ``.venv-models/bin/python -m pytest benchmarks/test_real_models.py``); skipped without it. The
-compiled provider's first call compiles (about a minute per model on two cores), outside the
+compiled provider's first call compiles (minutes per model on two cores), outside the
 timing; the quick run (``--benchmark-disable``) leaves the compiled provider out."""
 import copy
 
