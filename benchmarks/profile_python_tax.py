@@ -1,0 +1,97 @@
+"""Where a small model's dual pass spends its time: in torch's ops (ATen kernels called from
+Python, the fgkernels ops included) or in Python, and which part of fgkernels' Python, by
+cProfile.
+
+    python benchmarks/profile_python_tax.py [--models resnet mobilenet_v3 efficientnet convnext]
+                                            [--batches 1 16] [--passes 10]
+
+Each ``fgkernels.zoo`` model (width 16, eval, 32×32 input, every parameter and the input
+carrying one tangent, converted) runs ``--passes`` dual passes under cProfile; a function's
+own time (not its callees') is charged to torch's ops when it is a builtin (a C function:
+ATen, the fgkernels ops, tensor methods), else to the Python file it is in. cProfile slows
+Python calls down more than C ones, so the Python shares are upper bounds; the unprofiled time
+per pass is printed beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import pstats
+import statistics
+import time
+from collections import Counter
+
+import torch
+
+import fgkernels
+from fgkernels import Dual
+from fgkernels.zoo import MODELS
+
+PARTS = {  # fgkernels' Python files, named by what they do
+    "tangents.py": "parameter substitution and module hooks",
+    "nn.py": "twins and fused sequences",
+    "_slots.py": "slot planning and placement",
+    "backends/bn_math.py": "batch-norm coefficients",
+    "checks.py": "argument checks",
+    "operands.py": "operand splitting",
+    "dual.py": "Dual and dispatch",
+}
+
+
+def _part(filename: str, name: str) -> str:
+    if filename == "~":  # a C function: "<built-in method torch.conv2d>", "<method 'add_' of
+        # 'torch._C.TensorBase' objects>", "<built-in method builtins.isinstance>", ...
+        return "torch ops (C)" if "torch" in name else "other C builtins"
+    if "fgkernels/" in filename:
+        rel = filename.split("fgkernels/", 1)[1]
+        return "fgkernels: " + PARTS.get(rel, "op rules and backends")
+    return "torch.nn and other Python"
+
+
+def profile_pass(fn, passes: int) -> tuple[float, Counter]:
+    """The unprofiled median time of ``fn`` and the profiled own time by part."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(passes):
+        fn()
+    prof.disable()
+    parts = Counter()
+    for (filename, _, name), (_, _, own, _, _) in pstats.Stats(prof).stats.items():
+        parts[_part(filename, name)] += own
+    return statistics.median(times), parts
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet", "mobilenet_v3",
+                                                         "efficientnet", "convnext"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--passes", type=int, default=10)
+    args = parser.parse_args(argv)
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads; shares of the profiled own time\n")
+    for name in args.models:
+        for batch in args.batches:
+            torch.manual_seed(0)
+            net = fgkernels.convert(copy.deepcopy(MODELS[name](16).eval()))
+            fgkernels.random_tangents(net)
+            x = torch.randn(batch, 3, 32, 32)
+            xt = torch.randn_like(x)
+            median, parts = profile_pass(lambda: net(Dual(x, xt)), args.passes)
+            total = sum(parts.values())
+            print(f"{name}, batch {batch}: {1e3 * median:.2f} ms a pass unprofiled")
+            for part, own in parts.most_common():
+                print(f"  {100 * own / total:5.1f} %  {part}")
+            print()
+
+
+if __name__ == "__main__":
+    main()
