@@ -248,9 +248,24 @@ class DualSequential(nn.Sequential):
                     input = layer.dual_forward(input, relu=True)
                 i += 2
             else:
-                input = layer(input)
+                input = _call(layer, input)
                 i += 1
         return input
+
+
+def _call(layer: nn.Module, input: Dual):
+    """``layer(input)``, straight to the layer's forward when nothing would see the call:
+    torch's module call path, which the dual pass's global hooks keep on its slow branch, costs
+    a small layer more than its arithmetic. A layer with hooks, and any layer under
+    torch.compile (where fgkernels' hook checks what the pass cannot substitute) or the JIT
+    tracer, is called the usual way."""
+    from torch.nn.modules import module as torch_module
+    if (_unhooked(layer) and not (layer._backward_hooks or layer._backward_pre_hooks
+                                  or torch_module._global_backward_hooks
+                                  or torch_module._global_backward_pre_hooks)
+            and not torch.compiler.is_compiling() and not torch._C._get_tracing_state()):
+        return layer.forward(input)
+    return layer(input)
 
 
 def _unhooked(layer: nn.Module) -> bool:

@@ -352,6 +352,27 @@ def test_hooks_on_fused_children_fire_on_the_dual_pass():
     torch.testing.assert_close(out.tangents, yt)
 
 
+@pytest.mark.parametrize("where", ["own", "global"])
+def test_hooks_on_unfused_children_fire_on_the_dual_pass(where):
+    """A child DualSequential does not fuse is called straight to its forward only when no
+    hook would see the call: its own hook and a global one still fire, once per call."""
+    from torch.nn.modules import module as torch_module
+    net = fgkernels.convert(nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))).double()
+    fgkernels.random_tangents(net)
+    seen = []
+    hook = lambda m, i, o: seen.append(type(m).__name__)
+    handles = [net[1].register_forward_hook(hook)] if where == "own" else \
+        [torch_module.register_module_forward_hook(hook)]
+    try:
+        net(Dual(torch.randn(4, 3, **f64)))
+    finally:
+        for h in handles:
+            h.remove()
+    expected = ["DualTanh"] if where == "own" else \
+        ["DualLinear", "DualTanh", "DualLinear", "DualSequential"]
+    assert seen == expected
+
+
 def test_batch_norm_1d_after_a_conv_rejects_4d_as_torch_does():
     net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm1d(3)))
     with pytest.raises(ValueError, match="expected 2D or 3D input"):
