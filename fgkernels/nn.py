@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from . import checks, pointwise
 from . import functional as DF
 from .dual import Dual, in_rule
-from .tangents import forward_sets_no_attributes, own_hook_ids
+from .tangents import foreign_module_hooks, forward_sets_no_attributes
 
 Tensor = torch.Tensor
 
@@ -270,11 +270,7 @@ def _call(layer: nn.Module, input: Dual):
 
 def _unhooked(layer: nn.Module) -> bool:
     """True if no forward hook or pre-hook (the layer's own or a global one) would run on it."""
-    from torch.nn.modules import module as torch_module
-    global_hooks = (torch_module._global_forward_hooks.keys()
-                    | torch_module._global_forward_pre_hooks.keys())
-    return not (layer._forward_hooks or layer._forward_pre_hooks
-                or global_hooks - own_hook_ids())
+    return not (layer._forward_hooks or layer._forward_pre_hooks or foreign_module_hooks())
 
 
 def _fusable_conv(layer) -> bool:

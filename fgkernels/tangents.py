@@ -109,8 +109,8 @@ class _Pass:
         self.swaps: list[_Swap] = []
         self.attributes: list[_Attributes] = []
         duals: dict[int, Dual] = {}
-        # A global forward hook of someone else's may store what it sees on any module.
-        foreign_hooks = bool(torch_module._global_forward_hooks.keys() - _hooks.ids)
+        # A global module hook of someone else's may store what it sees on any module.
+        foreign_hooks = foreign_module_hooks()
         try:
             for m in _tree(root):
                 self._substitute(m, duals, foreign_hooks)
@@ -364,10 +364,11 @@ class _Hooks:
 _hooks = _Hooks()
 
 
-def own_hook_ids() -> set[int]:
-    """The ids of fgkernels' global module hooks (``DualSequential`` does not count them as
-    hooks that would see a fused layer)."""
-    return _hooks.ids
+def foreign_module_hooks() -> bool:
+    """True if a global module forward hook or pre-hook other than fgkernels' own is
+    registered (it would see, and may keep, what any module is called with)."""
+    return bool((torch_module._global_forward_hooks.keys()
+                 | torch_module._global_forward_pre_hooks.keys()) - _hooks.ids)
 
 
 @torch.no_grad()
