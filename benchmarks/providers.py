@@ -123,3 +123,26 @@ def model_oracle(model, params, tangents, x, xt):
                                       [xt.double()[None]],
                                       {n: tangents[n].double()[None] for n in params})
     return out, tangent[0]
+
+
+def model_dual_pass_case(model, x, xt, quick: bool, compiled: bool = False):
+    """``(dual, forward_ad, expected)`` for a model's dual pass, every parameter and the input
+    carrying one tangent: ``dual`` runs a converted copy (compiled by ``fgkernels.compile`` with
+    ``compiled``) on ``Dual(x, xt)``, ``forward_ad`` the model itself under forward_ad with the
+    same tangents; ``expected`` is the float64 oracle in the quick run (else None)."""
+    net = fgkernels.convert(copy.deepcopy(model))
+    tangents = fgkernels.random_tangents(net)
+    run = fgkernels.compile(net) if compiled else net
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def forward_ad():
+        fn = lambda x_, *ps: functional_call(model, {**dict(zip(params, ps)), **buffers}, (x_,))
+        return jvp_forward_ad(fn, [x, *params.values()], [xt, *tangents.values()])
+
+    def dual():
+        with torch.no_grad():
+            return run(Dual(x, xt))
+
+    expected = model_oracle(model, params, tangents, x, xt) if quick else None
+    return dual, forward_ad, expected

@@ -6,17 +6,11 @@ Needs torchvision: run it in the models environment (``bash scripts/setup.sh --m
 ``.venv-models/bin/python -m pytest benchmarks/test_real_models.py``); skipped without it. The
 compiled provider's first call compiles (minutes per model on two cores), outside the
 timing; the quick run (``--benchmark-disable``) leaves the compiled provider out."""
-import copy
-
 import pytest
 import torch
-from torch.func import functional_call
-
-import fgkernels
-from fgkernels import Dual
 
 from conftest import DEVICE
-from providers import jvp_forward_ad, model_oracle
+from providers import model_dual_pass_case
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -28,24 +22,8 @@ def _case(name: str, quick: bool, compiled: bool):
     torch.manual_seed(0)
     batch, size = (2, 32) if quick else (BATCH, SIZE)
     model = torchvision.models.get_model(name, num_classes=10).to(DEVICE).eval()
-    net = fgkernels.convert(copy.deepcopy(model))
-    tangents = fgkernels.random_tangents(net)
-    run = fgkernels.compile(net) if compiled else net
     x = torch.randn(batch, 3, size, size, device=DEVICE)
-    xt = torch.randn_like(x)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = dict(model.named_buffers())
-
-    def forward_ad():
-        fn = lambda x_, *ps: functional_call(model, {**dict(zip(params, ps)), **buffers}, (x_,))
-        return jvp_forward_ad(fn, [x, *params.values()], [xt, *tangents.values()])
-
-    def dual():
-        with torch.no_grad():
-            return run(Dual(x, xt))
-
-    expected = model_oracle(model, params, tangents, x, xt) if quick else None
-    return dual, forward_ad, expected
+    return model_dual_pass_case(model, x, torch.randn_like(x), quick, compiled)
 
 
 @pytest.mark.parametrize("name", MODELS)
