@@ -2,7 +2,7 @@
 fgkernels and for torch.autograd.forward_ad, by torch.profiler.
 
     python benchmarks/profile_dual_pass.py [--batch 32] [--backend native|triton] [--passes 5]
-                                           [--channels-last]
+                                           [--channels-last] [--top N]
 
 The convolutions are counted where ATen runs them (the reference and native backends, and
 forward_ad) and, on the triton backend, as the device time of the fused convolution's
@@ -12,6 +12,11 @@ Both passes compute the same convolution FLOPs (three convolutions per layer: th
 input term and the parameter term), so the convolutions' time bounds what fusing the rest can
 win: the last line is the ratio to forward_ad that fgkernels would reach if every operation but
 the convolutions took no time. A large GEMM's FLOP rate is printed for scale.
+
+``--top N`` adds, per provider, the time the device was busy (the sum of its kernels' own
+times: a pass far longer than that waits on the host), the kernels it launched, the
+host-device synchronisations it made, and the N operations that took the most device time
+(CPU time without a GPU).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import fgkernels
@@ -47,7 +53,8 @@ def profile_call(fn, device: torch.device) -> dict[str, float]:
         fn()
         _sync(device)
         wall = time.perf_counter() - start
-    events = {event.key: event for event in prof.key_averages()}
+    averages = prof.key_averages()
+    events = {event.key: event for event in averages}
     # aten::_convolution sits below autograd and forward-mode AD and above the backend kernel
     # (oneDNN, cuDNN): its inclusive time is the convolutions' own, for both passes alike.
     conv = events.get("aten::_convolution")
@@ -58,8 +65,20 @@ def profile_call(fn, device: torch.device) -> dict[str, float]:
                    if "_dual_conv2d_forward_kernel" in key)
     conv2d = events.get("aten::conv2d")
     counted = conv is not None and conv2d is not None and conv2d.count == conv.count
+    on_device = device.type == "cuda"
+    # Nothing counted twice: on a GPU the device's own events (kernels, copies, fills; an op's
+    # device time is its kernels'), on a CPU the ops' self times.
+    own_us = {key: event.self_device_time_total for key, event in events.items()
+              if event.device_type == DeviceType.CUDA} if on_device else \
+        {key: event.self_cpu_time_total for key, event in events.items()}
+    syncs = sum(event.count for key, event in events.items()
+                if key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync"))
     return {"total_ms": wall * 1e3, "conv_ms": conv_us / 1e3,
-            "gflop": conv2d.flops / 1e9 if counted else float("nan")}
+            "gflop": conv2d.flops / 1e9 if counted else float("nan"),
+            "busy_ms": sum(own_us.values()) / 1e3 if on_device else float("nan"),
+            "syncs": syncs, "launches": sum(event.count for key, event in events.items()
+                                            if "LaunchKernel" in key),
+            "own_ms": {key: us / 1e3 for key, us in own_us.items() if us > 0}}
 
 
 def profile_alternating(fns: dict, device: torch.device, passes: int) -> dict[str, dict]:
@@ -73,8 +92,16 @@ def profile_alternating(fns: dict, device: torch.device, passes: int) -> dict[st
     for _ in range(passes):
         for name, fn in fns.items():
             runs[name].append(profile_call(fn, device))
-    return {name: {key: sum(r[key] for r in rs) / passes for key in rs[0]}
+    return {name: {key: _mean([r[key] for r in rs]) for key in rs[0]}
             for name, rs in runs.items()}
+
+
+def _mean(values: list):
+    """The mean of numbers, or of dicts of numbers key by key (a missing key counts 0)."""
+    if isinstance(values[0], dict):
+        keys = set().union(*values)
+        return {key: sum(v.get(key, 0.0) for v in values) / len(values) for key in keys}
+    return sum(values) / len(values)
 
 
 def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
@@ -132,6 +159,8 @@ def main(argv=None) -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--passes", type=int, default=5, help="passes profiled per provider")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="also print each provider's N costliest operations")
     args = parser.parse_args(argv)
     r = profile_resnet18(args.batch, args.backend, args.passes, torch.device(args.device),
                          channels_last=args.channels_last)
@@ -153,6 +182,13 @@ def main(argv=None) -> None:
           f"{gemm_gflops(device):.0f} GFLOP/s")
     print(f"fgkernels / forward_ad: {ours['total_ms'] / theirs['total_ms']:.2f}×; with every "
           f"non-convolution op free: {ours['conv_ms'] / theirs['total_ms']:.2f}×")
+    if args.top:
+        for name, p in ((f"fgkernels ({r['backend']})", ours), ("forward_ad", theirs)):
+            print(f"{name}: device busy {p['busy_ms']:.1f} of {p['total_ms']:.1f} ms, "
+                  f"{p['launches']:.0f} kernel launches and {p['syncs']:.0f} host-device "
+                  "synchronisations or copies per pass")
+            for key, ms in sorted(p["own_ms"].items(), key=lambda kv: -kv[1])[:args.top]:
+                print(f"  {ms:9.2f} ms  {key[:100]}")
 
 
 if __name__ == "__main__":

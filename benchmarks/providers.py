@@ -80,6 +80,35 @@ def check_against_oracle(provider: str, out, expected, tolerance=None) -> None:
                                  f"(tolerance {tol:.0e} in {ours.dtype})")
 
 
+def cuda_graphed(fn):
+    """``fn`` captured once in a CUDA graph: a callable that replays it and returns the
+    captured outputs (each replay overwrites them). Three eager calls on a side stream come
+    first (they autotune, let cuDNN choose and fill caches, none of which a capture may do), and
+    the first replay must agree with the last of them within the dtype's ``TOLERANCE``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            eager = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    if eager is not None:
+        for part, ours, theirs in zip(("primal", "tangent"), _parts(out), _parts(eager)):
+            err = _relative(ours, theirs.double())
+            if not err <= TOLERANCE[ours.dtype]:
+                raise AssertionError(f"the replayed graph's {part} is off the eager call's by "
+                                     f"{err:.2e}")
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
 def relative_error(out, expected) -> float:
     """The larger relative error of ``out``'s primal and tangent against ``expected``."""
     return max(_relative(o, e) for o, e in zip(_parts(out), expected))

@@ -3,7 +3,8 @@ JVP included) against forward_ad, torch.func.jvp and a backprop step; and T tang
 together against T single passes. Each ResNet-18 case records the network's roofline time
 (``benchmarks/roofline.py``, H200 peaks at the measured copy bandwidth) in
 ``extra_info["roofline_s"]``; on CUDA torch.func.jvp (forward_ad's composition again) is left
-out. On CUDA the network and its input are channels_last."""
+out. On CUDA the network and its input are channels_last, and each provider's call is also
+timed captured in a CUDA graph (its device time alone)."""
 import copy
 
 import pytest
@@ -16,7 +17,13 @@ from fgkernels import Dual
 
 from cases import resnet18_case
 from conftest import DEVICE
-from providers import backend_of, fgkernels_providers, loss_jvp_forward_ad, loss_oracle
+from providers import (
+    backend_of,
+    cuda_graphed,
+    fgkernels_providers,
+    loss_jvp_forward_ad,
+    loss_oracle,
+)
 from roofline import roofline
 
 CUDA = DEVICE.type == "cuda"
@@ -27,17 +34,19 @@ PROVIDERS = [p for p in fgkernels_providers() + ["forward_ad", "func_jvp", "back
 ROOFLINE = {"forward_ad": "forward_ad", "func_jvp": "forward_ad", "backprop": "backprop"}
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
-def test_resnet18_dual_pass(measure, benchmark, quick, provider, batch, dtype):
+def resnet18_calls(quick: bool, batch: int, dtype: torch.dtype):
+    """The ResNet-18 case (channels_last on CUDA, the layout the tensor cores are fed in, for
+    every provider alike): ``(model, x, y, params, tangents, calls)``, ``calls`` holding the
+    fgkernels loss JVP (on the backend in use when called), forward_ad's and a backprop step."""
     model, x, y = resnet18_case(quick, batch, dtype, DEVICE)
-    if CUDA:  # the layout the tensor cores are fed in, for every provider alike
+    if CUDA:
         model, x = model.to(memory_format=torch.channels_last), \
             x.contiguous(memory_format=torch.channels_last)
     params = {n: p.detach() for n, p in model.named_parameters()}
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
-    expected = loss_oracle(model, params, tangents, x, y) if quick else None
+
+    def fgkernels_jvp():
+        return F.cross_entropy(model(Dual(x)), y)
 
     def forward_ad():
         return loss_jvp_forward_ad(model, params, tangents, x, y)
@@ -46,14 +55,24 @@ def test_resnet18_dual_pass(measure, benchmark, quick, provider, batch, dtype):
         F.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
 
+    calls = {"fgkernels": fgkernels_jvp, "forward_ad": forward_ad, "backprop": backprop}
+    return model, x, y, params, tangents, calls
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+def test_resnet18_dual_pass(measure, benchmark, quick, provider, batch, dtype):
+    model, x, y, params, tangents, calls = resnet18_calls(quick, batch, dtype)
+    expected = loss_oracle(model, params, tangents, x, y) if quick else None
     paired = None
     if provider.startswith("fgkernels-"):
         fgkernels.set_tangents(model, tangents)
-        fn = lambda: F.cross_entropy(model(Dual(x)), y)
+        fn = calls["fgkernels"]
         # Each round also follows a forward_ad pass and a backprop step (see measure).
-        paired = {"forward_ad": forward_ad, "backprop": backprop}
+        paired = {"forward_ad": calls["forward_ad"], "backprop": calls["backprop"]}
     elif provider == "forward_ad":
-        fn = forward_ad
+        fn = calls["forward_ad"]
     elif provider == "func_jvp":
         # torch.func.jvp cannot update running stats in place: this copy keeps none.
         functional = copy.deepcopy(model)
@@ -61,13 +80,37 @@ def test_resnet18_dual_pass(measure, benchmark, quick, provider, batch, dtype):
         loss = lambda p: F.cross_entropy(functional_call(functional, p, (x,)), y)
         fn = lambda: torch.func.jvp(loss, (params,), (tangents,))
     else:
-        fn = backprop
+        fn = calls["backprop"]
     with backend_of(provider):
         measure(fn, f"resnet18 loss JVP b{x.shape[0]} {str(dtype)[6:]}", rounds=3,
                 paired=paired, expected=expected)
+    benchmark.extra_info["roofline_s"] = _roofline_s(provider, x.shape[0], dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "func_jvp"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_resnet18_graphed_pass(measure, benchmark, quick, provider, dtype):
+    """Each provider's call captured in a CUDA graph and replayed (``providers.cuda_graphed``):
+    the host's share (Python, kernel launches) gone, what is left is the device's time. The
+    replay's result is checked against an eager call's."""
+    model, x, _, _, tangents, calls = resnet18_calls(quick, 256, dtype)
+    name = "fgkernels" if provider.startswith("fgkernels-") else provider
+    paired = None
+    with backend_of(provider):
+        if name == "fgkernels":
+            fgkernels.set_tangents(model, tangents)
+            paired = {b: cuda_graphed(calls[b]) for b in ("forward_ad", "backprop")}
+        # A replay allocates nothing: the allocator sees no peak worth recording.
+        measure(cuda_graphed(calls[name]), f"resnet18 graphed loss JVP b{x.shape[0]} "
+                f"{str(dtype)[6:]}", rounds=3, paired=paired, track_memory=False)
+    benchmark.extra_info["roofline_s"] = _roofline_s(provider, x.shape[0], dtype)
+
+
+def _roofline_s(provider: str, batch: int, dtype: torch.dtype) -> float:
     precision = "bf16" if dtype == torch.bfloat16 else "tf32"
-    totals = roofline(x.shape[0], "h200-measured")["total_seconds"][precision]
-    benchmark.extra_info["roofline_s"] = totals[ROOFLINE.get(provider, "dual")]
+    return roofline(batch, "h200-measured")["total_seconds"][precision][
+        ROOFLINE.get(provider, "dual")]
 
 
 @pytest.mark.parametrize("provider", ["fgkernels-multi", "fgkernels-single", "forward_ad"])

@@ -31,6 +31,10 @@ RATIOS = [
     ("resnet18 loss JVP", "fgkernels-native", "forward_ad", 0.85),
     ("resnet18 loss JVP", "fgkernels-triton", "backprop", 1.0),
     ("resnet18 loss JVP", "fgkernels-native", "backprop", 1.0),
+    ("resnet18 graphed loss JVP", "fgkernels-triton", "forward_ad", 0.85),
+    ("resnet18 graphed loss JVP", "fgkernels-native", "forward_ad", 0.85),
+    ("resnet18 graphed loss JVP", "fgkernels-triton", "backprop", 1.0),
+    ("resnet18 graphed loss JVP", "fgkernels-native", "backprop", 1.0),
 ]
 
 
