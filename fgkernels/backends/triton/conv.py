@@ -238,7 +238,9 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
         stats = torch.empty((tiles, 2, CO), device=x.device, dtype=torch.float32)
         tstats = torch.empty((tiles, count, 2, CO), device=x.device, dtype=torch.float32)
         rows = torch.full((tiles,), float(bm), device=x.device, dtype=torch.float64)
-        rows[-1] = M - (tiles - 1) * bm
+        # A fill on the device: assigning the number would copy it from the host, a wait on
+        # the queue and no operation a CUDA graph can capture.
+        rows[-1:].fill_(M - (tiles - 1) * bm)
 
     launches = [Launch(ops.x, ops.w, y, 1, 1, bias=b, stats=stats)]
     if count:
