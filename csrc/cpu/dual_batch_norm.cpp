@@ -85,15 +85,50 @@ FGK_CPU_KERNEL void row_tangent_sums(const scalar_t* __restrict x, const tangent
   }
 }
 
+// The statistics of stats_from_sums from the block partials ``part`` (blocks, 2 + 2T, C):
+// mean, var (C,) and tmean, tcov (T, C) in acc_t, every sum in double.
+template <typename acc_t, typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
+    const DualInput& in, const scalar_t* x, const double* part, int64_t blocks) {
+  const int64_t C = in.channels, T = in.T, quantities = 2 + 2 * T, width = quantities * C;
+  const at::TensorOptions options =
+      in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor mean = at::empty({C}, options), var = at::empty({C}, options);
+  at::Tensor tmean = at::empty({T, C}, options), tcov = at::empty({T, C}, options);
+  acc_t *m = mean.data_ptr<acc_t>(), *v = var.data_ptr<acc_t>();
+  acc_t *tm = tmean.data_ptr<acc_t>(), *tc = tcov.data_ptr<acc_t>();
+  const double n = static_cast<double>(in.outer * in.inner);
+  std::vector<double> sums(quantities);
+  for (int64_t c = 0; c < C; ++c) {
+    std::fill(sums.begin(), sums.end(), 0.0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t q = 0; q < quantities; ++q) sums[q] += part[b * width + q * C + c];
+    }
+    // With the shift k = x[0, c, 0...]: mean = k + d1, var = Σ(x-k)²/n - d1² (clamped at 0; a
+    // NaN stays), mean(ẋ) = Σẋ/n, mean((x - mean)·ẋ) = Σ(x-k)·ẋ/n - d1·mean(ẋ).
+    const double d1 = sums[0] / n, spread = sums[1] / n - d1 * d1;
+    m[c] = static_cast<acc_t>(static_cast<double>(x[c * in.inner]) + d1);
+    v[c] = static_cast<acc_t>(spread < 0 ? 0.0 : spread);
+    for (int64_t t = 0; t < T; ++t) {
+      const double t_mean = sums[2 + 2 * t] / n;
+      tm[t * C + c] = static_cast<acc_t>(t_mean);
+      tc[t * C + c] = static_cast<acc_t>(sums[3 + 2 * t] / n - d1 * t_mean);
+    }
+  }
+  return {mean, var, tmean, tcov};
+}
+
 // Shifted sums per channel (see stats_from_sums), shift k_c = the channel's first value: keeps
 // Σ(x-k)² free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
 // Blocks of outer rows run in parallel, each walking its memory in order (a whole row of
 // channels at a time). NCHW: every (quantity, channel) keeps kLanes partials across the block's
 // planes, reduced once per block; channels_last: one partial per (quantity, channel), the inner
 // loops running over the contiguous channels. Block partials, laid out (2 + 2T, C), are added
-// in double. The slots may have a narrower type than x (tangent_t); sums are in x's opmath type.
+// in double, and the statistics made of them in one loop over the channels (a few ATen ops would
+// cost a small input more than its sums do). The slots may have a narrower type than x
+// (tangent_t); sums are in x's opmath type.
 template <typename scalar_t, typename tangent_t>
-at::Tensor stats_kernel(const DualInput& in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const DualInput& in) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
   const tangent_t* xt = in.T ? in.xt.const_data_ptr<tangent_t>() : nullptr;
@@ -142,18 +177,18 @@ at::Tensor stats_kernel(const DualInput& in) {
       }
     }
   });
-  return partial.sum(0);
+  return stats_from_partials<acc_t>(in, x, part, blocks);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in) {
   TORCH_CHECK(x_in.numel() > 0, "x must not be empty");
   const DualInput in = prepare_input(x_in, xt_in);
-  at::Tensor sums;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats;
   dispatch_dual_types(in.x.scalar_type(), in.tangent_type, "dual_bn_stats", [&](auto p, auto t) {
-    sums = stats_kernel<typename decltype(p)::type, typename decltype(t)::type>(in);
+    stats = stats_kernel<typename decltype(p)::type, typename decltype(t)::type>(in);
   });
-  return stats_from_sums(in, sums);
+  return stats;
 }
 
 // With u = x - m (m: the per-channel center), y = s u + h (ReLU optional) and
