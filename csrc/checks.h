@@ -12,6 +12,9 @@
 
 namespace fgkernels {
 
+// An optional tensor argument that was given (and is not an undefined tensor).
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 // A tangent's dtype is its primal's, or a floating dtype of fewer bits (bfloat16 or float16
 // tangents of a float32 primal): tangent terms are computed in it, accumulations in the primal's
 // accumulation type.

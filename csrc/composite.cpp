@@ -55,8 +55,6 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
               ", kH, kW) with C_out divisible by groups=", groups, ", got ", w.sizes());
 }
 
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // The tangents of one call (any of them absent) share one dtype, which fits the primal's: that
 // dtype, or x's when there is none.
 at::ScalarType tangent_type(const at::Tensor& x,

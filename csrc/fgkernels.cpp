@@ -27,6 +27,22 @@ TORCH_LIBRARY(fgkernels, m) {
   //   mean (C), biased var (C), tangent mean mean(xt_t) (T, C), tangent covariance
   //   mean((x - mean) * xt_t) (T, C).
   m.def("dual_bn_stats(Tensor x, Tensor? xt) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The per-channel coefficients of dual_bn_apply from a batch norm's statistics (mean, var:
+  // (C) in the accumulation dtype; tmean, tcov: (len(x_pos), C), training with input slots only)
+  // and parameters (weight, bias: (C); weight_t, bias_t: (len(p_pos), C)), with
+  // r = 1/sqrt(var + eps), a = weight r (r without weight):
+  //   scale = a, shift = bias (0 without), center = mean,
+  //   t_xscale[x_pos[s]] = -a r^2 tcov[s], t_shift[x_pos[s]] = -a tmean[s]   (training)
+  //   t_xscale[p_pos[p]] += weight_t[p] r,  t_shift[p_pos[p]] += bias_t[p]
+  //   returns scale, shift, t_xscale (count, C), t_shift (count, C) in mean's dtype.
+  m.def("dual_bn_coefficients(Tensor mean, Tensor var, Tensor? tmean, Tensor? tcov, "
+        "Tensor? weight, Tensor? weight_t, Tensor? bias, Tensor? bias_t, int[] x_pos, "
+        "int[] p_pos, int count, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // nn.BatchNorm2d's running-statistics update from a batch of n values per channel, in float64
+  // and rounded once to the buffers' dtype: r <- momentum stat + (1 - momentum) r, with the
+  // unbiased variance var n / (n - 1).
+  m.def("bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+        "Tensor var, int n, float momentum) -> ()");
   // Batch-norm apply as a per-channel affine map of (x - center, xt), ReLU optional:
   //   u = x - center[c]
   //   y = scale[c] u + shift[c]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
+from fgkernels.backends import bn_math
 from fgkernels.backends.layout import empty_slots
 from fgkernels.testing import forward_ad_jvp
 
@@ -48,9 +49,60 @@ def test_opcheck(channels_last):
                                     [2, 1], [0, 1], [1, 1], 1)),
         (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),
                            torch.randn(2, 3, 7), None, torch.randn(2, 3))),
+        (ops.dual_bn_coefficients, _coefficient_args(C, training=True)),
+        (ops.dual_bn_coefficients, _coefficient_args(C, training=False, params=False)),
+        (ops.bn_update_running_stats_, (torch.zeros(C), torch.ones(C), torch.randn(C),
+                                        torch.rand(C), 40, 0.1)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def _coefficient_args(C, training=True, params=True, dtype=torch.float32, x_pos=(0, 2),
+                      p_pos=(1, 2), count=3):
+    """Arguments of dual_bn_coefficients: input slots to x_pos, parameter slots to p_pos."""
+    X, P = len(x_pos), len(p_pos)
+    stats = (torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.1,
+             torch.randn(X, C, dtype=dtype), torch.randn(X, C, dtype=dtype))
+    p = (torch.randn(C), torch.randn(P, C), torch.randn(C), torch.randn(P, C)) if params else \
+        (None, None, None, None)
+    return (*stats, *p, list(x_pos), list(p_pos) if params else [], count, training, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("slots", [((0,), (0,), 1), ((0, 2), (1, 2), 3), ((), (0, 1), 2),
+                                   ((1, 0), (), 2)], ids=["same", "mixed", "params", "input"])
+def test_bn_coefficients_kernel_matches_the_composite(slots, training, dtype):
+    """The CPU kernel and the composite that CUDA runs (bn_math) give the same coefficients,
+    for every way input and parameter slots can land (the whole batch norm against forward_ad:
+    the tests above and tests/test_functional.py)."""
+    x_pos, p_pos, count = slots
+    args = _coefficient_args(6, training, bool(p_pos), dtype, x_pos, p_pos, count)
+    for ours, composite in zip(ops.dual_bn_coefficients(*args),
+                               bn_math.coefficients_composite(*args)):
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours, composite, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_running_stats_update_as_batch_norm_does(dtype):
+    """bn_update_running_stats_ and its composite give nn.BatchNorm2d's running statistics
+    (a bfloat16 buffer within one unit in its last place: torch rounds its float32 terms, these
+    round once from float64), and update the buffers where they are."""
+    x = (torch.randn(5, 4, 3, 3) * 3 + 1).to(dtype)
+    mean, var = x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=False)
+    ref = torch.nn.BatchNorm2d(4, momentum=0.3).to(dtype)
+    ref.running_mean.normal_(), ref.running_var.uniform_(0.5, 2)
+    ours, composite = (tuple(b.clone() for b in (ref.running_mean, ref.running_var))
+                       for _ in range(2))
+    ref(x)
+    ops.bn_update_running_stats_(*ours, mean, var, 45, 0.3)
+    bn_math.update_running_stats_composite(*composite, mean, var, 45, 0.3)
+    tol = dict(rtol=2 ** -7, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    for buffers in (ours, composite):
+        torch.testing.assert_close(buffers[0], ref.running_mean, **tol)
+        torch.testing.assert_close(buffers[1], ref.running_var, **tol)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -170,6 +222,16 @@ def test_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="y must have the convolution's output shape"):
         ops.dual_conv2d_tangents(x, torch.randn(2, 4, 3, 3), torch.randn(1, 2, 3, 4, 4), w,
                                  None, None, [1, 1], [0, 0], [1, 1], 1)
+    args = list(_coefficient_args(3))
+    with pytest.raises(RuntimeError, match=r"p_pos must hold output slots in \[0, 3\)"):
+        ops.dual_bn_coefficients(*args[:9], [1, 3], *args[10:])
+    with pytest.raises(RuntimeError, match=r"weight_t must have shape \[2, 3\], got \[2, 4\]"):
+        ops.dual_bn_coefficients(*args[:5], torch.randn(2, 4), *args[6:])
+    with pytest.raises(RuntimeError, match="training with input slots needs tmean and tcov"):
+        ops.dual_bn_coefficients(*args[:2], None, None, *args[4:])
+    with pytest.raises(RuntimeError, match=r"running_var must have shape \[3\]"):
+        ops.bn_update_running_stats_(torch.zeros(3), torch.ones(4), torch.randn(3),
+                                     torch.rand(3), 10, 0.1)
 
 
 def test_native_is_the_cpu_default():
@@ -187,7 +249,8 @@ def test_cuda_ops_match_cpu(channels_last):
     C = x.shape[1]
     coef = (torch.randn(C), torch.randn(C), torch.randn(C), torch.randn(4, C), torch.randn(4, C))
     for op, args in [(ops.dual_relu, (x, xt)), (ops.dual_bn_stats, (x, xt)),
-                     (ops.dual_bn_apply, (x, xt, [0, 2, -1, 1], *coef, True))]:
+                     (ops.dual_bn_apply, (x, xt, [0, 2, -1, 1], *coef, True)),
+                     (ops.dual_bn_coefficients, _coefficient_args(C))]:
         cpu = op(*args)
         gpu = op(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
         for a, b in zip(cpu, gpu):

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../batch_norm_common.h"
@@ -323,10 +325,121 @@ void dual_bn_apply_inplace_cpu(at::Tensor& x, const std::optional<at::Tensor>& x
   });
 }
 
+// A per-channel tensor argument: (rows, C) (rows < 0: a (C) vector) in the accumulation type.
+at::Tensor channel_arg(const at::Tensor& t, const char* name, int64_t rows, int64_t C,
+                       at::ScalarType acc) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
+              t.scalar_type());
+  const auto shape = rows < 0 ? std::vector<int64_t>{C} : std::vector<int64_t>{rows, C};
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", t.sizes());
+  return t.to(acc).contiguous();
+}
+
+void check_positions(at::IntArrayRef positions, const char* name, int64_t count) {
+  for (const int64_t t : positions) {
+    TORCH_CHECK(t >= 0 && t < count, name, " must hold output slots in [0, ", count, "), got ",
+                positions);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_coefficients_cpu(
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& tmean,
+    const std::optional<at::Tensor>& tcov, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& weight_t, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias_t, at::IntArrayRef x_pos, at::IntArrayRef p_pos,
+    int64_t count, bool training, double eps) {
+  TORCH_CHECK(mean.dim() == 1, "mean must have shape (C), got ", mean.sizes());
+  const at::ScalarType acc = mean.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "mean must be float32 or float64 (the "
+              "accumulation dtype), got ", acc);
+  const int64_t C = mean.size(0), X = static_cast<int64_t>(x_pos.size()),
+                P = static_cast<int64_t>(p_pos.size());
+  TORCH_CHECK(count >= 0, "count must be >= 0, got ", count);
+  check_positions(x_pos, "x_pos", count);
+  check_positions(p_pos, "p_pos", count);
+  const bool from_batch = training && X > 0;
+  TORCH_CHECK(!from_batch || (present(tmean) && present(tcov)), "training with input slots "
+              "needs tmean and tcov");
+  auto optional_arg = [&](const std::optional<at::Tensor>& t, const char* name, int64_t rows) {
+    return present(t) ? channel_arg(*t, name, rows, C, acc) : at::Tensor();
+  };
+  const at::Tensor m = channel_arg(mean, "mean", -1, C, acc),
+                   v = channel_arg(var, "var", -1, C, acc),
+                   w = optional_arg(weight, "weight", -1), b = optional_arg(bias, "bias", -1),
+                   wt = optional_arg(weight_t, "weight_t", P),
+                   bt = optional_arg(bias_t, "bias_t", P),
+                   tm = from_batch ? channel_arg(*tmean, "tmean", X, C, acc) : at::Tensor(),
+                   tc = from_batch ? channel_arg(*tcov, "tcov", X, C, acc) : at::Tensor();
+  const auto options = mean.options().dtype(acc);
+  at::Tensor scale = at::empty({C}, options), shift = at::empty({C}, options);
+  at::Tensor t_xscale = at::zeros({count, C}, options), t_shift = at::zeros({count, C}, options);
+  AT_DISPATCH_FLOATING_TYPES(acc, "dual_bn_coefficients", [&] {
+    using acc_t = scalar_t;
+    const acc_t* pm = m.const_data_ptr<acc_t>();
+    const acc_t* pv = v.const_data_ptr<acc_t>();
+    const acc_t* pw = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* pb = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* pwt = wt.defined() ? wt.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* pbt = bt.defined() ? bt.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* ptm = from_batch ? tm.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* ptc = from_batch ? tc.const_data_ptr<acc_t>() : nullptr;
+    acc_t *ps = scale.mutable_data_ptr<acc_t>(), *ph = shift.mutable_data_ptr<acc_t>();
+    acc_t *pxs = t_xscale.mutable_data_ptr<acc_t>(), *pts = t_shift.mutable_data_ptr<acc_t>();
+    const acc_t e = static_cast<acc_t>(eps);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t r = acc_t(1) / std::sqrt(pv[c] + e);
+      const acc_t a = pw ? pw[c] * r : r;
+      ps[c] = a;
+      ph[c] = pb ? pb[c] : acc_t(0);
+      for (int64_t s = 0; ptm && s < X; ++s) {  // γẋ̂ = a(ẋ - m1 - x̂·r·cov)
+        pxs[x_pos[s] * C + c] += -a * r * r * ptc[s * C + c];
+        pts[x_pos[s] * C + c] += -a * ptm[s * C + c];
+      }
+      for (int64_t p = 0; p < P; ++p) {  // γ̇x̂ + β̇
+        if (pwt) pxs[p_pos[p] * C + c] += pwt[p * C + c] * r;
+        if (pbt) pts[p_pos[p] * C + c] += pbt[p * C + c];
+      }
+    }
+  });
+  return {scale, shift, t_xscale, t_shift};
+}
+
+void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
+                                 const at::Tensor& mean, const at::Tensor& var, int64_t n,
+                                 double momentum) {
+  TORCH_CHECK(mean.dim() == 1, "mean must have shape (C), got ", mean.sizes());
+  const int64_t C = mean.size(0);
+  FGK_CHECK_SHAPE(var, "var", C);
+  FGK_CHECK_SHAPE(running_mean, "running_mean", C);
+  FGK_CHECK_SHAPE(running_var, "running_var", C);
+  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(), "running_mean and "
+              "running_var must share a dtype, got ", running_mean.scalar_type(), " and ",
+              running_var.scalar_type());
+  const at::Tensor m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
+  const double* pm = m.const_data_ptr<double>();
+  const double* pv = v.const_data_ptr<double>();
+  const double unbias = static_cast<double>(n) / static_cast<double>(std::max<int64_t>(n - 1, 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(),
+                                  "bn_update_running_stats_", [&] {
+    // Strided access: the buffers are updated where they are.
+    auto rm = running_mean.accessor<scalar_t, 1>();
+    auto rv = running_var.accessor<scalar_t, 1>();
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = static_cast<scalar_t>(momentum * pm[c] +
+                                    (1 - momentum) * static_cast<double>(rm[c]));
+      rv[c] = static_cast<scalar_t>(momentum * (pv[c] * unbias) +
+                                    (1 - momentum) * static_cast<double>(rv[c]));
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fgkernels, CPU, m) {
   m.impl("dual_bn_stats", &dual_bn_stats_cpu);
+  m.impl("dual_bn_coefficients", &dual_bn_coefficients_cpu);
+  m.impl("bn_update_running_stats_", &bn_update_running_stats_cpu);
   m.impl("dual_bn_apply", &dual_bn_apply_cpu);
   m.impl("dual_bn_apply_", &dual_bn_apply_inplace_cpu);
 }

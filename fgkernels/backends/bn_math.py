@@ -15,6 +15,7 @@ far larger than its spread loses no more precision than in torch.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,8 +52,10 @@ def coefficients(x: Tensor, xt: Optional[Tensor], p: LayerParams, plan: SlotPlan
     if bn.training:
         mean, var, tmean, tcov = stats if stats is not None else \
             torch.ops.fgkernels.dual_bn_stats(x, xt)
-        update_running_stats(bn.running_mean, bn.running_var, mean, var,
-                             x.numel() // x.shape[1], bn.momentum)
+        if bn.running_mean is not None:
+            torch.ops.fgkernels.bn_update_running_stats_(
+                bn.running_mean, bn.running_var, mean, var, x.numel() // x.shape[1],
+                bn.momentum)
     else:
         acc = acc_dtype(x.dtype)
         mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
@@ -64,24 +67,39 @@ def affine_coefficients(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
                         tcov: Optional[Tensor], p: LayerParams, plan: SlotPlan, training: bool,
                         eps: float) -> BNCoefficients:
     """The affine coefficients from the statistics (batch ones when ``training``, else the
-    running ones; ``tmean``/``tcov`` are (T, C) and used only in training)."""
-    w, wt, b, bt = p
+    running ones; ``tmean``/``tcov`` are (T, C) and used only in training), by the op
+    ``dual_bn_coefficients`` (one call: on the CPU a loop over the channels)."""
     (x_pos, p_pos), count = plan.positions, plan.count
-    dtype = mean.dtype
-    r = torch.rsqrt(var + eps)
-    a = r if w is None else w.to(dtype) * r
-    shift = mean.new_zeros(mean.shape) if b is None else b.to(dtype)
+    scale, shift, t_xscale, t_shift = torch.ops.fgkernels.dual_bn_coefficients(
+        mean, var, tmean, tcov, *p, x_pos, p_pos, count, training, eps)
     x_slot = [-1] * count
     for s, t in enumerate(x_pos):
         x_slot[t] = s
+    return BNCoefficients(mean.contiguous(), scale, shift, t_xscale, t_shift, x_slot)
+
+
+# --- the ops in PyTorch's own ops, for devices with no kernel of them -------------------------
+
+def coefficients_composite(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
+                           tcov: Optional[Tensor], weight: Optional[Tensor],
+                           weight_t: Optional[Tensor], bias: Optional[Tensor],
+                           bias_t: Optional[Tensor], x_pos: Sequence[int],
+                           p_pos: Sequence[int], count: int, training: bool,
+                           eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``dual_bn_coefficients`` (its schema in csrc/fgkernels.cpp) in torch's ops."""
+    x_pos, p_pos = tuple(x_pos), tuple(p_pos)
+    dtype = mean.dtype
+    r = torch.rsqrt(var + eps)
+    a = r if weight is None else weight.to(dtype) * r
+    shift = mean.new_zeros(mean.shape) if bias is None else bias.to(dtype)
     from_batch = bool(x_pos) and training
     t_xscale = _slot_sum(count, mean, [
         (-a * r * r * tcov if from_batch else None, x_pos, True),                # −a·r²·cov
-        (None if wt is None else wt.to(dtype) * r, p_pos, True)])                # γ̇·r
+        (None if weight_t is None else weight_t.to(dtype) * r, p_pos, True)])    # γ̇·r
     t_shift = _slot_sum(count, mean, [
         (-a * tmean if from_batch else None, x_pos, True),                       # −a·m1
-        (None if bt is None else bt.to(dtype), p_pos, False)])                   # β̇
-    return BNCoefficients(mean.contiguous(), a, shift, t_xscale, t_shift, x_slot)
+        (None if bias_t is None else bias_t.to(dtype), p_pos, False)])           # β̇
+    return a, shift, t_xscale, t_shift
 
 
 def _slot_sum(count: int, like: Tensor,
@@ -103,13 +121,11 @@ def _slot_sum(count: int, like: Tensor,
     return base
 
 
-def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                         mean: Tensor, var: Tensor, n: int, momentum: float) -> None:
-    """``r ← m·stat + (1 - m)·r`` with the unbiased variance, as ``nn.BatchNorm2d`` does: in
-    float64 and rounded once to the buffers' dtype, so that a low-precision buffer gets the
-    value torch's own update gives it."""
-    if running_mean is None:
-        return
+def update_running_stats_composite(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                                   var: Tensor, n: int, momentum: float) -> None:
+    """``bn_update_running_stats_`` in torch's ops: ``r ← m·stat + (1 - m)·r`` with the
+    unbiased variance, as ``nn.BatchNorm2d`` does, in float64 and rounded once to the buffers'
+    dtype."""
     unbiased = var.double() * (n / max(n - 1, 1))
     for buf, stat in ((running_mean, mean.double()), (running_var, unbiased)):
         buf.copy_(momentum * stat + (1 - momentum) * buf.double())

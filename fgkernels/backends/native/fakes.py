@@ -58,6 +58,34 @@ def _(x, xt):
             x.new_empty((T, C), dtype=acc), x.new_empty((T, C), dtype=acc))
 
 
+@lib.register_fake("fgkernels::dual_bn_coefficients")
+def _(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos, p_pos, count, training,
+      eps):
+    torch._check(mean.dim() == 1, lambda: f"mean must have shape (C), got {tuple(mean.shape)}")
+    torch._check(mean.dtype in (torch.float32, torch.float64),
+                 lambda: f"mean must be float32 or float64, got {mean.dtype}")
+    C = mean.shape[0]
+    for name, t, rows in (("var", var, None), ("weight", weight, None), ("bias", bias, None),
+                          ("weight_t", weight_t, len(p_pos)), ("bias_t", bias_t, len(p_pos))):
+        shape = (C,) if rows is None else (rows, C)
+        torch._check(t is None or tuple(t.shape) == shape,
+                     lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    torch._check(all(0 <= t < count for t in (*x_pos, *p_pos)),
+                 lambda: f"x_pos and p_pos must hold output slots in [0, {count})")
+    return (mean.new_empty(C), mean.new_empty(C), mean.new_empty((count, C)),
+            mean.new_empty((count, C)))
+
+
+@lib.register_fake("fgkernels::bn_update_running_stats_")
+def _(running_mean, running_var, mean, var, n, momentum):
+    C = mean.shape[0]
+    for name, t in (("var", var), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        torch._check(tuple(t.shape) == (C,),
+                     lambda: f"{name} must have shape ({C},), got {tuple(t.shape)}")
+    return None
+
+
 @lib.register_fake("fgkernels::dual_bn_apply")
 def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu, tangent_dtype=None):
     C, T = x.shape[1], len(x_slot)
