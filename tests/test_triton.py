@@ -274,6 +274,41 @@ def test_bn_relu_apply_keeps_nan_and_its_tangent():
     assert torch.isnan(yt[0, 0, 0, 0, 0]) and yt.flatten()[1:].tolist() == [0.0, 1.0]
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("slots", [((0,), (0,), 1), ((0, 2), (1, 2), 3), ((), (0, 1), 2),
+                                   ((1, 0), (), 2)], ids=["same", "mixed", "params", "input"])
+def test_bn_coefficients_kernel_matches_the_cpu_op(slots, training):
+    """The Triton kernel that serves dual_bn_coefficients on CUDA gives the CPU op's
+    coefficients, for every way input and parameter slots can land."""
+    from fgkernels.backends.triton.batch_norm import dual_bn_coefficients
+    x_pos, p_pos, count = slots
+    C, X, P = 6, len(x_pos), len(p_pos)
+    r = lambda *s: torch.randn(*s, dtype=torch.float32)
+    args = (r(C), r(C).abs() + 0.1, r(X, C), r(X, C), r(C), r(P, C) if P else None, r(C),
+            r(P, C) if P else None, list(x_pos), list(p_pos), count, training, 1e-5)
+    on_device = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    for ours, cpu in zip(dual_bn_coefficients(*on_device),
+                         torch.ops.fgkernels.dual_bn_coefficients(*args)):
+        torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_running_stats_kernel_matches_the_cpu_op(dtype):
+    """The Triton kernel that serves bn_update_running_stats_ on CUDA (bfloat16 buffers: the
+    composite) updates the buffers in place as the CPU op does."""
+    from fgkernels.backends.triton.batch_norm import bn_update_running_stats_
+    mean, var = torch.randn(5), torch.rand(5)
+    buffers = (torch.randn(5).to(dtype), torch.rand(5).to(dtype) + 1)
+    expected = tuple(b.clone() for b in buffers)
+    torch.ops.fgkernels.bn_update_running_stats_(*expected, mean, var, 33, 0.2)
+    ours = tuple(b.to(DEVICE) for b in buffers)
+    pointers = [b.data_ptr() for b in ours]
+    bn_update_running_stats_(*ours, mean.to(DEVICE), var.to(DEVICE), 33, 0.2)
+    assert [b.data_ptr() for b in ours] == pointers
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
 # --- the launches the launcher makes (on meta tensors) ------------------------------------------
 def meta_launches(*, x_shape=(256, 64, 56, 56), c_out=64, k=3, tx=1, tp=1, same=True,
                   bn_stats=True, dtype=torch.float32, tangent_dtype=None, precision="tf32",

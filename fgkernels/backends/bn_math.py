@@ -78,7 +78,7 @@ def affine_coefficients(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
     return BNCoefficients(mean.contiguous(), scale, shift, t_xscale, t_shift, x_slot)
 
 
-# --- the ops in PyTorch's own ops, for devices with no kernel of them -------------------------
+# --- the ops in torch's own ops, for CUDA without Triton (native/cuda_python_impls.py) --------
 
 def coefficients_composite(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
                            tcov: Optional[Tensor], weight: Optional[Tensor],

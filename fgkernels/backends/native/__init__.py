@@ -2,7 +2,7 @@
 
 Importing ``fgkernels._C`` registers the ops; their fake implementations are registered right
 after (``fakes``), so that they trace under ``torch.compile``, and the CUDA implementations
-written in torch's ops of those with no CUDA kernel (``composites``). Without the extension
+written in Python of those with no CUDA C++ kernel (``cuda_python_impls``). Without the extension
 fgkernels runs on the reference backend and says so once; ``FGKERNELS_REQUIRE_NATIVE=1`` (set by
 the project's set-up and CI) makes a missing or broken extension an ImportError instead.
 """
@@ -25,7 +25,7 @@ def _load_extension() -> Optional[str]:
             raise ImportError(f"{REQUIRE_VARIABLE}=1, but the compiled extension fgkernels._C "
                               f"does not load ({reason})") from e
         return reason
-    from . import composites, fakes  # noqa: F401
+    from . import cuda_python_impls, fakes  # noqa: F401
     return None
 
 

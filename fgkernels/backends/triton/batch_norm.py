@@ -1,4 +1,5 @@
-"""Dual batch-norm apply (+ReLU) in Triton: a per-channel affine map of (y, ẏ), in place.
+"""Dual batch norm in Triton: the apply (+ReLU), a per-channel affine map of (y, ẏ) in place,
+and on CUDA the native ops that have no CUDA C++ kernel (coefficients, running statistics).
 
     u    = y - center_c
     y'   = scale_c·u + shift_c                       (ReLU: max(y', 0))
@@ -13,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._slots import positions_index
+from ..bn_math import coefficients_composite, update_running_stats_composite
 from ..layout import kernel_format
 from . import INTERPRETED
 
@@ -65,3 +68,121 @@ def dual_bn_relu_apply_(y: torch.Tensor, yt, center, scale, shift, t_xscale, t_s
         y, y if yt is None else yt, f32(center), f32(scale), f32(shift), f32(t_xscale),
         f32(t_shift), y.numel(), C, inner, T, RELU=relu,
         WIDE=y.numel() + _BLOCK >= 2 ** 31, BLOCK=_BLOCK)
+
+
+@triton.jit
+def _dual_bn_coefficients_kernel(mean_ptr, var_ptr, tmean_ptr, tcov_ptr, w_ptr, wt_ptr, b_ptr,
+                                 bt_ptr, x_pos_ptr, p_pos_ptr, scale_ptr, shift_ptr,
+                                 t_xscale_ptr, t_shift_ptr, C, X, P, count, eps,
+                                 HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                                 HAS_WT: tl.constexpr, HAS_BT: tl.constexpr,
+                                 FROM_BATCH: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per BLOCK channels, in mean's dtype; with r = 1/√(var + eps), a = γr:
+    #   scale = a, shift = β, and for each output slot t the sum of the parts that land on it:
+    #   t_xscale[t] = Σ_{x_pos[s]=t} −a·r²·cov[s] + Σ_{p_pos[p]=t} γ̇[p]·r
+    #   t_shift[t]  = Σ_{x_pos[s]=t} −a·m1[s]     + Σ_{p_pos[p]=t} β̇[p]
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < C
+    var = tl.load(var_ptr + c, mask=ok, other=1.0)
+    r = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    a = r
+    if HAS_W:
+        a = tl.load(w_ptr + c, mask=ok, other=0.0) * r
+    tl.store(scale_ptr + c, a, mask=ok)
+    shift = tl.zeros_like(a)
+    if HAS_B:
+        shift = tl.load(b_ptr + c, mask=ok, other=0.0)
+    tl.store(shift_ptr + c, shift, mask=ok)
+    for t in range(count):
+        xs = tl.zeros_like(a)
+        sh = tl.zeros_like(a)
+        if FROM_BATCH:
+            for s in range(X):
+                hit = tl.load(x_pos_ptr + s) == t
+                cov = tl.load(tcov_ptr + s * C + c, mask=ok, other=0.0)
+                m1 = tl.load(tmean_ptr + s * C + c, mask=ok, other=0.0)
+                xs += tl.where(hit, -a * r * r * cov, 0.0)
+                sh += tl.where(hit, -a * m1, 0.0)
+        for p in range(P):
+            hit = tl.load(p_pos_ptr + p) == t
+            if HAS_WT:
+                xs += tl.where(hit, tl.load(wt_ptr + p * C + c, mask=ok, other=0.0) * r, 0.0)
+            if HAS_BT:
+                sh += tl.where(hit, tl.load(bt_ptr + p * C + c, mask=ok, other=0.0), 0.0)
+        tl.store(t_xscale_ptr + t * C + c, xs, mask=ok)
+        tl.store(t_shift_ptr + t * C + c, sh, mask=ok)
+
+
+def dual_bn_coefficients(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos, p_pos,
+                         count: int, training: bool, eps: float):
+    """``dual_bn_coefficients`` (its schema in csrc/fgkernels.cpp) in one launch for float32
+    statistics (float64 ones: ``bn_math.coefficients_composite``); the arguments as that
+    composite takes them."""
+    if mean.dtype != torch.float32:
+        return coefficients_composite(mean, var, tmean, tcov, weight, weight_t, bias, bias_t,
+                                      x_pos, p_pos, count, training, eps)
+    C, dtype = mean.shape[0], mean.dtype
+    as_acc = lambda t: None if t is None else t.to(dtype).contiguous()
+    from_batch = training and len(x_pos) > 0
+    # Both position lists in one index tensor, made once per layout (_slots.positions_index);
+    # a trailing 0 keeps it non-empty.
+    positions = positions_index((*x_pos, *p_pos, 0), mean.device)
+    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    t_xscale = mean.new_empty((count, C))
+    t_shift = mean.new_empty((count, C))
+    var, weight, weight_t, bias, bias_t = map(as_acc, (var, weight, weight_t, bias, bias_t))
+    tmean, tcov = (as_acc(tmean), as_acc(tcov)) if from_batch else (mean, mean)
+    block = 128
+    _dual_bn_coefficients_kernel[(triton.cdiv(C, block),)](
+        mean, var, tmean, tcov, mean if weight is None else weight,
+        mean if weight_t is None else weight_t, mean if bias is None else bias,
+        mean if bias_t is None else bias_t, positions, positions[len(x_pos):], scale, shift,
+        t_xscale, t_shift, C, len(x_pos), len(p_pos), count, eps, HAS_W=weight is not None,
+        HAS_B=bias is not None, HAS_WT=weight_t is not None, HAS_BT=bias_t is not None,
+        FROM_BATCH=from_batch, BLOCK=block)
+    return scale, shift, t_xscale, t_shift
+
+
+@triton.jit
+def _bn_update_running_stats_kernel(rm_ptr, rv_ptr, mean_ptr, var_ptr, factors_ptr, C,
+                                    BLOCK: tl.constexpr):
+    # In float64, rounded once to the buffers' dtype (factors: momentum, n / (n - 1)):
+    #   rm ← m·mean + (1 - m)·rm,   rv ← m·var·n/(n - 1) + (1 - m)·rv
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < C
+    m = tl.load(factors_ptr)
+    unbias = tl.load(factors_ptr + 1)
+    rm = tl.load(rm_ptr + c, mask=ok, other=0.0).to(tl.float64)
+    rv = tl.load(rv_ptr + c, mask=ok, other=0.0).to(tl.float64)
+    mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(tl.float64)
+    var = tl.load(var_ptr + c, mask=ok, other=0.0).to(tl.float64)
+    tl.store(rm_ptr + c, (m * mean + (1 - m) * rm).to(rm_ptr.dtype.element_ty), mask=ok)
+    tl.store(rv_ptr + c, (m * (var * unbias) + (1 - m) * rv).to(rv_ptr.dtype.element_ty),
+             mask=ok)
+
+
+# (momentum, n, device) -> the float64 factors the kernel reads, made once: a number passed to a
+# kernel is float32, and a tensor made from numbers on each call is a copy from the host.
+_FACTORS: dict[tuple[float, int, torch.device], torch.Tensor] = {}
+
+
+def bn_update_running_stats_(running_mean, running_var, mean, var, n: int,
+                             momentum: float) -> None:
+    """``bn_update_running_stats_`` (its schema in csrc/fgkernels.cpp) in one launch, for
+    contiguous float32 or float64 buffers (others: ``bn_math.update_running_stats_composite``,
+    which computes the same)."""
+    if not all(b.dtype in (torch.float32, torch.float64) and b.is_contiguous()
+               for b in (running_mean, running_var)):
+        update_running_stats_composite(running_mean, running_var, mean, var, n, momentum)
+        return
+    key = (float(momentum), int(n), mean.device)
+    factors = _FACTORS.get(key)
+    if factors is None:
+        factors = torch.tensor([momentum, n / max(n - 1, 1)], dtype=torch.float64,
+                               device=mean.device)
+        if type(factors) is torch.Tensor and not torch.compiler.is_compiling():
+            _FACTORS[key] = factors
+    block = 128
+    _bn_update_running_stats_kernel[(triton.cdiv(mean.shape[0], block),)](
+        running_mean, running_var, mean.contiguous(), var.contiguous(), factors,
+        mean.shape[0], BLOCK=block)
