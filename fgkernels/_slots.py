@@ -13,6 +13,7 @@ as torch promotes the operands of an op.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -55,7 +56,13 @@ class SlotPlan:
 
 
 def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
-    """Line up the slots of ``operands`` (None for an operand without tangent) for op ``op``."""
+    """Line up the slots of ``operands`` (None for an operand without tangent) for op ``op``.
+    A network meets the same few slot layouts at every layer and pass: each is planned once."""
+    return _plan(tuple(operands), op)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(operands: tuple[Optional[SlotOperand], ...], op: str) -> SlotPlan:
     live = [o for o in operands if o is not None]
     if not live:
         return SlotPlan(0, None, False, tuple(() for _ in operands))
