@@ -31,9 +31,10 @@ TORCH_LIBRARY(fgkernels, m) {
   // (C) in the accumulation dtype; tmean, tcov: (len(x_pos), C), training with input slots only)
   // and parameters (weight, bias: (C); weight_t, bias_t: (len(p_pos), C)), with
   // r = 1/sqrt(var + eps), a = weight r (r without weight):
-  //   scale = a, shift = bias (0 without), center = mean,
+  //   scale = a, shift = bias (0 without),
   //   t_xscale[x_pos[s]] = -a r^2 tcov[s], t_shift[x_pos[s]] = -a tmean[s]   (training)
   //   t_xscale[p_pos[p]] += weight_t[p] r,  t_shift[p_pos[p]] += bias_t[p]
+  //   (a slot in neither x_pos nor p_pos gets zeros; dual_bn_apply's center is mean itself)
   //   returns scale, shift, t_xscale (count, C), t_shift (count, C) in mean's dtype.
   m.def("dual_bn_coefficients(Tensor mean, Tensor var, Tensor? tmean, Tensor? tcov, "
         "Tensor? weight, Tensor? weight_t, Tensor? bias, Tensor? bias_t, int[] x_pos, "

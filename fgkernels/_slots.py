@@ -57,7 +57,10 @@ class SlotPlan:
 
 def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
     """Line up the slots of ``operands`` (None for an operand without tangent) for op ``op``.
-    A network meets the same few slot layouts at every layer and pass: each is planned once."""
+    A network meets the same few slot layouts at every layer and pass: each is planned once
+    (under torch.compile afresh: a trace runs once, and Dynamo would warn at the cache)."""
+    if torch.compiler.is_compiling():
+        return _plan.__wrapped__(tuple(operands), op)
     return _plan(tuple(operands), op)
 
 

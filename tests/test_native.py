@@ -79,10 +79,14 @@ def test_bn_coefficients_kernel_matches_the_composite(slots, training, dtype):
     the tests above and tests/test_functional.py)."""
     x_pos, p_pos, count = slots
     args = _coefficient_args(6, training, bool(p_pos), dtype, x_pos, p_pos, count)
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
     for ours, composite in zip(ops.dual_bn_coefficients(*args),
                                bn_math.coefficients_composite(*args)):
         assert ours.dtype == dtype
         torch.testing.assert_close(ours, composite, rtol=1e-6, atol=1e-7)
+        # Fresh outputs, as the schema promises (also from the composite CUDA may run).
+        assert not any(out.data_ptr() == a.data_ptr() for out in (ours, composite)
+                       for a in inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

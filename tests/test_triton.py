@@ -292,6 +292,24 @@ def test_bn_coefficients_kernel_matches_the_cpu_op(slots, training):
         torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-6, atol=1e-7)
 
 
+def test_batch_norm_cuda_entry_points_check_their_arguments():
+    """The CUDA implementations written in Python check their arguments as the CPU op does
+    (a Triton kernel would read out of bounds instead)."""
+    from fgkernels.backends.native import cuda_python_impls as cuda
+    C = 3
+    r = lambda *s: torch.randn(*s, device=DEVICE)
+    args = [r(C), r(C).abs() + 0.1, r(1, C), r(1, C), r(C), r(1, C), r(C), r(1, C), [0], [0], 1,
+            True, 1e-5]
+    with pytest.raises(RuntimeError, match=r"weight_t must have shape \(1, 3\), got \(2, 4\)"):
+        cuda.dual_bn_coefficients(*args[:5], r(2, 4), *args[6:])
+    with pytest.raises(RuntimeError, match="training with input slots needs tmean and tcov"):
+        cuda.dual_bn_coefficients(*args[:2], None, None, *args[4:])
+    with pytest.raises(RuntimeError, match=r"output slots in \[0, 1\)"):
+        cuda.dual_bn_coefficients(*args[:8], [1], *args[9:])
+    with pytest.raises(RuntimeError, match=r"running_var must have shape \(3,\)"):
+        cuda.bn_update_running_stats_(r(C), r(4), r(C), r(C), 10, 0.1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_running_stats_kernel_matches_the_cpu_op(dtype):
     """The Triton kernel that serves bn_update_running_stats_ on CUDA (bfloat16 buffers: the

@@ -86,36 +86,34 @@ def coefficients_composite(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
                            bias_t: Optional[Tensor], x_pos: Sequence[int],
                            p_pos: Sequence[int], count: int, training: bool,
                            eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``dual_bn_coefficients`` (its schema in csrc/fgkernels.cpp) in torch's ops."""
+    """``dual_bn_coefficients`` (its schema in csrc/fgkernels.cpp) in torch's ops; every output
+    is a fresh tensor, as the schema promises (never an input returned as it is)."""
     x_pos, p_pos = tuple(x_pos), tuple(p_pos)
     dtype = mean.dtype
     r = torch.rsqrt(var + eps)
     a = r if weight is None else weight.to(dtype) * r
-    shift = mean.new_zeros(mean.shape) if bias is None else bias.to(dtype)
+    shift = mean.new_zeros(mean.shape) if bias is None else bias.to(dtype, copy=True)
     from_batch = bool(x_pos) and training
     t_xscale = _slot_sum(count, mean, [
-        (-a * r * r * tcov if from_batch else None, x_pos, True),                # −a·r²·cov
-        (None if weight_t is None else weight_t.to(dtype) * r, p_pos, True)])    # γ̇·r
+        (-a * r * r * tcov if from_batch else None, x_pos),                     # −a·r²·cov
+        (None if weight_t is None else weight_t.to(dtype) * r, p_pos)])         # γ̇·r
     t_shift = _slot_sum(count, mean, [
-        (-a * tmean if from_batch else None, x_pos, True),                       # −a·m1
-        (None if bias_t is None else bias_t.to(dtype), p_pos, False)])           # β̇
+        (-a * tmean if from_batch else None, x_pos),                            # −a·m1
+        (None if bias_t is None else bias_t.to(dtype, copy=True), p_pos)])      # β̇
     return a, shift, t_xscale, t_shift
 
 
 def _slot_sum(count: int, like: Tensor,
-              parts: list[tuple[Optional[Tensor], tuple[int, ...], bool]]) -> Tensor:
-    """The ``(count, C)`` sum of ``parts``: each a ``(len(pos), C)`` tensor (None: absent), the
-    slots ``pos`` it adds to, and whether it is fresh (the sum may be accumulated into it). A
-    part that covers every slot alone is the sum itself: no zeros, no copy (the apply kernels
-    only read their coefficients)."""
-    parts = [(t, pos, fresh) for t, pos, fresh in parts if t is not None and pos]
+              parts: list[tuple[Optional[Tensor], tuple[int, ...]]]) -> Tensor:
+    """The ``(count, C)`` sum of ``parts``: each a fresh ``(len(pos), C)`` tensor (None:
+    absent) and the slots ``pos`` it adds to. A part that covers every slot is the sum itself,
+    the others added into it: no zeros where a part covers every slot."""
+    parts = [(t, pos) for t, pos in parts if t is not None and pos]
     every = tuple(range(count))
-    base = next((t for t, pos, fresh in parts if fresh and pos == every), None)
-    if base is None and len(parts) == 1 and parts[0][1] == every:
-        return parts[0][0]
+    base = next((t for t, pos in parts if pos == every), None)
     if base is None:
         base = like.new_zeros((count, like.shape[0]))
-    for t, pos, _ in parts:
+    for t, pos in parts:
         if t is not base:
             add_into_slots(base, pos, t)
     return base

@@ -58,31 +58,52 @@ def _(x, xt):
             x.new_empty((T, C), dtype=acc), x.new_empty((T, C), dtype=acc))
 
 
-@lib.register_fake("fgkernels::dual_bn_coefficients")
-def _(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos, p_pos, count, training,
-      eps):
+def check_coefficients_args(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos,
+                            p_pos, count, training):
+    """dual_bn_coefficients' arguments, as the CPU op checks them (also run before its CUDA
+    implementations, which are written in Python)."""
     torch._check(mean.dim() == 1, lambda: f"mean must have shape (C), got {tuple(mean.shape)}")
     torch._check(mean.dtype in (torch.float32, torch.float64),
                  lambda: f"mean must be float32 or float64, got {mean.dtype}")
-    C = mean.shape[0]
+    C, X, P = mean.shape[0], len(x_pos), len(p_pos)
+    from_batch = training and X > 0
+    torch._check(not from_batch or (tmean is not None and tcov is not None),
+                 lambda: "training with input slots needs tmean and tcov")
     for name, t, rows in (("var", var, None), ("weight", weight, None), ("bias", bias, None),
-                          ("weight_t", weight_t, len(p_pos)), ("bias_t", bias_t, len(p_pos))):
+                          ("weight_t", weight_t, P), ("bias_t", bias_t, P),
+                          ("tmean", tmean if from_batch else None, X),
+                          ("tcov", tcov if from_batch else None, X)):
         shape = (C,) if rows is None else (rows, C)
         torch._check(t is None or tuple(t.shape) == shape,
                      lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
     torch._check(all(0 <= t < count for t in (*x_pos, *p_pos)),
                  lambda: f"x_pos and p_pos must hold output slots in [0, {count})")
+
+
+@lib.register_fake("fgkernels::dual_bn_coefficients")
+def _(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos, p_pos, count, training,
+      eps):
+    check_coefficients_args(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos,
+                            p_pos, count, training)
+    C = mean.shape[0]
     return (mean.new_empty(C), mean.new_empty(C), mean.new_empty((count, C)),
             mean.new_empty((count, C)))
 
 
-@lib.register_fake("fgkernels::bn_update_running_stats_")
-def _(running_mean, running_var, mean, var, n, momentum):
+def check_running_stats_args(running_mean, running_var, mean, var):
+    """bn_update_running_stats_'s arguments, as the CPU op checks them."""
     C = mean.shape[0]
     for name, t in (("var", var), ("running_mean", running_mean),
                     ("running_var", running_var)):
         torch._check(tuple(t.shape) == (C,),
                      lambda: f"{name} must have shape ({C},), got {tuple(t.shape)}")
+    torch._check(running_mean.dtype == running_var.dtype,
+                 lambda: "running_mean and running_var must share a dtype")
+
+
+@lib.register_fake("fgkernels::bn_update_running_stats_")
+def _(running_mean, running_var, mean, var, n, momentum):
+    check_running_stats_args(running_mean, running_var, mean, var)
     return None
 
 

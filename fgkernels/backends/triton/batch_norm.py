@@ -161,11 +161,6 @@ def _bn_update_running_stats_kernel(rm_ptr, rv_ptr, mean_ptr, var_ptr, factors_p
              mask=ok)
 
 
-# (momentum, n, device) -> the float64 factors the kernel reads, made once: a number passed to a
-# kernel is float32, and a tensor made from numbers on each call is a copy from the host.
-_FACTORS: dict[tuple[float, int, torch.device], torch.Tensor] = {}
-
-
 def bn_update_running_stats_(running_mean, running_var, mean, var, n: int,
                              momentum: float) -> None:
     """``bn_update_running_stats_`` (its schema in csrc/fgkernels.cpp) in one launch, for
@@ -175,13 +170,10 @@ def bn_update_running_stats_(running_mean, running_var, mean, var, n: int,
                for b in (running_mean, running_var)):
         update_running_stats_composite(running_mean, running_var, mean, var, n, momentum)
         return
-    key = (float(momentum), int(n), mean.device)
-    factors = _FACTORS.get(key)
-    if factors is None:
-        factors = torch.tensor([momentum, n / max(n - 1, 1)], dtype=torch.float64,
-                               device=mean.device)
-        if type(factors) is torch.Tensor and not torch.compiler.is_compiling():
-            _FACTORS[key] = factors
+    # The kernel reads its float64 factors from memory (a number passed to a kernel is
+    # float32), filled on the device: a tensor made from numbers is a copy from the host.
+    factors = torch.full((2,), momentum, dtype=torch.float64, device=mean.device)
+    factors[1:].fill_(n / max(n - 1, 1))
     block = 128
     _bn_update_running_stats_kernel[(triton.cdiv(mean.shape[0], block),)](
         running_mean, running_var, mean.contiguous(), var.contiguous(), factors,
