@@ -292,6 +292,33 @@ def test_bn_coefficients_kernel_matches_the_cpu_op(slots, training):
         torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_bn_coefficients_kernel_gives_forward_ad_batch_norm(relu):
+    """The Triton coefficients, applied to a training batch norm with input slots {0, 2} and
+    parameter slots {1, 2}, give forward_ad's tangents in float64 (every term of the rule in
+    play: a slot with the input term only, one with the parameter terms only, one with both)."""
+    from fgkernels.backends.triton.batch_norm import dual_bn_coefficients
+    x = torch.randn(3, 5, 6, 7) * 3 + 2
+    xt = torch.randn(2, *x.shape)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    wt, bt = torch.randn(2, 5), torch.randn(2, 5)
+    eps, to = 1e-5, lambda *ts: [t.to(DEVICE) for t in ts]
+    mean, var, tmean, tcov = torch.ops.fgkernels.dual_bn_stats(x, xt)
+    scale, shift, t_xscale, t_shift = dual_bn_coefficients(
+        *to(mean, var, tmean, tcov, w, wt, b, bt), [0, 2], [1, 2], 3, True, eps)
+    y, yt = torch.ops.fgkernels.dual_bn_apply(x, xt, [0, -1, 1], mean, scale.cpu(), shift.cpu(),
+                                              t_xscale.cpu(), t_shift.cpu(), relu)
+    zero = lambda t: torch.zeros_like(t[0])
+    stacks = [torch.stack([xt[0], zero(xt), xt[1]]), torch.stack([zero(wt), wt[0], wt[1]]),
+              torch.stack([zero(bt), bt[0], bt[1]])]
+    fn = lambda x_, w_, b_: (F.relu if relu else (lambda v: v))(
+        F.batch_norm(x_, None, None, w_, b_, True, 0.1, eps))
+    y64, yt64 = forward_ad_jvp(fn, [t.double() for t in (x, w, b)],
+                               [s.double() for s in stacks])
+    torch.testing.assert_close(y.double(), y64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(yt.double(), yt64, rtol=1e-4, atol=1e-4)
+
+
 def test_batch_norm_cuda_entry_points_check_their_arguments():
     """The CUDA implementations written in Python check their arguments as the CPU op does
     (a Triton kernel would read out of bounds instead)."""
