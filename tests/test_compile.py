@@ -23,8 +23,7 @@ def _block_and_pass(training: bool):
     return block, dual_pass
 
 
-@pytest.mark.parametrize("backend", [b for b in fgkernels.available_backends()
-                                     if b != "triton"])
+@pytest.mark.parametrize("backend", fgkernels.available_backends())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
     block, dual_pass = _block_and_pass(training)
@@ -41,6 +40,11 @@ def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
     torch.testing.assert_close(yt, yt_ref)
     for (name, a), b in zip(block.state_dict().items(), eager_block.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    if backend == "triton":  # the Triton kernels run inside the graph, not a fallback beside it
+        with fgkernels.use_backend(backend), torch.profiler.profile() as prof:
+            compiled(block, x, xt)
+        names = {e.name for e in prof.events()}
+        assert {"fgkernels_triton::dual_conv2d", "fgkernels_triton::dual_bn_apply_"} <= names
 
 
 @pytest.mark.parametrize("convert", [False, True], ids=["as is", "converted"])

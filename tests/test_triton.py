@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
+from fgkernels.backends.layout import empty_slots
 from fgkernels.backends.triton.conv import combine_tile_stats, dual_conv2d
 from fgkernels.backends.triton.precision import cudnn_conv_fp32_precision
 from fgkernels.testing import forward_ad_jvp, round_to_tf32
@@ -272,6 +273,47 @@ def test_bn_relu_apply_keeps_nan_and_its_tangent():
     dual_bn_relu_apply_(y, yt, zero, one, zero, zero[None], zero[None], relu=True)
     assert torch.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == 0 and y[0, 0, 0, 2] == 2
     assert torch.isnan(yt[0, 0, 0, 0, 0]) and yt.flatten()[1:].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(channels_last):
+    """The Triton ops as torch.library checks a registered op: schema, fake against the
+    kernel's outputs (shapes, strides, dtypes), traced by AOTAutograd; every slot role."""
+    x, w, b = (in_layout(rand(2, 3, 5, 4, dtype=torch.float32), channels_last),
+               rand(4, 3, 3, 3, dtype=torch.float32), rand(4, dtype=torch.float32))
+    xt = in_layout(rand(2, *x.shape, dtype=torch.float32), channels_last)
+    wt, bt = rand(2, *w.shape, dtype=torch.float32), rand(2, 4, dtype=torch.float32)
+    geometry = ([1, 1], [1, 1], [1, 1])
+    conv = torch.ops.fgkernels_triton.dual_conv2d
+    cases = [
+        (conv, (x, xt, w, wt, b, bt, [0, 1], [0, 1], 2, *geometry, True)),   # same slots
+        (conv, (x, xt, w, wt, b, bt, [0, 1], [2, 3], 4, *geometry, True)),   # appended
+        (conv, (x, None, w, wt, None, None, [], [0, 1], 2, *geometry, False)),
+        (conv, (x, None, w, None, b, bt, [], [0, 1], 2, *geometry, True)),  # bias slots only
+        (conv, (x, xt[:1], w, None, None, None, [0], [], 1, [2, 1], [0, 1], [1, 1], False)),
+    ]
+    y = conv(x, xt, w, None, None, None, [0, 1], [], 2, *geometry, False)[0]
+    center, scale, shift = (rand(4, dtype=torch.float32) for _ in range(3))
+    t_xscale, t_shift = rand(2, 4, dtype=torch.float32), rand(2, 4, dtype=torch.float32)
+    apply_ = torch.ops.fgkernels_triton.dual_bn_apply_
+    ys = empty_slots(2, y).copy_(rand(2, *y.shape))
+    cases += [(apply_, (y.clone(), ys, center, scale, shift, t_xscale, t_shift, True)),
+              (apply_, (y.clone(), None, center, scale, shift, t_xscale[:0], t_shift[:0],
+                        False))]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_conv_op_refuses_what_it_does_not_serve():
+    """A slot layout the kernel does not lay out is refused with the layout named (the
+    backend asks ``serves`` first and falls back)."""
+    from fgkernels.backends.triton.ops import serves
+    x, w = rand(1, 2, 4, 4, dtype=torch.float32), rand(3, 2, 3, 3, dtype=torch.float32)
+    xt = rand(2, *x.shape, dtype=torch.float32)
+    args = (x, xt, w, None, None, None, [1, 0], [], 2, [1, 1], [1, 1], [1, 1], False)
+    assert not serves(x, w, [1, 0], [], 2, [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match=r"got x_pos \[1, 0\], p_pos \[\], count 2"):
+        torch.ops.fgkernels_triton.dual_conv2d(*args)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -1,6 +1,7 @@
 """The Triton backend: the fused dual convolution (with the batch-norm sums in its epilogue)
-and the in-place batch-norm apply (``backend.TritonBackend``). ``INTERPRETED`` is read once
-here: under ``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU."""
+and the in-place batch-norm apply (``backend.TritonBackend``), registered as operators of
+``torch.ops.fgkernels_triton`` (``ops.py``). ``INTERPRETED`` is read once here: under
+``TRITON_INTERPRET=1`` the kernels run in Triton's interpreter on the CPU."""
 from __future__ import annotations
 
 import functools

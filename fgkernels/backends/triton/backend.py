@@ -11,8 +11,7 @@ from ..base import ConvArgs, Delegating, LayerParams, Opt, Result, Tensor
 from ..fused import InPlaceConvBatchNorm
 from ..native.backend import NativeBackend
 from . import INTERPRETED
-from .batch_norm import dual_bn_relu_apply_
-from .conv import combine_tile_stats, dual_conv2d
+from .ops import serves  # importing .ops registers torch.ops.fgkernels_triton
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -35,13 +34,16 @@ class TritonBackend(Delegating, InPlaceConvBatchNorm):
         self.fallback = NativeBackend()
 
     def _fused_conv(self, x, xt, p: LayerParams, plan: SlotPlan, conv: ConvArgs, bn_stats):
-        """The fused kernel's ``(y, yt, tile stats)``, or None where it does not serve."""
+        """The fused kernel's ``(y, yt, mean, var, tmean, tcov)`` (the statistics None without
+        ``bn_stats``), or None where it does not serve."""
         pad = _serves(x, p.weight, conv)
         if pad is None:
             return None
         x_pos, p_pos = plan.positions
-        return dual_conv2d(x, xt, *p, x_pos, p_pos, plan.count, conv.stride, pad, conv.dilation,
-                           bn_stats=bn_stats)
+        if not serves(x, p.weight, x_pos, p_pos, plan.count, conv.stride, pad, conv.dilation):
+            return None
+        return torch.ops.fgkernels_triton.dual_conv2d(x, xt, *p, x_pos, p_pos, plan.count,
+                                                      conv.stride, pad, conv.dilation, bn_stats)
 
     def conv2d(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, conv: ConvArgs,
                y: Opt = None) -> Result:
@@ -61,12 +63,11 @@ class TritonBackend(Delegating, InPlaceConvBatchNorm):
             h, ht, _, owned = self.fallback.conv_for_batch_norm(x, xt, conv_p, conv_plan, conv,
                                                                 training, conv_y)
             return h, ht, None, owned
-        y, yt, tile_stats = out
-        stats = combine_tile_stats(*tile_stats, torch.float32) if training else None
-        return y, yt, stats, True
+        y, yt, *stats = out
+        return y, yt, tuple(stats) if training else None, True
 
     def apply_in_place(self, h, ht, c: bn_math.BNCoefficients, relu: bool) -> None:
         if h.device.type != "cuda" and not INTERPRETED:
             self.fallback.apply_in_place(h, ht, c, relu)
         else:
-            dual_bn_relu_apply_(h, ht, *c.apply_args(), relu)
+            torch.ops.fgkernels_triton.dual_bn_apply_(h, ht, *c.apply_args(), relu)

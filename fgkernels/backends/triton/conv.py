@@ -20,6 +20,7 @@ so the tile sums of the primal and of every slot cover the same rows.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,6 +53,16 @@ def slot_layout(x_pos: tuple, p_pos: tuple, count: int) -> Optional[tuple[bool, 
     if p_pos == tuple(range(tx, tx + tp)) and count == tx + tp:
         return False, tx
     return None
+
+
+def too_large(x: Tensor, w: Tensor, stride, padding, dilation) -> bool:
+    """True when a slot of x (its channels padded as ``kernel_operands`` pads them), of W or
+    of the output has 2³¹ elements or more: offsets inside a slot are int32 in the kernel."""
+    C = x.shape[1]
+    padded = -(-C // CHANNEL_ALIGN) * CHANNEL_ALIGN
+    out = ConvArgs(tuple(stride), tuple(padding), tuple(dilation), 1).output_shape(x.shape,
+                                                                                 w.shape)
+    return max(x.numel() // C * padded, math.prod(out), w.numel() // C * padded) >= 2 ** 31
 
 
 @dataclass
@@ -213,14 +224,11 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
     ``input_precision`` of float32 products: ``"tf32"`` or ``"ieee"`` (three TF32 products,
     about float32's precision); by default what cuDNN's convolutions use."""
     layout = slot_layout(x_pos, p_pos, count)
-    if layout is None:
+    if layout is None or too_large(x, w, stride, padding, dilation):
         return None
     N, C, H, W = x.shape
     CO, _, KH, KW = w.shape
     _, _, HO, WO = ConvArgs(stride, padding, dilation, 1).output_shape(x.shape, w.shape)
-    padded = -(-C // CHANNEL_ALIGN) * CHANNEL_ALIGN
-    if max(x.numel() // C * padded, N * CO * HO * WO, w.numel() // C * padded) >= 2 ** 31:
-        return None  # offsets inside a slot are int32 in the kernel
     p_add, p_offset = layout
     tx = 0 if xt is None else xt.shape[0]
     tangent_dtype = next((t.dtype for t in (xt, wt, bt) if t is not None), x.dtype)
