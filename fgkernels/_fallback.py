@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from . import _slots
 from .backends.base import tangent_dtype_fits
-from .dual import Dual, differentiable
+from .dual import Dual, differentiable, implements_fallback
 from .tangents import dual_of
 
 _used: dict[str, int] = {}
@@ -90,6 +90,7 @@ def _describe(func: Callable) -> tuple[str, bool]:
     return name, name.endswith("_") and not name.endswith("__")
 
 
+@implements_fallback
 def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     """``func(*args, **kwargs)`` with Duals among its arguments: the primal outputs, and their
     tangents by ``torch.func.jvp``, one slot per vmapped lane."""

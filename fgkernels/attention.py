@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from . import _slots
 from .dual import Dual, implements
+from .functional import dropout, linear
 from .operands import as_dual, parts
+from .products import matmul
 
 Tensor = torch.Tensor
 
@@ -121,8 +123,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
 def _attention_math(q: Dual, k: Dual, v: Dual, bias, scale: float, dropout_p: float) -> Dual:
     """Attention written in Dual ops (every product, the softmax and the bias by their rules),
     rows with nothing to attend to giving 0."""
-    from .functional import dropout
-    from .products import matmul
     s = matmul(q, k.transpose(-2, -1)) * scale
     if bias is not None:
         s = s + bias
@@ -159,7 +159,6 @@ def multi_head_attention_forward(
         average_attn_weights: bool = True, is_causal: bool = False):
     """Dual multi-head attention (arguments and results as ``F.multi_head_attention_forward``:
     sequence-first inputs, ``(output, weights or None)``)."""
-    from .functional import linear
     q_in, k_in, v_in = (as_dual(t, "multi_head_attention") for t in (query, key, value))
     batched = q_in.dim() == 3
     if not batched:
@@ -217,13 +216,11 @@ def multi_head_attention_forward(
     p = dropout_p if training else 0.0
 
     if need_weights:
-        from .products import matmul
         scores = matmul(q * (1.0 / math.sqrt(hd)), k.transpose(-2, -1))
         if attn_mask is not None:
             scores = scores + attn_mask
         weights = softmax(scores, -1)
         if p > 0.0:
-            from .functional import dropout
             weights = dropout(weights, p, True)
         out = matmul(weights, v)
     else:

@@ -10,8 +10,11 @@ import torch
 from ._slots import Directions, SlotOperand
 from .backends.base import tangent_dtype_fits
 
-# torch function -> rule; filled by fgkernels.functional with the ops that have a JVP rule.
+# torch function -> rule; filled by the rule modules above this one (functional, pointwise,
+# ...) with the ops that have a JVP rule, and by indexing with the rule of Dual.__setitem__.
 _RULES: dict[Callable, Callable] = {}
+# The rule of every torch function without one of its own, installed by fgkernels._fallback.
+_fallback_rule: Optional[Callable] = None
 
 
 def implements(*funcs: Callable) -> Callable:
@@ -23,6 +26,14 @@ def implements(*funcs: Callable) -> Callable:
         return rule
 
     return register
+
+
+def implements_fallback(rule: Callable) -> Callable:
+    """Register the decorated ``rule(func, args, kwargs)`` as the rule of every torch function
+    that has none of its own (and of every call with ``out=``)."""
+    global _fallback_rule
+    _fallback_rule = rule
+    return rule
 
 
 def check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bool:
@@ -299,8 +310,7 @@ class Dual:
     def __setitem__(self, index, value) -> None:
         """``d[index] = value`` (a Dual, Tensor or number): like every in-place op on a Dual,
         rebinds it to the result (its tensors are not written)."""
-        from .indexing import setitem
-        self._assign(setitem(self, index, value))
+        self._assign(_RULES[Dual.__setitem__](self, index, value))
 
     def __repr__(self) -> str:
         t = "None" if self._stack is None else f"{tuple(self._stack.shape)}"
@@ -316,8 +326,7 @@ class Dual:
         rule = _RULES.get(func)
         with in_rule():
             if rule is None or kwargs.get("out") is not None:  # out=: written in place
-                from ._fallback import forward_ad_fallback
-                return forward_ad_fallback(func, args, kwargs)
+                return _fallback_rule(func, args, kwargs)
             return rule(*args, **kwargs)
 
     def __getattr__(self, name: str):

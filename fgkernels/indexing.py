@@ -54,6 +54,7 @@ def getitem(input: Dual, index) -> Dual:
     return out
 
 
+@implements(Dual.__setitem__)
 def setitem(d: Dual, index, value) -> Dual:
     """The Dual ``d`` with ``d[index] = value`` (a Dual, Tensor or number), out of place: the
     region takes value's primal and tangent (zero where value has none)."""

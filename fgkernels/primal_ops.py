@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from ._fallback import forward_ad_fallback
 from .backends.base import tangent_dtype_fits
 from .backends.layout import slots_in_format
 from .dual import Dual, differentiable, implements
@@ -94,7 +95,6 @@ def _fill(func: Callable) -> Callable:
     value brings its own)."""
     def rule(input: Dual, *args, **kwargs):
         if not isinstance(input, Dual):  # a plain tensor filled from a Dual value
-            from ._fallback import forward_ad_fallback
             return forward_ad_fallback(func, (input, *args), kwargs)
         value = args[0] if args and isinstance(args[0], Dual) else None
         if value is not None:  # fill_(Dual scalar): every element takes its value and tangent
@@ -114,7 +114,6 @@ for _op in (_T.zero_, _T.fill_, _T.uniform_, _T.normal_, _T.bernoulli_, _T.rando
 def copy_(input, src, non_blocking: bool = False):
     """``d.copy_(src)``: ``d`` rebound to ``src`` broadcast to its shape, dtype and device."""
     if not isinstance(input, Dual):
-        from ._fallback import forward_ad_fallback
         return forward_ad_fallback(_T.copy_, (input, src, non_blocking), {})
     source = src if isinstance(src, Dual) else Dual._unchecked(src, None, None, False)
     value = source.to(device=input.device, dtype=input.dtype).expand_as(input.primal)
