@@ -143,3 +143,22 @@ def test_local_baseline_equals_autograd_of_each_aux_loss():
     assert est.loss == pytest.approx(float(global_loss.detach()), rel=1e-12)
     for (n, a), (_, b) in zip(ref.blocks.named_buffers(), net.blocks.named_buffers()):
         torch.testing.assert_close(b, a, msg=n)  # one update of the blocks' running stats
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_heads_keep_conv_outputs_only_for_a_local_target(target, space, monkeypatch):
+    """A head's conv outputs are kept for its dual pass, which only a local target runs; for a
+    global target they would only raise the step's memory peak (in the block's backward)."""
+    from fgkernels.train import estimators
+    net, kept = small_net(), []
+    block_targets = estimators._block_targets
+
+    def spy(run, j, d):
+        kept.append(any("_fg_kept" in m.__dict__ for m in run.net.heads[j].modules()))
+        return block_targets(run, j, d)
+
+    monkeypatch.setattr(estimators, "_block_targets", spy)
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    estimate_gradients(net, x, y, target, "local", space)
+    assert kept == [target != "global"] * (len(net.blocks) - 1)

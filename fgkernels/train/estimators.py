@@ -10,9 +10,9 @@ network carries direction j from block j on (absent before it), so a single pass
 block's. Local guesses come from local autograd on one block (its input detached), so memory
 stays that of one block; the block's dual pass then takes its convolutions' primal outputs from
 that autograd forward (``reuse_conv_outputs``) instead of computing them again, in both spaces,
-and so does a head's dual pass for a local target: no convolution is computed twice. In
-activity space, ĝ_j lives on block j's output and is backpropagated
-inside block j only. The last block and the classifier get their exact gradient.
+and so does a head's dual pass for a local target (a global target keeps no head output):
+no convolution is computed twice. In activity space, ĝ_j lives on block j's output and is
+backpropagated inside block j only. The last block and the classifier get their exact gradient.
 
 Inside a ``fgkernels.tangent_dtype`` block the guesses enter the dual pass in that dtype (a
 bfloat16 tangent of a float32 network); the estimate keeps the guess itself as its basis.
@@ -226,8 +226,11 @@ def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "globa
     d = Dual(x)
     for j in range(len(net.blocks) - 1):
         # A head's convolutions run under autograd for its guess (or its gradient) and again on
-        # the dual pass for a local target: the second takes the first's outputs.
-        with reuse_conv_outputs(net.heads[j]):
+        # the dual pass for a local target: the second takes the first's outputs. A global
+        # target runs no head on the dual pass, so nothing is kept for it.
+        keep = reuse_conv_outputs(net.heads[j]) if target != "global" else \
+            contextlib.nullcontext()
+        with keep:
             d = step(run, j, d)
             d = _block_targets(run, j, d)
     _last_block(run, d)
