@@ -7,13 +7,17 @@ size, so the suites never rot, and nothing is judged.
 """
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The small model builds of tests/zoo.py are test support that the benchmarks share.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fgkernels  # noqa: E402
 from fgkernels.train.memory import PeakMemory  # noqa: E402

@@ -5,7 +5,7 @@ cProfile.
     python benchmarks/profile_python_tax.py [--models resnet mobilenet_v3 efficientnet convnext]
                                             [--batches 1 16] [--passes 10]
 
-Each ``fgkernels.zoo`` model (width 16, eval, 32×32 input, every parameter and the input
+Each ``tests/zoo.py`` model (width 16, eval, 32×32 input, every parameter and the input
 carrying one tangent, converted) runs ``--passes`` dual passes under cProfile; a function's
 own time (not its callees') is charged to torch's ops when it is a builtin (a C function:
 ATen, the fgkernels ops, tensor methods), else to the Python file it is in. cProfile slows
@@ -19,14 +19,18 @@ import copy
 import cProfile
 import pstats
 import statistics
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.zoo import MODELS
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo import MODELS  # noqa: E402  (tests/zoo.py)
 
 PARTS = {  # fgkernels' Python files, named by what they do
     "tangents.py": "parameter substitution and module hooks",

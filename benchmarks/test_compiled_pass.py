@@ -2,10 +2,10 @@
 same pass run eagerly, in the same run (paired rounds)."""
 import pytest
 import torch
+from zoo import BasicBlock
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.zoo import BasicBlock
 
 from conftest import DEVICE
 

@@ -1,9 +1,8 @@
-"""The dual pass of each ``fgkernels.zoo`` model (every parameter and the input carrying one
+"""The dual pass of each ``tests/zoo.py`` model (every parameter and the input carrying one
 tangent) against torch.autograd.forward_ad's, float32, in the same run (paired rounds)."""
 import pytest
 import torch
-
-from fgkernels.zoo import MODELS
+from zoo import MODELS
 
 from conftest import DEVICE
 from providers import model_dual_pass_case

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from zoo import build_resnet
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
-from fgkernels.zoo import build_resnet
 
 from helpers import rel_err
 

@@ -1,4 +1,4 @@
-"""Real architectures convert and run exactly: each model of ``fgkernels.zoo`` (and the same
+"""Real architectures convert and run exactly: each model of ``tests/zoo.py`` (and the same
 models with hooks, pruning, weight norm and parametrizations), train and eval mode, float64,
 against torch.autograd.forward_ad: output, tangent (on the input and every parameter) and running
 statistics."""
@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 from torch.nn.utils import parametrizations, prune, weight_norm
+from zoo import MODELS
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
-from fgkernels.zoo import MODELS
 
 from helpers import rel_err
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import BasicBlock
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.tangents import has_tangent
-from fgkernels.zoo import BasicBlock
 
 from helpers import TOL, torch_jvp, torch_jvp_multi
 
@@ -107,7 +107,7 @@ def test_state_dict_round_trip():
     assert dual.state_dict().keys() == twin.state_dict().keys()  # tangents are not state
 
 
-# --- a ResNet-18 as torchvision writes it (fgkernels.zoo's BasicBlock) -------------------------
+# --- a ResNet-18 as torchvision writes it (tests/zoo.py's BasicBlock) -------------------------
 class ResNet18(nn.Module):
     def __init__(self, num_classes=10, width=8):
         super().__init__()

@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
+from zoo import MODELS
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.tangents import has_tangent, tangent_of
 from fgkernels.testing import model_jvp
-from fgkernels.zoo import MODELS
 
 from helpers import rel_err
 
