@@ -21,6 +21,11 @@ AUX_NETS = ("cnn", "mlp", "linear")
 AUX_WIDTH = {"resnet18-8b": {"cnn": 32, "mlp": 1024, "linear": 0},
              "resnet18-16b": {"cnn": 16, "mlp": 512, "linear": 0},
              "cnn": {"cnn": 4, "mlp": 32, "linear": 0}}
+# The cnn aux net's stride-2 convolutions after block j: the paper's three for the ResNets (on
+# 32×32 images). The small CNN's blocks give 8, 4, 4 and 2 px maps on 8×8 digits, which three
+# would shrink to 1×1 (3×3 convolutions of one pixel) before the net's 2×2 pool: its aux nets
+# stop downsampling at 2×2.
+AUX_DOWNSAMPLES = {"resnet18-8b": [3] * 7, "resnet18-16b": [3] * 15, "cnn": [2, 1, 1, 0]}
 
 
 class BlockNet(nn.Module):
@@ -106,11 +111,13 @@ def _small_cnn(in_channels: int, width: int) -> tuple[list[nn.Module], list[int]
     return blocks, widths
 
 
-def aux_head(kind: str, channels: int, num_classes: int, width: int) -> nn.Module:
-    """An auxiliary net (docs/method.md): ``cnn``, ``mlp`` or ``linear``."""
+def aux_head(kind: str, channels: int, num_classes: int, width: int,
+             downsamples: int = 3) -> nn.Module:
+    """An auxiliary net (docs/method.md): ``cnn`` (with ``downsamples`` stride-2
+    convolutions), ``mlp`` or ``linear``."""
     if kind == "cnn":
         layers = [*conv_bn_relu(channels, width, kernel=1)]
-        for _ in range(3):
+        for _ in range(downsamples):
             layers += conv_bn_relu(width, width, 2)
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                              nn.Linear(4 * width, num_classes))
@@ -152,7 +159,8 @@ def build_model(arch: str, num_classes: int, in_channels: int, aux: str = "cnn",
     blocks, widths = build(in_channels, width)
     if aux_width is None:
         aux_width = max(4, AUX_WIDTH[arch][aux] * width // default_width)
-    heads = [aux_head(aux, widths[j], num_classes, aux_width) for j in range(len(blocks) - 1)]
+    heads = [aux_head(aux, widths[j], num_classes, aux_width, AUX_DOWNSAMPLES[arch][j])
+             for j in range(len(blocks) - 1)]
     heads.append(final_head(widths[-1], num_classes))
     return convert(BlockNet(blocks, heads))
 
