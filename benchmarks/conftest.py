@@ -36,7 +36,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
                               else "CPU")
     machine_info["fgkernels_backends"] = fgkernels.available_backends()
     machine_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    machine_info["fast_bfloat16"] = fgkernels.precision.fast_bfloat16(DEVICE)
+    machine_info["fast_bfloat16"] = fgkernels.dual.precision.fast_bfloat16(DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def quick(request) -> bool:
 def skip_emulated_bfloat16(quick: bool) -> None:
     """Skip a bfloat16 timing where the device has no bfloat16 instructions (an AVX2 CPU):
     emulated bfloat16 is no speed figure. The quick run still checks the case's result."""
-    if not quick and not fgkernels.precision.fast_bfloat16(DEVICE):
+    if not quick and not fgkernels.dual.precision.fast_bfloat16(DEVICE):
         pytest.skip("no bfloat16 instructions here: an emulated bfloat16 time is not published")
 
 

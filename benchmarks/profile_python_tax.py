@@ -33,13 +33,13 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 from zoo import MODELS  # noqa: E402  (tests/zoo.py)
 
 PARTS = {  # fgkernels' Python files, named by what they do
-    "tangents.py": "parameter substitution and module hooks",
-    "nn.py": "twins and fused sequences",
-    "_slots.py": "slot planning and placement",
+    "dual/tangents.py": "parameter substitution and module hooks",
+    "nn/modules.py": "twins and fused sequences",
+    "dual/slots.py": "slot planning and placement",
     "backends/bn_math.py": "batch-norm coefficients",
-    "checks.py": "argument checks",
-    "operands.py": "operand splitting",
-    "dual.py": "Dual and dispatch",
+    "rules/checks.py": "argument checks",
+    "rules/operands.py": "operand splitting",
+    "dual/value.py": "Dual and dispatch",
 }
 
 

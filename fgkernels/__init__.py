@@ -3,31 +3,31 @@
 A ``Dual`` carries a primal tensor and its tangent(s); the Dual layers (``DualConv2d``, ...)
 compute both in one pass, with no autograd graph and no stored activations.
 """
-from . import attention, functional, indexing, norms, primal_ops, products  # noqa: F401  (rules)
-from ._fallback import fallback_ops, strict_rules
+from . import functional, rules  # noqa: F401  (rules: every op's rule registered)
 from .backends import available_backends, current_backend, use_backend
-from .compiled import compile
 from .dual import Dual, is_dual
+from .dual.precision import fast_bfloat16, tangent_dtype
+from .dual.tangents import clear_tangents, random_tangents, set_tangents
 from .nn import (
-                 DualAdaptiveAvgPool2d,
-                 DualAvgPool2d,
-                 DualBatchNorm1d,
-                 DualBatchNorm2d,
-                 DualConv2d,
-                 DualFlatten,
-                 DualGroupNorm,
-                 DualLayerNorm,
-                 DualLinear,
-                 DualMaxPool2d,
-                 DualModule,
-                 DualReLU,
-                 DualSequential,
-                 convert,
-                 register_twin,
-                 reuse_conv_outputs,
+    DualAdaptiveAvgPool2d,
+    DualAvgPool2d,
+    DualBatchNorm1d,
+    DualBatchNorm2d,
+    DualConv2d,
+    DualFlatten,
+    DualGroupNorm,
+    DualLayerNorm,
+    DualLinear,
+    DualMaxPool2d,
+    DualModule,
+    DualReLU,
+    DualSequential,
+    compile,
+    convert,
+    register_twin,
+    reuse_conv_outputs,
 )
-from .precision import fast_bfloat16, tangent_dtype
-from .tangents import clear_tangents, random_tangents, set_tangents
+from .rules.fallback import fallback_ops, strict_rules
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
+from .dual import Dual
+from .dual.tangents import clear_tangents, random_tangents, set_tangents
+from .rules.fallback import fallback_ops
+
 Tensor = torch.Tensor
 
 
@@ -96,8 +100,6 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     buffers and random state. Returns the relative errors of the outputs and their tangents
     (every floating output, nested ones included) and of the buffers after the pass, and the
     ops that took the forward-AD fallback. No copy of the model is made (large models fit)."""
-    from . import Dual, fallback_ops, random_tangents
-    from .tangents import clear_tangents, set_tangents
     g = torch.Generator().manual_seed(seed)
     tangents = random_tangents(model, num_tangents=num_tangents, generator=g)
     clear_tangents(model)

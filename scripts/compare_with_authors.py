@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from fgkernels.precision import fast_bfloat16
+from fgkernels.dual.precision import fast_bfloat16
 from fgkernels.train import build_model
 from fgkernels.train.loop import TrainConfig, compute_gradients, sgd_step
 from fgkernels.train.memory import PeakMemory

@@ -10,7 +10,7 @@ from zoo import build_resnet
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.backends.layout import in_kernel_layout
+from fgkernels.dual.layout import in_kernel_layout
 
 CL = torch.channels_last
 pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),

@@ -28,7 +28,7 @@ def _block_and_pass(training: bool):
 def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
     block, dual_pass = _block_and_pass(training)
     eager_block = copy.deepcopy(block)  # tangents are per step: a copy has none of its own
-    fgkernels.set_tangents(eager_block, {n: fgkernels.tangents.tangent_of(p).stack
+    fgkernels.set_tangents(eager_block, {n: fgkernels.dual.tangents.tangent_of(p).stack
                                          for n, p in block.named_parameters()})
     x, xt = torch.randn(3, 4, 10, 10), torch.randn(2, 3, 4, 10, 10)
     torch._dynamo.reset()
@@ -118,7 +118,7 @@ def test_activation_layers_compile_in_one_graph():
 def test_inductor_compiles_the_dual_pass():
     block, dual_pass = _block_and_pass(True)
     eager_block = copy.deepcopy(block)
-    fgkernels.set_tangents(eager_block, {n: fgkernels.tangents.tangent_of(p).stack
+    fgkernels.set_tangents(eager_block, {n: fgkernels.dual.tangents.tangent_of(p).stack
                                          for n, p in block.named_parameters()})
     x, xt = torch.randn(3, 4, 10, 10), torch.randn(2, 3, 4, 10, 10)
     torch._dynamo.reset()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels._fallback import forward_ad_fallback
+from fgkernels.rules.fallback import forward_ad_fallback
 from fgkernels.testing import forward_ad_jvp, model_jvp
 
 from helpers import rel_err

@@ -1,8 +1,12 @@
-"""The package's modules import each other one way: at module level, with no circle, and inside a
-function only to load an optional part late (the compiled extension, Triton, a backend).
+"""The package's modules import each other one way, as the data flows (``docs/design.md``): the
+value (``dual``) under the kernels (``backends``) under the rules (``rules``) under the functional
+face (``functional``) under the modules (``nn``) under the trainer and the oracle; at module
+level, with no circle, and inside a function only to load an optional part late (the compiled
+extension, Triton, a backend).
 
 Read from the source with ``ast``: an import circle hidden inside a function body (a rule module
-imported by the ``Dual`` it extends) fails here, as does one at module level.
+imported by the ``Dual`` it extends) fails here, as does one at module level, and an import of a
+higher layer.
 """
 import ast
 from pathlib import Path
@@ -16,8 +20,16 @@ LATE_IMPORTS = {
     "fgkernels.backends.native": {"fgkernels._C", "fgkernels.backends.native.cuda_python_impls",
                                   "fgkernels.backends.native.fakes"},
     "fgkernels.backends.native.cuda_python_impls": {"fgkernels.backends.triton.batch_norm"},
-    "fgkernels.testing": {"fgkernels", "fgkernels.tangents"},
 }
+# The layers, lowest first; a module belongs to the first whose name prefixes its own.
+LAYERS = [("fgkernels.dual",), ("fgkernels.backends", "fgkernels._C"), ("fgkernels.rules",),
+          ("fgkernels.functional",), ("fgkernels.nn",), ("fgkernels.train", "fgkernels.testing"),
+          ("fgkernels",)]
+
+
+def layer_of(module: str) -> int:
+    return next(i for i, prefixes in enumerate(LAYERS)
+                if any(module == p or module.startswith(p + ".") for p in prefixes))
 
 
 def _modules() -> dict[str, Path]:
@@ -91,6 +103,13 @@ def test_no_import_circle():
     # a package importing its own submodules is how a package is made, not a circle
     graph = {m: {t for t in ts if not t.startswith(m + ".")} for m, ts in top.items()}
     assert _circle(graph) == []
+
+
+def test_no_import_against_the_flow():
+    top, late = _imports()
+    upward = {m: sorted(t for t in top[m] | late[m] if layer_of(t) > layer_of(m))
+              for m in top}
+    assert {m: ts for m, ts in upward.items() if ts} == {}
 
 
 def test_imports_inside_functions_only_load_optional_parts():

@@ -9,7 +9,7 @@ from zoo import BasicBlock
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.tangents import has_tangent
+from fgkernels.dual.tangents import has_tangent
 
 from helpers import TOL, torch_jvp, torch_jvp_multi
 

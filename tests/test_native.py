@@ -8,7 +8,7 @@ import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
 from fgkernels.backends import bn_math
-from fgkernels.backends.layout import empty_slots
+from fgkernels.dual.layout import empty_slots
 from fgkernels.testing import forward_ad_jvp
 
 from helpers import rel_err

@@ -13,7 +13,7 @@ from zoo import MODELS
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.tangents import has_tangent, tangent_of
+from fgkernels.dual.tangents import has_tangent, tangent_of
 from fgkernels.testing import model_jvp
 
 from helpers import rel_err

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
-from fgkernels.backends.layout import empty_slots
 from fgkernels.backends.triton.conv import combine_tile_stats, dual_conv2d
 from fgkernels.backends.triton.precision import cudnn_conv_fp32_precision
+from fgkernels.dual.layout import empty_slots
 from fgkernels.testing import forward_ad_jvp, round_to_tf32
 
 from helpers import rel_err

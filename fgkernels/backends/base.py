@@ -1,8 +1,8 @@
-"""The contract between ``fgkernels.functional`` and a backend.
+"""The contract between the layers' rules (``fgkernels.rules.layers``) and a backend.
 
-``functional`` checks every argument (``fgkernels.checks``), splits each Dual into its primal
-and its stacked tangent ``(T, *shape)`` (None when zero), plans the output's slots
-(``SlotPlan``) and calls one method of the backend that the registry picks for the device.
+A rule checks every argument (``fgkernels.rules.checks``), splits each Dual into its primal and
+its stacked tangent ``(T, *shape)`` (None when zero), plans the output's slots (``SlotPlan``)
+and calls one method of the backend that the registry picks for the device.
 A backend computes and returns ``(y, y_tangents)``: the primal output and its stacked tangent
 (None when no slot is live). It never sees a Dual and never re-checks arguments.
 
@@ -18,32 +18,14 @@ from typing import NamedTuple, Optional, Protocol, Union
 
 import torch
 
-from .._slots import SlotPlan
+from ..dual.slots import SlotPlan
 
 Tensor = torch.Tensor
 Opt = Optional[Tensor]
 Result = tuple[Tensor, Opt]
 
 __all__ = ["Backend", "Delegating", "LayerParams", "ConvArgs", "BatchNormArgs", "PoolArgs",
-           "SlotPlan", "Result", "acc_dtype", "tangent_dtype_fits"]
-
-
-def tangent_dtype_fits(primal: torch.dtype, tangent: torch.dtype) -> bool:
-    """A tangent's dtype is its primal's, or one of fewer bits of the same kind (bfloat16 or
-    float16 tangents of a float32 primal; complex64 of complex128): the ops compute tangent terms
-    in it and accumulate sums and statistics in the primal's ``acc_dtype``."""
-    if tangent == primal:
-        return True
-    if primal.is_complex:
-        return tangent.is_complex and tangent.itemsize < primal.itemsize
-    return primal.is_floating_point and tangent.is_floating_point \
-        and tangent.itemsize < primal.itemsize
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of the kernels (statistics, coefficients): float64 for float64
-    inputs, float32 for every other floating dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+           "SlotPlan", "Result"]
 
 
 class LayerParams(NamedTuple):

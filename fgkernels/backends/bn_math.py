@@ -21,8 +21,9 @@ from typing import Optional
 
 import torch
 
-from .._slots import SlotPlan, add_into_slots
-from .base import BatchNormArgs, LayerParams, acc_dtype
+from ..dual.dtypes import acc_dtype
+from ..dual.slots import SlotPlan, add_into_slots
+from .base import BatchNormArgs, LayerParams
 
 Tensor = torch.Tensor
 

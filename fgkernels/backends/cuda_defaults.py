@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .._slots import SlotPlan
+from ..dual.slots import SlotPlan
 from . import bn_math
 from .base import Backend, ConvArgs, Delegating, LayerParams, Opt, Result, Tensor
 from .fused import InPlaceConvBatchNorm

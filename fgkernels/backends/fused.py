@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .._slots import SlotPlan
+from ..dual.slots import SlotPlan
 from . import bn_math
 from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, Result, Tensor
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._slots import SlotPlan, place
-from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor, acc_dtype
+from ..dual.dtypes import acc_dtype
+from ..dual.slots import SlotPlan, place
+from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
 
 
 def _bias_slots(bt: Tensor, y: Tensor) -> Tensor:

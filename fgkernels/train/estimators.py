@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as DF
-from ..dual import Dual
-from ..nn import reuse_conv_outputs
-from ..precision import resolve_tangent_dtype
-from ..tangents import clear_tangents, set_tangents
+from ..dual.precision import resolve_tangent_dtype
+from ..dual.tangents import clear_tangents, set_tangents
+from ..dual.value import Dual
+from ..nn.modules import reuse_conv_outputs
 from .models import BlockNet
 
 Tensor = torch.Tensor

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..backends.base import tangent_dtype_fits
-from ..precision import fast_bfloat16, tangent_dtype
+from ..dual.dtypes import tangent_dtype_fits
+from ..dual.precision import fast_bfloat16, tangent_dtype
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,

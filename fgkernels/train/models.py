@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..nn import convert
+from ..nn.modules import convert
 
 ARCHS = ("resnet18-8b", "resnet18-16b", "cnn")
 AUX_NETS = ("cnn", "mlp", "linear")

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..._slots import SlotPlan, place
+from ...dual.layout import in_kernel_layout
+from ...dual.slots import SlotPlan, place
 from .. import bn_math
 from ..base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
 from ..fused import InPlaceConvBatchNorm
-from ..layout import in_kernel_layout
 from ..reference import ReferenceBackend
 
 

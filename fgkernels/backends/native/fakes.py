@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import acc_dtype, tangent_dtype_fits
-from ..layout import empty_slots, kernel_format, slots_in_format
+from ...dual.dtypes import acc_dtype, tangent_dtype_fits
+from ...dual.layout import empty_slots, kernel_format, slots_in_format
 
 lib = torch.library
 

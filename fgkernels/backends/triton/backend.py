@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._slots import SlotPlan
+from ...dual.slots import SlotPlan
 from .. import bn_math
 from ..base import ConvArgs, Delegating, LayerParams, Opt, Result, Tensor
 from ..fused import InPlaceConvBatchNorm

@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._slots import positions_index
+from ...dual.layout import kernel_format
+from ...dual.slots import positions_index
 from ..bn_math import coefficients_composite, update_running_stats_composite
-from ..layout import kernel_format
 from . import INTERPRETED
 
 _BLOCK = 128 if INTERPRETED else 1024

@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 import triton
 
+from ...dual.layout import empty_like_format, empty_slots, kernel_format, slots_in_format
 from ..base import ConvArgs
-from ..layout import empty_like_format, empty_slots, kernel_format, slots_in_format
 from . import INTERPRETED
 from .conv_kernel import _dual_conv2d_forward_kernel
 from .conv_plan import MAX_REGISTERS, LaunchShape, TilePlan, block_m, plan_tiles

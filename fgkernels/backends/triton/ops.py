@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ...dual.layout import empty_like_format, empty_slots
 from ..base import ConvArgs
-from ..layout import empty_like_format, empty_slots
 from .batch_norm import dual_bn_relu_apply_
 from .conv import combine_tile_stats, slot_layout, too_large
 from .conv import dual_conv2d as _launch_dual_conv2d

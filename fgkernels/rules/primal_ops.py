@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from ._fallback import forward_ad_fallback
-from .backends.base import tangent_dtype_fits
-from .backends.layout import slots_in_format
-from .dual import Dual, differentiable, implements
+from ..dual.dtypes import tangent_dtype_fits
+from ..dual.layout import slots_in_format
+from ..dual.value import Dual, differentiable, implements
+from .fallback import forward_ad_fallback
 
 Tensor = torch.Tensor
 

@@ -7,13 +7,13 @@ from typing import Callable, Optional
 
 import torch
 
-from ._slots import Directions, SlotOperand
-from .backends.base import tangent_dtype_fits
+from .dtypes import tangent_dtype_fits
+from .slots import Directions, SlotOperand
 
-# torch function -> rule; filled by the rule modules above this one (functional, pointwise,
-# ...) with the ops that have a JVP rule, and by indexing with the rule of Dual.__setitem__.
+# torch function -> rule; filled by the modules of fgkernels.rules with the ops that have a JVP
+# rule, and by rules.indexing with the rule of Dual.__setitem__.
 _RULES: dict[Callable, Callable] = {}
-# The rule of every torch function without one of its own, installed by fgkernels._fallback.
+# The rule of every torch function without one of its own, installed by fgkernels.rules.fallback.
 _fallback_rule: Optional[Callable] = None
 
 

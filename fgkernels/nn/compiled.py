@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .backends import current_backend
-from .dual import Dual
-from .tangents import ParameterTangents, _compiled_pass, _holds_dual
+from ..backends import current_backend
+from ..dual.tangents import ParameterTangents, _compiled_pass, _holds_dual
+from ..dual.value import Dual
 
 
 def compile(module: nn.Module, **options: Any) -> Callable:

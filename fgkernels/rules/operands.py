@@ -6,10 +6,10 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import _slots
-from .backends.base import LayerParams
-from .dual import Dual
-from .tangents import dual_of
+from ..backends.base import LayerParams
+from ..dual import slots as _slots
+from ..dual.tangents import dual_of
+from ..dual.value import Dual
 
 Tensor = torch.Tensor
 MaybeDual = Union[Tensor, Dual]

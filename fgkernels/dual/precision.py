@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .backends.base import tangent_dtype_fits
+from .dtypes import tangent_dtype_fits
 
 _local = threading.local()
 

@@ -28,9 +28,9 @@ from torch.nn.modules import module as torch_module
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .backends.base import acc_dtype, tangent_dtype_fits
-from .dual import Dual, check_tangent, inside_rule
+from .dtypes import acc_dtype, tangent_dtype_fits
 from .precision import resolve_tangent_dtype
+from .value import Dual, check_tangent, inside_rule
 
 Tensor = torch.Tensor
 

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _slots
-from ._fallback import forward_ad_fallback
-from .dual import Dual, implements
+from ..dual import slots as _slots
+from ..dual.value import Dual, implements
+from .fallback import forward_ad_fallback
 from .operands import as_dual, layer_params, parts
 from .pointwise import lift
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from . import _slots
-from .dual import Dual, implements
+from ..dual import slots as _slots
+from ..dual.value import Dual, implements
 from .operands import parts
 from .pointwise import lift
 

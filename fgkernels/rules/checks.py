@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .backends.base import BatchNormArgs
+from ..backends.base import BatchNormArgs
 
 Tensor = torch.Tensor
 

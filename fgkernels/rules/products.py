@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from . import _slots
-from .dual import Dual, implements
+from ..dual import slots as _slots
+from ..dual.value import Dual, implements
 from .operands import parts
 from .pointwise import lift
 

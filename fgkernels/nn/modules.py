@@ -2,7 +2,7 @@
 
 A model needs no conversion to be exact: any ``nn.Module`` called with a ``Dual`` runs every op
 on its rule (or on the forward-AD fallback), its parameters handing out their tangents
-(``fgkernels.tangents``). ``convert(model)`` is a speed step that never changes a number: it
+(``fgkernels.dual.tangents``). ``convert(model)`` is a speed step that never changes a number: it
 swaps layers for twins that fuse Conv→BN→ReLU and BN→ReLU runs (``DualSequential``) and reuse a
 plain forward's convolution outputs (``reuse_conv_outputs``). Each ``DualX`` subclasses its
 ``nn.X`` twin and adds no state: same constructor, parameters, buffers and state_dict keys, and
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import checks, pointwise
-from . import functional as DF
-from .dual import Dual, in_rule
-from .tangents import foreign_module_hooks, forward_sets_no_attributes
+from .. import functional as DF
+from ..dual.tangents import foreign_module_hooks, forward_sets_no_attributes
+from ..dual.value import Dual, in_rule
+from ..rules import checks, pointwise
 
 Tensor = torch.Tensor
 
@@ -319,11 +319,11 @@ def reuse_conv_outputs(module: nn.Module) -> Iterator[None]:
 
 
 class DualLayerNorm(DualModule, nn.LayerNorm):
-    """``nn.LayerNorm``; its dual pass is layer norm's rule (``fgkernels.norms``)."""
+    """``nn.LayerNorm``; its dual pass is layer norm's rule (``fgkernels.rules.norms``)."""
 
 
 class DualGroupNorm(DualModule, nn.GroupNorm):
-    """``nn.GroupNorm``; its dual pass is group norm's rule (``fgkernels.norms``)."""
+    """``nn.GroupNorm``; its dual pass is group norm's rule (``fgkernels.rules.norms``)."""
 
 
 # torch.nn layer -> its Dual twin, for convert().

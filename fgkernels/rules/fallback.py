@@ -29,10 +29,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _slots
-from .backends.base import tangent_dtype_fits
-from .dual import Dual, differentiable, implements_fallback
-from .tangents import dual_of
+from ..dual import slots as _slots
+from ..dual.dtypes import tangent_dtype_fits
+from ..dual.tangents import dual_of
+from ..dual.value import Dual, differentiable, implements_fallback
 
 _used: dict[str, int] = {}
 _local = threading.local()

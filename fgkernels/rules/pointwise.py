@@ -18,9 +18,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _slots
-from .backends.layout import slots_in_format
-from .dual import Dual, implements
+from ..dual import slots as _slots
+from ..dual.layout import slots_in_format
+from ..dual.value import Dual, implements
 from .operands import parts
 
 Tensor = torch.Tensor

@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _slots
-from .dual import Dual, implements
-from .functional import dropout, linear
+from ..dual import slots as _slots
+from ..dual.value import Dual, implements
+from .layers import dropout, linear
 from .operands import as_dual, parts
 from .products import matmul
 

@@ -1,0 +1,29 @@
+"""Modules for the dual pass: the twins of torch.nn layers that run the fused kernels
+(``DualConv2d``, ...), ``convert`` that swaps them in, the fused Conv→BN→ReLU sequences, the
+reuse of a plain forward's convolution outputs (``modules``), and ``compile`` (``compiled``)."""
+from .compiled import compile
+from .modules import (
+    TWINS,
+    DualAdaptiveAvgPool2d,
+    DualAvgPool2d,
+    DualBatchNorm1d,
+    DualBatchNorm2d,
+    DualConv2d,
+    DualFlatten,
+    DualGroupNorm,
+    DualLayerNorm,
+    DualLinear,
+    DualMaxPool2d,
+    DualModule,
+    DualReLU,
+    DualSequential,
+    convert,
+    register_twin,
+    reuse_conv_outputs,
+    twin_of,
+)
+
+__all__ = ["DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "DualLinear",
+           "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten",
+           "DualSequential", "DualModule", "DualLayerNorm", "DualGroupNorm", "TWINS", "convert",
+           "register_twin", "reuse_conv_outputs", "twin_of", "compile"]

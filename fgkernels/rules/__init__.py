@@ -1,0 +1,8 @@
+"""The forward-mode rules of torch's ops on a ``Dual``, one module per op family, each registered
+as the op's rule when its module is imported (``dual.value.implements``): the layers
+(``layers``: convolution, batch norm, linear, pooling, losses, calling the backend the registry
+picks), ``pointwise`` arithmetic and activations, ``products``, ``norms``, ``attention``,
+``indexing``, the ops that only touch the primal (``primal_ops``), and torch's own forward mode
+for every op without a rule (``fallback``). ``operands`` splits a call's Duals into primals and
+slots; ``checks`` states the layers' argument contracts."""
+from . import attention, fallback, indexing, layers, norms, pointwise, primal_ops, products  # noqa: F401

@@ -1,0 +1,321 @@
+"""The layers' rules: convolution (with a following batch norm as one op), linear, batch norm,
+ReLU, pooling, padding, reshapes, dropout, concatenation and the cross-entropy loss. Each takes
+Duals (or plain tensors, meaning a zero tangent) and returns a Dual with the primal and the
+tangent(s) of the output; parameters may be Duals too, their tangents adding the ``Ẇ*x``-style
+terms. Each is also the ``__torch_function__`` rule of its torch functions, so
+``F.conv2d(dual, w)`` and ``torch.flatten(dual, 1)`` run the same code.
+
+The nonlinear ops run on the backend chosen by ``fgkernels.backends`` for the tensor's device; the
+linear ones (reshape, pooling by averaging, padding, ...) apply the same map to the primal and to
+every tangent slot. No op runs under autograd.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from ..backends import current_backend
+from ..backends.base import BatchNormArgs, ConvArgs, PoolArgs
+from ..dual import slots as _slots
+from ..dual.dtypes import acc_dtype
+from ..dual.value import Dual, implements
+from . import checks
+from .fallback import forward_ad_fallback
+from .operands import MaybeDual, as_dual, layer_operands, layer_params, result, tangents_as
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "conv2d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d", "avg_pool2d",
+    "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad", "cat",
+    "cross_entropy", "add_direction",
+]
+
+
+def _no_grad(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _conv_args(stride, padding, dilation, groups: int) -> ConvArgs:
+    return ConvArgs(_pair(stride), padding if isinstance(padding, str) else _pair(padding),
+                    _pair(dilation), groups)
+
+
+# --- ops with parameters --------------------------------------------------------------------------
+@implements(torch.conv2d, F.conv2d)
+@_no_grad
+def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None, stride=1,
+           padding=0, dilation=1, groups: int = 1, *, primal: Optional[Tensor] = None) -> Dual:
+    """Dual conv2d: ``y = W*x + b``, ``ẏ = W*ẋ + Ẇ*x + ḃ`` (arguments as ``F.conv2d``).
+
+    ``primal``: ``y`` when the caller already has it (``F.conv2d`` of the same primal operands),
+    so that only the tangents are computed and it becomes the output's primal, not copied (the
+    Triton kernels compute the primal from the same loads as the tangents, and use their own)."""
+    x, xt, p, plan = layer_operands("conv2d", input, weight, bias)
+    checks.check_conv(x, p.weight, p.bias, groups, stride, padding, dilation)
+    conv = _conv_args(stride, padding, dilation, groups)
+    checks.check_primal("conv2d", primal, x, conv.output_shape(x.shape, p.weight.shape))
+    return result(*current_backend(x.device).conv2d(x, xt, p, plan, conv, primal), plan)
+
+
+@implements(F.linear)
+@_no_grad
+def linear(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None) -> Dual:
+    """Dual linear: ``y = xWᵀ + b``, ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
+    x, xt, p, plan = layer_operands("linear", input, weight, bias)
+    checks.check_linear(x, p.weight)
+    return result(*current_backend(x.device).linear(x, xt, p, plan), plan)
+
+
+@implements(F.batch_norm)
+@_no_grad
+def batch_norm(input: MaybeDual, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[MaybeDual] = None, bias: Optional[MaybeDual] = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               relu: bool = False) -> Dual:
+    """Dual batch norm (arguments as ``F.batch_norm``; ``relu=True`` fuses a ReLU after it).
+
+    Training: ``ẋ̂ = (ẋ - mean ẋ - x̂·mean(x̂·ẋ))/σ``; eval: the running stats' affine map;
+    ``ẏ = γ̇x̂ + γẋ̂ + β̇``. The running stats are updated once, from the primal, as
+    ``F.batch_norm`` updates them.
+    """
+    x, xt, p, plan = layer_operands("batch_norm", input, weight, bias)
+    bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
+    checks.check_batch_norm(x.shape, bn, p.weight, p.bias)
+    if x.numel() == 0:  # as torch.nn: an empty output, running stats left as they are
+        y = F.batch_norm(x, running_mean, running_var, p.weight, p.bias, training, momentum, eps)
+        y = torch.relu(y) if relu else y
+        yt = y.new_zeros((plan.count, *y.shape), dtype=plan.dtype) if plan.count else None
+        return result(y, yt, plan)
+    return result(*current_backend(x.device).batch_norm(x, xt, p, plan, bn), plan)
+
+
+@_no_grad
+def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[MaybeDual],
+                      stride, padding, dilation, groups: int,
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      bn_weight: Optional[MaybeDual], bn_bias: Optional[MaybeDual],
+                      training: bool, momentum: float, eps: float, relu: bool, *,
+                      conv_primal: Optional[Tensor] = None) -> Dual:
+    """Conv2d followed by batch norm (and ReLU) as one op, so that a backend can fuse them
+    (the Triton backend accumulates the batch-norm sums in the convolution's epilogue).
+
+    The batch norm's parameter tangents may cover fewer slots than the convolution's output;
+    when they bring slots of their own, the two ops run one after the other. ``conv_primal``
+    is the convolution's output when the caller already has it (as ``conv2d``'s ``primal``);
+    it is handed over: the batch norm may overwrite it in place."""
+    x, xt, conv_p, conv_plan = layer_operands("conv2d_batch_norm", input, weight, conv_bias)
+    checks.check_conv(x, conv_p.weight, conv_p.bias, groups, stride, padding, dilation)
+    bn_p, bn_slots = layer_params("batch_norm", bn_weight, bn_bias)
+    bn_plan = _slots.plan([conv_plan.operand(), bn_slots], "conv2d_batch_norm")
+    conv = _conv_args(stride, padding, dilation, groups)
+    shape = conv.output_shape(x.shape, conv_p.weight.shape)
+    if bn_plan.count != conv_plan.count or bn_plan.dtype != conv_plan.dtype \
+            or math.prod(shape) == 0:
+        h = conv2d(input, weight, conv_bias, stride, padding, dilation, groups,
+                   primal=conv_primal)
+        return batch_norm(h, running_mean, running_var, bn_weight, bn_bias, training, momentum,
+                          eps, relu)
+    checks.check_primal("conv2d_batch_norm", conv_primal, x, shape)
+    bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
+    checks.check_batch_norm(shape, bn, bn_p.weight, bn_p.bias)
+    bn_p = tangents_as(bn_p, bn_plan.dtype)
+    y, yt = current_backend(x.device).conv2d_batch_norm(x, xt, conv_p, conv_plan, conv, bn_p,
+                                                        bn_plan, bn, conv_primal)
+    return result(y, yt, bn_plan)
+
+
+# --- nonlinear ops without parameters -------------------------------------------------------------
+@implements(F.relu, torch.relu, torch.Tensor.relu)
+@_no_grad
+def relu(input: MaybeDual, inplace: bool = False) -> Dual:
+    """Dual ReLU: ``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch's derivative).
+    ``inplace`` rebinds a Dual ``input`` to the result (its tensors stay intact)."""
+    d = as_dual(input, "relu")
+    y, yt = current_backend(d.device).relu(d.primal, d.tangents)
+    out = d.with_tangents(y, yt)
+    return d._assign(out) if inplace and isinstance(input, Dual) else out
+
+
+@implements(torch.relu_, F.relu_)
+def relu_(input: Dual) -> Dual:
+    """In-place Dual ReLU: ``input`` is rebound to the result."""
+    return relu(input, inplace=True)
+
+
+@implements(F.max_pool2d, torch.max_pool2d)
+@_no_grad
+def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1,
+               ceil_mode: bool = False, return_indices: bool = False) -> Dual:
+    """Dual max-pool: the tangent is gathered at the primal's argmax."""
+    if return_indices:  # the values and their indices: forward AD
+        return forward_ad_fallback(F.max_pool2d, (input, kernel_size, stride, padding, dilation,
+                                          ceil_mode, True), {})
+    d = as_dual(input, "max_pool2d")
+    stride = kernel_size if stride is None or stride == [] else stride
+    pool = PoolArgs(_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
+                    ceil_mode)
+    return d.with_tangents(*current_backend(d.device).max_pool2d(d.primal, d.tangents, pool))
+
+
+@implements(F.cross_entropy)
+@_no_grad
+def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Dual:
+    """Dual cross-entropy on logits ``z`` of shape (N, C) and class indices ``target`` (N,):
+    ``L̇ = mean_n Σ_c (softmax(z)_nc − p_nc)·ż_nc``, p the (smoothed) one-hot target."""
+    d = as_dual(input, "cross_entropy")
+    z = d.primal
+    index_target = isinstance(target, Tensor) and not isinstance(target, Dual) \
+        and not target.is_floating_point()
+    if weight is not None or size_average is not None or reduce is not None \
+            or not index_target or z.dim() != 2:
+        # class weights, probability (or Dual) targets, (N, C, d1, ...) logits: forward AD
+        return forward_ad_fallback(F.cross_entropy, (input, target), dict(
+            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+            reduction=reduction, label_smoothing=label_smoothing))
+    if target.dtype != torch.long or target.shape != z.shape[:1]:
+        raise ValueError(f"cross_entropy: target must be int64 class indices of shape "
+                         f"({z.shape[0]},), got {target.dtype} of shape {tuple(target.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    loss = F.cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if d.tangents is None:
+        return Dual(loss)
+    keep = target != ignore_index
+    p = F.one_hot(target.clamp_min(0), z.shape[1]).to(z.dtype)
+    if label_smoothing:
+        p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
+    residual = (torch.softmax(z, dim=1) - p) * keep.unsqueeze(1)
+    # In the accumulation dtype, rounded once to the tangents' (a bfloat16 tangent of a float32
+    # network stays bfloat16, as every op keeps it).
+    acc = acc_dtype(z.dtype)
+    per_sample = (residual.to(acc) * d.tangents.to(acc)).sum(-1)  # (T, N)
+    if reduction == "mean":  # over the kept samples: 0/0 = NaN when every one is ignored
+        lt = per_sample.sum(-1) / keep.sum()
+    elif reduction == "sum":
+        lt = per_sample.sum(-1)
+    else:
+        lt = per_sample
+    return d.with_tangents(loss, lt.to(d.tangents.dtype))
+
+
+# --- linear ops: the same map on the primal and on every tangent slot -----------------------------
+@implements(F.avg_pool2d)
+def avg_pool2d(input: MaybeDual, *args, **kwargs) -> Dual:
+    """Dual average pool (arguments as ``F.avg_pool2d``)."""
+    return as_dual(input, "avg_pool2d").map(lambda t: F.avg_pool2d(t, *args, **kwargs))
+
+
+@implements(F.interpolate, F.upsample)
+def interpolate(input: MaybeDual, *args, **kwargs) -> Dual:
+    """Dual resampling (arguments as ``F.interpolate``): every mode is linear in the input."""
+    return as_dual(input, "interpolate").map(lambda t: F.interpolate(t, *args, **kwargs))
+
+
+@implements(F.adaptive_avg_pool2d)
+def adaptive_avg_pool2d(input: MaybeDual, output_size) -> Dual:
+    """Dual adaptive average pool."""
+    return as_dual(input, "adaptive_avg_pool2d").map(
+        lambda t: F.adaptive_avg_pool2d(t, output_size))
+
+
+@implements(F.pad)
+def pad(input: MaybeDual, pad: Sequence[int], mode: str = "constant",
+        value: Optional[float] = None) -> Dual:
+    """Dual pad: the primal is padded with ``value``, each tangent with zero."""
+    d = as_dual(input, "pad")
+    y = F.pad(d.primal, pad, mode, value)
+    if d.tangents is None:
+        return d.with_tangents(y, None)
+    zero = None if value is None else 0.0
+    t = F.pad(d.tangents.flatten(0, 1), pad, mode, zero)
+    return d.with_tangents(y, t.view(d.num_tangents, *y.shape))
+
+
+def _reshaped(d: Dual, y: Tensor) -> Dual:
+    """``d``'s slots carried to ``y``, a reshape of ``d.primal`` (row-major order kept)."""
+    t = d.tangents
+    return d.with_tangents(y, None if t is None else t.reshape(t.shape[0], *y.shape))
+
+
+@implements(torch.flatten, torch.Tensor.flatten)
+def flatten(input: Dual, start_dim: int = 0, end_dim: int = -1) -> Dual:
+    """Dual flatten."""
+    return _reshaped(input, torch.flatten(input.primal, start_dim, end_dim))
+
+
+@implements(torch.reshape, torch.Tensor.reshape, torch.Tensor.view)
+def reshape(input: Dual, *shape) -> Dual:
+    """Dual reshape / view."""
+    shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
+    return _reshaped(input, input.primal.reshape(shape))
+
+
+@implements(F.dropout)
+def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
+            inplace: bool = False) -> Dual:
+    """Dual dropout: one mask, drawn once, scales the primal and every tangent."""
+    d = as_dual(input, "dropout")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return d
+    # torch's own draw (the random numbers a plain pass under the same seed takes), as the
+    # scaled mask 0 or 1/(1 − p)
+    mask = F.dropout(torch.ones_like(d.primal), p, True)
+    y = d.primal * mask
+    t = d.tangents
+    if inplace:
+        return d._assign(d.with_tangents(y, None if t is None else t * mask.to(t.dtype)))
+    return d.with_tangents(y, None if t is None else t * mask.to(t.dtype))
+
+
+@implements(torch.cat, torch.concat)
+def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
+    """Dual concatenation; a slot that some operand lacks is zero for that operand's part."""
+    duals = [as_dual(t, "cat") for t in tensors]
+    plan = _slots.plan([d.slot_operand() for d in duals], "cat")
+    y = torch.cat([d.primal for d in duals], dim)
+    if plan.count == 0:
+        return Dual(y)
+    tdim = dim + 1 if dim >= 0 else dim
+    pieces = []
+    for d, pos in zip(duals, plan.positions):
+        t = _slots.cast(d.tangents, plan.dtype)
+        if pos == tuple(range(plan.count)):
+            pieces.append(t)
+        else:
+            piece = d.primal.new_zeros((plan.count, *d.primal.shape), dtype=plan.dtype)
+            if pos:
+                piece[list(pos)] = t
+            pieces.append(piece)
+    return result(y, torch.cat(pieces, tdim), plan)
+
+
+def add_direction(input: Dual, direction: int, tangent: Tensor) -> Dual:
+    """``input`` with one more labelled direction, whose tangent (primal-shaped) enters here: a
+    perturbation of this activation. ``input`` must not carry that direction already."""
+    if tangent.shape != input.primal.shape:
+        raise ValueError(f"add_direction: tangent has shape {tuple(tangent.shape)}, expected the "
+                         f"primal's {tuple(input.primal.shape)}")
+    if input.directions is not None and direction in input.directions:
+        raise ValueError(f"add_direction: direction {direction} is already carried")
+    new = Dual(input.primal, tangent.unsqueeze(0), directions=[direction])
+    plan = _slots.plan([input.slot_operand(), new.slot_operand()], "add_direction")
+    parts = [(_slots.cast(t, plan.dtype), pos)
+             for t, pos in zip((input.tangents, new.tangents), plan.positions) if t is not None]
+    return result(input.primal, _slots.place(plan.count, parts), plan)
