@@ -1,6 +1,8 @@
 """The CUDA kernels of csrc/cuda on a GPU, against float64 (skipped without one): the
 batch-norm statistics of channels_last activations, read row by row (consecutive threads on
 consecutive channels), over several channel tiles and splits, for every element-type pair."""
+import copy
+
 import pytest
 import torch
 
@@ -40,3 +42,20 @@ def test_bn_stats_match_float64(dtypes, channels_last):
     torch.testing.assert_close(var.double(), (centred ** 2).mean((0, 2, 3)), **tol)
     torch.testing.assert_close(tmean.double(), ts.mean((1, 3, 4)), **tol)
     torch.testing.assert_close(tcov.double(), (centred * ts).mean((1, 3, 4)), **tol)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["batch_norm", "conv_batch_norm"])
+def test_batch_norm_past_the_apply_kernels_slot_map_is_exact(fused):
+    """65 output slots, one more than the CUDA apply kernel's slot map holds: the native backend
+    serves it on the reference backend, and the tangents are forward_ad's (float64)."""
+    from fgkernels.testing import forward_ad_jvp
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                                torch.nn.BatchNorm2d(4), torch.nn.ReLU()).double().cuda()
+    model = model if fused else model[1:]
+    x = torch.randn(2, 3 if fused else 4, 5, 5, dtype=torch.float64, device="cuda")
+    xt = torch.randn(65, *x.shape, dtype=torch.float64, device="cuda")
+    _, expected = forward_ad_jvp(copy.deepcopy(model), [x], [xt])
+    with fgkernels.use_backend("native"):
+        out = fgkernels.convert(model)(fgkernels.Dual(x, xt))
+    torch.testing.assert_close(out.tangent, expected, rtol=1e-10, atol=1e-10)

@@ -1,5 +1,6 @@
 """The CUDA sources compile, also on a machine without a GPU: the kernels with bare nvcc (they
 include no torch header), the registration glue with the host compiler against torch's headers."""
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -28,3 +29,12 @@ def test_registration_glue_compiles(source):
            f"-I{sysconfig.get_paths()['include']}", str(source)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_declared_batch_norm_slot_limit_is_the_kernels():
+    """NativeBackend routes a CUDA batch norm past the apply kernel's slot map to the reference
+    backend: the limit it declares must be the one the kernel is compiled with."""
+    from fgkernels.backends.native.backend import NativeBackend
+    header = (CUDA_DIR / "dual_kernels.h").read_text()
+    k_max_slots = int(re.search(r"constexpr int kMaxSlots = (\d+);", header).group(1))
+    assert NativeBackend.MAX_BN_SLOTS["cuda"] == k_max_slots

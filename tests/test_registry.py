@@ -44,3 +44,37 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fgkernels.current_backend(torch.device("cpu"))  # warned once only
+
+
+def _ops_run(fn) -> set[str]:
+    """The names of the fgkernels ops that ``fn()`` calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("fgkernels::")}
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="extension not built")
+@pytest.mark.parametrize("fused", [False, True], ids=["batch_norm", "conv_batch_norm"])
+def test_native_batch_norm_past_its_slot_limit_is_served_by_the_reference(monkeypatch, fused):
+    """A batch norm with more slots than the native apply kernel of its device declares it
+    serves (``NativeBackend.MAX_BN_SLOTS``; 64 on CUDA) runs on the reference backend, exact,
+    instead of reaching the kernel; at the limit the kernel runs."""
+    from helpers import TOL, torch_jvp_multi
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4).double(), torch.nn.ReLU())
+    dual = fgkernels.convert(model if fused else model[1:])
+    x = torch.randn(2, 3 if fused else 4, 5, 5, dtype=torch.float64)
+    xt = torch.randn(3, *x.shape, dtype=torch.float64)
+    native = ops._load("native")
+    monkeypatch.setattr(native, "MAX_BN_SLOTS", {"cpu": 2})
+    with fgkernels.use_backend("native"):
+        ran = _ops_run(lambda: dual(fgkernels.Dual(x, xt)))
+        out = dual(fgkernels.Dual(x, xt))
+    assert not ran & {"fgkernels::dual_bn_apply", "fgkernels::dual_bn_apply_"}
+    y, yt = torch_jvp_multi(model if fused else model[1:], x, xt)
+    torch.testing.assert_close(out.tangent, yt, **TOL[torch.float64])
+    monkeypatch.setattr(native, "MAX_BN_SLOTS", {"cpu": 3})
+    with fgkernels.use_backend("native"):
+        ran = _ops_run(lambda: dual(fgkernels.Dual(x, xt)))
+    assert ran & {"fgkernels::dual_bn_apply", "fgkernels::dual_bn_apply_"}

@@ -2,7 +2,9 @@
 the primal and every tangent slot together (ReLU fused); the convolution and linear ops in three
 library calls whatever the number of tangents (``csrc/composite.cpp``), two when the caller
 already has the convolution's primal output. An op with no tangent in or out runs the plain
-torch op; what the ops do not cover is delegated to the reference backend."""
+torch op; what the ops do not serve is delegated to the reference backend: a convolution whose
+padding would be asymmetric, a max pool over other than 4-D input, and, on CUDA, a batch norm
+with more output slots than the kernel's launch parameters hold (``MAX_BN_SLOTS``)."""
 from __future__ import annotations
 
 import torch
@@ -20,9 +22,18 @@ class NativeBackend(InPlaceConvBatchNorm):
     """Ops of ``torch.ops.fgkernels``."""
 
     name = "native"
+    # The most output slots a batch-norm apply serves, per device type (none on the CPU): the
+    # CUDA kernel takes its slot map in the launch's parameters (``kMaxSlots`` in
+    # csrc/cuda/dual_kernels.h).
+    MAX_BN_SLOTS = {"cuda": 64}
 
     def __init__(self):
         self.fallback = ReferenceBackend()
+
+    def serves_batch_norm(self, x: Tensor, plan: SlotPlan) -> bool:
+        """Whether the batch-norm apply kernel of ``x``'s device takes ``plan``'s slots."""
+        limit = self.MAX_BN_SLOTS.get(x.device.type)
+        return limit is None or plan.count <= limit
 
     def conv2d(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, conv: ConvArgs,
                y: Opt = None) -> Result:
@@ -56,6 +67,8 @@ class NativeBackend(InPlaceConvBatchNorm):
             y = F.batch_norm(x, bn.running_mean, bn.running_var, p.weight, p.bias, bn.training,
                              bn.momentum, bn.eps)
             return (torch.relu(y) if bn.relu else y), None
+        if not self.serves_batch_norm(x, plan):
+            return self.fallback.batch_norm(x, xt, p, plan, bn)
         c = bn_math.coefficients(x, xt, p, plan, bn)
         return torch.ops.fgkernels.dual_bn_apply(x, xt, c.x_slot, *c.apply_args(), bn.relu,
                                                  tangent_dtype=plan.dtype)
@@ -63,10 +76,11 @@ class NativeBackend(InPlaceConvBatchNorm):
     # --- the two hooks of InPlaceConvBatchNorm ------------------------------------------------
     def conv_for_batch_norm(self, x, xt, conv_p, conv_plan, conv, training, conv_y):
         """The compiled convolution's output is fresh: the batch norm may update it in place
-        (the reference one may hand back an expanded bias tangent)."""
+        (the reference one may hand back an expanded bias tangent), when the apply kernel
+        serves its slots."""
         h, ht = self.conv2d(x, xt, conv_p, conv_plan, conv, conv_y)
         owned = (conv.explicit_padding(conv_p.weight.shape) is not None and conv_plan.count > 0
-                 and in_kernel_layout(h, ht))
+                 and in_kernel_layout(h, ht) and self.serves_batch_norm(h, conv_plan))
         return h, ht, None, owned
 
     def apply_in_place(self, h, ht, c: bn_math.BNCoefficients, relu: bool) -> None:
