@@ -1,7 +1,7 @@
 """One block of a weight-space forward-gradient step, as the trainer runs it: the local guess by
 autograd (forward and backward of the block and its aux head), then the block's dual pass with
 the guess as its own direction and two earlier directions on its input. ``reuse`` takes the
-dual pass's convolution outputs from the guess's forward (``fgkernels.reuse_conv_outputs``);
+dual pass's convolution outputs from the guess's forward (``fgkernels.nn.reuse_conv_outputs``);
 ``recompute`` computes them again. Each ``reuse`` round is paired with a ``recompute`` one."""
 import contextlib
 
@@ -33,7 +33,7 @@ def _block_step(quick, batch):
     names = [n for n, _ in block.named_parameters()]
 
     def step(reuse: bool):
-        keep = fgkernels.reuse_conv_outputs(block) if reuse else contextlib.nullcontext()
+        keep = fgkernels.nn.reuse_conv_outputs(block) if reuse else contextlib.nullcontext()
         with keep:
             with torch.enable_grad():
                 loss = F.cross_entropy(head(block(h)), y)

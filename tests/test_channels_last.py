@@ -64,7 +64,7 @@ def test_every_slot_stays_channels_last():
     seen = []
     hook = lambda module, args, out: seen.append((type(module).__name__, out))
     for m in net.modules():
-        if isinstance(m, (fgkernels.DualSequential, fgkernels.DualMaxPool2d)):
+        if isinstance(m, (fgkernels.nn.DualSequential, fgkernels.nn.DualMaxPool2d)):
             m.register_forward_hook(hook)
     with fgkernels.use_backend("native"):
         net(Dual(x))

@@ -287,7 +287,7 @@ def test_low_precision_running_stats_are_rounded_once(backend, dtype):
 
 # --- stale tangents, unclear errors -------------------------------------------------------------
 def test_a_parameter_replaced_after_set_tangents_is_refused():
-    conv = fgkernels.DualConv2d(2, 3, 3)
+    conv = fgkernels.nn.DualConv2d(2, 3, 3)
     fgkernels.random_tangents(conv)
     conv.weight = nn.Parameter(torch.randn(3, 2, 1, 1))
     with pytest.raises(RuntimeError, match="weight was replaced after its tangent was set"):
@@ -298,7 +298,8 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
 
 @pytest.mark.parametrize("case,error,message", [
     (lambda: Dual(torch.randn(2, 3), torch.randn(0, 2, 3)), ValueError, "T >= 1"),
-    (lambda: fgkernels.set_tangents(fgkernels.DualLinear(3, 2), {"weight": torch.randn(0, 2, 3)}),
+    (lambda: fgkernels.set_tangents(fgkernels.nn.DualLinear(3, 2),
+                                    {"weight": torch.randn(0, 2, 3)}),
      ValueError, "T >= 1"),
     (lambda: F.linear(Dual(torch.tensor(1.0), torch.tensor(1.0)), torch.randn(3, 1)),
      ValueError, "input must have at least 1 dim"),

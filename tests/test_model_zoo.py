@@ -73,14 +73,14 @@ def test_subclasses_keep_their_behaviour():
     on Duals); one keeping the base's forward gets the twin mixed in, its methods kept."""
     net = fgkernels.convert(MODELS["timm_resnet"]())
     assert type(net[1]).__name__ == "BatchNormAct2d"
-    assert isinstance(net[0], fgkernels.DualConv2d)
+    assert isinstance(net[0], fgkernels.nn.DualConv2d)
 
     class Named(nn.Conv2d):
         def describe(self):
             return f"conv {self.in_channels}->{self.out_channels}"
 
     conv = fgkernels.convert(Named(2, 3, 1))
-    assert isinstance(conv, fgkernels.DualConv2d) and conv.describe() == "conv 2->3"
+    assert isinstance(conv, fgkernels.nn.DualConv2d) and conv.describe() == "conv 2->3"
     fgkernels.random_tangents(net)
 
 
@@ -88,12 +88,12 @@ def test_register_twin_is_checked_and_used():
     class MyConv(nn.Conv2d):
         pass
 
-    class DualMyConv(fgkernels.DualConv2d, MyConv):
+    class DualMyConv(fgkernels.nn.DualConv2d, MyConv):
         pass
 
-    with pytest.raises(TypeError, match="must subclass both MyConv and fgkernels.DualModule"):
-        fgkernels.register_twin(MyConv, fgkernels.DualConv2d)
-    fgkernels.register_twin(MyConv, DualMyConv)
+    with pytest.raises(TypeError, match="must subclass both MyConv and fgkernels.nn.DualModule"):
+        fgkernels.nn.register_twin(MyConv, fgkernels.nn.DualConv2d)
+    fgkernels.nn.register_twin(MyConv, DualMyConv)
     assert type(fgkernels.convert(nn.Sequential(MyConv(2, 2, 1)))[0]) is DualMyConv
 
 

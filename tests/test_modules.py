@@ -158,7 +158,7 @@ def test_convert_fuses_sequential_runs(backend):
                         nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).double()
     twin = copy.deepcopy(seq)
     fgkernels.convert(seq)
-    assert isinstance(seq, fgkernels.DualSequential)
+    assert isinstance(seq, fgkernels.nn.DualSequential)
     x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
     xt = torch.randn(2, *x.shape, dtype=x.dtype)
     tangents = fgkernels.random_tangents(seq, 2)
@@ -285,3 +285,15 @@ def test_wrong_channel_count_raises_and_keeps_state():
     conv = fgkernels.convert(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(NotImplementedError, match="padding_mode='reflect'"):
         conv(Dual(torch.randn(1, 2, 5, 5)))
+
+
+def test_public_top_level():
+    """The top level holds the value, the tangents, convert/compile and the backend switches;
+    the twins live in fgkernels.nn and resolve from the top level too (fgkernels.DualConv2d)."""
+    assert len(fgkernels.__all__) <= 16
+    assert all(hasattr(fgkernels, name) for name in fgkernels.__all__)
+    assert not [n for n in fgkernels.__all__ if n.startswith("Dual") and n != "Dual"]
+    assert fgkernels.DualConv2d is fgkernels.nn.DualConv2d
+    assert fgkernels.register_twin is fgkernels.nn.register_twin
+    with pytest.raises(AttributeError, match="no attribute 'DualConv3d'"):
+        _ = fgkernels.DualConv3d

@@ -84,7 +84,7 @@ def test_reuse_matches_a_fresh_dual_pass(backend, channels_last):
     d = Dual(x, xt, directions=[0, 1])
     tangents = fgkernels.random_tangents(block, direction=2)
     fgkernels.set_tangents(fresh, tangents, direction=2)
-    with fgkernels.reuse_conv_outputs(block):
+    with fgkernels.nn.reuse_conv_outputs(block):
         plain = block(d.primal.clone().requires_grad_())
         plain.square().sum().backward()          # as a guess does: autograd, then the dual pass
         kept = block[1].__dict__["_fg_kept"].output
@@ -102,7 +102,7 @@ def test_reuse_matches_a_fresh_dual_pass(backend, channels_last):
 def test_stale_kept_output_is_not_used(backend, change):
     conv = fgkernels.convert(nn.Conv2d(4, 5, 3).double())
     d = _dual_input()
-    with fgkernels.reuse_conv_outputs(conv):
+    with fgkernels.nn.reuse_conv_outputs(conv):
         kept = conv(d.primal)
         if change == "weight":
             with torch.no_grad():
@@ -130,12 +130,12 @@ def test_nothing_is_kept_outside_the_block():
     conv(d.primal)
     assert "_fg_kept" not in conv.__dict__
     assert conv(d).primal.data_ptr() != conv(d.primal).data_ptr()
-    with pytest.raises(RuntimeError, match="boom"), fgkernels.reuse_conv_outputs(conv):
+    with pytest.raises(RuntimeError, match="boom"), fgkernels.nn.reuse_conv_outputs(conv):
         conv(d.primal)
         raise RuntimeError("boom")
     assert "_fg_kept" not in conv.__dict__  # dropped on the way out, error or not
-    with fgkernels.reuse_conv_outputs(conv):
-        with fgkernels.reuse_conv_outputs(conv):
+    with fgkernels.nn.reuse_conv_outputs(conv):
+        with fgkernels.nn.reuse_conv_outputs(conv):
             pass
         kept = conv(d.primal)                  # the enclosing block still keeps outputs
         assert conv(d).primal.data_ptr() == kept.data_ptr()

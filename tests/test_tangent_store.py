@@ -258,9 +258,9 @@ def test_functional_use_of_a_parameter_with_a_tangent():
 def test_remove_parametrizations_after_convert_leaves_the_twin():
     conv = parametrizations.weight_norm(nn.Conv2d(2, 3, 3, bias=False))
     fgkernels.convert(conv)
-    assert isinstance(conv, fgkernels.DualConv2d)
+    assert isinstance(conv, fgkernels.nn.DualConv2d)
     parametrize.remove_parametrizations(conv, "weight")
-    assert type(conv) is fgkernels.DualConv2d
+    assert type(conv) is fgkernels.nn.DualConv2d
     assert conv(Dual(torch.randn(1, 2, 5, 5))).shape == (1, 3, 3, 3)
 
 

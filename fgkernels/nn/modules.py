@@ -349,14 +349,14 @@ for _twin in _DUAL_CLASSES:
 
 def register_twin(cls: type, dual_cls: type) -> None:
     """Make ``convert`` turn layers of class ``cls`` into ``dual_cls``: a subclass of ``cls``
-    and of ``fgkernels.DualModule`` that adds no state and runs the dual pass for a Dual
+    and of ``fgkernels.nn.DualModule`` that adds no state and runs the dual pass for a Dual
     input."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_twin: cls must be an nn.Module class, got {cls!r}")
     if not (isinstance(dual_cls, type) and issubclass(dual_cls, cls)
             and issubclass(dual_cls, (DualModule, DualSequential))):
         raise TypeError(f"register_twin: {getattr(dual_cls, '__name__', dual_cls)} must subclass "
-                        f"both {cls.__name__} and fgkernels.DualModule")
+                        f"both {cls.__name__} and fgkernels.nn.DualModule")
     TWINS[cls] = dual_cls
     _DUAL_CLASSES.add(dual_cls)
 
