@@ -2,12 +2,12 @@
 same pass run eagerly, in the same run (paired rounds)."""
 import pytest
 import torch
-from zoo import BasicBlock
 
 import fgkernels
 from fgkernels import Dual
 
 from conftest import DEVICE
+from zoo import BasicBlock
 
 
 @pytest.mark.parametrize("provider", ["compiled", "eager"])

@@ -2,10 +2,10 @@
 tangent) against torch.autograd.forward_ad's, float32, in the same run (paired rounds)."""
 import pytest
 import torch
-from zoo import MODELS
 
 from conftest import DEVICE
 from providers import model_dual_pass_case
+from zoo import MODELS
 
 WIDTH, BATCH, SIZE = (32, 64, 32) if DEVICE.type == "cpu" else (64, 256, 32)
 

@@ -9,13 +9,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call
-from zoo import MODELS
 
 import fgkernels
 from fgkernels import Dual
 
 from conftest import DEVICE
 from providers import model_oracle, op_oracle
+from zoo import MODELS
 
 
 def _t(*shape):

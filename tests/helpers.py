@@ -8,9 +8,18 @@ from typing import Callable, Optional
 import torch
 from torch.func import functional_call
 
+import fgkernels
 from fgkernels.testing import forward_ad_jvp
 
+# Every backend that runs here; the op suites take all but Triton, whose own tests keep to the
+# tiny shapes its interpreter runs in time (tests/test_triton.py).
+BACKENDS = [b for b in ("reference", "native", "triton") if b in fgkernels.available_backends()]
+CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]
+# Against forward_ad: the tolerance of a float64 or float32 result.
 TOL = {torch.float64: dict(rtol=1e-8, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+# ... and at values and shapes Hypothesis draws (float32 sums over drawn sizes round further).
+TOL_DRAWN = {torch.float64: dict(rtol=1e-9, atol=1e-10),
+             torch.float32: dict(rtol=2e-4, atol=2e-4)}
 
 
 def torch_jvp(model: torch.nn.Module, x: torch.Tensor, xt: Optional[torch.Tensor],
@@ -56,3 +65,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t``'s values laid out ``contiguous``, ``channels_last`` (a 4-D tensor, or a stack of
+    4-D slots each channels_last) or ``strided`` (every other column of a wider tensor)."""
+    if layout == "contiguous" or t.dim() < 4:
+        return t
+    if layout == "channels_last":
+        if t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t.movedim(-3, -1).contiguous().movedim(-1, -3)
+    wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
+    wide[..., ::2] = t
+    return wide[..., ::2]
+

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
-from zoo import build_resnet
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.dual.layout import in_kernel_layout
+
+from zoo import build_resnet
 
 CL = torch.channels_last
 pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),

@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
-from zoo import BasicBlock
 
 import fgkernels
 from fgkernels import Dual
+
+from zoo import BasicBlock
 
 
 def _block_and_pass(training: bool):

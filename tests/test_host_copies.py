@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fgkernels
 from fgkernels import Dual
 
-BACKENDS = [b for b in ("reference", "native", "triton") if b in fgkernels.available_backends()]
+from helpers import BACKENDS
 
 
 class _HostData(TorchDispatchMode):

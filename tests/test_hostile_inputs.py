@@ -16,6 +16,7 @@ from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
 
 from helpers import rel_err
+from op_table import OPS, inputs
 
 f64 = dict(dtype=torch.float64)
 
@@ -401,3 +402,15 @@ def test_extreme_scales_are_as_precise_as_torch(backend, scale):
     out = fgkernels.convert(copy.deepcopy(ref))(Dual(x.float(), xt.float()))
     assert torch.isfinite(out.tangents).all()
     assert rel_err(out.tangents, t64) <= 2 * rel_err(t32, t64) + 1e-5
+
+
+@pytest.mark.parametrize("case", sorted(OPS))
+def test_every_op_refuses_operands_with_different_slot_counts(case):
+    """Unlabelled slots pair up by position, so two operands with different numbers of them
+    have no meaning: every op of the table says so, naming itself, before computing."""
+    op = OPS[case]
+    x, w, xt, _ = inputs(op, slots=2)
+    wt = torch.randn(3, *w.shape)
+    with pytest.raises(ValueError, match=r"operands carry different numbers of tangents T "
+                                         r"\[2, 3\]"):
+        op.fn(Dual(x, xt), Dual(w, wt))

@@ -8,51 +8,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from zoo import build_resnet
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
 
-from helpers import rel_err
+from helpers import CPU_BACKENDS, rel_err
+from op_table import OPS, TARGET, inputs
+from zoo import build_resnet
 
-CPU_BACKENDS = [b for b in fgkernels.available_backends() if b != "triton"]
 BF16 = torch.bfloat16
 ATOL = 2e-3  # relative-error slack: half a bfloat16 ulp
-
-TARGET = torch.tensor([1, 0, 3, 2])
-# name -> (function of (x, w), x shape, w shape); the function runs on Duals (fgkernels' rules)
-# and on forward_ad's dual tensors (the oracle) alike.
-OPS = {
-    "conv2d": (lambda x, w: F.conv2d(x, w, padding=1), (4, 6, 8, 8), (5, 6, 3, 3)),
-    "conv2d_stride2": (lambda x, w: F.conv2d(x, w, stride=2), (4, 6, 9, 9), (5, 6, 3, 3)),
-    "linear": (lambda x, w: F.linear(x, w), (4, 12), (7, 12)),
-    "batch_norm_relu": (lambda x, w: F.relu(F.batch_norm(x, None, None, w, None, True)),
-                        (4, 6, 5, 5), (6,)),
-    "conv_bn_relu": (lambda x, w: F.relu(F.batch_norm(F.conv2d(x, w, padding=1), None, None,
-                                                      None, None, True)),
-                     (4, 6, 8, 8), (5, 6, 3, 3)),
-    "max_pool": (lambda x, w: F.max_pool2d(F.conv2d(x, w), 2), (4, 6, 8, 8), (5, 6, 1, 1)),
-    "silu_mul": (lambda x, w: F.silu(x) * torch.sigmoid(w), (4, 6, 5, 5), (6, 1, 1)),
-    "gelu_tanh": (lambda x, w: F.gelu(x * w, approximate="tanh").tanh(), (4, 6, 5, 5),
-                  (6, 1, 1)),
-    "layer_norm": (lambda x, w: F.layer_norm(x, (6,), w), (4, 5, 6), (6,)),
-    "group_norm": (lambda x, w: F.group_norm(x, 3, w), (4, 6, 5, 5), (6,)),
-    "div_add": (lambda x, w: (x + 1) / (w * w + 1), (4, 6, 5, 5), (6, 1, 1)),
-    "cross_entropy": (lambda x, w: F.cross_entropy(F.linear(x, w), TARGET), (4, 12), (5, 12)),
-    "fallback_cumsum": (lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,)),
-}
-
-
-def _inputs(x_shape, w_shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x, w = torch.randn(x_shape, generator=g), torch.randn(w_shape, generator=g)
-    xt, wt = torch.randn(2, *x_shape, generator=g), torch.randn(2, *w_shape, generator=g)
-    return x, w, xt, wt
-
-
-def _torch(fn, x, w, xt, wt, dtype):
-    return forward_ad_jvp(fn, [x.to(dtype), w.to(dtype)], [xt.to(dtype), wt.to(dtype)])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -60,30 +26,30 @@ def _torch(fn, x, w, xt, wt, dtype):
 def test_bfloat16_tangents_of_a_float32_op(case, backend, recwarn):
     """The primal equals the float32 pass's; the tangent stays bfloat16, its error within
     twice that of torch's forward_ad in bfloat16."""
-    fn, xs, ws = OPS[case]
-    x, w, xt, wt = _inputs(xs, ws)
+    op = OPS[case]
+    x, w, xt, wt = inputs(op)
     with fgkernels.use_backend(backend):
-        out = fn(Dual(x, xt.to(BF16)), Dual(w, wt.to(BF16)))
-        full = fn(Dual(x, xt), Dual(w, wt))
+        out = op.fn(Dual(x, xt.to(BF16)), Dual(w, wt.to(BF16)))
+        full = op.fn(Dual(x, xt), Dual(w, wt))
     assert out.tangents.dtype == BF16 and out.primal.dtype == torch.float32
     torch.testing.assert_close(out.primal, full.primal, rtol=0, atol=0)
-    exact = _torch(fn, x, w, xt, wt, torch.float64)[1]
-    err_torch = rel_err(_torch(fn, x, w, xt, wt, BF16)[1], exact)
+    exact = op.oracle(x, w, xt, wt)[1]
+    err_torch = rel_err(op.oracle(x, w, xt, wt, BF16)[1], exact)
     err = rel_err(out.tangents, exact)
     assert err <= 2 * err_torch + ATOL, (err, err_torch)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", sorted(set(OPS) - {"layer_norm", "group_norm"}))
+@pytest.mark.parametrize("case", sorted(c for c in OPS if OPS[c].bf16_network))
 def test_bfloat16_network(case, backend, recwarn):
     """Primal and tangents in bfloat16: both within twice torch's bfloat16 error."""
-    fn, xs, ws = OPS[case]
-    x, w, xt, wt = _inputs(xs, ws, seed=1)
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, seed=1)
     with fgkernels.use_backend(backend):
-        out = fn(Dual(x.to(BF16), xt.to(BF16)), Dual(w.to(BF16), wt.to(BF16)))
+        out = op.fn(Dual(x.to(BF16), xt.to(BF16)), Dual(w.to(BF16), wt.to(BF16)))
     assert out.primal.dtype == BF16 and out.tangents.dtype == BF16
-    exact = _torch(fn, x, w, xt, wt, torch.float64)
-    low = _torch(fn, x, w, xt, wt, BF16)
+    exact = op.oracle(x, w, xt, wt)
+    low = op.oracle(x, w, xt, wt, BF16)
     for ours, theirs, ref in zip((out.primal, out.tangents), low, exact):
         err, err_torch = rel_err(ours, ref), rel_err(theirs, ref)
         assert err <= 2 * err_torch + ATOL, (err, err_torch)

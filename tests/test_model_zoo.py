@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 from torch.nn.utils import parametrizations, prune, weight_norm
-from zoo import MODELS
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
 
 from helpers import rel_err
+from zoo import MODELS
 
 
 @contextlib.contextmanager

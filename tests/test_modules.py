@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import BasicBlock
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.dual.tangents import has_tangent
 
 from helpers import TOL, torch_jvp, torch_jvp_multi
+from zoo import BasicBlock
 
 TWIN_CASES = [
     (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), (2, 3, 9, 8)),

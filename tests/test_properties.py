@@ -18,8 +18,10 @@ import fgkernels.functional as DF  # noqa: E402
 from fgkernels import Dual  # noqa: E402
 from fgkernels.testing import forward_ad_jvp  # noqa: E402
 
-CPU_BACKENDS = [b for b in fgkernels.available_backends() if b != "triton"]
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}
+from helpers import CPU_BACKENDS, laid_out  # noqa: E402
+from helpers import TOL_DRAWN as TOL  # noqa: E402
+from op_table import OPS, inputs  # noqa: E402
+
 # Random draws in CI (HYPOTHESIS_PROFILE=ci, the seed printed), the same draws locally: the
 # profiles are in conftest.py.
 PROFILE = settings(max_examples=40, deadline=None,
@@ -35,19 +37,7 @@ backends = st.sampled_from(CPU_BACKENDS)
 def _tensor(draw, shape, dtype, layout="contiguous"):
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
-    return _laid_out(torch.randn(shape, generator=g, dtype=dtype), layout)
-
-
-def _laid_out(t, layout: str):
-    """``t``'s values laid out contiguous, channels_last, or strided (every other column of a
-    wider tensor)."""
-    if t.dim() != 4 or layout == "contiguous":
-        return t
-    if layout == "channels_last":
-        return t.to(memory_format=torch.channels_last)
-    wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
-    wide[..., ::2] = t
-    return wide[..., ::2]
+    return laid_out(torch.randn(shape, generator=g, dtype=dtype), layout)
 
 
 def _close(actual: Dual, expected, dtype):
@@ -287,7 +277,7 @@ def test_max_pool2d(shape, k, stride, padding, dilation, ceil, layout, T, seed, 
     if dilation * (k - 1) + 1 > min(shape[2:]) + 2 * padding:
         dilation = 1
     g = torch.Generator().manual_seed(seed)
-    x = _laid_out(torch.randn(*shape, generator=g, dtype=torch.float64), layout)
+    x = laid_out(torch.randn(*shape, generator=g, dtype=torch.float64), layout)
     xt = torch.randn(T, *shape, generator=g, dtype=torch.float64)
     fn = lambda v: F.max_pool2d(v, k, stride, padding, dilation, ceil_mode=ceil)
     with fgkernels.use_backend(backend):
@@ -447,3 +437,20 @@ def test_tf32_rounding_keeps_ten_mantissa_bits(value):
         assert abs(float(r) - value) <= bound * abs(value) + 2.0 ** -136  # + a subnormal unit
         if truncate:
             assert abs(float(r)) <= abs(value)
+
+
+@PROFILE
+@given(case=st.sampled_from(sorted(OPS)), backend=backends, dtype=dtypes, T=slots,
+       which=st.sampled_from(["x", "w", "both"]), layout=layouts,
+       seed=st.integers(0, 2**31 - 1))
+def test_op_table_at_drawn_points(case, backend, dtype, T, which, layout, seed):
+    """Every row of the op table (tests/op_table.py) at drawn values, slot counts, dtypes,
+    layouts of x and choices of the operands that carry tangents."""
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=T, seed=seed, dtype=dtype)
+    xt, wt = (None if which == "w" else xt), (None if which == "x" else wt)
+    x = laid_out(x, layout)
+    with fgkernels.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback row says it takes torch's rule
+        out = op.fn(x if xt is None else Dual(x, xt), w if wt is None else Dual(w, wt))
+    _close(out, op.oracle(x, w, xt, wt, dtype), dtype)

@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
-from zoo import MODELS
 
 import fgkernels
 from fgkernels import Dual
@@ -17,6 +16,7 @@ from fgkernels.dual.tangents import has_tangent, tangent_of
 from fgkernels.testing import model_jvp
 
 from helpers import rel_err
+from zoo import MODELS
 
 f64 = dict(dtype=torch.float64)
 

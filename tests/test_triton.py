@@ -523,6 +523,7 @@ def test_zoo_model_on_triton_matches_forward_ad(name):
     import copy
 
     from torch.func import functional_call
+
     from zoo import MODELS
     torch.manual_seed(0)
     model = MODELS[name](4).to(DEVICE).float().train()

@@ -85,6 +85,10 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
         raise ValueError(f"group_norm: {num_groups} groups do not divide the channels of input "
                          f"of shape {tuple(x.shape)}")
     n, c = x.shape[:2]
+    # torch's kernel takes x dense in its own layout (F.group_norm makes it so first).
+    dense = torch.channels_last if x.dim() == 4 and \
+        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    x = x.contiguous(memory_format=dense)
     y, mean, r = torch.native_group_norm(x, _primal(weight), _primal(bias), n, c,
                                          x.numel() // max(n * c, 1), num_groups, eps)
     grouped = x.reshape(n, num_groups, -1)

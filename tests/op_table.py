@@ -1,0 +1,98 @@
+"""The op table: one row per op family that fgkernels has a rule for, iterated by every op suite
+(tests/test_ops.py: float64 exactness on every backend, zero tangents skipped, channels_last;
+tests/test_mixed_precision.py: bfloat16 tangents and bfloat16 networks).
+
+A row is a function of ``(x, w)`` that runs on Duals (fgkernels' rules) and on forward_ad's dual
+tensors (the oracle) alike, the shapes of x and w, and the oracle's own function where forward_ad
+cannot run the op (torch has no forward-mode rule for its CPU flash attention: the math
+attention stands in). Adding an op to fgkernels adds its row here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fgkernels.testing import forward_ad_jvp
+
+TARGET = torch.tensor([1, 0, 3, 2])
+
+
+def _math_attention(q, k, v):
+    """softmax(q kᵀ / √d) v, the definition: forward_ad's stand-in for the fused kernel."""
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1) @ v
+
+
+def _eval_batch_norm(x, w):
+    mean, var = torch.linspace(-1, 1, x.shape[1]), torch.linspace(0.5, 2, x.shape[1])
+    return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), w, None, False)
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """``fn(x, w)`` on inputs of ``x_shape`` and ``w_shape``; ``ref`` the oracle's function
+    (``fn`` when None). ``bf16_network``: torch's own bfloat16 forward mode is a usable yardstick
+    for a whole-bfloat16 run of the op (torch computes its CPU layer and group norms'
+    statistics in float32 even then, which no bound on a bfloat16 pass can match)."""
+
+    fn: Callable
+    x_shape: tuple
+    w_shape: tuple
+    ref: Optional[Callable] = None
+    bf16_network: bool = True
+
+    def oracle(self, x, w, xt, wt, dtype=torch.float64):
+        """forward_ad's ``(y, stacked tangents)`` at ``dtype``; an operand whose tangent is None
+        is a constant. It runs on contiguous copies: torch's own forward mode fails on some
+        layouts (group_norm's on a channels_last input)."""
+        cast = lambda t: None if t is None else t.to(dtype).contiguous()
+        return forward_ad_jvp(self.ref or self.fn, [cast(x), cast(w)],
+                              [cast(xt), cast(wt)])
+
+
+OPS = {
+    "conv2d": OpCase(lambda x, w: F.conv2d(x, w, padding=1), (4, 6, 8, 8), (5, 6, 3, 3)),
+    "conv2d_stride2": OpCase(lambda x, w: F.conv2d(x, w, stride=2), (4, 6, 9, 9), (5, 6, 3, 3)),
+    "conv2d_groups": OpCase(lambda x, w: F.conv2d(x, w, padding=1, groups=3), (2, 6, 5, 5),
+                            (6, 2, 3, 3)),
+    "linear": OpCase(lambda x, w: F.linear(x, w), (4, 12), (7, 12)),
+    "batch_norm_relu": OpCase(lambda x, w: F.relu(F.batch_norm(x, None, None, w, None, True)),
+                              (4, 6, 5, 5), (6,)),
+    "batch_norm_eval": OpCase(_eval_batch_norm, (4, 6, 5, 5), (6,)),
+    "conv_bn_relu": OpCase(lambda x, w: F.relu(F.batch_norm(F.conv2d(x, w, padding=1), None,
+                                                            None, None, None, True)),
+                           (4, 6, 8, 8), (5, 6, 3, 3)),
+    "max_pool": OpCase(lambda x, w: F.max_pool2d(F.conv2d(x, w), 2), (4, 6, 8, 8),
+                       (5, 6, 1, 1)),
+    "avg_pools": OpCase(lambda x, w: F.adaptive_avg_pool2d(F.avg_pool2d(x * w, 2), 1),
+                        (4, 6, 8, 8), (6, 1, 1)),
+    "silu_mul": OpCase(lambda x, w: F.silu(x) * torch.sigmoid(w), (4, 6, 5, 5), (6, 1, 1)),
+    "gelu_tanh": OpCase(lambda x, w: F.gelu(x * w, approximate="tanh").tanh(), (4, 6, 5, 5),
+                        (6, 1, 1)),
+    "hardtanh": OpCase(lambda x, w: F.hardtanh(x * w, -0.5, 1.5), (4, 6, 5, 5), (6, 1, 1)),
+    "layer_norm": OpCase(lambda x, w: F.layer_norm(x, (6,), w), (4, 5, 6), (6,),
+                         bf16_network=False),
+    "group_norm": OpCase(lambda x, w: F.group_norm(x, 3, w), (4, 6, 5, 5), (6,),
+                         bf16_network=False),
+    "div_add": OpCase(lambda x, w: (x + 1) / (w * w + 1), (4, 6, 5, 5), (6, 1, 1)),
+    "cat_flatten": OpCase(lambda x, w: torch.cat([x, x * w], 1).flatten(1), (4, 6, 2, 2),
+                          (6, 1, 1)),
+    "matmul_softmax": OpCase(lambda x, w: torch.softmax(x @ w, -1), (3, 4, 5), (5, 6)),
+    "attention": OpCase(lambda x, w: F.scaled_dot_product_attention(x, x * w, x),
+                        (2, 3, 5, 4), (4,),
+                        ref=lambda x, w: _math_attention(x, x * w, x)),
+    "cross_entropy": OpCase(lambda x, w: F.cross_entropy(F.linear(x, w), TARGET), (4, 12),
+                            (5, 12)),
+    "fallback_cumsum": OpCase(lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,)),
+}
+
+
+def inputs(case: OpCase, slots: int = 2, seed: int = 0, dtype=torch.float32):
+    """``x, w`` and their stacked tangents ``xt, wt`` (``slots`` each) for a row."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(shape, generator=g, dtype=dtype)
+    return (draw(*case.x_shape), draw(*case.w_shape), draw(slots, *case.x_shape),
+            draw(slots, *case.w_shape))

@@ -1,0 +1,66 @@
+"""Every row of the op table (tests/op_table.py) on every CPU backend, against forward_ad in
+float64: the exact tangents, the terms of a tangent known to be zero skipped with the same
+answer, and channels_last or strided operands giving what contiguous ones give."""
+import pytest
+import torch
+
+import fgkernels
+from fgkernels import Dual
+
+from helpers import CPU_BACKENDS, TOL, laid_out
+from op_table import OPS, inputs
+
+F64 = torch.float64
+
+
+def _assert_matches(out: Dual, expected) -> None:
+    y, yt = expected
+    torch.testing.assert_close(out.primal, y, **TOL[F64])
+    assert out.tangents is not None and out.tangents.shape == yt.shape
+    torch.testing.assert_close(out.tangents, yt, **TOL[F64])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", sorted(OPS))
+def test_float64_is_forward_ads(case, backend):
+    """Two slots on each operand: primal and tangents equal forward_ad's."""
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=2, seed=2, dtype=F64)
+    with fgkernels.use_backend(backend):
+        out = op.fn(Dual(x, xt), Dual(w, wt))
+    _assert_matches(out, op.oracle(x, w, xt, wt))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", sorted(OPS))
+@pytest.mark.parametrize("constant", ["x", "w"])
+def test_a_constant_operand(case, backend, constant):
+    """One operand plain (its tangent zero, its terms skipped): forward_ad's answer with that
+    tangent zero."""
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=3, seed=3, dtype=F64)
+    if constant == "x":
+        xt = None
+    else:
+        wt = None
+    with fgkernels.use_backend(backend):
+        out = op.fn(x if xt is None else Dual(x, xt), w if wt is None else Dual(w, wt))
+    _assert_matches(out, op.oracle(x, w, xt, wt))
+
+
+FOUR_D = sorted(c for c in OPS if len(OPS[c].x_shape) == 4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", FOUR_D)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_laid_out_operands(case, backend, layout):
+    """x and its slots (and a 4-D w and its slots) laid out channels_last or strided: the
+    values of the contiguous pass, which are forward_ad's."""
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=2, seed=4, dtype=F64)
+    args = [laid_out(t, layout) if t.dim() >= 4 else t for t in (x, xt, w, wt)]
+    assert not args[0].is_contiguous() and not args[1].is_contiguous()
+    with fgkernels.use_backend(backend):
+        out = op.fn(Dual(*args[:2]), Dual(*args[2:]))
+    _assert_matches(out, op.oracle(x, w, xt, wt))
