@@ -4,8 +4,8 @@ tests/test_mixed_precision.py: bfloat16 tangents and bfloat16 networks).
 
 A row is a function of ``(x, w)`` that runs on Duals (fgkernels' rules) and on forward_ad's dual
 tensors (the oracle) alike, the shapes of x and w, and the oracle's own function where forward_ad
-cannot run the op (torch has no forward-mode rule for its CPU flash attention: the math
-attention stands in). Adding an op to fgkernels adds its row here.
+cannot run the op (torch has no forward-mode rule for its CPU flash attention or its weight
+norm kernel: their definitions stand in). Adding an op to fgkernels adds its row here.
 """
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ def _math_attention(q, k, v):
 def _eval_batch_norm(x, w):
     mean, var = torch.linspace(-1, 1, x.shape[1]), torch.linspace(0.5, 2, x.shape[1])
     return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), w, None, False)
+
+
+def _index_and_setitem(x, w):
+    y = x[:, [0, 2, 3]] * w[1:4]
+    y[y > 0.5] = 0.5            # a mask
+    y[:, 1] = w[0] * x[:, 1]    # a row from another operand
+    return y
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,20 @@ OPS = {
     "attention": OpCase(lambda x, w: F.scaled_dot_product_attention(x, x * w, x),
                         (2, 3, 5, 4), (4,),
                         ref=lambda x, w: _math_attention(x, x * w, x)),
+    "pad_interpolate": OpCase(lambda x, w: F.interpolate(F.pad(x * w, (1, 0, 2, 1)),
+                                                         scale_factor=2, mode="bilinear"),
+                              (2, 3, 4, 4), (3, 1, 1)),
+    "log_softmax": OpCase(lambda x, w: F.log_softmax(x + w, -1), (4, 7), (7,)),
+    "where_clamp": OpCase(lambda x, w: torch.where(x > 0, x * w, w).clamp(-0.5, 1.0),
+                          (4, 6), (6,)),
+    "index_and_setitem": OpCase(_index_and_setitem, (4, 6), (6,)),
+    "vector_norm": OpCase(lambda x, w: torch.linalg.vector_norm(x * w, dim=-1), (4, 6), (6,)),
+    "weight_norm": OpCase(lambda x, w: torch._weight_norm(x, w, 0), (5, 3, 2, 2), (5, 1, 1, 1),
+                          ref=lambda x, w: x * w / torch.linalg.vector_norm(x, dim=(1, 2, 3),
+                                                                     keepdim=True)),
+    "baddbmm_einsum": OpCase(lambda x, w: torch.einsum("bij,jk->bik",
+                                                       torch.baddbmm(x, x, x), w),
+                             (2, 4, 4), (4, 3)),
     "cross_entropy": OpCase(lambda x, w: F.cross_entropy(F.linear(x, w), TARGET), (4, 12),
                             (5, 12)),
     "fallback_cumsum": OpCase(lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,)),

@@ -439,7 +439,7 @@ def test_tf32_rounding_keeps_ten_mantissa_bits(value):
             assert abs(float(r)) <= abs(value)
 
 
-@PROFILE
+@settings(PROFILE, max_examples=4 * len(OPS))  # each row a few times
 @given(case=st.sampled_from(sorted(OPS)), backend=backends, dtype=dtypes, T=slots,
        which=st.sampled_from(["x", "w", "both"]), layout=layouts,
        seed=st.integers(0, 2**31 - 1))
