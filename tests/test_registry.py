@@ -78,3 +78,37 @@ def test_native_batch_norm_past_its_slot_limit_is_served_by_the_reference(monkey
     with fgkernels.use_backend("native"):
         ran = _ops_run(lambda: dual(fgkernels.Dual(x, xt)))
     assert ran & {"fgkernels::dual_bn_apply", "fgkernels::dual_bn_apply_"}
+
+
+def test_a_backend_implements_only_what_it_accelerates(monkeypatch):
+    """A backend that inherits ``Delegating`` and implements one op serves every op: the rest
+    from its fallback, exact."""
+    from fgkernels.backends.base import Delegating
+    from fgkernels.backends.reference import ReferenceBackend
+
+    from helpers import TOL, torch_jvp_multi
+
+    class ReluOnly(Delegating):
+        name = "relu-only"
+        calls = 0
+
+        def __init__(self):
+            self.fallback = ReferenceBackend()
+
+        def relu(self, x, xt):
+            ReluOnly.calls += 1
+            return self.fallback.relu(x, xt)
+
+    monkeypatch.setattr(ops, "_loaded", {**ops._loaded, "reference": ReluOnly()})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.MaxPool2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 5)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    _, expected = torch_jvp_multi(model, x, xt)
+    with fgkernels.use_backend("reference"):
+        assert fgkernels.current_backend(x.device).name == "relu-only"
+        out = fgkernels.convert(model)(fgkernels.Dual(x, xt))
+    assert ReluOnly.calls > 0
+    torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])

@@ -130,9 +130,14 @@ class Backend(Protocol):
 
 
 class Delegating:
-    """The ops a backend does not accelerate, taken from its ``fallback`` backend."""
+    """Every op taken from the backend's ``fallback``: a backend inherits this last and
+    implements only the ops it accelerates."""
 
     fallback: Backend
+
+    def conv2d(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, conv: ConvArgs,
+               y: Opt = None) -> Result:
+        return self.fallback.conv2d(x, xt, p, plan, conv, y)
 
     def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
         return self.fallback.linear(x, xt, p, plan)
@@ -140,6 +145,12 @@ class Delegating:
     def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
                    bn: BatchNormArgs) -> Result:
         return self.fallback.batch_norm(x, xt, p, plan, bn)
+
+    def conv2d_batch_norm(self, x: Tensor, xt: Opt, conv_p: LayerParams, conv_plan: SlotPlan,
+                          conv: ConvArgs, bn_p: LayerParams, bn_plan: SlotPlan,
+                          bn: BatchNormArgs, conv_y: Opt = None) -> Result:
+        return self.fallback.conv2d_batch_norm(x, xt, conv_p, conv_plan, conv, bn_p, bn_plan,
+                                               bn, conv_y)
 
     def relu(self, x: Tensor, xt: Opt) -> Result:
         return self.fallback.relu(x, xt)

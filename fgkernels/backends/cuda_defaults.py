@@ -23,7 +23,7 @@ CUDA_DEFAULTS = {
 }
 
 
-class PerOpBackend(Delegating, InPlaceConvBatchNorm):
+class PerOpBackend(InPlaceConvBatchNorm, Delegating):
     """The ops of ``table`` (op -> backend) from the backends it names, the rest from
     ``fallback``."""
 

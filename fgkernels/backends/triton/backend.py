@@ -25,7 +25,7 @@ def _serves(x: Tensor, w: Tensor, conv: ConvArgs):
     return conv.explicit_padding(w.shape)
 
 
-class TritonBackend(Delegating, InPlaceConvBatchNorm):
+class TritonBackend(InPlaceConvBatchNorm, Delegating):
     """Fused Triton kernels where they apply, the native ops elsewhere."""
 
     name = "triton"
