@@ -21,9 +21,19 @@ from fgkernels.testing import forward_ad_jvp
 TARGET = torch.tensor([1, 0, 3, 2])
 
 
-def _math_attention(q, k, v):
+def _math_attention(q, k, v, causal: bool = False):
     """softmax(q kᵀ / √d) v, the definition: forward_ad's stand-in for the fused kernel."""
-    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1) @ v
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        later = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(later, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def _assign_rows(x, w):
+    y = x * w[0]
+    y[:, ::2] = w[::2] * 2      # assigned into a strided slice (a Dual as long as x or w is)
+    return y
 
 
 def _eval_batch_norm(x, w):
@@ -108,6 +118,58 @@ OPS = {
     "cross_entropy": OpCase(lambda x, w: F.cross_entropy(F.linear(x, w), TARGET), (4, 12),
                             (5, 12)),
     "fallback_cumsum": OpCase(lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,)),
+    # --- the edges of each op's arguments ----------------------------------------------------
+    "conv2d_same_even_kernel": OpCase(lambda x, w: F.conv2d(x, w, padding="same"),
+                                      (2, 3, 6, 6), (4, 3, 2, 4)),
+    "conv2d_dilated_valid": OpCase(lambda x, w: F.conv2d(x, w, padding="valid", dilation=2),
+                                   (2, 3, 7, 7), (4, 3, 3, 3)),
+    "linear_3d_bias": OpCase(lambda x, w: F.linear(x, w, w[:, 0]), (2, 3, 6), (4, 6)),
+    "batch_norm_3d": OpCase(lambda x, w: F.batch_norm(x, None, None, w, None, True),
+                            (4, 6, 5), (6,)),
+    "layer_norm_2d_bias": OpCase(lambda x, w: F.layer_norm(x, (5, 6), None, w.expand(5, 6)),
+                                 (3, 5, 6), (6,), bf16_network=False),
+    "max_pool_ceil_dilated": OpCase(lambda x, w: F.max_pool2d(x * w, 3, 2, 1, 2, ceil_mode=True),
+                                    (2, 3, 9, 8), (3, 1, 1)),
+    "avg_pool_ceil_no_pad": OpCase(lambda x, w: F.avg_pool2d(x * w, 3, 2, 1, ceil_mode=True,
+                                                             count_include_pad=False),
+                                   (2, 3, 8, 7), (3, 1, 1)),
+    "avg_pool_divisor": OpCase(lambda x, w: F.avg_pool2d(x * w, 2, divisor_override=3),
+                               (2, 3, 6, 6), (3, 1, 1)),
+    "adaptive_pool_uneven": OpCase(lambda x, w: F.adaptive_avg_pool2d(x * w, (3, 2)),
+                                   (2, 3, 7, 5), (3, 1, 1)),
+    "pad_modes": OpCase(lambda x, w: F.pad(F.pad(F.pad(x * w, (2, 1, 1, 2), mode="reflect"),
+                                                 (1, 1, 0, 1), mode="replicate"),
+                                           (1, 0, 1, 0), mode="circular"),
+                        (2, 3, 5, 5), (3, 1, 1)),
+    "interpolate_modes": OpCase(lambda x, w: F.interpolate(
+        F.interpolate(x * w, size=(7, 3), mode="nearest"), scale_factor=1.5, mode="bicubic",
+        align_corners=True), (2, 3, 4, 4), (3, 1, 1)),
+    "cross_entropy_smoothed_weighted": OpCase(
+        lambda x, w: F.cross_entropy(x, TARGET, weight=w.abs() + 0.1, label_smoothing=0.2),
+        (4, 6), (6,)),
+    "cross_entropy_ignored_summed": OpCase(
+        lambda x, w: F.cross_entropy(x * w, torch.tensor([1, -100, 3, 2]), reduction="sum"),
+        (4, 6), (6,)),
+    "cross_entropy_probabilities": OpCase(
+        lambda x, w: F.cross_entropy(x, torch.softmax(w, -1).expand(4, 6)), (4, 6), (6,)),
+    "cross_entropy_spatial": OpCase(
+        lambda x, w: F.cross_entropy(x * w, torch.tensor([[[1, 0], [2, 3]]] * 2),
+                                     reduction="none"),
+        (2, 4, 2, 2), (4, 1, 1)),
+    "activations": OpCase(lambda x, w: F.mish(F.gelu(F.elu(F.leaky_relu(x * w, 0.1), 0.7)))
+                          + F.hardswish(x * 4) * F.hardsigmoid(w * 4), (4, 6), (6,)),
+    "relu6_in_place": OpCase(lambda x, w: F.relu6((x * w * 8).clone(), inplace=True), (4, 6),
+                             (6,)),
+    "norms_p1_frobenius": OpCase(lambda x, w: torch.norm(x * w, p=1, dim=1) + (x * w).norm(),
+                                 (4, 6), (6,)),
+    "products_reversed": OpCase(lambda x, w: torch.einsum("ii->", x * w) + (w @ x).sum()
+                                + (1 / (2 + x * x) - w).sum(), (6, 6), (6,)),
+    "index_advanced": OpCase(lambda x, w: (x * w)[torch.tensor([0, 2, 2]), 1:5:2], (4, 6),
+                             (6,)),
+    "assign_strided_rows": OpCase(_assign_rows, (4, 6), (6,)),
+    "attention_causal": OpCase(
+        lambda x, w: F.scaled_dot_product_attention(x, x * w, x, is_causal=True),
+        (2, 3, 5, 4), (4,), ref=lambda x, w: _math_attention(x, x * w, x, causal=True)),
 }
 
 

@@ -169,3 +169,21 @@ def test_native_ops_with_bfloat16_slots():
         ops.dual_relu(x.to(BF16), xt.float())
     with pytest.raises(RuntimeError, match="tangent_dtype must be xt's"):
         ops.dual_bn_apply(x, xt, [1, -1, 0], *coef, True, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fn,kinks", [
+    (lambda v: F.hardtanh(v, -0.5, 1.5), (-0.5, 1.5)), (F.relu6, (6.0,)),
+    (F.hardsigmoid, (-3.0, 3.0)), (F.hardswish, (-3.0, 3.0)),
+], ids=["hardtanh", "relu6", "hardsigmoid", "hardswish"])
+def test_a_narrower_tangent_keeps_the_slope_beside_a_kink(fn, kinks, backend):
+    """A float32 primal just beside a kink that bfloat16 would round onto: the slope is the
+    float32 primal's, so the bfloat16 tangent is forward_ad's in float64 within a rounding of
+    the slope and one of the product (the slope of the rounded primal is off by 1/6 to 1)."""
+    x = torch.tensor([k + s * 0.004 for k in kinks for s in (-1, 1)])
+    assert any(fn(x.to(BF16).double()).ne(fn(x.double())).tolist())  # the rounding crosses
+    xt = torch.randn(2, *x.shape)
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x, xt.to(BF16)))
+    exact = forward_ad_jvp(fn, [x.double()], [xt.to(BF16).double()])[1]
+    torch.testing.assert_close(out.tangents.double(), exact, rtol=2 ** -7, atol=0)

@@ -109,7 +109,7 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
         a, k = pytree.tree_unflatten(values, spec)
         return func(*a, **k)
 
-    primals = tuple(d.primal for d in duals)
+    primals = tuple(_dense_if_expanded(d.primal) for d in duals)
     plan = _slots.plan([d.slot_operand() for d in duals], name)
     if plan.count == 0:
         return _wrap(call(*primals), None, plan)
@@ -150,6 +150,15 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     primal = lambda v: v.primal if isinstance(v, Dual) else v
     a, k = pytree.tree_map(primal, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
+
+
+def _dense_if_expanded(p: torch.Tensor) -> torch.Tensor:
+    """An expanded primal (a stride-0 dim) as a dense copy of its values: forward AD writes a
+    tangent of another layout into the primal's strides, which an expanded primal cannot
+    take (a tangent widened from a narrower dtype comes out dense)."""
+    if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
+        return p.contiguous()
+    return p
 
 
 def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):

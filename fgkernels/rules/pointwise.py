@@ -173,12 +173,23 @@ _aten = torch.ops.aten
 
 def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor],
                 inplace: bool = False) -> Dual:
-    """The Dual of ``y = f(x)`` with ``ẏ = derivative(ẋ, x)`` over all slots (x in the
-    tangent's dtype); ``inplace`` rebinds ``input`` to the result."""
+    """The Dual of ``y = f(x)`` with ``ẏ = derivative(ẋ, x)`` over all slots; ``inplace``
+    rebinds ``input`` to the result.
+
+    A tangent narrower than x takes the slope ``f'(x) = derivative(1, x)`` computed at x's own
+    precision and rounded once: x rounded to the tangent's dtype first could cross a kink
+    (hardtanh's bound 1.5: 1.496 rounds to 1.5 in bfloat16, where the slope is 0). Where the
+    slope is 0 the tangent is 0, whatever the tangent (as torch's derivative kernels select)."""
     d = input if isinstance(input, Dual) else Dual(input)
-    t = d.tangents
-    out = d.with_tangents(y, None if t is None else
-                          derivative(t, _like(d.primal, t).expand_as(t)))
+    x, t = d.primal, d.tangents
+    if t is None:
+        tangents = None
+    elif t.dtype == x.dtype:
+        tangents = derivative(t, x.expand_as(t))
+    else:
+        slope = derivative(torch.ones_like(x), x).to(t.dtype)
+        tangents = (t * slope).masked_fill_(slope == 0, 0)
+    out = d.with_tangents(y, tangents)
     return d._assign(out) if inplace else out
 
 
