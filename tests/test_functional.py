@@ -190,3 +190,20 @@ def test_param_tangents_without_input_tangent_in_eval_bn(backend):
     out = DF.batch_norm(Dual(x), rm, rv, Dual(w, wt), Dual(b, bt), training=False)
     _, et = fwad(lambda w_, b_: F.batch_norm(x, rm, rv, w_, b_, False), [w, b], [wt, bt])
     close(out.tangent, et, torch.float64)
+
+
+@pytest.mark.parametrize("fn", [torch.softmax, F.log_softmax], ids=["softmax", "log_softmax"])
+def test_softmax_dtype_casts_the_input_first(fn):
+    """``dtype=`` casts the input before the op, as torch does: a tangent of the input's dtype
+    is widened with it (forward_ad's float64 numbers), a narrower one stays narrower."""
+    x, xt = torch.randn(3, 5), torch.randn(3, 5)
+    out = fn(Dual(x, xt), 1, dtype=torch.float64)
+    assert out.primal.dtype == out.tangents.dtype == torch.float64
+    expected = forward_ad_jvp(lambda v: fn(v, 1, dtype=torch.float64), [x], [xt[None]])[1][0]
+    torch.testing.assert_close(out.tangent, expected, rtol=1e-12, atol=1e-12)
+    assert fn(Dual(x, xt.bfloat16()), 1, dtype=torch.float64).tangents.dtype == torch.bfloat16
+    if fn is torch.softmax:  # torch's and Tensor's form take dtype third
+        for positional in (torch.softmax(Dual(x, xt), 1, torch.float64),
+                           Dual(x, xt).softmax(1, torch.float64),
+                           torch.log_softmax(Dual(x, xt), 1, torch.float64)):
+            assert positional.primal.dtype == positional.tangents.dtype == torch.float64

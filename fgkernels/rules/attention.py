@@ -36,8 +36,12 @@ Tensor = torch.Tensor
 def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> Dual:
     """Dual softmax along ``dim``."""
     d = as_dual(input, "softmax")
+    if isinstance(_stacklevel, torch.dtype):  # torch.softmax(x, dim, dtype): dtype third
+        dtype = _stacklevel
+    if dtype is not None:  # the input cast first, as torch does, its tangent as Dual.to casts it
+        d = d.to(dtype)
     dim = _softmax_dim(d.primal, dim)
-    y = torch.softmax(d.primal, dim, dtype=dtype)
+    y = torch.softmax(d.primal, dim)
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
@@ -50,8 +54,12 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
 def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> Dual:
     """Dual log-softmax along ``dim``."""
     d = as_dual(input, "log_softmax")
+    if isinstance(_stacklevel, torch.dtype):  # torch.log_softmax(x, dim, dtype): dtype third
+        dtype = _stacklevel
+    if dtype is not None:  # the input cast first, as torch does, its tangent as Dual.to casts it
+        d = d.to(dtype)
     dim = _softmax_dim(d.primal, dim)
-    y = torch.log_softmax(d.primal, dim, dtype=dtype)
+    y = torch.log_softmax(d.primal, dim)
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
