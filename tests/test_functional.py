@@ -192,18 +192,37 @@ def test_param_tangents_without_input_tangent_in_eval_bn(backend):
     close(out.tangent, et, torch.float64)
 
 
-@pytest.mark.parametrize("fn", [torch.softmax, F.log_softmax], ids=["softmax", "log_softmax"])
-def test_softmax_dtype_casts_the_input_first(fn):
+DTYPE_OPS = {
+    "softmax": lambda v, dtype: torch.softmax(v, 1, dtype=dtype),
+    "log_softmax": lambda v, dtype: F.log_softmax(v, 1, dtype=dtype),
+    "vector_norm": lambda v, dtype: torch.linalg.vector_norm(v, dim=1, dtype=dtype),
+    "sum": lambda v, dtype: v.sum(1, dtype=dtype),
+    "cumsum (fallback)": lambda v, dtype: v.cumsum(1, dtype=dtype),
+    "prod (fallback)": lambda v, dtype: v.prod(1, dtype=dtype),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DTYPE_OPS))
+def test_an_op_with_a_dtype_casts_the_input_first(name, recwarn):
     """``dtype=`` casts the input before the op, as torch does: a tangent of the input's dtype
-    is widened with it (forward_ad's float64 numbers), a narrower one stays narrower."""
+    is widened with it (the float64 values of forward_ad on the float64 input; torch's own
+    vector_norm leaves its tangent float32), a narrower one stays narrower (but where the op
+    runs on the tangent itself: ``sum`` of a bfloat16 tangent in float64)."""
+    fn = DTYPE_OPS[name]
     x, xt = torch.randn(3, 5), torch.randn(3, 5)
-    out = fn(Dual(x, xt), 1, dtype=torch.float64)
+    out = fn(Dual(x, xt), torch.float64)
     assert out.primal.dtype == out.tangents.dtype == torch.float64
-    expected = forward_ad_jvp(lambda v: fn(v, 1, dtype=torch.float64), [x], [xt[None]])[1][0]
+    expected = forward_ad_jvp(lambda v: fn(v, torch.float64), [x.double()],
+                              [xt.double()[None]])[1][0]
     torch.testing.assert_close(out.tangent, expected, rtol=1e-12, atol=1e-12)
-    assert fn(Dual(x, xt.bfloat16()), 1, dtype=torch.float64).tangents.dtype == torch.bfloat16
-    if fn is torch.softmax:  # torch's and Tensor's form take dtype third
-        for positional in (torch.softmax(Dual(x, xt), 1, torch.float64),
-                           Dual(x, xt).softmax(1, torch.float64),
-                           torch.log_softmax(Dual(x, xt), 1, torch.float64)):
-            assert positional.primal.dtype == positional.tangents.dtype == torch.float64
+    narrow = fn(Dual(x, xt.bfloat16()), torch.float64).tangents.dtype
+    assert narrow == (torch.float64 if name == "sum" else torch.bfloat16)
+
+
+def test_softmax_takes_a_positional_dtype():
+    """torch's and Tensor's softmax take dtype third (F.softmax's third is _stacklevel)."""
+    x, xt = torch.randn(3, 5), torch.randn(3, 5)
+    for out in (torch.softmax(Dual(x, xt), 1, torch.float64),
+                Dual(x, xt).softmax(1, torch.float64),
+                torch.log_softmax(Dual(x, xt), 1, torch.float64)):
+        assert out.primal.dtype == out.tangents.dtype == torch.float64

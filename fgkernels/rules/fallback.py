@@ -124,7 +124,11 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
                    for d, pos in zip(duals, plan.positions))
     with torch.no_grad():
         primal_out, tangents = jvp_over_slots(call, primals, stacks)
-    return _wrap(primal_out, tangents, plan)
+    # Tangents narrower than their primals come out in the slots' dtype (a bfloat16 tangent
+    # stays bfloat16); tangents of their primals' dtype take the outputs' (``cumsum(x,
+    # dtype=torch.float64)`` of a float32 Dual gives a float64 tangent, as forward AD does).
+    narrow = any(d.tangents is not None and d.tangents.dtype != d.primal.dtype for d in duals)
+    return _wrap(primal_out, tangents, plan, plan.dtype if narrow else None)
 
 
 def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
@@ -226,9 +230,10 @@ def _tangent_of(v: torch.Tensor, t: torch.Tensor, dtype: Optional[torch.dtype]) 
     return t
 
 
-def _wrap(out, tangents, plan):
-    """Each differentiable tensor output as a Dual (with its tangent stack, if any); other
-    outputs (indices, masks, shapes, numbers, None) as they are."""
+def _wrap(out, tangents, plan, dtype: Optional[torch.dtype] = None):
+    """Each differentiable tensor output as a Dual (with its tangent stack, if any, in
+    ``dtype`` where that fits the output); other outputs (indices, masks, shapes, numbers,
+    None) as they are."""
     if tangents is None:
         return pytree.tree_map(
             lambda v: Dual._unchecked(v, None, None, False) if _is_differentiable(v) else v, out)
@@ -237,6 +242,6 @@ def _wrap(out, tangents, plan):
     if len(flat_t) != len(flat_out):
         raise RuntimeError("fgkernels: forward-mode AD returned tangents that do not match the "
                            "op's outputs")
-    wrapped = [Dual._unchecked(v, _tangent_of(v, t, plan.dtype), plan.directions, plan.single)
+    wrapped = [Dual._unchecked(v, _tangent_of(v, t, dtype), plan.directions, plan.single)
                if _is_differentiable(v) else v for v, t in zip(flat_out, flat_t)]
     return pytree.tree_unflatten(wrapped, spec)

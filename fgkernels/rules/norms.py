@@ -118,7 +118,9 @@ def _euclidean_norm(input, dim, keepdim: bool, dtype=None) -> Dual:
     """``n = ‖x‖₂`` over ``dim``, ``ṅ = Re Σ conj(x)·ẋ / n`` (0 where n = 0, the subgradient
     torch's derivative takes there)."""
     d = as_dual(input, "vector_norm")
-    x = d.primal if dtype is None else d.primal.to(dtype)
+    if dtype is not None:  # the input cast first, as torch does, its tangent as Dual.to casts it
+        d = d.to(dtype)
+    x = d.primal
     n = torch.linalg.vector_norm(x, 2, dim, keepdim)
     t = d.tangents
     if t is None:
