@@ -69,7 +69,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``t``'s values laid out ``contiguous``, ``channels_last`` (a 4-D tensor, or a stack of
-    4-D slots each channels_last) or ``strided`` (every other column of a wider tensor)."""
+    4-D slots each channels_last), ``strided`` (every other column of a wider tensor; 4-D and
+    up) or ``transposed`` (the last two dims' strides swapped; 2-D and up)."""
+    if layout == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t
     if layout == "contiguous" or t.dim() < 4:
         return t
     if layout == "channels_last":

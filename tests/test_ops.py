@@ -1,6 +1,6 @@
 """Every row of the op table (tests/op_table.py) on every CPU backend, against forward_ad in
 float64: the exact tangents, the terms of a tangent known to be zero skipped with the same
-answer, and channels_last or strided operands giving what contiguous ones give."""
+answer, and channels_last, strided or transposed operands giving what contiguous ones give."""
 import pytest
 import torch
 
@@ -48,18 +48,20 @@ def test_a_constant_operand(case, backend, constant):
     _assert_matches(out, op.oracle(x, w, xt, wt))
 
 
-FOUR_D = sorted(c for c in OPS if len(OPS[c].x_shape) == 4)
+# channels_last and strided lay out 4-D operands; transposed (the last two dims' strides
+# swapped) any of two dims or more.
+LAYOUTS = [(case, layout) for case in sorted(OPS) for layout in
+           (["channels_last", "strided"] if len(OPS[case].x_shape) == 4 else []) + ["transposed"]]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", FOUR_D)
-@pytest.mark.parametrize("layout", ["channels_last", "strided"])
-def test_laid_out_operands(case, backend, layout):
-    """x and its slots (and a 4-D w and its slots) laid out channels_last or strided: the
-    values of the contiguous pass, which are forward_ad's."""
+@pytest.mark.parametrize("case,layout", LAYOUTS)
+def test_laid_out_operands(case, layout, backend):
+    """x and its slots (and w and its slots where the layout applies) laid out channels_last,
+    strided or transposed: the values of the contiguous pass, which are forward_ad's."""
     op = OPS[case]
     x, w, xt, wt = inputs(op, slots=2, seed=4, dtype=F64)
-    args = [laid_out(t, layout) if t.dim() >= 4 else t for t in (x, xt, w, wt)]
+    args = [laid_out(t, layout) for t in (x, xt, w, wt)]
     assert not args[0].is_contiguous() and not args[1].is_contiguous()
     with fgkernels.use_backend(backend):
         out = op.fn(Dual(*args[:2]), Dual(*args[2:]))

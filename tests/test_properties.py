@@ -30,7 +30,7 @@ PROFILE = settings(max_examples=40, deadline=None,
 dims = st.integers(min_value=1, max_value=4)
 dtypes = st.sampled_from([torch.float64, torch.float32])
 slots = st.integers(min_value=1, max_value=3)
-layouts = st.sampled_from(["contiguous", "channels_last", "strided"])
+layouts = st.sampled_from(["contiguous", "channels_last", "strided", "transposed"])
 backends = st.sampled_from(CPU_BACKENDS)
 
 
