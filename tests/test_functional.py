@@ -226,3 +226,11 @@ def test_softmax_takes_a_positional_dtype():
                 Dual(x, xt).softmax(1, torch.float64),
                 torch.log_softmax(Dual(x, xt), 1, torch.float64)):
         assert out.primal.dtype == out.tangents.dtype == torch.float64
+
+
+def test_vector_norm_refuses_a_narrowing_dtype():
+    """As torch's own does: a float64 input's norm in float32 would be a narrowing cast."""
+    d = Dual(torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dtype torch.float32 would narrow the input's"):
+        torch.linalg.vector_norm(d, dim=1, dtype=torch.float32)
+

@@ -119,6 +119,9 @@ def _euclidean_norm(input, dim, keepdim: bool, dtype=None) -> Dual:
     torch's derivative takes there)."""
     d = as_dual(input, "vector_norm")
     if dtype is not None:  # the input cast first, as torch does, its tangent as Dual.to casts it
+        if torch.promote_types(d.primal.dtype, dtype) != dtype:
+            raise ValueError(f"vector_norm: dtype {dtype} would narrow the input's "
+                             f"{d.primal.dtype}; torch takes only a dtype that holds it")
         d = d.to(dtype)
     x = d.primal
     n = torch.linalg.vector_norm(x, 2, dim, keepdim)
