@@ -1,6 +1,7 @@
 """Every row of the op table (tests/op_table.py) on every CPU backend, against forward_ad in
 float64: the exact tangents, the terms of a tangent known to be zero skipped with the same
-answer, and channels_last, strided or transposed operands giving what contiguous ones give."""
+answer, directions that enter part way, and channels_last, strided or transposed operands
+giving what contiguous ones give."""
 import pytest
 import torch
 
@@ -46,6 +47,21 @@ def test_a_constant_operand(case, backend, constant):
     with fgkernels.use_backend(backend):
         out = op.fn(x if xt is None else Dual(x, xt), w if wt is None else Dual(w, wt))
     _assert_matches(out, op.oracle(x, w, xt, wt))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", sorted(OPS))
+def test_directions_entering_part_way(case, backend):
+    """x carries directions 0 and 1, w directions 1 and 2: the output carries 0, 1 and 2, each
+    slot forward_ad's tangent along that direction (an operand without it held constant)."""
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=2, seed=6, dtype=F64)
+    along_x = torch.stack([xt[0], xt[1], torch.zeros_like(xt[0])])
+    along_w = torch.stack([torch.zeros_like(wt[0]), wt[0], wt[1]])
+    with fgkernels.use_backend(backend):
+        out = op.fn(Dual(x, xt, directions=(0, 1)), Dual(w, wt, directions=(1, 2)))
+    assert tuple(out.directions) == (0, 1, 2)
+    _assert_matches(out, op.oracle(x, w, along_x, along_w))
 
 
 # channels_last and strided lay out 4-D operands; transposed (the last two dims' strides
