@@ -1,7 +1,7 @@
 """Every row of the op table (tests/op_table.py) on every CPU backend, against forward_ad in
 float64: the exact tangents, the terms of a tangent known to be zero skipped with the same
-answer, directions that enter part way, and channels_last, strided or transposed operands
-giving what contiguous ones give."""
+answer, directions that enter part way, non-finite tangents, and channels_last, strided or
+transposed operands giving what contiguous ones give."""
 import pytest
 import torch
 
@@ -62,6 +62,27 @@ def test_directions_entering_part_way(case, backend):
         out = op.fn(Dual(x, xt, directions=(0, 1)), Dual(w, wt, directions=(1, 2)))
     assert tuple(out.directions) == (0, 1, 2)
     _assert_matches(out, op.oracle(x, w, along_x, along_w))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", sorted(OPS))
+def test_non_finite_tangents(case, backend):
+    """A NaN in one slot of x's tangent, an Inf in the other: the output's tangents are
+    non-finite where forward_ad's are, equal elsewhere, and an Inf has forward_ad's sign
+    where both are infinite (the norms may give ±Inf where torch gives NaN: README)."""
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=2, seed=7, dtype=F64)
+    xt.view(2, -1)[0, 1] = float("nan")
+    xt.view(2, -1)[1, 2] = float("inf")
+    with fgkernels.use_backend(backend):
+        out = op.fn(Dual(x, xt), Dual(w, wt))
+    _, expected = op.oracle(x, w, xt, wt)
+    ours = out.tangents
+    assert torch.equal(ours.isfinite(), expected.isfinite())
+    finite = expected.isfinite()
+    torch.testing.assert_close(ours[finite], expected[finite], **TOL[F64])
+    both_inf = ours.isinf() & expected.isinf()
+    assert torch.equal(ours[both_inf], expected[both_inf])
 
 
 # channels_last and strided lay out 4-D operands; transposed (the last two dims' strides
