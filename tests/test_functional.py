@@ -234,3 +234,27 @@ def test_vector_norm_refuses_a_narrowing_dtype():
     with pytest.raises(ValueError, match="dtype torch.float32 would narrow the input's"):
         torch.linalg.vector_norm(d, dim=1, dtype=torch.float32)
 
+
+
+IN_PLACE = {"relu_": F.relu_, "hardtanh_": lambda v: F.hardtanh_(v, -0.3, 0.4),
+            "leaky_relu_": F.leaky_relu_, "elu_": F.elu_, "celu_ (fallback)": F.celu_,
+            "threshold_ (fallback)": lambda v: F.threshold_(v, 0.1, 0.0)}
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
+def test_functional_in_place_forms_rebind_their_input(name, recwarn):
+    """``F.leaky_relu_(y)`` and its kind change y, as on a forward_ad dual tensor: code that
+    drops the return value keeps the result."""
+    f = IN_PLACE[name]
+
+    def fn(x, w):
+        y = x * w
+        f(y)
+        return y
+
+    x, w = torch.randn(4, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    xt, wt = torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    out = fn(Dual(x, xt), Dual(w, wt))
+    y, yt = forward_ad_jvp(fn, [x, w], [xt, wt])
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])

@@ -193,11 +193,16 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
     return d._assign(out) if inplace else out
 
 
-@implements(F.hardtanh, F.hardtanh_)
+@implements(F.hardtanh)
 def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Dual:
     """Dual hardtanh (ReLU6 too): ``ẏ = ẋ`` strictly inside the bounds (and at NaN), else 0."""
     return _activation(input, F.hardtanh(input.primal, min_val, max_val),
                        lambda t, x: _aten.hardtanh_backward(t, x, min_val, max_val), inplace)
+
+
+@implements(F.hardtanh_)
+def _hardtanh_(input, min_val: float = -1.0, max_val: float = 1.0) -> Dual:
+    return hardtanh(input, min_val, max_val, inplace=True)
 
 
 @implements(F.relu6)
@@ -206,7 +211,7 @@ def relu6(input, inplace: bool = False) -> Dual:
     return hardtanh(input, 0.0, 6.0, inplace)
 
 
-@implements(F.leaky_relu, F.leaky_relu_)
+@implements(F.leaky_relu)
 def leaky_relu(input, negative_slope: float = 0.01, inplace: bool = False) -> Dual:
     """Dual leaky ReLU: slope 1 where x > 0, else ``negative_slope``."""
     return _activation(input, F.leaky_relu(input.primal, negative_slope),
@@ -214,11 +219,21 @@ def leaky_relu(input, negative_slope: float = 0.01, inplace: bool = False) -> Du
                        inplace)
 
 
-@implements(F.elu, F.elu_)
+@implements(F.leaky_relu_)
+def _leaky_relu_(input, negative_slope: float = 0.01) -> Dual:
+    return leaky_relu(input, negative_slope, inplace=True)
+
+
+@implements(F.elu)
 def elu(input, alpha: float = 1.0, inplace: bool = False) -> Dual:
     """Dual ELU: slope 1 where x > 0, else ``alpha·eˣ``."""
     return _activation(input, F.elu(input.primal, alpha),
                        lambda t, x: _aten.elu_backward(t, alpha, 1, 1, False, x), inplace)
+
+
+@implements(F.elu_)
+def _elu_(input, alpha: float = 1.0) -> Dual:
+    return elu(input, alpha, inplace=True)
 
 
 @implements(F.silu)
