@@ -258,3 +258,11 @@ def test_functional_in_place_forms_rebind_their_input(name, recwarn):
     y, yt = forward_ad_jvp(fn, [x, w], [xt, wt])
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("fn", [torch.softmax, torch.log_softmax], ids=["softmax", "log_softmax"])
+def test_softmax_of_a_0_dim_dual(fn):
+    """One element: softmax is 1 and log-softmax 0 whatever it holds, so the tangent is 0."""
+    out = fn(Dual(torch.tensor(2.0), torch.tensor([1.0, -3.0])), 0)
+    assert out.primal.item() == fn(torch.tensor(2.0), 0).item()
+    torch.testing.assert_close(out.tangents, torch.zeros(2))

@@ -46,7 +46,7 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
     if t is None:
         return d.with_tangents(y, None)
     yt = y.to(t.dtype)
-    return d.with_tangents(y, yt * (t - (yt * t).sum(dim + 1, keepdim=True)))
+    return d.with_tangents(y, yt * (t - _along(yt * t, d.primal, dim)))
 
 
 @implements(F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax)
@@ -64,7 +64,12 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
     if t is None:
         return d.with_tangents(y, None)
     p = y.exp().to(t.dtype)
-    return d.with_tangents(y, t - (p * t).sum(dim + 1, keepdim=True))
+    return d.with_tangents(y, t - _along(p * t, d.primal, dim))
+
+
+def _along(stack: Tensor, x: Tensor, dim: int) -> Tensor:
+    """The slots of ``stack`` summed along x's ``dim`` (kept); a 0-dim x sums one element."""
+    return stack.sum(dim + 1, keepdim=True) if x.dim() else stack
 
 
 def _softmax_dim(x: Tensor, dim: Optional[int]) -> int:
