@@ -266,3 +266,10 @@ def test_softmax_of_a_0_dim_dual(fn):
     out = fn(Dual(torch.tensor(2.0), torch.tensor([1.0, -3.0])), 0)
     assert out.primal.item() == fn(torch.tensor(2.0), 0).item()
     torch.testing.assert_close(out.tangents, torch.zeros(2))
+
+
+@pytest.mark.parametrize("fn", [torch.linalg.vector_norm, torch.norm], ids=["vector_norm", "norm"])
+def test_norm_of_a_0_dim_dual(fn):
+    """|x| of one element: the tangent is sign(x)·ẋ, slot by slot (the slots were summed)."""
+    out = fn(Dual(torch.tensor(-0.7), torch.tensor([1.0, -2.0])))
+    torch.testing.assert_close(out.tangents, torch.tensor([-1.0, 2.0]))

@@ -130,7 +130,8 @@ def _euclidean_norm(input, dim, keepdim: bool, dtype=None) -> Dual:
         return d.with_tangents(n, None)
     dims = [k + 1 for k in _reduced_dims(dim, x.dim())]
     xt = _like_tangent(x, t)
-    inner = (xt.conj() * t if x.is_complex() else xt * t).sum(dims, keepdim=keepdim)
+    inner = xt.conj() * t if x.is_complex() else xt * t
+    inner = inner.sum(dims, keepdim=keepdim) if dims else inner  # (a 0-dim x: nothing to sum)
     inner = inner.real if inner.is_complex() else inner
     nt = _like_tangent(n, inner)
     return d.with_tangents(n, torch.where(nt == 0, 0, inner / torch.where(nt == 0, 1, nt)))
