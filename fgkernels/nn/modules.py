@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -75,9 +76,13 @@ class DualConv2d(DualModule, nn.Conv2d):
         return out
 
     def dual_forward(self, input: Dual) -> Dual:
-        self._check_dual()
+        primal = self._take_kept_output(input)
+        if self.padding_mode != "zeros":  # as nn.Conv2d: the input padded first, its tangent too
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return DF.conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation,
+                             self.groups, primal=primal)
         return DF.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                         self.groups, primal=self._take_kept_output(input))
+                         self.groups, primal=primal)
 
     def _versions(self, out: Tensor) -> tuple[int, ...]:
         # during a dual pass a parameter with a tangent is its Dual: the parameter's version
@@ -96,13 +101,6 @@ class DualConv2d(DualModule, nn.Conv2d):
                 or kept.versions != self._versions(kept.output)):
             return None
         return kept.output
-
-    def _check_dual(self) -> None:
-        if self.padding_mode != "zeros":
-            raise NotImplementedError(
-                f"DualConv2d: padding_mode={self.padding_mode!r} has no dual kernel; only "
-                "'zeros' is supported (the other modes pad with input values, which would need "
-                "their own tangent rule)")
 
 
 class _DualBatchNorm(DualModule):
@@ -281,7 +279,6 @@ def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> D
     if conv.out_channels != bn.num_features:
         raise ValueError(f"{type(bn).__name__}: expected {bn.num_features} channels, but the "
                          f"convolution before it gives {conv.out_channels}")
-    conv._check_dual()
     # Checked before _dual_bn_args counts the call: a bad input changes no state.
     checks.check_conv(input.primal, conv.weight, conv.bias, conv.groups, conv.stride,
                       conv.padding, conv.dilation)
