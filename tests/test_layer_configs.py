@@ -1,0 +1,98 @@
+"""torch.nn layers in the configurations users write, each run on a Dual as it is and after
+``fgkernels.convert`` on every CPU backend, every parameter carrying tangents: forward_ad's
+numbers in float64, and the running statistics the plain forward leaves (``convert`` is a speed
+step and never changes a number)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fgkernels
+from fgkernels import Dual
+
+from helpers import CPU_BACKENDS, TOL, torch_jvp_multi
+
+
+class _MaxPoolIndices(nn.Module):
+    """A max pool returning its indices, the values used on."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        y, _ = self.pool(x)
+        return 2 * y
+
+
+def _conv_bn(mode="zeros", **bn):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(4, **bn),
+                         nn.ReLU())
+
+
+# name -> (a builder of the layer, the input's shape)
+LAYERS = {
+    "conv_bn_relu": (_conv_bn, (3, 3, 5, 5)),
+    "conv_reflect_bn": (lambda: _conv_bn("reflect"), (3, 3, 5, 5)),
+    "conv_replicate_bn": (lambda: _conv_bn("replicate"), (3, 3, 5, 5)),
+    "conv_circular_dilated": (lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2,
+                                                padding_mode="circular"), (2, 3, 6, 6)),
+    "conv_same_even": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 6, 6)),
+    "conv_strided_rect": (lambda: nn.Conv2d(3, 4, (3, 1), stride=(2, 1), padding=(1, 0)),
+                          (2, 3, 7, 5)),
+    "conv_depthwise_bn_relu6": (lambda: nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU6()),
+        (2, 4, 5, 5)),
+    "bn_momentum_none": (lambda: _conv_bn(momentum=None), (3, 3, 4, 4)),
+    "bn_no_running_stats": (lambda: _conv_bn(track_running_stats=False), (3, 3, 4, 4)),
+    "bn_not_affine": (lambda: _conv_bn(affine=False), (3, 3, 4, 4)),
+    "bn_eval": (lambda: _conv_bn().eval(), (3, 3, 4, 4)),
+    "bn1d_features": (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU()),
+                      (6, 5)),
+    "bn1d_sequence": (lambda: nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)), (6, 3, 5)),
+    "group_norm_not_affine": (lambda: nn.GroupNorm(2, 4, affine=False), (2, 4, 3, 3)),
+    "layer_norm_no_bias": (lambda: nn.LayerNorm(5, bias=False), (2, 3, 5)),
+    "instance_norm": (lambda: nn.InstanceNorm2d(4, affine=True), (3, 4, 5, 5)),
+    "linear_no_bias_3d": (lambda: nn.Linear(5, 3, bias=False), (2, 4, 5)),
+    "max_pool_indices": (_MaxPoolIndices, (2, 3, 4, 4)),
+    "avg_pool_ceil_no_pad": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True,
+                                                  count_include_pad=False), (2, 3, 7, 7)),
+    "adaptive_pool_none": (lambda: nn.AdaptiveAvgPool2d((None, 2)), (2, 3, 5, 6)),
+    "flatten_unflatten": (lambda: nn.Sequential(nn.Flatten(0, 1), nn.Unflatten(0, (2, 3))),
+                          (2, 3, 4, 5)),
+    "activations_in_place": (lambda: nn.Sequential(
+        nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True), nn.Hardtanh(-0.2, 0.3, inplace=True),
+        nn.LeakyReLU(0.2, inplace=True), nn.ELU(inplace=True)), (2, 3, 3, 3)),
+    "activation_layers": (lambda: nn.Sequential(
+        nn.Linear(4, 4), nn.Hardswish(), nn.Hardsigmoid(), nn.SiLU(), nn.GELU("tanh"),
+        nn.Mish(), nn.Sigmoid(), nn.Tanh(), nn.PReLU()), (3, 4)),
+    "conv_transpose_pixel_shuffle": (lambda: nn.Sequential(
+        nn.ConvTranspose2d(3, 8, 3, stride=2, padding=1, output_padding=1),
+        nn.PixelShuffle(2)), (2, 3, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("converted", [False, True], ids=["as_is", "converted"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_config(name, converted, backend):
+    build, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = build().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    xt = torch.randn(2, *shape, dtype=torch.float64)
+    tangents = {n: torch.randn(2, *p.shape, dtype=torch.float64)
+                for n, p in layer.named_parameters()}
+    y, yt = torch_jvp_multi(layer, x, xt, tangents or None)
+    plain = copy.deepcopy(layer)
+    dual = fgkernels.convert(copy.deepcopy(layer)) if converted else copy.deepcopy(layer)
+    fgkernels.set_tangents(dual, tangents)
+    with fgkernels.use_backend(backend):
+        for _ in range(2):  # the running statistics move as the plain forward moves them
+            out = dual(Dual(x, xt))
+            plain(x)
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+    for (n, ours), (_, theirs) in zip(dual.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, msg=n)
