@@ -148,3 +148,25 @@ def test_fgkernels_compile_traces_once(monkeypatch):
     for _ in range(2):
         compiled(Dual(x, torch.randn_like(x)))
     assert len(graphs) == 1
+
+
+OPERATORS = {"d @ t": lambda d, t: d @ t, "t @ d": lambda d, t: t @ d,
+             "d - t": lambda d, t: d - t, "t - d": lambda d, t: t - d,
+             "d / t": lambda d, t: d / t, "t / d": lambda d, t: t / d,
+             "d + t": lambda d, t: d + t, "d * t": lambda d, t: d * t}
+
+
+@pytest.mark.parametrize("name", sorted(OPERATORS))
+def test_operators_beside_a_plain_tensor_compile_as_written(name):
+    """A Dual on either side of a plain tensor: the compiled operator is the eager one. Dynamo
+    traces ``d @ t`` as the tensor's method with the operands swapped; fgkernels gives it the
+    reflected entry it lacks (it traced ``t @ d``, silently, on square operands) and finds the
+    reflected rules it hands over (``d - t`` stopped on a failing guard)."""
+    fn = OPERATORS[name]
+    d = Dual(torch.randn(5, 5, dtype=torch.float64), torch.randn(2, 5, 5, dtype=torch.float64))
+    t = torch.randn(5, 5, dtype=torch.float64)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(d, t)
+    ref = fn(d, t)
+    torch.testing.assert_close(out.primal, ref.primal)
+    torch.testing.assert_close(out.tangents, ref.tangents)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 from typing import Callable, Optional
 
@@ -17,15 +18,49 @@ _RULES: dict[Callable, Callable] = {}
 _fallback_rule: Optional[Callable] = None
 
 
+# The ruled torch functions that are Python wrappers (``Tensor.__rsub__``, ``__rdiv__``,
+# ``__rmatmul__``): under torch.compile, Dynamo hands them to __torch_function__ for ``d - t``
+# (a Dual left of a plain tensor) and traces a dict lookup keyed by them as a miss, whose guard
+# then fails; they are found by identity while compiling.
+_WRAPPED: list[Callable] = []
+
+
 def implements(*funcs: Callable) -> Callable:
     """Register the decorated function as the Dual rule of each torch function in ``funcs``."""
 
     def register(rule: Callable) -> Callable:
         for f in funcs:
             _RULES[f] = rule
+            if hasattr(f, "__wrapped__") and f not in _WRAPPED:
+                _WRAPPED.append(f)
         return rule
 
     return register
+
+
+def _rule_while_compiling(func: Callable) -> Optional[Callable]:
+    """The rule registered for ``func``, or None, as Dynamo traces it (see ``_WRAPPED``)."""
+    for f in _WRAPPED:
+        if func is f:
+            return _RULES[f]
+    return _RULES.get(func)
+
+
+def _reflect_matmul_under_dynamo() -> None:
+    """Dynamo traces ``d @ t`` (a Dual, not a tensor, left of a tensor) as the tensor's
+    reflected method with the operands swapped, as it does ``d - t``; but it has no reflected
+    entry for ``@`` and swaps the operands of ``Tensor.matmul`` itself, tracing ``t @ d``. Give
+    it the reflected entry (``Tensor.__rmatmul__(t, d)`` is ``d @ t``). A torch whose Dynamo
+    lays this out otherwise is left as it is (tests/test_compile.py checks the operators)."""
+    try:
+        from torch._dynamo.variables import builtin
+        builtin.populate_builtin_to_tensor_fn_map()
+        builtin.BUILTIN_TO_TENSOR_RFN_MAP.setdefault(operator.matmul, torch.Tensor.__rmatmul__)
+    except (ImportError, AttributeError):
+        pass
+
+
+_reflect_matmul_under_dynamo()
 
 
 def implements_fallback(rule: Callable) -> Callable:
@@ -323,7 +358,8 @@ class Dual:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        rule = _RULES.get(func)
+        rule = _rule_while_compiling(func) if torch.compiler.is_compiling() else \
+            _RULES.get(func)
         with in_rule():
             if rule is None or kwargs.get("out") is not None:  # out=: written in place
                 return _fallback_rule(func, args, kwargs)
