@@ -9,6 +9,7 @@ import torch
 import fgkernels
 from fgkernels import Dual
 
+from op_table import OPS, inputs
 from zoo import BasicBlock
 
 
@@ -168,5 +169,36 @@ def test_operators_beside_a_plain_tensor_compile_as_written(name):
     torch._dynamo.reset()
     out = torch.compile(fn, backend="aot_eager", fullgraph=True)(d, t)
     ref = fn(d, t)
+    torch.testing.assert_close(out.primal, ref.primal)
+    torch.testing.assert_close(out.tangents, ref.tangents)
+
+
+# Rows whose compiled pass stops with a torch.compile error (README: torch.compile).
+COMPILE_STOPS = {"products_reversed": "a number left of a Dual, then .sum(): (1 / (2 + d)).sum()"}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=COMPILE_STOPS[c]))
+    if c in COMPILE_STOPS else c for c in sorted(OPS)])
+def test_op_table_under_fgkernels_compile(case):
+    """Every row of the op table as a module whose parameter w carries tangents, compiled by
+    fgkernels.compile (graph breaks allowed): the eager pass's numbers."""
+    from torch import nn
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=2, seed=8, dtype=torch.float64)
+
+    class Row(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(w.clone())
+
+        def forward(self, v):
+            return op.fn(v, self.w)
+
+    row = Row()
+    fgkernels.set_tangents(row, {"w": wt})
+    ref = row(Dual(x, xt))
+    torch._dynamo.reset()
+    out = fgkernels.compile(row, backend="aot_eager")(Dual(x, xt))
     torch.testing.assert_close(out.primal, ref.primal)
     torch.testing.assert_close(out.tangents, ref.tangents)
