@@ -1,7 +1,7 @@
-"""torch.nn layers in the configurations users write, each run on a Dual as it is and after
-``fgkernels.convert`` on every CPU backend, every parameter carrying tangents: forward_ad's
-numbers in float64, and the running statistics the plain forward leaves (``convert`` is a speed
-step and never changes a number)."""
+"""torch.nn layers in the configurations users write (a table, and drawn Conv → BN → activation
+blocks), each run on a Dual as it is and after ``fgkernels.convert`` on every CPU backend,
+every parameter carrying tangents: forward_ad's numbers in float64, and the running statistics
+the plain forward leaves (``convert`` is a speed step and never changes a number)."""
 import copy
 
 import pytest
@@ -92,6 +92,71 @@ def test_layer_config(name, converted, backend):
         for _ in range(2):  # the running statistics move as the plain forward moves them
             out = dual(Dual(x, xt))
             plain(x)
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+    for (n, ours), (_, theirs) in zip(dual.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, msg=n)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ACTIVATIONS = {"none": None, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh,
+               "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
+
+
+@st.composite
+def conv_bn_blocks(draw):
+    """A Conv2d → (BatchNorm2d) → (activation) block as users write it, and its input shape."""
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    k, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    stride = draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    padding = draw(st.sampled_from(["same", "valid", 0, 1])) if stride == 1 else \
+        draw(st.integers(0, 1))
+    if mode != "zeros" and padding == "valid":
+        padding = 0
+    size = dilation * (k - 1) + 2 + draw(st.integers(0, 3))  # reflect pads less than the size
+    layers = [nn.Conv2d(cin, cout, k, stride, padding, dilation, groups,
+                        bias=draw(st.booleans()), padding_mode=mode)]
+    if draw(st.booleans()):
+        layers.append(nn.BatchNorm2d(cout, momentum=draw(st.sampled_from([0.1, None])),
+                                     affine=draw(st.booleans()),
+                                     track_running_stats=draw(st.booleans())))
+    act = ACTIVATIONS[draw(st.sampled_from(sorted(ACTIVATIONS)))]
+    if act is not None:
+        layers.append(act())
+    block = nn.Sequential(*layers)
+    if draw(st.booleans()):
+        block.eval()
+    return block, (draw(st.integers(2, 3)), cin, size, size), draw(st.booleans())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_bn_blocks(), backend=st.sampled_from(CPU_BACKENDS),
+       seed=st.integers(0, 2**31 - 1))
+def test_drawn_conv_blocks_converted(case, backend, seed):
+    """Drawn Conv → BN → activation blocks (groups, dilation, stride, every padding mode and
+    form, batch-norm options, train or eval, NCHW or channels_last), converted: forward_ad's
+    numbers and the plain forward's running statistics."""
+    block, shape, channels_last = case
+    g = torch.Generator().manual_seed(seed)
+    block = block.double()
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    xt = torch.randn(2, *shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        block, x = block.to(memory_format=torch.channels_last), \
+            x.contiguous(memory_format=torch.channels_last)
+    tangents = {n: torch.randn(2, *p.shape, generator=g, dtype=torch.float64)
+                for n, p in block.named_parameters()}
+    y, yt = torch_jvp_multi(block, x, xt, tangents)
+    plain, dual = copy.deepcopy(block), fgkernels.convert(copy.deepcopy(block))
+    fgkernels.set_tangents(dual, tangents)
+    with fgkernels.use_backend(backend):
+        out = dual(Dual(x, xt))
+    plain(x)
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
     for (n, ours), (_, theirs) in zip(dual.named_buffers(), plain.named_buffers()):
