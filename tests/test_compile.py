@@ -202,3 +202,20 @@ def test_op_table_under_fgkernels_compile(case):
     out = fgkernels.compile(row, backend="aot_eager")(Dual(x, xt))
     torch.testing.assert_close(out.primal, ref.primal)
     torch.testing.assert_close(out.tangents, ref.tangents)
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool"])
+def test_attention_compiles_as_one_graph(mask):
+    """Scaled dot-product attention on Duals compiles with fullgraph=True (it stopped on a
+    data-dependent branch over empty rows) and gives the eager numbers."""
+    import torch.nn.functional as F
+    q = Dual(torch.randn(2, 3, 5, 4, dtype=torch.float64),
+             torch.randn(2, 2, 3, 5, 4, dtype=torch.float64))
+    kw = {"none": {}, "causal": {"is_causal": True},
+          "bool": {"attn_mask": torch.rand(5, 5) > 0.3}}[mask]
+    fn = lambda a: F.scaled_dot_product_attention(a, a * 2, a, **kw)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(q)
+    ref = fn(q)
+    torch.testing.assert_close(out.primal, ref.primal)
+    torch.testing.assert_close(out.tangents, ref.tangents)

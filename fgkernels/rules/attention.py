@@ -141,7 +141,9 @@ def _attention_math(q: Dual, k: Dual, v: Dual, bias, scale: float, dropout_p: fl
         s = s + bias
     empty = torch.isneginf(s.primal).all(-1, keepdim=True)
     p = softmax(s, -1)
-    if bool(empty.any()):
+    # Eagerly the select is skipped when no row is empty; a compiled graph cannot branch on
+    # the data, so it always selects.
+    if torch.compiler.is_compiling() or bool(empty.any()):
         p = torch.where(empty, 0.0, p)
     if dropout_p > 0.0:
         p = dropout(p, dropout_p, True)
