@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call
 
 import fgkernels
+from fgkernels.dual.layout import slots_in_format
 from fgkernels.testing import forward_ad_jvp
 
 # Every backend that runs here; the op suites take all but Triton, whose own tests keep to the
@@ -78,7 +79,7 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         if t.dim() == 4:
             return t.contiguous(memory_format=torch.channels_last)
-        return t.movedim(-3, -1).contiguous().movedim(-1, -3)
+        return slots_in_format(t, torch.channels_last)
     wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
     wide[..., ::2] = t
     return wide[..., ::2]

@@ -21,12 +21,15 @@ from fgkernels.testing import forward_ad_jvp
 TARGET = torch.tensor([1, 0, 3, 2])
 
 
-def _math_attention(q, k, v, causal: bool = False):
-    """softmax(q kᵀ / √d) v, the definition: forward_ad's stand-in for the fused kernel."""
+def math_attention(q, k, v, causal: bool = False, mask=None):
+    """softmax(q kᵀ / √d) v, the definition: forward_ad's stand-in for the fused kernel (a bool
+    ``mask``: True where a query may attend)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     if causal:
         later = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
         scores = scores.masked_fill(later, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, -1) @ v
 
 
@@ -100,7 +103,7 @@ OPS = {
     "matmul_softmax": OpCase(lambda x, w: torch.softmax(x @ w, -1), (3, 4, 5), (5, 6)),
     "attention": OpCase(lambda x, w: F.scaled_dot_product_attention(x, x * w, x),
                         (2, 3, 5, 4), (4,),
-                        ref=lambda x, w: _math_attention(x, x * w, x)),
+                        ref=lambda x, w: math_attention(x, x * w, x)),
     "pad_interpolate": OpCase(lambda x, w: F.interpolate(F.pad(x * w, (1, 0, 2, 1)),
                                                          scale_factor=2, mode="bilinear"),
                               (2, 3, 4, 4), (3, 1, 1)),
@@ -169,7 +172,7 @@ OPS = {
     "assign_strided_rows": OpCase(_assign_rows, (4, 6), (6,)),
     "attention_causal": OpCase(
         lambda x, w: F.scaled_dot_product_attention(x, x * w, x, is_causal=True),
-        (2, 3, 5, 4), (4,), ref=lambda x, w: _math_attention(x, x * w, x, causal=True)),
+        (2, 3, 5, 4), (4,), ref=lambda x, w: math_attention(x, x * w, x, causal=True)),
 }
 
 

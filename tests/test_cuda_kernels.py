@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fgkernels
+from fgkernels.testing import forward_ad_jvp
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available() or
@@ -48,7 +49,6 @@ def test_bn_stats_match_float64(dtypes, channels_last):
 def test_batch_norm_past_the_apply_kernels_slot_map_is_exact(fused):
     """65 output slots, one more than the CUDA apply kernel's slot map holds: the native backend
     serves it on the reference backend, and the tangents are forward_ad's (float64)."""
-    from fgkernels.testing import forward_ad_jvp
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
                                 torch.nn.BatchNorm2d(4), torch.nn.ReLU()).double().cuda()

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from torch.utils.cpp_extension import include_paths
 
+from fgkernels.backends.native.backend import NativeBackend
+
 CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 
 
@@ -34,7 +36,6 @@ def test_registration_glue_compiles(source):
 def test_declared_batch_norm_slot_limit_is_the_kernels():
     """NativeBackend routes a CUDA batch norm past the apply kernel's slot map to the reference
     backend: the limit it declares must be the one the kernel is compiled with."""
-    from fgkernels.backends.native.backend import NativeBackend
     header = (CUDA_DIR / "dual_kernels.h").read_text()
     k_max_slots = int(re.search(r"constexpr int kMaxSlots = (\d+);", header).group(1))
     assert NativeBackend.MAX_BN_SLOTS["cuda"] == k_max_slots

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fgkernels
@@ -73,6 +75,14 @@ LAYERS = {
 }
 
 
+def _assert_as_forward_ad_and_plain(out: Dual, expected, dual: nn.Module, plain: nn.Module):
+    """The dual pass's output is forward_ad's; its running statistics are the plain pass's."""
+    torch.testing.assert_close(out.primal, expected[0], **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, expected[1], **TOL[torch.float64])
+    for (n, ours), (_, theirs) in zip(dual.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, msg=n)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("converted", [False, True], ids=["as_is", "converted"])
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -92,15 +102,8 @@ def test_layer_config(name, converted, backend):
         for _ in range(2):  # the running statistics move as the plain forward moves them
             out = dual(Dual(x, xt))
             plain(x)
-    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
-    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
-    for (n, ours), (_, theirs) in zip(dual.named_buffers(), plain.named_buffers()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, msg=n)
+    _assert_as_forward_ad_and_plain(out, (y, yt), dual, plain)
 
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 ACTIVATIONS = {"none": None, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh,
                "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
@@ -157,7 +160,4 @@ def test_drawn_conv_blocks_converted(case, backend, seed):
     with fgkernels.use_backend(backend):
         out = dual(Dual(x, xt))
     plain(x)
-    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
-    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
-    for (n, ours), (_, theirs) in zip(dual.named_buffers(), plain.named_buffers()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12, msg=n)
+    _assert_as_forward_ad_and_plain(out, (y, yt), dual, plain)

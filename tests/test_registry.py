@@ -8,6 +8,10 @@ import torch
 
 import fgkernels
 import fgkernels.backends as ops
+from fgkernels.backends.base import Delegating
+from fgkernels.backends.reference import ReferenceBackend
+
+from helpers import TOL, torch_jvp_multi
 
 
 def test_use_backend_forces_and_restores():
@@ -59,7 +63,6 @@ def test_native_batch_norm_past_its_slot_limit_is_served_by_the_reference(monkey
     """A batch norm with more slots than the native apply kernel of its device declares it
     serves (``NativeBackend.MAX_BN_SLOTS``; 64 on CUDA) runs on the reference backend, exact,
     instead of reaching the kernel; at the limit the kernel runs."""
-    from helpers import TOL, torch_jvp_multi
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False).double()
     model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4).double(), torch.nn.ReLU())
@@ -83,11 +86,6 @@ def test_native_batch_norm_past_its_slot_limit_is_served_by_the_reference(monkey
 def test_a_backend_implements_only_what_it_accelerates(monkeypatch):
     """A backend that inherits ``Delegating`` and implements one op serves every op: the rest
     from its fallback, exact."""
-    from fgkernels.backends.base import Delegating
-    from fgkernels.backends.reference import ReferenceBackend
-
-    from helpers import TOL, torch_jvp_multi
-
     class ReluOnly(Delegating):
         name = "relu-only"
         calls = 0

@@ -35,12 +35,7 @@ Tensor = torch.Tensor
 @torch.no_grad()
 def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> Dual:
     """Dual softmax along ``dim``."""
-    d = as_dual(input, "softmax")
-    if isinstance(_stacklevel, torch.dtype):  # torch.softmax(x, dim, dtype): dtype third
-        dtype = _stacklevel
-    if dtype is not None:  # the input cast first, as torch does, its tangent as Dual.to casts it
-        d = d.to(dtype)
-    dim = _softmax_dim(d.primal, dim)
+    d, dim = _softmax_input(input, "softmax", dim, _stacklevel, dtype)
     y = torch.softmax(d.primal, dim)
     t = d.tangents
     if t is None:
@@ -53,12 +48,7 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
 @torch.no_grad()
 def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> Dual:
     """Dual log-softmax along ``dim``."""
-    d = as_dual(input, "log_softmax")
-    if isinstance(_stacklevel, torch.dtype):  # torch.log_softmax(x, dim, dtype): dtype third
-        dtype = _stacklevel
-    if dtype is not None:  # the input cast first, as torch does, its tangent as Dual.to casts it
-        d = d.to(dtype)
-    dim = _softmax_dim(d.primal, dim)
+    d, dim = _softmax_input(input, "log_softmax", dim, _stacklevel, dtype)
     y = torch.log_softmax(d.primal, dim)
     t = d.tangents
     if t is None:
@@ -72,10 +62,19 @@ def _along(stack: Tensor, x: Tensor, dim: int) -> Tensor:
     return stack.sum(dim + 1, keepdim=True) if x.dim() else stack
 
 
-def _softmax_dim(x: Tensor, dim: Optional[int]) -> int:
+def _softmax_input(input, op: str, dim: Optional[int], stacklevel, dtype) -> tuple[Dual, int]:
+    """The input of a softmax (cast to ``dtype`` first, as torch does, its tangent as
+    ``Dual.to`` casts it) and the dim it runs along. ``torch.softmax(x, dim, dtype)`` and the
+    Tensor method take dtype third, where ``F.softmax`` takes ``_stacklevel``."""
+    d = as_dual(input, op)
+    if isinstance(stacklevel, torch.dtype):
+        dtype = stacklevel
+    if dtype is not None:
+        d = d.to(dtype)
+    x = d.primal
     if dim is None:  # torch's legacy choice for an implicit dim
         dim = 0 if x.dim() in (0, 1, 3) else 1
-    return dim % max(x.dim(), 1)
+    return d, dim % max(x.dim(), 1)
 
 
 # --- scaled dot-product attention -----------------------------------------------------------------
