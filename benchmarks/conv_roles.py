@@ -8,6 +8,8 @@ Roles, read from the profiler's record of ATen's convolution calls:
 - tangent: the dual ops' other convolutions (the parameter terms ``Ẇ*x`` and the input terms
   ``W*ẋ``, every slot of each in one call);
 - backward: ``convolution_backward`` (autograd's, in a local backward or in backprop).
+Beside the counts, the tangent calls' work: their FLOPs over the primal calls' (a call carries
+every slot of its term, so the calls alone do not show how many directions travel).
 
 What the method needs: every convolution layer that runs, once as a primal (backprop: the
 blocks and the classifier; a forward-gradient step: the aux heads too, whose local autograd
@@ -56,16 +58,21 @@ def _role(event, first_in_op: set) -> str:
 
 
 def count_roles(fn) -> Counter:
-    """The convolutions ``fn()`` runs, by role: {"primal", "tangent", "backward"}."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    """The convolutions ``fn()`` runs, by role: {"primal", "tangent", "backward"}, and the
+    FLOPs of the primal and tangent ones ({"primal flops", "tangent flops"})."""
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         fn()
     counts, first_in_op = Counter(), set()
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         if event.name == "aten::convolution":
-            counts[_role(event, first_in_op)] += 1
+            role = _role(event, first_in_op)
+            counts[role] += 1
+            parent = event.cpu_parent  # the profiler counts FLOPs on aten::conv2d
+            counts[f"{role} flops"] += parent.flops if parent is not None else 0
         elif event.name == "aten::convolution_backward":
             counts["backward"] += 1
     counts.pop("inside backward", None)
+    counts.pop("inside backward flops", None)
     return counts
 
 
@@ -91,12 +98,12 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--width", type=int, default=8)
     args = parser.parse_args(argv)
-    print("| step | conv layers run | primal | tangent | backward |")
-    print("|---|---|---|---|---|")
+    print("| step | conv layers run | primal | tangent | backward | tangent FLOPs / primal |")
+    print("|---|---|---|---|---|---|")
     for name, config in CONFIGS.items():
         counts, layers = step_roles(config, args.batch, args.size, args.width)
         print(f"| {name} | {layers} | {counts['primal']} | {counts['tangent']} "
-              f"| {counts['backward']} |")
+              f"| {counts['backward']} | {counts['tangent flops'] / counts['primal flops']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fgkernels import Dual
 from fgkernels.train import GUESSES, SPACES, TARGETS, build_model, estimate_gradients
 from fgkernels.train.estimators import local_gradients
 
@@ -27,8 +28,8 @@ def autograd_view(net, x, y):
         h.retain_grad() if h.requires_grad else None
         acts.append(h)
     global_loss = F.cross_entropy(net.heads[-1](acts[-1]), y)
-    aux = [F.cross_entropy(net.heads[j](acts[j]), y) for j in range(len(acts))]
-    aux[-1] = global_loss
+    aux = [F.cross_entropy(net.heads[j](acts[j]), y) for j in range(len(acts) - 1)]
+    aux.append(global_loss)
     return acts, global_loss, aux
 
 
@@ -90,6 +91,10 @@ def test_estimate_equals_autograd_projection(target, guess, space):
                 torch.testing.assert_close(est.grads[n], e, **TOL)
     assert set(est.grads) <= {n for n, _ in net.named_parameters()}
     assert est.loss == pytest.approx(float(global_loss.detach()), rel=1e-12)
+    # One update of the blocks' and the classifier's running statistics, as the plain forward.
+    for part in (lambda m: m.blocks, lambda m: m.heads[-1]):
+        for (n, a), (_, b) in zip(part(ref).named_buffers(), part(net).named_buffers()):
+            torch.testing.assert_close(b, a, msg=n)
 
 
 @pytest.mark.parametrize("space", SPACES)
@@ -162,3 +167,20 @@ def test_heads_keep_conv_outputs_only_for_a_local_target(target, space, monkeypa
     x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
     estimate_gradients(net, x, y, target, "local", space)
     assert kept == [target != "global"] * (len(net.blocks) - 1)
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_dual_pass_where_no_direction_is_carried(target, space):
+    """The last block is never run on a Dual (its local backward gives the derivatives of the
+    directions reaching it), nor, in activity space, a block that no direction reaches (the
+    first; every block for a local target): the autograd forward already gave its output."""
+    net = small_net()
+    inputs = {j: [] for j in range(len(net.blocks))}
+    for j, block in enumerate(net.blocks):
+        block.register_forward_pre_hook(lambda m, args, j=j: inputs[j].append(type(args[0])))
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    estimate_gradients(net, x, y, target, "local", space)
+    J = len(net.blocks)
+    reached = {"weight": range(J - 1), "activity": range(1 if target != "local" else J, J - 1)}
+    assert [j for j in inputs if Dual in inputs[j]] == list(reached[space])

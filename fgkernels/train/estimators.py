@@ -12,7 +12,10 @@ stays that of one block; the block's dual pass then takes its convolutions' prim
 that autograd forward (``reuse_conv_outputs``) instead of computing them again, in both spaces,
 and so does a head's dual pass for a local target (a global target keeps no head output):
 no convolution is computed twice. In activity space, ĝ_j lives on block j's output and is
-backpropagated inside block j only. The last block and the classifier get their exact gradient.
+backpropagated inside block j only, and a block no direction reaches is not run again. The last
+block and the classifier get their exact gradient by local autograd, and that backward, taken
+to the block's input h, gives the global loss's derivative along every direction arriving
+there (``⟨∂L/∂h, ḣ⟩``): no direction is carried through the last block.
 
 Inside a ``fgkernels.tangent_dtype`` block the guesses enter the dual pass in that dtype (a
 bfloat16 tangent of a float32 network); the estimate keeps the guess itself as its basis.
@@ -129,15 +132,19 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
     return out
 
 
-def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of) -> tuple[Tensor, list]:
+def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of,
+                              update_stats: bool) -> tuple[Tensor, Tensor, list]:
     """Block j's output ``a = block(h)`` under local autograd, the activity guess
     ``g = guess_of(a)``, and ``(∂a/∂θ)ᵀ g``: g backpropagated inside the block only. Done before
-    the block's dual pass, so the backward never overlaps the dual activations."""
+    the block's dual pass, so the backward never overlaps the dual activations. The forward
+    updates the block's running statistics only with ``update_stats`` (when no dual pass of
+    the block follows). Returns ``(a, g, (∂a/∂θ)ᵀ g)``."""
     params = [p for p in block.parameters() if p.requires_grad]
-    with torch.enable_grad(), preserved_buffers(block):
+    keep = contextlib.nullcontext() if update_stats else preserved_buffers(block)
+    with torch.enable_grad(), keep:
         out = block(h.detach())
         g = guess_of(out.detach())
-        return g, grads_or_zeros(out, params, g)
+        return out.detach(), g, grads_or_zeros(out, params, g)
 
 
 def _noise(shape, like: Tensor, noise: str, generator: Optional[torch.Generator]) -> Tensor:
@@ -274,7 +281,8 @@ def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
 
 def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
     """Block j's guess on its output activation, added as direction j after the block's dual
-    pass; the guess is backpropagated inside block j first (its estimate's basis). The dual
+    pass; the guess is backpropagated inside block j first (its estimate's basis). A block no
+    direction reaches is not run again: its output is the autograd pass's. Otherwise the dual
     pass takes the convolutions' primal outputs from that autograd forward
     (``reuse_conv_outputs``): they are the tensors autograd saves for the backward anyway, so
     keeping them adds no memory while the backward runs, and the dual pass overwrites them in
@@ -289,9 +297,16 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
             run.head_grads(j, gh)
         return g
 
-    with reuse_conv_outputs(block):
-        g, basis = _activity_guess_and_basis(block, d.primal, guess_of)
-        d = DF.add_direction(block(d), j, _as_tangent(g))
+    if d.tangents is None:
+        # No direction reaches the block (the first block; every block for a local target):
+        # its dual pass would be its plain forward, which the autograd pass has just run.
+        a, g, basis = _activity_guess_and_basis(block, d.primal, guess_of, update_stats=True)
+        d = Dual(a)
+    else:
+        with reuse_conv_outputs(block):
+            _, g, basis = _activity_guess_and_basis(block, d.primal, guess_of, False)
+            d = block(d)
+    d = DF.add_direction(d, j, _as_tangent(g))
     names = [n for n, p in block.named_parameters() if p.requires_grad]
     run.pending.append(_Pending(j, g if run.keep_guesses else None, float((g * g).sum()),
                                 dict(zip(names, basis))))
@@ -319,19 +334,33 @@ def _block_targets(run: _Pass, j: int, d: Dual) -> Dual:
 
 def _last_block(run: _Pass, d: Dual) -> None:
     """The last block and the classifier: their exact gradient by local autograd, the global
-    loss, and the global (or "above") targets' derivatives."""
+    loss, and the derivatives of the targets the loss is (global, or "above" for block J−2).
+
+    Those derivatives come from the same backward instead of a dual pass through the last
+    block: along a direction that arrives at the block's input h with tangent ḣ, the loss
+    changes by ``⟨∂L/∂h, ḣ⟩``. The backward differentiates the block anyway; asking it for
+    ``∂L/∂h`` too costs one input-gradient convolution per layer, where carrying the T
+    directions through the block would cost T tangent convolutions per layer, and the block's
+    dual activations are never allocated."""
     net, J = run.net, len(run.net.blocks)
     block, head = net.blocks[-1], net.heads[-1]
-    with reuse_conv_outputs(block):
-        gb, gh, _ = _local_backward(block, head, d.primal, run.y)
-        d = block(d)
-    run.out.grads.update(_named(net, "blocks", J - 1, gb))
-    run.head_grads(J - 1, gh)
-    logits = head(d)
-    loss = DF.cross_entropy(logits, run.y)
-    run.out.loss = float(loss.primal)
-    run.out.correct = int((logits.primal.argmax(1) == run.y).sum())
-    if run.target == "global":
-        run.derivs.update({k: _directional(loss, k) for k in range(J - 1)})
-    elif run.target == "above" and J >= 2:
-        run.derivs[J - 2] = _directional(loss, J - 2)
+    needed = list(range(J - 1)) if run.target == "global" else \
+        [J - 2] if run.target == "above" and J >= 2 else []
+    d = d.select(needed)
+    params_b = [p for p in block.parameters() if p.requires_grad]
+    params_h = [p for p in head.parameters() if p.requires_grad]
+    with torch.enable_grad():  # updates the block's and classifier's running statistics once
+        h = d.primal.detach().requires_grad_(d.tangents is not None)
+        logits = head(block(h))
+        loss = F.cross_entropy(logits, run.y)
+        grads = grads_or_zeros(loss, params_b + params_h + ([h] if h.requires_grad else []))
+    run.out.grads.update(_named(net, "blocks", J - 1, grads[:len(params_b)]))
+    run.head_grads(J - 1, grads[len(params_b):len(params_b) + len(params_h)])
+    run.out.loss = float(loss.detach())
+    run.out.correct = int((logits.detach().argmax(1) == run.y).sum())
+    carried = {} if d.tangents is None else dict(zip(d.directions, d.tangents))
+    dl_dh = grads[-1]
+    for k in needed:
+        # ⟨∂L/∂h, ḣ_k⟩ in the gradient's dtype (a bfloat16 tangent is widened, slot by slot).
+        run.derivs[k] = float((carried[k].to(dl_dh.dtype) * dl_dh).sum()) if k in carried \
+            else 0.0
