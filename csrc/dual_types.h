@@ -4,6 +4,9 @@
 
 #include <ATen/Dispatch.h>
 
+#include <cstdint>
+#include <type_traits>
+
 namespace fgkernels {
 
 template <typename T>
@@ -28,5 +31,12 @@ void dispatch_dual_types(at::ScalarType primal, at::ScalarType tangent, const ch
                 " primal");
   });
 }
+
+// The unsigned integer of a type's width, for code that moves or selects its values without
+// arithmetic: a select of c10::BFloat16 or c10::Half (structs) compiles to a scalar loop, the
+// same select of their uint16_t bits to vector blends.
+template <typename T>
+using bits_t = std::conditional_t<sizeof(T) == 2, uint16_t,
+                                  std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
 
 }  // namespace fgkernels

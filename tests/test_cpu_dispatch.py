@@ -50,7 +50,8 @@ def _clones(functions, kernel: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("kernel", [
-    "relu_span<float, float>", "span_sums<float, float>",
+    "relu_span<float, unsigned int>", "relu_span<float, unsigned short>",
+    "span_sums<float, float>",
     "ApplySpan<float, float, float>::plane"])
 def test_hot_loops_have_a_baseline_an_avx2_and_an_avx512_version(functions, kernel):
     versions = _clones(functions, kernel)
