@@ -74,3 +74,32 @@ def test_every_slot_stays_channels_last():
     for name, out in four_d:
         assert out.primal.is_contiguous(memory_format=CL), name
         assert in_kernel_layout(out.primal, out.tangents), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_directions_entering_part_way_stay_channels_last(dtype):
+    """Slots assembled from parts (a direction added to an activation, a sum of operands with
+    different directions, an operand spread over more slots) are laid out like the primal, so
+    the next convolution copies nothing."""
+    torch.manual_seed(0)
+    conv1, conv2 = (fgkernels.convert(torch.nn.Conv2d(8, 8, 3, padding=1)).to(memory_format=CL)
+                    for _ in range(2))
+    x = torch.randn(2, 8, 6, 6).to(memory_format=CL)
+    slot = lambda: torch.randn(2, 8, 6, 6, dtype=dtype).to(memory_format=CL)
+    with fgkernels.use_backend("native"), profile(activities=[ProfilerActivity.CPU],
+                                                   record_shapes=True) as prof:
+        a = fgkernels.functional.add_direction(conv1(Dual(x, slot()[None], directions=[0])),
+                                               1, slot())
+        b = Dual(x, slot()[None], directions=[2]) + a      # disjoint parts: 0, 1 and 2
+        c = Dual(x, slot()[None], directions=[1]) + a      # overlapping parts, none covers
+        outs = [a, b, c, conv2(b), conv2(c)]
+    def in_a_convolution(event):
+        while event is not None and not event.name.startswith("fgkernels::dual_conv2d"):
+            event = event.cpu_parent
+        return event is not None
+
+    assert not [e for e in prof.events() if e.name == "aten::copy_" and in_a_convolution(e)
+                and e.input_dtypes[0] == e.input_dtypes[1]]  # a cast of the weight is no copy
+    assert [o.directions for o in outs] == [(0, 1), (0, 1, 2), (0, 1), (0, 1, 2), (0, 1)]
+    for o in outs:
+        assert in_kernel_layout(o.primal, o.tangents) and o.tangent_dtype == dtype

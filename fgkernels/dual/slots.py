@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from .layout import empty_slots
+
 Directions = Optional[tuple[int, ...]]
 
 
@@ -116,7 +118,7 @@ def spread(stack: Optional[torch.Tensor], positions: tuple[int, ...], count: int
     dtype = dtype or (primal.dtype if stack is None else stack.dtype)
     if stack is not None and positions == tuple(range(count)):
         return stack.to(dtype)
-    full = primal.new_zeros((count, *primal.shape), dtype=dtype)
+    full = empty_slots(count, primal, dtype).zero_()
     if stack is not None:
         run = _consecutive(positions)
         if run is not None:
@@ -146,19 +148,22 @@ def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]],
             else:
                 base = add_into_slots(base.clone() if fresh else base, p, t)
         return base
+    # A new stack, each slot laid out as the first part's (channels_last stays so, which a
+    # concatenation of the stacks would not keep).
+    t0 = parts[0][0]
+    out = empty_slots(count, t0[0], promoted_dtype(t.dtype for t, _ in parts))
     taken = [s for _, p in parts for s in p]
     if sorted(taken) == list(full):
-        # Disjoint parts that together fill every slot: concatenate, in slot order.
-        order = sorted(range(len(parts)), key=lambda i: parts[i][1][0])
-        out = torch.cat([parts[i][0] for i in order]) if len(order) > 1 else parts[0][0]
-        laid = [s for i in order for s in parts[i][1]]
-        if laid != list(full):
-            order = tuple(sorted(range(count), key=laid.__getitem__))
-            out = out.index_select(0, positions_index(order, out.device))
+        # Disjoint parts that together fill every slot: each copied to its slots.
+        for t, p in parts:
+            run = _consecutive(p)
+            if run is not None:
+                out[run].copy_(t)
+            else:
+                out.index_copy_(0, positions_index(p, out.device), t.to(out.dtype))
         return out
     # Parts that overlap without one covering all: accumulate from zero.
-    t0 = parts[0][0]
-    out = t0.new_zeros((count, *t0.shape[1:]))
+    out.zero_()
     for t, p in parts:
         add_into_slots(out, p, t)
     return out
