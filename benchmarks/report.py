@@ -64,6 +64,13 @@ def _provider(bench: dict) -> str:
     return str(params.get("provider") or params.get("algo") or bench["name"])
 
 
+def _bfloat16_words(info: dict) -> str:
+    """How a run's machine computes bfloat16, for a line that names its CPU capability."""
+    known = info.get("fast_bfloat16")
+    return "" if known is None else " with bfloat16 instructions" if known else \
+        " without bfloat16 instructions"
+
+
 def _bfloat16(bench: dict) -> bool:
     words = (bench["group"] + " " + _provider(bench)).lower()
     return "bf16" in words or "bfloat16" in words
@@ -102,6 +109,9 @@ def section(path: Path) -> tuple[str, dict]:
     if info.get("fast_bfloat16") is False:
         lines += [f"CPU capability {info.get('cpu_capability', '?')}, no bfloat16 instructions: "
                   "the bfloat16 cases are left out (emulated bfloat16 is no speed figure).", ""]
+    elif info.get("fast_bfloat16") and info.get("cpu_capability"):
+        lines += [f"CPU capability {info['cpu_capability']}, with bfloat16 instructions: the "
+                  "bfloat16 cases are speed figures.", ""]
     for group in sorted(groups):
         rows = groups[group]
         bases = [b for b in BASELINES if b in rows]
@@ -184,7 +194,8 @@ def readme_block(path: Path) -> str:
     lines = [FIGURES_BEGIN,
              f"Run of {info.get('datetime', '')[:10]} (`{Path(path).as_posix()}`): {cpu}, "
              f"{info.get('threads', '?')} threads, CPU capability "
-             f"{info.get('cpu_capability', '?')}, torch {info.get('torch', '?')}.", "",
+             f"{info.get('cpu_capability', '?')}{_bfloat16_words(info)}, "
+             f"torch {info.get('torch', '?')}.", "",
              "| case | measure | fgkernels × baseline |", "|---|---|---|"]
     for case, pattern, provider, baseline, kind in HEADLINES:
         values = [v for g in sorted(groups) if _matches(pattern, g)
