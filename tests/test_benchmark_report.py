@@ -34,3 +34,21 @@ def test_report_ratios_memory_and_paired_rounds(tmp_path):
     out = tmp_path / "RESULTS.md"
     report.main([str(path), "-o", str(out)])
     assert out.read_text().startswith("# fgkernels benchmark results")
+
+
+def test_report_says_how_the_machine_computes_bfloat16(tmp_path):
+    """A run on a CPU without bfloat16 instructions leaves its bfloat16 cases out; one with
+    them keeps them and says so."""
+    texts = {}
+    for fast in (False, True):
+        run = {"machine_info": {"device": "CPU", "threads": 2, "cpu_capability": "AVX512",
+                                "fast_bfloat16": fast},
+               "datetime": "2026-12-01T12:00:00",
+               "benchmarks": [dict(_bench("forward_ad", 2.0, 2 ** 20), group="bf16 step"),
+                              dict(_bench("fgkernels-native", 1.0, 2 ** 20), group="bf16 step")]}
+        path = tmp_path / f"run{fast}.json"
+        path.write_text(json.dumps(run))
+        texts[fast], groups = report.section(path)
+        assert bool(groups) == fast
+    assert "no bfloat16 instructions" in texts[False] and "bf16 step" not in texts[False]
+    assert "with bfloat16 instructions" in texts[True] and "| fgkernels-native" in texts[True]
