@@ -110,6 +110,12 @@ OPS = {
     "log_softmax": OpCase(lambda x, w: F.log_softmax(x + w, -1), (4, 7), (7,)),
     "where_clamp": OpCase(lambda x, w: torch.where(x > 0, x * w, w).clamp(-0.5, 1.0),
                           (4, 6), (6,)),
+    "clamp_tensor_bounds": OpCase(lambda x, w: torch.clamp(x, min=w - 0.5, max=w + 0.5)
+                                  + x.clamp(max=w) * x.clamp(min=-w), (4, 6), (6,)),
+    # ties: a bound equal to x gives the bound's tangent, two bounds give x's (torch's rule)
+    "clamp_bound_ties": OpCase(lambda x, w: x.clamp(min=x.detach()) * w
+                               + x.clamp(max=x.detach()) + x.clamp(x.detach(), x.detach() + w),
+                               (4, 6), (6,)),
     "index_and_setitem": OpCase(_index_and_setitem, (4, 6), (6,)),
     "vector_norm": OpCase(lambda x, w: torch.linalg.vector_norm(x * w, dim=-1), (4, 6), (6,)),
     "weight_norm": OpCase(lambda x, w: torch._weight_norm(x, w, 0), (5, 3, 2, 2), (5, 1, 1, 1),

@@ -146,17 +146,38 @@ def where(condition, input, other) -> Dual:
 
 
 @implements(torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip)
-def clamp(input: Dual, min=None, max=None) -> Dual:
-    """Dual clamp to constant bounds: ``ẏ = ẋ`` where ``min ≤ x ≤ max``, else 0."""
-    if isinstance(min, Dual) or isinstance(max, Dual):
-        raise TypeError("clamp: the bounds must be numbers or Tensors, not Duals")
-    x = input.primal
-    inside = torch.ones_like(x, dtype=torch.bool)
-    if min is not None:
-        inside &= x >= min
-    if max is not None:
-        inside &= x <= max
-    return input.with_tangents(torch.clamp(x, min, max), _select(input.tangents, inside))
+def clamp(input, min=None, max=None) -> Dual:
+    """Dual clamp, with torch's forward-mode conventions for each form of the bounds.
+
+    Number bounds: ``ẏ = ẋ`` where ``min ≤ x ≤ max``, else 0. Tensor bounds (a Dual's tangent
+    counts; a plain tensor is constant): ``ẏ`` is the tangent of the operand ``y`` equals,
+    and ties go to x when both bounds are given, to the bound when one is; where
+    ``min > max``, ``y = max``."""
+    if not isinstance(min, (Tensor, Dual)) and not isinstance(max, (Tensor, Dual)):
+        x = input.primal
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if min is not None:
+            inside &= x >= min
+        if max is not None:
+            inside &= x <= max
+        return input.with_tangents(torch.clamp(x, min, max), _select(input.tangents, inside))
+    (x, xt, xo), (lo, lot, loo), (hi, hit, hio) = (parts(v) for v in (input, min, max))
+    y = torch.clamp(x, lo, hi)
+    if lo is not None and hi is not None:
+        # torch: where(min > max, ṁax, where(x < min, ṁin, where(x > max, ṁax, ẋ)))
+        swapped, below, above = lo > hi, x < lo, x > hi
+        to_lo = ~swapped & below
+        to_hi = swapped | (~below & above)
+        to_x = ~(to_lo | to_hi)
+    elif lo is not None:
+        to_x = x > lo              # torch: where(x > min, ẋ, ṁin)
+        to_lo, to_hi = ~to_x, None
+    else:
+        to_x = x < hi              # torch: where(x < max, ẋ, ṁax)
+        to_lo, to_hi = None, ~to_x
+    pick = lambda mask: lambda t: torch.where(mask, t, 0)
+    return _combine("clamp", y, [(xo, xt, pick(to_x)), (loo, lot, pick(to_lo)),
+                                 (hio, hit, pick(to_hi))])
 
 
 def _select(stack: Optional[Tensor], keep: Tensor) -> Optional[Tensor]:
