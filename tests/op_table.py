@@ -117,6 +117,8 @@ OPS = {
                                + x.clamp(max=x.detach()) + x.clamp(x.detach(), x.detach() + w),
                                (4, 6), (6,)),
     "index_and_setitem": OpCase(_index_and_setitem, (4, 6), (6,)),
+    "select_method": OpCase(lambda x, w: x.select(-1, 2)[:, None] * w + x.select(0, 1),
+                            (4, 6), (6,)),
     "vector_norm": OpCase(lambda x, w: torch.linalg.vector_norm(x * w, dim=-1), (4, 6), (6,)),
     "weight_norm": OpCase(lambda x, w: torch._weight_norm(x, w, 0), (5, 3, 2, 2), (5, 1, 1, 1),
                           ref=lambda x, w: x * w / torch.linalg.vector_norm(x, dim=(1, 2, 3),

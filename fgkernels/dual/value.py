@@ -239,12 +239,13 @@ class Dual:
         t = fn(self._stack.flatten(0, 1)) if self.primal.dim() else fn(self._stack)
         return self.with_tangents(y, t.reshape(self._stack.shape[0], *y.shape))
 
-    def select(self, directions: Sequence[int]) -> Dual:
-        """Keep only the slots of the given (labelled) directions; absent ones stay absent."""
+    def select_directions(self, directions: Sequence[int]) -> Dual:
+        """Keep only the slots of the given (labelled) directions; absent ones stay absent.
+        (``d.select(dim, index)`` is ``Tensor.select``, as on any tensor.)"""
         if self._stack is None:
             return self
         if self.directions is None:
-            raise ValueError("select() needs a tangent labelled with directions")
+            raise ValueError("select_directions() needs a tangent labelled with directions")
         keep = [i for i, d in enumerate(self.directions) if d in set(directions)]
         if not keep:
             return self.with_tangents(self.primal, None)

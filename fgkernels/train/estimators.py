@@ -322,13 +322,13 @@ def _block_targets(run: _Pass, j: int, d: Dual) -> Dual:
         _, gh, _ = _local_backward(None, head, d.primal, run.y)
         run.head_grads(j, gh)
     if run.target == "local":
-        run.derivs[j] = _directional(DF.cross_entropy(head(d.select([j])), run.y), j)
-        return d.select([])
+        run.derivs[j] = _directional(DF.cross_entropy(head(d.select_directions([j])), run.y), j)
+        return d.select_directions([])
     if run.target == "above":
         if j >= 1:
-            run.derivs[j - 1] = _directional(DF.cross_entropy(head(d.select([j - 1])), run.y),
-                                             j - 1)
-        return d.select([j])
+            above = DF.cross_entropy(head(d.select_directions([j - 1])), run.y)
+            run.derivs[j - 1] = _directional(above, j - 1)
+        return d.select_directions([j])
     return d
 
 
@@ -346,7 +346,7 @@ def _last_block(run: _Pass, d: Dual) -> None:
     block, head = net.blocks[-1], net.heads[-1]
     needed = list(range(J - 1)) if run.target == "global" else \
         [J - 2] if run.target == "above" and J >= 2 else []
-    d = d.select(needed)
+    d = d.select_directions(needed)
     params_b = [p for p in block.parameters() if p.requires_grad]
     params_h = [p for p in head.parameters() if p.requires_grad]
     with torch.enable_grad():  # updates the block's and classifier's running statistics once
