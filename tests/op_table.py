@@ -76,6 +76,7 @@ class OpCase:
 OPS = {
     "conv2d": OpCase(lambda x, w: F.conv2d(x, w, padding=1), (4, 6, 8, 8), (5, 6, 3, 3)),
     "conv2d_stride2": OpCase(lambda x, w: F.conv2d(x, w, stride=2), (4, 6, 9, 9), (5, 6, 3, 3)),
+    "conv2d_unbatched": OpCase(lambda x, w: F.conv2d(x, w, padding=1), (6, 5, 5), (5, 6, 3, 3)),
     "conv2d_groups": OpCase(lambda x, w: F.conv2d(x, w, padding=1, groups=3), (2, 6, 5, 5),
                             (6, 2, 3, 3)),
     "linear": OpCase(lambda x, w: F.linear(x, w), (4, 12), (7, 12)),

@@ -60,7 +60,11 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
 
     ``primal``: ``y`` when the caller already has it (``F.conv2d`` of the same primal operands),
     so that only the tangents are computed and it becomes the output's primal, not copied (the
-    Triton kernels compute the primal from the same loads as the tangents, and use their own)."""
+    Triton kernels compute the primal from the same loads as the tangents, and use their own).
+    An unbatched input ``(C, H, W)`` is a batch of one, as for ``F.conv2d``."""
+    if input.dim() == 3:
+        return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                      primal=None if primal is None else primal.unsqueeze(0)).squeeze(0)
     x, xt, p, plan = layer_operands("conv2d", input, weight, bias)
     checks.check_conv(x, p.weight, p.bias, groups, stride, padding, dilation)
     conv = _conv_args(stride, padding, dilation, groups)
