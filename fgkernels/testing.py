@@ -176,13 +176,26 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
                        arg_tangents: Sequence[Optional[Tensor]],
                        param_tangents: Optional[dict[str, Tensor]] = None) -> tuple[Any, Any]:
     """``model_jvp`` on ``model`` itself (its buffers updated, as a training pass updates
-    them)."""
+    them). forward_ad runs the model once per tangent slot: each run starts from the buffers
+    and the random state the call found, so that the model is updated once (running
+    statistics) and every slot sees the same random draws (dropout), as in one dual pass."""
     param_tangents = dict(param_tangents or {})
     params = dict(model.named_parameters(remove_duplicate=False))
     names = list(param_tangents)
     tensor_args = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+    buffers = list(model.buffers())
+    start = [b.clone() for b in buffers]
+    devices = sorted({str(t.device) for t in [*buffers, *params.values()]
+                      if t.device.type == "cuda"})
+    rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
 
     def call(*values):
+        with torch.no_grad():
+            for b, v in zip(buffers, start):
+                b.copy_(v)
+        torch.set_rng_state(rng[0])
+        for d, state in zip(devices, rng[1]):
+            torch.cuda.set_rng_state(state, d)
         call_args = list(args)
         for i, v in zip(tensor_args, values):
             call_args[i] = v

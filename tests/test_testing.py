@@ -1,0 +1,37 @@
+"""fgkernels.testing, the forward_ad oracle the suites compare against: with several tangent
+slots it runs the model once per slot, and each run must start from the same buffers and random
+state, or the oracle itself is wrong for models with running statistics or dropout."""
+import pytest
+import torch
+from torch import nn
+
+from fgkernels.testing import compare_with_forward_ad, model_jvp_in_place
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Dropout2d(0.5), nn.Flatten(), nn.Linear(64, 5)).double().train()
+
+
+@pytest.mark.parametrize("num_tangents", [1, 3])
+def test_the_dual_pass_matches_the_oracle_with_several_slots(num_tangents):
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    result = compare_with_forward_ad(_net(), [x], num_tangents=num_tangents)
+    assert result["primal"] < 1e-12 and result["tangent"] < 1e-10 and result["buffers"] < 1e-12
+
+
+def test_the_oracle_updates_running_statistics_once_and_draws_alike_for_every_slot():
+    net, x = _net(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    plain = _net()
+    torch.manual_seed(1)
+    expected = plain(x)
+    slots = torch.randn(3, *x.shape, dtype=x.dtype)
+    torch.manual_seed(1)
+    out, tangents = model_jvp_in_place(net, [x], [slots])
+    torch.testing.assert_close(out, expected)
+    for (name, a), (_, b) in zip(plain.named_buffers(), net.named_buffers()):
+        torch.testing.assert_close(b, a, msg=name)
+    # one dropout mask for all slots: a channel dropped in one slot is dropped in all
+    dropped = (tangents == 0).all(-1)
+    assert (dropped == dropped[:1]).all()
