@@ -41,6 +41,19 @@ def test_detach_drops_the_tangent():
     torch.testing.assert_close(out.primal, torch.round(out.primal))
 
 
+def test_requires_grad_reaches_the_primal():
+    """As on a dual tensor of forward_ad: the primal then records an autograd graph, and the
+    tangent is unchanged."""
+    x, t = torch.randn(3, **f64), torch.randn(3, **f64)
+    d = Dual(x, t)
+    assert d.requires_grad_() is d and d.primal.requires_grad and d.requires_grad
+    y = d * d
+    (grad,) = torch.autograd.grad(y.primal.sum(), x)
+    torch.testing.assert_close(grad, 2 * x)
+    torch.testing.assert_close(y.tangent, 2 * x.detach() * t)
+    assert not d.requires_grad_(False).primal.requires_grad
+
+
 def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
     class Tracker(nn.Module):
         def __init__(self):

@@ -258,6 +258,12 @@ class Dual:
         tensor of ``torch.autograd.forward_ad``: ``x - x.detach()`` carries ``ẋ``)."""
         return self.primal.detach()
 
+    def requires_grad_(self, requires_grad: bool = True) -> Dual:
+        """Set ``requires_grad`` on the primal, as on a dual tensor of forward_ad (reverse mode
+        may then differentiate the primal computation); returns this Dual."""
+        self.primal.requires_grad_(requires_grad)
+        return self
+
     # --- tensor-like surface -------------------------------------------------------------------
     shape = property(lambda self: self.primal.shape)
     dtype = property(lambda self: self.primal.dtype)
