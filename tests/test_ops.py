@@ -1,7 +1,8 @@
 """Every row of the op table (tests/op_table.py) on every CPU backend, against forward_ad in
 float64: the exact tangents, the terms of a tangent known to be zero skipped with the same
 answer, directions that enter part way, non-finite tangents, and channels_last, strided or
-transposed operands giving what contiguous ones give."""
+transposed operands giving what contiguous ones give; and every native op call a row makes
+passes torch.library.opcheck."""
 import pytest
 import torch
 
@@ -103,3 +104,41 @@ def test_laid_out_operands(case, layout, backend):
     with fgkernels.use_backend(backend):
         out = op.fn(Dual(*args[:2]), Dual(*args[2:]))
     _assert_matches(out, op.oracle(x, w, xt, wt))
+
+
+class _NativeCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every call of an fgkernels native op (its arguments as they were: in-place ops
+    write to theirs) while a table row runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fgkernels":
+            copy = lambda v: v.clone(memory_format=torch.preserve_format) \
+                if isinstance(v, torch.Tensor) else v
+            self.calls.append((func, *torch.utils._pytree.tree_map(copy, (args, kwargs))))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(),
+                    reason="fgkernels._C is not built")
+@pytest.mark.parametrize("case", sorted(OPS))
+def test_native_calls_pass_opcheck(case):
+    """Each native op a row calls, with the arguments the row gives it, passes
+    torch.library.opcheck (schema, fake, dynamic shapes), in float32 and channels_last where
+    the row has 4-d operands."""
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=2, seed=9, dtype=torch.float32)
+    calls = []
+    for layout in ("contiguous", "channels_last"):
+        lx, lxt, lw, lwt = (laid_out(t, layout) for t in (x, xt, w, wt))
+        with fgkernels.use_backend("native"), _NativeCalls() as recorder:
+            op.fn(Dual(lx, lxt), Dual(lw, lwt))
+        calls += recorder.calls
+    if not calls:
+        pytest.skip(f"{case} calls no native op")
+    for func, args, kwargs in calls:
+        torch.library.opcheck(func, args, kwargs)
