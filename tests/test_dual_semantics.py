@@ -332,6 +332,58 @@ def test_op_matches_forward_ad(name):
         _against_forward_ad(OPS[name], (3, 4))
 
 
+def _view_mul(x):
+    y = x.clone()
+    y.view(-1)[2:5].mul_(2.0)
+    return y
+
+
+def _narrow_div(x):
+    y = x.clone()
+    y.narrow(1, 1, 2).div_(4.0)
+    return y
+
+
+def _rows_add(x):
+    y = x.clone()
+    for row in y:
+        row.add_(row * row)
+    return y
+
+
+def _transposed_zero(x):
+    y = x.clone()
+    y.t()[0].zero_()
+    return y
+
+
+def _unsqueezed_relu(x):
+    y = x.clone()
+    y.unsqueeze(0).relu_()
+    return y
+
+
+@pytest.mark.parametrize("fn", [_view_mul, _narrow_div, _rows_add, _transposed_zero,
+                                _unsqueezed_relu])
+def test_in_place_op_on_a_view_writes_into_the_dual(fn):
+    """An in-place op on a view (view, narrow, a row of iteration, t, unsqueeze) writes into
+    the Dual it views, primal and tangent, as on a view of a tensor."""
+    _against_forward_ad(fn, (3, 4))
+
+
+@pytest.mark.parametrize("fn", [lambda x: x + 1.0, lambda x: torch.where(x > 0, x, 0.0),
+                                lambda x: x - torch.zeros(4, **f64)])
+def test_an_op_output_owns_its_tangent(fn):
+    """An op's output whose tangent is an operand's passed through (x + c) has a tangent of
+    its own: an in-place op on a view of the output leaves the operand alone, as forward_ad."""
+    def step(x):
+        y = fn(x)
+        y[0].mul_(3.0)
+        return x * 1.0 + y.sum(0)
+
+    _against_forward_ad(step, (3, 4))
+
+
 def test_in_place_op_on_a_slice_writes_into_the_dual():
     """``b = bias.clone(); b[n:2n].zero_()`` (Swin V2's attention zeroes the key bias so): the
     slice is a view of the Dual's primal and tangent, as of a tensor, and forward_ad agrees."""

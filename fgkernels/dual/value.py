@@ -71,6 +71,11 @@ def implements_fallback(rule: Callable) -> Callable:
     return rule
 
 
+def view_root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage ``t`` views (``t`` itself when it is no view)."""
+    return t if t._base is None else t._base
+
+
 def check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bool:
     """Validate ``tangent`` against ``primal``; return True for a single (unstacked) tangent."""
     if not isinstance(tangent, torch.Tensor) or isinstance(tangent, Dual):
@@ -144,7 +149,8 @@ class Dual:
     an fgkernels rule run it; any other op is differentiated by PyTorch's own forward-mode AD on
     that op alone (``fgkernels.fallback_ops()``; ``fgkernels.strict_rules()`` refuses it).
     In-place ops rebind the Dual's parts to the result (``d += e``, ``d.relu_()``, ``d.mul_(2)``,
-    ``F.relu_(d)``); tensors are never written in place.
+    ``F.relu_(d)``); on a view of a Dual (``d[1:3]``, ``d.view(-1)``) they write into the
+    tensors it views, as on a view of a tensor (``as_view``).
 
     The tangent may have a lower precision than the primal (``Dual(x_float32, t_bfloat16)``):
     every op then computes its tangent terms in that dtype, with float32 accumulation and
@@ -230,6 +236,16 @@ class Dual:
         """A Dual with the same slots as this one but a new primal and stacked tangent."""
         return Dual._unchecked(primal, stack, self.directions if stack is not None else None,
                                self._single and stack is not None)
+
+    def as_view(self, out: Dual) -> Dual:
+        """``out``, the result of a view op on this Dual: when its primal and its slots are
+        views of this Dual's, an in-place op on ``out`` writes into them, as on a view of a
+        tensor (``d.view(-1).add_(1)``, ``d[1:3].zero_()``, ``for row in d: row.mul_(2)``)."""
+        if out._stack is not None and self._stack is not None \
+                and view_root(out.primal) is view_root(self.primal) \
+                and view_root(out._stack) is view_root(self._stack):
+            out._source = (out.primal, out._stack)
+        return out
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Dual:
         """Apply a linear, per-sample map ``fn`` to the primal and to every tangent slot."""
@@ -500,8 +516,9 @@ class Dual:
                                "under torch.no_grad(), as on the plain pass)")
         if result._stack is not None and (result.directions != self.directions
                                           or result._stack.shape != stack.shape):
-            raise RuntimeError("an in-place op on a parameter cannot change its tangent's slots "
-                               f"(from {tuple(stack.shape)}, directions {self.directions})")
+            raise RuntimeError("an in-place op on a parameter or on a view of a Dual cannot "
+                               f"change its tangent's slots (from {tuple(stack.shape)}, "
+                               f"directions {self.directions})")
         with torch.no_grad():
             parameter.copy_(result.primal)
             stack.zero_() if result._stack is None else stack.copy_(result._stack)

@@ -46,12 +46,7 @@ def getitem(input: Dual, index) -> Dual:
     tangent)."""
     y = input.primal[index]
     t = input.tangents
-    out = input.with_tangents(y, None if t is None else _index_stack(t, index))
-    items = index if isinstance(index, tuple) else (index,)
-    if out._stack is not None and not any(_is_advanced(i) for i in items) \
-            and out._stack._base is not None:
-        out._source = (y, out._stack)
-    return out
+    return input.as_view(input.with_tangents(y, None if t is None else _index_stack(t, index)))
 
 
 @implements(Dual.__setitem__)

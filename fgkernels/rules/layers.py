@@ -253,7 +253,7 @@ def pad(input: MaybeDual, pad: Sequence[int], mode: str = "constant",
 def _reshaped(d: Dual, y: Tensor) -> Dual:
     """``d``'s slots carried to ``y``, a reshape of ``d.primal`` (row-major order kept)."""
     t = d.tangents
-    return d.with_tangents(y, None if t is None else t.reshape(t.shape[0], *y.shape))
+    return d.as_view(d.with_tangents(y, None if t is None else t.reshape(t.shape[0], *y.shape)))
 
 
 @implements(torch.flatten, torch.Tensor.flatten)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..dual import slots as _slots
 from ..dual.layout import slots_in_format
-from ..dual.value import Dual, implements
+from ..dual.value import Dual, implements, view_root
 from .operands import parts
 
 Tensor = torch.Tensor
@@ -77,7 +77,13 @@ def _combine(op: str, y: Tensor, terms) -> Dual:
         return Dual(y)
     parts = [(broadcast_stack(fn(lift(_slots.cast(t, plan.dtype), y.dim())), y.shape), pos)
              for (_, t, fn), pos in zip(terms, plan.positions)]
-    return Dual._unchecked(y, _slots.place(plan.count, parts), plan.directions, plan.single)
+    stack = _slots.place(plan.count, parts)
+    # The output owns its tangent, as forward_ad's does: one passed through from an operand
+    # (x + c, a where with one Dual branch) is copied, or an in-place op on a view of the
+    # output would write into the operand's tangent.
+    if any(view_root(stack) is view_root(t) for _, t, _ in terms):
+        stack = stack.clone()
+    return Dual._unchecked(y, stack, plan.directions, plan.single)
 
 
 # --- arithmetic ---------------------------------------------------------------------------------
@@ -325,7 +331,7 @@ def _wrap_like(d: Dual, y, t):
     if isinstance(y, (tuple, list)):
         return type(y)(_wrap_like(d, yi, None if t is None else ti)
                        for yi, ti in zip(y, t if t is not None else [None] * len(y)))
-    return d.with_tangents(y, t)
+    return d.as_view(d.with_tangents(y, t))
 
 
 # --- views and reductions over data dims: the same op on the stack, its dims past the slot axis --
