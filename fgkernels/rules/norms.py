@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dual import slots as _slots
+from ..dual.layout import kernel_format
 from ..dual.value import Dual, implements
 from .fallback import forward_ad_fallback
 from .operands import as_dual, layer_params, parts
@@ -86,9 +87,7 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
                          f"of shape {tuple(x.shape)}")
     n, c = x.shape[:2]
     # torch's kernel takes x dense in its own layout (F.group_norm makes it so first).
-    dense = torch.channels_last if x.dim() == 4 and \
-        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    x = x.contiguous(memory_format=dense)
+    x = x.contiguous(memory_format=kernel_format(x))
     y, mean, r = torch.native_group_norm(x, _primal(weight), _primal(bias), n, c,
                                          x.numel() // max(n * c, 1), num_groups, eps)
     grouped = x.reshape(n, num_groups, -1)

@@ -26,7 +26,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,21 +93,38 @@ def grads_or_zeros(output: Tensor, wrt: list[Tensor],
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt)]
 
 
+class _LocalGrads(NamedTuple):
+    """What a local backward gives: gradients of the cross-entropy of ``head(block(h))``."""
+
+    block: list[Tensor]         # by block j's trainable parameters
+    head: list[Tensor]          # by its head's
+    activity: Optional[Tensor]  # w.r.t. the block's output (``want_activity``)
+    input: Optional[Tensor]     # w.r.t. h (``want_input``)
+    logits: Tensor
+    loss: Tensor
+
+
 def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: Tensor,
-                    want_activity: bool = False):
+                    want_activity: bool = False, want_input: bool = False,
+                    update_stats: bool = False) -> _LocalGrads:
     """Local autograd: ``head(block(h))`` with h detached, cross-entropy against y, backward.
-    Returns (block grads, head grads, gradient w.r.t. block's output or None)."""
+    The running statistics are left as they were unless ``update_stats``."""
     params_b = [] if block is None else [p for p in block.parameters() if p.requires_grad]
     params_h = [p for p in head.parameters() if p.requires_grad]
-    with torch.enable_grad(), preserved_buffers(block, head):
-        a = h.detach() if block is None else block(h.detach())
+    keep = contextlib.nullcontext() if update_stats else preserved_buffers(block, head)
+    with torch.enable_grad(), keep:
+        h = h.detach().requires_grad_(want_input)
+        a = h if block is None else block(h)
         if want_activity:
             a = a.detach().requires_grad_()
-        loss = F.cross_entropy(head(a), y)
-        wrt = params_b + params_h + ([a] if want_activity else [])
-        grads = grads_or_zeros(loss, wrt)
-    nb = len(params_b)
-    return grads[:nb], grads[nb:nb + len(params_h)], (grads[-1] if want_activity else None)
+        logits = head(a)
+        loss = F.cross_entropy(logits, y)
+        extra = ([a] if want_activity else []) + ([h] if want_input else [])
+        grads = grads_or_zeros(loss, params_b + params_h + extra)
+    nb, nh = len(params_b), len(params_h)
+    rest = iter(grads[nb + nh:])
+    return _LocalGrads(grads[:nb], grads[nb:nb + nh], next(rest) if want_activity else None,
+                       next(rest) if want_input else None, logits.detach(), loss.detach())
 
 
 def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
@@ -265,10 +282,10 @@ def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
         if run.guess == "random":
             g = {n: _noise(p.shape, p, run.noise, run.generator) for n, p in params.items()}
         else:
-            gb, gh, _ = _local_backward(block, _guess_head(run, j), d.primal, run.y)
-            g = dict(zip(params, gb))
+            local = _local_backward(block, _guess_head(run, j), d.primal, run.y)
+            g = dict(zip(params, local.block))
             if run.guess == "local":
-                run.head_grads(j, gh)
+                run.head_grads(j, local.head)
         set_tangents(block, {n: _as_tangent(v) for n, v in g.items()}, direction=j)
         try:
             d = block(d)
@@ -284,18 +301,19 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
     pass; the guess is backpropagated inside block j first (its estimate's basis). A block no
     direction reaches is not run again: its output is the autograd pass's. Otherwise the dual
     pass takes the convolutions' primal outputs from that autograd forward
-    (``reuse_conv_outputs``): they are the tensors autograd saves for the backward anyway, so
-    keeping them adds no memory while the backward runs, and the dual pass overwrites them in
+    (``reuse_conv_outputs``): tensors autograd saves for the backward anyway, but kept alive
+    through it where autograd would free them as it goes, so the backward's memory peak can
+    rise (the price of not computing a convolution twice); the dual pass overwrites them in
     place."""
     block, guess_head = run.net.blocks[j], _guess_head(run, j)
 
     def guess_of(a: Tensor) -> Tensor:
         if run.guess == "random":
             return _noise(a.shape, a, run.noise, run.generator)
-        _, gh, g = _local_backward(None, guess_head, a, run.y, want_activity=True)
+        local = _local_backward(None, guess_head, a, run.y, want_activity=True)
         if run.guess == "local":
-            run.head_grads(j, gh)
-        return g
+            run.head_grads(j, local.head)
+        return local.activity
 
     if d.tangents is None:
         # No direction reaches the block (the first block; every block for a local target):
@@ -319,8 +337,7 @@ def _block_targets(run: _Pass, j: int, d: Dual) -> Dual:
     (direction j−1, "above"). Directions no target needs any more are dropped."""
     head = run.net.heads[j]
     if run.guess not in ("local", "fixed-ntk"):
-        _, gh, _ = _local_backward(None, head, d.primal, run.y)
-        run.head_grads(j, gh)
+        run.head_grads(j, _local_backward(None, head, d.primal, run.y).head)
     if run.target == "local":
         run.derivs[j] = _directional(DF.cross_entropy(head(d.select_directions([j])), run.y), j)
         return d.select_directions([])
@@ -347,19 +364,15 @@ def _last_block(run: _Pass, d: Dual) -> None:
     needed = list(range(J - 1)) if run.target == "global" else \
         [J - 2] if run.target == "above" and J >= 2 else []
     d = d.select_directions(needed)
-    params_b = [p for p in block.parameters() if p.requires_grad]
-    params_h = [p for p in head.parameters() if p.requires_grad]
-    with torch.enable_grad():  # updates the block's and classifier's running statistics once
-        h = d.primal.detach().requires_grad_(d.tangents is not None)
-        logits = head(block(h))
-        loss = F.cross_entropy(logits, run.y)
-        grads = grads_or_zeros(loss, params_b + params_h + ([h] if h.requires_grad else []))
-    run.out.grads.update(_named(net, "blocks", J - 1, grads[:len(params_b)]))
-    run.head_grads(J - 1, grads[len(params_b):len(params_b) + len(params_h)])
-    run.out.loss = float(loss.detach())
-    run.out.correct = int((logits.detach().argmax(1) == run.y).sum())
+    # The running statistics of the block and the classifier are updated here, once.
+    local = _local_backward(block, head, d.primal, run.y, want_input=d.tangents is not None,
+                            update_stats=True)
+    run.out.grads.update(_named(net, "blocks", J - 1, local.block))
+    run.head_grads(J - 1, local.head)
+    run.out.loss = float(local.loss)
+    run.out.correct = int((local.logits.argmax(1) == run.y).sum())
     carried = {} if d.tangents is None else dict(zip(d.directions, d.tangents))
-    dl_dh = grads[-1]
+    dl_dh = local.input
     for k in needed:
         # ⟨∂L/∂h, ḣ_k⟩ in the gradient's dtype (a bfloat16 tangent is widened, slot by slot).
         run.derivs[k] = float((carried[k].to(dl_dh.dtype) * dl_dh).sum()) if k in carried \
