@@ -2,6 +2,8 @@
 stays channels_last, and a channels_last pass makes no copy that the contiguous pass does not
 (none with one slot; with P parameter slots both move them out of the channel axis once per
 convolution)."""
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,11 @@ def test_no_copy_with_one_slot(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_channels_last_adds_no_copy(dtype):
-    assert _copies(True, 3, dtype) == _copies(False, 3, dtype)
+    # Every copy of the channels_last pass is one the contiguous pass makes too. (Not the
+    # converse: on a CPU with bfloat16 instructions, torch's own bfloat16 convolution copies a
+    # contiguous input to channels_last first.)
+    extra = Counter(_copies(True, 3, dtype)) - Counter(_copies(False, 3, dtype))
+    assert not extra, f"copies only the channels_last pass makes: {dict(extra)}"
 
 
 def test_every_slot_stays_channels_last():
