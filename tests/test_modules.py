@@ -284,6 +284,30 @@ def test_wrong_channel_count_raises_and_keeps_state():
     assert int(net[1].num_batches_tracked) == 0 and int(bn.num_batches_tracked) == 0
 
 
+def test_fused_batch_norm_that_raises_keeps_state():
+    """A Conv→BN run whose batch norm refuses its input (training on one value per channel)
+    changes no running statistic and does not count the call."""
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, momentum=None)))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        net(Dual(torch.randn(1, 2, 1, 1), torch.randn(1, 2, 1, 1)))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fused_batch_norm_cumulative_average_follows_torch():
+    """momentum=None (a cumulative average) on the fused Conv→BN run, step after step."""
+    torch.manual_seed(0)
+    twin = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, momentum=None)).double()
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    for step in range(3):
+        x = torch.randn(4, 2, 6, 6, dtype=torch.float64) * (step + 1) + step
+        twin(x)
+        dual(Dual(x, torch.randn_like(x)))
+    for name, buf in twin.named_buffers():
+        torch.testing.assert_close(dict(dual.named_buffers())[name], buf, rtol=1e-12, atol=0)
+
+
 def test_public_top_level():
     """The top level holds the value, the tangents, convert/compile and the backend switches;
     the twins live in fgkernels.nn and resolve from the top level too (fgkernels.DualConv2d)."""

@@ -13,7 +13,6 @@ with no tangent is None and its terms are skipped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Protocol, Union
 
 import torch
@@ -43,8 +42,7 @@ class LayerParams(NamedTuple):
         return 0 if t is None else t.shape[0]
 
 
-@dataclass(frozen=True)
-class ConvArgs:
+class ConvArgs(NamedTuple):
     """A 2-D convolution's geometry, as ``F.conv2d`` takes it (pairs, or a padding string)."""
 
     stride: tuple[int, int]
@@ -72,8 +70,7 @@ class ConvArgs:
         return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
 
 
-@dataclass(frozen=True)
-class BatchNormArgs:
+class BatchNormArgs(NamedTuple):
     """What a batch norm needs besides its input and parameters. ``momentum`` is the factor of
     this call (``nn.BatchNorm``'s cumulative average already resolved)."""
 
@@ -85,8 +82,7 @@ class BatchNormArgs:
     relu: bool = False
 
 
-@dataclass(frozen=True)
-class PoolArgs:
+class PoolArgs(NamedTuple):
     """A max pool's geometry, as ``F.max_pool2d`` takes it (pairs)."""
 
     kernel_size: tuple[int, int]

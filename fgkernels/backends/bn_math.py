@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..dual.dtypes import acc_dtype
-from ..dual.slots import SlotPlan, add_into_slots
+from ..dual.slots import SlotPlan, add_into_slots, cast
 from .base import BatchNormArgs, LayerParams
 
 Tensor = torch.Tensor
@@ -59,7 +59,7 @@ def coefficients(x: Tensor, xt: Optional[Tensor], p: LayerParams, plan: SlotPlan
                 bn.momentum)
     else:
         acc = acc_dtype(x.dtype)
-        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+        mean, var = cast(bn.running_mean, acc), cast(bn.running_var, acc)
         tmean = tcov = None
     return affine_coefficients(mean, var, tmean, tcov, p, plan, bn.training, bn.eps)
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -25,10 +24,10 @@ from .layout import empty_slots
 Directions = Optional[tuple[int, ...]]
 
 
-@dataclass(frozen=True)
-class SlotOperand:
+class SlotOperand(NamedTuple):
     """The tangent slots of one operand: ``count`` slots, labelled by ``directions`` or not,
-    of dtype ``dtype``."""
+    of dtype ``dtype``. (A named tuple, as the other per-call records: made for every operand
+    of every op, it must cost little to build.)"""
 
     count: int
     directions: Directions
@@ -41,8 +40,7 @@ class SlotOperand:
             (other.count, other.directions, other.single)
 
 
-@dataclass(frozen=True)
-class SlotPlan:
+class SlotPlan(NamedTuple):
     """The output's slots, and where each operand's slots land among them."""
 
     count: int
@@ -135,6 +133,13 @@ def place(count: int, parts: Sequence[tuple[torch.Tensor, tuple[int, ...]]],
     over) a part that fills every slot takes the others' sums in place: no new buffer."""
     parts = [(t, tuple(p)) for t, p in parts if len(p)]
     full = tuple(range(count))
+    if owned and all(p == full for _, p in parts):
+        # The usual case (every part fills every slot, e.g. a layer's input and parameter
+        # terms of the same directions): the first part takes the others' sums in place.
+        base = parts[0][0]
+        for t, _ in parts[1:]:
+            base.add_(t)
+        return base
     covering = [i for i, (_, p) in enumerate(parts) if p == full]
     if covering:
         # One part fills every slot: add the others into it (in place from the second add on,

@@ -311,7 +311,7 @@ class _Hooks:
 
     def __init__(self):
         self.handles: list = []
-        self.ids: frozenset[int] = frozenset()  # plain ints: torch.compile reads them as they are
+        self.registered = 0  # how many of them are: a plain int, which torch.compile reads
         self.local = threading.local()
 
     def sync(self) -> None:
@@ -323,7 +323,7 @@ class _Hooks:
             for h in self.handles:
                 h.remove()
             self.handles = []
-        self.ids = frozenset(h.id for h in self.handles)
+        self.registered = len(self.handles)
 
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiled_pass[0]:  # ParameterTangents does the substitution's work
@@ -366,9 +366,11 @@ _hooks = _Hooks()
 
 def foreign_module_hooks() -> bool:
     """True if a global module forward hook or pre-hook other than fgkernels' own is
-    registered (it would see, and may keep, what any module is called with)."""
-    return bool((torch_module._global_forward_hooks.keys()
-                 | torch_module._global_forward_pre_hooks.keys()) - _hooks.ids)
+    registered (it would see, and may keep, what any module is called with). Asked for every
+    layer of a dual pass, so it counts: fgkernels' own hooks, while registered, are one of
+    each kind."""
+    return len(torch_module._global_forward_hooks) \
+        + len(torch_module._global_forward_pre_hooks) > _hooks.registered
 
 
 @torch.no_grad()

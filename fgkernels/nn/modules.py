@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from .. import functional as DF
 from ..dual.tangents import foreign_module_hooks, forward_sets_no_attributes
 from ..dual.value import Dual, in_rule
-from ..rules import checks, pointwise
+from ..rules import pointwise
 
 Tensor = torch.Tensor
 
@@ -108,7 +108,8 @@ class _DualBatchNorm(DualModule):
 
     def _dual_bn_args(self, x: Optional[Tensor]):
         """(running_mean, running_var, training, momentum factor) as ``_BatchNorm.forward``
-        computes them, counting this call in ``num_batches_tracked``. ``x`` (None when a fused
+        computes them for this call, which counts in ``num_batches_tracked`` only once it has
+        run (``_count_call``): a call that raises changes no state. ``x`` (None when a fused
         convolution produces it) is checked for its number of dimensions."""
         if x is not None:
             self._check_input_dim(x)
@@ -116,20 +117,28 @@ class _DualBatchNorm(DualModule):
                 raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, "
                                  f"got input of shape {tuple(x.shape)}")
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None \
-                else self.momentum
+        if self._counts_calls() and self.momentum is None:  # a cumulative average
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
         training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
         return (self.running_mean if use_running else None,
                 self.running_var if use_running else None, training, factor)
 
+    def _counts_calls(self) -> bool:
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
+    def _count_call(self) -> None:
+        """Count a call that has run in ``num_batches_tracked``, as ``_BatchNorm.forward``."""
+        if self._counts_calls():
+            self.num_batches_tracked.add_(1)
+
     def dual_forward(self, input: Dual, relu: bool = False) -> Dual:
         """The dual batch norm; ``relu`` fuses the ReLU after it (as DualSequential does)."""
         running_mean, running_var, training, factor = self._dual_bn_args(input.primal)
-        return DF.batch_norm(input, running_mean, running_var, self.weight,
-                             self.bias, training, factor, self.eps, relu)
+        out = DF.batch_norm(input, running_mean, running_var, self.weight,
+                            self.bias, training, factor, self.eps, relu)
+        self._count_call()
+        return out
 
 
 class DualBatchNorm2d(_DualBatchNorm, nn.BatchNorm2d):
@@ -279,15 +288,14 @@ def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> D
     if conv.out_channels != bn.num_features:
         raise ValueError(f"{type(bn).__name__}: expected {bn.num_features} channels, but the "
                          f"convolution before it gives {conv.out_channels}")
-    # Checked before _dual_bn_args counts the call: a bad input changes no state.
-    checks.check_conv(input.primal, conv.weight, conv.bias, conv.groups, conv.stride,
-                      conv.padding, conv.dilation)
     running_mean, running_var, training, factor = bn._dual_bn_args(None)
-    return DF.conv2d_batch_norm(
+    out = DF.conv2d_batch_norm(
         input, conv.weight, conv.bias, conv.stride, conv.padding,
         conv.dilation, conv.groups, running_mean, running_var, bn.weight,
         bn.bias, training, factor, bn.eps, relu,
         conv_primal=conv._take_kept_output(input))
+    bn._count_call()
+    return out
 
 
 @contextlib.contextmanager

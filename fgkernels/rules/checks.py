@@ -16,6 +16,34 @@ def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=1,
                dilation=1) -> None:
     """conv2d's input, weight, bias, groups and geometry (stride, padding, dilation: an int
     or a pair; padding also 'same' or 'valid')."""
+    if not _usual_geometry(groups, stride, padding, dilation):
+        _check_conv_geometry(groups, stride, padding, dilation)
+    if x.dim() != 4:
+        raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if w.dim() != 4:
+        raise ValueError(f"conv2d: weight must be 4-D (C_out, C_in/groups, kH, kW), "
+                         f"got shape {tuple(w.shape)}")
+    if x.shape[1] != w.shape[1] * groups:
+        raise ValueError(f"conv2d: input has {x.shape[1]} channels, but weight of shape "
+                         f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"conv2d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+
+
+def _usual_geometry(groups, stride, padding, dilation) -> bool:
+    """The geometry as an ``nn.Conv2d`` holds it (int pairs, positive groups, stride and
+    dilation), recognised in a few comparisons: checked on every convolution of a pass."""
+    return (type(groups) is int and groups >= 1 and type(stride) is tuple
+            and type(padding) is tuple and type(dilation) is tuple
+            and len(stride) == len(padding) == len(dilation) == 2
+            and type(stride[0]) is type(stride[1]) is int and stride[0] >= 1 and stride[1] >= 1
+            and type(dilation[0]) is type(dilation[1]) is int
+            and dilation[0] >= 1 and dilation[1] >= 1
+            and type(padding[0]) is type(padding[1]) is int
+            and padding[0] >= 0 and padding[1] >= 0)
+
+
+def _check_conv_geometry(groups, stride, padding, dilation) -> None:
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
     for name, value, least in (("stride", stride, 1), ("dilation", dilation, 1),
@@ -31,16 +59,6 @@ def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=1,
                              f"got {value!r}")
     if padding == "same" and any(s != 1 for s in _pair(stride)):
         raise ValueError("conv2d: padding='same' is not supported for strided convolutions")
-    if x.dim() != 4:
-        raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    if w.dim() != 4:
-        raise ValueError(f"conv2d: weight must be 4-D (C_out, C_in/groups, kH, kW), "
-                         f"got shape {tuple(w.shape)}")
-    if x.shape[1] != w.shape[1] * groups:
-        raise ValueError(f"conv2d: input has {x.shape[1]} channels, but weight of shape "
-                         f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
-    if b is not None and b.shape != (w.shape[0],):
-        raise ValueError(f"conv2d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
 
 
 def _pair(v) -> tuple:

@@ -56,7 +56,7 @@ def layer_params(op: str, weight, bias) -> tuple[LayerParams, Optional[_slots.Sl
     """One layer's weight and bias, whose tangents must carry the same slots, and those slots."""
     w, b = parts(weight), parts(bias)
     slots = w.slots or b.slots
-    if w.slots is not None and b.slots is not None:
+    if w.slots is not None and b.slots is not None and w.slots != b.slots:
         if not w.slots.same_slots(b.slots):
             raise ValueError(f"{op}: the parameters' tangents must carry the same slots, got "
                              f"weight: {_describe(w.slots)}, bias: {_describe(b.slots)}")
