@@ -378,7 +378,13 @@ def _class_twin(cls: type) -> Optional[type]:
         if twin is not None:
             if cls.forward is not base.forward:
                 return None
-            return type(f"Dual{cls.__name__}", (twin, cls), {"__module__": cls.__module__})
+            mixed = type(f"Dual{cls.__name__}", (twin, cls), {"__module__": cls.__module__})
+            if twin is DualSequential:
+                # Its forward only calls its children (torchvision's Conv2dNormActivation):
+                # no dual pass need look for a Dual left on it. (A subclass of another layer
+                # may override a method its forward calls, and is looked at.)
+                forward_sets_no_attributes(mixed)
+            return mixed
     return None
 
 

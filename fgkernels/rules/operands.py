@@ -77,7 +77,10 @@ def layer_operands(op: str, input: MaybeDual, weight, bias) -> LayerOperands:
 
 def tangents_as(p: LayerParams, dtype: Optional[torch.dtype]) -> LayerParams:
     """``p`` with its tangents in ``dtype``."""
-    return p._replace(weight_t=_slots.cast(p.weight_t, dtype), bias_t=_slots.cast(p.bias_t, dtype))
+    weight_t, bias_t = _slots.cast(p.weight_t, dtype), _slots.cast(p.bias_t, dtype)
+    if weight_t is p.weight_t and bias_t is p.bias_t:
+        return p
+    return LayerParams(p.weight, weight_t, p.bias, bias_t)
 
 
 def result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:

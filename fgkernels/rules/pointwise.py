@@ -46,6 +46,8 @@ def lift(stack: Tensor, dim: int) -> Tensor:
 def broadcast_stack(stack: Tensor, shape) -> Tensor:
     """A stack ``(T, *s)`` broadcast to ``(T, *shape)``, ``s`` aligned on ``shape``'s trailing
     dims (a view, no copy)."""
+    if stack.shape[1:] == shape:
+        return stack
     return lift(stack, len(shape)).expand(stack.shape[0], *shape)
 
 
