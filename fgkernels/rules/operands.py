@@ -34,11 +34,12 @@ class LayerOperands(NamedTuple):
 
 def parts(v) -> Parts:
     """The parts of a Dual, or of a Tensor (its recorded parameter tangent, if any) or None."""
-    if isinstance(v, Tensor):
-        d = dual_of(v)
-        v = v if d is None else d
     if isinstance(v, Dual):
         return Parts(v.primal, v.tangents, v.slot_operand())
+    if isinstance(v, Tensor):
+        d = dual_of(v)
+        if d is not None:
+            return Parts(d.primal, d.tangents, d.slot_operand())
     return Parts(v, None, None)
 
 

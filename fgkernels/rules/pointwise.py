@@ -51,17 +51,13 @@ def broadcast_stack(stack: Tensor, shape) -> Tensor:
     return lift(stack, len(shape)).expand(stack.shape[0], *shape)
 
 
-def _tensor_of(a, other):
-    """An operand as a tensor: a Python number becomes a 0-d tensor of the dtype torch
-    promotes it to against ``other`` (``0.9 * d`` for a float64 ``d`` is float64, not a
-    float32 0.9 widened)."""
-    if isinstance(a, Tensor):
-        return a
-    if not isinstance(other, Tensor):
-        return torch.tensor(a)
-    # A fill on other's device: torch.tensor(a, device=...) copies from the host, and on a GPU
-    # that copy waits for every queued kernel.
-    return torch.full((), a, dtype=torch.result_type(a, other), device=other.device)
+def _number_left(a, b) -> bool:
+    """True for a Python number left of a tensor (``2 + d``, ``0.9 * d``, ``1 / d``): the
+    primal is then computed as torch computes the reflected operator (``t + 2``, ``t * 0.9``,
+    ``t.reciprocal() * 1``), the number a scalar of the tensor's own precision (not a float32
+    0.9 widened), with no dtype to work out (``torch.result_type``, which torch.compile cannot
+    trace)."""
+    return not isinstance(a, Tensor) and isinstance(b, Tensor)
 
 
 def _like(v, t: Tensor):
@@ -93,7 +89,10 @@ def _combine(op: str, y: Tensor, terms) -> Dual:
 def add(input, other, *, alpha=1) -> Dual:
     """Dual ``input + alpha·other`` (either may be a Dual, a tensor or a number)."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
-    y = torch.add(_tensor_of(a, b), b, alpha=alpha)
+    if not _number_left(a, b):
+        y = torch.add(a, b, alpha=alpha)
+    else:  # a + alpha·b
+        y = torch.add(b, a) if alpha == 1 else torch.rsub(b, a, alpha=-alpha)
     # (alpha = 1: the tangent as it is, not a scaled copy)
     return _combine("add", y, [(ao, at, lambda t: t),
                                (bo, bt, (lambda t: t) if alpha == 1 else (lambda t: t * alpha))])
@@ -115,7 +114,8 @@ def _rsub(input, other, *, alpha=1) -> Dual:
 def mul(input, other) -> Dual:
     """Dual product: ``ẏ = ȧ·b + a·ḃ``."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
-    return _combine("mul", torch.mul(_tensor_of(a, b), b),
+    y = torch.mul(b, a) if _number_left(a, b) else torch.mul(a, b)
+    return _combine("mul", y,
                     [(ao, at, lambda t: t * _like(b, t)), (bo, bt, lambda t: _like(a, t) * t)])
 
 
@@ -127,7 +127,7 @@ def div(input, other, *, rounding_mode: Optional[str] = None) -> Dual:
         raise TypeError(f"div: rounding_mode={rounding_mode!r} is piecewise constant and has no "
                         "useful tangent on a Dual; divide the primal instead")
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
-    y = torch.div(_tensor_of(a, b), b)
+    y = torch.reciprocal(b) * a if _number_left(a, b) else torch.div(a, b)
     return _combine("div", y, [(ao, at, lambda t: t / _like(b, t)),
                                (bo, bt, lambda t: -(_like(y, t) * t) / _like(b, t))])
 
