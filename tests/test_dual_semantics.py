@@ -384,6 +384,58 @@ def test_an_op_output_owns_its_tangent(fn):
     _against_forward_ad(step, (3, 4))
 
 
+def _base_mul_seen_by_a_row(x):
+    y = x.clone()
+    row = y[0]
+    y.mul_(3.0)
+    return row * 1.0
+
+
+def _base_add_seen_by_a_view(x):
+    y = x.clone()
+    flat = y.view(-1)
+    y += y * y
+    y.relu_()
+    return flat + 0.0
+
+
+def _base_clamp_seen_by_rows(x):
+    y = x.clone()
+    rows = list(y)
+    y.clamp_(-0.5, 0.5)
+    return torch.stack([r * 1.0 for r in rows])
+
+
+@pytest.mark.parametrize("fn", [_base_mul_seen_by_a_row, _base_add_seen_by_a_view,
+                                _base_clamp_seen_by_rows])
+def test_in_place_op_on_a_dual_is_seen_by_its_views(fn):
+    """A view taken before an in-place op on the Dual it views (``row = d[0]; d.mul_(3)``)
+    sees the op, primal and tangent, as a view of a tensor does (it kept the old values)."""
+    _against_forward_ad(fn, (3, 4))
+
+
+def test_an_in_place_op_keeps_the_duals_dtypes():
+    """``d += e`` with a float64 ``e`` leaves a float32 ``d`` float32, as torch's in-place ops
+    keep their tensor's dtype (it became float64); a complex result is refused, as by torch."""
+    import torch.autograd.forward_ad as fwAD
+    x, t = torch.randn(3), torch.randn(3)
+    e, et = torch.randn(3, **f64), torch.randn(3, **f64)
+    d = Dual(x.clone(), t.clone())
+    d += Dual(e, et)
+    with fwAD.dual_level():
+        ref = fwAD.make_dual(x.clone(), t.clone())
+        ref += fwAD.make_dual(e, et)
+        expected = fwAD.unpack_dual(ref)
+    assert d.dtype == torch.float32 and d.tangent.dtype == torch.float32
+    torch.testing.assert_close(d.primal, expected.primal)
+    torch.testing.assert_close(d.tangent, expected.tangent)
+    bf = Dual(x.clone(), t.to(torch.bfloat16))
+    bf.mul_(Dual(e, et))
+    assert bf.dtype == torch.float32 and bf.tangent_dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="can't be cast to the desired output type"):
+        Dual(x.clone(), t.clone()).add_(torch.ones(3, dtype=torch.complex64))
+
+
 def test_in_place_op_on_a_slice_writes_into_the_dual():
     """``b = bias.clone(); b[n:2n].zero_()`` (Swin V2's attention zeroes the key bias so): the
     slice is a view of the Dual's primal and tangent, as of a tensor, and forward_ad agrees."""

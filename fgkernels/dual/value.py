@@ -240,11 +240,15 @@ class Dual:
     def as_view(self, out: Dual) -> Dual:
         """``out``, the result of a view op on this Dual: when its primal and its slots are
         views of this Dual's, an in-place op on ``out`` writes into them, as on a view of a
-        tensor (``d.view(-1).add_(1)``, ``d[1:3].zero_()``, ``for row in d: row.mul_(2)``)."""
+        tensor (``d.view(-1).add_(1)``, ``d[1:3].zero_()``, ``for row in d: row.mul_(2)``),
+        and from then on an in-place op on this Dual writes into its own tensors too, so that
+        its views see it (``c = d[0]; d.mul_(3)``), as forward_ad's do."""
         if out._stack is not None and self._stack is not None \
                 and view_root(out.primal) is view_root(self.primal) \
                 and view_root(out._stack) is view_root(self._stack):
             out._source = (out.primal, out._stack)
+            if self._source is None:
+                self._source = (self.primal, self._stack)
         return out
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Dual:
@@ -502,11 +506,31 @@ class Dual:
         if result.primal.shape != self.primal.shape:
             raise RuntimeError(f"an in-place op cannot change a Dual's shape "
                                f"{tuple(self.primal.shape)} to {tuple(result.primal.shape)}")
+        result = self._in_own_dtypes(result)
         if self._source is not None:
             result = self._write_through(result)
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
         return self
+
+    def _in_own_dtypes(self, result: Dual) -> Dual:
+        """An in-place op's result in this Dual's dtypes, as torch's in-place ops keep their
+        tensor's (``d += e`` with a float64 ``e`` leaves a float32 ``d`` float32, its tangent
+        in the dtype it had); a cast torch refuses (complex to real) raises as torch does."""
+        dtype, primal, stack = self.primal.dtype, result.primal, result._stack
+        if primal.dtype != dtype:
+            if not torch.can_cast(primal.dtype, dtype):
+                raise RuntimeError(f"result type {primal.dtype} can't be cast to the desired "
+                                   f"output type {dtype} of an in-place op on a Dual")
+            primal = primal.to(dtype)
+        if stack is not None:
+            want = self._stack.dtype if self._stack is not None else \
+                stack.dtype if tangent_dtype_fits(dtype, stack.dtype) else dtype
+            if stack.dtype != want:
+                stack = stack.to(want)
+        if primal is result.primal and stack is result._stack:
+            return result
+        return Dual._unchecked(primal, stack, result.directions, result._single)
 
     def _write_through(self, result: Dual) -> Dual:
         parameter, stack = self._source
@@ -516,9 +540,9 @@ class Dual:
                                "under torch.no_grad(), as on the plain pass)")
         if result._stack is not None and (result.directions != self.directions
                                           or result._stack.shape != stack.shape):
-            raise RuntimeError("an in-place op on a parameter or on a view of a Dual cannot "
-                               f"change its tangent's slots (from {tuple(stack.shape)}, "
-                               f"directions {self.directions})")
+            raise RuntimeError("an in-place op on a parameter, on a view of a Dual or on a Dual "
+                               "with views cannot change its tangent's slots (from "
+                               f"{tuple(stack.shape)}, directions {self.directions})")
         with torch.no_grad():
             parameter.copy_(result.primal)
             stack.zero_() if result._stack is None else stack.copy_(result._stack)
