@@ -414,6 +414,65 @@ def test_in_place_op_on_a_dual_is_seen_by_its_views(fn):
     _against_forward_ad(fn, (3, 4))
 
 
+def _unsqueezed_in_place(x):
+    y = x.clone()
+    y.unsqueeze_(0)
+    return y * 1.0
+
+
+def _transposed_in_place_seen_by_a_row(x):
+    y = x.clone()
+    row = y[0]
+    y.t_()
+    y.mul_(2.0)
+    return row * 1.0
+
+
+def _squeezed_in_place(x):
+    y = x.clone().unsqueeze(1)
+    y.squeeze_(1)
+    y.add_(1.0)
+    return y * 1.0
+
+
+@pytest.mark.parametrize("fn", [_unsqueezed_in_place, _transposed_in_place_seen_by_a_row,
+                                _squeezed_in_place])
+def test_a_shape_changing_in_place_op_reshapes_the_dual(fn):
+    """unsqueeze_, t_, squeeze_ give the Dual a new shape over the same tensors, as they give a
+    tensor (they were refused); a view taken before still views them."""
+    _against_forward_ad(fn, (3, 4))
+
+
+def test_an_in_place_op_that_would_grow_a_dual_is_refused():
+    """An in-place op whose result is not a view of the Dual and has another shape (a
+    broadcast) is refused, as torch refuses it, and the Dual is left as it was."""
+    d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
+    before = d.primal.clone()
+    with pytest.raises(RuntimeError, match="cannot change a Dual's shape"):
+        d.add_(torch.ones(2, 3, **f64))
+    assert d.shape == (3,) and torch.equal(d.primal, before)
+
+
+def test_a_parameter_keeps_its_shape_on_the_dual_pass():
+    """A shape-changing in-place op on a parameter during a dual pass is refused (its Dual
+    cannot give the parameter a new shape), and the parameter is left as it was."""
+    class Squeezing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, **f64))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.w.unsqueeze_(0)
+            return x * self.w
+
+    m = Squeezing()
+    fgkernels.random_tangents(m)
+    with pytest.raises(RuntimeError, match="cannot change a parameter Dual's shape"):
+        m(Dual(torch.randn(3, **f64)))
+    assert m.w.shape == (3,)
+
+
 def test_an_in_place_op_keeps_the_duals_dtypes():
     """``d += e`` with a float64 ``e`` leaves a float32 ``d`` float32, as torch's in-place ops
     keep their tensor's dtype (it became float64); a complex result is refused, as by torch."""

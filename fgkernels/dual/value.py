@@ -504,13 +504,33 @@ class Dual:
         if not isinstance(result, Dual):  # an op whose result has no tangent at all
             result = Dual._unchecked(result, None, None, False)
         if result.primal.shape != self.primal.shape:
-            raise RuntimeError(f"an in-place op cannot change a Dual's shape "
-                               f"{tuple(self.primal.shape)} to {tuple(result.primal.shape)}")
+            return self._reshape_in_place(result)
         result = self._in_own_dtypes(result)
         if self._source is not None:
             result = self._write_through(result)
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
+        return self
+
+    def _reshape_in_place(self, result: Dual) -> Dual:
+        """A shape-changing in-place op (``d.unsqueeze_(0)``, ``d.t_()``, ``d.squeeze_()``): its
+        result views this Dual's tensors, and becomes them, as the op gives a tensor a new shape
+        over the same storage (views taken before keep viewing it). Any other change of shape
+        is refused, as torch refuses it, and so is one of a parameter's Dual (the parameter's
+        own shape would have to change)."""
+        same = view_root(result.primal) is view_root(self.primal) and (
+            result._stack is None and self._stack is None
+            or result._stack is not None and self._stack is not None
+            and view_root(result._stack) is view_root(self._stack))
+        parameter = self._source is not None and isinstance(self._source[0], torch.nn.Parameter)
+        if not same or parameter:
+            raise RuntimeError(f"an in-place op cannot change {'a parameter' if parameter else 'a'}"
+                               f" Dual's shape {tuple(self.primal.shape)} to "
+                               f"{tuple(result.primal.shape)}")
+        self.primal, self._stack = result.primal, result._stack
+        self.directions, self._single = result.directions, result._single
+        if self._source is not None:  # it has views: later in-place ops write into these
+            self._source = (self.primal, self._stack)
         return self
 
     def _in_own_dtypes(self, result: Dual) -> Dual:
