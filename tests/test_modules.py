@@ -308,6 +308,50 @@ def test_fused_batch_norm_cumulative_average_follows_torch():
         torch.testing.assert_close(dict(dual.named_buffers())[name], buf, rtol=1e-12, atol=0)
 
 
+class _ConvThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
+def test_a_twin_inside_a_dual_pass_skips_the_module_call_path():
+    """Called with a Dual inside a dual pass (started by an enclosing module), a twin that
+    nothing watches runs its forward without torch's module call path; a plain call takes it."""
+    net = fgkernels.convert(_ConvThenLinear())
+    fgkernels.random_tangents(net)
+    calls = []
+    net.lin._call_impl = lambda *args, **kwargs: calls.append("lin") or nn.Linear.forward(
+        net.lin, *args, **kwargs)
+    net(Dual(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5)))
+    assert calls == []
+    net(torch.randn(1, 2, 5, 5))
+    assert calls == ["lin"]
+
+
+def test_a_watched_twin_inside_a_dual_pass_is_called_the_usual_way():
+    """A twin's own forward hook, and a global one, see its call inside a dual pass."""
+    net = fgkernels.convert(_ConvThenLinear())
+    fgkernels.random_tangents(net)
+    seen = []
+    own = net.conv.register_forward_hook(lambda m, args, out: seen.append(("own", type(out))))
+    net(Dual(torch.randn(1, 2, 5, 5)))
+    assert seen == [("own", Dual)]
+    own.remove()
+    seen.clear()
+    from torch.nn.modules import module as torch_module
+    handle = torch_module.register_module_forward_hook(
+        lambda m, args, out: seen.append(("global", type(m).__name__)))
+    try:
+        net(Dual(torch.randn(1, 2, 5, 5)))
+    finally:
+        handle.remove()
+    assert [n for _, n in seen] == ["DualConv2d", "DualLinear", "_ConvThenLinear"]
+
+
 def test_public_top_level():
     """The top level holds the value, the tangents, convert/compile and the backend switches;
     the twins live in fgkernels.nn and resolve from the top level too (fgkernels.DualConv2d)."""

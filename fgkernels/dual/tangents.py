@@ -364,6 +364,11 @@ class _Hooks:
 _hooks = _Hooks()
 
 
+def in_dual_pass() -> bool:
+    """True while a dual pass runs in this thread (its parameters substituted)."""
+    return getattr(_hooks.local, "active", None) is not None
+
+
 def foreign_module_hooks() -> bool:
     """True if a global module forward hook or pre-hook other than fgkernels' own is
     registered (it would see, and may keep, what any module is called with). Asked for every

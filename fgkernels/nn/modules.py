@@ -18,17 +18,30 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
 from .. import functional as DF
-from ..dual.tangents import foreign_module_hooks, forward_sets_no_attributes
+from ..dual.tangents import foreign_module_hooks, forward_sets_no_attributes, in_dual_pass
 from ..dual.value import Dual, in_rule
 from ..rules import pointwise
 
 Tensor = torch.Tensor
 
 
-class DualModule:
+class _DirectCall:
+    """Mixin of the twins: called with a Dual inside a dual pass, a twin that nothing would
+    see called (``_unobserved``) runs its forward directly. torch's module call path, which the
+    pass's global hooks keep on its slow branch, costs a small layer more than its arithmetic;
+    the pass started at an enclosing module, so its hooks have nothing to do here."""
+
+    def __call__(self, *args, **kwargs):
+        if args and isinstance(args[0], Dual) and in_dual_pass() and _unobserved(self):
+            return self.forward(*args, **kwargs)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+
+class DualModule(_DirectCall):
     """Mixin of the Dual layers. ``forward`` decides once per call: a Dual input runs
     ``dual_forward`` (by default the layer's own forward, whose ops take their Dual rules), any
     other input the torch.nn layer's own forward."""
@@ -227,7 +240,7 @@ class DualFlatten(DualModule, nn.Flatten):
         return DF.flatten(input, self.start_dim, self.end_dim)
 
 
-class DualSequential(nn.Sequential):
+class DualSequential(_DirectCall, nn.Sequential):
     """``nn.Sequential`` that, on a Dual input, runs each Conv→BatchNorm2d(→ReLU) and
     BatchNorm→ReLU run of its children as one fused op. Same children, same state_dict. A child
     with forward hooks or pre-hooks is not fused: it runs on its own, so its hooks see its Dual
@@ -261,18 +274,21 @@ class DualSequential(nn.Sequential):
 
 
 def _call(layer: nn.Module, input: Dual):
-    """``layer(input)``, straight to the layer's forward when nothing would see the call:
-    torch's module call path, which the dual pass's global hooks keep on its slow branch, costs
-    a small layer more than its arithmetic. A layer with hooks, and any layer under
-    torch.compile (where fgkernels' hook checks what the pass cannot substitute) or the JIT
-    tracer, is called the usual way."""
-    from torch.nn.modules import module as torch_module
-    if (_unhooked(layer) and not (layer._backward_hooks or layer._backward_pre_hooks
-                                  or torch_module._global_backward_hooks
-                                  or torch_module._global_backward_pre_hooks)
-            and not torch.compiler.is_compiling() and not torch._C._get_tracing_state()):
-        return layer.forward(input)
-    return layer(input)
+    """``layer(input)``, straight to the layer's forward when nothing would see the call (as
+    ``_DirectCall`` does for the twins)."""
+    return layer.forward(input) if _unobserved(layer) else layer(input)
+
+
+def _unobserved(layer: nn.Module) -> bool:
+    """True if nothing would see ``layer`` called: no hook of its own or global one (forward or
+    backward, fgkernels' own aside), no in-place compile of the layer, and neither
+    torch.compile (where fgkernels' hook checks what the pass cannot substitute) nor the JIT
+    tracer running."""
+    return (_unhooked(layer) and layer._compiled_call_impl is None
+            and not (layer._backward_hooks or layer._backward_pre_hooks
+                     or torch_module._global_backward_hooks
+                     or torch_module._global_backward_pre_hooks)
+            and not torch.compiler.is_compiling() and not torch._C._get_tracing_state())
 
 
 def _unhooked(layer: nn.Module) -> bool:
