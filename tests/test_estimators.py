@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fgkernels import Dual
 from fgkernels.train import GUESSES, SPACES, TARGETS, build_model, estimate_gradients
-from fgkernels.train.estimators import local_gradients
+from fgkernels.train.estimators import local_gradients, preserved_buffers
 
 TOL = dict(rtol=1e-7, atol=1e-10)
 
@@ -184,3 +184,33 @@ def test_no_dual_pass_where_no_direction_is_carried(target, space):
     J = len(net.blocks)
     reached = {"weight": range(J - 1), "activity": range(1 if target != "local" else J, J - 1)}
     assert [j for j in inputs if Dual in inputs[j]] == list(reached[space])
+
+
+class _Counting(torch.nn.Module):
+    """A layer whose forward writes a buffer of its own (a call counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_preserved_buffers_leave_every_buffer_and_the_output_as_training_gives_it(momentum):
+    """Inside ``preserved_buffers`` a net in training computes what it computes outside (batch
+    statistics), and afterwards every buffer, running statistics and others, is as before."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3, momentum=momentum),
+                              _Counting(), torch.nn.BatchNorm2d(3).eval()).double()
+    net[3].running_mean.uniform_()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with preserved_buffers(net):
+        inside = net(x)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert net[1].track_running_stats
+    torch.testing.assert_close(inside, net(x), rtol=0, atol=0)
