@@ -149,8 +149,9 @@ class Dual:
     an fgkernels rule run it; any other op is differentiated by PyTorch's own forward-mode AD on
     that op alone (``fgkernels.fallback_ops()``; ``fgkernels.strict_rules()`` refuses it).
     In-place ops rebind the Dual's parts to the result (``d += e``, ``d.relu_()``, ``d.mul_(2)``,
-    ``F.relu_(d)``); on a view of a Dual (``d[1:3]``, ``d.view(-1)``) they write into the
-    tensors it views, as on a view of a tensor (``as_view``).
+    ``F.relu_(d)``), in its own dtypes; on a view of a Dual (``d[1:3]``, ``d.view(-1)``) they
+    write into the tensors it views, as on a view of a tensor, and on a Dual that has such views
+    into its own tensors, which the views then see (``as_view``).
 
     The tangent may have a lower precision than the primal (``Dual(x_float32, t_bfloat16)``):
     every op then computes its tangent terms in that dtype, with float32 accumulation and
@@ -370,8 +371,8 @@ class Dual:
         return value in self.primal if not isinstance(value, Dual) else value.primal in self.primal
 
     def __setitem__(self, index, value) -> None:
-        """``d[index] = value`` (a Dual, Tensor or number): like every in-place op on a Dual,
-        rebinds it to the result (its tensors are not written)."""
+        """``d[index] = value`` (a Dual, Tensor or number), as every in-place op on a Dual
+        (see the class docstring)."""
         self._assign(_RULES[Dual.__setitem__](self, index, value))
 
     def __repr__(self) -> str:

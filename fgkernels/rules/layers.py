@@ -144,7 +144,7 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
 @_no_grad
 def relu(input: MaybeDual, inplace: bool = False) -> Dual:
     """Dual ReLU: ``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch's derivative).
-    ``inplace`` rebinds a Dual ``input`` to the result (its tensors stay intact)."""
+    ``inplace`` acts on a Dual ``input`` as every in-place op on a Dual (``Dual``)."""
     d = as_dual(input, "relu")
     y, yt = current_backend(d.device).relu(d.primal, d.tangents)
     out = d.with_tangents(y, yt)

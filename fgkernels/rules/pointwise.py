@@ -203,7 +203,7 @@ _aten = torch.ops.aten
 def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor],
                 inplace: bool = False) -> Dual:
     """The Dual of ``y = f(x)`` with ``ẏ = derivative(ẋ, x)`` over all slots; ``inplace``
-    rebinds ``input`` to the result.
+    makes it an in-place op on ``input`` (``Dual._assign``).
 
     A tangent narrower than x takes the slope ``f'(x) = derivative(1, x)`` computed at x's own
     precision and rounded once: x rounded to the tangent's dtype first could cross a kink
