@@ -29,7 +29,7 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r
     xhat = (x - mean) * r
     if xt is None:
         return xhat, None
-    xt = xt.to(xhat.dtype)
+    xt = _slots.cast(xt, xhat.dtype)
     tdims = [d + 1 for d in dims]
     xt_hat = (xt - xt.mean(tdims, keepdim=True)
               - xhat * (xhat * xt).mean(tdims, keepdim=True)) * r
@@ -44,7 +44,7 @@ def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operan
     plan = _slots.plan([x_operand, p_operand], op)
     if plan.count == 0:
         return Dual(y)
-    w, wt, b, bt = (None if v is None else v.to(xhat.dtype) for v in (w, wt, b, bt))
+    w, wt, b, bt = (_slots.cast(v, xhat.dtype) for v in (w, wt, b, bt))
     x_pos, p_pos = plan.positions
     parts = []
     if xt_hat is not None:
@@ -56,7 +56,7 @@ def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operan
         if bt is not None:
             pt = pt + as_slots(bt)
         parts.append((pt.expand(slots, *xhat.shape), p_pos))
-    yt = _slots.place(plan.count, parts).to(plan.dtype)
+    yt = _slots.cast(_slots.place(plan.count, parts), plan.dtype)
     return Dual._unchecked(y, yt, plan.directions, plan.single)
 
 
