@@ -453,6 +453,99 @@ def test_an_in_place_op_that_would_grow_a_dual_is_refused():
     assert d.shape == (3,) and torch.equal(d.primal, before)
 
 
+def _square_t_(x):
+    y = x.clone()
+    y.t_()
+    return y * 1.0
+
+
+def _batched_transpose_(x):
+    y = x.clone().view(2, 2, 2)
+    y.transpose_(1, 2)
+    y.swapdims_(0, 2)
+    return y.mul_(2.0) * 1.0
+
+
+def _reshape_copy_then_in_place(x):
+    y = x.t()
+    e = y.reshape(-1)   # a copy: y is not contiguous
+    r = e[0:2]
+    e.mul_(2.0)
+    return torch.cat([x.reshape(-1), e, r])
+
+
+@pytest.mark.parametrize("fn", [_square_t_, _batched_transpose_, _reshape_copy_then_in_place])
+def test_in_place_views_and_copies_as_forward_ad(fn):
+    """An in-place view op that keeps the shape (a square t_) rebinds the Dual (it tried to
+    copy a tensor onto its own transpose); a reshape that copies owns its tangent, so that an
+    in-place op on it, after a view of it was taken, leaves the input alone."""
+    _against_forward_ad(fn, (2, 4) if fn is _reshape_copy_then_in_place else
+                        (3, 3) if fn is _square_t_ else (8,))
+
+
+def test_a_reshape_that_copies_the_primal_owns_its_tangent():
+    """A transposed primal with a contiguous tangent: ``reshape`` copies the primal but could
+    view the tangent; the result owns both, so an in-place op on it (after a view of it) leaves
+    the input Dual alone."""
+    x, t = torch.randn(4, 3, **f64).t(), torch.randn(3, 4, **f64)
+    d = Dual(x, t)
+    e = d.reshape(-1)
+    head = e[0:2]
+    e.mul_(2.0)
+    assert torch.equal(d.tangent, t) and torch.equal(d.primal, x)
+    torch.testing.assert_close(head.tangent, 2 * t.reshape(-1)[0:2])
+
+
+def test_a_conversion_to_a_new_primal_owns_its_tangent():
+    """``e = d.double()`` of a float32 Dual with a bfloat16 tangent: the tangent stays
+    bfloat16, but is e's own: an in-place op on e (after a view of it) leaves d's alone."""
+    x, t = torch.randn(3, 4), torch.randn(3, 4).bfloat16()
+    d = Dual(x, t)
+    e = d.double()
+    row = e[0]
+    e.mul_(3.0)
+    assert torch.equal(d.tangent, t) and torch.equal(t, t.clone())
+    torch.testing.assert_close(row.tangent.float(), 3 * t[0].float(), rtol=1e-2, atol=0)
+
+
+def test_an_in_place_op_on_a_viewed_dual_whose_primal_requires_grad():
+    """A primal inside an autograd graph (no leaf): the in-place op is recorded, as on a
+    tensor, and the gradient through the view is torch's."""
+    w = torch.randn(4, **f64, requires_grad=True)
+    x = w * 1.0
+    d = Dual(x, torch.randn(4, **f64))
+    c = d[0:2]
+    d.mul_(3.0)
+    c.primal.sum().backward()
+    torch.testing.assert_close(w.grad, torch.tensor([3.0, 3.0, 0.0, 0.0], **f64))
+
+
+def test_a_viewed_dual_with_an_expanded_tangent_takes_in_place_ops():
+    """A layer norm whose only tangent is its bias's has an expanded (stride-0) tangent: a
+    view of it and then an in-place op work as without the view."""
+    x, w, b, bt = (torch.randn(3, 4, **f64), torch.randn(4, **f64), torch.randn(4, **f64),
+                   torch.randn(1, 4, **f64))
+    results = []
+    for take_view in (False, True):
+        y = F.layer_norm(Dual(x), (4,), w, Dual(b, bt))
+        if take_view:
+            _ = y[0]
+        y.mul_(2.0)
+        results.append(y)
+    torch.testing.assert_close(results[1].primal, results[0].primal)
+    torch.testing.assert_close(results[1].tangents, results[0].tangents)
+
+
+def test_an_in_place_op_that_adds_a_direction_to_a_viewed_dual():
+    """A Dual with views that gains a direction in place takes it (its views, which have no
+    room for it, keep what they had), as one without views does."""
+    x, t = torch.randn(4, **f64), torch.randn(1, 4, **f64)
+    d = Dual(x, t, directions=[0])
+    d.chunk(2)
+    d.add_(Dual(torch.randn(4, **f64), torch.randn(1, 4, **f64), directions=[1]))
+    assert d.directions == (0, 1)
+
+
 def test_a_parameter_keeps_its_shape_on_the_dual_pass():
     """A shape-changing in-place op on a parameter during a dual pass is refused (its Dual
     cannot give the parameter a new shape), and the parameter is left as it was."""

@@ -214,3 +214,26 @@ def test_preserved_buffers_leave_every_buffer_and_the_output_as_training_gives_i
         assert torch.equal(v, before[k]), k
     assert net[1].track_running_stats
     torch.testing.assert_close(inside, net(x), rtol=0, atol=0)
+
+
+class _CountingNorm(torch.nn.BatchNorm1d):
+    """A batch norm subclass with a buffer of its own, written by its forward."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return super().forward(x)
+
+
+def test_preserved_buffers_restore_what_a_batch_norm_subclass_writes():
+    """A batch norm whose forward is its own may write anything: every buffer of it is saved
+    and put back (its running statistics included)."""
+    norm = _CountingNorm(3).double()
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    with preserved_buffers(norm):
+        norm(torch.randn(8, 3, dtype=torch.float64))
+    for k, v in norm.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -352,6 +352,23 @@ def test_a_watched_twin_inside_a_dual_pass_is_called_the_usual_way():
     assert [n for _, n in seen] == ["DualConv2d", "DualLinear", "_ConvThenLinear"]
 
 
+def test_a_converted_layer_subclass_keeps_its_own_call():
+    """A layer subclass that overrides ``__call__`` (and keeps its base's forward, so that
+    convert mixes the twin in) is still called through it, plain or dual, in a pass or not."""
+    class Counted(nn.Linear):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            Counted.calls += 1
+            return super().__call__(*args, **kwargs)
+
+    net = fgkernels.convert(nn.Sequential(nn.Linear(3, 3), Counted(3, 2)))
+    fgkernels.random_tangents(net)
+    net(torch.randn(1, 3))
+    net(Dual(torch.randn(1, 3)))
+    assert Counted.calls == 2
+
+
 def test_public_top_level():
     """The top level holds the value, the tangents, convert/compile and the backend switches;
     the twins live in fgkernels.nn and resolve from the top level too (fgkernels.DualConv2d)."""

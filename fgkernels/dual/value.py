@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -74,6 +74,22 @@ def implements_fallback(rule: Callable) -> Callable:
 def view_root(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose storage ``t`` views (``t`` itself when it is no view)."""
     return t if t._base is None else t._base
+
+
+def _writable(t: Optional[torch.Tensor]) -> bool:
+    """True unless ``t`` is expanded (a stride-0 dim of more than one element): a write into
+    it would hit one element many times."""
+    return t is None or all(st != 0 or n <= 1 for st, n in zip(t.stride(), t.shape))
+
+
+class _Storage(NamedTuple):
+    """The tensors an in-place op on a Dual writes into: a parameter's Dual writes into the
+    parameter and its tangent (``parameter``), a view into the tensors it views (``view``),
+    a Dual that has views into its own tensors, so that its views see the op (``viewed``)."""
+
+    primal: torch.Tensor
+    stack: Optional[torch.Tensor]
+    kind: str
 
 
 def check_tangent(primal: torch.Tensor, tangent: torch.Tensor, what: str) -> bool:
@@ -200,7 +216,7 @@ class Dual:
         (``w.clamp_(0, 1)`` under ``no_grad``) writes through to ``p`` and to its tangent, as
         it would on a dual tensor of ``torch.autograd.forward_ad``."""
         d = cls._unchecked(p.detach(), stack, directions, single)
-        d._source = (p, stack)
+        d._source = _Storage(p, stack, "parameter")
         return d
 
     # --- the tangent ---------------------------------------------------------------------------
@@ -243,13 +259,19 @@ class Dual:
         views of this Dual's, an in-place op on ``out`` writes into them, as on a view of a
         tensor (``d.view(-1).add_(1)``, ``d[1:3].zero_()``, ``for row in d: row.mul_(2)``),
         and from then on an in-place op on this Dual writes into its own tensors too, so that
-        its views see it (``c = d[0]; d.mul_(3)``), as forward_ad's do."""
-        if out._stack is not None and self._stack is not None \
-                and view_root(out.primal) is view_root(self.primal) \
-                and view_root(out._stack) is view_root(self._stack):
-            out._source = (out.primal, out._stack)
+        its views see it (``c = d[0]; d.mul_(3)``), as forward_ad's do. An ``out`` whose primal
+        is fresh (a reshape that copies) gets a tangent of its own too."""
+        primal_view = view_root(out.primal) is view_root(self.primal)
+        stack_view = out._stack is not None and self._stack is not None \
+            and view_root(out._stack) is view_root(self._stack)
+        if stack_view and not primal_view:
+            out._stack = out._stack.clone()
+        elif primal_view and (stack_view or out._stack is None and self._stack is None) \
+                and _writable(out.primal) and _writable(out._stack) \
+                and _writable(self.primal) and _writable(self._stack):
+            out._source = _Storage(out.primal, out._stack, "view")
             if self._source is None:
-                self._source = (self.primal, self._stack)
+                self._source = _Storage(self.primal, self._stack, "viewed")
         return out
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Dual:
@@ -500,38 +522,52 @@ class Dual:
         return self._assign(torch.clamp(self, min, max))
 
     def _assign(self, result: Dual) -> Dual:
-        """Rebind this Dual's parts to ``result``'s (an in-place op's result) and return it; a
-        parameter's Dual writes the result through to the parameter and its tangent."""
+        """Make this Dual an in-place op's ``result`` and return it: its parts rebound to the
+        result's, or the result written into the tensors of its ``_source`` (a parameter's, a
+        view's, or its own once it has views)."""
         if not isinstance(result, Dual):  # an op whose result has no tangent at all
             result = Dual._unchecked(result, None, None, False)
-        if result.primal.shape != self.primal.shape:
-            return self._reshape_in_place(result)
+        if view_root(result.primal) is view_root(self.primal) \
+                or result.primal.shape != self.primal.shape:
+            return self._view_in_place(result)
         result = self._in_own_dtypes(result)
-        if self._source is not None:
-            result = self._write_through(result)
+        source = self._source
+        if source is not None:
+            if source.kind == "viewed" and result._stack is not None \
+                    and not self._same_slots(result):
+                # Its views cannot take slots it did not have: they keep the tensors as they
+                # are, and this Dual takes the result (README: in-place ops).
+                self._source = None
+            else:
+                result = self._write_through(result)
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
         return self
 
-    def _reshape_in_place(self, result: Dual) -> Dual:
-        """A shape-changing in-place op (``d.unsqueeze_(0)``, ``d.t_()``, ``d.squeeze_()``): its
-        result views this Dual's tensors, and becomes them, as the op gives a tensor a new shape
-        over the same storage (views taken before keep viewing it). Any other change of shape
-        is refused, as torch refuses it, and so is one of a parameter's Dual (the parameter's
-        own shape would have to change)."""
-        same = view_root(result.primal) is view_root(self.primal) and (
+    def _same_slots(self, result: Dual) -> bool:
+        if result._stack is None or self._stack is None:
+            return result._stack is None and self._stack is None
+        return result.directions == self.directions and result._stack.shape == self._stack.shape
+
+    def _view_in_place(self, result: Dual) -> Dual:
+        """An in-place view op (``d.t_()``, ``d.unsqueeze_(0)``, ``d.squeeze_()``): its result
+        views this Dual's tensors and becomes them, as the op gives a tensor a new shape over
+        the same storage (views taken before keep viewing it). Any other change of shape is
+        refused, as torch refuses it, and so is one of a parameter's Dual (the parameter's own
+        shape would have to change)."""
+        views = view_root(result.primal) is view_root(self.primal) and (
             result._stack is None and self._stack is None
             or result._stack is not None and self._stack is not None
             and view_root(result._stack) is view_root(self._stack))
-        parameter = self._source is not None and isinstance(self._source[0], torch.nn.Parameter)
-        if not same or parameter:
+        parameter = self._source is not None and self._source.kind == "parameter"
+        if not views or parameter:
             raise RuntimeError(f"an in-place op cannot change {'a parameter' if parameter else 'a'}"
                                f" Dual's shape {tuple(self.primal.shape)} to "
                                f"{tuple(result.primal.shape)}")
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
-        if self._source is not None:  # it has views: later in-place ops write into these
-            self._source = (self.primal, self._stack)
+        if self._source is not None:  # it views, or has views: later ops write into these
+            self._source = _Storage(self.primal, self._stack, self._source.kind)
         return self
 
     def _in_own_dtypes(self, result: Dual) -> Dual:
@@ -554,20 +590,22 @@ class Dual:
         return Dual._unchecked(primal, stack, result.directions, result._single)
 
     def _write_through(self, result: Dual) -> Dual:
-        parameter, stack = self._source
-        if torch.is_grad_enabled() and parameter.requires_grad:
+        target, stack, kind = self._source
+        if torch.is_grad_enabled() and target.requires_grad and target.is_leaf:
             raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
                                "operation (a parameter written in place on the dual pass: do it "
                                "under torch.no_grad(), as on the plain pass)")
-        if result._stack is not None and (result.directions != self.directions
-                                          or result._stack.shape != stack.shape):
-            raise RuntimeError("an in-place op on a parameter, on a view of a Dual or on a Dual "
-                               "with views cannot change its tangent's slots (from "
-                               f"{tuple(stack.shape)}, directions {self.directions})")
-        with torch.no_grad():
-            parameter.copy_(result.primal)
-            stack.zero_() if result._stack is None else stack.copy_(result._stack)
-        return Dual._unchecked(parameter.detach(), stack, self.directions, self._single)
+        if result._stack is not None and not self._same_slots(result):
+            what = "a parameter" if kind == "parameter" else "a view of a Dual"
+            raise RuntimeError(f"an in-place op on {what} cannot change its tangent's slots "
+                               f"(from {self.num_tangents} slots, directions "
+                               f"{self.directions}, to {result.num_tangents} slots)")
+        target.copy_(result.primal)  # autograd records it, as an in-place op on a tensor
+        if stack is not None:
+            with torch.no_grad():
+                stack.zero_() if result._stack is None else stack.copy_(result._stack)
+        primal = target.detach() if kind == "parameter" else target
+        return Dual._unchecked(primal, stack, self.directions, self._single)
 
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Dual:
         return torch.flatten(self, start_dim, end_dim)

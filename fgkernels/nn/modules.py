@@ -33,12 +33,21 @@ class _DirectCall:
     """Mixin of the twins: called with a Dual inside a dual pass, a twin that nothing would
     see called (``_unobserved``) runs its forward directly. torch's module call path, which the
     pass's global hooks keep on its slow branch, costs a small layer more than its arithmetic;
-    the pass started at an enclosing module, so its hooks have nothing to do here."""
+    the pass started at an enclosing module, so its hooks have nothing to do here. A layer
+    class with a ``__call__`` of its own is always called through it."""
 
     def __call__(self, *args, **kwargs):
         if args and isinstance(args[0], Dual) and in_dual_pass() and _unobserved(self):
             return self.forward(*args, **kwargs)
-        return nn.Module.__call__(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+@functools.cache
+def _own_call(cls: type) -> bool:
+    """True if a class of ``cls``'s MRO besides ``nn.Module`` defines ``__call__`` (a user's
+    layer subclass, converted into a twin or not)."""
+    return any("__call__" in vars(c) for c in cls.__mro__
+               if c not in (nn.Module, _DirectCall, object))
 
 
 class DualModule(_DirectCall):
@@ -99,7 +108,7 @@ class DualConv2d(DualModule, nn.Conv2d):
 
     def _versions(self, out: Tensor) -> tuple[int, ...]:
         # during a dual pass a parameter with a tangent is its Dual: the parameter's version
-        params = [p._source[0] if isinstance(p, Dual) else p for p in (self.weight, self.bias)]
+        params = [p._source.primal if isinstance(p, Dual) else p for p in (self.weight, self.bias)]
         return (out._version, *(p._version for p in params if p is not None))
 
     def _take_kept_output(self, input: Dual) -> Optional[Tensor]:
@@ -280,15 +289,16 @@ def _call(layer: nn.Module, input: Dual):
 
 
 def _unobserved(layer: nn.Module) -> bool:
-    """True if nothing would see ``layer`` called: no hook of its own or global one (forward or
-    backward, fgkernels' own aside), no in-place compile of the layer, and neither
-    torch.compile (where fgkernels' hook checks what the pass cannot substitute) nor the JIT
-    tracer running."""
-    return (_unhooked(layer) and layer._compiled_call_impl is None
+    """True if nothing would see ``layer`` called: neither torch.compile (where fgkernels' hook
+    checks what the pass cannot substitute) nor the JIT tracer running, no hook of its own or
+    global one (forward or backward, fgkernels' own aside), no in-place compile of the layer,
+    and no ``__call__`` of its class's own."""
+    return (not torch.compiler.is_compiling() and not torch._C._get_tracing_state()
+            and _unhooked(layer) and layer._compiled_call_impl is None
             and not (layer._backward_hooks or layer._backward_pre_hooks
                      or torch_module._global_backward_hooks
                      or torch_module._global_backward_pre_hooks)
-            and not torch.compiler.is_compiling() and not torch._C._get_tracing_state())
+            and not _own_call(type(layer)))
 
 
 def _unhooked(layer: nn.Module) -> bool:

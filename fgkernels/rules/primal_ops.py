@@ -80,7 +80,10 @@ def _conversion(func: Callable) -> Callable:
         fmt = k.get("memory_format", torch.preserve_format)
         if fmt != torch.preserve_format:
             t = slots_in_format(t, fmt if y.dim() == 4 else torch.contiguous_format)
-        return input.with_tangents(y, t)
+        # A conversion that changes nothing returns the tensors themselves, as torch's does;
+        # a new primal (float32 → float64) gets a tangent of its own, though a bfloat16
+        # tangent stays as it was.
+        return input.as_view(input.with_tangents(y, t))
     return rule
 
 

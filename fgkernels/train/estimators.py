@@ -36,7 +36,7 @@ from .. import functional as DF
 from ..dual.precision import resolve_tangent_dtype
 from ..dual.tangents import clear_tangents, set_tangents
 from ..dual.value import Dual
-from ..nn.modules import reuse_conv_outputs
+from ..nn.modules import DualModule, reuse_conv_outputs
 from .models import BlockNet
 
 Tensor = torch.Tensor
@@ -76,21 +76,23 @@ def check_choices(target: str, guess: str, space: str, noise: str = "gaussian") 
 
 @contextlib.contextmanager
 def preserved_buffers(*modules: Optional[nn.Module]) -> Iterator[None]:
-    """Run an extra (autograd) pass without touching running statistics. A batch norm in
-    training stops tracking them for the pass (it normalises by the batch's statistics either
-    way, and then writes none; in eval it writes none anyway); any other buffer is saved and
-    put back. (Saving and restoring the batch norms' buffers too cost each local backward of
-    a small net a few dozen tiny copies.)"""
+    """Run an extra (autograd) pass without touching running statistics. A batch norm whose
+    forward is torch's, in training, stops tracking them for the pass (it normalises by the
+    batch's statistics either way, and then writes none; in eval it writes none anyway); every
+    other buffer is saved and put back. (Saving and restoring the batch norms' statistics too
+    cost each local backward of a small net a few dozen tiny copies.)"""
     tracking, saved, seen = [], [], set()
     for m in (m for root in modules if root is not None for m in root.modules()):
         if id(m) in seen:
             continue
         seen.add(id(m))
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        untouched = ()
+        if _batch_norm_forward_is_torchs(m):
+            untouched = _RUNNING_STATS
             if m.training and m.track_running_stats:
                 tracking.append(m)
-        else:
-            saved.extend((b, b.clone()) for b in m._buffers.values() if b is not None)
+        saved.extend((b, b.clone()) for name, b in m._buffers.items()
+                     if b is not None and name not in untouched)
     for m in tracking:
         m.track_running_stats = False
     try:
@@ -101,6 +103,20 @@ def preserved_buffers(*modules: Optional[nn.Module]) -> Iterator[None]:
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+
+
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_TORCH_BATCH_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _batch_norm_forward_is_torchs(m: nn.Module) -> bool:
+    """True for a batch norm whose plain forward is torch's own (a twin's included), which
+    writes its running statistics only while ``track_running_stats`` is set."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False
+    forward = next(c.__dict__["forward"] for c in type(m).__mro__
+                   if "forward" in c.__dict__ and not issubclass(c, DualModule))
+    return forward in _TORCH_BATCH_NORM_FORWARDS
 
 
 def grads_or_zeros(output: Tensor, wrt: list[Tensor],
