@@ -496,6 +496,15 @@ def test_a_reshape_that_copies_the_primal_owns_its_tangent():
     torch.testing.assert_close(head.tangent, 2 * t.reshape(-1)[0:2])
 
 
+def test_a_view_of_a_dual_without_tangent_sees_in_place_ops():
+    """As a view of a tensor: ``c = d[0]; d.mul_(3)`` with no tangent anywhere."""
+    x = torch.randn(3, 4, **f64)
+    d = Dual(x.clone())
+    c = d[0]
+    d.mul_(3.0)
+    torch.testing.assert_close(c.primal, 3 * x[0])
+
+
 def test_a_conversion_to_a_new_primal_owns_its_tangent():
     """``e = d.double()`` of a float32 Dual with a bfloat16 tangent: the tangent stays
     bfloat16, but is e's own: an in-place op on e (after a view of it) leaves d's alone."""

@@ -77,9 +77,9 @@ def view_root(t: torch.Tensor) -> torch.Tensor:
 
 
 def _writable(t: Optional[torch.Tensor]) -> bool:
-    """True unless ``t`` is expanded (a stride-0 dim of more than one element): a write into
-    it would hit one element many times."""
-    return t is None or all(st != 0 or n <= 1 for st, n in zip(t.stride(), t.shape))
+    """True unless ``t`` may be expanded (a stride-0 dim), where a write would hit one element
+    many times. (Any stride 0 counts: checked at C speed on every view op.)"""
+    return t is None or 0 not in t.stride()
 
 
 class _Storage(NamedTuple):
