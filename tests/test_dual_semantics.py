@@ -612,3 +612,13 @@ def test_in_place_op_on_a_slice_writes_into_the_dual():
         expected = fwAD.unpack_dual(x)
     torch.testing.assert_close(d.primal, expected.primal)
     torch.testing.assert_close(d.tangents[0], expected.tangent)
+
+
+@pytest.mark.parametrize("make", [torch.tensor, torch.as_tensor])
+def test_a_tensor_constructor_called_on_a_dual_says_what_to_pass(make):
+    """torch.tensor(d) reads a Dual as a nested sequence (it calls no __torch_function__): it
+    stops with a message naming d.primal, not torch's 'len() of a 0-d tensor'."""
+    with pytest.raises(TypeError, match="pass d.primal or d.tangent"):
+        make(Dual(torch.randn(3), torch.randn(3)))
+    with pytest.raises(TypeError, match="len\\(\\) of a 0-d Dual"):
+        len(Dual(torch.tensor(1.0)))

@@ -326,6 +326,12 @@ class Dual:
         return self.primal.is_contiguous(memory_format=memory_format)
 
     def __len__(self) -> int:
+        if self.primal.dim() == 0:
+            # torch.tensor(d) and torch.as_tensor(d) read a Dual as a nested sequence and end
+            # here, at its 0-d elements: say what to pass them.
+            raise TypeError("len() of a 0-d Dual; torch.tensor and torch.as_tensor do not take "
+                            "a Dual (they read it as a nested sequence): pass d.primal or "
+                            "d.tangent")
         return len(self.primal)
 
     # --- values: the primal's, as torch gives them for a dual tensor of forward_ad ---------------
