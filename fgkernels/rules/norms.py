@@ -163,6 +163,18 @@ def norm(input, p="fro", dim=None, keepdim: bool = False, dtype=None, out=None):
     return forward_ad_fallback(torch.norm, (input,), kwargs)
 
 
+@implements(F.normalize)
+def normalize(input, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out=None) -> Dual:
+    """Dual ``F.normalize``: torch's own composition (``x / max(‖x‖_p, eps)``), each op by its
+    rule, so that the numbers are torch's (the 2-norm by the rule above, another order by
+    forward AD)."""
+    if out is not None:
+        return forward_ad_fallback(F.normalize, (input,), dict(p=p, dim=dim, eps=eps, out=out))
+    d = as_dual(input, "normalize")
+    denom = torch.clamp(d.norm(p, dim, keepdim=True), min=eps)
+    return d / denom.expand(d.shape)
+
+
 @implements(torch._weight_norm)
 def weight_norm(v, g, dim: int = 0) -> Dual:
     """Dual weight normalisation ``w = g·v/‖v‖`` (the norm over every dim but ``dim``; all of

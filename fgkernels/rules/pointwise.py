@@ -25,7 +25,7 @@ from .operands import parts
 
 Tensor = torch.Tensor
 
-__all__ = ["add", "sub", "mul", "div", "where", "clamp"]
+__all__ = ["add", "sub", "mul", "div", "where", "clamp", "exp"]
 
 
 def _parts(v):
@@ -293,6 +293,13 @@ def tanh(input) -> Dual:
     """Dual tanh: slope ``1 − y²``."""
     y = torch.tanh(input.primal)
     return _activation(input, y, lambda t, x: _aten.tanh_backward(t, _like(y, t).expand_as(t)))
+
+
+@implements(torch.exp, torch.Tensor.exp)
+def exp(input) -> Dual:
+    """Dual exp: slope ``y``."""
+    y = torch.exp(input.primal)
+    return _activation(input, y, lambda t, x: t * _like(y, t))
 
 
 @implements(F.hardsigmoid)
