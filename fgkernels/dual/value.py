@@ -261,18 +261,25 @@ class Dual:
         and from then on an in-place op on this Dual writes into its own tensors too, so that
         its views see it (``c = d[0]; d.mul_(3)``), as forward_ad's do. An ``out`` whose primal
         is fresh (a reshape that copies) gets a tangent of its own too."""
-        primal_view = view_root(out.primal) is view_root(self.primal)
-        stack_view = out._stack is not None and self._stack is not None \
-            and view_root(out._stack) is view_root(self._stack)
-        if stack_view and not primal_view:
+        if out._views(self):
+            if _writable(out.primal) and _writable(out._stack) \
+                    and _writable(self.primal) and _writable(self._stack):
+                out._source = _Storage(out.primal, out._stack, "view")
+                if self._source is None:
+                    self._source = _Storage(self.primal, self._stack, "viewed")
+        elif out._stack is not None and self._stack is not None \
+                and view_root(out._stack) is view_root(self._stack):
             out._stack = out._stack.clone()
-        elif primal_view and (stack_view or out._stack is None and self._stack is None) \
-                and _writable(out.primal) and _writable(out._stack) \
-                and _writable(self.primal) and _writable(self._stack):
-            out._source = _Storage(out.primal, out._stack, "view")
-            if self._source is None:
-                self._source = _Storage(self.primal, self._stack, "viewed")
         return out
+
+    def _views(self, other: Dual) -> bool:
+        """True if this Dual's primal views ``other``'s, and its slots ``other``'s (or neither
+        has slots)."""
+        if view_root(self.primal) is not view_root(other.primal):
+            return False
+        if self._stack is None or other._stack is None:
+            return self._stack is None and other._stack is None
+        return view_root(self._stack) is view_root(other._stack)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Dual:
         """Apply a linear, per-sample map ``fn`` to the primal and to every tangent slot."""
@@ -561,12 +568,8 @@ class Dual:
         the same storage (views taken before keep viewing it). Any other change of shape is
         refused, as torch refuses it, and so is one of a parameter's Dual (the parameter's own
         shape would have to change)."""
-        views = view_root(result.primal) is view_root(self.primal) and (
-            result._stack is None and self._stack is None
-            or result._stack is not None and self._stack is not None
-            and view_root(result._stack) is view_root(self._stack))
         parameter = self._source is not None and self._source.kind == "parameter"
-        if not views or parameter:
+        if not result._views(self) or parameter:
             raise RuntimeError(f"an in-place op cannot change {'a parameter' if parameter else 'a'}"
                                f" Dual's shape {tuple(self.primal.shape)} to "
                                f"{tuple(result.primal.shape)}")

@@ -34,13 +34,10 @@ class LayerOperands(NamedTuple):
 
 def parts(v) -> Parts:
     """The parts of a Dual, or of a Tensor (its recorded parameter tangent, if any) or None."""
-    if isinstance(v, Dual):
-        return Parts(v.primal, v.tangents, v.slot_operand())
-    if isinstance(v, Tensor):
-        d = dual_of(v)
-        if d is not None:
-            return Parts(d.primal, d.tangents, d.slot_operand())
-    return Parts(v, None, None)
+    d = v if isinstance(v, Dual) else dual_of(v) if isinstance(v, Tensor) else None
+    if d is None:
+        return Parts(v, None, None)
+    return Parts(d.primal, d.tangents, d.slot_operand())
 
 
 def as_dual(v: MaybeDual, op: str) -> Dual:

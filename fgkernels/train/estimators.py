@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
@@ -87,7 +88,7 @@ def preserved_buffers(*modules: Optional[nn.Module]) -> Iterator[None]:
             continue
         seen.add(id(m))
         untouched = ()
-        if _batch_norm_forward_is_torchs(m):
+        if _batch_norm_forward_is_torchs(type(m)):
             untouched = _RUNNING_STATS
             if m.training and m.track_running_stats:
                 tracking.append(m)
@@ -109,12 +110,13 @@ _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _TORCH_BATCH_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
-def _batch_norm_forward_is_torchs(m: nn.Module) -> bool:
-    """True for a batch norm whose plain forward is torch's own (a twin's included), which
-    writes its running statistics only while ``track_running_stats`` is set."""
-    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+@functools.cache
+def _batch_norm_forward_is_torchs(cls: type) -> bool:
+    """True for a batch-norm class whose plain forward is torch's own (a twin's included),
+    which writes its running statistics only while ``track_running_stats`` is set."""
+    if not issubclass(cls, nn.modules.batchnorm._BatchNorm):
         return False
-    forward = next(c.__dict__["forward"] for c in type(m).__mro__
+    forward = next(c.__dict__["forward"] for c in cls.__mro__
                    if "forward" in c.__dict__ and not issubclass(c, DualModule))
     return forward in _TORCH_BATCH_NORM_FORWARDS
 
