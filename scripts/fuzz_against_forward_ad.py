@@ -4,9 +4,9 @@
 
 Draws networks with random layer options (kernel, stride, padding incl. 'same', dilation,
 groups, bias, affine, momentum, train/eval, max/avg pooling), random input sizes, layouts and
-numbers of tangents, and compares primal and tangents with forward-mode AD in float64 (relative
-1e-8) and float32 (relative 1e-4 of the output's scale). Prints the worst errors; exits 1 on a
-failure.
+numbers of tangents, and compares primal and tangents with forward-mode AD in float64: a float64
+case within 1e-8 of the output's scale, a float32 case within 2x torch's own float32 error plus
+1e-4. Prints the worst errors and every case over its bound; exits 1 on a failure.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import argparse
 import copy
 import random
 import sys
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -51,29 +52,34 @@ def random_net(rng: random.Random, cin: int) -> nn.Sequential:
 
 
 def at_kink(twin: nn.Sequential, x: torch.Tensor) -> bool:
-    """True if some ReLU input sits within rounding of 0 (after a batch norm, an exact 0 too):
-    there the derivative is undefined and correct implementations may differ."""
+    """True if some ReLU input sits within x's rounding of 0 (after a batch norm, an exact 0 too):
+    there the derivative is undefined and correct implementations may differ. Judged on the
+    exact (float64) inputs: a lower-precision run's own rounding would hide a value near 0."""
+    eps = torch.finfo(x.dtype).eps
     flags = []
 
     def check(after_bn):
         def hook(module, inputs, output):
             v = inputs[0].detach()
-            tiny = v.abs() < 64 * torch.finfo(v.dtype).eps * v.abs().max().clamp_min(1.0)
+            tiny = v.abs() < 64 * eps * v.abs().max().clamp_min(1.0)
             flags.append(bool((tiny & ((v != 0) | after_bn)).any()))
         return hook
 
-    layers = list(twin)
+    exact = copy.deepcopy(twin).double()
+    layers = list(exact)
     hooks = [m.register_forward_hook(check(i > 0 and isinstance(layers[i - 1], nn.BatchNorm2d)))
              for i, m in enumerate(layers) if isinstance(m, nn.ReLU)]
     with torch.no_grad():
-        copy.deepcopy(twin)(x)
+        exact(x.double())
     for h in hooks:
         h.remove()
     return any(flags)
 
 
-def case(rng: random.Random, dtype: torch.dtype) -> Optional[float]:
-    """The worst relative error of one random case (None: at a ReLU kink, skipped)."""
+def case(rng: random.Random, dtype: torch.dtype,
+         limit: float) -> Optional[tuple[float, float]]:
+    """The worst relative error of one random case against forward_ad in float64, and the bound
+    it must keep (None: at a ReLU kink, skipped)."""
     cin, n = rng.randint(1, 4), rng.randint(1, 4)
     h, w = rng.randint(5, 16), rng.randint(5, 16)
     while True:  # draw until the layers fit the input size
@@ -110,22 +116,41 @@ def case(rng: random.Random, dtype: torch.dtype) -> Optional[float]:
     if at_kink(twin, x):
         return None
     out = dual(Dual(x, None if xt is None else (xt if T else xt[0])))
+    stack = lambda t: None if t is None else (t if T else t.unsqueeze(0))
+    x_tangents = None if xt is None else xt[: T or 1]
+    exact = forward_ad_of(twin, x, x_tangents, tangents, stack, torch.float64)
+    worst = relative_error(out.primal, out.tangents, exact, T)
+    if dtype == torch.float64:
+        return worst, limit
+    # Lower precision: the bound is torch's own error against the float64 answer, doubled, plus
+    # the limit: a batch norm over a near-constant channel amplifies rounding by 1/sqrt(eps),
+    # and there torch's float32 answer is no closer to the exact one than a kernel's.
+    theirs = forward_ad_of(twin, x, x_tangents, tangents, stack, dtype)
+    return worst, 2 * relative_error(theirs[0], theirs[1], exact, T) + limit
+
+
+def forward_ad_of(twin: nn.Sequential, x: torch.Tensor, x_tangents: Optional[torch.Tensor],
+                  tangents: dict, stack, dtype: torch.dtype):
+    """Primal and stacked tangents of ``twin`` at ``x`` by forward_ad, every tensor in ``dtype``
+    (a copy of twin per slot: each slot's call updates running statistics of its own)."""
+    twin = copy.deepcopy(twin).to(dtype)
     names = [k for k, _ in twin.named_parameters()]
     params = [p.detach() for _, p in twin.named_parameters()]
-    stack = lambda t: None if t is None else (t if T else t.unsqueeze(0))
-    # A fresh copy per slot: each slot's call updates the running statistics of its own.
     call = lambda x_, *ps: functional_call(copy.deepcopy(twin), dict(zip(names, ps)), (x_,))
-    rp, rts = forward_ad_jvp(call, [x, *params],
-                             [None if xt is None else xt[: T or 1],
-                              *[stack(tangents[k]) for k in names]])
-    worst = 0.0
+    cast = lambda t: None if t is None else t.to(dtype)
+    return forward_ad_jvp(call, [x.to(dtype), *params],
+                          [cast(x_tangents), *[cast(stack(tangents[k])) for k in names]])
+
+
+def relative_error(primal: torch.Tensor, tangents: torch.Tensor, exact, T) -> float:
+    """The worst error of a primal and its tangents against ``exact`` (primal, stacked tangents),
+    relative to the exact output's scale, floored: a tangent that ReLUs have zeroed almost
+    everywhere is compared absolutely."""
+    (rp, rts), worst = exact, 0.0
+    err = lambda got, want: ((got.double() - want).abs().max().item()
+                             / max(want.abs().max().item(), 1e-3))
     for t in range(T or 1):
-        got, rt = out.tangents[t], rts[t]
-        # Relative to the output's scale, floored: a tangent that ReLUs have zeroed almost
-        # everywhere is compared absolutely.
-        scale = max(rt.abs().max().item(), 1e-3)
-        worst = max(worst, (got - rt).abs().max().item() / scale,
-                    (out.primal - rp).abs().max().item() / max(rp.abs().max().item(), 1e-3))
+        worst = max(worst, err(tangents[t], rts[t]), err(primal, rp))
     return worst
 
 
@@ -140,19 +165,20 @@ def main() -> int:
     for dtype, limit in limits.items():
         rng = random.Random(args.seed)
         torch.manual_seed(args.seed)
-        errors = []
-        for _ in range(args.cases):
-            if args.backend:
-                with fgkernels.use_backend(args.backend):
-                    errors.append(case(rng, dtype))
-            else:
-                errors.append(case(rng, dtype))
-        bad = sum(e is not None and e > limit for e in errors)
-        skipped = sum(e is None for e in errors)
+        results = []
+        for index in range(args.cases):
+            with fgkernels.use_backend(args.backend) if args.backend else nullcontext():
+                result = case(rng, dtype, limit)
+            results.append(result)
+            if result is not None and result[0] > result[1]:
+                print(f"{dtype} case {index}: relative error {result[0]:.2e} over its bound "
+                      f"{result[1]:.2e}")
+        done = [r for r in results if r is not None]
+        bad = sum(err > bound for err, bound in done)
         failures += bad
-        print(f"{dtype}: {args.cases} cases ({skipped} skipped at a ReLU kink), worst relative "
-              f"error {max(e for e in errors if e is not None):.2e} (limit {limit:.0e}), "
-              f"{bad} over the limit")
+        print(f"{dtype}: {args.cases} cases ({args.cases - len(done)} skipped at a ReLU kink), "
+              f"worst relative error {max(err for err, _ in done):.2e} (limit {limit:.0e}), "
+              f"{bad} over the bound")
     return 1 if failures else 0
 
 
