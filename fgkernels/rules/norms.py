@@ -25,21 +25,27 @@ Tensor = torch.Tensor
 
 def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r: Tensor):
     """x̂ and the stacked ẋ̂ (None without tangent), from the statistics over ``dims`` of x
-    (``mean`` and ``r`` shaped to broadcast over x), in the statistics' dtype."""
-    xhat = (x - mean) * r
+    (``mean`` and ``r`` shaped to broadcast over x), in the statistics' dtype. Both are fresh
+    tensors (the caller may scale them in place)."""
+    xhat = (x - mean).mul_(r)
     if xt is None:
         return xhat, None
     xt = _slots.cast(xt, xhat.dtype)
     tdims = [d + 1 for d in dims]
-    xt_hat = (xt - xt.mean(tdims, keepdim=True)
-              - xhat * (xhat * xt).mean(tdims, keepdim=True)) * r
-    return xhat, xt_hat
+    # ẋ̂ = r·ẋ − r·mean(ẋ) − x̂·(r·mean(x̂·ẋ)): two passes, written into the buffer that held
+    # x̂·ẋ (a tangent-sized buffer, not the five the expression would allocate term by term).
+    buffer = xhat * xt
+    m2r = buffer.mean(tdims, keepdim=True).mul_(r)
+    m1r = xt.mean(tdims, keepdim=True).mul_(r)
+    xt_hat = torch.addcmul(m1r.neg_(), xt, r, out=buffer)
+    return xhat, xt_hat.addcmul_(xhat, m2r, value=-1)
 
 
 def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operand, weight, bias,
             param_shape: Sequence[int]) -> Dual:
     """``γx̂ + β`` and its tangent ``γẋ̂ + γ̇x̂ + β̇``; γ, β viewed as ``param_shape``. The
-    terms are summed in x̂'s dtype and rounded once to the output slots'."""
+    terms are summed in x̂'s dtype and rounded once to the output slots'. ``xt_hat`` is
+    _normalize's fresh stack: it is scaled in place and takes the parameter term's sum."""
     (w, wt, b, bt), p_operand = layer_params(op, weight, bias)
     plan = _slots.plan([x_operand, p_operand], op)
     if plan.count == 0:
@@ -48,15 +54,18 @@ def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operan
     x_pos, p_pos = plan.positions
     parts = []
     if xt_hat is not None:
-        parts.append((xt_hat if w is None else xt_hat * w.view(param_shape), x_pos))
+        parts.append((xt_hat if w is None else xt_hat.mul_(w.view(param_shape)), x_pos))
     if p_pos:
         slots = (wt if wt is not None else bt).shape[0]
         as_slots = lambda t: lift(t.view(slots, *param_shape), xhat.dim())
-        pt = as_slots(wt) * xhat if wt is not None else 0
-        if bt is not None:
-            pt = pt + as_slots(bt)
-        parts.append((pt.expand(slots, *xhat.shape), p_pos))
-    yt = _slots.cast(_slots.place(plan.count, parts), plan.dtype)
+        if wt is None:
+            pt = as_slots(bt).expand(slots, *xhat.shape).contiguous()
+        elif bt is None:
+            pt = as_slots(wt) * xhat
+        else:
+            pt = torch.addcmul(as_slots(bt), as_slots(wt), xhat)
+        parts.append((pt, p_pos))
+    yt = _slots.cast(_slots.place(plan.count, parts, owned=True), plan.dtype)
     return Dual._unchecked(y, yt, plan.directions, plan.single)
 
 
