@@ -1,4 +1,6 @@
 """Each dual op against torch's forward-mode AD and finite differences, on every CPU backend."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,41 @@ def test_conv2d_matches_forward_ad(backend, dtype, case, which):
     ep, et = fwad(lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g), [x, w, b], [xt, wt, bt])
     close(out.primal, ep, dtype)
     close(out.tangent, et, dtype)
+
+
+# Kernels that overhang their padded input: taps that meet only padding on both sides, on one,
+# along one axis, dilated, strided.
+OVERHANG_CASES = [
+    # (H, W, k, stride, padding, dilation, groups)
+    (2, 2, 7, 1, 3, 1, 4),  # ConvNeXt's depthwise 7x7 on its last map at 64x64: 3x3 taps
+    (1, 1, 7, 1, 3, 1, 4),  # ... at 32x32: the centre tap alone
+    (1, 5, 3, 1, 1, 1, 1),  # a 3x3 on a single row: its middle row of taps
+    (3, 2, 5, 2, 2, 1, 1),
+    (1, 3, 3, 1, 2, 2, 2),  # dilated: the middle row of taps
+    (3, 3, 7, 3, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", OVERHANG_CASES)
+def test_conv2d_with_an_overhanging_kernel_matches_forward_ad(backend, dtype, case):
+    H, W, k, s, p, d, g = case
+    x = torch.randn(2, 4, H, W, dtype=dtype)
+    w, b = torch.randn(8, 4 // g, k, k, dtype=dtype), torch.randn(8, dtype=dtype)
+    xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    out = DF.conv2d(Dual(x, xt), Dual(w, wt), Dual(b, bt), s, p, d, g)
+    ep, et = fwad(lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g), [x, w, b], [xt, wt, bt])
+    close(out.primal, ep, dtype)
+    close(out.tangent, et, dtype)
+
+
+def test_conv2d_with_no_output_raises_as_torch(backend):
+    """A kernel that does not fit the padded input even once: torch's error."""
+    x, w = torch.randn(1, 2, 3, 3), torch.randn(2, 2, 4, 4)
+    with pytest.raises(RuntimeError) as expected:
+        F.conv2d(x, w, None, 2)
+    with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+        DF.conv2d(Dual(x, torch.randn_like(x)), w, None, 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

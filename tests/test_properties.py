@@ -53,11 +53,13 @@ def conv_cases(draw):
     groups = draw(st.sampled_from([1, 1, 2]))
     n = draw(st.integers(0, 3))
     cin, cout = groups * draw(dims), groups * draw(dims)
-    k = draw(st.integers(1, 3))
+    # Kernels up to 7x7 with up to 3 padding on maps from 1x1: kernels that overhang the
+    # padded input among them.
+    k = draw(st.sampled_from([1, 2, 3, 3, 5, 7]))
     stride, dilation = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    padding = draw(st.integers(0, 2))
-    size = lambda: draw(st.integers(dilation * (k - 1) + 1 - 2 * padding if
-                                    dilation * (k - 1) + 1 > 2 * padding else 1, 7))
+    padding = draw(st.integers(0, 3))
+    least = max(1, dilation * (k - 1) + 1 - 2 * padding)  # the smallest map with an output
+    size = lambda: draw(st.integers(least, least + 6))
     x = _tensor(draw, (n, cin, size(), size()), dtype, layout)
     w = _tensor(draw, (cout, cin // groups, k, k), dtype)
     b = _tensor(draw, (cout,), dtype) if draw(st.booleans()) else None
