@@ -58,11 +58,12 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
 }
 
 // at::conv2d, but a 1x1 convolution of stride 1 without padding, dilation or groups on NCHW CPU
-// tensors is computed as the product over the channels it is: there ATen's convolution took 1.4
-// to 20 times as long as one batched GEMM (MobileNet and ResNet-50 pointwise sizes, float32 and
-// bfloat16); on channels_last tensors the convolution was the faster and is kept. The sums run
-// in another order than the convolution's: the result differs from conv2d's by rounding. An empty
-// input takes at::conv2d, which raises for an empty map as torch's Conv2d does.
+// tensors is computed as the product over the channels it is, one batched GEMM: at the pointwise
+// sizes of mobile networks ATen's convolution of NCHW tensors takes several times as long (the
+// real-model benchmarks, benchmarks/test_real_models.py, time its effect), while on
+// channels_last tensors the convolution is the faster and is kept. The sums run in another
+// order than the convolution's: the result differs from conv2d's by rounding. An empty input
+// takes at::conv2d, which raises for an empty map as torch's Conv2d does.
 at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                     int64_t groups) {
