@@ -384,6 +384,27 @@ def test_an_op_output_owns_its_tangent(fn):
     _against_forward_ad(step, (3, 4))
 
 
+@pytest.mark.parametrize("norm", ["layer_norm", "group_norm"])
+def test_a_norm_output_owns_the_bias_tangent_it_passes_on(norm):
+    """A norm over a batch of one (a decode step, a 1x1 map) whose bias tangent reaches the
+    output unchanged: the output's tangent is a tensor of its own, so that neither the op (the
+    input's term added where both carry a direction) nor an in-place op on the output writes
+    into the bias tangent."""
+    shape = (1, 1, 8) if norm == "layer_norm" else (1, 8, 1, 1)
+    op = (lambda x, w, b: F.layer_norm(x, (8,), w, b)) if norm == "layer_norm" else \
+        (lambda x, w, b: F.group_norm(x, 2, w, b))
+    x, w, b = torch.randn(shape, **f64), torch.randn(8, **f64), torch.randn(8, **f64)
+    bt = torch.randn(2, 8, **f64)
+    before = bt.clone()
+    out = op(Dual(x, torch.randn(1, *shape, **f64), directions=(0,)), w,
+             Dual(b, bt, directions=(0, 1)))
+    torch.testing.assert_close(bt, before, rtol=0, atol=0)
+    out = op(Dual(x), w, Dual(b, bt, directions=(0, 1)))
+    out.select_directions([1])[0].mul_(3.0)
+    out.view(-1).add_(1.0)
+    torch.testing.assert_close(bt, before, rtol=0, atol=0)
+
+
 def _base_mul_seen_by_a_row(x):
     y = x.clone()
     row = y[0]

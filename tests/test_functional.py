@@ -94,6 +94,31 @@ def test_conv2d_with_no_output_raises_as_torch(backend):
         DF.conv2d(Dual(x, torch.randn_like(x)), w, None, 2)
 
 
+@pytest.mark.parametrize("size", [4, 1])
+@pytest.mark.parametrize("bad", ["bias dtype", "no output channels"])
+def test_pointwise_conv2d_refuses_what_torch_refuses(backend, bad, size):
+    """A 1x1 convolution (the native ops compute it as a GEMM) with a bias of another dtype or
+    a weight of no output channels: torch's error."""
+    x = torch.randn(2, 3, size, size)
+    w = torch.randn(0 if bad == "no output channels" else 4, 3, 1, 1)
+    b = torch.randn(w.shape[0], dtype=torch.float64 if bad == "bias dtype" else torch.float32)
+    with pytest.raises(RuntimeError) as expected:
+        F.conv2d(x, w, b)
+    with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+        DF.conv2d(Dual(x, torch.randn_like(x)), w, b)
+
+
+def test_bfloat16_pointwise_conv2d_adds_its_bias_before_rounding(backend):
+    """A bfloat16 1x1 convolution with a bias on a spatial map: the primal is torch's, the
+    bias added before the one rounding to bfloat16 (a GEMM rounded first, then the bias added,
+    would round twice)."""
+    x = torch.randn(4, 16, 6, 6, dtype=torch.bfloat16)
+    w = torch.randn(8, 16, 1, 1, dtype=torch.bfloat16)
+    b = (torch.randn(8) * 4).to(torch.bfloat16)
+    out = DF.conv2d(Dual(x, torch.randn_like(x)), w, b)
+    torch.testing.assert_close(out.primal, F.conv2d(x, w, b), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_matches_forward_ad(backend, dtype):
     x, w, b = (torch.randn(5, 7, dtype=dtype), torch.randn(3, 7, dtype=dtype),

@@ -59,7 +59,10 @@ def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operan
         slots = (wt if wt is not None else bt).shape[0]
         as_slots = lambda t: lift(t.view(slots, *param_shape), xhat.dim())
         if wt is None:
-            pt = as_slots(bt).expand(slots, *xhat.shape).contiguous()
+            # A fresh stack (place takes the parts as its own): a plain expand, or the
+            # contiguous() of an expand that changes nothing, would be bt itself.
+            pt = torch.empty((slots, *xhat.shape), dtype=xhat.dtype,
+                             device=xhat.device).copy_(as_slots(bt))
         elif bt is None:
             pt = as_slots(wt) * xhat
         else:
