@@ -54,7 +54,9 @@ def random_net(rng: random.Random, cin: int) -> nn.Sequential:
 def at_kink(twin: nn.Sequential, x: torch.Tensor) -> bool:
     """True if some ReLU input sits within x's rounding of 0 (after a batch norm, an exact 0 too):
     there the derivative is undefined and correct implementations may differ. Judged on the
-    exact (float64) inputs: a lower-precision run's own rounding would hide a value near 0."""
+    exact (float64) run and on the run in x's dtype: either one's rounding may put a value that
+    the other has near 0 on its other side (a batch norm over a near-constant channel amplifies
+    rounding by 1/sqrt(eps))."""
     eps = torch.finfo(x.dtype).eps
     flags = []
 
@@ -65,14 +67,16 @@ def at_kink(twin: nn.Sequential, x: torch.Tensor) -> bool:
             flags.append(bool((tiny & ((v != 0) | after_bn)).any()))
         return hook
 
-    exact = copy.deepcopy(twin).double()
-    layers = list(exact)
-    hooks = [m.register_forward_hook(check(i > 0 and isinstance(layers[i - 1], nn.BatchNorm2d)))
-             for i, m in enumerate(layers) if isinstance(m, nn.ReLU)]
-    with torch.no_grad():
-        exact(x.double())
-    for h in hooks:
-        h.remove()
+    for dtype in {torch.float64, x.dtype}:
+        run = copy.deepcopy(twin).to(dtype)
+        layers = list(run)
+        hooks = [m.register_forward_hook(check(i > 0 and isinstance(layers[i - 1],
+                                                                     nn.BatchNorm2d)))
+                 for i, m in enumerate(layers) if isinstance(m, nn.ReLU)]
+        with torch.no_grad():
+            run(x.to(dtype))
+        for h in hooks:
+            h.remove()
     return any(flags)
 
 
