@@ -58,14 +58,13 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
 }
 
 // at::conv2d, but a 1x1 convolution of stride 1 without padding, dilation or groups on NCHW CPU
-// tensors is computed as the product over the channels it is, one batched GEMM: at the pointwise
-// sizes of mobile networks ATen's convolution of NCHW tensors takes several times as long (the
-// real-model benchmarks, benchmarks/test_real_models.py, time its effect), while on
-// channels_last tensors the convolution is the faster and is kept. The sums run in another
-// order than the convolution's: the result differs from conv2d's by rounding. at::conv2d keeps
-// the cases where the GEMM would differ beyond that: empty inputs or weights and a bias of
-// another dtype (at::conv2d's errors), and a bfloat16 bias on a spatial map (the GEMM's output
-// would be rounded to bfloat16 before the bias is added: twice).
+// tensors is computed as the product over the channels it is, one batched GEMM, for speed (the
+// real-model benchmarks, benchmarks/test_real_models.py, time the passes of networks full of
+// them against forward_ad); channels_last tensors keep the convolution. The sums run in
+// another order than the convolution's: the result differs from conv2d's by rounding.
+// at::conv2d keeps the cases where the GEMM would differ beyond that: empty inputs or weights
+// and a bias of another dtype (at::conv2d's errors), and a bfloat16 bias on a spatial map (the
+// GEMM's output would be rounded to bfloat16 before the bias is added: twice).
 at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                     int64_t groups) {
@@ -73,7 +72,7 @@ at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const auto all_equal = [](at::IntArrayRef v, int64_t value) {
     return std::all_of(v.begin(), v.end(), [&](int64_t e) { return e == value; });
   };
-  const bool spatial = x.dim() == 4 && x.size(2) * x.size(3) > 1;
+  const bool spatial = x.size(2) * x.size(3) > 1;
   const bool pointwise =
       x.is_cpu() && groups == 1 && w.size(2) == 1 && w.size(3) == 1 && all_equal(stride, 1) &&
       all_equal(padding, 0) && all_equal(dilation, 1) && x.numel() > 0 && w.numel() > 0 &&
