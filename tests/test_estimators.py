@@ -44,6 +44,7 @@ def test_estimate_equals_autograd_projection(target, guess, space):
     ref = copy.deepcopy(net)
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 2, 1, 0])
+    aux_buffers = [b.clone() for head in net.heads[:-1] for b in head.buffers()]
     est = estimate_gradients(net, x, y, target, guess, space,
                              generator=torch.Generator().manual_seed(5), keep_guesses=True)
     acts, global_loss, aux = autograd_view(ref, x, y)
@@ -91,10 +92,14 @@ def test_estimate_equals_autograd_projection(target, guess, space):
                 torch.testing.assert_close(est.grads[n], e, **TOL)
     assert set(est.grads) <= {n for n, _ in net.named_parameters()}
     assert est.loss == pytest.approx(float(global_loss.detach()), rel=1e-12)
-    # One update of the blocks' and the classifier's running statistics, as the plain forward.
+    # One update of the blocks' and the classifier's running statistics, as the plain forward;
+    # the aux heads' as they were (the plain forward never runs them).
     for part in (lambda m: m.blocks, lambda m: m.heads[-1]):
         for (n, a), (_, b) in zip(part(ref).named_buffers(), part(net).named_buffers()):
             torch.testing.assert_close(b, a, msg=n)
+    after = [b for head in net.heads[:-1] for b in head.buffers()]
+    for before, now in zip(aux_buffers, after, strict=True):
+        torch.testing.assert_close(now, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("space", SPACES)
@@ -237,3 +242,48 @@ def test_preserved_buffers_restore_what_a_batch_norm_subclass_writes():
         norm(torch.randn(8, 3, dtype=torch.float64))
     for k, v in norm.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("estimator", ["fg-random-weight", "fg-local-activity", "local"])
+@pytest.mark.parametrize("labels,error", [
+    (torch.tensor([0, 1, 2, 0]), "shape \\(5,\\)"),               # one label short
+    (torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0]), "int64 class indices"),  # floats
+    ([0, 1, 2, 0, 1], "tensor of class indices"),                 # not a tensor
+])
+def test_bad_labels_raise_before_any_running_statistic_moves(estimator, labels, error):
+    """Labels that do not fit the batch are refused before the first block runs (which would
+    update its running statistics): the error names them, and every buffer is as before."""
+    net = small_net()
+    before = copy.deepcopy(net.state_dict())
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match=error):
+        if estimator == "local":
+            local_gradients(net, x, labels)
+        else:
+            _, guess, space = estimator.split("-")
+            estimate_gradients(net, x, labels, "global", guess, space,
+                               generator=torch.Generator().manual_seed(0))
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA device"))])
+def test_ntk_guess_draws_from_the_generator_and_leaves_global_rng_alone(device):
+    """The NTK guess re-initialises a copy of each head from the estimator's generator (on the
+    net's device, as the trainer passes it): the same generator state gives the same estimate,
+    and no global generator (CPU or CUDA) moves."""
+    net = small_net().to(device)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64, device=device)
+    y = torch.tensor([0, 1, 2, 2, 1, 0], device=device)
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if device == "cuda" else None
+    runs = [estimate_gradients(copy.deepcopy(net), x, y, "global", "ntk", "weight",
+                               generator=torch.Generator(device).manual_seed(3)).grads
+            for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    if cuda_state is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    for name, value in runs[0].items():
+        torch.testing.assert_close(runs[1][name], value, rtol=0, atol=0, msg=name)

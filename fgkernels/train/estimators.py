@@ -75,6 +75,21 @@ def check_choices(target: str, guess: str, space: str, noise: str = "gaussian") 
             raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(valid)}")
 
 
+def check_batch(x, y) -> None:
+    """Raise naming the problem unless ``x`` is a batch of N inputs and ``y`` its N class
+    indices (an int64 tensor of shape (N,) on x's device), before a step changes anything.
+    (A class index out of range is found by the first loss, as in a plain training step.)"""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise TypeError(f"expected a batch of inputs (a tensor of shape (N, ...)), got "
+                        f"{type(x).__name__ if not isinstance(x, Tensor) else tuple(x.shape)}")
+    if not isinstance(y, Tensor) or isinstance(y, Dual):
+        raise TypeError(f"labels must be a tensor of class indices, got {type(y).__name__}")
+    if y.dtype != torch.long or y.shape != x.shape[:1] or y.device != x.device:
+        raise ValueError(f"labels must be int64 class indices of shape ({x.shape[0]},) on "
+                         f"{x.device}, one per input, got {y.dtype} of shape {tuple(y.shape)} "
+                         f"on {y.device}")
+
+
 @contextlib.contextmanager
 def preserved_buffers(*modules: Optional[nn.Module]) -> Iterator[None]:
     """Run an extra (autograd) pass without touching running statistics. A batch norm whose
@@ -167,6 +182,7 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
     block's aux loss, the last block and the classifier the network's loss, every block's input
     detached. One forward per block, which also updates the block's running statistics (the
     aux heads' stay untouched, the classifier's update as in backprop)."""
+    check_batch(x, y)
     out, h, J = Estimates(grads={}), x, len(net.blocks)
     for j, (block, head) in enumerate(zip(net.blocks, net.heads)):
         params_b = [p for p in block.parameters() if p.requires_grad]
@@ -207,11 +223,17 @@ def _noise(shape, like: Tensor, noise: str, generator: Optional[torch.Generator]
 
 
 def _reinitialised(head: nn.Module, generator: Optional[torch.Generator]) -> nn.Module:
-    """A copy of ``head`` with fresh parameters (the NTK guess), drawn from ``generator``."""
+    """A copy of ``head`` with fresh parameters (the NTK guess), drawn from ``generator`` (on
+    any device). The layers' initialisers draw from the global generators of the devices the
+    head lives on: those are seeded for the draw and put back as they were afterwards."""
     fresh = copy.deepcopy(head)
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=device))
+    cuda = sorted({p.device.index for p in fresh.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
         for m in fresh.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
@@ -280,6 +302,7 @@ def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "globa
     is kept in ``blocks`` only with ``keep_guesses`` (an activity guess is activation-sized).
     """
     check_choices(target, guess, space, noise)
+    check_batch(x, y)
     run = _Pass(net, y, target, guess, space, noise, generator, keep_guesses)
     step = _weight_space_block if space == "weight" else _activity_space_block
     d = Dual(x)
@@ -369,16 +392,20 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
 def _block_targets(run: _Pass, j: int, d: Dual) -> Dual:
     """After block j: its head's gradient (where the guess did not give it), and the local
     targets' derivatives: block j's aux loss (direction j) or, for block j−1, this aux loss
-    (direction j−1, "above"). Directions no target needs any more are dropped."""
+    (direction j−1, "above"). Directions no target needs any more are dropped. An aux head's
+    dual pass, like its autograd passes, leaves its running statistics as they were."""
     head = run.net.heads[j]
     if run.guess not in ("local", "fixed-ntk"):
         run.head_grads(j, _local_backward(None, head, d.primal, run.y).head)
     if run.target == "local":
-        run.derivs[j] = _directional(DF.cross_entropy(head(d.select_directions([j])), run.y), j)
+        with preserved_buffers(head):
+            loss = DF.cross_entropy(head(d.select_directions([j])), run.y)
+        run.derivs[j] = _directional(loss, j)
         return d.select_directions([])
     if run.target == "above":
         if j >= 1:
-            above = DF.cross_entropy(head(d.select_directions([j - 1])), run.y)
+            with preserved_buffers(head):
+                above = DF.cross_entropy(head(d.select_directions([j - 1])), run.y)
             run.derivs[j - 1] = _directional(above, j - 1)
         return d.select_directions([j])
     return d
