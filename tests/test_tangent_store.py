@@ -154,6 +154,87 @@ def test_a_forward_that_raises_hands_the_parameters_back():
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
 
 
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_a_pass_an_interrupt_cut_short_ends_at_the_next_call(interrupt):
+    """torch runs no forward hook when a forward raises a KeyboardInterrupt (Ctrl-C) or
+    SystemExit: the next call of the model (or clear_tangents) finds the pass's root call gone,
+    hands the parameters back, and a new pass is exact."""
+    class Interrupted(Token):
+        stop = True
+
+        def forward(self, x):
+            y = super().forward(x)
+            if self.stop:
+                raise interrupt()
+            return y
+
+    model = Interrupted().double()
+    fgkernels.random_tangents(model)
+    x = torch.randn(2, 3, 4, **f64)
+    with pytest.raises(interrupt):
+        model(Dual(x))
+    model.stop = False
+    out = model(x)
+    assert type(out) is torch.Tensor
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    model.stop = True
+    with pytest.raises(interrupt):
+        model(Dual(x))
+    fgkernels.clear_tangents(model)  # the other way out
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    model.stop = False
+    _check(model, (2, 3, 4))
+
+
+def test_a_module_outside_the_tree_called_in_the_pass_joins_it():
+    """A module the root holds in a plain list (not a submodule) and calls on the dual pass:
+    its parameters' tangents count as any submodule's."""
+    class Holder(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = [inner]  # not registered
+
+        def forward(self, x):
+            return torch.tanh(self.inner[0](x))
+
+    inner = Token().double()
+    oracle = nn.Sequential(copy.deepcopy(inner), nn.Tanh())
+    tangents = fgkernels.random_tangents(inner, num_tangents=2)
+    x, xt = torch.randn(2, 3, 4, **f64), torch.randn(2, 2, 3, 4, **f64)
+    out = Holder(inner)(Dual(x, xt))
+    y, yt = model_jvp(oracle, [x], [xt], {f"0.{n}": t for n, t in tangents.items()})
+    assert rel_err(out.tangents, yt) <= 1e-10
+    assert all(isinstance(p, nn.Parameter) for p in inner.parameters())
+
+
+def test_a_second_thread_passing_the_same_model_is_refused_clearly():
+    """A dual pass substitutes the model's parameters: a pass on the same model in another
+    thread meanwhile is refused with an error that says so, and the first is unharmed."""
+    import threading
+
+    class Waiting(Token):
+        def forward(self, x):
+            inside.set()
+            release.wait(5)
+            return super().forward(x)
+
+    inside, release, errors = threading.Event(), threading.Event(), []
+    model = Waiting().double()
+    fgkernels.random_tangents(model)
+    x = torch.randn(2, 3, 4, **f64)
+    first = threading.Thread(target=lambda: errors.append(model(Dual(x))))
+    first.start()
+    inside.wait(5)
+    try:
+        with pytest.raises(RuntimeError, match="another thread"):
+            model(Dual(x))
+    finally:
+        release.set()
+        first.join()
+    assert isinstance(errors[0], Dual)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
 def test_an_unconverted_resnet_gives_the_converted_numbers():
     torch.manual_seed(0)
     plain = MODELS["resnet"]().double()

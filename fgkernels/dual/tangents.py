@@ -12,11 +12,16 @@ parameter then sees its tangent: the layer's own op, a tied layer, ``cls_token.e
 
 The substitution is made and undone by two global module hooks, registered while some tensor
 has a tangent: the pre-hook (which sees positional inputs only) starts the pass, the forward hook
-(``always_call``: also when the forward raises) ends it.
+(``always_call``: also when the forward raises an Exception) ends it. A pass that a
+KeyboardInterrupt or SystemExit cut short (torch runs no forward hook then) is ended at the next
+module call that finds its root call gone, or by ``clear_tangents``. A module outside the root's
+tree (held in a plain list) called during the pass joins it. The substitution changes the
+modules themselves: a model must not run in another thread while a dual pass runs on it.
 """
 from __future__ import annotations
 
 import operator
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
@@ -102,23 +107,48 @@ class _Swap(NamedTuple):
 
 
 class _Pass:
-    """The substitution of one dual pass, rooted at the module whose call started it."""
+    """The substitution of one dual pass, rooted at the module whose call started it; ``frame``
+    is the Python frame of that call (the pass runs while it does)."""
 
-    def __init__(self, root: nn.Module):
-        self.root, self.depth = root, 1
+    def __init__(self, root: nn.Module, frame):
+        self.root, self.depth, self.frame = root, 1, frame
         self.swaps: list[_Swap] = []
         self.attributes: list[_Attributes] = []
-        duals: dict[int, Dual] = {}
+        self.members: set[int] = set()
+        self.duals: dict[int, Dual] = {}
+        self.join(root)
+
+    def join(self, module: nn.Module) -> None:
+        """Substitute the tensors of ``module``'s tree that are not substituted yet (the root's,
+        or those of a module outside it that the pass calls); all or nothing: a refusal undoes
+        the whole pass."""
         # A global module hook of someone else's may store what it sees on any module.
         foreign_hooks = foreign_module_hooks()
         try:
-            for m in _tree(root):
-                self._substitute(m, duals, foreign_hooks)
+            for m in _tree(module):
+                if id(m) not in self.members:
+                    self.members.add(id(m))
+                    self._substitute(m, self.duals, foreign_hooks)
         except BaseException:
             self.undo()
             raise
 
+    def running(self) -> bool:
+        """True while the root's call is on this thread's stack (False once a KeyboardInterrupt
+        or SystemExit ended it without the forward hook that ends the pass)."""
+        f = sys._getframe(1)
+        while f is not None:
+            if f is self.frame:
+                return True
+            f = f.f_back
+        return False
+
     def _substitute(self, m: nn.Module, duals: dict[int, Dual], foreign_hooks: bool) -> None:
+        if any(isinstance(t, Dual) for t in m._parameters.values()):
+            raise RuntimeError(
+                f"{type(m).__name__} holds Duals of another dual pass, running in another thread: "
+                "a dual pass substitutes the model's parameters, so a model must not run in two "
+                "threads at once")
         bound = _BOUND.get(m)
         if bound:
             for name, t in bound.items():
@@ -149,7 +179,7 @@ class _Pass:
             holder[name] = t
         for attributes in self.attributes:
             attributes.restore()
-        self.swaps, self.attributes = [], []
+        self.swaps, self.attributes, self.frame = [], [], None
 
 
 # module type -> whether its forward sets no public attribute on its module: torch.nn's own
@@ -334,11 +364,30 @@ class _Hooks:
             return
         active = getattr(self.local, "active", None)
         if active is not None:
-            if active.root is module:
-                active.depth += 1
-            return
+            # Inside the pass: a module of its tree called on a Dual (the usual case, answered
+            # without looking further), the root again, or a module outside the tree, which
+            # joins. Anything else first makes sure the pass is not one an interrupt cut short.
+            if id(module) in active.members and module is not active.root \
+                    and _holds_dual(args):
+                return
+            if active.running():
+                if module is active.root:
+                    active.depth += 1
+                elif id(module) not in active.members:
+                    active.join(module)
+                return
+            self.end_stale()
         if _LIVE and _holds_dual(args):
-            self.local.active = _Pass(module)
+            self.local.active = _Pass(module, sys._getframe(1))
+
+    def end_stale(self) -> None:
+        """End this thread's pass if its root call is gone (cut short by a KeyboardInterrupt or
+        SystemExit, which run no forward hook): the modules get their tensors back."""
+        active = getattr(self.local, "active", None)
+        if active is not None and not active.running():
+            self.local.active = None
+            active.undo()
+            self.sync()
 
     def post(self, module: nn.Module, args: tuple, *rest) -> None:
         if _compiled_pass[0] or torch.compiler.is_compiling():
@@ -479,6 +528,7 @@ def _laid_out_like(t: Tensor, p: Tensor) -> Tensor:
 
 def clear_tangents(module: nn.Module) -> None:
     """Remove the tangent of every parameter of ``module`` and its children."""
+    _hooks.end_stale()
     for p in module.parameters():
         _drop(p)
     for m in module.modules():
