@@ -398,3 +398,63 @@ def test_converted_conv_with_a_padding_mode(mode):
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
 
+
+
+# --- layers whose own code a twin or a fused run must not stand in for ------------------------
+class _ClampedReLU(nn.ReLU):
+    def forward(self, x):
+        return torch.clamp(x, 0.0, 0.5)
+
+
+class _DoubledBN(nn.BatchNorm2d):
+    def __call__(self, *args, **kwargs):
+        return 2 * super().__call__(*args, **kwargs)
+
+
+class _StandardisedConv(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, w, bias)
+
+
+class _InPlaceReuse(nn.Module):
+    """``y = relu_(h)`` makes h the ReLU's output too, as torch's in-place ReLU does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 3, 1), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return h + self.act(h)
+
+
+OWN_CODE_CASES = {
+    "conv-bn-relu subclass with its own forward": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), _ClampedReLU()),
+    "bn-relu subclass with its own forward": lambda: nn.Sequential(
+        nn.BatchNorm2d(3), _ClampedReLU()),
+    "batch norm with its own __call__": lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), _DoubledBN(4), nn.ReLU()),
+    "convolution with its own _conv_forward": lambda: nn.Sequential(
+        _StandardisedConv(3, 4, 3, padding=1), nn.BatchNorm2d(4)),
+    "in-place ReLU whose input is read again": _InPlaceReuse,
+}
+
+
+@pytest.mark.parametrize("case", sorted(OWN_CODE_CASES))
+def test_converting_keeps_a_layer_s_own_code(case):
+    """convert() never changes a number: a layer subclass's own forward, __call__ or
+    _conv_forward runs on the dual pass (no twin and no fused op stands in for it), and an
+    in-place activation acts in place, converted as unconverted (float64 forward_ad)."""
+    torch.manual_seed(0)
+    model = OWN_CODE_CASES[case]().double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    xt = torch.randn_like(x)
+    tangents = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    y, yt = torch_jvp(model, x, xt, tangents)
+    fgkernels.convert(model)
+    fgkernels.set_tangents(model, tangents)
+    out = model(Dual(x, xt))
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangent, yt, **TOL[torch.float64])

@@ -176,7 +176,7 @@ class DualReLU(DualModule, nn.ReLU):
     """``nn.ReLU`` that also runs the dual pass: ``ẏ = ẋ·[x>0]``."""
 
     def dual_forward(self, input: Dual) -> Dual:
-        return DF.relu(input)
+        return DF.relu(input, inplace=self.inplace)
 
 
 def _activation_twin(cls: type, rule, *attributes: str) -> type:
@@ -266,13 +266,12 @@ class DualSequential(_DirectCall, nn.Sequential):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             after = layers[i + 2] if i + 2 < len(layers) else None
-            if _fusable_conv(layer) and isinstance(nxt, DualBatchNorm2d) and _unhooked(nxt):
-                relu = isinstance(after, nn.ReLU) and _unhooked(after)
+            if _fusable_conv(layer) and isinstance(nxt, DualBatchNorm2d) and _fusable(nxt):
+                relu = _fusable_relu(after)
                 with in_rule():
                     input = _conv_bn(layer, nxt, input, relu)
                 i += 3 if relu else 2
-            elif (isinstance(layer, _DualBatchNorm) and _unhooked(layer)
-                  and isinstance(nxt, nn.ReLU) and _unhooked(nxt)):
+            elif isinstance(layer, _DualBatchNorm) and _fusable(layer) and _fusable_relu(nxt):
                 with in_rule():
                     input = layer.dual_forward(input, relu=True)
                 i += 2
@@ -306,8 +305,21 @@ def _unhooked(layer: nn.Module) -> bool:
     return not (layer._forward_hooks or layer._forward_pre_hooks or foreign_module_hooks())
 
 
+def _fusable(layer: nn.Module) -> bool:
+    """True if a fused op may stand for ``layer``'s call: nothing would see the call (no hook)
+    and its class has no ``__call__`` of its own."""
+    return _unhooked(layer) and not _own_call(type(layer))
+
+
 def _fusable_conv(layer) -> bool:
-    return isinstance(layer, DualConv2d) and layer.padding_mode == "zeros" and _unhooked(layer)
+    return isinstance(layer, DualConv2d) and layer.padding_mode == "zeros" and _fusable(layer)
+
+
+def _fusable_relu(layer) -> bool:
+    """A ReLU whose call is torch's ReLU (a subclass with a forward of its own is not one)."""
+    return isinstance(layer, nn.ReLU) and type(layer).forward in (nn.ReLU.forward,
+                                                                  DualReLU.forward) \
+        and _fusable(layer)
 
 
 def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> Dual:
@@ -392,17 +404,24 @@ def register_twin(cls: type, dual_cls: type) -> None:
     _DUAL_CLASSES.add(dual_cls)
 
 
+# The methods of a twinned layer that a twin's dual forward stands in for: a subclass that
+# overrides one (a weight-standardised convolution's ``_conv_forward``) keeps its own code.
+_REPLACED = ("forward", "_conv_forward")
+
+
 @functools.cache
 def _class_twin(cls: type) -> Optional[type]:
     """The twin of layers of class ``cls``: the registered one, or for a subclass of a twinned
-    layer that keeps its base's ``forward`` (a subclass adding methods) the base's twin mixed
-    into the subclass; None for any other class (its ops take Duals as they are)."""
+    layer that keeps its base's ``forward`` (and ``_conv_forward``: a subclass adding methods)
+    the base's twin mixed into the subclass; None for any other class (its ops take Duals as
+    they are)."""
     if cls in TWINS:
         return TWINS[cls]
     for base in cls.__mro__[1:]:
         twin = TWINS.get(base)
         if twin is not None:
-            if cls.forward is not base.forward:
+            if any(getattr(cls, name, None) is not getattr(base, name, None)
+                   for name in _REPLACED):
                 return None
             mixed = type(f"Dual{cls.__name__}", (twin, cls), {"__module__": cls.__module__})
             if twin is DualSequential:
