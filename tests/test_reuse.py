@@ -87,7 +87,7 @@ def test_reuse_matches_a_fresh_dual_pass(backend, channels_last):
     with fgkernels.nn.reuse_conv_outputs(block):
         plain = block(d.primal.clone().requires_grad_())
         plain.square().sum().backward()          # as a guess does: autograd, then the dual pass
-        kept = block[1].__dict__["_fg_kept"].output
+        kept = block[1].__dict__["_fg_kept"][0].output
         out = block(d)
     expected = fresh(d)
     assert out.primal.data_ptr() == kept.data_ptr()  # the lone convolution's output, reused
@@ -97,8 +97,9 @@ def test_reuse_matches_a_fresh_dual_pass(backend, channels_last):
     assert all("_fg_kept" not in m.__dict__ for m in block.modules())
 
 
-@pytest.mark.parametrize("change", ["weight", "input shape", "input dtype", "mode", "output",
-                                    "used once"])
+@pytest.mark.parametrize("change", ["weight", "weight replaced", "input shape", "input dtype",
+                                    "input layout", "mode", "output", "used once",
+                                    "autocast output"])
 def test_stale_kept_output_is_not_used(backend, change):
     conv = fgkernels.convert(nn.Conv2d(4, 5, 3).double())
     d = _dual_input()
@@ -107,13 +108,25 @@ def test_stale_kept_output_is_not_used(backend, change):
         if change == "weight":
             with torch.no_grad():
                 conv.weight.add_(1.0)
+        elif change == "weight replaced":  # a state dict loaded with assign=True
+            new = nn.Parameter(conv.weight.detach() + 1.0)
+            with torch.no_grad():
+                while new._version < conv.weight._version:  # versions alike, tensors not
+                    new.mul_(1.0)
+            conv.weight = new
         elif change == "input shape":
             d = Dual(d.primal[:2], d.tangents[:, :2])
         elif change == "input dtype":
             conv.float()
             d = Dual(d.primal.float(), d.tangents.float())
+        elif change == "input layout":
+            d = Dual(d.primal.to(memory_format=torch.channels_last),
+                     d.tangents.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3))
         elif change == "mode":
             conv.eval()
+        elif change == "autocast output":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                kept = conv(d.primal)
         elif change == "output":
             kept.detach().mul_(2)
         elif change == "used once":
@@ -122,6 +135,55 @@ def test_stale_kept_output_is_not_used(backend, change):
     assert out.primal.data_ptr() != kept.data_ptr()
     torch.testing.assert_close(out.primal, F.conv2d(d.primal, conv.weight, conv.bias),
                                rtol=0, atol=0)
+
+
+def test_a_layer_called_twice_keeps_both_outputs_in_order(backend):
+    """A convolution applied twice in one forward (a shared layer) keeps each output; the dual
+    pass takes them in the same order."""
+    conv = fgkernels.convert(nn.Conv2d(4, 4, 3, padding=1).double())
+    model = lambda v: conv(torch.relu(conv(v)))
+    d = _dual_input()
+    fgkernels.random_tangents(conv, num_tangents=2)
+    expected = model(d)
+    with fgkernels.nn.reuse_conv_outputs(conv):
+        model(d.primal)
+        out = model(d)
+    fgkernels.clear_tangents(conv)
+    torch.testing.assert_close(out.primal, expected.primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangents, expected.tangents, rtol=1e-10, atol=1e-12)
+
+
+def test_a_backward_after_the_dual_call_raises_instead_of_reading_an_overwritten_output():
+    """The dual call may overwrite the output it takes (a fused batch norm does): a backward
+    through a graph that saved that output, run after the dual call, raises autograd's error
+    instead of computing from the overwritten values."""
+    block = fgkernels.convert(nn.Sequential(nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5),
+                                            nn.ReLU())).double()
+    d = _dual_input()
+    with fgkernels.nn.reuse_conv_outputs(block):
+        loss = block(d.primal.clone().requires_grad_()).square().sum()
+        block(d)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_plain_forwards_that_keep_nothing():
+    """Inside the block, a forward under inference mode and one of a convolution whose weight
+    a parametrization computes run as they do outside it, and the dual call computes its own
+    primal."""
+    from torch.nn.utils.parametrizations import weight_norm
+    d = _dual_input()
+    conv = fgkernels.convert(nn.Conv2d(4, 5, 3).double())
+    with fgkernels.nn.reuse_conv_outputs(conv), torch.inference_mode():
+        y = conv(d.primal)
+    torch.testing.assert_close(y, F.conv2d(d.primal, conv.weight, conv.bias), rtol=0, atol=0)
+    normed = fgkernels.convert(weight_norm(nn.Conv2d(4, 5, 3, bias=False)).double())
+    fgkernels.random_tangents(normed, num_tangents=2)
+    with fgkernels.nn.reuse_conv_outputs(normed):
+        normed(d.primal)
+        out = normed(d)
+    fgkernels.clear_tangents(normed)
+    torch.testing.assert_close(out.primal, normed(d.primal).detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_nothing_is_kept_outside_the_block():

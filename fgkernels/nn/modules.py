@@ -75,16 +75,17 @@ class DualModule(_DirectCall):
 
 
 class _KeptOutput(NamedTuple):
-    """A plain forward's output kept for the next dual call, with what must not have changed."""
+    """A plain forward's output kept for a dual call, with what must not have changed."""
 
     output: Tensor
-    input_meta: tuple          # shape, dtype, device
+    input_meta: tuple                  # shape, strides, dtype, device
     training: bool
-    versions: tuple[int, ...]  # of the output and the parameters
+    params: tuple[Optional[Tensor], ...]  # the weight and bias tensors themselves
+    versions: tuple[int, ...]          # of the output and the parameters
 
 
 def _meta(x: Tensor) -> tuple:
-    return x.shape, x.dtype, x.device
+    return x.shape, x.stride(), x.dtype, x.device
 
 
 class DualConv2d(DualModule, nn.Conv2d):
@@ -92,9 +93,12 @@ class DualConv2d(DualModule, nn.Conv2d):
 
     def plain_forward(self, input):
         out = super().plain_forward(input)
-        if "_fg_kept" in self.__dict__ and isinstance(out, Tensor):  # in reuse_conv_outputs
-            self.__dict__["_fg_kept"] = _KeptOutput(out.detach(), _meta(input), self.training,
-                                                    self._versions(out))
+        kept = self.__dict__.get("_fg_kept")
+        if kept is not None and isinstance(out, Tensor) and not out.is_inference():
+            params = self._parameter_tensors()  # in reuse_conv_outputs
+            if params is not None:
+                kept.append(_KeptOutput(out.detach(), _meta(input), self.training, params,
+                                        _versions(out, params)))
         return out
 
     def dual_forward(self, input: Dual) -> Dual:
@@ -106,23 +110,45 @@ class DualConv2d(DualModule, nn.Conv2d):
         return DF.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
                          self.groups, primal=primal)
 
-    def _versions(self, out: Tensor) -> tuple[int, ...]:
-        # during a dual pass a parameter with a tangent is its Dual: the parameter's version
-        params = [p._source.primal if isinstance(p, Dual) else p for p in (self.weight, self.bias)]
-        return (out._version, *(p._version for p in params if p is not None))
+    def _parameter_tensors(self) -> Optional[tuple[Optional[Tensor], ...]]:
+        """The weight and bias tensors the layer reads (during a dual pass a parameter with a
+        tangent is its Dual: the parameter itself); None when one is computed on each read (a
+        parametrization), which no kept output can be checked against."""
+        tensors = []
+        for p in (self.weight, self.bias):
+            if isinstance(p, Dual):
+                source = p._source
+                p = source.primal if source is not None and source.kind == "parameter" else None
+                if p is None:
+                    return None
+            tensors.append(p)
+        if parametrize.is_parametrized(self):
+            return None
+        return tuple(tensors)
 
     def _take_kept_output(self, input: Dual) -> Optional[Tensor]:
-        """The output kept by ``reuse_conv_outputs`` for this dual call (then forgotten), or
-        None when there is none or the layer, its mode or the input's shape, dtype or device
-        changed since."""
+        """The output kept by ``reuse_conv_outputs`` for this dual call (the oldest one: a
+        layer called twice keeps two), or None when there is none, or when the layer's
+        parameters, its mode or the input's layout changed since (then every kept one is
+        dropped). The output is handed over: its version is bumped, so that a backward through
+        a graph that saved it and runs after the dual call, which may overwrite it, raises."""
         kept = self.__dict__.get("_fg_kept")
-        if kept is None:
+        if not kept:
             return None
-        self.__dict__["_fg_kept"] = None
-        if (kept.input_meta != _meta(input.primal) or kept.training != self.training
-                or kept.versions != self._versions(kept.output)):
+        k = kept.pop(0)
+        params = self._parameter_tensors()
+        if (params is None or k.input_meta != _meta(input.primal)
+                or k.output.dtype != input.primal.dtype or k.training != self.training
+                or any(a is not b for a, b in zip(k.params, params))
+                or k.versions != _versions(k.output, params)):
+            kept.clear()
             return None
-        return kept.output
+        torch.autograd.graph.increment_version(k.output)
+        return k.output
+
+
+def _versions(out: Tensor, params: tuple[Optional[Tensor], ...]) -> tuple[int, ...]:
+    return (out._version, *(p._version for p in params if p is not None))
 
 
 class _DualBatchNorm(DualModule):
@@ -345,15 +371,20 @@ def reuse_conv_outputs(module: nn.Module) -> Iterator[None]:
     under autograd for its guess, then in the dual pass).
 
     The caller guarantees that the dual input is the plain one (to rounding: a batch norm
-    between two convolutions is computed by different kernels on the two passes); values are
-    not compared. A kept output is dropped, unused, when the layer's parameters, its training
-    mode or the input's shape, dtype or device changed, or the output was modified since. It is
-    handed over to the dual call, which may overwrite it in place (a fused batch norm does).
-    Leaving the block drops whatever is left (an enclosing block keeps its own layers on)."""
+    between two convolutions is computed by different kernels on the two passes; the same
+    random draws, such as dropout masks) and that the parameters do not change in between;
+    values are not compared. A layer called several times keeps each output, taken in the
+    same order. The kept outputs are dropped, unused, when a parameter was replaced or written
+    by an op autograd tracks (``p.data`` writes and fused optimizers are not seen), or the
+    layer's training mode, the input's shape, layout, dtype or device, or the output changed
+    since; a layer whose weight a parametrization computes keeps none. An output is handed over
+    to the dual call, which may overwrite it in place (a fused batch norm does): a backward
+    through a graph that saved it must run before (it raises after). Leaving the block drops
+    whatever is left (an enclosing block keeps its own layers on)."""
     convs = [m for m in module.modules()
              if isinstance(m, DualConv2d) and "_fg_kept" not in m.__dict__]
     for conv in convs:
-        conv.__dict__["_fg_kept"] = None
+        conv.__dict__["_fg_kept"] = []
     try:
         yield
     finally:
