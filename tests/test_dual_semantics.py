@@ -371,6 +371,125 @@ def test_in_place_op_on_a_view_writes_into_the_dual(fn):
     _against_forward_ad(fn, (3, 4))
 
 
+def _row_pow(x):
+    y = x.clone()
+    row = y[0]
+    row **= 2
+    return y
+
+
+def _row_mod(x):
+    y = x.clone()
+    row = y[1]
+    row %= 0.7
+    return y
+
+
+@pytest.mark.parametrize("fn", [_row_pow, _row_mod])
+def test_python_in_place_operators_write_into_the_dual(fn):
+    """``**=`` and ``%=`` on a view act in place, as ``+=`` does (they rebound the view
+    only)."""
+    _against_forward_ad(fn, (3, 4))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last primal"])
+def test_a_tangent_laid_out_unlike_its_primal_is_written_with_it(layout):
+    """A tangent given in another layout than its primal (both accepted) takes the primal's:
+    an in-place op through views of the Dual writes primal and tangent alike, never one of
+    them (forward_ad writes both)."""
+    if layout == "transposed":
+        x, t = torch.randn(3, 4, **f64), torch.randn(4, 3, **f64).t()
+        fn = lambda d: d.view(2, 6).view(12).neg_()
+    else:
+        x = torch.randn(1, 2, 3, 3, **f64).contiguous(memory_format=torch.channels_last)
+        t = torch.randn(1, 2, 3, 3, **f64)
+        fn = lambda d: d.contiguous(memory_format=torch.channels_last)[0, 0].zero_()
+    d = Dual(x.clone(), t.clone())
+    fn(d)
+    with fwAD.dual_level():
+        e = fwAD.make_dual(x.clone(), t.clone())
+        fn(e)
+        expected = fwAD.unpack_dual(e)
+    assert torch.equal(d.primal, expected.primal) and torch.equal(d.tangent, expected.tangent)
+
+
+def test_a_view_of_a_strided_primal_is_never_half_written():
+    """A strided primal (no layout to give its tangent) whose view op views the primal but
+    copies the tangent: the view is a copy of both, so an in-place op on it (or on a view of
+    it) writes into neither, never into the primal alone."""
+    x = torch.randn(3, 4, 2, **f64)[:, :, 0]  # (3, 4), strides (8, 2): view(12) is a view
+    t = torch.randn(4, 3, **f64).t()           # its tangent, strides (1, 4): reshape copies
+    d = Dual(x, t.clone())
+    before = x.clone()
+    d.view(12).view(3, 4).neg_()  # the second view views the first, primal and tangent
+    assert torch.equal(d.primal, before) and torch.equal(d.tangent, t)
+
+
+def test_an_in_place_op_on_a_selection_of_directions_leaves_the_dual_alone():
+    """``select_directions`` shares the primal with a Dual that carries other directions too:
+    an in-place op on the selection, or on a view of it (a head's Flatten then an in-place
+    activation), rebinds the selection and changes nothing of the Dual, so that each
+    direction's head sees the same primal (float64 func.jvp per direction)."""
+    head = nn.Sequential(nn.Flatten(), nn.LeakyReLU(0.5, inplace=True), nn.Linear(12, 2)).double()
+    x, t = torch.randn(2, 3, 2, 2, **f64), torch.randn(2, 2, 3, 2, 2, **f64)
+    d = Dual(x.clone(), t.clone(), directions=[0, 1])
+    outs = [head(d.select_directions([j])) for j in (0, 1)]
+    d.select_directions([1]).relu_()
+    d.select_directions([]).view(-1).zero_()
+    assert torch.equal(d.primal, x) and torch.equal(d.tangents, t)
+    for j in (0, 1):
+        y, yt = torch.func.jvp(lambda v: head(v.clone()), (x,), (t[j],))
+        torch.testing.assert_close(outs[j].primal, y, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(outs[j].tangents[0], yt, rtol=1e-12, atol=1e-13)
+
+
+def test_data_is_the_primal_and_a_write_into_it_reaches_the_parameter():
+    """``d.data`` is the primal's, without tangent (as forward_ad's), and a write into a
+    parameter's ``.data`` inside a dual pass (weight clipping) writes into the parameter, as on
+    the plain pass."""
+    class Clipped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([-2.0, 0.5, 3.0], **f64))
+
+        def forward(self, x):
+            self.w.data.clamp_(-1, 1)
+            return x * self.w
+
+    d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
+    assert type(d.data) is torch.Tensor and torch.equal(d.data, d.primal)
+    model = Clipped()
+    fgkernels.set_tangents(model, {"w": torch.ones(3, **f64)})
+    out = model(Dual(torch.ones(3, **f64), torch.zeros(3, **f64)))
+    fgkernels.clear_tangents(model)
+    assert torch.equal(model.w.detach(), torch.tensor([-1.0, 0.5, 1.0], **f64))
+    assert torch.equal(out.primal, model.w.detach())
+    assert torch.equal(out.tangent, torch.ones(3, **f64))
+
+
+def test_storage_metadata_is_the_primal_s_and_no_fallback_op():
+    """``stride``, ``element_size``, ``data_ptr``, ... describe the primal's storage: they are
+    the primal's, also under strict_rules, and count no fallback op."""
+    d = Dual(torch.randn(3, 4).t(), torch.randn(4, 3))
+    before = dict(fgkernels.fallback_ops())
+    with fgkernels.strict_rules():
+        for name in ("stride", "storage_offset", "element_size", "nelement", "data_ptr",
+                     "is_floating_point", "is_complex", "is_signed", "get_device"):
+            assert getattr(d, name)() == getattr(d.primal, name)(), name
+        assert d.untyped_storage().data_ptr() == d.primal.untyped_storage().data_ptr()
+    assert dict(fgkernels.fallback_ops()) == before
+
+
+def test_comparison_with_none_and_round_act_as_on_a_tensor():
+    d = Dual(torch.tensor([1.4, -2.6], **f64), torch.ones(2, **f64))
+    assert (d == None) is False and (d != None) is True  # noqa: E711
+    assert d not in (None,)
+    for r, e in ((round(d), torch.round(d.primal)),
+                 (round(d, 1), torch.round(d.primal, decimals=1))):
+        assert torch.equal(r.primal, e)
+        assert r.tangent is None or not r.tangent.any()  # rounding is flat: a zero tangent
+
+
 @pytest.mark.parametrize("fn", [lambda x: x + 1.0, lambda x: torch.where(x > 0, x, 0.0),
                                 lambda x: x - torch.zeros(4, **f64)])
 def test_an_op_output_owns_its_tangent(fn):

@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .dtypes import tangent_dtype_fits
+from .layout import in_kernel_layout, kernel_format, slots_in_format
 from .slots import Directions, SlotOperand
 
 # torch function -> rule; filled by the modules of fgkernels.rules with the ops that have a JVP
@@ -85,7 +86,9 @@ def _writable(t: Optional[torch.Tensor]) -> bool:
 class _Storage(NamedTuple):
     """The tensors an in-place op on a Dual writes into: a parameter's Dual writes into the
     parameter and its tangent (``parameter``), a view into the tensors it views (``view``),
-    a Dual that has views into its own tensors, so that its views see the op (``viewed``)."""
+    a Dual that has views into its own tensors, so that its views see the op (``viewed``).
+    A ``selection`` (``select_directions``, and the views of one) shares its primal with a Dual
+    that carries other slots too, which a write could not update: it writes into nothing."""
 
     primal: torch.Tensor
     stack: Optional[torch.Tensor]
@@ -195,7 +198,7 @@ class Dual:
                 raise ValueError("directions label a stacked tangent of shape (T, *primal.shape); "
                                  "stack a single tangent with tangent.unsqueeze(0)")
             directions = _check_directions(directions, tangent.shape[0])
-        self._stack = tangent.unsqueeze(0) if single else tangent
+        self._stack = _in_primal_layout(tangent.unsqueeze(0) if single else tangent, primal)
         self.directions = directions
         self._single = single
 
@@ -260,7 +263,12 @@ class Dual:
         tensor (``d.view(-1).add_(1)``, ``d[1:3].zero_()``, ``for row in d: row.mul_(2)``),
         and from then on an in-place op on this Dual writes into its own tensors too, so that
         its views see it (``c = d[0]; d.mul_(3)``), as forward_ad's do. An ``out`` whose primal
-        is fresh (a reshape that copies) gets a tangent of its own too."""
+        is fresh (a reshape that copies) gets a tangent of its own too, and one whose tangent is
+        fresh a primal of its own (a write into a view must reach both or neither). A view of
+        a ``select_directions`` Dual writes into nothing, as the selection."""
+        if self._source is not None and self._source.kind == "selection":
+            out._source = _Storage(out.primal, out._stack, "selection")
+            return out
         if out._views(self):
             if _writable(out.primal) and _writable(out._stack) \
                     and _writable(self.primal) and _writable(self._stack):
@@ -270,6 +278,8 @@ class Dual:
         elif out._stack is not None and self._stack is not None \
                 and view_root(out._stack) is view_root(self._stack):
             out._stack = out._stack.clone()
+        elif view_root(out.primal) is view_root(self.primal):
+            out.primal = out.primal.clone()
         return out
 
     def _views(self, other: Dual) -> bool:
@@ -291,17 +301,24 @@ class Dual:
 
     def select_directions(self, directions: Sequence[int]) -> Dual:
         """Keep only the slots of the given (labelled) directions; absent ones stay absent.
-        (``d.select(dim, index)`` is ``Tensor.select``, as on any tensor.)"""
+        The result shares this Dual's primal (and slots); an in-place op on it, or on a view of
+        it, rebinds it and writes into neither. (``d.select(dim, index)`` is
+        ``Tensor.select``, as on any tensor.)"""
         if self._stack is None:
             return self
         if self.directions is None:
             raise ValueError("select_directions() needs a tangent labelled with directions")
         keep = [i for i, d in enumerate(self.directions) if d in set(directions)]
         if not keep:
-            return self.with_tangents(self.primal, None)
-        stack = self._stack[keep[0]:keep[-1] + 1] if keep == list(range(keep[0], keep[-1] + 1)) \
-            else self._stack[torch.tensor(keep, device=self._stack.device)]
-        return Dual._unchecked(self.primal, stack, tuple(self.directions[i] for i in keep), False)
+            out = self.with_tangents(self.primal, None)
+        else:
+            stack = self._stack[keep[0]:keep[-1] + 1] \
+                if keep == list(range(keep[0], keep[-1] + 1)) \
+                else self._stack[torch.tensor(keep, device=self._stack.device)]
+            out = Dual._unchecked(self.primal, stack, tuple(self.directions[i] for i in keep),
+                                  False)
+        out._source = _Storage(out.primal, out._stack, "selection")
+        return out
 
     def detach(self) -> torch.Tensor:
         """The primal, cut from any autograd graph and without tangent (as ``detach`` of a dual
@@ -319,6 +336,9 @@ class Dual:
     dtype = property(lambda self: self.primal.dtype)
     device = property(lambda self: self.primal.device)
     ndim = property(lambda self: self.primal.dim())
+    # ``.data``: the primal's, without tangent (as forward_ad's), sharing its storage: a write
+    # into it (``self.w.data.clamp_(-1, 1)``) writes into the primal, a parameter's included.
+    data = property(lambda self: self.primal.data)
 
     def size(self, dim: Optional[int] = None):
         return self.primal.size() if dim is None else self.primal.size(dim)
@@ -380,10 +400,11 @@ class Dual:
     __hash__ = object.__hash__
 
     def __eq__(self, other):
-        return torch.eq(self, other)
+        # ``d == None`` is False, as for a tensor (torch.eq takes no None)
+        return NotImplemented if other is None else torch.eq(self, other)
 
     def __ne__(self, other):
-        return torch.ne(self, other)
+        return NotImplemented if other is None else torch.ne(self, other)
 
     def __lt__(self, other):
         return torch.lt(self, other)
@@ -430,7 +451,11 @@ class Dual:
 
     def __getattr__(self, name: str):
         """Tensor methods and properties without a Dual method of their own (``d.permute``,
-        ``d.mean(1)``, ``d.T``, ``d.is_cuda``) go through ``__torch_function__``."""
+        ``d.mean(1)``, ``d.T``, ``d.is_cuda``) go through ``__torch_function__``; those that
+        only describe the primal's storage (``d.stride()``, ``d.element_size()``) are the
+        primal's."""
+        if name in _PRIMAL_METADATA:
+            return getattr(self.primal, name)
         attr = getattr(torch.Tensor, name, None) if not name.startswith("__") else None
         if attr is None:
             raise AttributeError(f"'Dual' object has no attribute {name!r}")
@@ -500,6 +525,9 @@ class Dual:
     def __abs__(self):
         return torch.abs(self)
 
+    def __round__(self, ndigits: Optional[int] = None):
+        return torch.round(self) if ndigits is None else torch.round(self, decimals=ndigits)
+
     def __getitem__(self, index):
         return Dual.__torch_function__(torch.Tensor.__getitem__, (Dual,), (self, index))
 
@@ -515,6 +543,12 @@ class Dual:
 
     def __itruediv__(self, other):
         return self._assign(torch.div(self, other))
+
+    def __ipow__(self, other):
+        return self._assign(torch.pow(self, other))
+
+    def __imod__(self, other):
+        return self._assign(torch.remainder(self, other))
 
     def add_(self, other, *, alpha=1) -> Dual:
         return self._assign(torch.add(self, other, alpha=alpha))
@@ -545,7 +579,9 @@ class Dual:
             return self._view_in_place(result)
         result = self._in_own_dtypes(result)
         source = self._source
-        if source is not None:
+        if source is not None and source.kind == "selection":
+            pass  # it writes into nothing (see select_directions): rebound below
+        elif source is not None:
             if source.kind == "viewed" and result._stack is not None \
                     and not self._same_slots(result):
                 # Its views cannot take slots it did not have: they keep the tensors as they
@@ -637,6 +673,24 @@ class Dual:
 
     def relu(self) -> Dual:
         return torch.relu(self)
+
+
+# Tensor methods that only describe the primal's storage: no tangent, no fallback.
+_PRIMAL_METADATA = frozenset({
+    "stride", "storage_offset", "element_size", "nelement", "is_floating_point", "is_complex",
+    "is_signed", "get_device", "data_ptr", "untyped_storage", "has_names", "dim_order",
+    "is_inference", "is_pinned", "is_shared", "is_set_to", "is_nonzero"})
+
+
+def _in_primal_layout(stack: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
+    """A given stack of tangents with each slot laid out as its primal, slot after slot (a copy
+    only when it is not): every op keeps that layout, and a view op then maps a Dual's primal
+    and its tangents alike (a write into the view reaches both). A primal neither contiguous
+    nor channels_last (a strided view) leaves the stack as given."""
+    fmt = kernel_format(primal)
+    if not primal.is_contiguous(memory_format=fmt) or in_kernel_layout(primal, stack):
+        return stack
+    return slots_in_format(stack, fmt)
 
 
 def is_dual(x) -> bool:
