@@ -764,3 +764,30 @@ def test_a_tensor_constructor_called_on_a_dual_says_what_to_pass(make):
         make(Dual(torch.randn(3), torch.randn(3)))
     with pytest.raises(TypeError, match="len\\(\\) of a 0-d Dual"):
         len(Dual(torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("fn", [lambda a, b: a * b, lambda a, b: a + b])
+def test_a_0d_operand_of_a_wider_dtype_gives_the_result_s_tangent_dtype(fn):
+    """A 0-d float64 Dual with a float32 one: torch keeps the result float32 (0-d operands do
+    not promote) and so does its tangent, as forward_ad's (it came out float64, which no
+    Dual may carry and every layer after refused)."""
+    x, t = torch.randn(2, 3), torch.randn(2, 3)
+    s, st = torch.tensor(0.5, **f64), torch.tensor(1.5, **f64)
+    out = fn(Dual(x, t), Dual(s, st))
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(fn(fwAD.make_dual(x, t), fwAD.make_dual(s, st)))
+    assert out.dtype == out.tangent_dtype == expected.tangent.dtype == torch.float32
+    torch.testing.assert_close(out.tangent, expected.tangent)
+
+
+def test_out_a_dual_writes_primal_and_tangent():
+    """``torch.add(a, b, out=d)`` writes the result into d, primal and tangent, with grad on
+    or off (under no_grad it wrote the primal alone)."""
+    a = Dual(torch.ones(3, **f64), torch.ones(3, **f64))
+    for grad in (True, False):
+        d = Dual(torch.zeros(3, **f64), torch.full((3,), 5.0, **f64))
+        with torch.set_grad_enabled(grad):
+            r = torch.add(a, a, out=d)
+        assert r is d
+        assert torch.equal(d.primal, torch.full((3,), 2.0, **f64))
+        assert torch.equal(d.tangent, torch.full((3,), 2.0, **f64))

@@ -319,8 +319,12 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     (lambda: Dual(torch.ones(2) > 0, torch.ones(2) > 0), TypeError,
      "primal must have a floating or complex dtype"),
     (lambda: Dual(torch.arange(3)), TypeError, "primal must have a floating or complex dtype"),
+    (lambda: fgkernels.set_tangents(fgkernels.nn.DualLinear(3, 2),
+                                    {"weight": torch.randn(2, 3), "bias": torch.randn(1, 2)}),
+     ValueError, "in its parameter's shape .* or every one stacked"),
 ], ids=["T=0", "T=0 set_tangents", "0-d linear", "weight/bias T",
-        "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual"])
+        "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
+        "one single, one stacked tangent"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()

@@ -3,6 +3,7 @@ layer, a tied layer, a ParameterList or ParameterDict, an attention block, a par
 an op on the parameter alone) it carries its tangent, converted or not; every case against
 torch.autograd.forward_ad in float64 (``fgkernels.testing.model_jvp``)."""
 import copy
+import io
 
 import pytest
 import torch
@@ -310,6 +311,12 @@ def test_tangents_do_not_travel_with_a_copy_and_clear_removes_them():
     fgkernels.random_tangents(model)
     assert not any(has_tangent(p) for p in copy.deepcopy(model).parameters())
     assert not any(has_tangent(v) for v in model.state_dict().values())
+    saved = io.BytesIO()
+    torch.save(model, saved)  # a whole pickled model, loaded again
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    assert not any(has_tangent(p) for p in loaded.parameters())
+    assert loaded(Dual(torch.randn(3, 4, **f64))).tangents is None
     fgkernels.clear_tangents(model)
     assert not any(has_tangent(p) for p in model.parameters())
     assert model(Dual(torch.randn(3, 4, **f64))).tangents is None
@@ -398,12 +405,14 @@ def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
         def __init__(self):
             super().__init__()
             self.bias = nn.Parameter(torch.randn(3))
-            self.cache = {}
+            self.cache, self.history, self._doubled = {}, [], None
 
         def forward(self, x):
             if "bias" not in self.cache:
                 self.cache["bias"] = self.bias * 2
             self.last = x * 1.0
+            self.history.append(self.bias * 1.0)  # a record, public
+            self._doubled = self.bias * 2         # a cache, private
             return x + self.cache["bias"]
 
     model = Cached().double()
@@ -412,5 +421,6 @@ def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
     out = model(Dual(torch.randn(3, **f64)))
     torch.testing.assert_close(out.tangent, 2 * t)
     assert model.cache == {} and "last" not in model.__dict__
+    assert model.history == [] and model._doubled is None
     plain = model(torch.randn(3, **f64))
     assert type(plain) is torch.Tensor and type(model.cache["bias"]) is torch.Tensor

@@ -51,6 +51,15 @@ class ParameterTangent(NamedTuple):
     directions: Optional[tuple[int, ...]]
     single: bool
 
+    def __reduce__(self):
+        # A per-step value: a pickled model (torch.save(model)) comes back without it, as a
+        # deep copy and a state dict do.
+        return _no_tangent, ()
+
+
+def _no_tangent() -> None:
+    return None
+
 
 # A tensor's tangent is an attribute of the tensor itself (so torch.compile reads it as it reads
 # any tensor attribute, with a guard); deepcopy and state_dict leave it behind, as they should
@@ -216,30 +225,30 @@ def _tree(root: nn.Module) -> list[nn.Module]:
 
 class _Attributes(NamedTuple):
     """A module's attributes before a dual pass: its ``__dict__`` (a shallow copy) and a copy of
-    each public dict in it (a cache a forward may fill)."""
+    each public dict and list in it (a cache or a record a forward may fill)."""
 
     module: nn.Module
     before: dict
-    dicts: dict[str, dict]
+    containers: dict[str, object]
 
     @classmethod
     def of(cls, m: nn.Module) -> _Attributes:
         d = m.__dict__
         return cls(m, d.copy(), {k: v.copy() for k, v in d.items()
-                                 if type(v) is dict and k[:1] != "_"})
+                                 if type(v) in (dict, list) and k[:1] != "_"})
 
     def restore(self) -> None:
-        """Put back each public attribute that the pass set to a Dual (delete it if it is new),
-        and each Dual entry of a public dict."""
-        d, before, copies = self.module.__dict__, self.before, self.dicts
+        """Put back each attribute that the pass set to a Dual, private ones included (delete
+        it if it is new), and each Dual entry of a public dict or list."""
+        d, before, copies = self.module.__dict__, self.before, self.containers
         # Usually no attribute was set: every name still holds what it held (compared at C
-        # speed), and only the dicts that were there before can have gained a Dual.
+        # speed), and only the containers that were there before can have gained a Dual.
         if d.keys() == before.keys() \
                 and all(map(operator.is_, d.values(), map(before.__getitem__, d))):
             changed = copies
         else:
-            changed = [k for k, v in d.items()
-                       if k[:1] != "_" and (isinstance(v, Dual) or type(v) is dict)]
+            changed = [k for k, v in d.items() if isinstance(v, Dual)
+                       or (k[:1] != "_" and type(v) in (dict, list))]
         for k in changed:
             v = d.get(k)
             if isinstance(v, Dual):
@@ -254,6 +263,8 @@ class _Attributes(NamedTuple):
                         v[key] = old[key]
                     else:
                         del v[key]
+            elif type(v) is list and any(isinstance(e, Dual) for e in v):
+                v[:] = copies[k] if k in copies else [e for e in v if not isinstance(e, Dual)]
 
 
 def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:
@@ -480,6 +491,9 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
     if len(counts) > 1:
         raise ValueError(f"set_tangents: the tangents of one call must share T, got "
                          f"{sorted(counts)}")
+    if len({e.single for _, e, _ in staged.values() if e.directions is None}) > 1:
+        raise ValueError("set_tangents: give every tangent of one call in its parameter's shape "
+                         "(one tangent) or every one stacked (T, *shape), not both")
     for p, entry, _ in staged.values():
         _put(p, entry)
     for name, p in params.items():

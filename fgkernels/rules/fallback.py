@@ -145,6 +145,9 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
             raise TypeError(f"fgkernels.Dual: the in-place op '{name}' has no out-of-place form "
                             "to differentiate; use an out-of-place op")
         return target._assign(Dual.__torch_function__(outplace, (Dual,), args, kwargs))
+    if isinstance(out, Dual):  # out= a Dual: the op out of place, then written into it
+        rest = {k: v for k, v in kwargs.items() if k != "out"}
+        return out._assign(Dual.__torch_function__(func, (Dual,), args, rest))
     if torch.is_grad_enabled():
         what = "out=" if out is not None else f"'{name}'"
         raise TypeError(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dual import slots as _slots
+from ..dual.dtypes import tangent_dtype_fits
 from ..dual.layout import slots_in_format
 from ..dual.value import Dual, implements, view_root
 from .operands import parts
@@ -68,12 +69,15 @@ def _like(v, t: Tensor):
 def _combine(op: str, y: Tensor, terms) -> Dual:
     """The Dual of ``y`` whose tangent is the sum of ``terms``: (operand slots, function of that
     operand's stack giving its term, broadcastable to ``(T, *y.shape)``), None-free. Each stack
-    reaches its function in the output slots' dtype."""
+    reaches its function in the output slots' dtype, or in y's where that one does not fit y
+    (a 0-d float64 Dual times a float32 one gives a float32 y, as torch keeps 0-d operands from
+    promoting, and so a float32 tangent, as forward_ad's)."""
     terms = [(o, t, fn) for o, t, fn in terms if o is not None]
     plan = _slots.plan([o for o, _, _ in terms], op)
     if plan.count == 0:
         return Dual(y)
-    parts = [(broadcast_stack(fn(lift(_slots.cast(t, plan.dtype), y.dim())), y.shape), pos)
+    dtype = plan.dtype if tangent_dtype_fits(y.dtype, plan.dtype) else y.dtype
+    parts = [(broadcast_stack(fn(lift(_slots.cast(t, dtype), y.dim())), y.shape), pos)
              for (_, t, fn), pos in zip(terms, plan.positions)]
     stack = _slots.place(plan.count, parts)
     # The output owns its tangent, as forward_ad's does: one passed through from an operand
