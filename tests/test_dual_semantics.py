@@ -363,11 +363,39 @@ def _unsqueezed_relu(x):
     return y
 
 
+def _property_transposed_mul(x):
+    y = x.clone()
+    y.T.mul_(2.0)
+    y.mT[1].zero_()
+    return y
+
+
+def _diagonal_add(x):
+    y = x.clone()
+    y.diagonal().add_(1.0)
+    return y
+
+
+def _windows_mul(x):
+    y = x.clone()
+    y.unfold(1, 2, 2).mul_(3.0)
+    return y
+
+
+def _tensor_split_neg(x):
+    y = x.clone()
+    y.tensor_split(2, 1)[1].neg_()
+    y.hsplit(2)[0].div_(2.0)
+    return y
+
+
 @pytest.mark.parametrize("fn", [_view_mul, _narrow_div, _rows_add, _transposed_zero,
-                                _unsqueezed_relu])
+                                _unsqueezed_relu, _property_transposed_mul, _diagonal_add,
+                                _windows_mul, _tensor_split_neg])
 def test_in_place_op_on_a_view_writes_into_the_dual(fn):
-    """An in-place op on a view (view, narrow, a row of iteration, t, unsqueeze) writes into
-    the Dual it views, primal and tangent, as on a view of a tensor."""
+    """An in-place op on a view (view, narrow, a row of iteration, t, .T, .mT, unsqueeze,
+    diagonal, unfold, tensor_split) writes into the Dual it views, primal and tangent, as on
+    a view of a tensor."""
     _against_forward_ad(fn, (3, 4))
 
 

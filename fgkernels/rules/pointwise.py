@@ -428,7 +428,12 @@ _LINEAR_OPS = [
     torch.sum, torch.Tensor.narrow, torch.narrow, torch.Tensor.select,
     torch.select, torch.Tensor.flip, torch.flip, torch.Tensor.roll, torch.roll,
     torch.Tensor.repeat, torch.Tensor.unflatten, torch.unflatten, torch.Tensor.clone,
-    torch.clone, torch.Tensor.t, torch.t,
+    torch.clone, torch.Tensor.t, torch.t, torch.Tensor.diagonal, torch.diagonal,
+    torch.Tensor.unfold, torch.Tensor.tensor_split, torch.tensor_split, torch.Tensor.hsplit,
+    torch.hsplit, torch.Tensor.vsplit, torch.vsplit, torch.Tensor.dsplit, torch.dsplit,
+    # the transposing properties (d.T, d.mT, d.H, d.mH), views as t() is
+    torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.H.__get__,
+    torch.Tensor.mH.__get__,
 ]
 for _op in _LINEAR_OPS:
     implements(_op)(_slot_view_rule(_op, _SLOT_VIEWS[_op]) if _op in _SLOT_VIEWS
