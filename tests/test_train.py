@@ -191,14 +191,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_keep_identical_weights(tmp_path):
+def test_two_processes_keep_identical_weights_and_one_writes_the_run(tmp_path):
+    """Two processes (gloo) train with an --out folder: the same weights on both, process 0
+    holds and writes the folder (each taking its lock refused the other)."""
     script = tmp_path / "rank.py"
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
         "from fgkernels.train.loop import TrainConfig, train\n"
         "dist.init_process_group('gloo')\n"
         f"cfg = TrainConfig(**{QUICK!r}, epochs=1, algo='fg', guess='local')\n"
-        "net = train(cfg, progress=False).model\n"
+        "net = train(cfg, sys.argv[1] + '/run', progress=False).model\n"
         "flat = torch.cat([t.flatten().double() for t in net.state_dict().values()])\n"
         "torch.save(flat, sys.argv[1] + f'/rank{dist.get_rank()}.pt')\n"
         "dist.destroy_process_group()\n")
@@ -210,3 +212,5 @@ def test_two_processes_keep_identical_weights(tmp_path):
     assert all(p.wait(timeout=300) == 0 for p in procs)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(a, b)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

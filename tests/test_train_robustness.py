@@ -14,6 +14,7 @@ from fgkernels.train.checkpoint import load_checkpoint, save_checkpoint
 from fgkernels.train.cli import main
 from fgkernels.train.data import Dataset, load_dataset
 from fgkernels.train.loop import TrainConfig, train
+from fgkernels.train.report import summary_table
 
 QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=3,
              lr=0.05, algo="backprop")
@@ -124,11 +125,51 @@ def test_missing_keys_and_full_disk_give_one_line_errors(tmp_path, monkeypatch):
 def test_a_second_run_on_one_folder_is_refused_at_once(digits, tmp_path):
     cfg = TrainConfig(**QUICK, epochs=1)
     with checkpoint.run_lock(tmp_path):  # another run holds the folder
-        with pytest.raises(RuntimeError, match="is in use by another run"):
+        with pytest.raises(OSError, match="is in use by another run"):
             train(cfg, str(tmp_path), progress=False, dataset=digits)
     assert not (tmp_path / "checkpoint.pt").exists()
     train(cfg, str(tmp_path), progress=False, dataset=digits)  # free again: runs
     train(cfg, str(tmp_path), resume=True, progress=False, dataset=digits)
+
+
+@pytest.mark.parametrize("overrides,kwargs,error,message", [
+    (dict(device="nodevice"), {}, ValueError, "unknown device 'nodevice'"),
+    (dict(batch_size=5000), {}, ValueError, "batch size 5000 is larger than the training set"),
+    ({}, dict(resume=True), FileNotFoundError, "no checkpoint to resume"),
+    ({}, dict(resume=True, overwrite=True), ValueError, "pass one of them"),
+    (dict(data="cifar10", data_dir="/nonexistent"), {}, FileNotFoundError, "CIFAR-10 not found"),
+], ids=["device", "batch size", "resume without checkpoint", "resume and overwrite",
+        "no cifar"])
+def test_a_run_refused_makes_nothing(tmp_path, digits, overrides, kwargs, error, message):
+    """Bad arguments, data or --out are refused with an error that names them, before the
+    run's folder is made."""
+    cfg = TrainConfig(**{**QUICK, "epochs": 1, **overrides})
+    out = tmp_path / "run"
+    with pytest.raises(error, match=message):
+        train(cfg, str(out), progress=False, **kwargs,
+              dataset=None if "data" in overrides else digits)
+    assert not out.exists()
+
+
+def test_an_epoch_of_one_step_writes_null_and_the_table_a_dash(tmp_path, digits):
+    """An epoch of one step has no step time (its one step is the warm-up): metrics.jsonl
+    holds JSON's null, which any JSON parser reads, and the table a dash."""
+    result = train(TrainConfig(**{**QUICK, "max_steps": 1, "epochs": 1}), str(tmp_path),
+                   progress=False, dataset=digits)
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}"))
+    assert record["step_time_s"] is None and record["samples_per_s"] is None
+    row = summary_table([result]).splitlines()[-1]
+    assert row.split("|")[4].strip() == "-"
+
+
+def test_parameters_gone_non_finite_stop_the_run_before_they_are_saved(tmp_path, digits):
+    """One step at an absurd learning rate leaves no finite parameter: the epoch's test loss
+    says so and the run stops (with one step the training loss never saw it)."""
+    cfg = TrainConfig(**{**QUICK, "max_steps": 1, "epochs": 1, "lr": 1e30})
+    with pytest.raises(FloatingPointError, match="test loss is nan"):
+        train(cfg, str(tmp_path), progress=False, dataset=digits)
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("data,labels,message", [

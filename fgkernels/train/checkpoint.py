@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,38 +105,67 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def write_metrics(out_dir: Path, history: list[dict]) -> None:
-    """``metrics.jsonl``: one line per epoch of ``history``, replacing the file whole."""
-    text = "".join(json.dumps(record) + "\n" for record in history)
+    """``metrics.jsonl``: one line per epoch of ``history``, replacing the file whole; a value
+    that is not finite (the step time of an epoch of one step) is JSON's null."""
+    text = "".join(json.dumps(_finite_or_null(record), allow_nan=False) + "\n"
+                   for record in history)
     _write_atomically(out_dir / METRICS_NAME, text.encode(), "metrics log")
+
+
+def _finite_or_null(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @contextlib.contextmanager
 def run_lock(out_dir: Path) -> Iterator[None]:
     """Hold ``out_dir`` for one run: a second run on the same folder is refused at once (an
-    exclusive lock on ``out_dir/.lock``, released when the run ends, however it ends)."""
+    exclusive lock on ``out_dir/.lock``, released when the run ends, however it ends). A folder
+    the run made and left holding only the lock, because the run failed, is removed."""
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_NAME, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"--out {out_dir} is in use by another run; wait for it to end "
-                               "or choose another folder") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        with open(out_dir / LOCK_NAME, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OSError(f"--out {out_dir} is in use by another run; wait for it to end "
+                              "or choose another folder") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    except BaseException:
+        if made and all(p.name == LOCK_NAME for p in out_dir.iterdir()):
+            (out_dir / LOCK_NAME).unlink(missing_ok=True)
+            out_dir.rmdir()
+        raise
+
+
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is made, an ``out_dir`` the run cannot use: a file, a folder
+    without a checkpoint to resume, a fresh run's folder that holds files (without
+    ``overwrite``), or both ``resume`` and ``overwrite``."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts a new one "
+                         "there: pass one of them")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    if resume and not (out_dir / CHECKPOINT_NAME).is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {out_dir / CHECKPOINT_NAME}")
+    if not resume and not overwrite and out_dir.is_dir() \
+            and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
+        raise ValueError(f"--out {out_dir} is not empty; pass --resume to continue the run it "
+                         "holds, or --overwrite to start again there")
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """A fresh run refuses a folder that holds anything unless ``overwrite``, which removes the
-    files a run writes there (the checkpoint and the metrics log)."""
-    if resume or not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a folder")
-    if any(p.name != LOCK_NAME for p in out_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"--out {out_dir} is not empty; pass --resume to continue the run "
-                             "it holds, or --overwrite to start again there")
+    """``check_out_dir``, then, for a fresh run with ``overwrite``, the files a run writes
+    removed (the checkpoint and the metrics log)."""
+    check_out_dir(out_dir, resume, overwrite)
+    if overwrite:
         for name in (CHECKPOINT_NAME, METRICS_NAME):
             (out_dir / name).unlink(missing_ok=True)

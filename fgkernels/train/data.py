@@ -141,14 +141,25 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
+def batches_per_epoch(ds: Dataset, batch_size: int, world: int = 1) -> int:
+    """The full batches each of ``world`` processes takes per epoch; a batch larger than a
+    process's share of the training set is refused (it would be a batch of fewer samples)."""
+    per_rank = len(ds.train_y) // world
+    if batch_size > per_rank:
+        share = f" ({per_rank} for each of {world} processes)" if world > 1 else ""
+        raise ValueError(f"batch size {batch_size} is larger than the training set of "
+                         f"{len(ds.train_y)} samples{share}")
+    return per_rank // batch_size
+
+
 def train_batches(ds: Dataset, batch_size: int, generator: torch.Generator, rank: int = 0,
                   world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled training batches of this rank's shard (every rank draws the same permutation and
     takes every world-th sample; the tail that would leave ranks uneven is dropped)."""
+    full_batches = batches_per_epoch(ds, batch_size, world)  # a last partial batch is dropped
     perm = torch.randperm(len(ds.train_y), generator=generator)
     per_rank = len(perm) // world
     mine = perm[rank::world][:per_rank]
-    full_batches = max(per_rank // batch_size, 1)  # a last partial batch is dropped
     for i in range(full_batches):
         idx = mine[i * batch_size:(i + 1) * batch_size]
         x = ds.train_x[idx]

@@ -19,13 +19,14 @@ from ..dual.dtypes import tangent_dtype_fits
 from ..dual.precision import fast_bfloat16, tangent_dtype
 from .checkpoint import (
     CHECKPOINT_NAME,
+    check_out_dir,
     load_checkpoint,
     prepare_out_dir,
     run_lock,
     save_checkpoint,
     write_metrics,
 )
-from .data import Dataset, load_dataset, test_batches, train_batches
+from .data import Dataset, batches_per_epoch, load_dataset, test_batches, train_batches
 from .estimators import (
     check_choices,
     estimate_gradients,
@@ -91,6 +92,13 @@ class TrainConfig:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r}; e.g. cpu, cuda, cuda:1") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device}: this torch ({torch.__version__}) sees no "
+                             "CUDA device")
         finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay))
         if not finite or not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be finite and > 0, momentum and weight_decay finite and "
@@ -230,17 +238,25 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     (``resume`` continues from that checkpoint; a fresh run refuses a non-empty ``out_dir``
     unless ``overwrite``). ``stop_after`` ends the run after that many epochs in all, as an
     interruption would. A non-finite loss stops the run with FloatingPointError. ``progress``:
-    a progress bar on a terminal, elsewhere (a log, CI) one line per epoch on stderr."""
+    a progress bar on a terminal, elsewhere (a log, CI) one line per epoch on stderr. Bad
+    arguments, data or ``out_dir`` are refused before anything is written. In a distributed
+    run, process 0 holds and writes ``out_dir``."""
     cfg.validate()
+    rank, world = _rank_world()
+    ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
+    batches_per_epoch(ds, cfg.batch_size, world)
     if not out_dir:
-        return _train(cfg, None, resume, progress, dataset, stop_after)
+        return _train(cfg, None, resume, progress, ds, stop_after)
+    check_out_dir(Path(out_dir), resume, overwrite)
+    if rank != 0:
+        return _train(cfg, out_dir, resume, progress, ds, stop_after)
     with run_lock(Path(out_dir)):
         prepare_out_dir(Path(out_dir), resume, overwrite)
-        return _train(cfg, out_dir, resume, progress, dataset, stop_after)
+        return _train(cfg, out_dir, resume, progress, ds, stop_after)
 
 
 def _train(cfg: TrainConfig, out_dir: Optional[str], resume: bool, progress: bool,
-           dataset: Optional[Dataset], stop_after: Optional[int]) -> RunResult:
+           ds: Dataset, stop_after: Optional[int]) -> RunResult:
     rank, world = _rank_world()
     device = torch.device(cfg.device)
     if torch.bfloat16 in (cfg.torch_dtype, cfg.torch_tangent_dtype) and \
@@ -249,7 +265,6 @@ def _train(cfg: TrainConfig, out_dir: Optional[str], resume: bool, progress: boo
                       "AVX512-BF16 or AMX, a GPU compute capability 8.0): torch emulates "
                       "bfloat16 convolutions there, several times slower than float32",
                       stacklevel=2)
-    ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     net, opt, sched = build_run(cfg, ds)
     result = RunResult(cfg)
     start = 0
@@ -376,6 +391,10 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, bar) -> dict:
                 dist.all_reduce(b)
                 b.div_(world)
     test_loss, test_acc = evaluate(net, ds, cfg, device)
+    if not math.isfinite(test_loss):
+        raise FloatingPointError(
+            f"epoch {epoch + 1}: the test loss is {test_loss}; the parameters are no longer "
+            f"finite after the epoch's steps (lr={cfg.lr}), and the run stops before saving them")
     step_time = statistics.median(times) if times else float("nan")
     record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
               "train_loss": sum(losses) / len(losses), "train_acc": correct / max(seen, 1),

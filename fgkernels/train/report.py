@@ -46,9 +46,9 @@ def summary_table(results, costs=None) -> str:
         h = r.history[-1]
         if rel:
             bt, bm = cost[base]
-            time_cell, mem_cell = f"{t / bt:.2f}", f"{m / bm:.2f}"
-        else:
-            time_cell, mem_cell = f"{1e3 * t:.1f}", f"{m / 2 ** 20:.1f}"
+            time_cell, mem_cell = _cell(t / bt, 2), f"{m / bm:.2f}"
+        else:  # a run of one step per epoch has no step time (its one step is the warm-up)
+            time_cell, mem_cell = _cell(1e3 * t, 1), f"{m / 2 ** 20:.1f}"
         cos = _mean_cosine(r.history)
         rows.append([r.config.label, f"{100 * h['test_acc']:.1f}%", f"{h['train_loss']:.3f}",
                      time_cell, mem_cell, _cell(cos)])
