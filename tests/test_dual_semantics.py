@@ -819,3 +819,110 @@ def test_out_a_dual_writes_primal_and_tangent():
         assert r is d
         assert torch.equal(d.primal, torch.full((3,), 2.0, **f64))
         assert torch.equal(d.tangent, torch.full((3,), 2.0, **f64))
+
+
+# --- edge cases of the op rules, each against forward_ad in float64 -----------------------------
+def _setitem_with_leading_ones(a, v):
+    a = a * 1.0
+    a[0] = v.unsqueeze(0)  # a (1, 4) value into a (4,) row: torch drops the leading 1
+    return a
+
+
+EDGE_CASES = {
+    # baddbmm's input broadcast from (N,) against (B, M, N): the slot axis stays in front
+    "baddbmm 1-D input": (lambda i, a, b: torch.baddbmm(i, a, b, beta=0.5, alpha=2.0),
+                          [(4,), (2, 3, 5), (2, 5, 4)], 3),
+    # an empty dim list reduces every dim, as torch's sum, mean and vector_norm do
+    "sum dim=[]": (lambda x: x.sum(dim=[]), [(3, 4)], 2),
+    "mean dim=()": (lambda x: x.mean(dim=()), [(3, 4)], 2),
+    "vector_norm dim=()": (lambda x: torch.linalg.vector_norm(x, dim=()), [(3, 4)], 2),
+    # constant padding over every dim of the primal, the first included (and cropping)
+    "pad every dim": (lambda x: F.pad(x, (1, 2, 2, 1)), [(3, 4)], 2),
+    "crop dim 0": (lambda x: F.pad(x, (0, 0, -1, 0)), [(3, 4)], 2),
+    "pad a 1-D input": (lambda x: F.pad(x, (1, 2)), [(5,)], 3),
+    "setitem leading 1s": (_setitem_with_leading_ones, [(3, 4), (4,)], 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+def test_op_edge_cases_as_forward_ad(case):
+    fn, shapes, slots = EDGE_CASES[case]
+    _against_forward_ad(fn, *shapes, slots=slots)
+
+
+def test_division_by_zero_gives_forward_ad_s_infinities():
+    """``ẏ = (ȧ − y·ḃ)/b`` in one quotient: at b = 0 the tangent is ±inf as forward_ad's, not
+    the NaN of ``ȧ/b − y·ḃ/b`` (inf − inf)."""
+    a, at = torch.tensor([-1.0, 1.0, 2.0], **f64), torch.tensor([[-0.5, 0.3, 0.0]], **f64)
+    b, bt = torch.zeros(3, **f64), torch.tensor([[0.7, 0.2, 0.0]], **f64)
+    out = Dual(a, at) / Dual(b, bt)
+    y, yt = forward_ad_jvp(torch.div, [a, b], [at, bt])
+    torch.testing.assert_close(out.primal, y, equal_nan=True)
+    torch.testing.assert_close(out.tangents, yt, equal_nan=True)
+
+
+@pytest.mark.parametrize("act", [torch.exp, torch.sigmoid, F.silu, F.gelu, F.hardtanh,
+                                 F.hardsigmoid, F.hardswish])
+def test_a_nan_bfloat16_tangent_stays_nan_unless_the_kernel_selects(act):
+    """A bfloat16 tangent of a float32 primal: where the slope underflows to 0 (x = -200), a
+    NaN tangent stays NaN for an activation whose derivative multiplies (exp, sigmoid, silu,
+    gelu), and is 0 for one whose kernel selects (hardtanh, hardsigmoid, hardswish), as
+    forward_ad gives in bfloat16."""
+    x = torch.tensor([-200.0, 0.5, -5.0])
+    t = torch.tensor([float("nan"), 1.0, float("nan")], dtype=torch.bfloat16)
+    out = act(Dual(x, t))
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(act(fwAD.make_dual(x.bfloat16(), t))).tangent
+    assert torch.equal(out.tangent.isnan(), expected.isnan())
+    torch.testing.assert_close(out.tangent.float(), expected.float(), equal_nan=True,
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_a_softmax_dim_out_of_range_is_refused_as_torch_refuses_it():
+    d = Dual(torch.randn(2, 3), torch.randn(2, 3))
+    for dim in (2, -3):
+        with pytest.raises(IndexError, match="out of range"):
+            F.softmax(d, dim=dim)
+    torch.testing.assert_close(F.softmax(d, dim=-2).primal, F.softmax(d.primal, dim=0))
+
+
+def test_a_tensor_converted_to_a_dual_s_dtype_stays_a_tensor():
+    """``t.type_as(d)`` and ``t.to(d)``: the Dual gives its dtype and device, the result is the
+    tensor's, without tangent (they raised)."""
+    d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
+    t = torch.ones(3)
+    for r in (t.type_as(d), t.to(d)):
+        assert type(r) is torch.Tensor and r.dtype == torch.float64 and torch.equal(r, t.double())
+
+
+@pytest.mark.parametrize("targets", ["ignore_index 255", "uint8"])
+def test_cross_entropy_targets_as_torch_takes_them(targets):
+    """An ignore_index outside the classes (255 with 3 classes), and uint8 class indices, which
+    torch's cross_entropy takes: the tangent as forward_ad's."""
+    z, zt = torch.randn(4, 3, **f64), torch.randn(2, 4, 3, **f64)
+    if targets == "uint8":
+        y, kwargs = torch.tensor([0, 2, 1, 1], dtype=torch.uint8), {}
+    else:
+        y, kwargs = torch.tensor([0, 255, 2, 1]), dict(ignore_index=255)
+    out = F.cross_entropy(Dual(z, zt), y, **kwargs)
+    loss, lt = forward_ad_jvp(lambda v: F.cross_entropy(v, y, **kwargs), [z], [zt])
+    torch.testing.assert_close(out.primal, loss)
+    torch.testing.assert_close(out.tangents, lt)
+
+
+@pytest.mark.parametrize("layer", ["linear", "layer_norm"])
+def test_a_layer_s_weight_and_bias_of_different_directions_take_their_union(layer):
+    """A weight and a bias whose tangents carry different directions: the layer's output
+    carries the union, each direction as forward_ad gives it (they were refused)."""
+    x = torch.randn(5, 4, **f64)
+    w = torch.randn(3, 4, **f64) if layer == "linear" else torch.randn(4, **f64)
+    b = torch.randn(3 if layer == "linear" else 4, **f64)
+    wt, bt = torch.randn(1, *w.shape, **f64), torch.randn(1, *b.shape, **f64)
+    fn = (lambda w_, b_: F.linear(x, w_, b_)) if layer == "linear" else \
+        (lambda w_, b_: F.layer_norm(x, (4,), w_, b_))
+    out = fn(Dual(w, wt, directions=[1]), Dual(b, bt, directions=[2]))
+    assert out.directions == (1, 2)
+    _, along_w = forward_ad_jvp(fn, [w, b], [wt, None])
+    _, along_b = forward_ad_jvp(fn, [w, b], [None, bt])
+    torch.testing.assert_close(out.tangents, torch.cat([along_w, along_b]), rtol=1e-12,
+                               atol=1e-13)

@@ -74,7 +74,11 @@ def _softmax_input(input, op: str, dim: Optional[int], stacklevel, dtype) -> tup
     x = d.primal
     if dim is None:  # torch's legacy choice for an implicit dim
         dim = 0 if x.dim() in (0, 1, 3) else 1
-    return d, dim % max(x.dim(), 1)
+    n = max(x.dim(), 1)  # a 0-d input has one dim to take, as in torch
+    if not -n <= dim < n:
+        raise IndexError(f"{op}: dim {dim} is out of range for a tensor of {x.dim()} dims "
+                         f"(expected in [{-n}, {n - 1}])")
+    return d, dim % n
 
 
 # --- scaled dot-product attention -----------------------------------------------------------------

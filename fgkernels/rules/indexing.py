@@ -67,7 +67,11 @@ def setitem(d: Dual, index, value) -> Dual:
         fill = torch.zeros((), dtype=plan.dtype, device=y.device)
     else:
         like = v.primal if isinstance(v.primal, Tensor) else y[index]
-        fill = lift(_slots.spread(v.tangents, v_pos, plan.count, like, plan.dtype), region)
+        fill = _slots.spread(v.tangents, v_pos, plan.count, like, plan.dtype)
+        extra = fill.dim() - 1 - region
+        if extra > 0:  # leading size-1 dims of value, which torch's assignment drops
+            fill = fill.reshape(fill.shape[0], *fill.shape[1 + extra:])
+        fill = lift(fill, region)
     at = slot_index(index)
     if at is not None:
         base[at] = fill

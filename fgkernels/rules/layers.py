@@ -189,9 +189,10 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
         return forward_ad_fallback(F.cross_entropy, (input, target), dict(
             weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
             reduction=reduction, label_smoothing=label_smoothing))
-    if target.dtype != torch.long or target.shape != z.shape[:1]:
-        raise ValueError(f"cross_entropy: target must be int64 class indices of shape "
-                         f"({z.shape[0]},), got {target.dtype} of shape {tuple(target.shape)}")
+    if target.dtype not in (torch.long, torch.uint8) or target.shape != z.shape[:1]:
+        raise ValueError(f"cross_entropy: target must be int64 (or uint8) class indices of "
+                         f"shape ({z.shape[0]},), got {target.dtype} of shape "
+                         f"{tuple(target.shape)}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', "
                          f"got {reduction!r}")
@@ -200,7 +201,8 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     if d.tangents is None:
         return Dual(loss)
     keep = target != ignore_index
-    p = F.one_hot(target.clamp_min(0), z.shape[1]).to(z.dtype)
+    # an ignored sample's index may lie outside the classes (ignore_index=255): class 0 then
+    p = F.one_hot(torch.where(keep, target, 0).long(), z.shape[1]).to(z.dtype)
     if label_smoothing:
         p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
     residual = (torch.softmax(z, dim=1) - p) * keep.unsqueeze(1)
@@ -245,8 +247,10 @@ def pad(input: MaybeDual, pad: Sequence[int], mode: str = "constant",
     y = F.pad(d.primal, pad, mode, value)
     if d.tangents is None:
         return d.with_tangents(y, None)
-    zero = None if value is None else 0.0
-    t = F.pad(d.tangents.flatten(0, 1), pad, mode, zero)
+    if mode == "constant":  # the stack's slot axis stays in front of the padded trailing dims
+        return d.with_tangents(y, F.pad(d.tangents, pad, mode, 0.0))
+    # reflect, replicate, circular: torch pads the spatial dims of a batch, the slots in it
+    t = F.pad(d.tangents.flatten(0, 1), pad, mode)
     return d.with_tangents(y, t.view(d.num_tangents, *y.shape))
 
 

@@ -118,7 +118,7 @@ def _primal(v):
 
 # --- vector norms and weight normalisation ------------------------------------------------------
 def _reduced_dims(dim, ndim: int) -> list[int]:
-    if dim is None:
+    if dim is None or (not isinstance(dim, int) and len(dim) == 0):  # every dim, as torch
         return list(range(ndim))
     dims = [dim] if isinstance(dim, int) else list(dim)
     return sorted(d % max(ndim, 1) for d in dims) if ndim else []

@@ -51,15 +51,22 @@ def as_dual(v: MaybeDual, op: str) -> Dual:
 
 
 def layer_params(op: str, weight, bias) -> tuple[LayerParams, Optional[_slots.SlotOperand]]:
-    """One layer's weight and bias, whose tangents must carry the same slots, and those slots."""
+    """One layer's weight and bias and the slots their tangents carry together: the union of
+    the two's directions, as any op takes its operands' (a backend takes one slot set for
+    both: a slot only one of them has is zero in the other's stack), in the promoted dtype."""
     w, b = parts(weight), parts(bias)
     slots = w.slots or b.slots
     if w.slots is not None and b.slots is not None and w.slots != b.slots:
-        if not w.slots.same_slots(b.slots):
-            raise ValueError(f"{op}: the parameters' tangents must carry the same slots, got "
-                             f"weight: {_describe(w.slots)}, bias: {_describe(b.slots)}")
-        slots = _slots.SlotOperand(slots.count, slots.directions, slots.single,
-                                   _slots.promoted_dtype([w.slots.dtype, b.slots.dtype]))
+        if w.slots.same_slots(b.slots):
+            slots = _slots.SlotOperand(slots.count, slots.directions, slots.single,
+                                       _slots.promoted_dtype([w.slots.dtype, b.slots.dtype]))
+        else:
+            plan = _slots.plan([w.slots, b.slots], op)
+            (w_pos, b_pos), n = plan.positions, plan.count
+            return LayerParams(
+                w.primal, _slots.spread(w.tangents, w_pos, n, w.primal, plan.dtype),
+                b.primal, _slots.spread(b.tangents, b_pos, n, b.primal, plan.dtype)), \
+                plan.operand()
     return LayerParams(w.primal, w.tangents, b.primal, b.tangents), slots
 
 
@@ -84,8 +91,3 @@ def tangents_as(p: LayerParams, dtype: Optional[torch.dtype]) -> LayerParams:
 def result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:
     """The output Dual of an op whose backend returned ``(y, yt)``."""
     return Dual._unchecked(y, yt, plan.directions, plan.single) if yt is not None else Dual(y)
-
-
-def _describe(o: _slots.SlotOperand) -> str:
-    return f"T={o.count}" + ("" if o.directions is None else f" directions {o.directions}") \
-        + (" (single)" if o.single else "")

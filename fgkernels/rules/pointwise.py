@@ -126,14 +126,18 @@ def mul(input, other) -> Dual:
 @implements(torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide,
             torch.divide)
 def div(input, other, *, rounding_mode: Optional[str] = None) -> Dual:
-    """Dual quotient: ``y = a/b``, ``ẏ = ȧ/b − y·ḃ/b``."""
+    """Dual quotient: ``y = a/b``, ``ẏ = (ȧ − y·ḃ)/b`` (one quotient, as forward_ad: at b = 0
+    the two terms ``ȧ/b`` and ``y·ḃ/b`` would be infinities whose difference is NaN)."""
     if rounding_mode is not None:
         raise TypeError(f"div: rounding_mode={rounding_mode!r} is piecewise constant and has no "
                         "useful tangent on a Dual; divide the primal instead")
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
     y = torch.reciprocal(b) * a if _number_left(a, b) else torch.div(a, b)
-    return _combine("div", y, [(ao, at, lambda t: t / _like(b, t)),
-                               (bo, bt, lambda t: -(_like(y, t) * t) / _like(b, t))])
+    if ao is None or bo is None:
+        return _combine("div", y, [(ao, at, lambda t: t / _like(b, t)),
+                                   (bo, bt, lambda t: -(_like(y, t) * t) / _like(b, t))])
+    numerator = _combine("div", y, [(ao, at, lambda t: t), (bo, bt, lambda t: -(_like(y, t) * t))])
+    return numerator.with_tangents(y, numerator.tangents / _like(b, numerator.tangents))
 
 
 @implements(torch.Tensor.__rtruediv__)
@@ -205,14 +209,18 @@ _aten = torch.ops.aten
 
 
 def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor],
-                inplace: bool = False) -> Dual:
+                inplace: bool = False, selects: bool = False) -> Dual:
     """The Dual of ``y = f(x)`` with ``ẏ = derivative(ẋ, x)`` over all slots; ``inplace``
     makes it an in-place op on ``input`` (``Dual._assign``).
 
     A tangent narrower than x takes the slope ``f'(x) = derivative(1, x)`` computed at x's own
     precision and rounded once: x rounded to the tangent's dtype first could cross a kink
-    (hardtanh's bound 1.5: 1.496 rounds to 1.5 in bfloat16, where the slope is 0). Where the
-    slope is 0 the tangent is 0, whatever the tangent (as torch's derivative kernels select)."""
+    (hardtanh's bound 1.5: 1.496 rounds to 1.5 in bfloat16, where the slope is 0). A kernel that
+    ``selects`` (hardtanh's, hardsigmoid's, hardswish's: 0 outside a range, whatever the
+    tangent) gives 0 there for a NaN or infinite tangent too, where a product with the slope
+    would not: those places are found as the ones where it gives 0 for a NaN tangent. Any other
+    kernel multiplies, and so does the product (a NaN tangent stays NaN where the slope
+    underflows to 0, as in forward_ad)."""
     d = input if isinstance(input, Dual) else Dual(input)
     x, t = d.primal, d.tangents
     if t is None:
@@ -220,8 +228,9 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
     elif t.dtype == x.dtype:
         tangents = derivative(t, x.expand_as(t))
     else:
-        slope = derivative(torch.ones_like(x), x).to(t.dtype)
-        tangents = (t * slope).masked_fill_(slope == 0, 0)
+        tangents = t * derivative(torch.ones_like(x), x).to(t.dtype)
+        if selects:
+            tangents.masked_fill_(derivative(torch.full_like(x, float("nan")), x) == 0, 0)
     out = d.with_tangents(y, tangents)
     return d._assign(out) if inplace else out
 
@@ -230,7 +239,8 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
 def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Dual:
     """Dual hardtanh (ReLU6 too): ``ẏ = ẋ`` strictly inside the bounds (and at NaN), else 0."""
     return _activation(input, F.hardtanh(input.primal, min_val, max_val),
-                       lambda t, x: _aten.hardtanh_backward(t, x, min_val, max_val), inplace)
+                       lambda t, x: _aten.hardtanh_backward(t, x, min_val, max_val), inplace,
+                       selects=True)
 
 
 @implements(F.hardtanh_)
@@ -309,13 +319,15 @@ def exp(input) -> Dual:
 @implements(F.hardsigmoid)
 def hardsigmoid(input, inplace: bool = False) -> Dual:
     """Dual hardsigmoid: slope 1/6 strictly between −3 and 3, else 0."""
-    return _activation(input, F.hardsigmoid(input.primal), _aten.hardsigmoid_backward, inplace)
+    return _activation(input, F.hardsigmoid(input.primal), _aten.hardsigmoid_backward, inplace,
+                       selects=True)
 
 
 @implements(F.hardswish)
 def hardswish(input, inplace: bool = False) -> Dual:
     """Dual hardswish: slope 0 up to −3, ``x/3 + 1/2`` below 3, 1 from 3 on."""
-    return _activation(input, F.hardswish(input.primal), _aten.hardswish_backward, inplace)
+    return _activation(input, F.hardswish(input.primal), _aten.hardswish_backward, inplace,
+                       selects=True)
 
 
 @implements(F.mish)
@@ -356,8 +368,9 @@ def _slot_dim(dim: int, ndim: int) -> int:
 
 
 def _slot_dims(dims, ndim: int):
-    """``_slot_dim`` of an int, a sequence of them, or None (every data dim)."""
-    if dims is None:
+    """``_slot_dim`` of an int, a sequence of them, or None or an empty sequence (every data
+    dim, as torch's reductions take an empty ``dim``)."""
+    if dims is None or (not isinstance(dims, int) and len(dims) == 0):
         return tuple(range(1, ndim + 1))
     if isinstance(dims, int):
         return _slot_dim(dims, ndim)

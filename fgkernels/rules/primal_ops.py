@@ -68,7 +68,12 @@ def _tangent_dtype(d: Dual, y: Tensor) -> torch.dtype:
 
 
 def _conversion(func: Callable) -> Callable:
-    def rule(input: Dual, *args, **kwargs):
+    def rule(input, *args, **kwargs):
+        if not isinstance(input, Dual):
+            # a plain tensor converted to a Dual's dtype and device (t.type_as(d), t.to(d)):
+            # the Dual gives only those, and the result is the tensor's, without tangent
+            a, k = _primals(args, kwargs)
+            return func(input, *a, **k)
         a, k = _primals(args, kwargs)
         y = func(input.primal, *a, **k)
         if not isinstance(y, Tensor) or not differentiable(y.dtype):

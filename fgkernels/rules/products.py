@@ -69,8 +69,8 @@ def _rmatmul(input, other) -> Dual:
 def baddbmm(input, batch1, batch2, *, beta=1, alpha=1) -> Dual:
     """Dual ``beta·input + alpha·batch1 @ batch2``."""
     def term(i, stack, f):
-        if i == 0:
-            return stack * beta
+        if i == 0:  # input broadcasts against (B, M, N): its slot axis kept in front
+            return lift(stack, 3) * beta
         return alpha * (stack @ f[2] if i == 1 else f[1] @ stack)
     return _product("baddbmm", [input, batch1, batch2],
                     lambda p: torch.baddbmm(*p, beta=beta, alpha=alpha), term)
