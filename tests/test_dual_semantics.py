@@ -453,17 +453,28 @@ def test_a_view_of_a_strided_primal_is_never_half_written():
     assert torch.equal(d.primal, before) and torch.equal(d.tangent, t)
 
 
-def test_an_in_place_op_on_a_selection_of_directions_leaves_the_dual_alone():
-    """``select_directions`` shares the primal with a Dual that carries other directions too:
-    an in-place op on the selection, or on a view of it (a head's Flatten then an in-place
-    activation), rebinds the selection and changes nothing of the Dual, so that each
-    direction's head sees the same primal (float64 func.jvp per direction)."""
+def test_a_selection_of_directions_is_a_dual_of_its_own():
+    """``select_directions`` of some slots is a Dual of its own: an in-place op on it, or on a
+    view of it (a head's Flatten then an in-place activation), acts on it as on any Dual and
+    leaves the Dual that carries the other directions as it was, so that each direction's
+    head sees the same primal (float64 func.jvp per direction)."""
     head = nn.Sequential(nn.Flatten(), nn.LeakyReLU(0.5, inplace=True), nn.Linear(12, 2)).double()
     x, t = torch.randn(2, 3, 2, 2, **f64), torch.randn(2, 2, 3, 2, 2, **f64)
     d = Dual(x.clone(), t.clone(), directions=[0, 1])
     outs = [head(d.select_directions([j])) for j in (0, 1)]
     d.select_directions([1]).relu_()
     d.select_directions([]).view(-1).zero_()
+    assert torch.equal(d.primal, x) and torch.equal(d.tangents, t)
+    assert d.select_directions([0, 1]) is d  # every slot kept: the Dual itself
+
+    def writes_through_a_view(h):  # a block that writes through a view of its input, reads it
+        h.view(-1)[:3].mul_(2.0)
+        return h * 1.0
+
+    out = writes_through_a_view(d.select_directions([0]))
+    y, yt = torch.func.jvp(lambda v: writes_through_a_view(v.clone()), (x,), (t[0],))
+    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
+    torch.testing.assert_close(out.tangents[0], yt, rtol=0, atol=0)
     assert torch.equal(d.primal, x) and torch.equal(d.tangents, t)
     for j in (0, 1):
         y, yt = torch.func.jvp(lambda v: head(v.clone()), (x,), (t[j],))

@@ -155,11 +155,13 @@ def test_a_forward_that_raises_hands_the_parameters_back():
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
 
 
+@pytest.mark.parametrize("convert", [False, True], ids=["as is", "converted"])
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
-def test_a_pass_an_interrupt_cut_short_ends_at_the_next_call(interrupt):
+def test_a_pass_an_interrupt_cut_short_ends_at_the_next_call(interrupt, convert):
     """torch runs no forward hook when a forward raises a KeyboardInterrupt (Ctrl-C) or
-    SystemExit: the next call of the model (or clear_tangents) finds the pass's root call gone,
-    hands the parameters back, and a new pass is exact."""
+    SystemExit: the next call of the model, plain or dual (or set_tangents, random_tangents,
+    clear_tangents) finds the pass's root call gone, hands the parameters back, and a new pass
+    is exact."""
     class Interrupted(Token):
         stop = True
 
@@ -170,6 +172,8 @@ def test_a_pass_an_interrupt_cut_short_ends_at_the_next_call(interrupt):
             return y
 
     model = Interrupted().double()
+    if convert:
+        fgkernels.convert(model)
     fgkernels.random_tangents(model)
     x = torch.randn(2, 3, 4, **f64)
     with pytest.raises(interrupt):
@@ -178,12 +182,18 @@ def test_a_pass_an_interrupt_cut_short_ends_at_the_next_call(interrupt):
     out = model(x)
     assert type(out) is torch.Tensor
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
-    model.stop = True
-    with pytest.raises(interrupt):
-        model(Dual(x))
-    fgkernels.clear_tangents(model)  # the other way out
-    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
-    model.stop = False
+    for way_out in ("dual call", "random_tangents", "clear_tangents"):
+        model.stop = True
+        with pytest.raises(interrupt):
+            model(Dual(x))
+        model.stop = False
+        if way_out == "dual call":
+            model(Dual(x))
+        elif way_out == "random_tangents":
+            fgkernels.random_tangents(model)
+        else:
+            fgkernels.clear_tangents(model)
+        assert all(isinstance(p, nn.Parameter) for p in model.parameters()), way_out
     _check(model, (2, 3, 4))
 
 
@@ -234,6 +244,31 @@ def test_a_second_thread_passing_the_same_model_is_refused_clearly():
         first.join()
     assert isinstance(errors[0], Dual)
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_a_parameter_tangent_given_in_another_layout_takes_the_parameter_s():
+    """A tangent given transposed is stored in its parameter's layout, so that an in-place
+    write through a view of the parameter inside a pass (under no_grad) writes the parameter
+    and its tangent alike, as forward_ad writes a dual tensor's."""
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4, **f64))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.w.view(12).view(2, 6).mul_(2.0)
+            return x * self.w
+
+    model = Doubling()
+    w0, t = model.w.detach().clone(), torch.randn(4, 3, **f64).t()
+    fgkernels.set_tangents(model, {"w": t})
+    stack = tangent_of(model.w).stack
+    assert stack.is_contiguous() and torch.equal(stack[0], t)
+    out = model(Dual(torch.ones(3, 4, **f64)))
+    fgkernels.clear_tangents(model)
+    assert torch.equal(model.w.detach(), 2 * w0)
+    assert torch.equal(out.tangent, 2 * t)
 
 
 def test_an_unconverted_resnet_gives_the_converted_numbers():
@@ -412,6 +447,7 @@ def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
                 self.cache["bias"] = self.bias * 2
             self.last = x * 1.0
             self.history.append(self.bias * 1.0)  # a record, public
+            self.history.append("seen")            # a plain entry of the same call
             self._doubled = self.bias * 2         # a cache, private
             return x + self.cache["bias"]
 
@@ -421,6 +457,6 @@ def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
     out = model(Dual(torch.randn(3, **f64)))
     torch.testing.assert_close(out.tangent, 2 * t)
     assert model.cache == {} and "last" not in model.__dict__
-    assert model.history == [] and model._doubled is None
+    assert model.history == ["seen"] and model._doubled is None
     plain = model(torch.randn(3, **f64))
     assert type(plain) is torch.Tensor and type(model.cache["bias"]) is torch.Tensor

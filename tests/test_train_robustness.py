@@ -134,12 +134,14 @@ def test_a_second_run_on_one_folder_is_refused_at_once(digits, tmp_path):
 
 @pytest.mark.parametrize("overrides,kwargs,error,message", [
     (dict(device="nodevice"), {}, ValueError, "unknown device 'nodevice'"),
+    (dict(device="meta"), {}, ValueError, "unknown device 'meta'"),
+    (dict(device="cuda:7"), {}, ValueError, "device cuda:7: this torch"),
     (dict(batch_size=5000), {}, ValueError, "batch size 5000 is larger than the training set"),
     ({}, dict(resume=True), FileNotFoundError, "no checkpoint to resume"),
     ({}, dict(resume=True, overwrite=True), ValueError, "pass one of them"),
     (dict(data="cifar10", data_dir="/nonexistent"), {}, FileNotFoundError, "CIFAR-10 not found"),
-], ids=["device", "batch size", "resume without checkpoint", "resume and overwrite",
-        "no cifar"])
+], ids=["device", "meta device", "absent GPU", "batch size", "resume without checkpoint",
+        "resume and overwrite", "no cifar"])
 def test_a_run_refused_makes_nothing(tmp_path, digits, overrides, kwargs, error, message):
     """Bad arguments, data or --out are refused with an error that names them, before the
     run's folder is made."""

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from .dtypes import acc_dtype, tangent_dtype_fits
 from .precision import resolve_tangent_dtype
-from .value import Dual, check_tangent, inside_rule
+from .value import Dual, check_tangent, in_primal_layout, inside_rule
 
 Tensor = torch.Tensor
 
@@ -52,8 +52,9 @@ class ParameterTangent(NamedTuple):
     single: bool
 
     def __reduce__(self):
-        # A per-step value: a pickled model (torch.save(model)) comes back without it, as a
-        # deep copy and a state dict do.
+        # A per-step value never travels with its tensor: pickled (torch.save(model)) or
+        # copied (copy.copy, copy.deepcopy), it comes back as None, "no tangent", as a state
+        # dict leaves it behind.
         return _no_tangent, ()
 
 
@@ -143,13 +144,14 @@ class _Pass:
             raise
 
     def running(self) -> bool:
-        """True while the root's call is on this thread's stack (False once a KeyboardInterrupt
-        or SystemExit ended it without the forward hook that ends the pass)."""
-        f = sys._getframe(1)
-        while f is not None:
-            if f is self.frame:
-                return True
-            f = f.f_back
+        """True while the root's call runs (False once a KeyboardInterrupt or SystemExit ended
+        it without the forward hook that ends the pass). Python refuses to clear the frame of a
+        call that still runs, and clears a finished one, whose locals nothing needs any more:
+        one O(1) question, asked on every module call of a pass."""
+        try:
+            self.frame.clear()
+        except RuntimeError:
+            return True
         return False
 
     def _substitute(self, m: nn.Module, duals: dict[int, Dual], foreign_hooks: bool) -> None:
@@ -264,7 +266,11 @@ class _Attributes(NamedTuple):
                     else:
                         del v[key]
             elif type(v) is list and any(isinstance(e, Dual) for e in v):
-                v[:] = copies[k] if k in copies else [e for e in v if not isinstance(e, Dual)]
+                # a Dual where the list held something before: that thing; a Dual appended:
+                # dropped; any other entry stays
+                old = copies.get(k, [])
+                v[:] = [old[i] if isinstance(e, Dual) and i < len(old) else e
+                         for i, e in enumerate(v) if not (isinstance(e, Dual) and i >= len(old))]
 
 
 def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:
@@ -375,12 +381,8 @@ class _Hooks:
             return
         active = getattr(self.local, "active", None)
         if active is not None:
-            # Inside the pass: a module of its tree called on a Dual (the usual case, answered
-            # without looking further), the root again, or a module outside the tree, which
-            # joins. Anything else first makes sure the pass is not one an interrupt cut short.
-            if id(module) in active.members and module is not active.root \
-                    and _holds_dual(args):
-                return
+            # Inside the pass: a module of its tree, the root again, or a module outside the
+            # tree, which joins. A pass an interrupt cut short is ended first.
             if active.running():
                 if module is active.root:
                     active.depth += 1
@@ -425,8 +427,10 @@ _hooks = _Hooks()
 
 
 def in_dual_pass() -> bool:
-    """True while a dual pass runs in this thread (its parameters substituted)."""
-    return getattr(_hooks.local, "active", None) is not None
+    """True while a dual pass runs in this thread (its parameters substituted; a pass an
+    interrupt cut short does not run: the next module call ends it)."""
+    active = getattr(_hooks.local, "active", None)
+    return active is not None and active.running()
 
 
 def foreign_module_hooks() -> bool:
@@ -440,13 +444,15 @@ def foreign_module_hooks() -> bool:
 
 @torch.no_grad()
 def _stack_parameter(name: str, p: Tensor, tangent, direction: Optional[int]):
+    """A parameter's tangent stacked, each slot in the parameter's layout (``Dual``'s rule)."""
     single = check_tangent(p.detach(), tangent, f"tangent of {name!r}")
+    stack = in_primal_layout(tangent.unsqueeze(0) if single else tangent, p)
     if direction is None:
-        return ParameterTangent(tangent.unsqueeze(0) if single else tangent, None, single)
+        return ParameterTangent(stack, None, single)
     if not single:
         raise ValueError(f"set_tangents: with direction={direction}, the tangent of {name!r} "
                          f"must have the parameter's shape {tuple(p.shape)}")
-    return ParameterTangent(tangent.unsqueeze(0), (direction,), False)
+    return ParameterTangent(stack, (direction,), False)
 
 
 def _owner_and_leaf(module: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -467,6 +473,7 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"set_tangents: expected an nn.Module, got {type(module).__name__}")
+    _hooks.end_stale()
     if direction is not None and (not isinstance(direction, int) or isinstance(direction, bool)
                                   or direction < 0):
         raise ValueError(f"set_tangents: direction must be a non-negative int, got {direction!r}")
@@ -518,6 +525,7 @@ def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
     if num_tangents is not None and (not isinstance(num_tangents, int) or num_tangents < 1):
         raise ValueError(f"random_tangents: num_tangents must be a positive int, "
                          f"got {num_tangents!r}")
+    _hooks.end_stale()
     drawn = {}
     for name, p in module.named_parameters():
         shape = p.shape if num_tangents is None else (num_tangents, *p.shape)

@@ -87,8 +87,7 @@ class _Storage(NamedTuple):
     """The tensors an in-place op on a Dual writes into: a parameter's Dual writes into the
     parameter and its tangent (``parameter``), a view into the tensors it views (``view``),
     a Dual that has views into its own tensors, so that its views see the op (``viewed``).
-    A ``selection`` (``select_directions``, and the views of one) shares its primal with a Dual
-    that carries other slots too, which a write could not update: it writes into nothing."""
+"""
 
     primal: torch.Tensor
     stack: Optional[torch.Tensor]
@@ -198,7 +197,7 @@ class Dual:
                 raise ValueError("directions label a stacked tangent of shape (T, *primal.shape); "
                                  "stack a single tangent with tangent.unsqueeze(0)")
             directions = _check_directions(directions, tangent.shape[0])
-        self._stack = _in_primal_layout(tangent.unsqueeze(0) if single else tangent, primal)
+        self._stack = in_primal_layout(tangent.unsqueeze(0) if single else tangent, primal)
         self.directions = directions
         self._single = single
 
@@ -264,11 +263,7 @@ class Dual:
         and from then on an in-place op on this Dual writes into its own tensors too, so that
         its views see it (``c = d[0]; d.mul_(3)``), as forward_ad's do. An ``out`` whose primal
         is fresh (a reshape that copies) gets a tangent of its own too, and one whose tangent is
-        fresh a primal of its own (a write into a view must reach both or neither). A view of
-        a ``select_directions`` Dual writes into nothing, as the selection."""
-        if self._source is not None and self._source.kind == "selection":
-            out._source = _Storage(out.primal, out._stack, "selection")
-            return out
+        fresh a primal of its own (a write into a view must reach both or neither)."""
         if out._views(self):
             if _writable(out.primal) and _writable(out._stack) \
                     and _writable(self.primal) and _writable(self._stack):
@@ -301,24 +296,24 @@ class Dual:
 
     def select_directions(self, directions: Sequence[int]) -> Dual:
         """Keep only the slots of the given (labelled) directions; absent ones stay absent.
-        The result shares this Dual's primal (and slots); an in-place op on it, or on a view of
-        it, rebinds it and writes into neither. (``d.select(dim, index)`` is
-        ``Tensor.select``, as on any tensor.)"""
+        Keeping every slot gives this Dual itself; keeping fewer, a Dual of its own (a copy of
+        the primal and of the kept slots: an in-place op on it, or through a view of it, acts
+        on it as on any Dual, and this one, which carries the other slots too, is left as it
+        is). (``d.select(dim, index)`` is ``Tensor.select``, as on any tensor.)"""
         if self._stack is None:
             return self
         if self.directions is None:
             raise ValueError("select_directions() needs a tangent labelled with directions")
         keep = [i for i, d in enumerate(self.directions) if d in set(directions)]
+        if len(keep) == len(self.directions):
+            return self
+        primal = self.primal.clone()
         if not keep:
-            out = self.with_tangents(self.primal, None)
-        else:
-            stack = self._stack[keep[0]:keep[-1] + 1] \
-                if keep == list(range(keep[0], keep[-1] + 1)) \
-                else self._stack[torch.tensor(keep, device=self._stack.device)]
-            out = Dual._unchecked(self.primal, stack, tuple(self.directions[i] for i in keep),
-                                  False)
-        out._source = _Storage(out.primal, out._stack, "selection")
-        return out
+            return Dual._unchecked(primal, None, None, False)
+        stack = self._stack[keep[0]:keep[-1] + 1].clone() \
+            if keep == list(range(keep[0], keep[-1] + 1)) \
+            else self._stack[torch.tensor(keep, device=self._stack.device)]
+        return Dual._unchecked(primal, stack, tuple(self.directions[i] for i in keep), False)
 
     def detach(self) -> torch.Tensor:
         """The primal, cut from any autograd graph and without tangent (as ``detach`` of a dual
@@ -579,9 +574,7 @@ class Dual:
             return self._view_in_place(result)
         result = self._in_own_dtypes(result)
         source = self._source
-        if source is not None and source.kind == "selection":
-            pass  # it writes into nothing (see select_directions): rebound below
-        elif source is not None:
+        if source is not None:
             if source.kind == "viewed" and result._stack is not None \
                     and not self._same_slots(result):
                 # Its views cannot take slots it did not have: they keep the tensors as they
@@ -682,11 +675,14 @@ _PRIMAL_METADATA = frozenset({
     "is_inference", "is_pinned", "is_shared", "is_set_to", "is_nonzero"})
 
 
-def _in_primal_layout(stack: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
+def in_primal_layout(stack: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
     """A given stack of tangents with each slot laid out as its primal, slot after slot (a copy
     only when it is not): every op keeps that layout, and a view op then maps a Dual's primal
     and its tangents alike (a write into the view reaches both). A primal neither contiguous
-    nor channels_last (a strided view) leaves the stack as given."""
+    nor channels_last (a strided view) leaves the stack as given: a view op that can view the
+    primal but must copy such a tangent gives a copy of both (``as_view``), which an in-place
+    op then writes alone (forward_ad, which lays the tangent out with the primal's strides,
+    writes through to both)."""
     fmt = kernel_format(primal)
     if not primal.is_contiguous(memory_format=fmt) or in_kernel_layout(primal, stack):
         return stack

@@ -95,10 +95,14 @@ class TrainConfig:
         try:
             device = torch.device(self.device)
         except RuntimeError:
-            raise ValueError(f"unknown device {self.device!r}; e.g. cpu, cuda, cuda:1") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device}: this torch ({torch.__version__}) sees no "
-                             "CUDA device")
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {self.device!r}; the trainer runs on cpu or "
+                             f"cuda[:index]")
+        if device.type == "cuda" and not (torch.cuda.is_available() and
+                                          (device.index or 0) < torch.cuda.device_count()):
+            raise ValueError(f"device {self.device}: this torch ({torch.__version__}) sees "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
         finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay))
         if not finite or not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be finite and > 0, momentum and weight_decay finite and "
