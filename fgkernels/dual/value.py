@@ -86,8 +86,7 @@ def _writable(t: Optional[torch.Tensor]) -> bool:
 class _Storage(NamedTuple):
     """The tensors an in-place op on a Dual writes into: a parameter's Dual writes into the
     parameter and its tangent (``parameter``), a view into the tensors it views (``view``),
-    a Dual that has views into its own tensors, so that its views see the op (``viewed``).
-"""
+    a Dual that has views into its own tensors, so that its views see the op (``viewed``)."""
 
     primal: torch.Tensor
     stack: Optional[torch.Tensor]

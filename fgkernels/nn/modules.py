@@ -114,6 +114,8 @@ class DualConv2d(DualModule, nn.Conv2d):
         """The weight and bias tensors the layer reads (during a dual pass a parameter with a
         tangent is its Dual: the parameter itself); None when one is computed on each read (a
         parametrization), which no kept output can be checked against."""
+        if parametrize.is_parametrized(self):
+            return None
         tensors = []
         for p in (self.weight, self.bias):
             if isinstance(p, Dual):
@@ -122,8 +124,6 @@ class DualConv2d(DualModule, nn.Conv2d):
                 if p is None:
                     return None
             tensors.append(p)
-        if parametrize.is_parametrized(self):
-            return None
         return tuple(tensors)
 
     def _take_kept_output(self, input: Dual) -> Optional[Tensor]:

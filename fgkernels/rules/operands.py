@@ -55,19 +55,13 @@ def layer_params(op: str, weight, bias) -> tuple[LayerParams, Optional[_slots.Sl
     the two's directions, as any op takes its operands' (a backend takes one slot set for
     both: a slot only one of them has is zero in the other's stack), in the promoted dtype."""
     w, b = parts(weight), parts(bias)
-    slots = w.slots or b.slots
     if w.slots is not None and b.slots is not None and w.slots != b.slots:
-        if w.slots.same_slots(b.slots):
-            slots = _slots.SlotOperand(slots.count, slots.directions, slots.single,
-                                       _slots.promoted_dtype([w.slots.dtype, b.slots.dtype]))
-        else:
-            plan = _slots.plan([w.slots, b.slots], op)
-            (w_pos, b_pos), n = plan.positions, plan.count
-            return LayerParams(
-                w.primal, _slots.spread(w.tangents, w_pos, n, w.primal, plan.dtype),
-                b.primal, _slots.spread(b.tangents, b_pos, n, b.primal, plan.dtype)), \
-                plan.operand()
-    return LayerParams(w.primal, w.tangents, b.primal, b.tangents), slots
+        plan = _slots.plan([w.slots, b.slots], op)
+        (w_pos, b_pos), n = plan.positions, plan.count
+        return LayerParams(w.primal, _slots.spread(w.tangents, w_pos, n, w.primal, plan.dtype),
+                           b.primal, _slots.spread(b.tangents, b_pos, n, b.primal, plan.dtype)), \
+            plan.operand()
+    return LayerParams(w.primal, w.tangents, b.primal, b.tangents), w.slots or b.slots
 
 
 def layer_operands(op: str, input: MaybeDual, weight, bias) -> LayerOperands:

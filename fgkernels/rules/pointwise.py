@@ -136,8 +136,10 @@ def div(input, other, *, rounding_mode: Optional[str] = None) -> Dual:
     if ao is None or bo is None:
         return _combine("div", y, [(ao, at, lambda t: t / _like(b, t)),
                                    (bo, bt, lambda t: -(_like(y, t) * t) / _like(b, t))])
-    numerator = _combine("div", y, [(ao, at, lambda t: t), (bo, bt, lambda t: -(_like(y, t) * t))])
-    return numerator.with_tangents(y, numerator.tangents / _like(b, numerator.tangents))
+    # both terms present: the numerator's stack is a fresh sum, divided in place
+    out = _combine("div", y, [(ao, at, lambda t: t), (bo, bt, lambda t: -(_like(y, t) * t))])
+    out.tangents.div_(_like(b, out.tangents))
+    return out
 
 
 @implements(torch.Tensor.__rtruediv__)

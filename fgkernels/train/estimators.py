@@ -401,7 +401,7 @@ def _block_targets(run: _Pass, j: int, d: Dual) -> Dual:
         with preserved_buffers(head):
             loss = DF.cross_entropy(head(d.select_directions([j])), run.y)
         run.derivs[j] = _directional(loss, j)
-        return d.select_directions([])
+        return Dual(d.primal)  # no direction goes on (d itself is not used again: no copy)
     if run.target == "above":
         if j >= 1:
             with preserved_buffers(head):
