@@ -29,7 +29,8 @@ def _jvp(fn, *pairs):
 # --- raw ops on degenerate inputs, in a process of their own ----------------------------------
 CRASH_CASES = """
 import torch
-import fgkernels
+from fgkernels.backends import native
+native.load()  # registers torch.ops.fgkernels (the first dual op would)
 ops = torch.ops.fgkernels
 x0 = torch.randn(0, 3, 4, 4)
 xhw = torch.randn(2, 3, 0, 0)

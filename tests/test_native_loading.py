@@ -1,10 +1,15 @@
-"""A missing or broken extension: fgkernels still imports and runs on the reference backend,
-saying why; with FGKERNELS_REQUIRE_NATIVE=1 (set-up and CI) the import fails instead, so that a
-suite cannot pass on the reference backend by accident."""
+"""Loading the extension: on first use, not at import; a missing or broken one leaves fgkernels
+running on the reference backend, saying why; with FGKERNELS_REQUIRE_NATIVE=1 (set-up and CI) it
+loads at import and the import fails instead, so that a suite cannot pass on the reference
+backend by accident."""
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+import fgkernels
 
 ROOT = Path(__file__).resolve().parents[1]
 # `None` in sys.modules makes `from fgkernels import _C` raise ImportError, as an unbuilt or
@@ -18,10 +23,41 @@ print(fgkernels.available_backends(), native.native_load_error())
 """
 
 
-def _run(**env) -> subprocess.CompletedProcess:
+# Which of the extension's modules are loaded after each step (a built extension).
+ON_FIRST_USE = """
+import sys
+import torch
+loaded = lambda: "fgkernels._C" in sys.modules
+import fgkernels.dual
+print("value", loaded())
+import fgkernels
+print("package", loaded())
+d = fgkernels.Dual(torch.randn(2, 3), torch.randn(2, 3))
+torch.relu(d)
+print("first op", loaded(), "torch.ops.fgkernels.dual_relu" if hasattr(torch.ops.fgkernels,
+                                                                        "dual_relu") else "")
+"""
+
+
+def _run(program: str = PROGRAM, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "FGKERNELS_REQUIRE_NATIVE"}
-    return subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           env={**environ, "PYTHONPATH": str(ROOT), **env}, timeout=300)
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_the_extension_loads_at_the_first_op_not_at_import():
+    out = _run(ON_FIRST_USE)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == [
+        "value False", "package False", "first op True torch.ops.fgkernels.dual_relu"]
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_require_native_loads_the_extension_at_import():
+    out = _run(ON_FIRST_USE, FGKERNELS_REQUIRE_NATIVE="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["value True", "package True"]
 
 
 def test_without_the_extension_fgkernels_runs_on_the_reference_backend():

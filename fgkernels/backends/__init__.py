@@ -19,13 +19,15 @@ from typing import Optional
 
 import torch
 
-from . import native  # noqa: F401  (loads fgkernels._C, when built, and the ops' fakes)
+from . import native
 from .base import Backend
 from .cuda_defaults import cuda_default
 from .reference import ReferenceBackend
 
 BACKENDS = ("reference", "native", "triton")
 _local = threading.local()
+if native.required():  # fail at import, not at the first op
+    native.load()
 
 
 def _check_name(name: str, where: str) -> str:

@@ -1,10 +1,13 @@
 """The native backend: the compiled ``torch.ops.fgkernels`` ops (C++ on the CPU, CUDA on GPUs).
 
-Importing ``fgkernels._C`` registers the ops; their fake implementations are registered right
-after (``fakes``), so that they trace under ``torch.compile``, and the CUDA implementations
-written in Python of those with no CUDA C++ kernel (``cuda_python_impls``). Without the extension
-fgkernels runs on the reference backend and says so once; ``FGKERNELS_REQUIRE_NATIVE=1`` (set by
-the project's set-up and CI) makes a missing or broken extension an ImportError instead.
+The extension loads on first use (``load``: the registry asks for it at the first op on a
+device, or in ``available_backends``), so that importing fgkernels, or only its value
+(``fgkernels.dual``), loads no compiled code. Loading ``fgkernels._C`` registers the ops; their
+fake implementations are registered right after (``fakes``), so that they trace under
+``torch.compile``, and the CUDA implementations written in Python of those with no CUDA C++
+kernel (``cuda_python_impls``). Without the extension fgkernels runs on the reference backend and
+says so once; ``FGKERNELS_REQUIRE_NATIVE=1`` (set by the project's set-up and CI) loads it at
+``import fgkernels`` and makes a missing or broken extension an ImportError there.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ def _load_extension() -> Optional[str]:
     except ImportError as e:
         # Not built, or built against another torch (an undefined symbol).
         reason = f"{type(e).__name__}: {e}"
-        if os.environ.get(REQUIRE_VARIABLE) == "1":
+        if required():
             raise ImportError(f"{REQUIRE_VARIABLE}=1, but the compiled extension fgkernels._C "
                               f"does not load ({reason})") from e
         return reason
@@ -29,14 +32,29 @@ def _load_extension() -> Optional[str]:
     return None
 
 
-_LOAD_ERROR = _load_extension()
+# "error": why the one attempt to load fgkernels._C failed, or None when it loaded. A plain dict
+# (torch.compile reads it as it is).
+_loaded: dict[str, Optional[str]] = {}
+
+
+def load() -> Optional[str]:
+    """Loads ``fgkernels._C`` (once; it registers ``torch.ops.fgkernels``); returns why it could
+    not be loaded, or None."""
+    if "error" not in _loaded:
+        _loaded["error"] = _load_extension()
+    return _loaded["error"]
+
+
+def required() -> bool:
+    """Whether ``FGKERNELS_REQUIRE_NATIVE=1`` asks for the extension at ``import fgkernels``."""
+    return os.environ.get(REQUIRE_VARIABLE) == "1"
 
 
 def native_available() -> bool:
-    """True when the compiled extension ``fgkernels._C`` loaded (it registers the ops)."""
-    return _LOAD_ERROR is None
+    """True when the compiled extension ``fgkernels._C`` loads (loading it on first call)."""
+    return load() is None
 
 
 def native_load_error() -> Optional[str]:
     """Why ``fgkernels._C`` did not load (the ImportError's message), or None when it did."""
-    return _LOAD_ERROR
+    return load()
