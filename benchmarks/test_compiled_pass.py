@@ -5,9 +5,9 @@ import torch
 
 import fgkernels
 from fgkernels import Dual
+from fgkernels.train.models import BasicBlock
 
 from conftest import DEVICE
-from zoo import BasicBlock
 
 
 @pytest.mark.parametrize("provider", ["compiled", "eager"])

@@ -9,10 +9,10 @@ import torch
 import fgkernels
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
+from fgkernels.train.models import BasicBlock
 
 from helpers import TOL
 from op_table import OPS, inputs, math_attention
-from zoo import BasicBlock
 
 
 def _block_and_pass(training: bool):

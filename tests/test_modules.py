@@ -9,9 +9,9 @@ from torch import nn
 import fgkernels
 from fgkernels import Dual
 from fgkernels.dual.tangents import has_tangent
+from fgkernels.train.models import BasicBlock
 
 from helpers import TOL, torch_jvp, torch_jvp_multi
-from zoo import BasicBlock
 
 TWIN_CASES = [
     (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), (2, 3, 9, 8)),
@@ -107,7 +107,7 @@ def test_state_dict_round_trip():
     assert dual.state_dict().keys() == twin.state_dict().keys()  # tangents are not state
 
 
-# --- a ResNet-18 as torchvision writes it (tests/zoo.py's BasicBlock) -------------------------
+# --- a ResNet-18 with the stem as torchvision writes it and the trainer's BasicBlock -------
 class ResNet18(nn.Module):
     def __init__(self, num_classes=10, width=8):
         super().__init__()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fgkernels.train.models import BasicBlock
+
 
 class ConvNormAct(nn.Sequential):
     """Conv → BatchNorm → activation, a Sequential subclass as torchvision's
@@ -23,27 +25,6 @@ class ConvNormAct(nn.Sequential):
         layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
                   nn.BatchNorm2d(cout)]
         super().__init__(*layers, *([act()] if act is not None else []))
-
-
-class BasicBlock(nn.Module):
-    """ResNet-18's block: two 3×3 convolutions, identity or 1×1 projection shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        out += identity  # in place, as torchvision writes it
-        return self.relu(out)
 
 
 class Bottleneck(nn.Module):

@@ -66,9 +66,11 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Se
 
 
 class BasicBlock(nn.Module):
-    """ResNet's basic block: two 3×3 conv-BN, a projection shortcut when the shape changes."""
+    """ResNet's basic block: two 3×3 conv-BN (the first with its ReLU), a 1×1 conv-BN projection
+    shortcut when the shape changes, the sum's ReLU. Each conv-BN(-ReLU) is a Sequential, so
+    that a converted block runs each as one fused op."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.branch = nn.Sequential(conv_bn_relu(cin, cout, stride),
                                     nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
@@ -80,7 +82,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
-        return self.relu(self.branch(x) + self.shortcut(x))
+        out = self.branch(x)
+        out += self.shortcut(x)  # in place, as torchvision writes it
+        return self.relu(out)
 
 
 def _resnet18_8(in_channels: int, width: int) -> tuple[list[nn.Module], list[int]]:
