@@ -50,7 +50,6 @@ def _clones(functions, kernel: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("kernel", [
-    "relu_span<float, unsigned int>", "relu_span<float, unsigned short>",
     "span_sums<float, float>",
     "ApplySpan<float, float, float>::plane"])
 def test_hot_loops_have_a_baseline_an_avx2_and_an_avx512_version(functions, kernel):
@@ -62,6 +61,16 @@ def test_hot_loops_have_a_baseline_an_avx2_and_an_avx512_version(functions, kern
     if "plane" in kernel:  # y = s·(x − m) + h: a fused multiply-add where the CPU has one
         assert not any(FMA.search(i) for i in versions["default"])
         assert any(FMA.search(i) for i in versions["arch_x86_64_v3"])
+
+
+def test_every_select_op_has_a_baseline_an_avx2_and_an_avx512_version(functions):
+    """The span of every elementwise select op (csrc/cpu/select_op.h), float32 primal with
+    float32 and 16-bit tangents."""
+    spans = {m.group(1) for name in functions
+             for m in [re.search(r"select_span<(.*<float>, unsigned (int|short))>", name)] if m}
+    assert any("::Relu<" in span for span in spans), sorted(spans)
+    for span in sorted(spans):
+        test_hot_loops_have_a_baseline_an_avx2_and_an_avx512_version(functions, span)
 
 
 def test_nothing_but_the_wide_versions_needs_more_than_sse2(functions):

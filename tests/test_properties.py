@@ -199,6 +199,27 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardsigmoid": F.hardsigmoid,
     "hardswish": F.hardswish, "mish": F.mish, "clamp": lambda v: v.clamp(-1, 2),
 }
+KINKS = [0.0, 3.0, -3.0, 6.0, -1.0, 2.0, -0.5, 1.5]  # of the activations above
+NON_FINITE = [float("nan"), float("inf"), -float("inf")]
+
+
+# The activations whose derivative fgkernels computes as a select (the others run torch's
+# derivative kernel on the whole tensor, as forward_ad does).
+SELECTS = {"relu", "relu6", "hardtanh"}
+
+
+def activation_oracle(name, x, xt):
+    """forward_ad's ``(y, stacked tangents)`` of activation ``name``; for those of
+    ``SELECTS`` one element at a time: torch's scalar definition of the derivative, which its
+    vectorized CPU loops do not keep at a NaN x (hardtanh's gives 0 there in the vector body,
+    ẋ in the scalar tail; so do ELU's, GELU's and hardswish's)."""
+    fn = ACTIVATIONS[name]
+    if name not in SELECTS or x.numel() == 0:
+        return forward_ad_jvp(fn, [x], [xt])
+    flat, flat_t = x.reshape(-1), xt.reshape(len(xt), -1)
+    ys, ts = zip(*(forward_ad_jvp(fn, [flat[i:i + 1]], [flat_t[:, i:i + 1]])
+                   for i in range(flat.numel())))
+    return torch.cat(ys).view_as(x), torch.cat(ts, -1).view_as(xt)
 
 
 @PROFILE
@@ -210,15 +231,31 @@ def test_activations(name, shape, T, dtype, seed, backend, special):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=dtype) * 4
     if special and x.numel():
-        values = [0.0, 3.0, -3.0, 6.0, -0.5, 1.5, -1.0, 2.0] if special == "kinks" \
-            else [float("nan"), float("inf"), -float("inf")]
+        values = KINKS if special == "kinks" else NON_FINITE
         flat = x.view(-1)
         flat[: len(values)] = torch.tensor(values, dtype=dtype)[: flat.numel()]
     xt = torch.randn(T, *shape, generator=g, dtype=dtype)
     fn = ACTIVATIONS[name]
     with fgkernels.use_backend(backend):
         out = fn(Dual(x, xt))
-    _close(out, forward_ad_jvp(fn, [x], [xt]), dtype)
+    _close(out, activation_oracle(name, x, xt), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activations_at_every_kink(name, backend, dtype):
+    """Every activation at each of its kinks and at ±0, NaN and ±Inf (which random draws rarely
+    hit), with finite, NaN and infinite tangents: torch's own convention at each."""
+    points = [*KINKS, -0.0, *NON_FINITE]
+    x = torch.tensor(points, dtype=dtype).repeat(3)
+    xt = torch.randn(2, x.numel(), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    xt[0, len(points):] = float("nan")
+    xt[1, 2 * len(points):] = float("inf")
+    fn = ACTIVATIONS[name]
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x, xt))
+    _close(out, activation_oracle(name, x, xt), dtype)
 
 
 TENSOR_METHODS = {
@@ -399,7 +436,6 @@ def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_fi
     assert out.directions == (None if direction is None else (direction,))
 
 
-KINKS = torch.tensor([0.0, 3.0, -3.0, 6.0, -1.0, 2.0, -0.5, 1.5])  # of the activations above
 FALLBACK = {  # ops without an fgkernels rule: forward AD on the op alone
     "sin": torch.sin, "softplus": F.softplus, "cumsum": lambda v: v.cumsum(-1),
     "logsumexp": lambda v: v.logsumexp(-1), "pow": lambda v: v ** 3, "atan": torch.atan,
@@ -415,7 +451,7 @@ def test_rules_match_central_differences(name, shape, seed):
     from helpers import central_difference
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 4
-    near = (x.unsqueeze(-1) - KINKS.double()).abs().min(-1).values < 1e-2
+    near = (x.unsqueeze(-1) - torch.tensor(KINKS, dtype=torch.float64)).abs().min(-1).values < 1e-2
     x = torch.where(near, x + 0.05, x)
     xt = torch.randn(shape, generator=g, dtype=torch.float64)
     fn = ACTIVATIONS.get(name) or FALLBACK[name]

@@ -86,18 +86,18 @@ def test_native_batch_norm_past_its_slot_limit_is_served_by_the_reference(monkey
 def test_a_backend_implements_only_what_it_accelerates(monkeypatch):
     """A backend that inherits ``Delegating`` and implements one op serves every op: the rest
     from its fallback, exact."""
-    class ReluOnly(Delegating):
-        name = "relu-only"
+    class PoolOnly(Delegating):
+        name = "pool-only"
         calls = 0
 
         def __init__(self):
             self.fallback = ReferenceBackend()
 
-        def relu(self, x, xt):
-            ReluOnly.calls += 1
-            return self.fallback.relu(x, xt)
+        def max_pool2d(self, x, xt, pool):
+            PoolOnly.calls += 1
+            return self.fallback.max_pool2d(x, xt, pool)
 
-    monkeypatch.setattr(ops, "_loaded", {**ops._loaded, "reference": ReluOnly()})
+    monkeypatch.setattr(ops, "_loaded", {**ops._loaded, "reference": PoolOnly()})
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
                                 torch.nn.MaxPool2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -106,7 +106,36 @@ def test_a_backend_implements_only_what_it_accelerates(monkeypatch):
     xt = torch.randn(2, *x.shape, dtype=torch.float64)
     _, expected = torch_jvp_multi(model, x, xt)
     with fgkernels.use_backend("reference"):
-        assert fgkernels.current_backend(x.device).name == "relu-only"
+        assert fgkernels.current_backend(x.device).name == "pool-only"
         out = fgkernels.convert(model)(fgkernels.Dual(x, xt))
-    assert ReluOnly.calls > 0
+    assert PoolOnly.calls > 0
     torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_an_elementwise_op_runs_its_kernel_where_the_library_has_one_else_its_reference(
+        monkeypatch):
+    """A ``KernelOp`` on the native backend: the compiled op for a device the library registered
+    it for (found when the library loaded), its reference on any other, and on the reference
+    backend."""
+    from fgkernels.rules.layers import _relu
+    assert "cpu" in _relu.devices
+    kernel_calls, reference_calls = [], []
+    compiled = _relu.kernel(torch.device("cpu"))
+    monkeypatch.setattr(_relu, "kernel", lambda device: (
+        lambda *args: kernel_calls.append(1) or compiled(*args)) if device.type in _relu.devices
+        else None)
+    reference = _relu.reference
+    monkeypatch.setattr(_relu, "reference",
+                        lambda *args: reference_calls.append(1) or reference(*args))
+    x = fgkernels.Dual(torch.randn(3, 4), torch.randn(2, 3, 4))
+    want = x.tangents.masked_fill(x.primal <= 0, 0)
+    for backend, devices, calls in (("native", {"cpu"}, kernel_calls),
+                                    ("native", set(), reference_calls),
+                                    ("reference", {"cpu"}, reference_calls)):
+        monkeypatch.setattr(_relu, "devices", frozenset(devices))
+        before = len(calls)
+        with fgkernels.use_backend(backend):
+            out = torch.relu(x)
+        assert len(calls) == before + 1, (backend, devices)
+        torch.testing.assert_close(out.tangents, want, rtol=0, atol=0)

@@ -37,6 +37,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -591,8 +592,9 @@ def cuda_rows(archs) -> list[CudaRow]:
         for source in sorted(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu"))):
             with tempfile.TemporaryDirectory() as tmp:
                 done = subprocess.run(
-                    ["nvcc", "-c", "-O3", "-std=c++17", f"-arch=sm_{arch}", "-Xptxas", "-v",
-                     source, "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True)
+                    ["nvcc", "-c", "-O3", *_torch_flags(source), f"-arch=sm_{arch}", "-Xptxas",
+                     "-v", source, "-o", os.path.join(tmp, "k.o")], capture_output=True,
+                    text=True)
             text = done.stderr + done.stdout
             if done.returncode != 0:
                 rows.append(CudaRow(os.path.basename(source), arch, -1, -1, -1,
@@ -610,9 +612,23 @@ def cuda_rows(archs) -> list[CudaRow]:
     return rows
 
 
+def _torch_flags(source: str) -> list[str]:
+    """nvcc's flags for a source: torch's headers for one that includes them (an elementwise
+    op's file: kernel and registration)."""
+    if not re.search(r"#include <(torch|ATen|c10)/", Path(source).read_text()):
+        return ["-std=c++17"]
+    from torch.utils.cpp_extension import include_paths
+    return ["-std=c++20", *[f"-I{p}" for p in include_paths()],
+            f"-I{sysconfig.get_paths()['include']}"]
+
+
 def demangled(name: str) -> str:
     """The kernel and its element types from a mangled name: ``bn_apply_kernel<float>`` (primal
-    and tangents of one type) or ``bn_apply_kernel<float,bf16>``."""
+    and tangents of one type) or ``bn_apply_kernel<float,bf16>``; an elementwise select op's
+    kernel (``select_kernel<Op<P>, T>``, csrc/cuda/select_op.cuh) by its op:
+    ``relu_kernel<float,bf16>``."""
+    if "13select_kernel" in name:
+        return _select_kernel(name)
     kernel = re.search(r"\d+([a-z][a-z_]*_kernel)", name)
     arg = re.search(r"IL?(\w+?)EEv", name)
     types = _template_types(arg.group(1)) if arg else ["?"]
@@ -621,6 +637,18 @@ def demangled(name: str) -> str:
 
 
 _TYPES = {"f": "float", "d": "double", "__nv_bfloat16": "bf16", "__half": "half"}
+_NAMES = {"float": "float", "double": "double", "__nv_bfloat16": "bf16", "__half": "half"}
+
+
+def _select_kernel(name: str) -> str:
+    """``select_kernel<ns::Op<P>, T>`` as ``op_kernel<P,T>`` (``<P>`` when T is P), read from
+    c++filt's demangling (the mangled form of the op's struct depends on its namespace)."""
+    done = subprocess.run(["c++filt", name], capture_output=True, text=True)
+    found = re.search(r"select_kernel<[\w:() ]*::(\w+)<(\w+)>, (\w+)>", done.stdout)
+    if done.returncode != 0 or not found:
+        return name
+    op, primal, tangent = found.group(1).lower(), _NAMES[found.group(2)], _NAMES[found.group(3)]
+    return f"{op}_kernel<{primal if primal == tangent else f'{primal},{tangent}'}>"
 
 
 def _template_types(args: str) -> list[str]:

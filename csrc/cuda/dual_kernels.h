@@ -1,5 +1,6 @@
-// Plain interface of the CUDA kernels: params structs and launchers, no torch types, so that the
-// .cu files compile with nvcc alone. Launchers return the CUDA error code of the launch (0: ok).
+// Plain interface of the batch-norm CUDA kernels: params structs and launchers, no torch types,
+// so that their .cu file compiles with nvcc alone (the elementwise ops, select_op.cuh, are one
+// file each: kernel and registration). Launchers return the CUDA error code of the launch (0: ok).
 #pragma once
 
 #include <cstdint>
@@ -59,19 +60,8 @@ struct BNApplyParams {
   DType dtype, tangent_dtype;
 };
 
-// y = max(x, 0); yt[t] = xt[t] where x > 0 or x is NaN, else 0.
-struct ReluParams {
-  const void* x;
-  const void* xt;
-  void* y;
-  void* yt;
-  int64_t numel, slots;
-  DType dtype, tangent_dtype;
-};
-
 int launch_bn_stats(const BNStatsParams& p, void* stream);
 int launch_bn_apply(const BNApplyParams& p, void* stream);
-int launch_relu(const ReluParams& p, void* stream);
 const char* error_string(int code);
 
 }  // namespace cuda

@@ -1,58 +1,21 @@
-// Registers the CUDA kernels of csrc/cuda/*.cu as the CUDA implementations of the ops. Uses only
-// device-generic c10 headers (DeviceGuard, Stream), so it also compiles against a CPU build of
-// torch; the kernels are reached through the plain launchers of dual_kernels.h.
+// Registers the batch-norm kernels of dual_batch_norm_kernel.cu as the CUDA implementations of
+// the batch-norm ops. Uses only device-generic c10 headers (DeviceGuard, Stream), so it also
+// compiles against a CPU build of torch; the kernels are reached through the plain launchers of
+// dual_kernels.h.
 #include <algorithm>
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include "../batch_norm_common.h"
 #include "dual_kernels.h"
+#include "launch.h"
 
 namespace fgkernels {
 namespace {
 
-cuda::DType dtype_of(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return cuda::DType::kFloat;
-    case at::kDouble: return cuda::DType::kDouble;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kHalf: return cuda::DType::kHalf;
-    default: TORCH_CHECK(false, "x and xt must be float32, float64, bfloat16 or float16, got ",
-                         type);
-  }
-}
-
-void* current_stream(const at::Tensor& x) {
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device())
-      .native_handle();
-}
-
-#define FGK_CHECK_LAUNCH(call, name) \
-  do {                                                                                 \
-    const int err_ = (call);                                                           \
-    TORCH_CHECK(err_ == 0, name " kernel launch failed: ", cuda::error_string(err_)); \
-  } while (0)
-
 cuda::Layout layout_of(const DualInput& in) { return {in.outer, in.channels, in.inner}; }
-
-std::tuple<at::Tensor, at::Tensor> dual_relu_cuda(const at::Tensor& x_in, const at::Tensor& xt_in) {
-  const int64_t T = check_tangent(x_in, xt_in, "xt");
-  c10::DeviceGuard guard(x_in.device());
-  const auto fmt = kernel_format(x_in);
-  const auto x = in_format(x_in, fmt);
-  const auto xt = slots_in_format(xt_in, fmt);
-  auto y = at::empty_like(x);
-  auto yt = empty_slots(T, x, fmt, xt.scalar_type());
-  if (x.numel() == 0) return {y, yt};
-  cuda::ReluParams p{x.const_data_ptr(), xt.const_data_ptr(), y.mutable_data_ptr(),
-                     yt.mutable_data_ptr(), x.numel(), T, dtype_of(x.scalar_type()),
-                     dtype_of(xt.scalar_type())};
-  FGK_CHECK_LAUNCH(cuda::launch_relu(p, current_stream(x)), "dual_relu");
-  return {y, yt};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in) {
@@ -130,7 +93,6 @@ void dual_bn_apply_inplace_cuda(at::Tensor& x, const std::optional<at::Tensor>& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fgkernels, CUDA, m) {
-  m.impl("dual_relu", &dual_relu_cuda);
   m.impl("dual_bn_stats", &dual_bn_stats_cuda);
   m.impl("dual_bn_apply", &dual_bn_apply_cuda);
   m.impl("dual_bn_apply_", &dual_bn_apply_inplace_cuda);

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional, Protocol, Union
 
 import torch
 
+from ..dual.dtypes import tangent_dtype_fits
 from ..dual.slots import SlotPlan
 
 Tensor = torch.Tensor
@@ -24,7 +25,18 @@ Opt = Optional[Tensor]
 Result = tuple[Tensor, Opt]
 
 __all__ = ["Backend", "Delegating", "LayerParams", "ConvArgs", "BatchNormArgs", "PoolArgs",
-           "SlotPlan", "Result"]
+           "SlotPlan", "Result", "check_stacked_tangent"]
+
+
+def check_stacked_tangent(x: Tensor, xt: Tensor, name: str = "xt") -> None:
+    """xt must stack tangents of x: (T, *x.shape), of a dtype that fits x's (the ops' fakes
+    check what the compiled ops check)."""
+    torch._check(xt.dim() == x.dim() + 1 and xt.shape[1:] == x.shape,
+                 lambda: f"{name} must have shape (T, *{tuple(x.shape)}), "
+                         f"got {tuple(xt.shape)}")
+    torch._check(tangent_dtype_fits(x.dtype, xt.dtype),
+                 lambda: f"{name} must have dtype {x.dtype} or a floating dtype of fewer bits, "
+                         f"got {xt.dtype}")
 
 
 class LayerParams(NamedTuple):
@@ -118,8 +130,9 @@ class Backend(Protocol):
         ``conv_y``: the convolution's primal output when the caller has it; it is handed
         over (the batch norm may overwrite it)."""
 
-    def relu(self, x: Tensor, xt: Opt) -> Result:
-        """``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch's derivative)."""
+    def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
+        """An elementwise op declared as a ``kernel_op.KernelOp``: its compiled kernel where
+        the backend has one for x's device, else ``op.reference``."""
 
     def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
         """The tangent gathered at the primal's argmax."""
@@ -148,8 +161,8 @@ class Delegating:
         return self.fallback.conv2d_batch_norm(x, xt, conv_p, conv_plan, conv, bn_p, bn_plan,
                                                bn, conv_y)
 
-    def relu(self, x: Tensor, xt: Opt) -> Result:
-        return self.fallback.relu(x, xt)
+    def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
+        return self.fallback.kernel_op(op, x, xt, *args)
 
     def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
         return self.fallback.max_pool2d(x, xt, pool)

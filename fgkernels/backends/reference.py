@@ -16,6 +16,12 @@ from ..dual.slots import SlotPlan, place
 from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
 
 
+def relu_reference(x: Tensor, xt: Opt) -> Result:
+    """ReLU: ``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch.relu's derivative). A select,
+    not a product: a NaN or Inf tangent where x <= 0 gives 0, as in torch."""
+    return torch.relu(x), None if xt is None else xt.masked_fill(x <= 0, 0)
+
+
 def _bias_slots(bt: Tensor, y: Tensor) -> Tensor:
     """A stacked bias tangent ``(T, C)`` shaped to broadcast over ``(T, *y.shape)``,
     y being ``(N, C, *spatial)``."""
@@ -110,7 +116,7 @@ class ReferenceBackend:
                 pt = bias.expand(slots, *x.shape)
             parts.append((pt, p_pos))
         yt = place(plan.count, parts).to(plan.dtype) if parts else None
-        return self.relu(y, yt) if bn.relu else (y, yt)
+        return relu_reference(y, yt) if bn.relu else (y, yt)
 
     # --- conv2d → batch norm (+ ReLU) -------------------------------------------------------
     def conv2d_batch_norm(self, x: Tensor, xt: Opt, conv_p: LayerParams, conv_plan: SlotPlan,
@@ -119,10 +125,9 @@ class ReferenceBackend:
         h, ht = self.conv2d(x, xt, conv_p, conv_plan, conv, conv_y)
         return self.batch_norm(h, ht, bn_p, bn_plan, bn)
 
-    # --- relu: ẏ = ẋ where x > 0 or x is NaN, else 0 (torch.relu's derivative) ---------------
-    def relu(self, x: Tensor, xt: Opt) -> Result:
-        # A select, not a product: a NaN or Inf tangent where x <= 0 gives 0, as in torch.
-        return torch.relu(x), None if xt is None else xt.masked_fill(x <= 0, 0)
+    # --- an elementwise op: its own reference -----------------------------------------------
+    def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
+        return op.reference(x, xt, *args)
 
     # --- max_pool2d: the tangent is gathered at the primal's argmax -------------------------
     def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:

@@ -22,6 +22,8 @@ from torch.nn.modules.utils import _pair
 
 from ..backends import current_backend
 from ..backends.base import BatchNormArgs, ConvArgs, PoolArgs
+from ..backends.kernel_op import KernelOp
+from ..backends.reference import relu_reference
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
 from ..dual.value import Dual, implements
@@ -140,14 +142,16 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
 
 
 # --- nonlinear ops without parameters -------------------------------------------------------------
+_relu = KernelOp("dual_relu", relu_reference)
+
+
 @implements(F.relu, torch.relu, torch.Tensor.relu)
 @_no_grad
 def relu(input: MaybeDual, inplace: bool = False) -> Dual:
     """Dual ReLU: ``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch's derivative).
     ``inplace`` acts on a Dual ``input`` as every in-place op on a Dual (``Dual``)."""
     d = as_dual(input, "relu")
-    y, yt = current_backend(d.device).relu(d.primal, d.tangents)
-    out = d.with_tangents(y, yt)
+    out = d.with_tangents(*_relu(d.primal, d.tangents))
     return d._assign(out) if inplace and isinstance(input, Dual) else out
 
 

@@ -217,8 +217,8 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
 
     A tangent narrower than x takes the slope ``f'(x) = derivative(1, x)`` computed at x's own
     precision and rounded once: x rounded to the tangent's dtype first could cross a kink
-    (hardtanh's bound 1.5: 1.496 rounds to 1.5 in bfloat16, where the slope is 0). A kernel that
-    ``selects`` (hardtanh's, hardsigmoid's, hardswish's: 0 outside a range, whatever the
+    (a bound at 1.5: 1.496 rounds to 1.5 in bfloat16, where the slope is 0). A kernel that
+    ``selects`` (hardsigmoid's, hardswish's: 0 outside a range, whatever the
     tangent) gives 0 there for a NaN or infinite tangent too, where a product with the slope
     would not: those places are found as the ones where it gives 0 for a NaN tangent. Any other
     kernel multiplies, and so does the product (a NaN tangent stays NaN where the slope
@@ -237,12 +237,21 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
     return d._assign(out) if inplace else out
 
 
+# hardtanh: y = clamp(x, min_val, max_val), ẏ = ẋ where min_val < x < max_val or x is NaN,
+# else 0: a select, the bounds compared in x's dtype, as torch's derivative defines it (its
+# vectorized CPU loop gives 0 at a NaN x, its scalar loop and torch.relu's derivative ẋ).
+def _hardtanh_reference(x: Tensor, xt: Optional[Tensor], min_val: float, max_val: float):
+    y = F.hardtanh(x, min_val, max_val)
+    return y, None if xt is None else xt.masked_fill((x <= min_val) | (x >= max_val), 0)
+
+
 @implements(F.hardtanh)
 def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> Dual:
-    """Dual hardtanh (ReLU6 too): ``ẏ = ẋ`` strictly inside the bounds (and at NaN), else 0."""
-    return _activation(input, F.hardtanh(input.primal, min_val, max_val),
-                       lambda t, x: _aten.hardtanh_backward(t, x, min_val, max_val), inplace,
-                       selects=True)
+    """Dual hardtanh (ReLU6 too): ``ẏ = ẋ`` strictly inside the bounds and at a NaN x, else
+    0."""
+    d = input if isinstance(input, Dual) else Dual(input)
+    out = d.with_tangents(*_hardtanh_reference(d.primal, d.tangents, min_val, max_val))
+    return d._assign(out) if inplace else out
 
 
 @implements(F.hardtanh_)

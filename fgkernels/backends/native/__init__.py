@@ -12,7 +12,7 @@ says so once; ``FGKERNELS_REQUIRE_NATIVE=1`` (set by the project's set-up and CI
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 REQUIRE_VARIABLE = "FGKERNELS_REQUIRE_NATIVE"
 
@@ -29,7 +29,20 @@ def _load_extension() -> Optional[str]:
                               f"does not load ({reason})") from e
         return reason
     from . import cuda_python_impls, fakes  # noqa: F401
+    for callback in _on_load:
+        callback()
     return None
+
+
+# What runs once the library has loaded (registering an op's fake, say).
+_on_load: list[Callable[[], None]] = []
+
+
+def on_load(callback: Callable[[], None]) -> None:
+    """Runs ``callback`` once ``fgkernels._C`` has loaded: now, if it has."""
+    _on_load.append(callback)
+    if _loaded.get("error", "not loaded") is None:
+        callback()
 
 
 # "error": why the one attempt to load fgkernels._C failed, or None when it loaded. A plain dict

@@ -86,10 +86,9 @@ class NativeBackend(InPlaceConvBatchNorm):
     def apply_in_place(self, h, ht, c: bn_math.BNCoefficients, relu: bool) -> None:
         torch.ops.fgkernels.dual_bn_apply_(h, ht, *c.apply_args(), relu)
 
-    def relu(self, x: Tensor, xt: Opt) -> Result:
-        if xt is None:
-            return torch.relu(x), None
-        return torch.ops.fgkernels.dual_relu(x, xt)
+    def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
+        kernel = op.kernel(x.device) if xt is not None else None
+        return op.reference(x, xt, *args) if kernel is None else kernel(x, xt, *args)
 
     def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
         if xt is None or x.dim() != 4:

@@ -1,26 +1,17 @@
 """Shape-only (fake) implementations of the ``torch.ops.fgkernels`` ops, registered when this
 module is imported (right after the ops themselves load), so that the ops trace under
 ``torch.compile`` and FakeTensor. Each checks what the C++ op checks first, with
-``torch._check``."""
+``torch._check``. (The elementwise ops declare theirs with their rules: ``kernel_op``.)"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ...dual.dtypes import acc_dtype, tangent_dtype_fits
+from ...dual.dtypes import acc_dtype
 from ...dual.layout import empty_slots, kernel_format, slots_in_format
+from ..base import check_stacked_tangent as check_tangent
 
 lib = torch.library
-
-
-def check_tangent(x, xt, name="xt"):
-    """xt must stack tangents of x: (T, *x.shape), of a dtype that fits x's."""
-    torch._check(xt.dim() == x.dim() + 1 and xt.shape[1:] == x.shape,
-                 lambda: f"{name} must have shape (T, *{tuple(x.shape)}), "
-                         f"got {tuple(xt.shape)}")
-    torch._check(tangent_dtype_fits(x.dtype, xt.dtype),
-                 lambda: f"{name} must have dtype {x.dtype} or a floating dtype of fewer bits, "
-                         f"got {xt.dtype}")
 
 
 def tangent_type(x, *tangents):
@@ -30,13 +21,6 @@ def tangent_type(x, *tangents):
                  lambda: f"the tangents of one call must share one dtype, got "
                          f"{sorted(map(str, dtypes))}")
     return dtypes.pop() if dtypes else x.dtype
-
-
-@lib.register_fake("fgkernels::dual_relu")
-def _(x, xt):
-    check_tangent(x, xt)
-    x = x.contiguous(memory_format=kernel_format(x))
-    return torch.empty_like(x), empty_slots(xt.shape[0], x, xt.dtype)
 
 
 @lib.register_fake("fgkernels::dual_max_pool2d")
