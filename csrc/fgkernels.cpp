@@ -19,6 +19,9 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fgkernels, m) {
   // y = relu(x); yt = xt where x > 0 or x is NaN, else 0 (torch.relu's derivative).
   m.def("dual_relu(Tensor x, Tensor xt) -> (Tensor, Tensor)");
+  // y = clamp(x, min_val, max_val); yt = xt where min_val < x < max_val or x is NaN, else 0
+  // (torch's hardtanh derivative), the bounds in x's dtype.
+  m.def("dual_hardtanh(Tensor x, Tensor xt, float min_val, float max_val) -> (Tensor, Tensor)");
   // Max-pool of x; yt gathered from xt at x's argmax.
   m.def("dual_max_pool2d(Tensor x, Tensor xt, int[2] kernel_size, int[2] stride, int[2] padding, "
         "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor)");

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..backends.kernel_op import KernelOp
 from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.layout import slots_in_format
@@ -239,10 +240,19 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
 
 # hardtanh: y = clamp(x, min_val, max_val), ẏ = ẋ where min_val < x < max_val or x is NaN,
 # else 0: a select, the bounds compared in x's dtype, as torch's derivative defines it (its
-# vectorized CPU loop gives 0 at a NaN x, its scalar loop and torch.relu's derivative ẋ).
+# vectorized CPU loop gives 0 at a NaN x, its scalar loop and torch.relu's derivative ẋ); one
+# compiled kernel on the native backend.
 def _hardtanh_reference(x: Tensor, xt: Optional[Tensor], min_val: float, max_val: float):
     y = F.hardtanh(x, min_val, max_val)
     return y, None if xt is None else xt.masked_fill((x <= min_val) | (x >= max_val), 0)
+
+
+def _check_hardtanh(x: Tensor, min_val: float, max_val: float) -> None:
+    torch._check_value(min_val <= max_val,
+                       lambda: "hardtanh: min_val cannot be greater than max_val")
+
+
+_hardtanh = KernelOp("dual_hardtanh", _hardtanh_reference, _check_hardtanh)
 
 
 @implements(F.hardtanh)
@@ -250,7 +260,7 @@ def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool =
     """Dual hardtanh (ReLU6 too): ``ẏ = ẋ`` strictly inside the bounds and at a NaN x, else
     0."""
     d = input if isinstance(input, Dual) else Dual(input)
-    out = d.with_tangents(*_hardtanh_reference(d.primal, d.tangents, min_val, max_val))
+    out = d.with_tangents(*_hardtanh(d.primal, d.tangents, min_val, max_val))
     return d._assign(out) if inplace else out
 
 
