@@ -331,6 +331,19 @@ def test_bad_input_gets_an_error_naming_it(case, error, message):
         case()
 
 
+def test_hardtanh_bounds_out_of_order_are_refused_eagerly_and_when_traced(backend):
+    """The elementwise op's contract runs in front of every backend and as its fake."""
+    x, xt = torch.randn(2, 3), torch.randn(1, 2, 3)
+    message = "min_val cannot be greater than max_val"
+    with fgkernels.use_backend(backend), pytest.raises(ValueError, match=message):
+        F.hardtanh(Dual(x, xt), 2.0, 1.0)
+    if backend == "native":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode() as mode, pytest.raises(ValueError, match=message):
+            torch.ops.fgkernels.dual_hardtanh(mode.from_tensor(x), mode.from_tensor(xt), 2.0,
+                                              1.0)
+
+
 def test_expanded_primal_into_batch_norm_matches_forward_ad(backend):
     x = torch.randn(1, 3, 1, 1, **f64).expand(4, 3, 5, 5)
     x = x + 1e-3 * torch.randn(4, 3, 5, 5, **f64)[:1].expand(4, 3, 5, 5)
