@@ -344,6 +344,41 @@ def test_hardtanh_bounds_out_of_order_are_refused_eagerly_and_when_traced(backen
                                               1.0)
 
 
+LAYER_CONTRACTS = {  # a bad call: (the rule on Duals, the compiled op on the same tensors)
+    "conv2d channels": (
+        lambda x, xt, w: F.conv2d(Dual(x, xt), w, padding=1),
+        lambda x, xt, w: torch.ops.fgkernels.dual_conv2d(x, xt, w, None, None, None, [1, 1],
+                                                         [1, 1], [1, 1], 1),
+        ((2, 4, 5, 5), (3, 5, 3, 3))),
+    "conv2d tangents only": (
+        lambda x, xt, w: F.conv2d(Dual(x, xt), w, padding=1),
+        lambda x, xt, w: torch.ops.fgkernels.dual_conv2d_tangents(
+            x, torch.empty(2, 3, 5, 5, device=x.device), xt, w, None, None, [1, 1], [1, 1],
+            [1, 1], 1),
+        ((2, 4, 5, 5), (3, 5, 3, 3))),
+    "linear features": (
+        lambda x, xt, w: F.linear(Dual(x, xt), w),
+        lambda x, xt, w: torch.ops.fgkernels.dual_linear(x, xt, w, None, None, None),
+        ((2, 3), (4, 5))),
+}
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+@pytest.mark.parametrize("case", sorted(LAYER_CONTRACTS))
+def test_a_traced_layer_op_refuses_what_its_rule_refuses(case):
+    """A layer's contract is written once: its rule runs it in front, its compiled op's fake
+    runs the same, with the same message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    rule, op, (x_shape, w_shape) = LAYER_CONTRACTS[case]
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    xt = torch.randn(1, *x_shape)
+    with pytest.raises(ValueError) as eager:
+        rule(x, xt, w)
+    with FakeTensorMode() as mode, pytest.raises(ValueError) as traced:
+        op(*map(mode.from_tensor, (x, xt, w)))
+    assert str(traced.value) == str(eager.value)
+
+
 def test_expanded_primal_into_batch_norm_matches_forward_ad(backend):
     x = torch.randn(1, 3, 1, 1, **f64).expand(4, 3, 5, 5)
     x = x + 1e-3 * torch.randn(4, 3, 5, 5, **f64)[:1].expand(4, 3, 5, 5)

@@ -1,6 +1,6 @@
 """The contract between the layers' rules (``fgkernels.rules.layers``) and a backend.
 
-A rule checks every argument (``fgkernels.rules.checks``), splits each Dual into its primal and
+A rule checks every argument (``contracts``), splits each Dual into its primal and
 its stacked tangent ``(T, *shape)`` (None when zero), plans the output's slots (``SlotPlan``)
 and calls one method of the backend that the registry picks for the device.
 A backend computes and returns ``(y, y_tangents)``: the primal output and its stacked tangent

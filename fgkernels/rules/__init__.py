@@ -4,5 +4,6 @@ as the op's rule when its module is imported (``dual.value.implements``): the la
 picks), ``pointwise`` arithmetic and activations, ``products``, ``norms``, ``attention``,
 ``indexing``, the ops that only touch the primal (``primal_ops``), and torch's own forward mode
 for every op without a rule (``fallback``). ``operands`` splits a call's Duals into primals and
-slots; ``checks`` states the layers' argument contracts."""
+slots (the layers' argument contracts are ``backends.contracts``, which their compiled ops' fakes
+run too)."""
 from . import attention, fallback, indexing, layers, norms, pointwise, primal_ops, products  # noqa: F401

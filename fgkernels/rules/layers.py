@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from ..backends import current_backend
+from ..backends import contracts, current_backend
 from ..backends.base import BatchNormArgs, ConvArgs, PoolArgs
 from ..backends.kernel_op import KernelOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
 from ..dual.value import Dual, implements
-from . import checks
 from .fallback import forward_ad_fallback
 from .operands import MaybeDual, as_dual, layer_operands, layer_params, result, tangents_as
 
@@ -68,9 +67,9 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
         return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
                       primal=None if primal is None else primal.unsqueeze(0)).squeeze(0)
     x, xt, p, plan = layer_operands("conv2d", input, weight, bias)
-    checks.check_conv(x, p.weight, p.bias, groups, stride, padding, dilation)
+    contracts.check_conv(x, p.weight, p.bias, groups, stride, padding, dilation)
     conv = _conv_args(stride, padding, dilation, groups)
-    checks.check_primal("conv2d", primal, x, conv.output_shape(x.shape, p.weight.shape))
+    contracts.check_primal("conv2d", primal, x, conv.output_shape(x.shape, p.weight.shape))
     return result(*current_backend(x.device).conv2d(x, xt, p, plan, conv, primal), plan)
 
 
@@ -79,7 +78,7 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
 def linear(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None) -> Dual:
     """Dual linear: ``y = xWᵀ + b``, ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
     x, xt, p, plan = layer_operands("linear", input, weight, bias)
-    checks.check_linear(x, p.weight)
+    contracts.check_linear(x, p.weight)
     return result(*current_backend(x.device).linear(x, xt, p, plan), plan)
 
 
@@ -97,7 +96,7 @@ def batch_norm(input: MaybeDual, running_mean: Optional[Tensor], running_var: Op
     """
     x, xt, p, plan = layer_operands("batch_norm", input, weight, bias)
     bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
-    checks.check_batch_norm(x.shape, bn, p.weight, p.bias)
+    contracts.check_batch_norm(x.shape, bn, p.weight, p.bias)
     if x.numel() == 0:  # as torch.nn: an empty output, running stats left as they are
         y = F.batch_norm(x, running_mean, running_var, p.weight, p.bias, training, momentum, eps)
         y = torch.relu(y) if relu else y
@@ -121,7 +120,7 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     is the convolution's output when the caller already has it (as ``conv2d``'s ``primal``);
     it is handed over: the batch norm may overwrite it in place."""
     x, xt, conv_p, conv_plan = layer_operands("conv2d_batch_norm", input, weight, conv_bias)
-    checks.check_conv(x, conv_p.weight, conv_p.bias, groups, stride, padding, dilation)
+    contracts.check_conv(x, conv_p.weight, conv_p.bias, groups, stride, padding, dilation)
     bn_p, bn_slots = layer_params("batch_norm", bn_weight, bn_bias)
     bn_plan = _slots.plan([conv_plan.operand(), bn_slots], "conv2d_batch_norm")
     conv = _conv_args(stride, padding, dilation, groups)
@@ -132,9 +131,9 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
                    primal=conv_primal)
         return batch_norm(h, running_mean, running_var, bn_weight, bn_bias, training, momentum,
                           eps, relu)
-    checks.check_primal("conv2d_batch_norm", conv_primal, x, shape)
+    contracts.check_primal("conv2d_batch_norm", conv_primal, x, shape)
     bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
-    checks.check_batch_norm(shape, bn, bn_p.weight, bn_p.bias)
+    contracts.check_batch_norm(shape, bn, bn_p.weight, bn_p.bias)
     bn_p = tangents_as(bn_p, bn_plan.dtype)
     y, yt = current_backend(x.device).conv2d_batch_norm(x, xt, conv_p, conv_plan, conv, bn_p,
                                                         bn_plan, bn, conv_primal)

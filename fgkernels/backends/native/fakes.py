@@ -1,7 +1,8 @@
 """Shape-only (fake) implementations of the ``torch.ops.fgkernels`` ops, registered when this
 module is imported (right after the ops themselves load), so that the ops trace under
-``torch.compile`` and FakeTensor. Each checks what the C++ op checks first, with
-``torch._check``. (The elementwise ops declare theirs with their rules: ``kernel_op``.)"""
+``torch.compile`` and FakeTensor. Each checks what the C++ op checks first: the layer's own
+contract where the op is a layer (``contracts``, as its rule does in front), ``torch._check``
+for the rest. (The elementwise ops declare theirs with their rules: ``kernel_op``.)"""
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from ...dual.dtypes import acc_dtype
 from ...dual.layout import empty_slots, kernel_format, slots_in_format
 from ..base import check_stacked_tangent as check_tangent
+from ..contracts import check_conv, check_linear
 
 lib = torch.library
 
@@ -116,6 +118,7 @@ def _(x, xt, center, scale, shift, t_xscale, t_shift, relu):
 
 @lib.register_fake("fgkernels::dual_conv2d")
 def _(x, xt, w, wt, b, bt, stride, padding, dilation, groups):
+    check_conv(x, w, b, groups, tuple(stride), tuple(padding), tuple(dilation))
     y = F.conv2d(x, w, b, stride, padding, dilation, groups)
     return (y, *_conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups))
 
@@ -134,6 +137,7 @@ def _conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
 
 @lib.register_fake("fgkernels::dual_conv2d_tangents")
 def _(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
+    check_conv(x, w, None, groups, tuple(stride), tuple(padding), tuple(dilation))
     torch._check(y.dim() == 4 and y.shape[:2] == (x.shape[0], w.shape[0]),
                  lambda: f"y must have shape ({x.shape[0]}, {w.shape[0]}, H_out, W_out), "
                          f"got {tuple(y.shape)}")
@@ -142,6 +146,7 @@ def _(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
 
 @lib.register_fake("fgkernels::dual_linear")
 def _(x, xt, w, wt, b, bt):
+    check_linear(x, w)
     y = F.linear(x, w)
     dtype = tangent_type(x, xt, wt, bt)
     P = param_slots(wt, bt)

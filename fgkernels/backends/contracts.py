@@ -1,5 +1,8 @@
-"""Argument checks of the functional ops, the Python twin of ``csrc/checks.h``: each raises
-with a message naming the argument and what was expected, before anything runs or changes."""
+"""The layer ops' argument contracts, written once: each raises with a message naming the
+argument and what was expected, before anything runs or changes. A layer's rule runs its check
+in front of every call, and its compiled op's fake runs the same one, so that a traced call
+refuses what an eager one refuses (``csrc/checks.h`` keeps the guards the kernels' memory
+safety needs)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..backends.base import BatchNormArgs
+from .base import BatchNormArgs
 
 Tensor = torch.Tensor
 
