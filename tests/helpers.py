@@ -56,6 +56,19 @@ def torch_jvp_multi(model, x, xt_stack, param_stacks=None, loss=None):
     return outs[0][0], torch.stack([o[1] for o in outs])
 
 
+def elementwise_forward_ad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                           xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward_ad's ``(y, stacked tangents)`` of an elementwise ``fn``, one element at a time:
+    torch's scalar definition of the derivative, which its vectorized CPU loops do not keep at a
+    NaN x for every op (hardtanh's gives 0 there in the vector body, ẋ in the scalar tail)."""
+    if x.numel() == 0:
+        return forward_ad_jvp(fn, [x], [xt])
+    flat, flat_t = x.reshape(-1), xt.reshape(len(xt), -1)
+    ys, ts = zip(*(forward_ad_jvp(fn, [flat[i:i + 1]], [flat_t[:, i:i + 1]])
+                   for i in range(flat.numel())))
+    return torch.cat(ys).view_as(x), torch.cat(ts, -1).view_as(xt)
+
+
 def central_difference(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                        xt: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
     """(f(x + h·ẋ) − f(x − h·ẋ)) / 2h, in float64."""

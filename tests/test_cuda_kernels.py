@@ -59,3 +59,36 @@ def test_batch_norm_past_the_apply_kernels_slot_map_is_exact(fused):
     with fgkernels.use_backend("native"):
         out = fgkernels.convert(model)(fgkernels.Dual(x, xt))
     torch.testing.assert_close(out.tangent, expected, rtol=1e-10, atol=1e-10)
+
+
+SELECT_OPS = {  # name: (the compiled op's call, the function forward_ad runs)
+    "relu": (lambda x, xt: torch.ops.fgkernels.dual_relu(x, xt), torch.relu),
+    "hardtanh": (lambda x, xt: torch.ops.fgkernels.dual_hardtanh(x, xt, -0.5, 1.5),
+                 lambda v: torch.nn.functional.hardtanh(v, -0.5, 1.5)),
+}
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}"[12:])
+@pytest.mark.parametrize("op", sorted(SELECT_OPS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_select_kernels_match_the_definition(op, dtypes, channels_last):
+    """ReLU's and hardtanh's kernels at random points, at the kinks, at ±0, NaN and ±Inf, with
+    NaN and infinite tangents: exactly forward_ad's scalar definition in float64 (a select
+    copies a tangent or writes 0; the bounds are exact in every element type)."""
+    from helpers import elementwise_forward_ad
+    primal, tangent = dtypes
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 9, generator=g) * 2
+    x.view(-1)[:9] = torch.tensor([0.0, -0.0, -0.5, 1.5, 1.0, float("nan"), float("inf"),
+                                   -float("inf"), 6.0])
+    xt = torch.randn(2, *x.shape, generator=g)
+    xt[0].view(-1)[::7] = float("nan")
+    xt[1].view(-1)[::5] = float("inf")
+    x, xt = x.to(primal), xt.to(tangent)
+    call, fn = SELECT_OPS[op]
+    y_want, yt_want = elementwise_forward_ad(fn, x.double(), xt.double())
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, yt = call(x.cuda(), xt.cuda())
+    torch.testing.assert_close(y.cpu().double(), y_want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(yt.cpu().double(), yt_want, rtol=0, atol=0, equal_nan=True)

@@ -18,7 +18,7 @@ import fgkernels.functional as DF  # noqa: E402
 from fgkernels import Dual  # noqa: E402
 from fgkernels.testing import forward_ad_jvp  # noqa: E402
 
-from helpers import CPU_BACKENDS, laid_out  # noqa: E402
+from helpers import CPU_BACKENDS, elementwise_forward_ad, laid_out  # noqa: E402
 from helpers import TOL_DRAWN as TOL  # noqa: E402
 from op_table import OPS, inputs  # noqa: E402
 
@@ -209,17 +209,13 @@ SELECTS = {"relu", "relu6", "hardtanh"}
 
 
 def activation_oracle(name, x, xt):
-    """forward_ad's ``(y, stacked tangents)`` of activation ``name``; for those of
-    ``SELECTS`` one element at a time: torch's scalar definition of the derivative, which its
-    vectorized CPU loops do not keep at a NaN x (hardtanh's gives 0 there in the vector body,
-    ẋ in the scalar tail; so do ELU's, GELU's and hardswish's)."""
+    """forward_ad's ``(y, stacked tangents)`` of activation ``name``; for those of ``SELECTS``
+    one element at a time (``elementwise_forward_ad``: torch's scalar definition; ELU's, GELU's
+    and hardswish's vectorized loops differ from theirs at a NaN x too, and run as forward_ad
+    runs them)."""
     fn = ACTIVATIONS[name]
-    if name not in SELECTS or x.numel() == 0:
-        return forward_ad_jvp(fn, [x], [xt])
-    flat, flat_t = x.reshape(-1), xt.reshape(len(xt), -1)
-    ys, ts = zip(*(forward_ad_jvp(fn, [flat[i:i + 1]], [flat_t[:, i:i + 1]])
-                   for i in range(flat.numel())))
-    return torch.cat(ys).view_as(x), torch.cat(ts, -1).view_as(xt)
+    return elementwise_forward_ad(fn, x, xt) if name in SELECTS else \
+        forward_ad_jvp(fn, [x], [xt])
 
 
 @PROFILE
