@@ -139,3 +139,15 @@ def test_an_elementwise_op_runs_its_kernel_where_the_library_has_one_else_its_re
             out = torch.relu(x)
         assert len(calls) == before + 1, (backend, devices)
         torch.testing.assert_close(out.tangents, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_an_elementwise_op_the_library_lacks_runs_its_reference():
+    """A library built before an op was declared: no kernel, no fake, the reference."""
+    from fgkernels.backends.kernel_op import KernelOp
+    op = KernelOp("dual_not_built", lambda x, xt: (x * 2, None if xt is None else xt * 2))
+    assert op.devices == frozenset()
+    x, xt = torch.randn(3), torch.randn(1, 3)
+    with fgkernels.use_backend("native"):
+        y, yt = op(x, xt)
+    torch.testing.assert_close(yt, xt * 2)
