@@ -145,6 +145,7 @@ OPS = {
                                  (3, 5, 6), (6,), bf16_network=False),
     "max_pool_ceil_dilated": OpCase(lambda x, w: F.max_pool2d(x * w, 3, 2, 1, 2, ceil_mode=True),
                                     (2, 3, 9, 8), (3, 1, 1)),
+    "max_pool_unbatched": OpCase(lambda x, w: F.max_pool2d(x * w, 2), (3, 8, 8), (3, 1, 1)),
     "avg_pool_ceil_no_pad": OpCase(lambda x, w: F.avg_pool2d(x * w, 3, 2, 1, ceil_mode=True,
                                                              count_include_pad=False),
                                    (2, 3, 8, 7), (3, 1, 1)),

@@ -24,7 +24,7 @@ Tensor = torch.Tensor
 Opt = Optional[Tensor]
 Result = tuple[Tensor, Opt]
 
-__all__ = ["Backend", "Delegating", "LayerParams", "ConvArgs", "BatchNormArgs", "PoolArgs",
+__all__ = ["Backend", "Delegating", "LayerParams", "ConvArgs", "BatchNormArgs",
            "SlotPlan", "Result", "check_stacked_tangent"]
 
 
@@ -94,16 +94,6 @@ class BatchNormArgs(NamedTuple):
     relu: bool = False
 
 
-class PoolArgs(NamedTuple):
-    """A max pool's geometry, as ``F.max_pool2d`` takes it (pairs)."""
-
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    ceil_mode: bool
-
-
 class Backend(Protocol):
     """What a backend provides. Every method returns ``(y, stacked tangent or None)``."""
 
@@ -131,11 +121,8 @@ class Backend(Protocol):
         over (the batch norm may overwrite it)."""
 
     def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
-        """An elementwise op declared as a ``kernel_op.KernelOp``: its compiled kernel where
-        the backend has one for x's device, else ``op.reference``."""
-
-    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
-        """The tangent gathered at the primal's argmax."""
+        """An op declared as a ``kernel_op.KernelOp``: its compiled kernel where the backend
+        has one for x's device that serves the call, else ``op.reference``."""
 
 
 class Delegating:
@@ -164,5 +151,3 @@ class Delegating:
     def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
         return self.fallback.kernel_op(op, x, xt, *args)
 
-    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
-        return self.fallback.max_pool2d(x, xt, pool)

@@ -1,15 +1,17 @@
-"""An elementwise op that the native backend runs as one compiled kernel: declared once, beside
+"""An op of one input that the native backend runs as one compiled op: declared once, beside
 its rule, with everything the backends need.
 
-``KernelOp(name, reference, check)``: ``name`` is the op of ``torch.ops.fgkernels`` (its schema
-in csrc/fgkernels.cpp, its kernels in csrc/cpu/ and csrc/cuda/, each registered for its device)
-that maps ``(x, xt, *args)`` to ``(y, yt)``: the primal output shaped like x and the stacked
-tangent ``(T, *x.shape)``, in the kernels' layout (``dual.layout.kernel_format``). ``reference``
-computes the same with torch's ops (``xt`` None when zero): the reference backend runs it, and
-the native one wherever the library has no kernel for the device. ``check(x, *args)`` is the
-op's argument contract (``torch._check``, messages naming the argument): run in front of every
-call, and, with the tangents' stacking contract, as the op's fake implementation, so that the
-op traces under ``torch.compile`` and refuses there what it refuses eagerly.
+``KernelOp(name, reference, check, outputs, serves)``: ``name`` is the op of
+``torch.ops.fgkernels`` (its schema in csrc/fgkernels.cpp, its kernels in csrc/, each registered
+for its device or as a composite of torch's ops for all) that maps ``(x, xt, *args)`` to
+``(y, yt)``: the primal output and its stacked tangent ``(T, *y.shape)``, in the kernels' layout
+(``dual.layout.kernel_format``). ``reference`` computes the same with torch's ops (``xt`` None
+when zero): the reference backend runs it, and the native one wherever the library has no
+kernel for the device or the kernel does not ``serve`` the call. ``check(x, *args)`` is the op's
+argument contract (``torch._check``, messages naming the argument): run in front of every call,
+and, with the tangents' stacking contract, in the op's fake implementation, so that the op
+traces under ``torch.compile`` and refuses there what it refuses eagerly; ``outputs(x, *args)``
+gives the fake its primal output's shape (x's own for an elementwise op).
 
 Adding an elementwise native op is then its rule module's ``KernelOp``, the schema, and a
 kernel file per device (``backends/README.md``).
@@ -28,18 +30,32 @@ Tensor = torch.Tensor
 Result = tuple[Tensor, Optional[Tensor]]
 
 
-def no_arguments(x: Tensor) -> None:
-    """The check of an op with no argument besides its input."""
+def no_arguments(x: Tensor, *args) -> None:
+    """The check of an op whose arguments besides its input need none of their own."""
+
+
+def elementwise(x: Tensor, *args) -> Tensor:
+    """The primal output of an elementwise op: shaped like x."""
+    return x
+
+
+def always(x: Tensor, *args) -> bool:
+    """A kernel that serves every call."""
+    return True
 
 
 class KernelOp:
-    """An elementwise dual op with a compiled kernel (see the module's docstring)."""
+    """An op of one input with a compiled kernel (see the module's docstring)."""
 
     def __init__(self, name: str, reference: Callable[..., Result],
-                 check: Callable[..., None] = no_arguments):
+                 check: Callable[..., None] = no_arguments,
+                 outputs: Callable[..., Tensor] = elementwise,
+                 serves: Callable[..., bool] = always):
         self.name = name
         self.reference = reference
         self.check = check
+        self.outputs = outputs
+        self.serves = serves
         # The device types the compiled library has a kernel of this op for; filled when it
         # loads (``native.on_load``), so that a traced call reads it without asking torch.
         self.devices: frozenset = frozenset()
@@ -50,24 +66,26 @@ class KernelOp:
         self.check(x, *args)
         return current_backend(x.device).kernel_op(self, x, xt, *args)
 
-    def kernel(self, device: torch.device) -> Optional[Callable[..., Result]]:
-        """The compiled op when the library has a kernel of it for ``device``, else None."""
-        return getattr(torch.ops.fgkernels, self.name) if device.type in self.devices else None
+    def kernel(self, x: Tensor, *args) -> Optional[Callable[..., Result]]:
+        """The compiled op when the library has a kernel of it for x's device that serves
+        this call, else None."""
+        if x.device.type not in self.devices or not self.serves(x, *args):
+            return None
+        return getattr(torch.ops.fgkernels, self.name)
 
     def fake(self, x: Tensor, xt: Tensor, *args) -> Result:
         """The op on fake tensors: its contract checked, its outputs' shapes, dtypes and
         layout."""
         check_stacked_tangent(x, xt)
         self.check(x, *args)
-        x = x.contiguous(memory_format=kernel_format(x))
-        return torch.empty_like(x), empty_slots(xt.shape[0], x, xt.dtype)
+        y = self.outputs(x, *args).contiguous(memory_format=kernel_format(x))
+        return torch.empty_like(y), empty_slots(xt.shape[0], y, xt.dtype)
 
     def _register(self) -> None:
         if not hasattr(torch.ops.fgkernels, self.name):  # a library built before the op
             return
         qualname = f"fgkernels::{self.name}"
-        self.devices = frozenset(d for d in ("cpu", "cuda")
-                                 if torch._C._dispatch_has_kernel_for_dispatch_key(
-                                     qualname, d.upper()))
+        has = lambda key: torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+        composite = has("CompositeExplicitAutograd")  # one kernel for every device
+        self.devices = frozenset(d for d in ("cpu", "cuda") if composite or has(d.upper()))
         torch.library.register_fake(qualname)(self.fake)
-

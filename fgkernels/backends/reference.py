@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..dual.dtypes import acc_dtype
 from ..dual.slots import SlotPlan, place
-from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
+from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, Result, Tensor
 
 
 def relu_reference(x: Tensor, xt: Opt) -> Result:
@@ -128,13 +128,3 @@ class ReferenceBackend:
     # --- an elementwise op: its own reference -----------------------------------------------
     def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
         return op.reference(x, xt, *args)
-
-    # --- max_pool2d: the tangent is gathered at the primal's argmax -------------------------
-    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
-        y, idx = F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                              pool.ceil_mode, return_indices=True)
-        if xt is None:
-            return y, None
-        flat_idx = idx.flatten(-2).expand(xt.shape[0], *idx.shape[:-2], -1)
-        yt = xt.flatten(-2).gather(-1, flat_idx).view(xt.shape[0], *y.shape)
-        return y, yt

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..backends import contracts, current_backend
-from ..backends.base import BatchNormArgs, ConvArgs, PoolArgs
+from ..backends.base import BatchNormArgs, ConvArgs
 from ..backends.kernel_op import KernelOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
@@ -160,6 +160,21 @@ def relu_(input: Dual) -> Dual:
     return relu(input, inplace=True)
 
 
+# max pool: ẏ is ẋ gathered at the primal's argmax; one compiled op on the native backend
+# (4-d input).
+def _max_pool2d_reference(x: Tensor, xt: Optional[Tensor], *pool):
+    y, idx = F.max_pool2d(x, *pool, return_indices=True)
+    if xt is None:
+        return y, None
+    flat_idx = idx.flatten(-2).expand(xt.shape[0], *idx.shape[:-2], -1)
+    return y, xt.flatten(-2).gather(-1, flat_idx).view(xt.shape[0], *y.shape)
+
+
+_max_pool2d = KernelOp("dual_max_pool2d", _max_pool2d_reference,
+                       outputs=lambda x, *pool: F.max_pool2d(x, *pool),
+                       serves=lambda x, *pool: x.dim() == 4)
+
+
 @implements(F.max_pool2d, torch.max_pool2d)
 @_no_grad
 def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1,
@@ -170,9 +185,8 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
                                           ceil_mode, True), {})
     d = as_dual(input, "max_pool2d")
     stride = kernel_size if stride is None or stride == [] else stride
-    pool = PoolArgs(_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
-                    ceil_mode)
-    return d.with_tangents(*current_backend(d.device).max_pool2d(d.primal, d.tangents, pool))
+    return d.with_tangents(*_max_pool2d(d.primal, d.tangents, _pair(kernel_size), _pair(stride),
+                                        _pair(padding), _pair(dilation), bool(ceil_mode)))
 
 
 @implements(F.cross_entropy)

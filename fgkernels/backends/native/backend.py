@@ -3,8 +3,9 @@ the primal and every tangent slot together (ReLU fused); the convolution and lin
 library calls whatever the number of tangents (``csrc/composite.cpp``), two when the caller
 already has the convolution's primal output. An op with no tangent in or out runs the plain
 torch op; what the ops do not serve is delegated to the reference backend: a convolution whose
-padding would be asymmetric, a max pool over other than 4-D input, and, on CUDA, a batch norm
-with more output slots than the kernel's launch parameters hold (``MAX_BN_SLOTS``)."""
+padding would be asymmetric and, on CUDA, a batch norm with more output slots than the kernel's
+launch parameters hold (``MAX_BN_SLOTS``). The ops of one input (ReLU, hardtanh, max pool) are
+``KernelOp``s: their compiled op where it serves, their reference elsewhere."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from ...dual.layout import in_kernel_layout
 from ...dual.slots import SlotPlan, place
 from .. import bn_math
-from ..base import BatchNormArgs, ConvArgs, LayerParams, Opt, PoolArgs, Result, Tensor
+from ..base import BatchNormArgs, ConvArgs, LayerParams, Opt, Result, Tensor
 from ..fused import InPlaceConvBatchNorm
 from ..reference import ReferenceBackend
 
@@ -87,11 +88,5 @@ class NativeBackend(InPlaceConvBatchNorm):
         torch.ops.fgkernels.dual_bn_apply_(h, ht, *c.apply_args(), relu)
 
     def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
-        kernel = op.kernel(x.device) if xt is not None else None
+        kernel = op.kernel(x, *args) if xt is not None else None
         return op.reference(x, xt, *args) if kernel is None else kernel(x, xt, *args)
-
-    def max_pool2d(self, x: Tensor, xt: Opt, pool: PoolArgs) -> Result:
-        if xt is None or x.dim() != 4:
-            return self.fallback.max_pool2d(x, xt, pool)
-        return torch.ops.fgkernels.dual_max_pool2d(x, xt, pool.kernel_size, pool.stride,
-                                                   pool.padding, pool.dilation, pool.ceil_mode)

@@ -2,7 +2,7 @@
 module is imported (right after the ops themselves load), so that the ops trace under
 ``torch.compile`` and FakeTensor. Each checks what the C++ op checks first: the layer's own
 contract where the op is a layer (``contracts``, as its rule does in front), ``torch._check``
-for the rest. (The elementwise ops declare theirs with their rules: ``kernel_op``.)"""
+for the rest. (The ops of one input declare theirs with their rules: ``kernel_op``.)"""
 from __future__ import annotations
 
 import torch
@@ -23,14 +23,6 @@ def tangent_type(x, *tangents):
                  lambda: f"the tangents of one call must share one dtype, got "
                          f"{sorted(map(str, dtypes))}")
     return dtypes.pop() if dtypes else x.dtype
-
-
-@lib.register_fake("fgkernels::dual_max_pool2d")
-def _(x, xt, kernel_size, stride, padding, dilation, ceil_mode):
-    check_tangent(x, xt)
-    y = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    y = y.contiguous(memory_format=kernel_format(x))
-    return y, empty_slots(xt.shape[0], y, xt.dtype)
 
 
 @lib.register_fake("fgkernels::dual_bn_stats")
