@@ -28,9 +28,9 @@ inline void* current_stream(const at::Tensor& x) {
 
 }  // namespace fgkernels
 
-// call returns a CUDA error code (0: the launch succeeded).
+// call returns a CUDA error code (0: the launch succeeded); name, the op's, heads the message.
 #define FGK_CHECK_LAUNCH(call, name) \
-  do {                                                                                 \
-    const int err_ = (call);                                                           \
-    TORCH_CHECK(err_ == 0, name " kernel launch failed: ", cuda::error_string(err_)); \
+  do {                                                                                   \
+    const int err_ = (call);                                                             \
+    TORCH_CHECK(err_ == 0, name, " kernel launch failed: ", cuda::error_string(err_)); \
   } while (0)

@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> dual_select_cuda(const at::Tensor& x_in,
             static_cast<TT*>(yt.mutable_data_ptr()), n, T);
         return static_cast<int>(cudaGetLastError());
       });
-  FGK_CHECK_LAUNCH(err, "dual_select");
+  FGK_CHECK_LAUNCH(err, name);
   return {y, yt};
 }
 

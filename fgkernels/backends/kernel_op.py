@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from ..dual.layout import empty_slots, kernel_format
+from ..dual.value import Dual
 from . import current_backend, native
 from .base import check_stacked_tangent
 
@@ -65,6 +66,10 @@ class KernelOp:
         """``(y, yt)`` on the backend the registry picks for x's device."""
         self.check(x, *args)
         return current_backend(x.device).kernel_op(self, x, xt, *args)
+
+    def on(self, d: Dual, *args) -> Dual:
+        """The op on a Dual: its primal and slots through ``self``, its directions kept."""
+        return d.with_tangents(*self(d.primal, d.tangents, *args))
 
     def kernel(self, x: Tensor, *args) -> Optional[Callable[..., Result]]:
         """The compiled op when the library has a kernel of it for x's device that serves

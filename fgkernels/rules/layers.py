@@ -150,7 +150,7 @@ def relu(input: MaybeDual, inplace: bool = False) -> Dual:
     """Dual ReLU: ``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch's derivative).
     ``inplace`` acts on a Dual ``input`` as every in-place op on a Dual (``Dual``)."""
     d = as_dual(input, "relu")
-    out = d.with_tangents(*_relu(d.primal, d.tangents))
+    out = _relu.on(d)
     return d._assign(out) if inplace and isinstance(input, Dual) else out
 
 
@@ -185,8 +185,8 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
                                           ceil_mode, True), {})
     d = as_dual(input, "max_pool2d")
     stride = kernel_size if stride is None or stride == [] else stride
-    return d.with_tangents(*_max_pool2d(d.primal, d.tangents, _pair(kernel_size), _pair(stride),
-                                        _pair(padding), _pair(dilation), bool(ceil_mode)))
+    return _max_pool2d.on(d, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
+                          bool(ceil_mode))
 
 
 @implements(F.cross_entropy)

@@ -260,7 +260,7 @@ def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool =
     """Dual hardtanh (ReLU6 too): ``ẏ = ẋ`` strictly inside the bounds and at a NaN x, else
     0."""
     d = input if isinstance(input, Dual) else Dual(input)
-    out = d.with_tangents(*_hardtanh(d.primal, d.tangents, min_val, max_val))
+    out = _hardtanh.on(d, min_val, max_val)
     return d._assign(out) if inplace else out
 
 
