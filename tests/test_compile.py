@@ -2,6 +2,10 @@
 (``fullgraph=True``: no graph break, the ops' fakes registered at import) and computes what
 eager computes, running statistics included."""
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ from fgkernels.train.models import BasicBlock
 
 from helpers import TOL
 from op_table import OPS, inputs, math_attention
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _block_and_pass(training: bool):
@@ -173,6 +179,49 @@ def test_operators_beside_a_plain_tensor_compile_as_written(name):
     y, yt = forward_ad_jvp(fn, [x, t], [xt, None])
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+def test_an_op_on_the_fallback_compiles_in_one_graph():
+    """An op with no rule of its own (``logcumsumexp``: torch.func.jvp computes its tangents)
+    compiled with ``fullgraph``: forward_ad's numbers. The fallback's name lookup is a constant
+    to Dynamo; traced, it stopped the graph."""
+    fn = lambda d: torch.cumsum(d, 0).logcumsumexp(1)  # noqa: E731
+    x, xt = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+    y, yt = forward_ad_jvp(fn, [x], [xt])
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+# Run in a fresh process: importing fgkernels loads no Dynamo, which learns what it needs to
+# trace Duals when it loads.
+DYNAMO_LOADS_LATER = """
+import sys, warnings
+import torch
+import fgkernels
+print("loaded at import:", "torch._dynamo" in sys.modules)
+d = fgkernels.Dual(torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64))
+t = torch.randn(3, 3, dtype=torch.float64)
+warnings.simplefilter("ignore")
+for fn in (lambda d: d @ t, lambda d: torch.cumsum(d, 0).logcumsumexp(1)):
+    out = torch.compile(fn, backend="eager", fullgraph=True)(d)
+    with torch.autograd.forward_ad.dual_level():
+        ref = torch.autograd.forward_ad.make_dual(d.primal, d.tangents[0])
+        y, yt = torch.autograd.forward_ad.unpack_dual(fn(ref))
+    print(torch.allclose(out.primal, y), torch.allclose(out.tangents[0], yt))
+"""
+
+
+def test_dynamo_loads_with_the_first_compile_not_at_import():
+    """``import fgkernels`` leaves Dynamo (a second of import) unloaded; compiling later still
+    traces ``d @ t`` as written (square operands: swapped, it would run silently) and an op on
+    the fallback in one graph."""
+    environ = {k: v for k, v in os.environ.items() if k != "FGKERNELS_REQUIRE_NATIVE"}
+    out = subprocess.run([sys.executable, "-c", DYNAMO_LOADS_LATER], capture_output=True,
+                         text=True, env={**environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["loaded at import: False", "True True", "True True"]
 
 
 NUMBER_LEFT = {"2 + d": lambda d: (2 + d).sum(), "2 - d": lambda d: (2 - d).sum(),

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Sequence
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from .dtypes import tangent_dtype_fits
+from .dynamo import add_reflected_matmul, when_dynamo_loads
 from .layout import in_kernel_layout, kernel_format, slots_in_format
 from .slots import Directions, SlotOperand
 
@@ -47,21 +47,7 @@ def _rule_while_compiling(func: Callable) -> Optional[Callable]:
     return _RULES.get(func)
 
 
-def _reflect_matmul_under_dynamo() -> None:
-    """Dynamo traces ``d @ t`` (a Dual, not a tensor, left of a tensor) as the tensor's
-    reflected method with the operands swapped, as it does ``d - t``; but it has no reflected
-    entry for ``@`` and swaps the operands of ``Tensor.matmul`` itself, tracing ``t @ d``. Give
-    it the reflected entry (``Tensor.__rmatmul__(t, d)`` is ``d @ t``). A torch whose Dynamo
-    lays this out otherwise is left as it is (tests/test_compile.py checks the operators)."""
-    try:
-        from torch._dynamo.variables import builtin
-        builtin.populate_builtin_to_tensor_fn_map()
-        builtin.BUILTIN_TO_TENSOR_RFN_MAP.setdefault(operator.matmul, torch.Tensor.__rmatmul__)
-    except (ImportError, AttributeError):
-        pass
-
-
-_reflect_matmul_under_dynamo()
+when_dynamo_loads(add_reflected_matmul)
 
 
 def implements_fallback(rule: Callable) -> Callable:

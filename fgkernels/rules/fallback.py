@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
+from ..dual.dynamo import when_dynamo_loads
 from ..dual.tangents import dual_of
 from ..dual.value import Dual, differentiable, implements_fallback
 
@@ -83,11 +84,14 @@ def _as_operand(v):
     return v
 
 
-@torch.compiler.assume_constant_result
 def _describe(func: Callable) -> tuple[str, bool]:
-    """(the op's name, whether it writes its first operand in place: ``x.foo_(...)``)."""
+    """(the op's name, whether it writes its first operand in place: ``x.foo_(...)``); a
+    constant to Dynamo (marked when Dynamo loads)."""
     name = op_name(func)
     return name, name.endswith("_") and not name.endswith("__")
+
+
+when_dynamo_loads(lambda: torch.compiler.assume_constant_result(_describe))
 
 
 @implements_fallback

@@ -1,0 +1,85 @@
+"""What Dynamo needs to trace Duals, given to it when Dynamo loads, not before.
+
+Importing Dynamo takes about a second, as long as the rest of ``import torch``, and most users of
+fgkernels never compile: so fgkernels does not import it. What it tells Dynamo is registered
+with ``when_dynamo_loads``: run at once where Dynamo is already loaded, else by an import hook
+right after the ``torch._dynamo`` package has loaded (which ``torch.compile`` does before it
+traces anything).
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import operator
+import sys
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+DYNAMO = "torch._dynamo"
+# The Dynamo module whose table maps a builtin operator to a tensor's reflected method.
+BUILTIN_TABLES = "torch._dynamo.variables.builtin"
+
+_pending: list[Callable[[], None]] = []
+
+
+def when_dynamo_loads(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once Dynamo is loaded: now if it is, else right after it loads."""
+    if DYNAMO in sys.modules:
+        callback()
+        return
+    _pending.append(callback)
+    if _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+
+
+def _run_pending() -> None:
+    while _pending:
+        _pending.pop(0)()
+
+
+class _ThenRun(importlib.abc.Loader):
+    """A module's own loader, followed by the pending callbacks."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        _run_pending()
+
+    def __getattr__(self, name: str):  # get_source, is_package, ...: the loader's own
+        return getattr(self._loader, name)
+
+
+class _OnLoad(importlib.abc.MetaPathFinder):
+    """Finds the ``torch._dynamo`` package as the other finders do, its loader wrapped in
+    ``_ThenRun``; takes itself off ``sys.meta_path`` at once (one package, loaded once)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != DYNAMO:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRun(spec.loader)
+        return spec
+
+
+_hook = _OnLoad()
+
+
+def add_reflected_matmul() -> None:
+    """Dynamo traces ``d @ t`` (a Dual, not a tensor, left of a tensor) as the tensor's
+    reflected method with the operands swapped, as it does ``d - t``; but it has no reflected
+    entry for ``@`` and swaps the operands of ``Tensor.matmul`` itself, tracing ``t @ d``. Give
+    it the reflected entry (``Tensor.__rmatmul__(t, d)`` is ``d @ t``). A torch whose Dynamo
+    lays this out otherwise is left as it is (tests/test_compile.py checks the operators)."""
+    table = getattr(sys.modules.get(BUILTIN_TABLES), "BUILTIN_TO_TENSOR_RFN_MAP", None)
+    if isinstance(table, dict):
+        # Dynamo fills the table lazily and never with ``@`` (it skips it): the entry stays.
+        table.setdefault(operator.matmul, torch.Tensor.__rmatmul__)
