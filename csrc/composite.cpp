@@ -15,6 +15,8 @@
 namespace fgkernels {
 namespace {
 
+// Max pool from torch's kernel and a gather, for the devices without a kernel of their own (the
+// CPU has csrc/cpu/dual_max_pool2d.cpp).
 std::tuple<at::Tensor, at::Tensor> dual_max_pool2d(const at::Tensor& x, const at::Tensor& xt,
                                                    at::IntArrayRef kernel_size,
                                                    at::IntArrayRef stride,

@@ -51,7 +51,9 @@ def _clones(functions, kernel: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("kernel", [
     "span_sums<float, float>",
-    "ApplySpan<float, float, float>::plane"])
+    "ApplySpan<float, float, float>::plane",
+    "pool_row_nchw<float>",
+    "pool_row_nhwc<float>"])
 def test_hot_loops_have_a_baseline_an_avx2_and_an_avx512_version(functions, kernel):
     versions = _clones(functions, kernel)
     assert set(versions) == {"default", "arch_x86_64_v3", "arch_x86_64_v4"}, set(versions)

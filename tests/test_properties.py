@@ -2,6 +2,7 @@
 dtypes, slot counts, directions and broadcast patterns, and every op's primal and tangents must
 equal torch.autograd.forward_ad's, slot by slot, on every CPU backend."""
 import copy
+import math
 import warnings
 
 import pytest
@@ -306,18 +307,49 @@ def test_linear(lead, fin, fout, T, dtype, bias, which, seed, backend):
 @given(shape=st.tuples(st.integers(0, 2), dims, st.integers(3, 7), st.integers(3, 7)),
        k=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 1),
        dilation=st.integers(1, 2), ceil=st.booleans(), layout=layouts, T=slots,
-       seed=st.integers(0, 99), backend=backends)
-def test_max_pool2d(shape, k, stride, padding, dilation, ceil, layout, T, seed, backend):
+       seed=st.integers(0, 99), backend=backends,
+       values=st.sampled_from(["ties", "nonfinite", "normal"]))
+def test_max_pool2d(shape, k, stride, padding, dilation, ceil, layout, T, seed, backend, values):
+    """Random values, and windows whose argmax is torch's choice among equals: ties (the first
+    largest), NaNs (the last) and -inf (the window's first place), which the tangent follows."""
     padding = min(padding, k // 2)  # torch: padding at most half the kernel
     if dilation * (k - 1) + 1 > min(shape[2:]) + 2 * padding:
         dilation = 1
     g = torch.Generator().manual_seed(seed)
-    x = laid_out(torch.randn(*shape, generator=g, dtype=torch.float64), layout)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if values != "normal":
+        x = torch.randint(-2, 2, shape, generator=g).to(torch.float64)
+    if values == "nonfinite":
+        x[x == -2], x[x == 1] = float("-inf"), float("nan")
+    x = laid_out(x, layout)
     xt = torch.randn(T, *shape, generator=g, dtype=torch.float64)
     fn = lambda v: F.max_pool2d(v, k, stride, padding, dilation, ceil_mode=ceil)
     with fgkernels.use_backend(backend):
         out = fn(Dual(x, xt))
     _close(out, forward_ad_jvp(fn, [x], [xt]), torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("pool", [(2,), (3, 2, 1), (3, 1, 1, 2), (2, 2, 1, 1, True)])
+def test_max_pool2d_where_the_argmax_is_a_choice(pool, backend, layout):
+    """Every window holds ties, NaNs or -inf only: the tangent is taken where torch's argmax
+    is (the first of equal largest values, the last NaN, the first place of a window of -inf),
+    exactly, as forward_ad takes it."""
+    x = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 1.0, -1.0],
+                      [1.0, 1.0, math.nan, 1.0, math.nan, -1.0, -1.0],
+                      [-math.inf, -math.inf, 1.0, math.nan, math.nan, 1.0, 0.0],
+                      [-math.inf, -math.inf, -math.inf, 0.0, 0.0, 1.0, 1.0],
+                      [-math.inf, -math.inf, -math.inf, -math.inf, 1.0, 0.0, 1.0],
+                      [1.0, -math.inf, math.nan, -math.inf, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    x = laid_out(torch.stack([x, x.flip(1), x.flip(0)]).repeat(2, 1, 1, 1), layout)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    fn = lambda v: F.max_pool2d(v, *pool)  # noqa: E731
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x, xt))
+    y, yt = forward_ad_jvp(fn, [x], [xt])
+    torch.testing.assert_close(out.primal, y, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out.tangents, yt, rtol=0, atol=0)
 
 
 @PROFILE
