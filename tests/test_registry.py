@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fgkernels
 import fgkernels.backends as ops
@@ -86,18 +87,18 @@ def test_native_batch_norm_past_its_slot_limit_is_served_by_the_reference(monkey
 def test_a_backend_implements_only_what_it_accelerates(monkeypatch):
     """A backend that inherits ``Delegating`` and implements one op serves every op: the rest
     from its fallback, exact."""
-    class LinearOnly(Delegating):
-        name = "linear-only"
+    class ConvBatchNormOnly(Delegating):
+        name = "conv-bn-only"
         calls = 0
 
         def __init__(self):
             self.fallback = ReferenceBackend()
 
-        def linear(self, x, xt, p, plan):
-            LinearOnly.calls += 1
-            return self.fallback.linear(x, xt, p, plan)
+        def conv2d_batch_norm(self, *args):
+            ConvBatchNormOnly.calls += 1
+            return self.fallback.conv2d_batch_norm(*args)
 
-    monkeypatch.setattr(ops, "_loaded", {**ops._loaded, "reference": LinearOnly()})
+    monkeypatch.setattr(ops, "_loaded", {**ops._loaded, "reference": ConvBatchNormOnly()})
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
                                 torch.nn.MaxPool2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -106,9 +107,9 @@ def test_a_backend_implements_only_what_it_accelerates(monkeypatch):
     xt = torch.randn(2, *x.shape, dtype=torch.float64)
     _, expected = torch_jvp_multi(model, x, xt)
     with fgkernels.use_backend("reference"):
-        assert fgkernels.current_backend(x.device).name == "linear-only"
+        assert fgkernels.current_backend(x.device).name == "conv-bn-only"
         out = fgkernels.convert(model)(fgkernels.Dual(x, xt))
-    assert LinearOnly.calls > 0
+    assert ConvBatchNormOnly.calls > 0
     torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
 
 
@@ -150,3 +151,51 @@ def test_an_elementwise_op_the_library_lacks_runs_its_reference():
     with fgkernels.use_backend("native"):
         y, yt = op(x, xt)
     torch.testing.assert_close(yt, xt * 2)
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_a_layer_op_runs_its_kernel_where_the_library_has_one_else_its_reference(monkeypatch):
+    """A ``LayerOp`` (linear) on the native backend: the compiled op for a device the library
+    registered it for, its reference on any other and on the reference backend; either way the
+    input's and the parameters' terms land in their slots (the weight carries direction 1, the
+    input directions 0 and 1)."""
+    from fgkernels.rules.layers import _linear
+    assert "cpu" in _linear.devices
+    kernel_calls, reference_calls = [], []
+    compiled = torch.ops.fgkernels.dual_linear
+    monkeypatch.setattr(torch.ops.fgkernels, "dual_linear",
+                        lambda *args: kernel_calls.append(1) or compiled(*args))
+    reference = _linear.reference
+    monkeypatch.setattr(_linear, "reference",
+                        lambda *args: reference_calls.append(1) or reference(*args))
+    x, xt = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    w, wt = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    want = torch.stack([xt[0] @ w.T, xt[1] @ w.T + x @ wt.T])
+    for backend, devices, calls in (("native", {"cpu"}, kernel_calls),
+                                    ("native", set(), reference_calls),
+                                    ("reference", {"cpu"}, reference_calls)):
+        monkeypatch.setattr(_linear, "devices", frozenset(devices))
+        before = len(calls)
+        with fgkernels.use_backend(backend):
+            out = F.linear(fgkernels.Dual(x, xt, directions=[0, 1]),
+                           fgkernels.Dual(w, wt[None], directions=[1]), b)
+        assert len(calls) == before + 1, (backend, devices)
+        assert out.directions == (0, 1)
+        torch.testing.assert_close(out.tangents, want, **TOL[torch.float64])
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_a_layer_op_the_library_lacks_runs_its_reference():
+    """A library built before a layer op was declared: no kernel, no fake, the reference."""
+    from fgkernels.backends.base import LayerParams
+    from fgkernels.backends.layer_op import LayerOp
+    from fgkernels.dual.slots import plan
+    op = LayerOp("dual_not_built", lambda x, xt, w, wt, b, bt: (x * w, xt * w, None),
+                 check=lambda x, w, b: None, outputs=lambda x, w, b: x)
+    assert op.devices == frozenset()
+    x, xt, w = torch.randn(3), torch.randn(1, 3), torch.randn(3)
+    slots = fgkernels.Dual(x, xt).slot_operand()
+    with fgkernels.use_backend("native"):
+        y, yt = op(x, xt, LayerParams(w, None, None, None), plan([slots, None], "test"))
+    torch.testing.assert_close(yt, xt * w)

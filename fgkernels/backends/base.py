@@ -25,7 +25,7 @@ Opt = Optional[Tensor]
 Result = tuple[Tensor, Opt]
 
 __all__ = ["Backend", "Delegating", "LayerParams", "ConvArgs", "BatchNormArgs",
-           "SlotPlan", "Result", "check_stacked_tangent"]
+           "SlotPlan", "Result", "check_stacked_tangent", "shared_tangent_dtype", "param_slots"]
 
 
 def check_stacked_tangent(x: Tensor, xt: Tensor, name: str = "xt") -> None:
@@ -37,6 +37,20 @@ def check_stacked_tangent(x: Tensor, xt: Tensor, name: str = "xt") -> None:
     torch._check(tangent_dtype_fits(x.dtype, xt.dtype),
                  lambda: f"{name} must have dtype {x.dtype} or a floating dtype of fewer bits, "
                          f"got {xt.dtype}")
+
+
+def shared_tangent_dtype(x: Tensor, *tangents: Opt) -> torch.dtype:
+    """The dtype the tangents of one call (any of them None) share; x's without any."""
+    dtypes = {t.dtype for t in tangents if t is not None}
+    torch._check(len(dtypes) <= 1,
+                 lambda: f"the tangents of one call must share one dtype, got "
+                         f"{sorted(map(str, dtypes))}")
+    return dtypes.pop() if dtypes else x.dtype
+
+
+def param_slots(wt: Opt, bt: Opt) -> int:
+    """P, the parameter tangents' number of slots (0 without any)."""
+    return wt.shape[0] if wt is not None else (bt.shape[0] if bt is not None else 0)
 
 
 class LayerParams(NamedTuple):
@@ -104,9 +118,6 @@ class Backend(Protocol):
         """``y = W*x + b``, ``ẏ = W*ẋ + Ẇ*x + ḃ``; plan over (input, parameters). ``y``: the
         primal output when the caller has it (only the tangents are then computed)."""
 
-    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
-        """``y = xWᵀ + b``, ``ẏ = ẋWᵀ + xẆᵀ + ḃ``; plan over (input, parameters)."""
-
     def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
                    bn: BatchNormArgs) -> Result:
         """Batch norm (ReLU fused when ``bn.relu``), the running stats updated once from the
@@ -124,6 +135,12 @@ class Backend(Protocol):
         """An op declared as a ``kernel_op.KernelOp``: its compiled kernel where the backend
         has one for x's device that serves the call, else ``op.reference``."""
 
+    def layer_op(self, op, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                 *args) -> Result:
+        """An op declared as a ``layer_op.LayerOp``: its compiled kernel where the backend has
+        one for x's device that serves the call, else ``op.reference``; plan over (input,
+        parameters)."""
+
 
 class Delegating:
     """Every op taken from the backend's ``fallback``: a backend inherits this last and
@@ -134,9 +151,6 @@ class Delegating:
     def conv2d(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, conv: ConvArgs,
                y: Opt = None) -> Result:
         return self.fallback.conv2d(x, xt, p, plan, conv, y)
-
-    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
-        return self.fallback.linear(x, xt, p, plan)
 
     def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
                    bn: BatchNormArgs) -> Result:
@@ -150,4 +164,8 @@ class Delegating:
 
     def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
         return self.fallback.kernel_op(op, x, xt, *args)
+
+    def layer_op(self, op, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                 *args) -> Result:
+        return self.fallback.layer_op(op, x, xt, p, plan, *args)
 

@@ -68,14 +68,16 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-def check_linear(x: Tensor, w: Tensor) -> None:
-    """linear's input and weight."""
+def check_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> None:
+    """linear's input, weight and bias."""
     if x.dim() == 0 or w.dim() != 2:
         raise ValueError(f"linear: input must have at least 1 dim and weight 2, got shapes "
                          f"{tuple(x.shape)} and {tuple(w.shape)}")
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features, but weight of shape "
                          f"{tuple(w.shape)} expects {w.shape[1]}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"linear: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
 
 
 def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[Tensor]) -> None:

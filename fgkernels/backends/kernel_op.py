@@ -87,10 +87,4 @@ class KernelOp:
         return torch.empty_like(y), empty_slots(xt.shape[0], y, xt.dtype)
 
     def _register(self) -> None:
-        if not hasattr(torch.ops.fgkernels, self.name):  # a library built before the op
-            return
-        qualname = f"fgkernels::{self.name}"
-        has = lambda key: torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
-        composite = has("CompositeExplicitAutograd")  # one kernel for every device
-        self.devices = frozenset(d for d in ("cpu", "cuda") if composite or has(d.upper()))
-        torch.library.register_fake(qualname)(self.fake)
+        self.devices = native.register_fake(self.name, self.fake)

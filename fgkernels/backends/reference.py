@@ -56,25 +56,6 @@ class ReferenceBackend:
             parts.append((pt, p_pos))
         return y, place(plan.count, parts) if parts else None
 
-    # --- linear: y = xWᵀ + b,  ẏ = ẋWᵀ + xẆᵀ + ḃ --------------------------------------------------
-    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
-        w, wt, b, bt = p
-        y = F.linear(x, w, b)
-        x_pos, p_pos = plan.positions
-        parts = []
-        if xt is not None:
-            parts.append((F.linear(xt, w.to(plan.dtype)), x_pos))
-        if p_pos:
-            bias = None if bt is None else bt.reshape(bt.shape[0], *([1] * (y.dim() - 1)), -1)
-            if wt is not None:
-                x_in = x.to(plan.dtype)
-                pt = torch.stack([F.linear(x_in, wt[t]) for t in range(wt.shape[0])])
-                pt = pt if bias is None else pt + bias
-            else:
-                pt = bias.expand(bt.shape[0], *y.shape)
-            parts.append((pt, p_pos))
-        return y, place(plan.count, parts) if parts else None
-
     # --- batch norm (+ ReLU) ---------------------------------------------------------------------
     def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
                    bn: BatchNormArgs) -> Result:
@@ -125,6 +106,10 @@ class ReferenceBackend:
         h, ht = self.conv2d(x, xt, conv_p, conv_plan, conv, conv_y)
         return self.batch_norm(h, ht, bn_p, bn_plan, bn)
 
-    # --- an elementwise op: its own reference -----------------------------------------------
+    # --- an op declared with its own reference ----------------------------------------------
     def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
         return op.reference(x, xt, *args)
+
+    def layer_op(self, op, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                 *args) -> Result:
+        return op.placed(op.reference(x, xt, *p, *args), plan)

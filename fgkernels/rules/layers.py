@@ -23,6 +23,7 @@ from torch.nn.modules.utils import _pair
 from ..backends import contracts, current_backend
 from ..backends.base import BatchNormArgs, ConvArgs
 from ..backends.kernel_op import KernelOp
+from ..backends.layer_op import LayerOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
@@ -73,13 +74,34 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     return result(*current_backend(x.device).conv2d(x, xt, p, plan, conv, primal), plan)
 
 
+# linear: one compiled op for every device (csrc/composite.cpp: three GEMMs whatever the slots).
+def _linear_reference(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor],
+                      b: Optional[Tensor], bt: Optional[Tensor]):
+    """``y = xWᵀ + b``; the input's terms ``ẋWᵀ``, the parameters' ``xẆᵀ + ḃ`` (each None when
+    absent), in the tangents' dtype."""
+    y = F.linear(x, w, b)
+    dtype = next((t.dtype for t in (xt, wt, bt) if t is not None), x.dtype)
+    x_part = None if xt is None else F.linear(xt, w.to(dtype))
+    if wt is None and bt is None:
+        return y, x_part, None
+    bias = None if bt is None else bt.reshape(bt.shape[0], *([1] * (y.dim() - 1)), -1)
+    if wt is None:
+        return y, x_part, bias.expand(bt.shape[0], *y.shape)
+    x_in = x.to(dtype)
+    p_part = torch.stack([F.linear(x_in, wt[t]) for t in range(wt.shape[0])])
+    return y, x_part, p_part if bias is None else p_part + bias
+
+
+_linear = LayerOp("dual_linear", _linear_reference, check=contracts.check_linear,
+                  outputs=lambda x, w, b: F.linear(x, w, b))
+
+
 @implements(F.linear)
 @_no_grad
 def linear(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None) -> Dual:
     """Dual linear: ``y = xWᵀ + b``, ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
     x, xt, p, plan = layer_operands("linear", input, weight, bias)
-    contracts.check_linear(x, p.weight)
-    return result(*current_backend(x.device).linear(x, xt, p, plan), plan)
+    return result(*_linear(x, xt, p, plan), plan)
 
 
 @implements(F.batch_norm)

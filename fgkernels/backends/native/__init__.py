@@ -58,6 +58,22 @@ def load() -> Optional[str]:
     return _loaded["error"]
 
 
+def register_fake(name: str, fake: Callable) -> frozenset:
+    """Registers ``fake`` as the fake of ``torch.ops.fgkernels.<name>`` and returns the device
+    types the loaded library has a kernel of that op for (an op registered as a composite of
+    torch's ops serves every device); registers nothing and returns no device where the library
+    lacks the op (built before it was declared)."""
+    import torch
+
+    if not hasattr(torch.ops.fgkernels, name):
+        return frozenset()
+    qualname = f"fgkernels::{name}"
+    has = lambda key: torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)
+    composite = has("CompositeExplicitAutograd")
+    torch.library.register_fake(qualname)(fake)
+    return frozenset(d for d in ("cpu", "cuda") if composite or has(d.upper()))
+
+
 def required() -> bool:
     """Whether ``FGKERNELS_REQUIRE_NATIVE=1`` asks for the extension at ``import fgkernels``."""
     return os.environ.get(REQUIRE_VARIABLE) == "1"

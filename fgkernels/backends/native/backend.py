@@ -1,11 +1,12 @@
 """The native backend's ops: batch norm as one statistics pass and one apply pass that writes
-the primal and every tangent slot together (ReLU fused); the convolution and linear ops in three
-library calls whatever the number of tangents (``csrc/composite.cpp``), two when the caller
-already has the convolution's primal output. An op with no tangent in or out runs the plain
+the primal and every tangent slot together (ReLU fused); the convolution in three library calls
+whatever the number of tangents (``csrc/composite.cpp``), two when the caller already has its
+primal output. An op with no tangent in or out runs the plain
 torch op; what the ops do not serve is delegated to the reference backend: a convolution whose
 padding would be asymmetric and, on CUDA, a batch norm with more output slots than the kernel's
-launch parameters hold (``MAX_BN_SLOTS``). The ops of one input (ReLU, hardtanh, max pool) are
-``KernelOp``s: their compiled op where it serves, their reference elsewhere."""
+launch parameters hold (``MAX_BN_SLOTS``). The ops declared with their rules (``KernelOp``: ReLU,
+hardtanh, max pool; ``LayerOp``: linear) run their compiled op where it serves, their reference
+elsewhere."""
 from __future__ import annotations
 
 import torch
@@ -55,13 +56,6 @@ class NativeBackend(InPlaceConvBatchNorm):
         x_pos, p_pos = plan.positions
         return y, place(plan.count, [(x_part, x_pos), (p_part, p_pos)], owned=True)
 
-    def linear(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan) -> Result:
-        if plan.count == 0:
-            return F.linear(x, p.weight, p.bias), None
-        y, x_part, p_part = torch.ops.fgkernels.dual_linear(x, xt, *p)
-        x_pos, p_pos = plan.positions
-        return y, place(plan.count, [(x_part, x_pos), (p_part, p_pos)], owned=True)
-
     def batch_norm(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
                    bn: BatchNormArgs) -> Result:
         if plan.count == 0:
@@ -90,3 +84,10 @@ class NativeBackend(InPlaceConvBatchNorm):
     def kernel_op(self, op, x: Tensor, xt: Opt, *args) -> Result:
         kernel = op.kernel(x, *args) if xt is not None else None
         return op.reference(x, xt, *args) if kernel is None else kernel(x, xt, *args)
+
+    def layer_op(self, op, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
+                 *args) -> Result:
+        kernel = op.kernel(x, p.weight, *args) if plan.count else None
+        if kernel is None:
+            return op.placed(op.reference(x, xt, *p, *args), plan)
+        return op.placed(kernel(x, xt, *p, *args), plan, owned=True)

@@ -2,7 +2,8 @@
 module is imported (right after the ops themselves load), so that the ops trace under
 ``torch.compile`` and FakeTensor. Each checks what the C++ op checks first: the layer's own
 contract where the op is a layer (``contracts``, as its rule does in front), ``torch._check``
-for the rest. (The ops of one input declare theirs with their rules: ``kernel_op``.)"""
+for the rest. (The ops declared with their rules, ``KernelOp`` and ``LayerOp``, register their
+own.)"""
 from __future__ import annotations
 
 import torch
@@ -11,18 +12,10 @@ import torch.nn.functional as F
 from ...dual.dtypes import acc_dtype
 from ...dual.layout import empty_slots, kernel_format, slots_in_format
 from ..base import check_stacked_tangent as check_tangent
-from ..contracts import check_conv, check_linear
+from ..base import param_slots, shared_tangent_dtype
+from ..contracts import check_conv
 
 lib = torch.library
-
-
-def tangent_type(x, *tangents):
-    """The dtype that the tangents of one call (any of them None) share; x's without any."""
-    dtypes = {t.dtype for t in tangents if t is not None}
-    torch._check(len(dtypes) <= 1,
-                 lambda: f"the tangents of one call must share one dtype, got "
-                         f"{sorted(map(str, dtypes))}")
-    return dtypes.pop() if dtypes else x.dtype
 
 
 @lib.register_fake("fgkernels::dual_bn_stats")
@@ -98,11 +91,6 @@ def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu, tangent_dtyp
     return torch.empty_like(x), empty_slots(T, x, dtype)
 
 
-def param_slots(wt, bt):
-    """P, the parameter tangents' number of slots (0 without any)."""
-    return wt.shape[0] if wt is not None else (bt.shape[0] if bt is not None else 0)
-
-
 @lib.register_fake("fgkernels::dual_bn_apply_")
 def _(x, xt, center, scale, shift, t_xscale, t_shift, relu):
     return None
@@ -116,7 +104,7 @@ def _(x, xt, w, wt, b, bt, stride, padding, dilation, groups):
 
 
 def _conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
-    dtype = tangent_type(x, xt, wt, bt)
+    dtype = shared_tangent_dtype(x, xt, wt, bt)
     P = param_slots(wt, bt)
     p_part = empty_slots(P, y, dtype) if P else y.new_empty(0)
     if xt is None:
@@ -134,15 +122,3 @@ def _(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
                  lambda: f"y must have shape ({x.shape[0]}, {w.shape[0]}, H_out, W_out), "
                          f"got {tuple(y.shape)}")
     return _conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups)
-
-
-@lib.register_fake("fgkernels::dual_linear")
-def _(x, xt, w, wt, b, bt):
-    check_linear(x, w)
-    y = F.linear(x, w)
-    dtype = tangent_type(x, xt, wt, bt)
-    P = param_slots(wt, bt)
-    p_part = y.new_empty((P, *y.shape), dtype=dtype) if P else y.new_empty(0)
-    x_part = y.new_empty((xt.shape[0], *y.shape), dtype=dtype) if xt is not None \
-        else y.new_empty(0)
-    return y, x_part, p_part

@@ -1,0 +1,94 @@
+"""A layer op with parameters that the native backend runs as one compiled op: declared once,
+beside its rule, with everything the backends need.
+
+``LayerOp(name, reference, check, outputs, serves)``: ``name`` is the op of
+``torch.ops.fgkernels`` (its schema in csrc/fgkernels.cpp, its kernels in csrc/, each registered
+for its device or as a composite of torch's ops for all) that maps
+``(x, xt, w, wt, b, bt, *args)`` to ``(y, x_part, p_part)``: the primal output, the input's
+tangent terms ``(T, *y.shape)`` and the parameters' ``(P, *y.shape)`` (``w``'s and ``b``'s
+tangents carry the same P slots), each of the two empty when its tangents are absent.
+``reference`` takes the same arguments and computes the same with torch's ops (None for an
+absent part; the tangent terms in the tangents' dtype): the reference backend runs it, and the
+native one wherever the library has no kernel for the device or the kernel does not ``serve``
+the call. The output's slots are the two parts placed by the call's slot plan (``place``).
+``check(x, w, b, *args)`` is the op's argument contract (messages naming the argument): run in
+front of every call, and, with the tangents' stacking contract, in the op's fake, so that the op
+traces under ``torch.compile`` and refuses there what it refuses eagerly; ``outputs(x, w, b,
+*args)`` gives the fake its primal output.
+
+Adding a layer op is then its rule module's ``LayerOp``, the schema, and a kernel file per
+device (or one composite for all) (``backends/README.md``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..dual.layout import empty_slots
+from ..dual.slots import SlotPlan, place
+from . import current_backend, native
+from .base import LayerParams, check_stacked_tangent, param_slots, shared_tangent_dtype
+
+Tensor = torch.Tensor
+Opt = Optional[Tensor]
+Result = tuple[Tensor, Opt]
+Parts = tuple[Tensor, Opt, Opt]
+
+
+def always(x: Tensor, w: Tensor, *args) -> bool:
+    """A kernel that serves every call."""
+    return True
+
+
+class LayerOp:
+    """A layer op with parameters and a compiled kernel (see the module's docstring)."""
+
+    def __init__(self, name: str, reference: Callable[..., Parts], check: Callable[..., None],
+                 outputs: Callable[..., Tensor], serves: Callable[..., bool] = always):
+        self.name = name
+        self.reference = reference
+        self.check = check
+        self.outputs = outputs
+        self.serves = serves
+        # The device types the compiled library has a kernel of this op for; filled when it
+        # loads (``native.on_load``), so that a traced call reads it without asking torch.
+        self.devices: frozenset = frozenset()
+        native.on_load(self._register)
+
+    def __call__(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, *args) -> Result:
+        """``(y, yt)`` on the backend the registry picks for x's device; ``plan`` over (the
+        input, the parameters)."""
+        self.check(x, p.weight, p.bias, *args)
+        return current_backend(x.device).layer_op(self, x, xt, p, plan, *args)
+
+    def kernel(self, x: Tensor, w: Tensor, *args) -> Optional[Callable[..., Parts]]:
+        """The compiled op when the library has a kernel of it for x's device that serves
+        this call, else None."""
+        if x.device.type not in self.devices or not self.serves(x, w, *args):
+            return None
+        return getattr(torch.ops.fgkernels, self.name)
+
+    @staticmethod
+    def placed(parts: Parts, plan: SlotPlan, owned: bool = False) -> Result:
+        """``(y, yt)`` from the op's parts: each part's slots where the plan puts them
+        (``owned``: the parts are fresh and may be summed in place)."""
+        y, x_part, p_part = parts
+        x_pos, p_pos = plan.positions
+        terms = [(t, pos) for t, pos in ((x_part, x_pos), (p_part, p_pos)) if t is not None]
+        return y, place(plan.count, terms, owned=owned) if terms else None
+
+    def fake(self, x: Tensor, xt: Opt, w: Tensor, wt: Opt, b: Opt, bt: Opt, *args) -> Parts:
+        """The op on fake tensors: its contract checked, its outputs' shapes, dtypes and
+        layout."""
+        self.check(x, w, b, *args)
+        if xt is not None:
+            check_stacked_tangent(x, xt)
+        dtype = shared_tangent_dtype(x, xt, wt, bt)
+        y = self.outputs(x, w, b, *args)
+        P = param_slots(wt, bt)
+        x_part = empty_slots(xt.shape[0], y, dtype) if xt is not None else y.new_empty(0)
+        return y, x_part, empty_slots(P, y, dtype) if P else y.new_empty(0)
+
+    def _register(self) -> None:
+        self.devices = native.register_fake(self.name, self.fake)
