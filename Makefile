@@ -14,7 +14,7 @@ test: setup
 
 # The real-model tests against the package installed in .venv-models (-P: not the checkout).
 test-models: setup-models
-	.venv-models/bin/python -P -m pytest tests/test_real_models.py -q
+	.venv-models/bin/python -P -m pytest tests/nn/test_real_models.py -q
 
 lint:
 	.venv/bin/ruff check .

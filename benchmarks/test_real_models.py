@@ -30,7 +30,7 @@ def _case(name: str, quick: bool, compiled: bool):
 @pytest.mark.parametrize("provider", ["fgkernels", "fgkernels-compiled", "forward_ad"])
 def test_real_model_dual_pass(measure, quick, name, provider):
     if quick and provider == "fgkernels-compiled":
-        pytest.skip("compiling a real model takes minutes; tests/test_compile.py covers it")
+        pytest.skip("compiling a real model takes minutes; tests/nn/test_compile.py covers it")
     dual, forward_ad, expected = _case(name, quick, provider == "fgkernels-compiled")
     if provider != "forward_ad":
         dual()  # the compiled provider compiles here, outside the timing

@@ -89,9 +89,9 @@ tests() {
   # Eight processes: most of the time goes to Triton compiling each test's kernels.
   local parallel=()
   "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-  local ntk=tests/test_estimators.py::test_ntk_guess_draws_from_the_generator_and_leaves_global_rng_alone
-  limited $(( PART_LIMIT - 20 )) "${PYTEST[@]}" "${parallel[@]}" tests/test_triton.py \
-    tests/test_cuda_kernels.py tests/test_native.py "$ntk" --junitxml="$OUT/tests.xml"
+  local ntk=tests/train/test_estimators.py::test_ntk_guess_draws_from_the_generator_and_leaves_global_rng_alone
+  limited $(( PART_LIMIT - 20 )) "${PYTEST[@]}" "${parallel[@]}" tests/backends/test_triton.py \
+    tests/backends/test_cuda_kernels.py tests/backends/test_native.py "$ntk" --junitxml="$OUT/tests.xml"
 }
 
 bench() {

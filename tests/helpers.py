@@ -13,7 +13,7 @@ from fgkernels.dual.layout import slots_in_format
 from fgkernels.testing import forward_ad_jvp
 
 # Every backend that runs here; the op suites take all but Triton, whose own tests keep to the
-# tiny shapes its interpreter runs in time (tests/test_triton.py).
+# tiny shapes its interpreter runs in time (tests/backends/test_triton.py).
 BACKENDS = [b for b in ("reference", "native", "triton") if b in fgkernels.available_backends()]
 CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]
 # Against forward_ad: the tolerance of a float64 or float32 result.

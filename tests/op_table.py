@@ -1,6 +1,6 @@
 """The op table: one row per op family that fgkernels has a rule for, iterated by every op suite
-(tests/test_ops.py: float64 exactness on every backend, zero tangents skipped, channels_last;
-tests/test_mixed_precision.py: bfloat16 tangents and bfloat16 networks).
+(tests/rules/test_ops.py: float64 exactness on every backend, zero tangents skipped, channels_last;
+tests/dual/test_mixed_precision.py: bfloat16 tangents and bfloat16 networks).
 
 A row is a function of ``(x, w)`` that runs on Duals (fgkernels' rules) and on forward_ad's dual
 tensors (the oracle) alike, the shapes of x and w, and the oracle's own function where forward_ad

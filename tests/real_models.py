@@ -1,7 +1,7 @@
 """The real models the dual pass is checked on: every classification model of torchvision and a
 set of timm's, each built untrained with 10 classes at a small input in float64, and compared
 with torch.autograd.forward_ad (``fgkernels.testing.compare_with_forward_ad``). Used by
-``tests/test_real_models.py`` (a subset) and ``scripts/check_real_models.py`` (all of them)."""
+``tests/nn/test_real_models.py`` (a subset) and ``scripts/check_real_models.py`` (all of them)."""
 from __future__ import annotations
 
 import time

@@ -1,6 +1,6 @@
 """Small builds of the blocks that real classification CNNs are made of, written with plain
 torch.nn the way torchvision and timm write them, for checking ``fgkernels.convert`` end to end
-(tests/test_model_zoo.py) and timing its dual pass (benchmarks/test_models.py).
+(tests/nn/test_model_zoo.py) and timing its dual pass (benchmarks/test_models.py).
 
 Each ``build_*(w)`` returns a randomly initialised model of base width ``w`` (even) taking
 ``(N, 3, H, W)`` images and giving 10 logits; ``MODELS`` maps names to builders.

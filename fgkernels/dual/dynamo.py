@@ -78,7 +78,7 @@ def add_reflected_matmul() -> None:
     reflected method with the operands swapped, as it does ``d - t``; but it has no reflected
     entry for ``@`` and swaps the operands of ``Tensor.matmul`` itself, tracing ``t @ d``. Give
     it the reflected entry (``Tensor.__rmatmul__(t, d)`` is ``d @ t``). A torch whose Dynamo
-    lays this out otherwise is left as it is (tests/test_compile.py checks the operators)."""
+    lays this out otherwise is left as it is (tests/nn/test_compile.py checks the operators)."""
     table = getattr(sys.modules.get(BUILTIN_TABLES), "BUILTIN_TO_TENSOR_RFN_MAP", None)
     if isinstance(table, dict):
         # Dynamo fills the table lazily and never with ``@`` (it skips it): the entry stays.

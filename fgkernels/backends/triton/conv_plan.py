@@ -3,7 +3,7 @@ launch, deterministically (no autotuning at run time), so that the launcher know
 size it launches with, and the kernel report can compile exactly those launches.
 
 A plan fits the target: its software pipeline (``shared_bytes``, the shared memory Triton
-allocates for it, checked against the compiled kernels by ``tests/test_kernel_report.py``)
+allocates for it, checked against the compiled kernels by ``tests/backends/test_kernel_report.py``)
 within the block's shared memory, and its tiles within the register file without spilling
 (checked there too, for every launch the launcher makes).
 """
@@ -107,12 +107,12 @@ def plan_tiles(shape: LaunchShape, arch: int, shared_limit: int) -> TilePlan:
     reduction step from ``block_k``, 8 warps for a 128×64 accumulator or more, and as deep a
     pipeline as the shared memory holds (2 to 4 stages).
 
-    Register budget (``tests/test_kernel_report.py`` holds every launch below 240 of the 255 a
-    thread has): an epilogue summing a 128×128 tile for a batch norm holds three tile-sized
-    values and the tile's offsets per thread, split-float32 products their split operands,
-    and the (c, kh, kw) order each element's window position, each at or near the limit:
-    those launches take 64 columns; split-float32 products on mma (before sm_90) at most 3
-    stages."""
+    Register budget (``tests/backends/test_kernel_report.py`` holds every launch below 240 of
+    the 255 a thread has): an epilogue summing a 128×128 tile for a batch norm holds three
+    tile-sized values and the tile's offsets per thread, split-float32 products their split
+    operands, and the (c, kh, kw) order each element's window position, each at or near the
+    limit: those launches take 64 columns; split-float32 products on mma (before sm_90) at most
+    3 stages."""
     bm, bn = block_m(shape.rows), block_n(shape.c_out)
     if (shape.bn_stats or shape.split_fp32 or not shape.c_inner) and bm * bn > 128 * 64:
         bn = 64

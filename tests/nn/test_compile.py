@@ -18,7 +18,7 @@ from fgkernels.train.models import BasicBlock
 from helpers import TOL
 from op_table import OPS, inputs, math_attention
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _block_and_pass(training: bool):

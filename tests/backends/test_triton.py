@@ -22,7 +22,7 @@ from fgkernels.testing import forward_ad_jvp, round_to_tf32
 
 from helpers import rel_err
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from kernel_report import captured_launches  # noqa: E402
 
 pytestmark = [pytest.mark.triton,

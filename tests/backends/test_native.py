@@ -76,7 +76,7 @@ def _coefficient_args(C, training=True, params=True, dtype=torch.float32, x_pos=
 def test_bn_coefficients_kernel_matches_the_composite(slots, training, dtype):
     """The CPU kernel and the composite that CUDA runs (bn_math) give the same coefficients,
     for every way input and parameter slots can land (the whole batch norm against forward_ad:
-    the tests above and tests/test_functional.py)."""
+    the tests above and tests/rules/test_functional.py)."""
     x_pos, p_pos, count = slots
     args = _coefficient_args(6, training, bool(p_pos), dtype, x_pos, p_pos, count)
     inputs = [a for a in args if isinstance(a, torch.Tensor)]

@@ -12,7 +12,7 @@ from torch.utils.cpp_extension import include_paths
 
 from fgkernels.backends.native.backend import NativeBackend
 
-CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 TORCH_INCLUDES = [*[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}"]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import fgkernels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # `None` in sys.modules makes `from fgkernels import _C` raise ImportError, as an unbuilt or
 # unloadable extension does.
 PROGRAM = """

@@ -81,8 +81,8 @@ def test_conv2d(case, backend):
     _close(out, forward_ad_jvp(fn, [x, w, b], [xt, wt, bt]), dtype)
 
 
-# The Triton kernels in its interpreter (CPU tensors; on a GPU tests/test_triton.py runs them):
-# fewer examples, each launch being interpreted.
+# The Triton kernels in its interpreter (CPU tensors; on a GPU tests/backends/test_triton.py runs
+# them): fewer examples, each launch being interpreted.
 INTERPRETED_TRITON = "triton" in fgkernels.available_backends() and not torch.cuda.is_available()
 TRITON_PROFILE = settings(max_examples=12, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
