@@ -24,8 +24,9 @@ import torch
 
 from ..dual.layout import empty_slots, kernel_format
 from ..dual.value import Dual
-from . import current_backend, native
+from . import current_backend
 from .base import check_stacked_tangent
+from .compiled_op import CompiledOp, always
 
 Tensor = torch.Tensor
 Result = tuple[Tensor, Optional[Tensor]]
@@ -40,27 +41,14 @@ def elementwise(x: Tensor, *args) -> Tensor:
     return x
 
 
-def always(x: Tensor, *args) -> bool:
-    """A kernel that serves every call."""
-    return True
-
-
-class KernelOp:
+class KernelOp(CompiledOp):
     """An op of one input with a compiled kernel (see the module's docstring)."""
 
     def __init__(self, name: str, reference: Callable[..., Result],
                  check: Callable[..., None] = no_arguments,
                  outputs: Callable[..., Tensor] = elementwise,
                  serves: Callable[..., bool] = always):
-        self.name = name
-        self.reference = reference
-        self.check = check
-        self.outputs = outputs
-        self.serves = serves
-        # The device types the compiled library has a kernel of this op for; filled when it
-        # loads (``native.on_load``), so that a traced call reads it without asking torch.
-        self.devices: frozenset = frozenset()
-        native.on_load(self._register)
+        super().__init__(name, reference, check, outputs, serves)
 
     def __call__(self, x: Tensor, xt: Optional[Tensor], *args) -> Result:
         """``(y, yt)`` on the backend the registry picks for x's device."""
@@ -71,13 +59,6 @@ class KernelOp:
         """The op on a Dual: its primal and slots through ``self``, its directions kept."""
         return d.with_tangents(*self(d.primal, d.tangents, *args))
 
-    def kernel(self, x: Tensor, *args) -> Optional[Callable[..., Result]]:
-        """The compiled op when the library has a kernel of it for x's device that serves
-        this call, else None."""
-        if x.device.type not in self.devices or not self.serves(x, *args):
-            return None
-        return getattr(torch.ops.fgkernels, self.name)
-
     def fake(self, x: Tensor, xt: Tensor, *args) -> Result:
         """The op on fake tensors: its contract checked, its outputs' shapes, dtypes and
         layout."""
@@ -85,6 +66,3 @@ class KernelOp:
         self.check(x, *args)
         y = self.outputs(x, *args).contiguous(memory_format=kernel_format(x))
         return torch.empty_like(y), empty_slots(xt.shape[0], y, xt.dtype)
-
-    def _register(self) -> None:
-        self.devices = native.register_fake(self.name, self.fake)

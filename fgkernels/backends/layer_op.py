@@ -21,14 +21,15 @@ device (or one composite for all) (``backends/README.md``).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..dual.layout import empty_slots
 from ..dual.slots import SlotPlan, place
-from . import current_backend, native
+from . import current_backend
 from .base import LayerParams, check_stacked_tangent, param_slots, shared_tangent_dtype
+from .compiled_op import CompiledOp
 
 Tensor = torch.Tensor
 Opt = Optional[Tensor]
@@ -36,38 +37,14 @@ Result = tuple[Tensor, Opt]
 Parts = tuple[Tensor, Opt, Opt]
 
 
-def always(x: Tensor, w: Tensor, *args) -> bool:
-    """A kernel that serves every call."""
-    return True
-
-
-class LayerOp:
+class LayerOp(CompiledOp):
     """A layer op with parameters and a compiled kernel (see the module's docstring)."""
-
-    def __init__(self, name: str, reference: Callable[..., Parts], check: Callable[..., None],
-                 outputs: Callable[..., Tensor], serves: Callable[..., bool] = always):
-        self.name = name
-        self.reference = reference
-        self.check = check
-        self.outputs = outputs
-        self.serves = serves
-        # The device types the compiled library has a kernel of this op for; filled when it
-        # loads (``native.on_load``), so that a traced call reads it without asking torch.
-        self.devices: frozenset = frozenset()
-        native.on_load(self._register)
 
     def __call__(self, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan, *args) -> Result:
         """``(y, yt)`` on the backend the registry picks for x's device; ``plan`` over (the
         input, the parameters)."""
         self.check(x, p.weight, p.bias, *args)
         return current_backend(x.device).layer_op(self, x, xt, p, plan, *args)
-
-    def kernel(self, x: Tensor, w: Tensor, *args) -> Optional[Callable[..., Parts]]:
-        """The compiled op when the library has a kernel of it for x's device that serves
-        this call, else None."""
-        if x.device.type not in self.devices or not self.serves(x, w, *args):
-            return None
-        return getattr(torch.ops.fgkernels, self.name)
 
     @staticmethod
     def placed(parts: Parts, plan: SlotPlan, owned: bool = False) -> Result:
@@ -89,6 +66,3 @@ class LayerOp:
         P = param_slots(wt, bt)
         x_part = empty_slots(xt.shape[0], y, dtype) if xt is not None else y.new_empty(0)
         return y, x_part, empty_slots(P, y, dtype) if P else y.new_empty(0)
-
-    def _register(self) -> None:
-        self.devices = native.register_fake(self.name, self.fake)
