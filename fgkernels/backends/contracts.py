@@ -34,16 +34,19 @@ def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=1,
 
 
 def _usual_geometry(groups, stride, padding, dilation) -> bool:
-    """The geometry as an ``nn.Conv2d`` holds it (int pairs, positive groups, stride and
-    dilation), recognised in a few comparisons: checked on every convolution of a pass."""
-    return (type(groups) is int and groups >= 1 and type(stride) is tuple
-            and type(padding) is tuple and type(dilation) is tuple
-            and len(stride) == len(padding) == len(dilation) == 2
-            and type(stride[0]) is type(stride[1]) is int and stride[0] >= 1 and stride[1] >= 1
-            and type(dilation[0]) is type(dilation[1]) is int
-            and dilation[0] >= 1 and dilation[1] >= 1
-            and type(padding[0]) is type(padding[1]) is int
-            and padding[0] >= 0 and padding[1] >= 0)
+    """The geometry as an ``nn.Conv2d`` holds it (int pairs) or as ``F.conv2d`` is usually
+    called (ints), positive groups, stride and dilation, recognised in a few comparisons:
+    checked on every convolution of a pass."""
+    return (type(groups) is int and groups >= 1 and _usual(stride, 1) and _usual(dilation, 1)
+            and _usual(padding, 0))
+
+
+def _usual(v, least: int) -> bool:
+    """An int, or a pair of ints, each at least ``least``."""
+    if type(v) is int:
+        return v >= least
+    return (type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int
+            and v[0] >= least and v[1] >= least)
 
 
 def _check_conv_geometry(groups, stride, padding, dilation) -> None:
