@@ -10,6 +10,7 @@
 #include <ATen/native/Pool.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -35,6 +36,12 @@ inline void window(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d, int64_
   while (first < 0) first += d;
 }
 
+// Where a window's argmax starts, torch's before any value beats -inf: its first place
+// (ih0 * W + iw0), or -1 for a window wholly in the padding.
+inline int64_t first_place(int64_t ih0, int64_t ih1, int64_t iw0, int64_t iw1, int64_t W) {
+  return ih0 < ih1 && iw0 < iw1 ? ih0 * W + iw0 : -1;
+}
+
 // Whether v replaces the best value m: larger, or NaN.
 template <typename opmath_t>
 inline bool wins(opmath_t v, opmath_t m) {
@@ -52,12 +59,11 @@ FGK_CPU_KERNEL void pool_row_nchw(const PoolParams g, const scalar_t* __restrict
   using opmath_t = at::opmath_type<scalar_t>;
   int64_t ih0, ih1;
   window(oh, g.kH, g.sH, g.pH, g.dH, g.H, ih0, ih1);
-  // Nothing beats -inf: a window of -inf keeps its first place, torch's initial argmax.
   for (int64_t ow = 0; ow < g.Wo; ++ow) {
     int64_t iw0, iw1;
     window(ow, g.kW, g.sW, g.pW, g.dW, g.W, iw0, iw1);
     best[ow] = -std::numeric_limits<opmath_t>::infinity();
-    arg_row[ow] = ih0 < ih1 && iw0 < iw1 ? ih0 * g.W + iw0 : -1;
+    arg_row[ow] = first_place(ih0, ih1, iw0, iw1, g.W);
   }
   for (int64_t ih = ih0; ih < ih1; ih += g.dH) {
     const scalar_t* __restrict row = x + ih * g.W;
@@ -94,7 +100,7 @@ FGK_CPU_KERNEL void pool_row_nhwc(const PoolParams g, int64_t C, const scalar_t*
     int64_t iw0, iw1;
     window(ow, g.kW, g.sW, g.pW, g.dW, g.W, iw0, iw1);
     int64_t* __restrict arg = arg_row + ow * C;
-    const int64_t first = ih0 < ih1 && iw0 < iw1 ? ih0 * g.W + iw0 : -1;  // as in NCHW
+    const int64_t first = first_place(ih0, ih1, iw0, iw1, g.W);
     for (int64_t c = 0; c < C; ++c) {
       best[c] = -std::numeric_limits<opmath_t>::infinity();
       arg[c] = first;

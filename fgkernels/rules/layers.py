@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..backends import contracts, current_backend
-from ..backends.base import BatchNormArgs, ConvArgs
+from ..backends.base import BatchNormArgs, ConvArgs, shared_tangent_dtype
 from ..backends.kernel_op import KernelOp
 from ..backends.layer_op import LayerOp
 from ..backends.reference import relu_reference
@@ -80,7 +80,7 @@ def _linear_reference(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[T
     """``y = xWᵀ + b``; the input's terms ``ẋWᵀ``, the parameters' ``xẆᵀ + ḃ`` (each None when
     absent), in the tangents' dtype."""
     y = F.linear(x, w, b)
-    dtype = next((t.dtype for t in (xt, wt, bt) if t is not None), x.dtype)
+    dtype = shared_tangent_dtype(x, xt, wt, bt)
     x_part = None if xt is None else F.linear(xt, w.to(dtype))
     if wt is None and bt is None:
         return y, x_part, None

@@ -113,6 +113,17 @@ def test_a_backend_implements_only_what_it_accelerates(monkeypatch):
     torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
 
 
+def _count_calls(monkeypatch, op) -> tuple[list, list]:
+    """Lists that grow by one at each call of ``op``'s compiled op and of its reference."""
+    kernel_calls, reference_calls = [], []
+    compiled, reference = getattr(torch.ops.fgkernels, op.name), op.reference
+    monkeypatch.setattr(torch.ops.fgkernels, op.name,
+                        lambda *args: kernel_calls.append(1) or compiled(*args))
+    monkeypatch.setattr(op, "reference",
+                        lambda *args: reference_calls.append(1) or reference(*args))
+    return kernel_calls, reference_calls
+
+
 @pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
 def test_an_elementwise_op_runs_its_kernel_where_the_library_has_one_else_its_reference(
         monkeypatch):
@@ -121,13 +132,7 @@ def test_an_elementwise_op_runs_its_kernel_where_the_library_has_one_else_its_re
     backend."""
     from fgkernels.rules.layers import _relu
     assert "cpu" in _relu.devices
-    kernel_calls, reference_calls = [], []
-    compiled = torch.ops.fgkernels.dual_relu
-    monkeypatch.setattr(torch.ops.fgkernels, "dual_relu",
-                        lambda *args: kernel_calls.append(1) or compiled(*args))
-    reference = _relu.reference
-    monkeypatch.setattr(_relu, "reference",
-                        lambda *args: reference_calls.append(1) or reference(*args))
+    kernel_calls, reference_calls = _count_calls(monkeypatch, _relu)
     x = fgkernels.Dual(torch.randn(3, 4), torch.randn(2, 3, 4))
     want = x.tangents.masked_fill(x.primal <= 0, 0)
     for backend, devices, calls in (("native", {"cpu"}, kernel_calls),
@@ -161,13 +166,7 @@ def test_a_layer_op_runs_its_kernel_where_the_library_has_one_else_its_reference
     input directions 0 and 1)."""
     from fgkernels.rules.layers import _linear
     assert "cpu" in _linear.devices
-    kernel_calls, reference_calls = [], []
-    compiled = torch.ops.fgkernels.dual_linear
-    monkeypatch.setattr(torch.ops.fgkernels, "dual_linear",
-                        lambda *args: kernel_calls.append(1) or compiled(*args))
-    reference = _linear.reference
-    monkeypatch.setattr(_linear, "reference",
-                        lambda *args: reference_calls.append(1) or reference(*args))
+    kernel_calls, reference_calls = _count_calls(monkeypatch, _linear)
     x, xt = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
     w, wt = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     b = torch.randn(4, dtype=torch.float64)
