@@ -326,10 +326,11 @@ def sgd_step(net: BlockNet, opt, grads: dict, world: int = 1) -> None:
 
 
 def _record_cosines(net: BlockNet, grads: dict, truth: dict, cosines: dict) -> None:
-    """Append each block's cosine between its estimate and ``truth[j]``, a list in the order of
-    the block's parameters (``--diagnose``)."""
+    """Append the cosine between block j's estimate and ``truth[j]``, a list in the order of
+    the block's parameters, for every estimated block (``--diagnose``; the last block's
+    gradient is exact in every method)."""
     for j, true in truth.items():
-        names = list(net.block_parameters(j))
+        names = list(net.block_parameters(j)) if j < len(net.blocks) - 1 else []
         if names:
             est = [grads.get(n, torch.zeros_like(t)) for n, t in zip(names, true)]
             cosines.setdefault(j, []).append(_cosine(est, true))

@@ -17,15 +17,15 @@ AUX_NETS = ("cnn", "mlp", "linear")
 # The aux nets' hidden width at each arch's default width. The paper's, for ResNet-18: cnn 32
 # with 8 blocks and 16 with 16 (about 3 % of the blocks' FLOPs on 32×32 images, under its 10 %
 # bound), mlp 1024 / 512. The small CNN on 8×8 digits: its first block reads one channel, so
-# the cnn aux net at half the blocks' width would cost 15 % of their FLOPs; a quarter costs 5 %.
+# the cnn aux net at half the blocks' width would cost 13 % of their FLOPs; a quarter costs 5 %.
 AUX_WIDTH = {"resnet18-8b": {"cnn": 32, "mlp": 1024, "linear": 0},
              "resnet18-16b": {"cnn": 16, "mlp": 512, "linear": 0},
              "cnn": {"cnn": 4, "mlp": 32, "linear": 0}}
 # The cnn aux net's stride-2 convolutions after block j: the paper's three for the ResNets (on
-# 32×32 images). The small CNN's blocks give 8, 4, 4 and 2 px maps on 8×8 digits, which three
-# would shrink to 1×1 (3×3 convolutions of one pixel) before the net's 2×2 pool: its aux nets
-# stop downsampling at 2×2.
-AUX_DOWNSAMPLES = {"resnet18-8b": [3] * 7, "resnet18-16b": [3] * 15, "cnn": [2, 1, 1, 0]}
+# 32×32 images). The small CNN's first three blocks give 8, 4 and 4 px maps on 8×8 digits,
+# which three would shrink to 1×1 (3×3 convolutions of one pixel) before the net's 2×2 pool: its
+# aux nets stop downsampling at 2×2.
+AUX_DOWNSAMPLES = {"resnet18-8b": [3] * 7, "resnet18-16b": [3] * 15, "cnn": [2, 1, 1]}
 
 
 class BlockNet(nn.Module):
@@ -106,12 +106,11 @@ def _resnet18_16(in_channels: int, width: int) -> tuple[list[nn.Module], list[in
 
 
 def _small_cnn(in_channels: int, width: int) -> tuple[list[nn.Module], list[int]]:
-    """Four conv3×3-BN-ReLU blocks (two with stride 2), then an empty block: every conv block
-    is then estimated and only the classifier gets its exact gradient."""
-    widths = [width, 2 * width, 2 * width, 2 * width, 2 * width]
+    """Four conv3×3-BN-ReLU blocks, two with stride 2. As in the paper's splits, the last
+    block and the classifier get their exact gradient, the three before it their estimates."""
+    widths = [width, 2 * width, 2 * width, 2 * width]
     blocks = [conv_bn_relu(in_channels, widths[0]), conv_bn_relu(widths[0], widths[1], 2),
-              conv_bn_relu(widths[1], widths[2]), conv_bn_relu(widths[2], widths[3], 2),
-              nn.Sequential()]
+              conv_bn_relu(widths[1], widths[2]), conv_bn_relu(widths[2], widths[3], 2)]
     return blocks, widths
 
 

@@ -49,4 +49,4 @@ def test_cnn_aux_nets_downsample_as_the_paper_or_down_to_the_pool():
         assert all(len(s) == 3 for s in _stride2_inputs(net, torch.randn(1, 3, 32, 32)))
     net = build_model("cnn", 10, 1, "cnn").eval()
     sides = _stride2_inputs(net, torch.randn(1, 1, 8, 8))
-    assert sides == [[8, 4], [4], [4], []]
+    assert sides == [[8, 4], [4], [4]]
