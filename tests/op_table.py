@@ -101,7 +101,9 @@ OPS = {
                          bf16_network=False),
     "group_norm": OpCase(lambda x, w: F.group_norm(x, 3, w), (4, 6, 5, 5), (6,),
                          bf16_network=False),
-    "div_add": OpCase(lambda x, w: (x + 1) / (w * w + 1), (4, 6, 5, 5), (6, 1, 1)),
+    # denominators of either sign, at least 1 away from 0
+    "div_add": OpCase(lambda x, w: (x + 1) / ((w * w + 1) * torch.where(w > 0, 1, -1)),
+                      (4, 6, 5, 5), (6, 1, 1)),
     "cat_flatten": OpCase(lambda x, w: torch.cat([x, x * w], 1).flatten(1), (4, 6, 2, 2),
                           (6, 1, 1)),
     "matmul_softmax": OpCase(lambda x, w: torch.softmax(x @ w, -1), (3, 4, 5), (5, 6)),

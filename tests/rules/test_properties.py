@@ -166,7 +166,9 @@ def test_broadcasting_arithmetic(shapes, op, T, which, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     (sa, sb), fn = shapes, BINARY[op]
     a = torch.randn(sa, generator=g, dtype=dtype)
-    b = torch.rand(sb, generator=g, dtype=dtype) + 0.5
+    # |b| ≥ 0.5 of either sign: a quotient's tangent that lost b's sign shows
+    sign = torch.randint(0, 2, sb, generator=g).to(dtype) * 2 - 1
+    b = (torch.rand(sb, generator=g, dtype=dtype) + 0.5) * sign
     at = torch.randn(T, *sa, generator=g, dtype=dtype) if which != "right" else None
     bt = torch.randn(T, *sb, generator=g, dtype=dtype) if which != "left" else None
     out = fn(Dual(a, at) if at is not None else a, Dual(b, bt) if bt is not None else b)
