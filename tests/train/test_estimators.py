@@ -191,7 +191,6 @@ def test_no_dual_pass_where_no_direction_is_carried(target, space):
     assert [j for j in inputs if Dual in inputs[j]] == list(reached[space])
 
 
-
 @pytest.mark.parametrize("space", SPACES)
 @pytest.mark.parametrize("target", TARGETS)
 def test_dual_passes_carry_only_the_directions_a_target_still_needs(target, space):
@@ -199,11 +198,16 @@ def test_dual_passes_carry_only_the_directions_a_target_still_needs(target, spac
     block's for a global target, block j−1's for "above" (its target is block j's aux loss),
     none for a local one; a direction is dropped once its target is met, so a local target's
     pass costs one direction per block, not j."""
-    net = small_net()
-    carried = {}
+    net, carried = small_net(), {}
+
+    def record(j):
+        def hook(module, args):
+            if isinstance(args[0], Dual):
+                carried[j] = tuple(args[0].directions or ())
+        return hook
+
     for j, block in enumerate(net.blocks):
-        block.register_forward_pre_hook(lambda m, args, j=j: carried.__setitem__(
-            j, tuple(args[0].directions or ())) if isinstance(args[0], Dual) else None)
+        block.register_forward_pre_hook(record(j))
     x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
     estimate_gradients(net, x, y, target, "local", space)
     ahead = {"global": lambda j: tuple(range(j)), "above": lambda j: (j - 1,) if j else (),
@@ -211,6 +215,7 @@ def test_dual_passes_carry_only_the_directions_a_target_still_needs(target, spac
     assert carried == {j: ahead(j) for j in carried}
     assert len(carried) == (len(net.blocks) - 1 if space == "weight" else
                             0 if target == "local" else len(net.blocks) - 2)
+
 
 class _Counting(torch.nn.Module):
     """A layer whose forward writes a buffer of its own (a call counter)."""
