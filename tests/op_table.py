@@ -107,6 +107,8 @@ OPS = {
     "cat_flatten": OpCase(lambda x, w: torch.cat([x, x * w], 1).flatten(1), (4, 6, 2, 2),
                           (6, 1, 1)),
     "matmul_softmax": OpCase(lambda x, w: torch.softmax(x @ w, -1), (3, 4, 5), (5, 6)),
+    "softmax_vector": OpCase(lambda x, w: torch.softmax(x * w, 0) + F.log_softmax(w, 0),
+                             (6,), (6,)),
     "attention": OpCase(lambda x, w: F.scaled_dot_product_attention(x, x * w, x),
                         (2, 3, 5, 4), (4,),
                         ref=lambda x, w: math_attention(x, x * w, x)),
