@@ -12,6 +12,7 @@ from torch import nn
 
 import fgkernels
 from fgkernels import Dual
+from fgkernels.testing import compare_with_forward_ad
 
 from helpers import CPU_BACKENDS, TOL, torch_jvp_multi
 
@@ -104,6 +105,18 @@ def test_layer_config(name, converted, backend):
             plain(x)
     _assert_as_forward_ad_and_plain(out, (y, yt), dual, plain)
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("p,inplace", [(0.3, False), (0.3, True), (1.0, False)])
+def test_dropout_masks_the_primal_and_every_slot_as_torch_draws(p, inplace, backend):
+    """In training, one mask (torch's own draw: the same seed gives forward_ad the same one)
+    scales the primal and every tangent slot, in place too; p = 1 drops everything."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Dropout(p, inplace=inplace), nn.Linear(8, 3))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with fgkernels.use_backend(backend):
+        result = compare_with_forward_ad(net.double().train(), [x], num_tangents=3)
+    assert result["primal"] < 1e-12 and result["tangent"] < 1e-12, result
 
 ACTIVATIONS = {"none": None, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh,
                "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
