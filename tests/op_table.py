@@ -112,7 +112,8 @@ OPS = {
     "attention": OpCase(lambda x, w: F.scaled_dot_product_attention(x, x * w, x),
                         (2, 3, 5, 4), (4,),
                         ref=lambda x, w: math_attention(x, x * w, x)),
-    "pad_interpolate": OpCase(lambda x, w: F.interpolate(F.pad(x * w, (1, 0, 2, 1)),
+    # a constant pad of value 3: the tangent is padded with 0
+    "pad_interpolate": OpCase(lambda x, w: F.interpolate(F.pad(x * w, (1, 0, 2, 1), value=3.0),
                                                          scale_factor=2, mode="bilinear"),
                               (2, 3, 4, 4), (3, 1, 1)),
     "log_softmax": OpCase(lambda x, w: F.log_softmax(x + w, -1), (4, 7), (7,)),
@@ -120,6 +121,10 @@ OPS = {
                           (4, 6), (6,)),
     "clamp_tensor_bounds": OpCase(lambda x, w: torch.clamp(x, min=w - 0.5, max=w + 0.5)
                                   + x.clamp(max=w) * x.clamp(min=-w), (4, 6), (6,)),
+    # min > max: torch gives max and its tangent (everywhere in the first term; in the second
+    # where w² > w)
+    "clamp_crossed_bounds": OpCase(lambda x, w: torch.clamp(x, min=w + 0.5, max=w - 0.5)
+                                   + torch.clamp(x, min=w * w, max=w), (4, 6), (6,)),
     # ties: a bound equal to x gives the bound's tangent, two bounds give x's (torch's rule)
     "clamp_bound_ties": OpCase(lambda x, w: x.clamp(min=x.detach()) * w
                                + x.clamp(max=x.detach()) + x.clamp(x.detach(), x.detach() + w),
