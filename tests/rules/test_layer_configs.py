@@ -34,6 +34,14 @@ def _conv_bn(mode="zeros", **bn):
                          nn.ReLU())
 
 
+def _bn_untracked_eval():
+    block = _conv_bn()
+    block[1].running_mean.uniform_(-1, 1)
+    block[1].running_var.uniform_(0.5, 2)
+    block[1].track_running_stats = False
+    return block.eval()
+
+
 # name -> (a builder of the layer, the input's shape)
 LAYERS = {
     "conv_bn_relu": (_conv_bn, (3, 3, 5, 5)),
@@ -49,6 +57,11 @@ LAYERS = {
         (2, 4, 5, 5)),
     "bn_momentum_none": (lambda: _conv_bn(momentum=None), (3, 3, 4, 4)),
     "bn_no_running_stats": (lambda: _conv_bn(track_running_stats=False), (3, 3, 4, 4)),
+    # eval without running statistics normalises by the batch's, as torch does
+    "bn_no_running_stats_eval": (lambda: _conv_bn(track_running_stats=False).eval(),
+                                 (3, 3, 4, 4)),
+    # eval with statistics no longer tracked still normalises by the running ones
+    "bn_untracked_eval": (_bn_untracked_eval, (3, 3, 4, 4)),
     "bn_not_affine": (lambda: _conv_bn(affine=False), (3, 3, 4, 4)),
     "bn_eval": (lambda: _conv_bn().eval(), (3, 3, 4, 4)),
     "bn1d_features": (lambda: nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU()),
