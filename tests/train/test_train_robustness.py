@@ -81,6 +81,21 @@ def test_a_damaged_checkpoint_is_refused(digits, tmp_path):
               progress=False, dataset=digits)
 
 
+
+def test_the_digest_tells_apart_content_with_the_same_bytes():
+    """A checkpoint whose bytes are all there but arranged otherwise (a tensor reshaped or
+    reinterpreted, a key renamed, list items regrouped) is damaged too; equal content has
+    one digest."""
+    w = torch.arange(6, dtype=torch.float32)
+    state = {"model": {"w": w}, "history": [[1, 2], [3]]}
+    same = {"model": {"w": w.clone()}, "history": [[1, 2], [3]]}
+    assert checkpoint.content_digest(state) == checkpoint.content_digest(same)
+    for changed in ({"model": {"w": w.view(2, 3)}, "history": [[1, 2], [3]]},
+                    {"model": {"w": w.view(torch.int32)}, "history": [[1, 2], [3]]},
+                    {"model": {"v": w}, "history": [[1, 2], [3]]},
+                    {"model": {"w": w}, "history": [[1], [2, 3]]}):
+        assert checkpoint.content_digest(changed) != checkpoint.content_digest(state)
+
 class _Payload:
     """Unpickling this runs ``open(marker, 'w')``: the code a crafted checkpoint would run."""
 
