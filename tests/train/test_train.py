@@ -11,8 +11,8 @@ import torch
 from fgkernels import Dual
 from fgkernels.train.checkpoint import save_checkpoint
 from fgkernels.train.cli import main
-from fgkernels.train.data import load_dataset
-from fgkernels.train.loop import TrainConfig, train
+from fgkernels.train.data import load_dataset, train_batches
+from fgkernels.train.loop import TrainConfig, build_run, compute_gradients, sgd_step, train
 from fgkernels.train.models import build_model
 
 QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=6,
@@ -28,6 +28,25 @@ ALGOS = [dict(algo="backprop"), dict(algo="local"),
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")
+
+
+@pytest.mark.parametrize("overrides", [dict(algo="backprop"),
+                                       dict(algo="fg", guess="fixed-ntk", space="weight")],
+                         ids=["backprop", "fixed-ntk"])
+def test_a_step_leaves_parameters_without_a_gradient_as_they_are(digits, overrides):
+    """The aux heads take no gradient in backprop (none reaches them) or with a fixed-NTK guess
+    (their nets are never trained): a step moves no weight of theirs, neither by weight decay
+    nor by momentum, while the blocks move."""
+    cfg = TrainConfig(**QUICK, **overrides)
+    net, opt, _ = build_run(cfg, digits)
+    heads = [p.detach().clone() for h in net.heads[:-1] for p in h.parameters()]
+    blocks = [p.detach().clone() for p in net.blocks.parameters()]
+    x, y = next(iter(train_batches(digits, cfg.batch_size, torch.Generator().manual_seed(0))))
+    for _ in range(2):
+        sgd_step(net, opt, compute_gradients(net, x, y, cfg, torch.Generator())[0])
+    assert all(torch.equal(a, p) for a, p in
+               zip(heads, (p for h in net.heads[:-1] for p in h.parameters())))
+    assert not all(torch.equal(a, p) for a, p in zip(blocks, net.blocks.parameters()))
 
 
 @pytest.mark.parametrize("algo", ALGOS, ids=lambda a: "-".join(a.values()))
