@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fgkernels import Dual
+from fgkernels.train import data
 from fgkernels.train.checkpoint import save_checkpoint
 from fgkernels.train.cli import main
 from fgkernels.train.data import load_dataset, train_batches
@@ -29,6 +30,12 @@ ALGOS = [dict(algo="backprop"), dict(algo="local"),
 def digits():
     return load_dataset("digits")
 
+
+@pytest.mark.parametrize("batch_size", [64, 97, 5000])
+def test_the_test_set_is_read_whole_and_in_order(digits, batch_size):
+    """Evaluation sees every test sample once, the last partial batch included."""
+    xs, ys = zip(*data.test_batches(digits, batch_size))
+    assert torch.equal(torch.cat(xs), digits.test_x) and torch.equal(torch.cat(ys), digits.test_y)
 
 @pytest.mark.parametrize("overrides", [dict(algo="backprop"),
                                        dict(algo="fg", guess="fixed-ntk", space="weight")],
