@@ -180,3 +180,16 @@ def test_fallback_is_reported_and_strict_mode_refuses_it():
     with pytest.warns(UserWarning, match="'log_sigmoid' has no fgkernels rule"):
         torch.nn.functional.logsigmoid(x)
     assert fgkernels.fallback_ops()["log_sigmoid"] >= 1
+
+
+def test_strict_mode_holds_through_nested_blocks_and_from_the_environment(monkeypatch):
+    x = Dual(torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    with fgkernels.strict_rules():
+        with fgkernels.strict_rules():
+            pass
+        with pytest.raises(TypeError, match="no forward-mode rule"):
+            torch.nn.functional.softplus(x)  # still strict after the inner block
+    torch.nn.functional.softplus(x)  # not strict outside
+    monkeypatch.setenv("FGKERNELS_STRICT", "1")
+    with pytest.raises(TypeError, match="no forward-mode rule"):
+        torch.nn.functional.softplus(x)
