@@ -23,6 +23,16 @@ def test_use_backend_forces_and_restores():
     assert fgkernels.current_backend(cpu).name == default
 
 
+@pytest.mark.skipif("native" not in fgkernels.available_backends(),
+                    reason="fgkernels._C is not built")
+def test_the_innermost_use_backend_wins():
+    cpu = torch.device("cpu")
+    with fgkernels.use_backend("reference"):
+        with fgkernels.use_backend("native"):
+            assert fgkernels.current_backend(cpu).name == "native"
+        assert fgkernels.current_backend(cpu).name == "reference"
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown backend 'fast'; choose one of"):
         with fgkernels.use_backend("fast"):
