@@ -300,6 +300,8 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
 
 @pytest.mark.parametrize("case,error,message", [
     (lambda: Dual(torch.randn(2, 3), torch.randn(0, 2, 3)), ValueError, "T >= 1"),
+    (lambda: Dual(torch.randn(2, 3), torch.randn(2, 3, device="meta")), ValueError,
+     "is on meta, but the primal is on cpu"),
     (lambda: fgkernels.set_tangents(fgkernels.nn.DualLinear(3, 2),
                                     {"weight": torch.randn(0, 2, 3)}),
      ValueError, "T >= 1"),
@@ -323,7 +325,7 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     (lambda: fgkernels.set_tangents(fgkernels.nn.DualLinear(3, 2),
                                     {"weight": torch.randn(2, 3), "bias": torch.randn(1, 2)}),
      ValueError, "in its parameter's shape .* or every one stacked"),
-], ids=["T=0", "T=0 set_tangents", "0-d linear", "weight/bias T",
+], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
