@@ -137,6 +137,17 @@ def test_random_tangents_in_a_tangent_dtype_block():
             pass
 
 
+def test_an_explicit_dtype_wins_over_the_block_and_blocks_nest():
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3))).double()
+    dtype_of = lambda **kw: fgkernels.random_tangents(net, **kw)["0.weight"].dtype
+    with fgkernels.tangent_dtype(BF16):
+        assert dtype_of(dtype=torch.float32) == torch.float32
+        with fgkernels.tangent_dtype(torch.float16):
+            assert dtype_of() == torch.float16
+        assert dtype_of() == BF16  # the outer block's again
+    assert dtype_of() == torch.float64
+
+
 @pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="no extension")
 def test_native_ops_with_bfloat16_slots():
     """The raw ops take bfloat16 slots of float32 primals (opcheck: schema, fakes, dtypes), and
