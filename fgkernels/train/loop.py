@@ -329,11 +329,11 @@ def _record_cosines(net: BlockNet, grads: dict, truth: dict, cosines: dict) -> N
     """Append the cosine between block j's estimate and ``truth[j]``, a list in the order of
     the block's parameters, for every estimated block (``--diagnose``; the last block's
     gradient is exact in every method)."""
-    for j, true in truth.items():
-        names = list(net.block_parameters(j)) if j < len(net.blocks) - 1 else []
+    for j in range(len(net.blocks) - 1):
+        names = list(net.block_parameters(j))
         if names:
-            est = [grads.get(n, torch.zeros_like(t)) for n, t in zip(names, true)]
-            cosines.setdefault(j, []).append(_cosine(est, true))
+            est = [grads.get(n, torch.zeros_like(t)) for n, t in zip(names, truth[j])]
+            cosines.setdefault(j, []).append(_cosine(est, truth[j]))
 
 
 def _estimated_cosine(net: BlockNet, grads: dict, reference: dict) -> float:

@@ -131,6 +131,7 @@ def test_dropout_masks_the_primal_and_every_slot_as_torch_draws(p, inplace, back
         result = compare_with_forward_ad(net.double().train(), [x], num_tangents=3)
     assert result["primal"] < 1e-12 and result["tangent"] < 1e-12, result
 
+
 ACTIVATIONS = {"none": None, "relu": nn.ReLU, "relu6": nn.ReLU6, "hardtanh": nn.Hardtanh,
                "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
 

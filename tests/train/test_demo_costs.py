@@ -2,6 +2,7 @@
 progress reported as lines, not bars, where stderr is not a terminal."""
 import pytest
 
+from fgkernels.train import cost
 from fgkernels.train.cost import StepCost, measure_step_costs
 from fgkernels.train.data import load_dataset
 from fgkernels.train.loop import RunResult, TrainConfig, train
@@ -42,7 +43,6 @@ def test_costs_of_every_config_in_their_order(digits):
 def test_step_time_is_the_median_of_rounds_taken_in_turn(digits, monkeypatch):
     """After the warm-up steps the configurations take one step each in turn, and a step time is
     the median of a configuration's rounds (a slow outlier round moves neither)."""
-    from fgkernels.train import cost
     clock, order = [0.0], []
     steps = {"backprop": iter([9, 9, 1, 2, 3, 100, 5, 0]),   # 2 warm-up, 5 rounds, 1 memory
              "local": iter([9, 9, 10, 20, 30, 1000, 50, 0])}
@@ -59,6 +59,7 @@ def test_step_time_is_the_median_of_rounds_taken_in_turn(digits, monkeypatch):
     costs = cost.measure_step_costs(configs, digits, warmup=2, rounds=5)
     assert [c.step_time_s for c in costs] == [3, 30]
     assert order == ["backprop", "local"] * 8
+
 
 def test_progress_off_a_terminal_is_one_line_per_epoch(digits, capsys):
     train(TrainConfig(algo="local", **{**TINY, "epochs": 2}), dataset=digits, progress=True)

@@ -37,6 +37,7 @@ def test_the_test_set_is_read_whole_and_in_order(digits, batch_size):
     xs, ys = zip(*data.test_batches(digits, batch_size))
     assert torch.equal(torch.cat(xs), digits.test_x) and torch.equal(torch.cat(ys), digits.test_y)
 
+
 @pytest.mark.parametrize("overrides", [dict(algo="backprop"),
                                        dict(algo="fg", guess="fixed-ntk", space="weight")],
                          ids=["backprop", "fixed-ntk"])

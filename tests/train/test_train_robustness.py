@@ -81,7 +81,6 @@ def test_a_damaged_checkpoint_is_refused(digits, tmp_path):
               progress=False, dataset=digits)
 
 
-
 def test_the_digest_tells_apart_content_with_the_same_bytes():
     """A checkpoint whose bytes are all there but arranged otherwise (a tensor reshaped or
     reinterpreted, a key renamed, list items regrouped) is damaged too; equal content has
@@ -95,6 +94,7 @@ def test_the_digest_tells_apart_content_with_the_same_bytes():
                     {"model": {"v": w}, "history": [[1, 2], [3]]},
                     {"model": {"w": w}, "history": [[1], [2, 3]]}):
         assert checkpoint.content_digest(changed) != checkpoint.content_digest(state)
+
 
 class _Payload:
     """Unpickling this runs ``open(marker, 'w')``: the code a crafted checkpoint would run."""
