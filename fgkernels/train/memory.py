@@ -5,6 +5,13 @@ CPU: the CPU allocator reports every allocation and free to ``torch.profiler`` w
 memory; the running total of those events, in time order, peaks at what the region needed
 beyond what existed before it. Both see every tensor allocation, those made and freed inside a
 compiled op or a C++ kernel included, and none of the views that allocate nothing.
+
+What is counted is bytes allocated, written or not. On the CPU an allocation that is never
+written may take no physical memory (the pages of a large one are only mapped when first
+touched), so an op that allocates more than it writes peaks higher here than in the process's
+resident memory: torch 2.13's CPU batch-norm backward of a channels_last input allocates two
+tensors of its input gradient's size and writes one (a peak of two activations here, a growth
+of one in ``ru_maxrss``).
 """
 from __future__ import annotations
 
