@@ -433,6 +433,7 @@ def register_twin(cls: type, dual_cls: type) -> None:
                         f"both {cls.__name__} and fgkernels.nn.DualModule")
     TWINS[cls] = dual_cls
     _DUAL_CLASSES.add(dual_cls)
+    _class_twin.cache_clear()  # a class seen before (and its subclasses) now take the new twin
 
 
 # The methods of a twinned layer that a twin's dual forward stands in for: a subclass that

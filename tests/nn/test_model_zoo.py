@@ -93,7 +93,10 @@ def test_register_twin_is_checked_and_used():
 
     with pytest.raises(TypeError, match="must subclass both MyConv and fgkernels.nn.DualModule"):
         fgkernels.nn.register_twin(MyConv, fgkernels.nn.DualConv2d)
+    # Seen before registering: a subclass of Conv2d, which takes DualConv2d mixed in.
+    assert fgkernels.nn.twin_of(MyConv(2, 2, 1)) not in (None, DualMyConv)
     fgkernels.nn.register_twin(MyConv, DualMyConv)
+    assert fgkernels.nn.twin_of(MyConv(2, 2, 1)) is DualMyConv
     assert type(fgkernels.convert(nn.Sequential(MyConv(2, 2, 1)))[0]) is DualMyConv
 
 
