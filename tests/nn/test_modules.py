@@ -381,6 +381,14 @@ def test_public_top_level():
         _ = fgkernels.DualConv3d
 
 
+def test_every_twin_is_public():
+    """Every built-in twin is exported by fgkernels.nn (and resolves from the top level)."""
+    for twin in set(fgkernels.nn.TWINS.values()):
+        assert twin.__name__ in fgkernels.nn.__all__
+        assert getattr(fgkernels.nn, twin.__name__) is twin
+        assert getattr(fgkernels, twin.__name__) is twin
+
+
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_converted_conv_with_a_padding_mode(mode):
     """A convolution padding with input values pads the tangent alike, converted or not (the
