@@ -35,7 +35,7 @@ from .estimators import (
     preserved_buffers,
 )
 from .memory import PeakMemory
-from .models import BlockNet, build_model
+from .models import BlockNet, build_model, check_model_args
 
 ALGOS = ("backprop", "local", "fg")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -75,6 +75,7 @@ class TrainConfig:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
         check_choices(self.target, self.guess, self.space, self.noise)
+        check_model_args(self.arch, self.aux, self.aux_width, self.width)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -142,22 +142,37 @@ def final_head(channels: int, num_classes: int) -> nn.Module:
                          nn.Linear(channels, num_classes))
 
 
+_BUILDERS = {"resnet18-8b": (_resnet18_8, 64), "resnet18-16b": (_resnet18_16, 64),
+             "cnn": (_small_cnn, 16)}
+
+
+def check_model_args(arch: str, aux: str, aux_width: Optional[int] = None,
+                     width: Optional[int] = None) -> None:
+    """Raise ValueError naming a bad model argument of ``build_model`` (and the valid
+    choices), before anything is built."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if aux not in AUX_NETS:
+        raise ValueError(f"unknown aux net {aux!r}; choose one of {', '.join(AUX_NETS)}")
+    for name, value in (("width", width), ("aux_width", aux_width)):
+        if value is not None:
+            _check_positive(name, value)
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def build_model(arch: str, num_classes: int, in_channels: int, aux: str = "cnn",
                 aux_width: Optional[int] = None, width: Optional[int] = None) -> BlockNet:
     """A BlockNet of Dual layers: ``arch`` in ARCHS, ``aux`` in AUX_NETS. ``width`` is the first
     stage's channel count (64 for the ResNets, 16 for the small CNN). ``aux_width`` defaults to
     the paper's sizing relative to the blocks (``AUX_WIDTH``), scaled with ``width``."""
-    builders = {"resnet18-8b": (_resnet18_8, 64), "resnet18-16b": (_resnet18_16, 64),
-                "cnn": (_small_cnn, 16)}
-    if arch not in builders:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    if aux not in AUX_NETS:
-        raise ValueError(f"unknown aux net {aux!r}; choose one of {', '.join(AUX_NETS)}")
-    for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
-                        ("width", width), ("aux_width", aux_width)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    build, default_width = builders[arch]
+    check_model_args(arch, aux, aux_width, width)
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        _check_positive(name, value)
+    build, default_width = _BUILDERS[arch]
     width = width or default_width
     blocks, widths = build(in_channels, width)
     if aux_width is None:

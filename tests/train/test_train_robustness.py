@@ -155,8 +155,12 @@ def test_a_second_run_on_one_folder_is_refused_at_once(digits, tmp_path):
     ({}, dict(resume=True), FileNotFoundError, "no checkpoint to resume"),
     ({}, dict(resume=True, overwrite=True), ValueError, "pass one of them"),
     (dict(data="cifar10", data_dir="/nonexistent"), {}, FileNotFoundError, "CIFAR-10 not found"),
+    (dict(arch="vgg"), {}, ValueError, "unknown arch 'vgg'"),
+    (dict(aux="rnn"), {}, ValueError, "unknown aux net 'rnn'"),
+    (dict(width=0), {}, ValueError, "width must be a positive int, got 0"),
+    (dict(aux_width=2.5), {}, ValueError, "aux_width must be a positive int, got 2.5"),
 ], ids=["device", "meta device", "absent GPU", "batch size", "resume without checkpoint",
-        "resume and overwrite", "no cifar"])
+        "resume and overwrite", "no cifar", "arch", "aux", "width", "aux width"])
 def test_a_run_refused_makes_nothing(tmp_path, digits, overrides, kwargs, error, message):
     """Bad arguments, data or --out are refused with an error that names them, before the
     run's folder is made."""
@@ -166,6 +170,20 @@ def test_a_run_refused_makes_nothing(tmp_path, digits, overrides, kwargs, error,
         train(cfg, str(out), progress=False, **kwargs,
               dataset=None if "data" in overrides else digits)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides", [dict(arch="vgg"), dict(aux="rnn"), dict(width=0)],
+                         ids=["arch", "aux", "width"])
+def test_a_bad_model_with_overwrite_leaves_the_old_run(tmp_path, digits, overrides):
+    """``overwrite`` replaces a run only once the new one is known to start: a model argument
+    that build_model refuses leaves the old run's files as they were."""
+    cfg = TrainConfig(**{**QUICK, "epochs": 1})
+    train(cfg, str(tmp_path), progress=False, dataset=digits)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
+    with pytest.raises(ValueError, match=next(iter(overrides))):
+        train(TrainConfig(**{**QUICK, "epochs": 1, **overrides}), str(tmp_path), progress=False,
+              dataset=digits, overwrite=True)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
 
 
 def test_an_epoch_of_one_step_writes_null_and_the_table_a_dash(tmp_path, digits):
