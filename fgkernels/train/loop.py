@@ -241,12 +241,15 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
           stop_after: Optional[int] = None, overwrite: bool = False) -> RunResult:
     """Train ``cfg``; with ``out_dir``, write checkpoint.pt and metrics.jsonl there each epoch
     (``resume`` continues from that checkpoint; a fresh run refuses a non-empty ``out_dir``
-    unless ``overwrite``). ``stop_after`` ends the run after that many epochs in all, as an
-    interruption would. A non-finite loss stops the run with FloatingPointError. ``progress``:
+    unless ``overwrite``). ``stop_after`` ends the run after that many epochs in all (0: none),
+    as an interruption would. A non-finite loss stops the run with FloatingPointError. ``progress``:
     a progress bar on a terminal, elsewhere (a log, CI) one line per epoch on stderr. Bad
     arguments, data or ``out_dir`` are refused before anything is written. In a distributed
     run, process 0 holds and writes ``out_dir``."""
     cfg.validate()
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                   or stop_after < 0):
+        raise ValueError(f"stop_after must be an int >= 0 (epochs in all), got {stop_after!r}")
     rank, world = _rank_world()
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     batches_per_epoch(ds, cfg.batch_size, world)
@@ -293,7 +296,7 @@ def _train(cfg: TrainConfig, out_dir: Optional[str], resume: bool, progress: boo
             dist.broadcast(t, 0)
     progress = progress and rank == 0
     bar = progress and sys.stderr.isatty()
-    for epoch in range(start, min(cfg.epochs, stop_after or cfg.epochs)):
+    for epoch in range(start, cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)):
         result.history.append(_train_epoch(net, opt, ds, cfg, epoch, device, rank, world, bar))
         if progress and not bar:
             print(_epoch_line(cfg, result.history[-1]), file=sys.stderr, flush=True)

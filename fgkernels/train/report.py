@@ -31,7 +31,7 @@ def summary_table(results, costs=None) -> str:
     if costs is not None and len(costs) != len(results):
         raise ValueError(f"one cost per run: {len(costs)} costs for {len(results)} runs")
     cost = [(c.step_time_s, c.peak_memory_bytes) for c in costs] if costs is not None else \
-        [_history_cost(r) if r.history else (float("nan"), 0) for r in results]
+        [_history_cost(r) if r.history else (float("nan"), float("nan")) for r in results]
     base = next((i for i, r in enumerate(results) if r.config.algo == "backprop" and r.history),
                 None)
     rel = base is not None
@@ -43,15 +43,16 @@ def summary_table(results, costs=None) -> str:
         head.append("cos(est, full-precision est)")
     rows = []
     for r, (t, m) in zip(results, cost):
-        h = r.history[-1]
+        h = r.history[-1] if r.history else {}  # a run of no epoch (stopped before its first)
         if rel:
             bt, bm = cost[base]
-            time_cell, mem_cell = _cell(t / bt, 2), f"{m / bm:.2f}"
+            time_cell, mem_cell = _cell(t / bt, 2), _cell(m / bm, 2)
         else:  # a run of one step per epoch has no step time (its one step is the warm-up)
-            time_cell, mem_cell = _cell(1e3 * t, 1), f"{m / 2 ** 20:.1f}"
+            time_cell, mem_cell = _cell(1e3 * t, 1), _cell(m / 2 ** 20, 1)
         cos = _mean_cosine(r.history)
-        rows.append([r.config.label, f"{100 * h['test_acc']:.1f}%", f"{h['train_loss']:.3f}",
-                     time_cell, mem_cell, _cell(cos)])
+        acc = _cell(100 * h.get("test_acc", float("nan")), 1)
+        rows.append([r.config.label, acc if acc == "-" else acc + "%",
+                     _cell(h.get("train_loss", float("nan"))), time_cell, mem_cell, _cell(cos)])
         if precision:
             rows[-1].append(_cell(h.get("cosine_to_full_precision", float("nan")), 4))
     widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]

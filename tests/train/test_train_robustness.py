@@ -198,6 +198,24 @@ def test_an_epoch_of_one_step_writes_null_and_the_table_a_dash(tmp_path, digits)
     assert row.split("|")[4].strip() == "-"
 
 
+def test_stop_after_zero_runs_no_epoch_and_the_table_shows_dashes(digits):
+    """``stop_after=0`` stops before the first epoch (it ran every epoch), and the summary
+    table gives such a run a row of dashes (it raised IndexError)."""
+    result = train(TrainConfig(**{**QUICK, "epochs": 2}), progress=False, dataset=digits,
+                   stop_after=0)
+    assert result.history == []
+    cells = [c.strip() for c in summary_table([result]).splitlines()[-1].split("|")[2:-1]]
+    assert cells == ["-"] * 5
+
+
+@pytest.mark.parametrize("stop_after", [-1, True, 1.5])
+def test_a_bad_stop_after_is_refused_before_anything_is_written(tmp_path, digits, stop_after):
+    with pytest.raises(ValueError, match="stop_after must be an int >= 0"):
+        train(TrainConfig(**{**QUICK, "epochs": 1}), str(tmp_path / "run"), progress=False,
+              dataset=digits, stop_after=stop_after)
+    assert not (tmp_path / "run").exists()
+
+
 def test_parameters_gone_non_finite_stop_the_run_before_they_are_saved(tmp_path, digits):
     """One step at an absurd learning rate leaves no finite parameter: the epoch's test loss
     says so and the run stops (with one step the training loss never saw it)."""
