@@ -23,14 +23,19 @@ _local = threading.local()
 def tangent_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
     """Inside the block, the tangents that fgkernels draws (``random_tangents``, the trainer's
     directions) have ``dtype`` instead of their primal's (None: their primal's)."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"tangent_dtype: expected a floating torch.dtype or None, got {dtype!r}")
+    check_dtype(dtype, "tangent_dtype")
     previous = getattr(_local, "dtype", None)
     _local.dtype = dtype
     try:
         yield
     finally:
         _local.dtype = previous
+
+
+def check_dtype(dtype, who: str) -> None:
+    """Raise TypeError naming ``who`` unless ``dtype`` is a floating torch.dtype or None."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{who}: dtype must be a floating torch.dtype or None, got {dtype!r}")
 
 
 def default_tangent_dtype() -> Optional[torch.dtype]:

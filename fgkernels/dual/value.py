@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 from typing import Callable, NamedTuple, Optional
 
@@ -128,7 +129,13 @@ def inside_rule() -> bool:
 
 
 def _check_directions(directions: Sequence[int], count: int) -> tuple[int, ...]:
-    directions = tuple(int(d) for d in directions)
+    try:
+        items = () if isinstance(directions, (str, bytes)) else tuple(directions)
+        if len(items) != len(directions) or any(isinstance(d, bool) for d in items):
+            raise TypeError
+        directions = tuple(operator.index(d) for d in items)
+    except TypeError:
+        raise TypeError(f"directions must be a sequence of ints, got {directions!r}") from None
     if len(directions) != count:
         raise ValueError(f"directions has {len(directions)} entries for {count} tangents")
     if any(d < 0 for d in directions) or list(directions) != sorted(set(directions)):

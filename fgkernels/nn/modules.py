@@ -381,6 +381,8 @@ def reuse_conv_outputs(module: nn.Module) -> Iterator[None]:
     to the dual call, which may overwrite it in place (a fused batch norm does): a backward
     through a graph that saved it must run before (it raises after). Leaving the block drops
     whatever is left (an enclosing block keeps its own layers on)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"reuse_conv_outputs: expected an nn.Module, got {type(module).__name__}")
     convs = [m for m in module.modules()
              if isinstance(m, DualConv2d) and "_fg_kept" not in m.__dict__]
     for conv in convs:

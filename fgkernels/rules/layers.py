@@ -353,9 +353,16 @@ def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
     return result(y, torch.cat(pieces, tdim), plan)
 
 
-def add_direction(input: Dual, direction: int, tangent: Tensor) -> Dual:
-    """``input`` with one more labelled direction, whose tangent (primal-shaped) enters here: a
-    perturbation of this activation. ``input`` must not carry that direction already."""
+def add_direction(input: MaybeDual, direction: int, tangent: Tensor) -> Dual:
+    """``input`` (a Dual, or a Tensor: no direction yet) with one more labelled direction,
+    whose tangent (primal-shaped) enters here: a perturbation of this activation. ``input`` must
+    not carry that direction already."""
+    input = as_dual(input, "add_direction")
+    if isinstance(direction, bool) or not isinstance(direction, int) or direction < 0:
+        raise ValueError(f"add_direction: direction must be a non-negative int, got "
+                         f"{direction!r}")
+    if not isinstance(tangent, Tensor) or isinstance(tangent, Dual):
+        raise TypeError(f"add_direction: tangent must be a Tensor, got {type(tangent).__name__}")
     if tangent.shape != input.primal.shape:
         raise ValueError(f"add_direction: tangent has shape {tuple(tangent.shape)}, expected the "
                          f"primal's {tuple(input.primal.shape)}")

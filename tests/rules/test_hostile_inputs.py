@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fgkernels
+import fgkernels.functional as DF
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
 
@@ -325,12 +326,48 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     (lambda: fgkernels.set_tangents(fgkernels.nn.DualLinear(3, 2),
                                     {"weight": torch.randn(2, 3), "bias": torch.randn(1, 2)}),
      ValueError, "in its parameter's shape .* or every one stacked"),
+    (lambda: Dual(torch.ones(2), torch.ones(2, 2), directions="ab"), TypeError,
+     "directions must be a sequence of ints, got 'ab'"),
+    (lambda: Dual(torch.ones(2), torch.ones(1, 2), directions=5), TypeError,
+     "directions must be a sequence of ints, got 5"),
+    (lambda: Dual(torch.ones(2), torch.ones(1, 2), directions=[True]), TypeError,
+     "directions must be a sequence of ints"),
+    (lambda: DF.add_direction(Dual(torch.ones(2)), "a", torch.ones(2)), ValueError,
+     "add_direction: direction must be a non-negative int, got 'a'"),
+    (lambda: DF.add_direction(Dual(torch.ones(2)), 0, [1.0, 2.0]), TypeError,
+     "add_direction: tangent must be a Tensor, got list"),
+    (lambda: DF.add_direction("x", 0, torch.ones(2)), TypeError,
+     "add_direction: expected a Dual or Tensor input, got str"),
+    (lambda: fgkernels.clear_tangents(None), TypeError,
+     "clear_tangents: expected an nn.Module, got NoneType"),
+    (lambda: fgkernels.nn.reuse_conv_outputs(None).__enter__(), TypeError,
+     "reuse_conv_outputs: expected an nn.Module, got NoneType"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
-        "one single, one stacked tangent"])
+        "one single, one stacked tangent", "directions str", "directions int",
+        "directions bool", "add_direction direction", "add_direction tangent",
+        "add_direction input", "clear_tangents None", "reuse_conv_outputs None"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(direction=-1), ValueError, "direction must be a non-negative int, got -1"),
+    (dict(direction=1, num_tangents=2), ValueError, "give direction or num_tangents, not both"),
+    (dict(num_tangents=True), ValueError, "num_tangents must be a positive int, got True"),
+    (dict(dtype="bfloat16"), TypeError, "dtype must be a floating torch.dtype or None"),
+], ids=["direction", "direction and num_tangents", "bool num_tangents", "str dtype"])
+def test_random_tangents_checks_before_it_draws(kwargs, error, message):
+    """A refused call sets no tangent and leaves the generator where it was."""
+    layer, gen = fgkernels.nn.DualLinear(3, 2), torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(error, match=message):
+        fgkernels.random_tangents(layer, generator=gen, **kwargs)
+    assert torch.equal(gen.get_state(), state)
+    assert not isinstance(layer(Dual(torch.ones(1, 3))).tangents, torch.Tensor)
+    with pytest.raises(TypeError, match="random_tangents: expected an nn.Module, got Generator"):
+        fgkernels.random_tangents(gen)
 
 
 def test_hardtanh_bounds_out_of_order_are_refused_eagerly_and_when_traced(backend):
