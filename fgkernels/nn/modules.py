@@ -218,7 +218,7 @@ def _activation_twin(cls: type, rule, *attributes: str) -> type:
     return type(name, (DualModule, cls), {
         "dual_forward": dual_forward, "__module__": __name__, "__qualname__": name,
         "__doc__": f"``nn.{cls.__name__}`` that also runs the dual pass (``fgkernels."
-                   f"pointwise.{rule.__name__}``)."})
+                   f"rules.pointwise.{rule.__name__}``)."})
 
 
 DualHardswish = _activation_twin(nn.Hardswish, pointwise.hardswish, "inplace")

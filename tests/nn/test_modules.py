@@ -1,5 +1,7 @@
 """The Dual modules: twins of their torch.nn layers on tensors, and exact JVPs on Duals."""
 import copy
+import importlib
+import re
 
 import pytest
 import torch
@@ -387,6 +389,10 @@ def test_every_twin_is_public():
         assert twin.__name__ in fgkernels.nn.__all__
         assert getattr(fgkernels.nn, twin.__name__) is twin
         assert getattr(fgkernels, twin.__name__) is twin
+        # An activation twin's docstring names its rule by a path that resolves.
+        for path in re.findall(r"``(fgkernels\.[\w.]+)``", twin.__doc__ or ""):
+            module, _, name = path.rpartition(".")
+            assert hasattr(importlib.import_module(module), name), path
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
