@@ -11,7 +11,7 @@ import torch
 from .dtypes import tangent_dtype_fits
 from .dynamo import add_reflected_matmul, when_dynamo_loads
 from .layout import in_kernel_layout, kernel_format, slots_in_format
-from .slots import Directions, SlotOperand
+from .slots import Directions, SlotOperand, positions_index
 
 # torch function -> rule; filled by the modules of fgkernels.rules with the ops that have a JVP
 # rule, and by rules.indexing with the rule of Dual.__setitem__.
@@ -304,7 +304,7 @@ class Dual:
             return Dual._unchecked(primal, None, None, False)
         stack = self._stack[keep[0]:keep[-1] + 1].clone() \
             if keep == list(range(keep[0], keep[-1] + 1)) \
-            else self._stack[torch.tensor(keep, device=self._stack.device)]
+            else self._stack[positions_index(tuple(keep), self._stack.device)]
         return Dual._unchecked(primal, stack, tuple(self.directions[i] for i in keep), False)
 
     def detach(self) -> torch.Tensor:

@@ -51,3 +51,15 @@ def test_warm_dual_pass_makes_no_tensor_from_host_data(backend, input_tangent, t
         with _HostData() as mode:
             loss()
     assert not mode.seen, f"{len(mode.seen)} tensors made from host data in a warm pass"
+
+
+def test_warm_select_directions_makes_no_tensor_from_host_data():
+    """Keeping scattered directions (the trainer's targets do) indexes the slots with a cached
+    index tensor."""
+    d = Dual(torch.randn(2, 3), torch.randn(3, 2, 3), directions=[0, 1, 2])
+    d.select_directions([0, 2])  # warm
+    with _HostData() as mode:
+        kept = d.select_directions([0, 2])
+    assert not mode.seen
+    assert kept.directions == (0, 2)
+    assert torch.equal(kept.tangents, d.tangents[[0, 2]])
