@@ -99,12 +99,15 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     tangents, and the same pass by forward_ad (``model_jvp_in_place``), both from the same
     buffers and random state. Returns the relative errors of the outputs and their tangents
     (every floating output, nested ones included) and of the buffers after the pass, and the
-    ops that took the forward-AD fallback. No copy of the model is made (large models fit)."""
-    g = torch.Generator().manual_seed(seed)
+    ops that took the forward-AD fallback. No copy of the model is made (large models fit).
+    The tangents are drawn on the model's device (its first parameter's, else the first
+    input's)."""
+    device = next(model.parameters(), inputs[0] if inputs else torch.empty(0)).device
+    g = torch.Generator(device=device).manual_seed(seed)
     tangents = random_tangents(model, num_tangents=num_tangents, generator=g)
     clear_tangents(model)
-    input_tangents = [torch.randn(num_tangents, *x.shape, generator=g, dtype=x.dtype)
-                      for x in inputs]
+    input_tangents = [torch.randn(num_tangents, *x.shape, generator=g, dtype=x.dtype,
+                                  device=x.device) for x in inputs]
     buffers = dict(model.named_buffers())
     start = {k: v.clone() for k, v in buffers.items()}
     caches = _module_caches(model)

@@ -21,6 +21,13 @@ def test_the_dual_pass_matches_the_oracle_with_several_slots(num_tangents):
     assert result["primal"] < 1e-12 and result["tangent"] < 1e-10 and result["buffers"] < 1e-12
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_comparison_runs_on_the_model_s_device():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device="cuda")
+    result = compare_with_forward_ad(_net().cuda(), [x], num_tangents=2)
+    assert result["primal"] < 1e-12 and result["tangent"] < 1e-10 and result["buffers"] < 1e-12
+
+
 def test_the_oracle_updates_running_statistics_once_and_draws_alike_for_every_slot():
     net, x = _net(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
     plain = _net()
