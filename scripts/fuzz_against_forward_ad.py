@@ -164,6 +164,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=fgkernels.available_backends())
     args = parser.parse_args()
+    if args.cases < 1:
+        parser.error(f"--cases must be at least 1, got {args.cases}")
     limits = {torch.float64: 1e-8, torch.float32: 1e-4}
     failures = 0
     for dtype, limit in limits.items():
@@ -180,9 +182,9 @@ def main() -> int:
         done = [r for r in results if r is not None]
         bad = sum(err > bound for err, bound in done)
         failures += bad
+        worst = f"{max(err for err, _ in done):.2e}" if done else "-"
         print(f"{dtype}: {args.cases} cases ({args.cases - len(done)} skipped at a ReLU kink), "
-              f"worst relative error {max(err for err, _ in done):.2e} (limit {limit:.0e}), "
-              f"{bad} over the bound")
+              f"worst relative error {worst} (limit {limit:.0e}), {bad} over the bound")
     return 1 if failures else 0
 
 

@@ -48,8 +48,7 @@ if [ "$models" = 0 ]; then
 else
   if ! python -c "import torch, torchvision, timm, pytest, hypothesis, ninja, setuptools" 2>/dev/null; then
     python -m pip install -q --upgrade pip
-    # Both from this machine's disk on x86_64 (pip, Python 3.11); torchvision 0.29.1 needs
-    # torch 2.14.1.
+    # torchvision 0.29.1 needs torch 2.14.1.
     python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
     python -m pip install -q timm pytest hypothesis "${BUILD_TOOLS[@]}"
   fi

@@ -1,7 +1,7 @@
 """Resource report of fgkernels' GPU kernels, compiled ahead of time for real GPUs, without one.
 
     python tools/kernel_report.py [--arch 80 89 90] [--matrix full|quick|resnet18] [--json FILE]
-                                  [--table] [--cuda]
+                                  [--table] [--cuda] [--jobs N]
 
 Each Triton launch is compiled exactly as the launcher makes it: the launcher (``dual_conv2d``,
 ``dual_bn_relu_apply_``) runs on ``meta`` tensors, planned for the target GPU

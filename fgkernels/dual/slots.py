@@ -34,11 +34,6 @@ class SlotOperand(NamedTuple):
     single: bool  # one tangent of the primal's shape (unlabelled, count 1)
     dtype: Optional[torch.dtype] = None
 
-    def same_slots(self, other: SlotOperand) -> bool:
-        """True if both carry the same slots (their dtypes aside)."""
-        return (self.count, self.directions, self.single) == \
-            (other.count, other.directions, other.single)
-
 
 class SlotPlan(NamedTuple):
     """The output's slots, and where each operand's slots land among them."""
