@@ -328,15 +328,19 @@ class Dual:
     data = property(lambda self: self.primal.data)
 
     def size(self, dim: Optional[int] = None):
+        """The primal's size (of ``dim``)."""
         return self.primal.size() if dim is None else self.primal.size(dim)
 
     def dim(self) -> int:
+        """The primal's number of dimensions."""
         return self.primal.dim()
 
     def numel(self) -> int:
+        """The primal's number of elements."""
         return self.primal.numel()
 
     def is_contiguous(self, memory_format=torch.contiguous_format) -> bool:
+        """Whether the primal is contiguous in ``memory_format``."""
         return self.primal.is_contiguous(memory_format=memory_format)
 
     def __len__(self) -> int:
@@ -538,21 +542,27 @@ class Dual:
         return self._assign(torch.remainder(self, other))
 
     def add_(self, other, *, alpha=1) -> Dual:
+        """In place, as ``Tensor.add_`` (see ``_assign``)."""
         return self._assign(torch.add(self, other, alpha=alpha))
 
     def sub_(self, other, *, alpha=1) -> Dual:
+        """In place, as ``Tensor.sub_``."""
         return self._assign(torch.sub(self, other, alpha=alpha))
 
     def mul_(self, other) -> Dual:
+        """In place, as ``Tensor.mul_``."""
         return self._assign(torch.mul(self, other))
 
     def div_(self, other) -> Dual:
+        """In place, as ``Tensor.div_``."""
         return self._assign(torch.div(self, other))
 
     def relu_(self) -> Dual:
+        """In place, as ``Tensor.relu_``."""
         return self._assign(torch.relu(self))
 
     def clamp_(self, min=None, max=None) -> Dual:
+        """In place, as ``Tensor.clamp_``."""
         return self._assign(torch.clamp(self, min, max))
 
     def _assign(self, result: Dual) -> Dual:
@@ -638,9 +648,12 @@ class Dual:
         return Dual._unchecked(primal, stack, self.directions, self._single)
 
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> Dual:
+        """``torch.flatten`` of the primal and of each tangent slot."""
         return torch.flatten(self, start_dim, end_dim)
 
     def view(self, *shape) -> Dual:
+        """The primal and each slot in ``shape``: views of them where their layout allows,
+        as ``Tensor.view`` (the reshape rule). A dtype view is refused."""
         if len(shape) == 1 and isinstance(shape[0], torch.dtype):
             raise TypeError("a Dual cannot be viewed as another dtype (its bits reinterpreted "
                             "have no tangent); view its primal, d.primal.view(dtype)")
@@ -648,15 +661,18 @@ class Dual:
                              else shape)
 
     def backward(self, *args, **kwargs):
+        """Refused: a Dual has no autograd graph (see the message)."""
         raise TypeError("a Dual has no autograd graph to run backward on: the dual pass is "
                         "forward mode, and the tangent is already the directional derivative "
                         "(run the model on a plain tensor for backprop)")
 
     def reshape(self, *shape) -> Dual:
+        """``torch.reshape`` of the primal and of each tangent slot."""
         return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
                              else shape)
 
     def relu(self) -> Dual:
+        """``torch.relu``: the tangent kept where the primal is positive (or NaN)."""
         return torch.relu(self)
 
 

@@ -75,6 +75,7 @@ DEMO_COST_WARMUP, DEMO_COST_ROUNDS = 3, 15
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: ``run`` (one configuration) and ``demo`` (the comparison table)."""
     parser = argparse.ArgumentParser(prog="python -m fgkernels.train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train one configuration")
@@ -149,6 +150,7 @@ def demo_footnote(args, dataset) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command ``argv`` (default: the process's arguments); the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()

@@ -44,6 +44,7 @@ class Dataset:
 
     @property
     def in_channels(self) -> int:
+        """Channels of an input image."""
         return self.train_x.shape[1]
 
 

@@ -112,14 +112,17 @@ class TrainConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The network's dtype."""
         return DTYPES[self.dtype]
 
     @property
     def torch_tangent_dtype(self) -> torch.dtype:
+        """The tangents' dtype (the network's unless ``tangent_dtype`` is set)."""
         return DTYPES[self.tangent_dtype or self.dtype]
 
     @property
     def label(self) -> str:
+        """The run's name in the summary table and the plots."""
         if self.algo != "fg":
             return self.algo
         precision = "" if self.torch_tangent_dtype == self.torch_dtype else \

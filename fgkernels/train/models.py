@@ -40,6 +40,7 @@ class BlockNet(nn.Module):
         self.heads = nn.ModuleList(heads)
 
     def forward(self, x):
+        """The blocks in turn, then the classifier: class scores."""
         for block in self.blocks:
             x = block(x)
         return self.heads[-1](x)
@@ -82,6 +83,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x):
+        """relu(branch(x) + shortcut(x))."""
         out = self.branch(x)
         out += self.shortcut(x)  # in place, as torchvision writes it
         return self.relu(out)

@@ -25,6 +25,7 @@ def _kernels():
 
 def dual_bn_coefficients(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos, p_pos,
                          count, training, eps):
+    """``fgkernels::dual_bn_coefficients`` on CUDA: one Triton launch, or torch's ops."""
     check_coefficients_args(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos,
                             p_pos, count, training)
     return _kernels()[0](mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos, p_pos,
@@ -32,6 +33,7 @@ def dual_bn_coefficients(mean, var, tmean, tcov, weight, weight_t, bias, bias_t,
 
 
 def bn_update_running_stats_(running_mean, running_var, mean, var, n, momentum):
+    """``fgkernels::bn_update_running_stats_`` on CUDA: one Triton launch, or torch's ops."""
     check_running_stats_args(running_mean, running_var, mean, var)
     _kernels()[1](running_mean, running_var, mean, var, n, momentum)
 
