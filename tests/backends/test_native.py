@@ -83,7 +83,9 @@ def test_bn_coefficients_kernel_matches_the_composite(slots, training, dtype):
     for ours, composite in zip(ops.dual_bn_coefficients(*args),
                                bn_math.coefficients_composite(*args)):
         assert ours.dtype == dtype
-        torch.testing.assert_close(ours, composite, rtol=1e-6, atol=1e-7)
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else \
+            dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours, composite, **tol)
         # Fresh outputs, as the schema promises (also from the composite CUDA may run).
         assert not any(out.data_ptr() == a.data_ptr() for out in (ours, composite)
                        for a in inputs)
@@ -103,7 +105,8 @@ def test_running_stats_update_as_batch_norm_does(dtype):
     ref(x)
     ops.bn_update_running_stats_(*ours, mean, var, 45, 0.3)
     bn_math.update_running_stats_composite(*composite, mean, var, 45, 0.3)
-    tol = dict(rtol=2 ** -7, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    tol = {torch.bfloat16: dict(rtol=2 ** -7, atol=0), torch.float32: dict(rtol=1e-6, atol=1e-6),
+           torch.float64: dict(rtol=1e-12, atol=1e-14)}[dtype]
     for buffers in (ours, composite):
         torch.testing.assert_close(buffers[0], ref.running_mean, **tol)
         torch.testing.assert_close(buffers[1], ref.running_var, **tol)
