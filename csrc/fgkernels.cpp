@@ -6,7 +6,11 @@
 // the primal's accumulation dtype). The tangents of one call share one dtype. Ops return empty
 // tensors for outputs that have no terms.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <vector>
 
 extern "C" {
 // Importing fgkernels._C loads this library, which runs the TORCH_LIBRARY registrations below.
@@ -44,7 +48,7 @@ TORCH_LIBRARY(fgkernels, m) {
         "int[] p_pos, int count, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // nn.BatchNorm2d's running-statistics update from a batch of n values per channel, in float64
   // and rounded once to the buffers' dtype: r <- momentum stat + (1 - momentum) r, with the
-  // unbiased variance var n / (n - 1).
+  // unbiased variance var n / (n - 1) (n > 1).
   m.def("bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
         "Tensor var, int n, float momentum) -> ()");
   // Batch-norm apply as a per-channel affine map of (x - center, xt), ReLU optional:
@@ -75,4 +79,38 @@ TORCH_LIBRARY(fgkernels, m) {
   // Dual linear in two GEMMs, arranged as dual_conv2d.
   m.def("dual_linear(Tensor x, Tensor? xt, Tensor weight, Tensor? weight_t, Tensor? bias, "
         "Tensor? bias_t) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+// The in-place ops bump the version counters of the tensors their schema writes (Tensor(a!)),
+// as torch's in-place ops do: autograd then refuses a backward through a graph that saved one
+// of them. (torch's boxed fallback for this key bumps only the outputs that alias an input,
+// and these ops return nothing.)
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                           torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  std::vector<at::Tensor> written;
+  const auto values = torch::jit::last(*stack, arguments.size());
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const auto* alias = arguments[i].alias_info();
+    if (alias != nullptr && alias->isWrite() && values[i].isTensor()) {
+      written.push_back(values[i].toTensor());
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const auto& t : written) {
+    if (t.defined()) torch::autograd::impl::bump_version(t);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fgkernels, ADInplaceOrView, m) {
+  m.impl("dual_bn_apply_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("bn_update_running_stats_",
+         torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }

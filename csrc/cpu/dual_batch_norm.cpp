@@ -416,10 +416,14 @@ void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_v
   TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(), "running_mean and "
               "running_var must share a dtype, got ", running_mean.scalar_type(), " and ",
               running_var.scalar_type());
+  TORCH_CHECK(n > 1, "bn_update_running_stats_: n (values per channel) must be more than 1 for "
+              "the unbiased variance n / (n - 1), got ", n);
+  check_writable(running_mean, "running_mean", running_var, "running_var");
+  check_writable(running_var, "running_var", running_mean, "running_mean");
   const at::Tensor m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
   const double* pm = m.const_data_ptr<double>();
   const double* pv = v.const_data_ptr<double>();
-  const double unbias = static_cast<double>(n) / static_cast<double>(std::max<int64_t>(n - 1, 1));
+  const double unbias = static_cast<double>(n) / static_cast<double>(n - 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(),
                                   "bn_update_running_stats_", [&] {
     // Strided access: the buffers are updated where they are.

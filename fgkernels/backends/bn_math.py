@@ -125,6 +125,6 @@ def update_running_stats_composite(running_mean: Tensor, running_var: Tensor, me
     """``bn_update_running_stats_`` in torch's ops: ``r ← m·stat + (1 - m)·r`` with the
     unbiased variance, as ``nn.BatchNorm2d`` does, in float64 and rounded once to the buffers'
     dtype."""
-    unbiased = var.double() * (n / max(n - 1, 1))
+    unbiased = var.double() * (n / (n - 1))
     for buf, stat in ((running_mean, mean.double()), (running_var, unbiased)):
         buf.copy_(momentum * stat + (1 - momentum) * buf.double())

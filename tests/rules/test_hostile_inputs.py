@@ -108,6 +108,40 @@ def test_raw_ops_refuse_aliased_or_grad_leaf_outputs_and_mismatched_slots():
                         [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match=r"bias must have shape \[4\], got \[5\]"):
         ops.dual_conv2d(x, None, w, None, torch.randn(5), None, [1, 1], [0, 0], [1, 1], 1)
+    stats = (torch.zeros(3), torch.ones(3))
+    for n in (1, 0, -5):
+        with pytest.raises(RuntimeError, match=f"n \\(values per channel\\) must be more than 1 "
+                                               f".*, got {n}"):
+            ops.bn_update_running_stats_(torch.zeros(3), torch.ones(3), *stats, n, 0.1)
+    with pytest.raises(RuntimeError, match="running_mean and running_var share memory"):
+        buffer = torch.zeros(3)
+        ops.bn_update_running_stats_(buffer, buffer, *stats, 10, 0.1)
+    with pytest.raises(RuntimeError, match="running_mean is a leaf tensor that requires grad"):
+        ops.bn_update_running_stats_(torch.zeros(3, requires_grad=True), torch.ones(3), *stats,
+                                     10, 0.1)
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_raw_in_place_ops_bump_the_version_of_what_they_write():
+    """As torch's in-place ops: autograd then refuses a backward through a graph that saved a
+    tensor written since."""
+    ops = torch.ops.fgkernels
+    x, xt = torch.randn(2, 3, 4, 4), torch.randn(1, 2, 3, 4, 4)
+    coef = (torch.randn(3), torch.randn(3), torch.randn(3), torch.randn(1, 3), torch.randn(1, 3))
+    before = x._version, xt._version
+    ops.dual_bn_apply_(x, xt, *coef, False)
+    assert x._version > before[0] and xt._version > before[1]
+    running = (torch.zeros(3), torch.ones(3))
+    before = [b._version for b in running]
+    ops.bn_update_running_stats_(*running, torch.zeros(3), torch.ones(3), 10, 0.1)
+    assert all(b._version > v for b, v in zip(running, before))
+    w = torch.randn(3, requires_grad=True)
+    y = torch.randn(2, 3, 4, 4)
+    saved = y * 1.0
+    loss = (w.view(1, 3, 1, 1) * saved).sum()  # saves `saved` for w's gradient
+    ops.dual_bn_apply_(saved, None, *coef[:3], torch.randn(0, 3), torch.randn(0, 3), False)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 # --- empty tensors follow torch.nn ----------------------------------------------------------

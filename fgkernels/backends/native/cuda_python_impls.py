@@ -34,7 +34,7 @@ def dual_bn_coefficients(mean, var, tmean, tcov, weight, weight_t, bias, bias_t,
 
 def bn_update_running_stats_(running_mean, running_var, mean, var, n, momentum):
     """``fgkernels::bn_update_running_stats_`` on CUDA: one Triton launch, or torch's ops."""
-    check_running_stats_args(running_mean, running_var, mean, var)
+    check_running_stats_args(running_mean, running_var, mean, var, n)
     _kernels()[1](running_mean, running_var, mean, var, n, momentum)
 
 

@@ -61,8 +61,10 @@ def _(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos, p_pos, coun
             mean.new_empty((count, C)))
 
 
-def check_running_stats_args(running_mean, running_var, mean, var):
+def check_running_stats_args(running_mean, running_var, mean, var, n):
     """bn_update_running_stats_'s arguments, as the CPU op checks them."""
+    torch._check(n > 1, lambda: f"bn_update_running_stats_: n (values per channel) must be more "
+                                f"than 1 for the unbiased variance n / (n - 1), got {n}")
     C = mean.shape[0]
     for name, t in (("var", var), ("running_mean", running_mean),
                     ("running_var", running_var)):
@@ -74,7 +76,7 @@ def check_running_stats_args(running_mean, running_var, mean, var):
 
 @lib.register_fake("fgkernels::bn_update_running_stats_")
 def _(running_mean, running_var, mean, var, n, momentum):
-    check_running_stats_args(running_mean, running_var, mean, var)
+    check_running_stats_args(running_mean, running_var, mean, var, n)
     return None
 
 

@@ -173,7 +173,7 @@ def bn_update_running_stats_(running_mean, running_var, mean, var, n: int,
     # The kernel reads its float64 factors from memory (a number passed to a kernel is
     # float32), filled on the device: a tensor made from numbers is a copy from the host.
     factors = torch.full((2,), momentum, dtype=torch.float64, device=mean.device)
-    factors[1:].fill_(n / max(n - 1, 1))
+    factors[1:].fill_(n / (n - 1))
     block = 128
     _bn_update_running_stats_kernel[(triton.cdiv(mean.shape[0], block),)](
         running_mean, running_var, mean.contiguous(), var.contiguous(), factors,
