@@ -21,6 +21,11 @@ namespace {
 constexpr int64_t kLanes = 16;
 // Elements a parallel task should cover at least (smaller inputs run on one thread).
 constexpr int64_t kGrainElements = 32768;
+// Values a lane adds in acc_t before its partial moves into a double sum: float32 partials of
+// more values would lose precision with the number of values (a 1024×1024 plane).
+constexpr int64_t kValuesPerFlush = 256;
+// Values per channel whose mean is the shift of the sums (see shifts()).
+constexpr int64_t kShiftSample = 256;
 
 // Lane partials of Σ(a - k) and Σ(a - k)² over a span, added into p1, p2 (kLanes each). The
 // partials stay apart from one span to the next, so no span pays a horizontal reduction.
@@ -87,11 +92,11 @@ FGK_CPU_KERNEL void row_tangent_sums(const scalar_t* __restrict x, const tangent
   }
 }
 
-// The statistics of stats_from_sums from the block partials ``part`` (blocks, 2 + 2T, C):
-// mean, var (C,) and tmean, tcov (T, C) in acc_t, every sum in double.
-template <typename acc_t, typename scalar_t>
+// The statistics of stats_from_sums from the block partials ``part`` (blocks, 2 + 2T, C) of
+// sums shifted by k: mean, var (C,) and tmean, tcov (T, C) in acc_t, every sum in double.
+template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
-    const DualInput& in, const scalar_t* x, const double* part, int64_t blocks) {
+    const DualInput& in, const std::vector<acc_t>& k, const double* part, int64_t blocks) {
   const int64_t C = in.channels, T = in.T, quantities = 2 + 2 * T, width = quantities * C;
   const at::TensorOptions options =
       in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -106,10 +111,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
     for (int64_t b = 0; b < blocks; ++b) {
       for (int64_t q = 0; q < quantities; ++q) sums[q] += part[b * width + q * C + c];
     }
-    // With the shift k = x[0, c, 0...]: mean = k + d1, var = Σ(x-k)²/n - d1² (clamped at 0; a
-    // NaN stays), mean(ẋ) = Σẋ/n, mean((x - mean)·ẋ) = Σ(x-k)·ẋ/n - d1·mean(ẋ).
+    // With the shift k: mean = k + d1, var = Σ(x-k)²/n - d1² (clamped at 0; a NaN stays),
+    // mean(ẋ) = Σẋ/n, mean((x - mean)·ẋ) = Σ(x-k)·ẋ/n - d1·mean(ẋ).
     const double d1 = sums[0] / n, spread = sums[1] / n - d1 * d1;
-    m[c] = static_cast<acc_t>(static_cast<double>(x[c * in.inner]) + d1);
+    m[c] = static_cast<acc_t>(static_cast<double>(k[c]) + d1);
     v[c] = static_cast<acc_t>(spread < 0 ? 0.0 : spread);
     for (int64_t t = 0; t < T; ++t) {
       const double t_mean = sums[2 + 2 * t] / n;
@@ -120,15 +125,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
   return {mean, var, tmean, tcov};
 }
 
-// Shifted sums per channel (see stats_from_sums), shift k_c = the channel's first value: keeps
-// Σ(x-k)² free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
+// The shift of each channel's sums: the mean, in double, of its first kShiftSample values in
+// memory order. The error of Σ(x-k)² - n·d1² grows with ((k - mean)/std)², so a shift near the
+// mean keeps the variance as precise as the data allows (a single value as the shift costs the
+// square of its distance from the mean, in units of std).
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
+  const int64_t C = in.channels, inner = in.inner;
+  std::vector<acc_t> k(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0;
+    int64_t count = 0;
+    for (int64_t r = 0; r < in.outer && count < kShiftSample; ++r) {
+      const scalar_t* plane = x + (r * C + c) * inner;
+      for (int64_t i = 0; i < inner && count < kShiftSample; ++i, ++count) {
+        sum += static_cast<double>(plane[i]);
+      }
+    }
+    k[c] = static_cast<acc_t>(sum / static_cast<double>(count));
+  }
+  return k;
+}
+
+// Shifted sums per channel (see stats_from_sums; the shift k_c from shifts()): keeps Σ(x-k)²
+// free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
 // Blocks of outer rows run in parallel, each walking its memory in order (a whole row of
-// channels at a time). NCHW: every (quantity, channel) keeps kLanes partials across the block's
-// planes, reduced once per block; channels_last: one partial per (quantity, channel), the inner
-// loops running over the contiguous channels. Block partials, laid out (2 + 2T, C), are added
-// in double, and the statistics made of them in one loop over the channels (a few ATen ops would
-// cost a small input more than its sums do). The slots may have a narrower type than x
-// (tangent_t); sums are in x's opmath type.
+// channels at a time). NCHW: every (quantity, channel) keeps kLanes partials; channels_last:
+// one partial per (quantity, channel), the inner loops running over the contiguous channels.
+// Every kValuesPerFlush values a partial has taken, it moves into a double sum; the block's
+// sums, laid out (2 + 2T, C), are added in double, and the statistics made of them in one loop
+// over the channels (a few ATen ops would cost a small input more than its sums do). The slots
+// may have a narrower type than x (tangent_t); partials are in x's opmath type.
 template <typename scalar_t, typename tangent_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const DualInput& in) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -145,23 +172,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const Du
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows_per_block * C * inner));
   auto partial = at::empty({blocks, quantities, C}, at::kDouble);
   double* part = partial.data_ptr<double>();
+  const std::vector<acc_t> k = shifts<scalar_t, acc_t>(in, x);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> k(C), acc(width * lanes);
-    for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(x[c * inner]);
+    std::vector<acc_t> acc(width * lanes);
     // The lanes of quantity q, channel c.
     auto lanes_of = [&](int64_t q, int64_t c) { return acc.data() + (q * C + c) * lanes; };
+    // Moves the lanes of every quantity of channels [c0, c1) into the block's double sums (one
+    // loop that also clears them: a fill per channel would be a call per channel).
+    auto flush = [&](double* sums, int64_t c0, int64_t c1) {
+      for (int64_t q = 0; q < quantities; ++q) {
+        for (int64_t c = c0; c < c1; ++c) {
+          acc_t* l0 = lanes_of(q, c);
+          double sum = 0;
+          for (int64_t l = 0; l < lanes; ++l) {
+            sum += l0[l];
+            l0[l] = acc_t(0);
+          }
+          sums[q * C + c] += sum;
+        }
+      }
+    };
+    const int64_t chunk = kValuesPerFlush * lanes;  // NCHW: values of a plane between flushes
     for (int64_t b = b0; b < b1; ++b) {
+      double* sums = part + b * width;
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      const int64_t r1 = std::min(in.outer, (b + 1) * rows_per_block);
-      for (int64_t r = b * rows_per_block; r < r1; ++r) {
+      std::fill(sums, sums + width, 0.0);
+      const int64_t r0 = b * rows_per_block, r1 = std::min(in.outer, (b + 1) * rows_per_block);
+      for (int64_t r = r0; r < r1; ++r) {
         const int64_t row = r * C * inner;
         if (inner > 1) {  // NCHW: C contiguous planes of `inner` values
           for (int64_t c = 0; c < C; ++c) {
-            const int64_t base = row + c * inner;
-            span_sums(x + base, inner, k[c], lanes_of(0, c), lanes_of(1, c));
-            for (int64_t t = 0; t < T; ++t) {
-              span_tangent_sums(x + base, xt + t * slot + base, inner, k[c], lanes_of(2 + 2 * t, c),
-                                lanes_of(3 + 2 * t, c));
+            for (int64_t i0 = 0; i0 < inner; i0 += chunk) {
+              const int64_t base = row + c * inner + i0, n = std::min(chunk, inner - i0);
+              span_sums(x + base, n, k[c], lanes_of(0, c), lanes_of(1, c));
+              for (int64_t t = 0; t < T; ++t) {
+                span_tangent_sums(x + base, xt + t * slot + base, n, k[c],
+                                  lanes_of(2 + 2 * t, c), lanes_of(3 + 2 * t, c));
+              }
+              flush(sums, c, c + 1);
             }
           }
         } else {  // channels_last: one value per channel
@@ -170,16 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const Du
             row_tangent_sums(x + row, xt + t * slot + row, k.data(), C, lanes_of(2 + 2 * t, 0),
                              lanes_of(3 + 2 * t, 0));
           }
+          if ((r - r0 + 1) % kValuesPerFlush == 0 || r + 1 == r1) flush(sums, 0, C);
         }
-      }
-      for (int64_t j = 0; j < width; ++j) {
-        double sum = 0;
-        for (int64_t l = 0; l < lanes; ++l) sum += acc[j * lanes + l];
-        part[b * width + j] = sum;
       }
     }
   });
-  return stats_from_partials<acc_t>(in, x, part, blocks);
+  return stats_from_partials<acc_t>(in, k, part, blocks);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
@@ -376,7 +420,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_coefficients_
   at::Tensor t_xscale = at::zeros({count, C}, options), t_shift = at::zeros({count, C}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "dual_bn_coefficients", [&] {
     using acc_t = scalar_t;
-    const acc_t* pm = m.const_data_ptr<acc_t>();
     const acc_t* pv = v.const_data_ptr<acc_t>();
     const acc_t* pw = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
     const acc_t* pb = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;

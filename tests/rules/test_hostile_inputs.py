@@ -291,6 +291,38 @@ def test_cross_entropy_with_every_target_ignored_is_nan_as_forward_ad():
 
 
 # --- numerics ---------------------------------------------------------------------------------
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+@pytest.mark.parametrize("case", ["one large plane", "many rows of one channel", "rows of 64"])
+@pytest.mark.parametrize("outlier", [False, True], ids=["", "first value 4 std out"])
+def test_batch_norm_statistics_of_large_channels_are_as_precise_as_torch(case, outlier):
+    """A channel of a million float32 values (one NCHW plane; channels_last rows), its first
+    value 4 std from the mean or not: the CPU kernel's mean and variance (and a tangent's
+    mean and covariance) within twice torch's own float32 error of the float64 truth."""
+    shape, fmt = {"one large plane": ((1, 2, 1024, 1024), torch.contiguous_format),
+                  "many rows of one channel": ((64, 1, 128, 128), torch.channels_last),
+                  "rows of 64": ((256, 64, 16, 16), torch.channels_last)}[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 2 + 3
+    if outlier:
+        x[0, :, 0, 0] = 3 + 8
+    x = x.contiguous(memory_format=fmt)
+    xt = torch.randn(1, *shape, generator=g).mul(0.5).add(1)
+    xt = fgkernels.dual.layout.slots_in_format(xt, fmt)
+    dims = (0, 2, 3)
+    truth = (x.double().mean(dims), x.double().var(dims, unbiased=False),
+             xt[0].double().mean(dims),
+             ((x.double() - x.double().mean(dims, keepdim=True)) * xt[0].double()).mean(dims))
+    var32, mean32 = torch.var_mean(x, dims, unbiased=False)
+    tmean32 = xt[0].mean(dims)
+    tcov32 = ((x - mean32.view(1, -1, 1, 1)) * xt[0]).mean(dims)
+    ours = torch.ops.fgkernels.dual_bn_stats(x, xt)
+    scale = [truth[1].sqrt(), truth[1], xt[0].double().std(dims), truth[1].sqrt()]
+    for got, torch32, want, unit in zip([ours[0], ours[1], ours[2][0], ours[3][0]],
+                                        [mean32, var32, tmean32, tcov32], truth, scale):
+        err = lambda v: ((v.double() - want).abs() / unit).max().item()
+        assert err(got) <= 2 * err(torch32) + 1e-7, (err(got), err(torch32))
+
+
 def test_batch_norm_far_from_zero_is_as_precise_as_torch(backend):
     """A channel with mean 1e4 and std 1e-2 in float32: err ≤ 2·err_torch + atol."""
     x = torch.randn(8, 4, 6, 6, **f64) * 1e-2 + 1e4
