@@ -84,15 +84,28 @@ inline void check_apply_args(const DualInput& in, at::IntArrayRef x_slot,
                 in.T, "), got ", s);
 }
 
-// The batch statistics from sums (2 + 2T, C) in double, shifted by k (C) = each channel's first
-// value: rows S1 = Σ(x-k), S2 = Σ(x-k)², then per slot St1 = Σxt, St2 = Σ(x-k)xt. Over n values:
+// Values per channel whose mean shifts the statistics' sums (stat_shifts).
+constexpr int64_t kShiftSample = 256;
+
+// The shift k (C, double) of each channel's sums: the mean of its first kShiftSample values in
+// the [outer, C, inner] order. The error of Σ(x-k)² - n·d1² grows with ((k - mean)/std)², so a
+// shift near the mean keeps the variance as precise as the data allows (a single value as the
+// shift costs the square of its distance from the mean, in units of std).
+inline at::Tensor stat_shifts(const DualInput& in) {
+  const at::Tensor rows_view = in.fmt == at::MemoryFormat::ChannelsLast
+      ? in.x.permute({0, 2, 3, 1}).reshape({in.outer, in.channels, 1})
+      : in.x.reshape({in.outer, in.channels, in.inner});
+  const int64_t rows = std::min(in.outer, (kShiftSample + in.inner - 1) / in.inner);
+  return rows_view.narrow(0, 0, rows).transpose(0, 1).reshape({in.channels, rows * in.inner})
+      .narrow(1, 0, std::min(kShiftSample, rows * in.inner)).to(at::kDouble).mean(1);
+}
+
+// The batch statistics from sums (2 + 2T, C) in double, shifted by k (C, double): rows
+// S1 = Σ(x-k), S2 = Σ(x-k)², then per slot St1 = Σxt, St2 = Σ(x-k)xt. Over n values:
 //   mean = k + S1/n, var = S2/n - (S1/n)², tangent mean = St1/n, cov = St2/n - (S1/n)(St1/n).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_sums(
-    const DualInput& in, const at::Tensor& sums) {
+    const DualInput& in, const at::Tensor& sums, const at::Tensor& k) {
   const auto mean_sums = sums / static_cast<double>(in.outer * in.inner);
-  // x[0, c, 0...]: the element at offset c * inner in either layout.
-  const auto k = in.x.reshape({in.x.size(0), in.channels, -1}).select(0, 0).select(1, 0)
-                     .to(at::kDouble);
   const auto d1 = mean_sums[0];
   const auto tsums = mean_sums.narrow(0, 2, 2 * in.T).view({in.T, 2, in.channels});
   const auto tmean = tsums.select(1, 0);

@@ -24,8 +24,6 @@ constexpr int64_t kGrainElements = 32768;
 // Values a lane adds in acc_t before its partial moves into a double sum: float32 partials of
 // more values would lose precision with the number of values (a 1024×1024 plane).
 constexpr int64_t kValuesPerFlush = 256;
-// Values per channel whose mean is the shift of the sums (see shifts()).
-constexpr int64_t kShiftSample = 256;
 
 // Lane partials of Σ(a - k) and Σ(a - k)² over a span, added into p1, p2 (kLanes each). The
 // partials stay apart from one span to the next, so no span pays a horizontal reduction.
@@ -125,10 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
   return {mean, var, tmean, tcov};
 }
 
-// The shift of each channel's sums: the mean, in double, of its first kShiftSample values in
-// memory order. The error of Σ(x-k)² - n·d1² grows with ((k - mean)/std)², so a shift near the
-// mean keeps the variance as precise as the data allows (a single value as the shift costs the
-// square of its distance from the mean, in units of std).
+// stat_shifts (batch_norm_common.h) in a loop: a few ATen ops would cost a small input more
+// than its sums do.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
   const int64_t C = in.channels, inner = in.inner;
@@ -147,7 +143,7 @@ std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
   return k;
 }
 
-// Shifted sums per channel (see stats_from_sums; the shift k_c from shifts()): keeps Σ(x-k)²
+// Shifted sums per channel (see stats_from_sums; the shift k from shifts()): keeps Σ(x-k)²
 // free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
 // Blocks of outer rows run in parallel, each walking its memory in order (a whole row of
 // channels at a time). NCHW: every (quantity, channel) keeps kLanes partials; channels_last:

@@ -78,7 +78,7 @@ __global__ void bn_stats_kernel(BNStatsParams p) {
   const int64_t e0 = split * per_split, e1 = min(count, e0 + per_split);
   const T* x = static_cast<const T*>(p.x);
   const TT* t = z ? static_cast<const TT*>(p.xt) + (z - 1) * p.layout.outer * C * inner : nullptr;
-  const A k = load(x + c * inner);
+  const A k = static_cast<const A*>(p.shift)[c];
   A s1 = 0, s2 = 0;
   for (int64_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
     const int64_t o = e / inner, i = e % inner;
@@ -117,7 +117,7 @@ __global__ void bn_stats_channels_last_kernel(BNStatsParams p) {
   const TT* t = z ? static_cast<const TT*>(p.xt) + (z - 1) * rows * C : nullptr;
   A s1 = 0, s2 = 0;
   if (c < C) {
-    const A k = load(x + c);
+    const A k = static_cast<const A*>(p.shift)[c];
     for (int64_t r = r0 + row; r < r1; r += kRowsAtOnce) {
       const int64_t idx = r * C + c;
       add_shifted(x, t, idx, k, s1, s2);

@@ -16,8 +16,8 @@ constexpr int kMaxSlots = 64;
 
 // How many values one split of dual_bn_stats covers, so that each thread adds about 16 values
 // serially: an NCHW block is 256 threads on one channel, a channels_last block 8 rows at a time
-// of 32 channels. (Serial float sums of hundreds of values, shifted by a channel's first value
-// rather than its mean, lost up to 3e-5 of a 16-bit input's variance.)
+// of 32 channels. (NCHW splits stop at 1024: past 4M values per channel a thread adds
+// count / 262144 values, sums shifted near the mean.)
 constexpr int64_t kStatsSplitElements = 256 * 16;
 constexpr int64_t kStatsSplitRowsChannelsLast = 8 * 16;
 
@@ -33,8 +33,9 @@ struct Layout {
 // Accumulation type: double for double inputs, float otherwise.
 struct BNStatsParams {
   const void* x;
-  const void* xt;  // nullptr when slots == 0
-  void* partial;   // [splits, 2 + 2 * slots, C]
+  const void* xt;     // nullptr when slots == 0
+  const void* shift;  // [C] in the accumulation type: the sums' shift k (stat_shifts)
+  void* partial;      // [splits, 2 + 2 * slots, C]
   Layout layout;
   int64_t slots, splits;
   DType dtype, tangent_dtype;
