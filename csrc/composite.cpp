@@ -59,6 +59,24 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
               ", kH, kW) with C_out divisible by groups=", groups, ", got ", w.sizes());
 }
 
+// The output's (H, W) of a convolution of x by w, as at::conv2d computes it (its geometry
+// checked first: a zero stride would divide by zero).
+std::pair<int64_t, int64_t> conv_output_size(const at::Tensor& x, const at::Tensor& w,
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2 && stride[0] > 0 && stride[1] > 0,
+              "stride must be two positive ints, got ", stride);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] > 0 && dilation[1] > 0,
+              "dilation must be two positive ints, got ", dilation);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
+              "padding must be two non-negative ints, got ", padding);
+  auto size = [&](int d) {
+    return (x.size(d + 2) + 2 * padding[d] - dilation[d] * (w.size(d + 2) - 1) - 1) / stride[d] +
+           1;
+  };
+  return {size(0), size(1)};
+}
+
 // at::conv2d, but a 1x1 convolution of stride 1 without padding, dilation or groups on NCHW CPU
 // tensors is computed as the product over the channels it is, one batched GEMM, for speed (the
 // real-model benchmarks, benchmarks/test_real_models.py, time the passes of networks full of
@@ -132,8 +150,11 @@ std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_conv_args(x, w, groups);
   const int64_t cout = w.size(0);
-  TORCH_CHECK(y.dim() == 4 && y.size(0) == x.size(0) && y.size(1) == cout,
-              "y must have shape (", x.size(0), ", ", cout, ", H_out, W_out), got ", y.sizes());
+  const auto [h_out, w_out] = conv_output_size(x, w, stride, padding, dilation);
+  TORCH_CHECK(y.dim() == 4 && y.size(0) == x.size(0) && y.size(1) == cout && y.size(2) == h_out &&
+                  y.size(3) == w_out,
+              "y must have the convolution's output shape (", x.size(0), ", ", cout, ", ", h_out,
+              ", ", w_out, "), got ", y.sizes());
   check_param_tangents(w, wt, bt);
   if (present(xt)) check_tangent(x, *xt, "xt");
   const auto type = tangent_type(x, {&xt, &wt, &bt});
@@ -144,8 +165,6 @@ std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
     // Every Wt_p * x in one convolution: (N, groups, P, C_out / groups, H, W) -> (P, N, C_out, ..).
     auto all = convolve(x.to(type), stack_weight_tangents(*wt, groups), {}, stride, padding,
                         dilation, groups);
-    TORCH_CHECK(all.sizes().slice(2) == y.sizes().slice(2), "y must have the convolution's "
-                "output size ", all.sizes().slice(2), " in H and W, got ", y.sizes());
     p_part = slots_in_format(
         all.unflatten(1, {groups, P, cout / groups}).permute({2, 0, 1, 3, 4, 5}).flatten(2, 3),
         fmt);
@@ -163,11 +182,10 @@ std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
     x_part = convolve(slots_in_format(*xt, kernel_format(x)).flatten(0, 1), w.to(type), {},
                       stride, padding, dilation, groups)
                  .unflatten(0, {xt->size(0), x.size(0)});
-    TORCH_CHECK(x_part.sizes().slice(1) == y.sizes(), "y must have the convolution's output "
-                "shape ", x_part.sizes().slice(1), ", got ", y.sizes());
   }
-  return {x_part.defined() ? x_part : at::empty({0}, x.options()),
-          p_part.defined() ? p_part : at::empty({0}, x.options())};
+  // An absent part is empty, of the tangents' dtype as a present one would be.
+  return {x_part.defined() ? x_part : at::empty({0}, x.options().dtype(type)),
+          p_part.defined() ? p_part : at::empty({0}, x.options().dtype(type))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
@@ -221,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
   if (present(xt)) {
     x_part = at::linear(xt->contiguous(), w.to(type));
   }
-  return {y, x_part.defined() ? x_part : at::empty({0}, x.options()),
-          p_part.defined() ? p_part : at::empty({0}, x.options())};
+  return {y, x_part.defined() ? x_part : at::empty({0}, x.options().dtype(type)),
+          p_part.defined() ? p_part : at::empty({0}, x.options().dtype(type))};
 }
 
 }  // namespace

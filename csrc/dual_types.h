@@ -17,6 +17,8 @@ struct TypeTag {
 // Calls f(TypeTag<primal_t>{}, TypeTag<tangent_t>{}) with the C++ types of the two dtypes.
 template <typename F>
 void dispatch_dual_types(at::ScalarType primal, at::ScalarType tangent, const char* name, F&& f) {
+  TORCH_CHECK(at::isFloatingType(primal) && at::elementSize(primal) >= 2, name,
+              ": x must be float64, float32, bfloat16 or float16, got ", primal);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, primal, "fgkernels dual op", [&] {
     using primal_t = scalar_t;
     if (tangent == primal) return f(TypeTag<primal_t>{}, TypeTag<primal_t>{});

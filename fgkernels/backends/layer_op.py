@@ -64,5 +64,6 @@ class LayerOp(CompiledOp):
         dtype = shared_tangent_dtype(x, xt, wt, bt)
         y = self.outputs(x, w, b, *args)
         P = param_slots(wt, bt)
-        x_part = empty_slots(xt.shape[0], y, dtype) if xt is not None else y.new_empty(0)
-        return y, x_part, empty_slots(P, y, dtype) if P else y.new_empty(0)
+        x_part = empty_slots(xt.shape[0], y, dtype) if xt is not None else \
+            y.new_empty(0, dtype=dtype)
+        return y, x_part, empty_slots(P, y, dtype) if P else y.new_empty(0, dtype=dtype)

@@ -223,7 +223,8 @@ def test_ops_reject_bad_arguments():
         ops.dual_conv2d(x, None, torch.randn(4, 3, 3, 3), None, None, torch.randn(1, 5),
                         [1, 1], [0, 0], [1, 1], 1)
     w = torch.randn(4, 3, 3, 3)
-    with pytest.raises(RuntimeError, match=r"y must have shape \(2, 4, H_out, W_out\)"):
+    with pytest.raises(RuntimeError, match=r"y must have the convolution's output shape "
+                                           r"\(2, 4, 2, 2\), got \[2, 5, 2, 2\]"):
         ops.dual_conv2d_tangents(x, torch.randn(2, 5, 2, 2), None, w, None, torch.randn(1, 4),
                                  [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match="y must have the convolution's output shape"):

@@ -113,6 +113,22 @@ def test_raw_ops_refuse_aliased_or_grad_leaf_outputs_and_mismatched_slots():
         with pytest.raises(RuntimeError, match=f"n \\(values per channel\\) must be more than 1 "
                                                f".*, got {n}"):
             ops.bn_update_running_stats_(torch.zeros(3), torch.ones(3), *stats, n, 0.1)
+    x_part, p_part = ops.dual_conv2d(x, torch.randn(1, *x.shape).bfloat16(), w, None, None, None,
+                                     [1, 1], [0, 0], [1, 1], 1)[1:]
+    assert x_part.dtype == p_part.dtype == torch.bfloat16  # an absent part too
+    y = torch.randn(2, 4, 2, 2)
+    with pytest.raises(RuntimeError, match=r"y must have the convolution's output shape "
+                                           r"\(2, 4, 2, 2\), got \[2, 4, 9, 9\]"):
+        ops.dual_conv2d_tangents(x, torch.randn(2, 4, 9, 9), None, w, None, torch.randn(1, 4),
+                                 [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"stride must be two positive ints, got \[0, 1\]"):
+        ops.dual_conv2d_tangents(x, y, None, w, None, torch.randn(1, 4), [0, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"dual_hardtanh: min_val \(1\) must not be greater "
+                                           r"than max_val \(-1\)"):
+        ops.dual_hardtanh(torch.randn(3), torch.randn(1, 3), 1.0, -1.0)
+    with pytest.raises(RuntimeError, match="dual_relu: x must be float64, float32, bfloat16 or "
+                                           "float16, got Long"):
+        ops.dual_relu(torch.arange(3), torch.arange(3)[None])
     with pytest.raises(RuntimeError, match="running_mean and running_var share memory"):
         buffer = torch.zeros(3)
         ops.bn_update_running_stats_(buffer, buffer, *stats, 10, 0.1)

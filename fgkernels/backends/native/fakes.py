@@ -108,9 +108,9 @@ def _(x, xt, w, wt, b, bt, stride, padding, dilation, groups):
 def _conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
     dtype = shared_tangent_dtype(x, xt, wt, bt)
     P = param_slots(wt, bt)
-    p_part = empty_slots(P, y, dtype) if P else y.new_empty(0)
+    p_part = empty_slots(P, y, dtype) if P else y.new_empty(0, dtype=dtype)
     if xt is None:
-        return y.new_empty(0), p_part
+        return y.new_empty(0, dtype=dtype), p_part
     check_tangent(x, xt)
     x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w.to(dtype), None,
                       stride, padding, dilation, groups).unflatten(0, xt.shape[:2])
