@@ -79,6 +79,12 @@ inline void check_apply_args(const DualInput& in, at::IntArrayRef x_slot,
   FGK_CHECK_SHAPE(shift, "shift", C);
   FGK_CHECK_SHAPE(t_xscale, "t_xscale", T, C);
   FGK_CHECK_SHAPE(t_shift, "t_shift", T, C);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"center", center},
+                                {"scale", scale}, {"shift", shift}, {"t_xscale", t_xscale},
+                                {"t_shift", t_shift}}) {
+    TORCH_CHECK(t.device() == in.x.device(), name, " must be on x's device ", in.x.device(),
+                ", got ", t.device());
+  }
   for (int64_t s : x_slot)
     TORCH_CHECK(s >= -1 && s < in.T, "x_slot entries must be -1 (no input slot) or < T of xt (",
                 in.T, "), got ", s);

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/util/StringUtil.h>
 
 // t, the argument called name, must have the shape given by the remaining (int) arguments.
 #define FGK_CHECK_SHAPE(t, name, ...)                                                 \
@@ -32,7 +33,7 @@ inline void check_tangent_dtype(at::ScalarType primal, at::ScalarType tangent, c
 // (tangent_dtype_fits), x's device.
 inline int64_t check_tangent(const at::Tensor& x, const at::Tensor& xt, const char* name) {
   TORCH_CHECK(xt.dim() == x.dim() + 1 && xt.sizes().slice(1) == x.sizes(), name,
-              " must have shape (T, ", x.sizes(), "), got ", xt.sizes());
+              " must have shape (T, ", c10::Join(", ", x.sizes()), "), got ", xt.sizes());
   TORCH_CHECK(xt.size(0) >= 1, name, ": a stack of T tangents needs T >= 1, got T = 0");
   check_tangent_dtype(x.scalar_type(), xt.scalar_type(), name);
   TORCH_CHECK(xt.device() == x.device(), name, " must be on ", x.device(), ", got ",

@@ -224,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const Du
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in) {
-  TORCH_CHECK(x_in.numel() > 0, "x must not be empty");
+  TORCH_CHECK(x_in.numel() > 0, "dual_bn_stats: x must not be empty, got shape ", x_in.sizes());
   const DualInput in = prepare_input(x_in, xt_in);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats;
   dispatch_dual_types(in.x.scalar_type(), in.tangent_type, "dual_bn_stats", [&](auto p, auto t) {
@@ -376,10 +376,13 @@ at::Tensor channel_arg(const at::Tensor& t, const char* name, int64_t rows, int6
   return t.to(acc).contiguous();
 }
 
+// x_pos or p_pos: distinct output slots (each input or parameter slot lands in one of its own).
 void check_positions(at::IntArrayRef positions, const char* name, int64_t count) {
+  std::vector<bool> seen(std::max<int64_t>(count, 0), false);
   for (const int64_t t : positions) {
-    TORCH_CHECK(t >= 0 && t < count, name, " must hold output slots in [0, ", count, "), got ",
-                positions);
+    TORCH_CHECK(t >= 0 && t < count && !seen[t], name, " must hold distinct output slots in [0, ",
+                count, "), got ", positions);
+    seen[t] = true;
   }
 }
 

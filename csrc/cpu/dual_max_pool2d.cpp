@@ -144,10 +144,12 @@ void gather_row(const bits* __restrict xt, const int64_t* __restrict arg, bits* 
 std::tuple<at::Tensor, at::Tensor> dual_max_pool2d_cpu(const at::Tensor& x_in,
                                                        const at::Tensor& xt_in,
                                                        at::IntArrayRef kernel_size,
-                                                       at::IntArrayRef stride,
+                                                       at::IntArrayRef stride_in,
                                                        at::IntArrayRef padding,
                                                        at::IntArrayRef dilation, bool ceil_mode) {
   TORCH_CHECK(x_in.dim() == 4, "x must be 4-D (N, C, H, W), got ", x_in.sizes());
+  // As torch's max_pool2d: an empty stride is the kernel size.
+  const at::IntArrayRef stride = stride_in.empty() ? kernel_size : stride_in;
   for (const auto& [name, v] : {std::pair{"kernel_size", kernel_size}, {"stride", stride},
                                 {"padding", padding}, {"dilation", dilation}}) {
     TORCH_CHECK(v.size() == 2, name, " must hold two ints, got ", v);

@@ -19,7 +19,7 @@ cuda::Layout layout_of(const DualInput& in) { return {in.outer, in.channels, in.
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& xt_in) {
-  TORCH_CHECK(x_in.numel() > 0, "x must not be empty");
+  TORCH_CHECK(x_in.numel() > 0, "dual_bn_stats: x must not be empty, got shape ", x_in.sizes());
   c10::DeviceGuard guard(x_in.device());
   const DualInput in = prepare_input(x_in, xt_in);
   const int64_t count = in.outer * in.inner;
@@ -42,7 +42,8 @@ void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor&
                   const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& t_xscale,
                   const at::Tensor& t_shift, bool relu, at::Tensor& y, at::Tensor& yt) {
   const int64_t T = static_cast<int64_t>(x_slot.size());
-  TORCH_CHECK(T <= cuda::kMaxSlots, "at most ", cuda::kMaxSlots, " tangent slots, got ", T);
+  TORCH_CHECK(T <= cuda::kMaxSlots, "dual_bn_apply on CUDA: at most ", cuda::kMaxSlots,
+              " output slots (x_slot), got ", T);
   const auto opts = in.x.options().dtype(acc_type(in.x));
   auto coef = [&](const at::Tensor& t) { return t.to(opts).contiguous(); };
   const auto m = coef(center), s = coef(scale), h = coef(shift), b = coef(t_xscale),

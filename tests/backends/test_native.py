@@ -231,7 +231,7 @@ def test_ops_reject_bad_arguments():
         ops.dual_conv2d_tangents(x, torch.randn(2, 4, 3, 3), torch.randn(1, 2, 3, 4, 4), w,
                                  None, None, [1, 1], [0, 0], [1, 1], 1)
     args = list(_coefficient_args(3))
-    with pytest.raises(RuntimeError, match=r"p_pos must hold output slots in \[0, 3\)"):
+    with pytest.raises(RuntimeError, match=r"p_pos must hold distinct output slots in \[0, 3\)"):
         ops.dual_bn_coefficients(*args[:9], [1, 3], *args[10:])
     with pytest.raises(RuntimeError, match=r"weight_t must have shape \[2, 3\], got \[2, 4\]"):
         ops.dual_bn_coefficients(*args[:5], torch.randn(2, 4), *args[6:])

@@ -129,6 +129,23 @@ def test_raw_ops_refuse_aliased_or_grad_leaf_outputs_and_mismatched_slots():
     with pytest.raises(RuntimeError, match="dual_relu: x must be float64, float32, bfloat16 or "
                                            "float16, got Long"):
         ops.dual_relu(torch.arange(3), torch.arange(3)[None])
+    with pytest.raises(RuntimeError, match=r"xt must have shape \(T, 2, 3\), got \[1, 3, 2\]"):
+        ops.dual_relu(torch.randn(2, 3), torch.randn(1, 3, 2))
+    with pytest.raises(RuntimeError, match=r"dual_bn_stats: x must not be empty, got shape "
+                                           r"\[0, 3, 2, 2\]"):
+        ops.dual_bn_stats(torch.randn(0, 3, 2, 2), None)
+    with pytest.raises(RuntimeError, match=r"x_pos must hold distinct output slots in \[0, 2\), "
+                                           r"got \[1, 1\]"):
+        ops.dual_bn_coefficients(torch.zeros(3), torch.ones(3), torch.zeros(2, 3),
+                                 torch.zeros(2, 3), None, None, None, None, [1, 1], [], 2, True,
+                                 1e-5)
+    with pytest.raises(RuntimeError, match="center must be on x's device cpu, got meta"):
+        ops.dual_bn_apply(x, None, [], torch.zeros(3, device="meta"), *coef[1:3],
+                          torch.zeros(0, 3), torch.zeros(0, 3), False)
+    # An empty stride is the kernel size, as torch's max_pool2d takes it (the CPU kernel refused
+    # it; the composite, on other devices, took it).
+    pooled = ops.dual_max_pool2d(x, torch.randn(1, *x.shape), [2, 2], [], [0, 0], [1, 1], False)
+    torch.testing.assert_close(pooled[0], F.max_pool2d(x, 2), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="running_mean and running_var share memory"):
         buffer = torch.zeros(3)
         ops.bn_update_running_stats_(buffer, buffer, *stats, 10, 0.1)

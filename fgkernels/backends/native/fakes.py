@@ -47,8 +47,11 @@ def check_coefficients_args(mean, var, tmean, tcov, weight, weight_t, bias, bias
         shape = (C,) if rows is None else (rows, C)
         torch._check(t is None or tuple(t.shape) == shape,
                      lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    torch._check(all(0 <= t < count for t in (*x_pos, *p_pos)),
-                 lambda: f"x_pos and p_pos must hold output slots in [0, {count})")
+    for name, positions in (("x_pos", x_pos), ("p_pos", p_pos)):
+        torch._check(all(0 <= t < count for t in positions) and
+                     len(set(positions)) == len(positions),
+                     lambda: f"{name} must hold distinct output slots in [0, {count}), got "
+                             f"{list(positions)}")
 
 
 @lib.register_fake("fgkernels::dual_bn_coefficients")
@@ -80,8 +83,16 @@ def _(running_mean, running_var, mean, var, n, momentum):
     return None
 
 
+def _check_on_x_device(x, **coefficients):
+    for name, t in coefficients.items():
+        torch._check(t.device == x.device,
+                     lambda: f"{name} must be on x's device {x.device}, got {t.device}")
+
+
 @lib.register_fake("fgkernels::dual_bn_apply")
 def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu, tangent_dtype=None):
+    _check_on_x_device(x, center=center, scale=scale, shift=shift, t_xscale=t_xscale,
+                       t_shift=t_shift)
     C, T = x.shape[1], len(x_slot)
     torch._check(center.shape == (C,), lambda: f"center must have shape ({C},)")
     torch._check(scale.shape == (C,), lambda: f"scale must have shape ({C},)")
@@ -95,6 +106,8 @@ def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu, tangent_dtyp
 
 @lib.register_fake("fgkernels::dual_bn_apply_")
 def _(x, xt, center, scale, shift, t_xscale, t_shift, relu):
+    _check_on_x_device(x, center=center, scale=scale, shift=shift, t_xscale=t_xscale,
+                       t_shift=t_shift)
     return None
 
 
