@@ -92,7 +92,7 @@ tests() {
   local ntk=tests/train/test_estimators.py::test_ntk_guess_draws_from_the_generator_and_leaves_global_rng_alone
   limited $(( PART_LIMIT - 20 )) "${PYTEST[@]}" "${parallel[@]}" tests/backends/test_triton.py \
     tests/backends/test_cuda_kernels.py tests/backends/test_native.py "$ntk" \
-    tests/test_testing.py --junitxml="$OUT/tests.xml"
+    tests/test_testing.py tests/train/test_memory.py --junitxml="$OUT/tests.xml"
 }
 
 bench() {

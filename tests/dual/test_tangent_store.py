@@ -226,7 +226,7 @@ def test_a_second_thread_passing_the_same_model_is_refused_clearly():
     class Waiting(Token):
         def forward(self, x):
             inside.set()
-            release.wait(5)
+            release.wait(60)  # set in the finally below, whatever happens there
             return super().forward(x)
 
     inside, release, errors = threading.Event(), threading.Event(), []
@@ -235,8 +235,8 @@ def test_a_second_thread_passing_the_same_model_is_refused_clearly():
     x = torch.randn(2, 3, 4, **f64)
     first = threading.Thread(target=lambda: errors.append(model(Dual(x))))
     first.start()
-    inside.wait(5)
     try:
+        assert inside.wait(60), "the first pass never started"
         with pytest.raises(RuntimeError, match="another thread"):
             model(Dual(x))
     finally:
