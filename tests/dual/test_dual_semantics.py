@@ -143,7 +143,9 @@ def test_conversions_carry_the_tangent():
     assert torch.equal(d.to(torch.float64).tangents, t.double())
     low = Dual(x, t.bfloat16())
     assert low.double().tangents.dtype == torch.bfloat16  # a lower-precision tangent stays so
-    assert d.to("cpu") is not None and d.type_as(torch.zeros(1, **f64)).dtype == torch.float64
+    same = d.to("cpu")  # already there: the primal and tangents as they are
+    assert torch.equal(same.primal, x) and torch.equal(same.tangents, t)
+    assert d.type_as(torch.zeros(1, **f64)).dtype == torch.float64
 
 
 # --- indexing and assignment --------------------------------------------------------------------
@@ -699,8 +701,11 @@ def test_an_in_place_op_that_adds_a_direction_to_a_viewed_dual():
     x, t = torch.randn(4, **f64), torch.randn(1, 4, **f64)
     d = Dual(x, t, directions=[0])
     d.chunk(2)
-    d.add_(Dual(torch.randn(4, **f64), torch.randn(1, 4, **f64), directions=[1]))
+    e = Dual(torch.randn(4, **f64), torch.randn(1, 4, **f64), directions=[1])
+    d.add_(e)
     assert d.directions == (0, 1)
+    torch.testing.assert_close(d.primal, x + e.primal, rtol=0, atol=0)
+    torch.testing.assert_close(d.tangents, torch.cat([t, e.tangents]), rtol=0, atol=0)
 
 
 def test_a_parameter_keeps_its_shape_on_the_dual_pass():

@@ -395,8 +395,11 @@ def test_a_dual_a_hook_stores_on_a_layer_does_not_outlive_the_pass(hook):
     model = fgkernels.convert(nn.Sequential(nn.Linear(3, 3), nn.Tanh())).double()
     fgkernels.random_tangents(model)
 
+    fired = []
+
     def keep(module, args, output):
         module.seen = output
+        fired.append(type(output))
 
     handle = model[0].register_forward_hook(keep) if hook == "the layer's own" \
         else torch.nn.modules.module.register_module_forward_hook(keep)
@@ -405,6 +408,7 @@ def test_a_dual_a_hook_stores_on_a_layer_does_not_outlive_the_pass(hook):
     finally:
         handle.remove()
     assert isinstance(out, Dual)
+    assert Dual in fired  # the hook ran on the pass and stored a Dual
     assert all(not isinstance(m.__dict__.get("seen"), Dual) for m in model[:])
 
 
