@@ -12,7 +12,7 @@ import torch
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.testing import forward_ad_jvp
+from fgkernels.testing import forward_ad_jvp, model_jvp
 from fgkernels.train.models import BasicBlock
 
 from helpers import TOL
@@ -38,9 +38,12 @@ def _block_and_pass(training: bool):
 def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
     block, dual_pass = _block_and_pass(training)
     eager_block = copy.deepcopy(block)  # tangents are per step: a copy has none of its own
-    fgkernels.set_tangents(eager_block, {n: fgkernels.dual.tangents.tangent_of(p).stack
-                                         for n, p in block.named_parameters()})
+    tangents = {n: fgkernels.dual.tangents.tangent_of(p).stack for n, p in block.named_parameters()}
+    fgkernels.set_tangents(eager_block, tangents)
     x, xt = torch.randn(3, 4, 10, 10), torch.randn(2, 3, 4, 10, 10)
+    # The oracle: forward_ad in float64 through torch's own layers, from the same statistics.
+    y64, yt64 = model_jvp(copy.deepcopy(block).double(), [x.double()], [xt.double()],
+                          {n: t.double() for n, t in tangents.items()})
     torch._dynamo.reset()
     with fgkernels.use_backend(backend):
         compiled = torch.compile(dual_pass, fullgraph=True, backend="aot_eager")
@@ -48,6 +51,8 @@ def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
         y_ref, yt_ref = dual_pass(eager_block, x, xt)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(yt, yt_ref)
+    torch.testing.assert_close(y.double(), y64, **TOL[torch.float32])
+    torch.testing.assert_close(yt.double(), yt64, **TOL[torch.float32])
     for (name, a), b in zip(block.state_dict().items(), eager_block.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     if backend == "triton":  # the Triton kernels run inside the graph, not a fallback beside it
@@ -61,8 +66,7 @@ def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
 def test_fgkernels_compile_runs_any_model_exactly_with_dynamic_batch(convert):
     """fgkernels.compile: an unconverted model (its parameters handed out by a torch function
     mode that torch.compile traces) or a converted one, a token parameter used alone, one
-    compile for two batch sizes, against the eager pass (itself checked against forward_ad
-    elsewhere)."""
+    compile for two batch sizes, against the eager pass and forward_ad in float64."""
     from torch import nn
 
     class Net(nn.Module):
@@ -79,13 +83,17 @@ def test_fgkernels_compile_runs_any_model_exactly_with_dynamic_batch(convert):
     if convert:
         fgkernels.convert(net)
     fgkernels.random_tangents(net, num_tangents=2)
+    tangents = {n: fgkernels.dual.tangents.tangent_of(p).stack for n, p in net.named_parameters()}
     torch._dynamo.reset()
     compiled = fgkernels.compile(net, backend="aot_eager", dynamic=True)
     for batch in (3, 5):
         x = torch.randn(batch, 4, 8, 8, dtype=torch.float64)
         xt = torch.randn(2, *x.shape, dtype=torch.float64)
         state = copy.deepcopy(net.state_dict())
+        y64, yt64 = model_jvp(net, [x], [xt], tangents)  # on a copy: net's state untouched
         out = compiled(Dual(x, xt))
+        torch.testing.assert_close(out.primal, y64, **TOL[torch.float64])
+        torch.testing.assert_close(out.tangents, yt64, **TOL[torch.float64])
         compiled_state = copy.deepcopy(net.state_dict())
         net.load_state_dict(state)
         ref = net(Dual(x, xt))
@@ -119,10 +127,15 @@ def test_activation_layers_compile_in_one_graph():
     fgkernels.random_tangents(net)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     xt = torch.randn_like(x)
+    y64, yt64 = model_jvp(net, [x], [xt[None]],
+                          {n: fgkernels.dual.tangents.tangent_of(p).stack
+                           for n, p in net.named_parameters()})
     torch._dynamo.reset()
     out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
     ref = net(Dual(x, xt))
     torch.testing.assert_close(out.tangent, ref.tangent)
+    torch.testing.assert_close(out.primal, y64, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangent, yt64[0], **TOL[torch.float64])
 
 
 def test_inductor_compiles_the_dual_pass():
