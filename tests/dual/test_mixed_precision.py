@@ -188,11 +188,15 @@ def test_native_ops_with_bfloat16_slots():
     (F.hardsigmoid, (-3.0, 3.0)), (F.hardswish, (-3.0, 3.0)),
 ], ids=["hardtanh", "relu6", "hardsigmoid", "hardswish"])
 def test_a_narrower_tangent_keeps_the_slope_beside_a_kink(fn, kinks, backend):
-    """A float32 primal just beside a kink that bfloat16 would round onto: the slope is the
-    float32 primal's, so the bfloat16 tangent is forward_ad's in float64 within a rounding of
-    the slope and one of the product (the slope of the rounded primal is off by 1/6 to 1)."""
-    x = torch.tensor([k + s * 0.004 for k in kinks for s in (-1, 1)])
-    assert any(fn(x.to(BF16).double()).ne(fn(x.double())).tolist())  # the rounding crosses
+    """A float32 primal just beside a kink that bfloat16 rounds onto (within a fifth of the
+    bfloat16 spacing below the kink's magnitude, on either side): the slope is the float32
+    primal's, so the bfloat16 tangent is forward_ad's in float64 within a rounding of the slope
+    and one of the product (the slope of the rounded primal is off by 1/6 to 1)."""
+    x = torch.tensor([k + s * abs(k) * 2 ** -8 / 5 for k in kinks for s in (-1, 1)])
+    slope = lambda v: forward_ad_jvp(fn, [v], [torch.ones(1, *v.shape, dtype=v.dtype)])[1][0]
+    # Each point rounds onto its kink, where the slope differs from one side's at least.
+    assert torch.equal(x.to(BF16).float(), torch.tensor([k for k in kinks for _ in (-1, 1)]))
+    assert slope(x.to(BF16).double()).ne(slope(x.double())).view(len(kinks), 2).any(1).all()
     xt = torch.randn(2, *x.shape)
     with fgkernels.use_backend(backend):
         out = fn(Dual(x, xt.to(BF16)))
