@@ -93,20 +93,31 @@ inline void check_apply_args(const DualInput& in, at::IntArrayRef x_slot,
 // Values per channel whose mean shifts the statistics' sums (stat_shifts).
 constexpr int64_t kShiftSample = 256;
 
-// The shift k (C, double) of each channel's sums: the mean of its first kShiftSample values in
-// the [outer, C, inner] order. The error of Σ(x-k)² - n·d1² grows with ((k - mean)/std)², so a
-// shift near the mean keeps the variance as precise as the data allows (a single value as the
-// shift costs the square of its distance from the mean, in units of std).
+// How many of a channel's first values, in the [outer, C, inner] order, its shift averages:
+// kShiftSample of its first row, or its first whole rows when a row holds fewer.
+inline int64_t shift_sample(const DualInput& in) {
+  return in.inner >= kShiftSample
+             ? kShiftSample
+             : std::min(in.outer, (kShiftSample + in.inner - 1) / in.inner) * in.inner;
+}
+
+// The shift k (C, in x's accumulation type) of each channel's sums: the mean of its first
+// shift_sample values. The error of Σ(x-k)² - n·d1² grows with ((k - mean)/std)², so a shift
+// near the mean keeps the variance as precise as the data allows (a single value as the shift
+// costs the square of its distance from the mean, in units of std). One reduction over views of
+// x, no copy.
 inline at::Tensor stat_shifts(const DualInput& in) {
   const at::Tensor rows_view = in.fmt == at::MemoryFormat::ChannelsLast
       ? in.x.permute({0, 2, 3, 1}).reshape({in.outer, in.channels, 1})
       : in.x.reshape({in.outer, in.channels, in.inner});
-  const int64_t rows = std::min(in.outer, (kShiftSample + in.inner - 1) / in.inner);
-  return rows_view.narrow(0, 0, rows).transpose(0, 1).reshape({in.channels, rows * in.inner})
-      .narrow(1, 0, std::min(kShiftSample, rows * in.inner)).to(at::kDouble).mean(1);
+  const int64_t n = shift_sample(in);
+  const at::Tensor first = in.inner >= kShiftSample
+                               ? rows_view.narrow(0, 0, 1).narrow(2, 0, n)
+                               : rows_view.narrow(0, 0, n / in.inner);
+  return first.mean({0, 2}, /*keepdim=*/false, acc_type(in.x));
 }
 
-// The batch statistics from sums (2 + 2T, C) in double, shifted by k (C, double): rows
+// The batch statistics from sums (2 + 2T, C) in double, shifted by k (C): rows
 // S1 = Σ(x-k), S2 = Σ(x-k)², then per slot St1 = Σxt, St2 = Σ(x-k)xt. Over n values:
 //   mean = k + S1/n, var = S2/n - (S1/n)², tangent mean = St1/n, cov = St2/n - (S1/n)(St1/n).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_sums(

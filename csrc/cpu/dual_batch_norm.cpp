@@ -123,22 +123,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
   return {mean, var, tmean, tcov};
 }
 
-// stat_shifts (batch_norm_common.h) in a loop: a few ATen ops would cost a small input more
+// stat_shifts (batch_norm_common.h) in a loop: an ATen reduction would cost a small input more
 // than its sums do.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
   const int64_t C = in.channels, inner = in.inner;
+  const int64_t n = shift_sample(in);
   std::vector<acc_t> k(C);
   for (int64_t c = 0; c < C; ++c) {
     double sum = 0;
     int64_t count = 0;
-    for (int64_t r = 0; r < in.outer && count < kShiftSample; ++r) {
+    for (int64_t r = 0; count < n; ++r) {
       const scalar_t* plane = x + (r * C + c) * inner;
-      for (int64_t i = 0; i < inner && count < kShiftSample; ++i, ++count) {
+      for (int64_t i = 0; i < inner && count < n; ++i, ++count) {
         sum += static_cast<double>(plane[i]);
       }
     }
-    k[c] = static_cast<acc_t>(sum / static_cast<double>(count));
+    k[c] = static_cast<acc_t>(sum / static_cast<double>(n));
   }
   return k;
 }

@@ -28,14 +28,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
       : std::clamp<int64_t>(count / cuda::kStatsSplitElements, 1, 1024);
   auto partial = at::empty({splits, 2 + 2 * in.T, in.channels},
                            in.x.options().dtype(acc_type(in.x)));
-  const at::Tensor k = stat_shifts(in), k_acc = k.to(acc_type(in.x)).contiguous();
+  const at::Tensor k = stat_shifts(in);
   cuda::BNStatsParams p{in.x.const_data_ptr(), in.T ? in.xt.const_data_ptr() : nullptr,
-                        k_acc.const_data_ptr(), partial.mutable_data_ptr(), layout_of(in), in.T,
+                        k.const_data_ptr(), partial.mutable_data_ptr(), layout_of(in), in.T,
                         splits, dtype_of(in.x.scalar_type()), dtype_of(in.tangent_type)};
   FGK_CHECK_LAUNCH(cuda::launch_bn_stats(p, current_stream(in.x)), "dual_bn_stats");
-  // The sums are of x - k_acc: the statistics shift back by k_acc, as the kernel rounded it.
-  return stats_from_sums(in, partial.sum(0, /*keepdim=*/false, at::kDouble),
-                         k_acc.to(at::kDouble));
+  return stats_from_sums(in, partial.sum(0, /*keepdim=*/false, at::kDouble), k);
 }
 
 void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor& center,

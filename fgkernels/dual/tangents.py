@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from .dtypes import acc_dtype, tangent_dtype_fits
 from .precision import check_dtype, resolve_tangent_dtype
-from .value import Dual, check_tangent, in_primal_layout, inside_rule
+from .value import Dual, check_direction, check_tangent, in_primal_layout, inside_rule
 
 Tensor = torch.Tensor
 
@@ -471,8 +471,8 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
     The tangent belongs to the tensor: wherever the model reads it during a dual pass, it is a
     Dual. Everything is checked before anything is set.
     """
-    _check_module(module, "set_tangents")
-    _check_direction(direction, "set_tangents")
+    check_module(module, "set_tangents")
+    check_direction(direction, "set_tangents")
     _hooks.end_stale()
     if not isinstance(tangents, Mapping):
         raise TypeError(f"set_tangents: tangents must map parameter names to tensors, got "
@@ -507,15 +507,10 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
     _hooks.sync()
 
 
-def _check_module(module, who: str) -> None:
+def check_module(module, who: str) -> None:
+    """Raise TypeError naming ``who`` unless ``module`` is an nn.Module."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"{who}: expected an nn.Module, got {type(module).__name__}")
-
-
-def _check_direction(direction, who: str) -> None:
-    if direction is not None and (not isinstance(direction, int) or isinstance(direction, bool)
-                                  or direction < 0):
-        raise ValueError(f"{who}: direction must be a non-negative int, got {direction!r}")
 
 
 def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
@@ -531,12 +526,12 @@ def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
     rounding of the float32 one from the same generator state. Each tangent is laid out like its
     parameter (a channels_last weight gets channels_last slots). Every argument is checked
     before anything is drawn (the generator moves only for a call that sets tangents)."""
-    _check_module(module, "random_tangents")
+    check_module(module, "random_tangents")
     if num_tangents is not None and (isinstance(num_tangents, bool)
                                      or not isinstance(num_tangents, int) or num_tangents < 1):
         raise ValueError(f"random_tangents: num_tangents must be a positive int, "
                          f"got {num_tangents!r}")
-    _check_direction(direction, "random_tangents")
+    check_direction(direction, "random_tangents")
     if direction is not None and num_tangents is not None:
         raise ValueError("random_tangents: a direction holds one tangent per parameter; give "
                          "direction or num_tangents, not both")
@@ -566,7 +561,7 @@ def _laid_out_like(t: Tensor, p: Tensor) -> Tensor:
 
 def clear_tangents(module: nn.Module) -> None:
     """Remove the tangent of every parameter of ``module`` and its children."""
-    _check_module(module, "clear_tangents")
+    check_module(module, "clear_tangents")
     _hooks.end_stale()
     for p in module.parameters():
         _drop(p)

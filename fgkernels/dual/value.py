@@ -128,6 +128,13 @@ def inside_rule() -> bool:
     return _rule_depth[0] > 0
 
 
+def check_direction(direction, who: str) -> None:
+    """Raise ValueError naming ``who`` unless ``direction`` is None or a non-negative int."""
+    if direction is not None and (not isinstance(direction, int) or isinstance(direction, bool)
+                                  or direction < 0):
+        raise ValueError(f"{who}: direction must be a non-negative int, got {direction!r}")
+
+
 def _check_directions(directions: Sequence[int], count: int) -> tuple[int, ...]:
     try:
         items = () if isinstance(directions, (str, bytes)) else tuple(directions)

@@ -22,7 +22,12 @@ from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
 from .. import functional as DF
-from ..dual.tangents import foreign_module_hooks, forward_sets_no_attributes, in_dual_pass
+from ..dual.tangents import (
+    check_module,
+    foreign_module_hooks,
+    forward_sets_no_attributes,
+    in_dual_pass,
+)
 from ..dual.value import Dual, in_rule
 from ..rules import pointwise
 
@@ -381,8 +386,7 @@ def reuse_conv_outputs(module: nn.Module) -> Iterator[None]:
     to the dual call, which may overwrite it in place (a fused batch norm does): a backward
     through a graph that saved it must run before (it raises after). Leaving the block drops
     whatever is left (an enclosing block keeps its own layers on)."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"reuse_conv_outputs: expected an nn.Module, got {type(module).__name__}")
+    check_module(module, "reuse_conv_outputs")
     convs = [m for m in module.modules()
              if isinstance(m, DualConv2d) and "_fg_kept" not in m.__dict__]
     for conv in convs:

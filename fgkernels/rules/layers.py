@@ -27,7 +27,7 @@ from ..backends.layer_op import LayerOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
-from ..dual.value import Dual, implements
+from ..dual.value import Dual, check_direction, implements
 from .fallback import forward_ad_fallback
 from .operands import MaybeDual, as_dual, layer_operands, layer_params, result, tangents_as
 
@@ -358,9 +358,9 @@ def add_direction(input: MaybeDual, direction: int, tangent: Tensor) -> Dual:
     whose tangent (primal-shaped) enters here: a perturbation of this activation. ``input`` must
     not carry that direction already."""
     input = as_dual(input, "add_direction")
-    if isinstance(direction, bool) or not isinstance(direction, int) or direction < 0:
-        raise ValueError(f"add_direction: direction must be a non-negative int, got "
-                         f"{direction!r}")
+    if direction is None:
+        raise ValueError("add_direction: direction must be a non-negative int, got None")
+    check_direction(direction, "add_direction")
     if not isinstance(tangent, Tensor) or isinstance(tangent, Dual):
         raise TypeError(f"add_direction: tangent must be a Tensor, got {type(tangent).__name__}")
     if tangent.shape != input.primal.shape:

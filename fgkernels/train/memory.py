@@ -9,9 +9,8 @@ compiled op or a C++ kernel included, and none of the views that allocate nothin
 What is counted is bytes allocated, written or not. On the CPU an allocation that is never
 written may take no physical memory (the pages of a large one are only mapped when first
 touched), so an op that allocates more than it writes peaks higher here than in the process's
-resident memory: torch 2.13's CPU batch-norm backward of a channels_last input allocates two
-tensors of its input gradient's size and writes one (a peak of two activations here, a growth
-of one in ``ru_maxrss``).
+resident memory (torch 2.13's CPU batch-norm backward of a channels_last input allocates a
+second tensor of its input gradient's size that it never writes).
 """
 from __future__ import annotations
 
