@@ -3,7 +3,8 @@ and central finite differences."""
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch.func import functional_call
@@ -21,6 +22,117 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-
 # ... and at values and shapes Hypothesis draws (float32 sums over drawn sizes round further).
 TOL_DRAWN = {torch.float64: dict(rtol=1e-10, atol=1e-11),
              torch.float32: dict(rtol=2e-4, atol=2e-4)}
+# A narrower result's error may be twice that of torch's own forward mode in its dtype plus this
+# relative floor: the slack where torch's result happens to round well (a few terms, a lucky sum).
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
+
+
+class ForwardADOracle:
+    """forward_ad's result of ``fn`` at ``primals`` along stacked ``tangents`` (None: a constant),
+    computed in any dtype: ``oracle(dtype)`` casts every floating operand to ``dtype`` (and lays
+    it out contiguous: torch's own forward mode refuses some layouts). The oracle of
+    ``assert_within_torch_error``."""
+
+    def __init__(self, fn: Callable[..., Any], primals: Sequence[Optional[torch.Tensor]],
+                 tangents: Sequence[Optional[torch.Tensor]]):
+        self.fn, self.primals, self.tangents = fn, list(primals), list(tangents)
+
+    def __call__(self, dtype: torch.dtype):
+        cast = lambda t: t.to(dtype).contiguous() if _floating(t) else t
+        return forward_ad_jvp(self.fn, [cast(p) for p in self.primals],
+                              [cast(t) for t in self.tangents])
+
+    def nudged(self, seed: int) -> ForwardADOracle:
+        """The same oracle at operands one unit in the last place away, in random directions
+        (drawn from ``seed``): torch's error there is another sample of its rounding at the
+        same conditioning."""
+        g = torch.Generator().manual_seed(seed)
+
+        def nudge(t):
+            if not _floating(t):
+                return t
+            step = torch.randint(-1, 2, t.shape, generator=g).to(t.dtype)
+            return torch.where(step == 0, t, torch.nextafter(t, step * torch.inf))
+        return ForwardADOracle(self.fn, [nudge(p) for p in self.primals],
+                               [nudge(t) for t in self.tangents])
+
+
+def _floating(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def forward_ad_oracle(fn: Callable[..., Any], primals: Sequence[Optional[torch.Tensor]],
+                      tangents: Sequence[Optional[torch.Tensor]]) -> ForwardADOracle:
+    """``ForwardADOracle(fn, primals, tangents)``."""
+    return ForwardADOracle(fn, primals, tangents)
+
+
+def _parts(result) -> list:
+    """A Dual as [primal, stacked tangents], a tensor as [itself], a tuple or list flattened."""
+    if isinstance(result, (tuple, list)):
+        return [part for r in result for part in _parts(r)]
+    if isinstance(result, fgkernels.Dual):
+        return [result.primal, result.tangents]
+    return [result]
+
+
+def _finite_err(ours: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> float:
+    return rel_err(ours[mask], want[mask])
+
+
+def assert_within_torch_error(actual, oracle: Any,
+                              tol: dict = TOL[torch.float64],
+                              also: Optional[Callable[[torch.dtype], Any]] = None) -> None:
+    """``actual`` (a Dual, a tensor, or a tuple of them) against ``oracle(dtype)``, torch's
+    forward mode computing the same result in ``dtype`` (a ``ForwardADOracle`` or any function
+    of the dtype), or against ``oracle`` itself, a float64 result, when every part of ``actual``
+    is float64.
+
+    A float64 part equals the float64 oracle within ``tol``. A part of a narrower dtype d is
+    non-finite where torch's in d is, with its values there, and elsewhere within twice torch's
+    own error in d plus a floor, both errors relative to the float64 oracle (``err ≤
+    2·err_torch + FLOOR[d]``). ``err_torch`` is the largest of torch's errors at the operands and,
+    for a ``ForwardADOracle``, at two sets of operands one rounding away (``nudged``): the error
+    of a result of a few elements that cancel is one sample of rounding luck, which a bound by
+    one sample would fail by luck too. ``also(d)``: one more yardstick in d (the TF32 products
+    cuDNN may take)."""
+    if not callable(oracle):  # the float64 result itself
+        result, oracle = oracle, lambda dt: result if dt == torch.float64 else None
+    exact = _parts(oracle(torch.float64))
+    ours_parts = _parts(actual)
+    assert len(ours_parts) == len(exact), (len(ours_parts), len(exact))
+    yardsticks: dict = {}  # dtype -> [(torch's parts in it, the float64 parts they miss)]
+
+    def samples(dt):
+        if dt not in yardsticks:
+            found = [(_parts(oracle(dt)), exact)]
+            if isinstance(oracle, ForwardADOracle):
+                for nudged in (oracle.nudged(0), oracle.nudged(1)):
+                    found.append((_parts(nudged(dt)), _parts(nudged(torch.float64))))
+            if also is not None:
+                found.append((_parts(also(dt)), exact))
+            yardsticks[dt] = found
+        return yardsticks[dt]
+
+    for index, (ours, want) in enumerate(zip(ours_parts, exact)):
+        assert ours is not None and ours.shape == want.shape, \
+            (index, None if ours is None else ours.shape, want.shape)
+        if ours.dtype == torch.float64:
+            torch.testing.assert_close(ours, want, **tol, equal_nan=True,
+                                       msg=lambda m: f"part {index}: {m}")
+            continue
+        dt = ours.dtype
+        (theirs, _), *others = samples(dt)
+        theirs = theirs[index]
+        finite = torch.isfinite(theirs) & torch.isfinite(want)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs)), index
+        torch.testing.assert_close(ours[~finite], theirs[~finite], rtol=0, atol=0,
+                                   equal_nan=True)
+        err, err_torch = _finite_err(ours, want, finite), _finite_err(theirs, want, finite)
+        for other, other_exact in others:
+            o, e = other[index], other_exact[index]
+            err_torch = max(err_torch, _finite_err(o, e, torch.isfinite(o) & torch.isfinite(e)))
+        assert err <= 2 * err_torch + FLOOR[dt], (f"part {index} ({dt})", err, err_torch)
 
 
 def torch_jvp(model: torch.nn.Module, x: torch.Tensor, xt: Optional[torch.Tensor],

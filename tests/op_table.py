@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from fgkernels.testing import forward_ad_jvp
+from helpers import ForwardADOracle
 
 TARGET = torch.tensor([1, 0, 3, 2])
 
@@ -64,13 +64,10 @@ class OpCase:
     ref: Optional[Callable] = None
     bf16_network: bool = True
 
-    def oracle(self, x, w, xt, wt, dtype=torch.float64):
-        """forward_ad's ``(y, stacked tangents)`` at ``dtype``; an operand whose tangent is None
-        is a constant. It runs on contiguous copies: torch's own forward mode fails on some
-        layouts (group_norm's on a channels_last input)."""
-        cast = lambda t: None if t is None else t.to(dtype).contiguous()
-        return forward_ad_jvp(self.ref or self.fn, [cast(x), cast(w)],
-                              [cast(xt), cast(wt)])
+    def oracle(self, x, w, xt, wt) -> ForwardADOracle:
+        """forward_ad's ``(y, stacked tangents)`` in any dtype (``oracle(dtype)``); an operand
+        whose tangent is None is a constant."""
+        return ForwardADOracle(self.ref or self.fn, [x, w], [xt, wt])
 
 
 OPS = {

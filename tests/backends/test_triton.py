@@ -20,7 +20,7 @@ from fgkernels.backends.triton.precision import cudnn_conv_fp32_precision
 from fgkernels.dual.layout import empty_slots
 from fgkernels.testing import forward_ad_jvp, round_to_tf32
 
-from helpers import rel_err
+from helpers import assert_within_torch_error, forward_ad_oracle, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from kernel_report import captured_launches  # noqa: E402
@@ -29,7 +29,6 @@ pytestmark = [pytest.mark.triton,
               pytest.mark.skipif("triton" not in fgkernels.available_backends(),
                                  reason="Triton cannot run here")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
 
 
 def rand(*shape, dtype=torch.float64):
@@ -45,24 +44,21 @@ def in_layout(t, channels_last):
     return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
-def assert_within_torch_error(out, fn, primals, tangents):
+def check_against_forward_ad(out, fn, primals, tangents):
     """``out`` (a Dual) against ``fn``'s forward_ad in float64, within twice the error of
     forward_ad in out's dtypes (the primal's for the primal, the tangents' for the tangents:
-    torch takes no tangent narrower than its primal), or of TF32 products where they are allowed."""
-    exact = forward_ad_jvp(fn, primals, tangents)
-    cast = lambda ts, dt: [None if t is None else t.to(dt) for t in ts]
-    for part, ours, index in (("primal", out.primal, 0), ("tangent", out.tangents, 1)):
-        dt = ours.dtype
-        theirs = forward_ad_jvp(fn, cast(primals, dt), cast(tangents, dt))[index]
-        err, err_torch = rel_err(ours, exact[index]), rel_err(theirs, exact[index])
-        if dt == torch.float32 and ours.is_cuda and cudnn_conv_fp32_precision() == "tf32":
-            # The kernels' float32 products are TF32 where cuDNN's may be (cuDNN does not always
-            # take a TF32 kernel), on operands the tensor cores truncate: the floor is the
-            # product of truncated operands (about 2.6 times cuDNN's rounded TF32 error).
-            tf32 = forward_ad_jvp(fn, [round_to_tf32(t, truncate=True) for t in primals],
-                                  [round_to_tf32(t, truncate=True) for t in tangents])[index]
-            err_torch = max(err_torch, rel_err(tf32, exact[index]))
-        assert err <= 2 * err_torch + FLOOR[dt], (part, err, err_torch)
+    torch takes no tangent narrower than its primal), or of TF32 products where they are allowed
+    (``helpers.assert_within_torch_error``)."""
+    oracle = forward_ad_oracle(fn, primals, tangents)
+    tf32 = None
+    if out.primal.is_cuda and cudnn_conv_fp32_precision() == "tf32":
+        # The kernels' float32 products are TF32 where cuDNN's may be (cuDNN does not always
+        # take a TF32 kernel), on operands the tensor cores truncate: the floor is the product
+        # of truncated operands (about 2.6 times cuDNN's rounded TF32 error).
+        truncated = forward_ad_oracle(fn, [round_to_tf32(t, truncate=True) for t in primals],
+                                      [round_to_tf32(t, truncate=True) for t in tangents])
+        tf32 = lambda dt: truncated(torch.float32) if dt == torch.float32 else oracle(dt)
+    assert_within_torch_error(out, oracle, also=tf32)
 
 
 CONV_CASES = [
@@ -118,7 +114,7 @@ def test_conv_matches_forward_ad(case, channels_last, role):
     if channels_last:
         assert out.primal.is_contiguous(memory_format=torch.channels_last)
     fn = lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d)
-    assert_within_torch_error(out, fn, [x, w, b], list(padded_tangents(xt, wt, bt, appended)))
+    check_against_forward_ad(out, fn, [x, w, b], list(padded_tangents(xt, wt, bt, appended)))
 
 
 def test_bias_tangent_alone():
@@ -126,7 +122,7 @@ def test_bias_tangent_alone():
     x, w, b, bt = rand(2, 3, 6, 5), rand(4, 3, 3, 3), rand(4), rand(2, 4)
     with fgkernels.use_backend("triton"):
         out = DF.conv2d(Dual(x.float()), w.float(), Dual(b.float(), bt.float()), 1, 1)
-    assert_within_torch_error(out, lambda x_, w_, b_: F.conv2d(x_, w_, b_, 1, 1), [x, w, b],
+    check_against_forward_ad(out, lambda x_, w_, b_: F.conv2d(x_, w_, b_, 1, 1), [x, w, b],
                               [None, None, bt])
 
 
@@ -198,7 +194,7 @@ def test_fused_conv_bn_relu_matches_forward_ad(training, channels_last, slots):
             pad = lambda t, before, after: torch.cat([t.new_zeros((before, *t.shape[1:])), t,
                                                       t.new_zeros((after, *t.shape[1:]))])
             tangents = [pad(xt, 0, 1), pad(wt, 2, 0), pad(gt, 2, 0), pad(bt, 2, 0)]
-        assert_within_torch_error(out, fn, [x, w, g, beta], tangents)
+        check_against_forward_ad(out, fn, [x, w, g, beta], tangents)
     if training:  # the running statistics, updated once from the primal as nn.BatchNorm2d does
         mean = F.conv2d(x, w, None, 1, 1).mean((0, 2, 3))
         torch.testing.assert_close(stats[0].double(), 0.9 * rm + 0.1 * mean, rtol=tol, atol=tol)
@@ -237,7 +233,7 @@ def test_low_precision_conv_within_torch_error(dtype, channels_last):
     with fgkernels.use_backend("triton"):
         out = DF.conv2d(Dual(low(x), low(xt)), Dual(low(w), low(wt)), None, 1, 1)
     assert out.primal.dtype == dtype == out.tangents.dtype
-    assert_within_torch_error(out, lambda x_, w_: F.conv2d(x_, w_, None, 1, 1), [x, w],
+    check_against_forward_ad(out, lambda x_, w_: F.conv2d(x_, w_, None, 1, 1), [x, w],
                               [xt, wt])
 
 
@@ -259,7 +255,7 @@ def test_bfloat16_tangents_of_a_float32_conv_bn_relu(channels_last, role):
         out = DF.conv2d_batch_norm(Dual(f32(x), bf16(xt)), Dual(f32(w), bf16(wt)), None, 1, 1,
                                    1, 1, None, None, None, None, True, 0.1, 1e-5, True)
     assert out.tangents.dtype == torch.bfloat16 and out.primal.dtype == torch.float32
-    assert_within_torch_error(out, fn, [x, w], [xt, wt])
+    check_against_forward_ad(out, fn, [x, w], [xt, wt])
 
 
 def test_bn_relu_apply_keeps_nan_and_its_tangent():
@@ -512,7 +508,7 @@ def test_a_per_op_table_mixes_backends(monkeypatch):
     assert calls == ["triton"]
     fn = lambda x_, w_: F.relu(F.batch_norm(F.conv2d(x_, w_, None, 1, 1), None, None, None,
                                             None, True))
-    assert_within_torch_error(out, fn, [x, w], [xt, wt])
+    check_against_forward_ad(out, fn, [x, w], [xt, wt])
 
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet_v2"])

@@ -30,7 +30,7 @@ def test_float64_is_forward_ads(case, backend):
     x, w, xt, wt = inputs(op, slots=2, seed=2, dtype=F64)
     with fgkernels.use_backend(backend):
         out = op.fn(Dual(x, xt), Dual(w, wt))
-    _assert_matches(out, op.oracle(x, w, xt, wt))
+    _assert_matches(out, op.oracle(x, w, xt, wt)(F64))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -47,7 +47,7 @@ def test_a_constant_operand(case, backend, constant):
         wt = None
     with fgkernels.use_backend(backend):
         out = op.fn(x if xt is None else Dual(x, xt), w if wt is None else Dual(w, wt))
-    _assert_matches(out, op.oracle(x, w, xt, wt))
+    _assert_matches(out, op.oracle(x, w, xt, wt)(F64))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -62,7 +62,7 @@ def test_directions_entering_part_way(case, backend):
     with fgkernels.use_backend(backend):
         out = op.fn(Dual(x, xt, directions=(0, 1)), Dual(w, wt, directions=(1, 2)))
     assert tuple(out.directions) == (0, 1, 2)
-    _assert_matches(out, op.oracle(x, w, along_x, along_w))
+    _assert_matches(out, op.oracle(x, w, along_x, along_w)(F64))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -77,7 +77,7 @@ def test_non_finite_tangents(case, backend):
     xt.view(2, -1)[1, 2] = float("inf")
     with fgkernels.use_backend(backend):
         out = op.fn(Dual(x, xt), Dual(w, wt))
-    _, expected = op.oracle(x, w, xt, wt)
+    _, expected = op.oracle(x, w, xt, wt)(F64)
     ours = out.tangents
     assert torch.equal(ours.isfinite(), expected.isfinite())
     finite = expected.isfinite()
@@ -104,7 +104,7 @@ def test_laid_out_operands(case, layout, backend):
     assert not args[0].is_contiguous() and not args[1].is_contiguous()
     with fgkernels.use_backend(backend):
         out = op.fn(Dual(*args[:2]), Dual(*args[2:]))
-    _assert_matches(out, op.oracle(x, w, xt, wt))
+    _assert_matches(out, op.oracle(x, w, xt, wt)(F64))
 
 
 class _NativeCalls(torch.utils._python_dispatch.TorchDispatchMode):

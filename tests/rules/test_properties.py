@@ -19,7 +19,13 @@ import fgkernels.functional as DF  # noqa: E402
 from fgkernels import Dual  # noqa: E402
 from fgkernels.testing import forward_ad_jvp  # noqa: E402
 
-from helpers import CPU_BACKENDS, elementwise_forward_ad, laid_out  # noqa: E402
+from helpers import (  # noqa: E402
+    CPU_BACKENDS,
+    assert_within_torch_error,
+    elementwise_forward_ad,
+    forward_ad_oracle,
+    laid_out,
+)
 from helpers import TOL_DRAWN as TOL  # noqa: E402
 from op_table import OPS, inputs  # noqa: E402
 
@@ -41,11 +47,10 @@ def _tensor(draw, shape, dtype, layout="contiguous"):
     return laid_out(torch.randn(shape, generator=g, dtype=dtype), layout)
 
 
-def _close(actual: Dual, expected, dtype):
-    y, yt = expected
-    torch.testing.assert_close(actual.primal, y, **TOL[dtype], equal_nan=True)
-    assert actual.tangents is not None and actual.tangents.shape == yt.shape
-    torch.testing.assert_close(actual.tangents, yt, **TOL[dtype], equal_nan=True)
+def _close(actual, oracle):
+    """``actual`` against ``oracle`` (forward_ad's result in a dtype, or in float64 itself):
+    equal in float64, within twice torch's own error in float32."""
+    assert_within_torch_error(actual, oracle, TOL[torch.float64])
 
 
 @st.composite
@@ -78,7 +83,7 @@ def test_conv2d(case, backend):
     with fgkernels.use_backend(backend):
         out = DF.conv2d(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt), s, p, d, g)
     fn = (lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g))
-    _close(out, forward_ad_jvp(fn, [x, w, b], [xt, wt, bt]), dtype)
+    _close(out, forward_ad_oracle(fn, [x, w, b], [xt, wt, bt]))
 
 
 # The Triton kernels in its interpreter (CPU tensors; on a GPU tests/backends/test_triton.py runs
@@ -98,7 +103,7 @@ def test_conv2d_on_triton(case):
     with fgkernels.use_backend("triton"):
         out = DF.conv2d(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt), s, p, d, g)
     fn = (lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g))
-    _close(out, forward_ad_jvp(fn, [x, w, b], [xt, wt, bt]), dtype)
+    _close(out, forward_ad_oracle(fn, [x, w, b], [xt, wt, bt]))
 
 
 @st.composite
@@ -107,19 +112,32 @@ def batch_norm_cases(draw):
     c = draw(dims)
     shape = (draw(st.integers(1, 4)), c, draw(st.integers(1, 5)), draw(st.integers(1, 5)))
     training = draw(st.booleans())
-    if training and shape[0] * shape[2] * shape[3] == 1:
-        shape = (2, *shape[1:])
-    # Near-constant channels (a spread far below eps) and means far from zero beside the
-    # spread, in float64; float32 keeps moderate ones (its own rounding would exceed TOL).
-    scale, offset = (draw(st.sampled_from([1e-4, 1e-2, 1.0, 1e2])),
-                     draw(st.sampled_from([0.0, 1.0, 30.0]))) if dtype == torch.float64 else \
-        (2.0, 1.0)
+    # Near-constant channels (a spread far below eps) and means far from zero beside the spread.
+    # In float32 both are ill-conditioned for torch as for any kernel (the mean rounds to within
+    # ulp(mean)/σ of the centred values; a channel of two values has a tangent of order eps/σ²
+    # times ẋ's), so which of two correct results errs less is chance: float32 draws keep
+    # |mean| ≤ σ and three values a channel, and the far cases are float64's (and the float32
+    # ones of tests/rules/test_hostile_inputs.py, one case each).
+    wide = dtype == torch.float64
+    least = 2 if wide else 3
+    if training and shape[0] * shape[2] * shape[3] < least:
+        shape = (least, *shape[1:])
+    scale = draw(st.sampled_from([1e-4, 1e-2, 1.0, 1e2] if wide else [1e-2, 1.0, 1e2]))
+    offset = draw(st.sampled_from([0.0, 1.0, 30.0] if wide else [0.0, scale]))
     x = _tensor(draw, shape, dtype, layout) * scale + offset
     affine = draw(st.booleans())
     which = draw(st.sampled_from(["x", "params", "all"])) if affine else "x"
     xt = _tensor(draw, (T, *shape), dtype) if which != "params" else None
     pt = {n: _tensor(draw, (T, c), dtype) for n in ("weight", "bias")} if which != "x" else {}
     return dtype, x, xt, pt, training, affine, draw(st.booleans())
+
+
+def _running_stats_after(bn: nn.BatchNorm2d, x: torch.Tensor, dtype: torch.dtype):
+    """The running statistics of a copy of ``bn`` in ``dtype`` after one pass over ``x``."""
+    bn = copy.deepcopy(bn).to(dtype)
+    with torch.no_grad():
+        bn(x.to(dtype))
+    return bn.running_mean, bn.running_var
 
 
 @PROFILE
@@ -141,15 +159,14 @@ def test_batch_norm_and_relu(case, backend):
     with fgkernels.use_backend(backend):
         out = net(Dual(x, xt))
     params = [ref.weight.detach(), ref.bias.detach()] if affine else []
+    stats = ref.running_mean, ref.running_var
     fn = lambda x_, *p_: (F.relu if relu else (lambda v: v))(F.batch_norm(
-        x_, ref.running_mean.clone(), ref.running_var.clone(), *(p_ or (None, None)), training,
+        x_, *(s.to(x_.dtype, copy=True) for s in stats), *(p_ or (None, None)), training,
         0.1, ref.eps))  # fresh running stats for each slot's call
-    expected = forward_ad_jvp(fn, [x, *params],
-                              [xt, *[pt.get(n) for n in ("weight", "bias") if affine]])
-    _close(out, expected, dtype)
-    ref(x)
-    torch.testing.assert_close(net[0].running_mean, ref.running_mean, **TOL[dtype])
-    torch.testing.assert_close(net[0].running_var, ref.running_var, **TOL[dtype])
+    _close(out, forward_ad_oracle(fn, [x, *params],
+                                  [xt, *[pt.get(n) for n in ("weight", "bias") if affine]]))
+    _close((net[0].running_mean, net[0].running_var),
+           lambda dt: _running_stats_after(ref, x, dt))
 
 
 BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
@@ -177,7 +194,7 @@ def test_broadcasting_arithmetic(shapes, op, T, which, dtype, seed):
     at = torch.randn(T, *sa, generator=g, dtype=dtype) if which != "right" else None
     bt = torch.randn(T, *sb, generator=g, dtype=dtype) if which != "left" else None
     out = fn(Dual(a, at) if at is not None else a, Dual(b, bt) if bt is not None else b)
-    _close(out, forward_ad_jvp(fn, [a, b], [at, bt]), dtype)
+    _close(out, forward_ad_oracle(fn, [a, b], [at, bt]))
 
 
 @PROFILE
@@ -242,7 +259,7 @@ def test_activations(name, shape, T, dtype, seed, backend, special):
     fn = ACTIVATIONS[name]
     with fgkernels.use_backend(backend):
         out = fn(Dual(x, xt))
-    _close(out, activation_oracle(name, x, xt), dtype)
+    _close(out, lambda dt: activation_oracle(name, x.to(dt), xt.to(dt)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -259,7 +276,7 @@ def test_activations_at_every_kink(name, backend, dtype):
     fn = ACTIVATIONS[name]
     with fgkernels.use_backend(backend):
         out = fn(Dual(x, xt))
-    _close(out, activation_oracle(name, x, xt), dtype)
+    _close(out, lambda dt: activation_oracle(name, x.to(dt), xt.to(dt)))
 
 
 TENSOR_METHODS = {
@@ -291,7 +308,7 @@ def test_tensor_methods(name, shape, T, seed):
         out, y, yt = (out,), (y,), (yt,)
     assert len(out) == len(y)
     for o, yi, ti in zip(out, y, yt):
-        _close(o, (yi, ti), torch.float64)
+        _close(o, (yi, ti))
 
 
 @PROFILE
@@ -307,7 +324,7 @@ def test_linear(lead, fin, fout, T, dtype, bias, which, seed, backend):
     bt = rand(T, fout) if bias and which != "x" else None
     with fgkernels.use_backend(backend):
         out = F.linear(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt))
-    _close(out, forward_ad_jvp(F.linear, [x, w, b], [xt, wt, bt]), dtype)
+    _close(out, forward_ad_oracle(F.linear, [x, w, b], [xt, wt, bt]))
 
 
 @PROFILE
@@ -333,7 +350,7 @@ def test_max_pool2d(shape, k, stride, padding, dilation, ceil, layout, T, seed, 
     fn = lambda v: F.max_pool2d(v, k, stride, padding, dilation, ceil_mode=ceil)
     with fgkernels.use_backend(backend):
         out = fn(Dual(x, xt))
-    _close(out, forward_ad_jvp(fn, [x], [xt]), torch.float64)
+    _close(out, forward_ad_jvp(fn, [x], [xt]))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -371,7 +388,7 @@ def test_cross_entropy(n, c, T, smoothing, reduction, ignored, seed):
     target = torch.randint(0, c, (n,), generator=g)
     target[:ignored] = -100
     fn = lambda v: F.cross_entropy(v, target, reduction=reduction, label_smoothing=smoothing)
-    _close(fn(Dual(z, zt)), forward_ad_jvp(fn, [z], [zt]), torch.float64)
+    _close(fn(Dual(z, zt)), forward_ad_jvp(fn, [z], [zt]))
 
 
 @st.composite
@@ -412,7 +429,7 @@ def test_scaled_dot_product_attention(case):
     with sdpa_kernel(SDPBackend.MATH):
         y, yt = forward_ad_jvp(fn, [q, k, v], [qt, kt, vt])
     y, yt = torch.nan_to_num(y), torch.nan_to_num(yt)  # rows with nothing to attend to: 0
-    _close(out, (y, yt), torch.float64)
+    _close(out, (y, yt))
 
 
 class _SharedParameters(nn.Module):
@@ -467,7 +484,7 @@ def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_fi
                                                         dtype=torch.float64)
     out = model(Dual(x, xt))
     y, yt = model_jvp(ref, [x], [xt], tangents)
-    _close(out, (y, yt), torch.float64)
+    _close(out, (y, yt))
     assert out.directions == (None if direction is None else (direction,))
 
 
@@ -526,4 +543,4 @@ def test_op_table_at_drawn_points(case, backend, dtype, T, which, layout, seed):
     with fgkernels.use_backend(backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback row says it takes torch's rule
         out = op.fn(x if xt is None else Dual(x, xt), w if wt is None else Dual(w, wt))
-    _close(out, op.oracle(x, w, xt, wt, dtype), dtype)
+    _close(out, op.oracle(x, w, xt, wt))
