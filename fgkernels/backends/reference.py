@@ -1,17 +1,19 @@
 """The reference backend: the JVP formulas of docs/design.md in plain PyTorch.
 
 Tangent terms are computed in the tangents' dtype (``plan.dtype``; a float32 weight meets a
-bfloat16 tangent cast to bfloat16), batch-norm statistics in the accumulation dtype.
+bfloat16 tangent cast to bfloat16), except batch norm's, which are computed in float64 from
+float64 statistics and rounded once: in float32 the normalised values of a channel whose mean
+is far from zero beside its spread lose most of their digits (x̂ = (x − μ)/σ with μ rounded),
+and the tangent made from them erred by several times torch's own.
 
-The oracle of the tests, the backend when the extension is not built, and the one the others
-delegate to for what they do not cover (``base.Backend`` states the contract).
+The readable definition of each rule, the backend when the extension is not built, and the one
+the others delegate to for what they do not cover (``base.Backend`` states the contract).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..dual.dtypes import acc_dtype
 from ..dual.slots import SlotPlan, place
 from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, Result, Tensor
 
@@ -62,10 +64,10 @@ class ReferenceBackend:
         """Training: ``x̂ = (x-μ)/σ``, ``ẋ̂ = (ẋ - mean ẋ - x̂·mean(x̂ẋ))/σ``; eval: the affine map of
         the running stats. ``y = γx̂ + β``, ``ẏ = γ̇x̂ + γẋ̂ + β̇``; the running stats are updated
         by ``F.batch_norm`` itself, so they match ``nn.BatchNorm2d`` exactly. The tangent is
-        computed in the accumulation dtype and rounded once to ``plan.dtype``."""
+        computed in float64 and rounded once to ``plan.dtype``."""
         y = F.batch_norm(x, bn.running_mean, bn.running_var, p.weight, p.bias, bn.training,
                          bn.momentum, bn.eps)
-        acc = acc_dtype(x.dtype)
+        acc = torch.float64
         x, xt = x.to(acc), None if xt is None else xt.to(acc)
         w, wt, b, bt = (None if v is None else v.to(acc) for v in p)
         dims = [0] + list(range(2, x.dim()))
