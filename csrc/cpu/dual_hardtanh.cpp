@@ -1,22 +1,12 @@
-// Dual hardtanh on the CPU: y = clamp(x, min_val, max_val), yt = xt strictly inside the bounds
-// and where x is NaN, else 0 (torch's hardtanh_backward as its scalar loop defines it, the
-// bounds in the primal's type).
+// Dual hardtanh on the CPU: the Hardtanh rule of csrc/select_ops.h in dual_select_cpu, the
+// bounds in the primal's type.
 #include <torch/library.h>
 
+#include "../select_ops.h"
 #include "select_op.h"
 
 namespace fgkernels {
 namespace {
-
-// A NaN fails every comparison: it stays in the primal (as torch.clamp keeps it) and keeps its
-// tangent (as torch.relu's derivative does).
-template <typename T>
-struct Hardtanh {
-  using scalar_t = T;
-  T lo, hi;
-  bool keep(T x) const { return !(x <= lo || x >= hi); }
-  T primal(T x) const { return x < lo ? lo : (x > hi ? hi : x); }
-};
 
 std::tuple<at::Tensor, at::Tensor> dual_hardtanh_cpu(const at::Tensor& x, const at::Tensor& xt,
                                                      double min_val, double max_val) {

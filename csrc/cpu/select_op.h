@@ -4,8 +4,8 @@
 // in one pass over x and the slots. A select gives 0 for a NaN or Inf tangent where the slope
 // is 0, as torch's derivative kernels of these ops do. The slots may be narrower than the
 // primal; they are selected as bits (a zero of every floating type is all zero bits), which
-// vectorizes for the 16-bit types too. An op file defines its Op (a struct template over the
-// primal's type) and registers dual_select_cpu<Op> as its CPU kernel.
+// vectorizes for the 16-bit types too. An op file registers dual_select_cpu<Op> of its rule
+// (csrc/select_ops.h: a struct template over the primal's type) as its CPU kernel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,13 +19,14 @@
 
 namespace fgkernels {
 
-// One span [0, n) of the primal and of every slot (slot t at offset t * slot_stride).
+// One span [0, n) of the primal and of every slot (slot t at offset t * slot_stride). Static:
+// each kernel file has its own versions, called directly rather than through the PLT.
 template <typename Op, typename tangent_bits>
-FGK_CPU_KERNEL void select_span(const Op op, const typename Op::scalar_t* __restrict x,
-                                const tangent_bits* __restrict xt,
-                                typename Op::scalar_t* __restrict y,
-                                tangent_bits* __restrict yt, int64_t n, int64_t T,
-                                int64_t slot_stride) {
+FGK_CPU_KERNEL static void select_span(const Op op, const typename Op::scalar_t* __restrict x,
+                                       const tangent_bits* __restrict xt,
+                                       typename Op::scalar_t* __restrict y,
+                                       tangent_bits* __restrict yt, int64_t n, int64_t T,
+                                       int64_t slot_stride) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = op.primal(x[i]);
   for (int64_t t = 0; t < T; ++t) {

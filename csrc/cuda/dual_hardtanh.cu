@@ -1,24 +1,12 @@
-// Dual hardtanh on CUDA: y = clamp(x, min_val, max_val), yt = xt strictly inside the bounds and
-// where x is NaN, else 0 (csrc/cpu/dual_hardtanh.cpp).
+// Dual hardtanh on CUDA: the Hardtanh rule of csrc/select_ops.h in dual_select_cuda, the bounds
+// in the primal's type.
 #include <torch/library.h>
 
+#include "../select_ops.h"
 #include "select_op.cuh"
 
 namespace fgkernels {
 namespace {
-
-// A NaN fails every comparison: it stays in the primal and keeps its tangent.
-template <typename T>
-struct Hardtanh {
-  using scalar_t = T;
-  T lo, hi;
-  __device__ bool keep(T x) const {
-    return !(cuda::wide(x) <= cuda::wide(lo) || cuda::wide(x) >= cuda::wide(hi));
-  }
-  __device__ T primal(T x) const {
-    return cuda::wide(x) < cuda::wide(lo) ? lo : (cuda::wide(x) > cuda::wide(hi) ? hi : x);
-  }
-};
 
 std::tuple<at::Tensor, at::Tensor> dual_hardtanh_cuda(const at::Tensor& x, const at::Tensor& xt,
                                                       double min_val, double max_val) {

@@ -1,7 +1,7 @@
 // A dual select op on CUDA (see csrc/cpu/select_op.h): y = op.primal(x), and for every slot
 // yt[t] = op.keep(x) ? xt[t] : 0, one thread per element of x writing the primal and every
-// slot. An op file defines its Op (a struct template over the primal's element type) and
-// registers dual_select_cuda<Op> as its CUDA kernel.
+// slot. An op file registers dual_select_cuda<Op> of its rule (csrc/select_ops.h) as its CUDA
+// kernel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,12 +18,6 @@
 
 namespace fgkernels {
 namespace cuda {
-
-// v in the type an op compares it in: float for the 16-bit types.
-template <typename T>
-__device__ __forceinline__ T wide(T v) { return v; }
-__device__ __forceinline__ float wide(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float wide(__half v) { return __half2float(v); }
 
 // An op's argument in its primal's element type, rounded as torch's Scalar::to<T> rounds it
 // (through float for the 16-bit types).
