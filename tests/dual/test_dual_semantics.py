@@ -824,6 +824,23 @@ EDGE_CASES = {
     "crop dim 0": (lambda x: F.pad(x, (0, 0, -1, 0)), [(3, 4)], 2),
     "pad a 1-D input": (lambda x: F.pad(x, (1, 2)), [(5,)], 3),
     "setitem leading 1s": (_setitem_with_leading_ones, [(3, 4), (4,)], 2),
+    # a negative dim counts from the end of the output (one dim more than the input)
+    "unsqueeze dim=-1": (lambda x: x.unsqueeze(-1), [(3, 4)], 2),
+    "unsqueeze dim=-3": (lambda x: torch.unsqueeze(x, -3), [(3, 4)], 2),
+    # a 0-d reduction with a dtype: the tangent takes it too
+    "sum of a 0-d with a dtype": (lambda x: x.float().sum(dtype=torch.float64), [()], 2),
+    # matmul's 1-D operands and broadcast batches, the slot axis kept in front (T = 3)
+    "matmul vector @ batch": (lambda a, b: a @ b, [(5,), (2, 5, 3)], 3),
+    "matmul batch @ vector": (lambda a, b: torch.matmul(a, b), [(2, 3, 5), (5,)], 3),
+    "matmul vector @ vector": (lambda a, b: a @ b, [(5,), (5,)], 3),
+    "matmul matrix @ batch": (lambda a, b: a @ b, [(3, 5), (2, 2, 5, 4)], 3),
+    # einsum without an output: the indices that occur once, in order
+    "einsum implicit output": (lambda a, b: torch.einsum("ij,jk", a, b), [(3, 4), (4, 2)], 2),
+    # softmax without a dim: torch's legacy choice (dim 0 of a 3-D input)
+    "softmax implicit dim": (lambda x: F.softmax(x, dim=None), [(2, 3, 4)], 2),
+    # a zero row's norm: forward_ad's tangent is 0 there
+    "vector_norm of a zero row": (lambda x: torch.linalg.vector_norm(
+        x * torch.tensor([0.0, 1.0, 1.0], **f64)[:, None], dim=-1), [(3, 4)], 2),
 }
 
 

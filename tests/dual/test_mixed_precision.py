@@ -13,7 +13,7 @@ import fgkernels
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
 
-from helpers import CPU_BACKENDS, assert_within_torch_error, rel_err
+from helpers import CPU_BACKENDS, assert_within_torch_error, forward_ad_oracle, rel_err
 from op_table import OPS, TARGET, inputs
 from zoo import build_resnet
 
@@ -107,6 +107,23 @@ def test_operands_promote_as_torch_does():
     assert (a + b).tangent_dtype == torch.float32
     assert (a * x).tangent_dtype == BF16
     assert torch.cat([a, Dual(x)]).tangent_dtype == BF16
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layer", ["conv2d", "linear"])
+def test_a_layer_promotes_its_input_and_parameter_tangents(layer, backend):
+    """bfloat16 input tangents meeting float32 weight tangents in one layer op: the output's
+    are float32, each term computed from the bfloat16 slots widened (exactly) to float32,
+    within twice torch's float32 error."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 3, 5, 5, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    xt, wt = torch.randn(2, *x.shape, generator=g).to(BF16), torch.randn(2, *w.shape, generator=g)
+    fn = (lambda x_, w_: F.conv2d(x_, w_, None, 1, 1)) if layer == "conv2d" else \
+        (lambda x_, w_: F.linear(x_[..., 0, 0], w_[..., 0, 0]))
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x, xt), Dual(w, wt))
+    assert out.tangents.dtype == torch.float32
+    assert_within_torch_error(out, forward_ad_oracle(fn, [x, w], [xt.float(), wt]))
 
 
 def test_random_tangents_in_a_tangent_dtype_block():

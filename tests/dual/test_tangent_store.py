@@ -367,6 +367,23 @@ def test_stale_and_changed_parameters_are_refused():
     model.float()  # the parameter's data changes dtype under its tangent
     with pytest.raises(RuntimeError, match="set its tangent again"):
         model(Dual(torch.randn(1, 3)))
+    fgkernels.random_tangents(model)
+    model.weight.data = torch.randn(2, 1)  # ... or shape (a (2, 1) weight broadcasts)
+    with pytest.raises(RuntimeError, match=r"shape \(2, 1\).*set its tangent again"):
+        model(Dual(torch.randn(1, 3)))
+
+
+def test_set_tangents_refuses_what_it_cannot_set_and_sets_nothing():
+    """Tangents of one call with different T, and a stacked tangent given to one direction:
+    refused, naming the problem, before any tangent is set."""
+    model = nn.Linear(3, 2).double()
+    with pytest.raises(ValueError, match=r"must share T, got \[1, 2\]"):
+        fgkernels.set_tangents(model, {"weight": torch.randn(2, 2, 3, **f64),
+                                       "bias": torch.randn(1, 2, **f64)})
+    with pytest.raises(ValueError, match="with direction=1, the tangent of 'weight' must have "
+                                         r"the parameter's shape \(2, 3\)"):
+        fgkernels.set_tangents(model, {"weight": torch.randn(2, 2, 3, **f64)}, direction=1)
+    assert not any(has_tangent(p) for p in model.parameters())
 
 
 def test_functional_use_of_a_parameter_with_a_tangent():
