@@ -124,6 +124,21 @@ def test_estimate_on_resnet_blocks(space):
         assert b.derivative == pytest.approx(deriv, rel=1e-10, abs=1e-12)
 
 
+@pytest.mark.parametrize("space", SPACES)
+def test_random_guesses_draw_the_noise_asked_for(space):
+    """Rademacher guesses are ±1 (both signs drawn), Gaussian ones are not."""
+    net = small_net()
+    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
+    for noise in ("rademacher", "gaussian"):
+        est = estimate_gradients(net, x, y, "global", "random", space, keep_guesses=True,
+                                 generator=torch.Generator().manual_seed(0), noise=noise)
+        values = torch.cat([g.flatten() for b in est.blocks
+                            for g in (b.guess.values() if space == "weight" else [b.guess])])
+        signs = values.abs() == 1
+        assert bool(signs.all()) == (noise == "rademacher"), noise
+        assert bool((values > 0).any()) and bool((values < 0).any()), noise
+
+
 def test_bad_choices_list_the_valid_ones():
     net = small_net()
     x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
