@@ -811,6 +811,14 @@ def _setitem_with_leading_ones(a, v):
     return a
 
 
+def _attention_with_an_empty_row(q, k, v):
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    mask[1] = False  # query 1 may attend to nothing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):  # (torch's fused CPU kernel has no forward mode)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 EDGE_CASES = {
     # baddbmm's input broadcast from (N,) against (B, M, N): the slot axis stays in front
     "baddbmm 1-D input": (lambda i, a, b: torch.baddbmm(i, a, b, beta=0.5, alpha=2.0),
@@ -838,6 +846,8 @@ EDGE_CASES = {
     "einsum implicit output": (lambda a, b: torch.einsum("ij,jk", a, b), [(3, 4), (4, 2)], 2),
     # softmax without a dim: torch's legacy choice (dim 0 of a 3-D input)
     "softmax implicit dim": (lambda x: F.softmax(x, dim=None), [(2, 3, 4)], 2),
+    # a query that may attend to nothing: 0, and a tangent of 0, as torch's attention gives
+    "attention with an empty row": (_attention_with_an_empty_row, [(1, 2, 3, 4)] * 3, 2),
     # a zero row's norm: forward_ad's tangent is 0 there
     "vector_norm of a zero row": (lambda x: torch.linalg.vector_norm(
         x * torch.tensor([0.0, 1.0, 1.0], **f64)[:, None], dim=-1), [(3, 4)], 2),
