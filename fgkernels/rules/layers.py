@@ -41,8 +41,12 @@ __all__ = [
 
 
 def _no_grad(fn):
+    """``fn`` under ``torch.no_grad()`` (its ops on parameters build no graph), entered only
+    where grad mode is on."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
         with torch.no_grad():
             return fn(*args, **kwargs)
     return wrapper
