@@ -20,10 +20,11 @@ from helpers import rel_err
 f64 = dict(dtype=torch.float64)
 
 
-def _against_forward_ad(fn, *shapes, slots: int = 2, complex_ok: bool = False):
-    """``fn`` on Duals of random float64 inputs, and on forward_ad's dual tensors."""
-    xs = [torch.randn(s, **f64) for s in shapes]
-    ts = [torch.randn(slots, *s, **f64) for s in shapes]
+def _against_forward_ad(fn, *shapes, slots: int = 2, dtype: torch.dtype = torch.float64):
+    """``fn`` on Duals of random inputs (float64, or ``dtype``), and on forward_ad's dual
+    tensors."""
+    xs = [torch.randn(s, dtype=dtype) for s in shapes]
+    ts = [torch.randn(slots, *s, dtype=dtype) for s in shapes]
     out = fn(*[Dual(x, t) for x, t in zip(xs, ts)])
     y, yt = forward_ad_jvp(fn, xs, ts)
     torch.testing.assert_close(out.primal, y, rtol=1e-13, atol=1e-14)
@@ -858,6 +859,22 @@ EDGE_CASES = {
 def test_op_edge_cases_as_forward_ad(case):
     fn, shapes, slots = EDGE_CASES[case]
     _against_forward_ad(fn, *shapes, slots=slots)
+
+
+@pytest.mark.parametrize("fn", [lambda v: torch.linalg.vector_norm(v, dim=-1),
+                                lambda v: v.norm()], ids=["vector_norm", "norm"])
+def test_the_norm_of_a_complex_dual(fn):
+    """A real norm of complex values: its tangent is Re(conj(x)·ẋ)/‖x‖, as forward_ad's."""
+    _against_forward_ad(fn, (2, 3), slots=2, dtype=torch.complex128)
+
+
+def test_a_single_tangent_meeting_a_stack_of_one_gives_a_stack():
+    """A Dual given one tangent (its shape) and one given a stack of T = 1: their result is
+    stacked, as the second's; two single ones give a single one."""
+    x = torch.randn(3, **f64)
+    single, stacked = Dual(x, torch.randn(3, **f64)), Dual(x, torch.randn(1, 3, **f64))
+    assert (single + stacked).tangent.shape == (single * stacked).tangent.shape == (1, 3)
+    assert (single + single).tangent.shape == (3,)
 
 
 def test_division_by_zero_gives_forward_ad_s_infinities():
