@@ -9,6 +9,7 @@
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #ifdef __CUDACC__
@@ -37,6 +38,11 @@ struct Relu {
 
 // y = clamp(x, lo, hi) (lo <= hi, in T); the tangent passes strictly inside the bounds and
 // where x is NaN: torch's hardtanh_backward as its scalar loop defines it.
+inline void check_hardtanh_bounds(double min_val, double max_val) {
+  TORCH_CHECK(min_val <= max_val, "dual_hardtanh: min_val (", min_val,
+              ") must not be greater than max_val (", max_val, ")");
+}
+
 template <typename T>
 struct Hardtanh {
   using scalar_t = T;

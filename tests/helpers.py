@@ -61,12 +61,6 @@ def _floating(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
-def forward_ad_oracle(fn: Callable[..., Any], primals: Sequence[Optional[torch.Tensor]],
-                      tangents: Sequence[Optional[torch.Tensor]]) -> ForwardADOracle:
-    """``ForwardADOracle(fn, primals, tangents)``."""
-    return ForwardADOracle(fn, primals, tangents)
-
-
 def _parts(result) -> list:
     """A Dual as [primal, stacked tangents], a tensor as [itself], a tuple or list flattened."""
     if isinstance(result, (tuple, list)):

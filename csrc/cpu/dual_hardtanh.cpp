@@ -10,8 +10,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> dual_hardtanh_cpu(const at::Tensor& x, const at::Tensor& xt,
                                                      double min_val, double max_val) {
-  TORCH_CHECK(min_val <= max_val, "dual_hardtanh: min_val (", min_val,
-              ") must not be greater than max_val (", max_val, ")");
+  check_hardtanh_bounds(min_val, max_val);
   return dual_select_cpu<Hardtanh>(x, xt, "dual_hardtanh", [&](auto tag) {
     using T = typename decltype(tag)::type;
     return Hardtanh<T>{T(min_val), T(max_val)};

@@ -10,8 +10,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> dual_hardtanh_cuda(const at::Tensor& x, const at::Tensor& xt,
                                                       double min_val, double max_val) {
-  TORCH_CHECK(min_val <= max_val, "dual_hardtanh: min_val (", min_val,
-              ") must not be greater than max_val (", max_val, ")");
+  check_hardtanh_bounds(min_val, max_val);
   return dual_select_cuda<Hardtanh>(x, xt, "dual_hardtanh", [&](auto p) {
     using T = decltype(p);
     return Hardtanh<T>{cuda::narrow<T>(min_val), cuda::narrow<T>(max_val)};

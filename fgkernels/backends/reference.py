@@ -4,7 +4,8 @@ Tangent terms are computed in the tangents' dtype (``plan.dtype``; a float32 wei
 bfloat16 tangent cast to bfloat16), except batch norm's, which are computed in float64 from
 float64 statistics and rounded once: in float32 the normalised values of a channel whose mean
 is far from zero beside its spread lose most of their digits (x̂ = (x − μ)/σ with μ rounded),
-and the tangent made from them erred by several times torch's own.
+and so would a tangent made from them (tests/rules/test_hostile_inputs.py holds it to torch's
+own error on such channels).
 
 The readable definition of each rule, the backend when the extension is not built, and the one
 the others delegate to for what they do not cover (``base.Backend`` states the contract).

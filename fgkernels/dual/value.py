@@ -111,8 +111,8 @@ _rule_depth = [0]
 
 
 class _InRule:
-    """The context ``in_rule`` returns: an object of its own class, which a ``with`` enters for a
-    third of a generator context's cost (it is entered on every Dual op and module call)."""
+    """The context ``in_rule`` returns, entered on every Dual op and module call: a plain class
+    rather than a generator context (less to enter; Dynamo traces a fresh instance of it)."""
 
     __slots__ = ()
 

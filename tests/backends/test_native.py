@@ -11,7 +11,7 @@ from fgkernels.backends import bn_math
 from fgkernels.dual.layout import empty_slots
 from fgkernels.testing import forward_ad_jvp
 
-from helpers import assert_within_torch_error, forward_ad_oracle
+from helpers import ForwardADOracle, assert_within_torch_error
 
 pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),
                                 reason="fgkernels._C is not built")
@@ -195,7 +195,7 @@ def test_low_precision_error_within_torch_error(dtype, channels_last):
     with fgkernels.use_backend("native"):
         out = DF.batch_norm(Dual(low(x), low(xt)), None, None, Dual(low(w), low(wt)), None, True,
                             0.1, 1e-5, relu=True)
-    assert_within_torch_error(out, forward_ad_oracle(fn, [low(x), low(w)], [low(xt), low(wt)]))
+    assert_within_torch_error(out, ForwardADOracle(fn, [low(x), low(w)], [low(xt), low(wt)]))
 
 
 def test_ops_reject_bad_arguments():

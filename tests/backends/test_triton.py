@@ -21,7 +21,7 @@ from fgkernels.backends.triton.precision import cudnn_conv_fp32_precision
 from fgkernels.dual.layout import empty_slots
 from fgkernels.testing import model_jvp, round_to_tf32
 
-from helpers import assert_within_torch_error, forward_ad_oracle, rel_err
+from helpers import ForwardADOracle, assert_within_torch_error, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from kernel_report import captured_launches  # noqa: E402
@@ -50,13 +50,13 @@ def check_against_forward_ad(out, fn, primals, tangents):
     forward_ad in out's dtypes (the primal's for the primal, the tangents' for the tangents:
     torch takes no tangent narrower than its primal), or of TF32 products where they are allowed
     (``helpers.assert_within_torch_error``)."""
-    oracle = forward_ad_oracle(fn, primals, tangents)
+    oracle = ForwardADOracle(fn, primals, tangents)
     tf32 = None
     if out.primal.is_cuda and cudnn_conv_fp32_precision() == "tf32":
         # The kernels' float32 products are TF32 where cuDNN's may be (cuDNN does not always
         # take a TF32 kernel), on operands the tensor cores truncate: the floor is the product
         # of truncated operands (about 2.6 times cuDNN's rounded TF32 error).
-        truncated = forward_ad_oracle(fn, [round_to_tf32(t, truncate=True) for t in primals],
+        truncated = ForwardADOracle(fn, [round_to_tf32(t, truncate=True) for t in primals],
                                       [round_to_tf32(t, truncate=True) for t in tangents])
         tf32 = lambda dt: truncated(torch.float32) if dt == torch.float32 else oracle(dt)
     assert_within_torch_error(out, oracle, also=tf32)
@@ -360,7 +360,7 @@ def test_bn_coefficients_kernel_gives_forward_ad_batch_norm(relu):
               torch.stack([zero(bt), bt[0], bt[1]])]
     fn = lambda x_, w_, b_: (F.relu if relu else (lambda v: v))(
         F.batch_norm(x_, None, None, w_, b_, True, 0.1, eps))
-    assert_within_torch_error((y, yt), forward_ad_oracle(fn, [x, w, b], stacks))
+    assert_within_torch_error((y, yt), ForwardADOracle(fn, [x, w, b], stacks))
 
 
 def test_batch_norm_cuda_entry_points_check_their_arguments():

@@ -13,7 +13,7 @@ import fgkernels
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
 
-from helpers import CPU_BACKENDS, assert_within_torch_error, forward_ad_oracle, rel_err
+from helpers import CPU_BACKENDS, ForwardADOracle, assert_within_torch_error, rel_err
 from op_table import OPS, TARGET, inputs
 from zoo import build_resnet
 
@@ -123,7 +123,7 @@ def test_a_layer_promotes_its_input_and_parameter_tangents(layer, backend):
     with fgkernels.use_backend(backend):
         out = fn(Dual(x, xt), Dual(w, wt))
     assert out.tangents.dtype == torch.float32
-    assert_within_torch_error(out, forward_ad_oracle(fn, [x, w], [xt.float(), wt]))
+    assert_within_torch_error(out, ForwardADOracle(fn, [x, w], [xt.float(), wt]))
 
 
 def test_random_tangents_in_a_tangent_dtype_block():

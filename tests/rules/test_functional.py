@@ -9,7 +9,7 @@ import fgkernels.functional as DF
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
 
-from helpers import TOL, assert_within_torch_error, central_difference, forward_ad_oracle
+from helpers import TOL, ForwardADOracle, assert_within_torch_error, central_difference
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -18,7 +18,7 @@ def check(out, fn, inputs, tangents):
     """``out`` (a Dual of one slot) against forward_ad of ``fn`` along ``tangents`` (one per
     input; None: constant): equal in float64, within twice torch's own error in float32."""
     stacked = [None if t is None else t.unsqueeze(0) for t in tangents]
-    assert_within_torch_error(out, forward_ad_oracle(fn, inputs, stacked))
+    assert_within_torch_error(out, ForwardADOracle(fn, inputs, stacked))
 
 
 CONV_CASES = [
@@ -143,7 +143,7 @@ def test_batch_norm_matches_forward_ad(backend, dtype, training, affine, relu):
 
     def oracle(dtype):  # the output, its tangent and the running stats (updated once)
         stacked = [None if t is None else t.unsqueeze(0) for t in (xt, wt, bt)]
-        (y, m, v), (yt, _, _) = forward_ad_oracle(f, [x, w, b], stacked)(dtype)
+        (y, m, v), (yt, _, _) = ForwardADOracle(f, [x, w, b], stacked)(dtype)
         return (y, yt), m, v
 
     assert_within_torch_error((out, rm, rv), oracle)

@@ -21,9 +21,9 @@ from fgkernels.testing import forward_ad_jvp  # noqa: E402
 
 from helpers import (  # noqa: E402
     CPU_BACKENDS,
+    ForwardADOracle,
     assert_within_torch_error,
     elementwise_forward_ad,
-    forward_ad_oracle,
     laid_out,
 )
 from helpers import TOL_DRAWN as TOL  # noqa: E402
@@ -83,7 +83,7 @@ def test_conv2d(case, backend):
     with fgkernels.use_backend(backend):
         out = DF.conv2d(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt), s, p, d, g)
     fn = (lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g))
-    _close(out, forward_ad_oracle(fn, [x, w, b], [xt, wt, bt]))
+    _close(out, ForwardADOracle(fn, [x, w, b], [xt, wt, bt]))
 
 
 # The Triton kernels in its interpreter (CPU tensors; on a GPU tests/backends/test_triton.py runs
@@ -103,7 +103,7 @@ def test_conv2d_on_triton(case):
     with fgkernels.use_backend("triton"):
         out = DF.conv2d(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt), s, p, d, g)
     fn = (lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g))
-    _close(out, forward_ad_oracle(fn, [x, w, b], [xt, wt, bt]))
+    _close(out, ForwardADOracle(fn, [x, w, b], [xt, wt, bt]))
 
 
 @st.composite
@@ -163,7 +163,7 @@ def test_batch_norm_and_relu(case, backend):
     fn = lambda x_, *p_: (F.relu if relu else (lambda v: v))(F.batch_norm(
         x_, *(s.to(x_.dtype, copy=True) for s in stats), *(p_ or (None, None)), training,
         0.1, ref.eps))  # fresh running stats for each slot's call
-    _close(out, forward_ad_oracle(fn, [x, *params],
+    _close(out, ForwardADOracle(fn, [x, *params],
                                   [xt, *[pt.get(n) for n in ("weight", "bias") if affine]]))
     _close((net[0].running_mean, net[0].running_var),
            lambda dt: _running_stats_after(ref, x, dt))
@@ -194,7 +194,7 @@ def test_broadcasting_arithmetic(shapes, op, T, which, dtype, seed):
     at = torch.randn(T, *sa, generator=g, dtype=dtype) if which != "right" else None
     bt = torch.randn(T, *sb, generator=g, dtype=dtype) if which != "left" else None
     out = fn(Dual(a, at) if at is not None else a, Dual(b, bt) if bt is not None else b)
-    _close(out, forward_ad_oracle(fn, [a, b], [at, bt]))
+    _close(out, ForwardADOracle(fn, [a, b], [at, bt]))
 
 
 @PROFILE
@@ -324,7 +324,7 @@ def test_linear(lead, fin, fout, T, dtype, bias, which, seed, backend):
     bt = rand(T, fout) if bias and which != "x" else None
     with fgkernels.use_backend(backend):
         out = F.linear(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt))
-    _close(out, forward_ad_oracle(F.linear, [x, w, b], [xt, wt, bt]))
+    _close(out, ForwardADOracle(F.linear, [x, w, b], [xt, wt, bt]))
 
 
 @PROFILE
