@@ -206,41 +206,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_conv2d(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& xt, const at::Tensor& w,
     const std::optional<at::Tensor>& wt, const std::optional<at::Tensor>& b,
-    const std::optional<at::Tensor>& bt) {
+    const std::optional<at::Tensor>& bt, bool sum_terms) {
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension (..., in_features), got a 0-d "
               "tensor");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "weight must have shape (out, ",
               x.size(-1), "), got ", w.sizes());
-  const int64_t out = w.size(0);
+  const int64_t out = w.size(0), in = w.size(1);
   if (b.has_value() && b->defined()) FGK_CHECK_SHAPE(*b, "bias", out);
   check_param_tangents(w, wt, bt);
   if (present(xt)) check_tangent(x, *xt, "xt");
+  if (sum_terms) {
+    const int64_t P = present(wt) ? wt->size(0) : present(bt) ? bt->size(0) : -1;
+    TORCH_CHECK(present(xt) && P == xt->size(0), "sum_terms needs the input's and the "
+                "parameters' tangents with one slot count, got ", present(xt) ? xt->size(0) : 0,
+                " input and ", std::max<int64_t>(P, 0), " parameter slots");
+  }
   const auto type = tangent_type(x, {&xt, &wt, &bt});
   const auto y = at::linear(x.contiguous(), w, b.has_value() ? *b : at::Tensor());
+  const auto empty = at::empty({0}, x.options().dtype(type));
   at::Tensor x_part, p_part;
+  if (present(xt)) {
+    x_part = at::linear(xt->contiguous(), w.to(type));
+  }
+  // The bias tangent's slots, shaped to broadcast over (P, ..., out).
+  std::vector<int64_t> bias_shape(x.dim() + 1, 1);
+  if (present(bt)) {
+    bias_shape.front() = bt->size(0);
+    bias_shape.back() = out;
+  }
+  if (sum_terms) {
+    // ẏ_t = ẋ_t Wᵀ + x Ẇ_tᵀ + ḃ_t: each x Ẇ_tᵀ accumulates into the input term's output
+    // (beta = 1), so the parameter term never exists apart (no buffer, no extra pass).
+    if (present(wt)) {
+      const int64_t T = wt->size(0);
+      const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+      x_part.view({T, rows, out})
+          .baddbmm_(x.to(type).reshape({1, rows, in}).expand({T, rows, in}),
+                    wt->to(type).transpose(1, 2));
+    }
+    if (present(bt)) x_part.add_(bt->view(bias_shape));
+    return {y, x_part, empty};
+  }
   if (present(wt)) {
     // Every x Wt_p^T in one GEMM, split along the last dim and moved to the front.
-    p_part = at::linear(x.to(type).contiguous(), wt->flatten(0, 1))
+    p_part = at::linear(x.to(type).contiguous(), wt->to(type).flatten(0, 1))
                  .unflatten(-1, {wt->size(0), out})
                  .movedim(-2, 0)
                  .contiguous();
   }
   if (present(bt)) {
-    std::vector<int64_t> shape(x.dim() + 1, 1), full{bt->size(0)};
-    shape.front() = bt->size(0);
-    shape.back() = out;
+    std::vector<int64_t> full{bt->size(0)};
     full.insert(full.end(), y.sizes().begin(), y.sizes().end());
     if (p_part.defined()) {
-      p_part.add_(bt->view(shape));
+      p_part.add_(bt->view(bias_shape));
     } else {
-      p_part = at::empty(full, y.options().dtype(type)).copy_(bt->view(shape));
+      p_part = at::empty(full, y.options().dtype(type)).copy_(bt->view(bias_shape));
     }
   }
-  if (present(xt)) {
-    x_part = at::linear(xt->contiguous(), w.to(type));
-  }
-  return {y, x_part.defined() ? x_part : at::empty({0}, x.options().dtype(type)),
-          p_part.defined() ? p_part : at::empty({0}, x.options().dtype(type))};
+  return {y, x_part.defined() ? x_part : empty, p_part.defined() ? p_part : empty};
 }
 
 }  // namespace

@@ -76,9 +76,11 @@ TORCH_LIBRARY(fgkernels, m) {
   m.def("dual_conv2d_tangents(Tensor x, Tensor y, Tensor? xt, Tensor weight, Tensor? weight_t, "
         "Tensor? bias_t, int[2] stride, int[2] padding, int[2] dilation, int groups) "
         "-> (Tensor, Tensor)");
-  // Dual linear in two GEMMs, arranged as dual_conv2d.
+  // Dual linear in three GEMMs, arranged as dual_conv2d. With sum_terms (the input's and the
+  // parameters' terms fill the same output slots: T == P) x_part is their sum, the parameter
+  // GEMM accumulating into the input GEMM's output, and p_part is empty.
   m.def("dual_linear(Tensor x, Tensor? xt, Tensor weight, Tensor? weight_t, Tensor? bias, "
-        "Tensor? bias_t) -> (Tensor, Tensor, Tensor)");
+        "Tensor? bias_t, bool sum_terms) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

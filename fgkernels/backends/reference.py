@@ -115,4 +115,4 @@ class ReferenceBackend:
 
     def layer_op(self, op, x: Tensor, xt: Opt, p: LayerParams, plan: SlotPlan,
                  *args) -> Result:
-        return op.placed(op.reference(x, xt, *p, *args), plan)
+        return op.run(op.reference, x, xt, p, plan, args)

@@ -80,9 +80,9 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
 
 # linear: one compiled op for every device (csrc/composite.cpp: three GEMMs whatever the slots).
 def _linear_reference(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor],
-                      b: Optional[Tensor], bt: Optional[Tensor]):
+                      b: Optional[Tensor], bt: Optional[Tensor], sum_terms: bool = False):
     """``y = xWᵀ + b``; the input's terms ``ẋWᵀ``, the parameters' ``xẆᵀ + ḃ`` (each None when
-    absent), in the tangents' dtype."""
+    absent), in the tangents' dtype; with ``sum_terms``, their sum and None."""
     y = F.linear(x, w, b)
     dtype = shared_tangent_dtype(x, xt, wt, bt)
     x_part = None if xt is None else F.linear(xt, w.to(dtype))
@@ -90,10 +90,12 @@ def _linear_reference(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[T
         return y, x_part, None
     bias = None if bt is None else bt.reshape(bt.shape[0], *([1] * (y.dim() - 1)), -1)
     if wt is None:
-        return y, x_part, bias.expand(bt.shape[0], *y.shape)
-    x_in = x.to(dtype)
-    p_part = torch.stack([F.linear(x_in, wt[t]) for t in range(wt.shape[0])])
-    return y, x_part, p_part if bias is None else p_part + bias
+        p_part = bias.expand(bt.shape[0], *y.shape)
+    else:
+        x_in = x.to(dtype)
+        p_part = torch.stack([F.linear(x_in, wt[t]) for t in range(wt.shape[0])])
+        p_part = p_part if bias is None else p_part + bias
+    return (y, x_part + p_part, None) if sum_terms else (y, x_part, p_part)
 
 
 _linear = LayerOp("dual_linear", _linear_reference, check=contracts.check_linear,

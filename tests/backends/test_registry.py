@@ -124,13 +124,14 @@ def test_a_backend_implements_only_what_it_accelerates(monkeypatch):
 
 
 def _count_calls(monkeypatch, op) -> tuple[list, list]:
-    """Lists that grow by one at each call of ``op``'s compiled op and of its reference."""
+    """Lists that grow by each call's arguments at each call of ``op``'s compiled op and of its
+    reference."""
     kernel_calls, reference_calls = [], []
     compiled, reference = getattr(torch.ops.fgkernels, op.name), op.reference
     monkeypatch.setattr(torch.ops.fgkernels, op.name,
-                        lambda *args: kernel_calls.append(1) or compiled(*args))
+                        lambda *args: kernel_calls.append(args) or compiled(*args))
     monkeypatch.setattr(op, "reference",
-                        lambda *args: reference_calls.append(1) or reference(*args))
+                        lambda *args: reference_calls.append(args) or reference(*args))
     return kernel_calls, reference_calls
 
 
@@ -169,27 +170,37 @@ def test_an_elementwise_op_the_library_lacks_runs_its_reference():
 
 
 @pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
-def test_a_layer_op_runs_its_kernel_where_the_library_has_one_else_its_reference(monkeypatch):
+@pytest.mark.parametrize("shared", [False, True], ids=["own-slots", "shared-slots"])
+def test_a_layer_op_runs_its_kernel_where_the_library_has_one_else_its_reference(monkeypatch,
+                                                                                shared):
     """A ``LayerOp`` (linear) on the native backend: the compiled op for a device the library
     registered it for, its reference on any other and on the reference backend; either way the
-    input's and the parameters' terms land in their slots (the weight carries direction 1, the
-    input directions 0 and 1)."""
+    input's and the parameters' terms land in their slots: the weight carries direction 1, the
+    input directions 0 and 1 (each term placed in its slots), or both carry directions 0 and 1
+    (the op asked for their sum, ``sum_terms``)."""
     from fgkernels.rules.layers import _linear
     assert "cpu" in _linear.devices
     kernel_calls, reference_calls = _count_calls(monkeypatch, _linear)
     x, xt = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
-    w, wt = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    b = torch.randn(4, dtype=torch.float64)
-    want = torch.stack([xt[0] @ w.T, xt[1] @ w.T + x @ wt.T])
+    w = torch.randn(4, 3, dtype=torch.float64)
+    b, bt = torch.randn(4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    wt = torch.randn(2 if shared else 1, 4, 3, dtype=torch.float64)
+    if shared:
+        weight, bias = fgkernels.Dual(w, wt, directions=[0, 1]), \
+            fgkernels.Dual(b, bt, directions=[0, 1])
+        want = torch.stack([xt[t] @ w.T + x @ wt[t].T + bt[t] for t in range(2)])
+    else:
+        weight, bias = fgkernels.Dual(w, wt, directions=[1]), b
+        want = torch.stack([xt[0] @ w.T, xt[1] @ w.T + x @ wt[0].T])
     for backend, devices, calls in (("native", {"cpu"}, kernel_calls),
                                     ("native", set(), reference_calls),
                                     ("reference", {"cpu"}, reference_calls)):
         monkeypatch.setattr(_linear, "devices", frozenset(devices))
         before = len(calls)
         with fgkernels.use_backend(backend):
-            out = F.linear(fgkernels.Dual(x, xt, directions=[0, 1]),
-                           fgkernels.Dual(w, wt[None], directions=[1]), b)
+            out = F.linear(fgkernels.Dual(x, xt, directions=[0, 1]), weight, bias)
         assert len(calls) == before + 1, (backend, devices)
+        assert calls[-1][-1] is shared  # sum_terms
         assert out.directions == (0, 1)
         torch.testing.assert_close(out.tangents, want, **TOL[torch.float64])
 
@@ -200,7 +211,7 @@ def test_a_layer_op_the_library_lacks_runs_its_reference():
     from fgkernels.backends.base import LayerParams
     from fgkernels.backends.layer_op import LayerOp
     from fgkernels.dual.slots import plan
-    op = LayerOp("dual_not_built", lambda x, xt, w, wt, b, bt: (x * w, xt * w, None),
+    op = LayerOp("dual_not_built", lambda x, xt, w, wt, b, bt, summed: (x * w, xt * w, None),
                  check=lambda x, w, b: None, outputs=lambda x, w, b: x)
     assert op.devices == frozenset()
     x, xt, w = torch.randn(3), torch.randn(1, 3), torch.randn(3)

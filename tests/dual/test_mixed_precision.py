@@ -176,7 +176,10 @@ def test_native_ops_with_bfloat16_slots():
         (ops.dual_bn_apply, (x, None, [-1, -1, -1], *coef, False, BF16)),
         (ops.dual_conv2d, (x, xt, w, wt, b, bt, [1, 1], [1, 1], [1, 1], 1)),
         (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),
-                           torch.randn(2, 3, 7, dtype=BF16), None, None)),
+                           torch.randn(2, 3, 7, dtype=BF16), None, None, False)),
+        (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),
+                           torch.randn(2, 3, 7, dtype=BF16), None, torch.randn(2, 3, dtype=BF16),
+                           True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

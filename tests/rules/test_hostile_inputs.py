@@ -65,7 +65,7 @@ cases = {
                                         None, None, [1, 1], [0, 0], [1, 1], 1),
     "relu empty": lambda: ops.dual_relu(x0, torch.randn(2, *x0.shape)),
     "linear 0-d": lambda: ops.dual_linear(torch.tensor(1.0), None, torch.randn(3, 1), None,
-                                          None, None),
+                                          None, None, False),
     "maxpool N=0": lambda: ops.dual_max_pool2d(x0, torch.randn(1, *x0.shape), [2, 2], [2, 2],
                                                [0, 0], [1, 1], False),
 }
@@ -497,7 +497,7 @@ LAYER_CONTRACTS = {  # a bad call: (the rule on Duals, the compiled op on the sa
         ((2, 4, 5, 5), (3, 5, 3, 3))),
     "linear features": (
         lambda x, xt, w: F.linear(Dual(x, xt), w),
-        lambda x, xt, w: torch.ops.fgkernels.dual_linear(x, xt, w, None, None, None),
+        lambda x, xt, w: torch.ops.fgkernels.dual_linear(x, xt, w, None, None, None, False),
         ((2, 3), (4, 5))),
 }
 

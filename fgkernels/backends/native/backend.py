@@ -89,5 +89,5 @@ class NativeBackend(InPlaceConvBatchNorm):
                  *args) -> Result:
         kernel = op.kernel(x, p.weight, *args) if plan.count else None
         if kernel is None:
-            return op.placed(op.reference(x, xt, *p, *args), plan)
-        return op.placed(kernel(x, xt, *p, *args), plan, owned=True)
+            return op.run(op.reference, x, xt, p, plan, args)
+        return op.run(kernel, x, xt, p, plan, args, owned=True)
