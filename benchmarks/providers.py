@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.profiler import ProfilerActivity, profile
 
 import fgkernels
 from fgkernels import Dual
@@ -175,3 +177,34 @@ def model_dual_pass_case(model, x, xt, quick: bool, compiled: bool = False):
 
     expected = model_oracle(model, params, tangents, x, xt) if quick else None
     return dual, forward_ad, expected
+
+
+# The kernels of convolutions and matrix products, as torch.profiler names them on the CPU
+# (oneDNN and BLAS below ATen) and where CUDA runs them through ATen's ops.
+PRODUCT_OPS = frozenset({"aten::mkldnn_convolution", "aten::_convolution", "aten::mm",
+                         "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+                         "aten::baddbmm_"})
+
+
+def products_share(fn) -> float:
+    """The share of one call of ``fn`` (wall time, profiled) spent inside convolutions and
+    matrix products: a pass that must compute the same products at the same speed takes at
+    least this share of ``fn``'s time. Each product counted once: an op's inclusive time,
+    minus any product op it calls."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - start
+    events = [e for e in prof.events() if e.name in PRODUCT_OPS]
+    outer = [e for e in events if not _inside_product(e)]
+    return sum(e.cpu_time_total for e in outer) / 1e6 / wall
+
+
+def _inside_product(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in PRODUCT_OPS:
+            return True
+        parent = parent.cpu_parent
+    return False
+

@@ -88,6 +88,7 @@ def load_groups(path: Path) -> tuple[dict, dict[str, dict[str, dict]]]:
             "median_s": b["stats"]["median"],
             "peak_bytes": b.get("extra_info", {}).get("peak_memory_bytes"),
             "paired": b.get("extra_info", {}).get("paired"),
+            "products_share": b.get("extra_info", {}).get("products_share"),
         }
     info = dict(info)
     info["datetime"] = data.get("datetime", "")
@@ -136,6 +137,13 @@ def section(path: Path) -> tuple[str, dict]:
             lines += ["Paired rounds (each round right after baseline calls of its own; median "
                       "of the per-round ratios, all ratios in brackets): " + "; ".join(paired)
                       + ".", ""]
+        shares = [(name, r["products_share"]) for name, r in sorted(rows.items())
+                  if r.get("products_share") is not None]
+        for name, share in shares:
+            lines += [f"{name} spends {share:.2f} of its pass in convolutions and matrix "
+                      "products (torch.profiler, median of three passes), which a dual pass "
+                      f"computes too: running them as fast, no pass gets below about "
+                      f"{share:.2f}× {name}.", ""]
     return "\n".join(lines), groups
 
 

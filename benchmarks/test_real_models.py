@@ -5,12 +5,16 @@ every parameter and the input carrying one tangent; paired rounds.
 Needs torchvision: run it in the models environment (``bash scripts/setup.sh --models``;
 ``.venv-models/bin/python -m pytest benchmarks/test_real_models.py``); skipped without it. The
 compiled provider's first call compiles (minutes per model on two cores), outside the
-timing; the quick run (``--benchmark-disable``) leaves the compiled provider out."""
+timing; the quick run (``--benchmark-disable``) leaves the compiled provider out. The
+forward_ad case also records the share of its pass spent in convolutions and matrix products
+(``providers.products_share``, median of three profiled passes)."""
+import statistics
+
 import pytest
 import torch
 
 from conftest import DEVICE
-from providers import model_dual_pass_case
+from providers import model_dual_pass_case, products_share
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -28,12 +32,18 @@ def _case(name: str, quick: bool, compiled: bool):
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("provider", ["fgkernels", "fgkernels-compiled", "forward_ad"])
-def test_real_model_dual_pass(measure, quick, name, provider):
+def test_real_model_dual_pass(measure, benchmark, quick, name, provider):
     if quick and provider == "fgkernels-compiled":
         pytest.skip("compiling a real model takes minutes; tests/nn/test_compile.py covers it")
     dual, forward_ad, expected = _case(name, quick, provider == "fgkernels-compiled")
     if provider != "forward_ad":
         dual()  # the compiled provider compiles here, outside the timing
+    else:
+        # How much of forward_ad's pass is convolutions and matrix products, which a dual pass
+        # computes too: the lowest ratio a pass running them at the same speed can reach.
+        forward_ad()
+        benchmark.extra_info["products_share"] = statistics.median(
+            products_share(forward_ad) for _ in range(3))
     measure(dual if provider != "forward_ad" else forward_ad,
             f"torchvision {name}, eval, batch {BATCH}, {SIZE}x{SIZE}", rounds=10,
             paired={"forward_ad": forward_ad} if provider != "forward_ad" else None,

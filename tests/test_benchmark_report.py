@@ -36,6 +36,21 @@ def test_report_ratios_memory_and_paired_rounds(tmp_path):
     assert out.read_text().startswith("# fgkernels benchmark results")
 
 
+def test_report_gives_the_floor_the_baselines_products_set(tmp_path):
+    """A baseline's share of time in convolutions and matrix products is printed as the ratio
+    to it that no pass computing them as fast gets below."""
+    forward_ad = _bench("forward_ad", 2.0, 2 ** 20)
+    forward_ad["extra_info"]["products_share"] = 0.764
+    run = {"machine_info": {"device": "CPU"}, "datetime": "2026-11-27T12:00:00",
+           "benchmarks": [forward_ad, _bench("fgkernels", 1.6, 2 ** 20)]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    text, _ = report.section(path)
+    assert "forward_ad spends 0.76 of its pass in convolutions and matrix products" in text
+    assert "no pass gets below about 0.76× forward_ad" in text
+    assert text.count("spends") == 1  # a provider without the share prints none
+
+
 def test_report_says_how_the_machine_computes_bfloat16(tmp_path):
     """A run on a CPU without bfloat16 instructions leaves its bfloat16 cases out; one with
     them keeps them and says so."""
