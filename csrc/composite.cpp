@@ -80,11 +80,19 @@ std::pair<int64_t, int64_t> conv_output_size(const at::Tensor& x, const at::Tens
 // at::conv2d, but a 1x1 convolution of stride 1 without padding, dilation or groups on NCHW CPU
 // tensors is computed as the product over the channels it is, one batched GEMM, for speed (the
 // real-model benchmarks, benchmarks/test_real_models.py, time the passes of networks full of
-// them against forward_ad); channels_last tensors keep the convolution. The sums run in
-// another order than the convolution's: the result differs from conv2d's by rounding.
+// them against forward_ad); channels_last tensors keep the convolution. The GEMM is taken
+// where it wins whatever the CPU: a small weight (C_in·C_out ≤ kSmallPointwiseWeight), a large
+// map (H·W ≥ kLargePointwiseMap) or a single pixel. A large weight on a small map is left to
+// the convolution: each image's GEMM would read the whole weight for a few columns (by hand,
+// N = 16, an AMD EPYC: 192 -> 1152 channels on a 2x2 map 6x slower as a batched GEMM, on 8x8
+// 2x; 24 -> 144 channels 0.3-0.9x on every map). The sums run in another order than the
+// convolution's: the result differs from conv2d's by rounding.
 // at::conv2d keeps the cases where the GEMM would differ beyond that: empty inputs or weights
 // and a bias of another dtype (at::conv2d's errors), and a bfloat16 bias on a spatial map (the
 // GEMM's output would be rounded to bfloat16 before the bias is added: twice).
+constexpr int64_t kSmallPointwiseWeight = 4096;
+constexpr int64_t kLargePointwiseMap = 1024;
+
 at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                     int64_t groups) {
@@ -92,9 +100,13 @@ at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const auto all_equal = [](at::IntArrayRef v, int64_t value) {
     return std::all_of(v.begin(), v.end(), [&](int64_t e) { return e == value; });
   };
-  const bool spatial = x.size(2) * x.size(3) > 1;
+  const int64_t map = x.size(2) * x.size(3);
+  const bool spatial = map > 1;
+  const bool gemm_shaped = !spatial || map >= kLargePointwiseMap ||
+                           w.size(0) * w.size(1) <= kSmallPointwiseWeight;
   const bool pointwise =
-      x.is_cpu() && groups == 1 && w.size(2) == 1 && w.size(3) == 1 && all_equal(stride, 1) &&
+      x.is_cpu() && gemm_shaped && groups == 1 && w.size(2) == 1 && w.size(3) == 1 &&
+      all_equal(stride, 1) &&
       all_equal(padding, 0) && all_equal(dilation, 1) && x.numel() > 0 && w.numel() > 0 &&
       x.is_contiguous() && x.suggest_memory_format() == at::MemoryFormat::Contiguous &&
       w.suggest_memory_format() == at::MemoryFormat::Contiguous && w.scalar_type() == type &&

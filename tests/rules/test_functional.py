@@ -31,9 +31,12 @@ CONV_CASES = [
     (2, 3, 6, 6, 4, 2, 1, "same", 1, 1, False),
     (2, 3, 5, 5, 2, 1, 1, "valid", 1, 1, True),
     # Pointwise (1x1, stride 1, no padding): the native op computes them as a GEMM, on a
-    # spatial map and on a 1x1 one (a squeeze-and-excitation block's).
+    # spatial map and on a 1x1 one (a squeeze-and-excitation block's), and for a large weight
+    # (C_in·C_out > 4096) on a large map (H·W ≥ 1024) only; on a smaller map, the convolution.
     (3, 5, 4, 6, 7, 1, 1, 0, 1, 1, True),
     (4, 6, 1, 1, 3, 1, 1, 0, 1, 1, True),
+    (2, 72, 32, 32, 64, 1, 1, 0, 1, 1, True),
+    (2, 72, 2, 3, 64, 1, 1, 0, 1, 1, True),
 ]
 
 
