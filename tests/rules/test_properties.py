@@ -327,6 +327,39 @@ def test_linear(lead, fin, fout, T, dtype, bias, which, seed, backend):
     _close(out, ForwardADOracle(F.linear, [x, w, b], [xt, wt, bt]))
 
 
+
+directions = st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True).map(sorted)
+
+
+@PROFILE
+@given(lead=st.lists(st.integers(0, 3), min_size=1, max_size=2), fin=dims, fout=dims,
+       x_dirs=directions, w_dirs=directions, dtype=dtypes, seed=st.integers(0, 99),
+       backend=backends)
+def test_linear_with_labelled_directions(lead, fin, fout, x_dirs, w_dirs, dtype, seed, backend):
+    """Input and parameters on drawn directions, the same, overlapping or apart: their terms
+    summed by the op where they fill the same slots, placed apart where they do not; each
+    output direction against forward_ad of the tangents it carries (zero where absent)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    x, w, b = rand(*lead, fin), rand(fout, fin), rand(fout)
+    xt, wt, bt = rand(len(x_dirs), *x.shape), rand(len(w_dirs), *w.shape), \
+        rand(len(w_dirs), fout)
+    out_dirs = sorted(set(x_dirs) | set(w_dirs))
+
+    def spread(t, dirs, like):  # a tangent per output direction, zero where it carries none
+        full = torch.zeros(len(out_dirs), *like.shape, dtype=dtype)
+        for k, d in enumerate(dirs):
+            full[out_dirs.index(d)] = t[k]
+        return full
+
+    with fgkernels.use_backend(backend):
+        out = F.linear(Dual(x, xt, directions=x_dirs), Dual(w, wt, directions=w_dirs),
+                       Dual(b, bt, directions=w_dirs))
+    assert out.directions == tuple(out_dirs)
+    _close(out, ForwardADOracle(F.linear, [x, w, b], [spread(xt, x_dirs, x),
+                                                      spread(wt, w_dirs, w),
+                                                      spread(bt, w_dirs, b)]))
+
 @PROFILE
 @given(shape=st.tuples(st.integers(0, 2), dims, st.integers(3, 7), st.integers(3, 7)),
        k=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 1),
