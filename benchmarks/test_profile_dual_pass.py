@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cases import resnet18_case
 from conftest import DEVICE
+from providers import products_share
 
 
 def test_profile_counts_three_convolutions_per_layer():
@@ -22,3 +23,15 @@ def test_profile_counts_three_convolutions_per_layer():
     for provider in ("fgkernels", "forward_ad"):
         p = r[provider]
         assert 0 < p["conv_ms"] <= p["total_ms"], provider
+
+
+def test_products_share_counts_each_product_once():
+    """A pass of nothing but convolutions and products spends at most all its time in them
+    (each counted once, not again inside the op that wraps it: aten::_convolution around
+    oneDNN's), a pass without any none of it."""
+    x, w = torch.randn(8, 16, 32, 32, device=DEVICE), torch.randn(16, 16, 3, 3, device=DEVICE)
+    a = torch.randn(256, 256, device=DEVICE)
+    products = lambda: (torch.nn.functional.conv2d(x, w, padding=1), a @ a, torch.addmm(a, a, a))
+    products()
+    assert 0 < products_share(products) <= 1
+    assert products_share(lambda: (x.relu(), x * 2 + 1)) == 0

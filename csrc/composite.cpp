@@ -234,7 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
                 " input and ", std::max<int64_t>(P, 0), " parameter slots");
   }
   const auto type = tangent_type(x, {&xt, &wt, &bt});
-  const auto y = at::linear(x.contiguous(), w, b.has_value() ? *b : at::Tensor());
+  const auto xc = x.contiguous();
+  const auto y = at::linear(xc, w, b.has_value() ? *b : at::Tensor());
   const auto empty = at::empty({0}, x.options().dtype(type));
   at::Tensor x_part, p_part;
   if (present(xt)) {
@@ -253,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
       const int64_t T = wt->size(0);
       const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
       x_part.view({T, rows, out})
-          .baddbmm_(x.to(type).reshape({1, rows, in}).expand({T, rows, in}),
+          .baddbmm_(xc.to(type).view({1, rows, in}).expand({T, rows, in}),
                     wt->to(type).transpose(1, 2));
     }
     if (present(bt)) x_part.add_(bt->view(bias_shape));
@@ -261,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
   }
   if (present(wt)) {
     // Every x Wt_p^T in one GEMM, split along the last dim and moved to the front.
-    p_part = at::linear(x.to(type).contiguous(), wt->to(type).flatten(0, 1))
+    p_part = at::linear(xc.to(type), wt->to(type).flatten(0, 1))
                  .unflatten(-1, {wt->size(0), out})
                  .movedim(-2, 0)
                  .contiguous();

@@ -80,7 +80,7 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
 
 # linear: one compiled op for every device (csrc/composite.cpp: three GEMMs whatever the slots).
 def _linear_reference(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor],
-                      b: Optional[Tensor], bt: Optional[Tensor], sum_terms: bool = False):
+                      b: Optional[Tensor], bt: Optional[Tensor], sum_terms: bool):
     """``y = xWᵀ + b``; the input's terms ``ẋWᵀ``, the parameters' ``xẆᵀ + ḃ`` (each None when
     absent), in the tangents' dtype; with ``sum_terms``, their sum and None."""
     y = F.linear(x, w, b)
