@@ -116,8 +116,10 @@ at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   const int64_t N = x.size(0), C = x.size(1), K = w.size(0), H = x.size(2), W = x.size(3);
   const auto w2 = w.reshape({K, C});
   if (H * W == 1) return at::linear(x.view({N, C}), w2, b).view({N, K, 1, 1});
-  // y[n] = W · x[n] over the (C, H·W) planes: one batched GEMM.
-  auto y = at::matmul(w2, x.view({N, C, H * W}));
+  // y[n] = W · x[n] over the (C, H·W) planes: one batched GEMM, the weight broadcast over the
+  // batch. (Not at::matmul: for a weight that requires grad, as a compiled pass's parameters
+  // do, it folds the batch into one GEMM over x's transpose and copies x and the output.)
+  auto y = at::bmm(w2.unsqueeze(0).expand({N, K, C}), x.view({N, C, H * W}));
   if (b.defined()) y.add_(b.view({1, K, 1}));
   return y.view({N, K, H, W});
 }

@@ -288,3 +288,22 @@ def test_inplace_apply_equals_out_of_place(channels_last):
     torch.testing.assert_close(slots, yt, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="updated in place"):
         ops.dual_bn_apply_(x, slots.transpose(3, 4).contiguous().transpose(3, 4), *coef, True)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_pointwise_conv_is_batched_gemms_without_copies(requires_grad):
+    """A pointwise convolution of an NCHW map runs as batched GEMMs (the primal and the input
+    tangent's; the weight tangent's stacked along the output channels) and copies nothing,
+    whether its weight requires grad, as a compiled pass's parameters do, or not."""
+    x, w = torch.randn(2, 8, 32, 32), torch.randn(16, 8, 1, 1, requires_grad=requires_grad)
+    xt, wt = _slots(1, x), torch.randn(1, *w.shape)
+    with torch.no_grad(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, x_part, p_part = ops.dual_conv2d(x, xt, w, wt, None, None, [1, 1], [0, 0], [1, 1], 1)
+    ran = [e.name for e in prof.events()]
+    assert ran.count("aten::bmm") == 3
+    assert not {"aten::copy_", "aten::mkldnn_convolution", "aten::mm"} & set(ran)
+    y64, yt64 = forward_ad_jvp(lambda x_, w_: F.conv2d(x_, w_),
+                               [x.double(), w.detach().double()], [xt.double(), wt.double()])
+    torch.testing.assert_close(y, y64.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x_part + p_part, yt64.float(), atol=1e-4, rtol=1e-4)
