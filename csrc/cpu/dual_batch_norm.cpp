@@ -190,6 +190,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const Du
       }
     };
     const int64_t chunk = kValuesPerFlush * lanes;  // NCHW: values of a plane between flushes
+    // NCHW planes smaller than a chunk (a lane takes at most ceil(inner / lanes) values of
+    // each) are summed over this many rows between flushes: flushing after every plane would
+    // cost a small map (ResNet's 4x4) more than its sums.
+    const int64_t rows_per_flush =
+        std::max<int64_t>(1, kValuesPerFlush / ((inner + lanes - 1) / lanes));
     for (int64_t b = b0; b < b1; ++b) {
       double* sums = part + b * width;
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -206,8 +211,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const Du
                 span_tangent_sums(x + base, xt + t * slot + base, n, k[c],
                                   lanes_of(2 + 2 * t, c), lanes_of(3 + 2 * t, c));
               }
-              flush(sums, c, c + 1);
+              if (inner > chunk) flush(sums, c, c + 1);
             }
+          }
+          if (inner <= chunk && ((r - r0 + 1) % rows_per_flush == 0 || r + 1 == r1)) {
+            flush(sums, 0, C);
           }
         } else {  // channels_last: one value per channel
           row_sums(x + row, k.data(), C, lanes_of(0, 0), lanes_of(1, 0));

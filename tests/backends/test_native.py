@@ -1,5 +1,7 @@
 """The compiled ops (torch.ops.fgkernels): schema/fake checks, numerics against forward_ad,
 and argument checks."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,6 +160,23 @@ def test_bn_statistics_are_stable_for_large_means():
     centered = (x64 - x64.mean((0, 2, 3), keepdim=True)) * xt64[0]
     torch.testing.assert_close(tcov[0].double(), centered.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(tmean[0].double(), xt64[0].mean((0, 2, 3)), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(8192, 1, 1, 2), (16384, 1, 1, 4)])
+def test_bn_statistics_of_many_small_planes_keep_float32_accuracy(shape):
+    """Many rows of small planes (the kernel sums several rows of one channel before moving its
+    float32 partials into double sums): each partial takes few enough values that the
+    rounding of a constant square does not pile up (x = 3 ± 0.3, ẋ = ±0.7: every (x − mean)²
+    is 0.09; letting one partial take a block's 8192 values costs 5e-5 relative error)."""
+    sign = (torch.arange(math.prod(shape)) % 2 * 2 - 1).float().reshape(shape)
+    x, xt = 3 + 0.3 * sign, (0.7 * sign).unsqueeze(0)
+    mean, var, tmean, tcov = ops.dual_bn_stats(x, xt)
+    x64, xt64 = x.double(), xt[0].double()
+    centered = x64 - x64.mean((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(var.double(), centered.square().mean((0, 2, 3)), rtol=1e-5,
+                               atol=0)
+    torch.testing.assert_close(tcov[0].double(), (centered * xt64).mean((0, 2, 3)), rtol=1e-5,
+                               atol=0)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
