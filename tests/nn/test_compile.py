@@ -304,3 +304,26 @@ def test_attention_compiles_as_one_graph(mask):
         a, a * 2, a, causal=mask == "causal", mask=kw.get("attn_mask")), [x], [xt])
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+def test_compiled_pass_without_module_guards_takes_each_steps_tangents():
+    """torch's filter that skips the guards on modules (the README's recipe for a model that
+    does not change between calls) still reads the tangents at every call: a step's new
+    tangents, and a new input, give forward_ad's result on them."""
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 5)).double().eval()
+    net = fgkernels.convert(copy.deepcopy(model))
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(net, fullgraph=True, options={
+        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    for _ in range(2):
+        tangents = fgkernels.random_tangents(net, num_tangents=1)
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        xt = torch.randn(1, *x.shape, dtype=torch.float64)
+        with torch.no_grad():
+            out = compiled(Dual(x, xt))
+        y, yt = model_jvp(model, [x], [xt], tangents)
+        torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+        torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
