@@ -13,7 +13,9 @@ estimate with a global target and a local guess; one step is the gradients and a
 on one random batch. Their code runs as published: their model, their ``_train_epoch`` on a
 one-batch loader, their SGD; the only shims stub ``wandb`` and ``fvcore`` (logging and FLOP
 counting, which a step does not use) when they are not installed, and turn their tqdm off. Steps run
-in turn (theirs, ours) after a warm-up of each, so that the machine's drift hits both alike.
+in turn (theirs, ours) after a warm-up of each, so that the machine's drift hits both alike,
+with freed memory kept in the process (benchmarks/allocator.py), so that neither pays page
+faults for memory the other gave back.
 Prints, per space, the median step time of each, the ratio ours/theirs, and each one's peak
 memory above the model's (fgkernels.train.memory.PeakMemory, which counts tensor allocations).
 """
@@ -33,6 +35,9 @@ from fgkernels.dual.precision import fast_bfloat16
 from fgkernels.train import build_model
 from fgkernels.train.loop import TrainConfig, compute_gradients, sgd_step
 from fgkernels.train.memory import PeakMemory
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from allocator import keep_freed_memory  # noqa: E402
 
 THEIR_SPACE = {"weight": "weight", "activity": "activation"}
 
@@ -145,6 +150,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.authors, "trainer", "forward_gradient.py")):
         parser.error(f"--authors {args.authors!r} is not a checkout of ForwardLocalGradient")
+    steady = keep_freed_memory()  # no step pays for memory the other one gave back
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32)
     if args.channels_last:
@@ -154,7 +160,8 @@ def main(argv=None) -> int:
           f"tangents {args.tangent_dtype or 'float32'}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} "
           f"threads; median of {args.rounds} rounds; CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}\n")
+          f"{torch.backends.cpu.get_cpu_capability()}; "
+          f"{'freed memory kept for reuse' if steady else 'the system allocator as it is'}\n")
     if args.tangent_dtype == "bfloat16" and not fast_bfloat16(torch.device("cpu")):
         print("This CPU has no bfloat16 instructions: bfloat16 is emulated here, and its times "
               "are no speed figure.\n")
