@@ -19,11 +19,10 @@ if not torch.cuda.is_available():
 # The small model builds of tests/zoo.py are test support that the benchmarks share.
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
-from allocator import keep_freed_memory  # noqa: E402
-
 import fgkernels  # noqa: E402
 from fgkernels.train.memory import PeakMemory  # noqa: E402
 
+from allocator import keep_freed_memory  # noqa: E402
 from providers import check_against_oracle  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

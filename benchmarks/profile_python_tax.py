@@ -30,6 +30,7 @@ import fgkernels
 from fgkernels import Dual
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
+from allocator import keep_freed_memory  # noqa: E402
 from zoo import MODELS  # noqa: E402  (tests/zoo.py)
 
 PARTS = {  # fgkernels' Python files, named by what they do
@@ -80,6 +81,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--passes", type=int, default=10)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the benchmarks time (allocator.py)
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads; shares of the profiled own time\n")
     for name in args.models:
