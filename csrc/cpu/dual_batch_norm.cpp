@@ -149,10 +149,12 @@ std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
 // Blocks of outer rows run in parallel, each walking its memory in order (a whole row of
 // channels at a time). NCHW: every (quantity, channel) keeps kLanes partials; channels_last:
 // one partial per (quantity, channel), the inner loops running over the contiguous channels.
-// Every kValuesPerFlush values a partial has taken, it moves into a double sum; the block's
-// sums, laid out (2 + 2T, C), are added in double, and the statistics made of them in one loop
-// over the channels (a few ATen ops would cost a small input more than its sums do). The slots
-// may have a narrower type than x (tangent_t); partials are in x's opmath type.
+// A partial moves into a double sum before it has taken more than kValuesPerFlush values
+// (after each chunk of a large NCHW plane, every rows_per_flush rows of small planes, every
+// kValuesPerFlush channels_last rows, and at the block's end); the block's sums, laid out
+// (2 + 2T, C), are added in double, and the statistics made of them in one loop over the
+// channels (a few ATen ops would cost a small input more than its sums do). The slots may have
+// a narrower type than x (tangent_t); partials are in x's opmath type.
 template <typename scalar_t, typename tangent_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const DualInput& in) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -189,10 +191,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const Du
         }
       }
     };
-    const int64_t chunk = kValuesPerFlush * lanes;  // NCHW: values of a plane between flushes
-    // NCHW planes smaller than a chunk (a lane takes at most ceil(inner / lanes) values of
-    // each) are summed over this many rows between flushes: flushing after every plane would
-    // cost a small map (ResNet's 4x4) more than its sums.
+    // NCHW: a plane larger than a chunk flushes after each chunk of it; planes no larger (a
+    // lane takes at most ceil(inner / lanes) values of each plane) are summed over
+    // rows_per_flush rows between flushes: flushing after every plane would cost a small map
+    // (ResNet's 4x4) more than its sums.
+    const int64_t chunk = kValuesPerFlush * lanes;
     const int64_t rows_per_flush =
         std::max<int64_t>(1, kValuesPerFlush / ((inner + lanes - 1) / lanes));
     for (int64_t b = b0; b < b1; ++b) {

@@ -162,12 +162,13 @@ def test_bn_statistics_are_stable_for_large_means():
     torch.testing.assert_close(tmean[0].double(), xt64[0].mean((0, 2, 3)), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("shape", [(8192, 1, 1, 2), (16384, 1, 1, 4)])
+@pytest.mark.parametrize("shape", [(8192, 1, 1, 2), (16384, 1, 1, 4), (4000, 1, 7, 7)])
 def test_bn_statistics_of_many_small_planes_keep_float32_accuracy(shape):
     """Many rows of small planes (the kernel sums several rows of one channel before moving its
-    float32 partials into double sums): each partial takes few enough values that the
-    rounding of a constant square does not pile up (x = 3 ± 0.3, ẋ = ±0.7: every (x − mean)²
-    is 0.09; letting one partial take a block's 8192 values costs 5e-5 relative error)."""
+    float32 partials into double sums; 7x7 planes leave a tail in some lanes, 4000 rows a
+    partial last group): each partial takes few enough values that the rounding of a constant
+    square does not pile up (x = 3 ± 0.3, ẋ = ±0.7: every (x − mean)² is 0.09; letting one
+    partial take a whole block, 8192 rows of the first shape, costs 5e-5 relative error)."""
     sign = (torch.arange(math.prod(shape)) % 2 * 2 - 1).float().reshape(shape)
     x, xt = 3 + 0.3 * sign, (0.7 * sign).unsqueeze(0)
     mean, var, tmean, tcov = ops.dual_bn_stats(x, xt)
@@ -311,9 +312,9 @@ def test_inplace_apply_equals_out_of_place(channels_last):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_pointwise_conv_is_batched_gemms_without_copies(requires_grad):
-    """A pointwise convolution of an NCHW map runs as batched GEMMs (the primal and the input
-    tangent's; the weight tangent's stacked along the output channels) and copies nothing,
-    whether its weight requires grad, as a compiled pass's parameters do, or not."""
+    """A float32 pointwise convolution of an NCHW map runs as batched GEMMs (the primal and
+    the input tangent's; the weight tangent's stacked along the output channels) and copies
+    nothing, whether its weight requires grad, as a compiled pass's parameters do, or not."""
     x, w = torch.randn(2, 8, 32, 32), torch.randn(16, 8, 1, 1, requires_grad=requires_grad)
     xt, wt = _slots(1, x), torch.randn(1, *w.shape)
     with torch.no_grad(), torch.profiler.profile(

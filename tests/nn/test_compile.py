@@ -309,19 +309,24 @@ def test_attention_compiles_as_one_graph(mask):
 def test_compiled_pass_without_module_guards_takes_each_steps_tangents():
     """torch's filter that skips the guards on modules (the README's recipe for a model that
     does not change between calls) still reads the tangents at every call: a step's new
-    tangents, and a new input, give forward_ad's result on them."""
+    tangents and input, more of them, and none on the parameters give forward_ad's result on
+    them."""
     from torch import nn
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                           nn.Linear(64, 5)).double().eval()
     net = fgkernels.convert(copy.deepcopy(model))
     torch._dynamo.reset()
-    compiled = fgkernels.compile(net, fullgraph=True, options={
+    compiled = fgkernels.compile(net, backend="aot_eager", fullgraph=True, options={
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    for _ in range(2):
-        tangents = fgkernels.random_tangents(net, num_tangents=1)
+    for slots in (1, 1, 2, None):
+        if slots is None:
+            fgkernels.clear_tangents(net)
+            tangents = {}
+        else:
+            tangents = fgkernels.random_tangents(net, num_tangents=slots)
         x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-        xt = torch.randn(1, *x.shape, dtype=torch.float64)
+        xt = torch.randn(slots or 1, *x.shape, dtype=torch.float64)
         with torch.no_grad():
             out = compiled(Dual(x, xt))
         y, yt = model_jvp(model, [x], [xt], tangents)
