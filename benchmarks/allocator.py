@@ -17,14 +17,14 @@ import sys
 # mallopt's parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_INT_MAX = 2 ** 31 - 1
 
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve every block from its heap (``M_MMAP_MAX`` 0) and never trim
-    it (``M_TRIM_THRESHOLD`` at its maximum), for the rest of the process. Returns whether it
-    did: False where the C library has no ``mallopt`` (not Linux, or not glibc), which leaves
-    the allocator as it is."""
+    it (``M_TRIM_THRESHOLD`` -1), for the rest of the process. Returns whether it did: False
+    where the C library has no ``mallopt`` (not Linux, or not glibc), which leaves the allocator
+    as it is. (An allocator preloaded in glibc's place, jemalloc or tcmalloc, is not told: it
+    keeps its own policy.)"""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -32,4 +32,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))

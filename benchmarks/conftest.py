@@ -26,8 +26,15 @@ from allocator import keep_freed_memory  # noqa: E402
 from providers import check_against_oracle  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# Every call reuses memory already mapped, whatever ran before it (allocator.py).
-STEADY_ALLOCATOR = keep_freed_memory()
+STEADY_ALLOCATOR = False
+
+
+def pytest_configure(config):
+    # When timing, every call reuses memory already mapped, whatever ran before it
+    # (allocator.py); the quick run, which times nothing, leaves the allocator as it is.
+    global STEADY_ALLOCATOR
+    if not config.getoption("benchmark_disable"):
+        STEADY_ALLOCATOR = keep_freed_memory()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

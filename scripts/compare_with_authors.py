@@ -36,7 +36,7 @@ from fgkernels.train import build_model
 from fgkernels.train.loop import TrainConfig, compute_gradients, sgd_step
 from fgkernels.train.memory import PeakMemory
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from allocator import keep_freed_memory  # noqa: E402
 
 THEIR_SPACE = {"weight": "weight", "activity": "activation"}
