@@ -113,6 +113,11 @@ def section(path: Path) -> tuple[str, dict]:
     elif info.get("fast_bfloat16") and info.get("cpu_capability"):
         lines += [f"CPU capability {info['cpu_capability']}, with bfloat16 instructions: the "
                   "bfloat16 cases are speed figures.", ""]
+    if "steady_allocator" in info:
+        lines += ["Freed memory kept in the process while timing (`allocator.py`)." if
+                  info["steady_allocator"] else "The C allocator as it is (`allocator.py` found "
+                  "no glibc to keep freed memory): calls may pay page faults for memory others "
+                  "gave back.", ""]
     for group in sorted(groups):
         rows = groups[group]
         bases = [b for b in BASELINES if b in rows]

@@ -67,3 +67,20 @@ def test_report_says_how_the_machine_computes_bfloat16(tmp_path):
         assert bool(groups) == fast
     assert "no bfloat16 instructions" in texts[False] and "bf16 step" not in texts[False]
     assert "with bfloat16 instructions" in texts[True] and "| fgkernels-native" in texts[True]
+
+
+def test_report_says_how_the_allocator_ran(tmp_path):
+    """A run that kept freed memory says so; one that could not says its calls may pay page
+    faults; an older run, which recorded nothing, gets neither line."""
+    texts = {}
+    for steady in (True, False, None):
+        info = {"device": "CPU", "threads": 2}
+        if steady is not None:
+            info["steady_allocator"] = steady
+        path = tmp_path / f"run-{steady}.json"
+        path.write_text(json.dumps({"machine_info": info, "datetime": "2026-12-02T12:00:00",
+                                    "benchmarks": [_bench("backprop", 2.0, 2 ** 20)]}))
+        texts[steady] = report.section(path)[0]
+    assert "Freed memory kept in the process" in texts[True]
+    assert "may pay page faults" in texts[False]
+    assert "allocator" not in texts[None]

@@ -310,6 +310,28 @@ def test_inplace_apply_equals_out_of_place(channels_last):
         ops.dual_bn_apply_(x, slots.transpose(3, 4).contiguous().transpose(3, 4), *coef, True)
 
 
+@pytest.mark.parametrize("shape,gemm", [
+    ((8, 16, 2, 2), True),      # a small weight (8·16 ≤ 4096): a GEMM on any map
+    ((72, 64, 32, 32), True),   # a large weight on a large map (H·W ≥ 1024)
+    ((72, 64, 2, 3), False),    # a large weight on a small map: the convolution
+    ((72, 64, 1, 1), True),     # one pixel: a linear layer
+])
+def test_pointwise_conv_takes_a_gemm_where_the_shape_says(shape, gemm):
+    """Which pointwise convolutions of NCHW maps run as GEMMs (``convolve``'s shape rule) and
+    which as oneDNN's convolution; the result against forward_ad either way."""
+    c_in, c_out, h, w_ = shape
+    x, w = torch.randn(2, c_in, h, w_), torch.randn(c_out, c_in, 1, 1)
+    xt = _slots(1, x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, x_part, _ = ops.dual_conv2d(x, xt, w, None, None, None, [1, 1], [0, 0], [1, 1], 1)
+    ran = {e.name for e in prof.events()}
+    assert ("aten::mkldnn_convolution" not in ran) == gemm
+    y64, yt64 = forward_ad_jvp(lambda x_: F.conv2d(x_, w.double()), [x.double()],
+                               [xt.double()])
+    torch.testing.assert_close(y, y64.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x_part, yt64.float(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_pointwise_conv_is_batched_gemms_without_copies(requires_grad):
     """A float32 pointwise convolution of an NCHW map runs as batched GEMMs (the primal and

@@ -327,7 +327,6 @@ def test_linear(lead, fin, fout, T, dtype, bias, which, seed, backend):
     _close(out, ForwardADOracle(F.linear, [x, w, b], [xt, wt, bt]))
 
 
-
 directions = st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True).map(sorted)
 
 
@@ -359,6 +358,7 @@ def test_linear_with_labelled_directions(lead, fin, fout, x_dirs, w_dirs, dtype,
     _close(out, ForwardADOracle(F.linear, [x, w, b], [spread(xt, x_dirs, x),
                                                       spread(wt, w_dirs, w),
                                                       spread(bt, w_dirs, b)]))
+
 
 @PROFILE
 @given(shape=st.tuples(st.integers(0, 2), dims, st.integers(3, 7), st.integers(3, 7)),
