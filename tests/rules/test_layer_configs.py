@@ -68,6 +68,9 @@ LAYERS = {
                       (6, 5)),
     "bn1d_sequence": (lambda: nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)), (6, 3, 5)),
     "group_norm_not_affine": (lambda: nn.GroupNorm(2, 4, affine=False), (2, 4, 3, 3)),
+    # γ and β both carrying tangents: ẏ = γẋ̂ + γ̇x̂ + β̇ in one sum
+    "group_norm_affine": (lambda: nn.GroupNorm(2, 4), (2, 4, 3, 3)),
+    "layer_norm_affine": (lambda: nn.LayerNorm((3, 5)), (2, 3, 5)),
     "layer_norm_no_bias": (lambda: nn.LayerNorm(5, bias=False), (2, 3, 5)),
     "instance_norm": (lambda: nn.InstanceNorm2d(4, affine=True), (3, 4, 5, 5)),
     "linear_no_bias_3d": (lambda: nn.Linear(5, 3, bias=False), (2, 4, 5)),
