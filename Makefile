@@ -1,7 +1,7 @@
 # Everyday commands; scripts/setup.sh makes .venv and builds the extension first.
 PY := .venv/bin/python
 
-.PHONY: setup setup-models test test-models lint format-csrc bench demo
+.PHONY: setup setup-models test test-models mutants lint format-csrc bench demo
 
 setup:
 	bash scripts/setup.sh
@@ -15,6 +15,10 @@ test: setup
 # The real-model tests against the package installed in .venv-models (-P: not the checkout).
 test-models: setup-models
 	.venv-models/bin/python -P -m pytest tests/nn/test_real_models.py -q
+
+# Plausible bugs put into a copy of the checkout, each of which its tests must catch (minutes).
+mutants: setup
+	$(PY) scripts/mutation_check.py --native
 
 lint:
 	.venv/bin/ruff check .

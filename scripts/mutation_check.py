@@ -1,0 +1,226 @@
+"""Does the test suite notice wrong code? Each mutant below changes one line of the package as
+a plausible bug would (a sign, a dropped term, a kink or a tie taken on the other side, a
+check left out) and names the tests that must then fail. The script applies each mutant to a
+copy of the checkout (the checkout itself is never written), runs those tests there, and
+reports the mutant killed (a test failed) or survived; it exits 1 if any survived.
+
+    python scripts/mutation_check.py [--native] [--only NAME ...] [--list]
+
+The unmutated copy runs every selected test file first: a mutant counts as killed only
+against a suite that passes without it. ``--native`` adds the mutants of the C++ kernels, each
+rebuilding the extension in the copy (the checkout's build folder is copied along, so only the
+mutated file compiles again: about a minute each on two cores). Run it from the checkout's
+environment after ``scripts/setup.sh`` (the copy takes the checkout's built extension).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+OPS = ("tests/rules/test_ops.py", "tests/rules/test_properties.py",
+       "tests/rules/test_functional.py")
+ESTIMATORS = ("tests/train/test_estimators.py",)
+REUSE = ("tests/nn/test_reuse.py", "tests/train/test_estimators.py")
+STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
+TRITON = ("tests/backends/test_triton.py",)
+TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
+NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
+          "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
+
+
+class Mutant(NamedTuple):
+    name: str
+    path: str           # relative to the checkout
+    old: str            # found exactly once in the file
+    new: str
+    tests: tuple[str, ...]
+
+    @property
+    def native(self) -> bool:
+        return self.path.startswith("csrc/")
+
+
+MUTANTS = [
+    # the rules of fgkernels.rules
+    Mutant("sub drops alpha", "fgkernels/rules/pointwise.py",
+           "(lambda t: t) if alpha == 1 else (lambda t: t * alpha)", "(lambda t: t)", OPS),
+    Mutant("mul scales the other tangent by the wrong factor", "fgkernels/rules/pointwise.py",
+           "(bo, bt, lambda t: _like(a, t) * t)", "(bo, bt, lambda t: _like(b, t) * t)", OPS),
+    Mutant("norm adds the covariance term", "fgkernels/rules/norms.py",
+           "xt_hat.addcmul_(xhat, m2r, value=-1)", "xt_hat.addcmul_(xhat, m2r, value=1)", OPS),
+    Mutant("norm drops the bias tangent beside the weight's", "fgkernels/rules/norms.py",
+           "pt = torch.addcmul(as_slots(bt), as_slots(wt), xhat)", "pt = as_slots(wt) * xhat",
+           ("tests/rules/test_layer_configs.py",)),
+    Mutant("softmax drops the mean term", "fgkernels/rules/attention.py",
+           "return d.with_tangents(y, yt * (t - _along(yt * t, d.primal, dim)))",
+           "return d.with_tangents(y, yt * t)", OPS),
+    Mutant("cross-entropy ignores label smoothing's uniform part", "fgkernels/rules/layers.py",
+           "p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]",
+           "p = p * (1 - label_smoothing)", OPS),
+    Mutant("cross-entropy averages over ignored samples too", "fgkernels/rules/layers.py",
+           "lt = per_sample.sum(-1) / keep.sum()", "lt = per_sample.sum(-1) / z.shape[0]", OPS),
+    # slots and the tangent store
+    Mutant("owned parts subtracted when placed", "fgkernels/dual/slots.py",
+           "            base.add_(t)\n        return base",
+           "            base.sub_(t)\n        return base", OPS),
+    Mutant("a pass leaves its first substituted parameter a Dual", "fgkernels/dual/tangents.py",
+           "for holder, name, t in reversed(self.swaps):",
+           "for holder, name, t in reversed(self.swaps[1:]):", STORE),
+    Mutant("what a forward stores on its module outlives the pass", "fgkernels/dual/tangents.py",
+           "            self.attributes.append(_Attributes.of(m))", "            pass", STORE),
+    # reuse_conv_outputs
+    Mutant("a kept output survives a change of mode", "fgkernels/nn/modules.py",
+           "or k.output.dtype != input.primal.dtype or k.training != self.training",
+           "or k.output.dtype != input.primal.dtype", REUSE),
+    Mutant("a kept output survives a parameter write", "fgkernels/nn/modules.py",
+           "                or k.versions != _versions(k.output, params)):", "                ):",
+           REUSE),
+    Mutant("kept outputs taken newest first", "fgkernels/nn/modules.py",
+           "k = kept.pop(0)", "k = kept.pop()", REUSE),
+    # the estimators
+    Mutant("random guesses scaled twice", "fgkernels/train/estimators.py",
+           'scale = deriv if guess == "random" else', 'scale = deriv * 2 if guess == "random" else',
+           ESTIMATORS),
+    Mutant("the last block's derivative halved", "fgkernels/train/estimators.py",
+           "float((carried[k].to(dl_dh.dtype) * dl_dh).sum())",
+           "float((carried[k].to(dl_dh.dtype) * dl_dh).sum()) * 0.5", ESTIMATORS),
+    Mutant("activity direction added with the wrong sign", "fgkernels/train/estimators.py",
+           "d = DF.add_direction(d, j, _as_tangent(g))",
+           "d = DF.add_direction(d, j, _as_tangent(-g))", ESTIMATORS),
+    Mutant("the 'above' target's derivative negated", "fgkernels/train/estimators.py",
+           "run.derivs[j - 1] = _directional(above, j - 1)",
+           "run.derivs[j - 1] = -_directional(above, j - 1)", ESTIMATORS),
+    Mutant("local backward updates the running statistics", "fgkernels/train/estimators.py",
+           "keep = contextlib.nullcontext() if update_stats else preserved_buffers(block, head)",
+           "keep = contextlib.nullcontext()", ESTIMATORS),
+    # the Triton kernels (in the interpreter)
+    Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
+           "drop = out <= 0.0", "drop = out < 0.0", TRITON),
+    Mutant("triton BN coefficients lose a factor r", TRITON_BN,
+           "xs += tl.where(hit, -a * r * r * cov, 0.0)", "xs += tl.where(hit, -a * r * cov, 0.0)",
+           TRITON),
+    # the C++ kernels (--native)
+    Mutant("BN coefficients lose a factor r", "csrc/cpu/dual_batch_norm.cpp",
+           "pxs[x_pos[s] * C + c] += -a * r * r * ptc[s * C + c];",
+           "pxs[x_pos[s] * C + c] += -a * r * ptc[s * C + c];", NATIVE),
+    Mutant("running variance not unbiased", "csrc/cpu/dual_batch_norm.cpp",
+           "momentum * (pv[c] * unbias)", "momentum * pv[c]", NATIVE),
+    Mutant("linear drops the bias tangent of summed terms", "csrc/composite.cpp",
+           "if (present(bt)) x_part.add_(bt->view(bias_shape));\n    return {y, x_part, empty};",
+           "return {y, x_part, empty};", NATIVE),
+    Mutant("conv subtracts the bias tangent", "csrc/composite.cpp",
+           "      p_part.add_(bias);", "      p_part.sub_(bias);", NATIVE),
+    Mutant("ReLU passes the tangent at 0", "csrc/select_ops.h",
+           "return !(wide(x) <= 0); }", "return !(wide(x) < 0); }", NATIVE),
+    Mutant("max pool skips a NaN", "csrc/cpu/dual_max_pool2d.cpp",
+           "return v > m || v != v;", "return v > m;", NATIVE),
+    Mutant("max pool takes the last of equal values", "csrc/cpu/dual_max_pool2d.cpp",
+           "return v > m || v != v;", "return v >= m || v != v;", NATIVE),
+]
+
+
+def _copy_checkout(dest: Path) -> None:
+    """The checkout's tracked files, its built extension and its build folder, into dest."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
+                             capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    for built in (ROOT / "fgkernels").glob("_C*"):
+        shutil.copy2(built, dest / "fgkernels" / built.name)
+    if (ROOT / "build").is_dir():
+        shutil.copytree(ROOT / "build", dest / "build", symlinks=True)
+
+
+def _env(copy: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(copy), "FGKERNELS_REQUIRE_NATIVE": "1",
+            "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+
+
+def _build(copy: Path) -> None:
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
+                       env=_env(copy), capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"the extension did not build in the copy:\n{r.stderr[-3000:]}")
+
+
+def _pytest(copy: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                           *tests], cwd=copy, env=_env(copy), capture_output=True, text=True)
+
+
+def _last_line(r: subprocess.CompletedProcess) -> str:
+    lines = (r.stdout.strip() or r.stderr.strip()).splitlines()
+    return lines[-1] if lines else ""
+
+
+def run(mutants: list[Mutant]) -> int:
+    with tempfile.TemporaryDirectory(prefix="fgkernels-mutants-") as tmp:
+        copy = Path(tmp)
+        _copy_checkout(copy)
+        where = subprocess.run(
+            [sys.executable, "-c", "import fgkernels; print(fgkernels.__file__)"], cwd=copy,
+            env=_env(copy), capture_output=True, text=True)
+        if not where.stdout.strip().startswith(str(copy)):
+            raise SystemExit(f"the copy's tests would import another fgkernels: {where.stdout}"
+                             f"{where.stderr}")
+        selected = sorted({t for m in mutants for t in m.tests})
+        base = _pytest(copy, tuple(selected))
+        if base.returncode:
+            raise SystemExit(f"the tests fail without any mutant: {_last_line(base)}")
+        print(f"unmutated: {_last_line(base)}\n")
+        survived = 0
+        # The Python mutants first: the C++ ones leave the copy's extension rebuilt.
+        for m in sorted(mutants, key=lambda m: m.native):
+            file = copy / m.path
+            source = file.read_text()
+            if source.count(m.old) != 1:
+                raise SystemExit(f"{m.name}: the line to mutate is not in {m.path} exactly once "
+                                 "(the code changed: update the mutant)")
+            file.write_text(source.replace(m.old, m.new))
+            try:
+                if m.native:
+                    _build(copy)
+                start = time.perf_counter()
+                r = _pytest(copy, m.tests)
+            finally:
+                file.write_text(source)
+            verdict = {0: "SURVIVED", 1: "killed"}.get(r.returncode, f"error {r.returncode}")
+            survived += r.returncode != 1
+            print(f"{verdict:9s} {m.name} ({m.path}; {time.perf_counter() - start:.0f} s: "
+                  f"{_last_line(r)})", flush=True)
+    print(f"\n{len(mutants) - survived} of {len(mutants)} mutants killed")
+    return 1 if survived else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--native", action="store_true", help="add the C++ kernels' mutants")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="the mutants whose names contain one of these words")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if args.native or not m.native]
+    if args.only:
+        mutants = [m for m in mutants if any(w in m.name for w in args.only)]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}: {m.path} -> {', '.join(m.tests)}")
+        return 0
+    if not mutants:
+        raise SystemExit("no mutant selected")
+    return run(mutants)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
