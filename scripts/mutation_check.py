@@ -30,6 +30,7 @@ OPS = ("tests/rules/test_ops.py", "tests/rules/test_properties.py",
        "tests/rules/test_functional.py")
 ESTIMATORS = ("tests/train/test_estimators.py",)
 REUSE = ("tests/nn/test_reuse.py", "tests/train/test_estimators.py")
+SEMANTICS = ("tests/dual/test_dual_semantics.py",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
 TRITON = ("tests/backends/test_triton.py",)
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
@@ -72,6 +73,11 @@ MUTANTS = [
     Mutant("owned parts subtracted when placed", "fgkernels/dual/slots.py",
            "            base.add_(t)\n        return base",
            "            base.sub_(t)\n        return base", OPS),
+    Mutant("directions lined up as first met, not in order", "fgkernels/dual/slots.py",
+           "union = sorted(set().union(*(o.directions for o in live)))",
+           "union = list(dict.fromkeys(d for o in live for d in o.directions))", OPS),
+    Mutant("a fallback op run slot by slot draws anew in each", "fgkernels/rules/fallback.py",
+           "            torch.random.set_rng_state(state)\n", "", SEMANTICS),
     Mutant("a pass leaves its first substituted parameter a Dual", "fgkernels/dual/tangents.py",
            "for holder, name, t in reversed(self.swaps):",
            "for holder, name, t in reversed(self.swaps[1:]):", STORE),
