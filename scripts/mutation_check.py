@@ -31,6 +31,7 @@ OPS = ("tests/rules/test_ops.py", "tests/rules/test_properties.py",
 ESTIMATORS = ("tests/train/test_estimators.py",)
 REUSE = ("tests/nn/test_reuse.py", "tests/train/test_estimators.py")
 SEMANTICS = ("tests/dual/test_dual_semantics.py",)
+TRAINER = ("tests/train/test_train.py",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
 TRITON = ("tests/backends/test_triton.py",)
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
@@ -108,6 +109,16 @@ MUTANTS = [
     Mutant("local backward updates the running statistics", "fgkernels/train/estimators.py",
            "keep = contextlib.nullcontext() if update_stats else preserved_buffers(block, head)",
            "keep = contextlib.nullcontext()", ESTIMATORS),
+    # the trainer
+    Mutant("a resumed run loses the optimizer's momentum", "fgkernels/train/loop.py",
+           '        opt.load_state_dict(state["optimizer"])\n', "", TRAINER),
+    Mutant("a resumed run restarts the schedule", "fgkernels/train/loop.py",
+           '        sched.load_state_dict(state["scheduler"])\n', "", TRAINER),
+    Mutant("a resumed run repeats its last epoch", "fgkernels/train/loop.py",
+           'start = state["epoch"] + 1', 'start = state["epoch"]', TRAINER),
+    Mutant("the schedule's decay is not the paper's", "fgkernels/train/loop.py",
+           "MultiStepLR(opt, milestones, gamma=0.2)", "MultiStepLR(opt, milestones, gamma=0.1)",
+           TRAINER),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),

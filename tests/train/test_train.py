@@ -68,16 +68,20 @@ def test_short_training_lowers_the_loss(digits, algo):
 
 
 def test_resume_continues_bit_for_bit(digits, tmp_path):
-    cfg = TrainConfig(**QUICK, epochs=3, algo="fg", guess="random", space="weight")
+    # 4 epochs: the learning rate drops after epochs 1, 2 and 4, so a schedule that restarted
+    # at the resume (after epoch 2) would drop it after epoch 3 instead
+    cfg = TrainConfig(**QUICK, epochs=4, algo="fg", guess="random", space="weight")
     straight = train(cfg, str(tmp_path / "a"), progress=False, dataset=digits)
-    train(cfg, str(tmp_path / "b"), progress=False, dataset=digits, stop_after=1)
+    train(cfg, str(tmp_path / "b"), progress=False, dataset=digits, stop_after=2)
     resumed = train(cfg, str(tmp_path / "b"), resume=True, progress=False, dataset=digits)
     for (n, a), (_, b) in zip(straight.model.state_dict().items(),
                               resumed.model.state_dict().items()):
         assert torch.equal(a, b), n
-    assert [e["train_loss"] for e in resumed.history] == \
-        [e["train_loss"] for e in straight.history]
-    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
+    for key in ("train_loss", "lr"):
+        assert [e[key] for e in resumed.history] == [e[key] for e in straight.history], key
+    assert [e["lr"] for e in straight.history] == pytest.approx(
+        [cfg.lr, cfg.lr * 0.2, cfg.lr * 0.04, cfg.lr * 0.04])
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 4
     with pytest.raises(ValueError, match="another configuration"):
         train(TrainConfig(**{**cfg.__dict__, "lr": 0.1}), str(tmp_path / "b"), resume=True,
               progress=False, dataset=digits)
