@@ -1,4 +1,4 @@
-"""Does the test suite notice wrong code? Each mutant below changes one line of the package as
+"""Does the test suite notice wrong code? Each mutant below changes the package in one place as
 a plausible bug would (a sign, a dropped term, a kink or a tie taken on the other side, a
 check left out) and names the tests that must then fail. The script applies each mutant to a
 copy of the checkout (the checkout itself is never written), runs those tests there, and
@@ -8,9 +8,9 @@ reports the mutant killed (a test failed) or survived; it exits 1 if any survive
 
 The unmutated copy runs every selected test file first: a mutant counts as killed only
 against a suite that passes without it. ``--native`` adds the mutants of the C++ kernels, each
-rebuilding the extension in the copy (the checkout's build folder is copied along, so only the
-mutated file compiles again: about a minute each on two cores). Run it from the checkout's
-environment after ``scripts/setup.sh`` (the copy takes the checkout's built extension).
+rebuilding the extension in the copy (the checkout's build folder is copied along for them, so
+only the mutated file compiles again). Run it from the checkout's environment after
+``scripts/setup.sh`` (the copy takes the checkout's built extension).
 """
 from __future__ import annotations
 
@@ -156,8 +156,9 @@ MUTANTS = [
 ]
 
 
-def _copy_checkout(dest: Path) -> None:
-    """The checkout's tracked files, its built extension and its build folder, into dest."""
+def _copy_checkout(dest: Path, with_build: bool) -> None:
+    """The checkout's tracked files and its built extension into dest; its build folder too
+    ``with_build`` (for the C++ mutants' incremental rebuilds)."""
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
                              capture_output=True).stdout.decode().split("\0")
     for rel in filter(None, tracked):
@@ -166,7 +167,7 @@ def _copy_checkout(dest: Path) -> None:
         shutil.copy2(ROOT / rel, target)
     for built in (ROOT / "fgkernels").glob("_C*"):
         shutil.copy2(built, dest / "fgkernels" / built.name)
-    if (ROOT / "build").is_dir():
+    if with_build and (ROOT / "build").is_dir():
         shutil.copytree(ROOT / "build", dest / "build", symlinks=True)
 
 
@@ -195,7 +196,7 @@ def _last_line(r: subprocess.CompletedProcess) -> str:
 def run(mutants: list[Mutant]) -> int:
     with tempfile.TemporaryDirectory(prefix="fgkernels-mutants-") as tmp:
         copy = Path(tmp)
-        _copy_checkout(copy)
+        _copy_checkout(copy, with_build=any(m.native for m in mutants))
         where = subprocess.run(
             [sys.executable, "-c", "import fgkernels; print(fgkernels.__file__)"], cwd=copy,
             env=_env(copy), capture_output=True, text=True)
