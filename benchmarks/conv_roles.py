@@ -7,7 +7,8 @@ Roles, read from the profiler's record of ATen's convolution calls:
   convolution of a fused dual op, which computes y);
 - tangent: the dual ops' other convolutions (the parameter terms ``Ẇ*x`` and the input terms
   ``W*ẋ``, every slot of each in one call);
-- backward: ``convolution_backward`` (autograd's, in a local backward or in backprop).
+- backward: ``convolution_backward`` (autograd's, in a local backward or in backprop; one that
+  ``fgkernels.train.lean_autograd`` computes in two calls counts once).
 Beside the counts, the tangent calls' work: their FLOPs over the primal calls' (a call carries
 every slot of its term, so the calls alone do not show how many directions travel).
 
@@ -57,6 +58,17 @@ def _role(event, first_in_op: set) -> str:
     return "primal"
 
 
+def _inside(event, name: str) -> bool:
+    """Whether ``event`` runs inside an op called ``name``: the same call, passed on by a
+    dispatch mode (``fgkernels.train.lean_autograd``'s), or one of the op's own steps."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def count_roles(fn) -> Counter:
     """The convolutions ``fn()`` runs, by role: {"primal", "tangent", "backward"}, and the
     FLOPs of the primal and tangent ones ({"primal flops", "tangent flops"})."""
@@ -64,12 +76,13 @@ def count_roles(fn) -> Counter:
         fn()
     counts, first_in_op = Counter(), set()
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        if event.name == "aten::convolution":
+        if event.name == "aten::convolution" and not _inside(event, "aten::convolution"):
             role = _role(event, first_in_op)
             counts[role] += 1
             parent = event.cpu_parent  # the profiler counts FLOPs on aten::conv2d
             counts[f"{role} flops"] += parent.flops if parent is not None else 0
-        elif event.name == "aten::convolution_backward":
+        elif event.name == "aten::convolution_backward" and \
+                not _inside(event, "aten::convolution_backward"):
             counts["backward"] += 1
     counts.pop("inside backward", None)
     counts.pop("inside backward flops", None)

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPS = ("tests/rules/test_ops.py", "tests/rules/test_properties.py",
        "tests/rules/test_functional.py")
 ESTIMATORS = ("tests/train/test_estimators.py",)
+LEAN = ("tests/train/test_lean_autograd.py",)
 REUSE = ("tests/nn/test_reuse.py", "tests/train/test_estimators.py")
 SEMANTICS = ("tests/dual/test_dual_semantics.py",)
 TRAINER = ("tests/train/test_train.py",)
@@ -52,6 +53,17 @@ class Mutant(NamedTuple):
 
 
 MUTANTS = [
+    # the local passes' lean autograd
+    Mutant("lean batch-norm backward flips the covariance term", "fgkernels/train/lean_autograd.py",
+           "k = -a * r * r * g_cov", "k = a * r * r * g_cov", LEAN),
+    Mutant("a ReLU output modified in place is recomputed all the same",
+           "fgkernels/train/lean_autograd.py",
+           "return known[0] if known is not None and known[1] == t._version else t",
+           "return known[0] if known is not None else t", LEAN),
+    Mutant("the forward's notes outlive it", "fgkernels/train/lean_autograd.py",
+           "        follow.batch_norms.clear()\n", "", LEAN),
+    Mutant("an in-place ReLU's version taken before its bump", "fgkernels/train/lean_autograd.py",
+           "bump = 1 if func is aten.relu_.default else 0", "bump = 0", LEAN),
     # the rules of fgkernels.rules
     Mutant("sub drops alpha", "fgkernels/rules/pointwise.py",
            "(lambda t: t) if alpha == 1 else (lambda t: t * alpha)", "(lambda t: t)", OPS),

@@ -17,6 +17,11 @@ block and the classifier get their exact gradient by local autograd, and that ba
 to the block's input h, gives the global loss's derivative along every direction arriving
 there (``⟨∂L/∂h, ḣ⟩``): no direction is carried through the last block.
 
+Every local pass runs lean (``lean_autograd``): its forward saves a batch norm's ReLU output
+as the batch norm's input, and its backward splits a CPU convolution's backward in two and
+computes batch norm's without a spare buffer, for a lower memory peak; an activity-space
+backward also lets go of the block's output as it goes when the dual pass computes it again.
+
 Inside a ``fgkernels.tangent_dtype`` block the guesses enter the dual pass in that dtype (a
 bfloat16 tangent of a float32 network); the estimate keeps the guess itself as its basis.
 """
@@ -32,12 +37,14 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .. import functional as DF
 from ..dual.precision import resolve_tangent_dtype
 from ..dual.tangents import clear_tangents, set_tangents
 from ..dual.value import Dual
 from ..nn.modules import DualModule, reuse_conv_outputs
+from .lean_autograd import LeanBackward, relu_outputs_recomputed
 from .models import BlockNet
 
 Tensor = torch.Tensor
@@ -136,10 +143,13 @@ def _batch_norm_forward_is_torchs(cls: type) -> bool:
     return forward in _TORCH_BATCH_NORM_FORWARDS
 
 
-def grads_or_zeros(output: Tensor, wrt: list[Tensor],
+def grads_or_zeros(output: Union[Tensor, GradientEdge], wrt: list[Tensor],
                    grad_output: Optional[Tensor] = None) -> list[Tensor]:
-    """``torch.autograd.grad`` of ``output`` w.r.t. ``wrt``, zeros for what it does not reach."""
-    grads = torch.autograd.grad(output, wrt, grad_output, allow_unused=True)
+    """``torch.autograd.grad`` of ``output`` (a tensor, or the gradient edge of one nothing
+    holds any more) w.r.t. ``wrt``, zeros for what it does not reach, under ``LeanBackward``
+    (the same gradients, less memory held at once)."""
+    with LeanBackward():
+        grads = torch.autograd.grad(output, wrt, grad_output, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt)]
 
 
@@ -164,10 +174,12 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
     keep = contextlib.nullcontext() if update_stats else preserved_buffers(block, head)
     with torch.enable_grad(), keep:
         h = h.detach().requires_grad_(want_input)
-        a = h if block is None else block(h)
+        with relu_outputs_recomputed():
+            a = h if block is None else block(h)
         if want_activity:
             a = a.detach().requires_grad_()
-        logits = head(a)
+        with relu_outputs_recomputed():
+            logits = head(a)
         loss = F.cross_entropy(logits, y)
         extra = ([a] if want_activity else []) + ([h] if want_input else [])
         grads = grads_or_zeros(loss, params_b + params_h + extra)
@@ -188,8 +200,9 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
         params_b = [p for p in block.parameters() if p.requires_grad]
         params_h = [p for p in head.parameters() if p.requires_grad]
         with torch.enable_grad(), preserved_buffers(head if j < J - 1 else None):
-            a = block(h.detach())
-            logits = head(a)
+            with relu_outputs_recomputed():
+                a = block(h.detach())
+                logits = head(a)
             loss = F.cross_entropy(logits, y)
             grads = grads_or_zeros(loss, params_b + params_h)
         out.grads.update(_named(net, "blocks", j, grads[:len(params_b)]))
@@ -200,19 +213,26 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
     return out
 
 
-def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of,
-                              update_stats: bool) -> tuple[Tensor, Tensor, list]:
+def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of, update_stats: bool,
+                              keep_output: bool) -> tuple[Optional[Tensor], Tensor, list]:
     """Block j's output ``a = block(h)`` under local autograd, the activity guess
     ``g = guess_of(a)``, and ``(∂a/∂θ)ᵀ g``: g backpropagated inside the block only. Done before
     the block's dual pass, so the backward never overlaps the dual activations. The forward
     updates the block's running statistics only with ``update_stats`` (when no dual pass of
-    the block follows). Returns ``(a, g, (∂a/∂θ)ᵀ g)``."""
+    the block follows). Returns ``(a, g, (∂a/∂θ)ᵀ g)``, a None unless ``keep_output``: the
+    backward then starts from a's gradient edge, and autograd frees a as soon as the block's
+    last op has used it."""
     params = [p for p in block.parameters() if p.requires_grad]
     keep = contextlib.nullcontext() if update_stats else preserved_buffers(block)
     with torch.enable_grad(), keep:
-        out = block(h.detach())
+        with relu_outputs_recomputed():
+            out = block(h.detach())
         g = guess_of(out.detach())
-        return out.detach(), g, grads_or_zeros(out, params, g)
+        if keep_output:
+            return out.detach(), g, grads_or_zeros(out, params, g)
+        edge = get_gradient_edge(out) if out.requires_grad else out
+        del out
+        return None, g, grads_or_zeros(edge, params, g)
 
 
 def _noise(shape, like: Tensor, noise: str, generator: Optional[torch.Generator]) -> Tensor:
@@ -376,11 +396,13 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
     if d.tangents is None:
         # No direction reaches the block (the first block; every block for a local target):
         # its dual pass would be its plain forward, which the autograd pass has just run.
-        a, g, basis = _activity_guess_and_basis(block, d.primal, guess_of, update_stats=True)
+        a, g, basis = _activity_guess_and_basis(block, d.primal, guess_of, update_stats=True,
+                                                keep_output=True)
         d = Dual(a)
     else:
         with reuse_conv_outputs(block):
-            _, g, basis = _activity_guess_and_basis(block, d.primal, guess_of, False)
+            _, g, basis = _activity_guess_and_basis(block, d.primal, guess_of,
+                                                    update_stats=False, keep_output=False)
             d = block(d)
     d = DF.add_direction(d, j, _as_tangent(g))
     names = [n for n, p in block.named_parameters() if p.requires_grad]

@@ -1,0 +1,216 @@
+"""The local passes' lean autograd: the same gradients as torch's autograd (float64, each case
+its own oracle: the same module differentiated by plain autograd), and less held where it says.
+
+- ``LeanBackward``: a convolution's backward split in two calls (CPU, not channels_last) and
+  training batch norm's backward from ``dual_bn_stats``;
+- ``relu_outputs_recomputed``: a ReLU output of a training batch norm saved as the batch norm's
+  input and recomputed in the backward, and saved as usual once modified in place.
+"""
+import contextlib
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import fgkernels
+from fgkernels.train.lean_autograd import LeanBackward, relu_outputs_recomputed
+from fgkernels.train.memory import PeakMemory
+
+needs_native = pytest.mark.skipif("native" not in fgkernels.available_backends(),
+                                  reason="the lean batch-norm backward needs the extension")
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _grads(module, x, grad_out, lean_forward=False, lean_backward=False):
+    params = [x] + [p for p in module.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        if lean_forward:
+            with relu_outputs_recomputed():
+                y = module(x)
+        else:
+            y = module(x)
+        if lean_backward:
+            with LeanBackward():
+                return torch.autograd.grad(y, params, grad_out)
+        return torch.autograd.grad(y, params, grad_out)
+
+
+def _assert_same(got, want):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * max(1.0, w.abs().max()))
+
+
+def _conv_bn_relu(layout, affine=True, bias=True, stride=1, groups=1):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=stride, padding=1, bias=bias),
+        nn.BatchNorm2d(8, affine=affine), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False),
+        nn.BatchNorm2d(8, affine=affine), nn.ReLU(),
+    ).double().to(memory_format=layout)
+
+
+def _inputs(layout, n=3, size=6, stride=1):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, size, size, generator=gen, dtype=torch.float64)
+    out = -(-size // stride)
+    g = torch.randn(n, 8, out, out, generator=gen, dtype=torch.float64)
+    return (x.contiguous(memory_format=layout).requires_grad_(),
+            g.contiguous(memory_format=layout))
+
+
+@needs_native
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("affine,bias,stride,groups", [(True, True, 1, 1), (False, False, 2, 2)],
+                         ids=["affine-bias", "plain-strided-grouped"])
+@pytest.mark.parametrize("lean_forward", [False, True], ids=["saved", "recomputed"])
+def test_lean_gradients_are_autograds(layout, affine, bias, stride, groups, lean_forward):
+    net = _conv_bn_relu(layout, affine, bias, stride, groups)
+    x, g = _inputs(layout, stride=stride)
+    want = _grads(net, x, g)
+    got = _grads(net, x, g, lean_forward=lean_forward, lean_backward=True)
+    _assert_same(got, want)
+
+
+@needs_native
+def test_lean_batch_norm_backward_of_a_1d_batch_norm():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU()).double()
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(7, 6, dtype=torch.float64)
+    _assert_same(_grads(net, x, g, lean_forward=True, lean_backward=True), _grads(net, x, g))
+
+
+@pytest.mark.parametrize("what", ["forward", "backward"])
+def test_what_the_lean_passes_leave_alone_is_autograds(what):
+    """Batch norm in eval, a ReLU not after a batch norm, a float32 batch norm whose output
+    gradient has another layout than its input: each runs torch's own way, the same gradients."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8).eval(),
+                        nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU()).double()
+    x, g = _inputs(torch.contiguous_format)
+    g = g.contiguous(memory_format=torch.channels_last)
+    got = _grads(net, x, g, lean_forward=what == "forward", lean_backward=what == "backward")
+    _assert_same(got, _grads(net, x, g))
+
+
+def _relu_output_refs(net, x, lean: bool):
+    """Weak references to each ReLU's output after a forward (under relu_outputs_recomputed
+    when ``lean``), and the forward's output, which keeps its graph alive."""
+    refs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+             for m in net if isinstance(m, nn.ReLU)]
+    try:
+        with torch.enable_grad(), relu_outputs_recomputed() if lean else contextlib.nullcontext():
+            y = net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    gc.collect()
+    return refs, y
+
+
+def test_a_saved_relu_output_of_a_batch_norm_is_not_held():
+    """After the forward only the last ReLU's output (the result) is alive: the first one,
+    saved by its own backward and the next convolution's, is held as its batch norm's input.
+    Outside the context autograd holds it for the backward."""
+    net = _conv_bn_relu(torch.contiguous_format)
+    x, _ = _inputs(torch.contiguous_format)
+    refs, y = _relu_output_refs(net, x, lean=True)
+    assert refs[0]() is None and refs[1]() is y
+    refs, y = _relu_output_refs(net, x, lean=False)
+    assert refs[0]() is not None
+
+
+class _ScaledAfterReLU(nn.Module):
+    """conv → BN → ReLU → ×3 → conv, the scaling in place (``inplace``) or not."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inplace = inplace
+        self.conv, self.bn = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.out(h.mul_(3.0) if self.inplace else h * 3.0)
+
+
+@needs_native
+def test_a_relu_output_modified_in_place_is_saved_as_it_is():
+    """The ReLU output scaled in place before the next convolution: that convolution saves
+    the scaled tensor, which no recomputation from the batch norm's input gives. (Plain
+    autograd refuses this backward: ReLU saved the output it then scaled. Under the context
+    ReLU's own saved output is the recomputed one.) The oracle scales out of place."""
+    net = _ScaledAfterReLU(inplace=True).double()
+    x, g = _inputs(torch.contiguous_format)
+    want = _grads(_ScaledAfterReLU(inplace=False).double(), x, g)
+    _assert_same(_grads(net, x, g, lean_forward=True, lean_backward=True), want)
+
+
+def test_a_batch_norm_input_modified_after_the_forward_is_refused():
+    net = _conv_bn_relu(torch.contiguous_format)
+    x, g = _inputs(torch.contiguous_format)
+    kept = []
+    hook = net[1].register_forward_hook(lambda m, i, o: kept.append(i[0]))
+    with torch.enable_grad(), relu_outputs_recomputed():
+        y = net(x)
+    hook.remove()
+    with torch.no_grad():
+        kept[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(y, list(net.parameters()), g)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+def test_the_lean_backward_holds_less(layout):
+    """The allocator's peak over a conv-BN-ReLU stack's backward, with its input gradient:
+    autograd's own holds an activation more than the lean one (NCHW: the convolution's
+    reorders; channels_last: batch norm's unwritten second input gradient), less the lean
+    batch norm's few per-channel buffers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
+                        nn.ReLU()).float().to(memory_format=layout)
+    x = torch.randn(8, 16, 32, 32).contiguous(memory_format=layout).requires_grad_()
+    g = torch.randn(8, 16, 32, 32).contiguous(memory_format=layout)
+    activation = x.nbytes
+    peaks = {}
+    for lean in (False, True):
+        with torch.enable_grad():
+            y = net(x)
+        with PeakMemory() as m:
+            if lean:
+                with LeanBackward():
+                    torch.autograd.grad(y, [x, *net.parameters()], g)
+            else:
+                torch.autograd.grad(y, [x, *net.parameters()], g)
+        peaks[lean] = m.peak_bytes
+    assert peaks[False] - peaks[True] >= 0.9 * activation
+
+
+def test_nothing_holds_a_batch_norm_input_after_its_backward():
+    """A batch norm whose (in-place) ReLU output is the forward's result: once the backward
+    has passed the batch norm, its input is freed while the rest of the graph (the
+    convolution's node) and the result live on: nothing the forward noted keeps it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8),
+                        nn.ReLU(inplace=True)).double()
+    x, g = _inputs(torch.contiguous_format)
+    inputs, edges = [], []
+
+    def note(module, args, out):
+        inputs.append(weakref.ref(args[0]))
+        edges.append(torch.autograd.graph.get_gradient_edge(args[0]))
+
+    hook = net[1].register_forward_hook(note)
+    with torch.enable_grad(), relu_outputs_recomputed():
+        y = net(x)
+    hook.remove()
+    torch.autograd.grad(y, edges, g)  # the ReLU's and the batch norm's backward only
+    gc.collect()
+    assert inputs[0]() is None and y.grad_fn is not None
