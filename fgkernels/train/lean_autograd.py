@@ -1,10 +1,12 @@
-"""Local autograd with a lower memory peak, for the estimators' local forwards and backwards.
+"""Autograd with a lower memory peak, for the estimators' local forwards and backwards.
 
 What the forward saves: autograd keeps a ReLU's output for its own backward and for the next
 convolution's; where that ReLU follows a batch norm in training, whose input autograd keeps
 too, ``relu_outputs_recomputed`` keeps the batch norm's input (and its small statistics) in its
 place and recomputes the output when the backward asks for it: one activation less, held from
-the forward to the backward, for one more elementwise pass each time it is read.
+the forward to the backward, for one more elementwise pass each time it is read. (Where a
+ReLU output is modified in place after an op saved it, plain autograd refuses the backward;
+here the ReLU's own backward reads the recomputed output, as the forward saw it.)
 
 What the backward holds: two of torch's CPU backward kernels hold more at once than their
 results (torch 2.13, oneDNN):
@@ -74,12 +76,11 @@ def _split_convolution_backward(grad_output, input, weight, bias_sizes, stride, 
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
-    """Both contiguous, or both channels_last: ``dual_bn_stats`` copies neither."""
+    """Both contiguous, or both 4-D channels_last: layouts ``dual_bn_stats`` reads in place."""
     if a.is_contiguous() and b.is_contiguous():
         return True
-    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(a.dim())
-    return cl is not None and a.is_contiguous(memory_format=cl) and \
-        b.is_contiguous(memory_format=cl)
+    return a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and \
+        b.is_contiguous(memory_format=torch.channels_last)
 
 
 def _lean_batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean,
@@ -110,7 +111,7 @@ def _lean_batch_norm_backward(grad_out, input, weight, running_mean, running_var
     grad_input.addcmul_(input, k.view(per_channel))
     count = input.numel() // channels
     grad_weight = g_cov * (count * r) if output_mask[1] and weight is not None else None
-    grad_bias = g_mean * count if output_mask[2] and weight is not None else None
+    grad_bias = g_mean * count if output_mask[2] else None
     return grad_input, grad_weight, grad_bias
 
 
@@ -118,17 +119,23 @@ class _BatchNormOutput(NamedTuple):
     """How to compute a training batch norm's output again: ``(input − mean)·invstd·γ + β``."""
 
     input: Tensor
-    input_version: int
     weight: Optional[Tensor]
     bias: Optional[Tensor]
     mean: Tensor
     invstd: Tensor
+    versions: tuple[int, ...]  # of input, weight and bias when the forward read them
+
+    @staticmethod
+    def of(input, weight, bias, mean, invstd) -> _BatchNormOutput:
+        return _BatchNormOutput(input, weight, bias, mean, invstd,
+                                _versions(input, weight, bias))
 
     def relu(self) -> Tensor:
-        """``relu`` of the batch norm's output, from its input as the forward saw it."""
-        if self.input._version != self.input_version:
-            raise RuntimeError("a batch norm's input was modified in place after the forward; "
-                               "its ReLU output, saved for the backward, cannot be recomputed")
+        """``relu`` of the batch norm's output, from its operands as the forward saw them."""
+        if _versions(self.input, self.weight, self.bias) != self.versions:
+            raise RuntimeError("a batch norm's input, weight or bias was modified in place "
+                               "after the forward; its ReLU output, saved for the backward, "
+                               "cannot be recomputed")
         scale = self.invstd if self.weight is None else self.weight * self.invstd
         shift = -self.mean * scale if self.bias is None else self.bias - self.mean * scale
         per_channel = (-1,) + (1,) * (self.input.dim() - 2)
@@ -136,9 +143,14 @@ class _BatchNormOutput(NamedTuple):
                              scale.view(per_channel)).relu_()
 
 
+def _versions(*tensors: Optional[Tensor]) -> tuple[int, ...]:
+    return tuple(-1 if t is None else t._version for t in tensors)
+
+
 class _FollowBatchNormReLU(TorchDispatchMode):
     """Notes which tensors are ReLU outputs of a training batch norm, and how to recompute
-    each (as long as neither is modified in place)."""
+    each: a batch norm's output modified in place before its ReLU is none, and the recipe
+    refuses to run once the batch norm's input, weight or bias has been modified in place."""
 
     def __init__(self):
         super().__init__()
@@ -152,7 +164,7 @@ class _FollowBatchNormReLU(TorchDispatchMode):
         if func is aten.native_batch_norm.default and not kwargs and args[5] and \
                 args[0].dtype in _LEAN_BATCH_NORM_DTYPES and out[1].numel():
             x, weight, bias = args[:3]
-            recipe = _BatchNormOutput(x, x._version, weight, bias, out[1], out[2])
+            recipe = _BatchNormOutput.of(x, weight, bias, out[1], out[2])
             self.batch_norms[out[0]] = (recipe, out[0]._version)
         elif func in (aten.relu.default, aten.relu_.default) and not kwargs:
             known = self.batch_norms.get(args[0])

@@ -86,15 +86,63 @@ def test_lean_batch_norm_backward_of_a_1d_batch_norm():
 
 @pytest.mark.parametrize("what", ["forward", "backward"])
 def test_what_the_lean_passes_leave_alone_is_autograds(what):
-    """Batch norm in eval, a ReLU not after a batch norm, a float32 batch norm whose output
-    gradient has another layout than its input: each runs torch's own way, the same gradients."""
+    """Batch norm in eval and a ReLU not after a batch norm run torch's own way: the same
+    gradients."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8).eval(),
                         nn.ReLU(), nn.BatchNorm2d(8), nn.ReLU()).double()
     x, g = _inputs(torch.contiguous_format)
-    g = g.contiguous(memory_format=torch.channels_last)
     got = _grads(net, x, g, lean_forward=what == "forward", lean_backward=what == "backward")
     _assert_same(got, _grads(net, x, g))
+
+
+class _FunctionalBatchNorm(nn.Module):
+    """A training batch norm with only a weight, only a bias, or neither, then ReLU, then a
+    transposed convolution; ``relayout`` hands the batch norm an output gradient in NCHW for
+    its channels_last input."""
+
+    def __init__(self, weight: bool, bias: bool, relayout: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = nn.Parameter(torch.rand(4) + 0.5) if weight else None
+        self.bias = nn.Parameter(torch.randn(4)) if bias else None
+        self.relayout = relayout
+        self.up = nn.ConvTranspose2d(4, 8, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x):
+        h = nn.functional.batch_norm(x, None, None, self.weight, self.bias, training=True)
+        if self.relayout:
+            h = h.contiguous(memory_format=torch.contiguous_format)
+        return self.up(torch.relu(h))
+
+
+@needs_native
+@pytest.mark.parametrize("weight,bias", [(True, False), (False, True), (False, False)],
+                         ids=["weight-only", "bias-only", "neither"])
+def test_a_batch_norm_with_some_parameters(weight, bias):
+    net = _FunctionalBatchNorm(weight, bias).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 8, 10, 10, dtype=torch.float64)
+    _assert_same(_grads(net, x, g, lean_forward=True, lean_backward=True), _grads(net, x, g))
+
+
+@needs_native
+def test_a_batch_norm_whose_output_gradient_has_another_layout_runs_torchs(monkeypatch):
+    import fgkernels.train.lean_autograd as lean
+    answers = []
+
+    def noted(*args):
+        answers.append(lean_batch_norm_backward(*args))
+        return answers[-1]
+
+    lean_batch_norm_backward = lean._lean_batch_norm_backward
+    monkeypatch.setattr(lean, "_lean_batch_norm_backward", noted)
+    net = _FunctionalBatchNorm(True, True, relayout=True).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(3, 8, 10, 10, dtype=torch.float64)
+    _assert_same(_grads(net, x, g, lean_forward=True, lean_backward=True), _grads(net, x, g))
+    assert answers == [None]
 
 
 def _relu_output_refs(net, x, lean: bool):
@@ -152,18 +200,21 @@ def test_a_relu_output_modified_in_place_is_saved_as_it_is():
     _assert_same(_grads(net, x, g, lean_forward=True, lean_backward=True), want)
 
 
-def test_a_batch_norm_input_modified_after_the_forward_is_refused():
-    net = _conv_bn_relu(torch.contiguous_format)
-    x, g = _inputs(torch.contiguous_format)
-    kept = []
-    hook = net[1].register_forward_hook(lambda m, i, o: kept.append(i[0]))
+@pytest.mark.parametrize("operand", ["input", "weight"])
+def test_a_batch_norm_operand_modified_after_the_forward_is_refused(operand):
+    """A frozen batch norm on an input that needs no gradient: only the next convolution saves
+    the ReLU output, and plain autograd would give its weight gradient from the forward's
+    values. Recomputing it from a modified input or weight would not: it is refused."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1)).double()
+    net[0].requires_grad_(False)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
     with torch.enable_grad(), relu_outputs_recomputed():
         y = net(x)
-    hook.remove()
     with torch.no_grad():
-        kept[0].add_(1.0)
+        (x if operand == "input" else net[0].weight).mul_(-1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
-        torch.autograd.grad(y, list(net.parameters()), g)
+        torch.autograd.grad(y, list(net[2].parameters()), torch.ones_like(y))
 
 
 @needs_native
