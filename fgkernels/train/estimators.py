@@ -23,7 +23,11 @@ computes batch norm's without a spare buffer, for a lower memory peak; an activi
 backward also lets go of the block's output as it goes when the dual pass computes it again.
 
 Inside a ``fgkernels.tangent_dtype`` block the guesses enter the dual pass in that dtype (a
-bfloat16 tangent of a float32 network); the estimate keeps the guess itself as its basis.
+bfloat16 tangent of a float32 network): each guess is rounded to it once, and the estimate's
+basis is the rounded guess, so the derivative measured is along exactly the basis. With
+bfloat16 a weight-space guess is also computed in it: its block's local backward
+differentiates the block's convolutions in bfloat16 (those of the head, whose gradient trains
+the head, and every exact gradient stay in the network's dtype).
 """
 from __future__ import annotations
 
@@ -144,11 +148,13 @@ def _batch_norm_forward_is_torchs(cls: type) -> bool:
 
 
 def grads_or_zeros(output: Union[Tensor, GradientEdge], wrt: list[Tensor],
-                   grad_output: Optional[Tensor] = None) -> list[Tensor]:
+                   grad_output: Optional[Tensor] = None, reduced_weights: list[Tensor] = (),
+                   reduced_dtype: Optional[torch.dtype] = None) -> list[Tensor]:
     """``torch.autograd.grad`` of ``output`` (a tensor, or the gradient edge of one nothing
     holds any more) w.r.t. ``wrt``, zeros for what it does not reach, under ``LeanBackward``
-    (the same gradients, less memory held at once)."""
-    with LeanBackward():
+    (the same gradients, less memory held at once; the convolutions of ``reduced_weights``
+    differentiated in ``reduced_dtype`` where one is given)."""
+    with LeanBackward(reduced_weights, reduced_dtype):
         grads = torch.autograd.grad(output, wrt, grad_output, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt)]
 
@@ -166,9 +172,11 @@ class _LocalGrads(NamedTuple):
 
 def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: Tensor,
                     want_activity: bool = False, want_input: bool = False,
-                    update_stats: bool = False) -> _LocalGrads:
+                    update_stats: bool = False,
+                    block_dtype: Optional[torch.dtype] = None) -> _LocalGrads:
     """Local autograd: ``head(block(h))`` with h detached, cross-entropy against y, backward.
-    The running statistics are left as they were unless ``update_stats``."""
+    The running statistics are left as they were unless ``update_stats``. With
+    ``block_dtype``, the block's convolutions are differentiated in it (the head's never)."""
     params_b = [] if block is None else [p for p in block.parameters() if p.requires_grad]
     params_h = [p for p in head.parameters() if p.requires_grad]
     keep = contextlib.nullcontext() if update_stats else preserved_buffers(block, head)
@@ -182,7 +190,8 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
             logits = head(a)
         loss = F.cross_entropy(logits, y)
         extra = ([a] if want_activity else []) + ([h] if want_input else [])
-        grads = grads_or_zeros(loss, params_b + params_h + extra)
+        grads = grads_or_zeros(loss, params_b + params_h + extra, reduced_weights=params_b,
+                               reduced_dtype=block_dtype)
     nb, nh = len(params_b), len(params_h)
     rest = iter(grads[nb + nh:])
     return _LocalGrads(grads[:nb], grads[nb:nb + nh], next(rest) if want_activity else None,
@@ -273,6 +282,30 @@ def _as_tangent(v: Tensor) -> Tensor:
     return v.to(resolve_tangent_dtype(v.dtype))
 
 
+def _rounded_to_tangent(v: Tensor) -> Tensor:
+    """``v`` rounded to the tangent dtype and back (``v`` itself where they agree): the
+    direction the dual pass measures, in the guess's own dtype, so that an estimate's basis is
+    exactly that direction."""
+    tangent = _as_tangent(v)
+    return v if tangent.dtype == v.dtype else tangent.to(v.dtype)
+
+
+def _guess_dtype(params: list[Tensor]) -> Optional[torch.dtype]:
+    """The dtype a block's local backward computes its weight-space guess in: bfloat16 where
+    the guess enters the dual pass in bfloat16 from wider parameters (a direction needs no
+    more precision than the pass takes it in, and bfloat16 has float32's range), else None:
+    the parameters' own."""
+    if not params:
+        return None
+    tangent = resolve_tangent_dtype(params[0].dtype)
+    return tangent if tangent == torch.bfloat16 != params[0].dtype else None
+
+
+def _norm2(*tensors: Tensor) -> float:
+    """‖g‖² over the tensors of a guess (no temporary of their size)."""
+    return sum(float(torch.linalg.vector_norm(v)) ** 2 for v in tensors)
+
+
 def _directional(loss: Dual, direction: int) -> float:
     """The tangent of a scalar loss for one labelled direction."""
     return float(loss.tangents[loss.directions.index(direction)])
@@ -360,17 +393,18 @@ def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
         if run.guess == "random":
             g = {n: _noise(p.shape, p, run.noise, run.generator) for n, p in params.items()}
         else:
-            local = _local_backward(block, _guess_head(run, j), d.primal, run.y)
+            local = _local_backward(block, _guess_head(run, j), d.primal, run.y,
+                                    block_dtype=_guess_dtype(list(params.values())))
             g = dict(zip(params, local.block))
             if run.guess == "local":
                 run.head_grads(j, local.head)
+        g = {n: _rounded_to_tangent(v) for n, v in g.items()}
         set_tangents(block, {n: _as_tangent(v) for n, v in g.items()}, direction=j)
         try:
             d = block(d)
         finally:
             clear_tangents(block)
-    norm2 = sum(float((v * v).sum()) for v in g.values())
-    run.pending.append(_Pending(j, g if run.keep_guesses else None, norm2, g))
+    run.pending.append(_Pending(j, g if run.keep_guesses else None, _norm2(*g.values()), g))
     return d
 
 
@@ -387,11 +421,11 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
 
     def guess_of(a: Tensor) -> Tensor:
         if run.guess == "random":
-            return _noise(a.shape, a, run.noise, run.generator)
+            return _rounded_to_tangent(_noise(a.shape, a, run.noise, run.generator))
         local = _local_backward(None, guess_head, a, run.y, want_activity=True)
         if run.guess == "local":
             run.head_grads(j, local.head)
-        return local.activity
+        return _rounded_to_tangent(local.activity)
 
     if d.tangents is None:
         # No direction reaches the block (the first block; every block for a local target):
@@ -406,7 +440,7 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
             d = block(d)
     d = DF.add_direction(d, j, _as_tangent(g))
     names = [n for n, p in block.named_parameters() if p.requires_grad]
-    run.pending.append(_Pending(j, g if run.keep_guesses else None, float((g * g).sum()),
+    run.pending.append(_Pending(j, g if run.keep_guesses else None, _norm2(g),
                                 dict(zip(names, basis))))
     return d
 

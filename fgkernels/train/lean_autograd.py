@@ -23,12 +23,15 @@ results (torch 2.13, oneDNN):
 
 ``LeanBackward`` is a dispatch mode that swaps those two ops for these compositions while a
 backward runs under it; every other op runs as it is. The gradients are the same up to
-rounding.
+rounding. Asked to, it also differentiates the convolutions of given weights in a narrower
+dtype (bfloat16: float32's range, half its bytes): their operands are cast to it and the
+gradients back, for a backward whose results need no more precision than that (a guess that
+enters the dual pass in bfloat16).
 """
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Optional
 
 import torch
@@ -45,11 +48,28 @@ _LEAN_BATCH_NORM_DTYPES = (torch.float32, torch.float64)
 
 class LeanBackward(TorchDispatchMode):
     """``with LeanBackward(): torch.autograd.grad(...)``: the backward's CPU convolutions and
-    training batch norms computed with less memory held at once (see the module docstring)."""
+    training batch norms computed with less memory held at once (see the module docstring).
+
+    With ``reduced_dtype``, the backward of a convolution whose weight is one of
+    ``reduced_weights`` runs in that dtype, on any device; the gradients come back in their
+    operands' dtypes. A weight is recognised by its data (storage, offset, sizes and
+    strides): autograd may hand the backward a new tensor object over the weight's data."""
+
+    def __init__(self, reduced_weights: Iterable[Tensor] = (),
+                 reduced_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self._reduced = {w.data_ptr(): w for w in reduced_weights} if reduced_dtype else {}
+        self._reduced_dtype = reduced_dtype
+
+    def _is_reduced(self, weight: Tensor) -> bool:
+        known = self._reduced.get(weight.data_ptr())
+        return known is not None and weight.is_set_to(known)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is aten.convolution_backward.default and not kwargs:
+            if self._reduced and self._is_reduced(args[2]):
+                return _convolution_backward_in(self._reduced_dtype, *args)
             split = _split_convolution_backward(*args)
             if split is not None:
                 return split
@@ -72,6 +92,24 @@ def _split_convolution_backward(grad_output, input, weight, bias_sizes, stride, 
             output_padding, groups)
     _, grad_weight, grad_bias = aten.convolution_backward(*args, [False, True, output_mask[2]])
     grad_input = aten.convolution_backward(*args, [True, False, False])[0]
+    return grad_input, grad_weight, grad_bias
+
+
+def _convolution_backward_in(dtype, grad_output, input, weight, bias_sizes, stride, padding,
+                             dilation, transposed, output_padding, groups, output_mask):
+    """``convolution_backward`` with its three operands cast to ``dtype`` (layouts kept) and the
+    input's and weight's gradients cast back to theirs; the bias's gradient, a sum of the
+    output gradient, in the output gradient's own dtype."""
+    grad_input, grad_weight, _ = aten.convolution_backward(
+        grad_output.to(dtype), input.to(dtype), weight.to(dtype), bias_sizes, stride, padding,
+        dilation, transposed, output_padding, groups, [output_mask[0], output_mask[1], False])
+    if output_mask[0]:
+        grad_input = grad_input.to(input.dtype)
+    if output_mask[1]:
+        grad_weight = grad_weight.to(weight.dtype)
+    grad_bias = None
+    if output_mask[2]:
+        grad_bias = grad_output.sum([d for d in range(grad_output.dim()) if d != 1])
     return grad_input, grad_weight, grad_bias
 
 

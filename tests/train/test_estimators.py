@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fgkernels
 from fgkernels import Dual
 from fgkernels.train import GUESSES, SPACES, TARGETS, build_model, estimate_gradients
 from fgkernels.train.estimators import local_gradients, preserved_buffers
@@ -137,6 +138,59 @@ def test_random_guesses_draw_the_noise_asked_for(space):
         signs = values.abs() == 1
         assert bool(signs.all()) == (noise == "rademacher"), noise
         assert bool((values > 0).any()) and bool((values < 0).any()), noise
+
+
+def _held_by_bfloat16(t):
+    return torch.equal(t, t.to(torch.bfloat16).to(t.dtype))
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_bfloat16_guesses_are_the_directions_measured(space):
+    """bfloat16 tangents of a float64 network: each guess is rounded to bfloat16 once and is
+    the estimate's basis (the estimate is the projection on exactly the guess kept, and the
+    derivative is ⟨∇L, g⟩ for that g, to the bfloat16 pass's error). A weight-space guess is
+    computed in bfloat16 (its convolutions' values differ from the float64 gradient rounded:
+    not merely rounded at the end), near the local gradient; the heads' gradients are
+    float64 autograd's."""
+    net = small_net()
+    ref = copy.deepcopy(net)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    with fgkernels.tangent_dtype(torch.bfloat16):
+        est = estimate_gradients(net, x, y, "global", "local", space, keep_guesses=True)
+    acts, global_loss, aux = autograd_view(ref, x, y)
+    for b in est.blocks:
+        j = b.block
+        params = list(ref.blocks[j].parameters())
+        names = [f"blocks.{j}.{n}" for n, _ in ref.blocks[j].named_parameters()]
+        if space == "weight":
+            g = [b.guess[n.split(".", 2)[2]] for n in names]
+            deriv = sum(float((t * v).sum()) for t, v in zip(grads_of(global_loss, params), g))
+            expected = [b.scale * v for v in g]
+            local = grads_of(aux[j], params)
+            convs = [(v, t) for v, t in zip(g, local) if v.dim() == 4]
+            differ = sum(int((v != t.to(torch.bfloat16).double()).sum()) for v, t in convs)
+            assert differ >= 0.1 * sum(v.numel() for v, _ in convs)
+            cosine = sum(float((v * t).sum()) for v, t in zip(g, local)) / (
+                sum(float((v * v).sum()) for v in g) * sum(float((t * t).sum()) for t in local)
+            ) ** 0.5
+            assert cosine > 0.999
+        else:
+            g = [b.guess]
+            deriv = float((grads_of(global_loss, [acts[j]])[0] * b.guess).sum())
+            expected = torch.autograd.grad(acts[j], params, b.scale * b.guess,
+                                           retain_graph=True)
+        assert all(_held_by_bfloat16(v) for v in g)
+        assert b.scale == pytest.approx(b.derivative / sum(float((v * v).sum()) for v in g),
+                                        rel=1e-12)
+        # The direction rides the later blocks' dual passes in bfloat16: a few percent.
+        assert b.derivative == pytest.approx(deriv, rel=0.1)
+        for n, e in zip(names, expected):
+            torch.testing.assert_close(est.grads[n], e, **TOL)
+    for j in range(len(ref.blocks) - 1):
+        hn = [f"heads.{j}.{n}" for n, _ in ref.heads[j].named_parameters()]
+        for n, e in zip(hn, grads_of(aux[j], list(ref.heads[j].parameters()))):
+            torch.testing.assert_close(est.grads[n], e, **TOL)
 
 
 def test_bad_choices_list_the_valid_ones():

@@ -1,8 +1,9 @@
 """The local passes' lean autograd: the same gradients as torch's autograd (float64, each case
 its own oracle: the same module differentiated by plain autograd), and less held where it says.
 
-- ``LeanBackward``: a convolution's backward split in two calls (CPU, not channels_last) and
-  training batch norm's backward from ``dual_bn_stats``;
+- ``LeanBackward``: a convolution's backward split in two calls (CPU, not channels_last),
+  training batch norm's backward from ``dual_bn_stats``, and the convolutions of weights named
+  differentiated in bfloat16 (their oracle: float64 autograd on operands rounded to bfloat16);
 - ``relu_outputs_recomputed``: a ReLU output of a training batch norm saved as the batch norm's
   input and recomputed in the backward, and saved as usual once modified in place.
 """
@@ -265,3 +266,39 @@ def test_nothing_holds_a_batch_norm_input_after_its_backward():
     torch.autograd.grad(y, edges, g)  # the ReLU's and the batch norm's backward only
     gc.collect()
     assert inputs[0]() is None and y.grad_fn is not None
+
+
+def _held_by_bfloat16(t):
+    return torch.equal(t, t.to(torch.bfloat16).to(t.dtype))
+
+
+@needs_native
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("lean_forward", [False, True], ids=["saved", "recomputed"])
+def test_convolutions_of_reduced_weights_are_differentiated_in_bfloat16(layout, lean_forward):
+    """The convolution of a weight named (recognised through the saved-tensor hooks of a lean
+    forward too, which hand the backward new tensor objects) is differentiated in bfloat16:
+    its input's and weight's gradients are values a bfloat16 holds, within bfloat16's
+    rounding of the oracle, float64 autograd on operands rounded to bfloat16; its bias's
+    gradient and every other layer's are float64 autograd's."""
+    net = _conv_bn_relu(layout)
+    x, g = _inputs(layout)
+    names = ["x"] + [n for n, _ in net.named_parameters()]
+    params = [x] + list(net.parameters())
+    with torch.enable_grad():
+        h = net[0](x)
+        *plain, grad_h = torch.autograd.grad(net[1:](h), params + [h], g)
+        want = dict(zip(names, plain))
+        with relu_outputs_recomputed() if lean_forward else contextlib.nullcontext():
+            y = net(x)
+        with LeanBackward(reduced_weights=[net[0].weight], reduced_dtype=torch.bfloat16):
+            got = dict(zip(names, torch.autograd.grad(y, params, g)))
+    as_bf16 = [t.detach().to(torch.bfloat16).double() for t in (grad_h, x, net[0].weight)]
+    oracle_x, oracle_w, _ = torch.ops.aten.convolution_backward(
+        *as_bf16, [8], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    for name, oracle in (("x", oracle_x), ("0.weight", oracle_w)):
+        assert got[name].dtype == torch.float64 and _held_by_bfloat16(got[name]), name
+        torch.testing.assert_close(got[name], oracle, rtol=2 ** -8,
+                                   atol=1e-5 * float(oracle.abs().max()), msg=name)
+    _assert_same([got[n] for n in names if n not in ("x", "0.weight")],
+                 [want[n] for n in names if n not in ("x", "0.weight")])

@@ -144,9 +144,10 @@ def test_bfloat16_tangents_in_channels_last(digits, space, monkeypatch):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
 
-@pytest.mark.parametrize("guess", ["local", "random"])
-def test_diagnose_compares_with_the_full_precision_estimate(digits, guess):
-    cfg = TrainConfig(**QUICK, epochs=1, algo="fg", guess=guess, space="activity",
+@pytest.mark.parametrize("guess,space", [("local", "activity"), ("random", "activity"),
+                                         ("local", "weight")])
+def test_diagnose_compares_with_the_full_precision_estimate(digits, guess, space):
+    cfg = TrainConfig(**QUICK, epochs=1, algo="fg", guess=guess, space=space,
                       tangent_dtype="bfloat16", diagnose=True)
     result = train(cfg, progress=False, dataset=digits)
     assert 0.99 <= result.history[-1]["cosine_to_full_precision"] <= 1 + 1e-9
