@@ -27,14 +27,15 @@ bfloat16 tangent of a float32 network): each guess is rounded to it once, and th
 basis is the rounded guess, so the derivative measured is along exactly the basis. With
 bfloat16 a weight-space guess is also computed in it: its block's local backward
 differentiates the block's convolutions in bfloat16 (those of the head, whose gradient trains
-the head, and every exact gradient stay in the network's dtype).
+the head, and every exact gradient stay in the network's dtype). Which direction is measured
+changes with the guess's precision; the estimate along it stays exact.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
@@ -148,7 +149,7 @@ def _batch_norm_forward_is_torchs(cls: type) -> bool:
 
 
 def grads_or_zeros(output: Union[Tensor, GradientEdge], wrt: list[Tensor],
-                   grad_output: Optional[Tensor] = None, reduced_weights: list[Tensor] = (),
+                   grad_output: Optional[Tensor] = None, reduced_weights: Sequence[Tensor] = (),
                    reduced_dtype: Optional[torch.dtype] = None) -> list[Tensor]:
     """``torch.autograd.grad`` of ``output`` (a tensor, or the gradient edge of one nothing
     holds any more) w.r.t. ``wrt``, zeros for what it does not reach, under ``LeanBackward``
@@ -176,9 +177,11 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
                     block_dtype: Optional[torch.dtype] = None) -> _LocalGrads:
     """Local autograd: ``head(block(h))`` with h detached, cross-entropy against y, backward.
     The running statistics are left as they were unless ``update_stats``. With
-    ``block_dtype``, the block's convolutions are differentiated in it (the head's never)."""
+    ``block_dtype``, the block's convolutions are differentiated in it, except those of a
+    weight the head reads too (the head's gradient stays the network dtype's)."""
     params_b = [] if block is None else [p for p in block.parameters() if p.requires_grad]
     params_h = [p for p in head.parameters() if p.requires_grad]
+    reduced = [p for p in params_b if all(p is not q for q in params_h)]
     keep = contextlib.nullcontext() if update_stats else preserved_buffers(block, head)
     with torch.enable_grad(), keep:
         h = h.detach().requires_grad_(want_input)
@@ -190,7 +193,7 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
             logits = head(a)
         loss = F.cross_entropy(logits, y)
         extra = ([a] if want_activity else []) + ([h] if want_input else [])
-        grads = grads_or_zeros(loss, params_b + params_h + extra, reduced_weights=params_b,
+        grads = grads_or_zeros(loss, params_b + params_h + extra, reduced_weights=reduced,
                                reduced_dtype=block_dtype)
     nb, nh = len(params_b), len(params_h)
     rest = iter(grads[nb + nh:])
@@ -292,9 +295,10 @@ def _rounded_to_tangent(v: Tensor) -> Tensor:
 
 def _guess_dtype(params: list[Tensor]) -> Optional[torch.dtype]:
     """The dtype a block's local backward computes its weight-space guess in: bfloat16 where
-    the guess enters the dual pass in bfloat16 from wider parameters (a direction needs no
-    more precision than the pass takes it in, and bfloat16 has float32's range), else None:
-    the parameters' own."""
+    the guess enters the dual pass in bfloat16 from wider parameters, else None (the
+    parameters' own). The estimate is exact for whatever guess it measures (its derivative is
+    taken along exactly its basis); the guess's precision only changes which direction that
+    is, and bfloat16 keeps float32's range."""
     if not params:
         return None
     tangent = resolve_tangent_dtype(params[0].dtype)
@@ -302,8 +306,10 @@ def _guess_dtype(params: list[Tensor]) -> Optional[torch.dtype]:
 
 
 def _norm2(*tensors: Tensor) -> float:
-    """‖g‖² over the tensors of a guess (no temporary of their size)."""
-    return sum(float(torch.linalg.vector_norm(v)) ** 2 for v in tensors)
+    """‖g‖² over the tensors of a guess (no temporary of their size), accumulated in float32
+    at least."""
+    return sum(float(torch.linalg.vector_norm(
+        v, dtype=torch.promote_types(v.dtype, torch.float32))) ** 2 for v in tensors)
 
 
 def _directional(loss: Dual, direction: int) -> float:

@@ -25,8 +25,8 @@ results (torch 2.13, oneDNN):
 backward runs under it; every other op runs as it is. The gradients are the same up to
 rounding. Asked to, it also differentiates the convolutions of given weights in a narrower
 dtype (bfloat16: float32's range, half its bytes): their operands are cast to it and the
-gradients back, for a backward whose results need no more precision than that (a guess that
-enters the dual pass in bfloat16).
+gradients back, for a backward whose results are only a direction to measure along (a guess
+that enters the dual pass in bfloat16).
 """
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ class LeanBackward(TorchDispatchMode):
     With ``reduced_dtype``, the backward of a convolution whose weight is one of
     ``reduced_weights`` runs in that dtype, on any device; the gradients come back in their
     operands' dtypes. A weight is recognised by its data (storage, offset, sizes and
-    strides): autograd may hand the backward a new tensor object over the weight's data."""
+    strides): autograd may hand the backward a new tensor object over the weight's data. One
+    it cannot recognise (computed on each read, as by a parametrization, or saved elsewhere by
+    a saved-tensor hook) is differentiated in its own dtype."""
 
     def __init__(self, reduced_weights: Iterable[Tensor] = (),
                  reduced_dtype: Optional[torch.dtype] = None):
@@ -97,12 +99,14 @@ def _split_convolution_backward(grad_output, input, weight, bias_sizes, stride, 
 
 def _convolution_backward_in(dtype, grad_output, input, weight, bias_sizes, stride, padding,
                              dilation, transposed, output_padding, groups, output_mask):
-    """``convolution_backward`` with its three operands cast to ``dtype`` (layouts kept) and the
-    input's and weight's gradients cast back to theirs; the bias's gradient, a sum of the
-    output gradient, in the output gradient's own dtype."""
-    grad_input, grad_weight, _ = aten.convolution_backward(
-        grad_output.to(dtype), input.to(dtype), weight.to(dtype), bias_sizes, stride, padding,
-        dilation, transposed, output_padding, groups, [output_mask[0], output_mask[1], False])
+    """``convolution_backward`` with its three operands cast to ``dtype`` (layouts kept), split
+    as any other, and the input's and weight's gradients cast back to theirs; the bias's
+    gradient, a sum of the output gradient, in the output gradient's own dtype."""
+    args = (grad_output.to(dtype), input.to(dtype), weight.to(dtype), bias_sizes, stride,
+            padding, dilation, transposed, output_padding, groups,
+            [output_mask[0], output_mask[1], False])
+    grad_input, grad_weight, _ = _split_convolution_backward(*args) or \
+        aten.convolution_backward(*args)
     if output_mask[0]:
         grad_input = grad_input.to(input.dtype)
     if output_mask[1]:

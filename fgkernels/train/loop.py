@@ -173,7 +173,7 @@ def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: Trai
 
 def full_precision_estimate(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                             generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The estimate with tangents in the network's own dtype, from the same guesses (a copy of
+    """The estimate with tangents in the network's own dtype, from the same draws (a copy of
     ``generator``'s state), running statistics untouched: what ``--diagnose`` compares a
     lower-precision estimate with."""
     twin = torch.Generator(device=generator.device)
@@ -345,8 +345,9 @@ def _record_cosines(net: BlockNet, grads: dict, truth: dict, cosines: dict) -> N
 
 def _estimated_cosine(net: BlockNet, grads: dict, reference: dict) -> float:
     """The cosine between two estimates over every estimated block together (all but the last,
-    whose gradient is exact). Per block it would be ±1 by construction: both estimates scale
-    the same guess, by directional derivatives that differ only in their rounding."""
+    whose gradient is exact). Per block the two scale nearly the same guess (one rounded to
+    the tangent dtype, a local weight-space one computed in it), by directional derivatives
+    of different precision."""
     params = {n: p for j in range(len(net.blocks) - 1)
               for n, p in net.block_parameters(j).items()}
     pick = lambda d: [d[n] if n in d else torch.zeros_like(p) for n, p in params.items()]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fgkernels
 from fgkernels import Dual
 from fgkernels.train import GUESSES, SPACES, TARGETS, build_model, estimate_gradients
-from fgkernels.train.estimators import local_gradients, preserved_buffers
+from fgkernels.train.estimators import _local_backward, local_gradients, preserved_buffers
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -144,20 +144,24 @@ def _held_by_bfloat16(t):
     return torch.equal(t, t.to(torch.bfloat16).to(t.dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("guess", ["local", "random"])
 @pytest.mark.parametrize("space", SPACES)
-def test_bfloat16_guesses_are_the_directions_measured(space):
-    """bfloat16 tangents of a float64 network: each guess is rounded to bfloat16 once and is
-    the estimate's basis (the estimate is the projection on exactly the guess kept, and the
-    derivative is ⟨∇L, g⟩ for that g, to the bfloat16 pass's error). A weight-space guess is
-    computed in bfloat16 (its convolutions' values differ from the float64 gradient rounded:
-    not merely rounded at the end), near the local gradient; the heads' gradients are
-    float64 autograd's."""
-    net = small_net()
+def test_bfloat16_guesses_are_the_directions_measured(space, guess, dtype):
+    """bfloat16 tangents of a wider network: each guess is rounded to bfloat16 once and is the
+    estimate's basis (the estimate is the projection on exactly the guess kept, and the
+    derivative is ⟨∇L, g⟩ for that g, to the bfloat16 pass's error). A local weight-space
+    guess is computed in bfloat16 (its convolutions' values differ from the exact gradient
+    rounded: not merely rounded at the end), near the local gradient; the heads' gradients
+    are plain autograd's."""
+    tol = TOL if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    net = small_net().to(dtype)
     ref = copy.deepcopy(net)
-    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    x = torch.randn(6, 1, 8, 8, dtype=dtype)
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     with fgkernels.tangent_dtype(torch.bfloat16):
-        est = estimate_gradients(net, x, y, "global", "local", space, keep_guesses=True)
+        est = estimate_gradients(net, x, y, "global", guess, space, keep_guesses=True,
+                                 generator=torch.Generator().manual_seed(3))
     acts, global_loss, aux = autograd_view(ref, x, y)
     for b in est.blocks:
         j = b.block
@@ -167,30 +171,53 @@ def test_bfloat16_guesses_are_the_directions_measured(space):
             g = [b.guess[n.split(".", 2)[2]] for n in names]
             deriv = sum(float((t * v).sum()) for t, v in zip(grads_of(global_loss, params), g))
             expected = [b.scale * v for v in g]
-            local = grads_of(aux[j], params)
-            convs = [(v, t) for v, t in zip(g, local) if v.dim() == 4]
-            differ = sum(int((v != t.to(torch.bfloat16).double()).sum()) for v, t in convs)
-            assert differ >= 0.1 * sum(v.numel() for v, _ in convs)
-            cosine = sum(float((v * t).sum()) for v, t in zip(g, local)) / (
-                sum(float((v * v).sum()) for v in g) * sum(float((t * t).sum()) for t in local)
-            ) ** 0.5
-            assert cosine > 0.999
         else:
             g = [b.guess]
             deriv = float((grads_of(global_loss, [acts[j]])[0] * b.guess).sum())
             expected = torch.autograd.grad(acts[j], params, b.scale * b.guess,
                                            retain_graph=True)
+        if space == "weight" and guess == "local":
+            local = grads_of(aux[j], params)
+            convs = [(v, t) for v, t in zip(g, local) if v.dim() == 4]
+            differ = sum(int((v != t.to(torch.bfloat16).to(dtype)).sum()) for v, t in convs)
+            assert differ >= 0.1 * sum(v.numel() for v, _ in convs)
+            cosine = sum(float((v * t).sum()) for v, t in zip(g, local)) / (
+                sum(float((v * v).sum()) for v in g) * sum(float((t * t).sum()) for t in local)
+            ) ** 0.5
+            assert cosine > 0.999
         assert all(_held_by_bfloat16(v) for v in g)
-        assert b.scale == pytest.approx(b.derivative / sum(float((v * v).sum()) for v in g),
-                                        rel=1e-12)
+        norm2 = 1.0 if guess == "random" else sum(float((v * v).sum()) for v in g)
+        assert b.scale == pytest.approx(b.derivative / norm2, rel=1e-6)
         # The direction rides the later blocks' dual passes in bfloat16: a few percent.
         assert b.derivative == pytest.approx(deriv, rel=0.1)
         for n, e in zip(names, expected):
-            torch.testing.assert_close(est.grads[n], e, **TOL)
+            torch.testing.assert_close(est.grads[n], e, **tol)
     for j in range(len(ref.blocks) - 1):
         hn = [f"heads.{j}.{n}" for n, _ in ref.heads[j].named_parameters()]
         for n, e in zip(hn, grads_of(aux[j], list(ref.heads[j].parameters()))):
-            torch.testing.assert_close(est.grads[n], e, **TOL)
+            torch.testing.assert_close(est.grads[n], e, **tol)
+
+
+def test_a_block_weight_the_head_reads_too_is_differentiated_in_full():
+    """With bfloat16 guesses, a block's convolution whose weight the head reads too (a tied
+    layer) is differentiated in the network's dtype, since the head's gradient trains the head;
+    the block's other convolutions in bfloat16."""
+    torch.manual_seed(0)
+    tied = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False)
+    block = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1, bias=False),
+                                torch.nn.ReLU(), tied).double()
+    head = torch.nn.Sequential(tied, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(2, 3)).double()
+    h, y = torch.randn(4, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    local = _local_backward(block, head, h, y, block_dtype=torch.bfloat16)
+    with torch.enable_grad():
+        loss = F.cross_entropy(head(block(h)), y)
+    first, shared = grads_of(loss, list(block.parameters()))
+    torch.testing.assert_close(local.block[1], shared, **TOL)
+    torch.testing.assert_close(local.head[0], shared, **TOL)
+    assert _held_by_bfloat16(local.block[0]) and not torch.equal(local.block[0], first)
+    torch.testing.assert_close(local.block[0], first, rtol=2 ** -7,
+                               atol=1e-3 * float(first.abs().max()))
 
 
 def test_bad_choices_list_the_valid_ones():

@@ -8,6 +8,7 @@ its own oracle: the same module differentiated by plain autograd), and less held
   input and recomputed in the backward, and saved as usual once modified in place.
 """
 import contextlib
+import copy
 import gc
 import weakref
 
@@ -302,3 +303,50 @@ def test_convolutions_of_reduced_weights_are_differentiated_in_bfloat16(layout, 
                                    atol=1e-5 * float(oracle.abs().max()), msg=name)
     _assert_same([got[n] for n in names if n not in ("x", "0.weight")],
                  [want[n] for n in names if n not in ("x", "0.weight")])
+
+
+REDUCED_CONVS = {
+    "conv2d-strided-grouped-unbiased":
+        lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False),
+    "conv-transpose2d": lambda: nn.ConvTranspose2d(4, 8, 3, stride=2, padding=1,
+                                                   output_padding=1),
+    "conv1d": lambda: nn.Conv1d(4, 8, 3, padding=1),
+    "conv3d": lambda: nn.Conv3d(4, 8, 3, padding=1),
+}
+
+
+@pytest.mark.parametrize("kind", REDUCED_CONVS)
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "no-input-grad"])
+def test_each_kind_of_convolution_of_a_reduced_weight(kind, input_grad):
+    """Every convolution kind, with or without an input gradient: the input's and weight's
+    gradients within bfloat16's rounding of float64 autograd on operands rounded to bfloat16
+    (values a bfloat16 holds), the bias's the exact sum of the output gradient."""
+    torch.manual_seed(0)
+    conv = REDUCED_CONVS[kind]().double()
+    x = torch.randn(2, 4, *[6] * (conv.weight.dim() - 2), dtype=torch.float64,
+                    requires_grad=input_grad)
+    with torch.enable_grad():
+        y = conv(x)
+    g = torch.randn_like(y)
+    with LeanBackward(reduced_weights=[conv.weight], reduced_dtype=torch.bfloat16):
+        got = torch.autograd.grad(y, ([x] if input_grad else []) + [conv.weight], g,
+                                  retain_graph=True)
+    if conv.bias is not None:
+        with LeanBackward(reduced_weights=[conv.weight], reduced_dtype=torch.bfloat16):
+            got_bias = torch.autograd.grad(y, conv.bias, g)[0]
+        _assert_same([got_bias], [g.sum([d for d in range(g.dim()) if d != 1])])
+
+    def rounded(t):
+        return t.detach().to(torch.bfloat16).double()
+
+    oracle = copy.deepcopy(conv)
+    with torch.no_grad():
+        oracle.weight.copy_(rounded(conv.weight))
+    xr = rounded(x).requires_grad_(input_grad)
+    with torch.enable_grad():
+        want = torch.autograd.grad(oracle(xr), ([xr] if input_grad else []) + [oracle.weight],
+                                   rounded(g))
+    for name, a, b in zip(["input", "weight"][not input_grad:], got, want, strict=True):
+        assert a.dtype == torch.float64 and _held_by_bfloat16(a), name
+        torch.testing.assert_close(a, b, rtol=2 ** -8, atol=1e-5 * float(b.abs().max()),
+                                   msg=name)
