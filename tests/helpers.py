@@ -187,6 +187,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def held_by_bfloat16(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is one a bfloat16 holds (``t`` survives the round trip)."""
+    return torch.equal(t, t.to(torch.bfloat16).to(t.dtype))
+
+
 def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``t``'s values laid out ``contiguous``, ``channels_last`` (a 4-D tensor, or a stack of
     4-D slots each channels_last), ``strided`` (every other column of a wider tensor; 4-D and

@@ -425,6 +425,9 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
     place."""
     block, guess_head = run.net.blocks[j], _guess_head(run, j)
 
+    # The guess is rounded in its own dtype, not kept in the tangent's: the backward of the
+    # basis holds its output gradient in the block's dtype anyway, so a tangent-dtype copy
+    # kept beside it would only add to the peak (the tangent is taken after the backward).
     def guess_of(a: Tensor) -> Tensor:
         if run.guess == "random":
             return _rounded_to_tangent(_noise(a.shape, a, run.noise, run.generator))

@@ -12,6 +12,8 @@ from fgkernels import Dual
 from fgkernels.train import GUESSES, SPACES, TARGETS, build_model, estimate_gradients
 from fgkernels.train.estimators import _local_backward, local_gradients, preserved_buffers
 
+from helpers import held_by_bfloat16
+
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
@@ -140,10 +142,6 @@ def test_random_guesses_draw_the_noise_asked_for(space):
         assert bool((values > 0).any()) and bool((values < 0).any()), noise
 
 
-def _held_by_bfloat16(t):
-    return torch.equal(t, t.to(torch.bfloat16).to(t.dtype))
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("guess", ["local", "random"])
 @pytest.mark.parametrize("space", SPACES)
@@ -185,7 +183,7 @@ def test_bfloat16_guesses_are_the_directions_measured(space, guess, dtype):
                 sum(float((v * v).sum()) for v in g) * sum(float((t * t).sum()) for t in local)
             ) ** 0.5
             assert cosine > 0.999
-        assert all(_held_by_bfloat16(v) for v in g)
+        assert all(held_by_bfloat16(v) for v in g)
         norm2 = 1.0 if guess == "random" else sum(float((v * v).sum()) for v in g)
         assert b.scale == pytest.approx(b.derivative / norm2, rel=1e-6)
         # The direction rides the later blocks' dual passes in bfloat16: a few percent.
@@ -215,7 +213,7 @@ def test_a_block_weight_the_head_reads_too_is_differentiated_in_full():
     first, shared = grads_of(loss, list(block.parameters()))
     torch.testing.assert_close(local.block[1], shared, **TOL)
     torch.testing.assert_close(local.head[0], shared, **TOL)
-    assert _held_by_bfloat16(local.block[0]) and not torch.equal(local.block[0], first)
+    assert held_by_bfloat16(local.block[0]) and not torch.equal(local.block[0], first)
     torch.testing.assert_close(local.block[0], first, rtol=2 ** -7,
                                atol=1e-3 * float(first.abs().max()))
 

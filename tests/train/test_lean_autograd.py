@@ -20,6 +20,8 @@ import fgkernels
 from fgkernels.train.lean_autograd import LeanBackward, relu_outputs_recomputed
 from fgkernels.train.memory import PeakMemory
 
+from helpers import held_by_bfloat16
+
 needs_native = pytest.mark.skipif("native" not in fgkernels.available_backends(),
                                   reason="the lean batch-norm backward needs the extension")
 
@@ -269,10 +271,6 @@ def test_nothing_holds_a_batch_norm_input_after_its_backward():
     assert inputs[0]() is None and y.grad_fn is not None
 
 
-def _held_by_bfloat16(t):
-    return torch.equal(t, t.to(torch.bfloat16).to(t.dtype))
-
-
 @needs_native
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("lean_forward", [False, True], ids=["saved", "recomputed"])
@@ -298,7 +296,7 @@ def test_convolutions_of_reduced_weights_are_differentiated_in_bfloat16(layout, 
     oracle_x, oracle_w, _ = torch.ops.aten.convolution_backward(
         *as_bf16, [8], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
     for name, oracle in (("x", oracle_x), ("0.weight", oracle_w)):
-        assert got[name].dtype == torch.float64 and _held_by_bfloat16(got[name]), name
+        assert got[name].dtype == torch.float64 and held_by_bfloat16(got[name]), name
         torch.testing.assert_close(got[name], oracle, rtol=2 ** -8,
                                    atol=1e-5 * float(oracle.abs().max()), msg=name)
     _assert_same([got[n] for n in names if n not in ("x", "0.weight")],
@@ -347,6 +345,6 @@ def test_each_kind_of_convolution_of_a_reduced_weight(kind, input_grad):
         want = torch.autograd.grad(oracle(xr), ([xr] if input_grad else []) + [oracle.weight],
                                    rounded(g))
     for name, a, b in zip(["input", "weight"][not input_grad:], got, want, strict=True):
-        assert a.dtype == torch.float64 and _held_by_bfloat16(a), name
+        assert a.dtype == torch.float64 and held_by_bfloat16(a), name
         torch.testing.assert_close(a, b, rtol=2 ** -8, atol=1e-5 * float(b.abs().max()),
                                    msg=name)
