@@ -238,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
   const auto type = tangent_type(x, {&xt, &wt, &bt});
   const auto xc = x.contiguous();
   const auto y = at::linear(xc, w, b.has_value() ? *b : at::Tensor());
-  const auto empty = at::empty({0}, x.options().dtype(type));
+  // An absent part is empty, each its own tensor: the outputs of an op never alias.
+  const auto empty = [&] { return at::empty({0}, x.options().dtype(type)); };
   at::Tensor x_part, p_part;
   if (present(xt)) {
     x_part = at::linear(xt->contiguous(), w.to(type));
@@ -260,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
                     wt->to(type).transpose(1, 2));
     }
     if (present(bt)) x_part.add_(bt->view(bias_shape));
-    return {y, x_part, empty};
+    return {y, x_part, empty()};
   }
   if (present(wt)) {
     // Every x Wt_p^T in one GEMM, split along the last dim and moved to the front.
@@ -278,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
       p_part = at::empty(full, y.options().dtype(type)).copy_(bt->view(bias_shape));
     }
   }
-  return {y, x_part.defined() ? x_part : empty, p_part.defined() ? p_part : empty};
+  return {y, x_part.defined() ? x_part : empty(), p_part.defined() ? p_part : empty()};
 }
 
 }  // namespace

@@ -143,3 +143,32 @@ def test_native_calls_pass_opcheck(case):
         pytest.skip(f"{case} calls no native op")
     for func, args, kwargs in calls:
         torch.library.opcheck(func, args, kwargs)
+        _assert_aliases_nothing(func, args, kwargs)
+
+
+def _storages(value) -> list:
+    return [t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves(value)
+            if isinstance(t, torch.Tensor)]
+
+
+def _assert_aliases_nothing(func, args, kwargs) -> None:
+    """The outputs of a native op share no storage with each other, nor, for an op that
+    writes none of its arguments, with its inputs (torch.compile requires it of custom ops)."""
+    outputs = _storages(func(*args, **kwargs))
+    assert len(set(outputs)) == len(outputs), f"{func}: two outputs share one storage"
+    if not func._schema.is_mutable:
+        assert not set(outputs) & set(_storages((args, kwargs))), \
+            f"{func}: an output shares an input's storage"
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(),
+                    reason="fgkernels._C is not built")
+def test_layer_ops_without_tangents_alias_nothing():
+    """A layer op called with no tangent at all returns its absent parts as tensors of their
+    own (one empty tensor returned twice would alias)."""
+    ops = torch.ops.fgkernels
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    _assert_aliases_nothing(ops.dual_linear.default, (x, None, w, None, None, None, False), {})
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    _assert_aliases_nothing(ops.dual_conv2d.default,
+                            (x, None, w, None, None, None, [1, 1], [0, 0], [1, 1], 1), {})
