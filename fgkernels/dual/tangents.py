@@ -35,7 +35,14 @@ from torch.utils import _pytree as pytree
 
 from .dtypes import acc_dtype, tangent_dtype_fits
 from .precision import check_dtype, resolve_tangent_dtype
-from .value import Dual, check_direction, check_tangent, in_primal_layout, inside_rule
+from .value import (
+    PRIMAL_METADATA,
+    Dual,
+    check_direction,
+    check_tangent,
+    in_primal_layout,
+    inside_rule,
+)
 
 Tensor = torch.Tensor
 
@@ -332,12 +339,51 @@ class ParameterTangents(TorchFunctionMode):
         if inside_rule() or isinstance(func, (torch._ops.OpOverload,
                                               torch._ops.OpOverloadPacket)):
             return func(*args, **kwargs)  # a rule's own ops, a compiled graph's kernels
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if not any(tangent_of(v) is not None for v in flat):
+        if not (_meets_tangent(args) or _meets_tangent(kwargs.values())):
+            # Most calls: a compiled graph's wrapper reads every output's dtype, for one.
             return func(*args, **kwargs)
+        flat, spec = pytree.tree_flatten((args, kwargs))
         flat = [_as_dual(v) for v in flat]
         args, kwargs = pytree.tree_unflatten(flat, spec)
+        name = _tensor_attribute(func)
+        if name is not None and args and isinstance(args[0], Dual):
+            # ``p.shape``, ``p.data``, ``p.detach()``: the Dual answers as it does in an eager
+            # pass, where the module holds it (a property read goes nowhere near the op rules).
+            if not callable(getattr(torch.Tensor, name)):
+                return getattr(args[0], name)
+            if name in _DUAL_METHODS:
+                return getattr(args[0], name)(*args[1:], **kwargs)
         return Dual.__torch_function__(func, (Dual,), args, kwargs)
+
+
+# Tensor methods that a Dual answers with a method of its own (``detach``, ``size``, ...),
+# rather than through an op rule.
+_DUAL_METHODS = frozenset(n for n, v in vars(Dual).items()
+                          if callable(v) and not n.startswith("_") and hasattr(Tensor, n)) \
+    | PRIMAL_METADATA
+
+
+def _tensor_attribute(func) -> Optional[str]:
+    """The name of the Tensor attribute ``func`` reads (a property's getter, as torch hands it
+    to a torch function mode) or calls (a method), else None."""
+    descriptor = getattr(func, "__self__", None)
+    if getattr(func, "__name__", None) == "__get__" and \
+            getattr(descriptor, "__objclass__", None) is torch._C.TensorBase:
+        return descriptor.__name__
+    name = getattr(func, "__name__", None)
+    return name if name is not None and getattr(Tensor, name, None) is func else None
+
+
+def _meets_tangent(values: Iterable) -> bool:
+    """True if a tensor with a tangent is among ``values`` or inside a container of them."""
+    for v in values:
+        if isinstance(v, Tensor):
+            if tangent_of(v) is not None:
+                return True
+        elif isinstance(v, (tuple, list, dict)) and \
+                any(tangent_of(leaf) is not None for leaf in pytree.tree_leaves(v)):
+            return True
+    return False
 
 
 def _as_dual(v):

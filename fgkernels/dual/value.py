@@ -460,7 +460,7 @@ class Dual:
         ``d.mean(1)``, ``d.T``, ``d.is_cuda``) go through ``__torch_function__``; those that
         only describe the primal's storage (``d.stride()``, ``d.element_size()``) are the
         primal's."""
-        if name in _PRIMAL_METADATA:
+        if name in PRIMAL_METADATA:
             return getattr(self.primal, name)
         attr = getattr(torch.Tensor, name, None) if not name.startswith("__") else None
         if attr is None:
@@ -692,7 +692,7 @@ class Dual:
 
 
 # Tensor methods that only describe the primal's storage: no tangent, no fallback.
-_PRIMAL_METADATA = frozenset({
+PRIMAL_METADATA = frozenset({
     "stride", "storage_offset", "element_size", "nelement", "is_floating_point", "is_complex",
     "is_signed", "get_device", "data_ptr", "untyped_storage", "has_names", "dim_order",
     "is_inference", "is_pinned", "is_shared", "is_set_to", "is_nonzero"})

@@ -395,6 +395,55 @@ def test_functional_use_of_a_parameter_with_a_tangent():
     torch.testing.assert_close(out.tangents[0], expected)
 
 
+# Reads of a tensor's metadata or values: each a getter or method torch hands to a torch
+# function mode.
+READS = {
+    "shape": lambda p: p.shape, "dtype": lambda p: p.dtype, "device": lambda p: p.device,
+    "ndim": lambda p: p.ndim, "requires_grad": lambda p: p.requires_grad,
+    "is_leaf": lambda p: p.is_leaf, "grad": lambda p: p.grad, "size": lambda p: p.size(0),
+    "dim": lambda p: p.dim(), "numel": lambda p: p.numel(), "stride": lambda p: p.stride(),
+    "is_contiguous": lambda p: p.is_contiguous(), "data": lambda p: p.data,
+    "detach": lambda p: p.detach(),
+}
+
+
+@pytest.mark.parametrize("read", sorted(READS))
+def test_reading_a_parameter_under_the_compiled_pass_mode_answers_as_its_dual(read):
+    """Under ParameterTangents (fgkernels.compile's pass, where torch's own runtime reads its
+    graph's inputs too: ``p.data``, ``t.dtype``), a read of a parameter with a tangent gives
+    what the parameter's Dual gives in an eager pass, with no op on the forward-AD fallback
+    (strict_rules refuses one); its transpose still carries the tangent."""
+    from fgkernels.dual.tangents import ParameterTangents, dual_of
+    lin = nn.Linear(3, 2).double()
+    tangents = fgkernels.random_tangents(lin, num_tangents=1)
+    with fgkernels.strict_rules(), ParameterTangents():
+        got = READS[read](lin.weight)
+        transposed = lin.weight.T
+    expected = READS[read](dual_of(lin.weight))
+    if isinstance(expected, torch.Tensor):
+        assert type(got) is torch.Tensor
+        torch.testing.assert_close(got, expected)
+    else:
+        assert got == expected
+    assert isinstance(transposed, Dual)
+    torch.testing.assert_close(transposed.tangents, tangents["weight"].transpose(1, 2))
+
+
+def test_the_compiled_pass_mode_finds_parameters_inside_a_list():
+    """Under ParameterTangents a parameter handed to an op inside a list or by keyword takes
+    its tangent as one handed to it directly does."""
+    from fgkernels.dual.tangents import ParameterTangents
+    lin = nn.Linear(3, 2).double()
+    tangents = fgkernels.random_tangents(lin, num_tangents=2)
+    x = torch.randn(3, 2, **f64)
+    with ParameterTangents():
+        joined = torch.cat([lin.weight, lin.weight])
+        added = torch.add(x, other=lin.bias)
+    wt = tangents["weight"]
+    torch.testing.assert_close(joined.tangents, torch.cat([wt, wt], 1))
+    torch.testing.assert_close(added.tangents, tangents["bias"][:, None].expand(2, 3, 2))
+
+
 def test_remove_parametrizations_after_convert_leaves_the_twin():
     conv = parametrizations.weight_norm(nn.Conv2d(2, 3, 3, bias=False))
     fgkernels.convert(conv)

@@ -104,6 +104,42 @@ def test_fgkernels_compile_runs_any_model_exactly_with_dynamic_batch(convert):
     assert type(plain) is torch.Tensor
 
 
+@pytest.mark.skipif("native" not in fgkernels.available_backends(),
+                    reason="fgkernels._C is not built")
+def test_fgkernels_compile_with_inductors_cpp_wrapper(monkeypatch):
+    """Inductor's C++ wrapper (``options={"cpp_wrapper": True}``) calls the library's ops
+    from C++, with torch's check of custom ops' aliasing on the first call, whose reads of
+    the graph's parameters go through the dual pass's torch function mode: an unconverted
+    model with convolution, batch norm, linear and a parameter used alone runs it exactly
+    (float64, against forward_ad) and its ops' outputs alias nothing (an error here)."""
+    from torch import nn
+    from torch._functorch import config as functorch_config
+    monkeypatch.setattr(functorch_config, "error_on_custom_op_aliasing", True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Flatten(), nn.Linear(64, 5))
+            self.scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    torch.manual_seed(0)
+    net = Net().double().eval()
+    tangents = fgkernels.random_tangents(net, num_tangents=2)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(net, fullgraph=True, options={"cpp_wrapper": True})
+    with torch.no_grad():
+        out = compiled(Dual(x, xt))
+    y, yt = model_jvp(net, [x], [xt], tangents)
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
 def test_activation_layers_compile_in_one_graph():
     """A MobileNetV3-style block (hardswish, a squeeze-excitation gate by hardsigmoid, SiLU,
     GELU) converted: its activation layers run their rules directly, so the pass is one graph."""
