@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -156,14 +157,15 @@ def model_oracle(model, params, tangents, x, xt):
     return out, tangent[0]
 
 
-def model_dual_pass_case(model, x, xt, quick: bool, compiled: bool = False):
+def model_dual_pass_case(model, x, xt, quick: bool, compiled: Optional[dict] = None):
     """``(dual, forward_ad, expected)`` for a model's dual pass, every parameter and the input
     carrying one tangent: ``dual`` runs a converted copy (compiled by ``fgkernels.compile`` with
-    ``compiled``) on ``Dual(x, xt)``, ``forward_ad`` the model itself under forward_ad with the
-    same tangents; ``expected`` is the float64 oracle in the quick run (else None)."""
+    the Inductor options ``compiled`` when given) on ``Dual(x, xt)``, ``forward_ad`` the model
+    itself under forward_ad with the same tangents; ``expected`` is the float64 oracle in the
+    quick run (else None)."""
     net = fgkernels.convert(copy.deepcopy(model))
     tangents = fgkernels.random_tangents(net)
-    run = fgkernels.compile(net) if compiled else net
+    run = net if compiled is None else fgkernels.compile(net, options=compiled)
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 

@@ -1,14 +1,16 @@
 """Small real torchvision models: the dual pass of the converted model, eager and compiled
-(``fgkernels.compile``), against torch.autograd.forward_ad's eager pass, float32, eval mode,
-every parameter and the input carrying one tangent; paired rounds.
+(``fgkernels.compile``, Inductor's graph called from Python and from its C++ wrapper), against
+torch.autograd.forward_ad's eager pass, float32, eval mode, every parameter and the input
+carrying one tangent; paired rounds.
 
 Needs torchvision: run it in the models environment (``bash scripts/setup.sh --models``;
 ``.venv-models/bin/python -m pytest benchmarks/test_real_models.py``); skipped without it. The
-compiled provider's first call compiles (minutes per model on two cores), outside the
-timing; the quick run (``--benchmark-disable``) leaves the compiled provider out. The
+compiled providers' first call compiles (minutes per model on two cores), outside the
+timing; the quick run (``--benchmark-disable``) leaves the compiled providers out. The
 forward_ad case also records the share of its pass spent in convolutions and matrix products
 (``providers.products_share``, median of three profiled passes)."""
 import statistics
+from typing import Optional
 
 import pytest
 import torch
@@ -22,7 +24,12 @@ MODELS = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny")
 BATCH, SIZE = 16, 64
 
 
-def _case(name: str, quick: bool, compiled: bool):
+# provider -> the Inductor options of fgkernels.compile (None: the eager pass)
+COMPILED = {"fgkernels": None, "fgkernels-compiled": {},
+            "fgkernels-compiled-cpp": {"cpp_wrapper": True}}
+
+
+def _case(name: str, quick: bool, compiled: Optional[dict]):
     torch.manual_seed(0)
     batch, size = (2, 32) if quick else (BATCH, SIZE)
     model = torchvision.models.get_model(name, num_classes=10).to(DEVICE).eval()
@@ -31,13 +38,13 @@ def _case(name: str, quick: bool, compiled: bool):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("provider", ["fgkernels", "fgkernels-compiled", "forward_ad"])
+@pytest.mark.parametrize("provider", [*COMPILED, "forward_ad"])
 def test_real_model_dual_pass(measure, benchmark, quick, name, provider):
-    if quick and provider == "fgkernels-compiled":
+    if quick and COMPILED.get(provider) is not None:
         pytest.skip("compiling a real model takes minutes; tests/nn/test_compile.py covers it")
-    dual, forward_ad, expected = _case(name, quick, provider == "fgkernels-compiled")
+    dual, forward_ad, expected = _case(name, quick, COMPILED.get(provider))
     if provider != "forward_ad":
-        dual()  # the compiled provider compiles here, outside the timing
+        dual()  # a compiled provider compiles here, outside the timing
     else:
         # How much of forward_ad's pass is convolutions and matrix products, which a dual pass
         # computes too: the lowest ratio a pass running them at the same speed can reach.
