@@ -92,7 +92,16 @@ def load_groups(path: Path) -> tuple[dict, dict[str, dict[str, dict]]]:
         }
     info = dict(info)
     info["datetime"] = data.get("datetime", "")
+    info["commit"] = data.get("commit_info", {})
     return info, dict(groups)
+
+
+def _commit_words(commit: dict) -> str:
+    """The commit a run measured, as a section's first line names it."""
+    if not commit.get("id"):
+        return ""
+    return f" at commit {commit['id'][:7]}" + \
+        (" (with uncommitted changes)" if commit.get("dirty") else "")
 
 
 def _fmt_ratio(a: float, b: float) -> str:
@@ -106,7 +115,7 @@ def section(path: Path) -> tuple[str, dict]:
     lines = [f"## {info.get('device', cpu)} — {Path(path).name}", "",
              f"CPU {cpu}, {info.get('threads', '?')} threads; torch {info.get('torch', '?')}, "
              f"triton {info.get('triton', '?')}; backends {info.get('fgkernels_backends', '?')}; "
-             f"run {info.get('datetime', '')[:19]}.", ""]
+             f"run {info.get('datetime', '')[:19]}{_commit_words(info['commit'])}.", ""]
     if info.get("fast_bfloat16") is False:
         lines += [f"CPU capability {info.get('cpu_capability', '?')}, no bfloat16 instructions: "
                   "the bfloat16 cases are left out (emulated bfloat16 is no speed figure).", ""]

@@ -84,3 +84,18 @@ def test_report_says_how_the_allocator_ran(tmp_path):
     assert "Freed memory kept in the process" in texts[True]
     assert "may pay page faults" in texts[False]
     assert "allocator" not in texts[None]
+
+
+def test_report_names_the_commit_each_run_measured(tmp_path):
+    """Runs of different commits sit in one RESULTS.md: each section names its commit, and
+    says when the tree had uncommitted changes."""
+    lines = {}
+    for dirty in (False, True):
+        run = {"machine_info": {"device": "CPU"}, "datetime": "2026-11-27T12:00:00",
+               "commit_info": {"id": "589cdec9a0b1", "dirty": dirty},
+               "benchmarks": [_bench("fgkernels", 1.0, 2 ** 20)]}
+        path = tmp_path / f"run-{dirty}.json"
+        path.write_text(json.dumps(run))
+        lines[dirty] = report.section(path)[0].splitlines()[2]
+    assert lines[False].endswith("run 2026-11-27T12:00:00 at commit 589cdec.")
+    assert lines[True].endswith("at commit 589cdec (with uncommitted changes).")
