@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..dual.dynamo import when_dynamo_loads
 from . import native
 from .base import Backend
 from .cuda_defaults import cuda_default
@@ -80,6 +81,20 @@ def use_backend(name: str) -> Iterator[None]:
     finally:
         stack.pop()
 
+
+def _load_before_tracing() -> None:
+    """Loads the backends a dual pass would take, run when Dynamo loads (before it traces
+    anything): it cannot trace their loading, which registers the library's ops and fakes, so a
+    plain ``torch.compile`` whose trace holds the process's first dual op would fail."""
+    name = os.environ.get("FGKERNELS_BACKEND")
+    if name in BACKENDS:
+        _load(name)
+    _load("native")
+    if torch.cuda.is_available() and "cuda-default" not in _loaded:
+        _loaded["cuda-default"] = cuda_default(_load)
+
+
+when_dynamo_loads(_load_before_tracing)
 
 _warned: list[bool] = []
 

@@ -39,6 +39,24 @@ print("first op", loaded(), "torch.ops.fgkernels.dual_relu" if hasattr(torch.ops
 """
 
 
+# The process's first dual op inside a plain torch.compile (fullgraph): the extension loads
+# when Dynamo does, before the trace, which cannot trace its loading.
+FIRST_OP_COMPILED = """
+import sys
+import torch
+from torch import nn
+import fgkernels
+net = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+fgkernels.random_tangents(net)
+x = fgkernels.Dual(torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6))
+print("before", "fgkernels._C" in sys.modules)
+out = torch.compile(lambda d: net(d), backend="eager", fullgraph=True)(x)
+print("compiled", "fgkernels._C" in sys.modules)
+ref = net(x)
+print(torch.allclose(out.primal, ref.primal), torch.allclose(out.tangent, ref.tangent))
+"""
+
+
 def _run(program: str = PROGRAM, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "FGKERNELS_REQUIRE_NATIVE"}
     return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
@@ -72,3 +90,10 @@ def test_require_native_makes_a_missing_extension_an_import_error():
     assert out.returncode != 0
     assert "FGKERNELS_REQUIRE_NATIVE=1, but the compiled extension fgkernels._C does not load" \
         in out.stderr
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+def test_a_first_dual_op_inside_torch_compile_finds_the_extension_loaded():
+    out = _run(FIRST_OP_COMPILED)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["before False", "compiled True", "True True"]
