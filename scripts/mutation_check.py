@@ -118,6 +118,13 @@ MUTANTS = [
            "fgkernels/dual/tangents.py",
            "        elif isinstance(v, (tuple, list, dict)) and \\\n",
            "        elif False and \\\n", STORE),
+    Mutant("the extension loads inside a plain torch.compile's trace",
+           "fgkernels/backends/__init__.py", "\nwhen_dynamo_loads(_load_before_tracing)\n", "\n",
+           ("tests/backends/test_native_loading.py",)),
+    Mutant("Dynamo traces a converted Sequential through a cache", "fgkernels/nn/modules.py",
+           "return _defines_call(cls) if torch.compiler.is_compiling() else "
+           "_defines_call_cached(cls)", "return _defines_call_cached(cls)",
+           ("tests/nn/test_compile.py",)),
     # reuse_conv_outputs
     Mutant("a kept output survives a change of mode", "fgkernels/nn/modules.py",
            "or k.output.dtype != input.primal.dtype or k.training != self.training",

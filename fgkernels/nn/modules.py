@@ -47,12 +47,19 @@ class _DirectCall:
         return super().__call__(*args, **kwargs)
 
 
-@functools.cache
-def _own_call(cls: type) -> bool:
-    """True if a class of ``cls``'s MRO besides ``nn.Module`` defines ``__call__`` (a user's
-    layer subclass, converted into a twin or not)."""
+def _defines_call(cls: type) -> bool:
     return any("__call__" in vars(c) for c in cls.__mro__
                if c not in (nn.Module, _DirectCall, object))
+
+
+_defines_call_cached = functools.cache(_defines_call)
+
+
+def _own_call(cls: type) -> bool:
+    """True if a class of ``cls``'s MRO besides ``nn.Module`` defines ``__call__`` (a user's
+    layer subclass, converted into a twin or not). Cached, but not while Dynamo traces: it
+    would trace through the cache, and warn that it does."""
+    return _defines_call(cls) if torch.compiler.is_compiling() else _defines_call_cached(cls)
 
 
 class DualModule(_DirectCall):

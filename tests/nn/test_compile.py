@@ -186,6 +186,25 @@ def test_inductor_compiles_the_dual_pass():
     torch.testing.assert_close(yt, yt_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_tracing_a_converted_sequential_traces_no_cache(monkeypatch):
+    """A converted Sequential asks, per layer, whether the layer's class has a ``__call__``
+    of its own: a cached question, answered uncached while Dynamo traces (which would trace
+    through the cache and warn, once per process, that it does)."""
+    import warnings
+
+    from torch import nn
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    fgkernels.random_tangents(net)
+    x = torch.randn(2, 3, 6, 6)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(lambda d: net(d).primal, backend="aot_eager", fullgraph=True)(
+            Dual(x, torch.randn_like(x)))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+
+
 def test_fgkernels_compile_traces_once(monkeypatch):
     """A first call that finds no backend loaded yet compiles once: the backend is loaded
     before the trace, which would otherwise guard on its absence and recompile next call."""
