@@ -192,10 +192,14 @@ std::tuple<at::Tensor, at::Tensor> dual_conv2d_tangents(
     }
   }
   if (present(xt)) {
-    // All T slots in one convolution, batched along N.
-    x_part = convolve(slots_in_format(*xt, kernel_format(x)).flatten(0, 1), w.to(type), {},
-                      stride, padding, dilation, groups)
-                 .unflatten(0, {xt->size(0), x.size(0)});
+    // All T slots in one convolution, batched along N; each slot laid out as y, as the fake
+    // says (a copy only where the convolution chose otherwise: with one image, whose layout
+    // is ambiguous, at::conv2d may return a channels_last input's result contiguous).
+    x_part = slots_in_format(
+        convolve(slots_in_format(*xt, kernel_format(x)).flatten(0, 1), w.to(type), {}, stride,
+                 padding, dilation, groups)
+            .unflatten(0, {xt->size(0), x.size(0)}),
+        fmt);
   }
   // An absent part is empty, of the tangents' dtype as a present one would be.
   return {x_part.defined() ? x_part : at::empty({0}, x.options().dtype(type)),

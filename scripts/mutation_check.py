@@ -209,6 +209,11 @@ MUTANTS = [
            "  const auto empty = [&] { return at::empty({0}, x.options().dtype(type)); };",
            "  const auto none = at::empty({0}, x.options().dtype(type));\n"
            "  const auto empty = [&] { return none; };", NATIVE),
+    Mutant("conv's input part laid out contiguous whatever the primal's layout",
+           "csrc/composite.cpp",
+           "            .unflatten(0, {xt->size(0), x.size(0)}),\n        fmt);",
+           "            .unflatten(0, {xt->size(0), x.size(0)}),\n"
+           "        at::MemoryFormat::Contiguous);", ("tests/backends/test_native.py",)),
     Mutant("conv subtracts the bias tangent", "csrc/composite.cpp",
            "      p_part.add_(bias);", "      p_part.sub_(bias);", NATIVE),
     Mutant("ReLU passes the tangent at 0", "csrc/select_ops.h",

@@ -24,9 +24,13 @@ def _slots(T, x):
     return torch.randn(T, *x.shape, dtype=x.dtype)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(channels_last):
-    x = torch.randn(2, 3, 5, 4)
+def test_opcheck(channels_last, batch):
+    """Every op passes opcheck, and its outputs are laid out as its fake says wherever the
+    layout matters (each dimension longer than 1: what a compiled graph asserts), one image
+    included, whose layout is ambiguous."""
+    x = torch.randn(batch, 3, 5, 4)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     xt = _slots(2, x)
@@ -45,6 +49,9 @@ def test_opcheck(channels_last):
                               torch.randn(2, C), True)),
         (ops.dual_conv2d, (x, xt, w, wt, b, bt, [1, 1], [1, 1], [1, 1], 1)),
         (ops.dual_conv2d, (x, None, w, None, None, bt, [2, 1], [0, 1], [1, 1], 1)),
+        (ops.dual_conv2d, (x, xt[:1], w, wt[:1], b, bt[:1], [1, 1], [1, 1], [1, 1], 1)),
+        (ops.dual_conv2d, (x, xt[:1], torch.randn(3, 1, 3, 3), None, None, None, [1, 1],
+                           [1, 1], [1, 1], 3)),
         (ops.dual_conv2d_tangents, (x, F.conv2d(x, w, b, 1, 1), xt, w, wt, bt, [1, 1], [1, 1],
                                     [1, 1], 1)),
         (ops.dual_conv2d_tangents, (x, F.conv2d(x, w, None, (2, 1), (0, 1)), None, w, None, bt,
@@ -62,6 +69,24 @@ def test_opcheck(channels_last):
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+        _assert_laid_out_as_the_fake(op, args)
+
+
+def _assert_laid_out_as_the_fake(op, args) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    real = op(*copies)
+    with FakeTensorMode() as mode:
+        fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    if real is None:  # an in-place op
+        return
+    real = real if isinstance(real, tuple) else (real,)
+    fake = fake if isinstance(fake, tuple) else (fake,)
+    for i, (r, f) in enumerate(zip(real, fake)):
+        assert r.shape == f.shape, f"{op} output {i}: shape {tuple(r.shape)}, fake {f.shape}"
+        for d, size in enumerate(r.shape):
+            assert size <= 1 or r.stride(d) == f.stride(d), \
+                f"{op} output {i}: strides {r.stride()}, the fake's {f.stride()}"
 
 
 def _coefficient_args(C, training=True, params=True, dtype=torch.float32, x_pos=(0, 2),
