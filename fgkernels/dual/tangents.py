@@ -339,7 +339,7 @@ class ParameterTangents(TorchFunctionMode):
         if inside_rule() or isinstance(func, (torch._ops.OpOverload,
                                               torch._ops.OpOverloadPacket)):
             return func(*args, **kwargs)  # a rule's own ops, a compiled graph's kernels
-        if not (_meets_tangent(args) or _meets_tangent(kwargs.values())):
+        if not (_meets_dual(args) or _meets_dual(kwargs.values())):
             # Most calls: a compiled graph's wrapper reads every output's dtype, for one.
             return func(*args, **kwargs)
         flat, spec = pytree.tree_flatten((args, kwargs))
@@ -374,16 +374,21 @@ def _tensor_attribute(func) -> Optional[str]:
     return name if name is not None and getattr(Tensor, name, None) is func else None
 
 
-def _meets_tangent(values: Iterable) -> bool:
-    """True if a tensor with a tangent is among ``values`` or inside a container of them."""
+def _meets_dual(values: Iterable) -> bool:
+    """True if a Dual or a tensor with a tangent is among ``values`` or inside a container of
+    them. (An op on Duals alone is handed to their rules here too: Dynamo, tracing the mode,
+    cannot trace the op's own call on a tuple of Duals, ``torch.cat((a, b))``.)"""
     for v in values:
-        if isinstance(v, Tensor):
-            if tangent_of(v) is not None:
+        if isinstance(v, (tuple, list, dict)):
+            if any(_is_dual(leaf) for leaf in pytree.tree_leaves(v)):
                 return True
-        elif isinstance(v, (tuple, list, dict)) and \
-                any(tangent_of(leaf) is not None for leaf in pytree.tree_leaves(v)):
+        elif _is_dual(v):
             return True
     return False
+
+
+def _is_dual(v) -> bool:
+    return isinstance(v, Dual) or tangent_of(v) is not None
 
 
 def _as_dual(v):

@@ -37,7 +37,10 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r
     buffer = xhat * xt
     m2r = buffer.mean(tdims, keepdim=True).mul_(r)
     m1r = xt.mean(tdims, keepdim=True).mul_(r)
-    xt_hat = torch.addcmul(m1r.neg_(), xt, r, out=buffer)
+    # Traced, no out= (Dynamo refuses a strided one and breaks the graph; Inductor fuses the
+    # expression into one buffer anyway).
+    out = None if torch.compiler.is_compiling() else buffer
+    xt_hat = torch.addcmul(m1r.neg_(), xt, r, out=out)
     return xhat, xt_hat.addcmul_(xhat, m2r, value=-1)
 
 

@@ -17,6 +17,7 @@ from fgkernels.train.models import BasicBlock
 
 from helpers import TOL, assert_within_torch_error
 from op_table import OPS, inputs, math_attention
+from zoo import MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -138,6 +139,29 @@ def test_fgkernels_compile_with_inductors_cpp_wrapper(monkeypatch):
     y, yt = model_jvp(net, [x], [xt], tangents)
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("layout", ["one image", "channels_last"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_zoo_model_compiles_in_one_graph(name, layout):
+    """fgkernels.compile(fullgraph=True) of each small model converted, eval, float64: one
+    graph (a break is an error) whose pass is the eager one, with one image (ambiguous layouts:
+    a ConvNeXt block failed the compiled graph's stride check) and channels_last (a layer norm
+    over permuted activations broke the graph); ShuffleNet's concatenation of two Duals broke
+    it under the pass's torch function mode."""
+    torch.manual_seed(0)
+    net = fgkernels.convert(MODELS[name](8).double().eval())
+    fgkernels.random_tangents(net)
+    shape = (1, 3, 16, 16) if layout == "one image" else (2, 3, 16, 16)
+    x, xt = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x, xt = (t.contiguous(memory_format=torch.channels_last) for t in (x, xt))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+        ref = net(Dual(x, xt))
+    torch.testing.assert_close(out.primal, ref.primal)
+    torch.testing.assert_close(out.tangents, ref.tangents)
 
 
 def test_activation_layers_compile_in_one_graph():
