@@ -85,13 +85,18 @@ def use_backend(name: str) -> Iterator[None]:
 def _load_before_tracing() -> None:
     """Loads the backends a dual pass would take, run when Dynamo loads (before it traces
     anything): it cannot trace their loading, which registers the library's ops and fakes, so a
-    plain ``torch.compile`` whose trace holds the process's first dual op would fail."""
-    name = os.environ.get("FGKERNELS_BACKEND")
-    if name in BACKENDS:
-        _load(name)
-    _load("native")
-    if torch.cuda.is_available() and "cuda-default" not in _loaded:
-        _loaded["cuda-default"] = cuda_default(_load)
+    plain ``torch.compile`` whose trace holds the process's first dual op would fail. A backend
+    that fails to load here is left unloaded: the first op that needs it raises, not Dynamo's
+    import."""
+    try:
+        name = os.environ.get("FGKERNELS_BACKEND")
+        if name in BACKENDS:
+            _load(name)
+        _load("native")
+        if torch.cuda.is_available() and "cuda-default" not in _loaded:
+            _loaded["cuda-default"] = cuda_default(_load)
+    except Exception:  # nothing was recorded for it: the first op's load raises it again
+        pass
 
 
 when_dynamo_loads(_load_before_tracing)

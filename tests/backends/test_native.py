@@ -56,6 +56,9 @@ def test_opcheck(channels_last, batch):
                                     [1, 1], 1)),
         (ops.dual_conv2d_tangents, (x, F.conv2d(x, w, None, (2, 1), (0, 1)), None, w, None, bt,
                                     [2, 1], [0, 1], [1, 1], 1)),
+        # a primal output laid out otherwise than x: the tangents follow the output
+        (ops.dual_conv2d_tangents, (x, F.conv2d(x, w, b, 1, 1).contiguous(), xt, w, wt, bt,
+                                    [1, 1], [1, 1], [1, 1], 1)),
         (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),
                            torch.randn(2, 3, 7), None, torch.randn(2, 3), False)),
         (ops.dual_linear, (x.flatten(1)[:, :7], xt.flatten(2)[..., :7], torch.randn(3, 7),

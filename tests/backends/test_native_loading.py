@@ -57,6 +57,17 @@ print(torch.allclose(out.primal, ref.primal), torch.allclose(out.tangent, ref.ta
 """
 
 
+# A backend whose loading raises when Dynamo loads leaves Dynamo and torch.compile working.
+BROKEN_AT_DYNAMO_LOAD = """
+import torch
+import fgkernels.backends as backends
+def broken(name):
+    raise RuntimeError("a broken backend")
+backends._instantiate = broken
+print("compiled", torch.compile(lambda t: t + 1, backend="eager")(torch.ones(2)).tolist())
+"""
+
+
 def _run(program: str = PROGRAM, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "FGKERNELS_REQUIRE_NATIVE"}
     return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
@@ -97,3 +108,9 @@ def test_a_first_dual_op_inside_torch_compile_finds_the_extension_loaded():
     out = _run(FIRST_OP_COMPILED)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:3] == ["before False", "compiled True", "True True"]
+
+
+def test_a_backend_failing_to_load_when_dynamo_loads_leaves_torch_compile_working():
+    out = _run(BROKEN_AT_DYNAMO_LOAD)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "compiled [2.0, 2.0]"

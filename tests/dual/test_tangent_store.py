@@ -415,6 +415,7 @@ def test_reading_a_parameter_under_the_compiled_pass_mode_answers_as_its_dual(re
     (strict_rules refuses one); its transpose still carries the tangent."""
     from fgkernels.dual.tangents import ParameterTangents, dual_of
     lin = nn.Linear(3, 2).double()
+    lin.weight.grad = torch.ones_like(lin.weight)  # the Dual's primal has none
     tangents = fgkernels.random_tangents(lin, num_tangents=1)
     with fgkernels.strict_rules(), ParameterTangents():
         got = READS[read](lin.weight)

@@ -1,8 +1,9 @@
 """The native backend: the compiled ``torch.ops.fgkernels`` ops (C++ on the CPU, CUDA on GPUs).
 
 The extension loads on first use (``load``: the registry asks for it at the first op on a
-device, or in ``available_backends``), so that importing fgkernels, or only its value
-(``fgkernels.dual``), loads no compiled code. Loading ``fgkernels._C`` registers the ops; their
+device, or in ``available_backends``), or when Dynamo loads (a trace cannot load it), so that
+importing fgkernels, or only its value (``fgkernels.dual``), loads no compiled code unless
+Dynamo is already loaded. Loading ``fgkernels._C`` registers the ops; their
 fake implementations are registered right after (``fakes``), so that they trace under
 ``torch.compile``, and the CUDA implementations written in Python of those with no CUDA C++
 kernel (``cuda_python_impls``). Without the extension fgkernels runs on the reference backend and

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...dual.dtypes import acc_dtype
-from ...dual.layout import empty_slots, kernel_format, slots_in_format
+from ...dual.layout import empty_slots, kernel_format
 from ..base import check_stacked_tangent as check_tangent
 from ..base import param_slots, shared_tangent_dtype
 from ..contracts import check_conv
@@ -125,9 +125,7 @@ def _conv_tangents(x, y, xt, w, wt, bt, stride, padding, dilation, groups):
     if xt is None:
         return y.new_empty(0, dtype=dtype), p_part
     check_tangent(x, xt)
-    x_part = F.conv2d(slots_in_format(xt, kernel_format(x)).flatten(0, 1), w.to(dtype), None,
-                      stride, padding, dilation, groups).unflatten(0, xt.shape[:2])
-    return x_part, p_part
+    return empty_slots(xt.shape[0], y, dtype), p_part
 
 
 @lib.register_fake("fgkernels::dual_conv2d_tangents")
