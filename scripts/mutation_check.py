@@ -131,6 +131,10 @@ MUTANTS = [
     Mutant("the compiled pass's mode calls an op on Duals alone as it is",
            "fgkernels/dual/tangents.py", "return isinstance(v, Dual) or tangent_of(v) is not None",
            "return tangent_of(v) is not None", ("tests/nn/test_compile.py",)),
+    Mutant("every compiled model enters at the twins' one __call__", "fgkernels/nn/compiled.py",
+           "torch.compile(_entry_point(module), **options)", "torch.compile(module, **options)",
+           ("tests/nn/test_compile.py::test_each_compiled_model_keeps_its_graphs_apart",
+            "tests/nn/test_compile.py::test_models_compiled_without_module_guards_run_their_own_graphs")),
     # reuse_conv_outputs
     Mutant("a kept output survives a change of mode", "fgkernels/nn/modules.py",
            "or k.output.dtype != input.primal.dtype or k.training != self.training",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable
 
 import torch
@@ -19,10 +20,10 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     with a tangent takes its Dual (``ParameterTangents``), so tied, listed and attention
     parameters and ops on a parameter alone carry their tangents, converted model or not. Other
     calls run the compiled plain forward. ``dynamic=True`` among the options compiles once for
-    every batch size."""
+    every batch size. Each compiled model keeps its graphs apart from every other model's."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fgkernels.compile: expected an nn.Module, got {type(module).__name__}")
-    compiled = torch.compile(module, **options)
+    compiled = torch.compile(_entry_point(module), **options)
 
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
@@ -42,3 +43,18 @@ def compile(module: nn.Module, **options: Any) -> Callable:
 
     run.compiled = compiled
     return run
+
+
+def _entry_point(module: nn.Module) -> Callable:
+    """A function that calls ``module``, with a code object of its own. Dynamo keeps a code
+    object's compiled graphs in one list, recompiling at most ``recompile_limit`` (8) times
+    for it, and compiles the first frame it enters that is not torch's: compiled as itself,
+    every converted model whose top module is a twin would enter at the twins' one
+    ``__call__``, so the ninth model compiled in a process would run eagerly, and a guard
+    filter that skips the guards on modules could run one model's graph on another."""
+    def call(*args, **kwargs):
+        return module(*args, **kwargs)
+
+    # Every closure of one ``def`` shares its code object: a copy makes this one its own.
+    return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__,
+                              call.__defaults__, call.__closure__)

@@ -406,3 +406,53 @@ def test_compiled_pass_without_module_guards_takes_each_steps_tangents():
         y, yt = model_jvp(model, [x], [xt], tangents)
         torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
         torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+def _converted(*layer_lists):
+    """Converted CNNs (float64, eval) of the given layers, each a ``DualSequential`` at the
+    top, with their unconverted twins for the oracle."""
+    from torch import nn
+    torch.manual_seed(0)
+    models = [nn.Sequential(*layers).double().eval() for layers in layer_lists]
+    return [(m, fgkernels.convert(copy.deepcopy(m))) for m in models]
+
+
+def _conv_bn_relu(width):
+    from torch import nn
+    return [nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU()]
+
+
+def _check_compiled_passes(pairs, compiled):
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    xt = torch.randn(1, *x.shape, dtype=torch.float64)
+    for (model, net), run in zip(pairs, compiled):
+        tangents = fgkernels.random_tangents(net, num_tangents=1)
+        with torch.no_grad():
+            out = run(Dual(x, xt))
+        y, yt = model_jvp(model, [x], [xt], tangents)
+        torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+        torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+def test_each_compiled_model_keeps_its_graphs_apart():
+    """Models compiled by ``fgkernels.compile`` do not count against one another's recompile
+    limit, although their top modules (twins) share one ``__call__``: with a limit of one
+    compile, each of three models still compiles (no fallback to eager, which
+    ``fail_on_recompile_limit_hit`` makes an error) and computes forward_ad's result."""
+    pairs = _converted(*(_conv_bn_relu(w) for w in (2, 3, 4)))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        _check_compiled_passes(pairs, [fgkernels.compile(net, backend="aot_eager",
+                                                         fullgraph=True) for _, net in pairs])
+
+
+def test_models_compiled_without_module_guards_run_their_own_graphs():
+    """With torch's filter that skips the guards on modules, each compiled model still runs
+    its own graph, not the graph of another model compiled in the process (the second model
+    here, one layer longer, would return the first one's output)."""
+    from torch import nn
+    pairs = _converted(_conv_bn_relu(2), _conv_bn_relu(2) + [nn.Conv2d(2, 3, 1)])
+    torch._dynamo.reset()
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    _check_compiled_passes(pairs, [fgkernels.compile(net, backend="aot_eager", fullgraph=True,
+                                                     options=options) for _, net in pairs])
