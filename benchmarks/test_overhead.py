@@ -1,7 +1,8 @@
 """What one op costs besides its arithmetic: each op on tiny tensors (the arithmetic is
 negligible, the time is dispatch: ``__torch_function__``, operand parsing, slot planning, checks)
 on a Dual against the same op on forward_ad's dual tensors (dispatched in C++), and small
-models' dual passes at batch 1 and 16, where that cost adds up. Paired rounds."""
+models' dual passes at batch 1 and 16, where that cost adds up, eager and compiled
+(``fgkernels.compile``, which leaves no Python between the ops). Paired rounds."""
 import copy
 
 import pytest
@@ -65,18 +66,19 @@ def test_op_overhead(measure, quick, name, provider):
 SMALL = ("mobilenet_v3", "resnet", "efficientnet", "convnext")
 
 
-def _model_case(name, batch, quick):
+def _model_case(name, batch, quick, compiled=False):
     torch.manual_seed(0)
     width, size = (4, 8) if quick else (16, 32)
     model = MODELS[name](width).to(DEVICE).eval()
     net = fgkernels.convert(copy.deepcopy(model))
     tangents = fgkernels.random_tangents(net)
+    run = fgkernels.compile(net) if compiled else net
     x, xt = _t(batch, 3, size, size), _t(batch, 3, size, size)
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
     def dual():
-        return net(Dual(x, xt))
+        return run(Dual(x, xt))
 
     def forward_ad():
         with fwAD.dual_level():
@@ -90,10 +92,16 @@ def _model_case(name, batch, quick):
 
 @pytest.mark.parametrize("name", SMALL)
 @pytest.mark.parametrize("batch", (1, 16), ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("provider", ["fgkernels", "forward_ad"])
+@pytest.mark.parametrize("provider", ["fgkernels", "fgkernels-compiled", "forward_ad"])
 def test_small_model_dual_pass(measure, quick, name, batch, provider):
-    dual, forward_ad, expected = _model_case(name, batch, quick)
-    measure(dual if provider == "fgkernels" else forward_ad,
+    compiled = provider == "fgkernels-compiled"
+    if quick and compiled:
+        pytest.skip("compiling takes a while; tests/nn/test_compile.py checks every zoo model's "
+                    "compiled pass against forward_ad")
+    dual, forward_ad, expected = _model_case(name, batch, quick, compiled)
+    if compiled:
+        dual()  # compiles, outside the timing
+    measure(dual if provider != "forward_ad" else forward_ad,
             f"zoo {name} width 16, eval, batch {batch}, 32x32",
-            paired={"forward_ad": forward_ad} if provider == "fgkernels" else None,
+            paired={"forward_ad": forward_ad} if provider != "forward_ad" else None,
             expected=expected)
