@@ -135,6 +135,9 @@ MUTANTS = [
            "torch.compile(_entry_point(module), **options)", "torch.compile(module, **options)",
            ("tests/nn/test_compile.py::test_each_compiled_model_keeps_its_graphs_apart",
             "tests/nn/test_compile.py::test_models_compiled_without_module_guards_run_their_own_graphs")),
+    Mutant("a model compiled again compiles anew", "fgkernels/nn/compiled.py",
+           "    code = _entry_codes.get(module)\n", "    code = None\n",
+           ("tests/nn/test_compile.py::test_compiling_a_model_again_reuses_its_graphs",)),
     # reuse_conv_outputs
     Mutant("a kept output survives a change of mode", "fgkernels/nn/modules.py",
            "or k.output.dtype != input.primal.dtype or k.training != self.training",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -45,16 +46,25 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     return run
 
 
+# module -> the code object of its entry point: Dynamo's graphs for it hang on that code object
+_entry_codes: weakref.WeakKeyDictionary[nn.Module, types.CodeType] = weakref.WeakKeyDictionary()
+
+
 def _entry_point(module: nn.Module) -> Callable:
-    """A function that calls ``module``, with a code object of its own. Dynamo keeps a code
-    object's compiled graphs in one list, recompiling at most ``recompile_limit`` (8) times
-    for it, and compiles the first frame it enters that is not torch's: compiled as itself,
-    every converted model whose top module is a twin would enter at the twins' one
+    """A function that calls ``module``, with a code object of the module's own. Dynamo keeps
+    a code object's compiled graphs in one list, recompiling at most ``recompile_limit`` (8)
+    times for it, and compiles the first frame it enters that is not torch's: compiled as
+    itself, every converted model whose top module is a twin would enter at the twins' one
     ``__call__``, so the ninth model compiled in a process would run eagerly, and a guard
-    filter that skips the guards on modules could run one model's graph on another."""
+    filter that skips the guards on modules could run one model's graph on another. The same
+    module compiled again gets the same code object, and so finds the graphs it has."""
     def call(*args, **kwargs):
         return module(*args, **kwargs)
 
-    # Every closure of one ``def`` shares its code object: a copy makes this one its own.
-    return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__,
-                              call.__defaults__, call.__closure__)
+    # Every closure of one ``def`` shares its code object: a copy, kept per module, makes this
+    # one the module's own.
+    code = _entry_codes.get(module)
+    if code is None:
+        code = _entry_codes[module] = call.__code__.replace()
+    return types.FunctionType(code, call.__globals__, call.__name__, call.__defaults__,
+                              call.__closure__)

@@ -456,3 +456,27 @@ def test_models_compiled_without_module_guards_run_their_own_graphs():
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     _check_compiled_passes(pairs, [fgkernels.compile(net, backend="aot_eager", fullgraph=True,
                                                      options=options) for _, net in pairs])
+
+
+def test_compiling_a_model_again_reuses_its_graphs():
+    """``fgkernels.compile`` of a model it compiled before traces nothing new (a loop that
+    compiles its model every step compiles once), while another model compiles its own."""
+    from torch import nn
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    (_, net), (_, other) = _converted(_conv_bn_relu(2), _conv_bn_relu(2) + [nn.ReLU()])
+    fgkernels.random_tangents(net)
+    fgkernels.random_tangents(other)
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for _ in range(3):
+        fgkernels.compile(net, backend=counting_backend, fullgraph=True)(
+            Dual(x, torch.randn_like(x)))
+    assert len(graphs) == 1
+    fgkernels.compile(other, backend=counting_backend, fullgraph=True)(
+        Dual(x, torch.randn_like(x)))
+    assert len(graphs) == 2
