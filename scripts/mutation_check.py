@@ -136,8 +136,15 @@ MUTANTS = [
            ("tests/nn/test_compile.py::test_each_compiled_model_keeps_its_graphs_apart",
             "tests/nn/test_compile.py::test_models_compiled_without_module_guards_run_their_own_graphs")),
     Mutant("a model compiled again compiles anew", "fgkernels/nn/compiled.py",
-           "    code = _entry_codes.get(module)\n", "    code = None\n",
+           "    code = _entry_codes.get(key)\n", "    code = None\n",
            ("tests/nn/test_compile.py::test_compiling_a_model_again_reuses_its_graphs",)),
+    Mutant("compiled models share Dynamo's record of input sizes", "fgkernels/nn/compiled.py",
+           "call.__code__.replace(co_name=name, co_qualname=name)", "call.__code__.replace()",
+           ("tests/nn/test_compile.py::"
+            "test_a_model_compiled_after_another_keeps_its_batch_size_static",)),
+    Mutant("compiled models that compare equal share an entry", "fgkernels/nn/compiled.py",
+           "    key = id(module)\n", "    key = hash(module)\n",
+           ("tests/nn/test_compile.py::test_models_equal_by_value_compile_apart",)),
     # reuse_conv_outputs
     Mutant("a kept output survives a change of mode", "fgkernels/nn/modules.py",
            "or k.output.dtype != input.primal.dtype or k.training != self.training",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 import weakref
 from typing import Any, Callable
@@ -21,7 +22,11 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     with a tangent takes its Dual (``ParameterTangents``), so tied, listed and attention
     parameters and ops on a parameter alone carry their tangents, converted model or not. Other
     calls run the compiled plain forward. ``dynamic=True`` among the options compiles once for
-    every batch size. Each compiled model keeps its graphs apart from every other model's."""
+    every batch size. Each compiled model keeps its graphs, and the input sizes they were
+    compiled for, apart from every other model's; compiling it again with the same options
+    reuses its graphs (other options compile anew, counting against the same recompile limit).
+    Torch compiles the call of ``module`` itself, its hooks included, as it does for a model's
+    inner modules (``torch.compile(module)`` calls the top module's hooks outside the graph)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fgkernels.compile: expected an nn.Module, got {type(module).__name__}")
     compiled = torch.compile(_entry_point(module), **options)
@@ -46,8 +51,10 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     return run
 
 
-# module -> the code object of its entry point: Dynamo's graphs for it hang on that code object
-_entry_codes: weakref.WeakKeyDictionary[nn.Module, types.CodeType] = weakref.WeakKeyDictionary()
+# id(module) -> the code object of its entry point, on which Dynamo hangs the module's graphs
+# (by id, not by the module: a module class may define ``__eq__`` and ``__hash__`` as it likes)
+_entry_codes: dict[int, types.CodeType] = {}
+_entry_numbers = itertools.count()
 
 
 def _entry_point(module: nn.Module) -> Callable:
@@ -57,14 +64,20 @@ def _entry_point(module: nn.Module) -> Callable:
     itself, every converted model whose top module is a twin would enter at the twins' one
     ``__call__``, so the ninth model compiled in a process would run eagerly, and a guard
     filter that skips the guards on modules could run one model's graph on another. The same
-    module compiled again gets the same code object, and so finds the graphs it has."""
+    module compiled again gets the same code object, and so finds the graphs it has. The code
+    object's name is the module's own too (``compiled_ResNet_0``, ...), as Dynamo's record of
+    the input sizes it has seen is keyed by name: another model's batch size would otherwise
+    make this one's batch dimension dynamic."""
     def call(*args, **kwargs):
         return module(*args, **kwargs)
 
     # Every closure of one ``def`` shares its code object: a copy, kept per module, makes this
     # one the module's own.
-    code = _entry_codes.get(module)
+    key = id(module)
+    code = _entry_codes.get(key)
     if code is None:
-        code = _entry_codes[module] = call.__code__.replace()
-    return types.FunctionType(code, call.__globals__, call.__name__, call.__defaults__,
+        name = f"compiled_{type(module).__name__}_{next(_entry_numbers)}"
+        code = _entry_codes[key] = call.__code__.replace(co_name=name, co_qualname=name)
+        weakref.finalize(module, _entry_codes.pop, key, None)
+    return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__,
                               call.__closure__)

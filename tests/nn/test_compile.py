@@ -480,3 +480,46 @@ def test_compiling_a_model_again_reuses_its_graphs():
     fgkernels.compile(other, backend=counting_backend, fullgraph=True)(
         Dual(x, torch.randn_like(x)))
     assert len(graphs) == 2
+
+
+def test_a_model_compiled_after_another_keeps_its_batch_size_static():
+    """Dynamo marks a dimension dynamic when it has seen it change, keyed by the code it
+    compiles: one model's batch size must not make another's batch dimension dynamic."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    pairs = _converted(_conv_bn_relu(2), _conv_bn_relu(3))
+    torch._dynamo.reset()
+    for (_, net), batch in zip(pairs, (1, 16)):
+        fgkernels.random_tangents(net)
+        x = torch.randn(batch, 3, 6, 6, dtype=torch.float64)
+        fgkernels.compile(net, backend=recording_backend, fullgraph=True)(
+            Dual(x, torch.randn_like(x)))
+    symbolic = [n.name for n in graphs[-1].graph.nodes
+                if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.SymInt)]
+    assert len(graphs) == 2 and not symbolic
+
+
+def test_models_equal_by_value_compile_apart():
+    """A model class may define equality and hashing by value: ``fgkernels.compile`` tells
+    models apart by identity, so two that compare equal still run their own graphs, even
+    without the guards on modules."""
+    from torch import nn
+
+    class EqualByType(nn.Sequential):
+        def __eq__(self, other):
+            return type(other) is type(self)
+
+        def __hash__(self):
+            return hash(type(self))
+
+    pairs = [(m, fgkernels.convert(copy.deepcopy(m))) for m in (
+        EqualByType(*_conv_bn_relu(2)).double().eval(),
+        EqualByType(*_conv_bn_relu(2), nn.Conv2d(2, 3, 1)).double().eval())]
+    torch._dynamo.reset()
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    _check_compiled_passes(pairs, [fgkernels.compile(net, backend="aot_eager", fullgraph=True,
+                                                     options=options) for _, net in pairs])
