@@ -132,7 +132,8 @@ MUTANTS = [
            "fgkernels/dual/tangents.py", "return isinstance(v, Dual) or tangent_of(v) is not None",
            "return tangent_of(v) is not None", ("tests/nn/test_compile.py",)),
     Mutant("every compiled model enters at the twins' one __call__", "fgkernels/nn/compiled.py",
-           "torch.compile(_entry_point(module), **options)", "torch.compile(module, **options)",
+           "torch.compile(_entry_point(module, guard_filter), **options)",
+           "torch.compile(module, **options)",
            ("tests/nn/test_compile.py::test_each_compiled_model_keeps_its_graphs_apart",
             "tests/nn/test_compile.py::test_models_compiled_without_module_guards_run_their_own_graphs")),
     Mutant("a model compiled again compiles anew", "fgkernels/nn/compiled.py",
@@ -143,8 +144,18 @@ MUTANTS = [
            ("tests/nn/test_compile.py::"
             "test_a_model_compiled_after_another_keeps_its_batch_size_static",)),
     Mutant("compiled models that compare equal share an entry", "fgkernels/nn/compiled.py",
-           "    key = id(module)\n", "    key = hash(module)\n",
+           "    key = (id(module), guard_filter)\n", "    key = (hash(module), guard_filter)\n",
            ("tests/nn/test_compile.py::test_models_equal_by_value_compile_apart",)),
+    Mutant("a graph compiled under a guard filter is taken without it",
+           "fgkernels/nn/compiled.py", "    key = (id(module), guard_filter)\n",
+           "    key = (id(module), None)\n",
+           ("tests/nn/test_compile.py::"
+            "test_a_graph_compiled_without_module_guards_is_not_taken_with_them",)),
+    Mutant("torch.compile empties the caller's options", "fgkernels/nn/compiled.py",
+           '        options = {**options, "options": dict(options["options"])}\n',
+           "        pass\n",
+           ("tests/nn/test_compile.py::"
+            "test_a_graph_compiled_without_module_guards_is_not_taken_with_them",)),
     # reuse_conv_outputs
     Mutant("a kept output survives a change of mode", "fgkernels/nn/modules.py",
            "or k.output.dtype != input.primal.dtype or k.training != self.training",

@@ -5,7 +5,7 @@ import functools
 import itertools
 import types
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -22,14 +22,21 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     with a tangent takes its Dual (``ParameterTangents``), so tied, listed and attention
     parameters and ops on a parameter alone carry their tangents, converted model or not. Other
     calls run the compiled plain forward. ``dynamic=True`` among the options compiles once for
-    every batch size. Each compiled model keeps its graphs, and the input sizes they were
-    compiled for, apart from every other model's; compiling it again with the same options
-    reuses its graphs (other options compile anew, counting against the same recompile limit).
-    Torch compiles the call of ``module`` itself, its hooks included, as it does for a model's
-    inner modules (``torch.compile(module)`` calls the top module's hooks outside the graph)."""
+    every batch size.
+
+    Each compiled model keeps its graphs, and the input sizes they were compiled for, apart
+    from every other model's. Compiling it again reuses any of its graphs whose guards pass for
+    the new options' backend, but never across guard filters (``options={"guard_filter_fn":
+    ...}``): a graph compiled with one filter, or none, is not taken under another. Torch
+    compiles the call of ``module`` itself, its hooks included, as it does for inner modules
+    (``torch.compile(module)`` calls the top module's hooks outside the graph)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fgkernels.compile: expected an nn.Module, got {type(module).__name__}")
-    compiled = torch.compile(_entry_point(module), **options)
+    if isinstance(options.get("options"), dict):
+        # a copy: torch.compile takes ``guard_filter_fn`` out of the dict it is given
+        options = {**options, "options": dict(options["options"])}
+    guard_filter = (options.get("options") or {}).get("guard_filter_fn")
+    compiled = torch.compile(_entry_point(module, guard_filter), **options)
 
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
@@ -51,29 +58,31 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     return run
 
 
-# id(module) -> the code object of its entry point, on which Dynamo hangs the module's graphs
-# (by id, not by the module: a module class may define ``__eq__`` and ``__hash__`` as it likes)
-_entry_codes: dict[int, types.CodeType] = {}
+# (id(module), guard filter) -> the code object of the module's entry point, on which Dynamo
+# hangs its graphs (by id, not by the module: a module class may define ``__eq__`` and
+# ``__hash__`` as it likes)
+_entry_codes: dict[tuple[int, Optional[Callable]], types.CodeType] = {}
 _entry_numbers = itertools.count()
 
 
-def _entry_point(module: nn.Module) -> Callable:
+def _entry_point(module: nn.Module, guard_filter: Optional[Callable] = None) -> Callable:
     """A function that calls ``module``, with a code object of the module's own. Dynamo keeps
     a code object's compiled graphs in one list, recompiling at most ``recompile_limit`` (8)
     times for it, and compiles the first frame it enters that is not torch's: compiled as
     itself, every converted model whose top module is a twin would enter at the twins' one
     ``__call__``, so the ninth model compiled in a process would run eagerly, and a guard
     filter that skips the guards on modules could run one model's graph on another. The same
-    module compiled again gets the same code object, and so finds the graphs it has. The code
-    object's name is the module's own too (``compiled_ResNet_0``, ...), as Dynamo's record of
-    the input sizes it has seen is keyed by name: another model's batch size would otherwise
-    make this one's batch dimension dynamic."""
+    module compiled again gets the same code object, and so finds the graphs it has, unless
+    its guard filter differs: a graph whose guards a filter dropped would pass checks it should
+    fail, so each filter has a code object of its own. The code object's name is its own too
+    (``compiled_ResNet_0``, ...), as Dynamo keys its record of the input sizes it has seen by
+    name: another model's batch size would otherwise make this one's batch dimension dynamic."""
     def call(*args, **kwargs):
         return module(*args, **kwargs)
 
     # Every closure of one ``def`` shares its code object: a copy, kept per module, makes this
     # one the module's own.
-    key = id(module)
+    key = (id(module), guard_filter)
     code = _entry_codes.get(key)
     if code is None:
         name = f"compiled_{type(module).__name__}_{next(_entry_numbers)}"

@@ -491,7 +491,7 @@ def test_a_model_compiled_after_another_keeps_its_batch_size_static():
         graphs.append(gm)
         return gm.forward
 
-    pairs = _converted(_conv_bn_relu(2), _conv_bn_relu(3))
+    pairs = _converted(_conv_bn_relu(2), _conv_bn_relu(2))
     torch._dynamo.reset()
     for (_, net), batch in zip(pairs, (1, 16)):
         fgkernels.random_tangents(net)
@@ -523,3 +523,20 @@ def test_models_equal_by_value_compile_apart():
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     _check_compiled_passes(pairs, [fgkernels.compile(net, backend="aot_eager", fullgraph=True,
                                                      options=options) for _, net in pairs])
+
+
+def test_a_graph_compiled_without_module_guards_is_not_taken_with_them():
+    """A model compiled under torch's filter that skips the guards on modules, then changed
+    and compiled again without the filter, runs its new layers: the filter's graphs, which
+    would pass the checks the filter dropped, stay with the filter. The options dict given
+    is left as it was (torch.compile takes the filter out of the dict it gets)."""
+    from torch import nn
+    [(model, net)] = _converted(_conv_bn_relu(2))
+    torch._dynamo.reset()
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    _check_compiled_passes([(model, net)], [fgkernels.compile(
+        net, backend="aot_eager", fullgraph=True, options=options)])
+    assert "guard_filter_fn" in options
+    model[2], net[2] = nn.Tanh(), nn.Tanh()
+    _check_compiled_passes([(model, net)], [fgkernels.compile(
+        net, backend="aot_eager", fullgraph=True)])
