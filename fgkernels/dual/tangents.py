@@ -351,16 +351,21 @@ class ParameterTangents(TorchFunctionMode):
             # pass, where the module holds it (a property read goes nowhere near the op rules).
             if not callable(getattr(torch.Tensor, name)):
                 return getattr(args[0], name)
+            if name in _DUAL_PROTOCOLS:  # no keywords (torch's repr passes one of its own)
+                return getattr(args[0], name)(*args[1:])
             if name in _DUAL_METHODS:
                 return getattr(args[0], name)(*args[1:], **kwargs)
         return Dual.__torch_function__(func, (Dual,), args, kwargs)
 
 
 # Tensor methods that a Dual answers with a method of its own (``detach``, ``size``, ...),
-# rather than through an op rule.
+# rather than through an op rule; and Python's protocols, which it answers too (``len(p)``,
+# ``repr(p)``, ``bool(p)``, ``x in p``).
 _DUAL_METHODS = frozenset(n for n, v in vars(Dual).items()
                           if callable(v) and not n.startswith("_") and hasattr(Tensor, n)) \
     | PRIMAL_METADATA
+_DUAL_PROTOCOLS = frozenset({"__len__", "__repr__", "__format__", "__contains__", "__bool__",
+                             "__int__", "__float__", "__index__", "__complex__"}) & set(vars(Dual))
 
 
 def _tensor_attribute(func) -> Optional[str]:

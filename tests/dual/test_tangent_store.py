@@ -430,6 +430,28 @@ def test_reading_a_parameter_under_the_compiled_pass_mode_answers_as_its_dual(re
     torch.testing.assert_close(transposed.tangents, tangents["weight"].transpose(1, 2))
 
 
+# Python's protocols on a parameter -> what its Dual's protocols make of them (repr: a
+# Parameter's repr puts its own line before its data's)
+PROTOCOLS = {
+    "len": (len, len), "format": (lambda p: f"{p:}", lambda d: f"{d:}"),
+    "contains": (lambda p: 0.5 in p, lambda d: 0.5 in d),
+    "repr": (repr, lambda d: "Parameter containing:\n" + repr(d)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOLS))
+def test_python_protocols_on_a_parameter_under_the_compiled_pass_mode(name):
+    """``len(p)``, ``repr(p)``, ``f"{p}"`` and ``x in p`` under ParameterTangents answer as
+    the parameter's Dual does in an eager pass, with no op on the forward-AD fallback."""
+    from fgkernels.dual.tangents import ParameterTangents, dual_of
+    lin = nn.Linear(3, 2).double()
+    fgkernels.random_tangents(lin, num_tangents=1)
+    on_parameter, on_dual = PROTOCOLS[name]
+    with fgkernels.strict_rules(), ParameterTangents():
+        got = on_parameter(lin.weight)
+    assert got == on_dual(dual_of(lin.weight))
+
+
 def test_the_compiled_pass_mode_finds_parameters_inside_a_list():
     """Under ParameterTangents a parameter handed to an op inside a list or by keyword takes
     its tangent as one handed to it directly does."""
