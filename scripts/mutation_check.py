@@ -45,7 +45,7 @@ class Mutant(NamedTuple):
     path: str           # relative to the checkout
     old: str            # found exactly once in the file
     new: str
-    tests: tuple[str, ...]
+    tests: tuple[str, ...]  # test files or single tests (path::test_name)
 
     @property
     def native(self) -> bool:

@@ -1,6 +1,7 @@
 """scripts/mutation_check.py stays in step with the code: each mutant's line is in its file
-exactly once and would change it, and the tests it names exist (the check itself, which runs
-the tests on every mutant, takes minutes: ``python scripts/mutation_check.py [--native]``)."""
+exactly once and would change it, and the tests it names exist, files or single test functions
+(``path::test_name``). The check itself, which runs the tests on every mutant, takes minutes:
+``python scripts/mutation_check.py [--native]``."""
 import importlib.util
 from pathlib import Path
 
@@ -18,7 +19,10 @@ def test_mutant_matches_the_code(mutant):
     assert (ROOT / mutant.path).read_text().count(mutant.old) == 1, \
         f"{mutant.path} changed: update the mutant {mutant.name!r}"
     assert mutant.new != mutant.old
-    assert all((ROOT / t).is_file() for t in mutant.tests), mutant.tests
+    for test in mutant.tests:
+        path, _, function = test.partition("::")
+        assert (ROOT / path).is_file(), test
+        assert not function or f"def {function}(" in (ROOT / path).read_text(), test
 
 
 def test_mutant_names_are_unique():
