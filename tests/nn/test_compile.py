@@ -34,6 +34,15 @@ def _block_and_pass(training: bool):
     return block, dual_pass
 
 
+def _recording_backend(graphs: list):
+    """A torch.compile backend that appends every graph it is given to ``graphs`` and runs it
+    as traced."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
 @pytest.mark.parametrize("backend", fgkernels.available_backends())
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
@@ -235,11 +244,7 @@ def test_fgkernels_compile_traces_once(monkeypatch):
     from torch import nn
     monkeypatch.setattr(fgkernels.backends, "_loaded", {})
     graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend = _recording_backend(graphs)
     net = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
     fgkernels.random_tangents(net)
     torch._dynamo.reset()
@@ -463,11 +468,7 @@ def test_compiling_a_model_again_reuses_its_graphs():
     compiles its model every step compiles once), while another model compiles its own."""
     from torch import nn
     graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend = _recording_backend(graphs)
     (_, net), (_, other) = _converted(_conv_bn_relu(2), _conv_bn_relu(2) + [nn.ReLU()])
     fgkernels.random_tangents(net)
     fgkernels.random_tangents(other)
@@ -486,11 +487,7 @@ def test_a_model_compiled_after_another_keeps_its_batch_size_static():
     """Dynamo marks a dimension dynamic when it has seen it change, keyed by the code it
     compiles: one model's batch size must not make another's batch dimension dynamic."""
     graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    recording_backend = _recording_backend(graphs)
     pairs = _converted(_conv_bn_relu(2), _conv_bn_relu(2))
     torch._dynamo.reset()
     for (_, net), batch in zip(pairs, (1, 16)):
