@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .dual import Dual
@@ -66,21 +67,40 @@ def round_to_tf32(t: Optional[Tensor], truncate: bool = False) -> Optional[Tenso
     return (bits & ~0x1FFF).view(torch.float32).to(t.dtype)
 
 @contextlib.contextmanager
-def oracle_mode() -> Iterator[None]:
+def oracle_mode(exact_hardsigmoid: bool = False) -> Iterator[None]:
     """forward_ad where torch's own kernels have no forward-mode derivative: attention by its
     math kernel (the fused CPU kernel has none), weight normalisation written out as
-    ``g·v/‖v‖`` (its fused kernel has none)."""
+    ``g·v/‖v‖`` (its fused kernel has none).
+
+    ``exact_hardsigmoid``: hardsigmoid's slope is 1/6 of the input's dtype, as a compiled pass
+    computes it (Inductor's decomposition of its derivative). Torch's CPU kernel of that
+    derivative, which forward_ad and the eager pass call, multiplies by float32's 1/6 at every
+    precision: 3e-8 relative in float64."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    fused = torch._weight_norm
+    fused, hardsigmoid = torch._weight_norm, F.hardsigmoid
     fast_mha = torch.backends.mha.get_fastpath_enabled()
     torch._weight_norm = lambda v, g, dim=0: v * (g / torch.norm_except_dim(v, 2, dim))
+    if exact_hardsigmoid:
+        F.hardsigmoid = _hardsigmoid_of_exact_slope
     torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel has no forward AD
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
-        torch._weight_norm = fused
+        torch._weight_norm, F.hardsigmoid = fused, hardsigmoid
         torch.backends.mha.set_fastpath_enabled(fast_mha)
+
+
+_hardsigmoid = F.hardsigmoid
+
+
+def _hardsigmoid_of_exact_slope(input: Tensor, inplace: bool = False) -> Tensor:
+    # torch's primal, plus a term whose value is exactly 0 and whose tangent is ẋ/6 strictly
+    # between -3 and 3 (0 elsewhere and at a NaN x, as torch's kernel selects)
+    inside = (input > -3) & (input < 3)
+    x = input.detach()
+    y = _hardsigmoid(x) + torch.where(inside, (input - x) / 6, 0.0)
+    return input.copy_(y) if inplace else y
 
 
 def model_jvp(model: torch.nn.Module, args: Sequence[Any],
@@ -94,14 +114,21 @@ def model_jvp(model: torch.nn.Module, args: Sequence[Any],
 
 
 def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
-                            num_tangents: int = 1, seed: int = 0) -> dict[str, Any]:
+                            num_tangents: int = 1, seed: int = 0,
+                            run: Optional[Callable[..., Any]] = None,
+                            exact_hardsigmoid: bool = False) -> dict[str, Any]:
     """Run ``model``'s dual pass, every parameter and input carrying ``num_tangents`` random
     tangents, and the same pass by forward_ad (``model_jvp_in_place``), both from the same
     buffers and random state. Returns the relative errors of the outputs and their tangents
     (every floating output, nested ones included) and of the buffers after the pass, and the
     ops that took the forward-AD fallback. No copy of the model is made (large models fit).
     The tangents are drawn on the model's device (its first parameter's, else the first
-    input's)."""
+    input's). ``run`` calls the model for the dual pass (``model`` itself by default; e.g.
+    ``fgkernels.compile(model)`` checks the compiled pass, whose hardsigmoid slope is exact:
+    ``exact_hardsigmoid`` gives the oracle that slope, see ``oracle_mode``)."""
+    if run is not None and not callable(run):
+        raise TypeError(f"compare_with_forward_ad: run must be callable, got "
+                        f"{type(run).__name__}")
     device = next(model.parameters(), inputs[0] if inputs else torch.empty(0)).device
     g = torch.Generator(device=device).manual_seed(seed)
     tangents = random_tangents(model, num_tangents=num_tangents, generator=g)
@@ -112,7 +139,7 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     start = {k: v.clone() for k, v in buffers.items()}
     caches = _module_caches(model)
     torch.manual_seed(seed)  # both passes draw the same random numbers (dropout, drop path)
-    y, yt = model_jvp_in_place(model, inputs, input_tangents, tangents)
+    y, yt = model_jvp_in_place(model, inputs, input_tangents, tangents, exact_hardsigmoid)
     expected_buffers = {k: v.clone() for k, v in buffers.items()}
     with torch.no_grad():
         for k, v in buffers.items():
@@ -124,7 +151,7 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     torch.manual_seed(seed)
     set_tangents(model, tangents)
     try:
-        out = model(*[Dual(x, t) for x, t in zip(inputs, input_tangents)])
+        out = (run or model)(*[Dual(x, t) for x, t in zip(inputs, input_tangents)])
     finally:
         clear_tangents(model)
     fallback = {k: v - before.get(k, 0) for k, v in fallback_ops().items()
@@ -177,11 +204,13 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
                        arg_tangents: Sequence[Optional[Tensor]],
-                       param_tangents: Optional[dict[str, Tensor]] = None) -> tuple[Any, Any]:
+                       param_tangents: Optional[dict[str, Tensor]] = None,
+                       exact_hardsigmoid: bool = False) -> tuple[Any, Any]:
     """``model_jvp`` on ``model`` itself (its buffers updated, as a training pass updates
-    them). forward_ad runs the model once per tangent slot: each run starts from the buffers
-    and the random state the call found, so that the model is updated once (running
-    statistics) and every slot sees the same random draws (dropout), as in one dual pass."""
+    them), in ``oracle_mode(exact_hardsigmoid)``. forward_ad runs the model once per tangent
+    slot: each run starts from the buffers and the random state the call found, so that the
+    model is updated once (running statistics) and every slot sees the same random draws
+    (dropout), as in one dual pass."""
     param_tangents = dict(param_tangents or {})
     params = dict(model.named_parameters(remove_duplicate=False))
     names = list(param_tangents)
@@ -207,5 +236,5 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
 
     primals = [args[i] for i in tensor_args] + [params[n].detach() for n in names]
     tangents = [arg_tangents[i] for i in tensor_args] + [param_tangents[n] for n in names]
-    with oracle_mode():
+    with oracle_mode(exact_hardsigmoid):
         return forward_ad_jvp(call, primals, tangents)

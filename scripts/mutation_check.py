@@ -218,6 +218,19 @@ MUTANTS = [
     Mutant("the schedule's decay is not the paper's", "fgkernels/train/loop.py",
            "MultiStepLR(opt, milestones, gamma=0.2)", "MultiStepLR(opt, milestones, gamma=0.1)",
            TRAINER),
+    # the oracle's comparison
+    Mutant("the comparison calls the model instead of the run it is given", "fgkernels/testing.py",
+           "out = (run or model)(*[Dual", "out = model(*[Dual",
+           ("tests/test_testing.py::test_run_is_what_the_comparison_calls",)),
+    Mutant("the oracle takes torch's hardsigmoid slope when asked for the exact one",
+           "fgkernels/testing.py", "    if exact_hardsigmoid:\n", "    if False:\n",
+           ("tests/nn/test_compile.py::test_inductors_pass_is_exact_in_float64",)),
+    Mutant("a compiled dropout draws the tangents' mask apart", "fgkernels/rules/layers.py",
+           "    return d.with_tangents(y, None if t is None else t * mask.to(t.dtype))\n\n",
+           "    return d.with_tangents(y, None if t is None else\n"
+           "                           t * F.dropout(torch.ones_like(d.primal), p, True))\n\n",
+           ("tests/nn/test_compile.py::"
+            "test_inductors_dropout_draws_one_mask_for_the_primal_and_every_slot",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),

@@ -42,3 +42,25 @@ def test_the_oracle_updates_running_statistics_once_and_draws_alike_for_every_sl
     # one dropout mask for all slots: a channel dropped in one slot is dropped in all
     dropped = (tangents == 0).all(-1)
     assert (dropped == dropped[:1]).all()
+
+
+def test_run_is_what_the_comparison_calls():
+    # a run that doubles the model's output is one relative error of 1 away from the oracle
+    net, x = _net(), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    result = compare_with_forward_ad(net, [x], run=lambda d: net(d) * 2)
+    assert result["primal"] > 0.9 and result["tangent"] > 0.9
+    with pytest.raises(TypeError, match="run must be callable, got str"):
+        compare_with_forward_ad(net, [x], run="forward")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_oracle_of_exact_hardsigmoid_slope(inplace):
+    x = torch.tensor([-4.0, -3.0, -1.0, 0.0, 2.5, 3.0, 5.0, float("nan")], dtype=torch.float64)
+    t = torch.randn(1, *x.shape, dtype=torch.float64)
+    net = nn.Sequential(nn.Identity(), nn.Hardsigmoid(inplace))
+    hardsigmoid = torch.nn.functional.hardsigmoid
+    y, yt = model_jvp_in_place(net, [x.clone()], [t.clone()], exact_hardsigmoid=True)
+    assert torch.nn.functional.hardsigmoid is hardsigmoid  # put back
+    torch.testing.assert_close(y, hardsigmoid(x), rtol=0, atol=0, equal_nan=True)
+    inside = (x > -3) & (x < 3)
+    torch.testing.assert_close(yt, torch.where(inside, t / 6, 0.0), rtol=0, atol=0)

@@ -12,7 +12,7 @@ import torch
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.testing import forward_ad_jvp, model_jvp
+from fgkernels.testing import compare_with_forward_ad, forward_ad_jvp, model_jvp
 from fgkernels.train.models import BasicBlock
 
 from helpers import TOL, assert_within_torch_error
@@ -204,6 +204,33 @@ def test_activation_layers_compile_in_one_graph():
     torch.testing.assert_close(out.tangent, ref.tangent)
     torch.testing.assert_close(out.primal, y64, **TOL[torch.float64])
     torch.testing.assert_close(out.tangent, yt64[0], **TOL[torch.float64])
+
+
+def test_inductors_pass_is_exact_in_float64():
+    """Inductor's compiled pass of a gated block with dropout, train mode, float64, against
+    forward_ad with hardsigmoid's exact slope (Inductor's; torch's CPU kernel takes float32's
+    1/6) and torch's random draws (``fallback_random``), to float64's rounding."""
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardsigmoid(),
+                        nn.Dropout(0.5)).double().train()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        result = compare_with_forward_ad(net, [x], num_tangents=2, run=fgkernels.compile(net),
+                                         exact_hardsigmoid=True)
+    assert max(result["primal"], result["tangent"], result["buffers"]) < 1e-14, result
+
+
+def test_inductors_dropout_draws_one_mask_for_the_primal_and_every_slot():
+    torch.manual_seed(0)
+    net = torch.nn.Dropout(0.5).train()
+    x, xt = torch.ones(4096), torch.randn(3, 4096)
+    torch._dynamo.reset()
+    out = fgkernels.compile(net)(Dual(x, xt))
+    kept = out.primal != 0
+    assert 0 < kept.sum() < x.numel()
+    torch.testing.assert_close(out.tangents, torch.where(kept, 2 * xt, 0.0), rtol=0, atol=0)
 
 
 def test_inductor_compiles_the_dual_pass():
