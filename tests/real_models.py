@@ -4,12 +4,15 @@ with torch.autograd.forward_ad (``fgkernels.testing.compare_with_forward_ad``). 
 ``tests/nn/test_real_models.py`` (a subset) and ``scripts/check_real_models.py`` (all of them)."""
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch._inductor.config
+from torch._dynamo.utils import counters
 
 import fgkernels
 from fgkernels.testing import compare_with_forward_ad
@@ -73,16 +76,27 @@ def catalogue() -> dict[str, RealModel]:
     return {m.name: m for m in models}
 
 
-def check(model: RealModel, training: bool, convert: bool = True, batch: int = 2) -> dict:
+def check(model: RealModel, training: bool, convert: bool = True, batch: int = 2,
+          compiled: bool = False) -> dict:
     """Compare one model's dual pass with forward_ad; the relative errors, the ops that took
-    the fallback and the seconds it took."""
+    the fallback and the seconds it took. ``compiled``: the pass compiled by
+    ``fgkernels.compile`` (the seconds include the compile), with the count of its graph
+    breaks, against an oracle of hardsigmoid's exact slope (``oracle_mode``)."""
     torch.manual_seed(0)
     net = model.build().double().train(training)
     if convert:
         fgkernels.convert(net)
     x = torch.randn(batch, 3, model.size, model.size, dtype=torch.float64)
     start = time.perf_counter()
-    with warnings.catch_warnings():
+    breaks = sum(counters["graph_break"].values())
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore")
-        result = compare_with_forward_ad(net, [x])
+        if compiled:
+            # Inductor draws random numbers (dropout's masks) its own way unless told to call
+            # torch's random ops, as the oracle's eager pass does.
+            stack.enter_context(torch._inductor.config.patch(fallback_random=True))
+        result = compare_with_forward_ad(net, [x], run=fgkernels.compile(net) if compiled else None,
+                                         exact_hardsigmoid=compiled)
+    if compiled:
+        result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
     return {**result, "seconds": time.perf_counter() - start}

@@ -1,8 +1,9 @@
 """Real torchvision and timm models run exactly on Duals: a subset of ``real_models.QUICK``
-(every parameter and the input carrying a tangent, float64, train and eval mode) against
-torch.autograd.forward_ad. The whole catalogue: ``scripts/check_real_models.py``. Skipped where
-torchvision or timm is missing (``bash scripts/setup.sh --models`` makes an environment with
-both), unless FGKERNELS_REQUIRE_MODELS=1 (CI's), where a missing one fails the run."""
+(every parameter and the input carrying a tangent, float64, train and eval mode), and two
+compiled by ``fgkernels.compile``, against torch.autograd.forward_ad. The whole catalogue:
+``scripts/check_real_models.py``. Skipped where torchvision or timm is missing (``bash
+scripts/setup.sh --models`` makes an environment with both), unless
+FGKERNELS_REQUIRE_MODELS=1 (CI's), where a missing one fails the run."""
 import importlib
 import os
 
@@ -37,6 +38,16 @@ def test_real_model_is_exact(name, training):
 def test_an_unconverted_model_is_exact_too(name):
     result = real_models.check(real_models.catalogue()[name], True, convert=False)
     assert max(result["primal"], result["tangent"], result["buffers"]) <= EXACT
+
+
+@pytest.mark.parametrize("name, training", [("torchvision/mobilenet_v3_small", True),
+                                            ("timm/vit_tiny_patch16_224", False)])
+def test_a_compiled_real_model_is_exact_in_one_graph(name, training):
+    """fgkernels.compile on a CNN with squeeze-excitation gates, hardswish and dropout, trained,
+    and on a vision transformer (the whole catalogue: ``check_real_models.py --compiled``)."""
+    result = real_models.check(real_models.catalogue()[name], training, compiled=True)
+    assert max(result["primal"], result["tangent"], result["buffers"]) <= EXACT, result
+    assert result["graph_breaks"] == 0
 
 
 def test_the_quick_set_is_in_the_catalogue():
