@@ -5,8 +5,12 @@ and eval mode, and write the results as JSON and as a markdown table.
     .venv-models/bin/python -P scripts/check_real_models.py --json benchmarks/real-models.json \\
         --markdown benchmarks/REAL-MODELS.md [--only torchvision/resnet18 ...]
 
-``--compiled`` checks the pass compiled by ``fgkernels.compile`` instead (minutes per model
-on a small CPU: ``--only`` a set), and counts the graph breaks of each compile.
+``--compiled`` checks the pass compiled by ``fgkernels.compile`` instead, and counts the graph
+breaks of each compile; a compile takes up to minutes per model on a small CPU, so check a set
+(``--quick``: the models of ``real_models.QUICK``; ``--only``)::
+
+    .venv-models/bin/python -P scripts/check_real_models.py --compiled --quick \\
+        --json benchmarks/real-models-compiled.json --markdown benchmarks/REAL-MODELS-compiled.md
 
 Needs torchvision and timm (``bash scripts/setup.sh --models`` makes ``.venv-models``). A model
 is exact when the primal, the tangents and the running statistics are within 1e-10 relative of
@@ -34,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write every result here")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--only", nargs="*", help="check only these models")
+    parser.add_argument("--quick", action="store_true",
+                        help="check only the quick set (tests/real_models.py's QUICK)")
     parser.add_argument("--compiled", action="store_true",
                         help="check the pass compiled by fgkernels.compile")
     args = parser.parse_args(argv)
@@ -41,7 +47,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.only or ()) - set(models))
     if unknown:
         parser.error(f"not in the catalogue: {', '.join(unknown)}")
-    names = args.only or list(models)
+    names = args.only or (real_models.QUICK if args.quick else list(models))
     rows = []
     for name in names:
         for training in (True, False):
@@ -89,9 +95,11 @@ def _markdown(rows: list, compiled: bool) -> str:
     exact = sum(r["exact"] for r in rows)
     what = "the dual pass compiled by fgkernels.compile" if compiled else "the dual pass"
     extra = " graph breaks |" if compiled else ""
+    settings = (" Inductor draws torch's random numbers (`fallback_random`), and the oracle "
+                "takes hardsigmoid's exact slope (`exact_hardsigmoid`)." if compiled else "")
     lines = [f"{exact} of {len(rows)} (model, mode) pairs of {what} exact to {EXACT:g} "
              "relative (primal, tangents of the input and of every parameter, running "
-             "statistics), float64, against torch.autograd.forward_ad.", "",
+             f"statistics), float64, against torch.autograd.forward_ad.{settings}", "",
              "| model | mode | primal | tangent | buffers | ops on the fallback |" + extra,
              "|---|---|---|---|---|---|" + ("---|" if compiled else "")]
     for r in rows:
