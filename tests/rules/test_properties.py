@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fgkernels  # noqa: E402
@@ -128,6 +128,10 @@ def batch_norm_cases(draw):
     affine = draw(st.booleans())
     which = draw(st.sampled_from(["x", "params", "all"])) if affine else "x"
     xt = _tensor(draw, (T, *shape), dtype) if which != "params" else None
+    # A tangent drawn from x's own seed is x shifted and scaled, along which batch norm's
+    # output does not move: its tangent is 0 up to rounding, whose size, relative to nothing,
+    # is chance in float32 (float64 keeps such draws).
+    assume(wide or xt is None or not any(torch.equal(s * scale + offset, x) for s in xt))
     pt = {n: _tensor(draw, (T, c), dtype) for n in ("weight", "bias")} if which != "x" else {}
     return dtype, x, xt, pt, training, affine, draw(st.booleans())
 
