@@ -135,8 +135,8 @@ MUTANTS = [
            "fgkernels/dual/tangents.py", "return isinstance(v, Dual) or tangent_of(v) is not None",
            "return tangent_of(v) is not None", ("tests/nn/test_compile.py",)),
     Mutant("every compiled model enters at the twins' one __call__", "fgkernels/nn/compiled.py",
-           "torch.compile(_entry_point(module, guard_filter), **options)",
-           "torch.compile(module, **options)",
+           "torch.compile(_entry_point(module, guard_filter), **_graphs_run_as_rules(options))",
+           "torch.compile(module, **_graphs_run_as_rules(options))",
            ("tests/nn/test_compile.py::test_each_compiled_model_keeps_its_graphs_apart",
             "tests/nn/test_compile.py::test_models_compiled_without_module_guards_run_their_own_graphs")),
     Mutant("a model compiled again compiles anew", "fgkernels/nn/compiled.py",
@@ -155,8 +155,8 @@ MUTANTS = [
            ("tests/nn/test_compile.py::"
             "test_a_graph_compiled_without_module_guards_is_not_taken_with_them",)),
     Mutant("torch.compile empties the caller's options", "fgkernels/nn/compiled.py",
-           '        options = {**options, "options": dict(options["options"])}\n',
-           "        pass\n",
+           '    settings = dict(options.pop("options", None) or {})\n',
+           '    settings = options.pop("options", None) or {}\n',
            ("tests/nn/test_compile.py::"
             "test_a_graph_compiled_without_module_guards_is_not_taken_with_them",)),
     # reuse_conv_outputs
@@ -231,6 +231,19 @@ MUTANTS = [
            "                           t * F.dropout(torch.ones_like(d.primal), p, True))\n\n",
            ("tests/nn/test_compile.py::"
             "test_inductors_dropout_draws_one_mask_for_the_primal_and_every_slot",)),
+    Mutant("a compiled graph's own calls meet the dual pass's torch function mode",
+           "fgkernels/nn/compiled.py", "            with in_rule():\n", "            if True:\n",
+           ("tests/nn/test_compile.py::test_compiled_graphs_take_parameters_as_the_tensors_"
+            "they_are",)),
+    Mutant("a tangent freed while compiling takes the module hooks the trace read",
+           "fgkernels/dual/tangents.py", "            _hooks.sync_unless_compiling()\n",
+           "            _hooks.sync()\n",
+           ("tests/nn/test_compile.py::"
+            "test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid",)),
+    Mutant("the hooks a compile kept stay after the compiled call", "fgkernels/nn/compiled.py",
+           "            _hooks.sync()  # drops", "            pass  # drops",
+           ("tests/nn/test_compile.py::"
+            "test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),

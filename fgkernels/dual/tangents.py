@@ -103,7 +103,7 @@ def _put(t: Tensor, tangent: ParameterTangent) -> None:
     def forget(ref, key=key):
         if _LIVE.get(key) is ref:
             del _LIVE[key]
-            _hooks.sync()
+            _hooks.sync_unless_compiling()
 
     setattr(t, _ATTR, tangent)
     if key not in _LIVE:
@@ -427,6 +427,15 @@ class _Hooks:
                 h.remove()
             self.handles = []
         self.registered = len(self.handles)
+
+    def sync_unless_compiling(self) -> None:
+        """``sync``, unless Dynamo is compiling in this thread. The garbage collector frees a
+        tensor when it likes, in the middle of a compile too; the trace has read the hooks
+        and the guards Dynamo builds after it look them up, so they stay until the next
+        ``sync`` (``fgkernels.compile`` syncs after each call)."""
+        guards = sys.modules.get("torch._guards")
+        if guards is None or guards.CompileContext.try_get() is None:
+            self.sync()
 
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiled_pass[0]:  # ParameterTangents does the substitution's work

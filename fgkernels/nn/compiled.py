@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..backends import current_backend
-from ..dual.tangents import ParameterTangents, _compiled_pass, _holds_dual
-from ..dual.value import Dual
+from ..dual.tangents import ParameterTangents, _compiled_pass, _holds_dual, _hooks
+from ..dual.value import Dual, in_rule
 
 
 def compile(module: nn.Module, **options: Any) -> Callable:
@@ -32,11 +32,8 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     (``torch.compile(module)`` calls the top module's hooks outside the graph)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"fgkernels.compile: expected an nn.Module, got {type(module).__name__}")
-    if isinstance(options.get("options"), dict):
-        # a copy: torch.compile takes ``guard_filter_fn`` out of the dict it is given
-        options = {**options, "options": dict(options["options"])}
     guard_filter = (options.get("options") or {}).get("guard_filter_fn")
-    compiled = torch.compile(_entry_point(module, guard_filter), **options)
+    compiled = torch.compile(_entry_point(module, guard_filter), **_graphs_run_as_rules(options))
 
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
@@ -53,6 +50,7 @@ def compile(module: nn.Module, **options: Any) -> Callable:
                 return compiled(*args, **kwargs)
         finally:
             _compiled_pass[0] = False
+            _hooks.sync()  # drops the global hooks if the last tangent went while compiling
 
     run.compiled = compiled
     return run
@@ -90,3 +88,63 @@ def _entry_point(module: nn.Module, guard_filter: Optional[Callable] = None) -> 
         weakref.finalize(module, _entry_codes.pop, key, None)
     return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__,
                               call.__closure__)
+
+
+def _graphs_run_as_rules(options: dict) -> dict:
+    """torch.compile's ``options`` with the backend they choose (Inductor by default, set by
+    ``mode`` or ``options``; or the one named or given, with them) wrapped in
+    ``_GraphsRunAsRules``. The caller's dicts are left as they were (torch.compile takes
+    ``guard_filter_fn`` out of the one it is given)."""
+    options = dict(options)
+    backend = options.pop("backend", "inductor")
+    mode = options.pop("mode", None)
+    settings = dict(options.pop("options", None) or {})
+    guard_filter = settings.pop("guard_filter_fn", None)
+    if mode is not None and settings:
+        raise RuntimeError("fgkernels.compile: either mode or options can be given, not both "
+                           "(as torch.compile)")
+    dynamic = options.get("dynamic")
+    if backend == "inductor":
+        compiler = torch._TorchCompileInductorWrapper(mode, settings, dynamic)
+    else:
+        compiler = torch._TorchCompileWrapper(backend, mode, settings, dynamic)
+    options["backend"] = _GraphsRunAsRules(compiler)
+    if guard_filter is not None:
+        options["options"] = {"guard_filter_fn": guard_filter}
+    return options
+
+
+class _GraphsRunAsRules:
+    """A Dynamo backend: ``compiler``'s, each graph it compiles run as a rule's ops run
+    (``in_rule``), on the parameters as the plain tensors they are.
+
+    The dual pass's torch function mode (``ParameterTangents``) hands out a parameter with a
+    tangent as its Dual; Dynamo traces that into the graph, but the graph's own code meets the
+    mode again when it runs: Inductor's wrapper passes a parameter straight to
+    ``torch.convolution`` (a bias) or ``torch.addmm``, the "eager" backend's graph calls torch's
+    functions on them, and the mode would take them as Duals there."""
+
+    def __init__(self, compiler: Callable):
+        self.compiler = compiler
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs) -> Callable:
+        graph = self.compiler(graph_module, example_inputs)
+
+        @functools.wraps(graph)
+        def run(*args):
+            with in_rule():
+                return graph(*args)
+
+        return run
+
+    def __eq__(self, other) -> bool:
+        # Dynamo takes a graph compiled before only from an equal backend (torch's wrappers
+        # compare their settings): compiling a model again reuses its graphs.
+        return isinstance(other, _GraphsRunAsRules) and self.compiler == other.compiler
+
+    __hash__ = None
+
+    def __getattr__(self, name: str):  # compiler_name, get_compiler_config, reset: compiler's
+        if name == "compiler":  # not set yet (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.compiler, name)

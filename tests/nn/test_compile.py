@@ -564,3 +564,70 @@ def test_a_graph_compiled_without_module_guards_is_not_taken_with_them():
     model[2], net[2] = nn.Tanh(), nn.Tanh()
     _check_compiled_passes([(model, net)], [fgkernels.compile(
         net, backend="aot_eager", fullgraph=True)])
+
+
+@pytest.mark.parametrize("dynamo_backend", ["inductor", "eager"])
+@pytest.mark.parametrize("backend", [b for b in fgkernels.available_backends() if b != "triton"])
+def test_compiled_graphs_take_parameters_as_the_tensors_they_are(backend, dynamo_backend):
+    """A compiled graph runs its own ops on the parameters it was given: Inductor's wrapper
+    hands a parameter straight to ``torch.convolution`` (a bias) or ``torch.addmm``, the
+    "eager" backend's graph calls torch's functions on them, and the dual pass's torch
+    function mode must not take them as Duals there (it would fail on the first, and run
+    forward_ad, a fallback op that strict rules refuse, on the second)."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.weight = nn.Parameter(torch.randn(64, 5))
+            self.bias = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return self.conv(x).relu().flatten(1) @ self.weight + self.bias
+
+    torch.manual_seed(0)
+    net = Net().double()
+    tangents = fgkernels.random_tangents(net, num_tangents=2)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(net, backend=dynamo_backend, fullgraph=True)
+    with fgkernels.use_backend(backend), fgkernels.strict_rules(), torch.no_grad():
+        out = compiled(Dual(x, xt))
+    y, yt = model_jvp(net, [x], [xt], tangents)
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+def test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid():
+    """The garbage collector may free the last tensor with a tangent in the middle of a
+    compile. fgkernels' global module hooks, registered while any tensor has a tangent, are
+    read by the trace and looked up by the guards Dynamo builds after it: they stay until the
+    compiled call returns, and go then."""
+    import gc
+
+    from torch import nn
+    from torch.nn.modules import module as torch_module
+    gc.collect()
+    hooks_before = len(torch_module._global_forward_hooks)
+    doomed = [nn.Linear(2, 2)]
+    fgkernels.random_tangents(doomed[0])
+    assert len(torch_module._global_forward_hooks) == hooks_before + 1, "no tangent was live"
+
+    def freeing_backend(gm, example_inputs):  # runs between the trace and the guards
+        doomed.clear()
+        gc.collect()
+        return gm.forward
+
+    x, xt = torch.randn(2, 3), torch.randn(2, 3)
+    torch._dynamo.reset()
+    out = fgkernels.compile(nn.ReLU(), backend=freeing_backend)(Dual(x, xt))
+    torch.testing.assert_close(out.tangent, torch.where(x > 0, xt, 0.0))
+    assert len(torch_module._global_forward_hooks) == hooks_before
+
+
+def test_fgkernels_compile_refuses_a_mode_and_options_together():
+    """As torch.compile does, before anything is compiled."""
+    with pytest.raises(RuntimeError, match="either mode or options"):
+        fgkernels.compile(torch.nn.ReLU(), mode="max-autotune", options={"cpp_wrapper": True})
