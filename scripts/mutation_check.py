@@ -155,8 +155,8 @@ MUTANTS = [
            ("tests/nn/test_compile.py::"
             "test_a_graph_compiled_without_module_guards_is_not_taken_with_them",)),
     Mutant("torch.compile empties the caller's options", "fgkernels/nn/compiled.py",
-           '    settings = dict(options.pop("options", None) or {})\n',
-           '    settings = options.pop("options", None) or {}\n',
+           "    settings = dict(given or {})\n",
+           "    settings = given or {}\n",
            ("tests/nn/test_compile.py::"
             "test_a_graph_compiled_without_module_guards_is_not_taken_with_them",)),
     # reuse_conv_outputs
@@ -244,6 +244,16 @@ MUTANTS = [
            "            _hooks.sync()  # drops", "            pass  # drops",
            ("tests/nn/test_compile.py::"
             "test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid",)),
+    Mutant("fgkernels.compile takes Inductor whatever torch's default backend",
+           "fgkernels/nn/compiled.py",
+           '    backend = options.pop("backend", None) or _default_backend()\n',
+           '    backend = options.pop("backend", None) or "inductor"\n',
+           ("tests/nn/test_compile.py::test_fgkernels_compile_takes_torchs_default_backend",)),
+    Mutant("fgkernels.compile takes a mode with empty options", "fgkernels/nn/compiled.py",
+           "    if mode is not None and given is not None:\n",
+           "    if mode is not None and given:\n",
+           ("tests/nn/test_compile.py::"
+            "test_fgkernels_compile_refuses_a_mode_and_options_together",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),

@@ -38,7 +38,10 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
         if not _holds_dual(args):
-            return compiled(*args, **kwargs)
+            try:
+                return compiled(*args, **kwargs)
+            finally:
+                _hooks.sync()  # as below
         # The backend is chosen before the trace, not loaded inside it: a trace that loads it
         # is recompiled at the next call, which finds it loaded.
         for a in pytree.tree_leaves(args, is_leaf=lambda v: isinstance(v, Dual)):
@@ -91,27 +94,42 @@ def _entry_point(module: nn.Module, guard_filter: Optional[Callable] = None) -> 
 
 
 def _graphs_run_as_rules(options: dict) -> dict:
-    """torch.compile's ``options`` with the backend they choose (Inductor by default, set by
-    ``mode`` or ``options``; or the one named or given, with them) wrapped in
-    ``_GraphsRunAsRules``. The caller's dicts are left as they were (torch.compile takes
-    ``guard_filter_fn`` out of the one it is given)."""
+    """torch.compile's ``options`` with the backend torch.compile would build from them (the
+    default backend, or the one named or given; Inductor's with ``mode`` or ``options``,
+    ``use_aoti`` and ``name``) wrapped in ``_GraphsRunAsRules``. The caller's dicts are left as
+    they were (torch.compile takes ``guard_filter_fn`` out of the one it is given)."""
     options = dict(options)
-    backend = options.pop("backend", "inductor")
+    backend = options.pop("backend", None) or _default_backend()
     mode = options.pop("mode", None)
-    settings = dict(options.pop("options", None) or {})
-    guard_filter = settings.pop("guard_filter_fn", None)
-    if mode is not None and settings:
+    given = options.pop("options", None)
+    if mode is not None and given is not None:
         raise RuntimeError("fgkernels.compile: either mode or options can be given, not both "
                            "(as torch.compile)")
+    settings = dict(given or {})
+    guard_filter = settings.pop("guard_filter_fn", None)
+    use_aoti = settings.pop("use_aoti", False)
     dynamic = options.get("dynamic")
     if backend == "inductor":
-        compiler = torch._TorchCompileInductorWrapper(mode, settings, dynamic)
+        wrapper = torch._TorchCompileAOTInductorWrapper if use_aoti \
+            else torch._TorchCompileInductorWrapper
+        name = options.get("name")
+        compiler = wrapper(mode, settings, dynamic, *([name] if name is not None else []))
     else:
         compiler = torch._TorchCompileWrapper(backend, mode, settings, dynamic)
     options["backend"] = _GraphsRunAsRules(compiler)
     if guard_filter is not None:
         options["options"] = {"guard_filter_fn": guard_filter}
     return options
+
+
+def _default_backend():
+    """torch.compile's default backend (``torch._dynamo.set_default_backend``), Inductor where
+    torch has no such setting."""
+    try:
+        from torch._dynamo.backends.registry import get_default_backend
+    except ImportError:
+        return "inductor"
+    return get_default_backend()
 
 
 class _GraphsRunAsRules:
@@ -126,6 +144,8 @@ class _GraphsRunAsRules:
 
     def __init__(self, compiler: Callable):
         self.compiler = compiler
+        # torch.compile wraps a backend it is given and names it by ``__name__``
+        self.__name__ = getattr(compiler, "compiler_name", type(compiler).__name__)
 
     def __call__(self, graph_module: torch.fx.GraphModule, example_inputs) -> Callable:
         graph = self.compiler(graph_module, example_inputs)

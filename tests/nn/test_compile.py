@@ -640,5 +640,20 @@ def test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid():
 
 def test_fgkernels_compile_refuses_a_mode_and_options_together():
     """As torch.compile does, before anything is compiled."""
-    with pytest.raises(RuntimeError, match="either mode or options"):
-        fgkernels.compile(torch.nn.ReLU(), mode="max-autotune", options={"cpp_wrapper": True})
+    for options in ({"cpp_wrapper": True}, {}):
+        with pytest.raises(RuntimeError, match="either mode or options"):
+            fgkernels.compile(torch.nn.ReLU(), mode="max-autotune", options=options)
+
+
+def test_fgkernels_compile_takes_torchs_default_backend(monkeypatch):
+    """No backend given, or None: the one ``torch._dynamo.set_default_backend`` chose, as for
+    torch.compile."""
+    from torch._dynamo.backends import registry
+    graphs = []
+    monkeypatch.setattr(registry, "get_default_backend", lambda: _recording_backend(graphs))
+    x = torch.randn(2, 3)
+    torch._dynamo.reset()
+    for backend in ({}, {"backend": None}):
+        out = fgkernels.compile(torch.nn.ReLU(), **backend)(Dual(x, torch.randn_like(x)))
+        torch.testing.assert_close(out.primal, x.relu())
+    assert len(graphs) == 2
