@@ -35,6 +35,7 @@ SEMANTICS = ("tests/dual/test_dual_semantics.py",)
 TRAINER = ("tests/train/test_train.py",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
 TRITON = ("tests/backends/test_triton.py",)
+COMPILE = "tests/nn/test_compile.py::"  # + a test's name
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
@@ -254,6 +255,10 @@ MUTANTS = [
            "    if mode is not None and given:\n",
            ("tests/nn/test_compile.py::"
             "test_fgkernels_compile_refuses_a_mode_and_options_together",)),
+    Mutant("Dynamo is not told how to trace @ between two Duals", "fgkernels/dual/dynamo.py",
+           "    if isinstance(table, dict):\n        table.setdefault(operator.matmul,",
+           "    if False:\n        table.setdefault(operator.matmul,",
+           (COMPILE + "test_operators_between_duals_compile_as_written",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),

@@ -83,3 +83,18 @@ def add_reflected_matmul() -> None:
     if isinstance(table, dict):
         # Dynamo fills the table lazily and never with ``@`` (it skips it): the entry stays.
         table.setdefault(operator.matmul, torch.Tensor.__rmatmul__)
+
+
+def add_matmul_of_objects() -> None:
+    """Dynamo traces ``a * b`` between two objects that are not tensors (two Duals) through
+    their ``__mul__``, but ``a @ b`` through nothing: its table of the operators it hands to
+    their dunder methods (``BuiltinVariable._binops``, cached) names ``@`` only in a comment,
+    so ``q @ k.transpose(-2, -1)`` in an attention written out stopped the trace. Give it the
+    entry, before Dynamo builds its handlers from the table. A torch whose Dynamo has no such
+    table, or has the entry, is left as it is (tests/nn/test_compile.py checks ``@``)."""
+    builtin = getattr(sys.modules.get(BUILTIN_TABLES), "BuiltinVariable", None)
+    binops = getattr(builtin, "_binops", None)
+    table = binops() if callable(binops) else None
+    if isinstance(table, dict):
+        table.setdefault(operator.matmul,
+                         (["__matmul__", "__rmatmul__", "__imatmul__"], operator.imatmul))

@@ -304,6 +304,27 @@ def test_operators_beside_a_plain_tensor_compile_as_written(name):
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
 
 
+BETWEEN_DUALS = {"a @ b": lambda a, b: a @ b, "a - b": lambda a, b: a - b,
+                 "a / b": lambda a, b: a / b, "a + b": lambda a, b: a + b,
+                 "a * b": lambda a, b: a * b,
+                 "attention": lambda a, b: math_attention(a, b, a - b)}
+
+
+@pytest.mark.parametrize("name", sorted(BETWEEN_DUALS))
+def test_operators_between_duals_compile_as_written(name):
+    """Two Duals on either side of an operator, compiled: forward_ad's numbers. Dynamo hands
+    ``a * b`` between two objects to their ``__mul__``, but had no such entry for ``@``:
+    an attention written out (``q @ k.transpose(-2, -1)``) stopped the trace."""
+    fn = BETWEEN_DUALS[name]
+    x, xt = torch.randn(5, 5, dtype=torch.float64), torch.randn(2, 5, 5, dtype=torch.float64)
+    w, wt = torch.randn(5, 5, dtype=torch.float64), torch.randn(2, 5, 5, dtype=torch.float64)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(Dual(x, xt), Dual(w, wt))
+    y, yt = forward_ad_jvp(fn, [x, w], [xt, wt])
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
 def test_an_op_on_the_fallback_compiles_in_one_graph():
     """An op with no rule of its own (``logcumsumexp``: torch.func.jvp computes its tangents)
     compiled with ``fullgraph``: forward_ad's numbers. The fallback's name lookup is a constant
