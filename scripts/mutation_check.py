@@ -255,6 +255,19 @@ MUTANTS = [
            "    if mode is not None and given:\n",
            ("tests/nn/test_compile.py::"
             "test_fgkernels_compile_refuses_a_mode_and_options_together",)),
+    Mutant("one rule depth for every thread", "fgkernels/dual/value.py",
+           "class _RuleDepth(threading.local):", "class _RuleDepth:",
+           (COMPILE + "test_a_rule_in_another_thread_leaves_a_compiled_pass_its_parameters",)),
+    Mutant("one compiled-pass flag for every thread", "fgkernels/dual/tangents.py",
+           "class _CompiledPass(threading.local):", "class _CompiledPass:",
+           (COMPILE + "test_a_compiled_pass_in_another_thread_leaves_an_eager_pass_its_"
+            "parameters",)),
+    Mutant("the module hooks take another thread's compile for their own",
+           "fgkernels/dual/tangents.py",
+           "        if torch.compiler.is_dynamo_compiling():\n            if _holds_dual(args):",
+           "        if torch.compiler.is_compiling():\n            if _holds_dual(args):",
+           (COMPILE + "test_a_compiled_pass_in_another_thread_leaves_an_eager_pass_its_"
+            "parameters",)),
     Mutant("Dynamo is not told how to trace @ between two Duals", "fgkernels/dual/dynamo.py",
            "    if isinstance(table, dict):\n        table.setdefault(operator.matmul,",
            "    if False:\n        table.setdefault(operator.matmul,",

@@ -54,7 +54,7 @@ def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
     """Line up the slots of ``operands`` (None for an operand without tangent) for op ``op``.
     A network meets the same few slot layouts at every layer and pass: each is planned once
     (under torch.compile afresh: a trace runs once, and Dynamo would warn at the cache)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return _plan.__wrapped__(tuple(operands), op)
     return _plan(tuple(operands), op)
 
@@ -199,6 +199,6 @@ def positions_index(positions: tuple[int, ...], device: torch.device) -> torch.T
     if index is None:
         index = torch.tensor(key[0], device=device)
         # Only a real tensor is kept: one made while tracing (a fake tensor) belongs to it.
-        if type(index) is torch.Tensor and not torch.compiler.is_compiling():
+        if type(index) is torch.Tensor and not torch.compiler.is_dynamo_compiling():
             _INDEX[key] = index
     return index

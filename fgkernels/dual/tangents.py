@@ -401,8 +401,17 @@ def _as_dual(v):
     return v if d is None else d
 
 
-# True while fgkernels.compile runs a compiled dual pass under ParameterTangents.
-_compiled_pass = [False]
+class _CompiledPass(threading.local):
+    """Whether this thread runs a compiled dual pass of ``fgkernels.compile`` (under
+    ``ParameterTangents``, which does the hooks' substitution). Per thread: an eager pass in
+    another thread substitutes as ever. (Set on the instance at each thread's first use, as
+    ``value._RuleDepth``.)"""
+
+    def __init__(self):
+        self.running = False
+
+
+_compiled_pass = _CompiledPass()
 
 
 def _holds_tangents(module: nn.Module) -> bool:
@@ -438,9 +447,11 @@ class _Hooks:
             self.sync()
 
     def pre(self, module: nn.Module, args: tuple) -> None:
-        if _compiled_pass[0]:  # ParameterTangents does the substitution's work
+        if _compiled_pass.running:  # ParameterTangents does the substitution's work
             return
-        if torch.compiler.is_compiling():
+        # Dynamo traces this call (fgkernels asks ``is_dynamo_compiling`` throughout: torch
+        # holds ``is_compiling`` true in every thread while any one compiles).
+        if torch.compiler.is_dynamo_compiling():
             if _holds_dual(args):
                 _check_compilable(module)
             return
@@ -468,7 +479,7 @@ class _Hooks:
             self.sync()
 
     def post(self, module: nn.Module, args: tuple, *rest) -> None:
-        if _compiled_pass[0] or torch.compiler.is_compiling():
+        if _compiled_pass.running or torch.compiler.is_dynamo_compiling():
             return
         active = getattr(self.local, "active", None)
         if active is None:

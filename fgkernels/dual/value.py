@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Sequence
 from typing import Callable, NamedTuple, Optional
 
@@ -107,8 +108,17 @@ def differentiable(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-# How deep the running code is inside fgkernels' rules (a plain list: torch.compile reads it).
-_rule_depth = [0]
+class _RuleDepth(threading.local):
+    """How deep this thread's running code is inside fgkernels' rules. Per thread: another
+    thread's rule must not let this thread's parameters pass as plain tensors. Dynamo reads
+    it and guards on it; each thread's first use sets the count on the instance, so the guards
+    a trace builds in a new thread hold after the trace's own code ran there."""
+
+    def __init__(self):
+        self.depth = 0
+
+
+_rule_depth = _RuleDepth()
 
 
 class _InRule:
@@ -118,10 +128,10 @@ class _InRule:
     __slots__ = ()
 
     def __enter__(self) -> None:
-        _rule_depth[0] += 1
+        _rule_depth.depth += 1
 
     def __exit__(self, *exc) -> bool:
-        _rule_depth[0] -= 1
+        _rule_depth.depth -= 1
         return False
 
 
@@ -134,7 +144,7 @@ def in_rule() -> _InRule:
 
 def inside_rule() -> bool:
     """True while a rule is computed (see ``in_rule``)."""
-    return _rule_depth[0] > 0
+    return _rule_depth.depth > 0
 
 
 def check_direction(direction, who: str) -> None:
@@ -449,7 +459,7 @@ class Dual:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        rule = _rule_while_compiling(func) if torch.compiler.is_compiling() else \
+        rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
             _RULES.get(func)
         with in_rule():
             if rule is None or kwargs.get("out") is not None:  # out=: written in place

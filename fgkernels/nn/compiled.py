@@ -47,12 +47,12 @@ def compile(module: nn.Module, **options: Any) -> Callable:
         for a in pytree.tree_leaves(args, is_leaf=lambda v: isinstance(v, Dual)):
             if isinstance(a, Dual):
                 current_backend(a.device)
-        _compiled_pass[0] = True
+        outer, _compiled_pass.running = _compiled_pass.running, True
         try:
             with ParameterTangents():
                 return compiled(*args, **kwargs)
         finally:
-            _compiled_pass[0] = False
+            _compiled_pass.running = outer
             _hooks.sync()  # drops the global hooks if the last tangent went while compiling
 
     run.compiled = compiled

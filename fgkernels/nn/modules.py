@@ -59,7 +59,7 @@ def _own_call(cls: type) -> bool:
     """True if a class of ``cls``'s MRO besides ``nn.Module`` defines ``__call__`` (a user's
     layer subclass, converted into a twin or not). Cached, but not while Dynamo traces: it
     would trace through the cache, and warn that it does."""
-    return _defines_call(cls) if torch.compiler.is_compiling() else _defines_call_cached(cls)
+    return _defines_call(cls) if torch.compiler.is_dynamo_compiling() else _defines_call_cached(cls)
 
 
 class DualModule(_DirectCall):
@@ -330,7 +330,7 @@ def _unobserved(layer: nn.Module) -> bool:
     checks what the pass cannot substitute) nor the JIT tracer running, no hook of its own or
     global one (forward or backward, fgkernels' own aside), no in-place compile of the layer,
     and no ``__call__`` of its class's own."""
-    return (not torch.compiler.is_compiling() and not torch._C._get_tracing_state()
+    return (not torch.compiler.is_dynamo_compiling() and not torch._C._get_tracing_state()
             and _unhooked(layer) and layer._compiled_call_impl is None
             and not (layer._backward_hooks or layer._backward_pre_hooks
                      or torch_module._global_backward_hooks

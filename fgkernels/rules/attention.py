@@ -146,7 +146,7 @@ def _attention_math(q: Dual, k: Dual, v: Dual, bias, scale: float, dropout_p: fl
     p = softmax(s, -1)
     # Eagerly the select is skipped when no row is empty; a compiled graph cannot branch on
     # the data, so it always selects.
-    if torch.compiler.is_compiling() or bool(empty.any()):
+    if torch.compiler.is_dynamo_compiling() or bool(empty.any()):
         p = torch.where(empty, 0.0, p)
     if dropout_p > 0.0:
         p = dropout(p, dropout_p, True)

@@ -120,7 +120,7 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     if _strict():
         raise TypeError(f"fgkernels.Dual has no forward-mode rule for '{name}' (strict mode: "
                         "the forward-AD fallback is off)")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_dynamo_compiling():
         _note(name)
     # torch's forward AD wants each tangent in its primal's dtype: lower-precision tangents are
     # widened for the op and its result rounded back to the output slots' dtype.

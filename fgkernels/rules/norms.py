@@ -39,7 +39,7 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r
     m1r = xt.mean(tdims, keepdim=True).mul_(r)
     # Traced, no out= (Dynamo refuses a strided one and breaks the graph; Inductor fuses the
     # expression into one buffer anyway).
-    out = None if torch.compiler.is_compiling() else buffer
+    out = None if torch.compiler.is_dynamo_compiling() else buffer
     xt_hat = torch.addcmul(m1r.neg_(), xt, r, out=out)
     return xhat, xt_hat.addcmul_(xhat, m2r, value=-1)
 

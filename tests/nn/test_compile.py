@@ -5,6 +5,7 @@ import copy
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -678,3 +679,89 @@ def test_fgkernels_compile_takes_torchs_default_backend(monkeypatch):
         out = fgkernels.compile(torch.nn.ReLU(), **backend)(Dual(x, torch.randn_like(x)))
         torch.testing.assert_close(out.primal, x.relu())
     assert len(graphs) == 2
+
+
+class _Scaled(torch.nn.Module):
+    """A parameter used alone (``2 * weight``) before it meets the input: the op that scales it
+    has no Dual among its operands, so its tangent comes only from the pass's substitution."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, x):
+        return x @ (2 * self.weight)
+
+
+def _parameter_alone_and_oracle():
+    torch.manual_seed(0)
+    net = _Scaled().double()
+    tangents = fgkernels.random_tangents(net, num_tangents=2)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    return net, x, xt, model_jvp(net, [x], [xt], tangents)
+
+
+def _assert_pass_equals(out, oracle):
+    torch.testing.assert_close(out.primal, oracle[0], **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, oracle[1], **TOL[torch.float64])
+
+
+def test_a_rule_in_another_thread_leaves_a_compiled_pass_its_parameters():
+    """Whether code runs inside a rule is a thread's own: while another thread computes one,
+    this thread's compiled pass still hands out the parameters as their Duals."""
+    from fgkernels.dual.value import in_rule
+    net, x, xt, oracle = _parameter_alone_and_oracle()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_a_rule():
+        with in_rule():
+            inside.set()
+            release.wait(60)
+
+    other = threading.Thread(target=hold_a_rule)
+    other.start()
+    try:
+        assert inside.wait(60)
+        torch._dynamo.reset()
+        out = fgkernels.compile(net, backend="eager", fullgraph=True)(Dual(x, xt))
+    finally:
+        release.set()
+        other.join()
+    _assert_pass_equals(out, oracle)
+
+
+def test_a_compiled_pass_in_another_thread_leaves_an_eager_pass_its_parameters():
+    """While another thread runs a compiled dual pass (here, held in its backend), this
+    thread's eager pass of an unconverted model still substitutes the parameters."""
+    net, x, xt, oracle = _parameter_alone_and_oracle()
+    compiling, release = threading.Event(), threading.Event()
+
+    def holding_backend(gm, example_inputs):
+        compiling.set()
+        release.wait(60)
+        return gm.forward
+
+    v = torch.randn(2, 3)
+    result = []
+
+    def compiled_pass():
+        try:
+            result.append(fgkernels.compile(torch.nn.ReLU(), backend=holding_backend)(
+                Dual(v, torch.ones_like(v))))
+        except BaseException as e:  # noqa: BLE001 (reported below, in the test's thread)
+            result.append(e)
+
+    torch._dynamo.reset()
+    other = threading.Thread(target=compiled_pass)
+    other.start()
+    try:
+        assert compiling.wait(60)
+        out = net(Dual(x, xt))
+    finally:
+        release.set()
+        other.join()
+    _assert_pass_equals(out, oracle)
+    (theirs,) = result
+    assert isinstance(theirs, Dual), theirs
+    torch.testing.assert_close(theirs.tangent, (v > 0).float())
