@@ -33,7 +33,8 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     if not isinstance(module, nn.Module):
         raise TypeError(f"fgkernels.compile: expected an nn.Module, got {type(module).__name__}")
     guard_filter = (options.get("options") or {}).get("guard_filter_fn")
-    compiled = torch.compile(_entry_point(module, guard_filter), **_graphs_run_as_rules(options))
+    options = _graphs_run_as_rules(options)
+    compiled = torch.compile(_entry_point(module, guard_filter), **options)
 
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
@@ -56,6 +57,11 @@ def compile(module: nn.Module, **options: Any) -> Callable:
             _hooks.sync()  # drops the global hooks if the last tangent went while compiling
 
     run.compiled = compiled
+    # torch.compile's public answer to "compiled with what?": the wrapped backend's settings
+    # (Inductor's patched config), not those of the wrapper torch puts around any backend given
+    # as a callable, which has none.
+    run.get_compiler_config = compiled.get_compiler_config = \
+        options["backend"].compiler_config
     return run
 
 
@@ -156,6 +162,12 @@ class _GraphsRunAsRules:
                 return graph(*args)
 
         return run
+
+    def compiler_config(self) -> Any:
+        """``get_compiler_config()`` of the backend that compiles the graphs (None where it
+        has no such method, as for torch.compile with that backend)."""
+        config = getattr(self.compiler, "get_compiler_config", None)
+        return config() if config is not None else None
 
     def __eq__(self, other) -> bool:
         # Dynamo takes a graph compiled before only from an equal backend (torch's wrappers

@@ -765,3 +765,13 @@ def test_a_compiled_pass_in_another_thread_leaves_an_eager_pass_its_parameters()
     (theirs,) = result
     assert isinstance(theirs, Dual), theirs
     torch.testing.assert_close(theirs.tangent, (v > 0).float())
+
+
+def test_fgkernels_compile_reports_its_backends_config():
+    """``get_compiler_config()``, on the compiled call as on torch.compile's result: Inductor's
+    patched config, options included; None for a backend without one, as torch.compile."""
+    run = fgkernels.compile(torch.nn.ReLU(), options={"cpp_wrapper": True})
+    for config in (run.get_compiler_config(), run.compiled.get_compiler_config()):
+        assert config["cpp_wrapper"] is True
+    assert fgkernels.compile(torch.nn.ReLU()).get_compiler_config()["cpp_wrapper"] is False
+    assert fgkernels.compile(torch.nn.ReLU(), backend="eager").get_compiler_config() is None
