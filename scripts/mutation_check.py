@@ -276,6 +276,9 @@ MUTANTS = [
            "    if isinstance(table, dict):\n        table.setdefault(operator.matmul,",
            "    if False:\n        table.setdefault(operator.matmul,",
            (COMPILE + "test_operators_between_duals_compile_as_written",)),
+    Mutant("Dynamo traces a parameter's .T past the compiled pass's mode",
+           "fgkernels/dual/dynamo.py", "    variable.var_getattr = var_getattr\n", "    pass\n",
+           (COMPILE + "test_a_parameter_read_through_a_property_keeps_its_tangent_compiled",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),

@@ -98,3 +98,45 @@ def add_matmul_of_objects() -> None:
     if isinstance(table, dict):
         table.setdefault(operator.matmul,
                          (["__matmul__", "__rmatmul__", "__imatmul__"], operator.imatmul))
+
+
+# The Tensor properties whose value is a tensor computed from the tensor (not its metadata):
+# read through a torch function mode in eager, but traced by Dynamo straight into the graph.
+TENSOR_VALUED_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+
+def route_tensor_properties_through_modes() -> None:
+    """Dynamo traces ``p.T`` (``mT``, ``H``, ``mH``, ``real``, ``imag``) on a plain tensor
+    straight into the graph, past the torch function modes on the stack, which eager torch
+    hands the read to. Under the compiled pass's mode (``ParameterTangents``) the transpose of
+    a parameter with a tangent, ``x @ self.weight.T`` (a tied embedding's, say), then lost its
+    tangent without a word. While a mode that asks for them (``traces_tensor_properties``)
+    is on the stack, route these reads to the modes, as eager torch does and as Dynamo does for
+    a tensor subclass's; other libraries' modes are traced as before. A torch whose Dynamo lays
+    this out otherwise is left as it is (tests/nn/test_compile.py checks the properties)."""
+    tensor = sys.modules.get("torch._dynamo.variables.tensor")
+    torch_function = sys.modules.get("torch._dynamo.variables.torch_function")
+    variable = getattr(tensor, "TensorVariable", None)
+    dispatch = getattr(torch_function, "dispatch_torch_function", None)
+    can_dispatch = getattr(torch_function, "can_dispatch_torch_function", None)
+    if variable is None or dispatch is None or can_dispatch is None \
+            or getattr(variable.var_getattr, "routes_properties", False):
+        return
+    traced = variable.var_getattr
+
+    def var_getattr(self, tx, name):
+        if name in TENSOR_VALUED_PROPERTIES and type(self) is variable \
+                and _asks_for_properties(tx.symbolic_torch_function_state.mode_stack) \
+                and can_dispatch(tx, [self], {}):
+            from torch._dynamo.variables.base import VariableTracker
+            getter = VariableTracker.build(tx, getattr(torch.Tensor, name).__get__)
+            return dispatch(tx, getter, [self], {})
+        return traced(self, tx, name)
+
+    var_getattr.routes_properties = True
+    variable.var_getattr = var_getattr
+
+
+def _asks_for_properties(modes) -> bool:
+    return any(getattr(type(getattr(m, "value", None)), "traces_tensor_properties", False)
+               for m in modes)

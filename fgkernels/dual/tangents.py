@@ -334,6 +334,10 @@ class ParameterTangents(TorchFunctionMode):
     other operands: the dual pass's substitution written as a torch function mode, which
     ``torch.compile`` traces (it cannot trace the substitution of module parameters)."""
 
+    # Dynamo hands it ``p.T`` and the other tensor-valued properties, as eager torch does
+    # (``dynamo.route_tensor_properties_through_modes``).
+    traces_tensor_properties = True
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if inside_rule() or isinstance(func, (torch._ops.OpOverload,

@@ -9,7 +9,12 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from .dtypes import tangent_dtype_fits
-from .dynamo import add_matmul_of_objects, add_reflected_matmul, when_dynamo_loads
+from .dynamo import (
+    add_matmul_of_objects,
+    add_reflected_matmul,
+    route_tensor_properties_through_modes,
+    when_dynamo_loads,
+)
 from .layout import in_kernel_layout, kernel_format, slots_in_format
 from .slots import Directions, SlotOperand, positions_index
 
@@ -50,6 +55,7 @@ def _rule_while_compiling(func: Callable) -> Optional[Callable]:
 
 when_dynamo_loads(add_reflected_matmul)
 when_dynamo_loads(add_matmul_of_objects)
+when_dynamo_loads(route_tensor_properties_through_modes)
 
 
 def implements_fallback(rule: Callable) -> Callable:

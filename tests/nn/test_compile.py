@@ -1,6 +1,7 @@
 """torch.compile over a converted model's dual pass: the whole pass is one graph
 (``fullgraph=True``: no graph break, the ops' fakes registered at import) and computes what
 eager computes, running statistics included."""
+import contextlib
 import copy
 import os
 import subprocess
@@ -775,3 +776,36 @@ def test_fgkernels_compile_reports_its_backends_config():
         assert config["cpp_wrapper"] is True
     assert fgkernels.compile(torch.nn.ReLU()).get_compiler_config()["cpp_wrapper"] is False
     assert fgkernels.compile(torch.nn.ReLU(), backend="eager").get_compiler_config() is None
+
+
+TENSOR_PROPERTIES = {"T": lambda w: w.T, "mT": lambda w: w.mT, "H": lambda w: w.H,
+                     "mH": lambda w: w.mH, "real": lambda w: w.real}
+
+
+@pytest.mark.parametrize("name", sorted(TENSOR_PROPERTIES))
+def test_a_parameter_read_through_a_property_keeps_its_tangent_compiled(name):
+    """``x @ self.weight.T`` (a tied embedding's weight, say) in an unconverted model under
+    fgkernels.compile: Dynamo traced the property straight into the graph, past the pass's
+    torch function mode, and the transpose lost its tangent without a word. A buffer's
+    property beside it stays the plain tensor it is."""
+    read = TENSOR_PROPERTIES[name]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(5, 5))
+            self.register_buffer("mix", torch.randn(5, 5))
+
+        def forward(self, x):
+            return x @ read(self.weight) + x @ read(self.mix)
+
+    torch.manual_seed(0)
+    net = Net().double()
+    tangents = fgkernels.random_tangents(net, num_tangents=2)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    torch._dynamo.reset()
+    # the transposes have rules; ``real`` has none, and takes forward_ad's, as in eager
+    with fgkernels.strict_rules() if name != "real" else contextlib.nullcontext():
+        out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+    _assert_pass_equals(out, model_jvp(net, [x], [xt], tangents))
