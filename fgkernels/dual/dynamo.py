@@ -126,7 +126,7 @@ def route_tensor_properties_through_modes() -> None:
 
     def var_getattr(self, tx, name):
         if name in TENSOR_VALUED_PROPERTIES and type(self) is variable \
-                and _asks_for_properties(tx.symbolic_torch_function_state.mode_stack) \
+                and _mode_asks(tx) \
                 and can_dispatch(tx, [self], {}):
             from torch._dynamo.variables.base import VariableTracker
             getter = VariableTracker.build(tx, getattr(torch.Tensor, name).__get__)
@@ -137,6 +137,43 @@ def route_tensor_properties_through_modes() -> None:
     variable.var_getattr = var_getattr
 
 
-def _asks_for_properties(modes) -> bool:
+def route_rows_and_abs_through_modes() -> None:
+    """The same for two more reads Dynamo traces past the modes: the rows of a tensor iterated
+    or unpacked (``for row in self.weight``, ``f(*self.weight)``), and Python's ``abs(p)``.
+    Eager torch hands ``__iter__`` and ``__abs__`` to the modes; Dynamo put plain rows and a
+    plain ``abs`` in the graph, and a parameter's tangent was lost there too. Under a mode that
+    asks for them, the rows are taken by indexing and ``abs`` is ``torch.abs``, both of which
+    Dynamo hands to the modes."""
+    tensor = sys.modules.get("torch._dynamo.variables.tensor")
+    builtin = getattr(sys.modules.get(BUILTIN_TABLES), "BuiltinVariable", None)
+    variable = getattr(tensor, "TensorVariable", None)
+    if variable is None or builtin is None or not hasattr(builtin, "call_abs") \
+            or getattr(variable.unpack_var_sequence, "routes_rows", False):
+        return
+    unpack, builtin_abs = variable.unpack_var_sequence, builtin.call_abs
+
+    def unpack_var_sequence(self, tx, idxes=None):
+        rows = unpack(self, tx, idxes)  # plain rows, and torch's checks of the unpacking
+        if type(self) is not variable or not _mode_asks(tx):
+            return rows
+        from torch._dynamo.variables.base import VariableTracker
+        getitem = builtin(operator.getitem)
+        return [getitem.call_function(tx, [self, VariableTracker.build(tx, i)], {})
+                for i in (idxes if idxes is not None else range(len(rows)))]
+
+    def call_abs(self, tx, arg):
+        if type(arg) is variable and _mode_asks(tx):
+            from torch._dynamo.variables.base import VariableTracker
+            return VariableTracker.build(tx, torch.abs).call_function(tx, [arg], {})
+        return builtin_abs(self, tx, arg)
+
+    unpack_var_sequence.routes_rows = True
+    variable.unpack_var_sequence = unpack_var_sequence
+    builtin.call_abs = call_abs
+
+
+def _mode_asks(tx) -> bool:
+    """True while a torch function mode that asks for the reads Dynamo traces past the modes
+    (``traces_tensor_properties``) is on the stack of the trace."""
     return any(getattr(type(getattr(m, "value", None)), "traces_tensor_properties", False)
-               for m in modes)
+               for m in tx.symbolic_torch_function_state.mode_stack)

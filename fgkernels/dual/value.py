@@ -12,6 +12,7 @@ from .dtypes import tangent_dtype_fits
 from .dynamo import (
     add_matmul_of_objects,
     add_reflected_matmul,
+    route_rows_and_abs_through_modes,
     route_tensor_properties_through_modes,
     when_dynamo_loads,
 )
@@ -56,6 +57,7 @@ def _rule_while_compiling(func: Callable) -> Optional[Callable]:
 when_dynamo_loads(add_reflected_matmul)
 when_dynamo_loads(add_matmul_of_objects)
 when_dynamo_loads(route_tensor_properties_through_modes)
+when_dynamo_loads(route_rows_and_abs_through_modes)
 
 
 def implements_fallback(rule: Callable) -> Callable:

@@ -778,17 +778,25 @@ def test_fgkernels_compile_reports_its_backends_config():
     assert fgkernels.compile(torch.nn.ReLU(), backend="eager").get_compiler_config() is None
 
 
-TENSOR_PROPERTIES = {"T": lambda w: w.T, "mT": lambda w: w.mT, "H": lambda w: w.H,
-                     "mH": lambda w: w.mH, "real": lambda w: w.real}
+def _outer_sums(rows):
+    return sum(r.unsqueeze(0) * r.unsqueeze(1) for r in rows)
 
 
-@pytest.mark.parametrize("name", sorted(TENSOR_PROPERTIES))
-def test_a_parameter_read_through_a_property_keeps_its_tangent_compiled(name):
-    """``x @ self.weight.T`` (a tied embedding's weight, say) in an unconverted model under
-    fgkernels.compile: Dynamo traced the property straight into the graph, past the pass's
-    torch function mode, and the transpose lost its tangent without a word. A buffer's
-    property beside it stays the plain tensor it is."""
-    read = TENSOR_PROPERTIES[name]
+# Reads of a tensor that Dynamo traced past the torch function modes: its properties, its rows
+# (iterated or unpacked) and Python's abs.
+READS_PAST_THE_MODE = {
+    "T": lambda w: w.T, "mT": lambda w: w.mT, "H": lambda w: w.H, "mH": lambda w: w.mH,
+    "real": lambda w: w.real, "rows": lambda w: _outer_sums(row for row in w),
+    "unpacked": lambda w: (lambda *rows: _outer_sums(rows))(*w), "abs": abs}
+
+
+@pytest.mark.parametrize("name", sorted(READS_PAST_THE_MODE))
+def test_a_parameter_read_past_the_mode_keeps_its_tangent_compiled(name):
+    """``x @ self.weight.T`` (a tied embedding's weight, say), ``for row in self.weight`` or
+    ``abs(self.weight)`` in an unconverted model under fgkernels.compile: Dynamo traced the
+    read straight into the graph, past the pass's torch function mode, and the result lost its
+    tangent without a word. A buffer's read beside it stays the plain tensor it is."""
+    read = READS_PAST_THE_MODE[name]
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -805,7 +813,7 @@ def test_a_parameter_read_through_a_property_keeps_its_tangent_compiled(name):
     x = torch.randn(4, 5, dtype=torch.float64)
     xt = torch.randn(2, *x.shape, dtype=torch.float64)
     torch._dynamo.reset()
-    # the transposes have rules; ``real`` has none, and takes forward_ad's, as in eager
-    with fgkernels.strict_rules() if name != "real" else contextlib.nullcontext():
+    # ``real`` and ``abs`` have no rules of their own: they take forward_ad's, as in eager
+    with fgkernels.strict_rules() if name not in ("real", "abs") else contextlib.nullcontext():
         out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
     _assert_pass_equals(out, model_jvp(net, [x], [xt], tangents))
