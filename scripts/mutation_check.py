@@ -277,7 +277,7 @@ MUTANTS = [
            "    if False:\n        table.setdefault(operator.matmul,",
            (COMPILE + "test_operators_between_duals_compile_as_written",)),
     Mutant("Dynamo traces a parameter's .T past the compiled pass's mode",
-           "fgkernels/dual/dynamo.py", "    variable.var_getattr = var_getattr\n", "    pass\n",
+           "fgkernels/dual/dynamo.py", "    setattr(variable, method, var_getattr)\n", "    pass\n",
            (COMPILE + "test_a_parameter_read_past_the_mode_keeps_its_tangent_compiled",)),
     Mutant("Dynamo unpacks a parameter's rows past the compiled pass's mode",
            "fgkernels/dual/dynamo.py", "    variable.unpack_var_sequence = unpack_var_sequence\n",

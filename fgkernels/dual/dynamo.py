@@ -119,10 +119,12 @@ def route_tensor_properties_through_modes() -> None:
     variable = getattr(tensor, "TensorVariable", None)
     dispatch = getattr(torch_function, "dispatch_torch_function", None)
     can_dispatch = getattr(torch_function, "can_dispatch_torch_function", None)
-    if variable is None or dispatch is None or can_dispatch is None \
-            or getattr(variable.var_getattr, "routes_properties", False):
+    # the attribute read's method: ``var_getattr``, ``tp_getattro_impl`` from torch 2.14
+    method = next((m for m in ("var_getattr", "tp_getattro_impl") if hasattr(variable, m)), None)
+    if method is None or dispatch is None or can_dispatch is None \
+            or getattr(getattr(variable, method), "routes_properties", False):
         return
-    traced = variable.var_getattr
+    traced = getattr(variable, method)
 
     def var_getattr(self, tx, name):
         if name in TENSOR_VALUED_PROPERTIES and type(self) is variable \
@@ -134,7 +136,7 @@ def route_tensor_properties_through_modes() -> None:
         return traced(self, tx, name)
 
     var_getattr.routes_properties = True
-    variable.var_getattr = var_getattr
+    setattr(variable, method, var_getattr)
 
 
 def route_rows_and_abs_through_modes() -> None:
@@ -147,7 +149,7 @@ def route_rows_and_abs_through_modes() -> None:
     tensor = sys.modules.get("torch._dynamo.variables.tensor")
     builtin = getattr(sys.modules.get(BUILTIN_TABLES), "BuiltinVariable", None)
     variable = getattr(tensor, "TensorVariable", None)
-    if variable is None or builtin is None or not hasattr(builtin, "call_abs") \
+    if not hasattr(variable, "unpack_var_sequence") or not hasattr(builtin, "call_abs") \
             or getattr(variable.unpack_var_sequence, "routes_rows", False):
         return
     unpack, builtin_abs = variable.unpack_var_sequence, builtin.call_abs
