@@ -53,6 +53,13 @@ def _close(actual, oracle):
     assert_within_torch_error(actual, oracle, TOL[torch.float64])
 
 
+def _reads_padding_only(size, k, stride, padding, dilation):
+    """Whether every output position along an axis of ``size`` has all its taps in padding."""
+    out = (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    return not any(0 <= o * stride - padding + j * dilation < size
+                   for o in range(out) for j in range(k))
+
+
 @st.composite
 def conv_cases(draw):
     dtype, layout, T = draw(dtypes), draw(layouts), draw(slots)
@@ -66,9 +73,15 @@ def conv_cases(draw):
     padding = draw(st.integers(0, 3))
     least = max(1, dilation * (k - 1) + 1 - 2 * padding)  # the smallest map with an output
     size = lambda: draw(st.integers(least, least + 6))
-    x = _tensor(draw, (n, cin, size(), size()), dtype, layout)
+    height, width = size(), size()
+    biased = draw(st.booleans())
+    # torch's own oneDNN convolution (x86, float32, channels_last, with a bias) kills the process
+    # with SIGSEGV when every output column reads padding only; F.conv2d alone does it.
+    assume(not (biased and dtype == torch.float32 and layout == "channels_last"
+                and _reads_padding_only(width, k, stride, padding, dilation)))
+    x = _tensor(draw, (n, cin, height, width), dtype, layout)
     w = _tensor(draw, (cout, cin // groups, k, k), dtype)
-    b = _tensor(draw, (cout,), dtype) if draw(st.booleans()) else None
+    b = _tensor(draw, (cout,), dtype) if biased else None
     which = draw(st.sampled_from(["x", "params", "all"]))
     xt = _tensor(draw, (T, *x.shape), dtype) if which != "params" else None
     wt = _tensor(draw, (T, *w.shape), dtype) if which != "x" else None
