@@ -84,6 +84,8 @@ MUTANTS = [
            "(lambda t: t) if alpha == 1 else (lambda t: t * alpha)", "(lambda t: t)", OPS),
     Mutant("mul scales the other tangent by the wrong factor", "fgkernels/rules/pointwise.py",
            "(bo, bt, lambda t: _like(a, t) * t)", "(bo, bt, lambda t: _like(b, t) * t)", OPS),
+    Mutant("a number bound's tie taken as outside the bounds", "fgkernels/rules/pointwise.py",
+           "inside &= x >= min if not _CLAMP_TIES_SHARED else x > min", "inside &= x > min", OPS),
     Mutant("norm adds the covariance term", "fgkernels/rules/norms.py",
            "xt_hat.addcmul_(xhat, m2r, value=-1)", "xt_hat.addcmul_(xhat, m2r, value=1)", OPS),
     Mutant("norm drops the bias tangent beside the weight's", "fgkernels/rules/norms.py",

@@ -164,39 +164,65 @@ def where(condition, input, other) -> Dual:
                                  (bo, bt, lambda t: torch.where(condition, 0, t))])
 
 
+# torch 2.14 changed clamp's forward-mode rule where x ties a bound: a number bound now keeps
+# x's tangent strictly inside the bounds only (before: inside or on them), and a tensor bound
+# that x ties (the bounds ordered, min < max, where there are two) gives the mean of x's and
+# the bound's tangents (before: the bound's with one bound, x's with two). The rule follows the
+# torch it runs on, as forward_ad does.
+_CLAMP_TIES_SHARED = torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
 @implements(torch.clamp, torch.Tensor.clamp, torch.clip, torch.Tensor.clip)
 def clamp(input, min=None, max=None) -> Dual:
-    """Dual clamp, with torch's forward-mode conventions for each form of the bounds.
+    """Dual clamp, with torch's forward-mode conventions for each form of the bounds (those of
+    the torch it runs on: ``_CLAMP_TIES_SHARED``).
 
-    Number bounds: ``ẏ = ẋ`` where ``min ≤ x ≤ max``, else 0. Tensor bounds (a Dual's tangent
-    counts; a plain tensor is constant): ``ẏ`` is the tangent of the operand ``y`` equals,
-    and ties go to x when both bounds are given, to the bound when one is; where
-    ``min > max``, ``y = max``."""
+    Number bounds: ``ẏ = ẋ`` where ``min ≤ x ≤ max`` (from torch 2.14: ``min < x < max``), else
+    0. Tensor bounds (a Dual's tangent counts; a plain tensor is constant): ``ẏ`` is the
+    tangent of the operand ``y`` equals, and where ``min > max``, ``y = max``. At a tie, torch
+    before 2.14 gives x's tangent when both bounds are given, the bound's when one is; from
+    2.14, the mean of x's and the bound's (x's where ``min = max``)."""
     if not isinstance(min, (Tensor, Dual)) and not isinstance(max, (Tensor, Dual)):
         x = input.primal
         inside = torch.ones_like(x, dtype=torch.bool)
         if min is not None:
-            inside &= x >= min
+            inside &= x >= min if not _CLAMP_TIES_SHARED else x > min
         if max is not None:
-            inside &= x <= max
+            inside &= x <= max if not _CLAMP_TIES_SHARED else x < max
         return input.with_tangents(torch.clamp(x, min, max), _select(input.tangents, inside))
     (x, xt, xo), (lo, lot, loo), (hi, hit, hio) = (parts(v) for v in (input, min, max))
     y = torch.clamp(x, lo, hi)
+    tie_lo = tie_hi = None
     if lo is not None and hi is not None:
-        # torch: where(min > max, ṁax, where(x < min, ṁin, where(x > max, ṁax, ẋ)))
+        # torch: where(min > max, ṁax, where(x < min, ṁin, where(x > max, ṁax, ẋ))), and
+        # from 2.14 (ẋ + ṁin)/2 where x = min < max, (ẋ + ṁax)/2 where x = max > min
         swapped, below, above = lo > hi, x < lo, x > hi
         to_lo = ~swapped & below
         to_hi = swapped | (~below & above)
         to_x = ~(to_lo | to_hi)
+        if _CLAMP_TIES_SHARED:
+            ordered = lo < hi
+            tie_lo, tie_hi = ordered & (x == lo), ordered & (x == hi)
     elif lo is not None:
-        to_x = x > lo              # torch: where(x > min, ẋ, ṁin)
+        to_x = x > lo              # torch: where(x > min, ẋ, ṁin); 2.14: (ẋ + ṁin)/2 at x = min
         to_lo, to_hi = ~to_x, None
+        tie_lo = x == lo if _CLAMP_TIES_SHARED else None
     else:
-        to_x = x < hi              # torch: where(x < max, ẋ, ṁax)
+        to_x = x < hi              # torch: where(x < max, ẋ, ṁax); 2.14: (ẋ + ṁax)/2 at x = max
         to_lo, to_hi = None, ~to_x
+        tie_hi = x == hi if _CLAMP_TIES_SHARED else None
     pick = lambda mask: lambda t: torch.where(mask, t, 0)
-    return _combine("clamp", y, [(xo, xt, pick(to_x)), (loo, lot, pick(to_lo)),
-                                 (hio, hit, pick(to_hi))])
+    if tie_lo is None and tie_hi is None:
+        return _combine("clamp", y, [(xo, xt, pick(to_x)), (loo, lot, pick(to_lo)),
+                                     (hio, hit, pick(to_hi))])
+    tie = tie_lo if tie_hi is None else tie_hi if tie_lo is None else tie_lo | tie_hi
+    # a tie takes half of each tangent: x's, and the bound's it ties
+    share = lambda keep, half: lambda t: torch.where(half, t * 0.5, torch.where(keep, t, 0))
+    return _combine("clamp", y, [(xo, xt, share(to_x, tie)),
+                                 (loo, lot, share(to_lo, tie_lo) if tie_lo is not None
+                                  else pick(to_lo)),
+                                 (hio, hit, share(to_hi, tie_hi) if tie_hi is not None
+                                  else pick(to_hi))])
 
 
 def _select(stack: Optional[Tensor], keep: Tensor) -> Optional[Tensor]:
