@@ -142,6 +142,21 @@ OPS = {
     "cross_entropy": OpCase(lambda x, w: F.cross_entropy(F.linear(x, w), TARGET), (4, 12),
                             (5, 12)),
     "fallback_cumsum": OpCase(lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,)),
+    "softplus": OpCase(lambda x, w: F.softplus(x * w, beta=2.0, threshold=1.0) + F.softplus(w),
+                       (4, 6), (6,)),
+    # bases above 0 and of either sign, exponents tensor and number (0 among them), bases of 0
+    # (the exponent's term is 0 there where the exponent is ≥ 0, the base's where it is 0)
+    "pow": OpCase(lambda x, w: (x.abs() + 0.5) ** w + torch.pow(x, 2) * w + 2 ** (x * w)
+                  + (x * w).pow(3.0) + x ** 0 + torch.pow(0.0, w.abs()) + torch.square(x - w)
+                  + torch.pow(F.relu(x), torch.where(w > 0, w + 1, 0 * w)),
+                  (4, 6), (6,)),
+    # exponents of 0: the base's term is 0 whatever its tangent (a NaN one included)
+    "pow_exponent_zero": OpCase(lambda x, w: x ** 0 * w + torch.pow(x.abs() + 0.5, w * 0),
+                                (4, 6), (6,)),
+    "addmm": OpCase(lambda x, w: torch.addmm(w[0], x, w, beta=0.5, alpha=2.0) + x.addmm(x, w),
+                    (4, 6), (6, 6)),
+    "stack": OpCase(lambda x, w: torch.stack([x, x * w, x.detach()], 1).flatten(1)
+                    + torch.stack([w.expand(4, 6), x], -1).sum(-1).repeat(1, 3), (4, 6), (6,)),
     # --- the edges of each op's arguments ----------------------------------------------------
     "conv2d_same_even_kernel": OpCase(lambda x, w: F.conv2d(x, w, padding="same"),
                                       (2, 3, 6, 6), (4, 3, 2, 4)),

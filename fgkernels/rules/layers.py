@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -340,9 +340,21 @@ def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
 @implements(torch.cat, torch.concat)
 def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
     """Dual concatenation; a slot that some operand lacks is zero for that operand's part."""
-    duals = [as_dual(t, "cat") for t in tensors]
-    plan = _slots.plan([d.slot_operand() for d in duals], "cat")
-    y = torch.cat([d.primal for d in duals], dim)
+    return _join("cat", torch.cat, tensors, dim)
+
+
+@implements(torch.stack)
+def stack(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
+    """Dual stacking along a new ``dim``; a slot that some operand lacks is zero there."""
+    return _join("stack", torch.stack, tensors, dim)
+
+
+def _join(op: str, join: Callable, tensors: Sequence[MaybeDual], dim: int) -> Dual:
+    """``join`` (torch.cat or torch.stack) of the primals, and of the tangent stacks along the
+    same data dim (the slot axis in front)."""
+    duals = [as_dual(t, op) for t in tensors]
+    plan = _slots.plan([d.slot_operand() for d in duals], op)
+    y = join([d.primal for d in duals], dim)
     if plan.count == 0:
         return Dual(y)
     tdim = dim + 1 if dim >= 0 else dim
@@ -356,7 +368,7 @@ def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
             if pos:
                 piece[list(pos)] = t
             pieces.append(piece)
-    return result(y, torch.cat(pieces, tdim), plan)
+    return result(y, join(pieces, tdim), plan)
 
 
 def add_direction(input: MaybeDual, direction: int, tangent: Tensor) -> Dual:

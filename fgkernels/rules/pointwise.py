@@ -13,6 +13,7 @@ tangent term is cast to the tangent's dtype (``_like``), and torch's kernels com
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -381,6 +382,51 @@ def hardswish(input, inplace: bool = False) -> Dual:
 def mish(input, inplace: bool = False) -> Dual:
     """Dual Mish ``x·tanh(softplus(x))``."""
     return _activation(input, F.mish(input.primal), _aten.mish_backward, inplace)
+
+
+@implements(F.softplus)
+def softplus(input, beta: float = 1.0, threshold: float = 20.0) -> Dual:
+    """Dual softplus ``log(1 + e^(βx))/β``: slope ``σ(βx)``, 1 where ``βx > threshold``."""
+    return _activation(input, F.softplus(input.primal, beta, threshold),
+                       lambda t, x: _aten.softplus_backward(t, x, beta, threshold))
+
+
+# --- powers: y = aᵇ, ẏ = b·aᵇ⁻¹·ȧ + y·ln(a)·ḃ ---------------------------------------------------
+# Each term as torch's forward mode computes it (pow_backward_self, pow_backward_exponent): the
+# base's term is 0 where b = 0 (whatever ȧ), the exponent's factor y·ln(a) is 0 where a = 0
+# and b ≥ 0 (0ᵇ is constant there), so that 0⁰ and 0² have finite tangents.
+@implements(torch.pow, torch.Tensor.pow, torch.Tensor.__pow__)
+def pow(input, exponent) -> Dual:
+    """Dual power, either operand a Dual, a tensor or a number (``d ** 2``, ``2 ** d``)."""
+    (a, at, ao), (b, bt, bo) = _parts(input), _parts(exponent)
+    y = torch.pow(a, b)
+
+    def base_term(t):
+        if not isinstance(b, Tensor):
+            return torch.zeros_like(t) if b == 0 else t * _like(b * torch.pow(a, b - 1), t)
+        return torch.where(b == 0, 0, t * _like(b * torch.pow(a, b - 1), t))
+
+    def exponent_term(t):
+        if isinstance(a, Tensor):
+            factor = torch.where((b >= 0) & (a == 0), 0, y * torch.log(a.to(y.dtype)))
+        elif a == 0:
+            factor = torch.where(b >= 0, 0, y * -math.inf)
+        else:
+            factor = y * math.log(a)
+        return t * _like(factor, t)
+
+    return _combine("pow", y, [(ao, at, base_term), (bo, bt, exponent_term)])
+
+
+@implements(torch.Tensor.__rpow__)
+def _rpow(input, other) -> Dual:
+    return pow(other, input)
+
+
+@implements(torch.square, torch.Tensor.square)
+def square(input) -> Dual:
+    """Dual square: ``ẏ = 2x·ẋ``."""
+    return pow(input, 2)
 
 
 # --- linear tensor ops: the same map on the primal and on every slot ----------------------------

@@ -1,7 +1,7 @@
-"""Products of two or more operands: ``matmul`` (``@``), ``mm``, ``bmm``, ``baddbmm`` and
-``einsum``. Each is linear in every operand, so its tangent is the sum over operands of the
-product with that operand replaced by its tangent (``(a·b)˙ = ȧ·b + a·ḃ``), each term computed
-over every slot at once (the slot axis a leading batch dim)."""
+"""Products of two or more operands: ``matmul`` (``@``), ``mm``, ``bmm``, ``baddbmm``,
+``addmm`` and ``einsum``. Each is linear in every operand, so its tangent is the sum over
+operands of the product with that operand replaced by its tangent (``(a·b)˙ = ȧ·b + a·ḃ``),
+each term computed over every slot at once (the slot axis a leading batch dim)."""
 from __future__ import annotations
 
 import string
@@ -74,6 +74,18 @@ def baddbmm(input, batch1, batch2, *, beta=1, alpha=1) -> Dual:
         return alpha * (stack @ f[2] if i == 1 else f[1] @ stack)
     return _product("baddbmm", [input, batch1, batch2],
                     lambda p: torch.baddbmm(*p, beta=beta, alpha=alpha), term)
+
+
+@implements(torch.addmm, torch.Tensor.addmm)
+def addmm(input, mat1, mat2, *, beta=1, alpha=1) -> Dual:
+    """Dual ``beta·input + alpha·mat1 @ mat2`` (a linear layer's product, as decompositions
+    write it)."""
+    def term(i, stack, f):
+        if i == 0:  # input broadcasts against (M, N): its slot axis kept in front
+            return lift(stack, 2) * beta
+        return alpha * (stack @ f[2] if i == 1 else f[1] @ stack)
+    return _product("addmm", [input, mat1, mat2],
+                    lambda p: torch.addmm(*p, beta=beta, alpha=alpha), term)
 
 
 @implements(torch.einsum)

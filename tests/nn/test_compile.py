@@ -595,8 +595,8 @@ def test_compiled_graphs_take_parameters_as_the_tensors_they_are(backend, dynamo
     """A compiled graph runs its own ops on the parameters it was given: Inductor's wrapper
     hands a parameter straight to ``torch.convolution`` (a bias) or ``torch.addmm``, the
     "eager" backend's graph calls torch's functions on them, and the dual pass's torch
-    function mode must not take them as Duals there (it would fail on the first, and run
-    forward_ad, a fallback op that strict rules refuse, on the second)."""
+    function mode must not take them as Duals there (the graph's code, written for the plain
+    tensors Dynamo traced, would meet Duals)."""
     from torch import nn
 
     class Net(nn.Module):
