@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from helpers import ForwardADOracle
 
 TARGET = torch.tensor([1, 0, 3, 2])
+IDS = torch.tensor([4, 0, 3, 3])
 
 
 def math_attention(q, k, v, causal: bool = False, mask=None):
@@ -153,6 +154,14 @@ OPS = {
     # exponents of 0: the base's term is 0 whatever its tangent (a NaN one included)
     "pow_exponent_zero": OpCase(lambda x, w: x ** 0 * w + torch.pow(x.abs() + 0.5, w * 0),
                                 (4, 6), (6,)),
+    # an RMS norm written out, and roots and logarithms of positive values
+    "sqrt_rsqrt_log": OpCase(lambda x, w: torch.sqrt(x * x + 0.5) * w + torch.log(w * w + 0.5)
+                             + x * torch.rsqrt((x * w).pow(2).mean(-1, keepdim=True) + 1e-6),
+                             (4, 6), (6,)),
+    # rows picked by a batch of indices and by a 2-D one (a padding index among them)
+    "embedding": OpCase(lambda x, w: F.embedding(IDS, w) * x
+                        + F.embedding(IDS.view(2, 2), w, padding_idx=3).flatten(0, 1),
+                        (4, 6), (5, 6)),
     "addmm": OpCase(lambda x, w: torch.addmm(w[0], x, w, beta=0.5, alpha=2.0) + x.addmm(x, w),
                     (4, 6), (6, 6)),
     "stack": OpCase(lambda x, w: torch.stack([x, x * w, x.detach()], 1).flatten(1)

@@ -337,6 +337,23 @@ def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
     return d.with_tangents(y, None if t is None else t * mask.to(t.dtype))
 
 
+@implements(F.embedding)
+def embedding(input: Tensor, weight: MaybeDual, padding_idx: Optional[int] = None,
+              max_norm: Optional[float] = None, norm_type: float = 2.0,
+              scale_grad_by_freq: bool = False, sparse: bool = False) -> Dual:
+    """Dual embedding lookup: the rows ``input`` picks, of the weight and of every tangent
+    slot (``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` shape the backward only). A
+    ``max_norm`` renormalises the picked rows of the weight in place first: the fallback's."""
+    if max_norm is not None:
+        return forward_ad_fallback(F.embedding, (input, weight, padding_idx, max_norm,
+                                                 norm_type, scale_grad_by_freq, sparse), {})
+    if isinstance(input, Dual):
+        raise TypeError("embedding: the indices must be an integer Tensor, got a Dual")
+    w = as_dual(weight, "embedding")
+    y = F.embedding(input, w.primal, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
+    return w.with_tangents(y, None if w.tangents is None else w.tangents[:, input])
+
+
 @implements(torch.cat, torch.concat)
 def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
     """Dual concatenation; a slot that some operand lacks is zero for that operand's part."""

@@ -364,6 +364,26 @@ def exp(input) -> Dual:
     return _activation(input, y, lambda t, x: t * _like(y, t))
 
 
+@implements(torch.sqrt, torch.Tensor.sqrt)
+def sqrt(input) -> Dual:
+    """Dual square root: slope ``1/(2y)``."""
+    y = torch.sqrt(input.primal)
+    return _activation(input, y, lambda t, x: t / (2 * _like(y, t)))
+
+
+@implements(torch.rsqrt, torch.Tensor.rsqrt)
+def rsqrt(input) -> Dual:
+    """Dual reciprocal square root (RMS norms'): slope ``−y³/2``."""
+    y = torch.rsqrt(input.primal)
+    return _activation(input, y, lambda t, x: -0.5 * t * _like(y, t).pow(3))
+
+
+@implements(torch.log, torch.Tensor.log)
+def log(input) -> Dual:
+    """Dual natural logarithm: slope ``1/x``."""
+    return _activation(input, torch.log(input.primal), lambda t, x: t / _like(x, t))
+
+
 @implements(F.hardsigmoid)
 def hardsigmoid(input, inplace: bool = False) -> Dual:
     """Dual hardsigmoid: slope 1/6 strictly between −3 and 3, else 0."""
