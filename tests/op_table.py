@@ -155,6 +155,9 @@ OPS = {
     "pow_exponent_zero": OpCase(lambda x, w: x ** 0 * w + torch.pow(x.abs() + 0.5, w * 0),
                                 (4, 6), (6,)),
     # an RMS norm written out, and roots and logarithms of positive values
+    # |x| at 0 too (slope 0 there, as torch's sgn)
+    "abs": OpCase(lambda x, w: torch.abs(x * w) + (x - x.detach()).abs() * w + abs(w),
+                  (4, 6), (6,)),
     "sqrt_rsqrt_log": OpCase(lambda x, w: torch.sqrt(x * x + 0.5) * w + torch.log(w * w + 0.5)
                              + x * torch.rsqrt((x * w).pow(2).mean(-1, keepdim=True) + 1e-6),
                              (4, 6), (6,)),

@@ -364,6 +364,12 @@ def exp(input) -> Dual:
     return _activation(input, y, lambda t, x: t * _like(y, t))
 
 
+@implements(torch.abs, torch.Tensor.abs, torch.Tensor.__abs__, torch.absolute)
+def absolute(input) -> Dual:
+    """Dual absolute value: slope ``sign(x)``, 0 at 0."""
+    return _activation(input, torch.abs(input.primal), lambda t, x: t * _like(x.sgn(), t))
+
+
 @implements(torch.sqrt, torch.Tensor.sqrt)
 def sqrt(input) -> Dual:
     """Dual square root: slope ``1/(2y)``."""
@@ -416,7 +422,7 @@ def softplus(input, beta: float = 1.0, threshold: float = 20.0) -> Dual:
 # base's term is 0 where b = 0 (whatever ȧ), the exponent's factor y·ln(a) is 0 where a = 0
 # and b ≥ 0 (0ᵇ is constant there), so that 0⁰ and 0² have finite tangents.
 @implements(torch.pow, torch.Tensor.pow, torch.Tensor.__pow__)
-def pow(input, exponent) -> Dual:
+def power(input, exponent) -> Dual:
     """Dual power, either operand a Dual, a tensor or a number (``d ** 2``, ``2 ** d``)."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(exponent)
     y = torch.pow(a, b)
@@ -440,13 +446,13 @@ def pow(input, exponent) -> Dual:
 
 @implements(torch.Tensor.__rpow__)
 def _rpow(input, other) -> Dual:
-    return pow(other, input)
+    return power(other, input)
 
 
 @implements(torch.square, torch.Tensor.square)
 def square(input) -> Dual:
     """Dual square: ``ẏ = 2x·ẋ``."""
-    return pow(input, 2)
+    return power(input, 2)
 
 
 # --- linear tensor ops: the same map on the primal and on every slot ----------------------------
