@@ -90,7 +90,7 @@ MUTANTS = [
            "return torch.where(b == 0, 0, t * _like(b * torch.pow(a, b - 1), t))",
            "return t * _like(b * torch.pow(a, b - 1), t)", OPS),
     Mutant("pow keeps y·ln(a) at a zero base", "fgkernels/rules/pointwise.py",
-           "factor = torch.where((b >= 0) & (a == 0), 0, y * torch.log(a.to(y.dtype)))",
+           "factor = torch.where(at_least_0 & (a == 0), 0, y * torch.log(a.to(y.dtype)))",
            "factor = y * torch.log(a.to(y.dtype))", OPS),
     Mutant("rsqrt's slope of the wrong sign", "fgkernels/rules/pointwise.py",
            "lambda t, x: -0.5 * t * _like(y, t).pow(3)",

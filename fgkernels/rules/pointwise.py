@@ -366,7 +366,10 @@ def exp(input) -> Dual:
 
 @implements(torch.abs, torch.Tensor.abs, torch.Tensor.__abs__, torch.absolute)
 def absolute(input) -> Dual:
-    """Dual absolute value: slope ``sign(x)``, 0 at 0."""
+    """Dual absolute value: slope ``sign(x)``, 0 at 0; of a complex x, ``Re(conj(ẋ)·x/|x|)``."""
+    if input.primal.is_complex():
+        return _activation(input, torch.abs(input.primal),
+                           lambda t, x: torch.real(t.conj() * x.sgn()))
     return _activation(input, torch.abs(input.primal), lambda t, x: t * _like(x.sgn(), t))
 
 
@@ -433,10 +436,12 @@ def power(input, exponent) -> Dual:
         return torch.where(b == 0, 0, t * _like(b * torch.pow(a, b - 1), t))
 
     def exponent_term(t):
+        # b ≥ 0: of a complex b, a real one
+        at_least_0 = (b.imag == 0) & (b.real >= 0) if b.is_complex() else b >= 0
         if isinstance(a, Tensor):
-            factor = torch.where((b >= 0) & (a == 0), 0, y * torch.log(a.to(y.dtype)))
+            factor = torch.where(at_least_0 & (a == 0), 0, y * torch.log(a.to(y.dtype)))
         elif a == 0:
-            factor = torch.where(b >= 0, 0, y * -math.inf)
+            factor = torch.where(at_least_0, 0, y * -math.inf)
         else:
             factor = y * math.log(a)
         return t * _like(factor, t)

@@ -75,7 +75,11 @@ def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
     lambda x: torch.fft.rfft(x),
     lambda x: torch.abs(torch.fft.rfft(x)),
     lambda x: torch.fft.irfft(torch.fft.rfft(x) * 2j),
-], ids=["rfft", "abs rfft", "irfft"])
+    # the power, root and logarithm rules on complex values (a complex exponent, one of 0 too)
+    lambda x: (torch.fft.rfft(x) + 3) ** (torch.fft.rfft(x) * 0.1) * torch.fft.rfft(x) ** 0,
+    lambda x: torch.sqrt(torch.fft.rfft(x) + 3) + torch.rsqrt(torch.fft.rfft(x) + 3)
+    + torch.log(torch.fft.rfft(x) + 3),
+], ids=["rfft", "abs rfft", "irfft", "pow", "roots log"])
 def test_complex_results_keep_complex_tangents(fn):
     out = _against_forward_ad(fn, (8,))
     if out.primal.is_complex():
