@@ -66,6 +66,17 @@ def round_to_tf32(t: Optional[Tensor], truncate: bool = False) -> Optional[Tenso
         bits = bits + 0xFFF + ((bits >> 13) & 1)
     return (bits & ~0x1FFF).view(torch.float32).to(t.dtype)
 
+def reads_padding_only(size: int, kernel: int, stride: int, padding: int,
+                       dilation: int = 1) -> bool:
+    """Whether every output position of a convolution along an axis of ``size`` has all its
+    taps in the padding (its output is the bias alone). torch's oneDNN convolution kills the
+    process there on an x86 CPU for a float32 channels_last input with a bias and a batch of 2
+    or more when the axis is the width: random draws of tests keep out of it."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return not any(0 <= o * stride - padding + j * dilation < size
+                   for o in range(out) for j in range(kernel))
+
+
 @contextlib.contextmanager
 def oracle_mode(exact_hardsigmoid: bool = False) -> Iterator[None]:
     """forward_ad where torch's own kernels have no forward-mode derivative: attention by its

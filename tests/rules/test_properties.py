@@ -17,7 +17,7 @@ from hypothesis import strategies as st  # noqa: E402
 import fgkernels  # noqa: E402
 import fgkernels.functional as DF  # noqa: E402
 from fgkernels import Dual  # noqa: E402
-from fgkernels.testing import forward_ad_jvp  # noqa: E402
+from fgkernels.testing import forward_ad_jvp, reads_padding_only  # noqa: E402
 
 from helpers import (  # noqa: E402
     CPU_BACKENDS,
@@ -53,13 +53,6 @@ def _close(actual, oracle):
     assert_within_torch_error(actual, oracle, TOL[torch.float64])
 
 
-def _reads_padding_only(size, k, stride, padding, dilation):
-    """Whether every output position along an axis of ``size`` has all its taps in padding."""
-    out = (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-    return not any(0 <= o * stride - padding + j * dilation < size
-                   for o in range(out) for j in range(k))
-
-
 @st.composite
 def conv_cases(draw):
     dtype, layout, T = draw(dtypes), draw(layouts), draw(slots)
@@ -78,7 +71,7 @@ def conv_cases(draw):
     # torch's own oneDNN convolution (x86, float32, channels_last, with a bias) kills the process
     # with SIGSEGV when every output column reads padding only; F.conv2d alone does it.
     assume(not (biased and dtype == torch.float32 and layout == "channels_last"
-                and _reads_padding_only(width, k, stride, padding, dilation)))
+                and reads_padding_only(width, k, stride, padding, dilation)))
     x = _tensor(draw, (n, cin, height, width), dtype, layout)
     w = _tensor(draw, (cout, cin // groups, k, k), dtype)
     b = _tensor(draw, (cout,), dtype) if biased else None
@@ -97,6 +90,19 @@ def test_conv2d(case, backend):
         out = DF.conv2d(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt), s, p, d, g)
     fn = (lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g))
     _close(out, ForwardADOracle(fn, [x, w, b], [xt, wt, bt]))
+
+
+@PROFILE
+@given(size=st.integers(1, 8), k=st.integers(1, 4), stride=st.integers(1, 3),
+       padding=st.integers(0, 4), dilation=st.integers(1, 3))
+def test_reads_padding_only_finds_the_convolutions_of_padding(size, k, stride, padding,
+                                                               dilation):
+    """The guard the draws keep out of torch's crash with: true exactly where a convolution of
+    ones over an input of ones is all zero (every tap in the zero padding)."""
+    assume(dilation * (k - 1) + 1 <= size + 2 * padding)
+    ones = lambda n: torch.ones(1, 1, n, dtype=torch.float64)
+    y = F.conv1d(ones(size), ones(k), None, stride, padding, dilation)
+    assert reads_padding_only(size, k, stride, padding, dilation) == bool((y == 0).all())
 
 
 # The Triton kernels in its interpreter (CPU tensors; on a GPU tests/backends/test_triton.py runs
