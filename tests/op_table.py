@@ -155,6 +155,10 @@ OPS = {
     "pow_exponent_zero": OpCase(lambda x, w: x ** 0 * w + torch.pow(x.abs() + 0.5, w * 0),
                                 (4, 6), (6,)),
     # an RMS norm written out, and roots and logarithms of positive values
+    # the larger or smaller operand's tangent, their mean at ties (x against itself)
+    "maximum_minimum": OpCase(lambda x, w: torch.maximum(x, w) + torch.minimum(x * w, x)
+                              + torch.maximum(x, x.detach()) * w + x.minimum(x.detach()),
+                              (4, 6), (6,)),
     # |x| at 0 too (slope 0 there, as torch's sgn)
     "abs": OpCase(lambda x, w: torch.abs(x * w) + (x - x.detach()).abs() * w + abs(w),
                   (4, 6), (6,)),

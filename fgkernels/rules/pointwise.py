@@ -165,6 +165,29 @@ def where(condition, input, other) -> Dual:
                                  (bo, bt, lambda t: torch.where(condition, 0, t))])
 
 
+@implements(torch.maximum, torch.Tensor.maximum)
+def maximum(input, other) -> Dual:
+    """Dual elementwise maximum: the larger operand's tangent, the two's mean at a tie."""
+    return _extremum(torch.maximum, torch.gt, input, other)
+
+
+@implements(torch.minimum, torch.Tensor.minimum)
+def minimum(input, other) -> Dual:
+    """Dual elementwise minimum: the smaller operand's tangent, the two's mean at a tie."""
+    return _extremum(torch.minimum, torch.lt, input, other)
+
+
+def _extremum(op: Callable, wins: Callable, input, other) -> Dual:
+    """``op(a, b)`` of maximum or minimum, whose tangent is torch's forward mode's
+    ``ḃ + w·(ȧ − ḃ)`` with ``w`` ½ where a = b, else 1 where ``wins(a, b)``: ḃ where either
+    is NaN (the primal is NaN there)."""
+    (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
+    y = op(a, b)
+    w = torch.where(a == b, 0.5, wins(a, b).to(y.dtype))
+    return _combine(op.__name__, y, [(ao, at, lambda t: t * _like(w, t)),
+                                     (bo, bt, lambda t: t * _like(1 - w, t))])
+
+
 # torch 2.14 changed clamp's forward-mode rule where x ties a bound: a number bound now keeps
 # x's tangent strictly inside the bounds only (before: inside or on them), and a tensor bound
 # that x ties (the bounds ordered, min < max, where there are two) gives the mean of x's and

@@ -193,7 +193,8 @@ def test_batch_norm_and_relu(case, backend):
 
 
 BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
-          "pow": lambda a, b: torch.pow(a * a + 0.25, b)}  # a base above 0
+          "pow": lambda a, b: torch.pow(a * a + 0.25, b),  # a base above 0
+          "maximum": torch.maximum, "minimum": torch.minimum}
 
 
 @st.composite
