@@ -57,13 +57,16 @@ class OpCase:
     """``fn(x, w)`` on inputs of ``x_shape`` and ``w_shape``; ``ref`` the oracle's function
     (``fn`` when None). ``bf16_network``: torch's own bfloat16 forward mode is a usable yardstick
     for a whole-bfloat16 run of the op (torch computes its CPU layer and group norms'
-    statistics in float32 even then, which no bound on a bfloat16 pass can match)."""
+    statistics in float32 even then, which no bound on a bfloat16 pass can match).
+    ``on_rules``: the row runs on fgkernels' rules alone (False: a form of an op that takes
+    the forward-AD fallback)."""
 
     fn: Callable
     x_shape: tuple
     w_shape: tuple
     ref: Optional[Callable] = None
     bf16_network: bool = True
+    on_rules: bool = True
 
     def oracle(self, x, w, xt, wt) -> ForwardADOracle:
         """forward_ad's ``(y, stacked tangents)`` in any dtype (``oracle(dtype)``); an operand
@@ -142,7 +145,7 @@ OPS = {
                              (2, 4, 4), (4, 3)),
     "cross_entropy": OpCase(lambda x, w: F.cross_entropy(F.linear(x, w), TARGET), (4, 12),
                             (5, 12)),
-    "fallback_cumsum": OpCase(lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,)),
+    "fallback_cumsum": OpCase(lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,), on_rules=False),
     "softplus": OpCase(lambda x, w: F.softplus(x * w, beta=2.0, threshold=1.0) + F.softplus(w),
                        (4, 6), (6,)),
     # bases above 0 and of either sign, exponents tensor and number (0 among them), bases of 0
@@ -154,7 +157,6 @@ OPS = {
     # exponents of 0: the base's term is 0 whatever its tangent (a NaN one included)
     "pow_exponent_zero": OpCase(lambda x, w: x ** 0 * w + torch.pow(x.abs() + 0.5, w * 0),
                                 (4, 6), (6,)),
-    # an RMS norm written out, and roots and logarithms of positive values
     # the larger or smaller operand's tangent, their mean at ties (x against itself)
     "maximum_minimum": OpCase(lambda x, w: torch.maximum(x, w) + torch.minimum(x * w, x)
                               + torch.maximum(x, x.detach()) * w + x.minimum(x.detach()),
@@ -162,6 +164,7 @@ OPS = {
     # |x| at 0 too (slope 0 there, as torch's sgn)
     "abs": OpCase(lambda x, w: torch.abs(x * w) + (x - x.detach()).abs() * w + abs(w),
                   (4, 6), (6,)),
+    # an RMS norm written out, and roots and logarithms of positive values
     "sqrt_rsqrt_log": OpCase(lambda x, w: torch.sqrt(x * x + 0.5) * w + torch.log(w * w + 0.5)
                              + x * torch.rsqrt((x * w).pow(2).mean(-1, keepdim=True) + 1e-6),
                              (4, 6), (6,)),
@@ -202,22 +205,23 @@ OPS = {
         align_corners=True), (2, 3, 4, 4), (3, 1, 1)),
     "cross_entropy_smoothed_weighted": OpCase(
         lambda x, w: F.cross_entropy(x, TARGET, weight=w.abs() + 0.1, label_smoothing=0.2),
-        (4, 6), (6,)),
+        (4, 6), (6,), on_rules=False),
     "cross_entropy_ignored_summed": OpCase(
         lambda x, w: F.cross_entropy(x * w, torch.tensor([1, -100, 3, 2]), reduction="sum"),
         (4, 6), (6,)),
     "cross_entropy_probabilities": OpCase(
-        lambda x, w: F.cross_entropy(x, torch.softmax(w, -1).expand(4, 6)), (4, 6), (6,)),
+        lambda x, w: F.cross_entropy(x, torch.softmax(w, -1).expand(4, 6)), (4, 6), (6,),
+        on_rules=False),
     "cross_entropy_spatial": OpCase(
         lambda x, w: F.cross_entropy(x * w, torch.tensor([[[1, 0], [2, 3]]] * 2),
                                      reduction="none"),
-        (2, 4, 2, 2), (4, 1, 1)),
+        (2, 4, 2, 2), (4, 1, 1), on_rules=False),
     "activations": OpCase(lambda x, w: F.mish(F.gelu(F.elu(F.leaky_relu(x * w, 0.1), 0.7)))
                           + F.hardswish(x * 4) * F.hardsigmoid(w * 4), (4, 6), (6,)),
     "relu6_in_place": OpCase(lambda x, w: F.relu6((x * w * 8).clone(), inplace=True), (4, 6),
                              (6,)),
     "norms_p1_frobenius": OpCase(lambda x, w: torch.norm(x * w, p=1, dim=1) + (x * w).norm(),
-                                 (4, 6), (6,)),
+                                 (4, 6), (6,), on_rules=False),
     "products_reversed": OpCase(lambda x, w: torch.einsum("ii->", x * w) + (w @ x).sum()
                                 + (1 / (2 + x * x) - w).sum(), (6, 6), (6,)),
     "index_advanced": OpCase(lambda x, w: (x * w)[torch.tensor([0, 2, 2]), 1:5:2], (4, 6),

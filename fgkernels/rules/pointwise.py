@@ -179,8 +179,8 @@ def minimum(input, other) -> Dual:
 
 def _extremum(op: Callable, wins: Callable, input, other) -> Dual:
     """``op(a, b)`` of maximum or minimum, whose tangent is torch's forward mode's
-    ``ḃ + w·(ȧ − ḃ)`` with ``w`` ½ where a = b, else 1 where ``wins(a, b)``: ḃ where either
-    is NaN (the primal is NaN there)."""
+    ``ḃ + w·(ȧ − ḃ)`` (as ``w·ȧ + (1 − w)·ḃ``, equal to rounding) with ``w`` ½ where a = b,
+    else 1 where ``wins(a, b)``: ḃ where either is NaN (the primal is NaN there)."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
     y = op(a, b)
     w = torch.where(a == b, 0.5, wins(a, b).to(y.dtype))
@@ -455,8 +455,9 @@ def power(input, exponent) -> Dual:
 
     def base_term(t):
         if not isinstance(b, Tensor):
-            return torch.zeros_like(t) if b == 0 else t * _like(b * torch.pow(a, b - 1), t)
-        return torch.where(b == 0, 0, t * _like(b * torch.pow(a, b - 1), t))
+            return torch.zeros_like(t) if b == 0 else \
+                _real_if(a, t * _like(b * torch.pow(a, b - 1), t))
+        return _real_if(a, torch.where(b == 0, 0, t * _like(b * torch.pow(a, b - 1), t)))
 
     def exponent_term(t):
         # b ≥ 0: of a complex b, a real one
@@ -465,11 +466,19 @@ def power(input, exponent) -> Dual:
             factor = torch.where(at_least_0 & (a == 0), 0, y * torch.log(a.to(y.dtype)))
         elif a == 0:
             factor = torch.where(at_least_0, 0, y * -math.inf)
-        else:
-            factor = y * math.log(a)
-        return t * _like(factor, t)
+        else:  # ln of a number base in y's dtype: NaN of a negative real, complex of a complex
+            factor = y * torch.full((), a, dtype=y.dtype, device=y.device).log()
+        return _real_if(b, t * _like(factor, t))
 
     return _combine("pow", y, [(ao, at, base_term), (bo, bt, exponent_term)])
+
+
+def _real_if(operand, term: Tensor) -> Tensor:
+    """The term of a real ``operand`` in a complex result: its real part (in the result's
+    complex dtype), as torch's forward mode takes it."""
+    real = not (operand.is_complex() if isinstance(operand, Tensor) else isinstance(operand,
+                                                                                 complex))
+    return term.real.to(term.dtype) if real and term.is_complex() else term
 
 
 @implements(torch.Tensor.__rpow__)

@@ -79,7 +79,10 @@ def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
     lambda x: (torch.fft.rfft(x) + 3) ** (torch.fft.rfft(x) * 0.1) * torch.fft.rfft(x) ** 0,
     lambda x: torch.sqrt(torch.fft.rfft(x) + 3) + torch.rsqrt(torch.fft.rfft(x) + 3)
     + torch.log(torch.fft.rfft(x) + 3),
-], ids=["rfft", "abs rfft", "irfft", "pow", "roots log"])
+    # real and complex operands of one power: a real operand's term is the real part
+    lambda x: (x[:5] * x[:5] + 0.5) ** 1.5j + (1 + 1j) ** x[:5]
+    + (torch.fft.rfft(x) + 3) ** x[:5] + (x[:5] * x[:5] + 0.5) ** torch.fft.rfft(x),
+], ids=["rfft", "abs rfft", "irfft", "pow", "roots log", "pow real and complex"])
 def test_complex_results_keep_complex_tangents(fn):
     out = _against_forward_ad(fn, (8,))
     if out.primal.is_complex():

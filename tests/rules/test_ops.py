@@ -3,6 +3,8 @@ float64: the exact tangents, the terms of a tangent known to be zero skipped wit
 answer, directions that enter part way, non-finite tangents, and channels_last, strided or
 transposed operands giving what contiguous ones give; and every native op call a row makes
 passes torch.library.opcheck."""
+import contextlib
+
 import pytest
 import torch
 
@@ -63,6 +65,17 @@ def test_directions_entering_part_way(case, backend):
         out = op.fn(Dual(x, xt, directions=(0, 1)), Dual(w, wt, directions=(1, 2)))
     assert tuple(out.directions) == (0, 1, 2)
     _assert_matches(out, op.oracle(x, w, along_x, along_w)(F64))
+
+
+@pytest.mark.parametrize("case", sorted(OPS))
+def test_rows_run_on_rules_alone(case):
+    """Each row runs under ``strict_rules()`` (a rule that lost its registration would pass every
+    other test on forward_ad's fallback), and a row marked as taking the fallback does take it."""
+    op = OPS[case]
+    x, w, xt, wt = inputs(op, slots=2, seed=1, dtype=F64)
+    with fgkernels.strict_rules(), contextlib.nullcontext() if op.on_rules else \
+            pytest.raises(TypeError, match="no forward-mode rule"):
+        op.fn(Dual(x, xt), Dual(w, wt))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
