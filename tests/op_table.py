@@ -80,6 +80,11 @@ OPS = {
     "conv2d_unbatched": OpCase(lambda x, w: F.conv2d(x, w, padding=1), (6, 5, 5), (5, 6, 3, 3)),
     "conv2d_groups": OpCase(lambda x, w: F.conv2d(x, w, padding=1, groups=3), (2, 6, 5, 5),
                             (6, 2, 3, 3)),
+    "conv1d": OpCase(lambda x, w: F.conv1d(x, w, w[:, 0, 1], stride=2, padding=1)[..., 1:]
+                     + torch.conv1d(x, w[:, :, 1:], None, 2, "valid", 2, 1),
+                     (3, 6, 9), (5, 6, 3)),
+    "conv1d_unbatched_groups": OpCase(lambda x, w: F.conv1d(x, w, padding="same", dilation=2,
+                                                            groups=3), (6, 9), (6, 2, 3)),
     "linear": OpCase(lambda x, w: F.linear(x, w), (4, 12), (7, 12)),
     "batch_norm_relu": OpCase(lambda x, w: F.relu(F.batch_norm(x, None, None, w, None, True)),
                               (4, 6, 5, 5), (6,)),

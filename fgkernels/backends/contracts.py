@@ -49,26 +49,46 @@ def _usual(v, least: int) -> bool:
             and v[0] >= least and v[1] >= least)
 
 
-def _check_conv_geometry(groups, stride, padding, dilation) -> None:
+def _check_conv_geometry(groups, stride, padding, dilation, op: str = "conv2d",
+                         dims: int = 2) -> None:
+    what = "a pair of them" if dims == 2 else "a 1-tuple of one"
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"conv2d: groups must be a positive int, got {groups!r}")
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
     for name, value, least in (("stride", stride, 1), ("dilation", dilation, 1),
                                ("padding", padding, 0)):
         if name == "padding" and isinstance(value, str):
             if value not in ("same", "valid"):
-                raise ValueError(f"conv2d: padding must be 'same', 'valid' or ints, got {value!r}")
+                raise ValueError(f"{op}: padding must be 'same', 'valid' or ints, got {value!r}")
             continue
-        pair = _pair(value)
-        if len(pair) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < least
-                                 for v in pair):
-            raise ValueError(f"conv2d: {name} must be an int >= {least} or a pair of them, "
+        each = _ntuple(value, dims)
+        if len(each) != dims or any(not isinstance(v, int) or isinstance(v, bool) or v < least
+                                    for v in each):
+            raise ValueError(f"{op}: {name} must be an int >= {least} or {what}, "
                              f"got {value!r}")
-    if padding == "same" and any(s != 1 for s in _pair(stride)):
-        raise ValueError("conv2d: padding='same' is not supported for strided convolutions")
+    if padding == "same" and any(s != 1 for s in _ntuple(stride, dims)):
+        raise ValueError(f"{op}: padding='same' is not supported for strided convolutions")
 
 
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def check_conv1d(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=1, padding=0,
+                 dilation=1) -> None:
+    """conv1d's input, weight, bias, groups and geometry (an int or a 1-tuple each; padding
+    also 'same' or 'valid')."""
+    _check_conv_geometry(groups, stride, padding, dilation, "conv1d", 1)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"conv1d: input must be 3-D (N, C, L) or 2-D (C, L), got shape "
+                         f"{tuple(x.shape)}")
+    if w.dim() != 3:
+        raise ValueError(f"conv1d: weight must be 3-D (C_out, C_in/groups, k), got shape "
+                         f"{tuple(w.shape)}")
+    if x.shape[-2] != w.shape[1] * groups:
+        raise ValueError(f"conv1d: input has {x.shape[-2]} channels, but weight of shape "
+                         f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"conv1d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+
+
+def _ntuple(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
 def check_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> None:

@@ -1,9 +1,9 @@
-"""The layers' rules: convolution (with a following batch norm as one op), linear, batch norm,
-ReLU, pooling, padding, reshapes, dropout, concatenation and the cross-entropy loss. Each takes
-Duals (or plain tensors, meaning a zero tangent) and returns a Dual with the primal and the
-tangent(s) of the output; parameters may be Duals too, their tangents adding the ``Ẇ*x``-style
-terms. Each is also the ``__torch_function__`` rule of its torch functions, so
-``F.conv2d(dual, w)`` and ``torch.flatten(dual, 1)`` run the same code.
+"""The layers' rules: convolution (2-d, with a following batch norm as one op; 1-d as 2-d),
+linear, batch norm, ReLU, pooling, padding, reshapes, dropout, concatenation, embedding and the
+cross-entropy loss. Each takes Duals (or plain tensors, meaning a zero tangent) and returns a
+Dual with the primal and the tangent(s) of the output; parameters may be Duals too, their
+tangents adding the ``Ẇ*x``-style terms. Each is also the ``__torch_function__`` rule of its
+torch functions, so ``F.conv2d(dual, w)`` and ``torch.flatten(dual, 1)`` run the same code.
 
 The nonlinear ops run on the backend chosen by ``fgkernels.backends`` for the tensor's device; the
 linear ones (reshape, pooling by averaging, padding, ...) apply the same map to the primal and to
@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _pair, _single
 
 from ..backends import contracts, current_backend
 from ..backends.base import BatchNormArgs, ConvArgs, shared_tangent_dtype
@@ -34,9 +34,9 @@ from .operands import MaybeDual, as_dual, layer_operands, layer_params, result, 
 Tensor = torch.Tensor
 
 __all__ = [
-    "conv2d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d", "avg_pool2d",
-    "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad", "cat",
-    "cross_entropy", "add_direction",
+    "conv2d", "conv1d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d",
+    "avg_pool2d", "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad",
+    "cat", "stack", "embedding", "cross_entropy", "add_direction",
 ]
 
 
@@ -76,6 +76,19 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     conv = _conv_args(stride, padding, dilation, groups)
     contracts.check_primal("conv2d", primal, x, conv.output_shape(x.shape, p.weight.shape))
     return result(*current_backend(x.device).conv2d(x, xt, p, plan, conv, primal), plan)
+
+
+@implements(torch.conv1d, F.conv1d)
+def conv1d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None, stride=1,
+           padding=0, dilation=1, groups: int = 1) -> Dual:
+    """Dual conv1d (arguments as ``F.conv1d``): the conv2d of a height-1 image by a height-1
+    kernel, ``(N, C, L) -> (N, C, 1, L)``, so that it runs on the backend's convolution."""
+    x, w = as_dual(input, "conv1d"), as_dual(weight, "conv1d")
+    contracts.check_conv1d(x, w, bias, groups, stride, padding, dilation)
+    pad = padding if isinstance(padding, str) else (0, *_single(padding))
+    y = conv2d(x.unsqueeze(-2), w.unsqueeze(-2), bias, (1, *_single(stride)), pad,
+               (1, *_single(dilation)), groups)
+    return y.squeeze(-2)
 
 
 # linear: one compiled op for every device (csrc/composite.cpp: three GEMMs whatever the slots).
