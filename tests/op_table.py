@@ -179,6 +179,10 @@ OPS = {
                         (4, 6), (5, 6)),
     "addmm": OpCase(lambda x, w: torch.addmm(w[0], x, w, beta=0.5, alpha=2.0) + x.addmm(x, w),
                     (4, 6), (6, 6)),
+    "matmul_forms": OpCase(lambda x, w: torch.mm(x, w) + torch.bmm(x[None], w[None])[0]
+                           + x.mv(w[0])[:, None] + torch.outer(x[:, 0], w[1])
+                           + torch.dot(x[0], w[2]) + torch.vdot(w[3], x[1]) + x[:, 2].ger(w[4]),
+                           (4, 6), (6, 6)),
     "stack": OpCase(lambda x, w: torch.stack([x, x * w, x.detach()], 1).flatten(1)
                     + torch.stack([w.expand(4, 6), x], -1).sum(-1).repeat(1, 3), (4, 6), (6,)),
     # --- the edges of each op's arguments ----------------------------------------------------

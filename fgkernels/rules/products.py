@@ -1,7 +1,8 @@
-"""Products of two or more operands: ``matmul`` (``@``), ``mm``, ``bmm``, ``baddbmm``,
-``addmm`` and ``einsum``. Each is linear in every operand, so its tangent is the sum over
-operands of the product with that operand replaced by its tangent (``(a·b)˙ = ȧ·b + a·ḃ``),
-each term computed over every slot at once (the slot axis a leading batch dim)."""
+"""Products of two or more operands: ``matmul`` (``@``), ``mm``, ``bmm``, ``mv``, ``dot``,
+``vdot``, ``outer``, ``baddbmm``, ``addmm`` and ``einsum``. Each is linear in every operand,
+so its tangent is the sum over operands of the product with that operand replaced by its
+tangent (``(a·b)˙ = ȧ·b + a·ḃ``), each term computed over every slot at once (the slot axis a
+leading batch dim)."""
 from __future__ import annotations
 
 import string
@@ -53,11 +54,41 @@ def _matmul_term(i: int, stack: Tensor, f: list) -> Tensor:
     return out.squeeze(-1 if b_vec else -2) if a_vec else out
 
 
-@implements(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm,
-            torch.Tensor.mm, torch.bmm, torch.Tensor.bmm)
+@implements(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 def matmul(input, other) -> Dual:
-    """Dual matrix product (``torch.matmul``'s broadcasting; ``mm``, ``bmm`` alike)."""
+    """Dual matrix product (``torch.matmul``'s broadcasting)."""
     return _product("matmul", [input, other], lambda p: torch.matmul(*p), _matmul_term)
+
+
+def _matmul_form(name: str, func: Callable) -> Callable:
+    """The rule of ``func``, a form of matmul restricted to some shapes (``mm``: two
+    matrices; ``bmm``: two batches of them; ``mv``; ``dot``): its primal is ``func``'s own,
+    which refuses the other shapes as torch does, and its tangent is matmul's."""
+    def rule(input, other) -> Dual:
+        return _product(name, [input, other], lambda p: func(*p), _matmul_term)
+    rule.__doc__ = f"Dual ``torch.{name}``."
+    return rule
+
+
+for _name in ("mm", "bmm", "mv", "dot"):
+    implements(getattr(torch, _name), getattr(torch.Tensor, _name))(
+        _matmul_form(_name, getattr(torch, _name)))
+
+
+@implements(torch.vdot, torch.Tensor.vdot)
+def vdot(input, other) -> Dual:
+    """Dual ``torch.vdot``, ``Σ conj(a)·b``: ``conj(ȧ)·b + conj(a)·ḃ``."""
+    def term(i, stack, f):
+        return stack.conj() @ f[1] if i == 0 else stack @ f[0].conj()
+    return _product("vdot", [input, other], lambda p: torch.vdot(*p), term)
+
+
+@implements(torch.outer, torch.Tensor.outer, torch.ger, torch.Tensor.ger)
+def outer(input, other) -> Dual:
+    """Dual ``torch.outer``, ``a bᵀ``: ``ȧ bᵀ + a ḃᵀ``."""
+    def term(i, stack, f):
+        return stack.unsqueeze(-1) * f[1] if i == 0 else f[0].unsqueeze(-1) * stack.unsqueeze(-2)
+    return _product("outer", [input, other], lambda p: torch.outer(*p), term)
 
 
 @implements(torch.Tensor.__rmatmul__)

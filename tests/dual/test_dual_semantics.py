@@ -82,7 +82,11 @@ def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
     # real and complex operands of one power: a real operand's term is the real part
     lambda x: (x[:5] * x[:5] + 0.5) ** 1.5j + (1 + 1j) ** x[:5]
     + (torch.fft.rfft(x) + 3) ** x[:5] + (x[:5] * x[:5] + 0.5) ** torch.fft.rfft(x),
-], ids=["rfft", "abs rfft", "irfft", "pow", "roots log", "pow real and complex"])
+    # products of complex vectors: vdot conjugates its first operand, dot and outer none
+    lambda x: torch.vdot(torch.fft.rfft(x), torch.fft.rfft(x) * 1j)
+    + torch.dot(torch.fft.rfft(x), torch.fft.rfft(x).flip(0))
+    + torch.outer(torch.fft.rfft(x), torch.fft.rfft(x)).sum(0),
+], ids=["rfft", "abs rfft", "irfft", "pow", "roots log", "pow real and complex", "products"])
 def test_complex_results_keep_complex_tangents(fn):
     out = _against_forward_ad(fn, (8,))
     if out.primal.is_complex():
