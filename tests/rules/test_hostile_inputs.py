@@ -442,11 +442,20 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
      "clear_tangents: expected an nn.Module, got NoneType"),
     (lambda: fgkernels.nn.reuse_conv_outputs(None).__enter__(), TypeError,
      "reuse_conv_outputs: expected an nn.Module, got NoneType"),
+    (lambda: F.conv1d(Dual(torch.randn(2, 3, 5), torch.randn(2, 3, 5)), torch.randn(4, 2, 3)),
+     ValueError, "conv1d: input has 3 channels, but weight of shape \\(4, 2, 3\\)"),
+    (lambda: F.conv1d(Dual(torch.randn(2, 4, 5)), torch.randn(4, 4, 3), stride=(1, 1)),
+     ValueError, "conv1d: stride must be an int >= 1 or a 1-tuple of one, got \\(1, 1\\)"),
+    (lambda: torch.mm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), torch.randn(4, 5)),
+     RuntimeError, "self must be a matrix"),
+    (lambda: torch.bmm(Dual(torch.randn(3, 4), torch.randn(3, 4)), torch.randn(4, 5)),
+     RuntimeError, "batch1 must be a 3D tensor"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
         "directions bool", "add_direction direction", "add_direction tangent",
-        "add_direction input", "clear_tangents None", "reuse_conv_outputs None"])
+        "add_direction input", "clear_tangents None", "reuse_conv_outputs None",
+        "conv1d channels", "conv1d stride pair", "mm of a batch", "bmm of matrices"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()
