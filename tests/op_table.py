@@ -150,7 +150,8 @@ OPS = {
                              (2, 4, 4), (4, 3)),
     "cross_entropy": OpCase(lambda x, w: F.cross_entropy(F.linear(x, w), TARGET), (4, 12),
                             (5, 12)),
-    "fallback_cumsum": OpCase(lambda x, w: torch.cumsum(x * w, 1), (4, 6), (6,), on_rules=False),
+    "fallback_cumprod": OpCase(lambda x, w: torch.cumprod(x * w, 1), (4, 6), (6,),
+                               on_rules=False),
     "softplus": OpCase(lambda x, w: F.softplus(x * w, beta=2.0, threshold=1.0) + F.softplus(w),
                        (4, 6), (6,)),
     # bases above 0 and of either sign, exponents tensor and number (0 among them), bases of 0
@@ -183,6 +184,12 @@ OPS = {
                            + x.mv(w[0])[:, None] + torch.outer(x[:, 0], w[1])
                            + torch.dot(x[0], w[2]) + torch.vdot(w[3], x[1]) + x[:, 2].ger(w[4]),
                            (4, 6), (6, 6)),
+    "repeats_cumsum_triangles": OpCase(
+        lambda x, w: (x * w).repeat_interleave(torch.tensor([1, 0, 2, 1, 1, 1]), dim=1)
+        + torch.cumsum(x, 0) + x.tril(-1) + torch.triu(w.tile(4, 1), 2)
+        + torch.repeat_interleave(w[:3], 2), (4, 6), (6,)),
+    "pixel_shuffle": OpCase(lambda x, w: F.pixel_unshuffle(F.pixel_shuffle(x * w, 2).relu(), 2),
+                            (2, 8, 4, 4), (8, 1, 1)),
     "stack": OpCase(lambda x, w: torch.stack([x, x * w, x.detach()], 1).flatten(1)
                     + torch.stack([w.expand(4, 6), x], -1).sum(-1).repeat(1, 3), (4, 6), (6,)),
     # --- the edges of each op's arguments ----------------------------------------------------

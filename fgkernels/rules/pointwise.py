@@ -546,6 +546,19 @@ def _reduce(op: str):
     return on_stack
 
 
+def _repeat_interleave(t, n, repeats, dim=None, *, output_size=None):
+    if dim is None:  # over the flattened primal
+        return t.reshape(t.shape[0], -1).repeat_interleave(repeats, 1, output_size=output_size)
+    return t.repeat_interleave(repeats, _slot_dim(dim, n), output_size=output_size)
+
+
+def _cumsum(t, n, dim, *, dtype=None):
+    if n == 0:  # a 0-d primal is its own cumulative sum (dim 0 or -1)
+        _slot_dim(dim, 1)
+        return t if dtype is None else t.to(dtype)
+    return t.cumsum(_slot_dim(dim, n), dtype=dtype)
+
+
 def _contiguous(t, n, memory_format=torch.contiguous_format):
     return slots_in_format(t, memory_format if n == 4 else torch.contiguous_format)
 
@@ -569,6 +582,8 @@ _SLOT_VIEWS: dict[Callable, Callable] = {
     torch.Tensor.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
     torch.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
     torch.Tensor.contiguous: _contiguous,
+    torch.Tensor.repeat_interleave: _repeat_interleave, torch.repeat_interleave: _repeat_interleave,
+    torch.Tensor.cumsum: _cumsum, torch.cumsum: _cumsum,
     torch.Tensor.mean: _reduce("mean"), torch.mean: _reduce("mean"),
     torch.Tensor.sum: _reduce("sum"), torch.sum: _reduce("sum"),
 }
@@ -600,6 +615,9 @@ _LINEAR_OPS = [
     torch.clone, torch.Tensor.t, torch.t, torch.Tensor.diagonal, torch.diagonal,
     torch.Tensor.unfold, torch.Tensor.tensor_split, torch.tensor_split, torch.Tensor.hsplit,
     torch.hsplit, torch.Tensor.vsplit, torch.vsplit, torch.Tensor.dsplit, torch.dsplit,
+    torch.Tensor.repeat_interleave, torch.repeat_interleave, torch.Tensor.cumsum, torch.cumsum,
+    torch.Tensor.tile, torch.tile, torch.Tensor.tril, torch.tril, torch.Tensor.triu, torch.triu,
+    F.pixel_shuffle, F.pixel_unshuffle,
     # the transposing properties (d.T, d.mT, d.H, d.mH), views as t() is
     torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.H.__get__,
     torch.Tensor.mH.__get__,

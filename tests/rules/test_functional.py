@@ -253,7 +253,7 @@ DTYPE_OPS = {
     "log_softmax": lambda v, dtype: F.log_softmax(v, 1, dtype=dtype),
     "vector_norm": lambda v, dtype: torch.linalg.vector_norm(v, dim=1, dtype=dtype),
     "sum": lambda v, dtype: v.sum(1, dtype=dtype),
-    "cumsum (fallback)": lambda v, dtype: v.cumsum(1, dtype=dtype),
+    "cumsum": lambda v, dtype: v.cumsum(1, dtype=dtype),
     "prod (fallback)": lambda v, dtype: v.prod(1, dtype=dtype),
 }
 
@@ -263,7 +263,7 @@ def test_an_op_with_a_dtype_casts_the_input_first(name, recwarn):
     """``dtype=`` casts the input before the op, as torch does: a tangent of the input's dtype
     is widened with it (the float64 values of forward_ad on the float64 input; torch's own
     vector_norm leaves its tangent float32), a narrower one stays narrower (but where the op
-    runs on the tangent itself: ``sum`` of a bfloat16 tangent in float64)."""
+    runs on the tangent itself: ``sum`` or ``cumsum`` of a bfloat16 tangent in float64)."""
     fn = DTYPE_OPS[name]
     x, xt = torch.randn(3, 5), torch.randn(3, 5)
     out = fn(Dual(x, xt), torch.float64)
@@ -272,7 +272,7 @@ def test_an_op_with_a_dtype_casts_the_input_first(name, recwarn):
                               [xt.double()[None]])[1][0]
     torch.testing.assert_close(out.tangent, expected, rtol=1e-12, atol=1e-12)
     narrow = fn(Dual(x, xt.bfloat16()), torch.float64).tangents.dtype
-    assert narrow == (torch.float64 if name == "sum" else torch.bfloat16)
+    assert narrow == (torch.float64 if name in ("sum", "cumsum") else torch.bfloat16)
 
 
 def test_softmax_takes_a_positional_dtype():
