@@ -109,6 +109,8 @@ MUTANTS = [
     Mutant("repeat_interleave's dim taken on the stack unshifted", "fgkernels/rules/pointwise.py",
            "return t.repeat_interleave(repeats, _slot_dim(dim, n), output_size=output_size)",
            "return t.repeat_interleave(repeats, dim, output_size=output_size)", OPS),
+    Mutant("cos's slope of the wrong sign", "fgkernels/rules/pointwise.py",
+           "lambda t, x: -t * _like(x.sin(), t)", "lambda t, x: t * _like(x.sin(), t)", OPS),
     Mutant("embedding picks its tangent's rows in another order", "fgkernels/rules/layers.py",
            "w.tangents[:, input])", "w.tangents[:, input.flip(0)])", OPS),
     Mutant("maximum gives a tie to the second operand", "fgkernels/rules/pointwise.py",

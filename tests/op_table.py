@@ -184,6 +184,8 @@ OPS = {
                            + x.mv(w[0])[:, None] + torch.outer(x[:, 0], w[1])
                            + torch.dot(x[0], w[2]) + torch.vdot(w[3], x[1]) + x[:, 2].ger(w[4]),
                            (4, 6), (6, 6)),
+    "sin_cos_reciprocal": OpCase(lambda x, w: torch.sin(x * w) + torch.cos(x).mul(w)
+                                 + (x * x + 0.5).reciprocal() + torch.reciprocal(w), (4, 6), (6,)),
     "repeats_cumsum_triangles": OpCase(
         lambda x, w: (x * w).repeat_interleave(torch.tensor([1, 0, 2, 1, 1, 1]), dim=1)
         + torch.cumsum(x, 0) + x.tril(-1) + torch.triu(w.tile(4, 1), 2)

@@ -416,6 +416,25 @@ def log(input) -> Dual:
     return _activation(input, torch.log(input.primal), lambda t, x: t / _like(x, t))
 
 
+@implements(torch.sin, torch.Tensor.sin)
+def sin(input) -> Dual:
+    """Dual sine: slope ``cos x``."""
+    return _activation(input, torch.sin(input.primal), lambda t, x: t * _like(x.cos(), t))
+
+
+@implements(torch.cos, torch.Tensor.cos)
+def cos(input) -> Dual:
+    """Dual cosine: slope ``−sin x``."""
+    return _activation(input, torch.cos(input.primal), lambda t, x: -t * _like(x.sin(), t))
+
+
+@implements(torch.reciprocal, torch.Tensor.reciprocal)
+def reciprocal(input) -> Dual:
+    """Dual reciprocal: slope ``−y²``."""
+    y = torch.reciprocal(input.primal)
+    return _activation(input, y, lambda t, x: -t * _like(y * y, t))
+
+
 @implements(F.hardsigmoid)
 def hardsigmoid(input, inplace: bool = False) -> Dual:
     """Dual hardsigmoid: slope 1/6 strictly between −3 and 3, else 0."""

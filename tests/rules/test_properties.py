@@ -547,7 +547,7 @@ def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_fi
     assert out.directions == (None if direction is None else (direction,))
 
 
-SMOOTH_OPS = {  # powers and cumsum (rules of their own), ops without one (forward AD on the op)
+SMOOTH_OPS = {  # sin, cumsum, powers (rules of their own), ops without one (forward AD on the op)
     "sin": torch.sin, "cumsum": lambda v: v.cumsum(-1), "logsumexp": lambda v: v.logsumexp(-1),
     "cube": lambda v: v ** 3, "exp2": lambda v: 2 ** v, "atan": torch.atan,
 }
