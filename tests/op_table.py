@@ -234,6 +234,9 @@ OPS = {
         lambda x, w: F.cross_entropy(x * w, torch.tensor([[[1, 0], [2, 3]]] * 2),
                                      reduction="none"),
         (2, 4, 2, 2), (4, 1, 1), on_rules=False),
+    "regression_losses": OpCase(  # l1 at ties (x against itself detached): slope 0
+        lambda x, w: F.mse_loss(x, w.expand(4, 6)) + F.l1_loss(x * w, x.detach(), reduction="sum")
+        + F.mse_loss(w, x[0], reduction="none") + F.l1_loss(x * 1.0, x.detach()), (4, 6), (6,)),
     "activations": OpCase(lambda x, w: F.mish(F.gelu(F.elu(F.leaky_relu(x * w, 0.1), 0.7)))
                           + F.hardswish(x * 4) * F.hardsigmoid(w * 4), (4, 6), (6,)),
     "relu6_in_place": OpCase(lambda x, w: F.relu6((x * w * 8).clone(), inplace=True), (4, 6),

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn import _reduction as _Reduction
 from torch.nn.modules.utils import _pair, _single
 
 from ..backends import contracts, current_backend
@@ -36,7 +37,7 @@ Tensor = torch.Tensor
 __all__ = [
     "conv2d", "conv1d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d",
     "avg_pool2d", "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad",
-    "cat", "stack", "embedding", "cross_entropy", "add_direction",
+    "cat", "stack", "embedding", "cross_entropy", "mse_loss", "l1_loss", "add_direction",
 ]
 
 
@@ -275,6 +276,31 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     else:
         lt = per_sample
     return d.with_tangents(loss, lt.to(d.tangents.dtype))
+
+
+def _regression_loss(name: str, loss_fn: Callable, elementwise: Callable[[Dual], Dual]):
+    """The rule of ``loss_fn(input, target)``, the mean (sum, or none) of ``elementwise(input −
+    target)``: its value and checks (shapes, broadcasting's warning, reduction) are torch's, its
+    tangent that of the Duals' own composition."""
+    def rule(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
+             reduction: str = "mean", weight: Optional[Tensor] = None) -> Dual:
+        if size_average is not None or reduce is not None:
+            reduction = _Reduction.legacy_get_string(size_average, reduce)
+        if weight is not None:  # per-element weights: forward AD on the op
+            return forward_ad_fallback(loss_fn, (input, target),
+                                       dict(reduction=reduction, weight=weight))
+        x, y = as_dual(input, name), as_dual(target, name)
+        loss = loss_fn(x.primal, y.primal, reduction=reduction)
+        out = elementwise(x - y)
+        out = out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
+        return out.with_tangents(loss, out.tangents)
+    rule.__name__ = rule.__qualname__ = name
+    return rule
+
+
+# mean squared error: L̇ = mean(2(x − y)·(ẋ − ẏ)); L1: L̇ = mean(sign(x − y)·(ẋ − ẏ)), 0 at a tie
+mse_loss = implements(F.mse_loss)(_regression_loss("mse_loss", F.mse_loss, torch.square))
+l1_loss = implements(F.l1_loss)(_regression_loss("l1_loss", F.l1_loss, torch.abs))
 
 
 # --- linear ops: the same map on the primal and on every tangent slot -----------------------------
