@@ -105,6 +105,8 @@ OPS = {
                         (4, 6), (6,)),
     "layer_norm": OpCase(lambda x, w: F.layer_norm(x, (6,), w), (4, 5, 6), (6,),
                          bf16_network=False),
+    "rms_norm": OpCase(lambda x, w: F.rms_norm(x, [6], w) + F.rms_norm(x * w, (5, 6), eps=1e-3),
+                       (4, 5, 6), (6,), bf16_network=False),
     "group_norm": OpCase(lambda x, w: F.group_norm(x, 3, w), (4, 6, 5, 5), (6,),
                          bf16_network=False),
     # denominators of either sign, at least 1 away from 0

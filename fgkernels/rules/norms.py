@@ -1,8 +1,9 @@
-"""Dual layer norm and group norm: the batch-norm formulas over other axes.
+"""Dual layer norm, RMS norm and group norm: the batch-norm formulas over other axes.
 
 Over the normalised axes, ``μ, σ²`` (biased), ``r = 1/√(σ² + eps)``, ``x̂ = (x − μ)·r``:
     ẋ̂ = r·(ẋ − mean ẋ − x̂·mean(x̂·ẋ)),    y = γx̂ + β,    ẏ = γẋ̂ + γ̇x̂ + β̇
-(layer norm: the last ``len(normalized_shape)`` axes, γ and β of that shape; group norm: each
+(layer norm: the last ``len(normalized_shape)`` axes, γ and β of that shape; RMS norm: the same
+axes, x not centred (μ = 0, no ``mean ẋ`` term, σ² = mean x²), no β; group norm: each
 sample's group of ``C/G`` channels with its spatial axes, γ and β per channel).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dual import slots as _slots
+from ..dual.dtypes import acc_dtype
 from ..dual.layout import kernel_format
 from ..dual.value import Dual, implements
 from .fallback import forward_ad_fallback
@@ -23,11 +25,13 @@ from .pointwise import lift
 Tensor = torch.Tensor
 
 
-def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r: Tensor):
+def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Optional[Tensor],
+               r: Tensor):
     """x̂ and the stacked ẋ̂ (None without tangent), from the statistics over ``dims`` of x
-    (``mean`` and ``r`` shaped to broadcast over x), in the statistics' dtype. Both are fresh
+    (``mean`` and ``r`` shaped to broadcast over x), in the statistics' dtype. ``mean`` None:
+    x is not centred (RMS norm: ``x̂ = x·r``, ``ẋ̂ = r·ẋ − x̂·(r·mean(x̂·ẋ))``). Both are fresh
     tensors (the caller may scale them in place)."""
-    xhat = (x - mean).mul_(r)
+    xhat = (x - mean).mul_(r) if mean is not None else x * r
     if xt is None:
         return xhat, None
     xt = _slots.cast(xt, xhat.dtype)
@@ -36,11 +40,14 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Tensor, r
     # x̂·ẋ (a tangent-sized buffer, not the five the expression would allocate term by term).
     buffer = xhat * xt
     m2r = buffer.mean(tdims, keepdim=True).mul_(r)
-    m1r = xt.mean(tdims, keepdim=True).mul_(r)
     # Traced, no out= (Dynamo refuses a strided one and breaks the graph; Inductor fuses the
     # expression into one buffer anyway).
     out = None if torch.compiler.is_dynamo_compiling() else buffer
-    xt_hat = torch.addcmul(m1r.neg_(), xt, r, out=out)
+    if mean is None:
+        xt_hat = torch.mul(xt, r, out=out)
+    else:
+        m1r = xt.mean(tdims, keepdim=True).mul_(r)
+        xt_hat = torch.addcmul(m1r.neg_(), xt, r, out=out)
     return xhat, xt_hat.addcmul_(xhat, m2r, value=-1)
 
 
@@ -75,21 +82,43 @@ def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operan
     return Dual._unchecked(y, yt, plan.directions, plan.single)
 
 
+def _normalized_dims(op: str, x: Tensor, normalized_shape) -> tuple[tuple, list[int]]:
+    """``normalized_shape`` as a tuple, and the dims of x it names (its last ones)."""
+    normalized_shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) \
+        else (normalized_shape,)
+    k = len(normalized_shape)
+    if tuple(x.shape[x.dim() - k:]) != normalized_shape:
+        raise ValueError(f"{op}: input of shape {tuple(x.shape)} does not end with "
+                         f"normalized_shape {normalized_shape}")
+    return normalized_shape, list(range(x.dim() - k, x.dim()))
+
+
 @implements(F.layer_norm)
 @torch.no_grad()
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Dual:
     """Dual layer norm (arguments as ``F.layer_norm``)."""
     x, xt, x_operand = parts(as_dual(input, "layer_norm"))
-    normalized_shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) \
-        else (normalized_shape,)
-    k = len(normalized_shape)
-    if tuple(x.shape[x.dim() - k:]) != normalized_shape:
-        raise ValueError(f"layer_norm: input of shape {tuple(x.shape)} does not end with "
-                         f"normalized_shape {normalized_shape}")
+    normalized_shape, dims = _normalized_dims("layer_norm", x, normalized_shape)
     # torch's own kernel gives y and the statistics in one pass.
     y, mean, r = torch.native_layer_norm(x, normalized_shape, _primal(weight), _primal(bias), eps)
-    xhat, xt_hat = _normalize(x, xt, list(range(x.dim() - k, x.dim())), mean, r)
+    xhat, xt_hat = _normalize(x, xt, dims, mean, r)
     return _affine("layer_norm", y, xhat, xt_hat, x_operand, weight, bias, normalized_shape)
+
+
+@implements(F.rms_norm, torch.rms_norm)
+@torch.no_grad()
+def rms_norm(input, normalized_shape, weight=None, eps: Optional[float] = None) -> Dual:
+    """Dual RMS norm (arguments as ``F.rms_norm``): ``r = 1/√(mean(x²) + eps)`` over the
+    normalised axes, in the accumulation dtype as torch computes it; eps None is the input
+    dtype's machine epsilon, as for torch."""
+    x, xt, x_operand = parts(as_dual(input, "rms_norm"))
+    normalized_shape, dims = _normalized_dims("rms_norm", x, normalized_shape)
+    y = torch.rms_norm(x, normalized_shape, _primal(weight), eps)
+    xa = x.to(acc_dtype(x.dtype))
+    r = xa.square().mean(dims, keepdim=True).add_(
+        torch.finfo(x.dtype).eps if eps is None else eps).rsqrt_()
+    xhat, xt_hat = _normalize(xa, xt, dims, None, r)
+    return _affine("rms_norm", y, xhat, xt_hat, x_operand, weight, None, normalized_shape)
 
 
 @implements(F.group_norm)
