@@ -236,6 +236,8 @@ OPS = {
         lambda x, w: F.cross_entropy(x * w, torch.tensor([[[1, 0], [2, 3]]] * 2),
                                      reduction="none"),
         (2, 4, 2, 2), (4, 1, 1), on_rules=False),
+    "prelu": OpCase(lambda x, w: F.prelu(x, w) + F.prelu(x - x.detach(), w[:1]),  # ties at 0
+                    (4, 6, 5, 5), (6,)),
     "regression_losses": OpCase(  # l1 at ties (x against itself detached): slope 0
         lambda x, w: F.mse_loss(x, w.expand(4, 6)) + F.l1_loss(x * w, x.detach(), reduction="sum")
         + F.mse_loss(w, x[0], reduction="none") + F.l1_loss(x * 1.0, x.detach()), (4, 6), (6,)),

@@ -24,7 +24,7 @@ from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.layout import slots_in_format
 from ..dual.value import Dual, implements, view_root
-from .operands import parts
+from .operands import as_dual, parts
 
 Tensor = torch.Tensor
 
@@ -336,6 +336,20 @@ def leaky_relu(input, negative_slope: float = 0.01, inplace: bool = False) -> Du
 @implements(F.leaky_relu_)
 def _leaky_relu_(input, negative_slope: float = 0.01) -> Dual:
     return leaky_relu(input, negative_slope, inplace=True)
+
+
+@implements(F.prelu, torch.prelu)
+def prelu(input, weight) -> Dual:
+    """Dual PReLU, ``y = x`` where x ≥ 0, else ``a·x`` (a learned per channel, dim 1, or one
+    for all): ``ẏ = ẋ`` where x ≥ 0 (slope 1 at 0, as torch's), else ``a·ẋ + ȧ·x``."""
+    x, a = as_dual(input, "prelu"), as_dual(weight, "prelu")
+    y = torch.prelu(x.primal, a.primal)  # torch's value and its checks of the weight's shape
+    if a.primal.numel() == 1:
+        a = a.reshape(())
+    elif x.primal.dim() > 2:  # (C,) against dim 1 of (N, C, *spatial)
+        a = a.reshape(-1, *(1,) * (x.primal.dim() - 2))
+    out = where(x.primal >= 0, x, mul(a, x))
+    return out.with_tangents(y, out.tangents)
 
 
 @implements(F.elu)
