@@ -394,20 +394,23 @@ def embedding(input: Tensor, weight: MaybeDual, padding_idx: Optional[int] = Non
 
 
 @implements(torch.cat, torch.concat)
-def cat(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
+def cat(tensors: Sequence[MaybeDual], dim: int = 0, *, axis: Optional[int] = None) -> Dual:
     """Dual concatenation; a slot that some operand lacks is zero for that operand's part."""
-    return _join("cat", torch.cat, tensors, dim)
+    return _join("cat", torch.cat, tensors, dim, axis)
 
 
 @implements(torch.stack)
-def stack(tensors: Sequence[MaybeDual], dim: int = 0) -> Dual:
+def stack(tensors: Sequence[MaybeDual], dim: int = 0, *, axis: Optional[int] = None) -> Dual:
     """Dual stacking along a new ``dim``; a slot that some operand lacks is zero there."""
-    return _join("stack", torch.stack, tensors, dim)
+    return _join("stack", torch.stack, tensors, dim, axis)
 
 
-def _join(op: str, join: Callable, tensors: Sequence[MaybeDual], dim: int) -> Dual:
+def _join(op: str, join: Callable, tensors: Sequence[MaybeDual], dim: int,
+          axis: Optional[int]) -> Dual:
     """``join`` (torch.cat or torch.stack) of the primals, and of the tangent stacks along the
-    same data dim (the slot axis in front)."""
+    same data dim (the slot axis in front); ``axis`` is torch's other name of ``dim``."""
+    if axis is not None:
+        dim = axis
     duals = [as_dual(t, op) for t in tensors]
     plan = _slots.plan([d.slot_operand() for d in duals], op)
     y = join([d.primal for d in duals], dim)

@@ -480,7 +480,7 @@ def softplus(input, beta: float = 1.0, threshold: float = 20.0) -> Dual:
 # Each term as torch's forward mode computes it (pow_backward_self, pow_backward_exponent): the
 # base's term is 0 where b = 0 (whatever ȧ), the exponent's factor y·ln(a) is 0 where a = 0
 # and b ≥ 0 (0ᵇ is constant there), so that 0⁰ and 0² have finite tangents.
-@implements(torch.pow, torch.Tensor.pow, torch.Tensor.__pow__)
+@implements(torch.Tensor.pow, torch.Tensor.__pow__)
 def power(input, exponent) -> Dual:
     """Dual power, either operand a Dual, a tensor or a number (``d ** 2``, ``2 ** d``)."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(exponent)
@@ -512,6 +512,14 @@ def _real_if(operand, term: Tensor) -> Tensor:
     real = not (operand.is_complex() if isinstance(operand, Tensor) else isinstance(operand,
                                                                                  complex))
     return term.real.to(term.dtype) if real and term.is_complex() else term
+
+
+@implements(torch.pow)
+def _torch_pow(*args, **kwargs) -> Dual:
+    # torch.pow names a number base ``self`` (torch.pow(self=2, exponent=d)), a tensor ``input``
+    if "self" in kwargs:
+        kwargs["input"] = kwargs.pop("self")
+    return power(*args, **kwargs)
 
 
 @implements(torch.Tensor.__rpow__)

@@ -335,6 +335,9 @@ OPS = {
     "bmm": lambda d: torch.bmm(d[None], d.T[None]), "addmm": lambda d: torch.addmm(
         d[:, :3], d, d.T[:, :3]), "baddbmm": lambda d: torch.baddbmm(d[None, :, :3], d[None],
                                                                     d.T[None, :, :3], beta=0.5),
+    "pow self=": lambda d: torch.pow(self=2, exponent=d) + torch.pow(input=d, exponent=2),
+    "cat axis=": lambda d: torch.cat([d, d * 2], axis=1),
+    "stack axis=": lambda d: torch.stack([d, d * 2], axis=-1),
     "matmul vec": lambda d: d @ d[0], "vec matmul": lambda d: d[:, 0] @ d,
     "rmatmul": lambda d: torch.ones(2, 3, **f64) @ d, "batched matmul": lambda d: d[None].expand(
         2, 3, 4) @ d.T, "flip": lambda d: d.flip(0), "roll": lambda d: d.roll(1, 0),
