@@ -121,6 +121,16 @@ MUTANTS = [
     Mutant("PReLU's tie at 0 given the negative slope", "fgkernels/rules/pointwise.py",
            "out = where(x.primal >= 0, x, mul(a, x))", "out = where(x.primal > 0, x, mul(a, x))",
            OPS),
+    Mutant("amax's ties each given the whole tangent", "fgkernels/rules/reductions.py",
+           "yt = torch.where(ties, t, 0).sum(_slot_dims(dims, x.dim()), keepdim) / \\\n"
+           "        _like(ties.sum(dims, keepdim), t)",
+           "yt = torch.where(ties, t, 0).sum(_slot_dims(dims, x.dim()), keepdim) * \\\n"
+           "        _like(ties.sum(dims, keepdim) > 0, t)", OPS),
+    Mutant("var's correction left out of its tangent", "fgkernels/rules/reductions.py",
+           "(yt * (2.0 / (n - correction)))", "(yt * (2.0 / n))", OPS),
+    Mutant("std's tangent NaN where std is 0", "fgkernels/rules/reductions.py",
+           "return input.with_tangents(y, yt.masked_fill_(y == 0, 0))",
+           "return input.with_tangents(y, yt)", SEMANTICS),
     Mutant("embedding picks its tangent's rows in another order", "fgkernels/rules/layers.py",
            "w.tangents[:, input])", "w.tangents[:, input.flip(0)])", OPS),
     Mutant("maximum gives a tie to the second operand", "fgkernels/rules/pointwise.py",

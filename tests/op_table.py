@@ -236,6 +236,11 @@ OPS = {
         lambda x, w: F.cross_entropy(x * w, torch.tensor([[[1, 0], [2, 3]]] * 2),
                                      reduction="none"),
         (2, 4, 2, 2), (4, 1, 1), on_rules=False),
+    "reductions": OpCase(  # the last amax: every element a tie of two different tangents
+        lambda x, w: torch.logsumexp(x * w, 1) + (x * w).var(1) + torch.std(x, 1, False)
+        + x.amax(1) + torch.amin(x, (0,), True).sum()
+        + torch.amax(torch.stack([x, x.detach() + w[:1] - w[:1].detach()]), 0).sum(1),
+        (4, 6), (6,)),
     "prelu": OpCase(lambda x, w: F.prelu(x, w) + F.prelu(x - x.detach(), w[:1]),  # ties at 0
                     (4, 6, 5, 5), (6,)),
     "regression_losses": OpCase(  # l1 at ties (x against itself detached): slope 0

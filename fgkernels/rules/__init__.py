@@ -2,8 +2,18 @@
 as the op's rule when its module is imported (``dual.value.implements``): the layers
 (``layers``: convolution, batch norm, linear, pooling, losses, calling the backend the registry
 picks), ``pointwise`` arithmetic and activations, ``products``, ``norms``, ``attention``,
-``indexing``, the ops that only touch the primal (``primal_ops``), and torch's own forward mode
-for every op without a rule (``fallback``). ``operands`` splits a call's Duals into primals and
-slots (the layers' argument contracts are ``backends.contracts``, which their compiled ops' fakes
-run too)."""
-from . import attention, fallback, indexing, layers, norms, pointwise, primal_ops, products  # noqa: F401
+``indexing``, nonlinear ``reductions``, the ops that only touch the primal (``primal_ops``),
+and torch's own forward mode for every op without a rule (``fallback``). ``operands`` splits a
+call's Duals into primals and slots (the layers' argument contracts are ``backends.contracts``,
+which their compiled ops' fakes run too)."""
+from . import (  # noqa: F401
+    attention,
+    fallback,
+    indexing,
+    layers,
+    norms,
+    pointwise,
+    primal_ops,
+    products,
+    reductions,
+)

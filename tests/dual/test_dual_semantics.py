@@ -335,6 +335,10 @@ OPS = {
     "bmm": lambda d: torch.bmm(d[None], d.T[None]), "addmm": lambda d: torch.addmm(
         d[:, :3], d, d.T[:, :3]), "baddbmm": lambda d: torch.baddbmm(d[None, :, :3], d[None],
                                                                     d.T[None, :, :3], beta=0.5),
+    "var overloads": lambda d: torch.var(d, 1, False, True) + d.var(False) + d.std(unbiased=True)
+    + d.var(dim=0, correction=2).sum() + torch.std(d, (0, 1), keepdim=True),
+    "std at 0": lambda d: (d - d.detach()).std(1), "logsumexp -inf": lambda d: torch.logsumexp(
+        d.masked_fill(torch.eye(3, 4, dtype=torch.bool), float("-inf")), 1),
     "pow self=": lambda d: torch.pow(self=2, exponent=d) + torch.pow(input=d, exponent=2),
     "cat axis=": lambda d: torch.cat([d, d * 2], axis=1),
     "stack axis=": lambda d: torch.stack([d, d * 2], axis=-1),

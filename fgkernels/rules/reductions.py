@@ -1,0 +1,128 @@
+"""Nonlinear reductions over data dims: ``logsumexp``, ``var``/``std`` (every overload) and
+``amax``/``amin``. Each tangent is torch's forward-mode formula, computed over every slot at
+once (the reduced dims shifted past the slot axis); sums and means, which are linear, are
+views' rules (``pointwise``)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..dual.value import Dual, implements
+from .fallback import forward_ad_fallback
+from .pointwise import _like, _slot_dims
+
+Tensor = torch.Tensor
+
+
+def _as_1d(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """A 0-d primal and its stack as one element (a reduction of it over dim 0 or -1)."""
+    return (x.reshape(1), t.reshape(t.shape[0], 1)) if x.dim() == 0 else (x, t)
+
+
+def _dims(dim, ndim: int) -> tuple:
+    """The data dims a reduction's ``dim`` names: all of them for None or ``()``."""
+    if dim is None or (not isinstance(dim, int) and len(dim) == 0):
+        return tuple(range(ndim))
+    return (dim,) if isinstance(dim, int) else tuple(dim)
+
+
+@implements(torch.logsumexp, torch.Tensor.logsumexp)
+def logsumexp(input: Dual, dim, keepdim: bool = False) -> Dual:
+    """Dual logsumexp: ``ẏ = Σ e·ẋ / Σ e`` over ``dim``, ``e = exp(x − max x)``, as torch's
+    forward mode computes it (complex values: forward AD on the op)."""
+    y = torch.logsumexp(input.primal, dim, keepdim)
+    if input.tangents is None:
+        return input.with_tangents(y, None)
+    if y.is_complex():
+        return forward_ad_fallback(torch.logsumexp, (input, dim, keepdim), {})
+    x, t = _as_1d(input.primal, input.tangents)
+    dims = _dims(dim, x.dim())
+    e = (x - x.amax(dims, keepdim=True)).exp()
+    yt = (t * _like(e, t)).sum(_slot_dims(dims, x.dim()), keepdim) / \
+        _like(e.sum(dims, keepdim), t)
+    return input.with_tangents(y, yt.reshape(t.shape[0], *y.shape))
+
+
+def _variance_args(args: tuple, kwargs: dict) -> tuple[object, float, bool]:
+    """``dim``, ``correction`` and ``keepdim`` of a call of var or std, in any of torch's
+    overloads: ``(dim=None, *, correction=1, keepdim=False)``, ``(dim, unbiased, keepdim)``
+    and ``(unbiased)``."""
+    args, kwargs = list(args), dict(kwargs)
+    if args and isinstance(args[0], bool):
+        kwargs["unbiased"] = args.pop(0)
+    for name, value in zip(("dim", "unbiased", "keepdim"), args):
+        kwargs[name] = value
+    correction = kwargs.get("correction")
+    if "unbiased" in kwargs:
+        correction = 1 if kwargs["unbiased"] else 0
+    return kwargs.get("dim"), 1 if correction is None else correction, kwargs.get("keepdim",
+                                                                                  False)
+
+
+def _variance_tangent(input: Dual, args: tuple, kwargs: dict, y: Tensor) -> Optional[Tensor]:
+    """var's tangent ``2/(N − correction) · Σ (x − mean x)·ẋ`` over the reduced dims; None
+    where ``N − correction ≤ 0`` (var is infinite or NaN: torch's forward mode decides)."""
+    x, t = _as_1d(input.primal, input.tangents)
+    dim, correction, keepdim = _variance_args(args, kwargs)
+    dims = _dims(dim, x.dim())
+    n = math.prod(x.shape[d] for d in dims)
+    if n - correction <= 0:
+        return None
+    centred = x - x.mean(dims, keepdim=True)
+    yt = (t * _like(centred.conj(), t)).sum(_slot_dims(dims, x.dim()), keepdim)
+    if yt.is_complex():
+        yt = yt.real
+    return (yt * (2.0 / (n - correction))).reshape(t.shape[0], *y.shape)
+
+
+@implements(torch.var, torch.Tensor.var)
+def var(input: Dual, *args, **kwargs) -> Dual:
+    """Dual variance (any overload of ``torch.var``)."""
+    y = torch.var(input.primal, *args, **kwargs)
+    if input.tangents is None:
+        return input.with_tangents(y, None)
+    yt = _variance_tangent(input, args, kwargs, y)
+    if yt is None:
+        return forward_ad_fallback(torch.var, (input, *args), kwargs)
+    return input.with_tangents(y, yt)
+
+
+@implements(torch.std, torch.Tensor.std)
+def std(input: Dual, *args, **kwargs) -> Dual:
+    """Dual standard deviation: var's tangent over ``2·y``, 0 where y = 0 (as torch's)."""
+    y = torch.std(input.primal, *args, **kwargs)
+    if input.tangents is None:
+        return input.with_tangents(y, None)
+    yt = _variance_tangent(input, args, kwargs, y)
+    if yt is None:
+        return forward_ad_fallback(torch.std, (input, *args), kwargs)
+    yt = yt / _like(2 * y, yt)
+    return input.with_tangents(y, yt.masked_fill_(y == 0, 0))
+
+
+def _extreme(op, input: Dual, dim, keepdim: bool) -> Dual:
+    """amax or amin: ``ẏ = Σ_{x = y} ẋ / #{x = y}``, ties sharing the tangent evenly (a
+    select: a NaN tangent elsewhere gives no NaN)."""
+    y = op(input.primal, dim, keepdim)
+    if input.tangents is None:
+        return input.with_tangents(y, None)
+    x, t = _as_1d(input.primal, input.tangents)
+    dims = _dims(dim, x.dim())
+    ties = x == op(x, dims, True)
+    yt = torch.where(ties, t, 0).sum(_slot_dims(dims, x.dim()), keepdim) / \
+        _like(ties.sum(dims, keepdim), t)
+    return input.with_tangents(y, yt.reshape(t.shape[0], *y.shape))
+
+
+@implements(torch.amax, torch.Tensor.amax)
+def amax(input: Dual, dim=(), keepdim: bool = False) -> Dual:
+    """Dual amax (ties share the tangent evenly, as torch's forward mode)."""
+    return _extreme(torch.amax, input, dim, keepdim)
+
+
+@implements(torch.amin, torch.Tensor.amin)
+def amin(input: Dual, dim=(), keepdim: bool = False) -> Dual:
+    """Dual amin (ties share the tangent evenly, as torch's forward mode)."""
+    return _extreme(torch.amin, input, dim, keepdim)
