@@ -547,8 +547,10 @@ def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_fi
     assert out.directions == (None if direction is None else (direction,))
 
 
-SMOOTH_OPS = {  # sin, cumsum, powers (rules of their own), ops without one (forward AD on the op)
-    "sin": torch.sin, "cumsum": lambda v: v.cumsum(-1), "logsumexp": lambda v: v.logsumexp(-1),
+SMOOTH_OPS = {  # rules of their own, and atan, which has none (forward AD on the op)
+    "sin": torch.sin, "cos": torch.cos, "cumsum": lambda v: v.cumsum(-1),
+    "logsumexp": lambda v: v.logsumexp(-1), "var": lambda v: v.var(-1, correction=0),
+    "std": lambda v: v.std(-1, correction=0), "rms_norm": lambda v: F.rms_norm(v, v.shape[-1:]),
     "cube": lambda v: v ** 3, "exp2": lambda v: 2 ** v, "atan": torch.atan,
 }
 
