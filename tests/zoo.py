@@ -3,7 +3,9 @@ torch.nn the way torchvision and timm write them, for checking ``fgkernels.conve
 (tests/nn/test_model_zoo.py) and timing its dual pass (benchmarks/test_models.py).
 
 Each ``build_*(w)`` returns a randomly initialised model of base width ``w`` (even) taking
-``(N, 3, H, W)`` images and giving 10 logits; ``MODELS`` maps names to builders.
+``(N, 3, H, W)`` images and giving 10 logits; ``MODELS`` maps the CNNs' names to builders.
+``build_patch_transformer`` is a transformer in the style of today's language models (RMS norms,
+grouped-query attention with rotary positions, a gated MLP) on image patches.
 """
 from __future__ import annotations
 
@@ -163,6 +165,76 @@ class ConvNeXtBlock(nn.Module):
         return (x + (self.gamma * y).permute(0, 3, 1, 2)).contiguous()
 
 
+class RotaryAttention(nn.Module):
+    """Self-attention as LLaMA-style models write it: grouped-query heads (``kv_heads`` key and
+    value heads, each shared by ``heads // kv_heads`` query heads by repeat_interleave), rotary
+    positions (q and k rotated by position-dependent angles: cos, sin, a half-rotation by cat)."""
+
+    def __init__(self, dim: int, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def _rotate(self, x):
+        n, d = x.shape[-2], x.shape[-1]
+        freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=x.dtype) / d)
+        angle = torch.outer(torch.arange(n, dtype=x.dtype), freq).repeat(1, 2)
+        a, b = x.chunk(2, dim=-1)
+        return x * torch.cos(angle) + torch.cat([-b, a], dim=-1) * torch.sin(angle)
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        q = self.q(x).view(n, length, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(n, length, 2 * self.kv_heads, self.head_dim).transpose(1, 2) \
+            .chunk(2, dim=1)
+        group = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(self._rotate(q), self._rotate(k), v)
+        return self.out(y.transpose(1, 2).reshape(n, length, -1))
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP of LLaMA-style blocks: ``w2(silu(w1 x) · w3 x)``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
+        self.w2 = nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RMSBlock(nn.Module):
+    """A pre-norm transformer block with RMS norms: ``x + attn(norm x)``, then the MLP's."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1, self.attn = nn.RMSNorm(dim), RotaryAttention(dim)
+        self.norm2, self.mlp = nn.RMSNorm(dim), SwiGLU(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchTransformer(nn.Module):
+    """Patches of 4×4 pixels embedded by a strided convolution, ``depth`` RMS-norm blocks, the
+    mean token normed and classified."""
+
+    def __init__(self, w: int, depth: int = 2):
+        super().__init__()
+        self.embed = nn.Conv2d(3, w, 4, stride=4)
+        self.blocks = nn.Sequential(*[RMSBlock(w) for _ in range(depth)])
+        self.norm, self.head = nn.RMSNorm(w), nn.Linear(w, 10)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(tokens).mean(1)))
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """timm's BatchNormAct2d: a BatchNorm2d subclass whose own forward applies an activation."""
 
@@ -222,6 +294,10 @@ def build_timm_resnet(w: int = 8) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), BatchNormAct2d(w),
                          nn.Conv2d(w, w, 3, 2, 1, bias=False), BatchNormAct2d(w, nn.LeakyReLU),
                          _classifier(w))
+
+
+def build_patch_transformer(w: int = 8) -> nn.Module:
+    return PatchTransformer(w)
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {

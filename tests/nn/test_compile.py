@@ -19,7 +19,7 @@ from fgkernels.train.models import BasicBlock
 
 from helpers import TOL, assert_within_torch_error
 from op_table import OPS, inputs, math_attention
-from zoo import MODELS
+from zoo import MODELS, build_patch_transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,7 +153,7 @@ def test_fgkernels_compile_with_inductors_cpp_wrapper(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["one image", "channels_last"])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(MODELS) + ["patch_transformer"])
 def test_every_zoo_model_compiles_in_one_graph(name, layout):
     """fgkernels.compile(fullgraph=True) of each small model converted, eval, float64: one
     graph (a break is an error) giving forward_ad's numbers, with one image (ambiguous layouts:
@@ -161,7 +161,8 @@ def test_every_zoo_model_compiles_in_one_graph(name, layout):
     over permuted activations broke the graph); ShuffleNet's concatenation of two Duals broke
     it under the pass's torch function mode."""
     torch.manual_seed(0)
-    net = fgkernels.convert(MODELS[name](8).double().eval())
+    build = build_patch_transformer if name == "patch_transformer" else MODELS[name]
+    net = fgkernels.convert(build(8).double().eval())
     tangents = fgkernels.random_tangents(net, num_tangents=1)
     shape = (1, 3, 16, 16) if layout == "one image" else (2, 3, 16, 16)
     x, xt = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)

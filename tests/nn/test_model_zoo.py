@@ -12,22 +12,10 @@ from torch.nn.utils import parametrizations, prune, weight_norm
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.testing import forward_ad_jvp
+from fgkernels.testing import forward_ad_jvp, oracle_mode
 
 from helpers import rel_err
-from zoo import MODELS
-
-
-@contextlib.contextmanager
-def _weight_norm_written_out():
-    """torch's fused weight-norm kernel has no forward-mode derivative: the oracle computes
-    ``g·v/‖v‖`` in plain ops instead."""
-    fused = torch._weight_norm
-    torch._weight_norm = lambda v, g, dim=0: v * (g / torch.norm_except_dim(v, 2, dim))
-    try:
-        yield
-    finally:
-        torch._weight_norm = fused
+from zoo import MODELS, build_patch_transformer
 
 
 def _check_exact(build, training: bool, x_shape=(3, 3, 16, 16), rtol=1e-10,
@@ -52,7 +40,7 @@ def _check_exact(build, training: bool, x_shape=(3, 3, 16, 16), rtol=1e-10,
     def call(x_, *ps):
         return functional_call(ref, {**dict(zip(names, ps)), **dict(ref.named_buffers())}, (x_,))
 
-    with _weight_norm_written_out():
+    with oracle_mode():  # attention by its math kernel, weight norm written out
         y, yt = forward_ad_jvp(call, [x, *[params[n].detach() for n in names]],
                                [xt, *[tangents[n] for n in names]])
     assert rel_err(out.primal, y) <= rtol
@@ -66,6 +54,13 @@ def _check_exact(build, training: bool, x_shape=(3, 3, 16, 16), rtol=1e-10,
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_runs_exactly(backend, name, training):
     _check_exact(MODELS[name], training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_transformer_of_todays_blocks_runs_exactly_on_rules(backend, training):
+    """RMS norms, grouped-query attention (repeat_interleave), rotary positions and a gated MLP,
+    with strided-convolution patches: every op on a rule (strict), forward_ad's numbers."""
+    _check_exact(build_patch_transformer, training)
 
 
 def test_subclasses_keep_their_behaviour():
