@@ -131,6 +131,10 @@ MUTANTS = [
     Mutant("std's tangent NaN where std is 0", "fgkernels/rules/reductions.py",
            "return input.with_tangents(y, yt.masked_fill_(y == 0, 0))",
            "return input.with_tangents(y, yt)", SEMANTICS),
+    Mutant("nll_loss's tangent without the class weights", "fgkernels/rules/layers.py",
+           "return F.nll_loss(v, target, weight, ignore_index=ignore_index, reduction=reduction)",
+           "return F.nll_loss(v, target, None if v is not d.primal else weight,\n"
+           "                          ignore_index=ignore_index, reduction=reduction)", OPS),
     Mutant("embedding picks its tangent's rows in another order", "fgkernels/rules/layers.py",
            "w.tangents[:, input])", "w.tangents[:, input.flip(0)])", OPS),
     Mutant("maximum gives a tie to the second operand", "fgkernels/rules/pointwise.py",

@@ -226,6 +226,11 @@ OPS = {
     "cross_entropy_smoothed_weighted": OpCase(
         lambda x, w: F.cross_entropy(x, TARGET, weight=w.abs() + 0.1, label_smoothing=0.2),
         (4, 6), (6,), on_rules=False),
+    "nll_loss": OpCase(  # class weights, an ignored sample, each reduction
+        lambda x, w: F.nll_loss(F.log_softmax(x * w, 1), torch.tensor([1, -100, 3, 2]),
+                                torch.linspace(0.5, 2, 6).to(x.dtype))
+        + F.nll_loss(x, TARGET, reduction="none").sum() + F.nll_loss(x, TARGET, reduction="sum"),
+        (4, 6), (6,)),
     "cross_entropy_ignored_summed": OpCase(
         lambda x, w: F.cross_entropy(x * w, torch.tensor([1, -100, 3, 2]), reduction="sum"),
         (4, 6), (6,)),

@@ -30,14 +30,15 @@ from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
 from ..dual.value import Dual, check_direction, implements
 from .fallback import forward_ad_fallback
-from .operands import MaybeDual, as_dual, layer_operands, layer_params, result, tangents_as
+from .operands import MaybeDual, as_dual, layer_operands, layer_params, parts, result, tangents_as
 
 Tensor = torch.Tensor
 
 __all__ = [
     "conv2d", "conv1d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d",
     "avg_pool2d", "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad",
-    "cat", "stack", "embedding", "cross_entropy", "mse_loss", "l1_loss", "add_direction",
+    "cat", "stack", "embedding", "cross_entropy", "nll_loss", "mse_loss", "l1_loss",
+    "add_direction",
 ]
 
 
@@ -276,6 +277,30 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     else:
         lt = per_sample
     return d.with_tangents(loss, lt.to(d.tangents.dtype))
+
+
+@implements(F.nll_loss)
+def nll_loss(input: MaybeDual, target: Tensor, weight: Optional[Tensor] = None,
+             size_average=None, ignore_index: int = -100, reduce=None,
+             reduction: str = "mean") -> Dual:
+    """Dual negative log-likelihood (arguments as ``F.nll_loss``). It is linear in its input,
+    so ``L̇ = nll_loss(ẋ)`` for each slot with the same target, weights and reduction, as torch's
+    forward mode computes it (a narrower tangent: computed in the input's dtype, rounded once)."""
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if isinstance(target, Dual) or parts(weight).tangents is not None:
+        return forward_ad_fallback(F.nll_loss, (input, target), dict(
+            weight=weight, ignore_index=ignore_index, reduction=reduction))
+    d = as_dual(input, "nll_loss")
+
+    def loss(v: Tensor) -> Tensor:
+        return F.nll_loss(v, target, weight, ignore_index=ignore_index, reduction=reduction)
+
+    y = loss(d.primal)
+    if d.tangents is None:
+        return Dual(y)
+    t = torch.vmap(loss)(d.tangents.to(y.dtype))
+    return d.with_tangents(y, t.to(d.tangents.dtype))
 
 
 def _regression_loss(name: str, loss_fn: Callable, elementwise: Callable[[Dual], Dual]):
