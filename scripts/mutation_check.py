@@ -129,8 +129,8 @@ MUTANTS = [
     Mutant("var's correction left out of its tangent", "fgkernels/rules/reductions.py",
            "(yt * (2.0 / (n - correction)))", "(yt * (2.0 / n))", OPS),
     Mutant("std's tangent NaN where std is 0", "fgkernels/rules/reductions.py",
-           "return input.with_tangents(y, yt.masked_fill_(y == 0, 0))",
-           "return input.with_tangents(y, yt)", SEMANTICS),
+           "lambda yt, y: (yt / _like(2 * y, yt)).masked_fill_(y == 0, 0))",
+           "lambda yt, y: yt / _like(2 * y, yt))", SEMANTICS),
     Mutant("nll_loss's tangent without the class weights", "fgkernels/rules/layers.py",
            "return F.nll_loss(v, target, weight, ignore_index=ignore_index, reduction=reduction)",
            "return F.nll_loss(v, target, None if v is not d.primal else weight,\n"

@@ -77,29 +77,28 @@ def _variance_tangent(input: Dual, args: tuple, kwargs: dict, y: Tensor) -> Opti
     return (yt * (2.0 / (n - correction))).reshape(t.shape[0], *y.shape)
 
 
-@implements(torch.var, torch.Tensor.var)
-def var(input: Dual, *args, **kwargs) -> Dual:
-    """Dual variance (any overload of ``torch.var``)."""
-    y = torch.var(input.primal, *args, **kwargs)
+def _spread(op, input: Dual, args: tuple, kwargs: dict, of_variance) -> Dual:
+    """var or std (``op``) and its tangent ``of_variance(var's tangent, y)``."""
+    y = op(input.primal, *args, **kwargs)
     if input.tangents is None:
         return input.with_tangents(y, None)
     yt = _variance_tangent(input, args, kwargs, y)
     if yt is None:
-        return forward_ad_fallback(torch.var, (input, *args), kwargs)
-    return input.with_tangents(y, yt)
+        return forward_ad_fallback(op, (input, *args), kwargs)
+    return input.with_tangents(y, of_variance(yt, y))
+
+
+@implements(torch.var, torch.Tensor.var)
+def var(input: Dual, *args, **kwargs) -> Dual:
+    """Dual variance (any overload of ``torch.var``)."""
+    return _spread(torch.var, input, args, kwargs, lambda yt, y: yt)
 
 
 @implements(torch.std, torch.Tensor.std)
 def std(input: Dual, *args, **kwargs) -> Dual:
     """Dual standard deviation: var's tangent over ``2·y``, 0 where y = 0 (as torch's)."""
-    y = torch.std(input.primal, *args, **kwargs)
-    if input.tangents is None:
-        return input.with_tangents(y, None)
-    yt = _variance_tangent(input, args, kwargs, y)
-    if yt is None:
-        return forward_ad_fallback(torch.std, (input, *args), kwargs)
-    yt = yt / _like(2 * y, yt)
-    return input.with_tangents(y, yt.masked_fill_(y == 0, 0))
+    return _spread(torch.std, input, args, kwargs,
+                   lambda yt, y: (yt / _like(2 * y, yt)).masked_fill_(y == 0, 0))
 
 
 def _extreme(op, input: Dual, dim, keepdim: bool) -> Dual:
