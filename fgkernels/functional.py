@@ -13,7 +13,6 @@ from .rules.layers import (
     cat,
     conv2d,
     conv2d_batch_norm,
-    cross_entropy,
     dropout,
     flatten,
     interpolate,
@@ -23,6 +22,7 @@ from .rules.layers import (
     relu,
     reshape,
 )
+from .rules.losses import cross_entropy
 from .rules.pointwise import add, clamp, div, mul, sub, where
 
 __all__ = [

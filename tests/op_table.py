@@ -105,6 +105,10 @@ OPS = {
                         (4, 6), (6,)),
     "layer_norm": OpCase(lambda x, w: F.layer_norm(x, (6,), w), (4, 5, 6), (6,),
                          bf16_network=False),
+    "robust_losses": OpCase(
+        lambda x, w: F.smooth_l1_loss(x * w, x.detach() * 0.5, beta=0.5)
+        + F.huber_loss(x, w.expand(4, 6), reduction="sum", delta=0.7)
+        + F.smooth_l1_loss(x, w.expand(4, 6), reduction="none", beta=0.0), (4, 6), (6,)),
     "rms_norm": OpCase(lambda x, w: F.rms_norm(x, [6], w) + F.rms_norm(x * w, (5, 6), eps=1e-3),
                        (4, 5, 6), (6,), bf16_network=False),
     "group_norm": OpCase(lambda x, w: F.group_norm(x, 3, w), (4, 6, 5, 5), (6,),

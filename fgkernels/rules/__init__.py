@@ -1,7 +1,7 @@
 """The forward-mode rules of torch's ops on a ``Dual``, one module per op family, each registered
 as the op's rule when its module is imported (``dual.value.implements``): the layers
-(``layers``: convolution, batch norm, linear, pooling, losses, calling the backend the registry
-picks), ``pointwise`` arithmetic and activations, ``products``, ``norms``, ``attention``,
+(``layers``: convolution, batch norm, linear, pooling, calling the backend the registry picks),
+``losses``, ``pointwise`` arithmetic and activations, ``products``, ``norms``, ``attention``,
 ``indexing``, nonlinear ``reductions``, the ops that only touch the primal (``primal_ops``),
 and torch's own forward mode for every op without a rule (``fallback``). ``operands`` splits a
 call's Duals into primals and slots (the layers' argument contracts are ``backends.contracts``,
@@ -11,6 +11,7 @@ from . import (  # noqa: F401
     fallback,
     indexing,
     layers,
+    losses,
     norms,
     pointwise,
     primal_ops,

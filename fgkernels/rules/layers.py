@@ -1,6 +1,6 @@
 """The layers' rules: convolution (2-d, with a following batch norm as one op; 1-d as 2-d),
-linear, batch norm, ReLU, pooling, padding, reshapes, dropout, concatenation, embedding and the
-cross-entropy loss. Each takes Duals (or plain tensors, meaning a zero tangent) and returns a
+linear, batch norm, ReLU, pooling, padding, reshapes, dropout, concatenation and embedding (the
+losses are ``losses``). Each takes Duals (or plain tensors, meaning a zero tangent) and returns a
 Dual with the primal and the tangent(s) of the output; parameters may be Duals too, their
 tangents adding the ``Ẇ*x``-style terms. Each is also the ``__torch_function__`` rule of its
 torch functions, so ``F.conv2d(dual, w)`` and ``torch.flatten(dual, 1)`` run the same code.
@@ -18,7 +18,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn import _reduction as _Reduction
 from torch.nn.modules.utils import _pair, _single
 
 from ..backends import contracts, current_backend
@@ -27,18 +26,16 @@ from ..backends.kernel_op import KernelOp
 from ..backends.layer_op import LayerOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
-from ..dual.dtypes import acc_dtype
 from ..dual.value import Dual, check_direction, implements
 from .fallback import forward_ad_fallback
-from .operands import MaybeDual, as_dual, layer_operands, layer_params, parts, result, tangents_as
+from .operands import MaybeDual, as_dual, layer_operands, layer_params, result, tangents_as
 
 Tensor = torch.Tensor
 
 __all__ = [
     "conv2d", "conv1d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d",
     "avg_pool2d", "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad",
-    "cat", "stack", "embedding", "cross_entropy", "nll_loss", "mse_loss", "l1_loss",
-    "add_direction",
+    "cat", "stack", "embedding", "add_direction",
 ]
 
 
@@ -230,102 +227,6 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
     stride = kernel_size if stride is None or stride == [] else stride
     return _max_pool2d.on(d, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
                           bool(ceil_mode))
-
-
-@implements(F.cross_entropy)
-@_no_grad
-def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=None,
-                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> Dual:
-    """Dual cross-entropy on logits ``z`` of shape (N, C) and class indices ``target`` (N,):
-    ``L̇ = mean_n Σ_c (softmax(z)_nc − p_nc)·ż_nc``, p the (smoothed) one-hot target."""
-    d = as_dual(input, "cross_entropy")
-    z = d.primal
-    index_target = isinstance(target, Tensor) and not isinstance(target, Dual) \
-        and not target.is_floating_point()
-    if weight is not None or size_average is not None or reduce is not None \
-            or not index_target or z.dim() != 2:
-        # class weights, probability (or Dual) targets, (N, C, d1, ...) logits: forward AD
-        return forward_ad_fallback(F.cross_entropy, (input, target), dict(
-            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
-            reduction=reduction, label_smoothing=label_smoothing))
-    if target.dtype not in (torch.long, torch.uint8) or target.shape != z.shape[:1]:
-        raise ValueError(f"cross_entropy: target must be int64 (or uint8) class indices of "
-                         f"shape ({z.shape[0]},), got {target.dtype} of shape "
-                         f"{tuple(target.shape)}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', "
-                         f"got {reduction!r}")
-    loss = F.cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
-    if d.tangents is None:
-        return Dual(loss)
-    keep = target != ignore_index
-    # an ignored sample's index may lie outside the classes (ignore_index=255): class 0 then
-    p = F.one_hot(torch.where(keep, target, 0).long(), z.shape[1]).to(z.dtype)
-    if label_smoothing:
-        p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
-    residual = (torch.softmax(z, dim=1) - p) * keep.unsqueeze(1)
-    # In the accumulation dtype, rounded once to the tangents' (a bfloat16 tangent of a float32
-    # network stays bfloat16, as every op keeps it).
-    acc = acc_dtype(z.dtype)
-    per_sample = (residual.to(acc) * d.tangents.to(acc)).sum(-1)  # (T, N)
-    if reduction == "mean":  # over the kept samples: 0/0 = NaN when every one is ignored
-        lt = per_sample.sum(-1) / keep.sum()
-    elif reduction == "sum":
-        lt = per_sample.sum(-1)
-    else:
-        lt = per_sample
-    return d.with_tangents(loss, lt.to(d.tangents.dtype))
-
-
-@implements(F.nll_loss)
-def nll_loss(input: MaybeDual, target: Tensor, weight: Optional[Tensor] = None,
-             size_average=None, ignore_index: int = -100, reduce=None,
-             reduction: str = "mean") -> Dual:
-    """Dual negative log-likelihood (arguments as ``F.nll_loss``). It is linear in its input,
-    so ``L̇ = nll_loss(ẋ)`` for each slot with the same target, weights and reduction, as torch's
-    forward mode computes it (a narrower tangent: computed in the input's dtype, rounded once)."""
-    if size_average is not None or reduce is not None:
-        reduction = _Reduction.legacy_get_string(size_average, reduce)
-    if isinstance(target, Dual) or parts(weight).tangents is not None:
-        return forward_ad_fallback(F.nll_loss, (input, target), dict(
-            weight=weight, ignore_index=ignore_index, reduction=reduction))
-    d = as_dual(input, "nll_loss")
-
-    def loss(v: Tensor) -> Tensor:
-        return F.nll_loss(v, target, weight, ignore_index=ignore_index, reduction=reduction)
-
-    y = loss(d.primal)
-    if d.tangents is None:
-        return Dual(y)
-    t = torch.vmap(loss)(d.tangents.to(y.dtype))
-    return d.with_tangents(y, t.to(d.tangents.dtype))
-
-
-def _regression_loss(name: str, loss_fn: Callable, elementwise: Callable[[Dual], Dual]):
-    """The rule of ``loss_fn(input, target)``, the mean (sum, or none) of ``elementwise(input −
-    target)``: its value and checks (shapes, broadcasting's warning, reduction) are torch's, its
-    tangent that of the Duals' own composition."""
-    def rule(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
-             reduction: str = "mean", weight: Optional[Tensor] = None) -> Dual:
-        if size_average is not None or reduce is not None:
-            reduction = _Reduction.legacy_get_string(size_average, reduce)
-        if weight is not None:  # per-element weights: forward AD on the op
-            return forward_ad_fallback(loss_fn, (input, target),
-                                       dict(reduction=reduction, weight=weight))
-        x, y = as_dual(input, name), as_dual(target, name)
-        loss = loss_fn(x.primal, y.primal, reduction=reduction)
-        out = elementwise(x - y)
-        out = out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
-        return out.with_tangents(loss, out.tangents)
-    rule.__name__ = rule.__qualname__ = name
-    return rule
-
-
-# mean squared error: L̇ = mean(2(x − y)·(ẋ − ẏ)); L1: L̇ = mean(sign(x − y)·(ẋ − ẏ)), 0 at a tie
-mse_loss = implements(F.mse_loss)(_regression_loss("mse_loss", F.mse_loss, torch.square))
-l1_loss = implements(F.l1_loss)(_regression_loss("l1_loss", F.l1_loss, torch.abs))
 
 
 # --- linear ops: the same map on the primal and on every tangent slot -----------------------------

@@ -320,6 +320,24 @@ def test_nonfinite_primal_in_training_bn_relu_gives_nan_as_forward_ad(backend, b
     torch.testing.assert_close(out.tangents[:, :, [0, 2]], yt[:, :, [0, 2]])
 
 
+@pytest.mark.parametrize("loss", [
+    F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+    lambda a, b, reduction: F.huber_loss(a, b, reduction, 0.5),
+    lambda a, b, reduction: F.smooth_l1_loss(a, b, reduction=reduction, beta=0.0)],
+    ids=["mse", "l1", "smooth_l1", "huber", "huber delta 0.5", "smooth_l1 beta 0"])
+def test_regression_losses_at_nan_ties_and_kinks_match_forward_ad(loss):
+    """A NaN difference (the slope is NaN for smooth L1 and Huber, 0 for L1, as torch's), a
+    tie, differences at ±0.5 and ±1 (the kinks of δ = 0.5 and β = δ = 1) and an Inf tangent."""
+    x = torch.tensor([float("nan"), 0.0, 0.5, -0.5, 1.0, -1.0, 2.0], **f64)
+    y = torch.zeros(7, **f64)
+    xt = torch.tensor([[3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0], [1.0] * 6 + [float("inf")]], **f64)
+    for reduction in ("none", "sum"):
+        with fgkernels.strict_rules():
+            out = loss(Dual(x, xt), y, reduction=reduction)
+        _, yt = _jvp(lambda v: loss(v, y, reduction=reduction), (x, xt))
+        torch.testing.assert_close(out.tangents, yt, equal_nan=True, rtol=0, atol=0)
+
+
 def test_cross_entropy_with_every_target_ignored_is_nan_as_forward_ad():
     z, zt = torch.randn(3, 4, **f64), torch.randn(1, 3, 4, **f64)
     target = torch.full((3,), -100)

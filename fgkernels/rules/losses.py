@@ -1,0 +1,170 @@
+"""The losses' rules: cross-entropy, negative log-likelihood, and the regression losses (MSE,
+L1, smooth L1, Huber). Each loss value, with torch's checks of its arguments (shapes, targets,
+reduction, broadcasting's warning), is torch's own; its tangent is written as torch's forward
+mode computes it, conventions at kinks and at NaN included."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn import _reduction as _Reduction
+
+from ..dual.dtypes import acc_dtype
+from ..dual.value import Dual, implements
+from .fallback import forward_ad_fallback
+from .layers import _no_grad
+from .operands import MaybeDual, as_dual, parts
+from .pointwise import _activation, _like
+
+Tensor = torch.Tensor
+_aten = torch.ops.aten
+_NO_REDUCTION = 0  # at::Reduction::None, for the derivative kernels
+
+__all__ = ["cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
+
+
+def _reduction(size_average, reduce, reduction: str) -> str:
+    """``reduction``, or the one torch's legacy ``size_average``/``reduce`` name (warned)."""
+    if size_average is not None or reduce is not None:
+        return _Reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+@implements(F.cross_entropy)
+@_no_grad
+def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> Dual:
+    """Dual cross-entropy on logits ``z`` of shape (N, C) and class indices ``target`` (N,):
+    ``L̇ = mean_n Σ_c (softmax(z)_nc − p_nc)·ż_nc``, p the (smoothed) one-hot target."""
+    d = as_dual(input, "cross_entropy")
+    z = d.primal
+    index_target = isinstance(target, Tensor) and not isinstance(target, Dual) \
+        and not target.is_floating_point()
+    if weight is not None or size_average is not None or reduce is not None \
+            or not index_target or z.dim() != 2:
+        # class weights, probability (or Dual) targets, (N, C, d1, ...) logits: forward AD
+        return forward_ad_fallback(F.cross_entropy, (input, target), dict(
+            weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+            reduction=reduction, label_smoothing=label_smoothing))
+    if target.dtype not in (torch.long, torch.uint8) or target.shape != z.shape[:1]:
+        raise ValueError(f"cross_entropy: target must be int64 (or uint8) class indices of "
+                         f"shape ({z.shape[0]},), got {target.dtype} of shape "
+                         f"{tuple(target.shape)}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    loss = F.cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if d.tangents is None:
+        return Dual(loss)
+    keep = target != ignore_index
+    # an ignored sample's index may lie outside the classes (ignore_index=255): class 0 then
+    p = F.one_hot(torch.where(keep, target, 0).long(), z.shape[1]).to(z.dtype)
+    if label_smoothing:
+        p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
+    residual = (torch.softmax(z, dim=1) - p) * keep.unsqueeze(1)
+    # In the accumulation dtype, rounded once to the tangents' (a bfloat16 tangent of a float32
+    # network stays bfloat16, as every op keeps it).
+    acc = acc_dtype(z.dtype)
+    per_sample = (residual.to(acc) * d.tangents.to(acc)).sum(-1)  # (T, N)
+    if reduction == "mean":  # over the kept samples: 0/0 = NaN when every one is ignored
+        lt = per_sample.sum(-1) / keep.sum()
+    elif reduction == "sum":
+        lt = per_sample.sum(-1)
+    else:
+        lt = per_sample
+    return d.with_tangents(loss, lt.to(d.tangents.dtype))
+
+
+@implements(F.nll_loss)
+def nll_loss(input: MaybeDual, target: Tensor, weight: Optional[Tensor] = None,
+             size_average=None, ignore_index: int = -100, reduce=None,
+             reduction: str = "mean") -> Dual:
+    """Dual negative log-likelihood (arguments as ``F.nll_loss``). It is linear in its input,
+    so ``L̇ = nll_loss(ẋ)`` for each slot with the same target, weights and reduction, as torch's
+    forward mode computes it (a narrower tangent: computed in the input's dtype, rounded once)."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if isinstance(target, Dual) or parts(weight).tangents is not None:
+        return forward_ad_fallback(F.nll_loss, (input, target), dict(
+            weight=weight, ignore_index=ignore_index, reduction=reduction))
+    d = as_dual(input, "nll_loss")
+
+    def loss(v: Tensor) -> Tensor:
+        return F.nll_loss(v, target, weight, ignore_index=ignore_index, reduction=reduction)
+
+    y = loss(d.primal)
+    if d.tangents is None:
+        return Dual(y)
+    t = torch.vmap(loss)(d.tangents.to(y.dtype))
+    return d.with_tangents(y, t.to(d.tangents.dtype))
+
+
+# --- regression losses: L = reduce(ℓ(x − y)), L̇ = reduce(ℓ'(x − y)·(ẋ − ẏ)) ---------------------
+# Each slope ℓ' is torch's own derivative kernel (as the activations' are), run once over every
+# slot: forward_ad's numbers, its conventions at the kinks and at a NaN difference included.
+def _regression(name: str, loss_fn: Callable, input: MaybeDual, target: MaybeDual,
+                reduction: str, slope: Callable[[Tensor, Tensor], Tensor], **options) -> Dual:
+    """``loss_fn(input, target, reduction=reduction, **options)`` and its tangent: the reduction
+    of ``slope(ḋ, d)`` (``ℓ'(d)·ḋ``) over the Duals' difference ``d = input − target``."""
+    x, y = as_dual(input, name), as_dual(target, name)
+    loss = loss_fn(x.primal, y.primal, reduction=reduction, **options)
+    d = x - y
+    out = _activation(d, d.primal, slope)  # its primal a stand-in: the value is torch's
+    out = out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
+    return out.with_tangents(loss, out.tangents)
+
+
+def _weighted(loss_fn: Callable, input, target, **options) -> Dual:
+    """A loss with per-element weights: forward AD on the op."""
+    return forward_ad_fallback(loss_fn, (input, target), options)
+
+
+@implements(F.mse_loss)
+def mse_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
+             reduction: str = "mean", weight: Optional[Tensor] = None) -> Dual:
+    """Dual mean squared error: slope ``2d``."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if weight is not None:
+        return _weighted(F.mse_loss, input, target, reduction=reduction, weight=weight)
+    return _regression("mse_loss", F.mse_loss, input, target, reduction,
+                       lambda t, d: _aten.mse_loss_backward(t, d, d.new_zeros(()),
+                                                            _NO_REDUCTION))
+
+
+@implements(F.l1_loss)
+def l1_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
+            reduction: str = "mean", weight: Optional[Tensor] = None) -> Dual:
+    """Dual L1 loss: slope ``sign d``, 0 at a tie."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if weight is not None:
+        return _weighted(F.l1_loss, input, target, reduction=reduction, weight=weight)
+    return _regression("l1_loss", F.l1_loss, input, target, reduction,
+                       lambda t, d: t * _like(d.sgn(), t))
+
+
+@implements(F.smooth_l1_loss)
+def smooth_l1_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
+                   reduction: str = "mean", beta: float = 1.0) -> Dual:
+    """Dual smooth L1 loss: slope ``d/β`` where ``|d| ≤ β``, else ``sign d`` (NaN at a NaN d;
+    β = 0 is the L1 loss, as torch computes it)."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if beta == 0:
+        return _regression("smooth_l1_loss", F.smooth_l1_loss, input, target, reduction,
+                           lambda t, d: t * _like(d.sgn(), t), beta=beta)
+    return _regression("smooth_l1_loss", F.smooth_l1_loss, input, target, reduction,
+                       lambda t, d: _aten.smooth_l1_loss_backward(
+                           t, d, d.new_zeros(()), _NO_REDUCTION, beta), beta=beta)
+
+
+@implements(F.huber_loss)
+def huber_loss(input: MaybeDual, target: MaybeDual, reduction: str = "mean",
+               delta: float = 1.0, weight: Optional[Tensor] = None) -> Dual:
+    """Dual Huber loss: slope ``d`` where ``|d| ≤ δ``, else ``δ·sign d`` (NaN at a NaN d)."""
+    if weight is not None:
+        return _weighted(F.huber_loss, input, target, reduction=reduction, delta=delta,
+                         weight=weight)
+    return _regression("huber_loss", F.huber_loss, input, target, reduction,
+                       lambda t, d: _aten.huber_loss_backward(
+                           t, d, d.new_zeros(()), _NO_REDUCTION, delta), delta=delta)
