@@ -110,7 +110,7 @@ OPS = {
         + F.huber_loss(x, w.expand(4, 6), reduction="sum", delta=0.7)
         + F.smooth_l1_loss(x, w.expand(4, 6), reduction="none", beta=0.0), (4, 6), (6,)),
     "rms_norm": OpCase(lambda x, w: F.rms_norm(x, [6], w) + F.rms_norm(x * w, (5, 6), eps=1e-3),
-                       (4, 5, 6), (6,), bf16_network=False),
+                       (4, 5, 6), (6,)),
     "group_norm": OpCase(lambda x, w: F.group_norm(x, 3, w), (4, 6, 5, 5), (6,),
                          bf16_network=False),
     # denominators of either sign, at least 1 away from 0

@@ -319,7 +319,7 @@ def embedding(input: Tensor, weight: MaybeDual, padding_idx: Optional[int] = Non
     return w.with_tangents(y, None if w.tangents is None else w.tangents[:, input])
 
 
-@implements(torch.cat, torch.concat)
+@implements(torch.cat, torch.concat, torch.concatenate)
 def cat(tensors: Sequence[MaybeDual], dim: int = 0, *, axis: Optional[int] = None) -> Dual:
     """Dual concatenation; a slot that some operand lacks is zero for that operand's part."""
     return _join("cat", torch.cat, tensors, dim, axis)

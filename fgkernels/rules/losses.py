@@ -105,9 +105,14 @@ def nll_loss(input: MaybeDual, target: Tensor, weight: Optional[Tensor] = None,
 # Each slope ℓ' is torch's own derivative kernel (as the activations' are), run once over every
 # slot: forward_ad's numbers, its conventions at the kinks and at a NaN difference included.
 def _regression(name: str, loss_fn: Callable, input: MaybeDual, target: MaybeDual,
-                reduction: str, slope: Callable[[Tensor, Tensor], Tensor], **options) -> Dual:
+                reduction: str, slope: Callable[[Tensor, Tensor], Tensor],
+                weight: Optional[Tensor] = None, **options) -> Dual:
     """``loss_fn(input, target, reduction=reduction, **options)`` and its tangent: the reduction
-    of ``slope(ḋ, d)`` (``ℓ'(d)·ḋ``) over the Duals' difference ``d = input − target``."""
+    of ``slope(ḋ, d)`` (``ℓ'(d)·ḋ``) over the Duals' difference ``d = input − target``.
+    Per-element weights: forward AD on the op."""
+    if weight is not None:
+        return forward_ad_fallback(loss_fn, (input, target),
+                                   dict(reduction=reduction, weight=weight, **options))
     x, y = as_dual(input, name), as_dual(target, name)
     loss = loss_fn(x.primal, y.primal, reduction=reduction, **options)
     d = x - y
@@ -116,32 +121,26 @@ def _regression(name: str, loss_fn: Callable, input: MaybeDual, target: MaybeDua
     return out.with_tangents(loss, out.tangents)
 
 
-def _weighted(loss_fn: Callable, input, target, **options) -> Dual:
-    """A loss with per-element weights: forward AD on the op."""
-    return forward_ad_fallback(loss_fn, (input, target), options)
-
-
 @implements(F.mse_loss)
 def mse_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
              reduction: str = "mean", weight: Optional[Tensor] = None) -> Dual:
     """Dual mean squared error: slope ``2d``."""
-    reduction = _reduction(size_average, reduce, reduction)
-    if weight is not None:
-        return _weighted(F.mse_loss, input, target, reduction=reduction, weight=weight)
-    return _regression("mse_loss", F.mse_loss, input, target, reduction,
-                       lambda t, d: _aten.mse_loss_backward(t, d, d.new_zeros(()),
-                                                            _NO_REDUCTION))
+    return _regression("mse_loss", F.mse_loss, input, target,
+                       _reduction(size_average, reduce, reduction),
+                       lambda t, d: _aten.mse_loss_backward(t, d, d.new_zeros(()), _NO_REDUCTION),
+                       weight)
 
 
 @implements(F.l1_loss)
 def l1_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
             reduction: str = "mean", weight: Optional[Tensor] = None) -> Dual:
     """Dual L1 loss: slope ``sign d``, 0 at a tie."""
-    reduction = _reduction(size_average, reduce, reduction)
-    if weight is not None:
-        return _weighted(F.l1_loss, input, target, reduction=reduction, weight=weight)
-    return _regression("l1_loss", F.l1_loss, input, target, reduction,
-                       lambda t, d: t * _like(d.sgn(), t))
+    return _regression("l1_loss", F.l1_loss, input, target,
+                       _reduction(size_average, reduce, reduction), _sign_slope, weight)
+
+
+def _sign_slope(t: Tensor, d: Tensor) -> Tensor:
+    return t * _like(d.sgn(), t)
 
 
 @implements(F.smooth_l1_loss)
@@ -149,22 +148,16 @@ def smooth_l1_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduc
                    reduction: str = "mean", beta: float = 1.0) -> Dual:
     """Dual smooth L1 loss: slope ``d/β`` where ``|d| ≤ β``, else ``sign d`` (NaN at a NaN d;
     β = 0 is the L1 loss, as torch computes it)."""
-    reduction = _reduction(size_average, reduce, reduction)
-    if beta == 0:
-        return _regression("smooth_l1_loss", F.smooth_l1_loss, input, target, reduction,
-                           lambda t, d: t * _like(d.sgn(), t), beta=beta)
-    return _regression("smooth_l1_loss", F.smooth_l1_loss, input, target, reduction,
-                       lambda t, d: _aten.smooth_l1_loss_backward(
-                           t, d, d.new_zeros(()), _NO_REDUCTION, beta), beta=beta)
+    slope = _sign_slope if beta == 0 else lambda t, d: _aten.smooth_l1_loss_backward(
+        t, d, d.new_zeros(()), _NO_REDUCTION, beta)
+    return _regression("smooth_l1_loss", F.smooth_l1_loss, input, target,
+                       _reduction(size_average, reduce, reduction), slope, beta=beta)
 
 
 @implements(F.huber_loss)
 def huber_loss(input: MaybeDual, target: MaybeDual, reduction: str = "mean",
                delta: float = 1.0, weight: Optional[Tensor] = None) -> Dual:
     """Dual Huber loss: slope ``d`` where ``|d| ≤ δ``, else ``δ·sign d`` (NaN at a NaN d)."""
-    if weight is not None:
-        return _weighted(F.huber_loss, input, target, reduction=reduction, delta=delta,
-                         weight=weight)
     return _regression("huber_loss", F.huber_loss, input, target, reduction,
                        lambda t, d: _aten.huber_loss_backward(
-                           t, d, d.new_zeros(()), _NO_REDUCTION, delta), delta=delta)
+                           t, d, d.new_zeros(()), _NO_REDUCTION, delta), weight, delta=delta)

@@ -109,14 +109,19 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-
 @torch.no_grad()
 def rms_norm(input, normalized_shape, weight=None, eps: Optional[float] = None) -> Dual:
     """Dual RMS norm (arguments as ``F.rms_norm``): ``r = 1/√(mean(x²) + eps)`` over the
-    normalised axes, in the accumulation dtype as torch computes it; eps None is the input
-    dtype's machine epsilon, as for torch."""
+    normalised axes, in the accumulation dtype as torch computes it; eps None is that dtype's
+    machine epsilon, as for torch (float32's for a half-precision input). Complex inputs and a
+    weight of another dtype than the input's: forward AD on the op."""
     x, xt, x_operand = parts(as_dual(input, "rms_norm"))
+    if x.is_complex() or (weight is not None and _primal(weight).dtype != x.dtype):
+        return forward_ad_fallback(F.rms_norm, (input, normalized_shape),
+                                   dict(weight=weight, eps=eps))
     normalized_shape, dims = _normalized_dims("rms_norm", x, normalized_shape)
     y = torch.rms_norm(x, normalized_shape, _primal(weight), eps)
-    xa = x.to(acc_dtype(x.dtype))
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
     r = xa.square().mean(dims, keepdim=True).add_(
-        torch.finfo(x.dtype).eps if eps is None else eps).rsqrt_()
+        torch.finfo(acc).eps if eps is None else eps).rsqrt_()
     xhat, xt_hat = _normalize(xa, xt, dims, None, r)
     return _affine("rms_norm", y, xhat, xt_hat, x_operand, weight, None, normalized_shape)
 

@@ -338,7 +338,7 @@ def _leaky_relu_(input, negative_slope: float = 0.01) -> Dual:
     return leaky_relu(input, negative_slope, inplace=True)
 
 
-@implements(F.prelu, torch.prelu)
+@implements(F.prelu, torch.prelu, torch.Tensor.prelu)
 def prelu(input, weight) -> Dual:
     """Dual PReLU, ``y = x`` where x ≥ 0, else ``a·x`` (a learned per channel, dim 1, or one
     for all): ``ẏ = ẋ`` where x ≥ 0 (slope 1 at 0, as torch's), else ``a·ẋ + ȧ·x``."""

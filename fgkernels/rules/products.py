@@ -60,19 +60,30 @@ def matmul(input, other) -> Dual:
     return _product("matmul", [input, other], lambda p: torch.matmul(*p), _matmul_term)
 
 
-def _matmul_form(name: str, func: Callable) -> Callable:
-    """The rule of ``func``, a form of matmul restricted to some shapes (``mm``: two
-    matrices; ``bmm``: two batches of them; ``mv``; ``dot``): its primal is ``func``'s own,
-    which refuses the other shapes as torch does, and its tangent is matmul's."""
-    def rule(input, other) -> Dual:
-        return _product(name, [input, other], lambda p: func(*p), _matmul_term)
-    rule.__doc__ = f"Dual ``torch.{name}``."
-    return rule
+# The forms of matmul restricted to some shapes: each primal is the op's own, which refuses the
+# other shapes as torch does; each tangent is matmul's. Operands named as torch names them.
+@implements(torch.mm, torch.Tensor.mm)
+def mm(input, mat2) -> Dual:
+    """Dual ``torch.mm`` (two matrices)."""
+    return _product("mm", [input, mat2], lambda p: torch.mm(*p), _matmul_term)
 
 
-for _name in ("mm", "bmm", "mv", "dot"):
-    implements(getattr(torch, _name), getattr(torch.Tensor, _name))(
-        _matmul_form(_name, getattr(torch, _name)))
+@implements(torch.bmm, torch.Tensor.bmm)
+def bmm(input, mat2) -> Dual:
+    """Dual ``torch.bmm`` (two batches of matrices)."""
+    return _product("bmm", [input, mat2], lambda p: torch.bmm(*p), _matmul_term)
+
+
+@implements(torch.mv, torch.Tensor.mv)
+def mv(input, vec) -> Dual:
+    """Dual ``torch.mv`` (a matrix and a vector)."""
+    return _product("mv", [input, vec], lambda p: torch.mv(*p), _matmul_term)
+
+
+@implements(torch.dot, torch.Tensor.dot)
+def dot(input, tensor) -> Dual:
+    """Dual ``torch.dot`` (two vectors, no conjugate)."""
+    return _product("dot", [input, tensor], lambda p: torch.dot(*p), _matmul_term)
 
 
 @implements(torch.vdot, torch.Tensor.vdot)
@@ -84,11 +95,11 @@ def vdot(input, other) -> Dual:
 
 
 @implements(torch.outer, torch.Tensor.outer, torch.ger, torch.Tensor.ger)
-def outer(input, other) -> Dual:
+def outer(input, vec2) -> Dual:
     """Dual ``torch.outer``, ``a bᵀ``: ``ȧ bᵀ + a ḃᵀ``."""
     def term(i, stack, f):
         return stack.unsqueeze(-1) * f[1] if i == 0 else f[0].unsqueeze(-1) * stack.unsqueeze(-2)
-    return _product("outer", [input, other], lambda p: torch.outer(*p), term)
+    return _product("outer", [input, vec2], lambda p: torch.outer(*p), term)
 
 
 @implements(torch.Tensor.__rmatmul__)

@@ -28,7 +28,7 @@ def _dims(dim, ndim: int) -> tuple:
     return (dim,) if isinstance(dim, int) else tuple(dim)
 
 
-@implements(torch.logsumexp, torch.Tensor.logsumexp)
+@implements(torch.logsumexp, torch.Tensor.logsumexp, torch.special.logsumexp)
 def logsumexp(input: Dual, dim, keepdim: bool = False) -> Dual:
     """Dual logsumexp: ``ẏ = Σ e·ẋ / Σ e`` over ``dim``, ``e = exp(x − max x)``, as torch's
     forward mode computes it (complex values: forward AD on the op)."""
@@ -39,7 +39,7 @@ def logsumexp(input: Dual, dim, keepdim: bool = False) -> Dual:
         return forward_ad_fallback(torch.logsumexp, (input, dim, keepdim), {})
     x, t = _as_1d(input.primal, input.tangents)
     dims = _dims(dim, x.dim())
-    e = (x - x.amax(dims, keepdim=True)).exp()
+    e = (x - x.amax(dims, keepdim=True)).exp() if x.numel() else x.exp()  # empty: no max
     yt = (t * _like(e, t)).sum(_slot_dims(dims, x.dim()), keepdim) / \
         _like(e.sum(dims, keepdim), t)
     return input.with_tangents(y, yt.reshape(t.shape[0], *y.shape))

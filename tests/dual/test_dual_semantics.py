@@ -86,7 +86,10 @@ def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
     lambda x: torch.vdot(torch.fft.rfft(x), torch.fft.rfft(x) * 1j)
     + torch.dot(torch.fft.rfft(x), torch.fft.rfft(x).flip(0))
     + torch.outer(torch.fft.rfft(x), torch.fft.rfft(x)).sum(0),
-], ids=["rfft", "abs rfft", "irfft", "pow", "roots log", "pow real and complex", "products"])
+    # RMS norm of complex values (forward AD on the op: the rule's statistics are real)
+    lambda x: F.rms_norm(torch.fft.rfft(x), (5,)),
+], ids=["rfft", "abs rfft", "irfft", "pow", "roots log", "pow real and complex", "products",
+        "rms_norm"])
 def test_complex_results_keep_complex_tangents(fn):
     out = _against_forward_ad(fn, (8,))
     if out.primal.is_complex():
@@ -337,10 +340,14 @@ OPS = {
                                                                     d.T[None, :, :3], beta=0.5),
     "var overloads": lambda d: torch.var(d, 1, False, True) + d.var(False) + d.std(unbiased=True)
     + d.var(dim=0, correction=2).sum() + torch.std(d, (0, 1), keepdim=True),
+    "special.logsumexp": lambda d: torch.special.logsumexp(d, 0),
     "std at 0": lambda d: (d - d.detach()).std(1), "logsumexp -inf": lambda d: torch.logsumexp(
         d.masked_fill(torch.eye(3, 4, dtype=torch.bool), float("-inf")), 1),
     "pow self=": lambda d: torch.pow(self=2, exponent=d) + torch.pow(input=d, exponent=2),
-    "cat axis=": lambda d: torch.cat([d, d * 2], axis=1),
+    "cat axis=": lambda d: torch.cat([d, d * 2], axis=1) + torch.concatenate([d * 3, d], 1),
+    "products by torch's names": lambda d: torch.mv(d, vec=d[0]) + torch.dot(d[0], tensor=d[1])
+    + torch.outer(d[:, 0], vec2=d[1, :3]).sum(1) + torch.mm(d, mat2=d.T).sum(1)
+    + d.prelu(torch.tensor([0.25], **f64)).sum(1),
     "stack axis=": lambda d: torch.stack([d, d * 2], axis=-1),
     "matmul vec": lambda d: d @ d[0], "vec matmul": lambda d: d[:, 0] @ d,
     "rmatmul": lambda d: torch.ones(2, 3, **f64) @ d, "batched matmul": lambda d: d[None].expand(

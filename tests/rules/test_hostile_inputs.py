@@ -338,6 +338,15 @@ def test_regression_losses_at_nan_ties_and_kinks_match_forward_ad(loss):
         torch.testing.assert_close(out.tangents, yt, equal_nan=True, rtol=0, atol=0)
 
 
+def test_logsumexp_over_an_empty_dim_is_minus_inf_with_nan_tangents_as_forward_ad():
+    x, xt = torch.randn(2, 0, **f64), torch.randn(3, 2, 0, **f64)
+    with fgkernels.strict_rules():
+        out = torch.logsumexp(Dual(x, xt), 1)
+    y, yt = _jvp(lambda v: torch.logsumexp(v, 1), (x, xt))
+    assert out.primal.tolist() == y.tolist() == [-math.inf] * 2
+    assert out.tangents.isnan().all() and yt.isnan().all() and out.tangents.shape == yt.shape
+
+
 def test_cross_entropy_with_every_target_ignored_is_nan_as_forward_ad():
     z, zt = torch.randn(3, 4, **f64), torch.randn(1, 3, 4, **f64)
     target = torch.full((3,), -100)
