@@ -257,6 +257,9 @@ OPS = {
         + F.mse_loss(w, x[0], reduction="none") + F.l1_loss(x * 1.0, x.detach()), (4, 6), (6,)),
     "activations": OpCase(lambda x, w: F.mish(F.gelu(F.elu(F.leaky_relu(x * w, 0.1), 0.7)))
                           + F.hardswish(x * 4) * F.hardsigmoid(w * 4), (4, 6), (6,)),
+    "more_activations": OpCase(lambda x, w: F.selu(x * w) + F.celu(x, 0.5) * w
+                               + F.hardshrink(x * 2) + F.softshrink(x * w, 0.3) + torch.erf(x * w),
+                               (4, 6), (6,)),
     "relu6_in_place": OpCase(lambda x, w: F.relu6((x * w * 8).clone(), inplace=True), (4, 6),
                              (6,)),
     "norms_p1_frobenius": OpCase(lambda x, w: torch.norm(x * w, p=1, dim=1) + (x * w).norm(),

@@ -364,6 +364,46 @@ def _elu_(input, alpha: float = 1.0) -> Dual:
     return elu(input, alpha, inplace=True)
 
 
+# SELU's constants, as torch defines them (its kernel is ELU's with them)
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+@implements(F.selu, torch.selu)
+def selu(input, inplace: bool = False) -> Dual:
+    """Dual SELU: slope ``scale`` where x > 0, else ``scale·alpha·eˣ``."""
+    return _activation(input, torch.selu(input.primal),
+                       lambda t, x: _aten.elu_backward(t, _SELU_ALPHA, _SELU_SCALE, 1, False, x),
+                       inplace)
+
+
+@implements(F.celu, torch.celu)
+def celu(input, alpha: float = 1.0, inplace: bool = False) -> Dual:
+    """Dual CELU: slope 1 where x > 0, else ``e^(x/alpha)``."""
+    return _activation(input, torch.celu(input.primal, alpha),
+                       lambda t, x: _aten.elu_backward(t, alpha, 1, 1 / alpha, False, x), inplace)
+
+
+@implements(F.hardshrink, torch.hardshrink, torch.Tensor.hardshrink)
+def hardshrink(input, lambd: float = 0.5) -> Dual:
+    """Dual hard shrinkage: slope 1 where ``|x| > lambd``, else 0."""
+    return _activation(input, torch.hardshrink(input.primal, lambd),
+                       lambda t, x: _aten.hardshrink_backward(t, x, lambd), selects=True)
+
+
+@implements(F.softshrink)
+def softshrink(input, lambd: float = 0.5) -> Dual:
+    """Dual soft shrinkage: slope 1 where ``|x| > lambd``, else 0."""
+    return _activation(input, F.softshrink(input.primal, lambd),
+                       lambda t, x: _aten.softshrink_backward(t, x, lambd), selects=True)
+
+
+@implements(torch.erf, torch.Tensor.erf, torch.special.erf)
+def erf(input) -> Dual:
+    """Dual error function: slope ``2/√π·e^(−x²)``."""
+    return _activation(input, torch.erf(input.primal),
+                       lambda t, x: t * _like((2 / math.sqrt(math.pi)) * torch.exp(-x * x), t))
+
+
 @implements(F.silu)
 def silu(input, inplace: bool = False) -> Dual:
     """Dual SiLU ``x·σ(x)``: slope ``σ(x)·(1 + x·(1 − σ(x)))``."""

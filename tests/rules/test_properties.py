@@ -248,7 +248,9 @@ ACTIVATIONS = {
     "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardsigmoid": F.hardsigmoid,
     "hardswish": F.hardswish, "mish": F.mish, "clamp": lambda v: v.clamp(-1, 2),
-    "softplus": lambda v: F.softplus(v, beta=2.0, threshold=1.0),
+    "softplus": lambda v: F.softplus(v, beta=2.0, threshold=1.0), "selu": F.selu,
+    "celu": lambda v: F.celu(v, 0.5), "hardshrink": F.hardshrink, "softshrink": F.softshrink,
+    "erf": torch.erf,
 }
 KINKS = [0.0, 3.0, -3.0, 6.0, -1.0, 2.0, -0.5, 1.5, 0.5]  # of the activations above
 NON_FINITE = [float("nan"), float("inf"), -float("inf")]
