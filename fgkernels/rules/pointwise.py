@@ -376,11 +376,21 @@ def selu(input, inplace: bool = False) -> Dual:
                        inplace)
 
 
+@implements(torch.selu_)
+def _selu_(input) -> Dual:
+    return selu(input, inplace=True)
+
+
 @implements(F.celu, torch.celu)
 def celu(input, alpha: float = 1.0, inplace: bool = False) -> Dual:
     """Dual CELU: slope 1 where x > 0, else ``e^(x/alpha)``."""
     return _activation(input, torch.celu(input.primal, alpha),
                        lambda t, x: _aten.elu_backward(t, alpha, 1, 1 / alpha, False, x), inplace)
+
+
+@implements(torch.celu_)
+def _celu_(input, alpha: float = 1.0) -> Dual:
+    return celu(input, alpha, inplace=True)
 
 
 @implements(F.hardshrink, torch.hardshrink, torch.Tensor.hardshrink)

@@ -293,8 +293,8 @@ def test_vector_norm_refuses_a_narrowing_dtype():
 
 
 IN_PLACE = {"relu_": F.relu_, "hardtanh_": lambda v: F.hardtanh_(v, -0.3, 0.4),
-            "leaky_relu_": F.leaky_relu_, "elu_": F.elu_, "celu_ (fallback)": F.celu_,
-            "threshold_ (fallback)": lambda v: F.threshold_(v, 0.1, 0.0)}
+            "leaky_relu_": F.leaky_relu_, "elu_": F.elu_, "celu_": lambda v: F.celu_(v, 0.5),
+            "selu_": F.selu_, "threshold_ (fallback)": lambda v: F.threshold_(v, 0.1, 0.0)}
 
 
 @pytest.mark.parametrize("name", sorted(IN_PLACE))
