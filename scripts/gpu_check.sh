@@ -5,8 +5,10 @@
 #   build    the extension with its CUDA kernels                       (~2 min on 16 cores)
 #   smoke    every kernel variant launched a few times, vs forward_ad  (< 1 min)
 #   tests    the Triton, CUDA and mixed-precision tests on the GPU      (~2 min)
-#   bench    layer and ResNet-18 benchmarks with their baselines       (~4 min)
-#   profile  where a ResNet-18 dual pass spends its time               (< 1 min)
+#   bench    layer and ResNet-18 benchmarks with their baselines, the   (~4 min)
+#            network eager and captured in a CUDA graph
+#   profile  where a ResNet-18 dual pass spends its time, its costliest (< 1 min)
+#            kernels
 #   report   the kernel report compiled on this machine (sm_90)        (~1 min on 16 cores)
 #
 #   scripts/gpu_check.sh                 # all parts
@@ -106,7 +108,7 @@ bench() {
   limited $(( left * 6 / 10 )) "${PYTEST[@]}" benchmarks/test_layers.py -k "conv or bn_relu" \
     --benchmark-json="$OUT/bench-layers.json" --benchmark-columns=median,iqr,rounds
   left=$(( PART_LIMIT - 20 - (SECONDS - start) ))
-  limited "$left" "${PYTEST[@]}" benchmarks/test_network.py -k "resnet18_dual_pass" \
+  limited "$left" "${PYTEST[@]}" benchmarks/test_network.py -k "resnet18_dual_pass or graphed" \
     --benchmark-json="$OUT/bench-network.json" --benchmark-columns=median,iqr,rounds
 }
 
@@ -114,7 +116,7 @@ profile() {
   : > "$OUT/profile.txt"
   for backend in native triton; do
     "$PY" benchmarks/profile_dual_pass.py --batch 256 --backend "$backend" --passes 3 \
-      --channels-last | tee -a "$OUT/profile.txt"
+      --channels-last --top 8 | tee -a "$OUT/profile.txt"
   done
 }
 
