@@ -114,7 +114,7 @@ inline at::Tensor stat_shifts(const DualInput& in) {
   const at::Tensor first = in.inner >= kShiftSample
                                ? rows_view.narrow(0, 0, 1).narrow(2, 0, n)
                                : rows_view.narrow(0, 0, n / in.inner);
-  return first.mean({0, 2}, /*keepdim=*/false, acc_type(in.x));
+  return first.mean(at::IntArrayRef{0, 2}, /*keepdim=*/false, acc_type(in.x));
 }
 
 // The batch statistics from sums (2 + 2T, C) in double, shifted by k (C): rows

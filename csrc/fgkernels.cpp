@@ -6,6 +6,7 @@
 // the primal's accumulation dtype). The tangents of one call share one dtype. Ops return empty
 // tensors for outputs that have no terms.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>

@@ -51,7 +51,7 @@ class ForwardADOracle:
         def nudge(t):
             if not _floating(t):
                 return t
-            step = torch.randint(-1, 2, t.shape, generator=g).to(t.dtype)
+            step = torch.randint(-1, 2, t.shape, generator=g).to(t.device, t.dtype)
             return torch.where(step == 0, t, torch.nextafter(t, step * torch.inf))
         return ForwardADOracle(self.fn, [nudge(p) for p in self.primals],
                                [nudge(t) for t in self.tangents])
