@@ -2,7 +2,7 @@
 # The GPU check, for one machine with a CUDA GPU where torch, triton, pytest and pytest-benchmark
 # are installed (no network needed). Parts, run in the order given (default: all of them):
 #
-#   build    the extension with its CUDA kernels                       (~2 min on 16 cores)
+#   build    the extension with its CUDA kernels                       (~1.5 min on 16 cores)
 #   smoke    every kernel variant launched a few times, vs forward_ad  (< 1 min)
 #   tests    the Triton, CUDA and mixed-precision tests on the GPU      (~2 min)
 #   bench    layer and ResNet-18 benchmarks with their baselines, the   (~4 min)
@@ -65,6 +65,10 @@ build() {
   echo "nvcc: $(command -v nvcc || echo none) ($(nvcc --version 2>/dev/null | tail -n 1)); CUDA_HOME=${CUDA_HOME:-unset}"
   "$PY" -c "import torch, triton; from torch.utils import cpp_extension as c; \
 print('torch', torch.__version__, 'triton', triton.__version__, 'toolkit', c.CUDA_HOME)"
+  # The system compiler where there is one: a compiler whose libstdc++ is linked statically
+  # (seen: the image's CXX=/opt/gcc/bin/g++) gives the extension a second libstdc++, whose
+  # streams crash when an error message is formatted.
+  if [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
   if ! "${BUILD[@]}"; then
     # Without the CUDA kernels the Triton kernels still run (the ops the native backend would
     # take on CUDA fall back to torch's): the remaining parts still measure them.
@@ -72,14 +76,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'toolkit', c.CUD
     env FGKERNELS_CUDA=0 MAX_JOBS=16 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
     return 1
   fi
-  # A compiler whose libstdc++ is linked statically (seen: the image's CXX=/opt/gcc/bin/g++)
-  # gives the extension a second libstdc++, whose streams crash when an error message is
-  # formatted: the system compiler, which links the one torch uses, builds it again.
   if ! readelf -d fgkernels/_C*.so | grep -q "libstdc++"; then
-    echo "the extension carries its own libstdc++ (CXX=${CXX:-c++}); rebuilding with /usr/bin/g++"
-    rm -rf build fgkernels/_C*.so
-    CXX=/usr/bin/g++ CC=/usr/bin/gcc "${BUILD[@]}" || return 1
-    readelf -d fgkernels/_C*.so | grep "libstdc++" || echo "still no shared libstdc++"
+    echo "the extension carries its own libstdc++ (CXX=${CXX:-c++}): error messages may crash"
   fi
   "$PY" -c "import fgkernels, torch; print('backends:', fgkernels.available_backends()); \
 torch.ops.fgkernels.dual_bn_stats(torch.ones(2, 3, 4, 4, device='cuda'), None); print('CUDA kernels: ok')"
