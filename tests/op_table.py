@@ -34,6 +34,13 @@ def math_attention(q, k, v, causal: bool = False, mask=None):
     return torch.softmax(scores, -1) @ v
 
 
+def glu_definition(v, dim: int):
+    """a·σ(b) over the halves of ``dim``: forward_ad's stand-in for the GLU kernel, whose
+    forward mode has no bfloat16 CPU kernel."""
+    a, b = v.chunk(2, dim)
+    return a * torch.sigmoid(b)
+
+
 def _assign_rows(x, w):
     y = x * w[0]
     y[:, ::2] = w[::2] * 2      # assigned into a strided slice (a Dual as long as x or w is)
@@ -50,6 +57,12 @@ def _index_and_setitem(x, w):
     y[y > 0.5] = 0.5            # a mask
     y[:, 1] = w[0] * x[:, 1]    # a row from another operand
     return y
+
+
+def _spreads_and_means(x, w):
+    v, m = torch.var_mean(x * w, 1)
+    s, n = torch.std_mean(x, (0,), correction=0, keepdim=True)
+    return v * m + (s * n).sum(1) + torch.std_mean(x * w)[1]
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,19 @@ OPS = {
         + x.amax(1) + torch.amin(x, (0,), True).sum()
         + torch.amax(torch.stack([x, x.detach() + w[:1] - w[:1].detach()]), 0).sum(1),
         (4, 6), (6,)),
+    "glu_logsigmoid": OpCase(
+        lambda x, w: F.glu(x * w, 1) + F.logsigmoid(x[:, 3:] * 2), (4, 6, 5, 5), (6, 1, 1),
+        ref=lambda x, w: glu_definition(x * w, 1) + F.logsigmoid(x[:, 3:] * 2)),
+    "logit_losses": OpCase(  # a soft target that is a Dual too; class and positive weights
+        lambda x, w: F.binary_cross_entropy_with_logits(x * w, torch.sigmoid(w).expand(4, 6))
+        + F.binary_cross_entropy_with_logits(
+            x, torch.linspace(0, 1, 24, dtype=x.dtype).reshape(4, 6),
+            torch.linspace(0.2, 1, 6, dtype=x.dtype), reduction="sum",
+            pos_weight=torch.linspace(0.5, 2, 6, dtype=x.dtype))
+        + F.binary_cross_entropy_with_logits(x, torch.sigmoid(x * w), reduction="none",
+                                             pos_weight=torch.linspace(2, 0.5, 6, dtype=x.dtype)),
+        (4, 6), (6,)),
+    "spreads_and_means": OpCase(_spreads_and_means, (4, 6), (6,)),
     "prelu": OpCase(lambda x, w: F.prelu(x, w) + F.prelu(x - x.detach(), w[:1]),  # ties at 0
                     (4, 6, 5, 5), (6,)),
     "regression_losses": OpCase(  # l1 at ties (x against itself detached): slope 0

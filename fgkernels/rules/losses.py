@@ -1,7 +1,7 @@
-"""The losses' rules: cross-entropy, negative log-likelihood, and the regression losses (MSE,
-L1, smooth L1, Huber). Each loss value, with torch's checks of its arguments (shapes, targets,
-reduction, broadcasting's warning), is torch's own; its tangent is written as torch's forward
-mode computes it, conventions at kinks and at NaN included."""
+"""The losses' rules: cross-entropy, negative log-likelihood, binary cross-entropy on logits,
+and the regression losses (MSE, L1, smooth L1, Huber). Each loss value, with torch's checks of
+its arguments (shapes, targets, reduction, broadcasting's warning), is torch's own; its tangent
+is written as torch's forward mode computes it, conventions at kinks and at NaN included."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -21,7 +21,8 @@ Tensor = torch.Tensor
 _aten = torch.ops.aten
 _NO_REDUCTION = 0  # at::Reduction::None, for the derivative kernels
 
-__all__ = ["cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
+__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "mse_loss", "l1_loss",
+           "smooth_l1_loss", "huber_loss"]
 
 
 def _reduction(size_average, reduce, reduction: str) -> str:
@@ -101,6 +102,44 @@ def nll_loss(input: MaybeDual, target: Tensor, weight: Optional[Tensor] = None,
     return d.with_tangents(y, t.to(d.tangents.dtype))
 
 
+def _reduced(out: Dual, reduction: str) -> Dual:
+    """A per-element loss reduced as ``reduction`` says."""
+    return out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
+
+
+@implements(F.binary_cross_entropy_with_logits)
+@_no_grad
+def binary_cross_entropy_with_logits(input: MaybeDual, target: MaybeDual,
+                                     weight: Optional[Tensor] = None, size_average=None,
+                                     reduce=None, reduction: str = "mean",
+                                     pos_weight: Optional[Tensor] = None) -> Dual:
+    """Dual binary cross-entropy on logits (arguments as ``F.binary_cross_entropy_with_logits``).
+    Per element, with ``q = 1 + (p − 1)·y`` (``p`` the positive weight, 1 without one),
+    ``ℓ = w·((1 − y)·x + q·softplus(−x))``, so ``∂ℓ/∂x = w·(q·σ(x) − p·y)`` and
+    ``∂ℓ/∂y = w·((p − 1)·softplus(−x) − x)``; the target may be a Dual (soft labels). Weights
+    with tangents: forward AD on the op."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if parts(weight).tangents is not None or parts(pos_weight).tangents is not None:
+        return forward_ad_fallback(F.binary_cross_entropy_with_logits, (input, target), dict(
+            weight=weight, reduction=reduction, pos_weight=pos_weight))
+    x, y = as_dual(input, "binary_cross_entropy_with_logits"), \
+        as_dual(target, "binary_cross_entropy_with_logits")
+    loss = F.binary_cross_entropy_with_logits(x.primal, y.primal, weight, reduction=reduction,
+                                              pos_weight=pos_weight)
+    if x.tangents is None and y.tangents is None:
+        return Dual(loss)
+    xp, yp = x.primal, y.primal
+    p = 1 if pos_weight is None else pos_weight
+    w = 1 if weight is None else weight
+    slope_x = w * ((1 + (p - 1) * yp) * torch.sigmoid(xp) - p * yp)
+    out = _activation(x, xp, lambda t, _: t * _like(slope_x.expand_as(xp), t))
+    if y.tangents is not None:
+        slope_y = w * ((p - 1) * F.softplus(-xp) - xp)
+        out = out + _activation(y, yp, lambda t, _: t * _like(slope_y.expand_as(yp), t))
+    out = _reduced(out, reduction)
+    return out.with_tangents(loss, out.tangents)
+
+
 # --- regression losses: L = reduce(ℓ(x − y)), L̇ = reduce(ℓ'(x − y)·(ẋ − ẏ)) ---------------------
 # Each slope ℓ' is torch's own derivative kernel (as the activations' are), run once over every
 # slot: forward_ad's numbers, its conventions at the kinks and at a NaN difference included.
@@ -117,7 +156,7 @@ def _regression(name: str, loss_fn: Callable, input: MaybeDual, target: MaybeDua
     loss = loss_fn(x.primal, y.primal, reduction=reduction, **options)
     d = x - y
     out = _activation(d, d.primal, slope)  # its primal a stand-in: the value is torch's
-    out = out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
+    out = _reduced(out, reduction)
     return out.with_tangents(loss, out.tangents)
 
 

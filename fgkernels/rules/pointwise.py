@@ -526,6 +526,28 @@ def softplus(input, beta: float = 1.0, threshold: float = 20.0) -> Dual:
                        lambda t, x: _aten.softplus_backward(t, x, beta, threshold))
 
 
+@implements(F.logsigmoid)
+def logsigmoid(input) -> Dual:
+    """Dual log-sigmoid ``log σ(x)``: slope ``σ(−x)``, torch's own derivative kernel (which
+    reads the forward's buffer on the CPU)."""
+    y, buffer = _aten.log_sigmoid_forward(input.primal)
+    return _activation(input, y, lambda t, x: _aten.log_sigmoid_backward(t, x, buffer))
+
+
+@implements(F.glu)
+def glu(input, dim: int = -1) -> Dual:
+    """Dual gated linear unit ``y = a·σ(b)``, ``a`` and ``b`` the halves of ``dim``:
+    ``ẏ = σ(b)·ȧ + y·(1 − σ(b))·ḃ``, the factors in x's dtype, rounded once to the tangents'."""
+    d = as_dual(input, "glu")
+    y = F.glu(d.primal, dim)  # torch's checks: a dim of even size
+    if d.tangents is None:
+        return d.with_tangents(y, None)
+    t = d.tangents
+    s = torch.sigmoid(d.primal.chunk(2, dim)[1])
+    ta, tb = t.chunk(2, _slot_dim(dim, d.primal.dim()))
+    return d.with_tangents(y, ta * _like(s, t) + tb * _like(y * (1 - s), t))
+
+
 # --- powers: y = aᵇ, ẏ = b·aᵇ⁻¹·ȧ + y·ln(a)·ḃ ---------------------------------------------------
 # Each term as torch's forward mode computes it (pow_backward_self, pow_backward_exponent): the
 # base's term is 0 where b = 0 (whatever ȧ), the exponent's factor y·ln(a) is 0 where a = 0

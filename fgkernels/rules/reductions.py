@@ -1,7 +1,7 @@
-"""Nonlinear reductions over data dims: ``logsumexp``, ``var``/``std`` (every overload) and
-``amax``/``amin``. Each tangent is torch's forward-mode formula, computed over every slot at
-once (the reduced dims shifted past the slot axis); sums and means, which are linear, are
-views' rules (``pointwise``)."""
+"""Nonlinear reductions over data dims: ``logsumexp``, ``var``/``std`` and
+``var_mean``/``std_mean`` (every overload) and ``amax``/``amin``. Each tangent is torch's
+forward-mode formula, computed over every slot at once (the reduced dims shifted past the slot
+axis); sums and means, which are linear, are views' rules (``pointwise``)."""
 from __future__ import annotations
 
 import math
@@ -99,6 +99,32 @@ def std(input: Dual, *args, **kwargs) -> Dual:
     """Dual standard deviation: var's tangent over ``2·y``, 0 where y = 0 (as torch's)."""
     return _spread(torch.std, input, args, kwargs,
                    lambda yt, y: (yt / _like(2 * y, yt)).masked_fill_(y == 0, 0))
+
+
+def _spread_and_mean(op, input: Dual, args: tuple, kwargs: dict, spread) -> tuple[Dual, Dual]:
+    """var_mean or std_mean (``op``): torch's two values, the spread's tangent from its own
+    rule (``spread``: var or std) and the mean's ``mean ẋ`` over the same dims."""
+    y, m = op(input.primal, *args, **kwargs)
+    if input.tangents is None:
+        return input.with_tangents(y, None), input.with_tangents(m, None)
+    dual_y = spread(input, *args, **kwargs)
+    x, t = _as_1d(input.primal, input.tangents)
+    dim, _, keepdim = _variance_args(args, kwargs)
+    mt = t.mean(_slot_dims(_dims(dim, x.dim()), x.dim()), keepdim)
+    return (dual_y.with_tangents(y, dual_y.tangents),
+            input.with_tangents(m, mt.reshape(t.shape[0], *m.shape)))
+
+
+@implements(torch.var_mean)
+def var_mean(input: Dual, *args, **kwargs) -> tuple[Dual, Dual]:
+    """Dual ``(variance, mean)`` (any overload of ``torch.var_mean``)."""
+    return _spread_and_mean(torch.var_mean, input, args, kwargs, var)
+
+
+@implements(torch.std_mean)
+def std_mean(input: Dual, *args, **kwargs) -> tuple[Dual, Dual]:
+    """Dual ``(standard deviation, mean)`` (any overload of ``torch.std_mean``)."""
+    return _spread_and_mean(torch.std_mean, input, args, kwargs, std)
 
 
 def _extreme(op, input: Dual, dim, keepdim: bool) -> Dual:

@@ -250,7 +250,7 @@ ACTIVATIONS = {
     "hardswish": F.hardswish, "mish": F.mish, "clamp": lambda v: v.clamp(-1, 2),
     "softplus": lambda v: F.softplus(v, beta=2.0, threshold=1.0), "selu": F.selu,
     "celu": lambda v: F.celu(v, 0.5), "hardshrink": F.hardshrink, "softshrink": F.softshrink,
-    "erf": torch.erf,
+    "logsigmoid": F.logsigmoid, "erf": torch.erf,
 }
 KINKS = [0.0, 3.0, -3.0, 6.0, -1.0, 2.0, -0.5, 1.5, 0.5]  # of the activations above
 NON_FINITE = [float("nan"), float("inf"), -float("inf")]
