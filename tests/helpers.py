@@ -194,8 +194,9 @@ def held_by_bfloat16(t: torch.Tensor) -> bool:
 
 def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``t``'s values laid out ``contiguous``, ``channels_last`` (a 4-D tensor, or a stack of
-    4-D slots each channels_last), ``strided`` (every other column of a wider tensor; 4-D and
-    up) or ``transposed`` (the last two dims' strides swapped; 2-D and up)."""
+    4-D slots each channels_last; other ranks as they are), ``strided`` (every other column of
+    a wider tensor; 4-D and up) or ``transposed`` (the last two dims' strides swapped; 2-D and
+    up)."""
     if layout == "transposed":
         return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t
     if layout == "contiguous" or t.dim() < 4:
@@ -203,7 +204,7 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         if t.dim() == 4:
             return t.contiguous(memory_format=torch.channels_last)
-        return slots_in_format(t, torch.channels_last)
+        return slots_in_format(t, torch.channels_last) if t.dim() == 5 else t
     wide = t.new_zeros(*t.shape[:-1], 2 * t.shape[-1])
     wide[..., ::2] = t
     return wide[..., ::2]

@@ -98,6 +98,14 @@ OPS = {
                      (3, 6, 9), (5, 6, 3)),
     "conv1d_unbatched_groups": OpCase(lambda x, w: F.conv1d(x, w, padding="same", dilation=2,
                                                             groups=3), (6, 9), (6, 2, 3)),
+    "conv_transpose2d": OpCase(lambda x, w: F.conv_transpose2d(x, w, w[0, :, 0, 0], stride=2,
+                                                               padding=1, output_padding=1),
+                               (4, 6, 5, 5), (6, 5, 3, 3)),
+    "conv_transpose1d_unbatched_groups": OpCase(
+        lambda x, w: F.conv_transpose1d(x, w, w[:, 0, 0], 2, 0, 1, 3, 2), (6, 9), (6, 2, 3)),
+    "conv3d_then_transposed": OpCase(
+        lambda x, w: F.conv_transpose3d(F.conv3d(x, w, w[0, :, 0, 0, 0], padding=1), w, stride=2),
+        (2, 4, 3, 4, 4), (4, 4, 2, 2, 2)),
     "linear": OpCase(lambda x, w: F.linear(x, w), (4, 12), (7, 12)),
     "batch_norm_relu": OpCase(lambda x, w: F.relu(F.batch_norm(x, None, None, w, None, True)),
                               (4, 6, 5, 5), (6,)),

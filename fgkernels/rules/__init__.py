@@ -1,13 +1,15 @@
 """The forward-mode rules of torch's ops on a ``Dual``, one module per op family, each registered
 as the op's rule when its module is imported (``dual.value.implements``): the layers
 (``layers``: convolution, batch norm, linear, pooling, calling the backend the registry picks),
-``losses``, ``pointwise`` arithmetic and activations, ``products``, ``norms``, ``attention``,
-``indexing``, nonlinear ``reductions``, the ops that only touch the primal (``primal_ops``),
-and torch's own forward mode for every op without a rule (``fallback``). ``operands`` splits a
-call's Duals into primals and slots (the layers' argument contracts are ``backends.contracts``,
-which their compiled ops' fakes run too)."""
+the ``convolutions`` without a kernel of their own (3-d, transposed), ``losses``, ``pointwise``
+arithmetic and activations, ``products``, ``norms``, ``attention``, ``indexing``, nonlinear
+``reductions``, the ops that only touch the primal (``primal_ops``), and torch's own forward
+mode for every op without a rule (``fallback``). ``operands`` splits a call's Duals into
+primals and slots (the layers' argument contracts are ``backends.contracts``, which their
+compiled ops' fakes run too)."""
 from . import (  # noqa: F401
     attention,
+    convolutions,
     fallback,
     indexing,
     layers,
