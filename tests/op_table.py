@@ -52,6 +52,12 @@ def _eval_batch_norm(x, w):
     return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), w, None, False)
 
 
+def _instance_norms(x, w):
+    mean, var = torch.linspace(-1, 1, 6, dtype=x.dtype), torch.linspace(0.5, 2, 6, dtype=x.dtype)
+    return F.instance_norm(x, None, None, w, w * 0.5) \
+        + F.instance_norm(x * w[:, None, None], mean, var, use_input_stats=False)
+
+
 def _index_and_setitem(x, w):
     y = x[:, [0, 2, 3]] * w[1:4]
     y[y > 0.5] = 0.5            # a mask
@@ -134,6 +140,7 @@ OPS = {
                        (4, 5, 6), (6,)),
     "group_norm": OpCase(lambda x, w: F.group_norm(x, 3, w), (4, 6, 5, 5), (6,),
                          bf16_network=False),
+    "instance_norm": OpCase(_instance_norms, (4, 6, 5, 5), (6,), bf16_network=False),
     # denominators of either sign, at least 1 away from 0
     "div_add": OpCase(lambda x, w: (x + 1) / ((w * w + 1) * torch.where(w > 0, 1, -1)),
                       (4, 6, 5, 5), (6, 1, 1)),

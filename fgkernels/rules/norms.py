@@ -1,10 +1,12 @@
-"""Dual layer norm, RMS norm and group norm: the batch-norm formulas over other axes.
+"""Dual layer norm, RMS norm, group norm and instance norm: the batch-norm formulas over other
+axes.
 
 Over the normalised axes, ``μ, σ²`` (biased), ``r = 1/√(σ² + eps)``, ``x̂ = (x − μ)·r``:
     ẋ̂ = r·(ẋ − mean ẋ − x̂·mean(x̂·ẋ)),    y = γx̂ + β,    ẏ = γẋ̂ + γ̇x̂ + β̇
 (layer norm: the last ``len(normalized_shape)`` axes, γ and β of that shape; RMS norm: the same
 axes, x not centred (μ = 0, no ``mean ẋ`` term, σ² = mean x²), no β; group norm: each
-sample's group of ``C/G`` channels with its spatial axes, γ and β per channel).
+sample's group of ``C/G`` channels with its spatial axes, γ and β per channel; instance norm:
+group norm with one group per channel).
 """
 from __future__ import annotations
 
@@ -147,6 +149,25 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     xt_hat = None if xt_hat is None else xt_hat.reshape(xt.shape)
     param_shape = (x.shape[1],) + (1,) * (x.dim() - 2)
     return _affine("group_norm", y, xhat, xt_hat, x_operand, weight, bias, param_shape)
+
+
+@implements(F.instance_norm)
+def instance_norm(input, running_mean: Optional[Tensor] = None,
+                  running_var: Optional[Tensor] = None, weight=None, bias=None,
+                  use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5) -> Dual:
+    """Dual instance norm (arguments as ``F.instance_norm``). The value, its checks and the
+    running statistics' update are torch's; the tangent is group norm's with one group per
+    channel (the same normalisation) with each instance's own statistics, else eval-mode batch
+    norm's with the running ones."""
+    x = as_dual(input, "instance_norm")
+    with torch.no_grad():
+        y = F.instance_norm(x.primal, running_mean, running_var, _primal(weight), _primal(bias),
+                            use_input_stats, momentum, eps)
+    if use_input_stats:
+        d = group_norm(x, x.shape[1], weight, bias, eps)
+    else:
+        d = F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+    return d.with_tangents(y, d.tangents)
 
 
 def _primal(v):
