@@ -1,7 +1,8 @@
 """The losses' rules: cross-entropy, negative log-likelihood, binary cross-entropy on logits,
-and the regression losses (MSE, L1, smooth L1, Huber). Each loss value, with torch's checks of
-its arguments (shapes, targets, reduction, broadcasting's warning), is torch's own; its tangent
-is written as torch's forward mode computes it, conventions at kinks and at NaN included."""
+the Kullback-Leibler divergence and the regression losses (MSE, L1, smooth L1, Huber). Each loss
+value, with torch's checks of its arguments (shapes, targets, reduction, broadcasting's
+warning), is torch's own; its tangent is written as torch's forward mode computes it,
+conventions at kinks and at NaN included."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -21,8 +22,8 @@ Tensor = torch.Tensor
 _aten = torch.ops.aten
 _NO_REDUCTION = 0  # at::Reduction::None, for the derivative kernels
 
-__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "mse_loss", "l1_loss",
-           "smooth_l1_loss", "huber_loss"]
+__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "kl_div", "mse_loss",
+           "l1_loss", "smooth_l1_loss", "huber_loss"]
 
 
 def _reduction(size_average, reduce, reduction: str) -> str:
@@ -137,6 +138,38 @@ def binary_cross_entropy_with_logits(input: MaybeDual, target: MaybeDual,
         slope_y = w * ((p - 1) * F.softplus(-xp) - xp)
         out = out + _activation(y, yp, lambda t, _: t * _like(slope_y.expand_as(yp), t))
     out = _reduced(out, reduction)
+    return out.with_tangents(loss, out.tangents)
+
+
+@implements(F.kl_div)
+@_no_grad
+def kl_div(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
+           reduction: str = "mean", log_target: bool = False) -> Dual:
+    """Dual Kullback-Leibler divergence (arguments as ``F.kl_div``; ``input`` log-probabilities).
+    Per element, with ``p`` the target's probability (``e^t`` with ``log_target``, else ``t``):
+    ``ℓ = xlogy(t, t) − t·x``, ``∂ℓ/∂x = −t``, ``∂ℓ/∂t = xlogy(t ≠ 0, t) + t/t − x`` (NaN at
+    t = 0, as torch's forward mode gives through xlogy), or ``ℓ = e^t·(t − x)``,
+    ``∂ℓ/∂x = −e^t``, ``∂ℓ/∂t = e^t·(t − x + 1)``. Operands of different shapes: forward AD on
+    the op."""
+    reduction = _reduction(size_average, reduce, reduction)
+    x, y = as_dual(input, "kl_div"), as_dual(target, "kl_div")
+    if x.primal.shape != y.primal.shape:
+        return forward_ad_fallback(F.kl_div, (input, target),
+                                   dict(reduction=reduction, log_target=log_target))
+    loss = F.kl_div(x.primal, y.primal, reduction=reduction, log_target=log_target)
+    if x.tangents is None and y.tangents is None:
+        return Dual(loss)
+    xp, yp = x.primal, y.primal
+    p = yp.exp() if log_target else yp
+    out = _activation(x, xp, lambda t, _: -t * _like(p, t))
+    if y.tangents is not None:
+        slope_y = p * (yp - xp + 1) if log_target else \
+            torch.xlogy(yp != 0, yp) + yp / yp - xp
+        out = out + _activation(y, yp, lambda t, _: t * _like(slope_y, t))
+    if reduction == "batchmean" and xp.dim() != 0:
+        out = out.sum() / xp.shape[0]
+    else:
+        out = _reduced(out, "sum" if reduction == "batchmean" else reduction)
     return out.with_tangents(loss, out.tangents)
 
 
