@@ -297,6 +297,9 @@ OPS = {
         + F.kl_div(x, torch.linspace(0, 1, 24, dtype=x.dtype).reshape(4, 6),
                    reduction="none").sum(1),
         (4, 6), (6,)),
+    "cosine_similarity": OpCase(  # operands broadcast along the reduced dim and across it
+        lambda x, w: F.cosine_similarity(x * w, w + 1)
+        + F.cosine_similarity(x[:, :1], x * w, dim=1, eps=1e-6), (4, 6), (6,)),
     "spreads_and_means": OpCase(_spreads_and_means, (4, 6), (6,)),
     "prelu": OpCase(lambda x, w: F.prelu(x, w) + F.prelu(x - x.detach(), w[:1]),  # ties at 0
                     (4, 6, 5, 5), (6,)),

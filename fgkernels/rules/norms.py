@@ -1,5 +1,5 @@
-"""Dual layer norm, RMS norm, group norm and instance norm: the batch-norm formulas over other
-axes.
+"""Dual layer norm, RMS norm, group norm and instance norm (the batch-norm formulas over other
+axes), vector norms, normalisation and cosine similarity.
 
 Over the normalised axes, ``μ, σ²`` (biased), ``r = 1/√(σ² + eps)``, ``x̂ = (x − μ)·r``:
     ẋ̂ = r·(ẋ − mean ẋ − x̂·mean(x̂·ẋ)),    y = γx̂ + β,    ẏ = γẋ̂ + γ̇x̂ + β̇
@@ -243,6 +243,25 @@ def normalize(input, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out=None)
     d = as_dual(input, "normalize")
     denom = torch.clamp(d.norm(p, dim, keepdim=True), min=eps)
     return d / denom.expand(d.shape)
+
+
+@implements(F.cosine_similarity)
+def cosine_similarity(x1, x2, dim: int = 1, eps: float = 1e-8) -> Dual:
+    """Dual cosine similarity: torch's own composition (each operand, both broadcast to their
+    common shape, over ``max(‖x‖₂, eps)`` along ``dim``, then the sum of their product along
+    ``dim``), each op by its rule; the value is torch's."""
+    a, b = as_dual(x1, "cosine_similarity"), as_dual(x2, "cosine_similarity")
+    y = F.cosine_similarity(a.primal, b.primal, dim, eps)  # torch's checks
+    if a.tangents is None and b.tangents is None:
+        return Dual(y)
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    a, b = (v.to(y.dtype).expand(shape) for v in (a, b))  # integer operands as torch casts them
+
+    def unit(v: Dual) -> Dual:
+        return v / torch.clamp(_euclidean_norm(v, dim, True), min=eps).expand(shape)
+
+    out = (unit(a) * unit(b)).sum(dim)
+    return out.with_tangents(y, out.tangents)
 
 
 @implements(torch._weight_norm)
