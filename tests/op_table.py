@@ -290,10 +290,11 @@ OPS = {
         + F.binary_cross_entropy_with_logits(x, torch.sigmoid(x * w), reduction="none",
                                              pos_weight=torch.linspace(2, 0.5, 6, dtype=x.dtype)),
         (4, 6), (6,)),
-    "kl_div": OpCase(  # targets that are Duals (probabilities, log-probabilities), and zeros
+    "kl_div": OpCase(  # targets that are Duals (distributions, log-probabilities, others), zeros
         lambda x, w: F.kl_div(F.log_softmax(x * w, 1), torch.softmax(w, 0).expand(4, 6),
                               reduction="batchmean")
         + F.kl_div(x, w.expand(4, 6) * 0.5, reduction="sum", log_target=True)
+        + F.kl_div(x * w, torch.sigmoid(x), reduction="mean")  # a target that sums to no 1
         + F.kl_div(x, torch.linspace(0, 1, 24, dtype=x.dtype).reshape(4, 6),
                    reduction="none").sum(1),
         (4, 6), (6,)),
