@@ -249,19 +249,18 @@ def normalize(input, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out=None)
 def cosine_similarity(x1, x2, dim: int = 1, eps: float = 1e-8) -> Dual:
     """Dual cosine similarity: torch's own composition (each operand, both broadcast to their
     common shape, over ``max(‖x‖₂, eps)`` along ``dim``, then the sum of their product along
-    ``dim``), each op by its rule; the value is torch's."""
+    ``dim``), each op by its rule, so that the value is torch's to the bit."""
     a, b = as_dual(x1, "cosine_similarity"), as_dual(x2, "cosine_similarity")
-    y = F.cosine_similarity(a.primal, b.primal, dim, eps)  # torch's checks
     if a.tangents is None and b.tangents is None:
-        return Dual(y)
-    shape = torch.broadcast_shapes(a.shape, b.shape)
-    a, b = (v.to(y.dtype).expand(shape) for v in (a, b))  # integer operands as torch casts them
+        return Dual(F.cosine_similarity(a.primal, b.primal, dim, eps))
+    torch._check_value(eps >= 0, lambda: f"cosine_similarity: eps must be non-negative, got {eps}")
+    dtype, shape = torch.result_type(a.primal, b.primal), torch.broadcast_shapes(a.shape, b.shape)
+    a, b = (v.to(dtype).expand(shape) for v in (a, b))  # integer operands as torch casts them
 
     def unit(v: Dual) -> Dual:
         return v / torch.clamp(_euclidean_norm(v, dim, True), min=eps).expand(shape)
 
-    out = (unit(a) * unit(b)).sum(dim)
-    return out.with_tangents(y, out.tangents)
+    return (unit(a) * unit(b)).sum(dim)
 
 
 @implements(torch._weight_norm)

@@ -88,43 +88,54 @@ def _spread(op, input: Dual, args: tuple, kwargs: dict, of_variance) -> Dual:
     return input.with_tangents(y, of_variance(yt, y))
 
 
+def _var_of_variance(yt: Tensor, y: Tensor) -> Tensor:
+    return yt
+
+
+def _std_of_variance(yt: Tensor, y: Tensor) -> Tensor:
+    """std's tangent from var's: over ``2·y``, 0 where y = 0 (as torch's)."""
+    return (yt / _like(2 * y, yt)).masked_fill_(y == 0, 0)
+
+
 @implements(torch.var, torch.Tensor.var)
 def var(input: Dual, *args, **kwargs) -> Dual:
     """Dual variance (any overload of ``torch.var``)."""
-    return _spread(torch.var, input, args, kwargs, lambda yt, y: yt)
+    return _spread(torch.var, input, args, kwargs, _var_of_variance)
 
 
 @implements(torch.std, torch.Tensor.std)
 def std(input: Dual, *args, **kwargs) -> Dual:
     """Dual standard deviation: var's tangent over ``2·y``, 0 where y = 0 (as torch's)."""
-    return _spread(torch.std, input, args, kwargs,
-                   lambda yt, y: (yt / _like(2 * y, yt)).masked_fill_(y == 0, 0))
+    return _spread(torch.std, input, args, kwargs, _std_of_variance)
 
 
-def _spread_and_mean(op, input: Dual, args: tuple, kwargs: dict, spread) -> tuple[Dual, Dual]:
-    """var_mean or std_mean (``op``): torch's two values, the spread's tangent from its own
-    rule (``spread``: var or std) and the mean's ``mean ẋ`` over the same dims."""
+def _spread_and_mean(op, input: Dual, args: tuple, kwargs: dict,
+                     of_variance) -> tuple[Dual, Dual]:
+    """var_mean or std_mean (``op``): torch's two values, the spread's tangent
+    ``of_variance(var's tangent, y)`` and the mean's ``mean ẋ`` over the same dims."""
     y, m = op(input.primal, *args, **kwargs)
     if input.tangents is None:
         return input.with_tangents(y, None), input.with_tangents(m, None)
-    dual_y = spread(input, *args, **kwargs)
+    yt = _variance_tangent(input, args, kwargs, y)
+    if yt is None:
+        return forward_ad_fallback(op, (input, *args), kwargs)
     x, t = _as_1d(input.primal, input.tangents)
     dim, _, keepdim = _variance_args(args, kwargs)
     mt = t.mean(_slot_dims(_dims(dim, x.dim()), x.dim()), keepdim)
-    return (dual_y.with_tangents(y, dual_y.tangents),
+    return (input.with_tangents(y, of_variance(yt, y)),
             input.with_tangents(m, mt.reshape(t.shape[0], *m.shape)))
 
 
 @implements(torch.var_mean)
 def var_mean(input: Dual, *args, **kwargs) -> tuple[Dual, Dual]:
     """Dual ``(variance, mean)`` (any overload of ``torch.var_mean``)."""
-    return _spread_and_mean(torch.var_mean, input, args, kwargs, var)
+    return _spread_and_mean(torch.var_mean, input, args, kwargs, _var_of_variance)
 
 
 @implements(torch.std_mean)
 def std_mean(input: Dual, *args, **kwargs) -> tuple[Dual, Dual]:
     """Dual ``(standard deviation, mean)`` (any overload of ``torch.std_mean``)."""
-    return _spread_and_mean(torch.std_mean, input, args, kwargs, std)
+    return _spread_and_mean(torch.std_mean, input, args, kwargs, _std_of_variance)
 
 
 def _extreme(op, input: Dual, dim, keepdim: bool) -> Dual:
