@@ -391,6 +391,11 @@ MUTANTS = [
     Mutant("triton BN coefficients lose a factor r", TRITON_BN,
            "xs += tl.where(hit, -a * r * r * cov, 0.0)", "xs += tl.where(hit, -a * r * cov, 0.0)",
            TRITON),
+    Mutant("triton running stats round bfloat16 half up", TRITON_BN,
+           "top = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16", "top = (bits + 0x8000) >> 16",
+           TRITON),
+    Mutant("triton running stats keep the biased variance", TRITON_BN,
+           "new_rv = momentum * (var * unbias)", "new_rv = momentum * (var * 1.0)", TRITON),
     # the C++ kernels (--native)
     Mutant("BN coefficients lose a factor r", "csrc/cpu/dual_batch_norm.cpp",
            "pxs[x_pos[s] * C + c] += -a * r * r * ptc[s * C + c];",

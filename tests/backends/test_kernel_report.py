@@ -136,7 +136,10 @@ with captured_launches(bn._dual_bn_coefficients_kernel,
                             meta(64), meta(2, 64), [0, 1], [0, 1], 2, True, 1e-5)
     bn.dual_bn_coefficients(meta(64), meta(64), None, None, None, None, None, None, [0], [], 1,
                             False, 1e-5)
-    for dtype in (torch.float32, torch.float64):
+    low = lambda *shape: meta(*shape, dtype=torch.bfloat16)  # a bfloat16 network's parameters
+    bn.dual_bn_coefficients(meta(64), meta(64), meta(1, 64), meta(1, 64), low(64), low(1, 64),
+                            low(64), low(1, 64), [0], [0], 1, True, 1e-5)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         bn.bn_update_running_stats_(meta(64, dtype=dtype), meta(64, dtype=dtype), meta(64),
                                     meta(64), 40, 0.1)
 print(json.dumps([dict(kernel=l.kernel.fn.__name__, arch=arch,
@@ -159,6 +162,6 @@ def test_batch_norm_channel_kernels_compile_clean():
         pytest.skip(f"Triton's compiler cannot run here: {run.stderr.splitlines()[-1]}")
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 4 * len(ARCHS)
+    assert len(compiled) == 7 * len(ARCHS)
     assert all(not c["error"] and c["spill_bytes"] == 0 and c["registers"] > 0
                for c in compiled), compiled

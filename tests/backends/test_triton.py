@@ -382,14 +382,15 @@ def test_batch_norm_cuda_entry_points_check_their_arguments():
         cuda.bn_update_running_stats_(r(C), r(4), r(C), r(C), 10, 0.1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
 def test_running_stats_kernel_matches_the_cpu_op(dtype):
-    """The Triton kernel that serves bn_update_running_stats_ on CUDA (bfloat16 buffers: the
-    composite) updates the buffers in place by nn.BatchNorm2d's rule, r ← m·stat + (1 − m)·r
-    with the unbiased variance, computed in float64 and rounded once."""
+    """The Triton kernel that serves bn_update_running_stats_ on CUDA updates the buffers in
+    place by nn.BatchNorm2d's rule, r ← m·stat + (1 − m)·r with the unbiased variance,
+    computed in float64 and rounded as torch rounds a float64 tensor to the buffers' dtype."""
     from fgkernels.backends.triton.batch_norm import bn_update_running_stats_
-    mean, var = torch.randn(5), torch.rand(5)
-    buffers = (torch.randn(5).to(dtype), torch.rand(5).to(dtype) + 1)
+    mean, var = torch.randn(64), torch.rand(64)
+    buffers = (torch.randn(64).to(dtype), torch.rand(64).to(dtype) + 1)
     expected = tuple((0.2 * stat.double() + 0.8 * b.double()).to(dtype)
                      for b, stat in zip(buffers, (mean, var.double() * 33 / 32)))
     ours = tuple(b.to(DEVICE) for b in buffers)
@@ -402,6 +403,57 @@ def test_running_stats_kernel_matches_the_cpu_op(dtype):
     atol = 8 * torch.finfo(dtype).eps if dtype == torch.float64 else 0
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got.cpu(), want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_running_stats_kernel_rounds_ties_to_even(dtype):
+    """An update exactly halfway between two values of the buffers' dtype rounds to the even
+    one, as torch's cast does: 1 and 1 + 2ε averaged (momentum 0.5) give 1 + ε, which rounds
+    down to 1; 1 + 2ε and 1 + 4ε give 1 + 3ε, which rounds up to 1 + 4ε."""
+    from fgkernels.backends.triton.batch_norm import bn_update_running_stats_
+    eps = torch.finfo(dtype).eps / 2  # half a unit in the last place at 1
+    mean = torch.tensor([1 + 2 * eps, 1 + 4 * eps])
+    running_mean = torch.tensor([1.0, 1 + 2 * eps]).to(dtype).to(DEVICE)
+    running_var = torch.ones(2, dtype=dtype, device=DEVICE)
+    bn_update_running_stats_(running_mean, running_var, mean.to(DEVICE), torch.ones(2,
+                             device=DEVICE), 2, 0.5)
+    assert running_mean.cpu().tolist() == [1.0, 1 + 4 * eps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batch_norm_channel_launchers_issue_no_other_op(dtype):
+    """On CUDA each batch norm of a training pass calls both launchers: their only device work
+    is their one kernel (no cast of a network's parameters, no tensor of factors filled, no
+    composite for low-precision buffers), so a pass's host time does not grow by a dozen
+    launches per batch norm. Torch's ops they call are counted below the dispatcher, where only
+    allocations and views may appear."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fgkernels.backends.native import cuda_python_impls as cuda
+    from fgkernels.backends.triton import batch_norm as bn
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.called = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.called.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    C = 8
+    r = lambda *s, dt=torch.float32: torch.randn(*s, device=DEVICE).to(dt)
+    coefficient_args = (r(C), r(C).abs() + 0.1, r(1, C), r(1, C), r(C, dt=dtype),
+                        r(1, C, dt=dtype), r(C, dt=dtype), r(1, C, dt=dtype), [0], [0], 1, True,
+                        1e-5)
+    running_stats_args = (r(C, dt=dtype), r(C, dt=dtype).abs() + 1, r(C), r(C).abs(), 10, 0.1)
+    cuda.dual_bn_coefficients(*coefficient_args)  # makes its cached slot index
+    kernels = (bn._dual_bn_coefficients_kernel, bn._bn_update_running_stats_kernel)
+    with captured_launches(*kernels) as launches, Ops() as ops:  # the kernels recorded, not run
+        cuda.dual_bn_coefficients(*coefficient_args)
+        cuda.bn_update_running_stats_(*running_stats_args)
+    assert [launch.kernel for launch in launches] == list(kernels)
+    assert set(ops.called) <= {"empty", "empty_like", "new_empty", "slice"}, ops.called
 
 
 # --- the launches the launcher makes (on meta tensors) ------------------------------------------

@@ -77,7 +77,8 @@ def _dual_bn_coefficients_kernel(mean_ptr, var_ptr, tmean_ptr, tcov_ptr, w_ptr, 
                                  HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                                  HAS_WT: tl.constexpr, HAS_BT: tl.constexpr,
                                  FROM_BATCH: tl.constexpr, BLOCK: tl.constexpr):
-    # One program per BLOCK channels, in mean's dtype; with r = 1/√(var + eps), a = γr:
+    # One program per BLOCK channels, in float32 (the parameters and their tangents, of the
+    # network's dtype, widened as they are loaded); with r = 1/√(var + eps), a = γr:
     #   scale = a, shift = β, and for each output slot t the sum of the parts that land on it:
     #   t_xscale[t] = Σ_{x_pos[s]=t} −a·r²·cov[s] + Σ_{p_pos[p]=t} γ̇[p]·r
     #   t_shift[t]  = Σ_{x_pos[s]=t} −a·m1[s]     + Σ_{p_pos[p]=t} β̇[p]
@@ -87,11 +88,11 @@ def _dual_bn_coefficients_kernel(mean_ptr, var_ptr, tmean_ptr, tcov_ptr, w_ptr, 
     r = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     a = r
     if HAS_W:
-        a = tl.load(w_ptr + c, mask=ok, other=0.0) * r
+        a = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32) * r
     tl.store(scale_ptr + c, a, mask=ok)
     shift = tl.zeros_like(a)
     if HAS_B:
-        shift = tl.load(b_ptr + c, mask=ok, other=0.0)
+        shift = tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float32)
     tl.store(shift_ptr + c, shift, mask=ok)
     for t in range(count):
         xs = tl.zeros_like(a)
@@ -106,9 +107,11 @@ def _dual_bn_coefficients_kernel(mean_ptr, var_ptr, tmean_ptr, tcov_ptr, w_ptr, 
         for p in range(P):
             hit = tl.load(p_pos_ptr + p) == t
             if HAS_WT:
-                xs += tl.where(hit, tl.load(wt_ptr + p * C + c, mask=ok, other=0.0) * r, 0.0)
+                wt = tl.load(wt_ptr + p * C + c, mask=ok, other=0.0).to(tl.float32)
+                xs += tl.where(hit, wt * r, 0.0)
             if HAS_BT:
-                sh += tl.where(hit, tl.load(bt_ptr + p * C + c, mask=ok, other=0.0), 0.0)
+                bt = tl.load(bt_ptr + p * C + c, mask=ok, other=0.0).to(tl.float32)
+                sh += tl.where(hit, bt, 0.0)
         tl.store(t_xscale_ptr + t * C + c, xs, mask=ok)
         tl.store(t_shift_ptr + t * C + c, sh, mask=ok)
 
@@ -123,6 +126,8 @@ def dual_bn_coefficients(mean, var, tmean, tcov, weight, weight_t, bias, bias_t,
                                       x_pos, p_pos, count, training, eps)
     C, dtype = mean.shape[0], mean.dtype
     as_acc = lambda t: None if t is None else t.to(dtype).contiguous()
+    # The parameters and their tangents are read in their own dtype (no cast launched).
+    dense = lambda t: None if t is None else t.contiguous()
     from_batch = training and len(x_pos) > 0
     # Both position lists in one index tensor, made once per layout (_slots.positions_index);
     # a trailing 0 keeps it non-empty.
@@ -130,7 +135,8 @@ def dual_bn_coefficients(mean, var, tmean, tcov, weight, weight_t, bias, bias_t,
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     t_xscale = mean.new_empty((count, C))
     t_shift = mean.new_empty((count, C))
-    var, weight, weight_t, bias, bias_t = map(as_acc, (var, weight, weight_t, bias, bias_t))
+    var = as_acc(var)
+    weight, weight_t, bias, bias_t = map(dense, (weight, weight_t, bias, bias_t))
     tmean, tcov = (as_acc(tmean), as_acc(tcov)) if from_batch else (mean, mean)
     block = 128
     _dual_bn_coefficients_kernel[(triton.cdiv(C, block),)](
@@ -144,37 +150,49 @@ def dual_bn_coefficients(mean, var, tmean, tcov, weight, weight_t, bias, bias_t,
 
 
 @triton.jit
-def _bn_update_running_stats_kernel(rm_ptr, rv_ptr, mean_ptr, var_ptr, factors_ptr, C,
-                                    BLOCK: tl.constexpr):
-    # In float64, rounded once to the buffers' dtype (factors: momentum, n / (n - 1)):
+def _bn_update_running_stats_kernel(rm_ptr, rv_ptr, mean_ptr, var_ptr, momentum: tl.float64,
+                                    unbias: tl.float64, C, BLOCK: tl.constexpr):
+    # In float64 (momentum m and unbias = n / (n - 1) passed as float64 numbers), rounded to
+    # the buffers' dtype as the CPU op rounds (a narrower one through float32, as torch's own
+    # cast from float64 does):
     #   rm ← m·mean + (1 - m)·rm,   rv ← m·var·n/(n - 1) + (1 - m)·rv
     c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = c < C
-    m = tl.load(factors_ptr)
-    unbias = tl.load(factors_ptr + 1)
     rm = tl.load(rm_ptr + c, mask=ok, other=0.0).to(tl.float64)
     rv = tl.load(rv_ptr + c, mask=ok, other=0.0).to(tl.float64)
     mean = tl.load(mean_ptr + c, mask=ok, other=0.0).to(tl.float64)
     var = tl.load(var_ptr + c, mask=ok, other=0.0).to(tl.float64)
-    tl.store(rm_ptr + c, (m * mean + (1 - m) * rm).to(rm_ptr.dtype.element_ty), mask=ok)
-    tl.store(rv_ptr + c, (m * (var * unbias) + (1 - m) * rv).to(rv_ptr.dtype.element_ty),
-             mask=ok)
+    new_rm = momentum * mean + (1 - momentum) * rm
+    new_rv = momentum * (var * unbias) + (1 - momentum) * rv
+    tl.store(rm_ptr + c, _rounded_as_torch(new_rm, rm_ptr.dtype.element_ty), mask=ok)
+    tl.store(rv_ptr + c, _rounded_as_torch(new_rv, rv_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rounded_as_torch(v, dtype: tl.constexpr):
+    # float64 v in ``dtype`` as torch casts a float64 tensor: a narrower dtype through float32,
+    # each step to nearest, ties to even. bfloat16 is rounded by hand (Triton's interpreter
+    # truncates): add 0x7FFF plus the lowest bit kept to the float32 bits, keep the top 16
+    # (a NaN stays a NaN).
+    if dtype == tl.float64:
+        return v
+    v = v.to(tl.float32)
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        top = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        return tl.where(v != v, 0x7FC0, top).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(dtype)
 
 
 def bn_update_running_stats_(running_mean, running_var, mean, var, n: int,
                              momentum: float) -> None:
     """``bn_update_running_stats_`` (its schema in csrc/fgkernels.cpp) in one launch, for
-    contiguous float32 or float64 buffers (others: ``bn_math.update_running_stats_composite``,
-    which computes the same)."""
-    if not all(b.dtype in (torch.float32, torch.float64) and b.is_contiguous()
-               for b in (running_mean, running_var)):
+    contiguous buffers of any floating dtype (strided ones:
+    ``bn_math.update_running_stats_composite``, which computes the same)."""
+    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
         update_running_stats_composite(running_mean, running_var, mean, var, n, momentum)
         return
-    # The kernel reads its float64 factors from memory (a number passed to a kernel is
-    # float32), filled on the device: a tensor made from numbers is a copy from the host.
-    factors = torch.full((2,), momentum, dtype=torch.float64, device=mean.device)
-    factors[1:].fill_(n / (n - 1))
     block = 128
     _bn_update_running_stats_kernel[(triton.cdiv(mean.shape[0], block),)](
-        running_mean, running_var, mean.contiguous(), var.contiguous(), factors,
+        running_mean, running_var, mean.contiguous(), var.contiguous(), momentum, n / (n - 1),
         mean.shape[0], BLOCK=block)
