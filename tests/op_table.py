@@ -71,6 +71,48 @@ def _spreads_and_means(x, w):
     return v * m + (s * n).sum(1) + torch.std_mean(x * w)[1]
 
 
+def _clamps_one_side(x, w):
+    bound = x.detach() + (w - w.detach())  # x's values, w's tangents: a tie everywhere
+    return x.clamp_min(0.1) + torch.clamp_max(x * w, 0.3) + x.clamp_min(w) \
+        + torch.clamp_max(x, w * 0.5) + x.clamp_min(bound) + torch.clamp_max(x * 2, bound * 2)
+
+
+def _selections(x, w):
+    a = x * w
+    tied = torch.stack([x, x.detach() + (w - w.detach())])  # equal values, different tangents
+    return a.max(1).values + torch.min(a, dim=0, keepdim=True)[0].sum() \
+        + torch.sort(a, 1, descending=True).values[:, :2].sum(1) \
+        + a.topk(3, dim=0).values.sum(0)[:4] + torch.max(a) + torch.min(x, w.expand(4, 6)).sum(1) \
+        + a.max(-1, keepdim=True)[0].squeeze(1) + tied.max(0).values.sum(1) \
+        + torch.min(tied, 0).values.sum(1)
+
+
+COLUMNS = torch.tensor([True, True, True, False, False, True])
+
+
+def _masked_fills(x, w):
+    y = (x * w).clone()
+    y.masked_fill_((x < -0.5) & COLUMNS, float("-inf"))  # attention's masked scores
+    return torch.softmax(y, 1) + (x * w).masked_fill(x > 0.5, 2.0) \
+        + x.masked_fill(COLUMNS, w.sum()) + torch.masked_fill(x, ~COLUMNS, torch.tensor(3.0))
+
+
+def _gathers(x, w):
+    a = x * w
+    order = a.detach().argsort(1)
+    return a.gather(1, order[:, :4]) + torch.index_select(a, 1, torch.tensor([0, 2, 5, 5])) \
+        + torch.take_along_dim(x, order, 1)[:, 2:] + x.index_select(0, torch.tensor([3, 1, 0, 0]))[
+            :, :4]
+
+
+def _linear_maps(x, w):
+    a = x * w  # (2, 4, 6, 6)
+    cols = F.unfold(a, 3, padding=1, stride=2)
+    return F.fold(cols, (6, 6), 3, padding=1, stride=2) + F.channel_shuffle(a, 2) \
+        + F.avg_pool1d(a.flatten(2), 4, 2, 1).sum(-1)[..., None, None] \
+        + F.adaptive_avg_pool1d(a.flatten(2), 5).sum(-1)[..., None, None]
+
+
 @dataclass(frozen=True)
 class OpCase:
     """``fn(x, w)`` on inputs of ``x_shape`` and ``w_shape``; ``ref`` the oracle's function
@@ -321,6 +363,13 @@ OPS = {
     "index_advanced": OpCase(lambda x, w: (x * w)[torch.tensor([0, 2, 2]), 1:5:2], (4, 6),
                              (6,)),
     "assign_strided_rows": OpCase(_assign_rows, (4, 6), (6,)),
+    "clamps_one_side": OpCase(_clamps_one_side, (4, 6), (6,)),
+    "selections": OpCase(_selections, (4, 6), (6,)),
+    "masked_fills": OpCase(_masked_fills, (4, 6), (6,)),
+    "gathers": OpCase(_gathers, (4, 6), (6,)),
+    "exp_log1p_sign": OpCase(lambda x, w: torch.log1p((x * w).abs()) + torch.expm1(x * w)
+                             + torch.exp2(x) * w + torch.sign(x) * w, (4, 6), (6,)),
+    "linear_maps": OpCase(_linear_maps, (2, 4, 6, 6), (4, 1, 1)),
     "attention_causal": OpCase(
         lambda x, w: F.scaled_dot_product_attention(x, x * w, x, is_causal=True),
         (2, 3, 5, 4), (4,), ref=lambda x, w: math_attention(x, x * w, x, causal=True)),

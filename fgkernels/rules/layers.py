@@ -287,14 +287,40 @@ def reshape(input: Dual, *shape) -> Dual:
 def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
             inplace: bool = False) -> Dual:
     """Dual dropout: one mask, drawn once, scales the primal and every tangent."""
-    d = as_dual(input, "dropout")
+    return _dropout(F.dropout, input, p, training, inplace)
+
+
+@implements(F.dropout1d)
+def dropout1d(input: MaybeDual, p: float = 0.5, training: bool = True,
+              inplace: bool = False) -> Dual:
+    """Dual channel dropout of (N, C, L) inputs: one mask per channel, as ``dropout``."""
+    return _dropout(F.dropout1d, input, p, training, inplace)
+
+
+@implements(F.dropout2d)
+def dropout2d(input: MaybeDual, p: float = 0.5, training: bool = True,
+              inplace: bool = False) -> Dual:
+    """Dual channel dropout of (N, C, H, W) inputs: one mask per channel, as ``dropout``."""
+    return _dropout(F.dropout2d, input, p, training, inplace)
+
+
+@implements(F.dropout3d)
+def dropout3d(input: MaybeDual, p: float = 0.5, training: bool = True,
+              inplace: bool = False) -> Dual:
+    """Dual channel dropout of (N, C, D, H, W) inputs: one mask per channel, as ``dropout``."""
+    return _dropout(F.dropout3d, input, p, training, inplace)
+
+
+def _dropout(draw, input: MaybeDual, p: float, training: bool, inplace: bool) -> Dual:
+    name = draw.__name__
+    d = as_dual(input, name)
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+        raise ValueError(f"{name}: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return d
-    # torch's own draw (the random numbers a plain pass under the same seed takes), as the
-    # scaled mask 0 or 1/(1 − p)
-    mask = F.dropout(torch.ones_like(d.primal), p, True)
+    # torch's own draw (the random numbers a plain pass under the same seed takes, its shape
+    # checks and warnings), as the scaled mask 0 or 1/(1 − p)
+    mask = draw(torch.ones_like(d.primal), p, True)
     y = d.primal * mask
     t = d.tangents
     if inplace:

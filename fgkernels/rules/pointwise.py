@@ -24,6 +24,7 @@ from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.layout import slots_in_format
 from ..dual.value import Dual, implements, view_root
+from .fallback import forward_ad_fallback
 from .operands import as_dual, parts
 
 Tensor = torch.Tensor
@@ -165,6 +166,25 @@ def where(condition, input, other) -> Dual:
                                  (bo, bt, lambda t: torch.where(condition, 0, t))])
 
 
+@implements(torch.masked_fill, torch.Tensor.masked_fill)
+def masked_fill(input, mask, value) -> Dual:
+    """Dual ``masked_fill``: torch's value; ``ẏ = where(mask, v̇, ẋ)`` (``v̇`` 0 for a number or
+    a plain tensor; a masked tangent of x is dropped, a NaN one too, as forward_ad drops it)."""
+    if isinstance(mask, Dual):
+        raise TypeError("masked_fill: the mask must be a bool Tensor, got a Dual")
+    (x, xt, xo), (v, vt, vo) = _parts(input), _parts(value)
+    y = torch.masked_fill(x, mask, v)
+    return _combine("masked_fill", y, [(xo, xt, lambda t: t.masked_fill(mask, 0)),
+                                       (vo, vt, lambda t: torch.where(mask, t, 0))])
+
+
+@implements(torch.Tensor.masked_fill_)
+def _masked_fill_(input, mask, value) -> Dual:
+    if not isinstance(input, Dual):  # a plain tensor filled from a Dual: the fallback's policy
+        return forward_ad_fallback(torch.Tensor.masked_fill_, (input, mask, value), {})
+    return input._assign(masked_fill(input, mask, value))
+
+
 @implements(torch.maximum, torch.Tensor.maximum)
 def maximum(input, other) -> Dual:
     """Dual elementwise maximum: the larger operand's tangent, the two's mean at a tie."""
@@ -206,6 +226,24 @@ def clamp(input, min=None, max=None) -> Dual:
     tangent of the operand ``y`` equals, and where ``min > max``, ``y = max``. At a tie, torch
     before 2.14 gives x's tangent when both bounds are given, the bound's when one is; from
     2.14, the mean of x's and the bound's (x's where ``min = max``)."""
+    return _clamp(input, min, max, x_takes_ties=False)
+
+
+@implements(torch.clamp_min, torch.Tensor.clamp_min)
+def clamp_min(input, min) -> Dual:
+    """Dual ``clamp_min``: clamp's rule with the bound ``min``, but for torch's forward mode
+    before 2.14 at a tie with a tensor bound, where it keeps x's tangent, not the bound's."""
+    return _clamp(input, min, None, x_takes_ties=not _CLAMP_TIES_SHARED)
+
+
+@implements(torch.clamp_max, torch.Tensor.clamp_max)
+def clamp_max(input, max) -> Dual:
+    """Dual ``clamp_max``: as ``clamp_min``, with the bound ``max``."""
+    return _clamp(input, None, max, x_takes_ties=not _CLAMP_TIES_SHARED)
+
+
+def _clamp(input, min, max, x_takes_ties: bool) -> Dual:
+    """``clamp``'s rule; ``x_takes_ties``: with one tensor bound, x's tangent where x ties it."""
     if not isinstance(min, (Tensor, Dual)) and not isinstance(max, (Tensor, Dual)):
         x = input.primal
         inside = torch.ones_like(x, dtype=torch.bool)
@@ -228,11 +266,13 @@ def clamp(input, min=None, max=None) -> Dual:
             ordered = lo < hi
             tie_lo, tie_hi = ordered & (x == lo), ordered & (x == hi)
     elif lo is not None:
-        to_x = x > lo              # torch: where(x > min, ẋ, ṁin); 2.14: (ẋ + ṁin)/2 at x = min
+        to_x = x >= lo if x_takes_ties else x > lo
+        # torch: where(x > min, ẋ, ṁin) (clamp_min: x >= min); 2.14: (ẋ + ṁin)/2 at x = min
         to_lo, to_hi = ~to_x, None
         tie_lo = x == lo if _CLAMP_TIES_SHARED else None
     else:
-        to_x = x < hi              # torch: where(x < max, ẋ, ṁax); 2.14: (ẋ + ṁax)/2 at x = max
+        to_x = x <= hi if x_takes_ties else x < hi
+        # torch: where(x < max, ẋ, ṁax) (clamp_max: x <= max); 2.14: (ẋ + ṁax)/2 at x = max
         to_lo, to_hi = None, ~to_x
         tie_hi = x == hi if _CLAMP_TIES_SHARED else None
     pick = lambda mask: lambda t: torch.where(mask, t, 0)
@@ -451,6 +491,27 @@ def exp(input) -> Dual:
     return _activation(input, y, lambda t, x: t * _like(y, t))
 
 
+@implements(torch.expm1, torch.Tensor.expm1, torch.special.expm1)
+def expm1(input) -> Dual:
+    """Dual ``eˣ − 1``: slope ``y + 1``."""
+    y = torch.expm1(input.primal)
+    return _activation(input, y, lambda t, x: t * _like(y + 1, t))
+
+
+@implements(torch.exp2, torch.Tensor.exp2, torch.special.exp2)
+def exp2(input) -> Dual:
+    """Dual ``2ˣ``: slope ``y·ln 2``."""
+    y = torch.exp2(input.primal)
+    return _activation(input, y, lambda t, x: t * _like(y, t) * math.log(2))
+
+
+@implements(torch.sign, torch.Tensor.sign)
+def sign(input) -> Dual:
+    """Dual sign: slope 0 (a tangent of zeros, a NaN or infinite one too, as forward_ad's)."""
+    return _activation(input, torch.sign(input.primal), lambda t, x: torch.zeros_like(t),
+                       selects=True)
+
+
 @implements(torch.abs, torch.Tensor.abs, torch.Tensor.__abs__, torch.absolute)
 def absolute(input) -> Dual:
     """Dual absolute value: slope ``sign(x)``, 0 at 0; of a complex x, ``Re(conj(ẋ)·x/|x|)``."""
@@ -478,6 +539,12 @@ def rsqrt(input) -> Dual:
 def log(input) -> Dual:
     """Dual natural logarithm: slope ``1/x``."""
     return _activation(input, torch.log(input.primal), lambda t, x: t / _like(x, t))
+
+
+@implements(torch.log1p, torch.Tensor.log1p, torch.special.log1p)
+def log1p(input) -> Dual:
+    """Dual ``log(1 + x)``: slope ``1/(1 + x)``."""
+    return _activation(input, torch.log1p(input.primal), lambda t, x: t / _like(x + 1, t))
 
 
 @implements(torch.sin, torch.Tensor.sin)
@@ -731,6 +798,11 @@ _LINEAR_OPS = [
     torch.Tensor.repeat_interleave, torch.repeat_interleave, torch.Tensor.cumsum, torch.cumsum,
     torch.Tensor.tile, torch.tile, torch.Tensor.tril, torch.tril, torch.Tensor.triu, torch.triu,
     F.pixel_shuffle, F.pixel_unshuffle,
+    # indices and masks kept constant (the op on each slot, vmapped)
+    torch.Tensor.gather, torch.gather, torch.Tensor.index_select, torch.index_select,
+    torch.Tensor.take_along_dim, torch.take_along_dim, F.channel_shuffle, F.unfold, F.fold,
+    # the 1-d average pools (the 2-d ones have rules of their own)
+    F.avg_pool1d, F.adaptive_avg_pool1d,
     # the transposing properties (d.T, d.mT, d.H, d.mH), views as t() is
     torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.H.__get__,
     torch.Tensor.mH.__get__,

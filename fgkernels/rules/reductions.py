@@ -1,5 +1,6 @@
 """Nonlinear reductions over data dims: ``logsumexp``, ``var``/``std`` and
-``var_mean``/``std_mean`` (every overload) and ``amax``/``amin``. Each tangent is torch's
+``var_mean``/``std_mean`` (every overload), ``amax``/``amin``, and the selections ``max``/``min``
+(every form), ``sort`` and ``topk``. Each tangent is torch's
 forward-mode formula, computed over every slot at once (the reduced dims shifted past the slot
 axis); sums and means, which are linear, are views' rules (``pointwise``)."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from ..dual.value import Dual, implements
 from .fallback import forward_ad_fallback
-from .pointwise import _like, _slot_dims
+from .pointwise import _like, _slot_dim, _slot_dims, maximum, minimum
 
 Tensor = torch.Tensor
 
@@ -162,3 +163,67 @@ def amax(input: Dual, dim=(), keepdim: bool = False) -> Dual:
 def amin(input: Dual, dim=(), keepdim: bool = False) -> Dual:
     """Dual amin (ties share the tangent evenly, as torch's forward mode)."""
     return _extreme(torch.amin, input, dim, keepdim)
+
+
+# --- selections: values picked by index, each slot's tangent picked at the same index ----------
+def _picked(input: Dual, values: Tensor, indices: Tensor, dim: int, keepdim: bool) -> Dual:
+    """``values`` (torch's, picked from ``input`` along ``dim`` at ``indices``) with each slot's
+    tangent at the same indices: a tie takes the tangent of the element torch picked, as its
+    forward mode does."""
+    t = input.tangents
+    if t is None:
+        return input.with_tangents(values, None)
+    n = input.primal.dim()
+    if n == 0:  # a 0-d primal is its own selection
+        return input.with_tangents(values, t.clone())
+    at = _slot_dim(dim, n)
+    index = indices if keepdim else indices.unsqueeze(at - 1)
+    picked = t.gather(at, index.expand(t.shape[0], *index.shape))
+    return input.with_tangents(values, picked if keepdim else picked.squeeze(at))
+
+
+def _max_or_min(op, reduce, binary, input, args: tuple, kwargs: dict):
+    """``op`` (torch.max or torch.min) in each of its forms: over everything (``reduce``'s
+    rule: ties share the tangent evenly, as torch's forward mode has it for this form), of two
+    tensors (``binary``'s rule), or along ``dim`` (values and indices, a tie taking the tangent
+    of the element torch picked)."""
+    if not args and not kwargs:
+        return reduce(input)
+    other = args[0] if args else kwargs.get("other")
+    if isinstance(other, (Tensor, Dual)):
+        return binary(input, other)
+    result = op(input.primal, *args, **kwargs)
+    dim = args[0] if args else kwargs["dim"]
+    keepdim = args[1] if len(args) > 1 else kwargs.get("keepdim", False)
+    return type(result)((_picked(input, result.values, result.indices, dim, keepdim),
+                         result.indices))
+
+
+@implements(torch.max, torch.Tensor.max)
+def max_(input, *args, **kwargs):
+    """Dual max: over everything, of two tensors, or along a dim (values and indices)."""
+    return _max_or_min(torch.max, amax, maximum, input, args, kwargs)
+
+
+@implements(torch.min, torch.Tensor.min)
+def min_(input, *args, **kwargs):
+    """Dual min: over everything, of two tensors, or along a dim (values and indices)."""
+    return _max_or_min(torch.min, amin, minimum, input, args, kwargs)
+
+
+@implements(torch.sort, torch.Tensor.sort)
+def sort(input: Dual, *args, **kwargs):
+    """Dual sort: the sorted values and their indices, each slot's tangent sorted alike."""
+    result = torch.sort(input.primal, *args, **kwargs)
+    dim = args[0] if args and isinstance(args[0], int) else kwargs.get("dim", -1)
+    return type(result)((_picked(input, result.values, result.indices, dim, True),
+                         result.indices))
+
+
+@implements(torch.topk, torch.Tensor.topk)
+def topk(input: Dual, k: int, *args, **kwargs):
+    """Dual topk: the k values and their indices, each slot's tangent picked alike."""
+    result = torch.topk(input.primal, k, *args, **kwargs)
+    dim = args[0] if args else kwargs.get("dim", -1)
+    return type(result)((_picked(input, result.values, result.indices, dim, True),
+                         result.indices))

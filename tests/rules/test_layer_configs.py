@@ -126,15 +126,23 @@ def test_layer_config(name, converted, backend):
     _assert_as_forward_ad_and_plain(out, (y, yt), dual, plain)
 
 
+# dropout layer -> the shape its input takes (the 8 features of a sample, unflattened)
+DROPOUTS = {nn.Dropout: (8,), nn.Dropout1d: (2, 4), nn.Dropout2d: (2, 2, 2),
+            nn.Dropout3d: (2, 2, 1, 2)}
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("p,inplace", [(0.3, False), (0.3, True), (1.0, False)])
-def test_dropout_masks_the_primal_and_every_slot_as_torch_draws(p, inplace, backend):
-    """In training, one mask (torch's own draw: the same seed gives forward_ad the same one)
-    scales the primal and every tangent slot, in place too; p = 1 drops everything."""
+@pytest.mark.parametrize("layer", list(DROPOUTS), ids=lambda c: c.__name__)
+def test_dropout_masks_the_primal_and_every_slot_as_torch_draws(layer, p, inplace, backend):
+    """In training, one mask (torch's own draw, elementwise or one per channel: the same seed
+    gives forward_ad the same one) scales the primal and every tangent slot, in place too;
+    p = 1 drops everything. Each is a rule's (strict: no op takes the fallback)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.Dropout(p, inplace=inplace), nn.Linear(8, 3))
+    net = nn.Sequential(nn.Linear(6, 8), nn.Unflatten(1, DROPOUTS[layer]),
+                        layer(p, inplace=inplace), nn.Flatten(), nn.Linear(8, 3))
     x = torch.randn(5, 6, dtype=torch.float64)
-    with fgkernels.use_backend(backend):
+    with fgkernels.use_backend(backend), fgkernels.strict_rules():
         result = compare_with_forward_ad(net.double().train(), [x], num_tangents=3)
     assert result["primal"] < 1e-12 and result["tangent"] < 1e-12, result
 

@@ -250,7 +250,9 @@ ACTIVATIONS = {
     "hardswish": F.hardswish, "mish": F.mish, "clamp": lambda v: v.clamp(-1, 2),
     "softplus": lambda v: F.softplus(v, beta=2.0, threshold=1.0), "selu": F.selu,
     "celu": lambda v: F.celu(v, 0.5), "hardshrink": F.hardshrink, "softshrink": F.softshrink,
-    "logsigmoid": F.logsigmoid, "erf": torch.erf,
+    "logsigmoid": F.logsigmoid, "erf": torch.erf, "sign": torch.sign, "expm1": torch.expm1,
+    "log1p_abs": lambda v: torch.log1p(v.abs()), "clamp_min": lambda v: v.clamp_min(0.5),
+    "clamp_max": lambda v: torch.clamp_max(v, 1.5),
 }
 KINKS = [0.0, 3.0, -3.0, 6.0, -1.0, 2.0, -0.5, 1.5, 0.5]  # of the activations above
 NON_FINITE = [float("nan"), float("inf"), -float("inf")]
@@ -318,6 +320,10 @@ TENSOR_METHODS = {
     "pow": lambda v: v ** 2, "softmax": lambda v: v.softmax(-1),
     "log_softmax": lambda v: F.log_softmax(v, 0), "matmul": lambda v: v @ v.transpose(-1, -2),
     "einsum": lambda v: torch.einsum("i...,i...->...", v, v), "norm": lambda v: v.norm(dim=-1),
+    "max_dim": lambda v: v.max(-1).values, "min_dim": lambda v: torch.min(v, 0, True)[0],
+    "sort": lambda v: v.sort(1, descending=True).values, "topk": lambda v: v.topk(1, 0).values,
+    "gather": lambda v: v.gather(-1, v.detach().argsort(-1)),
+    "masked_fill": lambda v: v.masked_fill(v.detach() > 0.5, -1.0),
 }
 
 
@@ -554,6 +560,7 @@ SMOOTH_OPS = {  # rules of their own, and atan, which has none (forward AD on th
     "logsumexp": lambda v: v.logsumexp(-1), "var": lambda v: v.var(-1, correction=0),
     "std": lambda v: v.std(-1, correction=0), "rms_norm": lambda v: F.rms_norm(v, v.shape[-1:]),
     "cube": lambda v: v ** 3, "exp2": lambda v: 2 ** v, "atan": torch.atan,
+    "torch_exp2": torch.exp2,
 }
 
 
