@@ -113,6 +113,24 @@ def _linear_maps(x, w):
         + F.adaptive_avg_pool1d(a.flatten(2), 5).sum(-1)[..., None, None]
 
 
+def _selecting_pools(x, w):
+    a = x * w  # (2, 4, 6, 6)
+    per_channel = lambda v: v[..., None, None]  # (2, 4) -> (2, 4, 1, 1)
+    return F.max_pool2d(a, 2, return_indices=True)[0] + F.adaptive_max_pool2d(a, 3) \
+        + per_channel(F.max_pool1d(a.flatten(2), 3, 2, 1, ceil_mode=True).amax(-1)) \
+        + per_channel(F.adaptive_max_pool1d(a.flatten(2), 2).sum(-1)) \
+        + F.max_pool3d(a[:, None], 2, 2)[:, 0].sum(1, keepdim=True)[..., :1, :] \
+        + F.adaptive_max_pool3d(a[:, None], (1, 3, 3))[:, 0]
+
+
+def _probability_losses(x, w):
+    p, q = torch.sigmoid(x * w), torch.sigmoid(w).expand(4, 6)  # a soft target that is a Dual
+    return F.binary_cross_entropy(p, q) \
+        + F.binary_cross_entropy(p, torch.linspace(0, 1, 24, dtype=x.dtype).reshape(4, 6),
+                                 torch.linspace(0.2, 1, 6, dtype=x.dtype), reduction="sum") \
+        + F.binary_cross_entropy(torch.sigmoid(x), p, reduction="none").sum(1)
+
+
 @dataclass(frozen=True)
 class OpCase:
     """``fn(x, w)`` on inputs of ``x_shape`` and ``w_shape``; ``ref`` the oracle's function
@@ -370,6 +388,8 @@ OPS = {
     "exp_log1p_sign": OpCase(lambda x, w: torch.log1p((x * w).abs()) + torch.expm1(x * w)
                              + torch.exp2(x) * w + torch.sign(x) * w, (4, 6), (6,)),
     "linear_maps": OpCase(_linear_maps, (2, 4, 6, 6), (4, 1, 1)),
+    "selecting_pools": OpCase(_selecting_pools, (2, 4, 6, 6), (4, 1, 1)),
+    "probability_losses": OpCase(_probability_losses, (4, 6), (6,)),
     "attention_causal": OpCase(
         lambda x, w: F.scaled_dot_product_attention(x, x * w, x, is_causal=True),
         (2, 3, 5, 4), (4,), ref=lambda x, w: math_attention(x, x * w, x, causal=True)),

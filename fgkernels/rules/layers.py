@@ -220,13 +220,44 @@ _max_pool2d = KernelOp("dual_max_pool2d", _max_pool2d_reference,
 def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1,
                ceil_mode: bool = False, return_indices: bool = False) -> Dual:
     """Dual max-pool: the tangent is gathered at the primal's argmax."""
-    if return_indices:  # the values and their indices: forward AD
-        return forward_ad_fallback(F.max_pool2d, (input, kernel_size, stride, padding, dilation,
-                                          ceil_mode, True), {})
+    if return_indices:  # the values and their indices
+        return _max_pool2d_with_indices(input, kernel_size, stride, padding, dilation, ceil_mode,
+                                        return_indices=True)
     d = as_dual(input, "max_pool2d")
     stride = kernel_size if stride is None or stride == [] else stride
     return _max_pool2d.on(d, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
                           bool(ceil_mode))
+
+
+def _selecting_pool(pool_with_indices: Callable, spatial: int) -> Callable:
+    """The rule of a max pool over the last ``spatial`` dims, ``pool_with_indices`` its form
+    that returns the argmax (``F.max_pool1d_with_indices``, ...): torch's values, and each
+    slot's tangent gathered where torch found them (forward AD's rule)."""
+
+    @_no_grad
+    def rule(input: MaybeDual, *args, return_indices: bool = False, **kwargs):
+        d = as_dual(input, pool_with_indices.__name__)
+        y, index = pool_with_indices(d.primal, *args, **kwargs)
+        t = d.tangents
+        if t is not None:
+            at = index.flatten(-spatial)
+            t = t.flatten(-spatial).gather(-1, at.expand(t.shape[0], *at.shape)) \
+                .view(t.shape[0], *y.shape)
+        out = d.with_tangents(y, t)
+        return (out, index) if return_indices else out
+
+    return rule
+
+
+# (F.max_pool2d, with its own kernels, takes the rule for the form with indices)
+_max_pool2d_with_indices = implements(F.max_pool2d_with_indices)(
+    _selecting_pool(F.max_pool2d_with_indices, 2))
+for _pools, _spatial in (((F.max_pool1d, F.max_pool1d_with_indices), 1),
+                         ((F.max_pool3d, F.max_pool3d_with_indices), 3),
+                         ((F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices), 1),
+                         ((F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices), 2),
+                         ((F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices), 3)):
+    implements(*_pools)(_selecting_pool(_pools[-1], _spatial))
 
 
 # --- linear ops: the same map on the primal and on every tangent slot -----------------------------

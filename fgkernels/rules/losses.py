@@ -22,8 +22,8 @@ Tensor = torch.Tensor
 _aten = torch.ops.aten
 _NO_REDUCTION = 0  # at::Reduction::None, for the derivative kernels
 
-__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "kl_div", "mse_loss",
-           "l1_loss", "smooth_l1_loss", "huber_loss"]
+__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+           "kl_div", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
 
 
 def _reduction(size_average, reduce, reduction: str) -> str:
@@ -137,6 +137,34 @@ def binary_cross_entropy_with_logits(input: MaybeDual, target: MaybeDual,
     if y.tangents is not None:
         slope_y = w * ((p - 1) * F.softplus(-xp) - xp)
         out = out + _activation(y, yp, lambda t, _: t * _like(slope_y.expand_as(yp), t))
+    out = _reduced(out, reduction)
+    return out.with_tangents(loss, out.tangents)
+
+
+@implements(F.binary_cross_entropy)
+@_no_grad
+def binary_cross_entropy(input: MaybeDual, target: MaybeDual, weight: Optional[Tensor] = None,
+                         size_average=None, reduce=None, reduction: str = "mean") -> Dual:
+    """Dual binary cross-entropy on probabilities (arguments as ``F.binary_cross_entropy``).
+    Per element ``ℓ = −w·(y·log p + (1 − y)·log(1 − p))``: ``∂ℓ/∂p = w·(p − y)/max(p(1 − p),
+    1e-12)`` (torch's own derivative kernel) and ``∂ℓ/∂y = −w·logit(p)``, as torch's forward mode
+    has them; the target may be a Dual (soft labels). A weight with tangents: forward AD on the
+    op."""
+    reduction = _reduction(size_average, reduce, reduction)
+    if parts(weight).tangents is not None:
+        return forward_ad_fallback(F.binary_cross_entropy, (input, target), dict(
+            weight=weight, reduction=reduction))
+    x, y = as_dual(input, "binary_cross_entropy"), as_dual(target, "binary_cross_entropy")
+    loss = F.binary_cross_entropy(x.primal, y.primal, weight, reduction=reduction)
+    if x.tangents is None and y.tangents is None:
+        return Dual(loss)
+    xp, yp = x.primal, y.primal
+    w = None if weight is None else weight.expand_as(xp)
+    slope_x = torch.ops.aten.binary_cross_entropy_backward(torch.ones_like(xp), xp, yp, w, 0)
+    out = _activation(x, xp, lambda t, _: t * _like(slope_x, t))
+    if y.tangents is not None:
+        slope_y = -torch.logit(xp) if w is None else -torch.logit(xp) * w
+        out = out + _activation(y, yp, lambda t, _: t * _like(slope_y, t))
     out = _reduced(out, reduction)
     return out.with_tangents(loss, out.tangents)
 
