@@ -314,32 +314,21 @@ def reshape(input: Dual, *shape) -> Dual:
     return _reshaped(input, input.primal.reshape(shape))
 
 
-@implements(F.dropout)
-def dropout(input: MaybeDual, p: float = 0.5, training: bool = True,
-            inplace: bool = False) -> Dual:
-    """Dual dropout: one mask, drawn once, scales the primal and every tangent."""
-    return _dropout(F.dropout, input, p, training, inplace)
+def _dropout_rule(draw: Callable) -> Callable:
+    """The rule of ``draw`` (``F.dropout``, or a channel dropout: one draw per channel)."""
+
+    def rule(input: MaybeDual, p: float = 0.5, training: bool = True,
+             inplace: bool = False) -> Dual:
+        return _dropout(draw, input, p, training, inplace)
+
+    rule.__doc__ = f"Dual {draw.__name__}: one mask, drawn once, scales the primal and every " \
+        "tangent."
+    return rule
 
 
-@implements(F.dropout1d)
-def dropout1d(input: MaybeDual, p: float = 0.5, training: bool = True,
-              inplace: bool = False) -> Dual:
-    """Dual channel dropout of (N, C, L) inputs: one mask per channel, as ``dropout``."""
-    return _dropout(F.dropout1d, input, p, training, inplace)
-
-
-@implements(F.dropout2d)
-def dropout2d(input: MaybeDual, p: float = 0.5, training: bool = True,
-              inplace: bool = False) -> Dual:
-    """Dual channel dropout of (N, C, H, W) inputs: one mask per channel, as ``dropout``."""
-    return _dropout(F.dropout2d, input, p, training, inplace)
-
-
-@implements(F.dropout3d)
-def dropout3d(input: MaybeDual, p: float = 0.5, training: bool = True,
-              inplace: bool = False) -> Dual:
-    """Dual channel dropout of (N, C, D, H, W) inputs: one mask per channel, as ``dropout``."""
-    return _dropout(F.dropout3d, input, p, training, inplace)
+dropout = implements(F.dropout)(_dropout_rule(F.dropout))
+for _draw in (F.dropout1d, F.dropout2d, F.dropout3d):
+    implements(_draw)(_dropout_rule(_draw))
 
 
 def _dropout(draw, input: MaybeDual, p: float, training: bool, inplace: bool) -> Dual:
