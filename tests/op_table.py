@@ -131,6 +131,24 @@ def _probability_losses(x, w):
         + F.binary_cross_entropy(torch.sigmoid(x), p, reduction="none").sum(1)
 
 
+def _trig_hyperbolic_logs(x, w):
+    a = x * w
+    steps = torch.floor(a) + torch.ceil(x) + torch.round(a, decimals=1) + torch.trunc(x * 3)
+    return torch.tan(a * 0.5) + torch.atan(a) + torch.asin(torch.tanh(x) * 0.9) \
+        + torch.acos(torch.sigmoid(a)) + torch.sinh(x) * w + torch.cosh(a) \
+        + torch.log2(a.abs() + 0.1) + torch.log10(x.abs() + 1) + torch.frac(a * 3) + steps * w
+
+
+SHUFFLE = torch.randperm(24, generator=torch.Generator().manual_seed(0)).reshape(4, 6)
+
+
+def _rearrangements(x, w):
+    a = x * w
+    return a.broadcast_to(2, 4, 6).sum(0) + torch.rot90(a, 1, (0, 1)).T + torch.fliplr(a) \
+        + x.flipud() + torch.ravel(a.T).view(4, 6) + torch.take(a, SHUFFLE) \
+        + torch.diag(a).sum() + torch.diag_embed(w)[:4] + torch.trace(a)
+
+
 @dataclass(frozen=True)
 class OpCase:
     """``fn(x, w)`` on inputs of ``x_shape`` and ``w_shape``; ``ref`` the oracle's function
@@ -390,6 +408,8 @@ OPS = {
     "linear_maps": OpCase(_linear_maps, (2, 4, 6, 6), (4, 1, 1)),
     "selecting_pools": OpCase(_selecting_pools, (2, 4, 6, 6), (4, 1, 1)),
     "probability_losses": OpCase(_probability_losses, (4, 6), (6,)),
+    "trig_hyperbolic_logs": OpCase(_trig_hyperbolic_logs, (4, 6), (6,)),
+    "rearrangements": OpCase(_rearrangements, (4, 6), (6,)),
     "attention_causal": OpCase(
         lambda x, w: F.scaled_dot_product_attention(x, x * w, x, is_causal=True),
         (2, 3, 5, 4), (4,), ref=lambda x, w: math_attention(x, x * w, x, causal=True)),

@@ -505,13 +505,6 @@ def exp2(input) -> Dual:
     return _activation(input, y, lambda t, x: t * _like(y, t) * math.log(2))
 
 
-@implements(torch.sign, torch.Tensor.sign)
-def sign(input) -> Dual:
-    """Dual sign: slope 0 (a tangent of zeros, a NaN or infinite one too, as forward_ad's)."""
-    return _activation(input, torch.sign(input.primal), lambda t, x: torch.zeros_like(t),
-                       selects=True)
-
-
 @implements(torch.abs, torch.Tensor.abs, torch.Tensor.__abs__, torch.absolute)
 def absolute(input) -> Dual:
     """Dual absolute value: slope ``sign(x)``, 0 at 0; of a complex x, ``Re(conj(ẋ)·x/|x|)``."""
@@ -557,6 +550,80 @@ def sin(input) -> Dual:
 def cos(input) -> Dual:
     """Dual cosine: slope ``−sin x``."""
     return _activation(input, torch.cos(input.primal), lambda t, x: -t * _like(x.sin(), t))
+
+
+@implements(torch.tan, torch.Tensor.tan)
+def tan(input) -> Dual:
+    """Dual tangent function: slope ``1 + y²``."""
+    y = torch.tan(input.primal)
+    return _activation(input, y, lambda t, x: t * _like(1 + y * y, t))
+
+
+@implements(torch.atan, torch.Tensor.atan, torch.arctan, torch.Tensor.arctan)
+def atan(input) -> Dual:
+    """Dual arctangent: slope ``1/(1 + x²)``."""
+    return _activation(input, torch.atan(input.primal), lambda t, x: t / _like(x * x + 1, t))
+
+
+@implements(torch.asin, torch.Tensor.asin, torch.arcsin, torch.Tensor.arcsin)
+def asin(input) -> Dual:
+    """Dual arcsine: slope ``1/√(1 − x²)``."""
+    return _activation(input, torch.asin(input.primal),
+                       lambda t, x: t * _like((1 - x * x).rsqrt(), t))
+
+
+@implements(torch.acos, torch.Tensor.acos, torch.arccos, torch.Tensor.arccos)
+def acos(input) -> Dual:
+    """Dual arccosine: slope ``−1/√(1 − x²)``."""
+    return _activation(input, torch.acos(input.primal),
+                       lambda t, x: t * _like(-(1 - x * x).rsqrt(), t))
+
+
+@implements(torch.sinh, torch.Tensor.sinh)
+def sinh(input) -> Dual:
+    """Dual hyperbolic sine: slope ``cosh x``."""
+    return _activation(input, torch.sinh(input.primal), lambda t, x: t * _like(x.cosh(), t))
+
+
+@implements(torch.cosh, torch.Tensor.cosh)
+def cosh(input) -> Dual:
+    """Dual hyperbolic cosine: slope ``sinh x``."""
+    return _activation(input, torch.cosh(input.primal), lambda t, x: t * _like(x.sinh(), t))
+
+
+@implements(torch.log2, torch.Tensor.log2)
+def log2(input) -> Dual:
+    """Dual base-2 logarithm: slope ``1/(x·ln 2)``."""
+    return _activation(input, torch.log2(input.primal),
+                       lambda t, x: t / _like(x * math.log(2), t))
+
+
+@implements(torch.log10, torch.Tensor.log10)
+def log10(input) -> Dual:
+    """Dual base-10 logarithm: slope ``1/(x·ln 10)``."""
+    return _activation(input, torch.log10(input.primal),
+                       lambda t, x: t / _like(x * math.log(10), t))
+
+
+def _step_rule(func: Callable) -> Callable:
+    """The rule of a step function (sign, floor, ceil, round, trunc): slope 0 (zeros, as
+    forward_ad's tangent, a NaN or infinite one too)."""
+
+    def rule(input, *args, **kwargs) -> Dual:
+        return _activation(input, func(input.primal, *args, **kwargs),
+                           lambda t, x: torch.zeros_like(t), selects=True)
+
+    return rule
+
+
+for _step in (torch.sign, torch.floor, torch.ceil, torch.round, torch.trunc, torch.fix):
+    implements(_step, getattr(torch.Tensor, _step.__name__))(_step_rule(_step))
+
+
+@implements(torch.frac, torch.Tensor.frac)
+def frac(input) -> Dual:
+    """Dual fractional part ``x − trunc x``: slope 1."""
+    return _activation(input, torch.frac(input.primal), lambda t, x: t.clone())
 
 
 @implements(torch.reciprocal, torch.Tensor.reciprocal)
@@ -739,6 +806,11 @@ def _cumsum(t, n, dim, *, dtype=None):
     return t.cumsum(_slot_dim(dim, n), dtype=dtype)
 
 
+def _take(t, n, index):
+    # each slot read as the primal is: flattened, at index
+    return t.reshape(t.shape[0], -1)[:, index]
+
+
 def _contiguous(t, n, memory_format=torch.contiguous_format):
     return slots_in_format(t, memory_format if n == 4 else torch.contiguous_format)
 
@@ -764,6 +836,7 @@ _SLOT_VIEWS: dict[Callable, Callable] = {
     torch.Tensor.contiguous: _contiguous,
     torch.Tensor.repeat_interleave: _repeat_interleave, torch.repeat_interleave: _repeat_interleave,
     torch.Tensor.cumsum: _cumsum, torch.cumsum: _cumsum,
+    torch.Tensor.take: _take, torch.take: _take,
     torch.Tensor.mean: _reduce("mean"), torch.mean: _reduce("mean"),
     torch.Tensor.sum: _reduce("sum"), torch.sum: _reduce("sum"),
 }
@@ -798,9 +871,14 @@ _LINEAR_OPS = [
     torch.Tensor.repeat_interleave, torch.repeat_interleave, torch.Tensor.cumsum, torch.cumsum,
     torch.Tensor.tile, torch.tile, torch.Tensor.tril, torch.tril, torch.Tensor.triu, torch.triu,
     F.pixel_shuffle, F.pixel_unshuffle,
+    torch.Tensor.broadcast_to, torch.broadcast_to, torch.Tensor.ravel, torch.ravel,
+    torch.Tensor.rot90, torch.rot90, torch.Tensor.fliplr, torch.fliplr, torch.Tensor.flipud,
+    torch.flipud, torch.Tensor.diag, torch.diag, torch.Tensor.diag_embed, torch.diag_embed,
+    torch.Tensor.trace, torch.trace,
     # indices and masks kept constant (the op on each slot, vmapped)
     torch.Tensor.gather, torch.gather, torch.Tensor.index_select, torch.index_select,
-    torch.Tensor.take_along_dim, torch.take_along_dim, F.channel_shuffle, F.unfold, F.fold,
+    torch.Tensor.take_along_dim, torch.take_along_dim, torch.Tensor.take, torch.take,
+    F.channel_shuffle, F.unfold, F.fold,
     # the 1-d average pools (the 2-d ones have rules of their own)
     F.avg_pool1d, F.adaptive_avg_pool1d,
     # the transposing properties (d.T, d.mT, d.H, d.mH), views as t() is

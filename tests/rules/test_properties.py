@@ -252,7 +252,7 @@ ACTIVATIONS = {
     "celu": lambda v: F.celu(v, 0.5), "hardshrink": F.hardshrink, "softshrink": F.softshrink,
     "logsigmoid": F.logsigmoid, "erf": torch.erf, "sign": torch.sign, "expm1": torch.expm1,
     "log1p_abs": lambda v: torch.log1p(v.abs()), "clamp_min": lambda v: v.clamp_min(0.5),
-    "clamp_max": lambda v: torch.clamp_max(v, 1.5),
+    "clamp_max": lambda v: torch.clamp_max(v, 1.5), "floor": torch.floor, "round": torch.round,
 }
 KINKS = [0.0, 3.0, -3.0, 6.0, -1.0, 2.0, -0.5, 1.5, 0.5]  # of the activations above
 NON_FINITE = [float("nan"), float("inf"), -float("inf")]
@@ -555,12 +555,14 @@ def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_fi
     assert out.directions == (None if direction is None else (direction,))
 
 
-SMOOTH_OPS = {  # rules of their own, and atan, which has none (forward AD on the op)
+SMOOTH_OPS = {  # rules of their own, and asinh, which has none (forward AD on the op)
     "sin": torch.sin, "cos": torch.cos, "cumsum": lambda v: v.cumsum(-1),
     "logsumexp": lambda v: v.logsumexp(-1), "var": lambda v: v.var(-1, correction=0),
     "std": lambda v: v.std(-1, correction=0), "rms_norm": lambda v: F.rms_norm(v, v.shape[-1:]),
-    "cube": lambda v: v ** 3, "exp2": lambda v: 2 ** v, "atan": torch.atan,
-    "torch_exp2": torch.exp2,
+    "cube": lambda v: v ** 3, "exp2": lambda v: 2 ** v, "atan": torch.atan, "asinh": torch.asinh,
+    "torch_exp2": torch.exp2, "tan": lambda v: torch.tan(v * 0.3), "sinh": torch.sinh,
+    "cosh": torch.cosh, "asin": lambda v: torch.asin(torch.tanh(v) * 0.9),
+    "log2": lambda v: torch.log2(v.abs() + 0.5),
 }
 
 
