@@ -175,7 +175,7 @@ def test_fallback_is_reported_and_strict_mode_refuses_it():
     used = {k for k, v in fgkernels.fallback_ops().items() if v > before.get(k, 0)}
     assert "layer_norm" not in used and "gelu" not in used  # both have rules
     with fgkernels.strict_rules(), pytest.raises(TypeError, match="no forward-mode rule"):
-        torch.atan(x)
+        torch.atanh(x)
     with pytest.warns(UserWarning, match="'asinh' has no fgkernels rule"):
         torch.asinh(x)
     assert fgkernels.fallback_ops()["asinh"] == before.get("asinh", 0) + 1
@@ -187,8 +187,8 @@ def test_strict_mode_holds_through_nested_blocks_and_from_the_environment(monkey
         with fgkernels.strict_rules():
             pass
         with pytest.raises(TypeError, match="no forward-mode rule"):
-            torch.atan(x)  # still strict after the inner block
-    torch.atan(x)  # not strict outside
+            torch.atanh(x)  # still strict after the inner block
+    torch.atanh(x)  # not strict outside
     monkeypatch.setenv("FGKERNELS_STRICT", "1")
     with pytest.raises(TypeError, match="no forward-mode rule"):
-        torch.atan(x)
+        torch.atanh(x)

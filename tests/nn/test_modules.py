@@ -256,8 +256,8 @@ def test_bad_tangents_raise():
     with pytest.raises(ValueError, match="labelled"):
         Dual(x, torch.randn(1, *x.shape), directions=[0]) + Dual(x, torch.randn_like(x))
     with fgkernels.strict_rules(), pytest.raises(TypeError,
-                                                 match="no forward-mode rule for 'atan'"):
-        torch.atan(Dual(x, torch.randn_like(x)))
+                                                 match="no forward-mode rule for 'atanh'"):
+        torch.atanh(Dual(x, torch.randn_like(x)))
 
 
 def test_bad_parameter_tangents_raise():
