@@ -2,7 +2,7 @@
 fgkernels and for torch.autograd.forward_ad, by torch.profiler.
 
     python benchmarks/profile_dual_pass.py [--batch 32] [--backend native|triton] [--passes 5]
-                                           [--channels-last] [--top N]
+                                           [--channels-last] [--dtype bfloat16] [--top N]
 
 The convolutions are counted where ATen runs them (the reference and native backends, and
 forward_ad) and, on the triton backend, as the device time of the fused convolution's
@@ -121,15 +121,15 @@ def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
 
 def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int = 5,
                      device: Optional[torch.device] = None, quick: bool = False,
-                     channels_last: bool = False) -> dict:
+                     channels_last: bool = False, dtype: torch.dtype = torch.float32) -> dict:
     """``profile_alternating`` of the fgkernels and the forward_ad loss JVP, and the conv FLOPs
-    of one primal pass (``resnet18_case``'s network and batch; ``backend``: native where built;
-    ``channels_last``: the network and its input so laid out)."""
+    of one primal pass (``resnet18_case``'s network and batch in ``dtype``; ``backend``: native
+    where built; ``channels_last``: the network and its input so laid out)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if backend == "triton" and device.type != "cuda":
         raise ValueError("the triton backend's kernels are profiled on a GPU only (the "
                          "interpreter is no timing)")
-    model, x, y = resnet18_case(quick, batch, torch.float32, device)
+    model, x, y = resnet18_case(quick, batch, dtype, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -158,6 +158,8 @@ def main(argv=None) -> None:
     parser.add_argument("--backend", choices=("reference", "native", "triton"), default=None,
                         help="default: native where built")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the network's and its input's dtype")
     parser.add_argument("--passes", type=int, default=5, help="passes profiled per provider")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--top", type=int, default=0, metavar="N",
@@ -165,14 +167,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the benchmarks time (allocator.py)
     r = profile_resnet18(args.batch, args.backend, args.passes, torch.device(args.device),
-                         channels_last=args.channels_last)
+                         channels_last=args.channels_last, dtype=getattr(torch, args.dtype))
     ours, theirs, device = r["fgkernels"], r["forward_ad"], r["device"]
 
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)
     layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"ResNet-18 loss JVP, batch {args.batch}, float32 {layout}, {device.type} ({where}), "
-          f"mean of {args.passes} profiled passes each, taking turns")
+    print(f"ResNet-18 loss JVP, batch {args.batch}, {args.dtype} {layout}, {device.type} "
+          f"({where}), mean of {args.passes} profiled passes each, taking turns")
     print(f"{'':24}{'total ms':>10}{'conv ms':>10}{'other ms':>10}{'conv GFLOP':>12}"
           f"{'conv GFLOP/s':>14}")
     for name, p in ((f"fgkernels ({r['backend']})", ours), ("forward_ad", theirs)):

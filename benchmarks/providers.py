@@ -98,18 +98,31 @@ def cuda_graphed(fn):
     with torch.cuda.graph(graph):
         out = fn()
     graph.replay()
-    if eager is not None:
-        for part, ours, theirs in zip(("primal", "tangent"), _parts(out), _parts(eager)):
-            err = _relative(ours, theirs.double())
-            if not err <= TOLERANCE[ours.dtype]:
-                raise AssertionError(f"the replayed graph's {part} is off the eager call's by "
-                                     f"{err:.2e}")
+    _check_same_result("the replayed graph", out, eager, TOLERANCE)
 
     def replay():
         graph.replay()
         return out
 
     return replay
+
+
+def check_against_eager(fn, eager_fn) -> None:
+    """``fn``'s result (a compiled pass's) against ``eager_fn``'s, within the dtype's
+    tolerance (TF32's for float32 on CUDA: the two may round their products differently)."""
+    out = fn()
+    tolerance = {**TOLERANCE, torch.float32: TF32_TOLERANCE} \
+        if _parts(out)[0].is_cuda else TOLERANCE
+    _check_same_result("the compiled pass", out, eager_fn(), tolerance)
+
+
+def _check_same_result(what: str, out, eager, tolerance: dict) -> None:
+    if eager is None:
+        return
+    for part, ours, theirs in zip(("primal", "tangent"), _parts(out), _parts(eager)):
+        err = _relative(ours, theirs.double())
+        if not err <= tolerance[ours.dtype]:
+            raise AssertionError(f"{what}'s {part} is off the eager call's by {err:.2e}")
 
 
 def relative_error(out, expected) -> float:

@@ -19,6 +19,7 @@ from cases import resnet18_case
 from conftest import DEVICE
 from providers import (
     backend_of,
+    check_against_eager,
     cuda_graphed,
     fgkernels_providers,
     loss_jvp_forward_ad,
@@ -106,6 +107,31 @@ def test_resnet18_graphed_pass(measure, benchmark, quick, provider, dtype):
         # A replay allocates nothing: the allocator sees no peak worth recording.
         measure(cuda_graphed(calls[name]), f"resnet18 graphed loss JVP b{x.shape[0]} "
                 f"{str(dtype)[6:]}", rounds=3, paired=paired, track_memory=False)
+    benchmark.extra_info["roofline_s"] = _roofline_s(provider, x.shape[0], dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="compiling ResNet-18 takes minutes on a CPU; "
+                    "benchmarks/test_real_models.py times compiled passes there")
+@pytest.mark.parametrize("provider", ["fgkernels-native", "forward_ad", "backprop"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_resnet18_compiled_pass(measure, benchmark, quick, provider, dtype):
+    """The fgkernels loss JVP with the network compiled by ``fgkernels.compile`` (Inductor,
+    fullgraph), against eager forward_ad and an eager backprop step: what a user who turns the
+    compiled mode on gets over the composition in torch. The first call compiles, outside the
+    timing; its result is checked against the eager pass's."""
+    model, x, y, _, tangents, calls = resnet18_calls(quick, 256, dtype)
+    paired = None
+    fn = calls[provider] if provider in calls else None
+    with backend_of(provider):
+        if fn is None:
+            fgkernels.set_tangents(model, tangents)
+            torch._dynamo.reset()
+            compiled = fgkernels.compile(model, fullgraph=True)
+            fn = lambda: F.cross_entropy(compiled(Dual(x)), y)
+            check_against_eager(fn, calls["fgkernels"])
+            paired = {b: calls[b] for b in ("forward_ad", "backprop")}
+        measure(fn, f"resnet18 compiled loss JVP b{x.shape[0]} {str(dtype)[6:]}", rounds=3,
+                paired=paired)
     benchmark.extra_info["roofline_s"] = _roofline_s(provider, x.shape[0], dtype)
 
 

@@ -5,8 +5,12 @@
 #   build    the extension with its CUDA kernels                       (~1.5 min on 16 cores)
 #   smoke    every kernel variant launched a few times, vs forward_ad  (< 1 min)
 #   tests    the Triton, CUDA and mixed-precision tests on the GPU      (~2 min)
-#   bench    layer and ResNet-18 benchmarks with their baselines, the   (~4 min)
-#            network eager and captured in a CUDA graph
+#   bench    the layers' and the network's benchmarks (parts layers and network)
+#   layers   layer benchmarks with their baselines                     (~1.5 min)
+#   network  ResNet-18 benchmarks with their baselines, eager and      (~1.5 min)
+#            captured in a CUDA graph
+#   compiled ResNet-18 compiled by fgkernels.compile against eager     (~2 min)
+#            forward_ad and backprop, its compiles included
 #   profile  where a ResNet-18 dual pass spends its time, its costliest (< 1 min)
 #            kernels
 #   report   the kernel report compiled on this machine (sm_90)        (~1 min on 16 cores)
@@ -18,9 +22,10 @@
 # pytest runs are interrupted a little earlier with SIGINT, so that they still write their
 # results) and writes its results into $OUT (default /tmp/fgkernels-gpu) as it goes; a failing
 # part does not stop the next one, and a part that would start after TOTAL_LIMIT seconds
-# (default 570) is skipped. The summary table comes last. All parts take about 9 minutes on an
-# H200. $OUT holds at most eight files: log.txt (everything printed), smoke.json, tests.xml,
-# bench-layers.json, bench-network.json, profile.txt, report.json, summary.md.
+# (default 570) is skipped. The summary table comes last. All parts take about 11 minutes on
+# an H200. $OUT holds log.txt (everything printed), summary.md and a file per part run:
+# smoke.json, tests.xml, bench-layers.json, bench-network.json, bench-compiled.json,
+# profile.txt, report.json.
 cd "$(dirname "$0")/.." || exit 2
 SELF=scripts/gpu_check.sh
 PY=${PYTHON:-python3}
@@ -95,25 +100,48 @@ tests() {
     tests/test_testing.py tests/train/test_memory.py --junitxml="$OUT/tests.xml"
 }
 
-bench() {
-  # The benchmarks' kernels compiled first, in parallel, into Triton's cache (their launches
-  # bound as the launcher binds them); then the layers and the network, each with its share
-  # of the part's time.
-  local start=$SECONDS
+precompile() {
+  # The benchmarks' kernels compiled in parallel into Triton's cache (their launches bound as
+  # the launcher binds them), before a benchmark waits on them one by one.
+  [[ -n ${PRECOMPILED:-} ]] && return
   limited 45 "$PY" tools/kernel_report.py --matrix resnet18 --arch 90 --json "$(mktemp)" \
     | tail -n 14
+  PRECOMPILED=1
+}
+
+bench() {  # the layers, then the network, each with its share of the part's time
+  local start=$SECONDS
+  precompile
   local left=$(( PART_LIMIT - 20 - (SECONDS - start) ))
-  limited $(( left * 6 / 10 )) "${PYTEST[@]}" benchmarks/test_layers.py -k "conv or bn_relu" \
+  PART_LIMIT=$(( left * 6 / 10 + 20 )) layers
+  PART_LIMIT=$(( PART_LIMIT - (SECONDS - start) )) network
+}
+
+layers() {
+  precompile
+  limited $(( PART_LIMIT - 20 )) "${PYTEST[@]}" benchmarks/test_layers.py -k "conv or bn_relu" \
     --benchmark-json="$OUT/bench-layers.json" --benchmark-columns=median,iqr,rounds
-  left=$(( PART_LIMIT - 20 - (SECONDS - start) ))
-  limited "$left" "${PYTEST[@]}" benchmarks/test_network.py -k "resnet18_dual_pass or graphed" \
-    --benchmark-json="$OUT/bench-network.json" --benchmark-columns=median,iqr,rounds
+}
+
+network() {
+  local start=$SECONDS
+  precompile
+  limited $(( PART_LIMIT - 20 - (SECONDS - start) )) "${PYTEST[@]}" benchmarks/test_network.py \
+    -k "resnet18_dual_pass or graphed" --benchmark-json="$OUT/bench-network.json" \
+    --benchmark-columns=median,iqr,rounds
+}
+
+compiled() {
+  limited $(( PART_LIMIT - 20 )) "${PYTEST[@]}" benchmarks/test_network.py \
+    -k resnet18_compiled_pass --benchmark-json="$OUT/bench-compiled.json" \
+    --benchmark-columns=median,iqr,rounds
 }
 
 profile() {
   : > "$OUT/profile.txt"
-  for backend in native triton; do
-    "$PY" benchmarks/profile_dual_pass.py --batch 256 --backend "$backend" --passes 3 \
+  for run in "native float32" "native bfloat16" "triton float32"; do
+    set -- $run
+    "$PY" benchmarks/profile_dual_pass.py --batch 256 --backend "$1" --dtype "$2" --passes 3 \
       --channels-last --top 8 | tee -a "$OUT/profile.txt"
   done
 }
@@ -126,15 +154,16 @@ if [[ ${1:-} == --in-part ]]; then  # one part's body, run by part() under timeo
 fi
 
 PARTS=("$@")
-(( ${#PARTS[@]} )) || PARTS=(build smoke tests bench profile report)
+(( ${#PARTS[@]} )) || PARTS=(build smoke tests bench compiled profile report)
 STATUS=$(mktemp)  # one line per part: name, exit code, seconds (read by the summary)
 : > "$LOG"
 say "fgkernels GPU check: parts ${PARTS[*]}; results in $OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$LOG"
 for name in "${PARTS[@]}"; do
   case $name in
-    build|smoke|tests|bench|profile|report) part "$name" ;;
-    *) say "unknown part '$name' (build smoke tests bench profile report)"; exit 2 ;;
+    build|smoke|tests|bench|layers|network|compiled|profile|report) part "$name" ;;
+    *) say "unknown part '$name' (build smoke tests bench layers network compiled profile" \
+         "report)"; exit 2 ;;
   esac
 done
 "$PY" scripts/gpu_summary.py "$OUT" "$STATUS" | tee "$OUT/summary.md" | tee -a "$LOG"

@@ -35,6 +35,8 @@ RATIOS = [
     ("resnet18 graphed loss JVP", "fgkernels-native", "forward_ad", 0.85),
     ("resnet18 graphed loss JVP", "fgkernels-triton", "backprop", 1.0),
     ("resnet18 graphed loss JVP", "fgkernels-native", "backprop", 1.0),
+    ("resnet18 compiled loss JVP", "fgkernels-native", "forward_ad", 0.85),
+    ("resnet18 compiled loss JVP", "fgkernels-native", "backprop", 1.0),
 ]
 
 
@@ -73,11 +75,15 @@ def part_results(out: Path) -> dict[str, str]:
                                 f"{count['errors']} errors, {count['skipped']} skipped")
         except ET.ParseError:
             results["tests"] = "tests.xml unreadable"
-    benches = [_json(p) for p in sorted(out.glob("bench-*.json"))]
-    benches = [b for b in benches if b]
-    if benches:
-        results["bench"] = " + ".join(f"{len(b['benchmarks'])}" for b in benches) + \
-            " benchmarks"
+    counts = {}
+    for part in ("layers", "network", "compiled"):
+        bench = _json(out / f"bench-{part}.json")
+        if bench:
+            counts[part] = len(bench["benchmarks"])
+            results[part] = f"{counts[part]} benchmarks"
+    if "layers" in counts or "network" in counts:
+        results["bench"] = " + ".join(str(counts[p]) for p in ("layers", "network")
+                                      if p in counts) + " benchmarks"
     profile = out / "profile.txt"
     if profile.exists():
         last = [line for line in profile.read_text().splitlines() if line.strip()]
