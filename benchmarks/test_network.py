@@ -110,25 +110,39 @@ def test_resnet18_graphed_pass(measure, benchmark, quick, provider, dtype):
     benchmark.extra_info["roofline_s"] = _roofline_s(provider, x.shape[0], dtype)
 
 
+# provider -> the torch.compile mode of fgkernels.compile ("reduce-overhead": the compiled
+# graph replayed from CUDA graphs)
+COMPILE_MODES = {"fgkernels-native": None, "fgkernels-native-cudagraphs": "reduce-overhead"}
+
+
 @pytest.mark.skipif(not CUDA, reason="compiling ResNet-18 takes minutes on a CPU; "
                     "benchmarks/test_real_models.py times compiled passes there")
-@pytest.mark.parametrize("provider", ["fgkernels-native", "forward_ad", "backprop"])
+@pytest.mark.parametrize("provider", [*COMPILE_MODES, "forward_ad", "backprop"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_resnet18_compiled_pass(measure, benchmark, quick, provider, dtype):
-    """The fgkernels loss JVP with the network compiled by ``fgkernels.compile`` (Inductor,
-    fullgraph), against eager forward_ad and an eager backprop step: what a user who turns the
-    compiled mode on gets over the composition in torch. The first call compiles, outside the
-    timing; its result is checked against the eager pass's."""
+    """The fgkernels loss JVP (under ``no_grad``, as a forward-gradient step runs it) with the
+    network compiled by ``fgkernels.compile`` (Inductor, fullgraph; with CUDA graphs too),
+    against eager forward_ad and an eager backprop step: what a user who turns the compiled
+    mode on gets over the composition in torch. The first calls compile and record, outside
+    the timing; the result is checked against the eager pass's."""
     model, x, y, _, tangents, calls = resnet18_calls(quick, 256, dtype)
     paired = None
-    fn = calls[provider] if provider in calls else None
+    fn = calls.get(provider)
     with backend_of(provider):
         if fn is None:
             fgkernels.set_tangents(model, tangents)
             torch._dynamo.reset()
-            compiled = fgkernels.compile(model, fullgraph=True)
-            fn = lambda: F.cross_entropy(compiled(Dual(x)), y)
+            torch._dynamo.utils.counters.clear()
+            compiled = fgkernels.compile(model, fullgraph=True, mode=COMPILE_MODES[provider])
+
+            @torch.no_grad()
+            def fn():
+                return F.cross_entropy(compiled(Dual(x)), y)
+
             check_against_eager(fn, calls["fgkernels"])
+            # Inductor's reasons for running a graph without CUDA graphs, if any
+            benchmark.extra_info["cudagraph_skips"] = \
+                dict(torch._dynamo.utils.counters["inductor"]).get("cudagraph_skips", 0)
             paired = {b: calls[b] for b in ("forward_ad", "backprop")}
         measure(fn, f"resnet18 compiled loss JVP b{x.shape[0]} {str(dtype)[6:]}", rounds=3,
                 paired=paired)

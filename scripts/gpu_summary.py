@@ -37,6 +37,8 @@ RATIOS = [
     ("resnet18 graphed loss JVP", "fgkernels-native", "backprop", 1.0),
     ("resnet18 compiled loss JVP", "fgkernels-native", "forward_ad", 0.85),
     ("resnet18 compiled loss JVP", "fgkernels-native", "backprop", 1.0),
+    ("resnet18 compiled loss JVP", "fgkernels-native-cudagraphs", "forward_ad", 0.85),
+    ("resnet18 compiled loss JVP", "fgkernels-native-cudagraphs", "backprop", 1.0),
 ]
 
 
