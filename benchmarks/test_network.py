@@ -144,8 +144,10 @@ def test_resnet18_compiled_pass(measure, benchmark, quick, provider, dtype):
             benchmark.extra_info["cudagraph_skips"] = \
                 dict(torch._dynamo.utils.counters["inductor"]).get("cudagraph_skips", 0)
             paired = {b: calls[b] for b in ("forward_ad", "backprop")}
+        # A pass replayed from CUDA graphs takes its memory from the graphs' own pool, which
+        # the allocator's peak does not see: no figure rather than a wrong one.
         measure(fn, f"resnet18 compiled loss JVP b{x.shape[0]} {str(dtype)[6:]}", rounds=3,
-                paired=paired)
+                paired=paired, track_memory=COMPILE_MODES.get(provider) != "reduce-overhead")
     benchmark.extra_info["roofline_s"] = _roofline_s(provider, x.shape[0], dtype)
 
 
