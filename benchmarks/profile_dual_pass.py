@@ -3,6 +3,7 @@ fgkernels and for torch.autograd.forward_ad, by torch.profiler.
 
     python benchmarks/profile_dual_pass.py [--batch 32] [--backend native|triton] [--passes 5]
                                            [--channels-last] [--dtype bfloat16] [--top N]
+                                           [--python N]
 
 The convolutions are counted where ATen runs them (the reference and native backends, and
 forward_ad) and, on the triton backend, as the device time of the fused convolution's
@@ -16,12 +17,16 @@ the convolutions took no time. A large GEMM's FLOP rate is printed for scale.
 ``--top N`` adds, per provider, the time the device was busy (the sum of its kernels' own
 times: a pass far longer than that waits on the host), the kernels it launched, the
 host-device synchronisations it made, and the N operations that took the most device time
-(CPU time without a GPU).
+(CPU time without a GPU). ``--python N`` adds, per provider, the N functions (Python, and C
+builtins such as the ops' entry points) where the host spends the most time, by cProfile.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -145,11 +150,35 @@ def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int
         with fgkernels.use_backend(backend):
             return F.cross_entropy(model(Dual(x)), y)
 
-    r = profile_alternating(
-        {"fgkernels": ours,
-         "forward_ad": lambda: loss_jvp_forward_ad(model, params, tangents, x, y)},
-        device, passes)
-    return {"backend": backend, "device": device, "primal_gflop": primal["gflop"], **r}
+    calls = {"fgkernels": ours,
+             "forward_ad": lambda: loss_jvp_forward_ad(model, params, tangents, x, y)}
+    r = profile_alternating(calls, device, passes)
+    return {"backend": backend, "device": device, "primal_gflop": primal["gflop"],
+            "calls": calls, **r}
+
+
+def python_profile(fn, device: torch.device, passes: int, top: int) -> list[str]:
+    """Where the host's time in ``passes`` calls of ``fn`` goes, by cProfile: the ``top``
+    functions by own time (a builtin's is the C code it runs: an op's dispatch and, on a GPU,
+    its launches), per call of ``fn``. cProfile slows Python calls more than C ones."""
+    fn()
+    _sync(device)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(passes):
+        fn()
+    profiler.disable()
+    _sync(device)
+    wall = (time.perf_counter() - start) / passes
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    lines = [f"  host, profiled: {wall * 1e3:.1f} ms a pass; own ms a pass, calls a pass, "
+             "function"]
+    for (path, line, name), (_, calls, own, _, _) in rows:
+        where = name if path == "~" else f"{'/'.join(Path(path).parts[-2:])}:{line} {name}"
+        lines.append(f"  {own / passes * 1e3:8.3f} {calls / passes:7.0f}  {where[:90]}")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -164,6 +193,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--top", type=int, default=0, metavar="N",
                         help="also print each provider's N costliest operations")
+    parser.add_argument("--python", type=int, default=0, metavar="N",
+                        help="also print each provider's N Python and C functions that take "
+                        "the most host time (cProfile)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the benchmarks time (allocator.py)
     r = profile_resnet18(args.batch, args.backend, args.passes, torch.device(args.device),
@@ -193,6 +225,10 @@ def main(argv=None) -> None:
                   "synchronisations or copies per pass")
             for key, ms in sorted(p["own_ms"].items(), key=lambda kv: -kv[1])[:args.top]:
                 print(f"  {ms:9.2f} ms  {key[:100]}")
+    if args.python:
+        for name, fn in r["calls"].items():
+            print(f"{name}: the host's time by function")
+            print("\n".join(python_profile(fn, device, args.passes, args.python)))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@
 #            captured in a CUDA graph
 #   compiled ResNet-18 compiled by fgkernels.compile against eager     (~2 min)
 #            forward_ad and backprop, its compiles included
-#   profile  where a ResNet-18 dual pass spends its time, its costliest (< 1 min)
-#            kernels
+#   profile  where a ResNet-18 dual pass spends its time, its costliest (~1 min)
+#            kernels, and where its host time goes
 #   report   the kernel report compiled on this machine (sm_90)        (~1 min on 16 cores)
 #
 #   scripts/gpu_check.sh                 # all parts
@@ -139,10 +139,11 @@ compiled() {
 
 profile() {
   : > "$OUT/profile.txt"
-  for run in "native float32" "native bfloat16" "triton float32"; do
+  # The native passes also by host function (cProfile): where an eager pass's host time goes.
+  for run in "native float32 25" "native bfloat16 25" "triton float32 0"; do
     set -- $run
     "$PY" benchmarks/profile_dual_pass.py --batch 256 --backend "$1" --dtype "$2" --passes 3 \
-      --channels-last --top 8 | tee -a "$OUT/profile.txt"
+      --channels-last --top 8 --python "$3" | tee -a "$OUT/profile.txt"
   done
 }
 
