@@ -117,20 +117,6 @@ inline at::Tensor stat_shifts(const DualInput& in) {
   return first.mean(at::IntArrayRef{0, 2}, /*keepdim=*/false, acc_type(in.x));
 }
 
-// The batch statistics from sums (2 + 2T, C) in double, shifted by k (C): rows
-// S1 = Σ(x-k), S2 = Σ(x-k)², then per slot St1 = Σxt, St2 = Σ(x-k)xt. Over n values:
-//   mean = k + S1/n, var = S2/n - (S1/n)², tangent mean = St1/n, cov = St2/n - (S1/n)(St1/n).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_sums(
-    const DualInput& in, const at::Tensor& sums, const at::Tensor& k) {
-  const auto mean_sums = sums / static_cast<double>(in.outer * in.inner);
-  const auto d1 = mean_sums[0];
-  const auto tsums = mean_sums.narrow(0, 2, 2 * in.T).view({in.T, 2, in.channels});
-  const auto tmean = tsums.select(1, 0);
-  const auto acc = acc_type(in.x);
-  return {(k + d1).to(acc), (mean_sums[1] - d1 * d1).clamp_min(0).to(acc), tmean.to(acc),
-          (tsums.select(1, 1) - d1 * tmean).to(acc)};
-}
-
 // The dtype of the apply's output slots: tangent_dtype when given (it must then be xt's, if
 // any), else xt's, else x's.
 inline at::ScalarType output_tangent_type(const DualInput& in,

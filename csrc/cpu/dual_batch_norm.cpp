@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../batch_norm_common.h"
+#include "../bn_stats_finalize.h"
 #include "../dual_types.h"
 #include "isa.h"
 
@@ -90,12 +91,12 @@ FGK_CPU_KERNEL void row_tangent_sums(const scalar_t* __restrict x, const tangent
   }
 }
 
-// The statistics of stats_from_sums from the block partials ``part`` (blocks, 2 + 2T, C) of
-// sums shifted by k: mean, var (C,) and tmean, tcov (T, C) in acc_t, every sum in double.
+// The statistics from the block partials ``part`` (blocks, 2 + 2T, C) of sums shifted by k:
+// mean, var (C,) and tmean, tcov (T, C) in acc_t (finalize_bn_stats_channel).
 template <typename acc_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
     const DualInput& in, const std::vector<acc_t>& k, const double* part, int64_t blocks) {
-  const int64_t C = in.channels, T = in.T, quantities = 2 + 2 * T, width = quantities * C;
+  const int64_t C = in.channels, T = in.T;
   const at::TensorOptions options =
       in.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor mean = at::empty({C}, options), var = at::empty({C}, options);
@@ -103,22 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
   acc_t *m = mean.data_ptr<acc_t>(), *v = var.data_ptr<acc_t>();
   acc_t *tm = tmean.data_ptr<acc_t>(), *tc = tcov.data_ptr<acc_t>();
   const double n = static_cast<double>(in.outer * in.inner);
-  std::vector<double> sums(quantities);
   for (int64_t c = 0; c < C; ++c) {
-    std::fill(sums.begin(), sums.end(), 0.0);
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int64_t q = 0; q < quantities; ++q) sums[q] += part[b * width + q * C + c];
-    }
-    // With the shift k: mean = k + d1, var = Σ(x-k)²/n - d1² (clamped at 0; a NaN stays),
-    // mean(ẋ) = Σẋ/n, mean((x - mean)·ẋ) = Σ(x-k)·ẋ/n - d1·mean(ẋ).
-    const double d1 = sums[0] / n, spread = sums[1] / n - d1 * d1;
-    m[c] = static_cast<acc_t>(static_cast<double>(k[c]) + d1);
-    v[c] = static_cast<acc_t>(spread < 0 ? 0.0 : spread);
-    for (int64_t t = 0; t < T; ++t) {
-      const double t_mean = sums[2 + 2 * t] / n;
-      tm[t * C + c] = static_cast<acc_t>(t_mean);
-      tc[t * C + c] = static_cast<acc_t>(sums[3 + 2 * t] / n - d1 * t_mean);
-    }
+    finalize_bn_stats_channel(part, blocks, C, T, c, n, static_cast<double>(k[c]), m, v, tm, tc);
   }
   return {mean, var, tmean, tcov};
 }
@@ -144,8 +131,8 @@ std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
   return k;
 }
 
-// Shifted sums per channel (see stats_from_sums; the shift k from shifts()): keeps Σ(x-k)²
-// free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
+// Shifted sums per channel (see finalize_bn_stats_channel; the shift k from shifts()): keeps
+// Σ(x-k)² free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
 // Blocks of outer rows run in parallel, each walking its memory in order (a whole row of
 // channels at a time). NCHW: every (quantity, channel) keeps kLanes partials; channels_last:
 // one partial per (quantity, channel), the inner loops running over the contiguous channels.

@@ -1,9 +1,11 @@
-// Dual batch norm on CUDA: a statistics kernel writing per-split partial sums, and an apply
-// kernel writing the primal and every tangent slot in one pass.
+// Dual batch norm on CUDA: a statistics kernel writing per-split partial sums, a finalize kernel
+// reducing them to the statistics, and an apply kernel writing the primal and every tangent
+// slot in one pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../bn_stats_finalize.h"
 #include "dispatch.cuh"
 
 namespace fgkernels {
@@ -170,6 +172,20 @@ __global__ void bn_apply_kernel(BNApplyParams p) {
   }
 }
 
+// One thread per channel: its statistics from the splits' partial sums, in double.
+template <typename A>
+__global__ void bn_stats_finalize_kernel(BNStatsParams p) {
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (c >= p.layout.channels) return;
+  const double n = static_cast<double>(p.layout.outer * p.layout.inner);
+  finalize_bn_stats_channel(static_cast<const A*>(p.partial), p.splits, p.layout.channels,
+                            p.slots, c, n, static_cast<double>(static_cast<const A*>(p.shift)[c]),
+                            static_cast<A*>(p.mean), static_cast<A*>(p.var),
+                            static_cast<A*>(p.tmean), static_cast<A*>(p.tcov));
+}
+
+constexpr int kFinalizeThreads = 128;
+
 template <typename T, typename TT>
 int stats(const BNStatsParams& p, cudaStream_t stream) {
   if (p.layout.inner == 1) {
@@ -180,6 +196,11 @@ int stats(const BNStatsParams& p, cudaStream_t stream) {
     dim3 grid(p.layout.channels, p.splits, 1 + p.slots);
     bn_stats_kernel<T, TT><<<grid, kThreads, 0, stream>>>(p);
   }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = (p.layout.channels + kFinalizeThreads - 1) / kFinalizeThreads;
+  bn_stats_finalize_kernel<typename Acc<T>::type>
+      <<<static_cast<unsigned>(blocks), kFinalizeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -27,15 +27,20 @@ struct Layout {
   int64_t outer, channels, inner;
 };
 
-// Per-split partial sums of the batch-norm statistics, shift k_c = the channel's first value:
+// The batch-norm statistics in two kernels: per-split partial sums shifted by k,
 //   partial[s][0][c] = Σ(x-k), partial[s][1][c] = Σ(x-k)², and for slot t
-//   partial[s][2+2t][c] = Σ xt_t, partial[s][3+2t][c] = Σ (x-k) xt_t.
-// Accumulation type: double for double inputs, float otherwise.
+//   partial[s][2+2t][c] = Σ xt_t, partial[s][3+2t][c] = Σ (x-k) xt_t,
+// then, per channel, the statistics from them (finalize_bn_stats_channel). Accumulation type
+// (partial, shift and the four outputs): double for double inputs, float otherwise.
 struct BNStatsParams {
   const void* x;
   const void* xt;     // nullptr when slots == 0
-  const void* shift;  // [C] in the accumulation type: the sums' shift k (stat_shifts)
-  void* partial;      // [splits, 2 + 2 * slots, C]
+  const void* shift;  // [C]: the sums' shift k (stat_shifts)
+  void* partial;      // [splits, 2 + 2 * slots, C]: workspace
+  void* mean;         // [C]
+  void* var;          // [C]: biased
+  void* tmean;        // [slots, C]: mean(xt_t)
+  void* tcov;         // [slots, C]: mean((x - mean) xt_t)
   Layout layout;
   int64_t slots, splits;
   DType dtype, tangent_dtype;

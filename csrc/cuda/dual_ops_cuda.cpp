@@ -26,14 +26,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
   const int64_t splits = in.inner == 1
       ? std::clamp<int64_t>(in.outer / cuda::kStatsSplitRowsChannelsLast, 1, 65535)
       : std::clamp<int64_t>(count / cuda::kStatsSplitElements, 1, 1024);
-  auto partial = at::empty({splits, 2 + 2 * in.T, in.channels},
-                           in.x.options().dtype(acc_type(in.x)));
+  const auto options = in.x.options().dtype(acc_type(in.x));
+  auto partial = at::empty({splits, 2 + 2 * in.T, in.channels}, options);
+  auto mean = at::empty({in.channels}, options), var = at::empty({in.channels}, options);
+  auto tmean = at::empty({in.T, in.channels}, options);
+  auto tcov = at::empty({in.T, in.channels}, options);
   const at::Tensor k = stat_shifts(in);
-  cuda::BNStatsParams p{in.x.const_data_ptr(), in.T ? in.xt.const_data_ptr() : nullptr,
-                        k.const_data_ptr(), partial.mutable_data_ptr(), layout_of(in), in.T,
-                        splits, dtype_of(in.x.scalar_type()), dtype_of(in.tangent_type)};
+  cuda::BNStatsParams p{};
+  p.x = in.x.const_data_ptr();
+  p.xt = in.T ? in.xt.const_data_ptr() : nullptr;
+  p.shift = k.const_data_ptr();
+  p.partial = partial.mutable_data_ptr();
+  p.mean = mean.mutable_data_ptr();
+  p.var = var.mutable_data_ptr();
+  p.tmean = tmean.mutable_data_ptr();
+  p.tcov = tcov.mutable_data_ptr();
+  p.layout = layout_of(in);
+  p.slots = in.T;
+  p.splits = splits;
+  p.dtype = dtype_of(in.x.scalar_type());
+  p.tangent_dtype = dtype_of(in.tangent_type);
   FGK_CHECK_LAUNCH(cuda::launch_bn_stats(p, current_stream(in.x)), "dual_bn_stats");
-  return stats_from_sums(in, partial.sum(0, /*keepdim=*/false, at::kDouble), k);
+  return {mean, var, tmean, tcov};
 }
 
 void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor& center,
