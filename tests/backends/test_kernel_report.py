@@ -122,6 +122,8 @@ def test_cuda_kernels_compile_without_spills():
                  "relu_kernel"):
         for t in ("float", "double", "bf16", "half", "float,bf16", "float,half", "double,float"):
             assert f"{name}<{t}>" in kernels, sorted(kernels)
+    for t in ("float", "double"):  # the statistics from the partial sums, per accumulation type
+        assert f"bn_stats_finalize_kernel<{t}>" in kernels, sorted(kernels)
     assert all(not r.error and r.spill_bytes == 0 and r.registers > 0 for r in found), found
 
 
