@@ -776,6 +776,10 @@ def test_fgkernels_compile_reports_its_backends_config():
     for config in (run.get_compiler_config(), run.compiled.get_compiler_config()):
         assert config["cpp_wrapper"] is True
     assert fgkernels.compile(torch.nn.ReLU()).get_compiler_config()["cpp_wrapper"] is False
+    # the GPU recipe: the compiled pass replayed from CUDA graphs
+    graphs = fgkernels.compile(torch.nn.ReLU(), mode="reduce-overhead").get_compiler_config()
+    assert graphs["triton.cudagraphs"] is True
+    assert fgkernels.compile(torch.nn.ReLU()).get_compiler_config()["triton.cudagraphs"] is False
     assert fgkernels.compile(torch.nn.ReLU(), backend="eager").get_compiler_config() is None
 
 
