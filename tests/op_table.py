@@ -149,6 +149,39 @@ def _rearrangements(x, w):
         + torch.diag(a).sum() + torch.diag_embed(w)[:4] + torch.trace(a)
 
 
+def _recurrent_layers(x, w):
+    """torch.lstm (two layers, both directions, initial states from x), torch.gru and the two
+    plain RNNs (one without biases, one batch first) on x (L, N, 4), every weight cut from w
+    (12, 4): hidden size 3."""
+    h = torch.tanh(x[0, :, :3])
+    lstm = []
+    for layer in range(2):
+        for sign in (1.0, -0.5):
+            w_ih = w if layer == 0 else torch.cat([w, w[:, :2]], 1)
+            lstm += [w_ih * sign, w[:, :3] * 0.5, w[:, 0], w[:, 1] * sign]
+    states = torch.stack([h, -h, h * 0.5, h * 0.3])
+    out, h_n, c_n = torch.lstm(x, (states, states * 0.7), lstm, True, 2, 0.0, False, True,
+                               False)
+    gru, gru_h = torch.gru(x, h[None], [w[:9], w[:9, :3], w[:9, 2], w[:9, 3]], True, 1, 0.0,
+                           False, False, False)
+    tanh, _ = torch.rnn_tanh(x.transpose(0, 1), h[None], [w[:3], w[:3, :3]], False, 1, 0.0,
+                             False, False, True)
+    relu, _ = torch.rnn_relu(x, h[None], [w[3:6], w[3:6, :3], w[6:9, 0], w[6:9, 1]], True, 1,
+                             0.0, False, False, False)
+    return torch.cat([t.flatten() for t in (out, h_n, c_n, gru, gru_h, tanh, relu)])
+
+
+def _on_composite_rnn_kernels(x, w):
+    """``_recurrent_layers`` on torch's composite RNN kernels: oneDNN's, which torch takes in
+    float32 and bfloat16 on the CPU, has no forward-mode derivative."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return _recurrent_layers(x, w)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
 @dataclass(frozen=True)
 class OpCase:
     """``fn(x, w)`` on inputs of ``x_shape`` and ``w_shape``; ``ref`` the oracle's function
@@ -410,6 +443,8 @@ OPS = {
     "probability_losses": OpCase(_probability_losses, (4, 6), (6,)),
     "trig_hyperbolic_logs": OpCase(_trig_hyperbolic_logs, (4, 6), (6,)),
     "rearrangements": OpCase(_rearrangements, (4, 6), (6,)),
+    "recurrent_layers": OpCase(_recurrent_layers, (3, 2, 4), (12, 4),
+                               ref=_on_composite_rnn_kernels),
     "attention_causal": OpCase(
         lambda x, w: F.scaled_dot_product_attention(x, x * w, x, is_causal=True),
         (2, 3, 5, 4), (4,), ref=lambda x, w: math_attention(x, x * w, x, causal=True)),

@@ -29,6 +29,19 @@ class _MaxPoolIndices(nn.Module):
         return 2 * y
 
 
+class _SequenceOutput(nn.Module):
+    """A recurrent layer's output sequence, its final states folded in (one tensor out)."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        out, states = self.rnn(x)
+        h = states[0] if isinstance(states, tuple) else states
+        return out * h.sum()
+
+
 def _conv_bn(mode="zeros", **bn):
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(4, **bn),
                          nn.ReLU())
@@ -90,6 +103,12 @@ LAYERS = {
     "activation_layers": (lambda: nn.Sequential(
         nn.Linear(4, 4), nn.Hardswish(), nn.Hardsigmoid(), nn.SiLU(), nn.GELU("tanh"),
         nn.Mish(), nn.Sigmoid(), nn.Tanh(), nn.PReLU()), (3, 4)),
+    # p = 1 between layers: the second layer sees zeros, as in torch (the last layer keeps its
+    # output); the same pass whichever mask a p < 1 draws
+    "lstm_dropout_between_layers": (lambda: _SequenceOutput(
+        nn.LSTM(4, 3, num_layers=2, dropout=1.0)), (5, 2, 4)),
+    "gru_bidirectional_batch_first": (lambda: _SequenceOutput(
+        nn.GRU(4, 3, bidirectional=True, batch_first=True)), (2, 5, 4)),
     "conv_transpose_pixel_shuffle": (lambda: nn.Sequential(
         nn.ConvTranspose2d(3, 8, 3, stride=2, padding=1, output_padding=1),
         nn.PixelShuffle(2)), (2, 3, 3, 3)),
@@ -203,3 +222,22 @@ def test_drawn_conv_blocks_converted(case, backend, seed):
         out = dual(Dual(x, xt))
     plain(x)
     _assert_as_forward_ad_and_plain(out, (y, yt), dual, plain)
+
+
+def test_float32_lstm_where_torchs_forward_mode_fails():
+    """nn.LSTM in float32 on the CPU runs oneDNN's kernel, which has no forward-mode
+    derivative: forward_ad raises there. The dual pass gives the float64 oracle's output and
+    tangents within float32's rounding."""
+    torch.manual_seed(0)
+    layer = _SequenceOutput(nn.LSTM(4, 3, num_layers=2, bidirectional=True))
+    x, xt = torch.randn(5, 2, 4), torch.randn(2, 5, 2, 4)
+    tangents = {n: torch.randn(2, *p.shape) for n, p in layer.named_parameters()}
+    if torch.backends.mkldnn.is_available():
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            torch_jvp_multi(layer, x, xt, tangents)
+    y, yt = torch_jvp_multi(copy.deepcopy(layer).double(), x.double(), xt.double(),
+                            {n: t.double() for n, t in tangents.items()})
+    fgkernels.set_tangents(layer, tangents)
+    out = layer(Dual(x, xt))
+    torch.testing.assert_close(out.primal.double(), y, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.tangents.double(), yt, rtol=1e-4, atol=1e-5)

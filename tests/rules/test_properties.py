@@ -555,6 +555,62 @@ def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_fi
     assert out.directions == (None if direction is None else (direction,))
 
 
+class _Recurrent(nn.Module):
+    """An nn.LSTM, nn.GRU or nn.RNN called with its initial states as separate arguments (an
+    LSTM's (h, c) as two), so that the oracle sees every input tensor."""
+
+    def __init__(self, mode: str, bias: bool, layers: int, bidirectional: bool,
+                 batch_first: bool, proj: bool):
+        super().__init__()
+        common = dict(num_layers=layers, bias=bias, bidirectional=bidirectional,
+                      batch_first=batch_first)
+        if mode == "LSTM":
+            self.rnn = nn.LSTM(4, 3, proj_size=2 if proj else 0, **common)
+        elif mode == "GRU":
+            self.rnn = nn.GRU(4, 3, **common)
+        else:
+            self.rnn = nn.RNN(4, 3, nonlinearity="tanh" if mode == "RNN_TANH" else "relu",
+                              **common)
+
+    def forward(self, x, *states):
+        if not states:
+            return self.rnn(x)
+        return self.rnn(x, states if isinstance(self.rnn, nn.LSTM) else states[0])
+
+
+@PROFILE
+@given(mode=st.sampled_from(["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]), bias=st.booleans(),
+       layers=st.integers(1, 2), bidirectional=st.booleans(), batch_first=st.booleans(),
+       proj=st.booleans(), batched=st.booleans(), states=st.booleans(), T=slots,
+       length=st.integers(1, 4), n=st.integers(1, 3), seed=st.integers(0, 99))
+def test_recurrent_layers(mode, bias, layers, bidirectional, batch_first, proj, batched, states,
+                          T, length, n, seed):
+    """nn.LSTM, nn.GRU and nn.RNN (tanh, relu) of drawn depth, directions, biases, projection
+    and layout, batched or not, with initial states that carry tangents or none: the output
+    and the final states, every slot, against forward_ad, on rules alone."""
+    from fgkernels.rules.fallback import strict_rules
+    from fgkernels.testing import model_jvp
+    torch.manual_seed(seed)
+    model = _Recurrent(mode, bias, layers, bidirectional, batch_first, proj).double()
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64)
+    tangents = {name: draw(T, *p.shape) for name, p in model.named_parameters()}
+    args = [draw(*(((n, length) if batch_first else (length, n)) if batched else (length,)), 4)]
+    if states:
+        lead = (layers * (2 if bidirectional else 1),) + ((n,) if batched else ())
+        args.append(draw(*lead, 2 if mode == "LSTM" and proj else 3))
+        if mode == "LSTM":
+            args.append(draw(*lead, 3))
+    arg_tangents = [draw(T, *a.shape) for a in args]
+    y, yt = model_jvp(model, args, arg_tangents, tangents)
+    # (output, h_n[, c_n]) of primals and of tangents: as pairs, the order of the Duals' parts
+    expected = [v for pair in zip(*map(torch.utils._pytree.tree_leaves, (y, yt))) for v in pair]
+    fgkernels.set_tangents(model, tangents)
+    with strict_rules():
+        out = model(*map(Dual, args, arg_tangents))
+    _close(out, expected)
+
+
 SMOOTH_OPS = {  # rules of their own, and asinh, which has none (forward AD on the op)
     "sin": torch.sin, "cos": torch.cos, "cumsum": lambda v: v.cumsum(-1),
     "logsumexp": lambda v: v.logsumexp(-1), "var": lambda v: v.var(-1, correction=0),
