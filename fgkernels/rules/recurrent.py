@@ -11,8 +11,10 @@ for the whole sequence) and the hidden part gₕ = h Wₕₕᵀ + bₕₕ of eac
 Layers stack as torch stacks them (the reverse direction reads the sequence backwards; its
 outputs sit beside the forward ones), with dropout on every layer's output but the last when
 training (drawn by the dropout rule: the same distribution as torch's, not its draw). torch's
-forward mode has no derivative for the fused kernels (oneDNN's float32 CPU LSTM, cuDNN's RNNs),
-so forward_ad fails there; these rules need none. Packed sequences take the forward-AD fallback.
+forward mode has no derivative for oneDNN's kernel, which a float32 LSTM takes on the CPU, so
+forward_ad fails there; these rules need none. The packed-sequence forms take the forward-AD
+fallback (packing itself has no forward-mode derivative in torch, so such a pass fails as
+forward_ad does).
 """
 from __future__ import annotations
 
