@@ -105,43 +105,28 @@ def _recurrent(mode: str, input, hx, params: Sequence, has_biases: bool, num_lay
     return output, torch.stack(h_n)
 
 
-def _packed(args: tuple, hx_at: int) -> bool:
-    """True for the packed-sequence form (data, batch_sizes, hx, params, ...): its argument at
-    ``hx_at`` (where the padded form has its states, or its weights) is of the other kind."""
-    return len(args) > hx_at and not isinstance(args[hx_at], (list, tuple))
+def _packed(args: tuple, list_at: int) -> bool:
+    """True for the packed-sequence form (data, batch_sizes, hx, params, ...), which has a
+    tensor at ``list_at``, where the padded form passes a tuple or list (an LSTM's states, the
+    other layers' weights)."""
+    return len(args) > list_at and not isinstance(args[list_at], (list, tuple))
 
 
-@implements(torch.lstm)
-@torch.no_grad()
-def lstm(*args, **kwargs):
-    """Dual ``torch.lstm`` (``nn.LSTM``): ``(output, h_n, c_n)``."""
-    if _packed(args, 1):
-        return forward_ad_fallback(torch.lstm, args, kwargs)
-    return _recurrent("LSTM", *args, **kwargs)
+def _rule(func, mode: str, list_at: int, returns: str):
+    """The rule of ``func`` (torch.lstm, torch.gru, ...): its padded form unrolled
+    (``_recurrent``), its packed form on the fallback."""
+
+    @torch.no_grad()
+    def rule(*args, **kwargs):
+        if _packed(args, list_at):
+            return forward_ad_fallback(func, args, kwargs)
+        return _recurrent(mode, *args, **kwargs)
+
+    rule.__doc__ = f"Dual ``torch.{func.__name__}``: ``{returns}``."
+    return implements(func)(rule)
 
 
-@implements(torch.gru)
-@torch.no_grad()
-def gru(*args, **kwargs):
-    """Dual ``torch.gru`` (``nn.GRU``): ``(output, h_n)``."""
-    if _packed(args, 2):
-        return forward_ad_fallback(torch.gru, args, kwargs)
-    return _recurrent("GRU", *args, **kwargs)
-
-
-@implements(torch.rnn_tanh)
-@torch.no_grad()
-def rnn_tanh(*args, **kwargs):
-    """Dual ``torch.rnn_tanh`` (``nn.RNN``): ``(output, h_n)``."""
-    if _packed(args, 2):
-        return forward_ad_fallback(torch.rnn_tanh, args, kwargs)
-    return _recurrent("RNN_TANH", *args, **kwargs)
-
-
-@implements(torch.rnn_relu)
-@torch.no_grad()
-def rnn_relu(*args, **kwargs):
-    """Dual ``torch.rnn_relu`` (``nn.RNN(nonlinearity="relu")``): ``(output, h_n)``."""
-    if _packed(args, 2):
-        return forward_ad_fallback(torch.rnn_relu, args, kwargs)
-    return _recurrent("RNN_RELU", *args, **kwargs)
+lstm = _rule(torch.lstm, "LSTM", 1, "(output, h_n, c_n)")
+gru = _rule(torch.gru, "GRU", 2, "(output, h_n)")
+rnn_tanh = _rule(torch.rnn_tanh, "RNN_TANH", 2, "(output, h_n)")
+rnn_relu = _rule(torch.rnn_relu, "RNN_RELU", 2, "(output, h_n)")
