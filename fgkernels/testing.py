@@ -77,11 +77,28 @@ def reads_padding_only(size: int, kernel: int, stride: int, padding: int,
                    for o in range(out) for j in range(kernel))
 
 
+# torch's recurrent functions, as torch.nn's RNN layers call them (``torch._VF.<name>``)
+_RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+def _on_composite_kernels(func: Callable) -> Callable:
+    """``func`` run with oneDNN off: on torch's composite CPU kernels."""
+    def call(*args, **kwargs):
+        enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            torch._C._set_mkldnn_enabled(enabled)
+    return call
+
+
 @contextlib.contextmanager
 def oracle_mode(exact_hardsigmoid: bool = False) -> Iterator[None]:
     """forward_ad where torch's own kernels have no forward-mode derivative: attention by its
     math kernel (the fused CPU kernel has none), weight normalisation written out as
-    ``g·v/‖v‖`` (its fused kernel has none).
+    ``g·v/‖v‖`` (its fused kernel has none), the recurrent layers on torch's composite kernels
+    (oneDNN's, which a float32 or bfloat16 RNN takes on the CPU, has none).
 
     ``exact_hardsigmoid``: hardsigmoid's slope is 1/6 of the input's dtype, as a compiled pass
     computes it (Inductor's decomposition of its derivative). Torch's CPU kernel of that
@@ -94,12 +111,20 @@ def oracle_mode(exact_hardsigmoid: bool = False) -> Iterator[None]:
     if exact_hardsigmoid:
         F.hardsigmoid = _hardsigmoid_of_exact_slope
     torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel has no forward AD
+    patched = {name: torch._VF.__dict__.get(name) for name in _RECURRENT}
+    for name in _RECURRENT:
+        setattr(torch._VF, name, _on_composite_kernels(getattr(torch._VF, name)))
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
         torch._weight_norm, F.hardsigmoid = fused, hardsigmoid
         torch.backends.mha.set_fastpath_enabled(fast_mha)
+        for name, before in patched.items():
+            if before is None:
+                delattr(torch._VF, name)
+            else:
+                setattr(torch._VF, name, before)
 
 
 _hardsigmoid = F.hardsigmoid

@@ -172,14 +172,10 @@ def _recurrent_layers(x, w):
 
 
 def _on_composite_rnn_kernels(x, w):
-    """``_recurrent_layers`` on torch's composite RNN kernels: oneDNN's, which torch takes in
-    float32 and bfloat16 on the CPU, has no forward-mode derivative."""
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        return _recurrent_layers(x, w)
-    finally:
-        torch._C._set_mkldnn_enabled(enabled)
+    """``_recurrent_layers`` on torch's composite RNN kernels (``oracle_mode``): oneDNN's,
+    which torch takes in float32 and bfloat16 on the CPU, has no forward-mode derivative."""
+    from fgkernels.testing import _on_composite_kernels
+    return _on_composite_kernels(_recurrent_layers)(x, w)
 
 
 @dataclass(frozen=True)

@@ -64,3 +64,18 @@ def test_the_oracle_of_exact_hardsigmoid_slope(inplace):
     torch.testing.assert_close(y, hardsigmoid(x), rtol=0, atol=0, equal_nan=True)
     inside = (x > -3) & (x < 3)
     torch.testing.assert_close(yt, torch.where(inside, t / 6, 0.0), rtol=0, atol=0)
+
+
+def test_the_oracle_runs_recurrent_layers_on_torch_s_composite_kernels():
+    """A float32 LSTM's forward_ad fails on oneDNN's kernel; the oracle takes torch's composite
+    one, with oneDNN on again and torch's functions put back afterwards."""
+    from fgkernels.testing import oracle_mode
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 2)
+    x, t = torch.randn(4, 1, 3), torch.randn(1, 4, 1, 3)
+    (y, _), (yt, _) = model_jvp_in_place(lstm, [x], [t])
+    assert yt.shape == (1, *y.shape) and yt.abs().sum() > 0
+    assert torch._C._get_mkldnn_enabled()
+    assert all(name not in torch._VF.__dict__ for name in ("lstm", "gru", "rnn_tanh"))
+    with oracle_mode():
+        assert torch._VF.__dict__["lstm"] is not torch._C._VariableFunctions.lstm

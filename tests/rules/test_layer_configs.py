@@ -227,7 +227,7 @@ def test_drawn_conv_blocks_converted(case, backend, seed):
 def test_float32_lstm_where_torchs_forward_mode_fails():
     """nn.LSTM in float32 on the CPU runs oneDNN's kernel, which has no forward-mode
     derivative: forward_ad raises there. The dual pass gives the float64 oracle's output and
-    tangents within float32's rounding."""
+    tangents within float32's rounding, and ``compare_with_forward_ad`` checks such a model."""
     torch.manual_seed(0)
     layer = _SequenceOutput(nn.LSTM(4, 3, num_layers=2, bidirectional=True))
     x, xt = torch.randn(5, 2, 4), torch.randn(2, 5, 2, 4)
@@ -241,3 +241,7 @@ def test_float32_lstm_where_torchs_forward_mode_fails():
     out = layer(Dual(x, xt))
     torch.testing.assert_close(out.primal.double(), y, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.tangents.double(), yt, rtol=1e-4, atol=1e-5)
+    # fgkernels.testing's oracle runs torch's layers on its composite kernels: it serves here
+    fgkernels.clear_tangents(layer)
+    errors = compare_with_forward_ad(layer, [x], num_tangents=2)
+    assert errors["primal"] < 1e-6 and errors["tangent"] < 1e-5, errors
