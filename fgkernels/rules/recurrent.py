@@ -12,9 +12,9 @@ Layers stack as torch stacks them (the reverse direction reads the sequence back
 outputs sit beside the forward ones), with dropout on every layer's output but the last when
 training (drawn by the dropout rule: the same distribution as torch's, not its draw). torch's
 forward mode has no derivative for oneDNN's kernel, which a float32 LSTM takes on the CPU, so
-forward_ad fails there; these rules need none. The packed-sequence forms take the forward-AD
-fallback (packing itself has no forward-mode derivative in torch, so such a pass fails as
-forward_ad does).
+forward_ad fails there; these rules need none. The packed-sequence forms are refused with a
+clear error: torch's forward mode has no derivative for packing, nor its functional transforms
+for the packed layers.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 
 from ..dual.value import Dual, implements
-from .fallback import forward_ad_fallback
 from .layers import dropout, linear
 from .operands import as_dual
 
@@ -114,12 +113,15 @@ def _packed(args: tuple, list_at: int) -> bool:
 
 def _rule(func, mode: str, list_at: int, returns: str):
     """The rule of ``func`` (torch.lstm, torch.gru, ...): its padded form unrolled
-    (``_recurrent``), its packed form on the fallback."""
+    (``_recurrent``); its packed form refused."""
 
     @torch.no_grad()
     def rule(*args, **kwargs):
         if _packed(args, list_at):
-            return forward_ad_fallback(func, args, kwargs)
+            raise NotImplementedError(
+                f"torch.{func.__name__} on a packed sequence: fgkernels has no rule for it, and "
+                "torch's forward mode cannot differentiate packing; pass the padded sequence "
+                "(torch.nn.utils.rnn.pad_packed_sequence) instead")
         return _recurrent(mode, *args, **kwargs)
 
     rule.__doc__ = f"Dual ``torch.{func.__name__}``: ``{returns}``."

@@ -245,3 +245,17 @@ def test_float32_lstm_where_torchs_forward_mode_fails():
     fgkernels.clear_tangents(layer)
     errors = compare_with_forward_ad(layer, [x], num_tangents=2)
     assert errors["primal"] < 1e-6 and errors["tangent"] < 1e-5, errors
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_recurrent_layers_refuse_packed_sequences_by_name(name):
+    """The packed form (data, batch_sizes, ...) is refused with an error that names it, not
+    taken for the padded form."""
+    f64 = dict(dtype=torch.float64)
+    data, bs, h = torch.randn(5, 4, **f64), torch.tensor([2, 2, 1]), torch.zeros(1, 2, 3, **f64)
+    rows = 12 if name == "lstm" else 9 if name == "gru" else 3
+    weights = [torch.randn(rows, 4, **f64), torch.randn(rows, 3, **f64)]
+    hx = (h, h) if name == "lstm" else h
+    with pytest.raises(NotImplementedError, match=f"torch.{name} on a packed sequence"):
+        getattr(torch, name)(Dual(data, torch.randn(1, 5, 4, **f64)), bs, hx, weights, False, 1,
+                             0.0, False, False)
