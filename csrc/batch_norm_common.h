@@ -1,9 +1,11 @@
-// What the CPU and CUDA dual batch-norm ops share: argument checks, the inputs in the kernels'
-// layout, and the statistics computed from the kernels' shifted sums.
+// What the CPU and CUDA dual batch-norm ops share on the host: argument checks, the inputs in
+// the kernels' layout, and the shifts of the statistics' sums.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -132,6 +134,87 @@ inline at::ScalarType output_tangent_type(const DualInput& in,
 inline std::pair<at::Tensor, at::Tensor> apply_outputs(const DualInput& in, int64_t T,
                                                        at::ScalarType tangent_type) {
   return {at::empty_like(in.x), empty_slots(T, in.x, in.fmt, tangent_type)};
+}
+
+// A per-channel argument of dual_bn_coefficients: floating point, of shape (rows, C) ((C) when
+// rows < 0), on `device`.
+inline void check_channel_arg(const at::Tensor& t, const char* name, int64_t rows, int64_t C,
+                              at::Device device) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
+              t.scalar_type());
+  const auto shape = rows < 0 ? std::vector<int64_t>{C} : std::vector<int64_t>{rows, C};
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ",
+              at::IntArrayRef(shape), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == device, name, " must be on mean's device ", device, ", got ",
+              t.device());
+}
+
+// x_pos or p_pos: distinct output slots (each input or parameter slot lands in one of its own).
+inline void check_positions(at::IntArrayRef positions, const char* name, int64_t count) {
+  std::vector<bool> seen(std::max<int64_t>(count, 0), false);
+  for (const int64_t t : positions) {
+    TORCH_CHECK(t >= 0 && t < count && !seen[t], name, " must hold distinct output slots in [0, ",
+                count, "), got ", positions);
+    seen[t] = true;
+  }
+}
+
+// dual_bn_coefficients' arguments, as every backend checks them. Returns whether the
+// coefficients take the batch's tangent statistics (training with input slots).
+inline bool check_coefficients_args(
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& tmean,
+    const std::optional<at::Tensor>& tcov, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& weight_t, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias_t, at::IntArrayRef x_pos, at::IntArrayRef p_pos,
+    int64_t count, bool training) {
+  TORCH_CHECK(mean.dim() == 1, "mean must have shape (C), got ", mean.sizes());
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+              "mean must be float32 or float64 (the accumulation dtype), got ",
+              mean.scalar_type());
+  const int64_t C = mean.size(0), X = static_cast<int64_t>(x_pos.size()),
+                P = static_cast<int64_t>(p_pos.size());
+  TORCH_CHECK(count >= 0, "count must be >= 0, got ", count);
+  check_positions(x_pos, "x_pos", count);
+  check_positions(p_pos, "p_pos", count);
+  const bool from_batch = training && X > 0;
+  TORCH_CHECK(!from_batch || (present(tmean) && present(tcov)), "training with input slots "
+              "needs tmean and tcov");
+  check_channel_arg(var, "var", -1, C, mean.device());
+  auto check_given = [&](const std::optional<at::Tensor>& t, const char* name, int64_t rows) {
+    if (present(t)) check_channel_arg(*t, name, rows, C, mean.device());
+  };
+  check_given(weight, "weight", -1);
+  check_given(bias, "bias", -1);
+  check_given(weight_t, "weight_t", P);
+  check_given(bias_t, "bias_t", P);
+  if (from_batch) {
+    check_channel_arg(*tmean, "tmean", X, C, mean.device());
+    check_channel_arg(*tcov, "tcov", X, C, mean.device());
+  }
+  return from_batch;
+}
+
+// bn_update_running_stats_'s arguments, as every backend checks them.
+inline void check_running_stats_args(const at::Tensor& running_mean,
+                                     const at::Tensor& running_var, const at::Tensor& mean,
+                                     const at::Tensor& var, int64_t n) {
+  TORCH_CHECK(mean.dim() == 1, "mean must have shape (C), got ", mean.sizes());
+  const int64_t C = mean.size(0);
+  FGK_CHECK_SHAPE(var, "var", C);
+  FGK_CHECK_SHAPE(running_mean, "running_mean", C);
+  FGK_CHECK_SHAPE(running_var, "running_var", C);
+  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(), "running_mean and "
+              "running_var must share a dtype, got ", running_mean.scalar_type(), " and ",
+              running_var.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{var, "var"},
+                                {running_mean, "running_mean"}, {running_var, "running_var"}}) {
+    TORCH_CHECK(t.device() == mean.device(), name, " must be on mean's device ", mean.device(),
+                ", got ", t.device());
+  }
+  TORCH_CHECK(n > 1, "bn_update_running_stats_: n (values per channel) must be more than 1 for "
+              "the unbiased variance n / (n - 1), got ", n);
+  check_writable(running_mean, "running_mean", running_var, "running_var");
+  check_writable(running_var, "running_var", running_mean, "running_mean");
 }
 
 }  // namespace fgkernels

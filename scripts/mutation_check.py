@@ -37,6 +37,7 @@ STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
 TRITON = ("tests/backends/test_triton.py",)
 COMPILE = "tests/nn/test_compile.py::"  # + a test's name
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
+BN_PER_CHANNEL = "csrc/bn_per_channel.h"
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
 
@@ -438,28 +439,22 @@ MUTANTS = [
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),
-    Mutant("triton BN coefficients lose a factor r", TRITON_BN,
-           "xs += tl.where(hit, -a * r * r * cov, 0.0)", "xs += tl.where(hit, -a * r * cov, 0.0)",
-           TRITON),
-    Mutant("triton running stats round bfloat16 half up", TRITON_BN,
-           "top = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16", "top = (bits + 0x8000) >> 16",
-           TRITON),
-    Mutant("triton running stats keep the biased variance", TRITON_BN,
-           "new_rv = momentum * (var * unbias)", "new_rv = momentum * (var * 1.0)", TRITON),
     # the C++ kernels (--native)
-    Mutant("BN coefficients lose a factor r", "csrc/cpu/dual_batch_norm.cpp",
-           "pxs[x_pos[s] * C + c] += -a * r * r * ptc[s * C + c];",
-           "pxs[x_pos[s] * C + c] += -a * r * ptc[s * C + c];", NATIVE),
-    Mutant("BN tangent covariance not centred", "csrc/bn_stats_finalize.h",
+    Mutant("BN coefficients lose a factor r", BN_PER_CHANNEL,
+           "t_xscale[x_pos[s] * C + c] += -a * r * r * in.tcov(s, c);",
+           "t_xscale[x_pos[s] * C + c] += -a * r * in.tcov(s, c);", NATIVE),
+    Mutant("BN coefficients drop the bias tangent", BN_PER_CHANNEL,
+           "    if (in.has_bias_t) t_shift[p_pos[p] * C + c] += in.bias_t(p, c);\n", "", NATIVE),
+    Mutant("BN tangent covariance not centred", BN_PER_CHANNEL,
            "tcov[t * C + c] = static_cast<acc_t>(t_cov - d1 * t_mean);",
            "tcov[t * C + c] = static_cast<acc_t>(t_cov);", NATIVE),
-    Mutant("BN variance of the shifted values not recentred", "csrc/bn_stats_finalize.h",
+    Mutant("BN variance of the shifted values not recentred", BN_PER_CHANNEL,
            "/ n - d1 * d1;", "/ n;", NATIVE),
     Mutant("hardtanh passes the tangent at its upper bound", "csrc/select_ops.h",
            "return !(wide(x) <= wide(lo) || wide(x) >= wide(hi));",
            "return !(wide(x) <= wide(lo) || wide(x) > wide(hi));", NATIVE),
-    Mutant("running variance not unbiased", "csrc/cpu/dual_batch_norm.cpp",
-           "momentum * (pv[c] * unbias)", "momentum * pv[c]", NATIVE),
+    Mutant("running variance not unbiased", BN_PER_CHANNEL,
+           "momentum * (var * unbias)", "momentum * var", NATIVE),
     Mutant("linear drops the bias tangent of summed terms", "csrc/composite.cpp",
            "if (present(bt)) x_part.add_(bt->view(bias_shape));\n    return {y, x_part, empty()};",
            "return {y, x_part, empty()};", NATIVE),

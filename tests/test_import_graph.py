@@ -17,9 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fgkernels"
 LATE_IMPORTS = {
     "fgkernels.backends": {"fgkernels.backends.native.backend", "fgkernels.backends.triton",
                            "fgkernels.backends.triton.backend"},
-    "fgkernels.backends.native": {"fgkernels._C", "fgkernels.backends.native.cuda_python_impls",
-                                  "fgkernels.backends.native.fakes"},
-    "fgkernels.backends.native.cuda_python_impls": {"fgkernels.backends.triton.batch_norm"},
+    "fgkernels.backends.native": {"fgkernels._C", "fgkernels.backends.native.fakes"},
 }
 # The layers, lowest first; a module belongs to the first whose name prefixes its own.
 LAYERS = [("fgkernels.dual",), ("fgkernels.backends", "fgkernels._C"), ("fgkernels.rules",),

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "../batch_norm_common.h"
-#include "../bn_stats_finalize.h"
+#include "../bn_per_channel.h"
 #include "../dual_types.h"
 #include "isa.h"
 
@@ -364,26 +364,21 @@ void dual_bn_apply_inplace_cpu(at::Tensor& x, const std::optional<at::Tensor>& x
   });
 }
 
-// A per-channel tensor argument: (rows, C) (rows < 0: a (C) vector) in the accumulation type.
-at::Tensor channel_arg(const at::Tensor& t, const char* name, int64_t rows, int64_t C,
-                       at::ScalarType acc) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ",
-              t.scalar_type());
-  const auto shape = rows < 0 ? std::vector<int64_t>{C} : std::vector<int64_t>{rows, C};
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ",
-              at::IntArrayRef(shape), ", got ", t.sizes());
-  return t.to(acc).contiguous();
-}
-
-// x_pos or p_pos: distinct output slots (each input or parameter slot lands in one of its own).
-void check_positions(at::IntArrayRef positions, const char* name, int64_t count) {
-  std::vector<bool> seen(std::max<int64_t>(count, 0), false);
-  for (const int64_t t : positions) {
-    TORCH_CHECK(t >= 0 && t < count && !seen[t], name, " must hold distinct output slots in [0, ",
-                count, "), got ", positions);
-    seen[t] = true;
-  }
-}
+// Reads dual_bn_coefficients' per-channel arguments for bn_coefficients_channel, each converted
+// to the accumulation type and made contiguous first (undefined: not given).
+template <typename acc_t>
+struct ContiguousChannelArgs {
+  const acc_t *v, *w, *b, *wt, *bt, *tm, *tc;
+  int64_t C;
+  bool has_weight, has_bias, has_weight_t, has_bias_t, from_batch;
+  acc_t var(int64_t c) const { return v[c]; }
+  acc_t weight(int64_t c) const { return w[c]; }
+  acc_t bias(int64_t c) const { return b[c]; }
+  acc_t weight_t(int64_t p, int64_t c) const { return wt[p * C + c]; }
+  acc_t bias_t(int64_t p, int64_t c) const { return bt[p * C + c]; }
+  acc_t tmean(int64_t s, int64_t c) const { return tm[s * C + c]; }
+  acc_t tcov(int64_t s, int64_t c) const { return tc[s * C + c]; }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_coefficients_cpu(
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& tmean,
@@ -391,56 +386,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_coefficients_
     const std::optional<at::Tensor>& weight_t, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bias_t, at::IntArrayRef x_pos, at::IntArrayRef p_pos,
     int64_t count, bool training, double eps) {
-  TORCH_CHECK(mean.dim() == 1, "mean must have shape (C), got ", mean.sizes());
+  const bool from_batch = check_coefficients_args(mean, var, tmean, tcov, weight, weight_t, bias,
+                                                  bias_t, x_pos, p_pos, count, training);
   const at::ScalarType acc = mean.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "mean must be float32 or float64 (the "
-              "accumulation dtype), got ", acc);
-  const int64_t C = mean.size(0), X = static_cast<int64_t>(x_pos.size()),
-                P = static_cast<int64_t>(p_pos.size());
-  TORCH_CHECK(count >= 0, "count must be >= 0, got ", count);
-  check_positions(x_pos, "x_pos", count);
-  check_positions(p_pos, "p_pos", count);
-  const bool from_batch = training && X > 0;
-  TORCH_CHECK(!from_batch || (present(tmean) && present(tcov)), "training with input slots "
-              "needs tmean and tcov");
-  auto optional_arg = [&](const std::optional<at::Tensor>& t, const char* name, int64_t rows) {
-    return present(t) ? channel_arg(*t, name, rows, C, acc) : at::Tensor();
+  const int64_t C = mean.size(0);
+  auto as_acc = [&](const std::optional<at::Tensor>& t, bool used = true) {
+    return used && present(t) ? t->to(acc).contiguous() : at::Tensor();
   };
-  const at::Tensor m = channel_arg(mean, "mean", -1, C, acc),
-                   v = channel_arg(var, "var", -1, C, acc),
-                   w = optional_arg(weight, "weight", -1), b = optional_arg(bias, "bias", -1),
-                   wt = optional_arg(weight_t, "weight_t", P),
-                   bt = optional_arg(bias_t, "bias_t", P),
-                   tm = from_batch ? channel_arg(*tmean, "tmean", X, C, acc) : at::Tensor(),
-                   tc = from_batch ? channel_arg(*tcov, "tcov", X, C, acc) : at::Tensor();
+  const at::Tensor v = var.to(acc).contiguous(), w = as_acc(weight), b = as_acc(bias),
+                   wt = as_acc(weight_t), bt = as_acc(bias_t), tm = as_acc(tmean, from_batch),
+                   tc = as_acc(tcov, from_batch);
   const auto options = mean.options().dtype(acc);
   at::Tensor scale = at::empty({C}, options), shift = at::empty({C}, options);
-  at::Tensor t_xscale = at::zeros({count, C}, options), t_shift = at::zeros({count, C}, options);
+  at::Tensor t_xscale = at::empty({count, C}, options), t_shift = at::empty({count, C}, options);
   AT_DISPATCH_FLOATING_TYPES(acc, "dual_bn_coefficients", [&] {
     using acc_t = scalar_t;
-    const acc_t* pv = v.const_data_ptr<acc_t>();
-    const acc_t* pw = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* pb = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* pwt = wt.defined() ? wt.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* pbt = bt.defined() ? bt.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* ptm = from_batch ? tm.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* ptc = from_batch ? tc.const_data_ptr<acc_t>() : nullptr;
-    acc_t *ps = scale.mutable_data_ptr<acc_t>(), *ph = shift.mutable_data_ptr<acc_t>();
-    acc_t *pxs = t_xscale.mutable_data_ptr<acc_t>(), *pts = t_shift.mutable_data_ptr<acc_t>();
-    const acc_t e = static_cast<acc_t>(eps);
+    auto data = [](const at::Tensor& t) {
+      return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+    };
+    const ContiguousChannelArgs<acc_t> in{
+        data(v), data(w), data(b), data(wt), data(bt), data(tm), data(tc), C, w.defined(),
+        b.defined(), wt.defined(), bt.defined(), from_batch};
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t r = acc_t(1) / std::sqrt(pv[c] + e);
-      const acc_t a = pw ? pw[c] * r : r;
-      ps[c] = a;
-      ph[c] = pb ? pb[c] : acc_t(0);
-      for (int64_t s = 0; ptm && s < X; ++s) {  // γẋ̂ = a(ẋ - m1 - x̂·r·cov)
-        pxs[x_pos[s] * C + c] += -a * r * r * ptc[s * C + c];
-        pts[x_pos[s] * C + c] += -a * ptm[s * C + c];
-      }
-      for (int64_t p = 0; p < P; ++p) {  // γ̇x̂ + β̇
-        if (pwt) pxs[p_pos[p] * C + c] += pwt[p * C + c] * r;
-        if (pbt) pts[p_pos[p] * C + c] += pbt[p * C + c];
-      }
+      bn_coefficients_channel(in, c, C, x_pos.data(), static_cast<int64_t>(x_pos.size()),
+                              p_pos.data(), static_cast<int64_t>(p_pos.size()), count,
+                              static_cast<acc_t>(eps), scale.mutable_data_ptr<acc_t>(),
+                              shift.mutable_data_ptr<acc_t>(), t_xscale.mutable_data_ptr<acc_t>(),
+                              t_shift.mutable_data_ptr<acc_t>());
     }
   });
   return {scale, shift, t_xscale, t_shift};
@@ -449,32 +421,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_coefficients_
 void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
                                  const at::Tensor& mean, const at::Tensor& var, int64_t n,
                                  double momentum) {
-  TORCH_CHECK(mean.dim() == 1, "mean must have shape (C), got ", mean.sizes());
-  const int64_t C = mean.size(0);
-  FGK_CHECK_SHAPE(var, "var", C);
-  FGK_CHECK_SHAPE(running_mean, "running_mean", C);
-  FGK_CHECK_SHAPE(running_var, "running_var", C);
-  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(), "running_mean and "
-              "running_var must share a dtype, got ", running_mean.scalar_type(), " and ",
-              running_var.scalar_type());
-  TORCH_CHECK(n > 1, "bn_update_running_stats_: n (values per channel) must be more than 1 for "
-              "the unbiased variance n / (n - 1), got ", n);
-  check_writable(running_mean, "running_mean", running_var, "running_var");
-  check_writable(running_var, "running_var", running_mean, "running_mean");
+  check_running_stats_args(running_mean, running_var, mean, var, n);
   const at::Tensor m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
   const double* pm = m.const_data_ptr<double>();
   const double* pv = v.const_data_ptr<double>();
   const double unbias = static_cast<double>(n) / static_cast<double>(n - 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(),
                                   "bn_update_running_stats_", [&] {
-    // Strided access: the buffers are updated where they are.
+    // Strided access: the buffers are updated where they are. A narrower dtype is reached
+    // through float32 (c10's conversions), as torch casts a float64 tensor.
     auto rm = running_mean.accessor<scalar_t, 1>();
     auto rv = running_var.accessor<scalar_t, 1>();
-    for (int64_t c = 0; c < C; ++c) {
-      rm[c] = static_cast<scalar_t>(momentum * pm[c] +
-                                    (1 - momentum) * static_cast<double>(rm[c]));
-      rv[c] = static_cast<scalar_t>(momentum * (pv[c] * unbias) +
-                                    (1 - momentum) * static_cast<double>(rv[c]));
+    for (int64_t c = 0; c < mean.size(0); ++c) {
+      double new_mean = static_cast<double>(rm[c]), new_var = static_cast<double>(rv[c]);
+      bn_running_stats_channel(pm[c], pv[c], unbias, momentum, new_mean, new_var);
+      rm[c] = static_cast<scalar_t>(new_mean);
+      rv[c] = static_cast<scalar_t>(new_var);
     }
   });
 }

@@ -1,11 +1,11 @@
 // Dual batch norm on CUDA: a statistics kernel writing per-split partial sums, a finalize kernel
-// reducing them to the statistics, and an apply kernel writing the primal and every tangent
-// slot in one pass.
+// reducing them to the statistics, per-channel kernels for the apply's coefficients and the
+// running statistics, and an apply kernel writing the primal and every tangent slot in one pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "../bn_stats_finalize.h"
+#include "../bn_per_channel.h"
 #include "dispatch.cuh"
 
 namespace fgkernels {
@@ -186,6 +186,83 @@ __global__ void bn_stats_finalize_kernel(BNStatsParams p) {
 
 constexpr int kFinalizeThreads = 128;
 
+// Element (row, c) of v as A (float or double), whichever dtype v holds.
+template <typename A>
+__device__ A read_as(const ChannelValues& v, int64_t row, int64_t c) {
+  const int64_t i = row * v.row_stride + c * v.stride;
+  switch (v.dtype) {
+    case DType::kFloat: return static_cast<A>(static_cast<const float*>(v.data)[i]);
+    case DType::kDouble: return static_cast<A>(static_cast<const double*>(v.data)[i]);
+    case DType::kBFloat16:
+      return static_cast<A>(__bfloat162float(static_cast<const __nv_bfloat16*>(v.data)[i]));
+    case DType::kHalf: return static_cast<A>(__half2float(static_cast<const __half*>(v.data)[i]));
+  }
+  return A(0);
+}
+
+// bn_coefficients_channel's view of the coefficients' arguments on the device.
+template <typename A>
+struct DeviceChannelArgs {
+  const BNCoefficientsParams& p;
+  bool has_weight, has_bias, has_weight_t, has_bias_t, from_batch;
+  __device__ explicit DeviceChannelArgs(const BNCoefficientsParams& params)
+      : p(params), has_weight(params.weight.data != nullptr),
+        has_bias(params.bias.data != nullptr), has_weight_t(params.weight_t.data != nullptr),
+        has_bias_t(params.bias_t.data != nullptr), from_batch(params.from_batch) {}
+  __device__ A var(int64_t c) const { return read_as<A>(p.var, 0, c); }
+  __device__ A weight(int64_t c) const { return read_as<A>(p.weight, 0, c); }
+  __device__ A bias(int64_t c) const { return read_as<A>(p.bias, 0, c); }
+  __device__ A weight_t(int64_t row, int64_t c) const { return read_as<A>(p.weight_t, row, c); }
+  __device__ A bias_t(int64_t row, int64_t c) const { return read_as<A>(p.bias_t, row, c); }
+  __device__ A tmean(int64_t row, int64_t c) const { return read_as<A>(p.tmean, row, c); }
+  __device__ A tcov(int64_t row, int64_t c) const { return read_as<A>(p.tcov, row, c); }
+};
+
+// One thread per channel.
+template <typename A>
+__global__ void bn_coefficients_kernel(BNCoefficientsParams p) {
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (c >= p.channels) return;
+  bn_coefficients_channel(DeviceChannelArgs<A>(p), c, p.channels, p.x_pos, p.x_slots, p.p_pos,
+                          p.p_slots, p.count, static_cast<A>(p.eps), static_cast<A*>(p.scale),
+                          static_cast<A*>(p.shift), static_cast<A*>(p.t_xscale),
+                          static_cast<A*>(p.t_shift));
+}
+
+// A double in B as torch casts a float64 tensor to B: a narrower dtype through float32, each
+// step to nearest, ties to even (as the CPU op's c10 conversions).
+template <typename B> __device__ __forceinline__ B rounded_as_torch(double v) {
+  return static_cast<B>(v);
+}
+template <> __device__ __forceinline__ float rounded_as_torch(double v) {
+  return __double2float_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 rounded_as_torch(double v) {
+  return __float2bfloat16_rn(__double2float_rn(v));
+}
+template <> __device__ __forceinline__ __half rounded_as_torch(double v) {
+  return __float2half_rn(__double2float_rn(v));
+}
+
+// One thread per channel; B is the buffers' element type.
+template <typename B>
+__global__ void bn_running_stats_kernel(BNRunningStatsParams p) {
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (c >= p.channels) return;
+  B* rm = static_cast<B*>(p.running_mean) + c * p.running_mean_stride;
+  B* rv = static_cast<B*>(p.running_var) + c * p.running_var_stride;
+  double new_mean = static_cast<double>(load(rm)), new_var = static_cast<double>(load(rv));
+  bn_running_stats_channel(read_as<double>(p.mean, 0, c), read_as<double>(p.var, 0, c),
+                           p.unbias, p.momentum, new_mean, new_var);
+  *rm = rounded_as_torch<B>(new_mean);
+  *rv = rounded_as_torch<B>(new_var);
+}
+
+// Blocks of kFinalizeThreads threads for one thread per channel.
+inline unsigned channel_blocks(int64_t channels) {
+  return static_cast<unsigned>((channels + kFinalizeThreads - 1) / kFinalizeThreads);
+}
+
 template <typename T, typename TT>
 int stats(const BNStatsParams& p, cudaStream_t stream) {
   if (p.layout.inner == 1) {
@@ -198,9 +275,8 @@ int stats(const BNStatsParams& p, cudaStream_t stream) {
   }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t blocks = (p.layout.channels + kFinalizeThreads - 1) / kFinalizeThreads;
   bn_stats_finalize_kernel<typename Acc<T>::type>
-      <<<static_cast<unsigned>(blocks), kFinalizeThreads, 0, stream>>>(p);
+      <<<channel_blocks(p.layout.channels), kFinalizeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -218,6 +294,28 @@ int apply(const BNApplyParams& p, cudaStream_t stream) {
 int launch_bn_stats(const BNStatsParams& p, void* stream) {
   return dispatch_dual(p.dtype, p.tangent_dtype, [&](auto primal, auto tangent) {
     return stats<decltype(primal), decltype(tangent)>(p, static_cast<cudaStream_t>(stream));
+  });
+}
+
+int launch_bn_coefficients(const BNCoefficientsParams& p, void* stream) {
+  if (p.channels == 0) return 0;
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.acc == DType::kDouble) {
+    bn_coefficients_kernel<double><<<channel_blocks(p.channels), kFinalizeThreads, 0, s>>>(p);
+  } else if (p.acc == DType::kFloat) {
+    bn_coefficients_kernel<float><<<channel_blocks(p.channels), kFinalizeThreads, 0, s>>>(p);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+int launch_bn_running_stats(const BNRunningStatsParams& p, void* stream) {
+  if (p.channels == 0) return 0;
+  return dispatch_dtype(p.buffer_dtype, [&](auto buffer) {
+    bn_running_stats_kernel<decltype(buffer)>
+        <<<channel_blocks(p.channels), kFinalizeThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    return static_cast<int>(cudaGetLastError());
   });
 }
 

@@ -66,7 +66,46 @@ struct BNApplyParams {
   DType dtype, tangent_dtype;
 };
 
+// A per-channel tensor of shape (rows, C) or (C), read where it is, in its own dtype: element
+// (row, c) at data + row * row_stride + c * stride (in elements). data is nullptr when absent.
+struct ChannelValues {
+  const void* data;
+  int64_t row_stride, stride;
+  DType dtype;
+};
+
+// dual_bn_coefficients (bn_coefficients_channel, one thread per channel): scale, shift (C) and
+// t_xscale, t_shift (count, C), contiguous, in the accumulation type acc (float or double).
+struct BNCoefficientsParams {
+  ChannelValues var, weight, bias, weight_t, bias_t, tmean, tcov;
+  void* scale;
+  void* shift;
+  void* t_xscale;
+  void* t_shift;
+  int32_t x_pos[kMaxSlots];
+  int32_t p_pos[kMaxSlots];
+  int64_t channels, x_slots, p_slots, count;
+  bool from_batch;
+  double eps;
+  DType acc;
+};
+
+// bn_update_running_stats_ (bn_running_stats_channel, one thread per channel): the buffers
+// updated in place, in their dtype (buffer_dtype) with their strides; mean and var read as
+// double; unbias = n / (n - 1).
+struct BNRunningStatsParams {
+  void* running_mean;
+  void* running_var;
+  int64_t running_mean_stride, running_var_stride;
+  DType buffer_dtype;
+  ChannelValues mean, var;
+  int64_t channels;
+  double momentum, unbias;
+};
+
 int launch_bn_stats(const BNStatsParams& p, void* stream);
+int launch_bn_coefficients(const BNCoefficientsParams& p, void* stream);
+int launch_bn_running_stats(const BNRunningStatsParams& p, void* stream);
 int launch_bn_apply(const BNApplyParams& p, void* stream);
 const char* error_string(int code);
 

@@ -50,6 +50,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
   return {mean, var, tmean, tcov};
 }
 
+// A per-channel tensor as the kernels read it: where it is, with its strides, in its dtype.
+cuda::ChannelValues channel_values(const at::Tensor& t) {
+  const bool rows = t.dim() == 2;
+  return {t.const_data_ptr(), rows ? t.stride(0) : 0, t.stride(rows ? 1 : 0),
+          dtype_of(t.scalar_type())};
+}
+
+cuda::ChannelValues channel_values(const std::optional<at::Tensor>& t, bool used = true) {
+  return used && present(t) ? channel_values(*t) : cuda::ChannelValues{};
+}
+
+// x_pos or p_pos into a kernel's slot array.
+void copy_positions(at::IntArrayRef positions, const char* name, int32_t* out) {
+  TORCH_CHECK(static_cast<int64_t>(positions.size()) <= cuda::kMaxSlots, "dual_bn_coefficients "
+              "on CUDA: at most ", cuda::kMaxSlots, " slots in ", name, ", got ",
+              positions.size());
+  for (size_t i = 0; i < positions.size(); ++i) out[i] = static_cast<int32_t>(positions[i]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_coefficients_cuda(
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& tmean,
+    const std::optional<at::Tensor>& tcov, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& weight_t, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bias_t, at::IntArrayRef x_pos, at::IntArrayRef p_pos,
+    int64_t count, bool training, double eps) {
+  const bool from_batch = check_coefficients_args(mean, var, tmean, tcov, weight, weight_t, bias,
+                                                  bias_t, x_pos, p_pos, count, training);
+  c10::DeviceGuard guard(mean.device());
+  const int64_t C = mean.size(0);
+  const auto options = mean.options();
+  at::Tensor scale = at::empty({C}, options), shift = at::empty({C}, options);
+  at::Tensor t_xscale = at::empty({count, C}, options), t_shift = at::empty({count, C}, options);
+  cuda::BNCoefficientsParams p{};
+  p.var = channel_values(var);
+  p.weight = channel_values(weight);
+  p.bias = channel_values(bias);
+  p.weight_t = channel_values(weight_t);
+  p.bias_t = channel_values(bias_t);
+  p.tmean = channel_values(tmean, from_batch);
+  p.tcov = channel_values(tcov, from_batch);
+  p.scale = scale.mutable_data_ptr();
+  p.shift = shift.mutable_data_ptr();
+  p.t_xscale = t_xscale.mutable_data_ptr();
+  p.t_shift = t_shift.mutable_data_ptr();
+  copy_positions(x_pos, "x_pos", p.x_pos);
+  copy_positions(p_pos, "p_pos", p.p_pos);
+  p.channels = C;
+  p.x_slots = static_cast<int64_t>(x_pos.size());
+  p.p_slots = static_cast<int64_t>(p_pos.size());
+  p.count = count;
+  p.from_batch = from_batch;
+  p.eps = eps;
+  p.acc = dtype_of(mean.scalar_type());
+  FGK_CHECK_LAUNCH(cuda::launch_bn_coefficients(p, current_stream(mean)),
+                   "dual_bn_coefficients");
+  return {scale, shift, t_xscale, t_shift};
+}
+
+void bn_update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var,
+                                  const at::Tensor& mean, const at::Tensor& var, int64_t n,
+                                  double momentum) {
+  check_running_stats_args(running_mean, running_var, mean, var, n);
+  c10::DeviceGuard guard(mean.device());
+  cuda::BNRunningStatsParams p{};
+  p.running_mean = running_mean.mutable_data_ptr();
+  p.running_var = running_var.mutable_data_ptr();
+  p.running_mean_stride = running_mean.stride(0);
+  p.running_var_stride = running_var.stride(0);
+  p.buffer_dtype = dtype_of(running_mean.scalar_type());
+  p.mean = channel_values(mean);
+  p.var = channel_values(var);
+  p.channels = mean.size(0);
+  p.momentum = momentum;
+  p.unbias = static_cast<double>(n) / static_cast<double>(n - 1);
+  FGK_CHECK_LAUNCH(cuda::launch_bn_running_stats(p, current_stream(mean)),
+                   "bn_update_running_stats_");
+}
+
 void launch_apply(const DualInput& in, at::IntArrayRef x_slot, const at::Tensor& center,
                   const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& t_xscale,
                   const at::Tensor& t_shift, bool relu, at::Tensor& y, at::Tensor& yt) {
@@ -110,6 +188,8 @@ void dual_bn_apply_inplace_cuda(at::Tensor& x, const std::optional<at::Tensor>& 
 
 TORCH_LIBRARY_IMPL(fgkernels, CUDA, m) {
   m.impl("dual_bn_stats", &dual_bn_stats_cuda);
+  m.impl("dual_bn_coefficients", &dual_bn_coefficients_cuda);
+  m.impl("bn_update_running_stats_", &bn_update_running_stats_cuda);
   m.impl("dual_bn_apply", &dual_bn_apply_cuda);
   m.impl("dual_bn_apply_", &dual_bn_apply_inplace_cuda);
 }

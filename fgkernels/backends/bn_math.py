@@ -15,14 +15,13 @@ far larger than its spread loses no more precision than in torch.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..dual.dtypes import acc_dtype
-from ..dual.slots import SlotPlan, add_into_slots, cast
+from ..dual.slots import SlotPlan, cast
 from .base import BatchNormArgs, LayerParams
 
 Tensor = torch.Tensor
@@ -77,54 +76,3 @@ def affine_coefficients(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
     for s, t in enumerate(x_pos):
         x_slot[t] = s
     return BNCoefficients(mean.contiguous(), scale, shift, t_xscale, t_shift, x_slot)
-
-
-# --- the ops in torch's own ops, for CUDA without Triton (native/cuda_python_impls.py) --------
-
-def coefficients_composite(mean: Tensor, var: Tensor, tmean: Optional[Tensor],
-                           tcov: Optional[Tensor], weight: Optional[Tensor],
-                           weight_t: Optional[Tensor], bias: Optional[Tensor],
-                           bias_t: Optional[Tensor], x_pos: Sequence[int],
-                           p_pos: Sequence[int], count: int, training: bool,
-                           eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``dual_bn_coefficients`` (its schema in csrc/fgkernels.cpp) in torch's ops; every output
-    is a fresh tensor, as the schema promises (never an input returned as it is)."""
-    x_pos, p_pos = tuple(x_pos), tuple(p_pos)
-    dtype = mean.dtype
-    r = torch.rsqrt(var + eps)
-    a = r if weight is None else weight.to(dtype) * r
-    shift = mean.new_zeros(mean.shape) if bias is None else bias.to(dtype, copy=True)
-    from_batch = bool(x_pos) and training
-    t_xscale = _slot_sum(count, mean, [
-        (-a * r * r * tcov if from_batch else None, x_pos),                     # −a·r²·cov
-        (None if weight_t is None else weight_t.to(dtype) * r, p_pos)])         # γ̇·r
-    t_shift = _slot_sum(count, mean, [
-        (-a * tmean if from_batch else None, x_pos),                            # −a·m1
-        (None if bias_t is None else bias_t.to(dtype, copy=True), p_pos)])      # β̇
-    return a, shift, t_xscale, t_shift
-
-
-def _slot_sum(count: int, like: Tensor,
-              parts: list[tuple[Optional[Tensor], tuple[int, ...]]]) -> Tensor:
-    """The ``(count, C)`` sum of ``parts``: each a fresh ``(len(pos), C)`` tensor (None:
-    absent) and the slots ``pos`` it adds to. A part that covers every slot is the sum itself,
-    the others added into it: no zeros where a part covers every slot."""
-    parts = [(t, pos) for t, pos in parts if t is not None and pos]
-    every = tuple(range(count))
-    base = next((t for t, pos in parts if pos == every), None)
-    if base is None:
-        base = like.new_zeros((count, like.shape[0]))
-    for t, pos in parts:
-        if t is not base:
-            add_into_slots(base, pos, t)
-    return base
-
-
-def update_running_stats_composite(running_mean: Tensor, running_var: Tensor, mean: Tensor,
-                                   var: Tensor, n: int, momentum: float) -> None:
-    """``bn_update_running_stats_`` in torch's ops: ``r ← m·stat + (1 - m)·r`` with the
-    unbiased variance, as ``nn.BatchNorm2d`` does, in float64 and rounded once to the buffers'
-    dtype."""
-    unbiased = var.double() * (n / (n - 1))
-    for buf, stat in ((running_mean, mean.double()), (running_var, unbiased)):
-        buf.copy_(momentum * stat + (1 - momentum) * buf.double())

@@ -1,6 +1,8 @@
 """The CUDA kernels of csrc/cuda on a GPU, against float64 (skipped without one): the
 batch-norm statistics of channels_last activations, read row by row (consecutive threads on
-consecutive channels), over several channel tiles and splits, for every element-type pair."""
+consecutive channels), over several channel tiles and splits, for every element-type pair; the
+batch norm's per-channel kernels (coefficients, running statistics) against their refs; the
+elementwise select kernels."""
 import copy
 
 import pytest
@@ -59,6 +61,99 @@ def test_batch_norm_past_the_apply_kernels_slot_map_is_exact(fused):
     with fgkernels.use_backend("native"):
         out = fgkernels.convert(model)(fgkernels.Dual(x, xt))
     torch.testing.assert_close(out.tangent, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("params", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("slots", [((0,), (0,), 1), ((0, 2), (1, 2), 3), ((), (0, 1), 2),
+                                   ((1, 0), (), 2)], ids=["same", "mixed", "params", "input"])
+def test_bn_coefficients_kernel_matches_its_ref(slots, training, params, acc):
+    """dual_bn_coefficients on CUDA, 300 channels (three blocks), every way input and parameter
+    slots can land, parameters of the network's dtype read where they are (the slot rows of
+    weight_t a strided view), against torch's ops slot by slot in float64."""
+    from batch_norm_refs import dual_bn_coefficients_ref
+    x_pos, p_pos, count = slots
+    C, X, P = 300, len(x_pos), len(p_pos)
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s, dt=acc: torch.randn(*s, generator=g).to(dt)
+    weight_t = r(C, P, dt=params).t() if P else None  # (P, C) with strides (1, P)
+    args = (r(C), r(C).abs() + 0.1, r(X, C), r(X, C), r(C, dt=params), weight_t,
+            r(C, dt=params), r(P, C, dt=params) if P else None, list(x_pos), list(p_pos), count,
+            training, 1e-5)
+    on_gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    in_f64 = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    tol = dict(rtol=1e-12, atol=1e-12) if acc == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    for got, want in zip(torch.ops.fgkernels.dual_bn_coefficients(*on_gpu),
+                         dual_bn_coefficients_ref(*in_f64)):
+        assert got.dtype == acc and got.is_contiguous()
+        torch.testing.assert_close(got.cpu().double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_running_stats_kernel_matches_its_ref(dtype, strided):
+    """bn_update_running_stats_ on CUDA updates the buffers where they are (every other element
+    of a larger tensor too) by nn.BatchNorm2d's rule in float64, rounded once as torch casts a
+    float64 tensor: exactly the ref's values in a narrower dtype."""
+    from batch_norm_refs import bn_update_running_stats_ref
+    C = 300
+    mean, var = torch.randn(C), torch.rand(C)
+    storage = [torch.randn(2 * C).to(dtype), torch.rand(2 * C).to(dtype) + 1]
+    buffers = [b[::2] if strided else b[:C] for b in storage]
+    expected = bn_update_running_stats_ref(*buffers, mean, var, 33, 0.2)
+    gaps = [b[1::2].clone() for b in storage]
+    storage = [b.cuda() for b in storage]
+    ours = [b[::2] if strided else b[:C] for b in storage]
+    pointers = [b.data_ptr() for b in ours]
+    torch.ops.fgkernels.bn_update_running_stats_(*ours, mean.cuda(), var.cuda(), 33, 0.2)
+    assert [b.data_ptr() for b in ours] == pointers
+    # float64 keeps float64's own rounding, which the GPU compile contracts into fused
+    # multiply-adds: a few units in the last place of terms of magnitude below 4.
+    atol = 8 * torch.finfo(dtype).eps if dtype == torch.float64 else 0
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=atol)
+    if strided:  # the elements between the buffers' are untouched
+        assert all(torch.equal(b[1::2].cpu(), gap) for b, gap in zip(storage, gaps))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_running_stats_kernel_rounds_ties_to_even(dtype):
+    """An update exactly halfway between two values of the buffers' dtype rounds to the even
+    one, as torch's cast does: 1 and 1 + 2ε averaged (momentum 0.5) give 1 + ε, which rounds
+    down to 1; 1 + 2ε and 1 + 4ε give 1 + 3ε, which rounds up to 1 + 4ε."""
+    eps = torch.finfo(dtype).eps / 2  # half a unit in the last place at 1
+    mean = torch.tensor([1 + 2 * eps, 1 + 4 * eps], device="cuda")
+    running_mean = torch.tensor([1.0, 1 + 2 * eps]).to(dtype).cuda()
+    running_var = torch.ones(2, dtype=dtype, device="cuda")
+    torch.ops.fgkernels.bn_update_running_stats_(running_mean, running_var, mean,
+                                                 torch.ones(2, device="cuda"), 2, 0.5)
+    assert running_mean.cpu().tolist() == [1.0, 1 + 4 * eps]
+
+
+def test_batch_norm_channel_ops_check_their_arguments():
+    """The CUDA ops refuse what the CPU ones refuse (shared checks), an argument on another
+    device, and more slots than the kernel's slot arrays hold, with messages that name them."""
+    C = 3
+    r = lambda *s, device="cuda": torch.randn(*s, device=device)
+    args = [r(C), r(C).abs() + 0.1, r(1, C), r(1, C), r(C), r(1, C), r(C), r(1, C), [0], [0], 1,
+            True, 1e-5]
+    coefficients = torch.ops.fgkernels.dual_bn_coefficients
+    with pytest.raises(RuntimeError, match=r"weight_t must have shape \[1, 3\], got \[2, 4\]"):
+        coefficients(*args[:5], r(2, 4), *args[6:])
+    with pytest.raises(RuntimeError, match="training with input slots needs tmean and tcov"):
+        coefficients(*args[:2], None, None, *args[4:])
+    with pytest.raises(RuntimeError, match=r"output slots in \[0, 1\)"):
+        coefficients(*args[:8], [1], *args[9:])
+    with pytest.raises(RuntimeError, match="bias must be on mean's device"):
+        coefficients(*args[:6], r(C, device="cpu"), *args[7:])
+    many = list(range(65))
+    with pytest.raises(RuntimeError, match="at most 64 slots in p_pos, got 65"):
+        coefficients(r(C), r(C).abs(), None, None, r(C), r(65, C), None, None, [], many, 65,
+                     True, 1e-5)
+    with pytest.raises(RuntimeError, match=r"running_var must have shape \[3\]"):
+        torch.ops.fgkernels.bn_update_running_stats_(r(C), r(4), r(C), r(C), 10, 0.1)
 
 
 SELECT_OPS = {  # name: (the compiled op's call, the function forward_ad runs)

@@ -122,48 +122,9 @@ def test_cuda_kernels_compile_without_spills():
                  "relu_kernel"):
         for t in ("float", "double", "bf16", "half", "float,bf16", "float,half", "double,float"):
             assert f"{name}<{t}>" in kernels, sorted(kernels)
-    for t in ("float", "double"):  # the statistics from the partial sums, per accumulation type
-        assert f"bn_stats_finalize_kernel<{t}>" in kernels, sorted(kernels)
+    for t in ("float", "double"):  # the per-channel kernels, per accumulation type
+        for name in ("bn_stats_finalize_kernel", "bn_coefficients_kernel"):
+            assert f"{name}<{t}>" in kernels, sorted(kernels)
+    for t in ("float", "double", "bf16", "half"):  # per dtype of the running statistics
+        assert f"bn_running_stats_kernel<{t}>" in kernels, sorted(kernels)
     assert all(not r.error and r.spill_bytes == 0 and r.registers > 0 for r in found), found
-
-
-_CHANNEL_KERNELS = """
-import json, torch
-from kernel_report import bind, captured_launches, compile_bound
-import fgkernels.backends.triton.batch_norm as bn
-meta = lambda *shape, dtype=torch.float32: torch.empty(shape, device="meta", dtype=dtype)
-with captured_launches(bn._dual_bn_coefficients_kernel,
-                       bn._bn_update_running_stats_kernel) as launches:
-    bn.dual_bn_coefficients(meta(64), meta(64), meta(2, 64), meta(2, 64), meta(64), meta(2, 64),
-                            meta(64), meta(2, 64), [0, 1], [0, 1], 2, True, 1e-5)
-    bn.dual_bn_coefficients(meta(64), meta(64), None, None, None, None, None, None, [0], [], 1,
-                            False, 1e-5)
-    low = lambda *shape: meta(*shape, dtype=torch.bfloat16)  # a bfloat16 network's parameters
-    bn.dual_bn_coefficients(meta(64), meta(64), meta(1, 64), meta(1, 64), low(64), low(1, 64),
-                            low(64), low(1, 64), [0], [0], 1, True, 1e-5)
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        bn.bn_update_running_stats_(meta(64, dtype=dtype), meta(64, dtype=dtype), meta(64),
-                                    meta(64), 40, 0.1)
-print(json.dumps([dict(kernel=l.kernel.fn.__name__, arch=arch,
-                       **vars(compile_bound(bind(l, arch), arch)))
-                  for l in launches for arch in ARCHS]))
-"""
-
-
-def test_batch_norm_channel_kernels_compile_clean():
-    """The per-channel Triton kernels that serve the batch norm's coefficients and running
-    statistics on CUDA, as their launchers bind them (each variant the launchers make), compile
-    for sm_80, sm_89 and sm_90 with no spills (compiled in a process of its own: the tests run
-    Triton's interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tools"),
-                                         env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", f"ARCHS = {ARCHS}" + _CHANNEL_KERNELS],
-                         capture_output=True, text=True, env=env, timeout=600)
-    if run.returncode and "ptxas" in run.stderr:
-        pytest.skip(f"Triton's compiler cannot run here: {run.stderr.splitlines()[-1]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    compiled = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(compiled) == 7 * len(ARCHS)
-    assert all(not c["error"] and c["spill_bytes"] == 0 and c["registers"] > 0
-               for c in compiled), compiled

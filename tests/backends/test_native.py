@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
-from fgkernels.backends import bn_math
 from fgkernels.dual.layout import empty_slots
 from fgkernels.testing import forward_ad_jvp
 
+from batch_norm_refs import bn_update_running_stats_ref, dual_bn_coefficients_ref
 from helpers import ForwardADOracle, assert_within_torch_error
 
 pytestmark = pytest.mark.skipif("native" not in fgkernels.available_backends(),
@@ -107,43 +107,43 @@ def _coefficient_args(C, training=True, params=True, dtype=torch.float32, x_pos=
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("slots", [((0,), (0,), 1), ((0, 2), (1, 2), 3), ((), (0, 1), 2),
                                    ((1, 0), (), 2)], ids=["same", "mixed", "params", "input"])
-def test_bn_coefficients_kernel_matches_the_composite(slots, training, dtype):
-    """The CPU kernel and the composite that CUDA runs (bn_math) give the same coefficients,
-    for every way input and parameter slots can land (the whole batch norm against forward_ad:
-    the tests above and tests/rules/test_functional.py)."""
+def test_bn_coefficients_op_matches_its_ref(slots, training, dtype):
+    """The op gives the coefficients of torch's ops applied slot by slot (batch_norm_refs), for
+    every way input and parameter slots can land (the whole batch norm against forward_ad: the
+    tests below and tests/rules/test_functional.py)."""
     x_pos, p_pos, count = slots
     args = _coefficient_args(6, training, bool(p_pos), dtype, x_pos, p_pos, count)
     inputs = [a for a in args if isinstance(a, torch.Tensor)]
-    for ours, composite in zip(ops.dual_bn_coefficients(*args),
-                               bn_math.coefficients_composite(*args)):
+    for ours, ref in zip(ops.dual_bn_coefficients(*args), dual_bn_coefficients_ref(*args)):
         assert ours.dtype == dtype
         tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else \
             dict(rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(ours, composite, **tol)
-        # Fresh outputs, as the schema promises (also from the composite CUDA may run).
-        assert not any(out.data_ptr() == a.data_ptr() for out in (ours, composite)
-                       for a in inputs)
+        torch.testing.assert_close(ours, ref, **tol)
+        # Fresh outputs, as the schema promises.
+        assert not any(ours.data_ptr() == a.data_ptr() for a in inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_running_stats_update_as_batch_norm_does(dtype):
-    """bn_update_running_stats_ and its composite give nn.BatchNorm2d's running statistics
-    (a bfloat16 buffer within one unit in its last place: torch rounds its float32 terms, these
-    round once from float64), and update the buffers where they are."""
+    """bn_update_running_stats_ gives nn.BatchNorm2d's running statistics (a bfloat16 buffer
+    within one unit in its last place: torch rounds its float32 terms, the op rounds once from
+    float64), exactly its ref's, and updates the buffers where they are."""
     x = (torch.randn(5, 4, 3, 3) * 3 + 1).to(dtype)
     mean, var = x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=False)
     ref = torch.nn.BatchNorm2d(4, momentum=0.3).to(dtype)
     ref.running_mean.normal_(), ref.running_var.uniform_(0.5, 2)
-    ours, composite = (tuple(b.clone() for b in (ref.running_mean, ref.running_var))
-                       for _ in range(2))
+    ours = tuple(b.clone() for b in (ref.running_mean, ref.running_var))
+    expected = bn_update_running_stats_ref(*ours, mean, var, 45, 0.3)
+    pointers = [b.data_ptr() for b in ours]
     ref(x)
     ops.bn_update_running_stats_(*ours, mean, var, 45, 0.3)
-    bn_math.update_running_stats_composite(*composite, mean, var, 45, 0.3)
+    assert [b.data_ptr() for b in ours] == pointers
     tol = {torch.bfloat16: dict(rtol=2 ** -7, atol=0), torch.float32: dict(rtol=1e-6, atol=1e-6),
            torch.float64: dict(rtol=1e-12, atol=1e-14)}[dtype]
-    for buffers in (ours, composite):
-        torch.testing.assert_close(buffers[0], ref.running_mean, **tol)
-        torch.testing.assert_close(buffers[1], ref.running_var, **tol)
+    torch.testing.assert_close(ours[0], ref.running_mean, **tol)
+    torch.testing.assert_close(ours[1], ref.running_var, **tol)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -5,8 +5,7 @@ device, or in ``available_backends``), or when Dynamo loads (a trace cannot load
 importing fgkernels, or only its value (``fgkernels.dual``), loads no compiled code unless
 Dynamo is already loaded. Loading ``fgkernels._C`` registers the ops; their
 fake implementations are registered right after (``fakes``), so that they trace under
-``torch.compile``, and the CUDA implementations written in Python of those with no CUDA C++
-kernel (``cuda_python_impls``). Without the extension fgkernels runs on the reference backend and
+``torch.compile``. Without the extension fgkernels runs on the reference backend and
 says so once; ``FGKERNELS_REQUIRE_NATIVE=1`` (set by the project's set-up and CI) loads it at
 ``import fgkernels`` and makes a missing or broken extension an ImportError there.
 """
@@ -29,7 +28,7 @@ def _load_extension() -> Optional[str]:
             raise ImportError(f"{REQUIRE_VARIABLE}=1, but the compiled extension fgkernels._C "
                               f"does not load ({reason})") from e
         return reason
-    from . import cuda_python_impls, fakes  # noqa: F401
+    from . import fakes  # noqa: F401
     for callback in _on_load:
         callback()
     return None

@@ -31,8 +31,7 @@ def _(x, xt):
 
 def check_coefficients_args(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos,
                             p_pos, count, training):
-    """dual_bn_coefficients' arguments, as the CPU op checks them (also run before its CUDA
-    implementations, which are written in Python)."""
+    """dual_bn_coefficients' arguments, as the op checks them (csrc/batch_norm_common.h)."""
     torch._check(mean.dim() == 1, lambda: f"mean must have shape (C), got {tuple(mean.shape)}")
     torch._check(mean.dtype in (torch.float32, torch.float64),
                  lambda: f"mean must be float32 or float64, got {mean.dtype}")
@@ -65,7 +64,7 @@ def _(mean, var, tmean, tcov, weight, weight_t, bias, bias_t, x_pos, p_pos, coun
 
 
 def check_running_stats_args(running_mean, running_var, mean, var, n):
-    """bn_update_running_stats_'s arguments, as the CPU op checks them."""
+    """bn_update_running_stats_'s arguments, as the op checks them (csrc/batch_norm_common.h)."""
     torch._check(n > 1, lambda: f"bn_update_running_stats_: n (values per channel) must be more "
                                 f"than 1 for the unbiased variance n / (n - 1), got {n}")
     C = mean.shape[0]
