@@ -38,6 +38,8 @@ TRITON = ("tests/backends/test_triton.py",)
 COMPILE = "tests/nn/test_compile.py::"  # + a test's name
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
 BN_PER_CHANNEL = "csrc/bn_per_channel.h"
+PACKED = ("tests/rules/test_properties.py::test_packed_recurrent_layers",
+          "tests/rules/test_layer_configs.py::test_packing_moves_every_slot_as_the_primal")
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
 
@@ -154,6 +156,14 @@ MUTANTS = [
     Mutant("recurrent dropout also on the last layer", "fgkernels/rules/recurrent.py",
            "layer < num_layers - 1:", "layer < num_layers:",
            ("tests/rules/test_layer_configs.py",)),
+    Mutant("packed layer's final states in the wrong order", "fgkernels/rules/recurrent.py",
+           "torch.cat([h, *reversed(done_h)])", "torch.cat([h, *done_h])", PACKED),
+    Mutant("packed reverse direction starts a sequence from another's state",
+           "fgkernels/rules/recurrent.py", "h = torch.cat([h, h0[h.shape[0]:n]])",
+           "h = torch.cat([h, h0[:n - h.shape[0]]])", PACKED),
+    Mutant("padding a packed sequence pads its tangent with the padding value",
+           "fgkernels/rules/recurrent.py", "batch_sizes, batch_first, 0.0,",
+           "batch_sizes, batch_first, padding_value,", PACKED),
     Mutant("LSTM projection skipped", "fgkernels/rules/recurrent.py",
            "w_hr = weights[4 if has_biases else 2] if len(weights) in (3, 5) else None",
            "w_hr = None", OPS),

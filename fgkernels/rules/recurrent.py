@@ -12,9 +12,15 @@ Layers stack as torch stacks them (the reverse direction reads the sequence back
 outputs sit beside the forward ones), with dropout on every layer's output but the last when
 training (drawn by the dropout rule: the same distribution as torch's, not its draw). torch's
 forward mode has no derivative for oneDNN's kernel, which a float32 LSTM takes on the CPU, so
-forward_ad fails there; these rules need none. The packed-sequence forms are refused with a
-clear error: torch's forward mode has no derivative for packing, nor its functional transforms
-for the packed layers.
+forward_ad fails there; these rules need none.
+
+Packed sequences (``nn.utils.rnn.pack_padded_sequence``), which torch's forward mode cannot
+differentiate, are served too: packing and padding move every tangent slot as they move the
+primal (``torch._pack_padded_sequence``, ``torch._pad_packed_sequence``: torch's own op with the
+slots as trailing features; padding gets a zero tangent), and the packed form of each layer runs
+step t on the first ``batch_sizes[t]`` sequences (sorted longest first): a sequence that has
+ended keeps its last state, which is its final one; in the reverse direction a sequence joins
+at its last step from its initial state.
 """
 from __future__ import annotations
 
@@ -49,29 +55,86 @@ def _direction(mode: str, x: Dual, h: Dual, c: Optional[Dual], weights: Sequence
                has_biases: bool, reverse: bool) -> tuple[Dual, Dual, Optional[Dual]]:
     """One layer in one direction over x (L, N, E) from the states h, c (N, H): its outputs
     (L, N, H_out) and final states."""
-    w_ih, w_hh = weights[0], weights[1]
-    b_ih, b_hh = (weights[2], weights[3]) if has_biases else (None, None)
-    w_hr = weights[4 if has_biases else 2] if len(weights) in (3, 5) else None
+    w_ih, w_hh, b_ih, b_hh, w_hr = _layer_weights(weights, has_biases)
     gi = linear(x, w_ih, b_ih)  # the input part of every step, one product
     steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
     outputs = [None] * x.shape[0]
     for t in steps:
-        gh = linear(h, w_hh, b_hh)
-        if mode == "LSTM":
-            h, c = _lstm_cell(gi[t] + gh, h, c, w_hr)
-        elif mode == "GRU":
-            h = _gru_cell(gi[t], gh, h)
-        else:
-            h = (torch.tanh if mode == "RNN_TANH" else torch.relu)(gi[t] + gh)
+        h, c = _step(mode, gi[t], h, c, w_hh, b_hh, w_hr)
         outputs[t] = h
     return torch.stack(outputs), h, c
 
 
+def _layer_weights(weights: Sequence, has_biases: bool) -> tuple:
+    """One layer's and direction's weights as torch lists them (w_ih, w_hh[, b_ih, b_hh]
+    [, w_hr]): ``(w_ih, w_hh, b_ih, b_hh, w_hr)``, None for those absent."""
+    b_ih, b_hh = (weights[2], weights[3]) if has_biases else (None, None)
+    w_hr = weights[4 if has_biases else 2] if len(weights) in (3, 5) else None
+    return weights[0], weights[1], b_ih, b_hh, w_hr
+
+
+def _step(mode: str, gi: Dual, h: Dual, c: Optional[Dual], w_hh: Dual, b_hh: Optional[Dual],
+          w_hr: Optional[Dual]) -> tuple[Dual, Optional[Dual]]:
+    """One step of a cell from its input part ``gi`` and states ``h``, ``c``: the new states."""
+    gh = linear(h, w_hh, b_hh)
+    if mode == "LSTM":
+        return _lstm_cell(gi + gh, h, c, w_hr)
+    if mode == "GRU":
+        return _gru_cell(gi, gh, h), None
+    return (torch.tanh if mode == "RNN_TANH" else torch.relu)(gi + gh), None
+
+
+def _packed_direction(mode: str, data: Dual, batch_sizes: list[int], h0: Dual,
+                      c0: Optional[Dual], weights: Sequence, has_biases: bool,
+                      reverse: bool) -> tuple[Dual, Dual, Optional[Dual]]:
+    """One layer in one direction over packed ``data`` (Σ batch_sizes, E), step t holding the
+    rows of the first batch_sizes[t] sequences, from the states h0, c0 (N, H): its packed
+    outputs and each sequence's final states."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = _layer_weights(weights, has_biases)
+    gi = linear(data, w_ih, b_ih)  # the input part of every step, one product
+    starts = [0]
+    for n in batch_sizes[:-1]:
+        starts.append(starts[-1] + n)
+    outputs = [None] * len(batch_sizes)
+    if reverse:
+        # From the last step back; a sequence joins at its own last step, from its h0 row.
+        h, c = h0[:0], None if c0 is None else c0[:0]
+        for t in range(len(batch_sizes) - 1, -1, -1):
+            n = batch_sizes[t]
+            if n > h.shape[0]:
+                h = torch.cat([h, h0[h.shape[0]:n]])
+                c = None if c is None else torch.cat([c, c0[c.shape[0]:n]])
+            h, c = _step(mode, gi[starts[t]:starts[t] + n], h, c, w_hh, b_hh, w_hr)
+            outputs[t] = h
+        return torch.cat(outputs), h, c
+    # Forward: a sequence that ends leaves its last states, its final ones, among the done.
+    h, c, done_h, done_c = h0, c0, [], []
+    for t, n in enumerate(batch_sizes):
+        if n < h.shape[0]:
+            done_h.append(h[n:])
+            h = h[:n]
+            if c is not None:
+                done_c.append(c[n:])
+                c = c[:n]
+        h, c = _step(mode, gi[starts[t]:starts[t] + n], h, c, w_hh, b_hh, w_hr)
+        outputs[t] = h
+    h_n = torch.cat([h, *reversed(done_h)]) if done_h else h
+    c_n = None if c is None else (torch.cat([c, *reversed(done_c)]) if done_c else c)
+    return torch.cat(outputs), h_n, c_n
+
+
 def _recurrent(mode: str, input, hx, params: Sequence, has_biases: bool, num_layers: int,
-               dropout_p: float, train: bool, bidirectional: bool, batch_first: bool):
+               dropout_p: float, train: bool, bidirectional: bool, batch_first: bool = False,
+               batch_sizes: Optional[list[int]] = None):
+    """The layers over a padded input (``batch_sizes`` None) or a packed one (its data, with
+    ``batch_sizes`` the number of sequences at each step)."""
     name = mode.lower()
     x = as_dual(input, name)
-    if x.dim() != 3:
+    packed = batch_sizes is not None
+    if packed and x.dim() != 2:
+        raise ValueError(f"{name}: expected packed data of 2 dims (steps of all sequences, "
+                         f"features), got shape {tuple(x.shape)}")
+    if not packed and x.dim() != 3:
         raise ValueError(f"{name}: expected a 3-d input (sequence, batch, features; batch first "
                          f"with batch_first), got shape {tuple(x.shape)}")
     directions = 2 if bidirectional else 1
@@ -90,8 +153,10 @@ def _recurrent(mode: str, input, hx, params: Sequence, has_biases: bool, num_lay
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            out, h, c = _direction(mode, x, h0[k], None if c0 is None else c0[k],
-                                   weights[k * per:(k + 1) * per], has_biases, direction == 1)
+            run = (lambda *a: _packed_direction(mode, x, batch_sizes, *a)) if packed else \
+                (lambda *a: _direction(mode, x, *a))
+            out, h, c = run(h0[k], None if c0 is None else c0[k],
+                            weights[k * per:(k + 1) * per], has_biases, direction == 1)
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)
@@ -112,16 +177,17 @@ def _packed(args: tuple, list_at: int) -> bool:
 
 
 def _rule(func, mode: str, list_at: int, returns: str):
-    """The rule of ``func`` (torch.lstm, torch.gru, ...): its padded form unrolled
-    (``_recurrent``); its packed form refused."""
+    """The rule of ``func`` (torch.lstm, torch.gru, ...) in both its forms: padded
+    ``(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)``
+    and packed ``(data, batch_sizes, hx, params, has_biases, num_layers, dropout, train,
+    bidirectional)``."""
 
     @torch.no_grad()
     def rule(*args, **kwargs):
         if _packed(args, list_at):
-            raise NotImplementedError(
-                f"torch.{func.__name__} on a packed sequence: fgkernels has no rule for it, and "
-                "torch's forward mode cannot differentiate packing; pass the padded sequence "
-                "(torch.nn.utils.rnn.pad_packed_sequence) instead")
+            data, batch_sizes, *rest = args
+            return _recurrent(mode, data, *rest, **kwargs,
+                              batch_sizes=[int(n) for n in batch_sizes.tolist()])
         return _recurrent(mode, *args, **kwargs)
 
     rule.__doc__ = f"Dual ``torch.{func.__name__}``: ``{returns}``."
@@ -132,3 +198,42 @@ lstm = _rule(torch.lstm, "LSTM", 1, "(output, h_n, c_n)")
 gru = _rule(torch.gru, "GRU", 2, "(output, h_n)")
 rnn_tanh = _rule(torch.rnn_tanh, "RNN_TANH", 2, "(output, h_n)")
 rnn_relu = _rule(torch.rnn_relu, "RNN_RELU", 2, "(output, h_n)")
+
+
+def _slots_as_features(stack: Tensor, batch_first: bool) -> Tensor:
+    """A stack (T, L, N, *F) ((T, N, L, *F) batch first) as (L, N, T, *F) ((N, L, T, *F)):
+    the slots beside the features, where packing and padding carry them along."""
+    return stack.movedim(0, 2)
+
+
+@implements(torch._pack_padded_sequence)
+@torch.no_grad()
+def pack_padded_sequence(input, lengths: Tensor, batch_first: bool) -> tuple[Dual, Tensor]:
+    """Dual ``torch._pack_padded_sequence`` (``nn.utils.rnn.pack_padded_sequence``'s step):
+    ``(data, batch_sizes)``, every tangent slot packed as the primal."""
+    x = as_dual(input, "pack_padded_sequence")
+    data, batch_sizes = torch._pack_padded_sequence(x.primal, lengths, batch_first)
+    stack = x.tangents
+    if stack is not None:
+        stack, _ = torch._pack_padded_sequence(_slots_as_features(stack, batch_first), lengths,
+                                               batch_first)
+        stack = stack.movedim(1, 0)
+    return x.with_tangents(data, stack), batch_sizes
+
+
+@implements(torch._pad_packed_sequence)
+@torch.no_grad()
+def pad_packed_sequence(data, batch_sizes: Tensor, batch_first: bool, padding_value: float,
+                        total_length: int) -> tuple[Dual, Tensor]:
+    """Dual ``torch._pad_packed_sequence`` (``nn.utils.rnn.pad_packed_sequence``'s step):
+    ``(padded, lengths)``, every tangent slot padded as the primal, with zeros (the padding is
+    a constant)."""
+    d = as_dual(data, "pad_packed_sequence")
+    padded, lengths = torch._pad_packed_sequence(d.primal, batch_sizes, batch_first,
+                                                 padding_value, total_length)
+    stack = d.tangents
+    if stack is not None:
+        stack, _ = torch._pad_packed_sequence(stack.movedim(0, 1), batch_sizes, batch_first, 0.0,
+                                              total_length)
+        stack = stack.movedim(2, 0)
+    return d.with_tangents(padded, stack), lengths

@@ -247,15 +247,27 @@ def test_float32_lstm_where_torchs_forward_mode_fails():
     assert errors["primal"] < 1e-6 and errors["tangent"] < 1e-5, errors
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
-def test_recurrent_layers_refuse_packed_sequences_by_name(name):
-    """The packed form (data, batch_sizes, ...) is refused with an error that names it, not
-    taken for the padded form."""
-    f64 = dict(dtype=torch.float64)
-    data, bs, h = torch.randn(5, 4, **f64), torch.tensor([2, 2, 1]), torch.zeros(1, 2, 3, **f64)
-    rows = 12 if name == "lstm" else 9 if name == "gru" else 3
-    weights = [torch.randn(rows, 4, **f64), torch.randn(rows, 3, **f64)]
-    hx = (h, h) if name == "lstm" else h
-    with pytest.raises(NotImplementedError, match=f"torch.{name} on a packed sequence"):
-        getattr(torch, name)(Dual(data, torch.randn(1, 5, 4, **f64)), bs, hx, weights, False, 1,
-                             0.0, False, False)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_packing_moves_every_slot_as_the_primal(batch_first):
+    """pack_padded_sequence and pad_packed_sequence on a Dual (float32, three bfloat16 slots,
+    unsorted lengths): each slot is what torch's functions make of that slot alone, and the
+    padding's tangent is zero whatever the padding value."""
+    rnn = nn.utils.rnn
+    torch.manual_seed(0)
+    x = torch.randn((3, 4, 2) if batch_first else (4, 3, 2))
+    xt = torch.randn(3, *x.shape).to(torch.bfloat16)
+    lengths = torch.tensor([2, 4, 1])
+    packed = rnn.pack_padded_sequence(Dual(x, xt), lengths, batch_first, enforce_sorted=False)
+    for t in range(3):
+        slot = rnn.pack_padded_sequence(xt[t], lengths, batch_first, enforce_sorted=False)
+        assert torch.equal(packed.data.tangents[t], slot.data)
+    assert torch.equal(packed.data.primal,
+                       rnn.pack_padded_sequence(x, lengths, batch_first, False).data)
+    padded, got_lengths = rnn.pad_packed_sequence(packed, batch_first, padding_value=-1.0)
+    assert torch.equal(got_lengths, lengths)
+    assert torch.equal(padded.primal, rnn.pad_packed_sequence(
+        rnn.pack_padded_sequence(x, lengths, batch_first, False), batch_first, -1.0)[0])
+    keep = (torch.arange(4)[:, None] < lengths).to(xt.dtype)  # (time, batch)
+    keep = (keep.T if batch_first else keep)[..., None]
+    assert padded.tangents.dtype == torch.bfloat16
+    assert torch.equal(padded.tangents, xt * keep)

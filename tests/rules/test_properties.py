@@ -611,6 +611,76 @@ def test_recurrent_layers(mode, bias, layers, bidirectional, batch_first, proj, 
     _close(out, expected)
 
 
+class _PackedRecurrent(_Recurrent):
+    """The same layers on a packed batch of sequences of the given lengths: packed
+    (``pack_padded_sequence``, sorted or not), run, and padded back (``pad_packed_sequence``)."""
+
+    def forward(self, x, lengths, enforce_sorted, *states):
+        rnn = nn.utils.rnn
+        batch_first = self.rnn.batch_first
+        packed = rnn.pack_padded_sequence(x, lengths, batch_first, enforce_sorted)
+        out, final = super().forward(packed, *states)
+        padded, _ = rnn.pad_packed_sequence(out, batch_first,
+                                            total_length=x.shape[1 if batch_first else 0])
+        return padded, *torch.utils._pytree.tree_leaves(final)
+
+
+@PROFILE
+@given(mode=st.sampled_from(["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]), bias=st.booleans(),
+       layers=st.integers(1, 2), bidirectional=st.booleans(), batch_first=st.booleans(),
+       proj=st.booleans(), states=st.booleans(), T=slots,
+       lengths=st.lists(st.integers(1, 4), min_size=1, max_size=3), sort=st.booleans(),
+       seed=st.integers(0, 99))
+def test_packed_recurrent_layers(mode, bias, layers, bidirectional, batch_first, proj, states, T,
+                                 lengths, sort, seed):
+    """nn.LSTM, nn.GRU and nn.RNN on packed sequences of drawn lengths (torch's forward mode
+    cannot differentiate packing): the padded output (zero past each sequence's end, in value
+    and tangent) and the final states, every slot, against forward_ad of the same layers run
+    on each sequence alone, unpacked, with its own initial states; on rules alone."""
+    from fgkernels.rules.fallback import strict_rules
+    from fgkernels.testing import model_jvp
+    torch.manual_seed(seed)
+    if sort:
+        lengths = sorted(lengths, reverse=True)
+    model = _PackedRecurrent(mode, bias, layers, bidirectional, batch_first, proj).double()
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64)
+    tangents = {name: draw(T, *p.shape) for name, p in model.named_parameters()}
+    n, length = len(lengths), max(lengths)
+    x = draw(*((n, length) if batch_first else (length, n)), 4)
+    lead = (layers * (2 if bidirectional else 1), n)
+    initial = [draw(*lead, 2 if mode == "LSTM" and proj else 3)] if states else []
+    if states and mode == "LSTM":
+        initial.append(draw(*lead, 3))
+    xt, initial_t = draw(T, *x.shape), [draw(T, *h.shape) for h in initial]
+    # The oracle: each sequence alone (batch of one, unpacked), its states and slots with it.
+    along = 1 if batch_first else 0  # the time dim of x; its batch dim is the other one
+    one = lambda v, b, dim: v.narrow(dim, b, 1)
+    alone = _Recurrent(mode, bias, layers, bidirectional, batch_first, proj).double()
+    alone.load_state_dict(model.state_dict())
+    outs, outs_t, finals, finals_t = [], [], [], []
+    for b, k in enumerate(lengths):
+        xb = one(x, b, 1 - along).narrow(along, 0, k)
+        xbt = one(xt, b, 2 - along).narrow(along + 1, 0, k)
+        y, yt = model_jvp(alone, [xb, *(one(h, b, 1) for h in initial)],
+                          [xbt, *(one(h, b, 2) for h in initial_t)], tangents)
+        grow = lambda v, dim: torch.cat([v, v.new_zeros(*v.shape[:dim], length - k,
+                                                          *v.shape[dim + 1:])], dim)
+        outs.append(grow(y[0], along))
+        outs_t.append(grow(yt[0], along + 1))
+        finals.append(torch.utils._pytree.tree_leaves(y[1]))
+        finals_t.append(torch.utils._pytree.tree_leaves(yt[1]))
+    expected = [torch.cat(outs, 1 - along), torch.cat(outs_t, 2 - along)]
+    for i in range(len(finals[0])):
+        expected += [torch.cat([f[i] for f in finals], 1),
+                     torch.cat([f[i] for f in finals_t], 2)]
+    fgkernels.set_tangents(model, tangents)
+    with strict_rules():
+        out = model(Dual(x, xt), torch.tensor(lengths), sort,
+                    *map(Dual, initial, initial_t))
+    _close(out, expected)
+
+
 SMOOTH_OPS = {  # rules of their own, and asinh, which has none (forward AD on the op)
     "sin": torch.sin, "cos": torch.cos, "cumsum": lambda v: v.cumsum(-1),
     "logsumexp": lambda v: v.logsumexp(-1), "var": lambda v: v.var(-1, correction=0),
