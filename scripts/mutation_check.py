@@ -38,6 +38,7 @@ TRITON = ("tests/backends/test_triton.py",)
 COMPILE = "tests/nn/test_compile.py::"  # + a test's name
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
 BN_PER_CHANNEL = "csrc/bn_per_channel.h"
+POINTWISE = "fgkernels/rules/pointwise.py"
 PACKED = ("tests/rules/test_properties.py::test_packed_recurrent_layers",
           "tests/rules/test_layer_configs.py::test_packing_moves_every_slot_as_the_primal")
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
@@ -149,6 +150,17 @@ MUTANTS = [
     Mutant("a selection's tangents picked at the wrong indices", "fgkernels/rules/reductions.py",
            "picked = t.gather(at, index.expand(t.shape[0], *index.shape))",
            "picked = t.gather(at, index.flip(-1).expand(t.shape[0], *index.shape))", OPS),
+    Mutant("lerp's weight term taken from the wrong end", POINTWISE,
+           "(wo, wt, lambda t: t * _like(e - a, t))", "(wo, wt, lambda t: t * _like(a - e, t))",
+           OPS),
+    Mutant("addcdiv's divisor term not squared", POINTWISE,
+           "-(t * _like(b, t)) / _like(c * c, t)", "-(t * _like(b, t)) / _like(c, t)", OPS),
+    Mutant("atan2's second operand term of the wrong sign", POINTWISE,
+           "t * _like(-a * recip, t)", "t * _like(a * recip, t)", OPS),
+    Mutant("nan_to_num keeps the tangent of a replaced value", POINTWISE,
+           "lambda t, x: t * torch.isfinite(x)", "lambda t, x: t", OPS),
+    Mutant("tanhshrink's slope not squared", POINTWISE,
+           "lambda t, x: t * _like(th * th, t)", "lambda t, x: t * _like(th, t)", OPS),
     Mutant("GRU update gate mixes the wrong way", "fgkernels/rules/recurrent.py",
            "return n + z * (h - n)", "return n + z * (n - h)", OPS),
     Mutant("reverse direction reads the sequence forwards", "fgkernels/rules/recurrent.py",

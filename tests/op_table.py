@@ -293,6 +293,17 @@ OPS = {
                             (5, 12)),
     "fallback_cumprod": OpCase(lambda x, w: torch.cumprod(x * w, 1), (4, 6), (6,),
                                on_rules=False),
+    "lerp_addcmul_addcdiv": OpCase(
+        lambda x, w: torch.lerp(x, x * w, 0.3) + torch.lerp(x, w.expand(4, 6), x * w)
+        + torch.addcmul(x, x, w, value=0.5) + x.addcdiv(x * w, w.abs() + 1, value=-2.0),
+        (4, 6), (6,)),
+    # log of negative values: NaN primals that nan_to_num replaces (their tangents then 0)
+    "atan2_nan_to_num": OpCase(
+        lambda x, w: torch.atan2(x, w) + x.arctan2(x * w)
+        + torch.nan_to_num((x * w).log(), nan=0.5, neginf=-3.0), (4, 6), (6,)),
+    "softsign_tanhshrink_softmin": OpCase(
+        lambda x, w: F.softsign(x * w) + F.tanhshrink(x) * w + F.softmin(x * w, dim=1),
+        (4, 6), (6,)),
     "softplus": OpCase(lambda x, w: F.softplus(x * w, beta=2.0, threshold=1.0) + F.softplus(w),
                        (4, 6), (6,)),
     # bases above 0 and of either sign, exponents tensor and number (0 among them), bases of 0

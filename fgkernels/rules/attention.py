@@ -44,6 +44,12 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
     return d.with_tangents(y, yt * (t - _along(yt * t, d.primal, dim)))
 
 
+@implements(F.softmin)
+def softmin(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> Dual:
+    """Dual ``softmin``: ``softmax(−x)``, as torch computes it."""
+    return F.softmax(-input, dim, _stacklevel, dtype)
+
+
 @implements(F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax)
 @torch.no_grad()
 def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) -> Dual:

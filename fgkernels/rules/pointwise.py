@@ -155,6 +155,56 @@ def _neg(input: Dual) -> Dual:
     return input.map(torch.neg)
 
 
+@implements(torch.lerp, torch.Tensor.lerp)
+def lerp(input, end, weight) -> Dual:
+    """Dual ``input + w·(end − input)``: ``ẏ = (1 − w)·ȧ + w·ė + ẇ·(end − input)``."""
+    (a, at, ao), (e, et, eo), (w, wt, wo) = _parts(input), _parts(end), _parts(weight)
+    y = torch.lerp(a, e, w)
+    return _combine("lerp", y, [(ao, at, lambda t: t * (1 - _like(w, t))),
+                                (eo, et, lambda t: t * _like(w, t)),
+                                (wo, wt, lambda t: t * _like(e - a, t))])
+
+
+@implements(torch.addcmul, torch.Tensor.addcmul)
+def addcmul(input, tensor1, tensor2, *, value=1) -> Dual:
+    """Dual ``input + value·t₁·t₂``: ``ẏ = ȧ + value·(ṫ₁·t₂ + t₁·ṫ₂)``."""
+    (a, at, ao), (b, bt, bo), (c, ct, co) = _parts(input), _parts(tensor1), _parts(tensor2)
+    y = torch.addcmul(a, b, c, value=value)
+    return _combine("addcmul", y, [(ao, at, lambda t: t),
+                                   (bo, bt, lambda t: t * _like(c, t) * value),
+                                   (co, ct, lambda t: t * _like(b, t) * value)])
+
+
+@implements(torch.addcdiv, torch.Tensor.addcdiv)
+def addcdiv(input, tensor1, tensor2, *, value=1) -> Dual:
+    """Dual ``input + value·t₁/t₂``: ``ẏ = ȧ + value·(ṫ₁/t₂ − t₁·ṫ₂/t₂²)``."""
+    (a, at, ao), (b, bt, bo), (c, ct, co) = _parts(input), _parts(tensor1), _parts(tensor2)
+    y = torch.addcdiv(a, b, c, value=value)
+    return _combine("addcdiv", y, [(ao, at, lambda t: t),
+                                   (bo, bt, lambda t: t / _like(c, t) * value),
+                                   (co, ct, lambda t: -(t * _like(b, t)) / _like(c * c, t)
+                                    * value)])
+
+
+@implements(torch.atan2, torch.Tensor.atan2, torch.arctan2, torch.Tensor.arctan2)
+def atan2(input, other) -> Dual:
+    """Dual ``atan2(a, b)``: ``ẏ = (b·ȧ − a·ḃ)/(a² + b²)``."""
+    (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
+    y = torch.atan2(a, b)
+    recip = (a * a + b * b).reciprocal()
+    return _combine("atan2", y, [(ao, at, lambda t: t * _like(b * recip, t)),
+                                 (bo, bt, lambda t: t * _like(-a * recip, t))])
+
+
+@implements(torch.nan_to_num, torch.Tensor.nan_to_num)
+def nan_to_num(input, nan: float = 0.0, posinf: Optional[float] = None,
+               neginf: Optional[float] = None) -> Dual:
+    """Dual ``nan_to_num``: ``ẏ = ẋ`` where x is finite, 0 where x was replaced (a constant; a
+    NaN tangent there stays NaN, as forward_ad's product with 0 leaves it)."""
+    y = torch.nan_to_num(input.primal, nan, posinf, neginf)
+    return _activation(input, y, lambda t, x: t * torch.isfinite(x))
+
+
 @implements(torch.where)
 def where(condition, input, other) -> Dual:
     """Dual select: ``ẏ = where(condition, ȧ, ḃ)`` (an operand without tangent gives 0)."""
@@ -482,6 +532,20 @@ def tanh(input) -> Dual:
     """Dual tanh: slope ``1 − y²``."""
     y = torch.tanh(input.primal)
     return _activation(input, y, lambda t, x: _aten.tanh_backward(t, _like(y, t).expand_as(t)))
+
+
+@implements(F.tanhshrink)
+def tanhshrink(input) -> Dual:
+    """Dual ``x − tanh(x)``: slope ``tanh(x)²``."""
+    th = torch.tanh(input.primal)
+    return _activation(input, input.primal - th, lambda t, x: t * _like(th * th, t))
+
+
+@implements(F.softsign)
+def softsign(input) -> Dual:
+    """Dual ``x/(1 + |x|)``: slope ``1/(1 + |x|)²``."""
+    den = input.primal.abs() + 1
+    return _activation(input, input.primal / den, lambda t, x: t / _like(den * den, t))
 
 
 @implements(torch.exp, torch.Tensor.exp)
