@@ -176,6 +176,14 @@ def _packed(args: tuple, list_at: int) -> bool:
     return len(args) > list_at and not isinstance(args[list_at], (list, tuple))
 
 
+@torch.compiler.disable
+def _packed_recurrent(mode: str, data, batch_sizes: Tensor, *rest, **kwargs):
+    """The packed form, run eagerly under torch.compile as torch's packing is: each step's
+    batch size is data."""
+    return _recurrent(mode, data, *rest, **kwargs,
+                      batch_sizes=[int(n) for n in batch_sizes.tolist()])
+
+
 def _rule(func, mode: str, list_at: int, returns: str):
     """The rule of ``func`` (torch.lstm, torch.gru, ...) in both its forms: padded
     ``(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)``
@@ -185,9 +193,7 @@ def _rule(func, mode: str, list_at: int, returns: str):
     @torch.no_grad()
     def rule(*args, **kwargs):
         if _packed(args, list_at):
-            data, batch_sizes, *rest = args
-            return _recurrent(mode, data, *rest, **kwargs,
-                              batch_sizes=[int(n) for n in batch_sizes.tolist()])
+            return _packed_recurrent(mode, *args, **kwargs)
         return _recurrent(mode, *args, **kwargs)
 
     rule.__doc__ = f"Dual ``torch.{func.__name__}``: ``{returns}``."
@@ -207,6 +213,7 @@ def _slots_as_features(stack: Tensor, batch_first: bool) -> Tensor:
 
 
 @implements(torch._pack_padded_sequence)
+@torch.compiler.disable  # sizes that are data, as torch's packing under torch.compile
 @torch.no_grad()
 def pack_padded_sequence(input, lengths: Tensor, batch_first: bool) -> tuple[Dual, Tensor]:
     """Dual ``torch._pack_padded_sequence`` (``nn.utils.rnn.pack_padded_sequence``'s step):
@@ -222,6 +229,7 @@ def pack_padded_sequence(input, lengths: Tensor, batch_first: bool) -> tuple[Dua
 
 
 @implements(torch._pad_packed_sequence)
+@torch.compiler.disable
 @torch.no_grad()
 def pad_packed_sequence(data, batch_sizes: Tensor, batch_first: bool, padding_value: float,
                         total_length: int) -> tuple[Dual, Tensor]:

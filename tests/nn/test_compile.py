@@ -822,3 +822,48 @@ def test_a_parameter_read_past_the_mode_keeps_its_tangent_compiled(name):
     with fgkernels.strict_rules() if name != "real" else contextlib.nullcontext():
         out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
     _assert_pass_equals(out, model_jvp(net, [x], [xt], tangents))
+
+
+def test_a_packed_recurrent_model_compiles_around_its_packing():
+    """Packed sequences under fgkernels.compile: the packing and the packed LSTM run eagerly
+    between graphs (as torch.compile runs torch's own packing: the batch sizes are data), the
+    rest compiled; the output and final states, every slot, against forward_ad of each sequence
+    alone, unpacked (forward mode cannot differentiate packing)."""
+    from torch import nn
+    rnn_utils = nn.utils.rnn
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x, lengths=None):
+            if lengths is None:  # the oracle's form: one sequence, unpacked
+                out, (h, _) = self.rnn(x)
+            else:
+                packed = rnn_utils.pack_padded_sequence(x, lengths, True, enforce_sorted=False)
+                out, (h, _) = self.rnn(packed)
+                out, _ = rnn_utils.pad_packed_sequence(out, True, total_length=x.shape[1])
+            return self.head(out).tanh(), h
+
+    torch.manual_seed(0)
+    model = Tagger().double()
+    lengths = [2, 5, 3]
+    x = torch.randn(3, 5, 3, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    tangents = {n: torch.randn(2, *p.shape, dtype=torch.float64)
+                for n, p in model.named_parameters()}
+    fgkernels.set_tangents(model, tangents)
+    torch._dynamo.reset()
+    out, h = fgkernels.compile(model, backend="aot_eager")(Dual(x, xt), torch.tensor(lengths))
+    for b, k in enumerate(lengths):
+        (y, hb), (yt, hbt) = model_jvp(model, [x[b:b + 1, :k]], [xt[:, b:b + 1, :k]], tangents)
+        torch.testing.assert_close(out.primal[b:b + 1, :k], y, **TOL[torch.float64])
+        torch.testing.assert_close(out.tangents[:, b:b + 1, :k], yt, **TOL[torch.float64])
+        torch.testing.assert_close(h.primal[:, b:b + 1], hb, **TOL[torch.float64])
+        torch.testing.assert_close(h.tangents[:, :, b:b + 1], hbt, **TOL[torch.float64])
+    # Past each sequence's end the LSTM's output is the padding, 0, and the head's is its bias.
+    padding = model.head(torch.zeros(8, dtype=torch.float64)).tanh()
+    for b, k in enumerate(lengths):
+        torch.testing.assert_close(out.primal[b, k:], padding.expand(5 - k, 2))
