@@ -81,6 +81,45 @@ def reads_padding_only(size: int, kernel: int, stride: int, padding: int,
 _RECURRENT = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 
+class _PackPaddedSequence(torch.autograd.Function):
+    """``torch._VF._pack_padded_sequence`` with its forward-mode derivative: the tangent packed
+    as the input is (packing selects elements)."""
+
+    @staticmethod
+    def forward(input: Tensor, lengths: Tensor, batch_first: bool):
+        return torch._C._VariableFunctions._pack_padded_sequence(input, lengths, batch_first)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.lengths, ctx.batch_first = inputs
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def jvp(ctx, input_t: Tensor, *_):
+        return _PackPaddedSequence.forward(input_t, ctx.lengths, ctx.batch_first)[0], None
+
+
+class _PadPackedSequence(torch.autograd.Function):
+    """``torch._VF._pad_packed_sequence`` with its forward-mode derivative: the tangent padded
+    as the data is, with zeros (the padding is a constant)."""
+
+    @staticmethod
+    def forward(data: Tensor, batch_sizes: Tensor, batch_first: bool, padding_value: float,
+                total_length: int):
+        return torch._C._VariableFunctions._pad_packed_sequence(
+            data, batch_sizes, batch_first, padding_value, total_length)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.batch_sizes, ctx.batch_first, _, ctx.total_length = inputs
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def jvp(ctx, data_t: Tensor, *_):
+        return _PadPackedSequence.forward(data_t, ctx.batch_sizes, ctx.batch_first, 0.0,
+                                          ctx.total_length)[0], None
+
+
 def _on_composite_kernels(func: Callable) -> Callable:
     """``func`` run with oneDNN off: on torch's composite CPU kernels."""
     def call(*args, **kwargs):
@@ -98,7 +137,9 @@ def oracle_mode(exact_hardsigmoid: bool = False) -> Iterator[None]:
     """forward_ad where torch's own kernels have no forward-mode derivative: attention by its
     math kernel (the fused CPU kernel has none), weight normalisation written out as
     ``g·v/‖v‖`` (its fused kernel has none), the recurrent layers on torch's composite kernels
-    (oneDNN's, which a float32 or bfloat16 RNN takes on the CPU, has none).
+    (oneDNN's, which a float32 or bfloat16 RNN takes on the CPU, has none), and packing and
+    padding a packed sequence with a derivative (torch's ops have none; both are linear in
+    their data).
 
     ``exact_hardsigmoid``: hardsigmoid's slope is 1/6 of the input's dtype, as a compiled pass
     computes it (Inductor's decomposition of its derivative). Torch's CPU kernel of that
@@ -111,9 +152,12 @@ def oracle_mode(exact_hardsigmoid: bool = False) -> Iterator[None]:
     if exact_hardsigmoid:
         F.hardsigmoid = _hardsigmoid_of_exact_slope
     torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel has no forward AD
-    patched = {name: torch._VF.__dict__.get(name) for name in _RECURRENT}
-    for name in _RECURRENT:
-        setattr(torch._VF, name, _on_composite_kernels(getattr(torch._VF, name)))
+    replacements = {name: _on_composite_kernels(getattr(torch._VF, name)) for name in _RECURRENT}
+    replacements.update(_pack_padded_sequence=_PackPaddedSequence.apply,
+                        _pad_packed_sequence=_PadPackedSequence.apply)
+    patched = {name: torch._VF.__dict__.get(name) for name in replacements}
+    for name, replacement in replacements.items():
+        setattr(torch._VF, name, replacement)
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
@@ -153,8 +197,9 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
                             num_tangents: int = 1, seed: int = 0,
                             run: Optional[Callable[..., Any]] = None,
                             exact_hardsigmoid: bool = False) -> dict[str, Any]:
-    """Run ``model``'s dual pass, every parameter and input carrying ``num_tangents`` random
-    tangents, and the same pass by forward_ad (``model_jvp_in_place``), both from the same
+    """Run ``model``'s dual pass, every parameter and floating input carrying ``num_tangents``
+    random tangents (other inputs, such as lengths or token ids, are passed as they are), and
+    the same pass by forward_ad (``model_jvp_in_place``), both from the same
     buffers and random state. Returns the relative errors of the outputs and their tangents
     (every floating output, nested ones included) and of the buffers after the pass, and the
     ops that took the forward-AD fallback. No copy of the model is made (large models fit).
@@ -170,7 +215,12 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     tangents = random_tangents(model, num_tangents=num_tangents, generator=g)
     clear_tangents(model)
     input_tangents = [torch.randn(num_tangents, *x.shape, generator=g, dtype=x.dtype,
-                                  device=x.device) for x in inputs]
+                                  device=x.device) if x.is_floating_point() else None
+                      for x in inputs]
+    if all(t is None for t in input_tangents):
+        raise ValueError("compare_with_forward_ad: no floating input among the inputs; a dual "
+                         "pass starts at a module called with a Dual, which a floating input "
+                         "becomes")
     buffers = dict(model.named_buffers())
     start = {k: v.clone() for k, v in buffers.items()}
     caches = _module_caches(model)
@@ -187,7 +237,8 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     torch.manual_seed(seed)
     set_tangents(model, tangents)
     try:
-        out = (run or model)(*[Dual(x, t) for x, t in zip(inputs, input_tangents)])
+        out = (run or model)(*[x if t is None else Dual(x, t)
+                               for x, t in zip(inputs, input_tangents)])
     finally:
         clear_tangents(model)
     fallback = {k: v - before.get(k, 0) for k, v in fallback_ops().items()

@@ -41,6 +41,7 @@ BN_PER_CHANNEL = "csrc/bn_per_channel.h"
 POINTWISE = "fgkernels/rules/pointwise.py"
 PACKED = ("tests/rules/test_properties.py::test_packed_recurrent_layers",
           "tests/rules/test_layer_configs.py::test_packing_moves_every_slot_as_the_primal")
+ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
 
@@ -179,9 +180,14 @@ MUTANTS = [
     Mutant("LSTM projection skipped", "fgkernels/rules/recurrent.py",
            "w_hr = weights[4 if has_biases else 2] if len(weights) in (3, 5) else None",
            "w_hr = None", OPS),
+    Mutant("the oracle's packing drops the tangent", "fgkernels/testing.py",
+           "input_t, ctx.lengths, ctx.batch_first)[0], None",
+           "input_t, ctx.lengths, ctx.batch_first)[0] * 0, None", ORACLE_PACKING),
+    Mutant("the oracle pads a packed tangent with ones", "fgkernels/testing.py",
+           "ctx.batch_first, 0.0,\n", "ctx.batch_first, 1.0,\n", ORACLE_PACKING),
     Mutant("the oracle runs RNNs on oneDNN", "fgkernels/testing.py",
-           "setattr(torch._VF, name, _on_composite_kernels(getattr(torch._VF, name)))",
-           "setattr(torch._VF, name, getattr(torch._VF, name))",
+           "{name: _on_composite_kernels(getattr(torch._VF, name)) for",
+           "{name: getattr(torch._VF, name) for",
            ("tests/test_testing.py", "tests/rules/test_layer_configs.py")),
     Mutant("masked_fill keeps x's tangent where it fills", "fgkernels/rules/pointwise.py",
            "(xo, xt, lambda t: t.masked_fill(mask, 0))", "(xo, xt, lambda t: t)", OPS),
@@ -393,7 +399,7 @@ MUTANTS = [
            TRAINER),
     # the oracle's comparison
     Mutant("the comparison calls the model instead of the run it is given", "fgkernels/testing.py",
-           "out = (run or model)(*[Dual", "out = model(*[Dual",
+           "out = (run or model)(*[x if", "out = model(*[x if",
            ("tests/test_testing.py::test_run_is_what_the_comparison_calls",)),
     Mutant("the oracle takes torch's hardsigmoid slope when asked for the exact one",
            "fgkernels/testing.py", "    if exact_hardsigmoid:\n", "    if False:\n",

@@ -79,3 +79,47 @@ def test_the_oracle_runs_recurrent_layers_on_torch_s_composite_kernels():
     assert all(name not in torch._VF.__dict__ for name in ("lstm", "gru", "rnn_tanh"))
     with oracle_mode():
         assert torch._VF.__dict__["lstm"] is not torch._C._VariableFunctions.lstm
+
+
+class _PackedTagger(nn.Module):
+    """A bidirectional LSTM over packed sequences of the given lengths, or over one sequence
+    unpacked (no lengths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+
+    def forward(self, x, lengths=None):
+        if lengths is None:
+            return self.rnn(x)[0]
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, True, enforce_sorted=False)
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], True,
+                                                  total_length=x.shape[1])
+        return out
+
+
+def test_the_oracle_differentiates_packing():
+    """torch's packing and padding have no forward-mode derivative; the oracle's do: a packed
+    model's tangents equal forward_ad's of each sequence alone, unpacked, and zero past each
+    sequence's end; torch's functions are put back afterwards."""
+    torch.manual_seed(0)
+    model, lengths = _PackedTagger().double(), [2, 4, 1]
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    y, yt = model_jvp_in_place(model, [x, torch.tensor(lengths)], [xt, None])
+    for b, k in enumerate(lengths):
+        alone, alone_t = model_jvp_in_place(model, [x[b:b + 1, :k]], [xt[:, b:b + 1, :k]])
+        torch.testing.assert_close(y[b:b + 1, :k], alone)
+        torch.testing.assert_close(yt[:, b:b + 1, :k], alone_t)
+        assert (yt[:, b, k:] == 0).all()
+    assert all(name not in torch._VF.__dict__
+               for name in ("_pack_padded_sequence", "_pad_packed_sequence"))
+
+
+def test_the_comparison_passes_inputs_that_are_not_floating_as_they_are():
+    torch.manual_seed(0)
+    model, x = _PackedTagger().double(), torch.randn(3, 4, 3, dtype=torch.float64)
+    result = compare_with_forward_ad(model, [x, torch.tensor([2, 4, 1])], num_tangents=2)
+    assert result["primal"] == 0 and result["tangent"] < 1e-12 and not result["fallback"]
+    with pytest.raises(ValueError, match="no floating input"):
+        compare_with_forward_ad(nn.Embedding(5, 2), [torch.tensor([1, 3])])
