@@ -41,6 +41,9 @@ BN_PER_CHANNEL = "csrc/bn_per_channel.h"
 POINTWISE = "fgkernels/rules/pointwise.py"
 PACKED = ("tests/rules/test_properties.py::test_packed_recurrent_layers",
           "tests/rules/test_layer_configs.py::test_packing_moves_every_slot_as_the_primal")
+LSTM_CELL = ("tests/rules/test_properties.py::test_recurrent_layers",
+             "tests/rules/test_properties.py::test_lstm_directions_enter_part_way",
+             "tests/rules/test_layer_configs.py")
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
@@ -177,6 +180,18 @@ MUTANTS = [
     Mutant("padding a packed sequence pads its tangent with the padding value",
            "fgkernels/rules/recurrent.py", "batch_sizes, batch_first, 0.0,",
            "batch_sizes, batch_first, padding_value,", PACKED),
+    Mutant("LSTM cell's forget-gate term without the cell state", "fgkernels/rules/recurrent.py",
+           "ft * like(sf * (1 - sf) * cp)", "ft * like(sf * (1 - sf))", LSTM_CELL),
+    Mutant("LSTM cell's state carried through the input gate", "fgkernels/rules/recurrent.py",
+           "_slots.cast(ct, dtype) * like(sf)", "_slots.cast(ct, dtype) * like(si)", LSTM_CELL),
+    Mutant("LSTM cell's candidate slope not squared", "fgkernels/rules/recurrent.py",
+           "like(si * (1 - tg * tg))", "like(si * (1 - tg))", LSTM_CELL),
+    Mutant("LSTM cell's output slope through tanh(c') not squared",
+           "fgkernels/rules/recurrent.py", "like(so * (1 - tc * tc))", "like(so * (1 - tc))",
+           LSTM_CELL),
+    Mutant("LSTM cell's output-gate term in the first slots, not the gates'",
+           "fgkernels/rules/recurrent.py", "_slots.add_into_slots(ht_new, g_pos, o_term)",
+           "ht_new[:len(g_pos)].add_(o_term)", LSTM_CELL),
     Mutant("LSTM projection skipped", "fgkernels/rules/recurrent.py",
            "w_hr = weights[4 if has_biases else 2] if len(weights) in (3, 5) else None",
            "w_hr = None", OPS),

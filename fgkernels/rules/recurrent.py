@@ -29,18 +29,52 @@ from typing import Optional
 
 import torch
 
+from ..dual import slots as _slots
+from ..dual.dtypes import tangent_dtype_fits
 from ..dual.value import Dual, implements
 from .layers import dropout, linear
-from .operands import as_dual
+from .operands import as_dual, parts
 
 Tensor = torch.Tensor
 
 
-def _lstm_cell(gates: Dual, h: Dual, c: Dual, w_hr: Optional[Dual]) -> tuple[Dual, Dual]:
-    i, f, g, o = gates.chunk(4, -1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
-    return (h if w_hr is None else linear(h, w_hr)), c
+def _lstm_cell(gates: Dual, c: Dual, w_hr: Optional[Dual]) -> tuple[Dual, Dual]:
+    """The LSTM cell from its gates' pre-activations and cell state, as one rule: the primal
+    as torch's cell computes it, the tangents by the chain rule written out over all slots
+    (σ' = σ(1 − σ), tanh' = 1 − tanh²), not a Dual op for each of the cell's dozen terms:
+
+        ċ' = σ'(f) c ḟ + σ'(i) tanh(g) i̇ + σ(i) tanh'(g) ġ + σ(f) ċ
+        ḣ' = σ'(o) tanh(c') ȯ + σ(o) tanh'(c') ċ'
+
+    Each coefficient is computed at the primal's precision and rounded once to the tangents'."""
+    (gp, gt, g_slots), (cp, ct, c_slots) = parts(gates), parts(c)
+    i, f, g, o = gp.chunk(4, -1)
+    si, sf, tg, so = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = sf * cp + si * tg
+    tc = torch.tanh(c_new)
+    h_new = so * tc
+    plan = _slots.plan([g_slots, c_slots], "lstm")
+    if plan.count == 0:
+        h_out, c_out = Dual(h_new), Dual(c_new)
+    else:
+        dtype = plan.dtype if tangent_dtype_fits(gp.dtype, plan.dtype) else gp.dtype
+        like = lambda v: v.to(dtype)
+        (g_pos, c_pos), n = plan.positions, plan.count
+        c_parts, o_term = [], None
+        if gt is not None:
+            it, ft, gtt, ot = _slots.cast(gt, dtype).chunk(4, -1)
+            c_parts.append((ft * like(sf * (1 - sf) * cp) + it * like(si * (1 - si) * tg)
+                            + gtt * like(si * (1 - tg * tg)), g_pos))
+            o_term = ot * like(so * (1 - so) * tc)
+        if ct is not None:
+            c_parts.append((_slots.cast(ct, dtype) * like(sf), c_pos))
+        ct_new = _slots.place(n, c_parts, owned=True)
+        ht_new = ct_new * like(so * (1 - tc * tc))
+        if o_term is not None:
+            _slots.add_into_slots(ht_new, g_pos, o_term)
+        h_out = Dual._unchecked(h_new, ht_new, plan.directions, plan.single)
+        c_out = Dual._unchecked(c_new, ct_new, plan.directions, plan.single)
+    return (h_out if w_hr is None else linear(h_out, w_hr)), c_out
 
 
 def _gru_cell(gi: Dual, gh: Dual, h: Dual) -> Dual:
@@ -78,7 +112,7 @@ def _step(mode: str, gi: Dual, h: Dual, c: Optional[Dual], w_hh: Dual, b_hh: Opt
     """One step of a cell from its input part ``gi`` and states ``h``, ``c``: the new states."""
     gh = linear(h, w_hh, b_hh)
     if mode == "LSTM":
-        return _lstm_cell(gi + gh, h, c, w_hr)
+        return _lstm_cell(gi + gh, c, w_hr)
     if mode == "GRU":
         return _gru_cell(gi, gh, h), None
     return (torch.tanh if mode == "RNN_TANH" else torch.relu)(gi + gh), None
