@@ -36,6 +36,7 @@ from .layers import dropout, linear
 from .operands import as_dual, parts
 
 Tensor = torch.Tensor
+_aten = torch.ops.aten
 
 
 def _lstm_cell(gates: Dual, c: Dual, w_hr: Optional[Dual]) -> tuple[Dual, Dual]:
@@ -58,18 +59,21 @@ def _lstm_cell(gates: Dual, c: Dual, w_hr: Optional[Dual]) -> tuple[Dual, Dual]:
         h_out, c_out = Dual(h_new), Dual(c_new)
     else:
         dtype = plan.dtype if tangent_dtype_fits(gp.dtype, plan.dtype) else gp.dtype
-        like = lambda v: v.to(dtype)
+        like = (lambda v: v) if dtype == gp.dtype else (lambda v: v.to(dtype))
+        # σ'(s)·v and tanh'(t)·v as torch's derivative kernels compute them, one kernel each
+        d_sigmoid = lambda v, s: like(_aten.sigmoid_backward(v, s))
+        d_tanh = lambda v, t: like(_aten.tanh_backward(v, t))
         (g_pos, c_pos), n = plan.positions, plan.count
         c_parts, o_term = [], None
         if gt is not None:
             it, ft, gtt, ot = _slots.cast(gt, dtype).chunk(4, -1)
-            c_parts.append((ft * like(sf * (1 - sf) * cp) + it * like(si * (1 - si) * tg)
-                            + gtt * like(si * (1 - tg * tg)), g_pos))
-            o_term = ot * like(so * (1 - so) * tc)
+            c_parts.append((ft * d_sigmoid(cp, sf) + it * d_sigmoid(tg, si)
+                            + gtt * d_tanh(si, tg), g_pos))
+            o_term = ot * d_sigmoid(tc, so)
         if ct is not None:
             c_parts.append((_slots.cast(ct, dtype) * like(sf), c_pos))
         ct_new = _slots.place(n, c_parts, owned=True)
-        ht_new = ct_new * like(so * (1 - tc * tc))
+        ht_new = ct_new * d_tanh(so, tc)
         if o_term is not None:
             _slots.add_into_slots(ht_new, g_pos, o_term)
         h_out = Dual._unchecked(h_new, ht_new, plan.directions, plan.single)
