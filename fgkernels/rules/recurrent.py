@@ -82,11 +82,38 @@ def _lstm_cell(gates: Dual, c: Dual, w_hr: Optional[Dual]) -> tuple[Dual, Dual]:
 
 
 def _gru_cell(gi: Dual, gh: Dual, h: Dual) -> Dual:
-    ir, iz, in_ = gi.chunk(3, -1)
-    hr, hz, hn = gh.chunk(3, -1)
+    """The GRU cell from the input and hidden parts of its gates and its state, as one rule
+    (as ``_lstm_cell``):
+
+        ṙ = σ'(·) (i̇ʳ + ḣʳ),   ż = σ'(·) (i̇ᶻ + ḣᶻ),   ṅ = tanh'(·) (i̇ⁿ + ṙ gₕⁿ + r ḣⁿ)
+        ḣ' = ṅ + ż (h − n) + z (ḣ − ṅ)
+
+    where i̇, ḣ are the slots of the input and hidden parts. An operand without a slot of the
+    output takes zeros there."""
+    (ip, it, i_slots), (hp, ht, h_slots), (sp, st, s_slots) = parts(gi), parts(gh), parts(h)
+    ir, iz, in_ = ip.chunk(3, -1)
+    hr, hz, hn = hp.chunk(3, -1)
     r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
     n = torch.tanh(in_ + r * hn)
-    return n + z * (h - n)
+    h_new = n + z * (sp - n)
+    plan = _slots.plan([i_slots, h_slots, s_slots], "gru")
+    if plan.count == 0:
+        return Dual(h_new)
+    dtype = plan.dtype if tangent_dtype_fits(ip.dtype, plan.dtype) else ip.dtype
+    like = (lambda v: v) if dtype == ip.dtype else (lambda v: v.to(dtype))
+    # f'(y)·t: torch's derivative kernel at the tangents' precision, else the slope computed at
+    # the primal's and rounded once
+    slope = (lambda kernel, t, y: kernel(t, y.expand_as(t))) if dtype == ip.dtype else \
+        (lambda kernel, t, y: t * kernel(torch.ones_like(y), y).to(dtype))
+    (i_pos, h_pos, s_pos), count = plan.positions, plan.count
+    it, ht, st = (_slots.spread(t, pos, count, p, dtype)
+                  for t, pos, p in ((it, i_pos, ip), (ht, h_pos, hp), (st, s_pos, sp)))
+    (itr, itz, itn), (htr, htz, htn) = it.chunk(3, -1), ht.chunk(3, -1)
+    rt = slope(_aten.sigmoid_backward, itr + htr, r)
+    zt = slope(_aten.sigmoid_backward, itz + htz, z)
+    nt = slope(_aten.tanh_backward, itn + rt * like(hn) + like(r) * htn, n)
+    h_t = nt + zt * like(sp - n) + like(z) * (st - nt)
+    return Dual._unchecked(h_new, h_t, plan.directions, plan.single)
 
 
 def _direction(mode: str, x: Dual, h: Dual, c: Optional[Dual], weights: Sequence,

@@ -243,27 +243,32 @@ def test_directions_enter_part_way(a, b, seed):
 
 
 @PROFILE
-@given(a=st.lists(st.integers(0, 6), min_size=1, max_size=3, unique=True),
+@given(mode=st.sampled_from(["LSTM", "GRU"]),
+       a=st.lists(st.integers(0, 6), min_size=1, max_size=3, unique=True),
        b=st.lists(st.integers(0, 6), min_size=1, max_size=3, unique=True), seed=st.integers(0, 99))
-def test_lstm_directions_enter_part_way(a, b, seed):
-    """An LSTM whose input and initial cell state carry tangents of different directions: every
-    output's slots are their union, each against forward_ad with the operands that lack the
-    direction constant."""
+def test_recurrent_directions_enter_part_way(mode, a, b, seed):
+    """An LSTM whose input and initial cell state (a GRU: hidden state) carry tangents of
+    different directions: every output's slots are their union, each against forward_ad with
+    the operands that lack the direction constant."""
     from fgkernels.testing import oracle_mode
     g = torch.Generator().manual_seed(seed)
     a, b = sorted(a), sorted(b)
     draw = lambda *shape: torch.randn(shape, generator=g, dtype=torch.float64)
+    gates = 12 if mode == "LSTM" else 9
     x, h0, c0 = draw(3, 2, 4), draw(1, 2, 3), draw(1, 2, 3)
-    weights = [draw(12, 4), draw(12, 3), draw(12), draw(12)]
-    xt, ct = draw(len(a), *x.shape), draw(len(b), *c0.shape)
-    lstm = lambda x, c: torch.lstm(x, (h0, c), weights, True, 1, 0.0, False, False, False)
-    out = lstm(Dual(x, xt, directions=a), Dual(c0, ct, directions=b))
+    weights = [draw(gates, 4), draw(gates, 3), draw(gates), draw(gates)]
+    xt, st_ = draw(len(a), *x.shape), draw(len(b), *c0.shape)
+    if mode == "LSTM":  # the state that carries b: c0
+        run = lambda x, c: torch.lstm(x, (h0, c), weights, True, 1, 0.0, False, False, False)
+    else:  # h0, c0 standing for it
+        run = lambda x, h: torch.gru(x, h, weights, True, 1, 0.0, False, False, False)
+    out = run(Dual(x, xt, directions=a), Dual(c0, st_, directions=b))
     union = sorted(set(a) | set(b))
     for d in union:
         tx = xt[a.index(d)] if d in a else torch.zeros_like(x)
-        tc = ct[b.index(d)] if d in b else torch.zeros_like(c0)
+        tc = st_[b.index(d)] if d in b else torch.zeros_like(c0)
         with oracle_mode():
-            expected = torch.func.jvp(lstm, (x, c0), (tx, tc))[1]
+            expected = torch.func.jvp(run, (x, c0), (tx, tc))[1]
         for o, e in zip(out, expected):
             assert o.directions == tuple(union)
             torch.testing.assert_close(o.tangents[union.index(d)], e)
