@@ -8,6 +8,7 @@ traces anything).
 """
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import operator
@@ -32,6 +33,19 @@ def when_dynamo_loads(callback: Callable[[], None]) -> None:
     _pending.append(callback)
     if _hook not in sys.meta_path:
         sys.meta_path.insert(0, _hook)
+
+
+def eager_under_compile(fn: Callable) -> Callable:
+    """``fn``, which torch.compile runs eagerly between graphs (``torch.compiler.disable``, a
+    graph break around the call), made so without loading Dynamo: the disabled function is
+    made when Dynamo loads, and until then (when nothing can compile) ``fn`` runs as it is."""
+    target = [fn]
+    when_dynamo_loads(lambda: target.__setitem__(0, torch.compiler.disable(fn)))
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return target[0](*args, **kwargs)
+    return call
 
 
 def _run_pending() -> None:

@@ -31,6 +31,7 @@ import torch
 
 from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
+from ..dual.dynamo import eager_under_compile
 from ..dual.value import Dual, implements
 from .layers import dropout, linear
 from .operands import as_dual, parts
@@ -241,7 +242,7 @@ def _packed(args: tuple, list_at: int) -> bool:
     return len(args) > list_at and not isinstance(args[list_at], (list, tuple))
 
 
-@torch.compiler.disable
+@eager_under_compile
 def _packed_recurrent(mode: str, data, batch_sizes: Tensor, *rest, **kwargs):
     """The packed form, run eagerly under torch.compile as torch's packing is: each step's
     batch size is data."""
@@ -278,7 +279,7 @@ def _slots_as_features(stack: Tensor, batch_first: bool) -> Tensor:
 
 
 @implements(torch._pack_padded_sequence)
-@torch.compiler.disable  # sizes that are data, as torch's packing under torch.compile
+@eager_under_compile  # sizes that are data, as torch's packing under torch.compile
 @torch.no_grad()
 def pack_padded_sequence(input, lengths: Tensor, batch_first: bool) -> tuple[Dual, Tensor]:
     """Dual ``torch._pack_padded_sequence`` (``nn.utils.rnn.pack_padded_sequence``'s step):
@@ -294,7 +295,7 @@ def pack_padded_sequence(input, lengths: Tensor, batch_first: bool) -> tuple[Dua
 
 
 @implements(torch._pad_packed_sequence)
-@torch.compiler.disable
+@eager_under_compile
 @torch.no_grad()
 def pad_packed_sequence(data, batch_sizes: Tensor, batch_first: bool, padding_value: float,
                         total_length: int) -> tuple[Dual, Tensor]:
