@@ -867,3 +867,33 @@ def test_a_packed_recurrent_model_compiles_around_its_packing():
     padding = model.head(torch.zeros(8, dtype=torch.float64)).tanh()
     for b, k in enumerate(lengths):
         torch.testing.assert_close(out.primal[b, k:], padding.expand(5 - k, 2))
+
+
+def test_recurrent_layers_compile_in_one_graph_with_dynamos_allow_rnn():
+    """Dynamo leaves torch's RNN modules out of its graphs unless ``allow_rnn`` is set; with it,
+    a model of an LSTM and a GRU compiles as one graph (their rules unroll the steps), with
+    forward_ad's numbers in float64."""
+    from torch import nn
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+            self.gru = nn.GRU(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(self.lstm(x)[0])[0]
+
+    torch.manual_seed(0)
+    model = Stack().double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    tangents = {n: torch.randn(2, *p.shape, dtype=torch.float64)
+                for n, p in model.named_parameters()}
+    fgkernels.set_tangents(model, tangents)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        out = fgkernels.compile(model, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+    y, yt = model_jvp(model, [x], [xt], tangents)
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
