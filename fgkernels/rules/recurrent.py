@@ -214,14 +214,14 @@ def _recurrent(mode: str, input, hx, params: Sequence, has_biases: bool, num_lay
     c0 = None if c0 is None else as_dual(c0, name)
     if batch_first:
         x = x.transpose(0, 1)
+    run = (lambda x, *a: _packed_direction(mode, x, batch_sizes, *a)) if packed else \
+        (lambda x, *a: _direction(mode, x, *a))
     h_n, c_n = [], []
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            run = (lambda *a: _packed_direction(mode, x, batch_sizes, *a)) if packed else \
-                (lambda *a: _direction(mode, x, *a))
-            out, h, c = run(h0[k], None if c0 is None else c0[k],
+            out, h, c = run(x, h0[k], None if c0 is None else c0[k],
                             weights[k * per:(k + 1) * per], has_biases, direction == 1)
             outputs.append(out)
             h_n.append(h)
@@ -272,12 +272,6 @@ rnn_tanh = _rule(torch.rnn_tanh, "RNN_TANH", 2, "(output, h_n)")
 rnn_relu = _rule(torch.rnn_relu, "RNN_RELU", 2, "(output, h_n)")
 
 
-def _slots_as_features(stack: Tensor, batch_first: bool) -> Tensor:
-    """A stack (T, L, N, *F) ((T, N, L, *F) batch first) as (L, N, T, *F) ((N, L, T, *F)):
-    the slots beside the features, where packing and padding carry them along."""
-    return stack.movedim(0, 2)
-
-
 @implements(torch._pack_padded_sequence)
 @eager_under_compile  # sizes that are data, as torch's packing under torch.compile
 @torch.no_grad()
@@ -288,8 +282,9 @@ def pack_padded_sequence(input, lengths: Tensor, batch_first: bool) -> tuple[Dua
     data, batch_sizes = torch._pack_padded_sequence(x.primal, lengths, batch_first)
     stack = x.tangents
     if stack is not None:
-        stack, _ = torch._pack_padded_sequence(_slots_as_features(stack, batch_first), lengths,
-                                               batch_first)
+        # The slots beside the features, (T, L, N, *F) as (L, N, T, *F) ((N, L, T, *F) batch
+        # first), where packing carries them along with each row.
+        stack, _ = torch._pack_padded_sequence(stack.movedim(0, 2), lengths, batch_first)
         stack = stack.movedim(1, 0)
     return x.with_tangents(data, stack), batch_sizes
 

@@ -852,9 +852,7 @@ def test_a_packed_recurrent_model_compiles_around_its_packing():
     lengths = [2, 5, 3]
     x = torch.randn(3, 5, 3, dtype=torch.float64)
     xt = torch.randn(2, *x.shape, dtype=torch.float64)
-    tangents = {n: torch.randn(2, *p.shape, dtype=torch.float64)
-                for n, p in model.named_parameters()}
-    fgkernels.set_tangents(model, tangents)
+    tangents = fgkernels.random_tangents(model, num_tangents=2)
     torch._dynamo.reset()
     out, h = fgkernels.compile(model, backend="aot_eager")(Dual(x, xt), torch.tensor(lengths))
     for b, k in enumerate(lengths):
@@ -888,9 +886,7 @@ def test_recurrent_layers_compile_in_one_graph_with_dynamos_allow_rnn():
     model = Stack().double()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     xt = torch.randn(2, *x.shape, dtype=torch.float64)
-    tangents = {n: torch.randn(2, *p.shape, dtype=torch.float64)
-                for n, p in model.named_parameters()}
-    fgkernels.set_tangents(model, tangents)
+    tangents = fgkernels.random_tangents(model, num_tangents=2)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(allow_rnn=True):
         out = fgkernels.compile(model, backend="aot_eager", fullgraph=True)(Dual(x, xt))
