@@ -459,6 +459,11 @@ MUTANTS = [
            "    if mode is not None and given:\n",
            ("tests/nn/test_compile.py::"
             "test_fgkernels_compile_refuses_a_mode_and_options_together",)),
+    Mutant("a compiled dual pass breaks its graph at a recurrent layer",
+           "fgkernels/nn/compiled.py",
+           "    recurrent = any(isinstance(m, nn.RNNBase) for m in module.modules())\n",
+           "    recurrent = False\n",
+           (COMPILE + "test_recurrent_layers_compile_in_one_graph",)),
     Mutant("one rule depth for every thread", "fgkernels/dual/value.py",
            "class _RuleDepth(threading.local):", "class _RuleDepth:",
            (COMPILE + "test_a_rule_in_another_thread_leaves_a_compiled_pass_its_parameters",)),

@@ -5,6 +5,7 @@ import functools
 import itertools
 import types
 import weakref
+from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,7 +23,10 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     with a tangent takes its Dual (``ParameterTangents``), so tied, listed and attention
     parameters and ops on a parameter alone carry their tangents, converted model or not. Other
     calls run the compiled plain forward. ``dynamic=True`` among the options compiles once for
-    every batch size.
+    every batch size. A dual call traces torch's recurrent layers (``nn.LSTM``, ``nn.GRU``,
+    ``nn.RNN``) into its graph, unrolled by their rules, where Dynamo's default
+    (``torch._dynamo.config.allow_rnn`` off) would break the graph at each; a plain call leaves
+    them to that setting, as ``torch.compile`` does.
 
     Each compiled model keeps its graphs, and the input sizes they were compiled for, apart
     from every other model's. Compiling it again reuses any of its graphs whose guards pass for
@@ -35,6 +39,9 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     guard_filter = (options.get("options") or {}).get("guard_filter_fn")
     options = _graphs_run_as_rules(options)
     compiled = torch.compile(_entry_point(module, guard_filter), **options)
+    # Dynamo breaks the graph at torch's recurrent layers unless allow_rnn is set; in a dual
+    # pass their rules unroll the cells into ops it traces.
+    recurrent = any(isinstance(m, nn.RNNBase) for m in module.modules())
 
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
@@ -50,7 +57,7 @@ def compile(module: nn.Module, **options: Any) -> Callable:
                 current_backend(a.device)
         outer, _compiled_pass.running = _compiled_pass.running, True
         try:
-            with ParameterTangents():
+            with ParameterTangents(), _rnn_traced() if recurrent else nullcontext():
                 return compiled(*args, **kwargs)
         finally:
             _compiled_pass.running = outer
@@ -63,6 +70,11 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     run.get_compiler_config = compiled.get_compiler_config = \
         options["backend"].compiler_config
     return run
+
+
+def _rnn_traced():
+    """Dynamo traces ``nn.RNN``, ``nn.GRU`` and ``nn.LSTM`` within this context."""
+    return torch._dynamo.config.patch(allow_rnn=True)
 
 
 # (id(module), guard filter) -> the code object of the module's entry point, on which Dynamo

@@ -867,10 +867,11 @@ def test_a_packed_recurrent_model_compiles_around_its_packing():
         torch.testing.assert_close(out.primal[b, k:], padding.expand(5 - k, 2))
 
 
-def test_recurrent_layers_compile_in_one_graph_with_dynamos_allow_rnn():
-    """Dynamo leaves torch's RNN modules out of its graphs unless ``allow_rnn`` is set; with it,
-    a model of an LSTM and a GRU compiles as one graph (their rules unroll the steps), with
-    forward_ad's numbers in float64."""
+def test_recurrent_layers_compile_in_one_graph():
+    """Dynamo leaves torch's RNN modules out of its graphs unless ``allow_rnn`` is set; a dual
+    call sets it while it runs, so a model of an LSTM and a GRU compiles as one graph (their
+    rules unroll the steps), with forward_ad's numbers in float64, and the setting is the
+    user's again after the call."""
     from torch import nn
 
     class Stack(nn.Module):
@@ -888,8 +889,9 @@ def test_recurrent_layers_compile_in_one_graph_with_dynamos_allow_rnn():
     xt = torch.randn(2, *x.shape, dtype=torch.float64)
     tangents = fgkernels.random_tangents(model, num_tangents=2)
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(allow_rnn=True):
-        out = fgkernels.compile(model, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+    assert not torch._dynamo.config.allow_rnn
+    out = fgkernels.compile(model, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+    assert not torch._dynamo.config.allow_rnn
     y, yt = model_jvp(model, [x], [xt], tangents)
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
