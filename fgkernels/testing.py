@@ -197,12 +197,12 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
                             num_tangents: int = 1, seed: int = 0,
                             run: Optional[Callable[..., Any]] = None,
                             exact_hardsigmoid: bool = False) -> dict[str, Any]:
-    """Run ``model``'s dual pass, every parameter and floating input carrying ``num_tangents``
-    random tangents (other inputs, such as lengths or token ids, are passed as they are), and
-    the same pass by forward_ad (``model_jvp_in_place``), both from the same
+    """Run ``model``'s dual pass, every parameter and floating or complex input carrying
+    ``num_tangents`` random tangents (other inputs, such as lengths or token ids, are passed as
+    they are), and the same pass by forward_ad (``model_jvp_in_place``), both from the same
     buffers and random state. Returns the relative errors of the outputs and their tangents
-    (every floating output, nested ones included) and of the buffers after the pass, and the
-    ops that took the forward-AD fallback. No copy of the model is made (large models fit).
+    (every floating or complex output, nested ones included) and of the buffers after the pass,
+    and the ops that took the forward-AD fallback. No copy of the model is made (large models fit).
     The tangents are drawn on the model's device (its first parameter's, else the first
     input's). ``run`` calls the model for the dual pass (``model`` itself by default; e.g.
     ``fgkernels.compile(model)`` checks the compiled pass, whose hardsigmoid slope is exact:
@@ -215,12 +215,12 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     tangents = random_tangents(model, num_tangents=num_tangents, generator=g)
     clear_tangents(model)
     input_tangents = [torch.randn(num_tangents, *x.shape, generator=g, dtype=x.dtype,
-                                  device=x.device) if x.is_floating_point() else None
+                                  device=x.device) if _inexact(x) else None
                       for x in inputs]
     if all(t is None for t in input_tangents):
-        raise ValueError("compare_with_forward_ad: no floating input among the inputs; a dual "
-                         "pass starts at a module called with a Dual, which a floating input "
-                         "becomes")
+        raise ValueError("compare_with_forward_ad: no floating or complex input among the "
+                         "inputs; a dual pass starts at a module called with a Dual, which such "
+                         "an input becomes")
     buffers = dict(model.named_buffers())
     start = {k: v.clone() for k, v in buffers.items()}
     caches = _module_caches(model)
@@ -243,8 +243,7 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
         clear_tangents(model)
     fallback = {k: v - before.get(k, 0) for k, v in fallback_ops().items()
                 if v > before.get(k, 0)}
-    is_output = lambda v: isinstance(v, Dual) or (isinstance(v, Tensor)
-                                                  and v.is_floating_point())
+    is_output = lambda v: isinstance(v, Dual) or (isinstance(v, Tensor) and _inexact(v))
     flat_out = [v for v in pytree.tree_leaves(out, is_leaf=lambda v: isinstance(v, Dual))
                 if is_output(v)]
     pairs = [(p, t) for p, t in zip(pytree.tree_leaves(y), pytree.tree_leaves(yt))
@@ -278,6 +277,11 @@ def _module_caches(model: torch.nn.Module) -> list[tuple[dict, dict]]:
     """Each dict a module holds as a public attribute (a cache) and a copy of its content."""
     return [(v, dict(v)) for m in model.modules() for k, v in m.__dict__.items()
             if not k.startswith("_") and type(v) is dict]
+
+
+def _inexact(v: Tensor) -> bool:
+    """Whether ``v`` has tangents: floating or complex (not lengths, token ids or masks)."""
+    return v.is_floating_point() or v.is_complex()
 
 
 def _rel(a: Tensor, b: Tensor) -> float:

@@ -42,8 +42,12 @@ POINTWISE = "fgkernels/rules/pointwise.py"
 PACKED = ("tests/rules/test_properties.py::test_packed_recurrent_layers",
           "tests/rules/test_layer_configs.py::test_packing_moves_every_slot_as_the_primal")
 CELLS = ("tests/rules/test_properties.py::test_recurrent_layers",
-             "tests/rules/test_properties.py::test_recurrent_directions_enter_part_way",
-             "tests/rules/test_layer_configs.py")
+         "tests/rules/test_properties.py::test_recurrent_directions_enter_part_way",
+         "tests/rules/test_layer_configs.py")
+RANGE = ("tests/rules/test_hostile_inputs.py::test_tangents_whose_formula_squares_a_denominator_"
+         "stay_in_range",)
+CANCELLATION = ("tests/dual/test_mixed_precision.py::test_a_coefficient_near_cancellation_is_"
+                "formed_before_it_is_rounded",)
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
@@ -158,7 +162,14 @@ MUTANTS = [
            "(wo, wt, lambda t: t * _like(e - a, t))", "(wo, wt, lambda t: t * _like(a - e, t))",
            OPS),
     Mutant("addcdiv's divisor term not squared", POINTWISE,
-           "-(t * _like(b, t)) / _like(c * c, t)", "-(t * _like(b, t)) / _like(c, t)", OPS),
+           "-(t * _like(b / c, t)) / _like(c, t)", "-(t * _like(b / c, t))", OPS),
+    Mutant("addcdiv's divisor squared before it divides", POINTWISE,
+           "-(t * _like(b / c, t)) / _like(c, t)", "-(t * _like(b, t)) / _like(c * c, t)", RANGE),
+    Mutant("softsign's denominator squared before it divides", POINTWISE,
+           "t / _like(den, t) / _like(den, t)", "t / _like(den * den, t)", RANGE),
+    Mutant("lerp's 1 - w taken after w is rounded to the tangents' dtype", POINTWISE,
+           "[(ao, at, lambda t: t * _like(1 - w, t))", "[(ao, at, lambda t: t * (1 - _like(w, t)))",
+           CANCELLATION),
     Mutant("atan2's second operand term of the wrong sign", POINTWISE,
            "t * _like(-a * recip, t)", "t * _like(a * recip, t)", OPS),
     Mutant("nan_to_num keeps the tangent of a replaced value", POINTWISE,
@@ -174,7 +185,12 @@ MUTANTS = [
     Mutant("GRU cell's reset tangent dropped", "fgkernels/rules/recurrent.py",
            "itn + rt * like(hn)", "itn + 0 * rt * like(hn)", CELLS),
     Mutant("GRU cell's state tangent carried past the update gate", "fgkernels/rules/recurrent.py",
-           "like(z) * (st - nt)", "(st - nt)", CELLS),
+           "like(z) * st", "st", CELLS),
+    Mutant("GRU cell's candidate tangent carried past the update gate",
+           "fgkernels/rules/recurrent.py", "like(1 - z) * nt", "nt", CELLS),
+    Mutant("GRU cell's 1 - z taken after z is rounded to the tangents' dtype",
+           "fgkernels/rules/recurrent.py", "like(1 - z) * nt", "(1 - like(z)) * nt",
+           CANCELLATION),
     Mutant("reverse direction reads the sequence forwards", "fgkernels/rules/recurrent.py",
            "range(x.shape[0] - 1, -1, -1) if reverse", "range(x.shape[0]) if reverse", OPS),
     Mutant("recurrent dropout also on the last layer", "fgkernels/rules/recurrent.py",
@@ -211,6 +227,10 @@ MUTANTS = [
            "input_t, ctx.lengths, ctx.batch_first)[0] * 0, None", ORACLE_PACKING),
     Mutant("the oracle pads a packed tangent with ones", "fgkernels/testing.py",
            "ctx.batch_first, 0.0,\n", "ctx.batch_first, 1.0,\n", ORACLE_PACKING),
+    Mutant("the comparison gives complex inputs no tangents", "fgkernels/testing.py",
+           "    return v.is_floating_point() or v.is_complex()\n",
+           "    return v.is_floating_point()\n",
+           ("tests/test_testing.py::test_the_comparison_gives_complex_inputs_tangents",)),
     Mutant("the oracle runs RNNs on oneDNN", "fgkernels/testing.py",
            "{name: _on_composite_kernels(getattr(torch._VF, name)) for",
            "{name: getattr(torch._VF, name) for",

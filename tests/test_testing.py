@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from fgkernels import Dual
 from fgkernels.testing import compare_with_forward_ad, model_jvp_in_place
 
 
@@ -121,5 +122,24 @@ def test_the_comparison_passes_inputs_that_are_not_floating_as_they_are():
     model, x = _PackedTagger().double(), torch.randn(3, 4, 3, dtype=torch.float64)
     result = compare_with_forward_ad(model, [x, torch.tensor([2, 4, 1])], num_tangents=2)
     assert result["primal"] == 0 and result["tangent"] < 1e-12 and not result["fallback"]
-    with pytest.raises(ValueError, match="no floating input"):
+    with pytest.raises(ValueError, match="no floating or complex input"):
         compare_with_forward_ad(nn.Embedding(5, 2), [torch.tensor([1, 3])])
+
+
+def test_the_comparison_gives_complex_inputs_tangents():
+    """A complex input is a Dual with complex tangents in the dual pass and carries the same
+    tangents in the oracle's: a model that drops its tangent fails the comparison."""
+    class Modulus(nn.Module):
+        def __init__(self, keep: bool):
+            super().__init__()
+            self.keep, self.scale = keep, nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+
+        def forward(self, z, x):
+            z = z if self.keep or not isinstance(z, Dual) else z.primal
+            return (z * self.scale).abs() + x
+
+    z = torch.randn(3, dtype=torch.complex128)
+    x = torch.randn(3, dtype=torch.float64)
+    assert compare_with_forward_ad(Modulus(keep=True), [z, x])["tangent"] < 1e-12
+    assert compare_with_forward_ad(Modulus(keep=False), [z, x])["tangent"] > 0.1
+    assert compare_with_forward_ad(Modulus(keep=True), [z, x.abs() > 1])["tangent"] < 1e-12

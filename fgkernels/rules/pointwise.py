@@ -160,7 +160,8 @@ def lerp(input, end, weight) -> Dual:
     """Dual ``input + w·(end − input)``: ``ẏ = (1 − w)·ȧ + w·ė + ẇ·(end − input)``."""
     (a, at, ao), (e, et, eo), (w, wt, wo) = _parts(input), _parts(end), _parts(weight)
     y = torch.lerp(a, e, w)
-    return _combine("lerp", y, [(ao, at, lambda t: t * (1 - _like(w, t))),
+    # 1 − w at the primal's precision, rounded once: w rounded first cancels near w = 1
+    return _combine("lerp", y, [(ao, at, lambda t: t * _like(1 - w, t)),
                                 (eo, et, lambda t: t * _like(w, t)),
                                 (wo, wt, lambda t: t * _like(e - a, t))])
 
@@ -177,12 +178,13 @@ def addcmul(input, tensor1, tensor2, *, value=1) -> Dual:
 
 @implements(torch.addcdiv, torch.Tensor.addcdiv)
 def addcdiv(input, tensor1, tensor2, *, value=1) -> Dual:
-    """Dual ``input + value·t₁/t₂``: ``ẏ = ȧ + value·(ṫ₁/t₂ − t₁·ṫ₂/t₂²)``."""
+    """Dual ``input + value·t₁/t₂``: ``ẏ = ȧ + value·(ṫ₁/t₂ − (t₁/t₂)·ṫ₂/t₂)``, divided twice
+    as forward_ad does: t₂² leaves the dtype's range where t₁/t₂² does not."""
     (a, at, ao), (b, bt, bo), (c, ct, co) = _parts(input), _parts(tensor1), _parts(tensor2)
     y = torch.addcdiv(a, b, c, value=value)
     return _combine("addcdiv", y, [(ao, at, lambda t: t),
                                    (bo, bt, lambda t: t / _like(c, t) * value),
-                                   (co, ct, lambda t: -(t * _like(b, t)) / _like(c * c, t)
+                                   (co, ct, lambda t: -(t * _like(b / c, t)) / _like(c, t)
                                     * value)])
 
 
@@ -543,9 +545,11 @@ def tanhshrink(input) -> Dual:
 
 @implements(F.softsign)
 def softsign(input) -> Dual:
-    """Dual ``x/(1 + |x|)``: slope ``1/(1 + |x|)²``."""
+    """Dual ``x/(1 + |x|)``: slope ``1/(1 + |x|)²``, the tangent divided twice by ``1 + |x|``
+    (its square leaves float16's range above |x| = 255)."""
     den = input.primal.abs() + 1
-    return _activation(input, input.primal / den, lambda t, x: t / _like(den * den, t))
+    return _activation(input, input.primal / den,
+                       lambda t, x: t / _like(den, t) / _like(den, t))
 
 
 @implements(torch.exp, torch.Tensor.exp)

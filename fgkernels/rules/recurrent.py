@@ -87,7 +87,7 @@ def _gru_cell(gi: Dual, gh: Dual, h: Dual) -> Dual:
     (as ``_lstm_cell``):
 
         ṙ = σ'(·) (i̇ʳ + ḣʳ),   ż = σ'(·) (i̇ᶻ + ḣᶻ),   ṅ = tanh'(·) (i̇ⁿ + ṙ gₕⁿ + r ḣⁿ)
-        ḣ' = ṅ + ż (h − n) + z (ḣ − ṅ)
+        ḣ' = (1 − z) ṅ + z ḣ + ż (h − n)
 
     where i̇, ḣ are the slots of the input and hidden parts. An operand without a slot of the
     output takes zeros there."""
@@ -113,7 +113,8 @@ def _gru_cell(gi: Dual, gh: Dual, h: Dual) -> Dual:
     rt = slope(_aten.sigmoid_backward, itr + htr, r)
     zt = slope(_aten.sigmoid_backward, itz + htz, z)
     nt = slope(_aten.tanh_backward, itn + rt * like(hn) + like(r) * htn, n)
-    h_t = nt + zt * like(sp - n) + like(z) * (st - nt)
+    # (1 − z) at the primal's precision: ṅ − z ṅ in a narrower dtype cancels as z nears 1
+    h_t = like(1 - z) * nt + like(z) * st + zt * like(sp - n)
     return Dual._unchecked(h_new, h_t, plan.directions, plan.single)
 
 

@@ -214,3 +214,33 @@ def test_a_narrower_tangent_keeps_the_slope_beside_a_kink(fn, kinks, backend):
         out = fn(Dual(x, xt.to(BF16)))
     exact = forward_ad_jvp(fn, [x.double()], [xt.to(BF16).double()])[1]
     torch.testing.assert_close(out.tangents.double(), exact, rtol=2 ** -7, atol=0)
+
+
+def _gru_with_a_saturated_update_gate(dtype):
+    torch.manual_seed(0)
+    gru = nn.GRU(4, 3).to(dtype)
+    with torch.no_grad():
+        gru.bias_ih_l0[3:6] = 7.0  # z = σ(≈7) ≈ 0.999, which bfloat16 rounds to 1
+    return lambda v: gru(v)[0]
+
+
+@pytest.mark.parametrize("case", ["lerp by a weight near 1", "GRU with a saturated update gate"])
+def test_a_coefficient_near_cancellation_is_formed_before_it_is_rounded(case):
+    """``1 − w`` (lerp's input term) and ``1 − z`` (a GRU's ṅ term) at the float32 primal's
+    precision, then rounded once to the bfloat16 tangents: w or z rounded first gives 1 − 1 = 0
+    near 1, where the tangent is then lost (lerp) or absorbed (the GRU's ṅ − z ṅ: all zeros).
+    Against forward_ad in float64 of the bfloat16 tangents, within a few bfloat16 roundings
+    in norm (an element that is a small sum of larger terms keeps only their absolute error)."""
+    torch.manual_seed(1)
+    if case.startswith("lerp"):
+        w = torch.tensor([0.999, 0.998, 0.9995, 0.9999])
+        end = torch.randn(4)
+        make = lambda dtype: (lambda v: torch.lerp(v, end.to(dtype), w.to(dtype)))
+        x = torch.randn(4)
+    else:
+        make = _gru_with_a_saturated_update_gate
+        x = torch.randn(1, 2, 4)
+    xt = torch.randn(2, *x.shape).to(BF16)
+    out = make(torch.float32)(Dual(x, xt))
+    exact = forward_ad_jvp(make(torch.float64), [x.double()], [xt.double()])[1]
+    assert rel_err(out.tangents, exact) < 2 ** -6

@@ -639,3 +639,34 @@ def test_every_op_refuses_operands_with_different_slot_counts(case):
     with pytest.raises(ValueError, match=r"operands carry different numbers of tangents T "
                                          r"\[2, 3\]"):
         op.fn(Dual(x, xt), Dual(w, wt))
+
+
+F16 = torch.float16
+# (the function, its operands, which of them carry a tangent): a denominator squared leaves the
+# dtype's range where the derivative itself does not
+_RANGE_CASES = {
+    "addcdiv by a tiny tensor2": (lambda a, b, c: torch.addcdiv(a, b, c, value=0.5),
+                                  [torch.zeros(2), torch.tensor([1e-30, -2e-30]),
+                                   torch.tensor([1e-25, 3e-25])], (1, 2)),
+    "addcdiv by a huge tensor2": (lambda a, b, c: torch.addcdiv(a, b, c),
+                                  [torch.zeros(2), torch.tensor([1e30, -3e29]),
+                                   torch.tensor([1e20, 2e20])], (1, 2)),
+    "addcdiv in float16": (lambda a, b, c: torch.addcdiv(a, b, c),
+                           [torch.zeros(2, dtype=F16), torch.tensor([1000., 500.], dtype=F16),
+                            torch.tensor([300., 400.], dtype=F16)], (2,)),
+    "softsign in float16": (F.softsign, [torch.tensor([100., 300., -1000.], dtype=F16)], (0,)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_RANGE_CASES))
+def test_tangents_whose_formula_squares_a_denominator_stay_in_range(case):
+    """addcdiv's ``t₁·ṫ₂/t₂²`` and softsign's ``ẋ/(1 + |x|)²``: divided twice, as forward_ad
+    does, so that the square never forms (it over- or underflows at these operands); the
+    tangents are finite and within twice torch's own error (against float64)."""
+    fn, primals, with_tangent = _RANGE_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    tangents = [torch.randn(2, *p.shape, generator=g).to(p.dtype) if i in with_tangent else None
+                for i, p in enumerate(primals)]
+    out = fn(*[p if t is None else Dual(p, t) for p, t in zip(primals, tangents)])
+    assert torch.isfinite(out.tangents).all() and (out.tangents != 0).all()
+    assert_within_torch_error(out, ForwardADOracle(fn, primals, tangents))
