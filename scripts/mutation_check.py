@@ -48,6 +48,8 @@ RANGE = ("tests/rules/test_hostile_inputs.py::test_tangents_whose_formula_square
          "stay_in_range",)
 CANCELLATION = ("tests/dual/test_mixed_precision.py::test_a_coefficient_near_cancellation_is_"
                 "formed_before_it_is_rounded",)
+PAD_SEQUENCE = ("tests/rules/test_layer_configs.py::test_pad_sequence_pads_every_slot_as_the_"
+                "primal",)
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
@@ -227,6 +229,17 @@ MUTANTS = [
            "input_t, ctx.lengths, ctx.batch_first)[0] * 0, None", ORACLE_PACKING),
     Mutant("the oracle pads a packed tangent with ones", "fgkernels/testing.py",
            "ctx.batch_first, 0.0,\n", "ctx.batch_first, 1.0,\n", ORACLE_PACKING),
+    Mutant("pad_sequence pads the tangents with the padding value", "fgkernels/rules/recurrent.py",
+           "(stacks, batch_first, 0.0, padding_side)",
+           "(stacks, batch_first, padding_value, padding_side)", PAD_SEQUENCE),
+    Mutant("pad_sequence takes a sequence's slots for all slots", "fgkernels/rules/recurrent.py",
+           "_slots.spread(d.tangents, pos, plan.count, d.primal, plan.dtype)",
+           "_slots.spread(d.tangents, tuple(range(plan.count)), plan.count, d.primal, "
+           "plan.dtype)", PAD_SEQUENCE),
+    Mutant("a recurrent layer keeps the pass's Duals in its weight list",
+           "fgkernels/dual/tangents.py", "and not issubclass(cls, nn.RNNBase)", "and True",
+           ("tests/dual/test_tangent_store.py::test_a_recurrent_layer_lists_its_parameters_"
+            "again_after_the_pass",)),
     Mutant("the comparison gives complex inputs no tangents", "fgkernels/testing.py",
            "    return v.is_floating_point() or v.is_complex()\n",
            "    return v.is_floating_point()\n",

@@ -215,7 +215,9 @@ def forward_sets_no_attributes(cls: type) -> type:
 def _sets_no_attributes(cls: type) -> bool:
     known = _NO_ATTRIBUTES.get(cls)
     if known is None:
-        known = _NO_ATTRIBUTES[cls] = cls.__module__.startswith("torch.nn.modules.")
+        # (a recurrent layer's forward lists its weights anew in _flat_weights)
+        known = _NO_ATTRIBUTES[cls] = cls.__module__.startswith("torch.nn.modules.") \
+            and not issubclass(cls, nn.RNNBase)
     return known
 
 
@@ -248,7 +250,8 @@ class _Attributes(NamedTuple):
 
     def restore(self) -> None:
         """Put back each attribute that the pass set to a Dual, private ones included (delete
-        it if it is new), and each Dual entry of a public dict or list."""
+        it if it is new), and each Dual entry of a public dict or list, or of a private one
+        the pass set anew (a recurrent layer's ``_flat_weights``)."""
         d, before, copies = self.module.__dict__, self.before, self.containers
         # Usually no attribute was set: every name still holds what it held (compared at C
         # speed), and only the containers that were there before can have gained a Dual.
@@ -257,7 +260,7 @@ class _Attributes(NamedTuple):
             changed = copies
         else:
             changed = [k for k, v in d.items() if isinstance(v, Dual)
-                       or (k[:1] != "_" and type(v) in (dict, list))]
+                       or (type(v) in (dict, list) and (k[:1] != "_" or v is not before.get(k)))]
         for k in changed:
             v = d.get(k)
             if isinstance(v, Dual):
@@ -266,7 +269,7 @@ class _Attributes(NamedTuple):
                 else:
                     del d[k]
             elif type(v) is dict:
-                old = copies.get(k, {})
+                old = copies.get(k, _container(before.get(k), dict))
                 for key in [key for key, e in v.items() if isinstance(e, Dual)]:
                     if key in old:
                         v[key] = old[key]
@@ -275,9 +278,15 @@ class _Attributes(NamedTuple):
             elif type(v) is list and any(isinstance(e, Dual) for e in v):
                 # a Dual where the list held something before: that thing; a Dual appended:
                 # dropped; any other entry stays
-                old = copies.get(k, [])
+                old = copies.get(k, _container(before.get(k), list))
                 v[:] = [old[i] if isinstance(e, Dual) and i < len(old) else e
                          for i, e in enumerate(v) if not (isinstance(e, Dual) and i >= len(old))]
+
+
+def _container(v, kind: type):
+    """``v`` where it is a ``kind`` (what a private container held before the pass), else an
+    empty one."""
+    return v if type(v) is kind else kind()
 
 
 def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:

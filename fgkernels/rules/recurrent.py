@@ -273,6 +273,28 @@ rnn_tanh = _rule(torch.rnn_tanh, "RNN_TANH", 2, "(output, h_n)")
 rnn_relu = _rule(torch.rnn_relu, "RNN_RELU", 2, "(output, h_n)")
 
 
+@implements(torch._C._nn.pad_sequence)
+@torch.no_grad()
+def pad_sequence(sequences: Sequence, batch_first: bool = False, padding_value: float = 0.0,
+                 padding_side: str = "right") -> Dual:
+    """Dual ``nn.utils.rnn.pad_sequence`` (also ``pack_sequence``'s first step): sequences
+    (Lᵢ, *F) padded to (max L, N, *F) ((N, max L, *F) batch first), every tangent slot padded
+    as the primal, with zeros (the padding is a constant); a slot that some sequence lacks is
+    zero in its rows."""
+    duals = [as_dual(s, "pad_sequence") for s in sequences]
+    padded = torch._C._nn.pad_sequence([d.primal for d in duals], batch_first, padding_value,
+                                       padding_side)
+    plan = _slots.plan([d.slot_operand() for d in duals], "pad_sequence")
+    if plan.count == 0:
+        return Dual(padded)
+    # Each sequence's slots beside its features, (Lᵢ, *F, T), where padding carries them along
+    # with each row.
+    stacks = [_slots.spread(d.tangents, pos, plan.count, d.primal, plan.dtype).movedim(0, -1)
+              for d, pos in zip(duals, plan.positions)]
+    stack = torch._C._nn.pad_sequence(stacks, batch_first, 0.0, padding_side).movedim(-1, 0)
+    return Dual._unchecked(padded, stack, plan.directions, plan.single)
+
+
 @implements(torch._pack_padded_sequence)
 @eager_under_compile  # sizes that are data, as torch's packing under torch.compile
 @torch.no_grad()

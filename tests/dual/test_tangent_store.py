@@ -553,3 +553,16 @@ def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
     assert model.history == ["seen"] and model._doubled is None
     plain = model(torch.randn(3, **f64))
     assert type(plain) is torch.Tensor and type(model.cache["bias"]) is torch.Tensor
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_a_recurrent_layer_lists_its_parameters_again_after_the_pass(kind):
+    """A recurrent layer's forward lists its weights anew (``_flat_weights``), Duals on the
+    dual pass: afterwards the list holds the parameters again, not the pass's Duals with their
+    tangent stacks (held until the next call, and read by ``flatten_parameters``)."""
+    layer = kind(3, 4, num_layers=2).double()
+    fgkernels.random_tangents(layer, num_tangents=2)
+    out, _ = layer(Dual(torch.randn(5, 2, 3, **f64)))
+    assert isinstance(out, Dual) and out.tangents.shape[0] == 2
+    assert all(w is getattr(layer, name) and type(w) is nn.Parameter
+               for w, name in zip(layer._flat_weights, layer._flat_weights_names, strict=True))

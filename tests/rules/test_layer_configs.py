@@ -271,3 +271,29 @@ def test_packing_moves_every_slot_as_the_primal(batch_first):
     keep = (keep.T if batch_first else keep)[..., None]
     assert padded.tangents.dtype == torch.bfloat16
     assert torch.equal(padded.tangents, xt * keep)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_sequence_pads_every_slot_as_the_primal(batch_first, side):
+    """pad_sequence (and so pack_sequence) on rules alone: sequences of three lengths, one a
+    plain tensor and two carrying different directions; each output slot is torch's padding of
+    that slot's tangents, zero for a sequence without it and in the padding, whatever the
+    padding value."""
+    rnn = nn.utils.rnn
+    torch.manual_seed(0)
+    seqs = [torch.randn(k, 2) for k in (2, 4, 1)]
+    t0, t2 = torch.randn(2, 2, 2), torch.randn(1, 1, 2)
+    with fgkernels.strict_rules():
+        out = rnn.pad_sequence([Dual(seqs[0], t0, directions=[1, 4]), seqs[1],
+                                Dual(seqs[2], t2, directions=[3])],
+                               batch_first, padding_value=-1.0, padding_side=side)
+        packed = rnn.pack_sequence([Dual(seqs[0], t0[:1]), seqs[1]], enforce_sorted=False)
+    pad = lambda xs, value: rnn.pad_sequence(xs, batch_first, value, side)
+    assert torch.equal(out.primal, pad(seqs, -1.0)) and out.directions == (1, 3, 4)
+    zeros = [torch.zeros_like(s) for s in seqs]
+    for slot, parts in zip(out.tangents, ([t0[0], zeros[1], zeros[2]], [zeros[0], zeros[1], t2[0]],
+                                          [t0[1], zeros[1], zeros[2]])):
+        assert torch.equal(slot, pad(parts, 0.0))
+    assert torch.equal(packed.data.tangents[0],
+                       rnn.pack_sequence([t0[0], zeros[1]], enforce_sorted=False).data)
