@@ -13,6 +13,7 @@ tangent term is cast to the tangent's dtype (``_like``), and torch's kernels com
 """
 from __future__ import annotations
 
+import cmath
 import math
 from typing import Callable, Optional
 
@@ -190,12 +191,13 @@ def addcdiv(input, tensor1, tensor2, *, value=1) -> Dual:
 
 @implements(torch.atan2, torch.Tensor.atan2, torch.arctan2, torch.Tensor.arctan2)
 def atan2(input, other) -> Dual:
-    """Dual ``atan2(a, b)``: ``ẏ = (b·ȧ − a·ḃ)/(a² + b²)``."""
+    """Dual ``atan2(a, b)``: ``ẏ = (b·ȧ − a·ḃ)/(a² + b²)``, each coefficient one quotient (as
+    forward_ad's formula: 1/(a² + b²) overflows where b/(a² + b²) does not)."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
     y = torch.atan2(a, b)
-    recip = (a * a + b * b).reciprocal()
-    return _combine("atan2", y, [(ao, at, lambda t: t * _like(b * recip, t)),
-                                 (bo, bt, lambda t: t * _like(-a * recip, t))])
+    den = a * a + b * b
+    return _combine("atan2", y, [(ao, at, lambda t: t * _like(b / den, t)),
+                                 (bo, bt, lambda t: t * _like(-a / den, t))])
 
 
 @implements(torch.nan_to_num, torch.Tensor.nan_to_num)
@@ -773,8 +775,11 @@ def power(input, exponent) -> Dual:
             factor = torch.where(at_least_0 & (a == 0), 0, y * torch.log(a.to(y.dtype)))
         elif a == 0:
             factor = torch.where(at_least_0, 0, y * -math.inf)
-        else:  # ln of a number base in y's dtype: NaN of a negative real, complex of a complex
-            factor = y * torch.full((), a, dtype=y.dtype, device=y.device).log()
+        else:  # ln of a number base in double, as torch's: NaN of a negative real, complex
+            # of a complex or in a complex result (rounded to y's dtype first, ln(1.0001) is 0
+            # in float16)
+            factor = y * (cmath.log(a) if y.is_complex() or isinstance(a, complex)
+                          else math.log(a) if a > 0 else math.nan)
         return _real_if(b, t * _like(factor, t))
 
     return _combine("pow", y, [(ao, at, base_term), (bo, bt, exponent_term)])

@@ -642,8 +642,8 @@ def test_every_op_refuses_operands_with_different_slot_counts(case):
 
 
 F16 = torch.float16
-# (the function, its operands, which of them carry a tangent): a denominator squared leaves the
-# dtype's range where the derivative itself does not
+# (the function, its operands, which of them carry a tangent): an intermediate of the tangent's
+# formula leaves the dtype's range, or its digits, where the derivative itself does not
 _RANGE_CASES = {
     "addcdiv by a tiny tensor2": (lambda a, b, c: torch.addcdiv(a, b, c, value=0.5),
                                   [torch.zeros(2), torch.tensor([1e-30, -2e-30]),
@@ -655,14 +655,23 @@ _RANGE_CASES = {
                            [torch.zeros(2, dtype=F16), torch.tensor([1000., 500.], dtype=F16),
                             torch.tensor([300., 400.], dtype=F16)], (2,)),
     "softsign in float16": (F.softsign, [torch.tensor([100., 300., -1000.], dtype=F16)], (0,)),
+    "atan2 of tiny operands": (torch.atan2, [torch.tensor([0., 1e-20, -3e-20]),
+                                             torch.tensor([1e-20, 2e-20, 1e-20])], (0, 1)),
+    "atan2 in float16": (torch.atan2, [torch.tensor([0., 1e-3, -2e-3], dtype=F16),
+                                       torch.tensor([1e-3, 1e-3, 3e-3], dtype=F16)], (0, 1)),
+    "a number base near 1 in float16": (lambda x: 1.0001 ** x,
+                                        [torch.tensor([0., 0.5, -1.], dtype=F16)], (0,)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(_RANGE_CASES))
-def test_tangents_whose_formula_squares_a_denominator_stay_in_range(case):
-    """addcdiv's ``t₁·ṫ₂/t₂²`` and softsign's ``ẋ/(1 + |x|)²``: divided twice, as forward_ad
-    does, so that the square never forms (it over- or underflows at these operands); the
-    tangents are finite and within twice torch's own error (against float64)."""
+def test_tangent_formulas_keep_in_range_where_the_derivative_does(case):
+    """addcdiv's ``t₁·ṫ₂/t₂²`` and softsign's ``ẋ/(1 + |x|)²`` divide twice, as forward_ad
+    does, so that the square never forms; atan2's coefficients are one quotient each, not a
+    product with 1/(a² + b²); a number base's ln is taken in double, not of the base rounded
+    to float16 (ln(1.0001) = 0 there). At these operands the other forms over- or underflow:
+    here the tangents are finite, nonzero, and within twice torch's own error (against
+    float64)."""
     fn, primals, with_tangent = _RANGE_CASES[case]
     g = torch.Generator().manual_seed(0)
     tangents = [torch.randn(2, *p.shape, generator=g).to(p.dtype) if i in with_tangent else None
