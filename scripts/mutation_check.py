@@ -245,6 +245,26 @@ MUTANTS = [
            "fgkernels/dual/tangents.py", "and not issubclass(cls, nn.RNNBase)", "and True",
            ("tests/dual/test_tangent_store.py::test_a_recurrent_layer_lists_its_parameters_"
             "again_after_the_pass",)),
+    Mutant("F.l1_loss's weight left where torch drops it", "fgkernels/rules/losses.py",
+           "    if weight is None:\n        weight = _l1_loss_weight()\n", "",
+           ("tests/rules/test_hostile_inputs.py::test_weighted_regression_losses_match_forward_"
+            "ad",)),
+    Mutant("var's tangent scaled after its sum", "fgkernels/rules/reductions.py",
+           ".conj() * (2.0 / (n - correction))\n"
+           "    yt = (t * _like(coefficient, t)).sum(_slot_dims(dims, x.dim()), keepdim)\n"
+           "    if yt.is_complex():\n        yt = yt.real\n"
+           "    return yt.reshape(",
+           ".conj()\n"
+           "    yt = (t * _like(coefficient, t)).sum(_slot_dims(dims, x.dim()), keepdim)\n"
+           "    if yt.is_complex():\n        yt = yt.real\n"
+           "    return (yt * (2.0 / (n - correction))).reshape(",
+           ("tests/rules/test_hostile_inputs.py::test_a_float16_spread_scales_its_terms_before_"
+            "it_sums_them",)),
+    Mutant("a norm's tangent in its parameters' wider dtype", "fgkernels/rules/norms.py",
+           "    dtype = plan.dtype if tangent_dtype_fits(y.dtype, plan.dtype) else y.dtype\n",
+           "    dtype = plan.dtype\n",
+           ("tests/dual/test_mixed_precision.py::test_a_norm_of_a_bfloat16_input_with_float32_"
+            "parameters_is_bfloat16",)),
     Mutant("the comparison gives complex inputs no tangents", "fgkernels/testing.py",
            "    return v.is_floating_point() or v.is_complex()\n",
            "    return v.is_floating_point()\n",
@@ -299,7 +319,7 @@ MUTANTS = [
            "yt = torch.where(ties, t, 0).sum(_slot_dims(dims, x.dim()), keepdim) * \\\n"
            "        _like(ties.sum(dims, keepdim) > 0, t)", OPS),
     Mutant("var's correction left out of its tangent", "fgkernels/rules/reductions.py",
-           "(yt * (2.0 / (n - correction)))", "(yt * (2.0 / n))", OPS),
+           "* (2.0 / (n - correction))", "* (2.0 / n)", OPS),
     Mutant("std's tangent NaN where std is 0", "fgkernels/rules/reductions.py",
            "return (yt / _like(2 * y, yt)).masked_fill_(y == 0, 0)",
            "return yt / _like(2 * y, yt)", SEMANTICS),

@@ -5,6 +5,7 @@ warning), is torch's own; its tangent is written as torch's forward mode compute
 conventions at kinks and at NaN included."""
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -235,8 +236,26 @@ def mse_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None
 def l1_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
             reduction: str = "mean", weight: Optional[Tensor] = None) -> Dual:
     """Dual L1 loss: slope ``sign d``, 0 at a tie."""
+    if weight is None:
+        weight = _l1_loss_weight()
     return _regression("l1_loss", F.l1_loss, input, target,
                        _reduction(size_average, reduce, reduction), _sign_slope, weight)
+
+
+_L1_LOSS = F.l1_loss.__code__
+
+
+def _l1_loss_weight() -> Optional[Tensor]:
+    """The ``weight`` of the ``F.l1_loss`` call that dispatched to the rule, read from its
+    frame: torch (2.13, 2.14) hands ``__torch_function__`` that call without it (the weight is
+    only among the arguments it looks at for overrides), and the rule would compute the
+    unweighted loss. A traced call has no such frame: there the weight stays lost."""
+    if torch.compiler.is_compiling():
+        return None
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _L1_LOSS:
+        frame = frame.f_back
+    return None if frame is None else frame.f_locals.get("weight")
 
 
 def _sign_slope(t: Tensor, d: Tensor) -> Tensor:

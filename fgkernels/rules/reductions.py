@@ -71,11 +71,13 @@ def _variance_tangent(input: Dual, args: tuple, kwargs: dict, y: Tensor) -> Opti
     n = math.prod(x.shape[d] for d in dims)
     if n - correction <= 0:
         return None
-    centred = x - x.mean(dims, keepdim=True)
-    yt = (t * _like(centred.conj(), t)).sum(_slot_dims(dims, x.dim()), keepdim)
+    # each term scaled before the sum, as torch's: the sum unscaled leaves float16's range
+    # where the variance does not
+    coefficient = (x - x.mean(dims, keepdim=True)).conj() * (2.0 / (n - correction))
+    yt = (t * _like(coefficient, t)).sum(_slot_dims(dims, x.dim()), keepdim)
     if yt.is_complex():
         yt = yt.real
-    return (yt * (2.0 / (n - correction))).reshape(t.shape[0], *y.shape)
+    return yt.reshape(t.shape[0], *y.shape)
 
 
 def _spread(op, input: Dual, args: tuple, kwargs: dict, of_variance) -> Dual:

@@ -244,3 +244,20 @@ def test_a_coefficient_near_cancellation_is_formed_before_it_is_rounded(case):
     out = make(torch.float32)(Dual(x, xt))
     exact = forward_ad_jvp(make(torch.float64), [x.double()], [xt.double()])[1]
     assert rel_err(out.tangents, exact) < 2 ** -6
+
+
+@pytest.mark.parametrize("norm", [lambda a, w, b: F.layer_norm(a, (8,), w, b),
+                                  lambda a, w, b: F.group_norm(a, 2, w, b)],
+                         ids=["layer_norm", "group_norm"])
+def test_a_norm_of_a_bfloat16_input_with_float32_parameters_is_bfloat16(norm):
+    """torch normalises a bfloat16 input with float32 parameters into a bfloat16 output, whose
+    forward-mode tangent is bfloat16: the Dual's is too (a float32 tangent of a bfloat16 primal
+    is no Dual), forward_ad's in float64 within bfloat16 roundings."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(4, 8).to(BF16), torch.randn(8), torch.randn(8)
+    xt, wt, bt = torch.randn(2, 4, 8).to(BF16), torch.randn(2, 8), torch.randn(2, 8)
+    out = norm(Dual(x, xt), Dual(w, wt), Dual(b, bt))
+    assert out.primal.dtype == out.tangents.dtype == BF16
+    exact = forward_ad_jvp(norm, [x.double(), w.double(), b.double()],
+                           [xt.double(), wt.double(), bt.double()])[1]
+    assert rel_err(out.tangents, exact) < 2 ** -6
