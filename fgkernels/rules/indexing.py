@@ -16,14 +16,26 @@ Tensor = torch.Tensor
 
 
 def _is_advanced(i) -> bool:
-    return isinstance(i, (Tensor, list, bool)) or (
-        isinstance(i, tuple) and any(isinstance(e, (Tensor, list)) for e in i))
+    """An index item torch reads as an advanced index: a tensor, a bool, or any sequence (a
+    list, a tuple inside the index, a range, a NumPy array)."""
+    return isinstance(i, (Tensor, bool)) or (hasattr(i, "__len__") and not isinstance(i, str))
+
+
+def as_torch_reads(index):
+    """``index`` as torch reads it: a list of fewer than 32 items of which one is a slice,
+    Ellipsis, None, a tensor or a sequence is a tuple of indices (``d[[0, slice(1, 3)]]`` is
+    ``d[0, 1:3]``, NumPy's old rule, which torch keeps), not one list of integers."""
+    if type(index) is list and len(index) < 32 and any(
+            i is None or i is Ellipsis or isinstance(i, slice)
+            or (_is_advanced(i) and not isinstance(i, bool)) for i in index):
+        return tuple(index)
+    return index
 
 
 def slot_index(index) -> Optional[tuple]:
     """The index of a stack ``(T, *shape)`` that picks in every slot what ``index`` picks in
-    the primal, or None where none does (advanced indices apart from one another move their
-    dims to the front, ahead of the slot axis)."""
+    the primal (``index`` as torch reads it), or None where none does (advanced indices apart
+    from one another move their dims to the front, ahead of the slot axis)."""
     items = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, Dual) for i in items):
         raise TypeError("a Dual cannot index a tensor; index with its primal (d.primal)")
@@ -44,6 +56,7 @@ def getitem(input: Dual, index) -> Dual:
     slices, None, Ellipsis) both are views of ``d``'s, and an in-place op on the result writes
     into them, as on a view of a tensor (``b[n:2 * n].zero_()`` zeroes a part of ``b`` and of its
     tangent)."""
+    index = as_torch_reads(index)
     y = input.primal[index]
     t = input.tangents
     return input.as_view(input.with_tangents(y, None if t is None else _index_stack(t, index)))
@@ -53,7 +66,7 @@ def getitem(input: Dual, index) -> Dual:
 def setitem(d: Dual, index, value) -> Dual:
     """The Dual ``d`` with ``d[index] = value`` (a Dual, Tensor or number), out of place: the
     region takes value's primal and tangent (zero where value has none)."""
-    v = parts(value)
+    index, v = as_torch_reads(index), parts(value)
     y = d.primal.clone()
     y[index] = v.primal
     plan = _slots.plan([d.slot_operand(), v.slots], "setitem")

@@ -4,6 +4,7 @@ comparisons and values act on the primal, indexing and assignment follow the pri
 constructors give plain tensors; every numeric case against forward_ad in float64."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -170,19 +171,27 @@ INDICES = {
     "pair": lambda x: (torch.tensor([0, 2]), torch.tensor([1, 3])),
     "apart": lambda x: (torch.tensor([0, 2]), slice(None), torch.tensor([1, 3])),
     "slices": lambda x: (slice(1, None), None, Ellipsis),
+    # sequences torch reads as advanced indices, and lists it reads as tuples of indices
+    "numpy apart": lambda x: (np.array([0, 2]), slice(None), np.array([1, 3])),
+    "tuples apart": lambda x: ((0, 2), slice(None), (1, 3)),
+    "range": lambda x: range(2),
+    "list of lists": lambda x: [[0, 2], [1, 3]],
+    "list with a slice": lambda x: [0, slice(1, 3)],
+    "list of tensors": lambda x: [torch.tensor(2), torch.tensor([0, 1])],
 }
 
 
 @pytest.mark.parametrize("name", sorted(INDICES))
 def test_getitem_follows_the_primal(name):
     torch.manual_seed(0)
-    shape = (3, 2, 4) if name == "apart" else (3, 4)
+    shape = (3, 2, 4) if name.endswith("apart") else (3, 4)
     index = INDICES[name](torch.randn(shape))
     _against_forward_ad(lambda x: x[index], shape)
 
 
 @pytest.mark.parametrize("value", ["dual", "tensor", "number"])
-@pytest.mark.parametrize("name", ["mask", "tensor", "pair", "slices"])
+@pytest.mark.parametrize("name", ["mask", "tensor", "pair", "slices", "range", "list of lists",
+                                  "list with a slice", "list of tensors"])
 def test_setitem_follows_the_primal(name, value):
     torch.manual_seed(0)
     x = torch.randn(3, 4, **f64)
