@@ -39,6 +39,7 @@ COMPILE = "tests/nn/test_compile.py::"  # + a test's name
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
 BN_PER_CHANNEL = "csrc/bn_per_channel.h"
 POINTWISE = "fgkernels/rules/pointwise.py"
+LAYERS = "fgkernels/rules/layers.py"
 PACKED = ("tests/rules/test_properties.py::test_packed_recurrent_layers",
           "tests/rules/test_layer_configs.py::test_packing_moves_every_slot_as_the_primal")
 CELLS = ("tests/rules/test_properties.py::test_recurrent_layers",
@@ -50,6 +51,9 @@ CANCELLATION = ("tests/dual/test_mixed_precision.py::test_a_coefficient_near_can
                 "formed_before_it_is_rounded",)
 PAD_SEQUENCE = ("tests/rules/test_layer_configs.py::test_pad_sequence_pads_every_slot_as_the_"
                 "primal",)
+INDEXING = ("tests/dual/test_dual_semantics.py::test_getitem_follows_the_primal",
+            "tests/dual/test_dual_semantics.py::test_setitem_follows_the_primal")
+EDGES = ("tests/dual/test_dual_semantics.py::test_op_edge_cases_as_forward_ad",)
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
@@ -265,6 +269,30 @@ MUTANTS = [
            "    dtype = plan.dtype\n",
            ("tests/dual/test_mixed_precision.py::test_a_norm_of_a_bfloat16_input_with_float32_"
             "parameters_is_bfloat16",)),
+    Mutant("a list index read as one list of integers", "fgkernels/rules/indexing.py",
+           "        return tuple(index)\n", "        return index\n", INDEXING),
+    Mutant("a NumPy array or inner tuple index read as basic", "fgkernels/rules/indexing.py",
+           'return isinstance(i, (Tensor, bool)) or (hasattr(i, "__len__") and not isinstance(i, '
+           'str))', "return isinstance(i, (Tensor, list, bool))", INDEXING),
+    Mutant("a max pool's one-element size lists passed on as they are", LAYERS,
+           "    return tuple(v) * 2 if len(v) == 1 else tuple(v)", "    return tuple(v)", EDGES),
+    Mutant("a pool's form with indices returns the values alone", LAYERS,
+           "return (out, index) if return_indices or pair else out",
+           "return (out, index) if return_indices else out", EDGES),
+    Mutant("cat joins the slots of a legacy empty operand", LAYERS,
+           'legacy = [op == "cat" and d.primal.shape == (0,) and y.dim() != 1 for d in duals]',
+           "legacy = [False for d in duals]", EDGES),
+    Mutant("a Dual's view reshapes", "fgkernels/dual/value.py",
+           "return Dual.__torch_function__(torch.Tensor.view, (Dual,), (self, *shape))",
+           "return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], "
+           "int) else shape)",
+           ("tests/dual/test_dual_semantics.py::test_view_refuses_what_torch_refuses_and_writes_"
+            "through_what_it_takes",)),
+    Mutant("antialiased bfloat16 tangents resampled as they are on the CPU", LAYERS,
+           '    if antialias and narrow and d.primal.device.type == "cpu":\n',
+           "    if False:\n",
+           ("tests/dual/test_mixed_precision.py::test_antialiased_resampling_of_bfloat16_"
+            "tangents_on_the_cpu",)),
     Mutant("the comparison gives complex inputs no tangents", "fgkernels/testing.py",
            "    return v.is_floating_point() or v.is_complex()\n",
            "    return v.is_floating_point()\n",
@@ -299,8 +327,8 @@ MUTANTS = [
            ("tests/rules/test_layer_configs.py",)),
     Mutant("adaptive max pool's tangent gathered along the width alone",
            "fgkernels/rules/layers.py",
-           "((F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices), 2)",
-           "((F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices), 1)", OPS),
+           "(F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices, 2)",
+           "(F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices, 1)", OPS),
     Mutant("binary cross-entropy's target slope of the wrong sign", "fgkernels/rules/losses.py",
            "slope_y = -torch.logit(xp) if w is None", "slope_y = torch.logit(xp) if w is None",
            OPS),

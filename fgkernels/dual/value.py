@@ -686,13 +686,12 @@ class Dual:
         return torch.flatten(self, start_dim, end_dim)
 
     def view(self, *shape) -> Dual:
-        """The primal and each slot in ``shape``: views of them where their layout allows,
-        as ``Tensor.view`` (the reshape rule). A dtype view is refused."""
+        """The primal and each slot in ``shape``, as ``Tensor.view`` (torch's error where the
+        primal's layout allows no view). A dtype view is refused."""
         if len(shape) == 1 and isinstance(shape[0], torch.dtype):
             raise TypeError("a Dual cannot be viewed as another dtype (its bits reinterpreted "
                             "have no tangent); view its primal, d.primal.view(dtype)")
-        return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
-                             else shape)
+        return Dual.__torch_function__(torch.Tensor.view, (Dual,), (self, *shape))
 
     def backward(self, *args, **kwargs):
         """Refused: a Dual has no autograd graph (see the message)."""

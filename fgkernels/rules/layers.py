@@ -225,14 +225,22 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
                                         return_indices=True)
     d = as_dual(input, "max_pool2d")
     stride = kernel_size if stride is None or stride == [] else stride
-    return _max_pool2d.on(d, _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation),
+    return _max_pool2d.on(d, *map(_two, (kernel_size, stride, padding, dilation)),
                           bool(ceil_mode))
 
 
-def _selecting_pool(pool_with_indices: Callable, spatial: int) -> Callable:
+def _two(v) -> tuple:
+    """A pool's int or sequence of one or two ints as two ints (torch takes each form)."""
+    v = _pair(v)
+    return tuple(v) * 2 if len(v) == 1 else tuple(v)
+
+
+def _selecting_pool(pool_with_indices: Callable, spatial: int, pair: bool = False) -> Callable:
     """The rule of a max pool over the last ``spatial`` dims, ``pool_with_indices`` its form
     that returns the argmax (``F.max_pool1d_with_indices``, ...): torch's values, and each
-    slot's tangent gathered where torch found them (forward AD's rule)."""
+    slot's tangent gathered where torch found them (forward AD's rule); with the indices where
+    ``return_indices`` asks, or always (``pair``: the rule of ``pool_with_indices`` itself,
+    which torch hands the ``return_indices`` its caller gave, False when called directly)."""
 
     @_no_grad
     def rule(input: MaybeDual, *args, return_indices: bool = False, **kwargs):
@@ -244,20 +252,22 @@ def _selecting_pool(pool_with_indices: Callable, spatial: int) -> Callable:
             t = t.flatten(-spatial).gather(-1, at.expand(t.shape[0], *at.shape)) \
                 .view(t.shape[0], *y.shape)
         out = d.with_tangents(y, t)
-        return (out, index) if return_indices else out
+        return (out, index) if return_indices or pair else out
 
     return rule
 
 
 # (F.max_pool2d, with its own kernels, takes the rule for the form with indices)
 _max_pool2d_with_indices = implements(F.max_pool2d_with_indices)(
-    _selecting_pool(F.max_pool2d_with_indices, 2))
-for _pools, _spatial in (((F.max_pool1d, F.max_pool1d_with_indices), 1),
-                         ((F.max_pool3d, F.max_pool3d_with_indices), 3),
-                         ((F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices), 1),
-                         ((F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices), 2),
-                         ((F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices), 3)):
-    implements(*_pools)(_selecting_pool(_pools[-1], _spatial))
+    _selecting_pool(F.max_pool2d_with_indices, 2, pair=True))
+for _pool, _with_indices, _spatial in (
+        (F.max_pool1d, F.max_pool1d_with_indices, 1),
+        (F.max_pool3d, F.max_pool3d_with_indices, 3),
+        (F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices, 1),
+        (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices, 2),
+        (F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices, 3)):
+    implements(_pool)(_selecting_pool(_with_indices, _spatial))
+    implements(_with_indices)(_selecting_pool(_with_indices, _spatial, pair=True))
 
 
 # --- linear ops: the same map on the primal and on every tangent slot -----------------------------
@@ -269,8 +279,17 @@ def avg_pool2d(input: MaybeDual, *args, **kwargs) -> Dual:
 
 @implements(F.interpolate, F.upsample)
 def interpolate(input: MaybeDual, *args, **kwargs) -> Dual:
-    """Dual resampling (arguments as ``F.interpolate``): every mode is linear in the input."""
-    return as_dual(input, "interpolate").map(lambda t: F.interpolate(t, *args, **kwargs))
+    """Dual resampling (arguments as ``F.interpolate``): every mode is linear in the input.
+    The antialiased modes have no CPU kernel for half-precision tangents of a wider primal:
+    they resample the tangents at the primal's precision and round them back."""
+    d = as_dual(input, "interpolate")
+    antialias = kwargs.get("antialias", args[5] if len(args) > 5 else False)
+    narrow = d.tangents is not None and d.tangents.dtype != d.primal.dtype \
+        and d.tangents.dtype in (torch.bfloat16, torch.float16)
+    if antialias and narrow and d.primal.device.type == "cpu":
+        wide = d.primal.dtype
+        return d.map(lambda t: F.interpolate(t.to(wide), *args, **kwargs).to(t.dtype))
+    return d.map(lambda t: F.interpolate(t, *args, **kwargs))
 
 
 @implements(F.adaptive_avg_pool2d)
@@ -307,11 +326,19 @@ def flatten(input: Dual, start_dim: int = 0, end_dim: int = -1) -> Dual:
     return _reshaped(input, torch.flatten(input.primal, start_dim, end_dim))
 
 
-@implements(torch.reshape, torch.Tensor.reshape, torch.Tensor.view)
+@implements(torch.reshape, torch.Tensor.reshape)
 def reshape(input: Dual, *shape) -> Dual:
-    """Dual reshape / view."""
+    """Dual reshape."""
     shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
     return _reshaped(input, input.primal.reshape(shape))
+
+
+@implements(torch.Tensor.view)
+def view(input: Dual, *shape) -> Dual:
+    """Dual view: torch's error where the primal's strides allow no view (a reshape would copy,
+    and an in-place op on the copy would not reach ``input``)."""
+    shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
+    return _reshaped(input, input.primal.view(shape))
 
 
 def _dropout_rule(draw: Callable) -> Callable:
@@ -389,8 +416,13 @@ def _join(op: str, join: Callable, tensors: Sequence[MaybeDual], dim: int,
     if plan.count == 0:
         return Dual(y)
     tdim = dim + 1 if dim >= 0 else dim
+    # torch.cat passes over a 1-d empty operand of any other shape (a legacy placeholder);
+    # its slots, (T, 0), it would not
+    legacy = [op == "cat" and d.primal.shape == (0,) and y.dim() != 1 for d in duals]
     pieces = []
-    for d, pos in zip(duals, plan.positions):
+    for d, pos, skip in zip(duals, plan.positions, legacy):
+        if skip:
+            continue
         t = _slots.cast(d.tangents, plan.dtype)
         if pos == tuple(range(plan.count)):
             pieces.append(t)

@@ -907,6 +907,10 @@ _SLOT_VIEWS: dict[Callable, Callable] = {
     torch.Tensor.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
     torch.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
     torch.Tensor.contiguous: _contiguous,
+    # (vmap has no batching rule for a tensor start)
+    torch.Tensor.narrow: lambda t, n, dim, start, length: t.narrow(_slot_dim(dim, n), start,
+                                                                   length),
+    torch.narrow: lambda t, n, dim, start, length: t.narrow(_slot_dim(dim, n), start, length),
     torch.Tensor.repeat_interleave: _repeat_interleave, torch.repeat_interleave: _repeat_interleave,
     torch.Tensor.cumsum: _cumsum, torch.cumsum: _cumsum,
     torch.Tensor.take: _take, torch.take: _take,

@@ -904,6 +904,18 @@ EDGE_CASES = {
     # a zero row's norm: forward_ad's tangent is 0 there
     "vector_norm of a zero row": (lambda x: torch.linalg.vector_norm(
         x * torch.tensor([0.0, 1.0, 1.0], **f64)[:, None], dim=-1), [(3, 4)], 2),
+    # a max pool's sizes as one-element lists, which torch takes for both dims
+    "max_pool2d of one-element lists": (lambda x: F.max_pool2d(x, [3], [2], [1], [1]),
+                                        [(2, 3, 8, 8)], 2),
+    # the forms with indices called by name give (values, indices) whatever return_indices
+    "max_pool2d_with_indices": (lambda x: F.max_pool2d_with_indices(x, 2)[0], [(2, 3, 6, 6)], 2),
+    "max_pool1d_with_indices": (lambda x: F.max_pool1d_with_indices(x, 2)[0], [(2, 3, 6)], 2),
+    "adaptive_max_pool2d_with_indices": (
+        lambda x: F.adaptive_max_pool2d_with_indices(x, 3)[0], [(2, 3, 7, 7)], 2),
+    # torch.cat passes over a 1-D empty operand (a legacy placeholder) of any other shape
+    "cat beside a legacy empty": (lambda a: torch.cat([torch.empty(0, **f64), a, a * 2], 1),
+                                  [(2, 3)], 3),
+    "narrow at a tensor start": (lambda x: x.narrow(1, torch.tensor(1), 2), [(3, 4)], 2),
 }
 
 
@@ -1005,3 +1017,19 @@ def test_a_layer_s_weight_and_bias_of_different_directions_take_their_union(laye
     _, along_b = forward_ad_jvp(fn, [w, b], [None, bt])
     torch.testing.assert_close(out.tangents, torch.cat([along_w, along_b]), rtol=1e-12,
                                atol=1e-13)
+
+
+def test_view_refuses_what_torch_refuses_and_writes_through_what_it_takes():
+    """``d.view`` is torch's view: an error where the primal's layout allows none (a transpose
+    flattened, a channels_last map reshaped), not a copy that in-place ops would write into in
+    vain; where it takes the view, an in-place op on it reaches ``d``."""
+    x = torch.randn(3, 4, **f64)
+    for d, shape in ((Dual(x.t(), torch.randn(2, 4, 3, **f64)), (-1,)),
+                     (Dual(torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)),
+                      (2, -1))):
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            d.view(*shape)
+    d = Dual(x.clone(), torch.randn(2, 3, 4, **f64))
+    v = d.view(2, 6)
+    v.mul_(0.0)
+    assert (d.primal == 0).all() and (d.tangents == 0).all()

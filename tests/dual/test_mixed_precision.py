@@ -261,3 +261,16 @@ def test_a_norm_of_a_bfloat16_input_with_float32_parameters_is_bfloat16(norm):
     exact = forward_ad_jvp(norm, [x.double(), w.double(), b.double()],
                            [xt.double(), wt.double(), bt.double()])[1]
     assert rel_err(out.tangents, exact) < 2 ** -6
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_antialiased_resampling_of_bfloat16_tangents_on_the_cpu(mode):
+    """The antialiased modes have no CPU kernel for bfloat16: the tangents of a float32 map
+    are resampled at float32 and rounded back, forward_ad's in float64 within bfloat16
+    roundings."""
+    torch.manual_seed(0)
+    x, xt = torch.randn(2, 3, 9, 8), torch.randn(2, 2, 3, 9, 8).to(BF16)
+    fn = lambda v: F.interpolate(v, size=(5, 4), mode=mode, antialias=True)
+    out = fn(Dual(x, xt))
+    assert out.tangents.dtype == BF16
+    assert rel_err(out.tangents, forward_ad_jvp(fn, [x.double()], [xt.double()])[1]) < 2 ** -6
