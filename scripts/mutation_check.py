@@ -293,6 +293,13 @@ MUTANTS = [
            "    if False:\n",
            ("tests/dual/test_mixed_precision.py::test_antialiased_resampling_of_bfloat16_"
             "tangents_on_the_cpu",)),
+    Mutant("causal attention keeps the mask torch drops", "fgkernels/rules/attention.py",
+           "    causal = is_causal and key_padding_mask is None and not need_weights\n",
+           "    causal = False\n",
+           ("tests/rules/test_layer_configs.py::test_causal_attention_takes_torchs_mask",)),
+    Mutant("einsum's output sublist ignored", "fgkernels/rules/products.py",
+           "    if len(args) % 2:\n        equation +=", "    if False:\n        equation +=",
+           EDGES),
     Mutant("the comparison gives complex inputs no tangents", "fgkernels/testing.py",
            "    return v.is_floating_point() or v.is_complex()\n",
            "    return v.is_floating_point()\n",

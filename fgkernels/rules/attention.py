@@ -199,6 +199,11 @@ def multi_head_attention_forward(
     if is_causal and attn_mask is None:
         raise RuntimeError("multi_head_attention: is_causal is a hint that attn_mask is the "
                            "causal mask; it needs attn_mask")
+    # As torch: without a padding mask or weights to return, the hint replaces the mask, and
+    # attention is causal over the keys as they stand after the bias and zero keys are added.
+    causal = is_causal and key_padding_mask is None and not need_weights
+    if causal:
+        attn_mask = None
     H, hd = num_heads, E // num_heads
     # parameters as Duals (a tensor with a recorded tangent carries it into its chunks)
     in_proj_weight, in_proj_bias, bias_k, bias_v, q_proj_weight, k_proj_weight, \
@@ -252,7 +257,7 @@ def multi_head_attention_forward(
             attn_mask.reshape(N, H, -1, S) if attn_mask.shape[0] == N * H
             else attn_mask.unsqueeze(0))
         out = scaled_dot_product_attention(q.reshape(N, H, L, hd), k.reshape(N, H, S, hd),
-                                           v.reshape(N, H, S, hd), mask4, p)
+                                           v.reshape(N, H, S, hd), mask4, p, causal)
         out = out.permute(2, 0, 1, 3)
     out = out.transpose(0, 1).reshape(L * N, E) if need_weights else out.reshape(L * N, E)
     out = linear(out, out_proj_weight, out_proj_bias).reshape(L, N, E)

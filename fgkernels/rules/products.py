@@ -134,6 +134,8 @@ def addmm(input, mat1, mat2, *, beta=1, alpha=1) -> Dual:
 def einsum(equation: str, *operands) -> Dual:
     """Dual ``einsum``: each operand's term is the same contraction with that operand's
     tangent, the slot axis a letter of its own kept in front."""
+    if not isinstance(equation, str):
+        equation, operands = _sublist_equation((equation, *operands))
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
         operands = tuple(operands[0])
     inputs, arrow, output = equation.replace(" ", "").partition("->")
@@ -151,3 +153,16 @@ def einsum(equation: str, *operands) -> Dual:
         return torch.einsum(f"{','.join(subs)}->{slot}{output}", *f[:i], stack, *f[i + 1:])
 
     return _product("einsum", list(operands), lambda p: torch.einsum(equation, *p), term)
+
+
+def _sublist_equation(args: tuple) -> tuple[str, tuple]:
+    """einsum's sublist form ``(a, [0, 1], b, [1, 2], [0, 2])`` as an equation and its
+    operands (``"AB,BC->AC"``): subscripts 0-25 as A-Z, 26-51 as a-z, Ellipsis as "...", as
+    torch reads them."""
+    n = len(args) // 2
+    letters = string.ascii_uppercase + string.ascii_lowercase
+    spell = lambda subs: "".join("..." if s is Ellipsis else letters[s] for s in subs)
+    equation = ",".join(spell(subs) for subs in args[1:2 * n:2])
+    if len(args) % 2:
+        equation += "->" + spell(args[-1])
+    return equation, tuple(args[0:2 * n:2])

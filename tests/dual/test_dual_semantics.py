@@ -916,6 +916,11 @@ EDGE_CASES = {
     "cat beside a legacy empty": (lambda a: torch.cat([torch.empty(0, **f64), a, a * 2], 1),
                                   [(2, 3)], 3),
     "narrow at a tensor start": (lambda x: x.narrow(1, torch.tensor(1), 2), [(3, 4)], 2),
+    # einsum's sublist form: subscripts as lists of ints, the output's last, or none
+    "einsum sublists": (lambda a, b: torch.einsum(a, [0, 1], b, [1, 2], [2, 0]),
+                        [(2, 3), (3, 4)], 2),
+    "einsum sublists with an ellipsis": (lambda a, b: torch.einsum(a, [Ellipsis, 30], b, [30, 1]),
+                                         [(5, 2, 3), (3, 4)], 2),
 }
 
 

@@ -297,3 +297,31 @@ def test_pad_sequence_pads_every_slot_as_the_primal(batch_first, side):
         assert torch.equal(slot, pad(parts, 0.0))
     assert torch.equal(packed.data.tangents[0],
                        rnn.pack_sequence([t0[0], zeros[1]], enforce_sorted=False).data)
+
+
+class _CausalSelfAttention(nn.Module):
+    def __init__(self, need_weights: bool, **options):
+        super().__init__()
+        self.attn, self.need_weights = nn.MultiheadAttention(8, 2, **options), need_weights
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[0], dtype=x.dtype)
+        return self.attn(x, x, x, attn_mask=mask, is_causal=True,
+                         need_weights=self.need_weights)[0]
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("options", [{}, {"add_bias_kv": True}, {"add_zero_attn": True}],
+                         ids=["plain", "bias keys", "zero key"])
+def test_causal_attention_takes_torchs_mask(options, need_weights):
+    """``is_causal`` with no padding mask and no weights asked for: torch drops the mask it was
+    given and attends causally over the keys as they stand after a bias or zero key is added
+    (which the mask, padded for that key, would let every query see). The primal is torch's
+    own, and the tangents forward_ad's."""
+    torch.manual_seed(1)
+    model = _CausalSelfAttention(need_weights, **options).double().eval()
+    x = torch.randn(4, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(model(Dual(x, torch.randn(2, *x.shape, dtype=torch.float64))).primal,
+                               model(x))
+    errors = compare_with_forward_ad(model, [x], num_tangents=2)
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
