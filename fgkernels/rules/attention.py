@@ -118,7 +118,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
                                  enable_gqa: bool = False) -> Dual:
     """Dual scaled dot-product attention (arguments as ``F.scaled_dot_product_attention``)."""
     q, k, v = (as_dual(t, "scaled_dot_product_attention") for t in (query, key, value))
+    if min(q.dim(), k.dim(), v.dim()) < 2:
+        raise ValueError("scaled_dot_product_attention: query, key and value must be at least "
+                         f"2-D (..., L or S, E), got {q.dim()}-D, {k.dim()}-D and {v.dim()}-D")
     if enable_gqa:
+        if min(q.dim(), k.dim(), v.dim()) < 3 or q.shape[-3] % k.shape[-3] \
+                or q.shape[-3] % v.shape[-3]:
+            raise ValueError("scaled_dot_product_attention: with enable_gqa, the number of "
+                             "heads in key and value must divide the number in query, got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
         k, v = _repeat_heads(k, q.shape[-3]), _repeat_heads(v, q.shape[-3])
     mask = parts(attn_mask) if attn_mask is not None else None
     slots = [q.slot_operand(), k.slot_operand(), v.slot_operand(),

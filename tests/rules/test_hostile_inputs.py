@@ -492,12 +492,19 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
      RuntimeError, "self must be a matrix"),
     (lambda: torch.bmm(Dual(torch.randn(3, 4), torch.randn(3, 4)), torch.randn(4, 5)),
      RuntimeError, "batch1 must be a 3D tensor"),
+    (lambda: F.scaled_dot_product_attention(*[Dual(torch.randn(4), torch.randn(4))] * 3),
+     ValueError, "scaled_dot_product_attention: query, key and value must be at least 2-D"),
+    (lambda: F.scaled_dot_product_attention(Dual(torch.randn(1, 8, 3, 4), torch.randn(1, 8, 3, 4)),
+                                            torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4),
+                                            enable_gqa=True),
+     ValueError, "the number of heads in key and value must divide the number in query"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
         "directions bool", "add_direction direction", "add_direction tangent",
         "add_direction input", "clear_tangents None", "reuse_conv_outputs None",
-        "conv1d channels", "conv1d stride pair", "mm of a batch", "bmm of matrices"])
+        "conv1d channels", "conv1d stride pair", "mm of a batch", "bmm of matrices",
+        "1-D attention", "grouped heads that do not divide"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()
