@@ -192,7 +192,9 @@ def multi_head_attention_forward(
     """Dual multi-head attention (arguments and results as ``F.multi_head_attention_forward``:
     sequence-first inputs, ``(output, weights or None)``)."""
     q_in, k_in, v_in = (as_dual(t, "multi_head_attention") for t in (query, key, value))
-    batched = q_in.dim() == 3
+    primal = lambda t: t.primal if isinstance(t, Dual) else t
+    batched = F._mha_shape_check(q_in.primal, k_in.primal, v_in.primal,
+                                 primal(key_padding_mask), primal(attn_mask), num_heads)
     if not batched:
         q_in, k_in, v_in = q_in.unsqueeze(1), k_in.unsqueeze(1), v_in.unsqueeze(1)
         if key_padding_mask is not None:
@@ -201,6 +203,18 @@ def multi_head_attention_forward(
     if E != embed_dim_to_check:
         raise ValueError(f"multi_head_attention: expected embedding dim {embed_dim_to_check}, "
                          f"got {E}")
+    S_in = k_in.shape[0]
+    if k_in.shape[:2] != v_in.shape[:2]:
+        raise ValueError("multi_head_attention: key and value must have one length and batch, "
+                         f"got {tuple(k_in.shape)} and {tuple(v_in.shape)}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S_in):
+        raise ValueError(f"multi_head_attention: key_padding_mask must have shape {(N, S_in)} "
+                         f"(batch, keys), got {tuple(key_padding_mask.shape)}")
+    mask_shape = (L, S_in) if attn_mask is None or attn_mask.dim() == 2 \
+        else (N * num_heads, L, S_in)
+    if attn_mask is not None and tuple(attn_mask.shape) != mask_shape:
+        raise ValueError(f"multi_head_attention: a {attn_mask.dim()}-D attn_mask must have shape "
+                         f"{mask_shape}, got {tuple(attn_mask.shape)}")
     if E % num_heads:
         raise ValueError(f"multi_head_attention: embedding dim {E} is not divisible by "
                          f"num_heads {num_heads}")

@@ -498,13 +498,21 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
                                             torch.randn(1, 3, 3, 4), torch.randn(1, 3, 3, 4),
                                             enable_gqa=True),
      ValueError, "the number of heads in key and value must divide the number in query"),
+    (lambda: nn.MultiheadAttention(8, 2)(Dual(torch.randn(3, 2, 8)), torch.randn(4, 2, 8),
+                                         torch.randn(4, 2, 8),
+                                         key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)),
+     ValueError, r"key_padding_mask must have shape \(2, 4\) \(batch, keys\), got \(2, 5\)"),
+    (lambda: nn.MultiheadAttention(8, 2)(Dual(torch.randn(3, 2, 8)), torch.randn(4, 2, 8),
+                                         torch.randn(4, 2, 8), attn_mask=torch.zeros(1, 3, 4)),
+     ValueError, r"a 3-D attn_mask must have shape \(4, 3, 4\), got \(1, 3, 4\)"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
         "directions bool", "add_direction direction", "add_direction tangent",
         "add_direction input", "clear_tangents None", "reuse_conv_outputs None",
         "conv1d channels", "conv1d stride pair", "mm of a batch", "bmm of matrices",
-        "1-D attention", "grouped heads that do not divide"])
+        "1-D attention", "grouped heads that do not divide", "attention padding mask shape",
+        "attention 3-D mask shape"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()
