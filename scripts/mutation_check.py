@@ -303,6 +303,15 @@ MUTANTS = [
     Mutant("attention takes a 3-D mask of any first size", "fgkernels/rules/attention.py",
            "        else (N * num_heads, L, S_in)", "        else (attn_mask.shape[0], L, S_in)",
            ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_error_naming_it",)),
+    Mutant("a pass keeps what parametrize.cached() kept", "fgkernels/dual/tangents.py",
+           "        if parametrize._cache_enabled:\n", "        if False:\n",
+           ("tests/dual/test_tangent_store.py::test_a_cached_parametrization_is_computed_anew_"
+            "for_the_pass_and_after_it",)),
+    Mutant("a Dual two containers deep starts no pass", "fgkernels/dual/tangents.py",
+           "        if isinstance(v, dict) and _holds_dual(v.values()):",
+           "        if isinstance(v, dict) and any(isinstance(e, Dual) for e in v.values()):",
+           ("tests/dual/test_tangent_store.py::test_a_dual_nested_in_the_inputs_starts_the_pass_"
+            "at_the_model",)),
     Mutant("the comparison gives complex inputs no tangents", "fgkernels/testing.py",
            "    return v.is_floating_point() or v.is_complex()\n",
            "    return v.is_floating_point()\n",

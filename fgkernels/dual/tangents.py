@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -149,6 +150,15 @@ class _Pass:
         except BaseException:
             self.undo()
             raise
+        self.forget_cached_parametrizations()
+
+    def forget_cached_parametrizations(self) -> None:
+        """Within ``parametrize.cached()`` a parametrized tensor is computed once and kept: one
+        kept before the pass has no tangent, and one kept during it is a Dual that would
+        outlive it. The tree's are dropped as the pass starts and as it ends."""
+        if parametrize._cache_enabled:
+            for key in [k for k in parametrize._cache if k[0] in self.members]:
+                del parametrize._cache[key]
 
     def running(self) -> bool:
         """True while the root's call runs (False once a KeyboardInterrupt or SystemExit ended
@@ -197,6 +207,7 @@ class _Pass:
             holder[name] = t
         for attributes in self.attributes:
             attributes.restore()
+        self.forget_cached_parametrizations()
         self.swaps, self.attributes, self.frame = [], [], None
 
 
@@ -312,13 +323,14 @@ def _check_hooks(m: nn.Module) -> None:
 
 
 def _holds_dual(values: Iterable) -> bool:
-    """True if a Dual is among ``values`` or directly inside a tuple, list or dict of them."""
+    """True if a Dual is among ``values`` or inside a tuple, list or dict among them, at any
+    depth (``model({"x": [Dual(x)]})``)."""
     for v in values:
         if isinstance(v, Dual):
             return True
-        if isinstance(v, (tuple, list)) and any(isinstance(e, Dual) for e in v):
+        if isinstance(v, (tuple, list)) and _holds_dual(v):
             return True
-        if isinstance(v, dict) and any(isinstance(e, Dual) for e in v.values()):
+        if isinstance(v, dict) and _holds_dual(v.values()):
             return True
     return False
 

@@ -566,3 +566,63 @@ def test_a_recurrent_layer_lists_its_parameters_again_after_the_pass(kind):
     assert isinstance(out, Dual) and out.tangents.shape[0] == 2
     assert all(w is getattr(layer, name) and type(w) is nn.Parameter
                for w, name in zip(layer._flat_weights, layer._flat_weights_names, strict=True))
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).T
+
+
+def test_a_cached_parametrization_is_computed_anew_for_the_pass_and_after_it():
+    """Within ``parametrize.cached()`` a parametrized weight is computed once and kept: the
+    plain weight a call before the pass kept has no tangent, and the Dual the pass computed
+    must not reach a plain call after it. Against forward_ad of the same parametrization."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4).double()
+    parametrize.register_parametrization(layer, "weight", _Symmetric())
+    tangents = {name: torch.randn(1, *p.shape, **f64) for name, p in layer.named_parameters()}
+    fgkernels.set_tangents(layer, tangents)
+    x = torch.randn(3, 4, **f64)
+    y, yt = model_jvp(layer, [x], [None], tangents)
+    with parametrize.cached():
+        layer(x)  # kept: the plain weight
+        out = layer(Dual(x))
+        after = layer(x)
+    torch.testing.assert_close(out.tangents, yt)
+    assert type(after) is torch.Tensor
+    torch.testing.assert_close(after, y)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.scale = nn.Linear(3, 2), nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, batch):
+        return self.lin(batch["x"][0]) * self.scale.exp()
+
+
+class _Batched(nn.Module):
+    """The oracle's form of ``_Scaled``: the input as a tensor argument."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner({"x": [x]})
+
+
+def test_a_dual_nested_in_the_inputs_starts_the_pass_at_the_model():
+    """A Dual inside a list inside a dict is an input of the model's call as one directly
+    among its arguments: the pass starts there, and a parameter the model reads itself
+    (``self.scale``) carries its tangent."""
+    torch.manual_seed(0)
+    model = _Scaled().double()
+    tangents = {name: torch.randn(1, *p.shape, **f64) for name, p in model.named_parameters()}
+    fgkernels.set_tangents(model, tangents)
+    x = torch.randn(4, 3, **f64)
+    out = model({"x": [Dual(x)]})
+    _, yt = model_jvp(_Batched(model), [x], [None],
+                      {f"inner.{name}": t for name, t in tangents.items()})
+    torch.testing.assert_close(out.tangents, yt)
