@@ -275,7 +275,12 @@ MUTANTS = [
            'return isinstance(i, (Tensor, bool)) or (hasattr(i, "__len__") and not isinstance(i, '
            'str))', "return isinstance(i, (Tensor, list, bool))", INDEXING),
     Mutant("a max pool's one-element size lists passed on as they are", LAYERS,
-           "    return tuple(v) * 2 if len(v) == 1 else tuple(v)", "    return tuple(v)", EDGES),
+           "            return v * 2 if len(v) == 1 else v", "            return v", EDGES),
+    Mutant("conv1d's geometry taken only as Python ints", LAYERS,
+           "        return operator.index(v)\n", "        return v\n", EDGES),
+    Mutant("batch norm takes one running statistic", "fgkernels/backends/contracts.py",
+           "    if (bn.running_mean is None) != (bn.running_var is None):\n", "    if False:\n",
+           ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_error_naming_it",)),
     Mutant("a pool's form with indices returns the values alone", LAYERS,
            "return (out, index) if return_indices or pair else out",
            "return (out, index) if return_indices else out", EDGES),

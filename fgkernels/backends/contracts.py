@@ -118,6 +118,9 @@ def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[
         if t is not None and t.shape != (channels,):
             raise ValueError(f"batch_norm: {name} has shape {tuple(t.shape)}, but the input has "
                              f"{channels} channels")
+    if (bn.running_mean is None) != (bn.running_var is None):
+        raise ValueError("batch_norm: running_mean and running_var must either both be None or "
+                         "neither be None")
     if not bn.training and (bn.running_mean is None or bn.running_var is None):
         raise ValueError("batch_norm: eval mode needs running_mean and running_var")
     if bn.training and shape[0] * math.prod(shape[2:]) == 1:  # as torch: an empty input passes

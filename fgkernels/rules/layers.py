@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair, _single
+from torch.nn.modules.utils import _single
 
 from ..backends import contracts, current_backend
 from ..backends.base import BatchNormArgs, ConvArgs, shared_tangent_dtype
@@ -52,8 +53,39 @@ def _no_grad(fn):
 
 
 def _conv_args(stride, padding, dilation, groups: int) -> ConvArgs:
-    return ConvArgs(_pair(stride), padding if isinstance(padding, str) else _pair(padding),
-                    _pair(dilation), groups)
+    return ConvArgs(_two(stride), padding if isinstance(padding, str) else _two(padding),
+                    _two(dilation), _int(groups))
+
+
+def _two(v):
+    """A convolution's or pool's int, or sequence of one or two, as torch takes them (NumPy
+    ints too): two Python ints; anything else as it is, for the op's checks to name."""
+    try:
+        if isinstance(v, (tuple, list)):
+            v = tuple(operator.index(e) for e in v)
+            return v * 2 if len(v) == 1 else v
+        return (operator.index(v),) * 2
+    except TypeError:
+        return v
+
+
+def _one(v):
+    """A 1-D convolution's int or 1-sequence (NumPy ints too) as a Python int; anything else
+    as it is, for the op's checks to name."""
+    try:
+        if isinstance(v, (tuple, list)) and len(v) == 1:
+            v = v[0]
+        return operator.index(v)
+    except TypeError:
+        return v
+
+
+def _int(v):
+    """``v`` as a Python int where it is an integer of another type (a NumPy int)."""
+    try:
+        return v if isinstance(v, bool) else operator.index(v)
+    except TypeError:
+        return v
 
 
 # --- ops with parameters --------------------------------------------------------------------------
@@ -71,8 +103,9 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
         return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
                       primal=None if primal is None else primal.unsqueeze(0)).squeeze(0)
     x, xt, p, plan = layer_operands("conv2d", input, weight, bias)
-    contracts.check_conv(x, p.weight, p.bias, groups, stride, padding, dilation)
     conv = _conv_args(stride, padding, dilation, groups)
+    contracts.check_conv(x, p.weight, p.bias, conv.groups, conv.stride, conv.padding,
+                         conv.dilation)
     contracts.check_primal("conv2d", primal, x, conv.output_shape(x.shape, p.weight.shape))
     return result(*current_backend(x.device).conv2d(x, xt, p, plan, conv, primal), plan)
 
@@ -83,6 +116,8 @@ def conv1d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     """Dual conv1d (arguments as ``F.conv1d``): the conv2d of a height-1 image by a height-1
     kernel, ``(N, C, L) -> (N, C, 1, L)``, so that it runs on the backend's convolution."""
     x, w = as_dual(input, "conv1d"), as_dual(weight, "conv1d")
+    stride, dilation, groups = _one(stride), _one(dilation), _int(groups)
+    padding = padding if isinstance(padding, str) else _one(padding)
     contracts.check_conv1d(x, w, bias, groups, stride, padding, dilation)
     pad = padding if isinstance(padding, str) else (0, *_single(padding))
     y = conv2d(x.unsqueeze(-2), w.unsqueeze(-2), bias, (1, *_single(stride)), pad,
@@ -160,10 +195,11 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     is the convolution's output when the caller already has it (as ``conv2d``'s ``primal``);
     it is handed over: the batch norm may overwrite it in place."""
     x, xt, conv_p, conv_plan = layer_operands("conv2d_batch_norm", input, weight, conv_bias)
-    contracts.check_conv(x, conv_p.weight, conv_p.bias, groups, stride, padding, dilation)
+    conv = _conv_args(stride, padding, dilation, groups)
+    contracts.check_conv(x, conv_p.weight, conv_p.bias, conv.groups, conv.stride,
+                         conv.padding, conv.dilation)
     bn_p, bn_slots = layer_params("batch_norm", bn_weight, bn_bias)
     bn_plan = _slots.plan([conv_plan.operand(), bn_slots], "conv2d_batch_norm")
-    conv = _conv_args(stride, padding, dilation, groups)
     shape = conv.output_shape(x.shape, conv_p.weight.shape)
     if bn_plan.count != conv_plan.count or bn_plan.dtype != conv_plan.dtype \
             or math.prod(shape) == 0:
@@ -228,11 +264,6 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
     return _max_pool2d.on(d, *map(_two, (kernel_size, stride, padding, dilation)),
                           bool(ceil_mode))
 
-
-def _two(v) -> tuple:
-    """A pool's int or sequence of one or two ints as two ints (torch takes each form)."""
-    v = _pair(v)
-    return tuple(v) * 2 if len(v) == 1 else tuple(v)
 
 
 def _selecting_pool(pool_with_indices: Callable, spatial: int, pair: bool = False) -> Callable:

@@ -916,6 +916,12 @@ EDGE_CASES = {
     "cat beside a legacy empty": (lambda a: torch.cat([torch.empty(0, **f64), a, a * 2], 1),
                                   [(2, 3)], 3),
     "narrow at a tensor start": (lambda x: x.narrow(1, torch.tensor(1), 2), [(3, 4)], 2),
+    # a convolution's geometry as one-element sequences and NumPy ints, as torch takes it
+    "conv2d one-element and NumPy geometry": (
+        lambda x, w: F.conv2d(x, w, None, (2,), [np.int64(1)], np.int64(1), np.int64(1)),
+        [(2, 3, 7, 6), (4, 3, 3, 3)], 2),
+    "conv1d NumPy geometry": (lambda x, w: F.conv1d(x, w, None, np.int64(2), (1,)),
+                              [(2, 3, 9), (4, 3, 3)], 2),
     # einsum's sublist form: subscripts as lists of ints, the output's last, or none
     "einsum sublists": (lambda a, b: torch.einsum(a, [0, 1], b, [1, 2], [2, 0]),
                         [(2, 3), (3, 4)], 2),

@@ -505,6 +505,9 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     (lambda: nn.MultiheadAttention(8, 2)(Dual(torch.randn(3, 2, 8)), torch.randn(4, 2, 8),
                                          torch.randn(4, 2, 8), attn_mask=torch.zeros(1, 3, 4)),
      ValueError, r"a 3-D attn_mask must have shape \(4, 3, 4\), got \(1, 3, 4\)"),
+    (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), None, torch.ones(3),
+                          training=True),
+     ValueError, "running_mean and running_var must either both be None or neither be None"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
@@ -512,7 +515,7 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
         "add_direction input", "clear_tangents None", "reuse_conv_outputs None",
         "conv1d channels", "conv1d stride pair", "mm of a batch", "bmm of matrices",
         "1-D attention", "grouped heads that do not divide", "attention padding mask shape",
-        "attention 3-D mask shape"])
+        "attention 3-D mask shape", "one running statistic"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()
