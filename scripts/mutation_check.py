@@ -317,6 +317,16 @@ MUTANTS = [
            "        if isinstance(v, dict) and any(isinstance(e, Dual) for e in v.values()):",
            ("tests/dual/test_tangent_store.py::test_a_dual_nested_in_the_inputs_starts_the_pass_"
             "at_the_model",)),
+    Mutant("a pass ends before its root's own forward hooks", "fgkernels/dual/tangents.py",
+           "        if getattr(self.local, \"active\", None) is not None:\n"
+           "            return  # the pass's root ends it (``root_done``)\n",
+           "        active = getattr(self.local, \"active\", None)\n"
+           "        if active is not None:\n"
+           "            if active.root is module:\n"
+           "                self.root_done(module)\n"
+           "            return\n",
+           ("tests/dual/test_tangent_store.py::test_a_forward_hook_of_the_passs_root_reads_its_"
+            "parameters_with_their_tangents",)),
     Mutant("the comparison gives complex inputs no tangents", "fgkernels/testing.py",
            "    return v.is_floating_point() or v.is_complex()\n",
            "    return v.is_floating_point()\n",

@@ -130,6 +130,7 @@ class _Pass:
 
     def __init__(self, root: nn.Module, frame):
         self.root, self.depth, self.frame = root, 1, frame
+        self.ending = None  # the root's hook that ends the pass (``_Hooks.root_done``)
         self.swaps: list[_Swap] = []
         self.attributes: list[_Attributes] = []
         self.members: set[int] = set()
@@ -209,6 +210,9 @@ class _Pass:
             attributes.restore()
         self.forget_cached_parametrizations()
         self.swaps, self.attributes, self.frame = [], [], None
+        if self.ending is not None:
+            self.ending.remove()
+            self.ending = None
 
 
 # module type -> whether its forward sets no public attribute on its module: torch.nn's own
@@ -492,7 +496,10 @@ class _Hooks:
                 return
             self.end_stale()
         if _LIVE and _holds_dual(args):
-            self.local.active = _Pass(module, sys._getframe(1))
+            active = self.local.active = _Pass(module, sys._getframe(1))
+            # The pass ends after the root's own forward hooks, which torch runs after the
+            # global ones: a hook of the root's reads its parameters with their tangents.
+            active.ending = module.register_forward_hook(self.root_done, always_call=True)
 
     def end_stale(self) -> None:
         """End this thread's pass if its root call is gone (cut short by a KeyboardInterrupt or
@@ -506,22 +513,27 @@ class _Hooks:
     def post(self, module: nn.Module, args: tuple, *rest) -> None:
         if _compiled_pass.running or torch.compiler.is_dynamo_compiling():
             return
+        if getattr(self.local, "active", None) is not None:
+            return  # the pass's root ends it (``root_done``)
+        # rest is (kwargs, output), or (output,) when the forward raised
+        if len(rest) == 2 and rest[0] and _holds_dual(rest[0].values()) \
+                and _holds_tangents(module):
+            raise TypeError(
+                f"{type(module).__name__} was called with a Dual by keyword only; pass it "
+                "positionally: a dual pass, which hands out the parameters' tangents, starts "
+                "at a module called with a Dual among its positional inputs")
+
+    def root_done(self, module: nn.Module, *_) -> None:
+        """The end of a call of the pass's root (its last forward hook): the pass ends with
+        the outermost one."""
         active = getattr(self.local, "active", None)
-        if active is None:
-            # rest is (kwargs, output), or (output,) when the forward raised
-            if len(rest) == 2 and rest[0] and _holds_dual(rest[0].values()) \
-                    and _holds_tangents(module):
-                raise TypeError(
-                    f"{type(module).__name__} was called with a Dual by keyword only; pass it "
-                    "positionally: a dual pass, which hands out the parameters' tangents, "
-                    "starts at a module called with a Dual among its positional inputs")
-            return
-        if active.root is module:
-            active.depth -= 1
-            if active.depth == 0:
-                self.local.active = None
-                active.undo()
-                self.sync()
+        if active is None or active.root is not module:
+            return  # the root called in another thread, or after a pass cut short
+        active.depth -= 1
+        if active.depth == 0:
+            self.local.active = None
+            active.undo()
+            self.sync()
 
 
 _hooks = _Hooks()

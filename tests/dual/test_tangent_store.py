@@ -626,3 +626,20 @@ def test_a_dual_nested_in_the_inputs_starts_the_pass_at_the_model():
     _, yt = model_jvp(_Batched(model), [x], [None],
                       {f"inner.{name}": t for name, t in tangents.items()})
     torch.testing.assert_close(out.tangents, yt)
+
+
+def test_a_forward_hook_of_the_passs_root_reads_its_parameters_with_their_tangents():
+    """torch runs the global forward hooks before a module's own: the pass ends after the
+    root's own hooks, so that one reading the root's weight (``out · ‖W‖``) carries its tangent,
+    as the same hook on a child does; after the call the weight is the parameter again."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).double()
+    layer.register_forward_hook(lambda m, args, out: out * m.weight.norm())
+    tangents = {name: torch.randn(2, *p.shape, **f64) for name, p in layer.named_parameters()}
+    fgkernels.set_tangents(layer, tangents)
+    x = torch.randn(5, 4, **f64)
+    out = layer(Dual(x))
+    _, yt = model_jvp(layer, [x], [None], tangents)
+    torch.testing.assert_close(out.tangents, yt)
+    assert type(layer.weight) is nn.Parameter
+    assert len(layer._forward_hooks) == 1  # its own: the pass's ending hook is gone
