@@ -18,7 +18,11 @@ Tensor = torch.Tensor
 def _is_advanced(i) -> bool:
     """An index item torch reads as an advanced index: a tensor, a bool, or any sequence (a
     list, a tuple inside the index, a range, a NumPy array)."""
-    return isinstance(i, (Tensor, bool)) or (hasattr(i, "__len__") and not isinstance(i, str))
+    if isinstance(i, (Tensor, bool, list, tuple, range)):
+        return True
+    if i is None or i is Ellipsis or isinstance(i, (int, slice, torch.SymInt)):
+        return False  # (before hasattr, which Dynamo cannot answer for a slice)
+    return hasattr(i, "__len__") and not isinstance(i, str)  # a NumPy array
 
 
 def as_torch_reads(index):
