@@ -1,6 +1,7 @@
 """scripts/mutation_check.py stays in step with the code: each mutant's line is in its file
 exactly once and would change it, and the tests it names exist, files or single test functions
-(``path::test_name``). The check itself, which runs the tests on every mutant, takes minutes:
+(``path::test_name``, or one parametrization of one, ``path::test_name[id]``). The check
+itself, which runs the tests on every mutant, takes minutes:
 ``python scripts/mutation_check.py [--native]``."""
 import importlib.util
 from pathlib import Path
@@ -21,6 +22,7 @@ def test_mutant_matches_the_code(mutant):
     assert mutant.new != mutant.old
     for test in mutant.tests:
         path, _, function = test.partition("::")
+        function = function.partition("[")[0]  # one parametrization: its function
         assert (ROOT / path).is_file(), test
         assert not function or f"def {function}(" in (ROOT / path).read_text(), test
 
