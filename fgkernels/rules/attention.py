@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..dual import slots as _slots
 from ..dual.value import Dual, implements
 from .layers import dropout, linear
-from .operands import as_dual, parts
+from .operands import as_dual, parts, primal_of
 from .products import matmul
 
 Tensor = torch.Tensor
@@ -192,9 +192,8 @@ def multi_head_attention_forward(
     """Dual multi-head attention (arguments and results as ``F.multi_head_attention_forward``:
     sequence-first inputs, ``(output, weights or None)``)."""
     q_in, k_in, v_in = (as_dual(t, "multi_head_attention") for t in (query, key, value))
-    primal = lambda t: t.primal if isinstance(t, Dual) else t
     batched = F._mha_shape_check(q_in.primal, k_in.primal, v_in.primal,
-                                 primal(key_padding_mask), primal(attn_mask), num_heads)
+                                 primal_of(key_padding_mask), primal_of(attn_mask), num_heads)
     if not batched:
         q_in, k_in, v_in = q_in.unsqueeze(1), k_in.unsqueeze(1), v_in.unsqueeze(1)
         if key_padding_mask is not None:

@@ -21,7 +21,7 @@ from ..dual.dtypes import acc_dtype, tangent_dtype_fits
 from ..dual.layout import kernel_format
 from ..dual.value import Dual, implements
 from .fallback import forward_ad_fallback
-from .operands import as_dual, layer_params, parts
+from .operands import as_dual, layer_params, parts, primal_of
 from .pointwise import lift
 
 Tensor = torch.Tensor
@@ -105,7 +105,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-
     x, xt, x_operand = parts(as_dual(input, "layer_norm"))
     normalized_shape, dims = _normalized_dims("layer_norm", x, normalized_shape)
     # torch's own kernel gives y and the statistics in one pass.
-    y, mean, r = torch.native_layer_norm(x, normalized_shape, _primal(weight), _primal(bias), eps)
+    y, mean, r = torch.native_layer_norm(x, normalized_shape, primal_of(weight),
+                                         primal_of(bias), eps)
     xhat, xt_hat = _normalize(x, xt, dims, mean, r)
     return _affine("layer_norm", y, xhat, xt_hat, x_operand, weight, bias, normalized_shape)
 
@@ -118,11 +119,11 @@ def rms_norm(input, normalized_shape, weight=None, eps: Optional[float] = None) 
     machine epsilon, as for torch (float32's for a half-precision input). Complex inputs and a
     weight of another dtype than the input's: forward AD on the op."""
     x, xt, x_operand = parts(as_dual(input, "rms_norm"))
-    if x.is_complex() or (weight is not None and _primal(weight).dtype != x.dtype):
+    if x.is_complex() or (weight is not None and primal_of(weight).dtype != x.dtype):
         return forward_ad_fallback(F.rms_norm, (input, normalized_shape),
                                    dict(weight=weight, eps=eps))
     normalized_shape, dims = _normalized_dims("rms_norm", x, normalized_shape)
-    y = torch.rms_norm(x, normalized_shape, _primal(weight), eps)
+    y = torch.rms_norm(x, normalized_shape, primal_of(weight), eps)
     acc = acc_dtype(x.dtype)
     xa = x.to(acc)
     r = xa.square().mean(dims, keepdim=True).add_(
@@ -142,7 +143,7 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     n, c = x.shape[:2]
     # torch's kernel takes x dense in its own layout (F.group_norm makes it so first).
     x = x.contiguous(memory_format=kernel_format(x))
-    y, mean, r = torch.native_group_norm(x, _primal(weight), _primal(bias), n, c,
+    y, mean, r = torch.native_group_norm(x, primal_of(weight), primal_of(bias), n, c,
                                          x.numel() // max(n * c, 1), num_groups, eps)
     grouped = x.reshape(n, num_groups, -1)
     xhat, xt_hat = _normalize(grouped, None if xt is None else
@@ -164,17 +165,13 @@ def instance_norm(input, running_mean: Optional[Tensor] = None,
     norm's with the running ones."""
     x = as_dual(input, "instance_norm")
     with torch.no_grad():
-        y = F.instance_norm(x.primal, running_mean, running_var, _primal(weight), _primal(bias),
+        y = F.instance_norm(x.primal, running_mean, running_var, primal_of(weight), primal_of(bias),
                             use_input_stats, momentum, eps)
     if use_input_stats:
         d = group_norm(x, x.shape[1], weight, bias, eps)
     else:
         d = F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
     return d.with_tangents(y, d.tangents)
-
-
-def _primal(v):
-    return v.primal if isinstance(v, Dual) else v
 
 
 # --- vector norms and weight normalisation ------------------------------------------------------

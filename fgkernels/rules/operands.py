@@ -40,6 +40,11 @@ def parts(v) -> Parts:
     return Parts(d.primal, d.tangents, d.slot_operand())
 
 
+def primal_of(v):
+    """``v``'s primal where it is a Dual, else ``v`` itself (a Tensor, a number or None)."""
+    return v.primal if isinstance(v, Dual) else v
+
+
 def as_dual(v: MaybeDual, op: str) -> Dual:
     """``v`` as a Dual (a Tensor: its recorded parameter tangent, else a zero tangent)."""
     if isinstance(v, Dual):
