@@ -33,7 +33,7 @@ from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
 from ..dual.tangents import dual_of
-from ..dual.value import Dual, differentiable, implements_fallback
+from ..dual.value import Dual, differentiable, implements_fallback, view_root
 
 _used: dict[str, int] = {}
 _local = threading.local()
@@ -116,7 +116,7 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     primals = tuple(_dense_if_expanded(d.primal) for d in duals)
     plan = _slots.plan([d.slot_operand() for d in duals], name)
     if plan.count == 0:
-        return _wrap(call(*primals), None, plan)
+        return _linked(_wrap(call(*primals), None, plan), duals)
     if _strict():
         raise TypeError(f"fgkernels.Dual has no forward-mode rule for '{name}' (strict mode: "
                         "the forward-AD fallback is off)")
@@ -132,7 +132,24 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     # stays bfloat16); tangents of their primals' dtype take the outputs' (``cumsum(x,
     # dtype=torch.float64)`` of a float32 Dual gives a float64 tangent, as forward AD does).
     narrow = any(d.tangents is not None and d.tangents.dtype != d.primal.dtype for d in duals)
-    return _wrap(primal_out, tangents, plan, plan.dtype if narrow else None)
+    return _linked(_wrap(primal_out, tangents, plan, plan.dtype if narrow else None), duals)
+
+
+def _linked(out, duals: list[Dual]):
+    """The outputs, each that views an operand's primal linked to that operand as its view
+    (``Dual.as_view``): a write into ``torch.atleast_2d(d)``, ``d.real`` or ``d.as_strided(...)``
+    reaches ``d``, as a write into a tensor's view does. (vmap and jvp give a view op's tangents
+    as views of the slots they were given: the operand's own, unless they had to be widened or
+    spread, and then the output is a copy of both.)"""
+    def link(v):
+        if not isinstance(v, Dual):
+            return v
+        viewed = [d for d in duals if view_root(d.primal) is view_root(v.primal)]
+        if not viewed:
+            return v
+        return next((d for d in viewed if v._views(d)), viewed[0]).as_view(v)
+
+    return pytree.tree_map(link, out, is_leaf=lambda v: isinstance(v, Dual))
 
 
 def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:

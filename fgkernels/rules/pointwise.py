@@ -900,12 +900,20 @@ _SLOT_VIEWS: dict[Callable, Callable] = {
     torch.swapdims: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
     torch.Tensor.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
     torch.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
+    torch.Tensor.moveaxis: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
+    torch.moveaxis: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
+    torch.Tensor.adjoint: lambda t, n: t.transpose(-2, -1).conj(),
+    torch.adjoint: lambda t, n: t.transpose(-2, -1).conj(),
     torch.Tensor.unsqueeze: lambda t, n, dim: t.unsqueeze(_slot_dim(dim, n + 1)),
     torch.unsqueeze: lambda t, n, dim: t.unsqueeze(_slot_dim(dim, n + 1)),
     torch.Tensor.chunk: lambda t, n, chunks, dim=0: t.chunk(chunks, _slot_dim(dim, n)),
     torch.chunk: lambda t, n, chunks, dim=0: t.chunk(chunks, _slot_dim(dim, n)),
     torch.Tensor.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
     torch.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
+    torch.Tensor.split_with_sizes: lambda t, n, sizes, dim=0: t.split_with_sizes(
+        sizes, _slot_dim(dim, n)),
+    torch.split_with_sizes: lambda t, n, sizes, dim=0: t.split_with_sizes(
+        sizes, _slot_dim(dim, n)),
     torch.Tensor.contiguous: _contiguous,
     # (vmap has no batching rule for a tensor start)
     torch.Tensor.narrow: lambda t, n, dim, start, length: t.narrow(_slot_dim(dim, n), start,
@@ -934,9 +942,11 @@ def _slot_view_rule(func: Callable, on_stack: Callable) -> Callable:
 
 _LINEAR_OPS = [
     torch.Tensor.permute, torch.permute, torch.Tensor.transpose, torch.transpose,
-    torch.Tensor.movedim, torch.movedim, torch.Tensor.swapaxes, torch.swapaxes,
+    torch.Tensor.movedim, torch.movedim, torch.Tensor.moveaxis, torch.moveaxis,
+    torch.Tensor.adjoint, torch.adjoint, torch.Tensor.swapaxes, torch.swapaxes,
     torch.Tensor.swapdims, torch.swapdims, torch.Tensor.chunk, torch.chunk, torch.Tensor.split,
-    torch.split, torch.Tensor.unbind, torch.unbind, torch.Tensor.contiguous,
+    torch.split, torch.Tensor.split_with_sizes, torch.split_with_sizes, torch.Tensor.unbind,
+    torch.unbind, torch.Tensor.contiguous,
     torch.Tensor.expand, torch.Tensor.squeeze, torch.squeeze,
     torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.mean, torch.mean, torch.Tensor.sum,
     torch.sum, torch.Tensor.narrow, torch.narrow, torch.Tensor.select,

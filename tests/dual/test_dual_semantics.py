@@ -364,6 +364,10 @@ OPS = {
     "expand_as": lambda d: d[:1].expand_as(d), "view_as": lambda d: d.reshape(4, 3).view_as(d),
     "narrow": lambda d: d.narrow(1, 0, 2), "movedim": lambda d: d.movedim(0, 1),
     "swapaxes": lambda d: d.swapaxes(0, 1), "reshape_as": lambda d: d.reshape_as(d.T),
+    "moveaxis": lambda d: torch.moveaxis(d[None], (0, 1), (2, 0)) + d.moveaxis(-1, 0)[None],
+    "adjoint": lambda d: torch.adjoint(d[None]) * d.adjoint(),
+    "split_with_sizes": lambda d: torch.split_with_sizes(d, [3, 1], -1)[0]
+    * d.split_with_sizes([2, 2], dim=1)[1].sum(1, keepdim=True),
     "interpolate nearest": lambda d: F.interpolate(d[None], scale_factor=2),
     "upsample bicubic": lambda d: F.interpolate(d[None, None], size=(5, 7), mode="bicubic"),
     "split sizes": lambda d: d.split([1, 2], 0)[1], "amax": lambda d: d.amax(1),
@@ -402,6 +406,11 @@ VIEW_WRITES = {
     "unfold": lambda y: y.unfold(1, 2, 2).mul_(3.0),
     "tensor_split and hsplit": lambda y: (y.tensor_split(2, 1)[1].neg_(),
                                           y.hsplit(2)[0].div_(2.0)),
+    "moveaxis and adjoint": lambda y: (y.moveaxis(0, 1).mul_(2.0), y.adjoint().neg_()),
+    "split_with_sizes": lambda y: y.split_with_sizes([1, 3], 1)[1].mul_(3.0),
+    # views made by the forward-AD fallback
+    "atleast_3d and as_strided": lambda y: (torch.atleast_3d(y).mul_(2.0),
+                                            y.as_strided((2, 2), (4, 1), 1).neg_()),
 }
 
 
@@ -416,9 +425,28 @@ def _on_a_copy(write):
 @pytest.mark.parametrize("name", sorted(VIEW_WRITES))
 def test_in_place_op_on_a_view_writes_into_the_dual(name):
     """An in-place op on a view (view, narrow, a row of iteration, t, .T, .mT, unsqueeze,
-    diagonal, unfold, tensor_split) writes into the Dual it views, primal and tangent, as on
-    a view of a tensor."""
-    _against_forward_ad(_on_a_copy(VIEW_WRITES[name]), (3, 4))
+    diagonal, unfold, tensor_split, moveaxis, a view the forward-AD fallback made) writes into
+    the Dual it views, primal and tangent, as on a view of a tensor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        _against_forward_ad(_on_a_copy(VIEW_WRITES[name]), (3, 4))
+
+
+def _complex_views_written(x):
+    z = torch.fft.rfft(x)
+    z.real.mul_(2.0)
+    z.imag.add_(z.real)
+    torch.view_as_real(z)[1].neg_()
+    z.conj()[2:].mul_(1j)
+    return z
+
+
+def test_in_place_op_on_a_complex_view_writes_into_the_dual():
+    """``z.real``, ``z.imag``, ``view_as_real(z)`` and ``z.conj()`` (the forward-AD fallback's
+    views) are written through to ``z``, primal and tangent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _against_forward_ad(_complex_views_written, (8,))
 
 
 def _row_pow(x):
