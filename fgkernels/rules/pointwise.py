@@ -361,8 +361,10 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
     makes it an in-place op on ``input`` (``Dual._assign``).
 
     A tangent narrower than x takes the slope ``f'(x) = derivative(1, x)`` computed at x's own
-    precision and rounded once: x rounded to the tangent's dtype first could cross a kink
-    (a bound at 1.5: 1.496 rounds to 1.5 in bfloat16, where the slope is 0). A kernel that
+    precision, and each product ``ẋ·f'(x)`` is formed there too and rounded once: x rounded to
+    the tangent's dtype first could cross a kink (a bound at 1.5: 1.496 rounds to 1.5 in
+    bfloat16, where the slope is 0), and a slope rounded alone could overflow where the product
+    does not (log's 1/x at x = 1e-5 in float16). A kernel that
     ``selects`` (hardsigmoid's, hardswish's: 0 outside a range, whatever the
     tangent) gives 0 there for a NaN or infinite tangent too, where a product with the slope
     would not: those places are found as the ones where it gives 0 for a NaN tangent. Any other
@@ -375,7 +377,8 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
     elif t.dtype == x.dtype:
         tangents = derivative(t, x.expand_as(t))
     else:
-        tangents = t * derivative(torch.ones_like(x), x).to(t.dtype)
+        # (the product in x's dtype, element by element, written in t's: no wide copy of t)
+        tangents = torch.mul(t, derivative(torch.ones_like(x), x), out=torch.empty_like(t))
         if selects:
             tangents.masked_fill_(derivative(torch.full_like(x, float("nan")), x) == 0, 0)
     out = d.with_tangents(y, tangents)

@@ -216,6 +216,23 @@ def test_a_narrower_tangent_keeps_the_slope_beside_a_kink(fn, kinks, backend):
     torch.testing.assert_close(out.tangents.double(), exact, rtol=2 ** -7, atol=0)
 
 
+@pytest.mark.parametrize("fn", [torch.log, torch.reciprocal, torch.rsqrt, torch.exp,
+                                torch.sinh, lambda v: F.elu(v - 12.0, alpha=4e5)],
+                         ids=["log", "reciprocal", "rsqrt", "exp", "sinh", "elu"])
+def test_a_slope_past_the_tangents_range_is_not_rounded_alone(fn):
+    """float16 tangents of a float32 primal where the slope (1/x at x = 1e-5, eˣ at x = 12)
+    is past float16's largest value and the product ẋ·f'(x) is not: the product is formed at
+    the primal's precision and rounded once (the slope rounded alone is infinite)."""
+    x = torch.tensor([1e-5, 3e-6, 12.0, 11.5, 2.0])
+    xt = (torch.tensor([1e-3, -2e-3, 1e-2, -3e-3, 0.5]) * torch.ones(2, 1)).half()
+    exact = forward_ad_jvp(fn, [x.double()], [xt.double()])[1]
+    finite = exact.abs() < torch.finfo(torch.float16).max
+    out = fn(Dual(x, xt))
+    assert out.tangents.dtype == torch.float16
+    torch.testing.assert_close(out.tangents.double()[finite], exact[finite], rtol=2 ** -9,
+                               atol=0)
+
+
 def _gru_with_a_saturated_update_gate(dtype):
     torch.manual_seed(0)
     gru = nn.GRU(4, 3).to(dtype)
