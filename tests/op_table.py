@@ -352,6 +352,10 @@ OPS = {
     "conv2d_dilated_valid": OpCase(lambda x, w: F.conv2d(x, w, padding="valid", dilation=2),
                                    (2, 3, 7, 7), (4, 3, 3, 3)),
     "linear_3d_bias": OpCase(lambda x, w: F.linear(x, w, w[:, 0]), (2, 3, 6), (4, 6)),
+    # torch's other forms: a 1-D weight, a bias that broadcasts ((1,), one per row)
+    "linear_vector_broadcast_bias": OpCase(
+        lambda x, w: F.linear(x, w[0])[:, None] + F.linear(x, w, w[0, :1])
+        + F.linear(x, w, w[:4, :1]), (4, 12), (7, 12)),
     "batch_norm_3d": OpCase(lambda x, w: F.batch_norm(x, None, None, w, None, True),
                             (4, 6, 5), (6,)),
     "layer_norm_2d_bias": OpCase(lambda x, w: F.layer_norm(x, (5, 6), None, w.expand(5, 6)),

@@ -29,7 +29,15 @@ from ..backends.reference import relu_reference
 from ..dual import slots as _slots
 from ..dual.value import Dual, check_direction, implements
 from .fallback import forward_ad_fallback
-from .operands import MaybeDual, as_dual, layer_operands, layer_params, result, tangents_as
+from .operands import (
+    MaybeDual,
+    as_dual,
+    layer_operands,
+    layer_params,
+    primal_of,
+    result,
+    tangents_as,
+)
 
 Tensor = torch.Tensor
 
@@ -153,8 +161,22 @@ _linear = LayerOp("dual_linear", _linear_reference, check=contracts.check_linear
 @_no_grad
 def linear(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None) -> Dual:
     """Dual linear: ``y = xWᵀ + b``, ``ẏ = ẋWᵀ + xẆᵀ + ḃ``."""
+    w, b = primal_of(weight), primal_of(bias)
+    if w.dim() == 1 or (w.dim() == 2 and b is not None and tuple(b.shape) != (w.shape[0],)):
+        return _linear_by_products(input, weight, bias)
     x, xt, p, plan = layer_operands("linear", input, weight, bias)
     return result(*_linear(x, xt, p, plan), plan)
+
+
+def _linear_by_products(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual]) -> Dual:
+    """torch's other forms of linear, by the product and sum rules: a 1-D weight (``y = x·w``,
+    the last dim contracted away) and a bias that broadcasts to y (``(1,)``, 0-d, a bias per
+    row). The primal is torch's own result (and torch's error where it refuses the shapes)."""
+    y = F.linear(primal_of(input), primal_of(weight), primal_of(bias))
+    weight = as_dual(weight, "linear")
+    out = torch.matmul(input, weight if weight.dim() == 1 else weight.mT)
+    out = out if bias is None else out + as_dual(bias, "linear")
+    return out.with_tangents(y, out.tangents)
 
 
 @implements(F.batch_norm)

@@ -393,6 +393,24 @@ def test_linear(lead, fin, fout, T, dtype, bias, which, seed, backend):
     _close(out, ForwardADOracle(F.linear, [x, w, b], [xt, wt, bt]))
 
 
+@PROFILE
+@given(lead=st.lists(st.integers(1, 3), max_size=2), fin=dims, fout=dims, T=slots,
+       form=st.sampled_from(["vector weight", "bias (1,)", "0-d bias", "a bias per row"]),
+       seed=st.integers(0, 99))
+def test_linear_in_torchs_other_forms(lead, fin, fout, T, form, seed):
+    """A 1-D weight (the last dim contracted away) and a bias that broadcasts to the output."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    x = rand(*lead, fin)
+    w = rand(fin) if form == "vector weight" else rand(fout, fin)
+    b = {"vector weight": None, "bias (1,)": rand(1), "0-d bias": rand(()),
+         "a bias per row": rand(*lead, fout)}[form]
+    xt, wt = rand(T, *x.shape), rand(T, *w.shape)
+    bt = None if b is None else rand(T, *b.shape)
+    out = F.linear(Dual(x, xt), Dual(w, wt), None if b is None else Dual(b, bt))
+    _close(out, ForwardADOracle(F.linear, [x, w, b], [xt, wt, bt]))
+
+
 directions = st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True).map(sorted)
 
 
