@@ -103,8 +103,11 @@ def check_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> None:
         raise ValueError(f"linear: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
 
 
-def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[Tensor]) -> None:
-    """batch norm's arguments against its input's ``shape``."""
+def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[Tensor],
+                     dtype: Optional[torch.dtype] = None) -> None:
+    """batch norm's arguments against its input's ``shape`` (and ``dtype``, where given: the
+    parameters and running statistics share one dtype, the input's, or float32 beside a
+    bfloat16 or float16 input, as torch takes them)."""
     if len(shape) < 2 or shape[1] == 0:
         raise ValueError(f"batch_norm: input must have a channel dimension of at least 1 "
                          f"channel, got shape {tuple(shape)}")
@@ -118,6 +121,13 @@ def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[
         if t is not None and t.shape != (channels,):
             raise ValueError(f"batch_norm: {name} has shape {tuple(t.shape)}, but the input has "
                              f"{channels} channels")
+    if dtype is not None:
+        given = [t for t in (bn.running_mean, bn.running_var, w, b) if t is not None]
+        allowed = (dtype, torch.float32) if dtype in (torch.bfloat16, torch.float16) else (dtype,)
+        if any(t.dtype != given[0].dtype for t in given) or given and given[0].dtype not in allowed:
+            raise TypeError(f"batch_norm: weight, bias, running_mean and running_var must share "
+                            f"one dtype, {' or '.join(map(str, allowed))} beside a {dtype} "
+                            f"input, got {', '.join(str(t.dtype) for t in given)}")
     if (bn.running_mean is None) != (bn.running_var is None):
         raise ValueError("batch_norm: running_mean and running_var must either both be None or "
                          "neither be None")

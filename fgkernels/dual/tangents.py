@@ -185,7 +185,8 @@ class _Pass:
                     raise RuntimeError(
                         f"{type(m).__name__}.{name} was replaced after its tangent was set; set "
                         "its tangent again with fgkernels.set_tangents, or clear it with "
-                        "fgkernels.clear_tangents")
+                        "fgkernels.clear_tangents (torch.func.functional_call swaps in the "
+                        "tensors it is given, which carry no tangent: call the module itself)")
         if m._forward_pre_hooks:
             _check_hooks(m)
         # What a forward stores on its module (a weight computed by a weight_norm or prune

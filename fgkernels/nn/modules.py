@@ -304,7 +304,10 @@ class DualSequential(_DirectCall, nn.Sequential):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             after = layers[i + 2] if i + 2 < len(layers) else None
-            if _fusable_conv(layer) and isinstance(nxt, DualBatchNorm2d) and _fusable(nxt):
+            # (an input of another rank runs layer by layer: torch's errors, from the layer
+            # that raises them)
+            if _fusable_conv(layer) and isinstance(nxt, DualBatchNorm2d) and _fusable(nxt) \
+                    and input.dim() == 4:
                 relu = _fusable_relu(after)
                 with in_rule():
                     input = _conv_bn(layer, nxt, input, relu)

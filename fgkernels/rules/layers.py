@@ -110,6 +110,9 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     if input.dim() == 3:
         return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
                       primal=None if primal is None else primal.unsqueeze(0)).squeeze(0)
+    if input.dim() != 4:
+        raise ValueError(f"conv2d: input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape "
+                         f"{tuple(input.shape)}")
     x, xt, p, plan = layer_operands("conv2d", input, weight, bias)
     conv = _conv_args(stride, padding, dilation, groups)
     contracts.check_conv(x, p.weight, p.bias, conv.groups, conv.stride, conv.padding,
@@ -193,7 +196,7 @@ def batch_norm(input: MaybeDual, running_mean: Optional[Tensor], running_var: Op
     """
     x, xt, p, plan = layer_operands("batch_norm", input, weight, bias)
     bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
-    contracts.check_batch_norm(x.shape, bn, p.weight, p.bias)
+    contracts.check_batch_norm(x.shape, bn, p.weight, p.bias, x.dtype)
     if x.numel() == 0:  # as torch.nn: an empty output, running stats left as they are
         y = F.batch_norm(x, running_mean, running_var, p.weight, p.bias, training, momentum, eps)
         y = torch.relu(y) if relu else y
@@ -231,7 +234,7 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
                           eps, relu)
     contracts.check_primal("conv2d_batch_norm", conv_primal, x, shape)
     bn = BatchNormArgs(running_mean, running_var, training, momentum, eps, relu)
-    contracts.check_batch_norm(shape, bn, bn_p.weight, bn_p.bias)
+    contracts.check_batch_norm(shape, bn, bn_p.weight, bn_p.bias, x.dtype)
     bn_p = tangents_as(bn_p, bn_plan.dtype)
     y, yt = current_backend(x.device).conv2d_batch_norm(x, xt, conv_p, conv_plan, conv, bn_p,
                                                         bn_plan, bn, conv_primal)

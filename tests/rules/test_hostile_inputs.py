@@ -439,6 +439,11 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
         conv(Dual(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5)))
     fgkernels.random_tangents(conv)  # set again: fine
     assert conv(Dual(torch.randn(1, 2, 5, 5))).shape == (1, 3, 5, 5)
+    # functional_call swaps in tensors of its own for the call: the error names it
+    with pytest.raises(RuntimeError, match="functional_call swaps in the tensors it is given"):
+        torch.func.functional_call(conv, {"weight": torch.randn(3, 2, 3, 3)},
+                                   (Dual(torch.randn(1, 2, 5, 5)),))
+    assert conv(Dual(torch.randn(1, 2, 5, 5))).tangents.shape == (1, 1, 3, 5, 5)
 
 
 @pytest.mark.parametrize("case,error,message", [
@@ -508,6 +513,21 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), None, torch.ones(3),
                           training=True),
      ValueError, "running_mean and running_var must either both be None or neither be None"),
+    (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)),
+                          torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                          training=True),
+     TypeError, "must share one dtype, torch.float32 beside a torch.float32 input, got "
+     "torch.float64, torch.float64"),
+    (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4, dtype=torch.bfloat16)), torch.zeros(3),
+                          torch.ones(3), torch.ones(3, dtype=torch.bfloat16), training=True),
+     TypeError, "torch.bfloat16 or torch.float32 beside a torch.bfloat16 input, got "
+     "torch.float32, torch.float32, torch.bfloat16"),
+    (lambda: F.conv2d(Dual(torch.randn(3, 8), torch.randn(3, 8)), torch.randn(4, 3, 3, 3)),
+     ValueError, r"conv2d: input must be 3-D \(C, H, W\) or 4-D \(N, C, H, W\), got shape "
+     r"\(3, 8\)"),
+    (lambda: fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))(
+        Dual(torch.randn(3, 8, 8), torch.randn(3, 8, 8))),
+     ValueError, r"^expected 4D input \(got 3D input\)"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
@@ -515,7 +535,9 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
         "add_direction input", "clear_tangents None", "reuse_conv_outputs None",
         "conv1d channels", "conv1d stride pair", "mm of a batch", "bmm of matrices",
         "1-D attention", "grouped heads that do not divide", "attention padding mask shape",
-        "attention 3-D mask shape", "one running statistic"])
+        "attention 3-D mask shape", "one running statistic", "batch norm float64 statistics",
+        "batch norm parameters of two dtypes", "conv2d of a 2-D input",
+        "converted conv and batch norm of an unbatched input"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()
