@@ -265,9 +265,10 @@ class _Attributes(NamedTuple):
                                  if type(v) in (dict, list) and k[:1] != "_"})
 
     def restore(self) -> None:
-        """Put back each attribute that the pass set to a Dual, private ones included (delete
-        it if it is new), and each Dual entry of a public dict or list, or of a private one
-        the pass set anew (a recurrent layer's ``_flat_weights``)."""
+        """Put back each attribute that the pass set to a Dual or to a container holding one at
+        any depth (``self.cache = (y, h)``), private ones included (delete it if it is new), and
+        each such entry of a public dict or list, or of a private one the pass set anew (a
+        recurrent layer's ``_flat_weights``)."""
         d, before, copies = self.module.__dict__, self.before, self.containers
         # Usually no attribute was set: every name still holds what it held (compared at C
         # speed), and only the containers that were there before can have gained a Dual.
@@ -275,28 +276,29 @@ class _Attributes(NamedTuple):
                 and all(map(operator.is_, d.values(), map(before.__getitem__, d))):
             changed = copies
         else:
-            changed = [k for k, v in d.items() if isinstance(v, Dual)
-                       or (type(v) in (dict, list) and (k[:1] != "_" or v is not before.get(k)))]
+            changed = [k for k, v in d.items() if _holds_dual((v,))
+                       and (type(v) not in (dict, list) or k[:1] != "_"
+                            or v is not before.get(k))]
         for k in changed:
             v = d.get(k)
-            if isinstance(v, Dual):
-                if k in before:
-                    d[k] = before[k]
-                else:
-                    del d[k]
-            elif type(v) is dict:
+            if type(v) is dict:
                 old = copies.get(k, _container(before.get(k), dict))
-                for key in [key for key, e in v.items() if isinstance(e, Dual)]:
+                for key in [key for key, e in v.items() if _holds_dual((e,))]:
                     if key in old:
                         v[key] = old[key]
                     else:
                         del v[key]
-            elif type(v) is list and any(isinstance(e, Dual) for e in v):
+            elif type(v) is list:
                 # a Dual where the list held something before: that thing; a Dual appended:
                 # dropped; any other entry stays
                 old = copies.get(k, _container(before.get(k), list))
-                v[:] = [old[i] if isinstance(e, Dual) and i < len(old) else e
-                         for i, e in enumerate(v) if not (isinstance(e, Dual) and i >= len(old))]
+                v[:] = [old[i] if i < len(old) and _holds_dual((e,)) else e
+                        for i, e in enumerate(v) if not (i >= len(old) and _holds_dual((e,)))]
+            elif _holds_dual((v,)):
+                if k in before:
+                    d[k] = before[k]
+                else:
+                    del d[k]
 
 
 def _container(v, kind: type):

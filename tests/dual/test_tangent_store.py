@@ -555,6 +555,32 @@ def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
     assert type(plain) is torch.Tensor and type(model.cache["bias"]) is torch.Tensor
 
 
+def test_a_dual_inside_a_container_a_forward_stores_does_not_outlive_the_pass():
+    """A Dual at any depth of what a forward stores (a tuple of states, a dict of lists, an
+    entry of a record that is itself a container) is put back as a Dual on its own is."""
+    class Stores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.state, self.record = ("none yet",), [torch.zeros(1), "kept"]
+
+        def forward(self, x):
+            y = self.fc(x)
+            self.state = (y, 1)
+            self.by_name = {"a": [y], "b": 2}
+            self.record[0] = (y,)
+            self.record.append([{"k": y}])
+            self.record.append(3)
+            return y
+
+    model = Stores().double()
+    first = model.record[0]
+    fgkernels.random_tangents(model)
+    model(Dual(torch.randn(2, 3, **f64)))
+    assert model.state == ("none yet",) and model.by_name == {"b": 2}
+    assert model.record[0] is first and model.record[1:] == ["kept", 3]
+
+
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
 def test_a_recurrent_layer_lists_its_parameters_again_after_the_pass(kind):
     """A recurrent layer's forward lists its weights anew (``_flat_weights``), Duals on the
