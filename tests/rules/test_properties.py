@@ -377,6 +377,59 @@ def test_tensor_methods(name, shape, T, seed):
         _close(o, (yi, ti))
 
 
+# Views of a tensor of at least one dim, each giving one of at least one dim (the op itself
+# where it does not apply): rules' views and the forward-AD fallback's alike.
+VIEWS = {
+    "reshape": lambda v: v.reshape(-1), "transpose": lambda v: v.transpose(0, -1),
+    "moveaxis": lambda v: v.moveaxis(0, -1), "adjoint": lambda v: v.adjoint() if v.dim() > 1
+    else v, "narrow": lambda v: v.narrow(-1, v.shape[-1] // 2, (v.shape[-1] + 1) // 2),
+    "select": lambda v: v.select(0, v.shape[0] - 1) if v.dim() > 1 else v,
+    "unsqueeze": lambda v: v.unsqueeze(1), "squeeze": lambda v: v.squeeze(0) if v.dim() > 1
+    else v, "step": lambda v: v[..., ::2], "diagonal": lambda v: v.diagonal(0, 0, -1)
+    if v.dim() > 1 else v, "chunk": lambda v: v.chunk(2, -1)[-1],
+    "split_with_sizes": lambda v: v.split_with_sizes([1, v.shape[0] - 1], 0)[1]
+    if v.shape[0] > 1 else v, "unbind": lambda v: v.unbind(0)[0] if v.dim() > 1 else v,
+    "atleast_3d": torch.atleast_3d, "mT": lambda v: v.mT if v.dim() > 1 else v,
+}
+WRITES = {
+    "mul_": lambda v: v.mul_(2.5), "add_ itself": lambda v: v.add_(v * v),
+    "zero_": lambda v: v.zero_(), "relu_": lambda v: v.relu_(),
+    "clamp_": lambda v: v.clamp_(-0.5, 0.5), "copy_": lambda v: v.copy_(v.detach() * 0.5 + v),
+}
+
+
+@PROFILE
+@given(chain=st.lists(st.sampled_from(sorted(VIEWS)), min_size=1, max_size=3),
+       write=st.sampled_from(sorted(WRITES)),
+       shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), T=slots,
+       seed=st.integers(0, 99))
+def test_in_place_writes_through_chains_of_views(chain, write, shape, T, seed):
+    """An in-place op on a view of a view (of a view) of a Dual reaches the Dual and every view
+    between, primal and tangent, as on forward_ad's dual tensors; a view that copies (a reshape
+    of a transposed view) is a copy of both."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    xt = torch.randn(T, *shape, generator=g, dtype=torch.float64)
+
+    def fn(v):
+        y = v * 1.0
+        views = [y]
+        for name in chain:
+            views.append(VIEWS[name](views[-1]))
+        WRITES[write](views[-1])
+        return tuple(views)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice (atleast_3d)
+        out = fn(Dual(x, xt))
+    y, yt = forward_ad_jvp(fn, [x], [xt])
+    assert len(out) == len(y)
+    for o, yi, ti in zip(out, y, yt):  # (a zeroed tangent is None: zero)
+        torch.testing.assert_close(o.primal, yi, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(torch.zeros_like(ti) if o.tangents is None else o.tangents,
+                                   ti, rtol=1e-12, atol=1e-13)
+
+
 @PROFILE
 @given(lead=st.lists(st.integers(0, 3), min_size=1, max_size=3), fin=dims, fout=dims, T=slots,
        dtype=dtypes, bias=st.booleans(), which=st.sampled_from(["x", "params", "all"]),
