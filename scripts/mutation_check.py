@@ -620,6 +620,43 @@ MUTANTS = [
     Mutant("Dynamo traces abs(parameter) past the compiled pass's mode",
            "fgkernels/dual/dynamo.py", "    builtin.call_abs = call_abs\n", "    pass\n",
            (COMPILE + "test_a_parameter_read_past_the_mode_keeps_its_tangent_compiled",)),
+    Mutant("a view the forward-AD fallback made is not linked to its operand",
+           "fgkernels/rules/fallback.py",
+           "        return next((d for d in viewed if v._views(d)), viewed[0]).as_view(v)\n",
+           "        return v\n",
+           ("tests/dual/test_dual_semantics.py::test_in_place_op_on_a_view_writes_into_the_dual",
+            "tests/dual/test_dual_semantics.py::test_in_place_op_on_a_complex_view_writes_into_"
+            "the_dual")),
+    Mutant("moveaxis moves the stack's slot axis", POINTWISE,
+           "    torch.Tensor.moveaxis: lambda t, n, a, b: t.movedim(_slot_dims(a, n), "
+           "_slot_dims(b, n)),",
+           "    torch.Tensor.moveaxis: lambda t, n, a, b: t.movedim(a, b),",
+           ("tests/dual/test_dual_semantics.py::test_op_edge_cases_as_forward_ad",)),
+    Mutant("a narrow tangent's slope rounded before its product", POINTWISE,
+           "        tangents = torch.mul(t, derivative(torch.ones_like(x), x), "
+           "out=torch.empty_like(t))\n",
+           "        tangents = t * derivative(torch.ones_like(x), x).to(t.dtype)\n",
+           ("tests/dual/test_mixed_precision.py::test_a_slope_past_the_tangents_range_is_not_"
+            "rounded_alone",)),
+    Mutant("linear takes a broadcast bias for one per output feature", LAYERS,
+           "    if w.dim() == 1 or (w.dim() == 2 and b is not None and tuple(b.shape) != "
+           "(w.shape[0],)):",
+           "    if w.dim() == 1:",
+           ("tests/rules/test_ops.py::test_float64_is_forward_ads",)),
+    Mutant("batch norm takes parameters of another dtype than its input",
+           "fgkernels/backends/contracts.py",
+           "    if dtype is not None:\n        given =", "    if False:\n        given =",
+           ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_error_naming_it",)),
+    Mutant("a Dual inside a container a forward stores outlives the pass",
+           "fgkernels/dual/tangents.py",
+           "            changed = [k for k, v in d.items() if _holds_dual((v,))\n",
+           "            changed = [k for k, v in d.items() if isinstance(v, Dual)\n",
+           ("tests/dual/test_tangent_store.py::test_a_dual_inside_a_container_a_forward_stores_"
+            "does_not_outlive_the_pass",)),
+    Mutant("a converted conv and batch norm fuse an unbatched input", "fgkernels/nn/modules.py",
+           "_fusable(nxt) \\\n                    and input.dim() == 4:",
+           "_fusable(nxt):", ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_"
+                              "error_naming_it",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),
