@@ -352,6 +352,16 @@ class Dual:
         self.primal.requires_grad_(requires_grad)
         return self
 
+    @property
+    def requires_grad(self) -> bool:
+        """The primal's ``requires_grad``; setting it sets the primal's, as ``requires_grad_``
+        (``hidden.requires_grad = True`` before gradient checkpointing)."""
+        return self.primal.requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, requires_grad: bool) -> None:
+        self.primal.requires_grad = requires_grad
+
     # --- tensor-like surface -------------------------------------------------------------------
     shape = property(lambda self: self.primal.shape)
     dtype = property(lambda self: self.primal.dtype)

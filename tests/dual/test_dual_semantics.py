@@ -54,6 +54,8 @@ def test_requires_grad_reaches_the_primal():
     torch.testing.assert_close(grad, 2 * x)
     torch.testing.assert_close(y.tangent, 2 * x.detach() * t)
     assert not d.requires_grad_(False).primal.requires_grad
+    d.requires_grad = True  # the attribute too (transformers' wav2vec2 sets it)
+    assert d.primal.requires_grad and d.requires_grad and torch.equal(d.tangent, t)
 
 
 def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
