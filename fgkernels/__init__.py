@@ -10,14 +10,14 @@ from . import functional, nn, rules  # noqa: F401  (rules: every op's rule regis
 from .backends import available_backends, current_backend, use_backend
 from .dual import Dual, is_dual
 from .dual.precision import fast_bfloat16, tangent_dtype
-from .dual.tangents import clear_tangents, random_tangents, set_tangents
+from .dual.tangents import clear_tangents, dual_pass, random_tangents, set_tangents
 from .nn import compile, convert
 from .rules.fallback import fallback_ops, strict_rules
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Dual", "is_dual", "set_tangents", "random_tangents", "clear_tangents", "convert",
+    "Dual", "is_dual", "set_tangents", "random_tangents", "clear_tangents", "dual_pass", "convert",
     "compile", "functional", "nn", "use_backend", "available_backends", "current_backend",
     "fallback_ops", "strict_rules", "tangent_dtype", "fast_bfloat16",
 ]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .dual import Dual
-from .dual.tangents import clear_tangents, random_tangents, set_tangents
+from .dual.tangents import clear_tangents, dual_pass, random_tangents, set_tangents
 from .rules.fallback import fallback_ops
 
 Tensor = torch.Tensor
@@ -206,7 +206,8 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     The tangents are drawn on the model's device (its first parameter's, else the first
     input's). ``run`` calls the model for the dual pass (``model`` itself by default; e.g.
     ``fgkernels.compile(model)`` checks the compiled pass, whose hardsigmoid slope is exact:
-    ``exact_hardsigmoid`` gives the oracle that slope, see ``oracle_mode``)."""
+    ``exact_hardsigmoid`` gives the oracle that slope, see ``oracle_mode``). A model whose
+    inputs are all integers (token ids) runs its pass inside ``fgkernels.dual_pass(model)``."""
     if run is not None and not callable(run):
         raise TypeError(f"compare_with_forward_ad: run must be callable, got "
                         f"{type(run).__name__}")
@@ -217,10 +218,12 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     input_tangents = [torch.randn(num_tangents, *x.shape, generator=g, dtype=x.dtype,
                                   device=x.device) if _inexact(x) else None
                       for x in inputs]
-    if all(t is None for t in input_tangents):
-        raise ValueError("compare_with_forward_ad: no floating or complex input among the "
-                         "inputs; a dual pass starts at a module called with a Dual, which such "
-                         "an input becomes")
+    # With no floating or complex input (a language model's token ids) the pass runs inside
+    # dual_pass(model), the parameters bringing the tangents in.
+    no_dual_input = all(t is None for t in input_tangents)
+    if no_dual_input and not tangents:
+        raise ValueError("compare_with_forward_ad: no floating or complex input and no "
+                         "parameter: nothing carries a tangent")
     buffers = dict(model.named_buffers())
     start = {k: v.clone() for k, v in buffers.items()}
     caches = _module_caches(model)
@@ -237,8 +240,9 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     torch.manual_seed(seed)
     set_tangents(model, tangents)
     try:
-        out = (run or model)(*[x if t is None else Dual(x, t)
-                               for x, t in zip(inputs, input_tangents)])
+        with dual_pass(model) if no_dual_input else contextlib.nullcontext():
+            out = (run or model)(*[x if t is None else Dual(x, t)
+                                   for x, t in zip(inputs, input_tangents)])
     finally:
         clear_tangents(model)
     fallback = {k: v - before.get(k, 0) for k, v in fallback_ops().items()

@@ -122,8 +122,12 @@ def test_the_comparison_passes_inputs_that_are_not_floating_as_they_are():
     model, x = _PackedTagger().double(), torch.randn(3, 4, 3, dtype=torch.float64)
     result = compare_with_forward_ad(model, [x, torch.tensor([2, 4, 1])], num_tangents=2)
     assert result["primal"] == 0 and result["tangent"] < 1e-12 and not result["fallback"]
-    with pytest.raises(ValueError, match="no floating or complex input"):
-        compare_with_forward_ad(nn.Embedding(5, 2), [torch.tensor([1, 3])])
+    # token ids alone: the pass runs inside dual_pass, the embedding bringing the tangents in
+    embed = nn.Sequential(nn.Embedding(5, 2), nn.Linear(2, 3)).double()
+    result = compare_with_forward_ad(embed, [torch.tensor([[1, 3], [4, 4]])], num_tangents=2)
+    assert result["primal"] == 0 and result["tangent"] < 1e-12 and not result["fallback"]
+    with pytest.raises(ValueError, match="no floating or complex input and no parameter"):
+        compare_with_forward_ad(nn.Flatten(), [torch.tensor([1, 3])])
 
 
 def test_the_comparison_gives_complex_inputs_tangents():

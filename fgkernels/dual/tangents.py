@@ -2,7 +2,8 @@
 parameter tensors themselves.
 
 ``set_tangents(model, {name: Ẇ})`` records ``Ẇ`` for the tensor ``model.<name>``. A *dual pass*
-starts when a module is called with a ``Dual`` among its positional inputs: for the length of
+starts when a module is called with a ``Dual`` among its positional inputs, or when the module
+of a ``dual_pass(module)`` block is called, whatever its inputs: for the length of
 that call, every module of its tree that holds a tensor with a tangent (its own, a tied one, one
 in a ``ParameterList`` or ``ParameterDict``, a parametrization's source) holds the Dual of that
 tensor instead, as ``torch.func.functional_call`` substitutes parameters. Whatever reads the
@@ -20,11 +21,12 @@ modules themselves: a model must not run in another thread while a dual pass run
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple, Optional
 
 import torch
@@ -456,6 +458,8 @@ class _Hooks:
     def __init__(self):
         self.handles: list = []
         self.registered = 0  # how many of them are: a plain int, which torch.compile reads
+        self.roots = 0  # how many dual_pass blocks are open, in every thread: a plain int too
+        self.roots_lock = threading.Lock()
         self.local = threading.local()
 
     def sync(self) -> None:
@@ -484,7 +488,7 @@ class _Hooks:
         # Dynamo traces this call (fgkernels asks ``is_dynamo_compiling`` throughout: torch
         # holds ``is_compiling`` true in every thread while any one compiles).
         if torch.compiler.is_dynamo_compiling():
-            if _holds_dual(args):
+            if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):
                 _check_compilable(module)
             return
         active = getattr(self.local, "active", None)
@@ -498,7 +502,7 @@ class _Hooks:
                     active.join(module)
                 return
             self.end_stale()
-        if _LIVE and _holds_dual(args):
+        if _LIVE and (_holds_dual(args) or (self.roots and is_dual_pass_root(module))):
             active = self.local.active = _Pass(module, sys._getframe(1))
             # The pass ends after the root's own forward hooks, which torch runs after the
             # global ones: a hook of the root's reads its parameters with their tangents.
@@ -523,8 +527,9 @@ class _Hooks:
                 and _holds_tangents(module):
             raise TypeError(
                 f"{type(module).__name__} was called with a Dual by keyword only; pass it "
-                "positionally: a dual pass, which hands out the parameters' tangents, starts "
-                "at a module called with a Dual among its positional inputs")
+                "positionally, or call the module inside fgkernels.dual_pass(module): a dual "
+                "pass, which hands out the parameters' tangents, starts at a module called "
+                "with a Dual among its positional inputs or at that block's module")
 
     def root_done(self, module: nn.Module, *_) -> None:
         """The end of a call of the pass's root (its last forward hook): the pass ends with
@@ -540,6 +545,32 @@ class _Hooks:
 
 
 _hooks = _Hooks()
+
+
+@contextlib.contextmanager
+def dual_pass(module: nn.Module) -> Iterator[None]:
+    """Inside the block, each call of ``module`` (in this thread) is a dual pass, whatever its
+    inputs, as a call with a Dual among its positional inputs is: its parameters carry their
+    tangents. For a model that takes only integers (a language model's token ids: the
+    embedding's weight brings the tangents in) or takes its Duals by keyword
+    (``model(pixel_values=Dual(x))``). ``fgkernels.compile(module)`` honours it too. Blocks
+    nest; a call with no tangent anywhere is the plain call it was."""
+    check_module(module, "dual_pass")
+    roots = _hooks.local.__dict__.setdefault("roots", [])
+    roots.append(module)
+    with _hooks.roots_lock:
+        _hooks.roots += 1
+    try:
+        yield
+    finally:
+        del roots[max(i for i, m in enumerate(roots) if m is module)]
+        with _hooks.roots_lock:
+            _hooks.roots -= 1
+
+
+def is_dual_pass_root(module: nn.Module) -> bool:
+    """True if ``module``'s calls are dual passes in this thread (``dual_pass``)."""
+    return any(m is module for m in getattr(_hooks.local, "roots", ()))
 
 
 def in_dual_pass() -> bool:

@@ -13,13 +13,20 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..backends import current_backend
-from ..dual.tangents import ParameterTangents, _compiled_pass, _holds_dual, _hooks
+from ..dual.tangents import (
+    ParameterTangents,
+    _compiled_pass,
+    _holds_dual,
+    _hooks,
+    is_dual_pass_root,
+)
 from ..dual.value import Dual, in_rule
 
 
 def compile(module: nn.Module, **options: Any) -> Callable:
     """``module`` compiled by ``torch.compile(module, **options)``, whose calls with a Dual
-    among their positional inputs run the dual pass compiled: every op that meets a parameter
+    among their positional inputs (and all its calls inside ``fgkernels.dual_pass(module)``)
+    run the dual pass compiled: every op that meets a parameter
     with a tangent takes its Dual (``ParameterTangents``), so tied, listed and attention
     parameters and ops on a parameter alone carry their tangents, converted model or not. Other
     calls run the compiled plain forward. ``dynamic=True`` among the options compiles once for
@@ -45,7 +52,7 @@ def compile(module: nn.Module, **options: Any) -> Callable:
 
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
-        if not _holds_dual(args):
+        if not (_holds_dual(args) or is_dual_pass_root(module)):
             try:
                 return compiled(*args, **kwargs)
             finally:

@@ -306,8 +306,60 @@ def test_a_module_called_with_a_dual_in_second_place():
 def test_a_dual_passed_only_by_keyword_is_a_clear_error():
     model = Token().double()
     fgkernels.random_tangents(model)
-    with pytest.raises(TypeError, match="by keyword only; pass it positionally"):
+    with pytest.raises(TypeError, match="by keyword only; pass it positionally, or call the "
+                                        "module inside fgkernels.dual_pass"):
         model(x=Dual(torch.randn(2, 3, 4, **f64)))
+
+
+class _TiedLanguageModel(nn.Module):
+    """Token ids in, logits out, the output layer tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids, attention_mask=None):
+        h = torch.tanh(self.mix(self.embed(ids)))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.head(h)
+
+
+def test_dual_pass_runs_a_model_of_token_ids():
+    """Inside ``dual_pass(model)`` a call with integers only (and keywords) is a dual pass: the
+    tied embedding brings its tangent in at both ends, as forward_ad's; outside it the call is
+    plain."""
+    model = _TiedLanguageModel().double()
+    ids, mask = torch.tensor([[1, 4, 9], [3, 3, 0]]), torch.tensor([[1.0, 1, 1], [1, 1, 0]], **f64)
+    tangents = fgkernels.random_tangents(model, num_tangents=2)
+    assert type(model(ids)) is torch.Tensor
+    with fgkernels.dual_pass(model):
+        out = model(ids, attention_mask=mask)
+    y, yt = model_jvp(model, [ids, mask], [None, None], tangents)
+    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
+    assert rel_err(out.tangents, yt) <= 1e-12
+    assert type(model(ids)) is torch.Tensor and type(model.embed.weight) is nn.Parameter
+
+
+def test_dual_pass_takes_duals_by_keyword_and_nests():
+    model = Token().double()
+    tangents = fgkernels.random_tangents(model)
+    x = torch.randn(2, 3, 4, **f64)
+    with fgkernels.dual_pass(model):
+        with fgkernels.dual_pass(model):
+            inner = model(x=Dual(x))
+        outer = model(x=Dual(x))
+    y, yt = model_jvp(model, [x], [None], {k: t[None] for k, t in tangents.items()})
+    for out in (inner, outer):
+        assert rel_err(out.tangents, yt) <= 1e-12
+    with pytest.raises(TypeError, match="by keyword only"):
+        model(x=Dual(x))
+    with pytest.raises(TypeError, match="dual_pass: expected an nn.Module, got Tensor"):
+        with fgkernels.dual_pass(x):
+            pass
 
 
 def test_tied_names_share_one_tangent_and_may_not_disagree():

@@ -116,6 +116,34 @@ def test_fgkernels_compile_runs_any_model_exactly_with_dynamic_batch(convert):
     assert type(plain) is torch.Tensor
 
 
+def test_fgkernels_compile_runs_a_model_of_token_ids_inside_dual_pass():
+    """A compiled model whose inputs are token ids runs its dual pass inside
+    ``dual_pass(model)``, in one graph, as the eager one; outside it, the plain forward."""
+    from torch import nn
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(9, 5), nn.Linear(5, 3)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids)))
+
+    torch.manual_seed(0)
+    model, ids = Tagger().double(), torch.tensor([[1, 8, 2], [0, 5, 5]])
+    fgkernels.random_tangents(model, num_tangents=2)
+    graphs = []
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(model, backend=_recording_backend(graphs))
+    with fgkernels.dual_pass(model):
+        out = compiled(ids)
+        ref = model(ids)
+    assert len(graphs) == 1
+    torch.testing.assert_close(out.primal, ref.primal)
+    torch.testing.assert_close(out.tangents, ref.tangents)
+    assert type(compiled(ids)) is torch.Tensor
+
+
 @pytest.mark.skipif("native" not in fgkernels.available_backends(),
                     reason="fgkernels._C is not built")
 def test_fgkernels_compile_with_inductors_cpp_wrapper(monkeypatch):
