@@ -5,10 +5,10 @@
 #   scripts/setup.sh           .venv: CPU torch 2.13, triton 3.6, the test and trainer tools;
 #                              fgkernels installed editable (the checkout is the package).
 #   scripts/setup.sh --models  .venv-models: torch 2.14.1 and torchvision 0.29.1 (a CUDA build,
-#                              run on the CPU here), timm and the test tools; fgkernels installed
-#                              as a package, its CPU kernels only. Run its tests with
-#                              `.venv-models/bin/python -P -m pytest tests/...` (-P: the
-#                              installed package, not the checkout, is imported).
+#                              run on the CPU here), timm, transformers and the test tools;
+#                              fgkernels installed as a package, its CPU kernels only. Run
+#                              its tests with `.venv-models/bin/python -P -m pytest tests/...`
+#                              (-P: the installed package, not the checkout, is imported).
 # MAX_JOBS (default 2) bounds the parallel compile jobs; PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,11 +46,11 @@ if [ "$models" = 0 ]; then
   # pyproject's dependencies are resolved against what is installed (nothing new when they hold).
   python -m pip install -q --no-build-isolation -e ".[test]"
 else
-  if ! python -c "import torch, torchvision, timm, pytest, hypothesis, ninja, setuptools" 2>/dev/null; then
+  if ! python -c "import torch, torchvision, timm, transformers, pytest, hypothesis, ninja, setuptools" 2>/dev/null; then
     python -m pip install -q --upgrade pip
     # torchvision 0.29.1 needs torch 2.14.1.
     python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    python -m pip install -q timm pytest hypothesis "${BUILD_TOOLS[@]}"
+    python -m pip install -q timm "transformers==5.25.0" pytest hypothesis "${BUILD_TOOLS[@]}"
   fi
   # A package, not editable: the checkout's fgkernels/_C belongs to .venv's torch. CPU kernels
   # only (FGKERNELS_CUDA=0): nothing here runs CUDA, and compiling for four GPU architectures

@@ -68,6 +68,84 @@ def _timm(name: str) -> RealModel:
         name, pretrained=False, num_classes=10, **kwargs), size)
 
 
+class _ByKeyword(torch.nn.Module):
+    """A model called with its inputs by keyword (``input_ids=``, ``pixel_values=``), as
+    transformers' are, its tensor outputs returned as a tuple."""
+
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs):
+        out = self.model(**dict(zip(self.names, inputs)), return_dict=False)
+        return tuple(o for o in out if isinstance(o, (torch.Tensor, fgkernels.Dual)))
+
+
+def _tokens() -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 99, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0  # a padded sequence
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _pixels(size: int) -> Callable[[], dict]:
+    return lambda: dict(pixel_values=torch.randn(2, 3, size, size, dtype=torch.float64))
+
+
+def _seq2seq() -> dict:
+    tokens = _tokens()
+    return dict(**tokens, decoder_input_ids=tokens["input_ids"][:, :4])
+
+
+# transformers' models in tiny configurations (random weights, nothing downloaded): the
+# language models take token ids only, so their passes run inside ``fgkernels.dual_pass``.
+_TEXT = dict(vocab_size=99, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TRANSFORMERS: dict[str, tuple[str, dict, Callable[[], dict]]] = {
+    "bert": ("BertModel", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=37), _tokens),
+    "gpt2": ("GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=16), _tokens),
+    "llama": ("LlamaForCausalLM", dict(hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=40, max_position_embeddings=32),
+              _tokens),
+    "t5": ("T5Model", dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                           decoder_start_token_id=0), _seq2seq),
+    "bart": ("BartModel", dict(d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=4, decoder_attention_heads=4,
+                               encoder_ffn_dim=37, decoder_ffn_dim=37,
+                               max_position_embeddings=32, decoder_start_token_id=1), _seq2seq),
+    "vit": ("ViTModel", dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=37), _pixels(16)),
+    "swin": ("SwinModel", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                               num_heads=[2, 2], window_size=4), _pixels(32)),
+    "convnext": ("ConvNextModel", dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
+                 _pixels(32)),
+    "wav2vec2": ("Wav2Vec2Model", dict(hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=4, intermediate_size=37,
+                                       conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                       num_conv_pos_embeddings=4,
+                                       num_conv_pos_embedding_groups=2, mask_time_prob=0.0),
+                 lambda: dict(input_values=torch.randn(2, 200, dtype=torch.float64))),
+}
+
+
+def check_transformers(name: str, training: bool) -> dict:
+    """``check`` for one of ``TRANSFORMERS``: its dual pass (every parameter, and a floating
+    input if any, carrying tangents) against forward_ad in float64."""
+    import transformers
+    cls, config, inputs = TRANSFORMERS[name]
+    torch.manual_seed(0)
+    config_cls = getattr(transformers, cls).config_class
+    options = {**(_TEXT if "vocab_size" in config_cls().to_dict() else {}), **config}
+    net = getattr(transformers, cls)(config_cls(**options)).double().train(training)
+    given = inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compare_with_forward_ad(_ByKeyword(net, tuple(given)), list(given.values()),
+                                       num_tangents=2)
+
+
 def catalogue() -> dict[str, RealModel]:
     """Every model to check, by name (``library/model``)."""
     import torchvision

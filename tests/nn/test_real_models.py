@@ -1,15 +1,16 @@
 """Real torchvision and timm models run exactly on Duals: a subset of ``real_models.QUICK``
-(every parameter and the input carrying a tangent, float64, train and eval mode), and two
-compiled by ``fgkernels.compile``, against torch.autograd.forward_ad. The whole catalogue:
-``scripts/check_real_models.py``. Skipped where torchvision or timm is missing (``bash
-scripts/setup.sh --models`` makes an environment with both), unless
-FGKERNELS_REQUIRE_MODELS=1 (CI's), where a missing one fails the run."""
+(every parameter and the input carrying a tangent, float64, train and eval mode), two compiled
+by ``fgkernels.compile``, and transformers' models in tiny configurations, against
+torch.autograd.forward_ad. The whole catalogue: ``scripts/check_real_models.py``. Skipped
+where torchvision, timm or transformers is missing (``bash scripts/setup.sh --models`` makes an
+environment with them), unless FGKERNELS_REQUIRE_MODELS=1 (CI's), where a missing one fails
+the run."""
 import importlib
 import os
 
 import pytest
 
-for _name in ("torchvision", "timm"):
+for _name in ("torchvision", "timm", "transformers"):
     if os.environ.get("FGKERNELS_REQUIRE_MODELS") == "1":
         importlib.import_module(_name)
     else:
@@ -32,6 +33,17 @@ def test_real_model_is_exact(name, training):
     assert result["tangent"] <= EXACT
     assert result["buffers"] <= EXACT
     assert set(result["fallback"]) <= NO_RULE_BY_DESIGN, result["fallback"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(real_models.TRANSFORMERS))
+def test_a_transformers_model_is_exact(name, training):
+    """transformers' language, sequence-to-sequence, vision and audio models in tiny
+    configurations, called by keyword; the language models' passes start at their token ids
+    (``fgkernels.dual_pass``)."""
+    result = real_models.check_transformers(name, training)
+    assert max(result["primal"], result["tangent"], result["buffers"]) <= EXACT, result
+    assert not result["fallback"], result["fallback"]
 
 
 @pytest.mark.parametrize("name", ["torchvision/resnet18", "torchvision/swin_t"])
