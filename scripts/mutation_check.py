@@ -598,8 +598,8 @@ MUTANTS = [
             "parameters",)),
     Mutant("the module hooks take another thread's compile for their own",
            "fgkernels/dual/tangents.py",
-           "        if torch.compiler.is_dynamo_compiling():\n            if _holds_dual(args):",
-           "        if torch.compiler.is_compiling():\n            if _holds_dual(args):",
+           "        if torch.compiler.is_dynamo_compiling():\n            if _holds_dual(args) or",
+           "        if torch.compiler.is_compiling():\n            if _holds_dual(args) or",
            (COMPILE + "test_a_compiled_pass_in_another_thread_leaves_an_eager_pass_its_"
             "parameters",)),
     Mutant("fgkernels.compile reports no compiler config", "fgkernels/nn/compiled.py",
@@ -657,6 +657,18 @@ MUTANTS = [
            "_fusable(nxt) \\\n                    and input.dim() == 4:",
            "_fusable(nxt):", ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_"
                               "error_naming_it",)),
+    Mutant("dual_pass starts no pass", "fgkernels/dual/tangents.py",
+           "        if _LIVE and (_holds_dual(args) or (self.roots and is_dual_pass_root("
+           "module))):\n",
+           "        if _LIVE and _holds_dual(args):\n",
+           ("tests/dual/test_tangent_store.py::test_dual_pass_runs_a_model_of_token_ids",)),
+    Mutant("fgkernels.compile runs a dual_pass call plainly", "fgkernels/nn/compiled.py",
+           "        if not (_holds_dual(args) or is_dual_pass_root(module)):\n",
+           "        if not _holds_dual(args):\n",
+           (COMPILE + "test_fgkernels_compile_runs_a_model_of_token_ids_inside_dual_pass",)),
+    Mutant("a Dual's requires_grad set on nothing", "fgkernels/dual/value.py",
+           "        self.primal.requires_grad = requires_grad\n", "        pass\n",
+           ("tests/dual/test_dual_semantics.py::test_requires_grad_reaches_the_primal",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),
