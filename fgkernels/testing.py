@@ -305,7 +305,8 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
     them), in ``oracle_mode(exact_hardsigmoid)``. forward_ad runs the model once per tangent
     slot: each run starts from the buffers and the random state the call found, so that the
     model is updated once (running statistics) and every slot sees the same random draws
-    (dropout), as in one dual pass."""
+    (dropout), as in one dual pass, and with the caches its modules hold as they were (LeViT's
+    attention biases: a slot must not take the bias, and tangent, another slot cached)."""
     param_tangents = dict(param_tangents or {})
     params = dict(model.named_parameters(remove_duplicate=False))
     names = list(param_tangents)
@@ -316,10 +317,15 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
                       if t.device.type == "cuda"})
     rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
 
+    caches = _module_caches(model)
+
     def call(*values):
         with torch.no_grad():
             for b, v in zip(buffers, start):
                 b.copy_(v)
+        for cache, content in caches:
+            cache.clear()
+            cache.update(content)
         torch.set_rng_state(rng[0])
         for d, state in zip(devices, rng[1]):
             torch.cuda.set_rng_state(state, d)

@@ -669,6 +669,11 @@ MUTANTS = [
     Mutant("a Dual's requires_grad set on nothing", "fgkernels/dual/value.py",
            "        self.primal.requires_grad = requires_grad\n", "        pass\n",
            ("tests/dual/test_dual_semantics.py::test_requires_grad_reaches_the_primal",)),
+    Mutant("the oracle's slots share what a module cached", "fgkernels/testing.py",
+           "        for cache, content in caches:\n            cache.clear()\n"
+           "            cache.update(content)\n        torch.set_rng_state",
+           "        torch.set_rng_state", ("tests/test_testing.py::test_the_oracle_runs_each_slot_from_the_"
+                                "caches_the_call_found",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),

@@ -147,3 +147,23 @@ def test_the_comparison_gives_complex_inputs_tangents():
     assert compare_with_forward_ad(Modulus(keep=True), [z, x])["tangent"] < 1e-12
     assert compare_with_forward_ad(Modulus(keep=False), [z, x])["tangent"] > 0.1
     assert compare_with_forward_ad(Modulus(keep=True), [z, x.abs() > 1])["tangent"] < 1e-12
+
+
+def test_the_oracle_runs_each_slot_from_the_caches_the_call_found():
+    """A module that caches what it computes from a parameter (LeViT's attention biases in
+    eval mode): the oracle's second slot computes it again, with its own tangent, instead of
+    taking the first slot's."""
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+            self.cache = {}
+
+        def forward(self, x):
+            if "bias" not in self.cache:
+                self.cache["bias"] = self.bias * 2
+            return x + self.cache["bias"]
+
+    result = compare_with_forward_ad(Cached(), [torch.randn(2, 3, dtype=torch.float64)],
+                                     num_tangents=3)
+    assert result["primal"] == 0 and result["tangent"] < 1e-15
