@@ -672,8 +672,9 @@ MUTANTS = [
     Mutant("the oracle's slots share what a module cached", "fgkernels/testing.py",
            "        for cache, content in caches:\n            cache.clear()\n"
            "            cache.update(content)\n        torch.set_rng_state",
-           "        torch.set_rng_state", ("tests/test_testing.py::test_the_oracle_runs_each_slot_from_the_"
-                                "caches_the_call_found",)),
+           "        torch.set_rng_state",
+           ("tests/test_testing.py::test_the_oracle_runs_each_slot_from_the_caches_the_call_"
+            "found",)),
     # the Triton kernels (in the interpreter)
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),
