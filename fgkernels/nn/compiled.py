@@ -26,14 +26,14 @@ from ..dual.value import Dual, in_rule
 def compile(module: nn.Module, **options: Any) -> Callable:
     """``module`` compiled by ``torch.compile(module, **options)``, whose calls with a Dual
     among their positional inputs (and all its calls inside ``fgkernels.dual_pass(module)``)
-    run the dual pass compiled: every op that meets a parameter
-    with a tangent takes its Dual (``ParameterTangents``), so tied, listed and attention
-    parameters and ops on a parameter alone carry their tangents, converted model or not. Other
-    calls run the compiled plain forward. ``dynamic=True`` among the options compiles once for
-    every batch size. A dual call traces torch's recurrent layers (``nn.LSTM``, ``nn.GRU``,
-    ``nn.RNN``) into its graph, unrolled by their rules, where Dynamo's default
-    (``torch._dynamo.config.allow_rnn`` off) would break the graph at each; a plain call leaves
-    them to that setting, as ``torch.compile`` does.
+    run the dual pass compiled: every op that meets a parameter with a tangent takes its Dual
+    (``ParameterTangents``), so tied, listed and attention parameters and ops on a parameter
+    alone carry their tangents, converted model or not. Other calls run the compiled plain
+    forward. ``dynamic=True`` among the options compiles once for every batch size. A dual
+    call traces torch's recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) into its graph,
+    unrolled by their rules, where Dynamo's default (``torch._dynamo.config.allow_rnn`` off)
+    would break the graph at each; a plain call leaves them to that setting, as
+    ``torch.compile`` does.
 
     Each compiled model keeps its graphs, and the input sizes they were compiled for, apart
     from every other model's. Compiling it again reuses any of its graphs whose guards pass for
