@@ -226,16 +226,14 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
                          "parameter: nothing carries a tangent")
     buffers = dict(model.named_buffers())
     start = {k: v.clone() for k, v in buffers.items()}
-    caches = _module_caches(model)
+    caches = _ModuleCaches(model)
     torch.manual_seed(seed)  # both passes draw the same random numbers (dropout, drop path)
     y, yt = model_jvp_in_place(model, inputs, input_tangents, tangents, exact_hardsigmoid)
     expected_buffers = {k: v.clone() for k, v in buffers.items()}
     with torch.no_grad():
         for k, v in buffers.items():
             v.copy_(start[k])
-    for cache, content in caches:  # what the oracle cached (LeViT's attention biases) goes
-        cache.clear()
-        cache.update(content)
+    caches.restore()  # what the oracle cached (LeViT's attention biases) goes
     before = fallback_ops()
     torch.manual_seed(seed)
     set_tangents(model, tangents)
@@ -277,10 +275,28 @@ def _buffer_error(buffers: dict[str, Tensor], expected: dict[str, Tensor]) -> fl
                 for names in by_module.values()] or [0.0])
 
 
-def _module_caches(model: torch.nn.Module) -> list[tuple[dict, dict]]:
-    """Each dict a module holds as a public attribute (a cache) and a copy of its content."""
-    return [(v, dict(v)) for m in model.modules() for k, v in m.__dict__.items()
-            if not k.startswith("_") and type(v) is dict]
+class _ModuleCaches:
+    """The dicts ``model``'s modules hold as public attributes (caches), as they are now:
+    ``restore()`` puts each back with this content, and drops those made since (a cache a
+    forward creates on its first call)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.modules = list(model.modules())
+        self.saved = [{k: (v, dict(v)) for k, v in m.__dict__.items() if _is_cache(k, v)}
+                      for m in self.modules]
+
+    def restore(self) -> None:
+        for m, saved in zip(self.modules, self.saved):
+            for k in [k for k, v in m.__dict__.items() if _is_cache(k, v) and k not in saved]:
+                del m.__dict__[k]
+            for k, (cache, content) in saved.items():
+                cache.clear()
+                cache.update(content)
+                m.__dict__[k] = cache
+
+
+def _is_cache(name: str, value) -> bool:
+    return not name.startswith("_") and type(value) is dict
 
 
 def _inexact(v: Tensor) -> bool:
@@ -317,15 +333,13 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
                       if t.device.type == "cuda"})
     rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
 
-    caches = _module_caches(model)
+    caches = _ModuleCaches(model)
 
     def call(*values):
         with torch.no_grad():
             for b, v in zip(buffers, start):
                 b.copy_(v)
-        for cache, content in caches:
-            cache.clear()
-            cache.update(content)
+        caches.restore()
         torch.set_rng_state(rng[0])
         for d, state in zip(devices, rng[1]):
             torch.cuda.set_rng_state(state, d)
@@ -338,4 +352,7 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
     primals = [args[i] for i in tensor_args] + [params[n].detach() for n in names]
     tangents = [arg_tangents[i] for i in tensor_args] + [param_tangents[n] for n in names]
     with oracle_mode(exact_hardsigmoid):
-        return forward_ad_jvp(call, primals, tangents)
+        try:
+            return forward_ad_jvp(call, primals, tangents)
+        finally:
+            caches.restore()  # no slot's cache (a dual tensor of a level gone) outlives it

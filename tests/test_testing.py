@@ -154,16 +154,21 @@ def test_the_oracle_runs_each_slot_from_the_caches_the_call_found():
     eval mode): the oracle's second slot computes it again, with its own tangent, instead of
     taking the first slot's."""
     class Cached(nn.Module):
-        def __init__(self):
+        def __init__(self, made_at_first_call: bool):
             super().__init__()
             self.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
-            self.cache = {}
+            if not made_at_first_call:
+                self.cache = {}
 
         def forward(self, x):
+            if "cache" not in self.__dict__:
+                self.cache = {}
             if "bias" not in self.cache:
                 self.cache["bias"] = self.bias * 2
             return x + self.cache["bias"]
 
-    result = compare_with_forward_ad(Cached(), [torch.randn(2, 3, dtype=torch.float64)],
-                                     num_tangents=3)
-    assert result["primal"] == 0 and result["tangent"] < 1e-15
+    for made_at_first_call in (False, True):
+        model = Cached(made_at_first_call)
+        result = compare_with_forward_ad(model, [torch.randn(2, 3, dtype=torch.float64)],
+                                         num_tangents=3)
+        assert result["primal"] == 0 and result["tangent"] < 1e-15

@@ -252,50 +252,82 @@ def _tree(root: nn.Module) -> list[nn.Module]:
     return order
 
 
+class _Snapshot(NamedTuple):
+    """A value before a dual pass, and for a dict or list, a snapshot of each entry (else
+    None): what it is put back to."""
+
+    value: object
+    entries: object
+
+
+def _snapshot(v) -> _Snapshot:
+    if type(v) is dict:
+        return _Snapshot(v, {k: _snapshot(e) for k, e in v.items()})
+    if type(v) is list:
+        return _Snapshot(v, [_snapshot(e) for e in v])
+    return _Snapshot(v, None)
+
+
+def _strip(container, entries) -> None:
+    """Take every Dual the pass put into ``container`` (a dict or list, whose entries were
+    ``entries`` before it) out of it: an entry that holds one becomes what it was (a container
+    changed in place, in place), and one added that holds one is dropped; any other entry
+    stays."""
+    if type(container) is dict:
+        for key in [key for key, e in container.items() if _holds_dual((e,))]:
+            if key in entries:
+                container[key] = _put_back(entries[key])
+            else:
+                del container[key]
+    else:
+        container[:] = [_put_back(entries[i]) if i < len(entries) and _holds_dual((e,)) else e
+                        for i, e in enumerate(container)
+                        if i < len(entries) or not _holds_dual((e,))]
+
+
+def _put_back(snapshot: _Snapshot):
+    """The value a snapshot was taken of, with any Dual put into it since taken out."""
+    if snapshot.entries is not None:
+        _strip(snapshot.value, snapshot.entries)
+    return snapshot.value
+
+
 class _Attributes(NamedTuple):
-    """A module's attributes before a dual pass: its ``__dict__`` (a shallow copy) and a copy of
-    each public dict and list in it (a cache or a record a forward may fill)."""
+    """A module's attributes before a dual pass: its ``__dict__`` (a shallow copy) and a
+    snapshot of each public dict and list in it, nested ones included (a cache or a record a
+    forward may fill)."""
 
     module: nn.Module
     before: dict
-    containers: dict[str, object]
+    containers: dict[str, _Snapshot]
 
     @classmethod
     def of(cls, m: nn.Module) -> _Attributes:
         d = m.__dict__
-        return cls(m, d.copy(), {k: v.copy() for k, v in d.items()
+        return cls(m, d.copy(), {k: _snapshot(v) for k, v in d.items()
                                  if type(v) in (dict, list) and k[:1] != "_"})
 
     def restore(self) -> None:
-        """Put back each attribute that the pass set to a Dual or to a container holding one at
-        any depth (``self.cache = (y, h)``), private ones included (delete it if it is new), and
-        each such entry of a public dict or list, or of a private one the pass set anew (a
-        recurrent layer's ``_flat_weights``)."""
-        d, before, copies = self.module.__dict__, self.before, self.containers
+        """Put back each attribute that the pass set to a Dual or to a value holding one at any
+        depth (``self.state = (h, c)``), private ones included (delete it if it is new), and
+        take the Duals out of each public dict or list, nested ones included, and of a private
+        one the pass set anew (a recurrent layer's ``_flat_weights``): what an entry held
+        before, or nothing for an entry added."""
+        d, before, snapshots = self.module.__dict__, self.before, self.containers
         # Usually no attribute was set: every name still holds what it held (compared at C
         # speed), and only the containers that were there before can have gained a Dual.
         if d.keys() == before.keys() \
                 and all(map(operator.is_, d.values(), map(before.__getitem__, d))):
-            changed = copies
+            changed = snapshots
         else:
             changed = [k for k, v in d.items() if _holds_dual((v,))
                        and (type(v) not in (dict, list) or k[:1] != "_"
                             or v is not before.get(k))]
         for k in changed:
             v = d.get(k)
-            if type(v) is dict:
-                old = copies.get(k, _container(before.get(k), dict))
-                for key in [key for key, e in v.items() if _holds_dual((e,))]:
-                    if key in old:
-                        v[key] = old[key]
-                    else:
-                        del v[key]
-            elif type(v) is list:
-                # a Dual where the list held something before: that thing; a Dual appended:
-                # dropped; any other entry stays
-                old = copies.get(k, _container(before.get(k), list))
-                v[:] = [old[i] if i < len(old) and _holds_dual((e,)) else e
-                        for i, e in enumerate(v) if not (i >= len(old) and _holds_dual((e,)))]
+            if type(v) in (dict, list):
+                snapshot = snapshots.get(k) or _snapshot(_container(before.get(k), type(v)))
+                _strip(v, snapshot.entries)
             elif _holds_dual((v,)):
                 if k in before:
                     d[k] = before[k]

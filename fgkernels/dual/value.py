@@ -354,13 +354,18 @@ class Dual:
 
     @property
     def requires_grad(self) -> bool:
-        """The primal's ``requires_grad``; setting it sets the primal's, as ``requires_grad_``
-        (``hidden.requires_grad = True`` before gradient checkpointing)."""
-        return self.primal.requires_grad
+        """The primal's ``requires_grad`` (a parameter's Dual: the parameter's); setting it sets
+        theirs, as ``requires_grad_`` (``hidden.requires_grad = True`` before gradient
+        checkpointing, ``layer.weight.requires_grad = False`` during a pass)."""
+        return self._requires_grad_holder().requires_grad
 
     @requires_grad.setter
     def requires_grad(self, requires_grad: bool) -> None:
-        self.primal.requires_grad = requires_grad
+        self._requires_grad_holder().requires_grad = requires_grad
+
+    def _requires_grad_holder(self) -> torch.Tensor:
+        parameter = self._source is not None and self._source.kind == "parameter"
+        return self._source.primal if parameter else self.primal
 
     # --- tensor-like surface -------------------------------------------------------------------
     shape = property(lambda self: self.primal.shape)

@@ -132,24 +132,55 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     # stays bfloat16); tangents of their primals' dtype take the outputs' (``cumsum(x,
     # dtype=torch.float64)`` of a float32 Dual gives a float64 tangent, as forward AD does).
     narrow = any(d.tangents is not None and d.tangents.dtype != d.primal.dtype for d in duals)
-    return _linked(_wrap(primal_out, tangents, plan, plan.dtype if narrow else None), duals)
+    out = _wrap(primal_out, tangents, plan, plan.dtype if narrow else None)
+    if not narrow:
+        return _linked(out, duals)
+
+    def own_slots(k: int, i: int) -> Optional[torch.Tensor]:
+        # output i of the op on operand k's own (narrower) slots, the other operands' primals
+        # beside them: a view of those slots where the op is a view op
+        d = duals[k]
+        if d.directions != plan.directions or d.tangents.shape[0] != plan.count:
+            return None  # its slots are not the output's
+        take = lambda s: pytree.tree_leaves(call(*[s if j == k else p
+                                                  for j, p in enumerate(primals)]))[i]
+        try:
+            return torch.func.vmap(take)(d.tangents)
+        except Exception:  # an op vmap cannot batch: the output stays a copy of both
+            return None
+
+    return _linked(out, duals, own_slots)
 
 
-def _linked(out, duals: list[Dual]):
+def _linked(out, duals: list[Dual],
+            own_slots: Optional[Callable[[int, int], Optional[torch.Tensor]]] = None):
     """The outputs, each that views an operand's primal linked to that operand as its view
     (``Dual.as_view``): a write into ``torch.atleast_2d(d)``, ``d.real`` or ``d.as_strided(...)``
-    reaches ``d``, as a write into a tensor's view does. (vmap and jvp give a view op's tangents
-    as views of the slots they were given: the operand's own, unless they had to be widened or
-    spread, and then the output is a copy of both.)"""
-    def link(v):
-        if not isinstance(v, Dual):
-            return v
-        viewed = [d for d in duals if view_root(d.primal) is view_root(v.primal)]
+    reaches ``d``, as a write into a tensor's view does. vmap and jvp give a view op's tangents
+    as views of the slots they were given, the operand's own unless they were widened (a
+    bfloat16 tangent of a float32 primal): then ``own_slots(k, i)`` takes output i of the op
+    on operand k's own slots. An output whose tangent views no operand's slots (spread to
+    another operand's directions) is a copy of both."""
+    flat, spec = pytree.tree_flatten(out, is_leaf=lambda v: isinstance(v, Dual))
+    for i, v in enumerate(flat):
+        viewed = [k for k, d in enumerate(duals) if isinstance(v, Dual)
+                  and view_root(d.primal) is view_root(v.primal)]
         if not viewed:
-            return v
-        return next((d for d in viewed if v._views(d)), viewed[0]).as_view(v)
-
-    return pytree.tree_map(link, out, is_leaf=lambda v: isinstance(v, Dual))
+            continue
+        k = next((k for k in viewed if v._views(duals[k])), viewed[0])
+        d = duals[k]
+        if d.tangents is None and v.tangents is not None:
+            # a view of an operand without tangent has none (jvp gave it zeros: the other
+            # operands' slots, ``torch.broadcast_tensors(x, y)``)
+            v = v.with_tangents(v.primal, None)
+        elif own_slots is not None and v.tangents is not None and d.tangents is not None \
+                and not v._views(d):
+            stack = own_slots(k, i)
+            if stack is not None and stack.shape == v.tangents.shape \
+                    and stack.dtype == v.tangents.dtype:
+                v = v.with_tangents(v.primal, stack)
+        flat[i] = d.as_view(v)
+    return pytree.tree_unflatten(flat, spec)
 
 
 def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:

@@ -377,8 +377,11 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
     elif t.dtype == x.dtype:
         tangents = derivative(t, x.expand_as(t))
     else:
-        # (the product in x's dtype, element by element, written in t's: no wide copy of t)
-        tangents = torch.mul(t, derivative(torch.ones_like(x), x), out=torch.empty_like(t))
+        slope = derivative(torch.ones_like(x), x)
+        if torch.is_grad_enabled() and (slope.requires_grad or t.requires_grad):
+            tangents = (t * slope).to(t.dtype)  # (autograd records no out=)
+        else:  # the product in x's dtype, element by element, written in t's: no wide copy
+            tangents = torch.mul(t, slope, out=torch.empty_like(t))
         if selects:
             tangents.masked_fill_(derivative(torch.full_like(x, float("nan")), x) == 0, 0)
     out = d.with_tangents(y, tangents)
@@ -891,32 +894,42 @@ def _contiguous(t, n, memory_format=torch.contiguous_format):
     return slots_in_format(t, memory_format if n == 4 else torch.contiguous_format)
 
 
-# op -> the same op on a stack of T slots: (stack, primal's ndim, *the op's other arguments).
+def _transposed(t, n, dim0, dim1):
+    return t.transpose(_slot_dim(dim0, n), _slot_dim(dim1, n))
+
+
+def _moved(t, n, source, destination):
+    return t.movedim(_slot_dims(source, n), _slot_dims(destination, n))
+
+
+# op -> the same op on a stack of T slots: (stack, primal's ndim, *the op's other arguments,
+# named as torch names them: a call may give them by keyword).
 _SLOT_VIEWS: dict[Callable, Callable] = {
     torch.Tensor.permute: lambda t, n, *dims: t.permute(0, *_slot_dims(_dims_arg(dims), n)),
     torch.permute: lambda t, n, dims: t.permute(0, *_slot_dims(dims, n)),
-    torch.Tensor.transpose: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
-    torch.transpose: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
-    torch.Tensor.swapaxes: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
-    torch.swapaxes: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
-    torch.Tensor.swapdims: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
-    torch.swapdims: lambda t, n, a, b: t.transpose(_slot_dim(a, n), _slot_dim(b, n)),
-    torch.Tensor.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
-    torch.movedim: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
-    torch.Tensor.moveaxis: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
-    torch.moveaxis: lambda t, n, a, b: t.movedim(_slot_dims(a, n), _slot_dims(b, n)),
+    torch.Tensor.transpose: lambda t, n, dim0, dim1: _transposed(t, n, dim0, dim1),
+    torch.transpose: lambda t, n, dim0, dim1: _transposed(t, n, dim0, dim1),
+    torch.Tensor.swapaxes: lambda t, n, axis0, axis1: _transposed(t, n, axis0, axis1),
+    torch.swapaxes: lambda t, n, axis0, axis1: _transposed(t, n, axis0, axis1),
+    torch.Tensor.swapdims: lambda t, n, dim0, dim1: _transposed(t, n, dim0, dim1),
+    torch.swapdims: lambda t, n, dim0, dim1: _transposed(t, n, dim0, dim1),
+    torch.Tensor.movedim: lambda t, n, source, destination: _moved(t, n, source, destination),
+    torch.movedim: lambda t, n, source, destination: _moved(t, n, source, destination),
+    torch.Tensor.moveaxis: lambda t, n, source, destination: _moved(t, n, source, destination),
+    torch.moveaxis: lambda t, n, source, destination: _moved(t, n, source, destination),
     torch.Tensor.adjoint: lambda t, n: t.transpose(-2, -1).conj(),
     torch.adjoint: lambda t, n: t.transpose(-2, -1).conj(),
     torch.Tensor.unsqueeze: lambda t, n, dim: t.unsqueeze(_slot_dim(dim, n + 1)),
     torch.unsqueeze: lambda t, n, dim: t.unsqueeze(_slot_dim(dim, n + 1)),
     torch.Tensor.chunk: lambda t, n, chunks, dim=0: t.chunk(chunks, _slot_dim(dim, n)),
     torch.chunk: lambda t, n, chunks, dim=0: t.chunk(chunks, _slot_dim(dim, n)),
-    torch.Tensor.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
-    torch.split: lambda t, n, size, dim=0: t.split(size, _slot_dim(dim, n)),
-    torch.Tensor.split_with_sizes: lambda t, n, sizes, dim=0: t.split_with_sizes(
-        sizes, _slot_dim(dim, n)),
-    torch.split_with_sizes: lambda t, n, sizes, dim=0: t.split_with_sizes(
-        sizes, _slot_dim(dim, n)),
+    torch.Tensor.split: lambda t, n, split_size, dim=0: t.split(split_size, _slot_dim(dim, n)),
+    torch.split: lambda t, n, split_size_or_sections, dim=0: t.split(split_size_or_sections,
+                                                                     _slot_dim(dim, n)),
+    torch.Tensor.split_with_sizes: lambda t, n, split_sizes, dim=0: t.split_with_sizes(
+        split_sizes, _slot_dim(dim, n)),
+    torch.split_with_sizes: lambda t, n, split_sizes, dim=0: t.split_with_sizes(
+        split_sizes, _slot_dim(dim, n)),
     torch.Tensor.contiguous: _contiguous,
     # (vmap has no batching rule for a tensor start)
     torch.Tensor.narrow: lambda t, n, dim, start, length: t.narrow(_slot_dim(dim, n), start,

@@ -370,6 +370,12 @@ OPS = {
     "adjoint": lambda d: torch.adjoint(d[None]) * d.adjoint(),
     "split_with_sizes": lambda d: torch.split_with_sizes(d, [3, 1], -1)[0]
     * d.split_with_sizes([2, 2], dim=1)[1].sum(1, keepdim=True),
+    "views by keyword": lambda d: torch.moveaxis(d, source=0, destination=1)
+    + d.transpose(dim0=0, dim1=1) + torch.swapaxes(d, axis0=1, axis1=0)
+    + d.movedim(source=1, destination=0) + torch.swapdims(d, dim0=0, dim1=1),
+    "splits by keyword": lambda d: torch.split_with_sizes(d, split_sizes=[1, 2], dim=0)[1]
+    * torch.split(d, split_size_or_sections=2, dim=0)[0] + d.split(split_size=2, dim=0)[0]
+    + d.split_with_sizes(split_sizes=[2, 1])[0],
     "interpolate nearest": lambda d: F.interpolate(d[None], scale_factor=2),
     "upsample bicubic": lambda d: F.interpolate(d[None, None], size=(5, 7), mode="bicubic"),
     "split sizes": lambda d: d.split([1, 2], 0)[1], "amax": lambda d: d.amax(1),
@@ -432,6 +438,24 @@ def test_in_place_op_on_a_view_writes_into_the_dual(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's notice
         _against_forward_ad(_on_a_copy(VIEW_WRITES[name]), (3, 4))
+
+
+def test_a_fallback_view_of_an_operand_without_tangent_writes_into_it():
+    """``torch.broadcast_tensors(x, y)`` and ``torch.atleast_2d(x, y)`` with y a Dual without
+    tangent: a write into y's view reaches y (its view's tangent is zero, not a copy's)."""
+    def fn(x, y):
+        x, y = x * 1.0, y * 1.0
+        torch.broadcast_tensors(x, y)[1].mul_(2.0)
+        torch.atleast_2d(x, y)[1].add_(1.0)
+        return x, y
+
+    a, b, t = torch.randn(1, 3, **f64), torch.randn(3, **f64), torch.randn(2, 1, 3, **f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x, y = fn(Dual(a, t), Dual(b))
+    (want_x, want_y), (want_xt, _) = forward_ad_jvp(lambda v: fn(v, b), [a], [t])
+    torch.testing.assert_close(y.primal, want_y, rtol=0, atol=0)
+    torch.testing.assert_close(x.tangents, want_xt, rtol=0, atol=0)
 
 
 def _complex_views_written(x):

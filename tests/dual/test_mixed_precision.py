@@ -3,6 +3,7 @@ networks wholly in bfloat16: the primal is what it is without tangents, the tang
 dtype through every op, and their error against float64 stays within twice the error of torch's
 own forward-mode AD in bfloat16 (``err ≤ 2·err_torch + atol``)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -231,6 +232,42 @@ def test_a_slope_past_the_tangents_range_is_not_rounded_alone(fn):
     assert out.tangents.dtype == torch.float16
     torch.testing.assert_close(out.tangents.double()[finite], exact[finite], rtol=2 ** -9,
                                atol=0)
+
+
+@pytest.mark.parametrize("fn", [F.gelu, torch.tanh, torch.exp, F.silu],
+                         ids=["gelu", "tanh", "exp", "silu"])
+def test_a_narrower_tangent_of_a_primal_that_requires_grad(fn):
+    """bfloat16 tangents of a float32 primal that records an autograd graph (``requires_grad``
+    set, as before gradient checkpointing): the same tangents as without it, and the primal's
+    graph intact."""
+    x, xt = torch.randn(3, 5), torch.randn(2, 3, 5).to(BF16)
+    plain = fn(Dual(x, xt))
+    d = Dual(x.clone(), xt)
+    d.requires_grad = True
+    out = fn(d)
+    assert torch.equal(out.tangents, plain.tangents) and out.tangents.dtype == BF16
+    (grad,) = torch.autograd.grad(out.primal.sum(), d.primal)
+    assert grad.shape == x.shape
+
+
+def test_a_write_through_a_fallback_view_of_narrower_tangents_reaches_the_dual():
+    """bfloat16 tangents of a float32 Dual viewed by ops of the forward-AD fallback
+    (``atleast_3d``, ``as_strided``, which widen the tangents for jvp): the view is taken of the
+    Dual's own slots, so a write into it reaches the Dual, primal and tangent."""
+    def fn(v):
+        y = v * 1.0
+        torch.atleast_3d(y).mul_(3.0)
+        y.as_strided((2, 2), (4, 1), 1).neg_()
+        return y
+
+    x, xt = torch.randn(3, 4), torch.randn(2, 3, 4).to(BF16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = fn(Dual(x, xt))
+    y, yt = forward_ad_jvp(fn, [x.double()], [xt.double()])
+    assert out.tangents.dtype == BF16
+    torch.testing.assert_close(out.primal.double(), y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.tangents.double(), yt, rtol=2 ** -7, atol=0)
 
 
 def _gru_with_a_saturated_update_gate(dtype):

@@ -371,6 +371,25 @@ def test_tied_names_share_one_tangent_and_may_not_disagree():
         fgkernels.set_tangents(model, {"l1.weight": t, "l2.weight": t.clone()})
 
 
+def test_a_parameters_requires_grad_during_a_pass_is_the_parameters():
+    """``layer.weight.requires_grad`` read or set inside a dual pass (a model freezing a layer
+    in its forward) is the parameter's, as on the plain call."""
+    class Freezes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.seen = self.fc.weight.requires_grad
+            self.fc.weight.requires_grad = False
+            return self.fc(x)
+
+    model = Freezes()
+    fgkernels.random_tangents(model)
+    model(Dual(torch.randn(2, 3)))
+    assert model.seen is True and model.fc.weight.requires_grad is False
+
+
 def test_a_parameter_written_in_place_under_no_grad_is_written():
     class Clamped(nn.Module):
         def __init__(self):
@@ -615,6 +634,7 @@ def test_a_dual_inside_a_container_a_forward_stores_does_not_outlive_the_pass():
             super().__init__()
             self.fc = nn.Linear(3, 3)
             self.state, self.record = ("none yet",), [torch.zeros(1), "kept"]
+            self.log = {"steps": [], "by_layer": {"fc": 0}}
 
         def forward(self, x):
             y = self.fc(x)
@@ -623,14 +643,19 @@ def test_a_dual_inside_a_container_a_forward_stores_does_not_outlive_the_pass():
             self.record[0] = (y,)
             self.record.append([{"k": y}])
             self.record.append(3)
+            self.log["steps"].append(y)  # nested containers changed in place
+            self.log["steps"].append("step")
+            self.log["by_layer"]["head"] = [y]
             return y
 
     model = Stores().double()
-    first = model.record[0]
+    first, steps = model.record[0], model.log["steps"]
     fgkernels.random_tangents(model)
     model(Dual(torch.randn(2, 3, **f64)))
     assert model.state == ("none yet",) and model.by_name == {"b": 2}
     assert model.record[0] is first and model.record[1:] == ["kept", 3]
+    assert model.log == {"steps": ["step"], "by_layer": {"fc": 0}}
+    assert model.log["steps"] is steps
 
 
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
