@@ -621,23 +621,40 @@ MUTANTS = [
            "fgkernels/dual/dynamo.py", "    builtin.call_abs = call_abs\n", "    pass\n",
            (COMPILE + "test_a_parameter_read_past_the_mode_keeps_its_tangent_compiled",)),
     Mutant("a view the forward-AD fallback made is not linked to its operand",
-           "fgkernels/rules/fallback.py",
-           "        return next((d for d in viewed if v._views(d)), viewed[0]).as_view(v)\n",
-           "        return v\n",
+           "fgkernels/rules/fallback.py", "        flat[i] = d.as_view(v)\n",
+           "        flat[i] = v\n",
            ("tests/dual/test_dual_semantics.py::test_in_place_op_on_a_view_writes_into_the_dual",
             "tests/dual/test_dual_semantics.py::test_in_place_op_on_a_complex_view_writes_into_"
             "the_dual")),
+    Mutant("a fallback view of an operand without tangent keeps jvp's zeros",
+           "fgkernels/rules/fallback.py",
+           "        if d.tangents is None and v.tangents is not None:\n", "        if False:\n",
+           ("tests/dual/test_dual_semantics.py::test_a_fallback_view_of_an_operand_without_"
+            "tangent_writes_into_it",)),
+    Mutant("a fallback view of narrower tangents is a copy", "fgkernels/rules/fallback.py",
+           "            return torch.func.vmap(take)(d.tangents)\n", "            return None\n",
+           ("tests/dual/test_mixed_precision.py::test_a_write_through_a_fallback_view_of_"
+            "narrower_tangents_reaches_the_dual",)),
+    Mutant("a container changed in place keeps the Duals put into it",
+           "fgkernels/dual/tangents.py",
+           "    if snapshot.entries is not None:\n        _strip(",
+           "    if False:\n        _strip(",
+           ("tests/dual/test_tangent_store.py::test_a_dual_inside_a_container_a_forward_stores_"
+            "does_not_outlive_the_pass",)),
     Mutant("moveaxis moves the stack's slot axis", POINTWISE,
-           "    torch.Tensor.moveaxis: lambda t, n, a, b: t.movedim(_slot_dims(a, n), "
-           "_slot_dims(b, n)),",
-           "    torch.Tensor.moveaxis: lambda t, n, a, b: t.movedim(a, b),",
+           "    return t.movedim(_slot_dims(source, n), _slot_dims(destination, n))\n",
+           "    return t.movedim(source, destination)\n",
            ("tests/dual/test_dual_semantics.py::test_op_matches_forward_ad",)),
     Mutant("a narrow tangent's slope rounded before its product", POINTWISE,
-           "        tangents = torch.mul(t, derivative(torch.ones_like(x), x), "
-           "out=torch.empty_like(t))\n",
-           "        tangents = t * derivative(torch.ones_like(x), x).to(t.dtype)\n",
+           "            tangents = torch.mul(t, slope, out=torch.empty_like(t))\n",
+           "            tangents = t * slope.to(t.dtype)\n",
            ("tests/dual/test_mixed_precision.py::test_a_slope_past_the_tangents_range_is_not_"
             "rounded_alone",)),
+    Mutant("a narrow tangent's product written by out= under autograd", POINTWISE,
+           "        if torch.is_grad_enabled() and (slope.requires_grad or t.requires_grad):\n",
+           "        if False:\n",
+           ("tests/dual/test_mixed_precision.py::test_a_narrower_tangent_of_a_primal_that_"
+            "requires_grad",)),
     Mutant("linear takes a broadcast bias for one per output feature", LAYERS,
            "    if w.dim() == 1 or (w.dim() == 2 and b is not None and tuple(b.shape) != "
            "(w.shape[0],)):",
@@ -667,15 +684,23 @@ MUTANTS = [
            "        if not _holds_dual(args):\n",
            (COMPILE + "test_fgkernels_compile_runs_a_model_of_token_ids_inside_dual_pass",)),
     Mutant("a Dual's requires_grad set on nothing", "fgkernels/dual/value.py",
-           "        self.primal.requires_grad = requires_grad\n", "        pass\n",
+           "        self._requires_grad_holder().requires_grad = requires_grad\n",
+           "        pass\n",
            ("tests/dual/test_dual_semantics.py::test_requires_grad_reaches_the_primal",)),
+    Mutant("a parameter's Dual sets requires_grad on its detached primal",
+           "fgkernels/dual/value.py",
+           "        return self._source.primal if parameter else self.primal\n",
+           "        return self.primal\n",
+           ("tests/dual/test_tangent_store.py::test_a_parameters_requires_grad_during_a_pass_is_"
+            "the_parameters",)),
     Mutant("the oracle's slots share what a module cached", "fgkernels/testing.py",
-           "        for cache, content in caches:\n            cache.clear()\n"
-           "            cache.update(content)\n        torch.set_rng_state",
-           "        torch.set_rng_state",
+           "        caches.restore()\n        torch.set_rng_state", "        torch.set_rng_state",
            ("tests/test_testing.py::test_the_oracle_runs_each_slot_from_the_caches_the_call_"
             "found",)),
-    # the Triton kernels (in the interpreter)
+    Mutant("the oracle keeps a cache its first slot made", "fgkernels/testing.py",
+           "                del m.__dict__[k]\n", "                pass\n",
+           ("tests/test_testing.py::test_the_oracle_runs_each_slot_from_the_caches_the_call_"
+            "found",)),
     Mutant("triton BN+ReLU passes the tangent at the kink", TRITON_BN,
            "drop = out <= 0.0", "drop = out < 0.0", TRITON),
     # the C++ kernels (--native)
