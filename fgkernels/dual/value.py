@@ -372,9 +372,26 @@ class Dual:
     dtype = property(lambda self: self.primal.dtype)
     device = property(lambda self: self.primal.device)
     ndim = property(lambda self: self.primal.dim())
-    # ``.data``: the primal's, without tangent (as forward_ad's), sharing its storage: a write
-    # into it (``self.w.data.clamp_(-1, 1)``) writes into the primal, a parameter's included.
-    data = property(lambda self: self.primal.data)
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The primal's ``.data``, without tangent (as forward_ad's), sharing its storage: a
+        write into it (``self.w.data.clamp_(-1, 1)``) writes into the primal, a parameter's
+        included. Setting it (``self.w.data = self.w.data.clamp(-1, 1)``) sets the primal's,
+        and a parameter's Dual's the parameter's too; the tangent stays, as forward_ad's does
+        (a new shape, which the tangent could not follow, is refused)."""
+        return self.primal.data
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        if not isinstance(value, torch.Tensor) or isinstance(value, Dual):
+            raise TypeError(f"a Dual's .data must be set to a Tensor, got {type(value).__name__}")
+        if value.shape != self.primal.shape:
+            raise ValueError(f"a Dual's .data keeps its shape {tuple(self.primal.shape)} (its "
+                             f"tangent's), got {tuple(value.shape)}")
+        if self._source is not None and self._source.kind == "parameter":
+            self._source.primal.data = value
+        self.primal.data = value
 
     def size(self, dim: Optional[int] = None):
         """The primal's size (of ``dim``)."""

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations, parametrize
 import fgkernels
 from fgkernels import Dual
 from fgkernels.dual.tangents import has_tangent, tangent_of
-from fgkernels.testing import model_jvp
+from fgkernels.testing import compare_with_forward_ad, model_jvp
 
 from helpers import rel_err
 from zoo import MODELS
@@ -388,6 +388,27 @@ def test_a_parameters_requires_grad_during_a_pass_is_the_parameters():
     fgkernels.random_tangents(model)
     model(Dual(torch.randn(2, 3)))
     assert model.seen is True and model.fc.weight.requires_grad is False
+
+
+def test_a_parameters_data_set_during_a_pass_is_set():
+    """``self.fc.weight.data = ...`` in a forward (weight clipping) sets the parameter during a
+    dual pass, as on a plain call; the tangent stays, as forward_ad's does."""
+    class Clipped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.fc.weight.data = self.fc.weight.data.clamp(-0.1, 0.1)
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    model = Clipped().double()
+    result = compare_with_forward_ad(model, [torch.randn(2, 3, **f64)], num_tangents=2)
+    assert result["primal"] == 0 and result["tangent"] < 1e-15
+    assert model.fc.weight.abs().max() == 0.1 and type(model.fc.weight) is nn.Parameter
+    with pytest.raises(ValueError, match=r"\.data keeps its shape \(3,\)"):
+        Dual(torch.ones(3), torch.ones(3)).data = torch.ones(4)
 
 
 def test_a_parameter_written_in_place_under_no_grad_is_written():
