@@ -631,6 +631,9 @@ MUTANTS = [
            "        if d.tangents is None and v.tangents is not None:\n", "        if False:\n",
            ("tests/dual/test_dual_semantics.py::test_a_fallback_view_of_an_operand_without_"
             "tangent_writes_into_it",)),
+    Mutant("a parameter's .data set during a pass stays on its Dual", "fgkernels/dual/value.py",
+           "            self._source.primal.data = value\n", "            pass\n",
+           ("tests/dual/test_tangent_store.py::test_a_parameters_data_set_during_a_pass_is_set",)),
     Mutant("a fallback view of narrower tangents is a copy", "fgkernels/rules/fallback.py",
            "            return torch.func.vmap(take)(d.tangents)\n", "            return None\n",
            ("tests/dual/test_mixed_precision.py::test_a_write_through_a_fallback_view_of_"
