@@ -3,9 +3,9 @@ parameter tensors themselves.
 
 ``set_tangents(model, {name: Ẇ})`` records ``Ẇ`` for the tensor ``model.<name>``. A *dual pass*
 starts when a module is called with a ``Dual`` among its positional inputs, or when the module
-of a ``dual_pass(module)`` block is called, whatever its inputs: for the length of
-that call, every module of its tree that holds a tensor with a tangent (its own, a tied one, one
-in a ``ParameterList`` or ``ParameterDict``, a parametrization's source) holds the Dual of that
+of a ``dual_pass(module)`` block is called, whatever its inputs: for the length of that call,
+every module of its tree that holds a tensor with a tangent (its own, a tied one, one in a
+``ParameterList`` or ``ParameterDict``, a parametrization's source) holds the Dual of that
 tensor instead, as ``torch.func.functional_call`` substitutes parameters. Whatever reads the
 parameter then sees its tangent: the layer's own op, a tied layer, ``cls_token.expand(n, -1,
 -1)``, ``weight * self.g``. An op that meets such a tensor among its operands outside a dual pass

@@ -364,8 +364,13 @@ class Dual:
         self._requires_grad_holder().requires_grad = requires_grad
 
     def _requires_grad_holder(self) -> torch.Tensor:
-        parameter = self._source is not None and self._source.kind == "parameter"
-        return self._source.primal if parameter else self.primal
+        parameter = self._parameter()
+        return self.primal if parameter is None else parameter
+
+    def _parameter(self) -> Optional[torch.Tensor]:
+        """The parameter this Dual stands for in a dual pass (``_of_parameter``), else None."""
+        source = self._source
+        return source.primal if source is not None and source.kind == "parameter" else None
 
     # --- tensor-like surface -------------------------------------------------------------------
     shape = property(lambda self: self.primal.shape)
@@ -389,8 +394,9 @@ class Dual:
         if value.shape != self.primal.shape:
             raise ValueError(f"a Dual's .data keeps its shape {tuple(self.primal.shape)} (its "
                              f"tangent's), got {tuple(value.shape)}")
-        if self._source is not None and self._source.kind == "parameter":
-            self._source.primal.data = value
+        parameter = self._parameter()
+        if parameter is not None:
+            parameter.data = value
         self.primal.data = value
 
     def size(self, dim: Optional[int] = None):
@@ -665,7 +671,7 @@ class Dual:
         the same storage (views taken before keep viewing it). Any other change of shape is
         refused, as torch refuses it, and so is one of a parameter's Dual (the parameter's own
         shape would have to change)."""
-        parameter = self._source is not None and self._source.kind == "parameter"
+        parameter = self._parameter() is not None
         if not result._views(self) or parameter:
             raise RuntimeError(f"an in-place op cannot change {'a parameter' if parameter else 'a'}"
                                f" Dual's shape {tuple(self.primal.shape)} to "

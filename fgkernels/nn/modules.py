@@ -131,8 +131,7 @@ class DualConv2d(DualModule, nn.Conv2d):
         tensors = []
         for p in (self.weight, self.bias):
             if isinstance(p, Dual):
-                source = p._source
-                p = source.primal if source is not None and source.kind == "parameter" else None
+                p = p._parameter()
                 if p is None:
                     return None
             tensors.append(p)

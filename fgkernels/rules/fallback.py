@@ -34,6 +34,7 @@ from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
 from ..dual.tangents import dual_of
 from ..dual.value import Dual, differentiable, implements_fallback, view_root
+from .operands import primal_of
 
 _used: dict[str, int] = {}
 _local = threading.local()
@@ -206,8 +207,7 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
             f"fgkernels.Dual: {what} would write a Dual into a plain tensor, which cannot take "
             "its tangent; compute the result out of place (or, for state such as running "
             "statistics, under torch.no_grad(), where it takes the primal)")
-    primal = lambda v: v.primal if isinstance(v, Dual) else v
-    a, k = pytree.tree_map(primal, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
+    a, k = pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
 
 

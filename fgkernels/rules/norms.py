@@ -268,6 +268,6 @@ def weight_norm(v, g, dim: int = 0) -> Dual:
     """Dual weight normalisation ``w = g·v/‖v‖`` (the norm over every dim but ``dim``; all of
     them for dim = -1), in ops with rules of their own (torch's fused kernel for it has no
     forward-mode derivative)."""
-    v_ = v.primal if isinstance(v, Dual) else v
+    v_ = primal_of(v)
     others = None if dim == -1 else [k for k in range(v_.dim()) if k != dim % v_.dim()]
     return v * (g / _euclidean_norm(v, others, keepdim=dim != -1))

@@ -17,13 +17,13 @@ from ..dual.dtypes import tangent_dtype_fits
 from ..dual.layout import slots_in_format
 from ..dual.value import Dual, differentiable, implements
 from .fallback import forward_ad_fallback
+from .operands import primal_of
 
 Tensor = torch.Tensor
 
 
 def _primals(args, kwargs):
-    return pytree.tree_map(lambda v: v.primal if isinstance(v, Dual) else v, (args, kwargs),
-                           is_leaf=lambda v: isinstance(v, Dual))
+    return pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
 
 
 def _on_primals(func: Callable) -> Callable:
@@ -132,7 +132,7 @@ def copy_(input, src, non_blocking: bool = False):
 # --- shape and dtype donors: the other tensor lends only its shape or dtype ---------------------
 def _donor(func: Callable) -> Callable:
     def rule(input, other, *args, **kwargs):
-        other = other.primal if isinstance(other, Dual) else other
+        other = primal_of(other)
         if not isinstance(input, Dual):
             return func(input, other, *args, **kwargs)
         return Dual.__torch_function__(_BY_SHAPE[func], (Dual,), (input, other.shape), {}) \
