@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -193,7 +193,7 @@ def model_jvp(model: torch.nn.Module, args: Sequence[Any],
     return model_jvp_in_place(copy.deepcopy(model), args, arg_tangents, param_tangents)
 
 
-def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
+def compare_with_forward_ad(model: torch.nn.Module, inputs: Union[Tensor, Sequence[Any]],
                             num_tangents: int = 1, seed: int = 0,
                             run: Optional[Callable[..., Any]] = None,
                             exact_hardsigmoid: bool = False) -> dict[str, Any]:
@@ -202,16 +202,23 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Sequence[Tensor],
     they are), and the same pass by forward_ad (``model_jvp_in_place``), both from the same
     buffers and random state. Returns the relative errors of the outputs and their tangents
     (every floating or complex output, nested ones included) and of the buffers after the pass,
-    and the ops that took the forward-AD fallback. No copy of the model is made (large models fit).
+    and the ops that took the forward-AD fallback. ``inputs`` is the model's positional inputs
+    (a single tensor: the one input). No copy of the model is made (large models fit).
     The tangents are drawn on the model's device (its first parameter's, else the first
     input's). ``run`` calls the model for the dual pass (``model`` itself by default; e.g.
     ``fgkernels.compile(model)`` checks the compiled pass, whose hardsigmoid slope is exact:
     ``exact_hardsigmoid`` gives the oracle that slope, see ``oracle_mode``). A model whose
     inputs are all integers (token ids) runs its pass inside ``fgkernels.dual_pass(model)``."""
+    if isinstance(inputs, Tensor):
+        inputs = (inputs,)
+    elif not isinstance(inputs, (tuple, list)):
+        raise TypeError(f"compare_with_forward_ad: inputs must be a tensor or a sequence of the "
+                        f"model's positional inputs, got {type(inputs).__name__}")
     if run is not None and not callable(run):
         raise TypeError(f"compare_with_forward_ad: run must be callable, got "
                         f"{type(run).__name__}")
-    device = next(model.parameters(), inputs[0] if inputs else torch.empty(0)).device
+    first_input = next((x for x in inputs if isinstance(x, Tensor)), torch.empty(0))
+    device = next(model.parameters(), first_input).device
     g = torch.Generator(device=device).manual_seed(seed)
     tangents = random_tangents(model, num_tangents=num_tangents, generator=g)
     clear_tangents(model)
@@ -299,9 +306,10 @@ def _is_cache(name: str, value) -> bool:
     return not name.startswith("_") and type(value) is dict
 
 
-def _inexact(v: Tensor) -> bool:
-    """Whether ``v`` has tangents: floating or complex (not lengths, token ids or masks)."""
-    return v.is_floating_point() or v.is_complex()
+def _inexact(v) -> bool:
+    """Whether ``v`` has tangents: a floating or complex tensor (not lengths, token ids, masks
+    or a Python value)."""
+    return isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -346,8 +354,13 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
         call_args = list(args)
         for i, v in zip(tensor_args, values):
             call_args[i] = v
-        new = dict(zip(names, values[len(tensor_args):]))
-        return torch.func.functional_call(model, new, tuple(call_args), tie_weights=True)
+        # Each parameter becomes a dual tensor in place (its own values copied onto itself, the
+        # tangent with them), so that whatever reads it, however it reaches it (its module, a
+        # list or closure of the model's own), reads the tangent; leaving the level drops it.
+        with torch.no_grad():
+            for n, v in zip(names, values[len(tensor_args):]):
+                params[n].copy_(v)
+        return model(*call_args)
 
     primals = [args[i] for i in tensor_args] + [params[n].detach() for n in names]
     tangents = [arg_tangents[i] for i in tensor_args] + [param_tangents[n] for n in names]

@@ -172,3 +172,45 @@ def test_the_oracle_runs_each_slot_from_the_caches_the_call_found():
         result = compare_with_forward_ad(model, [torch.randn(2, 3, dtype=torch.float64)],
                                          num_tangents=3)
         assert result["primal"] == 0 and result["tangent"] < 1e-15
+
+
+def test_the_oracle_differentiates_parameters_however_the_model_reaches_them():
+    """The oracle's parameters carry their tangents as tensors (not swapped into their
+    modules): read through a list or a closure of the model's own, they still have them."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+
+    class Reached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.weights = a, [a]
+            self.scale = lambda x: x * a.sum()
+
+        def forward(self, x):
+            return self.scale(torch.tanh(x @ self.weights[0]))
+
+    x, xt = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    at = torch.randn(2, 4, 4, dtype=torch.float64)
+    y, yt = model_jvp_in_place(Reached(), [x], [xt], {"a": at})
+    by_hand = lambda x, a: torch.tanh(x @ a) * a.sum()
+    for s in range(2):
+        expected, expected_t = torch.func.jvp(by_hand, (x, a.detach()), (xt[s], at[s]))
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        torch.testing.assert_close(yt[s], expected_t, rtol=1e-14, atol=1e-14)
+    assert not torch.autograd.forward_ad.unpack_dual(a).tangent  # no tangent left behind
+
+
+def test_the_comparison_takes_one_tensor_as_the_one_input_and_python_values_as_they_are():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+        def forward(self, x, double=False):
+            return x * self.w * (2 if double else 1)
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert compare_with_forward_ad(Scaled(), x)["tangent"] < 1e-15
+    assert compare_with_forward_ad(Scaled(), (x, True), num_tangents=2)["tangent"] < 1e-15
+    with pytest.raises(TypeError, match="inputs must be a tensor or a sequence .* got dict"):
+        compare_with_forward_ad(Scaled(), {"x": x})

@@ -6,10 +6,12 @@ starts when a module is called with a ``Dual`` among its positional inputs, or w
 of a ``dual_pass(module)`` block is called, whatever its inputs: for the length of that call,
 every module of its tree that holds a tensor with a tangent (its own, a tied one, one in a
 ``ParameterList`` or ``ParameterDict``, a parametrization's source) holds the Dual of that
-tensor instead, as ``torch.func.functional_call`` substitutes parameters. Whatever reads the
-parameter then sees its tangent: the layer's own op, a tied layer, ``cls_token.expand(n, -1,
--1)``, ``weight * self.g``. An op that meets such a tensor among its operands outside a dual pass
-(``F.linear(Dual(x), lin.weight)``) looks it up here too. A plain call stays a plain call.
+tensor instead, as ``torch.func.functional_call`` substitutes parameters, and so do the lists,
+tuples and dicts a module of a type of its own holds it in (``self.weights = [w1, w2]``).
+Whatever reads the parameter then sees its tangent: the layer's own op, a tied layer,
+``cls_token.expand(n, -1, -1)``, ``weight * self.g``. An op that meets such a tensor among its
+operands outside a dual pass (``F.linear(Dual(x), lin.weight)``) looks it up here too. A plain
+call stays a plain call.
 
 The substitution is made and undone by two global module hooks, registered while some tensor
 has a tangent: the pre-hook (which sees positional inputs only) starts the pass, the forward hook
@@ -126,6 +128,26 @@ class _Swap(NamedTuple):
     tensor: Tensor     # what it held before the pass
 
 
+class _EntrySwap(NamedTuple):
+    """A Dual (or a tuple rebuilt with one) put at ``holder[key]``, a module's attribute or an
+    entry of a list or dict it holds, in place of ``before``."""
+
+    holder: object     # a module's __dict__, a list or a dict
+    key: object
+    before: object
+    during: object
+
+    def undo(self) -> None:
+        """Put ``before`` back, unless the forward has put something else there since (or
+        shortened the list): what it put stays, and the snapshot takes any Dual out."""
+        holder, key = self.holder, self.key
+        if type(holder) is list:
+            if key < len(holder) and holder[key] is self.during:
+                holder[key] = self.before
+        elif holder.get(key, None) is self.during:
+            holder[key] = self.before
+
+
 class _Pass:
     """The substitution of one dual pass, rooted at the module whose call started it; ``frame``
     is the Python frame of that call (the pass runs while it does)."""
@@ -134,6 +156,7 @@ class _Pass:
         self.root, self.depth, self.frame = root, 1, frame
         self.ending = None  # the root's hook that ends the pass (``_Hooks.root_done``)
         self.swaps: list[_Swap] = []
+        self.entry_swaps: list[_EntrySwap] = []
         self.attributes: list[_Attributes] = []
         self.members: set[int] = set()
         self.duals: dict[int, Dual] = {}
@@ -205,17 +228,63 @@ class _Pass:
                 d = duals[id(t)] = _checked_dual(m, name, t)
             self.swaps.append(_Swap(m._parameters, name, t))
             m._parameters[name] = d
+        if not _sets_no_attributes(type(m)):
+            # A tensor the module holds in a container of its own (``self.weights = [w1, w2]``,
+            # a tuple, a dict, nested) is read from there: the container holds its Dual too.
+            attributes = m.__dict__
+            for key in [k for k, v in attributes.items()
+                        if type(v) in _CONTAINERS and k not in _MODULE_STATE]:
+                self._put_duals(attributes, key, m, (key,), _CONTAINER_DEPTH)
+
+    def _put_duals(self, holder, key, m: nn.Module, path: tuple, depth: int) -> None:
+        """Put the Dual of each tensor with a tangent found at ``holder[key]`` (at ``path``, the
+        attribute's name and the keys inside it, on ``m``) there: into a list or dict in place
+        (so that every reference to it sees them), a tuple rebuilt."""
+        v = holder[key]
+        if isinstance(v, Tensor):
+            if isinstance(v, Dual) or tangent_of(v) is None:
+                return
+            new = self.duals.get(id(v))
+            if new is None:
+                name = path[0] + "".join(f"[{k!r}]" for k in path[1:])
+                new = self.duals[id(v)] = _checked_dual(m, name, v)
+        elif depth == 0 or type(v) not in _CONTAINERS:
+            return
+        elif type(v) is tuple:
+            # Its entries go through a list, whose own swaps are then undone into that list, a
+            # scratch copy (harmless), and a list or dict inside is changed in place as ever.
+            entries = list(v)
+            for i in range(len(entries)):
+                self._put_duals(entries, i, m, (*path, i), depth - 1)
+            if all(map(operator.is_, entries, v)):
+                return
+            new = tuple(entries)
+        else:
+            for k in range(len(v)) if type(v) is list else list(v):
+                self._put_duals(v, k, m, (*path, k), depth - 1)
+            return
+        self.entry_swaps.append(_EntrySwap(holder, key, v, new))
+        holder[key] = new
 
     def undo(self) -> None:
+        for swap in reversed(self.entry_swaps):
+            swap.undo()
         for holder, name, t in reversed(self.swaps):
             holder[name] = t
         for attributes in self.attributes:
             attributes.restore()
         self.forget_cached_parametrizations()
-        self.swaps, self.attributes, self.frame = [], [], None
+        self.swaps, self.entry_swaps, self.attributes, self.frame = [], [], [], None
         if self.ending is not None:
             self.ending.remove()
             self.ending = None
+
+
+# The containers of a module's attributes that a pass looks into for tensors with a tangent, how
+# deep (``[[w1, b1], [w2, b2]]`` is two), and the attributes every module has, which it skips.
+_CONTAINERS = (list, tuple, dict)
+_CONTAINER_DEPTH = 4
+_MODULE_STATE = frozenset(vars(nn.Module()))
 
 
 # module type -> whether its forward sets no public attribute on its module: torch.nn's own

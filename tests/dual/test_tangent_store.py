@@ -2,6 +2,7 @@
 layer, a tied layer, a ParameterList or ParameterDict, an attention block, a parametrization,
 an op on the parameter alone) it carries its tangent, converted or not; every case against
 torch.autograd.forward_ad in float64 (``fgkernels.testing.model_jvp``)."""
+import contextlib
 import copy
 import io
 
@@ -58,6 +59,24 @@ class Token(nn.Module):
         return (x @ self.w.t()) * (self.scale * 2)
 
 
+class Held(nn.Module):
+    """Parameters read from containers of the module's own: a list, a tuple, a dict, nested
+    ones and a private one, each with ops on the parameter alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
+        self.weights = [self.a, self.b]
+        self.pair = (self.a, [self.b])
+        self.named = {"layer": {"a": self.a}}
+        self._scales = [self.b]
+
+    def forward(self, x):
+        x = torch.tanh(x @ self.weights[0].t() + self.weights[1] * 2)
+        x = x @ self.pair[0][:, :3].sum(1, keepdim=True).expand(4, 4) + self.pair[1][0].exp()
+        return x @ self.named["layer"]["a"] * self._scales[0].sin()
+
+
 class Attention(nn.Module):
     def __init__(self, need_weights: bool, **kwargs):
         super().__init__()
@@ -97,6 +116,7 @@ def _weight_normed_convs():
 CASES = {
     "tied": (Tied, (3, 4)),
     "listed": (Listed, (3, 4)),
+    "held in containers": (Held, (3, 4)),
     "token": (Token, (2, 3, 4)),
     "attention": (lambda: Attention(False, batch_first=True), (2, 5, 8)),
     "attention weights": (lambda: Attention(True), (5, 2, 8)),
@@ -677,6 +697,34 @@ def test_a_dual_inside_a_container_a_forward_stores_does_not_outlive_the_pass():
     assert model.record[0] is first and model.record[1:] == ["kept", 3]
     assert model.log == {"steps": ["step"], "by_layer": {"fc": 0}}
     assert model.log["steps"] is steps
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+def test_containers_holding_parameters_hold_them_again_after_the_pass(raises):
+    """The pass puts the Duals into the module's own containers in place, every reference to
+    them seeing them; afterwards each holds its parameters again, what the forward added or
+    removed as the forward left it (a Dual it added taken out)."""
+    class Grows(Held):
+        def forward(self, x):
+            y = super().forward(x)
+            assert isinstance(self.weights[0], Dual) and isinstance(shared[1], Dual)
+            self.weights.pop()
+            self.weights.append("added")
+            self._scales.clear()
+            self.named["layer"]["y"] = y
+            if raises:
+                raise ValueError("boom")
+            return y
+
+    model = Grows().double()
+    shared, pair = model.weights, model.pair
+    fgkernels.random_tangents(model)
+    with pytest.raises(ValueError, match="boom") if raises else contextlib.nullcontext():
+        model(Dual(torch.randn(3, 4, **f64)))
+    assert model.weights is shared and shared[0] is model.a and shared[1:] == ["added"]
+    assert model._scales == []
+    assert model.pair is pair and pair[1][0] is model.b
+    assert model.named == {"layer": {"a": model.a}}
 
 
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
