@@ -609,11 +609,24 @@ def test_scaled_dot_product_attention(case):
     _close(out, (y, yt))
 
 
+# Where a model keeps the parameters it reads outside its layers (the module's attribute, or a
+# container of its own) and how it reaches them there.
+HOLDERS = {
+    "attribute": (lambda ps: None, None),
+    "list": (lambda ps: list(ps), lambda h: h),
+    "tuple": (lambda ps: tuple(ps), lambda h: h),
+    "dict": (lambda ps: {"token": ps[0], "mat": ps[1]}, lambda h: (h["token"], h["mat"])),
+    "nested": (lambda ps: ([{"token": ps[0]}], (ps[1],)), lambda h: (h[0][0]["token"], h[1][0])),
+}
+
+
 class _SharedParameters(nn.Module):
     """A token network whose parameters are read in every way a model reads them: tied
-    linear layers, a ParameterList, a class token expanded, an attention block."""
+    linear layers, a ParameterList, a class token expanded, an attention block; the token and
+    the list's matrix read from the module itself or from a container of its own."""
 
-    def __init__(self, dim: int, heads: int, tied: bool, need_weights: bool, batch_first: bool):
+    def __init__(self, dim: int, heads: int, tied: bool, need_weights: bool, batch_first: bool,
+                 held: str = "attribute"):
         super().__init__()
         self.inp, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim)
         if tied:
@@ -622,10 +635,14 @@ class _SharedParameters(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
         self.need_weights, self.batch_first = need_weights, batch_first
+        make, self.reach = HOLDERS[held]
+        self.holder = make([self.cls_token, self.mats[0]])
 
     def forward(self, x):
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.inp(x)], 1)
-        x = x @ self.mats[0]
+        token, mat = (self.cls_token, self.mats[0]) if self.holder is None \
+            else self.reach(self.holder)
+        x = torch.cat([token.expand(x.shape[0], -1, -1), self.inp(x)], 1)
+        x = x @ mat
         if not self.batch_first:
             x = x.transpose(0, 1)
         a, w = self.attn(x, x, x, need_weights=self.need_weights)
@@ -639,14 +656,15 @@ class _SharedParameters(nn.Module):
 @given(heads=st.sampled_from([1, 2]), tied=st.booleans(), need_weights=st.booleans(),
        batch_first=st.booleans(), convert=st.booleans(), T=slots, n=st.integers(1, 3),
        length=st.integers(1, 4), seed=st.integers(0, 99),
-       direction=st.sampled_from([None, 3]))
+       direction=st.sampled_from([None, 3]), held=st.sampled_from(sorted(HOLDERS)))
 def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_first, convert, T,
-                                             n, length, seed, direction):
-    """Tied, listed, token and attention parameters, converted or not, every slot of their
-    tangents against forward_ad; with a direction label the input carries none."""
+                                             n, length, seed, direction, held):
+    """Tied, listed, token and attention parameters, some held in a container of the model's
+    own, converted or not, every slot of their tangents against forward_ad; with a direction
+    label the input carries none."""
     from fgkernels.testing import model_jvp
     torch.manual_seed(seed)
-    model = _SharedParameters(4, heads, tied, need_weights, batch_first).double()
+    model = _SharedParameters(4, heads, tied, need_weights, batch_first, held).double()
     ref = copy.deepcopy(model)
     if convert:
         fgkernels.convert(model)
