@@ -41,6 +41,31 @@ def glu_definition(v, dim: int):
     return a * torch.sigmoid(b)
 
 
+def _distances(x, w, definition: bool = False):
+    """cdist at p = 2 (and at 30 rows, where torch forms it by a matrix product), 1, 3 and ∞,
+    of rows against themselves too (distances of 0), and at ∞ of a row whose largest
+    coordinates tie; pdist: by torch's ops, or (``definition``) as the norms of the rows'
+    differences, the oracle's stand-in (torch's forward mode has no rule for either op)."""
+    def cdist(a, b, p):
+        if definition:
+            return torch.linalg.vector_norm(a.unsqueeze(-2) - b.unsqueeze(-3), ord=p, dim=-1)
+        return torch.cdist(a, b, p)
+
+    def pdist(a):
+        if definition:
+            rows, cols = torch.triu_indices(a.shape[0], a.shape[0], 1)
+            return cdist(a, a, 2.0)[rows, cols]
+        return F.pdist(a)
+
+    y, z = x * w, x[:3] - w
+    tall = torch.cat([y] * 8)[:30]
+    near = [cdist(y, z, p) for p in (2.0, 1.0, 3.0, math.inf)]
+    own = [cdist(y, y, p) for p in (2.0, 3.0, 1.0, math.inf)]
+    tied = torch.stack([w[0], -w[0], w[0] * 0.5]).view(1, 3)
+    return torch.cat([*(d.flatten() for d in near + own), cdist(tall, z, 2.0).flatten(),
+                      pdist(y), cdist(tied, x[:2, :3] * 0, math.inf).flatten()])
+
+
 def _assign_rows(x, w):
     y = x * w[0]
     y[:, ::2] = w[::2] * 2      # assigned into a strided slice (a Dual as long as x or w is)
@@ -220,6 +245,9 @@ OPS = {
         lambda x, w: F.conv_transpose3d(F.conv3d(x, w, w[0, :, 0, 0, 0], padding=1), w, stride=2),
         (2, 4, 3, 4, 4), (4, 4, 2, 2, 2)),
     "linear": OpCase(lambda x, w: F.linear(x, w), (4, 12), (7, 12)),
+    # (torch has no bfloat16 cdist on the CPU)
+    "distances": OpCase(_distances, (4, 6), (6,),
+                        ref=lambda x, w: _distances(x, w, definition=True), bf16_network=False),
     "batch_norm_relu": OpCase(lambda x, w: F.relu(F.batch_norm(x, None, None, w, None, True)),
                               (4, 6, 5, 5), (6,)),
     "batch_norm_eval": OpCase(_eval_batch_norm, (4, 6, 5, 5), (6,)),

@@ -5,6 +5,7 @@ import copy
 import math
 import re
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -221,6 +222,40 @@ def test_broadcasting_arithmetic(shapes, op, T, which, dtype, seed):
     bt = torch.randn(T, *sb, generator=g, dtype=dtype) if which != "left" else None
     out = fn(Dual(a, at) if at is not None else a, Dual(b, bt) if bt is not None else b)
     _close(out, ForwardADOracle(fn, [a, b], [at, bt]))
+
+
+def _distances_by_definition(a, b, p):
+    """‖a_i − b_j‖_p over every pair of rows: the oracle's cdist (torch's forward mode has no
+    rule for cdist)."""
+    return torch.linalg.vector_norm(a.unsqueeze(-2) - b.unsqueeze(-3), ord=p, dim=-1)
+
+
+@PROFILE
+@given(shapes=broadcast_pairs(), rows=st.tuples(st.integers(0, 5), st.integers(0, 30)),
+       width=st.integers(0, 4), p=st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, math.inf]),
+       mode=st.sampled_from(["use_mm_for_euclid_dist_if_necessary", "use_mm_for_euclid_dist",
+                             "donot_use_mm_for_euclid_dist"]),
+       T=slots, which=st.sampled_from(["both", "left", "right"]), dtype=dtypes,
+       by_products=st.booleans(), seed=st.integers(0, 99))
+def test_cdist(shapes, rows, width, p, mode, T, which, dtype, by_products, seed):
+    """cdist of broadcast batches, every p and compute mode, against forward_ad of the
+    distances' definition; at p = 2 also by products (float64: their cancellation, where two
+    rows are near, is beyond twice the definition's float32 error)."""
+    assume(width > 0 or not math.isinf(p))  # (the definition's inf norm of no coordinates)
+    from fgkernels.rules import distances
+    budget = 0 if by_products and dtype == torch.float64 else distances.EXACT_BUDGET
+    g = torch.Generator().manual_seed(seed)
+    (sa, sb), (P, R) = shapes, rows
+    a = torch.randn(*sa, P, width, generator=g, dtype=dtype)
+    b = torch.randn(*sb, R, width, generator=g, dtype=dtype)
+    at = torch.randn(T, *a.shape, generator=g, dtype=dtype) if which != "right" else None
+    bt = torch.randn(T, *b.shape, generator=g, dtype=dtype) if which != "left" else None
+    with mock.patch.object(distances, "EXACT_BUDGET", budget):
+        out = torch.cdist(Dual(a, at) if at is not None else a,
+                          Dual(b, bt) if bt is not None else b, p, mode)
+    assert torch.equal(out.primal, torch.cdist(a, b, p, mode))
+    _close(out, ForwardADOracle(lambda a, b: _distances_by_definition(a, b, p), [a, b],
+                                [at, bt]))
 
 
 @PROFILE
