@@ -66,6 +66,44 @@ def _distances(x, w, definition: bool = False):
                       pdist(y), cdist(tied, x[:2, :3] * 0, math.inf).flatten()])
 
 
+BAG_IDS, BAG_OFFSETS = torch.tensor([1, 2, 4, 5, 4, 3]), torch.tensor([0, 2, 2, 5])
+
+
+def _bag_definition(table, mode: str, per_sample_weights=None, padding_idx=None, ids=BAG_IDS,
+                    offsets=BAG_OFFSETS):
+    """An embedding bag by its definition, bag by bag (the oracle's stand-in: torch's forward
+    mode has no rule for embedding_bag): the sum, mean or max of the rows each bag picks, each
+    row scaled by its sample weight, padding skipped, 0 for a bag with no row."""
+    ends = [*offsets[1:].tolist(), len(ids)]
+    bags = []
+    for start, end in zip(offsets.tolist(), ends):
+        picks = [k for k in range(start, end) if ids[k] != padding_idx]
+        rows = [table[ids[k]] * (1 if per_sample_weights is None else per_sample_weights[k])
+                for k in picks]
+        if not rows:
+            bags.append(table.new_zeros(table.shape[1:]))
+            continue
+        rows = torch.stack(rows)
+        bags.append(rows.sum(0) if mode == "sum" else rows.mean(0) if mode == "mean"
+                    else rows.amax(0))
+    return torch.stack(bags)
+
+
+def _bags(x, w, definition: bool = False):
+    """embedding_bag of each mode, with an empty bag, sample weights and padding, and of a 2-D
+    input (a bag per row); by torch's op or (``definition``) bag by bag."""
+    table, samples = x * w, x[:, 0]
+    if definition:
+        bag = _bag_definition
+        rows = lambda t: _bag_definition(t, "mean", ids=BAG_IDS[:4], offsets=torch.tensor([0, 2]))
+    else:
+        bag = lambda t, mode, **kw: F.embedding_bag(BAG_IDS, t, BAG_OFFSETS, mode=mode, **kw)
+        rows = lambda t: F.embedding_bag(BAG_IDS[:4].view(2, 2), t, mode="mean")
+    outs = [bag(table, "sum"), bag(table, "mean"), bag(table, "max"), rows(table),
+            bag(table, "sum", per_sample_weights=samples), bag(table, "max", padding_idx=4)]
+    return torch.cat([o.flatten() for o in outs])
+
+
 def _assign_rows(x, w):
     y = x * w[0]
     y[:, ::2] = w[::2] * 2      # assigned into a strided slice (a Dual as long as x or w is)
@@ -355,6 +393,7 @@ OPS = {
                              + x * torch.rsqrt((x * w).pow(2).mean(-1, keepdim=True) + 1e-6),
                              (4, 6), (6,)),
     # rows picked by a batch of indices and by a 2-D one (a padding index among them)
+    "embedding_bag": OpCase(_bags, (6, 5), (5,), ref=lambda x, w: _bags(x, w, definition=True)),
     "embedding": OpCase(lambda x, w: F.embedding(IDS, w) * x
                         + F.embedding(IDS.view(2, 2), w, padding_idx=3).flatten(0, 1),
                         (4, 6), (5, 6)),

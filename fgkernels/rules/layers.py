@@ -38,13 +38,14 @@ from .operands import (
     result,
     tangents_as,
 )
+from .products import _product
 
 Tensor = torch.Tensor
 
 __all__ = [
     "conv2d", "conv1d", "linear", "batch_norm", "conv2d_batch_norm", "relu", "max_pool2d",
     "avg_pool2d", "adaptive_avg_pool2d", "interpolate", "flatten", "reshape", "dropout", "pad",
-    "cat", "stack", "embedding", "add_direction",
+    "cat", "stack", "embedding", "embedding_bag", "add_direction",
 ]
 
 
@@ -446,6 +447,58 @@ def embedding(input: Tensor, weight: MaybeDual, padding_idx: Optional[int] = Non
     w = as_dual(weight, "embedding")
     y = F.embedding(input, w.primal, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
     return w.with_tangents(y, None if w.tangents is None else w.tangents[:, input])
+
+
+@implements(F.embedding_bag)
+def embedding_bag(input: Tensor, weight: MaybeDual, offsets: Optional[Tensor] = None,
+                  max_norm: Optional[float] = None, norm_type: float = 2.0,
+                  scale_grad_by_freq: bool = False, mode: str = "mean", sparse: bool = False,
+                  per_sample_weights: Optional[MaybeDual] = None,
+                  include_last_offset: bool = False, padding_idx: Optional[int] = None) -> Dual:
+    """Dual embedding bags: the sum, mean or max over each bag of the rows it picks. A sum or
+    mean is linear in the weight (a sum bilinear in the weight and ``per_sample_weights``):
+    each term is the same bag of the tangent's rows, every slot in one call (the slots side by
+    side as columns). A max takes, for each coordinate, the tangent of the row its maximum came
+    from. ``max_norm`` renormalises the picked rows of the weight's primal in place first, as
+    torch does (their tangent as forward_ad leaves it)."""
+    if isinstance(input, Dual) or isinstance(offsets, Dual):
+        raise TypeError("embedding_bag: the indices and offsets must be integer Tensors, got a "
+                        "Dual")
+
+    def bag(w, samples, renorm=None):
+        return F.embedding_bag(input, w, offsets, renorm, norm_type, scale_grad_by_freq, mode,
+                               sparse, samples, include_last_offset, padding_idx)
+
+    def term(i: int, stack: Tensor, f: list) -> Tensor:
+        if i == 1:  # Σ_k ṡ_k·W[i_k] over each bag, one slot at a time
+            return torch.stack([bag(f[0], s) for s in stack])
+        slots, rows, width = stack.shape
+        if mode == "max":
+            at, empty = _embedding_bag_argmax(input, f[0], offsets, include_last_offset,
+                                              padding_idx)
+            picked = stack.gather(1, at.unsqueeze(0).expand(slots, -1, -1))
+            return picked.masked_fill(empty.unsqueeze(-1), 0)  # an empty bag's max is 0
+        columns = stack.permute(1, 0, 2).reshape(rows, slots * width)
+        return bag(columns, f[1]).unflatten(-1, (slots, width)).movedim(-2, 0)
+
+    return _product("embedding_bag", [weight, per_sample_weights],
+                    lambda f: bag(f[0], f[1], max_norm), term)
+
+
+def _embedding_bag_argmax(input: Tensor, weight: Tensor, offsets: Optional[Tensor],
+                          include_last_offset: bool,
+                          padding_idx: Optional[int]) -> tuple[Tensor, Tensor]:
+    """For each bag and coordinate of a max-mode embedding bag, the weight's row its maximum
+    came from, and which bags are empty (no row but padding: their max is 0, their row 0): what
+    torch's op keeps, the bags laid out as ``F.embedding_bag`` lays them (a 2-D input is one
+    bag per row)."""
+    if input.dim() == 2:
+        offsets = torch.arange(0, input.numel(), input.shape[1], device=input.device,
+                               dtype=input.dtype)
+        input, include_last_offset = input.reshape(-1), False
+    _, _, size, at = torch.embedding_bag(weight, input, offsets, False, 2, False, None,
+                                         include_last_offset, padding_idx)
+    return at, size == 0
 
 
 @implements(torch.cat, torch.concat, torch.concatenate)

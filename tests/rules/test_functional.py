@@ -329,3 +329,24 @@ def test_norm_of_a_0_dim_dual(fn):
     """|x| of one element: the tangent is sign(x)·ẋ, slot by slot (the slots were summed)."""
     out = fn(Dual(torch.tensor(-0.7), torch.tensor([1.0, -2.0])))
     torch.testing.assert_close(out.tangents, torch.tensor([-1.0, 2.0]))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_an_embedding_bag_with_max_norm_renormalises_as_torch(mode):
+    """``max_norm`` renormalises the picked rows of the weight in place before the bags are
+    taken, as torch does: the weight, the bags and their tangents as an embedding lookup with
+    that ``max_norm`` and the bag's reduction give them under forward_ad."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 2, 4], [4, 3, 7]])
+    weight, wt = torch.randn(8, 5, dtype=torch.float64) * 2, torch.randn(2, 8, 5,
+                                                                          dtype=torch.float64)
+    reference = weight.clone()
+    out = F.embedding_bag(ids, Dual(weight, wt), mode=mode, max_norm=1.0)
+    reduce = {"sum": lambda r: r.sum(1), "mean": lambda r: r.mean(1),
+              "max": lambda r: r.amax(1)}[mode]
+    y, yt = forward_ad_jvp(lambda w: reduce(F.embedding(ids, w, max_norm=1.0)), [reference],
+                           [wt])
+    torch.testing.assert_close(weight, reference, rtol=0, atol=0)  # renormalised alike
+    assert weight[[1, 2, 3, 4, 7]].norm(dim=1).max() <= 1 + 1e-12
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
