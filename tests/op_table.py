@@ -104,6 +104,46 @@ def _bags(x, w, definition: bool = False):
     return torch.cat([o.flatten() for o in outs])
 
 
+CTC_TARGETS = torch.tensor([[1, 2, 1], [3, 3, 0]])
+CTC_INPUT_LENGTHS, CTC_TARGET_LENGTHS = torch.tensor([6, 5]), torch.tensor([3, 2])
+
+
+def _ctc_definition(lp, reduction: str):
+    """Each sample's −log Σ_paths exp(Σ_t lp[t, path_t]) by the forward recursion over the
+    labels with blanks between them (unreachable states left out, not −inf), reduced as
+    ``F.ctc_loss`` reduces: the oracle's stand-in (torch's forward mode has no rule for CTC)."""
+    losses = []
+    for n in range(lp.shape[1]):
+        extended = [0]
+        for label in CTC_TARGETS[n, :CTC_TARGET_LENGTHS[n]].tolist():
+            extended += [label, 0]
+        alpha = [lp[0, n, extended[0]], lp[0, n, extended[1]]] + [None] * (len(extended) - 2)
+        for t in range(1, int(CTC_INPUT_LENGTHS[n])):
+            step = []
+            for k, label in enumerate(extended):
+                skip = k >= 2 and label != 0 and label != extended[k - 2]
+                came = [a for a in (alpha[k], alpha[k - 1] if k else None,
+                                    alpha[k - 2] if skip else None) if a is not None]
+                step.append(torch.logsumexp(torch.stack(came), 0) + lp[t, n, label] if came
+                            else None)
+            alpha = step
+        losses.append(-torch.logsumexp(torch.stack(alpha[-2:]), 0))
+    losses = torch.stack(losses)
+    if reduction == "mean":
+        return (losses / CTC_TARGET_LENGTHS).mean()
+    return losses.sum() if reduction == "sum" else losses
+
+
+def _ctc(x, w, definition: bool = False):
+    """CTC of log-probabilities unnormalised and normalised, every reduction."""
+    raw = x * w
+    loss = (lambda lp, r: _ctc_definition(lp, r)) if definition else (
+        lambda lp, r: F.ctc_loss(lp, CTC_TARGETS, CTC_INPUT_LENGTHS, CTC_TARGET_LENGTHS,
+                                 reduction=r))
+    return torch.cat([loss(raw, "none"), loss(raw.log_softmax(-1), "none"),
+                      loss(raw, "sum").view(1), loss(raw.log_softmax(-1), "mean").view(1)])
+
+
 def _assign_rows(x, w):
     y = x * w[0]
     y[:, ::2] = w[::2] * 2      # assigned into a strided slice (a Dual as long as x or w is)
@@ -393,6 +433,9 @@ OPS = {
                              + x * torch.rsqrt((x * w).pow(2).mean(-1, keepdim=True) + 1e-6),
                              (4, 6), (6,)),
     # rows picked by a batch of indices and by a 2-D one (a padding index among them)
+    # (torch has no bfloat16 CTC on the CPU)
+    "ctc_loss": OpCase(_ctc, (6, 2, 4), (4,), ref=lambda x, w: _ctc(x, w, definition=True),
+                       bf16_network=False),
     "embedding_bag": OpCase(_bags, (6, 5), (5,), ref=lambda x, w: _bags(x, w, definition=True)),
     "embedding": OpCase(lambda x, w: F.embedding(IDS, w) * x
                         + F.embedding(IDS.view(2, 2), w, padding_idx=3).flatten(0, 1),

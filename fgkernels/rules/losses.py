@@ -1,8 +1,9 @@
 """The losses' rules: cross-entropy, negative log-likelihood, binary cross-entropy on logits,
-the Kullback-Leibler divergence and the regression losses (MSE, L1, smooth L1, Huber). Each loss
-value, with torch's checks of its arguments (shapes, targets, reduction, broadcasting's
-warning), is torch's own; its tangent is written as torch's forward mode computes it,
-conventions at kinks and at NaN included."""
+the Kullback-Leibler divergence, the regression losses (MSE, L1, smooth L1, Huber) and CTC.
+Each loss value, with torch's checks of its arguments (shapes, targets, reduction,
+broadcasting's warning), is torch's own; its tangent is written as torch's forward mode
+computes it, conventions at kinks and at NaN included (CTC, which torch's forward mode does not
+differentiate: as its definition's)."""
 from __future__ import annotations
 
 import sys
@@ -24,7 +25,7 @@ _aten = torch.ops.aten
 _NO_REDUCTION = 0  # at::Reduction::None, for the derivative kernels
 
 __all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-           "kl_div", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"]
+           "kl_div", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "ctc_loss"]
 
 
 def _reduction(size_average, reduce, reduction: str) -> str:
@@ -102,6 +103,52 @@ def nll_loss(input: MaybeDual, target: Tensor, weight: Optional[Tensor] = None,
         return Dual(y)
     t = torch.vmap(loss)(d.tangents.to(y.dtype))
     return d.with_tangents(y, t.to(d.tangents.dtype))
+
+
+@implements(F.ctc_loss)
+def ctc_loss(log_probs: MaybeDual, targets: Tensor, input_lengths, target_lengths,
+             blank: int = 0, reduction: str = "mean", zero_infinity: bool = False) -> Dual:
+    """Dual connectionist temporal classification loss (arguments as ``F.ctc_loss``; torch's
+    forward mode has no rule for it). Each sample's loss ``−log Σ_paths exp(Σ_t lp[t, path_t])``
+    has the derivative ``−γ`` in its log-probabilities, ``γ`` the occupancy of each frame and
+    class by the paths, so ``L̇_n = −Σ_{t,c} γ[t, n, c]·l̇p[t, n, c]``. ``γ`` is read from torch's
+    own gradient of the loss, which is ``exp(lp) − γ`` over each sample's frames (the derivative
+    of the loss of ``log_softmax(lp)``, the same where ``lp`` is normalised) and 0 for a sample
+    ``zero_infinity`` zeroes."""
+    if any(isinstance(v, Dual) for v in (targets, input_lengths, target_lengths)):
+        raise TypeError("ctc_loss: the targets and lengths must be integer Tensors or ints, "
+                        "got a Dual")
+    d = as_dual(log_probs, "ctc_loss")
+
+    def loss(lp: Tensor, reduction: str, zero_infinity: bool = zero_infinity) -> Tensor:
+        return F.ctc_loss(lp, targets, input_lengths, target_lengths, blank, reduction,
+                          zero_infinity)
+
+    y = loss(d.primal, reduction)
+    if d.tangents is None:
+        return d.with_tangents(y, None)
+    lp = d.primal.detach()
+    with torch.enable_grad():
+        x = lp.requires_grad_()
+        (grad,) = torch.autograd.grad(loss(x, "sum"), x)
+    lp = lp.detach()
+    lengths = torch.as_tensor(input_lengths, device=lp.device)
+    frames = torch.arange(lp.shape[0], device=lp.device).view(-1, *[1] * lengths.dim())
+    counted = frames < lengths  # (T, N), or (T,) unbatched
+    if zero_infinity:
+        counted = counted & loss(lp, "none", False).isfinite()
+    occupancy = lp.exp() * counted.unsqueeze(-1) - grad  # γ
+    # (a frame or class no path visits takes no part, a non-finite tangent there included)
+    terms = torch.where(occupancy != 0, occupancy * d.tangents.to(lp.dtype), 0)
+    each = -terms.sum(-1).sum(1).view(terms.shape[0], -1)  # (slots, N); N = 1 unbatched
+    if reduction == "mean":
+        lengths = torch.as_tensor(target_lengths, device=lp.device).view(-1)
+        each = (each / lengths.clamp_min(1)).mean(-1)
+    elif reduction == "sum":
+        each = each.sum(-1)
+    elif lp.dim() == 2:
+        each = each.squeeze(-1)
+    return d.with_tangents(y, each.to(d.tangents.dtype))
 
 
 def _reduced(out: Dual, reduction: str) -> Dual:

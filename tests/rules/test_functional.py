@@ -350,3 +350,25 @@ def test_an_embedding_bag_with_max_norm_renormalises_as_torch(mode):
     assert weight[[1, 2, 3, 4, 7]].norm(dim=1).max() <= 1 + 1e-12
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+def test_ctc_loss_zero_infinity_and_unbatched_inputs():
+    """A sample no alignment fits (two equal labels in two frames) has an infinite loss, which
+    ``zero_infinity`` makes 0 with a tangent of 0, the other samples' unchanged; an unbatched
+    call (0-d lengths) is the batched call of its one sample."""
+    torch.manual_seed(0)
+    lp = torch.randn(6, 2, 4, dtype=torch.float64).log_softmax(-1)
+    lpt = torch.randn(3, 6, 2, 4, dtype=torch.float64)
+    targets, target_lengths = torch.tensor([[1, 2, 1], [3, 3, 0]]), torch.tensor([3, 2])
+    out = F.ctc_loss(Dual(lp, lpt), targets, torch.tensor([6, 2]), target_lengths,
+                     reduction="none", zero_infinity=True)
+    alone = F.ctc_loss(Dual(lp[:, :1], lpt[:, :, :1]), targets[:1], torch.tensor([6]),
+                       target_lengths[:1], reduction="none")
+    assert out.primal[1] == 0 and torch.equal(out.tangents[:, 1], torch.zeros(3).double())
+    torch.testing.assert_close(out.tangents[:, :1], alone.tangents, rtol=0, atol=0)
+    for reduction, scale in (("none", 1), ("sum", 1), ("mean", 1 / 3)):
+        single = F.ctc_loss(Dual(lp[:, 0], lpt[:, :, 0]), targets[0], torch.tensor(6),
+                            torch.tensor(3), reduction=reduction)
+        assert single.primal.shape == () and single.tangents.shape == (3,)
+        torch.testing.assert_close(single.primal, alone.primal[0] * scale)
+        torch.testing.assert_close(single.tangents, alone.tangents[:, 0] * scale)
