@@ -372,3 +372,43 @@ def test_ctc_loss_zero_infinity_and_unbatched_inputs():
         assert single.primal.shape == () and single.tangents.shape == (3,)
         torch.testing.assert_close(single.primal, alone.primal[0] * scale)
         torch.testing.assert_close(single.tangents, alone.tangents[:, 0] * scale)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+def test_grid_sample_matches_torch_s_own_derivatives(mode, padding_mode, align_corners):
+    """Every mode, padding mode and corner alignment, at points inside and outside the input,
+    against the Jacobian of torch's own backward of grid_sample (its forward mode has no rule):
+    ``ẏ = J_x·ẋ + J_grid·ġ``, slot by slot."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    grid = torch.rand(2, 4, 3, 2, dtype=torch.float64) * 2.4 - 1.2
+    xt, gt = torch.randn(2, *x.shape, dtype=torch.float64), torch.randn(2, *grid.shape,
+                                                                         dtype=torch.float64)
+    sample = lambda x_, g_: F.grid_sample(x_, g_, mode, padding_mode, align_corners)
+    out = sample(Dual(x, xt), Dual(grid, gt))
+    y = sample(x, grid)
+    jx, jg = torch.autograd.functional.jacobian(sample, (x, grid))
+    expected = torch.stack([(jx.flatten(y.dim()) @ xt[s].flatten()
+                             + jg.flatten(y.dim()) @ gt[s].flatten()).view_as(y)
+                            for s in range(2)])
+    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
+    torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
+
+
+def test_grid_sample_in_3d_refuses_only_a_grid_tangent():
+    """A 3-d (5-D) sampling: the input's tangent is sampled as in 2-d (against the Jacobian of
+    torch's backward); a tangent on the grid is refused by name."""
+    torch.manual_seed(0)
+    x, grid = torch.randn(1, 2, 3, 4, 5, dtype=torch.float64), torch.rand(1, 2, 2, 2, 3,
+                                                                           dtype=torch.float64)
+    xt = torch.randn(1, *x.shape, dtype=torch.float64)
+    out = F.grid_sample(Dual(x, xt), grid, align_corners=False)
+    jx = torch.autograd.functional.jacobian(lambda v: F.grid_sample(v, grid, align_corners=False),
+                                            x)
+    expected = (jx.flatten(out.primal.dim()) @ xt[0].flatten()).view_as(out.primal)
+    torch.testing.assert_close(out.tangents[0], expected, **TOL[torch.float64])
+    with pytest.raises(NotImplementedError, match="tangent of a 3-d .5-D. sampling grid"):
+        F.grid_sample(x, Dual(grid, torch.randn(1, *grid.shape, dtype=torch.float64)),
+                      align_corners=False)
