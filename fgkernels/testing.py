@@ -359,7 +359,9 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
         # list or closure of the model's own), reads the tangent; leaving the level drops it.
         with torch.no_grad():
             for n, v in zip(names, values[len(tensor_args):]):
-                params[n].copy_(v)
+                # (the same values: an autograd graph that saved the parameter stays valid)
+                with torch.autograd.grad_mode._unsafe_preserve_version_counter(params[n]):
+                    params[n].copy_(v)
         return model(*call_args)
 
     primals = [args[i] for i in tensor_args] + [params[n].detach() for n in names]

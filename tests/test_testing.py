@@ -214,3 +214,13 @@ def test_the_comparison_takes_one_tensor_as_the_one_input_and_python_values_as_t
     assert compare_with_forward_ad(Scaled(), (x, True), num_tangents=2)["tangent"] < 1e-15
     with pytest.raises(TypeError, match="inputs must be a tensor or a sequence .* got dict"):
         compare_with_forward_ad(Scaled(), {"x": x})
+
+
+def test_the_oracle_leaves_a_pending_backward_valid():
+    """The oracle's parameters become dual in place (their own values copied onto them): an
+    autograd graph that saved one before the comparison still runs its backward."""
+    model, x = nn.Linear(3, 3).double(), torch.randn(2, 3, dtype=torch.float64)
+    loss = (model.weight ** 2).sum()
+    compare_with_forward_ad(model, x)
+    loss.backward()
+    torch.testing.assert_close(model.weight.grad, 2 * model.weight.detach())

@@ -141,7 +141,7 @@ class _EntrySwap(NamedTuple):
         """Put ``before`` back, unless the forward has put something else there since (or
         shortened the list): what it put stays, and the snapshot takes any Dual out."""
         holder, key = self.holder, self.key
-        if type(holder) is list:
+        if isinstance(holder, list):
             if key < len(holder) and holder[key] is self.during:
                 holder[key] = self.before
         elif holder.get(key, None) is self.during:
@@ -233,13 +233,14 @@ class _Pass:
             # a tuple, a dict, nested) is read from there: the container holds its Dual too.
             attributes = m.__dict__
             for key in [k for k, v in attributes.items()
-                        if type(v) in _CONTAINERS and k not in _MODULE_STATE]:
+                        if isinstance(v, _CONTAINERS) and k not in _MODULE_STATE]:
                 self._put_duals(attributes, key, m, (key,), _CONTAINER_DEPTH)
 
     def _put_duals(self, holder, key, m: nn.Module, path: tuple, depth: int) -> None:
         """Put the Dual of each tensor with a tangent found at ``holder[key]`` (at ``path``, the
         attribute's name and the keys inside it, on ``m``) there: into a list or dict in place
-        (so that every reference to it sees them), a tuple rebuilt."""
+        (so that every reference to it sees them), a tuple rebuilt (a named tuple as its own
+        type)."""
         v = holder[key]
         if isinstance(v, Tensor):
             if isinstance(v, Dual) or tangent_of(v) is None:
@@ -248,9 +249,9 @@ class _Pass:
             if new is None:
                 name = path[0] + "".join(f"[{k!r}]" for k in path[1:])
                 new = self.duals[id(v)] = _checked_dual(m, name, v)
-        elif depth == 0 or type(v) not in _CONTAINERS:
+        elif depth == 0 or not isinstance(v, _CONTAINERS):
             return
-        elif type(v) is tuple:
+        elif isinstance(v, tuple):
             # Its entries go through a list, whose own swaps are then undone into that list, a
             # scratch copy (harmless), and a list or dict inside is changed in place as ever.
             entries = list(v)
@@ -258,17 +259,33 @@ class _Pass:
                 self._put_duals(entries, i, m, (*path, i), depth - 1)
             if all(map(operator.is_, entries, v)):
                 return
-            new = tuple(entries)
+            new = v._make(entries) if hasattr(v, "_make") else type(v)(entries)
         else:
-            for k in range(len(v)) if type(v) is list else list(v):
+            for k in range(len(v)) if isinstance(v, list) else list(v):
                 self._put_duals(v, k, m, (*path, k), depth - 1)
             return
         self.entry_swaps.append(_EntrySwap(holder, key, v, new))
         holder[key] = new
 
+    def _take_back_moved_duals(self) -> None:
+        """A Dual the pass put into a list or dict that the forward has moved within it since
+        (``self.weights.reverse()``) is where no swap looks: each such container gets the
+        tensor of every Dual of the pass it still holds, wherever it now is."""
+        tensors = {id(s.during): s.before for s in self.entry_swaps if isinstance(s.during, Dual)}
+        seen = set()
+        for swap in self.entry_swaps:
+            holder = swap.holder
+            if id(holder) in seen or not isinstance(holder, (list, dict)):
+                continue
+            seen.add(id(holder))
+            for k, e in (enumerate(holder) if isinstance(holder, list) else list(holder.items())):
+                if id(e) in tensors:
+                    holder[k] = tensors[id(e)]
+
     def undo(self) -> None:
         for swap in reversed(self.entry_swaps):
             swap.undo()
+        self._take_back_moved_duals()
         for holder, name, t in reversed(self.swaps):
             holder[name] = t
         for attributes in self.attributes:

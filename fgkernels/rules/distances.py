@@ -31,9 +31,14 @@ EXACT_BUDGET = 1 << 22
 
 
 def _check_p(op: str, p) -> float:
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not p >= 0:
+    """``p`` as a float (a NumPy scalar too), refused unless a non-negative number."""
+    try:
+        value = float(p) if not isinstance(p, (bool, str)) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not value >= 0:
         raise ValueError(f"{op}: p must be a non-negative number, got {p!r}")
-    return float(p)
+    return value
 
 
 def _euclidean_term(i: int, stack: Tensor, a: Tensor, b: Tensor, d: Tensor) -> Tensor:
@@ -66,6 +71,8 @@ def _p_norm_term(i: int, stack: Tensor, a: Tensor, b: Tensor, p: float) -> Tenso
         return (delta.sign() * rate * peak).sum(-1) / peak.sum(-1).clamp_min(1)
     d = torch.linalg.vector_norm(delta, p, -1)
     slope = delta if p == 2 else delta.sign() * delta.abs().pow(p - 1)
+    if p < 1:  # |Δ|^(p−1) is infinite at Δ = 0, where torch's backward takes 0
+        slope = torch.where(delta == 0, 0, slope)
     return torch.where(d == 0, 0, (slope * rate).sum(-1) / d.pow(p - 1))
 
 
@@ -95,7 +102,8 @@ def cdist(x1, x2, p: float = 2.0,
             # rows) loses |a|²/d² of its relative precision: the tangent divides by d formed
             # from the differences.
             d = torch.cdist(a, b, 2.0, "donot_use_mm_for_euclid_dist")
-        return _euclidean_term(i, stack, f[0], f[1], d.to(stack.dtype))
+        # in the primal's dtype: the dot products' cancellation in a narrower one is its ε·|a|/d
+        return _euclidean_term(i, stack.to(d.dtype), a, b, d).to(stack.dtype)
 
     return _product("cdist", [x1, x2], compute, term)
 

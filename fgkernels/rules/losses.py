@@ -128,10 +128,13 @@ def ctc_loss(log_probs: MaybeDual, targets: Tensor, input_lengths, target_length
     if d.tangents is None:
         return d.with_tangents(y, None)
     lp = d.primal.detach()
-    with torch.enable_grad():
-        x = lp.requires_grad_()
-        (grad,) = torch.autograd.grad(loss(x, "sum"), x)
-    lp = lp.detach()
+    # (copies: made in inference mode, the operands would be tensors autograd refuses)
+    copy = lambda v: v.clone() if isinstance(v, Tensor) else v
+    with torch.inference_mode(False), torch.enable_grad():
+        x = lp.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(F.ctc_loss(
+            x, copy(targets), copy(input_lengths), copy(target_lengths), blank, "sum",
+            zero_infinity), x)
     lengths = torch.as_tensor(input_lengths, device=lp.device)
     frames = torch.arange(lp.shape[0], device=lp.device).view(-1, *[1] * lengths.dim())
     counted = frames < lengths  # (T, N), or (T,) unbatched

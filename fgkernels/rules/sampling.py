@@ -54,7 +54,7 @@ def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros"
         if i == 0:  # y is linear in x: the same sampling of each slot
             grid = g.to(wide).expand(slots, *g.shape).reshape(slots * n, *g.shape[1:])
             y = F.grid_sample(stack.flatten(0, 1).to(wide), grid, mode, padding_mode,
-                              align_corners)
+                              bool(align_corners))  # (torch has warned of None once)
             return y.unflatten(0, (slots, n)).to(stack.dtype)
         if x.dim() != 4:
             raise NotImplementedError("grid_sample: the tangent of a 3-d (5-D) sampling grid "

@@ -727,6 +727,30 @@ def test_containers_holding_parameters_hold_them_again_after_the_pass(raises):
     assert model.named == {"layer": {"a": model.a}}
 
 
+@pytest.mark.parametrize("name", ["weights", "_weights"])
+def test_a_list_the_forward_reorders_holds_its_parameters_in_the_new_order(name):
+    """A forward that reorders the list it reads its parameters from (``reverse``) leaves it
+    reordered, as a plain call does, holding the parameters: no Dual stays behind, whether the
+    list is public or private."""
+    class Reorders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3, 3))
+            setattr(self, name, [self.w1, self.w2])
+
+        def forward(self, x):
+            held = getattr(self, name)
+            held.reverse()
+            return torch.tanh(x @ held[0]) @ held[1]
+
+    model = Reorders().double()
+    fgkernels.random_tangents(model)
+    model(Dual(torch.randn(2, 3, **f64)))
+    held = getattr(model, name)
+    assert held[0] is model.w2 and held[1] is model.w1
+    assert type(model(torch.randn(2, 3, **f64))) is torch.Tensor
+
+
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
 def test_a_recurrent_layer_lists_its_parameters_again_after_the_pass(kind):
     """A recurrent layer's forward lists its weights anew (``_flat_weights``), Duals on the

@@ -9,7 +9,13 @@ import fgkernels.functional as DF
 from fgkernels import Dual
 from fgkernels.testing import forward_ad_jvp
 
-from helpers import TOL, ForwardADOracle, assert_within_torch_error, central_difference
+from helpers import (
+    TOL,
+    ForwardADOracle,
+    assert_within_torch_error,
+    central_difference,
+    rel_err,
+)
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -412,3 +418,63 @@ def test_grid_sample_in_3d_refuses_only_a_grid_tangent():
     with pytest.raises(NotImplementedError, match="tangent of a 3-d .5-D. sampling grid"):
         F.grid_sample(x, Dual(grid, torch.randn(1, *grid.shape, dtype=torch.float64)),
                       align_corners=False)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 1.5, 2.0, 3.0])
+def test_cdist_where_coordinates_coincide_matches_torch_s_backward(p):
+    """Rows that share some coordinates (a difference of 0 there, where |Δ|^(p−1) is infinite
+    for p < 1) and a row against itself: against the Jacobian of torch's own backward."""
+    a = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.0, 3.0], [2.0, 1.0, 0.0]], dtype=torch.float64)
+    at, bt = torch.randn(2, *a.shape, dtype=torch.float64), torch.randn(2, *b.shape,
+                                                                        dtype=torch.float64)
+    out = torch.cdist(Dual(a, at), Dual(b, bt), p)
+    ja, jb = torch.autograd.functional.jacobian(lambda a_, b_: torch.cdist(a_, b_, p), (a, b))
+    expected = torch.stack([(ja.flatten(2) @ at[s].flatten() + jb.flatten(2) @ bt[s].flatten())
+                            for s in range(2)])
+    torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
+
+
+def test_cdist_by_products_with_bfloat16_tangents_cancels_in_float32():
+    """Rows far from the origin, near one another: the products' form of ``Δ·Δ̇`` cancels, and
+    must do so in the primal's float32, not in the tangents' bfloat16 (there: 7% off)."""
+    from unittest import mock
+
+    from fgkernels.rules import distances
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 32) + 30, torch.randn(48, 32) + 30
+    at = torch.randn(1, *a.shape).bfloat16()
+    with mock.patch.object(distances, "EXACT_BUDGET", 0):
+        out = torch.cdist(Dual(a, at), b)
+    definition = lambda a_: torch.linalg.vector_norm(a_[:, None] - b.double()[None], dim=-1)
+    _, expected = torch.func.jvp(definition, (a.double(),), (at[0].double(),))
+    assert rel_err(out.tangents[0].double(), expected) < 0.01
+
+
+def test_embedding_bag_max_picks_the_primal_s_maximum_for_narrow_tangents():
+    """The row of each maximum is found in the float32 weight, not in its bfloat16 cast (where
+    1.0 and 1.001 tie)."""
+    weight, wt = torch.tensor([[1.0], [1.001]]), torch.tensor([[[10.0], [20.0]]]).bfloat16()
+    out = F.embedding_bag(torch.tensor([0, 1]), Dual(weight, wt), torch.tensor([0]), mode="max")
+    assert out.tangents.item() == 20
+
+
+def test_ctc_loss_in_inference_mode():
+    """Under torch.inference_mode (whose tensors autograd refuses) the CTC tangent is the one
+    computed outside it."""
+    torch.manual_seed(0)
+    lp = torch.randn(6, 2, 4, dtype=torch.float64).log_softmax(-1)
+    lpt = torch.randn(2, 6, 2, 4, dtype=torch.float64)
+    args = (torch.tensor([[1, 2], [3, 1]]), torch.tensor([6, 6]), torch.tensor([2, 2]))
+    expected = F.ctc_loss(Dual(lp, lpt), *args)
+    with torch.inference_mode():
+        inside = F.ctc_loss(Dual(lp.clone(), lpt.clone()),
+                            *(t.clone() for t in args))
+    torch.testing.assert_close(inside.tangents, expected.tangents, rtol=0, atol=0)
+
+
+def test_grid_sample_warns_of_align_corners_once():
+    x, grid = torch.randn(1, 1, 3, 3), torch.rand(1, 2, 2, 2) * 2 - 1
+    with pytest.warns(UserWarning, match="align_corners") as record:
+        F.grid_sample(Dual(x, torch.randn(1, *x.shape)), grid)
+    assert len([w for w in record if "align_corners" in str(w.message)]) == 1

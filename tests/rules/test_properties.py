@@ -5,6 +5,7 @@ import copy
 import math
 import re
 import warnings
+from collections import OrderedDict, namedtuple
 from unittest import mock
 
 import pytest
@@ -644,6 +645,8 @@ def test_scaled_dot_product_attention(case):
     _close(out, (y, yt))
 
 
+_Pair = namedtuple("_Pair", "token mat")
+
 # Where a model keeps the parameters it reads outside its layers (the module's attribute, or a
 # container of its own) and how it reaches them there.
 HOLDERS = {
@@ -652,6 +655,9 @@ HOLDERS = {
     "tuple": (lambda ps: tuple(ps), lambda h: h),
     "dict": (lambda ps: {"token": ps[0], "mat": ps[1]}, lambda h: (h["token"], h["mat"])),
     "nested": (lambda ps: ([{"token": ps[0]}], (ps[1],)), lambda h: (h[0][0]["token"], h[1][0])),
+    "ordered dict": (lambda ps: OrderedDict(token=ps[0], mat=ps[1]),
+                     lambda h: (h["token"], h["mat"])),
+    "named tuple": (lambda ps: _Pair(*ps), lambda h: (h.token, h.mat)),
 }
 
 
