@@ -129,23 +129,12 @@ class _Swap(NamedTuple):
 
 
 class _EntrySwap(NamedTuple):
-    """A Dual (or a tuple rebuilt with one) put at ``holder[key]``, a module's attribute or an
-    entry of a list or dict it holds, in place of ``before``."""
+    """A Dual (or a tuple rebuilt with one), ``during``, put into ``holder`` (a module's
+    ``__dict__``, or a list or dict it holds) in place of ``before``."""
 
-    holder: object     # a module's __dict__, a list or a dict
-    key: object
+    holder: object
     before: object
     during: object
-
-    def undo(self) -> None:
-        """Put ``before`` back, unless the forward has put something else there since (or
-        shortened the list): what it put stays, and the snapshot takes any Dual out."""
-        holder, key = self.holder, self.key
-        if isinstance(holder, list):
-            if key < len(holder) and holder[key] is self.during:
-                holder[key] = self.before
-        elif holder.get(key, None) is self.during:
-            holder[key] = self.before
 
 
 class _Pass:
@@ -264,28 +253,27 @@ class _Pass:
             for k in range(len(v)) if isinstance(v, list) else list(v):
                 self._put_duals(v, k, m, (*path, k), depth - 1)
             return
-        self.entry_swaps.append(_EntrySwap(holder, key, v, new))
+        self.entry_swaps.append(_EntrySwap(holder, v, new))
         holder[key] = new
 
-    def _take_back_moved_duals(self) -> None:
-        """A Dual the pass put into a list or dict that the forward has moved within it since
-        (``self.weights.reverse()``) is where no swap looks: each such container gets the
-        tensor of every Dual of the pass it still holds, wherever it now is."""
-        tensors = {id(s.during): s.before for s in self.entry_swaps if isinstance(s.during, Dual)}
+    def _put_back_entries(self) -> None:
+        """Each object the pass put into a container or a module's attribute (a Dual, a tuple
+        rebuilt with Duals) becomes what it replaced, wherever the forward has moved it within
+        its container since (``self.weights.reverse()``); what the forward put there in its
+        place stays (the snapshot takes any Dual out of it)."""
+        before = {id(s.during): s.before for s in self.entry_swaps}
         seen = set()
         for swap in self.entry_swaps:
             holder = swap.holder
-            if id(holder) in seen or not isinstance(holder, (list, dict)):
+            if id(holder) in seen:
                 continue
             seen.add(id(holder))
             for k, e in (enumerate(holder) if isinstance(holder, list) else list(holder.items())):
-                if id(e) in tensors:
-                    holder[k] = tensors[id(e)]
+                if id(e) in before:
+                    holder[k] = before[id(e)]
 
     def undo(self) -> None:
-        for swap in reversed(self.entry_swaps):
-            swap.undo()
-        self._take_back_moved_duals()
+        self._put_back_entries()
         for holder, name, t in reversed(self.swaps):
             holder[name] = t
         for attributes in self.attributes:
