@@ -509,9 +509,9 @@ MUTANTS = [
            "fgkernels/dual/tangents.py", "            if all(map(operator.is_, entries, v)):",
            "            if True:",
            STORE),
-    Mutant("a module's container keeps the pass's Duals", "fgkernels/dual/tangents.py",
-           "        for swap in self.entry_swaps:\n            holder = swap.holder",
-           "        for swap in self.entry_swaps[1:]:\n            holder = swap.holder", STORE),
+    Mutant("a module's list keeps the pass's Duals", "fgkernels/dual/tangents.py",
+           "for k, e in (enumerate(holder) if isinstance(holder, list) else",
+           "for k, e in ([] if isinstance(holder, list) else", STORE),
     Mutant("the oracle swaps parameters into their modules", "fgkernels/testing.py",
            "                params[n].copy_(v)\n        return model(*call_args)",
            "                pass\n        return torch.func.functional_call(model, "
