@@ -161,7 +161,7 @@ class _Pass:
             for m in _tree(module):
                 if id(m) not in self.members:
                     self.members.add(id(m))
-                    self._substitute(m, self.duals, foreign_hooks)
+                    self._substitute(m, foreign_hooks)
         except BaseException:
             self.undo()
             raise
@@ -186,7 +186,7 @@ class _Pass:
             return True
         return False
 
-    def _substitute(self, m: nn.Module, duals: dict[int, Dual], foreign_hooks: bool) -> None:
+    def _substitute(self, m: nn.Module, foreign_hooks: bool) -> None:
         if any(isinstance(t, Dual) for t in m._parameters.values()):
             raise RuntimeError(
                 f"{type(m).__name__} holds Duals of another dual pass, running in another thread: "
@@ -212,11 +212,8 @@ class _Pass:
         for name, t in m._parameters.items():
             if t is None or tangent_of(t) is None:
                 continue
-            d = duals.get(id(t))
-            if d is None:
-                d = duals[id(t)] = _checked_dual(m, name, t)
             self.swaps.append(_Swap(m._parameters, name, t))
-            m._parameters[name] = d
+            m._parameters[name] = self._dual(m, name, t)
         if not _sets_no_attributes(type(m)):
             # A tensor the module holds in a container of its own (``self.weights = [w1, w2]``,
             # a tuple, a dict, nested) is read from there: the container holds its Dual too.
@@ -234,15 +231,12 @@ class _Pass:
         if isinstance(v, Tensor):
             if isinstance(v, Dual) or tangent_of(v) is None:
                 return
-            new = self.duals.get(id(v))
-            if new is None:
-                name = path[0] + "".join(f"[{k!r}]" for k in path[1:])
-                new = self.duals[id(v)] = _checked_dual(m, name, v)
+            new = self._dual(m, path[0] + "".join(f"[{k!r}]" for k in path[1:]), v)
         elif depth == 0 or not isinstance(v, _CONTAINERS):
             return
         elif isinstance(v, tuple):
-            # Its entries go through a list, whose own swaps are then undone into that list, a
-            # scratch copy (harmless), and a list or dict inside is changed in place as ever.
+            # Its entries go through a scratch list (the sweep that puts entries back visits it
+            # too, harmlessly); a list or dict inside is changed in place as ever.
             entries = list(v)
             for i in range(len(entries)):
                 self._put_duals(entries, i, m, (*path, i), depth - 1)
@@ -255,6 +249,13 @@ class _Pass:
             return
         self.entry_swaps.append(_EntrySwap(holder, v, new))
         holder[key] = new
+
+    def _dual(self, m: nn.Module, name: str, t: Tensor) -> Dual:
+        """The pass's one Dual of tensor ``t`` (read as ``m.<name>``), made at its first read."""
+        d = self.duals.get(id(t))
+        if d is None:
+            d = self.duals[id(t)] = _checked_dual(m, name, t)
+        return d
 
     def _put_back_entries(self) -> None:
         """Each object the pass put into a container or a module's attribute (a Dual, a tuple
