@@ -84,15 +84,9 @@ def cdist(x1, x2, p: float = 2.0,
     (memory ``(T, ..., P, R, M)``), at p = 2 by products where those would pass
     ``EXACT_BUDGET``."""
     p = _check_p("cdist", p)
-    seen = {}
 
-    def compute(f):
-        seen["a"], seen["b"] = f
-        seen["d"] = torch.cdist(f[0], f[1], p, compute_mode)
-        return seen["d"]
-
-    def term(i, stack, f):
-        a, b, d = seen["a"], seen["b"], seen["d"]
+    def term(i, stack, primals, d):
+        a, b = primals
         if p != 2 or stack.shape[0] * d.numel() * a.shape[-1] <= EXACT_BUDGET:
             # in the primal's dtype: a maximum found among rounded differences is not d's
             t = _p_norm_term(i, stack.to(d.dtype), a, b, p)
@@ -105,7 +99,8 @@ def cdist(x1, x2, p: float = 2.0,
         # in the primal's dtype: the dot products' cancellation in a narrower one is its ε·|a|/d
         return _euclidean_term(i, stack.to(d.dtype), a, b, d).to(stack.dtype)
 
-    return _product("cdist", [x1, x2], compute, term)
+    return _product("cdist", [x1, x2], lambda f: torch.cdist(f[0], f[1], p, compute_mode), term,
+                    primal_factors=True)
 
 
 @implements(F.pdist, torch.pdist)

@@ -469,25 +469,23 @@ def embedding_bag(input: Tensor, weight: MaybeDual, offsets: Optional[Tensor] = 
         return F.embedding_bag(input, w, offsets, renorm, norm_type, scale_grad_by_freq, mode,
                                sparse, samples, include_last_offset, padding_idx)
 
-    seen = {}
-
-    def compute(f):
-        seen["weight"] = f[0]
-        return bag(f[0], f[1], max_norm)
-
-    def term(i: int, stack: Tensor, f: list) -> Tensor:
+    def term(i: int, stack: Tensor, primals: list, _) -> Tensor:
+        w, samples = primals
         if i == 1:  # Σ_k ṡ_k·W[i_k] over each bag, one slot at a time
-            return torch.stack([bag(f[0], s) for s in stack])
+            return torch.stack([bag(w.to(stack.dtype), s) for s in stack])
         slots, rows, width = stack.shape
         if mode == "max":  # (the maxima found in the primal, not in a narrower cast of it)
-            at, empty = _embedding_bag_argmax(input, seen["weight"], offsets,
-                                              include_last_offset, padding_idx)
+            at, empty = _embedding_bag_argmax(input, w, offsets, include_last_offset,
+                                              padding_idx)
             picked = stack.gather(1, at.unsqueeze(0).expand(slots, -1, -1))
             return picked.masked_fill(empty.unsqueeze(-1), 0)  # an empty bag's max is 0
         columns = stack.permute(1, 0, 2).reshape(rows, slots * width)
-        return bag(columns, f[1]).unflatten(-1, (slots, width)).movedim(-2, 0)
+        if samples is not None:
+            samples = samples.to(stack.dtype)
+        return bag(columns, samples).unflatten(-1, (slots, width)).movedim(-2, 0)
 
-    return _product("embedding_bag", [weight, per_sample_weights], compute, term)
+    return _product("embedding_bag", [weight, per_sample_weights],
+                    lambda f: bag(f[0], f[1], max_norm), term, primal_factors=True)
 
 
 def _embedding_bag_argmax(input: Tensor, weight: Tensor, offsets: Optional[Tensor],

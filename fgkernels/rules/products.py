@@ -19,18 +19,26 @@ Tensor = torch.Tensor
 
 
 def _product(op: str, operands: list, compute: Callable[[list], Tensor],
-             term: Callable[[int, Tensor, list], Tensor]) -> Dual:
-    """The Dual of ``compute(primals)`` whose tangent sums ``term(i, stack_i, primals)`` over
-    the operands with a tangent (stack_i in the output slots' dtype; primal factors cast to it)."""
+             term: Callable[..., Tensor], primal_factors: bool = False) -> Dual:
+    """The Dual of ``y = compute(primals)`` whose tangent sums ``term(i, stack_i, factors)``
+    over the operands with a tangent (stack_i in the output slots' dtype, and the primals as
+    factors cast to it). With ``primal_factors`` a term is ``term(i, stack_i, primals, y)``
+    instead: the primals as they are, for a term that finds something in them (a maximum, a
+    distance) before it multiplies."""
     ps = [parts(v) for v in operands]
     primals = [p.primal for p in ps]
     y = compute(primals)
     plan = _slots.plan([p.slots for p in ps], op)
     if plan.count == 0:
         return Dual._unchecked(y, None, None, False)
-    cast = lambda v: v.to(plan.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
-    factors = [cast(v) for v in primals]
-    terms = [(term(i, _slots.cast(p.tangents, plan.dtype), factors), pos)
+    if primal_factors:
+        term_of = lambda i, stack: term(i, stack, primals, y)
+    else:
+        cast = lambda v: v.to(plan.dtype) if isinstance(v, Tensor) and v.is_floating_point() \
+            else v
+        factors = [cast(v) for v in primals]
+        term_of = lambda i, stack: term(i, stack, factors)
+    terms = [(term_of(i, _slots.cast(p.tangents, plan.dtype)), pos)
              for i, (p, pos) in enumerate(zip(ps, plan.positions)) if p.tangents is not None]
     yt = _slots.place(plan.count, [(t.expand(t.shape[0], *y.shape), pos) for t, pos in terms])
     return Dual._unchecked(y, yt, plan.directions, plan.single)

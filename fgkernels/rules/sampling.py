@@ -40,14 +40,8 @@ def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros"
     """Dual ``F.grid_sample`` (arguments as torch's): the input's tangent sampled at the grid,
     plus the grid's tangent through the sampler's derivative in its coordinates (0 for
     ``nearest``, piecewise constant). A 3-d (5-D) sampling grid with a tangent is refused."""
-    seen = {}
-
-    def compute(f):
-        seen["x"], seen["grid"] = f
-        return F.grid_sample(f[0], f[1], mode, padding_mode, align_corners)
-
-    def term(i: int, stack: Tensor, f: list) -> Tensor:
-        x, g = seen["x"], seen["grid"]
+    def term(i: int, stack: Tensor, primals: list, _) -> Tensor:
+        x, g = primals
         slots, n = stack.shape[0], g.shape[0]
         # a bfloat16 grid's points located, and its samples weighed, in float32
         wide = acc_dtype(g.dtype)
@@ -66,4 +60,6 @@ def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros"
                                      (stack.to(wide),))
         return tangents.to(stack.dtype)
 
-    return _product("grid_sample", [input, grid], compute, term)
+    return _product("grid_sample", [input, grid],
+                    lambda f: F.grid_sample(f[0], f[1], mode, padding_mode, align_corners), term,
+                    primal_factors=True)
