@@ -189,7 +189,8 @@ def model_jvp(model: torch.nn.Module, args: Sequence[Any],
     """``model(*args)`` and its tangents by forward_ad (in ``oracle_mode``), on a deep copy of
     the model (its buffers untouched): ``arg_tangents[i]`` stacks ``(T, ...)`` tangents of
     ``args[i]`` (None: constant), ``param_tangents`` stacks of parameters by name (a tied
-    parameter by any of its names)."""
+    parameter by any of its names). A closure the model holds is not copied, and reads the
+    model's own parameters: for such a model, ``model_jvp_in_place``."""
     return model_jvp_in_place(copy.deepcopy(model), args, arg_tangents, param_tangents)
 
 

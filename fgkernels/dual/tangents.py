@@ -9,9 +9,11 @@ every module of its tree that holds a tensor with a tangent (its own, a tied one
 tensor instead, as ``torch.func.functional_call`` substitutes parameters, and so do the lists,
 tuples and dicts a module of a type of its own holds it in (``self.weights = [w1, w2]``).
 Whatever reads the parameter then sees its tangent: the layer's own op, a tied layer,
-``cls_token.expand(n, -1, -1)``, ``weight * self.g``. An op that meets such a tensor among its
-operands outside a dual pass (``F.linear(Dual(x), lin.weight)``) looks it up here too. A plain
-call stays a plain call.
+``cls_token.expand(n, -1, -1)``, ``weight * self.g``. What reaches the tensor itself instead (a
+closure, a global, a container the pass does not look into) reaches it lifted: for the length
+of the pass, each tensor with a tangent is of a subclass of its own class whose ops take it as
+its Dual. An op that meets such a tensor among its operands outside a dual pass
+(``F.linear(Dual(x), lin.weight)``) looks it up here too. A plain call stays a plain call.
 
 The substitution is made and undone by two global module hooks, registered while some tensor
 has a tangent: the pre-hook (which sees positional inputs only) starts the pass, the forward hook
@@ -149,7 +151,9 @@ class _Pass:
         self.attributes: list[_Attributes] = []
         self.members: set[int] = set()
         self.duals: dict[int, Dual] = {}
+        self.lifted: list[Tensor] = []
         self.join(root)
+        self.lift_the_rest()
 
     def join(self, module: nn.Module) -> None:
         """Substitute the tensors of ``module``'s tree that are not substituted yet (the root's,
@@ -166,6 +170,26 @@ class _Pass:
             self.undo()
             raise
         self.forget_cached_parametrizations()
+
+    def lift_the_rest(self) -> None:
+        """Every tensor with a tangent becomes, for the length of the pass, an instance of a
+        subclass of its class whose ops take it as its Dual (``_LiftedParameter``): a read the
+        substitution does not reach (a closure's, a global's, a container of a torch.nn
+        layer's or one nested deeper than the pass looks) carries the tangent too. Only a
+        plain Parameter or Tensor changes class (torch's own lazy parameters change theirs
+        so); any other subclass keeps its own ``__torch_function__``."""
+        for ref in _LIVE.values():
+            t = ref()
+            if t is not None and type(t) in _LIFTED:
+                t.__class__ = _LIFTED[type(t)]
+                self.lifted.append(t)
+
+    def holds_as_state(self, t: Tensor) -> bool:
+        """True if a module of the pass holds ``t``, or the tensor it views, as a buffer or an
+        attribute (running statistics, a cache)."""
+        ids = {id(t), id(t._base)} - {id(None)}
+        return any(id(v) in ids for m in _tree(self.root)
+                   for v in (*m._buffers.values(), *m.__dict__.values()))
 
     def forget_cached_parametrizations(self) -> None:
         """Within ``parametrize.cached()`` a parametrized tensor is computed once and kept: one
@@ -274,6 +298,9 @@ class _Pass:
                     holder[k] = before[id(e)]
 
     def undo(self) -> None:
+        for t in self.lifted:
+            t.__class__ = _UNLIFTED[type(t)]
+        self.lifted = []
         self._put_back_entries()
         for holder, name, t in reversed(self.swaps):
             holder[name] = t
@@ -419,8 +446,10 @@ def _container(v, kind: type):
 def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:
     entry = tangent_of(t)
     stack = entry.stack
-    if stack.device != t.device or stack.shape[1:] != t.shape \
-            or not tangent_dtype_fits(t.dtype, stack.dtype):
+    with torch._C.DisableTorchFunctionSubclass():  # (a lifted tensor's metadata, as it is)
+        device, shape, dtype = t.device, t.shape, t.dtype
+    if stack.device != device or stack.shape[1:] != shape \
+            or not tangent_dtype_fits(dtype, stack.dtype):
         raise RuntimeError(
             f"{type(m).__name__}.{name} is now a {t.dtype} tensor of shape {tuple(t.shape)} on "
             f"{t.device}, but its tangent ({stack.dtype}, {tuple(stack.shape[1:])}, "
@@ -483,20 +512,60 @@ class ParameterTangents(TorchFunctionMode):
         if not (_meets_dual(args) or _meets_dual(kwargs.values())):
             # Most calls: a compiled graph's wrapper reads every output's dtype, for one.
             return func(*args, **kwargs)
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        flat = [_as_dual(v) for v in flat]
-        args, kwargs = pytree.tree_unflatten(flat, spec)
-        name = _tensor_attribute(func)
-        if name is not None and args and isinstance(args[0], Dual):
-            # ``p.shape``, ``p.data``, ``p.detach()``: the Dual answers as it does in an eager
-            # pass, where the module holds it (a property read goes nowhere near the op rules).
-            if not callable(getattr(torch.Tensor, name)):
-                return getattr(args[0], name)
-            if name in _DUAL_PROTOCOLS:  # no keywords (torch's repr passes one of its own)
-                return getattr(args[0], name)(*args[1:])
-            if name in _DUAL_METHODS:
-                return getattr(args[0], name)(*args[1:], **kwargs)
-        return Dual.__torch_function__(func, (Dual,), args, kwargs)
+        return _lifted_call(func, args, kwargs)
+
+
+def _lifted_call(func, args: tuple, kwargs: dict):
+    """``func`` called with every tensor with a tangent among its arguments taken as its
+    Dual: the Dual's rule for it."""
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    flat = [_as_dual(v) for v in flat]
+    args, kwargs = pytree.tree_unflatten(flat, spec)
+    name = _tensor_attribute(func)
+    if name is not None and args and isinstance(args[0], Dual):
+        # ``p.shape``, ``p.data``, ``p.detach()``: the Dual answers as it does in an eager
+        # pass, where the module holds it (a property read goes nowhere near the op rules).
+        if not callable(getattr(torch.Tensor, name)):
+            return getattr(args[0], name)
+        if name in _DUAL_PROTOCOLS:  # no keywords (torch's repr passes one of its own)
+            return getattr(args[0], name)(*args[1:])
+        if name in _DUAL_METHODS:
+            return getattr(args[0], name)(*args[1:], **kwargs)
+    return Dual.__torch_function__(func, (Dual,), args, kwargs)
+
+
+def _lifting_torch_function(cls, func, types, args=(), kwargs=None):
+    """A lifted tensor's ops during its thread's dual pass, on its Dual; those of a rule
+    (which acts on primals), any other thread's, an attribute set (``p.requires_grad =
+    False``) and a read of an attribute that its Dual reads from it (``p.shape``, ``p.grad``,
+    ``p.requires_grad``) as its class's own."""
+    kwargs = kwargs or {}
+    kind = getattr(func, "__name__", None)
+    if inside_rule() or not in_dual_pass() or kind == "__set__" \
+            or (kind == "__get__" and _tensor_attribute(func) not in _VALUE_PROPERTIES):
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+    return _lifted_call(func, args, kwargs)
+
+
+# The properties of a tensor whose values carry its tangent (``w.T``); the others describe it.
+_VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+
+class _LiftedParameter(nn.Parameter):
+    """A Parameter with a tangent while a dual pass runs (``_Pass.lift_the_rest``)."""
+
+    __torch_function__ = classmethod(_lifting_torch_function)
+
+
+class _LiftedTensor(Tensor):
+    """A plain tensor with a tangent while a dual pass runs (``_Pass.lift_the_rest``)."""
+
+    __torch_function__ = classmethod(_lifting_torch_function)
+
+
+_LIFTED = {nn.Parameter: _LiftedParameter, Tensor: _LiftedTensor}
+_UNLIFTED = {lifted: cls for cls, lifted in _LIFTED.items()}
 
 
 # Tensor methods that a Dual answers with a method of its own (``detach``, ``size``, ...),
@@ -685,6 +754,13 @@ def in_dual_pass() -> bool:
     interrupt cut short does not run: the next module call ends it)."""
     active = getattr(_hooks.local, "active", None)
     return active is not None and active.running()
+
+
+def module_state_of_pass(t: Tensor) -> Optional[bool]:
+    """Inside this thread's dual pass, whether ``t`` is state a module of the pass holds
+    (``_Pass.holds_as_state``); None outside a pass."""
+    active = getattr(_hooks.local, "active", None)
+    return active.holds_as_state(t) if active is not None and active.running() else None
 
 
 def foreign_module_hooks() -> bool:

@@ -243,7 +243,9 @@ class Dual:
         """The Dual a parameter ``p`` with a tangent is during a dual pass. An in-place op on it
         (``w.clamp_(0, 1)`` under ``no_grad``) writes through to ``p`` and to its tangent, as
         it would on a dual tensor of ``torch.autograd.forward_ad``."""
-        d = cls._unchecked(p.detach(), stack, directions, single)
+        with torch._C.DisableTorchFunctionSubclass():  # (a lifted parameter: its plain self)
+            primal = p.detach()
+        d = cls._unchecked(primal, stack, directions, single)
         d._source = _Storage(p, stack, "parameter")
         return d
 
