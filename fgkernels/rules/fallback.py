@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
-from ..dual.tangents import dual_of
+from ..dual.tangents import dual_of, module_state_of_pass
 from ..dual.value import Dual, differentiable, implements_fallback, view_root
 from .operands import primal_of
 
@@ -201,14 +201,29 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     if isinstance(out, Dual):  # out= a Dual: the op out of place, then written into it
         rest = {k: v for k, v in kwargs.items() if k != "out"}
         return out._assign(Dual.__torch_function__(func, (Dual,), args, rest))
+    what = "out=" if out is not None else f"'{name}'"
     if torch.is_grad_enabled():
-        what = "out=" if out is not None else f"'{name}'"
         raise TypeError(
             f"fgkernels.Dual: {what} would write a Dual into a plain tensor, which cannot take "
-            "its tangent; compute the result out of place (or, for state such as running "
-            "statistics, under torch.no_grad(), where it takes the primal)")
+            "its tangent; compute the result out of place, or make the tensor a Dual "
+            "(fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents (or, for "
+            "state such as running statistics, write under torch.no_grad(), where it takes "
+            "the primal)")
+    if module_state_of_pass(target) is False and _carries_tangent((args[1:], kwargs)):
+        # A temporary a forward fills from Duals (torch.zeros_like(x), then written): under
+        # no_grad too the tangent would be lost, where forward_ad's would make it dual.
+        raise TypeError(
+            f"fgkernels.Dual: {what} would write a Dual's tangent into a plain tensor that no "
+            "module of the dual pass holds (a tensor the forward filled from Duals?), and it "
+            "cannot take it; make that tensor a Dual (fgkernels.Dual(torch.zeros_like(x))), "
+            "whose writes keep their tangents, or compute the result out of place")
     a, k = pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
+
+
+def _carries_tangent(values) -> bool:
+    return any(isinstance(v, Dual) and v.tangents is not None
+               for v in pytree.tree_leaves(values, is_leaf=lambda v: isinstance(v, Dual)))
 
 
 def _dense_if_expanded(p: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
-from fgkernels.testing import forward_ad_jvp
+from fgkernels.testing import forward_ad_jvp, model_jvp
 
 from helpers import ForwardADOracle, assert_within_torch_error
 from op_table import OPS, inputs
@@ -296,6 +296,54 @@ def test_a_plain_tensor_written_from_a_dual_takes_the_primal_only_under_no_grad(
         buffer.add_(d)
         torch.mul(d, 2.0, out=buffer)
     torch.testing.assert_close(buffer, d.primal * 2)
+
+
+class _FillsATemporary(nn.Module):
+    """A forward that fills a zero tensor from Duals (Longformer's chunks, an MoE's experts
+    summed by index_add_, RWKV's steps), and keeps a running mean as state, a buffer or an
+    attribute; ``as_dual``: the temporary made a Dual, as the refusal advises."""
+
+    def __init__(self, as_dual: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.register_buffer("running", torch.zeros(3, **f64))
+        self.attribute_state = torch.zeros(3, **f64)
+        self.as_dual = as_dual
+
+    def forward(self, x):
+        h = self.fc(x)
+        with torch.no_grad():
+            self.running.mul_(0.9).add_(h.mean(0))
+            self.attribute_state[:] = h.mean(0)
+        out = torch.zeros_like(h)
+        if self.as_dual:
+            out = Dual(out)
+        out[:, 1:] = h[:, 1:].exp()
+        return out.index_add_(0, torch.tensor([1, 0]), h)
+
+
+def test_a_temporary_filled_from_duals_under_no_grad_is_refused_not_left_without_tangent():
+    """Inside a dual pass under no_grad, a tangent written into a plain tensor that no module
+    holds (which forward_ad's write would make dual) is refused, where it was dropped; a
+    module's buffer or attribute still takes the primal, and the temporary made a Dual is
+    exact."""
+    model, fixed = _FillsATemporary().double(), _FillsATemporary(as_dual=True).double()
+    fixed.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, **f64)
+    xt = torch.randn(1, *x.shape, **f64)
+    tangents = {n: torch.randn(1, *p.shape, **f64) for n, p in model.named_parameters()}
+    y, yt = model_jvp(model, [x], [xt], tangents)  # forward_ad: the temporary becomes dual
+    for m in (model, fixed):
+        fgkernels.set_tangents(m, tangents)
+    with torch.no_grad(), pytest.raises(TypeError, match="that no module of the dual pass holds"):
+        model(Dual(x, xt))
+    with torch.no_grad():
+        out = fixed(Dual(x, xt))
+    torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
+    h = fixed.fc(x).mean(0)  # the state took the primal
+    torch.testing.assert_close(fixed.running, h)
+    torch.testing.assert_close(fixed.attribute_state, h)
 
 
 # --- NaN and Inf as forward_ad has them ---------------------------------------------------------
