@@ -35,6 +35,7 @@ SEMANTICS = ("tests/dual/test_dual_semantics.py",)
 TRAINER = ("tests/train/test_train.py",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
 TRITON = ("tests/backends/test_triton.py",)
+HOSTILE = ("tests/rules/test_hostile_inputs.py",)
 COMPILE = "tests/nn/test_compile.py::"  # + a test's name
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
 BN_PER_CHANNEL = "csrc/bn_per_channel.h"
@@ -835,10 +836,23 @@ MUTANTS = [
     Mutant("a lifted parameter's transpose is its plain one", "fgkernels/dual/tangents.py",
            '_VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})',
            '_VALUE_PROPERTIES = frozenset({"mT", "H", "mH", "real", "imag"})', STORE),
-    Mutant("a temporary filled from Duals under no_grad drops the tangent",
-           "fgkernels/rules/fallback.py",
-           "if module_state_of_pass(target) is False and _carries_tangent((args[1:], kwargs)):",
-           "if False:", ("tests/rules/test_hostile_inputs.py",)),
+    Mutant("a temporary filled from Duals is refused", "fgkernels/rules/fallback.py",
+           "    if temporary is not None:", "    if False:", HOSTILE),
+    Mutant("a view of a temporary takes the primal under no_grad", "fgkernels/rules/fallback.py",
+           "if pass_ is not None and not pass_.holds_as_state(target) and _carries_tangent(",
+           "if False and (", ("tests/rules/test_hostile_inputs.py",)),
+    Mutant("the pass returns its temporary as a plain tensor", "fgkernels/dual/tangents.py",
+           "output = active.with_duals(output) if active.temporaries else None",
+           "output = None", ("tests/rules/test_hostile_inputs.py",)),
+    Mutant("a temporary keeps its tangent after the pass", "fgkernels/dual/tangents.py",
+           "        for t in self.temporaries:\n            _drop(t)",
+           "        for t in self.temporaries:\n            pass", HOSTILE),
+    Mutant("index_add's source term drops alpha", "fgkernels/rules/indexing.py",
+           "return out.index_add_(at, index, flat, alpha=alpha)",
+           "return out.index_add_(at, index, flat)", OPS),
+    Mutant("Tensor.where swaps its operands", "fgkernels/rules/pointwise.py",
+           "    return where(condition, input, other)", "    return where(condition, other, input)",
+           OPS),
     Mutant("a module's attribute state written from Duals is refused",
            "fgkernels/dual/tangents.py",
            "for v in (*m._buffers.values(), *m.__dict__.values()))",

@@ -239,6 +239,16 @@ def _gathers(x, w):
             :, :4]
 
 
+def _index_adds(x, w):
+    """An MoE's experts' outputs summed by token (torch's and the Tensor method's forms, along
+    either dim, a row added twice), and ``Tensor.where``."""
+    a = x * w  # (4, 6)
+    tokens = torch.zeros(5, 6, dtype=a.dtype).index_add(0, torch.tensor([4, 0, 4, 2]), a,
+                                                        alpha=0.5)
+    return torch.index_add(tokens, 1, torch.tensor([5, 5, 1]), a[:3, :5].T) \
+        + a.sum(0).where(w > 0, x.mean())
+
+
 def _linear_maps(x, w):
     a = x * w  # (2, 4, 6, 6)
     cols = F.unfold(a, 3, padding=1, stride=2)
@@ -593,6 +603,7 @@ OPS = {
     "selections": OpCase(_selections, (4, 6), (6,)),
     "masked_fills": OpCase(_masked_fills, (4, 6), (6,)),
     "gathers": OpCase(_gathers, (4, 6), (6,)),
+    "index_adds": OpCase(_index_adds, (4, 6), (6,)),
     "exp_log1p_sign": OpCase(lambda x, w: torch.log1p((x * w).abs()) + torch.expm1(x * w)
                              + torch.exp2(x) * w + torch.sign(x) * w, (4, 6), (6,)),
     "linear_maps": OpCase(_linear_maps, (2, 4, 6, 6), (4, 1, 1)),

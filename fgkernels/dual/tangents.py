@@ -152,6 +152,7 @@ class _Pass:
         self.members: set[int] = set()
         self.duals: dict[int, Dual] = {}
         self.lifted: list[Tensor] = []
+        self.temporaries: list[Tensor] = []
         self.join(root)
         self.lift_the_rest()
 
@@ -183,6 +184,26 @@ class _Pass:
             if t is not None and type(t) in _LIFTED:
                 t.__class__ = _LIFTED[type(t)]
                 self.lifted.append(t)
+
+    def take_as_dual(self, t: Tensor, count: int, directions, single: bool,
+                     dtype: torch.dtype) -> Dual:
+        """``t``, a plain tensor of the forward's own (``torch.zeros_like(x)``) that a Dual is
+        about to be written into, as a Dual of a zero tangent of ``count`` slots, which that
+        write and later ones fill: forward_ad's write makes such a tensor dual in place. For
+        the rest of the pass ``t`` is lifted (whatever reads it takes its tangent), and an
+        output of the pass that is ``t`` comes out as its Dual."""
+        stack = in_primal_layout(t.new_zeros((count, *t.shape), dtype=dtype), t)
+        _put(t, ParameterTangent(stack, directions, single))
+        t.__class__ = _LIFTED[Tensor]
+        self.lifted.append(t)
+        self.temporaries.append(t)
+        return dual_of(t)
+
+    def with_duals(self, output):
+        """``output`` with each of the pass's temporaries in it (``take_as_dual``) as its
+        Dual."""
+        ids = {id(t) for t in self.temporaries}
+        return pytree.tree_map(lambda v: dual_of(v) if id(v) in ids else v, output)
 
     def holds_as_state(self, t: Tensor) -> bool:
         """True if a module of the pass holds ``t``, or the tensor it views, as a buffer or an
@@ -300,7 +321,9 @@ class _Pass:
     def undo(self) -> None:
         for t in self.lifted:
             t.__class__ = _UNLIFTED[type(t)]
-        self.lifted = []
+        for t in self.temporaries:
+            _drop(t)
+        self.lifted, self.temporaries = [], []
         self._put_back_entries()
         for holder, name, t in reversed(self.swaps):
             holder[name] = t
@@ -707,17 +730,20 @@ class _Hooks:
                 "pass, which hands out the parameters' tangents, starts at a module called "
                 "with a Dual among its positional inputs or at that block's module")
 
-    def root_done(self, module: nn.Module, *_) -> None:
+    def root_done(self, module: nn.Module, args: tuple, output=None):
         """The end of a call of the pass's root (its last forward hook): the pass ends with
-        the outermost one."""
+        the outermost one, its output's temporaries made Duals (``_Pass.take_as_dual``)."""
         active = getattr(self.local, "active", None)
         if active is None or active.root is not module:
-            return  # the root called in another thread, or after a pass cut short
+            return None  # the root called in another thread, or after a pass cut short
         active.depth -= 1
-        if active.depth == 0:
-            self.local.active = None
-            active.undo()
-            self.sync()
+        if active.depth > 0:
+            return None
+        output = active.with_duals(output) if active.temporaries else None
+        self.local.active = None
+        active.undo()
+        self.sync()
+        return output
 
 
 _hooks = _Hooks()
@@ -756,11 +782,10 @@ def in_dual_pass() -> bool:
     return active is not None and active.running()
 
 
-def module_state_of_pass(t: Tensor) -> Optional[bool]:
-    """Inside this thread's dual pass, whether ``t`` is state a module of the pass holds
-    (``_Pass.holds_as_state``); None outside a pass."""
+def running_pass() -> Optional[_Pass]:
+    """This thread's dual pass, while it runs (else None)."""
     active = getattr(_hooks.local, "active", None)
-    return active.holds_as_state(t) if active is not None and active.running() else None
+    return active if active is not None and active.running() else None
 
 
 def foreign_module_hooks() -> bool:

@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
-from ..dual.tangents import dual_of, module_state_of_pass
+from ..dual.tangents import dual_of, running_pass
 from ..dual.value import Dual, differentiable, implements_fallback, view_root
 from .operands import primal_of
 
@@ -202,6 +202,16 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
         rest = {k: v for k, v in kwargs.items() if k != "out"}
         return out._assign(Dual.__torch_function__(func, (Dual,), args, rest))
     what = "out=" if out is not None else f"'{name}'"
+    written = (args[1:], {k: v for k, v in kwargs.items() if k != "out"})
+    temporary = _temporary_of_pass(target, written)
+    if temporary is not None:
+        # A tensor of the forward's own filled from Duals (torch.zeros_like(x), then written:
+        # Longformer's chunks, an MoE's index_add_, RWKV's steps) becomes a Dual, as
+        # forward_ad's write makes it dual.
+        d = temporary.take_as_dual(target, *_slots_of(target, written, name))
+        if out is not None:
+            return Dual.__torch_function__(func, (Dual,), args, {**kwargs, "out": d})
+        return Dual.__torch_function__(func, (Dual,), (d, *args[1:]), kwargs)
     if torch.is_grad_enabled():
         raise TypeError(
             f"fgkernels.Dual: {what} would write a Dual into a plain tensor, which cannot take "
@@ -209,16 +219,39 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
             "(fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents (or, for "
             "state such as running statistics, write under torch.no_grad(), where it takes "
             "the primal)")
-    if module_state_of_pass(target) is False and _carries_tangent((args[1:], kwargs)):
-        # A temporary a forward fills from Duals (torch.zeros_like(x), then written): under
-        # no_grad too the tangent would be lost, where forward_ad's would make it dual.
+    pass_ = running_pass()
+    if pass_ is not None and not pass_.holds_as_state(target) and _carries_tangent(written):
+        # (a view of a tensor of the forward's own, or a tensor of a subclass: under no_grad
+        # too its tangent would be lost)
         raise TypeError(
-            f"fgkernels.Dual: {what} would write a Dual's tangent into a plain tensor that no "
-            "module of the dual pass holds (a tensor the forward filled from Duals?), and it "
-            "cannot take it; make that tensor a Dual (fgkernels.Dual(torch.zeros_like(x))), "
-            "whose writes keep their tangents, or compute the result out of place")
+            f"fgkernels.Dual: {what} would write a Dual's tangent into a view of a plain tensor "
+            "that no module of the dual pass holds, and it cannot take it; make that tensor a "
+            "Dual (fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents, or "
+            "compute the result out of place")
     a, k = pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
+
+
+def _temporary_of_pass(target, written):
+    """The running dual pass, where ``target`` is a plain floating tensor of the forward's
+    own (no module of the pass holds it, it views nothing) about to be written from a Dual
+    with a tangent; else None."""
+    pass_ = running_pass()
+    if pass_ is None or type(target) is not torch.Tensor or target._base is not None \
+            or not differentiable(target.dtype) or not _carries_tangent(written) \
+            or pass_.holds_as_state(target):
+        return None
+    return pass_
+
+
+def _slots_of(target: torch.Tensor, written, name: str) -> tuple:
+    """The slots (count, directions, single, dtype) that the Duals ``written`` into
+    ``target`` carry together."""
+    duals = [v for v in pytree.tree_leaves(written, is_leaf=lambda v: isinstance(v, Dual))
+             if isinstance(v, Dual) and v.tangents is not None]
+    plan = _slots.plan([d.slot_operand() for d in duals], name)
+    dtype = plan.dtype if tangent_dtype_fits(target.dtype, plan.dtype) else target.dtype
+    return plan.count, plan.directions, plan.single, dtype
 
 
 def _carries_tangent(values) -> bool:

@@ -11,6 +11,7 @@ from ..dual import slots as _slots
 from ..dual.value import Dual, implements
 from .operands import parts
 from .pointwise import lift
+from .products import _product
 
 Tensor = torch.Tensor
 
@@ -96,3 +97,24 @@ def setitem(d: Dual, index, value) -> Dual:
         for s in range(plan.count):
             base[s][index] = fill if fill.dim() == 0 else fill[s]
     return Dual._unchecked(y, base, plan.directions, plan.single)
+
+
+@implements(torch.index_add, torch.Tensor.index_add)
+def index_add(input, dim: int, index: Tensor, source, *, alpha=1) -> Dual:
+    """Dual ``index_add``, ``y = x`` with ``alpha·source`` added at ``index`` along ``dim``
+    (an MoE summing its experts' outputs by token): linear in x and in the source, so
+    ``ẏ = ẋ.index_add(dim, index, alpha·ṡ)``, every slot alike."""
+    if isinstance(index, Dual):
+        raise TypeError("index_add: the index must be an integer Tensor, got a Dual")
+
+    def term(i: int, stack: Tensor, f: list) -> Tensor:
+        if i == 0:
+            return stack
+        y_shape = f[0].shape
+        flat = stack.reshape(stack.shape[0], -1) if not y_shape else stack  # (a 0-d y)
+        at = dim % len(y_shape) + 1 if y_shape else 1
+        out = flat.new_zeros((flat.shape[0], *(y_shape or (1,))))
+        return out.index_add_(at, index, flat, alpha=alpha).reshape(stack.shape[0], *y_shape)
+
+    return _product("index_add", [input, source],
+                    lambda f: torch.index_add(f[0], dim, index, f[1], alpha=alpha), term)

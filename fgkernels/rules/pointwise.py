@@ -220,6 +220,12 @@ def where(condition, input, other) -> Dual:
                                  (bo, bt, lambda t: torch.where(condition, 0, t))])
 
 
+@implements(torch.Tensor.where)
+def _where_method(input, condition, other) -> Dual:
+    """``input.where(condition, other)``: ``torch.where(condition, input, other)``."""
+    return where(condition, input, other)
+
+
 @implements(torch.masked_fill, torch.Tensor.masked_fill)
 def masked_fill(input, mask, value) -> Dual:
     """Dual ``masked_fill``: torch's value; ``ẏ = where(mask, v̇, ẋ)`` (``v̇`` 0 for a number or

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
+from fgkernels.dual.tangents import has_tangent
 from fgkernels.testing import forward_ad_jvp, model_jvp
 
 from helpers import ForwardADOracle, assert_within_torch_error
@@ -299,51 +300,64 @@ def test_a_plain_tensor_written_from_a_dual_takes_the_primal_only_under_no_grad(
 
 
 class _FillsATemporary(nn.Module):
-    """A forward that fills a zero tensor from Duals (Longformer's chunks, an MoE's experts
-    summed by index_add_, RWKV's steps), and keeps a running mean as state, a buffer or an
-    attribute; ``as_dual``: the temporary made a Dual, as the refusal advises."""
+    """A forward that fills zero tensors of its own from Duals (Longformer's chunks by
+    ``__setitem__``, an MoE's experts summed by ``index_add_``, RWKV's steps, ``out=``), and
+    keeps a running mean as state, a buffer and an attribute; ``into_a_view``: it writes into a
+    view of such a tensor too."""
 
-    def __init__(self, as_dual: bool = False):
+    def __init__(self, into_a_view: bool = False):
         super().__init__()
         self.fc = nn.Linear(3, 3)
         self.register_buffer("running", torch.zeros(3, **f64))
         self.attribute_state = torch.zeros(3, **f64)
-        self.as_dual = as_dual
+        self.into_a_view, self.out_form = into_a_view, False
 
     def forward(self, x):
         h = self.fc(x)
         with torch.no_grad():
             self.running.mul_(0.9).add_(h.mean(0))
             self.attribute_state[:] = h.mean(0)
+        if self.into_a_view:
+            torch.zeros(4, *h.shape, **f64)[1].copy_(h)
         out = torch.zeros_like(h)
-        if self.as_dual:
-            out = Dual(out)
         out[:, 1:] = h[:, 1:].exp()
-        return out.index_add_(0, torch.tensor([1, 0]), h)
+        if self.out_form:  # (forward_ad takes no out=: its oracle is the op out of place)
+            squares = torch.empty_like(h)
+            torch.mul(h, h, out=squares)
+        else:
+            squares = h * h
+        self.temporary = out
+        return out.index_add_(0, torch.tensor([1, 0]), h) + squares
 
 
-def test_a_temporary_filled_from_duals_under_no_grad_is_refused_not_left_without_tangent():
-    """Inside a dual pass under no_grad, a tangent written into a plain tensor that no module
-    holds (which forward_ad's write would make dual) is refused, where it was dropped; a
-    module's buffer or attribute still takes the primal, and the temporary made a Dual is
-    exact."""
-    model, fixed = _FillsATemporary().double(), _FillsATemporary(as_dual=True).double()
-    fixed.load_state_dict(model.state_dict())
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_temporary_filled_from_duals_becomes_a_dual(grad):
+    """A tensor a forward makes and fills from Duals takes their tangents, as forward_ad's
+    write makes it dual (it was refused, or under no_grad left without them); a module's
+    buffer or attribute still takes the primal; a view of such a tensor, which could only
+    take the tangent for itself, is refused by name, with grad or without."""
+    model = _FillsATemporary().double()
     x = torch.randn(2, 3, **f64)
     xt = torch.randn(1, *x.shape, **f64)
     tangents = {n: torch.randn(1, *p.shape, **f64) for n, p in model.named_parameters()}
-    y, yt = model_jvp(model, [x], [xt], tangents)  # forward_ad: the temporary becomes dual
-    for m in (model, fixed):
-        fgkernels.set_tangents(m, tangents)
-    with torch.no_grad(), pytest.raises(TypeError, match="that no module of the dual pass holds"):
-        model(Dual(x, xt))
-    with torch.no_grad():
-        out = fixed(Dual(x, xt))
+    y, yt = model_jvp(model, [x], [xt], tangents)
+    fgkernels.set_tangents(model, tangents)
+    model.out_form = True
+    with torch.set_grad_enabled(grad):
+        out = model(Dual(x, xt))
     torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
-    h = fixed.fc(x).mean(0)  # the state took the primal
-    torch.testing.assert_close(fixed.running, h)
-    torch.testing.assert_close(fixed.attribute_state, h)
+    h = model.fc(x).mean(0).detach()  # the state took the primal
+    torch.testing.assert_close(model.running, h)
+    torch.testing.assert_close(model.attribute_state, h)
+    # the temporary itself a plain tensor again, of the primal's values
+    assert type(model.temporary) is torch.Tensor and not has_tangent(model.temporary)
+    torch.testing.assert_close(model.temporary, out.primal - model.fc(x).detach() ** 2)
+    model.into_a_view = True
+    with torch.set_grad_enabled(grad), \
+            pytest.raises(TypeError, match="would write a Dual.* into a (view of a )?plain tensor"):
+        model(Dual(x, xt))
+
 
 
 # --- NaN and Inf as forward_ad has them ---------------------------------------------------------
