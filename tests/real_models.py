@@ -118,6 +118,10 @@ TRANSFORMERS: dict[str, tuple[str, dict, Callable[[], dict]]] = {
     "mamba": ("MambaModel", dict(hidden_size=16, state_size=4, num_hidden_layers=2, expand=2,
                                  conv_kernel=3, use_cache=False),
               lambda: dict(input_ids=_tokens()["input_ids"])),
+    # (its forward fills zero tensors from Duals, step by step)
+    "rwkv": ("RwkvModel", dict(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                               intermediate_size=64, context_length=16, use_cache=False),
+             lambda: dict(input_ids=_tokens()["input_ids"])),
     "vit": ("ViTModel", dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
                              num_attention_heads=4, intermediate_size=37), _pixels(16)),
     "swin": ("SwinModel", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
