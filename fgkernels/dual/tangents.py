@@ -26,6 +26,8 @@ modules themselves: a model must not run in another thread while a dual pass run
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import operator
 import sys
 import threading
@@ -150,11 +152,18 @@ class _Pass:
         self.entry_swaps: list[_EntrySwap] = []
         self.attributes: list[_Attributes] = []
         self.members: set[int] = set()
+        self.modules: list[nn.Module] = []
         self.duals: dict[int, Dual] = {}
-        self.lifted: list[Tensor] = []
-        self.temporaries: list[Tensor] = []
+        # (weakly: a temporary the forward drops is freed, its tangent with it)
+        self.lifted: list[weakref.ref] = []
+        self.temporaries: list[weakref.ref] = []
+        self.state: Optional[set[int]] = None  # ``holds_as_state``'s, made at its first call
         self.join(root)
-        self.lift_the_rest()
+        try:
+            self.lift_the_rest()
+        except BaseException:
+            self.undo()
+            raise
 
     def join(self, module: nn.Module) -> None:
         """Substitute the tensors of ``module``'s tree that are not substituted yet (the root's,
@@ -166,6 +175,7 @@ class _Pass:
             for m in _tree(module):
                 if id(m) not in self.members:
                     self.members.add(id(m))
+                    self.modules.append(m)
                     self._substitute(m, foreign_hooks)
         except BaseException:
             self.undo()
@@ -178,12 +188,13 @@ class _Pass:
         substitution does not reach (a closure's, a global's, a container of a torch.nn
         layer's or one nested deeper than the pass looks) carries the tangent too. Only a
         plain Parameter or Tensor changes class (torch's own lazy parameters change theirs
-        so); any other subclass keeps its own ``__torch_function__``."""
-        for ref in _LIVE.values():
+        so); any other subclass keeps its own ``__torch_function__``. Passes in other threads
+        may hold the same tensor lifted: it is lifted while any does (``_lift``), and its ops
+        take its tangent only in a thread whose pass runs."""
+        for ref in list(_LIVE.values()):  # (another thread's pass may add a temporary)
             t = ref()
-            if t is not None and type(t) in _LIFTED:
-                t.__class__ = _LIFTED[type(t)]
-                self.lifted.append(t)
+            if t is not None and _lift(t):
+                self.lifted.append(weakref.ref(t))
 
     def take_as_dual(self, t: Tensor, count: int, directions, single: bool,
                      dtype: torch.dtype) -> Dual:
@@ -194,23 +205,37 @@ class _Pass:
         output of the pass that is ``t`` comes out as its Dual."""
         stack = in_primal_layout(t.new_zeros((count, *t.shape), dtype=dtype), t)
         _put(t, ParameterTangent(stack, directions, single))
-        t.__class__ = _LIFTED[Tensor]
-        self.lifted.append(t)
-        self.temporaries.append(t)
+        _lift(t)
+        self.lifted.append(weakref.ref(t))
+        self.temporaries.append(weakref.ref(t))
         return dual_of(t)
 
     def with_duals(self, output):
-        """``output`` with each of the pass's temporaries in it (``take_as_dual``) as its
-        Dual."""
-        ids = {id(t) for t in self.temporaries}
-        return pytree.tree_map(lambda v: dual_of(v) if id(v) in ids else v, output)
+        """``output`` with each of the pass's temporaries in it (``take_as_dual``, found in
+        tuples, lists, dicts and the other containers torch's pytree knows) as a Dual of its
+        own: the tensor and its tangent."""
+        temporaries = {id(t): t for t in (ref() for ref in self.temporaries) if t is not None}
+
+        def as_dual(v):
+            if _is_dataclass(v):  # (a container pytree may not know)
+                return dataclasses.replace(v, **{f.name: pytree.tree_map(as_dual, getattr(
+                    v, f.name), is_leaf=_is_dataclass) for f in dataclasses.fields(v) if f.init})
+            if temporaries.get(id(v)) is not v:
+                return v
+            entry = tangent_of(v)
+            return Dual._unchecked(v, entry.stack, entry.directions, entry.single)
+
+        return pytree.tree_map(as_dual, output, is_leaf=_is_dataclass)
 
     def holds_as_state(self, t: Tensor) -> bool:
-        """True if a module of the pass holds ``t``, or the tensor it views, as a buffer or an
-        attribute (running statistics, a cache)."""
-        ids = {id(t), id(t._base)} - {id(None)}
-        return any(id(v) in ids for m in _tree(self.root)
-                   for v in (*m._buffers.values(), *m.__dict__.values()))
+        """True if a module of the pass holds ``t``, or the tensor it views, as a parameter, a
+        buffer or an attribute (running statistics, a frozen codebook, a cache): the tensors
+        they held at this pass's first such question."""
+        if self.state is None:
+            self.state = {id(v) for m in self.modules for v in (
+                *m._parameters.values(), *m._buffers.values(), *m.__dict__.values())
+                if isinstance(v, Tensor)} | {id(swap.tensor) for swap in self.swaps}
+        return id(t) in self.state or (t._base is not None and id(t._base) in self.state)
 
     def forget_cached_parametrizations(self) -> None:
         """Within ``parametrize.cached()`` a parametrized tensor is computed once and kept: one
@@ -319,11 +344,13 @@ class _Pass:
                     holder[k] = before[id(e)]
 
     def undo(self) -> None:
-        for t in self.lifted:
-            t.__class__ = _UNLIFTED[type(t)]
-        for t in self.temporaries:
-            _drop(t)
-        self.lifted, self.temporaries = [], []
+        for t in [ref() for ref in self.lifted]:
+            if t is not None:
+                _unlift(t)
+        for t in [ref() for ref in self.temporaries]:
+            if t is not None:
+                _drop(t)
+        self.lifted, self.temporaries, self.state = [], [], None
         self._put_back_entries()
         for holder, name, t in reversed(self.swaps):
             holder[name] = t
@@ -362,6 +389,12 @@ def _sets_no_attributes(cls: type) -> bool:
         known = _NO_ATTRIBUTES[cls] = cls.__module__.startswith("torch.nn.modules.") \
             and not issubclass(cls, nn.RNNBase)
     return known
+
+
+def _is_dataclass(v) -> bool:
+    """True for a dataclass instance that torch's pytree does not take apart itself."""
+    return dataclasses.is_dataclass(v) and not isinstance(v, type) \
+        and type(v) not in pytree.SUPPORTED_NODES
 
 
 def _tree(root: nn.Module) -> list[nn.Module]:
@@ -543,6 +576,9 @@ def _lifted_call(func, args: tuple, kwargs: dict):
     Dual: the Dual's rule for it."""
     flat, spec = pytree.tree_flatten((args, kwargs))
     flat = [_as_dual(v) for v in flat]
+    if not any(isinstance(v, Dual) for v in flat):  # (a tangent cleared during the pass)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
     args, kwargs = pytree.tree_unflatten(flat, spec)
     name = _tensor_attribute(func)
     if name is not None and args and isinstance(args[0], Dual):
@@ -575,20 +611,72 @@ def _lifting_torch_function(cls, func, types, args=(), kwargs=None):
 _VALUE_PROPERTIES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
 
 
-class _LiftedParameter(nn.Parameter):
+class _Lifted:
+    """Mixin of the lifted classes: a copy or a pickle of a lifted tensor is of its own
+    class, with no tangent (as a state dict leaves the tangent behind)."""
+
+    __torch_function__ = classmethod(_lifting_torch_function)
+
+    def __deepcopy__(self, memo):
+        with _unlifted(self):
+            return copy.deepcopy(self, memo)
+
+    def __reduce_ex__(self, protocol):
+        with _unlifted(self):
+            return self.__reduce_ex__(protocol)
+
+
+class _LiftedParameter(_Lifted, nn.Parameter):
     """A Parameter with a tangent while a dual pass runs (``_Pass.lift_the_rest``)."""
 
-    __torch_function__ = classmethod(_lifting_torch_function)
 
-
-class _LiftedTensor(Tensor):
+class _LiftedTensor(_Lifted, Tensor):
     """A plain tensor with a tangent while a dual pass runs (``_Pass.lift_the_rest``)."""
-
-    __torch_function__ = classmethod(_lifting_torch_function)
 
 
 _LIFTED = {nn.Parameter: _LiftedParameter, Tensor: _LiftedTensor}
 _UNLIFTED = {lifted: cls for cls, lifted in _LIFTED.items()}
+# id -> [a weak reference to the lifted tensor, how many running passes hold it lifted]
+_LIFTS: dict[int, list] = {}
+_LIFTS_LOCK = threading.Lock()
+
+
+def _lift(t: Tensor) -> bool:
+    """Lift ``t`` for one more running pass (False if its class is not one that lifts)."""
+    with _LIFTS_LOCK:
+        entry = _LIFTS.get(id(t))
+        if entry is None or entry[0]() is not t:
+            if type(t) not in _LIFTED:
+                return False
+            key = id(t)
+            # (a tensor freed while lifted takes its entry with it; no lock in a callback,
+            # which the collector may run while this thread holds it)
+            entry = _LIFTS[key] = [weakref.ref(t, lambda _, key=key: _LIFTS.pop(key, None)), 0]
+            t.__class__ = _LIFTED[type(t)]
+        entry[1] += 1
+        return True
+
+
+def _unlift(t: Tensor) -> None:
+    """One running pass lets go of ``t``: its own class again when none holds it."""
+    with _LIFTS_LOCK:
+        entry = _LIFTS.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _LIFTS[id(t)]
+            t.__class__ = _UNLIFTED.get(type(t), type(t))
+
+
+@contextlib.contextmanager
+def _unlifted(t: Tensor) -> Iterator[None]:
+    lifted = type(t)
+    t.__class__ = _UNLIFTED[lifted]
+    try:
+        yield
+    finally:
+        t.__class__ = lifted
 
 
 # Tensor methods that a Dual answers with a method of its own (``detach``, ``size``, ...),

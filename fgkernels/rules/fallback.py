@@ -201,47 +201,46 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     if isinstance(out, Dual):  # out= a Dual: the op out of place, then written into it
         rest = {k: v for k, v in kwargs.items() if k != "out"}
         return out._assign(Dual.__torch_function__(func, (Dual,), args, rest))
-    what = "out=" if out is not None else f"'{name}'"
-    written = (args[1:], {k: v for k, v in kwargs.items() if k != "out"})
-    temporary = _temporary_of_pass(target, written)
-    if temporary is not None:
-        # A tensor of the forward's own filled from Duals (torch.zeros_like(x), then written:
-        # Longformer's chunks, an MoE's index_add_, RWKV's steps) becomes a Dual, as
-        # forward_ad's write makes it dual.
-        d = temporary.take_as_dual(target, *_slots_of(target, written, name))
-        if out is not None:
-            return Dual.__torch_function__(func, (Dual,), args, {**kwargs, "out": d})
-        return Dual.__torch_function__(func, (Dual,), (d, *args[1:]), kwargs)
-    if torch.is_grad_enabled():
-        raise TypeError(
-            f"fgkernels.Dual: {what} would write a Dual into a plain tensor, which cannot take "
-            "its tangent; compute the result out of place, or make the tensor a Dual "
-            "(fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents (or, for "
-            "state such as running statistics, write under torch.no_grad(), where it takes "
-            "the primal)")
-    pass_ = running_pass()
-    if pass_ is not None and not pass_.holds_as_state(target) and _carries_tangent(written):
-        # (a view of a tensor of the forward's own, or a tensor of a subclass: under no_grad
-        # too its tangent would be lost)
-        raise TypeError(
-            f"fgkernels.Dual: {what} would write a Dual's tangent into a view of a plain tensor "
-            "that no module of the dual pass holds, and it cannot take it; make that tensor a "
-            "Dual (fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents, or "
-            "compute the result out of place")
+    written = (args if out is not None else args[1:],
+               {k: v for k, v in kwargs.items() if k != "out"})
+    if _carries_tangent(written):
+        what = "out=" if out is not None else f"'{name}'"
+        pass_ = running_pass()
+        if pass_ is not None and _can_become_dual(target) and not pass_.holds_as_state(target):
+            # A tensor of the forward's own filled from Duals (torch.zeros_like(x), then
+            # written: Longformer's chunks, an MoE's index_add_, RWKV's steps) becomes a Dual,
+            # as forward_ad's write makes it dual.
+            d = pass_.take_as_dual(target, *_slots_of(target, written, name))
+            if out is not None:
+                return Dual.__torch_function__(func, (Dual,), args, {**kwargs, "out": d})
+            return Dual.__torch_function__(func, (Dual,), (d, *args[1:]), kwargs)
+        if torch.is_grad_enabled():
+            raise TypeError(
+                f"fgkernels.Dual: {what} would write a Dual into a plain tensor, which cannot "
+                "take its tangent; compute the result out of place, or make the tensor a Dual "
+                "(fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents (or, "
+                "for state such as running statistics, write under torch.no_grad(), where it "
+                "takes the primal)")
+        if pass_ is not None and differentiable(target.dtype) \
+                and not pass_.holds_as_state(target):
+            # (under no_grad too its tangent would be lost)
+            raise TypeError(
+                f"fgkernels.Dual: {what} would write a Dual's tangent into a plain tensor that "
+                "no module of the dual pass holds and that cannot become a Dual (a view of one, "
+                "or one that other tensors view: they would keep their values without the "
+                "tangent); make that tensor a Dual (fgkernels.Dual(torch.zeros_like(x))) "
+                "before taking views of it, or compute the result out of place")
+    # (a Dual without tangent has nothing to lose: its primal is written)
     a, k = pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
 
 
-def _temporary_of_pass(target, written):
-    """The running dual pass, where ``target`` is a plain floating tensor of the forward's
-    own (no module of the pass holds it, it views nothing) about to be written from a Dual
-    with a tangent; else None."""
-    pass_ = running_pass()
-    if pass_ is None or type(target) is not torch.Tensor or target._base is not None \
-            or not differentiable(target.dtype) or not _carries_tangent(written) \
-            or pass_.holds_as_state(target):
-        return None
-    return pass_
+def _can_become_dual(target) -> bool:
+    """True for a plain floating tensor that views nothing and that nothing views (the one
+    user of its storage): written from a Dual, it can take the tangent whole."""
+    return type(target) is torch.Tensor and target._base is None \
+        and differentiable(target.dtype) \
+        and torch._C._storage_Use_Count(target.untyped_storage()._cdata) <= 2  # (+ this call's)
 
 
 def _slots_of(target: torch.Tensor, written, name: str) -> tuple:

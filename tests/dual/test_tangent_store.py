@@ -221,6 +221,73 @@ def test_a_tensor_reached_around_the_modules_carries_its_tangent(convert):
     fgkernels.clear_tangents(model)
 
 
+class _ClosureReader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, **f64))
+        w = self.w
+        self.reads = lambda x: x @ w.T + w.sin().sum()
+
+    def forward(self, x):
+        return self.reads(x)
+
+
+def test_passes_in_two_threads_lift_their_tensors_apart():
+    """Two models, each reading its parameter through a closure, run dual passes in two
+    threads at once, over and over: each pass is exact, and afterwards each parameter is a
+    plain Parameter again (a tensor stays lifted while any thread's pass holds it)."""
+    import threading
+
+    from fgkernels.dual import tangents
+    from fgkernels.testing import forward_ad_jvp
+
+    models = [_ClosureReader() for _ in range(2)]
+    x = torch.randn(3, 4, **f64)
+    expected = []
+    for m in models:
+        wt = torch.randn(1, 4, 4, **f64)
+        expected.append(forward_ad_jvp(lambda w: x @ w.T + w.sin().sum(), [m.w.detach()],
+                                       [wt])[1])
+        fgkernels.set_tangents(m, {"w": wt})
+    errors, barrier = [], threading.Barrier(2)
+
+    def run(i):
+        barrier.wait()
+        for _ in range(40):
+            errors.append(rel_err(models[i](Dual(x)).tangents, expected[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 80 and max(errors) < 1e-12
+    assert all(type(m.w) is nn.Parameter for m in models) and not tangents._LIFTS
+
+
+def test_a_copy_of_a_lifted_tensor_is_of_its_own_class():
+    """deepcopy and pickle of a tensor lifted for a pass (a closure's parameter) give its
+    own class, without tangent, as outside the pass."""
+    seen = {}
+
+    class Copies(ReachedAround):
+        def forward(self, x):
+            seen["copy"] = copy.deepcopy(GLOBAL_SCALE)
+            buffer = io.BytesIO()
+            torch.save(GLOBAL_SCALE, buffer)
+            buffer.seek(0)
+            seen["loaded"] = torch.load(buffer, weights_only=False)
+            return super().forward(x)
+
+    model = Copies()
+    fgkernels.random_tangents(model)
+    model(Dual(torch.randn(3, 4, **f64)))
+    for v in seen.values():
+        assert type(v) is nn.Parameter and not has_tangent(v)
+        torch.testing.assert_close(v.data, GLOBAL_SCALE.data)
+    fgkernels.clear_tangents(model)
+
+
 @pytest.mark.parametrize("convert", [False, True], ids=["as is", "converted"])
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
 def test_a_pass_an_interrupt_cut_short_ends_at_the_next_call(interrupt, convert):

@@ -1,6 +1,7 @@
 """Edge and hostile inputs: the exact forward_ad answer (NaN where it has NaN) or a clear error
 naming the argument, never a crash or a wrong number."""
 import copy
+import dataclasses
 import math
 import re
 import subprocess
@@ -15,7 +16,7 @@ import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
 from fgkernels.dual.tangents import has_tangent
-from fgkernels.testing import forward_ad_jvp, model_jvp
+from fgkernels.testing import forward_ad_jvp, model_jvp, model_jvp_in_place
 
 from helpers import ForwardADOracle, assert_within_torch_error
 from op_table import OPS, inputs
@@ -359,6 +360,99 @@ def test_a_temporary_filled_from_duals_becomes_a_dual(grad):
     with torch.set_grad_enabled(grad), \
             pytest.raises(TypeError, match="would write a Dual.* into a (view of a )?plain tensor"):
         model(Dual(x, xt))
+
+
+class _Writes(nn.Module):
+    """A forward that writes ``h = fc(x)`` into tensors of its own in one of the ways
+    ``way`` names, and returns what it wrote."""
+
+    def __init__(self, way: str):
+        super().__init__()
+        self.fc, self.way = nn.Linear(3, 3), way
+        self.codebook = nn.Parameter(torch.zeros(3, **f64), requires_grad=False)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.way == "out= of a one-operand op":
+            buf = torch.empty_like(h)
+            torch.exp(h, out=buf)
+            return buf
+        if self.way == "a Dual without tangent first":
+            buf = torch.zeros(2, 6, **f64)
+            buf[:, 3:] = Dual(torch.ones(2, 3, **f64))  # (nothing to lose: its primal)
+            buf[:, :3] = h
+            return buf
+        if self.way == "in a dataclass":
+            buf = torch.zeros_like(h)
+            buf[:] = h.sin()
+            return _Out(buf, 2)
+        if self.way == "views taken first":
+            buf = torch.zeros_like(h)
+            rows = buf[0], buf[1]
+            buf[:] = h  # (refused: the rows would keep the values without the tangent)
+            return rows[0] + rows[1]
+        if self.way == "a frozen parameter and integer codes":
+            with torch.no_grad():  # state, and a tensor that has no tangent: the primal
+                self.codebook.mul_(0.5).add_(h.mean(0))
+                codes = torch.empty(h.shape, dtype=torch.long)
+                codes.copy_(h * 10)
+            self.codes = codes
+            return h
+        raise AssertionError(self.way)
+
+
+@dataclasses.dataclass
+class _Out:
+    value: torch.Tensor
+    count: int
+
+
+_ORACLE_FORWARD = {  # forward_ad takes no out= and returns no dataclass of duals
+    "out= of a one-operand op": lambda m, x: m.fc(x).exp(),
+    "in a dataclass": lambda m, x: m.fc(x).sin(),
+}
+
+
+@pytest.mark.parametrize("way", ["out= of a one-operand op", "a Dual without tangent first",
+                                 "in a dataclass", "a frozen parameter and integer codes"])
+def test_the_ways_a_forward_writes_duals_into_its_own_tensors(way):
+    """``out=`` where the Dual is the op's only operand, a Dual without tangent written first,
+    a temporary returned in a dataclass, a frozen parameter and an integer tensor written
+    under no_grad: each as forward_ad (the state takes the primal)."""
+    model = _Writes(way).double()
+    x = torch.randn(2, 3, **f64)
+    xt = torch.randn(1, *x.shape, **f64)
+    tangents = {n: torch.randn(1, *p.shape, **f64) for n, p in model.named_parameters()
+                if p.requires_grad}
+    ref = copy.deepcopy(model)
+    if way in _ORACLE_FORWARD:  # (a forward forward_ad can run, bound to the copy)
+        ref.forward = lambda x: _ORACLE_FORWARD[way](ref, x)
+    y, yt = model_jvp_in_place(ref, [x], [xt], tangents)
+    fgkernels.set_tangents(model, tangents)
+    out = model(Dual(x, xt))
+    if way == "in a dataclass":
+        assert out.count == 2
+        out = out.value
+    torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
+    if way == "a frozen parameter and integer codes":
+        h = model.fc(x).detach()
+        torch.testing.assert_close(model.codebook.data, h.mean(0))
+        assert torch.equal(model.codes, (h * 10).long())
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_tensor_viewed_before_a_dual_is_written_into_it_is_refused(grad):
+    """Views of a tensor taken before a Dual is written into it would keep its values
+    without the tangent: the write is refused by name, with grad or without."""
+    model = _Writes("views taken first").double()
+    fgkernels.random_tangents(model)
+    x = torch.randn(2, 3, **f64)
+    with torch.set_grad_enabled(grad), \
+            pytest.raises(TypeError, match="other tensors view" if not grad else
+                          "would write a Dual into a plain tensor"):
+        model(Dual(x, torch.randn_like(x)))
+
 
 
 
