@@ -870,6 +870,24 @@ def in_dual_pass() -> bool:
     return active is not None and active.running()
 
 
+@contextlib.contextmanager
+def lifted_set_aside() -> Iterator[None]:
+    """The tensors this thread's eager pass holds lifted, of their own class for the length of
+    the block: a compiled call inside the pass (``fgkernels.compile``), whose trace would take
+    the subclass for a tensor subclass of its own and whose ``ParameterTangents`` hands out
+    their tangents."""
+    active = running_pass()
+    held = [] if active is None else \
+        [t for t in (ref() for ref in active.lifted) if t is not None and type(t) in _UNLIFTED]
+    for t in held:
+        t.__class__ = _UNLIFTED[type(t)]
+    try:
+        yield
+    finally:
+        for t in held:
+            t.__class__ = _LIFTED[type(t)]
+
+
 def running_pass() -> Optional[_Pass]:
     """This thread's dual pass, while it runs (else None)."""
     active = getattr(_hooks.local, "active", None)

@@ -19,6 +19,7 @@ from ..dual.tangents import (
     _holds_dual,
     _hooks,
     is_dual_pass_root,
+    lifted_set_aside,
 )
 from ..dual.value import Dual, in_rule
 
@@ -54,7 +55,8 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     def run(*args, **kwargs):
         if not (_holds_dual(args) or is_dual_pass_root(module)):
             try:
-                return compiled(*args, **kwargs)
+                with lifted_set_aside():
+                    return compiled(*args, **kwargs)
             finally:
                 _hooks.sync()  # as below
         # The backend is chosen before the trace, not loaded inside it: a trace that loads it
@@ -64,7 +66,8 @@ def compile(module: nn.Module, **options: Any) -> Callable:
                 current_backend(a.device)
         outer, _compiled_pass.running = _compiled_pass.running, True
         try:
-            with ParameterTangents(), _rnn_traced() if recurrent else nullcontext():
+            with ParameterTangents(), lifted_set_aside(), \
+                    _rnn_traced() if recurrent else nullcontext():
                 return compiled(*args, **kwargs)
         finally:
             _compiled_pass.running = outer

@@ -14,7 +14,12 @@ import torch
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.testing import compare_with_forward_ad, forward_ad_jvp, model_jvp
+from fgkernels.testing import (
+    compare_with_forward_ad,
+    forward_ad_jvp,
+    model_jvp,
+    model_jvp_in_place,
+)
 from fgkernels.train.models import BasicBlock
 
 from helpers import TOL, assert_within_torch_error
@@ -923,3 +928,48 @@ def test_recurrent_layers_compile_in_one_graph():
     y, yt = model_jvp(model, [x], [xt], tangents)
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+def test_an_eager_pass_calls_a_compiled_model_it_does_not_hold():
+    """An eager dual pass whose forward calls a model compiled by ``fgkernels.compile`` and
+    held outside its tree: the compiled call traces the encoder's parameters as they are (not
+    as the eager pass lifts them) and hands out their tangents itself; exact."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(),
+                                  torch.nn.Linear(3, 3)).double()
+    compiled = fgkernels.compile(encoder, backend="aot_eager")
+
+    class Outer(torch.nn.Module):
+        def __init__(self, encode):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 3).double()
+            self.__dict__["encode"] = encode  # (not a submodule)
+
+        def forward(self, x):
+            return self.head(self.encode(x))
+
+    model, ref = Outer(compiled), Outer(encoder)
+    ref.head.load_state_dict(model.head.state_dict())
+    f64 = dict(dtype=torch.float64)
+    x, xt = torch.randn(2, 3, **f64), torch.randn(1, 2, 3, **f64)
+    th = {n: torch.randn(1, *p.shape, **f64) for n, p in model.head.named_parameters()}
+    te = {n: torch.randn(1, *p.shape, **f64) for n, p in encoder.named_parameters()}
+
+    class Both(torch.nn.Module):  # (the oracle differentiates the parameters of both)
+        def __init__(self):
+            super().__init__()
+            self.o, self.e = ref, encoder
+
+        def forward(self, x):
+            return self.o(x)
+
+    y, yt = model_jvp_in_place(Both(), [x], [xt], {**{f"o.head.{k}": v for k, v in th.items()},
+                                                   **{f"e.{k}": v for k, v in te.items()}})
+    fgkernels.set_tangents(model.head, th)
+    fgkernels.set_tangents(encoder, te)
+    try:
+        out = model(Dual(x, xt))
+    finally:
+        fgkernels.clear_tangents(model.head)
+        fgkernels.clear_tangents(encoder)
+    torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
