@@ -502,10 +502,8 @@ def _container(v, kind: type):
 def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:
     entry = tangent_of(t)
     stack = entry.stack
-    with torch._C.DisableTorchFunctionSubclass():  # (a lifted tensor's metadata, as it is)
-        device, shape, dtype = t.device, t.shape, t.dtype
-    if stack.device != device or stack.shape[1:] != shape \
-            or not tangent_dtype_fits(dtype, stack.dtype):
+    if stack.device != t.device or stack.shape[1:] != t.shape \
+            or not tangent_dtype_fits(t.dtype, stack.dtype):
         raise RuntimeError(
             f"{type(m).__name__}.{name} is now a {t.dtype} tensor of shape {tuple(t.shape)} on "
             f"{t.device}, but its tangent ({stack.dtype}, {tuple(stack.shape[1:])}, "
@@ -879,13 +877,10 @@ def lifted_set_aside() -> Iterator[None]:
     active = running_pass()
     held = [] if active is None else \
         [t for t in (ref() for ref in active.lifted) if t is not None and type(t) in _UNLIFTED]
-    for t in held:
-        t.__class__ = _UNLIFTED[type(t)]
-    try:
-        yield
-    finally:
+    with contextlib.ExitStack() as stack:
         for t in held:
-            t.__class__ = _LIFTED[type(t)]
+            stack.enter_context(_unlifted(t))
+        yield
 
 
 def running_pass() -> Optional[_Pass]:

@@ -203,7 +203,7 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
         return out._assign(Dual.__torch_function__(func, (Dual,), args, rest))
     written = (args if out is not None else args[1:],
                {k: v for k, v in kwargs.items() if k != "out"})
-    if _carries_tangent(written):
+    if _carries_tangent(written) and differentiable(target.dtype):
         what = "out=" if out is not None else f"'{name}'"
         pass_ = running_pass()
         if pass_ is not None and _can_become_dual(target) and not pass_.holds_as_state(target):
@@ -221,8 +221,7 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
                 "(fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents (or, "
                 "for state such as running statistics, write under torch.no_grad(), where it "
                 "takes the primal)")
-        if pass_ is not None and differentiable(target.dtype) \
-                and not pass_.holds_as_state(target):
+        if pass_ is not None and not pass_.holds_as_state(target):
             # (under no_grad too its tangent would be lost)
             raise TypeError(
                 f"fgkernels.Dual: {what} would write a Dual's tangent into a plain tensor that "
@@ -230,16 +229,15 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
                 "or one that other tensors view: they would keep their values without the "
                 "tangent); make that tensor a Dual (fgkernels.Dual(torch.zeros_like(x))) "
                 "before taking views of it, or compute the result out of place")
-    # (a Dual without tangent has nothing to lose: its primal is written)
+    # (a Dual without tangent, or an integer target, has nothing to lose: the primal)
     a, k = pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
 
 
 def _can_become_dual(target) -> bool:
-    """True for a plain floating tensor that views nothing and that nothing views (the one
-    user of its storage): written from a Dual, it can take the tangent whole."""
+    """True for a plain tensor that views nothing and that nothing views (the one user of
+    its storage): written from a Dual, it can take the tangent whole."""
     return type(target) is torch.Tensor and target._base is None \
-        and differentiable(target.dtype) \
         and torch._C._storage_Use_Count(target.untyped_storage()._cdata) <= 2  # (+ this call's)
 
 

@@ -392,10 +392,10 @@ class _Writes(nn.Module):
             buf[:] = h  # (refused: the rows would keep the values without the tangent)
             return rows[0] + rows[1]
         if self.way == "a frozen parameter and integer codes":
-            with torch.no_grad():  # state, and a tensor that has no tangent: the primal
+            with torch.no_grad():  # state: the primal
                 self.codebook.mul_(0.5).add_(h.mean(0))
-                codes = torch.empty(h.shape, dtype=torch.long)
-                codes.copy_(h * 10)
+            codes = torch.empty(h.shape, dtype=torch.long)
+            codes.copy_(h * 10)  # a tensor that has no tangent, grad or not: the primal
             self.codes = codes
             return h
         raise AssertionError(self.way)
