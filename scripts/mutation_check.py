@@ -55,6 +55,8 @@ PAD_SEQUENCE = ("tests/rules/test_layer_configs.py::test_pad_sequence_pads_every
 INDEXING = ("tests/dual/test_dual_semantics.py::test_getitem_follows_the_primal",
             "tests/dual/test_dual_semantics.py::test_setitem_follows_the_primal")
 EDGES = ("tests/dual/test_dual_semantics.py::test_op_edge_cases_as_forward_ad",)
+PROMOTION = ("tests/dual/test_mixed_precision.py::test_a_tangent_of_its_primal_s_dtype_follows_"
+             "the_primal_s_promotion",)
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
@@ -266,8 +268,7 @@ MUTANTS = [
            ("tests/rules/test_hostile_inputs.py::test_a_float16_spread_scales_its_terms_before_"
             "it_sums_them",)),
     Mutant("a norm's tangent in its parameters' wider dtype", "fgkernels/rules/norms.py",
-           "    dtype = plan.dtype if tangent_dtype_fits(y.dtype, plan.dtype) else y.dtype\n",
-           "    dtype = plan.dtype\n",
+           "    dtype = plan.dtype_for(y.dtype)\n", "    dtype = plan.dtype\n",
            ("tests/dual/test_mixed_precision.py::test_a_norm_of_a_bfloat16_input_with_float32_"
             "parameters_is_bfloat16",)),
     Mutant("a list index read as one list of integers", "fgkernels/rules/indexing.py",
@@ -763,6 +764,18 @@ MUTANTS = [
            "module))):\n",
            "        if _LIVE and _holds_dual(args):\n",
            ("tests/dual/test_tangent_store.py::test_dual_pass_runs_a_model_of_token_ids",)),
+    Mutant("a tangent of its primal's dtype keeps it in a wider op", "fgkernels/dual/slots.py",
+           "        if self.narrow and tangent_dtype_fits(primal, self.dtype):\n",
+           "        if tangent_dtype_fits(primal, self.dtype):\n", PROMOTION),
+    Mutant("a narrow tangent widens in a wider op", "fgkernels/dual/slots.py",
+           "        if self.narrow and tangent_dtype_fits(primal, self.dtype):\n",
+           "        if False:\n", PROMOTION),
+    Mutant("a Dual's tangent is never narrow to the plan", "fgkernels/dual/value.py",
+           "self._stack.dtype, self._stack.dtype != self.primal.dtype)",
+           "self._stack.dtype, False)",
+           ("tests/dual/test_mixed_precision.py::test_bfloat16_tangents_of_a_float32_op",)),
+    Mutant("a plan forgets its operands' narrowness", "fgkernels/dual/slots.py",
+           "    narrow = any(o.narrow for o in live)\n", "    narrow = False\n", PROMOTION),
     Mutant("fgkernels.compile runs a dual_pass call plainly", "fgkernels/nn/compiled.py",
            "        if not (_holds_dual(args) or is_dual_pass_root(module)):\n",
            "        if not _holds_dual(args):\n",

@@ -7,9 +7,11 @@ an operand simply has no slot for a direction that has not reached it yet, and t
 the union). ``plan`` decides the output's slots, ``place`` assembles the output tangent from parts
 that each cover some of them, without materialising a zero slot unless no part covers it.
 
-Slots also have a dtype: the primal's, or a lower precision (bfloat16 tangents of a float32
-network). An op's output slots take the promoted dtype of its operands' (``torch.promote_types``),
-as torch promotes the operands of an op.
+Slots also have a dtype: the primal's, or a lower precision by design (bfloat16 tangents of a
+float32 network: a *narrow* tangent). An op's output slots take the promoted dtype of its
+operands' (``torch.promote_types``) while some tangent is narrow, so that narrow tangents stay
+narrow; tangents of their primals' dtype follow the output primal's promotion, as forward_ad's
+do (``SlotPlan.dtype_for``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .dtypes import tangent_dtype_fits
 from .layout import empty_slots
 
 Directions = Optional[tuple[int, ...]]
@@ -26,13 +29,15 @@ Directions = Optional[tuple[int, ...]]
 
 class SlotOperand(NamedTuple):
     """The tangent slots of one operand: ``count`` slots, labelled by ``directions`` or not,
-    of dtype ``dtype``. (A named tuple, as the other per-call records: made for every operand
-    of every op, it must cost little to build.)"""
+    of dtype ``dtype``, ``narrow`` where that is narrower than the primal's. (A named tuple, as
+    the other per-call records: made for every operand of every op, it must cost little to
+    build.)"""
 
     count: int
     directions: Directions
     single: bool  # one tangent of the primal's shape (unlabelled, count 1)
     dtype: Optional[torch.dtype] = None
+    narrow: bool = False
 
 
 class SlotPlan(NamedTuple):
@@ -42,12 +47,24 @@ class SlotPlan(NamedTuple):
     directions: Directions
     single: bool
     positions: tuple[tuple[int, ...], ...]  # per operand (empty for an operand with no tangent)
-    dtype: Optional[torch.dtype] = None     # the output slots' dtype (None without slots)
+    dtype: Optional[torch.dtype] = None     # the operands' promoted dtype (None without slots)
+    narrow: bool = False                    # some operand's tangent is narrow
 
     def operand(self) -> Optional[SlotOperand]:
         """The output's slots as an operand of a following op (None without slots)."""
-        return SlotOperand(self.count, self.directions, self.single, self.dtype) \
+        return SlotOperand(self.count, self.directions, self.single, self.dtype, self.narrow) \
             if self.count else None
+
+    def dtype_for(self, primal: torch.dtype) -> torch.dtype:
+        """The output slots' dtype beside an output primal of dtype ``primal``: the operands'
+        promoted dtype while some tangent is narrow and that fits ``primal`` (a bfloat16
+        tangent of a float32 Dual times a float64 tensor stays bfloat16); else ``primal``
+        itself, as forward_ad's tangent follows its primal (a float32 Dual times a float64
+        tensor has a float64 tangent; a 0-d float64 Dual times a float32 one, a float32
+        one)."""
+        if self.narrow and tangent_dtype_fits(primal, self.dtype):
+            return self.dtype
+        return primal
 
 
 def plan(operands: Sequence[Optional[SlotOperand]], op: str) -> SlotPlan:
@@ -65,6 +82,7 @@ def _plan(operands: tuple[Optional[SlotOperand], ...], op: str) -> SlotPlan:
     if not live:
         return SlotPlan(0, None, False, tuple(() for _ in operands))
     dtype = promoted_dtype(o.dtype for o in live)
+    narrow = any(o.narrow for o in live)
     labelled = {o.directions is not None for o in live}
     if len(labelled) > 1:
         raise ValueError(
@@ -80,12 +98,12 @@ def _plan(operands: tuple[Optional[SlotOperand], ...], op: str) -> SlotPlan:
         single = all(o.single for o in live)
         ident = tuple(range(count))
         return SlotPlan(count, None, single,
-                        tuple(ident if o is not None else () for o in operands), dtype)
+                        tuple(ident if o is not None else () for o in operands), dtype, narrow)
     union = sorted(set().union(*(o.directions for o in live)))
     index = {d: i for i, d in enumerate(union)}
     positions = tuple(tuple(index[d] for d in o.directions) if o is not None else ()
                       for o in operands)
-    return SlotPlan(len(union), tuple(union), False, positions, dtype)
+    return SlotPlan(len(union), tuple(union), False, positions, dtype, narrow)
 
 
 def promoted_dtype(dtypes) -> Optional[torch.dtype]:

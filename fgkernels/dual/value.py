@@ -277,7 +277,7 @@ class Dual:
         if self._stack is None:
             return None
         return SlotOperand(self._stack.shape[0], self.directions, self._single,
-                           self._stack.dtype)
+                           self._stack.dtype, self._stack.dtype != self.primal.dtype)
 
     def with_tangents(self, primal: torch.Tensor, stack: Optional[torch.Tensor]) -> Dual:
         """A Dual with the same slots as this one but a new primal and stacked tangent."""

@@ -132,9 +132,8 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     # Tangents narrower than their primals come out in the slots' dtype (a bfloat16 tangent
     # stays bfloat16); tangents of their primals' dtype take the outputs' (``cumsum(x,
     # dtype=torch.float64)`` of a float32 Dual gives a float64 tangent, as forward AD does).
-    narrow = any(d.tangents is not None and d.tangents.dtype != d.primal.dtype for d in duals)
-    out = _wrap(primal_out, tangents, plan, plan.dtype if narrow else None)
-    if not narrow:
+    out = _wrap(primal_out, tangents, plan, plan.dtype if plan.narrow else None)
+    if not plan.narrow:
         return _linked(out, duals)
 
     def own_slots(k: int, i: int) -> Optional[torch.Tensor]:
@@ -247,8 +246,7 @@ def _slots_of(target: torch.Tensor, written, name: str) -> tuple:
     duals = [v for v in pytree.tree_leaves(written, is_leaf=lambda v: isinstance(v, Dual))
              if isinstance(v, Dual) and v.tangents is not None]
     plan = _slots.plan([d.slot_operand() for d in duals], name)
-    dtype = plan.dtype if tangent_dtype_fits(target.dtype, plan.dtype) else target.dtype
-    return plan.count, plan.directions, plan.single, dtype
+    return plan.count, plan.directions, plan.single, plan.dtype_for(target.dtype)
 
 
 def _carries_tangent(values) -> bool:

@@ -77,15 +77,15 @@ def setitem(d: Dual, index, value) -> Dual:
     plan = _slots.plan([d.slot_operand(), v.slots], "setitem")
     if plan.count == 0:
         return Dual._unchecked(y, None, None, False)
-    d_pos, v_pos = plan.positions
-    base = _slots.spread(d.tangents, d_pos, plan.count, d.primal, plan.dtype)
+    (d_pos, v_pos), dtype = plan.positions, plan.dtype_for(y.dtype)
+    base = _slots.spread(d.tangents, d_pos, plan.count, d.primal, dtype)
     base = base.clone() if base is d.tangents else base
     region = y[index].dim()
     if v.tangents is None:
-        fill = torch.zeros((), dtype=plan.dtype, device=y.device)
+        fill = torch.zeros((), dtype=dtype, device=y.device)
     else:
         like = v.primal if isinstance(v.primal, Tensor) else y[index]
-        fill = _slots.spread(v.tangents, v_pos, plan.count, like, plan.dtype)
+        fill = _slots.spread(v.tangents, v_pos, plan.count, like, dtype)
         extra = fill.dim() - 1 - region
         if extra > 0:  # leading size-1 dims of value, which torch's assignment drops
             fill = fill.reshape(fill.shape[0], *fill.shape[1 + extra:])

@@ -531,15 +531,15 @@ def _join(op: str, join: Callable, tensors: Sequence[MaybeDual], dim: int,
     # torch.cat passes over a 1-d empty operand of any other shape (a legacy placeholder);
     # its slots, (T, 0), it would not
     legacy = [op == "cat" and d.primal.shape == (0,) and y.dim() != 1 for d in duals]
-    pieces = []
+    dtype, pieces = plan.dtype_for(y.dtype), []
     for d, pos, skip in zip(duals, plan.positions, legacy):
         if skip:
             continue
-        t = _slots.cast(d.tangents, plan.dtype)
+        t = _slots.cast(d.tangents, dtype)
         if pos == tuple(range(plan.count)):
             pieces.append(t)
         else:
-            piece = d.primal.new_zeros((plan.count, *d.primal.shape), dtype=plan.dtype)
+            piece = d.primal.new_zeros((plan.count, *d.primal.shape), dtype=dtype)
             if pos:
                 piece[list(pos)] = t
             pieces.append(piece)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dual import slots as _slots
-from ..dual.dtypes import acc_dtype, tangent_dtype_fits
+from ..dual.dtypes import acc_dtype
 from ..dual.layout import kernel_format
 from ..dual.value import Dual, implements
 from .fallback import forward_ad_fallback
@@ -80,9 +80,8 @@ def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operan
         else:
             pt = torch.addcmul(as_slots(bt), as_slots(wt), xhat)
         parts.append((pt, p_pos))
-    # the slots' dtype, or y's where that one is wider (float32 parameters of a bfloat16
-    # input: torch's output and its tangent are bfloat16)
-    dtype = plan.dtype if tangent_dtype_fits(y.dtype, plan.dtype) else y.dtype
+    # (float32 parameters of a bfloat16 input: torch's output and its tangent are bfloat16)
+    dtype = plan.dtype_for(y.dtype)
     yt = _slots.cast(_slots.place(plan.count, parts, owned=True), dtype)
     return Dual._unchecked(y, yt, plan.directions, plan.single)
 

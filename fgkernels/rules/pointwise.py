@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from ..backends.kernel_op import KernelOp
 from ..dual import slots as _slots
-from ..dual.dtypes import tangent_dtype_fits
 from ..dual.layout import slots_in_format
 from ..dual.value import Dual, implements, view_root
 from .fallback import forward_ad_fallback
@@ -73,14 +72,13 @@ def _like(v, t: Tensor):
 def _combine(op: str, y: Tensor, terms) -> Dual:
     """The Dual of ``y`` whose tangent is the sum of ``terms``: (operand slots, function of that
     operand's stack giving its term, broadcastable to ``(T, *y.shape)``), None-free. Each stack
-    reaches its function in the output slots' dtype, or in y's where that one does not fit y
-    (a 0-d float64 Dual times a float32 one gives a float32 y, as torch keeps 0-d operands from
-    promoting, and so a float32 tangent, as forward_ad's)."""
+    reaches its function in the output slots' dtype (``SlotPlan.dtype_for``: y's, unless a
+    tangent is narrower than its primal by design)."""
     terms = [(o, t, fn) for o, t, fn in terms if o is not None]
     plan = _slots.plan([o for o, _, _ in terms], op)
     if plan.count == 0:
         return Dual(y)
-    dtype = plan.dtype if tangent_dtype_fits(y.dtype, plan.dtype) else y.dtype
+    dtype = plan.dtype_for(y.dtype)
     parts = [(broadcast_stack(fn(lift(_slots.cast(t, dtype), y.dim())), y.shape), pos)
              for (_, t, fn), pos in zip(terms, plan.positions)]
     stack = _slots.place(plan.count, parts)

@@ -31,14 +31,14 @@ def _product(op: str, operands: list, compute: Callable[[list], Tensor],
     plan = _slots.plan([p.slots for p in ps], op)
     if plan.count == 0:
         return Dual._unchecked(y, None, None, False)
+    dtype = plan.dtype_for(y.dtype)
     if primal_factors:
         term_of = lambda i, stack: term(i, stack, primals, y)
     else:
-        cast = lambda v: v.to(plan.dtype) if isinstance(v, Tensor) and v.is_floating_point() \
-            else v
+        cast = lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
         factors = [cast(v) for v in primals]
         term_of = lambda i, stack: term(i, stack, factors)
-    terms = [(term_of(i, _slots.cast(p.tangents, plan.dtype)), pos)
+    terms = [(term_of(i, _slots.cast(p.tangents, dtype)), pos)
              for i, (p, pos) in enumerate(zip(ps, plan.positions)) if p.tangents is not None]
     yt = _slots.place(plan.count, [(t.expand(t.shape[0], *y.shape), pos) for t, pos in terms])
     return Dual._unchecked(y, yt, plan.directions, plan.single)

@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 
 from ..dual import slots as _slots
-from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import eager_under_compile
 from ..dual.value import Dual, implements
 from .layers import dropout, linear
@@ -59,7 +58,7 @@ def _lstm_cell(gates: Dual, c: Dual, w_hr: Optional[Dual]) -> tuple[Dual, Dual]:
     if plan.count == 0:
         h_out, c_out = Dual(h_new), Dual(c_new)
     else:
-        dtype = plan.dtype if tangent_dtype_fits(gp.dtype, plan.dtype) else gp.dtype
+        dtype = plan.dtype_for(gp.dtype)
         like = (lambda v: v) if dtype == gp.dtype else (lambda v: v.to(dtype))
         # σ'(s)·v and tanh'(t)·v as torch's derivative kernels compute them, one kernel each
         d_sigmoid = lambda v, s: like(_aten.sigmoid_backward(v, s))
@@ -100,7 +99,7 @@ def _gru_cell(gi: Dual, gh: Dual, h: Dual) -> Dual:
     plan = _slots.plan([i_slots, h_slots, s_slots], "gru")
     if plan.count == 0:
         return Dual(h_new)
-    dtype = plan.dtype if tangent_dtype_fits(ip.dtype, plan.dtype) else ip.dtype
+    dtype = plan.dtype_for(ip.dtype)
     like = (lambda v: v) if dtype == ip.dtype else (lambda v: v.to(dtype))
     # f'(y)·t: torch's derivative kernel at the tangents' precision, else the slope computed at
     # the primal's and rounded once

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -108,6 +109,44 @@ def test_operands_promote_as_torch_does():
     assert (a + b).tangent_dtype == torch.float32
     assert (a * x).tangent_dtype == BF16
     assert torch.cat([a, Dual(x)]).tangent_dtype == BF16
+
+
+WIDER = {  # an op meeting a tensor of a wider dtype (float64 w) that has no tangent
+    "mul": lambda a, w: a * w, "add": lambda a, w: a + w, "rdiv": lambda a, w: w / a,
+    "where": lambda a, w: torch.where(w > 0, a, w), "cat": lambda a, w: torch.cat([a, w]),
+    "pow": lambda a, w: (a.abs() + 1) ** w, "atan2": lambda a, w: torch.atan2(a, w),
+    "setitem": lambda a, w: _set_first_row(w, a),
+    "fallback": lambda a, w: torch.copysign(a, w),  # no rule: torch's forward AD
+}
+
+
+def _set_first_row(w, a):
+    out = w + 0 * a  # a Dual of w's dtype (one of forward_ad)
+    out[0] = a[0]
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(WIDER))
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (BF16, torch.float32)],
+                         ids=["float32-float64", "bfloat16-float32"])
+def test_a_tangent_of_its_primal_s_dtype_follows_the_primal_s_promotion(case, dtypes, recwarn):
+    """A Dual whose tangent has its primal's dtype, meeting a wider tensor, gives the output
+    primal's dtype to its tangent, computed there, as forward_ad's (a float32 tangent was kept
+    and the float64 product rounded to it: 1e-7 relative; a bfloat16 network's tangent times a
+    float32 tensor, 4e-3); a tangent narrower than its primal by design stays as it is."""
+    narrow, wide = dtypes
+    g = torch.Generator().manual_seed(0)
+    x, t, w = (torch.randn(3, 4, generator=g) for _ in range(3))
+    x, t, w = x.to(narrow), t.to(narrow), w.to(wide)
+    fn = WIDER[case]
+    out = fn(Dual(x, t), w)
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(fn(fwAD.make_dual(x, t), w)).tangent
+    assert out.primal.dtype == out.tangent_dtype == expected.dtype == wide
+    eps = torch.finfo(wide).eps  # (formulas may order their rounding otherwise)
+    torch.testing.assert_close(out.tangent, expected, rtol=4 * eps, atol=4 * eps)
+    if narrow == torch.float32:  # bfloat16 tangents of the float32 Dual stay bfloat16
+        assert fn(Dual(x, t.to(BF16)), w).tangent_dtype == BF16
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
