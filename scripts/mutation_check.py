@@ -647,13 +647,14 @@ MUTANTS = [
            "fgkernels/nn/compiled.py", "            with in_rule():\n", "            if True:\n",
            ("tests/nn/test_compile.py::test_compiled_graphs_take_parameters_as_the_tensors_"
             "they_are",)),
+    Mutant("the hooks a compile kept stay after the compiled call", "fgkernels/nn/compiled.py",
+           "            _hooks.sync()  # (one the collector",
+           "            pass  # (one the collector",
+           ("tests/nn/test_compile.py::"
+            "test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid",)),
     Mutant("a tangent freed while compiling takes the module hooks the trace read",
            "fgkernels/dual/tangents.py", "            _hooks.sync_unless_compiling()\n",
            "            _hooks.sync()\n",
-           ("tests/nn/test_compile.py::"
-            "test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid",)),
-    Mutant("the hooks a compile kept stay after the compiled call", "fgkernels/nn/compiled.py",
-           "            _hooks.sync()  # drops", "            pass  # drops",
            ("tests/nn/test_compile.py::"
             "test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid",)),
     Mutant("fgkernels.compile takes Inductor whatever torch's default backend",
@@ -760,10 +761,37 @@ MUTANTS = [
            "_fusable(nxt):", ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_"
                               "error_naming_it",)),
     Mutant("dual_pass starts no pass", "fgkernels/dual/tangents.py",
+           "        if _holds_dual(args) or (_LIVE and self.roots and is_dual_pass_root("
+           "module)):\n",
+           "        if _holds_dual(args):\n",
+           ("tests/dual/test_tangent_store.py::test_dual_pass_runs_a_model_of_token_ids",)),
+    Mutant("a pass starts only where some tensor has a tangent", "fgkernels/dual/tangents.py",
+           "        if _holds_dual(args) or (_LIVE and self.roots and is_dual_pass_root("
+           "module)):\n",
            "        if _LIVE and (_holds_dual(args) or (self.roots and is_dual_pass_root("
            "module))):\n",
-           "        if _LIVE and _holds_dual(args):\n",
-           ("tests/dual/test_tangent_store.py::test_dual_pass_runs_a_model_of_token_ids",)),
+           ("tests/rules/test_hostile_inputs.py::test_a_temporary_filled_from_duals_becomes_a_"
+            "dual",
+            "tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
+            "with_the_last")),
+    Mutant("the Duals the ops make are not counted", "fgkernels/dual/value.py",
+           "            next(census.made)\n            d._counted = True\n",
+           "            d._counted = True\n",
+           ("tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
+            "with_the_last",)),
+    Mutant("a copy of a Dual is not counted as made", "fgkernels/dual/value.py",
+           "        self._counted = census.count()\n\n    def __del__",
+           "        self._counted = True\n\n    def __del__",
+           ("tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
+            "with_the_last",)),
+    Mutant("a freed Dual is not counted", "fgkernels/dual/value.py",
+           "            next(_freed)\n", "            pass\n",
+           ("tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
+            "with_the_last",)),
+    Mutant("the hooks outlive the last Dual", "fgkernels/dual/tangents.py",
+           "        elif not _LIVE and census.alive() == 0:\n", "        elif False:\n",
+           ("tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
+            "with_the_last",)),
     Mutant("a tangent of its primal's dtype keeps it in a wider op", "fgkernels/dual/slots.py",
            "        if self.narrow and tangent_dtype_fits(primal, self.dtype):\n",
            "        if tangent_dtype_fits(primal, self.dtype):\n", PROMOTION),

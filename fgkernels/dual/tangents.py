@@ -16,7 +16,9 @@ its Dual. An op that meets such a tensor among its operands outside a dual pass
 (``F.linear(Dual(x), lin.weight)``) looks it up here too. A plain call stays a plain call.
 
 The substitution is made and undone by two global module hooks, registered while some tensor
-has a tangent: the pre-hook (which sees positional inputs only) starts the pass, the forward hook
+has a tangent or some Dual exists (a pass with the input's tangents alone fills the forward's
+own tensors from Duals, ``_Pass.take_as_dual``; the first plain call after the last Dual takes
+them away): the pre-hook (which sees positional inputs only) starts the pass, the forward hook
 (``always_call``: also when the forward raises an Exception) ends it. A pass that a
 KeyboardInterrupt or SystemExit cut short (torch runs no forward hook then) is ended at the next
 module call that finds its root call gone, or by ``clear_tangents``. A module outside the root's
@@ -47,6 +49,7 @@ from .precision import check_dtype, resolve_tangent_dtype
 from .value import (
     PRIMAL_METADATA,
     Dual,
+    census,
     check_direction,
     check_tangent,
     in_primal_layout,
@@ -143,7 +146,11 @@ class _EntrySwap(NamedTuple):
 
 class _Pass:
     """The substitution of one dual pass, rooted at the module whose call started it; ``frame``
-    is the Python frame of that call (the pass runs while it does)."""
+    is the Python frame of that call (the pass runs while it does). Where no tensor has a
+    tangent as it starts (the Duals came in with the input: a JVP along the input, activity
+    perturbations), the pass is *light*: nothing to substitute or lift, it is there for the
+    tensors its forward fills from Duals (``take_as_dual``), and a module call costs it a
+    check."""
 
     def __init__(self, root: nn.Module, frame):
         self.root, self.depth, self.frame = root, 1, frame
@@ -158,6 +165,9 @@ class _Pass:
         self.lifted: list[weakref.ref] = []
         self.temporaries: list[weakref.ref] = []
         self.state: Optional[set[int]] = None  # ``holds_as_state``'s, made at its first call
+        self.light = not _LIVE
+        if self.light:
+            return
         self.join(root)
         try:
             self.lift_the_rest()
@@ -232,7 +242,8 @@ class _Pass:
         buffer or an attribute (running statistics, a frozen codebook, a cache): the tensors
         they held at this pass's first such question."""
         if self.state is None:
-            self.state = {id(v) for m in self.modules for v in (
+            modules = _tree(self.root) if self.light else self.modules
+            self.state = {id(v) for m in modules for v in (
                 *m._parameters.values(), *m._buffers.values(), *m.__dict__.values())
                 if isinstance(v, Tensor)} | {id(swap.tensor) for swap in self.swaps}
         return id(t) in self.state or (t._base is not None and id(t._base) in self.state)
@@ -738,25 +749,34 @@ def _holds_tangents(module: nn.Module) -> bool:
 
 
 class _Hooks:
-    """The two global module hooks, registered while some tensor has a tangent."""
+    """The two global module hooks, registered while some tensor has a tangent or some Dual
+    exists (``value.census``)."""
 
     def __init__(self):
         self.handles: list = []
         self.registered = 0  # how many of them are: a plain int, which torch.compile reads
+        # (reentrant: a tensor's tangent freed by the collector syncs from inside a sync)
+        self.lock = threading.RLock()
         self.roots = 0  # how many dual_pass blocks are open, in every thread: a plain int too
         self.roots_lock = threading.Lock()
         self.local = threading.local()
 
     def sync(self) -> None:
-        if _LIVE and not self.handles:
-            self.handles = [torch_module.register_module_forward_pre_hook(self.pre),
-                            torch_module.register_module_forward_hook(
-                                self.post, with_kwargs=True, always_call=True)]
-        elif not _LIVE and self.handles and getattr(self.local, "active", None) is None:
-            for h in self.handles:
-                h.remove()
-            self.handles = []
-        self.registered = len(self.handles)
+        with self.lock:
+            # (off before the census is read: a Dual made after that read finds them off,
+            # and registers them once this sync is done)
+            census.hooks_on = False
+            wanted = bool(_LIVE) or census.alive() > 0
+            if wanted and not self.handles:
+                self.handles = [torch_module.register_module_forward_pre_hook(self.pre),
+                                torch_module.register_module_forward_hook(
+                                    self.post, with_kwargs=True, always_call=True)]
+            elif not wanted and self.handles and getattr(self.local, "active", None) is None:
+                for h in self.handles:
+                    h.remove()
+                self.handles = []
+            self.registered = len(self.handles)
+            census.hooks_on = bool(self.handles)
 
     def sync_unless_compiling(self) -> None:
         """``sync``, unless Dynamo is compiling in this thread. The garbage collector frees a
@@ -783,15 +803,17 @@ class _Hooks:
             if active.running():
                 if module is active.root:
                     active.depth += 1
-                elif id(module) not in active.members:
+                elif not active.light and id(module) not in active.members:
                     active.join(module)
                 return
             self.end_stale()
-        if _LIVE and (_holds_dual(args) or (self.roots and is_dual_pass_root(module))):
+        if _holds_dual(args) or (_LIVE and self.roots and is_dual_pass_root(module)):
             active = self.local.active = _Pass(module, sys._getframe(1))
             # The pass ends after the root's own forward hooks, which torch runs after the
             # global ones: a hook of the root's reads its parameters with their tangents.
             active.ending = module.register_forward_hook(self.root_done, always_call=True)
+        elif not _LIVE and census.alive() == 0:
+            self.sync()  # the last Dual is gone: a plain call takes the hooks away
 
     def end_stale(self) -> None:
         """End this thread's pass if its root call is gone (cut short by a KeyboardInterrupt or
@@ -833,6 +855,7 @@ class _Hooks:
 
 
 _hooks = _Hooks()
+census.register = _hooks.sync_unless_compiling
 
 
 @contextlib.contextmanager

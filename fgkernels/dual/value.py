@@ -1,6 +1,7 @@
 """``Dual``: a primal tensor travelling with its tangent(s) through a forward-mode pass."""
 from __future__ import annotations
 
+import itertools
 import operator
 import threading
 from collections.abc import Sequence
@@ -178,6 +179,41 @@ def _check_directions(directions: Sequence[int], count: int) -> tuple[int, ...]:
     return directions
 
 
+class _Census:
+    """How many Duals exist. fgkernels' global module hooks are registered while any does (as
+    while a tensor has a tangent), so that a module called with a Dual runs a dual pass, which
+    a tensor its forward fills from Duals needs even where no parameter has a tangent
+    (``tangents._Pass.take_as_dual``).
+
+    Two counters, of the Duals made and of those freed, each advanced by one C call (``next``
+    on an ``itertools.count``, which no other thread interleaves): no lock on the path of
+    every op. ``alive`` reads the freed one first, so that a Dual made and freed between the
+    two reads can only make the answer high. A Dual made while Dynamo traces is not counted (no
+    object of a trace is freed); ``fgkernels.compile`` counts the Duals its call returns. The
+    hooks' owner sets ``hooks_on`` and ``register``: a Dual made by the constructor while the
+    hooks are off registers them (the Duals the ops make come from Duals that exist)."""
+
+    def __init__(self):
+        self.made, self.freed = itertools.count(), itertools.count()
+        self.hooks_on = False
+        self.register: Callable[[], None] = lambda: None
+
+    def alive(self) -> int:
+        """How many Duals exist (at least)."""
+        freed = self.freed.__reduce__()[1][0]
+        return self.made.__reduce__()[1][0] - freed
+
+    def count(self) -> bool:
+        """Count a Dual made now (False, and nothing counted, while Dynamo traces)."""
+        if torch.compiler.is_dynamo_compiling():
+            return False
+        next(self.made)
+        return True
+
+
+census = _Census()
+
+
 class Dual:
     """A primal tensor and its tangent(s): the value and directional derivative(s) of a function.
 
@@ -202,7 +238,8 @@ class Dual:
     float32 batch-norm statistics, and the primal exactly as before.
     """
 
-    __slots__ = ("primal", "_stack", "directions", "_single", "_source", "__weakref__")
+    __slots__ = ("primal", "_stack", "directions", "_single", "_source", "_counted",
+                 "__weakref__")
 
     def __init__(self, primal: torch.Tensor, tangent: Optional[torch.Tensor] = None, *,
                  directions: Optional[Sequence[int]] = None):
@@ -212,6 +249,9 @@ class Dual:
             raise TypeError(f"a Dual's primal must have a floating or complex dtype (only those "
                             f"have tangents), got {primal.dtype}")
         self.primal, self._source = primal, None
+        self._counted = census.count()
+        if not census.hooks_on:
+            census.register()
         if tangent is None:
             if directions is not None:
                 raise ValueError("directions given without a tangent")
@@ -235,7 +275,24 @@ class Dual:
         d = cls.__new__(cls)
         d.primal, d._stack, d.directions, d._single = primal, stack, directions, single
         d._source = None
+        if torch.compiler.is_dynamo_compiling():
+            d._counted = False
+        else:  # (census.count inlined: every op makes Duals)
+            next(census.made)
+            d._counted = True
         return d
+
+    def __setstate__(self, state) -> None:
+        """A copy or an unpickled Dual (made without ``__init__``) takes its slots, and is
+        counted (``census``) as a Dual of its own."""
+        for name, value in state[1].items():
+            if name != "_counted":
+                setattr(self, name, value)
+        self._counted = census.count()
+
+    def __del__(self, _freed=census.freed):  # (bound early: still there as Python exits)
+        if getattr(self, "_counted", False):
+            next(_freed)
 
     @classmethod
     def _of_parameter(cls, p: torch.Tensor, stack: torch.Tensor, directions: Directions,

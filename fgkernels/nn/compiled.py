@@ -21,7 +21,7 @@ from ..dual.tangents import (
     is_dual_pass_root,
     lifted_set_aside,
 )
-from ..dual.value import Dual, in_rule
+from ..dual.value import Dual, census, in_rule
 
 
 def compile(module: nn.Module, **options: Any) -> Callable:
@@ -68,10 +68,10 @@ def compile(module: nn.Module, **options: Any) -> Callable:
         try:
             with ParameterTangents(), lifted_set_aside(), \
                     _rnn_traced() if recurrent else nullcontext():
-                return compiled(*args, **kwargs)
+                return _counted(compiled(*args, **kwargs))
         finally:
             _compiled_pass.running = outer
-            _hooks.sync()  # drops the global hooks if the last tangent went while compiling
+            _hooks.sync()  # (one the collector asked for while compiling was put off)
 
     run.compiled = compiled
     # torch.compile's public answer to "compiled with what?": the wrapped backend's settings
@@ -80,6 +80,15 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     run.get_compiler_config = compiled.get_compiler_config = \
         options["backend"].compiler_config
     return run
+
+
+def _counted(output):
+    """``output`` with each Dual in it counted (``value.census``), as an eager op's output is:
+    Dynamo makes the Duals a compiled call returns without counting them."""
+    for v in pytree.tree_leaves(output, is_leaf=lambda v: isinstance(v, Dual)):
+        if isinstance(v, Dual) and not getattr(v, "_counted", False):
+            v._counted = census.count()
+    return output
 
 
 def _rnn_traced():

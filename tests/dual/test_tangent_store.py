@@ -4,7 +4,9 @@ an op on the parameter alone) it carries its tangent, converted or not; every ca
 torch.autograd.forward_ad in float64 (``fgkernels.testing.model_jvp``)."""
 import contextlib
 import copy
+import gc
 import io
+import pickle
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from torch.nn.utils import parametrizations, parametrize
 import fgkernels
 from fgkernels import Dual
 from fgkernels.dual.tangents import has_tangent, tangent_of
+from fgkernels.dual.value import census
 from fgkernels.testing import compare_with_forward_ad, model_jvp
 
 from helpers import rel_err
@@ -952,3 +955,56 @@ def test_a_forward_hook_of_the_passs_root_reads_its_parameters_with_their_tangen
     torch.testing.assert_close(out.tangents, yt)
     assert type(layer.weight) is nn.Parameter
     assert len(layer._forward_hooks) == 1  # its own: the pass's ending hook is gone
+
+
+class _FillsFromTheInput(nn.Module):
+    """A forward that fills a tensor of its own from the Duals its input brings (an MoE's sum
+    of experts, row by row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        out = torch.zeros_like(x)
+        for i in range(x.shape[0]):
+            out[i] = self.fc(x[i]).tanh()
+        return out
+
+
+def test_the_hooks_stay_while_a_dual_exists_and_go_with_the_last():
+    """No parameter has a tangent: a Dual an op made, whose own origin is gone, reaches a
+    model after a plain module call and still runs a dual pass there (a temporary filled from
+    it under no_grad kept its tangent only inside a pass: without one it was dropped); once
+    the last Dual is gone, the next plain call takes fgkernels' global hooks away. A copy or
+    an unpickled Dual counts as one (it counted as freed only)."""
+    from torch.nn.modules import module as torch_module
+
+    from fgkernels.dual import tangents as tangents_module
+    model = _FillsFromTheInput().double()
+    x, xt = torch.randn(3, 3, **f64), torch.randn(3, 3, **f64)
+    y, yt = model_jvp(model, [x.sin()], [(xt * x.cos()).unsqueeze(0)], {})
+    h = torch.sin(Dual(x, xt))  # (the Dual made here is freed at once)
+    nn.Identity()(x)  # a plain call, with h alive
+    with torch.no_grad():
+        out = model(h)
+    torch.testing.assert_close(out.primal, y)
+    torch.testing.assert_close(out.tangents, yt)
+    gc.collect()
+    gc.disable()  # (the collector would free other tests' Duals between the counts)
+    try:
+        before = census.alive()
+        copies = [copy.copy(h), copy.deepcopy(h), pickle.loads(pickle.dumps(h))]
+        assert census.alive() == before + 3  # each counted as made, and as freed below
+        del copies
+        assert census.alive() == before
+    finally:
+        gc.enable()
+    del h, out
+    gc.collect()
+    nn.Identity()(x)
+    hooks = [*torch_module._global_forward_pre_hooks.values(),
+             *torch_module._global_forward_hooks.values()]
+    # (gone, unless an earlier test's model still holds a tangent or its Dual)
+    wanted = bool(tangents_module._LIVE) or census.alive() > 0
+    assert any(getattr(h, "__self__", None) is tangents_module._hooks for h in hooks) == wanted

@@ -657,14 +657,14 @@ def test_compiled_graphs_take_parameters_as_the_tensors_they_are(backend, dynamo
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
 
 
-# In a fresh interpreter: the hooks go only with the process's last tensor with a tangent.
+# In a fresh interpreter: the hooks go only with the process's last tensor with a tangent (no
+# Dual exists: the dual call, inside dual_pass, takes a plain tensor and returns one).
 TANGENT_FREED_WHILE_COMPILING = """
 import gc
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 import fgkernels
-from fgkernels import Dual
 
 doomed = [nn.Linear(2, 2)]
 fgkernels.random_tangents(doomed[0])
@@ -675,18 +675,20 @@ def freeing_backend(gm, example_inputs):  # runs between the trace and the guard
     gc.collect()
     return gm.forward
 
-x, xt = torch.randn(2, 3), torch.randn(2, 3)
-out = fgkernels.compile(nn.ReLU(), backend=freeing_backend)(Dual(x, xt))
-print(torch.equal(out.tangent, torch.where(x > 0, xt, 0.0)))
+x = torch.randn(2, 3)
+relu = nn.ReLU()
+with fgkernels.dual_pass(relu):
+    out = fgkernels.compile(relu, backend=freeing_backend)(x)
+print(torch.equal(out, x.relu()))
 print(len(torch_module._global_forward_hooks))
 """
 
 
 def test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid():
     """The garbage collector may free the last tensor with a tangent in the middle of a
-    compile. fgkernels' global module hooks, registered while any tensor has a tangent, are
-    read by the trace and looked up by the guards Dynamo builds after it: they stay until the
-    compiled call returns, and go then."""
+    compile. fgkernels' global module hooks, registered while any tensor has a tangent (or
+    any Dual exists), are read by the trace and looked up by the guards Dynamo builds after
+    it: they stay until the compiled call returns, and go then."""
     environ = {k: v for k, v in os.environ.items() if k != "FGKERNELS_REQUIRE_NATIVE"}
     out = subprocess.run([sys.executable, "-c", TANGENT_FREED_WHILE_COMPILING],
                          capture_output=True, text=True,

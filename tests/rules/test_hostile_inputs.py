@@ -333,16 +333,19 @@ class _FillsATemporary(nn.Module):
         return out  # (the tensor itself: the pass returns its Dual)
 
 
+@pytest.mark.parametrize("tangents_of", ["parameters and input", "input"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_a_temporary_filled_from_duals_becomes_a_dual(grad):
+def test_a_temporary_filled_from_duals_becomes_a_dual(grad, tangents_of):
     """A tensor a forward makes and fills from Duals takes their tangents, as forward_ad's
-    write makes it dual (it was refused, or under no_grad left without them); a module's
-    buffer or attribute still takes the primal; a view of such a tensor, which could only
-    take the tangent for itself, is refused by name, with grad or without."""
+    write makes it dual (it was refused, or under no_grad left without them; with the
+    input's tangent alone, a JVP along the input, too); a module's buffer or attribute still
+    takes the primal; a view of such a tensor, which could only take the tangent for itself,
+    is refused by name, with grad or without."""
     model = _FillsATemporary().double()
     x = torch.randn(2, 3, **f64)
     xt = torch.randn(1, *x.shape, **f64)
-    tangents = {n: torch.randn(1, *p.shape, **f64) for n, p in model.named_parameters()}
+    tangents = {n: torch.randn(1, *p.shape, **f64) for n, p in model.named_parameters()
+                if tangents_of == "parameters and input"}
     y, yt = model_jvp(model, [x], [xt], tangents)
     fgkernels.set_tangents(model, tangents)
     model.out_form = True
