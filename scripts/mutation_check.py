@@ -779,6 +779,10 @@ MUTANTS = [
            "            d._counted = True\n",
            ("tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
             "with_the_last",)),
+    Mutant("a baseline runs beside fgkernels' hooks", "fgkernels/dual/tangents.py",
+           "        for handle in _hooks.handles:\n            handle.remove()\n", "",
+           ("tests/dual/test_tangent_store.py::test_hooks_set_aside_leaves_a_baseline_torchs_"
+            "own_call_path",)),
     Mutant("a copy of a Dual is not counted as made", "fgkernels/dual/value.py",
            "        self._counted = census.count()\n\n    def __del__",
            "        self._counted = True\n\n    def __del__",

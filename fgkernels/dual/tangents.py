@@ -906,6 +906,24 @@ def lifted_set_aside() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def hooks_set_aside() -> Iterator[None]:
+    """fgkernels' global module hooks removed for the length of the block, which runs no dual
+    pass: the plain calls of a baseline, timed as in a process without fgkernels (with the
+    hooks registered, every module call of every model takes torch's slower call path). They
+    are registered again after it, as the tensors with tangents and the Duals want them."""
+    if running_pass() is not None:
+        raise RuntimeError("hooks_set_aside: a dual pass is running in this thread")
+    with _hooks.lock:
+        for handle in _hooks.handles:
+            handle.remove()
+        _hooks.handles, _hooks.registered, census.hooks_on = [], 0, False
+    try:
+        yield
+    finally:
+        _hooks.sync()
+
+
 def running_pass() -> Optional[_Pass]:
     """This thread's dual pass, while it runs (else None)."""
     active = getattr(_hooks.local, "active", None)

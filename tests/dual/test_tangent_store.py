@@ -1008,3 +1008,30 @@ def test_the_hooks_stay_while_a_dual_exists_and_go_with_the_last():
     # (gone, unless an earlier test's model still holds a tangent or its Dual)
     wanted = bool(tangents_module._LIVE) or census.alive() > 0
     assert any(getattr(h, "__self__", None) is tangents_module._hooks for h in hooks) == wanted
+
+
+def test_hooks_set_aside_leaves_a_baseline_torchs_own_call_path():
+    """A benchmark's baseline runs without fgkernels' global hooks (a tangent set on another
+    model keeps them registered, and torch's slower call path cost a batch-1 forward_ad
+    10-20 %); they come back after the block, and no pass may run inside it."""
+    from torch.nn.modules import module as torch_module
+
+    from fgkernels.dual.tangents import _hooks, hooks_set_aside
+
+    def ours() -> int:
+        hooks = [*torch_module._global_forward_pre_hooks.values(),
+                 *torch_module._global_forward_hooks.values()]
+        return sum(getattr(h, "__self__", None) is _hooks for h in hooks)
+
+    layer = nn.Linear(3, 2).double()
+    fgkernels.random_tangents(layer)
+    assert ours() == 2
+    with hooks_set_aside():
+        assert ours() == 0
+        nn.Identity()(torch.randn(2))
+    assert ours() == 2
+    x = torch.randn(4, 3, **f64)
+    layer.register_forward_pre_hook(lambda m, args: hooks_set_aside().__enter__())
+    with pytest.raises(RuntimeError, match="a dual pass is running"):
+        layer(Dual(x))
+    fgkernels.clear_tangents(layer)
