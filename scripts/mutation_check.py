@@ -779,8 +779,12 @@ MUTANTS = [
            "            d._counted = True\n",
            ("tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
             "with_the_last",)),
+    Mutant("the module hooks come back registered anew", "fgkernels/dual/tangents.py",
+           "    def put_in(self) -> None:\n        if not self.handles:\n",
+           "    def put_in(self) -> None:\n        if True:\n",
+           (COMPILE + "test_the_module_hooks_going_and_coming_back_compile_nothing_anew",)),
     Mutant("a baseline runs beside fgkernels' hooks", "fgkernels/dual/tangents.py",
-           "        for handle in _hooks.handles:\n            handle.remove()\n", "",
+           "        _hooks.take_out()\n", "",
            ("tests/dual/test_tangent_store.py::test_hooks_set_aside_leaves_a_baseline_torchs_"
             "own_call_path",)),
     Mutant("a copy of a Dual is not counted as made", "fgkernels/dual/value.py",

@@ -748,13 +748,22 @@ def _holds_tangents(module: nn.Module) -> bool:
     return any(tangent_of(t) is not None for t in module.parameters())
 
 
+# torch's tables of global module forward hooks (id -> hook, or -> a flag of the hook's)
+_GLOBAL_HOOK_TABLES = (torch_module._global_forward_pre_hooks, torch_module._global_forward_hooks,
+                       torch_module._global_forward_hooks_with_kwargs,
+                       torch_module._global_forward_hooks_always_called)
+
+
 class _Hooks:
     """The two global module hooks, registered while some tensor has a tangent or some Dual
-    exists (``value.census``)."""
+    exists (``value.census``). Registered once, they are then put into torch's tables and
+    taken out again under the same ids: a graph Dynamo traced with them guards on those
+    tables, and would be compiled anew for hooks registered anew."""
 
     def __init__(self):
-        self.handles: list = []
-        self.registered = 0  # how many of them are: a plain int, which torch.compile reads
+        self.handles: list = []  # made at the first registration, kept
+        self.entries: list[tuple[dict, int, object]] = []  # (table, id, entry) of the two
+        self.registered = 0  # how many of them are in: a plain int, which torch.compile reads
         # (reentrant: a tensor's tangent freed by the collector syncs from inside a sync)
         self.lock = threading.RLock()
         self.roots = 0  # how many dual_pass blocks are open, in every thread: a plain int too
@@ -767,16 +776,28 @@ class _Hooks:
             # and registers them once this sync is done)
             census.hooks_on = False
             wanted = bool(_LIVE) or census.alive() > 0
-            if wanted and not self.handles:
-                self.handles = [torch_module.register_module_forward_pre_hook(self.pre),
-                                torch_module.register_module_forward_hook(
-                                    self.post, with_kwargs=True, always_call=True)]
-            elif not wanted and self.handles and getattr(self.local, "active", None) is None:
-                for h in self.handles:
-                    h.remove()
-                self.handles = []
-            self.registered = len(self.handles)
-            census.hooks_on = bool(self.handles)
+            if wanted and not self.registered:
+                self.put_in()
+            elif not wanted and self.registered and getattr(self.local, "active", None) is None:
+                self.take_out()
+            census.hooks_on = bool(self.registered)
+
+    def put_in(self) -> None:
+        if not self.handles:
+            self.handles = [torch_module.register_module_forward_pre_hook(self.pre),
+                            torch_module.register_module_forward_hook(
+                                self.post, with_kwargs=True, always_call=True)]
+            self.entries = [(table, h.id, table[h.id]) for h in self.handles
+                            for table in _GLOBAL_HOOK_TABLES if h.id in table]
+        else:
+            for table, key, entry in self.entries:
+                table[key] = entry
+        self.registered = len(self.handles)
+
+    def take_out(self) -> None:
+        for table, key, _ in self.entries:
+            table.pop(key, None)
+        self.registered = 0
 
     def sync_unless_compiling(self) -> None:
         """``sync``, unless Dynamo is compiling in this thread. The garbage collector frees a
@@ -915,9 +936,8 @@ def hooks_set_aside() -> Iterator[None]:
     if running_pass() is not None:
         raise RuntimeError("hooks_set_aside: a dual pass is running in this thread")
     with _hooks.lock:
-        for handle in _hooks.handles:
-            handle.remove()
-        _hooks.handles, _hooks.registered, census.hooks_on = [], 0, False
+        _hooks.take_out()
+        census.hooks_on = False
     try:
         yield
     finally:

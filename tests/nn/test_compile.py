@@ -3,6 +3,7 @@
 eager computes, running statistics included."""
 import contextlib
 import copy
+import gc
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import fgkernels
 from fgkernels import Dual
@@ -975,3 +977,26 @@ def test_an_eager_pass_calls_a_compiled_model_it_does_not_hold():
         fgkernels.clear_tangents(model.head)
         fgkernels.clear_tangents(encoder)
     torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
+
+
+def test_the_module_hooks_going_and_coming_back_compile_nothing_anew():
+    """fgkernels' global module hooks go when the last Dual does (at the next plain call) and
+    when a baseline sets them aside, and come back with the next Dual; a graph traced with
+    them guards on torch's hook tables, so they come back under the ids they had: registered
+    anew, every call after such a gap compiled again (and, past Dynamo's limit, ran eager)."""
+    from fgkernels.dual.tangents import hooks_set_aside
+    graphs = []
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    compiled = fgkernels.compile(model, backend=_recording_backend(graphs))
+    x = torch.randn(2, 3)
+    for gap in ("none", "the last Dual gone", "set aside", "none"):
+        if gap == "the last Dual gone":
+            gc.collect()
+            nn.Identity()(x)
+        if gap == "set aside":
+            with hooks_set_aside():
+                model(x)
+        out = compiled(Dual(x, torch.randn_like(x)))
+        del out
+    assert len(graphs) == 1
