@@ -761,15 +761,23 @@ MUTANTS = [
            "_fusable(nxt):", ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_"
                               "error_naming_it",)),
     Mutant("dual_pass starts no pass", "fgkernels/dual/tangents.py",
-           "        if _holds_dual(args) or (_LIVE and self.roots and is_dual_pass_root("
-           "module)):\n",
-           "        if _holds_dual(args):\n",
+           "        if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):\n"
+           "            active = self.local.active",
+           "        if _holds_dual(args):\n            active = self.local.active",
            ("tests/dual/test_tangent_store.py::test_dual_pass_runs_a_model_of_token_ids",)),
-    Mutant("a pass starts only where some tensor has a tangent", "fgkernels/dual/tangents.py",
+    Mutant("dual_pass starts a pass only where some tensor has a tangent",
+           "fgkernels/dual/tangents.py",
+           "        if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):\n"
+           "            active = self.local.active",
            "        if _holds_dual(args) or (_LIVE and self.roots and is_dual_pass_root("
-           "module)):\n",
+           "module)):\n            active = self.local.active",
+           ("tests/dual/test_tangent_store.py::test_dual_pass_runs_a_pass_for_a_dual_by_keyword_"
+            "alone",)),
+    Mutant("a pass starts only where some tensor has a tangent", "fgkernels/dual/tangents.py",
+           "        if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):\n"
+           "            active = self.local.active",
            "        if _LIVE and (_holds_dual(args) or (self.roots and is_dual_pass_root("
-           "module))):\n",
+           "module))):\n            active = self.local.active",
            ("tests/rules/test_hostile_inputs.py::test_a_temporary_filled_from_duals_becomes_a_"
             "dual",
             "tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"

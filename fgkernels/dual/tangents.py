@@ -828,7 +828,7 @@ class _Hooks:
                     active.join(module)
                 return
             self.end_stale()
-        if _holds_dual(args) or (_LIVE and self.roots and is_dual_pass_root(module)):
+        if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):
             active = self.local.active = _Pass(module, sys._getframe(1))
             # The pass ends after the root's own forward hooks, which torch runs after the
             # global ones: a hook of the root's reads its parameters with their tangents.

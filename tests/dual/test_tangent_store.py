@@ -1010,6 +1010,19 @@ def test_the_hooks_stay_while_a_dual_exists_and_go_with_the_last():
     assert any(getattr(h, "__self__", None) is tangents_module._hooks for h in hooks) == wanted
 
 
+def test_dual_pass_runs_a_pass_for_a_dual_by_keyword_alone():
+    """Inside ``dual_pass(model)`` a model takes the input's Dual by keyword
+    (``inputs_embeds=``, ``pixel_values=``) with no parameter tangent anywhere: its call is a
+    pass still, and a tensor it fills from the Dual keeps the tangent (it was dropped)."""
+    model = _FillsFromTheInput().double()
+    x, xt = torch.randn(3, 3, **f64), torch.randn(1, 3, 3, **f64)
+    y, yt = model_jvp(model, [x], [xt], {})
+    with fgkernels.dual_pass(model), torch.no_grad():
+        out = model(x=Dual(x, xt))
+    torch.testing.assert_close(out.primal, y)
+    torch.testing.assert_close(out.tangents, yt)
+
+
 def test_hooks_set_aside_leaves_a_baseline_torchs_own_call_path():
     """A benchmark's baseline runs without fgkernels' global hooks (a tangent set on another
     model keeps them registered, and torch's slower call path cost a batch-1 forward_ad
