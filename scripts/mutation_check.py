@@ -791,6 +791,11 @@ MUTANTS = [
            "    def put_in(self) -> None:\n        if not self.handles:\n",
            "    def put_in(self) -> None:\n        if True:\n",
            (COMPILE + "test_the_module_hooks_going_and_coming_back_compile_nothing_anew",)),
+    Mutant("a pass's end takes None in its output for a temporary", "fgkernels/dual/tangents.py",
+           "            if not isinstance(v, Tensor) or temporaries.get(id(v)) is not v:\n",
+           "            if temporaries.get(id(v)) is not v:\n",
+           ("tests/rules/test_hostile_inputs.py::test_the_ways_a_forward_writes_duals_into_its_"
+            "own_tensors",)),
     Mutant("a baseline runs beside fgkernels' hooks", "fgkernels/dual/tangents.py",
            "        _hooks.take_out()\n", "",
            ("tests/dual/test_tangent_store.py::test_hooks_set_aside_leaves_a_baseline_torchs_"

@@ -230,8 +230,8 @@ class _Pass:
             if _is_dataclass(v):  # (a container pytree may not know)
                 return dataclasses.replace(v, **{f.name: pytree.tree_map(as_dual, getattr(
                     v, f.name), is_leaf=_is_dataclass) for f in dataclasses.fields(v) if f.init})
-            if temporaries.get(id(v)) is not v:
-                return v
+            if not isinstance(v, Tensor) or temporaries.get(id(v)) is not v:
+                return v  # (None, which pytree takes for a leaf, is no temporary either)
             entry = tangent_of(v)
             return Dual._unchecked(v, entry.stack, entry.directions, entry.single)
 

@@ -389,6 +389,10 @@ class _Writes(nn.Module):
             buf = torch.zeros_like(h)
             buf[:] = h.sin()
             return _Out(buf, 2)
+        if self.way == "beside None":  # (a layer's output, its cache None)
+            buf = torch.zeros_like(h)
+            buf[:] = h.sin()
+            return buf, None
         if self.way == "views taken first":
             buf = torch.zeros_like(h)
             rows = buf[0], buf[1]
@@ -413,15 +417,18 @@ class _Out:
 _ORACLE_FORWARD = {  # forward_ad takes no out= and returns no dataclass of duals
     "out= of a one-operand op": lambda m, x: m.fc(x).exp(),
     "in a dataclass": lambda m, x: m.fc(x).sin(),
+    "beside None": lambda m, x: m.fc(x).sin(),
 }
 
 
 @pytest.mark.parametrize("way", ["out= of a one-operand op", "a Dual without tangent first",
-                                 "in a dataclass", "a frozen parameter and integer codes"])
+                                 "in a dataclass", "beside None",
+                                 "a frozen parameter and integer codes"])
 def test_the_ways_a_forward_writes_duals_into_its_own_tensors(way):
     """``out=`` where the Dual is the op's only operand, a Dual without tangent written first,
-    a temporary returned in a dataclass, a frozen parameter and an integer tensor written
-    under no_grad: each as forward_ad (the state takes the primal)."""
+    a temporary returned in a dataclass or beside None (which crashed the pass's end), a
+    frozen parameter and an integer tensor written under no_grad: each as forward_ad (the
+    state takes the primal)."""
     model = _Writes(way).double()
     x = torch.randn(2, 3, **f64)
     xt = torch.randn(1, *x.shape, **f64)
@@ -436,6 +443,9 @@ def test_the_ways_a_forward_writes_duals_into_its_own_tensors(way):
     if way == "in a dataclass":
         assert out.count == 2
         out = out.value
+    if way == "beside None":
+        out, none = out
+        assert none is None
     torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
     if way == "a frozen parameter and integer codes":
