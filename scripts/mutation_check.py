@@ -56,7 +56,8 @@ INDEXING = ("tests/dual/test_dual_semantics.py::test_getitem_follows_the_primal"
             "tests/dual/test_dual_semantics.py::test_setitem_follows_the_primal")
 EDGES = ("tests/dual/test_dual_semantics.py::test_op_edge_cases_as_forward_ad",)
 PROMOTION = ("tests/dual/test_mixed_precision.py::test_a_tangent_of_its_primal_s_dtype_follows_"
-             "the_primal_s_promotion",)
+             "the_primal_s_promotion",
+             "tests/rules/test_properties.py::test_arithmetic_across_dtypes")
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")

@@ -225,6 +225,33 @@ def test_broadcasting_arithmetic(shapes, op, T, which, dtype, seed):
     _close(out, ForwardADOracle(fn, [a, b], [at, bt]))
 
 
+@PROFILE
+@given(shapes=broadcast_pairs(), op=st.sampled_from(sorted(BINARY)), T=slots,
+       which=st.sampled_from(["both", "left", "right"]),
+       wide=st.sampled_from(["left", "right"]), seed=st.integers(0, 99))
+def test_arithmetic_across_dtypes(shapes, op, T, which, wide, seed):
+    """A float32 and a float64 operand, each with or without a tangent of its own dtype, any
+    broadcast (a 0-d float64 one keeps the result float32, as torch promotes): the output's
+    tangent has forward_ad's dtype, and its values within a few roundings of that dtype."""
+    g = torch.Generator().manual_seed(seed)
+    (sa, sb), fn = shapes, BINARY[op]
+    da, db = (torch.float64, torch.float32) if wide == "left" else (torch.float32, torch.float64)
+    a = torch.randn(sa, generator=g, dtype=torch.float64).to(da)
+    sign = torch.randint(0, 2, sb, generator=g).to(torch.float64) * 2 - 1
+    b = ((torch.rand(sb, generator=g, dtype=torch.float64) + 0.5) * sign).to(db)
+    at = torch.randn(T, *sa, generator=g, dtype=torch.float64).to(da) \
+        if which != "right" else None
+    bt = torch.randn(T, *sb, generator=g, dtype=torch.float64).to(db) \
+        if which != "left" else None
+    out = fn(Dual(a, at) if at is not None else a, Dual(b, bt) if bt is not None else b)
+    y, yt = forward_ad_jvp(fn, [a, b], [at, bt])
+    assert out.primal.dtype == y.dtype and out.tangents.dtype == yt.dtype
+    tol = 64 * torch.finfo(yt.dtype).eps
+    scale = max(1.0, yt.abs().max().item()) if yt.numel() else 1.0
+    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
+    torch.testing.assert_close(out.tangents, yt, rtol=tol, atol=tol * scale)
+
+
 def _distances_by_definition(a, b, p):
     """‖a_i − b_j‖_p over every pair of rows: the oracle's cdist (torch's forward mode has no
     rule for cdist)."""
