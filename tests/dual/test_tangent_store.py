@@ -2,11 +2,13 @@
 layer, a tied layer, a ParameterList or ParameterDict, an attention block, a parametrization,
 an op on the parameter alone) it carries its tangent, converted or not; every case against
 torch.autograd.forward_ad in float64 (``fgkernels.testing.model_jvp``)."""
+import collections
 import contextlib
 import copy
 import gc
 import io
 import pickle
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -542,7 +544,10 @@ def test_a_parameters_data_set_during_a_pass_is_set():
     model = Clipped().double()
     result = compare_with_forward_ad(model, [torch.randn(2, 3, **f64)], num_tangents=2)
     assert result["primal"] == 0 and result["tangent"] < 1e-15
-    assert model.fc.weight.abs().max() == 0.1 and type(model.fc.weight) is nn.Parameter
+    fresh = Clipped().double()  # (the oracle's pass above clips the parameter itself too)
+    fgkernels.random_tangents(fresh)
+    fresh(Dual(torch.randn(2, 3, **f64)))
+    assert fresh.fc.weight.abs().max() == 0.1 and type(fresh.fc.weight) is nn.Parameter
     with pytest.raises(ValueError, match=r"\.data keeps its shape \(3,\)"):
         Dual(torch.ones(3), torch.ones(3)).data = torch.ones(4)
 
@@ -1048,3 +1053,48 @@ def test_hooks_set_aside_leaves_a_baseline_torchs_own_call_path():
     with pytest.raises(RuntimeError, match="a dual pass is running"):
         layer(Dual(x))
     fgkernels.clear_tangents(layer)
+
+
+class _Tagged(nn.Parameter):
+    """A parameter of a class of its own: not lifted (its class keeps its own
+    ``__torch_function__``), so that it reaches a forward through the pass's substitution
+    alone."""
+
+
+class _Pair(NamedTuple):
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class _HoldsTagged(nn.Module):
+    """Two parameters of a class of their own, read from a container the module holds."""
+
+    def __init__(self, holder: str):
+        super().__init__()
+        self.a = _Tagged(torch.randn(3, 3, **f64))
+        self.b = _Tagged(torch.randn(3, **f64))
+        self.holder = holder
+        self.held = {"tuple": lambda: (self.a, self.b),
+                     "named tuple": lambda: _Pair(self.a, self.b),
+                     "OrderedDict": lambda: collections.OrderedDict(first=self.a, second=self.b),
+                     }[holder]()
+
+    def forward(self, x):
+        if self.holder == "named tuple":
+            w, b = self.held.first, self.held.second
+        elif self.holder == "OrderedDict":
+            w, b = self.held["first"], self.held["second"]
+        else:
+            w, b = self.held
+        return torch.tanh(x @ w.t() + 2.0 * b)  # (ops on a parameter alone first)
+
+
+@pytest.mark.parametrize("holder", ["tuple", "named tuple", "OrderedDict"])
+def test_a_parameter_of_its_own_class_in_a_container_carries_its_tangent(holder):
+    """A tuple, a named tuple (rebuilt as its own type) or an OrderedDict a module holds its
+    parameters in holds their Duals during the pass: a parameter of a class of its own, which
+    is not lifted, carries its tangent through an op on it alone (``w.t()``) only so."""
+    model = _HoldsTagged(holder)
+    result = compare_with_forward_ad(model, [torch.randn(2, 3, **f64)], num_tangents=2)
+    assert result["primal"] == 0 and result["tangent"] < 1e-14
+    assert type(model.held) is type(_HoldsTagged(holder).held)
