@@ -785,8 +785,8 @@ MUTANTS = [
             "tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
             "with_the_last")),
     Mutant("the Duals the ops make are not counted", "fgkernels/dual/value.py",
-           "            next(census.made)\n            d._counted = True\n",
-           "            d._counted = True\n",
+           "        d._source, d._counted = None, census.count()\n",
+           "        d._source, d._counted = None, True\n",
            ("tests/dual/test_tangent_store.py::test_the_hooks_stay_while_a_dual_exists_and_go_"
             "with_the_last",)),
     Mutant("the module hooks come back registered anew", "fgkernels/dual/tangents.py",
