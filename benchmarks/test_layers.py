@@ -1,5 +1,5 @@
 """Layer benchmarks at ResNet-18 CIFAR shapes: dual conv, dual BN(train)+ReLU, dual
-conv+BN+ReLU, dual linear.
+conv+BN+ReLU, dual linear; and dual layer norm at ConvNeXt-T's and ViT-S's shapes.
 
 Every case times fgkernels on each backend beside its baselines: torch.autograd.forward_ad,
 the cuDNN (or oneDNN) composition of the dual convolution (three convolutions and an add),
@@ -172,3 +172,24 @@ def test_linear(measure, quick, provider, batch, features, dtype):
         measure(_run(provider, F.linear, primals, tangents),
                 f"linear {fin}->{fout} b{N} {str(dtype)[6:]}",
                 expected=op_oracle(F.linear, primals, tangents) if quick else None)
+
+
+# (token map, features) of ConvNeXt-T's first stage (16 x 16 at 64 px) and of ViT-S (197 tokens)
+LAYER_NORM_SHAPES = (((16, 16), 96), ((197,), 384))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LAYER_NORM_SHAPES,
+                         ids=lambda s: "x".join(map(str, (*s[0], s[1]))))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+def test_layer_norm(measure, quick, provider, batch, shape, dtype):
+    tokens, features = ((3,), 8) if quick else shape
+    N = 2 if quick else batch
+    primals = _tensors((N, *tokens, features), (features,), (features,), dtype=dtype)
+    tangents = _tensors((N, *tokens, features), (features,), (features,), dtype=dtype)
+    fn = lambda x, w, b: F.layer_norm(x, (features,), w, b)
+    with backend_of(provider):
+        measure(_run(provider, fn, primals, tangents),
+                f"layer norm {'x'.join(map(str, tokens))}x{features} b{N} {str(dtype)[6:]}",
+                expected=op_oracle(fn, primals, tangents) if quick else None)

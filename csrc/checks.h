@@ -6,6 +6,9 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/StringUtil.h>
 
+#include <initializer_list>
+#include <optional>
+
 // t, the argument called name, must have the shape given by the remaining (int) arguments.
 #define FGK_CHECK_SHAPE(t, name, ...)                                                 \
   TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), name " must have shape ", \
@@ -39,6 +42,20 @@ inline int64_t check_tangent(const at::Tensor& x, const at::Tensor& xt, const ch
   TORCH_CHECK(xt.device() == x.device(), name, " must be on ", x.device(), ", got ",
               xt.device());
   return xt.size(0);
+}
+
+// The tangents of one call (any of them absent) share one dtype, which fits the primal's: that
+// dtype, or x's when there is none.
+inline at::ScalarType tangent_type(
+    const at::Tensor& x, std::initializer_list<const std::optional<at::Tensor>*> tangents) {
+  std::optional<at::ScalarType> type;
+  for (const auto* t : tangents) {
+    if (!present(*t)) continue;
+    TORCH_CHECK(!type || *type == (*t)->scalar_type(), "the tangents of one call must share "
+                "one dtype, got ", *type, " and ", (*t)->scalar_type());
+    type = (*t)->scalar_type();
+  }
+  return type.value_or(x.scalar_type());
 }
 
 // An op that writes `out` in place: out must not share memory with `other` (its own input),

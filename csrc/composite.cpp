@@ -124,20 +124,6 @@ at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
   return y.view({N, K, H, W});
 }
 
-// The tangents of one call (any of them absent) share one dtype, which fits the primal's: that
-// dtype, or x's when there is none.
-at::ScalarType tangent_type(const at::Tensor& x,
-                            std::initializer_list<const std::optional<at::Tensor>*> tangents) {
-  std::optional<at::ScalarType> type;
-  for (const auto* t : tangents) {
-    if (!present(*t)) continue;
-    TORCH_CHECK(!type || *type == (*t)->scalar_type(), "the tangents of one call must share "
-                "one dtype, got ", *type, " and ", (*t)->scalar_type());
-    type = (*t)->scalar_type();
-  }
-  return type.value_or(x.scalar_type());
-}
-
 // Parameter tangents of one layer carry the same P slots: weight_t (P, *w.shape), bias_t (P, C).
 void check_param_tangents(const at::Tensor& w, const std::optional<at::Tensor>& wt,
                           const std::optional<at::Tensor>& bt) {

@@ -82,6 +82,14 @@ TORCH_LIBRARY(fgkernels, m) {
   // GEMM accumulating into the input GEMM's output, and p_part is empty.
   m.def("dual_linear(Tensor x, Tensor? xt, Tensor weight, Tensor? weight_t, Tensor? bias, "
         "Tensor? bias_t, bool sum_terms) -> (Tensor, Tensor, Tensor)");
+  // Layer norm over the last len(normalized_shape) dims of x, arranged as dual_linear: y
+  // (torch's), x_part = weight * d(x_hat)/dx . xt_t (T, *x.shape) and p_part = weight_t_p x_hat
+  // + bias_t_p (P, *x.shape), each empty when absent; with sum_terms (T == P) x_part is their
+  // sum and p_part empty. Over each row, x_hat = (x - mean) r, r = 1/sqrt(var + eps) and
+  //   d(x_hat)_t = r xt_t - r mean(xt_t) - x_hat r mean(x_hat xt_t).
+  m.def("dual_layer_norm(Tensor x, Tensor? xt, Tensor? weight, Tensor? weight_t, Tensor? bias, "
+        "Tensor? bias_t, int[] normalized_shape, float eps, bool sum_terms) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -516,6 +516,10 @@ OPS = {
                             (4, 6, 5), (6,)),
     "layer_norm_2d_bias": OpCase(lambda x, w: F.layer_norm(x, (5, 6), None, w.expand(5, 6)),
                                  (3, 5, 6), (6,), bf16_network=False),
+    # weight and bias both carrying tangents, over a strided input
+    "layer_norm_affine_strided": OpCase(
+        lambda x, w: F.layer_norm(x.transpose(0, 1), (6,), w[0], w[1], eps=1e-3),
+        (5, 4, 6), (2, 6), bf16_network=False),
     "max_pool_ceil_dilated": OpCase(lambda x, w: F.max_pool2d(x * w, 3, 2, 1, 2, ceil_mode=True),
                                     (2, 3, 9, 8), (3, 1, 1)),
     "max_pool_unbatched": OpCase(lambda x, w: F.max_pool2d(x * w, 2), (3, 8, 8), (3, 1, 1)),

@@ -16,12 +16,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..backends.layer_op import LayerOp
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
 from ..dual.layout import kernel_format
 from ..dual.value import Dual, implements
 from .fallback import forward_ad_fallback
-from .operands import as_dual, layer_params, parts, primal_of
+from .operands import as_dual, layer_operands, layer_params, parts, primal_of, result
 from .pointwise import lift
 
 Tensor = torch.Tensor
@@ -53,33 +54,41 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Optional[
     return xhat, xt_hat.addcmul_(xhat, m2r, value=-1)
 
 
+def _affine_terms(xhat: Tensor, xt_hat: Optional[Tensor], w, wt, b, bt,
+                  param_shape: Sequence[int]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The terms of ``ẏ = γẋ̂ + γ̇x̂ + β̇`` in x̂'s dtype: the input's ``γẋ̂`` (``xt_hat``,
+    _normalize's fresh stack, scaled in place) and the parameters' ``γ̇x̂ + β̇`` (a fresh stack),
+    each None without its tangents; γ, β viewed as ``param_shape``."""
+    w, wt, b, bt = (_slots.cast(v, xhat.dtype) for v in (w, wt, b, bt))
+    x_part = None if xt_hat is None else \
+        xt_hat if w is None else xt_hat.mul_(w.view(param_shape))
+    if wt is None and bt is None:
+        return x_part, None
+    slots = (wt if wt is not None else bt).shape[0]
+    as_slots = lambda t: lift(t.view(slots, *param_shape), xhat.dim())
+    if wt is None:
+        # A fresh stack (place takes the parts as its own): a plain expand, or the
+        # contiguous() of an expand that changes nothing, would be bt itself.
+        p_part = torch.empty((slots, *xhat.shape), dtype=xhat.dtype,
+                             device=xhat.device).copy_(as_slots(bt))
+    elif bt is None:
+        p_part = as_slots(wt) * xhat
+    else:
+        p_part = torch.addcmul(as_slots(bt), as_slots(wt), xhat)
+    return x_part, p_part
+
+
 def _affine(op: str, y: Tensor, xhat: Tensor, xt_hat: Optional[Tensor], x_operand, weight, bias,
             param_shape: Sequence[int]) -> Dual:
-    """``γx̂ + β`` and its tangent ``γẋ̂ + γ̇x̂ + β̇``; γ, β viewed as ``param_shape``. The
-    terms are summed in x̂'s dtype and rounded once to the output slots'. ``xt_hat`` is
-    _normalize's fresh stack: it is scaled in place and takes the parameter term's sum."""
+    """``γx̂ + β`` and its tangent ``γẋ̂ + γ̇x̂ + β̇`` (``_affine_terms``), summed in x̂'s dtype
+    and rounded once to the output slots'."""
     (w, wt, b, bt), p_operand = layer_params(op, weight, bias)
     plan = _slots.plan([x_operand, p_operand], op)
     if plan.count == 0:
         return Dual(y)
-    w, wt, b, bt = (_slots.cast(v, xhat.dtype) for v in (w, wt, b, bt))
+    x_part, p_part = _affine_terms(xhat, xt_hat, w, wt, b, bt, param_shape)
     x_pos, p_pos = plan.positions
-    parts = []
-    if xt_hat is not None:
-        parts.append((xt_hat if w is None else xt_hat.mul_(w.view(param_shape)), x_pos))
-    if p_pos:
-        slots = (wt if wt is not None else bt).shape[0]
-        as_slots = lambda t: lift(t.view(slots, *param_shape), xhat.dim())
-        if wt is None:
-            # A fresh stack (place takes the parts as its own): a plain expand, or the
-            # contiguous() of an expand that changes nothing, would be bt itself.
-            pt = torch.empty((slots, *xhat.shape), dtype=xhat.dtype,
-                             device=xhat.device).copy_(as_slots(bt))
-        elif bt is None:
-            pt = as_slots(wt) * xhat
-        else:
-            pt = torch.addcmul(as_slots(bt), as_slots(wt), xhat)
-        parts.append((pt, p_pos))
+    parts = [(t, pos) for t, pos in ((x_part, x_pos), (p_part, p_pos)) if t is not None]
     # (float32 parameters of a bfloat16 input: torch's output and its tangent are bfloat16)
     dtype = plan.dtype_for(y.dtype)
     yt = _slots.cast(_slots.place(plan.count, parts, owned=True), dtype)
@@ -97,17 +106,51 @@ def _normalized_dims(op: str, x: Tensor, normalized_shape) -> tuple[tuple, list[
     return normalized_shape, list(range(x.dim() - k, x.dim()))
 
 
+# Layer norm: one compiled op on the CPU (csrc/cpu/dual_layer_norm.cpp: torch's kernel for y
+# and the statistics, then one pass per row for the tangents), its reference elsewhere.
+def _layer_norm_reference(x: Tensor, xt: Optional[Tensor], w, wt, b, bt, normalized_shape,
+                          eps: float, sum_terms: bool):
+    y, mean, r = torch.native_layer_norm(x, normalized_shape, w, b, eps)
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    xhat, xt_hat = _normalize(x, xt, dims, mean, r)
+    x_part, p_part = _affine_terms(xhat, xt_hat, w, wt, b, bt, normalized_shape)
+    return (y, x_part.add_(p_part), None) if sum_terms else (y, x_part, p_part)
+
+
+def _check_layer_norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], normalized_shape,
+                      eps: float) -> None:
+    """layer_norm's input, normalized_shape, weight and bias."""
+    shape = tuple(normalized_shape)
+    if not shape:
+        raise ValueError("layer_norm: normalized_shape must name at least one dim, got ()")
+    if tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
+        raise ValueError(f"layer_norm: input of shape {tuple(x.shape)} does not end with "
+                         f"normalized_shape {shape}")
+    for name, p in (("weight", w), ("bias", b)):
+        if p is not None and tuple(p.shape) != shape:
+            raise ValueError(f"layer_norm: {name} has shape {tuple(p.shape)}, expected "
+                             f"normalized_shape {shape}")
+
+
+def _layer_norm_kernel_serves(x: Tensor, w: Optional[Tensor], *args) -> bool:
+    """The kernel takes float32 and float64 inputs with a weight of the input's dtype."""
+    return x.dtype in (torch.float32, torch.float64) and (w is None or w.dtype == x.dtype)
+
+
+_layer_norm = LayerOp("dual_layer_norm", _layer_norm_reference, _check_layer_norm,
+                      outputs=lambda x, w, b, shape, eps: F.layer_norm(x, shape, w, b, eps),
+                      serves=_layer_norm_kernel_serves)
+
+
 @implements(F.layer_norm)
 @torch.no_grad()
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Dual:
     """Dual layer norm (arguments as ``F.layer_norm``)."""
-    x, xt, x_operand = parts(as_dual(input, "layer_norm"))
-    normalized_shape, dims = _normalized_dims("layer_norm", x, normalized_shape)
-    # torch's own kernel gives y and the statistics in one pass.
-    y, mean, r = torch.native_layer_norm(x, normalized_shape, primal_of(weight),
-                                         primal_of(bias), eps)
-    xhat, xt_hat = _normalize(x, xt, dims, mean, r)
-    return _affine("layer_norm", y, xhat, xt_hat, x_operand, weight, bias, normalized_shape)
+    x, xt, p, plan = layer_operands("layer_norm", input, weight, bias)
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    y, yt = _layer_norm(x, xt, p, plan, shape, eps)  # (the op checks the shapes)
+    # (float32 parameters of a bfloat16 input: torch's output and its tangent are bfloat16)
+    return result(y, _slots.cast(yt, plan.dtype_for(y.dtype)), plan)
 
 
 @implements(F.rms_norm, torch.rms_norm)

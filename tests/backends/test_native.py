@@ -65,6 +65,15 @@ def test_opcheck(channels_last, batch):
                            torch.randn(2, 3, 7), torch.randn(3), torch.randn(2, 3), True)),
         (ops.dual_linear, (x[0, 0], xt[:, 0, 0], torch.randn(3, 4), None, None,
                            torch.randn(2, 3), True)),
+        # layer norm over x's last dim (last two dims: 4 x 4 or 5 x 4): the input's slots
+        # and the parameters' summed, apart, the parameters' alone, bfloat16 tangents
+        (ops.dual_layer_norm, (x, xt, torch.randn(4), torch.randn(2, 4), torch.randn(4),
+                               torch.randn(2, 4), [4], 1e-5, True)),
+        (ops.dual_layer_norm, (x, xt, torch.randn(5, 4), None, torch.randn(5, 4),
+                               torch.randn(1, 5, 4), [5, 4], 1e-3, False)),
+        (ops.dual_layer_norm, (x, None, torch.randn(4), torch.randn(3, 4), None, None, [4],
+                               1e-5, False)),
+        (ops.dual_layer_norm, (x, xt[:1].bfloat16(), None, None, None, None, [4], 1e-5, False)),
         (ops.dual_bn_coefficients, _coefficient_args(C, training=True)),
         (ops.dual_bn_coefficients, _coefficient_args(C, training=False, params=False)),
         (ops.bn_update_running_stats_, (torch.zeros(C), torch.ones(C), torch.randn(C),

@@ -130,6 +130,20 @@ def test_raw_ops_refuse_aliased_or_grad_leaf_outputs_and_mismatched_slots():
                                  [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match=r"stride must be two positive ints, got \[0, 1\]"):
         ops.dual_conv2d_tangents(x, y, None, w, None, torch.randn(1, 4), [0, 1], [0, 0], [1, 1], 1)
+    ln = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match="weight_t was given without weight"):
+        ops.dual_layer_norm(ln, None, None, torch.randn(1, 4), None, None, [4], 1e-5, False)
+    with pytest.raises(RuntimeError, match="weight_t and bias_t must carry the same number of "
+                                           "slots, got 2 and 1"):
+        ops.dual_layer_norm(ln, None, torch.randn(4), torch.randn(2, 4), torch.randn(4),
+                            torch.randn(1, 4), [4], 1e-5, False)
+    with pytest.raises(RuntimeError, match="sum_terms needs the input's and the parameters' "
+                                           "tangents with one slot count, got 1 input and 0"):
+        ops.dual_layer_norm(ln, torch.randn(1, *ln.shape), None, None, None, None, [4], 1e-5,
+                            True)
+    with pytest.raises(RuntimeError, match="the tangents of one call must share one dtype"):
+        ops.dual_layer_norm(ln, torch.randn(1, *ln.shape), torch.randn(4),
+                            torch.randn(1, 4).bfloat16(), None, None, [4], 1e-5, True)
     with pytest.raises(RuntimeError, match=r"dual_hardtanh: min_val \(1\) must not be greater "
                                            r"than max_val \(-1\)"):
         ops.dual_hardtanh(torch.randn(3), torch.randn(1, 3), 1.0, -1.0)
@@ -757,6 +771,11 @@ LAYER_CONTRACTS = {  # a bad call: (the rule on Duals, the compiled op on the sa
             x, torch.empty(2, 3, 5, 5, device=x.device), xt, w, None, None, [1, 1], [1, 1],
             [1, 1], 1),
         ((2, 4, 5, 5), (3, 5, 3, 3))),
+    "layer_norm shape": (
+        lambda x, xt, w: F.layer_norm(Dual(x, xt), (5,), w),
+        lambda x, xt, w: torch.ops.fgkernels.dual_layer_norm(x, xt, w, None, None, None, [5],
+                                                             1e-5, False),
+        ((2, 4, 5), (4,))),
     "linear features": (
         lambda x, xt, w: F.linear(Dual(x, xt), w),
         lambda x, xt, w: torch.ops.fgkernels.dual_linear(x, xt, w, None, None, None, False),
