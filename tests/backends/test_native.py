@@ -241,6 +241,34 @@ def test_bn_parallel_split_matches_forward_ad(channels_last, threads):
     torch.testing.assert_close(out.tangents, yt, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tangent_dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_split_over_threads_is_forward_ads(threads, tangent_dtype):
+    """The layer-norm kernel on rows enough to be split over threads, of a length (45) no
+    multiple of a vector, far from zero mean; its input and parameters with tangents in slots
+    of their own (so that it writes the two terms apart), float32 with float32 or bfloat16
+    tangents: within twice torch's own error of forward_ad in float64."""
+    x = torch.randn(40, 31, 45) * 3 + 5
+    xt = _slots(2, x).to(tangent_dtype)
+    w, b = torch.rand(45) + 0.5, torch.randn(45)
+    wt, bt = torch.randn(1, 45).to(tangent_dtype), torch.randn(1, 45).to(tangent_dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fgkernels.use_backend("native"):
+            out = F.layer_norm(Dual(x, xt, directions=(0, 1)), (45,),
+                               Dual(w, wt, directions=(2,)), Dual(b, bt, directions=(2,)))
+    finally:
+        torch.set_num_threads(previous)
+    assert out.directions == (0, 1, 2)
+    fn = lambda x_, w_, b_: F.layer_norm(x_, (45,), w_, b_)
+    zero = lambda t: torch.zeros(1, *t.shape[1:], dtype=t.dtype)
+    oracle = ForwardADOracle(fn, [x, w, b], [torch.cat([xt, zero(xt)]),
+                                             torch.cat([zero(wt), zero(wt), wt]),
+                                             torch.cat([zero(bt), zero(bt), bt])])
+    assert_within_torch_error(out, oracle)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_low_precision_error_within_torch_error(dtype, channels_last):
