@@ -13,6 +13,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../checks.h"
@@ -92,6 +93,7 @@ FGK_CPU_KERNEL static void row_input_term(const tangent_t* __restrict t,
   }
 }
 
+// One slot's parameter term over a row, stored alone: out = pt in the tangents' dtype.
 template <typename tangent_t, typename acc_t>
 FGK_CPU_KERNEL static void row_store(const acc_t* __restrict pt, int64_t D,
                                      tangent_t* __restrict out) {
