@@ -401,6 +401,10 @@ OPS = {
     "cat_flatten": OpCase(lambda x, w: torch.cat([x, x * w], 1).flatten(1), (4, 6, 2, 2),
                           (6, 1, 1)),
     "matmul_softmax": OpCase(lambda x, w: torch.softmax(x @ w, -1), (3, 4, 5), (5, 6)),
+    # heads split from tokens (N, L, H, E): batch dims that torch.matmul cannot fold unmoved
+    "matmul_heads_split": OpCase(
+        lambda x, w: torch.softmax(x.transpose(1, 2) @ w.transpose(1, 2).mT, -1)
+        @ w.transpose(1, 2), (2, 5, 3, 4), (2, 5, 3, 4)),
     "softmax_vector": OpCase(lambda x, w: torch.softmax(x * w, 0) + F.log_softmax(w, 0),
                              (6,), (6,)),
     "attention": OpCase(lambda x, w: F.scaled_dot_product_attention(x, x * w, x),

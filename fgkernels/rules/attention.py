@@ -25,7 +25,7 @@ from ..dual import slots as _slots
 from ..dual.value import Dual, implements
 from .layers import dropout, linear
 from .operands import as_dual, parts, primal_of
-from .products import matmul
+from .products import matmul, matmul_tangents
 
 Tensor = torch.Tensor
 
@@ -143,16 +143,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         # Dropout: one mask drawn once for the primal and every slot, the math written out.
         return _attention_math(q, k, v, _additive_bias(attn_mask, is_causal, L, S, q.primal),
                                scale, dropout_p)
+    # torch's primal, the written-out tangents (the last product's tangent terms alone)
     y = F.scaled_dot_product_attention(q.primal, k.primal, v.primal, mask_primal, 0.0,
                                        is_causal, scale=scale)
-    out = _attention_math(q, k, v, _additive_bias(attn_mask, is_causal, L, S, q.primal), scale,
-                          0.0)
-    return out.with_tangents(y, out.tangents)  # torch's primal, the written-out tangents
+    return _attention_math(q, k, v, _additive_bias(attn_mask, is_causal, L, S, q.primal), scale,
+                           0.0, primal=y)
 
 
-def _attention_math(q: Dual, k: Dual, v: Dual, bias, scale: float, dropout_p: float) -> Dual:
+def _attention_math(q: Dual, k: Dual, v: Dual, bias, scale: float, dropout_p: float,
+                    primal: Optional[Tensor] = None) -> Dual:
     """Attention written in Dual ops (every product, the softmax and the bias by their rules),
-    rows with nothing to attend to giving 0."""
+    rows with nothing to attend to giving 0; the output's primal ``primal`` where given (the
+    last product then computes its tangent alone)."""
     s = matmul(q, k.transpose(-2, -1)) * scale
     if bias is not None:
         s = s + bias
@@ -164,7 +166,7 @@ def _attention_math(q: Dual, k: Dual, v: Dual, bias, scale: float, dropout_p: fl
         p = torch.where(empty, 0.0, p)
     if dropout_p > 0.0:
         p = dropout(p, dropout_p, True)
-    return matmul(p, v)
+    return matmul(p, v) if primal is None else matmul_tangents(p, v, primal)
 
 
 # --- multi-head attention -------------------------------------------------------------------------

@@ -6,7 +6,7 @@ leading batch dim)."""
 from __future__ import annotations
 
 import string
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -19,14 +19,18 @@ Tensor = torch.Tensor
 
 
 def _product(op: str, operands: list, compute: Callable[[list], Tensor],
-             term: Callable[..., Tensor], primal_factors: bool = False) -> Dual:
+             term: Callable[..., Tensor], primal_factors: bool = False,
+             prepare: Optional[Callable[[Tensor], Tensor]] = None) -> Dual:
     """The Dual of ``y = compute(primals)`` whose tangent sums ``term(i, stack_i, factors)``
     over the operands with a tangent (stack_i in the output slots' dtype, and the primals as
     factors cast to it). With ``primal_factors`` a term is ``term(i, stack_i, primals, y)``
     instead: the primals as they are, for a term that finds something in them (a maximum, a
-    distance) before it multiplies."""
+    distance) before it multiplies. ``prepare`` maps each tensor primal first (the same
+    values: a layout the products take without copying)."""
     ps = [parts(v) for v in operands]
     primals = [p.primal for p in ps]
+    if prepare is not None:
+        primals = [prepare(v) if isinstance(v, Tensor) else v for v in primals]
     y = compute(primals)
     plan = _slots.plan([p.slots for p in ps], op)
     if plan.count == 0:
@@ -62,10 +66,31 @@ def _matmul_term(i: int, stack: Tensor, f: list) -> Tensor:
     return out.squeeze(-1 if b_vec else -2) if a_vec else out
 
 
+def _folded(t: Tensor) -> Tensor:
+    """``t`` as a product folds it into a batch of matrices without a copy: an operand of more
+    than two dims whose batch dims do not merge into one (heads split from a fused projection,
+    a key transposed) made contiguous once, where torch.matmul would copy it for the primal
+    product and again for the other operand's tangent term (the same copy: the same values,
+    laid out alike)."""
+    if t.dim() <= 2:
+        return t
+    batch = [(size, stride) for size, stride in zip(t.shape[:-2], t.stride()[:-2]) if size != 1]
+    merges = all(stride == inner_stride * inner_size
+                 for (_, stride), (inner_size, inner_stride) in zip(batch, batch[1:]))
+    return t if merges else t.contiguous()
+
+
 @implements(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 def matmul(input, other) -> Dual:
     """Dual matrix product (``torch.matmul``'s broadcasting)."""
-    return _product("matmul", [input, other], lambda p: torch.matmul(*p), _matmul_term)
+    return _product("matmul", [input, other], lambda p: torch.matmul(*p), _matmul_term,
+                    prepare=_folded)
+
+
+def matmul_tangents(input, other, y: Tensor) -> Dual:
+    """The Dual of ``input @ other`` whose primal ``y`` the caller already has (computed
+    otherwise, as a fused kernel computes attention): the tangent's products alone."""
+    return _product("matmul", [input, other], lambda p: y, _matmul_term, prepare=_folded)
 
 
 # The forms of matmul restricted to some shapes: each primal is the op's own, which refuses the

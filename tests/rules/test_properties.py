@@ -657,7 +657,8 @@ def attention_cases(draw):
 @given(case=attention_cases())
 def test_scaled_dot_product_attention(case):
     """Against forward_ad of torch's math attention (its fused CPU kernel has no forward
-    mode), masks of every kind, causal, grouped-query and empty rows included."""
+    mode), masks of every kind, causal, grouped-query and empty rows included; the primal is
+    torch's own attention's to the bit."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     (q, k, v), (qt, kt, vt), mask, causal, scale, gqa = case
     fn = lambda q_, k_, v_: F.scaled_dot_product_attention(
@@ -666,6 +667,7 @@ def test_scaled_dot_product_attention(case):
     if all(t is None for t in (qt, kt, vt)):
         return
     out = fn(*duals)
+    assert torch.equal(out.primal, fn(q, k, v))
     with sdpa_kernel(SDPBackend.MATH):
         y, yt = forward_ad_jvp(fn, [q, k, v], [qt, kt, vt])
     y, yt = torch.nan_to_num(y), torch.nan_to_num(yt)  # rows with nothing to attend to: 0
