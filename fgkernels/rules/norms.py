@@ -111,7 +111,7 @@ def _normalized_dims(op: str, x: Tensor, normalized_shape) -> tuple[tuple, list[
 def _layer_norm_reference(x: Tensor, xt: Optional[Tensor], w, wt, b, bt, normalized_shape,
                           eps: float, sum_terms: bool):
     y, mean, r = torch.native_layer_norm(x, normalized_shape, w, b, eps)
-    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    _, dims = _normalized_dims("layer_norm", x, normalized_shape)
     xhat, xt_hat = _normalize(x, xt, dims, mean, r)
     x_part, p_part = _affine_terms(xhat, xt_hat, w, wt, b, bt, normalized_shape)
     return (y, x_part.add_(p_part), None) if sum_terms else (y, x_part, p_part)
@@ -120,12 +120,9 @@ def _layer_norm_reference(x: Tensor, xt: Optional[Tensor], w, wt, b, bt, normali
 def _check_layer_norm(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], normalized_shape,
                       eps: float) -> None:
     """layer_norm's input, normalized_shape, weight and bias."""
-    shape = tuple(normalized_shape)
-    if not shape:
+    if not len(normalized_shape):
         raise ValueError("layer_norm: normalized_shape must name at least one dim, got ()")
-    if tuple(x.shape[max(x.dim() - len(shape), 0):]) != shape:
-        raise ValueError(f"layer_norm: input of shape {tuple(x.shape)} does not end with "
-                         f"normalized_shape {shape}")
+    shape, _ = _normalized_dims("layer_norm", x, normalized_shape)
     for name, p in (("weight", w), ("bias", b)):
         if p is not None and tuple(p.shape) != shape:
             raise ValueError(f"layer_norm: {name} has shape {tuple(p.shape)}, expected "
