@@ -55,6 +55,9 @@ PAD_SEQUENCE = ("tests/rules/test_layer_configs.py::test_pad_sequence_pads_every
 INDEXING = ("tests/dual/test_dual_semantics.py::test_getitem_follows_the_primal",
             "tests/dual/test_dual_semantics.py::test_setitem_follows_the_primal")
 EDGES = ("tests/dual/test_dual_semantics.py::test_op_edge_cases_as_forward_ad",)
+DUAL_MASKS = ("tests/rules/test_layer_configs.py::test_attention_takes_masks_with_tangents",
+              "tests/rules/test_layer_configs.py::test_attention_mask_from_input_tangent_alone",
+              "tests/rules/test_layer_configs.py::test_attention_with_a_dual_mask_alone")
 # a parameter of a class of its own, which is not lifted, in a module's container
 OWN_CLASS = ("tests/dual/test_tangent_store.py::test_a_parameter_of_its_own_class_in_a_container_"
              "carries_its_tangent",)
@@ -316,6 +319,25 @@ MUTANTS = [
     Mutant("einsum's output sublist ignored", "fgkernels/rules/products.py",
            "    if len(args) % 2:\n        equation +=", "    if False:\n        equation +=",
            EDGES),
+    Mutant("multi-head attention drops a mask's recorded tangent", "fgkernels/rules/attention.py",
+           "    key_padding_mask, attn_mask = _with_tangent(key_padding_mask), "
+           "_with_tangent(attn_mask)\n", "", DUAL_MASKS),
+    Mutant("a Dual mask's attention takes batch-first inputs as sequence-first",
+           "fgkernels/nn/modules.py",
+           "        if self.batch_first and batched:  # the rule takes sequence-first inputs\n",
+           "        if False:\n", DUAL_MASKS),
+    Mutant("a full pass leaves nn.MultiheadAttention its own class", "fgkernels/dual/tangents.py",
+           "        pass_class = _PASS_CLASSES.get(type(m))\n", "        pass_class = None\n",
+           DUAL_MASKS),
+    Mutant("a layer keeps the class a pass gave it", "fgkernels/dual/tangents.py",
+           "        for m, cls in self.class_swaps:\n            m.__class__ = cls\n",
+           "        for m, cls in self.class_swaps:\n            pass\n", DUAL_MASKS),
+    Mutant("torch's metadata functions take the fallback on a Dual",
+           "fgkernels/rules/primal_ops.py",
+           "    torch.is_floating_point, torch.is_complex, torch.is_signed, torch.is_inference,\n"
+           "    torch.is_same_size, torch.numel,\n", "",
+           ("tests/dual/test_dual_semantics.py::test_storage_metadata_is_the_primal_s_and_no_"
+            "fallback_op",)),
     Mutant("attention takes a 3-D mask of any first size", "fgkernels/rules/attention.py",
            "        else (N * num_heads, L, S_in)", "        else (attn_mask.shape[0], L, S_in)",
            ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_error_naming_it",)),

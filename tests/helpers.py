@@ -215,3 +215,34 @@ def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     wide[..., ::2] = t
     return wide[..., ::2]
 
+
+class BiasedAttention(torch.nn.Module):
+    """Self-attention whose additive mask carries a tangent: a learned bias over (query, key)
+    pairs (``"bias"``; ``"closure"``: read from a closure, which the pass does not substitute),
+    a learned float padding mask (``"padding"``), or a per-head bias computed from the tokens
+    (``"tokens"``)."""
+
+    def __init__(self, mask: str, need_weights: bool, batch_first: bool, length: int = 5,
+                 batch: int = 2, heads: int = 2):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, heads, batch_first=batch_first)
+        self.mask, self.need_weights, self.batch_first = mask, need_weights, batch_first
+        self.bias = torch.nn.Parameter(torch.randn(length, length))
+        self.padding = torch.nn.Parameter(torch.randn(batch, length))
+        bias = self.bias
+        self.read_bias = lambda: bias
+
+    def forward(self, x):
+        masks = {}
+        if self.mask == "bias":
+            masks["attn_mask"] = self.bias
+        elif self.mask == "closure":
+            masks["attn_mask"] = self.read_bias()
+        elif self.mask == "padding":
+            masks["key_padding_mask"] = self.padding
+        else:
+            tokens = x if self.batch_first else x.transpose(0, 1)
+            scores = tokens @ tokens.transpose(1, 2) / 8
+            masks["attn_mask"] = scores.repeat_interleave(self.attn.num_heads, 0)
+        out, weights = self.attn(x, x, x, need_weights=self.need_weights, **masks)
+        return out if weights is None else out * weights.mean()

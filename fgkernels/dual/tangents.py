@@ -158,6 +158,7 @@ class _Pass:
         self.swaps: list[_Swap] = []
         self.entry_swaps: list[_EntrySwap] = []
         self.attributes: list[_Attributes] = []
+        self.class_swaps: list[tuple[nn.Module, type]] = []  # (module, its own class)
         self.members: set[int] = set()
         self.modules: list[nn.Module] = []
         self.duals: dict[int, Dual] = {}
@@ -295,6 +296,10 @@ class _Pass:
                 continue
             self.swaps.append(_Swap(m._parameters, name, t))
             m._parameters[name] = self._dual(m, name, t)
+        pass_class = _PASS_CLASSES.get(type(m))
+        if pass_class is not None:
+            self.class_swaps.append((m, type(m)))
+            m.__class__ = pass_class
         if not _sets_no_attributes(type(m)):
             # A tensor the module holds in a container of its own (``self.weights = [w1, w2]``,
             # a tuple, a dict, nested) is read from there: the container holds its Dual too.
@@ -367,8 +372,11 @@ class _Pass:
             holder[name] = t
         for attributes in self.attributes:
             attributes.restore()
+        for m, cls in self.class_swaps:
+            m.__class__ = cls
         self.forget_cached_parametrizations()
         self.swaps, self.entry_swaps, self.attributes, self.frame = [], [], [], None
+        self.class_swaps = []
         if self.ending is not None:
             self.ending.remove()
             self.ending = None
@@ -400,6 +408,18 @@ def _sets_no_attributes(cls: type) -> bool:
         known = _NO_ATTRIBUTES[cls] = cls.__module__.startswith("torch.nn.modules.") \
             and not issubclass(cls, nn.RNNBase)
     return known
+
+
+# torch.nn layer class -> the class a full dual pass gives such a layer while it runs
+# (``run_as_during_passes``): one whose torch forward takes only Tensors where a Dual can come.
+_PASS_CLASSES: dict[type, type] = {}
+
+
+def run_as_during_passes(cls: type, pass_class: type) -> None:
+    """Make every layer of class ``cls`` (exactly) that a full dual pass substitutes run as
+    ``pass_class``, a subclass adding no state, until the pass ends: ``fgkernels.nn`` gives
+    ``nn.MultiheadAttention`` its twin so, whose forward takes Dual masks."""
+    _PASS_CLASSES[cls] = pass_class
 
 
 def _is_dataclass(v) -> bool:

@@ -22,6 +22,7 @@ from .modules import (
     DualMaxPool2d,
     DualMish,
     DualModule,
+    DualMultiheadAttention,
     DualReLU,
     DualReLU6,
     DualSequential,
@@ -38,5 +39,5 @@ __all__ = ["DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "Dual
            "DualMaxPool2d", "DualAvgPool2d", "DualAdaptiveAvgPool2d", "DualFlatten",
            "DualSequential", "DualModule", "DualLayerNorm", "DualGroupNorm", "DualHardswish",
            "DualHardsigmoid", "DualSiLU", "DualGELU", "DualSigmoid", "DualTanh", "DualHardtanh",
-           "DualReLU6", "DualLeakyReLU", "DualELU", "DualMish", "TWINS", "convert",
-           "register_twin", "reuse_conv_outputs", "twin_of", "compile"]
+           "DualReLU6", "DualLeakyReLU", "DualELU", "DualMish", "DualMultiheadAttention",
+           "TWINS", "convert", "register_twin", "reuse_conv_outputs", "twin_of", "compile"]

@@ -27,9 +27,10 @@ from ..dual.tangents import (
     foreign_module_hooks,
     forward_sets_no_attributes,
     in_dual_pass,
+    run_as_during_passes,
 )
 from ..dual.value import Dual, in_rule
-from ..rules import pointwise
+from ..rules import attention, pointwise
 
 Tensor = torch.Tensor
 
@@ -415,6 +416,37 @@ class DualGroupNorm(DualModule, nn.GroupNorm):
     """``nn.GroupNorm``; its dual pass is group norm's rule (``fgkernels.rules.norms``)."""
 
 
+class DualMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` taking Dual masks (a learned additive bias, a mask computed
+    from a Dual): torch's forward asks a mask's dtype of a Tensor only, so with a Dual mask the
+    layer's arguments go to multi-head attention's rule (``fgkernels.rules.attention``) as
+    torch's forward hands them on. A full dual pass gives every ``nn.MultiheadAttention`` this
+    class while it runs; ``convert`` gives it for good."""
+
+    # its dual forward hands each parameter to a rule that looks up the parameter's tangent
+    reads_parameter_tangents = True
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        if not (isinstance(attn_mask, Dual) or isinstance(key_padding_mask, Dual)):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        batched = query.dim() == 3
+        if self.batch_first and batched:  # the rule takes sequence-first inputs
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        with in_rule():
+            out, weights = attention.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight,
+                self.in_proj_bias, self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+                self.out_proj.weight, self.out_proj.bias, training=self.training,
+                key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
+                q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight,
+                v_proj_weight=self.v_proj_weight, average_attn_weights=average_attn_weights,
+                is_causal=is_causal)
+        return (out.transpose(0, 1) if self.batch_first and batched else out), weights
+
+
 # torch.nn layer -> its Dual twin, for convert().
 TWINS: dict[type, type] = {
     nn.Conv2d: DualConv2d,
@@ -429,11 +461,13 @@ TWINS: dict[type, type] = {
     nn.Sequential: DualSequential,
     nn.LayerNorm: DualLayerNorm,
     nn.GroupNorm: DualGroupNorm,
+    nn.MultiheadAttention: DualMultiheadAttention,
     **_ACTIVATION_TWINS,
 }
 _DUAL_CLASSES = set(TWINS.values())
 for _twin in _DUAL_CLASSES:
     forward_sets_no_attributes(_twin)
+run_as_during_passes(nn.MultiheadAttention, DualMultiheadAttention)
 
 
 def register_twin(cls: type, dual_cls: type) -> None:

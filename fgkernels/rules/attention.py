@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dual import slots as _slots
+from ..dual.tangents import dual_of
 from ..dual.value import Dual, implements
 from .layers import dropout, linear
 from .operands import as_dual, parts, primal_of
@@ -178,6 +179,12 @@ def _as_float_mask(mask, like: Tensor):
         mask, float("-inf"))
 
 
+def _with_tangent(mask):
+    """``mask`` as a Dual where it is a tensor with a recorded tangent, else as it is."""
+    d = dual_of(mask) if isinstance(mask, Tensor) else None
+    return mask if d is None else d
+
+
 def _pad_last(mask):
     return None if mask is None else F.pad(mask, (0, 1))
 
@@ -194,6 +201,9 @@ def multi_head_attention_forward(
     """Dual multi-head attention (arguments and results as ``F.multi_head_attention_forward``:
     sequence-first inputs, ``(output, weights or None)``)."""
     q_in, k_in, v_in = (as_dual(t, "multi_head_attention") for t in (query, key, value))
+    # (a mask may be a tensor with a recorded tangent that the pass lifted rather than
+    # substituted: a learned bias read from a closure)
+    key_padding_mask, attn_mask = _with_tangent(key_padding_mask), _with_tangent(attn_mask)
     batched = F._mha_shape_check(q_in.primal, k_in.primal, v_in.primal,
                                  primal_of(key_padding_mask), primal_of(attn_mask), num_heads)
     if not batched:

@@ -42,6 +42,9 @@ PRIMAL_ONLY = [
     torch.isnan, _T.isnan, torch.isinf, _T.isinf, torch.isfinite, _T.isfinite, torch.isposinf,
     torch.isneginf, torch.isreal, torch.isclose, _T.isclose, torch.allclose, _T.allclose,
     torch.equal, _T.equal, torch.signbit, torch.is_nonzero, _T.is_nonzero,
+    # (a Dual answers the method forms, d.is_complex(), as its primal; torch code calls these)
+    torch.is_floating_point, torch.is_complex, torch.is_signed, torch.is_inference,
+    torch.is_same_size, torch.numel,
     torch.logical_not, torch.logical_and, torch.logical_or, torch.logical_xor,
     # indices and counts
     torch.argmax, _T.argmax, torch.argmin, _T.argmin, torch.argsort, _T.argsort,

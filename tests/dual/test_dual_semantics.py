@@ -592,6 +592,11 @@ def test_storage_metadata_is_the_primal_s_and_no_fallback_op():
                      "is_floating_point", "is_complex", "is_signed", "get_device"):
             assert getattr(d, name)() == getattr(d.primal, name)(), name
         assert d.untyped_storage().data_ptr() == d.primal.untyped_storage().data_ptr()
+        # torch's functions of the same questions, which torch's own Python code calls
+        for fn in (torch.is_floating_point, torch.is_complex, torch.is_signed,
+                   torch.is_inference, torch.numel):
+            assert fn(d) == fn(d.primal), fn.__name__
+        assert torch.is_same_size(d, d.primal) and not torch.is_same_size(d, d[:1])
     assert dict(fgkernels.fallback_ops()) == before
 
 

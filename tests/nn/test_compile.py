@@ -24,7 +24,7 @@ from fgkernels.testing import (
 )
 from fgkernels.train.models import BasicBlock
 
-from helpers import TOL, assert_within_torch_error
+from helpers import TOL, BiasedAttention, assert_within_torch_error
 from op_table import OPS, inputs, math_attention
 from zoo import MODELS, build_patch_transformer
 
@@ -474,6 +474,23 @@ def test_attention_compiles_as_one_graph(mask):
         a, a * 2, a, causal=mask == "causal", mask=kw.get("attn_mask")), [x], [xt])
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("mask,convert", [("bias", False), ("closure", False),
+                                          ("tokens", True)])
+def test_attention_with_a_mask_carrying_a_tangent_compiles(mask, convert):
+    """nn.MultiheadAttention given a learned bias (held by the model, or read from a closure)
+    or, converted, a mask computed from the tokens: the pass compiled by ``fgkernels.compile``
+    in one graph gives forward_ad's numbers."""
+    torch.manual_seed(0)
+    model = BiasedAttention(mask, False, True).double().eval()
+    if convert:
+        fgkernels.convert(model)
+    torch._dynamo.reset()
+    run = fgkernels.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    errors = compare_with_forward_ad(model, [x], num_tangents=2, run=run)
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
 
 
 def test_compiled_pass_without_module_guards_takes_each_steps_tangents():

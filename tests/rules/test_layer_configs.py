@@ -6,15 +6,16 @@ import copy
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fgkernels
 from fgkernels import Dual
-from fgkernels.testing import compare_with_forward_ad
+from fgkernels.testing import compare_with_forward_ad, oracle_mode
 
-from helpers import CPU_BACKENDS, TOL, torch_jvp_multi
+from helpers import CPU_BACKENDS, TOL, BiasedAttention, torch_jvp_multi
 
 
 class _MaxPoolIndices(nn.Module):
@@ -325,3 +326,55 @@ def test_causal_attention_takes_torchs_mask(options, need_weights):
                                model(x))
     errors = compare_with_forward_ad(model, [x], num_tangents=2)
     assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["as it is", "converted"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("mask", ["bias", "closure", "padding", "tokens"])
+def test_attention_takes_masks_with_tangents(mask, need_weights, batch_first, convert):
+    """nn.MultiheadAttention given a float mask that carries a tangent (torch's forward asks a
+    mask's dtype of a Tensor only: the mask goes in as a tensor standing for its Dual): the
+    primal is the plain model's, the tangents forward_ad's, and after the pass the module is of
+    its own class again, holding no Dual."""
+    torch.manual_seed(0)
+    model = BiasedAttention(mask, need_weights, batch_first).double().eval()
+    if convert:
+        fgkernels.convert(model)
+    cls = type(model.attn)
+    x = torch.randn(*((2, 5) if batch_first else (5, 2)), 8, dtype=torch.float64)
+    errors = compare_with_forward_ad(model, [x], num_tangents=2)
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
+    assert errors["fallback"] == {}, errors
+    assert type(model.attn) is cls
+    assert not any(isinstance(v, Dual) for v in vars(model.attn).values())
+
+
+def test_attention_mask_from_input_tangent_alone():
+    """With no parameter carrying a tangent the pass substitutes nothing; the converted layer
+    still takes a mask computed from the Dual input (the input's tangent alone, against
+    forward_ad)."""
+    torch.manual_seed(0)
+    model = fgkernels.convert(BiasedAttention("tokens", False, True).double().eval())
+    x, t = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    out = model(Dual(x, t))
+    with oracle_mode():
+        primal, tangents = torch_jvp_multi(model, x, t.unsqueeze(0))
+    torch.testing.assert_close(out.primal, model(x), rtol=0, atol=0)
+    torch.testing.assert_close(out.primal, primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangents, tangents, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_with_a_dual_mask_alone():
+    """A Dual mask beside plain query, key and value (the converted layer called by itself):
+    the output carries the mask's tangent, as forward_ad's."""
+    torch.manual_seed(0)
+    attn = fgkernels.convert(nn.MultiheadAttention(8, 2).double().eval())
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    m, mt = torch.randn(5, 5, dtype=torch.float64), torch.randn(5, 5, dtype=torch.float64)
+    out, _ = attn(x, x, x, attn_mask=Dual(m, mt), need_weights=False)
+    with oracle_mode(), fwAD.dual_level():
+        y, yt = fwAD.unpack_dual(attn(x, x, x, attn_mask=fwAD.make_dual(m, mt),
+                                      need_weights=False)[0])
+    torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangent, yt, rtol=1e-12, atol=1e-12)
