@@ -17,12 +17,33 @@ from torch._dynamo.utils import counters
 import fgkernels
 from fgkernels.testing import compare_with_forward_ad
 
-# timm's models, the smallest of each family the checks name.
+# timm's models, the smallest of each family the checks name: CNNs, vision transformers
+# (global, windowed, hierarchical, with relative position biases), MLP mixers and hybrids.
 TIMM = ["resnet18", "efficientnet_b0", "mobilenetv3_small_050", "mobilenetv4_conv_small",
         "regnetx_002", "convnext_atto", "densenet121", "dla34", "dpn48b", "hrnet_w18_small",
         "rexnet_100", "cspresnet50", "cs3darknet_s", "nf_regnet_b0", "repvgg_a0", "mixnet_s",
         "ghostnet_100", "fastvit_t8", "levit_128s", "vit_tiny_patch16_224",
-        "deit_tiny_patch16_224"]
+        "deit_tiny_patch16_224", "efficientformer_l1", "efficientformerv2_s0", "poolformer_s12",
+        "poolformerv2_s12", "mobilevit_xxs", "mobilevitv2_050", "edgenext_xx_small",
+        "caformer_s18", "convformer_s18", "eva02_tiny_patch14_224", "xcit_nano_12_p16_224",
+        "pvt_v2_b0", "twins_pcpvt_small", "cait_xxs24_224", "coat_lite_tiny",
+        "tnt_s_patch16_224", "volo_d1_224", "nest_tiny", "gcvit_xxtiny", "davit_tiny",
+        "efficientvit_b0", "efficientvit_m0", "repvit_m1", "tiny_vit_5m_224",
+        "inception_next_tiny", "hgnetv2_b0", "nfnet_l0", "res2net50_14w_8s", "skresnet18",
+        "resnest14d", "selecsls42b", "ese_vovnet19b_dw", "swin_tiny_patch4_window7_224",
+        "swinv2_cr_tiny_ns_224", "maxvit_nano_rw_256", "coatnet_nano_rw_224", "sequencer2d_s",
+        "mixer_s16_224", "resmlp_12_224", "gmlp_ti16_224", "convit_tiny",
+        "beit_base_patch16_224", "fastvit_sa12", "mambaout_femto", "rdnet_tiny", "starnet_s1",
+        "vit_small_patch16_rope_224", "focalnet_tiny_srf", "hiera_tiny_224"]
+# The input size of those that take no other: windows, partitions and attention biases laid
+# out for 224 pixels (256 for MaxViT's).
+_TIMM_FIXED_SIZE = {"efficientformer_l1": 224, "efficientformerv2_s0": 224,
+                    "coat_lite_tiny": 224, "gcvit_xxtiny": 224, "efficientvit_m0": 224,
+                    "tiny_vit_5m_224": 224, "swin_tiny_patch4_window7_224": 224,
+                    "swinv2_cr_tiny_ns_224": 224, "maxvit_nano_rw_256": 256,
+                    "coatnet_nano_rw_224": 224, "hiera_tiny_224": 224}
+# Transformers built for a smaller image (their patch grids and position embeddings follow).
+_TIMM_IMAGE_SIZE = {"eva02_tiny_patch14_224": 28, "volo_d1_224": 64, "nest_tiny": 64}
 # A few of each library's that run in seconds: the CI subset.
 QUICK = ["torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/efficientnet_b0",
          "torchvision/shufflenet_v2_x0_5", "torchvision/squeezenet1_1",
@@ -60,7 +81,13 @@ def _timm(name: str) -> RealModel:
     import timm
     size = 64
     kwargs = {}
-    if name.startswith(("vit_", "deit_")):
+    if name in _TIMM_FIXED_SIZE:
+        size = _TIMM_FIXED_SIZE[name]
+    elif name in _TIMM_IMAGE_SIZE:
+        size = _TIMM_IMAGE_SIZE[name]
+        kwargs = dict(img_size=size)
+    elif name.startswith(("vit_", "deit_", "xcit_", "cait_", "tnt_", "mixer_", "resmlp_",
+                          "gmlp_", "convit_", "beit_")):
         size, kwargs = 32, dict(img_size=32)
     elif name.startswith("levit"):
         size, kwargs = 64, dict(img_size=64)
