@@ -702,11 +702,12 @@ def _holding(held) -> nn.Module:
 
 class _SharedParameters(nn.Module):
     """A token network whose parameters are read in every way a model reads them: tied
-    linear layers, a ParameterList, a class token expanded, an attention block; the token and
-    the list's matrix read from the module itself or from a container of its own."""
+    linear layers, a ParameterList, a class token expanded, an attention block (with a learned
+    additive mask, ``masked``); the token and the list's matrix read from the module itself or
+    from a container of its own."""
 
     def __init__(self, dim: int, heads: int, tied: bool, need_weights: bool, batch_first: bool,
-                 held: str = "attribute"):
+                 held: str = "attribute", masked: bool = False):
         super().__init__()
         self.inp, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim)
         if tied:
@@ -715,6 +716,7 @@ class _SharedParameters(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
         self.need_weights, self.batch_first = need_weights, batch_first
+        self.mask = nn.Parameter(torch.randn(8, 8) / 4) if masked else None
         make, self.reach = HOLDERS[held]
         self.holder = make([self.cls_token, self.mats[0]])
 
@@ -723,9 +725,11 @@ class _SharedParameters(nn.Module):
             else self.reach(self.holder)
         x = torch.cat([token.expand(x.shape[0], -1, -1), self.inp(x)], 1)
         x = x @ mat
+        tokens = x.shape[1]
         if not self.batch_first:
             x = x.transpose(0, 1)
-        a, w = self.attn(x, x, x, need_weights=self.need_weights)
+        mask = None if self.mask is None else self.mask[:tokens, :tokens]
+        a, w = self.attn(x, x, x, need_weights=self.need_weights, attn_mask=mask)
         if not self.batch_first:
             a = a.transpose(0, 1)
         out = self.out(F.gelu(a))
@@ -736,16 +740,18 @@ class _SharedParameters(nn.Module):
 @given(heads=st.sampled_from([1, 2]), tied=st.booleans(), need_weights=st.booleans(),
        batch_first=st.booleans(), convert=st.booleans(), T=slots, n=st.integers(1, 3),
        length=st.integers(1, 4), seed=st.integers(0, 99),
-       direction=st.sampled_from([None, 3]), held=st.sampled_from(sorted(HOLDERS)))
+       direction=st.sampled_from([None, 3]), held=st.sampled_from(sorted(HOLDERS)),
+       masked=st.booleans())
 def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_first, convert, T,
-                                             n, length, seed, direction, held):
-    """Tied, listed, token and attention parameters, some held in a container of the model's
-    own, converted or not, every slot of their tangents against forward_ad; with a direction
-    label the input carries none."""
+                                             n, length, seed, direction, held, masked):
+    """Tied, listed, token and attention parameters (an attention mask among them), some held
+    in a container of the model's own, converted or not, every slot of their tangents against
+    forward_ad; with a direction label the input carries none."""
     from fgkernels.testing import model_jvp_in_place
     # (built twice, not copied: a copy's closure would still read the first one's parameters,
     # and so would model_jvp's)
-    model, ref = [_SharedParameters(4, heads, tied, need_weights, batch_first, held).double()
+    model, ref = [_SharedParameters(4, heads, tied, need_weights, batch_first, held,
+                                    masked).double()
                   for _ in range(2) if torch.manual_seed(seed)]
     if convert:
         fgkernels.convert(model)
