@@ -58,7 +58,9 @@ EDGES = ("tests/dual/test_dual_semantics.py::test_op_edge_cases_as_forward_ad",)
 DUAL_MASKS = ("tests/rules/test_layer_configs.py::test_attention_takes_masks_with_tangents",
               "tests/rules/test_layer_configs.py::test_attention_mask_from_input_tangent_alone",
               "tests/rules/test_layer_configs.py::test_attention_with_a_dual_mask_alone",
-              "tests/rules/test_properties.py::test_models_reading_parameters_every_way")
+              "tests/rules/test_properties.py::test_models_reading_parameters_every_way",
+              "tests/rules/test_layer_configs.py::test_attention_with_a_dual_mask_takes_every_"
+              "form")
 # a parameter of a class of its own, which is not lifted, in a module's container
 OWN_CLASS = ("tests/dual/test_tangent_store.py::test_a_parameter_of_its_own_class_in_a_container_"
              "carries_its_tangent",)
@@ -328,8 +330,20 @@ MUTANTS = [
            "        if self.batch_first and batched:  # the rule takes sequence-first inputs\n",
            "        if False:\n", DUAL_MASKS),
     Mutant("a full pass leaves nn.MultiheadAttention its own class", "fgkernels/dual/tangents.py",
-           "        pass_class = _PASS_CLASSES.get(type(m))\n", "        pass_class = None\n",
+           "        pass_class = _pass_class(type(m))\n", "        pass_class = None\n",
            DUAL_MASKS),
+    Mutant("a pass gives the exact class alone its twin", "fgkernels/dual/tangents.py",
+           "        base = next((b for b in cls.__mro__ if b in _PASS_CLASS_OF), None)\n",
+           "        base = cls if cls in _PASS_CLASS_OF else None\n",
+           ("tests/rules/test_layer_configs.py::test_a_subclass_of_attention_takes_a_learned_"
+            "mask",)),
+    Mutant("a Dual mask's attention transposes an unbatched input", "fgkernels/nn/modules.py",
+           "        if self.batch_first and batched:  # the rule takes sequence-first inputs\n",
+           "        if self.batch_first:\n", DUAL_MASKS),
+    Mutant("multi-head attention adds an integer mask", "fgkernels/rules/attention.py",
+           "        if isinstance(mask, Tensor) and mask.dtype != torch.bool and not "
+           "mask.is_floating_point():\n", "        if False:\n",
+           ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_error_naming_it",)),
     Mutant("a layer keeps the class a pass gave it", "fgkernels/dual/tangents.py",
            "        for m, cls in self.class_swaps:\n            m.__class__ = cls\n",
            "        for m, cls in self.class_swaps:\n            pass\n", DUAL_MASKS),

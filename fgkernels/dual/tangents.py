@@ -34,7 +34,7 @@ import operator
 import sys
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple, Optional
 
 import torch
@@ -296,7 +296,7 @@ class _Pass:
                 continue
             self.swaps.append(_Swap(m._parameters, name, t))
             m._parameters[name] = self._dual(m, name, t)
-        pass_class = _PASS_CLASSES.get(type(m))
+        pass_class = _pass_class(type(m))
         if pass_class is not None:
             self.class_swaps.append((m, type(m)))
             m.__class__ = pass_class
@@ -410,16 +410,28 @@ def _sets_no_attributes(cls: type) -> bool:
     return known
 
 
-# torch.nn layer class -> the class a full dual pass gives such a layer while it runs
-# (``run_as_during_passes``): one whose torch forward takes only Tensors where a Dual can come.
-_PASS_CLASSES: dict[type, type] = {}
+# torch.nn layer class -> how to find the class a full dual pass gives a layer of it (or of a
+# subclass) while it runs (``run_as_during_passes``); and what it found, by the layer's class.
+_PASS_CLASS_OF: dict[type, Callable[[type], Optional[type]]] = {}
+_PASS_CLASSES: dict[type, Optional[type]] = {}
 
 
-def run_as_during_passes(cls: type, pass_class: type) -> None:
-    """Make every layer of class ``cls`` (exactly) that a full dual pass substitutes run as
-    ``pass_class``, a subclass adding no state, until the pass ends: ``fgkernels.nn`` gives
-    ``nn.MultiheadAttention`` its twin so, whose forward takes Dual masks."""
-    _PASS_CLASSES[cls] = pass_class
+def run_as_during_passes(cls: type, pass_class_of: Callable[[type], Optional[type]]) -> None:
+    """Make every layer of class ``cls`` or a subclass of it that a full dual pass substitutes
+    run as ``pass_class_of(its class)`` (a subclass of its class adding no state; None: as it
+    is) until the pass ends: ``fgkernels.nn`` gives ``nn.MultiheadAttention`` its twin so, whose
+    forward takes Dual masks, which torch's refuses. A layer called as the pass's root, or held
+    outside the tree of the module the pass started at, joins the pass as it is called: that
+    call runs its own class's forward."""
+    _PASS_CLASS_OF[cls] = pass_class_of
+    _PASS_CLASSES.clear()
+
+
+def _pass_class(cls: type) -> Optional[type]:
+    if cls not in _PASS_CLASSES:
+        base = next((b for b in cls.__mro__ if b in _PASS_CLASS_OF), None)
+        _PASS_CLASSES[cls] = None if base is None else _PASS_CLASS_OF[base](cls)
+    return _PASS_CLASSES[cls]
 
 
 def _is_dataclass(v) -> bool:

@@ -467,7 +467,6 @@ TWINS: dict[type, type] = {
 _DUAL_CLASSES = set(TWINS.values())
 for _twin in _DUAL_CLASSES:
     forward_sets_no_attributes(_twin)
-run_as_during_passes(nn.MultiheadAttention, DualMultiheadAttention)
 
 
 def register_twin(cls: type, dual_cls: type) -> None:
@@ -483,6 +482,7 @@ def register_twin(cls: type, dual_cls: type) -> None:
     TWINS[cls] = dual_cls
     _DUAL_CLASSES.add(dual_cls)
     _class_twin.cache_clear()  # a class seen before (and its subclasses) now take the new twin
+    run_as_during_passes(nn.MultiheadAttention, _class_twin)  # (in a pass too)
 
 
 # The methods of a twinned layer that a twin's dual forward stands in for: a subclass that
@@ -512,6 +512,11 @@ def _class_twin(cls: type) -> Optional[type]:
                 forward_sets_no_attributes(mixed)
             return mixed
     return None
+
+
+# A dual pass gives an unconverted nn.MultiheadAttention (or a subclass keeping its forward) its
+# twin while it runs: torch's forward refuses Dual masks.
+run_as_during_passes(nn.MultiheadAttention, _class_twin)
 
 
 def _parametrized_twin(cls: type) -> Optional[type]:

@@ -226,6 +226,11 @@ def multi_head_attention_forward(
     if attn_mask is not None and tuple(attn_mask.shape) != mask_shape:
         raise ValueError(f"multi_head_attention: a {attn_mask.dim()}-D attn_mask must have shape "
                          f"{mask_shape}, got {tuple(attn_mask.shape)}")
+    for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        # (torch's layer refuses any other dtype before its function sees it; a Dual is floating)
+        if isinstance(mask, Tensor) and mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"multi_head_attention: {name} must be a bool or floating mask, "
+                            f"got {mask.dtype}")
     if E % num_heads:
         raise ValueError(f"multi_head_attention: embedding dim {E} is not divisible by "
                          f"num_heads {num_heads}")

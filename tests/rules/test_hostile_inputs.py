@@ -695,6 +695,14 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     (lambda: nn.MultiheadAttention(8, 2)(Dual(torch.randn(3, 2, 8)), torch.randn(4, 2, 8),
                                          torch.randn(4, 2, 8), attn_mask=torch.zeros(1, 3, 4)),
      ValueError, r"a 3-D attn_mask must have shape \(4, 3, 4\), got \(1, 3, 4\)"),
+    # (torch's forward refuses an integer mask itself; the twin hands a Dual mask's call to the
+    # rule, which must too: an integer mask added to the scores would be a bias of 0s and 1s)
+    (lambda: fgkernels.convert(nn.MultiheadAttention(8, 2))(
+        Dual(torch.randn(3, 2, 8)), torch.randn(4, 2, 8), torch.randn(4, 2, 8),
+        attn_mask=Dual(torch.randn(3, 4), torch.randn(3, 4)),
+        key_padding_mask=torch.zeros(2, 4, dtype=torch.long)),
+     TypeError, "multi_head_attention: key_padding_mask must be a bool or floating mask, got "
+                "torch.int64"),
     (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), None, torch.ones(3),
                           training=True),
      ValueError, "running_mean and running_var must either both be None or neither be None"),
@@ -720,8 +728,9 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
         "add_direction input", "clear_tangents None", "reuse_conv_outputs None",
         "conv1d channels", "conv1d stride pair", "mm of a batch", "bmm of matrices",
         "1-D attention", "grouped heads that do not divide", "attention padding mask shape",
-        "attention 3-D mask shape", "one running statistic", "batch norm float64 statistics",
-        "batch norm parameters of two dtypes", "conv2d of a 2-D input",
+        "attention 3-D mask shape", "attention integer mask", "one running statistic",
+        "batch norm float64 statistics", "batch norm parameters of two dtypes",
+        "conv2d of a 2-D input",
         "converted conv and batch norm of an unbatched input"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):

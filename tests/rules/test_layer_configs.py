@@ -350,6 +350,65 @@ def test_attention_takes_masks_with_tangents(mask, need_weights, batch_first, co
     assert not any(isinstance(v, Dual) for v in vars(model.attn).values())
 
 
+class _OwnAttention(nn.MultiheadAttention):
+    """A user's subclass of the layer that keeps torch's forward."""
+
+
+def test_a_subclass_of_attention_takes_a_learned_mask():
+    """An unconverted subclass of nn.MultiheadAttention that keeps torch's forward runs as the
+    twin mixed into it while the pass runs: forward_ad's numbers, and its own class after."""
+    torch.manual_seed(0)
+    model = BiasedAttention("bias", False, True).double().eval()
+    model.attn.__class__ = _OwnAttention
+    errors = compare_with_forward_ad(model, [torch.randn(2, 5, 8, dtype=torch.float64)])
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
+    assert type(model.attn) is _OwnAttention
+
+
+class _MaskedAttention(nn.Module):
+    """A converted nn.MultiheadAttention whose float mask is an input of the model (a Dual in
+    the pass): query, key-and-value and mask given positionally, the layer's options and the
+    call's other arguments fixed; the output, and the weights when asked for."""
+
+    def __init__(self, options: dict, call: dict):
+        super().__init__()
+        self.attn = fgkernels.convert(nn.MultiheadAttention(8, 2, **options))
+        self.call = call
+
+    def forward(self, q, kv, mask):
+        out, weights = self.attn(q, kv, kv, attn_mask=mask, **self.call)
+        return out if weights is None else (out, weights)
+
+
+# name -> (layer options, call arguments, query, key-and-value and mask shapes)
+_MASKED_FORMS = {
+    "key and value dims": (dict(kdim=6, vdim=6), {}, (4, 2, 8), (5, 2, 6), (4, 5)),
+    "bias keys": (dict(add_bias_kv=True), {}, (4, 2, 8), (5, 2, 8), (4, 5)),
+    "zero key": (dict(add_zero_attn=True), {}, (4, 2, 8), (5, 2, 8), (4, 5)),
+    "causal": ({}, dict(is_causal=True, need_weights=False), (4, 2, 8), (4, 2, 8), (4, 4)),
+    "unbatched, batch first": (dict(batch_first=True), {}, (4, 8), (5, 8), (4, 5)),
+    "per head": ({}, {}, (4, 2, 8), (5, 2, 8), (4, 4, 5)),
+    "bool padding beside": ({}, dict(key_padding_mask=torch.tensor([[False] * 4 + [True],
+                                                                     [False] * 5])),
+                            (4, 2, 8), (5, 2, 8), (4, 5)),
+    "weights of each head": ({}, dict(average_attn_weights=False), (4, 2, 8), (5, 2, 8),
+                             (4, 5)),
+}
+
+
+@pytest.mark.parametrize("form", list(_MASKED_FORMS))
+def test_attention_with_a_dual_mask_takes_every_form(form):
+    """The twin's own path (a Dual mask goes to the rule with the layer's arguments) in each
+    form torch's forward takes: the outputs (and weights) and their tangents, the mask's among
+    them, against forward_ad through torch's own forward."""
+    options, call, *shapes = _MASKED_FORMS[form]
+    torch.manual_seed(0)
+    model = _MaskedAttention(options, call).double().eval()
+    inputs = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+    errors = compare_with_forward_ad(model, inputs, num_tangents=2)
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
+
+
 def test_attention_mask_from_input_tangent_alone():
     """With no parameter carrying a tangent the pass substitutes nothing; the converted layer
     still takes a mask computed from the Dual input (the input's tangent alone, against
