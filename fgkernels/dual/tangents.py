@@ -411,9 +411,8 @@ def _sets_no_attributes(cls: type) -> bool:
 
 
 # torch.nn layer class -> how to find the class a full dual pass gives a layer of it (or of a
-# subclass) while it runs (``run_as_during_passes``); and what it found, by the layer's class.
+# subclass) while it runs (``run_as_during_passes``).
 _PASS_CLASS_OF: dict[type, Callable[[type], Optional[type]]] = {}
-_PASS_CLASSES: dict[type, Optional[type]] = {}
 
 
 def run_as_during_passes(cls: type, pass_class_of: Callable[[type], Optional[type]]) -> None:
@@ -424,14 +423,13 @@ def run_as_during_passes(cls: type, pass_class_of: Callable[[type], Optional[typ
     outside the tree of the module the pass started at, joins the pass as it is called: that
     call runs its own class's forward."""
     _PASS_CLASS_OF[cls] = pass_class_of
-    _PASS_CLASSES.clear()
 
 
 def _pass_class(cls: type) -> Optional[type]:
-    if cls not in _PASS_CLASSES:
-        base = next((b for b in cls.__mro__ if b in _PASS_CLASS_OF), None)
-        _PASS_CLASSES[cls] = None if base is None else _PASS_CLASS_OF[base](cls)
-    return _PASS_CLASSES[cls]
+    for base, pass_class_of in _PASS_CLASS_OF.items():
+        if issubclass(cls, base):
+            return pass_class_of(cls)
+    return None
 
 
 def _is_dataclass(v) -> bool:
@@ -616,7 +614,7 @@ def _lifted_call(func, args: tuple, kwargs: dict):
     """``func`` called with every tensor with a tangent among its arguments taken as its
     Dual: the Dual's rule for it."""
     flat, spec = pytree.tree_flatten((args, kwargs))
-    flat = [_as_dual(v) for v in flat]
+    flat = [with_recorded_tangent(v) for v in flat]
     if not any(isinstance(v, Dual) for v in flat):  # (a tangent cleared during the pass)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
@@ -758,7 +756,8 @@ def _is_dual(v) -> bool:
     return isinstance(v, Dual) or tangent_of(v) is not None
 
 
-def _as_dual(v):
+def with_recorded_tangent(v):
+    """``v`` as its Dual where it is a tensor with a recorded tangent, else as it is."""
     d = dual_of(v) if isinstance(v, Tensor) else None
     return v if d is None else d
 

@@ -420,8 +420,9 @@ class DualMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` taking Dual masks (a learned additive bias, a mask computed
     from a Dual): torch's forward asks a mask's dtype of a Tensor only, so with a Dual mask the
     layer's arguments go to multi-head attention's rule (``fgkernels.rules.attention``) as
-    torch's forward hands them on. A full dual pass gives every ``nn.MultiheadAttention`` this
-    class while it runs; ``convert`` gives it for good."""
+    torch's forward hands them on. A full dual pass gives every ``nn.MultiheadAttention`` of
+    the model's tree this class while it runs (a subclass keeping torch's forward: this class
+    mixed into it); ``convert`` gives it for good."""
 
     # its dual forward hands each parameter to a rule that looks up the parameter's tangent
     reads_parameter_tangents = True
@@ -482,7 +483,6 @@ def register_twin(cls: type, dual_cls: type) -> None:
     TWINS[cls] = dual_cls
     _DUAL_CLASSES.add(dual_cls)
     _class_twin.cache_clear()  # a class seen before (and its subclasses) now take the new twin
-    run_as_during_passes(nn.MultiheadAttention, _class_twin)  # (in a pass too)
 
 
 # The methods of a twinned layer that a twin's dual forward stands in for: a subclass that
@@ -515,7 +515,8 @@ def _class_twin(cls: type) -> Optional[type]:
 
 
 # A dual pass gives an unconverted nn.MultiheadAttention (or a subclass keeping its forward) its
-# twin while it runs: torch's forward refuses Dual masks.
+# twin while it runs: torch's forward refuses Dual masks. (_class_twin is cached, and forgets
+# what it found when register_twin adds a twin.)
 run_as_during_passes(nn.MultiheadAttention, _class_twin)
 
 

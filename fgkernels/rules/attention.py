@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dual import slots as _slots
-from ..dual.tangents import dual_of
+from ..dual.tangents import with_recorded_tangent
 from ..dual.value import Dual, implements
 from .layers import dropout, linear
 from .operands import as_dual, parts, primal_of
@@ -179,12 +179,6 @@ def _as_float_mask(mask, like: Tensor):
         mask, float("-inf"))
 
 
-def _with_tangent(mask):
-    """``mask`` as a Dual where it is a tensor with a recorded tangent, else as it is."""
-    d = dual_of(mask) if isinstance(mask, Tensor) else None
-    return mask if d is None else d
-
-
 def _pad_last(mask):
     return None if mask is None else F.pad(mask, (0, 1))
 
@@ -203,7 +197,7 @@ def multi_head_attention_forward(
     q_in, k_in, v_in = (as_dual(t, "multi_head_attention") for t in (query, key, value))
     # (a mask may be a tensor with a recorded tangent that the pass lifted rather than
     # substituted: a learned bias read from a closure)
-    key_padding_mask, attn_mask = _with_tangent(key_padding_mask), _with_tangent(attn_mask)
+    key_padding_mask, attn_mask = map(with_recorded_tangent, (key_padding_mask, attn_mask))
     batched = F._mha_shape_check(q_in.primal, k_in.primal, v_in.primal,
                                  primal_of(key_padding_mask), primal_of(attn_mask), num_heads)
     if not batched:
