@@ -61,6 +61,10 @@ DUAL_MASKS = ("tests/rules/test_layer_configs.py::test_attention_takes_masks_wit
               "tests/rules/test_properties.py::test_models_reading_parameters_every_way",
               "tests/rules/test_layer_configs.py::test_attention_with_a_dual_mask_takes_every_"
               "form")
+TRANSFORMER_MASKS = (
+    "tests/rules/test_layer_configs.py::test_transformer_layers_take_masks_with_tangents",
+    "tests/rules/test_layer_configs.py::test_a_converted_encoder_takes_a_dual_mask_as_the_passs_"
+    "root")
 # a parameter of a class of its own, which is not lifted, in a module's container
 OWN_CLASS = ("tests/dual/test_tangent_store.py::test_a_parameter_of_its_own_class_in_a_container_"
              "carries_its_tangent",)
@@ -332,6 +336,22 @@ MUTANTS = [
     Mutant("a full pass leaves nn.MultiheadAttention its own class", "fgkernels/dual/tangents.py",
            "        pass_class = _pass_class(type(m))\n", "        pass_class = None\n",
            DUAL_MASKS),
+    Mutant("a full pass leaves torch's encoder layers their own class", "fgkernels/nn/modules.py",
+           "for _cls in (nn.MultiheadAttention, nn.TransformerEncoderLayer, "
+           "nn.TransformerEncoder):\n", "for _cls in (nn.MultiheadAttention,):\n",
+           TRANSFORMER_MASKS),
+    Mutant("an encoder layer hands a Dual mask to torch's forward", "fgkernels/nn/modules.py",
+           "        if not isinstance(src_mask, Dual):\n", "        if True:\n", TRANSFORMER_MASKS),
+    Mutant("an encoder hands a Dual mask to torch's forward", "fgkernels/nn/modules.py",
+           "        if not isinstance(mask, Dual):\n            return super().forward(src, mask,",
+           "        if True:\n            return super().forward(src, mask,", TRANSFORMER_MASKS),
+    Mutant("a pre-norm encoder layer with a Dual mask runs post-norm", "fgkernels/nn/modules.py",
+           "        if self.norm_first:\n            x = x + self._sa_block(self.norm1(x), src",
+           "        if False:\n            x = x + self._sa_block(self.norm1(x), src",
+           TRANSFORMER_MASKS),
+    Mutant("an encoder with a Dual mask skips its final norm", "fgkernels/nn/modules.py",
+           "        return output if self.norm is None else self.norm(output)\n",
+           "        return output\n", TRANSFORMER_MASKS),
     Mutant("a pass gives the exact class alone its twin", "fgkernels/dual/tangents.py",
            "        if issubclass(cls, base):\n", "        if cls is base:\n",
            ("tests/rules/test_layer_configs.py::test_a_subclass_of_attention_takes_a_learned_"

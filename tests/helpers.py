@@ -246,3 +246,41 @@ class BiasedAttention(torch.nn.Module):
             masks["attn_mask"] = scores.repeat_interleave(self.attn.num_heads, 0)
         out, weights = self.attn(x, x, x, need_weights=self.need_weights, **masks)
         return out if weights is None else out * weights.mean()
+
+
+class BiasedTransformer(torch.nn.Module):
+    """torch's transformer layers given a learned additive bias as the mask of their
+    self-attention: an encoder layer (``"layer"``, its ``src_mask``), an encoder of two layers
+    with a final norm (``"encoder"``, its ``mask``), or a whole ``nn.Transformer`` (``"source"``:
+    its ``src_mask``; ``"target"``: its ``tgt_mask``; ``"memory"``: its ``memory_mask``), the
+    input taken as source and target; with ``padding``, a bool padding mask of the last key of
+    the first sequence beside it."""
+
+    def __init__(self, which: str, norm_first: bool, batch_first: bool, padding: bool,
+                 length: int = 5, batch: int = 2):
+        super().__init__()
+        nn = torch.nn
+        options = dict(dim_feedforward=16, dropout=0.0, batch_first=batch_first,
+                       norm_first=norm_first)
+        if which == "layer":
+            self.net = nn.TransformerEncoderLayer(8, 2, **options)
+        elif which == "encoder":
+            self.net = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, **options), 2,
+                                             norm=nn.LayerNorm(8), enable_nested_tensor=False)
+        else:
+            self.net = nn.Transformer(8, 2, 1, 1, **options)
+        self.which, self.batch_first = which, batch_first
+        self.bias = nn.Parameter(torch.randn(length, length))
+        pad = torch.zeros(batch, length, dtype=torch.bool)
+        pad[0, -1] = True
+        self.register_buffer("pad", pad if padding else None)
+
+    def forward(self, x):
+        if self.which == "layer":
+            return self.net(x, src_mask=self.bias, src_key_padding_mask=self.pad)
+        if self.which == "encoder":
+            return self.net(x, mask=self.bias, src_key_padding_mask=self.pad)
+        mask = {"source": "src_mask", "target": "tgt_mask", "memory": "memory_mask"}[self.which]
+        pad = {"source": "src_key_padding_mask", "target": "tgt_key_padding_mask",
+               "memory": "memory_key_padding_mask"}[self.which]
+        return self.net(x, x, **{mask: self.bias, pad: self.pad})

@@ -29,6 +29,8 @@ from .modules import (
     DualSigmoid,
     DualSiLU,
     DualTanh,
+    DualTransformerEncoder,
+    DualTransformerEncoderLayer,
     convert,
     register_twin,
     reuse_conv_outputs,
@@ -40,4 +42,5 @@ __all__ = ["DualConv2d", "DualBatchNorm2d", "DualBatchNorm1d", "DualReLU", "Dual
            "DualSequential", "DualModule", "DualLayerNorm", "DualGroupNorm", "DualHardswish",
            "DualHardsigmoid", "DualSiLU", "DualGELU", "DualSigmoid", "DualTanh", "DualHardtanh",
            "DualReLU6", "DualLeakyReLU", "DualELU", "DualMish", "DualMultiheadAttention",
+           "DualTransformerEncoderLayer", "DualTransformerEncoder",
            "TWINS", "convert", "register_twin", "reuse_conv_outputs", "twin_of", "compile"]

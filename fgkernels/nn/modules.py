@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.nn.modules import transformer
 from torch.nn.utils import parametrize
 
 from .. import functional as DF
@@ -448,6 +449,56 @@ class DualMultiheadAttention(nn.MultiheadAttention):
         return (out.transpose(0, 1) if self.batch_first and batched else out), weights
 
 
+class DualTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` taking a Dual ``src_mask`` (a learned additive bias):
+    torch's forward asks the mask's dtype of a Tensor only. With one, the padding mask is
+    checked against the mask's dtype as torch checks it, and the layer runs its blocks as
+    torch's forward runs them off its fused fast path, handing the mask to its attention. A full
+    dual pass gives every ``nn.TransformerEncoderLayer`` of the model's tree this class while it
+    runs; ``convert`` gives it for good."""
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if not isinstance(src_mask, Dual):
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        # A float mask passes torch's _canonical_mask as it is; a bool or integer one carries
+        # no tangent, so src_mask needs no canonical form.
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+            other_type=src_mask.primal.dtype, other_name="src_mask", target_type=src.dtype)
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask,
+                                   is_causal=is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask,
+                                          is_causal=is_causal))
+        return self.norm2(x + self._ff_block(x))
+
+
+class DualTransformerEncoder(nn.TransformerEncoder):
+    """``nn.TransformerEncoder`` taking a Dual ``mask``, which torch's forward refuses as
+    ``nn.TransformerEncoderLayer``'s does: the padding mask is checked against the mask's
+    dtype, whether the mask is causal is read from its primal when not given, and each layer
+    takes the Dual mask (torch's nested-tensor fast path never runs beside a mask). A full dual
+    pass gives every ``nn.TransformerEncoder`` of the model's tree this class while it runs;
+    ``convert`` gives it for good."""
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        if not isinstance(mask, Dual):
+            return super().forward(src, mask, src_key_padding_mask, is_causal)
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+            other_type=mask.primal.dtype, other_name="mask", target_type=src.dtype)
+        batch_first = self.layers[0].self_attn.batch_first
+        is_causal = transformer._detect_is_causal_mask(
+            mask.primal, is_causal, transformer._get_seq_len(src, batch_first))
+        output = src
+        for layer in self.layers:
+            output = layer(output, src_mask=mask, is_causal=is_causal,
+                           src_key_padding_mask=src_key_padding_mask)
+        return output if self.norm is None else self.norm(output)
+
+
 # torch.nn layer -> its Dual twin, for convert().
 TWINS: dict[type, type] = {
     nn.Conv2d: DualConv2d,
@@ -463,6 +514,8 @@ TWINS: dict[type, type] = {
     nn.LayerNorm: DualLayerNorm,
     nn.GroupNorm: DualGroupNorm,
     nn.MultiheadAttention: DualMultiheadAttention,
+    nn.TransformerEncoderLayer: DualTransformerEncoderLayer,
+    nn.TransformerEncoder: DualTransformerEncoder,
     **_ACTIVATION_TWINS,
 }
 _DUAL_CLASSES = set(TWINS.values())
@@ -514,10 +567,12 @@ def _class_twin(cls: type) -> Optional[type]:
     return None
 
 
-# A dual pass gives an unconverted nn.MultiheadAttention (or a subclass keeping its forward) its
-# twin while it runs: torch's forward refuses Dual masks. (_class_twin is cached, and forgets
-# what it found when register_twin adds a twin.)
-run_as_during_passes(nn.MultiheadAttention, _class_twin)
+# A dual pass gives an unconverted nn.MultiheadAttention, nn.TransformerEncoderLayer or
+# nn.TransformerEncoder (or a subclass keeping its forward) its twin while it runs: torch's
+# forwards refuse Dual masks. (_class_twin is cached, and forgets what it found when
+# register_twin adds a twin.)
+for _cls in (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder):
+    run_as_during_passes(_cls, _class_twin)
 
 
 def _parametrized_twin(cls: type) -> Optional[type]:

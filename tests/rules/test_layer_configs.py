@@ -15,7 +15,7 @@ import fgkernels
 from fgkernels import Dual
 from fgkernels.testing import compare_with_forward_ad, oracle_mode
 
-from helpers import CPU_BACKENDS, TOL, BiasedAttention, torch_jvp_multi
+from helpers import CPU_BACKENDS, TOL, BiasedAttention, BiasedTransformer, torch_jvp_multi
 
 
 class _MaxPoolIndices(nn.Module):
@@ -348,6 +348,41 @@ def test_attention_takes_masks_with_tangents(mask, need_weights, batch_first, co
     assert errors["fallback"] == {}, errors
     assert type(model.attn) is cls
     assert not any(isinstance(v, Dual) for v in vars(model.attn).values())
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["as it is", "converted"])
+@pytest.mark.parametrize("padding", [False, True], ids=["", "padding"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["", "batch-first"])
+@pytest.mark.parametrize("which", ["layer", "encoder", "source", "target", "memory"])
+def test_transformer_layers_take_masks_with_tangents(which, batch_first, norm_first, padding,
+                                                     convert):
+    """torch's encoder layer, encoder and transformer given a learned bias as a mask (torch's
+    encoder forwards ask the mask's dtype of a Tensor only), a bool padding mask beside or not:
+    the primal is the plain model's, the tangents forward_ad's, and after the pass every layer
+    is of its own class again."""
+    torch.manual_seed(0)
+    model = BiasedTransformer(which, norm_first, batch_first, padding).double().eval()
+    if convert:
+        fgkernels.convert(model)
+    classes = [type(m) for m in model.modules()]
+    x = torch.randn(*((2, 5) if batch_first else (5, 2)), 8, dtype=torch.float64)
+    errors = compare_with_forward_ad(model, [x], num_tangents=2)
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
+    assert errors["fallback"] == {}, errors
+    assert [type(m) for m in model.modules()] == classes
+
+
+def test_a_converted_encoder_takes_a_dual_mask_as_the_passs_root():
+    """A converted nn.TransformerEncoder called on a Dual input and a Dual mask, every
+    parameter carrying tangents too: forward_ad's numbers."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    encoder = fgkernels.convert(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    encoder = encoder.double().eval()
+    x, bias = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 5, 8), (5, 5)))
+    errors = compare_with_forward_ad(encoder, [x, bias], num_tangents=2)
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
 
 
 class _OwnAttention(nn.MultiheadAttention):
