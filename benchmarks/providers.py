@@ -173,14 +173,21 @@ def model_oracle(model, params, tangents, x, xt):
     return out, tangent[0]
 
 
-def model_dual_pass_case(model, x, xt, quick: bool, compiled: Optional[dict] = None):
+def model_dual_pass_case(model, x, xt, quick: bool, compiled: Optional[dict] = None,
+                         tangent_dtype: Optional[torch.dtype] = None):
     """``(dual, forward_ad, expected)`` for a model's dual pass, every parameter and the input
     carrying one tangent: ``dual`` runs a converted copy (compiled by ``fgkernels.compile`` with
     the Inductor options ``compiled`` when given) on ``Dual(x, xt)``, ``forward_ad`` the model
     itself under forward_ad with the same tangents; ``expected`` is the float64 oracle in the
-    quick run (else None)."""
+    quick run (else None). ``tangent_dtype``: the dual pass's tangents in that dtype (bfloat16
+    tangents of a float32 model), forward_ad's in the model's, the same values."""
     net = fgkernels.convert(copy.deepcopy(model))
-    tangents = fgkernels.random_tangents(net)
+    tangents = fgkernels.random_tangents(net, dtype=tangent_dtype)
+    dual_xt = xt if tangent_dtype is None else xt.to(tangent_dtype)
+    # forward_ad (and the oracle) take the same values in the primals' dtype
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    tangents = {n: t.to(dtypes[n]) for n, t in tangents.items()}
+    xt = dual_xt.to(xt.dtype)
     run = net if compiled is None else fgkernels.compile(net, options=compiled)
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
@@ -191,7 +198,7 @@ def model_dual_pass_case(model, x, xt, quick: bool, compiled: Optional[dict] = N
 
     def dual():
         with torch.no_grad():
-            return run(Dual(x, xt))
+            return run(Dual(x, dual_xt))
 
     expected = model_oracle(model, params, tangents, x, xt) if quick else None
     return dual, forward_ad, expected

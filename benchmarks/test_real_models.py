@@ -1,7 +1,8 @@
 """Small real torchvision models: the dual pass of the converted model, eager and compiled
 (``fgkernels.compile``, Inductor's graph called from Python and from its C++ wrapper), against
 torch.autograd.forward_ad's eager pass, float32, eval mode, every parameter and the input
-carrying one tangent; paired rounds.
+carrying one tangent; paired rounds. The ``-bf16`` providers give the float32 model bfloat16
+tangents (where the CPU computes in bfloat16), forward_ad the same values in float32.
 
 Needs torchvision: run it in the models environment (``bash scripts/setup.sh --models``;
 ``.venv-models/bin/python -m pytest benchmarks/test_real_models.py``); skipped without it. The
@@ -10,12 +11,11 @@ timing; the quick run (``--benchmark-disable``) leaves the compiled providers ou
 forward_ad case also records the share of its pass spent in convolutions and matrix products
 (``providers.products_share``, median of three profiled passes)."""
 import statistics
-from typing import Optional
 
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, skip_emulated_bfloat16
 from providers import model_dual_pass_case, products_share
 
 torchvision = pytest.importorskip("torchvision")
@@ -26,15 +26,18 @@ BATCH, SIZE = 16, 64
 
 # provider -> the Inductor options of fgkernels.compile (None: the eager pass)
 COMPILED = {"fgkernels": None, "fgkernels-compiled": {},
-            "fgkernels-compiled-cpp": {"cpp_wrapper": True}}
+            "fgkernels-compiled-cpp": {"cpp_wrapper": True},
+            "fgkernels-bf16": None, "fgkernels-compiled-cpp-bf16": {"cpp_wrapper": True}}
 
 
-def _case(name: str, quick: bool, compiled: Optional[dict]):
+def _case(name: str, quick: bool, provider: str):
     torch.manual_seed(0)
     batch, size = (2, 32) if quick else (BATCH, SIZE)
     model = torchvision.models.get_model(name, num_classes=10).to(DEVICE).eval()
     x = torch.randn(batch, 3, size, size, device=DEVICE)
-    return model_dual_pass_case(model, x, torch.randn_like(x), quick, compiled)
+    tangent_dtype = torch.bfloat16 if provider.endswith("-bf16") else None
+    return model_dual_pass_case(model, x, torch.randn_like(x), quick, COMPILED.get(provider),
+                                tangent_dtype)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -42,7 +45,9 @@ def _case(name: str, quick: bool, compiled: Optional[dict]):
 def test_real_model_dual_pass(measure, benchmark, quick, name, provider):
     if quick and COMPILED.get(provider) is not None:
         pytest.skip("compiling a real model takes minutes; tests/nn/test_compile.py covers it")
-    dual, forward_ad, expected = _case(name, quick, COMPILED.get(provider))
+    if provider.endswith("-bf16"):
+        skip_emulated_bfloat16(quick)
+    dual, forward_ad, expected = _case(name, quick, provider)
     if provider != "forward_ad":
         dual()  # a compiled provider compiles here, outside the timing
     else:

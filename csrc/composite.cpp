@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "checks.h"
 
@@ -93,6 +94,56 @@ std::pair<int64_t, int64_t> conv_output_size(const at::Tensor& x, const at::Tens
 constexpr int64_t kSmallPointwiseWeight = 4096;
 constexpr int64_t kLargePointwiseMap = 1024;
 
+// A bfloat16 convolution onto a map of at most kTinyMap pixels with a large weight (C_in·C_out ≥
+// kLargeTinyMapWeight), on a CPU with AMX, is computed as the GEMM it is: the input unfolded
+// (im2col, (N, C_in·kH·kW, Ho·Wo)) times the weight, both in bfloat16 with float32 sums, as the
+// convolution's. oneDNN's AMX convolution runs such a map far below its GEMM's speed (by hand,
+// an Intel Xeon with AMX, N = 1 to 64: 512 -> 512 channels, 3x3, on a 2x2 or 1x1 map, and
+// 256 -> 512 with stride 2 onto a 2x2 map, in 0.2-0.5x the convolution's time; 256 -> 256 on
+// 2x2 0.6-1.8x, left to the convolution): the last stage of a ResNet on small images, where a
+// bfloat16 tangent's two convolutions took longer than the float32 primal's one. Without AMX
+// oneDNN's AVX512-BF16 convolution is the faster (the same Xeon with oneDNN held to it,
+// ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: the GEMM 1.4-3.2x its time at N = 16 and 64), so
+// at::conv2d keeps it, as it does with groups or a bias. The output is laid out as at::conv2d
+// lays it out (channels_last when the input or the weight is).
+constexpr int64_t kTinyMap = 4;
+constexpr int64_t kLargeTinyMapWeight = 512 * 256;
+
+// Whether the CPU has AMX's bfloat16 tiles, which oneDNN then computes bfloat16 convolutions
+// and GEMMs with (false where the compiler cannot ask: the convolution is kept).
+bool cpu_has_amx() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  static const bool amx = __builtin_cpu_supports("amx-bf16");
+  return amx;
+#else
+  return false;
+#endif
+}
+
+std::optional<at::Tensor> tiny_map_gemm(const at::Tensor& x, const at::Tensor& w,
+                                        const at::Tensor& b, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        int64_t groups) {
+  if (!(x.is_cpu() && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+        !b.defined() && groups == 1 && x.numel() > 0 && w.numel() > 0 &&
+        w.size(0) * w.size(1) >= kLargeTinyMapWeight && cpu_has_amx())) {
+    return std::nullopt;
+  }
+  const auto [h_out, w_out] = conv_output_size(x, w, stride, padding, dilation);
+  if (h_out < 1 || w_out < 1 || h_out * w_out > kTinyMap) return std::nullopt;
+  const int64_t N = x.size(0), K = w.size(0), L = h_out * w_out;
+  const auto cols = at::im2col(x, {w.size(2), w.size(3)}, dilation, padding, stride);
+  // (N·L, C_in·kH·kW) x (C_in·kH·kW, C_out): rows are output pixels, so the result is
+  // (N, Ho, Wo, C_out), a channels_last view.
+  const auto y = at::mm(cols.transpose(1, 2).reshape({N * L, -1}), w.reshape({K, -1}).t())
+                     .view({N, h_out, w_out, K})
+                     .permute({0, 3, 1, 2});
+  const bool channels_last = kernel_format(x) == at::MemoryFormat::ChannelsLast ||
+                             kernel_format(w) == at::MemoryFormat::ChannelsLast;
+  return y.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous);
+}
+
 at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                     int64_t groups) {
@@ -112,7 +163,10 @@ at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
       w.suggest_memory_format() == at::MemoryFormat::Contiguous && w.scalar_type() == type &&
       (type == at::kFloat || type == at::kDouble || type == at::kBFloat16) &&
       (!b.defined() || (b.scalar_type() == type && !(type == at::kBFloat16 && spatial)));
-  if (!pointwise) return at::conv2d(x, w, b, stride, padding, dilation, groups);
+  if (!pointwise) {
+    if (auto y = tiny_map_gemm(x, w, b, stride, padding, dilation, groups)) return *y;
+    return at::conv2d(x, w, b, stride, padding, dilation, groups);
+  }
   const int64_t N = x.size(0), C = x.size(1), K = w.size(0), H = x.size(2), W = x.size(3);
   const auto w2 = w.reshape({K, C});
   if (H * W == 1) return at::linear(x.view({N, C}), w2, b).view({N, K, 1, 1});

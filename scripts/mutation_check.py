@@ -65,6 +65,7 @@ TRANSFORMER_MASKS = (
     "tests/rules/test_layer_configs.py::test_transformer_layers_take_masks_with_tangents",
     "tests/rules/test_layer_configs.py::test_a_converted_encoder_takes_a_dual_mask_as_the_passs_"
     "root")
+TINY_MAP = ("tests/backends/test_native.py::test_bfloat16_conv_onto_a_tiny_map",)
 # a parameter of a class of its own, which is not lifted, in a module's container
 OWN_CLASS = ("tests/dual/test_tangent_store.py::test_a_parameter_of_its_own_class_in_a_container_"
              "carries_its_tangent",)
@@ -939,6 +940,14 @@ MUTANTS = [
            "            .unflatten(0, {xt->size(0), x.size(0)}),\n        fmt);",
            "            .unflatten(0, {xt->size(0), x.size(0)}),\n"
            "        at::MemoryFormat::Contiguous);", ("tests/backends/test_native.py",)),
+    Mutant("a tiny map's GEMM reads the output pixels transposed", "csrc/composite.cpp",
+           "                     .permute({0, 3, 1, 2});",
+           "                     .permute({0, 3, 2, 1});", TINY_MAP),
+    Mutant("a tiny map's GEMM returns its output channels_last whatever the input's layout",
+           "csrc/composite.cpp",
+           "  return y.contiguous(channels_last ? at::MemoryFormat::ChannelsLast\n"
+           "                                    : at::MemoryFormat::Contiguous);",
+           "  return y;", TINY_MAP),
     Mutant("conv subtracts the bias tangent", "csrc/composite.cpp",
            "      p_part.add_(bias);", "      p_part.sub_(bias);", NATIVE),
     Mutant("ReLU passes the tangent at 0", "csrc/select_ops.h",

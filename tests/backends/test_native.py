@@ -397,6 +397,46 @@ def test_pointwise_conv_takes_a_gemm_where_the_shape_says(shape, gemm):
     torch.testing.assert_close(x_part, yt64.float(), atol=1e-4, rtol=1e-4)
 
 
+# With AMX, a bfloat16 convolution onto a map of at most 4 pixels with a weight of
+# C_in·C_out ≥ 512·256 (the weight tangents' slots stacked along C_out) runs as the GEMM of its
+# unfolded input (``convolve``'s tiny-map rule).
+_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["", "channels_last"])
+@pytest.mark.parametrize("network", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("x_shape,w_shape,stride,gemm", [
+    ((3, 512, 2, 2), (512, 512, 3, 3), 1, True),
+    ((3, 256, 4, 4), (512, 256, 3, 3), 2, True),    # onto a 2x2 map
+    ((3, 512, 1, 1), (256, 512, 3, 3), 1, True),    # one pixel: the kernel's centre alone
+    ((3, 256, 2, 2), (128, 256, 3, 3), 1, False),   # a smaller weight (2 slots stacked too)
+    ((3, 512, 4, 4), (256, 512, 3, 3), 1, False),   # a larger map: the convolution
+], ids=["2x2", "stride 2", "1x1", "small weight", "4x4"])
+def test_bfloat16_conv_onto_a_tiny_map(x_shape, w_shape, stride, gemm, network, channels_last):
+    """bfloat16 tangents (of a float32 or a bfloat16 network) through a convolution onto a tiny
+    map: a GEMM where the shape and the CPU say (AMX), the convolution elsewhere; either way the
+    primal and each tangent part within twice torch's own bfloat16 error of float64 forward_ad,
+    laid out as the op's fake says."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(x_shape).to(network, memory_format=fmt)
+    w = (torch.randn(w_shape) / math.sqrt(w_shape[1] * 9)).to(network, memory_format=fmt)
+    xt = torch.randn(2, *x_shape, dtype=torch.bfloat16)
+    wt = torch.randn(2, *w_shape, dtype=torch.bfloat16)
+    args = (x, xt, w, wt, None, None, [stride, stride], [1, 1], [1, 1], 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, x_part, p_part = ops.dual_conv2d(*args)
+    ran = {e.name for e in prof.events()}
+    # The tangents' convolutions are bfloat16: the GEMM takes both where the rule holds (and
+    # a bfloat16 network's primal too); a float32 primal always keeps the convolution.
+    assert ("aten::mkldnn_convolution" not in ran) == (gemm and _AMX and network != torch.float32)
+    assert ("aten::mm" in ran) == (gemm and _AMX)
+    conv = lambda x_, w_: F.conv2d(x_, w_, stride=stride, padding=1)
+    assert_within_torch_error((y, x_part), ForwardADOracle(conv, [x, w], [xt, None]))
+    assert_within_torch_error((y, p_part), ForwardADOracle(conv, [x, w], [None, wt]))
+    torch.library.opcheck(ops.dual_conv2d, args)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_pointwise_conv_is_batched_gemms_without_copies(requires_grad):
     """A float32 pointwise convolution of an NCHW map runs as batched GEMMs (the primal and
