@@ -49,6 +49,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fgkernels_backends"] = fgkernels.available_backends()
     machine_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     machine_info["fast_bfloat16"] = fgkernels.dual.precision.fast_bfloat16(DEVICE)
+    # AMX: oneDNN computes bfloat16 in its tiles (and convolve() takes its tiny-map GEMMs)
+    machine_info["amx"] = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     machine_info["steady_allocator"] = STEADY_ALLOCATOR
 
 

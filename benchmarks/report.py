@@ -120,8 +120,9 @@ def section(path: Path) -> tuple[str, dict]:
         lines += [f"CPU capability {info.get('cpu_capability', '?')}, no bfloat16 instructions: "
                   "the bfloat16 cases are left out (emulated bfloat16 is no speed figure).", ""]
     elif info.get("fast_bfloat16") and info.get("cpu_capability"):
-        lines += [f"CPU capability {info['cpu_capability']}, with bfloat16 instructions: the "
-                  "bfloat16 cases are speed figures.", ""]
+        amx = " (AMX)" if info.get("amx") else ""
+        lines += [f"CPU capability {info['cpu_capability']}, with bfloat16 instructions{amx}: "
+                  "the bfloat16 cases are speed figures.", ""]
     if "steady_allocator" in info:
         lines += ["Freed memory kept in the process while timing (`allocator.py`)." if
                   info["steady_allocator"] else "The C allocator as it is (`allocator.py` found "

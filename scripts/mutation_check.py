@@ -64,7 +64,8 @@ DUAL_MASKS = ("tests/rules/test_layer_configs.py::test_attention_takes_masks_wit
 TRANSFORMER_MASKS = (
     "tests/rules/test_layer_configs.py::test_transformer_layers_take_masks_with_tangents",
     "tests/rules/test_layer_configs.py::test_a_converted_encoder_takes_a_dual_mask_as_the_passs_"
-    "root")
+    "root",
+    "tests/rules/test_properties.py::test_transformer_encoders_with_learned_masks")
 TINY_MAP = ("tests/backends/test_native.py::test_bfloat16_conv_onto_a_tiny_map",)
 # a parameter of a class of its own, which is not lifted, in a module's container
 OWN_CLASS = ("tests/dual/test_tangent_store.py::test_a_parameter_of_its_own_class_in_a_container_"

@@ -20,7 +20,11 @@ from hypothesis import strategies as st  # noqa: E402
 import fgkernels  # noqa: E402
 import fgkernels.functional as DF  # noqa: E402
 from fgkernels import Dual  # noqa: E402
-from fgkernels.testing import forward_ad_jvp, reads_padding_only  # noqa: E402
+from fgkernels.testing import (  # noqa: E402
+    compare_with_forward_ad,
+    forward_ad_jvp,
+    reads_padding_only,
+)
 
 from helpers import (  # noqa: E402
     CPU_BACKENDS,
@@ -768,6 +772,54 @@ def test_models_reading_parameters_every_way(heads, tied, need_weights, batch_fi
     y, yt = model_jvp_in_place(ref, [x], [xt], tangents)
     _close(out, (y, yt))
     assert out.directions == (None if direction is None else (direction,))
+
+
+class _BiasedEncoder(nn.Module):
+    """An nn.TransformerEncoder whose self-attention takes a learned additive bias sliced to
+    the tokens (``masked``) and a bool padding mask of each sequence's last key (``padded``:
+    where it has more than one)."""
+
+    def __init__(self, heads: int, layers: int, norm_first: bool, batch_first: bool,
+                 activation: str, masked: bool, padded: bool):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, heads, 8, dropout=0.0, activation=activation,
+                                           batch_first=batch_first, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.bias = nn.Parameter(torch.randn(4, 4) / 4) if masked else None
+        self.padded, self.batch_first = padded, batch_first
+
+    def forward(self, x):
+        n, tokens = x.shape[:2] if self.batch_first else x.shape[1::-1]
+        mask = None if self.bias is None else self.bias[:tokens, :tokens]
+        pad = None
+        if self.padded:
+            pad = torch.zeros(n, tokens, dtype=torch.bool)
+            pad[:, -1] = tokens > 1
+        return self.encoder(x, mask=mask, src_key_padding_mask=pad)
+
+
+@PROFILE
+@given(heads=st.sampled_from([1, 2]), layers=st.integers(1, 2), norm_first=st.booleans(),
+       batch_first=st.booleans(), activation=st.sampled_from(["relu", "gelu"]),
+       masked=st.booleans(), padded=st.booleans(), convert=st.booleans(), T=slots,
+       n=st.integers(1, 3), length=st.integers(1, 4), seed=st.integers(0, 99))
+def test_transformer_encoders_with_learned_masks(heads, layers, norm_first, batch_first,
+                                                 activation, masked, padded, convert, T, n,
+                                                 length, seed):
+    """nn.TransformerEncoder in every form torch builds, a learned bias as its mask or none,
+    a padding mask beside or not, converted or not: every slot against forward_ad."""
+    torch.manual_seed(seed)
+    model = _BiasedEncoder(heads, layers, norm_first, batch_first, activation, masked,
+                           padded).double()
+    if convert:
+        fgkernels.convert(model)
+    x = torch.randn(*((n, length) if batch_first else (length, n)), 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        # torch warns of a bool padding mask beside a float mask, its own forward as ours
+        warnings.simplefilter("ignore", UserWarning)
+        errors = compare_with_forward_ad(model, [x], num_tangents=T, seed=seed)
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
+    assert errors["fallback"] == {}, errors
 
 
 class _Recurrent(nn.Module):
