@@ -9,7 +9,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "checks.h"
 
@@ -95,7 +98,8 @@ constexpr int64_t kSmallPointwiseWeight = 4096;
 constexpr int64_t kLargePointwiseMap = 1024;
 
 // A bfloat16 convolution onto a map of at most kTinyMap pixels with a large weight (C_in·C_out ≥
-// kLargeTinyMapWeight), on a CPU with AMX, is computed as the GEMM it is: the input unfolded
+// kLargeTinyMapWeight, the weight tangents' slots stacked along C_out counted), on a CPU with
+// AMX that oneDNN may use, is computed as the GEMM it is: the input unfolded
 // (im2col, (N, C_in·kH·kW, Ho·Wo)) times the weight, both in bfloat16 with float32 sums, as the
 // convolution's. oneDNN's AMX convolution runs such a map far below its GEMM's speed (by hand,
 // an Intel Xeon with AMX, N = 1 to 64: 512 -> 512 channels, 3x3, on a 2x2 or 1x1 map, and
@@ -104,16 +108,29 @@ constexpr int64_t kLargePointwiseMap = 1024;
 // bfloat16 tangent's two convolutions took longer than the float32 primal's one. Without AMX
 // oneDNN's AVX512-BF16 convolution is the faster (the same Xeon with oneDNN held to it,
 // ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: the GEMM 1.4-3.2x its time at N = 16 and 64), so
-// at::conv2d keeps it, as it does with groups or a bias. The output is laid out as at::conv2d
-// lays it out (channels_last when the input or the weight is).
+// at::conv2d keeps it there, as it does with groups or a bias. The output is laid out as
+// at::conv2d lays it out (channels_last when the input's or the weight's strides suggest it).
 constexpr int64_t kTinyMap = 4;
 constexpr int64_t kLargeTinyMapWeight = 512 * 256;
 
-// Whether the CPU has AMX's bfloat16 tiles, which oneDNN then computes bfloat16 convolutions
-// and GEMMs with (false where the compiler cannot ask: the convolution is kept).
-bool cpu_has_amx() {
+// Whether oneDNN computes bfloat16 convolutions and GEMMs with AMX's tiles here: the CPU has
+// them and ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) does not hold oneDNN below
+// them. False where the compiler cannot ask the CPU: the convolution is kept.
+bool onednn_uses_amx() {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-  static const bool amx = __builtin_cpu_supports("amx-bf16");
+  static const bool amx = [] {
+    if (!__builtin_cpu_supports("amx-bf16")) return false;
+    for (const char* name : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
+      const char* isa = std::getenv(name);
+      if (isa != nullptr && *isa != '\0') {
+        std::string upper(isa);
+        std::transform(upper.begin(), upper.end(), upper.begin(),
+                       [](unsigned char c) { return std::toupper(c); });
+        return upper == "ALL" || upper.find("AMX") != std::string::npos;
+      }
+    }
+    return true;
+  }();
   return amx;
 #else
   return false;
@@ -126,7 +143,7 @@ std::optional<at::Tensor> tiny_map_gemm(const at::Tensor& x, const at::Tensor& w
                                         int64_t groups) {
   if (!(x.is_cpu() && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
         !b.defined() && groups == 1 && x.numel() > 0 && w.numel() > 0 &&
-        w.size(0) * w.size(1) >= kLargeTinyMapWeight && cpu_has_amx())) {
+        w.size(0) * w.size(1) >= kLargeTinyMapWeight && onednn_uses_amx())) {
     return std::nullopt;
   }
   const auto [h_out, w_out] = conv_output_size(x, w, stride, padding, dilation);
@@ -138,8 +155,8 @@ std::optional<at::Tensor> tiny_map_gemm(const at::Tensor& x, const at::Tensor& w
   const auto y = at::mm(cols.transpose(1, 2).reshape({N * L, -1}), w.reshape({K, -1}).t())
                      .view({N, h_out, w_out, K})
                      .permute({0, 3, 1, 2});
-  const bool channels_last = kernel_format(x) == at::MemoryFormat::ChannelsLast ||
-                             kernel_format(w) == at::MemoryFormat::ChannelsLast;
+  const bool channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                             w.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   return y.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
                                     : at::MemoryFormat::Contiguous);
 }

@@ -65,7 +65,9 @@ TRANSFORMER_MASKS = (
     "tests/rules/test_layer_configs.py::test_transformer_layers_take_masks_with_tangents",
     "tests/rules/test_layer_configs.py::test_a_converted_encoder_takes_a_dual_mask_as_the_passs_"
     "root",
-    "tests/rules/test_properties.py::test_transformer_encoders_with_learned_masks")
+    "tests/rules/test_properties.py::test_transformer_encoders_with_learned_masks",
+    "tests/rules/test_layer_configs.py::test_a_causal_mask_with_a_tangent_is_dropped_as_torch_"
+    "drops_it")
 TINY_MAP = ("tests/backends/test_native.py::test_bfloat16_conv_onto_a_tiny_map",)
 # a parameter of a class of its own, which is not lifted, in a module's container
 OWN_CLASS = ("tests/dual/test_tangent_store.py::test_a_parameter_of_its_own_class_in_a_container_"
@@ -84,6 +86,7 @@ class Mutant(NamedTuple):
     old: str            # found exactly once in the file
     new: str
     tests: tuple[str, ...]  # test files or single tests (path::test_name)
+    needs_amx: bool = False  # the code runs only on a CPU with AMX (the tiny-map GEMM)
 
     @property
     def native(self) -> bool:
@@ -351,6 +354,15 @@ MUTANTS = [
            "        if self.norm_first:\n            x = x + self._sa_block(self.norm1(x), src",
            "        if False:\n            x = x + self._sa_block(self.norm1(x), src",
            TRANSFORMER_MASKS),
+    Mutant("an encoder layer with a Dual mask forgets it is causal", "fgkernels/nn/modules.py",
+           "        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask,\n"
+           "                                          is_causal=is_causal))",
+           "        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask,\n"
+           "                                          is_causal=False))", TRANSFORMER_MASKS),
+    Mutant("an encoder with a Dual mask never finds it causal", "fgkernels/nn/modules.py",
+           "        is_causal = transformer._detect_is_causal_mask(\n"
+           "            mask.primal, is_causal, transformer._get_seq_len(src, batch_first))",
+           "        is_causal = bool(is_causal)", TRANSFORMER_MASKS),
     Mutant("an encoder with a Dual mask skips its final norm", "fgkernels/nn/modules.py",
            "        return output if self.norm is None else self.norm(output)\n",
            "        return output\n", TRANSFORMER_MASKS),
@@ -943,12 +955,12 @@ MUTANTS = [
            "        at::MemoryFormat::Contiguous);", ("tests/backends/test_native.py",)),
     Mutant("a tiny map's GEMM reads the output pixels transposed", "csrc/composite.cpp",
            "                     .permute({0, 3, 1, 2});",
-           "                     .permute({0, 3, 2, 1});", TINY_MAP),
+           "                     .permute({0, 3, 2, 1});", TINY_MAP, needs_amx=True),
     Mutant("a tiny map's GEMM returns its output channels_last whatever the input's layout",
            "csrc/composite.cpp",
            "  return y.contiguous(channels_last ? at::MemoryFormat::ChannelsLast\n"
            "                                    : at::MemoryFormat::Contiguous);",
-           "  return y;", TINY_MAP),
+           "  return y;", TINY_MAP, needs_amx=True),
     Mutant("conv subtracts the bias tangent", "csrc/composite.cpp",
            "      p_part.add_(bias);", "      p_part.sub_(bias);", NATIVE),
     Mutant("ReLU passes the tangent at 0", "csrc/select_ops.h",
@@ -1122,6 +1134,12 @@ def main(argv=None) -> int:
     mutants = [m for m in MUTANTS if args.native or not m.native]
     if args.only:
         mutants = [m for m in mutants if any(w in m.name for w in args.only)]
+    import torch  # (imported here: the tests import this module for its mutants alone)
+    if not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        for m in mutants:
+            if m.needs_amx:
+                print(f"left out: {m.name} (its code runs only on a CPU with AMX)")
+        mutants = [m for m in mutants if not m.needs_amx]
     if args.list:
         for m in mutants:
             print(f"{m.name}: {m.path} -> {', '.join(m.tests)}")

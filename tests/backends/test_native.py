@@ -399,41 +399,91 @@ def test_pointwise_conv_takes_a_gemm_where_the_shape_says(shape, gemm):
 
 # With AMX, a bfloat16 convolution onto a map of at most 4 pixels with a weight of
 # C_in·C_out ≥ 512·256 (the weight tangents' slots stacked along C_out) runs as the GEMM of its
-# unfolded input (``convolve``'s tiny-map rule).
+# unfolded input (``convolve``'s tiny-map rule), where oneDNN may use AMX and the extension's
+# compiler could ask the CPU; elsewhere every such convolution stays one.
 _AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def _bf16_conv_ops(x, w, **conv) -> set:
+    """The profiler's op names of one bfloat16 dual convolution (one input and one weight
+    tangent slot), and its result."""
+    xt = torch.randn(1, *x.shape, dtype=torch.bfloat16)
+    wt = torch.randn(1, *w.shape, dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.dual_conv2d(x, xt, w, wt, None, None, conv["stride"], conv["padding"],
+                        conv["dilation"], 1)
+    return {e.name for e in prof.events()}
+
+
+def _tiny_map_gemm_runs() -> bool:
+    return "aten::mm" in _bf16_conv_ops(torch.randn(1, 512, 2, 2, dtype=torch.bfloat16),
+                                        torch.randn(512, 512, 3, 3, dtype=torch.bfloat16),
+                                        stride=[1, 1], padding=[1, 1], dilation=[1, 1])
+
+
+def test_the_tiny_map_gemm_runs_only_with_amx():
+    assert not _tiny_map_gemm_runs() or _AMX
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["", "channels_last"])
 @pytest.mark.parametrize("network", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("x_shape,w_shape,stride,gemm", [
-    ((3, 512, 2, 2), (512, 512, 3, 3), 1, True),
-    ((3, 256, 4, 4), (512, 256, 3, 3), 2, True),    # onto a 2x2 map
-    ((3, 512, 1, 1), (256, 512, 3, 3), 1, True),    # one pixel: the kernel's centre alone
-    ((3, 256, 2, 2), (128, 256, 3, 3), 1, False),   # a smaller weight (2 slots stacked too)
-    ((3, 512, 4, 4), (256, 512, 3, 3), 1, False),   # a larger map: the convolution
-], ids=["2x2", "stride 2", "1x1", "small weight", "4x4"])
-def test_bfloat16_conv_onto_a_tiny_map(x_shape, w_shape, stride, gemm, network, channels_last):
+@pytest.mark.parametrize("x_shape,w_shape,conv,gemm", [
+    ((3, 512, 2, 2), (512, 512, 3, 3), (1, 1, 1), True),
+    ((3, 256, 4, 4), (512, 256, 3, 3), (2, 1, 1), True),        # onto a 2x2 map
+    ((3, 512, 1, 1), (256, 512, 3, 3), (1, 1, 1), True),        # the kernel's centre alone
+    ((2, 512, 2, 3), (256, 512, 1, 3), ((1, 2), (0, 1), 1), True),  # a 1x3 kernel onto 2x2
+    ((2, 512, 4, 5), (256, 512, 3, 3), (2, (2, 1), 2), True),   # dilated, onto 2x2
+    ((3, 256, 2, 2), (128, 256, 3, 3), (1, 1, 1), False),       # a smaller weight, 2 slots too
+    ((3, 512, 4, 4), (256, 512, 3, 3), (1, 1, 1), False),       # a larger map
+], ids=["2x2", "stride 2", "1x1", "1x3 kernel", "dilated", "small weight", "4x4"])
+def test_bfloat16_conv_onto_a_tiny_map(x_shape, w_shape, conv, gemm, network, channels_last):
     """bfloat16 tangents (of a float32 or a bfloat16 network) through a convolution onto a tiny
-    map: a GEMM where the shape and the CPU say (AMX), the convolution elsewhere; either way the
-    primal and each tangent part within twice torch's own bfloat16 error of float64 forward_ad,
-    laid out as the op's fake says."""
+    map: a GEMM where the shape says and the GEMM runs here at all, the convolution elsewhere;
+    either way the primal and each tangent part within twice torch's own bfloat16 error of
+    float64 forward_ad, laid out as the op's fake says."""
     torch.manual_seed(0)
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)
+    stride, padding, dilation = (pair(v) for v in conv)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(x_shape).to(network, memory_format=fmt)
-    w = (torch.randn(w_shape) / math.sqrt(w_shape[1] * 9)).to(network, memory_format=fmt)
+    w = (torch.randn(w_shape) / math.sqrt(w_shape[1] * w_shape[2] * w_shape[3]))
+    w = w.to(network, memory_format=fmt)
     xt = torch.randn(2, *x_shape, dtype=torch.bfloat16)
     wt = torch.randn(2, *w_shape, dtype=torch.bfloat16)
-    args = (x, xt, w, wt, None, None, [stride, stride], [1, 1], [1, 1], 1)
+    args = (x, xt, w, wt, None, None, stride, padding, dilation, 1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         y, x_part, p_part = ops.dual_conv2d(*args)
     ran = {e.name for e in prof.events()}
     # The tangents' convolutions are bfloat16: the GEMM takes both where the rule holds (and
     # a bfloat16 network's primal too); a float32 primal always keeps the convolution.
-    assert ("aten::mkldnn_convolution" not in ran) == (gemm and _AMX and network != torch.float32)
-    assert ("aten::mm" in ran) == (gemm and _AMX)
-    conv = lambda x_, w_: F.conv2d(x_, w_, stride=stride, padding=1)
-    assert_within_torch_error((y, x_part), ForwardADOracle(conv, [x, w], [xt, None]))
-    assert_within_torch_error((y, p_part), ForwardADOracle(conv, [x, w], [None, wt]))
+    gemm = gemm and _tiny_map_gemm_runs()
+    assert ("aten::mkldnn_convolution" not in ran) == (gemm and network != torch.float32)
+    assert ("aten::mm" in ran) == gemm
+    fn = lambda x_, w_: F.conv2d(x_, w_, None, stride, padding, dilation)
+    assert_within_torch_error((y, x_part), ForwardADOracle(fn, [x, w], [xt, None]))
+    assert_within_torch_error((y, p_part), ForwardADOracle(fn, [x, w], [None, wt]))
+    torch.library.opcheck(ops.dual_conv2d, args)
+
+
+@pytest.mark.parametrize("case", ["1x1 weight channels_last", "input sliced"])
+def test_a_tiny_maps_gemm_lays_out_its_output_as_conv2d(case):
+    """The layout at::conv2d (and so the op's fake) gives a bfloat16 convolution onto a tiny
+    map follows the strides' suggestion: a 1x1 weight laid out channels_last (also contiguous)
+    beside an NCHW input, or a channels_last input sliced (not dense). The GEMM's output follows
+    it too."""
+    bf = torch.bfloat16
+    if case == "1x1 weight channels_last":
+        x = torch.randn(2, 512, 2, 2, dtype=bf)
+        w = (torch.randn(256, 512, 1, 1) / 23).to(bf, memory_format=torch.channels_last)
+        conv = ([1, 1], [0, 0], [1, 1])
+    else:
+        x = torch.randn(2, 512, 2, 4).to(bf, memory_format=torch.channels_last)[..., :2]
+        w = (torch.randn(256, 512, 3, 3) / 68).to(bf)
+        conv = ([1, 1], [1, 1], [1, 1])
+    args = (x, torch.randn(1, *x.shape, dtype=bf), w, torch.randn(1, *w.shape, dtype=bf),
+            None, None, *conv, 1)
+    y, x_part, p_part = ops.dual_conv2d(*args)
+    assert y.stride() == F.conv2d(x, w, None, *conv).stride()
     torch.library.opcheck(ops.dual_conv2d, args)
 
 
