@@ -363,6 +363,11 @@ MUTANTS = [
            "        is_causal = transformer._detect_is_causal_mask(\n"
            "            mask.primal, is_causal, transformer._get_seq_len(src, batch_first))",
            "        is_causal = bool(is_causal)", TRANSFORMER_MASKS),
+    Mutant("an encoder's left-aligned padding question takes the fallback",
+           "fgkernels/rules/primal_ops.py",
+           "    torch._nested_tensor_from_mask_left_aligned,\n", "",
+           ("tests/rules/test_layer_configs.py::test_a_default_encoder_with_a_padding_mask_takes_"
+            "no_fallback",)),
     Mutant("an encoder with a Dual mask skips its final norm", "fgkernels/nn/modules.py",
            "        return output if self.norm is None else self.norm(output)\n",
            "        return output\n", TRANSFORMER_MASKS),

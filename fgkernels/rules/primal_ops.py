@@ -45,6 +45,8 @@ PRIMAL_ONLY = [
     # (a Dual answers the method forms, d.is_complex(), as its primal; torch code calls these)
     torch.is_floating_point, torch.is_complex, torch.is_signed, torch.is_inference,
     torch.is_same_size, torch.numel,
+    # (whether a padding mask is left-aligned over a sequence: nn.TransformerEncoder asks)
+    torch._nested_tensor_from_mask_left_aligned,
     torch.logical_not, torch.logical_and, torch.logical_or, torch.logical_xor,
     # indices and counts
     torch.argmax, _T.argmax, torch.argmin, _T.argmin, torch.argsort, _T.argsort,

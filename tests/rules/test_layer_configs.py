@@ -373,6 +373,34 @@ def test_transformer_layers_take_masks_with_tangents(which, batch_first, norm_fi
     assert [type(m) for m in model.modules()] == classes
 
 
+class _PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder as torch builds it by default (nested tensors enabled), given a
+    bool padding mask of the last key of the first sequence."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        pad = torch.zeros(2, 5, dtype=torch.bool)
+        pad[0, -1] = True
+        self.register_buffer("pad", pad)
+
+    def forward(self, x):
+        return self.encoder(x, src_key_padding_mask=self.pad)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_a_default_encoder_with_a_padding_mask_takes_no_fallback(train):
+    """Asked in eval mode whether the padding mask is left-aligned (for its nested-tensor path,
+    which a Dual never takes), the encoder gets the primal's answer: forward_ad's numbers, and
+    no op on the forward-AD fallback."""
+    torch.manual_seed(0)
+    model = _PaddedEncoder().double().train(train)
+    errors = compare_with_forward_ad(model, [torch.randn(2, 5, 8, dtype=torch.float64)])
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
+    assert errors["fallback"] == {}, errors
+
+
 class _CausalBias(nn.Module):
     """A learned bias that starts as the causal mask, given to an encoder layer with
     ``is_causal=True`` or to an encoder that detects it."""
