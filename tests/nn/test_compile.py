@@ -493,6 +493,35 @@ def test_attention_with_a_mask_carrying_a_tangent_compiles(mask, convert):
     assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
 
 
+class _HintedEncoder(torch.nn.Module):
+    """nn.TransformerEncoder given a learned bias as its mask and told it is not causal."""
+
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.bias = torch.nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, x):
+        return self.encoder(x, mask=self.bias, is_causal=False)
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["as it is", "converted"])
+def test_an_encoder_with_a_learned_mask_compiles_told_it_is_not_causal(convert):
+    """nn.TransformerEncoder given a learned bias and ``is_causal=False`` (without the hint
+    torch asks the mask whether it is causal, which the compiled pass cannot trace: README):
+    the pass compiled by ``fgkernels.compile`` gives forward_ad's numbers."""
+    torch.manual_seed(0)
+    model = _HintedEncoder().double().eval()
+    if convert:
+        fgkernels.convert(model)
+    torch._dynamo.reset()
+    run = fgkernels.compile(model, backend="aot_eager")
+    errors = compare_with_forward_ad(model, [torch.randn(2, 5, 8, dtype=torch.float64)],
+                                     num_tangents=2, run=run)
+    assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
+
+
 def test_compiled_pass_without_module_guards_takes_each_steps_tangents():
     """torch's filter that skips the guards on modules (the README's recipe for a model whose
     modules and tangent layout do not change between calls) still reads the tangents' values
