@@ -360,14 +360,19 @@ MUTANTS = [
            "        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask,\n"
            "                                          is_causal=False))", TRANSFORMER_MASKS),
     Mutant("an encoder with a Dual mask never finds it causal", "fgkernels/nn/modules.py",
-           "        is_causal = transformer._detect_is_causal_mask(\n"
-           "            mask.primal, is_causal, transformer._get_seq_len(src, batch_first))",
-           "        is_causal = bool(is_causal)", TRANSFORMER_MASKS),
+           "            is_causal = _is_causal_mask(mask.primal if isinstance(mask, Dual) else "
+           "mask,\n                                        seq_len)",
+           "            is_causal = False", TRANSFORMER_MASKS),
     Mutant("an encoder's left-aligned padding question takes the fallback",
            "fgkernels/rules/primal_ops.py",
            "    torch._nested_tensor_from_mask_left_aligned,\n", "",
            ("tests/rules/test_layer_configs.py::test_a_default_encoder_with_a_padding_mask_takes_"
             "no_fallback",)),
+    Mutant("an encoder leaves asking whether a mask is causal to torch",
+           "fgkernels/nn/modules.py",
+           "        if is_causal is None and mask is not None and torch.is_floating_point(mask):",
+           "        if False:",
+           ("tests/nn/test_compile.py::test_an_encoder_with_a_learned_mask_compiles",)),
     Mutant("an encoder with a Dual mask skips its final norm", "fgkernels/nn/modules.py",
            "        return output if self.norm is None else self.norm(output)\n",
            "        return output\n", TRANSFORMER_MASKS),

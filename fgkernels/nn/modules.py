@@ -484,19 +484,30 @@ class DualTransformerEncoder(nn.TransformerEncoder):
     ``convert`` gives it for good."""
 
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        if is_causal is None and mask is not None and torch.is_floating_point(mask):
+            # Asked here, as torch asks it: the compiled pass fails to trace torch's own
+            # asking of a mask with a tangent (a float mask is torch's canonical form as it is).
+            seq_len = transformer._get_seq_len(src, self.layers[0].self_attn.batch_first)
+            is_causal = _is_causal_mask(mask.primal if isinstance(mask, Dual) else mask,
+                                        seq_len)
         if not isinstance(mask, Dual):
             return super().forward(src, mask, src_key_padding_mask, is_causal)
         src_key_padding_mask = F._canonical_mask(
             mask=src_key_padding_mask, mask_name="src_key_padding_mask",
             other_type=mask.primal.dtype, other_name="mask", target_type=src.dtype)
-        batch_first = self.layers[0].self_attn.batch_first
-        is_causal = transformer._detect_is_causal_mask(
-            mask.primal, is_causal, transformer._get_seq_len(src, batch_first))
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=mask, is_causal=is_causal,
                            src_key_padding_mask=src_key_padding_mask)
         return output if self.norm is None else self.norm(output)
+
+
+def _is_causal_mask(mask: Tensor, size: int) -> bool:
+    """Whether the float ``mask`` is the causal mask over ``size`` tokens (-inf above the
+    diagonal, 0 elsewhere), as torch's encoder asks it (``_detect_is_causal_mask``)."""
+    causal = transformer._generate_square_subsequent_mask(size, device=mask.device,
+                                                          dtype=mask.dtype)
+    return mask.size() == causal.size() and bool((mask == causal).all())
 
 
 # torch.nn layer -> its Dual twin, for convert().

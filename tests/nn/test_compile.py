@@ -493,26 +493,30 @@ def test_attention_with_a_mask_carrying_a_tangent_compiles(mask, convert):
     assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
 
 
-class _HintedEncoder(torch.nn.Module):
-    """nn.TransformerEncoder given a learned bias as its mask and told it is not causal."""
+class _LearnedMaskEncoder(torch.nn.Module):
+    """nn.TransformerEncoder given a learned bias as its mask, told whether it is causal or
+    not (``hint``)."""
 
-    def __init__(self):
+    def __init__(self, hint):
         super().__init__()
         layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
         self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.bias = torch.nn.Parameter(torch.randn(5, 5))
+        self.hint = hint
 
     def forward(self, x):
-        return self.encoder(x, mask=self.bias, is_causal=False)
+        return self.encoder(x, mask=self.bias, is_causal=self.hint)
 
 
-@pytest.mark.parametrize("convert", [False, True], ids=["as it is", "converted"])
-def test_an_encoder_with_a_learned_mask_compiles_told_it_is_not_causal(convert):
-    """nn.TransformerEncoder given a learned bias and ``is_causal=False`` (without the hint
-    torch asks the mask whether it is causal, which the compiled pass cannot trace: README):
-    the pass compiled by ``fgkernels.compile`` gives forward_ad's numbers."""
+@pytest.mark.parametrize("convert,hint", [(False, False), (True, False), (True, None)],
+                         ids=["as it is, not causal", "converted, not causal", "converted"])
+def test_an_encoder_with_a_learned_mask_compiles(convert, hint):
+    """nn.TransformerEncoder given a learned bias, converted (which asks the mask whether it
+    is causal itself) or told ``is_causal=False`` (torch's own asking of a mask with a tangent
+    is not traced: README): the pass compiled by ``fgkernels.compile`` gives forward_ad's
+    numbers."""
     torch.manual_seed(0)
-    model = _HintedEncoder().double().eval()
+    model = _LearnedMaskEncoder(hint).double().eval()
     if convert:
         fgkernels.convert(model)
     torch._dynamo.reset()
