@@ -460,11 +460,8 @@ class DualTransformerEncoderLayer(nn.TransformerEncoderLayer):
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         if not isinstance(src_mask, Dual):
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
-        # A float mask passes torch's _canonical_mask as it is; a bool or integer one carries
-        # no tangent, so src_mask needs no canonical form.
-        src_key_padding_mask = F._canonical_mask(
-            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
-            other_type=src_mask.primal.dtype, other_name="src_mask", target_type=src.dtype)
+        src_key_padding_mask = _padding_mask_beside(src_key_padding_mask, src_mask, "src_mask",
+                                                    src)
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask,
@@ -492,14 +489,21 @@ class DualTransformerEncoder(nn.TransformerEncoder):
                                         seq_len)
         if not isinstance(mask, Dual):
             return super().forward(src, mask, src_key_padding_mask, is_causal)
-        src_key_padding_mask = F._canonical_mask(
-            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
-            other_type=mask.primal.dtype, other_name="mask", target_type=src.dtype)
+        src_key_padding_mask = _padding_mask_beside(src_key_padding_mask, mask, "mask", src)
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=mask, is_causal=is_causal,
                            src_key_padding_mask=src_key_padding_mask)
         return output if self.norm is None else self.norm(output)
+
+
+def _padding_mask_beside(padding_mask, mask: Dual, mask_name: str, src):
+    """A padding mask checked and converted as torch's encoder forwards do beside ``mask``,
+    whose dtype they ask of a Tensor only. (A float mask passes torch's canonical form as it
+    is, and a bool or integer one carries no tangent: the Dual mask itself needs none.)"""
+    return F._canonical_mask(mask=padding_mask, mask_name="src_key_padding_mask",
+                             other_type=mask.primal.dtype, other_name=mask_name,
+                             target_type=src.dtype)
 
 
 def _is_causal_mask(mask: Tensor, size: int) -> bool:
