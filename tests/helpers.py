@@ -254,11 +254,13 @@ class BiasedTransformer(torch.nn.Module):
     with a final norm (``"encoder"``, its ``mask``), or a whole ``nn.Transformer`` (``"source"``:
     its ``src_mask``; ``"target"``: its ``tgt_mask``; ``"memory"``: its ``memory_mask``), the
     input taken as source and target; with ``padding``, a bool padding mask of the last key of
-    the first sequence beside it."""
+    the first sequence beside it; ``is_causal``, the layer's or the encoder's hint (None: their
+    default)."""
 
     def __init__(self, which: str, norm_first: bool, batch_first: bool, padding: bool,
-                 length: int = 5, batch: int = 2):
+                 length: int = 5, batch: int = 2, is_causal: Optional[bool] = None):
         super().__init__()
+        self.hint = {} if is_causal is None else {"is_causal": is_causal}
         nn = torch.nn
         options = dict(dim_feedforward=16, dropout=0.0, batch_first=batch_first,
                        norm_first=norm_first)
@@ -277,9 +279,9 @@ class BiasedTransformer(torch.nn.Module):
 
     def forward(self, x):
         if self.which == "layer":
-            return self.net(x, src_mask=self.bias, src_key_padding_mask=self.pad)
+            return self.net(x, src_mask=self.bias, src_key_padding_mask=self.pad, **self.hint)
         if self.which == "encoder":
-            return self.net(x, mask=self.bias, src_key_padding_mask=self.pad)
+            return self.net(x, mask=self.bias, src_key_padding_mask=self.pad, **self.hint)
         mask = {"source": "src_mask", "target": "tgt_mask", "memory": "memory_mask"}[self.which]
         pad = {"source": "src_key_padding_mask", "target": "tgt_key_padding_mask",
                "memory": "memory_key_padding_mask"}[self.which]

@@ -1,5 +1,6 @@
 """The compiled ops (torch.ops.fgkernels): schema/fake checks, numerics against forward_ad,
 and argument checks."""
+import functools
 import math
 
 import pytest
@@ -404,21 +405,14 @@ def test_pointwise_conv_takes_a_gemm_where_the_shape_says(shape, gemm):
 _AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
-def _bf16_conv_ops(x, w, **conv) -> set:
-    """The profiler's op names of one bfloat16 dual convolution (one input and one weight
-    tangent slot), and its result."""
-    xt = torch.randn(1, *x.shape, dtype=torch.bfloat16)
-    wt = torch.randn(1, *w.shape, dtype=torch.bfloat16)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        ops.dual_conv2d(x, xt, w, wt, None, None, conv["stride"], conv["padding"],
-                        conv["dilation"], 1)
-    return {e.name for e in prof.events()}
-
-
+@functools.cache
 def _tiny_map_gemm_runs() -> bool:
-    return "aten::mm" in _bf16_conv_ops(torch.randn(1, 512, 2, 2, dtype=torch.bfloat16),
-                                        torch.randn(512, 512, 3, 3, dtype=torch.bfloat16),
-                                        stride=[1, 1], padding=[1, 1], dilation=[1, 1])
+    """Whether the GEMM runs here at all: a bfloat16 dual convolution it takes, profiled."""
+    x = torch.randn(1, 512, 2, 2, dtype=torch.bfloat16)
+    w = torch.randn(512, 512, 3, 3, dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.dual_conv2d(x, _slots(1, x), w, _slots(1, w), None, None, [1, 1], [1, 1], [1, 1], 1)
+    return "aten::mm" in {e.name for e in prof.events()}
 
 
 def test_the_tiny_map_gemm_runs_only_with_amx():

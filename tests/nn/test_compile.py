@@ -24,7 +24,7 @@ from fgkernels.testing import (
 )
 from fgkernels.train.models import BasicBlock
 
-from helpers import TOL, BiasedAttention, assert_within_torch_error
+from helpers import TOL, BiasedAttention, BiasedTransformer, assert_within_torch_error
 from op_table import OPS, inputs, math_attention
 from zoo import MODELS, build_patch_transformer
 
@@ -493,21 +493,6 @@ def test_attention_with_a_mask_carrying_a_tangent_compiles(mask, convert):
     assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
 
 
-class _LearnedMaskEncoder(torch.nn.Module):
-    """nn.TransformerEncoder given a learned bias as its mask, told whether it is causal or
-    not (``hint``)."""
-
-    def __init__(self, hint):
-        super().__init__()
-        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.bias = torch.nn.Parameter(torch.randn(5, 5))
-        self.hint = hint
-
-    def forward(self, x):
-        return self.encoder(x, mask=self.bias, is_causal=self.hint)
-
-
 @pytest.mark.parametrize("convert,hint", [(False, False), (True, False), (True, None)],
                          ids=["as it is, not causal", "converted, not causal", "converted"])
 def test_an_encoder_with_a_learned_mask_compiles(convert, hint):
@@ -516,7 +501,7 @@ def test_an_encoder_with_a_learned_mask_compiles(convert, hint):
     is not traced: README): the pass compiled by ``fgkernels.compile`` gives forward_ad's
     numbers."""
     torch.manual_seed(0)
-    model = _LearnedMaskEncoder(hint).double().eval()
+    model = BiasedTransformer("encoder", False, True, False, is_causal=hint).double().eval()
     if convert:
         fgkernels.convert(model)
     torch._dynamo.reset()

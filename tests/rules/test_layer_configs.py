@@ -401,31 +401,16 @@ def test_a_default_encoder_with_a_padding_mask_takes_no_fallback(train):
     assert errors["fallback"] == {}, errors
 
 
-class _CausalBias(nn.Module):
-    """A learned bias that starts as the causal mask, given to an encoder layer with
-    ``is_causal=True`` or to an encoder that detects it."""
-
-    def __init__(self, which: str):
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-        self.net = layer if which == "layer" else \
-            nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.bias = nn.Parameter(nn.Transformer.generate_square_subsequent_mask(5))
-        self.which = which
-
-    def forward(self, x):
-        if self.which == "layer":
-            return self.net(x, src_mask=self.bias, is_causal=True)
-        return self.net(x, mask=self.bias)
-
-
 @pytest.mark.parametrize("which", ["layer", "encoder"])
 def test_a_causal_mask_with_a_tangent_is_dropped_as_torch_drops_it(which):
     """A learned bias whose values are the causal mask's, the layer told so or the encoder
     finding it: torch's attention then attends causally without the mask, whose tangent counts
     for nothing; forward_ad's numbers."""
     torch.manual_seed(0)
-    model = _CausalBias(which).double().eval()
+    model = BiasedTransformer(which, False, True, False,
+                              is_causal=True if which == "layer" else None).double().eval()
+    with torch.no_grad():
+        model.bias.copy_(nn.Transformer.generate_square_subsequent_mask(5))
     errors = compare_with_forward_ad(model, [torch.randn(2, 5, 8, dtype=torch.float64)])
     assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, errors
 
