@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fgkernels
 from fgkernels import Dual
+from fgkernels.dual.layout import kernel_format
 
 BASELINES = ("forward_ad", "func_jvp", "primal", "backprop")
 
@@ -174,22 +175,28 @@ def model_oracle(model, params, tangents, x, xt):
 
 
 def model_dual_pass_case(model, x, xt, quick: bool, compiled: Optional[dict] = None,
-                         tangent_dtype: Optional[torch.dtype] = None):
+                         tangent_dtype: Optional[torch.dtype] = None,
+                         channels_last: bool = False):
     """``(dual, forward_ad, expected)`` for a model's dual pass, every parameter and the input
     carrying one tangent: ``dual`` runs a converted copy (compiled by ``fgkernels.compile`` with
     the Inductor options ``compiled`` when given) on ``Dual(x, xt)``, ``forward_ad`` the model
     itself under forward_ad with the same tangents; ``expected`` is the float64 oracle in the
     quick run (else None). ``tangent_dtype``: the dual pass's tangents in that dtype (bfloat16
-    tangents of a float32 model), forward_ad's in the model's, the same values."""
-    net = fgkernels.convert(copy.deepcopy(model))
+    tangents of a float32 model), forward_ad's in the model's, the same values.
+    ``channels_last``: the dual pass's copy and its input laid out channels_last, forward_ad's
+    model and input as given."""
+    net, dual_x, dual_xt = fgkernels.convert(copy.deepcopy(model)), x, xt
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        dual_x, dual_xt = (t.contiguous(memory_format=torch.channels_last) for t in (x, xt))
     tangents = fgkernels.random_tangents(net, dtype=tangent_dtype)
-    dual_xt = xt if tangent_dtype is None else xt.to(tangent_dtype)
-    # forward_ad (and the oracle) take the same values in the primals' dtype
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    tangents = {n: t.to(dtypes[n]) for n, t in tangents.items()}
-    xt = dual_xt.to(xt.dtype)
-    run = net if compiled is None else fgkernels.compile(net, options=compiled)
+    dual_xt = dual_xt.to(tangent_dtype or xt.dtype)
+    # forward_ad (and the oracle) take the same values in the primals' dtype and layout
     params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = {n: t.to(params[n].dtype).contiguous(memory_format=kernel_format(params[n]))
+                for n, t in tangents.items()}
+    xt = dual_xt.to(xt.dtype).contiguous(memory_format=kernel_format(x))
+    run = net if compiled is None else fgkernels.compile(net, options=compiled)
     buffers = dict(model.named_buffers())
 
     def forward_ad():
@@ -198,7 +205,7 @@ def model_dual_pass_case(model, x, xt, quick: bool, compiled: Optional[dict] = N
 
     def dual():
         with torch.no_grad():
-            return run(Dual(x, dual_xt))
+            return run(Dual(dual_x, dual_xt))
 
     expected = model_oracle(model, params, tangents, x, xt) if quick else None
     return dual, forward_ad, expected

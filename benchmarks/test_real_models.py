@@ -2,7 +2,9 @@
 (``fgkernels.compile``, Inductor's graph called from Python and from its C++ wrapper), against
 torch.autograd.forward_ad's eager pass, float32, eval mode, every parameter and the input
 carrying one tangent; paired rounds. The ``-bf16`` providers give the float32 model bfloat16
-tangents (where the CPU computes in bfloat16), forward_ad the same values in float32.
+tangents (where the CPU computes in bfloat16), forward_ad the same values in float32; the
+``-cl`` providers lay the model and its input out channels_last (``forward_ad-cl`` too; the
+others' forward_ad, their baseline, takes them as torchvision builds them, NCHW).
 
 Needs torchvision: run it in the models environment (``bash scripts/setup.sh --models``;
 ``.venv-models/bin/python -m pytest benchmarks/test_real_models.py``); skipped without it. The
@@ -25,9 +27,11 @@ BATCH, SIZE = 16, 64
 
 
 # provider -> the Inductor options of fgkernels.compile (None: the eager pass)
-COMPILED = {"fgkernels": None, "fgkernels-compiled": {},
-            "fgkernels-compiled-cpp": {"cpp_wrapper": True},
-            "fgkernels-bf16": None, "fgkernels-compiled-cpp-bf16": {"cpp_wrapper": True}}
+_CPP = {"cpp_wrapper": True}
+COMPILED = {"fgkernels": None, "fgkernels-compiled": {}, "fgkernels-compiled-cpp": _CPP,
+            "fgkernels-bf16": None, "fgkernels-compiled-cpp-bf16": _CPP,
+            "fgkernels-cl": None, "fgkernels-compiled-cpp-cl": _CPP,
+            "fgkernels-bf16-cl": None, "fgkernels-compiled-cpp-bf16-cl": _CPP}
 
 
 def _case(name: str, quick: bool, provider: str):
@@ -35,19 +39,27 @@ def _case(name: str, quick: bool, provider: str):
     batch, size = (2, 32) if quick else (BATCH, SIZE)
     model = torchvision.models.get_model(name, num_classes=10).to(DEVICE).eval()
     x = torch.randn(batch, 3, size, size, device=DEVICE)
-    tangent_dtype = torch.bfloat16 if provider.endswith("-bf16") else None
+    if provider == "forward_ad-cl":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    tangent_dtype = torch.bfloat16 if "-bf16" in provider else None
     return model_dual_pass_case(model, x, torch.randn_like(x), quick, COMPILED.get(provider),
-                                tangent_dtype)
+                                tangent_dtype, channels_last=provider.startswith("fgkernels")
+                                and provider.endswith("-cl"))
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("provider", [*COMPILED, "forward_ad"])
+@pytest.mark.parametrize("provider", [*COMPILED, "forward_ad", "forward_ad-cl"])
 def test_real_model_dual_pass(measure, benchmark, quick, name, provider):
     if quick and COMPILED.get(provider) is not None:
         pytest.skip("compiling a real model takes minutes; tests/nn/test_compile.py covers it")
-    if provider.endswith("-bf16"):
+    if "-bf16" in provider:
         skip_emulated_bfloat16(quick)
     dual, forward_ad, expected = _case(name, quick, provider)
+    if provider == "forward_ad-cl":
+        measure(forward_ad, f"torchvision {name}, eval, batch {BATCH}, {SIZE}x{SIZE}",
+                rounds=10, expected=expected)
+        return
     if provider != "forward_ad":
         dual()  # a compiled provider compiles here, outside the timing
     else:

@@ -97,19 +97,26 @@ std::pair<int64_t, int64_t> conv_output_size(const at::Tensor& x, const at::Tens
 constexpr int64_t kSmallPointwiseWeight = 4096;
 constexpr int64_t kLargePointwiseMap = 1024;
 
-// A bfloat16 convolution onto a map of at most kTinyMap pixels with a large weight (C_in·C_out ≥
-// kLargeTinyMapWeight, the weight tangents' slots stacked along C_out counted), on a CPU with
-// AMX that oneDNN may use, is computed as the GEMM it is: the input unfolded
-// (im2col, (N, C_in·kH·kW, Ho·Wo)) times the weight, both in bfloat16 with float32 sums, as the
-// convolution's. oneDNN's AMX convolution runs such a map far below its GEMM's speed (by hand,
-// an Intel Xeon with AMX, N = 1 to 64: 512 -> 512 channels, 3x3, on a 2x2 or 1x1 map, and
-// 256 -> 512 with stride 2 onto a 2x2 map, in 0.2-0.5x the convolution's time; 256 -> 256 on
-// 2x2 0.6-1.8x, left to the convolution): the last stage of a ResNet on small images, where a
-// bfloat16 tangent's two convolutions took longer than the float32 primal's one. Without AMX
-// oneDNN's AVX512-BF16 convolution is the faster (the same Xeon with oneDNN held to it,
-// ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: the GEMM 1.4-3.2x its time at N = 16 and 64), so
-// at::conv2d keeps it there, as it does with groups or a bias. The output is laid out as
-// at::conv2d lays it out (channels_last when the input's or the weight's strides suggest it).
+// A convolution onto a map of at most kTinyMap pixels with a large weight (C_in·C_out ≥
+// kLargeTinyMapWeight, the weight tangents' slots stacked along C_out counted) is computed as
+// the GEMM it is, the unfolded input (N·Ho·Wo, C_in·kH·kW) times the weight, where oneDNN's
+// convolution runs such maps far below its GEMM's speed; the sums run in another order than the
+// convolution's (float32 sums for bfloat16 too, as the convolution's). Two such places, by hand
+// on an Intel Xeon with AMX (N = 16; 512 -> 512 channels, 3x3, onto 2x2; 256 -> 512 onto 2x2,
+// 3x3 or 1x1 with stride 2):
+//  - channels_last input and weight, float32 or bfloat16 (the last stage of a ResNet converted
+//    to channels_last, on small images): the weight's (C_out, kH, kW, C_in) order is its memory
+//    order, and the input's windows gather whole runs of C_in, so the GEMM takes 0.3-0.6x the
+//    convolution's time, with AMX or held to AVX512-BF16 for bfloat16 and to AVX2 for float32
+//    (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS). A larger map (4x4, 256 -> 256) mixed, left
+//    to the convolution.
+//  - NCHW bfloat16, on a CPU with AMX that oneDNN may use: the input unfolded by im2col, the
+//    GEMM in 0.2-0.5x oneDNN's AMX convolution's time (256 -> 256 onto 2x2 mixed, 0.6-1.8x,
+//    left out). Without AMX oneDNN's AVX512-BF16 convolution is the faster (the same Xeon held
+//    to it: the GEMM 1.4-3.2x its time at N = 16 and 64), and so is float32's: kept. Reordering
+//    an NCHW weight for the channels_last GEMM costs more than it saves.
+// The output is laid out as at::conv2d lays it out (channels_last when the input's or the
+// weight's strides suggest it).
 constexpr int64_t kTinyMap = 4;
 constexpr int64_t kLargeTinyMapWeight = 512 * 256;
 
@@ -137,28 +144,68 @@ bool onednn_uses_amx() {
 #endif
 }
 
-std::optional<at::Tensor> tiny_map_gemm(const at::Tensor& x, const at::Tensor& w,
-                                        const at::Tensor& b, at::IntArrayRef stride,
-                                        at::IntArrayRef padding, at::IntArrayRef dilation,
-                                        int64_t groups) {
-  if (!(x.is_cpu() && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
-        !b.defined() && groups == 1 && x.numel() > 0 && w.numel() > 0 &&
-        w.size(0) * w.size(1) >= kLargeTinyMapWeight && onednn_uses_amx())) {
-    return std::nullopt;
+// The channels_last input's windows, (N·Ho·Wo, kH·kW·C_in) in the weight's memory order, times
+// the channels_last weight viewed as (C_out, kH·kW·C_in): (N, Ho, Wo, C_out), channels_last.
+at::Tensor channels_last_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                              at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t h_out, int64_t w_out) {
+  const int64_t N = x.size(0), C = x.size(1), K = w.size(0), kh = w.size(2), kw = w.size(3);
+  auto xh = x.permute({0, 2, 3, 1});  // (N, H, W, C)
+  if (padding[0] > 0 || padding[1] > 0) {
+    xh = at::constant_pad_nd(xh, {0, 0, padding[1], padding[1], padding[0], padding[0]});
   }
-  const auto [h_out, w_out] = conv_output_size(x, w, stride, padding, dilation);
-  if (h_out < 1 || w_out < 1 || h_out * w_out > kTinyMap) return std::nullopt;
+  // window (n, oh, ow) at tap (i, j): xh[n, oh·sh + i·dh, ow·sw + j·dw, :]
+  const auto windows = xh.as_strided(
+      {N, h_out, w_out, kh, kw, C},
+      {xh.stride(0), xh.stride(1) * stride[0], xh.stride(2) * stride[1],
+       xh.stride(1) * dilation[0], xh.stride(2) * dilation[1], xh.stride(3)},
+      xh.storage_offset());
+  const auto cols = windows.reshape({N * h_out * w_out, kh * kw * C});
+  const auto w2 = w.permute({0, 2, 3, 1}).reshape({K, -1});
+  const auto y = b.defined() ? at::addmm(b, cols, w2.t()) : at::mm(cols, w2.t());
+  return y.view({N, h_out, w_out, K}).permute({0, 3, 1, 2});
+}
+
+// NCHW: im2col gives (N, C_in·kH·kW, Ho·Wo); its rows are the weight's (C_in, kH, kW) order.
+at::Tensor unfolded_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t h_out,
+                         int64_t w_out) {
   const int64_t N = x.size(0), K = w.size(0), L = h_out * w_out;
   const auto cols = at::im2col(x, {w.size(2), w.size(3)}, dilation, padding, stride);
   // (N·L, C_in·kH·kW) x (C_in·kH·kW, C_out): rows are output pixels, so the result is
   // (N, Ho, Wo, C_out), a channels_last view.
-  const auto y = at::mm(cols.transpose(1, 2).reshape({N * L, -1}), w.reshape({K, -1}).t())
-                     .view({N, h_out, w_out, K})
-                     .permute({0, 3, 1, 2});
-  const bool channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
-                             w.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  return y.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
-                                    : at::MemoryFormat::Contiguous);
+  return at::mm(cols.transpose(1, 2).reshape({N * L, -1}), w.reshape({K, -1}).t())
+      .view({N, h_out, w_out, K})
+      .permute({0, 3, 1, 2});
+}
+
+std::optional<at::Tensor> tiny_map_gemm(const at::Tensor& x, const at::Tensor& w,
+                                        const at::Tensor& b, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        int64_t groups) {
+  const auto type = x.scalar_type();
+  if (!(x.is_cpu() && (type == at::kFloat || type == at::kBFloat16) &&
+        w.scalar_type() == type && groups == 1 && x.numel() > 0 && w.numel() > 0 &&
+        w.size(0) * w.size(1) >= kLargeTinyMapWeight)) {
+    return std::nullopt;
+  }
+  const auto [h_out, w_out] = conv_output_size(x, w, stride, padding, dilation);
+  if (h_out < 1 || w_out < 1 || h_out * w_out > kTinyMap) return std::nullopt;
+  const bool x_cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const bool w_cl = w.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  // A bias joins only a float32 GEMM (addmm adds it to the float32 sums, as the convolution
+  // does; a bfloat16 one would round twice).
+  const bool bias_fits = !b.defined() || (type == at::kFloat && b.scalar_type() == type);
+  at::Tensor y;
+  if (x_cl && w_cl && bias_fits) {
+    y = channels_last_gemm(x, w, b, stride, padding, dilation, h_out, w_out);
+  } else if (type == at::kBFloat16 && !b.defined() && onednn_uses_amx()) {
+    y = unfolded_gemm(x, w, stride, padding, dilation, h_out, w_out);
+  } else {
+    return std::nullopt;
+  }
+  return y.contiguous(x_cl || w_cl ? at::MemoryFormat::ChannelsLast
+                                   : at::MemoryFormat::Contiguous);
 }
 
 at::Tensor convolve(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,

@@ -68,7 +68,8 @@ TRANSFORMER_MASKS = (
     "tests/rules/test_properties.py::test_transformer_encoders_with_learned_masks",
     "tests/rules/test_layer_configs.py::test_a_causal_mask_with_a_tangent_is_dropped_as_torch_"
     "drops_it")
-TINY_MAP = ("tests/backends/test_native.py::test_bfloat16_conv_onto_a_tiny_map",)
+TINY_MAP = ("tests/backends/test_native.py::test_conv_onto_a_tiny_map",
+            "tests/backends/test_native.py::test_a_biased_conv_onto_a_tiny_map")
 # a parameter of a class of its own, which is not lifted, in a module's container
 OWN_CLASS = ("tests/dual/test_tangent_store.py::test_a_parameter_of_its_own_class_in_a_container_"
              "carries_its_tangent",)
@@ -963,14 +964,34 @@ MUTANTS = [
            "            .unflatten(0, {xt->size(0), x.size(0)}),\n        fmt);",
            "            .unflatten(0, {xt->size(0), x.size(0)}),\n"
            "        at::MemoryFormat::Contiguous);", ("tests/backends/test_native.py",)),
-    Mutant("a tiny map's GEMM reads the output pixels transposed", "csrc/composite.cpp",
-           "                     .permute({0, 3, 1, 2});",
-           "                     .permute({0, 3, 2, 1});", TINY_MAP, needs_amx=True),
+    Mutant("a tiny map's NCHW GEMM reads the output pixels transposed", "csrc/composite.cpp",
+           "      .view({N, h_out, w_out, K})\n      .permute({0, 3, 1, 2});",
+           "      .view({N, h_out, w_out, K})\n      .permute({0, 3, 2, 1});", TINY_MAP,
+           needs_amx=True),
     Mutant("a tiny map's GEMM returns its output channels_last whatever the input's layout",
            "csrc/composite.cpp",
-           "  return y.contiguous(channels_last ? at::MemoryFormat::ChannelsLast\n"
-           "                                    : at::MemoryFormat::Contiguous);",
+           "  return y.contiguous(x_cl || w_cl ? at::MemoryFormat::ChannelsLast\n"
+           "                                   : at::MemoryFormat::Contiguous);",
            "  return y;", TINY_MAP, needs_amx=True),
+    Mutant("a tiny map's channels_last GEMM reads the output pixels transposed",
+           "csrc/composite.cpp",
+           "  return y.view({N, h_out, w_out, K}).permute({0, 3, 1, 2});",
+           "  return y.view({N, h_out, w_out, K}).permute({0, 3, 2, 1});", TINY_MAP),
+    Mutant("a tiny map's channels_last GEMM ignores the dilation", "csrc/composite.cpp",
+           "       xh.stride(1) * dilation[0], xh.stride(2) * dilation[1], xh.stride(3)},",
+           "       xh.stride(1), xh.stride(2), xh.stride(3)},", TINY_MAP),
+    Mutant("a tiny map's channels_last GEMM swaps the strides", "csrc/composite.cpp",
+           "      {xh.stride(0), xh.stride(1) * stride[0], xh.stride(2) * stride[1],",
+           "      {xh.stride(0), xh.stride(1) * stride[1], xh.stride(2) * stride[0],", TINY_MAP),
+    Mutant("a tiny map's channels_last GEMM pads rows as columns", "csrc/composite.cpp",
+           "{0, 0, padding[1], padding[1], padding[0], padding[0]}",
+           "{0, 0, padding[0], padding[0], padding[1], padding[1]}", TINY_MAP),
+    Mutant("a tiny map's channels_last GEMM drops the bias", "csrc/composite.cpp",
+           "  const auto y = b.defined() ? at::addmm(b, cols, w2.t()) : at::mm(cols, w2.t());",
+           "  const auto y = at::mm(cols, w2.t());", TINY_MAP),
+    Mutant("a tiny map's bfloat16 GEMM takes a bias", "csrc/composite.cpp",
+           "!b.defined() || (type == at::kFloat && b.scalar_type() == type);",
+           "!b.defined() || b.scalar_type() == type;", TINY_MAP),
     Mutant("conv subtracts the bias tangent", "csrc/composite.cpp",
            "      p_part.add_(bias);", "      p_part.sub_(bias);", NATIVE),
     Mutant("ReLU passes the tangent at 0", "csrc/select_ops.h",

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 import fgkernels
 import fgkernels.functional as DF
 from fgkernels import Dual
-from fgkernels.dual.layout import empty_slots
+from fgkernels.dual.layout import empty_slots, kernel_format, slots_in_format
 from fgkernels.testing import forward_ad_jvp
 
 from batch_norm_refs import bn_update_running_stats_ref, dual_bn_coefficients_ref
@@ -398,28 +399,38 @@ def test_pointwise_conv_takes_a_gemm_where_the_shape_says(shape, gemm):
     torch.testing.assert_close(x_part, yt64.float(), atol=1e-4, rtol=1e-4)
 
 
-# With AMX, a bfloat16 convolution onto a map of at most 4 pixels with a weight of
-# C_in·C_out ≥ 512·256 (the weight tangents' slots stacked along C_out) runs as the GEMM of its
-# unfolded input (``convolve``'s tiny-map rule), where oneDNN may use AMX and the extension's
-# compiler could ask the CPU; elsewhere every such convolution stays one.
+# A convolution onto a map of at most 4 pixels with a weight of C_in·C_out ≥ 512·256 (the
+# weight tangents' slots stacked along C_out) runs as a GEMM (``convolve``'s tiny-map rule):
+# float32 or bfloat16 with the input and the weight channels_last, on any CPU; bfloat16 NCHW
+# unfolded by im2col, where oneDNN may use AMX and the extension's compiler could ask the CPU.
+# Elsewhere every such convolution stays one.
 _AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 @functools.cache
-def _tiny_map_gemm_runs() -> bool:
-    """Whether the GEMM runs here at all: a bfloat16 dual convolution it takes, profiled."""
+def _unfolded_gemm_runs() -> bool:
+    """Whether the NCHW GEMM runs here at all: a bfloat16 dual convolution it takes, profiled."""
     x = torch.randn(1, 512, 2, 2, dtype=torch.bfloat16)
     w = torch.randn(512, 512, 3, 3, dtype=torch.bfloat16)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ops.dual_conv2d(x, _slots(1, x), w, _slots(1, w), None, None, [1, 1], [1, 1], [1, 1], 1)
-    return "aten::mm" in {e.name for e in prof.events()}
+    return "aten::im2col" in {e.name for e in prof.events()}
 
 
-def test_the_tiny_map_gemm_runs_only_with_amx():
-    assert not _tiny_map_gemm_runs() or _AMX
+def test_the_nchw_gemm_runs_only_with_amx():
+    assert not _unfolded_gemm_runs() or _AMX
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["", "channels_last"])
+def _predicted_gemms(shape_fits: bool, x_cl: bool, w_cl: bool, dtype: torch.dtype):
+    """(channels_last GEMMs, unfolded GEMMs) a convolution of such operands takes: 0 or 1."""
+    if not shape_fits:
+        return 0, 0
+    if x_cl and w_cl:
+        return 1, 0
+    return 0, int(dtype == torch.bfloat16 and _unfolded_gemm_runs())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last tangents"])
 @pytest.mark.parametrize("network", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("x_shape,w_shape,conv,gemm", [
     ((3, 512, 2, 2), (512, 512, 3, 3), (1, 1, 1), True),
@@ -430,32 +441,68 @@ def test_the_tiny_map_gemm_runs_only_with_amx():
     ((3, 256, 2, 2), (128, 256, 3, 3), (1, 1, 1), False),       # a smaller weight, 2 slots too
     ((3, 512, 4, 4), (256, 512, 3, 3), (1, 1, 1), False),       # a larger map
 ], ids=["2x2", "stride 2", "1x1", "1x3 kernel", "dilated", "small weight", "4x4"])
-def test_bfloat16_conv_onto_a_tiny_map(x_shape, w_shape, conv, gemm, network, channels_last):
+def test_conv_onto_a_tiny_map(x_shape, w_shape, conv, gemm, network, layout):
     """bfloat16 tangents (of a float32 or a bfloat16 network) through a convolution onto a tiny
-    map: a GEMM where the shape says and the GEMM runs here at all, the convolution elsewhere;
-    either way the primal and each tangent part within twice torch's own bfloat16 error of
-    float64 forward_ad, laid out as the op's fake says."""
+    map, NCHW or channels_last (the input and weight; the weight tangents too or not): each of
+    its three products a GEMM where the rule says, the convolution elsewhere; either way the
+    primal and each tangent part within twice torch's own error of float64 forward_ad, laid
+    out as the op's fake says."""
     torch.manual_seed(0)
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)
     stride, padding, dilation = (pair(v) for v in conv)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    cl = layout != "nchw"
+    fmt = torch.channels_last if cl else torch.contiguous_format
     x = torch.randn(x_shape).to(network, memory_format=fmt)
     w = (torch.randn(w_shape) / math.sqrt(w_shape[1] * w_shape[2] * w_shape[3]))
     w = w.to(network, memory_format=fmt)
     xt = torch.randn(2, *x_shape, dtype=torch.bfloat16)
     wt = torch.randn(2, *w_shape, dtype=torch.bfloat16)
+    if layout == "channels_last tangents":  # each slot channels_last
+        wt = wt.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     args = (x, xt, w, wt, None, None, stride, padding, dilation, 1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         y, x_part, p_part = ops.dual_conv2d(*args)
-    ran = {e.name for e in prof.events()}
-    # The tangents' convolutions are bfloat16: the GEMM takes both where the rule holds (and
-    # a bfloat16 network's primal too); a float32 primal always keeps the convolution.
-    gemm = gemm and _tiny_map_gemm_runs()
-    assert ("aten::mkldnn_convolution" not in ran) == (gemm and network != torch.float32)
-    assert ("aten::mm" in ran) == gemm
+    ran = [e.name for e in prof.events()]
+    # The primal x·W, the input term ẋ·W (ẋ laid out as the kernels lay x out, W cast to
+    # bfloat16 as it is laid out) and the parameter term x·Ẇ (x cast so, the slots of Ẇ stacked
+    # along C_out as they are laid out), each operand's layout as its strides suggest it (a 1x1
+    # map's are ambiguous).
+    xt_op = slots_in_format(xt, kernel_format(x)).flatten(0, 1)
+    suggests_cl = lambda t: suggest_memory_format(t) == torch.channels_last
+    products = [(suggests_cl(a), suggests_cl(b), dtype) for a, b, dtype in
+                [(x, w, network), (xt_op, w, torch.bfloat16),
+                 (x, wt.flatten(0, 1), torch.bfloat16)]]
+    cl_gemms, unfolded = (sum(n) for n in zip(*(_predicted_gemms(gemm, *p) for p in products)))
+    assert ran.count("aten::mkldnn_convolution") == 3 - cl_gemms - unfolded
+    assert ran.count("aten::im2col") == unfolded
+    assert ran.count("aten::mm") == cl_gemms + unfolded
     fn = lambda x_, w_: F.conv2d(x_, w_, None, stride, padding, dilation)
     assert_within_torch_error((y, x_part), ForwardADOracle(fn, [x, w], [xt, None]))
     assert_within_torch_error((y, p_part), ForwardADOracle(fn, [x, w], [None, wt]))
+    torch.library.opcheck(ops.dual_conv2d, args)
+
+
+@pytest.mark.parametrize("network", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_biased_conv_onto_a_tiny_map(network):
+    """A channels_last convolution with a bias onto a tiny map: float32's GEMM adds the bias
+    to its float32 sums (addmm); bfloat16's primal keeps the convolution, whose output is
+    rounded once, bias included. The primal and both tangent parts against float64
+    forward_ad."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 256, 4, 4).to(network, memory_format=cl)
+    w = (torch.randn(512, 256, 3, 3) / 48).to(network, memory_format=cl)
+    b = torch.randn(512).to(network)
+    xt, wt = torch.randn(1, *x.shape), torch.randn(1, *w.shape)
+    bt = torch.randn(1, 512)
+    args = (x, xt.to(network), w, wt.to(network), b, bt.to(network), [2, 2], [1, 1], [1, 1], 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, x_part, p_part = ops.dual_conv2d(*args)
+    ran = [e.name for e in prof.events()]
+    assert ran.count("aten::addmm") == (network == torch.float32)
+    fn = lambda x_, w_, b_: F.conv2d(x_, w_, b_, 2, 1)
+    assert_within_torch_error((y, x_part + p_part),
+                              ForwardADOracle(fn, [x, w, b], [xt, wt, bt]))
     torch.library.opcheck(ops.dual_conv2d, args)
 
 
