@@ -121,6 +121,10 @@ MUTANTS = [
            "return known is not None and weight.is_set_to(known)", "return known is weight",
            LEAN),
     # the rules of fgkernels.rules
+    Mutant("a narrower tangent's activation product is written out= while compiling",
+           POINTWISE, "        if torch.compiler.is_compiling() or (",
+           "        if False or (",
+           ("tests/nn/test_compile.py::test_activation_layers_compile_in_one_graph",)),
     Mutant("sub drops alpha", "fgkernels/rules/pointwise.py",
            "(lambda t: t) if alpha == 1 else (lambda t: t * alpha)", "(lambda t: t)", OPS),
     Mutant("mul scales the other tangent by the wrong factor", "fgkernels/rules/pointwise.py",
@@ -824,8 +828,8 @@ MUTANTS = [
            ("tests/dual/test_mixed_precision.py::test_a_slope_past_the_tangents_range_is_not_"
             "rounded_alone",)),
     Mutant("a narrow tangent's product written by out= under autograd", POINTWISE,
-           "        if torch.is_grad_enabled() and (slope.requires_grad or t.requires_grad):\n",
-           "        if False:\n",
+           "                torch.is_grad_enabled() and (slope.requires_grad or t.requires_grad)):",
+           "                False):",
            ("tests/dual/test_mixed_precision.py::test_a_narrower_tangent_of_a_primal_that_"
             "requires_grad",)),
     Mutant("linear takes a broadcast bias for one per output feature", LAYERS,

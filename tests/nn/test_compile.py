@@ -24,7 +24,7 @@ from fgkernels.testing import (
 )
 from fgkernels.train.models import BasicBlock
 
-from helpers import TOL, BiasedAttention, BiasedTransformer, assert_within_torch_error
+from helpers import TOL, BiasedAttention, BiasedTransformer, assert_within_torch_error, rel_err
 from op_table import OPS, inputs, math_attention
 from zoo import MODELS, build_patch_transformer
 
@@ -211,9 +211,15 @@ def test_every_zoo_model_compiles_in_one_graph(name, layout):
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
 
 
-def test_activation_layers_compile_in_one_graph():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("tangent_dtype", [None, torch.bfloat16],
+                         ids=["float64", "bfloat16 tangents"])
+def test_activation_layers_compile_in_one_graph(tangent_dtype, layout):
     """A MobileNetV3-style block (hardswish, a squeeze-excitation gate by hardsigmoid, SiLU,
-    GELU) converted: its activation layers run their rules directly, so the pass is one graph."""
+    GELU) converted: its activation layers run their rules directly, so the pass is one graph,
+    in float64 and with bfloat16 tangents of a float32 network, NCHW or channels_last (the
+    product of a bfloat16 tangent and its float32 slope, written into a channels_last stack,
+    broke the graph)."""
     from torch import nn
 
     class Gated(nn.Module):
@@ -229,19 +235,26 @@ def test_activation_layers_compile_in_one_graph():
             return h * self.gate(h)
 
     torch.manual_seed(0)
-    net = fgkernels.convert(Gated().double().eval())
-    fgkernels.random_tangents(net)
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    xt = torch.randn_like(x)
-    y64, yt64 = model_jvp(net, [x], [xt[None]],
-                          {n: fgkernels.dual.tangents.tangent_of(p).stack
-                           for n, p in net.named_parameters()})
+    dtype = torch.float64 if tangent_dtype is None else torch.float32
+    net = fgkernels.convert(Gated().to(dtype).eval())
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    if layout == "channels_last":
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    tangents = fgkernels.random_tangents(net, dtype=tangent_dtype)
+    xt = torch.randn_like(x).to(tangent_dtype or dtype)
+    y64, yt64 = model_jvp(copy.deepcopy(net).double(), [x.double()], [xt.double()[None]],
+                          {n: t.double()[None] for n, t in tangents.items()})
     torch._dynamo.reset()
     out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
     ref = net(Dual(x, xt))
     torch.testing.assert_close(out.tangent, ref.tangent)
-    torch.testing.assert_close(out.primal, y64, **TOL[torch.float64])
-    torch.testing.assert_close(out.tangent, yt64[0], **TOL[torch.float64])
+    if tangent_dtype is None:
+        torch.testing.assert_close(out.primal, y64, **TOL[torch.float64])
+        torch.testing.assert_close(out.tangent, yt64[0], **TOL[torch.float64])
+    else:
+        assert out.tangent.dtype == tangent_dtype
+        assert rel_err(out.tangent, yt64[0]) < 2e-2
 
 
 def test_inductors_pass_is_exact_in_float64():
