@@ -110,11 +110,13 @@ constexpr int64_t kLargePointwiseMap = 1024;
 //    convolution's time, with AMX or held to AVX512-BF16 for bfloat16 and to AVX2 for float32
 //    (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS). A larger map (4x4, 256 -> 256) mixed, left
 //    to the convolution.
-//  - NCHW bfloat16, on a CPU with AMX that oneDNN may use: the input unfolded by im2col, the
-//    GEMM in 0.2-0.5x oneDNN's AMX convolution's time (256 -> 256 onto 2x2 mixed, 0.6-1.8x,
-//    left out). Without AMX oneDNN's AVX512-BF16 convolution is the faster (the same Xeon held
-//    to it: the GEMM 1.4-3.2x its time at N = 16 and 64), and so is float32's: kept. Reordering
-//    an NCHW weight for the channels_last GEMM costs more than it saves.
+//  - otherwise (an NCHW input or weight: an NCHW model, or the weight tangents' NCHW slots
+//    beside a channels_last input) bfloat16 on a CPU with AMX that oneDNN may use: the input
+//    unfolded by im2col, the GEMM in 0.2-0.5x oneDNN's AMX convolution's time for NCHW
+//    operands (256 -> 256 onto 2x2 mixed, 0.6-1.8x, left out). Without AMX oneDNN's
+//    AVX512-BF16 convolution is the faster (the same Xeon held to it: the GEMM 1.4-3.2x its
+//    time at N = 16 and 64), and so is float32's: kept. Reordering an NCHW weight for the
+//    channels_last GEMM costs more than it saves.
 // The output is laid out as at::conv2d lays it out (channels_last when the input's or the
 // weight's strides suggest it).
 constexpr int64_t kTinyMap = 4;
@@ -166,7 +168,8 @@ at::Tensor channels_last_gemm(const at::Tensor& x, const at::Tensor& w, const at
   return y.view({N, h_out, w_out, K}).permute({0, 3, 1, 2});
 }
 
-// NCHW: im2col gives (N, C_in·kH·kW, Ho·Wo); its rows are the weight's (C_in, kH, kW) order.
+// im2col gives (N, C_in·kH·kW, Ho·Wo) whatever the input's layout, its rows in the weight's
+// (C_in, kH, kW) order.
 at::Tensor unfolded_gemm(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t h_out,
                          int64_t w_out) {
@@ -193,8 +196,8 @@ std::optional<at::Tensor> tiny_map_gemm(const at::Tensor& x, const at::Tensor& w
   if (h_out < 1 || w_out < 1 || h_out * w_out > kTinyMap) return std::nullopt;
   const bool x_cl = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   const bool w_cl = w.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  // A bias joins only a float32 GEMM (addmm adds it to the float32 sums, as the convolution
-  // does; a bfloat16 one would round twice).
+  // A bias joins a float32 GEMM (addmm adds it to the float32 sums, as the convolution does);
+  // a bfloat16 convolution with a bias, not timed as a GEMM, stays a convolution.
   const bool bias_fits = !b.defined() || (type == at::kFloat && b.scalar_type() == type);
   at::Tensor y;
   if (x_cl && w_cl && bias_fits) {

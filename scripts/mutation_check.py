@@ -69,7 +69,9 @@ TRANSFORMER_MASKS = (
     "tests/rules/test_layer_configs.py::test_a_causal_mask_with_a_tangent_is_dropped_as_torch_"
     "drops_it")
 TINY_MAP = ("tests/backends/test_native.py::test_conv_onto_a_tiny_map",
-            "tests/backends/test_native.py::test_a_biased_conv_onto_a_tiny_map")
+            "tests/backends/test_native.py::test_a_biased_conv_onto_a_tiny_map",
+            "tests/backends/test_native.py::test_a_channels_last_gemm_reads_a_sliced_input_"
+            "where_it_lies")
 # a parameter of a class of its own, which is not lifted, in a module's container
 OWN_CLASS = ("tests/dual/test_tangent_store.py::test_a_parameter_of_its_own_class_in_a_container_"
              "carries_its_tangent",)
@@ -990,6 +992,14 @@ MUTANTS = [
     Mutant("a tiny map's channels_last GEMM pads rows as columns", "csrc/composite.cpp",
            "{0, 0, padding[1], padding[1], padding[0], padding[0]}",
            "{0, 0, padding[0], padding[0], padding[1], padding[1]}", TINY_MAP),
+    Mutant("a tiny map's channels_last GEMM reads its input as dense", "csrc/composite.cpp",
+           "      {xh.stride(0), xh.stride(1) * stride[0], xh.stride(2) * stride[1],",
+           "      {xh.size(1) * xh.size(2) * xh.size(3), xh.stride(1) * stride[0],"
+           " xh.stride(2) * stride[1],", TINY_MAP),
+    Mutant("a tiny map's channels_last GEMM swaps the dilations", "csrc/composite.cpp",
+           "       xh.stride(1) * dilation[0], xh.stride(2) * dilation[1], xh.stride(3)},",
+           "       xh.stride(1) * dilation[1], xh.stride(2) * dilation[0], xh.stride(3)},",
+           TINY_MAP),
     Mutant("a tiny map's channels_last GEMM drops the bias", "csrc/composite.cpp",
            "  const auto y = b.defined() ? at::addmm(b, cols, w2.t()) : at::mm(cols, w2.t());",
            "  const auto y = at::mm(cols, w2.t());", TINY_MAP),

@@ -437,10 +437,12 @@ def _predicted_gemms(shape_fits: bool, x_cl: bool, w_cl: bool, dtype: torch.dtyp
     ((3, 256, 4, 4), (512, 256, 3, 3), (2, 1, 1), True),        # onto a 2x2 map
     ((3, 512, 1, 1), (256, 512, 3, 3), (1, 1, 1), True),        # the kernel's centre alone
     ((2, 512, 2, 3), (256, 512, 1, 3), ((1, 2), (0, 1), 1), True),  # a 1x3 kernel onto 2x2
-    ((2, 512, 4, 5), (256, 512, 3, 3), (2, (2, 1), 2), True),   # dilated, onto 2x2
+    ((2, 512, 4, 4), (256, 512, 3, 3), (2, (2, 1), (2, 1)), True),  # dilated, onto 2x2
+    ((1, 256, 4, 4), (512, 256, 1, 1), (2, 0, 1), True),        # one image, unpadded
     ((3, 256, 2, 2), (128, 256, 3, 3), (1, 1, 1), False),       # a smaller weight, 2 slots too
     ((3, 512, 4, 4), (256, 512, 3, 3), (1, 1, 1), False),       # a larger map
-], ids=["2x2", "stride 2", "1x1", "1x3 kernel", "dilated", "small weight", "4x4"])
+], ids=["2x2", "stride 2", "1x1", "1x3 kernel", "dilated", "1x1 kernel, stride 2",
+        "small weight", "4x4"])
 def test_conv_onto_a_tiny_map(x_shape, w_shape, conv, gemm, network, layout):
     """bfloat16 tangents (of a float32 or a bfloat16 network) through a convolution onto a tiny
     map, NCHW or channels_last (the input and weight; the weight tangents too or not): each of
@@ -473,7 +475,7 @@ def test_conv_onto_a_tiny_map(x_shape, w_shape, conv, gemm, network, layout):
                 [(x, w, network), (xt_op, w, torch.bfloat16),
                  (x, wt.flatten(0, 1), torch.bfloat16)]]
     cl_gemms, unfolded = (sum(n) for n in zip(*(_predicted_gemms(gemm, *p) for p in products)))
-    assert ran.count("aten::mkldnn_convolution") == 3 - cl_gemms - unfolded
+    assert ran.count("aten::convolution") == 3 - cl_gemms - unfolded
     assert ran.count("aten::im2col") == unfolded
     assert ran.count("aten::mm") == cl_gemms + unfolded
     fn = lambda x_, w_: F.conv2d(x_, w_, None, stride, padding, dilation)
@@ -485,9 +487,8 @@ def test_conv_onto_a_tiny_map(x_shape, w_shape, conv, gemm, network, layout):
 @pytest.mark.parametrize("network", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_biased_conv_onto_a_tiny_map(network):
     """A channels_last convolution with a bias onto a tiny map: float32's GEMM adds the bias
-    to its float32 sums (addmm); bfloat16's primal keeps the convolution, whose output is
-    rounded once, bias included. The primal and both tangent parts against float64
-    forward_ad."""
+    to its float32 sums (addmm); bfloat16's primal keeps the convolution. The primal and both
+    tangent parts against float64 forward_ad."""
     torch.manual_seed(0)
     cl = torch.channels_last
     x = torch.randn(2, 256, 4, 4).to(network, memory_format=cl)
@@ -503,6 +504,28 @@ def test_a_biased_conv_onto_a_tiny_map(network):
     fn = lambda x_, w_, b_: F.conv2d(x_, w_, b_, 2, 1)
     assert_within_torch_error((y, x_part + p_part),
                               ForwardADOracle(fn, [x, w, b], [xt, wt, bt]))
+    torch.library.opcheck(ops.dual_conv2d, args)
+
+
+def test_a_channels_last_gemm_reads_a_sliced_input_where_it_lies():
+    """A channels_last input that is a slice of a larger one (channels from an offset, every
+    other column), unpadded: the GEMM's windows read it where it lies, by its strides. The
+    primal and the tangent parts against float64 forward_ad, laid out as at::conv2d lays them
+    out."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(2, 768, 4, 8).to(memory_format=cl)[:, 128:640, :, ::2]
+    w = (torch.randn(512, 512, 1, 1) / 23).to(memory_format=cl)
+    assert suggest_memory_format(x) == cl and not x.is_contiguous(memory_format=cl)
+    xt, wt = torch.randn(1, *x.shape), torch.randn(1, *w.shape)
+    args = (x, xt, w, wt, None, None, [2, 2], [0, 0], [1, 1], 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y, x_part, p_part = ops.dual_conv2d(*args)
+    ran = [e.name for e in prof.events()]
+    assert "aten::mm" in ran and "aten::constant_pad_nd" not in ran
+    assert y.stride() == F.conv2d(x, w, None, 2).stride()
+    fn = lambda x_, w_: F.conv2d(x_, w_, None, 2)
+    assert_within_torch_error((y, x_part + p_part), ForwardADOracle(fn, [x, w], [xt, wt]))
     torch.library.opcheck(ops.dual_conv2d, args)
 
 
