@@ -124,7 +124,7 @@ MUTANTS = [
            LEAN),
     # the rules of fgkernels.rules
     Mutant("a narrower tangent's activation product is written out= while compiling",
-           POINTWISE, "        if torch.compiler.is_compiling() or (",
+           POINTWISE, "        if torch.compiler.is_dynamo_compiling() or (",
            "        if False or (",
            ("tests/nn/test_compile.py::test_activation_layers_compile_in_one_graph",)),
     Mutant("sub drops alpha", "fgkernels/rules/pointwise.py",

@@ -382,10 +382,10 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
         tangents = derivative(t, x.expand_as(t))
     else:
         slope = derivative(torch.ones_like(x), x)
-        if torch.compiler.is_compiling() or (
+        if torch.compiler.is_dynamo_compiling() or (
                 torch.is_grad_enabled() and (slope.requires_grad or t.requires_grad)):
-            # (autograd records no out=; Dynamo traces none into a channels_last stack, and
-            # its compiled product makes no wide copy)
+            # (autograd records no out=; Dynamo refuses a strided one, a channels_last stack,
+            # and breaks the graph: Inductor fuses the product and the cast anyway)
             tangents = (t * slope).to(t.dtype)
         else:  # the product in x's dtype, element by element, written in t's: no wide copy
             tangents = torch.mul(t, slope, out=torch.empty_like(t))

@@ -377,6 +377,13 @@ def test_inplace_apply_equals_out_of_place(channels_last):
         ops.dual_bn_apply_(x, slots.transpose(3, 4).contiguous().transpose(3, 4), *coef, True)
 
 
+def _profiled_conv(*args):
+    """``ops.dual_conv2d(*args)`` and the names of the ops it ran, in order (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = ops.dual_conv2d(*args)
+    return out, [e.name for e in prof.events()]
+
+
 @pytest.mark.parametrize("shape,gemm", [
     ((8, 16, 2, 2), True),      # a small weight (8·16 ≤ 4096): a GEMM on any map
     ((72, 64, 32, 32), True),   # a large weight on a large map (H·W ≥ 1024)
@@ -389,9 +396,7 @@ def test_pointwise_conv_takes_a_gemm_where_the_shape_says(shape, gemm):
     c_in, c_out, h, w_ = shape
     x, w = torch.randn(2, c_in, h, w_), torch.randn(c_out, c_in, 1, 1)
     xt = _slots(1, x)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        y, x_part, _ = ops.dual_conv2d(x, xt, w, None, None, None, [1, 1], [0, 0], [1, 1], 1)
-    ran = {e.name for e in prof.events()}
+    (y, x_part, _), ran = _profiled_conv(x, xt, w, None, None, None, [1, 1], [0, 0], [1, 1], 1)
     assert ("aten::mkldnn_convolution" not in ran) == gemm
     y64, yt64 = forward_ad_jvp(lambda x_: F.conv2d(x_, w.double()), [x.double()],
                                [xt.double()])
@@ -412,9 +417,9 @@ def _unfolded_gemm_runs() -> bool:
     """Whether the NCHW GEMM runs here at all: a bfloat16 dual convolution it takes, profiled."""
     x = torch.randn(1, 512, 2, 2, dtype=torch.bfloat16)
     w = torch.randn(512, 512, 3, 3, dtype=torch.bfloat16)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        ops.dual_conv2d(x, _slots(1, x), w, _slots(1, w), None, None, [1, 1], [1, 1], [1, 1], 1)
-    return "aten::im2col" in {e.name for e in prof.events()}
+    _, ran = _profiled_conv(x, _slots(1, x), w, _slots(1, w), None, None, [1, 1], [1, 1],
+                            [1, 1], 1)
+    return "aten::im2col" in ran
 
 
 def test_the_nchw_gemm_runs_only_with_amx():
@@ -462,9 +467,7 @@ def test_conv_onto_a_tiny_map(x_shape, w_shape, conv, gemm, network, layout):
     if layout == "channels_last tangents":  # each slot channels_last
         wt = wt.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     args = (x, xt, w, wt, None, None, stride, padding, dilation, 1)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        y, x_part, p_part = ops.dual_conv2d(*args)
-    ran = [e.name for e in prof.events()]
+    (y, x_part, p_part), ran = _profiled_conv(*args)
     # The primal x·W, the input term ẋ·W (ẋ laid out as the kernels lay x out, W cast to
     # bfloat16 as it is laid out) and the parameter term x·Ẇ (x cast so, the slots of Ẇ stacked
     # along C_out as they are laid out), each operand's layout as its strides suggest it (a 1x1
@@ -497,9 +500,7 @@ def test_a_biased_conv_onto_a_tiny_map(network):
     xt, wt = torch.randn(1, *x.shape), torch.randn(1, *w.shape)
     bt = torch.randn(1, 512)
     args = (x, xt.to(network), w, wt.to(network), b, bt.to(network), [2, 2], [1, 1], [1, 1], 1)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        y, x_part, p_part = ops.dual_conv2d(*args)
-    ran = [e.name for e in prof.events()]
+    (y, x_part, p_part), ran = _profiled_conv(*args)
     assert ran.count("aten::addmm") == (network == torch.float32)
     fn = lambda x_, w_, b_: F.conv2d(x_, w_, b_, 2, 1)
     assert_within_torch_error((y, x_part + p_part),
@@ -519,9 +520,7 @@ def test_a_channels_last_gemm_reads_a_sliced_input_where_it_lies():
     assert suggest_memory_format(x) == cl and not x.is_contiguous(memory_format=cl)
     xt, wt = torch.randn(1, *x.shape), torch.randn(1, *w.shape)
     args = (x, xt, w, wt, None, None, [2, 2], [0, 0], [1, 1], 1)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        y, x_part, p_part = ops.dual_conv2d(*args)
-    ran = [e.name for e in prof.events()]
+    (y, x_part, p_part), ran = _profiled_conv(*args)
     assert "aten::mm" in ran and "aten::constant_pad_nd" not in ran
     assert y.stride() == F.conv2d(x, w, None, 2).stride()
     fn = lambda x_, w_: F.conv2d(x_, w_, None, 2)
@@ -558,10 +557,9 @@ def test_pointwise_conv_is_batched_gemms_without_copies(requires_grad):
     nothing, whether its weight requires grad, as a compiled pass's parameters do, or not."""
     x, w = torch.randn(2, 8, 32, 32), torch.randn(16, 8, 1, 1, requires_grad=requires_grad)
     xt, wt = _slots(1, x), torch.randn(1, *w.shape)
-    with torch.no_grad(), torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        y, x_part, p_part = ops.dual_conv2d(x, xt, w, wt, None, None, [1, 1], [0, 0], [1, 1], 1)
-    ran = [e.name for e in prof.events()]
+    with torch.no_grad():
+        (y, x_part, p_part), ran = _profiled_conv(x, xt, w, wt, None, None, [1, 1], [0, 0],
+                                                  [1, 1], 1)
     assert ran.count("aten::bmm") == 3
     assert not {"aten::copy_", "aten::mkldnn_convolution", "aten::mm"} & set(ran)
     y64, yt64 = forward_ad_jvp(lambda x_, w_: F.conv2d(x_, w_),
