@@ -1,6 +1,7 @@
 """Lower-precision tangents and channels_last: the ResNet-18 loss JVP with bfloat16 tangents of
 the float32 network against float32 forward_ad, and wholly in bfloat16 against bfloat16
-forward_ad, each in NCHW and in channels_last (the baseline in the same dtype and layout); and
+forward_ad, each in NCHW and in channels_last (the baseline in the same dtype and layout; the
+float32 network's pass is paired with a float32 backprop step in its layout too); and
 a forward-gradient training step with bfloat16 tangents in channels_last against a backprop
 step in the same layout. Every fgkernels round is paired with its baseline run just before."""
 import pytest
@@ -52,9 +53,17 @@ def test_resnet18_low_precision_tangents(measure, quick, provider, precision, la
     else:
         fn = lambda: F.cross_entropy(model(Dual(x)), y)
         paired = {"forward_ad": forward_ad}
+        if dtype == torch.float32:
+            # What a float32 network trains with otherwise: a backprop step, same layout.
+            paired["backprop"] = lambda: _backprop_step(model, x, y)
     with fgkernels.use_backend("native"):
         measure(fn, f"resnet18 loss JVP b{x.shape[0]} {precision} {layout}", rounds=3,
                 paired=paired, expected=expected, tolerance=tolerance)
+
+
+def _backprop_step(model, x, y) -> None:
+    F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
 
 
 STEPS = {"backprop": dict(algo="backprop"),
