@@ -79,6 +79,7 @@ PROMOTION = ("tests/dual/test_mixed_precision.py::test_a_tangent_of_its_primal_s
              "the_primal_s_promotion",
              "tests/rules/test_properties.py::test_arithmetic_across_dtypes")
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
+BF16_ROUNDING = ("tests/backends/test_native.py::test_layer_norm_rounds_to_bfloat16_as_torch_does",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
 
@@ -1023,6 +1024,10 @@ MUTANTS = [
     Mutant("layer norm kernel scales the input term without the weight",
            "csrc/cpu/dual_layer_norm.cpp",
            "gamma[i] = static_cast<acc_t>(wp[i]);", "gamma[i] = acc_t(1);", NATIVE),
+    Mutant("bfloat16 rounding takes a NaN by its bits", "csrc/dual_types.h",
+           "v != v ? uint16_t(0x7FC0) : rounded", "rounded", BF16_ROUNDING),
+    Mutant("bfloat16 rounding takes ties away from zero", "csrc/dual_types.h",
+           "(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "(u + 0x8000u) >> 16", BF16_ROUNDING),
     Mutant("layer norm reference drops the parameters' summed term", "fgkernels/rules/norms.py",
            "return (y, x_part.add_(p_part), None) if sum_terms",
            "return (y, x_part, None) if sum_terms", OPS),

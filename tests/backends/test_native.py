@@ -271,6 +271,30 @@ def test_layer_norm_split_over_threads_is_forward_ads(threads, tangent_dtype):
     assert_within_torch_error(out, oracle)
 
 
+def test_layer_norm_rounds_to_bfloat16_as_torch_does():
+    """The kernel's float32 terms become bfloat16 tangents bit for bit as torch's cast rounds
+    them (to nearest, ties to even): the parameter term γ̇·x̂ + β̇ stored alone, with γ̇ = 1 and
+    β̇ = 0, is x̂ = (x − μ)·r rounded, over 400k values of x̂ (some of them ties) next to x̂
+    cast by torch; and a NaN weight whose low mantissa bits are all set (which a rounding by
+    the bits alone carries into the sign: 0x7FFFFFFF would become −0) gives a NaN input term."""
+    torch.manual_seed(0)
+    D = 96
+    x = torch.randn(4096, D) * 3 + 1
+    ones, zeros = torch.ones(1, D, dtype=torch.bfloat16), torch.zeros(1, D, dtype=torch.bfloat16)
+    _, _, p_part = ops.dual_layer_norm(x, None, torch.ones(D), ones, torch.zeros(D), zeros, [D],
+                                       1e-5, False)
+    _, mean, rstd = torch.native_layer_norm(x, [D], None, None, 1e-5)
+    expected = ((x - mean) * rstd).to(torch.bfloat16)
+    assert torch.equal(p_part[0].view(torch.int16), expected.view(torch.int16))
+
+    w = torch.rand(D) + 0.5
+    w.view(torch.int32)[3] = 0x7FFFFFFF
+    xt = torch.randn(1, 8, D, dtype=torch.bfloat16)
+    _, x_part, _ = ops.dual_layer_norm(x[:8], xt, w, None, None, None, [D], 1e-5, False)
+    assert x_part[..., 3].isnan().all()
+    assert not x_part[..., torch.arange(D) != 3].isnan().any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_low_precision_error_within_torch_error(dtype, channels_last):
