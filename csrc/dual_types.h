@@ -44,13 +44,13 @@ using bits_t = std::conditional_t<sizeof(T) == 2, uint16_t,
                                   std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
 
 // v rounded to T, bit for bit as static_cast<T>(v) rounds it, in a form a loop of stores
-// vectorizes. c10::BFloat16's conversion from float branches on NaN, which keeps every loop that
-// stores a bfloat16 scalar; here the same round to nearest even on the float's bits,
-//   bits = (u + 0x7FFF + ((u >> 16) & 1)) >> 16,
-// and a select for NaN (0x7FC0, as c10's: the rounding would carry a NaN whose low mantissa bits
-// are set into the sign, 0x7FFFFFFF becoming -0). Other types convert as static_cast does.
+// vectorizes: c10::BFloat16's conversion from float branches on NaN, which keeps scalar every
+// loop that stores a bfloat16. Here the same round to nearest even on the float's bits, and a
+// select for NaN (0x7FC0, as c10's: rounding by the bits alone would carry a NaN whose low
+// mantissa bits are set into the sign, 0x7FFFFFFF becoming -0). Other types convert as
+// static_cast does.
 template <typename T, typename acc_t>
-inline T narrow(acc_t v) {
+inline T round_to(acc_t v) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float>) {
     const uint32_t u = c10::bit_cast<uint32_t>(v);
     const auto rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);

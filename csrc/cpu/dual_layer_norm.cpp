@@ -82,13 +82,13 @@ FGK_CPU_KERNEL static void row_input_term(const tangent_t* __restrict t,
 #pragma omp simd
     for (int64_t i = 0; i < D; ++i) {
       const acc_t v = static_cast<acc_t>(t[i]);
-      out[i] = narrow<tangent_t>(g[i] * (r * v - c1 - xh[i] * c2) + pt[i]);
+      out[i] = round_to<tangent_t>(g[i] * (r * v - c1 - xh[i] * c2) + pt[i]);
     }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < D; ++i) {
       const acc_t v = static_cast<acc_t>(t[i]);
-      out[i] = narrow<tangent_t>(g[i] * (r * v - c1 - xh[i] * c2));
+      out[i] = round_to<tangent_t>(g[i] * (r * v - c1 - xh[i] * c2));
     }
   }
 }
@@ -98,7 +98,7 @@ template <typename tangent_t, typename acc_t>
 FGK_CPU_KERNEL static void row_store(const acc_t* __restrict pt, int64_t D,
                                      tangent_t* __restrict out) {
 #pragma omp simd
-  for (int64_t i = 0; i < D; ++i) out[i] = narrow<tangent_t>(pt[i]);
+  for (int64_t i = 0; i < D; ++i) out[i] = round_to<tangent_t>(pt[i]);
 }
 
 // The parameter tangents' slot count P (0 without any), checked against their parameters.
