@@ -56,6 +56,13 @@ def loss_jvp_forward_ad(model, params, tangents, x, y):
         return fwAD.unpack_dual(F.cross_entropy(out, y))
 
 
+def loss_backprop_step(model, x, y) -> None:
+    """A backprop step's gradients: the cross-entropy loss of ``model`` on ``x`` backpropagated,
+    the gradients then dropped (set to None) for the next call."""
+    F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+
+
 # Relative error (‖ours − exact‖ / ‖exact‖) a provider's result may have against the float64
 # oracle, by its dtype (a scalar loss's JVP, a sum of terms that cancel, gets float32's error
 # up to ~3e-4); float32 on CUDA may be TF32 (operands truncated to 10 mantissa bits). A missing

@@ -22,6 +22,7 @@ from providers import (
     check_against_eager,
     cuda_graphed,
     fgkernels_providers,
+    loss_backprop_step,
     loss_jvp_forward_ad,
     loss_oracle,
 )
@@ -52,11 +53,8 @@ def resnet18_calls(quick: bool, batch: int, dtype: torch.dtype):
     def forward_ad():
         return loss_jvp_forward_ad(model, params, tangents, x, y)
 
-    def backprop():
-        F.cross_entropy(model(x), y).backward()
-        model.zero_grad(set_to_none=True)
-
-    calls = {"fgkernels": fgkernels_jvp, "forward_ad": forward_ad, "backprop": backprop}
+    calls = {"fgkernels": fgkernels_jvp, "forward_ad": forward_ad,
+             "backprop": lambda: loss_backprop_step(model, x, y)}
     return model, x, y, params, tangents, calls
 
 

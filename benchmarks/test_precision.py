@@ -15,7 +15,7 @@ from fgkernels.train.loop import TrainConfig, compute_gradients
 
 from cases import resnet18_case
 from conftest import DEVICE, skip_emulated_bfloat16
-from providers import loss_jvp_forward_ad, loss_oracle, relative_error
+from providers import loss_backprop_step, loss_jvp_forward_ad, loss_oracle, relative_error
 
 BATCHES = (256,) if DEVICE.type == "cuda" else (32, 128)
 # name -> (the network's dtype, the tangents' dtype)
@@ -55,15 +55,10 @@ def test_resnet18_low_precision_tangents(measure, quick, provider, precision, la
         paired = {"forward_ad": forward_ad}
         if dtype == torch.float32:
             # What a float32 network trains with otherwise: a backprop step, same layout.
-            paired["backprop"] = lambda: _backprop_step(model, x, y)
+            paired["backprop"] = lambda: loss_backprop_step(model, x, y)
     with fgkernels.use_backend("native"):
         measure(fn, f"resnet18 loss JVP b{x.shape[0]} {precision} {layout}", rounds=3,
                 paired=paired, expected=expected, tolerance=tolerance)
-
-
-def _backprop_step(model, x, y) -> None:
-    F.cross_entropy(model(x), y).backward()
-    model.zero_grad(set_to_none=True)
 
 
 STEPS = {"backprop": dict(algo="backprop"),
