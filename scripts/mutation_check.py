@@ -79,6 +79,9 @@ PROMOTION = ("tests/dual/test_mixed_precision.py::test_a_tangent_of_its_primal_s
              "the_primal_s_promotion",
              "tests/rules/test_properties.py::test_arithmetic_across_dtypes")
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
+LOSS_DTYPES = ("tests/dual/test_mixed_precision.py::test_a_loss_against_a_wider_target_has_"
+               "forward_ad_s_dtypes",)
+COMPLEX = ("tests/dual/test_dual_semantics.py::test_complex_results_keep_complex_tangents",)
 BF16_ROUNDING = ("tests/backends/test_native.py::test_layer_norm_rounds_to_bfloat16_as_torch_does",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
@@ -167,8 +170,8 @@ MUTANTS = [
            "slope_x = w * ((1 + (p - 1) * yp) * torch.sigmoid(xp) - p * yp)",
            "slope_x = w * (torch.sigmoid(xp) - yp)", OPS),
     Mutant("binary cross-entropy's soft target given no tangent", "fgkernels/rules/losses.py",
-           "    if y.tangents is not None:\n        slope_y = w",
-           "    if False:\n        slope_y = w", OPS),
+           "slope_y = None if y.tangents is None else w * ((p - 1)",
+           "slope_y = None if y.tangents is None else 0 * w * ((p - 1)", OPS),
     Mutant("a convolution's bias tangent placed as if the input were batched",
            "fgkernels/rules/convolutions.py", "lead = x.dim() - spatial_dims - 1", "lead = 1", OPS),
     Mutant("a convolution's input term computed without its options",
@@ -182,8 +185,8 @@ MUTANTS = [
     Mutant("the KL divergence's batch mean over every element", "fgkernels/rules/losses.py",
            "out = out.sum() / xp.shape[0]", "out = out.mean()", OPS),
     Mutant("cosine similarity's norms taken before the operands are broadcast",
-           "fgkernels/rules/norms.py", "a, b = (v.to(dtype).expand(shape) for v in (a, b))",
-           "a, b = (v.to(dtype) for v in (a, b))", OPS),
+           "fgkernels/rules/norms.py", "            .expand(shape) for v in (a, b))",
+           "            for v in (a, b))", OPS),
     Mutant("log-sigmoid's slope taken at -x", "fgkernels/rules/pointwise.py",
            "_aten.log_sigmoid_backward(t, x, buffer)", "_aten.log_sigmoid_backward(t, -x, buffer)",
            OPS),
@@ -1095,6 +1098,26 @@ MUTANTS = [
     Mutant("a frozen parameter written from Duals is refused", "fgkernels/dual/tangents.py",
            "                *m._parameters.values(), *m._buffers.values(), *m.__dict__.values())",
            "                *m._buffers.values(), *m.__dict__.values())", HOSTILE),
+    Mutant("complex sigmoid's slope conjugated, as a gradient's", POINTWISE,
+           "lambda t, x: t * (y * (1 - y)))", "lambda t, x: t * (y * (1 - y)).conj())", COMPLEX),
+    Mutant("complex tanh's slope conjugated, as a gradient's", POINTWISE,
+           "lambda t, x: t * (1 - y * y))", "lambda t, x: t * (1 - y * y).conj())", COMPLEX),
+    Mutant("complex softsign's tangent divided by its real slope", POINTWISE,
+           "    if input.primal.is_complex():\n        return input / (torch.abs(input) + 1)",
+           "    if False:\n        return input / (torch.abs(input) + 1)", COMPLEX),
+    Mutant("the KL divergence's tangent in its input's dtype", "fgkernels/rules/losses.py",
+           'each = F.kl_div(xp, yp, reduction="none"',
+           'each = F.kl_div(xp, yp.to(xp.dtype), reduction="none"', LOSS_DTYPES),
+    Mutant("a regression loss's difference taken before its operands are broadcast",
+           "fgkernels/rules/losses.py", "    if x.shape != y.shape:  # broadcast first",
+           "    if False:  # broadcast first", LOSS_DTYPES),
+    Mutant("cosine similarity's floating operands cast to the unbroadcast common dtype",
+           "fgkernels/rules/norms.py",
+           "(v if v.primal.is_floating_point() or v.primal.is_complex() else v.to(dtype))",
+           "v.to(dtype)", LOSS_DTYPES),
+    Mutant("a rounded quotient's tangent the plain quotient's", POINTWISE,
+           "    if rounding_mode is not None:\n        y = torch.div(a, b, rounding_mode",
+           "    if False:\n        y = torch.div(a, b, rounding_mode", SEMANTICS),
 ]
 
 

@@ -679,9 +679,9 @@ class Dual:
         """In place, as ``Tensor.mul_``."""
         return self._assign(torch.mul(self, other))
 
-    def div_(self, other) -> Dual:
+    def div_(self, other, *, rounding_mode: Optional[str] = None) -> Dual:
         """In place, as ``Tensor.div_``."""
-        return self._assign(torch.div(self, other))
+        return self._assign(torch.div(self, other, rounding_mode=rounding_mode))
 
     def relu_(self) -> Dual:
         """In place, as ``Tensor.relu_``."""

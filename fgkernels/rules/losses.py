@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn import _reduction as _Reduction
 
+from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
 from ..dual.value import Dual, implements
 from .fallback import forward_ad_fallback
 from .layers import _no_grad
 from .operands import MaybeDual, as_dual, parts
-from .pointwise import _activation, _like
+from .pointwise import _activation, _combine, _like
 
 Tensor = torch.Tensor
 _aten = torch.ops.aten
@@ -154,6 +155,19 @@ def ctc_loss(log_probs: MaybeDual, targets: Tensor, input_lengths, target_length
     return d.with_tangents(y, each.to(d.tangents.dtype))
 
 
+def _per_element(name: str, each: Tensor, slopes: list[tuple[Dual, Optional[Tensor]]]) -> Dual:
+    """The per-element loss ``each`` as a Dual whose tangent sums ``slope·ḋ`` over its operands
+    ``d`` (pairs ``(d, ∂ℓ/∂d)``; a slope is None where d has no tangent). The slots are in the
+    dtype forward_ad gives the loss's tangent (the loss's own, unless a tangent is narrower than
+    its primal by design: ``SlotPlan.dtype_for``), each product formed at its factors' wider
+    precision and rounded once: a float32 Dual's logits against a float64 target give a float64
+    tangent, a bfloat16 tangent of float32 logits stays bfloat16."""
+    live = [(d, slope) for d, slope in slopes if d.tangents is not None]
+    return _combine(name, each, [(d.slot_operand(), d.tangents,
+                                  lambda t, slope=slope: (t * slope).to(t.dtype))
+                                 for d, slope in live])
+
+
 def _reduced(out: Dual, reduction: str) -> Dual:
     """A per-element loss reduced as ``reduction`` says."""
     return out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
@@ -184,11 +198,11 @@ def binary_cross_entropy_with_logits(input: MaybeDual, target: MaybeDual,
     p = 1 if pos_weight is None else pos_weight
     w = 1 if weight is None else weight
     slope_x = w * ((1 + (p - 1) * yp) * torch.sigmoid(xp) - p * yp)
-    out = _activation(x, xp, lambda t, _: t * _like(slope_x.expand_as(xp), t))
-    if y.tangents is not None:
-        slope_y = w * ((p - 1) * F.softplus(-xp) - xp)
-        out = out + _activation(y, yp, lambda t, _: t * _like(slope_y.expand_as(yp), t))
-    out = _reduced(out, reduction)
+    slope_y = None if y.tangents is None else w * ((p - 1) * F.softplus(-xp) - xp)
+    each = F.binary_cross_entropy_with_logits(xp, yp, weight, reduction="none",
+                                              pos_weight=pos_weight)
+    out = _reduced(_per_element("binary_cross_entropy_with_logits", each,
+                                [(x, slope_x), (y, slope_y)]), reduction)
     return out.with_tangents(loss, out.tangents)
 
 
@@ -240,11 +254,10 @@ def kl_div(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
         return Dual(loss)
     xp, yp = x.primal, y.primal
     p = yp.exp() if log_target else yp
-    out = _activation(x, xp, lambda t, _: -t * _like(p, t))
-    if y.tangents is not None:
-        slope_y = p * (yp - xp + 1) if log_target else \
-            torch.xlogy(yp != 0, yp) + yp / yp - xp
-        out = out + _activation(y, yp, lambda t, _: t * _like(slope_y, t))
+    slope_y = None if y.tangents is None else p * (yp - xp + 1) if log_target else \
+        torch.xlogy(yp != 0, yp) + yp / yp - xp
+    each = F.kl_div(xp, yp, reduction="none", log_target=log_target)
+    out = _per_element("kl_div", each, [(x, -p), (y, slope_y)])
     if reduction == "batchmean" and xp.dim() != 0:
         out = out.sum() / xp.shape[0]
     else:
@@ -266,10 +279,22 @@ def _regression(name: str, loss_fn: Callable, input: MaybeDual, target: MaybeDua
                                    dict(reduction=reduction, weight=weight, **options))
     x, y = as_dual(input, name), as_dual(target, name)
     loss = loss_fn(x.primal, y.primal, reduction=reduction, **options)
+    if x.shape != y.shape:  # broadcast first, as torch does: a 0-d operand's dtype then counts
+        shape = torch.broadcast_shapes(x.shape, y.shape)
+        x, y = x.expand(shape), y.expand(shape)
     d = x - y
     out = _activation(d, d.primal, slope)  # its primal a stand-in: the value is torch's
-    out = _reduced(out, reduction)
-    return out.with_tangents(loss, out.tangents)
+    return _tangent_of(loss, _reduced(out, reduction))
+
+
+def _tangent_of(loss: Tensor, out: Dual) -> Dual:
+    """Torch's ``loss`` with ``out``'s tangent, in the dtype forward_ad gives it
+    (``SlotPlan.dtype_for``): a loss torch computes in its input's dtype whatever the target's
+    (``huber_loss``) has its tangent there too."""
+    stack = out.tangents
+    if stack is not None:
+        stack = stack.to(_slots.plan([out.slot_operand()], "loss").dtype_for(loss.dtype))
+    return out.with_tangents(loss, stack)
 
 
 @implements(F.mse_loss)

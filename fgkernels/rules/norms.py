@@ -293,8 +293,12 @@ def cosine_similarity(x1, x2, dim: int = 1, eps: float = 1e-8) -> Dual:
     if a.tangents is None and b.tangents is None:
         return Dual(F.cosine_similarity(a.primal, b.primal, dim, eps))
     torch._check_value(eps >= 0, lambda: f"cosine_similarity: eps must be non-negative, got {eps}")
+    # As torch's kernel: an integer operand cast to the operands' common dtype, a floating one
+    # kept (each normalised in its own dtype, their product promoted: a float32 operand against
+    # a 0-d float64 one gives a float64 similarity)
     dtype, shape = torch.result_type(a.primal, b.primal), torch.broadcast_shapes(a.shape, b.shape)
-    a, b = (v.to(dtype).expand(shape) for v in (a, b))  # integer operands as torch casts them
+    a, b = ((v if v.primal.is_floating_point() or v.primal.is_complex() else v.to(dtype))
+            .expand(shape) for v in (a, b))
 
     def unit(v: Dual) -> Dual:
         return v / torch.clamp(_euclidean_norm(v, dim, True), min=eps).expand(shape)

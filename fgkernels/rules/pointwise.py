@@ -129,11 +129,14 @@ def mul(input, other) -> Dual:
             torch.divide)
 def div(input, other, *, rounding_mode: Optional[str] = None) -> Dual:
     """Dual quotient: ``y = a/b``, ``ẏ = (ȧ − y·ḃ)/b`` (one quotient, as forward_ad: at b = 0
-    the two terms ``ȧ/b`` and ``y·ḃ/b`` would be infinities whose difference is NaN)."""
-    if rounding_mode is not None:
-        raise TypeError(f"div: rounding_mode={rounding_mode!r} is piecewise constant and has no "
-                        "useful tangent on a Dual; divide the primal instead")
+    the two terms ``ȧ/b`` and ``y·ḃ/b`` would be infinities whose difference is NaN). Rounded
+    (``rounding_mode`` 'trunc' or 'floor'), a step function: a zero tangent, as forward_ad's
+    (and floor's) is, a NaN or infinite one too."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
+    if rounding_mode is not None:
+        y = torch.div(a, b, rounding_mode=rounding_mode)
+        zeros = lambda t: t.new_zeros((t.shape[0], *y.shape))
+        return _combine("div", y, [(ao, at, zeros), (bo, bt, zeros)])
     y = torch.reciprocal(b) * a if _number_left(a, b) else torch.div(a, b)
     if ao is None or bo is None:
         return _combine("div", y, [(ao, at, lambda t: t / _like(b, t)),
@@ -538,16 +541,21 @@ def gelu(input, approximate: str = "none") -> Dual:
 
 @implements(torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid)
 def sigmoid(input) -> Dual:
-    """Dual sigmoid: slope ``y·(1 − y)``."""
+    """Dual sigmoid: slope ``y·(1 − y)`` (torch's derivative kernel on real values; on complex
+    ones the product itself, which that kernel, a gradient's, conjugates)."""
     y = torch.sigmoid(input.primal)
+    if y.is_complex():
+        return _activation(input, y, lambda t, x: t * (y * (1 - y)))
     return _activation(input, y,
                        lambda t, x: _aten.sigmoid_backward(t, _like(y, t).expand_as(t)))
 
 
 @implements(torch.tanh, torch.Tensor.tanh, F.tanh)
 def tanh(input) -> Dual:
-    """Dual tanh: slope ``1 − y²``."""
+    """Dual tanh: slope ``1 − y²`` (on complex values the product itself, as for sigmoid)."""
     y = torch.tanh(input.primal)
+    if y.is_complex():
+        return _activation(input, y, lambda t, x: t * (1 - y * y))
     return _activation(input, y, lambda t, x: _aten.tanh_backward(t, _like(y, t).expand_as(t)))
 
 
@@ -561,7 +569,10 @@ def tanhshrink(input) -> Dual:
 @implements(F.softsign)
 def softsign(input) -> Dual:
     """Dual ``x/(1 + |x|)``: slope ``1/(1 + |x|)²``, the tangent divided twice by ``1 + |x|``
-    (its square leaves float16's range above |x| = 255)."""
+    (its square leaves float16's range above |x| = 255). On complex values, where ``|x|`` is
+    not holomorphic and no slope times ẋ is the tangent, torch's composition by its rules."""
+    if input.primal.is_complex():
+        return input / (torch.abs(input) + 1)
     den = input.primal.abs() + 1
     return _activation(input, input.primal / den,
                        lambda t, x: t / _like(den, t) / _like(den, t))
@@ -901,6 +912,23 @@ def _contiguous(t, n, memory_format=torch.contiguous_format):
     return slots_in_format(t, memory_format if n == 4 else torch.contiguous_format)
 
 
+def _clone(t, n, *, memory_format=torch.preserve_format):
+    # each slot a copy laid out as the primal's clone is (vmap has no rule for a memory format)
+    if memory_format in (torch.channels_last, torch.channels_last_3d):
+        last = (0, 1, *range(3, n + 1), 2)  # the channels moved last in each slot
+        back = (0, 1, n, *range(2, n))
+        return t.permute(last).clone(memory_format=torch.contiguous_format).permute(back)
+    return t.clone(memory_format=memory_format)
+
+
+def _tensor_split(t, n, indices_or_sections=None, dim=0, *, sections=None, indices=None,
+                  tensor_indices_or_sections=None):
+    # (the split by keyword takes the name of its overload's; vmap has no rule for a tensor)
+    split = next(v for v in (indices_or_sections, sections, indices, tensor_indices_or_sections)
+                 if v is not None)
+    return t.tensor_split(split, _slot_dim(dim, n))
+
+
 def _transposed(t, n, dim0, dim1):
     return t.transpose(_slot_dim(dim0, n), _slot_dim(dim1, n))
 
@@ -938,6 +966,8 @@ _SLOT_VIEWS: dict[Callable, Callable] = {
     torch.split_with_sizes: lambda t, n, split_sizes, dim=0: t.split_with_sizes(
         split_sizes, _slot_dim(dim, n)),
     torch.Tensor.contiguous: _contiguous,
+    torch.Tensor.clone: _clone, torch.clone: _clone,
+    torch.Tensor.tensor_split: _tensor_split, torch.tensor_split: _tensor_split,
     # (vmap has no batching rule for a tensor start)
     torch.Tensor.narrow: lambda t, n, dim, start, length: t.narrow(_slot_dim(dim, n), start,
                                                                    length),

@@ -91,8 +91,13 @@ def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
     + torch.outer(torch.fft.rfft(x), torch.fft.rfft(x)).sum(0),
     # RMS norm of complex values (forward AD on the op: the rule's statistics are real)
     lambda x: F.rms_norm(torch.fft.rfft(x), (5,)),
+    # holomorphic activations: the slope times the tangent, not its conjugate (a gradient's)
+    lambda x: torch.sigmoid(torch.fft.rfft(x)) + torch.tanh(torch.fft.rfft(x) * 0.5)
+    + (torch.fft.rfft(x) * 1).sigmoid_() + (torch.fft.rfft(x) * 1).tanh_(),
+    # softsign's |x|, not holomorphic: no slope times the tangent
+    lambda x: F.softsign(torch.fft.rfft(x)),
 ], ids=["rfft", "abs rfft", "irfft", "pow", "roots log", "pow real and complex", "products",
-        "rms_norm"])
+        "rms_norm", "sigmoid tanh", "softsign"])
 def test_complex_results_keep_complex_tangents(fn):
     out = _against_forward_ad(fn, (8,))
     if out.primal.is_complex():
@@ -105,6 +110,36 @@ def test_a_complex_dual_needs_a_complex_tangent():
         Dual(z, torch.randn(3, **f64))
     out = torch.abs(Dual(z, torch.randn(3, dtype=torch.complex128)))
     assert out.primal.dtype == torch.float64
+
+
+# --- the arguments torch takes in other forms: a memory format, a tensor of indices, a mode ----
+def test_clone_to_a_memory_format_lays_out_each_slot_so():
+    out = _against_forward_ad(lambda x: x.clone(memory_format=torch.channels_last) * 2,
+                              (2, 3, 4, 5))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert all(s.is_contiguous(memory_format=torch.channels_last) for s in out.tangents)
+    x, t = torch.randn(2, 3, 2, 4, 5, **f64), torch.randn(2, 3, 2, 4, 5, **f64)
+    out = torch.clone(Dual(x, t), memory_format=torch.channels_last_3d)
+    assert out.tangent.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(out.tangent, t) and out.tangent.data_ptr() != t.data_ptr()
+
+
+@pytest.mark.parametrize("split", [torch.tensor([1, 3]), torch.tensor(2), [1, 3], 2],
+                         ids=["tensor of indices", "0-d tensor", "list", "sections"])
+def test_tensor_split_takes_its_indices_in_every_form(split):
+    _against_forward_ad(lambda x: torch.cat(torch.tensor_split(x, split, dim=1)[::-1], 1) * 2
+                        + torch.cat(x.tensor_split(split, -1), 1), (2, 5))
+
+
+def test_a_rounded_quotient_has_a_zero_tangent():
+    """As floor's and forward_ad's: 'floor' and 'trunc' are step functions of both operands."""
+    out = _against_forward_ad(
+        lambda a, b: torch.div(a * 5, b, rounding_mode="floor")
+        + torch.div(a, 0.3, rounding_mode="trunc") + (a * 1).div_(b, rounding_mode="floor")
+        + a.div(b.abs() + 1, rounding_mode=None), (6,), (6,))
+    assert out.tangents.abs().sum() > 0  # the plain quotient's term
+    x = Dual(torch.randn(6, **f64), torch.full((6,), float("nan"), **f64))
+    assert torch.equal(torch.div(x, 0.3, rounding_mode="floor").tangent, torch.zeros(6, **f64))
 
 
 # --- Python numbers promote as torch promotes them ---------------------------------------------

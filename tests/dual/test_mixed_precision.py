@@ -22,6 +22,56 @@ from zoo import build_resnet
 BF16 = torch.bfloat16
 
 
+LOSSES_WIDER = {  # a loss of a Dual against a target of a wider dtype (w) without tangent
+    "kl_div": lambda a, w: F.kl_div(a, w, reduction="sum", log_target=True)
+    + F.kl_div(a, w.sigmoid(), reduction="batchmean"),
+    "binary_cross_entropy_with_logits": lambda a, w: F.binary_cross_entropy_with_logits(
+        a, w.sigmoid(), pos_weight=w[0].abs()),
+    # a 0-d target: torch broadcasts the operands first, so that its dtype counts
+    "mse_loss 0-d": lambda a, w: F.mse_loss(a, w[0, 0]),
+    "l1_loss 0-d": lambda a, w: F.l1_loss(a, w[0, 0]),
+    "smooth_l1_loss 0-d": lambda a, w: F.smooth_l1_loss(a, w[0, 0], beta=0.5),
+    "cosine_similarity 0-d": lambda a, w: F.cosine_similarity(a, w[0, 0], dim=-1)
+    + F.cosine_similarity(w[0, 0], a, dim=-1) + F.cosine_similarity(a, w[:1].int(), dim=-1),
+}
+# those whose value torch computes in the wide dtype throughout: their tangent is forward_ad's
+# on the operands widened, to the wide dtype's rounding (forward_ad's own on the narrow operands
+# rounds the difference narrow: 3e-8 apart in float32)
+WIDE_THROUGHOUT = {"mse_loss 0-d", "l1_loss 0-d", "smooth_l1_loss 0-d"}
+
+
+@pytest.mark.parametrize("case", sorted(LOSSES_WIDER))
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (BF16, torch.float32)],
+                         ids=["float32-float64", "bfloat16-float32"])
+def test_a_loss_against_a_wider_target_has_forward_ad_s_dtypes(case, dtypes, recwarn):
+    """A loss of a Dual whose tangent has its primal's dtype, against a wider target: its
+    value and tangent in forward_ad's dtypes (the tangent was the Dual's narrower one while the
+    loss was the target's dtype), its tangent forward_ad's to the narrow dtype's rounding
+    (forward_ad rounds some terms narrow, the rules none: 1.5e-7 apart for cosine_similarity in
+    float32); a tangent narrower than its primal by design stays as it is."""
+    narrow, wide = dtypes
+    g = torch.Generator().manual_seed(0)
+    x, t, w = (torch.randn(3, 4, generator=g) for _ in range(3))
+    x, t, w = x.to(narrow), t.to(narrow), w.to(wide)
+    fn = LOSSES_WIDER[case]
+    out = fn(Dual(x, t), w)
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(fn(fwAD.make_dual(x, t), w))
+    assert (out.primal.dtype, out.tangent_dtype) \
+        == (expected.primal.dtype, expected.tangent.dtype)
+    assert out.tangent_dtype == wide
+    eps = torch.finfo(narrow).eps
+    torch.testing.assert_close(out.primal, expected.primal, rtol=0, atol=0)
+    torch.testing.assert_close(out.tangent, expected.tangent, rtol=4 * eps, atol=4 * eps)
+    if case in WIDE_THROUGHOUT:
+        with fwAD.dual_level():
+            widened = fwAD.unpack_dual(fn(fwAD.make_dual(x.to(wide), t.to(wide)), w))
+        eps = torch.finfo(wide).eps
+        torch.testing.assert_close(out.tangent, widened.tangent, rtol=4 * eps, atol=4 * eps)
+    if narrow == torch.float32:  # bfloat16 tangents of the float32 Dual stay bfloat16
+        assert fn(Dual(x, t.to(BF16)), w).tangent_dtype == BF16
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", sorted(OPS))
 def test_bfloat16_tangents_of_a_float32_op(case, backend, recwarn):
