@@ -310,11 +310,17 @@ def mse_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None
 @implements(F.l1_loss)
 def l1_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
             reduction: str = "mean", weight: Optional[Tensor] = None) -> Dual:
-    """Dual L1 loss: slope ``sign d``, 0 at a tie."""
+    """Dual L1 loss: slope ``sign d``, 0 at a tie. Of complex values, where ``|d|`` is not
+    holomorphic and no slope times ḋ is its tangent: the reduction of ``|d|`` by the rules
+    (abs's tangent ``Re(conj(sgn d)·ḋ)``)."""
     if weight is None:
         weight = _l1_loss_weight()
-    return _regression("l1_loss", F.l1_loss, input, target,
-                       _reduction(size_average, reduce, reduction), _sign_slope, weight)
+    reduction = _reduction(size_average, reduce, reduction)
+    x, y = as_dual(input, "l1_loss"), as_dual(target, "l1_loss")
+    if weight is None and (x.primal.is_complex() or y.primal.is_complex()):
+        loss = F.l1_loss(x.primal, y.primal, reduction=reduction)
+        return _tangent_of(loss, _reduced(torch.abs(x - y), reduction))
+    return _regression("l1_loss", F.l1_loss, input, target, reduction, _sign_slope, weight)
 
 
 _L1_LOSS = F.l1_loss.__code__

@@ -94,10 +94,12 @@ def test_a_buffer_updated_from_a_detached_dual_stays_a_tensor():
     # holomorphic activations: the slope times the tangent, not its conjugate (a gradient's)
     lambda x: torch.sigmoid(torch.fft.rfft(x)) + torch.tanh(torch.fft.rfft(x) * 0.5)
     + (torch.fft.rfft(x) * 1).sigmoid_() + (torch.fft.rfft(x) * 1).tanh_(),
-    # softsign's |x|, not holomorphic: no slope times the tangent
+    # softsign's and the L1 loss's |x|, not holomorphic: no slope times the tangent
     lambda x: F.softsign(torch.fft.rfft(x)),
+    lambda x: F.l1_loss(torch.fft.rfft(x), torch.ones(5, dtype=torch.complex128))
+    + F.l1_loss(torch.fft.rfft(x), torch.fft.rfft(x).flip(0), reduction="none"),
 ], ids=["rfft", "abs rfft", "irfft", "pow", "roots log", "pow real and complex", "products",
-        "rms_norm", "sigmoid tanh", "softsign"])
+        "rms_norm", "sigmoid tanh", "softsign", "l1_loss"])
 def test_complex_results_keep_complex_tangents(fn):
     out = _against_forward_ad(fn, (8,))
     if out.primal.is_complex():
