@@ -595,7 +595,8 @@ OPS = {
         + F.mse_loss(w, x[0], reduction="none") + F.l1_loss(x * 1.0, x.detach()), (4, 6), (6,)),
     "activations": OpCase(lambda x, w: F.mish(F.gelu(F.elu(F.leaky_relu(x * w, 0.1), 0.7)))
                           + F.hardswish(x * 4) * F.hardsigmoid(w * 4), (4, 6), (6,)),
-    "more_activations": OpCase(lambda x, w: F.selu(x * w) + F.celu(x, 0.5) * w
+    # (CELU's alpha 0.7, whose reciprocal torch takes of its float32 rounding)
+    "more_activations": OpCase(lambda x, w: F.selu(x * w) + F.celu(x, 0.5) * w + F.celu(x, 0.7)
                                + F.hardshrink(x * 2) + F.softshrink(x * w, 0.3) + torch.erf(x * w),
                                (4, 6), (6,)),
     "relu6_in_place": OpCase(lambda x, w: F.relu6((x * w * 8).clone(), inplace=True), (4, 6),

@@ -493,9 +493,11 @@ def _selu_(input) -> Dual:
 
 @implements(F.celu, torch.celu)
 def celu(input, alpha: float = 1.0, inplace: bool = False) -> Dual:
-    """Dual CELU: slope 1 where x > 0, else ``e^(x/alpha)``."""
-    return _activation(input, torch.celu(input.primal, alpha),
-                       lambda t, x: _aten.elu_backward(t, alpha, 1, 1 / alpha, False, x), inplace)
+    """Dual CELU: slope 1 where x > 0, else ``e^(x/alpha)``, with torch's ``1/alpha``: of alpha
+    rounded to float32 (``1.0 / alpha.toFloat()``, in its value and its derivative alike)."""
+    input_scale = 1 / float(torch.tensor(alpha, dtype=torch.float32))
+    return _activation(input, torch.celu(input.primal, alpha), lambda t, x: _aten.elu_backward(
+        t, alpha, 1, input_scale, False, x), inplace)
 
 
 @implements(torch.celu_)
