@@ -12,6 +12,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <utility>
+
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,6 +29,8 @@ inline float wide(c10::Half v) { return static_cast<float>(v); }
 __device__ inline float wide(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ inline float wide(__half v) { return __half2float(v); }
 #endif
+template <typename T>
+using wide_t = decltype(wide(std::declval<T>()));
 
 // y = max(x, 0); the tangent passes where x > 0 or x is NaN (!(x <= 0)).
 template <typename T>
@@ -37,7 +41,9 @@ struct Relu {
 };
 
 // y = clamp(x, lo, hi) (lo <= hi, in T); the tangent passes strictly inside the bounds and
-// where x is NaN: torch's hardtanh_backward as its scalar loop defines it.
+// where x is NaN: torch's hardtanh_backward as its scalar loop defines it, which compares in
+// wide(x) with the bounds in that type (lo_wide, hi_wide: a bound a 16-bit type cannot hold,
+// 0.1 in bfloat16, is not rounded to it first).
 inline void check_hardtanh_bounds(double min_val, double max_val) {
   TORCH_CHECK(min_val <= max_val, "dual_hardtanh: min_val (", min_val,
               ") must not be greater than max_val (", max_val, ")");
@@ -47,9 +53,8 @@ template <typename T>
 struct Hardtanh {
   using scalar_t = T;
   T lo, hi;
-  C10_HOST_DEVICE bool keep(T x) const {
-    return !(wide(x) <= wide(lo) || wide(x) >= wide(hi));
-  }
+  wide_t<T> lo_wide, hi_wide;
+  C10_HOST_DEVICE bool keep(T x) const { return !(wide(x) <= lo_wide || wide(x) >= hi_wide); }
   C10_HOST_DEVICE T primal(T x) const {
     return wide(x) < wide(lo) ? lo : (wide(x) > wide(hi) ? hi : x);
   }

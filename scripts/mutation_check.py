@@ -81,6 +81,8 @@ PROMOTION = ("tests/dual/test_mixed_precision.py::test_a_tangent_of_its_primal_s
 ORACLE_PACKING = ("tests/test_testing.py::test_the_oracle_differentiates_packing",)
 LOSS_DTYPES = ("tests/dual/test_mixed_precision.py::test_a_loss_against_a_wider_target_has_"
                "forward_ad_s_dtypes",)
+HARDTANH_16 = ("tests/dual/test_mixed_precision.py::test_hardtanh_of_a_16_bit_primal_compares_"
+               "with_the_bounds_unrounded",)
 COMPLEX = ("tests/dual/test_dual_semantics.py::test_complex_results_keep_complex_tangents",)
 BF16_ROUNDING = ("tests/backends/test_native.py::test_layer_norm_rounds_to_bfloat16_as_torch_does",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
@@ -957,8 +959,11 @@ MUTANTS = [
     Mutant("BN variance of the shifted values not recentred", BN_PER_CHANNEL,
            "/ n - d1 * d1;", "/ n;", NATIVE),
     Mutant("hardtanh passes the tangent at its upper bound", "csrc/select_ops.h",
-           "return !(wide(x) <= wide(lo) || wide(x) >= wide(hi));",
-           "return !(wide(x) <= wide(lo) || wide(x) > wide(hi));", NATIVE),
+           "return !(wide(x) <= lo_wide || wide(x) >= hi_wide);",
+           "return !(wide(x) <= lo_wide || wide(x) > hi_wide);", NATIVE),
+    Mutant("hardtanh compares a 16-bit primal with its bounds rounded to its type",
+           "csrc/select_ops.h", "return !(wide(x) <= lo_wide || wide(x) >= hi_wide);",
+           "return !(wide(x) <= wide(lo) || wide(x) >= wide(hi));", HARDTANH_16),
     Mutant("running variance not unbiased", BN_PER_CHANNEL,
            "momentum * (var * unbias)", "momentum * var", NATIVE),
     Mutant("linear drops the bias tangent of summed terms", "csrc/composite.cpp",
@@ -1111,6 +1116,9 @@ MUTANTS = [
     Mutant("CELU's 1/alpha taken of alpha itself, not torch's float32 rounding", POINTWISE,
            "input_scale = 1 / float(torch.tensor(alpha, dtype=torch.float32))",
            "input_scale = 1 / alpha", ("tests/rules/test_ops.py",)),
+    Mutant("the reference hardtanh compares a 16-bit primal in its own type", POINTWISE,
+           "xw = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x", "xw = x",
+           HARDTANH_16),
     Mutant("complex softsign's tangent divided by its real slope", POINTWISE,
            "    if input.primal.is_complex():\n        return input / (torch.abs(input) + 1)",
            "    if False:\n        return input / (torch.abs(input) + 1)", COMPLEX),

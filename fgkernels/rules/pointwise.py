@@ -399,12 +399,14 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
 
 
 # hardtanh: y = clamp(x, min_val, max_val), ẏ = ẋ where min_val < x < max_val or x is NaN,
-# else 0: a select, the bounds compared in x's dtype, as torch's derivative defines it (its
+# else 0: a select, x compared with the bounds as torch's derivative compares them, in x's dtype
+# or in float32 for a 16-bit x (a bound such as 0.1 is not rounded to bfloat16 first; its
 # vectorized CPU loop gives 0 at a NaN x, its scalar loop and torch.relu's derivative ẋ); one
 # compiled kernel on the native backend.
 def _hardtanh_reference(x: Tensor, xt: Optional[Tensor], min_val: float, max_val: float):
     y = F.hardtanh(x, min_val, max_val)
-    return y, None if xt is None else xt.masked_fill((x <= min_val) | (x >= max_val), 0)
+    xw = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    return y, None if xt is None else xt.masked_fill((xw <= min_val) | (xw >= max_val), 0)
 
 
 def _check_hardtanh(x: Tensor, min_val: float, max_val: float) -> None:

@@ -306,6 +306,25 @@ def test_a_narrower_tangent_keeps_the_slope_beside_a_kink(fn, kinks, backend):
     torch.testing.assert_close(out.tangents.double(), exact, rtol=2 ** -7, atol=0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,bounds", [(BF16, (0.1, 1.0)), (torch.float16, (-0.1001, 0.1001)),
+                                          (BF16, (-1.0, 0.3))], ids=["bfloat16", "float16",
+                                                                     "bfloat16 upper"])
+def test_hardtanh_of_a_16_bit_primal_compares_with_the_bounds_unrounded(dtype, bounds, backend):
+    """As torch's derivative: x against the bound in float32 (0.1 is not rounded to bfloat16's
+    0.10009765625 first, where x = 0.10009765625 would lose its tangent), at the bounds, beside
+    them and between, in the vectorised body and the scalar tail; the primal torch's."""
+    lo, hi = bounds
+    x = torch.tensor([lo, hi, (lo + hi) / 2] * 11, dtype=dtype)
+    x = torch.cat([x, x.nextafter(torch.tensor(-1e9, dtype=dtype)),
+                   x.nextafter(torch.tensor(1e9, dtype=dtype))])
+    xt = torch.randn(2, *x.shape).to(dtype)
+    with fgkernels.use_backend(backend):
+        out = F.hardtanh(Dual(x, xt), lo, hi)
+    y, yt = forward_ad_jvp(lambda v: F.hardtanh(v, lo, hi), [x], [xt])
+    assert torch.equal(out.primal, y) and torch.equal(out.tangents, yt)
+
+
 @pytest.mark.parametrize("fn", [torch.log, torch.reciprocal, torch.rsqrt, torch.exp,
                                 torch.sinh, lambda v: F.elu(v - 12.0, alpha=4e5)],
                          ids=["log", "reciprocal", "rsqrt", "exp", "sinh", "elu"])
