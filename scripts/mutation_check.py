@@ -1119,6 +1119,15 @@ MUTANTS = [
     Mutant("the reference hardtanh compares a 16-bit primal in its own type", POINTWISE,
            "xw = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x", "xw = x",
            HARDTANH_16),
+    Mutant("a buffer a forward rebinds to a Dual keeps it after the pass",
+           "fgkernels/dual/tangents.py", "        self._strip_buffers()\n", "",
+           ("tests/dual/test_tangent_store.py::test_a_buffer_a_forward_rebinds_keeps_its_value_"
+            "without_the_tangent",)),
+    Mutant("a light pass leaves the Duals of its buffers", "fgkernels/dual/tangents.py",
+           "for m in _tree(self.root) if self.light else self.buffered:",
+           "for m in self.buffered:",
+           ("tests/dual/test_tangent_store.py::test_a_buffer_a_forward_rebinds_keeps_its_value_"
+            "without_the_tangent",)),
     Mutant("complex softsign's tangent divided by its real slope", POINTWISE,
            "    if input.primal.is_complex():\n        return input / (torch.abs(input) + 1)",
            "    if False:\n        return input / (torch.abs(input) + 1)", COMPLEX),

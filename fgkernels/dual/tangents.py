@@ -161,6 +161,7 @@ class _Pass:
         self.class_swaps: list[tuple[nn.Module, type]] = []  # (module, its own class)
         self.members: set[int] = set()
         self.modules: list[nn.Module] = []
+        self.buffered: list[nn.Module] = []  # the modules among them that hold buffers
         self.duals: dict[int, Dual] = {}
         # (weakly: a temporary the forward drops is freed, its tangent with it)
         self.lifted: list[weakref.ref] = []
@@ -269,6 +270,8 @@ class _Pass:
         return False
 
     def _substitute(self, m: nn.Module, foreign_hooks: bool) -> None:
+        if m._buffers:
+            self.buffered.append(m)
         if any(isinstance(t, Dual) for t in m._parameters.values()):
             raise RuntimeError(
                 f"{type(m).__name__} holds Duals of another dual pass, running in another thread: "
@@ -359,6 +362,17 @@ class _Pass:
                 if id(e) in before:
                     holder[k] = before[id(e)]
 
+    def _strip_buffers(self) -> None:
+        """A buffer the forward rebound to a Dual (a carried state: ``self.state = h``) keeps
+        its new value without the tangent, as forward_ad's dual tensor does when its level
+        ends (the next plain call would otherwise read the pass's tangent)."""
+        for m in _tree(self.root) if self.light else self.buffered:
+            buffers = m._buffers
+            if buffers and any(isinstance(b, Dual) for b in buffers.values()):
+                for name, b in buffers.items():
+                    if isinstance(b, Dual):
+                        buffers[name] = b.primal
+
     def undo(self) -> None:
         for t in [ref() for ref in self.lifted]:
             if t is not None:
@@ -367,6 +381,7 @@ class _Pass:
             if t is not None:
                 _drop(t)
         self.lifted, self.temporaries, self.state = [], [], None
+        self._strip_buffers()
         self._put_back_entries()
         for holder, name, t in reversed(self.swaps):
             holder[name] = t

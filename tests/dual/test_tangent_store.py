@@ -788,6 +788,42 @@ def test_what_a_forward_caches_on_its_module_does_not_outlive_the_pass():
     assert type(plain) is torch.Tensor and type(model.cache["bias"]) is torch.Tensor
 
 
+@pytest.mark.parametrize("tangents", ["parameters", "input only"])
+def test_a_buffer_a_forward_rebinds_keeps_its_value_without_the_tangent(tangents):
+    """A carried state (``self.state = h``, a buffer, and one a forward registers anew): after
+    the pass it holds the pass's value, a plain tensor, as forward_ad's dual tensor is once its
+    level ends; the next plain call reads that value and returns a plain tensor. The pass's
+    output is forward_ad's, with parameter tangents or the input's alone."""
+    class Streaming(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("state", torch.zeros(3, 4))
+
+        def forward(self, x):
+            h = torch.tanh(self.fc(x) + self.state)
+            self.state = h
+            self.register_buffer("last", h * 2, persistent=False)
+            return h * 2
+
+    torch.manual_seed(0)
+    model, x, xt = Streaming().double(), torch.randn(3, 4, **f64), torch.randn(3, 4, **f64)
+    oracle = copy.deepcopy(model)
+    if tangents == "parameters":
+        fgkernels.random_tangents(model)
+    stacks = {n: tangent_of(p).stack for n, p in model.named_parameters() if has_tangent(p)}
+    y, yt = model_jvp(oracle, [x], [xt[None]], stacks)
+    out = model(Dual(x, xt))
+    torch.testing.assert_close(out.primal, y)
+    torch.testing.assert_close(out.tangents, yt)
+    for name in ("state", "last"):
+        assert type(model._buffers[name]) is torch.Tensor
+    torch.testing.assert_close(model.state, out.primal / 2)
+    plain = model(x)
+    assert type(plain) is torch.Tensor
+    torch.testing.assert_close(plain, 2 * torch.tanh(model.fc(x) + out.primal / 2))
+
+
 def test_a_dual_inside_a_container_a_forward_stores_does_not_outlive_the_pass():
     """A Dual at any depth of what a forward stores (a tuple of states, a dict of lists, an
     entry of a record that is itself a container) is put back as a Dual on its own is."""
