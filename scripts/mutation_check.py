@@ -83,6 +83,7 @@ LOSS_DTYPES = ("tests/dual/test_mixed_precision.py::test_a_loss_against_a_wider_
                "forward_ad_s_dtypes",)
 HARDTANH_16 = ("tests/dual/test_mixed_precision.py::test_hardtanh_of_a_16_bit_primal_compares_"
                "with_the_bounds_unrounded",)
+CHANNELS_LAST = ("tests/dual/test_channels_last.py",)
 COMPLEX = ("tests/dual/test_dual_semantics.py::test_complex_results_keep_complex_tangents",)
 BF16_ROUNDING = ("tests/backends/test_native.py::test_layer_norm_rounds_to_bfloat16_as_torch_does",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
@@ -1128,6 +1129,14 @@ MUTANTS = [
            "for m in self.buffered:",
            ("tests/dual/test_tangent_store.py::test_a_buffer_a_forward_rebinds_keeps_its_value_"
             "without_the_tangent",)),
+    Mutant("the reference select lays its slots out as a broadcast mask's masked_fill does",
+           "fgkernels/backends/reference.py", "return xt.clone().masked_fill_(zero, 0)",
+           "return xt.masked_fill(zero, 0)", CHANNELS_LAST),
+    Mutant("the reference max pool's slots left as the gather lays them out", LAYERS,
+           "return y, in_primal_layout(xt.flatten(-2).gather(-1, flat_idx).view(xt.shape[0], "
+           "*y.shape), y)",
+           "return y, xt.flatten(-2).gather(-1, flat_idx).view(xt.shape[0], *y.shape)",
+           CHANNELS_LAST),
     Mutant("complex softsign's tangent divided by its real slope", POINTWISE,
            "    if input.primal.is_complex():\n        return input / (torch.abs(input) + 1)",
            "    if False:\n        return input / (torch.abs(input) + 1)", COMPLEX),

@@ -16,13 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from ..dual.slots import SlotPlan, place
+from ..dual.value import in_primal_layout
 from .base import BatchNormArgs, ConvArgs, LayerParams, Opt, Result, Tensor
 
 
 def relu_reference(x: Tensor, xt: Opt) -> Result:
     """ReLU: ``ẏ = ẋ`` where ``x > 0`` or x is NaN, else 0 (torch.relu's derivative). A select,
     not a product: a NaN or Inf tangent where x <= 0 gives 0, as in torch."""
-    return torch.relu(x), None if xt is None else xt.masked_fill(x <= 0, 0)
+    return torch.relu(x), None if xt is None else zeroed_where(xt, x <= 0)
+
+
+def zeroed_where(xt: Tensor, zero: Tensor) -> Tensor:
+    """The stack ``xt`` with 0 where ``zero`` (of the primal's shape) holds, each slot laid out
+    as ``xt``'s (``masked_fill`` of a broadcast mask would lay the result out contiguous)."""
+    return xt.clone().masked_fill_(zero, 0)
 
 
 def _bias_slots(bt: Tensor, y: Tensor) -> Tensor:
@@ -46,8 +53,10 @@ class ReferenceBackend:
         x_pos, p_pos = plan.positions
         parts = []
         if xt is not None:
-            parts.append((run(xt.flatten(0, 1), w.to(plan.dtype)).unflatten(0, xt.shape[:2]),
-                          x_pos))
+            # (each slot laid out as y: with one image, whose layout is ambiguous, F.conv2d
+            # may return a channels_last input's result contiguous)
+            x_part = run(xt.flatten(0, 1), w.to(plan.dtype)).unflatten(0, xt.shape[:2])
+            parts.append((in_primal_layout(x_part, y), x_pos))
         if p_pos:
             if wt is not None:
                 x_in = x.to(plan.dtype)

@@ -27,7 +27,7 @@ from ..backends.kernel_op import KernelOp
 from ..backends.layer_op import LayerOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
-from ..dual.value import Dual, check_direction, implements
+from ..dual.value import Dual, check_direction, implements, in_primal_layout
 from .fallback import forward_ad_fallback
 from .operands import (
     MaybeDual,
@@ -269,7 +269,7 @@ def _max_pool2d_reference(x: Tensor, xt: Optional[Tensor], *pool):
     if xt is None:
         return y, None
     flat_idx = idx.flatten(-2).expand(xt.shape[0], *idx.shape[:-2], -1)
-    return y, xt.flatten(-2).gather(-1, flat_idx).view(xt.shape[0], *y.shape)
+    return y, in_primal_layout(xt.flatten(-2).gather(-1, flat_idx).view(xt.shape[0], *y.shape), y)
 
 
 _max_pool2d = KernelOp("dual_max_pool2d", _max_pool2d_reference,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backends.kernel_op import KernelOp
+from ..backends.reference import zeroed_where
 from ..dual import slots as _slots
 from ..dual.layout import slots_in_format
 from ..dual.value import Dual, implements, view_root
@@ -406,7 +407,7 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
 def _hardtanh_reference(x: Tensor, xt: Optional[Tensor], min_val: float, max_val: float):
     y = F.hardtanh(x, min_val, max_val)
     xw = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-    return y, None if xt is None else xt.masked_fill((xw <= min_val) | (xw >= max_val), 0)
+    return y, None if xt is None else zeroed_where(xt, (xw <= min_val) | (xw >= max_val))
 
 
 def _check_hardtanh(x: Tensor, min_val: float, max_val: float) -> None:

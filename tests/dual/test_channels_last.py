@@ -65,7 +65,8 @@ def test_channels_last_adds_no_copy(dtype):
     assert not extra, f"copies only the channels_last pass makes: {dict(extra)}"
 
 
-def test_every_slot_stays_channels_last():
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_every_slot_stays_channels_last(backend):
     """Each Conv→BN→ReLU, pool and residual add returns slots laid out like the primal."""
     net, x = _net(True, 2, torch.bfloat16)
     seen = []
@@ -73,13 +74,30 @@ def test_every_slot_stays_channels_last():
     for m in net.modules():
         if isinstance(m, (fgkernels.nn.DualSequential, fgkernels.nn.DualMaxPool2d)):
             m.register_forward_hook(hook)
-    with fgkernels.use_backend("native"):
+    with fgkernels.use_backend(backend):
         net(Dual(x))
     four_d = [(name, out) for name, out in seen if out.primal.dim() == 4]
     assert four_d
     for name, out in four_d:
         assert out.primal.is_contiguous(memory_format=CL), name
         assert in_kernel_layout(out.primal, out.tangents), name
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("op", [
+    F.relu, lambda v: F.hardtanh(v, -0.5, 0.5), lambda v: F.max_pool2d(v, 2),
+    lambda v: F.conv2d(v[:1], torch.randn(4, 3, 3, 3), None, 1, 1),  # one image: ambiguous
+], ids=["relu", "hardtanh", "max_pool2d", "conv2d of one image"])
+def test_an_op_lays_out_each_slot_as_its_primal(op, backend):
+    """A channels_last primal and slots, each op on its own: its slots channels_last too, on
+    every CPU backend (a broadcast mask's masked_fill, a gather over flattened slots and a
+    convolution of one image had laid them out contiguous on the reference backend)."""
+    x = torch.randn(2, 3, 6, 6).to(memory_format=CL)
+    xt = torch.randn(1, 2, 6, 6, 3).permute(0, 1, 4, 2, 3)  # one slot, channels_last
+    with fgkernels.use_backend(backend):
+        out = op(Dual(x, xt))
+    assert out.primal.is_contiguous(memory_format=CL)
+    assert all(s.is_contiguous(memory_format=CL) for s in out.tangents)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
