@@ -70,25 +70,26 @@ FGK_CPU_KERNEL static void row_param_term(const tangent_t* __restrict gt,
   }
 }
 
-// One slot's input term over a row, out = γ·(r·ẋ − c1 − x̂·c2), plus pt when given (the summed
-// parameter term).
+// One slot's input term over a row, out = γ·(r·(ẋ − m1) − x̂·c2), plus pt when given (the summed
+// parameter term). ẋ's mean m1 is taken out before the scale r, as torch's forward mode does: a
+// row of no spread has r = 1/√eps, where r·ẋ − r·m1 would keep the rounding of r·ẋ.
 template <typename tangent_t, typename acc_t>
 FGK_CPU_KERNEL static void row_input_term(const tangent_t* __restrict t,
                                           const acc_t* __restrict g,
                                           const acc_t* __restrict xh, const acc_t* __restrict pt,
-                                          acc_t r, acc_t c1, acc_t c2, int64_t D,
+                                          acc_t r, acc_t m1, acc_t c2, int64_t D,
                                           tangent_t* __restrict out) {
   if (pt != nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < D; ++i) {
       const acc_t v = static_cast<acc_t>(t[i]);
-      out[i] = round_to<tangent_t>(g[i] * (r * v - c1 - xh[i] * c2) + pt[i]);
+      out[i] = round_to<tangent_t>(g[i] * (r * (v - m1) - xh[i] * c2) + pt[i]);
     }
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < D; ++i) {
       const acc_t v = static_cast<acc_t>(t[i]);
-      out[i] = round_to<tangent_t>(g[i] * (r * v - c1 - xh[i] * c2));
+      out[i] = round_to<tangent_t>(g[i] * (r * (v - m1) - xh[i] * c2));
     }
   }
 }
@@ -187,9 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_layer_norm_cpu(
             const tangent_t* ts = xtp + s * slot + base;
             double s1, s2;
             row_tangent_sums(ts, xh.data(), D, s1, s2);
-            const acc_t c1 = r * static_cast<acc_t>(s1 * inv_d);
+            const acc_t m1 = static_cast<acc_t>(s1 * inv_d);
             const acc_t c2 = r * static_cast<acc_t>(s2 * inv_d);
-            row_input_term(ts, gamma.data(), xh.data(), sum_terms ? pt.data() : nullptr, r, c1,
+            row_input_term(ts, gamma.data(), xh.data(), sum_terms ? pt.data() : nullptr, r, m1,
                            c2, D, xo + s * slot + base);
           }
         }

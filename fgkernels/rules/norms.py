@@ -39,8 +39,10 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Optional[
         return xhat, None
     xt = _slots.cast(xt, xhat.dtype)
     tdims = [d + 1 for d in dims]
-    # ẋ̂ = r·ẋ − r·mean(ẋ) − x̂·(r·mean(x̂·ẋ)): two passes, written into the buffer that held
+    # ẋ̂ = r·(ẋ − mean(ẋ)) − x̂·(r·mean(x̂·ẋ)): two passes, written into the buffer that held
     # x̂·ẋ (a tangent-sized buffer, not the five the expression would allocate term by term).
+    # The mean is taken out before the scale, as torch's forward mode does: a row of no spread
+    # has r = 1/√eps, where r·ẋ − r·mean(ẋ) would keep the rounding of r·ẋ.
     buffer = xhat * xt
     m2r = buffer.mean(tdims, keepdim=True).mul_(r)
     # Traced, no out= (Dynamo refuses a strided one and breaks the graph; Inductor fuses the
@@ -49,8 +51,7 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Optional[
     if mean is None:
         xt_hat = torch.mul(xt, r, out=out)
     else:
-        m1r = xt.mean(tdims, keepdim=True).mul_(r)
-        xt_hat = torch.addcmul(m1r.neg_(), xt, r, out=out)
+        xt_hat = torch.sub(xt, xt.mean(tdims, keepdim=True), out=out).mul_(r)
     return xhat, xt_hat.addcmul_(xhat, m2r, value=-1)
 
 

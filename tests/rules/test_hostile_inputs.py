@@ -596,6 +596,18 @@ def test_batch_norm_far_from_zero_is_as_precise_as_torch(backend):
     assert_within_torch_error(out, ForwardADOracle(_training_batch_norm, [x], [xt]))
 
 
+@pytest.mark.parametrize("width", [1, 8])
+def test_layer_norm_of_rows_without_spread_is_as_precise_as_torch(backend, width):
+    """Rows of one value (one element, or eight equal ones) near 1e4 in float32, where
+    r = 1/√eps: ẋ's mean is taken out before the scale, as torch's forward mode does (scaled
+    first, the rounding of r·ẋ stayed: 2e-5 relative where torch's error is 3e-8)."""
+    x = (torch.randn(5, 1, **f64) + 1e4).expand(5, width).float().contiguous()
+    xt, b, bt = torch.randn(1, 5, width), torch.randn(width), torch.randn(1, width)
+    fn = lambda v, bias: F.layer_norm(v, (width,), None, bias)
+    out = fn(Dual(x, xt), Dual(b, bt))
+    assert_within_torch_error(out, ForwardADOracle(fn, [x, b], [xt, bt]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_running_stats_are_rounded_once(backend, dtype):
     """The running stats are the exact update rounded once, so never further from it than
