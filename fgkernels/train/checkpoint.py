@@ -145,10 +145,12 @@ def run_lock(out_dir: Path) -> Iterator[None]:
         raise
 
 
-def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool,
+                  resumable: bool = True) -> None:
     """Refuse, before anything is made, an ``out_dir`` the run cannot use: a file, a folder
     without a checkpoint to resume, a fresh run's folder that holds files (without
-    ``overwrite``), or both ``resume`` and ``overwrite``."""
+    ``overwrite``), or both ``resume`` and ``overwrite``. ``resumable``: whether the command
+    takes --resume, which the refusal of a folder that holds files then suggests."""
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts a new one "
                          "there: pass one of them")
@@ -158,8 +160,9 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         raise FileNotFoundError(f"no checkpoint to resume at {out_dir / CHECKPOINT_NAME}")
     if not resume and not overwrite and out_dir.is_dir() \
             and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
-        raise ValueError(f"--out {out_dir} is not empty; pass --resume to continue the run it "
-                         "holds, or --overwrite to start again there")
+        raise ValueError(f"--out {out_dir} is not empty; " + (
+            "pass --resume to continue the run it holds, or --overwrite to start again there"
+            if resumable else "pass --overwrite to start again there"))
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:

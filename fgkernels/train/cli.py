@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .checkpoint import check_out_dir
 from .cost import measure_step_costs
 from .data import DATASETS, load_dataset
 from .estimators import GUESSES, NOISES, SPACES, TARGETS
@@ -178,14 +179,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.plot and not args.out:
                 parser.error("--plot needs --out")
             dataset = load_dataset(args.data, args.data_dir, args.seed)
+            configs = [_config(args, diagnose=True, **overrides) for overrides in DEMO_RUNS]
+            outs = [Path(args.out) / f"run{i}" if args.out else None for i in range(len(configs))]
+            # Every run's configuration and folder checked before the first run writes anything
+            for cfg, out in zip(configs, outs):
+                cfg.validate()
+                if out is not None:
+                    check_out_dir(out, False, args.overwrite, resumable=False)
             results = []
-            for i, overrides in enumerate(DEMO_RUNS):
-                cfg = _config(args, diagnose=True, **overrides)
+            for i, (cfg, out) in enumerate(zip(configs, outs)):
                 if rank == 0:
-                    print(f"[{i + 1}/{len(DEMO_RUNS)}] {cfg.label}", file=sys.stderr, flush=True)
-                out = str(Path(args.out) / f"run{i}") if args.out else None
-                results.append(train(cfg, out, progress=not args.no_progress, dataset=dataset,
-                                     overwrite=args.overwrite))
+                    print(f"[{i + 1}/{len(configs)}] {cfg.label}", file=sys.stderr, flush=True)
+                results.append(train(cfg, out and str(out), progress=not args.no_progress,
+                                     dataset=dataset, overwrite=args.overwrite))
             if rank == 0:
                 print(f"cost of a step: {DEMO_COST_WARMUP} warm-up steps, then "
                       f"{DEMO_COST_ROUNDS} rounds of one step per run", file=sys.stderr,

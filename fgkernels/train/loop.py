@@ -253,6 +253,8 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                    or stop_after < 0):
         raise ValueError(f"stop_after must be an int >= 0 (epochs in all), got {stop_after!r}")
+    if resume and not out_dir:
+        raise ValueError("resume=True needs out_dir, the folder whose checkpoint it continues")
     rank, world = _rank_world()
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     batches_per_epoch(ds, cfg.batch_size, world)

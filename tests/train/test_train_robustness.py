@@ -172,6 +172,25 @@ def test_a_run_refused_makes_nothing(tmp_path, digits, overrides, kwargs, error,
     assert not out.exists()
 
 
+def test_resume_without_a_folder_is_refused_by_name(digits):
+    with pytest.raises(ValueError, match="resume=True needs out_dir"):
+        train(TrainConfig(**QUICK, epochs=1), resume=True, progress=False, dataset=digits)
+
+
+def test_the_demo_refuses_a_run_s_folder_before_any_run_writes(tmp_path, capsys):
+    """A later run's folder that holds files (run3/) is refused before run0 trains: nothing
+    written, and the refusal names the flag the demo takes (it takes no --resume)."""
+    (tmp_path / "run3").mkdir()
+    (tmp_path / "run3" / "old.txt").write_text("a run of another demo")
+    argv = ["demo", "--epochs", "1", "--max-steps", "2", "--width", "4", "--no-progress",
+            "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "run3 is not empty; pass --overwrite" in err and "--resume" not in err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) \
+        == ["run3", "run3/old.txt"]
+
+
 @pytest.mark.parametrize("overrides", [dict(arch="vgg"), dict(aux="rnn"), dict(width=0)],
                          ids=["arch", "aux", "width"])
 def test_a_bad_model_with_overwrite_leaves_the_old_run(tmp_path, digits, overrides):
