@@ -51,7 +51,7 @@ TORCH_LIBRARY(fgkernels, m) {
   // and rounded once to the buffers' dtype: r <- momentum stat + (1 - momentum) r, with the
   // unbiased variance var n / (n - 1) (n > 1).
   m.def("bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-        "Tensor var, int n, float momentum) -> ()");
+        "Tensor var, SymInt n, float momentum) -> ()");
   // Batch-norm apply as a per-channel affine map of (x - center, xt), ReLU optional:
   //   u = x - center[c]
   //   y = scale[c] u + shift[c]

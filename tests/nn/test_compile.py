@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 import fgkernels
 from fgkernels import Dual
@@ -84,7 +85,8 @@ def test_compiled_dual_pass_of_a_resnet_block_equals_eager(backend, training):
 def test_fgkernels_compile_runs_any_model_exactly_with_dynamic_batch(convert):
     """fgkernels.compile: an unconverted model (its parameters handed out by a torch function
     mode that torch.compile traces) or a converted one, a token parameter used alone, one
-    compile for two batch sizes, against the eager pass and forward_ad in float64."""
+    compile for three batch sizes (its batch norms in training: the running statistics' count
+    of values is symbolic), against the eager pass and forward_ad in float64."""
     from torch import nn
 
     class Net(nn.Module):
@@ -103,17 +105,22 @@ def test_fgkernels_compile_runs_any_model_exactly_with_dynamic_batch(convert):
     fgkernels.random_tangents(net, num_tangents=2)
     tangents = {n: fgkernels.dual.tangents.tangent_of(p).stack for n, p in net.named_parameters()}
     torch._dynamo.reset()
+    counters.clear()
     compiled = fgkernels.compile(net, backend="aot_eager", dynamic=True)
-    for batch in (3, 5):
+    runs, graphs = [], []
+    for batch in (3, 5, 6):  # the compiled calls first, one after the other
         x = torch.randn(batch, 4, 8, 8, dtype=torch.float64)
         xt = torch.randn(2, *x.shape, dtype=torch.float64)
         state = copy.deepcopy(net.state_dict())
-        y64, yt64 = model_jvp(net, [x], [xt], tangents)  # on a copy: net's state untouched
         out = compiled(Dual(x, xt))
+        graphs.append(counters["stats"]["unique_graphs"])
+        runs.append((x, xt, state, out, copy.deepcopy(net.state_dict())))
+    assert graphs == [graphs[0]] * 3, f"graphs compiled by the calls: {graphs}"
+    for x, xt, state, out, compiled_state in runs:
+        net.load_state_dict(state)
+        y64, yt64 = model_jvp(net, [x], [xt], tangents)  # on a copy: net's state untouched
         torch.testing.assert_close(out.primal, y64, **TOL[torch.float64])
         torch.testing.assert_close(out.tangents, yt64, **TOL[torch.float64])
-        compiled_state = copy.deepcopy(net.state_dict())
-        net.load_state_dict(state)
         ref = net(Dual(x, xt))
         torch.testing.assert_close(out.primal, ref.primal)
         torch.testing.assert_close(out.tangents, ref.tangents)
@@ -713,6 +720,7 @@ TANGENT_FREED_WHILE_COMPILING = """
 import gc
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.nn.modules import module as torch_module
 import fgkernels
 
