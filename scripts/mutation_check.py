@@ -84,6 +84,8 @@ LOSS_DTYPES = ("tests/dual/test_mixed_precision.py::test_a_loss_against_a_wider_
 HARDTANH_16 = ("tests/dual/test_mixed_precision.py::test_hardtanh_of_a_16_bit_primal_compares_"
                "with_the_bounds_unrounded",)
 CHANNELS_LAST = ("tests/dual/test_channels_last.py",)
+TRITON_STATS = ("tests/backends/test_triton.py::test_bn_sums_of_a_channel_far_from_zero_keep_"
+                "float32_s_precision",)
 COMPLEX = ("tests/dual/test_dual_semantics.py::test_complex_results_keep_complex_tangents",)
 BF16_ROUNDING = ("tests/backends/test_native.py::test_layer_norm_rounds_to_bfloat16_as_torch_does",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
@@ -1142,6 +1144,10 @@ MUTANTS = [
            "*y.shape), y)",
            "return y, xt.flatten(-2).gather(-1, flat_idx).view(xt.shape[0], *y.shape)",
            CHANNELS_LAST),
+    Mutant("the Triton epilogue's primal sum uncentred in its second factor",
+           "fgkernels/backends/triton/conv_kernel.py",
+           "tl.sum(y_centred * (v if READ_Y else y_centred), axis=0)",
+           "tl.sum(y_centred * v, axis=0)", TRITON_STATS),
     Mutant("complex softsign's tangent divided by its real slope", POINTWISE,
            "    if input.primal.is_complex():\n        return input / (torch.abs(input) + 1)",
            "    if False:\n        return input / (torch.abs(input) + 1)", COMPLEX),

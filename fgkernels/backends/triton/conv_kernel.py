@@ -125,7 +125,12 @@ def _dual_conv2d_forward_kernel(
         # Sums of the values as stored (a batch norm reads them so): Σv and Σ(y − ȳ_tile)·v,
         # where v is this output and y the primal: v itself in the primal's launch, else read
         # back, with ȳ_tile from the primal launch's sums of the same rows. Centring inside the
-        # tile keeps the float32 sums stable.
+        # tile keeps the float32 sums stable: in the primal's launch the sum is the centred
+        # square Σ(y − ȳ_tile)², not Σ(y − ȳ_tile)·y (equal in exact arithmetic), which keeps
+        # ȳ_tile's rounding times n·ȳ_tile, eps·(ȳ/σ)² relative: catastrophic for a channel
+        # whose mean is large beside its spread. (The tangents' sums keep v uncentred: centring
+        # it as well gains little, a term eps·(ȳ/σ)·v̄, for 8 more registers in the launches
+        # that read y back.)
         v = tl.where(out_ok, out.to(tl.float32), 0.0)
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         if READ_Y:
@@ -137,7 +142,8 @@ def _dual_conv2d_forward_kernel(
         y_centred = tl.where(out_ok, y - (y_sum / rows)[None, :], 0.0)
         stats = stats_ptr + pid_m.to(tl.int64) * sst_m + slot * sst_t + co
         tl.store(stats, tl.sum(v, axis=0), mask=col_ok)
-        tl.store(stats + CO, tl.sum(y_centred * v, axis=0), mask=col_ok)
+        tl.store(stats + CO, tl.sum(y_centred * (v if READ_Y else y_centred), axis=0),
+                 mask=col_ok)
 
 
 @triton.jit
