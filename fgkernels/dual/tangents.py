@@ -161,7 +161,6 @@ class _Pass:
         self.class_swaps: list[tuple[nn.Module, type]] = []  # (module, its own class)
         self.members: set[int] = set()
         self.modules: list[nn.Module] = []
-        self.buffered: list[nn.Module] = []  # the modules among them that hold buffers
         self.duals: dict[int, Dual] = {}
         # (weakly: a temporary the forward drops is freed, its tangent with it)
         self.lifted: list[weakref.ref] = []
@@ -270,8 +269,6 @@ class _Pass:
         return False
 
     def _substitute(self, m: nn.Module, foreign_hooks: bool) -> None:
-        if m._buffers:
-            self.buffered.append(m)
         if any(isinstance(t, Dual) for t in m._parameters.values()):
             raise RuntimeError(
                 f"{type(m).__name__} holds Duals of another dual pass, running in another thread: "
@@ -366,12 +363,10 @@ class _Pass:
         """A buffer the forward rebound to a Dual (a carried state: ``self.state = h``) keeps
         its new value without the tangent, as forward_ad's dual tensor does when its level
         ends (the next plain call would otherwise read the pass's tangent)."""
-        for m in _tree(self.root) if self.light else self.buffered:
-            buffers = m._buffers
-            if buffers and any(isinstance(b, Dual) for b in buffers.values()):
-                for name, b in buffers.items():
-                    if isinstance(b, Dual):
-                        buffers[name] = b.primal
+        for m in _tree(self.root) if self.light else self.modules:
+            for name, b in m._buffers.items():
+                if isinstance(b, Dual):
+                    m._buffers[name] = b.primal
 
     def undo(self) -> None:
         for t in [ref() for ref in self.lifted]:

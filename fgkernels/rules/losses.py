@@ -199,8 +199,8 @@ def binary_cross_entropy_with_logits(input: MaybeDual, target: MaybeDual,
     w = 1 if weight is None else weight
     slope_x = w * ((1 + (p - 1) * yp) * torch.sigmoid(xp) - p * yp)
     slope_y = None if y.tangents is None else w * ((p - 1) * F.softplus(-xp) - xp)
-    each = F.binary_cross_entropy_with_logits(xp, yp, weight, reduction="none",
-                                              pos_weight=pos_weight)
+    each = loss if reduction == "none" else F.binary_cross_entropy_with_logits(
+        xp, yp, weight, reduction="none", pos_weight=pos_weight)
     out = _reduced(_per_element("binary_cross_entropy_with_logits", each,
                                 [(x, slope_x), (y, slope_y)]), reduction)
     return out.with_tangents(loss, out.tangents)
@@ -256,7 +256,8 @@ def kl_div(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
     p = yp.exp() if log_target else yp
     slope_y = None if y.tangents is None else p * (yp - xp + 1) if log_target else \
         torch.xlogy(yp != 0, yp) + yp / yp - xp
-    each = F.kl_div(xp, yp, reduction="none", log_target=log_target)
+    each = loss if reduction == "none" else F.kl_div(xp, yp, reduction="none",
+                                                      log_target=log_target)
     out = _per_element("kl_div", each, [(x, -p), (y, slope_y)])
     if reduction == "batchmean" and xp.dim() != 0:
         out = out.sum() / xp.shape[0]
@@ -279,21 +280,28 @@ def _regression(name: str, loss_fn: Callable, input: MaybeDual, target: MaybeDua
                                    dict(reduction=reduction, weight=weight, **options))
     x, y = as_dual(input, name), as_dual(target, name)
     loss = loss_fn(x.primal, y.primal, reduction=reduction, **options)
-    if x.shape != y.shape:  # broadcast first, as torch does: a 0-d operand's dtype then counts
+    d = _difference(x, y)
+    out = _activation(d, d.primal, slope)  # its primal a stand-in: the value is torch's
+    return _as_tangent_of(loss, _reduced(out, reduction))
+
+
+def _difference(x: Dual, y: Dual) -> Dual:
+    """``x − y`` of the operands broadcast first, as torch's regression losses take them: a 0-d
+    operand's dtype then counts."""
+    if x.shape != y.shape:
         shape = torch.broadcast_shapes(x.shape, y.shape)
         x, y = x.expand(shape), y.expand(shape)
-    d = x - y
-    out = _activation(d, d.primal, slope)  # its primal a stand-in: the value is torch's
-    return _tangent_of(loss, _reduced(out, reduction))
+    return x - y
 
 
-def _tangent_of(loss: Tensor, out: Dual) -> Dual:
-    """Torch's ``loss`` with ``out``'s tangent, in the dtype forward_ad gives it
+def _as_tangent_of(loss: Tensor, out: Dual) -> Dual:
+    """Torch's ``loss`` with ``out``'s tangent in the dtype forward_ad gives it
     (``SlotPlan.dtype_for``): a loss torch computes in its input's dtype whatever the target's
-    (``huber_loss``) has its tangent there too."""
+    (``huber_loss`` of a float32 input and a 0-d float64 target) has its tangent there too."""
     stack = out.tangents
     if stack is not None:
-        stack = stack.to(_slots.plan([out.slot_operand()], "loss").dtype_for(loss.dtype))
+        stack = _slots.cast(stack, _slots.plan([out.slot_operand()], "loss").dtype_for(
+            loss.dtype))
     return out.with_tangents(loss, stack)
 
 
@@ -319,7 +327,7 @@ def l1_loss(input: MaybeDual, target: MaybeDual, size_average=None, reduce=None,
     x, y = as_dual(input, "l1_loss"), as_dual(target, "l1_loss")
     if weight is None and (x.primal.is_complex() or y.primal.is_complex()):
         loss = F.l1_loss(x.primal, y.primal, reduction=reduction)
-        return _tangent_of(loss, _reduced(torch.abs(x - y), reduction))
+        return _as_tangent_of(loss, _reduced(torch.abs(_difference(x, y)), reduction))
     return _regression("l1_loss", F.l1_loss, input, target, reduction, _sign_slope, weight)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import struct
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ..backends.kernel_op import KernelOp
 from ..backends.reference import zeroed_where
 from ..dual import slots as _slots
-from ..dual.layout import slots_in_format
+from ..dual.layout import empty_slots, slots_in_format
 from ..dual.value import Dual, implements, view_root
 from .fallback import forward_ad_fallback
 from .operands import as_dual, parts
@@ -136,8 +137,11 @@ def div(input, other, *, rounding_mode: Optional[str] = None) -> Dual:
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
     if rounding_mode is not None:
         y = torch.div(a, b, rounding_mode=rounding_mode)
-        zeros = lambda t: t.new_zeros((t.shape[0], *y.shape))
-        return _combine("div", y, [(ao, at, zeros), (bo, bt, zeros)])
+        plan = _slots.plan([ao, bo], "div")
+        if plan.count == 0:
+            return Dual(y)
+        zeros = empty_slots(plan.count, y, plan.dtype_for(y.dtype)).zero_()
+        return Dual._unchecked(y, zeros, plan.directions, plan.single)
     y = torch.reciprocal(b) * a if _number_left(a, b) else torch.div(a, b)
     if ao is None or bo is None:
         return _combine("div", y, [(ao, at, lambda t: t / _like(b, t)),
@@ -352,8 +356,9 @@ def _clamp(input, min, max, x_takes_ties: bool) -> Dual:
 
 
 def _select(stack: Optional[Tensor], keep: Tensor) -> Optional[Tensor]:
-    """Every slot where ``keep``, else 0 (a select: a NaN tangent where not ``keep`` gives 0)."""
-    return None if stack is None else stack.masked_fill(~keep, 0)
+    """Every slot where ``keep``, else 0 (a select: a NaN tangent where not ``keep`` gives 0),
+    each slot laid out as before."""
+    return None if stack is None else zeroed_where(stack, ~keep)
 
 
 # --- activations: y = f(x), ẏ = f'(x)·ẋ ---------------------------------------------------------
@@ -498,7 +503,7 @@ def _selu_(input) -> Dual:
 def celu(input, alpha: float = 1.0, inplace: bool = False) -> Dual:
     """Dual CELU: slope 1 where x > 0, else ``e^(x/alpha)``, with torch's ``1/alpha``: of alpha
     rounded to float32 (``1.0 / alpha.toFloat()``, in its value and its derivative alike)."""
-    input_scale = 1 / float(torch.tensor(alpha, dtype=torch.float32))
+    input_scale = 1 / struct.unpack("f", struct.pack("f", alpha))[0]  # (no tensor: traceable)
     return _activation(input, torch.celu(input.primal, alpha), lambda t, x: _aten.elu_backward(
         t, alpha, 1, input_scale, False, x), inplace)
 

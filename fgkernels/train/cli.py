@@ -190,8 +190,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             for i, (cfg, out) in enumerate(zip(configs, outs)):
                 if rank == 0:
                     print(f"[{i + 1}/{len(configs)}] {cfg.label}", file=sys.stderr, flush=True)
-                results.append(train(cfg, out and str(out), progress=not args.no_progress,
-                                     dataset=dataset, overwrite=args.overwrite))
+                results.append(train(cfg, None if out is None else str(out),
+                                     progress=not args.no_progress, dataset=dataset,
+                                     overwrite=args.overwrite))
             if rank == 0:
                 print(f"cost of a step: {DEMO_COST_WARMUP} warm-up steps, then "
                       f"{DEMO_COST_ROUNDS} rounds of one step per run", file=sys.stderr,

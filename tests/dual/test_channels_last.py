@@ -87,7 +87,8 @@ def test_every_slot_stays_channels_last(backend):
 @pytest.mark.parametrize("op", [
     F.relu, lambda v: F.hardtanh(v, -0.5, 0.5), lambda v: F.max_pool2d(v, 2),
     lambda v: F.conv2d(v[:1], torch.randn(4, 3, 3, 3), None, 1, 1),  # one image: ambiguous
-], ids=["relu", "hardtanh", "max_pool2d", "conv2d of one image"])
+    lambda v: torch.clamp(v, -0.5, 0.5), lambda v: torch.div(v, 0.3, rounding_mode="floor"),
+], ids=["relu", "hardtanh", "max_pool2d", "conv2d of one image", "clamp", "rounded quotient"])
 def test_an_op_lays_out_each_slot_as_its_primal(op, backend):
     """A channels_last primal and slots, each op on its own: its slots channels_last too, on
     every CPU backend (a broadcast mask's masked_fill, a gather over flattened slots and a

@@ -799,12 +799,22 @@ def test_a_buffer_a_forward_rebinds_keeps_its_value_without_the_tangent(tangents
             super().__init__()
             self.fc = nn.Linear(4, 4)
             self.register_buffer("state", torch.zeros(3, 4))
+            self.head = Recording()
 
         def forward(self, x):
             h = torch.tanh(self.fc(x) + self.state)
             self.state = h
             self.register_buffer("last", h * 2, persistent=False)
-            return h * 2
+            return self.head(h)
+
+    class Recording(nn.Module):  # holds no buffer until its forward registers one
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, h):
+            self.register_buffer("seen", h * 1.0, persistent=False)
+            return self.fc(h) * 2
 
     torch.manual_seed(0)
     model, x, xt = Streaming().double(), torch.randn(3, 4, **f64), torch.randn(3, 4, **f64)
@@ -816,12 +826,13 @@ def test_a_buffer_a_forward_rebinds_keeps_its_value_without_the_tangent(tangents
     out = model(Dual(x, xt))
     torch.testing.assert_close(out.primal, y)
     torch.testing.assert_close(out.tangents, yt)
-    for name in ("state", "last"):
-        assert type(model._buffers[name]) is torch.Tensor
-    torch.testing.assert_close(model.state, out.primal / 2)
+    for holder, name in ((model, "state"), (model, "last"), (model.head, "seen")):
+        assert type(holder._buffers[name]) is torch.Tensor, name
+    state = model.state
+    torch.testing.assert_close(model.last, 2 * state)
     plain = model(x)
     assert type(plain) is torch.Tensor
-    torch.testing.assert_close(plain, 2 * torch.tanh(model.fc(x) + out.primal / 2))
+    torch.testing.assert_close(plain, 2 * model.head.fc(torch.tanh(model.fc(x) + state)))
 
 
 def test_a_dual_inside_a_container_a_forward_stores_does_not_outlive_the_pass():

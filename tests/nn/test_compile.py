@@ -720,7 +720,6 @@ TANGENT_FREED_WHILE_COMPILING = """
 import gc
 import torch
 from torch import nn
-from torch._dynamo.utils import counters
 from torch.nn.modules import module as torch_module
 import fgkernels
 
