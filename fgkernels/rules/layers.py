@@ -378,14 +378,16 @@ def _reshaped(d: Dual, y: Tensor) -> Dual:
 
 
 @implements(torch.flatten, torch.Tensor.flatten)
-def flatten(input: Dual, start_dim: int = 0, end_dim: int = -1) -> Dual:
+def flatten(input: MaybeDual, start_dim: int = 0, end_dim: int = -1) -> Dual:
     """Dual flatten."""
+    input = as_dual(input, "flatten")
     return _reshaped(input, torch.flatten(input.primal, start_dim, end_dim))
 
 
 @implements(torch.reshape, torch.Tensor.reshape)
-def reshape(input: Dual, *shape) -> Dual:
+def reshape(input: MaybeDual, *shape) -> Dual:
     """Dual reshape."""
+    input = as_dual(input, "reshape")
     shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
     return _reshaped(input, input.primal.reshape(shape))
 

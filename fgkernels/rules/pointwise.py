@@ -311,6 +311,7 @@ def clamp_max(input, max) -> Dual:
 def _clamp(input, min, max, x_takes_ties: bool) -> Dual:
     """``clamp``'s rule; ``x_takes_ties``: with one tensor bound, x's tangent where x ties it."""
     if not isinstance(min, (Tensor, Dual)) and not isinstance(max, (Tensor, Dual)):
+        input = as_dual(input, "clamp")  # (a plain tensor: the functional face's zero tangent)
         x = input.primal
         inside = torch.ones_like(x, dtype=torch.bool)
         if min is not None:

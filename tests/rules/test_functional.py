@@ -478,3 +478,17 @@ def test_grid_sample_warns_of_align_corners_once():
     with pytest.warns(UserWarning, match="align_corners") as record:
         F.grid_sample(Dual(x, torch.randn(1, *x.shape)), grid)
     assert len([w for w in record if "align_corners" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("name,args,torch_fn", [
+    ("relu", (), torch.relu), ("clamp", (-0.1, 0.1), torch.clamp),
+    ("flatten", (), torch.flatten), ("reshape", ((3, 2),), torch.reshape),
+], ids=["relu", "clamp by numbers", "flatten", "reshape"])
+def test_the_functional_face_takes_a_plain_tensor(name, args, torch_fn):
+    """As fgkernels.functional says: a plain tensor is a Dual of zero tangent, and the result a
+    Dual of torch's value without tangent (number bounds, flatten and reshape read .primal)."""
+    x = torch.randn(2, 3, dtype=torch.float64)
+    out = getattr(DF, name)(x, *args)
+    assert isinstance(out, Dual) and out.tangents is None
+    assert torch.equal(out.primal, torch_fn(x, *args))
+
