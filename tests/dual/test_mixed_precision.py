@@ -22,6 +22,19 @@ from zoo import build_resnet
 BF16 = torch.bfloat16
 
 
+# (the Dual's dtype, a wider operand's): a float32 Dual beside float64, a bfloat16 one beside
+# float32
+NARROW_WIDE = [(torch.float32, torch.float64), (BF16, torch.float32)]
+
+
+def _narrow_dual_and_wide_operand(narrow: torch.dtype, wide: torch.dtype):
+    """``x, t`` (a Dual's primal and tangent) in ``narrow`` and ``w`` in ``wide``, (3, 4) each,
+    the same draws for every case."""
+    g = torch.Generator().manual_seed(0)
+    x, t, w = (torch.randn(3, 4, generator=g) for _ in range(3))
+    return x.to(narrow), t.to(narrow), w.to(wide)
+
+
 LOSSES_WIDER = {  # a loss of a Dual against a target of a wider dtype (w) without tangent
     "kl_div": lambda a, w: F.kl_div(a, w, reduction="sum", log_target=True)
     + F.kl_div(a, w.sigmoid(), reduction="batchmean"),
@@ -41,8 +54,7 @@ WIDE_THROUGHOUT = {"mse_loss 0-d", "l1_loss 0-d", "smooth_l1_loss 0-d"}
 
 
 @pytest.mark.parametrize("case", sorted(LOSSES_WIDER))
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (BF16, torch.float32)],
-                         ids=["float32-float64", "bfloat16-float32"])
+@pytest.mark.parametrize("dtypes", NARROW_WIDE, ids=["float32-float64", "bfloat16-float32"])
 def test_a_loss_against_a_wider_target_has_forward_ad_s_dtypes(case, dtypes, recwarn):
     """A loss of a Dual whose tangent has its primal's dtype, against a wider target: its
     value and tangent in forward_ad's dtypes (the tangent was the Dual's narrower one while the
@@ -50,9 +62,7 @@ def test_a_loss_against_a_wider_target_has_forward_ad_s_dtypes(case, dtypes, rec
     (the formulas order their roundings otherwise); a tangent narrower than its primal by
     design stays as it is."""
     narrow, wide = dtypes
-    g = torch.Generator().manual_seed(0)
-    x, t, w = (torch.randn(3, 4, generator=g) for _ in range(3))
-    x, t, w = x.to(narrow), t.to(narrow), w.to(wide)
+    x, t, w = _narrow_dual_and_wide_operand(narrow, wide)
     fn = LOSSES_WIDER[case]
     out = fn(Dual(x, t), w)
     with fwAD.dual_level():
@@ -177,17 +187,14 @@ def _set_first_row(w, a):
 
 
 @pytest.mark.parametrize("case", sorted(WIDER))
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (BF16, torch.float32)],
-                         ids=["float32-float64", "bfloat16-float32"])
+@pytest.mark.parametrize("dtypes", NARROW_WIDE, ids=["float32-float64", "bfloat16-float32"])
 def test_a_tangent_of_its_primal_s_dtype_follows_the_primal_s_promotion(case, dtypes, recwarn):
     """A Dual whose tangent has its primal's dtype, meeting a wider tensor, gives the output
     primal's dtype to its tangent, computed there, as forward_ad's (a float32 tangent was kept
     and the float64 product rounded to it: 1e-7 relative; a bfloat16 network's tangent times a
     float32 tensor, 4e-3); a tangent narrower than its primal by design stays as it is."""
     narrow, wide = dtypes
-    g = torch.Generator().manual_seed(0)
-    x, t, w = (torch.randn(3, 4, generator=g) for _ in range(3))
-    x, t, w = x.to(narrow), t.to(narrow), w.to(wide)
+    x, t, w = _narrow_dual_and_wide_operand(narrow, wide)
     fn = WIDER[case]
     out = fn(Dual(x, t), w)
     with fwAD.dual_level():
