@@ -5,6 +5,7 @@ with torch.autograd.forward_ad (``fgkernels.testing.compare_with_forward_ad``). 
 from __future__ import annotations
 
 import contextlib
+import io
 import time
 import warnings
 from dataclasses import dataclass
@@ -193,15 +194,21 @@ def catalogue() -> dict[str, RealModel]:
 
 
 def check(model: RealModel, training: bool, convert: bool = True, batch: int = 2,
-          compiled: bool = False) -> dict:
+          compiled: bool = False, saved: bool = False) -> dict:
     """Compare one model's dual pass with forward_ad; the relative errors, the ops that took
     the fallback and the seconds it took. ``compiled``: the pass compiled by
     ``fgkernels.compile`` (the seconds include the compile), with the count of its graph
-    breaks, against an oracle of hardsigmoid's exact slope (``oracle_mode``)."""
+    breaks, against an oracle of hardsigmoid's exact slope (``oracle_mode``). ``saved``: the
+    (converted) model saved whole by ``torch.save`` and loaded before the pass."""
     torch.manual_seed(0)
     net = model.build().double().train(training)
     if convert:
         fgkernels.convert(net)
+    if saved:
+        buffer = io.BytesIO()
+        torch.save(net, buffer)
+        buffer.seek(0)
+        net = torch.load(buffer, weights_only=False)
     x = torch.randn(batch, 3, model.size, model.size, dtype=torch.float64)
     start = time.perf_counter()
     breaks = sum(counters["graph_break"].values())

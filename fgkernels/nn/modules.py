@@ -558,6 +558,20 @@ def register_twin(cls: type, dual_cls: type) -> None:
 _REPLACED = ("forward", "_conv_forward")
 
 
+def _reduce_as_layer(self, protocol):
+    """Pickle a layer of a twin made at run time (``_class_twin``), which pickle cannot find by
+    name, as a layer of the class it twins: loading makes the twin again. (``torch.save`` and
+    ``copy.deepcopy`` both come here.)"""
+    reduced = object.__reduce_ex__(self, protocol)  # (copyreg.__newobj__, (cls,), state, ...)
+    return (_new_twinned, (type(self).__bases__[1],), *reduced[2:])
+
+
+def _new_twinned(layer_cls: type) -> nn.Module:
+    """An empty layer of ``layer_cls``'s twin, for pickle to fill with its state."""
+    twin = _class_twin(layer_cls) or layer_cls
+    return twin.__new__(twin)
+
+
 @functools.cache
 def _class_twin(cls: type) -> Optional[type]:
     """The twin of layers of class ``cls``: the registered one, or for a subclass of a twinned
@@ -572,7 +586,8 @@ def _class_twin(cls: type) -> Optional[type]:
             if any(getattr(cls, name, None) is not getattr(base, name, None)
                    for name in _REPLACED):
                 return None
-            mixed = type(f"Dual{cls.__name__}", (twin, cls), {"__module__": cls.__module__})
+            mixed = type(f"Dual{cls.__name__}", (twin, cls),
+                         {"__module__": cls.__module__, "__reduce_ex__": _reduce_as_layer})
             if twin is DualSequential:
                 # Its forward only calls its children (torchvision's Conv2dNormActivation):
                 # no dual pass need look for a Dual left on it. (A subclass of another layer

@@ -1,6 +1,8 @@
 """The Dual modules: twins of their torch.nn layers on tensors, and exact JVPs on Duals."""
 import copy
 import importlib
+import io
+import pickle
 import re
 
 import pytest
@@ -471,5 +473,46 @@ def test_converting_keeps_a_layer_s_own_code(case):
     fgkernels.convert(model)
     fgkernels.set_tangents(model, tangents)
     out = model(Dual(x, xt))
+    torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
+    torch.testing.assert_close(out.tangent, yt, **TOL[torch.float64])
+
+
+class _NamedConv(nn.Conv2d):
+    """A subclass adding a method: convert mixes DualConv2d into it (a twin made at run time)."""
+
+    def fan_in(self):
+        return self.weight[0].numel()
+
+
+class _Stage(nn.Sequential):
+    """A container subclass, as torchvision's Conv2dNormActivation."""
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL, "torch.save"])
+def test_a_converted_model_with_layer_subclasses_pickles(protocol):
+    """A converted model holding subclasses of twinned layers (whose twins convert makes at
+    run time, which pickle cannot find by name) saves and loads: the loaded model has the same
+    classes and state, and its dual pass gives forward_ad's numbers (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Stage(_NamedConv(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU()),
+                          nn.Flatten(), nn.Linear(48, 2)).double()
+    x, xt = torch.randn(2, 2, 4, 4, dtype=torch.float64), torch.randn(2, 2, 4, 4,
+                                                                      dtype=torch.float64)
+    tangents = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    y, yt = torch_jvp(model, x, xt, tangents)
+    net = fgkernels.convert(model)
+    if protocol == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(net, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    else:
+        loaded = pickle.loads(pickle.dumps(net, protocol))
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in net.modules()]
+    assert isinstance(loaded[0][0], (_NamedConv, fgkernels.nn.DualConv2d))
+    assert loaded[0][0].fan_in() == 18
+    torch.testing.assert_close(loaded.state_dict(), net.state_dict(), rtol=0, atol=0)
+    fgkernels.set_tangents(loaded, tangents)
+    out = loaded(Dual(x, xt))
     torch.testing.assert_close(out.primal, y, **TOL[torch.float64])
     torch.testing.assert_close(out.tangent, yt, **TOL[torch.float64])

@@ -52,6 +52,14 @@ def test_an_unconverted_model_is_exact_too(name):
     assert max(result["primal"], result["tangent"], result["buffers"]) <= EXACT
 
 
+def test_a_converted_real_model_saved_whole_is_exact():
+    """torch.save of a converted model whose layers subclass twinned ones (torchvision's
+    Conv2dNormActivation, a Sequential) and torch.load give the converted model back."""
+    result = real_models.check(real_models.catalogue()["torchvision/mobilenet_v3_small"], True,
+                               saved=True)
+    assert max(result["primal"], result["tangent"], result["buffers"]) <= EXACT, result
+
+
 @pytest.mark.parametrize("name, training", [("torchvision/mobilenet_v3_small", True),
                                             ("timm/vit_tiny_patch16_224", False)])
 def test_a_compiled_real_model_is_exact_in_one_graph(name, training):
