@@ -2,6 +2,7 @@
 resume bit for bit, and data-parallel runs under torchrun."""
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
@@ -151,6 +152,16 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _on_every_rank(ok: bool, world: int, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every process of the run. All processes decide alike: one that
+    stopped alone would leave the others waiting forever in their next collective call."""
+    if world == 1:
+        return ok
+    failed = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    return failed.item() == 0.0
+
+
 def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
                       generator: torch.Generator) -> tuple[dict[str, torch.Tensor], float, int]:
     """One step's gradients by name, with the batch's global loss and correct count."""
@@ -260,11 +271,19 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     batches_per_epoch(ds, cfg.batch_size, world)
     if not out_dir:
         return _train(cfg, None, resume, progress, ds, stop_after)
-    check_out_dir(Path(out_dir), resume, overwrite)
-    if rank != 0:
-        return _train(cfg, out_dir, resume, progress, ds, stop_after)
-    with run_lock(Path(out_dir)):
-        prepare_out_dir(Path(out_dir), resume, overwrite)
+    device = torch.device(cfg.device)
+    with contextlib.ExitStack() as held:
+        try:
+            check_out_dir(Path(out_dir), resume, overwrite)
+            if rank == 0:
+                held.enter_context(run_lock(Path(out_dir)))
+                prepare_out_dir(Path(out_dir), resume, overwrite)
+        except Exception:
+            _on_every_rank(False, world, device)
+            raise
+        if not _on_every_rank(True, world, device):
+            raise RuntimeError(f"another process of the run refused out_dir {out_dir} (its "
+                               "error says why); this process stops with it")
         return _train(cfg, out_dir, resume, progress, ds, stop_after)
 
 
@@ -382,9 +401,10 @@ def _train_epoch(net, opt, ds, cfg, epoch, device, rank, world, bar) -> dict:
             peak = mem.peak_bytes
         else:
             grads, loss, ok = compute_gradients(net, x, y, cfg, guess_gen)
-        if not math.isfinite(loss):
+        if not _on_every_rank(math.isfinite(loss), world, device):
+            where = f"is {loss}" if not math.isfinite(loss) else "is not finite in another process"
             raise FloatingPointError(
-                f"epoch {epoch + 1}, step {step + 1}: the training loss is {loss}; the run "
+                f"epoch {epoch + 1}, step {step + 1}: the training loss {where}; the run "
                 f"stops before the parameters take a non-finite step (lr={cfg.lr})")
         sgd_step(net, opt, grads, world)
         if device.type == "cuda":

@@ -1,9 +1,11 @@
 """The trainer: learning, resuming, data-parallel runs, and the messages for bad input."""
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -223,26 +225,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_keep_identical_weights_and_one_writes_the_run(tmp_path):
-    """Two processes (gloo) train with an --out folder: the same weights on both, process 0
-    holds and writes the folder (each taking its lock refused the other)."""
+def _run_two_processes(tmp_path, body: str) -> list[subprocess.CompletedProcess]:
+    """Run ``body`` in two processes of one gloo process group (``cfg``, ``train`` and the
+    folder ``root`` given), each bounded in time: a process left waiting fails the test."""
     script = tmp_path / "rank.py"
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
+        "from fgkernels.train import loop\n"
         "from fgkernels.train.loop import TrainConfig, train\n"
         "dist.init_process_group('gloo')\n"
         f"cfg = TrainConfig(**{QUICK!r}, epochs=1, algo='fg', guess='local')\n"
-        "net = train(cfg, sys.argv[1] + '/run', progress=False).model\n"
-        "flat = torch.cat([t.flatten().double() for t in net.state_dict().values()])\n"
-        "torch.save(flat, sys.argv[1] + f'/rank{dist.get_rank()}.pt')\n"
-        "dist.destroy_process_group()\n")
+        "root = sys.argv[1]\n"
+        "try:\n" + textwrap.indent(body, "    ") + "finally:\n"
+        "    dist.destroy_process_group()\n")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(2)]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out)
+            for p, out in zip(procs, outs)]
+
+
+def test_two_processes_keep_identical_weights_and_one_writes_the_run(tmp_path):
+    """Two processes (gloo) train with an --out folder: the same weights on both, process 0
+    holds and writes the folder (each taking its lock refused the other)."""
+    runs = _run_two_processes(tmp_path, (
+        "net = train(cfg, root + '/run', progress=False).model\n"
+        "flat = torch.cat([t.flatten().double() for t in net.state_dict().values()])\n"
+        "torch.save(flat, root + f'/rank{dist.get_rank()}.pt')\n"))
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(a, b)
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_a_folder_process_0_cannot_take_stops_every_process(tmp_path):
+    """Process 0 refuses an --out folder another run holds; process 1, whose own check of the
+    folder passes, stops with it and says why (it went on to its first collective call, where
+    gloo reported a broken connection and NCCL would wait)."""
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        runs = _run_two_processes(tmp_path, "train(cfg, root + '/run', progress=False)\n")
+    assert "is in use by another run" in runs[0].stderr, runs[0].stderr[-2000:]
+    assert "another process of the run refused out_dir" in runs[1].stderr, runs[1].stderr[-2000:]
+    assert [r.returncode for r in runs] == [1, 1]
+
+
+def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
+    """A loss that is not finite in process 1 alone stops both processes, each saying so,
+    before any step is taken (process 0 went on to its step's all_reduce, where gloo reported
+    a broken connection and NCCL would wait)."""
+    runs = _run_two_processes(tmp_path, (
+        "steps = loop.compute_gradients\n"
+        "def nan_in_rank_1(*args):\n"
+        "    grads, loss, ok = steps(*args)\n"
+        "    return grads, float('nan') if dist.get_rank() == 1 else loss, ok\n"
+        "loop.compute_gradients = nan_in_rank_1\n"
+        "train(cfg, progress=False)\n"))
+    assert "the training loss is nan" in runs[1].stderr, runs[1].stderr[-2000:]
+    assert "the training loss is not finite in another process" in runs[0].stderr, \
+        runs[0].stderr[-2000:]
+    assert [r.returncode for r in runs] == [1, 1]
