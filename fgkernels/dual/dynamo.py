@@ -188,6 +188,61 @@ def route_rows_and_abs_through_modes() -> None:
     builtin.call_abs = call_abs
 
 
+def route_private_functions_through_modes() -> None:
+    """Dynamo hands a torch function call to the torch function modes only where the function
+    is among ``torch.overrides.get_overridable_functions()``, which leaves out torch's private
+    functions; eager torch hands them over as any other. ``torch._weight_norm``, which
+    ``torch.nn.utils.parametrizations.weight_norm`` computes a weight by, went into the graph
+    past the compiled pass's mode on the parameters as plain tensors, and their tangents were
+    lost. Under a mode that asks for them, every function eager torch would hand over (all but
+    ``torch.overrides.get_ignored_functions()``) is handed to the modes; the mode passes on the
+    calls that meet no tangent."""
+    torch_variables = sys.modules.get("torch._dynamo.variables.torch")
+    variable = getattr(torch_variables, "TorchInGraphFunctionVariable", None)
+    torch_function = sys.modules.get("torch._dynamo.variables.torch_function")
+    can_dispatch = getattr(torch_function, "can_dispatch_torch_function", None)
+    enabled = getattr(variable, "torch_function_override_enabled", None)
+    if enabled is None or can_dispatch is None or getattr(enabled, "routes_private", False):
+        return
+    ignored = torch.overrides.get_ignored_functions()
+
+    def torch_function_override_enabled(self, tx, args, kwargs):
+        if enabled(self, tx, args, kwargs):
+            return True
+        func = self.get_function()
+        return getattr(func, "__name__", "").startswith("_") and func not in ignored \
+            and _mode_asks(tx) and can_dispatch(tx, args, kwargs)
+
+    torch_function_override_enabled.routes_private = True
+    variable.torch_function_override_enabled = torch_function_override_enabled
+
+
+# torch.utils.checkpoint.checkpoint's own keywords (the rest are the function's)
+_CHECKPOINT_OPTIONS = frozenset({"use_reentrant", "context_fn", "determinism_check", "debug",
+                                 "preserve_rng_state"})
+
+
+def trace_checkpoints_as_calls() -> None:
+    """Dynamo traces ``torch.utils.checkpoint.checkpoint(fn, *args)`` as a higher-order op
+    whose body it traces apart, past the torch function modes: the parameters a checkpointed
+    block read lost their tangents. Under a mode that asks for it, the call is traced as
+    ``fn(*args)``, as eager runs it on Duals: a forward pass has nothing to recompute."""
+    higher_order = sys.modules.get("torch._dynamo.variables.higher_order_ops")
+    variable = getattr(higher_order, "CheckpointHigherOrderVariable", None)
+    traced = getattr(variable, "call_function", None)
+    if traced is None or getattr(traced, "traces_calls", False):
+        return
+
+    def call_function(self, tx, args, kwargs):
+        if not (_mode_asks(tx) and args):
+            return traced(self, tx, args, kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS}
+        return args[0].call_function(tx, list(args[1:]), kwargs)
+
+    call_function.traces_calls = True
+    variable.call_function = call_function
+
+
 def _mode_asks(tx) -> bool:
     """True while a torch function mode that asks for the reads Dynamo traces past the modes
     (``traces_tensor_properties``) is on the stack of the trace."""

@@ -54,6 +54,8 @@ from .value import (
     check_tangent,
     in_primal_layout,
     inside_rule,
+    leave_rule,
+    return_to_rule,
 )
 
 Tensor = torch.Tensor
@@ -851,6 +853,11 @@ class _Hooks:
 
     def pre(self, module: nn.Module, args: tuple) -> None:
         if _compiled_pass.running:  # ParameterTangents does the substitution's work
+            if type(module) is parametrize.ParametrizationList:
+                # A parametrized weight read inside a rule (a twin's ``self.weight``) is
+                # computed as the model's own code: ParameterTangents hands its sources'
+                # tangents to its ops. (An eager pass substituted the sources already.)
+                leave_rule()
             return
         # Dynamo traces this call (fgkernels asks ``is_dynamo_compiling`` throughout: torch
         # holds ``is_compiling`` true in every thread while any one compiles).
@@ -887,6 +894,8 @@ class _Hooks:
             self.sync()
 
     def post(self, module: nn.Module, args: tuple, *rest) -> None:
+        if _compiled_pass.running and type(module) is parametrize.ParametrizationList:
+            return_to_rule()
         if _compiled_pass.running or torch.compiler.is_dynamo_compiling():
             return
         if getattr(self.local, "active", None) is not None:

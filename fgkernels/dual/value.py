@@ -13,8 +13,10 @@ from .dtypes import tangent_dtype_fits
 from .dynamo import (
     add_matmul_of_objects,
     add_reflected_matmul,
+    route_private_functions_through_modes,
     route_rows_and_abs_through_modes,
     route_tensor_properties_through_modes,
+    trace_checkpoints_as_calls,
     when_dynamo_loads,
 )
 from .layout import in_kernel_layout, kernel_format, slots_in_format
@@ -59,6 +61,8 @@ when_dynamo_loads(add_reflected_matmul)
 when_dynamo_loads(add_matmul_of_objects)
 when_dynamo_loads(route_tensor_properties_through_modes)
 when_dynamo_loads(route_rows_and_abs_through_modes)
+when_dynamo_loads(route_private_functions_through_modes)
+when_dynamo_loads(trace_checkpoints_as_calls)
 
 
 def implements_fallback(rule: Callable) -> Callable:
@@ -125,6 +129,7 @@ class _RuleDepth(threading.local):
 
     def __init__(self):
         self.depth = 0
+        self.set_aside: list[int] = []  # the depths ``leave_rule`` set aside, innermost last
 
 
 _rule_depth = _RuleDepth()
@@ -154,6 +159,19 @@ def in_rule() -> _InRule:
 def inside_rule() -> bool:
     """True while a rule is computed (see ``in_rule``)."""
     return _rule_depth.depth > 0
+
+
+def leave_rule() -> None:
+    """Run what follows, up to the matching ``return_to_rule``, as code outside any rule: a
+    model's own computation that a rule calls (a parametrization computing the weight a twin
+    reads), whose ops take the tangents of the parameters they meet."""
+    _rule_depth.set_aside.append(_rule_depth.depth)
+    _rule_depth.depth = 0
+
+
+def return_to_rule() -> None:
+    """Back inside the rule that ``leave_rule`` left."""
+    _rule_depth.depth = _rule_depth.set_aside.pop()
 
 
 def check_direction(direction, who: str) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -914,6 +915,64 @@ def test_a_parameter_read_past_the_mode_keeps_its_tangent_compiled(name):
     with fgkernels.strict_rules() if name != "real" else contextlib.nullcontext():
         out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
     _assert_pass_equals(out, model_jvp(net, [x], [xt], tangents))
+
+
+class _Checkpointed(nn.Module):
+    """A conv block run under activation checkpointing, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        return self.head(h.flatten(1))
+
+
+def _conv_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(64, 2))
+
+
+# Weights computed by code torch.compile traces apart from the pass's torch function mode:
+# torch._weight_norm (a private function, which Dynamo hands no mode), parametrizations read
+# inside a twin's rule, a checkpointed block (a higher-order op).
+TRACED_APART = {
+    "weight_norm": lambda: _parametrized(nn.utils.parametrizations.weight_norm),
+    "spectral_norm": lambda: _parametrized(nn.utils.parametrizations.spectral_norm).eval(),
+    "orthogonal": lambda: _parametrized(nn.utils.parametrizations.orthogonal, layer=4),
+    "checkpoint": _Checkpointed,
+}
+
+
+def _parametrized(parametrization, layer: int = 0) -> nn.Module:
+    net = _conv_net()
+    parametrization(net[layer])
+    return net
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["as is", "converted"])
+@pytest.mark.parametrize("name", sorted(TRACED_APART))
+def test_weights_computed_apart_from_the_mode_keep_their_tangents_compiled(name, convert):
+    """A weight_norm, spectral_norm or orthogonal parametrization, and a block under
+    activation checkpointing, in a model under fgkernels.compile, converted or not: the
+    parameters they read lost their tangents without a word (the primal was right). Now
+    traced in one graph, against forward_ad (spectral norm in eval mode: its power iteration
+    changes its buffers)."""
+    torch.manual_seed(0)
+    net = TRACED_APART[name]().double()
+    if convert:
+        fgkernels.convert(net)
+    tangents = fgkernels.random_tangents(net, num_tangents=2)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    oracle = model_jvp(net, [x], [xt], tangents)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # orthogonal's matrix_exp takes forward_ad's rule
+        out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+    _assert_pass_equals(out, oracle)
 
 
 def test_a_packed_recurrent_model_compiles_around_its_packing():
