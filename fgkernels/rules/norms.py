@@ -183,9 +183,10 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     n, c = x.shape[:2]
     # torch's kernel takes x dense in its own layout (F.group_norm makes it so first).
     x = x.contiguous(memory_format=kernel_format(x))
-    y, mean, r = torch.native_group_norm(x, primal_of(weight), primal_of(bias), n, c,
-                                         x.numel() // max(n * c, 1), num_groups, eps)
-    grouped = x.reshape(n, num_groups, -1)
+    hw = x.numel() // max(n * c, 1)
+    y, mean, r = torch.native_group_norm(x, primal_of(weight), primal_of(bias), n, c, hw,
+                                         num_groups, eps)
+    grouped = x.reshape(n, num_groups, c // num_groups * hw)  # (no -1: an empty batch has n = 0)
     xhat, xt_hat = _normalize(grouped, None if xt is None else
                               xt.reshape(xt.shape[0], *grouped.shape), [2],
                               mean.unsqueeze(-1), r.unsqueeze(-1))
