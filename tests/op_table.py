@@ -225,10 +225,14 @@ COLUMNS = torch.tensor([True, True, True, False, False, True])
 
 
 def _masked_fills(x, w):
+    """masked_fill and index_fill, of Duals and of a plain tensor by a 0-d Dual value."""
     y = (x * w).clone()
     y.masked_fill_((x < -0.5) & COLUMNS, float("-inf"))  # attention's masked scores
+    picked = torch.tensor([0, 4])
     return torch.softmax(y, 1) + (x * w).masked_fill(x > 0.5, 2.0) \
-        + x.masked_fill(COLUMNS, w.sum()) + torch.masked_fill(x, ~COLUMNS, torch.tensor(3.0))
+        + x.masked_fill(COLUMNS, w.sum()) + torch.masked_fill(x, ~COLUMNS, torch.tensor(3.0)) \
+        + torch.ones(4, 6, dtype=x.dtype).index_fill(1, picked, w.sum()) \
+        + (x * w).index_fill(0, picked[:1], x.mean()) + torch.index_fill(x, 1, picked, 2.0)
 
 
 def _gathers(x, w):
@@ -252,9 +256,11 @@ def _index_adds(x, w):
 def _linear_maps(x, w):
     a = x * w  # (2, 4, 6, 6)
     cols = F.unfold(a, 3, padding=1, stride=2)
+    s = a.sum()  # 0-d: roll and flip are the identity on its slots
     return F.fold(cols, (6, 6), 3, padding=1, stride=2) + F.channel_shuffle(a, 2) \
         + F.avg_pool1d(a.flatten(2), 4, 2, 1).sum(-1)[..., None, None] \
-        + F.adaptive_avg_pool1d(a.flatten(2), 5).sum(-1)[..., None, None]
+        + F.adaptive_avg_pool1d(a.flatten(2), 5).sum(-1)[..., None, None] \
+        + s.roll(1) * s.flip(0)
 
 
 def _selecting_pools(x, w):

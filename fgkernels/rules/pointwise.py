@@ -244,6 +244,17 @@ def masked_fill(input, mask, value) -> Dual:
                                        (vo, vt, lambda t: torch.where(mask, t, 0))])
 
 
+@implements(torch.index_fill, torch.Tensor.index_fill)
+def index_fill(input, dim: int, index: Tensor, value) -> Dual:
+    """Dual ``index_fill``: torch's value; ``ẏ = v̇`` at the filled indices, ``ẋ`` elsewhere (a
+    0-d Dual value into a plain tensor included, whose slots ``torch.vmap`` gets wrong)."""
+    (x, xt, xo), (v, vt, vo) = _parts(input), _parts(value)
+    y = torch.index_fill(x, dim, index, v)
+    filled = torch.zeros_like(x, dtype=torch.bool).index_fill(dim, index, True)
+    return _combine("index_fill", y, [(xo, xt, lambda t: t.masked_fill(filled, 0)),
+                                      (vo, vt, lambda t: torch.where(filled, t, 0))])
+
+
 @implements(torch.Tensor.masked_fill_)
 def _masked_fill_(input, mask, value) -> Dual:
     if not isinstance(input, Dual):  # a plain tensor filled from a Dual: the fallback's policy
@@ -848,6 +859,10 @@ def square(input) -> Dual:
 
 
 # --- linear tensor ops: the same map on the primal and on every slot ----------------------------
+# The linear ops that copy a 0-d tensor as it is
+_COPIES_OF_A_NUMBER = {torch.roll, torch.Tensor.roll, torch.flip, torch.Tensor.flip}
+
+
 def _linear_rule(func: Callable) -> Callable:
     """The rule of a tensor op that is linear in its first (Dual) argument and keeps the others
     constant: the op on the primal, and on every slot at once (``torch.vmap`` over T)."""
@@ -856,7 +871,11 @@ def _linear_rule(func: Callable) -> Callable:
         y = func(input.primal, *args, **kwargs)
         if input.tangents is None:
             return _wrap_like(input, y, None)
-        t = torch.vmap(lambda s: func(s, *args, **kwargs))(input.tangents)
+        if input.primal.dim() == 0 and func in _COPIES_OF_A_NUMBER:
+            # vmap's rules of roll and flip go wrong on 0-d slots (reorder them, or raise)
+            t = input.tangents.clone()
+        else:
+            t = torch.vmap(lambda s: func(s, *args, **kwargs))(input.tangents)
         return _wrap_like(input, y, t)
 
     return rule
