@@ -34,7 +34,7 @@ from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
 from ..dual.tangents import dual_of, running_pass
 from ..dual.value import Dual, differentiable, implements_fallback, view_root
-from .operands import primal_of
+from .operands import primal_of, refuse_dual_index
 
 _used: dict[str, int] = {}
 _local = threading.local()
@@ -187,6 +187,8 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     """An in-place op (``x.foo_(...)``, ``out=``, ``x[i] = v``) with Duals among its operands."""
     out = kwargs.get("out")
     target = out if out is not None else (args[0] if args else None)
+    if name == "Tensor.__setitem__":
+        refuse_dual_index(args[1])
     if isinstance(target, Dual) and out is None:
         if name == "Tensor.__setitem__":
             target[args[1]] = args[2]

@@ -9,7 +9,7 @@ import torch
 
 from ..dual import slots as _slots
 from ..dual.value import Dual, implements
-from .operands import parts
+from .operands import parts, refuse_dual_index
 from .pointwise import lift
 from .products import _product
 
@@ -42,8 +42,6 @@ def slot_index(index) -> Optional[tuple]:
     the primal (``index`` as torch reads it), or None where none does (advanced indices apart
     from one another move their dims to the front, ahead of the slot axis)."""
     items = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, Dual) for i in items):
-        raise TypeError("a Dual cannot index a tensor; index with its primal (d.primal)")
     advanced = [k for k, i in enumerate(items) if _is_advanced(i)]
     if advanced and advanced != list(range(advanced[0], advanced[-1] + 1)):
         return None
@@ -61,6 +59,7 @@ def getitem(input: Dual, index) -> Dual:
     slices, None, Ellipsis) both are views of ``d``'s, and an in-place op on the result writes
     into them, as on a view of a tensor (``b[n:2 * n].zero_()`` zeroes a part of ``b`` and of its
     tangent)."""
+    refuse_dual_index(index)
     index = as_torch_reads(index)
     y = input.primal[index]
     t = input.tangents
@@ -71,6 +70,7 @@ def getitem(input: Dual, index) -> Dual:
 def setitem(d: Dual, index, value) -> Dual:
     """The Dual ``d`` with ``d[index] = value`` (a Dual, Tensor or number), out of place: the
     region takes value's primal and tangent (zero where value has none)."""
+    refuse_dual_index(index)
     index, v = as_torch_reads(index), parts(value)
     y = d.primal.clone()
     y[index] = v.primal

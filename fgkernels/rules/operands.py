@@ -90,3 +90,10 @@ def tangents_as(p: LayerParams, dtype: Optional[torch.dtype]) -> LayerParams:
 def result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:
     """The output Dual of an op whose backend returned ``(y, yt)``."""
     return Dual._unchecked(y, yt, plan.directions, plan.single) if yt is not None else Dual(y)
+
+
+def refuse_dual_index(index) -> None:
+    """Refuse a Dual among an index (of a Dual or of a plain tensor, read or written)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, Dual) for i in items):
+        raise TypeError("a Dual cannot index a tensor; index with its primal (d.primal)")

@@ -964,3 +964,28 @@ def test_a_float16_spread_scales_its_terms_before_it_sums_them(op):
     out = fn(Dual(x, x[None]))
     assert torch.isfinite(out.tangents).all()
     assert_within_torch_error(out, ForwardADOracle(fn, [x], [x[None]]))
+
+
+def _set(target, index):
+    target[index] = 1.0
+
+
+DUAL_INDEXES = {
+    "a Dual by a Dual": lambda x, i: Dual(x)[i],
+    "a tensor by a Dual": lambda x, i: x[i],
+    "a tensor by an int and a Dual": lambda x, i: x[0, i],
+    "a write into a tensor at a Dual": lambda x, i: _set(x, i),
+    "a write into a Dual at a Dual": lambda x, i: _set(Dual(x), i),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DUAL_INDEXES))
+def test_a_dual_as_an_index_is_refused_by_name(case):
+    """A Dual among an index is a clear TypeError (a tensor read by a Dual index raised an
+    AttributeError, a write said it wrote a Dual into a plain tensor), the tensor unwritten."""
+    x = torch.randn(4, 4)
+    before = x.clone()
+    index = Dual(torch.tensor([0.0, 1.0]), torch.ones(2))
+    with pytest.raises(TypeError, match=r"a Dual cannot index a tensor; index with its primal"):
+        DUAL_INDEXES[case](x, index)
+    assert torch.equal(x, before)
