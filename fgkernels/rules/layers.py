@@ -306,8 +306,8 @@ def _selecting_pool(pool_with_indices: Callable, spatial: int, pair: bool = Fals
         t = d.tangents
         if t is not None:
             at = index.flatten(-spatial)
-            t = t.flatten(-spatial).gather(-1, at.expand(t.shape[0], *at.shape)) \
-                .view(t.shape[0], *y.shape)
+            t = in_primal_layout(t.flatten(-spatial).gather(-1, at.expand(t.shape[0], *at.shape))
+                                 .view(t.shape[0], *y.shape), y)
         out = d.with_tangents(y, t)
         return (out, index) if return_indices or pair else out
 
@@ -365,7 +365,7 @@ def pad(input: MaybeDual, pad: Sequence[int], mode: str = "constant",
     if d.tangents is None:
         return d.with_tangents(y, None)
     if mode == "constant":  # the stack's slot axis stays in front of the padded trailing dims
-        return d.with_tangents(y, F.pad(d.tangents, pad, mode, 0.0))
+        return d.with_tangents(y, in_primal_layout(F.pad(d.tangents, pad, mode, 0.0), y))
     # reflect, replicate, circular: torch pads the spatial dims of a batch, the slots in it
     t = F.pad(d.tangents.flatten(0, 1), pad, mode)
     return d.with_tangents(y, t.view(d.num_tangents, *y.shape))

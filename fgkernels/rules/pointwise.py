@@ -25,7 +25,7 @@ from ..backends.kernel_op import KernelOp
 from ..backends.reference import zeroed_where
 from ..dual import slots as _slots
 from ..dual.layout import empty_slots, slots_in_format
-from ..dual.value import Dual, implements, view_root
+from ..dual.value import Dual, implements, in_primal_layout, view_root
 from .fallback import forward_ad_fallback
 from .operands import as_dual, parts
 
@@ -876,6 +876,8 @@ def _linear_rule(func: Callable) -> Callable:
             t = input.tangents.clone()
         else:
             t = torch.vmap(lambda s: func(s, *args, **kwargs))(input.tangents)
+        if isinstance(t, Tensor) and view_root(t) is not view_root(input.tangents):
+            t = in_primal_layout(t, y)  # vmap's roll lays a channels_last stack out contiguous
         return _wrap_like(input, y, t)
 
     return rule

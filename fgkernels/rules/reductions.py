@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..dual.value import Dual, implements
+from ..dual.value import Dual, implements, in_primal_layout
 from .fallback import forward_ad_fallback
 from .pointwise import _like, _slot_dim, _slot_dims, maximum, minimum
 
@@ -181,7 +181,8 @@ def _picked(input: Dual, values: Tensor, indices: Tensor, dim: int, keepdim: boo
     at = _slot_dim(dim, n)
     index = indices if keepdim else indices.unsqueeze(at - 1)
     picked = t.gather(at, index.expand(t.shape[0], *index.shape))
-    return input.with_tangents(values, picked if keepdim else picked.squeeze(at))
+    return input.with_tangents(values, in_primal_layout(picked if keepdim else picked.squeeze(at),
+                                                        values))
 
 
 def _max_or_min(op, reduce, binary, input, args: tuple, kwargs: dict):

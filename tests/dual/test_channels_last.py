@@ -88,11 +88,15 @@ def test_every_slot_stays_channels_last(backend):
     F.relu, lambda v: F.hardtanh(v, -0.5, 0.5), lambda v: F.max_pool2d(v, 2),
     lambda v: F.conv2d(v[:1], torch.randn(4, 3, 3, 3), None, 1, 1),  # one image: ambiguous
     lambda v: torch.clamp(v, -0.5, 0.5), lambda v: torch.div(v, 0.3, rounding_mode="floor"),
-], ids=["relu", "hardtanh", "max_pool2d", "conv2d of one image", "clamp", "rounded quotient"])
+    lambda v: F.pad(v, (1, 1, 1, 1)), lambda v: F.max_pool2d(v, 2, return_indices=True)[0],
+    lambda v: F.adaptive_max_pool2d(v, 3), lambda v: v.sort(1)[0], lambda v: v.roll(1, 1),
+], ids=["relu", "hardtanh", "max_pool2d", "conv2d of one image", "clamp", "rounded quotient",
+        "constant pad", "max_pool2d with indices", "adaptive max pool", "sort", "roll"])
 def test_an_op_lays_out_each_slot_as_its_primal(op, backend):
     """A channels_last primal and slots, each op on its own: its slots channels_last too, on
     every CPU backend (a broadcast mask's masked_fill, a gather over flattened slots and a
-    convolution of one image had laid them out contiguous on the reference backend)."""
+    convolution of one image had laid them out contiguous on the reference backend; a
+    constant pad, the max pools with indices, sort and roll on every backend)."""
     x = torch.randn(2, 3, 6, 6).to(memory_format=CL)
     xt = torch.randn(1, 2, 6, 6, 3).permute(0, 1, 4, 2, 3)  # one slot, channels_last
     with fgkernels.use_backend(backend):
