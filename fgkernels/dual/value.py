@@ -781,9 +781,12 @@ class Dual:
                                "under torch.no_grad(), as on the plain pass)")
         if result._stack is not None and not self._same_slots(result):
             what = "a parameter" if kind == "parameter" else "a view of a Dual"
+            how = "" if kind == "parameter" else (
+                "; write into the Dual it views (d[i] = value, d.index_copy_(...)), or give "
+                "that Dual the slots first (Dual(x, torch.zeros(T, *x.shape)))")
             raise RuntimeError(f"an in-place op on {what} cannot change its tangent's slots "
                                f"(from {self.num_tangents} slots, directions "
-                               f"{self.directions}, to {result.num_tangents} slots)")
+                               f"{self.directions}, to {result.num_tangents} slots){how}")
         target.copy_(result.primal)  # autograd records it, as an in-place op on a tensor
         if stack is not None:
             with torch.no_grad():

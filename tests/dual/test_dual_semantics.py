@@ -814,6 +814,24 @@ def test_a_view_of_a_dual_without_tangent_sees_in_place_ops():
     torch.testing.assert_close(c.primal, 3 * x[0])
 
 
+def test_a_view_written_with_slots_its_dual_lacks_names_the_writes_that_work():
+    """``out[0].copy_(d[0])`` into a Dual without tangent would give its views slots they
+    cannot take: refused, naming the writes that work, which give forward_ad's tangent (the
+    written row's; zero elsewhere). The Dual is left as it was."""
+    x, t = torch.randn(2, 3, **f64), torch.randn(2, 3, **f64)
+    out = Dual(torch.zeros(2, 3, **f64))
+    with pytest.raises(RuntimeError, match=r"cannot change its tangent's slots .*write into "
+                                           r"the Dual it views \(d\[i\] = value"):
+        out[0].copy_(Dual(x, t)[0])
+    assert out.tangents is None and torch.equal(out.primal, torch.zeros(2, 3, **f64))
+    expected = torch.stack([t[0], torch.zeros(3, **f64)])
+    out[0] = Dual(x, t)[0]
+    torch.testing.assert_close(out.tangents[0], expected, rtol=0, atol=0)
+    out = Dual(torch.zeros(2, 3, **f64), torch.zeros(1, 2, 3, **f64))
+    out[0].copy_(Dual(x, t)[0])
+    torch.testing.assert_close(out.tangents[0], expected, rtol=0, atol=0)
+
+
 def test_a_conversion_to_a_new_primal_owns_its_tangent():
     """``e = d.double()`` of a float32 Dual with a bfloat16 tangent: the tangent stays
     bfloat16, but is e's own: an in-place op on e (after a view of it) leaves d's alone."""
