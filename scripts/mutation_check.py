@@ -88,6 +88,8 @@ TRITON_STATS = ("tests/backends/test_triton.py::test_bn_sums_of_a_channel_far_fr
                 "float32_s_precision",)
 COMPLEX = ("tests/dual/test_dual_semantics.py::test_complex_results_keep_complex_tangents",)
 BF16_ROUNDING = ("tests/backends/test_native.py::test_layer_norm_rounds_to_bfloat16_as_torch_does",)
+COMPUTED_APART = (COMPILE + "test_weights_computed_apart_from_the_mode_keep_their_tangents_"
+                  "compiled",)
 NATIVE = ("tests/rules/test_ops.py", "tests/backends/test_native.py",
           "tests/rules/test_layer_configs.py", "tests/rules/test_properties.py")
 
@@ -1164,6 +1166,26 @@ MUTANTS = [
     Mutant("a rounded quotient's tangent the plain quotient's", POINTWISE,
            "    if rounding_mode is not None:\n        y = torch.div(a, b, rounding_mode",
            "    if False:\n        y = torch.div(a, b, rounding_mode", SEMANTICS),
+    Mutant("Dynamo hands torch's private functions to no mode", "fgkernels/dual/dynamo.py",
+           'return getattr(func, "__name__", "").startswith("_") and func not in ignored',
+           'return False and func not in ignored', COMPUTED_APART),
+    Mutant("a parametrization read inside a twin's rule stays inside it",
+           "fgkernels/dual/value.py",
+           "    _rule_depth.set_aside.append(_rule_depth.depth)\n    _rule_depth.depth = 0",
+           "    _rule_depth.set_aside.append(_rule_depth.depth)", COMPUTED_APART),
+    Mutant("a checkpointed block traced as Dynamo's higher-order op", "fgkernels/dual/dynamo.py",
+           "if not (_mode_asks(tx) and args):", "if True:", COMPUTED_APART),
+    Mutant("index_fill's value tangent everywhere", POINTWISE,
+           "(vo, vt, lambda t: torch.where(filled, t, 0))", "(vo, vt, lambda t: t)", OPS),
+    Mutant("a 0-d roll's slots vmapped", POINTWISE,
+           "if input.primal.dim() == 0 and func in _COPIES_OF_A_NUMBER:",
+           "if False:", OPS),
+    Mutant("a constant pad's slots left contiguous", LAYERS,
+           "in_primal_layout(F.pad(d.tangents, pad, mode, 0.0), y)",
+           "F.pad(d.tangents, pad, mode, 0.0)", CHANNELS_LAST),
+    Mutant("group norm's groups sized by -1", "fgkernels/rules/norms.py",
+           "x.reshape(n, num_groups, c // num_groups * hw)", "x.reshape(n, num_groups, -1)",
+           HOSTILE),
 ]
 
 
