@@ -19,17 +19,20 @@ namespace fgkernels {
 // An optional tensor argument that was given (and is not an undefined tensor).
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// A tangent's dtype is its primal's, or a floating dtype of fewer bits (bfloat16 or float16
-// tangents of a float32 primal): tangent terms are computed in it, accumulations in the primal's
-// accumulation type.
+// A tangent's dtype is its primal's, or one of fewer bits of the same kind (bfloat16 or float16
+// tangents of a float32 primal, complex64 of complex128; dual/dtypes.py): tangent terms are
+// computed in it, accumulations in the primal's accumulation type.
 inline bool tangent_dtype_fits(at::ScalarType primal, at::ScalarType tangent) {
-  return tangent == primal ||
-         (at::isFloatingType(tangent) && at::elementSize(tangent) < at::elementSize(primal));
+  if (tangent == primal) return true;
+  const bool same_kind = at::isComplexType(primal)
+                             ? at::isComplexType(tangent)
+                             : at::isFloatingType(primal) && at::isFloatingType(tangent);
+  return same_kind && at::elementSize(tangent) < at::elementSize(primal);
 }
 
 inline void check_tangent_dtype(at::ScalarType primal, at::ScalarType tangent, const char* name) {
   TORCH_CHECK(tangent_dtype_fits(primal, tangent), name, " must have dtype ", primal,
-              " or a floating dtype of fewer bits, got ", tangent);
+              " or one of fewer bits of the same kind, got ", tangent);
 }
 
 // xt must stack tangents of x: shape (T, *x.shape), T >= 1, a dtype that fits x's

@@ -35,7 +35,7 @@ def check_stacked_tangent(x: Tensor, xt: Tensor, name: str = "xt") -> None:
                  lambda: f"{name} must have shape (T, *{tuple(x.shape)}), "
                          f"got {tuple(xt.shape)}")
     torch._check(tangent_dtype_fits(x.dtype, xt.dtype),
-                 lambda: f"{name} must have dtype {x.dtype} or a floating dtype of fewer bits, "
+                 lambda: f"{name} must have dtype {x.dtype} or one of fewer bits of the same kind, "
                          f"got {xt.dtype}")
 
 

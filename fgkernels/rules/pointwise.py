@@ -401,6 +401,13 @@ def _activation(input, y: Tensor, derivative: Callable[[Tensor, Tensor], Tensor]
         tangents = None
     elif t.dtype == x.dtype:
         tangents = derivative(t, x.expand_as(t))
+    elif x.is_complex():
+        # A complex derivative need not be a product with a slope (|x|'s is Re(conj(ẋ)·x/|x|),
+        # and real): formed at x's precision, a complex one rounded once to the tangent's (a
+        # real one stays at the output's, as the slot plans take a real output's dtype)
+        tangents = derivative(t.to(x.dtype), x.expand_as(t))
+        if tangents.is_complex():
+            tangents = tangents.to(t.dtype)
     else:
         slope = derivative(torch.ones_like(x), x)
         if torch.compiler.is_dynamo_compiling() or (

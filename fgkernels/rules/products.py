@@ -39,7 +39,8 @@ def _product(op: str, operands: list, compute: Callable[[list], Tensor],
     if primal_factors:
         term_of = lambda i, stack: term(i, stack, primals, y)
     else:
-        cast = lambda v: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+        cast = lambda v: v.to(dtype) if isinstance(v, Tensor) \
+            and (v.is_floating_point() or v.is_complex()) else v
         factors = [cast(v) for v in primals]
         term_of = lambda i, stack: term(i, stack, factors)
     terms = [(term_of(i, _slots.cast(p.tangents, dtype)), pos)

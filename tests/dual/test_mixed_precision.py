@@ -443,3 +443,30 @@ def test_antialiased_resampling_of_bfloat16_tangents_on_the_cpu(mode):
     out = fn(Dual(x, xt))
     assert out.tangents.dtype == BF16
     assert rel_err(out.tangents, forward_ad_jvp(fn, [x.double()], [xt.double()])[1]) < 2 ** -6
+
+
+C128, C64 = torch.complex128, torch.complex64
+_W = torch.randn(5, 4, dtype=C128, generator=torch.Generator().manual_seed(1))
+COMPLEX_NARROW = {
+    "abs": torch.abs, "exp": torch.exp, "tanh": torch.tanh, "angle": torch.angle,
+    "matmul": lambda v: v @ _W.T, "linear": lambda v: F.linear(v, _W),
+    "einsum": lambda v: torch.einsum("ij,kj->ik", v, _W), "sum": lambda v: v.sum(1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPLEX_NARROW))
+def test_a_complex64_tangent_of_a_complex128_primal(name):
+    """A complex64 tangent of a complex128 Dual (accepted as a float32 one of a float64 Dual
+    is): forward_ad's tangent within a complex64 rounding, complex64 for a complex result (a
+    real one takes the output's dtype, as every op's slot plan gives it). |x|'s slope times
+    the tangent was complex and wrong (its derivative is no product with a slope); the
+    products and linear refused the pair."""
+    op = COMPLEX_NARROW[name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, dtype=C128, generator=gen)
+    t = torch.randn(2, 3, 4, dtype=C64, generator=gen)
+    y, yt = forward_ad_jvp(op, [x], [t.to(C128)])
+    out = op(Dual(x, t))
+    torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
+    assert out.tangents.dtype == (C64 if yt.is_complex() else torch.float64)
+    assert rel_err(out.tangents.to(yt.dtype), yt) < 1e-6
