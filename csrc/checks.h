@@ -8,6 +8,7 @@
 
 #include <initializer_list>
 #include <optional>
+#include <unordered_set>
 
 // t, the argument called name, must have the shape given by the remaining (int) arguments.
 #define FGK_CHECK_SHAPE(t, name, ...)                                                 \
@@ -61,15 +62,30 @@ inline at::ScalarType tangent_type(
   return type.value_or(x.scalar_type());
 }
 
-// An op that writes `out` in place: out must not share memory with `other` (its own input),
+// Whether a and b share an element. at::get_overlap_status cannot tell for a tensor that is not
+// dense (TooHard); two strided 1-d tensors of one dtype over one storage (running statistics
+// held as columns of one buffer) are compared element by element.
+inline bool share_an_element(const at::Tensor& a, const at::Tensor& b) {
+  const auto overlap = at::get_overlap_status(a, b);
+  if (overlap != at::MemOverlapStatus::TooHard) return overlap != at::MemOverlapStatus::No;
+  if (!a.is_alias_of(b)) return false;
+  if (a.dim() != 1 || b.dim() != 1 || a.scalar_type() != b.scalar_type()) return true;
+  std::unordered_set<int64_t> offsets;
+  for (int64_t i = 0; i < a.size(0); ++i) offsets.insert(a.storage_offset() + i * a.stride(0));
+  for (int64_t i = 0; i < b.size(0); ++i) {
+    if (offsets.count(b.storage_offset() + i * b.stride(0))) return true;
+  }
+  return false;
+}
+
+// An op that writes `out` in place: out must not share an element with `other` (its own input),
 // and, while autograd records, must not be a leaf that requires grad (as torch's in-place ops).
 inline void check_writable(const at::Tensor& out, const char* name, const at::Tensor& other,
                            const char* other_name) {
   TORCH_CHECK(!(at::GradMode::is_enabled() && out.requires_grad() && out.is_leaf()), name,
               " is a leaf tensor that requires grad and cannot be updated in place; call the op "
               "under torch.no_grad()");
-  const auto overlap = at::get_overlap_status(out, other);
-  TORCH_CHECK(overlap == at::MemOverlapStatus::No, name, " and ", other_name,
+  TORCH_CHECK(!share_an_element(out, other), name, " and ", other_name,
               " share memory; they must be separate tensors");
 }
 

@@ -157,6 +157,39 @@ def test_running_stats_update_as_batch_norm_does(dtype):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+STRIDED_STATISTICS = {
+    "columns of one buffer": lambda c: (lambda s: (s[:, 0], s[:, 1]))(torch.ones(c, 2)),
+    "one strided": lambda c: (torch.zeros(2 * c)[::2], torch.ones(c)),
+    "rows of one buffer": lambda c: (lambda s: (s[0], s[1]))(torch.ones(2, c)),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["batch_norm", "conv2d_batch_norm"])
+@pytest.mark.parametrize("layout", sorted(STRIDED_STATISTICS))
+def test_running_statistics_strided_or_in_one_buffer_update_where_they_are(layout, fused):
+    """Running statistics held strided, or as parts of one buffer that share no element, are
+    updated in place as F.batch_norm updates them, on every backend (the native kernels took
+    any two such tensors for the same memory and refused them); the outputs are forward_ad's."""
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 3, 5, 5), torch.randn(3, 3, 3, 3)
+    xt = torch.randn(1, *x.shape)
+    conv = (lambda v: F.conv2d(v, w, padding=1)) if fused else (lambda v: v)
+    mean0, var0 = STRIDED_STATISTICS[layout](3)
+    ref_stats = (mean0.clone(), var0.clone())
+    y, yt = forward_ad_jvp(lambda v: F.batch_norm(conv(v), *ref_stats, training=True), [x],
+                           [xt])
+    for backend in fgkernels.available_backends():
+        mean, var = STRIDED_STATISTICS[layout](3)
+        with fgkernels.use_backend(backend):
+            out = DF.conv2d_batch_norm(Dual(x, xt), w, None, 1, 1, 1, 1, mean, var, None, None,
+                                       True, 0.1, 1e-5, False) if fused else \
+                DF.batch_norm(Dual(x, xt), mean, var, training=True)
+        torch.testing.assert_close(out.primal, y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.tangents, yt, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mean, ref_stats[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var, ref_stats[1], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 def test_bn_with_varied_slots_matches_forward_ad(channels_last, relu):
