@@ -56,10 +56,11 @@ def _instantiate(name: str) -> Optional[Backend]:
         from .native.backend import NativeBackend
         return NativeBackend() if native.native_available() else None
     from .triton import triton_available
-    if not triton_available():
+    fallback = _load("native")  # what Triton has no kernel for runs there: loaded first
+    if fallback is None or not triton_available():
         return None
     from .triton.backend import TritonBackend
-    return TritonBackend()
+    return TritonBackend(fallback)
 
 
 def available_backends() -> list[str]:

@@ -1,4 +1,5 @@
 """The backend registry: selection, forcing, and errors."""
+import importlib.util
 import subprocess
 import sys
 import warnings
@@ -44,6 +45,33 @@ def test_environment_variable_forces_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"FGKERNELS_BACKEND": "reference", "PATH": ""})
     assert out.stdout.strip() == "reference"
+
+
+TRITON_FIRST = """
+import torch, fgkernels, fgkernels.functional as DF
+from fgkernels import Dual
+from fgkernels.testing import forward_ad_jvp
+x, w = torch.randn(1, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
+xt = torch.randn(1, *x.shape, dtype=torch.float64)
+with fgkernels.use_backend("triton"):  # float64: delegated to the native backend
+    out = DF.conv2d(Dual(x, xt), w)
+y, yt = forward_ad_jvp(lambda v: torch.nn.functional.conv2d(v, w), [x], [xt])
+torch.testing.assert_close(out.primal, y)
+torch.testing.assert_close(out.tangents, yt)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None
+                    or "native" not in fgkernels.available_backends(),
+                    reason="Triton or the extension missing")
+@pytest.mark.parametrize("how", ["use_backend", "FGKERNELS_BACKEND"])
+def test_triton_as_the_first_backend_delegates_to_a_loaded_native_one(how):
+    """Triton chosen before any other backend has loaded (a fresh process): what it hands to
+    the native backend (a float64 convolution) runs there, where native's ops had not been
+    registered yet (an AttributeError), against forward_ad."""
+    env = {"TRITON_INTERPRET": "1", "PATH": ""} | (
+        {"FGKERNELS_BACKEND": "triton"} if how == "FGKERNELS_BACKEND" else {})
+    subprocess.run([sys.executable, "-c", TRITON_FIRST], env=env, check=True)
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):

@@ -30,8 +30,8 @@ class TritonBackend(InPlaceConvBatchNorm, Delegating):
 
     name = "triton"
 
-    def __init__(self):
-        self.fallback = NativeBackend()
+    def __init__(self, fallback: NativeBackend):
+        self.fallback = fallback  # the loaded native backend (its ops registered)
 
     def _fused_conv(self, x, xt, p: LayerParams, plan: SlotPlan, conv: ConvArgs, bn_stats):
         """The fused kernel's ``(y, yt, mean, var, tmean, tcov)`` (the statistics None without
