@@ -288,6 +288,28 @@ def test_wrong_channel_count_raises_and_keeps_state():
     assert int(net[1].num_batches_tracked) == 0 and int(bn.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("eps,training,message", [
+    (0.0, True, "eps must be positive during training, but got 0.0"),
+    (-1.0, False, "eps must be non-negative, but got -1.0")])
+@pytest.mark.parametrize("fused", [False, True], ids=["batch norm", "conv-bn"])
+def test_batch_norm_refuses_an_eps_torch_refuses_and_keeps_state(eps, training, message, fused):
+    """An eps torch's batch norm refuses (not positive in training, negative in eval) is
+    refused with its message on every backend, no statistic changed (the native kernels ran
+    and counted the call; at eps = -1 the primal was NaN)."""
+    layers = [nn.Conv2d(2, 3, 1)] if fused else []
+    net = fgkernels.convert(nn.Sequential(*layers, nn.BatchNorm2d(3 if fused else 2, eps=eps)))
+    net.train(training)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 2, 3, 3)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        copy.deepcopy(net)(x)  # a plain call: torch's own batch norm
+    for backend in fgkernels.available_backends():
+        with fgkernels.use_backend(backend), pytest.raises(ValueError, match=re.escape(message)):
+            net(Dual(x, torch.randn_like(x)))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_fused_batch_norm_that_raises_keeps_state():
     """A Conv→BN run whose batch norm refuses its input (training on one value per channel)
     changes no running statistic and does not count the call."""
