@@ -577,6 +577,8 @@ class Dual:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if kwargs and not _NUMPY_NAMES.keys().isdisjoint(kwargs):
+            kwargs = _torch_names(kwargs)
         rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
             _RULES.get(func)
         with in_rule():
@@ -841,6 +843,17 @@ def in_primal_layout(stack: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
     if not primal.is_contiguous(memory_format=fmt) or in_kernel_layout(primal, stack):
         return stack
     return slots_in_format(stack, fmt)
+
+
+# The NumPy names torch's argument parser takes for ``dim`` and ``keepdim``
+_NUMPY_NAMES = {"axis": "dim", "keepdims": "keepdim"}
+
+
+def _torch_names(kwargs: dict) -> dict:
+    """``kwargs`` with ``axis=`` and ``keepdims=`` under torch's own names, which the rules
+    take (torch accepts both spellings of every op's ``dim`` and ``keepdim``)."""
+    return {(_NUMPY_NAMES[k] if k in _NUMPY_NAMES and _NUMPY_NAMES[k] not in kwargs else k): v
+            for k, v in kwargs.items()}
 
 
 def is_dual(x) -> bool:

@@ -1169,3 +1169,24 @@ def test_view_refuses_what_torch_refuses_and_writes_through_what_it_takes():
     v = d.view(2, 6)
     v.mul_(0.0)
     assert (d.primal == 0).all() and (d.tangents == 0).all()
+
+
+NUMPY_NAMED = {
+    "sum": lambda v: v.sum(axis=1), "mean keepdims": lambda v: v.mean(1, keepdims=True),
+    "var": lambda v: v.var(axis=1), "std_mean": lambda v: torch.std_mean(v, axis=0)[0],
+    "amax": lambda v: v.amax(axis=1, keepdims=True), "max": lambda v: v.max(axis=1).values,
+    "softmax": lambda v: v.softmax(axis=1), "cumsum": lambda v: torch.cumsum(v, axis=1),
+    "logsumexp": lambda v: v.logsumexp(axis=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_NAMED))
+def test_numpy_names_of_dim_and_keepdim_as_torch_takes_them(name):
+    """``axis=`` and ``keepdims=``, which torch takes for ``dim`` and ``keepdim``: forward_ad's
+    numbers (they were refused, and var(axis=1) reduced over every dim)."""
+    op = NUMPY_NAMED[name]
+    x, t = torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    y, yt = forward_ad_jvp(op, [x], [t])
+    out = op(Dual(x, t))
+    torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
