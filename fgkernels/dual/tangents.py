@@ -1052,12 +1052,13 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
             raise KeyError(f"set_tangents: unknown parameter name {name!r}; the module's "
                            f"parameters are: {known}{', ...' if len(params) > 12 else ''}")
         p = params[name]
-        entry = _stack_parameter(name, p, tangent, direction)
         earlier = staged.get(id(p))
-        if earlier is not None and earlier[1].stack is not entry.stack:
-            raise ValueError(f"set_tangents: {earlier[2]!r} and {name!r} are the same (tied) "
-                             "parameter; give its tangent once")
-        staged[id(p)] = (p, entry, name)
+        if earlier is not None:  # a tied parameter by another name: the same tangent only
+            if tangent is not tangents[earlier[2]]:
+                raise ValueError(f"set_tangents: {earlier[2]!r} and {name!r} are the same (tied) "
+                                 "parameter; give its tangent once")
+            continue
+        staged[id(p)] = (p, _stack_parameter(name, p, tangent, direction), name)
     counts = {e.stack.shape[0] for _, e, _ in staged.values() if e.directions is None}
     if len(counts) > 1:
         raise ValueError(f"set_tangents: the tangents of one call must share T, got "

@@ -500,13 +500,22 @@ def test_dual_pass_takes_duals_by_keyword_and_nests():
             pass
 
 
-def test_tied_names_share_one_tangent_and_may_not_disagree():
+@pytest.mark.parametrize("stacked", [False, True], ids=["one tangent", "stacked"])
+def test_tied_names_share_one_tangent_and_may_not_disagree(stacked):
+    """A tied parameter takes its tangent by either name, or by both given the same tensor
+    (refused in the parameter's shape, where each name's stack was a view of its own); two
+    tensors are refused, and nothing is set."""
     model = Tied().double()
-    t = torch.randn(4, 4, **f64)
+    t = torch.randn(*(2,) * stacked, 4, 4, **f64)
     fgkernels.set_tangents(model, {"l2.weight": t})  # the alias of l1.weight
-    assert torch.equal(tangent_of(model.l1.weight).stack[0], t)
+    assert torch.equal(tangent_of(model.l1.weight).stack, t if stacked else t[None])
+    fgkernels.clear_tangents(model)
+    fgkernels.set_tangents(model, {"l1.weight": t, "l2.weight": t})
+    assert torch.equal(tangent_of(model.l2.weight).stack, t if stacked else t[None])
+    fgkernels.clear_tangents(model)
     with pytest.raises(ValueError, match="same .tied. parameter"):
         fgkernels.set_tangents(model, {"l1.weight": t, "l2.weight": t.clone()})
+    assert tangent_of(model.l1.weight) is None
 
 
 def test_a_parameters_requires_grad_during_a_pass_is_the_parameters():
