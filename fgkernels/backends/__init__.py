@@ -116,8 +116,9 @@ def _warn_unbuilt() -> None:
                   stacklevel=4)
 
 
-def current_backend(device: torch.device) -> Backend:
-    """The backend that runs ops on ``device`` now."""
+def current_backend(device: torch.device | str) -> Backend:
+    """The backend that runs ops on ``device`` (a torch.device or its name) now."""
+    device = torch.device(device)
     stack = _local.__dict__.get("stack")
     name = stack[-1] if stack else os.environ.get("FGKERNELS_BACKEND")
     if name:

@@ -108,6 +108,7 @@ def conv2d(input: MaybeDual, weight: MaybeDual, bias: Optional[MaybeDual] = None
     so that only the tangents are computed and it becomes the output's primal, not copied (the
     Triton kernels compute the primal from the same loads as the tangents, and use their own).
     An unbatched input ``(C, H, W)`` is a batch of one, as for ``F.conv2d``."""
+    input = as_dual(input, "conv2d")
     if input.dim() == 3:
         return conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
                       primal=None if primal is None else primal.unsqueeze(0)).squeeze(0)

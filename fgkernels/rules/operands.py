@@ -59,6 +59,10 @@ def layer_params(op: str, weight, bias) -> tuple[LayerParams, Optional[_slots.Sl
     """One layer's weight and bias and the slots their tangents carry together: the union of
     the two's directions, as any op takes its operands' (a backend takes one slot set for
     both: a slot only one of them has is zero in the other's stack), in the promoted dtype."""
+    for name, v in (("weight", weight), ("bias", bias)):
+        if not (v is None or isinstance(v, (Tensor, Dual))):
+            raise TypeError(f"{op}: {name} must be a Dual, Tensor or None, got "
+                            f"{type(v).__name__}")
     w, b = parts(weight), parts(bias)
     if w.slots is not None and b.slots is not None and w.slots != b.slots:
         plan = _slots.plan([w.slots, b.slots], op)

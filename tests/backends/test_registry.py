@@ -19,6 +19,7 @@ from helpers import TOL, torch_jvp_multi
 def test_use_backend_forces_and_restores():
     cpu = torch.device("cpu")
     default = fgkernels.current_backend(cpu).name
+    assert fgkernels.current_backend("cpu").name == default  # a device's name, as torch takes
     with fgkernels.use_backend("reference"):
         assert fgkernels.current_backend(cpu).name == "reference"
     assert fgkernels.current_backend(cpu).name == default

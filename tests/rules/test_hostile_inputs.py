@@ -739,6 +739,10 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     (lambda: fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))(
         Dual(torch.randn(3, 8, 8), torch.randn(3, 8, 8))),
      ValueError, r"^expected 4D input \(got 3D input\)"),
+    (lambda: DF.conv2d(None, torch.randn(4, 3, 3, 3)),
+     TypeError, "conv2d: expected a Dual or Tensor input, got NoneType"),
+    (lambda: DF.conv2d(Dual(torch.randn(1, 3, 5, 5)), [1.0]),
+     TypeError, "conv2d: weight must be a Dual, Tensor or None, got list"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
@@ -749,7 +753,8 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
         "attention 3-D mask shape", "attention integer mask", "one running statistic",
         "batch norm float64 statistics", "batch norm parameters of two dtypes",
         "conv2d of a 2-D input",
-        "converted conv and batch norm of an unbatched input"])
+        "converted conv and batch norm of an unbatched input", "conv2d of None",
+        "conv2d with a list weight"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()
