@@ -419,8 +419,9 @@ class Dual:
         return self.primal.detach()
 
     def requires_grad_(self, requires_grad: bool = True) -> Dual:
-        """Set ``requires_grad`` on the primal, as on a dual tensor of forward_ad (reverse mode
-        may then differentiate the primal computation); returns this Dual."""
+        """Set ``requires_grad`` on the primal, as on a dual tensor of forward_ad; returns this
+        Dual. (A dual pass keeps no autograd graph through its layers, whose rules run under
+        ``torch.no_grad``: reverse mode differentiates the plain forward, not the pass.)"""
         self.primal.requires_grad_(requires_grad)
         return self
 
