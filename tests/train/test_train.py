@@ -277,7 +277,7 @@ def test_a_folder_process_0_cannot_take_stops_every_process(tmp_path):
         runs = _run_two_processes(tmp_path, "train(cfg, root + '/run', progress=False)\n")
     assert "is in use by another run" in runs[0].stderr, runs[0].stderr[-2000:]
     assert "another process of the run refused out_dir" in runs[1].stderr, runs[1].stderr[-2000:]
-    assert [r.returncode for r in runs] == [1, 1]
+    assert all(r.returncode != 0 for r in runs)  # (gloo may abort a process as it exits)
 
 
 def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
@@ -294,4 +294,4 @@ def test_a_non_finite_loss_in_one_process_stops_every_process(tmp_path):
     assert "the training loss is nan" in runs[1].stderr, runs[1].stderr[-2000:]
     assert "the training loss is not finite in another process" in runs[0].stderr, \
         runs[0].stderr[-2000:]
-    assert [r.returncode for r in runs] == [1, 1]
+    assert all(r.returncode != 0 for r in runs)  # (gloo may abort a process as it exits)
