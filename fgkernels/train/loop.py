@@ -77,9 +77,12 @@ class TrainConfig:
             raise ValueError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
         check_choices(self.target, self.guess, self.space, self.noise)
         check_model_args(self.arch, self.aux, self.aux_width, self.width)
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "max_steps"):
+            value = getattr(self, name)
+            if value is None and name == "max_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int of at least 1, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.tangent_dtype is not None:
@@ -92,8 +95,6 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
                 or not 0 <= self.seed < 2 ** 32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -250,6 +251,27 @@ def build_run(cfg: TrainConfig, ds: Dataset) -> tuple[BlockNet, torch.optim.SGD,
     return net, opt, sched
 
 
+def check_batch_norms_see_a_batch(cfg: TrainConfig, ds: Dataset) -> None:
+    """Refuse a batch size that leaves a batch norm of the network or of an aux head the
+    method trains one value per channel (torch refuses it in training, at the first step,
+    after an ``--overwrite`` has cleared the folder): the step's shapes run on the meta
+    device, which computes nothing."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        net = build_model(cfg.arch, ds.num_classes, ds.in_channels, cfg.aux, cfg.aux_width,
+                          cfg.width)
+        x = torch.empty(cfg.batch_size, *ds.train_x.shape[1:])
+        last = len(net.blocks) - 1
+        try:
+            for j, block in enumerate(net.blocks):
+                x = block(x)
+                if j == last or cfg.algo != "backprop":  # (backprop trains no aux head)
+                    net.heads[j](x)
+        except ValueError as e:
+            raise ValueError(f"batch size {cfg.batch_size} is too small for {cfg.arch} with "
+                             f"{cfg.aux} aux heads on {tuple(ds.train_x.shape[1:])} images: a "
+                             f"batch norm would see one value per channel ({e})") from None
+
+
 def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
           progress: bool = True, dataset: Optional[Dataset] = None,
           stop_after: Optional[int] = None, overwrite: bool = False) -> RunResult:
@@ -269,6 +291,7 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     rank, world = _rank_world()
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     batches_per_epoch(ds, cfg.batch_size, world)
+    check_batch_norms_see_a_batch(cfg, ds)
     if not out_dir:
         return _train(cfg, None, resume, progress, ds, stop_after)
     device = torch.device(cfg.device)

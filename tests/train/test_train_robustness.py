@@ -159,8 +159,15 @@ def test_a_second_run_on_one_folder_is_refused_at_once(digits, tmp_path):
     (dict(aux="rnn"), {}, ValueError, "unknown aux net 'rnn'"),
     (dict(width=0), {}, ValueError, "width must be a positive int, got 0"),
     (dict(aux_width=2.5), {}, ValueError, "aux_width must be a positive int, got 2.5"),
+    (dict(epochs=1.5), {}, ValueError, "epochs must be an int of at least 1, got 1.5"),
+    (dict(batch_size=64.0), {}, ValueError, "batch_size must be an int of at least 1, got 64.0"),
+    (dict(max_steps=1.5), {}, ValueError, "max_steps must be an int of at least 1, got 1.5"),
+    (dict(batch_size=1, aux="mlp", algo="local"), {}, ValueError,
+     r"batch size 1 is too small for cnn with mlp aux heads on \(1, 8, 8\) images: a batch "
+     r"norm would see one value per channel"),
 ], ids=["device", "meta device", "absent GPU", "batch size", "resume without checkpoint",
-        "resume and overwrite", "no cifar", "arch", "aux", "width", "aux width"])
+        "resume and overwrite", "no cifar", "arch", "aux", "width", "aux width", "float epochs",
+        "float batch size", "float max_steps", "one value per channel"])
 def test_a_run_refused_makes_nothing(tmp_path, digits, overrides, kwargs, error, message):
     """Bad arguments, data or --out are refused with an error that names them, before the
     run's folder is made."""
@@ -191,15 +198,17 @@ def test_the_demo_refuses_a_run_s_folder_before_any_run_writes(tmp_path, capsys)
         == ["run3", "run3/old.txt"]
 
 
-@pytest.mark.parametrize("overrides", [dict(arch="vgg"), dict(aux="rnn"), dict(width=0)],
-                         ids=["arch", "aux", "width"])
+@pytest.mark.parametrize("overrides", [dict(arch="vgg"), dict(aux="rnn"), dict(width=0),
+                                       dict(batch_size=1, aux="mlp", algo="local")],
+                         ids=["arch", "aux", "width", "one value per channel"])
 def test_a_bad_model_with_overwrite_leaves_the_old_run(tmp_path, digits, overrides):
     """``overwrite`` replaces a run only once the new one is known to start: a model argument
-    that build_model refuses leaves the old run's files as they were."""
+    that build_model refuses, or a batch its batch norms cannot train on, leaves the old run's
+    files as they were."""
     cfg = TrainConfig(**{**QUICK, "epochs": 1})
     train(cfg, str(tmp_path), progress=False, dataset=digits)
     before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
-    with pytest.raises(ValueError, match=next(iter(overrides))):
+    with pytest.raises(ValueError, match=next(iter(overrides)).replace("_", " ")):
         train(TrainConfig(**{**QUICK, "epochs": 1, **overrides}), str(tmp_path), progress=False,
               dataset=digits, overwrite=True)
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
