@@ -182,6 +182,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             configs = [_config(args, diagnose=True, **overrides) for overrides in DEMO_RUNS]
             outs = [Path(args.out) / f"run{i}" if args.out else None for i in range(len(configs))]
             # Every run's configuration and folder checked before the first run writes anything
+            if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out} exists and is not a folder")
             for cfg, out in zip(configs, outs):
                 cfg.validate()
                 if out is not None:

@@ -198,6 +198,19 @@ def test_the_demo_refuses_a_run_s_folder_before_any_run_writes(tmp_path, capsys)
         == ["run3", "run3/old.txt"]
 
 
+def test_the_demo_refuses_a_file_as_its_folder_before_any_run(tmp_path, capsys):
+    """``demo --out`` naming a file is refused by name before run0 starts (a raw OSError of
+    its first run, after the demo's first line, told neither what nor where)."""
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    argv = ["demo", "--epochs", "1", "--max-steps", "2", "--width", "4", "--no-progress",
+            "--out", str(target)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {target} exists and is not a folder" in err and "[1/" not in err
+    assert target.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("overrides", [dict(arch="vgg"), dict(aux="rnn"), dict(width=0),
                                        dict(batch_size=1, aux="mlp", algo="local")],
                          ids=["arch", "aux", "width", "one value per channel"])
