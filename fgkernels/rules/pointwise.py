@@ -109,12 +109,22 @@ def add(input, other, *, alpha=1) -> Dual:
 @implements(torch.sub, torch.Tensor.sub, torch.Tensor.__sub__)
 def sub(input, other, *, alpha=1) -> Dual:
     """Dual ``input - alpha·other``."""
+    _refuse_bool_subtraction(input, other)
     return add(input, other, alpha=-alpha)
 
 
 @implements(torch.Tensor.__rsub__, torch.rsub)
 def _rsub(input, other, *, alpha=1) -> Dual:
+    _refuse_bool_subtraction(input, other)
     return add(other, input, alpha=-alpha)
+
+
+def _refuse_bool_subtraction(*operands) -> None:
+    """torch's refusal of ``-`` with a bool tensor, which ``add(alpha=-1)`` would not give."""
+    if any(isinstance(v, Tensor) and v.dtype == torch.bool for v in operands):
+        raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
+                           "If you are trying to invert a mask, use the `~` or `logical_not()` "
+                           "operator instead.")
 
 
 @implements(torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,

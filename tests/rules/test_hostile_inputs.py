@@ -739,6 +739,8 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     (lambda: fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))(
         Dual(torch.randn(3, 8, 8), torch.randn(3, 8, 8))),
      ValueError, r"^expected 4D input \(got 3D input\)"),
+    (lambda: torch.tensor([True, False]) - Dual(torch.randn(2), torch.randn(2)),
+     RuntimeError, "Subtraction, the `-` operator, with a bool tensor is not supported"),
     (lambda: DF.conv2d(None, torch.randn(4, 3, 3, 3)),
      TypeError, "conv2d: expected a Dual or Tensor input, got NoneType"),
     (lambda: DF.conv2d(Dual(torch.randn(1, 3, 5, 5)), [1.0]),
@@ -753,7 +755,8 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
         "attention 3-D mask shape", "attention integer mask", "one running statistic",
         "batch norm float64 statistics", "batch norm parameters of two dtypes",
         "conv2d of a 2-D input",
-        "converted conv and batch norm of an unbatched input", "conv2d of None",
+        "converted conv and batch norm of an unbatched input", "a bool tensor minus a Dual",
+        "conv2d of None",
         "conv2d with a list weight"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
