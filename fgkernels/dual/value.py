@@ -578,7 +578,7 @@ class Dual:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if kwargs and not _NUMPY_NAMES.keys().isdisjoint(kwargs):
+        if "axis" in kwargs or "keepdims" in kwargs:  # (as Dynamo traces it: no set ops)
             kwargs = _torch_names(kwargs)
         rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
             _RULES.get(func)

@@ -917,6 +917,30 @@ def test_a_parameter_read_past_the_mode_keeps_its_tangent_compiled(name):
     _assert_pass_equals(out, model_jvp(net, [x], [xt], tangents))
 
 
+def test_ops_called_by_keyword_compile_in_one_graph():
+    """``x.sum(dim=1)``, ``softmax(dim=-1)``, ``mean(axis=1, keepdims=True)``: a Dual op called
+    by keyword traces into the graph (the renaming of NumPy's names broke it at every such
+    call), with forward_ad's numbers."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h.softmax(dim=-1).sum(dim=1) + h.mean(axis=1, keepdims=True).squeeze(1)
+
+    torch.manual_seed(0)
+    net = Net().double()
+    tangents = fgkernels.random_tangents(net, num_tangents=2)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    oracle = model_jvp(net, [x], [xt], tangents)
+    torch._dynamo.reset()
+    out = fgkernels.compile(net, backend="aot_eager", fullgraph=True)(Dual(x, xt))
+    _assert_pass_equals(out, oracle)
+
+
 class _Checkpointed(nn.Module):
     """A conv block run under activation checkpointing, then a linear head."""
 
