@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import inspect
 import operator
 import sys
 from types import ModuleType
@@ -194,9 +195,9 @@ def route_private_functions_through_modes() -> None:
     functions; eager torch hands them over as any other. ``torch._weight_norm``, which
     ``torch.nn.utils.parametrizations.weight_norm`` computes a weight by, went into the graph
     past the compiled pass's mode on the parameters as plain tensors, and their tangents were
-    lost. Under a mode that asks for them, every function eager torch would hand over (all but
-    ``torch.overrides.get_ignored_functions()``) is handed to the modes; the mode passes on the
-    calls that meet no tangent."""
+    lost. Under a mode that asks for them, every private function outside
+    ``torch.overrides.get_ignored_functions()`` is handed to the modes, as eager torch hands
+    its private operators; the mode passes on the calls that meet no tangent."""
     torch_variables = sys.modules.get("torch._dynamo.variables.torch")
     variable = getattr(torch_variables, "TorchInGraphFunctionVariable", None)
     torch_function = sys.modules.get("torch._dynamo.variables.torch_function")
@@ -217,9 +218,12 @@ def route_private_functions_through_modes() -> None:
     variable.torch_function_override_enabled = torch_function_override_enabled
 
 
-# torch.utils.checkpoint.checkpoint's own keywords (the rest are the function's)
-_CHECKPOINT_OPTIONS = frozenset({"use_reentrant", "context_fn", "determinism_check", "debug",
-                                 "preserve_rng_state"})
+def _checkpoint_options() -> frozenset:
+    """torch.utils.checkpoint.checkpoint's own keywords, as its signature in this torch names
+    them (the rest are the checkpointed function's)."""
+    from torch.utils.checkpoint import checkpoint
+    names = set(inspect.signature(checkpoint).parameters) - {"function", "args", "kwargs"}
+    return frozenset(names | {"preserve_rng_state"})  # (read from **kwargs before torch 2.14)
 
 
 def trace_checkpoints_as_calls() -> None:
@@ -232,11 +236,12 @@ def trace_checkpoints_as_calls() -> None:
     traced = getattr(variable, "call_function", None)
     if traced is None or getattr(traced, "traces_calls", False):
         return
+    options = _checkpoint_options()
 
     def call_function(self, tx, args, kwargs):
         if not (_mode_asks(tx) and args):
             return traced(self, tx, args, kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if k not in _CHECKPOINT_OPTIONS}
+        kwargs = {k: v for k, v in kwargs.items() if k not in options}
         return args[0].call_function(tx, list(args[1:]), kwargs)
 
     call_function.traces_calls = True

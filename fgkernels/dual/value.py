@@ -174,6 +174,18 @@ def return_to_rule() -> None:
     _rule_depth.depth = _rule_depth.set_aside.pop()
 
 
+def rule_state() -> tuple[int, int]:
+    """This thread's rule depth and how many depths ``leave_rule`` set aside."""
+    return _rule_depth.depth, len(_rule_depth.set_aside)
+
+
+def restore_rule_state(state: tuple[int, int]) -> None:
+    """Back to a ``rule_state``: a KeyboardInterrupt (which runs no module hook) inside code
+    that left a rule does not return to it."""
+    _rule_depth.depth = state[0]
+    del _rule_depth.set_aside[state[1]:]
+
+
 def check_direction(direction, who: str) -> None:
     """Raise ValueError naming ``who`` unless ``direction`` is None or a non-negative int."""
     if direction is not None and (not isinstance(direction, int) or isinstance(direction, bool)

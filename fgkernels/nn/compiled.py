@@ -21,7 +21,7 @@ from ..dual.tangents import (
     is_dual_pass_root,
     lifted_set_aside,
 )
-from ..dual.value import Dual, census, in_rule
+from ..dual.value import Dual, census, in_rule, restore_rule_state, rule_state
 
 
 def compile(module: nn.Module, **options: Any) -> Callable:
@@ -65,12 +65,14 @@ def compile(module: nn.Module, **options: Any) -> Callable:
             if isinstance(a, Dual):
                 current_backend(a.device)
         outer, _compiled_pass.running = _compiled_pass.running, True
+        rules = rule_state()
         try:
             with ParameterTangents(), lifted_set_aside(), \
                     _rnn_traced() if recurrent else nullcontext():
                 return _counted(compiled(*args, **kwargs))
         finally:
             _compiled_pass.running = outer
+            restore_rule_state(rules)  # (a parametrization an interrupt cut short left one)
             _hooks.sync()  # (one the collector asked for while compiling was put off)
 
     run.compiled = compiled

@@ -917,6 +917,34 @@ def test_a_parameter_read_past_the_mode_keeps_its_tangent_compiled(name):
     _assert_pass_equals(out, model_jvp(net, [x], [xt], tangents))
 
 
+def test_an_interrupt_inside_a_parametrization_leaves_no_rule_state_behind():
+    """A KeyboardInterrupt raised while a compiled pass computes a parametrized weight (which
+    runs outside the twin's rule; torch runs no module hook on an interrupt) leaves this
+    thread's rule state as it was: later passes hand out the parameters' tangents."""
+    from fgkernels.dual.value import rule_state
+
+    class Interrupts(nn.Module):
+        armed = False
+
+        def forward(self, w):
+            if Interrupts.armed:
+                raise KeyboardInterrupt
+            return w
+
+    torch.manual_seed(0)
+    net = fgkernels.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()).double())
+    nn.utils.parametrize.register_parametrization(net[0], "weight", Interrupts())
+    tangents = fgkernels.random_tangents(net, num_tangents=1)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    compiled = fgkernels.compile(net, backend="eager")
+    Interrupts.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        compiled(Dual(x))
+    Interrupts.armed = False
+    assert rule_state() == (0, 0)
+    _assert_pass_equals(compiled(Dual(x)), model_jvp(net, [x], [None], tangents))
+
+
 def test_ops_called_by_keyword_compile_in_one_graph():
     """``x.sum(dim=1)``, ``softmax(dim=-1)``, ``mean(axis=1, keepdims=True)``: a Dual op called
     by keyword traces into the graph (the renaming of NumPy's names broke it at every such
@@ -950,7 +978,8 @@ class _Checkpointed(nn.Module):
         self.head = nn.Linear(64, 2)
 
     def forward(self, x):
-        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False,
+                                              early_stop=True)  # (checkpoint's own keywords)
         return self.head(h.flatten(1))
 
 
