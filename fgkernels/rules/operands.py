@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Union
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..backends.base import LayerParams
 from ..dual import slots as _slots
@@ -98,6 +99,5 @@ def result(y: Tensor, yt: Optional[Tensor], plan: _slots.SlotPlan) -> Dual:
 
 def refuse_dual_index(index) -> None:
     """Refuse a Dual among an index (of a Dual or of a plain tensor, read or written)."""
-    items = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, Dual) for i in items):
+    if any(isinstance(i, Dual) for i in pytree.tree_leaves(index)):  # (in a list too)
         raise TypeError("a Dual cannot index a tensor; index with its primal (d.primal)")

@@ -25,7 +25,7 @@ from ..backends.kernel_op import KernelOp
 from ..backends.reference import zeroed_where
 from ..dual import slots as _slots
 from ..dual.layout import empty_slots, slots_in_format
-from ..dual.value import Dual, implements, in_primal_layout, view_root
+from ..dual.value import Dual, differentiable, implements, in_primal_layout, view_root
 from .fallback import forward_ad_fallback
 from .operands import as_dual, parts
 
@@ -77,6 +77,8 @@ def _combine(op: str, y: Tensor, terms) -> Dual:
     reaches its function in the output slots' dtype (``SlotPlan.dtype_for``: y's, unless a
     tangent is narrower than its primal by design)."""
     terms = [(o, t, fn) for o, t, fn in terms if o is not None]
+    if not differentiable(y.dtype):  # a Dual filled into an integer tensor: torch's value alone
+        return y
     plan = _slots.plan([o for o, _, _ in terms], op)
     if plan.count == 0:
         return Dual(y)
@@ -121,7 +123,8 @@ def _rsub(input, other, *, alpha=1) -> Dual:
 
 def _refuse_bool_subtraction(*operands) -> None:
     """torch's refusal of ``-`` with a bool tensor, which ``add(alpha=-1)`` would not give."""
-    if any(isinstance(v, Tensor) and v.dtype == torch.bool for v in operands):
+    if any(isinstance(v, bool) or isinstance(v, Tensor) and v.dtype == torch.bool
+           for v in operands):
         raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
                            "If you are trying to invert a mask, use the `~` or `logical_not()` "
                            "operator instead.")

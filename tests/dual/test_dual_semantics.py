@@ -1190,3 +1190,16 @@ def test_numpy_names_of_dim_and_keepdim_as_torch_takes_them(name):
     out = op(Dual(x, t))
     torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
+
+
+def test_a_dual_filled_into_an_integer_tensor_gives_torch_s_value_alone():
+    """index_fill and masked_fill of an integer tensor by a Dual value: torch's integer result,
+    a plain tensor (a tangent of integers is none; the rule made a Dual of int64 slots, which
+    Dual() itself refuses)."""
+    x = torch.zeros(3, 4, dtype=torch.long)
+    value = Dual(torch.tensor(2.7, **f64), torch.tensor([1.0, 2.0], **f64))
+    for out, expected in ((x.index_fill(1, torch.tensor([0, 2]), value),
+                           x.index_fill(1, torch.tensor([0, 2]), 2.7)),
+                          (x.masked_fill(x == 0, value), x.masked_fill(x == 0, 2.7))):
+        assert type(out) is torch.Tensor and torch.equal(out, expected)
+

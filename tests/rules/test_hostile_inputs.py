@@ -741,6 +741,8 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
      ValueError, r"^expected 4D input \(got 3D input\)"),
     (lambda: torch.tensor([True, False]) - Dual(torch.randn(2), torch.randn(2)),
      RuntimeError, "Subtraction, the `-` operator, with a bool tensor is not supported"),
+    (lambda: Dual(torch.randn(2), torch.randn(2)) - True,
+     RuntimeError, "Subtraction, the `-` operator, with a bool tensor is not supported"),
     (lambda: DF.conv2d(None, torch.randn(4, 3, 3, 3)),
      TypeError, "conv2d: expected a Dual or Tensor input, got NoneType"),
     (lambda: DF.conv2d(Dual(torch.randn(1, 3, 5, 5)), [1.0]),
@@ -756,6 +758,7 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
         "batch norm float64 statistics", "batch norm parameters of two dtypes",
         "conv2d of a 2-D input",
         "converted conv and batch norm of an unbatched input", "a bool tensor minus a Dual",
+        "a Dual minus True",
         "conv2d of None",
         "conv2d with a list weight"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
@@ -984,6 +987,9 @@ DUAL_INDEXES = {
     "a tensor by an int and a Dual": lambda x, i: x[0, i],
     "a write into a tensor at a Dual": lambda x, i: _set(x, i),
     "a write into a Dual at a Dual": lambda x, i: _set(Dual(x), i),
+    "a tensor by a list holding a Dual": lambda x, i: x[[0, i]],
+    "a Dual by an int and a list holding a Dual": lambda x, i: Dual(x)[0, [i]],
+    "a write into a tensor at a list holding a Dual": lambda x, i: _set(x, [i]),
 }
 
 
