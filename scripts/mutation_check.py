@@ -576,7 +576,7 @@ MUTANTS = [
            "return y.unflatten(0, (slots, n)).to(stack.dtype)",
            "return y.unflatten(0, (slots, n)).to(stack.dtype) * 0", OPS),
     Mutant("grid_sample drops the grid's term", "fgkernels/rules/sampling.py",
-           ".sum(-1).to(stack.dtype)", ".sum(-1).to(stack.dtype) * 0", OPS),
+           "stack.to(wide)).to(stack.dtype)", "stack.to(wide)).to(stack.dtype) * 0", OPS),
     Mutant("grid_sample's grid derivative from one channel for all", "fgkernels/rules/sampling.py",
            "return d_grid.view(n, c, *g.shape[1:])",
            "return d_grid.view(n, c, *g.shape[1:])[:, :1].expand(n, c, *g.shape[1:])",

@@ -57,7 +57,7 @@ def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros"
         flags = (_MODES[mode], _PADDING_MODES[padding_mode], bool(align_corners))
         d_grid = _grid_derivative(x.to(wide), g.to(wide), flags)  # (N, C, *out, d)
         # ẏ[s, n, c, p] = Σ_k ∂y[n, c, p]/∂g[n, p, k] · ġ[s, n, p, k]
-        return (d_grid.unsqueeze(0) * stack.to(wide).unsqueeze(2)).sum(-1).to(stack.dtype)
+        return torch.einsum("nc...k,sn...k->snc...", d_grid, stack.to(wide)).to(stack.dtype)
 
     return _product("grid_sample", [input, grid],
                     lambda f: F.grid_sample(f[0], f[1], mode, padding_mode, align_corners), term,

@@ -418,22 +418,25 @@ def _identity_grid(shape, align_corners: bool) -> torch.Tensor:
 def test_grid_sample_on_the_identity_grid_has_torch_s_derivative(mode, padding_mode,
                                                                 align_corners, dims):
     """A spatial transformer's usual start: the identity grid, whose points sit on pixel
-    centres and, corners aligned, on the borders. The grid's term is the Jacobian of torch's
-    own backward, border points included (the decomposition's clamp passed the tangent there:
-    a slope towards a zero pixel past the border, ±32 where torch has 0), in 3-d too (its grid
-    tangent was refused). bicubic is 2-d only, as in torch."""
+    centres and, corners aligned, on the borders. Both terms are the Jacobian of torch's own
+    backward, the grid's at border points included (the decomposition's clamp passed the
+    tangent there: a slope towards a zero pixel past the border, ±32 where torch has 0), in
+    3-d too (its grid tangent was refused). bicubic is 2-d only, as in torch."""
     if dims == 3 and mode == "bicubic":
         pytest.skip("torch samples 3-d grids bilinearly or nearest only")
     torch.manual_seed(0)
     shape = (1, 2, 3, 4, 5)[:dims + 2]
     x = torch.arange(math.prod(shape), dtype=torch.float64).view(shape).square() / 10
     grid = _identity_grid(shape, align_corners)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
     gt = torch.randn(2, *grid.shape, dtype=torch.float64)
-    sample = lambda g: F.grid_sample(x, g, mode, padding_mode, align_corners)
-    out = sample(Dual(grid, gt))
-    y = sample(grid)
-    jg = torch.autograd.functional.jacobian(sample, grid)
-    expected = torch.stack([(jg.flatten(y.dim()) @ gt[s].flatten()).view_as(y) for s in range(2)])
+    sample = lambda x_, g_: F.grid_sample(x_, g_, mode, padding_mode, align_corners)
+    out = sample(Dual(x, xt), Dual(grid, gt))
+    y = sample(x, grid)
+    jx, jg = torch.autograd.functional.jacobian(sample, (x, grid))
+    expected = torch.stack([(jx.flatten(y.dim()) @ xt[s].flatten()
+                             + jg.flatten(y.dim()) @ gt[s].flatten()).view_as(y)
+                            for s in range(2)])
     torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
     torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
 
