@@ -133,13 +133,14 @@ def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[
                          "neither be None")
     if not bn.training and (bn.running_mean is None or bn.running_var is None):
         raise ValueError("batch_norm: eval mode needs running_mean and running_var")
-    if bn.training and not bn.eps > 0:  # (as torch: 1/sqrt(var + eps) of a constant channel)
-        raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
-    if not bn.eps >= 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
     if bn.training and shape[0] * math.prod(shape[2:]) == 1:  # as torch: an empty input passes
         raise ValueError(f"batch_norm: training needs more than 1 value per channel, got input "
                          f"of shape {tuple(shape)}")
+    # (torch's order: the batch first, then eps; 1/sqrt(var + eps) of a constant channel)
+    if bn.training and not bn.eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
+    if not bn.eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {bn.eps}")
 
 
 def check_primal(op: str, primal: Optional[Tensor], x: Tensor, shape: tuple) -> None:

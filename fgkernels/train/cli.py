@@ -17,7 +17,7 @@ from .checkpoint import check_out_dir
 from .cost import measure_step_costs
 from .data import DATASETS, load_dataset
 from .estimators import GUESSES, NOISES, SPACES, TARGETS
-from .loop import ALGOS, DTYPES, TANGENT_DTYPES, TrainConfig, train
+from .loop import ALGOS, DTYPES, TANGENT_DTYPES, TrainConfig, check_batch_norms_see_a_batch, train
 from .models import ARCHS, AUX_NETS, aux_flops_share, build_model
 from .report import plot_runs, summary_table
 
@@ -186,6 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ValueError(f"--out {args.out} exists and is not a folder")
             for cfg, out in zip(configs, outs):
                 cfg.validate()
+                check_batch_norms_see_a_batch(cfg, dataset)
                 if out is not None:
                     check_out_dir(out, False, args.overwrite, resumable=False)
             results = []

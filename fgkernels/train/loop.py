@@ -267,9 +267,10 @@ def check_batch_norms_see_a_batch(cfg: TrainConfig, ds: Dataset) -> None:
                 if j == last or cfg.algo != "backprop":  # (backprop trains no aux head)
                     net.heads[j](x)
         except ValueError as e:
-            raise ValueError(f"batch size {cfg.batch_size} is too small for {cfg.arch} with "
-                             f"{cfg.aux} aux heads on {tuple(ds.train_x.shape[1:])} images: a "
-                             f"batch norm would see one value per channel ({e})") from None
+            heads = "" if cfg.algo == "backprop" else f" with {cfg.aux} aux heads"
+            raise ValueError(f"batch size {cfg.batch_size} is too small for {cfg.arch}{heads} "
+                             f"on {tuple(ds.train_x.shape[1:])} images: a batch norm would see "
+                             f"one value per channel ({e})") from None
 
 
 def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,

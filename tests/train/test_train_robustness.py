@@ -198,6 +198,16 @@ def test_the_demo_refuses_a_run_s_folder_before_any_run_writes(tmp_path, capsys)
         == ["run3", "run3/old.txt"]
 
 
+def test_the_demo_refuses_a_batch_a_later_run_cannot_train_before_any_run(tmp_path, capsys):
+    """A batch size that leaves a later run's aux head one value per channel (mlp heads,
+    batch 1: the backprop run trains no head) is refused before run0 writes anything."""
+    argv = ["demo", "--epochs", "1", "--max-steps", "2", "--width", "4", "--no-progress",
+            "--aux", "mlp", "--batch-size", "1", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "batch size 1 is too small" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_demo_refuses_a_file_as_its_folder_before_any_run(tmp_path, capsys):
     """``demo --out`` naming a file is refused by name before run0 starts (a raw OSError of
     its first run, after the demo's first line, told neither what nor where)."""
