@@ -11,6 +11,7 @@ a plain Tensor input runs the twin's own forward (autograd included).
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import functools
 from collections.abc import Iterator
 from typing import NamedTuple, Optional
@@ -563,6 +564,8 @@ def _reduce_as_layer(self, protocol):
     name, as a layer of the class it twins: loading makes the twin again. (``torch.save`` and
     ``copy.deepcopy`` both come here.)"""
     reduced = object.__reduce_ex__(self, protocol)  # (copyreg.__newobj__, (cls,), state, ...)
+    if reduced[0] not in (copyreg.__newobj__, copyreg._reconstructor):
+        return reduced  # the layer class's own __reduce__: its way of being made again
     return (_new_twinned, (type(self).__bases__[1],), *reduced[2:])
 
 

@@ -503,8 +503,8 @@ def test_dual_pass_takes_duals_by_keyword_and_nests():
 @pytest.mark.parametrize("stacked", [False, True], ids=["one tangent", "stacked"])
 def test_tied_names_share_one_tangent_and_may_not_disagree(stacked):
     """A tied parameter takes its tangent by either name, or by both given the same tensor
-    (refused in the parameter's shape, where each name's stack was a view of its own); two
-    tensors are refused, and nothing is set."""
+    (which was refused in the parameter's shape: each name's stack was a view of its own);
+    two tensors are refused, and nothing is set."""
     model = Tied().double()
     t = torch.randn(*(2,) * stacked, 4, 4, **f64)
     fgkernels.set_tangents(model, {"l2.weight": t})  # the alias of l1.weight
