@@ -1,8 +1,9 @@
 """Backend registry: which implementation runs the dual ops for a given device.
 
 Backends (``base.Backend`` is the contract): ``reference`` (plain PyTorch, always there),
-``native`` (the compiled ``fgkernels._C`` ops) and ``triton`` (Triton kernels; on CUDA, or on the
-CPU under ``TRITON_INTERPRET=1``). The default is, per device, the backend measured fastest
+``native`` (the compiled ``fgkernels._C`` ops) and ``triton`` (Triton kernels, on CUDA or on the
+CPU under ``TRITON_INTERPRET=1``, where the native backend loads: it runs what Triton has no
+kernel for). The default is, per device, the backend measured fastest
 there: native on the CPU; on CUDA, per fused op, the backend ``cuda_defaults.CUDA_DEFAULTS``
 names (native for every op until a GPU run of the benchmarks shows a Triton kernel faster,
 ``benchmarks/RESULTS-gpu.md``); reference when nothing else is built. ``FGKERNELS_BACKEND`` or

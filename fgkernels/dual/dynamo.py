@@ -193,9 +193,9 @@ def route_private_functions_through_modes() -> None:
     """Dynamo hands a torch function call to the torch function modes only where the function
     is among ``torch.overrides.get_overridable_functions()``, which leaves out torch's private
     functions; eager torch hands them over as any other. ``torch._weight_norm``, which
-    ``torch.nn.utils.parametrizations.weight_norm`` computes a weight by, went into the graph
-    past the compiled pass's mode on the parameters as plain tensors, and their tangents were
-    lost. Under a mode that asks for them, every private function outside
+    ``torch.nn.utils.parametrizations.weight_norm`` computes a weight by, would go into the
+    graph past the compiled pass's mode, on the parameters as plain tensors, losing their
+    tangents. Under a mode that asks for them, every private function outside
     ``torch.overrides.get_ignored_functions()`` is handed to the modes, as eager torch hands
     its private operators; the mode passes on the calls that meet no tangent."""
     torch_variables = sys.modules.get("torch._dynamo.variables.torch")
@@ -229,7 +229,7 @@ def _checkpoint_options() -> frozenset:
 def trace_checkpoints_as_calls() -> None:
     """Dynamo traces ``torch.utils.checkpoint.checkpoint(fn, *args)`` as a higher-order op
     whose body it traces apart, past the torch function modes: the parameters a checkpointed
-    block read lost their tangents. Under a mode that asks for it, the call is traced as
+    block reads would lose their tangents. Under a mode that asks for it, the call is traced as
     ``fn(*args)``, as eager runs it on Duals: a forward pass has nothing to recompute."""
     higher_order = sys.modules.get("torch._dynamo.variables.higher_order_ops")
     variable = getattr(higher_order, "CheckpointHigherOrderVariable", None)

@@ -1032,11 +1032,12 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
     """Give parameters of ``module`` a tangent for the next dual passes.
 
     ``tangents`` maps names as in ``module.named_parameters()`` (a tied parameter by any of its
-    names) to a tensor of the parameter's shape (one tangent) or ``(T, *shape)`` (T tangents);
-    every tangent of one call has the same T. With ``direction=j`` each (single) tangent belongs
-    to direction j alone: the outputs it reaches gain a slot for j while the input carries none.
-    The tangent belongs to the tensor: wherever the model reads it during a dual pass, it is a
-    Dual. Everything is checked before anything is set.
+    names, or by several with the same tensor) to a tensor of the parameter's shape (one
+    tangent) or ``(T, *shape)`` (T tangents); every tangent of one call has the same T. With
+    ``direction=j`` each (single) tangent belongs to direction j alone: the outputs it reaches
+    gain a slot for j while the input carries none. The tangent belongs to the tensor: wherever
+    the model reads it during a dual pass, it is a Dual. Everything is checked before anything
+    is set.
     """
     check_module(module, "set_tangents")
     check_direction(direction, "set_tangents")

@@ -157,7 +157,8 @@ def in_rule() -> _InRule:
 
 
 def inside_rule() -> bool:
-    """True while a rule is computed (see ``in_rule``)."""
+    """True while a rule is computed (see ``in_rule``), except inside model code that
+    ``leave_rule`` runs as the model's own (a parametrization a twin's rule reads)."""
     return _rule_depth.depth > 0
 
 

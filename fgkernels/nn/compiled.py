@@ -29,7 +29,9 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     among their positional inputs (and all its calls inside ``fgkernels.dual_pass(module)``)
     run the dual pass compiled: every op that meets a parameter with a tangent takes its Dual
     (``ParameterTangents``), so tied, listed and attention parameters and ops on a parameter
-    alone carry their tangents, converted model or not. Other calls run the compiled plain
+    alone carry their tangents, converted model or not, as do parametrized weights
+    (``torch._weight_norm`` included) and blocks under ``torch.utils.checkpoint``, traced into
+    the graph. Other calls run the compiled plain
     forward. ``dynamic=True`` among the options compiles once for every batch size. A dual
     call traces torch's recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) into its graph,
     unrolled by their rules, where Dynamo's default (``torch._dynamo.config.allow_rnn`` off)

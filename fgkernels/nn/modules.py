@@ -634,7 +634,8 @@ def convert(module: nn.Module) -> nn.Module:
     """Turn the layers of ``module`` (itself included) that have a twin into it, in place, and
     return it: a speed step that never changes a number (any model is exact on Duals as it is).
     Parameters, buffers, hooks and state_dict keys are untouched: the twins add no state, so
-    each layer simply changes class. A subclass of a twinned layer keeps its own methods.
+    each layer simply changes class. A subclass of a twinned layer keeps its own methods. A
+    converted model pickles and ``torch.save``s whole; loaded, its layers are still converted.
     Conv→BN→ReLU and BN→ReLU runs inside ``nn.Sequential`` containers are fused on the dual
     pass."""
     if not isinstance(module, nn.Module):

@@ -253,9 +253,9 @@ def build_run(cfg: TrainConfig, ds: Dataset) -> tuple[BlockNet, torch.optim.SGD,
 
 def check_batch_norms_see_a_batch(cfg: TrainConfig, ds: Dataset) -> None:
     """Refuse a batch size that leaves a batch norm of the network or of an aux head the
-    method trains one value per channel (torch refuses it in training, at the first step,
-    after an ``--overwrite`` has cleared the folder): the step's shapes run on the meta
-    device, which computes nothing."""
+    method trains one value per channel (torch alone would refuse it only at the first
+    training step, after an ``--overwrite`` had cleared the folder): the step's shapes run on
+    the meta device, which computes nothing."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         net = build_model(cfg.arch, ds.num_classes, ds.in_channels, cfg.aux, cfg.aux_width,
                           cfg.width)
@@ -281,8 +281,10 @@ def train(cfg: TrainConfig, out_dir: Optional[str] = None, resume: bool = False,
     unless ``overwrite``). ``stop_after`` ends the run after that many epochs in all (0: none),
     as an interruption would. A non-finite loss stops the run with FloatingPointError. ``progress``:
     a progress bar on a terminal, elsewhere (a log, CI) one line per epoch on stderr. Bad
-    arguments, data or ``out_dir`` are refused before anything is written. In a distributed
-    run, process 0 holds and writes ``out_dir``."""
+    arguments (a batch size too small for the batch norms included), data or ``out_dir`` are
+    refused before anything is written. In a distributed run, process 0 holds and writes
+    ``out_dir`` (prepared before the other processes' verdict on it); a refusal of ``out_dir``
+    or a non-finite loss in any process stops every process."""
     cfg.validate()
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                    or stop_after < 0):
