@@ -381,6 +381,20 @@ def test_ctc_loss_zero_infinity_and_unbatched_inputs():
         torch.testing.assert_close(single.tangents, alone.tangents[:, 0] * scale)
 
 
+def _assert_grid_sample_is_torch_s(x, grid, xt, gt, mode, padding_mode, align_corners):
+    """grid_sample of Duals: torch's value, and ``ẏ = J_x·ẋ + J_grid·ġ`` slot by slot with the
+    Jacobians of torch's own backward (its forward mode has no rule)."""
+    sample = lambda x_, g_: F.grid_sample(x_, g_, mode, padding_mode, align_corners)
+    out = sample(Dual(x, xt), Dual(grid, gt))
+    y = sample(x, grid)
+    jx, jg = torch.autograd.functional.jacobian(sample, (x, grid))
+    expected = torch.stack([(jx.flatten(y.dim()) @ xt[s].flatten()
+                             + jg.flatten(y.dim()) @ gt[s].flatten()).view_as(y)
+                            for s in range(xt.shape[0])])
+    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
+    torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
@@ -393,15 +407,7 @@ def test_grid_sample_matches_torch_s_own_derivatives(mode, padding_mode, align_c
     grid = torch.rand(2, 4, 3, 2, dtype=torch.float64) * 2.4 - 1.2
     xt, gt = torch.randn(2, *x.shape, dtype=torch.float64), torch.randn(2, *grid.shape,
                                                                          dtype=torch.float64)
-    sample = lambda x_, g_: F.grid_sample(x_, g_, mode, padding_mode, align_corners)
-    out = sample(Dual(x, xt), Dual(grid, gt))
-    y = sample(x, grid)
-    jx, jg = torch.autograd.functional.jacobian(sample, (x, grid))
-    expected = torch.stack([(jx.flatten(y.dim()) @ xt[s].flatten()
-                             + jg.flatten(y.dim()) @ gt[s].flatten()).view_as(y)
-                            for s in range(2)])
-    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
-    torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
+    _assert_grid_sample_is_torch_s(x, grid, xt, gt, mode, padding_mode, align_corners)
 
 
 def _identity_grid(shape, align_corners: bool) -> torch.Tensor:
@@ -430,15 +436,7 @@ def test_grid_sample_on_the_identity_grid_has_torch_s_derivative(mode, padding_m
     grid = _identity_grid(shape, align_corners)
     xt = torch.randn(2, *x.shape, dtype=torch.float64)
     gt = torch.randn(2, *grid.shape, dtype=torch.float64)
-    sample = lambda x_, g_: F.grid_sample(x_, g_, mode, padding_mode, align_corners)
-    out = sample(Dual(x, xt), Dual(grid, gt))
-    y = sample(x, grid)
-    jx, jg = torch.autograd.functional.jacobian(sample, (x, grid))
-    expected = torch.stack([(jx.flatten(y.dim()) @ xt[s].flatten()
-                             + jg.flatten(y.dim()) @ gt[s].flatten()).view_as(y)
-                            for s in range(2)])
-    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
-    torch.testing.assert_close(out.tangents, expected, **TOL[torch.float64])
+    _assert_grid_sample_is_torch_s(x, grid, xt, gt, mode, padding_mode, align_corners)
 
 
 @pytest.mark.parametrize("p", [0.5, 1.0, 1.5, 2.0, 3.0])
