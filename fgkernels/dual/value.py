@@ -591,6 +591,8 @@ class Dual:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch._C._is_any_autocast_enabled():
+            raise RuntimeError(_UNDER_AUTOCAST)
         if "axis" in kwargs or "keepdims" in kwargs:  # (as Dynamo traces it: no set ops)
             kwargs = _torch_names(kwargs)
         rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
@@ -814,13 +816,13 @@ class Dual:
         """``torch.flatten`` of the primal and of each tangent slot."""
         return torch.flatten(self, start_dim, end_dim)
 
-    def view(self, *shape) -> Dual:
+    def view(self, *shape, **size) -> Dual:
         """The primal and each slot in ``shape``, as ``Tensor.view`` (torch's error where the
         primal's layout allows no view). A dtype view is refused."""
-        if len(shape) == 1 and isinstance(shape[0], torch.dtype):
+        if isinstance(size.get("dtype", shape[0] if len(shape) == 1 else None), torch.dtype):
             raise TypeError("a Dual cannot be viewed as another dtype (its bits reinterpreted "
                             "have no tangent); view its primal, d.primal.view(dtype)")
-        return Dual.__torch_function__(torch.Tensor.view, (Dual,), (self, *shape))
+        return Dual.__torch_function__(torch.Tensor.view, (Dual,), (self, *shape), size)
 
     def backward(self, *args, **kwargs):
         """Refused: a Dual has no autograd graph (see the message)."""
@@ -828,14 +830,20 @@ class Dual:
                         "forward mode, and the tangent is already the directional derivative "
                         "(run the model on a plain tensor for backprop)")
 
-    def reshape(self, *shape) -> Dual:
+    def reshape(self, *shape, **by_name) -> Dual:
         """``torch.reshape`` of the primal and of each tangent slot."""
-        return torch.reshape(self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int)
-                             else shape)
+        return Dual.__torch_function__(torch.Tensor.reshape, (Dual,), (self, *shape), by_name)
 
     def relu(self) -> Dual:
         """``torch.relu``: the tangent kept where the primal is positive (or NaN)."""
         return torch.relu(self)
+
+
+_UNDER_AUTOCAST = (
+    "a Dual met torch.autocast: autocast casts the primals of its ops, not their tangents, so a "
+    "dual pass under it is refused; cast the model and its input instead (model.bfloat16()), "
+    "or keep them float32 and draw bfloat16 tangents (fgkernels.random_tangents(model, "
+    "dtype=torch.bfloat16))")
 
 
 # Tensor methods that only describe the primal's storage: no tangent, no fallback.

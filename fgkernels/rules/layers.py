@@ -288,8 +288,13 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
                                         return_indices=True)
     d = as_dual(input, "max_pool2d")
     stride = kernel_size if stride is None or stride == [] else stride
-    return _max_pool2d.on(d, *map(_two, (kernel_size, stride, padding, dilation)),
-                          bool(ceil_mode))
+    pool = [_two(v) for v in (kernel_size, stride, padding, dilation)]
+    if not all(isinstance(v, tuple) for v in pool):  # torch's TypeError, naming the argument
+        torch.max_pool2d(d.primal, kernel_size, stride, padding, dilation, ceil_mode)
+        raise TypeError(f"max_pool2d: kernel_size, stride, padding and dilation must be ints "
+                        f"or tuples of ints, got {kernel_size!r}, {stride!r}, {padding!r}, "
+                        f"{dilation!r}")
+    return _max_pool2d.on(d, *pool, bool(ceil_mode))
 
 
 
@@ -385,20 +390,31 @@ def flatten(input: MaybeDual, start_dim: int = 0, end_dim: int = -1) -> Dual:
     return _reshaped(input, torch.flatten(input.primal, start_dim, end_dim))
 
 
+def _shape_arg(sizes: tuple, by_name: dict, name: str):
+    """A shape given as varargs (``d.view(2, 3)``), as one sequence, or by torch's keyword
+    ``name`` (``torch.reshape(d, shape=...)``, ``d.view(size=...)``)."""
+    if not sizes:
+        if set(by_name) != {name}:
+            raise TypeError(f"expected the shape as sizes or as {name}=, got "
+                            f"{sorted(by_name) or 'neither'}")
+        return by_name[name]
+    if by_name:
+        raise TypeError(f"unexpected keyword arguments {sorted(by_name)} beside the sizes")
+    return sizes[0] if len(sizes) == 1 and not isinstance(sizes[0], int) else sizes
+
+
 @implements(torch.reshape, torch.Tensor.reshape)
-def reshape(input: MaybeDual, *shape) -> Dual:
+def reshape(input: MaybeDual, *sizes, **shape) -> Dual:
     """Dual reshape."""
     input = as_dual(input, "reshape")
-    shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
-    return _reshaped(input, input.primal.reshape(shape))
+    return _reshaped(input, input.primal.reshape(_shape_arg(sizes, shape, "shape")))
 
 
 @implements(torch.Tensor.view)
-def view(input: Dual, *shape) -> Dual:
+def view(input: Dual, *sizes, **size) -> Dual:
     """Dual view: torch's error where the primal's strides allow no view (a reshape would copy,
     and an in-place op on the copy would not reach ``input``)."""
-    shape = shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape
-    return _reshaped(input, input.primal.view(shape))
+    return _reshaped(input, input.primal.view(_shape_arg(sizes, size, "size")))
 
 
 def _dropout_rule(draw: Callable) -> Callable:

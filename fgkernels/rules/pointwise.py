@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..backends.kernel_op import KernelOp
 from ..backends.reference import zeroed_where
 from ..dual import slots as _slots
-from ..dual.layout import empty_slots, slots_in_format
+from ..dual.layout import empty_slots
 from ..dual.value import Dual, differentiable, implements, in_primal_layout, view_root
 from .fallback import forward_ad_fallback
 from .operands import as_dual, parts
@@ -929,8 +929,11 @@ def _slot_dims(dims, ndim: int):
     return tuple(_slot_dim(d, ndim) for d in dims)
 
 
-def _dims_arg(dims: tuple):
-    """Dims given as varargs (``x.permute(0, 2, 1)``) or as one sequence."""
+def _dims_arg(dims: tuple, dims_by_name: dict):
+    """Dims given as varargs (``x.permute(0, 2, 1)``), as one sequence or by torch's name
+    (``x.permute(dims=(0, 2, 1))``)."""
+    if not dims:
+        return tuple(dims_by_name["dims"])
     return tuple(dims[0]) if len(dims) == 1 and not isinstance(dims[0], int) else dims
 
 
@@ -960,16 +963,26 @@ def _take(t, n, index):
     return t.reshape(t.shape[0], -1)[:, index]
 
 
+def _channels_last_slots(t, n, copy: bool):
+    """Each of the stacked slots of an n-d primal laid out channels last (as channels_last or
+    channels_last_3d lays out the primal): a copy where ``copy`` asks or the layout needs it."""
+    last = (0, 1, *range(3, n + 1), 2)  # the channels moved last in each slot
+    back = (0, 1, n, *range(2, n))
+    t = t.permute(last)
+    t = t.clone(memory_format=torch.contiguous_format) if copy else t.contiguous()
+    return t.permute(back)
+
+
 def _contiguous(t, n, memory_format=torch.contiguous_format):
-    return slots_in_format(t, memory_format if n == 4 else torch.contiguous_format)
+    if memory_format in (torch.channels_last, torch.channels_last_3d):
+        return _channels_last_slots(t, n, copy=False)
+    return t.contiguous()
 
 
 def _clone(t, n, *, memory_format=torch.preserve_format):
     # each slot a copy laid out as the primal's clone is (vmap has no rule for a memory format)
     if memory_format in (torch.channels_last, torch.channels_last_3d):
-        last = (0, 1, *range(3, n + 1), 2)  # the channels moved last in each slot
-        back = (0, 1, n, *range(2, n))
-        return t.permute(last).clone(memory_format=torch.contiguous_format).permute(back)
+        return _channels_last_slots(t, n, copy=True)
     return t.clone(memory_format=memory_format)
 
 
@@ -992,7 +1005,8 @@ def _moved(t, n, source, destination):
 # op -> the same op on a stack of T slots: (stack, primal's ndim, *the op's other arguments,
 # named as torch names them: a call may give them by keyword).
 _SLOT_VIEWS: dict[Callable, Callable] = {
-    torch.Tensor.permute: lambda t, n, *dims: t.permute(0, *_slot_dims(_dims_arg(dims), n)),
+    torch.Tensor.permute: lambda t, n, *dims, **named: t.permute(
+        0, *_slot_dims(_dims_arg(dims, named), n)),
     torch.permute: lambda t, n, dims: t.permute(0, *_slot_dims(dims, n)),
     torch.Tensor.transpose: lambda t, n, dim0, dim1: _transposed(t, n, dim0, dim1),
     torch.transpose: lambda t, n, dim0, dim1: _transposed(t, n, dim0, dim1),

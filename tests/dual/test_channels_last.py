@@ -132,3 +132,18 @@ def test_directions_entering_part_way_stay_channels_last(dtype):
     assert [o.directions for o in outs] == [(0, 1), (0, 1, 2), (0, 1), (0, 1, 2), (0, 1)]
     for o in outs:
         assert in_kernel_layout(o.primal, o.tangents) and o.tangent_dtype == dtype
+
+
+@pytest.mark.parametrize("to_layout", [
+    lambda v, fmt: v.contiguous(memory_format=fmt), lambda v, fmt: v.clone(memory_format=fmt),
+    lambda v, fmt: torch.clone(v, memory_format=fmt)], ids=["contiguous", "clone", "torch.clone"])
+@pytest.mark.parametrize("fmt", [CL, torch.channels_last_3d], ids=["2-d", "3-d"])
+def test_a_layout_asked_for_lays_out_each_slot_so(to_layout, fmt):
+    """``contiguous``/``clone`` in channels_last or channels_last_3d: each slot laid out as the
+    primal, with its values (a 3-d map's ``contiguous`` left the slots contiguous)."""
+    x = torch.randn(2, 3, 4, 5, *(() if fmt == CL else (6,)))
+    xt = torch.randn(2, *x.shape)
+    out = to_layout(Dual(x, xt), fmt)
+    assert out.primal.is_contiguous(memory_format=fmt)
+    assert all(s.is_contiguous(memory_format=fmt) for s in out.tangents)
+    assert torch.equal(out.tangents, xt)

@@ -1192,6 +1192,35 @@ def test_numpy_names_of_dim_and_keepdim_as_torch_takes_them(name):
     torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
 
 
+SHAPES_BY_KEYWORD = {
+    "Tensor.permute": lambda v: v.permute(dims=(2, 0, 1)),
+    "torch.permute": lambda v: torch.permute(input=v, dims=(2, 0, 1)),
+    "Tensor.reshape": lambda v: v.reshape(shape=(4, -1)),
+    "torch.reshape": lambda v: torch.reshape(v, shape=(-1, 3)),
+    "Tensor.view": lambda v: v.view(size=(6, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES_BY_KEYWORD))
+def test_dims_and_shapes_by_torch_s_keywords(name):
+    """``d.permute(dims=...)``, ``torch.reshape(d, shape=...)``, ``d.view(size=...)``: torch's
+    keywords take forward_ad's numbers (they were refused)."""
+    op = SHAPES_BY_KEYWORD[name]
+    x, t = torch.randn(2, 3, 4, **f64), torch.randn(2, 2, 3, 4, **f64)
+    y, yt = forward_ad_jvp(op, [x], [t])
+    out = op(Dual(x, t))
+    assert torch.equal(out.primal, y) and torch.equal(out.tangents, yt)
+
+
+def test_a_shape_given_twice_is_refused_as_torch_refuses_it():
+    """Sizes beside a ``shape=`` (or a wrong keyword): a TypeError, as torch's."""
+    d = Dual(torch.randn(2, 3, **f64))
+    for call in (lambda: d.reshape(6, shape=(6,)), lambda: d.view(sizes=(6,)),
+                 lambda: torch.reshape(d, size=(6,))):
+        with pytest.raises(TypeError):
+            call()
+
+
 def test_a_dual_filled_into_an_integer_tensor_gives_torch_s_value_alone():
     """index_fill and masked_fill of an integer tensor by a Dual value: torch's integer result,
     a plain tensor (a tangent of integers is none; the rule made a Dual of int64 slots, which

@@ -649,6 +649,11 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     assert conv(Dual(torch.randn(1, 2, 5, 5))).tangents.shape == (1, 1, 3, 5, 5)
 
 
+def _under_autocast(call):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return call()
+
+
 @pytest.mark.parametrize("case,error,message", [
     (lambda: Dual(torch.randn(2, 3), torch.randn(0, 2, 3)), ValueError, "T >= 1"),
     (lambda: Dual(torch.randn(2, 3), torch.randn(2, 3, device="meta")), ValueError,
@@ -747,6 +752,13 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
      TypeError, "conv2d: expected a Dual or Tensor input, got NoneType"),
     (lambda: DF.conv2d(Dual(torch.randn(1, 3, 5, 5)), [1.0]),
      TypeError, "conv2d: weight must be a Dual, Tensor or None, got list"),
+    (lambda: _under_autocast(lambda: nn.Linear(3, 2)(Dual(torch.randn(4, 3),
+                                                         torch.randn(4, 3)))),
+     RuntimeError, "a Dual met torch.autocast: .* refused; cast the model"),
+    (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), 2.0),
+     TypeError, "argument 'kernel_size' .* must be tuple of ints, not float"),
+    (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), 2, 2, "1"),
+     TypeError, "argument 'padding' .* must be tuple of ints, not str"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
@@ -760,7 +772,8 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
         "converted conv and batch norm of an unbatched input", "a bool tensor minus a Dual",
         "a Dual minus True",
         "conv2d of None",
-        "conv2d with a list weight"])
+        "conv2d with a list weight", "a Dual under autocast", "max pool of a float size",
+        "max pool of a str padding"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()
