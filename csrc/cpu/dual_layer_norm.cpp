@@ -3,7 +3,7 @@
 // composition of torch's ops would walk the whole tangent about ten times.
 //
 // Over each row of D = prod(normalized_shape) values, with torch's mean μ and r = 1/√(σ² + eps):
-//   x̂ = (x − μ)·r,   m1 = mean ẋ,   m2 = mean(x̂·ẋ),   ẋ̂ = r·ẋ − r·m1 − x̂·(r·m2)
+//   x̂ = (x − μ)·r,   m1 = mean ẋ,   m2 = mean(x̂·(ẋ − m1)),   ẋ̂ = r·ẋ − r·m1 − x̂·(r·m2)
 //   x_part = γ·ẋ̂ (ẋ̂ without weight),   p_part = γ̇·x̂ + β̇
 // (see fgkernels/rules/norms.py). Terms in x's opmath type, row sums in double, each slot
 // rounded once to the tangents' dtype.
@@ -26,15 +26,20 @@ namespace {
 // Elements a parallel task should cover at least (smaller inputs run on one thread).
 constexpr int64_t kGrainElements = 32768;
 
-// A row's x̂ into xh (D values): (x − μ)·r.
+// A row's x̂ into xh (D values): (x − μ)·r; returns Σx̂ in double (0 but for μ's rounding).
 template <typename scalar_t, typename acc_t>
-FGK_CPU_KERNEL static void row_xhat(const scalar_t* __restrict x, acc_t mu, acc_t r, int64_t D,
-                                    acc_t* __restrict xh) {
-#pragma omp simd
-  for (int64_t i = 0; i < D; ++i) xh[i] = (static_cast<acc_t>(x[i]) - mu) * r;
+FGK_CPU_KERNEL static double row_xhat(const scalar_t* __restrict x, acc_t mu, acc_t r,
+                                      int64_t D, acc_t* __restrict xh) {
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < D; ++i) {
+    xh[i] = (static_cast<acc_t>(x[i]) - mu) * r;
+    sum += static_cast<double>(xh[i]);
+  }
+  return sum;
 }
 
-// Σẋ and Σx̂·ẋ over a row of one slot, in double.
+// Σẋ and Σx̂·ẋ over a row of one slot, in double (each product exact).
 template <typename tangent_t, typename acc_t>
 FGK_CPU_KERNEL static void row_tangent_sums(const tangent_t* __restrict t,
                                             const acc_t* __restrict xh, int64_t D, double& s1,
@@ -44,7 +49,7 @@ FGK_CPU_KERNEL static void row_tangent_sums(const tangent_t* __restrict t,
   for (int64_t i = 0; i < D; ++i) {
     const acc_t v = static_cast<acc_t>(t[i]);
     a += static_cast<double>(v);
-    b += static_cast<double>(xh[i] * v);
+    b += static_cast<double>(xh[i]) * static_cast<double>(v);
   }
   s1 = a;
   s2 = b;
@@ -177,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_layer_norm_cpu(
       for (int64_t row = r0; row < r1; ++row) {
         const int64_t base = row * D;
         const acc_t r = rs[row];
-        row_xhat(xp + base, mu[row], r, D, xh.data());
+        const double xh_sum = row_xhat(xp + base, mu[row], r, D, xh.data());
         for (int64_t s = 0; s < std::max(T, P); ++s) {
           if (s < P) {
             row_param_term(wtp ? wtp + s * D : nullptr, btp ? btp + s * D : nullptr, xh.data(),
@@ -188,8 +193,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_layer_norm_cpu(
             const tangent_t* ts = xtp + s * slot + base;
             double s1, s2;
             row_tangent_sums(ts, xh.data(), D, s1, s2);
+            // Σx̂·(ẋ − m1) = Σx̂·ẋ − m1·Σx̂: the rounded x̂'s mean, far from 0 where x has a
+            // large mean, times a large m1 would otherwise enter m2 (torch centres ẋ first).
             const acc_t m1 = static_cast<acc_t>(s1 * inv_d);
-            const acc_t c2 = r * static_cast<acc_t>(s2 * inv_d);
+            const acc_t c2 = r * static_cast<acc_t>((s2 - s1 * inv_d * xh_sum) * inv_d);
             row_input_term(ts, gamma.data(), xh.data(), sum_terms ? pt.data() : nullptr, r, m1,
                            c2, D, xo + s * slot + base);
           }

@@ -41,8 +41,10 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
-    yt = y.to(t.dtype)
-    return d.with_tangents(y, yt * (t - _along(yt * t, d.primal, dim)))
+    # Σ y ⊙ ẋ as a mean weighted by y (whose rounding need not sum to 1), in x's precision,
+    # rounded once: a large common part of ẋ cancels in ẋ − Σ y ⊙ ẋ.
+    weighted = _along(y * t, d.primal, dim).div_(_along(y.unsqueeze(0), d.primal, dim))
+    return d.with_tangents(y, (y * (t - weighted)).to(t.dtype))
 
 
 @implements(F.softmin)
@@ -60,8 +62,12 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
-    p = y.exp().to(t.dtype)
-    return d.with_tangents(y, t - _along(p * t, d.primal, dim))
+    # Σ softmax(x) ⊙ ẋ as a mean weighted by exp(y): its weights sum to 1 but for the rounding
+    # of y's log-sum, one error common to the row, which a large common part of ẋ would keep
+    # (torch's rounding of the softmax is not common). In x's precision, rounded once.
+    p = y.exp()
+    weighted = _along(p * t, d.primal, dim).div_(_along(p.unsqueeze(0), d.primal, dim))
+    return d.with_tangents(y, (t - weighted).to(t.dtype))
 
 
 def _along(stack: Tensor, x: Tensor, dim: int) -> Tensor:

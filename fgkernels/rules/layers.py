@@ -34,6 +34,7 @@ from .operands import (
     as_dual,
     layer_operands,
     layer_params,
+    layer_plan,
     primal_of,
     result,
     tangents_as,
@@ -226,7 +227,7 @@ def conv2d_batch_norm(input: MaybeDual, weight: MaybeDual, conv_bias: Optional[M
     contracts.check_conv(x, conv_p.weight, conv_p.bias, conv.groups, conv.stride,
                          conv.padding, conv.dilation)
     bn_p, bn_slots = layer_params("batch_norm", bn_weight, bn_bias)
-    bn_plan = _slots.plan([conv_plan.operand(), bn_slots], "conv2d_batch_norm")
+    bn_plan = layer_plan([conv_plan.operand(), bn_slots], "conv2d_batch_norm", x.dtype)
     shape = conv.output_shape(x.shape, conv_p.weight.shape)
     if bn_plan.count != conv_plan.count or bn_plan.dtype != conv_plan.dtype \
             or math.prod(shape) == 0:

@@ -39,19 +39,13 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Optional[
         return xhat, None
     xt = _slots.cast(xt, xhat.dtype)
     tdims = [d + 1 for d in dims]
-    # ẋ̂ = r·(ẋ − mean(ẋ)) − x̂·(r·mean(x̂·ẋ)): two passes, written into the buffer that held
-    # x̂·ẋ (a tangent-sized buffer, not the five the expression would allocate term by term).
-    # The mean is taken out before the scale, as torch's forward mode does: a row of no spread
-    # has r = 1/√eps, where r·ẋ − r·mean(ẋ) would keep the rounding of r·ẋ.
-    buffer = xhat * xt
-    m2r = buffer.mean(tdims, keepdim=True).mul_(r)
-    # Traced, no out= (Dynamo refuses a strided one and breaks the graph; Inductor fuses the
-    # expression into one buffer anyway).
-    out = None if torch.compiler.is_dynamo_compiling() else buffer
-    if mean is None:
-        xt_hat = torch.mul(xt, r, out=out)
-    else:
-        xt_hat = torch.sub(xt, xt.mean(tdims, keepdim=True), out=out).mul_(r)
+    # ẋ̂ = r·(ẋ − mean(ẋ)) − x̂·(r·mean(x̂·(ẋ − mean(ẋ)))). ẋ is centred first, as torch's
+    # forward mode does: the rounded x̂'s mean is not 0 where x has a large mean, and times a
+    # large mean(ẋ) it would enter mean(x̂·ẋ); and a row of no spread has r = 1/√eps, where
+    # r·ẋ − r·mean(ẋ) would keep the rounding of r·ẋ. (RMS norm: x̂ and ẋ not centred.)
+    centred = xt if mean is None else xt - xt.mean(tdims, keepdim=True)
+    m2r = (xhat * centred).mean(tdims, keepdim=True).mul_(r)
+    xt_hat = centred * r if mean is None else centred.mul_(r)
     return xhat, xt_hat.addcmul_(xhat, m2r, value=-1)
 
 

@@ -79,9 +79,18 @@ def layer_operands(op: str, input: MaybeDual, weight, bias) -> LayerOperands:
     cast to the output slots' dtype (a no-op when they share it)."""
     x = parts(as_dual(input, op))
     params, slots = layer_params(op, weight, bias)
-    plan = _slots.plan([x.slots, slots], op)
+    plan = layer_plan([x.slots, slots], op, x.primal.dtype)
     return LayerOperands(x.primal, _slots.cast(x.tangents, plan.dtype),
                          tangents_as(params, plan.dtype), plan)
+
+
+def layer_plan(operands: list, op: str, input_dtype: torch.dtype) -> _slots.SlotPlan:
+    """The slots of a layer's output, whose primal has its input's dtype: in the operands'
+    promoted dtype, or the input's where the parameters' tangents are wider (a bfloat16 input
+    of a float32 batch norm has a bfloat16 output, and forward_ad a bfloat16 tangent)."""
+    plan = _slots.plan(operands, op)
+    dtype = plan.dtype_for(input_dtype) if plan.count else None
+    return plan if dtype == plan.dtype else plan._replace(dtype=dtype)
 
 
 def tangents_as(p: LayerParams, dtype: Optional[torch.dtype]) -> LayerParams:
