@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -92,6 +93,22 @@ inline void check_apply_args(const DualInput& in, at::IntArrayRef x_slot,
                 in.T, "), got ", s);
 }
 
+// An in-place apply's coefficients must not share memory with the x and slots it writes (the
+// kernels read them while writing).
+inline void check_apply_coefficients_apart(const at::Tensor& x, const std::optional<at::Tensor>& xt,
+                                           const at::Tensor& center, const at::Tensor& scale,
+                                           const at::Tensor& shift, const at::Tensor& t_xscale,
+                                           const at::Tensor& t_shift) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"center", center},
+                                {"scale", scale}, {"shift", shift}, {"t_xscale", t_xscale},
+                                {"t_shift", t_shift}}) {
+    TORCH_CHECK(!share_an_element(x, t), name, " and x share memory; they must be separate "
+                "tensors");
+    TORCH_CHECK(!present(xt) || !share_an_element(*xt, t), name, " and xt share memory; they "
+                "must be separate tensors");
+  }
+}
+
 // Values per channel whose mean shifts the statistics' sums (stat_shifts).
 constexpr int64_t kShiftSample = 256;
 
@@ -101,6 +118,12 @@ inline int64_t shift_sample(const DualInput& in) {
   return in.inner >= kShiftSample
              ? kShiftSample
              : std::min(in.outer, (kShiftSample + in.inner - 1) / in.inner) * in.inner;
+}
+
+// A channel's shift: the mean of its sample, or 0 where that is not finite (an Inf among the
+// sample: the shifted sums would give NaN where the plain ones give torch's Inf mean).
+inline double shift_or_zero(double sample_mean) {
+  return std::isfinite(sample_mean) ? sample_mean : 0.0;
 }
 
 // The shift k (C, in x's accumulation type) of each channel's sums: the mean of its first
@@ -116,7 +139,8 @@ inline at::Tensor stat_shifts(const DualInput& in) {
   const at::Tensor first = in.inner >= kShiftSample
                                ? rows_view.narrow(0, 0, 1).narrow(2, 0, n)
                                : rows_view.narrow(0, 0, n / in.inner);
-  return first.mean(at::IntArrayRef{0, 2}, /*keepdim=*/false, acc_type(in.x));
+  const at::Tensor k = first.mean(at::IntArrayRef{0, 2}, /*keepdim=*/false, acc_type(in.x));
+  return k.masked_fill_(k.isfinite().logical_not_(), 0);  // (see shift_or_zero)
 }
 
 // The dtype of the apply's output slots: tangent_dtype when given (it must then be xt's, if
@@ -183,6 +207,8 @@ inline bool check_coefficients_args(
   auto check_given = [&](const std::optional<at::Tensor>& t, const char* name, int64_t rows) {
     if (present(t)) check_channel_arg(*t, name, rows, C, mean.device());
   };
+  TORCH_CHECK(!present(weight_t) || present(weight), "weight_t was given without weight");
+  TORCH_CHECK(!present(bias_t) || present(bias), "bias_t was given without bias");
   check_given(weight, "weight", -1);
   check_given(bias, "bias", -1);
   check_given(weight_t, "weight_t", P);
@@ -206,6 +232,8 @@ inline void check_running_stats_args(const at::Tensor& running_mean,
   TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(), "running_mean and "
               "running_var must share a dtype, got ", running_mean.scalar_type(), " and ",
               running_var.scalar_type());
+  TORCH_CHECK(at::isFloatingType(running_mean.scalar_type()), "running_mean and running_var "
+              "must be floating, got ", running_mean.scalar_type());
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{var, "var"},
                                 {running_mean, "running_mean"}, {running_var, "running_var"}}) {
     TORCH_CHECK(t.device() == mean.device(), name, " must be on mean's device ", mean.device(),
@@ -215,6 +243,14 @@ inline void check_running_stats_args(const at::Tensor& running_mean,
               "the unbiased variance n / (n - 1), got ", n);
   check_writable(running_mean, "running_mean", running_var, "running_var");
   check_writable(running_var, "running_var", running_mean, "running_mean");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean,
+                                                                          "running_mean"},
+                                {running_var, "running_var"}}) {
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name, " has elements that "
+                "share memory (an expanded tensor); it must be a buffer of its own");
+    check_writable(t, name, mean, "mean");
+    check_writable(t, name, var, "var");
+  }
 }
 
 }  // namespace fgkernels

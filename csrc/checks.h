@@ -36,6 +36,13 @@ inline void check_tangent_dtype(at::ScalarType primal, at::ScalarType tangent, c
               " or one of fewer bits of the same kind, got ", tangent);
 }
 
+// A layer's primal must be floating or complex: forward mode has no tangent of integers (the
+// composite ops would otherwise run torch's integer kernels and return integer "tangents").
+inline void check_differentiable(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) || at::isComplexType(x.scalar_type()), name,
+              " must be a floating or complex tensor, got ", x.scalar_type());
+}
+
 // xt must stack tangents of x: shape (T, *x.shape), T >= 1, a dtype that fits x's
 // (tangent_dtype_fits), x's device.
 inline int64_t check_tangent(const at::Tensor& x, const at::Tensor& xt, const char* name) {

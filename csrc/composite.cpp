@@ -56,6 +56,7 @@ at::Tensor stack_weight_tangents(const at::Tensor& wt, int64_t groups) {
 void check_conv_args(const at::Tensor& x, const at::Tensor& w, int64_t groups) {
   TORCH_CHECK(groups > 0, "groups must be positive, got ", groups);
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.sizes());
+  check_differentiable(x, "x");
   TORCH_CHECK(x.size(1) % groups == 0, "x has ", x.size(1), " channels, not divisible by groups=",
               groups);
   TORCH_CHECK(w.dim() == 4 && x.size(1) == w.size(1) * groups && w.size(0) % groups == 0,
@@ -75,8 +76,11 @@ std::pair<int64_t, int64_t> conv_output_size(const at::Tensor& x, const at::Tens
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
               "padding must be two non-negative ints, got ", padding);
   auto size = [&](int d) {
-    return (x.size(d + 2) + 2 * padding[d] - dilation[d] * (w.size(d + 2) - 1) - 1) / stride[d] +
-           1;
+    // Floor division, as at::conv2d: a kernel wider than the padded input gives a size <= 0
+    // (C++'s division would round -1/2 up to 0, a size of 1).
+    const int64_t span =
+        x.size(d + 2) + 2 * padding[d] - dilation[d] * (w.size(d + 2) - 1) - 1;
+    return (span >= 0 ? span / stride[d] : -((-span + stride[d] - 1) / stride[d])) + 1;
   };
   return {size(0), size(1)};
 }
@@ -334,6 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_linear(
     const std::optional<at::Tensor>& bt, bool sum_terms) {
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension (..., in_features), got a 0-d "
               "tensor");
+  check_differentiable(x, "x");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "weight must have shape (out, ",
               x.size(-1), "), got ", w.sizes());
   const int64_t out = w.size(0), in = w.size(1);

@@ -126,7 +126,7 @@ std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
         sum += static_cast<double>(plane[i]);
       }
     }
-    k[c] = static_cast<acc_t>(sum / static_cast<double>(n));
+    k[c] = static_cast<acc_t>(shift_or_zero(sum / static_cast<double>(n)));
   }
   return k;
 }
@@ -357,6 +357,7 @@ void dual_bn_apply_inplace_cpu(at::Tensor& x, const std::optional<at::Tensor>& x
   const DualInput in = prepare_inplace(x, xt);
   const std::vector<int64_t> identity = identity_slots(in.T);
   check_apply_args(in, identity, center, scale, shift, t_xscale, t_shift);
+  check_apply_coefficients_apart(x, xt, center, scale, shift, t_xscale, t_shift);
   at::Tensor yt = in.T ? in.xt : at::Tensor();
   dispatch_dual_types(x.scalar_type(), in.tangent_type, "dual_bn_apply_", [&](auto p, auto t) {
     run_apply<typename decltype(p)::type, typename decltype(t)::type>(

@@ -180,6 +180,7 @@ void dual_bn_apply_inplace_cuda(at::Tensor& x, const std::optional<at::Tensor>& 
   const DualInput in = prepare_inplace(x, xt);
   const std::vector<int64_t> identity = identity_slots(in.T);
   check_apply_args(in, identity, center, scale, shift, t_xscale, t_shift);
+  check_apply_coefficients_apart(x, xt, center, scale, shift, t_xscale, t_shift);
   at::Tensor yt = in.T ? in.xt : at::Tensor();
   launch_apply(in, identity, center, scale, shift, t_xscale, t_shift, relu, x, yt);
 }

@@ -34,6 +34,8 @@ def check_stacked_tangent(x: Tensor, xt: Tensor, name: str = "xt") -> None:
     torch._check(xt.dim() == x.dim() + 1 and xt.shape[1:] == x.shape,
                  lambda: f"{name} must have shape (T, *{tuple(x.shape)}), "
                          f"got {tuple(xt.shape)}")
+    torch._check(xt.shape[0] >= 1,
+                 lambda: f"{name}: a stack of T tangents needs T >= 1, got T = 0")
     torch._check(tangent_dtype_fits(x.dtype, xt.dtype),
                  lambda: f"{name} must have dtype {x.dtype} or one of fewer bits of the same kind, "
                          f"got {xt.dtype}")

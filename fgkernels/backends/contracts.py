@@ -21,6 +21,7 @@ def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=1,
     or a pair; padding also 'same' or 'valid')."""
     if not _usual_geometry(groups, stride, padding, dilation):
         _check_conv_geometry(groups, stride, padding, dilation)
+    _check_differentiable("conv2d", x)
     if x.dim() != 4:
         raise ValueError(f"conv2d: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if w.dim() != 4:
@@ -31,6 +32,12 @@ def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=1,
                          f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"conv2d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+
+
+def _check_differentiable(op: str, x: Tensor) -> None:
+    # (forward mode has no tangent of integers; the compiled ops check it too)
+    if not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{op}: input must be a floating or complex tensor, got {x.dtype}")
 
 
 def _usual_geometry(groups, stride, padding, dilation) -> bool:
@@ -93,6 +100,7 @@ def _ntuple(v, n: int) -> tuple:
 
 def check_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> None:
     """linear's input, weight and bias."""
+    _check_differentiable("linear", x)
     if x.dim() == 0 or w.dim() != 2:
         raise ValueError(f"linear: input must have at least 1 dim and weight 2, got shapes "
                          f"{tuple(x.shape)} and {tuple(w.shape)}")

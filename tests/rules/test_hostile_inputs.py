@@ -97,6 +97,73 @@ def test_raw_ops_never_crash_the_process():
     assert "0-d" in lines["linear 0-d"]
 
 
+def _raw_op_cases() -> dict:
+    """Calls of the compiled ops that torch (or the op's own contract) refuses, each built
+    afresh: (call, the message, whether the op's fake can tell: aliasing needs memory)."""
+    ops, CL = torch.ops.fgkernels, torch.channels_last
+    x, c3 = torch.randn(2, 3, 4, 4), lambda: torch.randn(3)
+    per_slot = lambda T: (torch.randn(T, 3), torch.randn(T, 3))
+    buf = torch.zeros(4, dtype=torch.float64)
+    big = torch.randn(1, 256, 5, 5).contiguous(memory_format=CL)
+    return {
+        # a 3x3 slice and a 4x4 kernel onto a 1-pixel map: C++'s division made the map 1 pixel
+        # and the tiny-map GEMM read the parent tensor's 4x4 corner
+        "kernel wider than the input": (lambda: ops.dual_conv2d(
+            big[:, :, :3, :3], None, torch.randn(512, 256, 4, 4).contiguous(memory_format=CL),
+            None, None, None, [2, 2], [0, 0], [1, 1], 1),
+            "Kernel size can't be greater than actual input size", True),
+        "integer linear": (lambda: ops.dual_linear(
+            torch.ones(2, 3, dtype=torch.long), None, torch.ones(4, 3, dtype=torch.long), None,
+            None, None, False), "must be a floating or complex tensor", True),
+        "integer conv": (lambda: ops.dual_conv2d(
+            torch.ones(1, 3, 4, 4, dtype=torch.long), None,
+            torch.ones(2, 3, 3, 3, dtype=torch.long), None, None, None, [1, 1], [0, 0], [1, 1],
+            1), "must be a floating or complex tensor", True),
+        "weight_t without weight": (lambda: ops.dual_bn_coefficients(
+            torch.zeros(3), torch.ones(3), None, None, None, torch.randn(1, 3), None, None, [],
+            [0], 1, False, 1e-5), "weight_t was given without weight", True),
+        "integer running stats": (lambda: ops.bn_update_running_stats_(
+            torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long), torch.zeros(3),
+            torch.ones(3), 4, 0.1), "running_mean and running_var must be floating", True),
+        "x_slot past xt's slots": (lambda: ops.dual_bn_apply(
+            x, torch.randn(1, *x.shape), [3], c3(), c3(), c3(), *per_slot(1), False),
+            "x_slot entries must be -1", True),
+        "apply_ t_shift of another shape": (lambda: ops.dual_bn_apply_(
+            x.clone(), torch.randn(1, *x.shape), c3(), c3(), c3(), torch.randn(1, 3),
+            torch.randn(2, 3), False), r"t_shift must have shape", True),
+        "stats of an empty x": (lambda: ops.dual_bn_stats(torch.randn(0, 3, 4, 4), None),
+                                "x must not be empty", True),
+        "relu of T = 0": (lambda: ops.dual_relu(x, torch.randn(0, *x.shape)), "T >= 1", True),
+        "apply_ center inside x": (lambda: ops.dual_bn_apply_(
+            x, None, x.view(-1)[:3], c3(), c3(), *per_slot(0), False),
+            "center and x share memory", False),
+        "apply_ t_shift inside xt": (lambda: (lambda xt: ops.dual_bn_apply_(
+            x.clone(), xt, c3(), c3(), c3(), torch.randn(1, 3), xt.view(-1)[:3].view(1, 3),
+            False))(torch.randn(1, *x.shape)), "t_shift and xt share memory", False),
+        "running_mean over mean": (lambda: ops.bn_update_running_stats_(
+            buf[1:], torch.ones(3, dtype=torch.float64), buf[:3], torch.ones(3), 4, 0.1),
+            "running_mean and mean share memory", False),
+        "expanded running_mean": (lambda: ops.bn_update_running_stats_(
+            torch.zeros(1).expand(3), torch.ones(3), torch.zeros(3), torch.ones(3), 4, 0.1),
+            r"share memory \(an expanded tensor\)", False),
+    }
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+@pytest.mark.parametrize("case", sorted(_raw_op_cases()))
+def test_raw_ops_and_their_fakes_refuse_what_torch_refuses(case):
+    """Each compiled op refuses the call, naming the problem (they read outside a slice,
+    computed over aliased coefficients or buffers, ran integer kernels, or ignored a parameter
+    tangent's missing parameter), and its fake refuses it too where shapes and dtypes tell."""
+    call, message, fake_tells = _raw_op_cases()[case]
+    with pytest.raises((RuntimeError, TypeError), match=message):
+        call()
+    if fake_tells:
+        with torch._subclasses.fake_tensor.FakeTensorMode(), \
+                pytest.raises((RuntimeError, TypeError, ValueError), match=message):
+            _raw_op_cases()[case][0]()
+
+
 @pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
 def test_raw_ops_refuse_aliased_or_grad_leaf_outputs_and_mismatched_slots():
     ops = torch.ops.fgkernels
@@ -509,6 +576,13 @@ def test_nonfinite_primal_in_training_bn_relu_gives_nan_as_forward_ad(backend, b
     assert torch.equal(out.tangents.isnan(), yt.isnan())
     assert out.tangents[:, :, 1].isnan().all()  # the whole channel, not zeros
     torch.testing.assert_close(out.tangents[:, :, [0, 2]], yt[:, :, [0, 2]])
+    # the running statistics as torch's: an Inf mean (not NaN: the sums' shift, the mean of the
+    # values holding the Inf, made every shifted sum NaN), a NaN variance
+    plain = copy.deepcopy(ref)
+    plain(x)
+    for ours, torchs in ((net[0].running_mean, plain[0].running_mean),
+                         (net[0].running_var, plain[0].running_var)):
+        torch.testing.assert_close(ours, torchs, equal_nan=True)
 
 
 @pytest.mark.parametrize("loss", [F.mse_loss, F.l1_loss, F.huber_loss])

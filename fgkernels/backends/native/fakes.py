@@ -21,6 +21,8 @@ lib = torch.library
 @lib.register_fake("fgkernels::dual_bn_stats")
 def _(x, xt):
     torch._check(x.dim() >= 2, lambda: "x must have a channel dimension")
+    torch._check(x.numel() > 0, lambda: f"dual_bn_stats: x must not be empty, got shape "
+                                        f"{tuple(x.shape)}")
     acc = acc_dtype(x.dtype)
     C, T = x.shape[1], 0 if xt is None else xt.shape[0]
     if xt is not None:
@@ -39,6 +41,9 @@ def check_coefficients_args(mean, var, tmean, tcov, weight, weight_t, bias, bias
     from_batch = training and X > 0
     torch._check(not from_batch or (tmean is not None and tcov is not None),
                  lambda: "training with input slots needs tmean and tcov")
+    torch._check(weight_t is None or weight is not None,
+                 lambda: "weight_t was given without weight")
+    torch._check(bias_t is None or bias is not None, lambda: "bias_t was given without bias")
     for name, t, rows in (("var", var, None), ("weight", weight, None), ("bias", bias, None),
                           ("weight_t", weight_t, P), ("bias_t", bias_t, P),
                           ("tmean", tmean if from_batch else None, X),
@@ -74,6 +79,9 @@ def check_running_stats_args(running_mean, running_var, mean, var, n):
                      lambda: f"{name} must have shape ({C},), got {tuple(t.shape)}")
     torch._check(running_mean.dtype == running_var.dtype,
                  lambda: "running_mean and running_var must share a dtype")
+    torch._check(running_mean.dtype.is_floating_point,
+                 lambda: f"running_mean and running_var must be floating, got "
+                         f"{running_mean.dtype}")
 
 
 @lib.register_fake("fgkernels::bn_update_running_stats_")
@@ -82,31 +90,39 @@ def _(running_mean, running_var, mean, var, n, momentum):
     return None
 
 
-def _check_on_x_device(x, **coefficients):
+def check_apply_args(x, xt, x_slot, **coefficients):
+    """The apply ops' arguments, as the ops check them (csrc/batch_norm_common.h): xt stacks
+    tangents of x, each coefficient of shape (C,) or (T, C) (t_xscale, t_shift) on x's device,
+    x_slot's entries -1 (no input slot) or below xt's T."""
+    C, T, X = x.shape[1], len(x_slot), 0 if xt is None else xt.shape[0]
+    if xt is not None:
+        check_tangent(x, xt)
     for name, t in coefficients.items():
+        shape = (T, C) if name.startswith("t_") else (C,)
+        torch._check(tuple(t.shape) == shape,
+                     lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
         torch._check(t.device == x.device,
                      lambda: f"{name} must be on x's device {x.device}, got {t.device}")
+    torch._check(all(-1 <= s < X for s in x_slot),
+                 lambda: f"x_slot entries must be -1 (no input slot) or < T of xt ({X}), got "
+                         f"{list(x_slot)}")
 
 
 @lib.register_fake("fgkernels::dual_bn_apply")
 def _(x, xt, x_slot, center, scale, shift, t_xscale, t_shift, relu, tangent_dtype=None):
-    _check_on_x_device(x, center=center, scale=scale, shift=shift, t_xscale=t_xscale,
-                       t_shift=t_shift)
-    C, T = x.shape[1], len(x_slot)
-    torch._check(center.shape == (C,), lambda: f"center must have shape ({C},)")
-    torch._check(scale.shape == (C,), lambda: f"scale must have shape ({C},)")
-    torch._check(t_xscale.shape == (T, C), lambda: f"t_xscale must have shape ({T}, {C})")
-    if xt is not None:
-        check_tangent(x, xt)
+    check_apply_args(x, xt, x_slot, center=center, scale=scale, shift=shift,
+                     t_xscale=t_xscale, t_shift=t_shift)
     dtype = tangent_dtype or (xt.dtype if xt is not None else x.dtype)
     x = x.contiguous(memory_format=kernel_format(x))
-    return torch.empty_like(x), empty_slots(T, x, dtype)
+    return torch.empty_like(x), empty_slots(len(x_slot), x, dtype)
 
 
 @lib.register_fake("fgkernels::dual_bn_apply_")
 def _(x, xt, center, scale, shift, t_xscale, t_shift, relu):
-    _check_on_x_device(x, center=center, scale=scale, shift=shift, t_xscale=t_xscale,
-                       t_shift=t_shift)
+    torch._check(x.is_contiguous(memory_format=kernel_format(x)),
+                 lambda: "x must be contiguous or channels_last to be updated in place")
+    check_apply_args(x, xt, range(0 if xt is None else xt.shape[0]), center=center,
+                     scale=scale, shift=shift, t_xscale=t_xscale, t_shift=t_shift)
     return None
 
 
