@@ -27,7 +27,16 @@ from .cuda_defaults import cuda_default
 from .reference import ReferenceBackend
 
 BACKENDS = ("reference", "native", "triton")
-_local = threading.local()
+class _Forced(threading.local):
+    """The backends ``use_backend`` forces in this thread, innermost last. (Set on the instance
+    at each thread's first use: Dynamo guards on the list, so a compiled pass traced before any
+    ``use_backend`` is traced again inside one.)"""
+
+    def __init__(self):
+        self.stack: list[str] = []
+
+
+_local = _Forced()
 if native.required():  # fail at import, not at the first op
     native.load()
 
@@ -76,12 +85,11 @@ def use_backend(name: str) -> Iterator[None]:
     if _load(name) is None:
         raise RuntimeError(f"backend {name!r} is not available here; available: "
                            f"{', '.join(available_backends())}")
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(name)
+    _local.stack.append(name)
     try:
         yield
     finally:
-        stack.pop()
+        _local.stack.pop()
 
 
 def _load_before_tracing() -> None:
@@ -120,7 +128,7 @@ def _warn_unbuilt() -> None:
 def current_backend(device: torch.device | str) -> Backend:
     """The backend that runs ops on ``device`` (a torch.device or its name) now."""
     device = torch.device(device)
-    stack = _local.__dict__.get("stack")
+    stack = _local.stack
     name = stack[-1] if stack else os.environ.get("FGKERNELS_BACKEND")
     if name:
         backend = _load(_check_name(name, "FGKERNELS_BACKEND"))

@@ -276,15 +276,7 @@ class _Pass:
                 f"{type(m).__name__} holds Duals of another dual pass, running in another thread: "
                 "a dual pass substitutes the model's parameters, so a model must not run in two "
                 "threads at once")
-        bound = _BOUND.get(m)
-        if bound:
-            for name, t in bound.items():
-                if m._parameters.get(name) is not t:
-                    raise RuntimeError(
-                        f"{type(m).__name__}.{name} was replaced after its tangent was set; set "
-                        "its tangent again with fgkernels.set_tangents, or clear it with "
-                        "fgkernels.clear_tangents (torch.func.functional_call swaps in the "
-                        "tensors it is given, which carry no tangent: call the module itself)")
+        _check_still_bound(m)
         if m._forward_pre_hooks:
             _check_hooks(m)
         # What a forward stores on its module (a weight computed by a weight_norm or prune
@@ -554,14 +546,55 @@ def _container(v, kind: type):
 
 def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:
     entry = tangent_of(t)
-    stack = entry.stack
-    if stack.device != t.device or stack.shape[1:] != t.shape \
+    _check_tangent_fits(m, name, t, entry.stack)
+    return Dual._of_parameter(t, entry.stack, entry.directions, entry.single)
+
+
+def _check_tangent_fits(m: nn.Module, name: str, t: Tensor, stack: Tensor) -> None:
+    # (get_device, an int, is cheaper to compare than the devices: a compiled pass checks
+    # every parameter at each call)
+    if stack.get_device() != t.get_device() or stack.shape[1:] != t.shape \
             or not tangent_dtype_fits(t.dtype, stack.dtype):
         raise RuntimeError(
             f"{type(m).__name__}.{name} is now a {t.dtype} tensor of shape {tuple(t.shape)} on "
             f"{t.device}, but its tangent ({stack.dtype}, {tuple(stack.shape[1:])}, "
             f"{stack.device}) was set before it changed; set its tangent again")
-    return Dual._of_parameter(t, stack, entry.directions, entry.single)
+
+
+def _check_still_bound(m: nn.Module) -> None:
+    """Refuse a parameter of ``m`` replaced since ``set_tangents`` gave it its tangent."""
+    for name, t in _BOUND.get(m, {}).items():
+        if m._parameters.get(name) is not t:
+            raise RuntimeError(
+                f"{type(m).__name__}.{name} was replaced after its tangent was set; set "
+                "its tangent again with fgkernels.set_tangents, or clear it with "
+                "fgkernels.clear_tangents (torch.func.functional_call swaps in the "
+                "tensors it is given, which carry no tangent: call the module itself)")
+
+
+# module -> (the binding generation, [(a module of it, its bound parameters)]): the modules of a
+# compiled model that set_tangents bound, listed again after each binding
+_bound_in: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_bound_generation = [0]
+
+
+def check_tangents_still_fit(module: nn.Module) -> None:
+    """What an eager pass checks at each module call, for a pass whose modules' hooks do not
+    run (a compiled one): a parameter replaced since its tangent was set, or changed in dtype,
+    shape or device, is refused (it would carry no tangent, or a tangent it no longer fits).
+    The modules of ``module`` that ``set_tangents`` bound are listed once per binding."""
+    found = _bound_in.get(module)
+    if found is None or found[0] != _bound_generation[0]:
+        found = (_bound_generation[0],
+                 [(m, bound) for m in module.modules() if (bound := _BOUND.get(m))])
+        _bound_in[module] = found
+    for m, bound in found[1]:
+        for name, t in bound.items():
+            if m._parameters.get(name) is not t:
+                _check_still_bound(m)
+            entry = tangent_of(t)
+            if entry is not None:
+                _check_tangent_fits(m, name, t, entry.stack)
 
 
 def _check_hooks(m: nn.Module) -> None:
@@ -1073,6 +1106,7 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
         if id(p) in staged:
             owner, leaf = _owner_and_leaf(module, name)
             _BOUND.setdefault(owner, {})[leaf] = p
+    _bound_generation[0] += 1
     _hooks.sync()
 
 
@@ -1136,4 +1170,5 @@ def clear_tangents(module: nn.Module) -> None:
         _drop(p)
     for m in module.modules():
         _BOUND.pop(m, None)
+    _bound_generation[0] += 1
     _hooks.sync()

@@ -18,6 +18,7 @@ from ..dual.tangents import (
     _compiled_pass,
     _holds_dual,
     _hooks,
+    check_tangents_still_fit,
     is_dual_pass_root,
     lifted_set_aside,
 )
@@ -66,6 +67,7 @@ def compile(module: nn.Module, **options: Any) -> Callable:
         for a in pytree.tree_leaves(args, is_leaf=lambda v: isinstance(v, Dual)):
             if isinstance(a, Dual):
                 current_backend(a.device)
+        check_tangents_still_fit(module)  # (the eager pass's hooks check it at each module)
         outer, _compiled_pass.running = _compiled_pass.running, True
         rules = rule_state()
         try:

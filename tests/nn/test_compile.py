@@ -971,6 +971,57 @@ def test_ops_called_by_keyword_compile_in_one_graph():
     _assert_pass_equals(out, oracle)
 
 
+def test_a_backend_forced_after_compiling_is_the_one_that_runs():
+    """``use_backend`` around a model compiled in a thread that had never entered it: the pass
+    is traced again and runs on the forced backend (Dynamo had no guard on the thread's empty
+    list of forced backends, and the first graph kept running on the default one)."""
+    graphs, ran = [], []
+
+    def recorder(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def body():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        fgkernels.random_tangents(net, num_tangents=2)
+        x = torch.randn(2, 3, 6, 6)
+        compiled = fgkernels.compile(net, backend=recorder)
+        compiled(Dual(x, torch.randn(2, *x.shape)))
+        with fgkernels.use_backend("reference"), torch.profiler.profile() as prof:
+            compiled(Dual(x, torch.randn(2, *x.shape)))
+        ran.extend(e.name for e in prof.events() if e.name.startswith("fgkernels::"))
+
+    torch._dynamo.reset()
+    thread = threading.Thread(target=body)  # a thread of its own: no use_backend before
+    thread.start()
+    thread.join()
+    assert len(graphs) == 2 and ran == []
+
+
+@pytest.mark.parametrize("change", ["replaced", "cast"])
+def test_a_compiled_pass_refuses_a_parameter_changed_after_its_tangent(change):
+    """A parameter replaced, or cast, after its tangent was set: refused by the compiled pass
+    as by the eager one (the compiled one ran, taking the new weight for one without tangent,
+    and a cast one failed inside Dynamo's trace)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double()
+    fgkernels.random_tangents(net)
+    compiled = fgkernels.compile(net, backend="aot_eager")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    compiled(Dual(x))
+    if change == "replaced":
+        net[0].weight = nn.Parameter(net[0].weight.detach().clone())
+        message = r"Linear.weight was replaced after its tangent was set"
+    else:
+        net.float()
+        x = x.float()
+        message = r"Linear.weight is now a torch.float32 tensor .* was set before it changed"
+    for call in (net, compiled):
+        with pytest.raises(RuntimeError, match=message):
+            call(Dual(x))
+
+
 class _Checkpointed(nn.Module):
     """A conv block run under activation checkpointing, then a linear head."""
 
