@@ -247,6 +247,46 @@ def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of, update_stat
         return None, g, grads_or_zeros(edge, params, g)
 
 
+class _RandomState(NamedTuple):
+    """The global random state a block's random ops (dropout) draw from: the CPU's and, on a
+    GPU, its device's. A block runs twice in a step, in the guess's autograd forward and in the
+    dual pass (``_replaying_draws``)."""
+
+    device: torch.device
+    cpu: Tensor
+    gpu: Optional[Tensor]
+
+    @staticmethod
+    def now(device: torch.device) -> _RandomState:
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device()
+                                  if device.index is None else device.index)
+            return _RandomState(device, torch.get_rng_state(), torch.cuda.get_rng_state(device))
+        return _RandomState(device, torch.get_rng_state(), None)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.gpu is not None:
+            torch.cuda.set_rng_state(self.gpu, self.device)
+
+
+@contextlib.contextmanager
+def _replaying_draws(before: Optional[_RandomState]) -> Iterator[None]:
+    """Inside the block, the global random state ``before`` the guess's autograd forward (which
+    has run since), so that the dual pass draws the same dropout masks; after it, the state
+    that forward left, so that a step draws what one forward (and the guess) would. None: no
+    autograd forward ran, nothing to replay."""
+    if before is None:
+        yield
+        return
+    after = _RandomState.now(before.device)
+    before.restore()
+    try:
+        yield
+    finally:
+        after.restore()
+
+
 def _noise(shape, like: Tensor, noise: str, generator: Optional[torch.Generator]) -> Tensor:
     if noise == "gaussian":
         return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -396,9 +436,11 @@ def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
     block = run.net.blocks[j]
     params = {n: p for n, p in block.named_parameters() if p.requires_grad}
     with reuse_conv_outputs(block):
+        draws = None
         if run.guess == "random":
             g = {n: _noise(p.shape, p, run.noise, run.generator) for n, p in params.items()}
         else:
+            draws = _RandomState.now(d.device)
             local = _local_backward(block, _guess_head(run, j), d.primal, run.y,
                                     block_dtype=_guess_dtype(list(params.values())))
             g = dict(zip(params, local.block))
@@ -407,7 +449,8 @@ def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
         g = {n: _rounded_to_tangent(v) for n, v in g.items()}
         set_tangents(block, {n: _as_tangent(v) for n, v in g.items()}, direction=j)
         try:
-            d = block(d)
+            with _replaying_draws(draws):  # the guess's dropout masks
+                d = block(d)
         finally:
             clear_tangents(block)
     run.pending.append(_Pending(j, g if run.keep_guesses else None, _norm2(*g.values()), g))
@@ -444,9 +487,11 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
         d = Dual(a)
     else:
         with reuse_conv_outputs(block):
+            draws = _RandomState.now(d.device)
             _, g, basis = _activity_guess_and_basis(block, d.primal, guess_of,
                                                     update_stats=False, keep_output=False)
-            d = block(d)
+            with _replaying_draws(draws):  # the guess's dropout masks
+                d = block(d)
     d = DF.add_direction(d, j, _as_tangent(g))
     names = [n for n, p in block.named_parameters() if p.requires_grad]
     run.pending.append(_Pending(j, g if run.keep_guesses else None, _norm2(g),

@@ -5,12 +5,14 @@ import itertools
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import fgkernels
 from fgkernels import Dual
 from fgkernels.train import GUESSES, SPACES, TARGETS, build_model, estimate_gradients
 from fgkernels.train.estimators import _local_backward, local_gradients, preserved_buffers
+from fgkernels.train.models import BlockNet, aux_head, final_head
 
 from helpers import held_by_bfloat16
 
@@ -103,6 +105,50 @@ def test_estimate_equals_autograd_projection(target, guess, space):
     after = [b for head in net.heads[:-1] for b in head.buffers()]
     for before, now in zip(aux_buffers, after, strict=True):
         torch.testing.assert_close(now, before, rtol=0, atol=0)
+
+
+class _FixedMask(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_a_block_with_dropout_draws_one_mask_a_step(space):
+    """Dropout in a block that a step runs twice (the guess's autograd forward, then the dual
+    pass carrying the block before's direction): both draw the same mask, and the derivative
+    is the step's forward's under it (the two passes drew two masks, and the estimate mixed
+    them: ⟨∇L, g⟩ −0.094 where either mask gives −0.103 or −0.006)."""
+    torch.manual_seed(0)
+    conv_bn_relu = lambda: [nn.Conv2d(4, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU()]
+    blocks = [nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU()),
+              nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1, bias=False), nn.Dropout(0.5),
+                            nn.BatchNorm2d(4), nn.ReLU(), *conv_bn_relu()),
+              nn.Sequential(*conv_bn_relu())]
+    heads = [aux_head("linear", 4, 3, 0), aux_head("linear", 4, 3, 0), final_head(4, 3)]
+    net = BlockNet(blocks, heads).double()
+    ref = copy.deepcopy(net)
+    masks = []
+    net.blocks[1][1].register_forward_hook(
+        lambda m, args, out: masks.append(getattr(out, "primal", out) != 0))
+    x, y = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
+    est = estimate_gradients(net, x, y, "global", "local", space, keep_guesses=True)
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+    ref.blocks[1][1] = _FixedMask(masks[0].double() * 2)  # kept values scaled by 1/(1 − p)
+    a1 = ref.blocks[1](ref.blocks[0](x))
+    loss = F.cross_entropy(ref.heads[-1](ref.blocks[2](a1)), y)
+    guess = est.blocks[1].guess
+    if space == "weight":
+        params = dict(ref.blocks[1].named_parameters())
+        true = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        derivative = sum(float((true[n] * guess[n]).sum()) for n in params)
+    else:
+        derivative = float((torch.autograd.grad(loss, a1)[0] * guess).sum())
+    assert est.blocks[1].derivative == pytest.approx(derivative, rel=1e-10)
+    assert est.loss == pytest.approx(float(loss.detach()), rel=1e-12)
 
 
 @pytest.mark.parametrize("space", SPACES)
