@@ -33,9 +33,12 @@ def tangent_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
 
 
 def check_dtype(dtype, who: str) -> None:
-    """Raise TypeError naming ``who`` unless ``dtype`` is a floating torch.dtype or None."""
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"{who}: dtype must be a floating torch.dtype or None, got {dtype!r}")
+    """Raise TypeError naming ``who`` unless ``dtype`` is a floating or complex torch.dtype, or
+    None."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype)
+                                  and (dtype.is_floating_point or dtype.is_complex)):
+        raise TypeError(f"{who}: dtype must be a floating or complex torch.dtype or None, got "
+                        f"{dtype!r}")
 
 
 def default_tangent_dtype() -> Optional[torch.dtype]:
@@ -45,10 +48,16 @@ def default_tangent_dtype() -> Optional[torch.dtype]:
 
 def resolve_tangent_dtype(primal: torch.dtype, dtype: Optional[torch.dtype] = None) -> torch.dtype:
     """The dtype of a tangent drawn for a ``primal`` tensor: ``dtype`` if given, else the
-    block's, else the primal's. It must be the primal's or a floating dtype of fewer bits."""
-    chosen = dtype or default_tangent_dtype() or primal
+    block's where it is of the primal's kind (a bfloat16 block leaves a complex parameter's
+    tangent complex), else the primal's. It must be the primal's or one of fewer bits of the
+    same kind."""
+    block = default_tangent_dtype()
+    if dtype is None and block is not None and block.is_complex == primal.is_complex:
+        dtype = block
+    chosen = dtype or primal
     if not tangent_dtype_fits(primal, chosen):
-        raise TypeError(f"a tangent of a {primal} tensor must be {primal} or a floating dtype "
+        kind = "complex" if primal.is_complex else "floating"
+        raise TypeError(f"a tangent of a {primal} tensor must be {primal} or a {kind} dtype "
                         f"of fewer bits, got {chosen}")
     return chosen
 

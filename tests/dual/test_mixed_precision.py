@@ -238,9 +238,25 @@ def test_random_tangents_in_a_tangent_dtype_block():
     net16 = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3))).to(BF16)
     with pytest.raises(TypeError, match="fewer bits"):
         fgkernels.random_tangents(net16, dtype=torch.float32)
-    with pytest.raises(TypeError, match="floating torch.dtype"):
+    with pytest.raises(TypeError, match="floating or complex torch.dtype"):
         with fgkernels.tangent_dtype(torch.int32):
             pass
+
+
+def test_complex_parameters_draw_complex_tangents_of_their_kind():
+    """A complex128 parameter takes complex64 tangents (refused as "not floating"), keeps its
+    own kind inside a bfloat16 block while a real parameter beside it takes bfloat16 (the
+    block refused the model), and a dtype of another kind is refused naming its kind."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on complex modules
+        net = nn.Sequential(nn.Linear(3, 2).to(torch.complex128), nn.Linear(2, 2))
+    drawn = fgkernels.random_tangents(net[0], dtype=torch.complex64)
+    assert {t.dtype for t in drawn.values()} == {torch.complex64}
+    with fgkernels.tangent_dtype(BF16):
+        drawn = fgkernels.random_tangents(net)
+    assert drawn["0.weight"].dtype == torch.complex128 and drawn["1.weight"].dtype == BF16
+    with pytest.raises(TypeError, match="or a complex dtype of fewer bits, got torch.bfloat16"):
+        fgkernels.random_tangents(net[0], dtype=BF16)
 
 
 def test_an_explicit_dtype_wins_over_the_block_and_blocks_nest():

@@ -857,7 +857,7 @@ def test_bad_input_gets_an_error_naming_it(case, error, message):
     (dict(direction=-1), ValueError, "direction must be a non-negative int, got -1"),
     (dict(direction=1, num_tangents=2), ValueError, "give direction or num_tangents, not both"),
     (dict(num_tangents=True), ValueError, "num_tangents must be a positive int, got True"),
-    (dict(dtype="bfloat16"), TypeError, "dtype must be a floating torch.dtype or None"),
+    (dict(dtype="bfloat16"), TypeError, "dtype must be a floating or complex torch.dtype or None"),
 ], ids=["direction", "direction and num_tangents", "bool num_tangents", "str dtype"])
 def test_random_tangents_checks_before_it_draws(kwargs, error, message):
     """A refused call sets no tangent and leaves the generator where it was."""
