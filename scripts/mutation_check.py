@@ -1232,6 +1232,11 @@ MUTANTS = [
            "if dtype is None and block is not None:",
            ("tests/dual/test_mixed_precision.py::test_complex_parameters_draw_complex_tangents_"
             "of_their_kind",)),
+    Mutant("a GRU's tangent in the narrow form at the primal's precision",
+           "fgkernels/rules/recurrent.py",
+           "    if dtype == ip.dtype:  # torch's composition", "    if False:  # torch's composition",
+           ("tests/rules/test_hostile_inputs.py::test_a_gru_with_an_infinite_new_gate_tangent_"
+            "is_nan_as_forward_ad",)),
     Mutant("a compiled pass skips the eager pass's parameter checks", "fgkernels/nn/compiled.py",
            "        check_tangents_still_fit(module)  #", "        #",
            (COMPILE + "test_a_compiled_pass_refuses_a_parameter_changed_after_its_tangent",)),

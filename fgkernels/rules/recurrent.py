@@ -112,8 +112,10 @@ def _gru_cell(gi: Dual, gh: Dual, h: Dual) -> Dual:
     rt = slope(_aten.sigmoid_backward, itr + htr, r)
     zt = slope(_aten.sigmoid_backward, itz + htz, z)
     nt = slope(_aten.tanh_backward, itn + rt * like(hn) + like(r) * htn, n)
-    # (1 − z) at the primal's precision: ṅ − z ṅ in a narrower dtype cancels as z nears 1
-    h_t = like(1 - z) * nt + like(z) * st + zt * like(sp - n)
+    if dtype == ip.dtype:  # torch's composition, (ḣ − ṅ)·z + (h − n)·ż + ṅ (an Inf ṅ: NaN)
+        h_t = (st - nt) * z + (sp - n) * zt + nt
+    else:  # (1 − z) at the primal's precision: ṅ − z ṅ in a narrower dtype cancels as z nears 1
+        h_t = like(1 - z) * nt + like(z) * st + zt * like(sp - n)
     return Dual._unchecked(h_new, h_t, plan.directions, plan.single)
 
 
@@ -204,10 +206,14 @@ def _recurrent(mode: str, input, hx, params: Sequence, has_biases: bool, num_lay
         raise ValueError(f"{name}: expected a 3-d input (sequence, batch, features; batch first "
                          f"with batch_first), got shape {tuple(x.shape)}")
     directions = 2 if bidirectional else 1
-    if len(params) % (num_layers * directions):
-        raise ValueError(f"{name}: {len(params)} weights do not split into {num_layers} layers "
-                         f"of {directions} direction(s)")
     per = len(params) // (num_layers * directions)
+    if len(params) % (num_layers * directions) or per - (4 if has_biases else 2) not in (0, 1):
+        raise ValueError(f"{name}: {len(params)} weights do not split into {num_layers} layers "
+                         f"of {directions} direction(s), each of w_ih, w_hh"
+                         f"{', b_ih, b_hh' if has_biases else ''} (and w_hr with proj_size)")
+    if not packed and x.shape[1 if batch_first else 0] == 0:
+        raise ValueError(f"{name}: expected a sequence length larger than 0, got an input of "
+                         f"shape {tuple(x.shape)}")
     weights = [as_dual(p, name) for p in params]
     h0, c0 = (hx[0], hx[1]) if mode == "LSTM" else (hx, None)
     h0 = as_dual(h0, name)

@@ -585,6 +585,20 @@ def test_nonfinite_primal_in_training_bn_relu_gives_nan_as_forward_ad(backend, b
         torch.testing.assert_close(ours, torchs, equal_nan=True)
 
 
+def test_a_gru_with_an_infinite_new_gate_tangent_is_nan_as_forward_ad():
+    """An Inf in the tangent of the GRU's new gate: NaN, as torch's composition of the cell,
+    (ḣ − ṅ)·z + (h − n)·ż + ṅ, gives it (the rule's (1 − z)·ṅ + z·ḣ gave +Inf)."""
+    torch.manual_seed(0)
+    gru = nn.GRU(1, 1).double()
+    x = torch.tensor([[[0.5]]], **f64)
+    row = torch.zeros(1, 3, 1, **f64)
+    row[0, 2, 0] = float("inf")  # the new gate's row of weight_ih
+    (_, _), (yt, _) = model_jvp(gru, [x], [None], {"weight_ih_l0": row})
+    fgkernels.set_tangents(gru, {"weight_ih_l0": row})
+    out, _ = gru(Dual(x))
+    assert yt.isnan().all() and out.tangents.isnan().all()
+
+
 @pytest.mark.parametrize("loss", [F.mse_loss, F.l1_loss, F.huber_loss])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_weighted_regression_losses_match_forward_ad(loss, reduction):
@@ -829,6 +843,15 @@ def _under_autocast(call):
     (lambda: _under_autocast(lambda: nn.Linear(3, 2)(Dual(torch.randn(4, 3),
                                                          torch.randn(4, 3)))),
      RuntimeError, "a Dual met torch.autocast: .* refused; cast the model"),
+    (lambda: nn.GRU(4, 3, batch_first=True)(Dual(torch.randn(2, 0, 4), torch.randn(2, 0, 4))),
+     ValueError, r"gru: expected a sequence length larger than 0, got an input of shape "
+                 r"\(2, 0, 4\)"),
+    (lambda: torch.lstm(Dual(torch.randn(2, 1, 4), torch.randn(2, 1, 4)),
+                        (torch.zeros(1, 1, 3), torch.zeros(1, 1, 3)),
+                        [torch.randn(12, 4), torch.randn(12, 3), torch.randn(12)],
+                        True, 1, 0.0, False, False, False),
+     ValueError, r"lstm: 3 weights do not split into 1 layers of 1 direction\(s\), each of "
+                 r"w_ih, w_hh, b_ih, b_hh"),
     (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), 2.0),
      TypeError, "argument 'kernel_size' .* must be tuple of ints, not float"),
     (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), 2, 2, "1"),
@@ -846,7 +869,8 @@ def _under_autocast(call):
         "converted conv and batch norm of an unbatched input", "a bool tensor minus a Dual",
         "a Dual minus True",
         "conv2d of None",
-        "conv2d with a list weight", "a Dual under autocast", "max pool of a float size",
+        "conv2d with a list weight", "a Dual under autocast", "a GRU over no steps",
+        "an LSTM given three weights", "max pool of a float size",
         "max pool of a str padding"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
