@@ -551,9 +551,7 @@ def _checked_dual(m: nn.Module, name: str, t: Tensor) -> Dual:
 
 
 def _check_tangent_fits(m: nn.Module, name: str, t: Tensor, stack: Tensor) -> None:
-    # (get_device, an int, is cheaper to compare than the devices: a compiled pass checks
-    # every parameter at each call)
-    if stack.get_device() != t.get_device() or stack.shape[1:] != t.shape \
+    if stack.device != t.device or stack.shape[1:] != t.shape \
             or not tangent_dtype_fits(t.dtype, stack.dtype):
         raise RuntimeError(
             f"{type(m).__name__}.{name} is now a {t.dtype} tensor of shape {tuple(t.shape)} on "
@@ -572,23 +570,20 @@ def _check_still_bound(m: nn.Module) -> None:
                 "tensors it is given, which carry no tangent: call the module itself)")
 
 
-# module -> (the binding generation, [(a module of it, its bound parameters)]): the modules of a
-# compiled model that set_tangents bound, listed again after each binding
-_bound_in: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# bumped at every set_tangents and clear_tangents: a list of bound modules made before is stale
 _bound_generation = [0]
 
 
-def check_tangents_still_fit(module: nn.Module) -> None:
+def check_tangents_still_fit(module: nn.Module, listed: list) -> None:
     """What an eager pass checks at each module call, for a pass whose modules' hooks do not
     run (a compiled one): a parameter replaced since its tangent was set, or changed in dtype,
     shape or device, is refused (it would carry no tangent, or a tangent it no longer fits).
-    The modules of ``module`` that ``set_tangents`` bound are listed once per binding."""
-    found = _bound_in.get(module)
-    if found is None or found[0] != _bound_generation[0]:
-        found = (_bound_generation[0],
-                 [(m, bound) for m in module.modules() if (bound := _BOUND.get(m))])
-        _bound_in[module] = found
-    for m, bound in found[1]:
+    ``listed``, the caller's own one-element list, keeps the modules of ``module`` that
+    ``set_tangents`` bound, listed again after each binding."""
+    if not listed or listed[0][0] != _bound_generation[0]:
+        listed[:] = [(_bound_generation[0],
+                      [(m, bound) for m in module.modules() if (bound := _BOUND.get(m))])]
+    for m, bound in listed[0][1]:
         for name, t in bound.items():
             if m._parameters.get(name) is not t:
                 _check_still_bound(m)
@@ -1144,7 +1139,9 @@ def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
     for name, p in module.named_parameters():
         shape = p.shape if num_tangents is None else (num_tangents, *p.shape)
         target = resolve_tangent_dtype(p.dtype, dtype)
-        draw_dtype = p.dtype if target == p.dtype else acc_dtype(target)
+        # a narrower tangent is the rounding of the draw at the parameter's precision (a
+        # complex one drawn complex: acc_dtype(complex64) is real)
+        draw_dtype = p.dtype if target == p.dtype or target.is_complex else acc_dtype(target)
         t = torch.randn(shape, generator=generator, dtype=draw_dtype, device=p.device)
         drawn[name] = _laid_out_like(t, p).to(target)
     set_tangents(module, drawn, direction=direction)

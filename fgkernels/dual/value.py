@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Callable, NamedTuple, Optional
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .dtypes import tangent_dtype_fits
 from .dynamo import (
@@ -591,8 +592,8 @@ class Dual:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch._C._is_any_autocast_enabled():
-            raise RuntimeError(_UNDER_AUTOCAST)
+        if torch._C._is_any_autocast_enabled():  # (one C call: a flag torch keeps)
+            refuse_autocast((args, kwargs))
         if "axis" in kwargs or "keepdims" in kwargs:  # (as Dynamo traces it: no set ops)
             kwargs = _torch_names(kwargs)
         rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
@@ -837,6 +838,14 @@ class Dual:
     def relu(self) -> Dual:
         """``torch.relu``: the tangent kept where the primal is positive (or NaN)."""
         return torch.relu(self)
+
+
+def refuse_autocast(values) -> None:
+    """Refuse a Dual among ``values`` (any nesting) whose device type autocast is enabled for:
+    autocast would cast the primals of its ops, not their tangents."""
+    for v in pytree.tree_leaves(values, is_leaf=lambda v: isinstance(v, Dual)):
+        if isinstance(v, Dual) and torch.is_autocast_enabled(v.device.type):
+            raise RuntimeError(_UNDER_AUTOCAST)
 
 
 _UNDER_AUTOCAST = (

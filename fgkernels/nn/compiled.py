@@ -22,7 +22,14 @@ from ..dual.tangents import (
     is_dual_pass_root,
     lifted_set_aside,
 )
-from ..dual.value import Dual, census, in_rule, restore_rule_state, rule_state
+from ..dual.value import (
+    Dual,
+    census,
+    in_rule,
+    refuse_autocast,
+    restore_rule_state,
+    rule_state,
+)
 
 
 def compile(module: nn.Module, **options: Any) -> Callable:
@@ -53,6 +60,7 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     # Dynamo breaks the graph at torch's recurrent layers unless allow_rnn is set; in a dual
     # pass their rules unroll the cells into ops it traces.
     recurrent = any(isinstance(m, nn.RNNBase) for m in module.modules())
+    bound = []  # the modules set_tangents bound (check_tangents_still_fit)
 
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
@@ -64,10 +72,12 @@ def compile(module: nn.Module, **options: Any) -> Callable:
                 _hooks.sync()  # as below
         # The backend is chosen before the trace, not loaded inside it: a trace that loads it
         # is recompiled at the next call, which finds it loaded.
+        if torch._C._is_any_autocast_enabled():  # (refused before Dynamo traces the refusal)
+            refuse_autocast(args)
         for a in pytree.tree_leaves(args, is_leaf=lambda v: isinstance(v, Dual)):
             if isinstance(a, Dual):
                 current_backend(a.device)
-        check_tangents_still_fit(module)  # (the eager pass's hooks check it at each module)
+        check_tangents_still_fit(module, bound)  # (an eager pass's hooks check it)
         outer, _compiled_pass.running = _compiled_pass.running, True
         rules = rule_state()
         try:

@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 from ..backends.base import LayerParams
 from ..dual import slots as _slots
 from ..dual.tangents import dual_of
-from ..dual.value import Dual
+from ..dual.value import Dual, refuse_autocast
 
 Tensor = torch.Tensor
 MaybeDual = Union[Tensor, Dual]
@@ -47,7 +47,11 @@ def primal_of(v):
 
 
 def as_dual(v: MaybeDual, op: str) -> Dual:
-    """``v`` as a Dual (a Tensor: its recorded parameter tangent, else a zero tangent)."""
+    """``v`` as a Dual (a Tensor: its recorded parameter tangent, else a zero tangent). Refused
+    under autocast (a converted layer's rule is called without Dual's dispatch, which refuses
+    it for every other op)."""
+    if torch._C._is_any_autocast_enabled():
+        refuse_autocast(v if isinstance(v, Dual) else dual_of(v) if isinstance(v, Tensor) else v)
     if isinstance(v, Dual):
         return v
     if isinstance(v, Tensor):

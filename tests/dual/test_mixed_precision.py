@@ -252,6 +252,7 @@ def test_complex_parameters_draw_complex_tangents_of_their_kind():
         net = nn.Sequential(nn.Linear(3, 2).to(torch.complex128), nn.Linear(2, 2))
     drawn = fgkernels.random_tangents(net[0], dtype=torch.complex64)
     assert {t.dtype for t in drawn.values()} == {torch.complex64}
+    assert all((t.imag != 0).all() for t in drawn.values())  # drawn complex, not real
     with fgkernels.tangent_dtype(BF16):
         drawn = fgkernels.random_tangents(net)
     assert drawn["0.weight"].dtype == torch.complex128 and drawn["1.weight"].dtype == BF16

@@ -1022,6 +1022,22 @@ def test_a_compiled_pass_refuses_a_parameter_changed_after_its_tangent(change):
             call(Dual(x))
 
 
+def test_a_compiled_model_with_tangents_is_freed_with_its_compiled_call():
+    """A model compiled with tangents set goes when the compiled call and Dynamo's graphs do
+    (the compiled pass's list of bound modules, kept in a table by the model, held the model
+    itself: a top module with parameters of its own was never freed)."""
+    import weakref
+    model = nn.Linear(3, 2)
+    fgkernels.random_tangents(model)
+    compiled = fgkernels.compile(model, backend="aot_eager")
+    compiled(Dual(torch.randn(4, 3)))
+    ref = weakref.ref(model)
+    del model, compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert ref() is None
+
+
 class _Checkpointed(nn.Module):
     """A conv block run under activation checkpointing, then a linear head."""
 

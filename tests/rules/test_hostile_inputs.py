@@ -6,6 +6,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -740,6 +741,29 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
 def _under_autocast(call):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return call()
+
+
+@pytest.mark.parametrize("way", ["as built", "converted", "functional", "compiled"])
+def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
+    """A converted twin's and the functional face's rules run without Dual's dispatch, and a
+    compiled pass would trace the refusal: each refuses autocast too (a converted Linear failed
+    inside the native op, or gave a bfloat16 primal float32 slots), and an autocast of
+    another device type, which casts nothing here, is no reason to refuse."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    fgkernels.random_tangents(net)
+    call = {"as built": net, "converted": fgkernels.convert(copy.deepcopy(net)),
+            "functional": lambda d: DF.linear(d, torch.randn(4, 3)),
+            "compiled": fgkernels.compile(net, backend="aot_eager")}[way]
+    x = torch.randn(2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(RuntimeError, match="a Dual met torch.autocast"):
+        call(Dual(x, torch.randn(2, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (no CUDA here: torch warns that it disables it)
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = call(Dual(x, torch.randn(2, 3)))
+    assert out.dtype == out.tangents.dtype == torch.float32
 
 
 @pytest.mark.parametrize("case,error,message", [
