@@ -41,10 +41,8 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
-    # Σ y ⊙ ẋ as a mean weighted by y (whose rounding need not sum to 1), in x's precision,
-    # rounded once: a large common part of ẋ cancels in ẋ − Σ y ⊙ ẋ.
-    weighted = _along(y * t, d.primal, dim).div_(_along(y.unsqueeze(0), d.primal, dim))
-    return d.with_tangents(y, (y * (t - weighted)).to(t.dtype))
+    c = _centred(t, y, dim)
+    return d.with_tangents(y, (y * (c - _along(y * c, y, dim))).to(t.dtype))
 
 
 @implements(F.softmin)
@@ -62,17 +60,22 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
-    # Σ softmax(x) ⊙ ẋ as a mean weighted by exp(y): its weights sum to 1 but for the rounding
-    # of y's log-sum, one error common to the row, which a large common part of ẋ would keep
-    # (torch's rounding of the softmax is not common). In x's precision, rounded once.
-    p = y.exp()
-    weighted = _along(p * t, d.primal, dim).div_(_along(p.unsqueeze(0), d.primal, dim))
-    return d.with_tangents(y, (t - weighted).to(t.dtype))
+    c = _centred(t, y, dim)
+    return d.with_tangents(y, (c - _along(y.exp() * c, y, dim)).to(t.dtype))
 
 
 def _along(stack: Tensor, x: Tensor, dim: int) -> Tensor:
     """The slots of ``stack`` summed along x's ``dim`` (kept); a 0-dim x sums one element."""
     return stack.sum(dim + 1, keepdim=True) if x.dim() else stack
+
+
+def _centred(t: Tensor, y: Tensor, dim: int) -> Tensor:
+    """The slots ``t`` in y's precision, their mean along ``dim`` taken out: ẋ − Σ w ⊙ ẋ for
+    weights w that sum to 1 is unchanged by it but for rounding, and a large common part of ẋ
+    would cancel there after its rounding (the weights' own rounding, to a narrower tangent
+    dtype or in exp(log_softmax), leaves their sum off 1 by a few ulps, times that part)."""
+    t = t.to(y.dtype)
+    return t - t.mean(dim + 1, keepdim=True) if y.dim() else torch.zeros_like(t)
 
 
 def _softmax_input(input, op: str, dim: Optional[int], stacklevel, dtype) -> tuple[Dual, int]:

@@ -71,9 +71,12 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
         p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
     residual = (torch.softmax(z, dim=1) - p) * keep.unsqueeze(1)
     # In the accumulation dtype, rounded once to the tangents' (a bfloat16 tangent of a float32
-    # network stays bfloat16, as every op keeps it).
+    # network stays bfloat16, as every op keeps it). ż's mean over the classes is taken out
+    # first: Σ_c (softmax − p) = 0, so it changes nothing but the rounding of a large common
+    # part of ż, which the sum would cancel.
     acc = acc_dtype(z.dtype)
-    per_sample = (residual.to(acc) * d.tangents.to(acc)).sum(-1)  # (T, N)
+    zt = d.tangents.to(acc)
+    per_sample = (residual.to(acc) * (zt - zt.mean(-1, keepdim=True))).sum(-1)  # (T, N)
     if reduction == "mean":  # over the kept samples: 0/0 = NaN when every one is ignored
         lt = per_sample.sum(-1) / keep.sum()
     elif reduction == "sum":
