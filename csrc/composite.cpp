@@ -76,8 +76,9 @@ std::pair<int64_t, int64_t> conv_output_size(const at::Tensor& x, const at::Tens
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
               "padding must be two non-negative ints, got ", padding);
   auto size = [&](int d) {
-    // Floor division, as at::conv2d: a kernel wider than the padded input gives a size <= 0
-    // (C++'s division would round -1/2 up to 0, a size of 1).
+    // Floor division, as the op's fake (F.conv2d's shape): a kernel wider than the padded
+    // input gives a size <= 0, which the GEMM paths leave to at::conv2d's refusal (C++'s
+    // division would round -1/2 up to 0, a 1-pixel map read past the input).
     const int64_t span =
         x.size(d + 2) + 2 * padding[d] - dilation[d] * (w.size(d + 2) - 1) - 1;
     return (span >= 0 ? span / stride[d] : -((-span + stride[d] - 1) / stride[d])) + 1;

@@ -3,7 +3,7 @@
 // composition of torch's ops would walk the whole tangent about ten times.
 //
 // Over each row of D = prod(normalized_shape) values, with torch's mean μ and r = 1/√(σ² + eps):
-//   x̂ = (x − μ)·r,   m1 = mean ẋ,   m2 = mean(x̂·(ẋ − m1)),   ẋ̂ = r·ẋ − r·m1 − x̂·(r·m2)
+//   x̂ = (x − μ)·r,   m1 = mean ẋ,   m2 = mean(x̂·(ẋ − m1)),   ẋ̂ = r·(ẋ − m1) − x̂·(r·m2)
 //   x_part = γ·ẋ̂ (ẋ̂ without weight),   p_part = γ̇·x̂ + β̇
 // (see fgkernels/rules/norms.py). Terms in x's opmath type, row sums in double, each slot
 // rounded once to the tangents' dtype.
@@ -39,7 +39,7 @@ FGK_CPU_KERNEL static double row_xhat(const scalar_t* __restrict x, acc_t mu, ac
   return sum;
 }
 
-// Σẋ and Σx̂·ẋ over a row of one slot, in double (each product exact).
+// Σẋ and Σx̂·ẋ over a row of one slot, in double (a float row's products exact).
 template <typename tangent_t, typename acc_t>
 FGK_CPU_KERNEL static void row_tangent_sums(const tangent_t* __restrict t,
                                             const acc_t* __restrict xh, int64_t D, double& s1,

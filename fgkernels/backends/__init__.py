@@ -27,6 +27,8 @@ from .cuda_defaults import cuda_default
 from .reference import ReferenceBackend
 
 BACKENDS = ("reference", "native", "triton")
+
+
 class _Forced(threading.local):
     """The backends ``use_backend`` forces in this thread, innermost last. (Set on the instance
     at each thread's first use: Dynamo guards on the list, so a compiled pass traced before any

@@ -21,9 +21,12 @@ def kernel_format(x: Tensor) -> torch.memory_format:
 
 
 def slots_in_format(xt: Tensor, fmt: torch.memory_format) -> Tensor:
-    """Stacked slots, each contiguous in ``fmt`` (a copy only when they are not)."""
-    if fmt == torch.channels_last:
-        return xt.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    """Stacked slots, each contiguous in ``fmt`` (a copy only when they are not):
+    channels_last and channels_last_3d lay each slot's channels last."""
+    if fmt in (torch.channels_last, torch.channels_last_3d):
+        n = xt.dim() - 1  # each slot's dims
+        last, back = (0, 1, *range(3, n + 1), 2), (0, 1, n, *range(2, n))
+        return xt.permute(last).contiguous().permute(back)
     return xt.contiguous()
 
 

@@ -22,7 +22,9 @@ _local = threading.local()
 @contextlib.contextmanager
 def tangent_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
     """Inside the block, the tangents that fgkernels draws (``random_tangents``, the trainer's
-    directions) have ``dtype`` instead of their primal's (None: their primal's)."""
+    directions) have ``dtype`` instead of their primal's where it is of the primal's kind (a
+    bfloat16 block leaves a complex parameter's tangent complex; None: their primal's). A
+    ``dtype=`` given to the draw applies to every parameter, refused where it does not fit."""
     check_dtype(dtype, "tangent_dtype")
     previous = getattr(_local, "dtype", None)
     _local.dtype = dtype

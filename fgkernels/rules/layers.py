@@ -290,7 +290,9 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
     d = as_dual(input, "max_pool2d")
     stride = kernel_size if stride is None or stride == [] else stride
     pool = [_two(v) for v in (kernel_size, stride, padding, dilation)]
-    if not all(isinstance(v, tuple) for v in pool):  # torch's TypeError, naming the argument
+    if not all(isinstance(v, tuple) and all(type(e) is int for e in v) for v in pool) \
+            or any(type(v) is bool for v in (kernel_size, stride, padding, dilation)):
+        # torch's TypeError, naming the argument (a float among ints; a bool, not a tuple)
         torch.max_pool2d(d.primal, kernel_size, stride, padding, dilation, ceil_mode)
         raise TypeError(f"max_pool2d: kernel_size, stride, padding and dilation must be ints "
                         f"or tuples of ints, got {kernel_size!r}, {stride!r}, {padding!r}, "

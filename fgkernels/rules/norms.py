@@ -39,13 +39,24 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Optional[
         return xhat, None
     xt = _slots.cast(xt, xhat.dtype)
     tdims = [d + 1 for d in dims]
-    # ẋ̂ = r·(ẋ − mean(ẋ)) − x̂·(r·mean(x̂·(ẋ − mean(ẋ)))). ẋ is centred first, as torch's
-    # forward mode does: the rounded x̂'s mean is not 0 where x has a large mean, and times a
-    # large mean(ẋ) it would enter mean(x̂·ẋ); and a row of no spread has r = 1/√eps, where
-    # r·ẋ − r·mean(ẋ) would keep the rounding of r·ẋ. (RMS norm: x̂ and ẋ not centred.)
-    centred = xt if mean is None else xt - xt.mean(tdims, keepdim=True)
-    m2r = (xhat * centred).mean(tdims, keepdim=True).mul_(r)
-    xt_hat = centred * r if mean is None else centred.mul_(r)
+    # ẋ̂ = r·(ẋ − mean(ẋ)) − x̂·(r·mean(x̂·(ẋ − mean(ẋ)))), in the one tangent-sized buffer that
+    # holds x̂·ẋ first (not the five the expression would allocate term by term). x̂'s mean is 0
+    # but for the rounding of x's mean, which times a large mean(ẋ) (a common part of x and ẋ)
+    # would enter mean(x̂·ẋ): mean(x̂·(ẋ − m1)) is taken as mean(x̂·ẋ) − m1·mean(x̂). ẋ's mean is
+    # taken out before the scale, as torch's forward mode does: a row of no spread has
+    # r = 1/√eps, where r·ẋ − r·mean(ẋ) would keep the rounding of r·ẋ. (RMS norm: x̂ and ẋ
+    # not centred.)
+    buffer = xhat * xt
+    m2 = buffer.mean(tdims, keepdim=True)
+    if mean is not None:
+        m1 = xt.mean(tdims, keepdim=True)
+        m2 = m2.sub_(m1 * xhat.mean(dims, keepdim=True))
+    m2r = m2.mul_(r)
+    # Traced, no out= (Dynamo refuses a strided one and breaks the graph; Inductor fuses the
+    # expression into one buffer anyway).
+    out = None if torch.compiler.is_dynamo_compiling() else buffer
+    xt_hat = torch.mul(xt, r, out=out) if mean is None else \
+        torch.sub(xt, m1, out=out).mul_(r)
     return xhat, xt_hat.addcmul_(xhat, m2r, value=-1)
 
 

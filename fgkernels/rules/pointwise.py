@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..backends.kernel_op import KernelOp
 from ..backends.reference import zeroed_where
 from ..dual import slots as _slots
-from ..dual.layout import empty_slots
+from ..dual.layout import empty_slots, slots_in_format
 from ..dual.value import Dual, differentiable, implements, in_primal_layout, view_root
 from .fallback import forward_ad_fallback
 from .operands import as_dual, parts
@@ -963,26 +963,15 @@ def _take(t, n, index):
     return t.reshape(t.shape[0], -1)[:, index]
 
 
-def _channels_last_slots(t, n, copy: bool):
-    """Each of the stacked slots of an n-d primal laid out channels last (as channels_last or
-    channels_last_3d lays out the primal): a copy where ``copy`` asks or the layout needs it."""
-    last = (0, 1, *range(3, n + 1), 2)  # the channels moved last in each slot
-    back = (0, 1, n, *range(2, n))
-    t = t.permute(last)
-    t = t.clone(memory_format=torch.contiguous_format) if copy else t.contiguous()
-    return t.permute(back)
-
-
 def _contiguous(t, n, memory_format=torch.contiguous_format):
-    if memory_format in (torch.channels_last, torch.channels_last_3d):
-        return _channels_last_slots(t, n, copy=False)
-    return t.contiguous()
+    return slots_in_format(t, memory_format)
 
 
 def _clone(t, n, *, memory_format=torch.preserve_format):
     # each slot a copy laid out as the primal's clone is (vmap has no rule for a memory format)
     if memory_format in (torch.channels_last, torch.channels_last_3d):
-        return _channels_last_slots(t, n, copy=True)
+        laid_out = slots_in_format(t, memory_format)
+        return laid_out.clone() if laid_out.data_ptr() == t.data_ptr() else laid_out
     return t.clone(memory_format=memory_format)
 
 

@@ -89,7 +89,8 @@ def _conversion(func: Callable) -> Callable:
         t = t.to(device=y.device, dtype=_tangent_dtype(input, y))
         fmt = k.get("memory_format", torch.preserve_format)
         if fmt != torch.preserve_format:
-            t = slots_in_format(t, fmt if y.dim() == 4 else torch.contiguous_format)
+            t = slots_in_format(t, fmt if y.is_contiguous(memory_format=fmt)
+                                else torch.contiguous_format)
         # A conversion that changes nothing returns the tensors themselves, as torch's does;
         # a new primal (float32 → float64) gets a tangent of its own, though a bfloat16
         # tangent stays as it was.

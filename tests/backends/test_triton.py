@@ -332,6 +332,19 @@ def test_opcheck(channels_last):
         torch.library.opcheck(op, args)
 
 
+def test_apply_op_refuses_coefficients_inside_what_it_writes():
+    """The in-place apply reads its coefficients while it writes x and its slots: one held in
+    either is refused, as the native op refuses it (it was read as it was overwritten)."""
+    y, ys = rand(2, 4, 3, 3, dtype=torch.float32), rand(1, 2, 4, 3, 3, dtype=torch.float32)
+    coefficients = [rand(4, dtype=torch.float32) for _ in range(3)] + \
+        [rand(1, 4, dtype=torch.float32) for _ in range(2)]
+    for k, inside in ((0, y.view(-1)[:4]), (4, ys.view(-1)[:4].view(1, 4))):
+        args = list(coefficients)
+        args[k] = inside
+        with pytest.raises(RuntimeError, match="share memory"):
+            torch.ops.fgkernels_triton.dual_bn_apply_(y, ys, *args, False)
+
+
 def test_conv_op_refuses_what_it_does_not_serve():
     """A slot layout the kernel does not lay out is refused with the layout named (the
     backend asks ``serves`` first and falls back)."""

@@ -136,11 +136,14 @@ def test_directions_entering_part_way_stay_channels_last(dtype):
 
 @pytest.mark.parametrize("to_layout", [
     lambda v, fmt: v.contiguous(memory_format=fmt), lambda v, fmt: v.clone(memory_format=fmt),
-    lambda v, fmt: torch.clone(v, memory_format=fmt)], ids=["contiguous", "clone", "torch.clone"])
+    lambda v, fmt: torch.clone(v, memory_format=fmt), lambda v, fmt: v.to(memory_format=fmt),
+    lambda v, fmt: v.float(memory_format=fmt)],
+    ids=["contiguous", "clone", "torch.clone", "to", "float"])
 @pytest.mark.parametrize("fmt", [CL, torch.channels_last_3d], ids=["2-d", "3-d"])
 def test_a_layout_asked_for_lays_out_each_slot_so(to_layout, fmt):
-    """``contiguous``/``clone`` in channels_last or channels_last_3d: each slot laid out as the
-    primal, with its values (a 3-d map's ``contiguous`` left the slots contiguous)."""
+    """``contiguous``/``clone``/``to`` in channels_last or channels_last_3d: each slot laid out
+    as the primal, with its values (a 3-d map's ``contiguous`` and ``to`` left the slots
+    contiguous)."""
     x = torch.randn(2, 3, 4, 5, *(() if fmt == CL else (6,)))
     xt = torch.randn(2, *x.shape)
     out = to_layout(Dual(x, xt), fmt)

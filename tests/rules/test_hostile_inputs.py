@@ -880,6 +880,10 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
      TypeError, "argument 'kernel_size' .* must be tuple of ints, not float"),
     (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), 2, 2, "1"),
      TypeError, "argument 'padding' .* must be tuple of ints, not str"),
+    (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), (2.0, 2)),
+     TypeError, "argument 'kernel_size' .* must be tuple of ints, but found element of type f"),
+    (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), True),
+     TypeError, "argument 'kernel_size' .* must be tuple of ints, not bool"),
 ], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
@@ -895,7 +899,7 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
         "conv2d of None",
         "conv2d with a list weight", "a Dual under autocast", "a GRU over no steps",
         "an LSTM given three weights", "max pool of a float size",
-        "max pool of a str padding"])
+        "max pool of a str padding", "max pool of a float in a pair", "max pool of a bool"])
 def test_bad_input_gets_an_error_naming_it(case, error, message):
     with pytest.raises(error, match=message):
         case()

@@ -76,6 +76,13 @@ def _(x, xt, w, wt, b, bt, x_pos, p_pos, count, stride, padding, dilation, bn_st
 
 
 def _dual_bn_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu) -> None:
+    # (the kernel reads the coefficients while it writes x and xt, as the native op's check)
+    for name, c in (("center", center), ("scale", scale), ("shift", shift),
+                    ("t_xscale", t_xscale), ("t_shift", t_shift)):
+        for written, w in (("x", x), ("xt", xt)):
+            if w is not None and c.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+                raise RuntimeError(f"{name} and {written} share memory; they must be separate "
+                                   "tensors")
     dual_bn_relu_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu)
 
 
