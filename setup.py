@@ -82,9 +82,11 @@ def _cxx_flags() -> list[str]:
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx, link = _cxx_flags(), _openmp_flags()
+    # the torch this builds against, fgkernels._C.TORCH_VERSION (checked when it loads)
+    built_with = [("FGK_TORCH_VERSION", torch.__version__)]
     if not _build_cuda():
         return CppExtension("fgkernels._C", sources, extra_compile_args={"cxx": cxx},
-                            extra_link_args=link)
+                            extra_link_args=link, define_macros=built_with)
     # torch reads the arch list when it compiles; with no list and no GPU its own detection
     # finds nothing to build for.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -94,7 +96,7 @@ def _extension():
     nvcc = ["-O3", *(f"-U__CUDA_NO_{name}__" for name in (
         "HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS", "BFLOAT16_CONVERSIONS"))]
     return CUDAExtension("fgkernels._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                         extra_link_args=link)
+                         extra_link_args=link, define_macros=built_with)
 
 
 def _runtime_torch() -> str:

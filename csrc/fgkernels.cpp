@@ -13,11 +13,22 @@
 
 #include <vector>
 
+// The torch release the extension was built against (setup.py defines it), as
+// fgkernels._C.TORCH_VERSION: fgkernels loads the ops only beside that release.
+#define FGK_STRING(x) #x
+#define FGK_STRING_OF(x) FGK_STRING(x)
+
 extern "C" {
 // Importing fgkernels._C loads this library, which runs the TORCH_LIBRARY registrations below.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr &&
+      PyModule_AddStringConstant(module, "TORCH_VERSION", FGK_STRING_OF(FGK_TORCH_VERSION)) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

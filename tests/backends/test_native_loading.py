@@ -3,6 +3,7 @@ running on the reference backend, saying why; with FGKERNELS_REQUIRE_NATIVE=1 (s
 loads at import and the import fails instead, so that a suite cannot pass on the reference
 backend by accident."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,27 @@ def test_a_backend_failing_to_load_when_dynamo_loads_leaves_torch_compile_workin
     out = _run(BROKEN_AT_DYNAMO_LOAD)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "compiled [2.0, 2.0]"
+
+
+@pytest.mark.skipif("native" not in fgkernels.available_backends(), reason="needs fgkernels._C")
+@pytest.mark.parametrize("require", [False, True])
+def test_an_extension_built_against_another_torch_is_not_used(monkeypatch, require):
+    """An extension built against another torch release may load (a wheel installed beside a
+    newer torch did, silently): it is refused as one that does not load, the reason naming
+    both releases, or an ImportError where the native backend is required. A local tag alone
+    (+cpu, +cu128) is the same release."""
+    import torch
+
+    from fgkernels import _C
+    from fgkernels.backends import native
+    monkeypatch.setenv(native.REQUIRE_VARIABLE, "1" if require else "0")
+    release = torch.__version__.split("+")[0]
+    monkeypatch.setattr(_C, "TORCH_VERSION", f"{release}+cu999", raising=False)
+    assert native._load_extension() is None
+    monkeypatch.setattr(_C, "TORCH_VERSION", "1.0.0+cpu")
+    expected = f"built against torch 1.0.0\\+cpu, and this is torch {re.escape(torch.__version__)}"
+    if require:
+        with pytest.raises(ImportError, match=expected):
+            native._load_extension()
+    else:
+        assert re.search(expected, native._load_extension())

@@ -20,18 +20,32 @@ REQUIRE_VARIABLE = "FGKERNELS_REQUIRE_NATIVE"
 def _load_extension() -> Optional[str]:
     """Loads ``fgkernels._C``; returns why it could not be loaded, or None."""
     try:
-        from ... import _C  # noqa: F401
+        from ... import _C
+        reason = _other_torch(getattr(_C, "TORCH_VERSION", "an unknown torch"))
+        error = None
     except ImportError as e:
         # Not built, or built against another torch (an undefined symbol).
-        reason = f"{type(e).__name__}: {e}"
+        reason, error = f"{type(e).__name__}: {e}", e
+    if reason is not None:
         if required():
             raise ImportError(f"{REQUIRE_VARIABLE}=1, but the compiled extension fgkernels._C "
-                              f"does not load ({reason})") from e
+                              f"does not load ({reason})") from error
         return reason
     from . import fakes  # noqa: F401
     for callback in _on_load:
         callback()
     return None
+
+
+def _other_torch(built_with: str) -> Optional[str]:
+    """Why an extension built against torch ``built_with`` must not run beside this torch (a
+    C++ extension links with one release: a wheel installed beside a newer torch may load and
+    misbehave), or None when the releases agree (a local tag, +cpu or +cu128, aside)."""
+    import torch
+    if built_with.split("+")[0] == torch.__version__.split("+")[0]:
+        return None
+    return (f"fgkernels._C was built against torch {built_with}, and this is torch "
+            f"{torch.__version__}: reinstall fgkernels to build it against this torch")
 
 
 # What runs once the library has loaded (registering an op's fake, say).
