@@ -42,10 +42,11 @@ def _build_cuda() -> bool:
         wanted = True
     if wanted is False:
         return False
-    missing = [why for why, absent in (
-        (f"torch {torch.__version__} is a CPU build", torch.version.cuda is None),
-        ("no CUDA toolkit was found (set CUDA_HOME, or put nvcc on the PATH)",
-         CUDA_HOME is None)) if absent]
+    # (torch's CUDA_HOME is None beside a CPU build of torch, whatever toolkit is installed:
+    # the toolkit is news only beside a CUDA build)
+    missing = [f"torch {torch.__version__} is a CPU build"] if torch.version.cuda is None else \
+        ["no CUDA toolkit was found (set CUDA_HOME, or put nvcc on the PATH)"] \
+        if CUDA_HOME is None else []
     if wanted and missing:
         sys.exit(f"error: FGKERNELS_CUDA=1, but {' and '.join(missing)}. "
                  f"FGKERNELS_CUDA=0 builds the CPU kernels only.")

@@ -4,6 +4,7 @@ embedded digits data and prints the result table."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -150,10 +151,27 @@ def demo_footnote(args, dataset) -> str:
         f"by benchmarks/test_training_step.py.", width=100)
 
 
+# The modules of the trainer's extra (pyproject: fgkernels[train]) and what needs them
+TRAIN_EXTRA = {"sklearn": "the digits data", "tqdm": "the progress bars",
+               "matplotlib": "the plots"}
+
+
+def check_train_extra(parser: argparse.ArgumentParser) -> None:
+    """Exit with the install command where a module of the trainer's extra is missing (the
+    trainer imports each where it first needs it, after minutes of training for the plots)."""
+    missing = [f"{name} ({what})" for name, what in TRAIN_EXTRA.items()
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.exit(2, f"the trainer needs fgkernels' [train] extra, which is not installed: "
+                       f"pip install \"fgkernels[train]\" (from a checkout: pip install "
+                       f"\".[train]\"); missing: {', '.join(missing)}\n")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the command ``argv`` (default: the process's arguments); the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_train_extra(parser)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -310,3 +310,18 @@ def test_a_diverging_run_stops_naming_the_step(digits, tmp_path, capsys):
         assert "must be a finite positive number" in capsys.readouterr().err
     with pytest.raises(ValueError, match="lr must be finite"):
         train(TrainConfig(**{**QUICK, "lr": float("inf")}), progress=False, dataset=digits)
+
+
+def test_the_trainer_without_its_extra_names_the_install_command(monkeypatch, capsys):
+    """A module of the [train] extra missing: the trainer stops before it trains, with the
+    install command and what is missing (a traceback from deep in the data loader before, or
+    from the plots after the runs)."""
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--epochs", "1"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert 'pip install "fgkernels[train]"' in err and "missing: sklearn (the digits data)" in err
