@@ -122,9 +122,9 @@ def _warn_unbuilt() -> None:
     _warned.append(True)
     reason = native.native_load_error() or "not built"
     warnings.warn(f"the compiled extension fgkernels._C did not load ({reason}), so the dual "
-                  f"ops run on the slower reference backend; build it for this environment's "
-                  f"torch with `pip install .` from the fgkernels checkout (README: Installing)",
-                  stacklevel=4)
+                  f"ops run on the slower reference backend; reinstall fgkernels to build it "
+                  f"for this environment's torch (`pip install .` from a checkout or an sdist; "
+                  f"README: Installing)", stacklevel=4)
 
 
 def current_backend(device: torch.device | str) -> Backend:
