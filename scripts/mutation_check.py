@@ -1236,7 +1236,8 @@ MUTANTS = [
             "of_their_kind",)),
     Mutant("a GRU's tangent in the narrow form at the primal's precision",
            "fgkernels/rules/recurrent.py",
-           "    if dtype == ip.dtype:  # torch's composition", "    if False:  # torch's composition",
+           "    if dtype == ip.dtype:  # torch's composition",
+           "    if False:  # torch's composition",
            ("tests/rules/test_hostile_inputs.py::test_a_gru_with_an_infinite_new_gate_tangent_"
             "is_nan_as_forward_ad",)),
     Mutant("a compiled pass skips the eager pass's parameter checks", "fgkernels/nn/compiled.py",
