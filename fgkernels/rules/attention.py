@@ -41,8 +41,8 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
-    c = _centred(t, y, dim)
-    return d.with_tangents(y, (y * (c - _along(y * c, y, dim))).to(t.dtype))
+    c = _centred(t, y, dim)  # (a fresh tensor: updated in place)
+    return d.with_tangents(y, c.sub_(_along(y * c, y, dim)).mul_(y).to(t.dtype))
 
 
 @implements(F.softmin)
@@ -60,8 +60,8 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
-    c = _centred(t, y, dim)
-    return d.with_tangents(y, (c - _along(y.exp() * c, y, dim)).to(t.dtype))
+    c = _centred(t, y, dim)  # (a fresh tensor: updated in place)
+    return d.with_tangents(y, c.sub_(_along(y.exp() * c, y, dim)).to(t.dtype))
 
 
 def _along(stack: Tensor, x: Tensor, dim: int) -> Tensor:
@@ -73,7 +73,8 @@ def _centred(t: Tensor, y: Tensor, dim: int) -> Tensor:
     """The slots ``t`` in y's precision, their mean along ``dim`` taken out: ẋ − Σ w ⊙ ẋ for
     weights w that sum to 1 is unchanged by it but for rounding, and a large common part of ẋ
     would cancel there after its rounding (the weights' own rounding, to a narrower tangent
-    dtype or in exp(log_softmax), leaves their sum off 1 by a few ulps, times that part)."""
+    dtype or in exp(log_softmax), leaves their sum off 1 by a few ulps, times that part). A
+    fresh tensor."""
     t = t.to(y.dtype)
     return t - t.mean(dim + 1, keepdim=True) if y.dim() else torch.zeros_like(t)
 
