@@ -3,7 +3,8 @@
 The primal is computed once, then the tangents:
 
     launch 1 (primal):    y = x·W + b                          sums Σy, Σ(y − ȳ_tile)²
-    launch 2 (tangents):  ẏ_s = ẋ_s·W  +  x·Ẇ_p  +  ḃ_p          sums Σẏ_s, Σ(y − ȳ_tile)·ẏ_s
+    launch 2 (tangents):  ẏ_s = ẋ_s·W  +  x·Ẇ_p  +  ḃ_p          sums Σẏ_s,
+                                                  Σ(y − ȳ_tile)·(ẏ_s − ẏ̄_s,tile)
 
 Each slot's program computes only the terms it has, with one accumulator, so registers and
 shared memory do not grow with the number of slots (the slots ride on the grid's second axis).
@@ -204,7 +205,7 @@ def tangent_launches(ops: KernelOperands, bt: Optional[Tensor], y: Tensor, yt: T
 def bias_only_slots(yt: Tensor, tstats: Optional[Tensor], rows: Optional[Tensor],
                     bt: Tensor, p_offset: int) -> None:
     """Parameter slots whose only tangent is the bias's: ẏ_p = ḃ_p at every pixel, so
-    Σẏ = rows·ḃ_p and Σ(y − ȳ_tile)·ẏ_p = 0 in every tile."""
+    Σẏ = rows·ḃ_p and Σ(y − ȳ_tile)·(ẏ_p − ẏ̄_p,tile) = 0 in every tile."""
     tp = bt.shape[0]
     yt[p_offset:p_offset + tp] = bt.to(yt.dtype)[:, None, :, None, None]
     if tstats is not None:
@@ -308,8 +309,11 @@ def run_launch(launch: Launch, ops: KernelOperands, g: Geometry, precision: str,
 
 
 def combine_tile_stats(stats: Tensor, tstats: Tensor, rows: Tensor, acc_dtype: torch.dtype):
-    """Merge per-tile sums into batch statistics (Chan et al.), in float64:
-    mean, biased var, tangent mean, and mean((y − μ)·ẏ) per channel, as ``dual_bn_stats``."""
+    """Merge per-tile sums (Σy and Σ(y − ȳ_k)², Σẏ and Σ(y − ȳ_k)·(ẏ − ẏ̄_k) of each tile k)
+    into batch statistics (Chan et al.), in float64: mean, biased var, tangent mean, and
+    mean((y − μ)·ẏ) per channel, as ``dual_bn_stats``. The co-moments merge as
+    Σ_k [C_k + n_k·(ȳ_k − μ)·(ẏ̄_k − ẏ̄)]: each factor centred, so μ's rounding is not
+    multiplied by the tangent's mean."""
     s, m2 = stats[:, 0].double(), stats[:, 1].double()
     n = rows.sum()
     tile_mean = s / rows[:, None]
@@ -317,5 +321,7 @@ def combine_tile_stats(stats: Tensor, tstats: Tensor, rows: Tensor, acc_dtype: t
     var = (m2.sum(0) + (rows[:, None] * (tile_mean - mean) ** 2).sum(0)) / n
     ts, tc = tstats[:, :, 0].double(), tstats[:, :, 1].double()
     tmean = ts.sum(0) / n
-    tcov = (tc + (tile_mean - mean)[:, None, :] * ts).sum(0) / n
+    t_tile_mean = ts / rows[:, None, None]
+    tcov = (tc + rows[:, None, None] * (tile_mean - mean)[:, None, :]
+            * (t_tile_mean - tmean)).sum(0) / n
     return tuple(v.to(acc_dtype) for v in (mean, var, tmean, tcov))

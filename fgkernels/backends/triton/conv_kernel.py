@@ -122,28 +122,26 @@ def _dual_conv2d_forward_kernel(
     y_off = (n_img * sy_n + oh * sy_h + ow * sy_w)[:, None] + (co * sy_c)[None, :]
     tl.store(out_ptr + slot * so_t + y_off, out, mask=out_ok)
     if BN_STATS:
-        # Sums of the values as stored (a batch norm reads them so): Σv and Σ(y − ȳ_tile)·v,
-        # where v is this output and y the primal: v itself in the primal's launch, else read
-        # back, with ȳ_tile from the primal launch's sums of the same rows. Centring inside the
-        # tile keeps the float32 sums stable: in the primal's launch the sum is the centred
-        # square Σ(y − ȳ_tile)², not Σ(y − ȳ_tile)·y (equal in exact arithmetic), which keeps
-        # ȳ_tile's rounding times n·ȳ_tile, eps·(ȳ/σ)² relative: catastrophic for a channel
-        # whose mean is large beside its spread. (The tangents' sums keep v uncentred: centring
-        # it as well gains little, a term eps·(ȳ/σ)·v̄, for 8 more registers in the launches
-        # that read y back.)
+        # Sums of the values as stored (a batch norm reads them so): Σv and the co-moment
+        # Σ(y − ȳ_tile)·(v − v̄_tile), where v is this output and y the primal (v itself in the
+        # primal's launch, else read back, with ȳ_tile from the primal launch's sums of the same
+        # rows). Both centred inside the tile, the float32 sums stay stable for a channel whose
+        # mean is large beside its spread: an uncentred factor would keep ȳ_tile's rounding
+        # times its mean, eps·(ȳ/σ_y)·(v̄/σ_v) relative, and the batch mean's rounding would
+        # enter the merged sum the same way (combine_tile_stats merges co-moments, Chan et al.).
         v = tl.where(out_ok, out.to(tl.float32), 0.0)
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        v_sum = tl.sum(v, axis=0)
+        v_centred = tl.where(out_ok, v - (v_sum / rows)[None, :], 0.0)
         if READ_Y:
             y_sum = tl.load(ystats_ptr + pid_m.to(tl.int64) * sys_m + co, mask=col_ok, other=0.0)
             y = tl.load(y_ptr + y_off, mask=out_ok, other=0.0).to(tl.float32)
+            y_centred = tl.where(out_ok, y - (y_sum / rows)[None, :], 0.0)
         else:
-            y_sum = tl.sum(v, axis=0)
-            y = v
-        y_centred = tl.where(out_ok, y - (y_sum / rows)[None, :], 0.0)
+            y_centred = v_centred
         stats = stats_ptr + pid_m.to(tl.int64) * sst_m + slot * sst_t + co
-        tl.store(stats, tl.sum(v, axis=0), mask=col_ok)
-        tl.store(stats + CO, tl.sum(y_centred * (v if READ_Y else y_centred), axis=0),
-                 mask=col_ok)
+        tl.store(stats, v_sum, mask=col_ok)
+        tl.store(stats + CO, tl.sum(y_centred * v_centred, axis=0), mask=col_ok)
 
 
 @triton.jit
