@@ -6,6 +6,7 @@ error of torch's own forward-mode AD in d plus a small floor (``err <= 2·err_to
 The launch-plan tests run the launcher on ``meta`` tensors and look at the launches it makes.
 """
 import copy
+import re
 import sys
 from pathlib import Path
 
@@ -356,6 +357,79 @@ def test_conv_op_refuses_what_it_does_not_serve():
     assert not serves(x, w, [1, 0], [], 2, [1, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match=r"got x_pos \[1, 0\], p_pos \[\], count 2"):
         torch.ops.fgkernels_triton.dual_conv2d(*args)
+
+
+def _raw_conv_calls():
+    x, w = rand(2, 3, 5, 4, dtype=torch.float32), rand(4, 3, 3, 3, dtype=torch.float32)
+    g = ([1, 1], [1, 1], [1, 1])
+    return [  # (what, the call's arguments, the refusal's words)
+        ("an xt of another batch", (x, rand(1, 1, 3, 5, 4, dtype=torch.float32), w, None, None,
+                                    None, [0], [], 1, *g, False), "xt must have shape"),
+        ("a bias of 2 for 4 channels", (x, None, w, None, rand(2, dtype=torch.float32), None,
+                                        [], [], 0, *g, False), "bias has shape"),
+        ("integers", (x.int(), None, w.int(), None, None, None, [], [], 0, *g, False),
+         "floating"),
+        ("float64", (x.double(), None, w.double(), None, None, None, [], [], 0, *g, False),
+         "float32, bfloat16 or float16"),
+        ("a negative padding", (x, None, w, None, None, None, [], [], 0, [1, 1], [-1, -1],
+                                [1, 1], False), "padding must be"),
+        ("a weight tangent of another shape", (x, None, w, rand(1, 4, 3, 1, 1,
+                                                                dtype=torch.float32),
+                                               None, None, [], [0], 1, *g, False),
+         "wt must have shape"),
+        ("a kernel wider than the padded input", (x[..., :2, :2], None, w, None, None, None,
+                                                  [], [], 0, [1, 1], [0, 0], [1, 1], False),
+         "Kernel size can't be greater"),
+    ]
+
+
+@pytest.mark.parametrize("what, args, words", _raw_conv_calls(),
+                         ids=[c[0] for c in _raw_conv_calls()])
+def test_conv_op_checks_its_operands_eager_and_fake(what, args, words):
+    """Called directly, the op refuses what its launcher would read out of bounds or compute
+    wrong, with the argument named, before any launch; its fake refuses the same."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    op = torch.ops.fgkernels_triton.dual_conv2d
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=re.escape(words)):
+        op(*args)
+    with FakeTensorMode() as mode, \
+            pytest.raises((RuntimeError, ValueError, TypeError), match=re.escape(words)):
+        op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def test_apply_op_checks_its_operands():
+    """Called directly, the in-place apply refuses a strided x (it wrote past the view), slots
+    of another shape (it wrote out of bounds) or laid out otherwise, slots on x's memory, and
+    coefficients of another channel or slot count (a crash), each named, before it writes."""
+    y, ys = rand(2, 4, 3, 3, dtype=torch.float32), rand(1, 2, 4, 3, 3, dtype=torch.float32)
+    c = [rand(4, dtype=torch.float32) for _ in range(3)]
+    t = [rand(1, 4, dtype=torch.float32) for _ in range(2)]
+    apply_ = torch.ops.fgkernels_triton.dual_bn_apply_
+    before = y.clone(), ys.clone()
+    calls = [
+        ((rand(2, 4, 3, 6, dtype=torch.float32)[..., ::2], None, *c, *(v[:0] for v in t)),
+         "x must be contiguous or channels_last"),
+        ((y, rand(1, 2, 4, 3, 2, dtype=torch.float32), *c, *t), "xt must be"),
+        ((y, ys.transpose(-1, -2), *c, *t), "laid out as x"),
+        ((y, y[None], *c, *t), "x and xt share memory"),
+        ((y, ys, rand(2, dtype=torch.float32), *c[1:], *t), "must have shape (4,)"),
+        ((y, ys, *c, *(v[:0] for v in t)), "must have shape (1, 4)"),
+    ]
+    for args, words in calls:
+        with pytest.raises(RuntimeError, match=re.escape(words)):
+            apply_(*args, False)
+    assert torch.equal(y, before[0]) and torch.equal(ys, before[1])
+
+
+def test_a_kernel_wider_than_the_padded_input_is_refused_as_torch_refuses_it():
+    """The backend leaves such a call to the native op, whose refusal is at::conv2d's (the
+    kernel made an empty output, or a negative size's error, before)."""
+    x, w = Dual(rand(1, 3, 2, 2, dtype=torch.float32), rand(1, 3, 2, 2, dtype=torch.float32)), \
+        rand(4, 3, 3, 3, dtype=torch.float32)
+    with fgkernels.use_backend("triton"):
+        for dilation in (1, 3):
+            with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+                F.conv2d(x, w, dilation=dilation)
 
 
 # --- the launches the launcher makes (on meta tensors) ------------------------------------------

@@ -10,6 +10,8 @@ import os
 import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# The dtypes the kernels compute in (float32 sums)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache

@@ -10,15 +10,13 @@ from .. import bn_math
 from ..base import ConvArgs, Delegating, LayerParams, Opt, Result, Tensor
 from ..fused import InPlaceConvBatchNorm
 from ..native.backend import NativeBackend
-from . import INTERPRETED
+from . import DTYPES, INTERPRETED
 from .ops import serves  # importing .ops registers torch.ops.fgkernels_triton
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _serves(x: Tensor, w: Tensor, conv: ConvArgs):
     """Explicit padding when the Triton convolution serves this call, else None."""
-    if conv.groups != 1 or x.dtype not in _DTYPES or w.dtype != x.dtype or x.numel() == 0:
+    if conv.groups != 1 or x.dtype not in DTYPES or w.dtype != x.dtype or x.numel() == 0:
         return None
     if x.device.type != "cuda" and not INTERPRETED:
         return None
