@@ -79,6 +79,28 @@ def view_root(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t._base
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if ``a`` and ``b`` may share memory: one storage (where a tensor has none to ask,
+    one under torch.compile or a transform, if one views the other)."""
+    if not torch.compiler.is_compiling():
+        try:
+            return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        except RuntimeError:
+            pass
+    return view_root(a) is view_root(b)
+
+
+def _or_not_implemented(op: Callable, a, b):
+    """``op(a, b)``, or NotImplemented where it refuses ``b``'s type (or ``b`` is None): Python
+    then compares identities, as it does for a tensor."""
+    if b is None:
+        return NotImplemented
+    try:
+        return op(a, b)
+    except TypeError:
+        return NotImplemented
+
+
 def _writable(t: Optional[torch.Tensor]) -> bool:
     """True unless ``t`` may be expanded (a stride-0 dim), where a write would hit one element
     many times. (Any stride 0 counts: checked at C speed on every view op.)"""
@@ -272,6 +294,9 @@ class Dual:
 
     __slots__ = ("primal", "_stack", "directions", "_single", "_source", "_counted",
                  "__weakref__")
+    # NumPy defers to the Dual's own operators (``np.float64(2) * d`` is ``d.__rmul__``), as
+    # it does to a tensor's.
+    __array_ufunc__ = None
 
     def __init__(self, primal: torch.Tensor, tangent: Optional[torch.Tensor] = None, *,
                  directions: Optional[Sequence[int]] = None):
@@ -295,7 +320,10 @@ class Dual:
                 raise ValueError("directions label a stacked tangent of shape (T, *primal.shape); "
                                  "stack a single tangent with tangent.unsqueeze(0)")
             directions = _check_directions(directions, tangent.shape[0])
-        self._stack = in_primal_layout(tangent.unsqueeze(0) if single else tangent, primal)
+        stack = in_primal_layout(tangent.unsqueeze(0) if single else tangent, primal)
+        if _shares_memory(stack, primal):
+            stack = stack.clone()  # Dual(x, x): a write into the primal must not reach the slots
+        self._stack = stack
         self.directions = directions
         self._single = single
 
@@ -377,8 +405,9 @@ class Dual:
         is fresh (a reshape that copies) gets a tangent of its own too, and one whose tangent is
         fresh a primal of its own (a write into a view must reach both or neither)."""
         if out._views(self):
-            if _writable(out.primal) and _writable(out._stack) \
-                    and _writable(self.primal) and _writable(self._stack):
+            # (an expanded view too: an in-place op on it then meets torch's refusal to write
+            # one element many times, and one on this Dual reaches it)
+            if _writable(self.primal) and _writable(self._stack):
                 out._source = _Storage(out.primal, out._stack, "view")
                 if self._source is None:
                     self._source = _Storage(self.primal, self._stack, "viewed")
@@ -549,12 +578,13 @@ class Dual:
     # Comparisons compare the primals and give a plain bool tensor; a Dual hashes by identity.
     __hash__ = object.__hash__
 
+    # ``d == None`` and ``d == "a"`` are False, as for a tensor (whose operator answers
+    # NotImplemented where torch.eq refuses the operand's type)
     def __eq__(self, other):
-        # ``d == None`` is False, as for a tensor (torch.eq takes no None)
-        return NotImplemented if other is None else torch.eq(self, other)
+        return _or_not_implemented(torch.eq, self, other)
 
     def __ne__(self, other):
-        return NotImplemented if other is None else torch.ne(self, other)
+        return _or_not_implemented(torch.ne, self, other)
 
     def __lt__(self, other):
         return torch.lt(self, other)
@@ -704,6 +734,9 @@ class Dual:
     def __imod__(self, other):
         return self._assign(torch.remainder(self, other))
 
+    def __ifloordiv__(self, other):
+        return self._assign(torch.floor_divide(self, other))
+
     def add_(self, other, *, alpha=1) -> Dual:
         """In place, as ``Tensor.add_`` (see ``_assign``)."""
         return self._assign(torch.add(self, other, alpha=alpha))
@@ -805,7 +838,8 @@ class Dual:
                 "that Dual the slots first (Dual(x, torch.zeros(T, *x.shape)))")
             raise RuntimeError(f"an in-place op on {what} cannot change its tangent's slots "
                                f"(from {self.num_tangents} slots, directions "
-                               f"{self.directions}, to {result.num_tangents} slots){how}")
+                               f"{self.directions}, to {result.num_tangents} slots, directions "
+                               f"{result.directions}){how}")
         target.copy_(result.primal)  # autograd records it, as an in-place op on a tensor
         if stack is not None:
             with torch.no_grad():

@@ -202,6 +202,19 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     if isinstance(out, Dual):  # out= a Dual: the op out of place, then written into it
         rest = {k: v for k, v in kwargs.items() if k != "out"}
         return out._assign(Dual.__torch_function__(func, (Dual,), args, rest))
+    if isinstance(out, (tuple, list)):  # out=(values, indices): each written as one out= is
+        rest = {k: v for k, v in kwargs.items() if k != "out"}
+        results = Dual.__torch_function__(func, (Dual,), args, rest)
+        if len(out) != len(results):
+            raise TypeError(f"{name}: out= takes {len(results)} tensors, got {len(out)}")
+        for target, result in zip(out, results):
+            if isinstance(target, Dual):
+                target.copy_(result)
+                continue
+            if target.shape != result.shape:  # (torch resizes its out= tensors)
+                target.resize_(result.shape)
+            _in_place(torch.Tensor.copy_, f"{name}(out=...)", (target, result), {})
+        return type(results)(out)
     written = (args if out is not None else args[1:],
                {k: v for k, v in kwargs.items() if k != "out"})
     if _carries_tangent(written) and differentiable(target.dtype):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import cmath
 import math
 import struct
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from ..backends.kernel_op import KernelOp
 from ..backends.reference import zeroed_where
 from ..dual import slots as _slots
-from ..dual.layout import empty_slots, slots_in_format
+from ..dual.layout import empty_slots, kernel_format, slots_in_format
 from ..dual.value import Dual, differentiable, implements, in_primal_layout, view_root
 from .fallback import forward_ad_fallback
 from .operands import as_dual, parts
@@ -35,9 +36,13 @@ __all__ = ["add", "sub", "mul", "div", "where", "clamp", "exp"]
 
 
 def _parts(v):
-    """``operands.parts`` of an arithmetic operand: a Dual, a Tensor or a number."""
+    """``operands.parts`` of an arithmetic operand: a Dual, a Tensor or a number (a NumPy
+    scalar taken as the Python number it holds, as torch takes it)."""
     if not isinstance(v, (Dual, Tensor, int, float, complex, bool)):
-        raise TypeError(f"expected a Dual, Tensor or number, got {type(v).__name__}")
+        numpy = sys.modules.get("numpy")
+        if numpy is None or not isinstance(v, numpy.generic):
+            raise TypeError(f"expected a Dual, Tensor or number, got {type(v).__name__}")
+        v = v.item()
     return parts(v)
 
 
@@ -86,9 +91,12 @@ def _combine(op: str, y: Tensor, terms) -> Dual:
     parts = [(broadcast_stack(fn(lift(_slots.cast(t, dtype), y.dim())), y.shape), pos)
              for (_, t, fn), pos in zip(terms, plan.positions)]
     stack = _slots.place(plan.count, parts)
-    # The output owns its tangent, as forward_ad's does: one passed through from an operand
-    # (x + c, a where with one Dual branch) is copied, or an in-place op on a view of the
-    # output would write into the operand's tangent.
+    # The output owns its tangent, dense, as forward_ad's does: one broadcast from a smaller
+    # operand (X − b) is laid out in full, one passed through from an operand (x + c, a where
+    # with one Dual branch) is copied, or an in-place op on a view of the output would write
+    # many elements into one, or into the operand's tangent.
+    if 0 in stack.stride():
+        stack = slots_in_format(stack, kernel_format(y))
     if any(view_root(stack) is view_root(t) for _, t, _ in terms):
         stack = stack.clone()
     return Dual._unchecked(y, stack, plan.directions, plan.single)
@@ -138,6 +146,18 @@ def mul(input, other) -> Dual:
     y = torch.mul(b, a) if _number_left(a, b) else torch.mul(a, b)
     return _combine("mul", y,
                     [(ao, at, lambda t: t * _like(b, t)), (bo, bt, lambda t: _like(a, t) * t)])
+
+
+@implements(torch.floor_divide, torch.Tensor.floor_divide, torch.Tensor.__floordiv__)
+def floor_divide(input, other) -> Dual:
+    """Dual ``floor_divide``: ``div(rounding_mode='floor')``, as torch computes it (a step:
+    a zero tangent; forward_ad has no rule for it)."""
+    return div(input, other, rounding_mode="floor")
+
+
+@implements(torch.Tensor.__rfloordiv__)
+def _rfloordiv(input, other) -> Dual:
+    return div(other, input, rounding_mode="floor")
 
 
 @implements(torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.true_divide,
@@ -229,8 +249,11 @@ def nan_to_num(input, nan: float = 0.0, posinf: Optional[float] = None,
 
 
 @implements(torch.where)
-def where(condition, input, other) -> Dual:
-    """Dual select: ``ẏ = where(condition, ȧ, ḃ)`` (an operand without tangent gives 0)."""
+def where(condition, input=None, other=None) -> Dual:
+    """Dual select: ``ẏ = where(condition, ȧ, ḃ)`` (an operand without tangent gives 0).
+    ``torch.where(d)`` alone is ``nonzero(as_tuple=True)`` of the primal: indices."""
+    if input is None and other is None and isinstance(condition, Dual):
+        return torch.where(condition.primal)
     if isinstance(condition, Dual):
         raise TypeError("where: the condition must be a bool Tensor, got a Dual")
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)

@@ -112,6 +112,9 @@ def _fill(func: Callable) -> Callable:
             return forward_ad_fallback(func, (input, *args), kwargs)
         value = args[0] if args and isinstance(args[0], Dual) else None
         if value is not None:  # fill_(Dual scalar): every element takes its value and tangent
+            if value.dim() != 0:
+                raise RuntimeError(f"fill_ only supports 0-dimension value tensor but got "
+                                   f"tensor with {value.dim()} dimensions.")
             return input._assign(value.expand_as(input.primal) * 1.0)
         a, k = _primals(args, kwargs)
         y = func(input.primal.clone(), *a, **k)

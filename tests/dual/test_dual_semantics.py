@@ -1232,3 +1232,118 @@ def test_a_dual_filled_into_an_integer_tensor_gives_torch_s_value_alone():
                           (x.masked_fill(x == 0, value), x.masked_fill(x == 0, 2.7))):
         assert type(out) is torch.Tensor and torch.equal(out, expected)
 
+
+
+# --- writes through views, and operands torch takes -------------------------------------------
+@pytest.mark.parametrize("make", [lambda X, b: X - b, lambda X, b: torch.add(X, b, alpha=0.5),
+                                  lambda X, b: torch.rsub(b, X), lambda X, b: torch.lerp(b, X, 0.3),
+                                  lambda X, b: torch.addcmul(X, b, X)],
+                         ids=["sub", "add-alpha", "rsub", "lerp", "addcmul"])
+def test_a_tangent_broadcast_from_a_smaller_operand_takes_writes_through_views(make):
+    """``X − b`` (X plain, b a Dual of a smaller shape) owns a tangent of X's shape, as
+    forward_ad's result does: writes through its views reach it, and views taken before a
+    write see it (the broadcast stack was an expanded view, which no view could write)."""
+    X, b, bt = torch.randn(3, 4, **f64), torch.randn(4, **f64), torch.randn(4, **f64)
+
+    def writes(y):
+        y[:, 0].zero_()
+        row = y[1]
+        y.mul_(2)
+        for r in y:
+            r.add_(1)
+        return y, row
+
+    y, row = writes(make(X, Dual(b, bt)))
+    with fwAD.dual_level():
+        ref, ref_row = (fwAD.unpack_dual(t) for t in writes(make(X, fwAD.make_dual(b, bt))))
+    for ours, theirs in ((y, ref), (row, ref_row)):
+        torch.testing.assert_close(ours.primal, theirs.primal, rtol=1e-15, atol=1e-15)
+        torch.testing.assert_close(ours.tangent, theirs.tangent, rtol=1e-15, atol=1e-15)
+
+
+def test_an_expanded_view_sees_writes_into_the_dual_it_views():
+    """``e = d.expand(...)`` views d, as on a tensor: an in-place op on d reaches it, and one on
+    e (which would write one element many times) is refused with torch's own message."""
+    x, t = torch.randn(1, 4, **f64), torch.randn(1, 4, **f64)
+    d = Dual(x.clone(), t.clone())
+    e = d.expand(3, 4)
+    d.mul_(3)
+    with fwAD.dual_level():
+        ref = fwAD.make_dual(x.clone(), t.clone())
+        ref_e = ref.expand(3, 4)
+        ref.mul_(3)
+        ref_e = fwAD.unpack_dual(ref_e)
+    torch.testing.assert_close(e.primal, ref_e.primal, rtol=0, atol=0)
+    torch.testing.assert_close(e.tangent, ref_e.tangent, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        e.add_(1)
+    torch.testing.assert_close(d.primal, 3 * x, rtol=0, atol=0)
+
+
+def test_a_tangent_on_the_primal_s_memory_is_the_dual_s_own():
+    """``Dual(x, x)``: a write into the primal (through a view of the Dual) leaves the
+    tangent as given, as the derivative of adding a constant is."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], **f64)
+    for tangent in (x, x.detach()):
+        primal = x.clone()
+        d = Dual(primal, primal if tangent is x else primal.detach())
+        d[0].add_(10)
+        d[1].fill_(7)
+        assert d.primal.tolist() == [[11.0, 12.0, 13.0], [7.0, 7.0, 7.0]]
+        assert d.tangent.tolist() == [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("fn", [lambda d: np.float64(2) * d, lambda d: np.float32(0.5) + d,
+                                lambda d: np.int64(3) - d, lambda d: np.sqrt(4.0) / d,
+                                lambda d: d * np.float32(0.5), lambda d: d ** np.float32(2),
+                                lambda d: torch.where(d > 0, d, np.float32(0)),
+                                lambda d: d * np.bool_(True)],
+                         ids=["f64*d", "f32+d", "i64-d", "sqrt/d", "d*f32", "d**f32", "where",
+                              "d*bool"])
+def test_numpy_scalars_are_numbers_on_either_side(fn):
+    """A NumPy scalar is the Python number it holds, on either side of an operator (NumPy
+    defers to the Dual's reflected operator, as to a tensor's): the result is a Dual, as
+    forward_ad's is a dual tensor."""
+    out = _against_forward_ad(fn, (5,))
+    assert isinstance(out, Dual)
+
+
+def test_floor_division_is_a_step_in_place_too():
+    """``d // 2``, ``5 // d``, ``t // d``, ``torch.floor_divide``: torch's floor quotient with a
+    zero tangent, as ``div(rounding_mode='floor')`` (forward_ad has no rule for floor_divide);
+    ``//=`` writes in place, into the Dual a view views."""
+    x = torch.tensor([3.0, 5.0, -7.0], **f64)
+    d = Dual(x, torch.ones(3, **f64))
+    for out, expected in ((d // 2, x // 2), (5 // d, 5 // x), (x.clone() // d, x // x),
+                          (torch.floor_divide(d, 2), x // 2)):
+        assert torch.equal(out.primal, expected) and not out.tangent.any()
+    v = Dual(x.clone())
+    row = v[1:]
+    row //= 2
+    assert v.primal.tolist() == [3.0, 2.0, -4.0]
+
+
+def test_out_given_as_a_tuple_takes_each_result():
+    """``torch.max(d, 1, out=(values, indices))``: a Dual out takes the values and their
+    tangent, a plain one the indices; a plain out for the values refuses to drop the tangent
+    (under grad), as ``out=`` of one tensor does."""
+    x, t = torch.randn(3, 4, **f64), torch.randn(3, 4, **f64)
+    values, indices = Dual(torch.empty(3, **f64), torch.zeros(3, **f64)), \
+        torch.empty(3, dtype=torch.long)
+    result = torch.max(Dual(x, t), 1, out=(values, indices))
+    assert result.values is values and result.indices is indices
+    ref = torch.max(x, 1)
+    assert torch.equal(values.primal, ref.values) and torch.equal(indices, ref.indices)
+    assert torch.equal(values.tangent, t.gather(1, ref.indices[:, None])[:, 0])
+    with pytest.raises(TypeError, match=r"'max\(out=...\)' would write a Dual into a plain"):
+        torch.max(Dual(x, t), 1, out=(torch.empty(3, **f64), torch.empty(3, dtype=torch.long)))
+
+
+def test_operands_as_torch_takes_them():
+    """``torch.where(d)`` alone gives the primal's nonzero indices; ``d == "a"`` is False, as
+    for a tensor; a fill value of more than 0 dims is refused with torch's message."""
+    d = Dual(torch.tensor([[0.0, 1.0], [2.0, 0.0]]), torch.ones(2, 2))
+    assert all(torch.equal(a, b) for a, b in zip(torch.where(d), torch.where(d.primal)))
+    assert (d == "auto") is False and (d != "auto") is True
+    with pytest.raises(RuntimeError, match="fill_ only supports 0-dimension value tensor"):
+        d.fill_(Dual(torch.ones(2), torch.ones(2)))
