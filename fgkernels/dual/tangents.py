@@ -271,6 +271,8 @@ class _Pass:
         return False
 
     def _substitute(self, m: nn.Module, foreign_hooks: bool) -> None:
+        if isinstance(m, torch.jit.ScriptModule):
+            _refuse_script_module(m)
         if any(isinstance(t, Dual) for t in m._parameters.values()):
             raise RuntimeError(
                 f"{type(m).__name__} holds Duals of another dual pass, running in another thread: "
@@ -560,9 +562,14 @@ def _check_tangent_fits(m: nn.Module, name: str, t: Tensor, stack: Tensor) -> No
 
 
 def _check_still_bound(m: nn.Module) -> None:
-    """Refuse a parameter of ``m`` replaced since ``set_tangents`` gave it its tangent."""
-    for name, t in _BOUND.get(m, {}).items():
-        if m._parameters.get(name) is not t:
+    """Refuse a parameter of ``m`` replaced since ``set_tangents`` gave it its tangent. One
+    removed (a prune or a parametrization moves it, with its tangent, under another name) is
+    forgotten: no parameter of that name runs without its tangent."""
+    bound = _BOUND.get(m, {})
+    for name, t in list(bound.items()):
+        if name not in m._parameters:
+            del bound[name]
+        elif m._parameters[name] is not t:
             raise RuntimeError(
                 f"{type(m).__name__}.{name} was replaced after its tangent was set; set "
                 "its tangent again with fgkernels.set_tangents, or clear it with "
@@ -584,7 +591,7 @@ def check_tangents_still_fit(module: nn.Module, listed: list) -> None:
         listed[:] = [(_bound_generation[0],
                       [(m, bound) for m in module.modules() if (bound := _BOUND.get(m))])]
     for m, bound in listed[0][1]:
-        for name, t in bound.items():
+        for name, t in list(bound.items()):
             if m._parameters.get(name) is not t:
                 _check_still_bound(m)
             entry = tangent_of(t)
@@ -592,14 +599,25 @@ def check_tangents_still_fit(module: nn.Module, listed: list) -> None:
                 _check_tangent_fits(m, name, t, entry.stack)
 
 
+def _refuse_script_module(m: nn.Module, name: Optional[str] = None) -> None:
+    """A TorchScript module reads its parameters in C++, where no tangent reaches them: one
+    whose parameters have tangents (or, with ``name``, are given them) is refused."""
+    if name is not None or any(tangent_of(p) is not None for p in m.parameters()):
+        what = f"{name!r} belongs to" if name is not None else "a parameter with a tangent in"
+        raise TypeError(f"{what} a TorchScript module ({type(m).__name__}, from torch.jit.script "
+                        "or torch.jit.trace), which reads its parameters in C++, where a dual "
+                        "pass cannot give them their tangents; use the eager nn.Module")
+
+
 def _check_hooks(m: nn.Module) -> None:
     for hook in m._forward_pre_hooks.values():
-        if type(hook).__name__ == "SpectralNorm" \
+        if type(hook).__name__ == "SpectralNorm" and m.training \
                 and tangent_of(m._parameters.get(f"{hook.name}_orig")) is not None:
             raise NotImplementedError(
                 f"{type(m).__name__}.{hook.name} is computed by torch.nn.utils.spectral_norm's "
-                "hook, which updates its power-iteration vectors in place; use "
-                "torch.nn.utils.parametrizations.spectral_norm, which fgkernels differentiates")
+                "hook, which in training updates its power-iteration vectors in place; use "
+                "torch.nn.utils.parametrizations.spectral_norm, which fgkernels differentiates "
+                "(or the module in eval mode, whose hook updates nothing)")
 
 
 def _holds_dual(values: Iterable) -> bool:
@@ -1052,7 +1070,12 @@ def _stack_parameter(name: str, p: Tensor, tangent, direction: Optional[int]):
 
 def _owner_and_leaf(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, leaf = name.rpartition(".")
-    return (module.get_submodule(path) if path else module), leaf
+    if not path:
+        return module, leaf
+    owner = module
+    for part in path.split("."):  # (not get_submodule, which a TorchScript module refuses)
+        owner = owner._modules[part]
+    return owner, leaf
 
 
 def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
@@ -1087,6 +1110,9 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
                 raise ValueError(f"set_tangents: {earlier[2]!r} and {name!r} are the same (tied) "
                                  "parameter; give its tangent once")
             continue
+        owner, _ = _owner_and_leaf(module, name)
+        if isinstance(owner, torch.jit.ScriptModule):
+            _refuse_script_module(owner, name)
         staged[id(p)] = (p, _stack_parameter(name, p, tangent, direction), name)
     counts = {e.stack.shape[0] for _, e, _ in staged.values() if e.directions is None}
     if len(counts) > 1:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations, parametrize, prune
 
 import fgkernels
 from fgkernels import Dual
@@ -1154,3 +1154,56 @@ def test_a_parameter_of_its_own_class_in_a_container_carries_its_tangent(holder)
     result = compare_with_forward_ad(model, [torch.randn(2, 3, **f64)], num_tangents=2)
     assert result["primal"] == 0 and result["tangent"] < 1e-14
     assert type(model.held) is type(_HoldsTagged(holder).held)
+
+
+@pytest.mark.parametrize("how", ["prune", "weight_norm"])
+def test_a_parameter_moved_part_way_through_training_takes_fresh_tangents(how):
+    """A layer pruned (``torch.nn.utils.prune``) or weight-normalised between steps moves its
+    weight under another name; the next steps' tangents, drawn for the model as it now is,
+    are taken, and the pass is exact (the old name's record refused every later pass)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(2, 4, **f64)
+    for step in range(3):
+        if step == 1:
+            if how == "prune":
+                prune.l1_unstructured(model[0], "weight", amount=0.5)
+            else:
+                parametrizations.weight_norm(model[0])
+        fgkernels.random_tangents(model)  # (a training loop's draw, never cleared)
+        assert isinstance(model(Dual(x)), Dual)
+    result = compare_with_forward_ad(model, x)
+    assert result["primal"] < 1e-14 and result["tangent"] < 1e-13
+
+
+def test_a_torchscript_module_is_refused_before_any_tangent_is_set():
+    """TorchScript reads its parameters in C++, where no tangent reaches them: tangents for a
+    scripted module's parameters are refused by name, and none is set (the scripted module
+    failed inside the pass with an AttributeError, or half its tangents stayed set)."""
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh()).double()
+    model = nn.Sequential(torch.jit.script(inner), nn.Linear(4, 3).double())
+    with pytest.raises(TypeError, match="'0.0.weight' belongs to a TorchScript module"):
+        fgkernels.set_tangents(model, {"1.weight": torch.randn(3, 4, **f64),
+                                       "0.0.weight": torch.randn(4, 4, **f64)})
+    with pytest.raises(TypeError, match="'0.weight' belongs to a TorchScript module"):
+        fgkernels.random_tangents(model[0])
+    assert not any(has_tangent(p) for p in model.parameters())
+
+
+def test_the_old_spectral_norm_hook_in_eval_mode_is_exact():
+    """``torch.nn.utils.spectral_norm``'s hook updates nothing in eval mode: the pass is exact
+    there, and refused in training, where the hook's power iteration writes in place."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).double()
+    torch.nn.utils.spectral_norm(model[0])
+    x = torch.randn(2, 4, **f64)
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    result = compare_with_forward_ad(model, x)
+    assert result["primal"] < 1e-14 and result["tangent"] < 1e-13
+    model.train()
+    fgkernels.random_tangents(model)
+    with pytest.raises(NotImplementedError, match="in training updates its power-iteration"):
+        model(Dual(x))
+    fgkernels.clear_tangents(model)
