@@ -309,11 +309,11 @@ def run_launch(launch: Launch, ops: KernelOperands, g: Geometry, precision: str,
 
 
 def combine_tile_stats(stats: Tensor, tstats: Tensor, rows: Tensor, acc_dtype: torch.dtype):
-    """Merge per-tile sums (Σy and Σ(y − ȳ_k)², Σẏ and Σ(y − ȳ_k)·(ẏ − ẏ̄_k) of each tile k)
-    into batch statistics (Chan et al.), in float64: mean, biased var, tangent mean, and
-    mean((y − μ)·ẏ) per channel, as ``dual_bn_stats``. The co-moments merge as
-    Σ_k [C_k + n_k·(ȳ_k − μ)·(ẏ̄_k − ẏ̄)]: each factor centred, so μ's rounding is not
-    multiplied by the tangent's mean."""
+    """Merge per-tile sums (Σy and Σ(y − ȳ_k)², Σẏ and the co-moment
+    C_k = Σ(y − ȳ_k)·(ẏ − ẏ̄_k) of each tile k) into batch statistics (Chan et al.), in
+    float64: mean, biased var, tangent mean, and mean((y − μ)·ẏ) per channel, as
+    ``dual_bn_stats``. The co-moments merge as Σ_k [C_k + n_k·(ȳ_k − μ)·(ẏ̄_k − ẏ̄)], which is
+    Σ_k [C_k + (ȳ_k − μ)·Σẏ_k] since Σ_k n_k·(ȳ_k − μ) = 0 (to float64's rounding)."""
     s, m2 = stats[:, 0].double(), stats[:, 1].double()
     n = rows.sum()
     tile_mean = s / rows[:, None]
@@ -321,7 +321,5 @@ def combine_tile_stats(stats: Tensor, tstats: Tensor, rows: Tensor, acc_dtype: t
     var = (m2.sum(0) + (rows[:, None] * (tile_mean - mean) ** 2).sum(0)) / n
     ts, tc = tstats[:, :, 0].double(), tstats[:, :, 1].double()
     tmean = ts.sum(0) / n
-    t_tile_mean = ts / rows[:, None, None]
-    tcov = (tc + rows[:, None, None] * (tile_mean - mean)[:, None, :]
-            * (t_tile_mean - tmean)).sum(0) / n
+    tcov = (tc + (tile_mean - mean)[:, None, :] * ts).sum(0) / n
     return tuple(v.to(acc_dtype) for v in (mean, var, tmean, tcov))
