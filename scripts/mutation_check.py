@@ -1243,6 +1243,53 @@ MUTANTS = [
     Mutant("a compiled pass skips the eager pass's parameter checks", "fgkernels/nn/compiled.py",
            "        check_tangents_still_fit(module, bound)  #", "        #",
            (COMPILE + "test_a_compiled_pass_refuses_a_parameter_changed_after_its_tangent",)),
+    Mutant("a tangent broadcast from a smaller operand left expanded", POINTWISE,
+           "    if 0 in stack.stride():\n", "    if False:\n",
+           ("tests/dual/test_dual_semantics.py::test_a_tangent_broadcast_from_a_smaller_operand_takes_writes_"
+            "through_views",)),
+    Mutant("a Dual viewed by an expanded view not told so", "fgkernels/dual/value.py",
+           "            if _writable(self.primal) and _writable(self._stack):\n"
+           "                out._source",
+           "            if _writable(out._stack) and _writable(self._stack):\n"
+           "                out._source",
+           ("tests/dual/test_dual_semantics.py::test_an_expanded_view_sees_writes_into_the_dual_it_views",)),
+    Mutant("a tangent on the primal's memory kept there", "fgkernels/dual/value.py",
+           "        if _shares_memory(stack, primal):", "        if False:",
+           ("tests/dual/test_dual_semantics.py::test_a_tangent_on_the_primal_s_memory_is_the_dual_s_own",)),
+    Mutant("NumPy left to take a Dual as an array", "fgkernels/dual/value.py",
+           "    __array_ufunc__ = None\n", "\n",
+           ("tests/dual/test_dual_semantics.py::test_numpy_scalars_are_numbers_on_either_side",)),
+    Mutant("a NumPy scalar operand refused", POINTWISE,
+           "        if numpy is None or not isinstance(v, numpy.generic):",
+           "        if True:",
+           ("tests/dual/test_dual_semantics.py::test_numpy_scalars_are_numbers_on_either_side",)),
+    Mutant("a parameter moved under another name kept on record", "fgkernels/dual/tangents.py",
+           "        if name not in m._parameters:\n            del bound[name]\n        elif",
+           "        if",
+           ("tests/dual/test_tangent_store.py::test_a_parameter_moved_part_way_through_"
+            "training_takes_fresh_tangents",)),
+    Mutant("a TorchScript module's parameters given tangents", "fgkernels/dual/tangents.py",
+           "        if isinstance(owner, torch.jit.ScriptModule):",
+           "        if False:",
+           ("tests/dual/test_tangent_store.py::test_a_torchscript_module_is_refused_before_"
+            "any_tangent_is_set",)),
+    Mutant("the old spectral_norm hook refused in eval mode too", "fgkernels/dual/tangents.py",
+           'if type(hook).__name__ == "SpectralNorm" and m.training',
+           'if type(hook).__name__ == "SpectralNorm"',
+           ("tests/dual/test_tangent_store.py::test_the_old_spectral_norm_hook_in_eval_mode_is_exact",)),
+    Mutant("the Triton conv op runs unchecked", "fgkernels/backends/triton/ops.py",
+           "                 bn_stats):\n    _check_conv_operands(",
+           "                 bn_stats):\n    (lambda *a: None)(",
+           ("tests/backends/test_triton.py::test_conv_op_checks_its_operands_eager_and_fake",)),
+    Mutant("the Triton apply runs unchecked", "fgkernels/backends/triton/ops.py",
+           "def _dual_bn_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu) -> None:\n"
+           "    _check_apply_operands(",
+           "def _dual_bn_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu) -> None:\n"
+           "    (lambda *a: None)(",
+           ("tests/backends/test_triton.py::test_apply_op_checks_its_operands",)),
+    Mutant("the Triton conv serves an empty output", "fgkernels/backends/triton/ops.py",
+           "            and min(_output_shape(x, w, stride, padding, dilation)[2:]) >= 1\n", "",
+           ("tests/backends/test_triton.py::test_a_kernel_wider_than_the_padded_input_is_refused_as_torch_refuses_it",)),
 ]
 
 
