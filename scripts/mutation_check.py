@@ -1287,6 +1287,10 @@ MUTANTS = [
            "def _dual_bn_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu) -> None:\n"
            "    (lambda *a: None)(",
            ("tests/backends/test_triton.py::test_apply_op_checks_its_operands",)),
+    Mutant("a Dual without tangent given a zero tangent in the fallback",
+           "fgkernels/rules/fallback.py", "    if any(d.tangents is None for d in duals):",
+           "    if False:", ("tests/dual/test_dual_semantics.py::test_a_dual_without_tangent_is_a_"
+                             "constant_of_a_fallback_op",)),
     Mutant("the Triton conv serves an empty output", "fgkernels/backends/triton/ops.py",
            "            and min(_output_shape(x, w, stride, padding, dilation)[2:]) >= 1\n", "",
            ("tests/backends/test_triton.py::test_a_kernel_wider_than_the_padded_input_is_refused_as_torch_refuses_it",)),

@@ -118,6 +118,15 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     plan = _slots.plan([d.slot_operand() for d in duals], name)
     if plan.count == 0:
         return _linked(_wrap(call(*primals), None, plan), duals)
+    operands = duals  # (an output that views any of them is linked to it)
+    if any(d.tangents is None for d in duals):
+        # A Dual without tangent is a constant of the op, as a plain tensor is: given a zero
+        # tangent it would meet an infinite partial derivative as NaN (fmod by a zero divisor)
+        leaves = [v.primal if isinstance(v, Dual) and v.tangents is None else v for v in leaves]
+        where = [i for i, v in enumerate(leaves) if isinstance(v, Dual)]
+        duals = [leaves[i] for i in where]
+        primals = tuple(_dense_if_expanded(d.primal) for d in duals)
+        plan = _slots.plan([d.slot_operand() for d in duals], name)
     if _strict():
         raise TypeError(f"fgkernels.Dual has no forward-mode rule for '{name}' (strict mode: "
                         "the forward-AD fallback is off)")
@@ -134,22 +143,23 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     # dtype=torch.float64)`` of a float32 Dual gives a float64 tangent, as forward AD does).
     out = _wrap(primal_out, tangents, plan, plan.dtype if plan.narrow else None)
     if not plan.narrow:
-        return _linked(out, duals)
+        return _linked(out, operands)
 
     def own_slots(k: int, i: int) -> Optional[torch.Tensor]:
         # output i of the op on operand k's own (narrower) slots, the other operands' primals
         # beside them: a view of those slots where the op is a view op
-        d = duals[k]
-        if d.directions != plan.directions or d.tangents.shape[0] != plan.count:
+        d = operands[k]
+        at = next((j for j, e in enumerate(duals) if e is d), None)
+        if at is None or d.directions != plan.directions or d.tangents.shape[0] != plan.count:
             return None  # its slots are not the output's
-        take = lambda s: pytree.tree_leaves(call(*[s if j == k else p
+        take = lambda s: pytree.tree_leaves(call(*[s if j == at else p
                                                   for j, p in enumerate(primals)]))[i]
         try:
             return torch.func.vmap(take)(d.tangents)
         except Exception:  # an op vmap cannot batch: the output stays a copy of both
             return None
 
-    return _linked(out, duals, own_slots)
+    return _linked(out, operands, own_slots)
 
 
 def _linked(out, duals: list[Dual],

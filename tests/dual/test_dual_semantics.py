@@ -1347,3 +1347,19 @@ def test_operands_as_torch_takes_them():
     assert (d == "auto") is False and (d != "auto") is True
     with pytest.raises(RuntimeError, match="fill_ only supports 0-dimension value tensor"):
         d.fill_(Dual(torch.ones(2), torch.ones(2)))
+
+
+@pytest.mark.parametrize("op", [torch.fmod, torch.remainder, torch.xlogy], ids=lambda f: f.__name__)
+def test_a_dual_without_tangent_is_a_constant_of_a_fallback_op(op):
+    """A Dual whose tangent is None takes no part in the fallback's forward AD, as a plain
+    tensor would: a zero tangent met an infinite partial derivative (fmod by a zero divisor,
+    xlogy at 0) as NaN, where forward_ad gives a number."""
+    a, at = torch.tensor([1.0, 2.0, 3.0], **f64), torch.ones(3, **f64)
+    b = torch.tensor([0.0, 1.5, 2.0], **f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = op(Dual(a, at), Dual(b))
+    with fwAD.dual_level():
+        ref = fwAD.unpack_dual(op(fwAD.make_dual(a, at), b))
+    torch.testing.assert_close(out.primal, ref.primal, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out.tangent, ref.tangent, rtol=0, atol=0, equal_nan=True)
