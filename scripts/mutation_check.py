@@ -1291,6 +1291,13 @@ MUTANTS = [
            "fgkernels/rules/fallback.py", "    if any(d.tangents is None for d in duals):",
            "    if False:", ("tests/dual/test_dual_semantics.py::test_a_dual_without_tangent_is_a_"
                              "constant_of_a_fallback_op",)),
+    Mutant("a block with nothing to differentiate differentiated", "fgkernels/train/estimators.py",
+           "    if not wrt:\n        return []\n", "",
+           ("tests/train/test_estimators.py::test_estimate_equals_autograd_projection",)),
+    Mutant("a direction that never reached the loss looked up", "fgkernels/train/estimators.py",
+           "    if loss.tangents is None or direction not in loss.directions:\n"
+           "        return 0.0\n",
+           "", ("tests/train/test_estimators.py::test_estimate_equals_autograd_projection",)),
     Mutant("the Triton conv serves an empty output", "fgkernels/backends/triton/ops.py",
            "            and min(_output_shape(x, w, stride, padding, dilation)[2:]) >= 1\n", "",
            ("tests/backends/test_triton.py::test_a_kernel_wider_than_the_padded_input_is_refused_as_torch_refuses_it",)),

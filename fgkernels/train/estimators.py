@@ -154,7 +154,10 @@ def grads_or_zeros(output: Union[Tensor, GradientEdge], wrt: list[Tensor],
     """``torch.autograd.grad`` of ``output`` (a tensor, or the gradient edge of one nothing
     holds any more) w.r.t. ``wrt``, zeros for what it does not reach, under ``LeanBackward``
     (the same gradients, less memory held at once; the convolutions of ``reduced_weights``
-    differentiated in ``reduced_dtype`` where one is given)."""
+    differentiated in ``reduced_dtype`` where one is given). Nothing to differentiate (a
+    block with no trainable parameter): no gradient."""
+    if not wrt:
+        return []
     with LeanBackward(reduced_weights, reduced_dtype):
         grads = torch.autograd.grad(output, wrt, grad_output, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt)]
@@ -353,7 +356,10 @@ def _norm2(*tensors: Tensor) -> float:
 
 
 def _directional(loss: Dual, direction: int) -> float:
-    """The tangent of a scalar loss for one labelled direction."""
+    """The tangent of a scalar loss for one labelled direction: 0 where the direction never
+    reached it (a block with no trainable parameter perturbs nothing in weight space)."""
+    if loss.tangents is None or direction not in loss.directions:
+        return 0.0
     return float(loss.tangents[loss.directions.index(direction)])
 
 

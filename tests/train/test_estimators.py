@@ -43,9 +43,16 @@ def grads_of(loss, params):
     return [torch.zeros_like(p) if v is None else v for v, p in zip(g, params)]
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["", "block-1-frozen"])
 @pytest.mark.parametrize("target,guess,space", list(itertools.product(TARGETS, GUESSES, SPACES)))
-def test_estimate_equals_autograd_projection(target, guess, space):
+def test_estimate_equals_autograd_projection(target, guess, space, frozen):
+    """Every block's estimate, the exact last block and classifier, the heads' gradients and
+    the running statistics, against plain autograd. ``frozen``: block 1's parameters all
+    frozen (requires_grad False): it gets no estimate, in weight space a derivative of 0 (its
+    direction perturbs nothing), and the other blocks theirs."""
     net = small_net()
+    if frozen:
+        net.blocks[1].requires_grad_(False)
     ref = copy.deepcopy(net)
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 2, 1, 0])
@@ -57,9 +64,14 @@ def test_estimate_equals_autograd_projection(target, guess, space):
     assert [b.block for b in est.blocks] == list(range(J - 1))
     for b in est.blocks:
         j = b.block
-        block_params = [p for p in ref.blocks[j].parameters()]
-        names = [f"blocks.{j}.{n}" for n, _ in ref.blocks[j].named_parameters()]
+        block_params = [p for p in ref.blocks[j].parameters() if p.requires_grad]
+        names = [f"blocks.{j}.{n}" for n, p in ref.blocks[j].named_parameters()
+                 if p.requires_grad]
         tgt_loss = {"global": global_loss, "local": aux[j], "above": aux[j + 1]}[target]
+        if not block_params:
+            assert space == "activity" or b.derivative == 0.0
+            assert not any(n.startswith(f"blocks.{j}.") for n in est.grads)
+            continue
         if space == "weight":
             true = grads_of(tgt_loss, block_params)
             g = [b.guess[n.split(".", 2)[2]] for n in names]
