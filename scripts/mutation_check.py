@@ -1298,6 +1298,12 @@ MUTANTS = [
            "    if loss.tangents is None or direction not in loss.directions:\n"
            "        return 0.0\n",
            "", ("tests/train/test_estimators.py::test_estimate_equals_autograd_projection",)),
+    Mutant("torch.cat's channels_last slots left as the join lays them out", LAYERS,
+           "if kernel_format(y) == torch.channels_last else None", "if False else None",
+           ("tests/dual/test_channels_last.py::test_an_op_lays_out_each_slot_as_its_primal",)),
+    Mutant("group norm's slots left as the groups' reshape lays them out",
+           "fgkernels/rules/norms.py", "d.with_tangents(y, in_primal_layout(d.tangents, y))",
+           "d", ("tests/dual/test_channels_last.py::test_an_op_lays_out_each_slot_as_its_primal",)),
     Mutant("the Triton conv serves an empty output", "fgkernels/backends/triton/ops.py",
            "            and min(_output_shape(x, w, stride, padding, dilation)[2:]) >= 1\n", "",
            ("tests/backends/test_triton.py::test_a_kernel_wider_than_the_padded_input_is_refused_as_torch_refuses_it",)),

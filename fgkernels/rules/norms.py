@@ -20,7 +20,7 @@ from ..backends.layer_op import LayerOp
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
 from ..dual.layout import kernel_format
-from ..dual.value import Dual, implements
+from ..dual.value import Dual, implements, in_primal_layout
 from .fallback import forward_ad_fallback
 from .operands import as_dual, layer_operands, layer_params, parts, primal_of, result
 from .pointwise import lift
@@ -198,7 +198,9 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     xhat = xhat.reshape(x.shape)
     xt_hat = None if xt_hat is None else xt_hat.reshape(xt.shape)
     param_shape = (x.shape[1],) + (1,) * (x.dim() - 2)
-    return _affine("group_norm", y, xhat, xt_hat, x_operand, weight, bias, param_shape)
+    d = _affine("group_norm", y, xhat, xt_hat, x_operand, weight, bias, param_shape)
+    # (the groups' reshape of channels_last slots laid them out contiguous)
+    return d if d.tangents is None else d.with_tangents(y, in_primal_layout(d.tangents, y))
 
 
 @implements(F.instance_norm)
@@ -217,7 +219,7 @@ def instance_norm(input, running_mean: Optional[Tensor] = None,
         d = group_norm(x, x.shape[1], weight, bias, eps)
     else:
         d = F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
-    return d.with_tangents(y, d.tangents)
+    return d.with_tangents(y, None if d.tangents is None else in_primal_layout(d.tangents, y))
 
 
 # --- vector norms and weight normalisation ------------------------------------------------------

@@ -90,19 +90,32 @@ def test_every_slot_stays_channels_last(backend):
     lambda v: torch.clamp(v, -0.5, 0.5), lambda v: torch.div(v, 0.3, rounding_mode="floor"),
     lambda v: F.pad(v, (1, 1, 1, 1)), lambda v: F.max_pool2d(v, 2, return_indices=True)[0],
     lambda v: F.adaptive_max_pool2d(v, 3), lambda v: v.sort(1)[0], lambda v: v.roll(1, 1),
+    lambda v: torch.cat([v, v * 2], 1), lambda v: torch.cat([v[:1], v], 0),
+    lambda v: F.group_norm(v, 1),
 ], ids=["relu", "hardtanh", "max_pool2d", "conv2d of one image", "clamp", "rounded quotient",
-        "constant pad", "max_pool2d with indices", "adaptive max pool", "sort", "roll"])
+        "constant pad", "max_pool2d with indices", "adaptive max pool", "sort", "roll",
+        "cat of channels", "cat of images", "group norm"])
 def test_an_op_lays_out_each_slot_as_its_primal(op, backend):
     """A channels_last primal and slots, each op on its own: its slots channels_last too, on
     every CPU backend (a broadcast mask's masked_fill, a gather over flattened slots and a
     convolution of one image had laid them out contiguous on the reference backend; a
-    constant pad, the max pools with indices, sort and roll on every backend)."""
+    constant pad, the max pools with indices, sort and roll on every backend; torch.cat and
+    group norm too, a DenseNet's and a GhostNet's pass)."""
     x = torch.randn(2, 3, 6, 6).to(memory_format=CL)
     xt = torch.randn(1, 2, 6, 6, 3).permute(0, 1, 4, 2, 3)  # one slot, channels_last
     with fgkernels.use_backend(backend):
         out = op(Dual(x, xt))
     assert out.primal.is_contiguous(memory_format=CL)
     assert all(s.is_contiguous(memory_format=CL) for s in out.tangents)
+
+
+def test_instance_norm_lays_out_its_slots_as_its_primal():
+    """F.instance_norm of a channels_last input returns a contiguous primal (torch's): its
+    slots are laid out as that primal (they kept the input's layout)."""
+    x = torch.randn(2, 3, 6, 6).to(memory_format=CL)
+    xt = torch.randn(1, 2, 6, 6, 3).permute(0, 1, 4, 2, 3)
+    out = F.instance_norm(Dual(x, xt))
+    assert in_kernel_layout(out.primal, out.tangents)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
