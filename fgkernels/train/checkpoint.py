@@ -26,6 +26,7 @@ CHECKPOINT_FORMAT = "fgkernels-train-2"
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 LOCK_NAME = ".lock"
+PLOT_NAMES = ("curves.png", "alignment.png")  # (report.plot_runs)
 _KEYS = ("format", "config", "epoch", "model", "optimizer", "scheduler", "history", "sha256")
 
 
@@ -167,8 +168,8 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool,
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """``check_out_dir``, then, for a fresh run with ``overwrite``, the files a run writes
-    removed (the checkpoint and the metrics log)."""
+    removed (the checkpoint, the metrics log and the plots)."""
     check_out_dir(out_dir, resume, overwrite)
     if overwrite:
-        for name in (CHECKPOINT_NAME, METRICS_NAME):
+        for name in (CHECKPOINT_NAME, METRICS_NAME, *PLOT_NAMES):
             (out_dir / name).unlink(missing_ok=True)

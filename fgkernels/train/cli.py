@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import check_out_dir
+from .checkpoint import check_out_dir, prepare_out_dir
 from .cost import measure_step_costs
 from .data import DATASETS, load_dataset
 from .estimators import GUESSES, NOISES, SPACES, TARGETS
@@ -28,6 +28,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _folder(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -59,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser, epochs: int, batch: int, width: Opti
                         "float32 network halve their memory traffic")
     p.add_argument("--channels-last", action="store_true",
                    help="the network and its inputs in channels_last memory format")
-    p.add_argument("--out", help="folder for metrics.jsonl, checkpoints and plots")
+    p.add_argument("--out", type=_folder, help="folder for metrics.jsonl, checkpoints and plots")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a non-empty --out (its checkpoint and metrics go)")
     p.add_argument("--plot", action="store_true", help="write PNG plots to --out")
@@ -125,14 +131,24 @@ def _check_run_flags(parser, args) -> None:
     given = [f"--{n}" for n in FG_FLAGS if getattr(args, n) is not None]
     given += ["--tangent-dtype"] if args.tangent_dtype is not None else []
     if args.algo != "fg" and given:
-        parser.error(f"{', '.join(given)} apply only to --algo fg (got --algo {args.algo})")
+        parser.error(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only to "
+                     f"--algo fg (got --algo {args.algo})")
     for name, default in FG_FLAGS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if args.data == "cifar10" and not args.data_dir:
-        parser.error("--data cifar10 needs --data-dir, the folder holding cifar-10-batches-py/")
+    _check_common_flags(parser, args)
     if (args.plot or args.resume) and not args.out:
         parser.error("--plot and --resume need --out")
+
+
+def _check_common_flags(parser, args) -> None:
+    """The options of both commands that name what another option excludes."""
+    if args.data == "cifar10" and not args.data_dir:
+        parser.error("--data cifar10 needs --data-dir, the folder holding cifar-10-batches-py/")
+    if args.data != "cifar10" and args.data_dir:
+        parser.error(f"--data-dir applies only to --data cifar10 (got --data {args.data})")
+    if args.aux == "linear" and args.aux_width is not None:
+        parser.error("--aux-width applies only to the aux nets with a width (got --aux linear)")
 
 
 def demo_footnote(args, dataset) -> str:
@@ -196,17 +212,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             if args.plot and not args.out:
                 parser.error("--plot needs --out")
-            dataset = load_dataset(args.data, args.data_dir, args.seed)
+            _check_common_flags(parser, args)
             configs = [_config(args, diagnose=True, **overrides) for overrides in DEMO_RUNS]
             outs = [Path(args.out) / f"run{i}" if args.out else None for i in range(len(configs))]
             # Every run's configuration and folder checked before the first run writes anything
             if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
                 raise ValueError(f"--out {args.out} exists and is not a folder")
-            for cfg, out in zip(configs, outs):
+            for cfg in configs:
                 cfg.validate()
+            dataset = load_dataset(args.data, args.data_dir, args.seed)
+            for cfg, out in zip(configs, outs):
                 check_batch_norms_see_a_batch(cfg, dataset)
                 if out is not None:
                     check_out_dir(out, False, args.overwrite, resumable=False)
+            if args.overwrite:  # every run's old files go at once: no mix of two demos
+                for out in outs:
+                    if out is not None and out.is_dir():
+                        prepare_out_dir(out, False, True)
             results = []
             for i, (cfg, out) in enumerate(zip(configs, outs)):
                 if rank == 0:

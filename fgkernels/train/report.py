@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from pathlib import Path
+
+from .checkpoint import PLOT_NAMES
 
 
 def _mean_cosine(history: list[dict]) -> float:
@@ -34,7 +37,7 @@ def summary_table(results, costs=None) -> str:
         [_history_cost(r) if r.history else (float("nan"), float("nan")) for r in results]
     base = next((i for i, r in enumerate(results) if r.config.algo == "backprop" and r.history),
                 None)
-    rel = base is not None
+    rel = base is not None and len(results) > 1  # (backprop alone: its own ms and MiB)
     head = ["run", "test acc", "train loss",
             "step time" + (" ×bp" if rel else " ms"), "peak mem" + (" ×bp" if rel else " MiB"),
             "cos(est, true)"]
@@ -81,9 +84,8 @@ def plot_runs(results, out_dir: Path) -> list[Path]:
     ax2.set(xlabel="epoch", ylabel="train loss", yscale="log")
     ax1.legend(fontsize=7)
     fig.tight_layout()
-    curves = out_dir / "curves.png"
-    fig.savefig(curves, dpi=120)
-    plt.close(fig)
+    curves = out_dir / PLOT_NAMES[0]
+    _save(fig, curves)
     paths = [curves]
     aligned = [r for r in results if r.history and r.history[-1].get("cosine")]
     if aligned:
@@ -95,8 +97,21 @@ def plot_runs(results, out_dir: Path) -> list[Path]:
         ax.axhline(0, color="grey", lw=0.5)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / "alignment.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        path = out_dir / PLOT_NAMES[1]
+        _save(fig, path)
         paths.append(path)
+    else:  # (one of an earlier run would pass for this run's)
+        (out_dir / PLOT_NAMES[1]).unlink(missing_ok=True)
     return paths
+
+
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG at ``path``, whole or not at all (written beside it, then moved)."""
+    import matplotlib.pyplot as plt
+    partial = path.with_name(path.name + ".partial")
+    try:
+        fig.savefig(partial, dpi=120, format="png")
+        os.replace(partial, path)
+    finally:
+        plt.close(fig)
+        partial.unlink(missing_ok=True)

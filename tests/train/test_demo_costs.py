@@ -31,6 +31,14 @@ def test_table_takes_the_measured_costs_relative_to_backprop():
         summary_table(results, costs[:2])
 
 
+def test_a_table_of_backprop_alone_gives_its_own_time_and_memory():
+    """With no other run to compare, the backprop row shows milliseconds and MiB (it showed
+    1.00 and 1.00, itself relative to itself)."""
+    row = summary_table([_result("backprop")], [StepCost(0.010, 4 << 20)]).splitlines()
+    assert "step time ms" in row[0] and "peak mem MiB" in row[0]
+    assert [c.strip() for c in row[2].split("|")[4:6]] == ["10.0", "4.0"]
+
+
 def test_costs_of_every_config_in_their_order(digits):
     configs = [TrainConfig(algo="backprop", **TINY), TrainConfig(algo="fg", **TINY)]
     costs = measure_step_costs(configs, digits, warmup=1, rounds=3)

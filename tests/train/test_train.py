@@ -106,13 +106,20 @@ def test_corrupt_checkpoint_is_reported_and_good_one_survives(digits, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["run", "--algo", "sgd"], ["invalid choice: 'sgd'", "backprop", "local", "fg"]),
     (["run", "--arch", "vgg"], ["invalid choice: 'vgg'", "resnet18-8b", "resnet18-16b", "cnn"]),
-    (["run", "--algo", "backprop", "--guess", "local"], ["apply only to --algo fg"]),
+    (["run", "--algo", "backprop", "--guess", "local"], ["applies only to --algo fg"]),
+    (["run", "--algo", "local", "--guess", "local", "--space", "weight"],
+     ["--guess, --space apply only to --algo fg"]),
+    (["run", "--out", ""], ["--out: must name a folder, got an empty string"]),
+    (["demo", "--out", ""], ["--out: must name a folder, got an empty string"]),
+    (["run", "--data-dir", "/nowhere"], ["--data-dir applies only to --data cifar10"]),
+    (["demo", "--data-dir", "/nowhere"], ["--data-dir applies only to --data cifar10"]),
+    (["run", "--aux", "linear", "--aux-width", "9"], ["--aux-width applies only"]),
     (["run", "--space", "pixel"], ["invalid choice: 'pixel'", "weight", "activity"]),
     (["run", "--guess", "x"], ["invalid choice: 'x'", "random", "ntk", "fixed-ntk"]),
     (["run", "--epochs", "0"], ["must be a positive integer"]),
     (["run", "--data", "cifar10"], ["needs --data-dir"]),
     (["run", "--resume"], ["need --out"]),
-    (["run", "--algo", "local", "--tangent-dtype", "bfloat16"], ["apply only to --algo fg"]),
+    (["run", "--algo", "local", "--tangent-dtype", "bfloat16"], ["applies only to --algo fg"]),
     (["run", "--tangent-dtype", "float16"], ["invalid choice: 'float16'", "bfloat16"]),
 ])
 def test_bad_flags_name_the_valid_choices(argv, message, capsys):

@@ -13,7 +13,7 @@ from fgkernels.train import checkpoint
 from fgkernels.train.checkpoint import load_checkpoint, save_checkpoint
 from fgkernels.train.cli import main
 from fgkernels.train.data import Dataset, load_dataset
-from fgkernels.train.loop import TrainConfig, train
+from fgkernels.train.loop import RunResult, TrainConfig, train
 from fgkernels.train.report import summary_table
 
 QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=3,
@@ -219,6 +219,48 @@ def test_the_demo_refuses_a_file_as_its_folder_before_any_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--out {target} exists and is not a folder" in err and "[1/" not in err
     assert target.read_text() == "not a folder"
+
+
+def test_the_demo_with_overwrite_clears_every_run_s_files_before_the_first_run(tmp_path,
+                                                                            monkeypatch):
+    """``demo --overwrite`` over an earlier demo removes every run's checkpoint, metrics and
+    plots before its first run trains: a demo stopped part way leaves no folder of the
+    earlier one beside its own (each run's folder was cleared only as that run began)."""
+    for i in range(6):
+        (tmp_path / f"run{i}").mkdir()
+        for name in ("metrics.jsonl", "checkpoint.pt", "curves.png", "alignment.png"):
+            (tmp_path / f"run{i}" / name).write_text("an earlier demo's")
+
+    def stopped(*args, **kwargs):
+        raise OSError("stopped in the first run")
+
+    monkeypatch.setattr("fgkernels.train.cli.train", stopped)
+    argv = ["demo", "--epochs", "1", "--max-steps", "2", "--width", "4", "--no-progress",
+            "--out", str(tmp_path), "--overwrite"]
+    assert main(argv) == 2
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_plot_of_an_earlier_run_does_not_outlive_it(tmp_path):
+    """``overwrite`` removes the plots with the checkpoint and the metrics; a plot without
+    alignment removes an earlier run's alignment plot."""
+    for name in ("curves.png", "alignment.png", "notes.txt"):
+        (tmp_path / name).write_text("an earlier run's")
+    checkpoint.prepare_out_dir(tmp_path, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    from fgkernels.train.report import plot_runs
+    (tmp_path / "alignment.png").write_text("an earlier run's")
+    record = {"epoch": 1, "test_acc": 0.5, "train_loss": 1.0}
+    paths = plot_runs([RunResult(TrainConfig(**QUICK), history=[record])], tmp_path)
+    assert [p.name for p in paths] == ["curves.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "notes.txt"]
+
+
+def test_a_demo_seed_out_of_range_is_refused_by_name(capsys):
+    """The demo checks its runs' configurations before it loads the data (whose shuffle
+    refused a huge seed with torch's own overflow message)."""
+    assert main(["demo", "--seed", "99999999999999999999", "--no-progress"]) == 2
+    assert "seed must be an int in [0, 2**32)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides", [dict(arch="vgg"), dict(aux="rnn"), dict(width=0),
