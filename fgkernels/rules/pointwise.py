@@ -633,14 +633,17 @@ def tanhshrink(input) -> Dual:
 
 @implements(F.softsign)
 def softsign(input) -> Dual:
-    """Dual ``x/(1 + |x|)``: slope ``1/(1 + |x|)²``, the tangent divided twice by ``1 + |x|``
-    (its square leaves float16's range above |x| = 255). On complex values, where ``|x|`` is
-    not holomorphic and no slope times ẋ is the tangent, torch's composition by its rules."""
+    """Dual ``x/(1 + |x|)``: slope ``1/(1 + |x|)²``, computed as torch's composition of it
+    computes it, ``(ẋ − sign(x)·ẋ·y)/(1 + |x|)`` (its quotient rule), so that a NaN or an
+    infinity meets it as there (±inf gives NaN; the square of ``1 + |x|`` would also leave
+    float16's range above |x| = 255). On complex values, where ``|x|`` is not holomorphic and
+    no slope times ẋ is the tangent, torch's composition by its rules."""
     if input.primal.is_complex():
         return input / (torch.abs(input) + 1)
     den = input.primal.abs() + 1
-    return _activation(input, input.primal / den,
-                       lambda t, x: t / _like(den, t) / _like(den, t))
+    y = input.primal / den
+    sign_y = torch.sign(input.primal) * y
+    return _activation(input, y, lambda t, x: (t - t * _like(sign_y, t)) / _like(den, t))
 
 
 @implements(torch.exp, torch.Tensor.exp)

@@ -353,6 +353,7 @@ ACTIVATIONS = {
     "logsigmoid": F.logsigmoid, "erf": torch.erf, "sign": torch.sign, "expm1": torch.expm1,
     "log1p_abs": lambda v: torch.log1p(v.abs()), "clamp_min": lambda v: v.clamp_min(0.5),
     "clamp_max": lambda v: torch.clamp_max(v, 1.5), "floor": torch.floor, "round": torch.round,
+    "softsign": F.softsign,
 }
 KINKS = [0.0, 3.0, -3.0, 6.0, -1.0, 2.0, -0.5, 1.5, 0.5]  # of the activations above
 NON_FINITE = [float("nan"), float("inf"), -float("inf")]
