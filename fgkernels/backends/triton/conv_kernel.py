@@ -125,23 +125,27 @@ def _dual_conv2d_forward_kernel(
         # Sums of the values as stored (a batch norm reads them so): Σv and the co-moment
         # Σ(y − ȳ_tile)·(v − v̄_tile), where v is this output and y the primal (v itself in the
         # primal's launch, else read back, with ȳ_tile from the primal launch's sums of the same
-        # rows). Both centred inside the tile, the float32 sums stay stable for a channel whose
-        # mean is large beside its spread: an uncentred factor would keep ȳ_tile's rounding
-        # times its mean, eps·(ȳ/σ_y)·(v̄/σ_v) relative, and the batch mean's rounding would
-        # enter the merged sum the same way (combine_tile_stats merges co-moments, Chan et al.).
+        # rows). Centred inside the tile, the float32 sums stay stable for a channel whose mean
+        # is large beside its spread: an uncentred factor keeps ȳ_tile's rounding times its
+        # mean, eps·(ȳ/σ_y)·(v̄/σ_v) relative. In the primal's launch the co-moment is the
+        # centred square; in a tangent's it is Σ(y − ȳ_tile)·v − v̄_tile·Σ(y − ȳ_tile), the
+        # second sum (ȳ_tile's rounding times the rows) taking that term back out with one
+        # more reduction instead of a centred copy of v (a tile of registers).
         v = tl.where(out_ok, out.to(tl.float32), 0.0)
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         v_sum = tl.sum(v, axis=0)
-        v_centred = tl.where(out_ok, v - (v_sum / rows)[None, :], 0.0)
         if READ_Y:
             y_sum = tl.load(ystats_ptr + pid_m.to(tl.int64) * sys_m + co, mask=col_ok, other=0.0)
             y = tl.load(y_ptr + y_off, mask=out_ok, other=0.0).to(tl.float32)
             y_centred = tl.where(out_ok, y - (y_sum / rows)[None, :], 0.0)
+            co_moment = (tl.sum(y_centred * v, axis=0)
+                         - (v_sum / rows) * tl.sum(y_centred, axis=0))
         else:
-            y_centred = v_centred
+            y_centred = tl.where(out_ok, v - (v_sum / rows)[None, :], 0.0)
+            co_moment = tl.sum(y_centred * y_centred, axis=0)
         stats = stats_ptr + pid_m.to(tl.int64) * sst_m + slot * sst_t + co
         tl.store(stats, v_sum, mask=col_ok)
-        tl.store(stats + CO, tl.sum(y_centred * v_centred, axis=0), mask=col_ok)
+        tl.store(stats + CO, co_moment, mask=col_ok)
 
 
 @triton.jit
