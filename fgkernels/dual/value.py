@@ -770,7 +770,7 @@ class Dual:
         if view_root(result.primal) is view_root(self.primal) \
                 or result.primal.shape != self.primal.shape:
             return self._view_in_place(result)
-        result = self._in_own_dtypes(result)
+        result = self._in_own_layout(self._in_own_dtypes(result))
         source = self._source
         if source is not None:
             if source.kind == "viewed" and result._stack is not None \
@@ -805,6 +805,18 @@ class Dual:
         if self._source is not None:  # it views, or has views: later ops write into these
             self._source = _Storage(self.primal, self._stack, self._source.kind)
         return self
+
+    def _in_own_layout(self, result: Dual) -> Dual:
+        """An in-place op's result in this Dual's memory format, as torch's in-place ops keep
+        their tensor's strides: a channels_last Dual written from a contiguous value
+        (``d.copy_(x)``, a contiguous mask's ``masked_fill_``) stays channels_last, and so do its
+        slots (its next convolution then copies nothing)."""
+        cl = torch.channels_last
+        if kernel_format(self.primal) != cl or result.primal.is_contiguous(memory_format=cl):
+            return result
+        stack = None if result._stack is None else slots_in_format(result._stack, cl)
+        return Dual._unchecked(result.primal.contiguous(memory_format=cl), stack,
+                               result.directions, result._single)
 
     def _in_own_dtypes(self, result: Dual) -> Dual:
         """An in-place op's result in this Dual's dtypes, as torch's in-place ops keep their

@@ -109,6 +109,25 @@ def test_an_op_lays_out_each_slot_as_its_primal(op, backend):
     assert all(s.is_contiguous(memory_format=CL) for s in out.tangents)
 
 
+@pytest.mark.parametrize("write", [
+    lambda d, v: d.copy_(v), lambda d, v: d.fill_(v[0, 0, 0, 0]),
+    lambda d, v: d.masked_fill_(torch.ones(2, 3, 4, 5, dtype=torch.bool), 1.0),
+], ids=["copy_ of a contiguous value", "fill_ with a Dual", "masked_fill_ by a contiguous mask"])
+def test_an_in_place_op_keeps_the_dual_s_layout(write):
+    """A channels_last Dual written in place from contiguous operands stays channels_last, its
+    slots too, as torch's in-place ops keep their tensor's strides (they came out contiguous:
+    the next convolution copied them back)."""
+    x = torch.randn(2, 3, 4, 5).to(memory_format=CL)
+    xt = torch.randn(1, 2, 4, 5, 3).permute(0, 1, 4, 2, 3)
+    value = Dual(torch.randn(2, 3, 4, 5), torch.randn(1, 2, 3, 4, 5))
+    d = Dual(x.clone(memory_format=CL), xt.clone())
+    write(d, value)
+    expected = x.clone(memory_format=CL)
+    write(expected, value.primal)
+    assert torch.equal(d.primal, expected) and d.primal.is_contiguous(memory_format=CL)
+    assert in_kernel_layout(d.primal, d.tangents)
+
+
 def test_instance_norm_lays_out_its_slots_as_its_primal():
     """F.instance_norm of a channels_last input returns a contiguous primal (torch's): its
     slots are laid out as that primal (they kept the input's layout)."""
