@@ -79,6 +79,11 @@ def view_root(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t._base
 
 
+def _as_given(value):
+    """``value`` (a copy's or an unpickled object's constructor that gives its argument)."""
+    return value
+
+
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True if ``a`` and ``b`` may share memory: one storage (where a tensor has none to ask,
     one under torch.compile or a transform, if one views the other)."""
@@ -336,6 +341,15 @@ class Dual:
         d.primal, d._stack, d.directions, d._single = primal, stack, directions, single
         d._source, d._counted = None, census.count()
         return d
+
+    def __reduce_ex__(self, protocol):
+        """A parameter's Dual during a pass copies and pickles as the parameter, without
+        tangent (a module deep-copied in its forward, an EMA teacher, gets plain parameters,
+        as forward_ad's dual parameter copies to a plain one); any other Dual as itself."""
+        parameter = self._parameter()
+        if parameter is not None:
+            return _as_given, (parameter,)
+        return super().__reduce_ex__(protocol)
 
     def __setstate__(self, state) -> None:
         """A copy or an unpickled Dual (made without ``__init__``) takes its slots, and is

@@ -1207,3 +1207,29 @@ def test_the_old_spectral_norm_hook_in_eval_mode_is_exact():
     with pytest.raises(NotImplementedError, match="in training updates its power-iteration"):
         model(Dual(x))
     fgkernels.clear_tangents(model)
+
+
+def test_a_module_deep_copied_in_its_forward_gets_plain_parameters():
+    """``copy.deepcopy`` of a module inside a dual pass (an EMA teacher refreshed in forward)
+    copies each parameter as the parameter, without tangent, as forward_ad's dual parameter
+    copies to a plain one (the copy kept the pass's Duals: its later plain calls returned
+    Duals, and an optimizer refused it); the pass itself stays exact."""
+    snapshots = []
+
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            snapshots.append(copy.deepcopy(self.lin))
+            return self.lin(x)
+
+    model, x = Student(), torch.randn(2, 4, **f64)
+    result = compare_with_forward_ad(model, x)
+    assert result["primal"] < 1e-14 and result["tangent"] < 1e-14
+    teacher = snapshots[-1]
+    assert all(type(p) is nn.Parameter and not has_tangent(p) for p in teacher.parameters())
+    assert type(teacher(x)) is torch.Tensor
+    torch.testing.assert_close(teacher(x), model.lin(x), rtol=0, atol=0)
+    torch.optim.SGD(teacher.parameters(), lr=0.1)
