@@ -562,14 +562,9 @@ def _check_tangent_fits(m: nn.Module, name: str, t: Tensor, stack: Tensor) -> No
 
 
 def _check_still_bound(m: nn.Module) -> None:
-    """Refuse a parameter of ``m`` replaced since ``set_tangents`` gave it its tangent. One
-    removed (a prune or a parametrization moves it, with its tangent, under another name) is
-    forgotten: no parameter of that name runs without its tangent."""
-    bound = _BOUND.get(m, {})
-    for name, t in list(bound.items()):
-        if name not in m._parameters:
-            del bound[name]
-        elif m._parameters[name] is not t:
+    """Refuse a parameter of ``m`` replaced since ``set_tangents`` gave it its tangent."""
+    for name, t in _BOUND.get(m, {}).items():
+        if m._parameters.get(name) is not t:
             raise RuntimeError(
                 f"{type(m).__name__}.{name} was replaced after its tangent was set; set "
                 "its tangent again with fgkernels.set_tangents, or clear it with "
@@ -591,7 +586,7 @@ def check_tangents_still_fit(module: nn.Module, listed: list) -> None:
         listed[:] = [(_bound_generation[0],
                       [(m, bound) for m in module.modules() if (bound := _BOUND.get(m))])]
     for m, bound in listed[0][1]:
-        for name, t in list(bound.items()):
+        for name, t in bound.items():
             if m._parameters.get(name) is not t:
                 _check_still_bound(m)
             entry = tangent_of(t)
@@ -1121,6 +1116,12 @@ def set_tangents(module: nn.Module, tangents: Mapping[str, Tensor],
     if len({e.single for _, e, _ in staged.values() if e.directions is None}) > 1:
         raise ValueError("set_tangents: give every tangent of one call in its parameter's shape "
                          "(one tangent) or every one stacked (T, *shape), not both")
+    for m in module.modules():
+        # A parameter removed since its tangent was set (a prune or a parametrization moves it
+        # under another name, whose tangent this call gives) is no longer refused.
+        bound = _BOUND.get(m)
+        for leaf in [leaf for leaf in bound or () if leaf not in m._parameters]:
+            del bound[leaf]
     for p, entry, _ in staged.values():
         _put(p, entry)
     for name, p in params.items():

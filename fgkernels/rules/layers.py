@@ -27,7 +27,7 @@ from ..backends.kernel_op import KernelOp
 from ..backends.layer_op import LayerOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
-from ..dual.layout import empty_slots, kernel_format
+from ..dual.layout import kernel_format
 from ..dual.value import Dual, check_direction, implements, in_primal_layout
 from .fallback import forward_ad_fallback
 from .operands import (
@@ -566,9 +566,13 @@ def _join(op: str, join: Callable, tensors: Sequence[MaybeDual], dim: int,
             if pos:
                 piece[list(pos)] = t
             pieces.append(piece)
-    # each slot laid out as y (torch.cat of channels_last slots, 5-d, lays them out contiguous)
-    out = empty_slots(plan.count, y, dtype) if kernel_format(y) == torch.channels_last else None
-    return result(y, join(pieces, tdim, out=out), plan)
+    if kernel_format(y) != torch.channels_last:
+        return result(y, join(pieces, tdim), plan)
+    # Each slot laid out as y: the slots joined in their channels-last order, (T, N, H, W, C)
+    # (torch.cat of 5-d channels_last slots lays them out contiguous)
+    last, back = (0, 1, 3, 4, 2), (0, 1, 4, 2, 3)
+    joined = join([p.permute(last) for p in pieces], last.index(tdim % 5))
+    return result(y, joined.permute(back), plan)
 
 
 def add_direction(input: MaybeDual, direction: int, tangent: Tensor) -> Dual:

@@ -633,17 +633,19 @@ def tanhshrink(input) -> Dual:
 
 @implements(F.softsign)
 def softsign(input) -> Dual:
-    """Dual ``x/(1 + |x|)``: slope ``1/(1 + |x|)²``, computed as torch's composition of it
-    computes it, ``(ẋ − sign(x)·ẋ·y)/(1 + |x|)`` (its quotient rule), so that a NaN or an
-    infinity meets it as there (±inf gives NaN; the square of ``1 + |x|`` would also leave
-    float16's range above |x| = 255). On complex values, where ``|x|`` is not holomorphic and
-    no slope times ẋ is the tangent, torch's composition by its rules."""
+    """Dual ``x/(1 + |x|)``: slope ``1/(1 + |x|)²``, the tangent divided twice by ``1 + |x|``
+    (its square leaves float16's range above |x| = 255; torch's quotient rule,
+    ``(ẋ − sign(x)·y·ẋ)/(1 + |x|)``, loses ``1 − |y|`` to rounding at large |x|), plus
+    ``0·sign(x)·y·ẋ``: NaN exactly where that rule's term is (x = ±inf, an infinite ẋ), as
+    forward_ad gives it. On complex values, where ``|x|`` is not holomorphic and no slope times
+    ẋ is the tangent, torch's composition by its rules."""
     if input.primal.is_complex():
         return input / (torch.abs(input) + 1)
     den = input.primal.abs() + 1
     y = input.primal / den
     sign_y = torch.sign(input.primal) * y
-    return _activation(input, y, lambda t, x: (t - t * _like(sign_y, t)) / _like(den, t))
+    return _activation(input, y, lambda t, x: t / _like(den, t) / _like(den, t)
+                       + (t * _like(sign_y, t)) * 0)
 
 
 @implements(torch.exp, torch.Tensor.exp)

@@ -20,7 +20,7 @@ from fgkernels import Dual
 from fgkernels.backends.triton.conv import combine_tile_stats, dual_conv2d
 from fgkernels.backends.triton.precision import cudnn_conv_fp32_precision
 from fgkernels.dual.layout import empty_slots
-from fgkernels.testing import model_jvp, round_to_tf32
+from fgkernels.testing import compare_with_forward_ad, model_jvp, round_to_tf32
 
 from helpers import ForwardADOracle, assert_within_torch_error, rel_err
 
@@ -419,6 +419,20 @@ def test_apply_op_checks_its_operands():
         with pytest.raises(RuntimeError, match=re.escape(words)):
             apply_(*args, False)
     assert torch.equal(y, before[0]) and torch.equal(ys, before[1])
+
+
+def test_a_conv_bn_the_kernel_does_not_serve_is_the_native_one_whole():
+    """A float64 Conv→BN→ReLU on the Triton backend: the convolution falls back to the native
+    op, and so does the in-place apply after it (the Triton apply, which computes in float32,
+    bfloat16 or float16, refused it), against forward_ad."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                                torch.nn.ReLU()).double()
+    model = fgkernels.convert(model).to(DEVICE)
+    x = rand(2, 3, 5, 5)
+    with fgkernels.use_backend("triton"):
+        result = compare_with_forward_ad(model, x)
+    assert result["primal"] < 1e-13 and result["tangent"] < 1e-12
 
 
 def test_a_kernel_wider_than_the_padded_input_is_refused_as_torch_refuses_it():

@@ -128,6 +128,22 @@ def test_an_in_place_op_keeps_the_dual_s_layout(write):
     assert in_kernel_layout(d.primal, d.tangents)
 
 
+def test_cat_of_slots_that_require_grad_keeps_their_layout():
+    """torch.cat of channels_last slots that require grad (a parameter without tangent times
+    a Dual, in an autograd region: a layer scale in activity space) joins them as any others,
+    laid out as the primal (an out= cat refused them: out= takes no autograd)."""
+    x = torch.randn(2, 3, 4, 5).to(memory_format=CL)
+    xt = torch.randn(1, 2, 4, 5, 3).permute(0, 1, 4, 2, 3)
+    gamma = torch.randn(3, 1, 1, requires_grad=True)
+    with torch.enable_grad():
+        scaled = Dual(x, xt) * gamma
+        out = torch.cat([scaled, Dual(x, xt)], 1)
+    assert out.tangents.requires_grad
+    assert out.primal.is_contiguous(memory_format=CL) and in_kernel_layout(out.primal,
+                                                                          out.tangents)
+    torch.testing.assert_close(out.tangents.detach(), torch.cat([xt * gamma, xt], 2).detach())
+
+
 def test_instance_norm_lays_out_its_slots_as_its_primal():
     """F.instance_norm of a channels_last input returns a contiguous primal (torch's): its
     slots are laid out as that primal (they kept the input's layout)."""

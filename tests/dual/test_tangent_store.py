@@ -1176,6 +1176,22 @@ def test_a_parameter_moved_part_way_through_training_takes_fresh_tangents(how):
     assert result["primal"] < 1e-14 and result["tangent"] < 1e-13
 
 
+def test_a_parameter_deleted_and_not_given_a_tangent_again_is_refused():
+    """A parameter deleted and replaced by a plain tensor after its tangent was set is refused
+    at the next pass, as a replaced one is: only a new set_tangents, which gives the model's
+    parameters as they now are their tangents, forgets it."""
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    fgkernels.random_tangents(model)
+    weight = model[0].weight.detach().clone()
+    del model[0].weight
+    model[0].weight = weight
+    with pytest.raises(RuntimeError, match="Linear.weight was replaced after its tangent"):
+        model(Dual(torch.randn(2, 4, **f64)))
+    fgkernels.random_tangents(model)
+    assert isinstance(model(Dual(torch.randn(2, 4, **f64))), Dual)
+    fgkernels.clear_tangents(model)
+
+
 def test_a_torchscript_module_is_refused_before_any_tangent_is_set():
     """TorchScript reads its parameters in C++, where no tangent reaches them: tangents for a
     scripted module's parameters are refused by name, and none is set (the scripted module

@@ -35,8 +35,8 @@ class TritonBackend(InPlaceConvBatchNorm, Delegating):
         """The fused kernel's ``(y, yt, mean, var, tmean, tcov)`` (the statistics None without
         ``bn_stats``), or None where it does not serve."""
         pad = _serves(x, p.weight, conv)
-        if pad is None:
-            return None
+        if pad is None or p.bias is not None and p.bias.dtype != x.dtype:
+            return None  # (the native op: at::conv2d's refusal of a bias of another dtype)
         x_pos, p_pos = plan.positions
         if not serves(x, p.weight, x_pos, p_pos, plan.count, conv.stride, pad, conv.dilation):
             return None
@@ -65,7 +65,8 @@ class TritonBackend(InPlaceConvBatchNorm, Delegating):
         return y, yt, tuple(stats) if training else None, True
 
     def apply_in_place(self, h, ht, c: bn_math.BNCoefficients, relu: bool) -> None:
-        if h.device.type != "cuda" and not INTERPRETED:
+        # (a convolution the kernel did not serve, float64 say, comes from the native one)
+        if h.device.type != "cuda" and not INTERPRETED or h.dtype not in DTYPES:
             self.fallback.apply_in_place(h, ht, c, relu)
         else:
             torch.ops.fgkernels_triton.dual_bn_apply_(h, ht, *c.apply_args(), relu)

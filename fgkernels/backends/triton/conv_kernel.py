@@ -125,12 +125,12 @@ def _dual_conv2d_forward_kernel(
         # Sums of the values as stored (a batch norm reads them so): Σv and the co-moment
         # Σ(y − ȳ_tile)·(v − v̄_tile), where v is this output and y the primal (v itself in the
         # primal's launch, else read back, with ȳ_tile from the primal launch's sums of the same
-        # rows). Centred inside the tile, the float32 sums stay stable for a channel whose mean
-        # is large beside its spread: an uncentred factor keeps ȳ_tile's rounding times its
-        # mean, eps·(ȳ/σ_y)·(v̄/σ_v) relative. In the primal's launch the co-moment is the
-        # centred square; in a tangent's it is Σ(y − ȳ_tile)·v − v̄_tile·Σ(y − ȳ_tile), the
-        # second sum (ȳ_tile's rounding times the rows) taking that term back out with one
-        # more reduction instead of a centred copy of v (a tile of registers).
+        # rows). In the primal's launch it is the centred square, stable in float32 for a
+        # channel whose mean is large beside its spread (Σ(y − ȳ_tile)·y would keep ȳ_tile's
+        # rounding times n·ȳ). In a tangent's it is Σ(y − ȳ_tile)·v − v̄_tile·Σ(y − ȳ_tile):
+        # the second sum, the rows times ȳ_tile's rounding, takes back out the term that
+        # rounding puts in the first, eps·(ȳ/σ_y)·(v̄/σ_v) relative (v is not centred: that
+        # would hold a tile of registers); the products' own rounding, eps·v̄/σ_v, stays.
         v = tl.where(out_ok, out.to(tl.float32), 0.0)
         rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         v_sum = tl.sum(v, axis=0)

@@ -137,9 +137,11 @@ def _check_apply_operands(x, xt, center, scale, shift, t_xscale, t_shift) -> Non
                      lambda: "fgkernels_triton.dual_bn_apply_: each slot of xt must be laid out "
                              "as x, slot after slot")
     torch._check(center.shape == (C,) and scale.shape == (C,) and shift.shape == (C,),
-                 lambda: f"center, scale and shift must have shape ({C},)")
+                 lambda: f"fgkernels_triton.dual_bn_apply_: center, scale and shift must have "
+                         f"shape ({C},)")
     torch._check(t_xscale.shape == (T, C) and t_shift.shape == (T, C),
-                 lambda: f"t_xscale and t_shift must have shape ({T}, {C})")
+                 lambda: f"fgkernels_triton.dual_bn_apply_: t_xscale and t_shift must have "
+                         f"shape ({T}, {C})")
     for name, t in (("xt", xt), ("center", center), ("scale", scale), ("shift", shift),
                     ("t_xscale", t_xscale), ("t_shift", t_shift)):
         torch._check(t is None or t.device == x.device,
@@ -147,18 +149,22 @@ def _check_apply_operands(x, xt, center, scale, shift, t_xscale, t_shift) -> Non
                              f"{x.device}")
 
 
+def _memory(t: Tensor) -> int:
+    """The address of ``t``'s storage: tensors on one storage share memory."""
+    return t.untyped_storage().data_ptr()
+
+
 def _dual_bn_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu) -> None:
     _check_apply_operands(x, xt, center, scale, shift, t_xscale, t_shift)
     # (the kernel reads the coefficients while it writes x and xt, and writes both: they must
     # not share memory, as the native op checks)
     written = [("x", x)] + ([("xt", xt)] if xt is not None else [])
-    memory = lambda t: t.untyped_storage().data_ptr()
-    if xt is not None and memory(x) == memory(xt):
+    if xt is not None and _memory(x) == _memory(xt):
         raise RuntimeError("x and xt share memory; they must be separate tensors")
     for name, c in (("center", center), ("scale", scale), ("shift", shift),
                     ("t_xscale", t_xscale), ("t_shift", t_shift)):
         for target, w in written:
-            if memory(c) == memory(w):
+            if _memory(c) == _memory(w):
                 raise RuntimeError(f"{name} and {target} share memory; they must be separate "
                                    "tensors")
     dual_bn_relu_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu)
