@@ -1341,6 +1341,10 @@ MUTANTS = [
            "if h.device.type != \"cuda\" and not INTERPRETED:",
            ("tests/backends/test_triton.py::test_a_conv_bn_the_kernel_does_not_serve_is_the_"
             "native_one_whole",)),
+    Mutant("an operand without a direction given a zero tangent for it in the fallback",
+           "fgkernels/rules/fallback.py", "    if len(groups) == 1:\n", "    if True:\n",
+           ("tests/dual/test_dual_semantics.py::test_labelled_directions_an_operand_lacks_"
+            "leave_it_constant_in_a_fallback_op",)),
     Mutant("the Triton conv serves an empty output", "fgkernels/backends/triton/ops.py",
            "            and min(_output_shape(x, w, stride, padding, dilation)[2:]) >= 1\n", "",
            ("tests/backends/test_triton.py::test_a_kernel_wider_than_the_padded_input_is_refused_as_torch_refuses_it",)),

@@ -132,12 +132,8 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
                         "the forward-AD fallback is off)")
     if not torch.compiler.is_dynamo_compiling():
         _note(name)
-    # torch's forward AD wants each tangent in its primal's dtype: lower-precision tangents are
-    # widened for the op and its result rounded back to the output slots' dtype.
-    stacks = tuple(_slots.spread(d.tangents, pos, plan.count, d.primal).to(d.primal.dtype)
-                   for d, pos in zip(duals, plan.positions))
     with torch.no_grad():
-        primal_out, tangents = jvp_over_slots(call, primals, stacks)
+        primal_out, tangents = _jvp_by_carriers(call, primals, duals, plan)
     # Tangents narrower than their primals come out in the slots' dtype (a bfloat16 tangent
     # stays bfloat16); tangents of their primals' dtype take the outputs' (``cumsum(x,
     # dtype=torch.float64)`` of a float32 Dual gives a float64 tangent, as forward AD does).
@@ -286,6 +282,47 @@ def _dense_if_expanded(p: torch.Tensor) -> torch.Tensor:
     if any(stride == 0 and size > 1 for stride, size in zip(p.stride(), p.shape)):
         return p.contiguous()
     return p
+
+
+def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _slots.SlotPlan):
+    """``jvp_over_slots`` of the op, its output slots grouped by the operands that carry them
+    (labelled directions that only some operands carry): in each group the other operands are
+    constants of the op, as forward_ad takes an operand without that direction (a zero tangent
+    would meet an infinite partial derivative as NaN); each group from the same random state.
+    Every operand carrying every slot, the usual case, is one group. torch's forward AD wants
+    each tangent in its primal's dtype: lower-precision tangents are widened for the op (and
+    its result rounded back to the output slots' dtype by the caller)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for s in range(plan.count):
+        groups.setdefault(tuple(k for k, pos in enumerate(plan.positions) if s in pos),
+                          []).append(s)
+    if len(groups) == 1:
+        stacks = tuple(_slots.spread(d.tangents, pos, plan.count, d.primal).to(d.primal.dtype)
+                       for d, pos in zip(duals, plan.positions))
+        return jvp_over_slots(call, primals, stacks)
+    state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    full = None
+    for carriers, slots in groups.items():
+        torch.random.set_rng_state(state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+        def part(*ps, carriers=carriers):
+            values = list(primals)
+            for k, p in zip(carriers, ps):
+                values[k] = p
+            return call(*values)
+
+        stacks = tuple(duals[k].tangents[[plan.positions[k].index(s) for s in slots]]
+                       .to(duals[k].primal.dtype) for k in carriers)
+        primal_out, tangents = jvp_over_slots(part, tuple(primals[k] for k in carriers), stacks)
+        leaves, spec = pytree.tree_flatten(tangents)
+        if full is None:
+            full = [t.new_empty((plan.count, *t.shape[1:])) for t in leaves]
+        for whole, t in zip(full, leaves):
+            whole[slots] = t
+    return primal_out, pytree.tree_unflatten(full, spec)
 
 
 def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):

@@ -1363,3 +1363,23 @@ def test_a_dual_without_tangent_is_a_constant_of_a_fallback_op(op):
         ref = fwAD.unpack_dual(op(fwAD.make_dual(a, at), b))
     torch.testing.assert_close(out.primal, ref.primal, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(out.tangent, ref.tangent, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", [torch.fmod, torch.remainder, torch.xlogy], ids=lambda f: f.__name__)
+def test_labelled_directions_an_operand_lacks_leave_it_constant_in_a_fallback_op(op):
+    """Operands carrying different labelled directions: for each direction, the operands
+    without it are constants of the fallback's forward AD, as forward_ad takes them (a zero
+    tangent met an infinite partial derivative as NaN: fmod by a zero divisor, xlogy at 0)."""
+    a, at = torch.tensor([1.0, 2.0, 3.0], **f64), torch.tensor([1.0, -2.0, 0.5], **f64)
+    b, bt = torch.tensor([0.0, 1.5, 2.0], **f64), torch.tensor([0.3, 1.0, -1.0], **f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = op(Dual(a, at[None], directions=[0]), Dual(b, bt[None], directions=[1]))
+    assert out.directions == (0, 1)
+    with fwAD.dual_level():
+        along_a = fwAD.unpack_dual(op(fwAD.make_dual(a, at), b))
+        along_b = fwAD.unpack_dual(op(a, fwAD.make_dual(b, bt)))
+    torch.testing.assert_close(out.primal, along_a.primal, rtol=0, atol=0, equal_nan=True)
+    for slot, ref in enumerate((along_a, along_b)):
+        torch.testing.assert_close(out.tangents[slot], ref.tangent, rtol=0, atol=0,
+                                   equal_nan=True)
