@@ -104,6 +104,12 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
         return _in_place(func, name, args, kwargs)
     leaves, spec = pytree.tree_flatten((args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     leaves = [_as_operand(v) for v in leaves]
+    operands = [v for v in leaves if isinstance(v, Dual)]  # (an output viewing one links to it)
+    if any(d.tangents is not None for d in operands):
+        # A Dual without tangent is then a constant of the op, as a plain tensor is: given a
+        # zero tangent it would meet an infinite partial derivative as NaN (fmod by a zero
+        # divisor)
+        leaves = [v.primal if isinstance(v, Dual) and v.tangents is None else v for v in leaves]
     where = [i for i, v in enumerate(leaves) if isinstance(v, Dual)]
     duals = [leaves[i] for i in where]
 
@@ -117,16 +123,7 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     primals = tuple(_dense_if_expanded(d.primal) for d in duals)
     plan = _slots.plan([d.slot_operand() for d in duals], name)
     if plan.count == 0:
-        return _linked(_wrap(call(*primals), None, plan), duals)
-    operands = duals  # (an output that views any of them is linked to it)
-    if any(d.tangents is None for d in duals):
-        # A Dual without tangent is a constant of the op, as a plain tensor is: given a zero
-        # tangent it would meet an infinite partial derivative as NaN (fmod by a zero divisor)
-        leaves = [v.primal if isinstance(v, Dual) and v.tangents is None else v for v in leaves]
-        where = [i for i, v in enumerate(leaves) if isinstance(v, Dual)]
-        duals = [leaves[i] for i in where]
-        primals = tuple(_dense_if_expanded(d.primal) for d in duals)
-        plan = _slots.plan([d.slot_operand() for d in duals], name)
+        return _linked(_wrap(call(*primals), None, plan), operands)
     if _strict():
         raise TypeError(f"fgkernels.Dual has no forward-mode rule for '{name}' (strict mode: "
                         "the forward-AD fallback is off)")
@@ -300,13 +297,10 @@ def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _s
         stacks = tuple(_slots.spread(d.tangents, pos, plan.count, d.primal).to(d.primal.dtype)
                        for d, pos in zip(duals, plan.positions))
         return jvp_over_slots(call, primals, stacks)
-    state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    state = _random_state()
     full = None
     for carriers, slots in groups.items():
-        torch.random.set_rng_state(state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+        _set_random_state(state)
 
         def part(*ps, carriers=carriers):
             values = list(primals)
@@ -325,6 +319,19 @@ def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _s
     return primal_out, pytree.tree_unflatten(full, spec)
 
 
+def _random_state() -> tuple:
+    """The random state an op draws from: the CPU's and, where CUDA is in use, every GPU's."""
+    return (torch.random.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _set_random_state(state: tuple) -> None:
+    cpu, gpus = state
+    torch.random.set_rng_state(cpu)
+    if gpus is not None:
+        torch.cuda.set_rng_state_all(gpus)
+
+
 def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):
     """``call(*primals)`` and its tangents along ``stacks`` (one stack per primal, T slots
     each), stacked over the slots, by ``torch.func.jvp``. vmap draws any random
@@ -337,13 +344,10 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):
         primal_out, tangents = torch.func.vmap(one_slot, randomness="same",
                                                out_dims=(None, 0))(*stacks)
     except Exception:  # an op vmap cannot batch (data-dependent shapes, missing rules)
-        state = torch.random.get_rng_state()
-        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        state = _random_state()
         outs = []
         for t in range(stacks[0].shape[0]):
-            torch.random.set_rng_state(state)
-            if cuda_states is not None:
-                torch.cuda.set_rng_state_all(cuda_states)
+            _set_random_state(state)
             outs.append(one_slot(*(s[t] for s in stacks)))
         primal_out = outs[0][0]
         tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])

@@ -56,7 +56,7 @@ def content_digest(value: Any) -> str:
     return h.hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes, what: str) -> None:
+def write_atomically(path: Path, data: bytes, what: str) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``; any
     failure leaves ``path`` as it was and raises OSError naming it (a full disk by name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     state["sha256"] = content_digest({k: v for k, v in state.items() if k != "sha256"})
     buffer = io.BytesIO()  # serialised first: a full disk then fails in a plain write
     torch.save(state, buffer)
-    _write_atomically(path, buffer.getvalue(), "checkpoint")
+    write_atomically(path, buffer.getvalue(), "checkpoint")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -110,7 +110,7 @@ def write_metrics(out_dir: Path, history: list[dict]) -> None:
     that is not finite (the step time of an epoch of one step) is JSON's null."""
     text = "".join(json.dumps(_finite_or_null(record), allow_nan=False) + "\n"
                    for record in history)
-    _write_atomically(out_dir / METRICS_NAME, text.encode(), "metrics log")
+    write_atomically(out_dir / METRICS_NAME, text.encode(), "metrics log")
 
 
 def _finite_or_null(value):

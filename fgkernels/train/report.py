@@ -1,12 +1,12 @@
 """The trainer's summary table and plots."""
 from __future__ import annotations
 
+import io
 import math
-import os
 import statistics
 from pathlib import Path
 
-from .checkpoint import PLOT_NAMES
+from .checkpoint import PLOT_NAMES, write_atomically
 
 
 def _mean_cosine(history: list[dict]) -> float:
@@ -106,12 +106,11 @@ def plot_runs(results, out_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> None:
-    """The figure as a PNG at ``path``, whole or not at all (written beside it, then moved)."""
+    """The figure as a PNG at ``path``, whole or not at all (``write_atomically``)."""
     import matplotlib.pyplot as plt
-    partial = path.with_name(path.name + ".partial")
+    png = io.BytesIO()
     try:
-        fig.savefig(partial, dpi=120, format="png")
-        os.replace(partial, path)
+        fig.savefig(png, dpi=120, format="png")
     finally:
         plt.close(fig)
-        partial.unlink(missing_ok=True)
+    write_atomically(path, png.getvalue(), "plot")

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
@@ -122,9 +123,12 @@ def test_an_in_place_op_keeps_the_dual_s_layout(write):
     value = Dual(torch.randn(2, 3, 4, 5), torch.randn(1, 2, 3, 4, 5))
     d = Dual(x.clone(memory_format=CL), xt.clone())
     write(d, value)
-    expected = x.clone(memory_format=CL)
-    write(expected, value.primal)
-    assert torch.equal(d.primal, expected) and d.primal.is_contiguous(memory_format=CL)
+    with fwAD.dual_level():
+        expected = fwAD.make_dual(x.clone(memory_format=CL), xt[0].clone())
+        write(expected, fwAD.make_dual(value.primal, value.tangents[0]))
+        expected = fwAD.unpack_dual(expected)
+    assert torch.equal(d.primal, expected.primal) and d.primal.is_contiguous(memory_format=CL)
+    assert torch.equal(d.tangents[0], expected.tangent)
     assert in_kernel_layout(d.primal, d.tangents)
 
 
