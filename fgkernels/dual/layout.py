@@ -13,6 +13,22 @@ import torch
 Tensor = torch.Tensor
 
 
+def view_root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage ``t`` views (``t`` itself when it is no view)."""
+    return t if t._base is None else t._base
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if ``a`` and ``b`` may share memory: one storage (where a tensor has none to ask,
+    one under torch.compile or a transform, if one views the other)."""
+    if not torch.compiler.is_compiling():
+        try:
+            return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        except RuntimeError:
+            pass
+    return view_root(a) is view_root(b)
+
+
 def kernel_format(x: Tensor) -> torch.memory_format:
     """channels_last when x is laid out so (and not also plainly contiguous), else contiguous."""
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(

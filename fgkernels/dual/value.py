@@ -20,7 +20,7 @@ from .dynamo import (
     trace_checkpoints_as_calls,
     when_dynamo_loads,
 )
-from .layout import in_kernel_layout, kernel_format, slots_in_format
+from .layout import in_kernel_layout, kernel_format, shares_memory, slots_in_format, view_root
 from .slots import Directions, SlotOperand, positions_index
 
 # torch function -> rule; filled by the modules of fgkernels.rules with the ops that have a JVP
@@ -74,25 +74,9 @@ def implements_fallback(rule: Callable) -> Callable:
     return rule
 
 
-def view_root(t: torch.Tensor) -> torch.Tensor:
-    """The tensor whose storage ``t`` views (``t`` itself when it is no view)."""
-    return t if t._base is None else t._base
-
-
 def _as_given(value):
     """``value`` (a copy's or an unpickled object's constructor that gives its argument)."""
     return value
-
-
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True if ``a`` and ``b`` may share memory: one storage (where a tensor has none to ask,
-    one under torch.compile or a transform, if one views the other)."""
-    if not torch.compiler.is_compiling():
-        try:
-            return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-        except RuntimeError:
-            pass
-    return view_root(a) is view_root(b)
 
 
 def _or_not_implemented(op: Callable, a, b):
@@ -326,7 +310,7 @@ class Dual:
                                  "stack a single tangent with tangent.unsqueeze(0)")
             directions = _check_directions(directions, tangent.shape[0])
         stack = in_primal_layout(tangent.unsqueeze(0) if single else tangent, primal)
-        if _shares_memory(stack, primal):
+        if shares_memory(stack, primal):
             stack = stack.clone()  # Dual(x, x): a write into the primal must not reach the slots
         self._stack = stack
         self.directions = directions

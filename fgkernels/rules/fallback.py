@@ -32,8 +32,9 @@ from torch.utils import _pytree as pytree
 from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
+from ..dual.layout import view_root
 from ..dual.tangents import dual_of, running_pass
-from ..dual.value import Dual, differentiable, implements_fallback, view_root
+from ..dual.value import Dual, differentiable, implements_fallback
 from .operands import primal_of, refuse_dual_index
 
 _used: dict[str, int] = {}

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from ...dual.layout import empty_like_format, empty_slots, in_kernel_layout, kernel_format
+from ...dual.layout import (
+    empty_like_format,
+    empty_slots,
+    in_kernel_layout,
+    kernel_format,
+    shares_memory,
+)
 from ..base import ConvArgs
 from ..contracts import check_conv
 from . import DTYPES
@@ -149,22 +155,17 @@ def _check_apply_operands(x, xt, center, scale, shift, t_xscale, t_shift) -> Non
                              f"{x.device}")
 
 
-def _memory(t: Tensor) -> int:
-    """The address of ``t``'s storage: tensors on one storage share memory."""
-    return t.untyped_storage().data_ptr()
-
-
 def _dual_bn_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu) -> None:
     _check_apply_operands(x, xt, center, scale, shift, t_xscale, t_shift)
     # (the kernel reads the coefficients while it writes x and xt, and writes both: they must
     # not share memory, as the native op checks)
     written = [("x", x)] + ([("xt", xt)] if xt is not None else [])
-    if xt is not None and _memory(x) == _memory(xt):
+    if xt is not None and shares_memory(x, xt):
         raise RuntimeError("x and xt share memory; they must be separate tensors")
     for name, c in (("center", center), ("scale", scale), ("shift", shift),
                     ("t_xscale", t_xscale), ("t_shift", t_shift)):
         for target, w in written:
-            if _memory(c) == _memory(w):
+            if shares_memory(c, w):
                 raise RuntimeError(f"{name} and {target} share memory; they must be separate "
                                    "tensors")
     dual_bn_relu_apply_(x, xt, center, scale, shift, t_xscale, t_shift, relu)
