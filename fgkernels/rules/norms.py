@@ -187,19 +187,40 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
                          f"of shape {tuple(x.shape)}")
     n, c = x.shape[:2]
     # torch's kernel takes x dense in its own layout (F.group_norm makes it so first).
-    x = x.contiguous(memory_format=kernel_format(x))
+    fmt = kernel_format(x)
+    x = x.contiguous(memory_format=fmt)
     hw = x.numel() // max(n * c, 1)
     y, mean, r = torch.native_group_norm(x, primal_of(weight), primal_of(bias), n, c, hw,
                                          num_groups, eps)
-    grouped = x.reshape(n, num_groups, c // num_groups * hw)  # (no -1: an empty batch has n = 0)
-    xhat, xt_hat = _normalize(grouped, None if xt is None else
-                              xt.reshape(xt.shape[0], *grouped.shape), [2],
-                              mean.unsqueeze(-1), r.unsqueeze(-1))
-    xhat = xhat.reshape(x.shape)
-    xt_hat = None if xt_hat is None else xt_hat.reshape(xt.shape)
+    if xt is not None:
+        xt = in_primal_layout(xt, x)
+    # Each group viewed in x's own layout (no -1: an empty batch has n = 0): contiguous x as
+    # (N, G, C/G·H·W), the statistics over dim 2; channels_last x as (N, H·W, G, C/G), over
+    # dims 1 and 3 (a reshape of its channels-last order is a view, where the first grouping
+    # would copy it, and its result be copied back).
+    if fmt == torch.channels_last:
+        def grouped(v: Tensor) -> Tensor:
+            return v.movedim(-3, -1).reshape(*v.shape[:-3], hw, num_groups, c // num_groups)
+
+        def ungrouped(v: Tensor, like: Tensor) -> Tensor:
+            return v.reshape(*like.shape[:-3], *like.shape[-2:], c).movedim(-1, -3)
+
+        dims, stat_shape = [1, 3], (n, 1, num_groups, 1)
+    else:
+        def grouped(v: Tensor) -> Tensor:
+            return v.reshape(*v.shape[:-x.dim() + 1], num_groups, c // num_groups * hw)
+
+        def ungrouped(v: Tensor, like: Tensor) -> Tensor:
+            return v.reshape(like.shape)
+
+        dims, stat_shape = [2], (n, num_groups, 1)
+    xhat, xt_hat = _normalize(grouped(x), None if xt is None else grouped(xt), dims,
+                              mean.view(stat_shape), r.view(stat_shape))
+    xhat = ungrouped(xhat, x)
+    xt_hat = None if xt_hat is None else ungrouped(xt_hat, xt)
     param_shape = (x.shape[1],) + (1,) * (x.dim() - 2)
     d = _affine("group_norm", y, xhat, xt_hat, x_operand, weight, bias, param_shape)
-    # (the groups' reshape of channels_last slots laid them out contiguous)
+    # (a parameter's term γ̇x̂ + β̇ may come out of the broadcast in another layout)
     return d if d.tangents is None else d.with_tangents(y, in_primal_layout(d.tangents, y))
 
 

@@ -132,6 +132,33 @@ def test_an_in_place_op_keeps_the_dual_s_layout(write):
     assert in_kernel_layout(d.primal, d.tangents)
 
 
+@pytest.mark.parametrize("params", [False, True], ids=["input slots", "and parameter slots"])
+def test_group_norm_of_channels_last_makes_no_copy(params):
+    """Group norm views a channels_last input's groups in its own order: no copy of x or of
+    its slots (reshaped into groups in contiguous order, both were copied, and the result's
+    slots copied back), and the tangents as forward_ad's."""
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64).to(memory_format=CL)
+    xt = torch.randn(2, 2, 3, 5, 4, dtype=torch.float64).permute(0, 1, 4, 2, 3)
+    w, b = torch.randn(2, 4, dtype=torch.float64).unbind()
+    wt, bt = torch.randn(2, 2, 4, dtype=torch.float64).unbind()  # two slots each
+    weight, bias = (Dual(w, wt), Dual(b, bt)) if params else (w, b)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = F.group_norm(Dual(x, xt), 2, weight, bias)
+    copies = [e.input_shapes[0] for e in prof.events()
+              if e.name == "aten::copy_" and e.input_shapes and len(e.input_shapes[0]) >= 4]
+    assert copies == []
+    assert out.primal.is_contiguous(memory_format=CL) and in_kernel_layout(out.primal,
+                                                                           out.tangents)
+    for k in range(2):
+        with fwAD.dual_level():  # (torch's own group norm refuses channels_last under forward AD)
+            dual = lambda v, t: fwAD.make_dual(v, t) if params else v
+            expected = F.group_norm(fwAD.make_dual(x.contiguous(), xt[k].contiguous()), 2,
+                                    dual(w, wt[k]), dual(b, bt[k]))
+            expected = fwAD.unpack_dual(expected)
+        torch.testing.assert_close(out.primal, expected.primal)
+        torch.testing.assert_close(out.tangents[k], expected.tangent)
+
+
 def test_cat_of_slots_that_require_grad_keeps_their_layout():
     """torch.cat of channels_last slots that require grad (a parameter without tangent times
     a Dual, in an autograd region: a layer scale in activity space) joins them as any others,
