@@ -32,12 +32,22 @@ def check_conv(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=1,
                          f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"conv2d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+    _check_one_dtype("conv2d", x, w)
 
 
 def _check_differentiable(op: str, x: Tensor) -> None:
     # (forward mode has no tangent of integers; the compiled ops check it too)
     if not (x.is_floating_point() or x.is_complex()):
         raise TypeError(f"{op}: input must be a floating or complex tensor, got {x.dtype}")
+
+
+def _check_one_dtype(op: str, x: Tensor, w: Tensor) -> None:
+    # (as torch: a float64 batch into a float32 layer is refused, named here, not by a later
+    # check of a tangent or of batch norm's statistics; a bias of another dtype gets torch's
+    # own refusal, which names it)
+    if w.dtype != x.dtype:
+        raise TypeError(f"{op}: input is {x.dtype} but weight is {w.dtype}; they must have "
+                        f"one dtype, as torch's {op} takes them")
 
 
 def _usual_geometry(groups, stride, padding, dilation) -> bool:
@@ -92,6 +102,7 @@ def check_conv1d(x: Tensor, w: Tensor, b: Optional[Tensor], groups: int, stride=
                          f"{tuple(w.shape)} with groups={groups} expects {w.shape[1] * groups}")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"conv1d: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+    _check_one_dtype("conv1d", x, w)
 
 
 def _ntuple(v, n: int) -> tuple:
@@ -109,6 +120,7 @@ def check_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> None:
                          f"{tuple(w.shape)} expects {w.shape[1]}")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"linear: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+    _check_one_dtype("linear", x, w)
 
 
 def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[Tensor],
@@ -130,12 +142,15 @@ def check_batch_norm(shape, bn: BatchNormArgs, w: Optional[Tensor], b: Optional[
             raise ValueError(f"batch_norm: {name} has shape {tuple(t.shape)}, but the input has "
                              f"{channels} channels")
     if dtype is not None:
-        given = [t for t in (bn.running_mean, bn.running_var, w, b) if t is not None]
+        given = [(name, t) for name, t in (("weight", w), ("bias", b),
+                                           ("running_mean", bn.running_mean),
+                                           ("running_var", bn.running_var)) if t is not None]
         allowed = (dtype, torch.float32) if dtype in (torch.bfloat16, torch.float16) else (dtype,)
-        if any(t.dtype != given[0].dtype for t in given) or given and given[0].dtype not in allowed:
+        if given and (any(t.dtype != given[0][1].dtype for _, t in given)
+                      or given[0][1].dtype not in allowed):
             raise TypeError(f"batch_norm: weight, bias, running_mean and running_var must share "
                             f"one dtype, {' or '.join(map(str, allowed))} beside a {dtype} "
-                            f"input, got {', '.join(str(t.dtype) for t in given)}")
+                            f"input, got " + ", ".join(f"{name} {t.dtype}" for name, t in given))
     if (bn.running_mean is None) != (bn.running_var is None):
         raise ValueError("batch_norm: running_mean and running_var must either both be None or "
                          "neither be None")

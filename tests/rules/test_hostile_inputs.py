@@ -742,6 +742,11 @@ def _under_autocast(call):
         return call()
 
 
+def _with_tangents(layer: nn.Module) -> nn.Module:
+    fgkernels.random_tangents(layer)
+    return layer
+
+
 @pytest.mark.parametrize("way", ["as built", "converted", "functional", "compiled"])
 def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
     """A converted twin's and the functional face's rules run without Dual's dispatch, and a
@@ -845,11 +850,21 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
                           torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
                           training=True),
      TypeError, "must share one dtype, torch.float32 beside a torch.float32 input, got "
-     "torch.float64, torch.float64"),
+     "running_mean torch.float64, running_var torch.float64"),
     (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4, dtype=torch.bfloat16)), torch.zeros(3),
                           torch.ones(3), torch.ones(3, dtype=torch.bfloat16), training=True),
      TypeError, "torch.bfloat16 or torch.float32 beside a torch.bfloat16 input, got "
-     "torch.float32, torch.float32, torch.bfloat16"),
+     "weight torch.bfloat16, running_mean torch.float32, running_var torch.float32"),
+    # (a float64 batch into a float32 layer: the input's dtype named, not a tangent's or batch
+    # norm's statistics')
+    (lambda: fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))(
+        Dual(torch.randn(2, 3, 6, 6, dtype=torch.float64))),
+     TypeError, "conv2d: input is torch.float64 but weight is torch.float32; they must have one "
+                "dtype"),
+    (lambda: _with_tangents(nn.Linear(6, 4))(Dual(torch.randn(2, 6, dtype=torch.float64))),
+     TypeError, "linear: input is torch.float64 but weight is torch.float32"),
+    (lambda: _with_tangents(nn.Conv1d(5, 3, 3))(Dual(torch.randn(2, 5, 6, dtype=torch.float64))),
+     TypeError, "conv1d: input is torch.float64 but weight is torch.float32"),
     (lambda: F.conv2d(Dual(torch.randn(3, 8), torch.randn(3, 8)), torch.randn(4, 3, 3, 3)),
      ValueError, r"conv2d: input must be 3-D \(C, H, W\) or 4-D \(N, C, H, W\), got shape "
      r"\(3, 8\)"),
@@ -893,7 +908,8 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
         "1-D attention", "grouped heads that do not divide", "attention padding mask shape",
         "attention 3-D mask shape", "attention integer mask", "one running statistic",
         "batch norm float64 statistics", "batch norm parameters of two dtypes",
-        "conv2d of a 2-D input",
+        "a float64 batch into a converted conv", "a float64 batch into a linear",
+        "a float64 batch into a conv1d", "conv2d of a 2-D input",
         "converted conv and batch norm of an unbatched input", "a bool tensor minus a Dual",
         "a Dual minus True",
         "conv2d of None",
