@@ -1239,6 +1239,10 @@ MUTANTS = [
     Mutant("the batch-norm sums' shift an Inf", "csrc/batch_norm_common.h",
            "return std::isfinite(sample_mean) ? sample_mean : 0.0;", "return sample_mean;",
            HOSTILE),
+    Mutant("the batch-norm sums' shift from each channel's first values",
+           "csrc/batch_norm_common.h", "  return j * total / n;", "  return j + 0 * total / n;",
+           ("tests/rules/test_hostile_inputs.py::test_batch_norm_does_not_hang_on_a_channel_s_"
+            "first_values",)),
     Mutant("the coefficients' fake takes weight_t without weight",
            "fgkernels/backends/native/fakes.py",
            "torch._check(weight_t is None or weight is not None,", "torch._check(True,",

@@ -115,16 +115,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
   const int64_t C = in.channels, inner = in.inner;
-  const int64_t n = shift_sample(in);
+  const int64_t n = shift_sample(in), total = in.outer * inner;
   std::vector<acc_t> k(C);
   for (int64_t c = 0; c < C; ++c) {
     double sum = 0;
-    int64_t count = 0;
-    for (int64_t r = 0; count < n; ++r) {
-      const scalar_t* plane = x + (r * C + c) * inner;
-      for (int64_t i = 0; i < inner && count < n; ++i, ++count) {
-        sum += static_cast<double>(plane[i]);
-      }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = shift_position(j, n, total);
+      sum += static_cast<double>(x[(p / inner * C + c) * inner + p % inner]);
     }
     k[c] = static_cast<acc_t>(shift_or_zero(sum / static_cast<double>(n)));
   }

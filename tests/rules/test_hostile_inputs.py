@@ -690,6 +690,19 @@ def test_batch_norm_far_from_zero_is_as_precise_as_torch(backend):
     assert_within_torch_error(out, ForwardADOracle(_training_batch_norm, [x], [xt]))
 
 
+def test_batch_norm_does_not_hang_on_a_channel_s_first_values(backend):
+    """Image 0's first rows at 0 (a border, a dead ReLU region) in channels of mean 1 and std
+    1e-3, float32: err ≤ 2·err_torch + atol. (The CPU kernel shifted its sums by the mean of
+    each channel's first 256 values, 0 here, far from the mean in units of std: 1.5e-5 off at
+    the output, where torch is 1e-6 off; its shift is now sampled across the whole channel.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, 32, 32, generator=g).mul(1e-3).add(1)
+    x[0, :, :8] = 0
+    xt = torch.randn(1, *x.shape, generator=g)
+    out = fgkernels.convert(nn.BatchNorm2d(4))(Dual(x, xt))
+    assert_within_torch_error(out, ForwardADOracle(_training_batch_norm, [x], [xt]))
+
+
 @pytest.mark.parametrize("width", [1, 8])
 def test_layer_norm_of_rows_without_spread_is_as_precise_as_torch(backend, width):
     """Rows of one value (one element, or eight equal ones) near 1e4 in float32, where
