@@ -233,6 +233,10 @@ def instance_norm(input, running_mean: Optional[Tensor] = None,
     channel (the same normalisation) with each instance's own statistics, else eval-mode batch
     norm's with the running ones."""
     x = as_dual(input, "instance_norm")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and not isinstance(t, Tensor):  # a Dual included, as batch norm's
+            raise TypeError(f"instance_norm: {name} must be a Tensor or None, got "
+                            f"{type(t).__name__}")
     with torch.no_grad():
         y = F.instance_norm(x.primal, running_mean, running_var, primal_of(weight), primal_of(bias),
                             use_input_stats, momentum, eps)

@@ -859,6 +859,11 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
     (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), None, torch.ones(3),
                           training=True),
      ValueError, "running_mean and running_var must either both be None or neither be None"),
+    # (torch's own instance norm, which the rule calls for the value, dispatched the Dual
+    # statistics back to the rule: a RecursionError)
+    (lambda: F.instance_norm(Dual(torch.randn(2, 3, 5), torch.randn(2, 3, 5)),
+                             Dual(torch.zeros(3), torch.randn(3)), torch.ones(3)),
+     TypeError, "instance_norm: running_mean must be a Tensor or None, got Dual"),
     (lambda: F.batch_norm(Dual(torch.randn(2, 3, 4), torch.randn(2, 3, 4)),
                           torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
                           training=True),
@@ -920,6 +925,7 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
         "conv1d channels", "conv1d stride pair", "mm of a batch", "bmm of matrices",
         "1-D attention", "grouped heads that do not divide", "attention padding mask shape",
         "attention 3-D mask shape", "attention integer mask", "one running statistic",
+        "Dual instance norm statistics",
         "batch norm float64 statistics", "batch norm parameters of two dtypes",
         "a float64 batch into a converted conv", "a float64 batch into a linear",
         "a float64 batch into a conv1d", "conv2d of a 2-D input",
