@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..dual import slots as _slots
 from ..dual.tangents import with_recorded_tangent
-from ..dual.value import Dual, implements
+from ..dual.value import Dual, implements, in_primal_layout
 from .layers import dropout, linear
 from .operands import as_dual, parts, primal_of
 from .products import matmul, matmul_tangents
@@ -42,7 +42,9 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
     if t is None:
         return d.with_tangents(y, None)
     c = _centred(t, y, dim)  # (a fresh tensor: updated in place)
-    return d.with_tangents(y, c.sub_(_along(y * c, y, dim)).mul_(y).to(t.dtype))
+    # (laid out as y: torch gives a channels_last input's softmax contiguous)
+    return d.with_tangents(y, in_primal_layout(c.sub_(_along(y * c, y, dim)).mul_(y)
+                                               .to(t.dtype), y))
 
 
 @implements(F.softmin)
@@ -61,7 +63,8 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
     if t is None:
         return d.with_tangents(y, None)
     c = _centred(t, y, dim)  # (a fresh tensor: updated in place)
-    return d.with_tangents(y, c.sub_(_along(y.exp() * c, y, dim)).to(t.dtype))
+    return d.with_tangents(y, in_primal_layout(c.sub_(_along(y.exp() * c, y, dim))
+                                               .to(t.dtype), y))
 
 
 def _along(stack: Tensor, x: Tensor, dim: int) -> Tensor:

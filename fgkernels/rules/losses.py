@@ -15,7 +15,7 @@ from torch.nn import _reduction as _Reduction
 
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
-from ..dual.value import Dual, implements
+from ..dual.value import Dual, implements, in_primal_layout
 from .fallback import forward_ad_fallback
 from .layers import _no_grad
 from .operands import MaybeDual, as_dual, parts
@@ -303,8 +303,8 @@ def _as_tangent_of(loss: Tensor, out: Dual) -> Dual:
     (``huber_loss`` of a float32 input and a 0-d float64 target) has its tangent there too."""
     stack = out.tangents
     if stack is not None:
-        stack = _slots.cast(stack, _slots.plan([out.slot_operand()], "loss").dtype_for(
-            loss.dtype))
+        stack = in_primal_layout(_slots.cast(stack, _slots.plan(
+            [out.slot_operand()], "loss").dtype_for(loss.dtype)), loss)
     return out.with_tangents(loss, stack)
 
 

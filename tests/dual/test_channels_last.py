@@ -92,10 +92,12 @@ def test_every_slot_stays_channels_last(backend):
     lambda v: F.pad(v, (1, 1, 1, 1)), lambda v: F.max_pool2d(v, 2, return_indices=True)[0],
     lambda v: F.adaptive_max_pool2d(v, 3), lambda v: v.sort(1)[0], lambda v: v.roll(1, 1),
     lambda v: torch.cat([v, v * 2], 1), lambda v: torch.cat([v[:1], v], 0),
-    lambda v: F.group_norm(v, 1),
+    lambda v: F.group_norm(v, 1), lambda v: F.mse_loss(v, torch.zeros(()), reduction="none"),
+    lambda v: F.huber_loss(v, torch.zeros(()), reduction="none"),
 ], ids=["relu", "hardtanh", "max_pool2d", "conv2d of one image", "clamp", "rounded quotient",
         "constant pad", "max_pool2d with indices", "adaptive max pool", "sort", "roll",
-        "cat of channels", "cat of images", "group norm"])
+        "cat of channels", "cat of images", "group norm", "unreduced mse loss",
+        "unreduced huber loss"])
 def test_an_op_lays_out_each_slot_as_its_primal(op, backend):
     """A channels_last primal and slots, each op on its own: its slots channels_last too, on
     every CPU backend (a broadcast mask's masked_fill, a gather over flattened slots and a
@@ -108,6 +110,18 @@ def test_an_op_lays_out_each_slot_as_its_primal(op, backend):
         out = op(Dual(x, xt))
     assert out.primal.is_contiguous(memory_format=CL)
     assert all(s.is_contiguous(memory_format=CL) for s in out.tangents)
+
+
+@pytest.mark.parametrize("op", [lambda v: torch.softmax(v, 1), lambda v: F.log_softmax(v, -1),
+                                lambda v: F.softmin(v, 1)],
+                         ids=["softmax", "log_softmax", "softmin"])
+def test_a_softmax_lays_out_its_slots_as_torch_lays_out_its_primal(op):
+    """torch gives a channels_last input's softmax contiguous: its slots follow the primal (they
+    kept the input's layout, and the next op copied one of the two)."""
+    x = torch.randn(2, 3, 6, 6).to(memory_format=CL)
+    xt = torch.randn(2, 2, 6, 6, 3).permute(0, 1, 4, 2, 3)  # two slots, channels_last
+    out = op(Dual(x, xt))
+    assert in_kernel_layout(out.primal, out.tangents)
 
 
 @pytest.mark.parametrize("write", [
