@@ -1012,11 +1012,26 @@ def _tensor_split(t, n, indices_or_sections=None, dim=0, *, sections=None, indic
 
 
 def _transposed(t, n, dim0, dim1):
+    if n == 0:  # a 0-d primal's dim 0 (or -1), as torch takes it: the stack is as it was
+        return t.movedim(*_scalar_dims(dim0, dim1))
     return t.transpose(_slot_dim(dim0, n), _slot_dim(dim1, n))
 
 
 def _moved(t, n, source, destination):
+    if n == 0:
+        return t.movedim(*_scalar_dims(source, destination))
     return t.movedim(_slot_dims(source, n), _slot_dims(destination, n))
+
+
+def _scalar_dims(*dims) -> tuple:
+    """Dims of a 0-d primal, each 0 or -1 (or a sequence of them, as torch takes them), as
+    the stack's slot dim: an op that moves them leaves the stack as it was."""
+    for d in dims:
+        for v in (d,) if isinstance(d, int) else d:
+            if v not in (0, -1):
+                raise IndexError(f"Dimension out of range (expected to be in range of [-1, 0], "
+                                 f"but got {v})")
+    return tuple(d if isinstance(d, int) else tuple(d) for d in dims)
 
 
 # op -> the same op on a stack of T slots: (stack, primal's ndim, *the op's other arguments,

@@ -34,6 +34,24 @@ def _against_forward_ad(fn, *shapes, slots: int = 2, dtype: torch.dtype = torch.
 
 
 # --- detach -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", [lambda v: v.transpose(0, 0), lambda v: torch.transpose(v, 0, -1),
+                                lambda v: v.swapaxes(-1, 0), lambda v: v.movedim(0, 0),
+                                lambda v: torch.movedim(v, (-1,), (0,))],
+                         ids=["transpose", "torch.transpose", "swapaxes", "movedim", "dim tuples"])
+def test_a_0_d_dual_moves_its_one_dim_as_torch(op):
+    """A 0-d tensor takes dim 0 or -1 in transpose, swapaxes and movedim (an IndexError on a
+    Dual, whose dims were shifted past the slot axis as if it had one), and refuses 1."""
+    x, xt = torch.tensor(1.5, **f64), torch.tensor([1.0, -2.0], **f64)
+    out = op(Dual(x, xt))
+    for k in range(2):
+        with fwAD.dual_level():
+            expected = fwAD.unpack_dual(op(fwAD.make_dual(x, xt[k])))
+        assert torch.equal(out.primal, expected.primal)
+        assert torch.equal(out.tangents[k], expected.tangent)
+    with pytest.raises(IndexError, match=r"range of \[-1, 0\], but got 1"):
+        Dual(x, xt).transpose(0, 1)
+
+
 def test_detach_drops_the_tangent():
     d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
     assert type(d.detach()) is torch.Tensor and torch.equal(d.detach(), d.primal)
