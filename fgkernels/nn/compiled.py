@@ -1,11 +1,11 @@
 """``fgkernels.compile``: a model's dual pass compiled by ``torch.compile``, converted or not."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import types
 import weakref
-from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
 import torch
@@ -81,8 +81,8 @@ def compile(module: nn.Module, **options: Any) -> Callable:
         outer, _compiled_pass.running = _compiled_pass.running, True
         rules = rule_state()
         try:
-            with ParameterTangents(), lifted_set_aside(), \
-                    _rnn_traced() if recurrent else nullcontext():
+            with ParameterTangents(), lifted_set_aside(), _closing_forward_ad_levels(), \
+                    _rnn_traced() if recurrent else contextlib.nullcontext():
                 return _counted(compiled(*args, **kwargs))
         finally:
             _compiled_pass.running = outer
@@ -96,6 +96,24 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     run.get_compiler_config = compiled.get_compiler_config = \
         options["backend"].compiler_config
     return run
+
+
+@contextlib.contextmanager
+def _closing_forward_ad_levels():
+    """Close the forward-AD level that a compiled ``torch.func.jvp`` (the fallback's) leaves
+    open when the call raises inside it (Dynamo does not unwind it): every later forward-mode
+    computation in the process, eager passes included, was refused as nested. Only where no
+    level was open before the call: one the caller opened is the caller's."""
+    caller_level = torch.autograd.forward_ad._current_level
+    try:
+        yield
+    except BaseException:
+        if caller_level == -1:
+            try:
+                torch._C._exit_dual_level(level=0)
+            except RuntimeError:  # none was left open
+                pass
+        raise
 
 
 def _counted(output):

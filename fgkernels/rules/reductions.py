@@ -68,7 +68,7 @@ def _variance_tangent(input: Dual, args: tuple, kwargs: dict, y: Tensor) -> Opti
     x, t = _as_1d(input.primal, input.tangents)
     dim, correction, keepdim = _variance_args(args, kwargs)
     dims = _dims(dim, x.dim())
-    n = math.prod(x.shape[d] for d in dims)
+    n = math.prod([x.shape[d] for d in dims])  # (a list: Dynamo takes no generator here)
     if n - correction <= 0:
         return None
     # each term scaled before the sum, as torch's: the sum unscaled leaves float16's range

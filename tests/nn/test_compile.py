@@ -1022,6 +1022,62 @@ def test_a_compiled_pass_refuses_a_parameter_changed_after_its_tangent(change):
             call(Dual(x))
 
 
+class _WrittenOutNorm(nn.Module):
+    """A layer norm written out, as custom norm layers are: var and std of a Dual."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = self.fc(x)
+        centred = h - h.mean(-1, keepdim=True)
+        return centred / (h.var(-1, keepdim=True, unbiased=False) + 1e-5).sqrt() + h.std(0)
+
+
+def test_a_written_out_norm_compiles_in_one_graph():
+    """var and std of a Dual trace (their rule took math.prod of a generator, which Dynamo
+    refuses: a graph break, and fullgraph=True refused the model)."""
+    torch.manual_seed(0)
+    net = _WrittenOutNorm().double()
+    fgkernels.random_tangents(net)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    out = fgkernels.compile(net, backend="eager", fullgraph=True)(Dual(x))
+    expected = net(Dual(x))
+    assert torch.allclose(out.primal, expected.primal)
+    assert torch.allclose(out.tangent, expected.tangent)
+
+
+class _MarginLossNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return nn.functional.multi_margin_loss(self.fc(x), torch.tensor([1, 3, 0]))
+
+
+def test_a_compiled_pass_that_fails_inside_forward_mode_leaves_it_usable():
+    """A compiled pass refused inside torch's forward mode (an op it has no formula for)
+    raises, and forward mode works after it: the compiled jvp's level was left open, and every
+    later forward-mode computation, eager passes and torch.func.jvp included, was refused as
+    nested."""
+    torch.manual_seed(0)
+    net = _MarginLossNet().double()
+    fgkernels.random_tangents(net)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="multi_margin_loss"):
+        fgkernels.compile(net, backend="eager")(Dual(x))
+    ones = torch.ones_like(x)
+    assert torch.equal(torch.func.jvp(torch.sin, (x,), (ones,))[1], torch.cos(x))
+    out = nn.functional.soft_margin_loss(Dual(x, ones), ones)  # (a rule by forward AD)
+    with torch.autograd.forward_ad.dual_level():
+        expected = nn.functional.soft_margin_loss(
+            torch.autograd.forward_ad.make_dual(x, ones), ones)
+        expected = torch.autograd.forward_ad.unpack_dual(expected).tangent
+    assert torch.allclose(out.tangent, expected)
+
+
 def test_a_compiled_model_with_tangents_is_freed_with_its_compiled_call():
     """A model compiled with tangents set goes when the compiled call and Dynamo's graphs do
     (the compiled pass's list of bound modules, kept in a table by the model, held the model
