@@ -1162,10 +1162,16 @@ def random_tangents(module: nn.Module, num_tangents: Optional[int] = None,
                          "direction or num_tangents, not both")
     check_dtype(dtype, "random_tangents")
     _hooks.end_stale()
+    targets = {}  # (every dtype resolved before the first draw)
+    for name, p in module.named_parameters():
+        try:
+            targets[name] = resolve_tangent_dtype(p.dtype, dtype)
+        except TypeError as e:
+            raise TypeError(f"random_tangents: {name}: {e}") from None
     drawn = {}
     for name, p in module.named_parameters():
         shape = p.shape if num_tangents is None else (num_tangents, *p.shape)
-        target = resolve_tangent_dtype(p.dtype, dtype)
+        target = targets[name]
         # a narrower tangent is the rounding of the draw at the parameter's precision (a
         # complex one drawn complex: acc_dtype(complex64) is real)
         draw_dtype = p.dtype if target == p.dtype or target.is_complex else acc_dtype(target)

@@ -958,6 +958,18 @@ def test_random_tangents_checks_before_it_draws(kwargs, error, message):
         fgkernels.random_tangents(gen)
 
 
+def test_random_tangents_checks_every_dtype_before_it_draws():
+    """A dtype too wide for a later parameter (a float16 layer after a float32 one) is refused
+    naming that parameter, before the first draw: the generator had moved."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2).half())
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(TypeError, match=r"random_tangents: 1\.weight: a tangent of a "
+                                        r"torch\.float16 tensor must be"):
+        fgkernels.random_tangents(model, generator=gen, dtype=torch.float32)
+    assert torch.equal(gen.get_state(), state)
+
+
 def test_hardtanh_bounds_out_of_order_are_refused_eagerly_and_when_traced(backend):
     """The elementwise op's contract runs in front of every backend and as its fake."""
     x, xt = torch.randn(2, 3), torch.randn(1, 2, 3)
