@@ -1219,6 +1219,10 @@ MUTANTS = [
            "        if caller_level == -1:", "        if False:",
            ("tests/nn/test_compile.py::test_a_compiled_pass_that_fails_inside_forward_mode_"
             "leaves_it_usable",)),
+    Mutant("a converted lazy layer becomes torch's class", "fgkernels/nn/modules.py",
+           '                body["cls_to_become"] = _class_twin(become) or become',
+           "                pass",
+           ("tests/nn/test_modules.py::test_converted_lazy_layers_become_twins",)),
     Mutant("group norm's groups sized by -1", "fgkernels/rules/norms.py",
            "num_groups, c // num_groups * hw)", "num_groups, -1)",
            HOSTILE),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 from torch.nn.modules import transformer
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .. import functional as DF
@@ -589,8 +590,13 @@ def _class_twin(cls: type) -> Optional[type]:
             if any(getattr(cls, name, None) is not getattr(base, name, None)
                    for name in _REPLACED):
                 return None
-            mixed = type(f"Dual{cls.__name__}", (twin, cls),
-                         {"__module__": cls.__module__, "__reduce_ex__": _reduce_as_layer})
+            body = {"__module__": cls.__module__, "__reduce_ex__": _reduce_as_layer}
+            become = getattr(cls, "cls_to_become", None)
+            if issubclass(cls, LazyModuleMixin) and become is not None:
+                # A lazy layer becomes its class at its first call: the twin, the twin's
+                # (nn.LazyConv2d becomes DualConv2d, not nn.Conv2d, which has no dual forward).
+                body["cls_to_become"] = _class_twin(become) or become
+            mixed = type(f"Dual{cls.__name__}", (twin, cls), body)
             if twin is DualSequential:
                 # Its forward only calls its children (torchvision's Conv2dNormActivation):
                 # no dual pass need look for a Dual left on it. (A subclass of another layer
@@ -640,8 +646,9 @@ def convert(module: nn.Module) -> nn.Module:
     pass."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(module).__name__}")
-    for m in module.modules():
-        twin = twin_of(m)
-        if twin is not None:
-            m.__class__ = twin
+    # Every twin found before any layer changes class: a twin that cannot be made leaves the
+    # model as it was.
+    twins = [(m, twin) for m in module.modules() if (twin := twin_of(m)) is not None]
+    for m, twin in twins:
+        m.__class__ = twin
     return module

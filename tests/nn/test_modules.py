@@ -156,6 +156,39 @@ def test_convert_resnet18(backend, layout):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("first", ["dual", "plain"])
+def test_converted_lazy_layers_become_twins(first):
+    """A lazy layer converted before its first call becomes the twin of the class it turns
+    into (DualConv2d, not nn.Conv2d, which has no dual forward: both calls failed), and its
+    passes are exact."""
+    torch.manual_seed(0)
+    x, xt = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(2, 3, 6, 6,
+                                                                      dtype=torch.float64)
+    model = fgkernels.convert(nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Flatten(),
+                                            nn.LazyLinear(2)).double())
+    model(Dual(x, xt)) if first == "dual" else model(x)
+    assert (type(model[0]), type(model[3])) == (fgkernels.nn.DualConv2d,
+                                                fgkernels.nn.DualLinear)
+    tangents = fgkernels.random_tangents(model)
+    out = model(Dual(x, xt))
+    primal, tangent = torch_jvp(model, x, xt, tangents)
+    assert torch.allclose(out.primal, primal) and torch.allclose(out.tangent, tangent)
+
+
+def test_convert_is_all_or_nothing():
+    """A twin that cannot be made (a layer class that refuses subclasses) leaves every layer as
+    it was (the layers before it had changed class)."""
+    class Sealed(nn.BatchNorm2d):
+        def __init_subclass__(cls, **kwargs):
+            raise TypeError("Sealed takes no subclass")
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Sealed(4))
+    with pytest.raises(TypeError, match="Sealed takes no subclass"):
+        fgkernels.convert(model)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.ReLU, Sealed] \
+        and type(model) is nn.Sequential
+
+
 def test_convert_fuses_sequential_runs(backend):
     """Conv→BN→ReLU inside nn.Sequential runs fused, with the same numbers and state."""
     seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
