@@ -1053,7 +1053,10 @@ def foreign_module_hooks() -> bool:
 @torch.no_grad()
 def _stack_parameter(name: str, p: Tensor, tangent, direction: Optional[int]):
     """A parameter's tangent stacked, each slot in the parameter's layout (``Dual``'s rule)."""
-    single = check_tangent(p.detach(), tangent, f"tangent of {name!r}")
+    if tangent is None:
+        raise TypeError(f"set_tangents: the tangent of {name!r} is None; give a tensor, or "
+                        f"leave the parameter out (clear_tangents removes tangents)")
+    single = check_tangent(p.detach(), tangent, f"set_tangents: the tangent of {name!r}")
     stack = in_primal_layout(tangent.unsqueeze(0) if single else tangent, p)
     if direction is None:
         return ParameterTangent(stack, None, single)

@@ -625,6 +625,12 @@ def test_set_tangents_refuses_what_it_cannot_set_and_sets_nothing():
     with pytest.raises(ValueError, match="with direction=1, the tangent of 'weight' must have "
                                          r"the parameter's shape \(2, 3\)"):
         fgkernels.set_tangents(model, {"weight": torch.randn(2, 2, 3, **f64)}, direction=1)
+    with pytest.raises(TypeError, match="set_tangents: the tangent of 'weight' is None; give a "
+                                        "tensor, or leave the parameter out"):
+        fgkernels.set_tangents(model, {"weight": None, "bias": torch.randn(2, **f64)})
+    with pytest.raises(TypeError, match="set_tangents: the tangent of 'bias' has dtype "
+                                        "torch.complex128"):
+        fgkernels.set_tangents(model, {"bias": torch.randn(2, dtype=torch.complex128)})
     assert not any(has_tangent(p) for p in model.parameters())
 
 
