@@ -380,6 +380,17 @@ def _raw_conv_calls():
         ("a kernel wider than the padded input", (x[..., :2, :2], None, w, None, None, None,
                                                   [], [], 0, [1, 1], [0, 0], [1, 1], False),
          "Kernel size can't be greater"),
+        # (the kernel failed inside Triton on tangents of two dtypes, and computed bfloat16
+        # x's with float32 tangents, which the native op refuses)
+        ("tangents of two dtypes", (x, rand(1, *x.shape, dtype=torch.bfloat16), w,
+                                    rand(1, *w.shape, dtype=torch.float16), None, None,
+                                    [0], [0], 1, *g, False),
+         "the tangents of one call must share one dtype, got xt torch.bfloat16, wt "
+         "torch.float16"),
+        ("tangents wider than x", (x.bfloat16(), rand(1, *x.shape, dtype=torch.float32),
+                                   w.bfloat16(), None, None, None, [0], [], 1, *g, False),
+         "the tangents must have x's dtype torch.bfloat16 or one of fewer bits, got "
+         "torch.float32"),
     ]
 
 
@@ -412,6 +423,7 @@ def test_apply_op_checks_its_operands():
         ((y, rand(1, 2, 4, 3, 2, dtype=torch.float32), *c, *t), "xt must be"),
         ((y, ys.transpose(-1, -2), *c, *t), "laid out as x"),
         ((y, y[None], *c, *t), "x and xt share memory"),
+        ((y.bfloat16(), ys, *c, *t), "xt must have x's dtype torch.bfloat16 or one of fewer bits"),
         ((y, ys, rand(2, dtype=torch.float32), *c[1:], *t), "must have shape (4,)"),
         ((y, ys, *c, *(v[:0] for v in t)), "must have shape (1, 4)"),
     ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ...dual.dtypes import tangent_dtype_fits
 from ...dual.layout import (
     empty_like_format,
     empty_slots,
@@ -73,6 +74,14 @@ def _check_conv_operands(x, xt, w, wt, b, bt, x_pos, p_pos, stride, padding,
         torch._check(t.dtype in DTYPES,
                      lambda: f"fgkernels_triton.dual_conv2d: {name} must be float32, bfloat16 "
                              f"or float16, got {t.dtype}")
+    # (as the native op: the tangents of one call share one dtype, x's or one of fewer bits)
+    given = [(name, t) for name, t in (("xt", xt), ("wt", wt), ("bt", bt)) if t is not None]
+    torch._check(all(t.dtype == given[0][1].dtype for _, t in given),
+                 lambda: "fgkernels_triton.dual_conv2d: the tangents of one call must share "
+                         "one dtype, got " + ", ".join(f"{n} {t.dtype}" for n, t in given))
+    torch._check(not given or tangent_dtype_fits(x.dtype, given[0][1].dtype),
+                 lambda: f"fgkernels_triton.dual_conv2d: the tangents must have x's dtype "
+                         f"{x.dtype} or one of fewer bits, got {given[0][1].dtype}")
     for name, t in (("xt", xt), ("w", w), ("wt", wt), ("b", b), ("bt", bt)):
         torch._check(t is None or t.device == x.device,
                      lambda: f"fgkernels_triton.dual_conv2d: {name} is on {t.device}, x on "
@@ -142,6 +151,9 @@ def _check_apply_operands(x, xt, center, scale, shift, t_xscale, t_shift) -> Non
         torch._check(in_kernel_layout(x, xt),
                      lambda: "fgkernels_triton.dual_bn_apply_: each slot of xt must be laid out "
                              "as x, slot after slot")
+        torch._check(tangent_dtype_fits(x.dtype, xt.dtype),
+                     lambda: f"fgkernels_triton.dual_bn_apply_: xt must have x's dtype {x.dtype} "
+                             f"or one of fewer bits, got {xt.dtype}")
     torch._check(center.shape == (C,) and scale.shape == (C,) and shift.shape == (C,),
                  lambda: f"fgkernels_triton.dual_bn_apply_: center, scale and shift must have "
                          f"shape ({C},)")
