@@ -1223,6 +1223,11 @@ MUTANTS = [
            '                body["cls_to_become"] = _class_twin(become) or become',
            "                pass",
            ("tests/nn/test_modules.py::test_converted_lazy_layers_become_twins",)),
+    Mutant("torch.fx traces into a converted layer", "fgkernels/nn/modules.py",
+           "        if isinstance(input, torch.fx.Proxy) and _fx_leaf(type(self)):",
+           "        if False:",
+           ("tests/nn/test_modules.py::test_a_converted_model_traces_with_torch_fx_as_the_"
+            "torch_nn_model",)),
     Mutant("group norm's groups sized by -1", "fgkernels/rules/norms.py",
            "num_groups, c // num_groups * hw)", "num_groups, -1)",
            HOSTILE),

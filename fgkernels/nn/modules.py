@@ -50,6 +50,11 @@ class _DirectCall:
             return self.forward(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
+    def __prepare_scriptable__(self):
+        raise TypeError(f"torch.jit.script: {type(self).__name__} is a layer fgkernels.convert "
+                        f"made (its forward takes Duals, which TorchScript cannot type); script "
+                        f"the model before converting it")
+
 
 def _defines_call(cls: type) -> bool:
     return any("__call__" in vars(c) for c in cls.__mro__
@@ -79,6 +84,12 @@ class DualModule(_DirectCall):
         if isinstance(input, Dual):
             with in_rule():
                 return self.dual_forward(input, *args, **kwargs)
+        if isinstance(input, torch.fx.Proxy) and _fx_leaf(type(self)):
+            # torch.fx keeps torch.nn's own layers whole (a call_module node) and traces into
+            # any other class: the twin stays a node as its torch.nn layer would (traced into,
+            # torch's batch norm tests its input's rank, which a Proxy cannot answer).
+            return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self),
+                                             (input, *args), kwargs)
         return self.plain_forward(input, *args, **kwargs)
 
     def plain_forward(self, input, *args, **kwargs):
@@ -88,6 +99,15 @@ class DualModule(_DirectCall):
     def dual_forward(self, input: Dual, *args, **kwargs) -> Dual:
         """The layer on a Dual input: its output and tangents."""
         return self.plain_forward(input, *args, **kwargs)
+
+
+def _fx_leaf(cls: type) -> bool:
+    """Whether torch.fx's default tracer keeps a layer of the torch.nn class this twin stands
+    for whole: a class of torch.nn's own modules (a twin of a user's subclass is traced into,
+    as that subclass is)."""
+    layer = next(c for c in cls.__mro__
+                 if issubclass(c, nn.Module) and not issubclass(c, _DirectCall))
+    return layer.__module__.startswith(("torch.nn", "torch.ao.nn"))
 
 
 class _KeptOutput(NamedTuple):

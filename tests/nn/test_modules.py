@@ -175,6 +175,25 @@ def test_converted_lazy_layers_become_twins(first):
     assert torch.allclose(out.primal, primal) and torch.allclose(out.tangent, tangent)
 
 
+def test_a_converted_model_traces_with_torch_fx_as_the_torch_nn_model():
+    """torch.fx keeps a converted model's layers whole, as torch.nn's (it traced into the twins
+    and failed at batch norm's rank test: torchvision's feature extractor, FX quantisation),
+    and the traced module computes what the model does; TorchScript is refused by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 2)).eval()
+    plain = torch.fx.symbolic_trace(copy.deepcopy(model))
+    fgkernels.convert(model)
+    traced = torch.fx.symbolic_trace(model)
+    assert [(n.op, n.target) for n in traced.graph.nodes] == \
+        [(n.op, n.target) for n in plain.graph.nodes]
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(traced(x), model(x))
+    with pytest.raises(TypeError, match="torch.jit.script: DualSequential is a layer "
+                                        "fgkernels.convert made"):
+        torch.jit.script(model)
+
+
 def test_convert_is_all_or_nothing():
     """A twin that cannot be made (a layer class that refuses subclasses) leaves every layer as
     it was (the layers before it had changed class)."""
