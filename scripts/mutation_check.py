@@ -55,6 +55,8 @@ PAD_SEQUENCE = ("tests/rules/test_layer_configs.py::test_pad_sequence_pads_every
 INDEXING = ("tests/dual/test_dual_semantics.py::test_getitem_follows_the_primal",
             "tests/dual/test_dual_semantics.py::test_setitem_follows_the_primal")
 EDGES = ("tests/dual/test_dual_semantics.py::test_op_edge_cases_as_forward_ad",)
+UNDEFINED_TANGENT = ("tests/dual/test_dual_semantics.py::test_an_output_forward_ad_leaves_"
+                     "without_tangent_is_refused_where_differentiable",)
 DUAL_MASKS = ("tests/rules/test_layer_configs.py::test_attention_takes_masks_with_tangents",
               "tests/rules/test_layer_configs.py::test_attention_mask_from_input_tangent_alone",
               "tests/rules/test_layer_configs.py::test_attention_with_a_dual_mask_alone",
@@ -172,6 +174,11 @@ MUTANTS = [
            "return t.repeat_interleave(repeats, dim, output_size=output_size)", OPS),
     Mutant("cos's slope of the wrong sign", "fgkernels/rules/pointwise.py",
            "lambda t, x: -t * _like(x.sin(), t)", "lambda t, x: t * _like(x.sin(), t)", OPS),
+    Mutant("a chunked linear_cross_entropy is differentiated chunked",
+           "fgkernels/rules/losses.py", "label_smoothing=label_smoothing, options=None))",
+           "label_smoothing=label_smoothing, options=options))",
+           ("tests/rules/test_functional.py::test_chunked_linear_cross_entropy_matches_forward_"
+            "ad_of_its_reference_form",)),
     Mutant("a loss's mean taken as its sum", "fgkernels/rules/losses.py",
            'return out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out',
            'return out.sum() if reduction in ("mean", "sum") else out', OPS),
@@ -556,6 +563,17 @@ MUTANTS = [
            "union = list(dict.fromkeys(d for o in live for d in o.directions))", OPS),
     Mutant("a fallback op run slot by slot draws anew in each", "fgkernels/rules/fallback.py",
            "            _set_random_state(state)\n", "", SEMANTICS),
+    Mutant("an output forward AD leaves without tangent takes a zero one",
+           "fgkernels/rules/fallback.py",
+           "    if undefined:\n        _refuse_undefined_tangents(",
+           "    if False:\n        _refuse_undefined_tangents(", UNDEFINED_TANGENT),
+    Mutant("an undefined tangent under inference_mode is looked for in inference_mode",
+           "fgkernels/rules/fallback.py", "inference = torch.is_inference_mode_enabled()",
+           "inference = False", UNDEFINED_TANGENT),
+    Mutant("a non-differentiable output without tangent is refused",
+           "fgkernels/rules/fallback.py",
+           "lost = [i for i in outputs if out[i].requires_grad]", "lost = outputs",
+           UNDEFINED_TANGENT),
     Mutant("a pass leaves its first substituted parameter a Dual", "fgkernels/dual/tangents.py",
            "for holder, name, t in reversed(self.swaps):",
            "for holder, name, t in reversed(self.swaps[1:]):", STORE),

@@ -9,7 +9,9 @@ for those who want only the fused rules.
 Operands: a Dual is its primal and tangent; a tensor with a recorded parameter tangent
 (``fgkernels.set_tangents``) counts as the Dual of that tangent. Outputs: each floating or
 complex tensor becomes a Dual (a complex output keeps a complex tangent); anything else (indices,
-masks, None, numbers) is returned as it is.
+masks, None, numbers) is returned as it is. An output whose tangent forward AD leaves undefined
+though reverse mode differentiates it (``scatter_reduce``'s ``"prod"``) is refused by name, not
+given jvp's zeros.
 
 In-place ops: on a Dual, the op's out-of-place form is differentiated and the Dual rebound to its
 result, as every in-place rule does. A plain tensor written in place from Duals (``out=``,
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
 from ..dual import slots as _slots
@@ -131,7 +134,7 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     if not torch.compiler.is_dynamo_compiling():
         _note(name)
     with torch.no_grad():
-        primal_out, tangents = _jvp_by_carriers(call, primals, duals, plan)
+        primal_out, tangents = _jvp_by_carriers(call, primals, duals, plan, name)
     # Tangents narrower than their primals come out in the slots' dtype (a bfloat16 tangent
     # stays bfloat16); tangents of their primals' dtype take the outputs' (``cumsum(x,
     # dtype=torch.float64)`` of a float32 Dual gives a float64 tangent, as forward AD does).
@@ -282,7 +285,8 @@ def _dense_if_expanded(p: torch.Tensor) -> torch.Tensor:
     return p
 
 
-def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _slots.SlotPlan):
+def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _slots.SlotPlan,
+                     name: str):
     """``jvp_over_slots`` of the op, its output slots grouped by the operands that carry them
     (labelled directions that only some operands carry): in each group the other operands are
     constants of the op, as forward_ad takes an operand without that direction (a zero tangent
@@ -297,7 +301,7 @@ def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _s
     if len(groups) == 1:
         stacks = tuple(_slots.spread(d.tangents, pos, plan.count, d.primal).to(d.primal.dtype)
                        for d, pos in zip(duals, plan.positions))
-        return jvp_over_slots(call, primals, stacks)
+        return jvp_over_slots(call, primals, stacks, name)
     state = _random_state()
     full = None
     for carriers, slots in groups.items():
@@ -311,7 +315,8 @@ def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _s
 
         stacks = tuple(duals[k].tangents[[plan.positions[k].index(s) for s in slots]]
                        .to(duals[k].primal.dtype) for k in carriers)
-        primal_out, tangents = jvp_over_slots(part, tuple(primals[k] for k in carriers), stacks)
+        primal_out, tangents = jvp_over_slots(part, tuple(primals[k] for k in carriers), stacks,
+                                                 name)
         leaves, spec = pytree.tree_flatten(tangents)
         if full is None:
             full = [t.new_empty((plan.count, *t.shape[1:])) for t in leaves]
@@ -333,13 +338,23 @@ def _set_random_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(gpus)
 
 
-def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):
+def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str):
     """``call(*primals)`` and its tangents along ``stacks`` (one stack per primal, T slots
     each), stacked over the slots, by ``torch.func.jvp``. vmap draws any random
     numbers once for all slots; where an op cannot be vmapped, each slot runs in turn from the
-    same random state, so that every slot differentiates the same draw."""
+    same random state, so that every slot differentiates the same draw. An output whose
+    tangent forward AD leaves undefined though reverse mode differentiates it is refused."""
+    undefined: set[int] = set()  # the outputs forward AD gave no tangent (jvp gives zeros)
+
+    def differentiated(*p):
+        out = _tensors_only(call(*p))
+        undefined.update(i for i, v in enumerate(pytree.tree_leaves(out))
+                         if i not in _kept.values and _is_differentiable(v)
+                         and fwAD.unpack_dual(v).tangent is None)
+        return out
+
     def one_slot(*t):
-        return torch.func.jvp(lambda *p: _tensors_only(call(*p)), primals, t)
+        return torch.func.jvp(differentiated, primals, t)
 
     try:
         primal_out, tangents = torch.func.vmap(one_slot, randomness="same",
@@ -352,7 +367,38 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple):
             outs.append(one_slot(*(s[t] for s in stacks)))
         primal_out = outs[0][0]
         tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])
+    if undefined:
+        _refuse_undefined_tangents(call, primals, sorted(undefined), name)
     return _restore(primal_out), tangents
+
+
+def _refuse_undefined_tangents(call: Callable, primals: tuple, outputs: list[int],
+                               name: str) -> None:
+    """Refuse the op where one of ``outputs`` (by position), whose tangents forward AD left
+    undefined, is differentiable: where reverse mode, run on the op again, differentiates it
+    (``scatter_reduce(..., "prod")``; torch's chunked ``linear_cross_entropy``). An output
+    torch marks non-differentiable (a Bessel function, the statistics ``native_layer_norm``
+    returns beside its result, a random draw) takes no part in reverse mode either: its tangent
+    is zero, as torch.func.jvp gives it."""
+    # The call draws from the random state it finds, put back after it (Dynamo cannot trace
+    # reading the state: in a compiled graph the call stays, its outputs unused).
+    state = None if torch.compiler.is_dynamo_compiling() else _random_state()
+    # (inference_mode's tensors take no part in autograd: there, on copies outside it)
+    inference = torch.is_inference_mode_enabled()
+    with torch.inference_mode(False) if inference else contextlib.nullcontext(), \
+            torch.enable_grad():
+        leaves = [(p.clone() if inference else p.detach()).requires_grad_() for p in primals]
+        out = pytree.tree_leaves(call(*leaves))
+    if state is not None:
+        _set_random_state(state)
+    lost = [i for i in outputs if out[i].requires_grad]
+    if lost:
+        raise NotImplementedError(
+            f"fgkernels.Dual: torch's forward-mode AD has no formula for '{name}' with these "
+            f"arguments (it leaves the tangent of output {lost[0]} undefined, though reverse "
+            "mode differentiates it), so the forward-AD fallback cannot give its tangent; "
+            "write the computation with ops that forward AD differentiates, or take this "
+            "derivative in reverse mode")
 
 
 # The outputs of the call being differentiated that jvp cannot carry (None, numbers), by

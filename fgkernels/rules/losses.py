@@ -25,8 +25,9 @@ Tensor = torch.Tensor
 _aten = torch.ops.aten
 _NO_REDUCTION = 0  # at::Reduction::None, for the derivative kernels
 
-__all__ = ["cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-           "kl_div", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "ctc_loss"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "nll_loss", "binary_cross_entropy",
+           "binary_cross_entropy_with_logits", "kl_div", "mse_loss", "l1_loss", "smooth_l1_loss",
+           "huber_loss", "ctc_loss"]
 
 
 def _reduction(size_average, reduce, reduction: str) -> str:
@@ -84,6 +85,20 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     else:
         lt = per_sample
     return d.with_tangents(loss, lt.to(d.tangents.dtype))
+
+
+@implements(F.linear_cross_entropy)
+def linear_cross_entropy(input: MaybeDual, linear_weight: MaybeDual, target: Tensor, *,
+                         linear_bias: Optional[MaybeDual] = None, weight=None,
+                         reduction: str = "mean", ignore_index: Optional[int] = None,
+                         label_smoothing: float = 0.0, options=None) -> Dual:
+    """Dual ``F.linear_cross_entropy`` (arguments as torch's): its reference form,
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)``, by forward AD.
+    ``options`` only chooses how torch chunks that computation, which changes no value, and
+    torch's chunked op has no forward-mode formula (its tangent would be undefined)."""
+    return forward_ad_fallback(F.linear_cross_entropy, (input, linear_weight, target), dict(
+        linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, options=None))
 
 
 @implements(F.nll_loss)

@@ -327,6 +327,36 @@ def test_a_random_op_vmap_cannot_batch_differentiates_one_draw_in_every_slot():
         torch.testing.assert_close(out.tangents[slot], yt, rtol=0, atol=0)
 
 
+def test_an_output_forward_ad_leaves_without_tangent_is_refused_where_differentiable():
+    """scatter_reduce's "prod" has no forward-mode formula: forward_ad leaves the tangent
+    undefined (in place it raises), torch.func.jvp made it zero, though reverse mode and finite
+    differences differentiate it: refused by name, under inference_mode too. Outputs torch marks
+    non-differentiable (Bessel functions, native_layer_norm's statistics) keep forward_ad's zero
+    tangent."""
+    x, s = torch.randn(2, 4, **f64), torch.randn(2, 3, **f64)
+    xt, st = torch.randn(2, 2, 4, **f64), torch.randn(2, 2, 3, **f64)
+    idx = torch.tensor([[0, 0, 1], [2, 2, 2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        with pytest.raises(NotImplementedError, match="no formula for 'scatter_reduce'"):
+            torch.scatter_reduce(Dual(x, xt), 1, idx, Dual(s, st), "prod")
+        with pytest.raises(NotImplementedError, match="no formula for 'Tensor.scatter_reduce'"):
+            Dual(x.clone(), xt.clone()).scatter_reduce_(1, idx, Dual(s, st), "prod")
+        with torch.inference_mode(), pytest.raises(NotImplementedError, match="no formula"):
+            torch.scatter_reduce(Dual(x, xt), 1, idx, Dual(s, st), "prod")
+        outs = [torch.special.bessel_j0(Dual(x, xt)),
+                *torch.native_layer_norm(Dual(x, xt), (4,), None, None, 1e-5)]
+    with fwAD.dual_level():
+        refs = [torch.special.bessel_j0(fwAD.make_dual(x, xt[0])),
+                *torch.native_layer_norm(fwAD.make_dual(x, xt[0]), (4,), None, None, 1e-5)]
+        refs = [fwAD.unpack_dual(r) for r in refs]
+    assert [r.tangent is None for r in refs] == [True, False, True, True]
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.primal, ref.primal, rtol=0, atol=0)
+        tangent = torch.zeros_like(ref.primal) if ref.tangent is None else ref.tangent
+        torch.testing.assert_close(out.tangents[0], tangent, rtol=1e-13, atol=1e-14)
+
+
 def test_a_gru_runs_on_duals():
     torch.manual_seed(0)
     gru = nn.GRU(4, 3).double()

@@ -1,6 +1,7 @@
 """Each dual op against torch's forward-mode AD and finite differences, on every CPU backend."""
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -178,6 +179,23 @@ def test_cross_entropy_matches_forward_ad(reduction, smoothing):
     out = DF.cross_entropy(Dual(z, zt), y, reduction=reduction, label_smoothing=smoothing)
     check(out, lambda v: F.cross_entropy(v, y, reduction=reduction, label_smoothing=smoothing),
           [z], [zt])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_linear_cross_entropy_matches_forward_ad_of_its_reference_form(reduction):
+    """``F.linear_cross_entropy`` chunked by ``options``: torch's chunked op has no forward-mode
+    formula (forward_ad leaves its tangent undefined, torch.func.jvp makes it zero), and
+    chunking changes no value: the tangent is forward_ad's of cross_entropy(linear(...))."""
+    x, w, b = (torch.randn(*s, dtype=torch.float64) for s in [(6, 4), (5, 4), (5,)])
+    xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    y = torch.tensor([0, 3, 1, 4, 2, 0])
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        out = F.linear_cross_entropy(Dual(x, xt), Dual(w, wt), y, linear_bias=Dual(b, bt),
+                                     reduction=reduction, options=opts)
+    check(out, lambda v, u, c: F.cross_entropy(F.linear(v, u, c), y, reduction=reduction),
+          [x, w, b], [xt, wt, bt])
 
 
 def test_ops_match_central_differences(backend):
