@@ -55,6 +55,8 @@ PAD_SEQUENCE = ("tests/rules/test_layer_configs.py::test_pad_sequence_pads_every
 INDEXING = ("tests/dual/test_dual_semantics.py::test_getitem_follows_the_primal",
             "tests/dual/test_dual_semantics.py::test_setitem_follows_the_primal")
 EDGES = ("tests/dual/test_dual_semantics.py::test_op_edge_cases_as_forward_ad",)
+IN_PLACE_COPY = ("tests/dual/test_dual_semantics.py::test_an_in_place_write_without_out_of_"
+                 "place_form_acts_as_forward_ad",)
 UNDEFINED_TANGENT = ("tests/dual/test_dual_semantics.py::test_an_output_forward_ad_leaves_"
                      "without_tangent_is_refused_where_differentiable",)
 DUAL_MASKS = ("tests/rules/test_layer_configs.py::test_attention_takes_masks_with_tangents",
@@ -1119,6 +1121,15 @@ MUTANTS = [
            "fgkernels/rules/fallback.py",
            "    if _carries_tangent(written) and differentiable(target.dtype):",
            "    if _carries_tangent(written):", HOSTILE),
+    Mutant("an in-place op's target given by name is not read", "fgkernels/rules/fallback.py",
+           'key = None if out is not None or args else next((k for k in kwargs if k != "out")',
+           'key = None if True else next((k for k in kwargs if k != "out")', IN_PLACE_COPY),
+    Mutant("an in-place op without out-of-place form is not run on a copy",
+           "fgkernels/rules/fallback.py", "if outplace is None or key is not None:",
+           "if key is not None:", IN_PLACE_COPY),
+    Mutant("an in-place op's target given by name takes its namesake out of place",
+           "fgkernels/rules/fallback.py", "if outplace is None or key is not None:",
+           "if outplace is None:", IN_PLACE_COPY),
     Mutant("out= counts only the operands after the first", "fgkernels/rules/fallback.py",
            "    written = (args if out is not None else args[1:],", "    written = (args[1:],",
            HOSTILE),

@@ -13,11 +13,11 @@ masks, None, numbers) is returned as it is. An output whose tangent forward AD l
 though reverse mode differentiates it (``scatter_reduce``'s ``"prod"``) is refused by name, not
 given jvp's zeros.
 
-In-place ops: on a Dual, the op's out-of-place form is differentiated and the Dual rebound to its
-result, as every in-place rule does. A plain tensor written in place from Duals (``out=``,
-``buf.add_(d)``) can take no tangent: under ``torch.no_grad()`` it takes the primal, as state
-such as running statistics or power-iteration vectors is updated; elsewhere it is refused, as
-forward_ad refuses ``out=``.
+In-place ops: on a Dual, the op's out-of-place form (where it has none, the op on a copy of the
+Dual) is differentiated and the Dual rebound to its result, as every in-place rule does. A plain
+tensor written in place from Duals (``out=``, ``buf.add_(d)``) can take no tangent: under
+``torch.no_grad()`` it takes the primal, as state such as running statistics or power-iteration
+vectors is updated; elsewhere it is refused, as forward_ad refuses ``out=``.
 """
 from __future__ import annotations
 
@@ -193,7 +193,11 @@ def _linked(out, duals: list[Dual],
 def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     """An in-place op (``x.foo_(...)``, ``out=``, ``x[i] = v``) with Duals among its operands."""
     out = kwargs.get("out")
-    target = out if out is not None else (args[0] if args else None)
+    # The target: out=, else the first operand, by position or by name (nn.init's functions
+    # hand theirs on as tensor=)
+    key = None if out is not None or args else next((k for k in kwargs if k != "out"), None)
+    target = out if out is not None else args[0] if args else kwargs.get(key)
+    rest = {k: v for k, v in kwargs.items() if k not in ("out", key)}
     if name == "Tensor.__setitem__":
         refuse_dual_index(args[1])
     if isinstance(target, Dual) and out is None:
@@ -202,10 +206,10 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
             return None
         outplace = getattr(torch.Tensor, name[len("Tensor."):-1], None) \
             if name.startswith("Tensor.") else getattr(torch, name[:-1], None)
-        if outplace is None:
-            raise TypeError(f"fgkernels.Dual: the in-place op '{name}' has no out-of-place form "
-                            "to differentiate; use an out-of-place op")
-        return target._assign(Dual.__torch_function__(outplace, (Dual,), args, kwargs))
+        if outplace is None or key is not None:
+            outplace = _on_a_copy(func, name, key)
+        return target._assign(Dual.__torch_function__(outplace, (Dual,), (target, *args[1:]),
+                                                      rest))
     if isinstance(out, Dual):  # out= a Dual: the op out of place, then written into it
         rest = {k: v for k, v in kwargs.items() if k != "out"}
         return out._assign(Dual.__torch_function__(func, (Dual,), args, rest))
@@ -222,8 +226,7 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
                 target.resize_(result.shape)
             _in_place(torch.Tensor.copy_, f"{name}(out=...)", (target, result), {})
         return type(results)(out)
-    written = (args if out is not None else args[1:],
-               {k: v for k, v in kwargs.items() if k != "out"})
+    written = (args if out is not None else args[1:], rest)
     if _carries_tangent(written) and differentiable(target.dtype):
         what = "out=" if out is not None else f"'{name}'"
         pass_ = running_pass()
@@ -232,8 +235,9 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
             # written: Longformer's chunks, an MoE's index_add_, RWKV's steps) becomes a Dual,
             # as forward_ad's write makes it dual.
             d = pass_.take_as_dual(target, *_slots_of(target, written, name))
-            if out is not None:
-                return Dual.__torch_function__(func, (Dual,), args, {**kwargs, "out": d})
+            if out is not None or key is not None:
+                return Dual.__torch_function__(func, (Dual,), args,
+                                               {**kwargs, key or "out": d})
             return Dual.__torch_function__(func, (Dual,), (d, *args[1:]), kwargs)
         if torch.is_grad_enabled():
             raise TypeError(
@@ -253,6 +257,23 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     # (a Dual without tangent, or an integer target, has nothing to lose: the primal)
     a, k = pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
+
+
+def _on_a_copy(func: Callable, name: str, key: Optional[str]) -> Callable:
+    """An in-place op without out-of-place form (``torch.zero_``, ``d.fill_diagonal_(v)``,
+    ``nn.init.normal_``) made one: the op on a copy of its target (given by position, or as
+    ``key``), which forward AD differentiates as the write itself (an element written with
+    a constant or a random draw takes a zero tangent, the others keep theirs)."""
+    def op(target, *args, **kwargs):
+        copy = target.clone()
+        if key is None:
+            func(copy, *args, **kwargs)
+        else:
+            func(*args, **{key: copy}, **kwargs)
+        return copy
+
+    op.__name__ = f"{name} (on a copy)"
+    return op
 
 
 def _can_become_dual(target) -> bool:

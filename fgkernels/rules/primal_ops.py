@@ -105,8 +105,8 @@ for _op in (_T.to, _T.double, _T.float, _T.half, _T.bfloat16, _T.cpu, _T.cuda, _
 
 # --- in-place fills: the Dual rebound to the new values (``Dual`` in-place semantics) -----------
 def _fill(func: Callable) -> Callable:
-    """``d.zero_()``, ``d.fill_(v)``, ``d.uniform_()``, ...: values with no tangent (a Dual fill
-    value brings its own)."""
+    """``d.zero_()``, ``torch.zero_(d)``, ``d.fill_(v)``, ``d.uniform_()``, ...: values with no
+    tangent (a Dual fill value brings its own)."""
     def rule(input: Dual, *args, **kwargs):
         if not isinstance(input, Dual):  # a plain tensor filled from a Dual value
             return forward_ad_fallback(func, (input, *args), kwargs)
@@ -122,7 +122,7 @@ def _fill(func: Callable) -> Callable:
     return rule
 
 
-for _op in (_T.zero_, _T.fill_, _T.uniform_, _T.normal_, _T.bernoulli_, _T.random_,
+for _op in (_T.zero_, torch.zero_, _T.fill_, _T.uniform_, _T.normal_, _T.bernoulli_, _T.random_,
             _T.exponential_, _T.geometric_, _T.log_normal_, _T.cauchy_):
     implements(_op)(_fill(_op))
 

@@ -592,6 +592,39 @@ def test_python_in_place_operators_write_into_the_dual(fn):
     _against_forward_ad(fn, (3, 4))
 
 
+WRITES_WITHOUT_OUT_OF_PLACE_FORM = {
+    "nn.init.constant_": lambda d: nn.init.constant_(d, 0.3),
+    "nn.init.normal_": nn.init.normal_,
+    "nn.init.kaiming_uniform_": nn.init.kaiming_uniform_,
+    "torch.zero_": torch.zero_,
+    "fill_diagonal_": lambda d: d.fill_diagonal_(0.5),
+    "fill_diagonal_ wrapped": lambda d: d.fill_diagonal_(0.5, wrap=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITES_WITHOUT_OUT_OF_PLACE_FORM))
+def test_an_in_place_write_without_out_of_place_form_acts_as_forward_ad(name):
+    """nn.init's functions (which hand the tensor on as ``tensor=``), ``torch.zero_`` and
+    ``fill_diagonal_`` on a Dual write it as forward_ad does: the written elements' tangent
+    zero, the others' kept, the Dual returned (nn.init failed on the keyword; the others were
+    refused for want of an out-of-place form)."""
+    fn = WRITES_WITHOUT_OUT_OF_PLACE_FORM[name]
+    x, t = torch.randn(7, 3, **f64), torch.randn(7, 3, **f64)
+    torch.manual_seed(0)
+    with fwAD.dual_level():
+        e = fwAD.make_dual(x.clone(), t.clone())
+        assert fn(e) is e
+        expected = fwAD.unpack_dual(e)
+    torch.manual_seed(0)
+    d = Dual(x.clone(), t.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        assert fn(d) is d
+    tangent = torch.zeros_like(x) if d.tangents is None else d.tangent
+    torch.testing.assert_close(d.primal, expected.primal, rtol=0, atol=0)
+    torch.testing.assert_close(tangent, expected.tangent, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("layout", ["transposed", "channels_last primal"])
 def test_a_tangent_laid_out_unlike_its_primal_is_written_with_it(layout):
     """A tangent given in another layout than its primal (both accepted) takes the primal's:
