@@ -1257,6 +1257,11 @@ MUTANTS = [
            "        if False:",
            ("tests/nn/test_modules.py::test_a_converted_model_traces_with_torch_fx_as_the_"
             "torch_nn_model",)),
+    Mutant("an in-place op that writes no values runs on a copy", "fgkernels/rules/fallback.py",
+           "        if outplace is None and key is None and name not in _WRITES_ON_A_COPY:",
+           "        if False:",
+           ("tests/dual/test_dual_semantics.py::test_an_in_place_op_without_out_of_place_form_"
+            "that_is_no_write_is_refused",)),
     Mutant("group norm's groups sized by -1", "fgkernels/rules/norms.py",
            "num_groups, c // num_groups * hw)", "num_groups, -1)",
            HOSTILE),

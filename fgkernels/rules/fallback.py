@@ -13,11 +13,12 @@ masks, None, numbers) is returned as it is. An output whose tangent forward AD l
 though reverse mode differentiates it (``scatter_reduce``'s ``"prod"``) is refused by name, not
 given jvp's zeros.
 
-In-place ops: on a Dual, the op's out-of-place form (where it has none, the op on a copy of the
-Dual) is differentiated and the Dual rebound to its result, as every in-place rule does. A plain
-tensor written in place from Duals (``out=``, ``buf.add_(d)``) can take no tangent: under
-``torch.no_grad()`` it takes the primal, as state such as running statistics or power-iteration
-vectors is updated; elsewhere it is refused, as forward_ad refuses ``out=``.
+In-place ops: on a Dual, the op's out-of-place form (``fill_diagonal_`` and nn.init's functions,
+which have none, on a copy of the Dual; any other without one is refused) is differentiated and
+the Dual rebound to its result, as every in-place rule does. A plain tensor written in place
+from Duals (``out=``, ``buf.add_(d)``) can take no tangent: under ``torch.no_grad()`` it takes
+the primal, as state such as running statistics or power-iteration vectors is updated;
+elsewhere it is refused, as forward_ad refuses ``out=``.
 """
 from __future__ import annotations
 
@@ -206,6 +207,9 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
             return None
         outplace = getattr(torch.Tensor, name[len("Tensor."):-1], None) \
             if name.startswith("Tensor.") else getattr(torch, name[:-1], None)
+        if outplace is None and key is None and name not in _WRITES_ON_A_COPY:
+            raise TypeError(f"fgkernels.Dual: the in-place op '{name}' has no out-of-place form "
+                            "to differentiate; use an out-of-place op")
         if outplace is None or key is not None:
             outplace = _on_a_copy(func, name, key)
         return target._assign(Dual.__torch_function__(outplace, (Dual,), (target, *args[1:]),
@@ -257,6 +261,12 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
     # (a Dual without tangent, or an integer target, has nothing to lose: the primal)
     a, k = pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
+
+
+# In-place ops without out-of-place form that write values forward AD differentiates as it
+# writes them (besides nn.init's, which take their target by name): run on a copy of the Dual.
+# Any other (``set_``, ``share_memory_``, ``apply_``) is refused, as it was before.
+_WRITES_ON_A_COPY = {"Tensor.fill_diagonal_"}
 
 
 def _on_a_copy(func: Callable, name: str, key: Optional[str]) -> Callable:

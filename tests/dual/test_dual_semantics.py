@@ -625,6 +625,19 @@ def test_an_in_place_write_without_out_of_place_form_acts_as_forward_ad(name):
     torch.testing.assert_close(tangent, expected.tangent, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op", [lambda d: d.share_memory_(), lambda d: d.set_(torch.ones(3)),
+                                lambda d: d.apply_(abs)], ids=["share_memory_", "set_", "apply_"])
+def test_an_in_place_op_without_out_of_place_form_that_is_no_write_is_refused(op):
+    """An in-place op without out-of-place form that writes no values forward AD can take (it
+    moves or rebinds the storage, or calls Python per element) is refused by name, the Dual
+    left as it was."""
+    x, t = torch.randn(3, **f64), torch.randn(3, **f64)
+    d = Dual(x.clone(), t.clone())
+    with pytest.raises(TypeError, match="has no out-of-place form to differentiate"):
+        op(d)
+    assert torch.equal(d.primal, x) and torch.equal(d.tangent, t)
+
+
 @pytest.mark.parametrize("layout", ["transposed", "channels_last primal"])
 def test_a_tangent_laid_out_unlike_its_primal_is_written_with_it(layout):
     """A tangent given in another layout than its primal (both accepted) takes the primal's:
