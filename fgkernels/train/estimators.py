@@ -172,6 +172,7 @@ class _LocalGrads(NamedTuple):
     input: Optional[Tensor]     # w.r.t. h (``want_input``)
     logits: Tensor
     loss: Tensor
+    head_draws: _RandomState  # the random state the head's forward drew from (its dropout)
 
 
 def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: Tensor,
@@ -192,6 +193,7 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
             a = h if block is None else block(h)
         if want_activity:
             a = a.detach().requires_grad_()
+        head_draws = _RandomState.now(h.device)
         with relu_outputs_recomputed():
             logits = head(a)
         loss = F.cross_entropy(logits, y)
@@ -201,7 +203,8 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
     nb, nh = len(params_b), len(params_h)
     rest = iter(grads[nb + nh:])
     return _LocalGrads(grads[:nb], grads[nb:nb + nh], next(rest) if want_activity else None,
-                       next(rest) if want_input else None, logits.detach(), loss.detach())
+                       next(rest) if want_input else None, logits.detach(), loss.detach(),
+                       head_draws)
 
 
 def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
@@ -251,9 +254,10 @@ def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of, update_stat
 
 
 class _RandomState(NamedTuple):
-    """The global random state a block's random ops (dropout) draw from: the CPU's and, on a
-    GPU, its device's. A block runs twice in a step, in the guess's autograd forward and in the
-    dual pass (``_replaying_draws``)."""
+    """The global random state a block's or a head's random ops (dropout) draw from: the CPU's
+    and, on a GPU, its device's. A block runs twice in a step, in the guess's autograd forward
+    and in the dual pass, and so may a head, plainly for its gradient or a guess and dual for a
+    local target (``_replaying_draws``)."""
 
     device: torch.device
     cpu: Tensor
@@ -275,10 +279,10 @@ class _RandomState(NamedTuple):
 
 @contextlib.contextmanager
 def _replaying_draws(before: Optional[_RandomState]) -> Iterator[None]:
-    """Inside the block, the global random state ``before`` the guess's autograd forward (which
-    has run since), so that the dual pass draws the same dropout masks; after it, the state
-    that forward left, so that a step draws what one forward (and the guess) would. None: no
-    autograd forward ran, nothing to replay."""
+    """Inside the ``with``, the global random state ``before`` a module's first (autograd)
+    forward of the step, which has run since, so that its later pass draws the same dropout
+    masks; after it, the state as it was on entry, so that a step draws what one forward (and
+    the guess) would. None: no autograd forward ran, nothing to replay."""
     if before is None:
         yield
         return
@@ -388,6 +392,7 @@ class _Pass:
     out: Estimates = field(default_factory=lambda: Estimates(grads={}))
     pending: list[_Pending] = field(default_factory=list)
     derivs: dict[int, float] = field(default_factory=dict)
+    head_draws: Optional[_RandomState] = None  # what block j's guess head drew from
 
     def head_grads(self, j: int, grads: list[Tensor]) -> None:
         self.out.grads.update(_named(self.net, "heads", j, grads))
@@ -450,6 +455,7 @@ def _weight_space_block(run: _Pass, j: int, d: Dual) -> Dual:
             local = _local_backward(block, _guess_head(run, j), d.primal, run.y,
                                     block_dtype=_guess_dtype(list(params.values())))
             g = dict(zip(params, local.block))
+            run.head_draws = local.head_draws
             if run.guess == "local":
                 run.head_grads(j, local.head)
         g = {n: _rounded_to_tangent(v) for n, v in g.items()}
@@ -481,6 +487,7 @@ def _activity_space_block(run: _Pass, j: int, d: Dual) -> Dual:
         if run.guess == "random":
             return _rounded_to_tangent(_noise(a.shape, a, run.noise, run.generator))
         local = _local_backward(None, guess_head, a, run.y, want_activity=True)
+        run.head_draws = local.head_draws
         if run.guess == "local":
             run.head_grads(j, local.head)
         return _rounded_to_tangent(local.activity)
@@ -509,22 +516,33 @@ def _block_targets(run: _Pass, j: int, d: Dual) -> Dual:
     """After block j: its head's gradient (where the guess did not give it), and the local
     targets' derivatives: block j's aux loss (direction j) or, for block j−1, this aux loss
     (direction j−1, "above"). Directions no target needs any more are dropped. An aux head's
-    dual pass, like its autograd passes, leaves its running statistics as they were."""
-    head = run.net.heads[j]
+    dual pass, like its autograd passes, leaves its running statistics as they were, and every
+    pass of the head draws the dropout masks of its first."""
+    head, draws = run.net.heads[j], run.head_draws
+    run.head_draws = None
     if run.guess not in ("local", "fixed-ntk"):
-        run.head_grads(j, _local_backward(None, head, d.primal, run.y).head)
+        with _replaying_draws(draws):  # an ntk guess's head has drawn the step's masks
+            local = _local_backward(None, head, d.primal, run.y)
+        run.head_grads(j, local.head)
+        draws = local.head_draws if draws is None else draws
     if run.target == "local":
-        with preserved_buffers(head):
-            loss = DF.cross_entropy(head(d.select_directions([j])), run.y)
-        run.derivs[j] = _directional(loss, j)
+        run.derivs[j] = _head_derivative(head, d, j, run.y, draws)
         return Dual(d.primal)  # no direction goes on (d itself is not used again: no copy)
     if run.target == "above":
         if j >= 1:
-            with preserved_buffers(head):
-                above = DF.cross_entropy(head(d.select_directions([j - 1])), run.y)
-            run.derivs[j - 1] = _directional(above, j - 1)
+            run.derivs[j - 1] = _head_derivative(head, d, j - 1, run.y, draws)
         return d.select_directions([j])
     return d
+
+
+def _head_derivative(head: nn.Module, d: Dual, direction: int, y: Tensor,
+                     draws: _RandomState) -> float:
+    """The derivative of the head's loss along one direction of ``d``, by a dual pass that
+    draws the masks of the head's autograd forward (``draws``), whose convolution outputs it
+    may take (``reuse_conv_outputs``)."""
+    with preserved_buffers(head), _replaying_draws(draws):
+        loss = DF.cross_entropy(head(d.select_directions([direction])), y)
+    return _directional(loss, direction)
 
 
 def _last_block(run: _Pass, d: Dual) -> None:

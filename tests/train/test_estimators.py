@@ -163,6 +163,50 @@ def test_a_block_with_dropout_draws_one_mask_a_step(space):
     assert est.loss == pytest.approx(float(loss.detach()), rel=1e-12)
 
 
+@pytest.mark.parametrize("guess", ["local", "random"])
+@pytest.mark.parametrize("space", SPACES)
+def test_an_aux_head_with_dropout_draws_one_mask_a_step(space, guess):
+    """Dropout in an aux head that a step runs twice for a local target (plainly, for the guess
+    or the head's gradient, then dual): both draw the same mask, and the derivative and the
+    head's gradient are those of the aux loss under it. (With two masks, the dual pass also
+    took its convolution's primal output from the first and its tangent from the second, and
+    a local guess measured against its own local target gave a scale far from 1.)"""
+    torch.manual_seed(0)
+    # blocks end in a batch norm: no zero reaches a dropout, whose output then shows its mask
+    conv_bn = lambda cin: nn.Sequential(nn.Conv2d(cin, 4, 3, 1, 1, bias=False),
+                                        nn.BatchNorm2d(4))
+    head = lambda: nn.Sequential(nn.Dropout(0.5), nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Dropout(0.5), nn.Linear(4, 3))
+    net = fgkernels.convert(BlockNet([conv_bn(1), conv_bn(4), conv_bn(4)],
+                                     [head(), head(), final_head(4, 3)])).double()
+    ref = copy.deepcopy(net)
+    outputs = {(j, i): [] for j in (0, 1) for i in (0, 4)}
+    for (j, i), seen in outputs.items():
+        net.heads[j][i].register_forward_hook(
+            lambda m, args, out, seen=seen: seen.append(getattr(out, "primal", out).clone()))
+    x, y = torch.randn(6, 1, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
+    est = estimate_gradients(net, x, y, "local", guess, space, keep_guesses=True,
+                             generator=torch.Generator().manual_seed(3))
+    for (j, i), (first, second) in outputs.items():
+        torch.testing.assert_close(second, first, rtol=1e-12, atol=0)  # the same mask
+        ref.heads[j][i] = _FixedMask((first != 0).double() * 2)  # kept values scaled by 1/(1 − p)
+    acts, _, aux = autograd_view(ref, x, y)
+    for b in est.blocks:
+        j = b.block
+        if space == "weight":
+            params = dict(ref.blocks[j].named_parameters())
+            true = dict(zip(params, grads_of(aux[j], list(params.values()))))
+            derivative = sum(float((true[n] * b.guess[n]).sum()) for n in params)
+        else:
+            derivative = float((grads_of(aux[j], [acts[j]])[0] * b.guess).sum())
+        assert b.derivative == pytest.approx(derivative, rel=1e-10)
+        if guess == "local":  # the guess is the target's gradient: the estimate is the guess
+            assert b.scale == pytest.approx(1, rel=1e-10)
+        names = [f"heads.{j}.{n}" for n, _ in ref.heads[j].named_parameters()]
+        for n, e in zip(names, grads_of(aux[j], list(ref.heads[j].parameters()))):
+            torch.testing.assert_close(est.grads[n], e, **TOL)
+
+
 @pytest.mark.parametrize("space", SPACES)
 def test_estimate_on_resnet_blocks(space):
     """ResNet blocks (skip connections, projection shortcuts) with the global target."""
