@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPS = ("tests/rules/test_ops.py", "tests/rules/test_properties.py",
        "tests/rules/test_functional.py")
 ESTIMATORS = ("tests/train/test_estimators.py",)
+IN_PLACE = ("tests/train/test_estimators.py::test_estimate_equals_autograd_projection",)
 LEAN = ("tests/train/test_lean_autograd.py",)
 REUSE = ("tests/nn/test_reuse.py", "tests/train/test_estimators.py")
 SEMANTICS = ("tests/dual/test_dual_semantics.py",)
@@ -1309,6 +1310,23 @@ MUTANTS = [
            "with preserved_buffers(head), _replaying_draws(draws):",
            "with preserved_buffers(head):",
            ("tests/train/test_estimators.py::test_an_aux_head_with_dropout_draws_one_mask_a_step",)),
+    Mutant("a block's autograd forward writes into the pass's activation",
+           "fgkernels/train/estimators.py", "else block(_writable(h))", "else block(h)",
+           IN_PLACE),
+    Mutant("a head's autograd forward writes into the activation it is given",
+           "fgkernels/train/estimators.py", "():\n            logits = head(_writable(a))",
+           "():\n            logits = head(a)", IN_PLACE),
+    Mutant("an activity-space block's autograd forward writes into the pass's activation",
+           "fgkernels/train/estimators.py", "out = block(_writable(h.detach()))",
+           "out = block(h.detach())", IN_PLACE),
+    Mutant("a head's dual pass rebinds the Dual that goes on",
+           "fgkernels/train/estimators.py", "head(_own_dual(d.select_directions([direction])))",
+           "head(d.select_directions([direction]))", IN_PLACE),
+    Mutant("the local baseline's head writes into the activation that goes on",
+           "fgkernels/train/estimators.py", "                logits = head(_writable(a))",
+           "                logits = head(a)",
+           ("tests/train/test_estimators.py::test_local_baseline_equals_autograd_of_each_aux_"
+            "loss",)),
     Mutant("a tangent_dtype block applied to parameters of the other kind",
            "fgkernels/dual/precision.py",
            "if dtype is None and block is not None and block.is_complex == primal.is_complex:",

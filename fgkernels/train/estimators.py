@@ -163,6 +163,23 @@ def grads_or_zeros(output: Union[Tensor, GradientEdge], wrt: list[Tensor],
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, wrt)]
 
 
+def _writable(x: Tensor) -> Tensor:
+    """``x`` for a module's autograd forward that may write into its input (a first op in
+    place, ``nn.LeakyReLU(inplace=True)``) while ``x`` is the pass's own (the dual pass's
+    primal, the activation going on): a copy-on-write clone, which passes the gradient on to
+    ``x``. Its memory is copied only when written, or read by a kernel that asks for it
+    writable (torch's float64 1×1 convolution on the CPU): at most one activation, as a clone."""
+    return torch._lazy_clone(x)
+
+
+def _own_dual(d: Dual) -> Dual:
+    """A Dual object of its own over ``d``'s tensors, for a module's dual pass after which ``d``
+    goes on: an in-place op rebinds the Dual it is given to its result (writing into no
+    tensor of one that has no views), so a first op in place leaves ``d`` as it was. (The
+    dual ops ask for their inputs' memory writable: a copy-on-write clone would be copied.)"""
+    return Dual(d.primal, d.tangents, directions=d.directions)
+
+
 class _LocalGrads(NamedTuple):
     """What a local backward gives: gradients of the cross-entropy of ``head(block(h))``."""
 
@@ -190,12 +207,12 @@ def _local_backward(block: Optional[nn.Module], head: nn.Module, h: Tensor, y: T
     with torch.enable_grad(), keep:
         h = h.detach().requires_grad_(want_input)
         with relu_outputs_recomputed():
-            a = h if block is None else block(h)
+            a = h if block is None else block(_writable(h))
         if want_activity:
             a = a.detach().requires_grad_()
         head_draws = _RandomState.now(h.device)
         with relu_outputs_recomputed():
-            logits = head(a)
+            logits = head(_writable(a))
         loss = F.cross_entropy(logits, y)
         extra = ([a] if want_activity else []) + ([h] if want_input else [])
         grads = grads_or_zeros(loss, params_b + params_h + extra, reduced_weights=reduced,
@@ -219,8 +236,8 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
         params_h = [p for p in head.parameters() if p.requires_grad]
         with torch.enable_grad(), preserved_buffers(head if j < J - 1 else None):
             with relu_outputs_recomputed():
-                a = block(h.detach())
-                logits = head(a)
+                a = block(_writable(h.detach()))
+                logits = head(_writable(a))
             loss = F.cross_entropy(logits, y)
             grads = grads_or_zeros(loss, params_b + params_h)
         out.grads.update(_named(net, "blocks", j, grads[:len(params_b)]))
@@ -244,7 +261,7 @@ def _activity_guess_and_basis(block: nn.Module, h: Tensor, guess_of, update_stat
     keep = contextlib.nullcontext() if update_stats else preserved_buffers(block)
     with torch.enable_grad(), keep:
         with relu_outputs_recomputed():
-            out = block(h.detach())
+            out = block(_writable(h.detach()))
         g = guess_of(out.detach())
         if keep_output:
             return out.detach(), g, grads_or_zeros(out, params, g)
@@ -541,7 +558,7 @@ def _head_derivative(head: nn.Module, d: Dual, direction: int, y: Tensor,
     draws the masks of the head's autograd forward (``draws``), whose convolution outputs it
     may take (``reuse_conv_outputs``)."""
     with preserved_buffers(head), _replaying_draws(draws):
-        loss = DF.cross_entropy(head(d.select_directions([direction])), y)
+        loss = DF.cross_entropy(head(_own_dual(d.select_directions([direction]))), y)
     return _directional(loss, direction)
 
 

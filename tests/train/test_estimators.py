@@ -25,15 +25,25 @@ def small_net(arch="cnn"):
     return net
 
 
+def first_ops_in_place():
+    """The small CNN with each block's last ReLU dropped (outputs of both signs), and each block
+    and head beginning with a LeakyReLU in place, which writes into its input."""
+    net = small_net()
+    leaky = lambda: nn.LeakyReLU(0.1, inplace=True)
+    return fgkernels.convert(BlockNet([nn.Sequential(leaky(), *list(b)[:-1]) for b in net.blocks],
+                                      [nn.Sequential(leaky(), *h) for h in net.heads]))
+
+
 def autograd_view(net, x, y):
-    """Every block output a_j (kept for grad) and the losses: global, and aux loss per block."""
+    """Every block output a_j (kept for grad) and the losses: global, and aux loss per block.
+    Each module takes a copy of its input, which a first op in place writes into."""
     acts, h = [], x
     for block in net.blocks:
-        h = block(h)
+        h = block(h.clone())
         h.retain_grad() if h.requires_grad else None
         acts.append(h)
-    global_loss = F.cross_entropy(net.heads[-1](acts[-1]), y)
-    aux = [F.cross_entropy(net.heads[j](acts[j]), y) for j in range(len(acts) - 1)]
+    global_loss = F.cross_entropy(net.heads[-1](acts[-1].clone()), y)
+    aux = [F.cross_entropy(net.heads[j](acts[j].clone()), y) for j in range(len(acts) - 1)]
     aux.append(global_loss)
     return acts, global_loss, aux
 
@@ -43,15 +53,17 @@ def grads_of(loss, params):
     return [torch.zeros_like(p) if v is None else v for v, p in zip(g, params)]
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["", "block-1-frozen"])
+@pytest.mark.parametrize("variant", ["", "block-1-frozen", "first-ops-in-place"])
 @pytest.mark.parametrize("target,guess,space", list(itertools.product(TARGETS, GUESSES, SPACES)))
-def test_estimate_equals_autograd_projection(target, guess, space, frozen):
+def test_estimate_equals_autograd_projection(target, guess, space, variant):
     """Every block's estimate, the exact last block and classifier, the heads' gradients and
-    the running statistics, against plain autograd. ``frozen``: block 1's parameters all
-    frozen (requires_grad False): it gets no estimate, in weight space a derivative of 0 (its
-    direction perturbs nothing), and the other blocks theirs."""
-    net = small_net()
-    if frozen:
+    the running statistics, against plain autograd. ``block-1-frozen``: block 1's parameters
+    all frozen (requires_grad False): it gets no estimate, in weight space a derivative of 0
+    (its direction perturbs nothing), and the other blocks theirs. ``first-ops-in-place``:
+    each module's autograd forward and dual pass writes into an input of its own, not into
+    the pass's activation (that went on written, or a leaf requiring grad was written)."""
+    net = first_ops_in_place() if variant == "first-ops-in-place" else small_net()
+    if variant == "block-1-frozen":
         net.blocks[1].requires_grad_(False)
     ref = copy.deepcopy(net)
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
@@ -331,8 +343,9 @@ def test_bad_choices_list_the_valid_ones():
         build_model("vgg", 10, 3)
 
 
-def test_local_baseline_equals_autograd_of_each_aux_loss():
-    net = small_net()
+@pytest.mark.parametrize("make_net", [small_net, first_ops_in_place])
+def test_local_baseline_equals_autograd_of_each_aux_loss(make_net):
+    net = make_net()
     ref = copy.deepcopy(net)
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 2, 1, 0])
