@@ -30,6 +30,8 @@ OPS = ("tests/rules/test_ops.py", "tests/rules/test_properties.py",
        "tests/rules/test_functional.py")
 ESTIMATORS = ("tests/train/test_estimators.py",)
 IN_PLACE = ("tests/train/test_estimators.py::test_estimate_equals_autograd_projection",)
+SHARED = ("tests/train/test_estimators.py::test_a_parameter_of_two_blocks_or_heads_is_refused_"
+          "by_name",)
 LEAN = ("tests/train/test_lean_autograd.py",)
 REUSE = ("tests/nn/test_reuse.py", "tests/train/test_estimators.py")
 SEMANTICS = ("tests/dual/test_dual_semantics.py",)
@@ -1327,6 +1329,12 @@ MUTANTS = [
            "                logits = head(a)",
            ("tests/train/test_estimators.py::test_local_baseline_equals_autograd_of_each_aux_"
             "loss",)),
+    Mutant("a parameter of two blocks passes the estimator's check",
+           "fgkernels/train/estimators.py",
+           "    check_parameters_unshared(net)\n    run = _Pass(", "    run = _Pass(", SHARED),
+    Mutant("a parameter shared by two parts looked up under its first name only",
+           "fgkernels/train/estimators.py",
+           "net.named_parameters(remove_duplicate=False)", "net.named_parameters()", SHARED),
     Mutant("a tangent_dtype block applied to parameters of the other kind",
            "fgkernels/dual/precision.py",
            "if dtype is None and block is not None and block.is_complex == primal.is_complex:",

@@ -102,6 +102,19 @@ def check_batch(x, y) -> None:
                          f"on {y.device}")
 
 
+def check_parameters_unshared(net: BlockNet) -> None:
+    """Raise naming a trainable parameter that two blocks or heads hold (one module used as two
+    blocks, a head tied to a block): each block's estimate and each head's gradient is of its
+    own parameters, and ``net.named_parameters()`` lists a shared one once, under one name."""
+    first_name: dict[int, str] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        first = first_name.setdefault(id(p), name)
+        if p.requires_grad and first.split(".")[:2] != name.split(".")[:2]:
+            raise ValueError(f"parameter {name!r} is {first!r}: a parameter of two blocks or "
+                             f"heads is not supported (each block's estimate and each head's "
+                             f"gradient is of its own parameters); give each its own")
+
+
 @contextlib.contextmanager
 def preserved_buffers(*modules: Optional[nn.Module]) -> Iterator[None]:
     """Run an extra (autograd) pass without touching running statistics. A batch norm whose
@@ -230,6 +243,7 @@ def local_gradients(net: BlockNet, x: Tensor, y: Tensor) -> Estimates:
     detached. One forward per block, which also updates the block's running statistics (the
     aux heads' stay untouched, the classifier's update as in backprop)."""
     check_batch(x, y)
+    check_parameters_unshared(net)
     out, h, J = Estimates(grads={}), x, len(net.blocks)
     for j, (block, head) in enumerate(zip(net.blocks, net.heads)):
         params_b = [p for p in block.parameters() if p.requires_grad]
@@ -427,9 +441,11 @@ def estimate_gradients(net: BlockNet, x: Tensor, y: Tensor, target: str = "globa
     ``fixed-ntk`` (aux net never trained: the heads get no gradient). ``space``: ``weight`` or
     ``activity``. Returns the estimates by ``net.named_parameters()`` name; each block's guess
     is kept in ``blocks`` only with ``keep_guesses`` (an activity guess is activation-sized).
+    A trainable parameter of two blocks or heads is refused (``check_parameters_unshared``).
     """
     check_choices(target, guess, space, noise)
     check_batch(x, y)
+    check_parameters_unshared(net)
     run = _Pass(net, y, target, guess, space, noise, generator, keep_guesses)
     step = _weight_space_block if space == "weight" else _activity_space_block
     d = Dual(x)

@@ -332,6 +332,33 @@ def test_a_block_weight_the_head_reads_too_is_differentiated_in_full():
                                atol=1e-3 * float(first.abs().max()))
 
 
+def test_a_parameter_of_two_blocks_or_heads_is_refused_by_name():
+    """One module used as two blocks, or two heads sharing a layer: refused before anything runs
+    (``net.named_parameters()`` lists a shared parameter once, and the estimate or gradient
+    under the other name was dropped). A frozen one is left alone: it takes none."""
+    torch.manual_seed(0)
+    conv_bn_relu = lambda: nn.Sequential(nn.Conv2d(2, 2, 3, 1, 1), nn.BatchNorm2d(2), nn.ReLU())
+    head = lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    shared = conv_bn_relu()
+    twice = BlockNet([conv_bn_relu(), shared, shared], [head(), head(), head()]).double()
+    tied = BlockNet([conv_bn_relu(), conv_bn_relu()], [head(), head()]).double()
+    tied.heads[0][2].weight = tied.heads[1][2].weight
+    estimators = [local_gradients] + [
+        lambda net, x, y, space=space: estimate_gradients(net, x, y, "global", "local", space)
+        for space in SPACES]
+    for net, message in ((twice, "'blocks.2.0.weight' is 'blocks.1.0.weight'"),
+                         (tied, "'heads.1.2.weight' is 'heads.0.2.weight'")):
+        buffers = [b.clone() for b in net.buffers()]
+        for estimator in estimators:
+            with pytest.raises(ValueError, match=message):
+                estimator(net, x, y)
+        for before, now in zip(buffers, net.buffers(), strict=True):
+            assert torch.equal(now, before)
+    tied.heads[0][2].weight.requires_grad_(False)
+    assert set(estimate_gradients(tied, x, y).grads) <= {n for n, _ in tied.named_parameters()}
+
+
 def test_bad_choices_list_the_valid_ones():
     net = small_net()
     x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1])
