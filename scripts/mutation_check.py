@@ -1265,6 +1265,10 @@ MUTANTS = [
            "        if False:",
            ("tests/dual/test_dual_semantics.py::test_an_in_place_op_without_out_of_place_form_"
             "that_is_no_write_is_refused",)),
+    Mutant("a batch of NumPy memory cloned copy-on-write", "fgkernels/train/estimators.py",
+           "    except RuntimeError:\n        return x.clone()\n", "    finally:\n        pass\n",
+           ("tests/train/test_estimators.py::test_a_batch_of_numpy_memory_is_estimated_as_a_"
+            "torch_one",)),
     Mutant("group norm's groups sized by -1", "fgkernels/rules/norms.py",
            "num_groups, c // num_groups * hw)", "num_groups, -1)",
            HOSTILE),

@@ -181,8 +181,12 @@ def _writable(x: Tensor) -> Tensor:
     place, ``nn.LeakyReLU(inplace=True)``) while ``x`` is the pass's own (the dual pass's
     primal, the activation going on): a copy-on-write clone, which passes the gradient on to
     ``x``. Its memory is copied only when written, or read by a kernel that asks for it
-    writable (torch's float64 1×1 convolution on the CPU): at most one activation, as a clone."""
-    return torch._lazy_clone(x)
+    writable (torch's float64 1×1 convolution on the CPU): at most one activation, as a clone.
+    Memory torch cannot share copy-on-write (a NumPy array's, a custom deleter's) is copied."""
+    try:
+        return torch._lazy_clone(x)
+    except RuntimeError:
+        return x.clone()
 
 
 def _own_dual(d: Dual) -> Dual:

@@ -242,6 +242,21 @@ def test_estimate_on_resnet_blocks(space):
 
 
 @pytest.mark.parametrize("space", SPACES)
+def test_a_batch_of_numpy_memory_is_estimated_as_a_torch_one(space):
+    """A batch on a NumPy array's memory (torch.from_numpy, which torch cannot clone
+    copy-on-write) gives the estimates a batch of torch's own memory gives."""
+    torch.manual_seed(1)
+    net = first_ops_in_place()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    expected = estimate_gradients(copy.deepcopy(net), x, y, "global", "local", space)
+    got = estimate_gradients(net, torch.from_numpy(x.numpy().copy()), y, "global", "local", space)
+    assert got.grads.keys() == expected.grads.keys()
+    for name, g in expected.grads.items():
+        torch.testing.assert_close(got.grads[name], g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("space", SPACES)
 def test_random_guesses_draw_the_noise_asked_for(space):
     """Rademacher guesses are ±1 (both signs drawn), Gaussian ones are not."""
     net = small_net()
