@@ -1269,6 +1269,9 @@ MUTANTS = [
            "    except RuntimeError:\n        return x.clone()\n", "    finally:\n        pass\n",
            ("tests/train/test_estimators.py::test_a_batch_of_numpy_memory_is_estimated_as_a_"
             "torch_one",)),
+    Mutant("one slot's fallback tangent mapped by vmap", "fgkernels/rules/fallback.py",
+           "    if stacks[0].shape[0] == 1:\n", "    if False:\n",
+           (COMPILE + "test_a_fallback_op_vmap_cannot_batch_compiles_with_one_slot",)),
     Mutant("group norm's groups sized by -1", "fgkernels/rules/norms.py",
            "num_groups, c // num_groups * hw)", "num_groups, -1)",
            HOSTILE),

@@ -387,6 +387,12 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str):
     def one_slot(*t):
         return torch.func.jvp(differentiated, primals, t)
 
+    if stacks[0].shape[0] == 1:
+        # One slot: no batch to map over (and under torch.compile an op vmap cannot batch,
+        # nn.RReLU's, fails the trace instead of reaching the loop below)
+        primal_out, tangent = one_slot(*(s[0] for s in stacks))
+        return _refused_if(undefined, call, primals, name, primal_out), \
+            pytree.tree_map(lambda t: t.unsqueeze(0), tangent)
     try:
         primal_out, tangents = torch.func.vmap(one_slot, randomness="same",
                                                out_dims=(None, 0))(*stacks)
@@ -398,9 +404,14 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str):
             outs.append(one_slot(*(s[t] for s in stacks)))
         primal_out = outs[0][0]
         tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])
+    return _refused_if(undefined, call, primals, name, primal_out), tangents
+
+
+def _refused_if(undefined: set, call: Callable, primals: tuple, name: str, primal_out):
+    """``primal_out`` restored (``_restore``), once no output in ``undefined`` is refused."""
     if undefined:
         _refuse_undefined_tangents(call, primals, sorted(undefined), name)
-    return _restore(primal_out), tangents
+    return _restore(primal_out)
 
 
 def _refuse_undefined_tangents(call: Callable, primals: tuple, outputs: list[int],

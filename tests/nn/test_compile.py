@@ -1022,6 +1022,22 @@ def test_a_compiled_pass_refuses_a_parameter_changed_after_its_tangent(change):
             call(Dual(x))
 
 
+def test_a_fallback_op_vmap_cannot_batch_compiles_with_one_slot():
+    """nn.RReLU in eval mode (a fallback op torch.func.vmap has no rule for) in a compiled pass
+    of one tangent: as forward_ad's (vmap's failure failed the trace, before the loop over
+    slots that runs eagerly)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.RReLU()).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    v = fgkernels.random_tangents(net, num_tangents=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        out = fgkernels.compile(net, backend="eager")(Dual(x))
+    fgkernels.clear_tangents(net)
+    _, expected = model_jvp_in_place(net, [x], [None], v)
+    assert torch.allclose(out.tangents, expected)
+
+
 class _WrittenOutNorm(nn.Module):
     """A layer norm written out, as custom norm layers are: var and std of a Dual."""
 
