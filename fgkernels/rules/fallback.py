@@ -391,7 +391,7 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str):
         # One slot: no batch to map over (and under torch.compile an op vmap cannot batch,
         # nn.RReLU's, fails the trace instead of reaching the loop below)
         primal_out, tangent = one_slot(*(s[0] for s in stacks))
-        return _refused_if(undefined, call, primals, name, primal_out), \
+        return _refused_if(undefined, name, primal_out), \
             pytree.tree_map(lambda t: t.unsqueeze(0), tangent)
     try:
         primal_out, tangents = torch.func.vmap(one_slot, randomness="same",
@@ -404,40 +404,31 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str):
             outs.append(one_slot(*(s[t] for s in stacks)))
         primal_out = outs[0][0]
         tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])
-    return _refused_if(undefined, call, primals, name, primal_out), tangents
+    return _refused_if(undefined, name, primal_out), tangents
 
 
-def _refused_if(undefined: set, call: Callable, primals: tuple, name: str, primal_out):
+def _refused_if(undefined: set, name: str, primal_out):
     """``primal_out`` restored (``_restore``), once no output in ``undefined`` is refused."""
     if undefined:
-        _refuse_undefined_tangents(call, primals, sorted(undefined), name)
+        _refuse_undefined_tangents(sorted(undefined), name)
     return _restore(primal_out)
 
 
-def _refuse_undefined_tangents(call: Callable, primals: tuple, outputs: list[int],
-                               name: str) -> None:
-    """Refuse the op where one of ``outputs`` (by position), whose tangents forward AD left
-    undefined, is differentiable: where reverse mode, run on the op again, differentiates it
-    (``scatter_reduce(..., "prod")``; torch's chunked ``linear_cross_entropy``). An output
-    torch marks non-differentiable (a Bessel function, the statistics ``native_layer_norm``
-    returns beside its result, a random draw) takes no part in reverse mode either: its tangent
-    is zero, as torch.func.jvp gives it."""
-    # The call draws from the random state it finds, put back after it (Dynamo cannot trace
-    # reading the state: in a compiled graph the call stays, its outputs unused).
-    state = None if torch.compiler.is_dynamo_compiling() else _random_state()
-    # (inference_mode's tensors take no part in autograd: there, on copies outside it)
-    inference = torch.is_inference_mode_enabled()
-    with torch.inference_mode(False) if inference else contextlib.nullcontext(), \
-            torch.enable_grad():
-        leaves = [(p.clone() if inference else p.detach()).requires_grad_() for p in primals]
-        out = pytree.tree_leaves(call(*leaves))
-    if state is not None:
-        _set_random_state(state)
-    lost = [i for i in outputs if out[i].requires_grad]
-    if lost:
+# Ops whose outputs torch's forward mode leaves without tangent though reverse mode
+# differentiates them: refused by name. An undefined tangent elsewhere is an output torch marks
+# non-differentiable (a Bessel function's, the statistics native_layer_norm returns beside its
+# result): zero, as torch.func.jvp gives it. Named, not found by running the op again under
+# reverse mode, which would repeat its writes (native_batch_norm's running statistics) and cost.
+_NO_FORWARD_FORMULA = frozenset({"scatter_reduce", "Tensor.scatter_reduce"})
+
+
+def _refuse_undefined_tangents(outputs: list[int], name: str) -> None:
+    """Refuse the op where it is one of ``_NO_FORWARD_FORMULA`` and forward AD left the tangent
+    of some of its ``outputs`` (by position) undefined (``scatter_reduce(..., "prod")``)."""
+    if name in _NO_FORWARD_FORMULA:
         raise NotImplementedError(
             f"fgkernels.Dual: torch's forward-mode AD has no formula for '{name}' with these "
-            f"arguments (it leaves the tangent of output {lost[0]} undefined, though reverse "
+            f"arguments (it leaves the tangent of output {outputs[0]} undefined, though reverse "
             "mode differentiates it), so the forward-AD fallback cannot give its tangent; "
             "write the computation with ops that forward AD differentiates, or take this "
             "derivative in reverse mode")

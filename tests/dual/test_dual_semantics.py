@@ -357,6 +357,21 @@ def test_an_output_forward_ad_leaves_without_tangent_is_refused_where_differenti
         torch.testing.assert_close(out.tangents[0], tangent, rtol=1e-13, atol=1e-14)
 
 
+def test_a_fallback_op_runs_once():
+    """An op by the forward-AD fallback whose statistics outputs have no tangent (native batch
+    norm's) runs once: its running statistics move as torch moves them (run again to ask
+    reverse mode whether those outputs were differentiable, it moved them twice)."""
+    x = torch.randn(8, 3, **f64)
+    rm, rv = torch.zeros(3, **f64), torch.ones(3, **f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        torch.native_batch_norm(Dual(x, torch.randn_like(x)), None, None, rm, rv, True, 0.5,
+                                1e-5)
+    expected_mean, expected_var = torch.zeros(3, **f64), torch.ones(3, **f64)
+    torch.native_batch_norm(x, None, None, expected_mean, expected_var, True, 0.5, 1e-5)
+    assert torch.equal(rm, expected_mean) and torch.equal(rv, expected_var)
+
+
 def test_a_gru_runs_on_duals():
     torch.manual_seed(0)
     gru = nn.GRU(4, 3).double()
