@@ -81,7 +81,7 @@ def compile(module: nn.Module, **options: Any) -> Callable:
         outer, _compiled_pass.running = _compiled_pass.running, True
         rules = rule_state()
         try:
-            with ParameterTangents(), lifted_set_aside(), _closing_forward_ad_levels(), \
+            with ParameterTangents(), lifted_set_aside(), _autograd_state_restored_on_error(), \
                     _rnn_traced() if recurrent else contextlib.nullcontext():
                 return _counted(compiled(*args, **kwargs))
         finally:
@@ -99,15 +99,18 @@ def compile(module: nn.Module, **options: Any) -> Callable:
 
 
 @contextlib.contextmanager
-def _closing_forward_ad_levels():
-    """Close the forward-AD level that a compiled ``torch.func.jvp`` (the fallback's) leaves
-    open when the call raises inside it (Dynamo does not unwind it): every later forward-mode
-    computation in the process, eager passes included, was refused as nested. Only where no
-    level was open before the call: one the caller opened is the caller's."""
+def _autograd_state_restored_on_error():
+    """Put back the autograd state a compiled call that raises leaves behind (Dynamo does not
+    unwind the call's frames): the grad mode a ``torch.no_grad()`` inside it set (the
+    fallback's), and the forward-AD level its compiled ``torch.func.jvp`` opened (every later
+    forward-mode computation in the process, eager passes included, was refused as nested; a
+    level the caller opened before is the caller's)."""
+    grad_enabled = torch.is_grad_enabled()
     caller_level = torch.autograd.forward_ad._current_level
     try:
         yield
     except BaseException:
+        torch.set_grad_enabled(grad_enabled)
         if caller_level == -1:
             try:
                 torch._C._exit_dual_level(level=0)

@@ -1075,15 +1075,16 @@ class _MarginLossNet(nn.Module):
 
 def test_a_compiled_pass_that_fails_inside_forward_mode_leaves_it_usable():
     """A compiled pass refused inside torch's forward mode (an op it has no formula for)
-    raises, and forward mode works after it: the compiled jvp's level was left open, and every
+    raises, and autograd works after it: the compiled jvp's level was left open, and every
     later forward-mode computation, eager passes and torch.func.jvp included, was refused as
-    nested."""
+    nested; the fallback's no_grad was left on."""
     torch.manual_seed(0)
     net = _MarginLossNet().double()
     fgkernels.random_tangents(net)
     x = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(NotImplementedError, match="multi_margin_loss"):
         fgkernels.compile(net, backend="eager")(Dual(x))
+    assert torch.is_grad_enabled()  # (the fallback's no_grad was left on: backprop failed)
     ones = torch.ones_like(x)
     assert torch.equal(torch.func.jvp(torch.sin, (x,), (ones,))[1], torch.cos(x))
     out = nn.functional.soft_margin_loss(Dual(x, ones), ones)  # (a rule by forward AD)
