@@ -215,7 +215,6 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
         return target._assign(Dual.__torch_function__(outplace, (Dual,), (target, *args[1:]),
                                                       rest))
     if isinstance(out, Dual):  # out= a Dual: the op out of place, then written into it
-        rest = {k: v for k, v in kwargs.items() if k != "out"}
         return out._assign(Dual.__torch_function__(func, (Dual,), args, rest))
     if isinstance(out, (tuple, list)):  # out=(values, indices): each written as one out= is
         rest = {k: v for k, v in kwargs.items() if k != "out"}
@@ -265,15 +264,15 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
 
 # In-place ops without out-of-place form that write values forward AD differentiates as it
 # writes them (besides nn.init's, which take their target by name): run on a copy of the Dual.
-# Any other (``set_``, ``share_memory_``, ``apply_``) is refused, as it was before.
+# Any other (``set_``, ``share_memory_``, ``apply_``: no values written) is refused.
 _WRITES_ON_A_COPY = {"Tensor.fill_diagonal_"}
 
 
 def _on_a_copy(func: Callable, name: str, key: Optional[str]) -> Callable:
-    """An in-place op without out-of-place form (``torch.zero_``, ``d.fill_diagonal_(v)``,
-    ``nn.init.normal_``) made one: the op on a copy of its target (given by position, or as
-    ``key``), which forward AD differentiates as the write itself (an element written with
-    a constant or a random draw takes a zero tangent, the others keep theirs)."""
+    """An in-place op without out-of-place form (``d.fill_diagonal_(v)``, ``nn.init.normal_``)
+    made one: the op on a copy of its target (given by position, or as ``key``), which forward
+    AD differentiates as the write itself (an element written with a constant or a random draw
+    takes a zero tangent, the others keep theirs)."""
     def op(target, *args, **kwargs):
         copy = target.clone()
         if key is None:

@@ -196,8 +196,8 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
         xt = in_primal_layout(xt, x)
     # Each group viewed in x's own layout (no -1: an empty batch has n = 0): contiguous x as
     # (N, G, C/G·H·W), the statistics over dim 2; channels_last x as (N, H·W, G, C/G), over
-    # dims 1 and 3 (a reshape of its channels-last order is a view, where the first grouping
-    # would copy it, and its result be copied back).
+    # dims 1 and 3 (a reshape of its channels-last order is a view, where the contiguous
+    # grouping would copy it, and its result be copied back).
     if fmt == torch.channels_last:
         def grouped(v: Tensor) -> Tensor:
             return v.movedim(-3, -1).reshape(*v.shape[:-3], hw, num_groups, c // num_groups)
