@@ -1,5 +1,5 @@
 """Where a ResNet-18 dual pass spends its time: convolutions against everything else, for
-fgkernels and for torch.autograd.forward_ad, by torch.profiler.
+fgkernels, for torch.autograd.forward_ad and for a backprop step, by torch.profiler.
 
     python benchmarks/profile_dual_pass.py [--batch 32] [--backend native|triton] [--passes 5]
                                            [--channels-last] [--dtype bfloat16] [--top N]
@@ -10,9 +10,11 @@ forward_ad) and, on the triton backend, as the device time of the fused convolut
 kernels, whose epilogue also sums the batch-norm statistics.
 
 Both passes compute the same convolution FLOPs (three convolutions per layer: the primal, the
-input term and the parameter term), so the convolutions' time bounds what fusing the rest can
-win: the last line is the ratio to forward_ad that fgkernels would reach if every operation but
-the convolutions took no time. A large GEMM's FLOP rate is printed for scale.
+input term and the parameter term), and so does a backprop step (the primal, the input's and the
+weight's gradients), so the convolutions' time bounds what fusing the rest can win: the last
+lines give the ratios to forward_ad and to a backprop step that fgkernels would reach if every
+operation but the convolutions took no time, and its convolutions' time against the backprop
+step's. A large GEMM's FLOP rate is printed for scale.
 
 ``--top N`` adds, per provider, the time the device was busy (the sum of its kernels' own
 times: a pass far longer than that waits on the host), the kernels it launched, the
@@ -39,7 +41,7 @@ from fgkernels import Dual
 
 from allocator import keep_freed_memory
 from cases import resnet18_case
-from providers import loss_jvp_forward_ad
+from providers import loss_backprop_step, loss_jvp_forward_ad
 
 
 def _sync(device: torch.device) -> None:
@@ -64,13 +66,17 @@ def profile_call(fn, device: torch.device) -> dict[str, float]:
     # aten::_convolution sits below autograd and forward-mode AD and above the backend kernel
     # (oneDNN, cuDNN): its inclusive time is the convolutions' own, for both passes alike.
     conv = events.get("aten::_convolution")
-    conv_us = 0.0 if conv is None else \
-        conv.device_time_total if device.type == "cuda" else conv.cpu_time_total
+    # A backprop step's backward convolutions (input and weight gradients, one op) count too.
+    conv_events = [event for event in (conv, events.get("aten::convolution_backward"))
+                   if event is not None]
+    conv_us = sum(event.device_time_total if device.type == "cuda" else event.cpu_time_total
+                  for event in conv_events)
     # The Triton backend's fused convolution: its kernels' device time.
     conv_us += sum(event.device_time_total for key, event in events.items()
                    if "_dual_conv2d_forward_kernel" in key)
     conv2d = events.get("aten::conv2d")
-    counted = conv is not None and conv2d is not None and conv2d.count == conv.count
+    counted = conv is not None and conv2d is not None and conv2d.count == conv.count and \
+        "aten::convolution_backward" not in events
     on_device = device.type == "cuda"
     # Nothing counted twice: on a GPU the device's own events (kernels, copies, fills; an op's
     # device time is its kernels'), on a CPU the ops' self times.
@@ -80,6 +86,7 @@ def profile_call(fn, device: torch.device) -> dict[str, float]:
     syncs = sum(event.count for key, event in events.items()
                 if key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync"))
     return {"total_ms": wall * 1e3, "conv_ms": conv_us / 1e3,
+            "conv_calls": sum(event.count for event in conv_events),
             "gflop": conv2d.flops / 1e9 if counted else float("nan"),
             "busy_ms": sum(own_us.values()) / 1e3 if on_device else float("nan"),
             "syncs": syncs, "launches": sum(event.count for key, event in events.items()
@@ -127,9 +134,10 @@ def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
 def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int = 5,
                      device: Optional[torch.device] = None, quick: bool = False,
                      channels_last: bool = False, dtype: torch.dtype = torch.float32) -> dict:
-    """``profile_alternating`` of the fgkernels and the forward_ad loss JVP, and the conv FLOPs
-    of one primal pass (``resnet18_case``'s network and batch in ``dtype``; ``backend``: native
-    where built; ``channels_last``: the network and its input so laid out)."""
+    """``profile_alternating`` of the fgkernels and the forward_ad loss JVP and of a backprop
+    step, and the conv FLOPs of one primal pass (``resnet18_case``'s network and batch in
+    ``dtype``; ``backend``: native where built; ``channels_last``: the network and its input
+    so laid out)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if backend == "triton" and device.type != "cuda":
         raise ValueError("the triton backend's kernels are profiled on a GPU only (the "
@@ -151,7 +159,8 @@ def profile_resnet18(batch: int = 32, backend: Optional[str] = None, passes: int
             return F.cross_entropy(model(Dual(x)), y)
 
     calls = {"fgkernels": ours,
-             "forward_ad": lambda: loss_jvp_forward_ad(model, params, tangents, x, y)}
+             "forward_ad": lambda: loss_jvp_forward_ad(model, params, tangents, x, y),
+             "backprop": lambda: loss_backprop_step(model, x, y)}
     r = profile_alternating(calls, device, passes)
     return {"backend": backend, "device": device, "primal_gflop": primal["gflop"],
             "calls": calls, **r}
@@ -200,7 +209,7 @@ def main(argv=None) -> None:
     keep_freed_memory()  # as the benchmarks time (allocator.py)
     r = profile_resnet18(args.batch, args.backend, args.passes, torch.device(args.device),
                          channels_last=args.channels_last, dtype=getattr(torch, args.dtype))
-    ours, theirs, device = r["fgkernels"], r["forward_ad"], r["device"]
+    ours, theirs, backprop, device = r["fgkernels"], r["forward_ad"], r["backprop"], r["device"]
 
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else \
         torch.cuda.get_device_name(device)
@@ -209,7 +218,8 @@ def main(argv=None) -> None:
           f"({where}), mean of {args.passes} profiled passes each, taking turns")
     print(f"{'':24}{'total ms':>10}{'conv ms':>10}{'other ms':>10}{'conv GFLOP':>12}"
           f"{'conv GFLOP/s':>14}")
-    for name, p in ((f"fgkernels ({r['backend']})", ours), ("forward_ad", theirs)):
+    for name, p in ((f"fgkernels ({r['backend']})", ours), ("forward_ad", theirs),
+                    ("backprop step", backprop)):
         print(f"{name:24}{p['total_ms']:10.1f}{p['conv_ms']:10.1f}"
               f"{p['total_ms'] - p['conv_ms']:10.1f}{p['gflop']:12.1f}"
               f"{p['gflop'] / p['conv_ms'] * 1e3:14.0f}")
@@ -218,8 +228,13 @@ def main(argv=None) -> None:
           f"{gemm_gflops(device):.0f} GFLOP/s")
     print(f"fgkernels / forward_ad: {ours['total_ms'] / theirs['total_ms']:.2f}×; with every "
           f"non-convolution op free: {ours['conv_ms'] / theirs['total_ms']:.2f}×")
+    print(f"fgkernels / a backprop step: {ours['total_ms'] / backprop['total_ms']:.2f}×; with "
+          f"every non-convolution op free: {ours['conv_ms'] / backprop['total_ms']:.2f}×; the "
+          f"three convolutions of each layer: {ours['conv_ms'] / backprop['conv_ms']:.2f}× the "
+          "backprop step's (the primal, the input's and the weight's gradients)")
     if args.top:
-        for name, p in ((f"fgkernels ({r['backend']})", ours), ("forward_ad", theirs)):
+        for name, p in ((f"fgkernels ({r['backend']})", ours), ("forward_ad", theirs),
+                        ("backprop step", backprop)):
             print(f"{name}: device busy {p['busy_ms']:.1f} of {p['total_ms']:.1f} ms, "
                   f"{p['launches']:.0f} kernel launches and {p['syncs']:.0f} host-device "
                   "synchronisations or copies per pass")

@@ -20,9 +20,13 @@ def test_profile_counts_three_convolutions_per_layer():
     first_gflop = counter.get_total_flops() / 1e9
     assert r["fgkernels"]["gflop"] == pytest.approx(3 * r["primal_gflop"] - first_gflop,
                                                    rel=1e-12)
-    for provider in ("fgkernels", "forward_ad"):
+    for provider in ("fgkernels", "forward_ad", "backprop"):
         p = r[provider]
         assert 0 < p["conv_ms"] <= p["total_ms"], provider
+    # A backprop step's convolutions are each layer's forward and its backward (the input's
+    # and the weight's gradients in one op; the first layer's input needs none).
+    layers = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert r["backprop"]["conv_calls"] == 2 * layers
 
 
 def test_products_share_counts_each_product_once():
