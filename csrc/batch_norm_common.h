@@ -9,6 +9,7 @@
 #include <optional>
 #include <vector>
 
+#include "bn_per_channel.h"
 #include "checks.h"
 
 namespace fgkernels {
@@ -107,47 +108,6 @@ inline void check_apply_coefficients_apart(const at::Tensor& x, const std::optio
     TORCH_CHECK(!present(xt) || !share_an_element(*xt, t), name, " and xt share memory; they "
                 "must be separate tensors");
   }
-}
-
-// Values per channel whose mean shifts the statistics' sums (stat_shifts).
-constexpr int64_t kShiftSample = 256;
-
-// How many of a channel's values its shift averages: kShiftSample, or all where it has fewer.
-inline int64_t shift_sample(const DualInput& in) {
-  return std::min(kShiftSample, in.outer * in.inner);
-}
-
-// The position, in the channel's [outer, inner] order of `total` values, of the j-th of its n
-// sampled values: spread evenly across the whole channel. (The first values alone can be unlike
-// the rest, image 0's top rows a zero border: a shift far from the mean in units of std.)
-inline int64_t shift_position(int64_t j, int64_t n, int64_t total) {
-  return j * total / n;
-}
-
-// A channel's shift: the mean of its sample, or 0 where that is not finite (an Inf among the
-// sample: the shifted sums would give NaN where the plain ones give torch's Inf mean).
-inline double shift_or_zero(double sample_mean) {
-  return std::isfinite(sample_mean) ? sample_mean : 0.0;
-}
-
-// The shift k (C, in x's accumulation type) of each channel's sums: the mean of shift_sample of
-// its values, taken at shift_position. The error of Σ(x-k)² - n·d1² grows with
-// ((k - mean)/std)², so a shift near the mean keeps the variance as precise as the data allows
-// (a single value as the shift costs the square of its distance from the mean, in units of std).
-// One gather of (n, C) values from a view of x, no copy of x.
-inline at::Tensor stat_shifts(const DualInput& in) {
-  const at::Tensor rows_view = in.fmt == at::MemoryFormat::ChannelsLast
-      ? in.x.permute({0, 2, 3, 1}).reshape({in.outer, in.channels, 1})
-      : in.x.reshape({in.outer, in.channels, in.inner});
-  const int64_t n = shift_sample(in), total = in.outer * in.inner;
-  // (shift_position for every j at once: j·total / n, floored)
-  const at::Tensor at_j =
-      at::arange(n, in.x.options().dtype(at::kLong)).mul_(total).div_(std::max<int64_t>(n, 1),
-                                                                       "floor");
-  const at::Tensor sample = rows_view.index(
-      {at_j.div(in.inner, "floor"), at::indexing::Slice(), at_j.remainder(in.inner)});
-  const at::Tensor k = sample.mean(at::IntArrayRef{0}, /*keepdim=*/false, acc_type(in.x));
-  return k.masked_fill_(k.isfinite().logical_not_(), 0);  // (see shift_or_zero)
 }
 
 // The dtype of the apply's output slots: tangent_dtype when given (it must then be xt's, if

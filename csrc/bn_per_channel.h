@@ -1,5 +1,5 @@
-// The per-channel steps of the dual batch norm: its statistics from partial sums, the
-// coefficients of its apply and the running-statistics update. The same functions run on the
+// The per-channel steps of the dual batch norm: the shift of its sums, its statistics from
+// partial sums, the coefficients of its apply and the running-statistics update. The same functions run on the
 // CPU and in the CUDA kernels, so that both backends compute the same numbers. No torch header:
 // nvcc compiles it alone.
 #pragma once
@@ -14,6 +14,35 @@
 #endif
 
 namespace fgkernels {
+
+// The statistics' sums run over x - k, k a channel's shift: the mean of kShiftSample of its
+// values (or all, where it has fewer), spread evenly across the channel. The error of
+// Σ(x-k)² - n·d1² grows with ((k - mean)/std)², so a shift near the mean keeps the variance as
+// precise as the data allows. (The first values alone can be unlike the rest, image 0's top
+// rows a zero border: a shift far from the mean in units of std.)
+constexpr int64_t kShiftSample = 256;
+
+// How many of a channel's `total` values its shift averages.
+FGK_HOST_DEVICE inline int64_t shift_sample_size(int64_t total) {
+  return total < kShiftSample ? total : kShiftSample;
+}
+
+// The index in x, laid out as [outer, C, inner] (NCHW: (N, C, H*W); channels_last:
+// (N*H*W, C, 1)), of channel c's j-th sampled value of n: its position j·total/n in the
+// channel's [outer, inner] order.
+FGK_HOST_DEVICE inline int64_t shift_sample_index(int64_t j, int64_t n, int64_t total,
+                                                  int64_t c, int64_t C, int64_t inner) {
+  const int64_t position = j * total / n;
+  return (position / inner * C + c) * inner + position % inner;
+}
+
+// A channel's shift from the sum of its n sampled values (in double): their mean, or 0 where
+// that is not finite (an Inf among the sample: the shifted sums would give NaN where the plain
+// ones give torch's Inf mean).
+FGK_HOST_DEVICE inline double shift_from_sample_sum(double sum, int64_t n) {
+  const double mean = sum / static_cast<double>(n);
+  return std::isfinite(mean) ? mean : 0.0;
+}
 
 // Σ over the blocks of quantity q of channel c in partial (blocks, quantities, C), in double.
 template <typename part_t>

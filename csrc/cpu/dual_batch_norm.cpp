@@ -110,20 +110,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
   return {mean, var, tmean, tcov};
 }
 
-// stat_shifts (batch_norm_common.h) in a loop: an ATen reduction would cost a small input more
-// than its sums do.
+// Each channel's shift of its sums (kShiftSample, bn_per_channel.h), in a loop: an ATen
+// reduction would cost a small input more than its sums do.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
-  const int64_t C = in.channels, inner = in.inner;
-  const int64_t n = shift_sample(in), total = in.outer * inner;
+  const int64_t C = in.channels;
+  const int64_t total = in.outer * in.inner, n = shift_sample_size(total);
   std::vector<acc_t> k(C);
   for (int64_t c = 0; c < C; ++c) {
     double sum = 0;
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = shift_position(j, n, total);
-      sum += static_cast<double>(x[(p / inner * C + c) * inner + p % inner]);
+      sum += static_cast<double>(x[shift_sample_index(j, n, total, c, C, in.inner)]);
     }
-    k[c] = static_cast<acc_t>(shift_or_zero(sum / static_cast<double>(n)));
+    k[c] = static_cast<acc_t>(shift_from_sample_sum(sum, n));
   }
   return k;
 }

@@ -1,6 +1,7 @@
-// Dual batch norm on CUDA: a statistics kernel writing per-split partial sums, a finalize kernel
-// reducing them to the statistics, per-channel kernels for the apply's coefficients and the
-// running statistics, and an apply kernel writing the primal and every tangent slot in one pass.
+// Dual batch norm on CUDA: a shift kernel, a statistics kernel writing per-split partial sums
+// shifted by it, a finalize kernel reducing them to the statistics, per-channel kernels for the
+// apply's coefficients and the running statistics, and an apply kernel writing the primal and
+// every tangent slot in one pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -47,6 +48,27 @@ template <typename A> __device__ A block_sum(A v, A* scratch) {
   A total = 0;
   for (int w = 0; w < blockDim.x / 32; ++w) total += scratch[w];
   return total;
+}
+
+// grid (C): each channel's shift of the sums, the mean of its sample (shift_sample_index), one
+// sampled value per thread, summed in double as the CPU op sums them.
+static_assert(kShiftSample <= kThreads, "a block's threads cover a channel's sample");
+
+template <typename T>
+__global__ void bn_shift_kernel(BNStatsParams p) {
+  using A = typename Acc<T>::type;
+  __shared__ double scratch[kThreads / 32];
+  const int64_t c = blockIdx.x, C = p.layout.channels;
+  const int64_t total = p.layout.outer * p.layout.inner, n = shift_sample_size(total);
+  const int64_t j = threadIdx.x;
+  const T* x = static_cast<const T*>(p.x);
+  const double v =
+      j < n ? static_cast<double>(load(x + shift_sample_index(j, n, total, c, C, p.layout.inner)))
+            : 0.0;
+  const double sum = block_sum(v, scratch);
+  if (threadIdx.x == 0) {
+    static_cast<A*>(p.shift)[c] = static_cast<A>(shift_from_sample_sum(sum, n));
+  }
 }
 
 // One element's terms of the shifted sums, d = x[idx] - k: d and d² for the primal (t null),
@@ -265,6 +287,9 @@ inline unsigned channel_blocks(int64_t channels) {
 
 template <typename T, typename TT>
 int stats(const BNStatsParams& p, cudaStream_t stream) {
+  bn_shift_kernel<T><<<static_cast<unsigned>(p.layout.channels), kThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   if (p.layout.inner == 1) {
     const int64_t tiles = (p.layout.channels + kChannelTile - 1) / kChannelTile;
     dim3 grid(static_cast<unsigned>(tiles), p.splits, 1 + p.slots);
@@ -273,7 +298,7 @@ int stats(const BNStatsParams& p, cudaStream_t stream) {
     dim3 grid(p.layout.channels, p.splits, 1 + p.slots);
     bn_stats_kernel<T, TT><<<grid, kThreads, 0, stream>>>(p);
   }
-  const cudaError_t err = cudaGetLastError();
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   bn_stats_finalize_kernel<typename Acc<T>::type>
       <<<channel_blocks(p.layout.channels), kFinalizeThreads, 0, stream>>>(p);

@@ -27,7 +27,8 @@ struct Layout {
   int64_t outer, channels, inner;
 };
 
-// The batch-norm statistics in two kernels: per-split partial sums shifted by k,
+// The batch-norm statistics in three kernels: each channel's shift k, per-split partial sums
+// shifted by k,
 //   partial[s][0][c] = Σ(x-k), partial[s][1][c] = Σ(x-k)², and for slot t
 //   partial[s][2+2t][c] = Σ xt_t, partial[s][3+2t][c] = Σ (x-k) xt_t,
 // then, per channel, the statistics from them (finalize_bn_stats_channel). Accumulation type
@@ -35,7 +36,7 @@ struct Layout {
 struct BNStatsParams {
   const void* x;
   const void* xt;     // nullptr when slots == 0
-  const void* shift;  // [C]: the sums' shift k (stat_shifts)
+  void* shift;        // [C]: the sums' shift k (kShiftSample), written by the launch first
   void* partial;      // [splits, 2 + 2 * slots, C]: workspace
   void* mean;         // [C]
   void* var;          // [C]: biased

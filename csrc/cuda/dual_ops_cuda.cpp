@@ -31,11 +31,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cuda(
   auto mean = at::empty({in.channels}, options), var = at::empty({in.channels}, options);
   auto tmean = at::empty({in.T, in.channels}, options);
   auto tcov = at::empty({in.T, in.channels}, options);
-  const at::Tensor k = stat_shifts(in);
+  auto k = at::empty({in.channels}, options);
   cuda::BNStatsParams p{};
   p.x = in.x.const_data_ptr();
   p.xt = in.T ? in.xt.const_data_ptr() : nullptr;
-  p.shift = k.const_data_ptr();
+  p.shift = k.mutable_data_ptr();
   p.partial = partial.mutable_data_ptr();
   p.mean = mean.mutable_data_ptr();
   p.var = var.mutable_data_ptr();

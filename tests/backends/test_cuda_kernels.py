@@ -1,6 +1,7 @@
 """The CUDA kernels of csrc/cuda on a GPU, against float64 (skipped without one): the
 batch-norm statistics of channels_last activations, read row by row (consecutive threads on
-consecutive channels), over several channel tiles and splits, for every element-type pair; the
+consecutive channels), over several channel tiles and splits, for every element-type pair, and
+of a channel whose first values are unlike the rest (the sums' shift); the
 batch norm's per-channel kernels (coefficients, running statistics) against their refs; the
 elementwise select kernels."""
 import copy
@@ -45,6 +46,22 @@ def test_bn_stats_match_float64(dtypes, channels_last):
     torch.testing.assert_close(var.double(), (centred ** 2).mean((0, 2, 3)), **tol)
     torch.testing.assert_close(tmean.double(), ts.mean((1, 3, 4)), **tol)
     torch.testing.assert_close(tcov.double(), (centred * ts).mean((1, 3, 4)), **tol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_stats_shift_is_sampled_across_the_channel(channels_last):
+    """Image 0's first rows at 0 (a border) in channels of mean 1 and std 1e-3, float32: the
+    variance within twice torch's own error. (Sums shifted by the mean of a channel's first
+    values, 0 here, lose the variance to cancellation.)"""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 4, 32, 32, device="cuda", generator=g).mul(1e-3).add(1)
+    x[0, :, :8] = 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, var, _, _ = torch.ops.fgkernels.dual_bn_stats(x, None)
+    exact = x.double().var((0, 2, 3), unbiased=False)
+    torch_error = (torch.var(x, (0, 2, 3), unbiased=False).double() - exact).abs()
+    assert ((var.double() - exact).abs() <= 2 * torch_error + 1e-6 * exact).all()
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["batch_norm", "conv_batch_norm"])

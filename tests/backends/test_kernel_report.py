@@ -125,6 +125,7 @@ def test_cuda_kernels_compile_without_spills():
     for t in ("float", "double"):  # the per-channel kernels, per accumulation type
         for name in ("bn_stats_finalize_kernel", "bn_coefficients_kernel"):
             assert f"{name}<{t}>" in kernels, sorted(kernels)
-    for t in ("float", "double", "bf16", "half"):  # per dtype of the running statistics
-        assert f"bn_running_stats_kernel<{t}>" in kernels, sorted(kernels)
+    for t in ("float", "double", "bf16", "half"):  # per dtype of x; of the running statistics
+        for name in ("bn_shift_kernel", "bn_running_stats_kernel"):
+            assert f"{name}<{t}>" in kernels, sorted(kernels)
     assert all(not r.error and r.spill_bytes == 0 and r.registers > 0 for r in found), found
