@@ -142,6 +142,24 @@ def test_bias_tangent_alone():
                               [None, None, bt])
 
 
+@pytest.mark.parametrize("bias_view", ["strided", "expanded"])
+def test_a_bias_and_its_tangent_are_read_where_they_lie(bias_view):
+    """A bias (and its tangent) that is a strided slice, or one value expanded over the
+    channels, is read at its own strides (the kernel took the channels at unit stride)."""
+    x, w, xt, wt = rand(2, 3, 5, 4), rand(4, 3, 3, 3), rand(1, 2, 3, 5, 4), rand(1, 4, 3, 3, 3)
+    if bias_view == "strided":
+        b32, bt32 = rand(8).float()[::2], rand(1, 8).float()[:, ::2]
+    else:
+        b32, bt32 = rand(1).float().expand(4), rand(1, 1).float().expand(1, 4)
+    assert b32.stride(-1) != 1 and bt32.stride(-1) != 1
+    with fgkernels.use_backend("triton"):
+        out = DF.conv2d(Dual(x.float(), xt.float()), Dual(w.float(), wt.float()),
+                        Dual(b32, bt32), 1, 1)
+    b, bt = b32.double(), bt32.double()
+    check_against_forward_ad(out, lambda x_, w_, b_: F.conv2d(x_, w_, b_, 1, 1), [x, w, b],
+                              [xt, wt, bt])
+
+
 @pytest.mark.parametrize("role", ["input", "same", "appended"])
 def test_bn_sum_epilogue_gives_batch_statistics(role):
     """The tile sums of the primal and tangent launches combine into the float64 statistics of
@@ -391,6 +409,13 @@ def _raw_conv_calls():
                                    w.bfloat16(), None, None, None, [0], [], 1, *g, False),
          "the tangents must have x's dtype torch.bfloat16 or one of fewer bits, got "
          "torch.float32"),
+        # (positions naming absent tangents returned an unwritten yt, or failed in the launcher)
+        ("x_pos without xt", (x, None, w, None, None, None, [0], [], 1, *g, False),
+         "x_pos [0] names slots of xt, which is None"),
+        ("p_pos without wt or bt", (x, None, w, None, None, None, [], [0], 1, *g, False),
+         "p_pos [0] names slots of wt and bt, which are None"),
+        ("no input channels", (x[:, :0], None, w[:, :0], None, None, None, [], [], 0, *g,
+                               False), "x has no channels"),
     ]
 
 

@@ -251,6 +251,9 @@ def dual_conv2d(x: Tensor, xt: Optional[Tensor], w: Tensor, wt: Optional[Tensor]
         # the queue and no operation a CUDA graph can capture.
         rows[-1:].fill_(M - (tiles - 1) * bm)
 
+    # The kernel reads a bias's channels at unit stride (a slice or an expanded one is copied).
+    b = None if b is None else b.contiguous()
+    bt = None if bt is None else bt.contiguous()
     launches = [Launch(ops.x, ops.w, y, 1, 1, bias=b, stats=stats)]
     if count:
         launches += tangent_launches(ops, bt, y, yt, stats, tstats, p_add, p_offset, tx,

@@ -43,8 +43,9 @@ def serves(x: Tensor, w: Tensor, x_pos, p_pos, count: int, stride, padding, dila
     """True when ``dual_conv2d`` serves this call: a slot layout the kernel lays out (the
     input's slots first, the parameters' the same or appended), an output of at least one
     pixel (else at::conv2d's refusal, where the caller falls back) and offsets inside a slot
-    that fit int32."""
+    that fit int32, of an x with channels."""
     return (slot_layout(tuple(x_pos), tuple(p_pos), count) is not None
+            and x.shape[1] > 0
             and min(_output_shape(x, w, stride, padding, dilation)[2:]) >= 1
             and not too_large(x, w, stride, padding, dilation))
 
@@ -74,6 +75,17 @@ def _check_conv_operands(x, xt, w, wt, b, bt, x_pos, p_pos, stride, padding,
         torch._check(t.dtype in DTYPES,
                      lambda: f"fgkernels_triton.dual_conv2d: {name} must be float32, bfloat16 "
                              f"or float16, got {t.dtype}")
+    # Each position names a slot of a tangent given (the launcher reads it), and x has the
+    # channels the kernel's reduction runs over.
+    torch._check(xt is not None or not x_pos,
+                 lambda: f"fgkernels_triton.dual_conv2d: x_pos {list(x_pos)} names slots of "
+                         "xt, which is None")
+    torch._check(wt is not None or bt is not None or not p_pos,
+                 lambda: f"fgkernels_triton.dual_conv2d: p_pos {list(p_pos)} names slots of "
+                         "wt and bt, which are None")
+    torch._check(x.shape[1] > 0,
+                 lambda: f"fgkernels_triton.dual_conv2d: x has no channels, shape "
+                         f"{tuple(x.shape)}")
     # (as the native op: the tangents of one call share one dtype, x's or one of fewer bits)
     given = [(name, t) for name, t in (("xt", xt), ("wt", wt), ("bt", bt)) if t is not None]
     torch._check(all(t.dtype == given[0][1].dtype for _, t in given),
