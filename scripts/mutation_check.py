@@ -1110,8 +1110,8 @@ MUTANTS = [
            "and torch._C._storage_Use_Count(target.untyped_storage()._cdata) <= 2",
            "and True", HOSTILE),
     Mutant("a view of a temporary takes the primal under no_grad", "fgkernels/rules/fallback.py",
-           "        if pass_ is not None and not pass_.holds_as_state(target):",
-           "        if False:", HOSTILE),
+           "    if pass_ is not None and not pass_.holds_as_state(target):",
+           "    if False:", HOSTILE),
     Mutant("a Dual without tangent written into a plain tensor is refused",
            "fgkernels/rules/fallback.py",
            "    if _carries_tangent(written) and differentiable(target.dtype):",
@@ -1300,6 +1300,14 @@ MUTANTS = [
            ("tests/dual/test_mixed_precision.py",)),
     Mutant("a Dual under autocast runs", "fgkernels/dual/value.py",
            "if torch._C._is_any_autocast_enabled():", "if False:", HOSTILE),
+    Mutant("a write of a Dual into a plain tensor refused as a TypeError (+= then adds out of "
+           "place)", "fgkernels/rules/fallback.py",
+           "        raise RuntimeError(\n            f\"fgkernels.Dual: {what} would write a Dual "
+           "into a plain tensor",
+           "        raise TypeError(\n            f\"fgkernels.Dual: {what} would write a Dual "
+           "into a plain tensor",
+           ("tests/rules/test_hostile_inputs.py::test_augmented_assignment_into_a_temporary_is_"
+            "in_place",)),
     Mutant("the batch-norm sums' shift an Inf", BN_PER_CHANNEL,
            "return std::isfinite(mean) ? mean : 0.0;", "return mean;", HOSTILE),
     Mutant("the batch-norm sums' shift from each channel's first values", BN_PER_CHANNEL,

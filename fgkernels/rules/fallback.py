@@ -18,7 +18,11 @@ which have none, on a copy of the Dual; any other without one is refused) is dif
 the Dual rebound to its result, as every in-place rule does. A plain tensor written in place
 from Duals (``out=``, ``buf.add_(d)``) can take no tangent: under ``torch.no_grad()`` it takes
 the primal, as state such as running statistics or power-iteration vectors is updated;
-elsewhere it is refused, as forward_ad refuses ``out=``.
+elsewhere it is refused, as forward_ad refuses ``out=``. Inside a dual pass, a tensor of the
+forward's own that nothing views becomes a Dual instead. Refusals of such writes are
+``RuntimeError``s, as torch's own refusals of in-place ops: torch turns a ``TypeError`` raised
+in ``a += b`` into ``NotImplemented``, and Python then computes ``a = a + b`` out of place,
+leaving ``a``'s tensor and its views unwritten.
 """
 from __future__ import annotations
 
@@ -231,35 +235,54 @@ def _in_place(func: Callable, name: str, args: tuple, kwargs: dict) -> Any:
         return type(results)(out)
     written = (args if out is not None else args[1:], rest)
     if _carries_tangent(written) and differentiable(target.dtype):
-        what = "out=" if out is not None else f"'{name}'"
-        pass_ = running_pass()
-        if pass_ is not None and _can_become_dual(target) and not pass_.holds_as_state(target):
-            # A tensor of the forward's own filled from Duals (torch.zeros_like(x), then
-            # written: Longformer's chunks, an MoE's index_add_, RWKV's steps) becomes a Dual,
-            # as forward_ad's write makes it dual.
-            d = pass_.take_as_dual(target, *_slots_of(target, written, name))
-            if out is not None or key is not None:
-                return Dual.__torch_function__(func, (Dual,), args,
-                                               {**kwargs, key or "out": d})
-            return Dual.__torch_function__(func, (Dual,), (d, *args[1:]), kwargs)
-        if torch.is_grad_enabled():
-            raise TypeError(
-                f"fgkernels.Dual: {what} would write a Dual into a plain tensor, which cannot "
-                "take its tangent; compute the result out of place, or make the tensor a Dual "
-                "(fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents (or, "
-                "for state such as running statistics, write under torch.no_grad(), where it "
-                "takes the primal)")
-        if pass_ is not None and not pass_.holds_as_state(target):
-            # (under no_grad too its tangent would be lost)
-            raise TypeError(
-                f"fgkernels.Dual: {what} would write a Dual's tangent into a plain tensor that "
-                "no module of the dual pass holds and that cannot become a Dual (a view of one, "
-                "or one that other tensors view: they would keep their values without the "
-                "tangent); make that tensor a Dual (fgkernels.Dual(torch.zeros_like(x))) "
-                "before taking views of it, or compute the result out of place")
+        return _write_duals_into_plain(func, name, target, written, args, kwargs, key, out)
     # (a Dual without tangent, or an integer target, has nothing to lose: the primal)
+    return _on_primals(func, args, kwargs)
+
+
+def _on_primals(func: Callable, args: tuple, kwargs: dict) -> Any:
+    """``func`` on its operands' primals."""
     a, k = pytree.tree_map(primal_of, (args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     return func(*a, **k)
+
+
+def _write_duals_into_plain(func: Callable, name: str, target: torch.Tensor, written,
+                            args: tuple, kwargs: dict, key: Optional[str], out) -> Any:
+    """``func`` writing Duals with tangents (``written``) into the plain tensor ``target``: in
+    a dual pass, a tensor of the forward's own becomes a Dual; under ``torch.no_grad()``, state
+    takes the primal; anything else is refused. Every refusal is a RuntimeError (see the
+    module's docstring: a TypeError would make ``target += d`` an out-of-place add)."""
+    what = "out=" if out is not None else f"'{name}'"
+    pass_ = running_pass()
+    if pass_ is not None and _can_become_dual(target) and not pass_.holds_as_state(target):
+        # A tensor of the forward's own filled from Duals (torch.zeros_like(x), then
+        # written: Longformer's chunks, an MoE's index_add_, RWKV's steps) becomes a Dual,
+        # as forward_ad's write makes it dual.
+        d = pass_.take_as_dual(target, *_slots_of(target, written, name))
+        if out is not None or key is not None:
+            args, kwargs = args, {**kwargs, key or "out": d}
+        else:
+            args = (d, *args[1:])
+        try:
+            return Dual.__torch_function__(func, (Dual,), args, kwargs)
+        except TypeError as e:
+            raise RuntimeError(str(e)) from e
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fgkernels.Dual: {what} would write a Dual into a plain tensor, which cannot "
+            "take its tangent; compute the result out of place, or make the tensor a Dual "
+            "(fgkernels.Dual(torch.zeros_like(x))), whose writes keep their tangents (or, "
+            "for state such as running statistics, write under torch.no_grad(), where it "
+            "takes the primal)")
+    if pass_ is not None and not pass_.holds_as_state(target):
+        # (under no_grad too its tangent would be lost)
+        raise RuntimeError(
+            f"fgkernels.Dual: {what} would write a Dual's tangent into a plain tensor that "
+            "no module of the dual pass holds and that cannot become a Dual (a view of one, "
+            "or one that other tensors view: they would keep their values without the "
+            "tangent); make that tensor a Dual (fgkernels.Dual(torch.zeros_like(x))) "
+            "before taking views of it, or compute the result out of place")
+    return _on_primals(func, args, kwargs)
 
 
 # In-place ops without out-of-place form that write values forward AD differentiates as it

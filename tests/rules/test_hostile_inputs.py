@@ -377,14 +377,52 @@ def test_inplace_op_without_rule_rebinds_to_its_out_of_place_result(inplace, out
 def test_a_plain_tensor_written_from_a_dual_takes_the_primal_only_under_no_grad():
     d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
     buffer = torch.zeros(3, **f64)
-    with pytest.raises(TypeError, match="would write a Dual into a plain tensor"):
+    with pytest.raises(RuntimeError, match="would write a Dual into a plain tensor"):
         buffer.add_(d)
-    with pytest.raises(TypeError, match="out= would write a Dual into a plain tensor"):
+    with pytest.raises(RuntimeError, match="out= would write a Dual into a plain tensor"):
         torch.mul(d, 2.0, out=buffer)
     with torch.no_grad():  # state, as running statistics: the primal
         buffer.add_(d)
         torch.mul(d, 2.0, out=buffer)
     torch.testing.assert_close(buffer, d.primal * 2)
+
+
+class _AddsIntoATemporary(nn.Module):
+    """``out += h`` (``Tensor.__iadd__``) into a zero tensor of the forward's own; with
+    ``viewed``, a row of it taken before the write and returned beside it."""
+
+    def __init__(self, viewed: bool):
+        super().__init__()
+        self.fc, self.viewed = nn.Linear(3, 3), viewed
+
+    def forward(self, x):
+        h = self.fc(x)
+        out = torch.zeros_like(h)
+        row = out[1] if self.viewed else None
+        out += h
+        out *= h
+        return out if row is None else (out, row)
+
+
+def test_augmented_assignment_into_a_temporary_is_in_place():
+    """``out += h`` writes the tensor as ``out.add_(h)`` does: it becomes a Dual where nothing
+    views it, and is refused by name where a row of it would keep its values (torch turns a
+    TypeError in ``+=`` into Python's out-of-place ``out = out + h``: the row stayed zero,
+    without error); a plain tensor outside a pass is refused as its ``add_`` is."""
+    x, xt = torch.randn(2, 3, **f64), torch.randn(1, 2, 3, **f64)
+    model = _AddsIntoATemporary(viewed=False).double()
+    tangents = {n: torch.randn(1, *p.shape, **f64) for n, p in model.named_parameters()}
+    y, yt = model_jvp(model, [x], [xt], tangents)
+    fgkernels.set_tangents(model, tangents)
+    out = model(Dual(x, xt))
+    torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
+    model.viewed = True
+    with pytest.raises(RuntimeError, match="'Tensor.add_' would write a Dual"):
+        model(Dual(x, xt))
+    buffer, d = torch.zeros(3, **f64), Dual(x[0], xt[0, 0])
+    with pytest.raises(RuntimeError, match="'Tensor.mul_' would write a Dual into a plain"):
+        buffer *= d
 
 
 class _FillsATemporary(nn.Module):
@@ -448,7 +486,7 @@ def test_a_temporary_filled_from_duals_becomes_a_dual(grad, tangents_of):
     torch.testing.assert_close(model.temporary, out.primal)
     model.into_a_view = True
     with torch.set_grad_enabled(grad), \
-            pytest.raises(TypeError, match="would write a Dual.* into a (view of a )?plain tensor"):
+            pytest.raises(RuntimeError, match="would write a Dual.* into a plain tensor"):
         model(Dual(x, xt))
 
 
@@ -549,7 +587,7 @@ def test_a_tensor_viewed_before_a_dual_is_written_into_it_is_refused(grad):
     fgkernels.random_tangents(model)
     x = torch.randn(2, 3, **f64)
     with torch.set_grad_enabled(grad), \
-            pytest.raises(TypeError, match="other tensors view" if not grad else
+            pytest.raises(RuntimeError, match="other tensors view" if not grad else
                           "would write a Dual into a plain tensor"):
         model(Dual(x, torch.randn_like(x)))
 
