@@ -1300,6 +1300,10 @@ MUTANTS = [
            ("tests/dual/test_mixed_precision.py",)),
     Mutant("a Dual under autocast runs", "fgkernels/dual/value.py",
            "if torch._C._is_any_autocast_enabled():", "if False:", HOSTILE),
+    Mutant("another library's op without forward formula given zero tangents",
+           "fgkernels/rules/fallback.py", '    if "::" in name:', "    if False:",
+           ("tests/dual/test_dual_semantics.py::test_another_library_s_op_without_forward_"
+            "formula_is_refused",)),
     Mutant("a write of a Dual into a plain tensor refused as a TypeError (+= then adds out of "
            "place)", "fgkernels/rules/fallback.py",
            "        raise RuntimeError(\n            f\"fgkernels.Dual: {what} would write a Dual "

@@ -50,11 +50,27 @@ _local = threading.local()
 
 
 def op_name(func: Callable) -> str:
-    """A readable name of a torch function or method (``'Tensor.permute'``, ``'layer_norm'``)."""
+    """A readable name of a torch function or method (``'Tensor.permute'``, ``'layer_norm'``),
+    or of an op of another library by its qualified name (``'torchvision::roi_align'``)."""
     name = getattr(func, "__name__", None) or repr(func)
+    namespace = _library_namespace(func)
+    if namespace is not None:
+        return f"{namespace}::{name}"
     owner = getattr(func, "__objclass__", None)
     return f"Tensor.{name}" if owner is not None and issubclass(owner, torch._C.TensorBase) \
         else name
+
+
+def _library_namespace(func: Callable) -> Optional[str]:
+    """The namespace of an op registered by a library other than torch (``torch.library``:
+    a custom op, torchvision's, an extension's), else None."""
+    if isinstance(func, torch._ops.OpOverload):
+        namespace = func.namespace
+    elif isinstance(func, torch._ops.OpOverloadPacket):
+        namespace = func._qualified_op_name.split("::")[0]
+    else:
+        return None
+    return None if namespace in ("aten", "prims") else namespace
 
 
 def fallback_ops() -> dict[str, int]:
@@ -437,16 +453,27 @@ def _refused_if(undefined: set, name: str, primal_out):
 
 
 # Ops whose outputs torch's forward mode leaves without tangent though reverse mode
-# differentiates them: refused by name. An undefined tangent elsewhere is an output torch marks
-# non-differentiable (a Bessel function's, the statistics native_layer_norm returns beside its
-# result): zero, as torch.func.jvp gives it. Named, not found by running the op again under
-# reverse mode, which would repeat its writes (native_batch_norm's running statistics) and cost.
+# differentiates them: refused by name, as is every op of another library (a custom op whose
+# autograd formula has no jvp, torchvision's roi_align: forward_ad refuses them). An undefined
+# tangent elsewhere is an output torch marks non-differentiable (a Bessel function's, the
+# statistics native_layer_norm returns beside its result): zero, as torch.func.jvp gives it.
+# Named, not found by running the op again under reverse mode, which would repeat its writes
+# (native_batch_norm's running statistics) and cost.
 _NO_FORWARD_FORMULA = frozenset({"scatter_reduce", "Tensor.scatter_reduce"})
 
 
 def _refuse_undefined_tangents(outputs: list[int], name: str) -> None:
-    """Refuse the op where it is one of ``_NO_FORWARD_FORMULA`` and forward AD left the tangent
-    of some of its ``outputs`` (by position) undefined (``scatter_reduce(..., "prod")``)."""
+    """Refuse the op where it is one of ``_NO_FORWARD_FORMULA`` or another library's and
+    forward AD left the tangent of some of its ``outputs`` (by position) undefined
+    (``scatter_reduce(..., "prod")``, a custom op registered without a jvp)."""
+    if "::" in name:
+        raise NotImplementedError(
+            f"fgkernels.Dual: '{name}' is an op of a library outside torch whose forward-mode "
+            f"derivative torch does not know (it leaves the tangent of output {outputs[0]} "
+            "undefined: an autograd formula without jvp), so the forward-AD fallback cannot "
+            "give its tangent; write the computation with torch's own ops (a "
+            "torch.autograd.Function's forward too: fgkernels differentiates the ops it runs), "
+            "or take this derivative in reverse mode")
     if name in _NO_FORWARD_FORMULA:
         raise NotImplementedError(
             f"fgkernels.Dual: torch's forward-mode AD has no formula for '{name}' with these "

@@ -357,6 +357,40 @@ def test_an_output_forward_ad_leaves_without_tangent_is_refused_where_differenti
         torch.testing.assert_close(out.tangents[0], tangent, rtol=1e-13, atol=1e-14)
 
 
+@torch.library.custom_op("fgkernels_tests::triple", mutates_args=())
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    """3x, a custom op with a backward formula and no forward-mode one."""
+    return x * 3
+
+
+_triple.register_fake(torch.empty_like)
+_triple.register_autograd(lambda ctx, grad: grad * 3)
+
+_COMPOSITE = torch.library.Library("fgkernels_tests", "FRAGMENT")
+_COMPOSITE.define("cube(Tensor x) -> Tensor")
+_COMPOSITE.impl("cube", lambda x: x * x * x, "CompositeImplicitAutograd")
+
+
+def test_another_library_s_op_without_forward_formula_is_refused():
+    """A custom op registered with a backward formula alone (torchvision's roi_align is one)
+    leaves forward AD's tangent undefined: refused by its qualified name, as forward_ad
+    refuses it (torch.func.jvp made it zero); a library op that torch decomposes into its own
+    ops keeps forward_ad's tangent."""
+    x, xt = torch.randn(2, 3, **f64), torch.randn(1, 2, 3, **f64)
+    lin = nn.Linear(3, 3).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice
+        with pytest.raises(NotImplementedError, match="'fgkernels_tests::triple.default' is "
+                           "an op of a library outside torch"):
+            _triple(Dual(x, xt))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError):
+            _triple(lin(fwAD.make_dual(x, xt[0])))
+        out = torch.ops.fgkernels_tests.cube(Dual(x, xt))
+    y, yt = forward_ad_jvp(torch.ops.fgkernels_tests.cube, [x], [xt])
+    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
+    torch.testing.assert_close(out.tangents, yt, rtol=1e-13, atol=1e-14)
+
+
 def test_a_fallback_op_runs_once():
     """An op by the forward-AD fallback whose statistics outputs have no tangent (native batch
     norm's) runs once: its running statistics move as torch moves them (run again to ask
