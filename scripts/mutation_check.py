@@ -1454,9 +1454,19 @@ MUTANTS = [
            "    if args.data != \"cifar10\" and args.data_dir:", "    if False:",
            ("tests/train/test_train.py::test_bad_flags_name_the_valid_choices",)),
     Mutant("an in-place op's result taken in its own layout", "fgkernels/dual/value.py",
-           "result = self._in_own_layout(self._in_own_dtypes(result))",
-           "result = self._in_own_dtypes(result)",
-           ("tests/dual/test_channels_last.py::test_an_in_place_op_keeps_the_dual_s_layout",)),
+           "result = self._in_own_layout(result)", "result = result",
+           ("tests/dual/test_channels_last.py::test_an_in_place_op_keeps_the_dual_s_layout",
+            "tests/dual/test_dual_semantics.py::test_an_in_place_op_keeps_a_transposed_dual_s_"
+            "strides")),
+    Mutant("an in-place op's slots left in the result's layout", "fgkernels/dual/value.py",
+           "        if relay_stack:\n", "        if False:\n",
+           ("tests/dual/test_dual_semantics.py::test_an_in_place_op_keeps_a_transposed_dual_s_"
+            "strides",)),
+    Mutant("an in-place op's result laid out as a primal with gaps", "fgkernels/dual/layout.py",
+           "        if stride != expected:\n            return False", "        if False:\n"
+           "            return False",
+           ("tests/dual/test_dual_semantics.py::test_an_in_place_op_on_an_expanded_dual_takes_"
+            "the_result_s_layout",)),
     Mutant("the Triton apply takes what the native convolution computed",
            "fgkernels/backends/triton/backend.py",
            "if h.device.type != \"cuda\" and not INTERPRETED or h.dtype not in DTYPES:",

@@ -72,3 +72,51 @@ def in_kernel_layout(x: Tensor, xt) -> bool:
     if fmt == torch.channels_last:
         return xt.permute(0, 1, 3, 4, 2).is_contiguous()
     return xt.is_contiguous()
+
+
+def _strides_by_size(t: Tensor) -> list:
+    """``t``'s (stride, size) pairs of the dims of size > 1, smallest stride first."""
+    return sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size != 1)
+
+
+def non_overlapping_and_dense(t: Tensor) -> bool:
+    """True if ``t``'s elements fill a block of memory with no gap and no element twice (some
+    order of its dims is contiguous): torch's in-place ops keep such a tensor's strides."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    expected = 1
+    for stride, size in _strides_by_size(t):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def steps_like(t: Tensor, like: Tensor) -> bool:
+    """True if ``t`` steps through memory as ``like`` (of one shape) does along every dim of
+    size > 1."""
+    return t.stride() == like.stride() or all(
+        size == 1 or a == b for size, a, b in zip(like.shape, t.stride(), like.stride()))
+
+
+def slots_step_like(stack: Tensor, primal: Tensor) -> bool:
+    """True if every slot of ``stack`` steps through memory as ``primal`` does, slot after
+    slot."""
+    slots, strides = stack.shape[0], stack.stride()
+    return (slots == 1 or strides[0] == primal.numel()) and all(
+        size == 1 or a == b for size, a, b in zip(primal.shape, strides[1:], primal.stride()))
+
+
+def laid_out_as(t: Tensor, like: Tensor) -> Tensor:
+    """A copy of ``t`` with ``like``'s strides (``like`` of ``t``'s shape, non-overlapping and
+    dense)."""
+    out = torch.empty_strided(like.shape, like.stride(), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+def slots_laid_out_as(stack: Tensor, like: Tensor) -> Tensor:
+    """A copy of the stacked slots ``stack`` with each slot in ``like``'s strides (``like``
+    non-overlapping and dense), slot after slot."""
+    strides = (like.numel(), *like.stride())
+    out = torch.empty_strided(stack.shape, strides, dtype=stack.dtype, device=stack.device)
+    return out.copy_(stack)

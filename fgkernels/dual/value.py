@@ -20,7 +20,18 @@ from .dynamo import (
     trace_checkpoints_as_calls,
     when_dynamo_loads,
 )
-from .layout import in_kernel_layout, kernel_format, shares_memory, slots_in_format, view_root
+from .layout import (
+    in_kernel_layout,
+    kernel_format,
+    laid_out_as,
+    non_overlapping_and_dense,
+    shares_memory,
+    slots_in_format,
+    slots_laid_out_as,
+    slots_step_like,
+    steps_like,
+    view_root,
+)
 from .slots import Directions, SlotOperand, positions_index
 
 # torch function -> rule; filled by the modules of fgkernels.rules with the ops that have a JVP
@@ -768,16 +779,17 @@ class Dual:
         if view_root(result.primal) is view_root(self.primal) \
                 or result.primal.shape != self.primal.shape:
             return self._view_in_place(result)
-        result = self._in_own_layout(self._in_own_dtypes(result))
+        result = self._in_own_dtypes(result)
         source = self._source
+        if source is not None and source.kind == "viewed" and result._stack is not None \
+                and not self._same_slots(result):
+            # Its views cannot take slots it did not have: they keep the tensors as they are,
+            # and this Dual takes the result (README: in-place ops).
+            self._source = source = None
         if source is not None:
-            if source.kind == "viewed" and result._stack is not None \
-                    and not self._same_slots(result):
-                # Its views cannot take slots it did not have: they keep the tensors as they
-                # are, and this Dual takes the result (README: in-place ops).
-                self._source = None
-            else:
-                result = self._write_through(result)
+            result = self._write_through(result)
+        else:
+            result = self._in_own_layout(result)
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
         return self
@@ -805,16 +817,24 @@ class Dual:
         return self
 
     def _in_own_layout(self, result: Dual) -> Dual:
-        """An in-place op's result in this Dual's memory format, as torch's in-place ops keep
-        their tensor's strides: a channels_last Dual written from a contiguous value
-        (``d.copy_(x)``, a contiguous mask's ``masked_fill_``) stays channels_last, and so do its
-        slots (its next convolution then copies nothing)."""
-        cl = torch.channels_last
-        if kernel_format(self.primal) != cl or result.primal.is_contiguous(memory_format=cl):
+        """An in-place op's result, which this Dual is rebound to, in the strides of this
+        Dual's primal where they are non-overlapping and dense, as torch's in-place ops keep
+        their tensor's strides: a transposed or channels_last Dual written from a value of
+        another layout (``d.relu_()``, ``d.copy_(x)``, a contiguous mask's ``masked_fill_``)
+        keeps its layout, and so do its slots, so that its later views and reshapes view or
+        copy as torch's do (and its next convolution copies nothing). An expanded stack of
+        slots (a broadcast tangent) stays as it is."""
+        primal, stack = result.primal, result._stack
+        relay_stack = stack is not None and _writable(stack) \
+            and not slots_step_like(stack, self.primal)
+        if steps_like(primal, self.primal) and not relay_stack \
+                or not non_overlapping_and_dense(self.primal):
             return result
-        stack = None if result._stack is None else slots_in_format(result._stack, cl)
-        return Dual._unchecked(result.primal.contiguous(memory_format=cl), stack,
-                               result.directions, result._single)
+        if not steps_like(primal, self.primal):
+            primal = laid_out_as(primal, self.primal)
+        if relay_stack:
+            stack = slots_laid_out_as(stack, self.primal)
+        return Dual._unchecked(primal, stack, result.directions, result._single)
 
     def _in_own_dtypes(self, result: Dual) -> Dual:
         """An in-place op's result in this Dual's dtypes, as torch's in-place ops keep their

@@ -708,6 +708,71 @@ def test_a_tangent_laid_out_unlike_its_primal_is_written_with_it(layout):
     assert torch.equal(d.primal, expected.primal) and torch.equal(d.tangent, expected.tangent)
 
 
+IN_PLACE_WRITES = {
+    "relu_": lambda d: d.relu_(),
+    "masked_fill_": lambda d: d.masked_fill_(torch.eye(3, 4, dtype=torch.bool), 0.5),
+    "copy_": lambda d: d.copy_(d.contiguous() * 2.0),
+    "scatter_add_": lambda d: d.scatter_add_(1, torch.tensor([[0], [1], [2]]),
+                                             torch.ones(3, 1, **f64)),
+    "index_add_": lambda d: d.index_add_(0, torch.tensor([0, 2]), torch.ones(2, 4, **f64)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE_WRITES))
+def test_an_in_place_op_keeps_a_transposed_dual_s_strides(name):
+    """An in-place op on a transposed Dual without views keeps its strides and its slots', as
+    torch's in-place ops keep a tensor's: ``flatten`` then copies (a write into it leaves the
+    Dual alone) and ``d.T.view(12)`` views (a write into it reaches the Dual), as forward_ad's
+    (the Dual was made contiguous: flatten viewed it, and view failed)."""
+    x, t = torch.randn(4, 3, **f64).t(), torch.randn(2, 4, 3, **f64).transpose(1, 2)
+
+    def fn(v):
+        v = v.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback's notice
+            IN_PLACE_WRITES[name](v)
+        v.flatten().zero_()
+        v.T.view(12)[:5].mul_(2.0)
+        return v
+
+    d = fn(Dual(x, t))
+    assert d.primal.stride() == x.stride() and d.tangents.stride() == t.stride()
+    y, yt = forward_ad_jvp(fn, [x], [t])
+    torch.testing.assert_close(d.primal, y, rtol=0, atol=0)
+    torch.testing.assert_close(d.tangents, yt, rtol=0, atol=0)
+
+
+def test_a_contiguous_dual_written_from_a_transposed_value_stays_contiguous():
+    """``d.copy_(e)`` with ``e`` transposed leaves ``d`` and its slots contiguous, as torch's
+    copy_ leaves its target: ``d.view(12)`` views it (it was refused)."""
+    x, t = torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    e, et = torch.randn(4, 3, **f64), torch.randn(2, 4, 3, **f64)
+
+    def fn(v, w):
+        v = v.clone()
+        v.copy_(w.T)
+        v.view(12)[:5].mul_(2.0)
+        return v
+
+    d = fn(Dual(x, t), Dual(e, et))
+    assert d.primal.is_contiguous() and d.tangents.is_contiguous()
+    y, yt = forward_ad_jvp(fn, [x, e], [t, et])
+    torch.testing.assert_close(d.primal, y, rtol=0, atol=0)
+    torch.testing.assert_close(d.tangents, yt, rtol=0, atol=0)
+
+
+def test_an_in_place_op_on_an_expanded_dual_takes_the_result_s_layout():
+    """A Dual over an expanded tensor, without views, rebound by an in-place op takes the
+    result's values in a layout of the result's own (in the expanded strides, its rows
+    would share one row of memory)."""
+    x, t = torch.randn(1, 4, **f64).expand(3, 4), torch.randn(2, 3, 4, **f64)
+    e, et = torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    d = Dual(x, t)
+    d.add_(Dual(e, et))
+    torch.testing.assert_close(d.primal, x + e, rtol=0, atol=0)
+    torch.testing.assert_close(d.tangents, t + et, rtol=0, atol=0)
+
+
 def test_a_view_of_a_strided_primal_is_never_half_written():
     """A strided primal (no layout to give its tangent) whose view op views the primal but
     copies the tangent: the view is a copy of both, so an in-place op on it (or on a view of
