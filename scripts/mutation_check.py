@@ -1454,10 +1454,16 @@ MUTANTS = [
            "    if args.data != \"cifar10\" and args.data_dir:", "    if False:",
            ("tests/train/test_train.py::test_bad_flags_name_the_valid_choices",)),
     Mutant("an in-place op's result taken in its own layout", "fgkernels/dual/value.py",
-           "result = self._in_own_layout(result)", "result = result",
+           "result = self._in_own_layout(self._keeping_slots(result))",
+           "result = self._keeping_slots(result)",
            ("tests/dual/test_channels_last.py::test_an_in_place_op_keeps_the_dual_s_layout",
             "tests/dual/test_dual_semantics.py::test_an_in_place_op_keeps_a_transposed_dual_s_"
             "strides")),
+    Mutant("a write of values without tangent drops the Dual's slots", "fgkernels/dual/value.py",
+           "        if result._stack is not None or self._stack is None:\n",
+           "        if True:\n",
+           ("tests/dual/test_dual_semantics.py::test_a_write_of_values_without_tangent_keeps_the_"
+            "dual_s_slots_zeroed",)),
     Mutant("an in-place op's slots left in the result's layout", "fgkernels/dual/value.py",
            "        if relay_stack:\n", "        if False:\n",
            ("tests/dual/test_dual_semantics.py::test_an_in_place_op_keeps_a_transposed_dual_s_"

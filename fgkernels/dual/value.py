@@ -789,7 +789,7 @@ class Dual:
         if source is not None:
             result = self._write_through(result)
         else:
-            result = self._in_own_layout(result)
+            result = self._in_own_layout(self._keeping_slots(result))
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
         return self
@@ -815,6 +815,18 @@ class Dual:
         if self._source is not None:  # it views, or has views: later ops write into these
             self._source = _Storage(self.primal, self._stack, self._source.kind)
         return self
+
+    def _keeping_slots(self, result: Dual) -> Dual:
+        """An in-place op's result without tangent (``d.zero_()``, ``d.fill_(c)``,
+        ``d.copy_(x)``, a random draw), which this Dual is rebound to, with this Dual's slots
+        zeroed: forward_ad keeps a tensor's tangent defined, zero, through such a write, so that
+        a view taken after it sees a later write that brings a tangent, and a derivative
+        infinite at the written value gives NaN (``sqrt`` after ``zero_()``). A Dual without
+        slots keeps none (a zero tangent that no kernel multiplies)."""
+        if result._stack is not None or self._stack is None:
+            return result
+        return Dual._unchecked(result.primal, torch.zeros_like(self._stack), self.directions,
+                               self._single)
 
     def _in_own_layout(self, result: Dual) -> Dual:
         """An in-place op's result, which this Dual is rebound to, in the strides of this

@@ -106,7 +106,7 @@ for _op in (_T.to, _T.double, _T.float, _T.half, _T.bfloat16, _T.cpu, _T.cuda, _
 # --- in-place fills: the Dual rebound to the new values (``Dual`` in-place semantics) -----------
 def _fill(func: Callable) -> Callable:
     """``d.zero_()``, ``torch.zero_(d)``, ``d.fill_(v)``, ``d.uniform_()``, ...: values with no
-    tangent (a Dual fill value brings its own)."""
+    tangent, which zero the Dual's slots (a Dual fill value brings its own)."""
     def rule(input: Dual, *args, **kwargs):
         if not isinstance(input, Dual):  # a plain tensor filled from a Dual value
             return forward_ad_fallback(func, (input, *args), kwargs)
@@ -129,7 +129,8 @@ for _op in (_T.zero_, torch.zero_, _T.fill_, _T.uniform_, _T.normal_, _T.bernoul
 
 @implements(_T.copy_)
 def copy_(input, src, non_blocking: bool = False):
-    """``d.copy_(src)``: ``d`` rebound to ``src`` broadcast to its shape, dtype and device."""
+    """``d.copy_(src)``: ``d`` rebound to ``src`` broadcast to its shape, dtype and device (a
+    source without tangent zeroes the Dual's slots)."""
     if not isinstance(input, Dual):
         return forward_ad_fallback(_T.copy_, (input, src, non_blocking), {})
     source = src if isinstance(src, Dual) else Dual._unchecked(src, None, None, False)

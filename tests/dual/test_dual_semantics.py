@@ -674,6 +674,50 @@ def test_an_in_place_write_without_out_of_place_form_acts_as_forward_ad(name):
     torch.testing.assert_close(tangent, expected.tangent, rtol=0, atol=0)
 
 
+def _without_tangent(value, like):
+    """``value`` as an operand without tangent: a Dual of none beside a Dual, else the
+    tensor."""
+    return Dual(value) if isinstance(like, Dual) else value
+
+
+WRITES_OF_VALUES_WITHOUT_TANGENT = {
+    "zero_": lambda d: d.zero_(),
+    "fill_": lambda d: d.fill_(2.0),
+    "copy_ of a tensor": lambda d: d.copy_(torch.ones(2, 3, **f64)),
+    "copy_ of a Dual without tangent": lambda d: d.copy_(
+        _without_tangent(torch.ones(2, 3, **f64), d)),
+    "normal_": lambda d: d.normal_(),
+    "uniform_": lambda d: d.uniform_(),
+    "nn.init.zeros_": nn.init.zeros_,
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITES_OF_VALUES_WITHOUT_TANGENT))
+def test_a_write_of_values_without_tangent_keeps_the_dual_s_slots_zeroed(name):
+    """``d.zero_()``, ``d.fill_(c)``, ``d.copy_(x)``, a random draw on a Dual with slots keep
+    them, zeroed, as forward_ad keeps a defined zero tangent: a view taken after the write sees
+    a later write that brings a tangent (it kept the written values and no tangent), and
+    ``sqrt`` at 0 after ``zero_()`` gives NaN (it gave a zero tangent)."""
+    def fn(v, one):
+        v = v.clone()
+        torch.manual_seed(0)
+        WRITES_OF_VALUES_WITHOUT_TANGENT[name](v)
+        root = v.sqrt()
+        row = v[0]
+        v.add_(one)
+        return v, row, root
+
+    x, t = torch.randn(2, 3, **f64), torch.randn(2, 2, 3, **f64)
+    one, ot = torch.ones(3, **f64), torch.randn(2, 3, **f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice; sqrt of a negative draw
+        out = fn(Dual(x, t), Dual(one, ot))
+        expected, expected_t = forward_ad_jvp(fn, [x, one], [t, ot])
+    for d, y, yt in zip(out, expected, expected_t):
+        torch.testing.assert_close(d.primal, y, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(d.tangents, yt, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("op", [lambda d: d.share_memory_(), lambda d: d.set_(torch.ones(3)),
                                 lambda d: d.apply_(abs)], ids=["share_memory_", "set_", "apply_"])
 def test_an_in_place_op_without_out_of_place_form_that_is_no_write_is_refused(op):
