@@ -1464,6 +1464,11 @@ MUTANTS = [
            "        if True:\n",
            ("tests/dual/test_dual_semantics.py::test_a_write_of_values_without_tangent_keeps_the_"
             "dual_s_slots_zeroed",)),
+    Mutant("contiguous() of a contiguous Dual copies it", POINTWISE,
+           "    if input.primal.is_contiguous(memory_format=memory_format):\n        return input",
+           "    if False:\n        return input",
+           ("tests/dual/test_dual_semantics.py::test_contiguous_of_a_contiguous_dual_is_the_dual_"
+            "itself",)),
     Mutant("an in-place op's slots left in the result's layout", "fgkernels/dual/value.py",
            "        if relay_stack:\n", "        if False:\n",
            ("tests/dual/test_dual_semantics.py::test_an_in_place_op_keeps_a_transposed_dual_s_"

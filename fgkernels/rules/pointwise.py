@@ -1063,7 +1063,6 @@ _SLOT_VIEWS: dict[Callable, Callable] = {
         split_sizes, _slot_dim(dim, n)),
     torch.split_with_sizes: lambda t, n, split_sizes, dim=0: t.split_with_sizes(
         split_sizes, _slot_dim(dim, n)),
-    torch.Tensor.contiguous: _contiguous,
     torch.Tensor.clone: _clone, torch.clone: _clone,
     torch.Tensor.tensor_split: _tensor_split, torch.tensor_split: _tensor_split,
     # (vmap has no batching rule for a tensor start)
@@ -1097,8 +1096,7 @@ _LINEAR_OPS = [
     torch.Tensor.adjoint, torch.adjoint, torch.Tensor.swapaxes, torch.swapaxes,
     torch.Tensor.swapdims, torch.swapdims, torch.Tensor.chunk, torch.chunk, torch.Tensor.split,
     torch.split, torch.Tensor.split_with_sizes, torch.split_with_sizes, torch.Tensor.unbind,
-    torch.unbind, torch.Tensor.contiguous,
-    torch.Tensor.expand, torch.Tensor.squeeze, torch.squeeze,
+    torch.unbind, torch.Tensor.expand, torch.Tensor.squeeze, torch.squeeze,
     torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.mean, torch.mean, torch.Tensor.sum,
     torch.sum, torch.Tensor.narrow, torch.narrow, torch.Tensor.select,
     torch.select, torch.Tensor.flip, torch.flip, torch.Tensor.roll, torch.roll,
@@ -1126,3 +1124,17 @@ _LINEAR_OPS = [
 for _op in _LINEAR_OPS:
     implements(_op)(_slot_view_rule(_op, _SLOT_VIEWS[_op]) if _op in _SLOT_VIEWS
                     else _linear_rule(_op))
+
+
+_contiguous_copy = _slot_view_rule(torch.Tensor.contiguous, _contiguous)
+
+
+@implements(torch.Tensor.contiguous)
+def contiguous(input: Dual, memory_format=torch.contiguous_format) -> Dual:
+    """``d.contiguous()``: ``d`` itself where its primal is contiguous in ``memory_format``,
+    as torch returns the tensor itself (an in-place op on the result is one on ``d``; its
+    slots stay as they are, a row of a stack strided); else a copy of the primal and of each
+    slot, laid out so."""
+    if input.primal.is_contiguous(memory_format=memory_format):
+        return input
+    return _contiguous_copy(input, memory_format=memory_format)

@@ -805,6 +805,24 @@ def test_a_contiguous_dual_written_from_a_transposed_value_stays_contiguous():
     torch.testing.assert_close(d.tangents, yt, rtol=0, atol=0)
 
 
+def _contiguous_written(x):
+    y = x.clone()
+    y[1:2].contiguous().mul_(10.0)     # contiguous already: y's own row
+    y.contiguous()[2].add_(1.0)
+    y.t().contiguous()[0].zero_()      # a copy: y is left alone
+    return y
+
+
+def test_contiguous_of_a_contiguous_dual_is_the_dual_itself():
+    """``d.contiguous()`` of a Dual whose primal is contiguous (a row of a stack of slots, whose
+    slots are not) is ``d`` itself, as torch returns the tensor itself: an in-place op on it
+    writes into the Dual (it wrote into a copy); of a transposed Dual, a copy."""
+    _against_forward_ad(_contiguous_written, (3, 4))
+    d = Dual(torch.randn(1, 2, 3, 3, **f64).contiguous(memory_format=torch.channels_last),
+             torch.randn(2, 1, 2, 3, 3, **f64))
+    assert d.contiguous(memory_format=torch.channels_last) is d and d[0:1].contiguous() is not d
+
+
 def test_an_in_place_op_on_an_expanded_dual_takes_the_result_s_layout():
     """A Dual over an expanded tensor, without views, rebound by an in-place op takes the
     result's values in a layout of the result's own (in the expanded strides, its rows
