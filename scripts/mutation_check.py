@@ -1469,6 +1469,21 @@ MUTANTS = [
            "    if False:\n        return input",
            ("tests/dual/test_dual_semantics.py::test_contiguous_of_a_contiguous_dual_is_the_dual_"
             "itself",)),
+    Mutant("an overlapping view written back whole", "fgkernels/dual/value.py",
+           "        if self._writes_into_overlap():\n            # The result",
+           "        if False:\n            # The result",
+           ("tests/dual/test_dual_semantics.py::test_an_in_place_op_on_an_overlapping_view_is_"
+            "refused",)),
+    Mutant("u[i] = v into an overlapping view writes all of it", "fgkernels/dual/value.py",
+           "        if self._writes_into_overlap():\n            part = self[index]",
+           "        if False:\n            part = self[index]",
+           ("tests/dual/test_dual_semantics.py::test_a_write_into_a_part_of_an_overlapping_view_"
+            "writes_that_part",)),
+    Mutant("an unfolded view taken for one that does not overlap", "fgkernels/dual/layout.py",
+           "        if stride <= reach:\n            return True",
+           "        if stride < reach:\n            return True",
+           ("tests/dual/test_dual_semantics.py::test_an_in_place_op_on_an_overlapping_view_is_"
+            "refused",)),
     Mutant("an in-place op's slots left in the result's layout", "fgkernels/dual/value.py",
            "        if relay_stack:\n", "        if False:\n",
            ("tests/dual/test_dual_semantics.py::test_an_in_place_op_keeps_a_transposed_dual_s_"

@@ -92,6 +92,22 @@ def non_overlapping_and_dense(t: Tensor) -> bool:
     return True
 
 
+def may_overlap(t: Tensor) -> bool:
+    """True if two elements of ``t`` may share a memory location (``expand``, ``unfold``,
+    an overlapping ``as_strided``). A sufficient test of the contrary: ordered by stride,
+    each dim steps past every offset the dims of smaller stride reach (a slice, a transpose,
+    a strided slice pass); a view that interleaves its dims without overlap counts as
+    overlapping."""
+    if t.is_contiguous() or t.numel() == 0:
+        return False
+    reach = 0
+    for stride, size in _strides_by_size(t):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
 def steps_like(t: Tensor, like: Tensor) -> bool:
     """True if ``t`` steps through memory as ``like`` (of one shape) does along every dim of
     size > 1."""

@@ -24,6 +24,7 @@ from .layout import (
     in_kernel_layout,
     kernel_format,
     laid_out_as,
+    may_overlap,
     non_overlapping_and_dense,
     shares_memory,
     slots_in_format,
@@ -617,8 +618,16 @@ class Dual:
 
     def __setitem__(self, index, value) -> None:
         """``d[index] = value`` (a Dual, Tensor or number), as every in-place op on a Dual
-        (see the class docstring)."""
-        self._assign(_RULES[Dual.__setitem__](self, index, value))
+        (see the class docstring). Into a view that overlaps itself (``d.unfold(0, 2, 1)``),
+        a basic index writes the part it picks alone, as torch writes it (an in-place op on
+        the whole view is refused: ``_write_through``)."""
+        setitem = _RULES[Dual.__setitem__]
+        if self._writes_into_overlap():
+            part = self[index]
+            if part._source is not None and not part._writes_into_overlap():
+                part._assign(setitem(part, Ellipsis, value))
+                return
+        self._assign(setitem(self, index, value))
 
     def __repr__(self) -> str:
         t = "None" if self._stack is None else f"{tuple(self._stack.shape)}"
@@ -867,7 +876,23 @@ class Dual:
             return result
         return Dual._unchecked(primal, stack, result.directions, result._single)
 
+    def _writes_into_overlap(self) -> bool:
+        """True if an in-place op on this Dual writes into tensors two of whose elements may
+        share memory (a view made by ``expand``, ``unfold``, ``as_strided``)."""
+        source = self._source
+        return source is not None and (may_overlap(source.primal) or source.stack is not None
+                                       and may_overlap(source.stack))
+
     def _write_through(self, result: Dual) -> Dual:
+        if self._writes_into_overlap():
+            # The result, computed out of place, holds each shared element once per place it
+            # sits in; written back, the copies of the elements the op did not change would
+            # overwrite those it did (torch's own check sees only a stride of 0).
+            raise RuntimeError(
+                "unsupported operation: more than one element of the written-to tensor refers to "
+                "a single memory location: an in-place op on a Dual whose memory overlaps itself "
+                "(a view made by expand, unfold or as_strided) is refused; write into a part of "
+                "it that does not overlap (u[i] = v, u[i].mul_(2)), or clone it first")
         target, stack, kind = self._source
         if torch.is_grad_enabled() and target.requires_grad and target.is_leaf:
             raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "

@@ -1550,6 +1550,39 @@ def test_an_expanded_view_sees_writes_into_the_dual_it_views():
     torch.testing.assert_close(d.primal, 3 * x, rtol=0, atol=0)
 
 
+def _written_through_overlapping_views(x):
+    y = x.clone()
+    u = y.unfold(0, 2, 1)                   # rows (0, 1), (1, 2), (2, 3), ...
+    u[0] = 7.0
+    u[2, 1:] = y[4:5] * 3.0
+    u[3].mul_(2.0)
+    y.as_strided((3, 2), (1, 1), 4)[1] = y[0]
+    return y
+
+
+def test_a_write_into_a_part_of_an_overlapping_view_writes_that_part():
+    """``u[i] = v`` into a view that overlaps itself (unfold, as_strided) writes the part it
+    picks, as torch does (the view was written back whole from an out-of-place result, whose
+    stale copies of the shared elements overwrote the new values)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's notice (as_strided)
+        _against_forward_ad(_written_through_overlapping_views, (8,))
+
+
+@pytest.mark.parametrize("write", [lambda u: u.mul_(2.0), lambda u: u.__setitem__([0, 2], 1.0),
+                                   lambda u: u[0:2].zero_()],
+                         ids=["mul_", "advanced index", "overlapping part"])
+def test_an_in_place_op_on_an_overlapping_view_is_refused(write):
+    """An in-place op on a view that overlaps itself, whole or through an advanced index or
+    a part that overlaps too, is refused by name (written back from an out-of-place result, it
+    gave wrong values), the Dual left as it was."""
+    x, t = torch.arange(4.0, **f64), torch.arange(4.0, **f64) * 10
+    d = Dual(x.clone(), t.clone())
+    with pytest.raises(RuntimeError, match="on a Dual whose memory overlaps itself"):
+        write(d.unfold(0, 2, 1))
+    assert torch.equal(d.primal, x) and torch.equal(d.tangent, t)
+
+
 def test_a_tangent_on_the_primal_s_memory_is_the_dual_s_own():
     """``Dual(x, x)``: a write into the primal (through a view of the Dual) leaves the
     tangent as given, as the derivative of adding a constant is."""
