@@ -1373,10 +1373,8 @@ MUTANTS = [
            ("tests/dual/test_dual_semantics.py::test_a_tangent_broadcast_from_a_smaller_operand_takes_writes_"
             "through_views",)),
     Mutant("a Dual viewed by an expanded view not told so", "fgkernels/dual/value.py",
-           "            if _writable(self.primal) and _writable(self._stack):\n"
-           "                out._source",
-           "            if _writable(out._stack) and _writable(self._stack):\n"
-           "                out._source",
+           "if self._source is not None or (_writable(self.primal) and _writable(self._stack)):",
+           "if self._source is not None or (_writable(out._stack) and _writable(self._stack)):",
            ("tests/dual/test_dual_semantics.py::test_an_expanded_view_sees_writes_into_the_dual_it_views",)),
     Mutant("a tangent on the primal's memory kept there", "fgkernels/dual/value.py",
            "        if shares_memory(stack, primal):", "        if False:",
@@ -1484,6 +1482,11 @@ MUTANTS = [
            "        if stride < reach:\n            return True",
            ("tests/dual/test_dual_semantics.py::test_an_in_place_op_on_an_overlapping_view_is_"
             "refused",)),
+    Mutant("a view of an expanded view not linked", "fgkernels/dual/value.py",
+           "if self._source is not None or (_writable(self.primal) and _writable(self._stack)):",
+           "if _writable(self.primal) and _writable(self._stack):",
+           ("tests/dual/test_dual_semantics.py::test_a_view_of_an_expanded_view_writes_into_the_"
+            "dual",)),
     Mutant("an in-place op's slots left in the result's layout", "fgkernels/dual/value.py",
            "        if relay_stack:\n", "        if False:\n",
            ("tests/dual/test_dual_semantics.py::test_an_in_place_op_keeps_a_transposed_dual_s_"

@@ -415,9 +415,11 @@ class Dual:
         is fresh (a reshape that copies) gets a tangent of its own too, and one whose tangent is
         fresh a primal of its own (a write into a view must reach both or neither)."""
         if out._views(self):
-            # (an expanded view too: an in-place op on it then meets torch's refusal to write
-            # one element many times, and one on this Dual reaches it)
-            if _writable(self.primal) and _writable(self._stack):
+            # (an expanded view too, and a view of one: an in-place op on a view that overlaps
+            # itself is refused, ``_write_through``, and one on this Dual reaches it). A Dual
+            # of broadcast slots (stride 0) that writes into no tensors of its own has no room
+            # for the writes of a view; one that does (a view) passes its tensors on.
+            if self._source is not None or (_writable(self.primal) and _writable(self._stack)):
                 out._source = _Storage(out.primal, out._stack, "view")
                 if self._source is None:
                     self._source = _Storage(self.primal, self._stack, "viewed")

@@ -1583,6 +1583,27 @@ def test_an_in_place_op_on_an_overlapping_view_is_refused(write):
     assert torch.equal(d.primal, x) and torch.equal(d.tangent, t)
 
 
+def _written_through_views_of_an_expanded_view(x):
+    y = x.clone()
+    e = y[0:1].expand(2, 4)
+    e[1].mul_(2.0)
+    e[0, 1:3] = y[2, 0:2]
+    e[1][3:].zero_()
+    return y
+
+
+def test_a_view_of_an_expanded_view_writes_into_the_dual():
+    """A view of an expanded view of a Dual that does not overlap itself (``e[1]``) takes
+    in-place ops into the Dual, as torch's (they reached the view alone); one that overlaps
+    (``e[:, 0]``) is refused by name, the Dual left as it was."""
+    _against_forward_ad(_written_through_views_of_an_expanded_view, (3, 4))
+    x, t = torch.randn(3, 4, **f64), torch.randn(3, 4, **f64)
+    d = Dual(x.clone(), t.clone())
+    with pytest.raises(RuntimeError, match="on a Dual whose memory overlaps itself"):
+        d[0:1].expand(2, 4)[:, 0].zero_()
+    assert torch.equal(d.primal, x) and torch.equal(d.tangent, t)
+
+
 def test_a_tangent_on_the_primal_s_memory_is_the_dual_s_own():
     """``Dual(x, x)``: a write into the primal (through a view of the Dual) leaves the
     tangent as given, as the derivative of adding a constant is."""
