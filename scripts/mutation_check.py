@@ -1487,6 +1487,16 @@ MUTANTS = [
            "if _writable(self.primal) and _writable(self._stack):",
            ("tests/dual/test_dual_semantics.py::test_a_view_of_an_expanded_view_writes_into_the_"
             "dual",)),
+    Mutant("a pass's temporary keeps its shape under an in-place view op",
+           "fgkernels/dual/value.py", "            _restride(target, result.primal)\n",
+           "            pass\n",
+           ("tests/dual/test_tangent_store.py::test_a_tensor_a_pass_filled_from_a_dual_takes_in_"
+            "place_view_ops",)),
+    Mutant("a parameter reshaped in place on the dual pass", "fgkernels/dual/value.py",
+           "        parameter = isinstance(target, torch.nn.Parameter)\n",
+           "        parameter = False\n",
+           ("tests/dual/test_dual_semantics.py::test_a_parameter_keeps_its_shape_on_the_dual_"
+            "pass",)),
     Mutant("an in-place op's slots left in the result's layout", "fgkernels/dual/value.py",
            "        if relay_stack:\n", "        if False:\n",
            ("tests/dual/test_dual_semantics.py::test_an_in_place_op_keeps_a_transposed_dual_s_"

@@ -815,16 +815,22 @@ class Dual:
         views this Dual's tensors and becomes them, as the op gives a tensor a new shape over
         the same storage (views taken before keep viewing it). Any other change of shape is
         refused, as torch refuses it, and so is one of a parameter's Dual (the parameter's own
-        shape would have to change)."""
-        parameter = self._parameter() is not None
+        shape would have to change). A tensor of a forward's own that its dual pass made a
+        Dual (``tangents._Pass.take_as_dual``) takes the new shape itself, and so does its
+        recorded tangent, as forward_ad's dual tensor does."""
+        target = self._parameter()
+        parameter = isinstance(target, torch.nn.Parameter)
         if not result._views(self) or parameter:
             raise RuntimeError(f"an in-place op cannot change {'a parameter' if parameter else 'a'}"
                                f" Dual's shape {tuple(self.primal.shape)} to "
                                f"{tuple(result.primal.shape)}")
+        if target is not None:  # its Dual goes on writing into the tensor and its tangent
+            _restride(target, result.primal)
+            _restride(self._source.stack, result._stack)
+        elif self._source is not None:  # it views, or has views: later ops write into these
+            self._source = _Storage(result.primal, result._stack, self._source.kind)
         self.primal, self._stack = result.primal, result._stack
         self.directions, self._single = result.directions, result._single
-        if self._source is not None:  # it views, or has views: later ops write into these
-            self._source = _Storage(self.primal, self._stack, self._source.kind)
         return self
 
     def _keeping_slots(self, result: Dual) -> Dual:
@@ -941,6 +947,14 @@ class Dual:
     def relu(self) -> Dual:
         """``torch.relu``: the tangent kept where the primal is positive (or NaN)."""
         return torch.relu(self)
+
+
+def _restride(t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> None:
+    """Give ``t`` the shape, strides and offset of ``like``, a view of its storage, in place
+    (as an in-place view op gives them); nothing for None."""
+    if t is not None:
+        with torch._C.DisableTorchFunctionSubclass():  # (a lifted tensor: its plain self)
+            t.as_strided_(like.shape, like.stride(), like.storage_offset())
 
 
 def refuse_autocast(values) -> None:

@@ -1090,6 +1090,35 @@ def test_dual_pass_runs_a_pass_for_a_dual_by_keyword_alone():
     torch.testing.assert_close(out.tangents, yt)
 
 
+class _ReshapesWhatItFills(nn.Module):
+    """A forward that fills a tensor of its own from a Dual, then gives it a new shape in
+    place, with a view of it taken before."""
+
+    def forward(self, x):
+        buf = torch.zeros(2, 3, dtype=x.dtype)
+        buf[0] = x[0]
+        row = buf[1]
+        buf.t_()
+        buf.mul_(x[1, :2])
+        buf.unsqueeze_(0)
+        buf[0, 2] = x[1, 1:]
+        return buf, row * 1.0
+
+
+def test_a_tensor_a_pass_filled_from_a_dual_takes_in_place_view_ops():
+    """``buf.t_()``, ``buf.unsqueeze_(0)`` on a tensor the forward made and filled from a Dual
+    give it and its tangent the new shape, as forward_ad's dual tensor takes it, and a view
+    taken before sees the later writes (they were refused as if it were a parameter)."""
+    model = _ReshapesWhatItFills()
+    x, xt = torch.randn(2, 3, **f64), torch.randn(2, 2, 3, **f64)
+    (y, row), (yt, row_t) = model_jvp(model, [x], [xt], {})
+    out, out_row = model(Dual(x, xt))
+    torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
+    torch.testing.assert_close(out.tangents, yt, rtol=0, atol=0)
+    torch.testing.assert_close(out_row.primal, row, rtol=0, atol=0)
+    torch.testing.assert_close(out_row.tangents, row_t, rtol=0, atol=0)
+
+
 def test_hooks_set_aside_leaves_a_baseline_torchs_own_call_path():
     """A benchmark's baseline runs without fgkernels' global hooks (a tangent set on another
     model keeps them registered, and torch's slower call path cost a batch-1 forward_ad
