@@ -281,11 +281,7 @@ class _Pass:
         _check_still_bound(m)
         if m._forward_pre_hooks:
             _check_hooks(m)
-        # What a forward stores on its module (a weight computed by a weight_norm or prune
-        # pre-hook, a cache such as LeViT's attention biases) is a Dual on the dual pass: it is
-        # put back afterwards, so that no Dual outlives the pass in a module's state.
-        if foreign_hooks or m._forward_pre_hooks or m._forward_hooks \
-                or not _sets_no_attributes(type(m)):
+        if _may_store_attributes(m, foreign_hooks):
             self.attributes.append(_Attributes.of(m))
         for name, t in m._parameters.items():
             if t is None or tangent_of(t) is None:
@@ -355,15 +351,6 @@ class _Pass:
                 if id(e) in before:
                     holder[k] = before[id(e)]
 
-    def _strip_buffers(self) -> None:
-        """A buffer the forward rebound to a Dual (a carried state: ``self.state = h``) keeps
-        its new value without the tangent, as forward_ad's dual tensor does when its level
-        ends (the next plain call would otherwise read the pass's tangent)."""
-        for m in _tree(self.root) if self.light else self.modules:
-            for name, b in m._buffers.items():
-                if isinstance(b, Dual):
-                    m._buffers[name] = b.primal
-
     def undo(self) -> None:
         for t in [ref() for ref in self.lifted]:
             if t is not None:
@@ -372,7 +359,7 @@ class _Pass:
             if t is not None:
                 _drop(t)
         self.lifted, self.temporaries, self.state = [], [], None
-        self._strip_buffers()
+        _strip_dual_buffers(_tree(self.root) if self.light else self.modules)
         self._put_back_entries()
         for holder, name, t in reversed(self.swaps):
             holder[name] = t
@@ -405,6 +392,45 @@ def forward_sets_no_attributes(cls: type) -> type:
     public attribute on its module, so that a dual pass need not look for Duals left there."""
     _NO_ATTRIBUTES[cls] = True
     return cls
+
+
+def _may_store_attributes(m: nn.Module, foreign_hooks: bool) -> bool:
+    """True if a call of ``m`` may store a value on it: a forward of a type not known to
+    store nothing, a hook of the module's, or a global one of someone else's
+    (``foreign_hooks``). What it stores during a dual pass (a weight computed by a weight_norm
+    or prune pre-hook, a cache such as LeViT's attention biases) is a Dual: it is put back as
+    the pass ends (``_Attributes``), so that no Dual outlives the pass in a module's state."""
+    return foreign_hooks or bool(m._forward_pre_hooks) or bool(m._forward_hooks) \
+        or not _sets_no_attributes(type(m))
+
+
+def _strip_dual_buffers(modules: Iterable[nn.Module]) -> None:
+    """A buffer the forward rebound to a Dual (a carried state: ``self.state = h``) keeps
+    its new value without the tangent, as forward_ad's dual tensor does when its level ends
+    (the next plain call would otherwise read the pass's tangent)."""
+    for m in modules:
+        for name, b in m._buffers.items():
+            if isinstance(b, Dual):
+                m._buffers[name] = b.primal
+
+
+@contextlib.contextmanager
+def stores_put_back(root: nn.Module) -> Iterator[None]:
+    """What the forwards of ``root``'s tree store on their modules during the block is put
+    back when it ends, as an eager pass puts it back (``_Pass.undo``): the compiled pass's
+    (``fgkernels.compile``), whose ``ParameterTangents`` substitutes nothing to undo. It runs
+    at every compiled call, so it looks only at the modules that may store something
+    (``_may_store_attributes``): none of a converted model of torch.nn's layers but the
+    model's own classes."""
+    foreign_hooks = foreign_module_hooks()
+    modules = [m for m in _tree(root) if _may_store_attributes(m, foreign_hooks)]
+    attributes = [_Attributes.of(m) for m in modules]
+    try:
+        yield
+    finally:
+        _strip_dual_buffers(modules)
+        for a in attributes:
+            a.restore()
 
 
 def _sets_no_attributes(cls: type) -> bool:
@@ -449,11 +475,12 @@ def _tree(root: nn.Module) -> list[nn.Module]:
     seen, order, stack = set(), [], [root]
     while stack:
         m = stack.pop()
-        if id(m) in seen:
+        if m is None or id(m) in seen:  # (a child registered as None)
             continue
         seen.add(id(m))
         order.append(m)
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        if m._modules:
+            stack.extend(reversed(m._modules.values()))
     return order
 
 

@@ -21,6 +21,7 @@ from ..dual.tangents import (
     check_tangents_still_fit,
     is_dual_pass_root,
     lifted_set_aside,
+    stores_put_back,
 )
 from ..dual.value import (
     Dual,
@@ -82,7 +83,8 @@ def compile(module: nn.Module, **options: Any) -> Callable:
         rules = rule_state()
         try:
             with ParameterTangents(), lifted_set_aside(), _autograd_state_restored_on_error(), \
-                    _rnn_traced() if recurrent else contextlib.nullcontext():
+                    _rnn_traced() if recurrent else contextlib.nullcontext(), \
+                    stores_put_back(module):
                 return _counted(compiled(*args, **kwargs))
         finally:
             _compiled_pass.running = outer

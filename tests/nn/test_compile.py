@@ -1307,3 +1307,48 @@ def test_the_module_hooks_going_and_coming_back_compile_nothing_anew():
         out = compiled(Dual(x, torch.randn_like(x)))
         del out
     assert len(graphs) == 1
+
+
+class _StoresOnItself(nn.Module):
+    """A forward that stores values of the pass on its module: a weight derived once and kept,
+    a record, a carried state (a buffer rebound)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+        self.register_buffer("state", torch.zeros(2, 3, dtype=torch.float64))
+        self.cache, self.history = None, []
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = self.w * 2
+        self.history.append(self.w.sum())
+        h = torch.tanh(x @ self.cache + self.state)
+        self.state = h
+        return h
+
+
+def test_a_compiled_pass_puts_back_what_the_forward_stores_on_its_module():
+    """What a forward stores on its module during a compiled pass is put back as the eager
+    pass puts it back: the cache as it was, no Dual in the record, the carried state's value
+    without its tangent (the cache kept the first step's Dual, whose tangent the next steps
+    took, and a plain call afterwards returned a Dual). Each step is forward_ad's, from one
+    graph."""
+    torch.manual_seed(0)
+    graphs = []
+    torch._dynamo.reset()
+    net = _StoresOnItself()
+    compiled = fgkernels.compile(net, backend=_recording_backend(graphs))
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for _ in range(3):
+        tangents = {"w": torch.randn(1, 3, 3, dtype=torch.float64)}
+        fgkernels.set_tangents(net, tangents)
+        oracle = copy.deepcopy(net)
+        out = compiled(Dual(x))
+        _assert_pass_equals(out, model_jvp(oracle, [x], [None], tangents))
+        assert net.cache is None and net.history == []
+        assert type(net._buffers["state"]) is torch.Tensor
+        torch.testing.assert_close(net.state, out.primal)
+    assert len(graphs) == 1
+    fgkernels.clear_tangents(net)
+    assert type(compiled(x)) is torch.Tensor
