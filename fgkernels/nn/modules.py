@@ -193,34 +193,55 @@ class _DualBatchNorm(DualModule):
         """(running_mean, running_var, training, momentum factor) as ``_BatchNorm.forward``
         computes them for this call, which counts in ``num_batches_tracked`` only once it has
         run (``_count_call``): a call that raises changes no state. ``x`` (None when a fused
-        convolution produces it) is checked for its number of dimensions."""
+        convolution produces it) is checked for its number of dimensions.
+
+        A cumulative average (``momentum=None``) takes the factor ``1/(count + 1)``, which
+        torch's layer reads on the host: a graph break in a compiled pass, whose resumed frame
+        under ``dynamic=True`` lost the factor (Dynamo returned None for it). Here the count
+        stays on the device: the batch statistics go into zeroed buffers (a momentum of 1),
+        and ``_count_call`` blends them into the running ones."""
         if x is not None:
             self._check_input_dim(x)
             if x.shape[1] != self.num_features:
                 raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, "
                                  f"got input of shape {tuple(x.shape)}")
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self._counts_calls() and self.momentum is None:  # a cumulative average
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
         training = self.training or (self.running_mean is None and self.running_var is None)
+        if self._cumulative_average():
+            return (torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var),
+                    training, 1.0)
         use_running = not self.training or self.track_running_stats
         return (self.running_mean if use_running else None,
-                self.running_var if use_running else None, training, factor)
+                self.running_var if use_running else None, training,
+                0.0 if self.momentum is None else self.momentum)
 
     def _counts_calls(self) -> bool:
         return self.training and self.track_running_stats and self.num_batches_tracked is not None
 
-    def _count_call(self) -> None:
-        """Count a call that has run in ``num_batches_tracked``, as ``_BatchNorm.forward``."""
-        if self._counts_calls():
-            self.num_batches_tracked.add_(1)
+    def _cumulative_average(self) -> bool:
+        """True if this call updates running statistics by a cumulative average."""
+        return self.momentum is None and self._counts_calls() \
+            and self.running_mean is not None and self.running_var is not None
+
+    def _count_call(self, batch_mean: Optional[Tensor], batch_var: Optional[Tensor]) -> None:
+        """Count a call that has run in ``num_batches_tracked``, as ``_BatchNorm.forward``.
+        For a cumulative average, ``batch_mean`` and ``batch_var`` are the statistics the call
+        wrote into ``_dual_bn_args``'s buffers, blended into the running ones as torch's
+        update does (``factor * batch + (1 - factor) * running``, in float64)."""
+        if not self._counts_calls():
+            return
+        if self._cumulative_average():
+            factor = 1.0 / (self.num_batches_tracked + 1).double()
+            for running, batch in ((self.running_mean, batch_mean),
+                                   (self.running_var, batch_var)):
+                running.copy_(factor * batch.double() + (1 - factor) * running.double())
+        self.num_batches_tracked.add_(1)
 
     def dual_forward(self, input: Dual, relu: bool = False) -> Dual:
         """The dual batch norm; ``relu`` fuses the ReLU after it (as DualSequential does)."""
         running_mean, running_var, training, factor = self._dual_bn_args(input.primal)
         out = DF.batch_norm(input, running_mean, running_var, self.weight,
                             self.bias, training, factor, self.eps, relu)
-        self._count_call()
+        self._count_call(running_mean, running_var)
         return out
 
 
@@ -396,7 +417,7 @@ def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> D
         conv.dilation, conv.groups, running_mean, running_var, bn.weight,
         bn.bias, training, factor, bn.eps, relu,
         conv_primal=conv._take_kept_output(input))
-    bn._count_call()
+    bn._count_call(running_mean, running_var)
     return out
 
 

@@ -1352,3 +1352,31 @@ def test_a_compiled_pass_puts_back_what_the_forward_stores_on_its_module():
     assert len(graphs) == 1
     fgkernels.clear_tangents(net)
     assert type(compiled(x)) is torch.Tensor
+
+
+@pytest.mark.parametrize("run", ["eager", "compiled"])
+def test_a_cumulative_average_batch_norm_follows_torchs_running_statistics(run):
+    """Converted batch norms with ``momentum=None`` (fused after a convolution, and alone),
+    step after step: forward_ad's output and tangents, and nn.BatchNorm2d's running
+    statistics; compiled with ``dynamic=True``, with no graph break and nothing compiled after
+    the first step (the count was read on the host: a graph break, whose resumed frame lost
+    the factor, an AttributeError; compiled with ``fullgraph=True``, a graph per step)."""
+    torch.manual_seed(0)
+    twin = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, momentum=None), nn.ReLU(),
+                         nn.BatchNorm2d(3, momentum=None)).double()
+    net = fgkernels.convert(copy.deepcopy(twin))
+    torch._dynamo.reset()
+    counters.clear()
+    call = net if run == "eager" else fgkernels.compile(net, backend="eager", dynamic=True)
+    graphs = []
+    for step in range(3):
+        x = torch.randn(4, 2, 6, 6, dtype=torch.float64) * (step + 1) + step
+        xt = torch.randn(1, *x.shape, dtype=torch.float64)
+        tangents = fgkernels.random_tangents(net, num_tangents=1)
+        oracle = model_jvp_in_place(twin, [x], [xt], tangents)  # (torch's layers: its update)
+        _assert_pass_equals(call(Dual(x, xt)), oracle)
+        graphs.append(counters["stats"]["unique_graphs"])
+    for name, buf in twin.named_buffers():
+        torch.testing.assert_close(net.get_buffer(name), buf, rtol=1e-12, atol=0)
+    assert int(net[1].num_batches_tracked) == int(net[3].num_batches_tracked) == 3
+    assert not counters["graph_break"] and graphs == [graphs[0]] * 3, graphs
