@@ -40,6 +40,8 @@ STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
 TRITON = ("tests/backends/test_triton.py",)
 HOSTILE = ("tests/rules/test_hostile_inputs.py",)
 COMPILE = "tests/nn/test_compile.py::"  # + a test's name
+COMPILED_TEMPORARY = (COMPILE + "test_a_temporary_filled_from_duals_becomes_a_dual_in_a_"
+                                "compiled_pass",)
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
 BN_PER_CHANNEL = "csrc/bn_per_channel.h"
 POINTWISE = "fgkernels/rules/pointwise.py"
@@ -799,6 +801,24 @@ MUTANTS = [
            "            pass  # (one the collector",
            ("tests/nn/test_compile.py::"
             "test_a_tangent_freed_while_a_model_compiles_leaves_its_trace_valid",)),
+    Mutant("a compiled pass writes only the primal into a tensor of its forward",
+           "fgkernels/dual/tangents.py",
+           "return _compiled_pass.temporaries if _compiled_pass.running else running_pass()",
+           "return running_pass()", COMPILED_TEMPORARY),
+    Mutant("a compiled pass takes a module's state as a tensor of its forward",
+           "fgkernels/dual/tangents.py", "        return any(v is t or v is base for m in",
+           "        return False and any(v is t or v is base for m in", COMPILED_TEMPORARY),
+    Mutant("a compiled pass takes a view as a tensor of its forward", "fgkernels/dual/tangents.py",
+           "return type(t) is Tensor and t._base is None and not self.holds_as_state(t)",
+           "return type(t) is Tensor and not self.holds_as_state(t)", COMPILED_TEMPORARY),
+    Mutant("a compiled pass's ops read a view taken before a write made its tensor a Dual",
+           "fgkernels/dual/tangents.py", "            temporaries.refuse_views_taken_before(",
+           "            (lambda values: None)(", COMPILED_TEMPORARY),
+    Mutant("a compiled pass returns a view taken before a write made its tensor a Dual",
+           "fgkernels/dual/tangents.py", "        self.refuse_views_taken_before(output)\n", "",
+           COMPILED_TEMPORARY),
+    Mutant("a compiled pass's tensors keep their tangents after it", "fgkernels/dual/tangents.py",
+           "            self.temporaries.drop()\n", "", COMPILED_TEMPORARY),
     Mutant("a compiled pass leaves what its forward stored on its module",
            "fgkernels/nn/compiled.py", "                    stores_put_back(module):\n",
            "                    contextlib.nullcontext():\n",
@@ -946,8 +966,8 @@ MUTANTS = [
            "    def put_in(self) -> None:\n        if True:\n",
            (COMPILE + "test_the_module_hooks_going_and_coming_back_compile_nothing_anew",)),
     Mutant("a pass's end takes None in its output for a temporary", "fgkernels/dual/tangents.py",
-           "            if not isinstance(v, Tensor) or temporaries.get(id(v)) is not v:\n",
-           "            if temporaries.get(id(v)) is not v:\n",
+           "        if not isinstance(v, Tensor) or temporaries.get(id(v)) is not v:\n",
+           "        if temporaries.get(id(v)) is not v:\n",
            ("tests/rules/test_hostile_inputs.py::test_the_ways_a_forward_writes_duals_into_its_"
             "own_tensors",)),
     Mutant("a baseline runs beside fgkernels' hooks", "fgkernels/dual/tangents.py",
@@ -1120,11 +1140,10 @@ MUTANTS = [
     Mutant("a copy of a lifted tensor is lifted", "fgkernels/dual/tangents.py",
            "    def __deepcopy__(self, memo):", "    def _not_deepcopy(self, memo):", STORE),
     Mutant("a temporary filled from Duals is refused", "fgkernels/rules/fallback.py",
-           "if pass_ is not None and _can_become_dual(target) and not pass_.holds_as_state(",
-           "if False and (", HOSTILE),
+           "if pass_ is not None and pass_.can_take_as_dual(target):", "if False:", HOSTILE),
     Mutant("a tensor viewed before a Dual is written into it becomes a Dual",
-           "fgkernels/rules/fallback.py",
-           "and torch._C._storage_Use_Count(target.untyped_storage()._cdata) <= 2",
+           "fgkernels/dual/tangents.py",
+           "and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2",
            "and True", HOSTILE),
     Mutant("a view of a temporary takes the primal under no_grad", "fgkernels/rules/fallback.py",
            "    if pass_ is not None and not pass_.holds_as_state(target):",
@@ -1153,8 +1172,8 @@ MUTANTS = [
            "output = active.with_duals(output) if active.temporaries else None",
            "output = None", HOSTILE),
     Mutant("a temporary in a dataclass comes out plain", "fgkernels/dual/tangents.py",
-           "            if _is_dataclass(v):  # (a container pytree may not know)",
-           "            if False:", HOSTILE),
+           "        if _is_dataclass(v):  # (a container pytree may not know)",
+           "        if False:", HOSTILE),
     Mutant("a temporary keeps its tangent after the pass", "fgkernels/dual/tangents.py",
            "                _drop(t)\n        self.lifted, self.temporaries, self.state",
            "                pass\n        self.lifted, self.temporaries, self.state", HOSTILE),
@@ -1165,8 +1184,8 @@ MUTANTS = [
            "    return where(condition, input, other)", "    return where(condition, other, input)",
            OPS),
     Mutant("a compiled call inside an eager pass traces lifted tensors",
-           "fgkernels/nn/compiled.py", "with ParameterTangents(), lifted_set_aside(), _autograd",
-           "with ParameterTangents(), contextlib.nullcontext(), _autograd",
+           "fgkernels/nn/compiled.py", "                    lifted_set_aside(), _autograd",
+           "                    contextlib.nullcontext(), _autograd",
            ("tests/nn/test_compile.py::test_an_eager_pass_calls_a_compiled_model_it_does_not_hold",
             )),
     Mutant("a frozen parameter written from Duals is refused", "fgkernels/dual/tangents.py",

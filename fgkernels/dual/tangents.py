@@ -223,22 +223,18 @@ class _Pass:
         self.temporaries.append(weakref.ref(t))
         return dual_of(t)
 
+    def can_take_as_dual(self, t: Tensor) -> bool:
+        """True for a plain tensor of the forward's own that ``take_as_dual`` can make a Dual:
+        one that views nothing, that nothing views (the one user of its storage: written from a
+        Dual, it takes the tangent whole) and that no module of the pass holds."""
+        return type(t) is Tensor and t._base is None \
+            and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2 \
+            and not self.holds_as_state(t)  # (use count 2: t's and this call's)
+
     def with_duals(self, output):
-        """``output`` with each of the pass's temporaries in it (``take_as_dual``, found in
-        tuples, lists, dicts and the other containers torch's pytree knows) as a Dual of its
-        own: the tensor and its tangent."""
-        temporaries = {id(t): t for t in (ref() for ref in self.temporaries) if t is not None}
-
-        def as_dual(v):
-            if _is_dataclass(v):  # (a container pytree may not know)
-                return dataclasses.replace(v, **{f.name: pytree.tree_map(as_dual, getattr(
-                    v, f.name), is_leaf=_is_dataclass) for f in dataclasses.fields(v) if f.init})
-            if not isinstance(v, Tensor) or temporaries.get(id(v)) is not v:
-                return v  # (None, which pytree takes for a leaf, is no temporary either)
-            entry = tangent_of(v)
-            return Dual._unchecked(v, entry.stack, entry.directions, entry.single)
-
-        return pytree.tree_map(as_dual, output, is_leaf=_is_dataclass)
+        """``output`` with each of the pass's temporaries in it (``take_as_dual``) as a Dual of
+        its own (``_with_duals``)."""
+        return _with_duals(output, (ref() for ref in self.temporaries))
 
     def holds_as_state(self, t: Tensor) -> bool:
         """True if a module of the pass holds ``t``, or the tensor it views, as a parameter, a
@@ -373,6 +369,93 @@ class _Pass:
         if self.ending is not None:
             self.ending.remove()
             self.ending = None
+
+
+def _with_duals(output, temporaries: Iterable[Optional[Tensor]]):
+    """``output`` with each of ``temporaries`` in it (found in tuples, lists, dicts, the other
+    containers torch's pytree knows, and dataclasses) as a Dual of its own: the tensor and its
+    recorded tangent."""
+    temporaries = {id(t): t for t in temporaries if t is not None}
+
+    def as_dual(v):
+        if _is_dataclass(v):  # (a container pytree may not know)
+            return dataclasses.replace(v, **{f.name: pytree.tree_map(as_dual, getattr(
+                v, f.name), is_leaf=_is_dataclass) for f in dataclasses.fields(v) if f.init})
+        if not isinstance(v, Tensor) or temporaries.get(id(v)) is not v:
+            return v  # (None, which pytree takes for a leaf, is no temporary either)
+        entry = tangent_of(v)
+        return Dual._unchecked(v, entry.stack, entry.directions, entry.single)
+
+    return pytree.tree_map(as_dual, output, is_leaf=_is_dataclass)
+
+
+class _CompiledTemporaries:
+    """The tensors of the forward's own that a compiled pass (``fgkernels.compile``) takes as
+    Duals where a Dual is written into them, as an eager pass does (``_Pass.take_as_dual``),
+    in a way Dynamo traces: the tangent is recorded on the tensor, and ``ParameterTangents``
+    hands the tensor out with it, where the eager pass lifts it (a class change) and keeps a
+    weak reference. ``root`` is the compiled module: what its modules hold is state, which
+    takes the primal instead."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.tensors: list[Tensor] = []
+
+    def holds_as_state(self, t: Tensor) -> bool:
+        """True if a module of the root's tree holds ``t``, or the tensor it views, as a
+        parameter, a buffer or an attribute (``_Pass.holds_as_state``; found by identity,
+        which Dynamo traces where it cannot take the ``id`` of a tensor the forward made)."""
+        base = t._base
+        return any(v is t or v is base for m in self.root.modules()
+                   for v in (*m._parameters.values(), *m._buffers.values(), *m.__dict__.values())
+                   if isinstance(v, Tensor))
+
+    def can_take_as_dual(self, t: Tensor) -> bool:
+        """True for a plain tensor that views nothing and that no module holds. Whether other
+        tensors view it (``_Pass.can_take_as_dual``) cannot be asked while Dynamo traces: a
+        view taken before the write is refused where an op reads it
+        (``refuse_views_taken_before``)."""
+        return type(t) is Tensor and t._base is None and not self.holds_as_state(t)
+
+    def take_as_dual(self, t: Tensor, count: int, directions, single: bool,
+                     dtype: torch.dtype) -> Dual:
+        """``t`` as a Dual of a zero tangent of ``count`` slots, which the write about to be
+        made and later ones fill (``_Pass.take_as_dual``), its tangent recorded on it until
+        the pass ends (``drop``)."""
+        stack = in_primal_layout(t.new_zeros((count, *t.shape), dtype=dtype), t)
+        setattr(t, _ATTR, ParameterTangent(stack, directions, single))
+        self.tensors.append(t)
+        return dual_of(t)
+
+    def refuse_views_taken_before(self, values) -> None:
+        """Refuse a plain view of one of the tensors in ``values`` (an op's operands, the
+        pass's output; in containers): it was taken before the tensor became a Dual (a view
+        taken after is a Dual), and holds values written since without their tangent. (A
+        RuntimeError: torch's operators take a TypeError for a refused operand type, and
+        raise their own: ``rows[0] + rows[1]``.)"""
+        for v in pytree.tree_leaves(values):
+            if isinstance(v, Tensor) and v._base is not None \
+                    and any(v._base is t for t in self.tensors):
+                raise RuntimeError(
+                    "fgkernels.Dual: a view of a tensor, taken before a Dual was written into "
+                    "the tensor and made it a Dual, is read (by an op, or as the pass's "
+                    "output): it holds the values written without their tangent; make the "
+                    "tensor a Dual (fgkernels.Dual(torch.zeros_like(x))) before taking views "
+                    "of it, or take the view after the write")
+
+    def with_duals(self, output):
+        """``output`` with each of these tensors in it as a Dual of its own (``_with_duals``);
+        a view of one among them, taken before it became a Dual, is refused."""
+        if not self.tensors:
+            return output
+        self.refuse_views_taken_before(output)
+        return _with_duals(output, self.tensors)
+
+    def drop(self) -> None:
+        """The tensors' tangents dropped as the pass ends: plain tensors again."""
+        for t in self.tensors:
+            _drop(t)
+        self.tensors = []
 
 
 # The containers of a module's attributes that a pass looks into for tensors with a tangent, how
@@ -684,6 +767,9 @@ class ParameterTangents(TorchFunctionMode):
         if inside_rule() or isinstance(func, (torch._ops.OpOverload,
                                               torch._ops.OpOverloadPacket)):
             return func(*args, **kwargs)  # a rule's own ops, a compiled graph's kernels
+        temporaries = _compiled_pass.temporaries
+        if temporaries is not None and temporaries.tensors:
+            temporaries.refuse_views_taken_before((args, kwargs))
         if not (_meets_dual(args) or _meets_dual(kwargs.values())):
             # Most calls: a compiled graph's wrapper reads every output's dtype, for one.
             return func(*args, **kwargs)
@@ -844,12 +930,27 @@ def with_recorded_tangent(v):
 
 class _CompiledPass(threading.local):
     """Whether this thread runs a compiled dual pass of ``fgkernels.compile`` (under
-    ``ParameterTangents``, which does the hooks' substitution). Per thread: an eager pass in
-    another thread substitutes as ever. (Set on the instance at each thread's first use, as
+    ``ParameterTangents``, which does the hooks' substitution), and the tensors of its forward
+    that it takes as Duals (``_CompiledTemporaries``). Per thread: an eager pass in another
+    thread substitutes as ever. (Set on the instance at each thread's first use, as
     ``value._RuleDepth``.)"""
 
     def __init__(self):
         self.running = False
+        self.temporaries: Optional[_CompiledTemporaries] = None
+
+    @contextlib.contextmanager
+    def run(self, root: nn.Module) -> Iterator[_CompiledTemporaries]:
+        """A compiled pass of ``root`` runs in this thread for the length of the block (the
+        one that ran before, if any, is back after it); the temporaries' tangents are dropped
+        as it ends."""
+        outer = self.running, self.temporaries
+        self.running, self.temporaries = True, _CompiledTemporaries(root)
+        try:
+            yield self.temporaries
+        finally:
+            self.temporaries.drop()
+            self.running, self.temporaries = outer
 
 
 _compiled_pass = _CompiledPass()
@@ -1066,6 +1167,13 @@ def running_pass() -> Optional[_Pass]:
     """This thread's dual pass, while it runs (else None)."""
     active = getattr(_hooks.local, "active", None)
     return active if active is not None and active.running() else None
+
+
+def writing_pass():
+    """The pass that takes a tensor of this thread's forward that a Dual is written into as a
+    Dual (``take_as_dual``): the compiled pass running, else the eager one (None if none
+    runs)."""
+    return _compiled_pass.temporaries if _compiled_pass.running else running_pass()
 
 
 def foreign_module_hooks() -> bool:

@@ -79,15 +79,14 @@ def compile(module: nn.Module, **options: Any) -> Callable:
             if isinstance(a, Dual):
                 current_backend(a.device)
         check_tangents_still_fit(module, bound)  # (an eager pass's hooks check it)
-        outer, _compiled_pass.running = _compiled_pass.running, True
         rules = rule_state()
         try:
-            with ParameterTangents(), lifted_set_aside(), _autograd_state_restored_on_error(), \
+            with _compiled_pass.run(module) as temporaries, ParameterTangents(), \
+                    lifted_set_aside(), _autograd_state_restored_on_error(), \
                     _rnn_traced() if recurrent else contextlib.nullcontext(), \
                     stores_put_back(module):
-                return _counted(compiled(*args, **kwargs))
+                return _counted(temporaries.with_duals(compiled(*args, **kwargs)))
         finally:
-            _compiled_pass.running = outer
             restore_rule_state(rules)  # (a parametrization an interrupt cut short left one)
             _hooks.sync()  # (one the collector asked for while compiling was put off)
 

@@ -15,11 +15,12 @@ given jvp's zeros.
 
 In-place ops: on a Dual, the op's out-of-place form (``fill_diagonal_`` and nn.init's functions,
 which have none, on a copy of the Dual; any other without one is refused) is differentiated and
-the Dual rebound to its result, as every in-place rule does. A plain tensor written in place
-from Duals (``out=``, ``buf.add_(d)``) can take no tangent: under ``torch.no_grad()`` it takes
-the primal, as state such as running statistics or power-iteration vectors is updated;
-elsewhere it is refused, as forward_ad refuses ``out=``. Inside a dual pass, a tensor of the
-forward's own that nothing views becomes a Dual instead. Refusals of such writes are
+the Dual rebound to its result, as every in-place rule does. A plain tensor of the forward's
+own written in place from Duals (``out=``, ``buf.add_(d)``, ``buf[i] = d``, ``buf += d``)
+becomes a Dual during a dual pass, eager or compiled (``tangents.writing_pass``), as
+forward_ad's write makes it dual; under ``torch.no_grad()`` a module's state (running
+statistics, power-iteration vectors) and a tensor outside any pass take the primal; anything
+else is refused by name. Refusals of such writes are
 ``RuntimeError``s, as torch's own refusals of in-place ops: torch turns a ``TypeError`` raised
 in ``a += b`` into ``NotImplemented``, and Python then computes ``a = a + b`` out of place,
 leaving ``a``'s tensor and its views unwritten.
@@ -41,7 +42,7 @@ from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
 from ..dual.layout import view_root
-from ..dual.tangents import dual_of, running_pass
+from ..dual.tangents import dual_of, writing_pass
 from ..dual.value import Dual, differentiable, implements_fallback
 from .operands import primal_of, refuse_dual_index
 
@@ -269,8 +270,8 @@ def _write_duals_into_plain(func: Callable, name: str, target: torch.Tensor, wri
     takes the primal; anything else is refused. Every refusal is a RuntimeError (see the
     module's docstring: a TypeError would make ``target += d`` an out-of-place add)."""
     what = "out=" if out is not None else f"'{name}'"
-    pass_ = running_pass()
-    if pass_ is not None and _can_become_dual(target) and not pass_.holds_as_state(target):
+    pass_ = writing_pass()
+    if pass_ is not None and pass_.can_take_as_dual(target):
         # A tensor of the forward's own filled from Duals (torch.zeros_like(x), then
         # written: Longformer's chunks, an MoE's index_add_, RWKV's steps) becomes a Dual,
         # as forward_ad's write makes it dual.
@@ -322,13 +323,6 @@ def _on_a_copy(func: Callable, name: str, key: Optional[str]) -> Callable:
 
     op.__name__ = f"{name} (on a copy)"
     return op
-
-
-def _can_become_dual(target) -> bool:
-    """True for a plain tensor that views nothing and that nothing views (the one user of
-    its storage): written from a Dual, it can take the tangent whole."""
-    return type(target) is torch.Tensor and target._base is None \
-        and torch._C._storage_Use_Count(target.untyped_storage()._cdata) <= 2  # (+ this call's)
 
 
 def _slots_of(target: torch.Tensor, written, name: str) -> tuple:

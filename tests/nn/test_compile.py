@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 
 import fgkernels
 from fgkernels import Dual
+from fgkernels.dual.tangents import has_tangent
 from fgkernels.testing import (
     compare_with_forward_ad,
     forward_ad_jvp,
@@ -1380,3 +1381,84 @@ def test_a_cumulative_average_batch_norm_follows_torchs_running_statistics(run):
         torch.testing.assert_close(net.get_buffer(name), buf, rtol=1e-12, atol=0)
     assert int(net[1].num_batches_tracked) == int(net[3].num_batches_tracked) == 3
     assert not counters["graph_break"] and graphs == [graphs[0]] * 3, graphs
+
+
+class _FillsATemporary(nn.Module):
+    """A forward that fills a zero tensor of its own from Duals (``__setitem__``,
+    ``index_add_``, ``add_``), keeps a running mean as state (a buffer written under no_grad,
+    and read after), and returns the tensor itself beside a head's output of it;
+    ``graph_break`` breaks the graph between its writes. ``view``: it takes a view of the
+    tensor before the writes and reads it or returns it, or it writes a Dual into a view of a
+    zero tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.register_buffer("running", torch.zeros(3))
+        self.view, self.graph_break = None, False
+
+    def forward(self, x):
+        h = self.fc(x)
+        with torch.no_grad():
+            self.running.mul_(0.9).add_(h.mean(0))
+        if self.view == "written into":
+            torch.zeros(4, *h.shape, dtype=h.dtype)[1].copy_(h)
+        out = torch.zeros_like(h)
+        row = out[0] if self.view in ("read", "returned") else None
+        out[:, 1:] = h[:, 1:].exp()
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        out.index_add_(0, torch.tensor([1, 0]), h)
+        out.add_(h * h)
+        if self.view == "read":
+            return row * 2
+        if self.view == "returned":
+            return row
+        return out, self.head(out), self.running * 1
+
+
+@pytest.mark.parametrize("tangents_of", ["parameters and input", "input"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_temporary_filled_from_duals_becomes_a_dual_in_a_compiled_pass(grad, tangents_of):
+    """A tensor the forward makes and fills from Duals takes their tangents in a compiled pass
+    too, traced into one graph (or two, across a graph break), as in the eager one: it was
+    left with the primal under no_grad (the output a plain tensor, the head's tangent wrong)
+    and refused with grad; the buffer still takes the primal (read after, it has no tangent),
+    and no tensor keeps a tangent after the pass. A view of the tensor taken before the writes
+    is refused by name where it is read or returned (the eager pass refuses the write), and a
+    Dual written into a view of a zero tensor is refused as in the eager pass."""
+    torch.manual_seed(0)
+    model = _FillsATemporary().double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    tangents = {n: torch.randn(2, *p.shape, dtype=torch.float64)
+                for n, p in model.named_parameters() if tangents_of == "parameters and input"}
+    oracle = model_jvp(model, [x], [xt], tangents)
+    fgkernels.set_tangents(model, tangents)
+    graphs = []
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(model, backend=_recording_backend(graphs), fullgraph=True)
+    for step in range(3):
+        if step == 2:
+            model.graph_break = True
+            compiled = fgkernels.compile(model, backend="eager")
+        model.running.zero_()
+        with torch.set_grad_enabled(grad):
+            out, y, running = compiled(Dual(x, xt))
+        for got, want in zip((out, y), zip(*oracle)):
+            _assert_pass_equals(got, want)
+        mean = model.fc(x).mean(0).detach()
+        torch.testing.assert_close(model.running, mean)
+        assert type(running) is torch.Tensor and torch.equal(running, model.running)
+        assert type(out.primal) is torch.Tensor and not has_tangent(out.primal)
+        assert not has_tangent(model.running)
+    assert len(graphs) == 1
+    if tangents_of == "input":
+        return  # (the refusals below do not depend on it)
+    for view, error, message in (
+            ("read", RuntimeError, "taken before a Dual was written into"),
+            ("returned", RuntimeError, "taken before a Dual was written into"),
+            ("written into", RuntimeError, "would write a Dual.* into a plain tensor")):
+        model.view = view
+        with torch.set_grad_enabled(grad), pytest.raises(error, match=message):
+            fgkernels.compile(model, backend="eager")(Dual(x, xt))
