@@ -111,16 +111,16 @@ def may_overlap(t: Tensor) -> bool:
 def steps_like(t: Tensor, like: Tensor) -> bool:
     """True if ``t`` steps through memory as ``like`` (of one shape) does along every dim of
     size > 1."""
-    return t.stride() == like.stride() or all(
-        size == 1 or a == b for size, a, b in zip(like.shape, t.stride(), like.stride()))
+    return all(size == 1 or a == b for size, a, b in zip(like.shape, t.stride(), like.stride()))
 
 
 def slots_step_like(stack: Tensor, primal: Tensor) -> bool:
     """True if every slot of ``stack`` steps through memory as ``primal`` does, slot after
     slot."""
-    slots, strides = stack.shape[0], stack.stride()
-    return (slots == 1 or strides[0] == primal.numel()) and all(
-        size == 1 or a == b for size, a, b in zip(primal.shape, strides[1:], primal.stride()))
+    if stack.shape[0] == 0:
+        return True
+    return (stack.shape[0] == 1 or stack.stride(0) == primal.numel()) \
+        and steps_like(stack[0], primal)
 
 
 def laid_out_as(t: Tensor, like: Tensor) -> Tensor:
