@@ -56,6 +56,7 @@ def compile(module: nn.Module, **options: Any) -> Callable:
     if not isinstance(module, nn.Module):
         raise TypeError(f"fgkernels.compile: expected an nn.Module, got {type(module).__name__}")
     guard_filter = (options.get("options") or {}).get("guard_filter_fn")
+    _stores_dispatch_torch_function()
     options = _graphs_run_as_rules(options)
     compiled = torch.compile(_entry_point(module, guard_filter), **options)
     # Dynamo breaks the graph at torch's recurrent layers unless allow_rnn is set; in a dual
@@ -132,6 +133,34 @@ def _counted(output):
 def _rnn_traced():
     """Dynamo traces ``nn.RNN``, ``nn.GRU`` and ``nn.LSTM`` within this context."""
     return torch._dynamo.config.patch(allow_rnn=True)
+
+
+def _stores_dispatch_torch_function() -> None:
+    """Make Dynamo trace ``t[key] = v`` on a tensor ``t`` through ``__torch_function__``, as
+    ``t.__setitem__(key, v)`` is traced. Torch 2.14's Dynamo puts the store straight into the
+    graph, past the ``__torch_function__`` of ``v`` and of the active mode: a Dual written
+    into a plain tensor (``out[:, 1:] = d``) failed to trace ("Failed to convert args/kwargs
+    to proxy"), and a store into a tensor that a compiled pass hands out as a Dual
+    (``ParameterTangents``) would skip its tangent. Such a store now goes the method's way,
+    as torch 2.13 traced every store; any other store, and a torch whose Dynamo traces stores
+    as methods, are left as they were. Done once, at the first ``fgkernels.compile``."""
+    try:
+        from torch._dynamo.variables.tensor import TensorVariable
+        from torch._dynamo.variables.torch_function import can_dispatch_torch_function
+    except ImportError:  # (a Dynamo laid out otherwise traces stores as it will)
+        return
+    store = TensorVariable.__dict__.get("mp_ass_subscript_impl")
+    if store is None or getattr(store, "dispatches_torch_function", False):
+        return
+
+    @functools.wraps(store)
+    def mp_ass_subscript_impl(self, tx, key, value):
+        if value is not None and can_dispatch_torch_function(tx, (self, key, value), {}):
+            return self.call_method(tx, "__setitem__", [key, value], {})
+        return store(self, tx, key, value)
+
+    mp_ass_subscript_impl.dispatches_torch_function = True
+    TensorVariable.mp_ass_subscript_impl = mp_ass_subscript_impl
 
 
 # (id(module), guard filter) -> the code object of the module's entry point, on which Dynamo

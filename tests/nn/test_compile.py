@@ -1462,3 +1462,40 @@ def test_a_temporary_filled_from_duals_becomes_a_dual_in_a_compiled_pass(grad, t
         model.view = view
         with torch.set_grad_enabled(grad), pytest.raises(error, match=message):
             fgkernels.compile(model, backend="eager")(Dual(x, xt))
+
+
+class _StoresIntoATemporary(nn.Module):
+    """Fills a tensor of its own from a Dual by a method (``copy_``), then stores ``value``
+    into its first row by subscript."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.fc, self.value = nn.Linear(3, 3), value
+
+    def forward(self, x):
+        h = self.fc(x)
+        out = torch.zeros_like(h)
+        out.copy_(h)
+        out[0] = self.value if not callable(self.value) else self.value(h)
+        return out
+
+
+@pytest.mark.parametrize("value", [2.0, torch.ones(3, dtype=torch.float64), lambda h: h[1].exp()],
+                         ids=["scalar", "plain tensor", "dual"])
+def test_a_store_by_subscript_keeps_the_tangent_in_a_compiled_pass(value):
+    """``t[key] = v`` is traced through the Dual's ``__torch_function__`` in one graph: a plain
+    value stored into a tensor the pass took as a Dual zeroes its tangent there (torch 2.14's
+    Dynamo traced the store past the pass's torch function mode: the row kept the tangent it
+    had), and a Dual stored into it is traced (which 2.14 refused: "Failed to convert
+    args/kwargs to proxy")."""
+    torch.manual_seed(0)
+    model = _StoresIntoATemporary(value).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    xt = torch.randn(2, *x.shape, dtype=torch.float64)
+    oracle = model_jvp(model, [x], [xt], {})
+    graphs = []
+    torch._dynamo.reset()
+    out = fgkernels.compile(model, backend=_recording_backend(graphs), fullgraph=True)(
+        Dual(x, xt))
+    _assert_pass_equals(out, oracle)
+    assert len(graphs) == 1
