@@ -32,7 +32,7 @@ fi
 BUILD_TOOLS=(setuptools ninja)
 
 if [ "$models" = 0 ]; then
-  if ! python -c "import torch, triton, sklearn, pytest_benchmark, hypothesis, tqdm, matplotlib, ninja, setuptools" 2>/dev/null \
+  if ! python -c "import torch, triton, sklearn, pytest_benchmark, xdist, hypothesis, tqdm, matplotlib, ninja, setuptools" 2>/dev/null \
       || ! command -v ruff >/dev/null; then
     python -m pip install -q --upgrade pip
     # torch first and pinned: a plain 'torch' requirement would pull a multi-GB CUDA build.
@@ -40,17 +40,17 @@ if [ "$models" = 0 ]; then
     # numpy < 2.4 for Triton 3.6's interpreter, which converts 1-element arrays to int (numpy 2.4
     # refuses); newer Triton releases run with numpy 2.4.
     python -m pip install -q "triton==3.6.0" "numpy<2.4" "${BUILD_TOOLS[@]}" pytest \
-      pytest-benchmark hypothesis scikit-learn tqdm matplotlib "ruff==0.17.6"
+      pytest-benchmark pytest-xdist hypothesis scikit-learn tqdm matplotlib "ruff==0.17.6"
   fi
   # Without build isolation: compiled against the torch above, incrementally. Not --no-deps:
   # pyproject's dependencies are resolved against what is installed (nothing new when they hold).
   python -m pip install -q --no-build-isolation -e ".[test]"
 else
-  if ! python -c "import torch, torchvision, timm, transformers, pytest, hypothesis, ninja, setuptools" 2>/dev/null; then
+  if ! python -c "import torch, torchvision, timm, transformers, pytest, xdist, hypothesis, ninja, setuptools" 2>/dev/null; then
     python -m pip install -q --upgrade pip
     # torchvision 0.29.1 needs torch 2.14.1.
     python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    python -m pip install -q timm "transformers==5.25.0" pytest hypothesis "${BUILD_TOOLS[@]}"
+    python -m pip install -q timm "transformers==5.25.0" pytest pytest-xdist hypothesis "${BUILD_TOOLS[@]}"
   fi
   # A package, not editable: the checkout's fgkernels/_C belongs to .venv's torch. CPU kernels
   # only (FGKERNELS_CUDA=0): nothing here runs CUDA, and compiling for four GPU architectures
