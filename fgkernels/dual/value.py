@@ -38,6 +38,9 @@ from .slots import Directions, SlotOperand, positions_index
 # torch function -> rule; filled by the modules of fgkernels.rules with the ops that have a JVP
 # rule, and by rules.indexing with the rule of Dual.__setitem__.
 _RULES: dict[Callable, Callable] = {}
+# qualified name of an op of another library ("torchvision::roi_align") -> rule: such an op
+# exists only once its library is loaded, so its rule is found by the op's name.
+_LIBRARY_RULES: dict[str, Callable] = {}
 # The rule of every torch function without one of its own, installed by fgkernels.rules.fallback.
 _fallback_rule: Optional[Callable] = None
 
@@ -60,6 +63,36 @@ def implements(*funcs: Callable) -> Callable:
         return rule
 
     return register
+
+
+def implements_library_op(*names: str) -> Callable:
+    """Register the decorated function as the Dual rule of each op of another library that
+    ``names`` qualify (``"torchvision::roi_align"``: the op and each of its overloads), whether
+    that library is loaded yet or not."""
+
+    def register(rule: Callable) -> Callable:
+        for name in names:
+            _LIBRARY_RULES[name] = rule
+        return rule
+
+    return register
+
+
+def library_op_name(func: Callable) -> Optional[str]:
+    """The qualified name of an op that a library other than torch registered
+    (``torch.library``: a custom op, torchvision's, an extension's): ``'torchvision::roi_align'``
+    for the op and each of its overloads; None for any other function. A constant to Dynamo
+    (marked when it loads)."""
+    if isinstance(func, torch._ops.OpOverload):
+        name = func._schema.name
+    elif isinstance(func, torch._ops.OpOverloadPacket):
+        name = func._qualified_op_name
+    else:
+        return None
+    return None if name.startswith(("aten::", "prims::")) else name
+
+
+when_dynamo_loads(lambda: torch.compiler.assume_constant_result(library_op_name))
 
 
 def _rule_while_compiling(func: Callable) -> Optional[Callable]:
@@ -648,6 +681,8 @@ class Dual:
             kwargs = _torch_names(kwargs)
         rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
             _RULES.get(func)
+        if rule is None and _LIBRARY_RULES:
+            rule = _LIBRARY_RULES.get(library_op_name(func))
         with in_rule():
             if rule is None or kwargs.get("out") is not None:  # out=: written in place
                 return _fallback_rule(func, args, kwargs)

@@ -3,7 +3,8 @@ as the op's rule when its module is imported (``dual.value.implements``): the la
 (``layers``: convolution, batch norm, linear, pooling, calling the backend the registry picks),
 the ``convolutions`` without a kernel of their own (3-d, transposed), ``losses``, ``pointwise``
 arithmetic and activations, ``products``, the rows' ``distances``, ``norms``, ``attention``,
-``indexing``, nonlinear ``reductions``, the ``recurrent`` layers, ``sampling`` at a grid, the
+``indexing``, nonlinear ``reductions``, the ``recurrent`` layers, ``sampling`` at a grid,
+torchvision's pooling over boxes (``regions``), the
 ops that only touch the primal (``primal_ops``), and torch's own forward mode for every op
 without a rule (``fallback``).
 ``operands`` splits a call's Duals into primals and slots (the layers' argument contracts are
@@ -22,5 +23,6 @@ from . import (  # noqa: F401
     products,
     recurrent,
     reductions,
+    regions,
     sampling,
 )

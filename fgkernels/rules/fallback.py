@@ -43,7 +43,7 @@ from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
 from ..dual.layout import view_root
 from ..dual.tangents import dual_of, writing_pass
-from ..dual.value import Dual, differentiable, implements_fallback
+from ..dual.value import Dual, differentiable, implements_fallback, library_op_name
 from .operands import primal_of, refuse_dual_index
 
 _used: dict[str, int] = {}
@@ -54,24 +54,12 @@ def op_name(func: Callable) -> str:
     """A readable name of a torch function or method (``'Tensor.permute'``, ``'layer_norm'``),
     or of an op of another library by its qualified name (``'torchvision::roi_align'``)."""
     name = getattr(func, "__name__", None) or repr(func)
-    namespace = _library_namespace(func)
-    if namespace is not None:
-        return f"{namespace}::{name}"
+    library_op = library_op_name(func)
+    if library_op is not None:
+        return f"{library_op.split('::')[0]}::{name}"
     owner = getattr(func, "__objclass__", None)
     return f"Tensor.{name}" if owner is not None and issubclass(owner, torch._C.TensorBase) \
         else name
-
-
-def _library_namespace(func: Callable) -> Optional[str]:
-    """The namespace of an op registered by a library other than torch (``torch.library``:
-    a custom op, torchvision's, an extension's), else None."""
-    if isinstance(func, torch._ops.OpOverload):
-        namespace = func.namespace
-    elif isinstance(func, torch._ops.OpOverloadPacket):
-        namespace = func._qualified_op_name.split("::")[0]
-    else:
-        return None
-    return None if namespace in ("aten", "prims") else namespace
 
 
 def fallback_ops() -> dict[str, int]:
