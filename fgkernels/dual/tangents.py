@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .dtypes import acc_dtype, tangent_dtype_fits
+from .layout import kernel_format
 from .precision import check_dtype, resolve_tangent_dtype
 from .value import (
     PRIMAL_METADATA,
@@ -231,6 +232,40 @@ class _Pass:
             and torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2 \
             and not self.holds_as_state(t)  # (use count 2: t's and this call's)
 
+    def take_view_as_dual(self, v: Tensor, count: int, directions, single: bool,
+                          dtype: torch.dtype) -> Dual:
+        """``v``, a view of a plain tensor of the forward's own that a Dual is about to be
+        written into (``batch[i, :, :h, :w].copy_(image)`` into ``batch = x.new_zeros(...)``,
+        as torchvision's detection models pad a batch), as the same view of that tensor taken
+        as a Dual (``take_as_dual``): forward_ad's write makes the view and its base dual. For
+        the rest of the pass ``v`` is lifted too, its tangent the view of the base's: a read
+        of it after the write takes the tangent written."""
+        whole = self.take_as_dual(v._base, count, directions, single, dtype)
+        # v's view of the Dual's primal (an alias of the base) and of each of its slots, laid
+        # out as the base is
+        stack, offset = whole.tangents, v.storage_offset() - v._base.storage_offset()
+        d = whole.as_view(Dual._unchecked(
+            whole.primal.as_strided(v.size(), v.stride(), v.storage_offset()),
+            stack.as_strided((count, *v.shape), (stack.stride(0), *v.stride()),
+                             stack.storage_offset() + offset), directions, single))
+        _put(v, ParameterTangent(d.tangents, directions, single))
+        _lift(v)
+        self.lifted.append(weakref.ref(v))
+        self.temporaries.append(weakref.ref(v))
+        return d
+
+    def can_take_view_as_dual(self, v: Tensor) -> bool:
+        """True for a plain view of a plain tensor of the forward's own that
+        ``take_view_as_dual`` can make Duals: a tensor that no module of the pass holds, that
+        nothing but ``v`` views (the two the only users of its storage), and that is contiguous
+        or channels_last (its tangent's slots are then laid out as it is, ``in_primal_layout``,
+        and ``v``'s strides step through each)."""
+        base = v._base
+        return type(v) is Tensor and base is not None and type(base) is Tensor \
+            and base.is_contiguous(memory_format=kernel_format(base)) \
+            and torch._C._storage_Use_Count(v.untyped_storage()._cdata) <= 3 \
+            and not self.holds_as_state(v)  # (use count 3: the base's, v's and this call's)
+
     def with_duals(self, output):
         """``output`` with each of the pass's temporaries in it (``take_as_dual``) as a Dual of
         its own (``_with_duals``)."""
@@ -416,6 +451,12 @@ class _CompiledTemporaries:
         view taken before the write is refused where an op reads it
         (``refuse_views_taken_before``)."""
         return type(t) is Tensor and t._base is None and not self.holds_as_state(t)
+
+    def can_take_view_as_dual(self, v: Tensor) -> bool:
+        """False: whether other tensors view a view's base cannot be asked while Dynamo traces,
+        so a Dual written into a view of a tensor of the forward's own is refused
+        (``_Pass.can_take_view_as_dual`` takes it in an eager pass)."""
+        return False
 
     def take_as_dual(self, t: Tensor, count: int, directions, single: bool,
                      dtype: torch.dtype) -> Dual:

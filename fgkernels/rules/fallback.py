@@ -259,11 +259,15 @@ def _write_duals_into_plain(func: Callable, name: str, target: torch.Tensor, wri
     module's docstring: a TypeError would make ``target += d`` an out-of-place add)."""
     what = "out=" if out is not None else f"'{name}'"
     pass_ = writing_pass()
-    if pass_ is not None and pass_.can_take_as_dual(target):
+    taken = pass_ is not None and pass_.can_take_as_dual(target)
+    view_taken = not taken and pass_ is not None and pass_.can_take_view_as_dual(target)
+    if taken or view_taken:
         # A tensor of the forward's own filled from Duals (torch.zeros_like(x), then
-        # written: Longformer's chunks, an MoE's index_add_, RWKV's steps) becomes a Dual,
-        # as forward_ad's write makes it dual.
-        d = pass_.take_as_dual(target, *_slots_of(target, written, name))
+        # written: Longformer's chunks, an MoE's index_add_, RWKV's steps), or through a
+        # view (a batch padded image by image), becomes a Dual, as forward_ad's write makes
+        # it dual.
+        take = pass_.take_as_dual if taken else pass_.take_view_as_dual
+        d = take(target, *_slots_of(target, written, name))
         if out is not None or key is not None:
             args, kwargs = args, {**kwargs, key or "out": d}
         else:

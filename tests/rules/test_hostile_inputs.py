@@ -428,23 +428,20 @@ def test_augmented_assignment_into_a_temporary_is_in_place():
 class _FillsATemporary(nn.Module):
     """A forward that fills zero tensors of its own from Duals (Longformer's chunks by
     ``__setitem__``, an MoE's experts summed by ``index_add_``, RWKV's steps, ``out=``), and
-    keeps a running mean as state, a buffer and an attribute; ``into_a_view``: it writes into a
-    view of such a tensor too."""
+    keeps a running mean as state, a buffer and an attribute."""
 
-    def __init__(self, into_a_view: bool = False):
+    def __init__(self):
         super().__init__()
         self.fc = nn.Linear(3, 3)
         self.register_buffer("running", torch.zeros(3, **f64))
         self.attribute_state = torch.zeros(3, **f64)
-        self.into_a_view, self.out_form = into_a_view, False
+        self.out_form = False
 
     def forward(self, x):
         h = self.fc(x)
         with torch.no_grad():
             self.running.mul_(0.9).add_(h.mean(0))
             self.attribute_state[:] = h.mean(0)
-        if self.into_a_view:
-            torch.zeros(4, *h.shape, **f64)[1].copy_(h)
         out = torch.zeros_like(h)
         out[:, 1:] = h[:, 1:].exp()
         out.index_add_(0, torch.tensor([1, 0]), h)
@@ -464,8 +461,7 @@ def test_a_temporary_filled_from_duals_becomes_a_dual(grad, tangents_of):
     """A tensor a forward makes and fills from Duals takes their tangents, as forward_ad's
     write makes it dual (it was refused, or under no_grad left without them; with the
     input's tangent alone, a JVP along the input, too); a module's buffer or attribute still
-    takes the primal; a view of such a tensor, which could only take the tangent for itself,
-    is refused by name, with grad or without."""
+    takes the primal."""
     model = _FillsATemporary().double()
     x = torch.randn(2, 3, **f64)
     xt = torch.randn(1, *x.shape, **f64)
@@ -484,10 +480,67 @@ def test_a_temporary_filled_from_duals_becomes_a_dual(grad, tangents_of):
     # the temporary itself a plain tensor again, of the primal's values
     assert type(model.temporary) is torch.Tensor and not has_tangent(model.temporary)
     torch.testing.assert_close(model.temporary, out.primal)
-    model.into_a_view = True
-    with torch.set_grad_enabled(grad), \
-            pytest.raises(RuntimeError, match="would write a Dual.* into a plain tensor"):
-        model(Dual(x, xt))
+
+
+class _PadsABatch(nn.Module):
+    """Pads two maps of different heights into one zero batch of its own, laid out as
+    ``layout`` says, each map written through a view of the batch (torchvision's detection
+    models pad their images so); ``view``: it reads the first view written after the writes
+    ("read after"), or takes a view of the batch before them and reads it ("taken before")."""
+
+    def __init__(self, layout="contiguous", view=None):
+        super().__init__()
+        self.fc, self.layout, self.view = nn.Linear(3, 3), layout, view
+
+    def forward(self, x):
+        h = self.fc(x).permute(0, 3, 1, 2)  # (N, C, H, W)
+        maps = [h[0], h[1, :, :2]]
+        if self.layout == "strided":  # (neither contiguous nor channels_last)
+            batch = torch.empty_strided(h.shape, (1, 2, 12, 6), dtype=h.dtype).zero_()
+        else:
+            fmt = torch.channels_last if self.layout == "channels_last" \
+                else torch.contiguous_format
+            batch = x.new_zeros(h.shape).contiguous(memory_format=fmt)
+        early = batch[0] if self.view == "taken before" else None
+        written = []
+        for i, m in enumerate(maps):
+            view = batch[i, :, :m.shape[1]]
+            view.copy_(m)
+            written.append(view)
+        if self.view == "read after":
+            return batch, written[0] * 2
+        if self.view == "taken before":
+            return batch, early * 2
+        return batch
+
+
+@pytest.mark.parametrize("layout,view", [
+    ("contiguous", None), ("channels_last", None), ("contiguous", "read after"),
+    ("contiguous", "taken before"), ("strided", None)])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_a_batch_padded_through_views_of_its_own_becomes_a_dual(grad, layout, view):
+    """A Dual written into a view of a tensor of the forward's own (contiguous or
+    channels_last) that nothing else views makes the tensor a Dual, as forward_ad's write does
+    (it was refused: torchvision's detection models padding a batch of Duals), and the view
+    read after the write carries the tangent written. Where another view of the tensor was
+    taken before, which would keep the values without their tangent, or where the tensor is
+    laid out otherwise, the write is refused by name."""
+    model = _PadsABatch(layout, view).double()
+    x = torch.randn(2, 4, 2, 3, **f64)
+    xt = torch.randn(2, *x.shape, **f64)
+    tangents = {n: torch.randn(2, *p.shape, **f64) for n, p in model.named_parameters()}
+    fgkernels.set_tangents(model, tangents)
+    if view == "taken before" or layout == "strided":
+        refusal = "would write a Dual.* into a plain tensor"
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=refusal):
+            model(Dual(x, xt))
+        return
+    oracle = model_jvp(model, [x], [xt], tangents)
+    with torch.set_grad_enabled(grad):
+        out = model(Dual(x, xt))
+    for got, (y, yt) in zip(out if view else [out], zip(*oracle) if view else [oracle]):
+        torch.testing.assert_close(got.primal, y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.tangents, yt, rtol=1e-12, atol=1e-12)
 
 
 class _Writes(nn.Module):
