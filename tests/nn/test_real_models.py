@@ -16,6 +16,8 @@ for _name in ("torchvision", "timm", "transformers"):
     else:
         pytest.importorskip(_name)
 
+import torch  # noqa: E402
+
 import fgkernels  # noqa: E402
 
 import real_models  # noqa: E402
@@ -73,3 +75,56 @@ def test_a_compiled_real_model_is_exact_in_one_graph(name, training):
 def test_the_quick_set_is_in_the_catalogue():
     assert set(real_models.QUICK) <= set(real_models.catalogue())
     assert "native" in fgkernels.available_backends()
+
+
+class _DetectorLosses(torch.nn.Module):
+    """A detection model trained on fixed targets: its losses, by name, in a tuple, each
+    step from the same random state (the sampling of proposals and anchors)."""
+
+    def __init__(self, detector, targets):
+        super().__init__()
+        self.detector, self.targets = detector, targets
+
+    def forward(self, image):
+        torch.manual_seed(1)
+        losses = self.detector([image], self.targets)
+        return tuple(losses[k] for k in sorted(losses))
+
+
+def test_a_detection_model_is_exact(monkeypatch):
+    """torchvision's Faster R-CNN (a MobileNetV3 FPN at 320 pixels, untrained, float64, in
+    training: its four losses) takes the image's and every parameter's tangent through its
+    padded batch and its roi_align heads, as forward_ad does with roi_align written in torch
+    ops (forward_ad refuses torchvision's). The objectness loss, which torch computes in
+    float32 (its labels are float32), is held to float32's rounding."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+    from torchvision.ops import poolers
+    from torchvision.ops.roi_align import _roi_align
+
+    from fgkernels import Dual
+    from fgkernels.testing import model_jvp
+
+    torch.manual_seed(0)
+    detector = fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3).double().train()
+    targets = [{"boxes": torch.tensor([[10., 20., 60., 80.], [30., 5., 120., 50.]],
+                                      dtype=torch.float64), "labels": torch.tensor([1, 2])}]
+    model = fgkernels.convert(_DetectorLosses(detector, targets))
+    image = torch.rand(3, 96, 128, dtype=torch.float64)
+    xt = torch.randn(1, *image.shape, dtype=torch.float64)
+    tangents = {n: torch.randn(1, *p.shape, dtype=torch.float64)
+                for n, p in model.named_parameters()}
+
+    def roi_align(x, rois, output_size, spatial_scale, sampling_ratio, aligned=False):
+        rois = poolers.convert_boxes_to_roi_format(rois) if isinstance(rois, list) else rois
+        return _roi_align(x, rois, spatial_scale, *output_size, sampling_ratio, aligned)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(poolers, "roi_align", roi_align)
+        oracle = model_jvp(model, [image], [xt], tangents)
+    fgkernels.set_tangents(model, tangents)
+    losses = model(Dual(image, xt))
+    for got, want, want_t in zip(losses, *oracle):
+        tol = EXACT if got.dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(got.primal, want.to(got.dtype), rtol=tol, atol=0)
+        torch.testing.assert_close(got.tangents, want_t.to(got.dtype), rtol=tol, atol=0)
