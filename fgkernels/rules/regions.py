@@ -7,10 +7,9 @@ torchvision's own.
 Each output value is a weighted sum of one channel's feature values in its region's bin
 (bilinear samples averaged, a plain average, or the maximum: weight 1 at the value picked),
 the weights set by the boxes alone. So the output is linear in the features, and their term
-is the same op on the tangent, every slot in one call as channels of their own (the op pools
-each channel alike; the position-sensitive ops, whose output channel ``c`` of bin ``b`` reads
-input channel ``c·bins + b``, read slot ``s``'s channels as theirs, since ``C = C_out·bins``);
-the maximum's term is the tangent at the position the primal picked. Like torchvision, which
+is the same op on the tangent, every slot in one call as images of their own (the boxes
+repeated for each slot); the maximum's term is the tangent at the position the primal
+picked. Like torchvision, which
 gives the boxes no gradient, these rules give them no derivative: boxes with a tangent are
 refused by name (the R-CNNs detach their proposals)."""
 from __future__ import annotations
@@ -48,16 +47,19 @@ def _regions_pooled(name: str, input, rois, pool, term) -> tuple:
 
 
 def _linear_term(pool):
-    """The term of a pooling linear in its input: ``pool`` of the slots as channels, each
-    slot's channels together (``(T, N, C, H, W)`` pooled as ``(N, T·C, H, W)``), in float32 at
-    least (torchvision's kernels take the boxes in the input's dtype)."""
+    """The term of a pooling linear in its input: ``pool`` of the slots as images of their own
+    (``(T, N, C, H, W)`` pooled as ``(T·N, C, H, W)``, a view of the stack; slot ``s``'s copy of
+    box ``k`` reads image ``s·N + n_k``), in float32 at least (torchvision's kernels take the
+    boxes in the input's dtype)."""
     def term(stack: Tensor, x: Tensor, rois: Tensor, outputs) -> Tensor:
-        slots, n, c = stack.shape[:3]
+        slots, n = stack.shape[:2]
         wide = acc_dtype(stack.dtype)
-        channels = stack.transpose(0, 1).reshape(n, slots * c, *stack.shape[3:])
-        y = pool(channels.to(wide), rois.to(wide))
+        boxes = rois.to(wide).repeat(slots, 1)
+        boxes[:, 0] += torch.arange(slots, device=rois.device, dtype=wide).repeat_interleave(
+            rois.shape[0]) * n
+        y = pool(stack.flatten(0, 1).to(wide), boxes)
         y = y[0] if isinstance(y, tuple) else y
-        return y.unflatten(1, (slots, -1)).transpose(0, 1).to(stack.dtype)
+        return y.unflatten(0, (slots, -1)).to(stack.dtype)
 
     return term
 
