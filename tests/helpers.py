@@ -187,6 +187,15 @@ def central_difference(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     return (fn(x + h * xt) - fn(x - h * xt)) / (2 * h)
 
 
+def recording_backend(graphs: list) -> Callable:
+    """A torch.compile backend that appends every graph it is given to ``graphs`` and runs it
+    as traced."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.double(), b.double()

@@ -57,6 +57,18 @@ QUICK = ["torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/
          "timm/mobilenetv4_conv_small", "timm/levit_128s", "timm/ghostnet_100"]
 
 
+def roi_align_in_torch_ops(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                           aligned=False):
+    """``torchvision.ops.roi_align`` computed by torchvision's own ``_roi_align``, written in
+    torch ops, which forward_ad differentiates (it refuses torchvision's op): the oracle's
+    roi_align (patched into ``torchvision.ops.poolers``)."""
+    from torchvision.ops import poolers
+    from torchvision.ops.roi_align import _roi_align
+
+    rois = poolers.convert_boxes_to_roi_format(rois) if isinstance(rois, list) else rois
+    return _roi_align(x, rois, spatial_scale, *output_size, sampling_ratio, aligned)
+
+
 @dataclass
 class RealModel:
     """A model to check: its builder and input size."""

@@ -681,7 +681,7 @@ class Dual:
             kwargs = _torch_names(kwargs)
         rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
             _RULES.get(func)
-        if rule is None and _LIBRARY_RULES:
+        if rule is None:  # (an op of another library: by its name)
             rule = _LIBRARY_RULES.get(library_op_name(func))
         with in_rule():
             if rule is None or kwargs.get("out") is not None:  # out=: written in place

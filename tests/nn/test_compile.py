@@ -27,7 +27,14 @@ from fgkernels.testing import (
 )
 from fgkernels.train.models import BasicBlock
 
-from helpers import TOL, BiasedAttention, BiasedTransformer, assert_within_torch_error, rel_err
+from helpers import (
+    TOL,
+    BiasedAttention,
+    BiasedTransformer,
+    assert_within_torch_error,
+    recording_backend,
+    rel_err,
+)
 from op_table import OPS, inputs, math_attention
 from zoo import MODELS, build_patch_transformer
 
@@ -44,15 +51,6 @@ def _block_and_pass(training: bool):
         return out.primal, out.tangents
 
     return block, dual_pass
-
-
-def _recording_backend(graphs: list):
-    """A torch.compile backend that appends every graph it is given to ``graphs`` and runs it
-    as traced."""
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    return backend
 
 
 @pytest.mark.parametrize("backend", fgkernels.available_backends())
@@ -150,7 +148,7 @@ def test_fgkernels_compile_runs_a_model_of_token_ids_inside_dual_pass():
     fgkernels.random_tangents(model, num_tangents=2)
     graphs = []
     torch._dynamo.reset()
-    compiled = fgkernels.compile(model, backend=_recording_backend(graphs))
+    compiled = fgkernels.compile(model, backend=recording_backend(graphs))
     with fgkernels.dual_pass(model):
         out = compiled(ids)
         ref = model(ids)
@@ -331,7 +329,7 @@ def test_fgkernels_compile_traces_once(monkeypatch):
     from torch import nn
     monkeypatch.setattr(fgkernels.backends, "_loaded", {})
     graphs = []
-    counting_backend = _recording_backend(graphs)
+    counting_backend = recording_backend(graphs)
     net = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
     fgkernels.random_tangents(net)
     torch._dynamo.reset()
@@ -611,7 +609,7 @@ def test_compiling_a_model_again_reuses_its_graphs():
     compiles its model every step compiles once), while another model compiles its own."""
     from torch import nn
     graphs = []
-    counting_backend = _recording_backend(graphs)
+    counting_backend = recording_backend(graphs)
     (_, net), (_, other) = _converted(_conv_bn_relu(2), _conv_bn_relu(2) + [nn.ReLU()])
     fgkernels.random_tangents(net)
     fgkernels.random_tangents(other)
@@ -630,13 +628,13 @@ def test_a_model_compiled_after_another_keeps_its_batch_size_static():
     """Dynamo marks a dimension dynamic when it has seen it change, keyed by the code it
     compiles: one model's batch size must not make another's batch dimension dynamic."""
     graphs = []
-    recording_backend = _recording_backend(graphs)
+    backend = recording_backend(graphs)
     pairs = _converted(_conv_bn_relu(2), _conv_bn_relu(2))
     torch._dynamo.reset()
     for (_, net), batch in zip(pairs, (1, 16)):
         fgkernels.random_tangents(net)
         x = torch.randn(batch, 3, 6, 6, dtype=torch.float64)
-        fgkernels.compile(net, backend=recording_backend, fullgraph=True)(
+        fgkernels.compile(net, backend=backend, fullgraph=True)(
             Dual(x, torch.randn_like(x)))
     symbolic = [n.name for n in graphs[-1].graph.nodes
                 if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.SymInt)]
@@ -768,7 +766,7 @@ def test_fgkernels_compile_takes_torchs_default_backend(monkeypatch):
     torch.compile."""
     from torch._dynamo.backends import registry
     graphs = []
-    monkeypatch.setattr(registry, "get_default_backend", lambda: _recording_backend(graphs))
+    monkeypatch.setattr(registry, "get_default_backend", lambda: recording_backend(graphs))
     x = torch.randn(2, 3)
     torch._dynamo.reset()
     for backend in ({}, {"backend": None}):
@@ -1296,7 +1294,7 @@ def test_the_module_hooks_going_and_coming_back_compile_nothing_anew():
     graphs = []
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
-    compiled = fgkernels.compile(model, backend=_recording_backend(graphs))
+    compiled = fgkernels.compile(model, backend=recording_backend(graphs))
     x = torch.randn(2, 3)
     for gap in ("none", "the last Dual gone", "set aside", "none"):
         if gap == "the last Dual gone":
@@ -1339,7 +1337,7 @@ def test_a_compiled_pass_puts_back_what_the_forward_stores_on_its_module():
     graphs = []
     torch._dynamo.reset()
     net = _StoresOnItself()
-    compiled = fgkernels.compile(net, backend=_recording_backend(graphs))
+    compiled = fgkernels.compile(net, backend=recording_backend(graphs))
     x = torch.randn(2, 3, dtype=torch.float64)
     for _ in range(3):
         tangents = {"w": torch.randn(1, 3, 3, dtype=torch.float64)}
@@ -1437,7 +1435,7 @@ def test_a_temporary_filled_from_duals_becomes_a_dual_in_a_compiled_pass(grad, t
     fgkernels.set_tangents(model, tangents)
     graphs = []
     torch._dynamo.reset()
-    compiled = fgkernels.compile(model, backend=_recording_backend(graphs), fullgraph=True)
+    compiled = fgkernels.compile(model, backend=recording_backend(graphs), fullgraph=True)
     for step in range(3):
         if step == 2:
             model.graph_break = True
@@ -1495,7 +1493,7 @@ def test_a_store_by_subscript_keeps_the_tangent_in_a_compiled_pass(value):
     oracle = model_jvp(model, [x], [xt], {})
     graphs = []
     torch._dynamo.reset()
-    out = fgkernels.compile(model, backend=_recording_backend(graphs), fullgraph=True)(
+    out = fgkernels.compile(model, backend=recording_backend(graphs), fullgraph=True)(
         Dual(x, xt))
     _assert_pass_equals(out, oracle)
     assert len(graphs) == 1

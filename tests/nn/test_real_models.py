@@ -99,7 +99,6 @@ def test_a_detection_model_is_exact(monkeypatch):
     float32 (its labels are float32), is held to float32's rounding."""
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
     from torchvision.ops import poolers
-    from torchvision.ops.roi_align import _roi_align
 
     from fgkernels import Dual
     from fgkernels.testing import model_jvp
@@ -115,12 +114,8 @@ def test_a_detection_model_is_exact(monkeypatch):
     tangents = {n: torch.randn(1, *p.shape, dtype=torch.float64)
                 for n, p in model.named_parameters()}
 
-    def roi_align(x, rois, output_size, spatial_scale, sampling_ratio, aligned=False):
-        rois = poolers.convert_boxes_to_roi_format(rois) if isinstance(rois, list) else rois
-        return _roi_align(x, rois, spatial_scale, *output_size, sampling_ratio, aligned)
-
     with monkeypatch.context() as patch:
-        patch.setattr(poolers, "roi_align", roi_align)
+        patch.setattr(poolers, "roi_align", real_models.roi_align_in_torch_ops)
         oracle = model_jvp(model, [image], [xt], tangents)
     fgkernels.set_tangents(model, tangents)
     losses = model(Dual(image, xt))

@@ -20,7 +20,8 @@ import fgkernels  # noqa: E402
 from fgkernels import Dual  # noqa: E402
 from fgkernels.testing import model_jvp  # noqa: E402
 
-from helpers import TOL, rel_err  # noqa: E402
+from helpers import TOL, recording_backend, rel_err  # noqa: E402
+from real_models import roi_align_in_torch_ops  # noqa: E402
 
 # (name, the op on (x, boxes), the pooled values first): 2x2 bins everywhere, so a
 # position-sensitive op takes C = 4·C_out
@@ -141,29 +142,16 @@ def test_a_feature_pyramid_pooled_over_boxes_is_exact(compiled, monkeypatch):
     xt = torch.randn(2, *images.shape, dtype=torch.float64)
     tangents = {n: torch.randn(2, *p.shape, dtype=torch.float64)
                 for n, p in model.named_parameters()}
-    with monkeypatch.context() as patch:  # the oracle's roi_align: torch ops forward_ad runs
-        from torchvision.ops.roi_align import _roi_align
-
-        def roi_align(x, rois, output_size, spatial_scale, sampling_ratio, aligned=False):
-            return _roi_align(x, ops.poolers.convert_boxes_to_roi_format(rois)
-                              if isinstance(rois, list) else rois, spatial_scale,
-                              *output_size, sampling_ratio, aligned)
-
-        patch.setattr(ops.poolers, "roi_align", roi_align)
+    with monkeypatch.context() as patch:
+        patch.setattr(ops.poolers, "roi_align", roi_align_in_torch_ops)
         oracle = model_jvp(model, [images, boxes], [xt, None], tangents)
     assert set(ops.poolers.LevelMapper(0, 1)(boxes).tolist()) == {0, 1}  # both levels pooled
     fgkernels.set_tangents(model, tangents)
     graphs = []
-    run = fgkernels.compile(model, backend=_counting(graphs), fullgraph=True) if compiled \
+    run = fgkernels.compile(model, backend=recording_backend(graphs), fullgraph=True) if compiled \
         else model
     out = run(Dual(images, xt), boxes)
     torch.testing.assert_close(out.primal, oracle[0], **TOL[torch.float64])
     torch.testing.assert_close(out.tangents, oracle[1], **TOL[torch.float64])
     assert len(graphs) == int(compiled)
 
-
-def _counting(graphs: list):
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-    return backend
