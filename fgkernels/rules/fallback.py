@@ -19,9 +19,10 @@ the Dual rebound to its result, as every in-place rule does. A plain tensor of t
 own written in place from Duals (``out=``, ``buf.add_(d)``, ``buf[i] = d``, ``buf += d``)
 becomes a Dual during a dual pass, eager or compiled (``tangents.writing_pass``), as
 forward_ad's write makes it dual, and so, in an eager pass, does one written through a view
-of it that is the tensor's only view (``batch[i, :, :h].copy_(d)``); under ``torch.no_grad()`` a module's state (running
-statistics, power-iteration vectors) and a tensor outside any pass take the primal; anything
-else is refused by name. Refusals of such writes are
+of it that is the tensor's only view (``batch[i, :, :h].copy_(d)``); under
+``torch.no_grad()`` a module's state (running statistics, power-iteration vectors) and a
+tensor outside any pass take the primal; anything else is refused by name. Refusals of such
+writes are
 ``RuntimeError``s, as torch's own refusals of in-place ops: torch turns a ``TypeError`` raised
 in ``a += b`` into ``NotImplemented``, and Python then computes ``a = a + b`` out of place,
 leaving ``a``'s tensor and its views unwritten.
