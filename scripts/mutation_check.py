@@ -38,6 +38,7 @@ SEMANTICS = ("tests/dual/test_dual_semantics.py",)
 TRAINER = ("tests/train/test_train.py",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
 TRITON = ("tests/backends/test_triton.py",)
+FUNCTIONS = ("tests/rules/test_functions.py",)
 HOSTILE = ("tests/rules/test_hostile_inputs.py",)
 COMPILE = "tests/nn/test_compile.py::"  # + a test's name
 COMPILED_TEMPORARY = (COMPILE + "test_a_temporary_filled_from_duals_becomes_a_dual_in_a_"
@@ -568,8 +569,10 @@ MUTANTS = [
     Mutant("directions lined up as first met, not in order", "fgkernels/dual/slots.py",
            "union = sorted(set().union(*(o.directions for o in live)))",
            "union = list(dict.fromkeys(d for o in live for d in o.directions))", OPS),
-    Mutant("a fallback op run slot by slot draws anew in each", "fgkernels/rules/fallback.py",
-           "            _set_random_state(state)\n", "", SEMANTICS),
+    Mutant("a fallback op or Function run slot by slot draws anew in each",
+           "fgkernels/rules/fallback.py",
+           "    for t in range(stacks[0].shape[0]):\n        _set_random_state(state)\n",
+           "    for t in range(stacks[0].shape[0]):\n", SEMANTICS + FUNCTIONS),
     Mutant("an output forward AD leaves without tangent takes a zero one",
            "fgkernels/rules/fallback.py",
            "    if undefined:\n        _refuse_undefined_tangents(",
@@ -1567,6 +1570,22 @@ MUTANTS = [
     Mutant("the Triton conv serves an empty output", "fgkernels/backends/triton/ops.py",
            "            and min(_output_shape(x, w, stride, padding, dilation)[2:]) >= 1\n", "",
            ("tests/backends/test_triton.py::test_a_kernel_wider_than_the_padded_input_is_refused_as_torch_refuses_it",)),
+    Mutant("a Function's jvp is left to its forward's ops", "fgkernels/rules/functions.py",
+           "    if defines_jvp(cls):\n        return differentiate(",
+           "    if False:\n        return differentiate(", FUNCTIONS),
+    Mutant("a Function's later slots run on the primals its first slot wrote",
+           "fgkernels/rules/fallback.py",
+           "        given = primals if t == 0 or by.batched else tuple(p.clone() for p in found)",
+           "        given = primals", FUNCTIONS),
+    Mutant("a Function's output without tangent is refused", "fgkernels/rules/functions.py",
+           "    tangent = [torch.zeros_like(u.primal) if u.tangent is None else u.tangent",
+           "    tangent = [u.tangent", FUNCTIONS),
+    Mutant("a tensor with a recorded tangent is not a Function's Dual",
+           "fgkernels/rules/functions.py", "isinstance(v, Dual) or has_tangent(v) for v",
+           "isinstance(v, Dual) for v", FUNCTIONS),
+    Mutant("a compiled pass traces a Function with jvp", "fgkernels/nn/compiled.py",
+           "        if defines_jvp(self.fn_cls) and can_dispatch_torch_function(",
+           "        if False and can_dispatch_torch_function(", FUNCTIONS),
 ]
 
 

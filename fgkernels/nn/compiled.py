@@ -31,6 +31,7 @@ from ..dual.value import (
     restore_rule_state,
     rule_state,
 )
+from ..rules.functions import defines_jvp
 
 
 def compile(module: nn.Module, **options: Any) -> Callable:
@@ -57,6 +58,7 @@ def compile(module: nn.Module, **options: Any) -> Callable:
         raise TypeError(f"fgkernels.compile: expected an nn.Module, got {type(module).__name__}")
     guard_filter = (options.get("options") or {}).get("guard_filter_fn")
     _stores_dispatch_torch_function()
+    _functions_with_jvp_run_eagerly()
     options = _graphs_run_as_rules(options)
     compiled = torch.compile(_entry_point(module, guard_filter), **options)
     # Dynamo breaks the graph at torch's recurrent layers unless allow_rnn is set; in a dual
@@ -161,6 +163,39 @@ def _stores_dispatch_torch_function() -> None:
 
     mp_ass_subscript_impl.dispatches_torch_function = True
     TensorVariable.mp_ass_subscript_impl = mp_ass_subscript_impl
+
+
+def _functions_with_jvp_run_eagerly() -> None:
+    """Make Dynamo break the graph at a ``torch.autograd.Function`` that defines ``jvp``
+    called on Duals, or while a compiled pass's mode is active, so that the call runs eagerly,
+    where fgkernels differentiates it by its jvp (``rules.functions``). Dynamo inlines the
+    forward of a Function whose arguments need no gradient, past its jvp: a straight-through
+    estimator's tangent came out 0. ``fullgraph=True`` refuses such a call by name. Done once,
+    at the first ``fgkernels.compile``."""
+    try:
+        from torch._dynamo.exc import unimplemented
+        from torch._dynamo.variables.misc import AutogradFunctionVariable
+        from torch._dynamo.variables.torch_function import can_dispatch_torch_function
+    except ImportError:  # (a Dynamo laid out otherwise traces Functions as it will)
+        return
+    call_apply = AutogradFunctionVariable.__dict__.get("call_apply")
+    if call_apply is None or getattr(call_apply, "runs_jvp_eagerly", False):
+        return
+
+    @functools.wraps(call_apply)
+    def call_apply_with_jvp_eagerly(self, tx, args, kwargs):
+        if defines_jvp(self.fn_cls) and can_dispatch_torch_function(tx, args, kwargs):
+            unimplemented(
+                gb_type="fgkernels: torch.autograd.Function with jvp on Duals",
+                context=f"{self.fn_cls.__qualname__}.apply",
+                explanation=f"the torch.autograd.Function '{self.fn_cls.__qualname__}' "
+                "defines jvp, which fgkernels takes for its tangent eagerly: Dynamo would "
+                "trace its forward's ops instead",
+                hints=["Leave out fullgraph=True to run it between graphs."])
+        return call_apply(self, tx, args, kwargs)
+
+    call_apply_with_jvp_eagerly.runs_jvp_eagerly = True
+    AutogradFunctionVariable.call_apply = call_apply_with_jvp_eagerly
 
 
 # (id(module), guard filter) -> the code object of the module's entry point, on which Dynamo

@@ -6,7 +6,8 @@ arithmetic and activations, ``products``, the rows' ``distances``, ``norms``, ``
 ``indexing``, nonlinear ``reductions``, the ``recurrent`` layers, ``sampling`` at a grid,
 torchvision's pooling over boxes (``regions``), the
 ops that only touch the primal (``primal_ops``), and torch's own forward mode for every op
-without a rule (``fallback``).
+without a rule (``fallback``), and ``torch.autograd.Function``s by their own jvp
+(``functions``).
 ``operands`` splits a call's Duals into primals and slots (the layers' argument contracts are
 ``backends.contracts``, which their compiled ops' fakes run too)."""
 from . import (  # noqa: F401
@@ -14,6 +15,7 @@ from . import (  # noqa: F401
     convolutions,
     distances,
     fallback,
+    functions,
     indexing,
     layers,
     losses,

@@ -34,7 +34,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -111,6 +111,20 @@ def _describe(func: Callable) -> tuple[str, bool]:
 when_dynamo_loads(lambda: torch.compiler.assume_constant_result(_describe))
 
 
+class Differentiation(NamedTuple):
+    """How ``differentiate`` takes an op's tangents: ``jvp(f, primals, tangents)``, answering
+    as ``torch.func.jvp`` does; ``batched``: vmapped over the slots (else one slot at a time,
+    each from the same random state); ``fallback``: the op has no rule of its own (strict
+    mode refuses it, and its first use warns)."""
+
+    jvp: Callable
+    batched: bool
+    fallback: bool
+
+
+_BY_FUNC_JVP = Differentiation(torch.func.jvp, batched=True, fallback=True)
+
+
 @implements_fallback
 def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     """``func(*args, **kwargs)`` with Duals among its arguments: the primal outputs, and their
@@ -118,6 +132,14 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     name, in_place = _describe(func)
     if in_place or name == "Tensor.__setitem__" or kwargs.get("out") is not None:
         return _in_place(func, name, args, kwargs)
+    return differentiate(func, args, kwargs, name, _BY_FUNC_JVP)
+
+
+def differentiate(func: Callable, args: tuple, kwargs: dict, name: str,
+                  by: Differentiation) -> Any:
+    """``func(*args, **kwargs)`` (not in place) with Duals among its arguments: the primal
+    outputs as Duals, with tangents ``by`` the given differentiation, each output that views
+    an operand linked to it."""
     leaves, spec = pytree.tree_flatten((args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
     leaves = [_as_operand(v) for v in leaves]
     operands = [v for v in leaves if isinstance(v, Dual)]  # (an output viewing one links to it)
@@ -140,18 +162,18 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     plan = _slots.plan([d.slot_operand() for d in duals], name)
     if plan.count == 0:
         return _linked(_wrap(call(*primals), None, plan), operands)
-    if _strict():
+    if by.fallback and _strict():
         raise TypeError(f"fgkernels.Dual has no forward-mode rule for '{name}' (strict mode: "
                         "the forward-AD fallback is off)")
-    if not torch.compiler.is_dynamo_compiling():
+    if by.fallback and not torch.compiler.is_dynamo_compiling():
         _note(name)
     with torch.no_grad():
-        primal_out, tangents = _jvp_by_carriers(call, primals, duals, plan, name)
+        primal_out, tangents = _jvp_by_carriers(call, primals, duals, plan, name, by)
     # Tangents narrower than their primals come out in the slots' dtype (a bfloat16 tangent
     # stays bfloat16); tangents of their primals' dtype take the outputs' (``cumsum(x,
     # dtype=torch.float64)`` of a float32 Dual gives a float64 tangent, as forward AD does).
     out = _wrap(primal_out, tangents, plan, plan.dtype if plan.narrow else None)
-    if not plan.narrow:
+    if not (plan.narrow and by.batched):
         return _linked(out, operands)
 
     def own_slots(k: int, i: int) -> Optional[torch.Tensor]:
@@ -343,7 +365,7 @@ def _dense_if_expanded(p: torch.Tensor) -> torch.Tensor:
 
 
 def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _slots.SlotPlan,
-                     name: str):
+                     name: str, by: Differentiation):
     """``jvp_over_slots`` of the op, its output slots grouped by the operands that carry them
     (labelled directions that only some operands carry): in each group the other operands are
     constants of the op, as forward_ad takes an operand without that direction (a zero tangent
@@ -358,7 +380,7 @@ def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _s
     if len(groups) == 1:
         stacks = tuple(_slots.spread(d.tangents, pos, plan.count, d.primal).to(d.primal.dtype)
                        for d, pos in zip(duals, plan.positions))
-        return jvp_over_slots(call, primals, stacks, name)
+        return jvp_over_slots(call, primals, stacks, name, by)
     state = _random_state()
     full = None
     for carriers, slots in groups.items():
@@ -373,7 +395,7 @@ def _jvp_by_carriers(call: Callable, primals: tuple, duals: list[Dual], plan: _s
         stacks = tuple(duals[k].tangents[[plan.positions[k].index(s) for s in slots]]
                        .to(duals[k].primal.dtype) for k in carriers)
         primal_out, tangents = jvp_over_slots(part, tuple(primals[k] for k in carriers), stacks,
-                                                 name)
+                                              name, by)
         leaves, spec = pytree.tree_flatten(tangents)
         if full is None:
             full = [t.new_empty((plan.count, *t.shape[1:])) for t in leaves]
@@ -395,12 +417,14 @@ def _set_random_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(gpus)
 
 
-def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str):
+def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str,
+                   by: Differentiation = _BY_FUNC_JVP):
     """``call(*primals)`` and its tangents along ``stacks`` (one stack per primal, T slots
-    each), stacked over the slots, by ``torch.func.jvp``. vmap draws any random
-    numbers once for all slots; where an op cannot be vmapped, each slot runs in turn from the
-    same random state, so that every slot differentiates the same draw. An output whose
-    tangent forward AD leaves undefined though reverse mode differentiates it is refused."""
+    each), stacked over the slots, by ``by.jvp`` (``torch.func.jvp``). vmap draws any random
+    numbers once for all slots; where an op cannot be vmapped, or ``by`` is not batched, each
+    slot runs in turn from the same random state, so that every slot differentiates the same
+    draw. An output whose tangent forward AD leaves undefined though reverse mode
+    differentiates it is refused."""
     undefined: set[int] = set()  # the outputs forward AD gave no tangent (jvp gives zeros)
 
     def differentiated(*p):
@@ -410,8 +434,8 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str):
                          and fwAD.unpack_dual(v).tangent is None)
         return out
 
-    def one_slot(*t):
-        return torch.func.jvp(differentiated, primals, t)
+    def one_slot(*t, primals=primals):
+        return by.jvp(differentiated, primals, t)
 
     if stacks[0].shape[0] == 1:
         # One slot: no batch to map over (and under torch.compile an op vmap cannot batch,
@@ -419,18 +443,25 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str):
         primal_out, tangent = one_slot(*(s[0] for s in stacks))
         return _refused_if(undefined, name, primal_out), \
             pytree.tree_map(lambda t: t.unsqueeze(0), tangent)
-    try:
-        primal_out, tangents = torch.func.vmap(one_slot, randomness="same",
-                                               out_dims=(None, 0))(*stacks)
-    except Exception:  # an op vmap cannot batch (data-dependent shapes, missing rules)
-        state = _random_state()
-        outs = []
-        for t in range(stacks[0].shape[0]):
-            _set_random_state(state)
-            outs.append(one_slot(*(s[t] for s in stacks)))
-        primal_out = outs[0][0]
-        tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])
-    return _refused_if(undefined, name, primal_out), tangents
+    if by.batched:
+        try:
+            primal_out, tangents = torch.func.vmap(one_slot, randomness="same",
+                                                   out_dims=(None, 0))(*stacks)
+        except Exception:  # an op vmap cannot batch (data-dependent shapes, missing rules)
+            pass
+        else:
+            return _refused_if(undefined, name, primal_out), tangents
+    state = _random_state()
+    # Slots after the first take copies of the primals as the first found them: a Function
+    # whose forward writes its input in place (mark_dirty) writes it once.
+    found = primals if by.batched else tuple(p.clone() for p in primals)
+    outs = []
+    for t in range(stacks[0].shape[0]):
+        _set_random_state(state)
+        given = primals if t == 0 or by.batched else tuple(p.clone() for p in found)
+        outs.append(one_slot(*(s[t] for s in stacks), primals=given))
+    tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])
+    return _refused_if(undefined, name, outs[0][0]), tangents
 
 
 def _refused_if(undefined: set, name: str, primal_out):
@@ -459,9 +490,9 @@ def _refuse_undefined_tangents(outputs: list[int], name: str) -> None:
             f"fgkernels.Dual: '{name}' is an op of a library outside torch whose forward-mode "
             f"derivative torch does not know (it leaves the tangent of output {outputs[0]} "
             "undefined: an autograd formula without jvp), so the forward-AD fallback cannot "
-            "give its tangent; write the computation with torch's own ops (a "
-            "torch.autograd.Function's forward too: fgkernels differentiates the ops it runs), "
-            "or take this derivative in reverse mode")
+            "give its tangent; write the computation with torch's own ops, call the op "
+            "inside a torch.autograd.Function that defines its jvp, or take this derivative "
+            "in reverse mode")
     if name in _NO_FORWARD_FORMULA:
         raise NotImplementedError(
             f"fgkernels.Dual: torch's forward-mode AD has no formula for '{name}' with these "

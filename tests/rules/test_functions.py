@@ -1,0 +1,216 @@
+"""``torch.autograd.Function`` subclasses on Duals (``rules.functions``): a Function with a jvp
+takes its tangent from it, as forward_ad does (the oracle: forward_ad on the same model, float64),
+in every style torch allows (ctx in forward, ``setup_context``, ``save_for_forward``, outputs
+marked non-differentiable, random draws in forward), eager and compiled; one without jvp warns
+that its forward's ops are differentiated."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fgkernels
+from fgkernels import Dual
+from fgkernels.testing import compare_with_forward_ad, forward_ad_jvp
+
+TOL = 1e-12
+
+
+class _RoundThrough(torch.autograd.Function):
+    """round(x), with the straight-through estimator's identity as its derivative (ctx taken
+    by forward: torch.func cannot transform it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
+
+
+class _ScaledSoftplus(torch.autograd.Function):
+    """softplus(β·x)/β · w, and the argmax of its rows (marked non-differentiable), with
+    ``setup_context``, a number among its inputs and ``save_for_forward``."""
+
+    @staticmethod
+    def forward(x, w, beta):
+        y = F.softplus(beta * x) / beta * w
+        return y, y.argmax(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, beta = inputs
+        ctx.beta = beta
+        ctx.save_for_forward(x, w)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, _):
+        x, w = ctx.saved_tensors
+        return (torch.sigmoid(ctx.beta * x) * x_t * w + F.softplus(ctx.beta * x) / ctx.beta * w_t,
+                None)
+
+
+class _RandomGate(torch.autograd.Function):
+    """x·m for a mask m drawn in forward and saved for the jvp: every tangent slot must see the
+    primal's draw."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mask = (torch.rand_like(x) > 0.5).to(x.dtype)
+        ctx.save_for_forward(mask)
+        return x * mask
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (mask,) = ctx.saved_tensors
+        return tangent * mask
+
+
+class _Net(nn.Module):
+    """A convolution quantized straight-through, gated at random, then a Function of its own
+    parameter ``w`` and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(4, 5, 5))
+        self.head = nn.Linear(4 * 25, 3)
+
+    def forward(self, x):
+        h = _RoundThrough.apply(self.conv(x) * 4) / 4
+        h = _RandomGate.apply(h)
+        y, rows = _ScaledSoftplus.apply(h, self.w, 2.0)
+        return self.head(y.flatten(1)), rows
+
+
+def _net() -> _Net:
+    torch.manual_seed(0)
+    return _Net().double()
+
+
+@pytest.mark.parametrize("num_tangents", [1, 3])
+def test_a_function_with_jvp_is_differentiated_by_it(num_tangents):
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    result = compare_with_forward_ad(_net(), [x], num_tangents=num_tangents)
+    assert result["primal"] <= TOL and result["tangent"] <= TOL, result
+    assert result["fallback"] == {}
+
+
+def test_a_straight_through_estimator_passes_its_input_tangent_on():
+    x = torch.randn(4, 6, dtype=torch.float64) * 3
+    t = torch.randn(2, 4, 6, dtype=torch.float64)
+    out = _RoundThrough.apply(Dual(x, t))
+    assert torch.equal(out.primal, torch.round(x))
+    assert torch.equal(out.tangents, t)  # round's own derivative would give 0
+
+
+def test_a_parameter_with_a_tangent_given_to_a_function_takes_it_into_the_jvp():
+    holder = nn.Module()
+    holder.w = nn.Parameter(torch.randn(4, 5, 5, dtype=torch.float64))
+    w_t = torch.randn(4, 5, 5, dtype=torch.float64)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    fgkernels.set_tangents(holder, {"w": w_t})
+    try:
+        y, rows = _ScaledSoftplus.apply(x, holder.w, 2.0)  # (no Dual among them)
+    finally:
+        fgkernels.clear_tangents(holder)
+    w = holder.w.detach()
+    want_y, want_t = forward_ad_jvp(lambda w_: _ScaledSoftplus.apply(x, w_, 2.0)[0], [w],
+                                    [w_t.unsqueeze(0)])
+    assert not isinstance(rows, Dual) and rows.dtype == torch.int64
+    torch.testing.assert_close(y.primal, want_y, rtol=0, atol=0)
+    torch.testing.assert_close(y.tangents, want_t, rtol=TOL, atol=TOL)
+
+
+def test_bfloat16_tangents_of_float32_primals_stay_bfloat16():
+    x = torch.randn(3, 8) * 3
+    t = torch.randn(1, 3, 8, dtype=torch.float64)
+    w = torch.randn(3, 8)
+    out, _ = _ScaledSoftplus.apply(Dual(x, t.bfloat16()), w, 1.5)
+    _, want = forward_ad_jvp(lambda x_: _ScaledSoftplus.apply(x_, w.double(), 1.5)[0],
+                             [x.double()], [t])
+    assert out.tangents.dtype == torch.bfloat16
+    torch.testing.assert_close(out.tangents.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_dual_without_tangent_gives_an_output_without_tangent():
+    out = _RoundThrough.apply(Dual(torch.randn(5)))
+    assert isinstance(out, Dual) and out.tangents is None
+
+
+def test_a_call_without_duals_is_torchs_own():
+    x = torch.randn(5, requires_grad=True)
+    _RoundThrough.apply(x * 2).sum().backward()
+    assert torch.equal(x.grad, torch.full((5,), 2.0))  # the straight-through backward
+
+
+class _SquareWithoutJvp(torch.autograd.Function):
+    """x², with a backward and no jvp: forward_ad refuses it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_a_function_without_jvp_warns_once_and_differentiates_its_forward():
+    x = torch.randn(5, dtype=torch.float64)
+    t = torch.randn(1, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="'_SquareWithoutJvp' defines no jvp"):
+        out = _SquareWithoutJvp.apply(Dual(x, t))
+    torch.testing.assert_close(out.tangents, 2 * x * t, rtol=TOL, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _SquareWithoutJvp.apply(Dual(x, t))
+
+
+@pytest.mark.parametrize("num_tangents", [1, 2])
+def test_a_compiled_pass_takes_the_jvp_between_graphs(num_tangents):
+    net = _net()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    result = compare_with_forward_ad(net, [x], num_tangents=num_tangents,
+                                     run=fgkernels.compile(net, backend="eager"))
+    assert result["primal"] <= TOL and result["tangent"] <= TOL, result
+
+
+def test_a_compiled_pass_with_fullgraph_refuses_a_function_with_jvp_by_name():
+    net = _net()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    compiled = fgkernels.compile(net, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="_RoundThrough' defines jvp"):
+        compiled(Dual(x, torch.randn_like(x)))
+
+
+class _DoubleInPlace(torch.autograd.Function):
+    """x *= 2, written in place and marked dirty."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.mark_dirty(x)
+        return x.mul_(2)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent.mul_(2)
+
+
+@pytest.mark.parametrize("num_tangents", [1, 3])
+def test_a_function_writing_its_input_in_place_writes_it_once(num_tangents):
+    x = torch.randn(4, dtype=torch.float64)
+    t = torch.randn(num_tangents, 4, dtype=torch.float64)
+    d = Dual(x.clone(), t.clone())
+    out = _DoubleInPlace.apply(d)
+    assert torch.equal(d.primal, 2 * x)  # once, not once per slot
+    assert torch.equal(out.primal, 2 * x) and torch.equal(out.tangents, 2 * t)
