@@ -87,7 +87,7 @@ def _no_tangent() -> None:
 # A tensor's tangent is an attribute of the tensor itself (so torch.compile reads it as it reads
 # any tensor attribute, with a guard); deepcopy and state_dict leave it behind, as they should
 # a per-step value. _LIVE counts the tensors that have one, for the hooks below.
-_ATTR = "_fgkernels_tangent"
+TANGENT_ATTRIBUTE = "_fgkernels_tangent"
 _LIVE: dict[int, weakref.ref] = {}
 # module -> {name in its _parameters: the tensor a tangent was set for under that name}: a
 # parameter replaced after its tangent was set is refused at the next dual pass.
@@ -96,7 +96,7 @@ _BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def tangent_of(t) -> Optional[ParameterTangent]:
     """The tangent recorded for tensor ``t`` (None: none)."""
-    return getattr(t, _ATTR, None) if isinstance(t, Tensor) else None
+    return getattr(t, TANGENT_ATTRIBUTE, None) if isinstance(t, Tensor) else None
 
 
 def has_tangent(t) -> bool:
@@ -120,14 +120,14 @@ def _put(t: Tensor, tangent: ParameterTangent) -> None:
             del _LIVE[key]
             _hooks.sync_unless_compiling()
 
-    setattr(t, _ATTR, tangent)
+    setattr(t, TANGENT_ATTRIBUTE, tangent)
     if key not in _LIVE:
         _LIVE[key] = weakref.ref(t, forget)
 
 
 def _drop(t: Tensor) -> None:
-    if getattr(t, _ATTR, None) is not None:
-        delattr(t, _ATTR)
+    if getattr(t, TANGENT_ATTRIBUTE, None) is not None:
+        delattr(t, TANGENT_ATTRIBUTE)
         _LIVE.pop(id(t), None)
 
 
@@ -464,7 +464,7 @@ class _CompiledTemporaries:
         made and later ones fill (``_Pass.take_as_dual``), its tangent recorded on it until
         the pass ends (``drop``)."""
         stack = in_primal_layout(t.new_zeros((count, *t.shape), dtype=dtype), t)
-        setattr(t, _ATTR, ParameterTangent(stack, directions, single))
+        setattr(t, TANGENT_ATTRIBUTE, ParameterTangent(stack, directions, single))
         self.tensors.append(t)
         return dual_of(t)
 

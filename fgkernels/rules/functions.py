@@ -31,26 +31,27 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
-from ..dual.tangents import has_tangent
+from ..dual.dynamo import eager_under_compile, when_dynamo_loads
+from ..dual.tangents import TANGENT_ATTRIBUTE
 from ..dual.value import Dual
 from .fallback import Differentiation, differentiate
 
-__all__ = ["defines_jvp", "takes_duals"]
+__all__ = ["defines_jvp"]
 
-_torch_apply = torch.autograd.Function.apply.__func__
+# torch's own apply, as the class holds it (a classmethod, or torch 2.14's C one), and bound
+_torch_apply_of_class = torch.autograd.Function.__dict__["apply"]
 _no_jvp = torch.autograd.Function.jvp
 _warned: set[type] = set()
+
+
+def _torch_apply(cls: type, *args, **kwargs):
+    """torch's ``cls.apply(*args, **kwargs)``."""
+    return _torch_apply_of_class.__get__(None, cls)(*args, **kwargs)
 
 
 def defines_jvp(cls: type) -> bool:
     """True if the Function class ``cls`` defines its own ``jvp``."""
     return cls.jvp is not _no_jvp
-
-
-def takes_duals(args: tuple, kwargs: dict) -> bool:
-    """True if a Dual, or a tensor with a recorded tangent, is among the arguments of a call
-    (at their top level, where ``Function.apply`` finds its tensors)."""
-    return any(isinstance(v, Dual) or has_tangent(v) for v in (*args, *kwargs.values()))
 
 
 def _forward_ad_jvp(f, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
@@ -79,13 +80,13 @@ def _warn_no_jvp(cls: type) -> None:
         f"fgkernels: the torch.autograd.Function '{cls.__qualname__}' defines no jvp "
         "(forward_ad refuses it): fgkernels differentiates the ops its forward runs, which is "
         "not its backward where that is a surrogate gradient (a straight-through estimator's); "
-        "define jvp to give the Function's own forward-mode derivative", stacklevel=4)
+        "define jvp to give the Function's own forward-mode derivative", stacklevel=5)
 
 
-def _apply(cls, *args, **kwargs):
-    """``cls.apply(*args, **kwargs)``: torch's own unless Duals are among the arguments."""
-    if not takes_duals(args, kwargs):
-        return _torch_apply(cls, *args, **kwargs)
+@eager_under_compile
+def _apply_on_duals(cls: type, args: tuple, kwargs: dict):
+    """``cls.apply(*args, **kwargs)`` with Duals among the arguments: by its jvp if it defines
+    one, else through the ops of its forward. Eager between graphs: see ``_apply``."""
     if defines_jvp(cls):
         return differentiate(functools.partial(_torch_apply, cls), args, kwargs,
                              f"{cls.__qualname__}.apply", _BY_ITS_JVP)
@@ -93,5 +94,21 @@ def _apply(cls, *args, **kwargs):
     return _torch_apply(cls, *args, **kwargs)
 
 
+def _apply(cls, *args, **kwargs):
+    """``cls.apply(*args, **kwargs)``: torch's own unless Duals are among the arguments."""
+    # (no call of a Python function before the choice: see the note below)
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, Dual) or getattr(v, TANGENT_ATTRIBUTE, None) is not None:
+            return _apply_on_duals(cls, args, kwargs)
+    return _torch_apply_of_class.__get__(None, cls)(*args, **kwargs)
+
+
+# (named as torch's: Dynamo knows a Function's apply by its name)
+_apply.__name__, _apply.__qualname__ = "apply", "Function.apply"
 _apply.__doc__ = torch.autograd.Function.apply.__doc__
 torch.autograd.Function.apply = classmethod(_apply)
+# Dynamo traces a Function's apply its own way, and never this one; but a call that runs
+# between graphs enters it as a frame of its own, which Dynamo must not compile (torch 2.14's
+# cannot trace the C method it calls): skipped, the frames it calls compiled as before (the
+# Function's forward; so it calls no Python function of fgkernels' own on plain tensors).
+when_dynamo_loads(lambda: torch._dynamo.eval_frame.skip_code(_apply.__code__))

@@ -214,3 +214,23 @@ def test_a_function_writing_its_input_in_place_writes_it_once(num_tangents):
     out = _DoubleInPlace.apply(d)
     assert torch.equal(d.primal, 2 * x)  # once, not once per slot
     assert torch.equal(out.primal, 2 * x) and torch.equal(out.tangents, 2 * t)
+
+
+def test_a_plain_compiled_model_calls_its_functions_as_torch_does():
+    # torch.compile breaks the graph at a Function with jvp whose inputs need gradients: the
+    # call runs eagerly through the apply fgkernels wraps, which Dynamo must not compile
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).double()
+
+    def net(x):
+        return _SquareWithoutJvp.apply(_RoundThrough.apply(conv(x) * 4)).sum()
+
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fgkernels")  # (nor does one without jvp)
+        out = torch.compile(net, backend="eager")(x)
+    (grad,) = torch.autograd.grad(out, x)
+    want = net(x)
+    assert torch.equal(out, want)
+    assert torch.equal(grad, torch.autograd.grad(want, x)[0])
