@@ -4,7 +4,7 @@ as the op's rule when its module is imported (``dual.value.implements``): the la
 the ``convolutions`` without a kernel of their own (3-d, transposed), ``losses``, ``pointwise``
 arithmetic and activations, ``products``, the rows' ``distances``, ``norms``, ``attention``,
 ``indexing``, nonlinear ``reductions``, the ``recurrent`` layers, ``sampling`` at a grid,
-torchvision's pooling over boxes (``regions``), the
+torchvision's pooling over boxes (``regions``) and deformable convolution (``deformable``), the
 ops that only touch the primal (``primal_ops``), and torch's own forward mode for every op
 without a rule (``fallback``), and ``torch.autograd.Function``s by their own jvp
 (``functions``).
@@ -13,6 +13,7 @@ without a rule (``fallback``), and ``torch.autograd.Function``s by their own jvp
 from . import (  # noqa: F401
     attention,
     convolutions,
+    deformable,
     distances,
     fallback,
     functions,

@@ -1,0 +1,130 @@
+"""torchvision's deformable convolution on Duals (``rules.deformable``): the tangent along every
+operand (input, offsets, mask, weight, bias) against the Jacobian of torchvision's own reverse
+mode (its backward kernels, float64), with sample points inside, on pixel rows and columns (zero
+offsets) and outside the image, in groups of channels and of offsets. Skipped where torchvision
+is missing, unless FGKERNELS_REQUIRE_MODELS=1 (CI's)."""
+import importlib
+import os
+
+import pytest
+import torch
+
+if os.environ.get("FGKERNELS_REQUIRE_MODELS") == "1":
+    importlib.import_module("torchvision")
+torchvision = pytest.importorskip("torchvision")
+from torchvision import ops  # noqa: E402
+
+import fgkernels  # noqa: E402
+from fgkernels import Dual  # noqa: E402
+
+TOL = 1e-12
+
+# (name, stride, padding, dilation, weight groups, offset groups, with a mask)
+CASES = [
+    ("v1", 1, 1, 1, 1, 1, False),
+    ("v2, groups", 1, 1, 1, 2, 2, True),
+    ("v2, strided, dilated", 2, 2, 2, 1, 2, True),
+]
+
+
+def _operands(stride, padding, dilation, groups, offset_groups, masked):
+    """x (2, 4, 6, 5), weight (4, 4/groups, 3, 3), and offsets and a mask for each tap: random
+    and fractional, except zero (points on the pixel grid) at one output row and far outside
+    the image at one output column."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    weight = torch.randn(4, 4 // groups, 3, 3, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64)
+    ho = (6 + 2 * padding - dilation * 2 - 1) // stride + 1
+    wo = (5 + 2 * padding - dilation * 2 - 1) // stride + 1
+    offset = 1.5 * torch.randn(2, offset_groups * 18, ho, wo, dtype=torch.float64)
+    offset[:, :, 0] = 0.0
+    offset[:, 1::2, :, -1] += 9.0
+    mask = torch.rand(2, offset_groups * 9, ho, wo, dtype=torch.float64) if masked else None
+    return x, offset, weight, bias, mask
+
+
+def _reverse_mode_jvp(call, operands, tangents):
+    """``Σ_i J_i · ṫ_i`` of ``call(*operands)``, J from torchvision's backward (one reverse
+    pass per output element), for each slot of the tangents."""
+    jacobians = torch.autograd.functional.jacobian(call, operands)
+    out_dims = call(*operands).dim()
+    slots = next(t for t in tangents if t is not None).shape[0]
+    result = 0
+    for jacobian, t in zip(jacobians, tangents):
+        if t is not None:
+            flat = jacobian.flatten(out_dims)  # (*out, numel of the operand)
+            result = result + torch.einsum("...i,si->s...", flat, t.flatten(1))
+    return result.expand(slots, *result.shape[1:]) if torch.is_tensor(result) else result
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("along", ["input", "offset", "mask", "weight", "bias", "all"])
+def test_deform_conv2d_is_torchvisions_derivative(case, along):
+    _, stride, padding, dilation, groups, offset_groups, masked = case
+    if along == "mask" and not masked:
+        pytest.skip("DCN v1 has no mask")
+    x, offset, weight, bias, mask = _operands(stride, padding, dilation, groups, offset_groups,
+                                              masked)
+    names = ["input", "offset", "weight", "bias", "mask"]
+    operands = [x, offset, weight, bias, mask]
+    torch.manual_seed(1)
+    tangents = [torch.randn(2, *v.shape, dtype=torch.float64)
+                if v is not None and along in (name, "all") else None
+                for name, v in zip(names, operands)]
+
+    def call(x_, offset_, weight_, bias_, mask_=None):
+        return ops.deform_conv2d(x_, offset_, weight_, bias_, stride, padding, dilation, mask_)
+
+    duals = [v if v is None or t is None else Dual(v, t) for v, t in zip(operands, tangents)]
+    out = call(*duals)
+    present = [i for i, v in enumerate(operands) if v is not None]
+    want = _reverse_mode_jvp(call, tuple(operands[i] for i in present),
+                             [tangents[i] for i in present])
+    assert torch.equal(out.primal, call(*operands))
+    torch.testing.assert_close(out.tangents, want, rtol=TOL, atol=TOL)
+
+
+def test_bfloat16_tangents_of_a_float32_deformable_convolution():
+    x, offset, weight, bias, mask = (v.float() for v in _operands(1, 1, 1, 1, 2, True))
+    torch.manual_seed(1)
+    xt, ot = torch.randn(1, *x.shape), torch.randn(1, *offset.shape)
+    out = ops.deform_conv2d(Dual(x, xt.bfloat16()), Dual(offset, ot.bfloat16()), weight, bias,
+                            padding=1, mask=mask)
+    call = lambda x_, o_: ops.deform_conv2d(x_, o_, weight.double(), bias.double(),  # noqa: E731
+                                            padding=1, mask=mask.double())
+    want = _reverse_mode_jvp(call, (x.double(), offset.double()),
+                             [xt.bfloat16().double(), ot.bfloat16().double()])
+    assert out.tangents.dtype == torch.bfloat16
+    torch.testing.assert_close(out.tangents.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_deformable_layer_in_a_model_is_exact():
+    # its offsets predicted by a convolution: every parameter's tangent reaches them
+    torch.manual_seed(0)
+    offsets = torch.nn.Conv2d(3, 18, 3, padding=1)
+    layer = ops.DeformConv2d(3, 4, 3, padding=1)
+    model = torch.nn.ModuleDict({"offsets": offsets, "layer": layer}).double()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts = model
+
+        def forward(self, x):
+            return self.parts["layer"](x, self.parts["offsets"](x)).relu().sum((1, 2, 3))
+
+    net = Net()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    # forward_ad refuses torchvision's op: the oracle is the Jacobian of its backward
+    tangents = fgkernels.random_tangents(net)
+    out = net(Dual(x))
+    fgkernels.clear_tangents(net)
+    names = [n for n, _ in net.named_parameters()]
+
+    def call(*params):
+        return torch.func.functional_call(net, dict(zip(names, params)), (x,))
+
+    want = _reverse_mode_jvp(call, tuple(p.detach() for p in net.parameters()),
+                             [tangents[n].unsqueeze(0) for n in names])
+    torch.testing.assert_close(out.tangents, want, rtol=TOL, atol=TOL)
