@@ -1,7 +1,8 @@
 """torchvision's deformable convolution on Duals (``rules.deformable``): the tangent along every
 operand (input, offsets, mask, weight, bias) against the Jacobian of torchvision's own reverse
 mode (its backward kernels, float64), with sample points inside, on pixel rows and columns (zero
-offsets) and outside the image, in groups of channels and of offsets. Skipped where torchvision
+offsets) and outside the image, in groups of channels and of offsets; and on geometries
+Hypothesis draws. Skipped where torchvision
 is missing, unless FGKERNELS_REQUIRE_MODELS=1 (CI's)."""
 import importlib
 import os
@@ -127,4 +128,54 @@ def test_a_deformable_layer_in_a_model_is_exact():
 
     want = _reverse_mode_jvp(call, tuple(p.detach() for p in net.parameters()),
                              [tangents[n].unsqueeze(0) for n in names])
+    torch.testing.assert_close(out.tangents, want, rtol=TOL, atol=TOL)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _geometries(draw):
+    """A deformable convolution's operands: kernel, stride, padding, dilation, weight and offset
+    groups, image and batch sizes drawn; offsets fractional, whole or far off the image."""
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride, dilation = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    groups, offset_groups = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    h = draw(st.integers(dilation * (kh - 1) + 1 - 2 * padding, 6).filter(lambda v: v >= 1))
+    w = draw(st.integers(dilation * (kw - 1) + 1 - 2 * padding, 6).filter(lambda v: v >= 1))
+    n, c_out = draw(st.integers(1, 2)), 2 * groups
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(n, 2 * groups * offset_groups, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, x.shape[1] // groups, kh, kw, generator=g, dtype=torch.float64)
+    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    scale = draw(st.sampled_from([0.0, 0.5, 3.0]))  # (0: every point on the pixel grid)
+    offset = scale * torch.randn(n, 2 * offset_groups * kh * kw, ho, wo, generator=g,
+                                 dtype=torch.float64)
+    if draw(st.booleans()):
+        offset = offset.round()
+    mask = torch.rand(n, offset_groups * kh * kw, ho, wo, generator=g, dtype=torch.float64) \
+        if draw(st.booleans()) else None
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+    return (x, offset, weight, bias, mask), (stride, padding, dilation)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drawn=_geometries(), count=st.integers(1, 2))
+def test_deform_conv2d_on_drawn_geometries_is_torchvisions_derivative(drawn, count):
+    operands, (stride, padding, dilation) = drawn
+    g = torch.Generator().manual_seed(count)
+    tangents = [None if v is None else torch.randn(count, *v.shape, generator=g,
+                                                   dtype=torch.float64) for v in operands]
+
+    def call(x_, offset_, weight_, bias_, mask_=None):
+        return ops.deform_conv2d(x_, offset_, weight_, bias_, stride, padding, dilation, mask_)
+
+    out = call(*[v if v is None else Dual(v, t) for v, t in zip(operands, tangents)])
+    present = [i for i, v in enumerate(operands) if v is not None]
+    want = _reverse_mode_jvp(call, tuple(operands[i] for i in present),
+                             [tangents[i] for i in present])
     torch.testing.assert_close(out.tangents, want, rtol=TOL, atol=TOL)
