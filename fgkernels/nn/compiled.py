@@ -151,18 +151,14 @@ def _stores_dispatch_torch_function() -> None:
         from torch._dynamo.variables.torch_function import can_dispatch_torch_function
     except ImportError:  # (a Dynamo laid out otherwise traces stores as it will)
         return
-    store = TensorVariable.__dict__.get("mp_ass_subscript_impl")
-    if store is None or getattr(store, "dispatches_torch_function", False):
-        return
+    def through_the_method(store):
+        def mp_ass_subscript_impl(self, tx, key, value):
+            if value is not None and can_dispatch_torch_function(tx, (self, key, value), {}):
+                return self.call_method(tx, "__setitem__", [key, value], {})
+            return store(self, tx, key, value)
+        return mp_ass_subscript_impl
 
-    @functools.wraps(store)
-    def mp_ass_subscript_impl(self, tx, key, value):
-        if value is not None and can_dispatch_torch_function(tx, (self, key, value), {}):
-            return self.call_method(tx, "__setitem__", [key, value], {})
-        return store(self, tx, key, value)
-
-    mp_ass_subscript_impl.dispatches_torch_function = True
-    TensorVariable.mp_ass_subscript_impl = mp_ass_subscript_impl
+    _wrap_once(TensorVariable, "mp_ass_subscript_impl", through_the_method)
 
 
 def _functions_with_jvp_run_eagerly() -> None:
@@ -178,24 +174,31 @@ def _functions_with_jvp_run_eagerly() -> None:
         from torch._dynamo.variables.torch_function import can_dispatch_torch_function
     except ImportError:  # (a Dynamo laid out otherwise traces Functions as it will)
         return
-    call_apply = AutogradFunctionVariable.__dict__.get("call_apply")
-    if call_apply is None or getattr(call_apply, "runs_jvp_eagerly", False):
+    def eagerly_with_jvp(call_apply):
+        def call_apply_with_jvp_eagerly(self, tx, args, kwargs):
+            if defines_jvp(self.fn_cls) and can_dispatch_torch_function(tx, args, kwargs):
+                unimplemented(
+                    gb_type="fgkernels: torch.autograd.Function with jvp on Duals",
+                    context=f"{self.fn_cls.__qualname__}.apply",
+                    explanation=f"the torch.autograd.Function '{self.fn_cls.__qualname__}' "
+                    "defines jvp, which fgkernels takes for its tangent eagerly: Dynamo would "
+                    "trace its forward's ops instead",
+                    hints=["Leave out fullgraph=True to run it between graphs."])
+            return call_apply(self, tx, args, kwargs)
+        return call_apply_with_jvp_eagerly
+
+    _wrap_once(AutogradFunctionVariable, "call_apply", eagerly_with_jvp)
+
+
+def _wrap_once(owner: type, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace the method ``owner.<name>`` by ``wrap(method)``, once: one wrapped before, or
+    one the class does not define (a Dynamo laid out otherwise), is left as it is."""
+    method = owner.__dict__.get(name)
+    if method is None or getattr(method, "wrapped_by_fgkernels", False):
         return
-
-    @functools.wraps(call_apply)
-    def call_apply_with_jvp_eagerly(self, tx, args, kwargs):
-        if defines_jvp(self.fn_cls) and can_dispatch_torch_function(tx, args, kwargs):
-            unimplemented(
-                gb_type="fgkernels: torch.autograd.Function with jvp on Duals",
-                context=f"{self.fn_cls.__qualname__}.apply",
-                explanation=f"the torch.autograd.Function '{self.fn_cls.__qualname__}' "
-                "defines jvp, which fgkernels takes for its tangent eagerly: Dynamo would "
-                "trace its forward's ops instead",
-                hints=["Leave out fullgraph=True to run it between graphs."])
-        return call_apply(self, tx, args, kwargs)
-
-    call_apply_with_jvp_eagerly.runs_jvp_eagerly = True
-    AutogradFunctionVariable.call_apply = call_apply_with_jvp_eagerly
+    wrapped = functools.wraps(method)(wrap(method))
+    wrapped.wrapped_by_fgkernels = True
+    setattr(owner, name, wrapped)
 
 
 # (id(module), guard filter) -> the code object of the module's entry point, on which Dynamo
