@@ -163,20 +163,22 @@ def _stores_dispatch_torch_function() -> None:
 
 def _functions_with_jvp_run_eagerly() -> None:
     """Make Dynamo break the graph at a ``torch.autograd.Function`` that defines ``jvp``
-    called on Duals, or while a compiled pass's mode is active, so that the call runs eagerly,
-    where fgkernels differentiates it by its jvp (``rules.functions``). Dynamo inlines the
-    forward of a Function whose arguments need no gradient, past its jvp: a straight-through
-    estimator's tangent came out 0. ``fullgraph=True`` refuses such a call by name. Done once,
-    at the first ``fgkernels.compile``."""
+    called on Duals, or during a compiled pass (where a parameter is one), so that the call
+    runs eagerly, where fgkernels differentiates it by its jvp (``rules.functions``). Dynamo
+    inlines the forward of a Function whose arguments need no gradient, past its jvp: a
+    straight-through estimator's tangent came out 0. ``fullgraph=True`` refuses such a call by
+    name; other compiled code is traced as before. Done once, at the first
+    ``fgkernels.compile``."""
     try:
         from torch._dynamo.exc import unimplemented
+        from torch._dynamo.utils import has_torch_function
         from torch._dynamo.variables.misc import AutogradFunctionVariable
-        from torch._dynamo.variables.torch_function import can_dispatch_torch_function
     except ImportError:  # (a Dynamo laid out otherwise traces Functions as it will)
         return
     def eagerly_with_jvp(call_apply):
         def call_apply_with_jvp_eagerly(self, tx, args, kwargs):
-            if defines_jvp(self.fn_cls) and can_dispatch_torch_function(tx, args, kwargs):
+            if defines_jvp(self.fn_cls) and (_compiled_pass.running or any(
+                    has_torch_function(v) for v in (*args, *kwargs.values()))):
                 unimplemented(
                     gb_type="fgkernels: torch.autograd.Function with jvp on Duals",
                     context=f"{self.fn_cls.__qualname__}.apply",

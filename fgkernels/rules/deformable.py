@@ -45,12 +45,12 @@ def _position_slopes(x: Tensor, offset: Tensor, kernel: tuple[int, int], stride:
     tap_cols = torch.arange(kw, device=x.device, dtype=x.dtype) * dilation[1]
     base_y = (tap_rows.view(kh, 1, 1, 1) + rows.view(1, 1, ho, 1)).expand(kh, kw, ho, wo)
     base_x = (tap_cols.view(1, kw, 1, 1) + cols.view(1, 1, 1, wo)).expand(kh, kw, ho, wo)
-    delta = offset.view(n, groups, kh * kw, 2, ho, wo)
+    delta = offset.reshape(n, groups, kh * kw, 2, ho, wo)
     py = base_y.reshape(kh * kw, ho, wo) + delta[:, :, :, 0]  # (N, G, K, Ho, Wo)
     px = base_x.reshape(kh * kw, ho, wo) + delta[:, :, :, 1]
     y0, x0 = py.floor(), px.floor()
     ly, lx = py - y0, px - x0
-    image = x.view(n, groups, 1, c // groups, h * w).expand(-1, -1, kh * kw, -1, -1)
+    image = x.reshape(n, groups, 1, c // groups, h * w).expand(-1, -1, kh * kw, -1, -1)
 
     def pixel(dy: int, dx: int) -> Tensor:
         # x at (y0 + dy, x0 + dx), 0 off the image: (N, G, C/G, K, Ho, Wo)
@@ -70,19 +70,41 @@ def _position_slopes(x: Tensor, offset: Tensor, kernel: tuple[int, int], stride:
     return slope_y, slope_x
 
 
+# The offsets' term takes N·C·K·Ho·Wo numbers per slot in each of its slopes, pixels and
+# columns: so many images at a time as take about this many, as torchvision's own kernels take
+# the images in chunks.
+_CHUNK_NUMBERS = 1 << 24
+
+
 def _offset_term(stack: Tensor, x: Tensor, offset: Tensor, weight: Tensor, mask, kernel, stride,
                  pad, dilation, groups: int, offset_groups: int) -> Tensor:
     """The offsets' term of every slot of ``stack`` (the offsets' tangents),
-    ``(T, N, C_out, Ho, Wo)``."""
+    ``(T, N, C_out, Ho, Wo)``, a chunk of images at a time."""
+    slots, n, _, ho, wo = stack.shape
+    per_image = slots * x.shape[1] * kernel[0] * kernel[1] * ho * wo
+    chunk = max(1, _CHUNK_NUMBERS // max(1, per_image))
+    if n <= chunk:
+        return _offset_term_of(stack, x, offset, weight, mask, kernel, stride, pad, dilation,
+                               groups, offset_groups)
+    return torch.cat([_offset_term_of(stack[:, i:i + chunk], x[i:i + chunk],
+                                      offset[i:i + chunk], weight,
+                                      None if mask is None else mask[i:i + chunk], kernel,
+                                      stride, pad, dilation, groups, offset_groups)
+                      for i in range(0, n, chunk)], dim=1)
+
+
+def _offset_term_of(stack: Tensor, x: Tensor, offset: Tensor, weight: Tensor, mask, kernel,
+                    stride, pad, dilation, groups: int, offset_groups: int) -> Tensor:
+    """``_offset_term`` of these images at once."""
     slope_y, slope_x = _position_slopes(x, offset, kernel, stride, pad, dilation,
                                         offset_groups)
     slots, n, _, ho, wo = stack.shape
     taps = kernel[0] * kernel[1]
-    delta = stack.view(slots, n, offset_groups, 1, taps, 2, ho, wo)
+    delta = stack.reshape(slots, n, offset_groups, 1, taps, 2, ho, wo)
     # columns[s, n, g, c, k, i, j] = m · (∂S/∂p_y · Δ̇_y + ∂S/∂p_x · Δ̇_x)
     columns = slope_y * delta[:, :, :, :, :, 0] + slope_x * delta[:, :, :, :, :, 1]
     if mask is not None:
-        columns = columns * mask.view(1, n, offset_groups, 1, taps, ho, wo)
+        columns = columns * mask.reshape(1, n, offset_groups, 1, taps, ho, wo)
     c_out, c_in = weight.shape[0], x.shape[1]
     columns = columns.reshape(slots, n, groups, c_in // groups, taps, ho, wo)
     w = weight.reshape(groups, c_out // groups, c_in // groups, taps)

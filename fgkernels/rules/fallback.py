@@ -434,7 +434,7 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str,
                          and fwAD.unpack_dual(v).tangent is None)
         return out
 
-    def one_slot(*t, primals=primals):
+    def one_slot(*t):
         return by.jvp(differentiated, primals, t)
 
     if stacks[0].shape[0] == 1:
@@ -452,14 +452,10 @@ def jvp_over_slots(call: Callable, primals: tuple, stacks: tuple, name: str,
         else:
             return _refused_if(undefined, name, primal_out), tangents
     state = _random_state()
-    # Slots after the first take copies of the primals as the first found them: a Function
-    # whose forward writes its input in place (mark_dirty) writes it once.
-    found = primals if by.batched else tuple(p.clone() for p in primals)
     outs = []
     for t in range(stacks[0].shape[0]):
         _set_random_state(state)
-        given = primals if t == 0 or by.batched else tuple(p.clone() for p in found)
-        outs.append(one_slot(*(s[t] for s in stacks), primals=given))
+        outs.append(one_slot(*(s[t] for s in stacks)))
     tangents = pytree.tree_map(lambda *ts: torch.stack(ts), *[o[1] for o in outs])
     return _refused_if(undefined, name, outs[0][0]), tangents
 

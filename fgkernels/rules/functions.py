@@ -6,24 +6,28 @@ at a time (the forward once per slot, each from the same random state: torch's f
 carries one tangent per level), so that ``ctx``, ``save_for_forward``,
 ``mark_non_differentiable``, ``set_materialize_grads`` and ``setup_context`` mean what they mean
 there. A straight-through estimator (``round`` forward, identity jvp) passes its input's tangent
-on, as its author meant, where the ops of its forward have derivative 0. A Function that writes
-its input in place (``mark_dirty``) writes it once, the later slots' forwards running on copies:
-its output is the written Dual, whose tangents are the jvp's; with several slots, the input
-Dual itself keeps the tangents it had (``x = F.apply(x)`` reads the output).
+on, as its author meant, where the ops of its forward have derivative 0. The forwards after the
+first run on copies of the tensors as the first found them, so that what a forward writes in
+place (its input, ``mark_dirty``; a running statistic) it writes once: an input written so is
+the output, whose tangents are the jvp's; with several slots, the input Dual keeps the
+tangents it had (``x = F.apply(x)`` reads the output). An output marked non-differentiable
+has tangent 0.
 
 A Function without ``jvp`` (forward_ad refuses it) runs its forward on the Duals themselves:
 fgkernels differentiates the ops it runs, which is exact for what the forward computes, but is
 not what its backward says where that is a surrogate gradient; its first call warns, once per
 Function (torch's own, reentrant checkpointing's, are exact and do not).
 
-``Function.apply`` is wrapped once, when fgkernels is imported, to look for Duals (and tensors
-with a recorded tangent) among a call's arguments, as torch looks for tensors: at the top level;
-a call without any is torch's own. A compiled pass (``fgkernels.compile``) breaks its graph at a
-Function with jvp called on Duals, which then runs eagerly as above.
+``Function.apply`` is wrapped once, when fgkernels is imported, to look for Duals among a call's
+arguments, as torch looks for tensors: at the top level (a tensor with a recorded tangent counts
+where an op would take it as its Dual: beside a Dual, or during a dual pass); a call without any
+is torch's own. A reference to ``apply`` taken before fgkernels was imported
+(``swish = SwishFunction.apply`` in a library imported first) stays torch's, whose Function
+then runs on Duals as one without jvp does. A compiled pass (``fgkernels.compile``) breaks its
+graph at a Function with jvp, which then runs eagerly as above.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any
 
@@ -32,13 +36,13 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
 from ..dual.dynamo import eager_under_compile, when_dynamo_loads
-from ..dual.tangents import TANGENT_ATTRIBUTE
+from ..dual.tangents import TANGENT_ATTRIBUTE, _compiled_pass, _Lifted, tangent_of
 from ..dual.value import Dual
 from .fallback import Differentiation, differentiate
 
 __all__ = ["defines_jvp"]
 
-# torch's own apply, as the class holds it (a classmethod, or torch 2.14's C one), and bound
+# torch's own apply, as the class holds it (a classmethod, or torch 2.14's C one)
 _torch_apply_of_class = torch.autograd.Function.__dict__["apply"]
 _no_jvp = torch.autograd.Function.jvp
 _warned: set[type] = set()
@@ -83,22 +87,62 @@ def _warn_no_jvp(cls: type) -> None:
         "define jvp to give the Function's own forward-mode derivative", stacklevel=5)
 
 
+def _writing_once(cls: type, calls: int):
+    """``cls.apply`` for ``differentiate`` to call ``calls`` times at most (once per tangent
+    slot): every call after the first runs on copies of the tensors among its arguments as the
+    first call found them, each dual one with its tangent, so that what the forward writes in
+    place it writes once."""
+    found = []  # (the first call's tensors, copied before it ran; None for other leaves)
+
+    def apply(*args, **kwargs):
+        if calls > 1:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            if not found:
+                found.extend(fwAD.unpack_dual(v).primal.clone()
+                             if isinstance(v, torch.Tensor) else None for v in leaves)
+            else:
+                args, kwargs = pytree.tree_unflatten(
+                    [v if copy is None else _copy_at_level(v, copy)
+                     for v, copy in zip(leaves, found)], spec)
+        return _torch_apply(cls, *args, **kwargs)
+
+    return apply
+
+
+def _copy_at_level(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """A copy of ``found`` with ``v``'s tangent at the current forward-AD level, if it has one."""
+    tangent = fwAD.unpack_dual(v).tangent
+    copy = found.clone()
+    return copy if tangent is None else fwAD.make_dual(copy, tangent)
+
+
 @eager_under_compile
 def _apply_on_duals(cls: type, args: tuple, kwargs: dict):
     """``cls.apply(*args, **kwargs)`` with Duals among the arguments: by its jvp if it defines
     one, else through the ops of its forward. Eager between graphs: see ``_apply``."""
-    if defines_jvp(cls):
-        return differentiate(functools.partial(_torch_apply, cls), args, kwargs,
-                             f"{cls.__qualname__}.apply", _BY_ITS_JVP)
-    _warn_no_jvp(cls)
-    return _torch_apply(cls, *args, **kwargs)
+    if not defines_jvp(cls):
+        _warn_no_jvp(cls)
+        return _torch_apply(cls, *args, **kwargs)
+    slots = sum(_slot_count(v) for v in (*args, *kwargs.values()))
+    return differentiate(_writing_once(cls, slots), args, kwargs, f"{cls.__qualname__}.apply",
+                         _BY_ITS_JVP)
+
+
+def _slot_count(v) -> int:
+    """The tangent slots ``v`` carries (a Dual's, or a tensor's recorded ones)."""
+    if isinstance(v, Dual):
+        return v.num_tangents
+    recorded = tangent_of(v)
+    return 0 if recorded is None else recorded.stack.shape[0]
 
 
 def _apply(cls, *args, **kwargs):
     """``cls.apply(*args, **kwargs)``: torch's own unless Duals are among the arguments."""
-    # (no call of a Python function before the choice: see the note below)
+    # (no call of a Python function before the choice: see the note below) A tensor with a
+    # tangent is lifted during an eager pass, and recorded alone during a compiled one.
     for v in (*args, *kwargs.values()):
-        if isinstance(v, Dual) or getattr(v, TANGENT_ATTRIBUTE, None) is not None:
+        if isinstance(v, (Dual, _Lifted)) or (_compiled_pass.running and getattr(
+                v, TANGENT_ATTRIBUTE, None) is not None):
             return _apply_on_duals(cls, args, kwargs)
     return _torch_apply_of_class.__get__(None, cls)(*args, **kwargs)
 

@@ -179,3 +179,22 @@ def test_deform_conv2d_on_drawn_geometries_is_torchvisions_derivative(drawn, cou
     want = _reverse_mode_jvp(call, tuple(operands[i] for i in present),
                              [tangents[i] for i in present])
     torch.testing.assert_close(out.tangents, want, rtol=TOL, atol=TOL)
+
+
+def test_a_cropped_input_and_images_in_chunks(monkeypatch):
+    # a view that is not contiguous, and the offsets' term taken two images at a time
+    from fgkernels.rules import deformable
+    x, offset, weight, bias, mask = _operands(1, 1, 1, 2, 2, True)
+    x = torch.cat([x, x.flip(0)])[..., 1:]  # (4, 4, 6, 4), a crop
+    offset = torch.cat([offset, 0.5 * offset])[..., 1:]
+    mask = torch.cat([mask, mask.flip(0)])[..., 1:]
+    monkeypatch.setattr(deformable, "_CHUNK_NUMBERS", 2 * 4 * 9 * 6 * 4)
+    torch.manual_seed(1)
+    tangents = [torch.randn(1, *v.shape, dtype=torch.float64) for v in (x, offset)]
+
+    def call(x_, offset_):
+        return ops.deform_conv2d(x_, offset_, weight, bias, padding=1, mask=mask)
+
+    out = call(Dual(x, tangents[0]), Dual(offset, tangents[1]))
+    want = _reverse_mode_jvp(call, (x, offset), tangents)
+    torch.testing.assert_close(out.tangents, want, rtol=TOL, atol=TOL)
