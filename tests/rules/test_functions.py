@@ -286,3 +286,21 @@ def test_a_parameter_with_a_tangent_outside_a_pass_is_no_dual_of_a_function():
     finally:
         fgkernels.clear_tangents(holder)
     assert not isinstance(out, Dual) and not isinstance(direct, Dual)
+
+
+def test_a_compiled_pass_gives_a_functions_jvp_a_parameters_tangent():
+    # the parameter alone among the Function's arguments: a compiled pass hands it out as a
+    # plain tensor with a recorded tangent, not as a Dual
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(3 * torch.randn(4, 5, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * _RoundThrough.apply(self.w)
+
+    net = Scaled()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    result = compare_with_forward_ad(net, [x], run=fgkernels.compile(net, backend="eager"))
+    assert result["primal"] <= TOL and result["tangent"] <= TOL, result
