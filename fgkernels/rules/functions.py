@@ -8,10 +8,9 @@ carries one tangent per level), so that ``ctx``, ``save_for_forward``,
 there. A straight-through estimator (``round`` forward, identity jvp) passes its input's tangent
 on, as its author meant, where the ops of its forward have derivative 0. The forwards after the
 first run on copies of the tensors as the first found them, so that what a forward writes in
-place (its input, ``mark_dirty``; a running statistic) it writes once: an input written so is
-the output, whose tangents are the jvp's; with several slots, the input Dual keeps the
-tangents it had (``x = F.apply(x)`` reads the output). An output marked non-differentiable
-has tangent 0.
+place (its input, ``mark_dirty``; a running statistic) it writes once; a Dual written so is
+the output, as torch returns the input itself, its tangents the jvp's. An output marked
+non-differentiable has tangent 0.
 
 A Function without ``jvp`` (forward_ad refuses it) runs its forward on the Duals themselves:
 fgkernels differentiates the ops it runs, which is exact for what the forward computes, but is
@@ -29,7 +28,7 @@ graph at a Function with jvp, which then runs eagerly as above.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -87,26 +86,35 @@ def _warn_no_jvp(cls: type) -> None:
         "define jvp to give the Function's own forward-mode derivative", stacklevel=5)
 
 
-def _writing_once(cls: type, calls: int):
+class _WritingOnce:
     """``cls.apply`` for ``differentiate`` to call ``calls`` times at most (once per tangent
     slot): every call after the first runs on copies of the tensors among its arguments as the
     first call found them, each dual one with its tangent, so that what the forward writes in
-    place it writes once."""
-    found = []  # (the first call's tensors, copied before it ran; None for other leaves)
+    place it writes once. ``written`` pairs each output that is one of its arguments (written
+    in place, ``mark_dirty``: torch returns the argument itself) with that argument, by their
+    positions among the leaves of the output and of ``(args, kwargs)``."""
 
-    def apply(*args, **kwargs):
-        if calls > 1:
-            leaves, spec = pytree.tree_flatten((args, kwargs))
-            if not found:
-                found.extend(fwAD.unpack_dual(v).primal.clone()
-                             if isinstance(v, torch.Tensor) else None for v in leaves)
-            else:
-                args, kwargs = pytree.tree_unflatten(
-                    [v if copy is None else _copy_at_level(v, copy)
-                     for v, copy in zip(leaves, found)], spec)
-        return _torch_apply(cls, *args, **kwargs)
+    def __init__(self, cls: type, calls: int):
+        self.cls, self.calls = cls, calls
+        self.found: Optional[list] = None  # the first call's tensors, copied before it ran
+        self.written: list[tuple[int, int]] = []
 
-    return apply
+    def __call__(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        first = self.found is None
+        if first:
+            self.found = [fwAD.unpack_dual(v).primal.clone()
+                          if self.calls > 1 and isinstance(v, torch.Tensor) else None
+                          for v in leaves]
+        else:
+            args, kwargs = pytree.tree_unflatten(
+                [v if copy is None else _copy_at_level(v, copy)
+                 for v, copy in zip(leaves, self.found)], spec)
+        out = _torch_apply(self.cls, *args, **kwargs)
+        if first:
+            self.written = [(i, j) for i, v in enumerate(pytree.tree_leaves(out))
+                            for j, arg in enumerate(leaves) if v is arg]
+        return out
 
 
 def _copy_at_level(v: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
@@ -123,9 +131,18 @@ def _apply_on_duals(cls: type, args: tuple, kwargs: dict):
     if not defines_jvp(cls):
         _warn_no_jvp(cls)
         return _torch_apply(cls, *args, **kwargs)
-    slots = sum(_slot_count(v) for v in (*args, *kwargs.values()))
-    return differentiate(_writing_once(cls, slots), args, kwargs, f"{cls.__qualname__}.apply",
-                         _BY_ITS_JVP)
+    apply = _WritingOnce(cls, sum(_slot_count(v) for v in (*args, *kwargs.values())))
+    out = differentiate(apply, args, kwargs, f"{cls.__qualname__}.apply", _BY_ITS_JVP)
+    if not apply.written:
+        return out
+    # An argument written in place is the output, as torch returns it: a Dual takes the
+    # output's primal and tangents (the jvp's), and is returned in its place.
+    flat, spec = pytree.tree_flatten(out, is_leaf=lambda v: isinstance(v, Dual))
+    given = pytree.tree_leaves((args, kwargs), is_leaf=lambda v: isinstance(v, Dual))
+    for i, j in apply.written:
+        if isinstance(given[j], Dual) and isinstance(flat[i], Dual):
+            flat[i] = given[j]._assign(flat[i])
+    return pytree.tree_unflatten(flat, spec)
 
 
 def _slot_count(v) -> int:
