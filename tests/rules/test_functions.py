@@ -1,8 +1,9 @@
 """``torch.autograd.Function`` subclasses on Duals (``rules.functions``): a Function with a jvp
 takes its tangent from it, as forward_ad does (the oracle: forward_ad on the same model, float64),
 in every style torch allows (ctx in forward, ``setup_context``, ``save_for_forward``, outputs
-marked non-differentiable, random draws in forward), eager and compiled; one without jvp warns
-that its forward's ops are differentiated."""
+marked non-differentiable, random draws in forward, writes in place), eager and compiled, on
+shapes and directions Hypothesis draws; one without jvp warns that its forward's ops are
+differentiated."""
 import warnings
 
 import pytest
@@ -305,3 +306,35 @@ def test_a_compiled_pass_gives_a_functions_jvp_a_parameters_tangent():
     x = torch.randn(4, 5, dtype=torch.float64)
     result = compare_with_forward_ad(net, [x], run=fgkernels.compile(net, backend="eager"))
     assert result["primal"] <= TOL and result["tangent"] <= TOL, result
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       x_directions=st.sets(st.integers(0, 3), min_size=1, max_size=3),
+       w_directions=st.sets(st.integers(0, 3), max_size=3), seed=st.integers(0, 2**31 - 1))
+def test_drawn_shapes_and_directions_take_the_jvp_slot_by_slot(shape, x_directions,
+                                                                w_directions, seed):
+    # x and w carry directions of their own (w maybe none): each output slot is the jvp along
+    # the tangents of the operands that carry its direction, the other operand constant
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    xd, wd = sorted(x_directions), sorted(w_directions)
+    x_t = torch.randn(len(xd), *shape, generator=g, dtype=torch.float64)
+    w_t = torch.randn(len(wd), *shape, generator=g, dtype=torch.float64)
+    y, _ = _ScaledSoftplus.apply(_RoundThrough.apply(Dual(x, x_t, directions=xd)),
+                                 Dual(w, w_t, directions=wd) if wd else w, 1.5)
+    directions = sorted(x_directions | w_directions)
+    assert y.directions == tuple(directions)
+    for s, d in enumerate(directions):
+        xs = x_t[xd.index(d)] if d in xd else torch.zeros_like(x)
+        ws = w_t[wd.index(d)] if d in wd else torch.zeros_like(w)
+        _, want = forward_ad_jvp(lambda a, b: _ScaledSoftplus.apply(_RoundThrough.apply(a), b,
+                                                                     1.5)[0],
+                                 [x, w], [xs.unsqueeze(0), ws.unsqueeze(0)])
+        torch.testing.assert_close(y.tangents[s], want[0], rtol=TOL, atol=TOL)
