@@ -10,7 +10,7 @@ on, as its author meant, where the ops of its forward have derivative 0. The for
 first run on copies of the tensors as the first found them, so that what a forward writes in
 place (its input, ``mark_dirty``; a running statistic) it writes once; a Dual written so is
 the output, as torch returns the input itself, its tangents the jvp's. An output marked
-non-differentiable has tangent 0.
+non-differentiable has tangent 0 (forward_ad gives it none).
 
 A Function without ``jvp`` (forward_ad refuses it) runs its forward on the Duals themselves:
 fgkernels differentiates the ops it runs, which is exact for what the forward computes, but is
