@@ -129,7 +129,8 @@ def deform_conv2d(input, weight, offset, mask, bias, stride_h: int, stride_w: in
     plan = _slots.plan([x.slots, w.slots, off.slots, m.slots, b.slots], "deform_conv2d")
     if plan.count == 0:
         return Dual._unchecked(y, None, None, False)
-    wide = acc_dtype(plan.dtype_for(y.dtype))
+    dtype = plan.dtype_for(y.dtype)
+    wide = acc_dtype(dtype)
     xp, wp, offp, mp = (v.primal.to(wide) for v in (x, w, off, m))
     zero_bias = wp.new_zeros(wp.shape[0])
 
@@ -157,6 +158,5 @@ def deform_conv2d(input, weight, offset, mask, bias, stride_h: int, stride_w: in
                                    mp if use_mask else None,
                                    w.primal.shape[-2:], (stride_h, stride_w), (pad_h, pad_w),
                                    (dilation_h, dilation_w), groups, offset_groups), 2))
-    dtype = plan.dtype_for(y.dtype)
     stack = _slots.place(plan.count, [(t.to(dtype), plan.positions[k]) for t, k in terms])
     return Dual._unchecked(y, stack, plan.directions, plan.single)

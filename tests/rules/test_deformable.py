@@ -50,13 +50,9 @@ def _reverse_mode_jvp(call, operands, tangents):
     pass per output element), for each slot of the tangents."""
     jacobians = torch.autograd.functional.jacobian(call, operands)
     out_dims = call(*operands).dim()
-    slots = next(t for t in tangents if t is not None).shape[0]
-    result = 0
-    for jacobian, t in zip(jacobians, tangents):
-        if t is not None:
-            flat = jacobian.flatten(out_dims)  # (*out, numel of the operand)
-            result = result + torch.einsum("...i,si->s...", flat, t.flatten(1))
-    return result.expand(slots, *result.shape[1:]) if torch.is_tensor(result) else result
+    # (*out, numel of the operand) against (slots, numel of the operand), summed over operands
+    return sum(torch.einsum("...i,si->s...", jacobian.flatten(out_dims), t.flatten(1))
+               for jacobian, t in zip(jacobians, tangents) if t is not None)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
