@@ -1125,6 +1125,17 @@ for _op in _LINEAR_OPS:
     implements(_op)(_slot_view_rule(_op, _SLOT_VIEWS[_op]) if _op in _SLOT_VIEWS
                     else _linear_rule(_op))
 
+# torch's unsafe splits are its splits with views autograd does not track (a write into one
+# still reaches the input): taken as the tracked ones, a write into one reaches the Dual.
+_UNSAFE_SPLITS = {
+    torch.unsafe_chunk: torch.chunk, torch.Tensor.unsafe_chunk: torch.Tensor.chunk,
+    torch.unsafe_split: torch.split, torch.Tensor.unsafe_split: torch.Tensor.split,
+    torch.unsafe_split_with_sizes: torch.split_with_sizes,
+    torch.Tensor.unsafe_split_with_sizes: torch.Tensor.split_with_sizes,
+}
+for _unsafe, _safe in _UNSAFE_SPLITS.items():
+    implements(_unsafe)(_slot_view_rule(_safe, _SLOT_VIEWS[_safe]))
+
 
 _contiguous_copy = _slot_view_rule(torch.Tensor.contiguous, _contiguous)
 

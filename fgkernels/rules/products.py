@@ -176,6 +176,8 @@ def einsum(equation: str, *operands) -> Dual:
     subscripts = inputs.split(",")
     if not arrow:
         output = "".join(sorted(c for c in set(inputs) - {","} if inputs.count(c) == 1))
+    if len(operands) == 1 and isinstance(operands[0], Dual):
+        return _einsum_of_one(equation, operands[0])
     if "." in equation:  # an ellipsis: torch's own handling of it, the slots by vmap
         return _product("einsum", list(operands), lambda p: torch.einsum(equation, *p),
                         lambda i, s, f: torch.vmap(lambda t: torch.einsum(
@@ -187,6 +189,17 @@ def einsum(equation: str, *operands) -> Dual:
         return torch.einsum(f"{','.join(subs)}->{slot}{output}", *f[:i], stack, *f[i + 1:])
 
     return _product("einsum", list(operands), lambda p: torch.einsum(equation, *p), term)
+
+
+def _einsum_of_one(equation: str, d: Dual) -> Dual:
+    """``einsum`` of one operand, a linear map of it: the map on the primal and on the slots
+    (vmapped). A permutation or a diagonal is a view, as torch's is: a write into it reaches
+    ``d``."""
+    y = torch.einsum(equation, d.primal)
+    t = d.tangents
+    if t is not None:
+        t = torch.vmap(lambda s: torch.einsum(equation, s))(t)
+    return d.as_view(d.with_tangents(y, t))
 
 
 def _sublist_equation(args: tuple) -> tuple[str, tuple]:

@@ -561,6 +561,12 @@ VIEW_WRITES = {
                                           y.hsplit(2)[0].div_(2.0)),
     "moveaxis and adjoint": lambda y: (y.moveaxis(0, 1).mul_(2.0), y.adjoint().neg_()),
     "split_with_sizes": lambda y: y.split_with_sizes([1, 3], 1)[1].mul_(3.0),
+    "unsafe splits": lambda y: (torch.unsafe_chunk(y, 2, 1)[1].neg_(),
+                                y.unsafe_split(1, 0)[2].mul_(3.0),
+                                torch.unsafe_split_with_sizes(y, [1, 3], 1)[0].div_(2.0)),
+    "einsum of one operand": lambda y: (torch.einsum("ij->ji", y).mul_(2.0),
+                                        torch.einsum("ii->i", y[:, :3]).add_(1.0),
+                                        torch.einsum("...j->j...", y)[1].neg_()),
     # views made by the forward-AD fallback
     "atleast_3d and as_strided": lambda y: (torch.atleast_3d(y).mul_(2.0),
                                             y.as_strided((2, 2), (4, 1), 1).neg_()),
@@ -578,8 +584,9 @@ def _on_a_copy(write):
 @pytest.mark.parametrize("name", sorted(VIEW_WRITES))
 def test_in_place_op_on_a_view_writes_into_the_dual(name):
     """An in-place op on a view (view, narrow, a row of iteration, t, .T, .mT, unsqueeze,
-    diagonal, unfold, tensor_split, moveaxis, a view the forward-AD fallback made) writes into
-    the Dual it views, primal and tangent, as on a view of a tensor."""
+    diagonal, unfold, tensor_split, moveaxis, an unsafe split, a permutation or diagonal by
+    einsum, a view the forward-AD fallback made) writes into the Dual it views, primal and
+    tangent, as on a view of a tensor."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's notice
         _against_forward_ad(_on_a_copy(VIEW_WRITES[name]), (3, 4))
