@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 
 from ..dual import slots as _slots
+from ..dual.layout import view_root
 from ..dual.value import Dual, implements
+from .fallback import forward_ad_fallback
 from .operands import parts, refuse_dual_index
 from .pointwise import lift
 from .products import _product
@@ -118,3 +120,65 @@ def index_add(input, dim: int, index: Tensor, source, *, alpha=1) -> Dual:
 
     return _product("index_add", [input, source],
                     lambda f: torch.index_add(f[0], dim, index, f[1], alpha=alpha), term)
+
+
+@implements(torch.as_strided, torch.Tensor.as_strided)
+def as_strided(input: Dual, size, stride, storage_offset=None) -> Dual:
+    """``d.as_strided(size, stride, offset)``: the primal's storage read at those positions,
+    and each slot at the same positions of a tangent laid out as the primal's storage, as
+    forward AD lays a tangent out. Where ``d``'s slots are laid out so (a Dual's slots, and a
+    view's of them, follow its primal), the result views them, and reads the tangent of the
+    Dual ``d`` views beyond ``d``'s own elements; else it is a copy of ``d``'s tangents at
+    positions that must all be ``d``'s elements. In a compiled pass, where no storage can be
+    asked, the forward-AD fallback takes it (exact within ``d``'s elements)."""
+    y = torch.as_strided(input.primal, size, stride, storage_offset)
+    t = input.tangents
+    if t is not None and torch.compiler.is_compiling():  # (no storage to ask while tracing)
+        return forward_ad_fallback(torch.as_strided, (input, size, stride, storage_offset), {})
+    if t is not None:
+        read = _slots_mirroring if _mirror_storage(input.primal, t) else _slots_at_elements
+        t = read(input.primal, t, y)
+    return input.as_view(input.with_tangents(y, t))
+
+
+def _storage_numel(t: Tensor) -> int:
+    return t.untyped_storage().nbytes() // t.element_size()
+
+
+def _mirror_storage(p: Tensor, stack: Tensor) -> bool:
+    """True if every slot of ``stack`` lies in its storage as ``p`` in its own, a slot's
+    element at ``p``'s storage position q at ``shift + q`` (plus the slot's stride), every
+    position of ``p``'s storage inside the stack's, and no two slots' regions overlapping."""
+    if any(n > 1 and s != ps for n, s, ps in zip(p.shape, stack.stride()[1:], p.stride())):
+        return False
+    count, step = stack.shape[0], stack.stride(0)
+    extent, shift = _storage_numel(p), stack.storage_offset() - p.storage_offset()
+    apart = count == 1 or step == 0 or step >= extent
+    return apart and shift >= 0 and shift + (count - 1) * step + extent <= _storage_numel(stack)
+
+
+def _slots_mirroring(p: Tensor, stack: Tensor, y: Tensor) -> Tensor:
+    """``y``'s view of ``p``'s storage taken of every slot of ``stack``, which mirrors it."""
+    shift = stack.storage_offset() - p.storage_offset()
+    return stack.as_strided((stack.shape[0], *y.shape), (stack.stride(0), *y.stride()),
+                            shift + y.storage_offset())
+
+
+def _slots_at_elements(p: Tensor, stack: Tensor, y: Tensor) -> Tensor:
+    """``y``'s positions in ``p``'s storage read from the slots of ``stack`` (``p``'s tangents,
+    laid out otherwise), a copy: each position as the element of ``p`` stored there. A
+    position that no element of ``p`` takes has tangent zero where the slots view no other
+    Dual's (forward AD's tangent of a view of a larger tensor made dual is zero beyond it);
+    where they do, it is refused: its tangent lies in slots not laid out as the storage."""
+    element = torch.full((_storage_numel(p),), -1, dtype=torch.long, device=p.device)
+    element.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(
+        torch.arange(p.numel(), device=p.device).view(p.shape))
+    read = element.as_strided(y.shape, y.stride(), y.storage_offset()).reshape(-1)
+    outside = read < 0
+    if view_root(stack) is not stack and outside.any():
+        raise RuntimeError(
+            "as_strided: the view reads storage positions outside the Dual's own elements, "
+            "which belong to the Dual it views, whose tangent slots are not laid out as its "
+            "primal's storage; take the view of that Dual itself")
+    out = stack.reshape(stack.shape[0], -1)[:, read.clamp(min=0)]
+    return out.masked_fill_(outside, 0).view(stack.shape[0], *y.shape)

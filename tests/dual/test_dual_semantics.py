@@ -567,9 +567,10 @@ VIEW_WRITES = {
     "einsum of one operand": lambda y: (torch.einsum("ij->ji", y).mul_(2.0),
                                         torch.einsum("ii->i", y[:, :3]).add_(1.0),
                                         torch.einsum("...j->j...", y)[1].neg_()),
+    "as_strided": lambda y: (y.as_strided((2, 2), (4, 1), 1).neg_(),
+                             y[1:2].as_strided((2, 3), (4, 1), 5).mul_(2.0)),
     # views made by the forward-AD fallback
-    "atleast_3d and as_strided": lambda y: (torch.atleast_3d(y).mul_(2.0),
-                                            y.as_strided((2, 2), (4, 1), 1).neg_()),
+    "atleast_3d": lambda y: torch.atleast_3d(y).mul_(2.0),
 }
 
 
@@ -590,6 +591,61 @@ def test_in_place_op_on_a_view_writes_into_the_dual(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's notice
         _against_forward_ad(_on_a_copy(VIEW_WRITES[name]), (3, 4))
+
+
+AS_STRIDED = {
+    "whole storage": lambda d: d.as_strided((2, 6), (6, 1)),
+    "beyond a row": lambda d: d[1:3].as_strided((3, 4), (4, 1), 0),
+    "before a column": lambda d: d[:, 2:].as_strided((3, 3), (4, 1), 1),
+    "overlapping windows": lambda d: d[1].as_strided((3, 3), (2, 1), 1),
+    "channels_last": lambda d: d.reshape(1, 3, 2, 2).contiguous(
+        memory_format=torch.channels_last).as_strided((2, 6), (6, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AS_STRIDED))
+def test_as_strided_reads_the_tangent_laid_out_as_the_storage(name):
+    """``as_strided`` reads every slot where it reads the primal's storage, as forward AD's
+    tangent, laid out as the storage, is read: beyond a view's own elements, the tangents of
+    the Dual it views (every slot, not zeros past the first)."""
+    _against_forward_ad(AS_STRIDED[name], (3, 4), slots=3)
+
+
+def test_as_strided_reads_slots_cut_from_a_larger_stack_at_their_own_offset():
+    """Slots that are a part of a larger stack lie at an offset of their own in its storage:
+    each is read there, where the primal is read in its own."""
+    x, stack = torch.randn(3, 4, **f64), torch.randn(5, 3, 4, **f64)
+    out = Dual(x, stack[2:4])[1:].as_strided((2, 4), (4, 1), 2)
+    for k in range(2):
+        with fwAD.dual_level():
+            expected = fwAD.unpack_dual(
+                fwAD.make_dual(x, stack[2 + k])[1:].as_strided((2, 4), (4, 1), 2))
+        assert torch.equal(out.primal, expected.primal)
+        assert torch.equal(out.tangents[k], expected.tangent)
+
+
+def test_as_strided_of_a_dual_of_a_larger_tensor_s_view_is_zero_beyond_it():
+    """A Dual made of a view of a larger tensor has tangent zero at the storage positions
+    beyond its elements, as forward AD gives a dual made of such a view; within them, its own
+    tangents wherever they lie."""
+    base, t = torch.randn(4, 3, **f64), torch.randn(2, 2, 3, **f64)
+    strided = torch.randn(2, 3, 2, **f64).transpose(1, 2)  # slots laid out unlike the primal
+    for tangents in (t, strided):
+        out = Dual(base[1:3], tangents).as_strided((3, 3), (3, 1), 2)
+        for k in range(2):
+            with fwAD.dual_level():
+                expected = fwAD.unpack_dual(
+                    fwAD.make_dual(base[1:3], tangents[k]).as_strided((3, 3), (3, 1), 2))
+            assert torch.equal(out.primal, expected.primal)
+            assert torch.equal(out.tangents[k], expected.tangent)
+
+
+def test_as_strided_beyond_a_view_of_slots_laid_out_unlike_the_storage_is_refused():
+    """Beyond a view's elements the tangents belong to the Dual it views; where its slots are
+    not laid out as the storage, they cannot be read there, and ``as_strided`` says so."""
+    d = Dual(torch.randn(4, 3, **f64)[1:3], torch.randn(2, 2, 3, **f64))[0]
+    with pytest.raises(RuntimeError, match="outside the Dual's own elements"):
+        d.as_strided((2, 3), (3, 1), 3)
 
 
 def test_a_fallback_view_of_an_operand_without_tangent_writes_into_it():
