@@ -726,10 +726,16 @@ MUTANTS = [
            ("tests/nn/test_compile.py::"
             "test_a_graph_compiled_without_module_guards_is_not_taken_with_them",)),
     Mutant("a cumulative average's batch statistics are not blended in",
-           "fgkernels/nn/modules.py", "        if self._cumulative_average():\n            factor",
-           "        if False:\n            factor",
+           "fgkernels/nn/modules.py",
+           "        if self._cumulative_average() and output.numel() > 0:\n",
+           "        if False:\n",
            ("tests/nn/test_modules.py::test_fused_batch_norm_cumulative_average_follows_torch",
             COMPILE + "test_a_cumulative_average_batch_norm_follows_torchs_running_statistics")),
+    Mutant("an empty input blends zero statistics into a cumulative average",
+           "fgkernels/nn/modules.py", "if self._cumulative_average() and output.numel() > 0:",
+           "if self._cumulative_average():",
+           ("tests/nn/test_modules.py::test_batch_norm_counts_an_empty_input_and_keeps_its_"
+            "statistics",)),
     Mutant("a cumulative average's factor counts this call twice", "fgkernels/nn/modules.py",
            "factor = 1.0 / (self.num_batches_tracked + 1).double()",
            "factor = 1.0 / (self.num_batches_tracked + 2).double()",

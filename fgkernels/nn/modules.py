@@ -222,14 +222,17 @@ class _DualBatchNorm(DualModule):
         return self.momentum is None and self._counts_calls() \
             and self.running_mean is not None and self.running_var is not None
 
-    def _count_call(self, batch_mean: Optional[Tensor], batch_var: Optional[Tensor]) -> None:
+    def _count_call(self, batch_mean: Optional[Tensor], batch_var: Optional[Tensor],
+                    output: Tensor) -> None:
         """Count a call that has run in ``num_batches_tracked``, as ``_BatchNorm.forward``.
         For a cumulative average, ``batch_mean`` and ``batch_var`` are the statistics the call
         wrote into ``_dual_bn_args``'s buffers, blended into the running ones as torch's
-        update does (``factor * batch + (1 - factor) * running``, in float64)."""
+        update does (``factor * batch + (1 - factor) * running``, in float64). An empty
+        ``output`` (no batch, or no spatial position) had no statistics: the call is counted
+        and the running ones are left as they are, as torch's batch norm leaves them."""
         if not self._counts_calls():
             return
-        if self._cumulative_average():
+        if self._cumulative_average() and output.numel() > 0:
             factor = 1.0 / (self.num_batches_tracked + 1).double()
             for running, batch in ((self.running_mean, batch_mean),
                                    (self.running_var, batch_var)):
@@ -241,7 +244,7 @@ class _DualBatchNorm(DualModule):
         running_mean, running_var, training, factor = self._dual_bn_args(input.primal)
         out = DF.batch_norm(input, running_mean, running_var, self.weight,
                             self.bias, training, factor, self.eps, relu)
-        self._count_call(running_mean, running_var)
+        self._count_call(running_mean, running_var, out.primal)
         return out
 
 
@@ -417,7 +420,7 @@ def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> D
         conv.dilation, conv.groups, running_mean, running_var, bn.weight,
         bn.bias, training, factor, bn.eps, relu,
         conv_primal=conv._take_kept_output(input))
-    bn._count_call(running_mean, running_var)
+    bn._count_call(running_mean, running_var, out.primal)
     return out
 
 

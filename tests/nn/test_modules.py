@@ -13,6 +13,7 @@ from torch import nn
 import fgkernels
 from fgkernels import Dual
 from fgkernels.dual.tangents import has_tangent
+from fgkernels.testing import forward_ad_jvp
 from fgkernels.train.models import BasicBlock
 
 from helpers import TOL, assert_within_torch_error, torch_jvp, torch_jvp_multi
@@ -384,6 +385,47 @@ def test_fused_batch_norm_cumulative_average_follows_torch():
         dual(Dual(x, torch.randn_like(x)))
     for name, buf in twin.named_buffers():
         torch.testing.assert_close(dict(dual.named_buffers())[name], buf, rtol=1e-12, atol=0)
+
+
+EMPTY_BATCH_NORM_CASES = {  # the layers, their input's shape, the empty inputs torch takes
+    "BatchNorm2d": (lambda momentum: nn.BatchNorm2d(3, momentum=momentum), (4, 3, 5, 5),
+                    ("batch", "positions")),
+    "BatchNorm1d": (lambda momentum: nn.BatchNorm1d(3, momentum=momentum), (4, 3, 5),
+                    ("batch", "positions")),
+    "conv-bn-relu": (lambda momentum: nn.Sequential(
+        nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, momentum=momentum), nn.ReLU()), (4, 2, 5, 5),
+        ("batch",)),  # (torch's convolution refuses an input with no position)
+}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("case,empty", [(case, empty) for case, (_, _, empties)
+                                        in EMPTY_BATCH_NORM_CASES.items() for empty in empties])
+def test_batch_norm_counts_an_empty_input_and_keeps_its_statistics(backend, case, empty,
+                                                                    momentum):
+    """An empty input (no sample, or no position along the last dim) to a converted batch
+    norm in training, alone or fused after a convolution, is counted in num_batches_tracked
+    and leaves the running statistics as torch's batch norm does: unchanged, and a cumulative
+    average (momentum=None) goes on from there. Each step's output and buffers are torch's
+    own module's, its tangent forward_ad's, whose pass on torch's module changes the
+    buffers alike (float64)."""
+    make, shape, _ = EMPTY_BATCH_NORM_CASES[case]
+    twin = make(momentum).double()
+    under_forward_ad = copy.deepcopy(twin)
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    for step in (x, x[:0] if empty == "batch" else x[..., :0], x * 3 - 1):
+        xt = torch.randn_like(step)
+        want = twin(step)
+        want_ad, want_tangent = forward_ad_jvp(under_forward_ad, [step], [xt[None]])
+        out = dual(Dual(step, xt))
+        torch.testing.assert_close(want_ad, want)
+        torch.testing.assert_close(out.primal, want)
+        torch.testing.assert_close(out.tangent, want_tangent[0])
+        for name, buf in twin.named_buffers():
+            torch.testing.assert_close(dict(dual.named_buffers())[name], buf, rtol=1e-12, atol=0)
+            torch.testing.assert_close(dict(under_forward_ad.named_buffers())[name], buf,
+                                       rtol=0, atol=0)
 
 
 class _ConvThenLinear(nn.Module):
