@@ -736,6 +736,16 @@ MUTANTS = [
            "if self._cumulative_average():",
            ("tests/nn/test_modules.py::test_batch_norm_counts_an_empty_input_and_keeps_its_"
             "statistics",)),
+    Mutant("a stateless batch norm is held to num_features channels", "fgkernels/nn/modules.py",
+           "if channels != self.num_features and self._reads_per_channel_tensors():",
+           "if channels != self.num_features:",
+           ("tests/nn/test_modules.py::test_a_stateless_batch_norm_takes_any_number_of_"
+            "channels",)),
+    Mutant("running statistics do not hold a batch norm to its channels",
+           "fgkernels/nn/modules.py", "(self.weight, self.bias, *running)",
+           "(self.weight, self.bias)",
+           ("tests/nn/test_modules.py::test_a_batch_norm_with_tensors_per_channel_refuses_other_"
+            "channel_counts",)),
     Mutant("a cumulative average's factor counts this call twice", "fgkernels/nn/modules.py",
            "factor = 1.0 / (self.num_batches_tracked + 1).double()",
            "factor = 1.0 / (self.num_batches_tracked + 2).double()",

@@ -193,7 +193,7 @@ class _DualBatchNorm(DualModule):
         """(running_mean, running_var, training, momentum factor) as ``_BatchNorm.forward``
         computes them for this call, which counts in ``num_batches_tracked`` only once it has
         run (``_count_call``): a call that raises changes no state. ``x`` (None when a fused
-        convolution produces it) is checked for its number of dimensions.
+        convolution produces it) is checked for its number of dimensions and channels.
 
         A cumulative average (``momentum=None``) takes the factor ``1/(count + 1)``, which
         torch's layer reads on the host: a graph break in a compiled pass, whose resumed frame
@@ -202,17 +202,33 @@ class _DualBatchNorm(DualModule):
         and ``_count_call`` blends them into the running ones."""
         if x is not None:
             self._check_input_dim(x)
-            if x.shape[1] != self.num_features:
-                raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, "
-                                 f"got input of shape {tuple(x.shape)}")
+            self._check_channels(x.shape[1], f"got input of shape {tuple(x.shape)}")
         training = self.training or (self.running_mean is None and self.running_var is None)
         if self._cumulative_average():
             return (torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var),
                     training, 1.0)
-        use_running = not self.training or self.track_running_stats
+        use_running = self._uses_running_stats()
         return (self.running_mean if use_running else None,
                 self.running_var if use_running else None, training,
                 0.0 if self.momentum is None else self.momentum)
+
+    def _check_channels(self, channels: int, got: str) -> None:
+        """Refuse an input of ``channels`` channels, other than ``num_features``, where the
+        call hands the batch norm a tensor per channel (weight, bias, running statistics); a
+        layer with none (affine=False, track_running_stats=False) normalises any number of
+        channels, as torch's. ``got`` says what the input is, for the message."""
+        if channels != self.num_features and self._reads_per_channel_tensors():
+            raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, "
+                             f"{got}")
+
+    def _reads_per_channel_tensors(self) -> bool:
+        running = (self.running_mean, self.running_var) if self._uses_running_stats() else ()
+        return any(t is not None for t in (self.weight, self.bias, *running))
+
+    def _uses_running_stats(self) -> bool:
+        """True if this call reads (or updates) the running statistics, as torch's
+        ``_BatchNorm.forward`` decides: in eval mode, or when the layer tracks them."""
+        return not self.training or self.track_running_stats
 
     def _counts_calls(self) -> bool:
         return self.training and self.track_running_stats and self.num_batches_tracked is not None
@@ -411,9 +427,8 @@ def _fusable_relu(layer) -> bool:
 
 
 def _conv_bn(conv: DualConv2d, bn: _DualBatchNorm, input: Dual, relu: bool) -> Dual:
-    if conv.out_channels != bn.num_features:
-        raise ValueError(f"{type(bn).__name__}: expected {bn.num_features} channels, but the "
-                         f"convolution before it gives {conv.out_channels}")
+    bn._check_channels(conv.out_channels,
+                       f"but the convolution before it gives {conv.out_channels}")
     running_mean, running_var, training, factor = bn._dual_bn_args(None)
     out = DF.conv2d_batch_norm(
         input, conv.weight, conv.bias, conv.stride, conv.padding,

@@ -341,6 +341,56 @@ def test_wrong_channel_count_raises_and_keeps_state():
     assert int(net[1].num_batches_tracked) == 0 and int(bn.num_batches_tracked) == 0
 
 
+STATELESS_BATCH_NORM_CASES = {  # a batch norm of 3 features, on inputs of 5 channels
+    "BatchNorm2d": (lambda: nn.BatchNorm2d(3, affine=False, track_running_stats=False),
+                    (2, 5, 4, 4)),
+    "BatchNorm1d": (lambda: nn.BatchNorm1d(3, affine=False, track_running_stats=False), (4, 5)),
+    "BatchNorm1d-3d": (lambda: nn.BatchNorm1d(3, affine=False, track_running_stats=False),
+                       (2, 5, 6)),
+    "conv-bn-relu": (lambda: nn.Sequential(
+        nn.Conv2d(3, 5, 1), nn.BatchNorm2d(3, affine=False, track_running_stats=False),
+        nn.ReLU()), (2, 3, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", list(STATELESS_BATCH_NORM_CASES))
+def test_a_stateless_batch_norm_takes_any_number_of_channels(backend, case, training):
+    """A batch norm with no tensor per channel (affine=False, track_running_stats=False)
+    normalises an input of any number of channels, as torch's does, alone or fused after a
+    convolution: forward_ad's output and tangents (float64)."""
+    make, shape = STATELESS_BATCH_NORM_CASES[case]
+    twin = make().double().train(training)
+    dual = fgkernels.convert(copy.deepcopy(twin))
+    x = torch.randn(shape, dtype=torch.float64)
+    xt = torch.randn_like(x)
+    tangents = fgkernels.random_tangents(dual)
+    out = dual(Dual(x, xt))
+    assert_within_torch_error((out.primal, out.tangent),
+                              lambda dt: torch_jvp(twin.to(dt), x.to(dt), xt.to(dt), tangents))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine,track", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("fused", [False, True], ids=["batch norm", "conv-bn"])
+def test_a_batch_norm_with_tensors_per_channel_refuses_other_channel_counts(
+        fused, affine, track, training):
+    """A batch norm with a weight, a bias or running statistics refuses an input whose channels
+    are not its features, as torch's does, by a message naming both, and changes no state."""
+    bn = nn.BatchNorm2d(3, affine=affine, track_running_stats=track)
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 5, 1), bn) if fused else bn)
+    net.train(training)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 2 if fused else 5, 4, 4)
+    with pytest.raises(RuntimeError):
+        copy.deepcopy(net)(x)  # a plain call: torch's own batch norm
+    got = "but the convolution before it gives 5" if fused else "got input of shape (2, 5, 4, 4)"
+    with pytest.raises(ValueError, match=re.escape(f"DualBatchNorm2d: expected 3 channels, {got}")):
+        net(Dual(x, torch.randn_like(x)))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("eps,training,message", [
     (0.0, True, "eps must be positive during training, but got 0.0"),
     (-1.0, False, "eps must be non-negative, but got -1.0")])
