@@ -1086,6 +1086,8 @@ class _Hooks:
                     active.join(module)
                 return
             self.end_stale()
+        if isinstance(module, torch.jit.ScriptModule):
+            return  # its parameters, read in C++, take no tangent: no pass (nor its hook) needed
         if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):
             active = self.local.active = _Pass(module, sys._getframe(1))
             # The pass ends after the root's own forward hooks, which torch runs after the

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize, prune
@@ -1239,6 +1240,23 @@ def test_a_torchscript_module_is_refused_before_any_tangent_is_set():
     with pytest.raises(TypeError, match="'0.weight' belongs to a TorchScript module"):
         fgkernels.random_tangents(model[0])
     assert not any(has_tangent(p) for p in model.parameters())
+
+
+def test_a_torchscript_module_called_on_a_dual_is_its_input_s_jvp():
+    """A TorchScript module called on a Dual (no tangent on its parameters, which it reads in
+    C++) gives forward_ad's jvp along the input, as it does inside an eager model, and the
+    next pass runs as usual (a pass begun on it failed to end on a hook it refuses)."""
+    torch.manual_seed(0)
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double())
+    x, t = torch.randn(2, 3, **f64), torch.randn(2, 3, **f64)
+    with pytest.warns(UserWarning, match="'forward' has no fgkernels rule"):  # one op
+        out = scripted(Dual(x, t))
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(scripted(fwAD.make_dual(x, t)))
+    torch.testing.assert_close(out.primal, expected.primal, rtol=0, atol=0)
+    torch.testing.assert_close(out.tangent, expected.tangent, rtol=1e-13, atol=1e-15)
+    result = compare_with_forward_ad(nn.Linear(3, 2).double(), x)
+    assert result["tangent"] < 1e-12 and result["primal"] < 1e-12
 
 
 def test_the_old_spectral_norm_hook_in_eval_mode_is_exact():
