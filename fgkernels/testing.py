@@ -20,6 +20,9 @@ from .dual import Dual
 from .dual.tangents import clear_tangents, dual_pass, random_tangents, set_tangents
 from .rules.fallback import fallback_ops
 
+__all__ = ["forward_ad_jvp", "model_jvp", "model_jvp_in_place", "compare_with_forward_ad",
+           "oracle_mode", "round_to_tf32", "reads_padding_only"]
+
 Tensor = torch.Tensor
 
 
