@@ -1566,6 +1566,24 @@ MUTANTS = [
            "if _writable(self.primal) and _writable(self._stack):",
            ("tests/dual/test_dual_semantics.py::test_a_view_of_an_expanded_view_writes_into_the_"
             "dual",)),
+    Mutant("a broadcast tangent's Dual links no view to slots of its own",
+           "fgkernels/dual/value.py",
+           "            self._stack = stack = slots_in_strides_of(stack, primal)\n",
+           "            return None\n",
+           ("tests/dual/test_dual_semantics.py::test_a_write_through_a_view_reaches_a_dual_of_any_"
+            "layout",
+            "tests/dual/test_dual_semantics.py::test_a_broadcast_tangent_an_op_gives_takes_writes_"
+            "through_views")),
+    Mutant("a view op's later outputs keep the broadcast slots", "fgkernels/dual/value.py",
+           '            if source.kind != "viewed" or not slots_in_strides_like(stack, primal):\n',
+           "            if True:\n",
+           ("tests/dual/test_dual_semantics.py::test_a_write_through_a_view_reaches_a_dual_of_any_"
+            "layout",)),
+    Mutant("a view's slots laid out from the storage's start", "fgkernels/dual/layout.py",
+           "    offset = stack.storage_offset() + view.storage_offset() - like.storage_offset()\n",
+           "    offset = stack.storage_offset() + view.storage_offset()\n",
+           ("tests/dual/test_dual_semantics.py::test_a_write_through_a_view_reaches_a_dual_of_any_"
+            "layout",)),
     Mutant("a pass's temporary keeps its shape under an in-place view op",
            "fgkernels/dual/value.py", "            _restride(target, result.primal)\n",
            "            pass\n",

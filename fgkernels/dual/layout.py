@@ -136,3 +136,47 @@ def slots_laid_out_as(stack: Tensor, like: Tensor) -> Tensor:
     strides = (like.numel(), *like.stride())
     out = torch.empty_strided(stack.shape, strides, dtype=stack.dtype, device=stack.device)
     return out.copy_(stack)
+
+
+def memory_span(t: Tensor) -> int:
+    """How many elements of memory ``t`` reaches, from its first element to its last (its numel
+    when it is non-overlapping and dense, more where it steps over gaps; 0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def slots_in_strides_of(stack: Tensor, like: Tensor) -> Tensor:
+    """A copy of the stacked slots ``stack`` with each slot in the strides of ``like`` (of the
+    slots' shape, no two elements in one place), slot after slot, each over ``like``'s memory
+    span: an element of ``like`` and its tangents then sit at one offset into their memory, so
+    that any view of ``like`` has its slots in this copy (``slots_viewed_as``). Memory that no
+    element of ``like`` reaches (the gaps of a strided ``like``) is zero."""
+    span = max(memory_span(like), 1)
+    memory = stack.new_zeros(stack.shape[0] * span)
+    return memory.as_strided(stack.shape, (span, *like.stride())).copy_(stack)
+
+
+def slots_viewed_as(stack: Tensor, like: Tensor, view: Tensor) -> Tensor:
+    """The slots of ``view``, a view of ``like``'s memory (``within_span``): the view of the
+    stacked slots ``stack``, in ``like``'s strides (``slots_in_strides_of``), at the same
+    offsets."""
+    offset = stack.storage_offset() + view.storage_offset() - like.storage_offset()
+    return stack.as_strided((stack.shape[0], *view.shape), (stack.stride(0), *view.stride()),
+                            offset)
+
+
+def slots_in_strides_like(stack: Tensor, like: Tensor) -> bool:
+    """True if each slot of ``stack`` steps through memory as ``like`` does, slot after slot,
+    each over ``like``'s memory span (as ``slots_in_strides_of`` lays them out)."""
+    return steps_like(stack[0], like) and (
+        stack.shape[0] == 1 or stack.stride(0) >= memory_span(like))
+
+
+def within_span(view: Tensor, like: Tensor) -> bool:
+    """True if every element of ``view`` (of ``like``'s dtype and storage) lies in ``like``'s
+    memory span."""
+    if view.numel() == 0:
+        return True
+    start = view.storage_offset() - like.storage_offset()
+    return start >= 0 and start + memory_span(view) <= memory_span(like)

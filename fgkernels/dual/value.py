@@ -28,10 +28,14 @@ from .layout import (
     non_overlapping_and_dense,
     shares_memory,
     slots_in_format,
+    slots_in_strides_like,
+    slots_in_strides_of,
     slots_laid_out_as,
     slots_step_like,
+    slots_viewed_as,
     steps_like,
     view_root,
+    within_span,
 )
 from .slots import Directions, SlotOperand, positions_index
 
@@ -444,24 +448,63 @@ class Dual:
         views of this Dual's, an in-place op on ``out`` writes into them, as on a view of a
         tensor (``d.view(-1).add_(1)``, ``d[1:3].zero_()``, ``for row in d: row.mul_(2)``),
         and from then on an in-place op on this Dual writes into its own tensors too, so that
-        its views see it (``c = d[0]; d.mul_(3)``), as forward_ad's do. An ``out`` whose primal
-        is fresh (a reshape that copies) gets a tangent of its own too, and one whose tangent is
-        fresh a primal of its own (a write into a view must reach both or neither)."""
-        if out._views(self):
+        its views see it (``c = d[0]; d.mul_(3)``), as forward_ad's do. A Dual whose slots
+        cannot take such writes (broadcast: a stride 0) first takes slots of its own, laid out
+        as its primal (``_slots_laid_out_for``). An ``out`` whose primal is fresh (a reshape that
+        copies) gets a tangent of its own too, and one whose tangent is fresh a primal of its
+        own (a write into a view must reach both or neither)."""
+        views = out._views(self)
+        if views:
             # (an expanded view too, and a view of one: an in-place op on a view that overlaps
             # itself is refused, ``_write_through``, and one on this Dual reaches it). A Dual
-            # of broadcast slots (stride 0) that writes into no tensors of its own has no room
-            # for the writes of a view; one that does (a view) passes its tensors on.
+            # that writes into tensors of its own (a view) passes them on.
             if self._source is not None or (_writable(self.primal) and _writable(self._stack)):
-                out._source = _Storage(out.primal, out._stack, "view")
-                if self._source is None:
-                    self._source = _Storage(self.primal, self._stack, "viewed")
+                return self._linked_view(out)
         elif out._stack is not None and self._stack is not None \
                 and view_root(out._stack) is view_root(self._stack):
             out._stack = out._stack.clone()
-        elif view_root(out.primal) is view_root(self.primal):
+            return out
+        elif view_root(out.primal) is not view_root(self.primal):
+            return out
+        stack = self._slots_laid_out_for(out)
+        if stack is not None:
+            out._stack = stack
+            return self._linked_view(out)
+        if not views:
             out.primal = out.primal.clone()
         return out
+
+    def _linked_view(self, out: Dual) -> Dual:
+        """``out``, a view of this Dual's primal and slots, made to write into them, and this
+        Dual into its own tensors from then on (``as_view``)."""
+        out._source = _Storage(out.primal, out._stack, "view")
+        if self._source is None:
+            self._source = _Storage(self.primal, self._stack, "viewed")
+        return out
+
+    def _slots_laid_out_for(self, out: Dual) -> Optional[torch.Tensor]:
+        """The slots of ``out``, a view of this Dual's primal that cannot write into its slots:
+        the same view, at the same offsets, of this Dual's slots laid out as its primal (each
+        slot in the primal's strides, ``layout.slots_viewed_as``). Broadcast slots (a stride 0:
+        many elements, one memory location) of a Dual that writes into no tensors of its own
+        are laid out so here, a copy; a Dual that has views already has them so, and gives
+        them to the later outputs of a view op that were made from its slots before the copy
+        (``unbind``, iteration). None where the primal's elements may share memory (an
+        expanded primal), the view's dtypes or slots are not this Dual's (``d.real``), or it
+        reaches outside this Dual's memory (an ``as_strided``)."""
+        stack, primal, source = self._stack, self.primal, self._source
+        if stack is None or out._stack is None or out._stack.dtype != stack.dtype \
+                or out.primal.dtype != primal.dtype or out.directions != self.directions \
+                or out._stack.shape[0] != stack.shape[0] or not within_span(out.primal, primal):
+            return None
+        if source is not None:
+            if source.kind != "viewed" or not slots_in_strides_like(stack, primal):
+                return None
+        elif _writable(stack) or may_overlap(primal):
+            return None
+        else:
+            self._stack = stack = slots_in_strides_of(stack, primal)
+        return slots_viewed_as(stack, primal, out.primal)
 
     def _views(self, other: Dual) -> bool:
         """True if this Dual's primal views ``other``'s, and its slots ``other``'s (or neither
@@ -1018,10 +1061,11 @@ def in_primal_layout(stack: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
     """A given stack of tangents with each slot laid out as its primal, slot after slot (a copy
     only when it is not): every op keeps that layout, and a view op then maps a Dual's primal
     and its tangents alike (a write into the view reaches both). A primal neither contiguous
-    nor channels_last (a strided view) leaves the stack as given: a view op that can view the
-    primal but must copy such a tangent gives a copy of both (``as_view``), which an in-place
-    op then writes alone (forward_ad, which lays the tangent out with the primal's strides,
-    writes through to both)."""
+    nor channels_last (a strided view) leaves the stack as given: a broadcast one (a stride 0)
+    is copied, laid out as the primal, once a view of the Dual is taken (``as_view``); a view
+    op that can view the primal but must copy a stack of another layout gives a copy of both,
+    which an in-place op then writes alone (forward_ad, which lays the tangent out with the
+    primal's strides, writes through to both)."""
     fmt = kernel_format(primal)
     if not primal.is_contiguous(memory_format=fmt) or in_kernel_layout(primal, stack):
         return stack

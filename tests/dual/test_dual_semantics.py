@@ -2,6 +2,7 @@
 complex tangents stay complex, Python numbers promote as torch promotes them, truthiness,
 comparisons and values act on the primal, indexing and assignment follow the primal's, tensor
 constructors give plain tensors; every numeric case against forward_ad in float64."""
+import itertools
 import warnings
 
 import numpy as np
@@ -908,6 +909,132 @@ def test_a_view_of_a_strided_primal_is_never_half_written():
     before = x.clone()
     d.view(12).view(3, 4).neg_()  # the second view views the first, primal and tangent
     assert torch.equal(d.primal, before) and torch.equal(d.tangent, t)
+
+
+# Duals of shape (4, 5) made from a primal in each layout and a tangent stack of T slots in
+# each layout, broadcast ones (a stride 0) among them: fresh tensors of the same values on
+# every call (an in-place op on a Dual writes into the tensors it was made from).
+def _counting(n: int) -> torch.Tensor:
+    return torch.arange(1.0, n + 1.0, **f64)
+
+
+def _drawn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, **f64, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+STRIDED_PRIMALS = {
+    "contiguous": lambda: _counting(20).reshape(4, 5),
+    "transposed": lambda: _counting(20).reshape(5, 4).T,
+    "stepped": lambda: _counting(40).reshape(4, 10)[:, ::2],
+    "offset": lambda: _counting(40).reshape(5, 8)[1:, 2:7],
+}
+TANGENT_LAYOUTS = {
+    "dense": lambda T: _drawn(T, 4, 5),
+    "transposed": lambda T: _drawn(T, 5, 4).transpose(1, 2),
+    "row broadcast": lambda T: _drawn(T, 1, 5).expand(T, 4, 5),
+    "column broadcast": lambda T: _drawn(T, 4, 1).expand(T, 4, 5),
+    "scalar broadcast": lambda T: _drawn(T, 1, 1).expand(T, 4, 5),
+    "slot broadcast": lambda T: _drawn(1, 4, 5).expand(T, 4, 5),
+}
+VIEWS_OF_A_DUAL = {
+    "row": lambda d: d[1], "column": lambda d: d[:, 2], "transposed row": lambda d: d.T[1],
+    "rows": lambda d: d[1:3], "narrow": lambda d: d.narrow(1, 1, 3),
+    "diagonal": lambda d: d.diagonal(), "unbind": lambda d: d.unbind(1)[3],
+    "iteration": lambda d: list(d)[3], "chunk": lambda d: d.chunk(2, 1)[1],
+    "None index": lambda d: d[None, 1],
+}
+WRITES_INTO_A_VIEW = {
+    "mul_": lambda v, e: v.mul_(3.0), "add_": lambda v, e: v.add_(e),
+    "zero_": lambda v, e: v.zero_(), "copy_": lambda v, e: v.copy_(e),
+    "setitem": lambda v, e: v.__setitem__(0, e[0]),
+}
+
+
+def _written_through_a_view(view, write, d, operand):
+    """``write`` into ``view`` of ``d`` (a Dual or forward_ad's dual tensor), then an in-place
+    op on ``d`` with a view of it taken before: ``d`` and that view."""
+    write(view(d), operand)
+    row = d[2]
+    d.mul_(2.0)
+    return d, row
+
+
+@pytest.mark.parametrize("tangent", sorted(TANGENT_LAYOUTS))
+@pytest.mark.parametrize("primal", sorted(STRIDED_PRIMALS))
+def test_a_write_through_a_view_reaches_a_dual_of_any_layout(primal, tangent):
+    """An in-place op through a view of a Dual reaches its primal and tangent, and a view taken
+    before an in-place op on the Dual sees it, whatever the layouts of the two it was made
+    from, a broadcast tangent (a stride 0) of a strided primal included (the writes were lost:
+    the Dual kept such slots, which no write can take, and linked no view to them), one
+    tangent or a stack of one or two slots, as forward_ad's dual tensor."""
+    make_primal, make_stack = STRIDED_PRIMALS[primal], TANGENT_LAYOUTS[tangent]
+    for view, write, (T, single) in itertools.product(
+            VIEWS_OF_A_DUAL, WRITES_INTO_A_VIEW, ((1, True), (1, False), (2, False))):
+        fns = VIEWS_OF_A_DUAL[view], WRITES_INTO_A_VIEW[write]
+        shape = fns[0](make_primal()).shape
+        e, et = _drawn(*shape), _drawn(T, *shape)
+        stack = make_stack(T)
+        ours = _written_through_a_view(*fns, Dual(make_primal(), stack[0] if single else stack),
+                                       Dual(e, et[0] if single else et))
+        for s in range(T):
+            with fwAD.dual_level():
+                theirs = _written_through_a_view(
+                    *fns, fwAD.make_dual(make_primal(), make_stack(T)[s]),
+                    fwAD.make_dual(e, et[s]))
+                theirs = [fwAD.unpack_dual(v) for v in theirs]
+            for d, (p, t) in zip(ours, theirs):
+                case = f"{view}, {write}, T={T}{', one tangent' if single else ''}, slot {s}"
+                torch.testing.assert_close(d.primal, p, rtol=0, atol=0, msg=case)
+                torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0, msg=case)
+
+
+def _written_through_rows(make):
+    def fn(b):
+        y = make(b)
+        y[0].mul_(3.0)
+        row = y[1]
+        for r in y:
+            r.add_(1.0)
+        y.mul_(2.0)
+        return y, row
+    return fn
+
+
+@pytest.mark.parametrize("make", [lambda b: torch.addmm(b, _drawn(3, 4), _drawn(4, 4)),
+                                  lambda b: torch.baddbmm(b, _drawn(2, 3, 4), _drawn(2, 4, 4))],
+                         ids=["addmm", "baddbmm"])
+def test_a_broadcast_tangent_an_op_gives_takes_writes_through_views(make):
+    """``torch.addmm(b, x, w)`` (``baddbmm``) whose only tangent is the bias's gives a
+    broadcast tangent (a stride 0): a write through a view of the result, and a write into it
+    that a view taken before sees, reach primal and tangent, as forward_ad's (they were
+    lost)."""
+    b, bt = _drawn(4), _drawn(2, 4)
+    fn = _written_through_rows(make)
+    y, row = fn(Dual(b, bt))
+    (ref, ref_row), (ref_t, ref_row_t) = forward_ad_jvp(fn, [b], [bt])
+    for ours, p, t in ((y, ref, ref_t), (row, ref_row, ref_row_t)):
+        torch.testing.assert_close(ours.primal, p, rtol=0, atol=0)
+        torch.testing.assert_close(ours.tangents, t, rtol=0, atol=0)
+
+
+def test_a_view_op_that_views_a_strided_primal_but_not_its_broadcast_tangent_writes_both():
+    """``d.view(12)`` of a strided primal whose broadcast tangent (a stride 0) cannot be viewed
+    so: the Dual's slots are laid out as its primal, and the write into the view reaches both,
+    as forward_ad's (it reached neither)."""
+    def fn(d):
+        d.view(12).view(3, 4)[1:].neg_()
+        return d
+
+    def primal():
+        return _counting(24).reshape(3, 4, 2)[:, :, 0]  # strides (8, 2): view(12) views it
+
+    tangents = _drawn(2, 1, 4).expand(2, 3, 4)
+    d = fn(Dual(primal(), tangents))
+    for s in range(2):
+        with fwAD.dual_level():
+            ref = fwAD.unpack_dual(fn(fwAD.make_dual(primal(), tangents[s])))
+        torch.testing.assert_close(d.primal, ref.primal, rtol=0, atol=0)
+        torch.testing.assert_close(d.tangents[s], ref.tangent, rtol=0, atol=0)
 
 
 def test_a_selection_of_directions_is_a_dual_of_its_own():
