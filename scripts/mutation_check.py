@@ -1566,6 +1566,16 @@ MUTANTS = [
            "if _writable(self.primal) and _writable(self._stack):",
            ("tests/dual/test_dual_semantics.py::test_a_view_of_an_expanded_view_writes_into_the_"
             "dual",)),
+    Mutant("NumPy names of the operands left to the rules", "fgkernels/dual/value.py",
+           "        if name in _NUMPY_NAMES or name in _NUMPY_OPERAND_NAMES:\n",
+           "        if name in _NUMPY_NAMES:\n",
+           ("tests/dual/test_dual_semantics.py::test_numpy_names_of_the_operands_as_torch_takes_"
+            "them",)),
+    Mutant("an op's own operand named x1 renamed", "fgkernels/dual/value.py",
+           "    return torch_name if torch_name in parameters and name not in parameters else None",
+           "    return torch_name",
+           ("tests/dual/test_dual_semantics.py::test_numpy_names_of_the_operands_as_torch_takes_"
+            "them",)),
     Mutant("a broadcast tangent's Dual links no view to slots of its own",
            "fgkernels/dual/value.py",
            "            self._stack = stack = slots_in_strides_of(stack, primal)\n",

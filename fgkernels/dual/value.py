@@ -1,6 +1,7 @@
 """``Dual``: a primal tensor travelling with its tangent(s) through a forward-mode pass."""
 from __future__ import annotations
 
+import inspect
 import itertools
 import operator
 import threading
@@ -720,8 +721,8 @@ class Dual:
         kwargs = kwargs or {}
         if torch._C._is_any_autocast_enabled():  # (one C call: a flag torch keeps)
             refuse_autocast((args, kwargs))
-        if "axis" in kwargs or "keepdims" in kwargs:  # (as Dynamo traces it: no set ops)
-            kwargs = _torch_names(kwargs)
+        if kwargs and _has_numpy_names(kwargs):
+            kwargs = _torch_names(func, kwargs)
         rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
             _RULES.get(func)
         if rule is None:  # (an op of another library: by its name)
@@ -1072,15 +1073,67 @@ def in_primal_layout(stack: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
     return slots_in_format(stack, fmt)
 
 
-# The NumPy names torch's argument parser takes for ``dim`` and ``keepdim``
+# The NumPy names torch's argument parser takes for ``dim`` and ``keepdim``, and for ``input``
+# and ``other`` (``torch.linalg.vector_norm(x=t)``, ``torch.add(x1=a, x2=b)``, ``t.add(x2=b)``)
 _NUMPY_NAMES = {"axis": "dim", "keepdims": "keepdim"}
+_NUMPY_OPERAND_NAMES = {"x": "input", "a": "input", "x1": "input", "x2": "other"}
 
 
-def _torch_names(kwargs: dict) -> dict:
-    """``kwargs`` with ``axis=`` and ``keepdims=`` under torch's own names, which the rules
-    take (torch accepts both spellings of every op's ``dim`` and ``keepdim``)."""
-    return {(_NUMPY_NAMES[k] if k in _NUMPY_NAMES and _NUMPY_NAMES[k] not in kwargs else k): v
-            for k, v in kwargs.items()}
+def _has_numpy_names(kwargs: dict) -> bool:
+    """True if a NumPy name is among ``kwargs``' (a loop of lookups, as Dynamo traces it: no
+    set ops)."""
+    for name in kwargs:
+        if name in _NUMPY_NAMES or name in _NUMPY_OPERAND_NAMES:
+            return True
+    return False
+
+
+# (func, NumPy name) -> torch's name of that operand of func, or None (``_operand_name``)
+_OPERAND_NAMES: dict[tuple[Callable, str], Optional[str]] = {}
+
+
+def _operand_name(func: Callable, name: str) -> Optional[str]:
+    """torch's name of the operand that ``func`` takes under the NumPy name ``name`` (``x``,
+    ``a``, ``x1``: ``input``; ``x2``: ``other``) where ``func``'s rule takes it by torch's name;
+    None where the rule takes ``name`` itself (``cosine_similarity(x1, x2)``, ``cdist``) or no
+    such operand. (A Python function of torch's binds its own names before it reaches a rule:
+    ``F.relu(x=t)`` is refused there, as for a tensor.) Looked up once per function and name;
+    a constant to Dynamo (marked when it loads)."""
+    key = (func, name)
+    if key not in _OPERAND_NAMES:
+        _OPERAND_NAMES[key] = _rule_operand_name(_RULES.get(func), _NUMPY_OPERAND_NAMES[name],
+                                                 name)
+    return _OPERAND_NAMES[key]
+
+
+def _rule_operand_name(rule: Optional[Callable], torch_name: str, name: str) -> Optional[str]:
+    """``_operand_name`` worked out from the parameters of ``rule`` (None: no rule)."""
+    try:
+        parameters = inspect.signature(rule).parameters if rule is not None else {}
+    except (TypeError, ValueError):
+        return None
+    return torch_name if torch_name in parameters and name not in parameters else None
+
+
+when_dynamo_loads(lambda: torch.compiler.assume_constant_result(_operand_name))
+
+
+def _torch_name(func: Callable, name: str, kwargs: dict) -> str:
+    """torch's own name of the keyword argument ``name`` of ``func`` where ``name`` is a NumPy
+    name of it and ``kwargs`` do not also give torch's (the rule then refuses the two, as torch
+    does); else ``name``."""
+    if name in _NUMPY_NAMES:
+        torch_name = _NUMPY_NAMES[name]
+    else:
+        torch_name = _operand_name(func, name) if name in _NUMPY_OPERAND_NAMES else None
+    return name if torch_name is None or torch_name in kwargs else torch_name
+
+
+def _torch_names(func: Callable, kwargs: dict) -> dict:
+    """``kwargs`` with NumPy names under torch's own, which the rules take (torch's argument
+    parser takes both: ``axis=`` and ``keepdims=`` for every op's ``dim`` and ``keepdim``,
+    ``x=`` for ``input``, ...)."""
+    return {_torch_name(func, name, kwargs): value for name, value in kwargs.items()}
 
 
 def is_dual(x) -> bool:

@@ -1652,6 +1652,42 @@ def test_numpy_names_of_dim_and_keepdim_as_torch_takes_them(name):
     torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
 
 
+NUMPY_NAMED_OPERANDS = {
+    "vector_norm(x=)": lambda v, w: torch.linalg.vector_norm(x=v, ord=3, dim=0),
+    "vector_norm(x=), 2-norm": lambda v, w: torch.linalg.vector_norm(x=v, dim=1),
+    "sin(a=)": lambda v, w: torch.sin(a=v),
+    "add(x1=, x2=)": lambda v, w: torch.add(x1=v, x2=w, alpha=2.0),
+    "Tensor.mul(x2=)": lambda v, w: v.mul(x2=w),
+    "sum(x=, axis=)": lambda v, w: torch.sum(x=v, axis=1),
+    "cosine_similarity(x1=, x2=)": lambda v, w: F.cosine_similarity(x1=v, x2=w),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_NAMED_OPERANDS))
+def test_numpy_names_of_the_operands_as_torch_takes_them(name):
+    """``x=``, ``a=``, ``x1=`` for ``input`` and ``x2=`` for ``other``, which torch's argument
+    parser takes for every op it parses (``torch.linalg.vector_norm(x=d)``, its documented
+    name): forward_ad's numbers (they were refused); an op whose own operands are so named
+    (``cosine_similarity(x1, x2)``) keeps them."""
+    op = NUMPY_NAMED_OPERANDS[name]
+    x, t = torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    y, yt = forward_ad_jvp(op, [x, x.flip(0)], [t, t.flip(1)])
+    out = op(Dual(x, t), Dual(x.flip(0), t.flip(1)))
+    torch.testing.assert_close(out.primal, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tangents, yt, rtol=1e-12, atol=1e-12)
+
+
+def test_a_numpy_name_torch_refuses_is_refused():
+    """``F.relu(x=d)`` (a Python function, which binds its own names) and ``torch.sin(x=d,
+    input=e)`` (the operand twice) are refused, as torch refuses them."""
+    d = Dual(torch.randn(3, **f64), torch.randn(3, **f64))
+    for op in (lambda v: F.relu(x=v), lambda v: torch.sin(x=v, input=v)):
+        with pytest.raises(TypeError):
+            op(torch.randn(3, **f64))
+        with pytest.raises(TypeError, match="unexpected keyword argument 'x'"):
+            op(d)
+
+
 SHAPES_BY_KEYWORD = {
     "Tensor.permute": lambda v: v.permute(dims=(2, 0, 1)),
     "torch.permute": lambda v: torch.permute(input=v, dims=(2, 0, 1)),

@@ -946,9 +946,9 @@ def test_an_interrupt_inside_a_parametrization_leaves_no_rule_state_behind():
 
 def test_ops_called_by_keyword_compile_in_one_graph():
     """``x.sum(dim=1)``, ``softmax(dim=-1)``, ``mean(axis=1, keepdims=True)``,
-    ``reshape(shape=...)``, ``permute(dims=...)``: a Dual op called
-    by keyword traces into the graph (the renaming of NumPy's names broke it at every such
-    call), with forward_ad's numbers."""
+    ``reshape(shape=...)``, ``permute(dims=...)``, ``vector_norm(x=...)``, ``add(x1=...,
+    x2=...)``: a Dual op called by keyword traces into the graph (the renaming of NumPy's names
+    broke it at every such call), with forward_ad's numbers."""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -957,7 +957,8 @@ def test_ops_called_by_keyword_compile_in_one_graph():
         def forward(self, x):
             h = self.fc(x)
             h = h.reshape(shape=(3, 2, 3)).permute(dims=(0, 2, 1)).reshape(shape=(3, 6))
-            return h.softmax(dim=-1).sum(dim=1) + h.mean(axis=1, keepdims=True).squeeze(1)
+            y = h.softmax(dim=-1).sum(dim=1) + h.mean(axis=1, keepdims=True).squeeze(1)
+            return torch.add(x1=y, x2=torch.linalg.vector_norm(x=h, ord=2, dim=1))
 
     torch.manual_seed(0)
     net = Net().double()
