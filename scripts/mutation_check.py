@@ -1566,6 +1566,14 @@ MUTANTS = [
            "if _writable(self.primal) and _writable(self._stack):",
            ("tests/dual/test_dual_semantics.py::test_a_view_of_an_expanded_view_writes_into_the_"
             "dual",)),
+    Mutant("a view as the Dual's own dtype taken from torch's alias", LAYERS,
+           "    return _reshaped(d, d.primal.view(d.shape))\n",
+           "    return _reshaped(d, y)\n",
+           ("tests/dual/test_dual_semantics.py::test_a_view_as_the_dual_s_own_dtype_is_a_view_"
+            "with_its_tangent",)),
+    Mutant("a view as another dtype taken", LAYERS,
+           "    if y.dtype != d.dtype:\n        convert = ", "    if False:\n        convert = ",
+           ("tests/dual/test_dual_semantics.py::test_a_view_as_another_dtype_is_refused_by_name",)),
     Mutant("NumPy names of the operands left to the rules", "fgkernels/dual/value.py",
            "        if name in _NUMPY_NAMES or name in _NUMPY_OPERAND_NAMES:\n",
            "        if name in _NUMPY_NAMES:\n",

@@ -1007,10 +1007,8 @@ class Dual:
 
     def view(self, *shape, **size) -> Dual:
         """The primal and each slot in ``shape``, as ``Tensor.view`` (torch's error where the
-        primal's layout allows no view). A dtype view is refused."""
-        if isinstance(size.get("dtype", shape[0] if len(shape) == 1 else None), torch.dtype):
-            raise TypeError("a Dual cannot be viewed as another dtype (its bits reinterpreted "
-                            "have no tangent); view its primal, d.primal.view(dtype)")
+        primal's layout allows no view). ``d.view(d.dtype)`` is ``d.view(d.shape)``; a view as
+        another dtype is refused."""
         return Dual.__torch_function__(torch.Tensor.view, (Dual,), (self, *shape), size)
 
     def backward(self, *args, **kwargs):

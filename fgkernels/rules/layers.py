@@ -28,7 +28,7 @@ from ..backends.layer_op import LayerOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
 from ..dual.layout import kernel_format
-from ..dual.value import Dual, check_direction, implements, in_primal_layout
+from ..dual.value import Dual, check_direction, differentiable, implements, in_primal_layout
 from .fallback import forward_ad_fallback
 from .operands import (
     MaybeDual,
@@ -417,8 +417,28 @@ def reshape(input: MaybeDual, *sizes, **shape) -> Dual:
 @implements(torch.Tensor.view)
 def view(input: Dual, *sizes, **size) -> Dual:
     """Dual view: torch's error where the primal's strides allow no view (a reshape would copy,
-    and an in-place op on the copy would not reach ``input``)."""
+    and an in-place op on the copy would not reach ``input``). A view as the Dual's own dtype
+    (``d.view(d.dtype)``) is the primal as it is, with its tangent, as ``d.view(d.shape)``; one
+    as another dtype is refused (``_viewed_as_dtype``)."""
+    dtype = size.get("dtype", sizes[0] if len(sizes) == 1 else None)
+    if isinstance(dtype, torch.dtype):
+        return _viewed_as_dtype(input, input.primal.view(*sizes, **size))
     return _reshaped(input, input.primal.view(_shape_arg(sizes, size, "size")))
+
+
+def _viewed_as_dtype(d: Dual, y: Tensor) -> Dual:
+    """``d`` viewed as ``y``, its primal's view as a dtype: ``d.view(d.shape)`` where that is
+    the primal's own dtype (torch's alias of it is no view of it to autograd, which
+    ``Dual.as_view`` asks); any other is refused. Reinterpreted bits have no tangent:
+    forward_ad gives such a view none (nor one of the tensor's own dtype), so that a floating
+    one would go on as a constant, and a write through it would change the primal alone."""
+    if y.dtype != d.dtype:
+        convert = f", or convert the Dual for its values with their tangent, d.to({y.dtype})" \
+            if differentiable(y.dtype) else ""
+        raise TypeError(f"a Dual cannot be viewed as {y.dtype}, another dtype than its own "
+                        f"{d.dtype} (its bits reinterpreted have no tangent); view its primal "
+                        f"for the bits, d.primal.view({y.dtype}){convert}")
+    return _reshaped(d, d.primal.view(d.shape))
 
 
 def _dropout_rule(draw: Callable) -> Callable:

@@ -1631,6 +1631,49 @@ def test_view_refuses_what_torch_refuses_and_writes_through_what_it_takes():
     assert (d.primal == 0).all() and (d.tangents == 0).all()
 
 
+def _written_through_a_view_as(view):
+    def fn(x):
+        y = x.clone()
+        row = y[1]
+        view(y)[0].mul_(3.0)
+        view(y).mul_(2.0)
+        return y, row
+    return fn
+
+
+@pytest.mark.parametrize("view", [lambda v: v.view(v.dtype), lambda v: v.view(dtype=v.dtype)],
+                         ids=["positional", "by keyword"])
+def test_a_view_as_the_dual_s_own_dtype_is_a_view_with_its_tangent(view):
+    """``d.view(d.dtype)`` is ``d.view(d.shape)``: its tangent is the Dual's, a write through it
+    reaches the Dual, primal and tangent, and a view taken before sees it, as forward_ad's
+    ``view(shape)`` (it was refused; forward_ad's dtype view, of any dtype, has no tangent, and
+    a write through it reaches the primal alone); a bfloat16 tangent stays bfloat16."""
+    x, t = torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    ours = _written_through_a_view_as(view)(Dual(x, t))
+    expected, tangents = forward_ad_jvp(_written_through_a_view_as(lambda v: v.view(v.shape)),
+                                        [x], [t])
+    for d, y, yt in zip(ours, expected, tangents):
+        torch.testing.assert_close(d.primal, y, rtol=0, atol=0)
+        torch.testing.assert_close(d.tangents, yt, rtol=0, atol=0)
+    low = view(Dual(x.float(), t.bfloat16()))
+    assert low.dtype == torch.float32 and low.tangent_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.complex128],
+                         ids=str)
+def test_a_view_as_another_dtype_is_refused_by_name(dtype):
+    """``d.view(dtype)`` of another dtype than the Dual's (its bits reinterpreted have no
+    tangent) is refused, naming the two dtypes and what to call instead (a conversion where
+    the dtype has tangents); the Dual is left as it was."""
+    x, t = torch.randn(3, 4, **f64), torch.randn(3, 4, **f64)
+    d = Dual(x, t)
+    with pytest.raises(TypeError, match=rf"cannot be viewed as {dtype}, another dtype than its "
+                                        rf"own torch.float64 .*d.primal.view\({dtype}\)") as e:
+        d.view(dtype)
+    assert ("d.to(" in str(e.value)) == (dtype != torch.int64)
+    assert d.primal is x and torch.equal(d.tangent, t)
+
+
 NUMPY_NAMED = {
     "sum": lambda v: v.sum(axis=1), "mean keepdims": lambda v: v.mean(1, keepdims=True),
     "var": lambda v: v.var(axis=1), "std_mean": lambda v: torch.std_mean(v, axis=0)[0],
