@@ -36,6 +36,8 @@ LEAN = ("tests/train/test_lean_autograd.py",)
 REUSE = ("tests/nn/test_reuse.py", "tests/train/test_estimators.py")
 SEMANTICS = ("tests/dual/test_dual_semantics.py",)
 TRAINER = ("tests/train/test_train.py",)
+FROZEN = ("tests/train/test_train.py::test_backprop_and_the_true_gradient_leave_a_frozen_"
+          "parameter_out",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
 TRITON = ("tests/backends/test_triton.py",)
 FUNCTIONS = ("tests/rules/test_functions.py",)
@@ -810,6 +812,15 @@ MUTANTS = [
     Mutant("the schedule's decay is not the paper's", "fgkernels/train/loop.py",
            "MultiStepLR(opt, milestones, gamma=0.2)", "MultiStepLR(opt, milestones, gamma=0.1)",
            TRAINER),
+    Mutant("backprop differentiates a frozen parameter", "fgkernels/train/loop.py",
+           "trainable = {n: p for n, p in used.items() if p.requires_grad}",
+           "trainable = used", FROZEN),
+    Mutant("the true gradient differentiates a frozen parameter", "fgkernels/train/loop.py",
+           "[p for ps in blocks for p in ps if p.requires_grad]",
+           "[p for ps in blocks for p in ps]", FROZEN),
+    Mutant("the true gradient drops a frozen parameter's place", "fgkernels/train/loop.py",
+           "[next(grads) if p.requires_grad else torch.zeros_like(p) for p in ps]",
+           "[next(grads) for p in ps if p.requires_grad]", FROZEN),
     # the oracle's comparison
     Mutant("the comparison calls the model instead of the run it is given", "fgkernels/testing.py",
            "out = (run or model)(*[x if", "out = model(*[x if",

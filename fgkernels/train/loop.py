@@ -169,11 +169,12 @@ def compute_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg: Trai
     if cfg.algo == "backprop":  # end to end: the blocks and the classifier (no aux heads)
         used = {n: p for j in range(len(net.blocks)) for n, p in net.block_parameters(j).items()}
         used.update(net.head_parameters(len(net.heads) - 1))
+        trainable = {n: p for n, p in used.items() if p.requires_grad}  # a frozen one: none
         with torch.enable_grad():
             logits = net(x)
             loss = F.cross_entropy(logits, y)
-            grads = dict(zip(used, torch.autograd.grad(loss, list(used.values()))))
-        return grads, float(loss.detach()), int((logits.argmax(1) == y).sum())
+            grads = torch.autograd.grad(loss, list(trainable.values())) if trainable else ()
+        return dict(zip(trainable, grads)), float(loss.detach()), int((logits.argmax(1) == y).sum())
     if cfg.algo == "local":
         est = local_gradients(net, x, y)
         return est.grads, est.loss, est.correct
@@ -195,17 +196,15 @@ def full_precision_estimate(net: BlockNet, x: torch.Tensor, y: torch.Tensor, cfg
 
 
 def true_block_gradients(net: BlockNet, x: torch.Tensor, y: torch.Tensor) -> dict[int, list]:
-    """The end-to-end gradient of every block, by backprop (running stats untouched)."""
+    """The end-to-end gradient of every block, by backprop (running stats untouched): block j's
+    in the order of its parameters, zeros for a frozen one (requires_grad False), which no
+    method trains."""
+    blocks = [list(b.parameters()) for b in net.blocks]
     with torch.enable_grad(), preserved_buffers(net):
         loss = F.cross_entropy(net(x), y)
-        blocks = [list(b.parameters()) for b in net.blocks]
-        flat = [p for ps in blocks for p in ps]
-        grads = grads_or_zeros(loss, flat)
-    out, i = {}, 0
-    for j, ps in enumerate(blocks):
-        out[j] = grads[i:i + len(ps)]
-        i += len(ps)
-    return out
+        grads = iter(grads_or_zeros(loss, [p for ps in blocks for p in ps if p.requires_grad]))
+    return {j: [next(grads) if p.requires_grad else torch.zeros_like(p) for p in ps]
+            for j, ps in enumerate(blocks)}
 
 
 def _cosine(a: list, b: list) -> float:

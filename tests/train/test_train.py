@@ -1,4 +1,5 @@
 """The trainer: learning, resuming, data-parallel runs, and the messages for bad input."""
+import copy
 import fcntl
 import json
 import os
@@ -9,13 +10,22 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fgkernels import Dual
 from fgkernels.train import data
 from fgkernels.train.checkpoint import save_checkpoint
 from fgkernels.train.cli import main
 from fgkernels.train.data import load_dataset, train_batches
-from fgkernels.train.loop import TrainConfig, build_run, compute_gradients, sgd_step, train
+from fgkernels.train.loop import (
+    TrainConfig,
+    _record_cosines,
+    build_run,
+    compute_gradients,
+    sgd_step,
+    train,
+    true_block_gradients,
+)
 from fgkernels.train.models import build_model
 
 QUICK = dict(arch="cnn", data="digits", width=4, aux_width=8, batch_size=32, max_steps=6,
@@ -57,6 +67,53 @@ def test_a_step_leaves_parameters_without_a_gradient_as_they_are(digits, overrid
     assert all(torch.equal(a, p) for a, p in
                zip(heads, (p for h in net.heads[:-1] for p in h.parameters())))
     assert not all(torch.equal(a, p) for a, p in zip(blocks, net.blocks.parameters()))
+
+
+def _autograd_gradients(net, x, y):
+    """Plain autograd's gradients of the global loss on a copy of ``net``, by name: every
+    parameter that requires grad and that the loss reaches."""
+    ref = copy.deepcopy(net)
+    params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    loss = F.cross_entropy(ref(x), y)
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True) if params else ()
+    return {n: g for n, g in zip(params, grads) if g is not None}
+
+
+@pytest.mark.parametrize("frozen", ["blocks.1.0.weight", "heads.3.3.weight", "all"])
+def test_backprop_and_the_true_gradient_leave_a_frozen_parameter_out(digits, frozen):
+    """A frozen parameter (requires_grad False), as fg and local take it: backprop's step and
+    ``--diagnose``'s true gradient give every other parameter plain autograd's gradient and
+    the frozen one none (the true gradient zeros in its place, so that a block's cosine lines
+    up its parameters); the step leaves the frozen one as it is."""
+    cfg = TrainConfig(**QUICK, algo="backprop", dtype="float64")
+    net, opt, _ = build_run(cfg, digits)
+    for n, p in net.named_parameters():
+        if frozen in (n, "all"):
+            p.requires_grad_(False)
+    assert not all(p.requires_grad for p in net.parameters())
+    x, y = next(iter(train_batches(digits, cfg.batch_size, torch.Generator().manual_seed(0))))
+    x = cfg.as_input(x, "cpu")
+    expected = _autograd_gradients(net, x, y)
+    truth = true_block_gradients(net, x, y)
+    for j in range(len(net.blocks)):
+        names = list(net.block_parameters(j))
+        assert len(truth[j]) == len(names)
+        for n, t in zip(names, truth[j]):
+            torch.testing.assert_close(t, expected.get(n, torch.zeros_like(t)), rtol=1e-10,
+                                       atol=1e-12, msg=n)
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    grads = compute_gradients(net, x, y, cfg, torch.Generator())[0]
+    assert grads.keys() == expected.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected[n], rtol=1e-10, atol=1e-12, msg=n)
+    cosines = {}
+    _record_cosines(net, grads, truth, cosines)
+    if frozen != "all":  # backprop's blocks take their true gradient: a cosine of 1
+        assert all(c == [pytest.approx(1.0, rel=1e-12)] for c in cosines.values()), cosines
+    sgd_step(net, opt, grads)
+    for n, p in net.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n
 
 
 @pytest.mark.parametrize("algo", ALGOS, ids=lambda a: "-".join(a.values()))
