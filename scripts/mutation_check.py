@@ -36,6 +36,10 @@ LEAN = ("tests/train/test_lean_autograd.py",)
 REUSE = ("tests/nn/test_reuse.py", "tests/train/test_estimators.py")
 SEMANTICS = ("tests/dual/test_dual_semantics.py",)
 TRAINER = ("tests/train/test_train.py",)
+CLI_VALUES = ("tests/train/test_train.py::test_a_value_that_is_no_number_is_refused_naming_"
+              "what_the_flag_takes",)
+CLI_USAGE = ("tests/train/test_train.py::test_a_command_s_bad_flags_are_reported_with_its_"
+             "usage",)
 FROZEN = ("tests/train/test_train.py::test_backprop_and_the_true_gradient_leave_a_frozen_"
           "parameter_out",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
@@ -812,6 +816,15 @@ MUTANTS = [
     Mutant("the schedule's decay is not the paper's", "fgkernels/train/loop.py",
            "MultiStepLR(opt, milestones, gamma=0.2)", "MultiStepLR(opt, milestones, gamma=0.1)",
            TRAINER),
+    Mutant("a flag's integer that is no number is refused as the parser's own",
+           "fgkernels/train/cli.py", "        value = int(text)\n    except ValueError:",
+           "        value = int(text)\n    except TypeError:", CLI_VALUES),
+    Mutant("a flag's number that is no number is refused as the parser's own",
+           "fgkernels/train/cli.py", "        value = float(text)\n    except ValueError:",
+           "        value = float(text)\n    except TypeError:", CLI_VALUES),
+    Mutant("a run's flags refused with the top-level usage", "fgkernels/train/cli.py",
+           "_check_run_flags(args.command_parser, args)", "_check_run_flags(parser, args)",
+           CLI_USAGE),
     Mutant("backprop differentiates a frozen parameter", "fgkernels/train/loop.py",
            "trainable = {n: p for n, p in used.items() if p.requires_grad}",
            "trainable = used", FROZEN),

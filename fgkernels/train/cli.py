@@ -24,9 +24,12 @@ from .report import plot_runs, summary_table
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -37,9 +40,12 @@ def _folder(text: str) -> str:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text!r}")
     return value
 
 
@@ -83,10 +89,13 @@ DEMO_COST_WARMUP, DEMO_COST_ROUNDS = 3, 15
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: ``run`` (one configuration) and ``demo`` (the comparison table)."""
+    """The command line: ``run`` (one configuration) and ``demo`` (the comparison table). The
+    parsed arguments name their command's parser (``command_parser``), which reports an error
+    in their flags with that command's usage."""
     parser = argparse.ArgumentParser(prog="python -m fgkernels.train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train one configuration")
+    run.set_defaults(command_parser=run)
     run.add_argument("--algo", choices=ALGOS, default="fg",
                      help="backprop (end to end), local (greedy local losses), fg (forward "
                           "gradient)")
@@ -103,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     _add_common(run, epochs=100, batch=128)
     demo = sub.add_parser("demo", help="backprop vs local-only vs forward gradients, on digits")
+    demo.set_defaults(command_parser=demo)
     # One thread: on 8×8 images torch's ops are too small for a second one to pay.
     _add_common(demo, epochs=8, batch=64, width=DEMO_WIDTH, threads=1)
     return parser
@@ -204,15 +214,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     costs = None  # the demo's side-by-side step costs
     try:
         if args.command == "run":
-            _check_run_flags(parser, args)
+            _check_run_flags(args.command_parser, args)
             cfg = _config(args, algo=args.algo, target=args.target, guess=args.guess,
                           space=args.space, noise=args.noise, diagnose=args.diagnose)
             results = [train(cfg, args.out, args.resume, progress=not args.no_progress,
                              overwrite=args.overwrite)]
         else:
             if args.plot and not args.out:
-                parser.error("--plot needs --out")
-            _check_common_flags(parser, args)
+                args.command_parser.error("--plot needs --out")
+            _check_common_flags(args.command_parser, args)
             configs = [_config(args, diagnose=True, **overrides) for overrides in DEMO_RUNS]
             outs = [Path(args.out) / f"run{i}" if args.out else None for i in range(len(configs))]
             # Every run's configuration and folder checked before the first run writes anything

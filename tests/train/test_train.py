@@ -187,6 +187,35 @@ def test_bad_flags_name_the_valid_choices(argv, message, capsys):
         assert part in err
 
 
+@pytest.mark.parametrize("flag,value,takes", [
+    ("--batch-size", "1.5", "a positive integer"), ("--epochs", "ten", "a positive integer"),
+    ("--width", "", "a positive integer"), ("--aux-width", "3.0", "a positive integer"),
+    ("--max-steps", "x", "a positive integer"), ("--threads", "two", "a positive integer"),
+    ("--lr", "abc", "a finite positive number"),
+])
+def test_a_value_that_is_no_number_is_refused_naming_what_the_flag_takes(flag, value, takes,
+                                                                          capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["run", flag, value])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"run: error: argument {flag}: must be {takes}, got {value!r}\n")
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--algo", "local", "--space", "weight"], ["run", "--plot"],
+    ["run", "--aux", "linear", "--aux-width", "3"], ["demo", "--plot"],
+    ["demo", "--data-dir", "/nowhere"],
+])
+def test_a_command_s_bad_flags_are_reported_with_its_usage(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    command = f"python -m fgkernels.train {argv[0]}"
+    assert err.startswith(f"usage: {command} [-h]") and f"\n{command}: error: " in err, err
+
+
 @pytest.mark.parametrize("space", ["weight", "activity"])
 def test_bfloat16_tangents_in_channels_last(digits, space, monkeypatch):
     """The dual pass takes bfloat16 tangents of the float32 network, in channels_last, and
