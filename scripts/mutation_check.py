@@ -40,6 +40,8 @@ CLI_VALUES = ("tests/train/test_train.py::test_a_value_that_is_no_number_is_refu
               "what_the_flag_takes",)
 CLI_USAGE = ("tests/train/test_train.py::test_a_command_s_bad_flags_are_reported_with_its_"
              "usage",)
+CONFIG_TYPES = ("tests/train/test_train_robustness.py::test_a_field_of_the_wrong_type_is_"
+                "refused_by_name",)
 FROZEN = ("tests/train/test_train.py::test_backprop_and_the_true_gradient_leave_a_frozen_"
           "parameter_out",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
@@ -816,6 +818,12 @@ MUTANTS = [
     Mutant("the schedule's decay is not the paper's", "fgkernels/train/loop.py",
            "MultiStepLR(opt, milestones, gamma=0.2)", "MultiStepLR(opt, milestones, gamma=0.1)",
            TRAINER),
+    Mutant("a configuration's number of the wrong type reaches math.isfinite",
+           "fgkernels/train/loop.py", "            _check_real(name, getattr(self, name))",
+           "            pass", CONFIG_TYPES),
+    Mutant("a configuration's device of the wrong type reaches torch.device",
+           "fgkernels/train/loop.py", "except (RuntimeError, TypeError):  # TypeError",
+           "except RuntimeError:  # TypeError", CONFIG_TYPES),
     Mutant("a flag's integer that is no number is refused as the parser's own",
            "fgkernels/train/cli.py", "        value = int(text)\n    except ValueError:",
            "        value = int(text)\n    except TypeError:", CLI_VALUES),

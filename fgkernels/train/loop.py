@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import statistics
 import sys
 import time
@@ -83,7 +84,7 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int of at least 1, got {value!r}")
-        if self.dtype not in DTYPES:
+        if self.dtype not in tuple(DTYPES):  # (a tuple: an unhashable value is unknown too)
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.tangent_dtype is not None:
             if self.tangent_dtype not in TANGENT_DTYPES:
@@ -97,7 +98,7 @@ class TrainConfig:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         try:
             device = torch.device(self.device)
-        except RuntimeError:
+        except (RuntimeError, TypeError):  # TypeError: not a device's name (None, a number)
             device = None
         if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; the trainer runs on cpu or "
@@ -106,6 +107,8 @@ class TrainConfig:
                                           (device.index or 0) < torch.cuda.device_count()):
             raise ValueError(f"device {self.device}: this torch ({torch.__version__}) sees "
                              f"{torch.cuda.device_count()} CUDA device(s)")
+        for name in ("lr", "momentum", "weight_decay"):
+            _check_real(name, getattr(self, name))
         finite = all(math.isfinite(v) for v in (self.lr, self.momentum, self.weight_decay))
         if not finite or not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be finite and > 0, momentum and weight_decay finite and "
@@ -136,6 +139,12 @@ class TrainConfig:
         x = x.to(device, self.torch_dtype)
         return x.to(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 \
             else x
+
+
+def _check_real(name: str, value) -> None:
+    """Raise ValueError naming field ``name`` unless ``value`` is a real number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
 
 
 @dataclass

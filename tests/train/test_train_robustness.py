@@ -4,6 +4,7 @@ one-line errors."""
 import errno
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -340,6 +341,21 @@ def test_labels_outside_the_classes_and_bad_seeds_are_refused_before_training(di
     for seed in (-1, 2 ** 40, 1.5):
         with pytest.raises(ValueError, match="seed must be an int in"):
             TrainConfig(seed=seed).validate()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lr", "0.1", "lr must be a real number, got '0.1'"),
+    ("lr", True, "lr must be a real number, got True"),
+    ("momentum", None, "momentum must be a real number, got None"),
+    ("weight_decay", "x", "weight_decay must be a real number, got 'x'"),
+    ("device", None, "unknown device None; the trainer runs on cpu or cuda[:index]"),
+    ("device", 1.5, "unknown device 1.5; the trainer runs on cpu or cuda[:index]"),
+    ("dtype", ["float32"], "unknown dtype ['float32']; choose one of"),
+])
+def test_a_field_of_the_wrong_type_is_refused_by_name(field, value, message):
+    """validate() raises ValueError naming the field and its value, whatever the value's type."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**{field: value}).validate()
 
 
 def test_a_diverging_run_stops_naming_the_step(digits, tmp_path, capsys):
