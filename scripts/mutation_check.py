@@ -42,6 +42,8 @@ CLI_USAGE = ("tests/train/test_train.py::test_a_command_s_bad_flags_are_reported
              "usage",)
 CONFIG_TYPES = ("tests/train/test_train_robustness.py::test_a_field_of_the_wrong_type_is_"
                 "refused_by_name",)
+NOISE_FLAG = ("tests/train/test_train.py::test_cli_run_takes_the_noise_of_random_guesses",
+              "tests/train/test_train.py::test_cli_run_refuses_a_noise_without_random_guesses")
 FROZEN = ("tests/train/test_train.py::test_backprop_and_the_true_gradient_leave_a_frozen_"
           "parameter_out",)
 STORE = ("tests/dual/test_tangent_store.py", "tests/nn/test_modules.py")
@@ -833,6 +835,11 @@ MUTANTS = [
     Mutant("a run's flags refused with the top-level usage", "fgkernels/train/cli.py",
            "_check_run_flags(args.command_parser, args)", "_check_run_flags(parser, args)",
            CLI_USAGE),
+    Mutant("a noise without random guesses ignored", "fgkernels/train/cli.py",
+           'if args.noise is not None and guess != "random":', "if False:", NOISE_FLAG),
+    Mutant("the default noise refused without random guesses", "fgkernels/train/cli.py",
+           'if args.noise is not None and guess != "random":', 'if guess != "random":',
+           NOISE_FLAG),
     Mutant("backprop differentiates a frozen parameter", "fgkernels/train/loop.py",
            "trainable = {n: p for n, p in used.items() if p.requires_grad}",
            "trainable = used", FROZEN),

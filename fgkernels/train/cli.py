@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guess", choices=GUESSES, help="fg: the direction (default local)")
     run.add_argument("--space", choices=SPACES, help="fg: weight or activity (default weight)")
     run.add_argument("--noise", choices=NOISES,
-                     help="fg: distribution of random guesses (default gaussian)")
+                     help="fg with --guess random: distribution of the guesses (default "
+                          "gaussian)")
     run.add_argument("--diagnose", action="store_true",
                      help="record the cosine between each block's estimate and its true gradient "
                           "(and, with --tangent-dtype narrower than --dtype, to the estimate "
@@ -143,6 +144,9 @@ def _check_run_flags(parser, args) -> None:
     if args.algo != "fg" and given:
         parser.error(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only to "
                      f"--algo fg (got --algo {args.algo})")
+    guess = args.guess or FG_FLAGS["guess"]
+    if args.noise is not None and guess != "random":
+        parser.error(f"--noise applies only to --guess random (got --guess {guess})")
     for name, default in FG_FLAGS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

@@ -18,6 +18,7 @@ from fgkernels.train.checkpoint import save_checkpoint
 from fgkernels.train.cli import main
 from fgkernels.train.data import load_dataset, train_batches
 from fgkernels.train.loop import (
+    RunResult,
     TrainConfig,
     _record_cosines,
     build_run,
@@ -294,6 +295,40 @@ def test_cli_run_writes_metrics_and_plots(tmp_path, capsys):
     assert len(lines) == 2 and set(record["cosine"]) == {"0", "1", "2"}  # the estimated blocks
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert "fg local guess" in capsys.readouterr().out
+
+
+def _configs_run(monkeypatch) -> list:
+    """The configurations the command line trains from now on, each recorded, none trained."""
+    import fgkernels.train.cli as cli
+    configs = []
+    monkeypatch.setattr(cli, "train", lambda cfg, *a, **k: configs.append(cfg) or RunResult(cfg))
+    return configs
+
+
+@pytest.mark.parametrize("argv,guess,noise", [
+    (["--guess", "random", "--noise", "rademacher"], "random", "rademacher"),
+    (["--guess", "random", "--noise", "gaussian"], "random", "gaussian"),
+    (["--guess", "random"], "random", "gaussian"), ([], "local", "gaussian"),
+    (["--guess", "ntk"], "ntk", "gaussian"),
+])
+def test_cli_run_takes_the_noise_of_random_guesses(argv, guess, noise, monkeypatch, capsys):
+    """--noise with --guess random, and any guess with the default noise."""
+    configs = _configs_run(monkeypatch)
+    assert main(["run", *argv, "--no-progress"]) == 0
+    assert [(c.guess, c.noise) for c in configs] == [(guess, noise)]
+
+
+@pytest.mark.parametrize("guess", [[], ["--guess", "local"], ["--guess", "ntk"],
+                                   ["--guess", "fixed-ntk"]], ids=lambda g: g[-1] if g else "")
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_cli_run_refuses_a_noise_without_random_guesses(guess, noise, monkeypatch, capsys):
+    """--noise (its default included) with a guess that draws no noise: refused, naming it."""
+    configs = _configs_run(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        main(["run", *guess, "--noise", noise, "--no-progress"])
+    assert stop.value.code == 2 and not configs
+    assert (f"run: error: --noise applies only to --guess random (got --guess "
+            f"{guess[-1] if guess else 'local'})") in capsys.readouterr().err
 
 
 def test_demo_prints_every_run_and_what_the_cost_columns_compare(capsys):
