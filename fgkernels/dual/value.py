@@ -492,8 +492,11 @@ class Dual:
         them to the later outputs of a view op that were made from its slots before the copy
         (``unbind``, iteration). None where the primal's elements may share memory (an
         expanded primal), the view's dtypes or slots are not this Dual's (``d.real``), or it
-        reaches outside this Dual's memory (an ``as_strided``)."""
+        reaches outside this Dual's memory (an ``as_strided``), and while Dynamo traces a
+        compiled pass (no offset to ask there)."""
         stack, primal, source = self._stack, self.primal, self._source
+        if torch.compiler.is_dynamo_compiling():
+            return None
         if stack is None or out._stack is None or out._stack.dtype != stack.dtype \
                 or out.primal.dtype != primal.dtype or out.directions != self.directions \
                 or out._stack.shape[0] != stack.shape[0] or not within_span(out.primal, primal):
