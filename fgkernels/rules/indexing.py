@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..dual import slots as _slots
-from ..dual.layout import view_root
+from ..dual.layout import non_overlapping_and_dense, within_span
 from ..dual.value import Dual, implements
 from .fallback import forward_ad_fallback
 from .operands import parts, refuse_dual_index
@@ -126,18 +126,24 @@ def index_add(input, dim: int, index: Tensor, source, *, alpha=1) -> Dual:
 def as_strided(input: Dual, size, stride, storage_offset=None) -> Dual:
     """``d.as_strided(size, stride, offset)``: the primal's storage read at those positions,
     and each slot at the same positions of a tangent laid out as the primal's storage, as
-    forward AD lays a tangent out. Where ``d``'s slots are laid out so (a Dual's slots, and a
-    view's of them, follow its primal), the result views them, and reads the tangent of the
-    Dual ``d`` views beyond ``d``'s own elements; else it is a copy of ``d``'s tangents at
-    positions that must all be ``d``'s elements. In a compiled pass, where no storage can be
-    asked, the forward-AD fallback takes it (exact within ``d``'s elements)."""
+    forward AD lays a tangent out: ``d``'s own tangents at its elements, and beyond them the
+    tangents of the Dual ``d`` views (a view linked to it, ``Dual.as_view``), or zero where
+    ``d`` views none (forward AD's tangent of a view of a larger tensor made dual). Where
+    ``d``'s slots are laid out as the storage (a Dual's slots, and a view's of them, follow
+    its primal) and the positions are its elements or it views a Dual, the result views the
+    slots, and a write through it reaches them; else it is a copy (beyond the elements of a
+    view whose slots are laid out otherwise, refused). In a compiled pass, where no storage
+    can be asked, the forward-AD fallback takes it (exact within ``d``'s elements)."""
     y = torch.as_strided(input.primal, size, stride, storage_offset)
-    t = input.tangents
+    t, p = input.tangents, input.primal
     if t is not None and torch.compiler.is_compiling():  # (no storage to ask while tracing)
         return forward_ad_fallback(torch.as_strided, (input, size, stride, storage_offset), {})
     if t is not None:
-        read = _slots_mirroring if _mirror_storage(input.primal, t) else _slots_at_elements
-        t = read(input.primal, t, y)
+        viewing = input._source is not None and input._source.kind == "view"
+        if _mirror_storage(p, t) and (viewing or _among_elements(y, p)):
+            t = _slots_mirroring(p, t, y)
+        else:
+            t = _slots_at_elements(p, t, y, zero_beyond=not viewing)
     return input.as_view(input.with_tangents(y, t))
 
 
@@ -157,6 +163,23 @@ def _mirror_storage(p: Tensor, stack: Tensor) -> bool:
     return apart and shift >= 0 and shift + (count - 1) * step + extent <= _storage_numel(stack)
 
 
+def _element_at(p: Tensor) -> Tensor:
+    """For each position of ``p``'s storage, the index of the element of ``p`` stored there
+    (flat, in ``p``'s order), -1 where none is."""
+    element = torch.full((_storage_numel(p),), -1, dtype=torch.long, device=p.device)
+    element.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(
+        torch.arange(p.numel(), device=p.device).view(p.shape))
+    return element
+
+
+def _among_elements(y: Tensor, p: Tensor) -> bool:
+    """True if every position ``y`` reads in the storage holds an element of ``p``."""
+    if non_overlapping_and_dense(p):
+        return within_span(y, p)  # (p's span has no gaps)
+    read = _element_at(p).as_strided(y.shape, y.stride(), y.storage_offset())
+    return bool((read >= 0).all())
+
+
 def _slots_mirroring(p: Tensor, stack: Tensor, y: Tensor) -> Tensor:
     """``y``'s view of ``p``'s storage taken of every slot of ``stack``, which mirrors it."""
     shift = stack.storage_offset() - p.storage_offset()
@@ -164,21 +187,17 @@ def _slots_mirroring(p: Tensor, stack: Tensor, y: Tensor) -> Tensor:
                             shift + y.storage_offset())
 
 
-def _slots_at_elements(p: Tensor, stack: Tensor, y: Tensor) -> Tensor:
-    """``y``'s positions in ``p``'s storage read from the slots of ``stack`` (``p``'s tangents,
-    laid out otherwise), a copy: each position as the element of ``p`` stored there. A
-    position that no element of ``p`` takes has tangent zero where the slots view no other
-    Dual's (forward AD's tangent of a view of a larger tensor made dual is zero beyond it);
-    where they do, it is refused: its tangent lies in slots not laid out as the storage."""
-    element = torch.full((_storage_numel(p),), -1, dtype=torch.long, device=p.device)
-    element.as_strided(p.shape, p.stride(), p.storage_offset()).copy_(
-        torch.arange(p.numel(), device=p.device).view(p.shape))
-    read = element.as_strided(y.shape, y.stride(), y.storage_offset()).reshape(-1)
-    outside = read < 0
-    if view_root(stack) is not stack and outside.any():
+def _slots_at_elements(p: Tensor, stack: Tensor, y: Tensor, zero_beyond: bool) -> Tensor:
+    """``y``'s positions in ``p``'s storage read from the slots of ``stack`` (``p``'s
+    tangents), a copy: each position as the element of ``p`` stored there, and a position
+    that holds none zero (``zero_beyond``) or refused: its tangent is the viewed Dual's, in
+    slots not laid out as the storage."""
+    read = _element_at(p).as_strided(y.shape, y.stride(), y.storage_offset()).reshape(-1)
+    beyond = read < 0
+    if not zero_beyond and beyond.any():
         raise RuntimeError(
             "as_strided: the view reads storage positions outside the Dual's own elements, "
             "which belong to the Dual it views, whose tangent slots are not laid out as its "
             "primal's storage; take the view of that Dual itself")
     out = stack.reshape(stack.shape[0], -1)[:, read.clamp(min=0)]
-    return out.masked_fill_(outside, 0).view(stack.shape[0], *y.shape)
+    return out.masked_fill_(beyond, 0).view(stack.shape[0], *y.shape)

@@ -625,20 +625,28 @@ def test_as_strided_reads_slots_cut_from_a_larger_stack_at_their_own_offset():
         assert torch.equal(out.tangents[k], expected.tangent)
 
 
+def _as_strided_against_forward_ad(x, tangents, *view):
+    out = Dual(x, tangents).as_strided(*view)
+    stacked = tangents if out.tangents.shape[0] > 1 or tangents.dim() > x.dim() else [tangents]
+    for k, t in enumerate(stacked):
+        with fwAD.dual_level():
+            expected = fwAD.unpack_dual(fwAD.make_dual(x, t).as_strided(*view))
+        assert torch.equal(out.primal, expected.primal)
+        assert torch.equal(out.tangents[k], expected.tangent)
+
+
 def test_as_strided_of_a_dual_of_a_larger_tensor_s_view_is_zero_beyond_it():
     """A Dual made of a view of a larger tensor has tangent zero at the storage positions
-    beyond its elements, as forward AD gives a dual made of such a view; within them, its own
-    tangents wherever they lie."""
-    base, t = torch.randn(4, 3, **f64), torch.randn(2, 2, 3, **f64)
+    beyond its elements, as forward AD gives a dual made of such a view, whatever memory its
+    tangent is a part of (a view of a larger tensor too, at another offset or the same); within
+    them, its own tangents wherever they lie."""
+    base, big, v = torch.randn(4, 3, **f64), torch.randn(10, 3, **f64), torch.randn(2, 4, 4, **f64)
     strided = torch.randn(2, 3, 2, **f64).transpose(1, 2)  # slots laid out unlike the primal
-    for tangents in (t, strided):
-        out = Dual(base[1:3], tangents).as_strided((3, 3), (3, 1), 2)
-        for k in range(2):
-            with fwAD.dual_level():
-                expected = fwAD.unpack_dual(
-                    fwAD.make_dual(base[1:3], tangents[k]).as_strided((3, 3), (3, 1), 2))
-            assert torch.equal(out.primal, expected.primal)
-            assert torch.equal(out.tangents[k], expected.tangent)
+    for tangents in (torch.randn(2, 2, 3, **f64), strided, torch.randn(2, 3, **f64), big[5:7],
+                     big[1:3], torch.randn(5, 2, 3, **f64)[2:4]):
+        _as_strided_against_forward_ad(base[1:3], tangents, (3, 3), (3, 1), 2)
+    x = torch.randn(4, 4, **f64)
+    _as_strided_against_forward_ad(x[:, ::2], v[:, :, ::2], (4, 4), (4, 1), 0)  # the gaps
 
 
 def test_as_strided_beyond_a_view_of_slots_laid_out_unlike_the_storage_is_refused():
