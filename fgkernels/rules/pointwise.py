@@ -1126,10 +1126,11 @@ for _op in _LINEAR_OPS:
                     else _linear_rule(_op))
 
 # torch's unsafe splits are its splits with views autograd does not track (a write into one
-# still reaches the input): taken as the tracked ones, a write into one reaches the Dual.
+# still reaches the input): taken as the tracked ones, a write into one reaches the Dual
+# (torch.unsafe_split names its size as the method split does: split_size).
 _UNSAFE_SPLITS = {
     torch.unsafe_chunk: torch.chunk, torch.Tensor.unsafe_chunk: torch.Tensor.chunk,
-    torch.unsafe_split: torch.split, torch.Tensor.unsafe_split: torch.Tensor.split,
+    torch.unsafe_split: torch.Tensor.split, torch.Tensor.unsafe_split: torch.Tensor.split,
     torch.unsafe_split_with_sizes: torch.split_with_sizes,
     torch.Tensor.unsafe_split_with_sizes: torch.Tensor.split_with_sizes,
 }

@@ -564,6 +564,7 @@ VIEW_WRITES = {
     "split_with_sizes": lambda y: y.split_with_sizes([1, 3], 1)[1].mul_(3.0),
     "unsafe splits": lambda y: (torch.unsafe_chunk(y, 2, 1)[1].neg_(),
                                 y.unsafe_split(1, 0)[2].mul_(3.0),
+                                torch.unsafe_split(y, split_size=3, dim=1)[1].add_(1.0),
                                 torch.unsafe_split_with_sizes(y, [1, 3], 1)[0].div_(2.0)),
     "einsum of one operand": lambda y: (torch.einsum("ij->ji", y).mul_(2.0),
                                         torch.einsum("ii->i", y[:, :3]).add_(1.0),
