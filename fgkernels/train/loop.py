@@ -77,6 +77,12 @@ class TrainConfig:
         if self.algo not in ALGOS:
             raise ValueError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGOS)}")
         check_choices(self.target, self.guess, self.space, self.noise)
+        if self.noise != "gaussian" and self.guess != "random":
+            raise ValueError(f"noise {self.noise!r} applies only to guess 'random' (got guess "
+                             f"{self.guess!r})")
+        for name in ("diagnose", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_model_args(self.arch, self.aux, self.aux_width, self.width)
         for name in ("epochs", "batch_size", "max_steps"):
             value = getattr(self, name)

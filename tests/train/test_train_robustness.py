@@ -351,9 +351,15 @@ def test_labels_outside_the_classes_and_bad_seeds_are_refused_before_training(di
     ("device", None, "unknown device None; the trainer runs on cpu or cuda[:index]"),
     ("device", 1.5, "unknown device 1.5; the trainer runs on cpu or cuda[:index]"),
     ("dtype", ["float32"], "unknown dtype ['float32']; choose one of"),
+    ("diagnose", "no", "diagnose must be a bool, got 'no'"),
+    ("channels_last", 1, "channels_last must be a bool, got 1"),
+    ("noise", "rademacher", "noise 'rademacher' applies only to guess 'random' (got guess "
+                            "'local')"),
 ])
 def test_a_field_of_the_wrong_type_is_refused_by_name(field, value, message):
-    """validate() raises ValueError naming the field and its value, whatever the value's type."""
+    """validate() raises ValueError naming the field and its value, whatever the value's type
+    (a flag that is no bool: ``diagnose="no"`` was taken as true), and a noise that the guess
+    does not draw (ignored before, as the CLI refuses it)."""
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**{field: value}).validate()
 
