@@ -1629,8 +1629,13 @@ MUTANTS = [
            ("tests/dual/test_dual_semantics.py::test_numpy_names_of_the_operands_as_torch_takes_"
             "them",)),
     Mutant("an op's own operand named x1 renamed", "fgkernels/dual/value.py",
-           "    return torch_name if torch_name in parameters and name not in parameters else None",
+           "    return torch_name if takes and name not in parameters else None",
            "    return torch_name",
+           ("tests/dual/test_dual_semantics.py::test_numpy_names_of_the_operands_as_torch_takes_"
+            "them",)),
+    Mutant("a rule that takes any name given the NumPy one", "fgkernels/dual/value.py",
+           "    takes = torch_name in parameters or by_any_name",
+           "    takes = torch_name in parameters",
            ("tests/dual/test_dual_semantics.py::test_numpy_names_of_the_operands_as_torch_takes_"
             "them",)),
     Mutant("a broadcast tangent's Dual links no view to slots of its own",

@@ -1108,12 +1108,15 @@ def _operand_name(func: Callable, name: str) -> Optional[str]:
 
 
 def _rule_operand_name(rule: Optional[Callable], torch_name: str, name: str) -> Optional[str]:
-    """``_operand_name`` worked out from the parameters of ``rule`` (None: no rule)."""
+    """``_operand_name`` worked out from the parameters of ``rule`` (None: no rule): torch's
+    name where the rule takes it by name, or takes any name (``**kwargs``) but ``name``."""
     try:
         parameters = inspect.signature(rule).parameters if rule is not None else {}
     except (TypeError, ValueError):
         return None
-    return torch_name if torch_name in parameters and name not in parameters else None
+    by_any_name = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    takes = torch_name in parameters or by_any_name
+    return torch_name if takes and name not in parameters else None
 
 
 when_dynamo_loads(lambda: torch.compiler.assume_constant_result(_operand_name))

@@ -1712,6 +1712,11 @@ NUMPY_NAMED_OPERANDS = {
     "Tensor.mul(x2=)": lambda v, w: v.mul(x2=w),
     "sum(x=, axis=)": lambda v, w: torch.sum(x=v, axis=1),
     "cosine_similarity(x1=, x2=)": lambda v, w: F.cosine_similarity(x1=v, x2=w),
+    # rules that take their operands by any name (``**kwargs``)
+    "max(x=, x2=)": lambda v, w: torch.max(x=v, x2=w),
+    "Tensor.min(x2=)": lambda v, w: v.min(x2=w),
+    "pow(x=, exponent=)": lambda v, w: torch.pow(x=v, exponent=3.0),
+    "sort(x=)": lambda v, w: torch.sort(x=v, dim=0).values,
 }
 
 
@@ -1719,7 +1724,8 @@ NUMPY_NAMED_OPERANDS = {
 def test_numpy_names_of_the_operands_as_torch_takes_them(name):
     """``x=``, ``a=``, ``x1=`` for ``input`` and ``x2=`` for ``other``, which torch's argument
     parser takes for every op it parses (``torch.linalg.vector_norm(x=d)``, its documented
-    name): forward_ad's numbers (they were refused); an op whose own operands are so named
+    name), rules that take any name included (``torch.max(x=d, x2=e)``): forward_ad's numbers
+    (they were refused, or failed naming no op); an op whose own operands are so named
     (``cosine_similarity(x1, x2)``) keeps them."""
     op = NUMPY_NAMED_OPERANDS[name]
     x, t = torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
