@@ -110,6 +110,10 @@ FAR_FROM_ZERO = ("tests/dual/test_mixed_precision.py::test_a_norm_of_an_input_an
 TRITON_STATS = ("tests/backends/test_triton.py::test_bn_sums_of_a_channel_far_from_zero_keep_"
                 "float32_s_precision",)
 COMPLEX = ("tests/dual/test_dual_semantics.py::test_complex_results_keep_complex_tangents",)
+REAL_VIEWS = ("tests/dual/test_dual_semantics.py::test_a_write_through_a_real_view_reaches_a_"
+              "complex_dual_of_any_layout",)
+COMPILED_BROADCAST = (COMPILE + "test_a_write_through_a_view_of_broadcast_slots_reaches_them_"
+                      "compiled",)
 BF16_ROUNDING = ("tests/backends/test_native.py::test_layer_norm_rounds_to_bfloat16_as_torch_does",)
 COMPUTED_APART = (COMPILE + "test_weights_computed_apart_from_the_mode_keep_their_tangents_"
                   "compiled",)
@@ -164,6 +168,13 @@ MUTANTS = [
     Mutant("an unsafe split's primal taken by the untracked op", POINTWISE,
            "implements(_unsafe)(_slot_view_rule(_safe, _SLOT_VIEWS[_safe]))",
            "implements(_unsafe)(_slot_view_rule(_unsafe, _SLOT_VIEWS[_safe]))", SEMANTICS),
+    Mutant("a view op that cannot view a Dual's slots is not run again on them laid out",
+           "fgkernels/dual/value.py", "            _slots_to_lay_out.dual = self\n",
+           "            pass\n", REAL_VIEWS + COMPILED_BROADCAST),
+    Mutant("a Dual of slots laid out unlike its primal links its first view to them",
+           "fgkernels/dual/value.py", " " * 44 + "and not lay_out):", " " * 44 + "):",
+           ("tests/dual/test_dual_semantics.py::test_a_dual_with_a_tangent_laid_out_otherwise_"
+            "takes_writes_through_views_of_views",)),
     Mutant("as_strided's slots read at the primal's offset", "fgkernels/rules/indexing.py",
            "                            shift + y.storage_offset())",
            "                            y.storage_offset())", SEMANTICS),
@@ -830,6 +841,12 @@ MUTANTS = [
     Mutant("a configuration's device of the wrong type reaches torch.device",
            "fgkernels/train/loop.py", "except (RuntimeError, TypeError):  # TypeError",
            "except RuntimeError:  # TypeError", CONFIG_TYPES),
+    Mutant("a config's noise that its guess does not draw accepted", "fgkernels/train/loop.py",
+           '        if self.noise != "gaussian" and self.guess != "random":',
+           "        if False:", CONFIG_TYPES),
+    Mutant("a config's flag that is no bool accepted", "fgkernels/train/loop.py",
+           "            if not isinstance(getattr(self, name), bool):", "            if False:",
+           CONFIG_TYPES),
     Mutant("a flag's integer that is no number is refused as the parser's own",
            "fgkernels/train/cli.py", "        value = int(text)\n    except ValueError:",
            "        value = int(text)\n    except TypeError:", CLI_VALUES),
@@ -841,12 +858,6 @@ MUTANTS = [
            CLI_USAGE),
     Mutant("a noise without random guesses ignored", "fgkernels/train/cli.py",
            'if args.noise is not None and guess != "random":', "if False:", NOISE_FLAG),
-    Mutant("a config's noise that its guess does not draw accepted", "fgkernels/train/loop.py",
-           '        if self.noise != "gaussian" and self.guess != "random":',
-           "        if False:", CONFIG_TYPES),
-    Mutant("a config's flag that is no bool accepted", "fgkernels/train/loop.py",
-           "            if not isinstance(getattr(self, name), bool):", "            if False:",
-           CONFIG_TYPES),
     Mutant("the default noise refused without random guesses", "fgkernels/train/cli.py",
            'if args.noise is not None and guess != "random":', 'if guess != "random":',
            NOISE_FLAG),
@@ -1501,8 +1512,8 @@ MUTANTS = [
            ("tests/dual/test_dual_semantics.py::test_a_tangent_broadcast_from_a_smaller_operand_takes_writes_"
             "through_views",)),
     Mutant("a Dual viewed by an expanded view not told so", "fgkernels/dual/value.py",
-           "if self._source is not None or (_writable(self.primal) and _writable(self._stack)):",
-           "if self._source is not None or (_writable(out._stack) and _writable(self._stack)):",
+           "if self._source is not None or (_writable(self.primal) and _writable(self._stack)\n",
+           "if self._source is not None or (_writable(out._stack) and _writable(self._stack)\n",
            ("tests/dual/test_dual_semantics.py::test_an_expanded_view_sees_writes_into_the_dual_it_views",)),
     Mutant("a tangent on the primal's memory kept there", "fgkernels/dual/value.py",
            "        if shares_memory(stack, primal):", "        if False:",
@@ -1611,8 +1622,8 @@ MUTANTS = [
            ("tests/dual/test_dual_semantics.py::test_an_in_place_op_on_an_overlapping_view_is_"
             "refused",)),
     Mutant("a view of an expanded view not linked", "fgkernels/dual/value.py",
-           "if self._source is not None or (_writable(self.primal) and _writable(self._stack)):",
-           "if _writable(self.primal) and _writable(self._stack):",
+           "if self._source is not None or (_writable(self.primal) and _writable(self._stack)\n",
+           "if (_writable(self.primal) and _writable(self._stack)\n",
            ("tests/dual/test_dual_semantics.py::test_a_view_of_an_expanded_view_writes_into_the_"
             "dual",)),
     Mutant("a view as the Dual's own dtype taken from torch's alias", LAYERS,

@@ -6,6 +6,7 @@ slot.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -111,7 +112,12 @@ def may_overlap(t: Tensor) -> bool:
 def steps_like(t: Tensor, like: Tensor) -> bool:
     """True if ``t`` steps through memory as ``like`` (of one shape) does along every dim of
     size > 1."""
-    return all(size == 1 or a == b for size, a, b in zip(like.shape, t.stride(), like.stride()))
+    return _steps(t.stride(), like)
+
+
+def _steps(strides: Sequence[int], like: Tensor) -> bool:
+    """True if ``strides`` step through memory as ``like`` does along every dim of size > 1."""
+    return all(size == 1 or a == b for size, a, b in zip(like.shape, strides, like.stride()))
 
 
 def slots_step_like(stack: Tensor, primal: Tensor) -> bool:
@@ -120,7 +126,7 @@ def slots_step_like(stack: Tensor, primal: Tensor) -> bool:
     if stack.shape[0] == 0:
         return True
     return (stack.shape[0] == 1 or stack.stride(0) == primal.numel()) \
-        and steps_like(stack[0], primal)
+        and _steps(stack.stride()[1:], primal)
 
 
 def laid_out_as(t: Tensor, like: Tensor) -> Tensor:
@@ -169,7 +175,7 @@ def slots_viewed_as(stack: Tensor, like: Tensor, view: Tensor) -> Tensor:
 def slots_in_strides_like(stack: Tensor, like: Tensor) -> bool:
     """True if each slot of ``stack`` steps through memory as ``like`` does, slot after slot,
     each over ``like``'s memory span (as ``slots_in_strides_of`` lays them out)."""
-    return steps_like(stack[0], like) and (
+    return _steps(stack.stride()[1:], like) and (
         stack.shape[0] == 1 or stack.stride(0) >= memory_span(like))
 
 

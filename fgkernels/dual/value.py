@@ -197,6 +197,23 @@ class _RuleDepth(threading.local):
 _rule_depth = _RuleDepth()
 
 
+class _SlotsToLayOut(threading.local):
+    """The Dual whose slots a view op could not view as it viewed the primal (``Dual.as_view``:
+    a broadcast stack, slots laid out unlike the primal, a view that changes the dtype, any
+    while Dynamo traces): ``Dual.__torch_function__`` lays them out as the primal and runs the
+    op again, so that its result views them. Per thread, as the rules that ask run."""
+
+    def __init__(self):
+        self.dual: Optional[Dual] = None
+
+    def take(self) -> Optional[Dual]:
+        dual, self.dual = self.dual, None
+        return dual
+
+
+_slots_to_lay_out = _SlotsToLayOut()
+
+
 class _InRule:
     """The context ``in_rule`` returns, entered on every Dual op and module call: a plain class
     rather than a generator context (less to enter; Dynamo traces a fresh instance of it)."""
@@ -453,13 +470,20 @@ class Dual:
         cannot take such writes (broadcast: a stride 0) first takes slots of its own, laid out
         as its primal (``_slots_laid_out_for``). An ``out`` whose primal is fresh (a reshape that
         copies) gets a tangent of its own too, and one whose tangent is fresh a primal of its
-        own (a write into a view must reach both or neither)."""
+        own (a write into a view must reach both or neither). A Dual whose slots are laid out
+        unlike its primal (``Dual(x.T, t)``), where a later view of the primal could not view
+        them, and one whose slots the copy above cannot give (a view that changes the dtype,
+        ``d.real``; any view while Dynamo traces a compiled pass, where no offset can be
+        asked) has the op that made ``out`` run again on its slots laid out as its primal
+        (``_SlotsToLayOut``) before its first view, so that every view of it views them."""
         views = out._views(self)
+        lay_out = self._may_lay_out_slots_for(out)
         if views:
             # (an expanded view too, and a view of one: an in-place op on a view that overlaps
             # itself is refused, ``_write_through``, and one on this Dual reaches it). A Dual
             # that writes into tensors of its own (a view) passes them on.
-            if self._source is not None or (_writable(self.primal) and _writable(self._stack)):
+            if self._source is not None or (_writable(self.primal) and _writable(self._stack)
+                                            and not lay_out):
                 return self._linked_view(out)
         elif out._stack is not None and self._stack is not None \
                 and view_root(out._stack) is view_root(self._stack):
@@ -471,9 +495,22 @@ class Dual:
         if stack is not None:
             out._stack = stack
             return self._linked_view(out)
+        if lay_out:
+            _slots_to_lay_out.dual = self
         if not views:
             out.primal = out.primal.clone()
         return out
+
+    def _may_lay_out_slots_for(self, out: Dual) -> bool:
+        """True if ``out``, a view of this Dual's primal that views none of its slots, would
+        view them were they laid out as the primal (``layout.slots_in_strides_of``): a Dual
+        that neither views nor has views (whose slots no view holds), of a primal no two of
+        whose elements share memory, slots not laid out so yet, and ``out`` of its slots."""
+        stack, primal = self._stack, self.primal
+        return self._source is None and stack is not None and out._stack is not None \
+            and not slots_in_strides_like(stack, primal) \
+            and out.directions == self.directions and out._stack.shape[0] == stack.shape[0] \
+            and view_root(out.primal) is view_root(primal) and not may_overlap(primal)
 
     def _linked_view(self, out: Dual) -> Dual:
         """``out``, a view of this Dual's primal and slots, made to write into them, and this
@@ -731,9 +768,20 @@ class Dual:
         if rule is None:  # (an op of another library: by its name)
             rule = _LIBRARY_RULES.get(library_op_name(func))
         with in_rule():
-            if rule is None or kwargs.get("out") is not None:  # out=: written in place
-                return _fallback_rule(func, args, kwargs)
-            return rule(*args, **kwargs)
+            fallback = rule is None or kwargs.get("out") is not None  # out=: written in place
+            out = _fallback_rule(func, args, kwargs) if fallback else rule(*args, **kwargs)
+            if _slots_to_lay_out.dual is None:
+                return out
+            # A view op whose result could not view a Dual's slots (``as_view``): once more, on
+            # the slots laid out as the primal, which every view of the primal views alike.
+            dual = _slots_to_lay_out.take()
+            if fallback and kwargs.get("out") is not None or _writes_in_place(func) or \
+                    not any(v is dual for v in pytree.tree_leaves((args, kwargs))):
+                return out  # (an in-place view op, or asked outside this op: not run again)
+            dual._stack = slots_in_strides_of(dual._stack, dual.primal)
+            out = _fallback_rule(func, args, kwargs) if fallback else rule(*args, **kwargs)
+            _slots_to_lay_out.take()  # (once: they are laid out as the primal now)
+            return out
 
     def __getattr__(self, name: str):
         """Tensor methods and properties without a Dual method of their own (``d.permute``,
@@ -1138,6 +1186,16 @@ def _torch_names(func: Callable, kwargs: dict) -> dict:
     parser takes both: ``axis=`` and ``keepdims=`` for every op's ``dim`` and ``keepdim``,
     ``x=`` for ``input``, ...)."""
     return {_torch_name(func, name, kwargs): value for name, value in kwargs.items()}
+
+
+def _writes_in_place(func: Callable) -> bool:
+    """True if ``func`` writes its first operand in place (``x.foo_(...)``, ``x[i] = v``); a
+    constant to Dynamo (marked when it loads)."""
+    name = getattr(func, "__name__", "")
+    return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+
+
+when_dynamo_loads(lambda: torch.compiler.assume_constant_result(_writes_in_place))
 
 
 def is_dual(x) -> bool:

@@ -908,16 +908,51 @@ def test_an_in_place_op_on_an_expanded_dual_takes_the_result_s_layout():
     torch.testing.assert_close(d.tangents, t + et, rtol=0, atol=0)
 
 
-def test_a_view_of_a_strided_primal_is_never_half_written():
-    """A strided primal (no layout to give its tangent) whose view op views the primal but
-    copies the tangent: the view is a copy of both, so an in-place op on it (or on a view of
-    it) writes into neither, never into the primal alone."""
-    x = torch.randn(3, 4, 2, **f64)[:, :, 0]  # (3, 4), strides (8, 2): view(12) is a view
-    t = torch.randn(4, 3, **f64).t()           # its tangent, strides (1, 4): reshape copies
-    d = Dual(x, t.clone())
-    before = x.clone()
-    d.view(12).view(3, 4).neg_()  # the second view views the first, primal and tangent
-    assert torch.equal(d.primal, before) and torch.equal(d.tangent, t)
+def test_a_view_of_a_strided_primal_with_a_tangent_laid_out_otherwise_writes_both():
+    """A strided primal whose tangent is laid out otherwise, so that a view op views the
+    primal but would copy the tangent: the view op runs again on the slots laid out as the
+    primal, and an in-place op on the view (or on a view of it) writes into both, as
+    forward_ad's, which lays such a tangent out as the primal (the view was a copy of both, and
+    the write reached neither)."""
+    def fn(d):
+        d.view(12).view(3, 4).neg_()  # the second view views the first, primal and tangent
+        return d
+
+    def primal():
+        return _counting(24).reshape(3, 4, 2)[:, :, 0]  # strides (8, 2): view(12) is a view
+
+    t = torch.randn(4, 3, **f64).t()  # its tangent, strides (1, 4): reshape copies
+    d = fn(Dual(primal(), t.clone()))
+    with fwAD.dual_level():
+        ref = fwAD.unpack_dual(fn(fwAD.make_dual(primal(), t.clone())))
+    assert not torch.equal(ref.primal, primal())
+    torch.testing.assert_close(d.primal, ref.primal, rtol=0, atol=0)
+    torch.testing.assert_close(d.tangent, ref.tangent, rtol=0, atol=0)
+
+
+def test_a_dual_with_a_tangent_laid_out_otherwise_takes_writes_through_views_of_views():
+    """A Dual whose tangent is laid out unlike its primal (``x.T`` with a contiguous tangent)
+    lays its slots out as the primal before its first view, so that every later view of it, a
+    view of a view included, views them: a write through ``d.T.reshape(12)`` (a view of the
+    primal, a copy of slots left as they were) reaches primal and tangent, and a view taken
+    before sees it, as forward_ad's (it reached neither)."""
+    def fn(d):
+        row = d[1]
+        d.T.reshape(12)[:5].neg_()
+        d.mul_(2.0)
+        return d, row
+
+    def primal():
+        return _counting(12).reshape(4, 3).T
+
+    t = torch.randn(2, 3, 4, **f64)
+    ours = fn(Dual(primal(), t.clone()))
+    for s in range(2):
+        with fwAD.dual_level():
+            theirs = [fwAD.unpack_dual(v) for v in fn(fwAD.make_dual(primal(), t[s].clone()))]
+        for d, (p, ts) in zip(ours, theirs):
+            torch.testing.assert_close(d.primal, p, rtol=0, atol=0)
+            torch.testing.assert_close(d.tangents[s], ts, rtol=0, atol=0)
 
 
 # Duals of shape (4, 5) made from a primal in each layout and a tangent stack of T slots in
@@ -1044,6 +1079,51 @@ def test_a_view_op_that_views_a_strided_primal_but_not_its_broadcast_tangent_wri
             ref = fwAD.unpack_dual(fn(fwAD.make_dual(primal(), tangents[s])))
         torch.testing.assert_close(d.primal, ref.primal, rtol=0, atol=0)
         torch.testing.assert_close(d.tangents[s], ref.tangent, rtol=0, atol=0)
+
+
+def _complex(make):
+    """``make``'s float64 tensor, of real part and imaginary part its values and their halves,
+    as complex128, in the same strides."""
+    def fn(*args):
+        x = make(*args)
+        return torch.complex(x, x / 2)  # (complex keeps x's strides, a stride 0 included)
+    return fn
+
+
+VIEWS_AS_REAL = {
+    "real": lambda d: d.real, "imag": lambda d: d.imag, "real row": lambda d: d.real[1],
+    "view_as_real": torch.view_as_real, "transposed imag": lambda d: d.T.imag,
+}
+
+
+@pytest.mark.parametrize("tangent", sorted(TANGENT_LAYOUTS))
+@pytest.mark.parametrize("primal", sorted(STRIDED_PRIMALS))
+def test_a_write_through_a_real_view_reaches_a_complex_dual_of_any_layout(primal, tangent):
+    """An in-place op through ``d.real``, ``d.imag`` or ``view_as_real(d)`` of a complex Dual
+    (views of another dtype) reaches its primal and tangent, whatever the layouts of the two
+    it was made from, as forward_ad's: where the slots were laid out unlike the primal
+    (``x.T`` with a contiguous tangent) or broadcast, the view was a copy of both, and the
+    write was lost."""
+    make_primal = _complex(STRIDED_PRIMALS[primal])
+    make_stack = _complex(TANGENT_LAYOUTS[tangent])
+    for view, write, (T, single) in itertools.product(
+            VIEWS_AS_REAL, ("mul_", "zero_", "add_"), ((1, True), (2, False))):
+        fns = VIEWS_AS_REAL[view], WRITES_INTO_A_VIEW[write]
+        shape = fns[0](make_primal()).shape
+        e, et = _drawn(*shape), _drawn(T, *shape)
+        stack = make_stack(T)
+        ours = _written_through_a_view(*fns, Dual(make_primal(), stack[0] if single else stack),
+                                       Dual(e, et[0] if single else et))
+        for s in range(T):
+            with fwAD.dual_level():
+                theirs = _written_through_a_view(
+                    *fns, fwAD.make_dual(make_primal(), make_stack(T)[s]),
+                    fwAD.make_dual(e, et[s]))
+                theirs = [fwAD.unpack_dual(v) for v in theirs]
+            for d, (p, t) in zip(ours, theirs):
+                case = f"{view}, {write}, T={T}{', one tangent' if single else ''}, slot {s}"
+                torch.testing.assert_close(d.primal, p, rtol=0, atol=0, msg=case)
+                torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0, msg=case)
 
 
 def test_a_selection_of_directions_is_a_dual_of_its_own():

@@ -1498,3 +1498,49 @@ def test_a_store_by_subscript_keeps_the_tangent_in_a_compiled_pass(value):
         Dual(x, xt))
     _assert_pass_equals(out, oracle)
     assert len(graphs) == 1
+
+
+class _WritesThroughViewsOfABiasedProduct(nn.Module):
+    """``addmm``/``baddbmm`` of a bias (the only parameter: a tangent broadcast over the rows,
+    a stride 0) and fixed factors, written into through views of the product."""
+
+    def __init__(self, batched: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.batched = batched
+        self.bias = nn.Parameter(torch.randn(4, generator=g))
+        self.register_buffer("x", torch.randn(*(2,) * batched, 3, 4, generator=g))
+        self.register_buffer("w", torch.randn(*(2,) * batched, 4, 4, generator=g))
+
+    def forward(self, write):
+        fn = torch.baddbmm if self.batched else torch.addmm
+        y = fn(self.bias, self.x, self.w)
+        row = y[1]
+        WRITES_THROUGH_VIEWS[write](y)
+        return y * 1.0, row * 1.0
+
+
+WRITES_THROUGH_VIEWS = {
+    "row": lambda y: y[0].mul_(3.0), "transposed row": lambda y: y.mT[..., 0, :].add_(1.0),
+    "flat": lambda y: y.view(-1)[:5].zero_(), "column": lambda y: y[..., 2].neg_(),
+    "in place": lambda y: y.mul_(2.0),
+}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES_THROUGH_VIEWS))
+@pytest.mark.parametrize("batched", [False, True], ids=["addmm", "baddbmm"])
+def test_a_write_through_a_view_of_broadcast_slots_reaches_them_compiled(batched, write):
+    """In a compiled pass, an in-place op through a view of a Dual whose slots are broadcast
+    (``addmm`` whose only tangent is its bias's) reaches its primal and tangent, and a view
+    taken before sees it, as forward_ad's and the eager pass's (primal and tangent were lost:
+    Dynamo cannot ask the offsets the eager pass lays the slots out by)."""
+    model = _WritesThroughViewsOfABiasedProduct(batched).double()
+    bt = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    oracle = model_jvp(model, [write], [None], {"bias": bt})
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(model, backend="eager", fullgraph=True)
+    fgkernels.set_tangents(model, {"bias": bt})
+    with fgkernels.dual_pass(model):
+        out = compiled(write)
+    for ours, primal, tangents in zip(out, *oracle):
+        _assert_pass_equals(ours, (primal, tangents))
