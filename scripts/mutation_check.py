@@ -111,7 +111,9 @@ TRITON_STATS = ("tests/backends/test_triton.py::test_bn_sums_of_a_channel_far_fr
                 "float32_s_precision",)
 COMPLEX = ("tests/dual/test_dual_semantics.py::test_complex_results_keep_complex_tangents",)
 REAL_VIEWS = ("tests/dual/test_dual_semantics.py::test_a_write_through_a_real_view_reaches_a_"
-              "complex_dual_of_any_layout",)
+              "complex_dual_of_any_layout",
+              "tests/dual/test_dual_semantics.py::test_a_write_through_a_real_view_reaches_"
+              "narrower_complex_slots")
 COMPILED_BROADCAST = (COMPILE + "test_a_write_through_a_view_of_broadcast_slots_reaches_them_"
                       "compiled",)
 BF16_ROUNDING = ("tests/backends/test_native.py::test_layer_norm_rounds_to_bfloat16_as_torch_does",)
@@ -169,12 +171,36 @@ MUTANTS = [
            "implements(_unsafe)(_slot_view_rule(_safe, _SLOT_VIEWS[_safe]))",
            "implements(_unsafe)(_slot_view_rule(_unsafe, _SLOT_VIEWS[_safe]))", SEMANTICS),
     Mutant("a view op that cannot view a Dual's slots is not run again on them laid out",
-           "fgkernels/dual/value.py", "            _slots_to_lay_out.dual = self\n",
+           "fgkernels/dual/value.py", "            _slots_to_lay_out.ask(self)\n",
            "            pass\n", REAL_VIEWS + COMPILED_BROADCAST),
     Mutant("a Dual of slots laid out unlike its primal links its first view to them",
            "fgkernels/dual/value.py", " " * 44 + "and not lay_out):", " " * 44 + "):",
            ("tests/dual/test_dual_semantics.py::test_a_dual_with_a_tangent_laid_out_otherwise_"
             "takes_writes_through_views_of_views",)),
+    Mutant("a view op of two Duals lays out the slots of the last one asking alone",
+           "fgkernels/dual/value.py", "            self.duals.append(dual)\n",
+           "            self.duals[:] = [dual]\n",
+           (COMPILE + "test_writes_through_one_op_s_views_of_two_duals_reach_both_compiled",)),
+    Mutant("an op that writes in place by its inplace= flag run again",
+           "fgkernels/dual/value.py", ' or kwargs.get("inplace") is True', "",
+           (COMPILE + "test_an_op_written_in_place_by_its_flag_runs_once_compiled",)),
+    Mutant("a real view of complex slots refused as a tangent of another dtype",
+           "fgkernels/rules/fallback.py", "and tangent_dtype_fits(v.primal.dtype, stack.dtype)",
+           "and stack.dtype == v.tangents.dtype", REAL_VIEWS),
+    Mutant("a strided primal's slots left in another layout",
+           "fgkernels/dual/value.py", "    return slots_in_strides_of(stack, primal)\n",
+           "    return stack\n",
+           ("tests/dual/test_tangent_store.py::test_a_strided_parameter_s_tangent_takes_writes_"
+            "through_copying_views",)),
+    Mutant("a Dual's torch function traced without a guard on the function",
+           "fgkernels/dual/dynamo.py", "        id(func.__self__ if",
+           "        0 and id(func.__self__ if",
+           (COMPILE + "test_each_method_of_a_frame_run_eagerly_is_its_own_compiled_call",)),
+    Mutant("a property's getter traced without a guard on the property",
+           "fgkernels/dual/dynamo.py",
+           "id(func.__self__ if isinstance(func, MethodWrapperType) else func)",
+           "None if isinstance(func, MethodWrapperType) else id(func)",
+           (COMPILE + "test_a_packed_recurrent_model_compiles_around_its_packing",)),
     Mutant("as_strided's slots read at the primal's offset", "fgkernels/rules/indexing.py",
            "                            shift + y.storage_offset())",
            "                            y.storage_offset())", SEMANTICS),

@@ -14,7 +14,7 @@ import importlib.util
 import inspect
 import operator
 import sys
-from types import ModuleType
+from types import MethodWrapperType, ModuleType
 from typing import Callable
 
 import torch
@@ -34,6 +34,19 @@ def when_dynamo_loads(callback: Callable[[], None]) -> None:
     _pending.append(callback)
     if _hook not in sys.meta_path:
         sys.meta_path.insert(0, _hook)
+
+
+def guard_on_identity(func: Callable) -> None:
+    """While Dynamo traces, hold the trace to this very ``func`` (the torch function a
+    ``__torch_function__`` dispatches). Dynamo installs no guard on a Tensor method passed as an
+    argument: where it compiles a ``__torch_function__`` as a frame of its own (its caller run
+    eagerly, past a graph break in a loop), the graph of the first method would serve every
+    later one (``h.exp()`` answered with ``h.tanh()``). ``id`` makes Dynamo guard on it; on a
+    property's getter (``Tensor.device.__get__``, a method-wrapper made anew on every read) by
+    the property it gets (else ``lengths[idx.cpu()]`` was answered with ``lengths[idx.device]``,
+    past ``pad_packed_sequence``'s graph break)."""
+    if torch.compiler.is_dynamo_compiling():
+        id(func.__self__ if isinstance(func, MethodWrapperType) else func)
 
 
 def eager_under_compile(fn: Callable) -> Callable:

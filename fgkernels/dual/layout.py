@@ -174,9 +174,14 @@ def slots_viewed_as(stack: Tensor, like: Tensor, view: Tensor) -> Tensor:
 
 def slots_in_strides_like(stack: Tensor, like: Tensor) -> bool:
     """True if each slot of ``stack`` steps through memory as ``like`` does, slot after slot,
-    each over ``like``'s memory span (as ``slots_in_strides_of`` lays them out)."""
-    return _steps(stack.stride()[1:], like) and (
-        stack.shape[0] == 1 or stack.stride(0) >= memory_span(like))
+    each over ``like``'s memory span (as ``slots_in_strides_of`` lays them out). (Asked on the
+    first view of every Dual: the common cases, equal strides and a contiguous ``like``, are
+    answered by tuple comparisons.)"""
+    strides = stack.stride()
+    if strides[1:] != like.stride() and not _steps(strides[1:], like):
+        return False
+    span = like.numel() if like.is_contiguous() else memory_span(like)
+    return stack.shape[0] == 1 or strides[0] >= span
 
 
 def within_span(view: Tensor, like: Tensor) -> bool:

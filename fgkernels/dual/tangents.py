@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .dtypes import acc_dtype, tangent_dtype_fits
+from .dynamo import guard_on_identity
 from .layout import kernel_format
 from .precision import check_dtype, resolve_tangent_dtype
 from .value import (
@@ -804,6 +805,7 @@ class ParameterTangents(TorchFunctionMode):
     traces_tensor_properties = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        guard_on_identity(func)
         kwargs = kwargs or {}
         if inside_rule() or isinstance(func, (torch._ops.OpOverload,
                                               torch._ops.OpOverloadPacket)):

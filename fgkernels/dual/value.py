@@ -15,6 +15,7 @@ from .dtypes import tangent_dtype_fits
 from .dynamo import (
     add_matmul_of_objects,
     add_reflected_matmul,
+    guard_on_identity,
     route_private_functions_through_modes,
     route_rows_and_abs_through_modes,
     route_tensor_properties_through_modes,
@@ -198,17 +199,22 @@ _rule_depth = _RuleDepth()
 
 
 class _SlotsToLayOut(threading.local):
-    """The Dual whose slots a view op could not view as it viewed the primal (``Dual.as_view``:
-    a broadcast stack, slots laid out unlike the primal, a view that changes the dtype, any
-    while Dynamo traces): ``Dual.__torch_function__`` lays them out as the primal and runs the
-    op again, so that its result views them. Per thread, as the rules that ask run."""
+    """The Duals whose slots a view op could not view as it viewed their primals
+    (``Dual.as_view``: slots laid out unlike the primal, a broadcast stack in a compiled pass, a
+    view that changes the dtype): ``Dual.__torch_function__`` lays them out as the primals and
+    runs the op again, so that its results view them (``torch.atleast_2d(a, b)`` asks for
+    both). Per thread, as the rules that ask run."""
 
     def __init__(self):
-        self.dual: Optional[Dual] = None
+        self.duals: list[Dual] = []
 
-    def take(self) -> Optional[Dual]:
-        dual, self.dual = self.dual, None
-        return dual
+    def ask(self, dual: Dual) -> None:
+        if not any(d is dual for d in self.duals):
+            self.duals.append(dual)
+
+    def take(self) -> list[Dual]:
+        duals, self.duals = self.duals, []
+        return duals
 
 
 _slots_to_lay_out = _SlotsToLayOut()
@@ -471,11 +477,12 @@ class Dual:
         as its primal (``_slots_laid_out_for``). An ``out`` whose primal is fresh (a reshape that
         copies) gets a tangent of its own too, and one whose tangent is fresh a primal of its
         own (a write into a view must reach both or neither). A Dual whose slots are laid out
-        unlike its primal (``Dual(x.T, t)``), where a later view of the primal could not view
-        them, and one whose slots the copy above cannot give (a view that changes the dtype,
-        ``d.real``; any view while Dynamo traces a compiled pass, where no offset can be
-        asked) has the op that made ``out`` run again on its slots laid out as its primal
-        (``_SlotsToLayOut``) before its first view, so that every view of it views them."""
+        unlike its primal (as ``in_primal_layout`` leaves none; an op's output may), where a
+        later view of the primal could not view them, and one whose slots the copy above
+        cannot give (a view that changes the dtype, ``d.real``; any view while Dynamo traces a
+        compiled pass, where no offset can be asked) has the op that made ``out`` run again on
+        its slots laid out as its primal (``_SlotsToLayOut``) before its first view, so that
+        every view of it views them."""
         views = out._views(self)
         lay_out = self._may_lay_out_slots_for(out)
         if views:
@@ -496,7 +503,7 @@ class Dual:
             out._stack = stack
             return self._linked_view(out)
         if lay_out:
-            _slots_to_lay_out.dual = self
+            _slots_to_lay_out.ask(self)
         if not views:
             out.primal = out.primal.clone()
         return out
@@ -758,6 +765,7 @@ class Dual:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        guard_on_identity(func)
         kwargs = kwargs or {}
         if torch._C._is_any_autocast_enabled():  # (one C call: a flag torch keeps)
             refuse_autocast((args, kwargs))
@@ -770,15 +778,17 @@ class Dual:
         with in_rule():
             fallback = rule is None or kwargs.get("out") is not None  # out=: written in place
             out = _fallback_rule(func, args, kwargs) if fallback else rule(*args, **kwargs)
-            if _slots_to_lay_out.dual is None:
+            if not _slots_to_lay_out.duals:
                 return out
             # A view op whose result could not view a Dual's slots (``as_view``): once more, on
             # the slots laid out as the primal, which every view of the primal views alike.
-            dual = _slots_to_lay_out.take()
-            if fallback and kwargs.get("out") is not None or _writes_in_place(func) or \
-                    not any(v is dual for v in pytree.tree_leaves((args, kwargs))):
-                return out  # (an in-place view op, or asked outside this op: not run again)
-            dual._stack = slots_in_strides_of(dual._stack, dual.primal)
+            operands = pytree.tree_leaves((args, kwargs))
+            duals = [d for d in _slots_to_lay_out.take() if any(v is d for v in operands)]
+            if not duals or _writes_in_place(func) or kwargs.get("inplace") is True \
+                    or fallback and kwargs.get("out") is not None:
+                return out  # (an in-place op, or asked outside this op: not run again)
+            for dual in duals:
+                dual._stack = slots_in_strides_of(dual._stack, dual.primal)
             out = _fallback_rule(func, args, kwargs) if fallback else rule(*args, **kwargs)
             _slots_to_lay_out.take()  # (once: they are laid out as the primal now)
             return out
@@ -1111,15 +1121,16 @@ def in_primal_layout(stack: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
     """A given stack of tangents with each slot laid out as its primal, slot after slot (a copy
     only when it is not): every op keeps that layout, and a view op then maps a Dual's primal
     and its tangents alike (a write into the view reaches both). A primal neither contiguous
-    nor channels_last (a strided view) leaves the stack as given: a broadcast one (a stride 0)
-    is copied, laid out as the primal, once a view of the Dual is taken (``as_view``); a view
-    op that can view the primal but must copy a stack of another layout gives a copy of both,
-    which an in-place op then writes alone (forward_ad, which lays the tangent out with the
-    primal's strides, writes through to both)."""
+    nor channels_last (a strided view) has each slot in its strides, as forward_ad lays a
+    tangent out (``layout.slots_in_strides_of``); a broadcast stack (a stride 0) is left as
+    given, and copied so once a view of the Dual is taken (``Dual.as_view``), and so is any
+    stack of a primal whose elements share memory."""
     fmt = kernel_format(primal)
-    if not primal.is_contiguous(memory_format=fmt) or in_kernel_layout(primal, stack):
+    if primal.is_contiguous(memory_format=fmt):
+        return stack if in_kernel_layout(primal, stack) else slots_in_format(stack, fmt)
+    if not _writable(stack) or may_overlap(primal) or slots_in_strides_like(stack, primal):
         return stack
-    return slots_in_format(stack, fmt)
+    return slots_in_strides_of(stack, primal)
 
 
 # The NumPy names torch's argument parser takes for ``dim`` and ``keepdim``, and for ``input``
@@ -1189,8 +1200,9 @@ def _torch_names(func: Callable, kwargs: dict) -> dict:
 
 
 def _writes_in_place(func: Callable) -> bool:
-    """True if ``func`` writes its first operand in place (``x.foo_(...)``, ``x[i] = v``); a
-    constant to Dynamo (marked when it loads)."""
+    """True if ``func`` writes its first operand in place (``x.foo_(...)``, ``x[i] = v``; and
+    ``F.alpha_dropout(d, inplace=True)``, which torch hands over by name); a constant to Dynamo
+    (marked when it loads)."""
     name = getattr(func, "__name__", "")
     return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
 

@@ -157,11 +157,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         # Dropout: one mask drawn once for the primal and every slot, the math written out.
         return _attention_math(q, k, v, _additive_bias(attn_mask, is_causal, L, S, q.primal),
                                scale, dropout_p)
-    # torch's primal, the written-out tangents (the last product's tangent terms alone)
+    # torch's primal, the written-out tangents (the last product's tangent terms alone), laid
+    # out as the primal, which takes the query's layout (heads transposed out of a (B, L, H, D)
+    # projection: its ``.transpose(1, 2).reshape(B, L, H·D)`` then views both)
     y = F.scaled_dot_product_attention(q.primal, k.primal, v.primal, mask_primal, 0.0,
                                        is_causal, scale=scale)
-    return _attention_math(q, k, v, _additive_bias(attn_mask, is_causal, L, S, q.primal), scale,
-                           0.0, primal=y)
+    out = _attention_math(q, k, v, _additive_bias(attn_mask, is_causal, L, S, q.primal), scale,
+                          0.0, primal=y)
+    return out.with_tangents(y, in_primal_layout(out.tangents, y))
 
 
 def _attention_math(q: Dual, k: Dual, v: Dual, bias, scale: float, dropout_p: float,

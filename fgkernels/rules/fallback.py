@@ -216,9 +216,11 @@ def _linked(out, duals: list[Dual],
             v = v.with_tangents(v.primal, None)
         elif own_slots is not None and v.tangents is not None and d.tangents is not None \
                 and not v._views(d):
+            # (a view that changes the dtype, ``d.real`` of complex64 slots, views them in
+            # their real kind: a tangent dtype that fits the output all the same)
             stack = own_slots(k, i)
             if stack is not None and stack.shape == v.tangents.shape \
-                    and stack.dtype == v.tangents.dtype:
+                    and tangent_dtype_fits(v.primal.dtype, stack.dtype):
                 v = v.with_tangents(v.primal, stack)
         flat[i] = d.as_view(v)
     return pytree.tree_unflatten(flat, spec)

@@ -931,11 +931,12 @@ def test_a_view_of_a_strided_primal_with_a_tangent_laid_out_otherwise_writes_bot
 
 
 def test_a_dual_with_a_tangent_laid_out_otherwise_takes_writes_through_views_of_views():
-    """A Dual whose tangent is laid out unlike its primal (``x.T`` with a contiguous tangent)
-    lays its slots out as the primal before its first view, so that every later view of it, a
-    view of a view included, views them: a write through ``d.T.reshape(12)`` (a view of the
-    primal, a copy of slots left as they were) reaches primal and tangent, and a view taken
-    before sees it, as forward_ad's (it reached neither)."""
+    """A Dual whose slots are laid out unlike its primal (``x.T`` with contiguous slots, as
+    a rule may leave them: made here by ``Dual._unchecked``, the constructor lays them out
+    itself) lays them out as the primal before its first view, so that every later view of
+    it, a view of a view included, views them: a write through ``d.T.reshape(12)`` (a view of
+    the primal, a copy of slots left as they were) reaches primal and tangent, and a view
+    taken before sees it, as forward_ad's (it reached neither)."""
     def fn(d):
         row = d[1]
         d.T.reshape(12)[:5].neg_()
@@ -946,7 +947,7 @@ def test_a_dual_with_a_tangent_laid_out_otherwise_takes_writes_through_views_of_
         return _counting(12).reshape(4, 3).T
 
     t = torch.randn(2, 3, 4, **f64)
-    ours = fn(Dual(primal(), t.clone()))
+    ours = fn(Dual._unchecked(primal(), t.clone(), None, False))
     for s in range(2):
         with fwAD.dual_level():
             theirs = [fwAD.unpack_dual(v) for v in fn(fwAD.make_dual(primal(), t[s].clone()))]
@@ -1124,6 +1125,30 @@ def test_a_write_through_a_real_view_reaches_a_complex_dual_of_any_layout(primal
                 case = f"{view}, {write}, T={T}{', one tangent' if single else ''}, slot {s}"
                 torch.testing.assert_close(d.primal, p, rtol=0, atol=0, msg=case)
                 torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0, msg=case)
+
+
+@pytest.mark.parametrize("view", sorted(VIEWS_AS_REAL))
+def test_a_write_through_a_real_view_reaches_narrower_complex_slots(view):
+    """A complex128 Dual of complex64 tangents: a write through a view as real (``d.real``,
+    ``view_as_real(d)``) reaches its primal and its slots, as forward_ad's of the tangent
+    widened (the view's tangent came out float64, which the slots' view could not be, and the
+    view was a copy of both)."""
+    def fn(d):
+        VIEWS_AS_REAL[view](d).mul_(3.0)
+        return d
+
+    def primal():
+        return _complex(lambda: _counting(20).reshape(4, 5))()
+
+    t = _complex(lambda: _drawn(2, 4, 5))().to(torch.complex64)
+    d = fn(Dual(primal(), t.clone()))
+    assert d.tangent_dtype == torch.complex64
+    for s in range(2):
+        with fwAD.dual_level():
+            ref = fwAD.unpack_dual(fn(fwAD.make_dual(primal(), t[s].to(torch.complex128))))
+        torch.testing.assert_close(d.primal, ref.primal, rtol=0, atol=0)
+        torch.testing.assert_close(d.tangents[s].to(torch.complex128), ref.tangent,
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_a_selection_of_directions_is_a_dual_of_its_own():

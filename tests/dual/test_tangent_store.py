@@ -1302,3 +1302,33 @@ def test_a_module_deep_copied_in_its_forward_gets_plain_parameters():
     assert type(teacher(x)) is torch.Tensor
     torch.testing.assert_close(teacher(x), model.lin(x), rtol=0, atol=0)
     torch.optim.SGD(teacher.parameters(), lr=0.1)
+
+
+class _WritesThroughACopyingView(nn.Module):
+    """A parameter of transposed strides written, under no_grad, through a view of its primal
+    that would copy a tangent laid out otherwise (``w.T.reshape(12)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64).T)  # strides (1, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.w.T.reshape(12)[:5].mul_(2.0)
+        return x * self.w
+
+
+def test_a_strided_parameter_s_tangent_takes_writes_through_copying_views():
+    """``set_tangents`` lays a strided parameter's tangent out in the parameter's strides, as
+    forward_ad lays out a dual tensor's: a write through ``w.T.reshape(12)`` reaches the
+    parameter and its tangent (the contiguous tangent given kept, the view copied it, and the
+    write reached neither)."""
+    model = _WritesThroughACopyingView()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    tangents = {"w": torch.randn(2, 4, 3, dtype=torch.float64)}
+    oracle = model_jvp(model, [x], [None], tangents)
+    fgkernels.set_tangents(model, tangents)
+    with fgkernels.dual_pass(model):
+        out = model(x)
+    torch.testing.assert_close(out.primal, oracle[0], rtol=0, atol=0)
+    torch.testing.assert_close(out.tangents, oracle[1], rtol=0, atol=0)

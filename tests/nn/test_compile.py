@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
+from torch.nn import functional as F
 
 import fgkernels
 from fgkernels import Dual
@@ -1544,3 +1545,107 @@ def test_a_write_through_a_view_of_broadcast_slots_reaches_them_compiled(batched
         out = compiled(write)
     for ours, primal, tangents in zip(out, *oracle):
         _assert_pass_equals(ours, (primal, tangents))
+
+
+class _WritesThroughViewsOfTwoBiasedProducts(nn.Module):
+    """Two ``addmm`` of a bias each (tangents broadcast over the rows), viewed by one op and
+    written into through both views."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = (nn.Parameter(torch.randn(4, generator=g)) for _ in range(2))
+        self.register_buffer("x", torch.randn(3, 4, generator=g))
+
+    def forward(self):
+        w = self.x.T @ self.x
+        ya, yb = torch.addmm(self.a, self.x, w), torch.addmm(self.b, self.x, w)
+        va, vb = torch.atleast_3d(ya, yb)
+        va[0].mul_(2.0)
+        vb[1].add_(1.0)
+        return ya * 1.0, yb * 1.0
+
+
+def test_writes_through_one_op_s_views_of_two_duals_reach_both_compiled():
+    """A view op of two Duals whose slots are broadcast (``torch.atleast_3d(ya, yb)``) in a
+    compiled pass: writes through both views reach both Duals, as forward_ad's."""
+    model = _WritesThroughViewsOfTwoBiasedProducts().double()
+    g = torch.Generator().manual_seed(1)
+    tangents = {n: torch.randn(2, 4, dtype=torch.float64, generator=g) for n in ("a", "b")}
+    oracle = model_jvp(model, [], [], tangents)
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(model, backend="eager", fullgraph=True)
+    fgkernels.set_tangents(model, tangents)
+    with fgkernels.dual_pass(model):
+        out = compiled()
+    for ours, primal, slots in zip(out, *oracle):
+        _assert_pass_equals(ours, (primal, slots))
+
+
+class _DropsOutInPlace(nn.Module):
+    """Alpha dropout written in place (``inplace=True``) into a product whose slots are
+    broadcast (the bias's tangent alone), then a draw of the random stream."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.bias = nn.Parameter(torch.randn(4, generator=g))
+        self.register_buffer("x", torch.randn(3, 4, generator=g))
+        self.register_buffer("w", torch.randn(4, 4, generator=g))
+
+    def forward(self):
+        y = torch.addmm(self.bias, self.x, self.w)
+        F.alpha_dropout(y, 0.5, training=True, inplace=True)
+        return y * 1.0, torch.rand(3, dtype=y.dtype)
+
+
+def test_an_op_written_in_place_by_its_flag_runs_once_compiled():
+    """An op that writes its operand in place by its ``inplace=True`` flag, in a compiled pass,
+    on a Dual whose slots are laid out as its primal before its first view: it runs once, as
+    in the eager pass (one mask drawn, written once, and the stream left where it was)."""
+    model = _DropsOutInPlace().double()
+    fgkernels.set_tangents(model, {"bias": torch.randn(2, 4, dtype=torch.float64)})
+    torch.manual_seed(0)
+    with fgkernels.dual_pass(model):
+        eager = model()
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(model, backend="eager", fullgraph=True)
+    torch.manual_seed(0)
+    with fgkernels.dual_pass(model):
+        out = compiled()
+    _assert_pass_equals(out[0], (eager[0].primal, eager[0].tangents))
+    assert torch.equal(out[1], eager[1])
+
+
+class _ReadsAValueInALoop(nn.Module):
+    """A forward that reads a value in a loop (``.item()``): Dynamo runs the frame eagerly and
+    compiles each ``__torch_function__`` it calls as a frame of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        scale = 1.0
+        for i in range(2):
+            scale = scale + h[i].max().item()
+        return h.tanh() * scale, h.exp(), h.abs().sum(0)
+
+
+def test_each_method_of_a_frame_run_eagerly_is_its_own_compiled_call():
+    """A compiled pass whose forward Dynamo runs eagerly past a graph break in a loop: each
+    Tensor method on a Dual gives its own result, as forward_ad's (Dynamo compiled
+    ``Dual.__torch_function__`` as a frame of its own with no guard on the method, and
+    ``h.exp()`` returned the graph of ``h.tanh()``: silently wrong primal and tangent)."""
+    torch.manual_seed(0)
+    net = _ReadsAValueInALoop().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    tangents = fgkernels.random_tangents(net, num_tangents=2)
+    fgkernels.clear_tangents(net)
+    oracle = model_jvp(net, [x], [None], tangents)
+    torch._dynamo.reset()
+    fgkernels.set_tangents(net, tangents)
+    out = fgkernels.compile(net, backend="eager")(Dual(x))
+    for ours, primal, slots in zip(out, *oracle):
+        _assert_pass_equals(ours, (primal, slots))
