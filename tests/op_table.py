@@ -498,6 +498,12 @@ OPS = {
                         (4, 6), (5, 6)),
     "addmm": OpCase(lambda x, w: torch.addmm(w[0], x, w, beta=0.5, alpha=2.0) + x.addmm(x, w),
                     (4, 6), (6, 6)),
+    "addmv_addr_addbmm": OpCase(
+        lambda x, w: torch.addmv(x[:, 0], x, w[0], beta=0.5, alpha=2.0)[:, None]
+        + torch.addr(x, x[:, 1], w[2], beta=2.0, alpha=-1.5) + x[:, 3].addmv(x, w[1])[:, None]
+        + torch.addbmm(x, torch.stack([x, x.flip(0)]), torch.stack([w, w.T]), beta=0.5, alpha=3.0)
+        + x.addr(x[:, 2], x[3]),
+        (4, 6), (6, 6)),
     "matmul_forms": OpCase(lambda x, w: torch.mm(x, w) + torch.bmm(x[None], w[None])[0]
                            + x.mv(w[0])[:, None] + torch.outer(x[:, 0], w[1])
                            + torch.dot(x[0], w[2]) + torch.vdot(w[3], x[1]) + x[:, 2].ger(w[4]),

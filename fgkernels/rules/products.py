@@ -141,27 +141,60 @@ def _rmatmul(input, other) -> Dual:
     return matmul(other, input)
 
 
+def _scaled_sum(name: str, torch_op: Callable, operands: list, dims: int, beta, alpha,
+                product_term: Callable) -> Dual:
+    """Dual ``beta·input + alpha·product(a, b)`` (``torch_op(input, a, b, beta=, alpha=)``,
+    the product of ``dims`` dims): the input's tangent scaled by beta, ``product_term(i, stack,
+    primals)`` the product's term of operand i (1 or 2) scaled by alpha."""
+    def term(i, stack, f):
+        if i == 0:  # input broadcasts against the product: its slot axis kept in front
+            return lift(stack, dims) * beta
+        return alpha * product_term(i, stack, f)
+    return _product(name, operands, lambda p: torch_op(*p, beta=beta, alpha=alpha), term)
+
+
+def _matmul_of_pair(i: int, stack: Tensor, f: list) -> Tensor:
+    """The term of ``a @ b`` (operands 1 and 2) of operand i's slots."""
+    return stack @ f[2] if i == 1 else f[1] @ stack
+
+
 @implements(torch.baddbmm, torch.Tensor.baddbmm)
 def baddbmm(input, batch1, batch2, *, beta=1, alpha=1) -> Dual:
     """Dual ``beta·input + alpha·batch1 @ batch2``."""
-    def term(i, stack, f):
-        if i == 0:  # input broadcasts against (B, M, N): its slot axis kept in front
-            return lift(stack, 3) * beta
-        return alpha * (stack @ f[2] if i == 1 else f[1] @ stack)
-    return _product("baddbmm", [input, batch1, batch2],
-                    lambda p: torch.baddbmm(*p, beta=beta, alpha=alpha), term)
+    return _scaled_sum("baddbmm", torch.baddbmm, [input, batch1, batch2], 3, beta, alpha,
+                       _matmul_of_pair)
 
 
 @implements(torch.addmm, torch.Tensor.addmm)
 def addmm(input, mat1, mat2, *, beta=1, alpha=1) -> Dual:
     """Dual ``beta·input + alpha·mat1 @ mat2`` (a linear layer's product, as decompositions
     write it)."""
+    return _scaled_sum("addmm", torch.addmm, [input, mat1, mat2], 2, beta, alpha,
+                       _matmul_of_pair)
+
+
+@implements(torch.addmv, torch.Tensor.addmv)
+def addmv(input, mat, vec, *, beta=1, alpha=1) -> Dual:
+    """Dual ``beta·input + alpha·mat @ vec``."""
     def term(i, stack, f):
-        if i == 0:  # input broadcasts against (M, N): its slot axis kept in front
-            return lift(stack, 2) * beta
-        return alpha * (stack @ f[2] if i == 1 else f[1] @ stack)
-    return _product("addmm", [input, mat1, mat2],
-                    lambda p: torch.addmm(*p, beta=beta, alpha=alpha), term)
+        return stack @ f[2] if i == 1 else (f[1] @ stack.unsqueeze(-1)).squeeze(-1)
+    return _scaled_sum("addmv", torch.addmv, [input, mat, vec], 1, beta, alpha, term)
+
+
+@implements(torch.addr, torch.Tensor.addr)
+def addr(input, vec1, vec2, *, beta=1, alpha=1) -> Dual:
+    """Dual ``beta·input + alpha·vec1 vec2ᵀ``: ``alpha·(v̇1 vec2ᵀ + vec1 v̇2ᵀ)``."""
+    def term(i, stack, f):
+        return stack.unsqueeze(-1) * f[2] if i == 1 else f[1].unsqueeze(-1) * stack.unsqueeze(-2)
+    return _scaled_sum("addr", torch.addr, [input, vec1, vec2], 2, beta, alpha, term)
+
+
+@implements(torch.addbmm, torch.Tensor.addbmm)
+def addbmm(input, batch1, batch2, *, beta=1, alpha=1) -> Dual:
+    """Dual ``beta·input + alpha·Σ_b batch1[b] @ batch2[b]``."""
+    def term(i, stack, f):
+        return _matmul_of_pair(i, stack, f).sum(1)
+    return _scaled_sum("addbmm", torch.addbmm, [input, batch1, batch2], 2, beta, alpha, term)
 
 
 @implements(torch.einsum)
