@@ -192,6 +192,11 @@ MUTANTS = [
            "    return stack\n",
            ("tests/dual/test_tangent_store.py::test_a_strided_parameter_s_tangent_takes_writes_"
             "through_copying_views",)),
+    Mutant("rrelu's rule takes the mean slope in training", POINTWISE,
+           "    if not training:\n        return leaky_relu(",
+           "    if True:\n        return leaky_relu(",
+           ("tests/dual/test_dual_semantics.py::test_a_random_op_vmap_cannot_batch_differentiates_"
+            "one_draw_in_every_slot",)),
     Mutant("a Dual's torch function traced without a guard on the function",
            "fgkernels/dual/dynamo.py", "        id(func.__self__ if",
            "        0 and id(func.__self__ if",

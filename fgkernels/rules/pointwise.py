@@ -511,6 +511,26 @@ def _leaky_relu_(input, negative_slope: float = 0.01) -> Dual:
     return leaky_relu(input, negative_slope, inplace=True)
 
 
+@implements(F.rrelu)
+def rrelu(input, lower: float = 1.0 / 8, upper: float = 1.0 / 3, training: bool = False,
+          inplace: bool = False) -> Dual:
+    """Dual randomized leaky ReLU: slope 1 where x > 0, else, in training, a slope drawn from
+    U(lower, upper) per element (torch's draw, once: the primal and every slot take it), and
+    out of training the mean ``(lower + upper) / 2``; ``ẏ = slope·ẋ``."""
+    d = input if isinstance(input, Dual) else Dual(input)
+    if not training:
+        return leaky_relu(d, (lower + upper) / 2, inplace)
+    slopes = torch.empty_like(d.primal)  # the draw torch's kernel writes: 1 where x > 0
+    y = _aten.rrelu_with_noise(d.primal, slopes, lower, upper, True)
+    return _activation(d, y, lambda t, x: t * slopes.to(t.dtype), inplace)
+
+
+@implements(F.rrelu_)
+def _rrelu_(input, lower: float = 1.0 / 8, upper: float = 1.0 / 3,
+            training: bool = False) -> Dual:
+    return rrelu(input, lower, upper, training, inplace=True)
+
+
 @implements(F.prelu, torch.prelu, torch.Tensor.prelu)
 def prelu(input, weight) -> Dual:
     """Dual PReLU, ``y = x`` where x ≥ 0, else ``a·x`` (a learned per channel, dim 1, or one

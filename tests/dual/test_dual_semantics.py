@@ -310,22 +310,26 @@ def test_fallback_outputs_may_include_none_and_numbers():
     torch.testing.assert_close(out.tangents, t * x.cos() * 2)
 
 
-def test_a_random_op_vmap_cannot_batch_differentiates_one_draw_in_every_slot():
-    """rrelu in training draws its slopes and has no vmap rule: the fallback runs it slot by
-    slot, each from the same random state, so that every slot differentiates the draw the
-    primal took, as forward_ad does from that state."""
+@pytest.mark.parametrize("by", ["rule", "fallback"])
+def test_a_random_op_vmap_cannot_batch_differentiates_one_draw_in_every_slot(by):
+    """rrelu in training draws its slopes: its rule draws them once for the primal and every
+    slot; the fallback (rrelu has no vmap rule) runs it slot by slot, each from the same random
+    state. Every slot differentiates the draw the primal took, as forward_ad does from that
+    state, and the random stream is left where torch's call leaves it."""
     x, t = torch.randn(4, 5, **f64), torch.randn(3, 4, 5, **f64)
     fn = lambda v: F.rrelu(v, training=True)  # noqa: E731
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = fn(Dual(x, t))
+        out = fn(Dual(x, t)) if by == "rule" else forward_ad_fallback(fn, (Dual(x, t),), {})
+    after = torch.rand(2)
     for slot in range(t.shape[0]):
         torch.manual_seed(0)
         with fwAD.dual_level():
             y, yt = fwAD.unpack_dual(fn(fwAD.make_dual(x, t[slot])))
         torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
         torch.testing.assert_close(out.tangents[slot], yt, rtol=0, atol=0)
+        assert torch.equal(torch.rand(2), after)
 
 
 def test_an_output_forward_ad_leaves_without_tangent_is_refused_where_differentiable():

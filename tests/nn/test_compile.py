@@ -20,6 +20,7 @@ from torch.nn import functional as F
 import fgkernels
 from fgkernels import Dual
 from fgkernels.dual.tangents import has_tangent
+from fgkernels.rules.fallback import forward_ad_fallback
 from fgkernels.testing import (
     compare_with_forward_ad,
     forward_ad_jvp,
@@ -1023,12 +1024,23 @@ def test_a_compiled_pass_refuses_a_parameter_changed_after_its_tangent(change):
             call(Dual(x))
 
 
-def test_a_fallback_op_vmap_cannot_batch_compiles_with_one_slot():
-    """nn.RReLU in eval mode (a fallback op torch.func.vmap has no rule for) in a compiled pass
-    of one tangent: as forward_ad's (vmap's failure failed the trace, before the loop over
-    slots that runs eagerly)."""
+class _RReLUByTheFallback(nn.Module):
+    """rrelu in eval mode taken by the forward-AD fallback (as an op without a rule is):
+    torch.func.vmap has no rule for it."""
+
+    def forward(self, x):
+        if not isinstance(x, Dual):  # (the oracle's pass)
+            return F.rrelu(x, training=False)
+        return forward_ad_fallback(F.rrelu, (x,), {"training": False})
+
+
+@pytest.mark.parametrize("layer", [_RReLUByTheFallback, nn.RReLU], ids=["fallback", "rule"])
+def test_a_fallback_op_vmap_cannot_batch_compiles_with_one_slot(layer):
+    """rrelu in eval mode in a compiled pass of one tangent, by the fallback (an op vmap cannot
+    batch: vmap's failure failed the trace, before the loop over slots that runs eagerly) and
+    by its rule: as forward_ad's."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 4), nn.RReLU()).double().eval()
+    net = nn.Sequential(nn.Linear(4, 4), layer()).double().eval()
     x = torch.randn(3, 4, dtype=torch.float64)
     v = fgkernels.random_tangents(net, num_tangents=1)
     with warnings.catch_warnings():
@@ -1649,3 +1661,19 @@ def test_each_method_of_a_frame_run_eagerly_is_its_own_compiled_call():
     out = fgkernels.compile(net, backend="eager")(Dual(x))
     for ours, primal, slots in zip(out, *oracle):
         _assert_pass_equals(ours, (primal, slots))
+
+
+def test_rrelu_in_training_compiles_with_its_draw_in_every_slot():
+    """nn.RReLU in training, compiled with two tangents: its rule draws the slopes once for the
+    primal and every slot, as the eager pass (the fallback's vmap, which has no rule for it,
+    failed the trace)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.RReLU()).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fgkernels.random_tangents(net, num_tangents=2)
+    torch.manual_seed(1)
+    eager = net(Dual(x))
+    torch._dynamo.reset()
+    compiled = fgkernels.compile(net, backend="eager", fullgraph=True)
+    torch.manual_seed(1)
+    _assert_pass_equals(compiled(Dual(x)), (eager.primal, eager.tangents))
