@@ -569,6 +569,15 @@ MUTANTS = [
            "mask = draw(torch.ones_like(d.primal), p, True)",
            "mask = F.dropout(torch.ones_like(d.primal), p, True)",
            ("tests/rules/test_layer_configs.py",)),
+    Mutant("alpha dropout's mask drawn as if the input were contiguous", LAYERS,
+           "b = draw(torch.zeros_like(d.primal), p, training)",
+           "b = draw(torch.zeros(d.shape, dtype=d.dtype), p, training)",
+           ("tests/rules/test_layer_configs.py::test_dropout_of_a_strided_view_draws_as_torch_"
+            "in_its_layout",)),
+    Mutant("alpha dropout's tangent not scaled", LAYERS,
+           "slope = kept.to(d.primal.dtype) * a\n", "slope = kept.to(d.primal.dtype)\n",
+           ("tests/rules/test_layer_configs.py::test_dropout_masks_the_primal_and_every_slot_as_"
+            "torch_draws",)),
     Mutant("adaptive max pool's tangent gathered along the width alone",
            "fgkernels/rules/layers.py",
            "(F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices, 2)",

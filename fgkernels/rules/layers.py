@@ -475,6 +475,47 @@ def _dropout(draw, input: MaybeDual, p: float, training: bool, inplace: bool) ->
     return d.with_tangents(y, None if t is None else t * mask.to(t.dtype))
 
 
+def _alpha_dropout_rule(draw: Callable) -> Callable:
+    """The rule of ``draw`` (``F.alpha_dropout``, or ``F.feature_alpha_dropout``: one draw per
+    channel)."""
+
+    def rule(input: MaybeDual, p: float = 0.5, training: bool = False,
+             inplace: bool = False) -> Dual:
+        return _alpha_dropout(draw, input, p, training, inplace)
+
+    rule.__doc__ = f"Dual {draw.__name__} (SELU networks'): ``y = x·a·m + b(m)``, one mask m " \
+        "drawn once for the primal and every slot, ``ẏ = a·m·ẋ``."
+    return rule
+
+
+alpha_dropout = implements(F.alpha_dropout)(_alpha_dropout_rule(F.alpha_dropout))
+implements(F.feature_alpha_dropout)(_alpha_dropout_rule(F.feature_alpha_dropout))
+
+# SELU's negative saturation, −λα, to which alpha dropout sets a dropped value before its affine
+_SELU_SATURATION = 1.7580993408473766
+
+
+def _alpha_dropout(draw, input: MaybeDual, p: float, training: bool, inplace: bool) -> Dual:
+    d = as_dual(input, draw.__name__)
+    # torch's own draw (its checks; the random numbers a plain pass under the same seed takes,
+    # in the input's layout: the fallback's jvp drew them as if it were contiguous), made at 0,
+    # where it is the offset b = λα·a·(m − 1 + p), a of the scale that keeps unit variance
+    b = draw(torch.zeros_like(d.primal), p, training)
+    if not training or p == 0.0 or d.primal.numel() == 0:
+        return d
+    if p == 1.0:
+        slope = torch.zeros_like(d.primal)  # everything dropped: torch's x·0
+        y = d.primal * slope
+    else:
+        a = 1.0 / math.sqrt((_SELU_SATURATION ** 2 * p + 1) * (1 - p))
+        kept = b > _SELU_SATURATION * a * (p - 0.5)  # (b is λα·a·p where kept, λα·a·(p − 1) not)
+        slope = kept.to(d.primal.dtype) * a
+        y = d.primal * slope + b  # torch's x·(a·m) + b, rounded as torch rounds it
+    t = d.tangents
+    out = d.with_tangents(y, None if t is None else t * slope.to(t.dtype))
+    return d._assign(out) if inplace else out
+
+
 @implements(F.embedding)
 def embedding(input: Tensor, weight: MaybeDual, padding_idx: Optional[int] = None,
               max_norm: Optional[float] = None, norm_type: float = 2.0,

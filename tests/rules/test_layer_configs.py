@@ -148,7 +148,7 @@ def test_layer_config(name, converted, backend):
 
 # dropout layer -> the shape its input takes (the 8 features of a sample, unflattened)
 DROPOUTS = {nn.Dropout: (8,), nn.Dropout1d: (2, 4), nn.Dropout2d: (2, 2, 2),
-            nn.Dropout3d: (2, 2, 1, 2)}
+            nn.Dropout3d: (2, 2, 1, 2), nn.AlphaDropout: (8,), nn.FeatureAlphaDropout: (2, 2, 2)}
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -164,6 +164,33 @@ def test_dropout_masks_the_primal_and_every_slot_as_torch_draws(layer, p, inplac
     x = torch.randn(5, 6, dtype=torch.float64)
     with fgkernels.use_backend(backend), fgkernels.strict_rules():
         result = compare_with_forward_ad(net.double().train(), [x], num_tangents=3)
+    assert result["primal"] < 1e-12 and result["tangent"] < 1e-12, result
+
+
+class _Transposed(nn.Module):
+    """``layer`` of the input's transpose, transposed back: a strided view, which torch draws
+    a mask for in its own layout."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.T).T
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layer", [nn.Dropout, nn.AlphaDropout], ids=lambda c: c.__name__)
+def test_dropout_of_a_strided_view_draws_as_torch_in_its_layout(layer, inplace):
+    """Dropout of a transposed activation: torch draws its mask in the view's layout, and so
+    do the rules (alpha dropout's was the forward-AD fallback's, whose jvp drew it as if
+    contiguous: another mask, primal and tangent unlike torch's)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), _Transposed(layer(0.4, inplace=inplace)),
+                        nn.Linear(8, 3))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with fgkernels.strict_rules():
+        result = compare_with_forward_ad(net.double().train(), [x], num_tangents=2)
     assert result["primal"] < 1e-12 and result["tangent"] < 1e-12, result
 
 
