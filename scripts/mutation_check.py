@@ -177,6 +177,11 @@ MUTANTS = [
            "fgkernels/dual/value.py", " " * 44 + "and not lay_out):", " " * 44 + "):",
            ("tests/dual/test_dual_semantics.py::test_a_dual_with_a_tangent_laid_out_otherwise_"
             "takes_writes_through_views_of_views",)),
+    Mutant("the arithmetic in place drops its keyword arguments", "fgkernels/dual/value.py",
+           "        return self._assign(torch.sub(self, *args, **kwargs))\n",
+           "        return self._assign(torch.sub(self, *args))\n",
+           ("tests/dual/test_dual_semantics.py::test_numpy_names_of_the_operands_as_torch_takes_"
+            "them",)),
     Mutant("a view op of two Duals lays out the slots of the last one asking alone",
            "fgkernels/dual/value.py", "            self.duals.append(dual)\n",
            "            self.duals[:] = [dual]\n",

@@ -897,21 +897,24 @@ class Dual:
     def __ifloordiv__(self, other):
         return self._assign(torch.floor_divide(self, other))
 
-    def add_(self, other, *, alpha=1) -> Dual:
+    # The arithmetic in place takes its arguments as torch's function does (``d.add_(e,
+    # alpha=2)``; ``d.add_(x2=e)``, the NumPy name torch's parser also takes)
+
+    def add_(self, *args, **kwargs) -> Dual:
         """In place, as ``Tensor.add_`` (see ``_assign``)."""
-        return self._assign(torch.add(self, other, alpha=alpha))
+        return self._assign(torch.add(self, *args, **kwargs))
 
-    def sub_(self, other, *, alpha=1) -> Dual:
+    def sub_(self, *args, **kwargs) -> Dual:
         """In place, as ``Tensor.sub_``."""
-        return self._assign(torch.sub(self, other, alpha=alpha))
+        return self._assign(torch.sub(self, *args, **kwargs))
 
-    def mul_(self, other) -> Dual:
+    def mul_(self, *args, **kwargs) -> Dual:
         """In place, as ``Tensor.mul_``."""
-        return self._assign(torch.mul(self, other))
+        return self._assign(torch.mul(self, *args, **kwargs))
 
-    def div_(self, other, *, rounding_mode: Optional[str] = None) -> Dual:
+    def div_(self, *args, **kwargs) -> Dual:
         """In place, as ``Tensor.div_``."""
-        return self._assign(torch.div(self, other, rounding_mode=rounding_mode))
+        return self._assign(torch.div(self, *args, **kwargs))
 
     def relu_(self) -> Dual:
         """In place, as ``Tensor.relu_``."""

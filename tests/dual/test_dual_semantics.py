@@ -1826,6 +1826,11 @@ NUMPY_NAMED_OPERANDS = {
     "Tensor.min(x2=)": lambda v, w: v.min(x2=w),
     "pow(x=, exponent=)": lambda v, w: torch.pow(x=v, exponent=3.0),
     "sort(x=)": lambda v, w: torch.sort(x=v, dim=0).values,
+    # the arithmetic in place
+    "Tensor.add_(x2=)": lambda v, w: (v * 1.0).add_(x2=w, alpha=2.0),
+    "Tensor.sub_(x2=)": lambda v, w: (v * 1.0).sub_(x2=w),
+    "Tensor.mul_(x2=)": lambda v, w: (v * 1.0).mul_(x2=w),
+    "Tensor.div_(x2=)": lambda v, w: (v * 1.0).div_(x2=w),
 }
 
 
