@@ -14,10 +14,11 @@ import importlib.util
 import inspect
 import operator
 import sys
-from types import MethodWrapperType, ModuleType
+from types import ModuleType
 from typing import Callable
 
 import torch
+from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
 
 DYNAMO = "torch._dynamo"
 # The Dynamo module whose table maps a builtin operator to a tensor's reflected method.
@@ -36,17 +37,15 @@ def when_dynamo_loads(callback: Callable[[], None]) -> None:
         sys.meta_path.insert(0, _hook)
 
 
-def guard_on_identity(func: Callable) -> None:
-    """While Dynamo traces, hold the trace to this very ``func`` (the torch function a
-    ``__torch_function__`` dispatches). Dynamo installs no guard on a Tensor method passed as an
-    argument: where it compiles a ``__torch_function__`` as a frame of its own (its caller run
-    eagerly, past a graph break in a loop), the graph of the first method would serve every
-    later one (``h.exp()`` answered with ``h.tanh()``). ``id`` makes Dynamo guard on it; on a
-    property's getter (``Tensor.device.__get__``, a method-wrapper made anew on every read) by
-    the property it gets (else ``lengths[idx.cpu()]`` was answered with ``lengths[idx.device]``,
-    past ``pad_packed_sequence``'s graph break)."""
-    if torch.compiler.is_dynamo_compiling():
-        id(func.__self__ if isinstance(func, MethodWrapperType) else func)
+def eager_between_graphs(fn: Callable) -> Callable:
+    """``fn`` (a ``__torch_function__``), which torch.compile traces inline within a compiled
+    region, made to run as it is, with all it calls, where a compiled model's Python runs
+    eagerly between graphs (past a graph break). Dynamo would otherwise compile it there as a
+    frame of its own, guarding on nothing of the torch function it is handed (a Tensor method
+    passed as an argument): in a loop past a graph break the graph of its first method served
+    every later one (``h.exp()`` answered with ``h.tanh()``)."""
+    set_code_exec_strategy(fn.__code__, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+    return fn
 
 
 def eager_under_compile(fn: Callable) -> Callable:

@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .dtypes import acc_dtype, tangent_dtype_fits
-from .dynamo import guard_on_identity
+from .dynamo import eager_between_graphs
 from .layout import kernel_format
 from .precision import check_dtype, resolve_tangent_dtype
 from .value import (
@@ -804,8 +804,8 @@ class ParameterTangents(TorchFunctionMode):
     # (``dynamo.route_tensor_properties_through_modes``).
     traces_tensor_properties = True
 
+    @eager_between_graphs
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        guard_on_identity(func)
         kwargs = kwargs or {}
         if inside_rule() or isinstance(func, (torch._ops.OpOverload,
                                               torch._ops.OpOverloadPacket)):

@@ -15,7 +15,7 @@ from .dtypes import tangent_dtype_fits
 from .dynamo import (
     add_matmul_of_objects,
     add_reflected_matmul,
-    guard_on_identity,
+    eager_between_graphs,
     route_private_functions_through_modes,
     route_rows_and_abs_through_modes,
     route_tensor_properties_through_modes,
@@ -764,8 +764,8 @@ class Dual:
                 f"dtype={self.dtype}{td})")
 
     @classmethod
+    @eager_between_graphs
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        guard_on_identity(func)
         kwargs = kwargs or {}
         if torch._C._is_any_autocast_enabled():  # (one C call: a flag torch keeps)
             refuse_autocast((args, kwargs))

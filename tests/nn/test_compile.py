@@ -267,13 +267,14 @@ def test_activation_layers_compile_in_one_graph(tangent_dtype, layout):
 
 
 def test_inductors_pass_is_exact_in_float64():
-    """Inductor's compiled pass of a gated block with dropout, train mode, float64, against
-    forward_ad with hardsigmoid's exact slope (Inductor's; torch's CPU kernel takes float32's
-    1/6) and torch's random draws (``fallback_random``), to float64's rounding."""
+    """Inductor's compiled pass of a gated block with dropout, train mode, float64, converted
+    (its hardsigmoid's twin compiles into the graph), against forward_ad with hardsigmoid's
+    exact slope (Inductor's; torch's CPU kernel takes float32's 1/6) and torch's random draws
+    (``fallback_random``), to float64's rounding."""
     from torch import nn
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardsigmoid(),
-                        nn.Dropout(0.5)).double().train()
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Hardsigmoid(),
+                                          nn.Dropout(0.5)).double().train())
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     torch._dynamo.reset()
     with torch._inductor.config.patch(fallback_random=True):
@@ -1630,8 +1631,9 @@ def test_an_op_written_in_place_by_its_flag_runs_once_compiled():
 
 
 class _ReadsAValueInALoop(nn.Module):
-    """A forward that reads a value in a loop (``.item()``): Dynamo runs the frame eagerly and
-    compiles each ``__torch_function__`` it calls as a frame of its own."""
+    """A forward that reads a value in a loop (``.item()``): Dynamo runs the frame eagerly
+    past that graph break, and the torch functions it calls, ops with rules (``exp``) and
+    without (``erfc``, ``sinc``: the fallback's, handed the op), with it."""
 
     def __init__(self):
         super().__init__()
@@ -1642,14 +1644,15 @@ class _ReadsAValueInALoop(nn.Module):
         scale = 1.0
         for i in range(2):
             scale = scale + h[i].max().item()
-        return h.tanh() * scale, h.exp(), h.abs().sum(0)
+        return h.tanh() * scale, h.exp(), h.abs().sum(0), h.erfc(), h.sinc()
 
 
 def test_each_method_of_a_frame_run_eagerly_is_its_own_compiled_call():
     """A compiled pass whose forward Dynamo runs eagerly past a graph break in a loop: each
     Tensor method on a Dual gives its own result, as forward_ad's (Dynamo compiled
     ``Dual.__torch_function__`` as a frame of its own with no guard on the method, and
-    ``h.exp()`` returned the graph of ``h.tanh()``: silently wrong primal and tangent)."""
+    ``h.exp()`` returned the graph of ``h.tanh()``: silently wrong primal and tangent; so the
+    fallback's frame, handed the op, for ``h.sinc()``)."""
     torch.manual_seed(0)
     net = _ReadsAValueInALoop().double()
     x = torch.randn(4, 3, dtype=torch.float64)
