@@ -197,6 +197,15 @@ MUTANTS = [
            "    return stack\n",
            ("tests/dual/test_tangent_store.py::test_a_strided_parameter_s_tangent_takes_writes_"
             "through_copying_views",)),
+    Mutant("rrelu's slopes drawn into a buffer in the input's strides", POINTWISE,
+           "slopes = torch.empty_like(d.primal, memory_format=torch.contiguous_format)",
+           "slopes = torch.empty_like(d.primal)",
+           ("tests/dual/test_dual_semantics.py::test_a_random_op_vmap_cannot_batch_differentiates_"
+            "one_draw_in_every_slot",)),
+    Mutant("rrelu takes a lower bound above the upper", POINTWISE,
+           "    if lower > upper:\n", "    if False:\n",
+           ("tests/dual/test_dual_semantics.py::test_rrelu_refuses_a_lower_bound_above_the_upper_"
+            "as_torch",)),
     Mutant("rrelu's rule takes the mean slope in training", POINTWISE,
            "    if not training:\n        return leaky_relu(",
            "    if True:\n        return leaky_relu(",

@@ -518,9 +518,15 @@ def rrelu(input, lower: float = 1.0 / 8, upper: float = 1.0 / 3, training: bool 
     U(lower, upper) per element (torch's draw, once: the primal and every slot take it), and
     out of training the mean ``(lower + upper) / 2``; ``ẏ = slope·ẋ``."""
     d = input if isinstance(input, Dual) else Dual(input)
+    if lower > upper:
+        raise RuntimeError(f"rrelu: Lower bound should be less than or equal to the upper "
+                           f"bound, got lower={lower}, upper={upper}")
     if not training:
         return leaky_relu(d, (lower + upper) / 2, inplace)
-    slopes = torch.empty_like(d.primal)  # the draw torch's kernel writes: 1 where x > 0
+    # The draw torch's kernel writes (1 where x > 0), into a buffer laid out as torch.rrelu
+    # hands it one: contiguous, which the kernel's writes assume (one in the input's strides,
+    # transposed or channels_last, took the slopes in another order)
+    slopes = torch.empty_like(d.primal, memory_format=torch.contiguous_format)
     y = _aten.rrelu_with_noise(d.primal, slopes, lower, upper, True)
     return _activation(d, y, lambda t, x: t * slopes.to(t.dtype), inplace)
 

@@ -310,13 +310,24 @@ def test_fallback_outputs_may_include_none_and_numbers():
     torch.testing.assert_close(out.tangents, t * x.cos() * 2)
 
 
+RRELU_INPUTS = {
+    "contiguous": lambda: torch.randn(4, 5, **f64),
+    "transposed": lambda: torch.randn(5, 4, **f64).T,
+    "channels_last": lambda: torch.randn(2, 3, 2, 2, **f64).to(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(RRELU_INPUTS))
 @pytest.mark.parametrize("by", ["rule", "fallback"])
-def test_a_random_op_vmap_cannot_batch_differentiates_one_draw_in_every_slot(by):
+def test_a_random_op_vmap_cannot_batch_differentiates_one_draw_in_every_slot(by, layout):
     """rrelu in training draws its slopes: its rule draws them once for the primal and every
     slot; the fallback (rrelu has no vmap rule) runs it slot by slot, each from the same random
     state. Every slot differentiates the draw the primal took, as forward_ad does from that
-    state, and the random stream is left where torch's call leaves it."""
-    x, t = torch.randn(4, 5, **f64), torch.randn(3, 4, 5, **f64)
+    state, whatever the input's layout (the rule's slopes, drawn into a buffer in the input's
+    strides, were read in another order), and the random stream is left where torch's call
+    leaves it."""
+    x = RRELU_INPUTS[layout]()
+    t = torch.randn(3, *x.shape, **f64)
     fn = lambda v: F.rrelu(v, training=True)  # noqa: E731
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -330,6 +341,17 @@ def test_a_random_op_vmap_cannot_batch_differentiates_one_draw_in_every_slot(by)
         torch.testing.assert_close(out.primal, y, rtol=0, atol=0)
         torch.testing.assert_close(out.tangents[slot], yt, rtol=0, atol=0)
         assert torch.equal(torch.rand(2), after)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_rrelu_refuses_a_lower_bound_above_the_upper_as_torch(training):
+    """``F.rrelu(d, 0.5, 0.1)`` is refused, as torch refuses it (out of training the rule took
+    the mean slope and went on)."""
+    x = torch.randn(4, **f64)
+    with pytest.raises(RuntimeError, match="Lower bound should be less than or equal"):
+        F.rrelu(x, 0.5, 0.1, training)
+    with pytest.raises(RuntimeError, match="Lower bound should be less than or equal"):
+        F.rrelu(Dual(x, torch.randn(2, 4, **f64)), 0.5, 0.1, training)
 
 
 def test_an_output_forward_ad_leaves_without_tangent_is_refused_where_differentiable():
