@@ -192,6 +192,10 @@ MUTANTS = [
     Mutant("a real view of complex slots refused as a tangent of another dtype",
            "fgkernels/rules/fallback.py", "and tangent_dtype_fits(v.primal.dtype, stack.dtype)",
            "and stack.dtype == v.tangents.dtype", REAL_VIEWS),
+    Mutant("a primal with gaps has its slots laid out over its span", "fgkernels/dual/value.py",
+           "or not non_overlapping_and_dense(primal) \\\n", "or may_overlap(primal) \\\n",
+           ("tests/dual/test_dual_semantics.py::test_a_dual_of_a_primal_with_gaps_keeps_its_"
+            "tangent_as_given",)),
     Mutant("a strided primal's slots left in another layout",
            "fgkernels/dual/value.py", "    return slots_in_strides_of(stack, primal)\n",
            "    return stack\n",

@@ -1123,15 +1123,17 @@ PRIMAL_METADATA = frozenset({
 def in_primal_layout(stack: torch.Tensor, primal: torch.Tensor) -> torch.Tensor:
     """A given stack of tangents with each slot laid out as its primal, slot after slot (a copy
     only when it is not): every op keeps that layout, and a view op then maps a Dual's primal
-    and its tangents alike (a write into the view reaches both). A primal neither contiguous
-    nor channels_last (a strided view) has each slot in its strides, as forward_ad lays a
-    tangent out (``layout.slots_in_strides_of``); a broadcast stack (a stride 0) is left as
-    given, and copied so once a view of the Dual is taken (``Dual.as_view``), and so is any
-    stack of a primal whose elements share memory."""
+    and its tangents alike (a write into the view reaches both). A dense primal neither
+    contiguous nor channels_last (a permutation, ``x.T``) has each slot in its strides, as
+    forward_ad lays a tangent out (``layout.slots_in_strides_of``). A broadcast stack (a stride
+    0) is left as given, and copied so once a view of the Dual is taken (``Dual.as_view``), and
+    so is the stack of a primal with gaps (a matrix's column, whose slots in its strides would
+    each span the matrix) or whose elements share memory."""
     fmt = kernel_format(primal)
     if primal.is_contiguous(memory_format=fmt):
         return stack if in_kernel_layout(primal, stack) else slots_in_format(stack, fmt)
-    if not _writable(stack) or may_overlap(primal) or slots_in_strides_like(stack, primal):
+    if not _writable(stack) or not non_overlapping_and_dense(primal) \
+            or slots_in_strides_like(stack, primal):
         return stack
     return slots_in_strides_of(stack, primal)
 
