@@ -178,10 +178,15 @@ MUTANTS = [
            ("tests/dual/test_dual_semantics.py::test_a_dual_with_a_tangent_laid_out_otherwise_"
             "takes_writes_through_views_of_views",)),
     Mutant("the arithmetic in place drops its keyword arguments", "fgkernels/dual/value.py",
-           "        return self._assign(torch.sub(self, *args, **kwargs))\n",
-           "        return self._assign(torch.sub(self, *args))\n",
+           "        return self._assign(op(self, *args, **kwargs))\n",
+           "        return self._assign(op(self, *args))\n",
            ("tests/dual/test_dual_semantics.py::test_numpy_names_of_the_operands_as_torch_takes_"
             "them",)),
+    Mutant("the arithmetic in place takes out=", "fgkernels/dual/value.py",
+           "        if \"out\" in kwargs:\n            raise TypeError(f\"{name}() got",
+           "        if False:\n            raise TypeError(f\"{name}() got",
+           ("tests/dual/test_dual_semantics.py::test_the_arithmetic_in_place_refuses_out_as_"
+            "torch",)),
     Mutant("a view op of two Duals lays out the slots of the last one asking alone",
            "fgkernels/dual/value.py", "            self.duals.append(dual)\n",
            "            self.duals[:] = [dual]\n",

@@ -897,24 +897,29 @@ class Dual:
     def __ifloordiv__(self, other):
         return self._assign(torch.floor_divide(self, other))
 
-    # The arithmetic in place takes its arguments as torch's function does (``d.add_(e,
-    # alpha=2)``; ``d.add_(x2=e)``, the NumPy name torch's parser also takes)
-
     def add_(self, *args, **kwargs) -> Dual:
         """In place, as ``Tensor.add_`` (see ``_assign``)."""
-        return self._assign(torch.add(self, *args, **kwargs))
+        return self._arithmetic_in_place(torch.add, "add_", args, kwargs)
 
     def sub_(self, *args, **kwargs) -> Dual:
         """In place, as ``Tensor.sub_``."""
-        return self._assign(torch.sub(self, *args, **kwargs))
+        return self._arithmetic_in_place(torch.sub, "sub_", args, kwargs)
 
     def mul_(self, *args, **kwargs) -> Dual:
         """In place, as ``Tensor.mul_``."""
-        return self._assign(torch.mul(self, *args, **kwargs))
+        return self._arithmetic_in_place(torch.mul, "mul_", args, kwargs)
 
     def div_(self, *args, **kwargs) -> Dual:
         """In place, as ``Tensor.div_``."""
-        return self._assign(torch.div(self, *args, **kwargs))
+        return self._arithmetic_in_place(torch.div, "div_", args, kwargs)
+
+    def _arithmetic_in_place(self, op: Callable, name: str, args: tuple, kwargs: dict) -> Dual:
+        """``op`` of this Dual and the other arguments, assigned to it: they are taken as
+        torch's function takes them (``d.add_(e, alpha=2)``; ``d.add_(x2=e)``, the NumPy name
+        torch's parser also takes), but for ``out=``, which the method refuses, as torch's."""
+        if "out" in kwargs:
+            raise TypeError(f"{name}() got an unexpected keyword argument 'out'")
+        return self._assign(op(self, *args, **kwargs))
 
     def relu_(self) -> Dual:
         """In place, as ``Tensor.relu_``."""

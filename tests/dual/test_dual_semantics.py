@@ -1907,6 +1907,21 @@ def test_a_numpy_name_torch_refuses_is_refused():
             op(d)
 
 
+@pytest.mark.parametrize("name", ["add_", "sub_", "mul_", "div_"])
+def test_the_arithmetic_in_place_refuses_out_as_torch(name):
+    """``d.add_(e, out=o)`` is refused, as torch's method refuses ``out=``, and writes neither
+    (it wrote both ``d`` and ``o``)."""
+    x, e = torch.randn(3, **f64), torch.rand(3, **f64) + 1.0
+    with pytest.raises(TypeError):
+        getattr(x.clone(), name)(e, out=torch.zeros(3, **f64))
+    d, o = Dual(x.clone(), torch.randn(2, 3, **f64)), torch.zeros(3, **f64)
+    before = d.primal.clone(), d.tangents.clone()
+    with pytest.raises(TypeError, match=f"{name}\\(\\) got an unexpected keyword argument 'out'"):
+        getattr(d, name)(e, out=o)
+    assert torch.equal(d.primal, before[0]) and torch.equal(d.tangents, before[1])
+    assert not o.any()
+
+
 SHAPES_BY_KEYWORD = {
     "Tensor.permute": lambda v: v.permute(dims=(2, 0, 1)),
     "torch.permute": lambda v: torch.permute(input=v, dims=(2, 0, 1)),
