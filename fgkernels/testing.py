@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
@@ -238,7 +240,7 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Union[Tensor, Sequen
     buffers = dict(model.named_buffers())
     start = {k: v.clone() for k, v in buffers.items()}
     caches = _ModuleCaches(model)
-    torch.manual_seed(seed)  # both passes draw the same random numbers (dropout, drop path)
+    _seed_every_generator(seed)  # both passes draw the same random numbers (dropout, masks)
     y, yt = model_jvp_in_place(model, inputs, input_tangents, tangents, exact_hardsigmoid)
     expected_buffers = {k: v.clone() for k, v in buffers.items()}
     with torch.no_grad():
@@ -246,7 +248,7 @@ def compare_with_forward_ad(model: torch.nn.Module, inputs: Union[Tensor, Sequen
             v.copy_(start[k])
     caches.restore()  # what the oracle cached (LeViT's attention biases) goes
     before = fallback_ops()
-    torch.manual_seed(seed)
+    _seed_every_generator(seed)
     set_tangents(model, tangents)
     try:
         with dual_pass(model) if no_dual_input else contextlib.nullcontext():
@@ -284,6 +286,34 @@ def _buffer_error(buffers: dict[str, Tensor], expected: dict[str, Tensor]) -> fl
                                             for k in names])
     return max([_rel(flat(buffers, names), flat(expected, names))
                 for names in by_module.values()] or [0.0])
+
+
+def _seed_every_generator(seed: int) -> None:
+    """Seed the generators a model may draw from: torch's, Python's ``random`` and NumPy's
+    global one (transformers' audio models draw their SpecAugment masks from ``np.random``)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class _RandomStates:
+    """The states of the generators a model may draw from (torch's on the CPU and on the given
+    CUDA devices, Python's ``random``, NumPy's global one), as they are now; ``restore`` puts
+    them back."""
+
+    def __init__(self, devices: Sequence[str]):
+        self.devices = list(devices)
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+        self.python = random.getstate()
+        self.numpy = np.random.get_state()
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in zip(self.devices, self.cuda):
+            torch.cuda.set_rng_state(state, d)
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
 
 
 class _ModuleCaches:
@@ -343,8 +373,7 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
     start = [b.clone() for b in buffers]
     devices = sorted({str(t.device) for t in [*buffers, *params.values()]
                       if t.device.type == "cuda"})
-    rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
+    rng = _RandomStates(devices)
     caches = _ModuleCaches(model)
 
     def call(*values):
@@ -352,9 +381,7 @@ def model_jvp_in_place(model: torch.nn.Module, args: Sequence[Any],
             for b, v in zip(buffers, start):
                 b.copy_(v)
         caches.restore()
-        torch.set_rng_state(rng[0])
-        for d, state in zip(devices, rng[1]):
-            torch.cuda.set_rng_state(state, d)
+        rng.restore()
         call_args = list(args)
         for i, v in zip(tensor_args, values):
             call_args[i] = v

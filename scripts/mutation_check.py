@@ -945,6 +945,14 @@ MUTANTS = [
     Mutant("the comparison calls the model instead of the run it is given", "fgkernels/testing.py",
            "out = (run or model)(*[x if", "out = model(*[x if",
            ("tests/test_testing.py::test_run_is_what_the_comparison_calls",)),
+    Mutant("the comparison seeds torch's generator alone", "fgkernels/testing.py",
+           "    np.random.seed(seed)\n", "    pass\n",
+           ("tests/test_testing.py::test_the_comparison_draws_alike_from_numpy_and_python_"
+            "generators",)),
+    Mutant("the oracle's slots start from Python's random state as the last left it",
+           "fgkernels/testing.py", "        random.setstate(self.python)\n", "        pass\n",
+           ("tests/test_testing.py::test_the_comparison_draws_alike_from_numpy_and_python_"
+            "generators",)),
     Mutant("the oracle takes torch's hardsigmoid slope when asked for the exact one",
            "fgkernels/testing.py", "    if exact_hardsigmoid:\n", "    if False:\n",
            ("tests/nn/test_compile.py::test_inductors_pass_is_exact_in_float64",)),
@@ -1176,7 +1184,7 @@ MUTANTS = [
            ("tests/dual/test_tangent_store.py::test_a_parameters_requires_grad_during_a_pass_is_"
             "the_parameters",)),
     Mutant("the oracle's slots share what a module cached", "fgkernels/testing.py",
-           "        caches.restore()\n        torch.set_rng_state", "        torch.set_rng_state",
+           "        caches.restore()\n        rng.restore()", "        rng.restore()",
            ("tests/test_testing.py::test_the_oracle_runs_each_slot_from_the_caches_the_call_"
             "found",)),
     Mutant("the oracle keeps a cache its first slot made", "fgkernels/testing.py",
