@@ -147,9 +147,19 @@ def slots_laid_out_as(stack: Tensor, like: Tensor) -> Tensor:
 def memory_span(t: Tensor) -> int:
     """How many elements of memory ``t`` reaches, from its first element to its last (its numel
     when it is non-overlapping and dense, more where it steps over gaps; 0 when empty)."""
-    if t.numel() == 0:
+    if _surely(t.numel() == 0, default=False):
         return 0
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _surely(cond, default: bool) -> bool:
+    """``cond``, a comparison of sizes, where it can be decided, else ``default``: while Dynamo
+    traces, a size it learns only at run time (how many boxes a detector keeps) admits no
+    guard, and asking one fails the compile."""
+    if not torch.compiler.is_dynamo_compiling():
+        return bool(cond)
+    shapes = torch.fx.experimental.symbolic_shapes  # (loaded with Dynamo)
+    return shapes.guard_or_true(cond) if default else shapes.guard_or_false(cond)
 
 
 def slots_in_strides_of(stack: Tensor, like: Tensor) -> Tensor:
@@ -175,13 +185,12 @@ def slots_viewed_as(stack: Tensor, like: Tensor, view: Tensor) -> Tensor:
 def slots_in_strides_like(stack: Tensor, like: Tensor) -> bool:
     """True if each slot of ``stack`` steps through memory as ``like`` does, slot after slot,
     each over ``like``'s memory span (as ``slots_in_strides_of`` lays them out). (Asked on the
-    first view of every Dual: the common cases, equal strides and a contiguous ``like``, are
-    answered by tuple comparisons.)"""
+    first view of every Dual: equal strides, the common case, are answered by one tuple
+    comparison.)"""
     strides = stack.stride()
     if strides[1:] != like.stride() and not _steps(strides[1:], like):
         return False
-    span = like.numel() if like.is_contiguous() else memory_span(like)
-    return stack.shape[0] == 1 or strides[0] >= span
+    return stack.shape[0] == 1 or _surely(strides[0] >= memory_span(like), default=True)
 
 
 def within_span(view: Tensor, like: Tensor) -> bool:
