@@ -1066,22 +1066,30 @@ def test_a_write_through_a_view_reaches_a_dual_of_any_layout(primal, tangent):
     make_primal, make_stack = STRIDED_PRIMALS[primal], TANGENT_LAYOUTS[tangent]
     for view, write, (T, single) in itertools.product(
             VIEWS_OF_A_DUAL, WRITES_INTO_A_VIEW, ((1, True), (1, False), (2, False))):
-        fns = VIEWS_OF_A_DUAL[view], WRITES_INTO_A_VIEW[write]
-        shape = fns[0](make_primal()).shape
-        e, et = _drawn(*shape), _drawn(T, *shape)
-        stack = make_stack(T)
-        ours = _written_through_a_view(*fns, Dual(make_primal(), stack[0] if single else stack),
-                                       Dual(e, et[0] if single else et))
-        for s in range(T):
-            with fwAD.dual_level():
-                theirs = _written_through_a_view(
-                    *fns, fwAD.make_dual(make_primal(), make_stack(T)[s]),
-                    fwAD.make_dual(e, et[s]))
-                theirs = [fwAD.unpack_dual(v) for v in theirs]
-            for d, (p, t) in zip(ours, theirs):
-                case = f"{view}, {write}, T={T}{', one tangent' if single else ''}, slot {s}"
-                torch.testing.assert_close(d.primal, p, rtol=0, atol=0, msg=case)
-                torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0, msg=case)
+        _assert_written_through_a_view_as_forward_ad(
+            make_primal, make_stack, VIEWS_OF_A_DUAL[view], WRITES_INTO_A_VIEW[write], T, single,
+            f"{view}, {write}")
+
+
+def _assert_written_through_a_view_as_forward_ad(make_primal, make_stack, view, write,
+                                                 T: int, single: bool, case: str):
+    """``_written_through_a_view`` of a Dual made of ``make_primal()`` and ``make_stack(T)``
+    (its first slot alone where ``single``): primal and every slot exactly forward_ad's."""
+    shape = view(make_primal()).shape
+    e, et = _drawn(*shape), _drawn(T, *shape)
+    stack = make_stack(T)
+    ours = _written_through_a_view(view, write, Dual(make_primal(), stack[0] if single else stack),
+                                   Dual(e, et[0] if single else et))
+    for s in range(T):
+        with fwAD.dual_level():
+            theirs = _written_through_a_view(
+                view, write, fwAD.make_dual(make_primal(), make_stack(T)[s]),
+                fwAD.make_dual(e, et[s]))
+            theirs = [fwAD.unpack_dual(v) for v in theirs]
+        for d, (p, t) in zip(ours, theirs):
+            msg = f"{case}, T={T}{', one tangent' if single else ''}, slot {s}"
+            torch.testing.assert_close(d.primal, p, rtol=0, atol=0, msg=msg)
+            torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0, msg=msg)
 
 
 def _written_through_rows(make):
@@ -1160,22 +1168,9 @@ def test_a_write_through_a_real_view_reaches_a_complex_dual_of_any_layout(primal
     make_stack = _complex(TANGENT_LAYOUTS[tangent])
     for view, write, (T, single) in itertools.product(
             VIEWS_AS_REAL, ("mul_", "zero_", "add_"), ((1, True), (2, False))):
-        fns = VIEWS_AS_REAL[view], WRITES_INTO_A_VIEW[write]
-        shape = fns[0](make_primal()).shape
-        e, et = _drawn(*shape), _drawn(T, *shape)
-        stack = make_stack(T)
-        ours = _written_through_a_view(*fns, Dual(make_primal(), stack[0] if single else stack),
-                                       Dual(e, et[0] if single else et))
-        for s in range(T):
-            with fwAD.dual_level():
-                theirs = _written_through_a_view(
-                    *fns, fwAD.make_dual(make_primal(), make_stack(T)[s]),
-                    fwAD.make_dual(e, et[s]))
-                theirs = [fwAD.unpack_dual(v) for v in theirs]
-            for d, (p, t) in zip(ours, theirs):
-                case = f"{view}, {write}, T={T}{', one tangent' if single else ''}, slot {s}"
-                torch.testing.assert_close(d.primal, p, rtol=0, atol=0, msg=case)
-                torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0, msg=case)
+        _assert_written_through_a_view_as_forward_ad(
+            make_primal, make_stack, VIEWS_AS_REAL[view], WRITES_INTO_A_VIEW[write], T, single,
+            f"{view}, {write}")
 
 
 @pytest.mark.parametrize("view", sorted(VIEWS_AS_REAL))
