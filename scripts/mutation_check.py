@@ -1104,6 +1104,9 @@ MUTANTS = [
            "_fusable(nxt) \\\n                    and input.dim() == 4:",
            "_fusable(nxt):", ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_"
                               "error_naming_it",)),
+    Mutant("a converted Sequential fuses a layer whose forward was replaced",
+           "fgkernels/nn/modules.py", ' and "forward" not in vars(layer)', "",
+           ("tests/nn/test_modules.py::test_a_layer_whose_forward_is_replaced_is_not_fused",)),
     Mutant("dual_pass starts no pass", "fgkernels/dual/tangents.py",
            "        if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):\n"
            "            active = self.local.active",

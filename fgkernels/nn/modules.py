@@ -410,9 +410,10 @@ def _unhooked(layer: nn.Module) -> bool:
 
 
 def _fusable(layer: nn.Module) -> bool:
-    """True if a fused op may stand for ``layer``'s call: nothing would see the call (no hook)
-    and its class has no ``__call__`` of its own."""
-    return _unhooked(layer) and not _own_call(type(layer))
+    """True if a fused op may stand for ``layer``'s call: nothing would see the call (no hook),
+    its class has no ``__call__`` of its own, and the layer no ``forward`` of its own (one set
+    on the instance, as libraries wrap a layer's forward: ``layer.forward = f``)."""
+    return _unhooked(layer) and not _own_call(type(layer)) and "forward" not in vars(layer)
 
 
 def _fusable_conv(layer) -> bool:

@@ -4,6 +4,7 @@ import importlib
 import io
 import pickle
 import re
+import types
 
 import pytest
 import torch
@@ -248,6 +249,32 @@ def test_fused_runs_with_tangents_on_part_of_the_run(backend, which):
     tangents = bn_t if which == "bn only" else conv_t
     fgkernels.set_tangents(seq, tangents)
     torch.testing.assert_close(seq(Dual(x)).tangent, torch_jvp(twin, x, None, tangents)[1])
+
+
+@pytest.mark.parametrize("patched", [0, 1, 2])
+@pytest.mark.parametrize("when", ["after convert", "before convert"])
+def test_a_layer_whose_forward_is_replaced_is_not_fused(patched, when):
+    """A layer of a Conv→BN→ReLU run whose instance was given a forward of its own (as
+    libraries wrap a layer: ``layer.forward = f``) runs that forward, as torch's call does: the
+    fused op ran ReLU after a ReLU replaced by tanh (primal 0.88 off)."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).double()
+    # (the convolution's weight flipped: the batch norm in training takes off what its
+    # channels' scales and shifts would change)
+    flipped = lambda conv, x: F.conv2d(x, conv.weight.flip(-1), conv.bias, 1, 1)
+    replacement = [types.MethodType(flipped, seq[0]), lambda x: x * 2, torch.tanh][patched]
+    if when == "before convert":
+        seq[patched].forward = replacement
+    fgkernels.convert(seq)
+    if when == "after convert":
+        seq[patched].forward = replacement
+    x, xt = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 2, 3, 5, 5,
+                                                                      dtype=torch.float64)
+    tangents = fgkernels.random_tangents(seq, 2)
+    expected = torch_jvp_multi(seq, x, xt, tangents)
+    out = seq(Dual(x, xt))
+    torch.testing.assert_close(out.primal, expected[0])
+    torch.testing.assert_close(out.tangents, expected[1])
 
 
 @pytest.mark.parametrize("case", ["noncontiguous", "batch1", "odd", "C1"])
