@@ -2162,3 +2162,24 @@ def test_labelled_directions_an_operand_lacks_leave_it_constant_in_a_fallback_op
     for slot, ref in enumerate((along_a, along_b)):
         torch.testing.assert_close(out.tangents[slot], ref.tangent, rtol=0, atol=0,
                                    equal_nan=True)
+
+
+def test_a_dual_pass_keeps_its_tangents_under_inference_mode():
+    """A Dual's tangents are its own values, not autograd's records: under
+    torch.inference_mode() a converted model's dual pass and a Dual's ops (a rule's and the
+    fallback's) give the tangents they give outside it (forward_ad would give none: README)."""
+    torch.manual_seed(0)
+    net = fgkernels.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+                                          nn.Flatten(), nn.Linear(27, 2)).double())
+    fgkernels.random_tangents(net, 2)
+    x, xt = torch.randn(2, 2, 5, 5, **f64), torch.randn(2, 2, 2, 5, 5, **f64)
+
+    def run():
+        out = net(Dual(x, xt))
+        return out, torch.special.erfcx(out)  # (erfcx: the fallback's)
+    outside = run()
+    with torch.inference_mode():
+        inside = run()
+    for a, b in zip(inside, outside):
+        torch.testing.assert_close(a.tangents, b.tangents, rtol=0, atol=0)
+        assert a.tangents.abs().sum() > 0
