@@ -1107,6 +1107,9 @@ MUTANTS = [
     Mutant("a converted Sequential fuses a layer whose forward was replaced",
            "fgkernels/nn/modules.py", ' and "forward" not in vars(layer)', "",
            ("tests/nn/test_modules.py::test_a_layer_whose_forward_is_replaced_is_not_fused",)),
+    Mutant("a Dual takes forward_ad's dual tensors", "fgkernels/dual/value.py",
+           "        _refuse_nested_forward_mode(primal, tangent)\n", "",
+           ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_error_naming_it",)),
     Mutant("dual_pass starts no pass", "fgkernels/dual/tangents.py",
            "        if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):\n"
            "            active = self.local.active",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
 from .dtypes import tangent_dtype_fits
@@ -367,6 +368,7 @@ class Dual:
         if not differentiable(primal.dtype):
             raise TypeError(f"a Dual's primal must have a floating or complex dtype (only those "
                             f"have tangents), got {primal.dtype}")
+        _refuse_nested_forward_mode(primal, tangent)
         self.primal, self._source = primal, None
         self._counted = census.count()
         if not census.hooks_on:
@@ -1101,6 +1103,25 @@ def _restride(t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> None:
     if t is not None:
         with torch._C.DisableTorchFunctionSubclass():  # (a lifted tensor: its plain self)
             t.as_strided_(like.shape, like.stride(), like.storage_offset())
+
+
+def _refuse_nested_forward_mode(*tensors: Optional[torch.Tensor]) -> None:
+    """Refuse a primal or tangent that is a dual tensor of torch's own forward mode (made by
+    forward_ad's ``make_dual``, or an input inside ``torch.func.jvp``): fgkernels' kernels
+    compute on its values and would drop its tangent (a forward mode nested over a Dual)."""
+    level = fwAD._current_level
+    if torch.compiler.is_dynamo_compiling():
+        return  # (a compiled function's inputs are Dynamo's tensors, never dual ones)
+    for t in tensors:
+        if t is None:
+            continue
+        if level >= 0 and fwAD.unpack_dual(t).tangent is not None \
+                or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise TypeError(
+                "a Dual's primal and tangent must be plain tensors, got a dual tensor of torch's "
+                "forward mode (forward_ad.make_dual, or an input inside torch.func.jvp): "
+                "fgkernels' kernels would drop its tangent, so forward mode nested over a Dual is "
+                "not supported (nest torch's forward mode alone)")
 
 
 def refuse_autocast(values) -> None:

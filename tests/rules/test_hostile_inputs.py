@@ -841,6 +841,22 @@ def test_a_parameter_replaced_after_set_tangents_is_refused():
     assert conv(Dual(torch.randn(1, 2, 5, 5))).tangents.shape == (1, 1, 3, 5, 5)
 
 
+def _over_a_forward_ad_dual(tangent_too: bool = False):
+    """A Dual made of forward_ad's dual tensors (forward mode nested over a Dual)."""
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(2, 3), torch.randn(2, 3))
+        if tangent_too:
+            return Dual(torch.randn(2, 3), x)
+        return Dual(x, torch.randn(2, 3))
+
+
+def _inside_func_jvp():
+    """A Dual made of torch.func.jvp's input inside it."""
+    return torch.func.jvp(lambda x: Dual(x, torch.randn(2, 3)).primal, (torch.randn(2, 3),),
+                          (torch.randn(2, 3),))
+
+
 def _under_autocast(call):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return call()
@@ -877,6 +893,10 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
 
 @pytest.mark.parametrize("case,error,message", [
     (lambda: Dual(torch.randn(2, 3), torch.randn(0, 2, 3)), ValueError, "T >= 1"),
+    (_over_a_forward_ad_dual, TypeError, "forward mode nested over a Dual is not supported"),
+    (lambda: _over_a_forward_ad_dual(tangent_too=True), TypeError,
+     "got a dual tensor of torch's forward mode"),
+    (_inside_func_jvp, TypeError, "got a dual tensor of torch's forward mode"),
     (lambda: Dual(torch.randn(2, 3), torch.randn(2, 3, device="meta")), ValueError,
      "is on meta, but the primal is on cpu"),
     (lambda: fgkernels.set_tangents(fgkernels.nn.DualLinear(3, 2),
@@ -1008,7 +1028,9 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
      TypeError, "argument 'kernel_size' .* must be tuple of ints, but found element of type f"),
     (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), True),
      TypeError, "argument 'kernel_size' .* must be tuple of ints, not bool"),
-], ids=["T=0", "tangent on another device", "T=0 set_tangents", "0-d linear", "weight/bias T",
+], ids=["T=0", "a Dual over forward_ad's dual", "a tangent of forward_ad's dual",
+        "a Dual inside torch.func.jvp", "tangent on another device", "T=0 set_tangents",
+        "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
         "directions bool", "add_direction direction", "add_direction tangent",
