@@ -2183,3 +2183,20 @@ def test_a_dual_pass_keeps_its_tangents_under_inference_mode():
     for a, b in zip(inside, outside):
         torch.testing.assert_close(a.tangents, b.tangents, rtol=0, atol=0)
         assert a.tangents.abs().sum() > 0
+
+
+@pytest.mark.parametrize("write,value", [
+    (lambda d: d.mul_(d), lambda x: x * x),
+    (lambda d: d.addcmul_(d, d, value=0.5), lambda x: x + 0.5 * x * x),
+    (lambda d: d.div_(d.exp()), lambda x: x / x.exp()),
+], ids=["mul_", "addcmul_", "div_"])
+def test_an_in_place_op_whose_operand_is_its_target_takes_the_value_s_tangent(write, value):
+    """d.mul_(d) writes d·d with tangent 2d·ḋ: the tangent of the value written, as forward_ad
+    gives it out of place (its own in-place formula reads the slot it has already written:
+    x.mul_(x) gets (1 + x)·x·ẋ, and x.addcmul_(x, x) is off too, in torch 2.13 and 2.14)."""
+    x, xt = torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+    d = Dual(x.clone(), xt.clone())
+    assert write(d) is d
+    want, want_t = forward_ad_jvp(value, [x], [xt])
+    torch.testing.assert_close(d.primal, want, rtol=0, atol=1e-15)
+    torch.testing.assert_close(d.tangents, want_t, rtol=1e-13, atol=1e-15)
