@@ -1110,6 +1110,9 @@ MUTANTS = [
     Mutant("a Dual takes forward_ad's dual tensors", "fgkernels/dual/value.py",
            "        _refuse_nested_forward_mode(primal, tangent)\n", "",
            ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_error_naming_it",)),
+    Mutant("group norm hands its kernel a strided weight", "fgkernels/rules/norms.py",
+           "    return None if t is None else t.contiguous()\n", "    return t\n",
+           ("tests/rules/test_functional.py::test_norms_take_a_weight_and_bias_of_any_strides",)),
     Mutant("dual_pass starts no pass", "fgkernels/dual/tangents.py",
            "        if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):\n"
            "            active = self.local.active",

@@ -177,6 +177,10 @@ def rms_norm(input, normalized_shape, weight=None, eps: Optional[float] = None) 
     return _affine("rms_norm", y, xhat, xt_hat, x_operand, weight, None, normalized_shape)
 
 
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
 @implements(F.group_norm)
 @torch.no_grad()
 def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5) -> Dual:
@@ -190,8 +194,10 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
     fmt = kernel_format(x)
     x = x.contiguous(memory_format=fmt)
     hw = x.numel() // max(n * c, 1)
-    y, mean, r = torch.native_group_norm(x, primal_of(weight), primal_of(bias), n, c, hw,
-                                         num_groups, eps)
+    # (its kernel reads weight and bias as contiguous, whatever their strides: F.group_norm
+    # makes them so first)
+    y, mean, r = torch.native_group_norm(x, _contiguous(primal_of(weight)),
+                                         _contiguous(primal_of(bias)), n, c, hw, num_groups, eps)
     if xt is not None:
         xt = in_primal_layout(xt, x)
     # Each group viewed in x's own layout (no -1: an empty batch has n = 0): contiguous x as

@@ -529,3 +529,27 @@ def test_the_functional_face_takes_a_plain_tensor(name, args, torch_fn):
     assert isinstance(out, Dual) and out.tangents is None
     assert torch.equal(out.primal, torch_fn(x, *args))
 
+
+
+@pytest.mark.parametrize("which", ["weight", "bias", "both"])
+@pytest.mark.parametrize("norm", [
+    lambda x, w, b: F.group_norm(x, 2, w, b),
+    lambda x, w, b: F.layer_norm(x, (6, 3), w.unsqueeze(-1).expand(6, 3),
+                                 b.unsqueeze(-1).expand(6, 3)),
+    lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+    lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+    lambda x, w, b: F.rms_norm(x, (6, 3), w.unsqueeze(-1).expand(6, 3)) + b.view(6, 1),
+], ids=["group_norm", "layer_norm", "instance_norm", "batch_norm", "rms_norm"])
+def test_norms_take_a_weight_and_bias_of_any_strides(norm, which):
+    """A norm's weight and bias may be strided views (every other element of a shared
+    parameter, an expanded one): group norm's kernel read them as contiguous (its primal was
+    computed with the storage's first elements, 7 off); every norm against forward_ad, the
+    parameters with tangents."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    w, b = (torch.randn(12, dtype=torch.float64) for _ in range(2))
+    strided = lambda v, s: v[::2] if which in (s, "both") else v[:6].clone()
+    w, b = strided(w, "weight"), strided(b, "bias")
+    xt, wt, bt = torch.randn_like(x), torch.randn(6, dtype=x.dtype), torch.randn(6, dtype=x.dtype)
+    out = norm(Dual(x, xt), Dual(w, wt), Dual(b, bt))
+    check(out, norm, [x, w, b], [xt, wt, bt])
