@@ -1113,6 +1113,11 @@ MUTANTS = [
     Mutant("group norm hands its kernel a strided weight", "fgkernels/rules/norms.py",
            "    return None if t is None else t.contiguous()\n", "    return t\n",
            ("tests/rules/test_functional.py::test_norms_take_a_weight_and_bias_of_any_strides",)),
+    Mutant("the fallback's op with inplace=True returns a new Dual", "fgkernels/rules/fallback.py",
+           '    if kwargs.get("inplace") is True and args and isinstance(args[0], Dual):\n',
+           "    if False:\n",
+           ("tests/dual/test_dual_semantics.py::test_an_op_the_fallback_takes_with_inplace_true_"
+            "writes_the_dual",)),
     Mutant("dual_pass starts no pass", "fgkernels/dual/tangents.py",
            "        if _holds_dual(args) or (self.roots and is_dual_pass_root(module)):\n"
            "            active = self.local.active",

@@ -132,6 +132,10 @@ def forward_ad_fallback(func: Callable, args: tuple, kwargs: dict) -> Any:
     name, in_place = _describe(func)
     if in_place or name == "Tensor.__setitem__" or kwargs.get("out") is not None:
         return _in_place(func, name, args, kwargs)
+    if kwargs.get("inplace") is True and args and isinstance(args[0], Dual):
+        # (F.threshold(d, ..., inplace=True): the op out of place, d rebound to it and returned)
+        return args[0]._assign(differentiate(func, args, {**kwargs, "inplace": False}, name,
+                                             _BY_FUNC_JVP))
     return differentiate(func, args, kwargs, name, _BY_FUNC_JVP)
 
 

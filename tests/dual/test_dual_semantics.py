@@ -2200,3 +2200,25 @@ def test_an_in_place_op_whose_operand_is_its_target_takes_the_value_s_tangent(wr
     want, want_t = forward_ad_jvp(value, [x], [xt])
     torch.testing.assert_close(d.primal, want, rtol=0, atol=1e-15)
     torch.testing.assert_close(d.tangents, want_t, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("through_a_view", [False, True])
+def test_an_op_the_fallback_takes_with_inplace_true_writes_the_dual(through_a_view):
+    """F.threshold(d, ..., inplace=True), which the fallback differentiates, returns d itself
+    written, as torch returns its input (it returned a new Dual), and a view taken before sees
+    the write; written through a view of a Dual, the Dual takes it: against forward_ad."""
+    x, xt = torch.randn(3, 4, **f64), torch.randn(2, 3, 4, **f64)
+
+    def fn(v):
+        row = v[1]
+        target = v[:, 1:] if through_a_view else v
+        assert F.threshold(target, 0.1, 7.0, inplace=True) is target
+        return v, row
+
+    ours = fn(Dual(x.clone(), xt.clone()))
+    for s in range(2):
+        with fwAD.dual_level():
+            theirs = [fwAD.unpack_dual(v) for v in fn(fwAD.make_dual(x.clone(), xt[s].clone()))]
+        for d, (p, t) in zip(ours, theirs):
+            torch.testing.assert_close(d.primal, p, rtol=0, atol=0)
+            torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0)
