@@ -1105,8 +1105,15 @@ MUTANTS = [
            "_fusable(nxt):", ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_"
                               "error_naming_it",)),
     Mutant("a converted Sequential fuses a layer whose forward was replaced",
-           "fgkernels/nn/modules.py", ' and "forward" not in vars(layer)', "",
+           "fgkernels/nn/modules.py",
+           ' \\\n        and getattr(layer.forward, "__func__", None) is type(layer).forward', "",
            ("tests/nn/test_modules.py::test_a_layer_whose_forward_is_replaced_is_not_fused",)),
+    Mutant("a compiled pass fuses a layer whose forward was replaced after it compiled",
+           "fgkernels/nn/modules.py",
+           'getattr(layer.forward, "__func__", None) is type(layer).forward',
+           '"forward" not in vars(layer)',
+           ("tests/nn/test_compile.py::test_a_compiled_pass_sees_a_layer_forward_replaced_after_"
+            "it_compiled",)),
     Mutant("a Dual takes forward_ad's dual tensors", "fgkernels/dual/value.py",
            "        _refuse_nested_forward_mode(primal, tangent)\n", "",
            ("tests/rules/test_hostile_inputs.py::test_bad_input_gets_an_error_naming_it",)),

@@ -1680,3 +1680,20 @@ def test_rrelu_in_training_compiles_with_its_draw_in_every_slot():
     compiled = fgkernels.compile(net, backend="eager", fullgraph=True)
     torch.manual_seed(1)
     _assert_pass_equals(compiled(Dual(x)), (eager.primal, eager.tangents))
+
+
+def test_a_compiled_pass_sees_a_layer_forward_replaced_after_it_compiled():
+    """A converted Sequential's Conv→BN→ReLU runs fused in a compiled pass until a layer's
+    forward is replaced on the instance (``seq[2].forward = torch.tanh``): the next call
+    recompiles and runs the replacement (it ran the fused ReLU: primal 1.5 off)."""
+    torch.manual_seed(0)
+    seq = fgkernels.convert(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                          nn.ReLU()).double().eval())
+    torch._dynamo.reset()
+    run = fgkernels.compile(seq, backend="aot_eager")
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for replaced in (False, True):
+        if replaced:
+            seq[2].forward = torch.tanh
+        errors = compare_with_forward_ad(seq, [x], num_tangents=2, run=run)
+        assert errors["primal"] < 1e-12 and errors["tangent"] < 1e-12, (replaced, errors)
