@@ -368,7 +368,8 @@ class Dual:
         if not differentiable(primal.dtype):
             raise TypeError(f"a Dual's primal must have a floating or complex dtype (only those "
                             f"have tangents), got {primal.dtype}")
-        _refuse_nested_forward_mode(primal, tangent)
+        if fwAD._current_level >= 0:
+            refuse_nested_forward_mode((primal, tangent))
         self.primal, self._source = primal, None
         self._counted = census.count()
         if not census.hooks_on:
@@ -771,6 +772,8 @@ class Dual:
         kwargs = kwargs or {}
         if torch._C._is_any_autocast_enabled():  # (one C call: a flag torch keeps)
             refuse_autocast((args, kwargs))
+        if fwAD._current_level >= 0:  # (a forward_ad level is open: rare)
+            refuse_nested_forward_mode((args, kwargs))
         if kwargs and _has_numpy_names(kwargs):
             kwargs = _torch_names(func, kwargs)
         rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
@@ -1105,23 +1108,25 @@ def _restride(t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> None:
             t.as_strided_(like.shape, like.stride(), like.storage_offset())
 
 
-def _refuse_nested_forward_mode(*tensors: Optional[torch.Tensor]) -> None:
-    """Refuse a primal or tangent that is a dual tensor of torch's own forward mode (made by
-    forward_ad's ``make_dual``, or an input inside ``torch.func.jvp``): fgkernels' kernels
-    compute on its values and would drop its tangent (a forward mode nested over a Dual)."""
-    level = fwAD._current_level
+def refuse_nested_forward_mode(values) -> None:
+    """Refuse a tensor among ``values`` (any nesting; a Dual's primal and slots included) that
+    is a dual tensor of torch's own forward mode at its current level (``forward_ad.make_dual``'s,
+    or an input inside ``torch.func.jvp``): fgkernels' kernels compute on its values and would
+    drop its tangent. Called only while such a level is open (``fwAD._current_level >= 0``)."""
     if torch.compiler.is_dynamo_compiling():
         return  # (a compiled function's inputs are Dynamo's tensors, never dual ones)
-    for t in tensors:
-        if t is None:
-            continue
-        if level >= 0 and fwAD.unpack_dual(t).tangent is not None \
-                or torch._C._functorch.is_functorch_wrapped_tensor(t):
-            raise TypeError(
-                "a Dual's primal and tangent must be plain tensors, got a dual tensor of torch's "
-                "forward mode (forward_ad.make_dual, or an input inside torch.func.jvp): "
-                "fgkernels' kernels would drop its tangent, so forward mode nested over a Dual is "
-                "not supported (nest torch's forward mode alone)")
+    for v in pytree.tree_leaves(values, is_leaf=lambda v: isinstance(v, Dual)):
+        tensors = (v.primal, v._stack) if isinstance(v, Dual) else (v,)
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None:
+                raise TypeError(_NESTED_FORWARD_MODE)
+
+
+_NESTED_FORWARD_MODE = (
+    "a Dual met a dual tensor of torch's forward mode (forward_ad.make_dual's, or an input "
+    "inside torch.func.jvp), as its primal, its tangent or an operand: fgkernels' kernels would "
+    "drop that tangent, so forward mode nested over a Dual is not supported (nest torch's "
+    "forward mode alone)")
 
 
 def refuse_autocast(values) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
 from ..backends.base import LayerParams
 from ..dual import slots as _slots
 from ..dual.tangents import dual_of
-from ..dual.value import Dual, refuse_autocast
+from ..dual.value import Dual, refuse_autocast, refuse_nested_forward_mode
 
 Tensor = torch.Tensor
 MaybeDual = Union[Tensor, Dual]
@@ -52,6 +53,8 @@ def as_dual(v: MaybeDual, op: str) -> Dual:
     it for every other op)."""
     if torch._C._is_any_autocast_enabled():
         refuse_autocast(v if isinstance(v, Dual) else dual_of(v) if isinstance(v, Tensor) else v)
+    if fwAD._current_level >= 0:
+        refuse_nested_forward_mode(v)
     if isinstance(v, Dual):
         return v
     if isinstance(v, Tensor):
@@ -68,6 +71,8 @@ def layer_params(op: str, weight, bias) -> tuple[LayerParams, Optional[_slots.Sl
         if not (v is None or isinstance(v, (Tensor, Dual))):
             raise TypeError(f"{op}: {name} must be a Dual, Tensor or None, got "
                             f"{type(v).__name__}")
+    if fwAD._current_level >= 0:
+        refuse_nested_forward_mode((weight, bias))
     w, b = parts(weight), parts(bias)
     if w.slots is not None and b.slots is not None and w.slots != b.slots:
         plan = _slots.plan([w.slots, b.slots], op)

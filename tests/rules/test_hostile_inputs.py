@@ -857,6 +857,24 @@ def _inside_func_jvp():
                           (torch.randn(2, 3),))
 
 
+def _with_a_forward_ad_operand():
+    """A Dual's op with an operand of forward_ad's."""
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        return Dual(torch.randn(2, 3), torch.randn(2, 3)) * fwAD.make_dual(torch.randn(2, 3),
+                                                                            torch.randn(2, 3))
+
+
+def _over_a_converted_layer_s_weight():
+    """torch.func.jvp along a converted convolution's weight, called with a Dual (its rule
+    reads the weight without Dual's dispatch)."""
+    conv = fgkernels.convert(nn.Conv2d(2, 3, 3))
+    x = Dual(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 5))
+    return torch.func.jvp(
+        lambda w: torch.func.functional_call(conv, {"weight": w}, (x,)).primal,
+        (conv.weight.detach(),), (torch.randn_like(conv.weight),))
+
+
 def _under_autocast(call):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return call()
@@ -895,8 +913,10 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
     (lambda: Dual(torch.randn(2, 3), torch.randn(0, 2, 3)), ValueError, "T >= 1"),
     (_over_a_forward_ad_dual, TypeError, "forward mode nested over a Dual is not supported"),
     (lambda: _over_a_forward_ad_dual(tangent_too=True), TypeError,
-     "got a dual tensor of torch's forward mode"),
-    (_inside_func_jvp, TypeError, "got a dual tensor of torch's forward mode"),
+     "met a dual tensor of torch's forward mode"),
+    (_inside_func_jvp, TypeError, "met a dual tensor of torch's forward mode"),
+    (_with_a_forward_ad_operand, TypeError, "met a dual tensor of torch's forward mode"),
+    (_over_a_converted_layer_s_weight, TypeError, "met a dual tensor of torch's forward mode"),
     (lambda: Dual(torch.randn(2, 3), torch.randn(2, 3, device="meta")), ValueError,
      "is on meta, but the primal is on cpu"),
     (lambda: fgkernels.set_tangents(fgkernels.nn.DualLinear(3, 2),
@@ -1029,8 +1049,9 @@ def test_a_dual_pass_under_autocast_is_refused_however_it_runs(way):
     (lambda: F.max_pool2d(Dual(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)), True),
      TypeError, "argument 'kernel_size' .* must be tuple of ints, not bool"),
 ], ids=["T=0", "a Dual over forward_ad's dual", "a tangent of forward_ad's dual",
-        "a Dual inside torch.func.jvp", "tangent on another device", "T=0 set_tangents",
-        "0-d linear", "weight/bias T",
+        "a Dual inside torch.func.jvp", "an operand of forward_ad's",
+        "func.jvp along a converted layer's weight", "tangent on another device",
+        "T=0 set_tangents", "0-d linear", "weight/bias T",
         "Dual running_mean", "groups=0", "Dual condition", "bool Dual", "int Dual",
         "one single, one stacked tangent", "directions str", "directions int",
         "directions bool", "add_direction direction", "add_direction tangent",
