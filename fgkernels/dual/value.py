@@ -841,6 +841,8 @@ class Dual:
     def __rtruediv__(self, other):
         return torch.div(other, self)
 
+    __div__, __rdiv__ = __truediv__, __rtruediv__  # (torch.Tensor's names of them too)
+
     def __pow__(self, other):
         return torch.pow(self, other)
 
