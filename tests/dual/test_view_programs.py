@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, note, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from fgkernels import Dual  # noqa: E402
@@ -249,7 +249,7 @@ def programs(draw, max_steps: int = 12):
     program = [_draw_leaf(draw, shape, slots, tangent=True)]
     plain = run(program, _fresh)  # the program's tensors, without tangents
     dual = [True]  # whether each of them carries tangents
-    for _ in range(draw(st.integers(1, max_steps))):
+    for _ in range(draw(st.integers(2, max_steps))):
         kind = draw(st.sampled_from(["view", "view", "write", "write", "write", "new"]))
         target = draw(st.integers(0, len(plain) - 1))
         t = plain[target]
@@ -330,6 +330,8 @@ def _describe(program: list) -> str:
 def test_views_and_writes_in_place_match_forward_ad(case):
     slots, program = case
     note(_describe(program))
+    writes = sum(isinstance(s, Step) and s.value is not None for s in program)
+    event(f"writes in place: {writes if writes < 3 else '3 or more'}")
     # Only programs whose writes in place read no value they have already written (torch's
     # in-place ops give no such promise where an operand overlaps the target).
     in_place, copied_in = run(program, _fresh), run(program, _fresh, copy_in=True)
