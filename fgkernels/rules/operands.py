@@ -49,8 +49,8 @@ def primal_of(v):
 
 def as_dual(v: MaybeDual, op: str) -> Dual:
     """``v`` as a Dual (a Tensor: its recorded parameter tangent, else a zero tangent). Refused
-    under autocast (a converted layer's rule is called without Dual's dispatch, which refuses
-    it for every other op)."""
+    under autocast, and where it is a dual tensor of forward_ad's (a converted layer's rule is
+    called without Dual's dispatch, which refuses both for every other op)."""
     if torch._C._is_any_autocast_enabled():
         refuse_autocast(v if isinstance(v, Dual) else dual_of(v) if isinstance(v, Tensor) else v)
     if fwAD._current_level >= 0:
