@@ -412,10 +412,11 @@ def _unhooked(layer: nn.Module) -> bool:
 def _fusable(layer: nn.Module) -> bool:
     """True if a fused op may stand for ``layer``'s call: nothing would see the call (no hook),
     its class has no ``__call__`` of its own, and the layer no ``forward`` of its own (one set
-    on the instance, as libraries wrap a layer's forward: ``layer.forward = f``; read through
-    the attribute, which a compiled pass guards on, so that one set after it compiled is seen)."""
+    on the instance, as libraries wrap a layer's forward: ``layer.forward = f``; asked of the
+    attribute's code, which a compiled pass both folds and guards on, so that it fuses and sees
+    a forward set after it compiled)."""
     return _unhooked(layer) and not _own_call(type(layer)) \
-        and getattr(layer.forward, "__func__", None) is type(layer).forward
+        and getattr(layer.forward, "__code__", None) is type(layer).forward.__code__
 
 
 def _fusable_conv(layer) -> bool:
