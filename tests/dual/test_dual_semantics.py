@@ -998,13 +998,19 @@ def test_a_dual_with_a_tangent_laid_out_otherwise_takes_writes_through_views_of_
         return _counting(12).reshape(4, 3).T
 
     t = torch.randn(2, 3, 4, **f64)
-    ours = fn(Dual._unchecked(primal(), t.clone(), None, False))
-    for s in range(2):
+    _assert_as_forward_ad(fn(Dual._unchecked(primal(), t.clone(), None, False)), fn, primal, t)
+
+
+def _assert_as_forward_ad(ours, fn, make_primal, stack) -> None:
+    """``ours`` (Duals ``fn`` returned) exactly forward_ad's ``fn`` of ``make_primal()`` along
+    each slot of ``stack``, slot by slot."""
+    for s in range(stack.shape[0]):
         with fwAD.dual_level():
-            theirs = [fwAD.unpack_dual(v) for v in fn(fwAD.make_dual(primal(), t[s].clone()))]
-        for d, (p, ts) in zip(ours, theirs):
+            theirs = [fwAD.unpack_dual(v)
+                      for v in fn(fwAD.make_dual(make_primal(), stack[s].clone()))]
+        for d, (p, t) in zip(ours, theirs):
             torch.testing.assert_close(d.primal, p, rtol=0, atol=0)
-            torch.testing.assert_close(d.tangents[s], ts, rtol=0, atol=0)
+            torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0)
 
 
 # Duals of shape (4, 5) made from a primal in each layout and a tangent stack of T slots in
@@ -2215,10 +2221,4 @@ def test_an_op_the_fallback_takes_with_inplace_true_writes_the_dual(through_a_vi
         assert F.threshold(target, 0.1, 7.0, inplace=True) is target
         return v, row
 
-    ours = fn(Dual(x.clone(), xt.clone()))
-    for s in range(2):
-        with fwAD.dual_level():
-            theirs = [fwAD.unpack_dual(v) for v in fn(fwAD.make_dual(x.clone(), xt[s].clone()))]
-        for d, (p, t) in zip(ours, theirs):
-            torch.testing.assert_close(d.primal, p, rtol=0, atol=0)
-            torch.testing.assert_close(d.tangents[s], t, rtol=0, atol=0)
+    _assert_as_forward_ad(fn(Dual(x.clone(), xt.clone())), fn, x.clone, xt)

@@ -20,6 +20,8 @@ from torch.testing._internal.common_methods_invocations import op_db  # noqa: E4
 from fgkernels import Dual  # noqa: E402
 from fgkernels.dual.value import _RULES  # noqa: E402
 
+from helpers import laid_out  # noqa: E402
+
 SLOTS = 2
 SAMPLES = 4  # per op and layout
 # Ops whose samples draw at random, and those whose samples read memory a layout changes
@@ -60,9 +62,7 @@ def _as_given(v):
 
 
 def _transposed(v):
-    if isinstance(v, torch.Tensor) and v.dim() >= 2:
-        return v.transpose(-1, -2).contiguous().transpose(-1, -2)
-    return v
+    return laid_out(v, "transposed") if isinstance(v, torch.Tensor) else v
 
 
 def _gapped(v):
