@@ -55,6 +55,7 @@ COMPILED_TEMPORARY = (COMPILE + "test_a_temporary_filled_from_duals_becomes_a_du
                                 "compiled_pass",)
 TRITON_BN = "fgkernels/backends/triton/batch_norm.py"
 BN_PER_CHANNEL = "csrc/bn_per_channel.h"
+BN_CPU = "csrc/cpu/dual_batch_norm.cpp"
 POINTWISE = "fgkernels/rules/pointwise.py"
 LAYERS = "fgkernels/rules/layers.py"
 PACKED = ("tests/rules/test_properties.py::test_packed_recurrent_layers",
@@ -1235,6 +1236,16 @@ MUTANTS = [
     Mutant("BN tangent covariance not centred", BN_PER_CHANNEL,
            "tcov[t * C + c] = static_cast<acc_t>(t_cov - d1 * t_mean);",
            "tcov[t * C + c] = static_cast<acc_t>(t_cov);", NATIVE),
+    Mutant("BN statistics by rows fold one position of each small plane", BN_CPU,
+           "for (int64_t l = 0; l < per_channel; ++l) {",
+           "for (int64_t l = 0; l < (by_rows ? 1 : per_channel); ++l) {", NATIVE),
+    Mutant("BN statistics by rows shift each position by its own channel's neighbour", BN_CPU,
+           "by_rows ? spread_over_positions(k.data(), C, inner) : std::vector<acc_t>();",
+           "by_rows ? spread_over_positions(k.data(), C * inner, 1) : std::vector<acc_t>();",
+           NATIVE),
+    Mutant("BN apply by rows takes the coefficients per channel, not per position", BN_CPU,
+           "if (!by_rows || inner == 1) return t.const_data_ptr<acc_t>();",
+           "return t.const_data_ptr<acc_t>();", NATIVE),
     Mutant("BN variance of the shifted values not recentred", BN_PER_CHANNEL,
            "/ n - d1 * d1;", "/ n;", NATIVE),
     Mutant("hardtanh passes the tangent at its upper bound", "csrc/select_ops.h",

@@ -26,11 +26,14 @@ constexpr int64_t kGrainElements = 32768;
 // more values would lose precision with the number of values (a 1024×1024 plane).
 constexpr int64_t kValuesPerFlush = 256;
 
+// The sums' inner loops. Plain inline functions: they are inlined into the kernels below
+// (FGK_CPU_KERNEL), whose instruction set they take, so that no span pays a dispatched call.
+
 // Lane partials of Σ(a - k) and Σ(a - k)² over a span, added into p1, p2 (kLanes each). The
 // partials stay apart from one span to the next, so no span pays a horizontal reduction.
 template <typename scalar_t, typename acc_t>
-FGK_CPU_KERNEL void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* __restrict p1,
-               acc_t* __restrict p2) {
+inline void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* __restrict p1,
+                      acc_t* __restrict p2) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
@@ -49,8 +52,8 @@ FGK_CPU_KERNEL void span_sums(const scalar_t* a, int64_t n, acc_t k, acc_t* __re
 
 // Lane partials of Σt and Σ(a - k)·t over a span, added into p1, p2 (kLanes each).
 template <typename scalar_t, typename tangent_t, typename acc_t>
-FGK_CPU_KERNEL void span_tangent_sums(const scalar_t* a, const tangent_t* t, int64_t n, acc_t k,
-                       acc_t* __restrict p1, acc_t* __restrict p2) {
+inline void span_tangent_sums(const scalar_t* a, const tangent_t* t, int64_t n, acc_t k,
+                              acc_t* __restrict p1, acc_t* __restrict p2) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
@@ -67,28 +70,37 @@ FGK_CPU_KERNEL void span_tangent_sums(const scalar_t* a, const tangent_t* t, int
   }
 }
 
-// channels_last: Σ(x - k) and Σ(x - k)² of a row of C values, one per channel, added into
-// s1[c], s2[c].
+// Σ(x - k) and Σ(x - k)² of a row of n values, one partial per position (k[j] its channel's
+// shift), added into s1[j], s2[j].
 template <typename scalar_t, typename acc_t>
-FGK_CPU_KERNEL void row_sums(const scalar_t* __restrict x, const acc_t* __restrict k, int64_t C,
-                             acc_t* __restrict s1, acc_t* __restrict s2) {
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t d = static_cast<acc_t>(x[c]) - k[c];
-    s1[c] += d;
-    s2[c] += d * d;
+inline void row_sums(const scalar_t* __restrict x, const acc_t* __restrict k, int64_t n,
+                     acc_t* __restrict s1, acc_t* __restrict s2) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = static_cast<acc_t>(x[j]) - k[j];
+    s1[j] += d;
+    s2[j] += d * d;
   }
 }
 
-// channels_last: Σt and Σ(x - k)·t of a row of C values, one per channel, added into t1[c], t2[c].
+// Σt and Σ(x - k)·t of a row of n values, one partial per position, added into t1[j], t2[j].
 template <typename scalar_t, typename tangent_t, typename acc_t>
-FGK_CPU_KERNEL void row_tangent_sums(const scalar_t* __restrict x, const tangent_t* __restrict t,
-                                     const acc_t* __restrict k, int64_t C, acc_t* __restrict t1,
-                                     acc_t* __restrict t2) {
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t v = static_cast<acc_t>(t[c]);
-    t1[c] += v;
-    t2[c] += (static_cast<acc_t>(x[c]) - k[c]) * v;
+inline void row_tangent_sums(const scalar_t* __restrict x, const tangent_t* __restrict t,
+                             const acc_t* __restrict k, int64_t n, acc_t* __restrict t1,
+                             acc_t* __restrict t2) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(t[j]);
+    t1[j] += v;
+    t2[j] += (static_cast<acc_t>(x[j]) - k[j]) * v;
   }
+}
+
+// Per-channel values, n of them, each repeated at its channel's `inner` positions of a row:
+// (..., C) -> (..., C·inner).
+template <typename acc_t>
+std::vector<acc_t> spread_over_positions(const acc_t* per_channel, int64_t n, int64_t inner) {
+  std::vector<acc_t> out(n * inner);
+  for (int64_t j = 0; j < n; ++j) std::fill_n(out.begin() + j * inner, inner, per_channel[j]);
+  return out;
 }
 
 // The statistics from the block partials ``part`` (blocks, 2 + 2T, C) of sums shifted by k:
@@ -111,110 +123,135 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_partials(
 }
 
 // Each channel's shift of its sums (kShiftSample, bn_per_channel.h), in a loop: an ATen
-// reduction would cost a small input more than its sums do.
+// reduction would cost a small input more than its sums do. The sampled positions are the same
+// in every channel, one index apart per channel (`inner`), so each position's index is computed
+// once and the channels are read across it (along memory where channels_last); each channel's
+// sum still runs in its sample's order. Computing every index apart, three 64-bit divisions a
+// value, cost more than the statistics' sums themselves on small maps with many channels.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
-  const int64_t C = in.channels;
-  const int64_t total = in.outer * in.inner, n = shift_sample_size(total);
-  std::vector<acc_t> k(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double sum = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      sum += static_cast<double>(x[shift_sample_index(j, n, total, c, C, in.inner)]);
-    }
-    k[c] = static_cast<acc_t>(shift_from_sample_sum(sum, n));
+  const int64_t C = in.channels, inner = in.inner;
+  const int64_t total = in.outer * inner, n = shift_sample_size(total);
+  std::vector<double> sums(C, 0.0);
+  for (int64_t j = 0; j < n; ++j) {
+    const scalar_t* sample = x + shift_sample_index(j, n, total, 0, C, inner);  // channel 0's
+    for (int64_t c = 0; c < C; ++c) sums[c] += static_cast<double>(sample[c * inner]);
   }
+  std::vector<acc_t> k(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = static_cast<acc_t>(shift_from_sample_sum(sums[c], n));
   return k;
 }
 
-// Shifted sums per channel (see finalize_bn_stats_channel; the shift k from shifts()): keeps
-// Σ(x-k)² free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
-// Blocks of outer rows run in parallel, each walking its memory in order (a whole row of
-// channels at a time). NCHW: every (quantity, channel) keeps kLanes partials; channels_last:
-// one partial per (quantity, channel), the inner loops running over the contiguous channels.
+// The block partials of the shifted sums (see stats_kernel) of blocks [b0, b1), each block's
+// sums laid out (2 + 2T, C) in part. One task's work in one dispatched call: the loops over rows,
+// channels and spans are compiled for each instruction set with the sums inlined.
+// By planes (NCHW planes of at least kLanes values), every (quantity, channel) keeps kLanes
+// partials; by rows (channels_last, and NCHW's small planes, where a span per plane would hold
+// a few values), every (quantity, position c·inner + i of a row) keeps one, the inner loops
+// running over a whole row's contiguous values.
 // A partial moves into a double sum before it has taken more than kValuesPerFlush values
-// (after each chunk of a large NCHW plane, every rows_per_flush rows of small planes, every
-// kValuesPerFlush channels_last rows, and at the block's end); the block's sums, laid out
-// (2 + 2T, C), are added in double, and the statistics made of them in one loop over the
-// channels (a few ATen ops would cost a small input more than its sums do). The slots may have
-// a narrower type than x (tangent_t); partials are in x's opmath type.
-template <typename scalar_t, typename tangent_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const DualInput& in) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
-  const tangent_t* xt = in.T ? in.xt.const_data_ptr<tangent_t>() : nullptr;
-  const int64_t C = in.channels, inner = in.inner, T = in.T, slot = in.x.numel();
-  const int64_t quantities = 2 + 2 * T, width = quantities * C;
-  const int64_t lanes = inner > 1 ? kLanes : 1;
-  // A block covers at least 16384 values, and at least 16 lanes' worth per channel so that
-  // reducing its lanes costs little beside summing them.
-  const int64_t rows_per_block = std::max<int64_t>(
-      {int64_t(1), 16384 / (C * inner), (16 * lanes + inner - 1) / inner});
-  const int64_t blocks = (in.outer + rows_per_block - 1) / rows_per_block;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows_per_block * C * inner));
-  auto partial = at::empty({blocks, quantities, C}, at::kDouble);
-  double* part = partial.data_ptr<double>();
-  const std::vector<acc_t> k = shifts<scalar_t, acc_t>(in, x);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> acc(width * lanes);
-    // The lanes of quantity q, channel c.
-    auto lanes_of = [&](int64_t q, int64_t c) { return acc.data() + (q * C + c) * lanes; };
-    // Moves the lanes of every quantity of channels [c0, c1) into the block's double sums (one
-    // loop that also clears them: a fill per channel would be a call per channel).
+// (after each chunk of a large NCHW plane, every rows_per_flush rows of smaller planes, every
+// kValuesPerFlush rows by rows, and at the block's end).
+template <typename scalar_t, typename tangent_t, typename acc_t>
+struct BlockSums {
+  const scalar_t* x;
+  const tangent_t* xt;
+  int64_t outer, C, inner, T, slot, rows_per_block;
+  bool by_rows;
+  const acc_t* k;  // the shifts: one per channel by planes, one per position by rows
+  double* part;
+
+  FGK_CPU_KERNEL void run(int64_t b0, int64_t b1) const {
+    const int64_t quantities = 2 + 2 * T, row_width = C * inner;
+    const int64_t per_channel = by_rows ? inner : kLanes;  // partials per (quantity, channel)
+    std::vector<acc_t> acc(quantities * C * per_channel);
+    auto partials = [&](int64_t q, int64_t c) { return acc.data() + (q * C + c) * per_channel; };
+    // Moves the partials of every quantity of channels [c0, c1) into the block's double sums
+    // (one loop that also clears them: a fill per channel would be a call per channel).
     auto flush = [&](double* sums, int64_t c0, int64_t c1) {
       for (int64_t q = 0; q < quantities; ++q) {
         for (int64_t c = c0; c < c1; ++c) {
-          acc_t* l0 = lanes_of(q, c);
+          acc_t* p = partials(q, c);
           double sum = 0;
-          for (int64_t l = 0; l < lanes; ++l) {
-            sum += l0[l];
-            l0[l] = acc_t(0);
+          for (int64_t l = 0; l < per_channel; ++l) {
+            sum += p[l];
+            p[l] = acc_t(0);
           }
           sums[q * C + c] += sum;
         }
       }
     };
-    // NCHW: a plane larger than a chunk flushes after each chunk of it; planes no larger (a
-    // lane takes at most ceil(inner / lanes) values of each plane) are summed over
+    // By planes, a plane larger than a chunk flushes after each chunk of it; planes no larger
+    // (a lane takes at most ceil(inner / kLanes) values of each plane) are summed over
     // rows_per_flush rows between flushes: flushing after every plane would cost a small map
-    // (ResNet's 4x4) more than its sums.
-    const int64_t chunk = kValuesPerFlush * lanes;
+    // more than its sums.
+    const int64_t chunk = kValuesPerFlush * kLanes;
     const int64_t rows_per_flush =
-        std::max<int64_t>(1, kValuesPerFlush / ((inner + lanes - 1) / lanes));
+        by_rows ? kValuesPerFlush
+                : std::max<int64_t>(1, kValuesPerFlush / ((inner + kLanes - 1) / kLanes));
     for (int64_t b = b0; b < b1; ++b) {
-      double* sums = part + b * width;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(sums, sums + width, 0.0);
-      const int64_t r0 = b * rows_per_block, r1 = std::min(in.outer, (b + 1) * rows_per_block);
+      double* sums = part + b * quantities * C;
+      std::fill(sums, sums + quantities * C, 0.0);
+      const int64_t r0 = b * rows_per_block, r1 = std::min(outer, (b + 1) * rows_per_block);
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t row = r * C * inner;
-        if (inner > 1) {  // NCHW: C contiguous planes of `inner` values
+        const int64_t row = r * row_width;
+        if (by_rows) {
+          row_sums(x + row, k, row_width, partials(0, 0), partials(1, 0));
+          for (int64_t t = 0; t < T; ++t) {
+            row_tangent_sums(x + row, xt + t * slot + row, k, row_width, partials(2 + 2 * t, 0),
+                             partials(3 + 2 * t, 0));
+          }
+        } else {  // C contiguous planes of `inner` values
           for (int64_t c = 0; c < C; ++c) {
             for (int64_t i0 = 0; i0 < inner; i0 += chunk) {
               const int64_t base = row + c * inner + i0, n = std::min(chunk, inner - i0);
-              span_sums(x + base, n, k[c], lanes_of(0, c), lanes_of(1, c));
+              span_sums(x + base, n, k[c], partials(0, c), partials(1, c));
               for (int64_t t = 0; t < T; ++t) {
-                span_tangent_sums(x + base, xt + t * slot + base, n, k[c],
-                                  lanes_of(2 + 2 * t, c), lanes_of(3 + 2 * t, c));
+                span_tangent_sums(x + base, xt + t * slot + base, n, k[c], partials(2 + 2 * t, c),
+                                  partials(3 + 2 * t, c));
               }
               if (inner > chunk) flush(sums, c, c + 1);
             }
           }
-          if (inner <= chunk && ((r - r0 + 1) % rows_per_flush == 0 || r + 1 == r1)) {
-            flush(sums, 0, C);
-          }
-        } else {  // channels_last: one value per channel
-          row_sums(x + row, k.data(), C, lanes_of(0, 0), lanes_of(1, 0));
-          for (int64_t t = 0; t < T; ++t) {
-            row_tangent_sums(x + row, xt + t * slot + row, k.data(), C, lanes_of(2 + 2 * t, 0),
-                             lanes_of(3 + 2 * t, 0));
-          }
-          if ((r - r0 + 1) % kValuesPerFlush == 0 || r + 1 == r1) flush(sums, 0, C);
+        }
+        if ((by_rows || inner <= chunk) && ((r - r0 + 1) % rows_per_flush == 0 || r + 1 == r1)) {
+          flush(sums, 0, C);
         }
       }
     }
-  });
-  return stats_from_partials<acc_t>(in, k, part, blocks);
+  }
+};
+
+// Shifted sums per channel (see finalize_bn_stats_channel; the shift k from shifts()): keeps
+// Σ(x-k)² free of the cancellation that Σx² - (Σx)²/n suffers when |mean| >> std.
+// Blocks of outer rows run in parallel (BlockSums), each walking its memory in order (a whole
+// row of channels at a time); the blocks' sums are added in double, and the statistics made of
+// them in one loop over the channels (a few ATen ops would cost a small input more than its
+// sums do). The slots may have a narrower type than x (tangent_t); partials are in x's opmath
+// type.
+template <typename scalar_t, typename tangent_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const DualInput& in) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = in.channels, inner = in.inner, T = in.T;
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  const bool by_rows = inner < kLanes;
+  // A block covers at least 16384 values, and at least 16 values per partial, so that moving
+  // its partials into double costs little beside summing them.
+  const int64_t min_rows = by_rows ? 16 : (16 * kLanes + inner - 1) / inner;
+  const int64_t rows_per_block = std::max<int64_t>({int64_t(1), 16384 / (C * inner), min_rows});
+  const int64_t blocks = (in.outer + rows_per_block - 1) / rows_per_block;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows_per_block * C * inner));
+  auto partial = at::empty({blocks, 2 + 2 * T, C}, at::kDouble);
+  const std::vector<acc_t> k = shifts<scalar_t, acc_t>(in, x);
+  // By rows: each channel's shift at each of its positions.
+  const std::vector<acc_t> k_by_position =
+      by_rows ? spread_over_positions(k.data(), C, inner) : std::vector<acc_t>();
+  const BlockSums<scalar_t, tangent_t, acc_t> sums{
+      x, T ? in.xt.const_data_ptr<tangent_t>() : nullptr, in.outer, C, inner, T, in.x.numel(),
+      rows_per_block, by_rows, by_rows ? k_by_position.data() : k.data(),
+      partial.data_ptr<double>()};
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { sums.run(b0, b1); });
+  return stats_from_partials<acc_t>(in, k, partial.data_ptr<double>(), blocks);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
@@ -232,9 +269,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_bn_stats_cpu(
 // yt[t] = s xt[slot[t]] + b[t] u + d[t]; with ReLU, y = 0 and yt = 0 where y <= 0 (a NaN y keeps
 // its tangent, as torch.relu's derivative does). Centering first keeps y exact when |m| >> std.
 // Coefficients are in the accumulation type (x's opmath type); the slots may have a narrower
-// type than x (tangent_t), their terms are computed in acc_t and rounded once. One span at a time, every slot first and the
-// primal last, so that every inner loop is a branch-free pass over contiguous memory and the
-// apply may run in place (y = x, yt = xt, slot[t] = t): each element is read before it is written.
+// type than x (tangent_t), their terms are computed in acc_t and rounded once. One span at a
+// time, every slot first and the primal last, so that every inner loop is a branch-free pass over
+// contiguous memory and the apply may run in place (y = x, yt = xt, slot[t] = t): each element
+// is read before it is written.
 template <typename scalar_t, typename tangent_t, typename acc_t>
 struct ApplySpan {
   const scalar_t* x;
@@ -248,13 +286,15 @@ struct ApplySpan {
 
   int64_t source(int64_t t) const { return x_slot ? x_slot[t] : t; }
 
-  scalar_t primal(acc_t v) const { return static_cast<scalar_t>(relu && v <= acc_t(0) ? acc_t(0) : v); }
+  scalar_t primal(acc_t v) const {
+    return static_cast<scalar_t>(relu && v <= acc_t(0) ? acc_t(0) : v);
+  }
   tangent_t tangent(acc_t pre, acc_t v) const {
     return static_cast<tangent_t>(relu && pre <= acc_t(0) ? acc_t(0) : v);
   }
 
   // NCHW: the n plane [base, base + n) of channel c; the coefficients are scalars.
-  FGK_CPU_KERNEL void plane(int64_t base, int64_t n, int64_t c) const {
+  void plane(int64_t base, int64_t n, int64_t c) const {
     const scalar_t* xs = x + base;
     const acc_t m = center[c], s = scale[c], h = shift[c];
     for (int64_t t = 0; t < T; ++t) {
@@ -276,8 +316,9 @@ struct ApplySpan {
     for (int64_t i = 0; i < n; ++i) y[base + i] = primal(s * (static_cast<acc_t>(xs[i]) - m) + h);
   }
 
-  // channels_last: the row of C values at base, one per channel; the coefficients are arrays.
-  FGK_CPU_KERNEL void row(int64_t base) const {
+  // By rows: the row of C values at base, each with coefficients of its own (C: the channels
+  // of a channels_last input, or the positions of an NCHW row of small planes).
+  void row(int64_t base) const {
     const scalar_t* xs = x + base;
     for (int64_t t = 0; t < T; ++t) {
       const acc_t* b = t_xscale + t * C;
@@ -293,6 +334,15 @@ struct ApplySpan {
     for (int64_t c = 0; c < C; ++c)
       y[base + c] = primal(scale[c] * (static_cast<acc_t>(xs[c]) - center[c]) + shift[c]);
   }
+
+  // One task's planes [p0, p1) of `inner` values (plane p: channel p % C) or rows [p0, p1), in
+  // one dispatched call: the loops are compiled for each instruction set with the spans inlined.
+  FGK_CPU_KERNEL void planes(int64_t p0, int64_t p1, int64_t inner) const {
+    for (int64_t p = p0; p < p1; ++p) plane(p * inner, inner, p % C);
+  }
+  FGK_CPU_KERNEL void rows(int64_t r0, int64_t r1) const {
+    for (int64_t r = r0; r < r1; ++r) row(r * C);
+  }
 };
 
 // The coefficients of the apply, in the accumulation type.
@@ -300,7 +350,9 @@ struct ApplyCoefficients {
   const at::Tensor &center, &scale, &shift, &t_xscale, &t_shift;
 };
 
-// Runs the spans over x's layout, in parallel.
+// Runs the spans over x's layout, in parallel: NCHW by planes, or by rows where a plane holds
+// fewer than kLanes values (a loop per plane would run a few values, the coefficients are then
+// spread over each row's positions c·inner + i); channels_last by rows.
 template <typename scalar_t, typename tangent_t>
 void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T,
                const ApplyCoefficients& coef, bool relu, at::Tensor& y, at::Tensor& yt) {
@@ -310,22 +362,28 @@ void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T,
   auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
   const at::Tensor m = as_acc(coef.center), s = as_acc(coef.scale), h = as_acc(coef.shift),
                    b = as_acc(coef.t_xscale), d = as_acc(coef.t_shift);
-  const int64_t C = in.channels;
+  const int64_t C = in.channels, inner = in.inner;
+  const bool by_rows = inner < kLanes;
+  // By rows of NCHW's small planes, each coefficient at each of its channel's positions.
+  std::vector<acc_t> spread[5];
+  auto by_position = [&](const at::Tensor& t, std::vector<acc_t>& out) {
+    if (!by_rows || inner == 1) return t.const_data_ptr<acc_t>();
+    out = spread_over_positions(t.const_data_ptr<acc_t>(), t.numel(), inner);
+    return static_cast<const acc_t*>(out.data());
+  };
+  const int64_t width = C * inner;
   const ApplySpan<scalar_t, tangent_t, acc_t> span{
       in.x.const_data_ptr<scalar_t>(), in.T ? in.xt.const_data_ptr<tangent_t>() : nullptr,
-      x_slot, T, in.x.numel(), C, m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(),
-      h.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>(), relu,
-      y.mutable_data_ptr<scalar_t>(), T ? yt.mutable_data_ptr<tangent_t>() : nullptr};
-  if (in.inner > 1) {
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / in.inner);
-    at::parallel_for(0, in.outer * C, grain, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) span.plane(p * in.inner, in.inner, p % C);
-    });
+      x_slot, T, in.x.numel(), by_rows ? width : C, by_position(m, spread[0]),
+      by_position(s, spread[1]), by_position(h, spread[2]), by_position(b, spread[3]),
+      by_position(d, spread[4]), relu, y.mutable_data_ptr<scalar_t>(),
+      T ? yt.mutable_data_ptr<tangent_t>() : nullptr};
+  if (by_rows) {
+    at::parallel_for(0, in.outer, std::max<int64_t>(1, kGrainElements / width),
+                     [&](int64_t r0, int64_t r1) { span.rows(r0, r1); });
   } else {
-    at::parallel_for(0, in.outer, std::max<int64_t>(1, kGrainElements / C),
-                     [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) span.row(r * C);
-    });
+    at::parallel_for(0, in.outer * C, std::max<int64_t>(1, kGrainElements / inner),
+                     [&](int64_t p0, int64_t p1) { span.planes(p0, p1, inner); });
   }
 }
 
