@@ -1,5 +1,6 @@
-"""Layer benchmarks at ResNet-18 CIFAR shapes: dual conv, dual BN(train)+ReLU, dual
-conv+BN+ReLU, dual linear; and dual layer norm at ConvNeXt-T's and ViT-S's shapes.
+"""Layer benchmarks at ResNet-18 CIFAR shapes: dual conv, dual BN(train)+ReLU (also at small
+maps of MobileNet-V3 and EfficientNet), dual conv+BN+ReLU, dual linear; and dual layer norm at
+ConvNeXt-T's and ViT-S's shapes.
 
 Every case times fgkernels on each backend beside its baselines: torch.autograd.forward_ad,
 the cuDNN (or oneDNN) composition of the dual convolution (three convolutions and an add),
@@ -36,6 +37,10 @@ DTYPES = (torch.float32, torch.bfloat16) if CUDA else (torch.float32,)
 LAYOUT = torch.channels_last if CUDA else torch.contiguous_format
 # (channels, spatial size) of ResNet-18's CIFAR stages
 STAGES = ((64, 32), (128, 16), (256, 8), (512, 4)) if CUDA else ((64, 32), (256, 8))
+# Batch norm also on the CPU at the small maps of MobileNet-V3-Small's and EfficientNet-B0's last
+# stages on 64-pixel images (576 and 1152 channels on 2 x 2), where a kernel's cost per plane or
+# per call, not per value, would show.
+BN_STAGES = STAGES + (() if CUDA else ((576, 2), (1152, 2)))
 PRECISION = {torch.float32: "tf32", torch.bfloat16: "bf16"}
 
 
@@ -111,7 +116,7 @@ def test_conv(measure, benchmark, quick, provider, batch, stage, dtype):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("stage", STAGES, ids=lambda s: f"c{s[0]}x{s[1]}")
+@pytest.mark.parametrize("stage", BN_STAGES, ids=lambda s: f"c{s[0]}x{s[1]}")
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
 def test_bn_relu(measure, benchmark, quick, provider, batch, stage, dtype):
     N, C, S = _size(quick, batch, *stage)
