@@ -16,7 +16,8 @@ CPU_RUN = BENCH / "cpu-results.json"  # README's figures block comes from this o
 # Every committed CPU run, in RESULTS.md's order (PREAMBLE.md says what each holds).
 CPU_RUNS = [CPU_RUN, BENCH / "cpu-overhead.json", BENCH / "cpu-real-models.json",
             BENCH / "cpu-overhead-avx2.json", BENCH / "cpu-recurrent.json",
-            BENCH / "cpu-real-models-eager.json", BENCH / "cpu-real-models-bf16.json"]
+            BENCH / "cpu-real-models-eager.json", BENCH / "cpu-real-models-bf16.json",
+            BENCH / "cpu-bn-small-maps.json"]
 # A ratio as the documents write it: "0.75×", or the first number of a range "0.50–0.79×".
 RATIO = re.compile(r"(\d+\.\d\d)(?=×|–\d)")
 
