@@ -50,8 +50,9 @@ def _clones(functions, kernel: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("kernel", [
-    "span_sums<float, float>",
-    "ApplySpan<float, float, float>::plane",
+    "BlockSums<float, float, float>::run(",
+    "ApplySpan<float, float, float>::planes(",
+    "ApplySpan<float, float, float>::rows(",
     "pool_row_nchw<float>",
     "pool_row_nhwc<float>"])
 def test_hot_loops_have_a_baseline_an_avx2_and_an_avx512_version(functions, kernel):
@@ -60,7 +61,7 @@ def test_hot_loops_have_a_baseline_an_avx2_and_an_avx512_version(functions, kern
     assert not any(WIDE.search(i) for i in versions["default"])
     for isa in ("arch_x86_64_v3", "arch_x86_64_v4"):
         assert any(WIDE.search(i) for i in versions[isa]), f"{kernel} {isa}: no 256-bit code"
-    if "plane" in kernel:  # y = s·(x − m) + h: a fused multiply-add where the CPU has one
+    if "ApplySpan" in kernel:  # y = s·(x − m) + h: a fused multiply-add where the CPU has one
         assert not any(FMA.search(i) for i in versions["default"])
         assert any(FMA.search(i) for i in versions["arch_x86_64_v3"])
 
