@@ -94,6 +94,11 @@ inline void row_tangent_sums(const scalar_t* __restrict x, const tangent_t* __re
   }
 }
 
+// Whether the kernels run x's [outer, C, inner] layout by rows (channels_last, and NCHW planes
+// of fewer than kLanes values, where a span per plane would hold a few values) rather than by
+// planes.
+inline bool by_rows(int64_t inner) { return inner < kLanes; }
+
 // Per-channel values, n of them, each repeated at its channel's `inner` positions of a row:
 // (..., C) -> (..., C·inner).
 template <typename acc_t>
@@ -145,10 +150,9 @@ std::vector<acc_t> shifts(const DualInput& in, const scalar_t* x) {
 // The block partials of the shifted sums (see stats_kernel) of blocks [b0, b1), each block's
 // sums laid out (2 + 2T, C) in part. One task's work in one dispatched call: the loops over rows,
 // channels and spans are compiled for each instruction set with the sums inlined.
-// By planes (NCHW planes of at least kLanes values), every (quantity, channel) keeps kLanes
-// partials; by rows (channels_last, and NCHW's small planes, where a span per plane would hold
-// a few values), every (quantity, position c·inner + i of a row) keeps one, the inner loops
-// running over a whole row's contiguous values.
+// By planes, every (quantity, channel) keeps kLanes partials; by rows (by_rows), every
+// (quantity, position c·inner + i of a row) keeps one, the inner loops running over a whole
+// row's contiguous values.
 // A partial moves into a double sum before it has taken more than kValuesPerFlush values
 // (after each chunk of a large NCHW plane, every rows_per_flush rows of smaller planes, every
 // kValuesPerFlush rows by rows, and at the block's end).
@@ -157,13 +161,13 @@ struct BlockSums {
   const scalar_t* x;
   const tangent_t* xt;
   int64_t outer, C, inner, T, slot, rows_per_block;
-  bool by_rows;
+  bool rows;
   const acc_t* k;  // the shifts: one per channel by planes, one per position by rows
   double* part;
 
   FGK_CPU_KERNEL void run(int64_t b0, int64_t b1) const {
     const int64_t quantities = 2 + 2 * T, row_width = C * inner;
-    const int64_t per_channel = by_rows ? inner : kLanes;  // partials per (quantity, channel)
+    const int64_t per_channel = rows ? inner : kLanes;  // partials per (quantity, channel)
     std::vector<acc_t> acc(quantities * C * per_channel);
     auto partials = [&](int64_t q, int64_t c) { return acc.data() + (q * C + c) * per_channel; };
     // Moves the partials of every quantity of channels [c0, c1) into the block's double sums
@@ -187,7 +191,7 @@ struct BlockSums {
     // more than its sums.
     const int64_t chunk = kValuesPerFlush * kLanes;
     const int64_t rows_per_flush =
-        by_rows ? kValuesPerFlush
+        rows ? kValuesPerFlush
                 : std::max<int64_t>(1, kValuesPerFlush / ((inner + kLanes - 1) / kLanes));
     for (int64_t b = b0; b < b1; ++b) {
       double* sums = part + b * quantities * C;
@@ -195,7 +199,7 @@ struct BlockSums {
       const int64_t r0 = b * rows_per_block, r1 = std::min(outer, (b + 1) * rows_per_block);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t row = r * row_width;
-        if (by_rows) {
+        if (rows) {
           row_sums(x + row, k, row_width, partials(0, 0), partials(1, 0));
           for (int64_t t = 0; t < T; ++t) {
             row_tangent_sums(x + row, xt + t * slot + row, k, row_width, partials(2 + 2 * t, 0),
@@ -214,7 +218,7 @@ struct BlockSums {
             }
           }
         }
-        if ((by_rows || inner <= chunk) && ((r - r0 + 1) % rows_per_flush == 0 || r + 1 == r1)) {
+        if (inner <= chunk && ((r - r0 + 1) % rows_per_flush == 0 || r + 1 == r1)) {
           flush(sums, 0, C);
         }
       }
@@ -234,21 +238,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_kernel(const Du
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = in.channels, inner = in.inner, T = in.T;
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
-  const bool by_rows = inner < kLanes;
+  const bool rows = by_rows(inner);
   // A block covers at least 16384 values, and at least 16 values per partial, so that moving
   // its partials into double costs little beside summing them.
-  const int64_t min_rows = by_rows ? 16 : (16 * kLanes + inner - 1) / inner;
+  const int64_t min_rows = rows ? 16 : (16 * kLanes + inner - 1) / inner;
   const int64_t rows_per_block = std::max<int64_t>({int64_t(1), 16384 / (C * inner), min_rows});
   const int64_t blocks = (in.outer + rows_per_block - 1) / rows_per_block;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / (rows_per_block * C * inner));
   auto partial = at::empty({blocks, 2 + 2 * T, C}, at::kDouble);
   const std::vector<acc_t> k = shifts<scalar_t, acc_t>(in, x);
-  // By rows: each channel's shift at each of its positions.
+  // By rows of NCHW's small planes: each channel's shift at each of its positions.
+  const bool spread = rows && inner > 1;
   const std::vector<acc_t> k_by_position =
-      by_rows ? spread_over_positions(k.data(), C, inner) : std::vector<acc_t>();
+      spread ? spread_over_positions(k.data(), C, inner) : std::vector<acc_t>();
   const BlockSums<scalar_t, tangent_t, acc_t> sums{
       x, T ? in.xt.const_data_ptr<tangent_t>() : nullptr, in.outer, C, inner, T, in.x.numel(),
-      rows_per_block, by_rows, by_rows ? k_by_position.data() : k.data(),
+      rows_per_block, rows, spread ? k_by_position.data() : k.data(),
       partial.data_ptr<double>()};
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { sums.run(b0, b1); });
   return stats_from_partials<acc_t>(in, k, partial.data_ptr<double>(), blocks);
@@ -350,9 +355,8 @@ struct ApplyCoefficients {
   const at::Tensor &center, &scale, &shift, &t_xscale, &t_shift;
 };
 
-// Runs the spans over x's layout, in parallel: NCHW by planes, or by rows where a plane holds
-// fewer than kLanes values (a loop per plane would run a few values, the coefficients are then
-// spread over each row's positions c·inner + i); channels_last by rows.
+// Runs the spans over x's layout, in parallel, by planes or by rows (by_rows; for NCHW's small
+// planes the coefficients are spread over each row's positions c·inner + i).
 template <typename scalar_t, typename tangent_t>
 void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T,
                const ApplyCoefficients& coef, bool relu, at::Tensor& y, at::Tensor& yt) {
@@ -363,22 +367,22 @@ void run_apply(const DualInput& in, const int64_t* x_slot, int64_t T,
   const at::Tensor m = as_acc(coef.center), s = as_acc(coef.scale), h = as_acc(coef.shift),
                    b = as_acc(coef.t_xscale), d = as_acc(coef.t_shift);
   const int64_t C = in.channels, inner = in.inner;
-  const bool by_rows = inner < kLanes;
+  const bool rows = by_rows(inner);
   // By rows of NCHW's small planes, each coefficient at each of its channel's positions.
   std::vector<acc_t> spread[5];
   auto by_position = [&](const at::Tensor& t, std::vector<acc_t>& out) {
-    if (!by_rows || inner == 1) return t.const_data_ptr<acc_t>();
+    if (!rows || inner == 1) return t.const_data_ptr<acc_t>();
     out = spread_over_positions(t.const_data_ptr<acc_t>(), t.numel(), inner);
     return static_cast<const acc_t*>(out.data());
   };
   const int64_t width = C * inner;
   const ApplySpan<scalar_t, tangent_t, acc_t> span{
       in.x.const_data_ptr<scalar_t>(), in.T ? in.xt.const_data_ptr<tangent_t>() : nullptr,
-      x_slot, T, in.x.numel(), by_rows ? width : C, by_position(m, spread[0]),
+      x_slot, T, in.x.numel(), rows ? width : C, by_position(m, spread[0]),
       by_position(s, spread[1]), by_position(h, spread[2]), by_position(b, spread[3]),
       by_position(d, spread[4]), relu, y.mutable_data_ptr<scalar_t>(),
       T ? yt.mutable_data_ptr<tangent_t>() : nullptr};
-  if (by_rows) {
+  if (rows) {
     at::parallel_for(0, in.outer, std::max<int64_t>(1, kGrainElements / width),
                      [&](int64_t r0, int64_t r1) { span.rows(r0, r1); });
   } else {

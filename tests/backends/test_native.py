@@ -190,15 +190,15 @@ def test_running_statistics_strided_or_in_one_buffer_update_where_they_are(layou
         torch.testing.assert_close(var, ref_stats[1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (600, 5, 2, 2), (40, 5, 3, 5), (40, 5, 1, 1)])
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (1000, 5, 2, 2), (40, 5, 3, 5), (40, 5, 1, 1)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
 def test_bn_with_varied_slots_matches_forward_ad(shape, channels_last, relu):
     """Input slots {0, 2}, parameter slots {1, 2}: every combination of terms in one apply.
     NCHW planes of fewer values than the kernels' vector lanes (1x1 to 3x5 maps) are summed
     and applied by rows of C·H·W positions, each channel's shift and coefficients at each of its
-    positions; 600 rows of 2x2 take more than one statistics block and move their partials into
-    double sums part way through one."""
+    positions; 1000 rows of 5x2x2 take two statistics blocks (819 rows each) and move their
+    partials into double sums every 256 rows within one."""
     x = torch.randn(*shape, dtype=torch.float64) * 3 + 2
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
