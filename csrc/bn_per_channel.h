@@ -60,6 +60,8 @@ FGK_HOST_DEVICE inline double sum_of_blocks(const part_t* partial, int64_t block
 // Σ(x-k), Σ(x-k)², then for slot t Σẋ_t and Σ(x-k)·ẋ_t. Over n values, every sum in double:
 //   mean = k + d1 with d1 = Σ(x-k)/n,   var = Σ(x-k)²/n - d1² (clamped at 0; a NaN stays),
 //   tmean_t = Σẋ_t/n,                   tcov_t = mean((x - mean)·ẋ_t) = Σ(x-k)·ẋ_t/n - d1·tmean_t.
+// A tangent mean that is not finite (an Inf or NaN among the slot's values) makes tcov NaN, as
+// torch's forward mode has it: it takes mean((x - mean)·(ẋ - tmean)), NaN where ẋ is the Inf.
 // Writes mean[c], var[c], tmean[t*C + c] and tcov[t*C + c], each rounded once to acc_t.
 template <typename part_t, typename acc_t>
 FGK_HOST_DEVICE inline void finalize_bn_stats_channel(const part_t* partial, int64_t blocks,
@@ -75,7 +77,9 @@ FGK_HOST_DEVICE inline void finalize_bn_stats_channel(const part_t* partial, int
     const double t_mean = sum_of_blocks(partial, blocks, quantities, C, 2 + 2 * t, c) / n;
     const double t_cov = sum_of_blocks(partial, blocks, quantities, C, 3 + 2 * t, c) / n;
     tmean[t * C + c] = static_cast<acc_t>(t_mean);
-    tcov[t * C + c] = static_cast<acc_t>(t_cov - d1 * t_mean);
+    // (t_mean - t_mean: NaN where t_mean is ±Inf or NaN)
+    tcov[t * C + c] = static_cast<acc_t>(std::isfinite(t_mean) ? t_cov - d1 * t_mean
+                                                               : t_mean - t_mean);
   }
 }
 

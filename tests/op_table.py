@@ -335,7 +335,9 @@ class OpCase:
     for a whole-bfloat16 run of the op (torch computes its CPU layer and group norms'
     statistics in float32 even then, which no bound on a bfloat16 pass can match).
     ``on_rules``: the row runs on fgkernels' rules alone (False: a form of an op that takes
-    the forward-AD fallback)."""
+    the forward-AD fallback). ``nan_as_oracle``: a NaN or Inf tangent gives NaN and ±Inf where
+    the oracle's do (False: an oracle ``ref`` that defines the op by a formula of its own,
+    whose 0·Inf are not torch's; non-finite in the same places)."""
 
     fn: Callable
     x_shape: tuple
@@ -343,6 +345,7 @@ class OpCase:
     ref: Optional[Callable] = None
     bf16_network: bool = True
     on_rules: bool = True
+    nan_as_oracle: bool = True
 
     def oracle(self, x, w, xt, wt) -> ForwardADOracle:
         """forward_ad's ``(y, stacked tangents)`` in any dtype (``oracle(dtype)``); an operand
@@ -491,7 +494,7 @@ OPS = {
     # torch's own bfloat16 forward mode of the definition is 10% off, no yardstick)
     "grid_sample": OpCase(_grid_samples, (2, 3, 5, 6), (2, 4, 3, 2),
                           ref=lambda x, w: _grid_samples(x, w, definition=True),
-                          bf16_network=False),
+                          bf16_network=False, nan_as_oracle=False),
     "embedding_bag": OpCase(_bags, (6, 5), (5,), ref=lambda x, w: _bags(x, w, definition=True)),
     "embedding": OpCase(lambda x, w: F.embedding(IDS, w) * x
                         + F.embedding(IDS.view(2, 2), w, padding_idx=3).flatten(0, 1),
@@ -561,6 +564,9 @@ OPS = {
                                 torch.linspace(0.5, 2, 6).to(x.dtype))
         + F.nll_loss(x, TARGET, reduction="none").sum() + F.nll_loss(x, TARGET, reduction="sum"),
         (4, 6), (6,)),
+    "cross_entropy_smoothed": OpCase(  # an ignored sample; an Inf tangent meets ε/C, not 0
+        lambda x, w: F.cross_entropy(x * w, torch.tensor([1, -100, 3, 2]), reduction="none",
+                                     label_smoothing=0.2), (4, 6), (6,)),
     "cross_entropy_ignored_summed": OpCase(
         lambda x, w: F.cross_entropy(x * w, torch.tensor([1, -100, 3, 2]), reduction="sum"),
         (4, 6), (6,)),

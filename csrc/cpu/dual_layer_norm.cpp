@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../checks.h"
@@ -195,8 +196,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_layer_norm_cpu(
             row_tangent_sums(ts, xh.data(), D, s1, s2);
             // Σx̂·(ẋ − m1) = Σx̂·ẋ − m1·Σx̂: the rounded x̂'s mean, far from 0 where x has a
             // large mean, times a large m1 would otherwise enter m2 (torch centres ẋ first).
+            // A row whose m1 is not finite (an Inf among its ẋ) has m2 NaN, as torch's
+            // mean(x̂·(ẋ − m1)) is (NaN where ẋ is the Inf): m1 − m1 is that NaN.
             const acc_t m1 = static_cast<acc_t>(s1 * inv_d);
-            const acc_t c2 = r * static_cast<acc_t>((s2 - s1 * inv_d * xh_sum) * inv_d);
+            const acc_t c2 = std::isfinite(m1)
+                                 ? r * static_cast<acc_t>((s2 - s1 * inv_d * xh_sum) * inv_d)
+                                 : m1 - m1;
             row_input_term(ts, gamma.data(), xh.data(), sum_terms ? pt.data() : nullptr, r, m1,
                            c2, D, xo + s * slot + base);
           }

@@ -94,8 +94,8 @@ class ReferenceBackend:
         if xt is not None:
             if bn.training:
                 tdims = [d + 1 for d in dims]
-                xt_hat = (xt - xt.mean(tdims, keepdim=True)
-                          - xhat * (xhat * xt).mean(tdims, keepdim=True)) * rstd
+                xt_c = xt - xt.mean(tdims, keepdim=True)  # NaN where ẋ is an Inf, as torch's
+                xt_hat = (xt_c - xhat * (xhat * xt_c).mean(tdims, keepdim=True)) * rstd
             else:
                 xt_hat = xt * rstd
             parts.append((xt_hat if w is None else xt_hat * w.view(shape), x_pos))

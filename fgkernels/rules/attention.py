@@ -73,13 +73,21 @@ def _along(stack: Tensor, x: Tensor, dim: int) -> Tensor:
 
 
 def _centred(t: Tensor, y: Tensor, dim: int) -> Tensor:
-    """The slots ``t`` in y's precision, their mean along ``dim`` taken out: ẋ − Σ w ⊙ ẋ for
-    weights w that sum to 1 is unchanged by it but for rounding, and a large common part of ẋ
-    would cancel there after its rounding (the weights' own rounding, to a narrower tangent
-    dtype or in exp(log_softmax), leaves their sum off 1 by a few ulps, times that part). A
-    fresh tensor."""
+    """The slots ``t`` in y's precision, their mean along y's ``dim`` taken out (``centred``):
+    ẋ − Σ w ⊙ ẋ for weights w that sum to 1 is unchanged by it but for rounding, and a large
+    common part of ẋ would cancel there after its rounding (the weights' own rounding, to a
+    narrower tangent dtype or in exp(log_softmax), leaves their sum off 1 by a few ulps, times
+    that part). A fresh tensor."""
     t = t.to(y.dtype)
-    return t - t.mean(dim + 1, keepdim=True) if y.dim() else torch.zeros_like(t)
+    return centred(t, dim + 1) if y.dim() else torch.zeros_like(t)
+
+
+def centred(t: Tensor, dim: int) -> Tensor:
+    """``t`` less its mean along ``dim``, where that mean is finite: a row holding an Inf stays
+    as it is, since its mean taken out would make the whole row NaN, where torch's
+    ``ẋ − Σ w ⊙ ẋ`` is ∓Inf but at the Inf. A fresh tensor."""
+    mean = t.mean(dim, keepdim=True)
+    return t - mean.masked_fill_(~mean.isfinite(), 0)
 
 
 def _softmax_input(input, op: str, dim: Optional[int], stacklevel, dtype) -> tuple[Dual, int]:

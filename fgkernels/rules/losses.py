@@ -16,6 +16,7 @@ from torch.nn import _reduction as _Reduction
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
 from ..dual.value import Dual, implements, in_primal_layout
+from .attention import centred
 from .fallback import forward_ad_fallback
 from .layers import _no_grad
 from .operands import MaybeDual, as_dual, parts
@@ -66,18 +67,25 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     if d.tangents is None:
         return Dual(loss)
     keep = target != ignore_index
-    # an ignored sample's index may lie outside the classes (ignore_index=255): class 0 then
-    p = F.one_hot(torch.where(keep, target, 0).long(), z.shape[1]).to(z.dtype)
-    if label_smoothing:
-        p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
-    residual = (torch.softmax(z, dim=1) - p) * keep.unsqueeze(1)
-    # In the accumulation dtype, rounded once to the tangents' (a bfloat16 tangent of a float32
-    # network stays bfloat16, as every op keeps it). ż's mean over the classes is taken out
-    # first: Σ_c (softmax − p) = 0, so it changes nothing but the rounding of a large common
-    # part of ż, which the sum would cancel.
+    # L̇_n = Σ_c softmax_nc·ż_nc − Σ_c p_nc·ż_nc, in the accumulation dtype, rounded once to
+    # the tangents' (a bfloat16 tangent of a float32 network stays bfloat16, as every op keeps
+    # it). ż's mean over the classes is taken out first (``centred``): Σ_c (softmax − p) = 0, so
+    # it changes nothing but the rounding of a large common part of ż, which the sums would
+    # cancel. The two sums are kept apart and the one-hot term is a pick, as torch's log_softmax
+    # and nll_loss compute them: an Inf in ż gives its Inf or NaN (never 0·Inf at a class the
+    # target does not hold), and an ignored sample's term is 0 whatever its ż.
     acc = acc_dtype(z.dtype)
-    zt = d.tangents.to(acc)
-    per_sample = (residual.to(acc) * (zt - zt.mean(-1, keepdim=True))).sum(-1)  # (T, N)
+    zt = centred(d.tangents.to(acc), -1)  # (T, N, C)
+    # an ignored sample's index may lie outside the classes (ignore_index=255): class 0 then
+    picked = torch.where(keep, target, 0).long()
+    if label_smoothing:
+        p = F.one_hot(picked, z.shape[1]).to(acc)
+        p = p * (1 - label_smoothing) + label_smoothing / z.shape[1]
+        target_term = (p * zt).sum(-1)
+    else:
+        target_term = zt.gather(-1, picked.view(1, -1, 1).expand(zt.shape[0], -1, 1)).squeeze(-1)
+    per_sample = (torch.softmax(z, dim=1).to(acc) * zt).sum(-1) - target_term  # (T, N)
+    per_sample.masked_fill_(~keep, 0)
     if reduction == "mean":  # over the kept samples: 0/0 = NaN when every one is ignored
         lt = per_sample.sum(-1) / keep.sum()
     elif reduction == "sum":

@@ -51,6 +51,8 @@ def _normalize(x: Tensor, xt: Optional[Tensor], dims: list[int], mean: Optional[
     if mean is not None:
         m1 = xt.mean(tdims, keepdim=True)
         m2 = m2.sub_(m1 * xhat.mean(dims, keepdim=True))
+        # torch's mean(x̂·(ẋ − m1)) is NaN where m1 is not finite (NaN where ẋ is the Inf)
+        m2.masked_fill_(~m1.isfinite(), float("nan"))
     m2r = m2.mul_(r)
     # Traced, no out= (Dynamo refuses a strided one and breaks the graph; Inductor fuses the
     # expression into one buffer anyway).

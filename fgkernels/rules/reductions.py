@@ -141,17 +141,19 @@ def std_mean(input: Dual, *args, **kwargs) -> tuple[Dual, Dual]:
     return _spread_and_mean(torch.std_mean, input, args, kwargs, _std_of_variance)
 
 
-def _extreme(op, input: Dual, dim, keepdim: bool) -> Dual:
+def _extreme(op, input: Dual, dim, keepdim: bool, by_product: bool = False) -> Dual:
     """amax or amin: ``ẏ = Σ_{x = y} ẋ / #{x = y}``, ties sharing the tangent evenly (a
-    select: a NaN tangent elsewhere gives no NaN)."""
+    select: a NaN tangent elsewhere gives no NaN; ``by_product``: ẋ times the ties' mask, as
+    torch's forward mode computes max and min over everything, a NaN or Inf tangent anywhere
+    giving NaN)."""
     y = op(input.primal, dim, keepdim)
     if input.tangents is None:
         return input.with_tangents(y, None)
     x, t = _as_1d(input.primal, input.tangents)
     dims = _dims(dim, x.dim())
     ties = x == op(x, dims, True)
-    yt = torch.where(ties, t, 0).sum(_slot_dims(dims, x.dim()), keepdim) / \
-        _like(ties.sum(dims, keepdim), t)
+    picked = t * ties if by_product else torch.where(ties, t, 0)
+    yt = picked.sum(_slot_dims(dims, x.dim()), keepdim) / _like(ties.sum(dims, keepdim), t)
     return input.with_tangents(y, yt.reshape(t.shape[0], *y.shape))
 
 
@@ -187,11 +189,11 @@ def _picked(input: Dual, values: Tensor, indices: Tensor, dim: int, keepdim: boo
 
 def _max_or_min(op, reduce, binary, input, args: tuple, kwargs: dict):
     """``op`` (torch.max or torch.min) in each of its forms: over everything (``reduce``'s
-    rule: ties share the tangent evenly, as torch's forward mode has it for this form), of two
-    tensors (``binary``'s rule), or along ``dim`` (values and indices, a tie taking the tangent
-    of the element torch picked)."""
+    rule, amax or amin, by the product with the ties' mask as torch's forward mode has it for
+    this form), of two tensors (``binary``'s rule), or along ``dim`` (values and indices, a tie
+    taking the tangent of the element torch picked)."""
     if not args and not kwargs:
-        return reduce(input)
+        return _extreme(reduce, input, (), False, by_product=True)
     other = args[0] if args else kwargs.get("other")
     if isinstance(other, (Tensor, Dual)):
         return binary(input, other)
@@ -205,13 +207,13 @@ def _max_or_min(op, reduce, binary, input, args: tuple, kwargs: dict):
 @implements(torch.max, torch.Tensor.max)
 def max_(input, *args, **kwargs):
     """Dual max: over everything, of two tensors, or along a dim (values and indices)."""
-    return _max_or_min(torch.max, amax, maximum, input, args, kwargs)
+    return _max_or_min(torch.max, torch.amax, maximum, input, args, kwargs)
 
 
 @implements(torch.min, torch.Tensor.min)
 def min_(input, *args, **kwargs):
     """Dual min: over everything, of two tensors, or along a dim (values and indices)."""
-    return _max_or_min(torch.min, amin, minimum, input, args, kwargs)
+    return _max_or_min(torch.min, torch.amin, minimum, input, args, kwargs)
 
 
 @implements(torch.sort, torch.Tensor.sort)

@@ -20,7 +20,7 @@ from fgkernels import Dual
 from fgkernels.backends.triton.conv import combine_tile_stats, dual_conv2d
 from fgkernels.backends.triton.precision import cudnn_conv_fp32_precision
 from fgkernels.dual.layout import empty_slots
-from fgkernels.testing import compare_with_forward_ad, model_jvp, round_to_tf32
+from fgkernels.testing import compare_with_forward_ad, forward_ad_jvp, model_jvp, round_to_tf32
 
 from helpers import ForwardADOracle, assert_within_torch_error, rel_err
 
@@ -321,6 +321,24 @@ def test_bn_relu_apply_keeps_nan_and_its_tangent():
     dual_bn_relu_apply_(y, yt, zero, one, zero, zero[None], zero[None], relu=True)
     assert torch.isnan(y[0, 0, 0, 0]) and y.flatten()[1:].tolist() == [0.0, 2.0, 0.0]
     assert torch.isnan(yt[0, 0, 0, 0, 0]) and yt.flatten()[1:].tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_fused_conv_bn_spreads_a_non_finite_tangent_as_forward_ad(value):
+    """One non-finite value in the input's tangent reaches every channel of the convolution;
+    the batch norm's tangent is then NaN across them, as forward_ad's (its covariance centres ẋ
+    by its mean: Inf − Inf), which the tile co-moments give too (each centred by its tile's
+    mean): not a mix of ±Inf and NaN."""
+    x, w = rand(2, 3, 6, 5), rand(4, 3, 3, 3)
+    xt = rand(1, *x.shape)
+    xt[0, 1, 2, 3, 2] = value
+    with fgkernels.use_backend("triton"):
+        out = DF.conv2d_batch_norm(Dual(x.float(), xt.float()), w.float(), None, 1, 1, 1, 1,
+                                   None, None, None, None, True, 0.1, 1e-5, False)
+    _, expected = forward_ad_jvp(lambda x_: F.batch_norm(F.conv2d(x_, w, None, 1, 1), None,
+                                                         None, training=True), [x], [xt])
+    assert expected.isnan().all()
+    assert out.tangents.isnan().all()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -18,7 +18,7 @@ from fgkernels import Dual
 from fgkernels.dual.tangents import has_tangent
 from fgkernels.testing import forward_ad_jvp, model_jvp, model_jvp_in_place
 
-from helpers import ForwardADOracle, assert_within_torch_error
+from helpers import ForwardADOracle, assert_within_torch_error, laid_out
 from op_table import OPS, inputs
 
 f64 = dict(dtype=torch.float64)
@@ -674,6 +674,49 @@ def test_nonfinite_primal_in_training_bn_relu_gives_nan_as_forward_ad(backend, b
     for ours, torchs in ((net[0].running_mean, plain[0].running_mean),
                          (net[0].running_var, plain[0].running_var)):
         torch.testing.assert_close(ours, torchs, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((4, 2, 3, 3), True), ((64, 2, 2, 2), False),
+                                                 ((8, 2, 16, 16), True), ((3, 2, 5, 7), False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")])
+def test_an_infinite_tangent_makes_a_training_bn_channel_nan_as_forward_ad(backend, shape,
+                                                                          channels_last, dtype,
+                                                                          value):
+    """One infinite tangent value: its channel's tangent is NaN throughout, as forward_ad's
+    (whose covariance centres ẋ by its infinite mean), on small planes and large, in both
+    layouts; not a mix of ±Inf and NaN, which a covariance taken as Σ(x−k)·ẋ/n − d1·mean(ẋ)
+    gives by the signs of its two infinite terms. The other channel is unchanged."""
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    xt = torch.randn(1, *shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    xt[0, 0, 0, 0, 0] = value
+    if channels_last:
+        x, xt = laid_out(x, "channels_last"), laid_out(xt, "channels_last")
+    w, b = torch.linspace(0.5, 2, 2, dtype=dtype), torch.tensor([0.3, -0.2], dtype=dtype)
+    fn = lambda v: F.batch_norm(v, None, None, w, b, True)
+    out = fn(Dual(x, xt))
+    _, yt = _jvp(fn, (x, xt))
+    assert out.tangents[:, :, 0].isnan().all() and yt[:, :, 0].isnan().all()
+    assert out.tangents[:, :, 1].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")])
+def test_an_infinite_tangent_makes_a_layer_norm_row_nan_as_forward_ad(backend, dtype, value):
+    """An infinite tangent value at each place of a row in turn: that row's tangent is NaN
+    throughout, as forward_ad's (which centres ẋ by its infinite mean), the other rows
+    unchanged; with weight and bias tangents summed into the same slot."""
+    x = torch.randn(3, 2, 7, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    w, b = torch.linspace(0.5, 2, 7, dtype=dtype), torch.linspace(-1, 1, 7, dtype=dtype)
+    wt, bt = torch.ones(1, 7, dtype=dtype), torch.full((1, 7), 0.5, dtype=dtype)
+    fn = lambda v, w_, b_: F.layer_norm(v, (7,), w_, b_)
+    for place in range(7):
+        xt = torch.randn(1, 3, 2, 7, dtype=dtype, generator=torch.Generator().manual_seed(place))
+        xt[0, 1, 0, place] = value
+        out = fn(Dual(x, xt), Dual(w, wt), Dual(b, bt))
+        _, yt = _jvp(fn, (x, xt), (w, wt), (b, bt))
+        assert torch.equal(out.tangents.isnan(), yt.isnan()) and yt[0, 1, 0].isnan().all()
+        assert out.tangents.isnan().sum() == 7
 
 
 def test_a_gru_with_an_infinite_new_gate_tangent_is_nan_as_forward_ad():

@@ -410,6 +410,58 @@ def test_activations_at_every_kink(name, backend, dtype):
     _close(out, lambda dt: activation_oracle(name, x.to(dt), xt.to(dt)))
 
 
+# Ops whose tangent at one place reads every tangent of a row, a channel or the whole input
+# (a mean taken out, a sum, a max over everything): one NaN or Inf tangent there makes torch's
+# forward mode give NaN or ±Inf across it, by its own formula's 0·Inf and Inf − Inf.
+_TARGETS = torch.tensor([1, -100, 0, 2])
+ROW_READERS = {
+    "batch_norm": lambda v: F.batch_norm(v, None, None, training=True),
+    "batch_norm_affine": lambda v: F.batch_norm(v, None, None, torch.linspace(
+        0.5, 2, v.shape[1], dtype=v.dtype), None, training=True),
+    "instance_norm": lambda v: F.instance_norm(v),
+    "group_norm": lambda v: F.group_norm(v, 1),
+    "layer_norm": lambda v: F.layer_norm(v, v.shape[-2:]),
+    "softmax": lambda v: v.softmax(1), "log_softmax": lambda v: F.log_softmax(v, -1),
+    "softmin": lambda v: F.softmin(v, 1),
+    "cross_entropy": lambda v: F.cross_entropy(v.flatten(1), _TARGETS[:v.shape[0]] % v[0].numel(),
+                                               reduction="none"),
+    "cross_entropy_ignored": lambda v: F.cross_entropy(
+        v.flatten(1), torch.where(_TARGETS[:v.shape[0]] < 0, -100,
+                                  _TARGETS[:v.shape[0]] % v[0].numel()), reduction="sum"),
+    "cross_entropy_smoothed": lambda v: F.cross_entropy(
+        v.flatten(1), _TARGETS[:v.shape[0]] % v[0].numel(), reduction="none",
+        label_smoothing=0.2),
+    "max": torch.max, "min": torch.min, "amax": lambda v: v.amax((1, 2)),
+}
+
+
+@PROFILE
+@given(name=st.sampled_from(sorted(ROW_READERS)),
+       shape=st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+       T=slots, where=st.integers(0, 2**31 - 1), value=st.sampled_from(NON_FINITE),
+       dtype=dtypes, seed=st.integers(0, 99), backend=backends)
+def test_a_non_finite_tangent_spreads_as_in_torch(name, shape, T, where, value, dtype, seed,
+                                                  backend):
+    """One NaN or ±Inf in one slot's tangent, at a drawn place: the output's tangents are NaN
+    and ±Inf exactly where forward_ad's are (a norm's channel or row all NaN, a softmax's row
+    ∓Inf but NaN at the Inf, an ignored sample's loss 0), and equal elsewhere."""
+    assume(name not in ("batch_norm", "batch_norm_affine")
+           or shape[0] * shape[2] * shape[3] > 1)  # (torch refuses one value per channel)
+    assume(name != "instance_norm" or shape[2] * shape[3] > 1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    xt = torch.randn(T, *shape, generator=g, dtype=dtype)
+    xt.view(-1)[where % xt.numel()] = value
+    fn = ROW_READERS[name]
+    with fgkernels.use_backend(backend):
+        out = fn(Dual(x, xt))
+    ours, (_, expected) = out.tangents, forward_ad_jvp(fn, [x], [xt])
+    assert torch.equal(ours.isnan(), expected.isnan())
+    assert torch.equal(ours.isinf(), expected.isinf())
+    assert torch.equal(ours[ours.isinf()], expected[expected.isinf()])
+    _close(out, lambda dt: forward_ad_jvp(fn, [x.to(dt)], [xt.to(dt)]))
+
+
 TENSOR_METHODS = {
     "permute": lambda v: v.permute(*reversed(range(v.dim()))),
     "transpose": lambda v: v.transpose(0, -1), "flatten": lambda v: v.flatten(),
