@@ -1246,6 +1246,10 @@ MUTANTS = [
     Mutant("reference batch norm's covariance by the uncentred tangent",
            "fgkernels/backends/reference.py", "- xhat * (xhat * xt_c).mean(",
            "- xhat * (xhat * xt).mean(", OPS),
+    Mutant("CTC leaves a class out by its occupancy's rounding only", "fgkernels/rules/losses.py",
+           "visited = (occupancy != 0) & _ctc_classes(targets, target_lengths, lp, blank)",
+           "visited = occupancy != 0",
+           ("tests/rules/test_functional.py::test_ctc_loss_leaves_out_a_class_no_path_visits",)),
     # the C++ kernels (--native)
     Mutant("BN coefficients lose a factor r", BN_PER_CHANNEL,
            "t_xscale[x_pos[s] * C + c] += -a * r * r * in.tcov(s, c);",

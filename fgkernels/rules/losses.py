@@ -168,8 +168,11 @@ def ctc_loss(log_probs: MaybeDual, targets: Tensor, input_lengths, target_length
     if zero_infinity:
         counted = counted & loss(lp, "none", False).isfinite()
     occupancy = lp.exp() * counted.unsqueeze(-1) - grad  # γ
-    # (a frame or class no path visits takes no part, a non-finite tangent there included)
-    terms = torch.where(occupancy != 0, occupancy * d.tangents.to(lp.dtype), 0)
+    # A frame or class no path visits takes no part, a non-finite tangent there included: a
+    # class that is neither the blank nor among a sample's targets is left out by name, since
+    # γ there is exp(lp) less torch's own exp(lp), which may differ from it in the last bit.
+    visited = (occupancy != 0) & _ctc_classes(targets, target_lengths, lp, blank)
+    terms = torch.where(visited, occupancy * d.tangents.to(lp.dtype), 0)
     each = -terms.sum(-1).sum(1).view(terms.shape[0], -1)  # (slots, N); N = 1 unbatched
     if reduction == "mean":
         lengths = torch.as_tensor(target_lengths, device=lp.device).view(-1)
@@ -179,6 +182,22 @@ def ctc_loss(log_probs: MaybeDual, targets: Tensor, input_lengths, target_length
     elif lp.dim() == 2:
         each = each.squeeze(-1)
     return d.with_tangents(y, each.to(d.tangents.dtype))
+
+
+def _ctc_classes(targets: Tensor, target_lengths, lp: Tensor, blank: int) -> Tensor:
+    """Which classes each sample's paths may visit: the blank and its targets, ``(N, C)``
+    (``(C,)`` for an unbatched ``lp``), from targets padded ``(N, S)`` or concatenated."""
+    lengths = torch.as_tensor(target_lengths, device=lp.device).view(-1)
+    classes = torch.zeros(lengths.numel(), lp.shape[-1], dtype=torch.bool, device=lp.device)
+    samples = torch.arange(lengths.numel(), device=lp.device)
+    if targets.dim() == 2:  # padded: sample n's first lengths[n] entries
+        held = torch.arange(targets.shape[1], device=lp.device) < lengths.unsqueeze(1)
+        classes[samples.unsqueeze(1).expand_as(targets)[held], targets[held].long()] = True
+    else:  # concatenated (or one unbatched sample's, maybe padded)
+        owner = samples.repeat_interleave(lengths)
+        classes[owner, targets[:owner.numel()].long()] = True
+    classes[:, blank] = True
+    return classes if lp.dim() == 3 else classes[0]
 
 
 def _per_element(name: str, each: Tensor, slopes: list[tuple[Dual, Optional[Tensor]]]) -> Dual:

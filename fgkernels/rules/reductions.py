@@ -188,10 +188,10 @@ def _picked(input: Dual, values: Tensor, indices: Tensor, dim: int, keepdim: boo
 
 
 def _max_or_min(op, reduce, binary, input, args: tuple, kwargs: dict):
-    """``op`` (torch.max or torch.min) in each of its forms: over everything (``reduce``'s
-    rule, amax or amin, by the product with the ties' mask as torch's forward mode has it for
-    this form), of two tensors (``binary``'s rule), or along ``dim`` (values and indices, a tie
-    taking the tangent of the element torch picked)."""
+    """``op`` (torch.max or torch.min) in each of its forms: over everything (``reduce``,
+    torch.amax or torch.amin, its ties sharing the tangent by a product with their mask, as
+    torch's forward mode has it for this form), of two tensors (``binary``'s rule), or along
+    ``dim`` (values and indices, a tie taking the tangent of the element torch picked)."""
     if not args and not kwargs:
         return _extreme(reduce, input, (), False, by_product=True)
     other = args[0] if args else kwargs.get("other")

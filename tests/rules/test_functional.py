@@ -377,6 +377,34 @@ def test_an_embedding_bag_with_max_norm_renormalises_as_torch(mode):
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("form", ["padded", "concatenated", "unbatched"])
+def test_ctc_loss_leaves_out_a_class_no_path_visits(form):
+    """A NaN tangent at every frame of a class that is neither the blank nor among sample 1's
+    targets (3, 3) takes no part in its tangent, whatever the rounding of the occupancy read
+    from torch's gradient there (these unnormalised log-probabilities leave a residue of the
+    last bit at class 1, frame 2); the same NaN at class 3 makes it NaN."""
+    g = torch.Generator().manual_seed(7)
+    x, w = (torch.randn(6, 2, 4, generator=g, dtype=torch.float64),
+            torch.randn(4, generator=g, dtype=torch.float64))
+    lp, lpt = x * w, torch.randn(1, 6, 2, 4, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([6, 5]), torch.tensor([3, 2])
+    args = {"padded": (torch.tensor([[1, 2, 1], [3, 3, 0]]), *lengths),
+            "concatenated": (torch.tensor([1, 2, 1, 3, 3]), *lengths),
+            "unbatched": (torch.tensor([3, 3]), torch.tensor(5), torch.tensor(2))}[form]
+    if form == "unbatched":  # sample 1 alone
+        lp, lpt = lp[:, 1], lpt[:, :, 1]
+    sample_1 = (lambda t: t[0]) if form == "unbatched" else (lambda t: t[0, 1])
+    clean = sample_1(F.ctc_loss(Dual(lp, lpt), *args, reduction="none").tangents)
+    for cls in (1, 2, 3):
+        poisoned = lpt.clone()
+        (poisoned[:, :, cls] if form == "unbatched" else poisoned[:, :, 1, cls]).fill_(math.nan)
+        out = sample_1(F.ctc_loss(Dual(lp, poisoned), *args, reduction="none").tangents)
+        if cls == 3:
+            assert out.isnan()
+        else:
+            assert out == clean
+
+
 def test_ctc_loss_zero_infinity_and_unbatched_inputs():
     """A sample no alignment fits (two equal labels in two frames) has an infinite loss, which
     ``zero_infinity`` makes 0 with a tangent of 0, the other samples' unchanged; an unbatched
