@@ -41,7 +41,7 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None) 
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
-    c = _centred(t, y, dim)  # (a fresh tensor: updated in place)
+    c = _centred_slots(t, y, dim)  # (a fresh tensor: updated in place)
     # (laid out as y: torch gives a channels_last input's softmax contiguous)
     return d.with_tangents(y, in_primal_layout(c.sub_(_along(y * c, y, dim)).mul_(y)
                                                .to(t.dtype), y))
@@ -62,7 +62,7 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
     t = d.tangents
     if t is None:
         return d.with_tangents(y, None)
-    c = _centred(t, y, dim)  # (a fresh tensor: updated in place)
+    c = _centred_slots(t, y, dim)  # (a fresh tensor: updated in place)
     return d.with_tangents(y, in_primal_layout(c.sub_(_along(y.exp() * c, y, dim))
                                                .to(t.dtype), y))
 
@@ -72,7 +72,7 @@ def _along(stack: Tensor, x: Tensor, dim: int) -> Tensor:
     return stack.sum(dim + 1, keepdim=True) if x.dim() else stack
 
 
-def _centred(t: Tensor, y: Tensor, dim: int) -> Tensor:
+def _centred_slots(t: Tensor, y: Tensor, dim: int) -> Tensor:
     """The slots ``t`` in y's precision, their mean along y's ``dim`` taken out (``centred``):
     ẋ − Σ w ⊙ ẋ for weights w that sum to 1 is unchanged by it but for rounding, and a large
     common part of ẋ would cancel there after its rounding (the weights' own rounding, to a

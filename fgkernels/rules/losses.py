@@ -71,9 +71,10 @@ def cross_entropy(input: MaybeDual, target: Tensor, weight=None, size_average=No
     # the tangents' (a bfloat16 tangent of a float32 network stays bfloat16, as every op keeps
     # it). ż's mean over the classes is taken out first (``centred``): Σ_c (softmax − p) = 0, so
     # it changes nothing but the rounding of a large common part of ż, which the sums would
-    # cancel. The two sums are kept apart and the one-hot term is a pick, as torch's log_softmax
-    # and nll_loss compute them: an Inf in ż gives its Inf or NaN (never 0·Inf at a class the
-    # target does not hold), and an ignored sample's term is 0 whatever its ż.
+    # cancel. The two sums are kept apart, and without label smoothing the target's term is a
+    # pick, as torch's log_softmax and nll_loss compute them: an Inf in ż gives its Inf or NaN
+    # (never 0·Inf at a class the target does not hold), and an ignored sample's term is 0
+    # whatever its ż.
     acc = acc_dtype(z.dtype)
     zt = centred(d.tangents.to(acc), -1)  # (T, N, C)
     # an ignored sample's index may lie outside the classes (ignore_index=255): class 0 then
@@ -168,10 +169,11 @@ def ctc_loss(log_probs: MaybeDual, targets: Tensor, input_lengths, target_length
     if zero_infinity:
         counted = counted & loss(lp, "none", False).isfinite()
     occupancy = lp.exp() * counted.unsqueeze(-1) - grad  # γ
-    # A frame or class no path visits takes no part, a non-finite tangent there included: a
-    # class that is neither the blank nor among a sample's targets is left out by name, since
-    # γ there is exp(lp) less torch's own exp(lp), which may differ from it in the last bit.
-    visited = (occupancy != 0) & _ctc_classes(targets, target_lengths, lp, blank)
+    # A frame or class no path visits takes no part, a non-finite tangent there included. γ
+    # there is exp(lp) less torch's own exp(lp), which may differ from it in the last bits: a
+    # γ within a few roundings of exp(lp) is taken as 0 (a share that small of a finite
+    # tangent is below the rounding of the sum it enters).
+    visited = occupancy.abs() > 4 * torch.finfo(lp.dtype).eps * lp.exp()
     terms = torch.where(visited, occupancy * d.tangents.to(lp.dtype), 0)
     each = -terms.sum(-1).sum(1).view(terms.shape[0], -1)  # (slots, N); N = 1 unbatched
     if reduction == "mean":
@@ -182,22 +184,6 @@ def ctc_loss(log_probs: MaybeDual, targets: Tensor, input_lengths, target_length
     elif lp.dim() == 2:
         each = each.squeeze(-1)
     return d.with_tangents(y, each.to(d.tangents.dtype))
-
-
-def _ctc_classes(targets: Tensor, target_lengths, lp: Tensor, blank: int) -> Tensor:
-    """Which classes each sample's paths may visit: the blank and its targets, ``(N, C)``
-    (``(C,)`` for an unbatched ``lp``), from targets padded ``(N, S)`` or concatenated."""
-    lengths = torch.as_tensor(target_lengths, device=lp.device).view(-1)
-    classes = torch.zeros(lengths.numel(), lp.shape[-1], dtype=torch.bool, device=lp.device)
-    samples = torch.arange(lengths.numel(), device=lp.device)
-    if targets.dim() == 2:  # padded: sample n's first lengths[n] entries
-        held = torch.arange(targets.shape[1], device=lp.device) < lengths.unsqueeze(1)
-        classes[samples.unsqueeze(1).expand_as(targets)[held], targets[held].long()] = True
-    else:  # concatenated (or one unbatched sample's, maybe padded)
-        owner = samples.repeat_interleave(lengths)
-        classes[owner, targets[:owner.numel()].long()] = True
-    classes[:, blank] = True
-    return classes if lp.dim() == 3 else classes[0]
 
 
 def _per_element(name: str, each: Tensor, slopes: list[tuple[Dual, Optional[Tensor]]]) -> Dual:

@@ -312,13 +312,14 @@ def minimum(input, other) -> Dual:
 
 def _extremum(op: Callable, wins: Callable, input, other) -> Dual:
     """``op(a, b)`` of maximum or minimum, whose tangent is torch's forward mode's
-    ``ḃ + w·(ȧ − ḃ)`` (as ``w·ȧ + (1 − w)·ḃ``, equal to rounding) with ``w`` ½ where a = b,
-    else 1 where ``wins(a, b)``: ḃ where either is NaN (the primal is NaN there)."""
+    ``ḃ + w·(ȧ − ḃ)`` (as ``w·ȧ + (ḃ − w·ḃ)``, equal to rounding) with ``w`` ½ where a = b,
+    else 1 where ``wins(a, b)``: ḃ where either is NaN (the primal is NaN there). An infinite
+    ḃ gives NaN wherever it is, as in torch's (Inf − Inf or 0·Inf), not (1 − w)·ḃ's ±Inf."""
     (a, at, ao), (b, bt, bo) = _parts(input), _parts(other)
     y = op(a, b)
     w = torch.where(a == b, 0.5, wins(a, b).to(y.dtype))
     return _combine(op.__name__, y, [(ao, at, lambda t: t * _like(w, t)),
-                                     (bo, bt, lambda t: t * _like(1 - w, t))])
+                                     (bo, bt, lambda t: t - t * _like(w, t))])
 
 
 # torch 2.14 changed clamp's forward-mode rule where x ties a bound: a number bound now keeps

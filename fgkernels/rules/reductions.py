@@ -144,8 +144,8 @@ def std_mean(input: Dual, *args, **kwargs) -> tuple[Dual, Dual]:
 def _extreme(op, input: Dual, dim, keepdim: bool, by_product: bool = False) -> Dual:
     """amax or amin: ``ẏ = Σ_{x = y} ẋ / #{x = y}``, ties sharing the tangent evenly (a
     select: a NaN tangent elsewhere gives no NaN; ``by_product``: ẋ times the ties' mask, as
-    torch's forward mode computes max and min over everything, a NaN or Inf tangent anywhere
-    giving NaN)."""
+    torch's forward mode computes max and min over everything, a NaN tangent anywhere or an
+    infinite one off the ties giving NaN)."""
     y = op(input.primal, dim, keepdim)
     if input.tangents is None:
         return input.with_tangents(y, None)

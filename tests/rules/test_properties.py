@@ -432,6 +432,8 @@ ROW_READERS = {
         v.flatten(1), _TARGETS[:v.shape[0]] % v[0].numel(), reduction="none",
         label_smoothing=0.2),
     "max": torch.max, "min": torch.min, "amax": lambda v: v.amax((1, 2)),
+    "maximum": lambda v: torch.maximum(v, v.flip(-1)),  # (the middle of an odd row ties itself)
+    "minimum": lambda v: torch.minimum(v.flip(0), v),
 }
 
 
@@ -448,6 +450,7 @@ def test_a_non_finite_tangent_spreads_as_in_torch(name, shape, T, where, value, 
     assume(name not in ("batch_norm", "batch_norm_affine")
            or shape[0] * shape[2] * shape[3] > 1)  # (torch refuses one value per channel)
     assume(name != "instance_norm" or shape[2] * shape[3] > 1)
+    assume(name != "group_norm" or shape[1] * shape[2] * shape[3] > 1)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=dtype)
     xt = torch.randn(T, *shape, generator=g, dtype=dtype)
