@@ -447,10 +447,13 @@ def test_a_non_finite_tangent_spreads_as_in_torch(name, shape, T, where, value, 
     """One NaN or ±Inf in one slot's tangent, at a drawn place: the output's tangents are NaN
     and ±Inf exactly where forward_ad's are (a norm's channel or row all NaN, a softmax's row
     ∓Inf but NaN at the Inf, an ignored sample's loss 0), and equal elsewhere."""
-    assume(name not in ("batch_norm", "batch_norm_affine")
-           or shape[0] * shape[2] * shape[3] > 1)  # (torch refuses one value per channel)
-    assume(name != "instance_norm" or shape[2] * shape[3] > 1)
-    assume(name != "group_norm" or shape[1] * shape[2] * shape[3] > 1)
+    n, c, h, w = shape
+    normalized = {"batch_norm": n * h * w, "batch_norm_affine": n * h * w,
+                  "instance_norm": h * w, "group_norm": c * h * w, "layer_norm": h * w}
+    # Training norms refuse one value a channel; in float32 a channel of two has a tangent of
+    # order eps/σ² times ẋ's, whose error is chance for any kernel: three, as
+    # test_batch_norm_and_relu draws them.
+    assume(normalized.get(name, 3) >= (2 if dtype == torch.float64 else 3))
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=dtype)
     xt = torch.randn(T, *shape, generator=g, dtype=dtype)
