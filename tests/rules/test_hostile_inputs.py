@@ -697,7 +697,7 @@ def test_an_infinite_tangent_makes_a_training_bn_channel_nan_as_forward_ad(backe
     out = fn(Dual(x, xt))
     _, yt = _jvp(fn, (x, xt))
     assert out.tangents[:, :, 0].isnan().all() and yt[:, :, 0].isnan().all()
-    assert out.tangents[:, :, 1].isfinite().all()
+    torch.testing.assert_close(out.tangents[:, :, 1], yt[:, :, 1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -717,6 +717,8 @@ def test_an_infinite_tangent_makes_a_layer_norm_row_nan_as_forward_ad(backend, d
         _, yt = _jvp(fn, (x, xt), (w, wt), (b, bt))
         assert torch.equal(out.tangents.isnan(), yt.isnan()) and yt[0, 1, 0].isnan().all()
         assert out.tangents.isnan().sum() == 7
+        finite = yt.isfinite()
+        torch.testing.assert_close(out.tangents[finite], yt[finite], rtol=1e-5, atol=1e-5)
 
 
 def test_a_gru_with_an_infinite_new_gate_tangent_is_nan_as_forward_ad():
