@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
 import fgkernels  # noqa: E402
-from fgkernels.dual.tangents import hooks_set_aside  # noqa: E402
+from fgkernels.dual.passes import hooks_set_aside  # noqa: E402
 from fgkernels.train.memory import PeakMemory  # noqa: E402
 
 from allocator import keep_freed_memory  # noqa: E402

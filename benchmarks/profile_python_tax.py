@@ -34,7 +34,8 @@ from allocator import keep_freed_memory  # noqa: E402
 from zoo import MODELS  # noqa: E402  (tests/zoo.py)
 
 PARTS = {  # fgkernels' Python files, named by what they do
-    "dual/tangents.py": "parameter substitution and module hooks",
+    **{f"dual/{name}.py": "parameter substitution and module hooks"
+       for name in ("passes", "tangent_store", "lifting", "module_state", "function_mode")},
     "nn/modules.py": "twins and fused sequences",
     "dual/slots.py": "slot planning and placement",
     "backends/bn_math.py": "batch-norm coefficients",

@@ -9,8 +9,9 @@ autograd graph and no stored activations. The twins are reachable from here too
 from . import functional, nn, rules  # noqa: F401  (rules: every op's rule registered)
 from .backends import available_backends, current_backend, use_backend
 from .dual import Dual, is_dual
+from .dual.passes import dual_pass
 from .dual.precision import fast_bfloat16, tangent_dtype
-from .dual.tangents import clear_tangents, dual_pass, random_tangents, set_tangents
+from .dual.tangents import clear_tangents, random_tangents, set_tangents
 from .nn import compile, convert
 from .rules.fallback import fallback_ops, strict_rules
 

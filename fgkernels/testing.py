@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .dual import Dual
-from .dual.tangents import clear_tangents, dual_pass, random_tangents, set_tangents
+from .dual.passes import dual_pass
+from .dual.tangents import clear_tangents, random_tangents, set_tangents
 from .rules.fallback import fallback_ops
 
 __all__ = ["forward_ad_jvp", "model_jvp", "model_jvp_in_place", "compare_with_forward_ad",

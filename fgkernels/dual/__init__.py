@@ -1,8 +1,8 @@
 """The value a dual pass carries and the policy every layer above shares: ``Dual`` (a primal with
 its stacked tangent slots and their directions, ``value``), how operands' slots line up
-(``slots``), the tangent store that gives parameter tensors their tangents (``tangents``), which
-tangent dtypes fit a primal and what sums accumulate in (``dtypes``, ``precision``), and how
-slots are laid out in memory (``layout``). It runs no kernel and imports no backend."""
+(``slots``), the tangents of parameter tensors (``tangents``: set into ``tangent_store``, handed
+out by the dual pass, ``passes``), which tangent dtypes fit a primal and what sums accumulate in
+(``dtypes``, ``precision``), and how slots are laid out in memory (``layout``). It runs no kernel and imports no backend."""
 from .value import Dual, is_dual
 
 __all__ = ["Dual", "is_dual"]

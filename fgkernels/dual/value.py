@@ -237,7 +237,7 @@ class _InRule:
 
 def in_rule() -> _InRule:
     """Marks code that computes a rule: its torch ops act on primals and tangents, and a torch
-    function mode that hands out parameters as Duals (``tangents.ParameterTangents``) lets
+    function mode that hands out parameters as Duals (``function_mode.ParameterTangents``) lets
     them be."""
     return _InRule()
 
@@ -300,7 +300,7 @@ class _Census:
     """How many Duals exist. fgkernels' global module hooks are registered while any does (as
     while a tensor has a tangent), so that a module called with a Dual runs a dual pass, which
     a tensor its forward fills from Duals needs even where no parameter has a tangent
-    (``tangents._Pass.take_as_dual``).
+    (``passes._Pass.take_as_dual``).
 
     Two counters, of the Duals made and of those freed, each advanced by one C call (``next``
     on an ``itertools.count``, which no other thread interleaves): no lock on the path of
@@ -971,7 +971,7 @@ class Dual:
         the same storage (views taken before keep viewing it). Any other change of shape is
         refused, as torch refuses it, and so is one of a parameter's Dual (the parameter's own
         shape would have to change). A tensor of a forward's own that its dual pass made a
-        Dual (``tangents._Pass.take_as_dual``) takes the new shape itself, and so does its
+        Dual (``passes._Pass.take_as_dual``) takes the new shape itself, and so does its
         recorded tangent, as forward_ad's dual tensor does."""
         target = self._parameter()
         parameter = isinstance(target, torch.nn.Parameter)

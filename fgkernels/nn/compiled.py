@@ -13,16 +13,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..backends import current_backend
-from ..dual.tangents import (
-    ParameterTangents,
-    _compiled_pass,
-    _holds_dual,
-    _hooks,
-    check_tangents_still_fit,
-    is_dual_pass_root,
-    lifted_set_aside,
-    stores_put_back,
-)
+from ..dual.function_mode import ParameterTangents, compiled_pass
+from ..dual.module_state import holds_dual
+from ..dual.passes import hooks, is_dual_pass_root, lifted_set_aside, stores_put_back
+from ..dual.tangent_store import check_tangents_still_fit
 from ..dual.value import (
     Dual,
     census,
@@ -68,12 +62,12 @@ def compile(module: nn.Module, **options: Any) -> Callable:
 
     @functools.wraps(module.forward)
     def run(*args, **kwargs):
-        if not (_holds_dual(args) or is_dual_pass_root(module)):
+        if not (holds_dual(args) or is_dual_pass_root(module)):
             try:
                 with lifted_set_aside():
                     return compiled(*args, **kwargs)
             finally:
-                _hooks.sync()  # as below
+                hooks.sync()  # as below
         # The backend is chosen before the trace, not loaded inside it: a trace that loads it
         # is recompiled at the next call, which finds it loaded.
         if torch._C._is_any_autocast_enabled():  # (refused before Dynamo traces the refusal)
@@ -84,14 +78,14 @@ def compile(module: nn.Module, **options: Any) -> Callable:
         check_tangents_still_fit(module, bound)  # (an eager pass's hooks check it)
         rules = rule_state()
         try:
-            with _compiled_pass.run(module) as temporaries, ParameterTangents(), \
+            with compiled_pass.run(module) as temporaries, ParameterTangents(), \
                     lifted_set_aside(), _autograd_state_restored_on_error(), \
                     _rnn_traced() if recurrent else contextlib.nullcontext(), \
                     stores_put_back(module):
                 return _counted(temporaries.with_duals(compiled(*args, **kwargs)))
         finally:
             restore_rule_state(rules)  # (a parametrization an interrupt cut short left one)
-            _hooks.sync()  # (one the collector asked for while compiling was put off)
+            hooks.sync()  # (one the collector asked for while compiling was put off)
 
     run.compiled = compiled
     # torch.compile's public answer to "compiled with what?": the wrapped backend's settings
@@ -177,7 +171,7 @@ def _functions_with_jvp_run_eagerly() -> None:
         return
     def eagerly_with_jvp(call_apply):
         def call_apply_with_jvp_eagerly(self, tx, args, kwargs):
-            if defines_jvp(self.fn_cls) and (_compiled_pass.running or any(
+            if defines_jvp(self.fn_cls) and (compiled_pass.running or any(
                     has_torch_function(v) for v in (*args, *kwargs.values()))):
                 unimplemented(
                     gb_type="fgkernels: torch.autograd.Function with jvp on Duals",

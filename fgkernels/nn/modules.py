@@ -25,13 +25,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .. import functional as DF
-from ..dual.tangents import (
-    check_module,
-    foreign_module_hooks,
-    forward_sets_no_attributes,
-    in_dual_pass,
-    run_as_during_passes,
-)
+from ..dual.module_state import check_module, forward_sets_no_attributes, run_as_during_passes
+from ..dual.passes import foreign_module_hooks, in_dual_pass
 from ..dual.value import Dual, in_rule
 from ..rules import attention, pointwise
 

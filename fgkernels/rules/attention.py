@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dual import slots as _slots
-from ..dual.tangents import with_recorded_tangent
+from ..dual.lifting import with_recorded_tangent
 from ..dual.value import Dual, implements, in_primal_layout
 from .layers import dropout, linear
 from .operands import as_dual, parts, primal_of

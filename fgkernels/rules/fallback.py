@@ -17,7 +17,7 @@ In-place ops: on a Dual, the op's out-of-place form (``fill_diagonal_`` and nn.i
 which have none, on a copy of the Dual; any other without one is refused) is differentiated and
 the Dual rebound to its result, as every in-place rule does. A plain tensor of the forward's
 own written in place from Duals (``out=``, ``buf.add_(d)``, ``buf[i] = d``, ``buf += d``)
-becomes a Dual during a dual pass, eager or compiled (``tangents.writing_pass``), as
+becomes a Dual during a dual pass, eager or compiled (``passes.writing_pass``), as
 forward_ad's write makes it dual, and so, in an eager pass, does one written through a view
 of it that is the tensor's only view (``batch[i, :, :h].copy_(d)``); under
 ``torch.no_grad()`` a module's state (running statistics, power-iteration vectors) and a
@@ -44,7 +44,8 @@ from ..dual import slots as _slots
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
 from ..dual.layout import view_root
-from ..dual.tangents import dual_of, writing_pass
+from ..dual.passes import writing_pass
+from ..dual.tangent_store import dual_of
 from ..dual.value import Dual, differentiable, implements_fallback, library_op_name
 from .operands import primal_of, refuse_dual_index
 

@@ -35,7 +35,9 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
 from ..dual.dynamo import eager_under_compile, when_dynamo_loads
-from ..dual.tangents import TANGENT_ATTRIBUTE, _compiled_pass, _Lifted, tangent_of
+from ..dual.function_mode import compiled_pass
+from ..dual.lifting import Lifted
+from ..dual.tangent_store import TANGENT_ATTRIBUTE, tangent_of
 from ..dual.value import Dual
 from .fallback import Differentiation, differentiate
 
@@ -158,7 +160,7 @@ def _apply(cls, *args, **kwargs):
     # (no call of a Python function before the choice: see the note below) A tensor with a
     # tangent is lifted during an eager pass, and recorded alone during a compiled one.
     for v in (*args, *kwargs.values()):
-        if isinstance(v, (Dual, _Lifted)) or (_compiled_pass.running and getattr(
+        if isinstance(v, (Dual, Lifted)) or (compiled_pass.running and getattr(
                 v, TANGENT_ATTRIBUTE, None) is not None):
             return _apply_on_duals(cls, args, kwargs)
     return _torch_apply_of_class.__get__(None, cls)(*args, **kwargs)

@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from ..backends.base import LayerParams
 from ..dual import slots as _slots
-from ..dual.tangents import dual_of
+from ..dual.tangent_store import dual_of
 from ..dual.value import Dual, refuse_autocast, refuse_nested_forward_mode
 
 Tensor = torch.Tensor

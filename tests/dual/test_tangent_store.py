@@ -244,7 +244,7 @@ def test_passes_in_two_threads_lift_their_tensors_apart():
     plain Parameter again (a tensor stays lifted while any thread's pass holds it)."""
     import threading
 
-    from fgkernels.dual import tangents
+    from fgkernels.dual.lifting import LIFTS
     from fgkernels.testing import forward_ad_jvp
 
     models = [_ClosureReader() for _ in range(2)]
@@ -268,7 +268,7 @@ def test_passes_in_two_threads_lift_their_tensors_apart():
     for t in threads:
         t.join()
     assert len(errors) == 80 and max(errors) < 1e-12
-    assert all(type(m.w) is nn.Parameter for m in models) and not tangents._LIFTS
+    assert all(type(m.w) is nn.Parameter for m in models) and not LIFTS
 
 
 def test_a_copy_of_a_lifted_tensor_is_of_its_own_class():
@@ -662,7 +662,8 @@ def test_reading_a_parameter_under_the_compiled_pass_mode_answers_as_its_dual(re
     graph's inputs too: ``p.data``, ``t.dtype``), a read of a parameter with a tangent gives
     what the parameter's Dual gives in an eager pass, with no op on the forward-AD fallback
     (strict_rules refuses one); its transpose still carries the tangent."""
-    from fgkernels.dual.tangents import ParameterTangents, dual_of
+    from fgkernels.dual.function_mode import ParameterTangents
+    from fgkernels.dual.tangent_store import dual_of
     lin = nn.Linear(3, 2).double()
     lin.weight.grad = torch.ones_like(lin.weight)  # the Dual's primal has none
     tangents = fgkernels.random_tangents(lin, num_tangents=1)
@@ -692,7 +693,8 @@ PROTOCOLS = {
 def test_python_protocols_on_a_parameter_under_the_compiled_pass_mode(name):
     """``len(p)``, ``repr(p)``, ``f"{p}"`` and ``x in p`` under ParameterTangents answer as
     the parameter's Dual does in an eager pass, with no op on the forward-AD fallback."""
-    from fgkernels.dual.tangents import ParameterTangents, dual_of
+    from fgkernels.dual.function_mode import ParameterTangents
+    from fgkernels.dual.tangent_store import dual_of
     lin = nn.Linear(3, 2).double()
     fgkernels.random_tangents(lin, num_tangents=1)
     on_parameter, on_dual = PROTOCOLS[name]
@@ -704,7 +706,7 @@ def test_python_protocols_on_a_parameter_under_the_compiled_pass_mode(name):
 def test_the_compiled_pass_mode_finds_parameters_inside_a_list():
     """Under ParameterTangents a parameter handed to an op inside a list or by keyword takes
     its tangent as one handed to it directly does."""
-    from fgkernels.dual.tangents import ParameterTangents
+    from fgkernels.dual.function_mode import ParameterTangents
     lin = nn.Linear(3, 2).double()
     tangents = fgkernels.random_tangents(lin, num_tangents=2)
     x = torch.randn(3, 2, **f64)
@@ -1048,7 +1050,8 @@ def test_the_hooks_stay_while_a_dual_exists_and_go_with_the_last():
     an unpickled Dual counts as one (it counted as freed only)."""
     from torch.nn.modules import module as torch_module
 
-    from fgkernels.dual import tangents as tangents_module
+    from fgkernels.dual.passes import hooks as our_hooks
+    from fgkernels.dual.tangent_store import LIVE
     model = _FillsFromTheInput().double()
     x, xt = torch.randn(3, 3, **f64), torch.randn(3, 3, **f64)
     y, yt = model_jvp(model, [x.sin()], [(xt * x.cos()).unsqueeze(0)], {})
@@ -1074,8 +1077,8 @@ def test_the_hooks_stay_while_a_dual_exists_and_go_with_the_last():
     hooks = [*torch_module._global_forward_pre_hooks.values(),
              *torch_module._global_forward_hooks.values()]
     # (gone, unless an earlier test's model still holds a tangent or its Dual)
-    wanted = bool(tangents_module._LIVE) or census.alive() > 0
-    assert any(getattr(h, "__self__", None) is tangents_module._hooks for h in hooks) == wanted
+    wanted = bool(LIVE) or census.alive() > 0
+    assert any(getattr(h, "__self__", None) is our_hooks for h in hooks) == wanted
 
 
 def test_dual_pass_runs_a_pass_for_a_dual_by_keyword_alone():
@@ -1126,12 +1129,13 @@ def test_hooks_set_aside_leaves_a_baseline_torchs_own_call_path():
     10-20 %); they come back after the block, and no pass may run inside it."""
     from torch.nn.modules import module as torch_module
 
-    from fgkernels.dual.tangents import _hooks, hooks_set_aside
+    from fgkernels.dual.passes import hooks as our_hooks
+    from fgkernels.dual.passes import hooks_set_aside
 
     def ours() -> int:
         hooks = [*torch_module._global_forward_pre_hooks.values(),
                  *torch_module._global_forward_hooks.values()]
-        return sum(getattr(h, "__self__", None) is _hooks for h in hooks)
+        return sum(getattr(h, "__self__", None) is our_hooks for h in hooks)
 
     layer = nn.Linear(3, 2).double()
     fgkernels.random_tangents(layer)

@@ -1305,7 +1305,7 @@ def test_the_module_hooks_going_and_coming_back_compile_nothing_anew():
     when a baseline sets them aside, and come back with the next Dual; a graph traced with
     them guards on torch's hook tables, so they come back under the ids they had: registered
     anew, every call after such a gap compiled again (and, past Dynamo's limit, ran eager)."""
-    from fgkernels.dual.tangents import hooks_set_aside
+    from fgkernels.dual.passes import hooks_set_aside
     graphs = []
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
