@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from .dynamo import eager_between_graphs
 from .lifting import lifted_call, meets_dual
+from .rule_state import inside_rule
 from .tangent_store import (
     TANGENT_ATTRIBUTE,
     ParameterTangent,
@@ -23,7 +24,7 @@ from .tangent_store import (
     dual_of,
     temporaries_as_duals,
 )
-from .value import Dual, in_primal_layout, inside_rule
+from .value import Dual, in_primal_layout
 
 Tensor = torch.Tensor
 
@@ -133,7 +134,7 @@ class _CompiledPass(threading.local):
     ``ParameterTangents``, which does the hooks' substitution), and the tensors of its forward
     that it takes as Duals (``_CompiledTemporaries``). Per thread: an eager pass in another
     thread substitutes as ever. (Set on the instance at each thread's first use, as
-    ``value._RuleDepth``.)"""
+    ``rule_state._RuleDepth``.)"""
 
     def __init__(self):
         self.running = False

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .rule_state import inside_rule
 from .tangent_store import dual_of, tangent_of
-from .value import PRIMAL_METADATA, Dual, inside_rule
+from .value import PRIMAL_METADATA, Dual
 
 Tensor = torch.Tensor
 

@@ -57,6 +57,7 @@ from .module_state import (
     sets_no_attributes,
     strip_dual_buffers,
 )
+from .rule_state import leave_rule, return_to_rule
 from .tangent_store import (
     LIVE,
     ParameterTangent,
@@ -68,7 +69,7 @@ from .tangent_store import (
     tangent_of,
     temporaries_as_duals,
 )
-from .value import Dual, census, in_primal_layout, leave_rule, return_to_rule
+from .value import Dual, census, in_primal_layout
 
 Tensor = torch.Tensor
 

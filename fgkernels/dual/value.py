@@ -12,6 +12,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils import _pytree as pytree
 
+from . import rule_table
 from .dtypes import tangent_dtype_fits
 from .dynamo import (
     add_matmul_of_objects,
@@ -40,75 +41,9 @@ from .layout import (
     view_root,
     within_span,
 )
+from .rule_state import in_rule
+from .rule_table import library_op_name
 from .slots import Directions, SlotOperand, positions_index
-
-# torch function -> rule; filled by the modules of fgkernels.rules with the ops that have a JVP
-# rule, and by rules.indexing with the rule of Dual.__setitem__.
-_RULES: dict[Callable, Callable] = {}
-# qualified name of an op of another library ("torchvision::roi_align") -> rule: such an op
-# exists only once its library is loaded, so its rule is found by the op's name.
-_LIBRARY_RULES: dict[str, Callable] = {}
-# The rule of every torch function without one of its own, installed by fgkernels.rules.fallback.
-_fallback_rule: Optional[Callable] = None
-
-
-# The ruled torch functions that are Python wrappers (``Tensor.__rsub__``, ``__rdiv__``,
-# ``__rmatmul__``): under torch.compile, Dynamo hands them to __torch_function__ for ``d - t``
-# (a Dual left of a plain tensor) and traces a dict lookup keyed by them as a miss, whose guard
-# then fails; they are found by identity while compiling.
-_WRAPPED: list[Callable] = []
-
-
-def implements(*funcs: Callable) -> Callable:
-    """Register the decorated function as the Dual rule of each torch function in ``funcs``."""
-
-    def register(rule: Callable) -> Callable:
-        for f in funcs:
-            _RULES[f] = rule
-            if hasattr(f, "__wrapped__") and f not in _WRAPPED:
-                _WRAPPED.append(f)
-        return rule
-
-    return register
-
-
-def implements_library_op(*names: str) -> Callable:
-    """Register the decorated function as the Dual rule of each op of another library that
-    ``names`` qualify (``"torchvision::roi_align"``: the op and each of its overloads), whether
-    that library is loaded yet or not."""
-
-    def register(rule: Callable) -> Callable:
-        for name in names:
-            _LIBRARY_RULES[name] = rule
-        return rule
-
-    return register
-
-
-def library_op_name(func: Callable) -> Optional[str]:
-    """The qualified name of an op that a library other than torch registered
-    (``torch.library``: a custom op, torchvision's, an extension's): ``'torchvision::roi_align'``
-    for the op and each of its overloads; None for any other function. A constant to Dynamo
-    (marked when it loads)."""
-    if isinstance(func, torch._ops.OpOverload):
-        name = func._schema.name
-    elif isinstance(func, torch._ops.OpOverloadPacket):
-        name = func._qualified_op_name
-    else:
-        return None
-    return None if name.startswith(("aten::", "prims::")) else name
-
-
-when_dynamo_loads(lambda: torch.compiler.assume_constant_result(library_op_name))
-
-
-def _rule_while_compiling(func: Callable) -> Optional[Callable]:
-    """The rule registered for ``func``, or None, as Dynamo traces it (see ``_WRAPPED``)."""
-    for f in _WRAPPED:
-        if func is f:
-            return _RULES[f]
-    return _RULES.get(func)
-
 
 when_dynamo_loads(add_reflected_matmul)
 when_dynamo_loads(add_matmul_of_objects)
@@ -116,14 +51,6 @@ when_dynamo_loads(route_tensor_properties_through_modes)
 when_dynamo_loads(route_rows_and_abs_through_modes)
 when_dynamo_loads(route_private_functions_through_modes)
 when_dynamo_loads(trace_checkpoints_as_calls)
-
-
-def implements_fallback(rule: Callable) -> Callable:
-    """Register the decorated ``rule(func, args, kwargs)`` as the rule of every torch function
-    that has none of its own (and of every call with ``out=``)."""
-    global _fallback_rule
-    _fallback_rule = rule
-    return rule
 
 
 def _as_given(value):
@@ -185,18 +112,6 @@ def differentiable(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-class _RuleDepth(threading.local):
-    """How deep this thread's running code is inside fgkernels' rules. Per thread: another
-    thread's rule must not let this thread's parameters pass as plain tensors. Dynamo reads
-    it and guards on it; each thread's first use sets the count on the instance, so the guards
-    a trace builds in a new thread hold after the trace's own code ran there."""
-
-    def __init__(self):
-        self.depth = 0
-        self.set_aside: list[int] = []  # the depths ``leave_rule`` set aside, innermost last
-
-
-_rule_depth = _RuleDepth()
 
 
 class _SlotsToLayOut(threading.local):
@@ -219,58 +134,6 @@ class _SlotsToLayOut(threading.local):
 
 
 _slots_to_lay_out = _SlotsToLayOut()
-
-
-class _InRule:
-    """The context ``in_rule`` returns, entered on every Dual op and module call: a plain class
-    rather than a generator context (less to enter; Dynamo traces a fresh instance of it)."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        _rule_depth.depth += 1
-
-    def __exit__(self, *exc) -> bool:
-        _rule_depth.depth -= 1
-        return False
-
-
-def in_rule() -> _InRule:
-    """Marks code that computes a rule: its torch ops act on primals and tangents, and a torch
-    function mode that hands out parameters as Duals (``function_mode.ParameterTangents``) lets
-    them be."""
-    return _InRule()
-
-
-def inside_rule() -> bool:
-    """True while a rule is computed (see ``in_rule``), except inside model code that
-    ``leave_rule`` runs as the model's own (a parametrization a twin's rule reads)."""
-    return _rule_depth.depth > 0
-
-
-def leave_rule() -> None:
-    """Run what follows, up to the matching ``return_to_rule``, as code outside any rule: a
-    model's own computation that a rule calls (a parametrization computing the weight a twin
-    reads), whose ops take the tangents of the parameters they meet."""
-    _rule_depth.set_aside.append(_rule_depth.depth)
-    _rule_depth.depth = 0
-
-
-def return_to_rule() -> None:
-    """Back inside the rule that ``leave_rule`` left."""
-    _rule_depth.depth = _rule_depth.set_aside.pop()
-
-
-def rule_state() -> tuple[int, int]:
-    """This thread's rule depth and how many depths ``leave_rule`` set aside."""
-    return _rule_depth.depth, len(_rule_depth.set_aside)
-
-
-def restore_rule_state(state: tuple[int, int]) -> None:
-    """Back to a ``rule_state``: a KeyboardInterrupt (which runs no module hook) inside code
-    that left a rule does not return to it."""
-    _rule_depth.depth = state[0]
-    del _rule_depth.set_aside[state[1]:]
 
 
 def check_direction(direction, who: str) -> None:
@@ -750,7 +613,7 @@ class Dual:
         (see the class docstring). Into a view that overlaps itself (``d.unfold(0, 2, 1)``),
         a basic index writes the part it picks alone, as torch writes it (an in-place op on
         the whole view is refused: ``_write_through``)."""
-        setitem = _RULES[Dual.__setitem__]
+        setitem = rule_table.RULES[Dual.__setitem__]
         if self._writes_into_overlap():
             part = self[index]
             if part._source is not None and not part._writes_into_overlap():
@@ -776,13 +639,14 @@ class Dual:
             refuse_nested_forward_mode((args, kwargs))
         if kwargs and _has_numpy_names(kwargs):
             kwargs = _torch_names(func, kwargs)
-        rule = _rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
-            _RULES.get(func)
+        rule = rule_table.rule_while_compiling(func) if torch.compiler.is_dynamo_compiling() else \
+            rule_table.RULES.get(func)
         if rule is None:  # (an op of another library: by its name)
-            rule = _LIBRARY_RULES.get(library_op_name(func))
+            rule = rule_table.LIBRARY_RULES.get(library_op_name(func))
         with in_rule():
             fallback = rule is None or kwargs.get("out") is not None  # out=: written in place
-            out = _fallback_rule(func, args, kwargs) if fallback else rule(*args, **kwargs)
+            out = rule_table.fallback_rule(func, args, kwargs) if fallback \
+                else rule(*args, **kwargs)
             if not _slots_to_lay_out.duals:
                 return out
             # A view op whose result could not view a Dual's slots (``as_view``): once more, on
@@ -794,7 +658,8 @@ class Dual:
                 return out  # (an in-place op, or asked outside this op: not run again)
             for dual in duals:
                 dual._stack = slots_in_strides_of(dual._stack, dual.primal)
-            out = _fallback_rule(func, args, kwargs) if fallback else rule(*args, **kwargs)
+            out = rule_table.fallback_rule(func, args, kwargs) if fallback \
+                else rule(*args, **kwargs)
             _slots_to_lay_out.take()  # (once: they are laid out as the primal now)
             return out
 
@@ -1199,8 +1064,8 @@ def _operand_name(func: Callable, name: str) -> Optional[str]:
     a constant to Dynamo (marked when it loads)."""
     key = (func, name)
     if key not in _OPERAND_NAMES:
-        _OPERAND_NAMES[key] = _rule_operand_name(_RULES.get(func), _NUMPY_OPERAND_NAMES[name],
-                                                 name)
+        _OPERAND_NAMES[key] = _rule_operand_name(rule_table.RULES.get(func),
+                                                 _NUMPY_OPERAND_NAMES[name], name)
     return _OPERAND_NAMES[key]
 
 

@@ -16,15 +16,9 @@ from ..backends import current_backend
 from ..dual.function_mode import ParameterTangents, compiled_pass
 from ..dual.module_state import holds_dual
 from ..dual.passes import hooks, is_dual_pass_root, lifted_set_aside, stores_put_back
+from ..dual.rule_state import in_rule, restore_rule_state, rule_state
 from ..dual.tangent_store import check_tangents_still_fit
-from ..dual.value import (
-    Dual,
-    census,
-    in_rule,
-    refuse_autocast,
-    restore_rule_state,
-    rule_state,
-)
+from ..dual.value import Dual, census, refuse_autocast
 from ..rules.functions import defines_jvp
 
 

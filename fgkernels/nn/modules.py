@@ -27,7 +27,8 @@ from torch.nn.utils import parametrize
 from .. import functional as DF
 from ..dual.module_state import check_module, forward_sets_no_attributes, run_as_during_passes
 from ..dual.passes import foreign_module_hooks, in_dual_pass
-from ..dual.value import Dual, in_rule
+from ..dual.rule_state import in_rule
+from ..dual.value import Dual
 from ..rules import attention, pointwise
 
 Tensor = torch.Tensor

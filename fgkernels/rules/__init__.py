@@ -1,5 +1,5 @@
 """The forward-mode rules of torch's ops on a ``Dual``, one module per op family, each registered
-as the op's rule when its module is imported (``dual.value.implements``): the layers
+as the op's rule when its module is imported (``dual.rule_table.implements``): the layers
 (``layers``: convolution, batch norm, linear, pooling, calling the backend the registry picks),
 the ``convolutions`` without a kernel of their own (3-d, transposed), ``losses``, ``pointwise``
 arithmetic and activations, ``products``, the rows' ``distances``, ``norms``, ``attention``,

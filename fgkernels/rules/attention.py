@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ..dual import slots as _slots
 from ..dual.lifting import with_recorded_tangent
-from ..dual.value import Dual, implements, in_primal_layout
+from ..dual.rule_table import implements
+from ..dual.value import Dual, in_primal_layout
 from .layers import dropout, linear
 from .operands import as_dual, parts, primal_of
 from .products import matmul, matmul_tangents

@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..dual.value import Dual, implements
+from ..dual.rule_table import implements
+from ..dual.value import Dual
 from .products import _product
 
 Tensor = torch.Tensor

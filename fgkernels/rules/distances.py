@@ -15,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..dual.value import Dual, implements
+from ..dual.rule_table import implements
+from ..dual.value import Dual
 from .operands import as_dual
 from .pointwise import lift
 from .products import _product

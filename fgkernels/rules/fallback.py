@@ -45,8 +45,9 @@ from ..dual.dtypes import tangent_dtype_fits
 from ..dual.dynamo import when_dynamo_loads
 from ..dual.layout import view_root
 from ..dual.passes import writing_pass
+from ..dual.rule_table import implements_fallback, library_op_name
 from ..dual.tangent_store import dual_of
-from ..dual.value import Dual, differentiable, implements_fallback, library_op_name
+from ..dual.value import Dual, differentiable
 from .operands import primal_of, refuse_dual_index
 
 _used: dict[str, int] = {}

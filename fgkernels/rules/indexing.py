@@ -9,7 +9,8 @@ import torch
 
 from ..dual import slots as _slots
 from ..dual.layout import non_overlapping_and_dense, within_span
-from ..dual.value import Dual, implements
+from ..dual.rule_table import implements
+from ..dual.value import Dual
 from .fallback import forward_ad_fallback
 from .operands import parts, refuse_dual_index
 from .pointwise import lift

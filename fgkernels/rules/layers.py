@@ -28,7 +28,8 @@ from ..backends.layer_op import LayerOp
 from ..backends.reference import relu_reference
 from ..dual import slots as _slots
 from ..dual.layout import kernel_format
-from ..dual.value import Dual, check_direction, differentiable, implements, in_primal_layout
+from ..dual.rule_table import implements
+from ..dual.value import Dual, check_direction, differentiable, in_primal_layout
 from .fallback import forward_ad_fallback
 from .operands import (
     MaybeDual,

@@ -15,7 +15,8 @@ from torch.nn import _reduction as _Reduction
 
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
-from ..dual.value import Dual, implements, in_primal_layout
+from ..dual.rule_table import implements
+from ..dual.value import Dual, in_primal_layout
 from .attention import centred
 from .fallback import forward_ad_fallback
 from .layers import _no_grad

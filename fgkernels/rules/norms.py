@@ -20,7 +20,8 @@ from ..backends.layer_op import LayerOp
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
 from ..dual.layout import kernel_format
-from ..dual.value import Dual, implements, in_primal_layout
+from ..dual.rule_table import implements
+from ..dual.value import Dual, in_primal_layout
 from .fallback import forward_ad_fallback
 from .operands import as_dual, layer_operands, layer_params, parts, primal_of, result
 from .pointwise import lift

@@ -26,7 +26,8 @@ from ..backends.kernel_op import KernelOp
 from ..backends.reference import zeroed_where
 from ..dual import slots as _slots
 from ..dual.layout import empty_slots, kernel_format, slots_in_format, view_root
-from ..dual.value import Dual, differentiable, implements, in_primal_layout
+from ..dual.rule_table import implements
+from ..dual.value import Dual, differentiable, in_primal_layout
 from .fallback import forward_ad_fallback
 from .operands import as_dual, parts
 

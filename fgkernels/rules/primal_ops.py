@@ -15,7 +15,8 @@ from torch.utils import _pytree as pytree
 
 from ..dual.dtypes import tangent_dtype_fits
 from ..dual.layout import slots_in_format
-from ..dual.value import Dual, differentiable, implements
+from ..dual.rule_table import implements
+from ..dual.value import Dual, differentiable
 from .fallback import forward_ad_fallback
 from .operands import primal_of
 

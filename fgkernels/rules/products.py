@@ -11,7 +11,8 @@ from typing import Callable, Optional
 import torch
 
 from ..dual import slots as _slots
-from ..dual.value import Dual, implements
+from ..dual.rule_table import implements
+from ..dual.value import Dual
 from .operands import parts
 from .pointwise import lift
 

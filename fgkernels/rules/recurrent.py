@@ -31,7 +31,8 @@ import torch
 
 from ..dual import slots as _slots
 from ..dual.dynamo import eager_under_compile
-from ..dual.value import Dual, implements
+from ..dual.rule_table import implements
+from ..dual.value import Dual
 from .layers import dropout, linear
 from .operands import as_dual, parts
 

@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..dual.value import Dual, implements, in_primal_layout
+from ..dual.rule_table import implements
+from ..dual.value import Dual, in_primal_layout
 from .fallback import forward_ad_fallback
 from .pointwise import _like, _slot_dim, _slot_dims, maximum, minimum
 

@@ -18,7 +18,8 @@ import torch
 
 from ..dual import slots as _slots
 from ..dual.dtypes import acc_dtype
-from ..dual.value import Dual, implements_library_op
+from ..dual.rule_table import implements_library_op
+from ..dual.value import Dual
 from .operands import parts
 
 Tensor = torch.Tensor

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dual.dtypes import acc_dtype
-from ..dual.value import Dual, implements
+from ..dual.rule_table import implements
+from ..dual.value import Dual
 from .products import _product
 
 Tensor = torch.Tensor

@@ -807,7 +807,7 @@ def _assert_pass_equals(out, oracle):
 def test_a_rule_in_another_thread_leaves_a_compiled_pass_its_parameters():
     """Whether code runs inside a rule is a thread's own: while another thread computes one,
     this thread's compiled pass still hands out the parameters as their Duals."""
-    from fgkernels.dual.value import in_rule
+    from fgkernels.dual.rule_state import in_rule
     net, x, xt, oracle = _parameter_alone_and_oracle()
     inside, release = threading.Event(), threading.Event()
 
@@ -923,7 +923,7 @@ def test_an_interrupt_inside_a_parametrization_leaves_no_rule_state_behind():
     """A KeyboardInterrupt raised while a compiled pass computes a parametrized weight (which
     runs outside the twin's rule; torch runs no module hook on an interrupt) leaves this
     thread's rule state as it was: later passes hand out the parameters' tangents."""
-    from fgkernels.dual.value import rule_state
+    from fgkernels.dual.rule_state import rule_state
 
     class Interrupts(nn.Module):
         armed = False

@@ -18,7 +18,7 @@ pytest.importorskip("expecttest")  # (torch's test internals import it)
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 
 from fgkernels import Dual  # noqa: E402
-from fgkernels.dual.value import _RULES  # noqa: E402
+from fgkernels.dual.rule_table import RULES  # noqa: E402
 
 from helpers import laid_out  # noqa: E402
 
@@ -38,7 +38,7 @@ REFUSED = {"nn.functional.batch_norm": "input must have a channel dimension"}
 
 def _has_rule(op) -> bool:
     name = op.name.split(".")[-1]
-    return any(f is not None and f in _RULES
+    return any(f is not None and f in RULES
                for f in (op.op, op.method_variant, op.inplace_variant,
                          getattr(torch, name, None), getattr(torch.nn.functional, name, None),
                          getattr(torch.Tensor, name, None)))
