@@ -55,7 +55,7 @@ class ParameterTangents(TorchFunctionMode):
 
 class _CompiledTemporaries:
     """The tensors of the forward's own that a compiled pass (``fgkernels.compile``) takes as
-    Duals where a Dual is written into them, as an eager pass does (``_Pass.take_as_dual``),
+    Duals where a Dual is written into them, as an eager pass does (``passes._Pass.take_as_dual``),
     in a way Dynamo traces: the tangent is recorded on the tensor, and ``ParameterTangents``
     hands the tensor out with it, where the eager pass lifts it (a class change) and keeps a
     weak reference. ``root`` is the compiled module: what its modules hold is state, which
@@ -67,7 +67,7 @@ class _CompiledTemporaries:
 
     def holds_as_state(self, t: Tensor) -> bool:
         """True if a module of the root's tree holds ``t``, or the tensor it views, as a
-        parameter, a buffer or an attribute (``_Pass.holds_as_state``; found by identity,
+        parameter, a buffer or an attribute (``passes._Pass.holds_as_state``; found by identity,
         which Dynamo traces where it cannot take the ``id`` of a tensor the forward made)."""
         base = t._base
         return any(v is t or v is base for m in self.root.modules()
@@ -76,7 +76,7 @@ class _CompiledTemporaries:
 
     def can_take_as_dual(self, t: Tensor) -> bool:
         """True for a plain tensor that views nothing and that no module holds. Whether other
-        tensors view it (``_Pass.can_take_as_dual``) cannot be asked while Dynamo traces: a
+        tensors view it (``passes._Pass.can_take_as_dual``) cannot be asked while Dynamo traces: a
         view taken before the write is refused where an op reads it
         (``refuse_views_taken_before``)."""
         return type(t) is Tensor and t._base is None and not self.holds_as_state(t)
@@ -84,13 +84,13 @@ class _CompiledTemporaries:
     def can_take_view_as_dual(self, v: Tensor) -> bool:
         """False: whether other tensors view a view's base cannot be asked while Dynamo traces,
         so a Dual written into a view of a tensor of the forward's own is refused
-        (``_Pass.can_take_view_as_dual`` takes it in an eager pass)."""
+        (``passes._Pass.can_take_view_as_dual`` takes it in an eager pass)."""
         return False
 
     def take_as_dual(self, t: Tensor, count: int, directions, single: bool,
                      dtype: torch.dtype) -> Dual:
         """``t`` as a Dual of a zero tangent of ``count`` slots, which the write about to be
-        made and later ones fill (``_Pass.take_as_dual``), its tangent recorded on it until
+        made and later ones fill (``passes._Pass.take_as_dual``), its tangent recorded on it until
         the pass ends (``drop``)."""
         stack = in_primal_layout(t.new_zeros((count, *t.shape), dtype=dtype), t)
         setattr(t, TANGENT_ATTRIBUTE, ParameterTangent(stack, directions, single))

@@ -86,11 +86,11 @@ class Lifted:
 
 
 class _LiftedParameter(Lifted, nn.Parameter):
-    """A Parameter with a tangent while a dual pass runs (``_Pass.lift_the_rest``)."""
+    """A Parameter with a tangent while a dual pass runs (``passes._Pass.lift_the_rest``)."""
 
 
 class _LiftedTensor(Lifted, Tensor):
-    """A plain tensor with a tangent while a dual pass runs (``_Pass.lift_the_rest``)."""
+    """A plain tensor with a tangent while a dual pass runs (``passes._Pass.lift_the_rest``)."""
 
 
 _LIFTED = {nn.Parameter: _LiftedParameter, Tensor: _LiftedTensor}

@@ -140,9 +140,9 @@ class _Pass:
 
     def lift_the_rest(self) -> None:
         """Every tensor with a tangent becomes, for the length of the pass, an instance of a
-        subclass of its class whose ops take it as its Dual (``_LiftedParameter``): a read the
-        substitution does not reach (a closure's, a global's, a container of a torch.nn
-        layer's or one nested deeper than the pass looks) carries the tangent too. Only a
+        subclass of its class whose ops take it as its Dual (``lifting._LiftedParameter``): a
+        read the substitution does not reach (a closure's, a global's, a container of a
+        torch.nn layer's or one nested deeper than the pass looks) carries the tangent too. Only a
         plain Parameter or Tensor changes class (torch's own lazy parameters change theirs
         so); any other subclass keeps its own ``__torch_function__``. Passes in other threads
         may hold the same tensor lifted: it is lifted while any does (``lift``), and its ops
