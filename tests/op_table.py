@@ -260,8 +260,6 @@ def _linear_maps(x, w):
     return F.fold(cols, (6, 6), 3, padding=1, stride=2) + F.channel_shuffle(a, 2) \
         + F.avg_pool1d(a.flatten(2), 4, 2, 1).sum(-1)[..., None, None] \
         + F.adaptive_avg_pool1d(a.flatten(2), 5).sum(-1)[..., None, None] \
-        + F.avg_pool3d(a[:, None], (2, 3, 3), 1, 1, ceil_mode=True).mean((1, 2))[:, None, :1, :1] \
-        + F.adaptive_avg_pool3d(a, (1, 2, 3)).sum((1, 2, 3))[:, None, None, None] \
         + s.roll(1) * s.flip(0)
 
 

@@ -1143,8 +1143,8 @@ _LINEAR_OPS = [
     torch.Tensor.gather, torch.gather, torch.Tensor.index_select, torch.index_select,
     torch.Tensor.take_along_dim, torch.take_along_dim, torch.Tensor.take, torch.take,
     F.channel_shuffle, F.unfold, F.fold,
-    # the 1-d and 3-d average pools (the 2-d ones have rules of their own)
-    F.avg_pool1d, F.adaptive_avg_pool1d, F.avg_pool3d, F.adaptive_avg_pool3d,
+    # the 1-d average pools (the 2-d ones have rules of their own)
+    F.avg_pool1d, F.adaptive_avg_pool1d,
     # the transposing properties (d.T, d.mT, d.H, d.mH), views as t() is
     torch.Tensor.T.__get__, torch.Tensor.mT.__get__, torch.Tensor.H.__get__,
     torch.Tensor.mH.__get__,
