@@ -57,7 +57,6 @@ def forward_ad_jvp(fn: Callable[..., Any], primals: Sequence[Tensor],
     return primal_out, pytree.tree_unflatten(stacked, spec)
 
 
-
 def round_to_tf32(t: Optional[Tensor], truncate: bool = False) -> Optional[Tensor]:
     """``t`` rounded to TF32 (float32 with 10 mantissa bits), in its own dtype and layout: to
     nearest, ties to even, as cuDNN converts its operands, or, with ``truncate``, the low 13 bits
@@ -71,6 +70,7 @@ def round_to_tf32(t: Optional[Tensor], truncate: bool = False) -> Optional[Tenso
         # even); the sign bit is untouched for finite values.
         bits = bits + 0xFFF + ((bits >> 13) & 1)
     return (bits & ~0x1FFF).view(torch.float32).to(t.dtype)
+
 
 def reads_padding_only(size: int, kernel: int, stride: int, padding: int,
                        dilation: int = 1) -> bool:

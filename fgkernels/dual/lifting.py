@@ -22,6 +22,7 @@ from .value import PRIMAL_METADATA, Dual
 
 Tensor = torch.Tensor
 
+
 def _no_pass() -> bool:
     return False
 

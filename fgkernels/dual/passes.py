@@ -544,7 +544,8 @@ class _Hooks:
 
 
 hooks = _Hooks()
-census.register = hooks.sync_unless_compiling
+
+
 @contextlib.contextmanager
 def dual_pass(module: nn.Module) -> Iterator[None]:
     """Inside the block, each call of ``module`` (in this thread) is a dual pass, whatever its
@@ -632,5 +633,9 @@ def foreign_module_hooks() -> bool:
         + len(torch_module._global_forward_pre_hooks) > hooks.registered
 
 
-lifting.pass_runs = in_dual_pass
+# What the layers below call back into: a Dual made while the hooks are out puts them in
+# (``census``), a freed tangent may take them out (``tangent_store``), a lifted tensor's op asks
+# whether its thread runs a pass (``lifting``).
+census.register = hooks.sync_unless_compiling
 tangent_store.sync_hooks = hooks.sync_unless_compiling
+lifting.pass_runs = in_dual_pass

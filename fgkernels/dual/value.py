@@ -112,8 +112,6 @@ def differentiable(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-
-
 class _SlotsToLayOut(threading.local):
     """The Duals whose slots a view op could not view as it viewed their primals
     (``Dual.as_view``: slots laid out unlike the primal, a broadcast stack in a compiled pass, a

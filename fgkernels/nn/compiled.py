@@ -139,6 +139,7 @@ def _stores_dispatch_torch_function() -> None:
         from torch._dynamo.variables.torch_function import can_dispatch_torch_function
     except ImportError:  # (a Dynamo laid out otherwise traces stores as it will)
         return
+
     def through_the_method(store):
         def mp_ass_subscript_impl(self, tx, key, value):
             if value is not None and can_dispatch_torch_function(tx, (self, key, value), {}):
@@ -163,6 +164,7 @@ def _functions_with_jvp_run_eagerly() -> None:
         from torch._dynamo.variables.misc import AutogradFunctionVariable
     except ImportError:  # (a Dynamo laid out otherwise traces Functions as it will)
         return
+
     def eagerly_with_jvp(call_apply):
         def call_apply_with_jvp_eagerly(self, tx, args, kwargs):
             if defines_jvp(self.fn_cls) and (compiled_pass.running or any(

@@ -302,7 +302,6 @@ def max_pool2d(input: MaybeDual, kernel_size, stride=None, padding=0, dilation=1
     return _max_pool2d.on(d, *pool, bool(ceil_mode))
 
 
-
 def _selecting_pool(pool_with_indices: Callable, spatial: int, pair: bool = False) -> Callable:
     """The rule of a max pool over the last ``spatial`` dims, ``pool_with_indices`` its form
     that returns the argmax (``F.max_pool1d_with_indices``, ...): torch's values, and each

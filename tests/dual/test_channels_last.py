@@ -215,6 +215,7 @@ def test_directions_entering_part_way_stay_channels_last(dtype):
         b = Dual(x, slot()[None], directions=[2]) + a      # disjoint parts: 0, 1 and 2
         c = Dual(x, slot()[None], directions=[1]) + a      # overlapping parts, none covers
         outs = [a, b, c, conv2(b), conv2(c)]
+
     def in_a_convolution(event):
         while event is not None and not event.name.startswith("fgkernels::dual_conv2d"):
             event = event.cpu_parent

@@ -1964,7 +1964,6 @@ def test_a_dual_filled_into_an_integer_tensor_gives_torch_s_value_alone():
         assert type(out) is torch.Tensor and torch.equal(out, expected)
 
 
-
 # --- writes through views, and operands torch takes -------------------------------------------
 @pytest.mark.parametrize("make", [lambda X, b: X - b, lambda X, b: torch.add(X, b, alpha=0.5),
                                   lambda X, b: torch.rsub(b, X), lambda X, b: torch.lerp(b, X, 0.3),

@@ -233,6 +233,8 @@ WRITES = {
 def _reversed(a: torch.Tensor) -> torch.Tensor:
     """The indices of ``a``'s first dim, last first."""
     return torch.arange(a.shape[0] - 1, -1, -1)
+
+
 NEW = {
     "mul": (1, lambda a, b: a * b),
     "exp": (0, lambda a: a.exp()),

@@ -609,7 +609,6 @@ def test_converted_conv_with_a_padding_mode(mode):
     torch.testing.assert_close(out.tangents, yt, **TOL[torch.float64])
 
 
-
 # --- layers whose own code a twin or a fused run must not stand in for ------------------------
 class _ClampedReLU(nn.ReLU):
     def forward(self, x):

@@ -316,7 +316,6 @@ def test_vector_norm_refuses_a_narrowing_dtype():
         torch.linalg.vector_norm(d, dim=1, dtype=torch.float32)
 
 
-
 IN_PLACE = {"relu_": F.relu_, "hardtanh_": lambda v: F.hardtanh_(v, -0.3, 0.4),
             "leaky_relu_": F.leaky_relu_, "elu_": F.elu_, "celu_": lambda v: F.celu_(v, 0.5),
             "selu_": F.selu_, "threshold_ (fallback)": lambda v: F.threshold_(v, 0.1, 0.0)}
@@ -574,7 +573,6 @@ def test_the_functional_face_takes_a_plain_tensor(name, args, torch_fn):
     out = getattr(DF, name)(x, *args)
     assert isinstance(out, Dual) and out.tangents is None
     assert torch.equal(out.primal, torch_fn(x, *args))
-
 
 
 @pytest.mark.parametrize("which", ["weight", "bias", "both"])

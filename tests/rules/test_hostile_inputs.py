@@ -645,8 +645,6 @@ def test_a_tensor_viewed_before_a_dual_is_written_into_it_is_refused(grad):
         model(Dual(x, torch.randn_like(x)))
 
 
-
-
 # --- NaN and Inf as forward_ad has them ---------------------------------------------------------
 def test_relu_at_nan_and_nonfinite_tangents_match_forward_ad(backend):
     x = torch.tensor([float("nan"), 1.0, -1.0, -2.0, 0.0], **f64)
