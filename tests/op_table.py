@@ -263,6 +263,23 @@ def _linear_maps(x, w):
         + s.roll(1) * s.flip(0)
 
 
+def _average_pools_3d(x, w):
+    a = x * w  # (2, 4, 6, 6): batched as (2, 1, 4, 6, 6), unbatched as (C=2, D=4, H=6, W=6)
+    uneven = F.avg_pool3d(a[:, None], 2, 2, ceil_mode=True, count_include_pad=False)
+    return F.avg_pool3d(a[:, None], (1, 3, 3), 1, (0, 1, 1))[:, 0] \
+        + uneven.sum((1, 2, 3, 4))[:, None, None, None] \
+        + F.adaptive_avg_pool3d(a, (4, 3, 2)).sum((-2, -1), keepdim=True)
+
+
+def _average_pools_3d_ref(x, w):
+    """``_average_pools_3d`` for the oracle: in bfloat16, pooled in float32 and rounded back
+    (torch's CPU 3-d average pools take no bfloat16; its other bfloat16 CPU kernels sum in
+    float32 so)."""
+    if x.dtype != torch.bfloat16:
+        return _average_pools_3d(x, w)
+    return _average_pools_3d(x.float(), w.float()).to(x.dtype)
+
+
 def _selecting_pools(x, w):
     a = x * w  # (2, 4, 6, 6)
     per_channel = lambda v: v[..., None, None]  # (2, 4) -> (2, 4, 1, 1)
@@ -386,6 +403,9 @@ OPS = {
                        (5, 6, 1, 1)),
     "avg_pools": OpCase(lambda x, w: F.adaptive_avg_pool2d(F.avg_pool2d(x * w, 2), 1),
                         (4, 6, 8, 8), (6, 1, 1)),
+    # torch's CPU 3-d average pools take no bfloat16: no bfloat16 network of them
+    "avg_pools_3d": OpCase(_average_pools_3d, (2, 4, 6, 6), (4, 1, 1), _average_pools_3d_ref,
+                           bf16_network=False),
     "silu_mul": OpCase(lambda x, w: F.silu(x) * torch.sigmoid(w), (4, 6, 5, 5), (6, 1, 1)),
     "gelu_tanh": OpCase(lambda x, w: F.gelu(x * w, approximate="tanh").tanh(), (4, 6, 5, 5),
                         (6, 1, 1)),

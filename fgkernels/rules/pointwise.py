@@ -1166,6 +1166,28 @@ for _unsafe, _safe in _UNSAFE_SPLITS.items():
     implements(_unsafe)(_slot_view_rule(_safe, _SLOT_VIEWS[_safe]))
 
 
+def _average_pool_3d_rule(pool: Callable) -> Callable:
+    """The rule of a 3-d average pool, linear in its input: the pool on the primal and on every
+    slot at once. torch's CPU kernels of these pools take no bfloat16 or half, so narrower
+    slots on the CPU (a float32 model's bfloat16 tangents) are pooled in float32 and rounded
+    back, as a float32 layer sums them; a primal is pooled as torch pools it."""
+
+    def rule(input, *args, **kwargs):
+        y = pool(input.primal, *args, **kwargs)
+        stack = input.tangents
+        if stack is None:
+            return _wrap_like(input, y, None)
+        narrow = stack.device.type == "cpu" and stack.dtype in (torch.bfloat16, torch.float16)
+        t = torch.vmap(lambda s: pool(s, *args, **kwargs))(stack.float() if narrow else stack)
+        return _wrap_like(input, y, in_primal_layout(t.to(stack.dtype), y))
+
+    return rule
+
+
+for _pool in (F.avg_pool3d, F.adaptive_avg_pool3d):
+    implements(_pool)(_average_pool_3d_rule(_pool))
+
+
 _contiguous_copy = _slot_view_rule(torch.Tensor.contiguous, _contiguous)
 
 
