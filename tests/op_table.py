@@ -273,8 +273,8 @@ def _average_pools_3d(x, w):
 
 def _average_pools_3d_ref(x, w):
     """``_average_pools_3d`` for the oracle: in bfloat16, pooled in float32 and rounded back
-    (torch's CPU 3-d average pools take no bfloat16; its other bfloat16 CPU kernels sum in
-    float32 so)."""
+    (torch's CPU avg_pool3d takes no bfloat16; its other bfloat16 CPU kernels sum in float32
+    so)."""
     if x.dtype != torch.bfloat16:
         return _average_pools_3d(x, w)
     return _average_pools_3d(x.float(), w.float()).to(x.dtype)
@@ -403,7 +403,7 @@ OPS = {
                        (5, 6, 1, 1)),
     "avg_pools": OpCase(lambda x, w: F.adaptive_avg_pool2d(F.avg_pool2d(x * w, 2), 1),
                         (4, 6, 8, 8), (6, 1, 1)),
-    # torch's CPU 3-d average pools take no bfloat16: no bfloat16 network of them
+    # torch's CPU avg_pool3d takes no bfloat16: no bfloat16 network of it
     "avg_pools_3d": OpCase(_average_pools_3d, (2, 4, 6, 6), (4, 1, 1), _average_pools_3d_ref,
                            bf16_network=False),
     "silu_mul": OpCase(lambda x, w: F.silu(x) * torch.sigmoid(w), (4, 6, 5, 5), (6, 1, 1)),

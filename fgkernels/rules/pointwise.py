@@ -939,9 +939,11 @@ def square(input) -> Dual:
 _COPIES_OF_A_NUMBER = {torch.roll, torch.Tensor.roll, torch.flip, torch.Tensor.flip}
 
 
-def _linear_rule(func: Callable) -> Callable:
+def _linear_rule(func: Callable, on_slot: Optional[Callable] = None) -> Callable:
     """The rule of a tensor op that is linear in its first (Dual) argument and keeps the others
-    constant: the op on the primal, and on every slot at once (``torch.vmap`` over T)."""
+    constant: the op on the primal, and on every slot at once (``torch.vmap`` over T) as
+    ``on_slot`` (default: ``func`` itself) computes it."""
+    on_slot = on_slot or func
 
     def rule(input, *args, **kwargs):
         y = func(input.primal, *args, **kwargs)
@@ -951,7 +953,7 @@ def _linear_rule(func: Callable) -> Callable:
             # vmap's rules of roll and flip go wrong on 0-d slots (reorder them, or raise)
             t = input.tangents.clone()
         else:
-            t = torch.vmap(lambda s: func(s, *args, **kwargs))(input.tangents)
+            t = torch.vmap(lambda s: on_slot(s, *args, **kwargs))(input.tangents)
         if isinstance(t, Tensor) and view_root(t) is not view_root(input.tangents):
             t = in_primal_layout(t, y)  # vmap's roll lays a channels_last stack out contiguous
         return _wrap_like(input, y, t)
@@ -1166,26 +1168,18 @@ for _unsafe, _safe in _UNSAFE_SPLITS.items():
     implements(_unsafe)(_slot_view_rule(_safe, _SLOT_VIEWS[_safe]))
 
 
-def _average_pool_3d_rule(pool: Callable) -> Callable:
-    """The rule of a 3-d average pool, linear in its input: the pool on the primal and on every
-    slot at once. torch's CPU kernels of these pools take no bfloat16 or half, so narrower
-    slots on the CPU (a float32 model's bfloat16 tangents) are pooled in float32 and rounded
-    back, as a float32 layer sums them; a primal is pooled as torch pools it."""
-
-    def rule(input, *args, **kwargs):
-        y = pool(input.primal, *args, **kwargs)
-        stack = input.tangents
-        if stack is None:
-            return _wrap_like(input, y, None)
-        narrow = stack.device.type == "cpu" and stack.dtype in (torch.bfloat16, torch.float16)
-        t = torch.vmap(lambda s: pool(s, *args, **kwargs))(stack.float() if narrow else stack)
-        return _wrap_like(input, y, in_primal_layout(t.to(stack.dtype), y))
-
-    return rule
+def _avg_pool3d_on_slot(slot: Tensor, *args, **kwargs) -> Tensor:
+    """``F.avg_pool3d`` of one tangent slot. torch's CPU kernel takes no bfloat16 or half: a
+    narrower slot there (a float32 model's bfloat16 tangent) is pooled in float32 and rounded
+    back, as a float32 layer sums it; the primal is pooled as torch pools it."""
+    if slot.device.type == "cpu" and slot.dtype in (torch.bfloat16, torch.float16):
+        return F.avg_pool3d(slot.float(), *args, **kwargs).to(slot.dtype)
+    return F.avg_pool3d(slot, *args, **kwargs)
 
 
-for _pool in (F.avg_pool3d, F.adaptive_avg_pool3d):
-    implements(_pool)(_average_pool_3d_rule(_pool))
+# the 3-d average pools (adaptive_avg_pool3d takes every dtype on the CPU as it is)
+implements(F.avg_pool3d)(_linear_rule(F.avg_pool3d, _avg_pool3d_on_slot))
+implements(F.adaptive_avg_pool3d)(_linear_rule(F.adaptive_avg_pool3d))
 
 
 _contiguous_copy = _slot_view_rule(torch.Tensor.contiguous, _contiguous)
